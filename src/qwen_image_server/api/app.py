@@ -1,0 +1,40 @@
+"""The FastAPI application factory: no work at import time, one app per call."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from ..config import Settings
+from ..engine.base import EngineClient
+from ..serving.service import ImageService
+from ..storage import LocalImageStore
+from .errors import install_error_handlers
+from .routes import router
+from .uploads import BodySizeLimit
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
+    """An app serving ``engine``'s models; the engine is started and closed with the app."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    from .. import __version__
+
+    app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
+    store = LocalImageStore(settings.image_output_dir, settings.image_max_files, settings.image_ttl_seconds)
+    app.state.service = ImageService(settings, engine, store)
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,72 @@
+"""Every error becomes OpenAI's envelope, plus a top-level ``detail`` for seed 002's clients.
+
+Registered once in the app factory; routes never catch errors themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ServerError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}, "detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Validation error", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "Validation error: the request body is not valid JSON", None
+    if first.get("type") == "missing":
+        return f"Validation error: '{param}' is required", param
+    return f"Validation error: {param}: {msg}" if param else f"Validation error: {msg}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map typed errors, validation errors, HTTP errors and anything unexpected to the envelope."""
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+        return error_response(
+            exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, type_="invalid_request_error", code="invalid_value", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Not found: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, message, type_=type_, code=None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "Internal server error", type_="server_error", code="internal_error")

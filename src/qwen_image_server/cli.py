@@ -1,0 +1,134 @@
+"""The ``qwen-image-server`` command: ``serve`` and ``tiny-model``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible image server for Qwen-Image.")
+
+DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
+_DEMO_VERSION = "v1"  # bump when the tiny models change
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo's tiny models are built once: the user's cache directory."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qwen-image-server")) / f"tiny-{_DEMO_VERSION}"
+
+
+def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
+    """Build a tiny model into ``folder`` unless a complete one is already there."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    from .models.tiny import build_tiny_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build_tiny_model(staging, kind, seed=seed)  # type: ignore[arg-type]
+        try:
+            os.replace(staging, folder)
+        except OSError:  # built meanwhile by another process
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def demo_model_entries() -> list[str]:
+    """``ID=PATH`` of the demo's tiny models, building them on first use."""
+    root = demo_cache_dir()
+    return [f"{ident}={ensure_tiny_model(root / ident, kind)}" for ident, kind in DEMO_MODELS]
+
+
+@app.command("tiny-model")
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    kind: Annotated[str, typer.Option(help="text-to-image, edit or edit-plus")] = "text-to-image",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random-weight Qwen-Image pipeline (offline) for tests and demos."""
+    from .models.tiny import TINY_KINDS, build_tiny_model
+
+    if kind not in TINY_KINDS:
+        raise typer.BadParameter(f"choose one of {', '.join(TINY_KINDS)}", param_hint="--kind")
+    build_tiny_model(directory, kind, seed=seed)  # type: ignore[arg-type]
+    typer.echo(f"wrote a tiny {kind} model to {directory}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="[ID=]PATH_OR_HUB_ID; repeat for several.")] = None,
+    demo: Annotated[bool, typer.Option(help="Serve tiny offline models (built once into the cache).")] = False,
+    host: Annotated[Optional[str], typer.Option(help="Bind address [HOST].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [PORT].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
+    queue_size: Annotated[Optional[int], typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
+    task_timeout: Annotated[Optional[float], typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Images of one request per pipeline call.")] = None,
+    image_output_dir: Annotated[Optional[Path], typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
+    image_url_prefix: Annotated[Optional[str], typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible Images API."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "device": device,
+        "dtype": dtype,
+        "queue_size": queue_size,
+        "task_timeout": task_timeout,
+        "max_batch_size": max_batch_size,
+        "image_output_dir": image_output_dir,
+        "image_download_url_prefix": image_url_prefix,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if model:
+        overrides["models"] = list(model)
+    try:
+        settings = Settings(**overrides)
+        if demo or settings.demo:
+            settings.models = demo_model_entries() + settings.models
+        run_server(settings, log_level)
+    except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def run_server(settings: Settings, log_level: str = "info") -> None:
+    """Check the models, then serve until interrupted. Model errors come before the port opens."""
+    import uvicorn
+
+    from .api.app import create_app
+    from .engine.local import LocalEngine
+    from .models.spec import resolve_models
+
+    specs = resolve_models(settings.model_entries())
+    for spec in specs:
+        logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
+    engine = LocalEngine(specs, settings)
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+def main() -> None:
+    app(prog_name="qwen-image-server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

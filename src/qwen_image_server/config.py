@@ -1,0 +1,129 @@
+"""Server settings: one place for every environment variable and CLI option.
+
+Command-line flags override the environment. Besides this project's own
+``QIS_*`` variables, the names used by the two documents the server grew from
+work as documented there: ``QWEN_IMAGE_LOCATION`` / ``QWEN_IMAGE_EDIT_LOCATION``
+and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
+``TASK_TIMEOUT``, ``IMAGE_OUTPUT_DIR``, ``IMAGE_DOWNLOAD_URL_PREFIX``, plus
+``HOST`` and ``PORT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+#: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
+QUALITY_STEPS: dict[str, int | None] = {
+    "low": 20,
+    "medium": 30,
+    "standard": 30,
+    "high": 50,
+    "hd": 50,
+    "xhigh": 75,
+    "max": 100,
+    "auto": None,  # the model's default
+}
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told, from flags or the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="QIS_", extra="ignore", populate_by_name=True)
+
+    # --- what to serve -------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to serve, each `[ID=]PATH_OR_HUB_ID` (comma-separated in QIS_MODELS).",
+    )
+    qwen_image_location: str | None = Field(default=None, validation_alias=_alias("QWEN_IMAGE_LOCATION"))
+    qwen_image_edit_location: str | None = Field(default=None, validation_alias=_alias("QWEN_IMAGE_EDIT_LOCATION"))
+    model_path: str | None = Field(default=None, validation_alias=_alias("MODEL_PATH"))
+    model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
+    demo: bool = False
+
+    # --- network -----------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", validation_alias=_alias("HOST", "QIS_HOST"))
+    port: int = Field(default=8000, ge=0, le=65535, validation_alias=_alias("PORT", "QIS_PORT"))
+
+    # --- engine ------------------------------------------------------------------
+    workers: int = Field(default=1, ge=1, le=64, validation_alias=_alias("NUM_GPUS_TO_USE", "QIS_WORKERS"))
+    queue_size: int = Field(default=32, ge=1, le=100_000, validation_alias=_alias("TASK_QUEUE_SIZE", "QIS_QUEUE_SIZE"))
+    task_timeout: float = Field(default=600.0, gt=0, validation_alias=_alias("TASK_TIMEOUT", "QIS_TASK_TIMEOUT"))
+    device: str = Field(default="auto", description="auto, cpu, cuda, or cuda:0,cuda:1,... (one entry per worker slot)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="Images of one request run together in one pipeline call, at most this many. "
+        "1 keeps every image identical to a single-image request with its seed.",
+    )
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="Torch threads per CPU worker; default: the machine's cores shared among CPU workers."
+    )
+    worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked broken.")
+
+    # --- images ------------------------------------------------------------------
+    image_output_dir: Path = Field(
+        default=Path("./generated_images"), validation_alias=_alias("IMAGE_OUTPUT_DIR", "QIS_IMAGE_OUTPUT_DIR")
+    )
+    image_download_url_prefix: str | None = Field(
+        default=None, validation_alias=_alias("IMAGE_DOWNLOAD_URL_PREFIX", "QIS_IMAGE_DOWNLOAD_URL_PREFIX")
+    )
+    image_max_files: int = Field(default=10_000, ge=1, description="Stored url-format images kept; the oldest go first.")
+    image_ttl_seconds: float = Field(default=24 * 3600, gt=0, description="Stored url-format images older than this are deleted.")
+
+    # --- request limits ------------------------------------------------------------
+    default_size: str = Field(default="1024x1024", description="Size used when a request gives none (a model may set its own).")
+    default_steps: int = Field(default=50, ge=1, le=200)
+    default_true_cfg_scale: float = Field(default=4.0, ge=0.0, le=20.0)
+    min_image_side: int = Field(default=256, ge=16)
+    max_image_side: int = Field(default=2048, ge=16)
+    max_steps: int = Field(default=100, ge=1, le=1000)
+    max_n: int = Field(default=10, ge=1, le=100)
+    max_prompt_chars: int = Field(default=4000, ge=1)
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    max_input_images: int = Field(default=4, ge=1, le=16)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_sides(self) -> Settings:
+        if self.min_image_side > self.max_image_side:
+            raise ValueError("min_image_side must not exceed max_image_side")
+        return self
+
+    def model_entries(self) -> list[tuple[str | None, str]]:
+        """All models to serve as ``(id or None, path or hub id)``, in order, without repeats."""
+        entries: list[tuple[str | None, str]] = []
+        for item in self.models:
+            ident, sep, source = item.partition("=")
+            entries.append((ident.strip(), source.strip()) if sep else (None, item.strip()))
+        if self.model_path:
+            entries.append((self.model_name, self.model_path))
+        if self.qwen_image_location:
+            entries.append((None, self.qwen_image_location))
+        if self.qwen_image_edit_location:
+            entries.append((None, self.qwen_image_edit_location))
+        seen: set[str] = set()
+        unique = []
+        for ident, source in entries:
+            if source not in seen:
+                seen.add(source)
+                unique.append((ident, source))
+        return unique

@@ -1,0 +1,40 @@
+"""The interface between the API and whatever runs the pipelines.
+
+The API layer knows only ``EngineClient``. The embedded engine (worker
+processes on this machine) implements it; so can a cluster engine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..models.spec import ModelSpec
+from .types import Job, JobResult
+
+
+class EngineClient(Protocol):
+    """Runs jobs on served models with a bounded queue and a per-task timeout."""
+
+    models: list[ModelSpec]
+
+    async def start(self) -> None:
+        """Start workers; returns before they have loaded their models (see ``ready``)."""
+
+    async def close(self) -> None:
+        """Stop every worker; pending jobs fail."""
+
+    async def submit(self, model_id: str, job: Job) -> JobResult:
+        """Run ``job`` on ``model_id``.
+
+        Raises ``QueueFull`` at once when the model's queue is full, ``TaskTimeout``
+        when the task timeout (counted from this call) passes, ``InferenceFailed``
+        when the pipeline or its worker fails, ``NotReady`` when the model cannot
+        load. Cancelling the awaiting task (a client that went away) drops the
+        job's queued work and stops its running work at the next denoising step.
+        """
+
+    def ready(self) -> bool:
+        """True once every worker has loaded its model."""
+
+    def status(self) -> dict:
+        """Workers per model: state, process id, device (for /ready and operators)."""

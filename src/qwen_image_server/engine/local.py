@@ -1,0 +1,330 @@
+"""The embedded engine: worker processes on this machine, one device and one pipeline each.
+
+All bookkeeping runs on the event loop thread. Each worker has two helper
+threads in this process: one blocks on the worker's pipe and hands every
+message to the loop (``call_soon_threadsafe``), one sends to it. So the API
+never blocks its event loop on a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..config import Settings
+from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..models.spec import ModelSpec
+from .types import Job, JobResult, Task, TaskResult
+from .worker import worker_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _JobState:
+    """Book-keeping for one submitted job."""
+
+    pieces: list[_Piece] = field(default_factory=list)
+    undispatched: int = 0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Piece:
+    task: Task
+    future: asyncio.Future
+    job: _JobState
+    worker: _Worker | None = None
+
+
+class _Worker:
+    """One worker process and the two threads that talk to it."""
+
+    def __init__(self, pool: _ModelPool, slot: int, device: str, threads: int):
+        self.pool = pool
+        self.slot = slot
+        self.device = device
+        self.name = f"{pool.spec.id}#{slot}"
+        self.state = "loading"
+        self.running: _Piece | None = None
+        self.info: dict = {}
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(pool.spec, device, pool.settings.dtype, threads, child_conn, self.name, logging.getLogger().level or logging.INFO),
+            name=f"qwen-image-worker {self.name}",
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+        self._outbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
+
+    def send(self, message) -> None:
+        self._outbox.put(message)
+
+    def _read(self) -> None:
+        loop = self.pool.loop
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            loop.call_soon_threadsafe(self.pool.on_message, self, message)
+        self.process.join(timeout=10)
+        self._outbox.put(None)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self.pool.on_exit, self)
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                return
+
+    def stop(self) -> None:
+        self.send(("stop",))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "state": self.state, "pid": self.process.pid, "device": self.device, **self.info}
+
+
+class _ModelPool:
+    """The workers, queue and jobs of one served model."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings, devices: list[str], threads: int, task_ids: itertools.count):
+        self.spec = spec
+        self.settings = settings
+        self.devices = devices
+        self.threads = threads
+        self.task_ids = task_ids
+        self.loop = asyncio.get_running_loop()
+        self.pending: deque[_Piece] = deque()
+        self.encoding: dict[int, _Piece] = {}
+        self.waiting_jobs = 0
+        self.load_failures = 0
+        self.broken: str | None = None
+        self.closing = False
+        self.workers: list[_Worker] = [_Worker(self, slot, device, threads) for slot, device in enumerate(devices)]
+
+    # --- jobs ----------------------------------------------------------------------
+    async def submit(self, job: Job, deadline: float) -> JobResult:
+        if self.broken:
+            raise NotReady(f"Model {self.spec.id} is unavailable: {self.broken}")
+        if self.waiting_jobs >= self.settings.queue_size:
+            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
+        # Spread the images over the workers; never more per call than max_batch_size.
+        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / len(self.workers))))
+        state = _JobState()
+        for piece_job in job.split(batch):
+            piece = _Piece(Task(next(self.task_ids), piece_job), self.loop.create_future(), state)
+            state.pieces.append(piece)
+            self.pending.append(piece)
+        state.undispatched = len(state.pieces)
+        self.waiting_jobs += 1
+        self._dispatch()
+        futures = [piece.future for piece in state.pieces]
+        try:
+            done, not_done = await asyncio.wait(
+                futures, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
+            )
+            if not_done:
+                failed = next((f for f in done if f.exception() is not None), None)
+                if failed is None:
+                    raise TaskTimeout()
+                raise failed.exception()
+            results: list[TaskResult] = [f.result() for f in futures]
+        except BaseException:
+            self._cancel(state)
+            raise
+        for f in futures:  # an exception raised before the last piece finished
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+        return JobResult(
+            images=[image for result in results for image in result.images],
+            started=min(r.started for r in results),
+            finished=max(r.finished for r in results),
+            workers=sorted({r.worker for r in results}),
+        )
+
+    def _cancel(self, state: _JobState) -> None:
+        """Drop the job's queued pieces and stop its running ones at their next step."""
+        if state.cancelled:
+            return
+        state.cancelled = True
+        if state.undispatched:
+            self.waiting_jobs -= 1
+            state.undispatched = 0
+        for piece in state.pieces:
+            if piece.worker is not None and piece.worker.running is piece:
+                piece.worker.send(("cancel", piece.task.task_id))
+            if not piece.future.done():
+                piece.future.set_exception(TaskCancelled())
+                piece.future.exception()  # retrieved: nobody awaits it any more
+
+    def _dispatch(self) -> None:
+        idle = [w for w in self.workers if w.state == "idle"]
+        while idle and self.pending:
+            piece = self.pending.popleft()
+            if piece.job.cancelled:
+                continue
+            worker = idle.pop(0)
+            worker.state = "busy"
+            worker.running = piece
+            piece.worker = worker
+            piece.job.undispatched -= 1
+            if piece.job.undispatched == 0:
+                self.waiting_jobs -= 1
+            worker.send(("task", piece.task))
+
+    # --- messages from workers -----------------------------------------------------------
+    def on_message(self, worker: _Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.info = message[1]
+            worker.state = "idle"
+            self.load_failures = 0
+            log.info("worker %s ready: %s", worker.name, message[1])
+        elif kind == "load_failed":
+            self.load_failures += 1
+            worker.state = "failed"
+            worker.info = {"error": message[1]}
+            log.error("worker %s could not load %s: %s", worker.name, self.spec.id, message[1])
+        elif kind == "computed":
+            piece = self._take_running(worker, message[1])
+            if piece is not None:
+                self.encoding[message[1]] = piece
+        elif kind == "result":
+            result: TaskResult = message[1]
+            piece = self.encoding.pop(result.task_id, None)
+            if piece is not None and not piece.future.done():
+                piece.future.set_result(result)
+        elif kind == "failed":
+            _, task_id, reason, cancelled = message
+            piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
+            if piece is not None and not piece.future.done():
+                piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
+        self._dispatch()
+
+    def _take_running(self, worker: _Worker, task_id: int) -> _Piece | None:
+        piece = worker.running
+        if piece is None or piece.task.task_id != task_id:
+            return None
+        worker.running = None
+        if worker.state == "busy":
+            worker.state = "idle"
+        return piece
+
+    def on_exit(self, worker: _Worker) -> None:
+        if worker not in self.workers:
+            return
+        code = worker.process.exitcode
+        lost = [worker.running] if worker.running else []
+        lost += [p for tid, p in list(self.encoding.items()) if p.worker is worker and self.encoding.pop(tid)]
+        for piece in lost:
+            if not piece.future.done():
+                piece.future.set_exception(InferenceFailed(f"worker process exited unexpectedly (exit code {code})"))
+        if self.closing:
+            return
+        if worker.state == "loading":
+            self.load_failures += 1  # died before it could say why
+        log.warning("worker %s exited (exit code %s); %s", worker.name, code, "restarting" if not self._give_up() else "giving up")
+        index = self.workers.index(worker)
+        if self._give_up():
+            worker.state = "failed"
+            self.broken = worker.info.get("error") or f"worker exited with code {code} while loading"
+            while self.pending:
+                piece = self.pending.popleft()
+                if not piece.future.done():
+                    piece.future.set_exception(NotReady(f"Model {self.spec.id} is unavailable: {self.broken}"))
+            return
+        self.workers[index] = _Worker(self, worker.slot, worker.device, self.threads)
+
+    def _give_up(self) -> bool:
+        return self.load_failures > self.settings.worker_restart_limit
+
+    # --- life cycle ------------------------------------------------------------------
+    def ready(self) -> bool:
+        return all(w.state in ("idle", "busy") for w in self.workers)
+
+    def status(self) -> dict:
+        return {
+            "kind": self.spec.kind,
+            "ready": self.ready(),
+            "queued_jobs": self.waiting_jobs,
+            "error": self.broken,
+            "workers": [w.describe() for w in self.workers],
+        }
+
+    async def close(self, timeout: float = 10.0) -> None:
+        self.closing = True
+        for worker in self.workers:
+            worker.stop()
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            while worker.process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if worker.process.is_alive():
+                worker.process.kill()
+        for piece in list(self.pending) + list(self.encoding.values()):
+            if not piece.future.done():
+                piece.future.set_exception(NotReady("server is shutting down"))
+
+
+def assign_devices(setting: str, total_workers: int) -> list[str]:
+    """The device of each worker slot: round-robin over the GPUs, or ``cpu``."""
+    if setting not in ("auto", "cuda"):
+        devices = [d.strip() for d in setting.split(",") if d.strip()]
+        return [devices[i % len(devices)] for i in range(total_workers)]
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        if setting == "cuda":
+            raise RuntimeError("device 'cuda' asked for, but no GPU is visible")
+        return ["cpu"] * total_workers
+    return [f"cuda:{i % count}" for i in range(total_workers)]
+
+
+class LocalEngine:
+    """``EngineClient`` on worker processes of this machine: ``settings.workers`` per model."""
+
+    def __init__(self, models: list[ModelSpec], settings: Settings):
+        self.models = models
+        self.settings = settings
+        self.pools: dict[str, _ModelPool] = {}
+
+    async def start(self) -> None:
+        total = self.settings.workers * len(self.models)
+        devices = assign_devices(self.settings.device, total)
+        cpu_workers = sum(d == "cpu" for d in devices)
+        threads = self.settings.cpu_threads or (max(1, (os.cpu_count() or 1) // max(1, cpu_workers)) if cpu_workers else 2)
+        task_ids = itertools.count(1)
+        per = self.settings.workers
+        for i, spec in enumerate(self.models):
+            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[i * per : (i + 1) * per], threads, task_ids)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+
+    async def submit(self, model_id: str, job: Job) -> JobResult:
+        deadline = time.monotonic() + self.settings.task_timeout
+        return await self.pools[model_id].submit(job, deadline)
+
+    def ready(self) -> bool:
+        return bool(self.pools) and all(pool.ready() for pool in self.pools.values())
+
+    def status(self) -> dict:
+        return {model_id: pool.status() for model_id, pool in self.pools.items()}

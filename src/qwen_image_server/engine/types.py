@@ -1,0 +1,85 @@
+"""The units of work that flow from the API to the engine and its workers.
+
+Plain picklable dataclasses: they cross process boundaries (and, with Ray,
+machine boundaries). Pixels travel as ``numpy`` arrays, results as encoded bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["generate", "edit", "inpaint"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+@dataclass
+class Job:
+    """One request's worth of work: ``len(seeds)`` images of the same prompt and settings.
+
+    Image ``i`` is made with ``seeds[i]``; the serving layer sets ``seeds[i] = seed + i``.
+    """
+
+    mode: Mode
+    prompt: str
+    seeds: list[int]
+    negative_prompt: str | None = None
+    width: int | None = None  # size the pipeline renders at; None: the pipeline's choice (edit, size=auto)
+    height: int | None = None
+    out_width: int | None = None  # final size if it differs from the rendered one (center crop / resize)
+    out_height: int | None = None
+    num_inference_steps: int = 50
+    true_cfg_scale: float = 4.0
+    images: list[np.ndarray] = field(default_factory=list)  # edit inputs, HxWx3 uint8
+    mask: np.ndarray | None = None  # HxW uint8, 255 where the image is to be repainted
+    output_format: OutputFormat = "png"
+    output_compression: int = 100
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def split(self, batch_size: int) -> list[Job]:
+        """The same job cut into pieces of at most ``batch_size`` images, seeds kept in order."""
+        return [replace(self, seeds=self.seeds[i : i + batch_size]) for i in range(0, len(self.seeds), batch_size)]
+
+
+@dataclass
+class EncodedImage:
+    """One finished image, encoded in the job's output format."""
+
+    seed: int
+    data: bytes
+    width: int
+    height: int
+
+
+@dataclass
+class Task:
+    """A piece of a job handed to one worker."""
+
+    task_id: int
+    job: Job
+
+
+@dataclass
+class TaskResult:
+    """What a worker sends back for one task; ``started``/``finished`` are epoch seconds of the pipeline run."""
+
+    task_id: int
+    images: list[EncodedImage]
+    started: float
+    finished: float
+    worker: str = ""
+
+
+@dataclass
+class JobResult:
+    """A whole job's images in seed order, with when and where they were made."""
+
+    images: list[EncodedImage]
+    started: float
+    finished: float
+    workers: list[str]

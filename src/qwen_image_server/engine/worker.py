@@ -1,0 +1,118 @@
+"""The worker process: owns one device and one pipeline, runs one task at a time.
+
+Messages on its pipe (tuples, first item the kind):
+
+- from the engine: ``("task", Task)``, ``("cancel", task_id)``, ``("stop",)``
+- to the engine: ``("ready", info)``, ``("load_failed", reason)``,
+  ``("computed", task_id)`` as soon as the pipeline call returns (the worker
+  takes the next task while this one's images are encoded by a second thread),
+  ``("result", TaskResult)``, ``("failed", task_id, reason, cancelled)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+
+from ..errors import TaskCancelled
+from .types import EncodedImage, Task, TaskResult
+
+log = logging.getLogger("qwen_image_server.worker")
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line for a client: the exception's type and first line, no traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, log_level: int = logging.INFO) -> None:
+    """Entry point of a worker process (started with the ``spawn`` method)."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    send_lock = threading.Lock()
+
+    def send(message) -> None:
+        with send_lock:
+            conn.send(message)
+
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        from ..models.runner import PipelineRunner
+
+        runner = PipelineRunner(spec, device=device, dtype=dtype)
+    except Exception as exc:
+        log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
+        send(("load_failed", short_reason(exc)))
+        return
+    send(("ready", {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch.")}))
+
+    inbox: queue.Queue = queue.Queue()
+    cancelled: set[int] = set()
+
+    def receive() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("stop",)  # the server is gone
+            if message[0] == "task":
+                inbox.put(message[1])
+            elif message[0] == "cancel":
+                cancelled.add(message[1])
+            else:
+                inbox.put(None)
+                return
+
+    to_encode: queue.Queue = queue.Queue()
+
+    def encode() -> None:
+        from ..serving.images import encode_image
+
+        while (item := to_encode.get()) is not None:
+            task, images, started, finished = item
+            try:
+                job = task.job
+                encoded = [
+                    EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
+                    for seed, image in zip(job.seeds, images)
+                ]
+                send(("result", TaskResult(task.task_id, encoded, started, finished, name)))
+            except Exception as exc:
+                log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
+                send(("failed", task.task_id, short_reason(exc), False))
+
+    threading.Thread(target=receive, name="receive", daemon=True).start()
+    encoder = threading.Thread(target=encode, name="encode", daemon=True)
+    encoder.start()
+
+    while (task := inbox.get()) is not None:
+        task: Task
+        task_id = task.task_id
+        started = time.time()
+        try:
+            images = runner.run(task.job, should_stop=lambda: task_id in cancelled)
+        except TaskCancelled:
+            log.info("task %s stopped after %.2fs", task_id, time.time() - started)
+            send(("failed", task_id, "cancelled", True))
+        except Exception as exc:
+            log.error("task %s failed:\n%s", task_id, traceback.format_exc())
+            if runner.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            send(("failed", task_id, short_reason(exc), False))
+        else:
+            send(("computed", task_id))
+            to_encode.put((task, images, started, time.time()))
+        cancelled.discard(task_id)
+    to_encode.put(None)
+    encoder.join(timeout=30)

@@ -1,0 +1,98 @@
+"""Typed errors. Each knows its HTTP status and OpenAI error ``type``/``code``.
+
+They are turned into responses in one place (``api/errors.py``); no route
+catches them itself.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error a client may see. ``message`` is safe to show."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServerError):
+    """The request is malformed or asks for something that cannot be honoured (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class InvalidImage(InvalidRequest):
+    """An uploaded image or mask cannot be decoded or does not fit (400)."""
+
+    code = "invalid_image"
+
+
+class ModelNotAvailable(InvalidRequest):
+    """The request names a model this server does not serve (400, as seed 002 has it)."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str, *, param: str | None = "model"):
+        super().__init__(f"Model not available: {model}", param=param)
+
+
+class NotFound(ServerError):
+    """No such route, model or stored image (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class QueueFull(ServerError):
+    """The model's task queue is full (503 with Retry-After)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "queue_full"
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__("Task queue is full", headers={"Retry-After": str(retry_after)})
+
+
+class NotReady(ServerError):
+    """The model cannot take work: its workers failed to load (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+
+class TaskTimeout(ServerError):
+    """The task did not finish within the task timeout (504)."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "timeout"
+
+    def __init__(self) -> None:
+        super().__init__("Task timeout")
+
+
+class InferenceFailed(ServerError):
+    """The pipeline call failed or its worker died (500). The reason is short, with no traceback."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "inference_failed"
+
+    def __init__(self, reason: str):
+        reason = " ".join(str(reason).split())[:300] or "unknown error"
+        super().__init__(f"Inference failed: {reason}")
+
+
+class TaskCancelled(Exception):
+    """Work stopped because its client went away or its time ran out (internal, never sent)."""

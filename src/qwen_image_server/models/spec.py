@@ -1,0 +1,116 @@
+"""What a served model is: where its weights are, which pipeline it uses, what it can do.
+
+Resolved in the API process before the port opens, from a folder's (or a hub
+repository's) ``model_index.json``, so that a missing folder or an unknown
+pipeline class is a clear error at start-up. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+ModelKind = Literal["text-to-image", "edit", "edit-plus"]
+
+#: Pipeline classes this server can serve, and what each does.
+PIPELINE_KINDS: dict[str, ModelKind] = {
+    "QwenImagePipeline": "text-to-image",
+    "QwenImageEditPipeline": "edit",
+    "QwenImageEditPlusPipeline": "edit-plus",
+}
+
+#: Optional per-model settings a folder may carry in this file (the tiny models do).
+SIDECAR_NAME = "qwen_image_server.json"
+_SIDECAR_KEYS = {"edit_area", "condition_area", "default_size", "default_steps"}
+
+
+class ModelConfigError(ValueError):
+    """A model given to the server cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model, as the workers need to load it and the API needs to route to it."""
+
+    id: str
+    source: str  # local folder or hub id, as given to ``from_pretrained``
+    pipeline_class: str
+    kind: ModelKind
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.kind == "text-to-image"
+
+    @property
+    def can_edit(self) -> bool:
+        return self.kind in ("edit", "edit-plus")
+
+    @property
+    def multi_image(self) -> bool:
+        return self.kind == "edit-plus"
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def _read_index(source: str) -> tuple[dict, dict]:
+    """Return ``(model_index, sidecar options)`` for a folder or hub id."""
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ModelConfigError(f"model folder not found: {source}")
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise ModelConfigError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+        sidecar_file = folder / SIDECAR_NAME
+        sidecar = json.loads(sidecar_file.read_text(encoding="utf-8")) if sidecar_file.is_file() else {}
+        return json.loads(index_file.read_text(encoding="utf-8")), sidecar
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index_file = hf_hub_download(source, "model_index.json")
+    except Exception as exc:  # offline, unknown repo, gated repo...
+        raise ModelConfigError(f"cannot read model_index.json of hub model {source}: {type(exc).__name__}: {exc}") from exc
+    return json.loads(Path(index_file).read_text(encoding="utf-8")), {}
+
+
+def default_model_id(source: str) -> str:
+    """A model id from its path or hub id: the last component (``Qwen/Qwen-Image`` → ``Qwen-Image``)."""
+    name = Path(source.rstrip("/")).name or source
+    return re.sub(r"[^A-Za-z0-9._:-]+", "-", name)
+
+
+def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
+    """Check that ``source`` is a Qwen-Image pipeline this server serves and describe it."""
+    index, sidecar = _read_index(source)
+    class_name = index.get("_class_name")
+    if class_name not in PIPELINE_KINDS:
+        known = ", ".join(PIPELINE_KINDS)
+        raise ModelConfigError(f"{source}: pipeline class {class_name!r} is not served (known: {known})")
+    unknown = set(sidecar) - _SIDECAR_KEYS
+    if unknown:
+        raise ModelConfigError(f"{source}/{SIDECAR_NAME}: unknown keys {sorted(unknown)}")
+    return ModelSpec(
+        id=ident or default_model_id(source),
+        source=str(Path(source).expanduser()) if _looks_like_path(source) else source,
+        pipeline_class=class_name,
+        kind=PIPELINE_KINDS[class_name],
+        options=dict(sidecar),
+    )
+
+
+def resolve_models(entries: list[tuple[str | None, str]]) -> list[ModelSpec]:
+    """Resolve every configured model; ids must be unique."""
+    if not entries:
+        raise ModelConfigError("no model to serve: pass --model PATH_OR_HUB_ID (or --demo), or set MODEL_PATH")
+    specs = [resolve_model(source, ident) for ident, source in entries]
+    ids = [spec.id for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ModelConfigError(f"model ids must be unique, repeated: {', '.join(duplicates)} (use ID=PATH)")
+    return specs

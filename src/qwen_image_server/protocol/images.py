@@ -1,0 +1,93 @@
+"""Request and response shapes of the Images API: OpenAI's fields plus the seeds' extensions.
+
+Schemas only: what a value means is decided in ``serving/``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ResponseFormat = Literal["b64_json", "url"]
+OutputFormatName = Literal["png", "jpeg", "webp"]
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+
+#: Seed 002's aspect-ratio shortcuts.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1328, 1328),
+    "16:9": (1664, 928),
+    "9:16": (928, 1664),
+    "4:3": (1472, 1140),
+    "3:4": (1140, 1472),
+}
+
+# Fields of OpenAI's API that are accepted and have no effect on this server.
+IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
+
+
+class _ImageRequest(BaseModel):
+    """Fields shared by generations and edits."""
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    n: int = Field(default=1, ge=1)
+    size: str | None = None
+    aspect_ratio: str | None = None
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    output_format: OutputFormatName = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Quality | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    user: str | None = None
+    style: str | None = None
+    moderation: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg_is_jpeg(cls, value: object) -> object:
+        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+
+
+class GenerationRequest(_ImageRequest):
+    """``POST /v1/images/generations``."""
+
+
+class EditRequest(_ImageRequest):
+    """``POST /v1/images/edits`` (the images themselves are parsed separately)."""
+
+    input_fidelity: str | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: OutputFormatName
+    size: str
+    quality: str
+    background: str = "opaque"

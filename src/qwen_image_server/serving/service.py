@@ -1,0 +1,234 @@
+"""From a validated request to a job, and from a job's result to an OpenAI response.
+
+Knows the engine only through ``EngineClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from ..config import QUALITY_STEPS, Settings
+from ..engine.base import EngineClient
+from ..engine.types import Job, JobResult
+from ..errors import InvalidImage, InvalidRequest, ModelNotAvailable
+from ..models.spec import ModelSpec
+from ..protocol.images import ASPECT_RATIOS, IGNORED_OPENAI_FIELDS, EditRequest, GenerationRequest, _ImageRequest
+from ..storage import LocalImageStore
+from .images import b64, mask_to_array, open_image, to_rgb_array
+
+log = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Size:
+    """The size a pipeline renders at, and the size returned (they differ only for seed 002's 4:3 and 3:4)."""
+
+    width: int
+    height: int
+    out_width: int
+    out_height: int
+
+
+@dataclass
+class Upload:
+    """One uploaded file: its bytes and the form or JSON field it came in."""
+
+    data: bytes
+    param: str
+
+
+class ImageService:
+    """Turns image requests into jobs on the engine and their results into responses."""
+
+    def __init__(self, settings: Settings, engine: EngineClient, store: LocalImageStore):
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.models = {spec.id: spec for spec in engine.models}
+
+    # --- models ------------------------------------------------------------------------
+    def default_model(self, *, edit: bool = False) -> ModelSpec | None:
+        for spec in self.models.values():
+            if (spec.can_edit if edit else spec.can_generate):
+                return spec
+        return None
+
+    def health_model_id(self) -> str:
+        spec = self.default_model() or self.default_model(edit=True)
+        return spec.id if spec else ""
+
+    def _model(self, requested: str | None, *, edit: bool) -> ModelSpec:
+        what = "image edits" if edit else "image generation"
+        if requested is None or requested == "":
+            spec = self.default_model(edit=edit)
+            if spec is None:
+                raise InvalidRequest(f"No model on this server does {what}", param="model")
+            return spec
+        spec = self.models.get(requested)
+        if spec is None:
+            raise ModelNotAvailable(requested)
+        if edit and not spec.can_edit:
+            raise InvalidRequest(f"Model {requested} does not do image edits; use an edit model", param="model")
+        if not edit and not spec.can_generate:
+            raise InvalidRequest(f"Model {requested} is an edit model; use /v1/images/edits", param="model")
+        return spec
+
+    # --- request fields ----------------------------------------------------------------------
+    def _check_common(self, req: _ImageRequest) -> None:
+        s = self.settings
+        extra = sorted((req.model_extra or {}).keys())
+        ignored = [f for f in IGNORED_OPENAI_FIELDS if getattr(req, f, None) is not None]
+        if extra or ignored:
+            log.info("ignoring fields: %s", ", ".join(extra + ignored))
+        if len(req.prompt) > s.max_prompt_chars:
+            raise InvalidRequest(f"prompt is longer than {s.max_prompt_chars} characters", param="prompt")
+        if req.n > s.max_n:
+            raise InvalidRequest(f"n must be between 1 and {s.max_n}", param="n")
+        if req.background == "transparent":
+            raise InvalidRequest("background=transparent is not supported: Qwen-Image makes opaque images", param="background")
+        if req.stream:
+            raise InvalidRequest("stream=true is not supported by this server", param="stream")
+        if req.num_inference_steps is not None and req.num_inference_steps > s.max_steps:
+            raise InvalidRequest(f"num_inference_steps must be between 1 and {s.max_steps}", param="num_inference_steps")
+
+    def _check_side(self, width: int, height: int, param: str) -> None:
+        lo, hi = self.settings.min_image_side, self.settings.max_image_side
+        for side in (width, height):
+            if not lo <= side <= hi:
+                raise InvalidRequest(f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param)
+            if side % SIZE_MULTIPLE:
+                raise InvalidRequest(f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param)
+
+    def resolve_size(self, req: _ImageRequest, default: str | None) -> Size | None:
+        """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
+        if req.width is not None or req.height is not None:
+            if req.width is None or req.height is None:
+                raise InvalidRequest("width and height must be given together", param="width" if req.width is None else "height")
+            self._check_side(req.width, req.height, "width")
+            return Size(req.width, req.height, req.width, req.height)
+        if req.aspect_ratio is not None:
+            if req.aspect_ratio not in ASPECT_RATIOS:
+                raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
+            w, h = ASPECT_RATIOS[req.aspect_ratio]
+            # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
+            up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731
+            return Size(up(w), up(h), w, h)
+        size = req.size if req.size not in (None, "", "auto") else default
+        if size is None:
+            return None
+        match = _SIZE.match(size)
+        if not match:
+            raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param="size")
+        w, h = int(match.group(1)), int(match.group(2))
+        self._check_side(w, h, "size")
+        return Size(w, h, w, h)
+
+    def _steps(self, req: _ImageRequest, spec: ModelSpec) -> int:
+        if req.num_inference_steps is not None:
+            return req.num_inference_steps
+        steps = QUALITY_STEPS.get(req.quality or "auto")
+        return steps or int(spec.options.get("default_steps", self.settings.default_steps))
+
+    def _job(self, req: _ImageRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        cfg = req.true_cfg_scale if req.true_cfg_scale is not None else req.guidance_scale
+        cfg = self.settings.default_true_cfg_scale if cfg is None else cfg
+        return Job(
+            mode=mode,  # type: ignore[arg-type]
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt or " ",
+            seeds=[seed + i for i in range(req.n)],
+            width=size.width if size else None,
+            height=size.height if size else None,
+            out_width=size.out_width if size and (size.out_width, size.out_height) != (size.width, size.height) else None,
+            out_height=size.out_height if size and (size.out_width, size.out_height) != (size.width, size.height) else None,
+            num_inference_steps=self._steps(req, spec),
+            true_cfg_scale=float(cfg),
+            output_format=req.output_format,
+            output_compression=100 if req.output_compression is None else req.output_compression,
+        )
+
+    # --- endpoints -----------------------------------------------------------------------
+    async def generate(self, req: GenerationRequest, base_url: str) -> tuple[dict, JobResult]:
+        self._check_common(req)
+        spec = self._model(req.model, edit=False)
+        size = self.resolve_size(req, spec.options.get("default_size", self.settings.default_size))
+        job = self._job(req, spec, "generate", size)
+        result = await self.engine.submit(spec.id, job)
+        return await self._response(req, result, base_url), result
+
+    async def edit(self, req: EditRequest, images: list[Upload], mask: Upload | None, base_url: str) -> tuple[dict, JobResult]:
+        self._check_common(req)
+        spec = self._model(req.model, edit=True)
+        if not images:
+            raise InvalidRequest("image is required: send one file as 'image' (several as 'image[]')", param="image")
+        if len(images) > 1 and not spec.multi_image:
+            raise InvalidRequest(
+                f"Model {spec.id} edits one image at a time; several images need an edit-plus model "
+                "(Qwen-Image-Edit-2509 or 2511)",
+                param="image",
+            )
+        if len(images) > self.settings.max_input_images:
+            raise InvalidRequest(f"at most {self.settings.max_input_images} images per request", param="image")
+        if mask is not None and len(images) > 1:
+            raise InvalidRequest("a mask can be combined with one image only", param="mask")
+        size = self.resolve_size(req, None)
+        decoded = await asyncio.to_thread(self._decode_inputs, images, mask)
+        job = self._job(req, spec, "inpaint" if mask else "edit", size)
+        job.images = decoded[0]
+        if mask is not None:
+            job.mask = decoded[1]
+            if size is not None:  # the inpaint pipeline renders at its own size; the result is fitted
+                job.width = job.height = None
+                job.out_width, job.out_height = size.out_width, size.out_height
+        result = await self.engine.submit(spec.id, job)
+        return await self._response(req, result, base_url), result
+
+    def _decode_inputs(self, images: list[Upload], mask: Upload | None):
+        limit = self.settings.max_input_pixels
+        opened = [open_image(u.data, u.param, limit) for u in images]
+        arrays = [to_rgb_array(image) for image in opened]
+        if mask is None:
+            return arrays, None
+        mask_image = open_image(mask.data, mask.param, limit)
+        if mask_image.size != opened[0].size:
+            raise InvalidImage(
+                f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {opened[0].size[0]}x{opened[0].size[1]}; "
+                "they must be the same size",
+                param="mask",
+            )
+        mask_array = mask_to_array(mask_image)
+        if not mask_array.any():
+            raise InvalidImage("mask marks nothing to edit (no transparent pixels)", param="mask")
+        return arrays, mask_array
+
+    async def _response(self, req: _ImageRequest, result: JobResult, base_url: str) -> dict:
+        fmt = req.output_format
+        data = []
+        for image in result.images:
+            item: dict = {"seed": image.seed}
+            if req.response_format == "url":
+                name = await asyncio.to_thread(self.store.save, image.data, fmt)
+                prefix = self.settings.image_download_url_prefix
+                item["url"] = f"{prefix.rstrip('/')}/{name}" if prefix else f"{base_url.rstrip('/')}/images/{name}"
+            else:
+                item["b64_json"] = b64(image.data)
+            data.append(item)
+        first = result.images[0]
+        return {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": fmt,
+            "size": f"{first.width}x{first.height}",
+            "quality": req.quality or "auto",
+            "background": "opaque",
+        }
