@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny offline models and real servers (uvicorn in a subprocess) on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen_image_server.models.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models"))
+
+
+def _tiny(kind: str) -> Path:
+    folder = TINY_CACHE / kind
+    if not (folder / "model_index.json").is_file():
+        build_tiny_model(folder, kind)  # type: ignore[arg-type]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i() -> Path:
+    return _tiny("text-to-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_edit() -> Path:
+    return _tiny("edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_plus() -> Path:
+    return _tiny("edit-plus")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``qwen-image-server serve`` in a subprocess, as a user runs it."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.base_url}/ready", timeout=5).json()
+
+    def worker_pids(self, model: str) -> list[int]:
+        return [w["pid"] for w in self.status()["models"][model]["workers"]]
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Start a server with the given CLI args; stopped at the end of the session (or by the caller)."""
+    servers: list[Server] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Server:
+        log_dir = tmp_path_factory.mktemp("server")
+        base_env = {"IMAGE_OUTPUT_DIR": str(log_dir / "images")}
+        server = Server(list(args), env={**base_env, **(env or {})}, log_path=log_dir / "server.log")
+        servers.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
+    """The shared server: a tiny text-to-image model with 2 workers, an edit and an edit-plus model."""
+    return start_server(
+        "--model", f"qwen-image-tiny={tiny_t2i}",
+        "--model", f"qwen-image-edit-tiny={tiny_edit}",
+        "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
+        "--workers", "2",
+        env={"QIS_CPU_THREADS": "1"},
+    )  # fmt: skip

@@ -1,0 +1,161 @@
+"""The engine's promises, observed over HTTP: parallel workers, a responsive API,
+bounded queues, timeouts, cancellation on disconnect, and surviving dead workers.
+
+Assertions are about behaviour (which requests overlapped, which succeeded),
+never about how fast anything was.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+GEN = "/v1/images/generations"
+# Long enough to still be running when the tests act on it (about a minute on 2 cores).
+LONG = {"prompt": "a long job", "size": "512x512", "num_inference_steps": 100, "seed": 1}
+SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
+
+
+def _post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run():
+        try:
+            box["response"] = httpx.post(url, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _busy_workers(server, model: str) -> int:
+    return sum(w["state"] == "busy" for w in server.status()["models"][model]["workers"])
+
+
+def _interval(response: httpx.Response) -> tuple[float, float]:
+    return float(response.headers["x-run-start"]), float(response.headers["x-run-end"])
+
+
+def test_two_requests_run_at_the_same_time_and_health_answers_meanwhile(server):
+    body = {"prompt": "concurrency", "size": "512x512", "num_inference_steps": 8}
+    threads = [_post_in_thread(server.base_url + GEN, {**body, "seed": s}) for s in (1, 2)]
+    _wait_for(lambda: _busy_workers(server, "qwen-image-tiny") == 2, what="both workers busy")
+    health = httpx.get(server.base_url + "/healthz", timeout=5)
+    answered_at = time.time()
+    still_running = [t.is_alive() for t, _ in threads]
+    for thread, _ in threads:
+        thread.join()
+    responses = [box["response"] for _, box in threads]
+    assert [r.status_code for r in responses] == [200, 200]
+    assert health.json() == {"status": "ok", "model": "qwen-image-tiny"}
+    assert any(still_running), "healthz should answer while generations are running"
+    (a_start, a_end), (b_start, b_end) = (_interval(r) for r in responses)
+    assert a_start < b_end and b_start < a_end, "the two requests should have run at the same time"
+    assert responses[0].headers["x-workers"] != responses[1].headers["x-workers"]
+    assert any(a_start <= answered_at <= a_end for a_start, a_end in map(_interval, responses))
+
+
+def test_n_images_are_spread_over_idle_workers(server):
+    r = httpx.post(server.base_url + GEN, json={**SHORT, "n": 2}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert sorted(r.headers["x-workers"].split(",")) == ["qwen-image-tiny#0", "qwen-image-tiny#1"]
+    assert [d["seed"] for d in r.json()["data"]] == [2, 3]
+
+
+def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
+    model = "qwen-image-edit-plus-tiny"  # has its own 2 workers; no other test waits on them
+    old_pids = server.worker_pids(model)
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (10, 200, 10)).save(buf, format="PNG")
+    image_b64 = base64.b64encode(buf.getvalue()).decode()
+    long_edit = {"model": model, "prompt": "long edit", "image": image_b64, "size": "512x512", "num_inference_steps": 100, "n": 2}
+    thread, box = _post_in_thread(server.base_url + "/v1/images/edits", long_edit)  # one image on each worker
+    _wait_for(lambda: _busy_workers(server, model) == 2, what="both edit-plus workers busy")
+    os.kill(old_pids[0], signal.SIGKILL)
+    thread.join(timeout=300)
+    response = box["response"]
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"]["message"].startswith("Inference failed: worker process exited unexpectedly")
+    assert body["detail"] == body["error"]["message"]
+    assert body["error"]["type"] == "server_error"
+    # The surviving worker's half of the job was stopped, and the dead worker is replaced.
+    _wait_for(lambda: server.status()["models"][model]["ready"], timeout=120, what="replacement worker ready")
+    new_pids = server.worker_pids(model)
+    assert old_pids[0] not in new_pids and old_pids[1] in new_pids
+    ok = httpx.post(server.base_url + "/v1/images/edits", json={**long_edit, "size": "256x256", "num_inference_steps": 2}, timeout=300)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["data"]) == 2
+
+
+@pytest.fixture(scope="module")
+def small_server(start_server, tiny_t2i):
+    """One worker, a queue of one waiting request, and a short task timeout."""
+    return start_server(
+        "--model", f"tiny={tiny_t2i}", "--workers", "1",
+        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "10", "QIS_CPU_THREADS": "2"},
+    )  # fmt: skip
+
+
+def _wait_idle(server) -> None:
+    _wait_for(
+        lambda: (s := server.status()["models"]["tiny"])["queued_jobs"] == 0 and s["workers"][0]["state"] == "idle",
+        what="worker idle and queue empty",
+    )
+
+
+def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
+    _wait_idle(small_server)
+    r = httpx.post(small_server.base_url + GEN, json=LONG, timeout=300)
+    assert r.status_code == 504
+    assert r.json()["error"]["message"] == "Task timeout" == r.json()["detail"]
+    # Had the long task kept running (about a minute), this one could not finish within its own 10 s timeout.
+    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    assert ok.status_code == 200, ok.text
+
+
+def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
+    _wait_idle(small_server)
+    running, _ = _post_in_thread(small_server.base_url + GEN, LONG, timeout=2.5)
+    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
+    queued, _ = _post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=2.5)
+    running.join()
+    queued.join()
+    _wait_idle(small_server)
+    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    assert ok.status_code == 200, ok.text
+
+
+def test_full_queue_is_refused_at_once_with_503(small_server):
+    _wait_idle(small_server)
+    running, _ = _post_in_thread(small_server.base_url + GEN, LONG, timeout=6)
+    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
+    queued, _ = _post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=6)
+    _wait_for(lambda: small_server.status()["models"]["tiny"]["queued_jobs"] == 1, what="one request queued")
+    refused = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=30)
+    assert refused.status_code == 503
+    body = refused.json()
+    assert body["error"]["message"] == "Task queue is full" == body["detail"]
+    assert int(refused.headers["retry-after"]) >= 1
+    running.join()
+    queued.join()
+    _wait_idle(small_server)
