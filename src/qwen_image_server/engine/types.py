@@ -25,7 +25,7 @@ class Job:
     mode: Mode
     prompt: str
     seeds: list[int]
-    negative_prompt: str | None = None
+    negative_prompt: str = " "  # Qwen-Image needs one (" " is enough) for true CFG
     width: int | None = None  # size the pipeline renders at; None: the pipeline's choice (edit, size=auto)
     height: int | None = None
     out_width: int | None = None  # final size if it differs from the rendered one (center crop / resize)

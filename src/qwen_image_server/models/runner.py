@@ -129,7 +129,7 @@ class PipelineRunner:
             prompt=job.prompt,
             num_inference_steps=job.num_inference_steps,
             true_cfg_scale=job.true_cfg_scale,
-            negative_prompt=job.negative_prompt if job.true_cfg_scale > 1 else None,
+            negative_prompt=(job.negative_prompt or " ") if job.true_cfg_scale > 1 else None,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
             num_images_per_prompt=job.n,
             callback_on_step_end=on_step_end,

@@ -45,7 +45,8 @@ class _ImageRequest(BaseModel):
     background: Literal["auto", "opaque", "transparent"] | None = None
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    num_inference_steps: int | None = Field(default=None, ge=1)
+    # Qwen-Image's scheduler (shift_terminal) turns a single step into NaN sigmas: two is the minimum.
+    num_inference_steps: int | None = Field(default=None, ge=2)
     true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     stream: bool | None = None

@@ -98,7 +98,7 @@ class ImageService:
         if req.stream:
             raise InvalidRequest("stream=true is not supported by this server", param="stream")
         if req.num_inference_steps is not None and req.num_inference_steps > s.max_steps:
-            raise InvalidRequest(f"num_inference_steps must be between 1 and {s.max_steps}", param="num_inference_steps")
+            raise InvalidRequest(f"num_inference_steps must be between 2 and {s.max_steps}", param="num_inference_steps")
 
     def _check_side(self, width: int, height: int, param: str) -> None:
         lo, hi = self.settings.min_image_side, self.settings.max_image_side

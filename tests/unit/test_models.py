@@ -1,0 +1,91 @@
+"""Tiny models: deterministic, loaded like real ones; the runner's cancellation and edit areas."""
+
+import hashlib
+import importlib
+
+import numpy as np
+import pytest
+
+from qwen_image_server.engine.types import Job
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.models.runner import PipelineRunner, edit_areas
+from qwen_image_server.models.spec import resolve_model
+from qwen_image_server.models.tiny import build_tiny_model
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_tiny_model_is_deterministic_per_seed(tmp_path):
+    a = build_tiny_model(tmp_path / "a", "text-to-image", seed=3)
+    b = build_tiny_model(tmp_path / "b", "text-to-image", seed=3)
+    c = build_tiny_model(tmp_path / "c", "text-to-image", seed=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_edit_model_folder_looks_like_a_real_one(tiny_edit):
+    import json
+
+    index = json.loads((tiny_edit / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPipeline"
+    assert index["processor"] == ["transformers", "Qwen2VLProcessor"]
+    assert index["text_encoder"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+
+
+@pytest.fixture(scope="module")
+def t2i_runner(tiny_t2i):
+    return PipelineRunner(resolve_model(str(tiny_t2i)), device="cpu")
+
+
+def test_runner_generates_requested_size_and_seeds_reproduce(t2i_runner):
+    job = Job(mode="generate", prompt="a red cube", seeds=[5], width=256, height=256, num_inference_steps=2)
+    first, second = t2i_runner.run(job)[0], t2i_runner.run(job)[0]
+    assert first.size == (256, 256)
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    other = t2i_runner.run(Job(**{**job.__dict__, "seeds": [6]}))[0]
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_runner_crops_to_the_output_size(t2i_runner):
+    job = Job(mode="generate", prompt="p", seeds=[1], width=288, height=256, out_width=280, out_height=256, num_inference_steps=2)
+    assert t2i_runner.run(job)[0].size == (280, 256)
+
+
+def test_runner_stops_at_the_next_step(t2i_runner):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 2  # checked once before the call, then after each step
+
+    job = Job(mode="generate", prompt="p", seeds=[1], width=256, height=256, num_inference_steps=50)
+    with pytest.raises(TaskCancelled):
+        t2i_runner.run(job, should_stop)
+    assert len(calls) == 3
+
+
+def test_edit_areas_swaps_and_restores_diffusers_constants():
+    plus = importlib.import_module("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus")
+    edit = importlib.import_module("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit")
+    original = edit.calculate_dimensions
+    with edit_areas(256 * 256, 64 * 64):
+        assert plus.VAE_IMAGE_SIZE == 256 * 256 and plus.CONDITION_IMAGE_SIZE == 64 * 64
+        assert edit.calculate_dimensions(1024 * 1024, 1.0)[:2] == (256, 256)
+    assert plus.VAE_IMAGE_SIZE == 1024 * 1024 and plus.CONDITION_IMAGE_SIZE == 384 * 384
+    assert edit.calculate_dimensions is original
+
+
+def test_edit_runner_keeps_pixels_outside_the_mask(tiny_edit):
+    runner = PipelineRunner(resolve_model(str(tiny_edit)), device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[64:192, 64:192] = 255
+    job = Job(mode="inpaint", prompt="p", seeds=[1], num_inference_steps=2, images=[image], mask=mask)
+    out = np.asarray(runner.run(job)[0])
+    assert out.shape == (256, 256, 3)
+    assert np.array_equal(out[mask == 0], image[mask == 0])
+    assert not np.array_equal(out[mask == 255], image[mask == 255])

@@ -1,0 +1,57 @@
+"""Model resolution happens before the port opens and fails clearly."""
+
+import json
+
+import pytest
+
+from qwen_image_server.models.spec import ModelConfigError, default_model_id, resolve_model, resolve_models
+
+
+def test_tiny_models_resolve_by_class(tiny_t2i, tiny_edit, tiny_edit_plus):
+    kinds = [resolve_model(str(p)).kind for p in (tiny_t2i, tiny_edit, tiny_edit_plus)]
+    assert kinds == ["text-to-image", "edit", "edit-plus"]
+    spec = resolve_model(str(tiny_edit), "my-edit")
+    assert spec.id == "my-edit" and spec.can_edit and not spec.multi_image
+    assert spec.options["edit_area"] == 256 * 256
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelConfigError, match="model folder not found"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_folder_without_index(tmp_path):
+    with pytest.raises(ModelConfigError, match="no model_index.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_unknown_pipeline_class(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelConfigError, match="'StableDiffusionPipeline' is not served"):
+        resolve_model(str(tmp_path))
+
+
+def test_duplicate_ids_and_no_models(tiny_t2i):
+    with pytest.raises(ModelConfigError, match="unique"):
+        resolve_models([("a", str(tiny_t2i)), ("a", str(tiny_t2i))])
+    with pytest.raises(ModelConfigError, match="no model to serve"):
+        resolve_models([])
+
+
+def test_default_ids():
+    assert default_model_id("Qwen/Qwen-Image-Edit-2509") == "Qwen-Image-Edit-2509"
+    assert default_model_id("/models/qwen image/") == "qwen-image"
+
+
+def test_cli_reports_bad_model_before_serving(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "model folder not found" in result.stderr
