@@ -123,7 +123,13 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     engine = LocalEngine(specs, settings)
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level.lower())
+    uvicorn.run(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=30,  # then running requests are cancelled and their work stopped
+    )
 
 
 def main() -> None:

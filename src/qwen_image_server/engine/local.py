@@ -76,16 +76,18 @@ class _Worker:
 
     def _read(self) -> None:
         loop = self.pool.loop
-        while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            loop.call_soon_threadsafe(self.pool.on_message, self, message)
-        self.process.join(timeout=10)
-        self._outbox.put(None)
-        if not loop.is_closed():
+        try:
+            while True:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+                loop.call_soon_threadsafe(self.pool.on_message, self, message)
+            self.process.join(timeout=10)
+            self._outbox.put(None)
             loop.call_soon_threadsafe(self.pool.on_exit, self)
+        except RuntimeError:  # the event loop is closed: the server has shut down
+            pass
 
     def _write(self) -> None:
         while (message := self._outbox.get()) is not None:
@@ -232,7 +234,8 @@ class _ModelPool:
             return
         code = worker.process.exitcode
         lost = [worker.running] if worker.running else []
-        lost += [p for tid, p in list(self.encoding.items()) if p.worker is worker and self.encoding.pop(tid)]
+        for task_id in [tid for tid, piece in self.encoding.items() if piece.worker is worker]:
+            lost.append(self.encoding.pop(task_id))
         for piece in lost:
             if not piece.future.done():
                 piece.future.set_exception(InferenceFailed(f"worker process exited unexpectedly (exit code {code})"))
