@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     )
     image_max_files: int = Field(default=10_000, ge=1, description="Stored url-format images kept; the oldest go first.")
     image_ttl_seconds: float = Field(default=24 * 3600, gt=0, description="Stored url-format images older than this are deleted.")
+
+    # --- prompt rewriting (seed 002) ---------------------------------------------------
+    enable_prompt_rewrite: bool = Field(default=False, validation_alias=_alias("ENABLE_PROMPT_REWRITE", "QIS_ENABLE_PROMPT_REWRITE"))
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_alias("OPENAI_API_KEY", "QIS_OPENAI_API_KEY"))
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1", validation_alias=_alias("OPENAI_BASE_URL", "QIS_OPENAI_BASE_URL")
+    )
+    openai_model: str = Field(default="gpt-4o-mini", validation_alias=_alias("OPENAI_MODEL", "QIS_OPENAI_MODEL"))
+    rewrite_timeout: float = Field(default=20.0, gt=0, description="Seconds per rewrite attempt.")
+    rewrite_retries: int = Field(default=1, ge=0, le=5)
 
     # --- request limits ------------------------------------------------------------
     default_size: str = Field(default="1024x1024", description="Size used when a request gives none (a model may set its own).")

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from ..config import Settings
 from ..engine.base import EngineClient
+from ..serving.rewrite import PromptRewriter
 from ..serving.service import ImageService
 from ..storage import LocalImageStore
 from .errors import install_error_handlers
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     """An app serving ``engine``'s models; the engine is started and closed with the app."""
 
+    rewriter = None
+    if settings.enable_prompt_rewrite or settings.openai_api_key is not None or "openai_base_url" in settings.model_fields_set:
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        rewriter = PromptRewriter(
+            settings.openai_base_url,
+            key,
+            settings.openai_model,
+            timeout=settings.rewrite_timeout,
+            retries=settings.rewrite_retries,
+            max_chars=settings.max_prompt_chars,
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
@@ -28,12 +41,14 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
             yield
         finally:
             await engine.close()
+            if rewriter is not None:
+                await rewriter.close()
 
     from .. import __version__
 
     app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
     store = LocalImageStore(settings.image_output_dir, settings.image_max_files, settings.image_ttl_seconds)
-    app.state.service = ImageService(settings, engine, store)
+    app.state.service = ImageService(settings, engine, store, rewriter)
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)

@@ -17,6 +17,11 @@ from ..errors import ServerError
 log = logging.getLogger(__name__)
 
 
+def error_body(exc: ServerError) -> dict:
+    """OpenAI's ``error`` object for a typed error."""
+    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+
+
 def error_response(
     status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
@@ -46,9 +51,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return error_response(
-            exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param, headers=exc.headers
-        )
+        return JSONResponse({"error": error_body(exc), "detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

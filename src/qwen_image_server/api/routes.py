@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ..engine.types import JobResult
-from ..errors import NotFound
-from ..protocol.images import GenerationRequest
-from ..serving.service import ImageService
+from ..errors import InvalidRequest, NotFound, ServerError
+from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
+from ..serving.images import b64
+from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES
-from .uploads import read_edit_request
+from .errors import error_body
+from .uploads import read_image_request
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 START_TIME = int(time.time())
 
@@ -60,26 +65,111 @@ def _timing_headers(result: JobResult) -> dict[str, str]:
     }
 
 
-async def _respond(request: Request, coro) -> Response:
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _respond(request: Request, prepare) -> Response:
+    """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events."""
+    service = _service(request)
+    base_url = str(request.base_url)
     try:
-        body, result = await _unless_disconnected(request, coro)
+        prepared = await _unless_disconnected(request, prepare)
+        if prepared.req.stream:
+            return await _stream(service, prepared, base_url)
+        body, result = await _unless_disconnected(request, service.run(prepared, base_url))
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse(body, headers=_timing_headers(result))
 
 
+async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> Response:
+    """OpenAI's image streaming: ``<kind>.partial_image`` events while denoising, then one ``<kind>.completed`` per image.
+
+    Errors before the stream starts (a full queue) are ordinary error responses;
+    later ones are an in-band ``error`` event that ends the stream. A client that
+    goes away cancels the job (Starlette cancels this generator).
+    """
+    events: asyncio.Queue = asyncio.Queue()
+    run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
+    run.add_done_callback(lambda _: events.put_nowait(None))
+    await asyncio.sleep(0)  # let the engine accept or refuse the job before the status line is sent
+    if run.done() and run.exception() is not None:
+        raise run.exception()
+    kind, job = prepared.event, prepared.job
+    echo = {"output_format": job.output_format, "quality": prepared.req.quality or "auto", "background": "opaque"}
+
+    async def generate():
+        try:
+            while (partial := await events.get()) is not None:
+                image = partial.image
+                yield _sse(
+                    f"{kind}.partial_image",
+                    {
+                        "type": f"{kind}.partial_image",
+                        "b64_json": b64(image.data),
+                        "partial_image_index": partial.partial_index,
+                        "created_at": int(time.time()),
+                        "size": f"{image.width}x{image.height}",
+                        **echo,
+                        "image_index": partial.index,
+                        "seed": image.seed,
+                    },
+                )
+            try:
+                body, result = run.result()
+            except ServerError as exc:
+                yield _sse("error", {"type": "error", "error": error_body(exc)})
+                return
+            except Exception:
+                log.exception("streaming job failed")
+                yield _sse("error", {"type": "error", "error": {"message": "Internal server error", "type": "server_error", "param": None, "code": "internal_error"}})
+                return
+            for index, (item, image) in enumerate(zip(body["data"], result.images)):
+                single = JobResult([image], result.started, result.finished, result.workers, result.prompt_tokens)
+                yield _sse(
+                    f"{kind}.completed",
+                    {
+                        "type": f"{kind}.completed",
+                        "b64_json": b64(image.data),
+                        "created_at": int(time.time()),
+                        "size": f"{image.width}x{image.height}",
+                        **echo,
+                        "usage": service.usage(prepared, single),
+                        "image_index": index,
+                        "seed": image.seed,
+                        "revised_prompt": item["revised_prompt"],
+                    },
+                )
+        finally:
+            if not run.done():
+                run.cancel()
+
+    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 @router.post("/v1/images/generations")
 async def create_image(body: GenerationRequest, request: Request) -> Response:
-    """Generate images from a prompt (OpenAI's images.generate)."""
-    return await _respond(request, _service(request).generate(body, str(request.base_url)))
+    """Generate images from a prompt (OpenAI's images.generate); stream=true streams previews."""
+    return await _respond(request, _service(request).prepare_generation(body))
 
 
 @router.post("/v1/images/edits")
 async def edit_image(request: Request) -> Response:
     """Edit one or several images, optionally within a mask (OpenAI's images.edit)."""
     service = _service(request)
-    body, images, mask = await read_edit_request(request, service.settings.max_input_images)
-    return await _respond(request, service.edit(body, images, mask, str(request.base_url)))
+    body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images)
+    return await _respond(request, service.prepare_edit(body, images, mask))
+
+
+@router.post("/v1/images/variations")
+async def create_variation(request: Request) -> Response:
+    """Variations of an image with the text-to-image model's img2img form (OpenAI's images.create_variation)."""
+    service = _service(request)
+    body, images, mask = await read_image_request(request, VariationRequest, 1)
+    if len(images) > 1 or mask is not None:
+        raise InvalidRequest("variations take exactly one image and no mask", param="image")
+    return await _respond(request, service.prepare_variation(body, images[0] if images else None))
 
 
 @router.get("/images/{name}")

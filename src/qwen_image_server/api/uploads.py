@@ -1,18 +1,18 @@
-"""Reading ``/v1/images/edits`` bodies: multipart as the ``openai`` SDK sends it, or JSON with base64 images."""
+"""Reading bodies with images (edits, variations): multipart as the ``openai`` SDK sends it, or JSON with base64 images."""
 
 from __future__ import annotations
 
 import json
 import re
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest, ServerError
-from ..protocol.images import EditRequest
 from ..serving.images import decode_base64_image
 from ..serving.service import Upload
 
@@ -59,24 +59,29 @@ class BodySizeLimit:
         return await self.app(scope, limited_receive, send)
 
 
-def _validate(fields: dict) -> EditRequest:
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], fields: dict) -> M:
     try:
-        return EditRequest.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
 
 
-async def read_edit_request(request: Request, max_files: int) -> tuple[EditRequest, list[Upload], Upload | None]:
-    """The edit's fields, its images in order, and its mask."""
+async def read_image_request(request: Request, model: type[M], max_files: int) -> tuple[M, list[Upload], Upload | None]:
+    """The request's fields (validated as ``model``), its images in order, and its mask."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        return await _read_multipart(request, max_files)
-    if content_type.startswith("application/json"):
-        return await _read_json(request)
-    raise InvalidRequest("send the edit as multipart/form-data (like the openai SDK) or as application/json")
+        fields, images, mask = await _read_multipart(request, max_files)
+    elif content_type.startswith("application/json"):
+        fields, images, mask = await _read_json(request)
+    else:
+        raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
+    return _validate(model, fields), images, mask
 
 
-async def _read_multipart(request: Request, max_files: int) -> tuple[EditRequest, list[Upload], Upload | None]:
+async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
     try:
         form = await request.form(max_files=max_files + 1, max_fields=200)
     except MultiPartException as exc:
@@ -98,7 +103,7 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[EditRequest
                 raise InvalidRequest(f"unexpected file in field '{key}'", param=key)
     finally:
         await form.close()
-    return _validate(fields), images, mask
+    return fields, images, mask
 
 
 def _json_image(value: object, param: str) -> Upload:
@@ -111,7 +116,7 @@ def _json_image(value: object, param: str) -> Upload:
     return Upload(decode_base64_image(value, param), param)
 
 
-async def _read_json(request: Request) -> tuple[EditRequest, list[Upload], Upload | None]:
+async def _read_json(request: Request) -> tuple[dict, list[Upload], Upload | None]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
@@ -127,4 +132,4 @@ async def _read_json(request: Request) -> tuple[EditRequest, list[Upload], Uploa
         images += [_json_image(v, f"{key}[{i}]" if isinstance(value, list) else key) for i, v in enumerate(values)]
     mask_value = body.pop("mask", None)
     mask = _json_image(mask_value, "mask") if mask_value is not None else None
-    return _validate(body), images, mask
+    return body, images, mask

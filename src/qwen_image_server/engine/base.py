@@ -6,10 +6,11 @@ processes on this machine) implements it; so can a cluster engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ..models.spec import ModelSpec
-from .types import Job, JobResult
+from .types import Job, JobResult, PartialImage
 
 
 class EngineClient(Protocol):
@@ -23,8 +24,8 @@ class EngineClient(Protocol):
     async def close(self) -> None:
         """Stop every worker; pending jobs fail."""
 
-    async def submit(self, model_id: str, job: Job) -> JobResult:
-        """Run ``job`` on ``model_id``.
+    async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
+        """Run ``job`` on ``model_id``; ``on_partial`` receives previews (``job.partial_images``) as they come.
 
         Raises ``QueueFull`` at once when the model's queue is full, ``TaskTimeout``
         when the task timeout (counted from this call) passes, ``InferenceFailed``

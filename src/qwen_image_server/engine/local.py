@@ -18,12 +18,13 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
 from ..models.spec import ModelSpec
-from .types import Job, JobResult, Task, TaskResult
+from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class _JobState:
     pieces: list[_Piece] = field(default_factory=list)
     undispatched: int = 0
     cancelled: bool = False
+    on_partial: Callable[[PartialImage], None] | None = None
 
 
 @dataclass(eq=False)
@@ -43,6 +45,7 @@ class _Piece:
     task: Task
     future: asyncio.Future
     job: _JobState
+    offset: int  # index of the piece's first image in its job
     worker: _Worker | None = None
 
 
@@ -122,16 +125,16 @@ class _ModelPool:
         self.workers: list[_Worker] = [_Worker(self, slot, device, threads) for slot, device in enumerate(devices)]
 
     # --- jobs ----------------------------------------------------------------------
-    async def submit(self, job: Job, deadline: float) -> JobResult:
+    async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         if self.broken:
             raise NotReady(f"Model {self.spec.id} is unavailable: {self.broken}")
         if self.waiting_jobs >= self.settings.queue_size:
             raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
         # Spread the images over the workers; never more per call than max_batch_size.
         batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / len(self.workers))))
-        state = _JobState()
-        for piece_job in job.split(batch):
-            piece = _Piece(Task(next(self.task_ids), piece_job), self.loop.create_future(), state)
+        state = _JobState(on_partial=on_partial)
+        for i, piece_job in enumerate(job.split(batch)):
+            piece = _Piece(Task(next(self.task_ids), piece_job), self.loop.create_future(), state, offset=i * batch)
             state.pieces.append(piece)
             self.pending.append(piece)
         state.undispatched = len(state.pieces)
@@ -159,6 +162,7 @@ class _ModelPool:
             started=min(r.started for r in results),
             finished=max(r.finished for r in results),
             workers=sorted({r.worker for r in results}),
+            prompt_tokens=results[0].prompt_tokens,
         )
 
     def _cancel(self, state: _JobState) -> None:
@@ -213,6 +217,13 @@ class _ModelPool:
             piece = self.encoding.pop(result.task_id, None)
             if piece is not None and not piece.future.done():
                 piece.future.set_result(result)
+        elif kind == "partial":
+            _, task_id, partial = message
+            piece = worker.running if worker.running and worker.running.task.task_id == task_id else self.encoding.get(task_id)
+            if piece is not None and not piece.job.cancelled and piece.job.on_partial is not None:
+                partial.index += piece.offset
+                piece.job.on_partial(partial)
+            return
         elif kind == "failed":
             _, task_id, reason, cancelled = message
             piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
@@ -322,9 +333,9 @@ class LocalEngine:
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
 
-    async def submit(self, model_id: str, job: Job) -> JobResult:
+    async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout
-        return await self.pools[model_id].submit(job, deadline)
+        return await self.pools[model_id].submit(job, deadline, on_partial)
 
     def ready(self) -> bool:
         return bool(self.pools) and all(pool.ready() for pool in self.pools.values())

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-Mode = Literal["generate", "edit", "inpaint"]
+Mode = Literal["generate", "edit", "inpaint", "variation"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -36,6 +36,8 @@ class Job:
     mask: np.ndarray | None = None  # HxW uint8, 255 where the image is to be repainted
     output_format: OutputFormat = "png"
     output_compression: int = 100
+    strength: float = 0.6  # variations (img2img): how far from the input image to move
+    partial_images: int = 0  # previews per image, at evenly spaced denoising steps
 
     @property
     def n(self) -> int:
@@ -57,6 +59,15 @@ class EncodedImage:
 
 
 @dataclass
+class PartialImage:
+    """A preview of image ``index`` (of its job) decoded from the current denoising estimate."""
+
+    index: int
+    partial_index: int
+    image: EncodedImage
+
+
+@dataclass
 class Task:
     """A piece of a job handed to one worker."""
 
@@ -73,6 +84,7 @@ class TaskResult:
     started: float
     finished: float
     worker: str = ""
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -83,3 +95,4 @@ class JobResult:
     started: float
     finished: float
     workers: list[str]
+    prompt_tokens: int = 0

@@ -6,7 +6,8 @@ Messages on its pipe (tuples, first item the kind):
 - to the engine: ``("ready", info)``, ``("load_failed", reason)``,
   ``("computed", task_id)`` as soon as the pipeline call returns (the worker
   takes the next task while this one's images are encoded by a second thread),
-  ``("result", TaskResult)``, ``("failed", task_id, reason, cancelled)``.
+  ``("result", TaskResult)``, ``("failed", task_id, reason, cancelled)``,
+  and ``("partial", task_id, PartialImage)`` for previews of a streaming request.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import traceback
 
 from ..errors import TaskCancelled
-from .types import EncodedImage, Task, TaskResult
+from .types import EncodedImage, PartialImage, Task, TaskResult
 
 log = logging.getLogger("qwen_image_server.worker")
 
@@ -79,15 +80,21 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
     def encode() -> None:
         from ..serving.images import encode_image
 
+        def encoded(job, seed, image) -> EncodedImage:
+            return EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
+
         while (item := to_encode.get()) is not None:
-            task, images, started, finished = item
+            if item[0] == "partial":
+                _, task, index, partial_index, image = item
+                preview = PartialImage(index, partial_index, encoded(task.job, task.job.seeds[index], image))
+                send(("partial", task.task_id, preview))
+                continue
+            _, task, images, started, finished = item
             try:
                 job = task.job
-                encoded = [
-                    EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
-                    for seed, image in zip(job.seeds, images)
-                ]
-                send(("result", TaskResult(task.task_id, encoded, started, finished, name)))
+                images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images)]
+                tokens = runner.count_tokens(job.prompt)
+                send(("result", TaskResult(task.task_id, images, started, finished, name, tokens)))
             except Exception as exc:
                 log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
                 send(("failed", task.task_id, short_reason(exc), False))
@@ -100,8 +107,11 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         task: Task
         task_id = task.task_id
         started = time.time()
+        def on_partial(index, partial_index, image, task=task) -> None:
+            to_encode.put(("partial", task, index, partial_index, image))
+
         try:
-            images = runner.run(task.job, should_stop=lambda: task_id in cancelled)
+            images = runner.run(task.job, should_stop=lambda: task_id in cancelled, on_partial=on_partial)
         except TaskCancelled:
             log.info("task %s stopped after %.2fs", task_id, time.time() - started)
             send(("failed", task_id, "cancelled", True))
@@ -112,7 +122,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
             send(("failed", task_id, short_reason(exc), False))
         else:
             send(("computed", task_id))
-            to_encode.put((task, images, started, time.time()))
+            to_encode.put(("result", task, images, started, time.time()))
         cancelled.discard(task_id)
     to_encode.put(None)
     encoder.join(timeout=30)

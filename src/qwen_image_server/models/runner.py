@@ -93,6 +93,7 @@ class PipelineRunner:
         self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._inpaint = None
+        self._img2img = None
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
 
     def _load_processor(self):
@@ -105,6 +106,20 @@ class PipelineRunner:
             source = Path(snapshot_download(self.spec.source, allow_patterns=["processor/*"]))
         return load_processor(source / "processor")
 
+    def count_tokens(self, text: str) -> int:
+        """Text tokens of ``text`` with the model's own tokenizer (for ``usage``)."""
+        return len(self.pipe.tokenizer(text).input_ids)
+
+    @property
+    def img2img_pipe(self):
+        """The variation (img2img) form of a text-to-image model, sharing its loaded components."""
+        if self._img2img is None:
+            from diffusers import QwenImageImg2ImgPipeline
+
+            self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
     @property
     def inpaint_pipe(self):
         """The mask-edit variant, sharing this pipeline's loaded components (no second copy of the weights)."""
@@ -115,14 +130,27 @@ class PipelineRunner:
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
 
-    def run(self, job: Job, should_stop: Callable[[], bool] = lambda: False) -> list[Image.Image]:
-        """Run one job and return its images in seed order. Raises ``TaskCancelled`` when ``should_stop()``."""
+    def run(
+        self,
+        job: Job,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_partial: Callable[[int, int, Image.Image], None] | None = None,
+    ) -> list[Image.Image]:
+        """Run one job and return its images in seed order.
+
+        Raises ``TaskCancelled`` as soon as ``should_stop()`` is true at a step's end.
+        With ``job.partial_images`` and ``on_partial``, previews are handed to
+        ``on_partial(image_index, partial_index, image)`` during denoising.
+        """
         if should_stop():
             raise TaskCancelled()
+        preview = _Previews(job, on_partial) if job.partial_images and on_partial else None
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             if should_stop():
                 raise TaskCancelled()
+            if preview is not None:
+                preview.at_step_end(pipe, step, callback_kwargs["latents"])
             return callback_kwargs
 
         kwargs: dict = dict(
@@ -138,6 +166,9 @@ class PipelineRunner:
         pipe = self.pipe
         if job.mode == "generate":
             kwargs.update(width=job.width, height=job.height)
+        elif job.mode == "variation":
+            pipe = self.img2img_pipe
+            kwargs.update(image=Image.fromarray(job.images[0]), width=job.width, height=job.height, strength=job.strength)
         else:
             images = [Image.fromarray(array) for array in job.images]
             if job.mode == "inpaint":
@@ -147,10 +178,16 @@ class PipelineRunner:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
         with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode():
-            result = pipe(**kwargs).images
+            if preview is not None:
+                preview.attach(pipe)
+            try:
+                result = pipe(**kwargs).images
+            finally:
+                if preview is not None:
+                    preview.detach()
         if job.mode == "inpaint":
             result = [self._keep_unmasked(image, kwargs["image"], kwargs["mask_image"]) for image in result]
-        return [self._fit(image, job) for image in result]
+        return [fit_to_job(image, job) for image in result]
 
     @staticmethod
     def _keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
@@ -161,10 +198,71 @@ class PipelineRunner:
             original = original.resize(size, Image.Resampling.LANCZOS)
         return Image.composite(result.convert("RGB"), original, mask.convert("L").resize(size, Image.Resampling.NEAREST))
 
-    @staticmethod
-    def _fit(image: Image.Image, job: Job) -> Image.Image:
-        size = (job.out_width, job.out_height)
-        if None in size or image.size == size:
-            return image
-        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def fit_to_job(image: Image.Image, job: Job) -> Image.Image:
+    """Crop or resize a rendered image to the job's output size, when it has one."""
+    size = (job.out_width, job.out_height)
+    if None in size or image.size == size:
+        return image
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def preview_steps(num_steps: int, partial_images: int) -> list[int]:
+    """Evenly spaced step indices (0-based) after which previews are made; never the last step."""
+    picks = [round((j + 1) * num_steps / (partial_images + 1)) - 1 for j in range(partial_images)]
+    return sorted({min(max(p, 0), num_steps - 2) for p in picks if num_steps >= 2})
+
+
+class _Previews:
+    """Decodes previews from the denoising estimate while a pipeline runs.
+
+    Flow matching moves ``x`` along a velocity ``v`` with ``x0 = x - sigma * v``.
+    A forward pre-hook on the transformer records each step's input latents; at
+    the step's end the scheduler has moved them to ``x'`` at ``sigma'``, so
+    ``v = (x' - x) / (sigma' - sigma)`` and ``x0 = x' - sigma' * v`` is the
+    current estimate of the final image, decoded with the pipeline's own VAE.
+    """
+
+    def __init__(self, job: Job, on_partial: Callable[[int, int, Image.Image], None]):
+        self.job = job
+        self.on_partial = on_partial
+        self.steps: list[int] = []
+        self.step_input = None
+        self.img_shape = None
+        self._hook = None
+
+    def attach(self, pipe) -> None:
+        def record(module, args, kwargs):
+            self.step_input = kwargs.get("hidden_states")
+            self.img_shape = kwargs.get("img_shapes")[0][0]
+
+        self._hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def at_step_end(self, pipe, step: int, latents) -> None:
+        if not self.steps:
+            self.steps = preview_steps(pipe.num_timesteps, self.job.partial_images)
+        if step not in self.steps or self.step_input is None:
+            return
+        scheduler = pipe.scheduler
+        sigma, sigma_next = scheduler.sigmas[scheduler.step_index - 1], scheduler.sigmas[scheduler.step_index]
+        x = self.step_input[:, : latents.shape[1]].to(latents.dtype)
+        velocity = (latents - x) / (sigma_next - sigma)
+        estimate = latents - sigma_next * velocity
+        _, h, w = self.img_shape
+        scale = pipe.vae_scale_factor * 2
+        unpacked = pipe._unpack_latents(estimate, h * scale, w * scale, pipe.vae_scale_factor).to(pipe.vae.dtype)
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(unpacked)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(unpacked)
+        decoded = pipe.vae.decode(unpacked * std + mean, return_dict=False)[0][:, :, 0]
+        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        partial_index = self.steps.index(step)
+        for index, image in enumerate(images):
+            self.on_partial(index, partial_index, fit_to_job(image, self.job))
 

@@ -26,13 +26,13 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
 
 
-class _ImageRequest(BaseModel):
-    """Fields shared by generations and edits."""
+class _CommonRequest(BaseModel):
+    """Fields shared by generations, edits and variations."""
 
     model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
 
     model: str | None = None
-    prompt: str = Field(min_length=1)
+    prompt: str = ""
     n: int = Field(default=1, ge=1)
     size: str | None = None
     aspect_ratio: str | None = None
@@ -54,6 +54,18 @@ class _ImageRequest(BaseModel):
     user: str | None = None
     style: str | None = None
     moderation: str | None = None
+    prompt_rewrite: bool | None = None  # seed 002's prompt rewriting; default: the server's setting
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg_is_jpeg(cls, value: object) -> object:
+        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+
+
+class _ImageRequest(_CommonRequest):
+    """Generations and edits: a prompt is required."""
+
+    prompt: str = Field(min_length=1)
 
     @field_validator("prompt")
     @classmethod
@@ -61,11 +73,6 @@ class _ImageRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt must not be empty")
         return value
-
-    @field_validator("output_format", mode="before")
-    @classmethod
-    def _jpg_is_jpeg(cls, value: object) -> object:
-        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
 
 
 class GenerationRequest(_ImageRequest):
@@ -78,17 +85,11 @@ class EditRequest(_ImageRequest):
     input_fidelity: str | None = None
 
 
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-    seed: int
+class VariationRequest(_CommonRequest):
+    """``POST /v1/images/variations``: the text-to-image model's img2img form.
 
+    ``prompt`` is optional here (none: the model varies the image freely) and
+    ``strength`` (0-1, how far from the input to move) is an extension.
+    """
 
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    output_format: OutputFormatName
-    size: str
-    quality: str
-    background: str = "opaque"
+    strength: float = Field(default=0.6, gt=0.0, le=1.0)

@@ -11,16 +11,25 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import QUALITY_STEPS, Settings
 from ..engine.base import EngineClient
-from ..engine.types import Job, JobResult
+from ..engine.types import EncodedImage, Job, JobResult, PartialImage
 from ..errors import InvalidImage, InvalidRequest, ModelNotAvailable
 from ..models.spec import ModelSpec
-from ..protocol.images import ASPECT_RATIOS, IGNORED_OPENAI_FIELDS, EditRequest, GenerationRequest, _ImageRequest
+from ..protocol.images import (
+    ASPECT_RATIOS,
+    IGNORED_OPENAI_FIELDS,
+    EditRequest,
+    GenerationRequest,
+    VariationRequest,
+    _CommonRequest,
+)
 from ..storage import LocalImageStore
 from .images import b64, mask_to_array, open_image, to_rgb_array
+from .rewrite import PromptRewriter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,17 @@ class Size:
 
 
 @dataclass
+class Prepared:
+    """A validated request turned into a job, ready to run (or to stream)."""
+
+    req: _CommonRequest
+    spec: ModelSpec
+    job: Job
+    event: str  # image_generation / image_edit / image_variation: the streaming event prefix
+    input_image_tokens: int
+
+
+@dataclass
 class Upload:
     """One uploaded file: its bytes and the form or JSON field it came in."""
 
@@ -49,10 +69,11 @@ class Upload:
 class ImageService:
     """Turns image requests into jobs on the engine and their results into responses."""
 
-    def __init__(self, settings: Settings, engine: EngineClient, store: LocalImageStore):
+    def __init__(self, settings: Settings, engine: EngineClient, store: LocalImageStore, rewriter: PromptRewriter | None = None):
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.rewriter = rewriter
         self.models = {spec.id: spec for spec in engine.models}
 
     # --- models ------------------------------------------------------------------------
@@ -83,7 +104,7 @@ class ImageService:
         return spec
 
     # --- request fields ----------------------------------------------------------------------
-    def _check_common(self, req: _ImageRequest) -> None:
+    def _check_common(self, req: _CommonRequest) -> None:
         s = self.settings
         extra = sorted((req.model_extra or {}).keys())
         ignored = [f for f in IGNORED_OPENAI_FIELDS if getattr(req, f, None) is not None]
@@ -95,8 +116,6 @@ class ImageService:
             raise InvalidRequest(f"n must be between 1 and {s.max_n}", param="n")
         if req.background == "transparent":
             raise InvalidRequest("background=transparent is not supported: Qwen-Image makes opaque images", param="background")
-        if req.stream:
-            raise InvalidRequest("stream=true is not supported by this server", param="stream")
         if req.num_inference_steps is not None and req.num_inference_steps > s.max_steps:
             raise InvalidRequest(f"num_inference_steps must be between 2 and {s.max_steps}", param="num_inference_steps")
 
@@ -108,7 +127,7 @@ class ImageService:
             if side % SIZE_MULTIPLE:
                 raise InvalidRequest(f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param)
 
-    def resolve_size(self, req: _ImageRequest, default: str | None) -> Size | None:
+    def resolve_size(self, req: _CommonRequest, default: str | None) -> Size | None:
         """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
         if req.width is not None or req.height is not None:
             if req.width is None or req.height is None:
@@ -125,20 +144,24 @@ class ImageService:
         size = req.size if req.size not in (None, "", "auto") else default
         if size is None:
             return None
-        match = _SIZE.match(size)
-        if not match:
-            raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param="size")
-        w, h = int(match.group(1)), int(match.group(2))
+        w, h = self._parse_size(size, "size")
         self._check_side(w, h, "size")
         return Size(w, h, w, h)
 
-    def _steps(self, req: _ImageRequest, spec: ModelSpec) -> int:
+    @staticmethod
+    def _parse_size(size: str, param: str) -> tuple[int, int]:
+        match = _SIZE.match(size)
+        if not match:
+            raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param=param)
+        return int(match.group(1)), int(match.group(2))
+
+    def _steps(self, req: _CommonRequest, spec: ModelSpec) -> int:
         if req.num_inference_steps is not None:
             return req.num_inference_steps
         steps = QUALITY_STEPS.get(req.quality or "auto")
         return steps or int(spec.options.get("default_steps", self.settings.default_steps))
 
-    def _job(self, req: _ImageRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
+    def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         cfg = req.true_cfg_scale if req.true_cfg_scale is not None else req.guidance_scale
         cfg = self.settings.default_true_cfg_scale if cfg is None else cfg
@@ -155,18 +178,18 @@ class ImageService:
             true_cfg_scale=float(cfg),
             output_format=req.output_format,
             output_compression=100 if req.output_compression is None else req.output_compression,
+            partial_images=req.partial_images or 0 if req.stream else 0,
         )
 
-    # --- endpoints -----------------------------------------------------------------------
-    async def generate(self, req: GenerationRequest, base_url: str) -> tuple[dict, JobResult]:
+    # --- preparing jobs ---------------------------------------------------------------------
+    async def prepare_generation(self, req: GenerationRequest) -> Prepared:
         self._check_common(req)
         spec = self._model(req.model, edit=False)
         size = self.resolve_size(req, spec.options.get("default_size", self.settings.default_size))
         job = self._job(req, spec, "generate", size)
-        result = await self.engine.submit(spec.id, job)
-        return await self._response(req, result, base_url), result
+        return await self._prepared(req, spec, job, "image_generation", input_image_tokens=0)
 
-    async def edit(self, req: EditRequest, images: list[Upload], mask: Upload | None, base_url: str) -> tuple[dict, JobResult]:
+    async def prepare_edit(self, req: EditRequest, images: list[Upload], mask: Upload | None) -> Prepared:
         self._check_common(req)
         spec = self._model(req.model, edit=True)
         if not images:
@@ -182,16 +205,92 @@ class ImageService:
         if mask is not None and len(images) > 1:
             raise InvalidRequest("a mask can be combined with one image only", param="mask")
         size = self.resolve_size(req, None)
-        decoded = await asyncio.to_thread(self._decode_inputs, images, mask)
+        arrays, mask_array = await asyncio.to_thread(self._decode_inputs, images, mask)
         job = self._job(req, spec, "inpaint" if mask else "edit", size)
-        job.images = decoded[0]
+        job.images = arrays
         if mask is not None:
-            job.mask = decoded[1]
+            job.mask = mask_array
             if size is not None:  # the inpaint pipeline renders at its own size; the result is fitted
                 job.width = job.height = None
                 job.out_width, job.out_height = size.out_width, size.out_height
-        result = await self.engine.submit(spec.id, job)
-        return await self._response(req, result, base_url), result
+        edit_area = int(spec.options.get("edit_area", 1024 * 1024))
+        tokens = sum(_patches(*_scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
+        return await self._prepared(req, spec, job, "image_edit", input_image_tokens=tokens)
+
+    async def prepare_variation(self, req: VariationRequest, image: Upload | None) -> Prepared:
+        self._check_common(req)
+        spec = self._model(req.model, edit=False)
+        if image is None:
+            raise InvalidRequest("image is required: send the image to vary as 'image'", param="image")
+        arrays, _ = await asyncio.to_thread(self._decode_inputs, [image], None)
+        height, width = arrays[0].shape[:2]
+        size = self.resolve_size(req, None)
+        if size is None:  # keep the input's aspect ratio at the model's default area
+            dw, dh = self._parse_size(spec.options.get("default_size", self.settings.default_size), "size")
+            w, h = _scaled(width, height, dw * dh)
+            lo, hi = self.settings.min_image_side, self.settings.max_image_side
+            w, h = (min(max(v, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE for v in (w, h))
+            size = Size(w, h, w, h)
+        if req.true_cfg_scale is None and req.guidance_scale is None and not req.prompt.strip():
+            req = req.model_copy(update={"true_cfg_scale": 1.0})  # no prompt: nothing to guide towards
+        job = self._job(req, spec, "variation", size)
+        job.images = arrays
+        job.strength = req.strength
+        return await self._prepared(req, spec, job, "image_variation", input_image_tokens=_patches(size.width, size.height))
+
+    async def _prepared(self, req: _CommonRequest, spec: ModelSpec, job: Job, event: str, input_image_tokens: int) -> Prepared:
+        rewrite = self.settings.enable_prompt_rewrite if req.prompt_rewrite is None else req.prompt_rewrite
+        if rewrite and job.prompt.strip():
+            if self.rewriter is None:
+                raise InvalidRequest("prompt rewriting is not configured on this server", param="prompt_rewrite")
+            job.prompt = await self.rewriter.rewrite(job.prompt, edit=event == "image_edit")
+        return Prepared(req, spec, job, event, input_image_tokens)
+
+    # --- running them ---------------------------------------------------------------------
+    async def run(
+        self, prepared: Prepared, base_url: str, on_partial: Callable[[PartialImage], None] | None = None
+    ) -> tuple[dict, JobResult]:
+        """Run a prepared job and build OpenAI's response body."""
+        result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
+        req = prepared.req
+        data = []
+        for image in result.images:
+            item: dict = {"seed": image.seed, "revised_prompt": prepared.job.prompt}
+            if req.response_format == "url":
+                item["url"] = await self.store_image(image, prepared.job.output_format, base_url)
+            else:
+                item["b64_json"] = b64(image.data)
+            data.append(item)
+        return {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}, result
+
+    async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
+        """Store an image for response_format=url and return its URL."""
+        name = await asyncio.to_thread(self.store.save, image.data, output_format)
+        prefix = self.settings.image_download_url_prefix
+        return f"{prefix.rstrip('/')}/{name}" if prefix else f"{base_url.rstrip('/')}/images/{name}"
+
+    @staticmethod
+    def echo(prepared: Prepared, image: EncodedImage) -> dict:
+        """The settings actually used, as OpenAI echoes them."""
+        return {
+            "output_format": prepared.job.output_format,
+            "size": f"{image.width}x{image.height}",
+            "quality": prepared.req.quality or "auto",
+            "background": "opaque",
+        }
+
+    @staticmethod
+    def usage(prepared: Prepared, result: JobResult) -> dict:
+        """OpenAI's usage: prompt text tokens (and input images' latent patches) in, output latent patches out."""
+        text = result.prompt_tokens
+        image_in = prepared.input_image_tokens
+        output = sum(_patches(image.width, image.height) for image in result.images)
+        return {
+            "input_tokens": text + image_in,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": image_in},
+            "output_tokens": output,
+            "total_tokens": text + image_in + output,
+        }
 
     def _decode_inputs(self, images: list[Upload], mask: Upload | None):
         limit = self.settings.max_input_pixels
@@ -211,24 +310,15 @@ class ImageService:
             raise InvalidImage("mask marks nothing to edit (no transparent pixels)", param="mask")
         return arrays, mask_array
 
-    async def _response(self, req: _ImageRequest, result: JobResult, base_url: str) -> dict:
-        fmt = req.output_format
-        data = []
-        for image in result.images:
-            item: dict = {"seed": image.seed}
-            if req.response_format == "url":
-                name = await asyncio.to_thread(self.store.save, image.data, fmt)
-                prefix = self.settings.image_download_url_prefix
-                item["url"] = f"{prefix.rstrip('/')}/{name}" if prefix else f"{base_url.rstrip('/')}/images/{name}"
-            else:
-                item["b64_json"] = b64(image.data)
-            data.append(item)
-        first = result.images[0]
-        return {
-            "created": int(time.time()),
-            "data": data,
-            "output_format": fmt,
-            "size": f"{first.width}x{first.height}",
-            "quality": req.quality or "auto",
-            "background": "opaque",
-        }
+
+def _patches(width: int, height: int) -> int:
+    """Latent patches (16x16 pixels each) of an image: Qwen-Image's image tokens."""
+    return math.ceil(width / SIZE_MULTIPLE) * math.ceil(height / SIZE_MULTIPLE)
+
+
+def _scaled(width: int, height: int, area: int) -> tuple[int, int]:
+    """``width``x``height`` scaled to about ``area`` pixels, sides multiples of 32 (as the edit pipelines do)."""
+    ratio = width / height
+    w = round(math.sqrt(area * ratio) / 32) * 32
+    h = round(w / ratio / 32) * 32
+    return max(w, 32), max(h, 32)
