@@ -78,8 +78,9 @@ class Server:
     def worker_pids(self, model: str) -> list[int]:
         return [w["pid"] for w in self.status()["models"][model]["workers"]]
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path and self.log_path.exists() else ""
+    def logs(self, tail: int | None = 5000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return text[-tail:] if tail else text
 
     def stop(self) -> None:
         if self.process.poll() is None:
