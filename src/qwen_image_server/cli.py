@@ -82,6 +82,8 @@ def serve(
     max_batch_size: Annotated[Optional[int], typer.Option(help="Images of one request per pipeline call.")] = None,
     image_output_dir: Annotated[Optional[Path], typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
     image_url_prefix: Annotated[Optional[str], typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
@@ -97,6 +99,8 @@ def serve(
         "max_batch_size": max_batch_size,
         "image_output_dir": image_output_dir,
         "image_download_url_prefix": image_url_prefix,
+        "engine": engine,
+        "ray_address": ray_address,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if model:
@@ -122,6 +126,11 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     specs = resolve_models(settings.model_entries())
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
+    if settings.engine == "ray":
+        from .engine import ray_serve
+
+        ray_serve.run(settings, specs)
+        return
     engine = LocalEngine(specs, settings)
     uvicorn.run(
         create_app(settings, engine),

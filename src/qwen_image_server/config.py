@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     )
     worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked broken.")
 
+    # --- Ray Serve engine ---------------------------------------------------------------
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(default=None, description="Ray cluster to join (ray://... or auto); none: start a local one.")
+    ray_app_name: str = "qwen-image-server"
+    ray_min_replicas: int = Field(default=1, ge=0)
+    ray_max_replicas: int | None = Field(default=None, ge=1, description="Default: --workers.")
+    ray_gpus_per_replica: float | None = Field(default=None, ge=0, description="Default: 1 when the cluster has GPUs, else 0.")
+    ray_cpus_per_replica: float = Field(default=1.0, ge=0)
+
     # --- images ------------------------------------------------------------------
     image_output_dir: Path = Field(
         default=Path("./generated_images"), validation_alias=_alias("IMAGE_OUTPUT_DIR", "QIS_IMAGE_OUTPUT_DIR")
@@ -116,6 +125,10 @@ class Settings(BaseSettings):
     def _check_sides(self) -> Settings:
         if self.min_image_side > self.max_image_side:
             raise ValueError("min_image_side must not exceed max_image_side")
+        if self.ray_max_replicas is None:
+            self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
         return self
 
     def model_entries(self) -> list[tuple[str | None, str]]:

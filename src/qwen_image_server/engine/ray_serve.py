@@ -1,0 +1,262 @@
+"""The Ray Serve engine: the same API on replicas spread over a cluster of GPU machines.
+
+One deployment per served model (one replica per GPU, one pipeline call at a
+time per replica, a bounded queue, autoscaling between min and max replicas),
+and an ingress deployment that runs the very same FastAPI app as the embedded
+engine (``create_app``) with a ``RayEngine`` behind ``EngineClient``. Replicas
+return encoded image bytes. Timeouts and client disconnects cancel the replica
+call; the replica stops its pipeline at the next denoising step.
+
+Importing this module needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from ..config import Settings
+from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..models.spec import ModelSpec
+from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
+
+log = logging.getLogger(__name__)
+
+
+def deployment_name(index: int, spec: ModelSpec) -> str:
+    """A Serve deployment name for a model (Serve names allow fewer characters than model ids)."""
+    return f"model{index}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", spec.id)
+
+
+class ModelReplica:
+    """One replica: owns one device and one pipeline; runs one task at a time."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str, threads: int | None):
+        import torch
+
+        from ..models.runner import PipelineRunner
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.runner = PipelineRunner(spec, device=device, dtype=dtype)
+        self.name = f"{spec.id}@{os.getpid()}"
+        # A cancelled call returns at once, but its pipeline thread only stops at the next
+        # step: the next call waits here so that the pipeline never has two owners.
+        self._pipeline_lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def run(self, task: Task):
+        """Yield ``PartialImage`` previews while denoising, then the ``TaskResult``."""
+        from ..serving.images import encode_image
+
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        previews: asyncio.Queue = asyncio.Queue()
+        job = task.job
+
+        def on_partial(index: int, partial_index: int, image) -> None:
+            data = encode_image(image, job.output_format, job.output_compression)
+            preview = PartialImage(index, partial_index, EncodedImage(job.seeds[index], data, *image.size))
+            loop.call_soon_threadsafe(previews.put_nowait, preview)
+
+        def work():
+            with self._pipeline_lock:
+                started = time.time()
+                images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
+                return images, started, time.time()
+
+        future = loop.run_in_executor(None, work)
+        future.add_done_callback(lambda _: previews.put_nowait(None))
+        try:
+            while (preview := await previews.get()) is not None:
+                yield preview
+            images, started, finished = await future
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        encoded = await asyncio.to_thread(
+            lambda: [
+                EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
+                for seed, image in zip(job.seeds, images)
+            ]
+        )
+        yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt))
+
+
+class RayEngine:
+    """``EngineClient`` on Ray Serve deployment handles (used inside the ingress replica)."""
+
+    def __init__(self, models: list[ModelSpec], settings: Settings, app_name: str):
+        self.models = models
+        self.settings = settings
+        self.app_name = app_name
+        self.handles: dict = {}
+        self._task_ids = iter(range(1, 2**62))
+        self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
+
+    async def start(self) -> None:
+        for index, spec in enumerate(self.models):
+            handle = serve.get_deployment_handle(deployment_name(index, spec), app_name=self.app_name)
+            self.handles[spec.id] = handle.options(stream=True, method_name="run")
+
+    async def close(self) -> None:
+        self.handles.clear()
+
+    async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
+        deadline = time.monotonic() + self.settings.task_timeout
+        handle = self.handles[model_id]
+        replicas = max(1, self.settings.ray_max_replicas)
+        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
+        pieces = job.split(batch)
+        try:
+            streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in pieces]
+        except BackPressureError:
+            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10))) from None
+
+        async def collect(stream, offset: int) -> TaskResult:
+            async for item in stream:
+                if isinstance(item, PartialImage):
+                    if on_partial is not None:
+                        item.index += offset
+                        on_partial(item)
+                else:
+                    return item
+            raise InferenceFailed("replica returned no result")
+
+        tasks = [asyncio.ensure_future(collect(stream, i * batch)) for i, stream in enumerate(streams)]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION)
+            if pending:
+                failed = next((t for t in done if t.exception() is not None), None)
+                raise failed.exception() if failed else TaskTimeout()
+            results = [t.result() for t in tasks]
+        except BaseException as exc:
+            for stream in streams:
+                stream.cancel()
+            for t in tasks:
+                t.cancel()
+            raise _as_server_error(exc) from None
+        return JobResult(
+            images=[image for result in results for image in result.images],
+            started=min(r.started for r in results),
+            finished=max(r.finished for r in results),
+            workers=sorted({r.worker for r in results}),
+            prompt_tokens=results[0].prompt_tokens,
+        )
+
+    def _serve_status(self) -> tuple[bool, dict]:
+        now = time.monotonic()
+        if now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1], self._ready_cache[2]
+        try:
+            app = serve.status().applications[self.app_name]
+            deployments = {
+                name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status), "replicas": dict(d.replica_states)}
+                for name, d in app.deployments.items()
+            }
+            ready = str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING"
+        except Exception as exc:  # the controller is unreachable
+            ready, deployments = False, {"error": f"{type(exc).__name__}: {exc}"}
+        self._ready_cache = (now, ready, deployments)
+        return ready, deployments
+
+    def ready(self) -> bool:
+        return self._serve_status()[0]
+
+    def status(self) -> dict:
+        return {"engine": "ray", "deployments": self._serve_status()[1]}
+
+
+def _as_server_error(exc: BaseException) -> BaseException:
+    """Ray's exceptions as this server's typed errors."""
+    from ..errors import ServerError
+
+    if isinstance(exc, (ServerError, TaskCancelled, asyncio.CancelledError)):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return QueueFull()
+    name = type(exc).__name__
+    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name or "Unavailable" in name:
+        return InferenceFailed("replica died while running the task")
+    if "TaskCancelled" in name:
+        return TaskCancelled()
+    cause = getattr(exc, "cause", None) or exc
+    return InferenceFailed(f"{type(cause).__name__}: {cause}")
+
+
+def build_application(settings: Settings, specs: list[ModelSpec], app_name: str = "qwen-image-server"):
+    """The Serve application: one deployment per model plus the FastAPI ingress."""
+    gpus = settings.ray_gpus_per_replica
+    if gpus is None:
+        import ray
+
+        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    bound = []
+    for index, spec in enumerate(specs):
+        deployment = serve.deployment(
+            ModelReplica,
+            name=deployment_name(index, spec),
+            ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
+            max_ongoing_requests=1,
+            max_queued_requests=settings.queue_size,
+            autoscaling_config={
+                "min_replicas": settings.ray_min_replicas,
+                "max_replicas": settings.ray_max_replicas,
+                "target_ongoing_requests": 1,
+            },
+            health_check_period_s=2,
+            health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=5,
+        )
+        device = "cuda" if gpus else "cpu"
+        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads))
+
+    def build_ingress_app():
+        from ..api.app import create_app
+
+        return create_app(settings, RayEngine(specs, settings, app_name))
+
+    class Ingress:
+        """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""
+
+        def __init__(self, *model_handles):
+            self.model_handles = model_handles  # keeps the model deployments in this application
+
+    ingress = serve.deployment(
+        serve.ingress(build_ingress_app)(Ingress), name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    )
+    return ingress.bind(*bound)
+
+
+def app_builder(args: dict):
+    """Entry point for ``serve run`` / ``serve deploy``: ``import_path: qwen_image_server.engine.ray_serve:app_builder``.
+
+    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
+    environment variables work as for ``qwen-image-server serve``.
+    """
+    from ..models.spec import resolve_models
+
+    settings = Settings(**{**dict(args or {}), "engine": "ray"})
+    return build_application(settings, resolve_models(settings.model_entries()), settings.ray_app_name)
+
+
+def run(settings: Settings, specs: list[ModelSpec]) -> None:
+    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
+    import ray
+
+    ray.init(address=settings.ray_address, ignore_reinit_error=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = build_application(settings, specs, settings.ray_app_name)
+    serve.run(app, name=settings.ray_app_name, route_prefix="/", blocking=True)
