@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     image_max_files: int = Field(default=10_000, ge=1, description="Stored url-format images kept; the oldest go first.")
     image_ttl_seconds: float = Field(default=24 * 3600, gt=0, description="Stored url-format images older than this are deleted.")
 
+    # --- S3-compatible storage for url images (instead of image_output_dir) ------------------
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_prefix: str = ""
+    s3_presign: bool = Field(default=False, description="Return presigned URLs instead of serving images at /images/{name}.")
+    s3_presign_expiry: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
     # --- prompt rewriting (seed 002) ---------------------------------------------------
     enable_prompt_rewrite: bool = Field(default=False, validation_alias=_alias("ENABLE_PROMPT_REWRITE", "QIS_ENABLE_PROMPT_REWRITE"))
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_alias("OPENAI_API_KEY", "QIS_OPENAI_API_KEY"))

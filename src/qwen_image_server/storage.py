@@ -1,7 +1,8 @@
-"""Where ``response_format=url`` images live: a local directory, bounded in count and age.
+"""Where ``response_format=url`` images live: a local directory (default; a shared
+mount in a cluster), bounded in count and age, or an S3-compatible object store.
 
-File names are generated here (random hex + extension); nothing a client sends
-ever becomes part of a path, and only names of that shape are ever served.
+Names are generated here (random hex + extension); nothing a client sends ever
+becomes part of a path or key, and only names of that shape are ever served.
 """
 
 from __future__ import annotations
@@ -12,9 +13,27 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 NAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def new_name(extension: str) -> str:
+    return f"{secrets.token_hex(16)}.{extension}"
+
+
+class ImageStore(Protocol):
+    """Stores encoded images under generated names (blocking methods: call them in a thread)."""
+
+    def save(self, data: bytes, extension: str) -> str:
+        """Store ``data``; return its generated name."""
+
+    def read(self, name: str) -> bytes | None:
+        """The stored bytes, or None for a name this store did not generate or no longer has."""
+
+    def public_url(self, name: str) -> str | None:
+        """A URL clients can fetch directly (a presigned one), or None to serve it at /images/{name}."""
 
 
 class LocalImageStore:
@@ -29,7 +48,7 @@ class LocalImageStore:
     def save(self, data: bytes, extension: str) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{secrets.token_hex(16)}.{extension}"
+        name = new_name(extension)
         tmp = self.directory / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, self.directory / name)
@@ -42,6 +61,16 @@ class LocalImageStore:
             return None
         path = self.directory / name
         return path if path.is_file() else None
+
+    def read(self, name: str) -> bytes | None:
+        path = self.path(name)
+        try:
+            return path.read_bytes() if path else None
+        except FileNotFoundError:  # pruned meanwhile
+            return None
+
+    def public_url(self, name: str) -> str | None:
+        return None
 
     def _prune(self) -> None:
         with self._lock:
@@ -57,3 +86,69 @@ class LocalImageStore:
                         os.unlink(path)
                     except FileNotFoundError:
                         pass
+
+
+class S3ImageStore:
+    """An S3-compatible bucket (AWS, MinIO, Ceph...). Expiry is the bucket's lifecycle rules' job."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        prefix: str = "",
+        presign: bool = False,
+        presign_expiry: int = 3600,
+    ):
+        import boto3  # optional dependency: pip install 'qwen-image-server[s3]'
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.presign = presign
+        self.presign_expiry = presign_expiry
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+        )
+
+    def save(self, data: bytes, extension: str) -> str:
+        name = new_name(extension)
+        self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType=MEDIA_TYPES[extension])
+        return name
+
+    def read(self, name: str) -> bytes | None:
+        if not NAME_PATTERN.match(name):
+            return None
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def public_url(self, name: str) -> str | None:
+        if not self.presign:
+            return None
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + name}, ExpiresIn=self.presign_expiry
+        )
+
+
+def make_store(settings) -> ImageStore:
+    """The store the settings ask for: S3 when a bucket is set, else the local directory."""
+    if settings.s3_bucket:
+        return S3ImageStore(
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None,
+            prefix=settings.s3_prefix,
+            presign=settings.s3_presign,
+            presign_expiry=settings.s3_presign_expiry,
+        )
+    return LocalImageStore(settings.image_output_dir, settings.image_max_files, settings.image_ttl_seconds)

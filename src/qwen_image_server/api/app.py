@@ -11,7 +11,7 @@ from ..config import Settings
 from ..engine.base import EngineClient
 from ..serving.rewrite import PromptRewriter
 from ..serving.service import ImageService
-from ..storage import LocalImageStore
+from ..storage import make_store
 from .errors import install_error_handlers
 from .routes import router
 from .uploads import BodySizeLimit
@@ -47,7 +47,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     from .. import __version__
 
     app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
-    store = LocalImageStore(settings.image_output_dir, settings.image_max_files, settings.image_ttl_seconds)
+    store = make_store(settings)
     app.state.service = ImageService(settings, engine, store, rewriter)
     install_error_handlers(app)
     app.include_router(router)

@@ -9,7 +9,7 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
@@ -175,10 +175,10 @@ async def create_variation(request: Request) -> Response:
 @router.get("/images/{name}")
 async def get_image(name: str, request: Request) -> Response:
     """A stored image of a response_format=url response."""
-    path = _service(request).store.path(name)
-    if path is None:
+    data = await asyncio.to_thread(_service(request).store.read, name)
+    if data is None:
         raise NotFound(f"Image not found: {name}")
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])
+    return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
 
 
 def _model_card(model_id: str) -> dict:

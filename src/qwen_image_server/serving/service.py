@@ -27,7 +27,7 @@ from ..protocol.images import (
     VariationRequest,
     _CommonRequest,
 )
-from ..storage import LocalImageStore
+from ..storage import ImageStore
 from .images import b64, mask_to_array, open_image, to_rgb_array
 from .rewrite import PromptRewriter
 
@@ -69,7 +69,7 @@ class Upload:
 class ImageService:
     """Turns image requests into jobs on the engine and their results into responses."""
 
-    def __init__(self, settings: Settings, engine: EngineClient, store: LocalImageStore, rewriter: PromptRewriter | None = None):
+    def __init__(self, settings: Settings, engine: EngineClient, store: ImageStore, rewriter: PromptRewriter | None = None):
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -266,6 +266,9 @@ class ImageService:
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""
         name = await asyncio.to_thread(self.store.save, image.data, output_format)
+        direct = self.store.public_url(name)
+        if direct:
+            return direct
         prefix = self.settings.image_download_url_prefix
         return f"{prefix.rstrip('/')}/{name}" if prefix else f"{base_url.rstrip('/')}/images/{name}"
 
