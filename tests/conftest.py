@@ -121,3 +121,60 @@ def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
         "--workers", "2",
         env={"QIS_CPU_THREADS": "1"},
     )  # fmt: skip
+
+
+class RayServe:
+    """Ray Serve in this process (``ray.init(num_cpus=2)``): the same app, deployed as Serve applications."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def deploy(self, name: str, route_prefix: str, models: list[str], **settings) -> str:
+        from ray import serve
+
+        from qwen_image_server.config import Settings
+        from qwen_image_server.engine.ray_serve import build_application
+        from qwen_image_server.models.spec import resolve_models
+
+        s = Settings(models=models, engine="ray", ray_app_name=name, ray_gpus_per_replica=0, ray_cpus_per_replica=0.25, **settings)
+        serve.run(build_application(s, resolve_models(s.model_entries()), name), name=name, route_prefix=route_prefix)
+        url = self.base_url + route_prefix.rstrip("/")
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/ready", timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray app {name} not ready")
+            time.sleep(0.5)
+        return url
+
+
+@pytest.fixture(scope="session")
+def ray_serve(tmp_path_factory):
+    """One local Ray for the session (2 CPUs, no GPUs) with Serve's HTTP proxy on a free port."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("IMAGE_OUTPUT_DIR", str(tmp_path_factory.mktemp("ray-images")))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield RayServe(port)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
+    """The shared models on Ray, two replicas each (like the embedded server's two workers per model)."""
+    ray_serve.deploy(
+        "main", "/",
+        [f"qwen-image-tiny={tiny_t2i}", f"qwen-image-edit-tiny={tiny_edit}", f"qwen-image-edit-plus-tiny={tiny_edit_plus}"],
+        workers=2, ray_min_replicas=2, cpu_threads=1,
+    )  # fmt: skip
+    return ray_serve
+
+
+@pytest.fixture(scope="session", params=["local", "ray"])
+def any_server(request):
+    """The shared server on each engine, for the API tests that must behave the same on both."""
+    return request.getfixturevalue("server" if request.param == "local" else "ray_server")

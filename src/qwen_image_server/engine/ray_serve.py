@@ -104,6 +104,7 @@ class RayEngine:
         self.app_name = app_name
         self.handles: dict = {}
         self._task_ids = iter(range(1, 2**62))
+        self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
 
     async def start(self) -> None:
@@ -118,12 +119,19 @@ class RayEngine:
         deadline = time.monotonic() + self.settings.task_timeout
         handle = self.handles[model_id]
         replicas = max(1, self.settings.ray_max_replicas)
-        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
-        pieces = job.split(batch)
+        # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
+        # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
+        if self._in_flight[model_id] >= replicas + self.settings.queue_size:
+            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
+        self._in_flight[model_id] += 1
         try:
-            streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in pieces]
-        except BackPressureError:
-            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10))) from None
+            return await self._run(handle, job, replicas, deadline, on_partial)
+        finally:
+            self._in_flight[model_id] -= 1
+
+    async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
+        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
+        streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in job.split(batch)]
 
         async def collect(stream, offset: int) -> TaskResult:
             async for item in stream:

@@ -1,0 +1,122 @@
+"""The Ray Serve engine on a real local Ray (2 CPUs, tiny models, no GPUs).
+
+The shared API tests run on both engines through the ``any_server`` fixture;
+this module covers what is specific to Ray: spreading over replicas, Ray's
+queue bound, timeouts and cancellation through Ray, and replaced replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+GEN = "/v1/images/generations"
+LONG = {"prompt": "a long job", "size": "512x512", "num_inference_steps": 100, "seed": 1}
+SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
+
+
+def test_n_images_spread_over_two_replicas(ray_server):
+    r = httpx.post(ray_server.base_url + GEN, json={**SHORT, "n": 2}, timeout=300)
+    assert r.status_code == 200, r.status_code
+    workers = r.headers["x-workers"].split(",")
+    assert len(workers) == 2 and all(w.startswith("qwen-image-tiny@") for w in workers)
+    assert [d["seed"] for d in r.json()["data"]] == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def limits(ray_serve, tiny_t2i):
+    """One replica, one waiting request at most, a short task timeout."""
+    return ray_serve.deploy(
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=20, cpu_threads=2
+    )
+
+
+def _replica_pid(app: str) -> int:
+    """The process of the (only) model replica of ``app``, asked while it is idle."""
+    from ray import serve
+
+    return serve.get_deployment_handle("model0-tiny", app_name=app).pid.remote().result(timeout_s=60)
+
+
+def _post_in_thread(url, body, timeout):
+    box: dict = {}
+
+    def run():
+        try:
+            box["response"] = httpx.post(url, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
+    """Stream ``body``; ``box['started']`` is set at the first partial image, ``box['text']`` holds the stream."""
+    started = threading.Event()
+    box["started"] = started
+
+    def run():
+        with httpx.stream("POST", url, json={**body, "stream": True, "partial_images": 3}, timeout=300) as response:
+            box["status"] = response.status_code
+            text = ""
+            for chunk in response.iter_text():
+                text += chunk
+                if "partial_image" in text:
+                    started.set()
+            box["text"] = text
+        started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_timeout_gives_504_and_frees_the_replica(limits):
+    r = httpx.post(limits + GEN, json=LONG, timeout=300)
+    assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
+    # The replica stopped the long task (about a minute): a short one finishes within its own 20 s.
+    ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
+    assert ok.status_code == 200, ok.status_code
+
+
+def test_full_queue_gives_503(limits):
+    box: dict = {}
+    running = _first_event(limits + GEN, LONG, box)
+    assert box["started"].wait(120)
+    queued, _ = _post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
+    time.sleep(1.5)  # let the second request reach Ray's queue
+    refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
+    assert refused.status_code == 503, refused.status_code
+    assert refused.json()["error"]["message"] == "Task queue is full" and "retry-after" in refused.headers
+    queued.join()
+    running.join(timeout=120)
+    ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
+    assert ok.status_code == 200, ok.status_code
+
+
+def test_killed_replica_fails_its_task_and_is_replaced(limits):
+    pid = _replica_pid("limits")
+    box: dict = {}
+    stream = _first_event(limits + GEN, LONG, box)
+    assert box["started"].wait(120), "the long task should be running"
+    os.kill(pid, signal.SIGKILL)
+    stream.join(timeout=120)
+    assert box["status"] == 200
+    error = [json.loads(line[6:]) for line in box["text"].splitlines() if line.startswith("data: ") and '"type":"error"' in line]
+    assert error and error[0]["error"]["message"].startswith("Inference failed")
+    deadline = time.monotonic() + 120
+    while True:
+        r = httpx.post(limits + GEN, json=SHORT, timeout=300)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.status_code
+    assert _replica_pid("limits") != pid
