@@ -204,7 +204,7 @@ def _as_server_error(exc: BaseException) -> BaseException:
     return InferenceFailed(f"{type(cause).__name__}: {cause}")
 
 
-def build_application(settings: Settings, specs: list[ModelSpec], app_name: str = "qwen-image-server"):
+def build_application(settings: Settings, specs: list[ModelSpec]):
     """The Serve application: one deployment per model plus the FastAPI ingress."""
     gpus = settings.ray_gpus_per_replica
     if gpus is None:
@@ -234,7 +234,8 @@ def build_application(settings: Settings, specs: list[ModelSpec], app_name: str 
     def build_ingress_app():
         from ..api.app import create_app
 
-        return create_app(settings, RayEngine(specs, settings, app_name))
+        # The application's name is chosen by whoever deploys it (serve run names it "default").
+        return create_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
 
     class Ingress:
         """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""
@@ -257,7 +258,7 @@ def app_builder(args: dict):
     from ..models.spec import resolve_models
 
     settings = Settings(**{**dict(args or {}), "engine": "ray"})
-    return build_application(settings, resolve_models(settings.model_entries()), settings.ray_app_name)
+    return build_application(settings, resolve_models(settings.model_entries()))
 
 
 def run(settings: Settings, specs: list[ModelSpec]) -> None:
@@ -266,5 +267,5 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
 
     ray.init(address=settings.ray_address, ignore_reinit_error=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = build_application(settings, specs, settings.ray_app_name)
+    app = build_application(settings, specs)
     serve.run(app, name=settings.ray_app_name, route_prefix="/", blocking=True)

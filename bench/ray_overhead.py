@@ -1,0 +1,121 @@
+"""Ray Serve against the embedded engine: the same requests through both, in one run.
+
+- embedded: ``qwen-image-server serve --workers 1`` in a subprocess;
+- ray: the same app on Ray Serve in this process (``ray.init``, one model replica,
+  ``num_gpus=0``), reached through Ray's HTTP proxy.
+
+Both get the same torch thread count, the same tiny text-to-image model and the
+same requests, alternated one after another (each side idle while the other is
+timed), and the medians are compared. Run from the repository root with the
+``ray`` extra installed::
+
+    python bench/ray_overhead.py                    # 256x256, 4 steps, 10 runs each
+    python bench/ray_overhead.py --runs 20 --size 512x512
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from overhead import PROMPT, Server, free_port, parse_size
+
+
+def post(port: int, body: dict) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/images/generations", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {raw[:300]!r}")
+        return raw
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--target", type=float, default=1.05)
+    args = parser.parse_args()
+    width, height = parse_size(args.size)
+
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from qwen_image_server.cli import ensure_tiny_model
+    from qwen_image_server.config import Settings
+    from qwen_image_server.engine.ray_serve import build_application
+    from qwen_image_server.models.spec import resolve_models
+
+    model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / "tiny-text-to-image"
+    ensure_tiny_model(model_dir, "text-to-image")
+    body = {"prompt": PROMPT, "size": f"{width}x{height}", "num_inference_steps": args.steps, "seed": args.seed, "prompt_rewrite": False}
+
+    log_dir = Path(tempfile.mkdtemp(prefix="qis-ray-bench-"))
+    os.environ["IMAGE_OUTPUT_DIR"] = str(log_dir / "images")
+    embedded = Server(model_dir, args.threads, log_dir / "server.log")
+    ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
+    try:
+        settings = Settings(
+            models=[f"tiny={model_dir}"], engine="ray", workers=1, cpu_threads=args.threads,
+            ray_gpus_per_replica=0, ray_cpus_per_replica=0.5,
+        )  # fmt: skip
+        serve.run(build_application(settings, resolve_models(settings.model_entries())), name=settings.ray_app_name, route_prefix="/")
+        embedded.wait_ready()
+
+        def timed(port: int) -> tuple[float, bytes]:
+            started = time.perf_counter()
+            png = base64.b64decode(json.loads(post(port, body))["data"][0]["b64_json"])
+            Image.open(io.BytesIO(png)).load()
+            return time.perf_counter() - started, png
+
+        sides = {"embedded": embedded.port, "ray": ray_port}
+        for _ in range(args.warmup):
+            for port in sides.values():
+                timed(port)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        same = True
+        for i in range(args.runs):
+            order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
+            pngs = {}
+            for name, port in order:
+                seconds, pngs[name] = timed(port)
+                times[name].append(seconds)
+            same &= pngs["embedded"] == pngs["ray"]
+            print(f"run {i + 1:2d}: embedded {times['embedded'][-1] * 1000:8.1f} ms   ray {times['ray'][-1] * 1000:8.1f} ms", flush=True)
+    finally:
+        embedded.stop()
+        serve.shutdown()
+        ray.shutdown()
+
+    e, r = statistics.median(times["embedded"]), statistics.median(times["ray"])
+    print()
+    print(f"machine: {os.cpu_count()} CPU cores, {args.threads} torch threads on each side")
+    print(f"embedded: median {e * 1000:.1f} ms (min {min(times['embedded']) * 1000:.1f})")
+    print(f"ray:      median {r * 1000:.1f} ms (min {min(times['ray']) * 1000:.1f})")
+    print(f"identical PNG bytes on both sides: {'yes' if same else 'no'}")
+    print(f"overhead ratio (ray/embedded) at {width}x{height}, {args.steps} steps: {r / e:.3f} (target <= {args.target:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
