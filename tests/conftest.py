@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen_image_server.models.tiny import build_tiny_model
+from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models"))
+TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
 
 
 def _tiny(kind: str) -> Path:
@@ -119,7 +119,7 @@ def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
         "--model", f"qwen-image-edit-tiny={tiny_edit}",
         "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
         "--workers", "2",
-        env={"QIS_CPU_THREADS": "1"},
+        env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"},
     )  # fmt: skip
 
 
@@ -169,7 +169,7 @@ def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
     ray_serve.deploy(
         "main", "/",
         [f"qwen-image-tiny={tiny_t2i}", f"qwen-image-edit-tiny={tiny_edit}", f"qwen-image-edit-plus-tiny={tiny_edit_plus}"],
-        workers=2, ray_min_replicas=2, cpu_threads=1,
+        workers=2, ray_min_replicas=2, cpu_threads=1, max_steps=1000,
     )  # fmt: skip
     return ray_serve
 

@@ -17,14 +17,15 @@ from .config import Settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible image server for Qwen-Image.")
 
 DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
-_DEMO_VERSION = "v1"  # bump when the tiny models change
 
 
 def demo_cache_dir() -> Path:
     """Where the demo's tiny models are built once: the user's cache directory."""
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("qwen-image-server")) / f"tiny-{_DEMO_VERSION}"
+    from .models.tiny import TINY_MODEL_VERSION
+
+    return Path(platformdirs.user_cache_dir("qwen-image-server")) / f"tiny-v{TINY_MODEL_VERSION}"
 
 
 def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 GEN = "/v1/images/generations"
-# Long enough to still be running when the tests act on it (about a minute on 2 cores).
-LONG = {"prompt": "a long job", "size": "512x512", "num_inference_steps": 100, "seed": 1}
+# Long enough to still be running when the tests act on it (minutes on 2 cores; servers allow 1000 steps).
+LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -56,7 +56,7 @@ def _interval(response: httpx.Response) -> tuple[float, float]:
 
 
 def test_two_requests_run_at_the_same_time_and_health_answers_meanwhile(server):
-    body = {"prompt": "concurrency", "size": "512x512", "num_inference_steps": 8}
+    body = {"prompt": "concurrency", "size": "512x512", "num_inference_steps": 40}
     threads = [_post_in_thread(server.base_url + GEN, {**body, "seed": s}) for s in (1, 2)]
     _wait_for(lambda: _busy_workers(server, "qwen-image-tiny") == 2, what="both workers busy")
     health = httpx.get(server.base_url + "/healthz", timeout=5)
@@ -87,7 +87,7 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     buf = io.BytesIO()
     Image.new("RGB", (256, 256), (10, 200, 10)).save(buf, format="PNG")
     image_b64 = base64.b64encode(buf.getvalue()).decode()
-    long_edit = {"model": model, "prompt": "long edit", "image": image_b64, "size": "512x512", "num_inference_steps": 100, "n": 2}
+    long_edit = {"model": model, "prompt": "long edit", "image": image_b64, "size": "1024x1024", "num_inference_steps": 1000, "n": 2}
     thread, box = _post_in_thread(server.base_url + "/v1/images/edits", long_edit)  # one image on each worker
     _wait_for(lambda: _busy_workers(server, model) == 2, what="both edit-plus workers busy")
     os.kill(old_pids[0], signal.SIGKILL)
@@ -112,7 +112,7 @@ def small_server(start_server, tiny_t2i):
     """One worker, a queue of one waiting request, and a short task timeout."""
     return start_server(
         "--model", f"tiny={tiny_t2i}", "--workers", "1",
-        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "10", "QIS_CPU_THREADS": "2"},
+        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "10", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"},
     )  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
     r = httpx.post(small_server.base_url + GEN, json=LONG, timeout=300)
     assert r.status_code == 504
     assert r.json()["error"]["message"] == "Task timeout" == r.json()["detail"]
-    # Had the long task kept running (about a minute), this one could not finish within its own 10 s timeout.
+    # Had the long task kept running (minutes), this one could not finish within its own 10 s timeout.
     ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.text
 

@@ -17,7 +17,10 @@ import httpx
 import pytest
 
 GEN = "/v1/images/generations"
-LONG = {"prompt": "a long job", "size": "512x512", "num_inference_steps": 100, "seed": 1}
+LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
+# Streamed with 3 previews, its first preview comes after 40 of 160 steps, well within the
+# 20 s task timeout, and it keeps running for a while after that.
+STREAMED = {**LONG, "num_inference_steps": 160}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -33,7 +36,7 @@ def test_n_images_spread_over_two_replicas(ray_server):
 def limits(ray_serve, tiny_t2i):
     """One replica, one waiting request at most, a short task timeout."""
     return ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=20, cpu_threads=2
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=20, cpu_threads=2, max_steps=1000
     )
 
 
@@ -82,15 +85,16 @@ def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
-    # The replica stopped the long task (about a minute): a short one finishes within its own 20 s.
+    # The replica stopped the long task (minutes): a short one finishes within its own 20 s.
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
 
 
 def test_full_queue_gives_503(limits):
     box: dict = {}
-    running = _first_event(limits + GEN, LONG, box)
+    running = _first_event(limits + GEN, STREAMED, box)
     assert box["started"].wait(120)
+    assert "text" not in box, "the streamed task should still be running"
     queued, _ = _post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
     time.sleep(1.5)  # let the second request reach Ray's queue
     refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
@@ -105,8 +109,8 @@ def test_full_queue_gives_503(limits):
 def test_killed_replica_fails_its_task_and_is_replaced(limits):
     pid = _replica_pid("limits")
     box: dict = {}
-    stream = _first_event(limits + GEN, LONG, box)
-    assert box["started"].wait(120), "the long task should be running"
+    stream = _first_event(limits + GEN, STREAMED, box)
+    assert box["started"].wait(120) and "text" not in box, "the long task should be running"
     os.kill(pid, signal.SIGKILL)
     stream.join(timeout=120)
     assert box["status"] == 200

@@ -84,10 +84,10 @@ def test_edit_stream(client):
 
 
 def test_error_after_the_stream_started_is_an_error_event(start_server, tiny_t2i):
-    short = start_server("--model", f"tiny={tiny_t2i}", env={"TASK_TIMEOUT": "3", "QIS_CPU_THREADS": "2"})
+    short = start_server("--model", f"tiny={tiny_t2i}", env={"TASK_TIMEOUT": "3", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"})
     with httpx.stream(
         "POST", short.base_url + "/v1/images/generations", timeout=120,
-        json={"prompt": "slow", "stream": True, "partial_images": 1, "size": "512x512", "num_inference_steps": 100},
+        json={"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000},
     ) as response:  # fmt: skip
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -95,7 +95,7 @@ def test_error_after_the_stream_started_is_an_error_event(start_server, tiny_t2i
     assert "event: error" in text and '"message":"Task timeout"' in text
     client = openai.OpenAI(base_url=short.base_url + "/v1", api_key="unused")
     with pytest.raises(openai.APIError, match="Task timeout"):
-        list(client.images.generate(prompt="slow", stream=True, size="512x512", extra_body={"num_inference_steps": 100}))
+        list(client.images.generate(prompt="slow", stream=True, size="1024x1024", extra_body={"num_inference_steps": 1000}))
 
 
 def test_validation_errors_of_a_stream_are_plain_400s(server):

@@ -15,6 +15,8 @@ from typing import Literal
 from .spec import SIDECAR_NAME
 
 TinyKind = Literal["text-to-image", "edit", "edit-plus"]
+#: Changes whenever the tiny models change, so that caches of older ones are not reused.
+TINY_MODEL_VERSION = 2
 TINY_KINDS: tuple[str, ...] = ("text-to-image", "edit", "edit-plus")
 
 # Tokens the Qwen-Image prompt templates use; the byte-level vocabulary covers the rest.
@@ -143,12 +145,13 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
         axes_dims_rope=(4, 6, 6),
     )
     z_dim = 4
+    # Three downsamplings, as in the real VAE: 8x8 pixels per latent, 16x16 per transformer token.
     vae = AutoencoderKLQwenImage(
-        base_dim=z_dim * 6,
+        base_dim=8,
         z_dim=z_dim,
-        dim_mult=[1, 2, 4],
+        dim_mult=[1, 2, 2, 2],
         num_res_blocks=1,
-        temperal_downsample=[False, True],
+        temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
     )
