@@ -38,6 +38,7 @@ def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         build_tiny_model(staging, kind, seed=seed)  # type: ignore[arg-type]
+        staging.chmod(0o755)  # mkdtemp makes it private
         try:
             os.replace(staging, folder)
         except OSError:  # built meanwhile by another process
@@ -81,6 +82,7 @@ def serve(
     queue_size: Annotated[Optional[int], typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
     task_timeout: Annotated[Optional[float], typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="Images of one request per pipeline call.")] = None,
+    cpu_threads: Annotated[Optional[int], typer.Option(help="Torch threads per CPU worker [QIS_CPU_THREADS].")] = None,
     image_output_dir: Annotated[Optional[Path], typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
     image_url_prefix: Annotated[Optional[str], typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
@@ -98,6 +100,7 @@ def serve(
         "queue_size": queue_size,
         "task_timeout": task_timeout,
         "max_batch_size": max_batch_size,
+        "cpu_threads": cpu_threads,
         "image_output_dir": image_output_dir,
         "image_download_url_prefix": image_url_prefix,
         "engine": engine,
@@ -125,6 +128,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .models.spec import resolve_models
 
     specs = resolve_models(settings.model_entries())
+    _check_port_free(settings.host, settings.port)
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     if settings.engine == "ray":
@@ -140,6 +144,21 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         log_level=log_level.lower(),
         timeout_graceful_shutdown=30,  # then running requests are cancelled and their work stopped
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before any worker starts when the address is taken."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def main() -> None:

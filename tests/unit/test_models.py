@@ -79,13 +79,14 @@ def test_edit_areas_swaps_and_restores_diffusers_constants():
     assert edit.calculate_dimensions is original
 
 
-def test_edit_runner_keeps_pixels_outside_the_mask(tiny_edit):
+@pytest.mark.parametrize("height,width", [(256, 256), (240, 320)])
+def test_edit_runner_keeps_pixels_outside_the_mask(tiny_edit, height, width):
     runner = PipelineRunner(resolve_model(str(tiny_edit)), device="cpu")
-    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    mask = np.zeros((256, 256), np.uint8)
+    image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), np.uint8)
     mask[64:192, 64:192] = 255
     job = Job(mode="inpaint", prompt="p", seeds=[1], num_inference_steps=2, images=[image], mask=mask)
     out = np.asarray(runner.run(job)[0])
-    assert out.shape == (256, 256, 3)
+    assert out.shape == (height, width, 3), "a mask edit comes back at the input's size"
     assert np.array_equal(out[mask == 0], image[mask == 0])
     assert not np.array_equal(out[mask == 255], image[mask == 255])

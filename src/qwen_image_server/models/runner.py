@@ -186,18 +186,23 @@ class PipelineRunner:
                 if preview is not None:
                     preview.detach()
         if job.mode == "inpaint":
-            result = [self._keep_unmasked(image, kwargs["image"], kwargs["mask_image"]) for image in result]
+            size = (job.out_width, job.out_height) if job.out_width and job.out_height else kwargs["image"].size
+            return [keep_unmasked(image, kwargs["image"], kwargs["mask_image"], size) for image in result]
         return [fit_to_job(image, job) for image in result]
 
-    @staticmethod
-    def _keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
-        """Paste the original back outside the mask, so that only the masked region changes."""
-        size = result.size
-        original = original.convert("RGB")
-        if original.size != size:
-            original = original.resize(size, Image.Resampling.LANCZOS)
-        return Image.composite(result.convert("RGB"), original, mask.convert("L").resize(size, Image.Resampling.NEAREST))
 
+
+def keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask edit at ``size`` (the input's unless another was asked for), the original pasted back
+    outside the mask: at the input's size, only the masked pixels change."""
+    def at_size(image: Image.Image, resample) -> Image.Image:
+        return image if image.size == size else image.resize(size, resample)
+
+    return Image.composite(
+        at_size(result.convert("RGB"), Image.Resampling.LANCZOS),
+        at_size(original.convert("RGB"), Image.Resampling.LANCZOS),
+        at_size(mask.convert("L"), Image.Resampling.NEAREST),
+    )
 
 
 def fit_to_job(image: Image.Image, job: Job) -> Image.Image:

@@ -209,9 +209,11 @@ class ImageService:
         job = self._job(req, spec, "inpaint" if mask else "edit", size)
         job.images = arrays
         if mask is not None:
+            # The inpaint pipeline renders at its own size; the result comes back at the requested
+            # size, or the input's, with the original kept outside the mask.
             job.mask = mask_array
-            if size is not None:  # the inpaint pipeline renders at its own size; the result is fitted
-                job.width = job.height = None
+            job.width = job.height = None
+            if size is not None:
                 job.out_width, job.out_height = size.out_width, size.out_height
         edit_area = int(spec.options.get("edit_area", 1024 * 1024))
         tokens = sum(_patches(*_scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
