@@ -1,0 +1,385 @@
+"""Every client error over HTTP: its status code and OpenAI's error envelope plus seed 002's ``detail``.
+
+``{"error": {"message", "type", "param", "code"}, "detail": <the same message>}``.
+Validation errors are 400, never FastAPI's 422; bad uploads are 400, never 500.
+(Queue full, timeouts and dead workers are covered in test_engine_behaviour.py.)
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+
+
+@pytest.fixture(scope="module")
+def http_client(server):
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, *, param: str | None | type = ..., message: str | None = None) -> dict:
+    """The envelope, with ``status``; returns the ``error`` object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert body["detail"] == error["message"]
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert error["code"] is None or isinstance(error["code"], str)
+    if param is not ...:
+        assert error["param"] == param, error
+    if message is not None:
+        assert error["message"] == message
+    return error
+
+
+def _png(width: int = 256, height: int = 256, mode: str = "RGB", fill: object = None) -> bytes:
+    if fill is None:
+        array = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(array).convert(mode)
+    else:
+        image = Image.new(mode, (width, height), fill)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- generations: validation ----------------------------------------------------------------
+
+VALIDATION_CASES = [
+    ("missing prompt", {}, "prompt"),
+    ("empty prompt", {"prompt": ""}, "prompt"),
+    ("blank prompt", {"prompt": "   "}, "prompt"),
+    ("prompt not a string", {"prompt": 5}, "prompt"),
+    ("prompt too long", {"prompt": "x" * 4001}, "prompt"),
+    ("n=0", {"prompt": "a cat", "n": 0}, "n"),
+    ("n=11", {"prompt": "a cat", "n": 11}, "n"),
+    ("n not a number", {"prompt": "a cat", "n": "two"}, "n"),
+    ("bad size string", {"prompt": "a cat", "size": "big"}, "size"),
+    ("size without height", {"prompt": "a cat", "size": "256x"}, "size"),
+    ("size not a multiple of 16", {"prompt": "a cat", "size": "264x256"}, "size"),
+    ("size too large", {"prompt": "a cat", "size": "4096x4096"}, "size"),
+    ("size too small", {"prompt": "a cat", "size": "128x128"}, "size"),
+    ("unknown aspect_ratio", {"prompt": "a cat", "aspect_ratio": "2:1"}, "aspect_ratio"),
+    ("width without height", {"prompt": "a cat", "width": 256}, "height"),
+    ("height without width", {"prompt": "a cat", "height": 256}, "width"),
+    ("width not a multiple of 16", {"prompt": "a cat", "width": 250, "height": 256}, "width"),
+    ("bad response_format", {"prompt": "a cat", "response_format": "png"}, "response_format"),
+    ("bad output_format", {"prompt": "a cat", "output_format": "gif"}, "output_format"),
+    ("output_compression 101", {"prompt": "a cat", "output_compression": 101}, "output_compression"),
+    ("output_compression -1", {"prompt": "a cat", "output_compression": -1}, "output_compression"),
+    ("bad quality", {"prompt": "a cat", "quality": "ultra"}, "quality"),
+    ("background transparent", {"prompt": "a cat", "background": "transparent"}, "background"),
+    ("bad background", {"prompt": "a cat", "background": "green"}, "background"),
+    ("num_inference_steps 0", {"prompt": "a cat", "num_inference_steps": 0}, "num_inference_steps"),
+    ("num_inference_steps 1", {"prompt": "a cat", "num_inference_steps": 1}, "num_inference_steps"),
+    ("num_inference_steps 101", {"prompt": "a cat", "num_inference_steps": 101}, "num_inference_steps"),
+    ("negative seed", {"prompt": "a cat", "seed": -1}, "seed"),
+    ("true_cfg_scale too large", {"prompt": "a cat", "true_cfg_scale": 21}, "true_cfg_scale"),
+    ("stream with partial_images 4", {"prompt": "a cat", "stream": True, "partial_images": 4}, "partial_images"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), [c[1:] for c in VALIDATION_CASES], ids=[c[0] for c in VALIDATION_CASES])
+def test_generation_validation_errors_are_400(http_client, body, param):
+    assert_error(http_client.post(GENERATIONS, json=body), 400, param=param)
+
+
+def test_missing_prompt_message(http_client):
+    error = assert_error(http_client.post(GENERATIONS, json={"n": 1}), 400, param="prompt")
+    assert "prompt" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"{not json", "application/json"), (b'{"prompt": "a cat",}', "application/json"), (b"[1, 2]", "application/json"),
+     (b'"a cat"', "application/json"), (b"prompt=a+cat", "text/plain")],
+    ids=["broken", "trailing comma", "array", "string", "text/plain"],
+)  # fmt: skip
+def test_non_json_or_non_object_body_is_400(http_client, content, content_type):
+    assert_error(http_client.post(GENERATIONS, content=content, headers={"content-type": content_type}), 400)
+
+
+def test_unknown_extra_fields_are_ignored(http_client):
+    body = {
+        "prompt": "a cat",
+        "num_inference_steps": 2,
+        "seed": 1,
+        "user": "someone",
+        "style": "vivid",
+        "moderation": "low",
+        "totally_unknown_field": {"nested": [1, 2, 3]},
+    }
+    response = http_client.post(GENERATIONS, json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def test_unknown_model_on_generations(http_client):
+    response = http_client.post(GENERATIONS, json={"prompt": "a cat", "model": "no-such-model"})
+    error = assert_error(response, 400, param="model", message="Model not available: no-such-model")
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_model_on_edits(http_client):
+    files = {"image": ("a.png", _png(), "image/png")}
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "gpt-image-1"}, files=files)
+    assert_error(response, 400, param="model", message="Model not available: gpt-image-1")
+
+
+@pytest.mark.parametrize("model", ["qwen-image-edit-tiny", "qwen-image-edit-plus-tiny"])
+def test_edit_model_on_generations(http_client, model):
+    assert_error(http_client.post(GENERATIONS, json={"prompt": "a cat", "model": model}), 400, param="model")
+
+
+def test_text_to_image_model_on_edits(http_client):
+    files = {"image": ("a.png", _png(), "image/png")}
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-tiny"}, files=files)
+    assert_error(response, 400, param="model")
+
+
+# --- edits: bad uploads -------------------------------------------------------------------------
+
+
+def test_edit_without_image_multipart(http_client):
+    response = http_client.post(EDITS, files=[("prompt", (None, "a cat"))])
+    assert_error(response, 400, param="image")
+
+
+def test_edit_without_image_json(http_client):
+    assert_error(http_client.post(EDITS, json={"prompt": "a cat"}), 400, param="image")
+
+
+def test_edit_without_prompt(http_client):
+    assert_error(http_client.post(EDITS, files={"image": ("a.png", _png(), "image/png")}), 400, param="prompt")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, _png()[:200]],
+    ids=["text", "png header only", "truncated png"],
+)
+def test_edit_with_undecodable_multipart_image(http_client, data):
+    response = http_client.post(EDITS, data={"prompt": "a cat"}, files={"image": ("a.png", data, "image/png")})
+    assert_error(response, 400, param="image")
+
+
+def test_edit_with_empty_file(http_client):
+    response = http_client.post(EDITS, data={"prompt": "a cat"}, files={"image": ("a.png", b"", "image/png")})
+    assert_error(response, 400, param="image")
+
+
+@pytest.mark.parametrize(
+    "image",
+    [_b64(b"this is not an image"), "data:image/png;base64," + _b64(b"not a png either")],
+    ids=["base64", "data url"],
+)
+def test_edit_with_undecodable_json_base64_image(http_client, image):
+    assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": image}), 400, param="image")
+
+
+@pytest.mark.parametrize(
+    "image", ["@@@ not base64 @@@", "data:image/png;base64,%%%%", "abc"], ids=["symbols", "data url", "bad padding"]
+)
+def test_edit_with_invalid_base64(http_client, image):
+    assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": image}), 400, param="image")
+
+
+def test_edit_with_image_url_is_refused_not_fetched(http_client):
+    assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": "http://127.0.0.1:9/x.png"}), 400, param="image")
+
+
+def test_edit_with_image_of_wrong_json_type(http_client):
+    assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": 12345}), 400, param="image")
+
+
+def test_edit_with_non_json_body(http_client):
+    assert_error(http_client.post(EDITS, content=b"{oops", headers={"content-type": "application/json"}), 400)
+
+
+def test_edit_with_unsupported_content_type(http_client):
+    assert_error(http_client.post(EDITS, content=b"prompt=a", headers={"content-type": "text/plain"}), 400)
+
+
+def test_edit_with_malformed_multipart(http_client):
+    response = http_client.post(EDITS, content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_error(response, 400)
+
+
+def test_mask_of_a_different_size(http_client):
+    files = [
+        ("image", ("a.png", _png(256, 256), "image/png")),
+        ("mask", ("m.png", _png(128, 128, "RGBA", (0, 0, 0, 0)), "image/png")),
+    ]
+    error = assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+    assert "128x128" in error["message"] and "256x256" in error["message"]
+
+
+def test_mask_of_a_different_size_in_json(http_client):
+    body = {"prompt": "a cat", "image": _b64(_png(256, 256)), "mask": _b64(_png(320, 240, "RGBA", (0, 0, 0, 0)))}
+    assert_error(http_client.post(EDITS, json=body), 400, param="mask")
+
+
+def test_undecodable_mask(http_client):
+    files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", b"not a mask", "image/png"))]
+    assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+
+
+def test_mask_that_marks_nothing(http_client):
+    files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", _png(256, 256, "RGBA", (0, 0, 0, 255)), "image/png"))]
+    assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+
+
+def test_mask_with_several_images(http_client):
+    files = [
+        ("image[]", ("a.png", _png(), "image/png")),
+        ("image[]", ("b.png", _png(), "image/png")),
+        ("mask", ("m.png", _png(256, 256, "RGBA", (0, 0, 0, 0)), "image/png")),
+    ]
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)
+    assert_error(response, 400, param="mask")
+
+
+def test_too_many_images(http_client):
+    files = [("image[]", (f"{i}.png", _png(), "image/png")) for i in range(5)]
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)
+    assert_error(response, 400)
+
+
+def test_several_images_on_the_plain_edit_model(http_client):
+    files = [("image[]", ("a.png", _png(), "image/png")), ("image[]", ("b.png", _png(), "image/png"))]
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-tiny"}, files=files)
+    assert_error(response, 400, param="image")
+
+
+def test_unexpected_file_field(http_client):
+    files = [("image", ("a.png", _png(), "image/png")), ("extra", ("b.png", _png(), "image/png"))]
+    assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="extra")
+
+
+def test_edit_validation_errors_are_400_too(http_client):
+    files = {"image": ("a.png", _png(), "image/png")}
+    assert_error(http_client.post(EDITS, data={"prompt": "a cat", "n": "0"}, files=files), 400, param="n")
+    assert_error(http_client.post(EDITS, data={"prompt": "a cat", "size": "100x100"}, files=files), 400, param="size")
+    response = http_client.post(EDITS, data={"prompt": "a cat", "output_format": "bmp"}, files=files)
+    assert_error(response, 400, param="output_format")
+
+
+# --- not found ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/nope"), ("GET", "/v1/nope"), ("POST", "/v1/images/nope"), ("GET", "/v1/images")]
+)
+def test_unknown_route_is_404_in_the_envelope(http_client, method, path):
+    error = assert_error(http_client.request(method, path), 404)
+    assert path in error["message"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["abc.png", "0" * 32 + ".png", "f" * 32 + ".jpeg", "pyproject.toml", "..%2F..%2Fpyproject.toml", "%2e%2e", "..%2Fsomething"],
+)
+def test_image_that_was_never_generated_is_404(http_client, name):
+    assert_error(http_client.get(f"/images/{name}"), 404)
+
+
+def test_generated_image_under_another_extension_is_404(http_client):
+    response = http_client.post(GENERATIONS, json={"prompt": "a cat", "num_inference_steps": 2, "response_format": "url"})
+    assert response.status_code == 200, response.text
+    name = response.json()["data"][0]["url"].rsplit("/", 1)[1]
+    assert http_client.get(f"/images/{name}").status_code == 200
+    stem = name.rsplit(".", 1)[0]
+    assert_error(http_client.get(f"/images/{stem}.jpeg"), 404)
+    assert_error(http_client.get(f"/images/{stem}"), 404)
+
+
+@pytest.mark.parametrize("raw_path", ["/images/../something", "/images/../../etc/passwd", "/images/./../pyproject.toml"])
+def test_dot_segments_in_the_raw_path_are_404(server, raw_path):
+    # httpx normalises dot segments away; send the path exactly as written.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", raw_path)
+        response = connection.getresponse()
+        status, body = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 404
+    assert set(body) == {"error", "detail"} and body["detail"] == body["error"]["message"]
+
+
+def test_unknown_model_card_is_404(http_client):
+    error = assert_error(http_client.get("/v1/models/unknown"), 404)
+    assert "unknown" in error["message"]
+
+
+def test_wrong_method_is_405_in_the_envelope(http_client):
+    assert_error(http_client.get(GENERATIONS), 405)
+    assert_error(http_client.delete("/v1/models"), 405)
+
+
+# --- request too large ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_body_server(start_server, tiny_t2i, tiny_edit):
+    return start_server(
+        "--model", f"qwen-image-tiny={tiny_t2i}", "--model", f"qwen-image-edit-tiny={tiny_edit}",
+        env={"QIS_MAX_UPLOAD_BYTES": "2048", "QIS_CPU_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _chunks(data: bytes, size: int = 512):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_body_too_large_is_413(small_body_server):
+    big_json = json.dumps({"prompt": "a cat " * 500}).encode()
+    assert len(big_json) > 2048
+    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
+        error = assert_error(client.post(GENERATIONS, content=big_json, headers={"content-type": "application/json"}), 413)
+        assert error["code"] == "request_too_large"
+        files = {"image": ("a.png", _png(64, 64), "image/png")}  # noise: ~12 kB
+        assert_error(client.post(EDITS, data={"prompt": "a cat"}, files=files), 413)
+        assert_error(client.post(EDITS, json={"prompt": "a cat", "image": _b64(_png(64, 64))}), 413)
+        # Streamed (chunked, no Content-Length) multipart bodies are cut off too.
+        request = client.build_request("POST", EDITS, data={"prompt": "a cat"}, files=files)
+        body = request.read()
+        response = client.post(EDITS, content=_chunks(body), headers={"content-type": request.headers["content-type"]})
+        assert_error(response, 413)
+        # A small request still goes through on the same server.
+        ok = client.post(GENERATIONS, json={"prompt": "a cat", "num_inference_steps": 2})
+        assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a chunked (no Content-Length) JSON body over QIS_MAX_UPLOAD_BYTES on /v1/images/generations "
+    "gets 400 'There was an error parsing the body' (FastAPI wraps the middleware's RequestTooLarge) instead of 413",
+)
+def test_chunked_json_generation_body_too_large_is_413(small_body_server):
+    big_json = json.dumps({"prompt": "a cat " * 500}).encode()
+    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
+        response = client.post(GENERATIONS, content=_chunks(big_json), headers={"content-type": "application/json"})
+    assert_error(response, 413)

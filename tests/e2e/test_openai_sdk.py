@@ -1,0 +1,159 @@
+"""The official ``openai`` SDK against the real server: images.generate and images.edit as a user calls them."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+FAST = {"num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _decode(b64_json: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64_json)))
+    image.load()
+    return image
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_generate_b64_json_returns_a_png_of_the_default_size(client):
+    result = client.images.generate(model="qwen-image-tiny", prompt="a red fox in the snow", extra_body={**FAST, "seed": 1})
+    assert isinstance(result.created, int) and result.created > 1_600_000_000
+    assert len(result.data) == 1
+    item = result.data[0]
+    assert item.url is None and item.b64_json
+    image = _decode(item.b64_json)
+    assert image.format == "PNG" and image.size == (256, 256)
+    assert result.size == "256x256" and result.output_format == "png"
+    assert item.model_extra["seed"] == 1
+
+
+def test_generate_url_is_fetchable_and_is_the_same_image_as_b64(client, server):
+    kwargs = dict(model="qwen-image-tiny", prompt="a lighthouse at dusk", extra_body={**FAST, "seed": 21})
+    with ThreadPoolExecutor(2) as pool:
+        by_url, by_b64 = pool.map(lambda fmt: client.images.generate(response_format=fmt, **kwargs), ["url", "b64_json"])
+    item = by_url.data[0]
+    assert item.b64_json is None
+    assert item.url.startswith(server.base_url + "/images/") and item.url.endswith(".png")
+    fetched = httpx.get(item.url, timeout=30)
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(fetched.content))
+    assert image.format == "PNG" and image.size == (256, 256)
+    # The stored file is the very image a b64_json request with the same seed returns.
+    assert np.array_equal(_pixels(image), _pixels(_decode(by_b64.data[0].b64_json)))
+
+
+@pytest.mark.parametrize("size", ["256x256", "320x256"])
+@pytest.mark.parametrize(("output_format", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_format_and_size(client, output_format, pil_format, size):
+    result = client.images.generate(
+        model="qwen-image-tiny", prompt="a bowl of fruit", size=size, output_format=output_format, extra_body={**FAST, "seed": 3}
+    )
+    image = _decode(result.data[0].b64_json)
+    width, height = map(int, size.split("x"))
+    assert image.format == pil_format
+    assert image.size == (width, height)
+    assert result.size == size and result.output_format == output_format
+
+
+def test_n_2_returns_two_distinct_images_with_consecutive_seeds(client):
+    result = client.images.generate(model="qwen-image-tiny", prompt="a sailing boat", n=2, extra_body={**FAST, "seed": 100})
+    assert len(result.data) == 2
+    assert [item.model_extra["seed"] for item in result.data] == [100, 101]
+    first, second = (_pixels(_decode(item.b64_json)) for item in result.data)
+    assert first.shape == second.shape == (256, 256, 3)
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize(("size", "expected"), [("256x256", (256, 256)), ("320x256", (320, 256))])
+def test_edit_one_image(client, size, expected):
+    source = _noise(320, 240, seed=1)
+    result = client.images.edit(
+        model="qwen-image-edit-tiny",
+        image=("input.png", _png(source), "image/png"),
+        prompt="make it blue",
+        size=size,
+        extra_body={**FAST, "seed": 5},
+    )
+    assert len(result.data) == 1
+    image = _decode(result.data[0].b64_json)
+    assert image.format == "PNG" and image.size == expected
+    assert result.size == size
+
+
+def test_edit_several_images_on_the_edit_plus_model_uses_every_image(client):
+    first = ("first.png", _png(_noise(256, 256, seed=1)), "image/png")
+    second = ("second.png", _png(_noise(256, 256, seed=2)), "image/png")
+    other = ("other.png", _png(np.full((256, 256, 3), 30, np.uint8)), "image/png")
+    kwargs = dict(model="qwen-image-edit-plus-tiny", prompt="put them side by side", extra_body={**FAST, "seed": 9})
+    with ThreadPoolExecutor(2) as pool:  # the model has two workers
+        result, changed = pool.map(lambda images: client.images.edit(image=images, **kwargs), [[first, second], [first, other]])
+    assert len(result.data) == 1
+    image = _decode(result.data[0].b64_json)
+    assert image.format == "PNG"
+    assert result.size == f"{image.size[0]}x{image.size[1]}"
+    # Same seed, a different second image: the output changes, so the second image is really used.
+    assert not np.array_equal(_pixels(image), _pixels(_decode(changed.data[0].b64_json)))
+
+
+def test_several_images_on_the_plain_edit_model_is_a_bad_request(client):
+    images = [("a.png", _png(_noise(256, 256, 1)), "image/png"), ("b.png", _png(_noise(256, 256, 2)), "image/png")]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(model="qwen-image-edit-tiny", image=images, prompt="merge", extra_body=FAST)
+    error = caught.value
+    assert error.status_code == 400
+    assert error.type == "invalid_request_error" and error.param == "image"
+    assert "qwen-image-edit-tiny" in error.body["message"]
+
+
+def test_masked_edit_changes_only_the_transparent_region(client):
+    source = _noise(256, 256, seed=4)
+    mask = np.full((256, 256, 4), 255, np.uint8)  # opaque: keep
+    mask[64:192, 80:200, 3] = 0  # transparent: the region to edit
+    result = client.images.edit(
+        model="qwen-image-edit-tiny",
+        image=("input.png", _png(source), "image/png"),
+        mask=("mask.png", _png(mask, "RGBA"), "image/png"),
+        prompt="a yellow square",
+        extra_body={**FAST, "seed": 2},
+    )
+    image = _decode(result.data[0].b64_json)
+    assert image.format == "PNG" and image.size == (256, 256)
+    out = _pixels(image)
+    inside = mask[:, :, 3] == 0
+    assert np.array_equal(out[~inside], source[~inside]), "pixels outside the mask must be the input's, exactly"
+    changed = np.any(out[inside] != source[inside], axis=-1)
+    assert changed.mean() > 0.9, "the masked region must be repainted"
+
+
+def test_unknown_model_through_the_sdk(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="dall-e-3", prompt="x", extra_body=FAST)
+    assert caught.value.status_code == 400
+    assert caught.value.body["message"] == "Model not available: dall-e-3"
+    assert caught.value.code == "model_not_found"
