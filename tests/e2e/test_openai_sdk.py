@@ -1,4 +1,7 @@
-"""The official ``openai`` SDK against the real server: images.generate and images.edit as a user calls them."""
+"""The official ``openai`` SDK against the real server: images.generate and images.edit as a user calls them.
+
+Every test here runs on both engines (``any_server``: the embedded one and Ray Serve).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ FAST = {"num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+def client(any_server):
+    return openai.OpenAI(base_url=any_server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def _decode(b64_json: str) -> Image.Image:
@@ -52,13 +55,13 @@ def test_generate_b64_json_returns_a_png_of_the_default_size(client):
     assert item.model_extra["seed"] == 1
 
 
-def test_generate_url_is_fetchable_and_is_the_same_image_as_b64(client, server):
+def test_generate_url_is_fetchable_and_is_the_same_image_as_b64(client, any_server):
     kwargs = dict(model="qwen-image-tiny", prompt="a lighthouse at dusk", extra_body={**FAST, "seed": 21})
     with ThreadPoolExecutor(2) as pool:
         by_url, by_b64 = pool.map(lambda fmt: client.images.generate(response_format=fmt, **kwargs), ["url", "b64_json"])
     item = by_url.data[0]
     assert item.b64_json is None
-    assert item.url.startswith(server.base_url + "/images/") and item.url.endswith(".png")
+    assert item.url.startswith(any_server.base_url + "/images/") and item.url.endswith(".png")
     fetched = httpx.get(item.url, timeout=30)
     assert fetched.status_code == 200
     assert fetched.headers["content-type"] == "image/png"

@@ -13,8 +13,9 @@ from PIL import Image
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+def client(any_server):
+    """Tests taking ``client`` run on both engines (embedded and Ray Serve)."""
+    return openai.OpenAI(base_url=any_server.base_url + "/v1", api_key="unused")
 
 
 def _decode(b64: str) -> Image.Image:
