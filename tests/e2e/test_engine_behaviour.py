@@ -76,7 +76,7 @@ def test_two_requests_run_at_the_same_time_and_health_answers_meanwhile(server):
 
 def test_n_images_are_spread_over_idle_workers(server):
     r = httpx.post(server.base_url + GEN, json={**SHORT, "n": 2}, timeout=300)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, r.text[:300]
     assert sorted(r.headers["x-workers"].split(",")) == ["qwen-image-tiny#0", "qwen-image-tiny#1"]
     assert [d["seed"] for d in r.json()["data"]] == [2, 3]
 
@@ -103,7 +103,7 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     new_pids = server.worker_pids(model)
     assert old_pids[0] not in new_pids and old_pids[1] in new_pids
     ok = httpx.post(server.base_url + "/v1/images/edits", json={**long_edit, "size": "256x256", "num_inference_steps": 2}, timeout=300)
-    assert ok.status_code == 200, ok.text
+    assert ok.status_code == 200, ok.text[:300]
     assert len(ok.json()["data"]) == 2
 
 
@@ -130,7 +130,7 @@ def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
     assert r.json()["error"]["message"] == "Task timeout" == r.json()["detail"]
     # Had the long task kept running (minutes), this one could not finish within its own 10 s timeout.
     ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
-    assert ok.status_code == 200, ok.text
+    assert ok.status_code == 200, ok.text[:300]
 
 
 def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
@@ -142,7 +142,7 @@ def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
     queued.join()
     _wait_idle(small_server)
     ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
-    assert ok.status_code == 200, ok.text
+    assert ok.status_code == 200, ok.text[:300]
 
 
 def test_full_queue_is_refused_at_once_with_503(small_server):

@@ -90,7 +90,7 @@ def _generate(server, prompt, **extra):
         json={"prompt": prompt, "num_inference_steps": 2, **extra},
         timeout=120,
     )
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, r.text[:300]
     return r.json()
 
 
@@ -126,7 +126,7 @@ def test_edit_instructions_get_their_own_system_prompt(rewriting_server, chat):
         rewriting_server.base_url + "/v1/images/edits", timeout=120,
         json={"image": base64.b64encode(buf.getvalue()).decode(), "prompt": "add a hat", "num_inference_steps": 2},
     )  # fmt: skip
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, r.text[:300]
     assert r.json()["data"][0]["revised_prompt"] == "DETAILED: add a hat"
     assert "image-editing model" in chat.requests[0]["body"]["messages"][0]["content"]
 

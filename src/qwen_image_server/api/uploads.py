@@ -12,23 +12,20 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from ..errors import InvalidRequest, ServerError
+from ..errors import InvalidRequest
 from ..serving.images import decode_base64_image
 from ..serving.service import Upload
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
 
 
-class RequestTooLarge(ServerError):
-    """The request body is larger than the server accepts (413)."""
-
-    status_code = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-
 class BodySizeLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` (by Content-Length, or while they stream in)."""
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413.
+
+    A body with a Content-Length is judged by it. A chunked one is read here first
+    (up to the limit) and handed on whole, so that the 413 does not depend on who
+    reads the body later.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -37,26 +34,43 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_bytes
-        message = f"request body is larger than {limit} bytes"
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                from .errors import error_response
+        headers = dict(scope.get("headers", ()))
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-                response = error_response(413, message, type_="invalid_request_error", code="request_too_large")
-                return await response(scope, receive, send)
-        received = 0
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-        async def limited_receive():
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > limit:
-                    raise RequestTooLarge(message)
-            return msg
+        return await self.app(scope, replay, send)
 
-        return await self.app(scope, limited_receive, send)
+    async def _refuse(self, scope, receive, send):
+        from .errors import error_response
+
+        message = f"request body is larger than {self.max_bytes} bytes"
+        response = error_response(413, message, type_="invalid_request_error", code="request_too_large")
+        await response(scope, receive, send)
 
 
 M = TypeVar("M", bound=BaseModel)
