@@ -64,7 +64,9 @@ def main() -> int:
     from qwen_image_server.engine.ray_serve import build_application
     from qwen_image_server.models.spec import resolve_models
 
-    model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / "tiny-text-to-image"
+    from qwen_image_server.models.tiny import TINY_MODEL_VERSION
+
+    model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}"
     ensure_tiny_model(model_dir, "text-to-image")
     body = {"prompt": PROMPT, "size": f"{width}x{height}", "num_inference_steps": args.steps, "seed": args.seed, "prompt_rewrite": False}
 
