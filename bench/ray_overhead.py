@@ -63,7 +63,6 @@ def main() -> int:
     from qwen_image_server.config import Settings
     from qwen_image_server.engine.ray_serve import build_application
     from qwen_image_server.models.spec import resolve_models
-
     from qwen_image_server.models.tiny import TINY_MODEL_VERSION
 
     model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}"

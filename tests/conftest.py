@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -39,6 +41,28 @@ def tiny_edit() -> Path:
 @pytest.fixture(scope="session")
 def tiny_edit_plus() -> Path:
     return _tiny("edit-plus")
+
+
+def post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[threading.Thread, dict]:
+    """POST ``body`` from a thread; the box gets ``response`` (or ``error`` when the client gave up)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["response"] = httpx.post(url, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def concurrently(*calls):
+    """Run the calls at the same time (the shared server has two workers per model); their results in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -72,21 +72,21 @@ def tiny_model(
 
 @app.command()
 def serve(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="[ID=]PATH_OR_HUB_ID; repeat for several.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="[ID=]PATH_OR_HUB_ID; repeat for several.")] = None,
     demo: Annotated[bool, typer.Option(help="Serve tiny offline models (built once into the cache).")] = False,
-    host: Annotated[Optional[str], typer.Option(help="Bind address [HOST].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [PORT].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
-    queue_size: Annotated[Optional[int], typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
-    task_timeout: Annotated[Optional[float], typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(help="Images of one request per pipeline call.")] = None,
-    cpu_threads: Annotated[Optional[int], typer.Option(help="Torch threads per CPU worker [QIS_CPU_THREADS].")] = None,
-    image_output_dir: Annotated[Optional[Path], typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
-    image_url_prefix: Annotated[Optional[str], typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [PORT].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
+    queue_size: Annotated[int | None, typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
+    task_timeout: Annotated[float | None, typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call.")] = None,
+    cpu_threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker [QIS_CPU_THREADS].")] = None,
+    image_output_dir: Annotated[Path | None, typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
+    image_url_prefix: Annotated[str | None, typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
+    engine: Annotated[str | None, typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""

@@ -11,11 +11,10 @@ and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
 QUALITY_STEPS: dict[str, int | None] = {

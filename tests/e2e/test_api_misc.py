@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import concurrently
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -27,13 +28,6 @@ def _generate(http: httpx.Client, **fields) -> dict:
     response = http.post(GENERATIONS, json={"prompt": "a windmill in a field", "num_inference_steps": 2, **fields})
     assert response.status_code == 200, response.text[:300]
     return response.json()
-
-
-def _concurrently(*calls):
-    """Run the calls at the same time (the server has two workers per model); their results in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
 
 
 def _image(item: dict) -> Image.Image:
@@ -129,7 +123,7 @@ def test_quality_low_is_accepted_without_explicit_steps(http):
 
 
 def test_seed_000_width_and_height(http):
-    body, same = _concurrently(
+    body, same = concurrently(
         lambda: _generate(http, width=320, height=256, seed=3),
         lambda: _generate(http, size="320x256", seed=3),
     )
@@ -140,7 +134,7 @@ def test_seed_000_width_and_height(http):
 
 
 def test_seed_000_fields_are_honoured(http):
-    base, other_cfg, other_negative = _concurrently(
+    base, other_cfg, other_negative = concurrently(
         lambda: _generate(http, seed=8, true_cfg_scale=4.0, negative_prompt="blurry"),
         lambda: _generate(http, seed=8, true_cfg_scale=1.0, negative_prompt="blurry"),
         lambda: _generate(http, seed=8, true_cfg_scale=4.0, negative_prompt="sharp, colourful"),
@@ -151,7 +145,7 @@ def test_seed_000_fields_are_honoured(http):
 
 
 def test_seed_002_guidance_scale_is_accepted_and_used(http):
-    guided, same_as_true_cfg, unguided = _concurrently(
+    guided, same_as_true_cfg, unguided = concurrently(
         lambda: _generate(http, seed=9, guidance_scale=5.0),
         lambda: _generate(http, seed=9, true_cfg_scale=5.0),
         lambda: _generate(http, seed=9, guidance_scale=1.0),
@@ -167,7 +161,7 @@ def test_seed_002_guidance_scale_is_accepted_and_used(http):
 def test_json_edit_with_base64_and_data_url_and_multipart_agree(http):
     data = _png_bytes(seed=6)
     common = {"prompt": "make it brighter", "seed": 13, "num_inference_steps": 2, "size": "256x256", "unknown_field": 1}
-    plain, data_url, multipart = _concurrently(
+    plain, data_url, multipart = concurrently(
         lambda: http.post(EDITS, json={**common, "image": base64.b64encode(data).decode()}),
         lambda: http.post(EDITS, json={**common, "image": "data:image/png;base64," + base64.b64encode(data).decode()}),
         lambda: http.post(EDITS, data={k: str(v) for k, v in common.items()}, files={"image": ("in.png", data, "image/png")}),

@@ -11,31 +11,18 @@ import base64
 import io
 import os
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 from PIL import Image
 
+from conftest import post_in_thread
+
 GEN = "/v1/images/generations"
 # Long enough to still be running when the tests act on it (minutes on 2 cores; servers allow 1000 steps).
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
-
-
-def _post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def run():
-        try:
-            box["response"] = httpx.post(url, json=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def _wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
@@ -57,7 +44,7 @@ def _interval(response: httpx.Response) -> tuple[float, float]:
 
 def test_two_requests_run_at_the_same_time_and_health_answers_meanwhile(server):
     body = {"prompt": "concurrency", "size": "512x512", "num_inference_steps": 40}
-    threads = [_post_in_thread(server.base_url + GEN, {**body, "seed": s}) for s in (1, 2)]
+    threads = [post_in_thread(server.base_url + GEN, {**body, "seed": s}) for s in (1, 2)]
     _wait_for(lambda: _busy_workers(server, "qwen-image-tiny") == 2, what="both workers busy")
     health = httpx.get(server.base_url + "/healthz", timeout=5)
     answered_at = time.time()
@@ -88,7 +75,7 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     Image.new("RGB", (256, 256), (10, 200, 10)).save(buf, format="PNG")
     image_b64 = base64.b64encode(buf.getvalue()).decode()
     long_edit = {"model": model, "prompt": "long edit", "image": image_b64, "size": "1024x1024", "num_inference_steps": 1000, "n": 2}
-    thread, box = _post_in_thread(server.base_url + "/v1/images/edits", long_edit)  # one image on each worker
+    thread, box = post_in_thread(server.base_url + "/v1/images/edits", long_edit)  # one image on each worker
     _wait_for(lambda: _busy_workers(server, model) == 2, what="both edit-plus workers busy")
     os.kill(old_pids[0], signal.SIGKILL)
     thread.join(timeout=300)
@@ -135,9 +122,9 @@ def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
 
 def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
     _wait_idle(small_server)
-    running, _ = _post_in_thread(small_server.base_url + GEN, LONG, timeout=2.5)
+    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=2.5)
     _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
-    queued, _ = _post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=2.5)
+    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=2.5)
     running.join()
     queued.join()
     _wait_idle(small_server)
@@ -147,9 +134,9 @@ def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
 
 def test_full_queue_is_refused_at_once_with_503(small_server):
     _wait_idle(small_server)
-    running, _ = _post_in_thread(small_server.base_url + GEN, LONG, timeout=6)
+    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=6)
     _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
-    queued, _ = _post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=6)
+    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=6)
     _wait_for(lambda: small_server.status()["models"]["tiny"]["queued_jobs"] == 1, what="one request queued")
     refused = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=30)
     assert refused.status_code == 503

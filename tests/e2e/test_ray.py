@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from conftest import post_in_thread
+
 GEN = "/v1/images/generations"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
 # Streamed with 3 previews, its first preview comes after 40 of 160 steps, well within the
@@ -45,20 +47,6 @@ def _replica_pid(app: str) -> int:
     from ray import serve
 
     return serve.get_deployment_handle("model0-tiny", app_name=app).pid.remote().result(timeout_s=60)
-
-
-def _post_in_thread(url, body, timeout):
-    box: dict = {}
-
-    def run():
-        try:
-            box["response"] = httpx.post(url, json=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
@@ -95,7 +83,7 @@ def test_full_queue_gives_503(limits):
     running = _first_event(limits + GEN, STREAMED, box)
     assert box["started"].wait(120)
     assert "text" not in box, "the streamed task should still be running"
-    queued, _ = _post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
+    queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
     time.sleep(1.5)  # let the second request reach Ray's queue
     refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code

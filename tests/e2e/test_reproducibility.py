@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import concurrently
 
 GENERATIONS = "/v1/images/generations"
 
@@ -27,13 +28,6 @@ def _generate(http: httpx.Client, **fields) -> dict:
     return response.json()
 
 
-def _concurrently(*calls):
-    """Run the calls at the same time (the server has two workers per model); their results in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
-
-
 def _raw(item: dict) -> bytes:
     return base64.b64decode(item["b64_json"])
 
@@ -47,7 +41,7 @@ def _pixels(item: dict) -> bytes:
 
 def test_same_seed_gives_identical_pixels(http):
     # Sent together, the two requests are run by the model's two workers at once.
-    bodies = _concurrently(lambda: _generate(http, seed=1234), lambda: _generate(http, seed=1234))
+    bodies = concurrently(lambda: _generate(http, seed=1234), lambda: _generate(http, seed=1234))
     first, second = (body["data"][0] for body in bodies)
     assert first["seed"] == second["seed"] == 1234
     assert _pixels(first) == _pixels(second)
@@ -57,7 +51,7 @@ def test_same_seed_gives_identical_pixels(http):
 
 
 def test_no_seed_gives_different_images_and_seeds(http):
-    first, second = (body["data"][0] for body in _concurrently(lambda: _generate(http), lambda: _generate(http)))
+    first, second = (body["data"][0] for body in concurrently(lambda: _generate(http), lambda: _generate(http)))
     assert isinstance(first["seed"], int) and isinstance(second["seed"], int)
     assert first["seed"] != second["seed"]
     assert _pixels(first) != _pixels(second)
@@ -69,7 +63,7 @@ def test_no_seed_gives_different_images_and_seeds(http):
 def test_different_seed_or_prompt_changes_the_image(http):
     base, other_seed, other_prompt = (
         _pixels(body["data"][0])
-        for body in _concurrently(
+        for body in concurrently(
             lambda: _generate(http, seed=5),
             lambda: _generate(http, seed=6),
             lambda: _generate(http, seed=5, prompt="a red car on a bridge"),
@@ -82,7 +76,7 @@ def test_different_seed_or_prompt_changes_the_image(http):
 def test_n_3_equals_three_single_requests(http):
     batch = _generate(http, seed=7, n=3)["data"]
     assert [item["seed"] for item in batch] == [7, 8, 9]
-    singles = [body["data"][0] for body in _concurrently(*(lambda s=seed: _generate(http, seed=s) for seed in (7, 8, 9)))]
+    singles = [body["data"][0] for body in concurrently(*(lambda s=seed: _generate(http, seed=s) for seed in (7, 8, 9)))]
     for from_batch, single in zip(batch, singles):
         assert _pixels(from_batch) == _pixels(single)
     assert len({_pixels(item) for item in batch}) == 3
@@ -90,7 +84,7 @@ def test_n_3_equals_three_single_requests(http):
 
 @pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_lower_output_compression_gives_smaller_files(http, output_format, pil_format):
-    bodies = _concurrently(
+    bodies = concurrently(
         *(lambda c=c: _generate(http, seed=11, output_format=output_format, output_compression=c) for c in (50, 100))
     )
     sizes = []
@@ -103,7 +97,7 @@ def test_lower_output_compression_gives_smaller_files(http, output_format, pil_f
 
 
 def test_png_ignores_output_compression(http):
-    bodies = _concurrently(lambda: _generate(http, seed=12, output_compression=10), lambda: _generate(http, seed=12))
+    bodies = concurrently(lambda: _generate(http, seed=12, output_compression=10), lambda: _generate(http, seed=12))
     lossy, best = (body["data"][0] for body in bodies)
     assert Image.open(io.BytesIO(_raw(lossy))).format == "PNG"
     assert _pixels(lossy) == _pixels(best)
@@ -122,7 +116,7 @@ def test_same_seed_edit_is_reproducible(http):
         )
 
     results = []
-    for response in _concurrently(edit, edit):
+    for response in concurrently(edit, edit):
         assert response.status_code == 200, response.text[:300]
         results.append(response.json()["data"][0])
     assert results[0]["seed"] == results[1]["seed"] == 31

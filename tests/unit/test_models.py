@@ -90,3 +90,34 @@ def test_edit_runner_keeps_pixels_outside_the_mask(tiny_edit, height, width):
     assert out.shape == (height, width, 3), "a mask edit comes back at the input's size"
     assert np.array_equal(out[mask == 0], image[mask == 0])
     assert not np.array_equal(out[mask == 255], image[mask == 255])
+
+
+def test_torchvision_check_sees_a_missing_torchvision(monkeypatch):
+    import sys
+
+    from qwen_image_server.models import processor
+
+    processor.torchvision_available.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    try:
+        assert processor.torchvision_available() is False
+    finally:
+        processor.torchvision_available.cache_clear()
+
+
+def test_edit_processor_folder_has_what_transformers_standard_loading_reads(tiny_edit):
+    import json
+
+    from transformers import Qwen2VLProcessor
+
+    folder = tiny_edit / "processor"
+    config = json.loads((folder / "processor_config.json").read_text())
+    assert config["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert config["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert (folder / "video_preprocessor_config.json").is_file()
+    try:  # where torchvision works this is the path the server takes
+        processor = Qwen2VLProcessor.from_pretrained(folder)
+    except ImportError as exc:  # without it, only the missing library may stop it
+        assert "orchvision" in str(exc)
+    else:
+        assert processor.image_processor.merge_size == 2

@@ -157,13 +157,7 @@ class _ModelPool:
         for f in futures:  # an exception raised before the last piece finished
             if f.done() and not f.cancelled() and f.exception() is not None:
                 raise f.exception()
-        return JobResult(
-            images=[image for result in results for image in result.images],
-            started=min(r.started for r in results),
-            finished=max(r.finished for r in results),
-            workers=sorted({r.worker for r in results}),
-            prompt_tokens=results[0].prompt_tokens,
-        )
+        return JobResult.combine(results)
 
     def _cancel(self, state: _JobState) -> None:
         """Drop the job's queued pieces and stop its running ones at their next step."""

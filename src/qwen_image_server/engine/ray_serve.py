@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..errors import InferenceFailed, QueueFull, TaskCancelled, TaskTimeout
 from ..models.spec import ModelSpec
 from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 
@@ -156,13 +156,7 @@ class RayEngine:
             for t in tasks:
                 t.cancel()
             raise _as_server_error(exc) from None
-        return JobResult(
-            images=[image for result in results for image in result.images],
-            started=min(r.started for r in results),
-            finished=max(r.finished for r in results),
-            workers=sorted({r.worker for r in results}),
-            prompt_tokens=results[0].prompt_tokens,
-        )
+        return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
         now = time.monotonic()

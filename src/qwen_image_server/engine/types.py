@@ -96,3 +96,14 @@ class JobResult:
     finished: float
     workers: list[str]
     prompt_tokens: int = 0
+
+    @classmethod
+    def combine(cls, results: list[TaskResult]) -> JobResult:
+        """The job's result from its tasks' results, given in seed order."""
+        return cls(
+            images=[image for result in results for image in result.images],
+            started=min(r.started for r in results),
+            finished=max(r.finished for r in results),
+            workers=sorted({r.worker for r in results}),
+            prompt_tokens=results[0].prompt_tokens,
+        )

@@ -16,7 +16,7 @@ from .spec import SIDECAR_NAME
 
 TinyKind = Literal["text-to-image", "edit", "edit-plus"]
 #: Changes whenever the tiny models change, so that caches of older ones are not reused.
-TINY_MODEL_VERSION = 2
+TINY_MODEL_VERSION = 3
 TINY_KINDS: tuple[str, ...] = ("text-to-image", "edit", "edit-plus")
 
 # Tokens the Qwen-Image prompt templates use; the byte-level vocabulary covers the rest.
@@ -189,27 +189,31 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
 
 
 def _store_as_standard_processor(out: Path) -> None:
-    """Make the saved processor look exactly like a downloaded Qwen-Image-Edit one.
+    """Make the saved processor load like a downloaded Qwen-Image-Edit one.
 
-    The processor was built without a video processor (see ``processor.py``);
-    on disk it is recorded as transformers' own ``Qwen2VLProcessor``, with the
-    video processor settings a real folder has.
+    The processor was built without a video processor (see ``processor.py``). On
+    disk it is recorded as transformers' own ``Qwen2VLProcessor`` with the torchvision
+    image processor and a video processor configuration, so that where torchvision
+    works, transformers' standard loading finds everything it looks for.
     """
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     proc_dir = out / "processor"
-    for name in ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
-        path = proc_dir / name
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if "processor_class" in data:
-            data["processor_class"] = "Qwen2VLProcessor"
-        if name == "preprocessor_config.json":
-            data["image_processor_type"] = "Qwen2VLImageProcessor"
-            video = {k: data[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std") if k in data}
-            video.update(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor")
-            (proc_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n", encoding="utf-8")
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    config_path = proc_dir / "processor_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["processor_class"] = "Qwen2VLProcessor"
+    image = config["image_processor"]
+    image["image_processor_type"] = "Qwen2VLImageProcessor"
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    config["video_processor"] = video
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # Older layouts keep each sub-processor in a file of its own; some loaders look there.
+    (proc_dir / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n", encoding="utf-8")
+    (proc_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n", encoding="utf-8")
+    tokenizer_path = proc_dir / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    tokenizer["processor_class"] = "Qwen2VLProcessor"
+    tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")

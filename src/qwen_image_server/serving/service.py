@@ -139,7 +139,7 @@ class ImageService:
                 raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
             w, h = ASPECT_RATIOS[req.aspect_ratio]
             # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
-            up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731
+            up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
             return Size(up(w), up(h), w, h)
         size = req.size if req.size not in (None, "", "auto") else default
         if size is None:
