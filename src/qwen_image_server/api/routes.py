@@ -46,6 +46,9 @@ async def _unless_disconnected(request: Request, coro):
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this request itself is cancelled (server shutting down)
+        work.cancel()
+        raise
     finally:
         watcher.cancel()
     if not work.done():

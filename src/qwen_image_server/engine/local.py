@@ -151,12 +151,9 @@ class _ModelPool:
                     raise TaskTimeout()
                 raise failed.exception()
             results: list[TaskResult] = [f.result() for f in futures]
-        except BaseException:
+        except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
             self._cancel(state)
             raise
-        for f in futures:  # an exception raised before the last piece finished
-            if f.done() and not f.cancelled() and f.exception() is not None:
-                raise f.exception()
         return JobResult.combine(results)
 
     def _cancel(self, state: _JobState) -> None:
