@@ -43,8 +43,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Models to serve, each `[ID=]PATH_OR_HUB_ID` (comma-separated in QIS_MODELS).",
     )
-    qwen_image_location: str | None = Field(default=None, validation_alias=_alias("QWEN_IMAGE_LOCATION"))
-    qwen_image_edit_location: str | None = Field(default=None, validation_alias=_alias("QWEN_IMAGE_EDIT_LOCATION"))
+    # Seed 000 documents QWEN_IMAGE_*_LOCATION, and its Docker example uses MODEL_PATH_GENERATION/_EDIT.
+    qwen_image_location: str | None = Field(
+        default=None, validation_alias=_alias("QWEN_IMAGE_LOCATION", "MODEL_PATH_GENERATION")
+    )
+    qwen_image_edit_location: str | None = Field(
+        default=None, validation_alias=_alias("QWEN_IMAGE_EDIT_LOCATION", "MODEL_PATH_EDIT")
+    )
     model_path: str | None = Field(default=None, validation_alias=_alias("MODEL_PATH"))
     model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
     demo: bool = False

@@ -43,3 +43,9 @@ def test_invalid_values_are_refused(monkeypatch):
     monkeypatch.setenv("TASK_QUEUE_SIZE", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_seed_000_docker_example_names(monkeypatch):
+    monkeypatch.setenv("MODEL_PATH_GENERATION", "/custom/path/to/qwen-image")
+    monkeypatch.setenv("MODEL_PATH_EDIT", "/custom/path/to/qwen-image-edit")
+    assert Settings().model_entries() == [(None, "/custom/path/to/qwen-image"), (None, "/custom/path/to/qwen-image-edit")]
