@@ -44,6 +44,8 @@ class LocalImageStore:
         self.max_files = max_files
         self.ttl_seconds = ttl_seconds
         self._lock = threading.Lock()
+        self._count: int | None = None  # files kept, known after the first scan
+        self._scanned_at = 0.0
 
     def save(self, data: bytes, extension: str) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread)."""
@@ -73,13 +75,20 @@ class LocalImageStore:
         return None
 
     def _prune(self) -> None:
+        """Delete the oldest and expired files; scans only when the bound or an expiry check is due."""
         with self._lock:
+            if self._count is not None:
+                self._count += 1
+                expiry_due = time.time() - self._scanned_at > min(self.ttl_seconds / 10, 60.0)
+                if self._count <= self.max_files and not expiry_due:
+                    return
             try:
                 entries = [e for e in os.scandir(self.directory) if NAME_PATTERN.match(e.name)]
             except FileNotFoundError:
                 return
-            now = time.time()
+            now = self._scanned_at = time.time()
             dated = sorted(((e.stat().st_mtime, e.path) for e in entries), reverse=True)
+            self._count = min(len(dated), self.max_files)
             for index, (mtime, path) in enumerate(dated):
                 if index >= self.max_files or now - mtime > self.ttl_seconds:
                     try:
