@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
-from .processor import load_processor, torchvision_available
+from .processor import load_processor
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class PipelineRunner:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         kwargs: dict = {"dtype": self.dtype}
+        if spec.revision:
+            kwargs["revision"] = spec.revision
         if spec.can_edit:
             kwargs["processor"] = self._load_processor()
         started = time.perf_counter()
@@ -97,14 +99,13 @@ class PipelineRunner:
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
 
     def _load_processor(self):
-        source = Path(self.spec.source)
-        if not source.is_dir():
-            if torchvision_available():
-                return None  # diffusers loads it the standard way
-            from huggingface_hub import snapshot_download
+        """The edit pipelines' processor, loaded here for folders and hub ids alike.
 
-            source = Path(snapshot_download(self.spec.source, allow_patterns=["processor/*"]))
-        return load_processor(source / "processor")
+        A hub id's ``processor/`` files are fetched (or, offline, found in the hub
+        cache) at the model's revision; ``load_processor`` then picks transformers'
+        standard loading where torchvision works and the image-only one elsewhere.
+        """
+        return load_processor(processor_folder(self.spec))
 
     def count_tokens(self, text: str) -> int:
         """Text tokens of ``text`` with the model's own tokenizer (for ``usage``)."""
@@ -190,6 +191,15 @@ class PipelineRunner:
             return [keep_unmasked(image, kwargs["image"], kwargs["mask_image"], size) for image in result]
         return [fit_to_job(image, job) for image in result]
 
+
+
+def processor_folder(spec: ModelSpec) -> Path:
+    """The local ``processor/`` folder of a model: in its folder, or in the hub cache for a hub id."""
+    if not spec.is_hub:
+        return Path(spec.source) / "processor"
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=["processor/*"])) / "processor"
 
 
 def keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -40,6 +40,12 @@ class ModelSpec:
     pipeline_class: str
     kind: ModelKind
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    revision: str | None = None  # hub branch, tag or commit (``ORG/NAME@REVISION``); None: main
+
+    @property
+    def is_hub(self) -> bool:
+        """True when ``source`` is a hub id rather than a local folder."""
+        return not _looks_like_path(self.source)
 
     @property
     def can_generate(self) -> bool:
@@ -58,8 +64,18 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
 
 
-def _read_index(source: str) -> tuple[dict, dict]:
-    """Return ``(model_index, sidecar options)`` for a folder or hub id."""
+def split_revision(source: str) -> tuple[str, str | None]:
+    """``ORG/NAME@REVISION`` → ``("ORG/NAME", "REVISION")``; folders and plain hub ids keep no revision."""
+    if _looks_like_path(source):
+        return source, None
+    name, sep, revision = source.partition("@")
+    if sep and not revision:
+        raise ModelConfigError(f"{source}: empty revision after '@'")
+    return name, (revision or None)
+
+
+def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
+    """Return ``(model_index, sidecar options)`` for a folder or hub id (at ``revision``)."""
     if _looks_like_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
@@ -73,10 +89,18 @@ def _read_index(source: str) -> tuple[dict, dict]:
     try:
         from huggingface_hub import hf_hub_download
 
-        index_file = hf_hub_download(source, "model_index.json")
-    except Exception as exc:  # offline, unknown repo, gated repo...
-        raise ModelConfigError(f"cannot read model_index.json of hub model {source}: {type(exc).__name__}: {exc}") from exc
-    return json.loads(Path(index_file).read_text(encoding="utf-8")), {}
+        index_file = hf_hub_download(source, "model_index.json", revision=revision)
+    except Exception as exc:  # offline, unknown repo, gated repo, unknown revision...
+        at = f" at revision {revision}" if revision else ""
+        raise ModelConfigError(f"cannot read model_index.json of hub model {source}{at}: {type(exc).__name__}: {exc}") from exc
+    sidecar: dict = {}
+    try:  # a hub repository may carry the sidecar too (optional)
+        sidecar_file = hf_hub_download(source, SIDECAR_NAME, revision=revision)
+    except Exception:
+        pass
+    else:
+        sidecar = json.loads(Path(sidecar_file).read_text(encoding="utf-8"))
+    return json.loads(Path(index_file).read_text(encoding="utf-8")), sidecar
 
 
 def default_model_id(source: str) -> str:
@@ -86,8 +110,12 @@ def default_model_id(source: str) -> str:
 
 
 def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
-    """Check that ``source`` is a Qwen-Image pipeline this server serves and describe it."""
-    index, sidecar = _read_index(source)
+    """Check that ``source`` is a Qwen-Image pipeline this server serves and describe it.
+
+    ``source`` is a folder, a hub id, or a hub id at a revision (``ORG/NAME@REVISION``).
+    """
+    source, revision = split_revision(source)
+    index, sidecar = _read_index(source, revision)
     class_name = index.get("_class_name")
     if class_name not in PIPELINE_KINDS:
         known = ", ".join(PIPELINE_KINDS)
@@ -101,6 +129,7 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
         pipeline_class=class_name,
         kind=PIPELINE_KINDS[class_name],
         options=dict(sidecar),
+        revision=revision,
     )
 
 

@@ -1,0 +1,149 @@
+"""Models given as hub ids, loaded offline from a hub-layout cache (as on a machine that downloaded them once).
+
+The cache is built from the tiny models: ``models--ORG--NAME/snapshots/REV/...`` with
+``refs/main`` and a second branch ``refs/v2`` pointing at another snapshot (other weights).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_server.models.tiny import build_tiny_model
+
+MAIN_REV = "0" * 39 + "1"
+V2_REV = "0" * 39 + "2"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, tiny_edit):
+    """A hub cache holding ``test-org/tiny-edit`` at ``main`` (the shared tiny edit model) and ``v2`` (other weights)."""
+    root = tmp_path_factory.mktemp("hub") / "hub"
+    repo = root / "models--test-org--tiny-edit"
+    shutil.copytree(tiny_edit, repo / "snapshots" / MAIN_REV)
+    build_tiny_model(repo / "snapshots" / V2_REV, "edit", seed=7)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN_REV)
+    (repo / "refs" / "v2").write_text(V2_REV)
+    return root
+
+
+def _offline_env(hub_cache) -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(hub_cache.parent / "hf-home")}
+
+
+_RUN_EDIT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from qwen_image_server.engine.types import Job
+    from qwen_image_server.models import processor, runner
+    from qwen_image_server.models.spec import resolve_model
+
+    force_torchvision = sys.argv[2] == "torchvision"
+    seen = []
+    if force_torchvision:
+        # Take the branch that machines with a working torchvision take, on any machine:
+        # transformers' standard Qwen2VLProcessor loading, here answered by the image-only loader.
+        processor.torchvision_available.cache_clear()
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        def standard(folder, *args, **kwargs):
+            seen.append(str(folder))
+            return processor.build_image_only_processor(
+                Qwen2VLImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+            )
+
+        processor.torchvision_available = lambda: True
+        if hasattr(runner, "torchvision_available"):  # wherever the loader looks the check up
+            runner.torchvision_available = processor.torchvision_available
+        processor.Qwen2VLProcessor.from_pretrained = staticmethod(standard)
+    spec = resolve_model(sys.argv[1])
+    run = runner.PipelineRunner(spec, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    out = run.run(Job(mode="edit", prompt="make it blue", seeds=[3], num_inference_steps=2, images=[image]))[0]
+    print(json.dumps({
+        "is_hub": spec.is_hub, "revision": spec.revision, "kind": spec.kind, "options": spec.options,
+        "processor": type(run.pipe.processor).__name__, "size": list(out.size), "standard_loader_folders": seen,
+    }))
+    """
+)
+
+
+def _run_edit(hub_cache, source: str, branch: str = "image-only") -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_EDIT, source, branch],
+        env={**os.environ, **_offline_env(hub_cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_hub_edit_model_loads_offline_and_edits(hub_cache):
+    out = _run_edit(hub_cache, "test-org/tiny-edit")
+    assert out["is_hub"] and out["revision"] is None and out["kind"] == "edit"
+    assert out["processor"] != "NoneType"
+    assert out["options"]["edit_area"] == 256 * 256, "the sidecar file is read from the hub snapshot too"
+    assert out["size"][0] > 0
+
+
+def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_cache):
+    """Where torchvision loads, the processor is still loaded (from the snapshot), never passed as None."""
+    out = _run_edit(hub_cache, "test-org/tiny-edit", branch="torchvision")
+    assert out["processor"] != "NoneType"
+    assert len(out["standard_loader_folders"]) == 1
+    assert out["standard_loader_folders"][0].endswith(f"snapshots/{MAIN_REV}/processor")
+
+
+def test_unknown_revision_is_a_start_up_error(hub_cache, tiny_t2i):
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--port", "0", "--model", "test-org/tiny-edit@nope"],
+        env={**os.environ, **_offline_env(hub_cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "test-org/tiny-edit at revision nope" in done.stderr
+
+
+def _edit(base_url: str, model: str) -> np.ndarray:
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    response = httpx.post(
+        f"{base_url}/v1/images/edits",
+        data={"model": model, "prompt": "make it blue", "seed": "5", "num_inference_steps": "2"},
+        files={"image": ("in.png", buf.getvalue(), "image/png")},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))))
+
+
+@pytest.mark.e2e
+def test_server_edits_with_hub_ids_offline_at_each_revision(start_server, hub_cache):
+    server = start_server(
+        "--model", "test-org/tiny-edit",
+        "--model", "edit-v2=test-org/tiny-edit@v2",
+        env={**_offline_env(hub_cache), "QIS_CPU_THREADS": "1"},
+    )  # fmt: skip
+    models = {m["id"] for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]}
+    assert models == {"tiny-edit", "edit-v2"}
+    main, v2 = _edit(server.base_url, "tiny-edit"), _edit(server.base_url, "edit-v2")
+    assert main.shape == v2.shape
+    assert not np.array_equal(main, v2), "the v2 revision has other weights, so the same seed gives another image"
