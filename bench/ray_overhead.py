@@ -62,7 +62,7 @@ def main() -> int:
     from qwen_image_server.cli import ensure_tiny_model
     from qwen_image_server.config import Settings
     from qwen_image_server.engine.ray_serve import build_application
-    from qwen_image_server.models.spec import resolve_models
+    from qwen_image_server.models.spec import resolve_configured
     from qwen_image_server.models.tiny import TINY_MODEL_VERSION
 
     model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}"
@@ -80,7 +80,7 @@ def main() -> int:
             models=[f"tiny={model_dir}"], engine="ray", workers=1, cpu_threads=args.threads,
             ray_gpus_per_replica=0, ray_cpus_per_replica=0.5,
         )  # fmt: skip
-        serve.run(build_application(settings, resolve_models(settings.model_entries())), name=settings.ray_app_name, route_prefix="/")
+        serve.run(build_application(settings, resolve_configured(settings)), name=settings.ray_app_name, route_prefix="/")
         embedded.wait_ready()
 
         def timed(port: int) -> tuple[float, bytes]:

@@ -159,10 +159,10 @@ class RayServe:
 
         from qwen_image_server.config import Settings
         from qwen_image_server.engine.ray_serve import build_application
-        from qwen_image_server.models.spec import resolve_models
+        from qwen_image_server.models.spec import resolve_configured
 
         s = Settings(models=models, engine="ray", ray_app_name=name, ray_gpus_per_replica=0, ray_cpus_per_replica=0.25, **settings)
-        serve.run(build_application(s, resolve_models(s.model_entries())), name=name, route_prefix=route_prefix)
+        serve.run(build_application(s, resolve_configured(s)), name=name, route_prefix=route_prefix)
         url = self.base_url + route_prefix.rstrip("/")
         deadline = time.monotonic() + 120
         while httpx.get(url + "/ready", timeout=10).status_code != 200:

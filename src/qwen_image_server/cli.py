@@ -87,6 +87,15 @@ def serve(
     image_url_prefix: Annotated[str | None, typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
     engine: Annotated[str | None, typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")] = None,
+    compile_sizes: Annotated[list[str] | None, typer.Option(help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")] = None,
+    cache: Annotated[list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL].")] = None,
+    quantize: Annotated[list[str] | None, typer.Option(help="none or fp8[@MODEL]: FP8 linear layers in the transformer.")] = None,
+    cfg_batch: Annotated[list[str] | None, typer.Option(help="auto, on or off[@MODEL]: true CFG as one batch of two.")] = None,
+    attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,
+    weights_dtype: Annotated[list[str] | None, typer.Option(help="auto or fp8[@MODEL]: FP8 weight storage.")] = None,
+    offload: Annotated[list[str] | None, typer.Option(help="none, text-encoder, group, model, sequential[@MODEL].")] = None,
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH[@MODEL]: a LoRA safetensors file; repeat.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
@@ -105,6 +114,15 @@ def serve(
         "image_download_url_prefix": image_url_prefix,
         "engine": engine,
         "ray_address": ray_address,
+        "compile": compile,
+        "compile_sizes": compile_sizes,
+        "cache": cache,
+        "quantize": quantize,
+        "cfg_batch": cfg_batch,
+        "attention_backend": attention_backend,
+        "weights_dtype": weights_dtype,
+        "offload": offload,
+        "loras": lora,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if model:
@@ -125,9 +143,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
 
     from .api.app import create_app
     from .engine.local import LocalEngine
-    from .models.spec import resolve_models
+    from .models.spec import resolve_configured
 
-    specs = resolve_models(settings.model_entries())
+    specs = resolve_configured(settings)
     _check_port_free(settings.host, settings.port)
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)

@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     )
     worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked broken.")
 
+    # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------
+    compile: bool | None = Field(default=None, description="Regional torch.compile of the transformer, warmed at start-up.")
+    compile_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list, description="WIDTHxHEIGHT,... warmed when compiling.")
+    cache: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Step cache policy, e.g. fbcache:threshold=0.05.")
+    quantize: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none or fp8 (transformer linear layers).")
+    cfg_batch: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto, on or off: true CFG as one batch of two.")
+    attention_backend: Annotated[list[str], NoDecode] = Field(default_factory=list, description="diffusers attention backend.")
+    weights_dtype: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto or fp8 (FP8 storage, bf16 compute).")
+    offload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none, text-encoder, group, model, sequential.")
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
+
     # --- Ray Serve engine ---------------------------------------------------------------
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(default=None, description="Ray cluster to join (ray://... or auto); none: start a local one.")
@@ -134,6 +145,26 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):  # QIS_COMPILE_SIZES=1024x1024,1328x1328[@MODEL]; several groups with ';'
+            return [part.strip() for part in value.split(";") if part.strip()]
+        return value
+
+    @field_validator("cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "loras", mode="before")
+    @classmethod
+    def _split_scoped(cls, value: object) -> object:
+        if isinstance(value, str):  # one value, or several separated by ';' (values may hold commas)
+            return [part.strip() for part in value.split(";") if part.strip()]
+        return value
+
+    def profile_flags(self) -> dict[str, list[str]]:
+        """The run-profile values given by flags or the environment, by profile key."""
+        flags = {key: list(getattr(self, key)) for key in ("compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload")}
+        flags["compile"] = [] if self.compile is None else [str(self.compile)]
+        return flags
 
     @model_validator(mode="after")
     def _check_sides(self) -> Settings:

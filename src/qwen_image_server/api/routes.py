@@ -184,14 +184,22 @@ async def get_image(name: str, request: Request) -> Response:
     return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
 
 
-def _model_card(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": START_TIME, "owned_by": "qwen-image-server"}
+def _model_card(spec) -> dict:
+    """OpenAI's model object, plus what the model does and how it runs (its run profile)."""
+    return {
+        "id": spec.id,
+        "object": "model",
+        "created": START_TIME,
+        "owned_by": "qwen-image-server",
+        "kind": spec.kind,
+        "profile": spec.profile.summary(),
+    }
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     """The served models, in OpenAI's list shape."""
-    return {"object": "list", "data": [_model_card(model_id) for model_id in _service(request).models]}
+    return {"object": "list", "data": [_model_card(spec) for spec in _service(request).models.values()]}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -199,7 +207,7 @@ async def get_model(model_id: str, request: Request) -> dict:
     """One served model."""
     if model_id not in _service(request).models:
         raise NotFound(f"Model not found: {model_id}")
-    return _model_card(model_id)
+    return _model_card(_service(request).models[model_id])
 
 
 @router.get("/healthz")

@@ -249,10 +249,10 @@ def app_builder(args: dict):
     ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
     environment variables work as for ``qwen-image-server serve``.
     """
-    from ..models.spec import resolve_models
+    from ..models.spec import resolve_configured
 
     settings = Settings(**{**dict(args or {}), "engine": "ray"})
-    return build_application(settings, resolve_models(settings.model_entries()))
+    return build_application(settings, resolve_configured(settings))
 
 
 def run(settings: Settings, specs: list[ModelSpec]) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+from .profile import PROFILE_KEYS, LoraSpec, ProfileError, RunProfile, build_profile, parse_lora, scoped_targets
 
 ModelKind = Literal["text-to-image", "edit", "edit-plus"]
 
@@ -24,7 +26,7 @@ PIPELINE_KINDS: dict[str, ModelKind] = {
 
 #: Optional per-model settings a folder may carry in this file (the tiny models do).
 SIDECAR_NAME = "qwen_image_server.json"
-_SIDECAR_KEYS = {"edit_area", "condition_area", "default_size", "default_steps"}
+_SIDECAR_KEYS = {"edit_area", "condition_area", "default_size", "default_steps", *PROFILE_KEYS}
 
 
 class ModelConfigError(ValueError):
@@ -41,6 +43,7 @@ class ModelSpec:
     kind: ModelKind
     options: dict = field(default_factory=dict, hash=False, compare=False)
     revision: str | None = None  # hub branch, tag or commit (``ORG/NAME@REVISION``); None: main
+    profile: RunProfile = field(default_factory=RunProfile, compare=False)  # how it runs (see ``profile.py``)
 
     @property
     def is_hub(self) -> bool:
@@ -133,8 +136,14 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
     )
 
 
-def resolve_models(entries: list[tuple[str | None, str]]) -> list[ModelSpec]:
-    """Resolve every configured model; ids must be unique."""
+def resolve_models(
+    entries: list[tuple[str | None, str]], profile_flags: dict[str, list[str]] | None = None, loras: list[str] | tuple[str, ...] = ()
+) -> list[ModelSpec]:
+    """Resolve every configured model and its run profile; ids must be unique.
+
+    ``profile_flags`` are the run-profile values of the command line and environment
+    (``Settings.profile_flags()``); ``loras`` the ``NAME=PATH[@MODEL]`` values of ``--lora``.
+    """
     if not entries:
         raise ModelConfigError("no model to serve: pass --model PATH_OR_HUB_ID (or --demo), or set MODEL_PATH")
     specs = [resolve_model(source, ident) for ident, source in entries]
@@ -142,4 +151,28 @@ def resolve_models(entries: list[tuple[str | None, str]]) -> list[ModelSpec]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ModelConfigError(f"model ids must be unique, repeated: {', '.join(duplicates)} (use ID=PATH)")
-    return specs
+    flags = profile_flags or {}
+    for key, values in flags.items():
+        unknown = sorted(scoped_targets(values) - set(ids))
+        if unknown:
+            raise ModelConfigError(f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+    parsed = [_lora_for(parse_lora(text), specs) for text in loras]
+    try:
+        return [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
+    except ProfileError as exc:
+        raise ModelConfigError(str(exc)) from None
+
+
+def _lora_for(lora: LoraSpec, specs: list[ModelSpec]) -> LoraSpec:
+    """``lora`` with its base model resolved: the named one, else the first text-to-image model."""
+    if lora.model is None:
+        base = next((spec for spec in specs if spec.can_generate), specs[0])
+        return replace(lora, model=base.id)
+    if lora.model not in {spec.id for spec in specs}:
+        raise ModelConfigError(f"--lora {lora.name}: base model {lora.model} is not served")
+    return lora
+
+
+def resolve_configured(settings) -> list[ModelSpec]:
+    """The models a ``Settings`` asks for, with their run profiles."""
+    return resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)

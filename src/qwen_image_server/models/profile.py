@@ -1,0 +1,178 @@
+"""How a model runs on its device: its *run profile*.
+
+Everything that decides speed and memory for one served model lives here, in one
+frozen, picklable value: compile and its warm set, the step cache, FP8, batched
+CFG, the attention backend, weight storage, offload and LoRAs. A profile is built
+in the API process before anything loads, from (lowest to highest precedence)
+defaults, the model folder's sidecar file and the command line / environment, and
+travels to the workers on the model's ``ModelSpec``. Workers apply it; request
+handlers only read it. No torch here.
+
+Every profile flag may name the model it is for: ``--offload group@qwen-image``
+applies to ``qwen-image`` only; ``--offload group`` to every model. A value for a
+named model wins over one for all models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+#: Profile settings a model's sidecar file may set, with the same names and values as the flags.
+PROFILE_KEYS = (
+    "compile",
+    "compile_sizes",
+    "cache",
+    "quantize",
+    "cfg_batch",
+    "attention_backend",
+    "weights_dtype",
+    "offload",
+)
+
+QUANTIZE_MODES = ("none", "fp8")
+CFG_BATCH_MODES = ("auto", "on", "off")
+WEIGHTS_DTYPES = ("auto", "fp8")
+OFFLOAD_MODES = ("none", "text-encoder", "group", "model", "sequential")
+
+
+class ProfileError(ValueError):
+    """A run profile setting is not valid; the message names the setting and the model."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA: a local safetensors file applied to a base model, optionally served under its own id."""
+
+    name: str
+    path: str
+    model: str | None = None  # the base model's id; None: the first text-to-image model
+    scale: float = 1.0
+    preset: dict = field(default_factory=dict, hash=False, compare=False)  # steps, true_cfg_scale, scheduler
+
+
+@dataclass(frozen=True)
+class RunProfile:
+    """How one model is loaded and run. Defaults reproduce plain diffusers (eager, bf16, resident)."""
+
+    compile: bool = False
+    compile_sizes: tuple[str, ...] = ()  # WIDTHxHEIGHT warmed at start-up when compiling; () = the default size
+    cache: str | None = None  # step cache policy with its knobs, e.g. "fbcache:threshold=0.05"; None: off
+    quantize: str = "none"  # "fp8": FP8 weights and matmuls for the transformer's linear layers
+    cfg_batch: str = "off"  # "on"/"auto": cond + uncond as one batch of two ("auto": when memory allows)
+    attention_backend: str | None = None  # diffusers' attention backend name; None: its default
+    weights_dtype: str = "auto"  # "fp8": FP8 storage with compute in the run dtype (layerwise casting)
+    offload: str = "none"  # none, text-encoder, group, model, sequential
+    loras: tuple[LoraSpec, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """The profile as plain JSON values, for ``/v1/models`` and logs."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "loras":
+                value = [{"name": lora.name, "scale": lora.scale, **({"preset": lora.preset} if lora.preset else {})} for lora in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``NAME=PATH[@MODEL]`` (``--lora``) → a ``LoraSpec``; the file is checked when the model loads."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ProfileError(f"--lora {text!r}: expected NAME=PATH or NAME=PATH@MODEL")
+    path, model = split_scoped(rest.strip())
+    return LoraSpec(name=name.strip(), path=path, model=model)
+
+
+def _as_bool(value: Any, key: str, model: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ProfileError(f"{key} for model {model}: expected true or false, got {value!r}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str, model: str) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ProfileError(f"{key} for model {model}: {value!r} is not one of {', '.join(choices)}")
+    return text
+
+
+def _sizes(value: Any, key: str, model: str) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out = []
+    for item in items:
+        text = str(item).strip().lower().replace("×", "x")
+        width, sep, height = text.partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise ProfileError(f"{key} for model {model}: {item!r} is not WIDTHxHEIGHT")
+        out.append(f"{int(width)}x{int(height)}")
+    return tuple(dict.fromkeys(out))
+
+
+def _coerce(key: str, value: Any, model: str) -> Any:
+    """A flag or sidecar value in the profile's own type, or a ``ProfileError`` naming the setting."""
+    if key == "compile":
+        return _as_bool(value, key, model)
+    if key == "compile_sizes":
+        return _sizes(value, key, model)
+    if key == "quantize":
+        return _choice(value, QUANTIZE_MODES, key, model)
+    if key == "cfg_batch":
+        return _choice(value, CFG_BATCH_MODES, key, model)
+    if key == "weights_dtype":
+        return _choice(value, WEIGHTS_DTYPES, key, model)
+    if key == "offload":
+        return _choice(value, OFFLOAD_MODES, key, model)
+    if key in ("cache", "attention_backend"):
+        text = str(value).strip()
+        return None if text.lower() in ("", "none", "off") else text
+    raise ProfileError(f"unknown profile setting {key!r}")
+
+
+def split_scoped(value: str) -> tuple[str, str | None]:
+    """``VALUE@MODEL`` → ``("VALUE", "MODEL")``; a plain value applies to every model."""
+    head, sep, model = value.rpartition("@")
+    if sep and head and model and "/" not in model:
+        return head, model
+    return value, None
+
+
+def scoped_value(values: list[str], model: str) -> str | None:
+    """The value of a repeatable flag for ``model``: the last one naming it, else the last unscoped one."""
+    named = unscoped = None
+    for raw in values:
+        value, target = split_scoped(raw)
+        if target is None:
+            unscoped = value
+        elif target == model:
+            named = value
+    return named if named is not None else unscoped
+
+
+def scoped_targets(values: list[str]) -> set[str]:
+    """The model ids a repeatable flag's values name (to refuse ids that are not served)."""
+    return {target for raw in values if (target := split_scoped(raw)[1]) is not None}
+
+
+def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras: tuple[LoraSpec, ...] = ()) -> RunProfile:
+    """The run profile of ``model``: defaults, then its sidecar's profile keys, then the flags.
+
+    ``flags`` maps each profile key to the raw values given on the command line or in
+    the environment (each possibly ``VALUE@MODEL``).
+    """
+    values: dict[str, Any] = {}
+    for key in PROFILE_KEYS:
+        if key in sidecar:
+            values[key] = _coerce(key, sidecar[key], model)
+        raw = scoped_value(flags.get(key) or [], model)
+        if raw is not None:
+            values[key] = _coerce(key, raw, model)
+    return replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
