@@ -381,3 +381,22 @@ def test_chunked_json_generation_body_too_large_is_413(small_body_server):
         ok = client.post(GENERATIONS, content=_chunks(small), headers={"content-type": "application/json"})
     assert_error(response, 413)
     assert ok.status_code == 200, ok.text[:300]
+
+
+def test_chunked_body_with_any_spelling_of_the_header_is_413(small_body_server):
+    """Header values are case-insensitive: ``Transfer-Encoding: Chunked`` is bounded like ``chunked``."""
+    import socket
+
+    body = json.dumps({"prompt": "a cat " * 2000}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in _chunks(body, 1024)) + b"0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", small_body_server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n" + chunked
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert b" 413 " in status_line, reply[:300]
+    assert b"request_too_large" in reply

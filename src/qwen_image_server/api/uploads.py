@@ -22,9 +22,9 @@ _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
 class BodySizeLimit:
     """ASGI middleware: refuse bodies over ``max_bytes`` with 413.
 
-    A body with a Content-Length is judged by it. A chunked one is read here first
-    (up to the limit) and handed on whole, so that the 413 does not depend on who
-    reads the body later.
+    A body with a Content-Length is judged by it. Any other (chunked, whatever the
+    header's spelling) is read here first, up to the limit, and handed on whole, so
+    that the 413 does not depend on who reads the body later.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -40,8 +40,7 @@ class BodySizeLimit:
             if length.isdigit() and int(length) > self.max_bytes:
                 return await self._refuse(scope, receive, send)
             return await self.app(scope, receive, send)
-        if b"chunked" not in headers.get(b"transfer-encoding", b""):
-            return await self.app(scope, receive, send)
+        # No Content-Length: a chunked body (however the header is spelled) is counted as it is read.
         chunks: list[bytes] = []
         size = 0
         while True:
