@@ -83,7 +83,7 @@ class Server:
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120) -> Server:
+    def wait_ready(self, timeout: float = 300) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -40,6 +40,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "Validation error: the request body is not valid JSON", None
     if first.get("type") == "missing":
+        if param is None:  # the whole body is missing
+            return "Validation error: the request has no body; send a JSON object", None
         return f"Validation error: '{param}' is required", param
     return f"Validation error: {param}: {msg}" if param else f"Validation error: {msg}", param
 

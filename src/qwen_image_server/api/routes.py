@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 
 from fastapi import APIRouter, Request
@@ -68,6 +69,23 @@ def _timing_headers(result: JobResult) -> dict[str, str]:
     }
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
+
+
+def _base_url(request: Request, service: ImageService) -> str:
+    """Where this server is reached, for ``/images/{name}`` URLs when no URL prefix is configured.
+
+    From the Host header only when it is a plain host[:port]; anything else (a
+    forged header with a path, spaces or odd characters) gives the bind address.
+    Set ``IMAGE_DOWNLOAD_URL_PREFIX`` in production, so that no header decides.
+    """
+    host = request.headers.get("host", "")
+    if _HOST.match(host):
+        return f"{request.url.scheme}://{host}/"
+    settings = service.settings
+    return f"http://{settings.host}:{settings.port}/"
+
+
 def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -75,7 +93,7 @@ def _sse(event: str, data: dict) -> bytes:
 async def _respond(request: Request, prepare) -> Response:
     """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events."""
     service = _service(request)
-    base_url = str(request.base_url)
+    base_url = _base_url(request, service)
     try:
         prepared = await _unless_disconnected(request, prepare)
         if prepared.req.stream:

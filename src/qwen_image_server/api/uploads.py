@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest
@@ -72,6 +73,15 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class TooManyFiles(InvalidRequest):
+    """More files in a multipart body than one edit takes (400)."""
+
+    code = "too_many_files"
+
+    def __init__(self, max_files: int):
+        super().__init__(f"too many files: at most {max_files} images and one mask per request", param="image")
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -97,8 +107,13 @@ async def read_image_request(request: Request, model: type[M], max_files: int) -
 async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
     try:
         form = await request.form(max_files=max_files + 1, max_fields=200)
-    except MultiPartException as exc:
-        raise InvalidRequest(f"malformed multipart body: {exc.message}") from None
+    except (MultiPartException, HTTPException) as exc:  # Starlette turns the former into the latter inside an app
+        message = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
+        if message.startswith("Too many files"):
+            raise TooManyFiles(max_files) from None
+        if message.startswith("Too many fields"):
+            raise InvalidRequest("too many form fields (at most 200)") from None
+        raise InvalidRequest(f"malformed multipart body: {message}") from None
     fields: dict[str, str] = {}
     images: list[Upload] = []
     mask: Upload | None = None

@@ -18,6 +18,8 @@ from ..errors import InvalidImage
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+#: The only decoders uploads reach (Pillow would otherwise try every format it knows: BMP, TIFF, PCX...).
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def decode_base64_image(value: str, param: str) -> bytes:
@@ -39,7 +41,7 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(

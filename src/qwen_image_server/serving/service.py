@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 SIZE_MULTIPLE = 16
+MAX_SEED = 2**63 - 1
+MAX_UNKNOWN_FIELDS = 64
+#: Input images may be at most this much longer than wide (or wider than long).
+MAX_INPUT_ASPECT = 8
+
+
+def log_safe(text: str, limit: int = 64) -> str:
+    """Client-chosen text as one bounded, escaped log token (no newlines or control characters)."""
+    escaped = text[:limit].encode("unicode_escape").decode("ascii")
+    return escaped + ("..." if len(text) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,18 @@ class ImageService:
     # --- request fields ----------------------------------------------------------------------
     def _check_common(self, req: _CommonRequest) -> None:
         s = self.settings
-        extra = sorted((req.model_extra or {}).keys())
+        extra = list((req.model_extra or {}).keys())
+        if len(extra) > MAX_UNKNOWN_FIELDS:
+            raise InvalidRequest(f"the request has {len(extra)} unknown fields; at most {MAX_UNKNOWN_FIELDS} are accepted")
         ignored = [f for f in IGNORED_OPENAI_FIELDS if getattr(req, f, None) is not None]
         if extra or ignored:
-            log.info("ignoring fields: %s", ", ".join(extra + ignored))
+            log.info("ignoring fields: %s", ", ".join(log_safe(name) for name in sorted(extra) + ignored))
         if len(req.prompt) > s.max_prompt_chars:
             raise InvalidRequest(f"prompt is longer than {s.max_prompt_chars} characters", param="prompt")
+        if req.negative_prompt is not None and len(req.negative_prompt) > s.max_prompt_chars:
+            raise InvalidRequest(f"negative_prompt is longer than {s.max_prompt_chars} characters", param="negative_prompt")
+        if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
+            raise InvalidRequest(f"seed + n - 1 must not exceed {MAX_SEED} (image i is made with seed + i)", param="seed")
         if req.n > s.max_n:
             raise InvalidRequest(f"n must be between 1 and {s.max_n}", param="n")
         if req.background == "transparent":
@@ -147,6 +163,11 @@ class ImageService:
         w, h = self._parse_size(size, "size")
         self._check_side(w, h, "size")
         return Size(w, h, w, h)
+
+    def _clamp_side(self, side: int) -> int:
+        """``side`` brought within the server's side limits, a multiple of 16."""
+        lo, hi = self.settings.min_image_side, self.settings.max_image_side
+        return max(min(max(side, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
 
     @staticmethod
     def _parse_size(size: str, param: str) -> tuple[int, int]:
@@ -216,6 +237,14 @@ class ImageService:
             if size is not None:
                 job.out_width, job.out_height = size.out_width, size.out_height
         edit_area = int(spec.options.get("edit_area", 1024 * 1024))
+        if size is None and mask is None:
+            # The pipeline renders at the (last) input's aspect ratio and about its edit area; keep that
+            # size within the server's side limits (a long, thin input would otherwise come back thinner).
+            height, width = arrays[-1].shape[:2]
+            w, h = _scaled(width, height, edit_area)
+            cw, ch = (self._clamp_side(v) for v in (w, h))
+            if (cw, ch) != (w, h):
+                job.width, job.height = cw, ch
         tokens = sum(_patches(*_scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
         return await self._prepared(req, spec, job, "image_edit", input_image_tokens=tokens)
 
@@ -229,9 +258,7 @@ class ImageService:
         size = self.resolve_size(req, None)
         if size is None:  # keep the input's aspect ratio at the model's default area
             dw, dh = self._parse_size(spec.options.get("default_size", self.settings.default_size), "size")
-            w, h = _scaled(width, height, dw * dh)
-            lo, hi = self.settings.min_image_side, self.settings.max_image_side
-            w, h = (min(max(v, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE for v in (w, h))
+            w, h = (self._clamp_side(v) for v in _scaled(width, height, dw * dh))
             size = Size(w, h, w, h)
         if req.true_cfg_scale is None and req.guidance_scale is None and not req.prompt.strip():
             req = req.model_copy(update={"true_cfg_scale": 1.0})  # no prompt: nothing to guide towards
@@ -300,6 +327,13 @@ class ImageService:
     def _decode_inputs(self, images: list[Upload], mask: Upload | None):
         limit = self.settings.max_input_pixels
         opened = [open_image(u.data, u.param, limit) for u in images]
+        for upload, image in zip(images, opened):
+            width, height = image.size
+            if max(width, height) > MAX_INPUT_ASPECT * min(width, height):
+                raise InvalidImage(
+                    f"'{upload.param}' is {width}x{height}; its sides may differ by at most {MAX_INPUT_ASPECT}x",
+                    param=upload.param,
+                )
         arrays = [to_rgb_array(image) for image in opened]
         if mask is None:
             return arrays, None
