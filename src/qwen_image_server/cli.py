@@ -129,8 +129,7 @@ def plan(**options) -> None:
     """Print the memory plan of a serve command line without loading anything: per model the estimate,
     per GPU the workers placed there and the headroom. Exit 2 with the reason when it does not fit.
 
-    Takes serve's options. QIS_FAKE_GPUS=80GiB,24GiB (or FREE/TOTAL,...) plans for those GPUs instead
-    of the visible ones (a planning and testing aid; only this command reads it).
+    Takes serve's options. QIS_FAKE_GPUS=80GiB,24GiB plans for those GPUs instead (a planning and testing aid).
     """
     from .models.planner import FAKE_GPUS_ENV, PlanError, discover_gpus, make_plan, parse_fake_gpus
     from .models.spec import resolve_configured

@@ -223,6 +223,8 @@ def test_an_explicit_device_list_is_kept_and_checked():
     assert "--device auto (places the workers by free memory)" in str(refused.value)
     with pytest.raises(PlanError, match=r"--device names cuda:5, which is not visible \(visible GPUs: cuda:0\)"):
         make_plan(specs, Settings(device="cuda:5"), discover=_gpus(_gpu(0, 80)))
+    with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
+        make_plan(specs, Settings(device="cuda:0"), discover=_gpus())
 
 
 def test_cpu_plans_check_nothing_and_need_no_gpu_probe(tiny_t2i):
@@ -275,7 +277,8 @@ def test_the_refusal_offers_fewer_workers_and_smaller_images_when_they_fit():
 
 def test_gpu_report_adds_what_the_workers_report():
     plan = make_plan([_small("a")], Settings(), discover=_gpus(_gpu(0, 80)))
-    live = [{"name": "a#0", "memory": {"allocated_gib": 3.0, "reserved_gib": 3.5, "device_free_gib": 70.0, "device_total_gib": 80.0}}]
+    memory = {"allocated_gib": 3.0, "reserved_gib": 3.5, "device_free_gib": 70.0, "device_total_gib": 80.0}
+    live = [{"name": "a#0", "memory": memory}]
     (report,) = plan.gpu_report(live)
     assert report["used_gib"] == 10.0 and report["total_gib"] == 80.0
     assert report["workers"][0]["allocated_gib"] == 3.0 and report["workers"][0]["planned_gib"] > 0

@@ -173,7 +173,9 @@ def _patches(side: int) -> int:
     return (-(-side // 16)) ** 2
 
 
-def activation_bytes(output_tokens: int, input_tokens: int, inner_dim: int, run_bytes: int, batch: int = 1, cfg_batch: bool = False) -> int:
+def activation_bytes(
+    output_tokens: int, input_tokens: int, inner_dim: int, run_bytes: int, batch: int = 1, cfg_batch: bool = False
+) -> int:
     """Working memory of denoising and decoding: the measured line in output tokens plus the transformer's
     share for input-image tokens, scaled by the transformer's width and the run dtype, times the batch
     (``cfg_batch`` runs the transformer on two at once)."""
@@ -211,7 +213,9 @@ def footprint(
     return Footprint(
         model=spec.id,
         components=resident_weights(model, profile, run_bytes),
-        activations=activation_bytes(output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, profile.cfg_batch == "on"),
+        activations=activation_bytes(
+            output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, cfg_batch=profile.cfg_batch == "on"
+        ),
         text_encoder_work=text_encoder_bytes(model.text_encoder, text_tokens, run_bytes),
         overhead=overhead,
         image_side=max_image_side,

@@ -84,7 +84,8 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
     side = _largest_side(settings, lambda s: fits(max_side=s)[0])
     if side is not None:
-        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(fits(max_side=side)[1][model].total)})")
+        total = fits(max_side=side)[1][model].total
+        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)})")
     for workers in range(settings.workers - 1, 0, -1):
         ok, fps = fits(workers=workers)
         if ok:

@@ -124,7 +124,8 @@ class Plan:
             planned = sum(p.need or 0 for p in here)
             names = ", ".join(f"{p.name} {_gib_text(p.need)}" for p in here) or "nothing"
             room = f", {human(gpu.free - planned)} headroom" if gpu.free is not None else ""
-            lines.append(f"{gpu.device} {gpu.name} ({_gib_text(gpu.free)} free of {_gib_text(gpu.total)}): {names}{room}".replace("  ", " "))
+            head = f"{gpu.device} {gpu.name}".strip()
+            lines.append(f"{head} ({_gib_text(gpu.free)} free of {_gib_text(gpu.total)}): {names}{room}")
         others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus})
         for device in others:
             names = ", ".join(p.name for p in self.placements if p.device == device)
@@ -236,7 +237,8 @@ def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool,
 
 
 def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[str, int, int | None]]:
-    return [(spec.id, slot, footprints[spec.id].total if spec.id in footprints else None) for spec in specs for slot in range(workers)]
+    needs = {spec.id: footprints[spec.id].total if spec.id in footprints else None for spec in specs}
+    return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
 
 
 def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True) -> tuple[list[Placement], tuple | None]:
@@ -265,7 +267,7 @@ def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Pl
     by_device = {g.device: g for g in gpus}
     placed = [Placement(m, s, _norm(devices[i % len(devices)]), need) for i, (m, s, need) in enumerate(slots)]
     for device in dict.fromkeys(p.device for p in placed):
-        if not device.startswith("cuda") or not gpus:
+        if not device.startswith("cuda"):
             continue
         gpu = by_device.get(device)
         if gpu is None:
@@ -329,7 +331,8 @@ def make_plan(
     plan.placements = placed  # what did fit, for the table
     if isinstance(failed, str):
         raise PlanError(failed, plan)
-    raise PlanError(refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, **kw)), plan)
+    message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, **kw))
+    raise PlanError(message, plan)
 
 
 def _arrange(specs, fps, settings, gpus):
@@ -346,11 +349,14 @@ def _arrange(specs, fps, settings, gpus):
     return placed, failed
 
 
-def _fits(specs, tensors, settings, gpus, profiles=None, workers=None, max_side=None, device=None) -> tuple[bool, dict[str, Footprint]]:
+def _fits(
+    specs, tensors, settings, gpus, profiles=None, workers=None, max_side=None, device=None
+) -> tuple[bool, dict[str, Footprint]]:
     """Whether the plan fits with some settings changed (for the refusal's suggestions)."""
     changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("device", device)) if v is not None})
     if max_side is not None:
-        changed = changed.model_copy(update={"max_image_side": max_side, "min_image_side": min(settings.min_image_side, max_side)})
+        sides = {"max_image_side": max_side, "min_image_side": min(settings.min_image_side, max_side)}
+        changed = changed.model_copy(update=sides)
     fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
     placed, failed = _arrange(specs, fps, changed, gpus)
     return failed is None, fps

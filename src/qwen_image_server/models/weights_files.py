@@ -145,9 +145,10 @@ def read_hub(repo: str, revision: str | None = None, cache_dir: str | Path | Non
     from huggingface_hub import constants, snapshot_download
 
     try:
-        snapshot = Path(
-            snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=["model_index.json"])
+        found = snapshot_download(
+            repo, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=["model_index.json"]
         )
+        snapshot = Path(found)
     except Exception:
         snapshot = None
     if snapshot is not None and (snapshot / "model_index.json").is_file():
@@ -178,7 +179,8 @@ def _read_hub_online(repo: str, revision: str | None, timeout: float = 5.0) -> M
         chosen = weight_files([f.split("/", 1)[1] for f in files if f.startswith(f"{name}/") and f.count("/") == 1])
         for file in chosen:
             if file.endswith(".index.json"):
-                weight_map = json.loads(Path(hf_hub_download(repo, f"{name}/{file}", revision=revision)).read_text()).get("weight_map", {})
+                index_file = Path(hf_hub_download(repo, f"{name}/{file}", revision=revision))
+                weight_map = json.loads(index_file.read_text()).get("weight_map", {})
                 paths.setdefault(name, []).extend(f"{name}/{shard}" for shard in sorted(set(weight_map.values())))
             else:
                 paths.setdefault(name, []).append(f"{name}/{file}")
