@@ -1,7 +1,8 @@
-"""The ``qwen-image-server`` command: ``serve`` and ``tiny-model``."""
+"""The ``qwen-image-server`` command: ``serve``, ``plan`` and ``tiny-model``."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -99,42 +100,60 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
+    options = dict(locals())
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {
-        "host": host,
-        "port": port,
-        "workers": workers,
-        "device": device,
-        "dtype": dtype,
-        "queue_size": queue_size,
-        "task_timeout": task_timeout,
-        "max_batch_size": max_batch_size,
-        "cpu_threads": cpu_threads,
-        "image_output_dir": image_output_dir,
-        "image_download_url_prefix": image_url_prefix,
-        "engine": engine,
-        "ray_address": ray_address,
-        "compile": compile,
-        "compile_sizes": compile_sizes,
-        "cache": cache,
-        "quantize": quantize,
-        "cfg_batch": cfg_batch,
-        "attention_backend": attention_backend,
-        "weights_dtype": weights_dtype,
-        "offload": offload,
-        "loras": lora,
-    }
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if model:
-        overrides["models"] = list(model)
     try:
-        settings = Settings(**overrides)
-        if demo or settings.demo:
-            settings.models = demo_model_entries() + settings.models
-        run_server(settings, log_level)
+        run_server(settings_from_options(options), log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+#: Command-line options that are Settings fields of another name.
+_RENAMED = {"image_url_prefix": "image_download_url_prefix", "lora": "loras"}
+
+
+def settings_from_options(options: dict) -> Settings:
+    """``Settings`` from the options of ``serve`` (and ``plan``, which takes the same): flags override the environment."""
+    overrides = {_RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "demo", "log_level")}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if options.get("model"):
+        overrides["models"] = list(options["model"])
+    settings = Settings(**overrides)
+    if options.get("demo") or settings.demo:
+        settings.models = demo_model_entries() + settings.models
+    return settings
+
+
+def plan(**options) -> None:
+    """Print the memory plan of a serve command line without loading anything: per model the estimate,
+    per GPU the workers placed there and the headroom. Exit 2 with the reason when it does not fit.
+
+    Takes serve's options. QIS_FAKE_GPUS=80GiB,24GiB plans for those GPUs instead (a planning and testing aid).
+    """
+    from .models.planner import FAKE_GPUS_ENV, PlanError, discover_gpus, make_plan, parse_fake_gpus
+    from .models.spec import resolve_configured
+
+    logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_options(options)
+        fake = os.environ.get(FAKE_GPUS_ENV)
+        discover = (lambda: parse_fake_gpus(fake)) if fake else discover_gpus
+        try:
+            result = make_plan(resolve_configured(settings), settings, discover=discover)
+        except PlanError as exc:
+            typer.echo(exc.plan.table())
+            raise
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.table())
+    typer.echo("the plan fits")
+
+
+plan.__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
+plan.__annotations__ = dict(serve.__annotations__)
+app.command("plan")(plan)
 
 
 def run_server(settings: Settings, log_level: str = "info") -> None:
@@ -154,7 +173,11 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
 
         ray_serve.run(settings, specs)
         return
-    engine = LocalEngine(specs, settings)
+    from .models.planner import make_plan
+
+    memory_plan = make_plan(specs, settings)  # refuses before the port opens when the workers do not fit
+    logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
+    engine = LocalEngine(specs, settings, memory_plan)
     uvicorn.run(
         create_app(settings, engine),
         host=settings.host,

@@ -202,8 +202,9 @@ async def get_image(name: str, request: Request) -> Response:
     return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
 
 
-def _model_card(spec) -> dict:
-    """OpenAI's model object, plus what the model does and how it runs (its run profile)."""
+def _model_card(spec, engine=None) -> dict:
+    """OpenAI's model object, plus what the model does, how it runs (its run profile) and its memory estimate."""
+    memory = getattr(engine, "memory", None)
     return {
         "id": spec.id,
         "object": "model",
@@ -211,13 +212,21 @@ def _model_card(spec) -> dict:
         "owned_by": "qwen-image-server",
         "kind": spec.kind,
         "profile": spec.profile.summary(),
+        **({"memory": memory(spec.id)} if memory else {}),
     }
+
+
+def _gpus(engine) -> dict:
+    """Per GPU memory and workers, from engines that plan their devices (the embedded one)."""
+    gpus = getattr(engine, "gpus", None)
+    return {"gpus": gpus()} if gpus else {}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    """The served models, in OpenAI's list shape."""
-    return {"object": "list", "data": [_model_card(spec) for spec in _service(request).models.values()]}
+    """The served models, in OpenAI's list shape (plus the GPUs they are placed on)."""
+    engine = _service(request).engine
+    return {"object": "list", "data": [_model_card(spec, engine) for spec in _service(request).models.values()], **_gpus(engine)}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -225,7 +234,7 @@ async def get_model(model_id: str, request: Request) -> dict:
     """One served model."""
     if model_id not in _service(request).models:
         raise NotFound(f"Model not found: {model_id}")
-    return _model_card(_service(request).models[model_id])
+    return _model_card(_service(request).models[model_id], _service(request).engine)
 
 
 @router.get("/healthz")
@@ -245,5 +254,5 @@ async def ready(request: Request) -> JSONResponse:
     """200 once every worker has loaded its model, 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    body = {"status": "ready" if is_ready else "loading", "models": engine.status()}
+    body = {"status": "ready" if is_ready else "loading", "models": engine.status(), **_gpus(engine)}
     return JSONResponse(body, status_code=200 if is_ready else 503)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
@@ -288,38 +289,24 @@ class _ModelPool:
                 piece.future.set_exception(NotReady("server is shutting down"))
 
 
-def assign_devices(setting: str, total_workers: int) -> list[str]:
-    """The device of each worker slot: round-robin over the GPUs, or ``cpu``."""
-    if setting not in ("auto", "cuda"):
-        devices = [d.strip() for d in setting.split(",") if d.strip()]
-        return [devices[i % len(devices)] for i in range(total_workers)]
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        if setting == "cuda":
-            raise RuntimeError("device 'cuda' asked for, but no GPU is visible")
-        return ["cpu"] * total_workers
-    return [f"cuda:{i % count}" for i in range(total_workers)]
-
-
 class LocalEngine:
     """``EngineClient`` on worker processes of this machine: ``settings.workers`` per model."""
 
-    def __init__(self, models: list[ModelSpec], settings: Settings):
+    def __init__(self, models: list[ModelSpec], settings: Settings, plan: Plan | None = None):
         self.models = models
         self.settings = settings
+        self.plan = plan  # the memory plan (``models/planner.py``): a device per worker slot
         self.pools: dict[str, _ModelPool] = {}
 
     async def start(self) -> None:
-        total = self.settings.workers * len(self.models)
-        devices = assign_devices(self.settings.device, total)
-        cpu_workers = sum(d == "cpu" for d in devices)
+        if self.plan is None:
+            self.plan = await asyncio.to_thread(make_plan, self.models, self.settings)
+        devices = {spec.id: self.plan.devices(spec.id) for spec in self.models}
+        cpu_workers = sum(d == "cpu" for per_model in devices.values() for d in per_model)
         threads = self.settings.cpu_threads or (max(1, (os.cpu_count() or 1) // max(1, cpu_workers)) if cpu_workers else 2)
         task_ids = itertools.count(1)
-        per = self.settings.workers
-        for i, spec in enumerate(self.models):
-            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[i * per : (i + 1) * per], threads, task_ids)
+        for spec in self.models:
+            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[spec.id], threads, task_ids)
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
@@ -333,3 +320,13 @@ class LocalEngine:
 
     def status(self) -> dict:
         return {model_id: pool.status() for model_id, pool in self.pools.items()}
+
+    def gpus(self) -> list[dict]:
+        """Per GPU: planned and live memory, and the workers placed there (for ``/ready`` and ``/v1/models``)."""
+        if self.plan is None:
+            return []
+        return self.plan.gpu_report([w.describe() for pool in self.pools.values() for w in pool.workers])
+
+    def memory(self, model_id: str) -> dict | None:
+        """The memory estimate of one model and its workers' devices."""
+        return self.plan.model_summary(model_id) if self.plan is not None else None

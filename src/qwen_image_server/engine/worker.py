@@ -31,6 +31,25 @@ def short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
+def device_memory(device: str) -> dict:
+    """``{"memory": ...}`` in GiB for a CUDA device: what this process holds and what the device has left
+    (the live side of the memory plan); empty elsewhere."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    gib = lambda value: round(value / 1024**3, 2)
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return {
+        "memory": {
+            "allocated_gib": gib(torch.cuda.memory_allocated(device)),
+            "reserved_gib": gib(torch.cuda.memory_reserved(device)),
+            "device_free_gib": gib(free),
+            "device_total_gib": gib(total),
+        }
+    }
+
+
 def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, log_level: int = logging.INFO) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
@@ -56,7 +75,8 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
         send(("load_failed", short_reason(exc)))
         return
-    send(("ready", {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch.")}))
+    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch.")}
+    send(("ready", {**info, **device_memory(runner.device)}))
 
     inbox: queue.Queue = queue.Queue()
     cancelled: set[int] = set()

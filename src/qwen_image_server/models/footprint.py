@@ -1,0 +1,226 @@
+"""How much device memory a model will need, worked out from its files before any weight is read.
+
+The tensors come from the safetensors headers (``weights_files``); ``footprint`` applies
+the run dtype and the run profile (FP8, offload) and adds the working memory of the
+largest image the server accepts. The constants below say where each figure comes from.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .profile import RunProfile
+from .spec import ModelSpec
+from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
+
+GIB = 1024**3
+MIB = 1024**2
+
+#: Bytes per element of the dtypes safetensors headers name.
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
+    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4"}
+_BLOCK = re.compile(r"^(.*?(?:transformer_blocks|blocks|layers)\.\d+)\.")
+
+# --- constants of the working-memory estimate (all measured or derived for full-size Qwen-Image) ---
+#: Measured on an H100 80GB, bf16, everything resident: weights 53.8 GiB; peak 58.0 GiB at 1024x1024
+#: (4096 image tokens) and 60.8 GiB at 1328x1328 (6889 tokens). The working memory over the weights,
+#: 4.2 and 7.0 GiB, fitted as a line in the output's image tokens (16x16-pixel latent patches):
+ACT_PER_OUTPUT_TOKEN = (7.0 - 4.2) * GIB / (6889 - 4096)  # ≈ 1.03 MiB per token (denoising and VAE decode)
+ACT_BASE = 4.2 * GIB - 4096 * ACT_PER_OUTPUT_TOKEN  # ≈ 0.094 GiB
+#: Other transformer widths than Qwen-Image's (``REFERENCE_INNER_DIM``) scale the figures above linearly.
+#: Input images of edits join the transformer's sequence but are not decoded: their tokens cost the
+#: transformer's share only, estimated from its architecture as about 16 hidden vectors per token
+#: alive inside a block (norms, q/k/v, attention output, the 4x MLP and its activation).
+VECTORS_PER_INPUT_TOKEN = 16
+#: The text encoder (Qwen2.5-VL) keeps every layer's hidden states (``output_hidden_states``) and the
+#: logits of every token, plus one MLP intermediate: (layers + 1) x hidden + 2 x intermediate + vocab
+#: values per token. Its longest input: diffusers' tokenizer limit (1024) plus the edit template (64),
+#: plus the vision tokens of each input image (28x28 pixels each at the condition area).
+TEXT_TOKENS = 1024 + 64
+VISION_PATCH = 28
+#: Every worker is its own process: a CUDA context plus the allocator's and cuBLAS's workspaces.
+PROCESS_OVERHEAD = 512 * MIB
+DIFFUSERS_EDIT_AREA = 1024 * 1024
+DIFFUSERS_CONDITION_AREA = 384 * 384
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The device memory one worker of a model needs, in bytes, and how it adds up."""
+
+    model: str
+    components: dict[str, int]  # resident weight bytes per component under the run profile
+    activations: int  # denoising + VAE decode of the largest image (and the batch)
+    text_encoder_work: int  # encoding the longest prompt (and the input images of edits)
+    overhead: int
+    image_side: int
+    origin: str
+    profile: RunProfile
+
+    @property
+    def weights(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def total(self) -> int:
+        """Resident weights + the larger of the two working sets (they are not alive at once) + the process."""
+        return self.weights + max(self.activations, self.text_encoder_work) + self.overhead
+
+    def summary(self) -> dict:
+        """GiB figures for ``/v1/models`` and the plan command."""
+        gib = lambda b: round(b / GIB, 2)
+        return {
+            "total_gib": gib(self.total),
+            "weights_gib": {name: gib(b) for name, b in self.components.items()},
+            "activations_gib": gib(self.activations),
+            "text_encoder_work_gib": gib(self.text_encoder_work),
+            "overhead_gib": gib(self.overhead),
+            "image_side": self.image_side,
+            "from": self.origin,
+        }
+
+
+def human(size: float | None) -> str:
+    """Bytes as a short text: GiB for real models, MiB or KiB for tiny ones."""
+    if size is None:
+        return "? GiB"
+    if size >= GIB or size == 0:
+        return f"{size / GIB:.1f} GiB"
+    return f"{size / MIB:.0f} MiB" if size >= MIB else f"{size / 1024:.0f} KiB"
+
+
+# --- from tensors to bytes ---------------------------------------------------------------------
+def _bytes(t: Tensor, run_bytes: int, fp8: bool) -> int:
+    """A tensor's bytes on the device: floats in the run dtype (1 byte when FP8 applies to it), others as stored."""
+    if t.dtype not in _FLOAT:
+        return t.numel * DTYPE_BYTES.get(t.dtype, 4)
+    return t.numel * (1 if fp8 else run_bytes)
+
+
+def _fp8_applies(component: str, t: Tensor, profile: RunProfile) -> bool:
+    """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay);
+    FP8 quantization (``quantize``): the transformer's linear weights."""
+    if profile.weights_dtype == "fp8" and component in ("transformer", "text_encoder") and t.ndim >= 2:
+        return True
+    return profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
+
+
+def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Bytes per numbered block (``...blocks.N``, ``...layers.N``) and of everything outside blocks."""
+    blocks: dict[str, int] = {}
+    rest = 0
+    for name, size in tensors.items():
+        match = _BLOCK.match(name)
+        if match:
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + size
+        else:
+            rest += size
+    return blocks, rest
+
+
+def _leaves(tensors: dict[str, int]) -> int:
+    """The largest leaf module (a weight with its bias): what sequential offload keeps on the device."""
+    leaves: dict[str, int] = {}
+    for name, size in tensors.items():
+        leaf = name.rsplit(".", 1)[0]
+        leaves[leaf] = leaves.get(leaf, 0) + size
+    return max(leaves.values(), default=0)
+
+
+def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -> dict[str, int]:
+    """Bytes of each component kept on the device under ``profile``'s FP8 and offload settings.
+
+    none: everything. text-encoder: the text encoder is not resident. group: the transformer's
+    largest block plus everything outside its blocks, the text encoder's largest group (a layer, or
+    all of its non-layer tensors), the rest whole. model: only the largest component. sequential:
+    the largest leaf module. Sized from parameter counts only, group and sequential count as model.
+    """
+    sized = {
+        component: {t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors}
+        for component, tensors in model.components.items()
+    }
+    totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
+    mode = profile.offload
+    if model.counts_only and mode in ("group", "sequential"):
+        mode = "model"
+    if mode == "none":
+        return totals
+    if mode == "text-encoder":
+        return {c: (0 if c == "text_encoder" else b) for c, b in totals.items()}
+    if mode == "model":
+        largest = max(totals, key=totals.get)
+        return {c: (b if c == largest else 0) for c, b in totals.items()}
+    if mode == "sequential":
+        largest_leaf = {c: _leaves(sizes) for c, sizes in sized.items()}
+        top = max(largest_leaf, key=largest_leaf.get)
+        return {c: (largest_leaf[c] if c == top else 0) for c in totals}
+    out = dict(totals)  # group
+    for component in ("transformer", "text_encoder"):
+        if component in sized:
+            blocks, rest = _groups(sized[component])
+            largest = max(blocks.values(), default=0)
+            out[component] = largest + rest if component == "transformer" else max(largest, rest)
+    return out
+
+
+def _patches(side: int) -> int:
+    """Image tokens of a square image: 16x16-pixel latent patches."""
+    return (-(-side // 16)) ** 2
+
+
+def activation_bytes(
+    output_tokens: int, input_tokens: int, inner_dim: int, run_bytes: int, batch: int = 1, cfg_batch: bool = False
+) -> int:
+    """Working memory of denoising and decoding: the measured line in output tokens plus the transformer's
+    share for input-image tokens, scaled by the transformer's width and the run dtype, times the batch
+    (``cfg_batch`` runs the transformer on two at once)."""
+    scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
+    per_image = ACT_BASE + output_tokens * ACT_PER_OUTPUT_TOKEN + input_tokens * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
+    transformer_share = (output_tokens + input_tokens) * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
+    return int(scale * batch * (per_image + (transformer_share if cfg_batch else 0)))
+
+
+def text_encoder_bytes(text_encoder: dict, tokens: int, run_bytes: int) -> int:
+    """Working memory of one text-encoder call on ``tokens`` tokens (see ``TEXT_TOKENS``)."""
+    per_token = (text_encoder["num_hidden_layers"] + 1) * text_encoder["hidden_size"] + 2 * text_encoder["intermediate_size"]
+    return int(tokens * (per_token + text_encoder["vocab_size"]) * run_bytes)
+
+
+def footprint(
+    spec: ModelSpec,
+    model: ModelTensors,
+    *,
+    run_bytes: int,
+    max_image_side: int,
+    max_input_images: int = 1,
+    max_batch_size: int = 1,
+    profile: RunProfile | None = None,
+    overhead: int = PROCESS_OVERHEAD,
+) -> Footprint:
+    """The memory one worker of ``spec`` needs at the largest allowed image, under ``profile`` (default: its own)."""
+    profile = profile or spec.profile
+    inputs = 0 if not spec.can_edit else (max_input_images if spec.multi_image else 1)
+    edit_area = int(spec.options.get("edit_area") or DIFFUSERS_EDIT_AREA)
+    condition_area = int(spec.options.get("condition_area") or DIFFUSERS_CONDITION_AREA)
+    output_tokens = _patches(max_image_side)
+    input_tokens = inputs * (edit_area // 256)
+    text_tokens = TEXT_TOKENS + inputs * (condition_area // (VISION_PATCH * VISION_PATCH))
+    return Footprint(
+        model=spec.id,
+        components=resident_weights(model, profile, run_bytes),
+        activations=activation_bytes(
+            output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, cfg_batch=profile.cfg_batch == "on"
+        ),
+        text_encoder_work=text_encoder_bytes(model.text_encoder, text_tokens, run_bytes),
+        overhead=overhead,
+        image_side=max_image_side,
+        origin=model.origin,
+        profile=profile,
+    )
+
+

@@ -1,0 +1,118 @@
+"""The refusal of a plan that does not fit: one message with the numbers and the flags that would fit.
+
+Each suggestion is checked by planning again with it (all models, all workers), so
+only changes that make the whole plan fit are offered, each with what the model would
+then need. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .footprint import human as _gib
+
+#: Profile changes tried, least intrusive first: (setting, value, flag).
+_PROFILE_CHANGES = (
+    ("weights_dtype", "fp8", "--weights-dtype"),
+    ("quantize", "fp8", "--quantize"),
+    ("offload", "text-encoder", "--offload"),
+    ("offload", "group", "--offload"),
+    ("offload", "model", "--offload"),
+    ("offload", "sequential", "--offload"),
+)
+
+
+def _needs(fp) -> str:
+    parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())
+    work = max(fp.activations, fp.text_encoder_work)
+    return (
+        f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}"
+        f" + {_gib(fp.overhead)} for the process"
+    )
+
+
+def refusal(plan, failed, placed, specs, settings, fits) -> str:
+    """The message for a plan whose slot ``failed`` (``(model, slot, need[, device])``) found no room.
+
+    ``placed`` are the slots placed before it; ``fits(profiles=, workers=, max_side=, device=)``
+    plans again with changes and returns ``(fits, footprints)``.
+    """
+    model, slot, need = failed[0], failed[1], failed[2]
+    device = failed[3] if len(failed) > 3 else None
+    fp = plan.footprints[model]
+    where = f" on {device}" if device else ""
+    head = (
+        f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers}){where}: "
+        f"each worker needs {_gib(fp.total)} ({_needs(fp)})"
+    )
+    gpus = []
+    for gpu in plan.gpus:
+        here = [p for p in placed if p.device == gpu.device and (p.model, p.slot) != (model, slot)]
+        free = "? free" if gpu.free is None else f"{_gib(gpu.free)} free of {_gib(gpu.total or gpu.free)}"
+        held = f", planned there: {', '.join(f'{p.name} {_gib(p.need or 0)}' for p in here)}" if here else ""
+        gpus.append(f"{gpu.device} {gpu.name}: {free}{held}".replace("  ", " "))
+    suggestions = suggest(model, specs, settings, fits)
+    lines = [head, "GPUs: " + "; ".join(gpus)]
+    if suggestions:
+        lines.append("Would fit: " + "; ".join(suggestions))
+    else:
+        lines.append("No single flag makes it fit.")
+    largest = max((g.free or 0 for g in plan.gpus), default=0)
+    lines.append(f"Or serve {model} on another GPU with at least {_gib(fp.total)} free (the most free here: {_gib(largest)}).")
+    return "\n".join(lines)
+
+
+def suggest(model: str, specs, settings, fits) -> list[str]:
+    """Flags (as a user types them) that make the plan fit, each with what ``model`` would then need."""
+    by_id = {spec.id: spec for spec in specs}
+    out: list[str] = []
+
+    def need(fps) -> str:
+        return f" (it would need {_gib(fps[model].total)})"
+
+    for key, value, flag in _PROFILE_CHANGES:
+        if getattr(by_id[model].profile, key) == value:
+            continue
+        ok, fps = fits(profiles={model: replace(by_id[model].profile, **{key: value})})
+        if ok:
+            out.append(f"{flag} {value}@{model}{need(fps)}")
+            continue
+        everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
+        if len(specs) > 1:
+            ok, fps = fits(profiles=everyone)
+            if ok:
+                out.append(f"{flag} {value} (for every model){need(fps)}")
+    side = _largest_side(settings, lambda s: fits(max_side=s)[0])
+    if side is not None:
+        total = fits(max_side=side)[1][model].total
+        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)})")
+    for workers in range(settings.workers - 1, 0, -1):
+        ok, fps = fits(workers=workers)
+        if ok:
+            out.append(f"--workers {workers}")
+            break
+    if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:
+        out.append("--device auto (places the workers by free memory)")
+    if not out:  # two changes: a profile setting for every model and a smaller largest image
+        for key, value, flag in _PROFILE_CHANGES:
+            everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
+            side = _largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0])
+            if side is not None:
+                total = fits(profiles=everyone, max_side=side)[1][model].total
+                out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)})")
+                break
+    return out
+
+
+def _largest_side(settings, ok) -> int | None:
+    """The largest allowed image side below the current one (a multiple of 16) that fits, by bisection."""
+    lo, hi = max(16, settings.min_image_side // 16 * 16), (settings.max_image_side - 1) // 16 * 16
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = lo + ((hi - lo) // 16 + 1) // 2 * 16
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 16
+    return lo

@@ -1,0 +1,362 @@
+"""The memory plan: which device each worker gets, decided before anything loads.
+
+Every worker of every model (``settings.workers`` per model) needs the memory its
+``Footprint`` says. The planner places them on the GPUs that have that much free
+(first-fit decreasing: the largest first, each on the GPU with the most room left,
+preferring GPUs without a worker of the same model so that a model's workers spread;
+if that fails, best fit, which packs tighter). An explicit ``--device`` list is kept
+as given (one entry per worker slot, round-robin) and only checked. When the
+workers do not fit, ``PlanError`` says which model, how much it needs, what each GPU
+has, and which flags would make it fit, before the port opens.
+
+Free memory comes from an injectable discovery function; the real one asks a
+short-lived subprocess (``torch.cuda.mem_get_info`` per device), so the API process
+holds no CUDA context. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .footprint import GIB, PROCESS_OVERHEAD, Footprint, footprint, human
+from .spec import ModelConfigError, ModelSpec
+from .weights_files import ModelTensors, UnknownFootprint, read_tensors
+
+log = logging.getLogger(__name__)
+
+#: Testing and planning aid, read by ``qwen-image-server plan`` only: pretend these GPUs are there,
+#: e.g. ``80GiB,24GiB`` (free = total) or ``70GiB/80GiB`` (free/total).
+FAKE_GPUS_ENV = "QIS_FAKE_GPUS"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One visible GPU; ``free``/``total`` in bytes, None when unknown (then nothing is checked)."""
+
+    device: str
+    name: str = ""
+    free: int | None = None
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One worker slot of one model and its device."""
+
+    model: str
+    slot: int
+    device: str
+    need: int | None  # bytes; None: the estimate is unknown
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}#{self.slot}"
+
+
+@dataclass
+class Plan:
+    """Estimates per model and a device per worker slot (``placements`` is empty when the plan does not fit)."""
+
+    footprints: dict[str, Footprint]
+    unknown: dict[str, str]  # model id -> why its estimate is unknown
+    gpus: list[Gpu]
+    placements: list[Placement] = field(default_factory=list)
+
+    def devices(self, model: str) -> list[str]:
+        """The device of each worker slot of ``model``, in slot order."""
+        return [p.device for p in sorted(self.placements, key=lambda p: p.slot) if p.model == model]
+
+    def model_summary(self, model: str) -> dict:
+        """The estimate of one model for ``/v1/models``."""
+        if model in self.footprints:
+            return {**self.footprints[model].summary(), "devices": self.devices(model)}
+        return {"total_gib": None, "unknown": self.unknown.get(model), "devices": self.devices(model)}
+
+    def gpu_report(self, workers: list[dict] | None = None) -> list[dict]:
+        """Per GPU: total, free at planning, planned use and its workers; with live numbers of ``workers``
+        (the engine's worker descriptions, whose ``memory`` the workers report when they are ready)."""
+        live = {w.get("name"): w for w in workers or []}
+        out = []
+        for gpu in self.gpus:
+            here = [p for p in self.placements if p.device == gpu.device]
+            planned = sum(p.need or 0 for p in here)
+            report: dict = {
+                "device": gpu.device,
+                "name": gpu.name,
+                "total_gib": _gib(gpu.total),
+                "free_at_start_gib": _gib(gpu.free),
+                "planned_gib": _gib(planned),
+                "workers": [],
+            }
+            frees = []
+            for p in here:
+                memory = (live.get(p.name) or {}).get("memory") or {}
+                if memory.get("device_free_gib") is not None:
+                    frees.append(memory["device_free_gib"])
+                report["workers"].append({"name": p.name, "planned_gib": _gib(p.need), **memory})
+            if frees and gpu.total:
+                report["used_gib"] = round(gpu.total / GIB - min(frees), 2)  # as the last worker to load saw it
+            out.append(report)
+        return out
+
+    def table(self) -> str:
+        """The plan as text for ``qwen-image-server plan``: estimates per model, then placement per device."""
+        lines = []
+        for model in list(self.footprints) + [m for m in self.unknown if m not in self.footprints]:
+            fp = self.footprints.get(model)
+            if fp is None:
+                lines.append(f"{model}: memory estimate unknown ({self.unknown[model]})")
+                continue
+            parts = ", ".join(f"{name} {human(b)}" for name, b in fp.components.items())
+            work = max(fp.activations, fp.text_encoder_work)
+            lines.append(f"{model}: {human(fp.total)} per worker at {fp.image_side}x{fp.image_side} (from {fp.origin})")
+            lines.append(f"  weights {human(fp.weights)} ({parts}), working memory {human(work)}, process {human(fp.overhead)}")
+        for gpu in self.gpus:
+            here = [p for p in self.placements if p.device == gpu.device]
+            planned = sum(p.need or 0 for p in here)
+            names = ", ".join(f"{p.name} {_gib_text(p.need)}" for p in here) or "nothing"
+            room = f", {human(gpu.free - planned)} headroom" if gpu.free is not None else ""
+            head = f"{gpu.device} {gpu.name}".strip()
+            lines.append(f"{head} ({_gib_text(gpu.free)} free of {_gib_text(gpu.total)}): {names}{room}")
+        others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus})
+        for device in others:
+            names = ", ".join(p.name for p in self.placements if p.device == device)
+            lines.append(f"{device}: {names} (no memory check)")
+        return "\n".join(lines)
+
+
+class PlanError(ModelConfigError):
+    """The workers do not fit in the devices' memory; ``plan`` holds the estimates for display."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else round(value / GIB, 2)
+
+
+_gib_text = human
+
+
+# --- GPU discovery ------------------------------------------------------------------------------
+_PROBE = """
+import json, torch
+gpus = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "free": free, "total": total})
+print(json.dumps(gpus))
+"""
+
+
+def _no_gpu_driver() -> bool:
+    """True when this is Linux without an NVIDIA or ROCm driver: then no GPU can be visible (skips the probe)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return sys.platform.startswith("linux") and not Path("/proc/driver/nvidia").exists() and not Path("/dev/kfd").exists()
+
+
+def discover_gpus(timeout: float = 60.0) -> list[Gpu] | None:
+    """The visible GPUs with their free and total memory, asked of a short-lived subprocess
+    (it initialises CUDA, this process does not). None when the probe fails."""
+    if _no_gpu_driver():
+        return []
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=True)
+        return [Gpu(**item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, TypeError) as exc:
+        log.warning("could not probe the GPUs' memory (%s); placing without a memory check", exc)
+        return None
+
+
+def _count_gpus_in_process() -> list[Gpu]:
+    """The GPUs without their memory (when the probe failed): the device count only."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [Gpu(f"cuda:{i}") for i in range(count)]
+
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
+
+
+def _parse_bytes(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise ModelConfigError(f"{FAKE_GPUS_ENV}: {text!r} is not a size like 80GiB")
+    unit = (match.group(2) or "gib").lower()
+    scale = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 1024**2, "m": 1024**2, "mb": 10**6}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def parse_fake_gpus(text: str) -> list[Gpu]:
+    """``80GiB,24GiB`` or ``70GiB/80GiB,...`` (free/total) → GPUs ``cuda:0``, ``cuda:1``, ... (a planning aid)."""
+    gpus = []
+    for i, item in enumerate(part for part in text.split(",") if part.strip()):
+        free, _, total = item.partition("/")
+        total_bytes = _parse_bytes(total or free)
+        gpus.append(Gpu(f"cuda:{i}", FAKE_GPUS_ENV, _parse_bytes(free), total_bytes))
+    return gpus
+
+
+# --- the plan -------------------------------------------------------------------------------------
+def run_bytes(dtype: str, device: str) -> int:
+    """Bytes per parameter of the dtype the model runs in: bf16 on GPUs, float32 on CPU unless told."""
+    if dtype == "auto":
+        return 2 if device.startswith("cuda") else 4
+    return 4 if dtype == "float32" else 2
+
+
+def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool, overrides=None) -> dict[str, Footprint]:
+    """Footprints of the models whose tensors are known (``overrides``: model id -> profile, for suggestions)."""
+    out = {}
+    for spec in specs:
+        if spec.id in tensors:
+            out[spec.id] = footprint(
+                spec,
+                tensors[spec.id],
+                run_bytes=run_bytes(settings.dtype, "cuda" if on_gpu else "cpu"),
+                max_image_side=settings.max_image_side,
+                max_input_images=settings.max_input_images,
+                max_batch_size=settings.max_batch_size,
+                profile=(overrides or {}).get(spec.id),
+                overhead=PROCESS_OVERHEAD if on_gpu else 0,
+            )
+    return out
+
+
+def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[str, int, int | None]]:
+    needs = {spec.id: footprints[spec.id].total if spec.id in footprints else None for spec in specs}
+    return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
+
+
+def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True) -> tuple[list[Placement], tuple | None]:
+    """Place worker slots ``(model, slot, need)`` on ``gpus``; returns the placements and the first slot
+    that found no room (None when all fit). Largest first; unknown needs last, on the emptiest GPU."""
+    left = {g.device: (g.free if g.free is not None else float("inf")) for g in gpus}
+    models_on: dict[str, set[str]] = {g.device: set() for g in gpus}
+    order = sorted(slots, key=lambda s: (s[2] is None, -(s[2] or 0)))
+    placed = []
+    for model, slot, need in order:
+        fits = [g.device for g in gpus if need is None or left[g.device] >= need]
+        if not fits:
+            return placed, (model, slot, need)
+        if spread:
+            device = min(fits, key=lambda d: (model in models_on[d], -(left[d] - (need or 0))))
+        else:
+            device = min(fits, key=lambda d: left[d] - (need or 0))
+        left[device] -= need or 0
+        models_on[device].add(model)
+        placed.append(Placement(model, slot, device, need))
+    return sorted(placed, key=lambda p: (p.model, p.slot)), None
+
+
+def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Placement], str | None]:
+    """An explicit ``--device`` list, round-robin over the slots as given, checked for room."""
+    by_device = {g.device: g for g in gpus}
+    placed = [Placement(m, s, _norm(devices[i % len(devices)]), need) for i, (m, s, need) in enumerate(slots)]
+    for device in dict.fromkeys(p.device for p in placed):
+        if not device.startswith("cuda"):
+            continue
+        gpu = by_device.get(device)
+        if gpu is None:
+            visible = ", ".join(by_device) or "none"
+            return placed, f"--device names {device}, which is not visible (visible GPUs: {visible})"
+        here = [p for p in placed if p.device == device]
+        need = sum(p.need or 0 for p in here)
+        if gpu.free is not None and need > gpu.free:
+            first = here[-1]
+            return placed, (first.model, first.slot, need, device)
+    return placed, None
+
+
+def _norm(device: str) -> str:
+    device = device.strip()
+    return "cuda:0" if device == "cuda" else device
+
+
+def make_plan(
+    specs: list[ModelSpec],
+    settings,
+    discover: Callable[[], list[Gpu] | None] | None = None,
+    reader: Callable[[ModelSpec], ModelTensors] | None = None,
+) -> Plan:
+    """The plan for ``settings.workers`` workers of each of ``specs`` on ``settings.device``; ``PlanError``
+    (a ``ModelConfigError``) when they do not fit, with the flags that would make them fit.
+
+    ``discover`` lists the GPUs (default: ``discover_gpus``), ``reader`` a model's tensors (default:
+    ``read_tensors``, headers only). On CPU nothing is checked.
+    """
+    discover = discover or discover_gpus
+    reader = reader or read_tensors
+    tensors: dict[str, ModelTensors] = {}
+    unknown: dict[str, str] = {}
+    for spec in specs:
+        try:
+            tensors[spec.id] = reader(spec)
+        except UnknownFootprint as exc:
+            unknown[spec.id] = str(exc)
+            log.warning("memory estimate of %s unknown: %s", spec.id, exc)
+    setting = settings.device.strip()
+    if setting == "cpu":
+        fps = _footprints(specs, tensors, settings, on_gpu=False)
+        return Plan(fps, unknown, [], [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)])
+    gpus = discover()
+    if gpus is None:
+        gpus = _count_gpus_in_process()
+    if setting in ("auto", "cuda") and not gpus:
+        if setting == "cuda":
+            raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
+        fps = _footprints(specs, tensors, settings, on_gpu=False)
+        return Plan(fps, unknown, [], [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)])
+    from .plan_advice import refusal  # the message and its suggestions
+
+    fps = _footprints(specs, tensors, settings, on_gpu=True)
+    plan = Plan(fps, unknown, gpus)
+    placed, failed = _arrange(specs, fps, settings, gpus)
+    if failed is None:
+        plan.placements = placed
+        return plan
+    plan.placements = placed  # what did fit, for the table
+    if isinstance(failed, str):
+        raise PlanError(failed, plan)
+    message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, **kw))
+    raise PlanError(message, plan)
+
+
+def _arrange(specs, fps, settings, gpus):
+    """Placements and the failed slot (or an error text) for the device setting."""
+    slots = _slots(specs, fps, settings.workers)
+    setting = settings.device.strip()
+    if setting not in ("auto", "cuda"):
+        return _check_explicit(slots, [d for d in setting.split(",") if d.strip()], gpus)
+    placed, failed = place(slots, gpus, spread=True)
+    if failed is not None:
+        packed, failed_packed = place(slots, gpus, spread=False)
+        if failed_packed is None:
+            return packed, None
+    return placed, failed
+
+
+def _fits(
+    specs, tensors, settings, gpus, profiles=None, workers=None, max_side=None, device=None
+) -> tuple[bool, dict[str, Footprint]]:
+    """Whether the plan fits with some settings changed (for the refusal's suggestions)."""
+    changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("device", device)) if v is not None})
+    if max_side is not None:
+        sides = {"max_image_side": max_side, "min_image_side": min(settings.min_image_side, max_side)}
+        changed = changed.model_copy(update=sides)
+    fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
+    placed, failed = _arrange(specs, fps, changed, gpus)
+    return failed is None, fps

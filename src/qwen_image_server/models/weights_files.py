@@ -1,0 +1,235 @@
+"""A model's tensors, sized from the headers of its safetensors files without reading any weight.
+
+The 8-byte length and the JSON header of each file give the dtype and shape of every
+tensor: of a local folder, of the hub cache's snapshot, or, online, of the hub's files
+read by range requests (``huggingface_hub``'s ``parse_safetensors_file_metadata``).
+No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .spec import ModelSpec
+
+MIB = 1024**2
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+#: Qwen-Image's transformer width (24 heads x 128) and Qwen2.5-VL-7B's sizes: used when a config cannot be read.
+REFERENCE_INNER_DIM = 3072
+REFERENCE_TEXT_ENCODER = {"hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944, "vocab_size": 152064}
+
+
+class UnknownFootprint(Exception):
+    """The model's weights cannot be sized from its files (the message says why); nothing is blocked."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a safetensors header: what is needed to size it in another dtype."""
+
+    name: str
+    dtype: str
+    numel: int
+    ndim: int
+
+
+@dataclass(frozen=True)
+class ModelTensors:
+    """The tensors of a model's components, and the config values the working memory depends on."""
+
+    components: dict[str, tuple[Tensor, ...]]
+    inner_dim: int = REFERENCE_INNER_DIM
+    text_encoder: dict = field(default_factory=lambda: dict(REFERENCE_TEXT_ENCODER))
+    origin: str = "safetensors headers"
+    counts_only: bool = False  # parameter counts without tensor names: no per-block figures
+
+
+# --- reading headers -------------------------------------------------------------------------
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: its first 8 bytes give the header's length."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise UnknownFootprint(f"{path} is not a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > 100 * MIB:
+            raise UnknownFootprint(f"{path}: implausible safetensors header length {length}")
+        return json.loads(f.read(length))
+
+
+def tensors_of_header(header: dict) -> list[Tensor]:
+    """``Tensor`` entries of a header (the ``__metadata__`` entry is not a tensor)."""
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info["shape"]
+        numel = 1
+        for n in shape:
+            numel *= n
+        out.append(Tensor(name, info["dtype"], numel, len(shape)))
+    return out
+
+
+def weight_files(names: list[str]) -> list[str]:
+    """The files diffusers loads from one component folder: the non-variant index's shards, else its single file.
+
+    ``names`` are the folder's file names; variants such as ``model.fp16.safetensors`` are left out
+    unless nothing else is there.
+    """
+    for stem in _WEIGHT_STEMS:
+        if f"{stem}.safetensors.index.json" in names:
+            return [f"{stem}.safetensors.index.json"]
+        if f"{stem}.safetensors" in names:
+            return [f"{stem}.safetensors"]
+    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json"))
+    return indexes[:1] or sorted(n for n in names if n.endswith(".safetensors"))
+
+
+def _component_names(folder: Path) -> list[str]:
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list) and value[0]]
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _configs(transformer: dict, text_encoder: dict) -> dict:
+    """``inner_dim`` and the text encoder's sizes from the two configs, reference values where missing."""
+    out: dict = {}
+    if transformer.get("num_attention_heads") and transformer.get("attention_head_dim"):
+        out["inner_dim"] = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+    text = text_encoder.get("text_config") or text_encoder
+    if all(key in text for key in REFERENCE_TEXT_ENCODER):
+        out["text_encoder"] = {key: int(text[key]) for key in REFERENCE_TEXT_ENCODER}
+    return out
+
+
+def read_folder(folder: Path, origin: str = "safetensors headers") -> ModelTensors:
+    """The tensors of a diffusers folder (a local one or a hub snapshot), from headers only."""
+    components: dict[str, tuple[Tensor, ...]] = {}
+    for name in _component_names(folder):
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = weight_files([p.name for p in sub.iterdir()])
+        tensors: list[Tensor] = []
+        for file in files:
+            if file.endswith(".index.json"):
+                shards = sorted(set(_json(sub / file).get("weight_map", {}).values()))
+                missing = [s for s in shards if not (sub / s).is_file()]
+                if missing:
+                    raise UnknownFootprint(f"{sub}: shards of {file} are missing ({', '.join(missing[:3])})")
+                for shard in shards:
+                    tensors += tensors_of_header(read_header(sub / shard))
+            else:
+                tensors += tensors_of_header(read_header(sub / file))
+        if tensors:
+            components[name] = tuple(tensors)
+    if not components:
+        raise UnknownFootprint(f"{folder}: no safetensors weights found")
+    configs = _configs(_json(folder / "transformer" / "config.json"), _json(folder / "text_encoder" / "config.json"))
+    return ModelTensors(components, origin=origin, **configs)
+
+
+def read_hub(repo: str, revision: str | None = None, cache_dir: str | Path | None = None) -> ModelTensors:
+    """The tensors of a hub model: from the hub cache's snapshot when it holds the weights, else online headers."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        found = snapshot_download(
+            repo, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=["model_index.json"]
+        )
+        snapshot = Path(found)
+    except Exception:
+        snapshot = None
+    if snapshot is not None and (snapshot / "model_index.json").is_file():
+        try:
+            return read_folder(snapshot, origin="safetensors headers (hub cache)")
+        except UnknownFootprint:
+            pass  # a partial download: try the hub itself
+    if constants.HF_HUB_OFFLINE:
+        raise UnknownFootprint(f"{repo}: offline, and the hub cache does not hold its weights")
+    try:
+        return _read_hub_online(repo, revision)
+    except UnknownFootprint:
+        raise
+    except Exception as exc:  # network, auth, missing files
+        raise UnknownFootprint(f"{repo}: cannot read its safetensors headers from the hub: {type(exc).__name__}: {exc}") from None
+
+
+def _read_hub_online(repo: str, revision: str | None, timeout: float = 5.0) -> ModelTensors:
+    """Headers by HTTP range requests (a few kilobytes per file), configs as small downloads."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi()
+    files = api.list_repo_files(repo, revision=revision)
+    index = json.loads(Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text(encoding="utf-8"))
+    names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and v[0]]
+    paths: dict[str, list[str]] = {}
+    for name in names:
+        chosen = weight_files([f.split("/", 1)[1] for f in files if f.startswith(f"{name}/") and f.count("/") == 1])
+        for file in chosen:
+            if file.endswith(".index.json"):
+                index_file = Path(hf_hub_download(repo, f"{name}/{file}", revision=revision))
+                weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+                paths.setdefault(name, []).extend(f"{name}/{shard}" for shard in sorted(set(weight_map.values())))
+            else:
+                paths.setdefault(name, []).append(f"{name}/{file}")
+
+    def header(path: str) -> list[Tensor]:
+        meta = api.parse_safetensors_file_metadata(repo, path, revision=revision, timeout=timeout)
+        return [Tensor(t, info.dtype, _numel(info.shape), len(info.shape)) for t, info in meta.tensors.items()]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a few kilobytes each: latency, not bandwidth
+        headers = {name: list(pool.map(header, files_of)) for name, files_of in paths.items()}
+    components = {name: tuple(t for part in parts for t in part) for name, parts in headers.items() if parts}
+    if not components:
+        raise UnknownFootprint(f"{repo}: no safetensors weights on the hub")
+
+    def config(component: str) -> dict:
+        try:
+            return json.loads(Path(hf_hub_download(repo, f"{component}/config.json", revision=revision)).read_text())
+        except Exception:
+            return {}
+
+    return ModelTensors(components, origin="safetensors headers (hub)", **_configs(config("transformer"), config("text_encoder")))
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel
+
+
+def from_counts(counts: dict) -> ModelTensors:
+    """Parameter counts per component (``{"transformer": 20.4e9, ...}``), for sources without files."""
+    try:
+        components = {name: (Tensor(name, "BF16", int(float(n)), 2),) for name, n in counts.items()}
+    except (TypeError, ValueError):
+        raise UnknownFootprint(f"parameter_counts must map components to numbers, got {counts!r}") from None
+    return ModelTensors(components, origin="parameter counts", counts_only=True)
+
+
+def read_tensors(spec: ModelSpec, cache_dir: str | Path | None = None) -> ModelTensors:
+    """The tensors of a served model, from wherever its files are; ``UnknownFootprint`` when that cannot be done.
+
+    A ``random:ORG/NAME`` source has no files: its spec may give ``options["parameter_counts"]``.
+    """
+    if spec.source.startswith("random:"):
+        counts = spec.options.get("parameter_counts")
+        if not counts:
+            raise UnknownFootprint(f"{spec.source} has no weight files and gives no parameter counts")
+        return from_counts(counts)
+    if spec.is_hub:
+        return read_hub(spec.source, spec.revision, cache_dir)
+    return read_folder(Path(spec.source))

@@ -1,0 +1,137 @@
+"""The memory plan in the server: the engine's workers get the plan's devices, the API shows the GPUs,
+and serve refuses a plan that does not fit before its port opens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from qwen_image_server import cli
+from qwen_image_server.api.app import create_app
+from qwen_image_server.config import Settings
+from qwen_image_server.engine import local
+from qwen_image_server.engine.worker import device_memory
+from qwen_image_server.models import planner
+from qwen_image_server.models.footprint import GIB
+from qwen_image_server.models.planner import Gpu, Plan, PlanError, discover_gpus, make_plan
+from qwen_image_server.models.spec import resolve_configured
+
+
+def _gpus(*sizes_gib: float):
+    return lambda: [Gpu(f"cuda:{i}", "test GPU", int(s * GIB), int(s * GIB)) for i, s in enumerate(sizes_gib)]
+
+
+class _FakeWorker:
+    """Stands in for a worker process: records its device."""
+
+    def __init__(self, pool, slot, device, threads):
+        self.pool, self.slot, self.device, self.name, self.state = pool, slot, device, f"{pool.spec.id}#{slot}", "idle"
+        self.info = {"memory": {"device_free_gib": 0.5, "allocated_gib": 0.1}}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "state": self.state, "device": self.device, **self.info}
+
+    def stop(self) -> None:
+        pass
+
+
+def test_the_engine_starts_each_worker_on_its_planned_device(tiny_t2i, tiny_edit, monkeypatch):
+    monkeypatch.setattr(local, "_Worker", _FakeWorker)
+    settings = Settings(models=[f"a={tiny_t2i}", f"b={tiny_edit}"], workers=2)
+    specs = resolve_configured(settings)
+    plan = make_plan(specs, settings, discover=_gpus(0.8, 0.8, 0.8, 0.8))  # one 777 MiB worker per GPU at most
+    engine = local.LocalEngine(specs, settings, plan)
+
+    async def start():
+        await engine.start()
+
+    asyncio.run(start())
+    devices = {model: [w.device for w in pool.workers] for model, pool in engine.pools.items()}
+    assert devices == {"a": plan.devices("a"), "b": plan.devices("b")}
+    assert sorted(d for per_model in devices.values() for d in per_model) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    report = engine.gpus()
+    placed = sorted(w["name"] for gpu in report for w in gpu["workers"])
+    assert placed == ["a#0", "a#1", "b#0", "b#1"]
+    assert engine.memory("a")["devices"] == plan.devices("a")
+
+
+def test_without_a_plan_the_engine_plans_itself_on_cpu(tiny_t2i, monkeypatch):
+    monkeypatch.setattr(local, "_Worker", _FakeWorker)
+    settings = Settings(models=[str(tiny_t2i)], device="cpu", workers=2)
+    engine = local.LocalEngine(resolve_configured(settings), settings)
+    asyncio.run(engine.start())
+    assert [w.device for w in engine.pools[engine.models[0].id].workers] == ["cpu", "cpu"]
+    assert engine.gpus() == []
+
+
+class _Engine:
+    """An engine with a plan, for the routes."""
+
+    def __init__(self, specs, plan: Plan):
+        self.models, self.plan = specs, plan
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    def ready(self) -> bool:
+        return True
+
+    def status(self) -> dict:
+        return {}
+
+    def gpus(self) -> list[dict]:
+        return self.plan.gpu_report([{"name": "a#0", "memory": {"device_free_gib": 1.5}}])
+
+    def memory(self, model_id: str) -> dict:
+        return self.plan.model_summary(model_id)
+
+
+def test_ready_and_models_show_the_gpus_and_the_estimates(tiny_t2i, tmp_path):
+    settings = Settings(models=[f"a={tiny_t2i}"], image_output_dir=tmp_path)
+    specs = resolve_configured(settings)
+    plan = make_plan(specs, settings, discover=_gpus(2, 2))
+    with TestClient(create_app(settings, _Engine(specs, plan))) as client:
+        ready = client.get("/ready").json()
+        models = client.get("/v1/models").json()
+        card = client.get("/v1/models/a").json()
+    (gpu,) = [g for g in ready["gpus"] if g["workers"]]
+    assert gpu["total_gib"] == 2.0 and gpu["used_gib"] == 0.5 and gpu["workers"][0]["name"] == "a#0"
+    assert gpu["planned_gib"] == pytest.approx(plan.footprints["a"].total / GIB, abs=0.01)
+    assert models["gpus"] == ready["gpus"]
+    assert card["memory"]["total_gib"] == pytest.approx(plan.footprints["a"].total / GIB, abs=0.01)
+    assert set(card["memory"]["weights_gib"]) == {"transformer", "text_encoder", "vae"}
+    assert card == models["data"][0]
+
+
+def test_serve_refuses_a_plan_that_does_not_fit_before_the_port_opens(tiny_t2i, monkeypatch):
+    monkeypatch.setattr(planner, "discover_gpus", _gpus(0.5))
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", no_server)
+    with pytest.raises(PlanError, match="not enough GPU memory for model a "):
+        cli.run_server(Settings(models=[f"a={tiny_t2i}"], port=0))
+    result = CliRunner().invoke(cli.app, ["serve", "-m", f"a={tiny_t2i}", "--port", "0"])
+    assert result.exit_code == 2 and "error: not enough GPU memory for model a (worker 1 of 1)" in result.output
+
+
+def test_worker_memory_report_is_empty_off_gpu():
+    assert device_memory("cpu") == {}
+
+
+@pytest.mark.gpu
+def test_gpu_probe_and_worker_report_on_a_real_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpus = discover_gpus()
+    assert gpus and gpus[0].device == "cuda:0" and 0 < gpus[0].free <= gpus[0].total
+    report = device_memory("cuda:0")["memory"]
+    assert report["device_total_gib"] == pytest.approx(gpus[0].total / GIB, abs=0.01)
+    assert 0 <= report["allocated_gib"] <= report["reserved_gib"] + 0.01

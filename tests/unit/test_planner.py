@@ -1,0 +1,309 @@
+"""The memory plan: estimates from safetensors headers, placement on (injected) GPUs, the refusal and the plan command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qwen_image_server.cli import app
+from qwen_image_server.config import Settings
+from qwen_image_server.models.footprint import GIB, activation_bytes, footprint, resident_weights
+from qwen_image_server.models.planner import Gpu, PlanError, _slots, make_plan, parse_fake_gpus, place
+from qwen_image_server.models.profile import RunProfile
+from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured
+from qwen_image_server.models.weights_files import UnknownFootprint, read_folder, read_hub, read_tensors
+
+FULL_SIZE = {"transformer": 20.4e9, "text_encoder": 8.3e9, "vae": 0.13e9}  # Qwen-Image's parameters
+H100 = Gpu("cuda:0", "NVIDIA H100 80GB HBM3", int(79.1 * GIB), int(79.6 * GIB))
+FLOATS = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _numel(info: dict) -> int:
+    n = 1
+    for d in info["shape"]:
+        n *= d
+    return n
+
+
+def _headers(folder: Path, component: str) -> dict:
+    return {k: v for f in sorted((folder / component).glob("*.safetensors")) for k, v in _header(f).items()}
+
+
+def _full(ident: str, kind: str = "text-to-image", counts: dict | None = FULL_SIZE, **profile) -> ModelSpec:
+    """A full-size model without files: ``random:`` with parameter counts."""
+    cls = {"text-to-image": "QwenImagePipeline", "edit": "QwenImageEditPipeline", "edit-plus": "QwenImageEditPlusPipeline"}[kind]
+    options = {"parameter_counts": counts} if counts else {}
+    return ModelSpec(ident, f"random:Qwen/{ident}", cls, kind, options=options, profile=RunProfile(**profile))
+
+
+def _small(ident: str, params: float = 1e9) -> ModelSpec:
+    return _full(ident, counts={"transformer": params * 0.7, "text_encoder": params * 0.3})
+
+
+def _gpus(*gpus: Gpu):
+    return lambda: list(gpus)
+
+
+def _gpu(index: int, gib: float) -> Gpu:
+    return Gpu(f"cuda:{index}", "test GPU", int(gib * GIB), int(gib * GIB))
+
+
+# --- estimates ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,bytes_per_param", [("cuda", 2), ("cpu", 4)])
+def test_estimate_is_the_sum_of_the_header_tensors_in_the_run_dtype(tiny_t2i, device, bytes_per_param):
+    spec = resolve_configured(Settings(models=[str(tiny_t2i)]))[0]
+    plan = make_plan([spec], Settings(device="auto" if device == "cuda" else "cpu"), discover=_gpus(_gpu(0, 80)))
+    fp = plan.footprints[spec.id]
+    for component in ("transformer", "text_encoder", "vae"):
+        header = _headers(tiny_t2i, component)
+        expected = sum(_numel(info) * (bytes_per_param if info["dtype"] in FLOATS else 8) for info in header.values())
+        assert fp.components[component] == expected, component
+    assert fp.total == fp.weights + max(fp.activations, fp.text_encoder_work) + fp.overhead
+    assert plan.devices(spec.id) == (["cuda:0"] if device == "cuda" else ["cpu"])
+
+
+def test_the_planner_reads_headers_only(tiny_t2i, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_t2i, cut)
+    for file in cut.glob("*/*.safetensors"):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        with open(file, "r+b") as f:
+            f.truncate(8 + n)  # no tensor data left
+        assert file.stat().st_size == 8 + n
+    settings = Settings(models=[f"a={tiny_t2i}", f"b={cut}"])
+    a, b = resolve_configured(settings)
+    plan = make_plan([a, b], settings, discover=_gpus(_gpu(0, 80)))
+    assert plan.footprints["a"].components == plan.footprints["b"].components
+    assert plan.footprints["a"].total == plan.footprints["b"].total > 0
+
+
+def test_hub_models_are_sized_from_the_cached_snapshot(tiny_t2i, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny"
+    shutil.copytree(tiny_t2i, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cached = read_hub("org/tiny", cache_dir=tmp_path)
+    assert cached.components == read_folder(tiny_t2i).components
+    assert "hub cache" in cached.origin
+
+
+def test_hub_models_not_in_the_cache_are_sized_from_remote_headers(tiny_t2i, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    files = sorted(str(p.relative_to(tiny_t2i)) for p in tiny_t2i.rglob("*") if p.is_file())
+    ranged = []
+
+    class Api:
+        def list_repo_files(self, repo, revision=None):
+            return files
+
+        def parse_safetensors_file_metadata(self, repo, path, revision=None, timeout=None):
+            ranged.append(path)
+            infos = {k: type("Info", (), {"dtype": v["dtype"], "shape": v["shape"]}) for k, v in _header(tiny_t2i / path).items()}
+            return type("Meta", (), {"tensors": infos})
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None: str(tiny_t2i / name))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    remote = read_hub("org/not-cached", cache_dir=tmp_path)
+    assert remote.components == read_folder(tiny_t2i).components and remote.origin == "safetensors headers (hub)"
+    assert sorted(ranged) == sorted(f for f in files if f.endswith(".safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UnknownFootprint, match="offline, and the hub cache does not hold its weights"):
+        read_hub("org/not-cached", cache_dir=tmp_path)
+
+
+def test_sources_without_files_need_parameter_counts():
+    with pytest.raises(UnknownFootprint, match="no weight files and gives no parameter counts"):
+        read_tensors(_full("x", counts=None))
+    fp = footprint(_full("x"), read_tensors(_full("x")), run_bytes=2, max_image_side=1024)
+    assert fp.weights == pytest.approx(sum(FULL_SIZE.values()) * 2, rel=1e-6)
+
+
+def test_working_memory_matches_the_measured_qwen_image_figures():
+    # 4.2 GiB over the weights at 1024x1024 (4096 tokens), 7.0 GiB at 1328x1328 (6889 tokens), bf16, H100
+    assert activation_bytes(4096, 0, 3072, 2) / GIB == pytest.approx(4.2, abs=0.01)
+    assert activation_bytes(6889, 0, 3072, 2) / GIB == pytest.approx(7.0, abs=0.01)
+    assert activation_bytes(4096, 0, 3072, 2, batch=2) == pytest.approx(2 * activation_bytes(4096, 0, 3072, 2), rel=1e-6)
+    t2i = footprint(_full("t"), read_tensors(_full("t")), run_bytes=2, max_image_side=1024)
+    assert (t2i.weights + t2i.activations) / GIB == pytest.approx(53.8 + 4.2, abs=0.2)
+    edit = footprint(_full("e", "edit-plus"), read_tensors(_full("e")), run_bytes=2, max_image_side=1024, max_input_images=4)
+    assert edit.activations > t2i.activations, "input images of edits add to the working memory"
+
+
+def test_fp8_and_offload_profiles_reduce_the_estimate_as_documented(tiny_t2i):
+    tensors = read_folder(tiny_t2i)
+    sizes = {c: _headers(tiny_t2i, c) for c in ("transformer", "text_encoder", "vae")}
+
+    def expected(component, one_byte):
+        return sum(_numel(i) * (1 if one_byte(name, i) else 2) for name, i in sizes[component].items())
+
+    base = resident_weights(tensors, RunProfile(), 2)
+    fp8 = resident_weights(tensors, RunProfile(weights_dtype="fp8"), 2)
+    assert fp8["transformer"] == expected("transformer", lambda n, i: len(i["shape"]) >= 2) < base["transformer"]
+    assert fp8["text_encoder"] == expected("text_encoder", lambda n, i: len(i["shape"]) >= 2) < base["text_encoder"]
+    assert fp8["vae"] == base["vae"]
+    quant = resident_weights(tensors, RunProfile(quantize="fp8"), 2)
+    assert quant["transformer"] == expected("transformer", lambda n, i: len(i["shape"]) == 2 and n.endswith(".weight"))
+    assert quant["text_encoder"] == base["text_encoder"]
+    assert resident_weights(tensors, RunProfile(offload="text-encoder"), 2) == {**base, "text_encoder": 0}
+    largest = max(base, key=base.get)
+    assert resident_weights(tensors, RunProfile(offload="model"), 2) == {c: (b if c == largest else 0) for c, b in base.items()}
+    group = resident_weights(tensors, RunProfile(offload="group"), 2)
+    blocks = {}
+    for name, info in sizes["transformer"].items():
+        if name.startswith("transformer_blocks."):
+            key = ".".join(name.split(".")[:2])
+            blocks[key] = blocks.get(key, 0) + _numel(info) * 2
+    outside = sum(_numel(i) * 2 for n, i in sizes["transformer"].items() if not n.startswith("transformer_blocks."))
+    assert len(blocks) == 2 and group["transformer"] == max(blocks.values()) + outside
+    assert group["text_encoder"] < base["text_encoder"]
+    sequential = resident_weights(tensors, RunProfile(offload="sequential"), 2)
+    assert 0 < sum(sequential.values()) < sum(group.values())
+
+
+# --- placement ------------------------------------------------------------------------------
+def test_a_model_that_fits_goes_to_the_gpu_with_room():
+    plan = make_plan([_full("qwen-image")], Settings(max_image_side=1328), discover=_gpus(_gpu(0, 24), _gpu(1, 80)))
+    assert plan.devices("qwen-image") == ["cuda:1"]
+    assert plan.footprints["qwen-image"].total / GIB == pytest.approx(53.7 + 7.0 + 0.5, abs=0.2)
+    report = plan.gpu_report()
+    assert report[1]["workers"][0]["name"] == "qwen-image#0" and report[0]["workers"] == []
+
+
+def test_two_models_too_large_for_one_gpu_together_go_to_two():
+    specs = [_full("qwen-image"), _full("qwen-image-edit", "edit-plus")]
+    plan = make_plan(specs, Settings(max_image_side=1328), discover=_gpus(_gpu(0, 80), _gpu(1, 80)))
+    assert {plan.devices("qwen-image")[0], plan.devices("qwen-image-edit")[0]} == {"cuda:0", "cuda:1"}
+
+
+def test_small_models_share_a_gpu_and_a_models_workers_spread():
+    specs = [_small("a"), _small("b"), _small("c")]
+    plan = make_plan(specs, Settings(max_image_side=512), discover=_gpus(_gpu(0, 80)))
+    assert [plan.devices(m) for m in "abc"] == [["cuda:0"]] * 3
+    plan = make_plan([_small("a")], Settings(max_image_side=512, workers=2), discover=_gpus(_gpu(0, 80), _gpu(1, 80)))
+    assert sorted(plan.devices("a")) == ["cuda:0", "cuda:1"]
+
+
+def test_best_fit_is_tried_when_spreading_does_not_fit():
+    # needs of about 40, 30 and 20 GiB on GPUs of 50 and 40: spreading puts the 40 on the 50 and strands the 20
+    specs = [_small("big", 20e9), _small("m1", 15e9), _small("m2", 10e9)]
+    settings = Settings(max_image_side=256, min_image_side=256)
+    plan = make_plan(specs, settings, discover=_gpus(_gpu(0, 200)))
+    need = {m: plan.footprints[m].total / GIB for m in ("big", "m1", "m2")}
+    gpus = [_gpu(0, need["m1"] + need["m2"] + 0.1), _gpu(1, need["big"] + 0.1)]
+    assert place(_slots(specs, plan.footprints, 1), gpus, spread=True)[1] is not None, "spreading alone fails here"
+    plan = make_plan(specs, settings, discover=_gpus(*gpus))
+    assert plan.devices("big") == ["cuda:1"] and plan.devices("m1") == plan.devices("m2") == ["cuda:0"]
+
+
+def test_an_explicit_device_list_is_kept_and_checked():
+    settings = Settings(max_image_side=1328, device="cuda:1,cuda:0")
+    specs = [_small("a"), _small("b")]
+    plan = make_plan(specs, settings, discover=_gpus(_gpu(0, 80), _gpu(1, 80)))
+    assert (plan.devices("a"), plan.devices("b")) == (["cuda:1"], ["cuda:0"])
+    with pytest.raises(PlanError, match=r"model qwen-image \(worker 1 of 1\) on cuda:0") as refused:
+        make_plan([_full("qwen-image")], Settings(device="cuda:0"), discover=_gpus(_gpu(0, 24), _gpu(1, 80)))
+    assert "--device auto (places the workers by free memory)" in str(refused.value)
+    with pytest.raises(PlanError, match=r"--device names cuda:5, which is not visible \(visible GPUs: cuda:0\)"):
+        make_plan(specs, Settings(device="cuda:5"), discover=_gpus(_gpu(0, 80)))
+    with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
+        make_plan(specs, Settings(device="cuda:0"), discover=_gpus())
+
+
+def test_cpu_plans_check_nothing_and_need_no_gpu_probe(tiny_t2i):
+    def no_probe():
+        raise AssertionError("the GPUs were probed for a CPU plan")
+
+    spec = resolve_configured(Settings(models=[str(tiny_t2i)]))[0]
+    plan = make_plan([spec, _full("huge")], Settings(device="cpu", workers=2), discover=no_probe)
+    assert plan.devices(spec.id) == plan.devices("huge") == ["cpu", "cpu"]
+    assert make_plan([spec], Settings(), discover=_gpus()).devices(spec.id) == ["cpu"], "auto without GPUs: cpu"
+    with pytest.raises(ModelConfigError, match="--device cuda asked for, but no GPU is visible"):
+        make_plan([spec], Settings(device="cuda"), discover=_gpus())
+
+
+def test_an_unknown_estimate_does_not_block():
+    plan = make_plan([_full("mystery", counts=None)], Settings(), discover=_gpus(_gpu(0, 1)))
+    assert plan.devices("mystery") == ["cuda:0"]
+    assert plan.model_summary("mystery")["total_gib"] is None and "parameter counts" in plan.model_summary("mystery")["unknown"]
+    assert "memory estimate unknown" in plan.table()
+
+
+def test_the_refusal_names_the_model_the_numbers_and_flags_that_fit():
+    specs = [_full("qwen-image"), _full("qwen-image-edit", "edit-plus")]
+    settings = Settings(max_image_side=1328)
+    with pytest.raises(PlanError) as refused:
+        make_plan(specs, settings, discover=_gpus(H100))
+    text = str(refused.value)
+    assert text.startswith("not enough GPU memory for model qwen-image (worker 1 of 1): each worker needs 61.2 GiB")
+    assert "53.7 GiB of weights (transformer 38.0 GiB, text_encoder 15.5 GiB, vae 248 MiB)" in text
+    assert "7.0 GiB working memory at 1328x1328" in text
+    assert "cuda:0 NVIDIA H100 80GB HBM3: 79.1 GiB free of 79.6 GiB, planned there: qwen-image-edit#0 62.7 GiB" in text
+    assert "--weights-dtype fp8 (for every model) (it would need 34.5 GiB)" in text
+    assert "Or serve qwen-image on another GPU with at least 61.2 GiB free" in text
+    # the suggestion holds: with it, the plan fits
+    fp8 = [ModelSpec(s.id, s.source, s.pipeline_class, s.kind, s.options, profile=RunProfile(weights_dtype="fp8")) for s in specs]
+    assert make_plan(fp8, settings, discover=_gpus(H100)).devices("qwen-image") == ["cuda:0"]
+
+
+def test_the_refusal_offers_fewer_workers_and_smaller_images_when_they_fit():
+    with pytest.raises(PlanError) as refused:
+        make_plan([_full("qwen-image")], Settings(workers=2), discover=_gpus(_gpu(0, 80), _gpu(1, 64)))
+    text = str(refused.value)
+    assert "--workers 1" in text
+    side = int(text.split("QIS_MAX_IMAGE_SIDE=")[1].split(" ")[0])
+    assert side % 16 == 0 and side < 2048
+    assert make_plan([_full("qwen-image")], Settings(workers=2, max_image_side=side), discover=_gpus(_gpu(0, 80), _gpu(1, 64)))
+    with pytest.raises(PlanError):
+        make_plan([_full("qwen-image")], Settings(workers=2, max_image_side=side + 16), discover=_gpus(_gpu(0, 80), _gpu(1, 64)))
+
+
+def test_gpu_report_adds_what_the_workers_report():
+    plan = make_plan([_small("a")], Settings(), discover=_gpus(_gpu(0, 80)))
+    memory = {"allocated_gib": 3.0, "reserved_gib": 3.5, "device_free_gib": 70.0, "device_total_gib": 80.0}
+    live = [{"name": "a#0", "memory": memory}]
+    (report,) = plan.gpu_report(live)
+    assert report["used_gib"] == 10.0 and report["total_gib"] == 80.0
+    assert report["workers"][0]["allocated_gib"] == 3.0 and report["workers"][0]["planned_gib"] > 0
+
+
+def test_fake_gpus_parse():
+    assert [(g.device, g.free, g.total) for g in parse_fake_gpus("80GiB, 10GiB/24GiB")] == [
+        ("cuda:0", 80 * GIB, 80 * GIB),
+        ("cuda:1", 10 * GIB, 24 * GIB),
+    ]
+    with pytest.raises(ModelConfigError, match="QIS_FAKE_GPUS: 'lots' is not a size"):
+        parse_fake_gpus("lots")
+
+
+# --- the plan command -----------------------------------------------------------------------------
+def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
+    runner = CliRunner()
+    args = ["plan", "-m", f"a={tiny_t2i}", "-m", f"b={tiny_edit}"]
+    fits = runner.invoke(app, args, env={"QIS_FAKE_GPUS": "0.8GiB,0.8GiB"})
+    assert fits.exit_code == 0, fits.output
+    assert "a: 777 MiB per worker at 2048x2048" in fits.output
+    assert "cuda:0 QIS_FAKE_GPUS (819 MiB free of 819 MiB): " in fits.output and "cuda:1" in fits.output
+    assert "the plan fits" in fits.output
+    refused = runner.invoke(app, args, env={"QIS_FAKE_GPUS": "1GiB"})
+    assert refused.exit_code == 2
+    assert "error: not enough GPU memory for model " in refused.output
+    assert "cuda:0 QIS_FAKE_GPUS: 1.0 GiB free of 1.0 GiB, planned there: " in refused.output
+    assert "Or serve" in refused.output and "on another GPU" in refused.output
