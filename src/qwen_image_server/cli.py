@@ -90,7 +90,7 @@ def serve(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")] = None,
     compile_sizes: Annotated[list[str] | None, typer.Option(help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")] = None,
-    cache: Annotated[list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL].")] = None,
+    cache: Annotated[list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL]: fbcache, taylorseer or none.")] = None,
     quantize: Annotated[list[str] | None, typer.Option(help="none or fp8[@MODEL]: FP8 linear layers in the transformer.")] = None,
     cfg_batch: Annotated[list[str] | None, typer.Option(help="auto, on or off[@MODEL]: true CFG as one batch of two.")] = None,
     attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,

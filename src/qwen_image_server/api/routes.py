@@ -157,6 +157,7 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
                         "size": f"{image.width}x{image.height}",
                         **echo,
                         "usage": service.usage(prepared, single),
+                        "stats": service.stats(result),  # the whole request's
                         "image_index": index,
                         "seed": image.seed,
                         "revised_prompt": item["revised_prompt"],

@@ -75,14 +75,14 @@ class ModelReplica:
             with self._pipeline_lock:
                 started = time.time()
                 images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
-                return images, started, time.time()
+                return images, started, time.time(), dict(self.runner.last_stats)
 
         future = loop.run_in_executor(None, work)
         future.add_done_callback(lambda _: previews.put_nowait(None))
         try:
             while (preview := await previews.get()) is not None:
                 yield preview
-            images, started, finished = await future
+            images, started, finished, stats = await future
         except asyncio.CancelledError:
             stop.set()
             raise
@@ -92,7 +92,7 @@ class ModelReplica:
                 for seed, image in zip(job.seeds, images)
             ]
         )
-        yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt))
+        yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt), stats)
 
 
 class RayEngine:

@@ -38,6 +38,7 @@ class Job:
     output_compression: int = 100
     strength: float = 0.6  # variations (img2img): how far from the input image to move
     partial_images: int = 0  # previews per image, at evenly spaced denoising steps
+    cache: str | None = None  # step cache policy for this job ("none": off); None: the model's profile
 
     @property
     def n(self) -> int:
@@ -85,6 +86,7 @@ class TaskResult:
     finished: float
     worker: str = ""
     prompt_tokens: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # counters of the run, e.g. transformer_calls
 
 
 @dataclass
@@ -96,6 +98,7 @@ class JobResult:
     finished: float
     workers: list[str]
     prompt_tokens: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # the tasks' counters, summed
 
     @classmethod
     def combine(cls, results: list[TaskResult]) -> JobResult:
@@ -106,4 +109,5 @@ class JobResult:
             finished=max(r.finished for r in results),
             workers=sorted({r.worker for r in results}),
             prompt_tokens=results[0].prompt_tokens,
+            stats={key: sum(r.stats.get(key, 0) for r in results) for key in dict.fromkeys(k for r in results for k in r.stats)},
         )

@@ -109,12 +109,12 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
                 preview = PartialImage(index, partial_index, encoded(task.job, task.job.seeds[index], image))
                 send(("partial", task.task_id, preview))
                 continue
-            _, task, images, started, finished = item
+            _, task, images, started, finished, stats = item
             try:
                 job = task.job
                 images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images)]
                 tokens = runner.count_tokens(job.prompt)
-                send(("result", TaskResult(task.task_id, images, started, finished, name, tokens)))
+                send(("result", TaskResult(task.task_id, images, started, finished, name, tokens, stats)))
             except Exception as exc:
                 log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
                 send(("failed", task.task_id, short_reason(exc), False))
@@ -142,7 +142,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
             send(("failed", task_id, short_reason(exc), False))
         else:
             send(("computed", task_id))
-            to_encode.put(("result", task, images, started, time.time()))
+            to_encode.put(("result", task, images, started, time.time(), dict(runner.last_stats)))
         cancelled.discard(task_id)
     to_encode.put(None)
     encoder.join(timeout=30)

@@ -57,7 +57,7 @@ class RunProfile:
 
     compile: bool = False
     compile_sizes: tuple[str, ...] = ()  # WIDTHxHEIGHT warmed at start-up when compiling; () = the default size
-    cache: str | None = None  # step cache policy with its knobs, e.g. "fbcache:threshold=0.05"; None: off
+    cache: str | None = None  # step cache policy, every knob spelled out (see ``step_cache.py``); None: off
     quantize: str = "none"  # "fp8": FP8 weights and matmuls for the transformer's linear layers
     cfg_batch: str = "off"  # "on"/"auto": cond + uncond as one batch of two ("auto": when memory allows)
     attention_backend: str | None = None  # diffusers' attention backend name; None: its default
@@ -131,7 +131,14 @@ def _coerce(key: str, value: Any, model: str) -> Any:
         return _choice(value, WEIGHTS_DTYPES, key, model)
     if key == "offload":
         return _choice(value, OFFLOAD_MODES, key, model)
-    if key in ("cache", "attention_backend"):
+    if key == "cache":
+        from .step_cache import CachePolicyError, canonical_policy
+
+        try:
+            return canonical_policy(value)
+        except CachePolicyError as exc:
+            raise ProfileError(f"cache for model {model}: {exc}") from None
+    if key == "attention_backend":
         text = str(value).strip()
         return None if text.lower() in ("", "none", "off") else text
     raise ProfileError(f"unknown profile setting {key!r}")

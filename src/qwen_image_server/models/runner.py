@@ -19,6 +19,7 @@ from ..engine.types import Job
 from ..errors import TaskCancelled
 from .processor import load_processor
 from .spec import ModelSpec
+from .step_cache import StepCache, denoising_steps, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class PipelineRunner:
         self.pipe.set_progress_bar_config(disable=True)
         self._inpaint = None
         self._img2img = None
+        self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
+        self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
 
     def _load_processor(self):
@@ -178,7 +181,13 @@ class PipelineRunner:
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
-        with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode():
+        policy = parse_policy(job.cache if job.cache is not None else self.spec.profile.cache)
+        self.last_stats = {}
+        with (
+            edit_areas(options.get("edit_area"), options.get("condition_area")),
+            torch.inference_mode(),
+            self.step_cache.run(policy, denoising_steps(job)) as stats,
+        ):
             if preview is not None:
                 preview.attach(pipe)
             try:
@@ -186,6 +195,7 @@ class PipelineRunner:
             finally:
                 if preview is not None:
                     preview.detach()
+        self.last_stats = stats
         if job.mode == "inpaint":
             size = (job.out_width, job.out_height) if job.out_width and job.out_height else kwargs["image"].size
             return [keep_unmasked(image, kwargs["image"], kwargs["mask_image"], size) for image in result]

@@ -19,6 +19,7 @@ from ..engine.base import EngineClient
 from ..engine.types import EncodedImage, Job, JobResult, PartialImage
 from ..errors import InvalidImage, InvalidRequest, ModelNotAvailable
 from ..models.spec import ModelSpec
+from ..models.step_cache import CachePolicyError, canonical_policy
 from ..protocol.images import (
     ASPECT_RATIOS,
     IGNORED_OPENAI_FIELDS,
@@ -200,7 +201,18 @@ class ImageService:
             output_format=req.output_format,
             output_compression=100 if req.output_compression is None else req.output_compression,
             partial_images=req.partial_images or 0 if req.stream else 0,
+            cache=self._cache(req),
         )
+
+    @staticmethod
+    def _cache(req: _CommonRequest) -> str | None:
+        """The request's step cache policy, canonical ("none": off), or None for the model's own."""
+        if req.cache is None:
+            return None
+        try:
+            return canonical_policy(req.cache) or "none"
+        except CachePolicyError as exc:
+            raise InvalidRequest(f"cache: {exc}", param="cache") from None
 
     # --- preparing jobs ---------------------------------------------------------------------
     async def prepare_generation(self, req: GenerationRequest) -> Prepared:
@@ -290,7 +302,8 @@ class ImageService:
             else:
                 item["b64_json"] = b64(image.data)
             data.append(item)
-        return {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}, result
+        body = {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}
+        return {**body, "stats": self.stats(result)}, result
 
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""
@@ -310,6 +323,11 @@ class ImageService:
             "quality": prepared.req.quality or "auto",
             "background": "opaque",
         }
+
+    @staticmethod
+    def stats(result: JobResult) -> dict:
+        """The response's ``stats`` extension: what the run did (transformer calls, and those served from the step cache)."""
+        return {"transformer_calls": 0, "cached_calls": 0, **result.stats}
 
     @staticmethod
     def usage(prepared: Prepared, result: JobResult) -> dict:

@@ -1,0 +1,54 @@
+"""Step caching over HTTP: a server started with ``--cache``, the request's ``cache`` field and the ``stats`` object."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+STEPS = 4
+BODY = {"prompt": "a lighthouse at dusk", "size": "64x64", "num_inference_steps": STEPS, "seed": 11}
+
+
+def _pixels(body: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).convert("RGB"))
+
+
+@pytest.mark.e2e
+def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
+    server = start_server(
+        "--model", f"cached={tiny_t2i}", "--cache", "fbcache:threshold=1@cached",
+        env={"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"},
+    )  # fmt: skip
+    with httpx.Client(base_url=server.base_url, timeout=300) as http:
+        card = http.get("/v1/models/cached").json()
+        assert card["profile"]["cache"] == "fbcache:threshold=1"
+
+        cached = http.post("/v1/images/generations", json=BODY)
+        assert cached.status_code == 200, cached.text[:300]
+        stats = cached.json()["stats"]
+        assert stats["transformer_calls"] == 2 * STEPS, "true CFG: a cond and an uncond call per step"
+        assert 0 < stats["cached_calls"] < 2 * STEPS
+
+        plain = http.post("/v1/images/generations", json={**BODY, "cache": "none"})
+        assert plain.status_code == 200, plain.text[:300]
+        assert plain.json()["stats"] == {"transformer_calls": 2 * STEPS, "cached_calls": 0}
+        assert not np.array_equal(_pixels(cached.json()), _pixels(plain.json()))
+
+        never = http.post("/v1/images/generations", json={**BODY, "cache": "fbcache:threshold=0"})
+        assert never.json()["stats"]["cached_calls"] == 0
+        assert np.array_equal(_pixels(never.json()), _pixels(plain.json()))
+
+        streamed = http.post("/v1/images/generations", json={**BODY, "stream": True})
+        completed = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:") and "completed" in line]
+        assert len(completed) == 1 and completed[0]["stats"] == stats
+
+        bad = http.post("/v1/images/generations", json={**BODY, "cache": "fbcache:threshold=5"})
+        assert bad.status_code == 400
+        error = bad.json()["error"]
+        assert error["param"] == "cache" and "policy fbcache: knob threshold: '5' is not in [0, 1]" in error["message"]

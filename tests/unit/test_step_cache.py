@@ -1,0 +1,182 @@
+"""Step caching: policy strings (start-up and request errors), and cached runs on a tiny model.
+
+The runs count the transformer's blocks with forward hooks on their MLPs (which run
+only when a block really runs) and compare images pixel for pixel.
+"""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.types import Job, JobResult, TaskResult
+from qwen_image_server.errors import InvalidRequest, TaskCancelled
+from qwen_image_server.models.profile import ProfileError, build_profile
+from qwen_image_server.models.spec import ModelConfigError, resolve_configured, resolve_model
+from qwen_image_server.models.step_cache import CachePolicyError, denoising_steps, parse_policy
+from qwen_image_server.protocol.images import GenerationRequest
+from qwen_image_server.serving.service import ImageService
+
+# --- policy strings (no torch) ---------------------------------------------------------------
+
+
+def test_policies_fill_in_defaults_and_print_canonically():
+    assert parse_policy("fbcache").canonical() == "fbcache:threshold=0.08"
+    assert parse_policy(" FBCache:threshold=0.05 ").canonical() == "fbcache:threshold=0.05"
+    taylor = parse_policy("taylorseer:interval=4,lite=yes")
+    assert taylor.canonical() == "taylorseer:interval=4,warmup=6,cooldown=2,order=1,lite=true"
+    assert parse_policy(taylor.canonical()) == taylor
+    for off in (None, "", "none", "off", "NONE"):
+        assert parse_policy(off) is None
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("teacache", "unknown step cache policy 'teacache'; valid: fbcache (threshold=float in [0, 1] (default 0.08)); taylorseer"),
+        ("fbcache:thresh=0.1", "policy fbcache: unknown knob 'thresh'; knobs: threshold=float in [0, 1] (default 0.08)"),
+        ("fbcache:threshold=2", "policy fbcache: knob threshold: '2' is not in [0, 1]"),
+        ("fbcache:threshold=nan", "is not in [0, 1]"),
+        ("fbcache:threshold", "'threshold' is not KEY=VALUE"),
+        ("taylorseer:interval=2.5", "knob interval: expected an integer, got '2.5'; knobs: interval=int in [1, 50] (default 3), warmup="),
+        ("taylorseer:lite=maybe", "knob lite: expected true or false"),
+        ("none:threshold=1", "takes no knobs"),
+    ],
+)
+def test_bad_policy_strings_name_the_policy_and_its_knobs(text, message):
+    with pytest.raises(CachePolicyError) as info:
+        parse_policy(text)
+    assert message in str(info.value)
+
+
+def test_a_bad_profile_cache_is_a_start_up_error_naming_the_model(tiny_t2i):
+    assert build_profile("m", {}, {"cache": ["fbcache@m"]}).cache == "fbcache:threshold=0.08"
+    assert build_profile("m", {"cache": "fbcache"}, {"cache": ["none"]}).cache is None
+    with pytest.raises(ProfileError, match="cache for model m: policy fbcache: unknown knob 'warmup'; knobs: threshold="):
+        build_profile("m", {}, {"cache": ["fbcache:warmup=2"]})
+    with pytest.raises(ModelConfigError, match="cache for model a: unknown step cache policy 'magcache'; valid: fbcache"):
+        resolve_configured(Settings(models=[f"a={tiny_t2i}"], cache=["magcache"]))
+
+
+def test_cli_refuses_a_bad_cache_before_serving(tiny_t2i):
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tiny_t2i), "--port", "0", "--cache", "fbcache:threshold=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "policy fbcache: knob threshold: '-1' is not in [0, 1]" in result.stderr
+
+
+def test_a_request_cache_is_canonical_or_a_400():
+    assert ImageService._cache(GenerationRequest(prompt="p")) is None
+    assert ImageService._cache(GenerationRequest(prompt="p", cache="off")) == "none"
+    assert ImageService._cache(GenerationRequest(prompt="p", cache="fbcache:threshold=0.1")) == "fbcache:threshold=0.1"
+    with pytest.raises(InvalidRequest, match="cache: policy taylorseer: unknown knob 'steps'") as info:
+        ImageService._cache(GenerationRequest(prompt="p", cache="taylorseer:steps=3"))
+    assert info.value.param == "cache"
+
+
+def test_job_results_sum_their_tasks_stats():
+    tasks = [TaskResult(i, [], 1.0, 2.0, stats={"transformer_calls": 8, "cached_calls": i}) for i in (1, 3)]
+    assert JobResult.combine(tasks).stats == {"transformer_calls": 16, "cached_calls": 4}
+    assert ImageService.stats(JobResult([], 0, 0, [])) == {"transformer_calls": 0, "cached_calls": 0}
+
+
+def test_variations_run_fewer_denoising_steps():
+    assert denoising_steps(Job(mode="generate", prompt="p", seeds=[1], num_inference_steps=50)) == 50
+    assert denoising_steps(Job(mode="variation", prompt="p", seeds=[1], num_inference_steps=50, strength=0.6)) == 30
+
+
+# --- cached runs on the tiny model ------------------------------------------------------------
+
+STEPS = 6
+JOB = Job(mode="generate", prompt="a red cube", seeds=[7], width=64, height=64, num_inference_steps=STEPS, true_cfg_scale=4.0)
+CACHED = "fbcache:threshold=1"  # the tiny model's random blocks change a lot from step to step
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_t2i):
+    """A runner whose model profile has a step cache (CACHED)."""
+    from qwen_image_server.models.runner import PipelineRunner
+
+    spec = resolve_model(str(tiny_t2i))
+    return PipelineRunner(replace(spec, profile=replace(spec.profile, cache=CACHED)), device="cpu")
+
+
+def _run(runner, job, **kwargs):
+    """The image as an array and how many times each block really ran."""
+    counts = [0] * len(runner.pipe.transformer.transformer_blocks)
+    handles = [
+        block.img_mlp.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, block in enumerate(runner.pipe.transformer.transformer_blocks)
+    ]
+    try:
+        image = runner.run(job, **kwargs)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return np.asarray(image), counts
+
+
+def test_the_cached_run_skips_blocks_and_counts_its_calls(runner):
+    plain, plain_counts = _run(runner, replace(JOB, cache="none"))
+    assert plain_counts == [2 * STEPS, 2 * STEPS], "true CFG: a cond and an uncond call per step"
+    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 0}
+    cached, counts = _run(runner, JOB)  # the profile's cache
+    assert cached.shape == (64, 64, 3)
+    assert counts[0] == 2 * STEPS, "fbcache always runs the first block"
+    assert counts[1] < 2 * STEPS
+    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 2 * STEPS - counts[1]}
+    assert not np.array_equal(cached, plain)
+
+
+def test_never_reusing_gives_exactly_the_uncached_image(runner):
+    plain, _ = _run(runner, replace(JOB, cache="none"))
+    for never in ("fbcache:threshold=0", "taylorseer:interval=1"):
+        image, counts = _run(runner, replace(JOB, cache=never))
+        assert np.array_equal(image, plain), never
+        assert counts == [2 * STEPS] * 2 and runner.last_stats["cached_calls"] == 0
+
+
+def test_taylorseer_predicts_attention_between_full_steps(runner):
+    plain, _ = _run(runner, replace(JOB, cache="none"))
+    image, counts = _run(runner, replace(JOB, cache="taylorseer:interval=2,warmup=2,cooldown=0"))
+    # Steps 0-1 warm up, then steps 2 and 4 are predicted, 3 and 5 computed: per branch, 2 of 6 from the cache.
+    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 4}
+    assert counts == [2 * STEPS] * 2, "the blocks' MLPs still run; only attention is predicted"
+    assert not np.array_equal(image, plain)
+
+
+def test_a_request_none_on_a_cached_model_is_the_uncached_image(runner, tiny_t2i):
+    from qwen_image_server.models.runner import PipelineRunner
+
+    cached, _ = _run(runner, JOB)
+    off, counts = _run(runner, replace(JOB, cache="none"))
+    uncached_model = PipelineRunner(resolve_model(str(tiny_t2i)), device="cpu")
+    reference, _ = _run(uncached_model, JOB)
+    assert np.array_equal(off, reference) and not np.array_equal(cached, reference)
+    assert counts == [2 * STEPS] * 2
+
+
+def test_no_cached_state_leaks_into_the_next_request(runner):
+    job = replace(JOB, cache="taylorseer:interval=2,warmup=2,cooldown=0")  # its step counters show any leak
+    first, _ = _run(runner, job)
+    second, _ = _run(runner, job)
+    assert np.array_equal(first, second)
+    # A cancelled call never reaches diffusers' own reset at the end of the pipeline call:
+    # its residuals and step counters must not serve the next request.
+    checks = []
+
+    def stop_after_four_steps():
+        checks.append(1)
+        return len(checks) > 4  # checked once before the call, then at each step's end
+
+    with pytest.raises(TaskCancelled):
+        runner.run(replace(job, seeds=[8]), should_stop=stop_after_four_steps)
+    after_cancel, _ = _run(runner, job)
+    assert np.array_equal(after_cancel, first)
