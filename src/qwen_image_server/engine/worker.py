@@ -56,7 +56,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
         send(("load_failed", short_reason(exc)))
         return
-    send(("ready", {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch.")}))
+    send(("ready", {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info}))
 
     inbox: queue.Queue = queue.Queue()
     cancelled: set[int] = set()

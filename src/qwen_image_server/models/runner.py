@@ -19,6 +19,7 @@ from ..engine.types import Job
 from ..errors import TaskCancelled
 from .processor import load_processor
 from .spec import ModelSpec
+from .speed import apply_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class PipelineRunner:
         started = time.perf_counter()
         self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
         self._inpaint = None
         self._img2img = None
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
@@ -178,7 +180,7 @@ class PipelineRunner:
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
-        with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode():
+        with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode(), self.speed.call(pipe):
             if preview is not None:
                 preview.attach(pipe)
             try:
