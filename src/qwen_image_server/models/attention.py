@@ -87,20 +87,23 @@ def apply_attention_backend(transformer, name: str | None, device: str, dtype, m
 
     ``None`` keeps diffusers' default backend (only probed for mask support).
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     heads = transformer.config.num_attention_heads
     head_dim = transformer.config.attention_head_dim
     backend = None
     if name is not None:
         backend = AttentionBackendName(name.strip().lower())
+        active = _AttentionBackendRegistry._active_backend  # set_attention_backend also changes the process-wide default
         try:
             transformer.set_attention_backend(backend.value)  # checks its package, fetches hub kernels
         except Exception as exc:
+            _AttentionBackendRegistry.set_active_backend(active)
             raise AttentionBackendError(f"attention backend {backend.value!r} for model {model} is not usable: {_first_line(exc)}") from exc
         problem = _runs(backend, device, dtype, heads, head_dim, with_mask=False)
         if problem:
             transformer.reset_attention_backend()
+            _AttentionBackendRegistry.set_active_backend(active)
             dtype_name = str(dtype).removeprefix("torch.")
             raise AttentionBackendError(
                 f"attention backend {backend.value!r} for model {model} cannot run on {device} with {dtype_name}: {problem}"
