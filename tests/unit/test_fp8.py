@@ -139,3 +139,21 @@ def test_fp8_on_the_gpu():
     x = torch.randn(2, 77, 3072, device="cuda", dtype=torch.bfloat16)  # 154 rows: padded to a multiple of 16
     if fp8.fp8_unsupported_reason("cuda") is None:
         assert _relative_error(fp8.FP8Linear(linear, torch.bfloat16)(x), linear(x)) < 0.06
+
+
+def test_worker_ready_message_carries_what_really_runs(tiny_t2i):
+    import multiprocessing
+    import threading
+
+    from qwen_image_server.engine.worker import worker_main
+
+    spec = resolve_model(str(tiny_t2i))
+    spec = replace(spec, profile=RunProfile(quantize="fp8"))
+    ours, theirs = multiprocessing.Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", torch.get_num_threads(), theirs, "w0"), daemon=True)
+    thread.start()
+    kind, info = ours.recv()
+    ours.send(("stop",))
+    thread.join(timeout=60)
+    assert kind == "ready", info
+    assert info["speed"]["quantize"]["effective"] == "none" and "cpu" in info["speed"]["quantize"]["reason"]
