@@ -75,7 +75,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
         send(("load_failed", short_reason(exc)))
         return
-    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch.")}
+    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info}
     send(("ready", {**info, **device_memory(runner.device)}))
 
     inbox: queue.Queue = queue.Queue()

@@ -19,6 +19,7 @@ from ..engine.types import Job
 from ..errors import TaskCancelled
 from .processor import load_processor
 from .spec import ModelSpec
+from .speed import apply_speed_settings
 from .step_cache import StepCache, denoising_steps, parse_policy
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class PipelineRunner:
         started = time.perf_counter()
         self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
         self._inpaint = None
         self._img2img = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
@@ -187,6 +189,7 @@ class PipelineRunner:
             edit_areas(options.get("edit_area"), options.get("condition_area")),
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,
+            self.speed.call(pipe),
         ):
             if preview is not None:
                 preview.attach(pipe)

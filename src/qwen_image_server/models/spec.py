@@ -158,7 +158,13 @@ def resolve_models(
             raise ModelConfigError(f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
     parsed = [_lora_for(parse_lora(text), specs) for text in loras]
     try:
-        return [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
+        resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
+        for spec in resolved:
+            if spec.profile.attention_backend is not None:
+                from .attention import validate_attention_backend  # imports diffusers: only when a backend is named
+
+                validate_attention_backend(spec.profile.attention_backend, spec.id)
+        return resolved
     except ProfileError as exc:
         raise ModelConfigError(str(exc)) from None
 

@@ -1,0 +1,230 @@
+"""FP8 weights and FP8 matmuls for the transformer's linear layers (``--quantize fp8``).
+
+Each ``nn.Linear`` in the repeated transformer blocks becomes an ``FP8Linear``: its
+weight is stored as ``float8_e4m3fn`` with one fp32 scale per output channel (row),
+which halves the weight memory; at run time the activations are quantized per row
+(token) to e4m3 and multiplied with torch's own ``torch._scaled_mm``, which on
+Hopper/Ada GPUs runs the FP8 tensor cores and writes the run dtype directly.
+
+Kept in the run dtype, on purpose: the input projections (``img_in``, ``txt_in``),
+the timestep embedder, ``norm_out`` and ``proj_out``. Together they are about 0.2% of
+Qwen-Image's weights and run once per forward, so FP8 would save nothing measurable,
+while they are where errors are not averaged by the residual stream: ``txt_in`` reads
+the text encoder's outlier-heavy states, ``proj_out`` writes the predicted velocity
+itself, the embedders condition every block. The blocks' modulation layers
+(``img_mod``/``txt_mod``, a third of the weights) are quantized: memory could not be
+halved without them, and per-channel weight scales keep their error at the level of
+the other layers.
+
+FP8 is only worth it when it is faster: ``probe_fp8`` times representative GEMMs in
+the run dtype and in FP8 on the device at start-up, and ``apply_fp8`` keeps the model
+unquantized (with a warning naming the reason or the measured ratio) when FP8 is
+unavailable or not at least ``MIN_SPEEDUP`` times faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+#: FP8 must be at least this much faster than the run dtype on the probe's GEMMs to be used.
+MIN_SPEEDUP = 1.1
+#: (tokens M, in features K, out features N): Qwen-Image's attention/MLP-in and MLP-out shapes at 1 MP.
+PROBE_SHAPES = ((4096, 3072, 12288), (4096, 12288, 3072))
+#: Top-level transformer modules whose linear layers are quantized.
+QUANTIZED_PREFIXES = ("transformer_blocks.",)
+
+
+@dataclass
+class Fp8Probe:
+    """What the start-up probe found: whether FP8 is used, why (not), and the timings behind it."""
+
+    ok: bool
+    reason: str
+    speedup: float | None = None
+    dense_ms: float | None = None
+    fp8_ms: float | None = None
+
+    def summary(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items() if v is not None}
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (rows, cols) → (e4m3 values, fp32 scales of shape (rows, 1)) with ``x ≈ values * scales``."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp_(min=1e-12)
+    values = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return values, scale
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class FP8Linear(nn.Module):
+    """A linear layer with an e4m3 weight (per-output-channel scales) and dynamically quantized activations.
+
+    The weight is kept as (out, in) row-major, so its transpose is the column-major
+    second operand ``_scaled_mm`` wants. Leading dimensions of the input are flattened;
+    on CUDA the row count is padded to a multiple of 16 (``_scaled_mm``'s alignment),
+    e.g. for the modulation layers, which see one row per image.
+    """
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.out_dtype = out_dtype
+        with torch.no_grad():
+            weight, scale = quantize_rowwise(linear.weight.detach())
+        self.register_buffer("weight", weight.contiguous())  # (N, K) float8
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N) fp32
+        bias = linear.bias.detach().to(out_dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        m = rows.shape[0]
+        if rows.is_cuda and m % 16:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, _round_up(m, 16) - m))
+        values, scale = quantize_rowwise(rows)
+        fused_bias = self.bias is not None and self.out_dtype != torch.float32  # _scaled_mm takes no bias with fp32 out
+        out = torch._scaled_mm(
+            values,
+            self.weight.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            bias=self.bias if fused_bias else None,
+            out_dtype=self.out_dtype,
+            use_fast_accum=rows.is_cuda,
+        )
+        out = out[:m]
+        if self.bias is not None and not fused_bias:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, weight=float8_e4m3fn"
+
+
+def fp8_unsupported_reason(device: str) -> str | None:
+    """Why FP8 matmuls cannot run fast on ``device``, or None when they can (CUDA, compute capability ≥ 8.9)."""
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        return f"torch {torch.__version__} has no torch._scaled_mm / float8_e4m3fn"
+    if not device.startswith("cuda"):
+        return f"FP8 matmuls need an Ada or Hopper (or newer) GPU; the device is {device}"
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return f"FP8 matmuls need compute capability 8.9 or newer; {name} has {capability[0]}.{capability[1]}"
+    return None
+
+
+def cuda_event_timer(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Seconds per call of ``fn`` on the current CUDA stream, measured with CUDA events after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+Timer = Callable[[str, Callable[[], object]], float]
+
+
+def probe_fp8(
+    device: str,
+    dtype: torch.dtype,
+    timer: Timer | None = None,
+    shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES,
+    supported: Callable[[str], str | None] = fp8_unsupported_reason,
+) -> Fp8Probe:
+    """Time ``shapes`` as run-dtype ``F.linear`` and as ``FP8Linear`` (activation quantization included).
+
+    ``timer(kind, fn)`` returns seconds per call of ``fn`` (``kind`` is ``"dense"`` or
+    ``"fp8"``); by default CUDA events. ``supported(device)`` says why FP8 cannot run
+    there. Both are parameters so that tests can force either outcome on a CPU.
+    """
+    reason = supported(device)
+    if reason:
+        return Fp8Probe(False, reason)
+    time_it = timer or (lambda kind, fn: cuda_event_timer(fn))
+    dense = fp8 = 0.0
+    try:
+        with torch.inference_mode():
+            for m, k, n in shapes:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                linear = nn.Linear(k, n, device=device, dtype=dtype)
+                quantized = FP8Linear(linear, dtype)
+                dense += time_it("dense", lambda: linear(x))
+                fp8 += time_it("fp8", lambda: quantized(x))
+                del x, linear, quantized
+    except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment, out of memory...
+        return Fp8Probe(False, f"FP8 matmul failed on {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    speedup = dense / fp8 if fp8 > 0 else 0.0
+    figures = dict(speedup=speedup, dense_ms=dense * 1000, fp8_ms=fp8 * 1000)
+    if speedup < MIN_SPEEDUP:
+        return Fp8Probe(False, f"FP8 is only {speedup:.2f}x as fast as {str(dtype).removeprefix('torch.')} here (needs {MIN_SPEEDUP}x)", **figures)
+    return Fp8Probe(True, f"FP8 is {speedup:.2f}x as fast as {str(dtype).removeprefix('torch.')} on the probe's GEMMs", **figures)
+
+
+def quantizable_linears(model: nn.Module, device: str) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` layers under ``QUANTIZED_PREFIXES`` that ``_scaled_mm`` can take.
+
+    LoRA-wrapped layers (peft's ``base_layer``) are left alone, and on CUDA so are layers
+    whose in/out features are not multiples of 16.
+    """
+    out = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not name.startswith(QUANTIZED_PREFIXES) or name.endswith("base_layer"):
+            continue
+        if device.startswith("cuda") and (module.in_features % 16 or module.out_features % 16):
+            continue
+        out.append((name, module))
+    return out
+
+
+def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str) -> int:
+    """Replace the quantizable linear layers of ``model`` by ``FP8Linear`` in place; returns how many.
+
+    One layer at a time, so the run-dtype weights are freed as they go (peak: one extra layer).
+    """
+    count = 0
+    for name, linear in quantizable_linears(model, device):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, FP8Linear(linear, dtype))
+        del linear
+        count += 1
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return count
+
+
+def apply_fp8(transformer: nn.Module, device: str, dtype: torch.dtype, probe: Callable[[str, torch.dtype], Fp8Probe] | None = None) -> dict:
+    """Quantize ``transformer`` to FP8 when the probe says it pays; returns what runs, for the worker's info.
+
+    ``probe`` defaults to ``probe_fp8`` (looked up at call time, so tests can replace it).
+    """
+    result = (probe or probe_fp8)(device, dtype)
+    info: dict = {"requested": "fp8", **result.summary()}
+    if not result.ok:
+        log.warning("--quantize fp8: keeping %s weights and matmuls: %s", str(dtype).removeprefix("torch."), result.reason)
+        return {**info, "effective": "none"}
+    layers = quantize_linears(transformer, dtype, device)
+    log.info("--quantize fp8: %d linear layers in FP8 (%s)", layers, result.reason)
+    return {**info, "effective": "fp8", "layers": layers}

@@ -1,0 +1,161 @@
+"""Batched CFG: one transformer call per step, with the same results as the two unbatched calls."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_server.engine.types import Job
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.models import cfg_batch
+from qwen_image_server.models.profile import RunProfile
+from qwen_image_server.models.runner import PipelineRunner, edit_areas
+from qwen_image_server.models.spec import resolve_model
+
+
+def _runner(folder, mode="on") -> PipelineRunner:
+    spec = resolve_model(str(folder))
+    return PipelineRunner(replace(spec, profile=RunProfile(cfg_batch=mode)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def t2i(tiny_t2i):
+    return _runner(tiny_t2i)
+
+
+@pytest.fixture(scope="module")
+def edit(tiny_edit):
+    return _runner(tiny_edit)
+
+
+class _Count:
+    """Counts the transformer's real forward passes (``img_in`` runs once in each)."""
+
+    def __init__(self, runner):
+        self.calls = 0
+        self.batches = []
+
+        def count(module, args):
+            self.calls += 1
+            self.batches.append(args[0].shape[0])
+
+        self._handle = runner.pipe.transformer.img_in.register_forward_pre_hook(count)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def _latents(runner, batched: bool, **kwargs) -> torch.Tensor:
+    """The pipeline's final latents, with batched CFG (the runner's per-call context) or without."""
+    pipe = runner.pipe
+    kwargs = dict(num_inference_steps=2, true_cfg_scale=4.0, output_type="latent", **kwargs)
+    kwargs["generator"] = [torch.Generator("cpu").manual_seed(7 + i) for i in range(kwargs.get("num_images_per_prompt", 1))]
+    options = runner.spec.options
+    with torch.inference_mode(), edit_areas(options.get("edit_area"), options.get("condition_area")):
+        if batched:
+            with runner.speed.call(pipe):
+                return pipe(**kwargs).images
+        return pipe(**kwargs).images
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_batched_generation_equals_sequential_with_one_call_per_step(t2i, n):
+    kwargs = dict(prompt="a red cube on a wooden table", negative_prompt="blurry", width=128, height=128, num_images_per_prompt=n)
+    with _Count(t2i) as sequential_count:
+        sequential = _latents(t2i, batched=False, **kwargs)
+    with _Count(t2i) as batched_count:
+        batched = _latents(t2i, batched=True, **kwargs)
+    assert sequential_count.calls == 4 and sequential_count.batches == [n] * 4
+    assert batched_count.calls == 2 and batched_count.batches == [2 * n] * 2
+    assert batched.shape == sequential.shape
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4)
+    assert sequential.abs().mean() > 0.1  # not trivially equal
+
+
+def test_prompts_of_different_lengths_are_padded_and_masked(t2i):
+    """The negative prompt is much shorter than the prompt: only a padded, masked batch gives equal results."""
+    long_prompt = "a very detailed photograph of a red cube standing on a wooden table next to a window, morning light"
+    kwargs = dict(prompt=long_prompt, negative_prompt=" ", width=128, height=128)
+    seen = []
+    hook = t2i.pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("encoder_hidden_states_mask")), with_kwargs=True)
+    try:
+        batched = _latents(t2i, batched=True, **kwargs)
+    finally:
+        hook.remove()
+    sequential = _latents(t2i, batched=False, **kwargs)
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4)
+    assert seen[0] is None, "the pipeline's own calls carry no mask (one prompt, no padding)"
+
+
+def test_batched_edit_equals_sequential(edit):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    kwargs = dict(prompt="make it blue", negative_prompt="ugly", image=image)
+    with _Count(edit) as count:
+        batched = _latents(edit, batched=True, **kwargs)
+    sequential = _latents(edit, batched=False, **kwargs)
+    assert count.calls == 2
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4)
+
+
+def test_runner_batches_and_previews_and_no_cfg_is_unchanged(t2i):
+    job = Job(mode="generate", prompt="a cat", seeds=[3], width=128, height=128, num_inference_steps=3, partial_images=1)
+    previews = []
+    with _Count(t2i) as count:
+        image = t2i.run(job, on_partial=lambda i, j, img: previews.append(img))[0]
+    assert count.calls == 3 and image.size == (128, 128)
+    assert len(previews) == 1 and previews[0].size == (128, 128)
+    without_cfg = replace(job, true_cfg_scale=1.0, partial_images=0)
+    with _Count(t2i) as count:
+        t2i.run(without_cfg)
+    assert count.calls == 3 and count.batches == [1, 1, 1], "true_cfg_scale 1: one unbatched call per step"
+
+
+def test_cancelled_call_leaves_no_state_behind(t2i):
+    job = Job(mode="generate", prompt="a cat", seeds=[3], width=128, height=128, num_inference_steps=4)
+    calls = []
+    with pytest.raises(TaskCancelled):
+        t2i.run(job, should_stop=lambda: len(calls.append(1) or calls) > 2)
+    assert t2i.speed.cfg.hook.state is None
+    assert "encode_prompt" not in vars(t2i.pipe)
+    with _Count(t2i) as count:
+        t2i.run(replace(job, num_inference_steps=2))
+    assert count.calls == 2
+
+
+def test_auto_batches_only_when_memory_allows(t2i, monkeypatch):
+    hook = t2i.speed.cfg.hook
+    monkeypatch.setattr(hook, "mode", "auto")
+    job = Job(mode="generate", prompt="a cat", seeds=[3], width=128, height=128, num_inference_steps=2)
+    monkeypatch.setattr(hook, "free_bytes", lambda device: 0)
+    with _Count(t2i) as count:
+        t2i.run(job)
+    assert count.calls == 4
+    monkeypatch.setattr(hook, "free_bytes", lambda device: 64 << 30)
+    with _Count(t2i) as count:
+        t2i.run(job)
+    assert count.calls == 2
+
+
+def test_activation_estimate_scales_with_tokens_images_and_dtype():
+    one = cfg_batch.extra_activation_bytes(3072, 4096 + 100, 1, torch.bfloat16)
+    assert one == cfg_batch.ACTIVATION_FACTOR * 4196 * 3072 * 2
+    assert cfg_batch.extra_activation_bytes(3072, 4196, 2, torch.float32) == 4 * one
+
+
+def test_backend_without_masks_runs_padded_steps_unbatched(t2i, monkeypatch):
+    monkeypatch.setattr(t2i.speed.cfg.hook, "takes_mask", False)
+    job = Job(mode="generate", prompt="a long prompt about a cat", negative_prompt=" ", seeds=[3], width=128, height=128, num_inference_steps=2)
+    with _Count(t2i) as count:
+        t2i.run(job)
+    assert count.calls == 4
+
+
+def test_off_installs_nothing(tiny_t2i):
+    runner = _runner(tiny_t2i, mode="off")
+    assert runner.speed.cfg is None and "cfg_batch" not in runner.speed.info
+    assert not hasattr(runner.pipe.transformer, "_diffusers_hook") or runner.pipe.transformer._diffusers_hook.get_hook(cfg_batch.HOOK_NAME) is None

@@ -1,0 +1,159 @@
+"""FP8 linear layers: numerics, which layers are converted, the start-up probe and its fallback."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qwen_image_server.engine.types import Job
+from qwen_image_server.models import fp8
+from qwen_image_server.models.profile import RunProfile
+from qwen_image_server.models.runner import PipelineRunner
+from qwen_image_server.models.spec import resolve_model
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_is_close_to_the_linear_it_replaces(dtype, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 64, bias=bias).to(dtype)
+    x = torch.randn(2, 7, 96, dtype=dtype)  # leading dims are flattened and restored
+    quantized = fp8.FP8Linear(linear, dtype)
+    out = quantized(x)
+    assert out.shape == (2, 7, 64) and out.dtype == dtype
+    assert quantized.weight.dtype == torch.float8_e4m3fn and quantized.weight_scale.shape == (1, 64)
+    assert _relative_error(out, linear(x)) < 0.06
+    assert _relative_error(out, nn.Linear(96, 64, bias=bias).to(dtype)(x)) > 0.5  # another layer is far off
+
+
+def _tiny_transformer(folder):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_pretrained(folder / "transformer")
+
+
+def test_only_the_blocks_linear_layers_become_fp8(tiny_t2i):
+    model = _tiny_transformer(tiny_t2i)
+    block_bytes = sum(b.numel() * b.element_size() for b in model.transformer_blocks.parameters())
+    count = fp8.quantize_linears(model, torch.float32, "cpu")
+    linears = [m for n, m in model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, (nn.Linear, fp8.FP8Linear))]
+    assert count == len(linears) > 0
+    assert all(isinstance(m, fp8.FP8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert {type(m) for m in (model.img_in, model.txt_in, model.proj_out, model.norm_out.linear)} == {nn.Linear}
+    after = sum(t.numel() * t.element_size() for t in [*model.transformer_blocks.parameters(), *model.transformer_blocks.buffers()])
+    assert after < 0.35 * block_bytes  # fp32 → fp8 weights (plus small scales, biases and norms)
+
+
+def test_fp8_transformer_output_is_close_to_the_unquantized_one(tiny_t2i):
+    model = _tiny_transformer(tiny_t2i)
+    torch.manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 64, 16),
+        encoder_hidden_states=torch.randn(1, 10, 32),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 8, 8)]],
+        return_dict=False,
+    )
+    with torch.inference_mode():
+        reference = model(**inputs)[0]
+        fp8.quantize_linears(model, torch.float32, "cpu")
+        quantized = model(**inputs)[0]
+    # 0.3% here; with the blocks' linear layers all zeroed this tiny model's output moves by ~6%
+    assert _relative_error(quantized, reference) < 0.02
+
+
+def test_probe_passes_when_fp8_is_fast_enough_and_falls_back_otherwise():
+    shapes = ((32, 64, 48),)
+    supported = lambda device: None  # noqa: E731
+
+    def timer(ratio):
+        return lambda kind, fn: (fn(), 1.0 if kind == "dense" else 1.0 / ratio)[1]
+
+    fast = fp8.probe_fp8("cpu", torch.float32, timer=timer(1.5), shapes=shapes, supported=supported)
+    assert fast.ok and fast.speedup == pytest.approx(1.5)
+    slow = fp8.probe_fp8("cpu", torch.float32, timer=timer(1.02), shapes=shapes, supported=supported)
+    assert not slow.ok and "1.02x" in slow.reason and slow.summary()["speedup"] == pytest.approx(1.02)
+
+
+def test_probe_refuses_devices_without_fp8_and_failing_kernels():
+    refused = fp8.probe_fp8("cpu", torch.float32)
+    assert not refused.ok and "cpu" in refused.reason and refused.speedup is None
+
+    def broken(kind, fn):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    failed = fp8.probe_fp8("cpu", torch.float32, timer=broken, shapes=((16, 16, 16),), supported=lambda d: None)
+    assert not failed.ok and "no kernel image" in failed.reason
+
+
+def test_probe_fallback_leaves_the_model_unquantized_and_says_why(tiny_t2i):
+    model = _tiny_transformer(tiny_t2i)
+    info = fp8.apply_fp8(model, "cpu", torch.float32, probe=lambda device, dtype: fp8.Fp8Probe(False, "FP8 is only 0.90x as fast", speedup=0.9))
+    assert info["effective"] == "none" and info["requested"] == "fp8" and "0.90x" in info["reason"]
+    assert not any(isinstance(m, fp8.FP8Linear) for m in model.modules())
+
+
+def _image(runner) -> np.ndarray:
+    job = Job(mode="generate", prompt="a red cube", seeds=[5], width=128, height=128, num_inference_steps=2)
+    return np.asarray(runner.run(job)[0]).astype(np.float64)
+
+
+def test_tiny_pipeline_with_fp8_forced_gives_a_close_image(tiny_t2i, monkeypatch):
+    spec = resolve_model(str(tiny_t2i))
+    reference = _image(PipelineRunner(spec, device="cpu"))
+    monkeypatch.setattr(fp8, "probe_fp8", lambda device, dtype: fp8.Fp8Probe(True, "forced", speedup=2.0))
+    runner = PipelineRunner(replace(spec, profile=RunProfile(quantize="fp8")), device="cpu")
+    info = runner.speed.info["quantize"]
+    assert info["effective"] == "fp8" and info["layers"] > 0
+    assert any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.modules())
+    image = _image(runner)
+    assert image.shape == reference.shape
+    random = np.random.default_rng(0).integers(0, 256, reference.shape).astype(np.float64)
+    diff = np.abs(image - reference).mean()
+    assert diff < 0.3, diff  # gray levels; this tiny model's image moves by ~0.7 when every FP8 layer is 30% off
+    assert diff < 0.25 * np.abs(random - reference).mean()
+
+
+def test_runner_reports_when_the_probe_keeps_fp8_off(tiny_t2i):
+    spec = resolve_model(str(tiny_t2i))
+    runner = PipelineRunner(replace(spec, profile=RunProfile(quantize="fp8")), device="cpu")  # the real probe: no FP8 on a CPU
+    info = runner.speed.info["quantize"]
+    assert info["effective"] == "none" and "cpu" in info["reason"]
+    assert not any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_on_the_gpu():
+    probe = fp8.probe_fp8("cuda", torch.bfloat16)
+    print("FP8 probe:", probe.summary())
+    if fp8.fp8_unsupported_reason("cuda") is None:
+        assert probe.speedup is not None, probe.reason
+    linear = nn.Linear(3072, 3072, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 77, 3072, device="cuda", dtype=torch.bfloat16)  # 154 rows: padded to a multiple of 16
+    if fp8.fp8_unsupported_reason("cuda") is None:
+        assert _relative_error(fp8.FP8Linear(linear, torch.bfloat16)(x), linear(x)) < 0.06
+
+
+def test_worker_ready_message_carries_what_really_runs(tiny_t2i):
+    import multiprocessing
+    import threading
+
+    from qwen_image_server.engine.worker import worker_main
+
+    spec = resolve_model(str(tiny_t2i))
+    spec = replace(spec, profile=RunProfile(quantize="fp8"))
+    ours, theirs = multiprocessing.Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", torch.get_num_threads(), theirs, "w0"), daemon=True)
+    thread.start()
+    kind, info = ours.recv()
+    ours.send(("stop",))
+    thread.join(timeout=60)
+    assert kind == "ready", info
+    assert info["speed"]["quantize"]["effective"] == "none" and "cpu" in info["speed"]["quantize"]["reason"]
