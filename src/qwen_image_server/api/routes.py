@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
+from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..serving.images import b64
 from ..serving.service import ImageService, Prepared
@@ -196,18 +197,29 @@ def _model_card(spec) -> dict:
     }
 
 
+def _lora_card(name: str, service: ImageService) -> dict:
+    """A LoRA id's model object: OpenAI's fields, its base model (``parent``, as for fine-tunes) and its preset."""
+    base, lora = service.loras[name]
+    return {"id": name, "object": "model", "created": START_TIME, "owned_by": "qwen-image-server", **lora_card(lora, base)}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    """The served models, in OpenAI's list shape."""
-    return {"object": "list", "data": [_model_card(spec) for spec in _service(request).models.values()]}
+    """The served models and LoRA ids, in OpenAI's list shape."""
+    service = _service(request)
+    cards = [_model_card(spec) for spec in service.models.values()] + [_lora_card(name, service) for name in service.loras]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    """One served model."""
-    if model_id not in _service(request).models:
+    """One served model or LoRA id."""
+    service = _service(request)
+    if model_id in service.loras:
+        return _lora_card(model_id, service)
+    if model_id not in service.models:
         raise NotFound(f"Model not found: {model_id}")
-    return _model_card(_service(request).models[model_id])
+    return _model_card(service.models[model_id])
 
 
 @router.get("/healthz")

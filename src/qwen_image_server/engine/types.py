@@ -38,6 +38,7 @@ class Job:
     output_compression: int = 100
     strength: float = 0.6  # variations (img2img): how far from the input image to move
     partial_images: int = 0  # previews per image, at evenly spaced denoising steps
+    lora: str | None = None  # the LoRA id the request named (its adapter and preset scheduler); None: the base model
 
     @property
     def n(self) -> int:

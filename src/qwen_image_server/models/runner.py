@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
+from .lora_runtime import LoraSet
 from .processor import load_processor
 from .spec import ModelSpec
 
@@ -94,6 +95,7 @@ class PipelineRunner:
         started = time.perf_counter()
         self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self._inpaint = None
         self._img2img = None
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
@@ -178,7 +180,8 @@ class PipelineRunner:
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
-        with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode():
+        areas = edit_areas(options.get("edit_area"), options.get("condition_area"))
+        with areas, self.loras.applied(pipe, job.lora), torch.inference_mode():
             if preview is not None:
                 preview.attach(pipe)
             try:
