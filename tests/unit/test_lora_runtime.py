@@ -75,18 +75,20 @@ def test_the_preset_scheduler_applies_during_the_call_and_is_restored(swapped):
     assert pipe.scheduler is own
 
 
-def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora, images):
+def _slot_images(tiny_t2i, tiny_lora, device="cpu", backend="eager"):
+    """Base, LoRA, base, LoRA through the compiled-transformer slot; every call after the first under error_on_recompile."""
     import torch
     import torch._dynamo
     from diffusers import DiffusionPipeline
 
     spec = _spec(tiny_t2i, f"style={tiny_lora}", f"fast={tiny_lora}:preset=lightning,scale=0.5")
     profile = replace(spec.profile, compile=True)
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=torch.float32)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     loras = LoraSet(pipe, profile)
     assert loras.hotswap and list(pipe.transformer.peft_config) == ["hotswap_slot"]
-    pipe.transformer = torch.compile(pipe.transformer, backend="eager", dynamic=False)
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend, dynamic=False)
 
     def render(lora):
         with loras.applied(pipe, lora), torch.inference_mode():
@@ -96,6 +98,21 @@ def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora
 
     first = render(None)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        style, base, again = render("style"), render(None), render("style")
+        return first, render("style"), render(None), render("style")
+
+
+def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora, images):
+    first, style, base, again = _slot_images(tiny_t2i, tiny_lora)
     assert np.abs(first - images["base"]).max() <= 1 and np.array_equal(first, base)
     assert np.abs(style - images["style"]).max() <= 2 and np.array_equal(style, again)
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    first, style, base, again = _slot_images(tiny_t2i, tiny_lora, device="cuda", backend="inductor")
+    assert np.array_equal(first, base) and np.array_equal(style, again)
+    assert np.abs(style - first).mean() > 1.0
