@@ -43,6 +43,30 @@ def tiny_edit_plus() -> Path:
     return _tiny("edit-plus")
 
 
+def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for a tiny model's transformer (peft, non-zero B), in diffusers' Qwen-Image LoRA format."""
+    import torch
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2"]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.5
+    state = get_peft_model_state_dict(transformer)
+    QwenImagePipeline.save_lora_weights(out_file.parent, transformer_lora_layers=state, weight_name=out_file.name)
+    return out_file
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_t2i, tmp_path_factory) -> Path:
+    """A LoRA file for the tiny text-to-image model (no preset file next to it)."""
+    return make_tiny_lora(tiny_t2i, tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
 def post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[threading.Thread, dict]:
     """POST ``body`` from a thread; the box gets ``response`` (or ``error`` when the client gave up)."""
     box: dict = {}

@@ -96,7 +96,9 @@ def serve(
     attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,
     weights_dtype: Annotated[list[str] | None, typer.Option(help="auto or fp8[@MODEL]: FP8 weight storage.")] = None,
     offload: Annotated[list[str] | None, typer.Option(help="none, text-encoder, group, model, sequential[@MODEL].")] = None,
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH[@MODEL]: a LoRA safetensors file; repeat.")] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; repeat.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""

@@ -47,12 +47,12 @@ def test_parse_lora():
         parse_lora("no-path")
 
 
-def test_settings_reach_each_model(tiny_t2i, tmp_path):
+def test_settings_reach_each_model(tiny_t2i, tiny_lora, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_t2i, other)
     sidecar = json.loads((other / SIDECAR_NAME).read_text())
     (other / SIDECAR_NAME).write_text(json.dumps({**sidecar, "cache": "fbcache:threshold=0.1"}))
-    settings = Settings(models=[f"a={tiny_t2i}", f"b={other}"], offload=["text-encoder@a"], loras=["l=/x.safetensors"])
+    settings = Settings(models=[f"a={tiny_t2i}", f"b={other}"], offload=["text-encoder@a"], loras=[f"l={tiny_lora}"])
     a, b = resolve_configured(settings)
     assert a.profile.offload == "text-encoder" and b.profile.offload == "none"
     assert b.profile.cache == "fbcache:threshold=0.1" and a.profile.cache is None

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
+from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..serving.images import b64
 from ..serving.service import ImageService, Prepared
@@ -223,19 +224,29 @@ def _gpus(engine) -> dict:
     return {"gpus": gpus()} if gpus else {}
 
 
+def _lora_card(name: str, service: ImageService) -> dict:
+    """A LoRA id's model object: OpenAI's fields, its base model (``parent``, as for fine-tunes) and its preset."""
+    base, lora = service.loras[name]
+    return {"id": name, "object": "model", "created": START_TIME, "owned_by": "qwen-image-server", **lora_card(lora, base)}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    """The served models, in OpenAI's list shape (plus the GPUs they are placed on)."""
-    engine = _service(request).engine
-    return {"object": "list", "data": [_model_card(spec, engine) for spec in _service(request).models.values()], **_gpus(engine)}
+    """The served models and LoRA ids, in OpenAI's list shape (plus the GPUs they are placed on)."""
+    service = _service(request)
+    cards = [_model_card(spec, service.engine) for spec in service.models.values()] + [_lora_card(name, service) for name in service.loras]
+    return {"object": "list", "data": cards, **_gpus(service.engine)}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    """One served model."""
-    if model_id not in _service(request).models:
+    """One served model or LoRA id."""
+    service = _service(request)
+    if model_id in service.loras:
+        return _lora_card(model_id, service)
+    if model_id not in service.models:
         raise NotFound(f"Model not found: {model_id}")
-    return _model_card(_service(request).models[model_id], _service(request).engine)
+    return _model_card(service.models[model_id], service.engine)
 
 
 @router.get("/healthz")

@@ -39,6 +39,7 @@ class Job:
     strength: float = 0.6  # variations (img2img): how far from the input image to move
     partial_images: int = 0  # previews per image, at evenly spaced denoising steps
     cache: str | None = None  # step cache policy for this job ("none": off); None: the model's profile
+    lora: str | None = None  # the LoRA id the request named (its adapter and preset scheduler); None: the base model
 
     @property
     def n(self) -> int:

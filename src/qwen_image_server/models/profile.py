@@ -42,13 +42,15 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One LoRA: a local safetensors file applied to a base model, optionally served under its own id."""
+    """One LoRA: a local safetensors file applied to a base model, served under its own id (see ``lora.py``)."""
 
     name: str
     path: str
     model: str | None = None  # the base model's id; None: the first text-to-image model
     scale: float = 1.0
     preset: dict = field(default_factory=dict, hash=False, compare=False)  # steps, true_cfg_scale, scheduler
+    fuse: bool = False  # merged into the base weights at load instead of hot-swapped per request
+    rank: int = 0  # read from the file at start-up
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,10 @@ class RunProfile:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "loras":
-                value = [{"name": lora.name, "scale": lora.scale, **({"preset": lora.preset} if lora.preset else {})} for lora in value]
+                value = [
+                    {"name": lora.name, "scale": lora.scale, "fuse": lora.fuse} | ({"preset": lora.preset} if lora.preset else {})
+                    for lora in value
+                ]
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -79,12 +84,10 @@ class RunProfile:
 
 
 def parse_lora(text: str) -> LoraSpec:
-    """``NAME=PATH[@MODEL]`` (``--lora``) → a ``LoraSpec``; the file is checked when the model loads."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name.strip() or not rest.strip():
-        raise ProfileError(f"--lora {text!r}: expected NAME=PATH or NAME=PATH@MODEL")
-    path, model = split_scoped(rest.strip())
-    return LoraSpec(name=name.strip(), path=path, model=model)
+    """``NAME=PATH[:KEY=VALUE,...][@MODEL]`` (``--lora``) → a ``LoraSpec``; the file is checked by ``lora_check``."""
+    from .lora import parse_lora_flag
+
+    return parse_lora_flag(text)
 
 
 def _as_bool(value: Any, key: str, model: str) -> bool:

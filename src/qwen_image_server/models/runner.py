@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
+from .lora_runtime import LoraSet
 from .processor import load_processor
 from .spec import ModelSpec
 from .speed import apply_speed_settings
@@ -96,6 +97,7 @@ class PipelineRunner:
         started = time.perf_counter()
         self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
         self._inpaint = None
         self._img2img = None
@@ -187,6 +189,7 @@ class PipelineRunner:
         self.last_stats = {}
         with (
             edit_areas(options.get("edit_area"), options.get("condition_area")),
+            self.loras.applied(pipe, job.lora),
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,
             self.speed.call(pipe),

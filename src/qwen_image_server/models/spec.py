@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from .lora_check import resolve_loras
 from .profile import PROFILE_KEYS, LoraSpec, ProfileError, RunProfile, build_profile, parse_lora, scoped_targets
 
 ModelKind = Literal["text-to-image", "edit", "edit-plus"]
@@ -156,8 +157,8 @@ def resolve_models(
         unknown = sorted(scoped_targets(values) - set(ids))
         if unknown:
             raise ModelConfigError(f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
-    parsed = [_lora_for(parse_lora(text), specs) for text in loras]
     try:
+        parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)
         resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
         for spec in resolved:
             if spec.profile.attention_backend is not None:

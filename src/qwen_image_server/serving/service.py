@@ -18,6 +18,8 @@ from ..config import QUALITY_STEPS, Settings
 from ..engine.base import EngineClient
 from ..engine.types import EncodedImage, Job, JobResult, PartialImage
 from ..errors import InvalidImage, InvalidRequest, ModelNotAvailable
+from ..models.lora import preset_for
+from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
 from ..models.step_cache import CachePolicyError, canonical_policy
 from ..protocol.images import (
@@ -86,6 +88,10 @@ class ImageService:
         self.store = store
         self.rewriter = rewriter
         self.models = {spec.id: spec for spec in engine.models}
+        #: LoRA ids: each runs on its base model's workers (``job.lora``) with its preset's defaults.
+        self.loras: dict[str, tuple[ModelSpec, LoraSpec]] = {
+            lora.name: (spec, lora) for spec in engine.models for lora in spec.profile.loras
+        }
 
     # --- models ------------------------------------------------------------------------
     def default_model(self, *, edit: bool = False) -> ModelSpec | None:
@@ -105,7 +111,7 @@ class ImageService:
             if spec is None:
                 raise InvalidRequest(f"No model on this server does {what}", param="model")
             return spec
-        spec = self.models.get(requested)
+        spec = self.models.get(requested) or (self.loras[requested][0] if requested in self.loras else None)
         if spec is None:
             raise ModelNotAvailable(requested)
         if edit and not spec.can_edit:
@@ -177,16 +183,20 @@ class ImageService:
             raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param=param)
         return int(match.group(1)), int(match.group(2))
 
-    def _steps(self, req: _CommonRequest, spec: ModelSpec) -> int:
+    def _steps(self, req: _CommonRequest, spec: ModelSpec, preset: dict) -> int:
         if req.num_inference_steps is not None:
             return req.num_inference_steps
+        if "steps" in preset:  # what the LoRA is made for: ``quality`` does not change it
+            return preset["steps"]
         steps = QUALITY_STEPS.get(req.quality or "auto")
         return steps or int(spec.options.get("default_steps", self.settings.default_steps))
 
     def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        lora = req.model if req.model in self.loras else None
+        preset = preset_for(spec.profile, lora)
         cfg = req.true_cfg_scale if req.true_cfg_scale is not None else req.guidance_scale
-        cfg = self.settings.default_true_cfg_scale if cfg is None else cfg
+        cfg = preset.get("true_cfg_scale", self.settings.default_true_cfg_scale) if cfg is None else cfg
         return Job(
             mode=mode,  # type: ignore[arg-type]
             prompt=req.prompt,
@@ -196,12 +206,13 @@ class ImageService:
             height=size.height if size else None,
             out_width=size.out_width if size and (size.out_width, size.out_height) != (size.width, size.height) else None,
             out_height=size.out_height if size and (size.out_width, size.out_height) != (size.width, size.height) else None,
-            num_inference_steps=self._steps(req, spec),
+            num_inference_steps=self._steps(req, spec, preset),
             true_cfg_scale=float(cfg),
             output_format=req.output_format,
             output_compression=100 if req.output_compression is None else req.output_compression,
             partial_images=req.partial_images or 0 if req.stream else 0,
             cache=self._cache(req),
+            lora=lora,
         )
 
     @staticmethod

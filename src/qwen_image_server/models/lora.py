@@ -1,0 +1,217 @@
+"""LoRAs in the API process: the ``--lora`` flag, presets, and the checks made before the port opens.
+
+``--lora NAME=PATH[:KEY=VALUE,...][@MODEL]`` serves the LoRA file ``PATH`` on the base
+model ``MODEL`` (default: the first text-to-image model), under its own model id ``NAME``.
+Options (each also in the environment's ``QIS_LORAS``, entries separated by ``;``):
+
+- ``fuse=true``: merge the LoRA into the base weights at load; the base id then serves it
+  and ``NAME`` is an alias. Default: hot-swapped per request (see ``lora_runtime.py``).
+- ``scale=S``: the LoRA's strength (default 1.0).
+- ``preset=lightning`` (or ``none``), ``steps=N``, ``true_cfg_scale=X`` and scheduler fields
+  (``base_shift=...``, ``shift_terminal=none``...): the defaults of requests for this LoRA.
+
+A JSON file next to the LoRA (``PATH`` with the suffix ``.json``) may hold the same
+preset knobs: ``{"preset": "lightning", "steps": 4, "true_cfg_scale": 1.0, "scheduler": {...}}``.
+Precedence, lowest first: the named built-in preset, the JSON file, the flag.
+
+No torch here: the file is checked by reading its safetensors header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .profile import LoraSpec, ProfileError, split_scoped
+
+#: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``
+#: for the 4-step LoRAs), no true CFG, exponential time shift with base_shift = max_shift = ln 3.
+BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
+    "lightning": {
+        "steps": 8,
+        "true_cfg_scale": 1.0,
+        "scheduler": {
+            "base_shift": math.log(3),
+            "max_shift": math.log(3),
+            "shift": 1.0,
+            "shift_terminal": None,
+            "time_shift_type": "exponential",
+            "use_dynamic_shifting": True,
+        },
+    },
+}
+
+#: FlowMatchEulerDiscreteScheduler fields a preset may set, with their types.
+SCHEDULER_FIELDS: dict[str, type] = {
+    "shift": float,
+    "base_shift": float,
+    "max_shift": float,
+    "shift_terminal": float,  # or None
+    "base_image_seq_len": int,
+    "max_image_seq_len": int,
+    "time_shift_type": str,
+    "use_dynamic_shifting": bool,
+    "invert_sigmas": bool,
+    "stochastic_sampling": bool,
+    "use_karras_sigmas": bool,
+    "use_exponential_sigmas": bool,
+    "use_beta_sigmas": bool,
+}
+_TIME_SHIFT_TYPES = ("exponential", "linear")
+_FLAG_ONLY = ("fuse", "scale")
+_PRESET_KEYS = ("preset", "steps", "true_cfg_scale")
+_OPTION = re.compile(r"^[a-z_]+=[^,]*(,[a-z_]+=[^,]*)*$")
+
+
+class LoraError(ProfileError):
+    """A LoRA cannot be served; the message names the LoRA and the file."""
+
+
+# --- the flag and the preset ------------------------------------------------------------------
+def parse_lora_flag(text: str) -> LoraSpec:
+    """``NAME=PATH[:KEY=VALUE,...][@MODEL]`` → a ``LoraSpec`` whose ``preset`` holds the flag's preset knobs."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ProfileError(f"--lora {text!r}: expected NAME=PATH, NAME=PATH@MODEL or NAME=PATH:KEY=VALUE,...@MODEL")
+    name = name.strip()
+    value, model = split_scoped(rest.strip())
+    path, options = value, {}
+    head, colon, tail = value.rpartition(":")
+    if colon and head and _OPTION.match(tail):
+        path = head
+        options = dict(item.split("=", 1) for item in tail.split(","))
+    scale, fuse = 1.0, False
+    if "scale" in options:
+        scale = _number(options.pop("scale"), float, name, "scale")
+    if "fuse" in options:
+        fuse = _flag_bool(options.pop("fuse"), name, "fuse")
+    knobs: dict[str, Any] = {}
+    scheduler: dict[str, Any] = {}
+    for key, raw in options.items():
+        if key in _PRESET_KEYS:
+            knobs[key] = raw
+        elif key in SCHEDULER_FIELDS:
+            scheduler[key] = raw
+        else:
+            known = ", ".join((*_FLAG_ONLY, *_PRESET_KEYS, *SCHEDULER_FIELDS))
+            raise ProfileError(f"--lora {name}: unknown option {key!r} (known: {known})")
+    if scheduler:
+        knobs["scheduler"] = scheduler
+    return LoraSpec(name=name, path=path, model=model, scale=scale, fuse=fuse, preset=_check_preset(knobs, name, "--lora"))
+
+
+def merge_preset(name: str, flag: dict, file: dict) -> dict:
+    """The LoRA's final preset: the named built-in one, then the JSON file's knobs, then the flag's."""
+    chosen = flag.get("preset", file.get("preset"))
+    if chosen not in (None, "none") and chosen not in BUILTIN_PRESETS:
+        raise LoraError(f"LoRA {name}: unknown preset {chosen!r} (built in: {', '.join(BUILTIN_PRESETS)}, or none)")
+    base = BUILTIN_PRESETS.get(chosen or "none", {})
+    out: dict[str, Any] = {"name": chosen} if chosen not in (None, "none") else {}
+    scheduler: dict[str, Any] = {}
+    for layer in (base, file, flag):
+        for key in ("steps", "true_cfg_scale"):
+            if key in layer:
+                out[key] = layer[key]
+        scheduler.update(layer.get("scheduler", {}))
+    if scheduler:
+        out["scheduler"] = scheduler
+    return out
+
+
+def read_preset_file(lora: LoraSpec) -> dict:
+    """The preset knobs of the JSON file next to the LoRA (``PATH`` with ``.json``), or ``{}``."""
+    sidecar = Path(lora.path).expanduser().with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LoraError(f"LoRA {lora.name}: cannot read its preset file {sidecar}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LoraError(f"LoRA {lora.name}: its preset file {sidecar} must hold a JSON object")
+    return _check_preset(data, lora.name, str(sidecar))
+
+
+def _check_preset(data: dict, name: str, where: str) -> dict:
+    """Preset knobs in their own types, or a ``LoraError`` naming the LoRA, the place and the knob."""
+    unknown = sorted(set(data) - {*_PRESET_KEYS, "scheduler"})
+    if unknown:
+        known = ", ".join((*_PRESET_KEYS, "scheduler"))
+        raise LoraError(f"LoRA {name} ({where}): unknown preset keys {unknown} (known: {known})")
+    out: dict[str, Any] = {}
+    if "preset" in data:
+        out["preset"] = str(data["preset"]).strip().lower()
+    if "steps" in data:
+        out["steps"] = _number(data["steps"], int, name, "steps")
+        if out["steps"] < 1:
+            raise LoraError(f"LoRA {name} ({where}): steps must be at least 1")
+    if "true_cfg_scale" in data:
+        out["true_cfg_scale"] = _number(data["true_cfg_scale"], float, name, "true_cfg_scale")
+    scheduler = data.get("scheduler", {})
+    if not isinstance(scheduler, dict):
+        raise LoraError(f"LoRA {name} ({where}): scheduler must be an object of scheduler fields")
+    checked = {}
+    for key, value in scheduler.items():
+        if key not in SCHEDULER_FIELDS:
+            raise LoraError(f"LoRA {name} ({where}): unknown scheduler field {key!r} (known: {', '.join(SCHEDULER_FIELDS)})")
+        checked[key] = _scheduler_value(key, value, name)
+    if checked:
+        out["scheduler"] = checked
+    return out
+
+
+def _scheduler_value(key: str, value: Any, name: str) -> Any:
+    kind = SCHEDULER_FIELDS[key]
+    if key == "shift_terminal" and (value is None or str(value).strip().lower() in ("none", "null", "")):
+        return None
+    if kind is bool:
+        return _flag_bool(value, name, key)
+    if kind is str:
+        text = str(value).strip().lower()
+        if key == "time_shift_type" and text not in _TIME_SHIFT_TYPES:
+            raise LoraError(f"LoRA {name}: time_shift_type must be one of {', '.join(_TIME_SHIFT_TYPES)}, got {value!r}")
+        return text
+    return _number(value, kind, name, key)
+
+
+def _number(value: Any, kind: type, name: str, key: str):
+    try:
+        number = kind(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind is float and not math.isfinite(number)):
+        raise LoraError(f"LoRA {name}: {key} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+    return number
+
+
+def _flag_bool(value: Any, name: str, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise LoraError(f"LoRA {name}: {key} must be true or false, got {value!r}")
+
+
+def preset_for(profile, lora_name: str | None) -> dict:
+    """The preset a request runs with: its LoRA's, else (base id) the preset of a fused LoRA, else ``{}``."""
+    for lora in profile.loras:
+        if lora.name == lora_name:
+            return lora.preset
+    return next((lora.preset for lora in profile.loras if lora.fuse and lora.preset), {})
+
+
+def lora_card(lora: LoraSpec, base) -> dict:
+    """What ``/v1/models`` says of a LoRA id besides OpenAI's fields."""
+    return {
+        "kind": base.kind,
+        "base_model": base.id,
+        "parent": base.id,
+        "lora": {"scale": lora.scale, "mode": "fused" if lora.fuse else "hot-swap"},
+        "preset": lora.preset,
+    }

@@ -1,0 +1,132 @@
+"""LoRAs in a worker: loaded once with the pipeline, switched per call, each with its preset's scheduler.
+
+Three ways a LoRA runs (see ``lora.py`` for the flag):
+
+- fused (``fuse=true``): merged into the base weights at load (``fuse_lora``, then the
+  adapter weights are unloaded); every call runs it, at the base model's speed.
+- hot-swapped, eager transformer: each LoRA is a named PEFT adapter; a call activates
+  its own (``set_adapters``) or none (``disable_lora``: the base layers alone, so base
+  images are bit-exact). Switching flips flags on the LoRA layers: no weight moves.
+- hot-swapped, compiled transformer (``--compile``): flipping adapters would change the
+  graph and recompile it, so the model gets one adapter slot, prepared with diffusers'
+  ``enable_lora_hotswap(target_rank=...)`` before the first load (ranks padded, scalings
+  as tensors), and a switch copies the LoRA's weights into the slot in place
+  (``hotswap=True``); for the base model the slot holds zeros. No recompilation; a
+  switch costs one copy of the LoRA's weights on the device. LoRAs must be loaded before
+  the transformer is compiled.
+
+A ``PipelineRunner`` has one owner, so swapping ``pipe.scheduler`` for one call is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+
+from .lora import preset_for
+from .profile import RunProfile
+
+log = logging.getLogger(__name__)
+
+#: The adapter name of the single slot used when the transformer is compiled.
+SLOT = "hotswap_slot"
+
+
+class LoraSet:
+    """The LoRAs of one loaded pipeline, and what a call for one of them (or none) must switch."""
+
+    def __init__(self, pipe, profile: RunProfile):
+        self.pipe = pipe
+        self.profile = profile
+        self.by_name = {lora.name: lora for lora in profile.loras}
+        self.swapped = [lora for lora in profile.loras if not lora.fuse]
+        self.hotswap = bool(self.swapped) and profile.compile
+        self.current: str | None = None
+        self._schedulers: dict[str, object] = {}
+        self._weights: dict[str | None, dict] = {}
+        fused = [lora for lora in profile.loras if lora.fuse]
+        if fused:
+            self._fuse(fused)
+        if self.hotswap:
+            self._load_slot()
+        elif self.swapped:
+            for lora in self.swapped:
+                pipe.load_lora_weights(lora.path, adapter_name=lora.name)
+            pipe.transformer.disable_lora()
+        for lora in profile.loras:
+            log.info("LoRA %s (rank %d, scale %g) %s", lora.name, lora.rank, lora.scale,
+                     "fused" if lora.fuse else "slot hot-swap" if self.hotswap else "adapter")  # fmt: skip
+
+    def _fuse(self, fused) -> None:
+        pipe = self.pipe
+        names = [lora.name for lora in fused]
+        for lora in fused:
+            pipe.load_lora_weights(lora.path, adapter_name=lora.name)
+        pipe.set_adapters(names, [lora.scale for lora in fused])
+        pipe.fuse_lora(components=["transformer"], adapter_names=names)
+        pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
+
+    def _load_slot(self) -> None:
+        """One adapter slot covering every LoRA's layers, zero until a LoRA is swapped in."""
+        import torch
+
+        pipe = self.pipe
+        pipe.enable_lora_hotswap(target_rank=max(lora.rank for lora in self.swapped))
+        for lora in self.swapped:
+            state, metadata = pipe.lora_state_dict(lora.path, return_lora_metadata=True)
+            device = pipe.transformer.device
+            state = {k: (v * lora.scale if ".lora_B." in k else v).to(device) for k, v in state.items()}
+            self._weights[lora.name] = {"state": state, "metadata": metadata}
+        zeros: dict = {}
+        for weights in self._weights.values():
+            for key, value in weights["state"].items():
+                zeros.setdefault(key, torch.zeros_like(value))
+        # The base model: one layer's zero factors; peft zeroes the slot's other layers on the swap.
+        module = next(k for k in zeros if ".lora_B." in k).split(".lora_B.")[0]
+        self._weights[None] = {"state": {k: v for k, v in zeros.items() if k.split(".lora_")[0] == module}, "metadata": None}
+        pipe.load_lora_into_transformer(zeros, transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe)
+
+    def activate(self, name: str | None) -> None:
+        """Make ``name``'s adapter the only one active (None, or a fused LoRA: the base weights alone)."""
+        if name is not None and (name not in self.by_name or self.by_name[name].fuse):
+            name = None
+        if name == self.current or not self.swapped:
+            self.current = name
+            return
+        transformer = self.pipe.transformer
+        if self.hotswap:
+            weights = self._weights[name]
+            state = {k: v.clone() for k, v in weights["state"].items()}  # the loader may consume what it is given
+            self.pipe.load_lora_into_transformer(
+                state, transformer=transformer, adapter_name=SLOT, metadata=weights["metadata"], hotswap=True, _pipeline=self.pipe
+            )
+        elif name is None:
+            transformer.disable_lora()
+        else:
+            transformer.enable_lora()
+            transformer.set_adapters([name], [self.by_name[name].scale])
+        self.current = name
+
+    def scheduler_for(self, base_scheduler, overrides: dict):
+        """A scheduler with the preset's ``overrides``, built once per preset from the model's own config."""
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in self._schedulers:
+            self._schedulers[key] = type(base_scheduler).from_config(base_scheduler.config, **overrides)
+        return self._schedulers[key]
+
+    @contextlib.contextmanager
+    def applied(self, pipe, lora_name: str | None) -> Iterator[None]:
+        """For one call of ``pipe``: ``lora_name``'s adapter and its preset's scheduler; the scheduler is restored after."""
+        self.activate(lora_name)
+        overrides = preset_for(self.profile, lora_name).get("scheduler")
+        if not overrides:
+            yield
+            return
+        saved = pipe.scheduler
+        pipe.scheduler = self.scheduler_for(saved, overrides)
+        try:
+            yield
+        finally:
+            pipe.scheduler = saved

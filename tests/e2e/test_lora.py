@@ -1,0 +1,47 @@
+"""LoRA ids over HTTP: one server serves the base id and a LoRA id from the same workers."""
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def lora_server(start_server, tiny_t2i, tiny_lora):
+    return start_server(
+        "--model", f"tiny={tiny_t2i}",
+        "--lora", f"style={tiny_lora}",
+        "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
+        env={"QIS_CPU_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _image(server, model: str, **fields) -> str:
+    body = {"model": model, "prompt": "a lighthouse", "seed": 11, "num_inference_steps": 2, "response_format": "b64_json", **fields}
+    response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["data"][0]["b64_json"]
+
+
+def test_models_list_the_lora_ids(lora_server):
+    cards = {card["id"]: card for card in httpx.get(f"{lora_server.base_url}/v1/models", timeout=10).json()["data"]}
+    assert set(cards) == {"tiny", "style", "fast"}
+    assert cards["style"]["base_model"] == cards["style"]["parent"] == "tiny" and cards["style"]["kind"] == "text-to-image"
+    assert cards["fast"]["preset"]["name"] == "lightning" and cards["fast"]["preset"]["steps"] == 2
+    assert [lora["name"] for lora in cards["tiny"]["profile"]["loras"]] == ["style", "fast"]
+    one = httpx.get(f"{lora_server.base_url}/v1/models/fast", timeout=10).json()
+    assert one["base_model"] == "tiny" and one["preset"]["scheduler"]["shift_terminal"] is None
+
+
+def test_base_and_lora_ids_give_different_images_and_the_base_stays(lora_server):
+    base = _image(lora_server, "tiny")
+    style = _image(lora_server, "style")
+    again = _image(lora_server, "tiny")
+    assert style != base
+    assert again == base
+    assert _image(lora_server, "fast", num_inference_steps=None) not in (base, style)
+
+
+def test_an_unknown_id_is_still_refused(lora_server):
+    response = httpx.post(f"{lora_server.base_url}/v1/images/generations", json={"model": "nope", "prompt": "p"}, timeout=10)
+    assert response.status_code == 400

@@ -1,0 +1,147 @@
+"""LoRAs in the API process: the flag, presets, file checks before the port opens, routing to the base model."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from qwen_image_server.config import Settings
+from qwen_image_server.models.lora import merge_preset, parse_lora_flag
+from qwen_image_server.models.lora_check import read_safetensors_header, transformer_layers
+from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+from qwen_image_server.protocol.images import GenerationRequest
+from qwen_image_server.serving.service import ImageService
+
+
+def _resolve(tiny_t2i, *loras, **settings):
+    return resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=list(loras), **settings))
+
+
+def test_flag_options_scale_fuse_and_preset_knobs():
+    lora = parse_lora_flag("fast=/l/x.safetensors:preset=lightning,steps=4,fuse=true,scale=0.8,shift_terminal=none@qwen-image")
+    assert (lora.name, lora.path, lora.model, lora.fuse, lora.scale) == ("fast", "/l/x.safetensors", "qwen-image", True, 0.8)
+    assert lora.preset == {"preset": "lightning", "steps": 4, "scheduler": {"shift_terminal": None}}
+    plain = parse_lora_flag("s=/a:b/s.safetensors")
+    assert (plain.path, plain.model, plain.fuse, plain.preset) == ("/a:b/s.safetensors", None, False, {})
+    with pytest.raises(ValueError, match="--lora s: unknown option 'stepz'"):
+        parse_lora_flag("s=/x.safetensors:stepz=4")
+    with pytest.raises(ValueError, match="LoRA s: steps must be an integer"):
+        parse_lora_flag("s=/x.safetensors:steps=many")
+
+
+def test_lightning_preset_and_precedence():
+    lightning = merge_preset("l", {"preset": "lightning"}, {})
+    assert lightning["name"] == "lightning" and lightning["steps"] == 8 and lightning["true_cfg_scale"] == 1.0
+    scheduler = lightning["scheduler"]
+    assert scheduler["base_shift"] == scheduler["max_shift"] == math.log(3)
+    assert scheduler["shift_terminal"] is None and scheduler["time_shift_type"] == "exponential" and scheduler["use_dynamic_shifting"]
+    assert "base_image_seq_len" not in scheduler, "the model's own sequence lengths are kept"
+    merged = merge_preset("l", {"steps": 4}, {"preset": "lightning", "steps": 6, "true_cfg_scale": 1.5, "scheduler": {"shift": 2.0}})
+    assert (merged["steps"], merged["true_cfg_scale"], merged["scheduler"]["shift"]) == (4, 1.5, 2.0), "flag > file > built-in"
+    with pytest.raises(ValueError, match="LoRA l: unknown preset 'turbo'"):
+        merge_preset("l", {"preset": "turbo"}, {})
+
+
+def test_resolved_lora_with_its_preset_file(tiny_t2i, tiny_lora, tmp_path):
+    lora_file = tmp_path / "fast.safetensors"
+    lora_file.write_bytes(tiny_lora.read_bytes())
+    (tmp_path / "fast.json").write_text(json.dumps({"preset": "lightning", "steps": 4}))
+    (spec,) = _resolve(tiny_t2i, f"fast={lora_file}:true_cfg_scale=1.2", f"style={tiny_lora}:fuse=true")
+    fast, style = spec.profile.loras
+    assert (fast.model, fast.rank, fast.preset["steps"], fast.preset["true_cfg_scale"], fast.preset["name"]) == ("tiny", 4, 4, 1.2, "lightning")
+    assert style.fuse and style.preset == {}
+    summary = spec.profile.summary()["loras"]
+    assert summary[0]["name"] == "fast" and summary[0]["preset"]["scheduler"]["shift_terminal"] is None and summary[1]["fuse"] is True
+
+
+def test_layer_table_matches_the_real_transformer(tiny_t2i):
+    config = json.loads((tiny_t2i / "transformer" / "config.json").read_text())
+    top, block, layers = transformer_layers(config)
+    header = read_safetensors_header(tiny_t2i / "transformer" / "diffusion_pytorch_model.safetensors")
+    linear = {k.removesuffix(".weight"): (v["shape"][1], v["shape"][0]) for k, v in header.items() if len(v["shape"]) == 2}
+    expected = dict(top) | {f"transformer_blocks.{i}.{name}": dims for i in range(layers) for name, dims in block.items()}
+    assert expected == linear
+
+
+def _fake_lora(path, keys: dict[str, tuple[int, ...]]):
+    save_file({k: np.ones(shape, dtype=np.float32) for k, shape in keys.items()}, str(path))
+    return path
+
+
+def _pair(module: str, rank: int, inputs: int, outputs: int, a: str = ".lora_A.weight", b: str = ".lora_B.weight") -> dict:
+    return {module + a: (rank, inputs), module + b: (outputs, rank)}
+
+
+def test_kohya_style_keys_are_accepted(tiny_t2i, tmp_path):
+    a, b = ".lora_down.weight", ".lora_up.weight"
+    keys = _pair("lora_unet_transformer_blocks_0_attn_to_q", 2, 48, 48, a, b)
+    keys |= _pair("lora_unet_transformer_blocks_1_img_mlp_net_2", 2, 192, 48, a, b)
+    keys["lora_unet_transformer_blocks_0_attn_to_q.alpha"] = ()
+    (spec,) = _resolve(tiny_t2i, f"k={_fake_lora(tmp_path / 'k.safetensors', keys)}")
+    assert spec.profile.loras[0].rank == 2
+
+
+def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):
+    with pytest.raises(ModelConfigError, match=r"LoRA gone \(/nowhere/x.safetensors\) for model tiny: file not found"):
+        _resolve(tiny_t2i, "gone=/nowhere/x.safetensors")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not weights at all, just some text that is long enough")
+    with pytest.raises(ModelConfigError, match=r"LoRA notes .*: not a safetensors file"):
+        _resolve(tiny_t2i, f"notes={text}")
+    flux = _fake_lora(tmp_path / "flux.safetensors", _pair("transformer.single_transformer_blocks.0.attn.to_q", 4, 48, 48))
+    expected = r"expected keys like transformer\.transformer_blocks\.N\.attn\.to_q"
+    with pytest.raises(ModelConfigError, match=r"LoRA flux .*seems to be for Flux .*" + expected):
+        _resolve(tiny_t2i, f"flux={flux}")
+    sdxl = _fake_lora(tmp_path / "sdxl.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)})
+    with pytest.raises(ModelConfigError, match=r"LoRA sdxl .*seems to be for Stable Diffusion / SDXL"):
+        _resolve(tiny_t2i, f"sdxl={sdxl}")
+    big = _fake_lora(tmp_path / "big.safetensors", _pair("transformer.transformer_blocks.0.attn.to_q", 4, 3072, 3072))
+    with pytest.raises(ModelConfigError, match=r"LoRA big .*layer transformer_blocks\.0\.attn\.to_q has LoRA factors of shapes \[4, 3072\]"):
+        _resolve(tiny_t2i, f"big={big}")
+    with pytest.raises(ModelConfigError, match="--lora tiny: the name is already a served model's id"):
+        _resolve(tiny_t2i, f"tiny={tiny_lora}")
+    with pytest.raises(ModelConfigError, match="--lora a: given twice"):
+        _resolve(tiny_t2i, f"a={tiny_lora}", f"a={tiny_lora}")
+
+
+def test_cli_refuses_a_bad_lora_before_serving(tiny_t2i, tmp_path):
+    flux = _fake_lora(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.lora_A.weight": (4, 48)})
+    cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", f"tiny={tiny_t2i}", "--lora", f"flux={flux}", "--port", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "LoRA flux" in result.stderr and "seems to be for Flux" in result.stderr
+
+
+class _Engine:
+    def __init__(self, models):
+        self.models = models
+
+
+def test_lora_ids_route_to_the_base_model_with_the_preset(tiny_t2i, tiny_lora, tmp_path):
+    specs = _resolve(tiny_t2i, f"fast={tiny_lora}:preset=lightning,steps=4", f"style={tiny_lora}")
+    service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
+
+    def job(**fields):
+        req = GenerationRequest(prompt="p", **fields)
+        return service._job(req, service._model(req.model, edit=False), "generate", None)
+
+    fast = job(model="fast", quality="high")
+    assert service._model("fast", edit=False).id == "tiny"
+    assert (fast.lora, fast.num_inference_steps, fast.true_cfg_scale) == ("fast", 4, 1.0), "the preset's steps win over quality"
+    overridden = job(model="fast", num_inference_steps=12, true_cfg_scale=3.0)
+    assert (overridden.num_inference_steps, overridden.true_cfg_scale) == (12, 3.0), "request fields win over the preset"
+    style = job(model="style", quality="low")
+    assert (style.lora, style.num_inference_steps, style.true_cfg_scale) == ("style", 20, 4.0), "no preset: as for the base model"
+    base = job(model="tiny")
+    assert base.lora is None and base.num_inference_steps == 4
+
+
+def test_a_fused_lora_preset_applies_to_the_base_id(tiny_t2i, tiny_lora, tmp_path):
+    specs = _resolve(tiny_t2i, f"fast={tiny_lora}:preset=lightning,fuse=true")
+    service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
+    job = service._job(GenerationRequest(prompt="p", model="tiny"), specs[0], "generate", None)
+    assert (job.lora, job.num_inference_steps, job.true_cfg_scale) == (None, 8, 1.0)

@@ -1,0 +1,118 @@
+"""LoRAs in a worker's runner on CPU: hot-swap, fused, the compiled-transformer slot, preset schedulers."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.types import Job
+from qwen_image_server.models.lora_runtime import LoraSet
+from qwen_image_server.models.runner import PipelineRunner
+from qwen_image_server.models.spec import resolve_configured
+
+
+def _spec(tiny_t2i, *loras):
+    (spec,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=list(loras)))
+    return spec
+
+
+def _job(lora=None, steps=2, cfg=1.0, seed=7):
+    return Job(mode="generate", prompt="a cat", seeds=[seed], width=128, height=128, num_inference_steps=steps, true_cfg_scale=cfg, lora=lora)
+
+
+def _pixels(runner, job) -> np.ndarray:
+    return np.asarray(runner.run(job)[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def swapped(tiny_t2i, tiny_lora):
+    return PipelineRunner(_spec(tiny_t2i, f"style={tiny_lora}", f"fast={tiny_lora}:preset=lightning,scale=0.5"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(swapped):
+    """Base, LoRA, base again: in this order on one runner."""
+    return {"base": _pixels(swapped, _job()), "style": _pixels(swapped, _job("style")), "base_after": _pixels(swapped, _job())}
+
+
+def test_a_lora_changes_the_image_and_the_base_comes_back_bit_exactly(images):
+    assert np.abs(images["style"] - images["base"]).mean() > 1.0
+    assert np.array_equal(images["base"], images["base_after"])
+
+
+def test_switching_between_loras_is_deterministic(swapped, images):
+    fast = _pixels(swapped, _job("fast"))
+    assert not np.array_equal(fast, images["style"])
+    assert np.array_equal(_pixels(swapped, _job("style")), images["style"])
+
+
+def test_fused_lora_gives_the_hot_swapped_image(tiny_t2i, tiny_lora, images):
+    fused = PipelineRunner(_spec(tiny_t2i, f"style={tiny_lora}:fuse=true"), device="cpu")
+    assert not hasattr(fused.pipe.transformer, "peft_config") or not fused.pipe.transformer.peft_config, "adapter weights unloaded"
+    for lora in ("style", None):  # the alias and the base id both run the fused weights
+        image = _pixels(fused, _job(lora))
+        assert np.abs(image - images["style"]).max() <= 2
+
+
+def test_the_preset_scheduler_applies_during_the_call_and_is_restored(swapped):
+    pipe = swapped.pipe
+    own = pipe.scheduler
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(pipe.scheduler.config))
+    try:
+        swapped.run(_job("fast", steps=3))
+        fast_calls = list(seen)
+        seen.clear()
+        swapped.run(_job("style", steps=2, cfg=2.0))
+    finally:
+        hook.remove()
+    assert len(fast_calls) == 3, "one transformer call per step without CFG"
+    assert all(c.base_shift == c.max_shift == math.log(3) and c.shift_terminal is None for c in fast_calls)
+    assert fast_calls[0].base_image_seq_len == own.config.base_image_seq_len, "the model's sequence lengths are kept"
+    assert len(seen) == 4 and all(c.shift_terminal == own.config.shift_terminal for c in seen), "no preset: the model's scheduler"
+    assert pipe.scheduler is own
+
+
+def _slot_images(tiny_t2i, tiny_lora, device="cpu", backend="eager"):
+    """Base, LoRA, base, LoRA through the compiled-transformer slot; every call after the first under error_on_recompile."""
+    import torch
+    import torch._dynamo
+    from diffusers import DiffusionPipeline
+
+    spec = _spec(tiny_t2i, f"style={tiny_lora}", f"fast={tiny_lora}:preset=lightning,scale=0.5")
+    profile = replace(spec.profile, compile=True)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    loras = LoraSet(pipe, profile)
+    assert loras.hotswap and list(pipe.transformer.peft_config) == ["hotswap_slot"]
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend, dynamic=False)
+
+    def render(lora):
+        with loras.applied(pipe, lora), torch.inference_mode():
+            image = pipe(prompt="a cat", width=128, height=128, num_inference_steps=2, true_cfg_scale=1.0,
+                         generator=[torch.Generator("cpu").manual_seed(7)], output_type="pil").images[0]  # fmt: skip
+        return np.asarray(image, dtype=np.int16)
+
+    first = render(None)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        return first, render("style"), render(None), render("style")
+
+
+def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora, images):
+    first, style, base, again = _slot_images(tiny_t2i, tiny_lora)
+    assert np.abs(first - images["base"]).max() <= 1 and np.array_equal(first, base)
+    assert np.abs(style - images["style"]).max() <= 2 and np.array_equal(style, again)
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    first, style, base, again = _slot_images(tiny_t2i, tiny_lora, device="cuda", backend="inductor")
+    assert np.array_equal(first, base) and np.array_equal(style, again)
+    assert np.abs(style - first).mean() > 1.0
