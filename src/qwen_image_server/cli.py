@@ -15,7 +15,7 @@ import typer
 
 from .config import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible image server for Qwen-Image.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="OpenAI-compatible image server for Qwen-Image.")
 
 DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
 
@@ -99,11 +99,17 @@ def serve(
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; repeat.")
     ] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="A web origin allowed to call the API; repeat.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
     options = dict(locals())
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .api.security import install_request_id_logging
+
+    install_request_id_logging()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     try:
         run_server(settings_from_options(options), log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
@@ -112,7 +118,7 @@ def serve(
 
 
 #: Command-line options that are Settings fields of another name.
-_RENAMED = {"image_url_prefix": "image_download_url_prefix", "lora": "loras"}
+_RENAMED = {"image_url_prefix": "image_download_url_prefix", "lora": "loras", "api_key": "api_keys", "cors_origin": "cors_origins"}
 
 
 def settings_from_options(options: dict) -> Settings:

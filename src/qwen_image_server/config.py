@@ -33,6 +33,18 @@ def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
+def read_keys_file(path: Path) -> list[str]:
+    """API keys from a file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"the API keys file {path} holds no key")
+    return keys
+
+
 class Settings(BaseSettings):
     """Everything the server can be told, from flags or the environment."""
 
@@ -86,6 +98,21 @@ class Settings(BaseSettings):
     weights_dtype: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto or fp8 (FP8 storage, bf16 compute).")
     offload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none, text-encoder, group, model, sequential.")
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
+
+    # --- access ------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        validation_alias=_alias("QWEN_IMAGE_API_KEYS", "QIS_API_KEYS"),
+        description="Keys clients must send as 'Authorization: Bearer KEY' (comma-separated in the environment).",
+    )
+    api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line (# comments).")
+    public_ready_detail: bool = Field(
+        default=False, description="With API keys: show /ready's per-worker detail to callers without a key too."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Web page origins allowed to call the API (comma-separated; * for any)."
+    )
 
     # --- Ray Serve engine ---------------------------------------------------------------
     engine: Literal["local", "ray"] = "local"
@@ -145,6 +172,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def all_api_keys(self) -> list[str]:
+        """The keys given directly and those in the keys file."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += read_keys_file(self.api_keys_file)
+        return keys
 
     @field_validator("compile_sizes", mode="before")
     @classmethod

@@ -32,7 +32,8 @@ def assert_error(response: httpx.Response, status: int, *, param: str | None | t
     assert response.status_code == status, response.text[:300]
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error", "detail"}, body
+    assert set(body) == {"error", "detail", "request_id"}, body
+    assert response.headers["x-request-id"] == body["request_id"]
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"]
@@ -325,7 +326,7 @@ def test_dot_segments_in_the_raw_path_are_404(server, raw_path):
     finally:
         connection.close()
     assert status == 404
-    assert set(body) == {"error", "detail"} and body["detail"] == body["error"]["message"]
+    assert set(body) == {"error", "detail", "request_id"} and body["detail"] == body["error"]["message"]
 
 
 def test_unknown_model_card_is_404(http_client):

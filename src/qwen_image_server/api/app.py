@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..engine.base import EngineClient
@@ -14,6 +15,7 @@ from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
 from .routes import router
+from .security import ApiKeys, OriginPolicy, RequestIds, install_request_id_logging
 from .uploads import BodySizeLimit
 
 log = logging.getLogger(__name__)
@@ -51,5 +53,21 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app.state.service = ImageService(settings, engine, store, rewriter)
     install_error_handlers(app)
     app.include_router(router)
+    # Starlette runs the last added outermost: request ids, CORS, origin policy, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    keys = settings.all_api_keys()
+    if keys:
+        app.add_middleware(ApiKeys, keys=keys)
+    app.add_middleware(OriginPolicy, allowed=settings.cors_origins)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
+            expose_headers=["X-Request-ID", "Retry-After", "X-Run-Start", "X-Run-End", "X-Workers"],
+            max_age=600,
+        )
+    app.add_middleware(RequestIds)
+    install_request_id_logging()
     return app

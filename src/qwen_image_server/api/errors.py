@@ -25,8 +25,15 @@ def error_body(exc: ServerError) -> dict:
 def error_response(
     status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}, "detail": message}
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}, "detail": message, **_request_id()}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _request_id() -> dict:
+    from .security import request_id_var
+
+    request_id = request_id_var.get()
+    return {"request_id": request_id} if request_id != "-" else {}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -53,7 +60,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return JSONResponse({"error": error_body(exc), "detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+        body = {"error": error_body(exc), "detail": exc.message, **_request_id()}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

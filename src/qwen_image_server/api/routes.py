@@ -266,5 +266,9 @@ async def ready(request: Request) -> JSONResponse:
     """200 once every worker has loaded its model, 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    body = {"status": "ready" if is_ready else "loading", "models": engine.status(), **_gpus(engine)}
+    body: dict = {"status": "ready" if is_ready else "loading"}
+    settings = _service(request).settings
+    # With API keys, the per-worker detail is for callers with a key (probes still get the status code).
+    if request.scope.get("state", {}).get("authenticated", True) or settings.public_ready_detail:
+        body.update(models=engine.status(), **_gpus(engine))
     return JSONResponse(body, status_code=200 if is_ready else 503)

@@ -1,0 +1,155 @@
+"""What stands between the network and the routes: request ids, API keys, and the cross-origin policy.
+
+Three small ASGI middlewares, outermost first: ``RequestIds`` names every request
+(and every log line about it), ``OriginPolicy`` refuses browser requests from pages
+the server does not trust, ``ApiKeys`` checks ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import re
+import uuid
+
+from .errors import error_response
+
+#: The id of the request being handled, for log lines and error bodies ("-" outside a request).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: Paths anyone may call without a key: liveness, readiness (its detail needs a key), and stored
+#: images (their names are 128-bit random ids).
+OPEN_PATHS = ("/health", "/healthz", "/ready")
+OPEN_PREFIXES = ("/images/",)
+
+
+def install_request_id_logging() -> None:
+    """Give every log record a ``request_id`` attribute (the current request's, else "-")."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_adds_request_id", False):
+        return
+
+    def record_factory(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        record.request_id = request_id_var.get()
+        return record
+
+    record_factory._adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(record_factory)
+
+
+def client_request_id(value: str | None) -> str:
+    """The client's ``X-Request-ID`` when it is short and plain, else a new id."""
+    if value and _CLIENT_ID.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestIds:
+    """Accept ``X-Request-ID`` (bounded, plain characters) or make one; echo it on the response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = client_request_id(_header(scope, b"x-request-id"))
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+class OriginPolicy:
+    """Refuse (403) requests a browser sends from another site's page, unless that origin is allowed.
+
+    CORS headers alone do not stop a cross-origin ``multipart/form-data`` POST from
+    running (browsers send such "simple" requests without asking first); they only
+    hide the answer. So a request whose ``Origin`` is neither this server's own nor
+    in the allow-list is refused before any work. Clients that are not browsers
+    send no ``Origin`` and are not affected.
+    """
+
+    def __init__(self, app, allowed: list[str]):
+        self.app = app
+        self.allowed = {origin.rstrip("/") for origin in allowed}
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        origin = _header(scope, b"origin")
+        if origin is None or self.any or origin.rstrip("/") in self.allowed or self._same_origin(scope, origin):
+            return await self.app(scope, receive, send)
+        message = (
+            f"cross-origin requests from {origin[:100]} are not allowed; "
+            "start the server with --cors-origin ORIGIN to allow a web page to call it"
+        )
+        response = error_response(403, message, type_="invalid_request_error", code="origin_not_allowed")
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _same_origin(scope, origin: str) -> bool:
+        host = _header(scope, b"host")
+        return host is not None and origin in (f"http://{host}", f"https://{host}")
+
+
+class ApiKeys:
+    """``Authorization: Bearer KEY`` (as the openai SDK sends it) on every route but the open ones.
+
+    Keys are compared in constant time, each against the presented one; they are never logged.
+    """
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    @staticmethod
+    def _open(path: str, method: str) -> bool:
+        # A CORS preflight carries no credentials.
+        return method == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+    def _valid(self, presented: str) -> bool:
+        candidate = presented.encode()
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        authorization = _header(scope, b"authorization") or ""
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            presented = _header(scope, b"x-api-key") or ""
+        valid = bool(presented) and self._valid(presented.strip())
+        scope.setdefault("state", {})["authenticated"] = valid
+        if valid or self._open(scope.get("path", ""), scope.get("method", "GET")):
+            return await self.app(scope, receive, send)
+        if not presented:
+            message = "Missing API key: send it as 'Authorization: Bearer KEY' (the openai SDK's api_key)"
+        else:
+            message = "Incorrect API key provided"
+        response = error_response(401, message, type_="invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
