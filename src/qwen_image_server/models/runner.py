@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
+from .compile import compile_and_warm, logged_compiles
 from .processor import load_processor
 from .spec import ModelSpec
 
@@ -97,6 +98,8 @@ class PipelineRunner:
         self._inpaint = None
         self._img2img = None
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
+        if spec.profile.compile:
+            compile_and_warm(self)  # before the worker reports ready
 
     def _load_processor(self):
         """The edit pipelines' processor, loaded here for folders and hub ids alike.
@@ -178,7 +181,8 @@ class PipelineRunner:
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
-        with edit_areas(options.get("edit_area"), options.get("condition_area")), torch.inference_mode():
+        areas = edit_areas(options.get("edit_area"), options.get("condition_area"))
+        with areas, torch.inference_mode(), logged_compiles(self.spec, job):
             if preview is not None:
                 preview.attach(pipe)
             try:
