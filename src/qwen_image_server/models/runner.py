@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
+from .compile import compile_and_warm, logged_compiles
 from .lora_runtime import LoraSet
 from .processor import load_processor
 from .spec import ModelSpec
@@ -104,6 +105,8 @@ class PipelineRunner:
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
         log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
+        if spec.profile.compile:
+            compile_and_warm(self)  # before the worker reports ready
 
     def _load_processor(self):
         """The edit pipelines' processor, loaded here for folders and hub ids alike.
@@ -193,6 +196,7 @@ class PipelineRunner:
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,
             self.speed.call(pipe),
+            logged_compiles(self.spec, job),
         ):
             if preview is not None:
                 preview.attach(pipe)

@@ -181,5 +181,18 @@ def _lora_for(lora: LoraSpec, specs: list[ModelSpec]) -> LoraSpec:
 
 
 def resolve_configured(settings) -> list[ModelSpec]:
-    """The models a ``Settings`` asks for, with their run profiles."""
-    return resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
+    """The models a ``Settings`` asks for, with their run profiles.
+
+    A compiled text-to-image model without ``compile_sizes`` warms its default size:
+    the folder's, else the server's ``--default-size``.
+    """
+    specs = resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
+    return [_with_warm_default(spec, settings.default_size) for spec in specs]
+
+
+def _with_warm_default(spec: ModelSpec, default_size: str) -> ModelSpec:
+    profile = spec.profile
+    if not profile.compile or profile.compile_sizes or not spec.can_generate:
+        return spec
+    size = str(spec.options.get("default_size", default_size)).lower().replace(" ", "")
+    return replace(spec, profile=replace(profile, compile_sizes=(size,)))

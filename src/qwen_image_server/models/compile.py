@@ -1,0 +1,156 @@
+"""``--compile``: regional ``torch.compile`` of the transformer, warmed before the worker reports ready.
+
+diffusers' regional compile (``compile_repeated_blocks``) compiles the one
+``QwenImageTransformerBlock`` forward that all blocks share. Compiled graphs are
+specialised to the shapes they saw, and a Qwen-Image call has two that change:
+
+- the text length (the prompt's tokens, the negative prompt's, and for edit models
+  the input image's vision tokens) changes with every request. It is marked
+  dynamic (``torch._dynamo.mark_dynamic``) on the tensors that enter the blocks —
+  the text stream after ``txt_in`` and the text RoPE frequencies — so that one graph
+  serves every prompt length, the negative prompt included, without padding (which
+  would force a masked attention kernel) and with no mask to add;
+- the image length (the render size; for edits the input's size too) stays static,
+  so each size gets kernels made for it. The warm set — ``compile_sizes`` or the
+  model's default size — is compiled and run at load; a size outside it compiles
+  once on its first request (logged), and later requests at that size are fast.
+
+The batch (``n``) is static too: the warm-up renders one image, so the first ``n>1``
+request at a size compiles once more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..engine.types import Job
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: The size warmed when neither ``compile_sizes`` nor the model's folder names one (the server's default size).
+DEFAULT_SIZE = "1024x1024"
+#: The area edit pipelines resize inputs to (diffusers' ~1 MP), unless the model's folder sets another.
+DEFAULT_EDIT_AREA = 1024 * 1024
+#: Pixel multiple requests render at (sizes in between are rendered larger and cropped).
+SIZE_MULTIPLE = 16
+#: Graphs the block forward may hold before torch falls back to eager for new shapes: sizes × batch sizes.
+MIN_RECOMPILE_LIMIT = 64
+WARM_PROMPT = "warm-up"
+WARM_STEPS = 2
+
+
+def warm_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """The ``(width, height)`` sizes compiled at load, at the multiple of 16 requests render at.
+
+    For text-to-image models these are render sizes; for edit models, sizes of a
+    single input image edited at the pipeline's own size (~1 MP at the input's
+    aspect ratio), by default a square one of the model's edit area.
+    """
+    names = spec.profile.compile_sizes
+    if not names and spec.can_edit:
+        side = math.isqrt(int(spec.options.get("edit_area", DEFAULT_EDIT_AREA)))
+        names = (f"{side}x{side}",)
+    names = names or (str(spec.options.get("default_size", DEFAULT_SIZE)),)
+    up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731
+    sizes = [tuple(up(int(v)) for v in name.lower().split("x")) for name in names]
+    return list(dict.fromkeys(sizes))  # type: ignore[arg-type]
+
+
+def warm_jobs(spec: ModelSpec, sizes: list[tuple[int, int]]) -> list[Job]:
+    """One job per warm size, through the path requests take: true CFG (the negative prompt's pass), one image."""
+    jobs = []
+    for width, height in sizes:
+        job = Job(mode="generate", prompt=WARM_PROMPT, seeds=[0], num_inference_steps=WARM_STEPS, true_cfg_scale=4.0)
+        if spec.can_edit:
+            job.mode = "edit"
+            job.images = [np.full((height, width, 3), 127, dtype=np.uint8)]
+        else:
+            job.width, job.height = width, height
+        jobs.append(job)
+    return jobs
+
+
+def graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (each recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def raise_recompile_limits(graphs: int) -> None:
+    """Let the shared block forward hold ``graphs`` graphs: by default dynamo keeps 8 and then runs eager."""
+    import torch._dynamo.config as config
+
+    limit = max(MIN_RECOMPILE_LIMIT, graphs)
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * limit)
+
+
+def mark_text_dynamic(transformer) -> list:
+    """Mark the text length dynamic on what enters the compiled blocks; returns the hook handles.
+
+    The blocks get the text stream from ``txt_in`` and the text RoPE frequencies from
+    ``pos_embed`` (both run eagerly), so forward hooks on those two mark the tensors
+    before each block call. A length of 1 is left alone (torch specialises sizes 0/1).
+    """
+    import torch
+
+    def text_stream(module, args, output):
+        if output.shape[1] > 1:
+            torch._dynamo.mark_dynamic(output, 1)
+
+    def rope(module, args, kwargs, output):
+        txt_freqs = output[1]
+        if txt_freqs.shape[0] > 1:
+            torch._dynamo.mark_dynamic(txt_freqs, 0)
+
+    return [
+        transformer.txt_in.register_forward_hook(text_stream),
+        transformer.pos_embed.register_forward_hook(rope, with_kwargs=True),
+    ]
+
+
+def compile_transformer(transformer) -> None:
+    """Regional compile of the transformer blocks, static except for the text length."""
+    mark_text_dynamic(transformer)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+
+
+def compile_and_warm(runner) -> None:
+    """Compile ``runner``'s transformer and run the warm set, so that requests in it never compile.
+
+    Called from the runner's constructor: the worker reports ready only after it
+    returns, so ``/ready`` stays 503 until the warm-up is done.
+    """
+    spec: ModelSpec = runner.spec
+    sizes = warm_sizes(spec)
+    raise_recompile_limits(4 * len(sizes))
+    started, graphs = time.perf_counter(), graph_count()
+    compile_transformer(runner.pipe.transformer)
+    for job in warm_jobs(spec, sizes):
+        runner.run(job)
+    names = ", ".join(f"{w}x{h}" for w, h in sizes)
+    what = "input sizes" if spec.can_edit else "sizes"
+    elapsed, new = time.perf_counter() - started, graph_count() - graphs
+    log.info("compiled %s and warmed %s %s in %.1fs (%d graphs)", spec.id, what, names, elapsed, new)
+
+
+@contextlib.contextmanager
+def logged_compiles(spec: ModelSpec, job: Job) -> Iterator[None]:
+    """Log a request that compiled (a size or batch outside the warm set), so slow first requests are explained."""
+    if not spec.profile.compile:
+        yield
+        return
+    before, started = graph_count(), time.perf_counter()
+    yield
+    if (new := graph_count() - before) > 0:
+        size = f"{job.width}x{job.height}" if job.width and job.height else "the input's size"
+        elapsed = time.perf_counter() - started
+        log.info("%s: %s at %s, n=%d compiled %d new graph(s) in a %.1fs call", spec.id, job.mode, size, job.n, new, elapsed)

@@ -1,0 +1,138 @@
+"""``--compile``: the warm set, and a compiled tiny model that never recompiles for it (inductor on CPU).
+
+Compiling is slow on a small CPU, so one compiled runner (two warm sizes) is shared by
+the module, and only the test of a size outside the warm set compiles once more.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.types import Job
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.models.compile import graph_count, raise_recompile_limits, warm_jobs, warm_sizes
+from qwen_image_server.models.profile import RunProfile
+from qwen_image_server.models.runner import PipelineRunner
+from qwen_image_server.models.spec import resolve_configured, resolve_model
+
+pytestmark = pytest.mark.timeout(900)  # inductor on a small shared CPU: minutes for the first (uncached) compile
+
+WARM = ("256x256", "128x128")
+PROMPTS = ("a cat", "a red cube on a wooden table, studio light, " * 2, "a long and detailed prompt about a city at night " * 8)
+
+
+def _compiled(spec, sizes=()):
+    return replace(spec, profile=RunProfile(compile=True, compile_sizes=tuple(sizes)))
+
+
+# --- the warm set (no compiling) ------------------------------------------------------------
+def test_warm_sizes_default_to_the_models_default_size(tiny_t2i):
+    spec = resolve_model(str(tiny_t2i))
+    assert warm_sizes(_compiled(spec)) == [(256, 256)]  # the folder's default_size
+    assert warm_sizes(_compiled(replace(spec, options={}))) == [(1024, 1024)]
+    assert warm_sizes(_compiled(spec, ["1000x600", "1328x1328", "1008x608"])) == [(1008, 608), (1328, 1328)]  # render sizes
+
+
+def test_edit_models_warm_a_square_input_of_their_edit_area(tiny_edit):
+    spec = _compiled(resolve_model(str(tiny_edit)))
+    assert warm_sizes(spec) == [(256, 256)]  # the tiny edit area is 256²; real models 1024²
+    (job,) = warm_jobs(spec, warm_sizes(spec))
+    assert (job.mode, job.width, job.height, job.images[0].shape) == ("edit", None, None, (256, 256, 3))
+    assert job.true_cfg_scale > 1 and job.n == 1
+
+
+def test_server_default_size_is_the_warm_default(tiny_t2i, tiny_edit):
+    t2i, edit = resolve_configured(Settings(models=[f"a={tiny_t2i}", f"b={tiny_edit}"], compile=True, default_size="512x512"))
+    assert t2i.profile.compile_sizes == ("256x256",)  # the folder's own default wins over the server's
+    assert edit.profile.compile_sizes == ()  # edits warm their input size (see above)
+    (plain,) = resolve_configured(Settings(models=[f"a={tiny_t2i}"], compile=False))
+    assert plain.profile.compile_sizes == ()
+
+
+def test_recompile_limits_are_raised_never_lowered():
+    import torch._dynamo.config as config
+
+    saved = config.recompile_limit, config.accumulated_recompile_limit
+    try:
+        config.recompile_limit = 8
+        raise_recompile_limits(100)
+        assert config.recompile_limit == 100 and config.accumulated_recompile_limit >= 800
+        raise_recompile_limits(4)
+        assert config.recompile_limit == 100
+    finally:
+        config.recompile_limit, config.accumulated_recompile_limit = saved
+
+
+# --- a compiled tiny model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiled(tiny_t2i):
+    before = graph_count()
+    runner = PipelineRunner(_compiled(resolve_model(str(tiny_t2i)), WARM), device="cpu")
+    assert graph_count() - before == len(WARM)  # one graph per warm size covers the prompt and the negative prompt
+    return runner
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_t2i):
+    return PipelineRunner(resolve_model(str(tiny_t2i)), device="cpu")
+
+
+def _job(size: str, prompt: str, steps: int = 2, **kw) -> Job:
+    width, height = map(int, size.split("x"))
+    return Job(mode="generate", prompt=prompt, seeds=[7], width=width, height=height, num_inference_steps=steps, **kw)
+
+
+def _close(a, b) -> None:
+    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_warmed_sizes_never_recompile_whatever_the_prompt_length(compiled):
+    lengths = {compiled.count_tokens(p) for p in PROMPTS}
+    assert len(lengths) == 3
+    before = graph_count()
+    for size in WARM:
+        for prompt in PROMPTS:
+            (image,) = compiled.run(_job(size, prompt))
+            assert image.size == tuple(map(int, size.split("x")))
+        compiled.run(_job(size, PROMPTS[1], true_cfg_scale=1.0))  # no negative prompt pass
+    previews = []
+    compiled.run(_job(WARM[0], PROMPTS[2], steps=3, partial_images=1), on_partial=lambda *a: previews.append(a))
+    assert len(previews) == 1  # the preview hook on the transformer works with compiled blocks
+    assert graph_count() == before
+
+
+def test_compiled_images_match_eager(compiled, eager):
+    for size, prompt in ((WARM[0], PROMPTS[0]), (WARM[1], PROMPTS[2])):
+        _close(compiled.run(_job(size, prompt))[0], eager.run(_job(size, prompt))[0])
+
+
+def test_cancellation_still_stops_a_compiled_run(compiled):
+    steps = []
+
+    def stop():
+        steps.append(1)
+        return len(steps) > 1
+
+    before = graph_count()
+    with pytest.raises(TaskCancelled):
+        compiled.run(_job(WARM[0], PROMPTS[0], steps=4), should_stop=stop)
+    assert len(steps) == 2 and graph_count() == before
+
+
+def test_a_size_outside_the_warm_set_compiles_once_and_is_right(compiled, eager, caplog):
+    caplog.set_level(logging.INFO, logger="qwen_image_server.models.compile")
+    before = graph_count()
+    (image,) = compiled.run(_job("192x128", PROMPTS[0]))
+    assert image.size == (192, 128)
+    assert graph_count() > before
+    assert "generate at 192x128, n=1 compiled" in caplog.text
+    _close(image, eager.run(_job("192x128", PROMPTS[0]))[0])
+    after = graph_count()
+    compiled.run(_job("192x128", PROMPTS[2]))
+    assert graph_count() == after
