@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         default=None, ge=1, description="Torch threads per CPU worker; default: the machine's cores shared among CPU workers."
     )
-    worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked broken.")
+    worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked failed.")
+    worker_retry_seconds: float = Field(default=300.0, gt=0, description="How often a failed model is tried again.")
 
     # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------
     compile: bool | None = Field(default=None, description="Regional torch.compile of the transformer, warmed at start-up.")

@@ -266,7 +266,8 @@ async def ready(request: Request) -> JSONResponse:
     """200 once every worker has loaded its model, 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    body: dict = {"status": "ready" if is_ready else "loading"}
+    failed = getattr(engine, "failed", lambda: False)()
+    body: dict = {"status": "ready" if is_ready else ("failed" if failed else "loading")}
     settings = _service(request).settings
     # With API keys, the per-worker detail is for callers with a key (probes still get the status code).
     if request.scope.get("state", {}).get("authenticated", True) or settings.public_ready_detail:

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -29,6 +30,13 @@ from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+){2,}[\\/]?")
+
+
+def public_reason(reason: str | None) -> str:
+    """A load failure's reason as clients may see it: file system paths replaced (they are in the server log)."""
+    return _PATH.sub("<path>", reason or "unknown error")[:200]
 
 
 @dataclass(eq=False)
@@ -104,7 +112,10 @@ class _Worker:
         self.send(("stop",))
 
     def describe(self) -> dict:
-        return {"name": self.name, "state": self.state, "pid": self.process.pid, "device": self.device, **self.info}
+        info = dict(self.info)
+        if "error" in info:
+            info["error"] = public_reason(info["error"])
+        return {"name": self.name, "state": self.state, "pid": self.process.pid, "device": self.device, **info}
 
 
 class _ModelPool:
@@ -128,7 +139,7 @@ class _ModelPool:
     # --- jobs ----------------------------------------------------------------------
     async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         if self.broken:
-            raise NotReady(f"Model {self.spec.id} is unavailable: {self.broken}")
+            raise NotReady(self._unavailable())
         if self.waiting_jobs >= self.settings.queue_size:
             raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
         # Spread the images over the workers; never more per call than max_batch_size.
@@ -194,6 +205,9 @@ class _ModelPool:
             worker.info = message[1]
             worker.state = "idle"
             self.load_failures = 0
+            if self.broken:
+                log.info("model %s loaded again", self.spec.id)
+                self.broken = None
             log.info("worker %s ready: %s", worker.name, message[1])
         elif kind == "load_failed":
             self.load_failures += 1
@@ -246,20 +260,43 @@ class _ModelPool:
             return
         if worker.state == "loading":
             self.load_failures += 1  # died before it could say why
-        log.warning("worker %s exited (exit code %s); %s", worker.name, code, "restarting" if not self._give_up() else "giving up")
-        index = self.workers.index(worker)
         if self._give_up():
+            retry = self.settings.worker_retry_seconds
+            log.warning("worker %s exited (exit code %s); model %s marked failed, next try in %.0fs", worker.name, code, self.spec.id, retry)
             worker.state = "failed"
             self.broken = worker.info.get("error") or f"worker exited with code {code} while loading"
             while self.pending:
                 piece = self.pending.popleft()
                 if not piece.future.done():
-                    piece.future.set_exception(NotReady(f"Model {self.spec.id} is unavailable: {self.broken}"))
+                    piece.future.set_exception(NotReady(self._unavailable()))
+            self.loop.call_later(retry, self._retry_failed)
             return
-        self.workers[index] = _Worker(self, worker.slot, worker.device, self.threads)
+        # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60).
+        delay = 0.0 if self.load_failures == 0 else min(60.0, 2.0 ** (self.load_failures - 1))
+        log.warning("worker %s exited (exit code %s); restarting in %.0fs", worker.name, code, delay)
+        worker.state = "restarting"
+        self.loop.call_later(delay, self._restart, worker)
+
+    def _restart(self, worker: _Worker) -> None:
+        if self.closing or worker not in self.workers:
+            return
+        self.workers[self.workers.index(worker)] = _Worker(self, worker.slot, worker.device, self.threads)
+
+    def _retry_failed(self) -> None:
+        """Try a failed model again (its files may have been fixed, or its GPU freed); it stays failed until a worker loads."""
+        if self.closing or not self.broken:
+            return
+        log.info("trying model %s again", self.spec.id)
+        self.load_failures = 0
+        for index, worker in enumerate(self.workers):
+            if worker.state == "failed" and not worker.process.is_alive():
+                self.workers[index] = _Worker(self, worker.slot, worker.device, self.threads)
 
     def _give_up(self) -> bool:
         return self.load_failures > self.settings.worker_restart_limit
+
+    def _unavailable(self) -> str:
+        return f"Model {self.spec.id} is unavailable: its workers failed to load ({public_reason(self.broken)}); see the server log"
 
     # --- life cycle ------------------------------------------------------------------
     def ready(self) -> bool:
@@ -269,8 +306,9 @@ class _ModelPool:
         return {
             "kind": self.spec.kind,
             "ready": self.ready(),
+            "state": "failed" if self.broken else ("ready" if self.ready() else "loading"),
             "queued_jobs": self.waiting_jobs,
-            "error": self.broken,
+            "error": public_reason(self.broken) if self.broken else None,
             "workers": [w.describe() for w in self.workers],
         }
 
@@ -317,6 +355,10 @@ class LocalEngine:
 
     def ready(self) -> bool:
         return bool(self.pools) and all(pool.ready() for pool in self.pools.values())
+
+    def failed(self) -> bool:
+        """Some model's workers gave up loading (it is retried every ``worker_retry_seconds``)."""
+        return any(pool.broken for pool in self.pools.values())
 
     def status(self) -> dict:
         return {model_id: pool.status() for model_id, pool in self.pools.items()}
