@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import concurrently
@@ -79,7 +80,9 @@ def test_ready_lists_every_model_and_its_workers(http):
         for worker in workers:
             assert worker["name"].startswith(model_id + "#")
             assert worker["state"] in ("idle", "busy")
-            assert worker["device"] == "cpu" and isinstance(worker["pid"], int)
+            # --device auto: the GPUs where there are any (cuda:N as planned), else the CPU.
+            assert worker["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), worker
+            assert isinstance(worker["pid"], int)
 
 
 def test_models_list_and_cards(http):
