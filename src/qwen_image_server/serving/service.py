@@ -253,6 +253,7 @@ class ImageService:
         self, prepared: Prepared, base_url: str, on_partial: Callable[[PartialImage], None] | None = None
     ) -> tuple[dict, JobResult]:
         """Run a prepared job and build OpenAI's response body."""
+        submitted = time.time()
         result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
         req = prepared.req
         data = []
@@ -263,7 +264,16 @@ class ImageService:
             else:
                 item["b64_json"] = b64(image.data)
             data.append(item)
-        return {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}, result
+        body = {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}
+        return {**body, "stats": self.stats(submitted, result)}, result
+
+    @staticmethod
+    def stats(submitted: float, result: JobResult) -> dict:
+        """An extension: seconds the job waited for a worker and seconds in the pipeline (from the worker's start/finish)."""
+        return {
+            "pipeline_seconds": round(result.finished - result.started, 6),
+            "queue_seconds": round(max(0.0, result.started - submitted), 6),
+        }
 
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""
