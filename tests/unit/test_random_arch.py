@@ -119,6 +119,23 @@ def test_full_width_transformer_block_stays_finite_in_bf16():
     assert out.shape == (1, 16, 64) and torch.isfinite(out).all() and 0 < float(out.float().std()) < 100
 
 
+def test_full_width_vae_round_trip_is_finite_and_not_saturated():
+    from diffusers import AutoencoderKLQwenImage
+
+    from qwen_image_server.models.random_arch import _config, _constructing
+
+    with _constructing("cpu", torch.float32):
+        vae = AutoencoderKLQwenImage(**_config(architectures()["Qwen/Qwen-Image"]["vae"]))
+    init_random_(vae, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        image = vae.decode(torch.randn(1, 16, 1, 4, 4, generator=g), return_dict=False)[0]
+        latents = vae.encode(torch.rand(1, 3, 1, 32, 32, generator=g) * 2 - 1).latent_dist.mode()
+    assert image.shape == (1, 3, 1, 32, 32) and latents.shape == (1, 16, 1, 4, 4)
+    assert torch.isfinite(image).all() and torch.isfinite(latents).all()
+    assert float(image.std()) > 0.01 and float((image.abs() == 1).float().mean()) < 0.5  # not clamped flat
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_runner_builds_and_runs_each_architecture(name, monkeypatch):
     from diffusers import DiffusionPipeline
