@@ -223,7 +223,8 @@ class Settings(BaseSettings):
         entries: list[tuple[str | None, str]] = []
         for item in self.models:
             ident, sep, source = item.partition("=")
-            entries.append((ident.strip(), source.strip()) if sep else (None, item.strip()))
+            named = sep and "?" not in ident  # random:ORG/NAME?KEY=VALUE has an '=' but no ID
+            entries.append((ident.strip(), source.strip()) if named else (None, item.strip()))
         if self.model_path:
             entries.append((self.model_name, self.model_path))
         if self.qwen_image_location:

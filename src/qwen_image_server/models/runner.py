@@ -93,10 +93,15 @@ class PipelineRunner:
         kwargs: dict = {"dtype": self.dtype}
         if spec.revision:
             kwargs["revision"] = spec.revision
-        if spec.can_edit:
+        if spec.can_edit and not spec.is_random:
             kwargs["processor"] = self._load_processor()
         started = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
+        if spec.is_random:  # a packaged architecture, built on the device with random weights
+            from .random_arch import build_random_pipeline
+
+            self.pipe = build_random_pipeline(spec.source, self.device, self.dtype)
+        else:
+            self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)

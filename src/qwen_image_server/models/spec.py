@@ -49,7 +49,12 @@ class ModelSpec:
     @property
     def is_hub(self) -> bool:
         """True when ``source`` is a hub id rather than a local folder."""
-        return not _looks_like_path(self.source)
+        return not self.is_random and not _looks_like_path(self.source)
+
+    @property
+    def is_random(self) -> bool:
+        """True for a ``random:ORG/NAME`` source: a packaged architecture with random weights (``random_source.py``)."""
+        return self.source.startswith("random:")
 
     @property
     def can_generate(self) -> bool:
@@ -116,8 +121,13 @@ def default_model_id(source: str) -> str:
 def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
     """Check that ``source`` is a Qwen-Image pipeline this server serves and describe it.
 
-    ``source`` is a folder, a hub id, or a hub id at a revision (``ORG/NAME@REVISION``).
+    ``source`` is a folder, a hub id, a hub id at a revision (``ORG/NAME@REVISION``),
+    or a random-weight architecture (``random:ORG/NAME[?KEY=VALUE&...]``, see ``random_source.py``).
     """
+    if source.startswith("random:"):
+        from .random_source import resolve_random
+
+        return resolve_random(source, ident)
     source, revision = split_revision(source)
     index, sidecar = _read_index(source, revision)
     class_name = index.get("_class_name")

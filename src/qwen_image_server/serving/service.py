@@ -303,6 +303,7 @@ class ImageService:
         self, prepared: Prepared, base_url: str, on_partial: Callable[[PartialImage], None] | None = None
     ) -> tuple[dict, JobResult]:
         """Run a prepared job and build OpenAI's response body."""
+        submitted = time.time()
         result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
         req = prepared.req
         data = []
@@ -314,7 +315,7 @@ class ImageService:
                 item["b64_json"] = b64(image.data)
             data.append(item)
         body = {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}
-        return {**body, "stats": self.stats(result)}, result
+        return {**body, "stats": self.stats(result, submitted)}, result
 
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""
@@ -336,9 +337,13 @@ class ImageService:
         }
 
     @staticmethod
-    def stats(result: JobResult) -> dict:
-        """The response's ``stats`` extension: what the run did (transformer calls, and those served from the step cache)."""
-        return {"transformer_calls": 0, "cached_calls": 0, **result.stats}
+    def stats(result: JobResult, submitted: float | None = None) -> dict:
+        """The response's ``stats`` extension: what the run did (transformer calls, those served from the step
+        cache) and how long it took (seconds in the pipeline, from the worker's start and end; seconds waiting)."""
+        timing = {"pipeline_seconds": round(result.finished - result.started, 6)}
+        if submitted is not None:
+            timing["queue_seconds"] = round(max(0.0, result.started - submitted), 6)
+        return {"transformer_calls": 0, "cached_calls": 0, **result.stats, **timing}
 
     @staticmethod
     def usage(prepared: Prepared, result: JobResult) -> dict:

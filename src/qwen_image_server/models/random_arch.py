@@ -1,0 +1,153 @@
+"""Building a ``random:`` model's pipeline directly on its device, with cheap seeded random weights.
+
+Every module is constructed on the target device in the target dtype (a default
+device and dtype while constructing), with the libraries' own initialisation
+skipped, then filled in place: normal(0, 0.02) for matrices and kernels, ones for
+norm scales, zeros for biases. No CPU copy of the weights is ever made, so the
+full-size models (about 29 B parameters) are ready in seconds on a GPU. The same
+seed gives the same weights on the same device. The architecture comes from
+``random_source.py``; the tokenizer is the tiny models' byte-level one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from .random_source import RandomSource, parse_random_source
+
+log = logging.getLogger(__name__)
+
+#: Standard deviation of the random matrices: small enough that bf16 activations stay finite through 60 blocks.
+INIT_STD = 0.02
+
+
+@contextlib.contextmanager
+def _constructing(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """New tensors on ``device`` in ``dtype``, and torch's / transformers' weight initialisation skipped."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def init_random_(module: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
+    """Fill every parameter of ``module`` in place: norm scales 1, biases 0, everything else normal(0, ``std``).
+
+    Parameters are visited in registration order with one generator on their
+    device, so the same seed gives the same weights.
+    """
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        return
+    generator = torch.Generator(device).manual_seed(seed)
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if name in ("bias", "beta") or name.endswith("_bias"):
+                param.zero_()
+            elif _is_norm(sub) or param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+
+
+def text_encoder_config(arch: dict, tokenizer):
+    """The Qwen2.5-VL configuration of ``arch``, its special token ids those of ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
+    from .tiny import _SPECIAL_TOKENS
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _SPECIAL_TOKENS}
+    special = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    values = {key: value for key, value in arch["text_encoder"].items() if not key.startswith("_")}
+    values["text_config"] = {**values["text_config"], **special}
+    return Qwen2_5_VLConfig(
+        **values,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special,
+    )
+
+
+def _config(values: dict) -> dict:
+    return {key: value for key, value in values.items() if not key.startswith("_")}
+
+
+def build_components(arch: dict, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """The pipeline components of ``arch`` on ``device`` in ``dtype``; on ``meta`` they take no memory and stay uninitialised."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .tiny import _make_tokenizer
+
+    tokenizer = _make_tokenizer()
+    config = text_encoder_config(arch, tokenizer)
+    transformer_config = _config(arch["transformer"])
+    transformer_config["axes_dims_rope"] = tuple(transformer_config["axes_dims_rope"])
+    with _constructing(device, dtype):
+        transformer = QwenImageTransformer2DModel(**transformer_config)
+        text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+        vae = AutoencoderKLQwenImage(**_config(arch["vae"]))
+    # Each module gets a seed of its own, so that shrinking one does not change the others' weights.
+    for offset, module in enumerate((transformer, text_encoder, vae)):
+        init_random_(module, seed * 1000 + offset)
+        module.eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(**_config(arch["scheduler"]))
+    components = dict(transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, scheduler=scheduler)
+    if "image_processor" in arch:
+        components["processor"] = _processor(arch["image_processor"], tokenizer)
+    return components
+
+
+def _processor(values: dict, tokenizer):
+    """The edit pipelines' Qwen2-VL processor with the published image-processor values."""
+    from .processor import build_image_only_processor, torchvision_available
+
+    if torchvision_available():
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    else:
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    return build_image_only_processor(ImageProcessor(**_config(values)), tokenizer)
+
+
+def build_pipeline(random: RandomSource, device: str | torch.device, dtype: torch.dtype):
+    """The diffusers pipeline of a parsed ``random:`` source, every module built on ``device``."""
+    import diffusers
+
+    arch = random.architecture()
+    components = build_components(arch, device, dtype, seed=random.seed)
+    return getattr(diffusers, arch["pipeline_class"])(**components)
+
+
+def build_random_pipeline(source: str, device: str | torch.device, dtype: torch.dtype):
+    """The pipeline of a ``random:ORG/NAME[?KEY=VALUE&...]`` source (see ``random_source.py``)."""
+    return build_pipeline(parse_random_source(source), device, dtype)
+
+
+def parameter_counts(name: str, **overrides: int) -> dict[str, int]:
+    """Parameters of each module of a packaged architecture, counted on the meta device (no memory)."""
+    text = "&".join(f"{key}={value}" for key, value in overrides.items())
+    random = parse_random_source(f"random:{name}" + (f"?{text}" if text else ""))
+    components = build_components(random.architecture(), "meta", torch.bfloat16)
+    return {key: sum(p.numel() for p in components[key].parameters()) for key in ("transformer", "text_encoder", "vae")}

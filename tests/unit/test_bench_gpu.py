@@ -1,0 +1,88 @@
+"""bench/gpu.py's own logic, on CPU: no GPU, unsupported settings, targets and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_gpu", None)
+
+
+def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine with one
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
+    result = _run("--out", str(tmp_path / "results.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert "no GPU visible" in result.stdout
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_a_setting_the_server_refuses_is_recorded_as_unsupported(tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = _run("--smoke", "--settings", "smoke-unsupported", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["setting"], record["status"], record["exit_code"]) == ("smoke-unsupported", "unsupported", 2)
+    assert "'int3' is not one of none, fp8" in record["error"]
+    assert record["torch"] and record["date"] and "--quantize" in record["server_args"]
+    assert "| smoke-unsupported | unsupported: error: quantize for model qwen-image" in result.stdout
+
+
+def test_unknown_settings_are_refused():
+    result = _run("--settings", "eager,warp-speed")
+    assert result.returncode == 2 and "unknown settings warp-speed" in result.stderr
+
+
+def test_targets_met_and_missed_by_how_much(gpu_bench):
+    record = {
+        "setting": "compile-fp8-cfgbatch", "status": "ok", "error": None, "e2e_seconds_median": 10.0, "first_request_seconds": 10.5,
+        "first_over_warm": 1.05, "pipeline_seconds_median": 9.5, "e2e_over_pipeline": 1.0526, "transformer_calls": 50,
+        "peak_gpu_memory_gib": 58.04,
+    }  # fmt: skip
+    checks = gpu_bench.target_checks(record)
+    assert checks == ["≤ 8 s MISSED by 2.00 s (+25%)", "first ≤ 1.1x warm ok", "e2e/pipeline ≤ 1.02 MISSED: 1.053x (+0.033)"]
+    fast = {**record, "setting": "lightning-compile", "e2e_seconds_median": 0.7, "e2e_over_pipeline": 1.01, "first_over_warm": 1.3}
+    fast["sizes"] = {"1328x1328": {"first_over_warm": 1.05}}
+    assert gpu_bench.target_checks(fast) == [
+        "≤ 0.8 s ok", "first ≤ 1.1x warm MISSED: 1.300x (+0.200)", "first at 1328x1328 ≤ 1.1x warm ok", "e2e/pipeline ≤ 1.02 ok"
+    ]  # fmt: skip
+    table = gpu_bench.markdown_table([record, {"setting": "fp8", "status": "unsupported", "error": "error: no fp8"}])
+    lines = table.splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 11
+    assert "| compile-fp8-cfgbatch | ok | 10.000 | 10.500 | 1.05x | 9.500 | 1.053x | 50 | 58.0 | ≤ 8 s MISSED by 2.00 s" in lines[2]
+    assert lines[3].startswith("| fp8 | unsupported: error: no fp8 |")
+
+
+def test_every_setting_runs_at_the_real_sizes_with_known_flags(gpu_bench):
+    names = [s.name for s in gpu_bench.SETTINGS]
+    assert len(names) == len(set(names))
+    for setting in gpu_bench.SETTINGS:
+        assert setting.fields["num_inference_steps"] in (8, 50)
+    from typer.main import get_command
+
+    from qwen_image_server.cli import app
+
+    serve = get_command(app).commands["serve"]
+    flags = {opt for param in serve.params for opt in param.opts}
+    assert {arg for s in gpu_bench.SETTINGS for arg in s.args if arg.startswith("--")} <= flags
