@@ -84,7 +84,8 @@ def test_a_request_cache_is_canonical_or_a_400():
 def test_job_results_sum_their_tasks_stats():
     tasks = [TaskResult(i, [], 1.0, 2.0, stats={"transformer_calls": 8, "cached_calls": i}) for i in (1, 3)]
     assert JobResult.combine(tasks).stats == {"transformer_calls": 16, "cached_calls": 4}
-    assert ImageService.stats(JobResult([], 0, 0, [])) == {"transformer_calls": 0, "cached_calls": 0}
+    stats = ImageService.stats(JobResult([], 10.0, 12.5, []), submitted=9.0)
+    assert stats == {"transformer_calls": 0, "cached_calls": 0, "pipeline_seconds": 2.5, "queue_seconds": 1.0}
 
 
 def test_variations_run_fewer_denoising_steps():
