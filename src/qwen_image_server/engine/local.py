@@ -194,6 +194,8 @@ class _ModelPool:
             worker.state = "idle"
             self.load_failures = 0
             log.info("worker %s ready: %s", worker.name, message[1])
+        elif kind == "info":
+            worker.info = {**worker.info, **message[1]}
         elif kind == "load_failed":
             self.load_failures += 1
             worker.state = "failed"

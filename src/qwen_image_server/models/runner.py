@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..engine.types import Job
 from ..errors import TaskCancelled
+from .memory import MemoryMode, load_pipeline, prepare_variant
 from .processor import load_processor
 from .spec import ModelSpec
 
@@ -81,8 +82,6 @@ class PipelineRunner:
     """Owns one loaded pipeline (and variants built from its components) on one device."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto"):
-        from diffusers import DiffusionPipeline
-
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -92,11 +91,13 @@ class PipelineRunner:
         if spec.can_edit:
             kwargs["processor"] = self._load_processor()
         started = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
+        self.memory = MemoryMode.for_spec(spec, self.device)
+        self.pipe = load_pipeline(spec, self.memory, self.dtype, kwargs)  # each component straight to where it lives
         self.pipe.set_progress_bar_config(disable=True)
         self._inpaint = None
         self._img2img = None
-        log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
+        log.info("loaded %s (%s) on %s as %s in %.1fs, memory %s", spec.id, spec.pipeline_class, self.device, self.dtype,
+                 time.perf_counter() - started, self.memory.summary())
 
     def _load_processor(self):
         """The edit pipelines' processor, loaded here for folders and hub ids alike.
@@ -118,6 +119,7 @@ class PipelineRunner:
             from diffusers import QwenImageImg2ImgPipeline
 
             self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
+            prepare_variant(self._img2img, self.memory)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
@@ -128,6 +130,7 @@ class PipelineRunner:
             from diffusers import QwenImageEditInpaintPipeline
 
             self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipe)
+            prepare_variant(self._inpaint, self.memory)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
 
