@@ -80,6 +80,8 @@ def test_ready_lists_every_model_and_its_workers(http):
             assert worker["name"].startswith(model_id + "#")
             assert worker["state"] in ("idle", "busy")
             assert worker["device"] == "cpu" and isinstance(worker["pid"], int)
+            assert worker["memory"]["offload"] == "none" and worker["memory"]["weights_dtype"] == "auto"
+            assert worker["memory"]["placement"] == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}
 
 
 def test_models_list_and_cards(http):

@@ -162,3 +162,55 @@ def test_cli_exits_2_with_the_message(tiny_t2i):
     result = CliRunner().invoke(app, ["serve", "--model", f"qi={tiny_t2i}", "--device", "cpu", "--offload", "sequential@qi", "--port", "0"])
     assert result.exit_code == 2
     assert "model qi: offload=sequential needs a CUDA device" in result.output
+
+
+def test_worker_reports_its_memory_mode(tiny_t2i):
+    import multiprocessing
+    import threading
+
+    from qwen_image_server.engine.worker import worker_main
+
+    spec = replace(resolve_model(str(tiny_t2i), "qi"), profile=RunProfile(offload="group", weights_dtype="fp8"))
+    parent, child = multiprocessing.Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", 1, child, "w0"), daemon=True)
+    thread.start()
+    kind, info = parent.recv()
+    parent.send(("stop",))
+    thread.join(timeout=60)
+    assert kind == "ready" and info["device"] == "cpu"
+    memory = info["memory"]
+    assert (memory["offload"], memory["weights_dtype"]) == ("group", "fp8")
+    assert memory["placement"] == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}
+    assert memory["fp8_components"] == ["transformer", "text_encoder"]
+    assert "cuda_allocated_gib" not in memory
+
+
+def test_memory_bench_without_cuda_says_so_and_exits_0(tiny_t2i):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the benchmark would run")
+    bench = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    done = subprocess.run([sys.executable, str(bench), str(tiny_t2i)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "CUDA is not available" in done.stdout and "nothing was run" in done.stdout
+
+
+def test_memory_bench_table_marks_modes_that_do_not_fit():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    rows = [
+        {"mode": "none", "card": "H100 80GB", "s_8_steps": 1.4, "s_50_steps": 8.0, "peak_gib": 58.0, "peak_reserved_gib": 60.1, "load_s": 30.0},
+        {"mode": "none", "card": "RTX 4090 24GB", "oom": "CUDA out of memory"},
+    ]
+    lines = bench.table(rows, [8, 50]).splitlines()
+    assert lines[0].startswith("| mode | card | s/image (8 steps) | s/image (50 steps) | peak GiB")
+    assert lines[2] == "| none | H100 80GB | 1.4 | 8.0 | 58.0 | 60.1 | 30.0 |"
+    assert lines[3] == "| none | RTX 4090 24GB | oom | oom | oom | oom | oom |"
