@@ -170,9 +170,11 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
 
     from .api.app import create_app
     from .engine.local import LocalEngine
+    from .models.memory import check_memory_modes
     from .models.spec import resolve_configured
 
     specs = resolve_configured(settings)
+    check_memory_modes(specs, settings.device)
     _check_port_free(settings.host, settings.port)
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)

@@ -83,6 +83,8 @@ def test_ready_lists_every_model_and_its_workers(http):
             # --device auto: the GPUs where there are any (cuda:N as planned), else the CPU.
             assert worker["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), worker
             assert isinstance(worker["pid"], int)
+            assert worker["memory"]["offload"] == "none" and worker["memory"]["weights_dtype"] == "auto"
+            assert set(worker["memory"]["placement"]) == {"transformer", "text_encoder", "vae"}
 
 
 def test_models_list_and_cards(http):

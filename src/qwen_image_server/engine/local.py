@@ -209,6 +209,8 @@ class _ModelPool:
                 log.info("model %s loaded again", self.spec.id)
                 self.broken = None
             log.info("worker %s ready: %s", worker.name, message[1])
+        elif kind == "info":
+            worker.info = {**worker.info, **message[1]}
         elif kind == "load_failed":
             self.load_failures += 1
             worker.state = "failed"

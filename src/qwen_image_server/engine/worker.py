@@ -3,7 +3,8 @@
 Messages on its pipe (tuples, first item the kind):
 
 - from the engine: ``("task", Task)``, ``("cancel", task_id)``, ``("stop",)``
-- to the engine: ``("ready", info)``, ``("load_failed", reason)``,
+- to the engine: ``("ready", info)``, ``("info", updates)`` (new values for the
+  ``ready`` info, e.g. peak memory after the first job), ``("load_failed", reason)``,
   ``("computed", task_id)`` as soon as the pipeline call returns (the worker
   takes the next task while this one's images are encoded by a second thread),
   ``("result", TaskResult)``, ``("failed", task_id, reason, cancelled)``,
@@ -76,7 +77,12 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         send(("load_failed", short_reason(exc)))
         return
     info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info}
-    send(("ready", {**info, **device_memory(runner.device)}))
+
+    def memory() -> dict:
+        return {"memory": {**runner.memory.summary(), **device_memory(runner.device).get("memory", {})}}
+
+    send(("ready", {**info, **memory()}))
+    first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
 
     inbox: queue.Queue = queue.Queue()
     cancelled: set[int] = set()
@@ -142,6 +148,9 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
             send(("failed", task_id, short_reason(exc), False))
         else:
             send(("computed", task_id))
+            if first_job and runner.device.startswith("cuda"):
+                send(("info", memory()))
+            first_job = False
             to_encode.put(("result", task, images, started, time.time(), dict(runner.last_stats)))
         cancelled.discard(task_id)
     to_encode.put(None)

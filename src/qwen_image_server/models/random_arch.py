@@ -94,8 +94,15 @@ def _config(values: dict) -> dict:
     return {key: value for key, value in values.items() if not key.startswith("_")}
 
 
-def build_components(arch: dict, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """The pipeline components of ``arch`` on ``device`` in ``dtype``; on ``meta`` they take no memory and stay uninitialised."""
+def build_components(
+    arch: dict, device: str | torch.device, dtype: torch.dtype, seed: int = 0, devices: dict[str, str] | None = None, on_component=None
+) -> dict:
+    """The pipeline components of ``arch`` on ``device`` in ``dtype``; on ``meta`` they take no memory and stay uninitialised.
+
+    ``devices`` may put a component elsewhere (a memory mode that offloads it builds it on the CPU);
+    ``on_component(name, module)`` is called as each one is ready (FP8 storage, before the next is built).
+    """
+    devices = devices or {}
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -105,14 +112,21 @@ def build_components(arch: dict, device: str | torch.device, dtype: torch.dtype,
     config = text_encoder_config(arch, tokenizer)
     transformer_config = _config(arch["transformer"])
     transformer_config["axes_dims_rope"] = tuple(transformer_config["axes_dims_rope"])
-    with _constructing(device, dtype):
-        transformer = QwenImageTransformer2DModel(**transformer_config)
-        text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-        vae = AutoencoderKLQwenImage(**_config(arch["vae"]))
-    # Each module gets a seed of its own, so that shrinking one does not change the others' weights.
-    for offset, module in enumerate((transformer, text_encoder, vae)):
+    builders = {
+        "transformer": lambda: QwenImageTransformer2DModel(**transformer_config),
+        "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype),
+        "vae": lambda: AutoencoderKLQwenImage(**_config(arch["vae"])),
+    }
+    built = {}
+    for offset, (name, build) in enumerate(builders.items()):
+        with _constructing(devices.get(name, device), dtype):
+            module = build()
+        # Each module gets a seed of its own, so that shrinking one does not change the others' weights.
         init_random_(module, seed * 1000 + offset)
-        module.eval().requires_grad_(False)
+        built[name] = module.eval().requires_grad_(False)
+        if on_component is not None:
+            on_component(name, built[name])
+    transformer, text_encoder, vae = built["transformer"], built["text_encoder"], built["vae"]
     scheduler = FlowMatchEulerDiscreteScheduler(**_config(arch["scheduler"]))
     components = dict(transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, scheduler=scheduler)
     if "image_processor" in arch:
@@ -131,18 +145,19 @@ def _processor(values: dict, tokenizer):
     return build_image_only_processor(ImageProcessor(**_config(values)), tokenizer)
 
 
-def build_pipeline(random: RandomSource, device: str | torch.device, dtype: torch.dtype):
-    """The diffusers pipeline of a parsed ``random:`` source, every module built on ``device``."""
+def build_pipeline(random: RandomSource, device: str | torch.device, dtype: torch.dtype, **placement):
+    """The diffusers pipeline of a parsed ``random:`` source, every module built on ``device``
+    (or where ``placement``'s ``devices`` says; see ``build_components``)."""
     import diffusers
 
     arch = random.architecture()
-    components = build_components(arch, device, dtype, seed=random.seed)
+    components = build_components(arch, device, dtype, seed=random.seed, **placement)
     return getattr(diffusers, arch["pipeline_class"])(**components)
 
 
-def build_random_pipeline(source: str, device: str | torch.device, dtype: torch.dtype):
+def build_random_pipeline(source: str, device: str | torch.device, dtype: torch.dtype, **placement):
     """The pipeline of a ``random:ORG/NAME[?KEY=VALUE&...]`` source (see ``random_source.py``)."""
-    return build_pipeline(parse_random_source(source), device, dtype)
+    return build_pipeline(parse_random_source(source), device, dtype, **placement)
 
 
 def parameter_counts(name: str, **overrides: int) -> dict[str, int]:

@@ -19,6 +19,7 @@ from ..engine.types import Job
 from ..errors import TaskCancelled
 from .compile import compile_and_warm, logged_compiles
 from .lora_runtime import LoraSet
+from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
 from .processor import load_processor
 from .spec import ModelSpec
 from .speed import apply_speed_settings
@@ -85,8 +86,6 @@ class PipelineRunner:
     """Owns one loaded pipeline (and variants built from its components) on one device."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto"):
-        from diffusers import DiffusionPipeline
-
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -96,12 +95,11 @@ class PipelineRunner:
         if spec.can_edit and not spec.is_random:
             kwargs["processor"] = self._load_processor()
         started = time.perf_counter()
+        self.memory = MemoryMode.for_spec(spec, self.device)
         if spec.is_random:  # a packaged architecture, built on the device with random weights
-            from .random_arch import build_random_pipeline
-
-            self.pipe = build_random_pipeline(spec.source, self.device, self.dtype)
+            self.pipe = build_random(spec, self.memory, self.dtype)
         else:
-            self.pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs).to(self.device)
+            self.pipe = load_pipeline(spec, self.memory, self.dtype, kwargs)  # each component straight to where it lives
         self.pipe.set_progress_bar_config(disable=True)
         self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
@@ -109,7 +107,8 @@ class PipelineRunner:
         self._img2img = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
-        log.info("loaded %s (%s) on %s as %s in %.1fs", spec.id, spec.pipeline_class, self.device, self.dtype, time.perf_counter() - started)
+        log.info("loaded %s (%s) on %s as %s in %.1fs, memory %s", spec.id, spec.pipeline_class, self.device, self.dtype,
+                 time.perf_counter() - started, self.memory.summary())
         if spec.profile.compile:
             compile_and_warm(self)  # before the worker reports ready
 
@@ -133,6 +132,7 @@ class PipelineRunner:
             from diffusers import QwenImageImg2ImgPipeline
 
             self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
+            prepare_variant(self._img2img, self.memory)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
@@ -143,6 +143,7 @@ class PipelineRunner:
             from diffusers import QwenImageEditInpaintPipeline
 
             self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipe)
+            prepare_variant(self._inpaint, self.memory)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
 

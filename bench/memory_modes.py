@@ -1,0 +1,145 @@
+"""Seconds per image and peak GPU memory of each memory mode, on emulated 80, 48 and 24 GB cards.
+
+For each mode (resident, FP8 storage, text-encoder offload, group offload + FP8, model
+offload) and each card size, a fresh subprocess caps this GPU with
+``torch.cuda.set_per_process_memory_fraction`` (card size / this GPU's size; the CUDA
+context itself is not counted), loads the model with ``PipelineRunner`` exactly as a
+server worker does, makes one warm-up image, then times one 1024x1024 image at each step
+count (8 and 50 by default) and records the peak allocated and reserved memory. A mode
+that does not fit is reported as ``oom``. Results come as a markdown table and as JSON
+lines (one per mode and card), with this GPU's name. Without CUDA it says so and exits 0.
+Run from the repository root::
+
+    python bench/memory_modes.py /models/Qwen-Image
+    python bench/memory_modes.py random:Qwen/Qwen-Image --cards 48,24 --modes none,group+fp8 --json out.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+#: Mode name -> run profile settings.
+MODES = {
+    "none": {},
+    "fp8": {"weights_dtype": "fp8"},
+    "text-encoder": {"offload": "text-encoder"},
+    "group+fp8": {"offload": "group", "weights_dtype": "fp8"},
+    "model": {"offload": "model"},
+}
+#: Emulated cards: GB on the label -> (an example card, MiB the driver reports for it).
+CARDS = {80: ("H100 80GB", 81559), 48: ("L40S 48GB", 46068), 24: ("RTX 4090 24GB", 24564)}
+PROMPT = "a lighthouse on a cliff at sunset, oil painting, highly detailed"
+GIB = 1024**3
+
+
+def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> dict:
+    """In this process: cap the GPU to ``card``, load ``model`` in ``mode``, time one image per step count."""
+    import torch
+
+    from qwen_image_server.engine.types import Job
+    from qwen_image_server.models.profile import RunProfile
+    from qwen_image_server.models.runner import PipelineRunner
+    from qwen_image_server.models.spec import resolve_model
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    label, mib = CARDS[card]
+    fraction = min(1.0, mib * 1024**2 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    out: dict = {"gpu": torch.cuda.get_device_name(0), "mode": mode, "card": label, "memory_fraction": round(fraction, 4)}
+    spec = replace(resolve_model(model), profile=RunProfile(**MODES[mode]))
+    started = time.perf_counter()
+    try:
+        runner = PipelineRunner(spec, device="cuda:0")
+        out["load_s"] = round(time.perf_counter() - started, 1)
+        out["after_load_gib"] = round(torch.cuda.memory_allocated(0) / GIB, 2)
+
+        def image(num_steps: int) -> float:
+            job = Job(mode="generate", prompt=PROMPT, seeds=[0], width=size, height=size, num_inference_steps=num_steps)
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            runner.run(job)
+            torch.cuda.synchronize()
+            return time.perf_counter() - begin
+
+        image(2)  # warm-up: kernels, group offload's first (order-recording) pass
+        torch.cuda.reset_peak_memory_stats(0)
+        for n in steps:
+            out[f"s_{n}_steps"] = round(image(n), 2)
+        stats = torch.cuda.memory_stats(0)
+        out["peak_gib"] = round(stats["allocated_bytes.all.peak"] / GIB, 2)
+        out["peak_reserved_gib"] = round(stats["reserved_bytes.all.peak"] / GIB, 2)
+    except torch.OutOfMemoryError as exc:
+        out["oom"] = str(exc).splitlines()[0][:200]
+    return out
+
+
+def table(rows: list[dict], steps: list[int]) -> str:
+    """The results as a markdown table, one row per mode and card."""
+    head = ["mode", "card", *[f"s/image ({n} steps)" for n in steps], "peak GiB", "peak reserved GiB", "load s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if "oom" in row or "error" in row:
+            cells = [row["mode"], row["card"], *(["oom" if "oom" in row else "error"] * (len(head) - 2))]
+        else:
+            cells = [row["mode"], row["card"], *[str(row[f"s_{n}_steps"]) for n in steps], str(row["peak_gib"]),
+                     str(row["peak_reserved_gib"]), str(row["load_s"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="model folder, hub id or other model source string")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--cards", default="80,48,24", help="emulated card sizes in GB, from 80, 48, 24")
+    parser.add_argument("--steps", default="8,50")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--json", type=Path, help="also write the JSON lines to this file")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per mode and card")
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "CARD"), help=argparse.SUPPRESS)  # the subprocess
+    args = parser.parse_args(argv)
+    steps = [int(n) for n in args.steps.split(",")]
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.model, args.one[0], int(args.one[1]), steps, args.size)), flush=True)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("CUDA is not available: this benchmark measures GPU memory modes and needs a CUDA GPU; nothing was run.")
+        return 0
+    modes, cards = args.modes.split(","), [int(c) for c in args.cards.split(",")]
+    unknown = [m for m in modes if m not in MODES] + [str(c) for c in cards if c not in CARDS]
+    if unknown:
+        parser.error(f"unknown modes or cards: {', '.join(unknown)}")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
+    rows = []
+    for card in cards:
+        for mode in modes:
+            cmd = [sys.executable, __file__, args.model, "--one", mode, str(card), "--steps", args.steps, "--size", str(args.size)]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
+                found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                row = json.loads(found[-1]) if found else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+            except subprocess.TimeoutExpired:
+                row = {"error": f"timed out after {args.timeout:.0f}s"}
+            row.setdefault("mode", mode)
+            row.setdefault("card", CARDS[card][0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(table(rows, steps))
+    if args.json:
+        args.json.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Memory modes: where each component's weights live, in which dtype, and how they reach the device.
+
+Qwen-Image in bf16 is ~54 GiB of weights (a 20 B transformer, a 7 B Qwen2.5-VL text
+encoder, a small VAE), so an 80 GB card holds it resident, smaller cards do not. A
+model's run profile picks a mode (``weights_dtype``, ``offload``); this module loads
+the pipeline accordingly:
+
+- every ``torch.nn.Module`` component is loaded on its own with ``device_map`` set to
+  where it will live, so safetensors are read straight onto the GPU (no full copy in
+  host RAM first); offloaded components are loaded on the CPU;
+- ``weights_dtype=fp8`` stores the transformer's and text encoder's layers as
+  ``float8_e4m3fn`` and casts each layer to the run dtype for its forward (diffusers'
+  layerwise casting), right after each component loads, so that the bf16 copy of one
+  component at most is on the device at a time;
+- ``offload`` applies diffusers' group offload (``text-encoder``, ``group``), model
+  CPU offload (``model``) or sequential CPU offload (``sequential``).
+
+``text-encoder`` keeps the text encoder on the CPU and streams it to the GPU layer by
+layer for each prompt (group offload with a CUDA stream: the next layer is copied from
+pinned memory while the current one runs). That costs one pass of its weights over
+PCIe per request (~16 GB bf16, ~8 GB fp8; ~0.3-0.7 s at 25-50 GB/s). Running the 7 B
+encoder on the CPU instead would take seconds per prompt (twice with a negative
+prompt, more for edit images), so streaming it is the faster choice for a server.
+
+On a CPU device the offload modes that diffusers allows there (``text-encoder``,
+``group``, ``model``) run with onload = offload = CPU: nothing is saved, but the hooks
+run, so the modes are tested without a GPU. ``sequential`` is refused on a CPU (diffusers
+builds a ``cpu:0`` execution device on which accelerate's hooks fail).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .profile import ProfileError
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+FP8_STORAGE = torch.float8_e4m3fn
+#: Components stored in FP8 under ``weights_dtype=fp8``; the VAE is small and precision-critical.
+FP8_COMPONENTS = ("transformer", "text_encoder")
+#: Layers of the (transformers) text encoder kept in the run dtype, on top of diffusers' default patterns
+#: (``norm``, ``patch_embed``...): the token embeddings, and the LM head that may share their weight.
+TEXT_ENCODER_SKIP_PATTERNS = ("embed_tokens", "lm_head")
+#: Submodules of Qwen2.5-VL that group offload descends into to find its per-layer ``ModuleList`` blocks.
+TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model"]
+
+#: Components each offload mode keeps off the device between uses (loaded on the CPU).
+OFFLOADED = {
+    "none": (),
+    "text-encoder": ("text_encoder",),
+    "group": ("transformer", "text_encoder"),
+    "model": ("transformer", "text_encoder", "vae"),
+    "sequential": ("transformer", "text_encoder", "vae"),
+}
+
+
+@dataclass
+class MemoryMode:
+    """The effective memory mode of one loaded pipeline (for logs and the worker's ``ready`` info)."""
+
+    device: str
+    weights_dtype: str = "auto"
+    offload: str = "none"
+    placement: dict[str, str] = field(default_factory=dict)  # component -> where it was loaded
+    fp8_components: tuple[str, ...] = ()
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, device: str) -> MemoryMode:
+        """The mode ``spec``'s profile asks for on ``device``, or a ``ProfileError`` naming the model and setting."""
+        profile = spec.profile
+        check_mode(spec.id, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
+        return cls(device=device, weights_dtype=profile.weights_dtype, offload=profile.offload)
+
+    def load_device(self, component: str) -> str:
+        """Where ``component`` is loaded: the CPU when this mode offloads it, else the run device."""
+        return "cpu" if component in OFFLOADED[self.offload] else self.device
+
+    def summary(self) -> dict:
+        """Plain JSON values: the mode, where each component lives and, on CUDA, memory in use."""
+        out: dict = {"weights_dtype": self.weights_dtype, "offload": self.offload, "placement": dict(self.placement)}
+        if self.fp8_components:
+            out["fp8_components"] = list(self.fp8_components)
+        out.update(cuda_memory(self.device))
+        return out
+
+
+def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, device: str) -> None:
+    """Refuse combinations that cannot work, with a message naming the model and the settings."""
+    if offload not in OFFLOADED:
+        raise ProfileError(f"offload for model {model}: {offload!r} is not one of {', '.join(OFFLOADED)}")
+    if weights_dtype == "fp8" and quantize == "fp8":
+        raise ProfileError(
+            f"model {model}: weights_dtype=fp8 (FP8 storage, compute in the run dtype) and quantize=fp8 (FP8 matmuls) "
+            "both convert the transformer's weights; choose one"
+        )
+    if weights_dtype == "fp8" and offload == "sequential":
+        raise ProfileError(
+            f"model {model}: weights_dtype=fp8 does not combine with offload=sequential (accelerate's per-layer hooks "
+            "replace the weights the FP8 casting keeps); use offload=group with weights_dtype=fp8"
+        )
+    if offload == "sequential" and not device.startswith("cuda"):
+        raise ProfileError(f"model {model}: offload=sequential needs a CUDA device (the model runs on {device})")
+    if offload != "none" and not (device.startswith("cuda") or device == "cpu"):
+        raise ProfileError(f"model {model}: offload={offload} supports CUDA devices and the CPU, not {device}")
+
+
+def cuda_memory(device: str) -> dict:
+    """GiB allocated, reserved and at peak on ``device`` when it is a CUDA device; ``{}`` elsewhere."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return {}
+    gib = 1024**3
+    return {
+        "cuda_allocated_gib": round(torch.cuda.memory_allocated(device) / gib, 2),
+        "cuda_reserved_gib": round(torch.cuda.memory_reserved(device) / gib, 2),
+        "cuda_peak_gib": round(torch.cuda.max_memory_allocated(device) / gib, 2),
+    }
+
+
+def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs: dict):
+    """Load ``spec``'s pipeline with ``mode``: each model component straight to where it lives, then the rest.
+
+    ``kwargs`` are the other ``from_pretrained`` arguments (revision, processor...).
+    """
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(spec.source, revision=spec.revision)
+    loaded: dict = {}
+    for name in _model_components(index):
+        library, class_name = index[name]
+        loaded[name] = _load_component(spec, name, library, class_name, dtype, mode.load_device(name))
+        component_loaded(name, loaded[name], mode, dtype)
+    pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs, **loaded)
+    apply_offload(pipe, mode)
+    return pipe
+
+
+def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype):
+    """A ``random:`` source's pipeline under ``mode``: each module built where it lives, FP8 storage and offload applied."""
+    from .random_arch import build_random_pipeline
+
+    devices = {name: mode.load_device(name) for name in ("transformer", "text_encoder", "vae")}
+    pipe = build_random_pipeline(
+        spec.source, mode.device, dtype, devices=devices, on_component=lambda name, module: component_loaded(name, module, mode, dtype)
+    )
+    apply_offload(pipe, mode)
+    return pipe
+
+
+def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype: torch.dtype) -> None:
+    """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads)."""
+    mode.placement[name] = mode.load_device(name)
+    if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
+        store_fp8(module, dtype)
+        mode.fp8_components += (name,)
+
+
+def _model_components(index: dict) -> list[str]:
+    """The components of ``model_index.json`` that are torch models, transformer first (the largest)."""
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] in ("diffusers", "transformers")]
+    models = []
+    for name in names:
+        library, class_name = index[name]
+        cls = getattr(importlib.import_module(library), class_name, None) if class_name else None
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            models.append(name)
+    return sorted(models, key=lambda n: ("transformer", "text_encoder").index(n) if n in ("transformer", "text_encoder") else 2)
+
+
+def _load_component(spec: ModelSpec, name: str, library: str, class_name: str, dtype: torch.dtype, device: str):
+    """One model component read straight onto ``device`` (``device_map``), in ``dtype``."""
+    cls = getattr(importlib.import_module(library), class_name)
+    options: dict = {"subfolder": name, "device_map": device}
+    if spec.revision:
+        options["revision"] = spec.revision
+    options["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+    return cls.from_pretrained(spec.source, **options).eval()
+
+
+def store_fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Store ``module``'s layers as FP8 and cast each to ``compute_dtype`` for its forward (diffusers' layerwise casting).
+
+    A diffusers model uses its own skip patterns (norms, positional and patch embeddings);
+    the transformers text encoder gets diffusers' default patterns plus its token embeddings
+    and LM head.
+    """
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    if isinstance(module, ModelMixin):
+        module.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
+    else:
+        patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN) + TEXT_ENCODER_SKIP_PATTERNS
+        apply_layerwise_casting(module, FP8_STORAGE, compute_dtype, skip_modules_pattern=patterns)
+
+
+def apply_offload(pipe, mode: MemoryMode) -> None:
+    """Install the offload hooks ``mode`` asks for on the loaded pipeline's components."""
+    if mode.offload == "text-encoder":
+        group_offload(pipe.text_encoder, mode.device)
+    elif mode.offload == "group":
+        group_offload(pipe.transformer, mode.device)
+        group_offload(pipe.text_encoder, mode.device)
+    elif mode.offload == "model":
+        pipe.enable_model_cpu_offload(device=mode.device)
+    elif mode.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=mode.device)
+
+
+def group_offload(module: torch.nn.Module, device: str) -> None:
+    """Keep ``module`` on the CPU and move it to ``device`` one block at a time while it runs.
+
+    On CUDA the next block is copied on a side stream from pinned memory while the current
+    one computes (``use_stream``, ``record_stream``); on the CPU onload = offload = CPU.
+    """
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_group_offloading
+
+    cuda = device.startswith("cuda")
+    options = dict(
+        onload_device=torch.device(device),
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=cuda,
+        record_stream=cuda,
+        low_cpu_mem_usage=False,  # pin every block once at start-up rather than on each transfer
+    )
+    if isinstance(module, ModelMixin):
+        module.enable_group_offload(**options)
+    else:
+        apply_group_offloading(module, block_modules=TEXT_ENCODER_BLOCK_MODULES, **options)
+
+
+def prepare_variant(variant, mode: MemoryMode) -> None:
+    """Make a ``from_pipe`` variant (img2img, inpaint) offload like the pipeline it shares components with.
+
+    Group and sequential offload hooks live on the shared modules and need nothing more.
+    Model CPU offload keeps its hook chain on the pipeline object, so the variant installs
+    its own (on the same modules), which also offloads the last model after its calls.
+    """
+    if mode.offload == "model":
+        variant.enable_model_cpu_offload(device=mode.device)
+
+
+def check_memory_modes(specs: list[ModelSpec], device_setting: str) -> None:
+    """Refuse, before any worker starts, memory modes that cannot run on the configured devices.
+
+    ``device_setting`` is the server's ``device`` setting (``auto``, ``cpu``, ``cuda`` or a
+    comma-separated list); ``auto`` means CUDA when a GPU is visible.
+    """
+    if device_setting in ("auto", "cuda"):
+        devices = ["cuda" if device_setting == "cuda" or torch.cuda.is_available() else "cpu"]
+    else:
+        devices = [d.strip() for d in device_setting.split(",") if d.strip()]
+    for spec in specs:
+        for device in devices:
+            MemoryMode.for_spec(spec, device)

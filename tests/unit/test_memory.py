@@ -1,0 +1,216 @@
+"""Memory modes on CPU: each mode loads, runs generation, a variation and edits like the resident model; FP8 is really FP8."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_server.engine.types import Job
+from qwen_image_server.models.memory import OFFLOADED, MemoryMode, check_memory_modes, check_mode
+from qwen_image_server.models.profile import ProfileError, RunProfile
+from qwen_image_server.models.runner import PipelineRunner
+from qwen_image_server.models.spec import resolve_model
+
+SIZE = 128
+GENERATE = Job(mode="generate", prompt="a red cube", seeds=[7], width=SIZE, height=SIZE, num_inference_steps=2)
+
+
+def _runner(folder, **profile) -> PipelineRunner:
+    spec = resolve_model(str(folder), "tiny")
+    return PipelineRunner(replace(spec, profile=RunProfile(**profile)), device="cpu")
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _source_image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _variation() -> Job:
+    return Job(mode="variation", prompt="a red cube", seeds=[3], width=SIZE, height=SIZE, num_inference_steps=2,
+               images=[_source_image()], strength=0.8)  # fmt: skip
+
+
+def _outputs(runner: PipelineRunner, jobs: list[Job]) -> list[np.ndarray]:
+    return [_pixels(runner.run(job)[0]) for job in jobs]
+
+
+@pytest.fixture(scope="module")
+def t2i_reference(tiny_t2i) -> list[np.ndarray]:
+    return _outputs(_runner(tiny_t2i), [GENERATE, _variation()])
+
+
+def _fp8_layers(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {name: param.dtype for name, param in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [{"offload": "text-encoder"}, {"offload": "group"}, {"offload": "model"}],
+    ids=lambda p: "-".join(p.values()),
+)
+def test_offload_modes_give_the_resident_images(tiny_t2i, t2i_reference, profile):
+    runner = _runner(tiny_t2i, **profile)
+    assert runner.memory.summary()["offload"] == profile["offload"]
+    outputs = _outputs(runner, [GENERATE, _variation()])
+    for got, want in zip(outputs, t2i_reference):
+        assert got.shape == want.shape == (SIZE, SIZE, 3)
+        assert np.abs(got - want).max() <= 1, "onload = offload = CPU must not change the computation"
+
+
+def test_offload_hooks_are_installed_and_variants_share_them(tiny_t2i):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    group = _runner(tiny_t2i, offload="group")
+    assert _is_group_offload_enabled(group.pipe.transformer) and _is_group_offload_enabled(group.pipe.text_encoder)
+    assert _is_group_offload_enabled(group.img2img_pipe.transformer), "the variant uses the same hooked modules"
+    assert not _is_group_offload_enabled(group.pipe.vae), "the VAE stays resident"
+
+    text = _runner(tiny_t2i, offload="text-encoder")
+    assert _is_group_offload_enabled(text.pipe.text_encoder) and not _is_group_offload_enabled(text.pipe.transformer)
+
+    model = _runner(tiny_t2i, offload="model")
+    assert model.pipe._all_hooks, "model CPU offload is on"
+    variant = model.img2img_pipe
+    assert variant._all_hooks and variant._offload_device == model.pipe._offload_device
+    model.run(_variation())
+    model.run(GENERATE)  # the main pipeline still runs after the variant re-hooked the shared modules
+
+
+def test_fp8_storage_is_float8_and_close(tiny_t2i, t2i_reference):
+    runner = _runner(tiny_t2i, weights_dtype="fp8")
+    transformer, text_encoder = _fp8_layers(runner.pipe.transformer), _fp8_layers(runner.pipe.text_encoder)
+    assert transformer["transformer_blocks.0.attn.to_q.weight"] == torch.float8_e4m3fn
+    assert transformer["transformer_blocks.0.img_mlp.net.2.weight"] == torch.float8_e4m3fn
+    assert transformer["norm_out.linear.weight"] == torch.float32, "norms stay in the run dtype"
+    assert text_encoder["model.language_model.layers.0.mlp.gate_proj.weight"] == torch.float8_e4m3fn
+    assert text_encoder["model.language_model.embed_tokens.weight"] == torch.float32, "token embeddings stay in the run dtype"
+    assert {p.dtype for p in runner.pipe.vae.parameters()} == {torch.float32}, "the VAE is not stored in FP8"
+    assert runner.pipe.transformer.dtype == torch.float32, "diffusers reports the compute dtype"
+    assert runner.memory.fp8_components == ("transformer", "text_encoder")
+    outputs = _outputs(runner, [GENERATE, _variation()])
+    for got, want in zip(outputs, t2i_reference):
+        assert got.shape == want.shape
+        assert np.abs(got - want).mean() < 6, "FP8 storage changes pixels only a little"
+    assert np.abs(outputs[0] - t2i_reference[0]).max() > 0, "the weights really were rounded to FP8"
+
+
+def test_fp8_with_group_offload(tiny_t2i, t2i_reference):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    runner = _runner(tiny_t2i, weights_dtype="fp8", offload="group")
+    assert _is_group_offload_enabled(runner.pipe.transformer)
+    assert _fp8_layers(runner.pipe.transformer)["transformer_blocks.1.attn.to_k.weight"] == torch.float8_e4m3fn
+    got = _outputs(runner, [GENERATE])[0]
+    assert np.abs(got - t2i_reference[0]).mean() < 6
+
+
+@pytest.mark.parametrize("profile", [{"offload": "model"}, {"offload": "group", "weights_dtype": "fp8"}], ids=["model", "group-fp8"])
+def test_edits_under_memory_modes(tiny_edit, profile):
+    image, mask = _source_image(1), np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[32:96, 32:96] = 255
+    jobs = [
+        Job(mode="edit", prompt="make it blue", seeds=[2], width=SIZE, height=SIZE, num_inference_steps=2, images=[image]),
+        Job(mode="inpaint", prompt="a hole", seeds=[2], num_inference_steps=2, images=[image], mask=mask),
+    ]
+    want = _outputs(_runner(tiny_edit), jobs)
+    got = _outputs(_runner(tiny_edit, **profile), jobs)
+    tolerance = 6 if profile.get("weights_dtype") == "fp8" else 1
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.abs(g - w).mean() <= tolerance
+    assert np.array_equal(got[1][mask == 0], image[mask == 0]), "the masked edit keeps the unmasked pixels"
+
+
+def test_placement_per_mode():
+    mode = MemoryMode(device="cuda:1", offload="text-encoder")
+    assert [mode.load_device(c) for c in ("transformer", "text_encoder", "vae")] == ["cuda:1", "cpu", "cuda:1"]
+    assert MemoryMode(device="cuda", offload="group").load_device("vae") == "cuda"
+    assert MemoryMode(device="cuda", offload="group").load_device("transformer") == "cpu"
+    assert all(MemoryMode(device="cuda", offload=o).load_device("transformer") == "cpu" for o in ("model", "sequential"))
+    assert set(OFFLOADED) == {"none", "text-encoder", "group", "model", "sequential"}
+
+
+def test_invalid_combinations_name_the_model():
+    with pytest.raises(ProfileError, match="model qi: weights_dtype=fp8 .* and quantize=fp8 .* choose one"):
+        check_mode("qi", "fp8", "none", "fp8", "cuda")
+    with pytest.raises(ProfileError, match="model qi: weights_dtype=fp8 does not combine with offload=sequential"):
+        check_mode("qi", "fp8", "sequential", "none", "cuda")
+    with pytest.raises(ProfileError, match="model qi: offload=sequential needs a CUDA device .*cpu"):
+        check_mode("qi", "auto", "sequential", "none", "cpu")
+    with pytest.raises(ProfileError, match="model qi: offload=group supports CUDA devices and the CPU, not mps"):
+        check_mode("qi", "auto", "group", "none", "mps")
+    check_mode("qi", "fp8", "group", "none", "cpu")  # allowed on CPU, where it runs as a test of the hooks
+
+
+def test_start_up_check_refuses_before_loading(tiny_t2i):
+    spec = replace(resolve_model(str(tiny_t2i), "qi"), profile=RunProfile(offload="sequential"))
+    with pytest.raises(ProfileError, match="model qi: offload=sequential needs a CUDA device"):
+        check_memory_modes([spec], "cpu")
+    check_memory_modes([spec], "cuda:0")
+
+
+def test_cli_exits_2_with_the_message(tiny_t2i):
+    from typer.testing import CliRunner
+
+    from qwen_image_server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", f"qi={tiny_t2i}", "--device", "cpu", "--offload", "sequential@qi", "--port", "0"])
+    assert result.exit_code == 2
+    assert "model qi: offload=sequential needs a CUDA device" in result.output
+
+
+def test_worker_reports_its_memory_mode(tiny_t2i):
+    import multiprocessing
+    import threading
+
+    from qwen_image_server.engine.worker import worker_main
+
+    spec = replace(resolve_model(str(tiny_t2i), "qi"), profile=RunProfile(offload="group", weights_dtype="fp8"))
+    parent, child = multiprocessing.Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", 1, child, "w0"), daemon=True)
+    thread.start()
+    kind, info = parent.recv()
+    parent.send(("stop",))
+    thread.join(timeout=60)
+    assert kind == "ready" and info["device"] == "cpu"
+    memory = info["memory"]
+    assert (memory["offload"], memory["weights_dtype"]) == ("group", "fp8")
+    assert memory["placement"] == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}
+    assert memory["fp8_components"] == ["transformer", "text_encoder"]
+    assert "cuda_allocated_gib" not in memory
+
+
+def test_memory_bench_without_cuda_says_so_and_exits_0(tiny_t2i):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the benchmark would run")
+    bench = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    done = subprocess.run([sys.executable, str(bench), str(tiny_t2i)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "CUDA is not available" in done.stdout and "nothing was run" in done.stdout
+
+
+def test_memory_bench_table_marks_modes_that_do_not_fit():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    rows = [
+        {"mode": "none", "card": "H100 80GB", "s_8_steps": 1.4, "s_50_steps": 8.0, "peak_gib": 58.0, "peak_reserved_gib": 60.1, "load_s": 30.0},
+        {"mode": "none", "card": "RTX 4090 24GB", "oom": "CUDA out of memory"},
+    ]
+    lines = bench.table(rows, [8, 50]).splitlines()
+    assert lines[0].startswith("| mode | card | s/image (8 steps) | s/image (50 steps) | peak GiB")
+    assert lines[2] == "| none | H100 80GB | 1.4 | 8.0 | 58.0 | 60.1 | 30.0 |"
+    assert lines[3] == "| none | RTX 4090 24GB | oom | oom | oom | oom | oom |"
