@@ -160,6 +160,26 @@ def test_runner_builds_and_runs_each_architecture(name, monkeypatch):
     assert runner.count_tokens("abc") == 3  # the byte-level tokenizer
 
 
+@pytest.mark.parametrize("offload", ["none", "model"])
+def test_random_sources_take_the_memory_modes(offload):
+    """The full-size benchmark measures memory modes on random: sources, so they must apply there too."""
+    from dataclasses import replace
+
+    from qwen_image_server.models.profile import RunProfile
+    from qwen_image_server.models.runner import PipelineRunner
+
+    spec = resolve_model(f"random:Qwen/Qwen-Image{SMALL}")
+    spec = replace(spec, profile=RunProfile(weights_dtype="fp8", offload=offload))
+    torch.set_num_threads(1)
+    runner = PipelineRunner(spec, device="cpu")
+    summary = runner.memory.summary()
+    assert summary["offload"] == offload and summary["fp8_components"] == ["transformer", "text_encoder"]
+    assert runner.pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    job = Job(mode="generate", prompt="a red fox", seeds=[5], width=128, height=128, num_inference_steps=2)
+    image = np.asarray(runner.run(job)[0])
+    assert image.shape == (128, 128, 3) and image.std() > 0
+
+
 # --- resolving random: sources ----------------------------------------------------------------------
 def test_resolve_random_sources_without_files():
     spec = resolve_model("random:Qwen/Qwen-Image")
