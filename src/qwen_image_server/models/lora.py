@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .profile import LoraSpec, ProfileError, split_scoped
+from .profile import LoraSpec, ProfileError, parse_bool, split_scoped
 
 #: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``
 #: for the 4-step LoRAs), no true CFG, exponential time shift with base_shift = max_shift = ln 3.
@@ -188,14 +188,10 @@ def _number(value: Any, kind: type, name: str, key: str):
 
 
 def _flag_bool(value: Any, name: str, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise LoraError(f"LoRA {name}: {key} must be true or false, got {value!r}")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise LoraError(f"LoRA {name}: {key} must be true or false, got {value!r}")
+    return parsed
 
 
 def preset_for(profile, lora_name: str | None) -> dict:

@@ -90,7 +90,8 @@ def parse_lora(text: str) -> LoraSpec:
     return parse_lora_flag(text)
 
 
-def _as_bool(value: Any, key: str, model: str) -> bool:
+def parse_bool(value: Any) -> bool | None:
+    """A flag or file value as a boolean (true/false, yes/no, on/off, 1/0); None when it is none of those."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -98,7 +99,14 @@ def _as_bool(value: Any, key: str, model: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ProfileError(f"{key} for model {model}: expected true or false, got {value!r}")
+    return None
+
+
+def _as_bool(value: Any, key: str, model: str) -> bool:
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise ProfileError(f"{key} for model {model}: expected true or false, got {value!r}")
+    return parsed
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str, model: str) -> str:
