@@ -22,7 +22,7 @@ BODY = {"prompt": "a secret prompt", "size": "256x256", "model": "tiny"}
 
 
 class FakeEngine:
-    """``EngineClient`` without workers: each job waits ``queue`` seconds, runs ``pipeline`` seconds, encodes ``encode`` seconds."""
+    """``EngineClient`` without workers: each job waits 2 s for a worker, runs 1.5 s and encodes 0.25 s."""
 
     def __init__(self):
         lora = LoraSpec(name="style", path="/nowhere/style.safetensors", model="tiny")
@@ -42,7 +42,8 @@ class FakeEngine:
 
     async def submit(self, model_id, job, on_partial=None):
         started = time.time() + 2.0  # as if the job waited two seconds for a worker
-        task = TaskResult(1, [EncodedImage(s, b"png", 256, 256) for s in job.seeds], started, started + 1.5, "w0", 3, {"encode_seconds": 0.25})
+        images = [EncodedImage(s, b"png", 256, 256) for s in job.seeds]
+        task = TaskResult(1, images, started, started + 1.5, "w0", 3, {"encode_seconds": 0.25})
         return JobResult.combine([task])
 
     def ready(self):
@@ -50,12 +51,11 @@ class FakeEngine:
 
     def status(self):
         memory = {"cuda_allocated_gib": 1.5, "cuda_reserved_gib": 2.0, "cuda_peak_gib": 3.0}
-        workers = [
-            {"name": f"tiny#{i}", "state": state, "device": f"cuda:{i}", "memory": memory} for i, state in enumerate(self.worker_states)
-        ]
+        states = enumerate(self.worker_states)
+        workers = [{"name": f"tiny#{i}", "state": state, "device": f"cuda:{i}", "memory": memory} for i, state in states]
         return {
             "tiny": {"state": "ready", "queued_jobs": self.queued, "worker_restarts": self.restarts, "workers": workers},
-            "tiny-edit": {"state": "loading", "queued_jobs": 0, "worker_restarts": 0, "workers": [{"name": "tiny-edit#0", "state": "loading"}]},
+            "tiny-edit": {"state": "loading", "queued_jobs": 0, "workers": [{"name": "tiny-edit#0", "state": "loading"}]},
         }
 
     def gpus(self):
@@ -79,6 +79,12 @@ def _call(app, *requests, raise_app_exceptions: bool = True):
 
 def _value(app, name, **labels):
     return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _samples(text: str) -> dict:
+    """``{(name, sorted labels): value}`` of a scrape."""
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
 
 
 def _count(app, route, model, status):
@@ -141,9 +147,7 @@ def test_engine_gauges_are_read_at_scrape_time(tmp_path):
     app = _app(tmp_path, engine)
     (first,) = _call(app, ("GET", "/metrics", {}))
     assert first.headers["content-type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(first.text) for s in family.samples
-    }
+    samples = _samples(first.text)
     assert samples[("qis_queue_depth", (("model", "tiny"),))] == 0
     assert samples[("qis_model_state", (("model", "tiny"), ("state", "ready")))] == 1
     assert samples[("qis_model_state", (("model", "tiny"), ("state", "loading")))] == 0
@@ -213,3 +217,24 @@ def test_each_app_has_its_own_registry(tmp_path):
     assert _count(two, GEN, "tiny", 200) == 0
     assert one.state.metrics.registry is not two.state.metrics.registry
     assert REGISTRY.get_sample_value("qis_requests_total", {"route": GEN, "model": "tiny", "status": "200"}) is None
+
+
+def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import RayEngine, deployment_name
+
+    models = FakeEngine().models
+    engine = RayEngine(models, Settings(image_output_dir=tmp_path), "app")
+    deployments = {
+        deployment_name(0, models[0]): {"status": "HEALTHY", "replicas": {}},
+        deployment_name(1, models[1]): {"status": "DEPLOY_FAILED"},
+    }
+    engine._serve_status = lambda: (False, deployments)
+    engine._in_flight["tiny"] = 3
+    expected = {"tiny": {"state": "ready", "jobs_in_flight": 3}, "tiny-edit": {"state": "failed", "jobs_in_flight": 0}}
+    assert engine.metrics_status() == expected
+    app = _app(tmp_path, engine)
+    assert _value(app, "qis_jobs_in_flight", model="tiny") == 3
+    assert _value(app, "qis_model_state", model="tiny-edit", state="failed") == 1
+    engine._serve_status = lambda: (False, {"error": "controller unreachable"})
+    assert _value(app, "qis_model_state", model="tiny", state="loading") == 1
