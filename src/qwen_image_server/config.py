@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     public_ready_detail: bool = Field(
         default=False, description="With API keys: show /ready's per-worker detail to callers without a key too."
     )
+    public_metrics: bool = Field(default=False, description="With API keys: let callers without a key read /metrics too.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Web page origins allowed to call the API (comma-separated; * for any)."
     )

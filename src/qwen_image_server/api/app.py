@@ -14,6 +14,7 @@ from ..serving.rewrite import PromptRewriter
 from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
+from .metrics import RequestMetrics, install_metrics
 from .routes import router
 from .security import ApiKeys, OriginPolicy, RequestIds, install_request_id_logging
 from .uploads import BodySizeLimit
@@ -53,11 +54,12 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app.state.service = ImageService(settings, engine, store, rewriter)
     install_error_handlers(app)
     app.include_router(router)
-    # Starlette runs the last added outermost: request ids, CORS, origin policy, API keys, body limit.
+    metrics = install_metrics(app, app.state.service)
+    # Starlette runs the last added outermost: metrics, request ids, CORS, origin policy, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     keys = settings.all_api_keys()
     if keys:
-        app.add_middleware(ApiKeys, keys=keys)
+        app.add_middleware(ApiKeys, keys=keys, open_paths=("/metrics",) if settings.public_metrics else ())
     app.add_middleware(OriginPolicy, allowed=settings.cors_origins)
     if settings.cors_origins:
         app.add_middleware(
@@ -69,5 +71,6 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestIds)
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # counts the middlewares' refusals too
     install_request_id_logging()
     return app

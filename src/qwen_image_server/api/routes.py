@@ -91,12 +91,16 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _respond(request: Request, prepare) -> Response:
-    """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events."""
+async def _respond(request: Request, prepare, model: str | None) -> Response:
+    """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events.
+
+    ``request.state.model`` notes the model the request named, then the one that runs it (for the metrics)."""
     service = _service(request)
     base_url = _base_url(request, service)
+    request.state.model = model
     try:
         prepared = await _unless_disconnected(request, prepare)
+        request.state.model = prepared.req.model or prepared.spec.id
         if prepared.req.stream:
             return await _stream(service, prepared, base_url)
         body, result = await _unless_disconnected(request, service.run(prepared, base_url))
@@ -174,7 +178,7 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
 @router.post("/v1/images/generations")
 async def create_image(body: GenerationRequest, request: Request) -> Response:
     """Generate images from a prompt (OpenAI's images.generate); stream=true streams previews."""
-    return await _respond(request, _service(request).prepare_generation(body))
+    return await _respond(request, _service(request).prepare_generation(body), body.model)
 
 
 @router.post("/v1/images/edits")
@@ -182,7 +186,7 @@ async def edit_image(request: Request) -> Response:
     """Edit one or several images, optionally within a mask (OpenAI's images.edit)."""
     service = _service(request)
     body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images)
-    return await _respond(request, service.prepare_edit(body, images, mask))
+    return await _respond(request, service.prepare_edit(body, images, mask), body.model)
 
 
 @router.post("/v1/images/variations")
@@ -192,7 +196,7 @@ async def create_variation(request: Request) -> Response:
     body, images, mask = await read_image_request(request, VariationRequest, 1)
     if len(images) > 1 or mask is not None:
         raise InvalidRequest("variations take exactly one image and no mask", param="image")
-    return await _respond(request, service.prepare_variation(body, images[0] if images else None))
+    return await _respond(request, service.prepare_variation(body, images[0] if images else None), body.model)
 
 
 @router.get("/images/{name}")

@@ -120,14 +120,14 @@ class ApiKeys:
     Keys are compared in constant time, each against the presented one; they are never logged.
     """
 
-    def __init__(self, app, keys: list[str]):
+    def __init__(self, app, keys: list[str], open_paths: tuple[str, ...] = ()):
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.open_paths = OPEN_PATHS + tuple(open_paths)  # e.g. /metrics with QIS_PUBLIC_METRICS
 
-    @staticmethod
-    def _open(path: str, method: str) -> bool:
+    def _open(self, path: str, method: str) -> bool:
         # A CORS preflight carries no credentials.
-        return method == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        return method == "OPTIONS" or path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
     def _valid(self, presented: str) -> bool:
         candidate = presented.encode()

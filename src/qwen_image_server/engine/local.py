@@ -132,6 +132,7 @@ class _ModelPool:
         self.encoding: dict[int, _Piece] = {}
         self.waiting_jobs = 0
         self.load_failures = 0
+        self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
         self.broken: str | None = None
         self.closing = False
         self.workers: list[_Worker] = [_Worker(self, slot, device, threads) for slot, device in enumerate(devices)]
@@ -260,6 +261,7 @@ class _ModelPool:
                 piece.future.set_exception(InferenceFailed(f"worker process exited unexpectedly (exit code {code})"))
         if self.closing:
             return
+        self.restarts += 1
         if worker.state == "loading":
             self.load_failures += 1  # died before it could say why
         if self._give_up():
@@ -310,6 +312,7 @@ class _ModelPool:
             "ready": self.ready(),
             "state": "failed" if self.broken else ("ready" if self.ready() else "loading"),
             "queued_jobs": self.waiting_jobs,
+            "worker_restarts": self.restarts,
             "error": public_reason(self.broken) if self.broken else None,
             "workers": [w.describe() for w in self.workers],
         }

@@ -86,12 +86,14 @@ class ModelReplica:
         except asyncio.CancelledError:
             stop.set()
             raise
+        encoding = time.perf_counter()
         encoded = await asyncio.to_thread(
             lambda: [
                 EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
                 for seed, image in zip(job.seeds, images)
             ]
         )
+        stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
         yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt), stats)
 
 
@@ -179,6 +181,20 @@ class RayEngine:
 
     def status(self) -> dict:
         return {"engine": "ray", "deployments": self._serve_status()[1]}
+
+    def metrics_status(self) -> dict:
+        """Per model, what ``/metrics`` shows: its deployment's state as ready/loading/failed and this ingress's jobs in flight."""
+        deployments = self._serve_status()[1]
+        out = {}
+        for index, spec in enumerate(self.models):
+            deployment = deployments.get(deployment_name(index, spec))
+            status = deployment.get("status", "") if isinstance(deployment, dict) else ""
+            out[spec.id] = {"state": _MODEL_STATE.get(status.upper(), "loading"), "jobs_in_flight": self._in_flight[spec.id]}
+        return out
+
+
+#: Serve deployment statuses as the model states of ``/metrics`` (anything else: loading).
+_MODEL_STATE = {"HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready", "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed"}
 
 
 def _as_server_error(exc: BaseException) -> BaseException:

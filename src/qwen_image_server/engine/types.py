@@ -87,7 +87,7 @@ class TaskResult:
     finished: float
     worker: str = ""
     prompt_tokens: int = 0
-    stats: dict[str, int] = field(default_factory=dict)  # counters of the run, e.g. transformer_calls
+    stats: dict[str, float] = field(default_factory=dict)  # counters of the run (transformer_calls), encode_seconds
 
 
 @dataclass
@@ -99,7 +99,7 @@ class JobResult:
     finished: float
     workers: list[str]
     prompt_tokens: int = 0
-    stats: dict[str, int] = field(default_factory=dict)  # the tasks' counters, summed
+    stats: dict[str, float] = field(default_factory=dict)  # the tasks' counters and encode seconds, summed
 
     @classmethod
     def combine(cls, results: list[TaskResult]) -> JobResult:

@@ -118,7 +118,9 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
             _, task, images, started, finished, stats = item
             try:
                 job = task.job
+                encoding = time.perf_counter()
                 images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images)]
+                stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
                 tokens = runner.count_tokens(job.prompt)
                 send(("result", TaskResult(task.task_id, images, started, finished, name, tokens, stats)))
             except Exception as exc:

@@ -92,6 +92,8 @@ class ImageService:
         self.loras: dict[str, tuple[ModelSpec, LoraSpec]] = {
             lora.name: (spec, lora) for spec in engine.models for lora in spec.profile.loras
         }
+        #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
+        self.job_observers: list[Callable[[Prepared, JobResult, dict], None]] = []
 
     # --- models ------------------------------------------------------------------------
     def default_model(self, *, edit: bool = False) -> ModelSpec | None:
@@ -315,7 +317,13 @@ class ImageService:
                 item["b64_json"] = b64(image.data)
             data.append(item)
         body = {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}
-        return {**body, "stats": self.stats(result, submitted)}, result
+        stats = self.stats(result, submitted)
+        for observe in self.job_observers:
+            try:
+                observe(prepared, result, stats)
+            except Exception:  # an observer never fails the request
+                log.exception("job observer failed")
+        return {**body, "stats": stats}, result
 
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""

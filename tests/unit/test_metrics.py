@@ -1,0 +1,240 @@
+"""/metrics in process: the app on a small fake engine, called through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from qwen_image_server.api.app import create_app
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.types import EncodedImage, JobResult, TaskResult
+from qwen_image_server.models.profile import LoraSpec, RunProfile
+from qwen_image_server.models.spec import ModelSpec
+
+KEY = "sk-metrics-test"
+GEN = "/v1/images/generations"
+BODY = {"prompt": "a secret prompt", "size": "256x256", "model": "tiny"}
+
+
+class FakeEngine:
+    """``EngineClient`` without workers: each job waits 2 s for a worker, runs 1.5 s and encodes 0.25 s."""
+
+    def __init__(self):
+        lora = LoraSpec(name="style", path="/nowhere/style.safetensors", model="tiny")
+        self.models = [
+            ModelSpec("tiny", "/nowhere/tiny", "QwenImagePipeline", "text-to-image", profile=RunProfile(loras=(lora,))),
+            ModelSpec("tiny-edit", "/nowhere/edit", "QwenImageEditPipeline", "edit"),
+        ]
+        self.queued = 0
+        self.worker_states = ["idle", "busy"]
+        self.restarts = 0
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def submit(self, model_id, job, on_partial=None):
+        started = time.time() + 2.0  # as if the job waited two seconds for a worker
+        images = [EncodedImage(s, b"png", 256, 256) for s in job.seeds]
+        task = TaskResult(1, images, started, started + 1.5, "w0", 3, {"encode_seconds": 0.25})
+        return JobResult.combine([task])
+
+    def ready(self):
+        return True
+
+    def status(self):
+        memory = {"cuda_allocated_gib": 1.5, "cuda_reserved_gib": 2.0, "cuda_peak_gib": 3.0}
+        states = enumerate(self.worker_states)
+        workers = [{"name": f"tiny#{i}", "state": state, "device": f"cuda:{i}", "memory": memory} for i, state in states]
+        return {
+            "tiny": {"state": "ready", "queued_jobs": self.queued, "worker_restarts": self.restarts, "workers": workers},
+            "tiny-edit": {"state": "loading", "queued_jobs": 0, "workers": [{"name": "tiny-edit#0", "state": "loading"}]},
+        }
+
+    def gpus(self):
+        return [{"device": "cuda:0", "total_gib": 80.0, "planned_gib": 40.0, "used_gib": 42.5, "workers": []}]
+
+
+def _app(tmp_path, engine=None, **settings):
+    return create_app(Settings(image_output_dir=tmp_path, **settings), engine or FakeEngine())
+
+
+def _call(app, *requests, raise_app_exceptions: bool = True):
+    """Send ``(method, path, kwargs)`` requests in order; their responses."""
+
+    async def run():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.request(method, path, **kwargs) for method, path, kwargs in requests]
+
+    return asyncio.run(run())
+
+
+def _value(app, name, **labels):
+    return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _samples(text: str) -> dict:
+    """``{(name, sorted labels): value}`` of a scrape."""
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def _count(app, route, model, status):
+    return _value(app, "qis_requests_total", route=route, model=model, status=str(status))
+
+
+def test_requests_are_counted_by_route_template_model_and_status(tmp_path):
+    app = _app(tmp_path)
+    ok, bad, unknown, model, other_model, lora, missing = _call(
+        app,
+        ("POST", GEN, {"json": BODY}),
+        ("POST", GEN, {"json": {**BODY, "size": "17x17"}}),
+        ("GET", "/no/such/path/a-secret", {}),
+        ("GET", "/v1/models/tiny", {}),
+        ("POST", GEN, {"json": {**BODY, "model": "a-model-nobody-serves"}}),
+        ("POST", GEN, {"json": {**BODY, "model": "style"}}),
+        ("POST", GEN, {"json": {"prompt": "a cat", "size": "256x256"}}),
+    )
+    assert [r.status_code for r in (ok, bad, unknown, model, other_model, lora, missing)] == [200, 400, 404, 200, 400, 200, 200]
+    assert _count(app, GEN, "tiny", 200) == 2  # named, and the default model of a request naming none
+    assert _count(app, GEN, "tiny", 400) == 1
+    assert _count(app, GEN, "style", 200) == 1
+    assert _count(app, GEN, "other", 400) == 1
+    assert _count(app, "other", "none", 404) == 1
+    assert _count(app, "/v1/models/{model_id:path}", "none", 200) == 1
+    (wrong_method,) = _call(app, ("GET", GEN, {}))
+    assert wrong_method.status_code == 405 and _count(app, GEN, "none", 405) == 1
+    assert _value(app, "qis_request_duration_seconds_count", route=GEN, model="tiny") == 3
+
+    text = _call(app, ("GET", "/metrics", {}))[0].text
+    for secret in ("a-model-nobody-serves", "a secret prompt", "/no/such/path", "a-secret"):
+        assert secret not in text
+    assert 'qis_requests_total{model="tiny",route="/v1/images/generations",status="200"} 2.0' in text
+
+
+def test_jobs_observe_queue_pipeline_and_encode_seconds_and_count_images(tmp_path):
+    app = _app(tmp_path)
+    (response,) = _call(app, ("POST", GEN, {"json": {**BODY, "n": 3}}))
+    assert response.status_code == 200
+    assert response.json()["stats"]["encode_seconds"] == pytest.approx(0.25)
+    assert _value(app, "qis_images_total", model="tiny") == 3
+    assert _value(app, "qis_images_total", model="style") == 0  # present from the start
+    assert _value(app, "qis_job_pipeline_seconds_sum", model="tiny") == pytest.approx(1.5)
+    assert _value(app, "qis_job_encode_seconds_sum", model="tiny") == pytest.approx(0.25)
+    assert 2.0 <= _value(app, "qis_job_queue_seconds_sum", model="tiny") < 2.5
+    assert _value(app, "qis_job_queue_seconds_bucket", model="tiny", le="1.0") == 0
+    assert _value(app, "qis_job_queue_seconds_bucket", model="tiny", le="5.0") == 1
+
+
+def test_a_streamed_job_is_observed_too(tmp_path):
+    app = _app(tmp_path)
+    (response,) = _call(app, ("POST", GEN, {"json": {**BODY, "stream": True}}))
+    assert response.status_code == 200 and "image_generation.completed" in response.text
+    assert _value(app, "qis_images_total", model="tiny") == 1
+    assert _count(app, GEN, "tiny", 200) == 1
+
+
+def test_engine_gauges_are_read_at_scrape_time(tmp_path):
+    engine = FakeEngine()
+    app = _app(tmp_path, engine)
+    (first,) = _call(app, ("GET", "/metrics", {}))
+    assert first.headers["content-type"].startswith("text/plain")
+    samples = _samples(first.text)
+    assert samples[("qis_queue_depth", (("model", "tiny"),))] == 0
+    assert samples[("qis_model_state", (("model", "tiny"), ("state", "ready")))] == 1
+    assert samples[("qis_model_state", (("model", "tiny"), ("state", "loading")))] == 0
+    assert samples[("qis_model_state", (("model", "tiny-edit"), ("state", "loading")))] == 1
+    assert samples[("qis_running_tasks", (("model", "tiny"),))] == 1
+    assert samples[("qis_workers", (("model", "tiny"), ("state", "idle")))] == 1
+    key = ("qis_worker_gpu_memory_bytes", (("device", "cuda:1"), ("kind", "allocated"), ("model", "tiny"), ("worker", "tiny#1")))
+    assert samples[key] == 1.5 * 1024**3
+    assert samples[("qis_gpu_used_bytes", (("device", "cuda:0"),))] == 42.5 * 1024**3
+    assert samples[("qis_gpu_total_bytes", (("device", "cuda:0"),))] == 80 * 1024**3
+    assert not any(name == "qis_worker_gpu_memory_bytes" and ("model", "tiny-edit") in labels for name, labels in samples)
+
+    engine.queued, engine.restarts, engine.worker_states = 4, 2, ["busy", "busy"]
+    assert _value(app, "qis_queue_depth", model="tiny") == 4
+    assert _value(app, "qis_worker_restarts_total", model="tiny") == 2
+    assert _value(app, "qis_running_tasks", model="tiny") == 2
+
+
+def test_an_engine_that_cannot_answer_does_not_break_the_scrape(tmp_path):
+    engine = FakeEngine()
+    engine.status = lambda: 1 / 0
+    app = _app(tmp_path, engine)
+    (response,) = _call(app, ("POST", GEN, {"json": BODY}), ("GET", "/metrics", {}))[1:]
+    assert response.status_code == 200 and "qis_requests_total" in response.text and "qis_queue_depth" not in response.text
+
+
+def test_middleware_refusals_and_errors_are_counted(tmp_path):
+    app = _app(tmp_path, api_keys=[KEY], max_upload_bytes=1024)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    no_key, origin, too_large, metrics_no_key, metrics_key = _call(
+        app,
+        ("POST", GEN, {"json": BODY}),
+        ("POST", GEN, {"json": BODY, "headers": {**auth, "Origin": "https://elsewhere.example"}}),
+        ("POST", GEN, {"content": b"x" * 2048, "headers": {**auth, "Content-Type": "application/json"}}),
+        ("GET", "/metrics", {}),
+        ("GET", "/metrics", {"headers": auth}),
+    )
+    assert [r.status_code for r in (no_key, origin, too_large, metrics_no_key, metrics_key)] == [401, 403, 413, 401, 200]
+    assert _count(app, GEN, "none", 401) == 1
+    assert _count(app, GEN, "none", 403) == 1
+    assert _count(app, GEN, "none", 413) == 1
+    assert _count(app, "/metrics", "none", 401) == 1
+    assert 'status="413"' in metrics_key.text
+
+    engine = FakeEngine()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    engine.submit = broken
+    failing = _app(tmp_path, engine)
+    (response,) = _call(failing, ("POST", GEN, {"json": BODY}), raise_app_exceptions=False)  # Starlette re-raises after its 500
+    assert response.status_code == 500
+    assert _count(failing, GEN, "tiny", 500) == 1
+
+
+def test_public_metrics_opens_only_metrics(tmp_path):
+    app = _app(tmp_path, api_keys=[KEY], public_metrics=True)
+    metrics, models = _call(app, ("GET", "/metrics", {}), ("GET", "/v1/models", {}))
+    assert metrics.status_code == 200 and models.status_code == 401
+
+
+def test_each_app_has_its_own_registry(tmp_path):
+    one, two = _app(tmp_path), _app(tmp_path)
+    _call(one, ("POST", GEN, {"json": BODY}))
+    assert _count(one, GEN, "tiny", 200) == 1
+    assert _count(two, GEN, "tiny", 200) == 0
+    assert one.state.metrics.registry is not two.state.metrics.registry
+    assert REGISTRY.get_sample_value("qis_requests_total", {"route": GEN, "model": "tiny", "status": "200"}) is None
+
+
+def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import RayEngine, deployment_name
+
+    models = FakeEngine().models
+    engine = RayEngine(models, Settings(image_output_dir=tmp_path), "app")
+    deployments = {
+        deployment_name(0, models[0]): {"status": "HEALTHY", "replicas": {}},
+        deployment_name(1, models[1]): {"status": "DEPLOY_FAILED"},
+    }
+    engine._serve_status = lambda: (False, deployments)
+    engine._in_flight["tiny"] = 3
+    expected = {"tiny": {"state": "ready", "jobs_in_flight": 3}, "tiny-edit": {"state": "failed", "jobs_in_flight": 0}}
+    assert engine.metrics_status() == expected
+    app = _app(tmp_path, engine)
+    assert _value(app, "qis_jobs_in_flight", model="tiny") == 3
+    assert _value(app, "qis_model_state", model="tiny-edit", state="failed") == 1
+    engine._serve_status = lambda: (False, {"error": "controller unreachable"})
+    assert _value(app, "qis_model_state", model="tiny", state="loading") == 1
