@@ -115,7 +115,7 @@ def test_stream_longer_than_header_timeout_is_unaffected(guarded):
     body = {"prompt": "a long stream", "size": "1024x1024", "num_inference_steps": 60, "stream": True, "partial_images": 2}
     started = time.monotonic()
     with httpx.stream("POST", guarded.base_url + GEN, json=body, timeout=300) as response:
-        assert response.status_code == 200
+        assert response.status_code == 200 and response.headers["x-accel-buffering"] == "no"
         text = "".join(response.iter_text())
     assert time.monotonic() - started > HEADER_TIMEOUT, "the stream must outlast the header timeout to test anything"
     assert "image_generation.completed" in text and "event: error" not in text
