@@ -9,6 +9,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -137,21 +138,32 @@ def test_slow_upload_within_body_timeout_is_served(guarded):
     assert len(r.json()["data"]) == 1
 
 
-def _wait_busy(server, model: str, attempts: int = 300) -> None:
+def _wait_busy(server, model: str, workers: int, attempts: int = 300) -> None:
     for _ in range(attempts):
-        if any(w["state"] == "busy" for w in server.status()["models"][model]["workers"]):
+        if sum(w["state"] == "busy" for w in server.status()["models"][model]["workers"]) >= workers:
             return
         time.sleep(0.1)
-    raise AssertionError("the request never started running")
+    raise AssertionError("the requests never started running")
 
 
 def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, tiny_t2i):
-    server = start_server("--model", f"tiny={tiny_t2i}", env={"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"})
+    env = {"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"}
+    server = start_server("--model", f"tiny={tiny_t2i}", "--workers", "2", env=env)
     long = {"prompt": "a very long job", "size": "1024x1024", "num_inference_steps": 1000}
     thread, box = post_in_thread(server.base_url + GEN, long, timeout=120)
-    _wait_busy(server, "tiny")
+    stream_box: dict = {}
+
+    def stream():
+        with httpx.stream("POST", server.base_url + GEN, json={**long, "stream": True}, timeout=120) as response:
+            stream_box["status"] = response.status_code  # the answer has started: its events are to come
+            stream_box["text"] = "".join(response.iter_text())
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    _wait_busy(server, "tiny", workers=2)
     server.process.send_signal(signal.SIGTERM)
     thread.join(timeout=120)
+    streamer.join(timeout=120)
     try:
         server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -160,5 +172,8 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, ti
     response = box["response"]
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "shutting_down" and "retry-after" in response.headers
+    assert stream_box["status"] == 200
+    last = stream_box["text"].strip().split("\n\n")[-1]
+    assert last.startswith("event: error") and '"code":"shutting_down"' in last, stream_box["text"][-500:]
     log = server.logs(tail=None)
     assert "Traceback" not in log and "shutting down" in log, log[-3000:]
