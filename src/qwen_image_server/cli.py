@@ -77,6 +77,11 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Serve tiny offline models (built once into the cache).")] = False,
     host: Annotated[str | None, typer.Option(help="Bind address [HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [PORT].")] = None,
+    max_connections: Annotated[int | None, typer.Option(help="Connections served at once [QIS_MAX_CONNECTIONS].")] = None,
+    header_timeout: Annotated[float | None, typer.Option(help="Seconds to send a request head [QIS_HEADER_TIMEOUT].")] = None,
+    shutdown_grace_seconds: Annotated[
+        float | None, typer.Option("--shutdown-grace", help="Seconds running requests get on SIGTERM [QIS_SHUTDOWN_GRACE_SECONDS].")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
@@ -169,6 +174,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     import uvicorn
 
     from .api.app import create_app
+    from .api.connections import uvicorn_options
     from .engine.local import LocalEngine
     from .models.memory import check_memory_modes
     from .models.spec import resolve_configured
@@ -188,13 +194,8 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     memory_plan = make_plan(specs, settings)  # refuses before the port opens when the workers do not fit
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     engine = LocalEngine(specs, settings, memory_plan)
-    uvicorn.run(
-        create_app(settings, engine),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        timeout_graceful_shutdown=30,  # then running requests are cancelled and their work stopped
-    )
+    # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level.lower(), **uvicorn_options(settings))
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
     # --- network -----------------------------------------------------------------
     host: str = Field(default="127.0.0.1", validation_alias=_alias("HOST", "QIS_HOST"))
     port: int = Field(default=8000, ge=0, le=65535, validation_alias=_alias("PORT", "QIS_PORT"))
+    # Connection guards of the embedded server (api/connections.py); Ray's proxy has its own.
+    max_connections: int = Field(
+        default=1000, ge=1, description="Connections served at once; requests on further ones get a JSON 503 with Retry-After."
+    )
+    header_timeout: float = Field(default=10.0, gt=0, description="Seconds a client has to send a request head (then 408 and close).")
+    body_timeout: float = Field(default=120.0, gt=0, description="Seconds a client has to send a request body after its head.")
+    keep_alive_timeout: float = Field(default=5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="Largest request head (request line and headers).")
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long running requests may finish; the rest get a JSON 503."
+    )
 
     # --- engine ------------------------------------------------------------------
     workers: int = Field(default=1, ge=1, le=64, validation_alias=_alias("NUM_GPUS_TO_USE", "QIS_WORKERS"))

@@ -112,3 +112,19 @@ def test_killed_replica_fails_its_task_and_is_replaced(limits):
         time.sleep(1)
     assert r.status_code == 200, r.status_code
     assert _replica_pid("limits") != pid
+
+
+def test_burst_overload_answers_json_503s_only(ray_serve, tiny_t2i):
+    """A burst past Ray's queues: every refusal is the JSON envelope with Retry-After, none Ray's plain text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = ray_serve.deploy("burst", "/burst", [f"tiny={tiny_t2i}"], workers=2, queue_size=2, cpu_threads=1, max_steps=1000)
+    body = {"prompt": "a burst", "size": "256x256", "num_inference_steps": 40}
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: httpx.post(url + GEN, json={**body, "seed": i}, timeout=300), range(16)))
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused, [r.status_code for r in responses]
+    for r in refused:
+        assert r.headers.get("content-type", "").startswith("application/json"), (r.text, dict(r.headers))
+        assert r.json()["error"]["code"] == "queue_full" and "retry-after" in r.headers, r.text
+    assert {r.status_code for r in responses} <= {200, 503}, [(r.status_code, r.text[:200]) for r in responses]

@@ -172,7 +172,8 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
             if not run.done():
                 run.cancel()
 
-    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # X-Accel-Buffering: nginx passes the events on as they come instead of buffering them.
+    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.post("/v1/images/generations")

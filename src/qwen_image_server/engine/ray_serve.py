@@ -13,6 +13,7 @@ Importing this module needs ``ray[serve]`` (``pip install 'qwen-image-server[ray
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -124,7 +125,7 @@ class RayEngine:
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size:
-            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
+            raise QueueFull(retry_after=_retry_after(self.settings))
         self._in_flight[model_id] += 1
         try:
             return await self._run(handle, job, replicas, deadline, on_partial)
@@ -154,10 +155,13 @@ class RayEngine:
             results = [t.result() for t in tasks]
         except BaseException as exc:
             for stream in streams:
-                stream.cancel()
+                # cancel() fetches the call's outcome first and re-raises a refused call's error
+                # (BackPressureError): that must not replace the typed error raised below.
+                with contextlib.suppress(Exception):
+                    stream.cancel()
             for t in tasks:
                 t.cancel()
-            raise _as_server_error(exc) from None
+            raise _as_server_error(exc, _retry_after(self.settings)) from None
         return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
@@ -197,14 +201,19 @@ class RayEngine:
 _MODEL_STATE = {"HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready", "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed"}
 
 
-def _as_server_error(exc: BaseException) -> BaseException:
+def _retry_after(settings: Settings) -> int:
+    """Seconds a refused client is told to wait: the same for both queue bounds."""
+    return max(1, math.ceil(settings.task_timeout / 10))
+
+
+def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
     """Ray's exceptions as this server's typed errors."""
     from ..errors import ServerError
 
     if isinstance(exc, (ServerError, TaskCancelled, asyncio.CancelledError)):
         return exc
-    if isinstance(exc, BackPressureError):
-        return QueueFull()
+    if isinstance(exc, BackPressureError):  # Ray's caller-side queue (max_queued_requests) is full
+        return QueueFull(retry_after=retry_after)
     name = type(exc).__name__
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name or "Unavailable" in name:
         return InferenceFailed("replica died while running the task")

@@ -1,0 +1,199 @@
+"""Connection guards for the embedded uvicorn server: read timeouts, a connection cap and clean shutdown.
+
+uvicorn closes idle keep-alive connections but has no limit on how long a client may
+take to send a request head or body, so sockets that dribble (or never finish) a
+request are held forever and enough of them take the server off the air. uvicorn's
+``limit_concurrency`` answers plain text, and requests still running when the graceful
+shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in the log.
+
+``GuardedH11Protocol`` (a subclass of uvicorn's h11 protocol, passed as ``http=``) adds:
+
+* a header timeout: a request head must be complete within N seconds of the connection
+  opening or of the previous response ending (408 with the JSON envelope, then close);
+* a body timeout: the request body must be complete within N seconds of its head;
+* the connection cap (``limit_concurrency``) answered with the JSON envelope (503, Retry-After);
+* requests cut off by shutdown answered with a JSON 503 ``shutting_down`` (Retry-After), or,
+  when their answer had started, ended cleanly (an SSE ``error`` event for event streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+#: Seconds a client is told to wait (Retry-After) after a refusal at the connection level.
+CAP_RETRY_AFTER = 1
+SHUTDOWN_RETRY_AFTER = 5
+
+
+def envelope(message: str, code: str) -> dict:
+    """The project's error envelope (see api/errors.py) for answers given below the application."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}, "detail": message}
+
+
+def _raw_response(status: int, reason: str, body: dict, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, for when h11 has no request to answer."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = f"content-type: application/json\r\ncontent-length: {len(data)}\r\nconnection: close\r\n"
+    if retry_after is not None:
+        headers += f"retry-after: {retry_after}\r\n"
+    return f"HTTP/1.1 {status} {reason}\r\n{headers}\r\n".encode() + data
+
+
+async def _send_json(send, status: int, body: dict, retry_after: int) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with header/body read timeouts, a JSON connection cap and a JSON shutdown answer."""
+
+    header_timeout: float | None = None
+    body_timeout: float | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn would answer the cap in plain text; it is answered in _serve instead.
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+        inner = self.app
+        self.app = lambda scope, receive, send: self._serve(inner, scope, receive, send)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._shutting_down = False
+
+    # --- read timeouts ------------------------------------------------------------
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()  # the next request head has its own time
+            self._track_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(head=True, body=True)
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel(head=True)
+        if self.header_timeout is not None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel(self, head: bool = False, body: bool = False) -> None:
+        if head and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if body and self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _track_request(self) -> None:
+        """Stop the head clock once a head is in; run the body clock while its body arrives."""
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return
+        self._cancel(head=True)
+        if state is h11.SEND_BODY:
+            if self._body_timer is None and self.body_timeout is not None:
+                self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+        else:
+            self._cancel(body=True)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:  # part of a head came: tell the client why it is closed
+            self.logger.debug("closing a connection whose request head took over %ss", self.header_timeout)
+            body = envelope(f"Request head not received within {self.header_timeout:g} s", "request_timeout")
+            self.transport.write(_raw_response(408, "Request Timeout", body))
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        self.logger.info("closing a connection whose request body took over %ss", self.body_timeout)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            body = envelope(f"Request body not received within {self.body_timeout:g} s", "request_timeout")
+            self.transport.write(_raw_response(408, "Request Timeout", body))
+        if cycle is not None:  # the application sees a disconnect and sends nothing more
+            cycle.response_started = cycle.response_complete = cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    # --- connection cap and shutdown --------------------------------------------------
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        super().shutdown()
+
+    async def _serve(self, app, scope, receive, send) -> None:
+        """Run one request: refused above the cap, answered in JSON when shutdown cancels it."""
+        cap = self.max_connections
+        if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
+            self.logger.warning("%d connections open (limit %d): refusing a request", len(self.connections), cap)
+            body = envelope(f"Too many connections (limit {cap}); retry shortly", "too_many_connections")
+            await _send_json(send, 503, body, CAP_RETRY_AFTER)
+            return
+        started: dict = {}
+
+        async def tracking_send(message) -> None:
+            if message["type"] == "http.response.start":
+                started["headers"] = message.get("headers", [])
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not self._shutting_down:
+                raise
+            await self._answer_cut_off(scope, started, send)
+
+    async def _answer_cut_off(self, scope, started: dict, send) -> None:
+        """The end of a request that outlived the shutdown grace period, without a traceback."""
+        self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
+        message = "The server is shutting down; retry shortly"
+        if "headers" not in started:
+            await _send_json(send, 503, envelope(message, "shutting_down"), SHUTDOWN_RETRY_AFTER)
+            return
+        content_type = dict(started["headers"]).get(b"content-type", b"")
+        if content_type.startswith(b"text/event-stream"):
+            event = {"type": "error", "error": envelope(message, "shutting_down")["error"]}
+            data = f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+        else:
+            self.transport.close()  # half an answer: the client sees the connection end early
+
+
+def guarded_protocol(header_timeout: float | None, body_timeout: float | None) -> type[GuardedH11Protocol]:
+    """``GuardedH11Protocol`` with these timeouts (uvicorn builds one protocol object per connection)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+
+
+def uvicorn_options(settings) -> dict:
+    """The keyword arguments of ``uvicorn.run`` for the connection settings."""
+    return {
+        "http": guarded_protocol(settings.header_timeout, settings.body_timeout),
+        "ws": "none",  # no WebSocket routes; an upgraded connection would outlive these guards
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+    }
