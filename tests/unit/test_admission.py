@@ -167,3 +167,20 @@ def test_gate_bounds_concurrent_decodes_and_checks_admission_again_after_waiting
 
     asyncio.run(main())
     assert most[0] == 2
+
+
+def test_ray_engine_admits_like_the_embedded_one():
+    pytest.importorskip("ray")
+    from qwen_image_server.engine.ray_serve import RayEngine
+    from qwen_image_server.models.spec import resolve_model
+
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    engine = RayEngine([spec], Settings(queue_size=2, workers=1, max_queued_pixel_bytes=100, engine="ray"), "app")
+    engine.admit(spec.id)
+    engine._in_flight[spec.id] = 3  # one running on the one replica, two waiting
+    with pytest.raises(QueueFull):
+        engine.admit(spec.id)
+    engine._in_flight[spec.id] = 0
+    engine._budgets[spec.id].held = 100
+    with pytest.raises(QueueFull):
+        engine.admit(spec.id)
