@@ -178,6 +178,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     max_input_images: int = Field(default=4, ge=1, le=16)
+    # --- memory of the API process (serving/inputs.py, engine/admission.py) ---------------
+    max_concurrent_decodes: int | None = Field(
+        default=None, ge=1, description="Requests whose uploads are decoded at the same time; default: 2 per CPU core."
+    )
+    max_queued_pixel_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1, description="Bytes of input pixels one model's queued and running jobs may hold (503 above)."
+    )
 
     @field_validator("models", mode="before")
     @classmethod

@@ -34,6 +34,13 @@ class EngineClient(Protocol):
         job's queued work and stops its running work at the next denoising step.
         """
 
+    def admit(self, model_id: str) -> None:
+        """Raise ``QueueFull`` or ``NotReady`` when ``submit`` would refuse any job on ``model_id`` now.
+
+        Cheap: called before a request's uploads are decoded, so that a refused
+        request costs no decoding. ``submit`` checks again (and also the job's size).
+        """
+
     def ready(self) -> bool:
         """True once every worker has loaded its model."""
 

@@ -26,6 +26,7 @@ from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
 from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
+from .admission import PixelBudget, retry_after
 from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
@@ -135,14 +136,24 @@ class _ModelPool:
         self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
         self.broken: str | None = None
         self.closing = False
+        self.budget = PixelBudget(settings)
         self.workers: list[_Worker] = [_Worker(self, slot, device, threads) for slot, device in enumerate(devices)]
 
     # --- jobs ----------------------------------------------------------------------
-    async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
+    def admit(self) -> None:
+        """Refuse at once when the model is failed, its queue full or its pixel budget spent."""
         if self.broken:
             raise NotReady(self._unavailable())
         if self.waiting_jobs >= self.settings.queue_size:
-            raise QueueFull(retry_after=max(1, math.ceil(self.settings.task_timeout / 10)))
+            raise QueueFull(retry_after=retry_after(self.settings))
+        self.budget.check()
+
+    async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
+        self.admit()
+        with self.budget.hold(job):
+            return await self._submit(job, deadline, on_partial)
+
+    async def _submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         # Spread the images over the workers; never more per call than max_batch_size.
         batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / len(self.workers))))
         state = _JobState(on_partial=on_partial)
@@ -313,6 +324,7 @@ class _ModelPool:
             "state": "failed" if self.broken else ("ready" if self.ready() else "loading"),
             "queued_jobs": self.waiting_jobs,
             "worker_restarts": self.restarts,
+            "held_pixel_bytes": self.budget.held,
             "error": public_reason(self.broken) if self.broken else None,
             "workers": [w.describe() for w in self.workers],
         }
@@ -357,6 +369,9 @@ class LocalEngine:
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout
         return await self.pools[model_id].submit(job, deadline, on_partial)
+
+    def admit(self, model_id: str) -> None:
+        self.pools[model_id].admit()
 
     def ready(self) -> bool:
         return bool(self.pools) and all(pool.ready() for pool in self.pools.values())

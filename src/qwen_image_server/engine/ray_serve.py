@@ -28,6 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from ..config import Settings
 from ..errors import InferenceFailed, QueueFull, TaskCancelled, TaskTimeout
 from ..models.spec import ModelSpec
+from .admission import PixelBudget, retry_after
 from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class RayEngine:
         self.handles: dict = {}
         self._task_ids = iter(range(1, 2**62))
         self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
+        self._budgets = {spec.id: PixelBudget(settings) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
 
     async def start(self) -> None:
@@ -122,15 +124,22 @@ class RayEngine:
         deadline = time.monotonic() + self.settings.task_timeout
         handle = self.handles[model_id]
         replicas = max(1, self.settings.ray_max_replicas)
+        self.admit(model_id)
+        self._in_flight[model_id] += 1
+        try:
+            with self._budgets[model_id].hold(job):
+                return await self._run(handle, job, replicas, deadline, on_partial)
+        finally:
+            self._in_flight[model_id] -= 1
+
+    def admit(self, model_id: str) -> None:
+        """Refuse at once when the model's jobs fill its replicas and queue, or its pixel budget."""
+        replicas = max(1, self.settings.ray_max_replicas)
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size:
-            raise QueueFull(retry_after=_retry_after(self.settings))
-        self._in_flight[model_id] += 1
-        try:
-            return await self._run(handle, job, replicas, deadline, on_partial)
-        finally:
-            self._in_flight[model_id] -= 1
+            raise QueueFull(retry_after=retry_after(self.settings))
+        self._budgets[model_id].check()
 
     async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
         batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
@@ -161,7 +170,7 @@ class RayEngine:
                     stream.cancel()
             for t in tasks:
                 t.cancel()
-            raise _as_server_error(exc, _retry_after(self.settings)) from None
+            raise _as_server_error(exc, retry_after(self.settings)) from None
         return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
@@ -199,11 +208,6 @@ class RayEngine:
 
 #: Serve deployment statuses as the model states of ``/metrics`` (anything else: loading).
 _MODEL_STATE = {"HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready", "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed"}
-
-
-def _retry_after(settings: Settings) -> int:
-    """Seconds a refused client is told to wait: the same for both queue bounds."""
-    return max(1, math.ceil(settings.task_timeout / 10))
 
 
 def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:

@@ -34,6 +34,9 @@ class Job:
     true_cfg_scale: float = 4.0
     images: list[np.ndarray] = field(default_factory=list)  # edit inputs, HxWx3 uint8
     mask: np.ndarray | None = None  # HxW uint8, 255 where the image is to be repainted
+    # Mask edits of downscaled inputs: the uploaded image and mask bytes, decoded again by the worker
+    # to paste the original back at its full size (serving/inputs.py).
+    inpaint_source: tuple[bytes, bytes] | None = None
     output_format: OutputFormat = "png"
     output_compression: int = 100
     strength: float = 0.6  # variations (img2img): how far from the input image to move

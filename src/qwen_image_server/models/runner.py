@@ -213,8 +213,13 @@ class PipelineRunner:
                     preview.detach()
         self.last_stats = stats
         if job.mode == "inpaint":
-            size = (job.out_width, job.out_height) if job.out_width and job.out_height else kwargs["image"].size
-            return [keep_unmasked(image, kwargs["image"], kwargs["mask_image"], size) for image in result]
+            original, mask = kwargs["image"], kwargs["mask_image"]
+            if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
+                from ..serving.inputs import full_size_inpaint
+
+                original, mask = full_size_inpaint(job.inpaint_source)
+            size = (job.out_width, job.out_height) if job.out_width and job.out_height else original.size
+            return [keep_unmasked(image, original, mask, size) for image in result]
         return [fit_to_job(image, job) for image in result]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..config import QUALITY_STEPS, Settings
 from ..engine.base import EngineClient
 from ..engine.types import EncodedImage, Job, JobResult, PartialImage
-from ..errors import InvalidImage, InvalidRequest, ModelNotAvailable
+from ..errors import InvalidRequest, ModelNotAvailable
 from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
@@ -31,7 +31,8 @@ from ..protocol.images import (
     _CommonRequest,
 )
 from ..storage import ImageStore
-from .images import b64, mask_to_array, open_image, to_rgb_array
+from .images import b64
+from .inputs import INPUT_AREA_FACTOR, DecodeGate, Decoded, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 SIZE_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 MAX_UNKNOWN_FIELDS = 64
-#: Input images may be at most this much longer than wide (or wider than long).
-MAX_INPUT_ASPECT = 8
 
 
 def log_safe(text: str, limit: int = 64) -> str:
@@ -94,6 +93,7 @@ class ImageService:
         }
         #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
         self.job_observers: list[Callable[[Prepared, JobResult, dict], None]] = []
+        self.decodes = DecodeGate(settings.max_concurrent_decodes or default_decodes())
 
     # --- models ------------------------------------------------------------------------
     def default_model(self, *, edit: bool = False) -> ModelSpec | None:
@@ -233,6 +233,7 @@ class ImageService:
         spec = self._model(req.model, edit=False)
         size = self.resolve_size(req, spec.options.get("default_size", self.settings.default_size))
         job = self._job(req, spec, "generate", size)
+        self._admit(spec)
         return await self._prepared(req, spec, job, "image_generation", input_image_tokens=0)
 
     async def prepare_edit(self, req: EditRequest, images: list[Upload], mask: Upload | None) -> Prepared:
@@ -251,17 +252,18 @@ class ImageService:
         if mask is not None and len(images) > 1:
             raise InvalidRequest("a mask can be combined with one image only", param="mask")
         size = self.resolve_size(req, None)
-        arrays, mask_array = await asyncio.to_thread(self._decode_inputs, images, mask)
+        edit_area = int(spec.options.get("edit_area", 1024 * 1024))
+        decoded = await self._decode(spec, images, mask, INPUT_AREA_FACTOR * edit_area)
+        arrays = decoded.arrays
         job = self._job(req, spec, "inpaint" if mask else "edit", size)
         job.images = arrays
         if mask is not None:
             # The inpaint pipeline renders at its own size; the result comes back at the requested
             # size, or the input's, with the original kept outside the mask.
-            job.mask = mask_array
+            job.mask, job.inpaint_source = decoded.mask, decoded.inpaint_source
             job.width = job.height = None
             if size is not None:
                 job.out_width, job.out_height = size.out_width, size.out_height
-        edit_area = int(spec.options.get("edit_area", 1024 * 1024))
         if size is None and mask is None:
             # The pipeline renders at the (last) input's aspect ratio and about its edit area; keep that
             # size within the server's side limits (a long, thin input would otherwise come back thinner).
@@ -278,11 +280,13 @@ class ImageService:
         spec = self._model(req.model, edit=False)
         if image is None:
             raise InvalidRequest("image is required: send the image to vary as 'image'", param="image")
-        arrays, _ = await asyncio.to_thread(self._decode_inputs, [image], None)
-        height, width = arrays[0].shape[:2]
         size = self.resolve_size(req, None)
-        if size is None:  # keep the input's aspect ratio at the model's default area
+        if size is None:
             dw, dh = self._parse_size(spec.options.get("default_size", self.settings.default_size), "size")
+        area = size.width * size.height if size is not None else dw * dh  # the img2img pipeline resizes to the output
+        arrays = (await self._decode(spec, [image], None, INPUT_AREA_FACTOR * area)).arrays
+        height, width = arrays[0].shape[:2]
+        if size is None:  # keep the input's aspect ratio at the model's default area
             w, h = (self._clamp_side(v) for v in _scaled(width, height, dw * dh))
             size = Size(w, h, w, h)
         if req.true_cfg_scale is None and req.guidance_scale is None and not req.prompt.strip():
@@ -366,31 +370,16 @@ class ImageService:
             "total_tokens": text + image_in + output,
         }
 
-    def _decode_inputs(self, images: list[Upload], mask: Upload | None):
-        limit = self.settings.max_input_pixels
-        opened = [open_image(u.data, u.param, limit) for u in images]
-        for upload, image in zip(images, opened):
-            width, height = image.size
-            if max(width, height) > MAX_INPUT_ASPECT * min(width, height):
-                raise InvalidImage(
-                    f"'{upload.param}' is {width}x{height}; its sides may differ by at most {MAX_INPUT_ASPECT}x",
-                    param=upload.param,
-                )
-        arrays = [to_rgb_array(image) for image in opened]
-        if mask is None:
-            return arrays, None
-        mask_image = open_image(mask.data, mask.param, limit)
-        if mask_image.size != opened[0].size:
-            raise InvalidImage(
-                f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {opened[0].size[0]}x{opened[0].size[1]}; "
-                "they must be the same size",
-                param="mask",
-            )
-        mask_array = mask_to_array(mask_image)
-        if not mask_array.any():
-            raise InvalidImage("mask marks nothing to edit (no transparent pixels)", param="mask")
-        return arrays, mask_array
+    def _admit(self, spec: ModelSpec) -> None:
+        """Refuse (503) now when the engine would refuse the job anyway (engines without ``admit`` refuse at submit)."""
+        admit = getattr(self.engine, "admit", None)
+        if admit is not None:
+            admit(spec.id)
 
+    async def _decode(self, spec: ModelSpec, images: list[Upload], mask: Upload | None, keep_pixels: int) -> Decoded:
+        """The uploads decoded and shrunk to ``keep_pixels`` each, once the model admits work (503 before any decoding)."""
+        limit = self.settings.max_input_pixels
+        return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep_pixels))
 
 def _patches(width: int, height: int) -> int:
     """Latent patches (16x16 pixels each) of an image: Qwen-Image's image tokens."""

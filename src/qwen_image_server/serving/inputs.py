@@ -1,0 +1,144 @@
+"""Decoding uploads in the API process, with bounded memory.
+
+Three rules keep a burst of large uploads from filling the API process:
+
+- ``DecodeGate``: the model's admission is checked before any decoding (and again
+  once a decoding slot is free), and at most ``max_concurrent_decodes`` requests
+  decode at the same time; the others wait holding only their compressed bytes.
+- Inputs are shrunk right after decoding to at most ``INPUT_AREA_FACTOR`` times the
+  pixels the pipeline works at (never enlarged, aspect kept), so a queued job holds
+  megapixels, not the 16 of a 4096² upload.
+- Mask edits whose inputs were shrunk keep the uploaded image and mask bytes
+  (``Job.inpaint_source``); the worker decodes them again (``full_size_inpaint``) to
+  paste the original back at its own size outside the mask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InvalidImage
+from .images import mask_to_array, open_image, to_rgb_array
+
+#: Input images may be at most this much longer than wide (or wider than long).
+MAX_INPUT_ASPECT = 8
+#: Inputs are kept at up to this many times the pixels the pipeline resizes them to.
+INPUT_AREA_FACTOR = 2
+
+
+@dataclass
+class Decoded:
+    """Decoded (and possibly shrunk) inputs of one request."""
+
+    arrays: list[np.ndarray]  # HxWx3 uint8
+    mask: np.ndarray | None  # HxW uint8 (255: repaint), the same size as arrays[0]
+    inpaint_source: tuple[bytes, bytes] | None = None  # image and mask uploads, kept when a mask edit was shrunk
+
+
+def fit_area(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """``width``x``height`` scaled down to at most ``max_pixels`` pixels, aspect kept; never enlarged."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` resized to ``size`` (a smaller one) with Lanczos; alpha is kept for ``to_rgb_array``'s white background."""
+    if image.size == size:
+        return image
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        transparent = image.mode in ("PA",) or (image.mode == "P" and "transparency" in image.info)
+        image = image.convert("RGBA" if transparent else "RGB")
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A repaint mask brought to ``size``: a pixel is repainted when any pixel it covers was (thin strokes survive)."""
+    if (mask.shape[1], mask.shape[0]) == size:
+        return mask
+    small = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.BOX))
+    return np.where(small > 0, 255, 0).astype(np.uint8)
+
+
+def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -> Decoded:
+    """Decode uploads (``serving.service.Upload``) and shrink each to at most ``keep_pixels`` pixels.
+
+    Runs in a thread. One full-size image is decoded at a time: each is shrunk
+    before the next one is opened.
+    """
+    arrays: list[np.ndarray] = []
+    first_size = None
+    for upload in images:
+        image = open_image(upload.data, upload.param, max_input_pixels)
+        width, height = image.size
+        if max(width, height) > MAX_INPUT_ASPECT * min(width, height):
+            raise InvalidImage(
+                f"'{upload.param}' is {width}x{height}; its sides may differ by at most {MAX_INPUT_ASPECT}x", param=upload.param
+            )
+        first_size = first_size or image.size
+        arrays.append(to_rgb_array(shrink(image, fit_area(width, height, keep_pixels))))
+        del image
+    if mask is None:
+        return Decoded(arrays, None)
+    mask_image = open_image(mask.data, mask.param, max_input_pixels)
+    if mask_image.size != first_size:
+        raise InvalidImage(
+            f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {first_size[0]}x{first_size[1]}; "
+            "they must be the same size",
+            param="mask",
+        )
+    mask_array = mask_to_array(mask_image)
+    del mask_image
+    if not mask_array.any():
+        raise InvalidImage("mask marks nothing to edit (no transparent pixels)", param="mask")
+    small = (arrays[0].shape[1], arrays[0].shape[0])
+    if small == first_size:
+        return Decoded(arrays, mask_array)
+    return Decoded(arrays, shrink_mask(mask_array, small), inpaint_source=(images[0].data, mask.data))
+
+
+def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.Image]:
+    """The original image (RGB) and repaint mask (L) of a shrunk mask edit, decoded again from the uploads."""
+    image_data, mask_data = source
+    unlimited = 2**62  # the API process has already checked these uploads against its limits
+    image = Image.fromarray(to_rgb_array(open_image(image_data, "image", unlimited)))
+    mask = Image.fromarray(mask_to_array(open_image(mask_data, "mask", unlimited)))
+    return image, mask
+
+
+def default_decodes() -> int:
+    """The default ``max_concurrent_decodes``: two per CPU core of this machine."""
+    return 2 * (os.cpu_count() or 1)
+
+
+class DecodeGate:
+    """At most ``limit`` requests decode their uploads at once; admission is checked before and after waiting."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+
+    async def decode(self, admit: Callable[[], None], work: Callable[[], Decoded]) -> Decoded:
+        """``admit()`` (raises to refuse), wait for a slot, ``admit()`` again, then run ``work`` in a thread.
+
+        The slot is freed when the decoding thread ends, even if the caller is
+        cancelled earlier (a client that went away): threads cannot be stopped.
+        """
+        admit()
+        await self._slots.acquire()
+        try:
+            admit()
+            future = asyncio.get_running_loop().run_in_executor(None, work)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return await asyncio.shield(future)

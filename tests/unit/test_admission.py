@@ -1,0 +1,186 @@
+"""Admission before work and bounded upload memory: the pure parts (shrinking, the pixel budget, the decode gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.admission import PixelBudget, job_bytes
+from qwen_image_server.engine.types import Job
+from qwen_image_server.errors import InvalidImage, NotReady, QueueFull
+from qwen_image_server.serving.inputs import DecodeGate, decode_inputs, fit_area, full_size_inpaint, shrink_mask
+from qwen_image_server.serving.service import Upload
+
+
+def _png(size, color=(200, 30, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size, limit", [((4096, 4096), 2 * 1024 * 1024), ((4000, 1000), 500_000), ((333, 777), 10_000)])
+def test_fit_area_shrinks_to_the_limit_keeping_the_aspect(size, limit):
+    w, h = fit_area(*size, limit)
+    assert w * h <= limit
+    assert abs(w / h - size[0] / size[1]) < 0.02 * size[0] / size[1]
+    assert w * h > 0.95 * limit
+
+
+def test_fit_area_never_enlarges():
+    assert fit_area(300, 200, 10**6) == (300, 200)
+
+
+def test_shrunk_mask_keeps_a_one_pixel_stroke():
+    mask = np.zeros((1000, 1000), np.uint8)
+    mask[500, :] = 255
+    small = shrink_mask(mask, (100, 100))
+    assert small.shape == (100, 100)
+    assert set(np.unique(small)) == {0, 255}
+    assert small[50].all() and not small[:49].any() and not small[52:].any()
+
+
+def test_large_inputs_are_shrunk_small_ones_kept():
+    big = Upload(_png((1200, 800)), "image[]")
+    small = Upload(_png((100, 50)), "image[]")
+    decoded = decode_inputs([big, small], None, 4096 * 4096, keep_pixels=120_000)
+    (h1, w1, c1), (h2, w2, _) = decoded.arrays[0].shape, decoded.arrays[1].shape
+    assert c1 == 3 and w1 * h1 <= 120_000 and abs(w1 / h1 - 1.5) < 0.02
+    assert (w2, h2) == (100, 50)
+    assert tuple(decoded.arrays[0][0, 0]) == (200, 30, 30)
+    assert decoded.mask is None and decoded.inpaint_source is None
+
+
+def test_transparent_inputs_still_become_white_when_shrunk():
+    decoded = decode_inputs([Upload(_png((800, 800), (0, 0, 0, 0), "RGBA"), "image")], None, 10**8, keep_pixels=10_000)
+    assert (decoded.arrays[0] == 255).all()
+
+
+def test_a_shrunk_mask_edit_keeps_its_uploads_for_the_full_size_paste():
+    image = Image.new("RGB", (900, 600), (10, 120, 10))
+    image.paste((250, 250, 0), (0, 0, 450, 600))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    mask = Image.new("RGBA", (900, 600), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (100, 100, 300, 200))  # transparent: edit here
+    mask_buffer = io.BytesIO()
+    mask.save(mask_buffer, format="PNG")
+    uploads = [Upload(buffer.getvalue(), "image")], Upload(mask_buffer.getvalue(), "mask")
+    decoded = decode_inputs(*uploads, 10**8, keep_pixels=60_000)
+    assert decoded.arrays[0].shape[:2] == decoded.mask.shape
+    assert decoded.mask.size <= 60_000 and decoded.mask.any()
+    assert decoded.inpaint_source == (uploads[0][0].data, uploads[1].data)
+    original, full_mask = full_size_inpaint(decoded.inpaint_source)
+    assert original.size == full_mask.size == (900, 600)
+    assert np.array_equal(np.asarray(original), np.asarray(image))
+    assert np.asarray(full_mask)[150, 200] == 255 and np.asarray(full_mask)[10, 10] == 0
+    unshrunk = decode_inputs(*uploads, 10**8, keep_pixels=10**6)
+    assert unshrunk.inpaint_source is None and unshrunk.mask.shape == (600, 900)
+
+
+def test_mask_of_another_size_is_judged_on_the_uploaded_sizes():
+    with pytest.raises(InvalidImage, match="mask is 90x60 but the image is 900x600"):
+        decode_inputs([Upload(_png((900, 600)), "image")], Upload(_png((90, 60), 255, "L"), "mask"), 10**8, keep_pixels=5_000)
+
+
+def test_pixel_budget_refuses_what_does_not_fit_and_frees_on_exit():
+    budget = PixelBudget(Settings(max_queued_pixel_bytes=1000))
+    job = Job(mode="edit", prompt="p", seeds=[1], images=[np.zeros((10, 20, 3), np.uint8)])  # 600 bytes
+    assert job_bytes(job) == 600
+    with budget.hold(job):
+        assert budget.held == 600
+        budget.check()  # room left: admitted
+        with pytest.raises(QueueFull) as refused:
+            with budget.hold(job):
+                pass
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        assert budget.held == 600
+    assert budget.held == 0
+    huge = Job(mode="edit", prompt="p", seeds=[1], images=[np.zeros((100, 100, 3), np.uint8)])
+    with budget.hold(huge):  # alone, a job larger than the cap still runs
+        with pytest.raises(QueueFull):
+            budget.check()  # spent: nothing more is admitted
+    assert budget.held == 0
+
+
+def test_pixel_budget_counts_masks_and_kept_uploads():
+    job = Job(mode="inpaint", prompt="p", seeds=[1], images=[np.zeros((4, 5, 3), np.uint8)], mask=np.zeros((4, 5), np.uint8))
+    job.inpaint_source = (b"x" * 7, b"y" * 3)
+    assert job_bytes(job) == 60 + 20 + 10
+
+
+def test_gate_refuses_before_decoding():
+    calls = []
+
+    def refuse():
+        raise NotReady("model x is unavailable")
+
+    async def main():
+        gate = DecodeGate(2)
+        with pytest.raises(NotReady):
+            await gate.decode(refuse, lambda: calls.append("decoded"))
+
+    asyncio.run(main())
+    assert calls == []
+
+
+def test_gate_bounds_concurrent_decodes_and_checks_admission_again_after_waiting():
+    release = threading.Event()
+    running = []
+    most = [0]
+    lock = threading.Lock()
+    admitted = {"open": True}
+
+    def work():
+        with lock:
+            running.append(1)
+            most[0] = max(most[0], len(running))
+        release.wait(10)
+        with lock:
+            running.pop()
+        return "done"
+
+    def admit():
+        if not admitted["open"]:
+            raise QueueFull()
+
+    async def main():
+        gate = DecodeGate(2)
+        first = [asyncio.ensure_future(gate.decode(admit, work)) for _ in range(2)]
+        while len(running) < 2:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(gate.decode(admit, work))  # admitted now, waits for a slot
+        await asyncio.sleep(0.05)
+        admitted["open"] = False  # the queue fills meanwhile
+        first[0].cancel()  # a client goes away: its thread still runs, so its slot stays taken
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(running) == 2
+        release.set()
+        assert await first[1] == "done"
+        with pytest.raises(QueueFull):
+            await waiting
+
+    asyncio.run(main())
+    assert most[0] == 2
+
+
+def test_ray_engine_admits_like_the_embedded_one():
+    pytest.importorskip("ray")
+    from qwen_image_server.engine.ray_serve import RayEngine
+    from qwen_image_server.models.spec import resolve_model
+
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    engine = RayEngine([spec], Settings(queue_size=2, workers=1, max_queued_pixel_bytes=100, engine="ray"), "app")
+    engine.admit(spec.id)
+    engine._in_flight[spec.id] = 3  # one running on the one replica, two waiting
+    with pytest.raises(QueueFull):
+        engine.admit(spec.id)
+    engine._in_flight[spec.id] = 0
+    engine._budgets[spec.id].held = 100
+    with pytest.raises(QueueFull):
+        engine.admit(spec.id)
