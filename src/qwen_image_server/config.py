@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     weights_dtype: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto or fp8 (FP8 storage, bf16 compute).")
     offload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none, text-encoder, group, model, sequential.")
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
+    deterministic: bool | None = Field(
+        default=None, description="Deterministic CUDA arithmetic (torch deterministic algorithms, no TF32, no cuDNN autotuning); slower."
+    )
 
     # --- access ------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -225,6 +228,7 @@ class Settings(BaseSettings):
         """The run-profile values given by flags or the environment, by profile key."""
         flags = {key: list(getattr(self, key)) for key in ("compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload")}
         flags["compile"] = [] if self.compile is None else [str(self.compile)]
+        flags["deterministic"] = [] if self.deterministic is None else [str(self.deterministic)]
         return flags
 
     @model_validator(mode="after")

@@ -76,7 +76,8 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
         send(("load_failed", short_reason(exc)))
         return
-    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info}
+    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info,
+            "determinism": runner.determinism}
 
     def memory() -> dict:
         return {"memory": {**runner.memory.summary(), **device_memory(runner.device).get("memory", {})}}

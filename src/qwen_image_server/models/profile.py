@@ -2,7 +2,7 @@
 
 Everything that decides speed and memory for one served model lives here, in one
 frozen, picklable value: compile and its warm set, the step cache, FP8, batched
-CFG, the attention backend, weight storage, offload and LoRAs. A profile is built
+CFG, the attention backend, weight storage, offload, LoRAs and deterministic mode. A profile is built
 in the API process before anything loads, from (lowest to highest precedence)
 defaults, the model folder's sidecar file and the command line / environment, and
 travels to the workers on the model's ``ModelSpec``. Workers apply it; request
@@ -28,6 +28,7 @@ PROFILE_KEYS = (
     "attention_backend",
     "weights_dtype",
     "offload",
+    "deterministic",
 )
 
 QUANTIZE_MODES = ("none", "fp8")
@@ -66,6 +67,7 @@ class RunProfile:
     weights_dtype: str = "auto"  # "fp8": FP8 storage with compute in the run dtype (layerwise casting)
     offload: str = "none"  # none, text-encoder, group, model, sequential
     loras: tuple[LoraSpec, ...] = ()
+    deterministic: bool = False  # torch's deterministic algorithms, no TF32, no cuDNN autotuning (see determinism.py)
 
     def summary(self) -> dict[str, Any]:
         """The profile as plain JSON values, for ``/v1/models`` and logs."""
@@ -130,7 +132,7 @@ def _sizes(value: Any, key: str, model: str) -> tuple[str, ...]:
 
 def _coerce(key: str, value: Any, model: str) -> Any:
     """A flag or sidecar value in the profile's own type, or a ``ProfileError`` naming the setting."""
-    if key == "compile":
+    if key in ("compile", "deterministic"):
         return _as_bool(value, key, model)
     if key == "compile_sizes":
         return _sizes(value, key, model)

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from ..engine.types import Job
 from ..errors import TaskCancelled
 from .compile import compile_and_warm, logged_compiles
+from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
 from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
 from .processor import load_processor
@@ -88,6 +89,7 @@ class PipelineRunner:
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto"):
         self.spec = spec
         self.device = resolve_device(device)
+        self.determinism = apply_determinism(spec.profile.deterministic)  # before this process's first cuBLAS call
         self.dtype = resolve_dtype(dtype, self.device)
         kwargs: dict = {"dtype": self.dtype}
         if spec.revision:
@@ -170,12 +172,13 @@ class PipelineRunner:
                 preview.at_step_end(pipe, step, callback_kwargs["latents"])
             return callback_kwargs
 
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
         kwargs: dict = dict(
             prompt=job.prompt,
             num_inference_steps=job.num_inference_steps,
             true_cfg_scale=job.true_cfg_scale,
             negative_prompt=(job.negative_prompt or " ") if job.true_cfg_scale > 1 else None,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
+            generator=generators,
             num_images_per_prompt=job.n,
             callback_on_step_end=on_step_end,
             output_type="pil",
@@ -199,6 +202,7 @@ class PipelineRunner:
         with (
             edit_areas(options.get("edit_area"), options.get("condition_area")),
             self.loras.applied(pipe, job.lora),
+            job_rng(pipe, generators, job.seeds[0], self.device),
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,
             self.speed.call(pipe),
