@@ -168,3 +168,12 @@ def test_the_checks_catch_a_bare_500():
         check_response(400, {"content-type": "text/plain"}, b"Bad Request")
     ok = b'{"error": {"message": "Task queue is full", "type": "server_error", "param": null, "code": "queue_full"}, "detail": "Task queue is full", "request_id": "r1"}'
     check_response(503, {"content-type": "application/json", "x-request-id": "r1"}, ok)
+
+
+def test_quality_steps_stay_within_max_steps(app):
+    """``quality`` maps to up to 100 steps; a server with a lower ``max_steps`` runs at most that many."""
+    for quality, steps in [("max", 8), ("low", 8), ("auto", 50)]:
+        body = b'{"prompt": "a cat", "quality": "%s", "model": "tiny"}' % quality.encode()
+        responses = [app.post("/v1/images/generations", body, "application/json") for _ in range(2)]  # one may find the queue full
+        assert 200 in [r.status_code for r in responses]
+        assert app.engine.jobs[-1].num_inference_steps == steps

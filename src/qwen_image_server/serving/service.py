@@ -191,7 +191,9 @@ class ImageService:
         if "steps" in preset:  # what the LoRA is made for: ``quality`` does not change it
             return preset["steps"]
         steps = QUALITY_STEPS.get(req.quality or "auto")
-        return steps or int(spec.options.get("default_steps", self.settings.default_steps))
+        if steps:  # a client's hint: within the server's limit, like num_inference_steps
+            return min(steps, self.settings.max_steps)
+        return int(spec.options.get("default_steps", self.settings.default_steps))
 
     def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
