@@ -164,7 +164,7 @@ async def send(client: httpx.AsyncClient, kind: str, kwargs: dict) -> dict:
     except httpx.HTTPError as exc:
         return {"kind": kind, "status": None, "seconds": time.perf_counter() - started, "lost": f"{type(exc).__name__}: {exc}"}
     seconds = time.perf_counter() - started
-    lost = None
+    lost = code = None
     ctype = response.headers.get("content-type", "")
     if ctype.startswith("text/event-stream"):
         if b"event: image_generation.completed" not in content and b"event: error" not in content:
@@ -172,11 +172,13 @@ async def send(client: httpx.AsyncClient, kind: str, kwargs: dict) -> dict:
     else:
         try:
             body = json.loads(content)
-            if response.status_code != 200 and not isinstance(body.get("error"), dict):
-                lost = "error without the error envelope"
+            if response.status_code != 200:
+                error = body.get("error")
+                code = error.get("code") if isinstance(error, dict) else None
+                lost = None if isinstance(error, dict) else "error without the error envelope"
         except (ValueError, AttributeError):
             lost = f"non-JSON response ({response.status_code}, {ctype or 'no content type'})"
-    return {"kind": kind, "status": response.status_code, "seconds": seconds, "lost": lost}
+    return {"kind": kind, "status": response.status_code, "seconds": seconds, "lost": lost, "code": code}
 
 
 async def burst(client: httpx.AsyncClient, requests: Requests, count: int, rng: random.Random) -> list[dict]:
@@ -208,12 +210,16 @@ def summary(results: list[dict]) -> dict:
     """Counts by status, the 503 share, lost requests and the successful ones' latency percentiles (ms)."""
     ok = [r["seconds"] for r in results if r["status"] == 200 and not r["lost"]]
     statuses: dict[str, int] = {}
+    codes: dict[str, int] = {}  # of the errors: queue_full, invalid_value...
     for r in results:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        if r.get("code"):
+            codes[r["code"]] = codes.get(r["code"], 0) + 1
     p50, p99 = percentile(ok, 0.5), percentile(ok, 0.99)
     return {
         "requests": len(results),
         "statuses": dict(sorted(statuses.items())),
+        "error_codes": dict(sorted(codes.items())),
         "share_503": round(statuses.get("503", 0) / len(results), 4) if results else 0.0,
         "lost": sum(1 for r in results if r["lost"]),
         "lost_examples": sorted({r["lost"] for r in results if r["lost"]})[:5],
