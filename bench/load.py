@@ -134,7 +134,8 @@ class Requests:
             return {"method": "POST", "url": "/v1/images/edits", "json": {**common, "model": a.edit_model, "image": self.image}}
         if kind == "variation":
             data = {"model": a.model, "size": a.size, "num_inference_steps": str(a.steps), "strength": "0.5"}
-            return {"method": "POST", "url": "/v1/images/variations", "data": data, "files": {"image": ("in.png", self.png, "image/png")}}
+            files = {"image": ("in.png", self.png, "image/png")}
+            return {"method": "POST", "url": "/v1/images/variations", "data": data, "files": files}
         bad = rng.choice([
             {"json": {"prompt": "", "model": a.model}},
             {"json": {**common, "size": "17x17"}},
@@ -186,7 +187,7 @@ async def burst(client: httpx.AsyncClient, requests: Requests, count: int, rng: 
     return list(await asyncio.gather(*(send(client, "generation", requests.build("generation", rng)) for _ in range(count))))
 
 
-async def soak(client: httpx.AsyncClient, requests: Requests, kinds: list[str], concurrency: int, deadline: float, rng) -> list[dict]:
+async def soak(client: httpx.AsyncClient, requests: Requests, kinds: list[str], concurrency: int, deadline: float, rng) -> list:
     """The mixed requests, at most ``concurrency`` at a time; none is started after ``deadline``."""
     slots = asyncio.Semaphore(concurrency)
 
@@ -245,7 +246,8 @@ async def run(args, url: str, pid: int | None) -> dict:
     requests = Requests(args)
     capacity = args.workers + args.queue_size
     deadline = time.monotonic() + args.max_seconds
-    limits = httpx.Limits(max_connections=max(args.concurrency, args.burst_factor * capacity), max_keepalive_connections=args.concurrency)
+    connections = max(args.concurrency, args.burst_factor * capacity)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=args.concurrency)
     report: dict = {"url": url, "capacity": capacity, "rss_mib_start": rss_mib(pid)}
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as client:
         burst_results = await burst(client, requests, args.burst_factor * capacity, rng)
@@ -253,7 +255,8 @@ async def run(args, url: str, pid: int | None) -> dict:
         report["rss_mib_after_burst"] = rss_mib(pid)
         soak_results = await soak(client, requests, mix(args.soak, rng), args.concurrency, deadline, rng)
         report["soak"] = summary(soak_results)
-        report["soak_by_kind"] = {kind: summary([r for r in soak_results if r["kind"] == kind])["statuses"] for kind in sorted({r["kind"] for r in soak_results})}
+        kinds = sorted({r["kind"] for r in soak_results})
+        report["soak_by_kind"] = {kind: summary([r for r in soak_results if r["kind"] == kind])["statuses"] for kind in kinds}
         report["soak_not_sent"] = args.soak - len(soak_results)  # left when --max-seconds passed
         alive = await client.get("/health")
         report["health_after"] = alive.status_code
@@ -274,7 +277,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="soak requests in flight at a time (default 8)")
     parser.add_argument("--size", default="128x128", help="size of generations and variations (default 128x128)")
     parser.add_argument("--steps", type=int, default=2, help="num_inference_steps (default 2)")
-    parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds (default 600)")
+    parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the report here")

@@ -18,7 +18,7 @@ from qwen_image_server.protocol.images import EditRequest, GenerationRequest, Va
 
 pytestmark = pytest.mark.e2e
 
-LIMITS = {"QIS_MAX_STEPS": "4", "QIS_MAX_N": "2", "QIS_MAX_IMAGE_SIDE": "512", "QIS_CPU_THREADS": "1", "QIS_MAX_INPUT_IMAGES": "3"}
+LIMITS = {"QIS_MAX_STEPS": "4", "QIS_MAX_N": "2", "QIS_MAX_IMAGE_SIDE": "512", "QIS_CPU_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.e2e
 def test_load_bench_runs_and_loses_nothing(tmp_path, tiny_t2i, tiny_edit):
     out = tmp_path / "load.json"
     env = {**os.environ, "QIS_TEST_MODEL_DIR": str(TINY_CACHE.parent), "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, str(REPO / "bench" / "load.py"), "--soak", "10", "--burst-factor", "2", "--concurrency", "4", "--json", str(out)]
+    cmd = [sys.executable, str(REPO / "bench" / "load.py"), "--soak", "10", "--burst-factor", "2", "--concurrency", "4"]
+    cmd += ["--json", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -66,7 +66,8 @@ class InstantEngine:
             for partial in range(job.partial_images):
                 on_partial and on_partial(PartialImage(index, partial, EncodedImage(job.seeds[index], self.image, 16, 16)))
         now = time.time()
-        images = [EncodedImage(seed, self.image, job.out_width or job.width or 16, job.out_height or job.height or 16) for seed in job.seeds]
+        width, height = job.out_width or job.width or 16, job.out_height or job.height or 16
+        images = [EncodedImage(seed, self.image, width, height) for seed in job.seeds]
         return JobResult.combine([TaskResult(1, images, now, now, "w0", 3)])
 
     def ready(self):
@@ -161,12 +162,14 @@ def test_multipart_bodies(app, path):
 def test_the_checks_catch_a_bare_500():
     """The response checks fail on what the fuzzing looks for (so a passing run means something)."""
     with pytest.raises(AssertionError):
-        check_response(500, {"content-type": "application/json"}, b'{"error": {"message": "x", "type": "server_error", "param": null, "code": "internal_error"}, "detail": "x"}')
+        error = b'{"message": "x", "type": "server_error", "param": null, "code": "internal_error"}'
+        check_response(500, {"content-type": "application/json"}, b'{"error": %s, "detail": "x"}' % error)
     with pytest.raises(AssertionError):
         check_response(400, {"content-type": "application/json"}, b'{"detail": "bad"}')
     with pytest.raises(AssertionError):
         check_response(400, {"content-type": "text/plain"}, b"Bad Request")
-    ok = b'{"error": {"message": "Task queue is full", "type": "server_error", "param": null, "code": "queue_full"}, "detail": "Task queue is full", "request_id": "r1"}'
+    error = b'{"message": "Task queue is full", "type": "server_error", "param": null, "code": "queue_full"}'
+    ok = b'{"error": %s, "detail": "Task queue is full", "request_id": "r1"}' % error
     check_response(503, {"content-type": "application/json", "x-request-id": "r1"}, ok)
 
 
@@ -174,6 +177,41 @@ def test_quality_steps_stay_within_max_steps(app):
     """``quality`` maps to up to 100 steps; a server with a lower ``max_steps`` runs at most that many."""
     for quality, steps in [("max", 8), ("low", 8), ("auto", 50)]:
         body = b'{"prompt": "a cat", "quality": "%s", "model": "tiny"}' % quality.encode()
-        responses = [app.post("/v1/images/generations", body, "application/json") for _ in range(2)]  # one may find the queue full
+        # Twice: one of them may find the (fake) queue full.
+        responses = [app.post("/v1/images/generations", body, "application/json") for _ in range(2)]
         assert 200 in [r.status_code for r in responses]
         assert app.engine.jobs[-1].num_inference_steps == steps
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits", "/v1/images/variations"])
+def test_deeply_nested_json_is_a_400(app, path):
+    """JSON nested deeper than the parser goes (a RecursionError, not a ValueError) was a 500 on edits and variations."""
+    for body in [b"[" * 100_000, b'{"prompt": "a cat", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"]:
+        response = app.post(path, body, "application/json")
+        assert response.status_code == 400
+
+
+class BrokenEngine(InstantEngine):
+    """Fails every job with an error no handler knows."""
+
+    async def submit(self, model_id, job, on_partial=None):
+        raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("sent_id", [None, "client-id-42"])
+def test_an_unexpected_500_carries_the_request_id(tmp_path, sent_id):
+    """Starlette answers unexpected errors outside the middlewares; the 500 still has the request id, in body and header."""
+    app = create_app(Settings(image_output_dir=tmp_path), BrokenEngine())
+
+    async def call():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            headers = {"X-Request-ID": sent_id} if sent_id else {}
+            return await client.post("/v1/images/generations", json={"prompt": "a cat", "model": "tiny"}, headers=headers)
+
+    response = asyncio.run(call())
+    body = response.json()
+    assert response.status_code == 500 and body["error"]["code"] == "internal_error"
+    assert body["request_id"] and body["request_id"] == response.headers["x-request-id"]
+    if sent_id:
+        assert body["request_id"] == sent_id
