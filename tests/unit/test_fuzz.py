@@ -215,3 +215,20 @@ def test_an_unexpected_500_carries_the_request_id(tmp_path, sent_id):
     assert body["request_id"] and body["request_id"] == response.headers["x-request-id"]
     if sent_id:
         assert body["request_id"] == sent_id
+
+
+def test_aspect_ratios_stay_within_the_side_limits(tmp_path):
+    """``aspect_ratio`` presets (up to 1664 wide) were rendered even on a server whose max_image_side is lower."""
+    engine = InstantEngine()
+    engine.admit = lambda model_id: None  # no full queue here
+    app = create_app(Settings(image_output_dir=tmp_path, max_image_side=1472), engine)
+
+    async def call(ratio):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/images/generations", json={"prompt": "a cat", "model": "tiny", "aspect_ratio": ratio})
+
+    wide, square = asyncio.run(call("16:9")), asyncio.run(call("1:1"))
+    assert wide.status_code == 400 and wide.json()["error"]["param"] == "aspect_ratio"
+    assert "1664x928" in wide.json()["error"]["message"]
+    assert square.status_code == 200 and (engine.jobs[-1].width, engine.jobs[-1].height) == (1328, 1328)

@@ -165,6 +165,7 @@ class ImageService:
             w, h = ASPECT_RATIOS[req.aspect_ratio]
             # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
             up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+            self._check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
             return Size(up(w), up(h), w, h)
         size = req.size if req.size not in (None, "", "auto") else default
         if size is None:
