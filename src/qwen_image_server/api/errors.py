@@ -23,17 +23,26 @@ def error_body(exc: ServerError) -> dict:
 
 
 def error_response(
-    status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict | None = None,
+    request_id: str | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}, "detail": message, **_request_id()}
+    error = {"message": message, "type": type_, "param": param, "code": code}
+    body = {"error": error, "detail": message, **_request_id(request_id)}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _request_id() -> dict:
+def _request_id(fallback: str | None = None) -> dict:
     from .security import request_id_var
 
     request_id = request_id_var.get()
-    return {"request_id": request_id} if request_id != "-" else {}
+    request_id = fallback if request_id == "-" else request_id
+    return {"request_id": request_id} if request_id else {}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -81,5 +90,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "Internal server error", type_="server_error", code="internal_error")
+        # Starlette answers this one outside the middlewares, after RequestIds has let go of the id: take it from the scope.
+        request_id = request.scope.get("state", {}).get("request_id")
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.url.path, request_id)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        message = "Internal server error"
+        return error_response(500, message, type_="server_error", code="internal_error", headers=headers, request_id=request_id)

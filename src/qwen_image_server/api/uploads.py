@@ -147,7 +147,7 @@ def _json_image(value: object, param: str) -> Upload:
 async def _read_json(request: Request) -> tuple[dict, list[Upload], Upload | None]:
     try:
         body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
         raise InvalidRequest("Validation error: the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Validation error: the request body must be a JSON object")

@@ -165,6 +165,7 @@ class ImageService:
             w, h = ASPECT_RATIOS[req.aspect_ratio]
             # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
             up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+            self._check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
             return Size(up(w), up(h), w, h)
         size = req.size if req.size not in (None, "", "auto") else default
         if size is None:
@@ -191,7 +192,9 @@ class ImageService:
         if "steps" in preset:  # what the LoRA is made for: ``quality`` does not change it
             return preset["steps"]
         steps = QUALITY_STEPS.get(req.quality or "auto")
-        return steps or int(spec.options.get("default_steps", self.settings.default_steps))
+        if steps:  # a client's hint: within the server's limit, like num_inference_steps
+            return min(steps, self.settings.max_steps)
+        return int(spec.options.get("default_steps", self.settings.default_steps))
 
     def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)

@@ -1,0 +1,310 @@
+"""Load on the server: a burst far over its capacity, then a soak of mixed requests; nothing may be lost.
+
+Two phases against one server (started here with the tiny models, or given with --url):
+
+- burst: ``--burst-factor`` times the text-to-image model's capacity (workers + queue
+  size) of generations sent at the same moment; the surplus must be refused with a
+  JSON 503, the rest made;
+- soak: ``--soak`` mixed requests with at most ``--concurrency`` in flight at a time:
+  generations, JSON edits, multipart variations, streamed generations and invalid ones.
+
+Reported: the share of 503s, lost requests (no response, a non-JSON response, or a
+stream that ends without its completed or error event: must be 0), p50/p99 latency
+of the successful ones, and the API process's RSS at the start and the end (psutil,
+from --pid, or the server started here). Loopback only, bounded in count and in time
+(--max-seconds: no new requests after it); it stops by itself. Run from the
+repository root::
+
+    python bench/load.py                              # tiny models, 1 worker, queue 4; burst 10x, soak 1000
+    python bench/load.py --soak 100 --concurrency 8
+    python bench/load.py --url http://127.0.0.1:8000 --pid 12345 --workers 2 --queue-size 32 --model qwen-image
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import ipaddress
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Server:
+    """``qwen-image-server serve`` with the tiny text-to-image and edit models, in a subprocess."""
+
+    def __init__(self, args, log_path: Path):
+        from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
+
+        cache = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
+        folders = {}
+        for kind in ("text-to-image", "edit"):
+            folders[kind] = cache / kind
+            if not (folders[kind] / "model_index.json").is_file():
+                build_tiny_model(folders[kind], kind)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(args.steps),
+               "QIS_MIN_IMAGE_SIDE": "64", "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}  # fmt: skip
+        cmd = [
+            sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
+            "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
+        ]  # fmt: skip
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class Requests:
+    """The requests of the soak: what to send for each kind."""
+
+    def __init__(self, args):
+        self.args = args
+        self.image = base64.b64encode(_png(96, 1)).decode()
+        self.png = _png(80, 2)
+
+    def build(self, kind: str, rng: random.Random) -> dict:
+        """httpx.request keyword arguments (method, url, body) for one request of ``kind``."""
+        a = self.args
+        common = {"prompt": rng.choice(PROMPTS), "num_inference_steps": a.steps, "seed": rng.randrange(2**31)}
+        if kind == "generation":
+            return {"method": "POST", "url": "/v1/images/generations", "json": {**common, "model": a.model, "size": a.size}}
+        if kind == "stream":
+            body = {**common, "model": a.model, "size": a.size, "stream": True, "partial_images": 1}
+            return {"method": "POST", "url": "/v1/images/generations", "json": body}
+        if kind == "edit":
+            return {"method": "POST", "url": "/v1/images/edits", "json": {**common, "model": a.edit_model, "image": self.image}}
+        if kind == "variation":
+            data = {"model": a.model, "size": a.size, "num_inference_steps": str(a.steps), "strength": "0.5"}
+            files = {"image": ("in.png", self.png, "image/png")}
+            return {"method": "POST", "url": "/v1/images/variations", "data": data, "files": files}
+        bad = rng.choice([
+            {"json": {"prompt": "", "model": a.model}},
+            {"json": {**common, "size": "17x17"}},
+            {"json": {**common, "n": -3}},
+            {"content": b'{"prompt": "unterminated', "headers": {"content-type": "application/json"}},
+            {"json": {**common, "model": "no-such-model"}},
+        ])  # fmt: skip
+        return {"method": "POST", "url": "/v1/images/generations", **bad}
+
+
+def mix(count: int, rng: random.Random) -> list[str]:
+    """The soak's request kinds in a random order: 40% generations, 20% edits, 15% variations, 10% streams, 15% invalid."""
+    weights = {"generation": 40, "edit": 20, "variation": 15, "stream": 10, "invalid": 15}
+    return rng.choices(list(weights), weights=list(weights.values()), k=count)
+
+
+async def send(client: httpx.AsyncClient, kind: str, kwargs: dict) -> dict:
+    """One request: its status, latency and whether it was lost (no answer, or not the answer's format)."""
+    started = time.perf_counter()
+    try:
+        if kind == "stream":
+            async with client.stream(**kwargs) as response:
+                content = await response.aread()
+        else:
+            response = await client.request(**kwargs)
+            content = response.content
+    except httpx.HTTPError as exc:
+        return {"kind": kind, "status": None, "seconds": time.perf_counter() - started, "lost": f"{type(exc).__name__}: {exc}"}
+    seconds = time.perf_counter() - started
+    lost = code = None
+    ctype = response.headers.get("content-type", "")
+    if ctype.startswith("text/event-stream"):
+        if b"event: image_generation.completed" not in content and b"event: error" not in content:
+            lost = "stream ended without a completed or error event"
+    else:
+        try:
+            body = json.loads(content)
+            if response.status_code != 200:
+                error = body.get("error")
+                code = error.get("code") if isinstance(error, dict) else None
+                lost = None if isinstance(error, dict) else "error without the error envelope"
+        except (ValueError, AttributeError):
+            lost = f"non-JSON response ({response.status_code}, {ctype or 'no content type'})"
+    return {"kind": kind, "status": response.status_code, "seconds": seconds, "lost": lost, "code": code}
+
+
+async def burst(client: httpx.AsyncClient, requests: Requests, count: int, rng: random.Random) -> list[dict]:
+    """``count`` generations at once."""
+    return list(await asyncio.gather(*(send(client, "generation", requests.build("generation", rng)) for _ in range(count))))
+
+
+async def soak(client: httpx.AsyncClient, requests: Requests, kinds: list[str], concurrency: int, deadline: float, rng) -> list:
+    """The mixed requests, at most ``concurrency`` at a time; none is started after ``deadline``."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(kind: str) -> dict | None:
+        async with slots:
+            if time.monotonic() > deadline:
+                return None
+            return await send(client, kind, requests.build(kind, rng))
+
+    return [r for r in await asyncio.gather(*(one(kind) for kind in kinds)) if r is not None]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summary(results: list[dict]) -> dict:
+    """Counts by status, the 503 share, lost requests and the successful ones' latency percentiles (ms)."""
+    ok = [r["seconds"] for r in results if r["status"] == 200 and not r["lost"]]
+    statuses: dict[str, int] = {}
+    codes: dict[str, int] = {}  # of the errors: queue_full, invalid_value...
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        if r.get("code"):
+            codes[r["code"]] = codes.get(r["code"], 0) + 1
+    p50, p99 = percentile(ok, 0.5), percentile(ok, 0.99)
+    return {
+        "requests": len(results),
+        "statuses": dict(sorted(statuses.items())),
+        "error_codes": dict(sorted(codes.items())),
+        "share_503": round(statuses.get("503", 0) / len(results), 4) if results else 0.0,
+        "lost": sum(1 for r in results if r["lost"]),
+        "lost_examples": sorted({r["lost"] for r in results if r["lost"]})[:5],
+        "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+        "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+    }
+
+
+def rss_mib(pid: int | None) -> float | None:
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1) if pid else None
+
+
+def _loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def run(args, url: str, pid: int | None) -> dict:
+    rng = random.Random(args.seed)
+    requests = Requests(args)
+    capacity = args.workers + args.queue_size
+    deadline = time.monotonic() + args.max_seconds
+    connections = max(args.concurrency, args.burst_factor * capacity)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=args.concurrency)
+    report: dict = {"url": url, "capacity": capacity, "rss_mib_start": rss_mib(pid)}
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as client:
+        burst_results = await burst(client, requests, args.burst_factor * capacity, rng)
+        report["burst"] = summary(burst_results)
+        report["rss_mib_after_burst"] = rss_mib(pid)
+        soak_results = await soak(client, requests, mix(args.soak, rng), args.concurrency, deadline, rng)
+        report["soak"] = summary(soak_results)
+        kinds = sorted({r["kind"] for r in soak_results})
+        report["soak_by_kind"] = {kind: summary([r for r in soak_results if r["kind"] == kind])["statuses"] for kind in kinds}
+        report["soak_not_sent"] = args.soak - len(soak_results)  # left when --max-seconds passed
+        alive = await client.get("/health")
+        report["health_after"] = alive.status_code
+    report["rss_mib_end"] = rss_mib(pid)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running server (loopback only); default: start one with the tiny models")
+    parser.add_argument("--pid", type=int, help="the API process of --url, for its RSS")
+    parser.add_argument("--model", default="qwen-image-tiny", help="text-to-image model id (default qwen-image-tiny)")
+    parser.add_argument("--edit-model", default="qwen-image-edit-tiny", help="edit model id (default qwen-image-edit-tiny)")
+    parser.add_argument("--workers", type=int, default=1, help="workers per model (of the server started here, or of --url's)")
+    parser.add_argument("--queue-size", type=int, default=4, help="queue size per model (likewise)")
+    parser.add_argument("--burst-factor", type=int, default=10, help="burst size, in times the capacity (workers + queue size)")
+    parser.add_argument("--soak", type=int, default=1000, help="mixed requests in the soak (default 1000)")
+    parser.add_argument("--concurrency", type=int, default=8, help="soak requests in flight at a time (default 8)")
+    parser.add_argument("--size", default="128x128", help="size of generations and variations (default 128x128)")
+    parser.add_argument("--steps", type=int, default=2, help="num_inference_steps (default 2)")
+    parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds")
+    parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    if args.burst_factor < 1 or args.soak < 0 or args.concurrency < 1 or args.workers < 1 or args.queue_size < 1:
+        parser.error("--burst-factor, --concurrency, --workers and --queue-size must be at least 1, --soak at least 0")
+    if args.url and not _loopback(args.url):
+        parser.error(f"--url must be a loopback address (127.0.0.1, ::1 or localhost), got {args.url}")
+    server = None
+    with tempfile.TemporaryDirectory(prefix="qis-load-") as tmp:
+        try:
+            if args.url:
+                url, pid = args.url.rstrip("/"), args.pid
+            else:
+                server = Server(args, Path(tmp) / "server.log")
+                server.wait_ready(timeout=300)
+                url, pid = server.url, server.process.pid
+            report = asyncio.run(run(args, url, pid))
+        finally:
+            if server is not None:
+                server.stop()
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if args.json:
+        args.json.write_text(json.dumps(report, ensure_ascii=False) + "\n")
+    lost = report["burst"]["lost"] + report["soak"]["lost"]
+    return 1 if lost or report["health_after"] != 200 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
