@@ -20,9 +20,10 @@ from conftest import post_in_thread
 
 GEN = "/v1/images/generations"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
-# Streamed with 3 previews, its first preview comes after 40 of 160 steps, well within the
-# 20 s task timeout, and it keeps running for a while after that.
-STREAMED = {**LONG, "num_inference_steps": 160}
+# Streamed with 3 previews at 512x512 (about 0.2 s a step with CFG on two CPU threads), its
+# first preview comes after 40 of 160 steps, well within the 30 s task timeout, and it keeps
+# running for a while after that.
+STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 160}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -38,7 +39,7 @@ def test_n_images_spread_over_two_replicas(ray_server):
 def limits(ray_serve, tiny_t2i):
     """One replica, one waiting request at most, a short task timeout."""
     return ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=20, cpu_threads=2, max_steps=1000
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=30, cpu_threads=2, max_steps=1000
     )
 
 
@@ -73,9 +74,21 @@ def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
-    # The replica stopped the long task (minutes): a short one finishes within its own 20 s.
+    # The replica stopped the long task (minutes): a short one finishes within its own 30 s.
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
+
+
+def _wait_for_jobs_in_flight(url: str, count: int, timeout: float = 60) -> None:
+    """Poll the app's metrics until the engine holds ``count`` jobs of the model (no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith('qis_jobs_in_flight{model="tiny"}') and float(line.split()[-1]) >= count:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the engine never held {count} jobs")
 
 
 def test_full_queue_gives_503(limits):
@@ -84,7 +97,7 @@ def test_full_queue_gives_503(limits):
     assert box["started"].wait(120)
     assert "text" not in box, "the streamed task should still be running"
     queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
-    time.sleep(1.5)  # let the second request reach Ray's queue
+    _wait_for_jobs_in_flight(limits, 2)  # the second request has reached the engine
     refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code
     assert refused.json()["error"]["message"] == "Task queue is full" and "retry-after" in refused.headers

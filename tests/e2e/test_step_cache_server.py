@@ -37,9 +37,9 @@ def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
 
         plain = http.post("/v1/images/generations", json={**BODY, "cache": "none"})
         assert plain.status_code == 200, plain.text[:300]
-        stats = plain.json()["stats"]
-        assert (stats["transformer_calls"], stats["cached_calls"]) == (2 * STEPS, 0)
-        assert set(stats) == {"transformer_calls", "cached_calls", "pipeline_seconds", "queue_seconds", "encode_seconds"}
+        plain_stats = plain.json()["stats"]
+        assert (plain_stats["transformer_calls"], plain_stats["cached_calls"]) == (2 * STEPS, 0)
+        assert set(plain_stats) == {"transformer_calls", "cached_calls", "pipeline_seconds", "queue_seconds", "encode_seconds"}
         assert not np.array_equal(_pixels(cached.json()), _pixels(plain.json()))
 
         never = http.post("/v1/images/generations", json={**BODY, "cache": "fbcache:threshold=0"})
@@ -48,7 +48,8 @@ def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
 
         streamed = http.post("/v1/images/generations", json={**BODY, "stream": True})
         completed = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:") and "completed" in line]
-        assert len(completed) == 1 and completed[0]["stats"] == stats
+        calls = lambda st: (st["transformer_calls"], st["cached_calls"])  # noqa: E731 (timings differ per run)
+        assert len(completed) == 1 and calls(completed[0]["stats"]) == calls(stats)
 
         bad = http.post("/v1/images/generations", json={**BODY, "cache": "fbcache:threshold=5"})
         assert bad.status_code == 400
