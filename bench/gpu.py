@@ -75,7 +75,13 @@ SETTINGS = (
     Setting("lightning-eager", (), LIGHTNING),
     Setting("lightning-compile", ("--compile",), LIGHTNING, target_s=0.8),
     Setting("lightning-compile-fp8", ("--compile", "--quantize", "fp8"), LIGHTNING, target_s=0.8),
-    Setting("first-vs-warm", ("--compile", "--compile-sizes", "1024x1024,1328x1328"), LIGHTNING, sizes=("1024x1024", "1328x1328"), new_prompt=True),
+    Setting(
+        "first-vs-warm",
+        ("--compile", "--compile-sizes", "1024x1024,1328x1328"),
+        LIGHTNING,
+        sizes=("1024x1024", "1328x1328"),
+        new_prompt=True,
+    ),
     Setting("edit", (), CFG, edit=True),
 )
 SMOKE_STEPS = {"num_inference_steps": 2, "true_cfg_scale": 4.0}
@@ -104,7 +110,12 @@ class GpuMemory:
     @staticmethod
     def used_mib() -> float | None:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         values = [float(line) for line in out.stdout.split() if line.strip().replace(".", "", 1).isdigit()]
@@ -144,7 +155,7 @@ class Server:
         cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env}
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
         self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.client = httpx.Client(base_url=self.base_url, timeout=3600)
 
@@ -227,7 +238,9 @@ class Bench:
         record: dict = {"setting": setting.name, "server_args": server_args, "request": setting.fields, "size": self.args.size}
         record.update(self.environment(), status="ok", error=None)
         record["gpu_memory_before_gib"] = _gib(GpuMemory.used_mib())
-        server = Server(server_args, {"IMAGE_OUTPUT_DIR": str(self.log_dir / "images"), **self.env}, self.log_dir / f"{setting.name}.log")
+        server = Server(
+            server_args, {"IMAGE_OUTPUT_DIR": str(self.log_dir / "images"), **self.env}, self.log_dir / f"{setting.name}.log"
+        )
         with GpuMemory() as memory:
             try:
                 launched = time.perf_counter()
@@ -250,11 +263,17 @@ class Bench:
         for size in sizes:
             first, _ = self.request(server, setting, size, PROMPT, seed=0)
             warm = [self.request(server, setting, size, PROMPT, seed=1 + i) for i in range(self.args.runs)]
-            per_size[size] = {"first_request_seconds": round(first, 4), "e2e_seconds": [round(s, 4) for s, _ in warm], "bodies": [b for _, b in warm]}
+            per_size[size] = {
+                "first_request_seconds": round(first, 4),
+                "e2e_seconds": [round(s, 4) for s, _ in warm],
+                "bodies": [b for _, b in warm],
+            }
         main = per_size[sizes[0]]
         stats = [body.get("stats") or {} for body in main.pop("bodies")]
         e2e = statistics.median(main["e2e_seconds"])
-        record.update(e2e_seconds_median=round(e2e, 4), e2e_seconds=main["e2e_seconds"], first_request_seconds=main["first_request_seconds"])
+        record.update(
+            e2e_seconds_median=round(e2e, 4), e2e_seconds=main["e2e_seconds"], first_request_seconds=main["first_request_seconds"]
+        )
         record["first_over_warm"] = round(main["first_request_seconds"] / e2e, 3)
         pipeline = [s["pipeline_seconds"] for s in stats if "pipeline_seconds" in s]
         queue = [s["queue_seconds"] for s in stats if "queue_seconds" in s]
@@ -269,7 +288,11 @@ class Bench:
                 entry = per_size[size]
                 entry.pop("bodies")
                 median = statistics.median(entry["e2e_seconds"])
-                record["sizes"][size] = {**entry, "e2e_seconds_median": round(median, 4), "first_over_warm": round(entry["first_request_seconds"] / median, 3)}
+                record["sizes"][size] = {
+                    **entry,
+                    "e2e_seconds_median": round(median, 4),
+                    "first_over_warm": round(entry["first_request_seconds"] / median, 3),
+                }
         if setting.new_prompt:
             seconds, _ = self.request(server, setting, sizes[0], OTHER_PROMPT, seed=99)
             record.update(new_prompt_seconds=round(seconds, 4), new_prompt_over_warm=round(seconds / e2e, 3))
@@ -354,15 +377,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", help="comma-separated setting names (default: all; see --list)")
     parser.add_argument("--runs", type=int, default=None, help="warm requests per setting (median); default 3, smoke 2")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the requests (default 1024x1024, smoke 256x256)")
-    parser.add_argument("--out", type=Path, default=None, help="results file, one JSON line per setting, appended (default bench/results/gpu.jsonl)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file, one JSON line per setting, appended (default bench/results/gpu.jsonl)",
+    )
     parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to be ready")
-    parser.add_argument("--smoke", action="store_true", help="a reduced random architecture on CPU: checks this script, measures nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a reduced random architecture on CPU: checks this script, measures nothing"
+    )
     parser.add_argument("--list", action="store_true", help="print the settings and exit")
     args = parser.parse_args(argv)
     available = SMOKE_SETTINGS if args.smoke else SETTINGS
     if args.list:
         for s in available:
-            print(f"{s.name:30} serve {' '.join(s.args) or '(defaults)':60} request {json.dumps(s.fields)}{'  edit' if s.edit else ''}")
+            print(
+                f"{s.name:30} serve {' '.join(s.args) or '(defaults)':60} request {json.dumps(s.fields)}{'  edit' if s.edit else ''}"
+            )
         return 0
     chosen = list(available)
     if args.settings:
@@ -391,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         with out.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"  {record['status']}" + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"), flush=True)
+        print(
+            f"  {record['status']}"
+            + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
+            flush=True,
+        )
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
     return 0

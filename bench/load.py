@@ -83,7 +83,7 @@ class Server:
             "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
         ]  # fmt: skip
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float) -> None:

@@ -123,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for card in cards:
         for mode in modes:
-            cmd = [sys.executable, __file__, args.model, "--one", mode, str(card), "--steps", args.steps, "--size", str(args.size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                args.model,
+                "--one",
+                mode,
+                str(card),
+                "--steps",
+                args.steps,
+                "--size",
+                str(args.size),
+            ]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
                 found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -61,10 +61,12 @@ class Server:
             "--workers", "1", "--device", "cpu", "--log-level", "warning",
         ]  # fmt: skip
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: dict | None = None, timeout: float = 600
+    ) -> tuple[int, dict[str, str], bytes]:
         """One request on a kept-alive connection (as the openai SDK's HTTP client does): status, headers, body."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -114,7 +116,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="timed runs on each side (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs on each side first (default 2)")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides (default: all cores)"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny text-to-image model folder (built if missing)")
     parser.add_argument("--target", type=float, default=1.03, help="ratio the server should stay within (default 1.03)")
     args = parser.parse_args()
@@ -218,18 +222,24 @@ def main() -> int:
     ratio = h / d
     # Other load only ever adds time: the ratio of the fastest runs and the median of the
     # ratios of neighbouring runs are less sensitive to it than the ratio of the medians.
-    paired = statistics.median(hs / ds for hs, ds in zip(http_s, direct_s))
+    paired = statistics.median(hs / ds for hs, ds in zip(http_s, direct_s, strict=True))
     print()
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} torch threads on each side")
-    print(f"load average (1 min) at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} (> cores: other work disturbed the timings)")
+    print(
+        f"load average (1 min) at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} (> cores: other work disturbed the timings)"
+    )
     print(f"model: tiny text-to-image ({model_dir}), true_cfg_scale {cfg}, seed {args.seed}")
-    print(f"direct (PipelineRunner.run + PNG encode): median {d * 1000:.1f} ms  (min {min(direct_s) * 1000:.1f}, max {max(direct_s) * 1000:.1f})")
-    print(f"http   (POST /v1/images/generations):    median {h * 1000:.1f} ms  (min {min(http_s) * 1000:.1f}, max {max(http_s) * 1000:.1f})")
+    print(
+        f"direct (PipelineRunner.run + PNG encode): median {d * 1000:.1f} ms  (min {min(direct_s) * 1000:.1f}, max {max(direct_s) * 1000:.1f})"
+    )
+    print(
+        f"http   (POST /v1/images/generations):    median {h * 1000:.1f} ms  (min {min(http_s) * 1000:.1f}, max {max(http_s) * 1000:.1f})"
+    )
     print(f"median difference: {(h - d) * 1000:+.1f} ms; identical PNG bytes on both sides: {'yes' if same else 'no'}")
     print(f"ratio of the fastest runs: {min(http_s) / min(direct_s):.3f}; median of paired ratios: {paired:.3f}")
     rest_d, rest_h = statistics.median(direct_rest), statistics.median(http_rest)
-    run_d = statistics.median(t - r for t, r in zip(direct_s, direct_rest))
-    run_h = statistics.median(t - r for t, r in zip(http_s, http_rest))
+    run_d = statistics.median(t - r for t, r in zip(direct_s, direct_rest, strict=True))
+    run_h = statistics.median(t - r for t, r in zip(http_s, http_rest, strict=True))
     print(f"pipeline run alone: direct median {run_d * 1000:.1f} ms, in the server's worker {run_h * 1000:.1f} ms")
     print(
         f"outside the pipeline run: direct {rest_d * 1000:.1f} ms (PNG encoding), http {rest_h * 1000:.1f} ms; "

@@ -33,7 +33,9 @@ from overhead import PROMPT, Server, free_port, parse_size
 def post(port: int, body: dict) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
-        conn.request("POST", "/v1/images/generations", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/images/generations", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         response = conn.getresponse()
         raw = response.read()
         if response.status != 200:
@@ -67,7 +69,13 @@ def main() -> int:
 
     model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}"
     ensure_tiny_model(model_dir, "text-to-image")
-    body = {"prompt": PROMPT, "size": f"{width}x{height}", "num_inference_steps": args.steps, "seed": args.seed, "prompt_rewrite": False}
+    body = {
+        "prompt": PROMPT,
+        "size": f"{width}x{height}",
+        "num_inference_steps": args.steps,
+        "seed": args.seed,
+        "prompt_rewrite": False,
+    }
 
     log_dir = Path(tempfile.mkdtemp(prefix="qis-ray-bench-"))
     os.environ["IMAGE_OUTPUT_DIR"] = str(log_dir / "images")
@@ -102,7 +110,10 @@ def main() -> int:
                 seconds, pngs[name] = timed(port)
                 times[name].append(seconds)
             same &= pngs["embedded"] == pngs["ray"]
-            print(f"run {i + 1:2d}: embedded {times['embedded'][-1] * 1000:8.1f} ms   ray {times['ray'][-1] * 1000:8.1f} ms", flush=True)
+            print(
+                f"run {i + 1:2d}: embedded {times['embedded'][-1] * 1000:8.1f} ms   ray {times['ray'][-1] * 1000:8.1f} ms",
+                flush=True,
+            )
     finally:
         embedded.stop()
         serve.shutdown()

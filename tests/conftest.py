@@ -104,7 +104,7 @@ class Server:
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (open for the server's lifetime)
         self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> Server:
@@ -185,7 +185,9 @@ class RayServe:
         from qwen_image_server.engine.ray_serve import build_application
         from qwen_image_server.models.spec import resolve_configured
 
-        s = Settings(models=models, engine="ray", ray_app_name=name, ray_gpus_per_replica=0, ray_cpus_per_replica=0.25, **settings)
+        s = Settings(
+            models=models, engine="ray", ray_app_name=name, ray_gpus_per_replica=0, ray_cpus_per_replica=0.25, **settings
+        )
         serve.run(build_application(s, resolve_configured(s)), name=name, route_prefix=route_prefix)
         url = self.base_url + route_prefix.rstrip("/")
         deadline = time.monotonic() + 120

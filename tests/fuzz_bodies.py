@@ -157,8 +157,9 @@ def json_body(fields: st.SearchStrategy[dict]) -> st.SearchStrategy[bytes]:
     as_bytes = fields.map(lambda body: json.dumps(body).encode())
     broken = st.one_of(
         as_bytes.map(lambda data: data[: max(1, len(data) // 2)]),
-        st.sampled_from([b"", b"null", b"[]", b"123", b'"text"', b"{", b"\xff\xfe", b'{"prompt": NaN}',
-                         b'{"prompt": "a", "prompt": 1}']),  # fmt: skip
+        st.sampled_from(
+            [b"", b"null", b"[]", b"123", b'"text"', b"{", b"\xff\xfe", b'{"prompt": NaN}', b'{"prompt": "a", "prompt": 1}']
+        ),  # fmt: skip
         junk.map(lambda value: json.dumps(value).encode()),
     )
     kinds = st.sampled_from(["object"] * 6 + ["broken", "hostile"])

@@ -15,7 +15,9 @@ import typer
 
 from .config import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="OpenAI-compatible image server for Qwen-Image.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="OpenAI-compatible image server for Qwen-Image."
+)
 
 DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
 
@@ -80,7 +82,8 @@ def serve(
     max_connections: Annotated[int | None, typer.Option(help="Connections served at once [QIS_MAX_CONNECTIONS].")] = None,
     header_timeout: Annotated[float | None, typer.Option(help="Seconds to send a request head [QIS_HEADER_TIMEOUT].")] = None,
     shutdown_grace_seconds: Annotated[
-        float | None, typer.Option("--shutdown-grace", help="Seconds running requests get on SIGTERM [QIS_SHUTDOWN_GRACE_SECONDS].")
+        float | None,
+        typer.Option("--shutdown-grace", help="Seconds running requests get on SIGTERM [QIS_SHUTDOWN_GRACE_SECONDS]."),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
@@ -92,24 +95,34 @@ def serve(
     image_output_dir: Annotated[Path | None, typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
     image_url_prefix: Annotated[str | None, typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
     engine: Annotated[str | None, typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")
+    ] = None,
     compile_sizes: Annotated[list[str] | None, typer.Option(help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")] = None,
-    cache: Annotated[list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL]: fbcache, taylorseer or none.")] = None,
+    cache: Annotated[
+        list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL]: fbcache, taylorseer or none.")
+    ] = None,
     quantize: Annotated[list[str] | None, typer.Option(help="none or fp8[@MODEL]: FP8 linear layers in the transformer.")] = None,
     cfg_batch: Annotated[list[str] | None, typer.Option(help="auto, on or off[@MODEL]: true CFG as one batch of two.")] = None,
     attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,
     weights_dtype: Annotated[list[str] | None, typer.Option(help="auto or fp8[@MODEL]: FP8 weight storage.")] = None,
     offload: Annotated[list[str] | None, typer.Option(help="none, text-encoder, group, model, sequential[@MODEL].")] = None,
     deterministic: Annotated[
-        bool | None, typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower) [QIS_DETERMINISTIC].")
+        bool | None,
+        typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower) [QIS_DETERMINISTIC]."),
     ] = None,
     lora: Annotated[
-        list[str] | None, typer.Option("--lora", help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; repeat.")
+        list[str] | None,
+        typer.Option("--lora", help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; repeat."),
     ] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
-    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="A web origin allowed to call the API; repeat.")] = None,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option("--cors-origin", help="A web origin allowed to call the API; repeat.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
@@ -126,7 +139,12 @@ def serve(
 
 
 #: Command-line options that are Settings fields of another name.
-_RENAMED = {"image_url_prefix": "image_download_url_prefix", "lora": "loras", "api_key": "api_keys", "cors_origin": "cors_origins"}
+_RENAMED = {
+    "image_url_prefix": "image_download_url_prefix",
+    "lora": "loras",
+    "api_key": "api_keys",
+    "cors_origin": "cors_origins",
+}
 
 
 def settings_from_options(options: dict) -> Settings:
@@ -198,7 +216,13 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     engine = LocalEngine(specs, settings, memory_plan)
     # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level.lower(), **uvicorn_options(settings))
+    uvicorn.run(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        **uvicorn_options(settings),
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:

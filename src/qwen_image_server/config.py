@@ -56,9 +56,7 @@ class Settings(BaseSettings):
         description="Models to serve, each `[ID=]PATH_OR_HUB_ID` (comma-separated in QIS_MODELS).",
     )
     # Seed 000 documents QWEN_IMAGE_*_LOCATION, and its Docker example uses MODEL_PATH_GENERATION/_EDIT.
-    qwen_image_location: str | None = Field(
-        default=None, validation_alias=_alias("QWEN_IMAGE_LOCATION", "MODEL_PATH_GENERATION")
-    )
+    qwen_image_location: str | None = Field(default=None, validation_alias=_alias("QWEN_IMAGE_LOCATION", "MODEL_PATH_GENERATION"))
     qwen_image_edit_location: str | None = Field(
         default=None, validation_alias=_alias("QWEN_IMAGE_EDIT_LOCATION", "MODEL_PATH_EDIT")
     )
@@ -73,7 +71,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1000, ge=1, description="Connections served at once; requests on further ones get a JSON 503 with Retry-After."
     )
-    header_timeout: float = Field(default=10.0, gt=0, description="Seconds a client has to send a request head (then 408 and close).")
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request head (then 408 and close)."
+    )
     body_timeout: float = Field(default=120.0, gt=0, description="Seconds a client has to send a request body after its head.")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="Largest request head (request line and headers).")
@@ -102,16 +102,27 @@ class Settings(BaseSettings):
 
     # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------
     compile: bool | None = Field(default=None, description="Regional torch.compile of the transformer, warmed at start-up.")
-    compile_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list, description="WIDTHxHEIGHT,... warmed when compiling.")
-    cache: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Step cache policy, e.g. fbcache:threshold=0.05.")
+    compile_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="WIDTHxHEIGHT,... warmed when compiling."
+    )
+    cache: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Step cache policy, e.g. fbcache:threshold=0.05."
+    )
     quantize: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none or fp8 (transformer linear layers).")
-    cfg_batch: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto, on or off: true CFG as one batch of two.")
+    cfg_batch: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="auto, on or off: true CFG as one batch of two."
+    )
     attention_backend: Annotated[list[str], NoDecode] = Field(default_factory=list, description="diffusers attention backend.")
-    weights_dtype: Annotated[list[str], NoDecode] = Field(default_factory=list, description="auto or fp8 (FP8 storage, bf16 compute).")
-    offload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none, text-encoder, group, model, sequential.")
+    weights_dtype: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="auto or fp8 (FP8 storage, bf16 compute)."
+    )
+    offload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="none, text-encoder, group, model, sequential."
+    )
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
     deterministic: bool | None = Field(
-        default=None, description="Deterministic CUDA arithmetic (torch deterministic algorithms, no TF32, no cuDNN autotuning); slower."
+        default=None,
+        description="Deterministic CUDA arithmetic (torch deterministic algorithms, no TF32, no cuDNN autotuning); slower.",
     )
 
     # --- access ------------------------------------------------------------------
@@ -160,7 +171,9 @@ class Settings(BaseSettings):
     s3_presign_expiry: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
 
     # --- prompt rewriting (seed 002) ---------------------------------------------------
-    enable_prompt_rewrite: bool = Field(default=False, validation_alias=_alias("ENABLE_PROMPT_REWRITE", "QIS_ENABLE_PROMPT_REWRITE"))
+    enable_prompt_rewrite: bool = Field(
+        default=False, validation_alias=_alias("ENABLE_PROMPT_REWRITE", "QIS_ENABLE_PROMPT_REWRITE")
+    )
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_alias("OPENAI_API_KEY", "QIS_OPENAI_API_KEY"))
     openai_base_url: str = Field(
         default="https://api.openai.com/v1", validation_alias=_alias("OPENAI_BASE_URL", "QIS_OPENAI_BASE_URL")
@@ -186,7 +199,9 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Requests whose uploads are decoded at the same time; default: 2 per CPU core."
     )
     max_queued_pixel_bytes: int = Field(
-        default=512 * 1024 * 1024, ge=1, description="Bytes of input pixels one model's queued and running jobs may hold (503 above)."
+        default=512 * 1024 * 1024,
+        ge=1,
+        description="Bytes of input pixels one model's queued and running jobs may hold (503 above).",
     )
 
     @field_validator("models", mode="before")
@@ -226,7 +241,10 @@ class Settings(BaseSettings):
 
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""
-        flags = {key: list(getattr(self, key)) for key in ("compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload")}
+        flags = {
+            key: list(getattr(self, key))
+            for key in ("compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload")
+        }
         flags["compile"] = [] if self.compile is None else [str(self.compile)]
         flags["deterministic"] = [] if self.deterministic is None else [str(self.deterministic)]
         return flags

@@ -7,6 +7,7 @@ becomes part of a path or key, and only names of that shape are ever served.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -91,10 +92,8 @@ class LocalImageStore:
             self._count = min(len(dated), self.max_files)
             for index, (mtime, path) in enumerate(dated):
                 if index >= self.max_files or now - mtime > self.ttl_seconds:
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-                    except FileNotFoundError:
-                        pass
 
 
 class S3ImageStore:

@@ -111,7 +111,11 @@ def test_a_page_from_another_origin_cannot_run_work(keyed):
 def test_an_allowed_origin_gets_cors_headers_and_preflights_pass(keyed):
     preflight = httpx.options(
         f"{keyed.base_url}/v1/images/generations",
-        headers={"Origin": ALLOWED, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"},
+        headers={
+            "Origin": ALLOWED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ALLOWED

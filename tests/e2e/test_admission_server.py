@@ -82,7 +82,14 @@ def _wait_idle(server) -> None:
 
 def _long_edit(server, size, seed: int):
     """An edit that runs for minutes; its client gives up after 30 s (which cancels it)."""
-    body = {"model": "edit", "prompt": "long", "image": _b64(_png(size)), "size": "1024x1024", "num_inference_steps": 1000, "seed": seed}
+    body = {
+        "model": "edit",
+        "prompt": "long",
+        "image": _b64(_png(size)),
+        "size": "1024x1024",
+        "num_inference_steps": 1000,
+        "seed": seed,
+    }
     return post_in_thread(server.base_url + EDITS, body, timeout=30)
 
 
@@ -94,7 +101,9 @@ def test_full_queue_refuses_an_edit_before_decoding_its_image(admission_server):
     queued, _ = _long_edit(server, (64, 64), 2)
     _wait_for(lambda: _edit_model(server)["queued_jobs"] == 1, what="one edit queued")
     # No model named: the default edit model's queue is checked. Decoding these bytes would give a 400.
-    refused = httpx.post(server.base_url + EDITS, files={"image": ("x.png", NOT_AN_IMAGE, "image/png")}, data={"prompt": "p"}, timeout=30)
+    refused = httpx.post(
+        server.base_url + EDITS, files={"image": ("x.png", NOT_AN_IMAGE, "image/png")}, data={"prompt": "p"}, timeout=30
+    )
     assert refused.status_code == 503, refused.text[:300]
     assert refused.json()["error"]["code"] == "queue_full"
     assert int(refused.headers["retry-after"]) >= 1
@@ -104,7 +113,9 @@ def test_full_queue_refuses_an_edit_before_decoding_its_image(admission_server):
     queued.join()
     _wait_idle(server)
     # With room in the queue the same body is decoded, and refused for what it is.
-    invalid = httpx.post(server.base_url + EDITS, files={"image": ("x.png", NOT_AN_IMAGE, "image/png")}, data={"prompt": "p"}, timeout=30)
+    invalid = httpx.post(
+        server.base_url + EDITS, files={"image": ("x.png", NOT_AN_IMAGE, "image/png")}, data={"prompt": "p"}, timeout=30
+    )
     assert invalid.status_code == 400 and invalid.json()["error"]["code"] == "invalid_image"
 
 
@@ -149,7 +160,13 @@ def test_mask_edit_of_a_shrunk_input_comes_back_at_the_input_size_with_unmasked_
     mask.paste((0, 0, 0, 0), (100, 100, 300, 260))  # transparent: edit here
     mask_bytes = io.BytesIO()
     mask.save(mask_bytes, format="PNG")
-    body = {"model": "edit", "prompt": "p", "image": _b64(image.getvalue()), "mask": _b64(mask_bytes.getvalue()), "num_inference_steps": 2}
+    body = {
+        "model": "edit",
+        "prompt": "p",
+        "image": _b64(image.getvalue()),
+        "mask": _b64(mask_bytes.getvalue()),
+        "num_inference_steps": 2,
+    }
     response = httpx.post(admission_server.base_url + EDITS, json=body, timeout=300)
     assert response.status_code == 200, response.text[:300]
     result = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).convert("RGB"))
@@ -162,6 +179,11 @@ def test_mask_edit_of_a_shrunk_input_comes_back_at_the_input_size_with_unmasked_
 
 def test_large_input_of_a_variation_is_shrunk_and_the_variation_keeps_its_size(admission_server):
     files = {"image": ("big.png", _png((1024, 512)), "image/png")}
-    response = httpx.post(admission_server.base_url + "/v1/images/variations", files=files, data={"model": "gen", "num_inference_steps": "2"}, timeout=300)
+    response = httpx.post(
+        admission_server.base_url + "/v1/images/variations",
+        files=files,
+        data={"model": "gen", "num_inference_steps": "2"},
+        timeout=300,
+    )
     assert response.status_code == 200, response.text[:300]
     assert response.json()["size"] == "352x256"  # 2:1 at the default area (352x192), the short side brought up to 256

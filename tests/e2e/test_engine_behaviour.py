@@ -74,7 +74,14 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     buf = io.BytesIO()
     Image.new("RGB", (256, 256), (10, 200, 10)).save(buf, format="PNG")
     image_b64 = base64.b64encode(buf.getvalue()).decode()
-    long_edit = {"model": model, "prompt": "long edit", "image": image_b64, "size": "1024x1024", "num_inference_steps": 1000, "n": 2}
+    long_edit = {
+        "model": model,
+        "prompt": "long edit",
+        "image": image_b64,
+        "size": "1024x1024",
+        "num_inference_steps": 1000,
+        "n": 2,
+    }
     thread, box = post_in_thread(server.base_url + "/v1/images/edits", long_edit)  # one image on each worker
     _wait_for(lambda: _busy_workers(server, model) == 2, what="both edit-plus workers busy")
     os.kill(old_pids[0], signal.SIGKILL)
@@ -89,7 +96,9 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     _wait_for(lambda: server.status()["models"][model]["ready"], timeout=120, what="replacement worker ready")
     new_pids = server.worker_pids(model)
     assert old_pids[0] not in new_pids and old_pids[1] in new_pids
-    ok = httpx.post(server.base_url + "/v1/images/edits", json={**long_edit, "size": "256x256", "num_inference_steps": 2}, timeout=300)
+    ok = httpx.post(
+        server.base_url + "/v1/images/edits", json={**long_edit, "size": "256x256", "num_inference_steps": 2}, timeout=300
+    )
     assert ok.status_code == 200, ok.text[:300]
     assert len(ok.json()["data"]) == 2
 

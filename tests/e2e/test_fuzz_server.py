@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from qwen_image_server.protocol.images import EditRequest, GenerationRequest, VariationRequest
 
 pytestmark = pytest.mark.e2e

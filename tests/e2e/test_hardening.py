@@ -8,7 +8,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_errors import EDITS, GENERATIONS, _png, assert_error
 
 

@@ -17,7 +17,14 @@ def lora_server(start_server, tiny_t2i, tiny_lora):
 
 
 def _image(server, model: str, **fields) -> str:
-    body = {"model": model, "prompt": "a lighthouse", "seed": 11, "num_inference_steps": 2, "response_format": "b64_json", **fields}
+    body = {
+        "model": model,
+        "prompt": "a lighthouse",
+        "seed": 11,
+        "num_inference_steps": 2,
+        "response_format": "b64_json",
+        **fields,
+    }
     response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=300)
     assert response.status_code == 200, response.text
     return response.json()["data"][0]["b64_json"]

@@ -7,6 +7,7 @@ succeeds, with the rewritten prompt or the original one as ``revised_prompt``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -52,10 +53,8 @@ class ChatServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(OSError):
                     self.wfile.write(payload)
-                except OSError:
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

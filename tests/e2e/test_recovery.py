@@ -37,7 +37,12 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
     folder, weights = broken_model
     server = Server(
         ["--model", f"good={tiny_t2i}", "--model", f"broken={folder}"],
-        env={"QIS_CPU_THREADS": "1", "QIS_WORKER_RESTART_LIMIT": "1", "QIS_WORKER_RETRY_SECONDS": "4", "IMAGE_OUTPUT_DIR": str(tmp_path / "img")},
+        env={
+            "QIS_CPU_THREADS": "1",
+            "QIS_WORKER_RESTART_LIMIT": "1",
+            "QIS_WORKER_RETRY_SECONDS": "4",
+            "IMAGE_OUTPUT_DIR": str(tmp_path / "img"),
+        },
         log_path=tmp_path / "server.log",
     )
     try:
@@ -52,7 +57,9 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         assert response.json()["error"]["code"] == "model_unavailable"
         assert str(tmp_path) not in response.text
         ok = httpx.post(
-            f"{server.base_url}/v1/images/generations", json={"prompt": "a cat", "model": "good", "num_inference_steps": 2}, timeout=120
+            f"{server.base_url}/v1/images/generations",
+            json={"prompt": "a cat", "model": "good", "num_inference_steps": 2},
+            timeout=120,
         )
         assert ok.status_code == 200, "the other model keeps serving"
         logs = server.logs(tail=None)
@@ -61,7 +68,9 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         weights.with_suffix(".away").rename(weights)
         _wait_for(lambda: httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 200)
         again = httpx.post(
-            f"{server.base_url}/v1/images/generations", json={"prompt": "a cat", "model": "broken", "num_inference_steps": 2}, timeout=120
+            f"{server.base_url}/v1/images/generations",
+            json={"prompt": "a cat", "model": "broken", "num_inference_steps": 2},
+            timeout=120,
         )
         assert again.status_code == 200, again.text[:300]
         assert "model broken loaded again" in server.logs(tail=None)

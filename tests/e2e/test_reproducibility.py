@@ -77,7 +77,7 @@ def test_n_3_equals_three_single_requests(http):
     batch = _generate(http, seed=7, n=3)["data"]
     assert [item["seed"] for item in batch] == [7, 8, 9]
     singles = [body["data"][0] for body in concurrently(*(lambda s=seed: _generate(http, seed=s) for seed in (7, 8, 9)))]
-    for from_batch, single in zip(batch, singles):
+    for from_batch, single in zip(batch, singles, strict=True):
         assert _pixels(from_batch) == _pixels(single)
     assert len({_pixels(item) for item in batch}) == 3
 

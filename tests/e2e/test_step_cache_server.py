@@ -47,7 +47,9 @@ def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
         assert np.array_equal(_pixels(never.json()), _pixels(plain.json()))
 
         streamed = http.post("/v1/images/generations", json={**BODY, "stream": True})
-        completed = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:") and "completed" in line]
+        completed = [
+            json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:") and "completed" in line
+        ]
         calls = lambda st: (st["transformer_calls"], st["cached_calls"])  # noqa: E731 (timings differ per run)
         assert len(completed) == 1 and calls(completed[0]["stats"]) == calls(stats)
 

@@ -48,7 +48,9 @@ def test_generate_stream_sends_partials_then_completed(client):
     done = events[-1]
     assert done.usage.output_tokens == 256 and done.usage.input_tokens == done.usage.input_tokens_details.text_tokens > 0
     # The streamed image is the image a plain request with the same seed makes.
-    plain = client.images.generate(model="qwen-image-tiny", prompt="a lighthouse", size="256x256", extra_body={"seed": 11, "num_inference_steps": 6})
+    plain = client.images.generate(
+        model="qwen-image-tiny", prompt="a lighthouse", size="256x256", extra_body={"seed": 11, "num_inference_steps": 6}
+    )
     assert np.array_equal(final, np.asarray(_decode(plain.data[0].b64_json)))
 
 
@@ -85,7 +87,9 @@ def test_edit_stream(client):
 
 
 def test_error_after_the_stream_started_is_an_error_event(start_server, tiny_t2i):
-    short = start_server("--model", f"tiny={tiny_t2i}", env={"TASK_TIMEOUT": "3", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"})
+    short = start_server(
+        "--model", f"tiny={tiny_t2i}", env={"TASK_TIMEOUT": "3", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"}
+    )
     with httpx.stream(
         "POST", short.base_url + "/v1/images/generations", timeout=120,
         json={"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000},
@@ -115,7 +119,10 @@ def test_variations_through_the_sdk(client):
     assert all(im.size == (288, 256) for im in images)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     again = client.images.create_variation(
-        model="qwen-image-tiny", image=("in.png", source, "image/png"), size="256x256", extra_body={"seed": 9, "num_inference_steps": 4}
+        model="qwen-image-tiny",
+        image=("in.png", source, "image/png"),
+        size="256x256",
+        extra_body={"seed": 9, "num_inference_steps": 4},
     )
     assert _decode(again.data[0].b64_json).size == (256, 256)
     assert result.usage.output_tokens == 2 * (288 // 16) * (256 // 16)
@@ -123,6 +130,7 @@ def test_variations_through_the_sdk(client):
 
 def test_variation_strength_moves_further_from_the_input(server):
     source = _png((256, 256))
+
     def vary(strength):
         r = httpx.post(
             server.base_url + "/v1/images/variations", timeout=120,
@@ -131,6 +139,7 @@ def test_variation_strength_moves_further_from_the_input(server):
         )  # fmt: skip
         assert r.status_code == 200, r.text[:300]
         return np.asarray(_decode(r.json()["data"][0]["b64_json"])).astype(int)
+
     # The tiny model's random VAE does not reproduce the input's pixels, but a low
     # strength keeps what it encodes: two low strengths stay close, a full one does not.
     low, lower, full = vary(0.2), vary(0.1), vary(1.0)
@@ -149,7 +158,14 @@ def test_variation_errors(server):
 
 
 def test_usage_and_echoes_in_plain_responses(client):
-    r = client.images.generate(model="qwen-image-tiny", prompt="abc", size="320x256", quality="low", output_format="webp", extra_body={"num_inference_steps": 2})
+    r = client.images.generate(
+        model="qwen-image-tiny",
+        prompt="abc",
+        size="320x256",
+        quality="low",
+        output_format="webp",
+        extra_body={"num_inference_steps": 2},
+    )
     assert (r.size, r.quality, r.output_format) == ("320x256", "low", "webp")
     assert r.usage.input_tokens_details.text_tokens == 3  # the tiny tokenizer has one token per byte
     assert r.usage.output_tokens == (320 // 16) * (256 // 16)

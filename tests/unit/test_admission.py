@@ -95,16 +95,15 @@ def test_pixel_budget_refuses_what_does_not_fit_and_frees_on_exit():
     with budget.hold(job):
         assert budget.held == 600
         budget.check()  # room left: admitted
-        with pytest.raises(QueueFull) as refused:
-            with budget.hold(job):
-                pass
+        with pytest.raises(QueueFull) as refused, budget.hold(job):
+            pass
         assert int(refused.value.headers["Retry-After"]) >= 1
         assert budget.held == 600
     assert budget.held == 0
     huge = Job(mode="edit", prompt="p", seeds=[1], images=[np.zeros((100, 100, 3), np.uint8)])
-    with budget.hold(huge):  # alone, a job larger than the cap still runs
-        with pytest.raises(QueueFull):
-            budget.check()  # spent: nothing more is admitted
+    # alone, a job larger than the cap still runs; then nothing more is admitted
+    with budget.hold(huge), pytest.raises(QueueFull):
+        budget.check()
     assert budget.held == 0
 
 

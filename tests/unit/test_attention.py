@@ -66,7 +66,9 @@ def test_mask_support_is_probed(tiny_t2i):
     assert apply_attention_backend(transformer, None, "cpu", torch.float32, "tiny").takes_mask
     info = apply_attention_backend(transformer, "native", "cpu", torch.float32, "tiny")
     assert info.backend == "native" and info.takes_mask
-    backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor") and m.processor is not None}
+    backends = {
+        m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor") and m.processor is not None
+    }
     assert {getattr(b, "value", b) for b in backends} == {"native"}
 
 

@@ -62,7 +62,13 @@ def test_targets_met_and_missed_by_how_much(gpu_bench):
     }  # fmt: skip
     checks = gpu_bench.target_checks(record)
     assert checks == ["≤ 8 s MISSED by 2.00 s (+25%)", "first ≤ 1.1x warm ok", "e2e/pipeline ≤ 1.02 MISSED: 1.053x (+0.033)"]
-    fast = {**record, "setting": "lightning-compile", "e2e_seconds_median": 0.7, "e2e_over_pipeline": 1.01, "first_over_warm": 1.3}
+    fast = {
+        **record,
+        "setting": "lightning-compile",
+        "e2e_seconds_median": 0.7,
+        "e2e_over_pipeline": 1.01,
+        "first_over_warm": 1.3,
+    }
     fast["sizes"] = {"1328x1328": {"first_over_warm": 1.05}}
     assert gpu_bench.target_checks(fast) == [
         "≤ 0.8 s ok", "first ≤ 1.1x warm MISSED: 1.300x (+0.200)", "first at 1328x1328 ≤ 1.1x warm ok", "e2e/pipeline ≤ 1.02 ok"
@@ -70,7 +76,9 @@ def test_targets_met_and_missed_by_how_much(gpu_bench):
     table = gpu_bench.markdown_table([record, {"setting": "fp8", "status": "unsupported", "error": "error: no fp8"}])
     lines = table.splitlines()
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 11
-    assert "| compile-fp8-cfgbatch | ok | 10.000 | 10.500 | 1.05x | 9.500 | 1.053x | 50 | 58.0 | ≤ 8 s MISSED by 2.00 s" in lines[2]
+    assert (
+        "| compile-fp8-cfgbatch | ok | 10.000 | 10.500 | 1.05x | 9.500 | 1.053x | 50 | 58.0 | ≤ 8 s MISSED by 2.00 s" in lines[2]
+    )
     assert lines[3].startswith("| fp8 | unsupported: error: no fp8 |")
 
 

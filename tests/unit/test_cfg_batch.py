@@ -82,7 +82,9 @@ def test_prompts_of_different_lengths_are_padded_and_masked(t2i):
     long_prompt = "a very detailed photograph of a red cube standing on a wooden table next to a window, morning light"
     kwargs = dict(prompt=long_prompt, negative_prompt=" ", width=128, height=128)
     seen = []
-    hook = t2i.pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("encoder_hidden_states_mask")), with_kwargs=True)
+    hook = t2i.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("encoder_hidden_states_mask")), with_kwargs=True
+    )
     try:
         batched = _latents(t2i, batched=True, **kwargs)
     finally:
@@ -149,7 +151,15 @@ def test_activation_estimate_scales_with_tokens_images_and_dtype():
 
 def test_backend_without_masks_runs_padded_steps_unbatched(t2i, monkeypatch):
     monkeypatch.setattr(t2i.speed.cfg.hook, "takes_mask", False)
-    job = Job(mode="generate", prompt="a long prompt about a cat", negative_prompt=" ", seeds=[3], width=128, height=128, num_inference_steps=2)
+    job = Job(
+        mode="generate",
+        prompt="a long prompt about a cat",
+        negative_prompt=" ",
+        seeds=[3],
+        width=128,
+        height=128,
+        num_inference_steps=2,
+    )
     with _Count(t2i) as count:
         t2i.run(job)
     assert count.calls == 4
@@ -158,4 +168,7 @@ def test_backend_without_masks_runs_padded_steps_unbatched(t2i, monkeypatch):
 def test_off_installs_nothing(tiny_t2i):
     runner = _runner(tiny_t2i, mode="off")
     assert runner.speed.cfg is None and "cfg_batch" not in runner.speed.info
-    assert not hasattr(runner.pipe.transformer, "_diffusers_hook") or runner.pipe.transformer._diffusers_hook.get_hook(cfg_batch.HOOK_NAME) is None
+    assert (
+        not hasattr(runner.pipe.transformer, "_diffusers_hook")
+        or runner.pipe.transformer._diffusers_hook.get_hook(cfg_batch.HOOK_NAME) is None
+    )

@@ -30,7 +30,9 @@ def test_environment_names(monkeypatch):
 
 def test_flags_override_the_environment(monkeypatch):
     monkeypatch.setenv("QIS_MAX_CONNECTIONS", "7")
-    settings = settings_from_options({"max_connections": 3, "header_timeout": 4.0, "shutdown_grace_seconds": 2.0, "log_level": "info"})
+    settings = settings_from_options(
+        {"max_connections": 3, "header_timeout": 4.0, "shutdown_grace_seconds": 2.0, "log_level": "info"}
+    )
     assert (settings.max_connections, settings.header_timeout, settings.shutdown_grace_seconds) == (3, 4.0, 2.0)
 
 

@@ -31,7 +31,9 @@ _EDIT_TWICE = textwrap.dedent(
 
 
 def test_same_edit_gives_equal_pixels_in_deterministic_mode(tiny_edit):
-    runs = [subprocess.Popen([sys.executable, "-c", _EDIT_TWICE, str(tiny_edit)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _EDIT_TWICE, str(tiny_edit)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     hashes = []
     for process in runs:  # both on the GPU at once, like a model's two workers
         out, _ = process.communicate(timeout=600)

@@ -42,11 +42,15 @@ def test_only_the_blocks_linear_layers_become_fp8(tiny_t2i):
     model = _tiny_transformer(tiny_t2i)
     block_bytes = sum(b.numel() * b.element_size() for b in model.transformer_blocks.parameters())
     count = fp8.quantize_linears(model, torch.float32, "cpu")
-    linears = [m for n, m in model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, (nn.Linear, fp8.FP8Linear))]
+    linears = [
+        m for n, m in model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, (nn.Linear, fp8.FP8Linear))
+    ]
     assert count == len(linears) > 0
     assert all(isinstance(m, fp8.FP8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
     assert {type(m) for m in (model.img_in, model.txt_in, model.proj_out, model.norm_out.linear)} == {nn.Linear}
-    after = sum(t.numel() * t.element_size() for t in [*model.transformer_blocks.parameters(), *model.transformer_blocks.buffers()])
+    after = sum(
+        t.numel() * t.element_size() for t in [*model.transformer_blocks.parameters(), *model.transformer_blocks.buffers()]
+    )
     assert after < 0.35 * block_bytes  # fp32 → fp8 weights (plus small scales, biases and norms)
 
 
@@ -94,7 +98,9 @@ def test_probe_refuses_devices_without_fp8_and_failing_kernels():
 
 def test_probe_fallback_leaves_the_model_unquantized_and_says_why(tiny_t2i):
     model = _tiny_transformer(tiny_t2i)
-    info = fp8.apply_fp8(model, "cpu", torch.float32, probe=lambda device, dtype: fp8.Fp8Probe(False, "FP8 is only 0.90x as fast", speedup=0.9))
+    info = fp8.apply_fp8(
+        model, "cpu", torch.float32, probe=lambda device, dtype: fp8.Fp8Probe(False, "FP8 is only 0.90x as fast", speedup=0.9)
+    )
     assert info["effective"] == "none" and info["requested"] == "fp8" and "0.90x" in info["reason"]
     assert not any(isinstance(m, fp8.FP8Linear) for m in model.modules())
 

@@ -15,10 +15,10 @@ import time
 
 import httpx
 import pytest
-from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
+from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.types import EncodedImage, JobResult, PartialImage, TaskResult

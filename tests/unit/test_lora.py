@@ -38,9 +38,15 @@ def test_lightning_preset_and_precedence():
     assert lightning["name"] == "lightning" and lightning["steps"] == 8 and lightning["true_cfg_scale"] == 1.0
     scheduler = lightning["scheduler"]
     assert scheduler["base_shift"] == scheduler["max_shift"] == math.log(3)
-    assert scheduler["shift_terminal"] is None and scheduler["time_shift_type"] == "exponential" and scheduler["use_dynamic_shifting"]
+    assert (
+        scheduler["shift_terminal"] is None
+        and scheduler["time_shift_type"] == "exponential"
+        and scheduler["use_dynamic_shifting"]
+    )
     assert "base_image_seq_len" not in scheduler, "the model's own sequence lengths are kept"
-    merged = merge_preset("l", {"steps": 4}, {"preset": "lightning", "steps": 6, "true_cfg_scale": 1.5, "scheduler": {"shift": 2.0}})
+    merged = merge_preset(
+        "l", {"steps": 4}, {"preset": "lightning", "steps": 6, "true_cfg_scale": 1.5, "scheduler": {"shift": 2.0}}
+    )
     assert (merged["steps"], merged["true_cfg_scale"], merged["scheduler"]["shift"]) == (4, 1.5, 2.0), "flag > file > built-in"
     with pytest.raises(ValueError, match="LoRA l: unknown preset 'turbo'"):
         merge_preset("l", {"preset": "turbo"}, {})
@@ -52,10 +58,20 @@ def test_resolved_lora_with_its_preset_file(tiny_t2i, tiny_lora, tmp_path):
     (tmp_path / "fast.json").write_text(json.dumps({"preset": "lightning", "steps": 4}))
     (spec,) = _resolve(tiny_t2i, f"fast={lora_file}:true_cfg_scale=1.2", f"style={tiny_lora}:fuse=true")
     fast, style = spec.profile.loras
-    assert (fast.model, fast.rank, fast.preset["steps"], fast.preset["true_cfg_scale"], fast.preset["name"]) == ("tiny", 4, 4, 1.2, "lightning")
+    assert (fast.model, fast.rank, fast.preset["steps"], fast.preset["true_cfg_scale"], fast.preset["name"]) == (
+        "tiny",
+        4,
+        4,
+        1.2,
+        "lightning",
+    )
     assert style.fuse and style.preset == {}
     summary = spec.profile.summary()["loras"]
-    assert summary[0]["name"] == "fast" and summary[0]["preset"]["scheduler"]["shift_terminal"] is None and summary[1]["fuse"] is True
+    assert (
+        summary[0]["name"] == "fast"
+        and summary[0]["preset"]["scheduler"]["shift_terminal"] is None
+        and summary[1]["fuse"] is True
+    )
 
 
 def test_layer_table_matches_the_real_transformer(tiny_t2i):
@@ -100,7 +116,9 @@ def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):
     with pytest.raises(ModelConfigError, match=r"LoRA sdxl .*seems to be for Stable Diffusion / SDXL"):
         _resolve(tiny_t2i, f"sdxl={sdxl}")
     big = _fake_lora(tmp_path / "big.safetensors", _pair("transformer.transformer_blocks.0.attn.to_q", 4, 3072, 3072))
-    with pytest.raises(ModelConfigError, match=r"LoRA big .*layer transformer_blocks\.0\.attn\.to_q has LoRA factors of shapes \[4, 3072\]"):
+    with pytest.raises(
+        ModelConfigError, match=r"LoRA big .*layer transformer_blocks\.0\.attn\.to_q has LoRA factors of shapes \[4, 3072\]"
+    ):
         _resolve(tiny_t2i, f"big={big}")
     with pytest.raises(ModelConfigError, match="--lora tiny: the name is already a served model's id"):
         _resolve(tiny_t2i, f"tiny={tiny_lora}")
@@ -110,7 +128,18 @@ def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):
 
 def test_cli_refuses_a_bad_lora_before_serving(tiny_t2i, tmp_path):
     flux = _fake_lora(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.lora_A.weight": (4, 48)})
-    cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", f"tiny={tiny_t2i}", "--lora", f"flux={flux}", "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen_image_server.cli",
+        "serve",
+        "--model",
+        f"tiny={tiny_t2i}",
+        "--lora",
+        f"flux={flux}",
+        "--port",
+        "0",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "LoRA flux" in result.stderr and "seems to be for Flux" in result.stderr

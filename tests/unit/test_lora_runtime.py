@@ -19,7 +19,16 @@ def _spec(tiny_t2i, *loras):
 
 
 def _job(lora=None, steps=2, cfg=1.0, seed=7):
-    return Job(mode="generate", prompt="a cat", seeds=[seed], width=128, height=128, num_inference_steps=steps, true_cfg_scale=cfg, lora=lora)
+    return Job(
+        mode="generate",
+        prompt="a cat",
+        seeds=[seed],
+        width=128,
+        height=128,
+        num_inference_steps=steps,
+        true_cfg_scale=cfg,
+        lora=lora,
+    )
 
 
 def _pixels(runner, job) -> np.ndarray:
@@ -50,7 +59,9 @@ def test_switching_between_loras_is_deterministic(swapped, images):
 
 def test_fused_lora_gives_the_hot_swapped_image(tiny_t2i, tiny_lora, images):
     fused = PipelineRunner(_spec(tiny_t2i, f"style={tiny_lora}:fuse=true"), device="cpu")
-    assert not hasattr(fused.pipe.transformer, "peft_config") or not fused.pipe.transformer.peft_config, "adapter weights unloaded"
+    assert not hasattr(fused.pipe.transformer, "peft_config") or not fused.pipe.transformer.peft_config, (
+        "adapter weights unloaded"
+    )
     for lora in ("style", None):  # the alias and the base id both run the fused weights
         image = _pixels(fused, _job(lora))
         assert np.abs(image - images["style"]).max() <= 2

@@ -57,7 +57,7 @@ def test_offload_modes_give_the_resident_images(tiny_t2i, t2i_reference, profile
     runner = _runner(tiny_t2i, **profile)
     assert runner.memory.summary()["offload"] == profile["offload"]
     outputs = _outputs(runner, [GENERATE, _variation()])
-    for got, want in zip(outputs, t2i_reference):
+    for got, want in zip(outputs, t2i_reference, strict=True):
         assert got.shape == want.shape == (SIZE, SIZE, 3)
         assert np.abs(got - want).max() <= 1, "onload = offload = CPU must not change the computation"
 
@@ -93,7 +93,7 @@ def test_fp8_storage_is_float8_and_close(tiny_t2i, t2i_reference):
     assert runner.pipe.transformer.dtype == torch.float32, "diffusers reports the compute dtype"
     assert runner.memory.fp8_components == ("transformer", "text_encoder")
     outputs = _outputs(runner, [GENERATE, _variation()])
-    for got, want in zip(outputs, t2i_reference):
+    for got, want in zip(outputs, t2i_reference, strict=True):
         assert got.shape == want.shape
         assert np.abs(got - want).mean() < 6, "FP8 storage changes pixels only a little"
     assert np.abs(outputs[0] - t2i_reference[0]).max() > 0, "the weights really were rounded to FP8"
@@ -109,7 +109,9 @@ def test_fp8_with_group_offload(tiny_t2i, t2i_reference):
     assert np.abs(got - t2i_reference[0]).mean() < 6
 
 
-@pytest.mark.parametrize("profile", [{"offload": "model"}, {"offload": "group", "weights_dtype": "fp8"}], ids=["model", "group-fp8"])
+@pytest.mark.parametrize(
+    "profile", [{"offload": "model"}, {"offload": "group", "weights_dtype": "fp8"}], ids=["model", "group-fp8"]
+)
 def test_edits_under_memory_modes(tiny_edit, profile):
     image, mask = _source_image(1), np.zeros((SIZE, SIZE), dtype=np.uint8)
     mask[32:96, 32:96] = 255
@@ -120,7 +122,7 @@ def test_edits_under_memory_modes(tiny_edit, profile):
     want = _outputs(_runner(tiny_edit), jobs)
     got = _outputs(_runner(tiny_edit, **profile), jobs)
     tolerance = 6 if profile.get("weights_dtype") == "fp8" else 1
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         assert np.abs(g - w).mean() <= tolerance
     assert np.array_equal(got[1][mask == 0], image[mask == 0]), "the masked edit keeps the unmasked pixels"
@@ -159,7 +161,9 @@ def test_cli_exits_2_with_the_message(tiny_t2i):
 
     from qwen_image_server.cli import app
 
-    result = CliRunner().invoke(app, ["serve", "--model", f"qi={tiny_t2i}", "--device", "cpu", "--offload", "sequential@qi", "--port", "0"])
+    result = CliRunner().invoke(
+        app, ["serve", "--model", f"qi={tiny_t2i}", "--device", "cpu", "--offload", "sequential@qi", "--port", "0"]
+    )
     assert result.exit_code == 2
     assert "model qi: offload=sequential needs a CUDA device" in result.output
 
@@ -207,7 +211,15 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
     rows = [
-        {"mode": "none", "card": "H100 80GB", "s_8_steps": 1.4, "s_50_steps": 8.0, "peak_gib": 58.0, "peak_reserved_gib": 60.1, "load_s": 30.0},
+        {
+            "mode": "none",
+            "card": "H100 80GB",
+            "s_8_steps": 1.4,
+            "s_50_steps": 8.0,
+            "peak_gib": 58.0,
+            "peak_reserved_gib": 60.1,
+            "load_s": 30.0,
+        },
         {"mode": "none", "card": "RTX 4090 24GB", "oom": "CUDA out of memory"},
     ]
     lines = bench.table(rows, [8, 50]).splitlines()

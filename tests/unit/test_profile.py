@@ -56,7 +56,9 @@ def test_settings_reach_each_model(tiny_t2i, tiny_lora, tmp_path):
     a, b = resolve_configured(settings)
     assert a.profile.offload == "text-encoder" and b.profile.offload == "none"
     assert b.profile.cache == "fbcache:threshold=0.1" and a.profile.cache is None
-    assert [lora.name for lora in a.profile.loras] == ["l"] and b.profile.loras == (), "a LoRA without @MODEL goes to the first text-to-image model"
+    assert [lora.name for lora in a.profile.loras] == ["l"] and b.profile.loras == (), (
+        "a LoRA without @MODEL goes to the first text-to-image model"
+    )
 
 
 def test_a_flag_naming_a_model_that_is_not_served_is_refused(tiny_t2i):

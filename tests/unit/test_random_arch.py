@@ -34,7 +34,11 @@ def test_full_sizes_counted_on_meta(name):
 def test_published_values():
     arch = architectures()
     assert sorted(arch) == sorted(NAMES)
-    assert [arch[n]["pipeline_class"] for n in NAMES] == ["QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"]
+    assert [arch[n]["pipeline_class"] for n in NAMES] == [
+        "QwenImagePipeline",
+        "QwenImageEditPipeline",
+        "QwenImageEditPlusPipeline",
+    ]
     for name in NAMES:  # the three differ in weights and pipeline only
         assert {k: v for k, v in arch[name].items() if k not in ("name", "pipeline_class", "image_processor")} == {
             k: v for k, v in arch[NAMES[0]].items() if k not in ("name", "pipeline_class")
@@ -47,7 +51,13 @@ def test_published_values():
     assert (s["max_shift"], s["max_image_seq_len"], s["shift_terminal"], s["use_dynamic_shifting"]) == (0.9, 8192, 0.02, True)
     for name in NAMES[1:]:
         p = arch[name]["image_processor"]
-        assert (p["patch_size"], p["merge_size"], p["temporal_patch_size"], p["min_pixels"], p["max_pixels"]) == (14, 2, 2, 3136, 12845056)
+        assert (p["patch_size"], p["merge_size"], p["temporal_patch_size"], p["min_pixels"], p["max_pixels"]) == (
+            14,
+            2,
+            2,
+            3136,
+            12845056,
+        )
 
 
 def test_special_token_ids_are_the_byte_tokenizers():
@@ -62,7 +72,9 @@ def test_special_token_ids_are_the_byte_tokenizers():
 
 # --- building on a device with random weights ---------------------------------------------------
 def _small(name: str = "Qwen/Qwen-Image", seed: int = 3) -> dict:
-    return build_components(parse_random_source(f"random:{name}?{SMALL_OVERRIDES}").architecture(), "cpu", torch.float32, seed=seed)
+    return build_components(
+        parse_random_source(f"random:{name}?{SMALL_OVERRIDES}").architecture(), "cpu", torch.float32, seed=seed
+    )
 
 
 def test_same_seed_same_weights_and_the_init_scheme():
@@ -150,7 +162,14 @@ def test_runner_builds_and_runs_each_architecture(name, monkeypatch):
     finite: list[bool] = []
     runner.pipe.transformer.register_forward_hook(lambda m, a, out: finite.append(bool(torch.isfinite(out[0]).all())))
     runner.pipe.vae.decoder.register_forward_hook(lambda m, a, out: finite.append(bool(torch.isfinite(out).all())))
-    job = Job(mode="generate" if spec.can_generate else "edit", prompt="a red fox", seeds=[5], width=128, height=128, num_inference_steps=2)
+    job = Job(
+        mode="generate" if spec.can_generate else "edit",
+        prompt="a red fox",
+        seeds=[5],
+        width=128,
+        height=128,
+        num_inference_steps=2,
+    )
     if spec.can_edit:
         picture = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
         job.images = [picture, picture[::-1]] if spec.multi_image else [picture]
@@ -183,7 +202,12 @@ def test_random_sources_take_the_memory_modes(offload):
 # --- resolving random: sources ----------------------------------------------------------------------
 def test_resolve_random_sources_without_files():
     spec = resolve_model("random:Qwen/Qwen-Image")
-    assert (spec.id, spec.kind, spec.pipeline_class, spec.source) == ("Qwen-Image", "text-to-image", "QwenImagePipeline", "random:Qwen/Qwen-Image")
+    assert (spec.id, spec.kind, spec.pipeline_class, spec.source) == (
+        "Qwen-Image",
+        "text-to-image",
+        "QwenImagePipeline",
+        "random:Qwen/Qwen-Image",
+    )
     assert spec.options == {"default_size": "1024x1024", "default_steps": 50}
     assert spec.is_random and not spec.is_hub and spec.revision is None
     edit = resolve_model("random:Qwen/Qwen-Image-Edit-2509?layers=2&seed=7&default_size=512x512&edit_area=65536", "plus")
@@ -198,7 +222,10 @@ def test_resolve_random_sources_without_files():
 @pytest.mark.parametrize(
     "source,message",
     [
-        ("random:Qwen/Qwen-Image-2512", r"no architecture named 'Qwen/Qwen-Image-2512' \(known: Qwen/Qwen-Image, Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509\)"),
+        (
+            "random:Qwen/Qwen-Image-2512",
+            r"no architecture named 'Qwen/Qwen-Image-2512' \(known: Qwen/Qwen-Image, Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509\)",
+        ),
         ("random:Qwen/Qwen-Image?depth=2", r"unknown key 'depth' \(known: seed, layers"),
         ("random:Qwen/Qwen-Image?layers=0", "layers must be a positive integer, got '0'"),
         ("random:Qwen/Qwen-Image?layers=two", "layers must be a positive integer"),
@@ -224,7 +251,16 @@ def test_unnamed_random_source_with_overrides_is_not_split_at_its_equals_sign():
 
 def test_cli_refuses_a_bad_random_source_with_exit_2():
     result = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", "x=random:Qwen/Qwen-Image?layers=1&text_layers=0", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "qwen_image_server.cli",
+            "serve",
+            "--model",
+            "x=random:Qwen/Qwen-Image?layers=1&text_layers=0",
+            "--port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

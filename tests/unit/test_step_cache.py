@@ -36,12 +36,18 @@ def test_policies_fill_in_defaults_and_print_canonically():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("teacache", "unknown step cache policy 'teacache'; valid: fbcache (threshold=float in [0, 1] (default 0.08)); taylorseer"),
+        (
+            "teacache",
+            "unknown step cache policy 'teacache'; valid: fbcache (threshold=float in [0, 1] (default 0.08)); taylorseer",
+        ),
         ("fbcache:thresh=0.1", "policy fbcache: unknown knob 'thresh'; knobs: threshold=float in [0, 1] (default 0.08)"),
         ("fbcache:threshold=2", "policy fbcache: knob threshold: '2' is not in [0, 1]"),
         ("fbcache:threshold=nan", "is not in [0, 1]"),
         ("fbcache:threshold", "'threshold' is not KEY=VALUE"),
-        ("taylorseer:interval=2.5", "knob interval: expected an integer, got '2.5'; knobs: interval=int in [1, 50] (default 3), warmup="),
+        (
+            "taylorseer:interval=2.5",
+            "knob interval: expected an integer, got '2.5'; knobs: interval=int in [1, 50] (default 3), warmup=",
+        ),
         ("taylorseer:lite=maybe", "knob lite: expected true or false"),
         ("none:threshold=1", "takes no knobs"),
     ],
@@ -63,7 +69,18 @@ def test_a_bad_profile_cache_is_a_start_up_error_naming_the_model(tiny_t2i):
 
 def test_cli_refuses_a_bad_cache_before_serving(tiny_t2i):
     result = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tiny_t2i), "--port", "0", "--cache", "fbcache:threshold=-1"],
+        [
+            sys.executable,
+            "-m",
+            "qwen_image_server.cli",
+            "serve",
+            "--model",
+            str(tiny_t2i),
+            "--port",
+            "0",
+            "--cache",
+            "fbcache:threshold=-1",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -58,8 +58,11 @@ class Metrics:
         r = self.registry
         self.requests = Counter("qis_requests", "HTTP requests", ["route", "model", "status"], registry=r)
         self.latency = Histogram(
-            "qis_request_duration_seconds", "HTTP request latency to the last byte", ["route", "model"],
-            buckets=_REQUEST_BUCKETS, registry=r,
+            "qis_request_duration_seconds",
+            "HTTP request latency to the last byte",
+            ["route", "model"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = _job_histogram(r, "queue", "Seconds a job waited for a worker (until its first pipeline start)")
         self.pipeline_seconds = _job_histogram(r, "pipeline", "Seconds of a job's pipeline runs (first start to last end)")
@@ -187,6 +190,7 @@ class EngineCollector:
         except Exception:  # a scrape never fails because the engine could not answer
             log.exception("reading the engine's state for /metrics failed")
             return
+
         def gauge(name: str, help_text: str, *labels: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, help_text, labels=["model", *labels])
 

@@ -149,9 +149,20 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
                 return
             except Exception:
                 log.exception("streaming job failed")
-                yield _sse("error", {"type": "error", "error": {"message": "Internal server error", "type": "server_error", "param": None, "code": "internal_error"}})
+                yield _sse(
+                    "error",
+                    {
+                        "type": "error",
+                        "error": {
+                            "message": "Internal server error",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "internal_error",
+                        },
+                    },
+                )
                 return
-            for index, (item, image) in enumerate(zip(body["data"], result.images)):
+            for index, (item, image) in enumerate(zip(body["data"], result.images, strict=True)):
                 single = JobResult([image], result.started, result.finished, result.workers, result.prompt_tokens)
                 yield _sse(
                     f"{kind}.completed",
@@ -173,7 +184,9 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
                 run.cancel()
 
     # X-Accel-Buffering: nginx passes the events on as they come instead of buffering them.
-    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.post("/v1/images/generations")
@@ -239,7 +252,9 @@ def _lora_card(name: str, service: ImageService) -> dict:
 async def list_models(request: Request) -> dict:
     """The served models and LoRA ids, in OpenAI's list shape (plus the GPUs they are placed on)."""
     service = _service(request)
-    cards = [_model_card(spec, service.engine) for spec in service.models.values()] + [_lora_card(name, service) for name in service.loras]
+    cards = [_model_card(spec, service.engine) for spec in service.models.values()] + [
+        _lora_card(name, service) for name in service.loras
+    ]
     return {"object": "list", "data": cards, **_gpus(service.engine)}
 
 

@@ -151,5 +151,7 @@ class ApiKeys:
             message = "Missing API key: send it as 'Authorization: Bearer KEY' (the openai SDK's api_key)"
         else:
             message = "Incorrect API key provided"
-        response = error_response(401, message, type_="invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        response = error_response(
+            401, message, type_="invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
         await response(scope, receive, send)

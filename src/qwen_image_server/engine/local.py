@@ -74,7 +74,15 @@ class _Worker:
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=worker_main,
-            args=(pool.spec, device, pool.settings.dtype, threads, child_conn, self.name, logging.getLogger().level or logging.INFO),
+            args=(
+                pool.spec,
+                device,
+                pool.settings.dtype,
+                threads,
+                child_conn,
+                self.name,
+                logging.getLogger().level or logging.INFO,
+            ),
             name=f"qwen-image-worker {self.name}",
             daemon=True,
         )
@@ -277,7 +285,13 @@ class _ModelPool:
             self.load_failures += 1  # died before it could say why
         if self._give_up():
             retry = self.settings.worker_retry_seconds
-            log.warning("worker %s exited (exit code %s); model %s marked failed, next try in %.0fs", worker.name, code, self.spec.id, retry)
+            log.warning(
+                "worker %s exited (exit code %s); model %s marked failed, next try in %.0fs",
+                worker.name,
+                code,
+                self.spec.id,
+                retry,
+            )
             worker.state = "failed"
             self.broken = worker.info.get("error") or f"worker exited with code {code} while loading"
             while self.pending:
@@ -311,7 +325,9 @@ class _ModelPool:
         return self.load_failures > self.settings.worker_restart_limit
 
     def _unavailable(self) -> str:
-        return f"Model {self.spec.id} is unavailable: its workers failed to load ({public_reason(self.broken)}); see the server log"
+        return (
+            f"Model {self.spec.id} is unavailable: its workers failed to load ({public_reason(self.broken)}); see the server log"
+        )
 
     # --- life cycle ------------------------------------------------------------------
     def ready(self) -> bool:

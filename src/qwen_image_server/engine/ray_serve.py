@@ -92,7 +92,7 @@ class ModelReplica:
         encoded = await asyncio.to_thread(
             lambda: [
                 EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
-                for seed, image in zip(job.seeds, images)
+                for seed, image in zip(job.seeds, images, strict=True)
             ]
         )
         stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
@@ -157,7 +157,9 @@ class RayEngine:
 
         tasks = [asyncio.ensure_future(collect(stream, i * batch)) for i, stream in enumerate(streams)]
         try:
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION)
+            done, pending = await asyncio.wait(
+                tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
+            )
             if pending:
                 failed = next((t for t in done if t.exception() is not None), None)
                 raise failed.exception() if failed else TaskTimeout()
@@ -180,7 +182,10 @@ class RayEngine:
         try:
             app = serve.status().applications[self.app_name]
             deployments = {
-                name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status), "replicas": dict(d.replica_states)}
+                name: {
+                    "status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                    "replicas": dict(d.replica_states),
+                }
                 for name, d in app.deployments.items()
             }
             ready = str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING"
@@ -207,7 +212,13 @@ class RayEngine:
 
 
 #: Serve deployment statuses as the model states of ``/metrics`` (anything else: loading).
-_MODEL_STATE = {"HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready", "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed"}
+_MODEL_STATE = {
+    "HEALTHY": "ready",
+    "UPSCALING": "ready",
+    "DOWNSCALING": "ready",
+    "UNHEALTHY": "failed",
+    "DEPLOY_FAILED": "failed",
+}
 
 
 def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:

@@ -39,7 +39,9 @@ def device_memory(device: str) -> dict:
         return {}
     import torch
 
-    gib = lambda value: round(value / 1024**3, 2)
+    def gib(value: int) -> float:
+        return round(value / 1024**3, 2)
+
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return {
         "memory": {
@@ -76,8 +78,13 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
         send(("load_failed", short_reason(exc)))
         return
-    info = {"pid": os.getpid(), "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."), "speed": runner.speed.info,
-            "determinism": runner.determinism}
+    info = {
+        "pid": os.getpid(),
+        "device": runner.device,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "speed": runner.speed.info,
+        "determinism": runner.determinism,
+    }
 
     def memory() -> dict:
         return {"memory": {**runner.memory.summary(), **device_memory(runner.device).get("memory", {})}}
@@ -120,7 +127,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
             try:
                 job = task.job
                 encoding = time.perf_counter()
-                images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images)]
+                images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images, strict=True)]
                 stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
                 tokens = runner.count_tokens(job.prompt)
                 send(("result", TaskResult(task.task_id, images, started, finished, name, tokens, stats)))
@@ -136,11 +143,12 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
         task: Task
         task_id = task.task_id
         started = time.time()
+
         def on_partial(index, partial_index, image, task=task) -> None:
             to_encode.put(("partial", task, index, partial_index, image))
 
         try:
-            images = runner.run(task.job, should_stop=lambda: task_id in cancelled, on_partial=on_partial)
+            images = runner.run(task.job, should_stop=lambda task_id=task_id: task_id in cancelled, on_partial=on_partial)
         except TaskCancelled:
             log.info("task %s stopped after %.2fs", task_id, time.time() - started)
             send(("failed", task_id, "cancelled", True))

@@ -32,7 +32,9 @@ def validate_attention_backend(name: str | None, model: str) -> None:
         return
     names = backend_names()
     if name.strip().lower() not in names:
-        raise ProfileError(f"attention_backend for model {model}: {name!r} is not a diffusers attention backend (valid: {', '.join(names)})")
+        raise ProfileError(
+            f"attention_backend for model {model}: {name!r} is not a diffusers attention backend (valid: {', '.join(names)})"
+        )
 
 
 class AttentionBackendError(RuntimeError):
@@ -99,7 +101,9 @@ def apply_attention_backend(transformer, name: str | None, device: str, dtype, m
             transformer.set_attention_backend(backend.value)  # checks its package, fetches hub kernels
         except Exception as exc:
             _AttentionBackendRegistry.set_active_backend(active)
-            raise AttentionBackendError(f"attention backend {backend.value!r} for model {model} is not usable: {_first_line(exc)}") from exc
+            raise AttentionBackendError(
+                f"attention backend {backend.value!r} for model {model} is not usable: {_first_line(exc)}"
+            ) from exc
         problem = _runs(backend, device, dtype, heads, head_dim, with_mask=False)
         if problem:
             transformer.reset_attention_backend()

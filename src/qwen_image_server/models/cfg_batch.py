@@ -187,18 +187,24 @@ class BatchedCfgHook(ModelHook):
 
     def _fits(self, module, hidden: torch.Tensor, text_len: int) -> bool:
         config = module.config
-        need = extra_activation_bytes(config.num_attention_heads * config.attention_head_dim, hidden.shape[1] + text_len, hidden.shape[0], hidden.dtype)
+        need = extra_activation_bytes(
+            config.num_attention_heads * config.attention_head_dim, hidden.shape[1] + text_len, hidden.shape[0], hidden.dtype
+        )
         free = self.free_bytes(self.device)
         fits = free >= need + HEADROOM_BYTES
         if not fits:
-            log.info("cfg batching off for this call: %.2f GiB free, %.2f GiB needed", free / 2**30, (need + HEADROOM_BYTES) / 2**30)
+            log.info(
+                "cfg batching off for this call: %.2f GiB free, %.2f GiB needed", free / 2**30, (need + HEADROOM_BYTES) / 2**30
+            )
         return fits
 
 
 class CfgBatching:
     """The cfg batching of one loaded transformer: the hook and the per-pipeline-call context."""
 
-    def __init__(self, transformer, mode: str, device: str, takes_mask: bool, free_bytes: Callable[[str], int] = free_memory_bytes):
+    def __init__(
+        self, transformer, mode: str, device: str, takes_mask: bool, free_bytes: Callable[[str], int] = free_memory_bytes
+    ):
         self.mode = mode
         self.hook = BatchedCfgHook(mode, device, takes_mask, free_bytes)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(self.hook, HOOK_NAME)

@@ -47,8 +47,10 @@ def prepare_environment(enabled: bool) -> None:
     if current not in _DETERMINISTIC_WORKSPACES:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     if torch.cuda.is_initialized() and current not in _DETERMINISTIC_WORKSPACES:
-        log.warning("deterministic mode was switched on after CUDA started in this process; "
-                    "cuBLAS handles made before now keep their workspace setting")
+        log.warning(
+            "deterministic mode was switched on after CUDA started in this process; "
+            "cuBLAS handles made before now keep their workspace setting"
+        )
 
 
 def apply_determinism(enabled: bool) -> dict:
@@ -82,10 +84,14 @@ def _set_full_fp32_precision() -> None:
 
 def _tf32_in_use() -> dict:
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return {"tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
-                "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32"}
-    return {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),  # pragma: no cover - older torch
-            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+        return {
+            "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
+            "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
+        }
+    return {
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),  # pragma: no cover - older torch
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
 
 
 def determinism_info() -> dict:

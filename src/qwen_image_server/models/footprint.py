@@ -73,7 +73,10 @@ class Footprint:
 
     def summary(self) -> dict:
         """GiB figures for ``/v1/models`` and the plan command."""
-        gib = lambda b: round(b / GIB, 2)
+
+        def gib(b: int) -> float:
+            return round(b / GIB, 2)
+
         return {
             "total_gib": gib(self.total),
             "weights_gib": {name: gib(b) for name, b in self.components.items()},
@@ -222,5 +225,3 @@ def footprint(
         origin=model.origin,
         profile=profile,
     )
-
-

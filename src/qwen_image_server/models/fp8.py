@@ -170,15 +170,22 @@ def probe_fp8(
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 linear = nn.Linear(k, n, device=device, dtype=dtype)
                 quantized = FP8Linear(linear, dtype)
-                dense += time_it("dense", lambda: linear(x))
-                fp8 += time_it("fp8", lambda: quantized(x))
+                dense += time_it("dense", lambda linear=linear, x=x: linear(x))
+                fp8 += time_it("fp8", lambda quantized=quantized, x=x: quantized(x))
                 del x, linear, quantized
     except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment, out of memory...
-        return Fp8Probe(False, f"FP8 matmul failed on {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        return Fp8Probe(
+            False,
+            f"FP8 matmul failed on {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+        )
     speedup = dense / fp8 if fp8 > 0 else 0.0
     figures = dict(speedup=speedup, dense_ms=dense * 1000, fp8_ms=fp8 * 1000)
     if speedup < MIN_SPEEDUP:
-        return Fp8Probe(False, f"FP8 is only {speedup:.2f}x as fast as {str(dtype).removeprefix('torch.')} here (needs {MIN_SPEEDUP}x)", **figures)
+        return Fp8Probe(
+            False,
+            f"FP8 is only {speedup:.2f}x as fast as {str(dtype).removeprefix('torch.')} here (needs {MIN_SPEEDUP}x)",
+            **figures,
+        )
     return Fp8Probe(True, f"FP8 is {speedup:.2f}x as fast as {str(dtype).removeprefix('torch.')} on the probe's GEMMs", **figures)
 
 
@@ -215,7 +222,9 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str) -> int:
     return count
 
 
-def apply_fp8(transformer: nn.Module, device: str, dtype: torch.dtype, probe: Callable[[str, torch.dtype], Fp8Probe] | None = None) -> dict:
+def apply_fp8(
+    transformer: nn.Module, device: str, dtype: torch.dtype, probe: Callable[[str, torch.dtype], Fp8Probe] | None = None
+) -> dict:
     """Quantize ``transformer`` to FP8 when the probe says it pays; returns what runs, for the worker's info.
 
     ``probe`` defaults to ``probe_fp8`` (looked up at call time, so tests can replace it).

@@ -206,5 +206,7 @@ def resolve_loras(loras: list[LoraSpec], specs: list) -> list[LoraSpec]:
         fused = [lora.name for lora in out if lora.model == model and lora.fuse and lora.preset]
         if len(fused) > 1:
             names = ", ".join(fused)
-            raise LoraError(f"model {model}: fused LoRAs {names} each have a preset; at most one fused LoRA per model may have one")
+            raise LoraError(
+                f"model {model}: fused LoRAs {names} each have a preset; at most one fused LoRA per model may have one"
+            )
     return out

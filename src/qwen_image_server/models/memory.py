@@ -146,7 +146,11 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype):
 
     devices = {name: mode.load_device(name) for name in ("transformer", "text_encoder", "vae")}
     pipe = build_random_pipeline(
-        spec.source, mode.device, dtype, devices=devices, on_component=lambda name, module: component_loaded(name, module, mode, dtype)
+        spec.source,
+        mode.device,
+        dtype,
+        devices=devices,
+        on_component=lambda name, module: component_loaded(name, module, mode, dtype),
     )
     apply_offload(pipe, mode)
     return pipe
@@ -162,7 +166,11 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
 
 def _model_components(index: dict) -> list[str]:
     """The components of ``model_index.json`` that are torch models, transformer first (the largest)."""
-    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] in ("diffusers", "transformers")]
+    names = [
+        k
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] in ("diffusers", "transformers")
+    ]
     models = []
     for name in names:
         library, class_name = index[name]

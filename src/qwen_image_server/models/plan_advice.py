@@ -37,7 +37,7 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
     ``placed`` are the slots placed before it; ``fits(profiles=, workers=, max_side=, device=)``
     plans again with changes and returns ``(fits, footprints)``.
     """
-    model, slot, need = failed[0], failed[1], failed[2]
+    model, slot = failed[0], failed[1]
     device = failed[3] if len(failed) > 3 else None
     fp = plan.footprints[model]
     where = f" on {device}" if device else ""

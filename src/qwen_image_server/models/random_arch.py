@@ -95,7 +95,12 @@ def _config(values: dict) -> dict:
 
 
 def build_components(
-    arch: dict, device: str | torch.device, dtype: torch.dtype, seed: int = 0, devices: dict[str, str] | None = None, on_component=None
+    arch: dict,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    devices: dict[str, str] | None = None,
+    on_component=None,
 ) -> dict:
     """The pipeline components of ``arch`` on ``device`` in ``dtype``; on ``meta`` they take no memory and stay uninitialised.
 

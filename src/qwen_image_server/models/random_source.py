@@ -104,7 +104,9 @@ class RandomSource:
 
 def _positive_int(key: str, value: str, source: str) -> int:
     if not re.fullmatch(r"\d+", value) or int(value) < (0 if key == "seed" else 1):
-        raise ModelConfigError(f"{source}: {key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {value!r}")
+        raise ModelConfigError(
+            f"{source}: {key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {value!r}"
+        )
     return int(value)
 
 
@@ -153,7 +155,9 @@ def _check_shapes(arch: dict, source: str) -> None:
             f"got {text['hidden_size']} with {text['num_attention_heads']} heads"
         )
     if text["num_attention_heads"] % text["num_key_value_heads"]:
-        raise ModelConfigError(f"{source}: text_heads ({text['num_attention_heads']}) must be a multiple of text_kv_heads ({text['num_key_value_heads']})")
+        raise ModelConfigError(
+            f"{source}: text_heads ({text['num_attention_heads']}) must be a multiple of text_kv_heads ({text['num_key_value_heads']})"
+        )
     if text["vocab_size"] < TOKENIZER_SIZE:
         raise ModelConfigError(f"{source}: vocab must be at least {TOKENIZER_SIZE} (the byte-level tokenizer's size)")
     if vision["hidden_size"] % vision["num_heads"] or (vision["hidden_size"] // vision["num_heads"]) % 4:

@@ -61,7 +61,10 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
         return
     import importlib
 
-    mapping = {_DIFFUSERS_EDIT_AREA: edit_area or _DIFFUSERS_EDIT_AREA, _DIFFUSERS_CONDITION_AREA: condition_area or _DIFFUSERS_CONDITION_AREA}
+    mapping = {
+        _DIFFUSERS_EDIT_AREA: edit_area or _DIFFUSERS_EDIT_AREA,
+        _DIFFUSERS_CONDITION_AREA: condition_area or _DIFFUSERS_CONDITION_AREA,
+    }
     saved: list[tuple[object, str, object]] = []
     try:
         for name in _EDIT_MODULES:
@@ -109,8 +112,15 @@ class PipelineRunner:
         self._img2img = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
-        log.info("loaded %s (%s) on %s as %s in %.1fs, memory %s", spec.id, spec.pipeline_class, self.device, self.dtype,
-                 time.perf_counter() - started, self.memory.summary())
+        log.info(
+            "loaded %s (%s) on %s as %s in %.1fs, memory %s",
+            spec.id,
+            spec.pipeline_class,
+            self.device,
+            self.dtype,
+            time.perf_counter() - started,
+            self.memory.summary(),
+        )
         if spec.profile.compile:
             compile_and_warm(self)  # before the worker reports ready
 
@@ -227,7 +237,6 @@ class PipelineRunner:
         return [fit_to_job(image, job) for image in result]
 
 
-
 def processor_folder(spec: ModelSpec) -> Path:
     """The local ``processor/`` folder of a model: in its folder, or in the hub cache for a hub id."""
     if not spec.is_hub:
@@ -240,6 +249,7 @@ def processor_folder(spec: ModelSpec) -> Path:
 def keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The mask edit at ``size`` (the input's unless another was asked for), the original pasted back
     outside the mask: at the input's size, only the masked pixels change."""
+
     def at_size(image: Image.Image, resample) -> Image.Image:
         return image if image.size == size else image.resize(size, resample)
 
@@ -315,4 +325,3 @@ class _Previews:
         partial_index = self.steps.index(step)
         for index, image in enumerate(images):
             self.on_partial(index, partial_index, fit_to_job(image, self.job))
-

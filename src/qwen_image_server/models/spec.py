@@ -148,7 +148,9 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
 
 
 def resolve_models(
-    entries: list[tuple[str | None, str]], profile_flags: dict[str, list[str]] | None = None, loras: list[str] | tuple[str, ...] = ()
+    entries: list[tuple[str | None, str]],
+    profile_flags: dict[str, list[str]] | None = None,
+    loras: list[str] | tuple[str, ...] = (),
 ) -> list[ModelSpec]:
     """Resolve every configured model and its run profile; ids must be unique.
 
@@ -166,7 +168,9 @@ def resolve_models(
     for key, values in flags.items():
         unknown = sorted(scoped_targets(values) - set(ids))
         if unknown:
-            raise ModelConfigError(f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+            raise ModelConfigError(
+                f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})"
+            )
     try:
         parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)
         resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]

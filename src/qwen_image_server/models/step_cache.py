@@ -109,6 +109,7 @@ class CachePolicy:
 
     def canonical(self) -> str:
         """The policy as a string with every knob spelled out (what ``/v1/models`` shows and what runs)."""
+
         def text(value: Any) -> str:
             return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 

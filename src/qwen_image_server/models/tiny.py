@@ -50,7 +50,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def _make_tokenizer():
@@ -174,7 +174,9 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
 
         from .processor import build_image_only_processor
 
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
         processor = build_image_only_processor(image_processor, tokenizer)
         cls = QwenImageEditPipeline if kind == "edit" else QwenImageEditPlusPipeline
         pipe = cls(processor=processor, **components)

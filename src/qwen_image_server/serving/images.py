@@ -50,7 +50,14 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
             image.load()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ):
         raise InvalidImage(f"'{param}' is not a decodable image (PNG, JPEG or WebP)", param=param) from None
     return image
 

@@ -32,7 +32,7 @@ from ..protocol.images import (
 )
 from ..storage import ImageStore
 from .images import b64
-from .inputs import INPUT_AREA_FACTOR, DecodeGate, Decoded, decode_inputs, default_decodes
+from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class ImageService:
     # --- models ------------------------------------------------------------------------
     def default_model(self, *, edit: bool = False) -> ModelSpec | None:
         for spec in self.models.values():
-            if (spec.can_edit if edit else spec.can_generate):
+            if spec.can_edit if edit else spec.can_generate:
                 return spec
         return None
 
@@ -148,9 +148,13 @@ class ImageService:
         lo, hi = self.settings.min_image_side, self.settings.max_image_side
         for side in (width, height):
             if not lo <= side <= hi:
-                raise InvalidRequest(f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param)
+                raise InvalidRequest(
+                    f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param
+                )
             if side % SIZE_MULTIPLE:
-                raise InvalidRequest(f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param)
+                raise InvalidRequest(
+                    f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param
+                )
 
     def resolve_size(self, req: _CommonRequest, default: str | None) -> Size | None:
         """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
@@ -163,8 +167,11 @@ class ImageService:
             if req.aspect_ratio not in ASPECT_RATIOS:
                 raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
             w, h = ASPECT_RATIOS[req.aspect_ratio]
+
             # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
-            up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+            def up(v: int) -> int:
+                return math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+
             self._check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
             return Size(up(w), up(h), w, h)
         size = req.size if req.size not in (None, "", "auto") else default
@@ -323,7 +330,12 @@ class ImageService:
             else:
                 item["b64_json"] = b64(image.data)
             data.append(item)
-        body = {"created": int(time.time()), "data": data, **self.echo(prepared, result.images[0]), "usage": self.usage(prepared, result)}
+        body = {
+            "created": int(time.time()),
+            "data": data,
+            **self.echo(prepared, result.images[0]),
+            "usage": self.usage(prepared, result),
+        }
         stats = self.stats(result, submitted)
         for observe in self.job_observers:
             try:
@@ -383,6 +395,7 @@ class ImageService:
         """The uploads decoded and shrunk to ``keep_pixels`` each, once the model admits work (503 before any decoding)."""
         limit = self.settings.max_input_pixels
         return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep_pixels))
+
 
 def _patches(width: int, height: int) -> int:
     """Latent patches (16x16 pixels each) of an image: Qwen-Image's image tokens."""
