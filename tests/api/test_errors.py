@@ -2,13 +2,13 @@
 
 ``{"error": {"message", "type", "param", "code"}, "detail": <the same message>}``.
 Validation errors are 400, never FastAPI's 422; bad uploads are 400, never 500.
-(Queue full, timeouts and dead workers are covered in test_engine_behaviour.py.)
+(Queue full, timeouts and dead workers are covered in test_engine_behaviour.py; errors that
+need raw HTTP framing, in test_raw_http.py.) In process, on the fake engine.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 
@@ -22,9 +22,8 @@ EDITS = "/v1/images/edits"
 
 
 @pytest.fixture(scope="module")
-def http_client(server):
-    with httpx.Client(base_url=server.base_url, timeout=120) as client:
-        yield client
+def http_client(api):
+    return api.client
 
 
 def assert_error(response: httpx.Response, status: int, *, param: str | None | type = ..., message: str | None = None) -> dict:
@@ -315,20 +314,6 @@ def test_generated_image_under_another_extension_is_404(http_client):
     assert_error(http_client.get(f"/images/{stem}"), 404)
 
 
-@pytest.mark.parametrize("raw_path", ["/images/../something", "/images/../../etc/passwd", "/images/./../pyproject.toml"])
-def test_dot_segments_in_the_raw_path_are_404(server, raw_path):
-    # httpx normalises dot segments away; send the path exactly as written.
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        connection.request("GET", raw_path)
-        response = connection.getresponse()
-        status, body = response.status, json.loads(response.read())
-    finally:
-        connection.close()
-    assert status == 404
-    assert set(body) == {"error", "detail", "request_id"} and body["detail"] == body["error"]["message"]
-
-
 def test_unknown_model_card_is_404(http_client):
     error = assert_error(http_client.get("/v1/models/unknown"), 404)
     assert "unknown" in error["message"]
@@ -343,11 +328,8 @@ def test_wrong_method_is_405_in_the_envelope(http_client):
 
 
 @pytest.fixture(scope="module")
-def small_body_server(start_server, tiny_t2i, tiny_edit):
-    return start_server(
-        "--model", f"qwen-image-tiny={tiny_t2i}", "--model", f"qwen-image-edit-tiny={tiny_edit}",
-        env={"QIS_MAX_UPLOAD_BYTES": "2048", "QIS_CPU_THREADS": "1"},
-    )  # fmt: skip
+def small_body_api(make_api, tiny_t2i, tiny_edit):
+    return make_api({"qwen-image-tiny": tiny_t2i, "qwen-image-edit-tiny": tiny_edit}, max_upload_bytes=2048)
 
 
 def _chunks(data: bytes, size: int = 512):
@@ -355,49 +337,30 @@ def _chunks(data: bytes, size: int = 512):
         yield data[start : start + size]
 
 
-def test_body_too_large_is_413(small_body_server):
+def test_body_too_large_is_413(small_body_api):
     big_json = json.dumps({"prompt": "a cat " * 500}).encode()
     assert len(big_json) > 2048
-    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
-        error = assert_error(client.post(GENERATIONS, content=big_json, headers={"content-type": "application/json"}), 413)
-        assert error["code"] == "request_too_large"
-        files = {"image": ("a.png", _png(64, 64), "image/png")}  # noise: ~12 kB
-        assert_error(client.post(EDITS, data={"prompt": "a cat"}, files=files), 413)
-        assert_error(client.post(EDITS, json={"prompt": "a cat", "image": _b64(_png(64, 64))}), 413)
-        # Streamed (chunked, no Content-Length) multipart bodies are cut off too.
-        request = client.build_request("POST", EDITS, data={"prompt": "a cat"}, files=files)
-        body = request.read()
-        response = client.post(EDITS, content=_chunks(body), headers={"content-type": request.headers["content-type"]})
-        assert_error(response, 413)
-        # A small request still goes through on the same server.
-        ok = client.post(GENERATIONS, json={"prompt": "a cat", "num_inference_steps": 2})
-        assert ok.status_code == 200, ok.text[:300]
-
-
-def test_chunked_json_generation_body_too_large_is_413(small_body_server):
-    big_json = json.dumps({"prompt": "a cat " * 500}).encode()
-    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
-        response = client.post(GENERATIONS, content=_chunks(big_json), headers={"content-type": "application/json"})
-        small = json.dumps({"prompt": "a cat", "num_inference_steps": 2}).encode()
-        ok = client.post(GENERATIONS, content=_chunks(small), headers={"content-type": "application/json"})
+    client = small_body_api.client
+    error = assert_error(client.post(GENERATIONS, content=big_json, headers={"content-type": "application/json"}), 413)
+    assert error["code"] == "request_too_large"
+    files = {"image": ("a.png", _png(64, 64), "image/png")}  # noise: ~12 kB
+    assert_error(client.post(EDITS, data={"prompt": "a cat"}, files=files), 413)
+    assert_error(client.post(EDITS, json={"prompt": "a cat", "image": _b64(_png(64, 64))}), 413)
+    # Streamed (chunked, no Content-Length) multipart bodies are cut off too.
+    request = client.build_request("POST", EDITS, data={"prompt": "a cat"}, files=files)
+    body = request.read()
+    response = client.post(EDITS, content=_chunks(body), headers={"content-type": request.headers["content-type"]})
     assert_error(response, 413)
+    # A small request still goes through on the same server.
+    ok = client.post(GENERATIONS, json={"prompt": "a cat", "num_inference_steps": 2})
     assert ok.status_code == 200, ok.text[:300]
 
 
-def test_chunked_body_with_any_spelling_of_the_header_is_413(small_body_server):
-    """Header values are case-insensitive: ``Transfer-Encoding: Chunked`` is bounded like ``chunked``."""
-    import socket
-
-    body = json.dumps({"prompt": "a cat " * 2000}).encode()
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in _chunks(body, 1024)) + b"0\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", small_body_server.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n" + chunked
-        )
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    status_line = reply.split(b"\r\n", 1)[0]
-    assert b" 413 " in status_line, reply[:300]
-    assert b"request_too_large" in reply
+def test_chunked_json_generation_body_too_large_is_413(small_body_api):
+    big_json = json.dumps({"prompt": "a cat " * 500}).encode()
+    client = small_body_api.client
+    response = client.post(GENERATIONS, content=_chunks(big_json), headers={"content-type": "application/json"})
+    small = json.dumps({"prompt": "a cat", "num_inference_steps": 2}).encode()
+    ok = client.post(GENERATIONS, content=_chunks(small), headers={"content-type": "application/json"})
+    assert_error(response, 413)
+    assert ok.status_code == 200, ok.text[:300]
