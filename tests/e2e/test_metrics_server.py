@@ -1,4 +1,4 @@
-"""/metrics on a real server with an API key: it needs the key, and a generation shows in its numbers."""
+"""/metrics on a real server with an API key: it needs the key, and a generation shows in its numbers (and its log lines carry its request id)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,17 @@ def test_metrics_need_a_key_and_count_a_generation(start_server, tiny_t2i):
         assert before[("qis_images_total", (("model", MODEL),))] == 0
         assert before[("qis_model_state", (("model", MODEL), ("state", "ready")))] == 1
 
-        response = http.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "num_inference_steps": 2}, headers=auth)
+        response = http.post(
+            "/v1/images/generations",
+            json={"prompt": "a cat", "n": 2, "num_inference_steps": 2},
+            headers={**auth, "X-Request-ID": "metrics-rid-7"},
+        )
         assert response.status_code == 200, response.text[:300]
         stats = response.json()["stats"]
         after = _samples(http.get("/metrics", headers=auth).text)
 
     assert after[("qis_images_total", (("model", MODEL),))] == 2
+    assert "[metrics-rid-7]: " in server.logs(tail=None), "the server's log format shows each line's request id"
     assert after[("qis_queue_depth", (("model", MODEL),))] == 0
     assert after[("qis_running_tasks", (("model", MODEL),))] == 0
     assert after[("qis_worker_restarts_total", (("model", MODEL),))] == 0

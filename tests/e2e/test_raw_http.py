@@ -1,4 +1,4 @@
-"""Errors that need raw HTTP framing, which an HTTP client library would normalise away: on the shared server."""
+"""What needs real HTTP on a real port: raw framing an HTTP client would normalise away, and Host headers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import http.client
 import json
 import socket
 
+import httpx
 import pytest
 
 LIMIT = 25 * 1024 * 1024  # the default max_upload_bytes
+GENERATIONS = "/v1/images/generations"
 
 
 @pytest.mark.parametrize("raw_path", ["/images/../something", "/images/../../etc/passwd", "/images/./../pyproject.toml"])
@@ -48,3 +50,15 @@ def test_chunked_body_with_any_spelling_of_the_header_is_413(server):
     status_line = reply.split(b"\r\n", 1)[0]
     assert b" 413 " in status_line, reply[:300]
     assert b"request_too_large" in reply
+
+
+def test_image_urls_ignore_a_forged_host_header(server):
+    http_client = httpx.Client(base_url=server.base_url, timeout=120)
+    body = {"prompt": "a cat", "num_inference_steps": 2, "response_format": "url"}
+    forged = http_client.post(GENERATIONS, json=body, headers={"host": "evil.example/phish?x="})
+    assert forged.status_code == 200, forged.text[:300]
+    url = forged.json()["data"][0]["url"]
+    assert url.startswith(f"http://127.0.0.1:{server.port}/images/"), url
+    plain = http_client.post(GENERATIONS, json=body, headers={"host": "images.example.com:8443"})
+    assert plain.json()["data"][0]["url"].startswith("http://images.example.com:8443/images/")
+    assert httpx.get(url, timeout=30).status_code == 200

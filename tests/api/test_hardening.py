@@ -1,10 +1,10 @@
-"""Inputs that used to slip past the limits: each one gets a clear 400 (or stays within bounds)."""
+"""Inputs that used to slip past the limits: each one gets a clear 400 (or stays within bounds). In process."""
 
 from __future__ import annotations
 
 import io
+import logging
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,9 +12,8 @@ from test_errors import EDITS, GENERATIONS, _png, assert_error
 
 
 @pytest.fixture(scope="module")
-def http_client(server):
-    with httpx.Client(base_url=server.base_url, timeout=120) as client:
-        yield client
+def http_client(api):
+    return api.client
 
 
 def _encoded(width: int, height: int, fmt: str) -> bytes:
@@ -40,11 +39,12 @@ def test_too_many_unknown_fields_is_400(http_client):
     assert "65 unknown fields" in error["message"]
 
 
-def test_unknown_field_names_are_logged_escaped(http_client, server):
+def test_unknown_field_names_are_logged_escaped(http_client, caplog):
+    caplog.set_level(logging.INFO)
     forged = "x\n2030-01-01 00:00:00 ERROR forged line"
     response = http_client.post(GENERATIONS, json={"prompt": "a cat", "num_inference_steps": 2, forged: 1})
     assert response.status_code == 200, response.text[:300]
-    logs = server.logs(tail=None)
+    logs = caplog.text
     assert "x\\n2030-01-01 00:00:00 ERROR forged" in logs
     assert "\n2030-01-01 00:00:00 ERROR forged" not in logs
 
@@ -90,14 +90,3 @@ def test_empty_body_says_so(http_client):
     error = assert_error(http_client.post(GENERATIONS, headers={"content-type": "application/json"}), 400)
     assert "None" not in error["message"]
     assert "no body" in error["message"]
-
-
-def test_image_urls_ignore_a_forged_host_header(http_client, server):
-    body = {"prompt": "a cat", "num_inference_steps": 2, "response_format": "url"}
-    forged = http_client.post(GENERATIONS, json=body, headers={"host": "evil.example/phish?x="})
-    assert forged.status_code == 200, forged.text[:300]
-    url = forged.json()["data"][0]["url"]
-    assert url.startswith(f"http://127.0.0.1:{server.port}/images/"), url
-    plain = http_client.post(GENERATIONS, json=body, headers={"host": "images.example.com:8443"})
-    assert plain.json()["data"][0]["url"].startswith("http://images.example.com:8443/images/")
-    assert httpx.get(url, timeout=30).status_code == 200

@@ -1,10 +1,10 @@
-"""API keys, request ids and the cross-origin policy, against a real server that requires a key."""
+"""API keys, request ids and the cross-origin policy, on an in-process server that requires a key."""
 
 from __future__ import annotations
 
 import io
+import logging
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -16,14 +16,14 @@ FAST = {"num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def keyed(start_server, tiny_t2i, tmp_path_factory):
+def keyed(make_api, tiny_t2i, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys_file.write_text(f"# one key per line\n\n{FILE_KEY}\n")
-    return start_server(
-        "--model", f"qwen-image-tiny={tiny_t2i}",
-        "--api-key", KEY, "--api-keys-file", str(keys_file), "--cors-origin", ALLOWED,
-        env={"QIS_CPU_THREADS": "1"},
-    )  # fmt: skip
+    return make_api({"qwen-image-tiny": tiny_t2i}, api_keys=[KEY], api_keys_file=keys_file, cors_origins=[ALLOWED]).client
+
+
+def _sdk(client, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, max_retries=0, http_client=client)
 
 
 def _auth(key: str = KEY) -> dict:
@@ -31,62 +31,64 @@ def _auth(key: str = KEY) -> dict:
 
 
 def test_the_openai_sdk_works_with_a_key(keyed):
-    client = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=KEY, max_retries=0)
+    client = _sdk(keyed, KEY)
     result = client.images.generate(model="qwen-image-tiny", prompt="a cat", extra_body=FAST)
     assert result.data[0].b64_json
 
 
 def test_a_missing_or_wrong_key_is_401_in_the_envelope(keyed):
     for headers in ({}, _auth("sk-wrong"), {"Authorization": "Basic abc"}):
-        response = httpx.post(f"{keyed.base_url}/v1/images/generations", json={"prompt": "a cat", **FAST}, headers=headers)
+        response = keyed.post("/v1/images/generations", json={"prompt": "a cat", **FAST}, headers=headers)
         assert response.status_code == 401, response.text
         body = response.json()
         assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
         assert response.headers["www-authenticate"] == "Bearer"
-    client = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key="sk-wrong", max_retries=0)
+    client = _sdk(keyed, "sk-wrong")
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
 
 
 def test_keys_from_the_file_and_the_x_api_key_header_work(keyed):
-    assert httpx.get(f"{keyed.base_url}/v1/models", headers=_auth(FILE_KEY)).status_code == 200
-    assert httpx.get(f"{keyed.base_url}/v1/models", headers={"X-API-Key": KEY}).status_code == 200
+    assert keyed.get("/v1/models", headers=_auth(FILE_KEY)).status_code == 200
+    assert keyed.get("/v1/models", headers={"X-API-Key": KEY}).status_code == 200
 
 
 def test_health_is_open_and_ready_shows_its_detail_only_with_a_key(keyed):
-    assert httpx.get(f"{keyed.base_url}/health").status_code == 200
-    assert httpx.get(f"{keyed.base_url}/healthz").status_code == 200
-    anonymous = httpx.get(f"{keyed.base_url}/ready")
+    assert keyed.get("/health").status_code == 200
+    assert keyed.get("/healthz").status_code == 200
+    anonymous = keyed.get("/ready")
     assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
-    detailed = httpx.get(f"{keyed.base_url}/ready", headers=_auth()).json()
+    detailed = keyed.get("/ready", headers=_auth()).json()
     assert "qwen-image-tiny" in detailed["models"]
 
 
 def test_stored_images_are_fetched_without_a_key(keyed):
     body = {"prompt": "a cat", "response_format": "url", **FAST}
-    url = httpx.post(f"{keyed.base_url}/v1/images/generations", json=body, headers=_auth(), timeout=120).json()["data"][0]["url"]
-    assert httpx.get(url).status_code == 200
+    url = keyed.post("/v1/images/generations", json=body, headers=_auth()).json()["data"][0]["url"]
+    assert keyed.get(url).status_code == 200
 
 
-def test_request_ids_are_echoed_or_made_and_reach_error_bodies_and_logs(keyed):
-    mine = httpx.post(
-        f"{keyed.base_url}/v1/images/generations",
+def test_request_ids_are_echoed_or_made_and_reach_error_bodies_and_logs(keyed, caplog):
+    caplog.set_level(logging.INFO)
+    mine = keyed.post(
+        "/v1/images/generations",
         json={"prompt": "a cat", "some_unknown_field": 1, **FAST},
         headers={**_auth(), "X-Request-ID": "client-id-42"},
-        timeout=120,
     )
     assert mine.status_code == 200 and mine.headers["x-request-id"] == "client-id-42"
-    assert "[client-id-42]" in keyed.logs(tail=None), "log lines about a request carry its id"
+    assert any(getattr(r, "request_id", None) == "client-id-42" for r in caplog.records), "log lines carry the request's id"
     for bad in ("x" * 200, "two words"):
-        made = httpx.get(f"{keyed.base_url}/v1/models", headers={**_auth(), "X-Request-ID": bad})
+        made = keyed.get("/v1/models", headers={**_auth(), "X-Request-ID": bad})
         assert made.headers["x-request-id"] != bad and len(made.headers["x-request-id"]) == 32
-    error = httpx.post(f"{keyed.base_url}/v1/images/generations", json={"prompt": ""}, headers={**_auth(), "X-Request-ID": "e-1"})
+    error = keyed.post("/v1/images/generations", json={"prompt": ""}, headers={**_auth(), "X-Request-ID": "e-1"})
     assert error.status_code == 400 and error.json()["request_id"] == "e-1"
 
 
-def test_keys_never_reach_the_logs(keyed):
-    httpx.get(f"{keyed.base_url}/v1/models", headers=_auth("sk-wrong-and-secret"))
-    logs = keyed.logs(tail=None)
+def test_keys_never_reach_the_logs(keyed, caplog):
+    caplog.set_level(logging.DEBUG)
+    keyed.get("/v1/models", headers=_auth("sk-wrong-and-secret"))
+    keyed.post("/v1/images/generations", json={"prompt": "a cat", **FAST}, headers=_auth())
+    logs = caplog.text
     assert KEY not in logs and FILE_KEY not in logs and "sk-wrong-and-secret" not in logs
 
 
@@ -98,8 +100,8 @@ def _png() -> bytes:
 
 def test_a_page_from_another_origin_cannot_run_work(keyed):
     """A browser sends a cross-origin multipart POST without asking first: it is refused before any work."""
-    response = httpx.post(
-        f"{keyed.base_url}/v1/images/variations",
+    response = keyed.post(
+        "/v1/images/variations",
         files={"image": ("a.png", _png(), "image/png")},
         headers={**_auth(), "Origin": "https://evil.example"},
     )
@@ -109,8 +111,8 @@ def test_a_page_from_another_origin_cannot_run_work(keyed):
 
 
 def test_an_allowed_origin_gets_cors_headers_and_preflights_pass(keyed):
-    preflight = httpx.options(
-        f"{keyed.base_url}/v1/images/generations",
+    preflight = keyed.options(
+        "/v1/images/generations",
         headers={
             "Origin": ALLOWED,
             "Access-Control-Request-Method": "POST",
@@ -119,11 +121,11 @@ def test_an_allowed_origin_gets_cors_headers_and_preflights_pass(keyed):
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ALLOWED
-    response = httpx.get(f"{keyed.base_url}/v1/models", headers={**_auth(), "Origin": ALLOWED})
+    response = keyed.get("/v1/models", headers={**_auth(), "Origin": ALLOWED})
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ALLOWED
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
 
 
 def test_the_server_s_own_origin_is_allowed(keyed):
-    response = httpx.get(f"{keyed.base_url}/v1/models", headers={**_auth(), "Origin": keyed.base_url})
+    response = keyed.get("/v1/models", headers={**_auth(), "Origin": str(keyed.base_url)})
     assert response.status_code == 200
