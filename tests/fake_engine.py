@@ -179,7 +179,7 @@ class FakeEngine:
                 started=started,
                 finished=time.time(),
                 workers=[f"{model.spec.id}#0"],
-                prompt_tokens=len(job.prompt.split()),
+                prompt_tokens=len(job.prompt.encode()),  # like the tiny models' byte-level tokenizer: a token a byte
                 stats={"transformer_calls": float(job.num_inference_steps * job.n)},
             )
         finally:

@@ -1,4 +1,4 @@
-"""url images in an S3-compatible store (a local moto server stands in for S3, MinIO...)."""
+"""url images in an S3-compatible store (a local moto server stands in for S3, MinIO...), from an in-process server."""
 
 from __future__ import annotations
 
@@ -26,22 +26,20 @@ def s3():
     server.stop()
 
 
-def _env(endpoint: str, presign: bool) -> dict[str, str]:
+def _s3_settings(endpoint: str, presign: bool) -> dict:
     return {
-        "QIS_S3_BUCKET": "images", "QIS_S3_ENDPOINT_URL": endpoint, "QIS_S3_REGION": "us-east-1",
-        "QIS_S3_ACCESS_KEY_ID": "k", "QIS_S3_SECRET_ACCESS_KEY": "s", "QIS_S3_PREFIX": "generated",
-        "QIS_S3_PRESIGN": "true" if presign else "false", "QIS_CPU_THREADS": "2",
+        "s3_bucket": "images", "s3_endpoint_url": endpoint, "s3_region": "us-east-1",
+        "s3_access_key_id": "k", "s3_secret_access_key": "s", "s3_prefix": "generated", "s3_presign": presign,
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("presign", [False, True])
-def test_url_images_go_to_the_bucket(start_server, tiny_t2i, s3, presign):
+def test_url_images_go_to_the_bucket(make_api, tiny_t2i, s3, presign):
     endpoint, client = s3
-    server = start_server("--model", f"tiny={tiny_t2i}", env=_env(endpoint, presign))
-    r = httpx.post(
-        server.base_url + "/v1/images/generations",
+    http = make_api({"tiny": tiny_t2i}, **_s3_settings(endpoint, presign)).client
+    r = http.post(
+        "/v1/images/generations",
         json={"prompt": "a bucket", "response_format": "url", "output_format": "webp", "num_inference_steps": 2},
-        timeout=120,
     )
     assert r.status_code == 200, r.text[:300]
     url = r.json()["data"][0]["url"]
@@ -51,8 +49,8 @@ def test_url_images_go_to_the_bucket(start_server, tiny_t2i, s3, presign):
     if presign:
         assert url.startswith(endpoint) and "Signature" in url
     else:
-        assert url == f"{server.base_url}/images/{name}"
-    fetched = httpx.get(url, timeout=30)
+        assert url == f"{http.base_url}/images/{name}"
+    fetched = httpx.get(url, timeout=30) if presign else http.get(url)
     assert fetched.status_code == 200 and fetched.content == stored["Body"].read()
     assert Image.open(io.BytesIO(fetched.content)).format == "WEBP"
-    assert httpx.get(f"{server.base_url}/images/{'0' * 32}.png").status_code == 404
+    assert http.get(f"/images/{'0' * 32}.png").status_code == 404
