@@ -296,3 +296,15 @@ def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
 def any_server(request):
     """The shared server on each engine, for the API tests that must behave the same on both."""
     return request.getfixturevalue("server" if request.param == "local" else "ray_server")
+
+
+# --- markers ------------------------------------------------------------------------------------
+
+REAL_SERVER_FIXTURES = {"server", "start_server", "ray_serve", "ray_server", "any_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test in tests/e2e, and every test that starts a real server, is ``e2e`` (``-m "not e2e"`` skips them)."""
+    for item in items:
+        if "e2e" in item.path.parts or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

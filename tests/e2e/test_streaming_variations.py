@@ -1,4 +1,7 @@
-"""Streaming partial images and variations through the openai SDK; usage and echoes."""
+"""Streaming partial images and variations through the openai SDK on real pipelines; usage and echoes.
+
+(Errors of streams and variations are tested in process: tests/api/test_streaming_errors.py.)
+"""
 
 from __future__ import annotations
 
@@ -86,28 +89,6 @@ def test_edit_stream(client):
     assert _decode(events[0].b64_json).size == _decode(events[1].b64_json).size
 
 
-def test_error_after_the_stream_started_is_an_error_event(start_server, tiny_t2i):
-    short = start_server(
-        "--model", f"tiny={tiny_t2i}", env={"TASK_TIMEOUT": "3", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"}
-    )
-    with httpx.stream(
-        "POST", short.base_url + "/v1/images/generations", timeout=120,
-        json={"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000},
-    ) as response:  # fmt: skip
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        text = response.read().decode()
-    assert "event: error" in text and '"message":"Task timeout"' in text
-    client = openai.OpenAI(base_url=short.base_url + "/v1", api_key="unused")
-    with pytest.raises(openai.APIError, match="Task timeout"):
-        list(client.images.generate(prompt="slow", stream=True, size="1024x1024", extra_body={"num_inference_steps": 1000}))
-
-
-def test_validation_errors_of_a_stream_are_plain_400s(server):
-    r = httpx.post(server.base_url + "/v1/images/generations", json={"prompt": "x", "stream": True, "partial_images": 4})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"
-
-
 def test_variations_through_the_sdk(client):
     source = _png((320, 240))
     result = client.images.create_variation(
@@ -144,17 +125,6 @@ def test_variation_strength_moves_further_from_the_input(server):
     # strength keeps what it encodes: two low strengths stay close, a full one does not.
     low, lower, full = vary(0.2), vary(0.1), vary(1.0)
     assert np.abs(low - lower).mean() < np.abs(low - full).mean()
-
-
-def test_variation_errors(server):
-    url = server.base_url + "/v1/images/variations"
-    assert httpx.post(url, data={"n": "1"}, files={"x": ("a", b"1")}).status_code == 400
-    r = httpx.post(url, files={"image": ("a.png", b"garbage", "image/png")})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
-    r = httpx.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"model": "qwen-image-edit-tiny"})
-    assert r.status_code == 400
-    r = httpx.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"strength": "1.5"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "strength"
 
 
 def test_usage_and_echoes_in_plain_responses(client):

@@ -1,0 +1,54 @@
+"""Errors of streams and variations, in process: an error after the stream started is an in-band event."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+
+def _png(size=(256, 256)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def short(make_api, tiny_t2i):
+    """A server whose jobs time out after half a second; its engine is paused, so every job does."""
+    api = make_api({"tiny": tiny_t2i}, task_timeout=0.5, max_steps=1000)
+    api.engine.pause()
+    return api
+
+
+def test_error_after_the_stream_started_is_an_error_event(short):
+    body = {"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000}
+    with short.client.stream("POST", "/v1/images/generations", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    assert text.index("event: image_generation.partial_image") < text.index("event: error")
+    assert '"message":"Task timeout"' in text
+    client = openai.OpenAI(base_url=f"{short.client.base_url}/v1", api_key="unused", http_client=short.client, max_retries=0)
+    with pytest.raises(openai.APIError, match="Task timeout"):
+        list(client.images.generate(prompt="slow", stream=True, size="1024x1024", extra_body={"num_inference_steps": 1000}))
+
+
+def test_validation_errors_of_a_stream_are_plain_400s(api):
+    r = api.client.post("/v1/images/generations", json={"prompt": "x", "stream": True, "partial_images": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"
+
+
+def test_variation_errors(api):
+    url = "/v1/images/variations"
+    http = api.client
+    assert http.post(url, data={"n": "1"}, files={"x": ("a", b"1")}).status_code == 400
+    r = http.post(url, files={"image": ("a.png", b"garbage", "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+    r = http.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"model": "qwen-image-edit-tiny"})
+    assert r.status_code == 400
+    r = http.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"strength": "1.5"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "strength"
