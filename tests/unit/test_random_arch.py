@@ -284,5 +284,5 @@ def test_response_stats_give_queue_and_pipeline_seconds(tmp_path):
     service = ImageService(Settings(image_output_dir=tmp_path), Engine(), store=None)
     prepared = asyncio.run(service.prepare_generation(GenerationRequest(prompt="p", size="256x256", seed=1)))
     body, _ = asyncio.run(service.run(prepared, "http://x/"))
-    assert body["stats"]["pipeline_seconds"] == pytest.approx(1.25)
-    assert 2.0 <= body["stats"]["queue_seconds"] < 2.5
+    assert body.stats["pipeline_seconds"] == pytest.approx(1.25)
+    assert 2.0 <= body.stats["queue_seconds"] < 2.5

@@ -14,7 +14,7 @@ from ..serving.rewrite import PromptRewriter
 from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
-from .metrics import RequestMetrics, install_metrics
+from .metrics import Metrics, RequestMetrics, install_metrics
 from .routes import router
 from .security import ApiKeys, OriginPolicy, RequestIds, install_request_id_logging
 from .uploads import BodySizeLimit
@@ -50,11 +50,11 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     from .. import __version__
 
     app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
-    store = make_store(settings)
-    app.state.service = ImageService(settings, engine, store, rewriter)
+    metrics = Metrics(engine)
+    app.state.service = ImageService(settings, engine, make_store(settings), rewriter, observers=(metrics.observe_job,))
     install_error_handlers(app)
     app.include_router(router)
-    metrics = install_metrics(app, app.state.service)
+    install_metrics(app, metrics)
     # Starlette runs the last added outermost: metrics, request ids, CORS, origin policy, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     keys = settings.all_api_keys()

@@ -24,14 +24,16 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..protocol.responses import error_envelope
+
 #: Seconds a client is told to wait (Retry-After) after a refusal at the connection level.
 CAP_RETRY_AFTER = 1
 SHUTDOWN_RETRY_AFTER = 5
 
 
 def envelope(message: str, code: str) -> dict:
-    """The project's error envelope (see api/errors.py) for answers given below the application."""
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}, "detail": message}
+    """The project's error envelope for answers given below the application (no request id exists yet)."""
+    return error_envelope(message, type_="server_error", code=code)
 
 
 def _raw_response(status: int, reason: str, body: dict, retry_after: int | None = None) -> bytes:

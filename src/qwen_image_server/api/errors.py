@@ -13,13 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServerError
+from ..protocol.responses import ErrorObject, error_envelope
 
 log = logging.getLogger(__name__)
 
 
-def error_body(exc: ServerError) -> dict:
+def error_object(exc: ServerError) -> ErrorObject:
     """OpenAI's ``error`` object for a typed error."""
-    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+    return ErrorObject(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
 
 
 def error_response(
@@ -32,17 +33,15 @@ def error_response(
     headers: dict | None = None,
     request_id: str | None = None,
 ) -> JSONResponse:
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    body = {"error": error, "detail": message, **_request_id(request_id)}
+    body = error_envelope(message, type_=type_, code=code, param=param, request_id=_request_id(request_id))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _request_id(fallback: str | None = None) -> dict:
+def _request_id(fallback: str | None = None) -> str | None:
     from .security import request_id_var
 
     request_id = request_id_var.get()
-    request_id = fallback if request_id == "-" else request_id
-    return {"request_id": request_id} if request_id else {}
+    return fallback if request_id == "-" else request_id
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -69,8 +68,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        body = {"error": error_body(exc), "detail": exc.message, **_request_id()}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return error_response(
+            exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
+from ..engine.base import EngineClient
 from ..engine.types import JobResult
-from ..serving.service import ImageService, Prepared
+from ..serving.service import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def _job_histogram(registry: CollectorRegistry, part: str, help_text: str, bucke
 class Metrics:
     """One app's registry and metrics, with the label rules that keep every label value bounded."""
 
-    def __init__(self, service: ImageService):
+    def __init__(self, engine: EngineClient):
         self.registry = CollectorRegistry()
-        self.model_ids = frozenset(service.models) | frozenset(service.loras)
+        self.model_ids = frozenset(spec.id for spec in engine.models) | frozenset(
+            lora.name for spec in engine.models for lora in spec.profile.loras
+        )
         r = self.registry
         self.requests = Counter("qis_requests", "HTTP requests", ["route", "model", "status"], registry=r)
         self.latency = Histogram(
@@ -70,7 +73,7 @@ class Metrics:
         self.images = Counter("qis_images", "Images produced", ["model"], registry=r)
         for model in sorted(self.model_ids):
             self.images.labels(model)  # present at 0 from the start, so that rate() works from the first image
-        r.register(EngineCollector(service))
+        r.register(EngineCollector(engine))
 
     def model_label(self, name: object) -> str:
         """A served model or LoRA id as itself; no name as ``none``; any other name as ``other``."""
@@ -174,9 +177,9 @@ class EngineCollector:
     ``workers`` with their reported ``memory``), and ``engine.gpus()`` where there is one.
     """
 
-    def __init__(self, service: ImageService):
-        self.engine = service.engine
-        self.models = list(service.models)
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
+        self.models = [spec.id for spec in engine.models]
 
     def _status(self) -> dict:
         read = getattr(self.engine, "metrics_status", None) or self.engine.status
@@ -246,15 +249,12 @@ def _gpu_families(gpus: list[dict]):
         yield family
 
 
-def install_metrics(app: FastAPI, service: ImageService) -> Metrics:
-    """Add ``GET /metrics`` and the job observer; the caller adds ``RequestMetrics`` as the outermost middleware."""
-    metrics = Metrics(service)
+def install_metrics(app: FastAPI, metrics: Metrics) -> None:
+    """Add ``GET /metrics``; the caller passes ``metrics.observe_job`` to the service and adds ``RequestMetrics``
+    as the outermost middleware."""
     app.state.metrics = metrics
-    service.job_observers.append(metrics.observe_job)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         """Prometheus' text format (needs an API key when keys are set, unless ``QIS_PUBLIC_METRICS``)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return metrics

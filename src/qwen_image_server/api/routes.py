@@ -16,10 +16,11 @@ from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
 from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
+from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.images import b64
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES
-from .errors import error_body
+from .errors import error_object
 from .uploads import read_image_request
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ def _base_url(request: Request, service: ImageService) -> str:
     return f"http://{settings.host}:{settings.port}/"
 
 
-def _sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _sse(event: PartialImageEvent | CompletedEvent | ErrorEvent) -> bytes:
+    data = json.dumps(event.model_dump(), separators=(",", ":"))
+    return f"event: {event.type}\ndata: {data}\n\n".encode()
 
 
 async def _respond(request: Request, prepare, model: str | None) -> Response:
@@ -106,7 +108,7 @@ async def _respond(request: Request, prepare, model: str | None) -> Response:
         body, result = await _unless_disconnected(request, service.run(prepared, base_url))
     except ClientGone:
         return Response(status_code=499)
-    return JSONResponse(body, headers=_timing_headers(result))
+    return JSONResponse(body.model_dump(), headers=_timing_headers(result))
 
 
 async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> Response:
@@ -122,62 +124,47 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
     await asyncio.sleep(0)  # let the engine accept or refuse the job before the status line is sent
     if run.done() and run.exception() is not None:
         raise run.exception()
-    kind, job = prepared.event, prepared.job
-    echo = {"output_format": job.output_format, "quality": prepared.req.quality or "auto", "background": "opaque"}
+    kind = prepared.event
 
     async def generate():
         try:
             while (partial := await events.get()) is not None:
                 image = partial.image
                 yield _sse(
-                    f"{kind}.partial_image",
-                    {
-                        "type": f"{kind}.partial_image",
-                        "b64_json": b64(image.data),
-                        "partial_image_index": partial.partial_index,
-                        "created_at": int(time.time()),
-                        "size": f"{image.width}x{image.height}",
-                        **echo,
-                        "image_index": partial.index,
-                        "seed": image.seed,
-                    },
+                    PartialImageEvent(
+                        type=f"{kind}.partial_image",
+                        b64_json=b64(image.data),
+                        partial_image_index=partial.partial_index,
+                        created_at=int(time.time()),
+                        **service.echo(prepared, image).model_dump(),
+                        image_index=partial.index,
+                        seed=image.seed,
+                    )
                 )
             try:
                 body, result = run.result()
             except ServerError as exc:
-                yield _sse("error", {"type": "error", "error": error_body(exc)})
+                yield _sse(ErrorEvent(error=error_object(exc)))
                 return
             except Exception:
                 log.exception("streaming job failed")
-                yield _sse(
-                    "error",
-                    {
-                        "type": "error",
-                        "error": {
-                            "message": "Internal server error",
-                            "type": "server_error",
-                            "param": None,
-                            "code": "internal_error",
-                        },
-                    },
-                )
+                internal = ErrorObject(message="Internal server error", type="server_error", code="internal_error")
+                yield _sse(ErrorEvent(error=internal))
                 return
-            for index, (item, image) in enumerate(zip(body["data"], result.images, strict=True)):
+            for index, (item, image) in enumerate(zip(body.data, result.images, strict=True)):
                 single = JobResult([image], result.started, result.finished, result.workers, result.prompt_tokens)
                 yield _sse(
-                    f"{kind}.completed",
-                    {
-                        "type": f"{kind}.completed",
-                        "b64_json": b64(image.data),
-                        "created_at": int(time.time()),
-                        "size": f"{image.width}x{image.height}",
-                        **echo,
-                        "usage": service.usage(prepared, single),
-                        "stats": service.stats(result),  # the whole request's
-                        "image_index": index,
-                        "seed": image.seed,
-                        "revised_prompt": item["revised_prompt"],
-                    },
+                    CompletedEvent(
+                        type=f"{kind}.completed",
+                        b64_json=b64(image.data),
+                        created_at=int(time.time()),
+                        **service.echo(prepared, image).model_dump(),
+                        usage=service.usage(prepared, single),
+                        stats=service.stats(result),  # the whole request's
+                        image_index=index,
+                        seed=image.seed,
+                        revised_prompt=item.revised_prompt,
+                    )
                 )
         finally:
             if not run.done():

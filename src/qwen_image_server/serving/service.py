@@ -30,6 +30,7 @@ from ..protocol.images import (
     VariationRequest,
     _CommonRequest,
 )
+from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, Usage
 from ..storage import ImageStore
 from .images import b64
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
@@ -81,7 +82,14 @@ class Upload:
 class ImageService:
     """Turns image requests into jobs on the engine and their results into responses."""
 
-    def __init__(self, settings: Settings, engine: EngineClient, store: ImageStore, rewriter: PromptRewriter | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        store: ImageStore,
+        rewriter: PromptRewriter | None = None,
+        observers: tuple[Callable[[Prepared, JobResult, dict], None], ...] = (),
+    ):
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -92,7 +100,7 @@ class ImageService:
             lora.name: (spec, lora) for spec in engine.models for lora in spec.profile.loras
         }
         #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
-        self.job_observers: list[Callable[[Prepared, JobResult, dict], None]] = []
+        self.job_observers = observers
         self.decodes = DecodeGate(settings.max_concurrent_decodes or default_decodes())
 
     # --- models ------------------------------------------------------------------------
@@ -317,32 +325,31 @@ class ImageService:
     # --- running them ---------------------------------------------------------------------
     async def run(
         self, prepared: Prepared, base_url: str, on_partial: Callable[[PartialImage], None] | None = None
-    ) -> tuple[dict, JobResult]:
+    ) -> tuple[ImagesResponse, JobResult]:
         """Run a prepared job and build OpenAI's response body."""
         submitted = time.time()
         result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
-        req = prepared.req
         data = []
         for image in result.images:
-            item: dict = {"seed": image.seed, "revised_prompt": prepared.job.prompt}
-            if req.response_format == "url":
-                item["url"] = await self.store_image(image, prepared.job.output_format, base_url)
+            if prepared.req.response_format == "url":
+                url = await self.store_image(image, prepared.job.output_format, base_url)
+                data.append(ImageData(url=url, revised_prompt=prepared.job.prompt, seed=image.seed))
             else:
-                item["b64_json"] = b64(image.data)
-            data.append(item)
-        body = {
-            "created": int(time.time()),
-            "data": data,
-            **self.echo(prepared, result.images[0]),
-            "usage": self.usage(prepared, result),
-        }
+                data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt, seed=image.seed))
         stats = self.stats(result, submitted)
         for observe in self.job_observers:
             try:
                 observe(prepared, result, stats)
             except Exception:  # an observer never fails the request
                 log.exception("job observer failed")
-        return {**body, "stats": stats}, result
+        body = ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            **self.echo(prepared, result.images[0]).model_dump(),
+            usage=self.usage(prepared, result),
+            stats=stats,
+        )
+        return body, result
 
     async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
         """Store an image for response_format=url and return its URL."""
@@ -354,14 +361,11 @@ class ImageService:
         return f"{prefix.rstrip('/')}/{name}" if prefix else f"{base_url.rstrip('/')}/images/{name}"
 
     @staticmethod
-    def echo(prepared: Prepared, image: EncodedImage) -> dict:
+    def echo(prepared: Prepared, image: EncodedImage) -> Echo:
         """The settings actually used, as OpenAI echoes them."""
-        return {
-            "output_format": prepared.job.output_format,
-            "size": f"{image.width}x{image.height}",
-            "quality": prepared.req.quality or "auto",
-            "background": "opaque",
-        }
+        return Echo(
+            output_format=prepared.job.output_format, size=f"{image.width}x{image.height}", quality=prepared.req.quality or "auto"
+        )
 
     @staticmethod
     def stats(result: JobResult, submitted: float | None = None) -> dict:
@@ -373,17 +377,17 @@ class ImageService:
         return {"transformer_calls": 0, "cached_calls": 0, **result.stats, **timing}
 
     @staticmethod
-    def usage(prepared: Prepared, result: JobResult) -> dict:
+    def usage(prepared: Prepared, result: JobResult) -> Usage:
         """OpenAI's usage: prompt text tokens (and input images' latent patches) in, output latent patches out."""
         text = result.prompt_tokens
         image_in = prepared.input_image_tokens
         output = sum(_patches(image.width, image.height) for image in result.images)
-        return {
-            "input_tokens": text + image_in,
-            "input_tokens_details": {"text_tokens": text, "image_tokens": image_in},
-            "output_tokens": output,
-            "total_tokens": text + image_in + output,
-        }
+        return Usage(
+            input_tokens=text + image_in,
+            input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=image_in),
+            output_tokens=output,
+            total_tokens=text + image_in + output,
+        )
 
     def _admit(self, spec: ModelSpec) -> None:
         """Refuse (503) now when the engine would refuse the job anyway (engines without ``admit`` refuse at submit)."""
