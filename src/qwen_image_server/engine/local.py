@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import multiprocessing
 import os
 import queue
@@ -23,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled
 from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
+from .pieces import split_for, wait_all
 from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
@@ -162,27 +162,17 @@ class _ModelPool:
             return await self._submit(job, deadline, on_partial)
 
     async def _submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
-        # Spread the images over the workers; never more per call than max_batch_size.
-        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / len(self.workers))))
+        batch, pieces = split_for(job, len(self.workers), self.settings.max_batch_size)
         state = _JobState(on_partial=on_partial)
-        for i, piece_job in enumerate(job.split(batch)):
+        for i, piece_job in enumerate(pieces):
             piece = _Piece(Task(next(self.task_ids), piece_job), self.loop.create_future(), state, offset=i * batch)
             state.pieces.append(piece)
             self.pending.append(piece)
         state.undispatched = len(state.pieces)
         self.waiting_jobs += 1
         self._dispatch()
-        futures = [piece.future for piece in state.pieces]
         try:
-            done, not_done = await asyncio.wait(
-                futures, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
-            )
-            if not_done:
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is None:
-                    raise TaskTimeout()
-                raise failed.exception()
-            results: list[TaskResult] = [f.result() for f in futures]
+            results: list[TaskResult] = await wait_all([piece.future for piece in state.pieces], deadline)
         except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
             self._cancel(state)
             raise

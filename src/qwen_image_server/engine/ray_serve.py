@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import re
 import threading
@@ -26,9 +25,10 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..config import Settings
-from ..errors import InferenceFailed, QueueFull, TaskCancelled, TaskTimeout
+from ..errors import InferenceFailed, QueueFull, TaskCancelled
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
+from .pieces import split_for, wait_all
 from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ class RayEngine:
         self._budgets[model_id].check()
 
     async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
-        batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
-        streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in job.split(batch)]
+        batch, pieces = split_for(job, replicas, self.settings.max_batch_size)
+        streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in pieces]
 
         async def collect(stream, offset: int) -> TaskResult:
             async for item in stream:
@@ -157,13 +157,7 @@ class RayEngine:
 
         tasks = [asyncio.ensure_future(collect(stream, i * batch)) for i, stream in enumerate(streams)]
         try:
-            done, pending = await asyncio.wait(
-                tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
-            )
-            if pending:
-                failed = next((t for t in done if t.exception() is not None), None)
-                raise failed.exception() if failed else TaskTimeout()
-            results = [t.result() for t in tasks]
+            results = await wait_all(tasks, deadline)
         except BaseException as exc:
             for stream in streams:
                 # cancel() fetches the call's outcome first and re-raises a refused call's error
