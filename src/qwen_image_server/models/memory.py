@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .profile import ProfileError
+from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class MemoryMode:
     offload: str = "none"
     placement: dict[str, str] = field(default_factory=dict)  # component -> where it was loaded
     fp8_components: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()  # components that are another model's, in this process (models/shared.py)
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, device: str) -> MemoryMode:
@@ -86,6 +88,8 @@ class MemoryMode:
         out: dict = {"weights_dtype": self.weights_dtype, "offload": self.offload, "placement": dict(self.placement)}
         if self.fp8_components:
             out["fp8_components"] = list(self.fp8_components)
+        if self.shared:
+            out["shared_components"] = list(self.shared)
         out.update(cuda_memory(self.device))
         return out
 
@@ -122,10 +126,12 @@ def cuda_memory(device: str) -> dict:
     }
 
 
-def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs: dict):
+def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs: dict, shared: ComponentCache | None = None):
     """Load ``spec``'s pipeline with ``mode``: each model component straight to where it lives, then the rest.
 
-    ``kwargs`` are the other ``from_pretrained`` arguments (revision, processor...).
+    ``kwargs`` are the other ``from_pretrained`` arguments (revision, processor...). With
+    ``shared``, a text encoder or VAE that another model of this process loaded from the
+    same files, in the same way, is that model's module (``models/shared.py``).
     """
     from diffusers import DiffusionPipeline
 
@@ -133,8 +139,28 @@ def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs:
     loaded: dict = {}
     for name in _model_components(index):
         library, class_name = index[name]
+        key = None
+        if shared is not None and name in SHAREABLE:
+            key = shared.key(
+                component_folder(spec.source, spec.revision, name),
+                name,
+                dtype=str(dtype),
+                device=mode.load_device(name),
+                weights_dtype=mode.weights_dtype,
+                offload=mode.offload,
+            )
+            module = shared.get(spec.id, key)
+            if module is not None:
+                loaded[name] = module
+                mode.placement[name] = mode.load_device(name)
+                if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
+                    mode.fp8_components += (name,)
+                mode.shared += (name,)
+                continue
         loaded[name] = _load_component(spec, name, library, class_name, dtype, mode.load_device(name))
         component_loaded(name, loaded[name], mode, dtype)
+        if shared is not None:
+            shared.put(key, loaded[name])
     pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs, **loaded)
     apply_offload(pipe, mode)
     return pipe
@@ -230,6 +256,9 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
     from diffusers import ModelMixin
     from diffusers.hooks import apply_group_offloading
 
+    if getattr(module, "_qis_group_offloaded", False):  # a component shared with a model loaded before
+        return
+    module._qis_group_offloaded = True  # type: ignore[assignment]
     cuda = device.startswith("cuda")
     options = dict(
         onload_device=torch.device(device),

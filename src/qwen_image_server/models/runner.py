@@ -22,6 +22,7 @@ from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
 from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
 from .processor import load_processor
+from .shared import ComponentCache
 from .spec import ModelSpec
 from .speed import apply_speed_settings
 from .step_cache import StepCache, denoising_steps, parse_policy
@@ -89,7 +90,7 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
 class PipelineRunner:
     """Owns one loaded pipeline (and variants built from its components) on one device."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", shared: ComponentCache | None = None):
         self.spec = spec
         self.device = resolve_device(device)
         self.determinism = apply_determinism(spec.profile.deterministic)  # before this process's first cuBLAS call
@@ -104,7 +105,9 @@ class PipelineRunner:
         if spec.is_random:  # a packaged architecture, built on the device with random weights
             self.pipe = build_random(spec, self.memory, self.dtype)
         else:
-            self.pipe = load_pipeline(spec, self.memory, self.dtype, kwargs)  # each component straight to where it lives
+            # each component straight to where it lives; with ``shared``, a text encoder or VAE another model of
+            # this process loaded from the same files is reused
+            self.pipe = load_pipeline(spec, self.memory, self.dtype, kwargs, shared)
         self.pipe.set_progress_bar_config(disable=True)
         self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
