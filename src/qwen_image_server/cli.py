@@ -91,6 +91,14 @@ def serve(
     queue_size: Annotated[int | None, typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
     task_timeout: Annotated[float | None, typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call.")] = None,
+    share_components: Annotated[
+        bool | None,
+        typer.Option(
+            "--share-components/--no-share-components",
+            help="One worker process per slot serves every model; identical text encoders and VAEs load once "
+            "[QIS_SHARE_COMPONENTS].",
+        ),
+    ] = None,
     cpu_threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker [QIS_CPU_THREADS].")] = None,
     image_output_dir: Annotated[Path | None, typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
     image_url_prefix: Annotated[str | None, typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="Images of one request run together in one pipeline call, at most this many. "
         "1 keeps every image identical to a single-image request with its seed.",
     )
+    share_components: bool = Field(
+        default=False,
+        description="Worker slot i of every model is one process: models take turns on its device, and text encoders "
+        "and VAEs with the same files are loaded once (models/shared.py).",
+    )
     cpu_threads: int | None = Field(
         default=None, ge=1, description="Torch threads per CPU worker; default: the machine's cores shared among CPU workers."
     )

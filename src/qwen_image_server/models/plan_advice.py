@@ -39,27 +39,55 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
     """
     model, slot = failed[0], failed[1]
     device = failed[3] if len(failed) > 3 else None
-    fp = plan.footprints[model]
     where = f" on {device}" if device else ""
-    head = (
-        f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers}){where}: "
-        f"each worker needs {_gib(fp.total)} ({_needs(fp)})"
-    )
+    if model not in plan.footprints:  # a worker process that serves every model (--share-components)
+        need = failed[2] or 0
+        members = ", ".join(spec.id for spec in specs)
+        head = (
+            f"not enough GPU memory for models {members} in one worker process (--share-components; worker "
+            f"{slot + 1} of {settings.workers}){where}: each process needs {_gib(need)} (text encoders and VAEs "
+            "with the same files counted once)"
+        )
+        fp = None
+    else:
+        fp = plan.footprints[model]
+        need = fp.total
+        head = (
+            f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers}){where}: "
+            f"each worker needs {_gib(fp.total)} ({_needs(fp)})"
+        )
     gpus = []
     for gpu in plan.gpus:
         here = [p for p in placed if p.device == gpu.device and (p.model, p.slot) != (model, slot)]
         free = "? free" if gpu.free is None else f"{_gib(gpu.free)} free of {_gib(gpu.total or gpu.free)}"
         held = f", planned there: {', '.join(f'{p.name} {_gib(p.need or 0)}' for p in here)}" if here else ""
         gpus.append(f"{gpu.device} {gpu.name}: {free}{held}".replace("  ", " "))
-    suggestions = suggest(model, specs, settings, fits)
+    suggestions = suggest(model, specs, settings, fits) if fp is not None else suggest_for_all(specs, settings, fits)
     lines = [head, "GPUs: " + "; ".join(gpus)]
     if suggestions:
         lines.append("Would fit: " + "; ".join(suggestions))
     else:
         lines.append("No single flag makes it fit.")
     largest = max((g.free or 0 for g in plan.gpus), default=0)
-    lines.append(f"Or serve {model} on another GPU with at least {_gib(fp.total)} free (the most free here: {_gib(largest)}).")
+    what = f"serve {model} on another GPU" if fp is not None else "serve these models on a GPU"
+    lines.append(f"Or {what} with at least {_gib(need)} free (the most free here: {_gib(largest)}).")
     return "\n".join(lines)
+
+
+def suggest_for_all(specs, settings, fits) -> list[str]:
+    """Flags that make a plan of shared worker processes fit: a profile setting for every model, fewer workers."""
+    out: list[str] = []
+    for key, value, flag in _PROFILE_CHANGES:
+        everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
+        if all(getattr(spec.profile, key) == value for spec in specs):
+            continue
+        if fits(profiles=everyone)[0]:
+            out.append(f"{flag} {value} (for every model)")
+    for workers in range(settings.workers - 1, 0, -1):
+        if fits(workers=workers)[0]:
+            out.append(f"--workers {workers}")
+            break
+    return out
 
 
 def suggest(model: str, specs, settings, fits) -> list[str]:
@@ -91,6 +119,8 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
         if ok:
             out.append(f"--workers {workers}")
             break
+    if len(specs) > 1 and not getattr(settings, "share_components", False) and fits(share=True)[0]:
+        out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:
         out.append("--device auto (places the workers by free memory)")
     if not out:  # two changes: a profile setting for every model and a smaller largest image

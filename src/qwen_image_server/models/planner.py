@@ -69,6 +69,7 @@ class Plan:
     unknown: dict[str, str]  # model id -> why its estimate is unknown
     gpus: list[Gpu]
     placements: list[Placement] = field(default_factory=list)
+    shared_processes: bool = False  # --share-components: slot i of every model is one worker process
 
     def devices(self, model: str) -> list[str]:
         """The device of each worker slot of ``model``, in slot order."""
@@ -126,6 +127,11 @@ class Plan:
             room = f", {human(gpu.free - planned)} headroom" if gpu.free is not None else ""
             head = f"{gpu.device} {gpu.name}".strip()
             lines.append(f"{head} ({_gib_text(gpu.free)} free of {_gib_text(gpu.total)}): {names}{room}")
+        if self.shared_processes:
+            lines.append(
+                "one worker process per slot serves every model (--share-components): a text encoder or VAE with the "
+                "same files is counted for the first model only, the working memory and process once"
+            )
         others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus})
         for device in others:
             names = ", ".join(p.name for p in self.placements if p.device == device)
@@ -241,6 +247,69 @@ def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[
     return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
 
 
+#: The name of a group of models served by one worker process (``--share-components``).
+GROUP_SEPARATOR = "+"
+
+
+def shared_keys(specs) -> dict[tuple[str, str], tuple]:
+    """``{(model, component): key}`` of the text encoders and VAEs that can be shared (``models/shared.py``):
+    equal keys are one copy in a process. Local folders and hub caches only; others count whole."""
+    from .shared import SHAREABLE, ComponentCache, cached_component_folder
+
+    keys = {}
+    for spec in specs:
+        for name in SHAREABLE:
+            folder = cached_component_folder(spec.source, spec.revision, name)
+            options = {"weights_dtype": spec.profile.weights_dtype, "offload": spec.profile.offload}
+            key = ComponentCache.key(folder, name, dtype="run", device="worker", **options)
+            if key is not None:
+                keys[(spec.id, name)] = key
+    return keys
+
+
+def group_needs(specs, footprints: dict[str, Footprint], keys: dict[tuple[str, str], tuple]) -> dict[str, int | None]:
+    """What each model adds to one process serving all of ``specs``: its own weights, the shared components
+    only for the first model that has them, and the working memory and process overhead for the first model
+    (the models of a process run one at a time: the largest working memory counts once)."""
+    if any(spec.id not in footprints for spec in specs):
+        return {spec.id: (footprints[spec.id].total if spec.id in footprints else None) for spec in specs}
+    seen: set[tuple] = set()
+    work = max(max(fp.activations, fp.text_encoder_work) for fp in footprints.values() if fp.model in {s.id for s in specs})
+    overhead = max(footprints[spec.id].overhead for spec in specs)
+    out: dict[str, int | None] = {}
+    for index, spec in enumerate(specs):
+        fp = footprints[spec.id]
+        weights = 0
+        for name, size in fp.components.items():
+            key = keys.get((spec.id, name))
+            if key is not None and key in seen:
+                continue
+            if key is not None:
+                seen.add(key)
+            weights += size
+        out[spec.id] = weights + (work + overhead if index == 0 else 0)
+    return out
+
+
+def _group_slots(specs, footprints, workers: int, keys) -> list[tuple[str, int, int | None]]:
+    """One slot per worker process that serves every model (``--share-components``)."""
+    needs = group_needs(specs, footprints, keys)
+    total = None if any(n is None for n in needs.values()) else sum(n or 0 for n in needs.values())
+    name = GROUP_SEPARATOR.join(spec.id for spec in specs)
+    return [(name, slot, total) for slot in range(workers)]
+
+
+def _expand(placed: list[Placement], specs, needs: dict[str, int | None]) -> list[Placement]:
+    """Group placements as one placement per model, each with what it adds to its process."""
+    out = []
+    for p in placed:
+        if GROUP_SEPARATOR not in p.model or p.model in needs:
+            out.append(p)
+            continue
+        out += [Placement(spec.id, p.slot, p.device, needs[spec.id]) for spec in specs]
+    return sorted(out, key=lambda p: (p.model, p.slot))
+
+
 def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True) -> tuple[list[Placement], tuple | None]:
     """Place worker slots ``(model, slot, need)`` on ``gpus``; returns the placements and the first slot
     that found no room (None when all fit). Largest first; unknown needs last, on the emptiest GPU."""
@@ -309,9 +378,10 @@ def make_plan(
             unknown[spec.id] = str(exc)
             log.warning("memory estimate of %s unknown: %s", spec.id, exc)
     setting = settings.device.strip()
+    keys = shared_keys(specs) if getattr(settings, "share_components", False) and len(specs) > 1 else None
     if setting == "cpu":
         fps = _footprints(specs, tensors, settings, on_gpu=False)
-        return Plan(fps, unknown, [], [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)])
+        return Plan(fps, unknown, [], _cpu_placements(specs, fps, settings, keys), shared_processes=keys is not None)
     gpus = discover()
     if gpus is None:
         gpus = _count_gpus_in_process()
@@ -319,25 +389,40 @@ def make_plan(
         if setting == "cuda":
             raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
         fps = _footprints(specs, tensors, settings, on_gpu=False)
-        return Plan(fps, unknown, [], [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)])
+        return Plan(fps, unknown, [], _cpu_placements(specs, fps, settings, keys), shared_processes=keys is not None)
     from .plan_advice import refusal  # the message and its suggestions
 
     fps = _footprints(specs, tensors, settings, on_gpu=True)
-    plan = Plan(fps, unknown, gpus)
-    placed, failed = _arrange(specs, fps, settings, gpus)
+    plan = Plan(fps, unknown, gpus, shared_processes=keys is not None)
+    placed, failed = _arrange(specs, fps, settings, gpus, keys)
     if failed is None:
         plan.placements = placed
         return plan
     plan.placements = placed  # what did fit, for the table
     if isinstance(failed, str):
         raise PlanError(failed, plan)
-    message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, **kw))
+    message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, keys, **kw))
     raise PlanError(message, plan)
 
 
-def _arrange(specs, fps, settings, gpus):
-    """Placements and the failed slot (or an error text) for the device setting."""
-    slots = _slots(specs, fps, settings.workers)
+def _cpu_placements(specs, fps, settings, keys) -> list[Placement]:
+    if keys is None:
+        return [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)]
+    slots = _group_slots(specs, fps, settings.workers, keys)
+    return _expand([Placement(m, s, "cpu", n) for m, s, n in slots], specs, group_needs(specs, fps, keys))
+
+
+def _arrange(specs, fps, settings, gpus, keys=None):
+    """Placements and the failed slot (or an error text) for the device setting; with ``keys``
+    (``--share-components``) slot ``i`` of every model is one process, placed as one."""
+    slots = _slots(specs, fps, settings.workers) if keys is None else _group_slots(specs, fps, settings.workers, keys)
+    placed, failed = _arrange_slots(slots, settings, gpus)
+    if keys is not None:
+        placed = _expand(placed, specs, group_needs(specs, fps, keys))
+    return placed, failed
+
+
+def _arrange_slots(slots, settings, gpus):
     setting = settings.device.strip()
     if setting not in ("auto", "cuda"):
         return _check_explicit(slots, [d for d in setting.split(",") if d.strip()], gpus)
@@ -350,13 +435,15 @@ def _arrange(specs, fps, settings, gpus):
 
 
 def _fits(
-    specs, tensors, settings, gpus, profiles=None, workers=None, max_side=None, device=None
+    specs, tensors, settings, gpus, keys=None, profiles=None, workers=None, max_side=None, device=None, share=False
 ) -> tuple[bool, dict[str, Footprint]]:
     """Whether the plan fits with some settings changed (for the refusal's suggestions)."""
+    if share and keys is None:
+        keys = shared_keys(specs)
     changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("device", device)) if v is not None})
     if max_side is not None:
         sides = {"max_image_side": max_side, "min_image_side": min(settings.min_image_side, max_side)}
         changed = changed.model_copy(update=sides)
     fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
-    placed, failed = _arrange(specs, fps, changed, gpus)
+    placed, failed = _arrange(specs, fps, changed, gpus, keys)
     return failed is None, fps

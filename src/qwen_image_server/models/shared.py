@@ -149,3 +149,17 @@ def component_folder(source: str, revision: str | None, name: str) -> Path | Non
     except Exception as exc:  # offline without a cache, a gated repo...: load it unshared
         log.info("cannot locate %s of %s to compare it with other models: %s", name, source, exc)
         return None
+
+
+def cached_component_folder(source: str, revision: str | None, name: str) -> Path | None:
+    """Like ``component_folder``, without downloading: a model folder's, else the hub cache's (for the planner)."""
+    if source.startswith("random:"):
+        return None
+    if Path(source).is_dir():
+        return Path(source) / name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=revision, allow_patterns=[f"{name}/*"], local_files_only=True)) / name
+    except Exception:  # not in the cache: counted whole
+        return None

@@ -1,0 +1,94 @@
+"""Planning with --share-components: one worker process per slot serves every model, shared weights counted once."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from qwen_image_server.config import Settings
+from qwen_image_server.models.footprint import GIB
+from qwen_image_server.models.planner import Gpu, PlanError, make_plan
+from qwen_image_server.models.spec import resolve_models
+from qwen_image_server.models.weights_files import from_counts
+
+FULL_SIZE = {"transformer": 20.4e9, "text_encoder": 8.3e9, "vae": 0.13e9}  # Qwen-Image's parameters
+
+
+@pytest.fixture(autouse=True)
+def hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIS_FINGERPRINT_CACHE", str(tmp_path / "fingerprints.json"))
+
+
+def _full_size(spec):
+    """Every model sized as full-size Qwen-Image (the folders are tiny; their files decide what is shared)."""
+    return from_counts(FULL_SIZE)
+
+
+def _gpu(gib: float) -> Gpu:
+    return Gpu("cuda:0", "test GPU", int(gib * GIB), int(gib * GIB))
+
+
+def _specs(t2i, edit_plus, **profile):
+    flags = {key: [value] for key, value in profile.items()}
+    return resolve_models([("qwen-image", str(t2i)), ("qwen-image-edit", str(edit_plus))], flags)
+
+
+def _plan(specs, gib=64.0, **settings):
+    return make_plan(specs, Settings(max_image_side=1328, **settings), discover=lambda: [_gpu(gib)], reader=_full_size)
+
+
+def test_two_fp8_models_fit_one_card_only_with_one_text_encoder(tiny_t2i, tiny_edit_plus):
+    specs = _specs(tiny_t2i, tiny_edit_plus, weights_dtype="fp8")
+    with pytest.raises(PlanError) as refused:
+        _plan(specs)
+    assert "--share-components (one worker process serves every model" in str(refused.value)
+    plan = _plan(specs, share_components=True)
+    assert plan.devices("qwen-image") == plan.devices("qwen-image-edit") == ["cuda:0"]
+    need = {p.model: p.need for p in plan.placements}
+    one = plan.footprints["qwen-image"]
+    # the second model adds its transformer only: the text encoder and VAE files are the same
+    assert need["qwen-image-edit"] == plan.footprints["qwen-image-edit"].components["transformer"]
+    work = max(max(fp.activations, fp.text_encoder_work) for fp in plan.footprints.values())
+    assert need["qwen-image"] == one.weights + work + one.overhead
+    assert "--share-components" in plan.table()
+
+
+def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):
+    other = tmp_path / "edit-retrained"
+    shutil.copytree(tiny_edit_plus, other)
+    for file in (other / "text_encoder").glob("*.safetensors"):
+        tensors = load_file(file)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] * 2
+        file.unlink()
+        save_file(tensors, file, metadata={"format": "pt"})
+    plan = _plan(_specs(tiny_t2i, other, weights_dtype="fp8"), gib=200, share_components=True)
+    need = {p.model: p.need for p in plan.placements}
+    second = plan.footprints["qwen-image-edit"].components
+    assert need["qwen-image-edit"] == second["transformer"] + second["text_encoder"]  # only the VAE is shared
+
+
+def test_a_shared_process_that_does_not_fit_is_refused_naming_every_model(tiny_t2i, tiny_edit_plus):
+    specs = _specs(tiny_t2i, tiny_edit_plus)  # bf16: two 38 GiB transformers
+    with pytest.raises(PlanError) as refused:
+        _plan(specs, gib=80, share_components=True)
+    text = str(refused.value)
+    assert text.startswith("not enough GPU memory for models qwen-image, qwen-image-edit in one worker process")
+    assert "--weights-dtype fp8 (for every model)" in text
+    assert "Or serve these models on a GPU with at least 99.3 GiB free" in text
+    # the suggestion holds
+    assert _plan(_specs(tiny_t2i, tiny_edit_plus, weights_dtype="fp8"), gib=80, share_components=True).placements
+
+
+def test_shared_processes_on_the_cpu_and_per_slot(tiny_t2i, tiny_edit_plus):
+    specs = _specs(tiny_t2i, tiny_edit_plus)
+    cpu = make_plan(specs, Settings(device="cpu", workers=2, share_components=True), reader=_full_size)
+    assert cpu.devices("qwen-image") == cpu.devices("qwen-image-edit") == ["cpu", "cpu"]
+    two = make_plan(_specs(tiny_t2i, tiny_edit_plus, weights_dtype="fp8"), Settings(workers=2, share_components=True, max_image_side=1328),
+                    discover=lambda: [Gpu("cuda:0", "a", 64 * GIB, 64 * GIB), Gpu("cuda:1", "b", 64 * GIB, 64 * GIB)],
+                    reader=_full_size)  # fmt: skip
+    # slot i of both models is one process on one GPU; the two slots spread over the GPUs
+    assert two.devices("qwen-image") == two.devices("qwen-image-edit")
+    assert sorted(two.devices("qwen-image")) == ["cuda:0", "cuda:1"]
