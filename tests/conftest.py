@@ -301,10 +301,20 @@ def any_server(request):
 # --- markers ------------------------------------------------------------------------------------
 
 REAL_SERVER_FIXTURES = {"server", "start_server", "ray_serve", "ray_server", "any_server"}
+#: Unit modules whose tests load and run tiny pipelines (seconds each on a CPU, minutes in all).
+PIPELINE_MODULES = {
+    "test_attention", "test_cfg_batch", "test_compile", "test_determinism", "test_determinism_gpu", "test_fp8",
+    "test_lora_runtime", "test_memory", "test_memory_gpu", "test_models", "test_random_arch", "test_shared_components",
+    "test_step_cache", "test_bench_gpu",
+}  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
-    """Every test in tests/e2e, and every test that starts a real server, is ``e2e`` (``-m "not e2e"`` skips them)."""
+    """``e2e`` marks what runs the real thing: a test in tests/e2e, one on a real server, one that runs tiny
+    pipelines, or one that starts the command line in a process (``test_cli_*``, ``test_plan_command*``).
+    ``-m "not e2e"`` is the fast rest: pure logic and the in-process API on the fake engine."""
     for item in items:
-        if "e2e" in item.path.parts or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        real = "e2e" in item.path.parts or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        real = real or item.path.stem in PIPELINE_MODULES or item.name.startswith(("test_cli_", "test_plan_command"))
+        if real:
             item.add_marker(pytest.mark.e2e)
