@@ -6,10 +6,9 @@ import inspect
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -185,7 +184,7 @@ def plan(**options) -> None:
     typer.echo("the plan fits")
 
 
-plan.__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
+cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
 plan.__annotations__ = dict(serve.__annotations__)
 app.command("plan")(plan)
 
@@ -245,4 +244,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -40,8 +40,8 @@ def error_response(
 def _request_id(fallback: str | None = None) -> dict:
     from .security import request_id_var
 
-    request_id = request_id_var.get()
-    request_id = fallback if request_id == "-" else request_id
+    current = request_id_var.get()
+    request_id = fallback if current == "-" else current
     return {"request_id": request_id} if request_id else {}
 
 

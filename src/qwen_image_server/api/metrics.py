@@ -186,7 +186,7 @@ class EngineCollector:
     def collect(self):
         try:
             status = self._status()
-            gpus = getattr(self.engine, "gpus", lambda: [])() or []
+            gpus: list[dict] = getattr(self.engine, "gpus", list)() or []
         except Exception:  # a scrape never fails because the engine could not answer
             log.exception("reading the engine's state for /metrics failed")
             return

@@ -120,8 +120,8 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
     run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
     run.add_done_callback(lambda _: events.put_nowait(None))
     await asyncio.sleep(0)  # let the engine accept or refuse the job before the status line is sent
-    if run.done() and run.exception() is not None:
-        raise run.exception()
+    if run.done() and (failure := run.exception()) is not None:
+        raise failure
     kind, job = prepared.event, prepared.job
     echo = {"output_format": job.output_format, "quality": prepared.req.quality or "auto", "background": "opaque"}
 

@@ -178,10 +178,8 @@ class _ModelPool:
                 futures, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
             )
             if not_done:
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is None:
-                    raise TaskTimeout()
-                raise failed.exception()
+                failure = next((exc for f in done if (exc := f.exception()) is not None), None)
+                raise failure or TaskTimeout()
             results: list[TaskResult] = [f.result() for f in futures]
         except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
             self._cancel(state)

@@ -21,6 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -123,7 +124,7 @@ class RayEngine:
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout
         handle = self.handles[model_id]
-        replicas = max(1, self.settings.ray_max_replicas)
+        replicas = self._replicas()
         self.admit(model_id)
         self._in_flight[model_id] += 1
         try:
@@ -134,12 +135,16 @@ class RayEngine:
 
     def admit(self, model_id: str) -> None:
         """Refuse at once when the model's jobs fill its replicas and queue, or its pixel budget."""
-        replicas = max(1, self.settings.ray_max_replicas)
+        replicas = self._replicas()
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size:
             raise QueueFull(retry_after=retry_after(self.settings))
         self._budgets[model_id].check()
+
+    def _replicas(self) -> int:
+        # Settings always sets ray_max_replicas (default: --workers); None only on an unchecked Settings.
+        return max(1, self.settings.ray_max_replicas or 1)
 
     async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
         batch = max(1, min(self.settings.max_batch_size, math.ceil(job.n / replicas)))  # spread over replicas
@@ -161,8 +166,8 @@ class RayEngine:
                 tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
             )
             if pending:
-                failed = next((t for t in done if t.exception() is not None), None)
-                raise failed.exception() if failed else TaskTimeout()
+                failure = next((exc for f in done if (exc := f.exception()) is not None), None)
+                raise failure or TaskTimeout()
             results = [t.result() for t in tasks]
         except BaseException as exc:
             for stream in streams:
@@ -181,7 +186,7 @@ class RayEngine:
             return self._ready_cache[1], self._ready_cache[2]
         try:
             app = serve.status().applications[self.app_name]
-            deployments = {
+            deployments: dict[str, Any] = {
                 name: {
                     "status": str(d.status.value if hasattr(d.status, "value") else d.status),
                     "replicas": dict(d.replica_states),
@@ -248,7 +253,6 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
     bound = []
     for index, spec in enumerate(specs):
         deployment = serve.deployment(
-            ModelReplica,
             name=deployment_name(index, spec),
             ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
             max_ongoing_requests=1,
@@ -261,7 +265,7 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
             health_check_period_s=2,
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,
-        )
+        )(ModelReplica)
         device = "cuda" if gpus else "cpu"
         bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads))
 
@@ -277,8 +281,8 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
         def __init__(self, *model_handles):
             self.model_handles = model_handles  # keeps the model deployments in this application
 
-    ingress = serve.deployment(
-        serve.ingress(build_ingress_app)(Ingress), name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    ingress = serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})(
+        serve.ingress(build_ingress_app)(Ingress)
     )
     return ingress.bind(*bound)
 

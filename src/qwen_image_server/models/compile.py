@@ -60,7 +60,7 @@ def warm_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
     names = names or (str(spec.options.get("default_size", DEFAULT_SIZE)),)
     up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731
     sizes = [tuple(up(int(v)) for v in name.lower().split("x")) for name in names]
-    return list(dict.fromkeys(sizes))  # type: ignore[arg-type]
+    return list(dict.fromkeys(sizes))
 
 
 def warm_jobs(spec: ModelSpec, sizes: list[tuple[int, int]]) -> list[Job]:

@@ -75,7 +75,7 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
     before the next one is opened.
     """
     arrays: list[np.ndarray] = []
-    first_size = None
+    first_size: tuple[int, int] | None = None
     for upload in images:
         image = open_image(upload.data, upload.param, max_input_pixels)
         width, height = image.size
@@ -90,8 +90,9 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
         return Decoded(arrays, None)
     mask_image = open_image(mask.data, mask.param, max_input_pixels)
     if mask_image.size != first_size:
+        image_width, image_height = first_size or (0, 0)  # the service sends a mask only with an image
         raise InvalidImage(
-            f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {first_size[0]}x{first_size[1]}; "
+            f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {image_width}x{image_height}; "
             "they must be the same size",
             param="mask",
         )
