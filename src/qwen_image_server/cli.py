@@ -205,9 +205,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     if settings.engine == "ray":
-        from .engine import ray_serve
+        from . import ray_app
 
-        ray_serve.run(settings, specs)
+        ray_app.run(settings, specs)
         return
     from .models.planner import make_plan
 

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
-from ..engine.types import JobResult
+from ..jobs import JobResult
 from ..serving.service import ImageService, Prepared
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
+from ..images import b64
+from ..jobs import JobResult
 from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
-from ..serving.images import b64
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES
 from .errors import error_body

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest
-from ..serving.images import decode_base64_image
+from ..images import decode_base64_image
 from ..serving.service import Upload
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled, TaskTimeout
+from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
-from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,10 @@
 One deployment per served model (one replica per GPU, one pipeline call at a
 time per replica, a bounded queue, autoscaling between min and max replicas),
 and an ingress deployment that runs the very same FastAPI app as the embedded
-engine (``create_app``) with a ``RayEngine`` behind ``EngineClient``. Replicas
-return encoded image bytes. Timeouts and client disconnects cancel the replica
-call; the replica stops its pipeline at the next denoising step.
+engine (``create_app``, passed in by ``ray_app.py``) with a ``RayEngine`` behind
+``EngineClient``. Replicas return encoded image bytes. Timeouts and client
+disconnects cancel the replica call; the replica stops its pipeline at the next
+denoising step.
 
 Importing this module needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 """
@@ -28,9 +29,9 @@ from ray.serve.exceptions import BackPressureError
 
 from ..config import Settings
 from ..errors import InferenceFailed, QueueFull, TaskCancelled, TaskTimeout
+from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
-from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class ModelReplica:
 
     async def run(self, task: Task):
         """Yield ``PartialImage`` previews while denoising, then the ``TaskResult``."""
-        from ..serving.images import encode_image
+        from ..images import encode_image
 
         loop = asyncio.get_running_loop()
         stop = threading.Event()
@@ -243,8 +244,13 @@ def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
     return InferenceFailed(f"{type(cause).__name__}: {cause}")
 
 
-def build_application(settings: Settings, specs: list[ModelSpec]):
-    """The Serve application: one deployment per model plus the FastAPI ingress."""
+#: Builds the ingress's ASGI app around its engine (``api.app.create_app``; passed in, as the engine
+#: layer does not import the API).
+AppFactory = Callable[[Settings, "RayEngine"], Any]
+
+
+def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
+    """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
     gpus = settings.ray_gpus_per_replica
     if gpus is None:
         import ray
@@ -270,10 +276,8 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
         bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads))
 
     def build_ingress_app():
-        from ..api.app import create_app
-
         # The application's name is chosen by whoever deploys it (serve run names it "default").
-        return create_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
+        return make_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
 
     class Ingress:
         """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""
@@ -285,25 +289,3 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
         serve.ingress(build_ingress_app)(Ingress)
     )
     return ingress.bind(*bound)
-
-
-def app_builder(args: dict):
-    """Entry point for ``serve run`` / ``serve deploy``: ``import_path: qwen_image_server.engine.ray_serve:app_builder``.
-
-    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
-    environment variables work as for ``qwen-image-server serve``.
-    """
-    from ..models.spec import resolve_configured
-
-    settings = Settings(**{**dict(args or {}), "engine": "ray"})
-    return build_application(settings, resolve_configured(settings))
-
-
-def run(settings: Settings, specs: list[ModelSpec]) -> None:
-    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
-    import ray
-
-    ray.init(address=settings.ray_address, ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = build_application(settings, specs)
-    serve.run(app, name=settings.ray_app_name, route_prefix="/", blocking=True)

@@ -21,7 +21,7 @@ import time
 import traceback
 
 from ..errors import TaskCancelled
-from .types import EncodedImage, PartialImage, Task, TaskResult
+from ..jobs import EncodedImage, PartialImage, Task, TaskResult
 
 log = logging.getLogger("qwen_image_server.worker")
 
@@ -112,7 +112,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
     to_encode: queue.Queue = queue.Queue()
 
     def encode() -> None:
-        from ..serving.images import encode_image
+        from ..images import encode_image
 
         def encoded(job, seed, image) -> EncodedImage:
             return EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)

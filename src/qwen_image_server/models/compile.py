@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..engine.types import Job
+from ..jobs import Job
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from ..engine.types import Job
 from ..errors import TaskCancelled
+from ..jobs import Job
 from .compile import compile_and_warm, logged_compiles
 from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
@@ -232,7 +232,7 @@ class PipelineRunner:
         if job.mode == "inpaint":
             original, mask = kwargs["image"], kwargs["mask_image"]
             if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
-                from ..serving.inputs import full_size_inpaint
+                from ..images import full_size_inpaint
 
                 original, mask = full_size_inpaint(job.inpaint_source)
             size = (job.out_width, job.out_height) if job.out_width and job.out_height else original.size

@@ -9,7 +9,7 @@ Three rules keep a burst of large uploads from filling the API process:
   pixels the pipeline works at (never enlarged, aspect kept), so a queued job holds
   megapixels, not the 16 of a 4096² upload.
 - Mask edits whose inputs were shrunk keep the uploaded image and mask bytes
-  (``Job.inpaint_source``); the worker decodes them again (``full_size_inpaint``) to
+  (``Job.inpaint_source``); the worker decodes them again (``images.full_size_inpaint``) to
   paste the original back at its own size outside the mask.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidImage
-from .images import mask_to_array, open_image, to_rgb_array
+from ..images import mask_to_array, open_image, to_rgb_array
 
 #: Input images may be at most this much longer than wide (or wider than long).
 MAX_INPUT_ASPECT = 8
@@ -104,15 +104,6 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
     if small == first_size:
         return Decoded(arrays, mask_array)
     return Decoded(arrays, shrink_mask(mask_array, small), inpaint_source=(images[0].data, mask.data))
-
-
-def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.Image]:
-    """The original image (RGB) and repaint mask (L) of a shrunk mask edit, decoded again from the uploads."""
-    image_data, mask_data = source
-    unlimited = 2**62  # the API process has already checked these uploads against its limits
-    image = Image.fromarray(to_rgb_array(open_image(image_data, "image", unlimited)))
-    mask = Image.fromarray(mask_to_array(open_image(mask_data, "mask", unlimited)))
-    return image, mask
 
 
 def default_decodes() -> int:
