@@ -43,7 +43,7 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
     """In this process: cap the GPU to ``card``, load ``model`` in ``mode``, time one image per step count."""
     import torch
 
-    from qwen_image_server.engine.types import Job
+    from qwen_image_server.jobs import Job
     from qwen_image_server.models.profile import RunProfile
     from qwen_image_server.models.runner import PipelineRunner
     from qwen_image_server.models.spec import resolve_model

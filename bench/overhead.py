@@ -131,10 +131,10 @@ def main() -> int:
 
     from qwen_image_server.cli import ensure_tiny_model
     from qwen_image_server.config import Settings
-    from qwen_image_server.engine.types import Job
+    from qwen_image_server.images import encode_image
+    from qwen_image_server.jobs import Job
     from qwen_image_server.models.runner import PipelineRunner
     from qwen_image_server.models.spec import resolve_model
-    from qwen_image_server.serving.images import encode_image
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

@@ -63,9 +63,9 @@ def main() -> int:
 
     from qwen_image_server.cli import ensure_tiny_model
     from qwen_image_server.config import Settings
-    from qwen_image_server.engine.ray_serve import build_application
     from qwen_image_server.models.spec import resolve_configured
     from qwen_image_server.models.tiny import TINY_MODEL_VERSION
+    from qwen_image_server.ray_app import build_application
 
     model_dir = Path(tempfile.gettempdir()) / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}"
     ensure_tiny_model(model_dir, "text-to-image")

@@ -250,8 +250,8 @@ class RayServe:
         from ray import serve
 
         from qwen_image_server.config import Settings
-        from qwen_image_server.engine.ray_serve import build_application
         from qwen_image_server.models.spec import resolve_configured
+        from qwen_image_server.ray_app import build_application
 
         s = Settings(
             models=models, engine="ray", ray_app_name=name, ray_gpus_per_replica=0, ray_cpus_per_replica=0.25, **settings

@@ -30,10 +30,10 @@ from PIL import Image
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.admission import PixelBudget, retry_after
-from qwen_image_server.engine.types import EncodedImage, Job, JobResult, PartialImage
 from qwen_image_server.errors import InferenceFailed, NotReady, QueueFull, TaskTimeout
+from qwen_image_server.images import encode_image
+from qwen_image_server.jobs import EncodedImage, Job, JobResult, PartialImage
 from qwen_image_server.models.spec import ModelSpec
-from qwen_image_server.serving.images import encode_image
 
 POLL_SECONDS = 0.005
 

@@ -6,10 +6,9 @@ import inspect
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -193,7 +192,7 @@ def plan(**options) -> None:
     typer.echo("the plan fits")
 
 
-plan.__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
+cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
 plan.__annotations__ = dict(serve.__annotations__)
 app.command("plan")(plan)
 
@@ -214,9 +213,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     if settings.engine == "ray":
-        from .engine import ray_serve
+        from . import ray_app
 
-        ray_serve.run(settings, specs)
+        ray_app.run(settings, specs)
         return
     from .models.planner import make_plan
 
@@ -253,4 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -278,9 +278,9 @@ class Settings(BaseSettings):
         if self.qwen_image_edit_location:
             entries.append((None, self.qwen_image_edit_location))
         seen: set[str] = set()
-        unique = []
-        for ident, source in entries:
-            if source not in seen:
-                seen.add(source)
-                unique.append((ident, source))
+        unique: list[tuple[str | None, str]] = []
+        for entry in entries:
+            if entry[1] not in seen:
+                seen.add(entry[1])
+                unique.append(entry)
         return unique

@@ -47,7 +47,7 @@ _RUN_EDIT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from qwen_image_server.engine.types import Job
+    from qwen_image_server.jobs import Job
     from qwen_image_server.models import processor, runner
     from qwen_image_server.models.spec import resolve_model
 

@@ -12,9 +12,10 @@ from PIL import Image
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.admission import PixelBudget, job_bytes
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import InvalidImage, NotReady, QueueFull
-from qwen_image_server.serving.inputs import DecodeGate, decode_inputs, fit_area, full_size_inpaint, shrink_mask
+from qwen_image_server.images import full_size_inpaint
+from qwen_image_server.jobs import Job
+from qwen_image_server.serving.inputs import DecodeGate, decode_inputs, fit_area, shrink_mask
 from qwen_image_server.serving.service import Upload
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.attention import AttentionBackendError, apply_attention_backend, backend_names
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job
 from qwen_image_server.models import cfg_batch
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner, edit_areas

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.compile import graph_count, raise_recompile_limits, warm_jobs, warm_sizes
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models import determinism
 from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile
 from qwen_image_server.models.runner import PipelineRunner

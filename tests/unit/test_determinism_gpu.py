@@ -15,7 +15,7 @@ _EDIT_TWICE = textwrap.dedent(
     import hashlib, sys
     from dataclasses import replace
     import numpy as np
-    from qwen_image_server.engine.types import Job
+    from qwen_image_server.jobs import Job
     from qwen_image_server.models.runner import PipelineRunner
     from qwen_image_server.models.spec import resolve_model
 

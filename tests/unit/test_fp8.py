@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models import fp8
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner

@@ -21,8 +21,8 @@ from PIL import Image
 from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import EncodedImage, JobResult, PartialImage, TaskResult
 from qwen_image_server.errors import QueueFull
+from qwen_image_server.jobs import EncodedImage, JobResult, PartialImage, TaskResult
 from qwen_image_server.models.spec import ModelSpec
 from qwen_image_server.protocol.images import EditRequest, VariationRequest
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_server.errors import InvalidImage
-from qwen_image_server.serving.images import decode_base64_image, encode_image, mask_to_array, open_image, to_rgb_array
+from qwen_image_server.images import decode_base64_image, encode_image, mask_to_array, open_image, to_rgb_array
 
 
 def _png(image: Image.Image) -> bytes:

@@ -3,8 +3,8 @@
 import pytest
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import InvalidRequest
+from qwen_image_server.jobs import Job
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService, Size
 

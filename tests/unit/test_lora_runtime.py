@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.lora_runtime import LoraSet
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.spec import resolve_configured

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.memory import OFFLOADED, MemoryMode, check_memory_modes, check_mode
 from qwen_image_server.models.profile import ProfileError, RunProfile
 from qwen_image_server.models.runner import PipelineRunner

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.spec import resolve_model

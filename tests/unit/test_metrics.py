@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import EncodedImage, JobResult, TaskResult
+from qwen_image_server.jobs import EncodedImage, JobResult, TaskResult
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelSpec
 

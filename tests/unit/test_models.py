@@ -6,8 +6,8 @@ import importlib
 import numpy as np
 import pytest
 
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.runner import PipelineRunner, edit_areas
 from qwen_image_server.models.spec import resolve_model
 from qwen_image_server.models.tiny import build_tiny_model

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from qwen_image_server.engine.pieces import split_for, wait_all
-from qwen_image_server.engine.types import Job
 from qwen_image_server.errors import InferenceFailed, TaskTimeout
+from qwen_image_server.jobs import Job
 
 
 @pytest.mark.parametrize(

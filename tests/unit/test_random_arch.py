@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import EncodedImage, Job, JobResult
+from qwen_image_server.jobs import EncodedImage, Job, JobResult
 from qwen_image_server.models.random_arch import build_components, init_random_, parameter_counts, text_encoder_config
 from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source
 from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_image_server.engine.types import Job
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.shared import ComponentCache, file_hash, fingerprint
 from qwen_image_server.models.spec import resolve_models

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.types import Job, JobResult, TaskResult
 from qwen_image_server.errors import InvalidRequest, TaskCancelled
+from qwen_image_server.jobs import Job, JobResult, TaskResult
 from qwen_image_server.models.profile import ProfileError, build_profile
 from qwen_image_server.models.spec import ModelConfigError, resolve_configured, resolve_model
 from qwen_image_server.models.step_cache import CachePolicyError, denoising_steps, parse_policy

@@ -74,7 +74,7 @@ class GuardedH11Protocol(H11Protocol):
         self._shutting_down = False
 
     # --- read timeouts ------------------------------------------------------------
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()
 

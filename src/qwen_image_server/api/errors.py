@@ -40,8 +40,8 @@ def error_response(
 def _request_id(fallback: str | None = None) -> str | None:
     from .security import request_id_var
 
-    request_id = request_id_var.get()
-    return fallback if request_id == "-" else request_id
+    current = request_id_var.get()
+    return fallback if current == "-" else current
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
 from ..engine.base import EngineClient
-from ..engine.types import JobResult
+from ..jobs import JobResult
 from ..serving.service import Prepared
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class EngineCollector:
     def collect(self):
         try:
             status = self._status()
-            gpus = getattr(self.engine, "gpus", lambda: [])() or []
+            gpus: list[dict] = getattr(self.engine, "gpus", list)() or []
         except Exception:  # a scrape never fails because the engine could not answer
             log.exception("reading the engine's state for /metrics failed")
             return

@@ -12,12 +12,12 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.types import JobResult
 from ..errors import InvalidRequest, NotFound, ServerError
+from ..images import b64
+from ..jobs import JobResult
 from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
-from ..serving.images import b64
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES
 from .errors import error_object
@@ -122,8 +122,8 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
     run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
     run.add_done_callback(lambda _: events.put_nowait(None))
     await asyncio.sleep(0)  # let the engine accept or refuse the job before the status line is sent
-    if run.done() and run.exception() is not None:
-        raise run.exception()
+    if run.done() and (failure := run.exception()) is not None:
+        raise failure
     kind = prepared.event
 
     async def generate():

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest
-from ..serving.images import decode_base64_image
+from ..images import decode_base64_image
 from ..serving.service import Upload
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
@@ -119,19 +119,22 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
     mask: Upload | None = None
     try:
         for key, value in form.multi_items():
-            is_file = isinstance(value, UploadFile)
             if _IMAGE_FIELD.match(key):
-                data = await value.read() if is_file else decode_base64_image(value, key)
-                images.append(Upload(data, key))
+                images.append(Upload(await _form_bytes(value, key), key))
             elif key == "mask":
-                mask = Upload(await value.read() if is_file else decode_base64_image(value, key), key)
-            elif not is_file:
+                mask = Upload(await _form_bytes(value, key), key)
+            elif isinstance(value, str):
                 fields[key] = value
             else:
                 raise InvalidRequest(f"unexpected file in field '{key}'", param=key)
     finally:
         await form.close()
     return fields, images, mask
+
+
+async def _form_bytes(value: UploadFile | str, key: str) -> bytes:
+    """An image form field's bytes: an uploaded file, or a base64 (or data URL) string."""
+    return await value.read() if isinstance(value, UploadFile) else decode_base64_image(value, key)
 
 
 def _json_image(value: object, param: str) -> Upload:

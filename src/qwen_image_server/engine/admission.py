@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from ..config import Settings
 from ..errors import QueueFull
-from .types import Job
+from ..jobs import Job
 
 
 def retry_after(settings: Settings) -> int:

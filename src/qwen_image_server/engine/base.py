@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from ..jobs import Job, JobResult, PartialImage
 from ..models.spec import ModelSpec
-from .types import Job, JobResult, PartialImage
 
 
 class EngineClient(Protocol):

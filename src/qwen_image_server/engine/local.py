@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled
+from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .types import Job, JobResult, PartialImage, Task, TaskResult
 from .worker import worker_main
 
 log = logging.getLogger(__name__)

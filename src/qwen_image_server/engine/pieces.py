@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from ..errors import TaskTimeout
-from .types import Job
+from ..jobs import Job
 
 T = TypeVar("T")
 

@@ -3,9 +3,10 @@
 One deployment per served model (one replica per GPU, one pipeline call at a
 time per replica, a bounded queue, autoscaling between min and max replicas),
 and an ingress deployment that runs the very same FastAPI app as the embedded
-engine (``create_app``) with a ``RayEngine`` behind ``EngineClient``. Replicas
-return encoded image bytes. Timeouts and client disconnects cancel the replica
-call; the replica stops its pipeline at the next denoising step.
+engine (``create_app``, passed in by ``ray_app.py``) with a ``RayEngine`` behind
+``EngineClient``. Replicas return encoded image bytes. Timeouts and client
+disconnects cancel the replica call; the replica stops its pipeline at the next
+denoising step.
 
 Importing this module needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 """
@@ -20,16 +21,17 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..config import Settings
 from ..errors import InferenceFailed, QueueFull, TaskCancelled
+from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .types import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class ModelReplica:
 
     async def run(self, task: Task):
         """Yield ``PartialImage`` previews while denoising, then the ``TaskResult``."""
-        from ..serving.images import encode_image
+        from ..images import encode_image
 
         loop = asyncio.get_running_loop()
         stop = threading.Event()
@@ -123,7 +125,7 @@ class RayEngine:
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout
         handle = self.handles[model_id]
-        replicas = max(1, self.settings.ray_max_replicas)
+        replicas = self._replicas()
         self.admit(model_id)
         self._in_flight[model_id] += 1
         try:
@@ -134,12 +136,16 @@ class RayEngine:
 
     def admit(self, model_id: str) -> None:
         """Refuse at once when the model's jobs fill its replicas and queue, or its pixel budget."""
-        replicas = max(1, self.settings.ray_max_replicas)
+        replicas = self._replicas()
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size:
             raise QueueFull(retry_after=retry_after(self.settings))
         self._budgets[model_id].check()
+
+    def _replicas(self) -> int:
+        # Settings always sets ray_max_replicas (default: --workers); None only on an unchecked Settings.
+        return max(1, self.settings.ray_max_replicas or 1)
 
     async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
         batch, pieces = split_for(job, replicas, self.settings.max_batch_size)
@@ -175,7 +181,7 @@ class RayEngine:
             return self._ready_cache[1], self._ready_cache[2]
         try:
             app = serve.status().applications[self.app_name]
-            deployments = {
+            deployments: dict[str, Any] = {
                 name: {
                     "status": str(d.status.value if hasattr(d.status, "value") else d.status),
                     "replicas": dict(d.replica_states),
@@ -232,8 +238,13 @@ def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
     return InferenceFailed(f"{type(cause).__name__}: {cause}")
 
 
-def build_application(settings: Settings, specs: list[ModelSpec]):
-    """The Serve application: one deployment per model plus the FastAPI ingress."""
+#: Builds the ingress's ASGI app around its engine (``api.app.create_app``; passed in, as the engine
+#: layer does not import the API).
+AppFactory = Callable[[Settings, "RayEngine"], Any]
+
+
+def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
+    """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
     gpus = settings.ray_gpus_per_replica
     if gpus is None:
         import ray
@@ -242,7 +253,6 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
     bound = []
     for index, spec in enumerate(specs):
         deployment = serve.deployment(
-            ModelReplica,
             name=deployment_name(index, spec),
             ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
             max_ongoing_requests=1,
@@ -255,15 +265,13 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
             health_check_period_s=2,
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,
-        )
+        )(ModelReplica)
         device = "cuda" if gpus else "cpu"
         bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads))
 
     def build_ingress_app():
-        from ..api.app import create_app
-
         # The application's name is chosen by whoever deploys it (serve run names it "default").
-        return create_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
+        return make_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
 
     class Ingress:
         """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""
@@ -271,29 +279,7 @@ def build_application(settings: Settings, specs: list[ModelSpec]):
         def __init__(self, *model_handles):
             self.model_handles = model_handles  # keeps the model deployments in this application
 
-    ingress = serve.deployment(
-        serve.ingress(build_ingress_app)(Ingress), name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    ingress = serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})(
+        serve.ingress(build_ingress_app)(Ingress)
     )
     return ingress.bind(*bound)
-
-
-def app_builder(args: dict):
-    """Entry point for ``serve run`` / ``serve deploy``: ``import_path: qwen_image_server.engine.ray_serve:app_builder``.
-
-    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
-    environment variables work as for ``qwen-image-server serve``.
-    """
-    from ..models.spec import resolve_configured
-
-    settings = Settings(**{**dict(args or {}), "engine": "ray"})
-    return build_application(settings, resolve_configured(settings))
-
-
-def run(settings: Settings, specs: list[ModelSpec]) -> None:
-    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
-    import ray
-
-    ray.init(address=settings.ray_address, ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = build_application(settings, specs)
-    serve.run(app, name=settings.ray_app_name, route_prefix="/", blocking=True)

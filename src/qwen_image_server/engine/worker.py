@@ -21,7 +21,7 @@ import time
 import traceback
 
 from ..errors import TaskCancelled
-from .types import EncodedImage, PartialImage, Task, TaskResult
+from ..jobs import EncodedImage, PartialImage, Task, TaskResult
 
 log = logging.getLogger("qwen_image_server.worker")
 
@@ -92,7 +92,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
     send(("ready", {**info, **memory()}))
     first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
 
-    inbox: queue.Queue = queue.Queue()
+    inbox: queue.Queue[Task | None] = queue.Queue()
     cancelled: set[int] = set()
 
     def receive() -> None:
@@ -112,7 +112,7 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
     to_encode: queue.Queue = queue.Queue()
 
     def encode() -> None:
-        from ..serving.images import encode_image
+        from ..images import encode_image
 
         def encoded(job, seed, image) -> EncodedImage:
             return EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
@@ -140,15 +140,17 @@ def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, lo
     encoder.start()
 
     while (task := inbox.get()) is not None:
-        task: Task
         task_id = task.task_id
         started = time.time()
 
         def on_partial(index, partial_index, image, task=task) -> None:
             to_encode.put(("partial", task, index, partial_index, image))
 
+        def should_stop(task_id: int = task_id) -> bool:
+            return task_id in cancelled
+
         try:
-            images = runner.run(task.job, should_stop=lambda task_id=task_id: task_id in cancelled, on_partial=on_partial)
+            images = runner.run(task.job, should_stop=should_stop, on_partial=on_partial)
         except TaskCancelled:
             log.info("task %s stopped after %.2fs", task_id, time.time() - started)
             send(("failed", task_id, "cancelled", True))

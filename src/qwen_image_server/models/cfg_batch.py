@@ -37,6 +37,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -122,7 +123,8 @@ class BatchedCfgHook(ModelHook):
         self.state: _CallState | None = None
 
     def new_forward(self, module, *args, **kwargs):
-        forward = self.fn_ref.original_forward
+        # diffusers sets original_forward when it registers a hook with new_forward (its declared type is None).
+        forward = cast(Callable[..., Any], self.fn_ref.original_forward)
         state = self.state
         if state is None or args:
             return forward(*args, **kwargs)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..engine.types import Job
+from ..jobs import Job
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def warm_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
     names = names or (str(spec.options.get("default_size", DEFAULT_SIZE)),)
     up = lambda v: math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731
     sizes = [tuple(up(int(v)) for v in name.lower().split("x")) for name in names]
-    return list(dict.fromkeys(sizes))  # type: ignore[arg-type]
+    return list(dict.fromkeys(sizes))
 
 
 def warm_jobs(spec: ModelSpec, sizes: list[tuple[int, int]]) -> list[Job]:

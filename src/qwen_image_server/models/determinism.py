@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -71,12 +72,17 @@ def apply_determinism(enabled: bool) -> dict:
     return determinism_info()
 
 
+# torch.backends.cudnn is replaced by a module object at import; its per-operator
+# settings (conv, rnn) are not in its static type.
+_cudnn: Any = torch.backends.cudnn
+
+
 def _set_full_fp32_precision() -> None:
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the new API (mixing both raises)
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"  # an operator-level value set before wins over the parent's
-        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        _cudnn.fp32_precision = "ieee"
+        _cudnn.conv.fp32_precision = "ieee"  # an operator-level value set before wins over the parent's
+        _cudnn.rnn.fp32_precision = "ieee"
     else:  # pragma: no cover - older torch
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -86,7 +92,7 @@ def _tf32_in_use() -> dict:
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         return {
             "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
-            "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
+            "tf32_cudnn": _cudnn.conv.fp32_precision == "tf32",
         }
     return {
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),  # pragma: no cover - older torch

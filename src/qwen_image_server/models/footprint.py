@@ -156,18 +156,18 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     if mode == "text-encoder":
         return {c: (0 if c == "text_encoder" else b) for c, b in totals.items()}
     if mode == "model":
-        largest = max(totals, key=totals.get)
+        largest = max(totals, key=totals.__getitem__)
         return {c: (b if c == largest else 0) for c, b in totals.items()}
     if mode == "sequential":
         largest_leaf = {c: _leaves(sizes) for c, sizes in sized.items()}
-        top = max(largest_leaf, key=largest_leaf.get)
+        top = max(largest_leaf, key=largest_leaf.__getitem__)
         return {c: (largest_leaf[c] if c == top else 0) for c in totals}
     out = dict(totals)  # group
     for component in ("transformer", "text_encoder"):
         if component in sized:
             blocks, rest = _groups(sized[component])
-            largest = max(blocks.values(), default=0)
-            out[component] = largest + rest if component == "transformer" else max(largest, rest)
+            largest_block = max(blocks.values(), default=0)
+            out[component] = largest_block + rest if component == "transformer" else max(largest_block, rest)
     return out
 
 

@@ -24,6 +24,7 @@ unavailable or not at least ``MIN_SPEEDUP`` times faster.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -77,6 +78,12 @@ class FP8Linear(nn.Module):
     on CUDA the row count is padded to a multiple of 16 (``_scaled_mm``'s alignment),
     e.g. for the modulation layers, which see one row per image.
     """
+
+    # Buffers, registered in __init__ (declared here for the type checker: nn.Module's
+    # attribute lookup would otherwise type them as "Tensor | Module").
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
         super().__init__()
@@ -170,8 +177,8 @@ def probe_fp8(
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 linear = nn.Linear(k, n, device=device, dtype=dtype)
                 quantized = FP8Linear(linear, dtype)
-                dense += time_it("dense", lambda linear=linear, x=x: linear(x))
-                fp8 += time_it("fp8", lambda quantized=quantized, x=x: quantized(x))
+                dense += time_it("dense", functools.partial(linear, x))
+                fp8 += time_it("fp8", functools.partial(quantized, x))
                 del x, linear, quantized
     except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment, out of memory...
         return Fp8Probe(

@@ -181,8 +181,8 @@ def transformer_config(spec) -> dict | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        file = hf_hub_download(spec.source, "transformer/config.json", revision=spec.revision)
-        return json.loads(Path(file).read_text(encoding="utf-8"))
+        downloaded = hf_hub_download(spec.source, "transformer/config.json", revision=spec.revision)
+        return json.loads(Path(downloaded).read_text(encoding="utf-8"))
     except Exception:  # offline and not cached: the names are still checked
         return None
 

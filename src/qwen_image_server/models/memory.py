@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -223,9 +224,9 @@ def store_fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     the transformers text encoder gets diffusers' default patterns plus its token embeddings
     and LM head.
     """
-    from diffusers import ModelMixin
     from diffusers.hooks import apply_layerwise_casting
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from diffusers.models.modeling_utils import ModelMixin
 
     if isinstance(module, ModelMixin):
         module.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
@@ -253,14 +254,14 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
     On CUDA the next block is copied on a side stream from pinned memory while the current
     one computes (``use_stream``, ``record_stream``); on the CPU onload = offload = CPU.
     """
-    from diffusers import ModelMixin
     from diffusers.hooks import apply_group_offloading
+    from diffusers.models.modeling_utils import ModelMixin
 
     if getattr(module, "_qis_group_offloaded", False):  # a component shared with a model loaded before
         return
     module._qis_group_offloaded = True  # type: ignore[assignment]
     cuda = device.startswith("cuda")
-    options = dict(
+    options: dict[str, Any] = dict(
         onload_device=torch.device(device),
         offload_device=torch.device("cpu"),
         offload_type="block_level",

@@ -316,7 +316,7 @@ def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: boo
     left = {g.device: (g.free if g.free is not None else float("inf")) for g in gpus}
     models_on: dict[str, set[str]] = {g.device: set() for g in gpus}
     order = sorted(slots, key=lambda s: (s[2] is None, -(s[2] or 0)))
-    placed = []
+    placed: list[Placement] = []
     for model, slot, need in order:
         fits = [g.device for g in gpus if need is None or left[g.device] >= need]
         if not fits:
@@ -331,8 +331,9 @@ def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: boo
     return sorted(placed, key=lambda p: (p.model, p.slot)), None
 
 
-def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Placement], str | None]:
-    """An explicit ``--device`` list, round-robin over the slots as given, checked for room."""
+def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Placement], str | tuple | None]:
+    """An explicit ``--device`` list, round-robin over the slots as given, checked for room: the placements
+    and None, an error text, or the first slot that found no room as ``(model, slot, need, device)``."""
     by_device = {g.device: g for g in gpus}
     placed = [Placement(m, s, _norm(devices[i % len(devices)]), need) for i, (m, s, need) in enumerate(slots)]
     for device in dict.fromkeys(p.device for p in placed):

@@ -31,7 +31,7 @@ def _constructing(device: str | torch.device, dtype: torch.dtype) -> Iterator[No
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]  # 4.x only
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -144,10 +144,14 @@ def _processor(values: dict, tokenizer):
     from .processor import build_image_only_processor, torchvision_available
 
     if torchvision_available():
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
+        from transformers import Qwen2VLImageProcessor
+
+        image_processor_class: type = Qwen2VLImageProcessor
     else:
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    return build_image_only_processor(ImageProcessor(**_config(values)), tokenizer)
+        from transformers import Qwen2VLImageProcessorPil
+
+        image_processor_class = Qwen2VLImageProcessorPil
+    return build_image_only_processor(image_processor_class(**_config(values)), tokenizer)
 
 
 def build_pipeline(random: RandomSource, device: str | torch.device, dtype: torch.dtype, **placement):

@@ -11,12 +11,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
-from ..engine.types import Job
 from ..errors import TaskCancelled
+from ..jobs import Job
 from .compile import compile_and_warm, logged_compiles
 from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
@@ -66,10 +67,10 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
         _DIFFUSERS_EDIT_AREA: edit_area or _DIFFUSERS_EDIT_AREA,
         _DIFFUSERS_CONDITION_AREA: condition_area or _DIFFUSERS_CONDITION_AREA,
     }
-    saved: list[tuple[object, str, object]] = []
+    saved: list[tuple[Any, str, object]] = []
     try:
         for name in _EDIT_MODULES:
-            module = importlib.import_module(f"diffusers.pipelines.qwenimage.{name}")
+            module: Any = importlib.import_module(f"diffusers.pipelines.qwenimage.{name}")
             original = module.calculate_dimensions
 
             def patched(target_area, ratio, _original=original):
@@ -111,8 +112,8 @@ class PipelineRunner:
         self.pipe.set_progress_bar_config(disable=True)
         self.loras = LoraSet(self.pipe, spec.profile)  # before anything compiles the transformer
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
-        self._inpaint = None
-        self._img2img = None
+        self._inpaint: Any = None  # diffusers pipelines, built on first use
+        self._img2img: Any = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
         log.info(
@@ -206,6 +207,8 @@ class PipelineRunner:
             images = [Image.fromarray(array) for array in job.images]
             if job.mode == "inpaint":
                 pipe = self.inpaint_pipe
+                if job.mask is None:
+                    raise ValueError("an inpaint job needs a mask")
                 kwargs.update(image=images[0], mask_image=Image.fromarray(job.mask), strength=1.0)
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
@@ -232,7 +235,7 @@ class PipelineRunner:
         if job.mode == "inpaint":
             original, mask = kwargs["image"], kwargs["mask_image"]
             if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
-                from ..serving.inputs import full_size_inpaint
+                from ..images import full_size_inpaint
 
                 original, mask = full_size_inpaint(job.inpaint_source)
             size = (job.out_width, job.out_height) if job.out_width and job.out_height else original.size
@@ -265,8 +268,10 @@ def keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image,
 
 def fit_to_job(image: Image.Image, job: Job) -> Image.Image:
     """Crop or resize a rendered image to the job's output size, when it has one."""
+    if job.out_width is None or job.out_height is None:
+        return image
     size = (job.out_width, job.out_height)
-    if None in size or image.size == size:
+    if image.size == size:
         return image
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
 

@@ -98,18 +98,18 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     try:
         from huggingface_hub import hf_hub_download
 
-        index_file = hf_hub_download(source, "model_index.json", revision=revision)
+        index_download = hf_hub_download(source, "model_index.json", revision=revision)
     except Exception as exc:  # offline, unknown repo, gated repo, unknown revision...
         at = f" at revision {revision}" if revision else ""
         raise ModelConfigError(f"cannot read model_index.json of hub model {source}{at}: {type(exc).__name__}: {exc}") from exc
-    sidecar: dict = {}
+    sidecar = {}
     try:  # a hub repository may carry the sidecar too (optional)
-        sidecar_file = hf_hub_download(source, SIDECAR_NAME, revision=revision)
+        sidecar_download = hf_hub_download(source, SIDECAR_NAME, revision=revision)
     except Exception:
         pass
     else:
-        sidecar = json.loads(Path(sidecar_file).read_text(encoding="utf-8"))
-    return json.loads(Path(index_file).read_text(encoding="utf-8")), sidecar
+        sidecar = json.loads(Path(sidecar_download).read_text(encoding="utf-8"))
+    return json.loads(Path(index_download).read_text(encoding="utf-8")), sidecar
 
 
 def default_model_id(source: str) -> str:

@@ -61,7 +61,7 @@ def _make_tokenizer():
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # transformers annotates str; None means no unknown token
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -73,14 +73,13 @@ def _make_tokenizer():
 def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed: int = 0) -> Path:
     """Write a tiny random-weight Qwen-Image pipeline of ``kind`` to ``out_dir``."""
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPipeline,
-        QwenImageEditPlusPipeline,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    # The pipelines from their own modules: diffusers' package namespace types them as its placeholder classes.
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditPipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     if kind not in TINY_KINDS:
@@ -109,7 +108,8 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
-    config = Qwen2_5_VLConfig(
+    # transformers' config dataclasses take extra keys (the token ids) as **kwargs, which their type does not show.
+    config = Qwen2_5_VLConfig(  # type: ignore[call-arg]
         text_config=text_config,
         vision_config={
             "depth": 2,
@@ -167,6 +167,7 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
     )
     components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
+    pipe: DiffusionPipeline
     if kind == "text-to-image":
         pipe = QwenImagePipeline(**components)
     else:

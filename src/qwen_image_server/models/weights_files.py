@@ -214,7 +214,9 @@ def _numel(shape) -> int:
 def from_counts(counts: dict) -> ModelTensors:
     """Parameter counts per component (``{"transformer": 20.4e9, ...}``), for sources without files."""
     try:
-        components = {name: (Tensor(name, "BF16", int(float(n)), 2),) for name, n in counts.items()}
+        components: dict[str, tuple[Tensor, ...]] = {
+            name: (Tensor(name, "BF16", int(float(n)), 2),) for name, n in counts.items()
+        }
     except (TypeError, ValueError):
         raise UnknownFootprint(f"parameter_counts must map components to numbers, got {counts!r}") from None
     return ModelTensors(components, origin="parameter counts", counts_only=True)

@@ -9,7 +9,7 @@ Three rules keep a burst of large uploads from filling the API process:
   pixels the pipeline works at (never enlarged, aspect kept), so a queued job holds
   megapixels, not the 16 of a 4096² upload.
 - Mask edits whose inputs were shrunk keep the uploaded image and mask bytes
-  (``Job.inpaint_source``); the worker decodes them again (``full_size_inpaint``) to
+  (``Job.inpaint_source``); the worker decodes them again (``images.full_size_inpaint``) to
   paste the original back at its own size outside the mask.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidImage
-from .images import mask_to_array, open_image, to_rgb_array
+from ..images import mask_to_array, open_image, to_rgb_array
 
 #: Input images may be at most this much longer than wide (or wider than long).
 MAX_INPUT_ASPECT = 8
@@ -75,7 +75,7 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
     before the next one is opened.
     """
     arrays: list[np.ndarray] = []
-    first_size = None
+    first_size: tuple[int, int] | None = None
     for upload in images:
         image = open_image(upload.data, upload.param, max_input_pixels)
         width, height = image.size
@@ -90,8 +90,9 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
         return Decoded(arrays, None)
     mask_image = open_image(mask.data, mask.param, max_input_pixels)
     if mask_image.size != first_size:
+        image_width, image_height = first_size or (0, 0)  # the service sends a mask only with an image
         raise InvalidImage(
-            f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {first_size[0]}x{first_size[1]}; "
+            f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {image_width}x{image_height}; "
             "they must be the same size",
             param="mask",
         )
@@ -103,15 +104,6 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
     if small == first_size:
         return Decoded(arrays, mask_array)
     return Decoded(arrays, shrink_mask(mask_array, small), inpaint_source=(images[0].data, mask.data))
-
-
-def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.Image]:
-    """The original image (RGB) and repaint mask (L) of a shrunk mask edit, decoded again from the uploads."""
-    image_data, mask_data = source
-    unlimited = 2**62  # the API process has already checked these uploads against its limits
-    image = Image.fromarray(to_rgb_array(open_image(image_data, "image", unlimited)))
-    mask = Image.fromarray(mask_to_array(open_image(mask_data, "mask", unlimited)))
-    return image, mask
 
 
 def default_decodes() -> int:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ..config import QUALITY_STEPS, Settings
 from ..engine.base import EngineClient
-from ..engine.types import EncodedImage, Job, JobResult, PartialImage
 from ..errors import InvalidRequest, ModelNotAvailable
+from ..images import b64
+from ..jobs import EncodedImage, Job, JobResult, PartialImage
 from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
@@ -32,7 +33,6 @@ from ..protocol.images import (
 )
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, Usage
 from ..storage import ImageStore
-from .images import b64
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 

@@ -2,6 +2,7 @@
 
 Plain picklable dataclasses: they cross process boundaries (and, with Ray,
 machine boundaries). Pixels travel as ``numpy`` arrays, results as encoded bytes.
+A bottom module: every layer may import it, it imports no layer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Image bytes in and out: decoding uploads safely, encoding results in memory.
 
-Nothing here writes to disk; stored images go through ``storage.py``.
+Shared by both sides of the pipe: the API process decodes uploads, the workers
+encode results (and decode a shrunk mask edit's uploads again). Nothing here
+writes to disk; stored images go through ``storage.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InvalidImage
+from .errors import InvalidImage
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -82,6 +84,15 @@ def mask_to_array(mask: Image.Image) -> np.ndarray:
         return np.where(alpha == 0, 255, 0).astype(np.uint8)
     gray = np.array(mask.convert("L"), dtype=np.uint8)
     return np.where(gray >= 128, 255, 0).astype(np.uint8)
+
+
+def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.Image]:
+    """The original image (RGB) and repaint mask (L) of a shrunk mask edit, decoded again from the uploads."""
+    image_data, mask_data = source
+    unlimited = 2**62  # the API process has already checked these uploads against its limits
+    image = Image.fromarray(to_rgb_array(open_image(image_data, "image", unlimited)))
+    mask = Image.fromarray(mask_to_array(open_image(mask_data, "mask", unlimited)))
+    return image, mask
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int = 100) -> bytes:

@@ -1,0 +1,39 @@
+"""The Ray Serve application: the API (``api.app.create_app``) on the Ray engine (``engine/ray_serve.py``).
+
+Like ``cli.py``, this module sits above every layer and wires them together. Its
+``app_builder`` is the ``import_path`` of ``serve run`` and ``serve deploy``.
+Importing it needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from .api.app import create_app
+from .config import Settings
+from .engine.ray_serve import build_deployments
+from .models.spec import ModelSpec, resolve_configured
+
+
+def build_application(settings: Settings, specs: list[ModelSpec]):
+    """The Serve application: one deployment per model plus the FastAPI ingress."""
+    return build_deployments(settings, specs, create_app)
+
+
+def app_builder(args: dict):
+    """Entry point for ``serve run`` / ``serve deploy``: ``import_path: qwen_image_server.ray_app:app_builder``.
+
+    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
+    environment variables work as for ``qwen-image-server serve``.
+    """
+    settings = Settings(**{**dict(args or {}), "engine": "ray"})
+    return build_application(settings, resolve_configured(settings))
+
+
+def run(settings: Settings, specs: list[ModelSpec]) -> None:
+    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
+    import ray
+
+    ray.init(address=settings.ray_address, ignore_reinit_error=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)
