@@ -30,7 +30,7 @@ MEDIA_TYPES = {
 #: Everything the page loads comes from this server; images are data: and blob: URLs the page makes itself.
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'"
+    "connect-src 'self' blob:; font-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'"
 )
 PAGE_PATHS = ("/", "/playground")
 #: The most previews a streamed request may ask for (``partial_images``' limit in the protocol).
