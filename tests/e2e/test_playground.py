@@ -123,18 +123,19 @@ def _image(page, selector: str) -> Image.Image:
 
 def _record_form_data(page) -> None:
     """Keep the fields of every multipart body the page sends in ``window.sent`` (Chromium does not hand
-    Playwright bodies that hold files): {name: text, or [base64 of the file]}."""
+    Playwright bodies that hold files): {name: text, or [base64 of the file]}, and the names in order."""
     page.evaluate(
         """() => { window.sent = []; const send = window.fetch;
         window.fetch = async (url, options = {}) => {
             if (options.body instanceof FormData) {
-                const fields = {};
+                const fields = {}, names = [];
                 for (const [name, value] of options.body.entries()) {
+                    names.push(name);
                     if (!(value instanceof Blob)) { fields[name] = value; continue; }
                     const data = await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(value); });
                     fields[name] = [data.split(",", 2)[1]];
                 }
-                window.sent.push({ url: String(url), fields });
+                window.sent.push({ url: String(url), fields, names });
             }
             return send(url, options);
         }; }"""
@@ -248,6 +249,39 @@ def test_edit_with_a_painted_mask_changes_only_the_masked_region(page, shot, tmp
     assert result.shape == source.shape
     assert np.array_equal(result[~edited], source[~edited]), "pixels outside the mask changed"
     assert (np.abs(result[edited].astype(int) - source[edited]).sum(axis=-1) > 0).mean() > 0.5
+
+
+def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
+    _record_form_data(page)
+    _generate(page, "a lighthouse", steps=4)
+    page.click(SUBMIT.format("generate"))
+    _done(page)
+    made = _image(page, ".results img")
+    page.click(".result-actions [data-action=vary]")
+    assert page.locator("#variations .thumbs img").count() == 1
+    page.fill("#variations [name=strength]", "0.5")
+    page.fill("#variations [name=num_inference_steps]", "4")
+    page.select_option("#variations [name=partial_images]", "1")
+    page.click(SUBMIT.format("variations"))
+    _done(page)
+    sent = _sent_form(page)
+    assert sent["strength"] == "0.5" and sent["model"] == "qwen-image-tiny"
+    assert Image.open(io.BytesIO(sent["image"])).tobytes() == made.tobytes()
+    shot("1-variation")
+    page.click(".result-actions [data-action=edit]")
+    page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp_path / "second.png")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "second.png"))
+    assert page.locator("#edit .thumbs img").count() == 2
+    assert "one image" in page.inner_text("#edit .mask-stage")  # a mask needs a single image
+    page.fill("#edit [name=prompt]", "both together")
+    page.fill("#edit [name=num_inference_steps]", "4")
+    page.click(SUBMIT.format("edit"))
+    _done(page)
+    sent = page.evaluate("window.sent")[-1]
+    assert sent["names"].count("image[]") == 2 and "mask" not in sent["names"]
+    assert sent["fields"]["model"] == "qwen-image-edit-plus-tiny"
+    shot("2-edit-plus")
 
 
 def test_cancel_stops_the_job_on_the_server(page, shot, server):
