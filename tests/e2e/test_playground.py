@@ -2,14 +2,16 @@
 
 They run against the shared tiny server (no extra server start). The page is given
 an API key in its field, which it must send with every call (the server's side of
-keys, and the page loading without one, are in tests/unit/test_playground.py). A screenshot of each step goes to the test's tmp
-folder. Without playwright or chromium these tests are skipped with the missing piece
-named, except under CI (``CI`` set), where they fail instead.
+keys, and the page loading without one, are in tests/unit/test_playground.py). A
+screenshot of each step goes to the test's tmp folder. Without playwright or
+chromium these tests are skipped with the missing piece named, except under CI
+(``CI`` set), where they fail instead.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -21,8 +23,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-pytestmark = pytest.mark.e2e
 
 KEY = "sk-playground-e2e"
 CHROMIUM_ARGS = [
@@ -50,17 +50,28 @@ def _chromium() -> str | None:
     return next((path for path in ("/usr/bin/chromium", shutil.which("chromium")) if path and Path(path).is_file()), None)
 
 
+def _missing_piece() -> str | None:
+    """What the browser tests lack to run here, or None."""
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install playwright; the test extra has it)"
+    if _chromium() is None:
+        return "chromium is not installed (apt-get install chromium, or set QIS_CHROMIUM to a Chromium binary)"
+    return None
+
+
+MISSING = _missing_piece()
+# Skipped before any fixture starts the shared server; under CI the browser fixture fails instead.
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))]
+
+
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("playwright is not installed (pip install playwright; the test extra has it)")
-    executable = _chromium()
-    if executable is None:
-        _missing("chromium is not installed (apt-get install chromium, or set QIS_CHROMIUM to a Chromium binary)")
+    if MISSING is not None:
+        _missing(MISSING)
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         yield launched
         launched.close()
 
