@@ -205,7 +205,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .api.connections import uvicorn_options
     from .engine.local import LocalEngine
     from .models.memory import check_memory_modes
-    from .models.spec import resolve_configured
+    from .models.spec import ModelConfigError, resolve_configured
 
     specs = resolve_configured(settings)
     check_memory_modes(specs, settings.device)
@@ -213,6 +213,11 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     if settings.engine == "ray":
+        if settings.share_components:
+            raise ModelConfigError(
+                "--share-components needs the embedded engine: under --engine ray every model is its own deployment "
+                "(its own replica processes), which cannot share modules"
+            )
         from . import ray_app
 
         ray_app.run(settings, specs)

@@ -15,6 +15,8 @@ from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
 from .metrics import Metrics, RequestMetrics, install_metrics
+from .playground import open_paths as playground_paths
+from .playground import router as playground_router
 from .routes import router
 from .security import ApiKeys, OriginPolicy, RequestIds, install_request_id_logging
 from .uploads import BodySizeLimit
@@ -54,12 +56,13 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app.state.service = ImageService(settings, engine, make_store(settings), rewriter, observers=(metrics.observe_job,))
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(playground_router)
     install_metrics(app, metrics)
     # Starlette runs the last added outermost: metrics, request ids, CORS, origin policy, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     keys = settings.all_api_keys()
     if keys:
-        app.add_middleware(ApiKeys, keys=keys, open_paths=("/metrics",) if settings.public_metrics else ())
+        app.add_middleware(ApiKeys, keys=keys, open_paths=playground_paths() + (("/metrics",) if settings.public_metrics else ()))
     app.add_middleware(OriginPolicy, allowed=settings.cors_origins)
     if settings.cors_origins:
         app.add_middleware(

@@ -1,0 +1,370 @@
+// The playground page: tabs, the server's models and limits, running requests with live
+// previews, the results and what can be done with them, and the history.
+
+import { apiKey, getJSON, setApiKey, streamImages, withRetry } from "./api.js";
+import {
+  applyModelDefaults,
+  buildForm,
+  clearErrors,
+  denoisingSteps,
+  fillFields,
+  fillModels,
+  readFields,
+  setAspect,
+  setInputs,
+  showError,
+} from "./forms.js";
+import { addEntry, allEntries, clearEntries, deleteEntry, getEntry } from "./history.js";
+import { MaskEditor } from "./mask.js";
+import { b64ToBlob, download, el, Progress, showImage } from "./view.js";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const ENDPOINTS = { generate: "v1/images/generations", edit: "v1/images/edits", variations: "v1/images/variations" };
+const LABELS = { generate: "Generating", edit: "Editing", variations: "Making variations" };
+
+const forms = { generate: $("#generate"), edit: $("#edit"), variations: $("#variations") };
+const output = $(".output");
+const viewer = $(".viewer", output);
+const previews = $(".previews", output);
+const results = $(".results", output);
+const progress = new Progress($(".run-state", output));
+const mask = new MaskEditor($(".mask-stage", forms.edit));
+const state = { settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {} };
+
+// --- the server ----------------------------------------------------------------------
+
+async function loadServer() {
+  const key = $(".key.field");
+  clearErrors(key);
+  try {
+    const [settings, models] = await Promise.all([getJSON("playground/settings"), getJSON("v1/models")]);
+    state.settings = settings;
+    state.cards = models.data;
+    for (const form of Object.values(forms)) {
+      fillModels(form, state.cards, settings, state.failed);
+      applyModelDefaults(form, settings);
+    }
+    await pollReady();
+  } catch (error) {
+    $(".error", key).textContent = error.status === 401 ? error.message : `Cannot reach the server: ${error.message}`;
+    key.classList.add("invalid");
+    setStatus("no access", "failed");
+  }
+}
+
+function setStatus(text, kind) {
+  const badge = $("#server-status");
+  badge.textContent = text;
+  badge.dataset.state = kind;
+}
+
+// /ready says which models are loading, ready or failed (failed ones are marked in the selects).
+async function pollReady() {
+  let body;
+  try {
+    const response = await fetch("ready", { headers: apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {} });
+    body = await response.json();
+  } catch {
+    setStatus("server unreachable", "failed");
+    return;
+  }
+  const failed = new Set(Object.entries(body.models || {}).filter(([, m]) => m.state === "failed").map(([id]) => id));
+  if (failed.size) setStatus(`unavailable: ${[...failed].join(", ")}`, "failed");
+  else setStatus(body.status === "ready" ? "ready" : "loading models…", body.status === "ready" ? "ready" : "loading");
+  const changed = [...failed].join() !== [...state.failed].join();
+  state.failed = failed;
+  if (changed && state.settings) for (const form of Object.values(forms)) fillModels(form, state.cards, state.settings, failed);
+}
+
+// --- running requests ----------------------------------------------------------------------
+
+function requestBody(tab, fields, inputs, maskBlob) {
+  if (tab === "generate") return { ...fields, stream: true, response_format: "b64_json" };
+  const form = new FormData();
+  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  form.append("stream", "true");
+  const several = inputs.length > 1;
+  inputs.forEach((blob, i) => {
+    form.append(several ? "image[]" : "image", blob, `image-${i + 1}.${(blob.type || "image/png").split("/")[1]}`);
+  });
+  if (maskBlob) form.append("mask", maskBlob, "mask.png");
+  return form;
+}
+
+// Send one request (a form's, or one from the history) and show its previews and results.
+async function run(tab, fields, inputs = [], maskBlob = null) {
+  if (state.run) return;
+  const form = forms[tab];
+  clearErrors(form);
+  clearErrors($(".key.field"));
+  const controller = new AbortController();
+  state.run = { controller, tab };
+  for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = true;
+  previews.replaceChildren();
+  progress.start(denoisingSteps(fields, state.settings, tab), Number(fields.partial_images || 0), LABELS[tab]);
+  const before = inputs.length ? URL.createObjectURL(inputs[inputs.length - 1]) : null;
+  const body = requestBody(tab, fields, inputs, maskBlob);
+  const onPartial = (event) => {
+    const url = URL.createObjectURL(b64ToBlob(event.b64_json, event.output_format));
+    progress.preview(event.partial_image_index);
+    previews.append(el("li", {}, el("img", { src: url, alt: `Preview ${event.partial_image_index + 1}`, dataset: { kind: "preview" } })));
+    if (event.image_index === 0) showImage(viewer, url, { alt: "Preview", kind: "preview" });
+  };
+  try {
+    const completed = await withRetry(() => streamImages(ENDPOINTS[tab], body, { signal: controller.signal, onPartial }), {
+      signal: controller.signal,
+      onWait: (left) => progress.waiting(`server busy, retrying in ${left} s`),
+    });
+    const made = [];
+    for (const event of completed) {
+      const blob = b64ToBlob(event.b64_json, event.output_format);
+      const entry = {
+        tab,
+        endpoint: ENDPOINTS[tab],
+        fields,
+        inputs,
+        mask: maskBlob,
+        image: blob,
+        seed: event.seed,
+        size: event.size,
+        format: event.output_format,
+        revised_prompt: event.revised_prompt,
+        stats: event.stats,
+      };
+      entry.id = await addEntry(entry).catch(() => null); // a browser without storage still shows the image
+      made.push({ ...entry, url: URL.createObjectURL(blob), before });
+    }
+    state.lastSeed[tab] = made[0]?.seed;
+    state.results = [...made, ...state.results].slice(0, 24);
+    renderResults();
+    select(made[0]);
+    progress.finish("done", `Done: ${made.length} image${made.length === 1 ? "" : "s"}`);
+    renderHistory();
+  } catch (error) {
+    if (error.name === "AbortError") {
+      progress.finish("cancelled", "Cancelled");
+    } else {
+      showError(form, error);
+      progress.finish("failed", `Failed: ${error.message}`);
+    }
+  } finally {
+    state.run = null;
+    for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = false;
+  }
+}
+
+async function submit(tab) {
+  const form = forms[tab];
+  const fields = readFields(form);
+  if (tab === "edit" && !form.inputs.length) return showError(form, { param: "image", message: "Pick an image to edit" });
+  if (tab === "variations" && !form.inputs.length) return showError(form, { param: "image", message: "Pick an image to vary" });
+  const maskBlob = tab === "edit" && form.inputs.length === 1 ? await mask.toBlob() : null;
+  return run(tab, fields, form.inputs, maskBlob);
+}
+
+// --- results ----------------------------------------------------------------------------
+
+function renderResults() {
+  results.replaceChildren(
+    ...state.results.map((item) => {
+      const button = el("button", { type: "button", className: "thumb" }, el("img", { src: item.url, alt: `Seed ${item.seed}` }));
+      button.addEventListener("click", () => select(item));
+      return el("li", { className: item === state.selected ? "selected" : "" }, button);
+    }),
+  );
+}
+
+function select(item) {
+  if (!item) return;
+  state.selected = item;
+  showImage(viewer, item.url, { before: item.tab === "generate" ? null : item.before, alt: item.fields.prompt || "Result" });
+  $(".result-actions", output).hidden = false;
+  $("select[name=download-format]", output).value = item.format;
+  const stats = item.stats?.pipeline_seconds !== undefined ? ` · pipeline ${item.stats.pipeline_seconds.toFixed(2)} s` : "";
+  const revised = item.revised_prompt && item.revised_prompt !== item.fields.prompt ? ` · rewritten: ${item.revised_prompt}` : "";
+  $(".result-info", output).textContent = `seed ${item.seed} · ${item.size} · ${item.format}${stats}${revised}`;
+  renderResults();
+}
+
+function asFile(blob, name) {
+  return new File([blob], `${name}.${blob.type.split("/")[1] || "png"}`, { type: blob.type });
+}
+
+async function useAsInput(tab, blob) {
+  showTab(tab);
+  const form = forms[tab];
+  const inputs = tab === "edit" && form.inputs.length && isMulti() ? [...form.inputs, blob] : [blob];
+  setInputs(form, inputs, tab === "edit" ? onEditInputs : undefined);
+}
+
+function resultAction(action) {
+  const item = state.selected;
+  if (!item) return;
+  if (action === "download") download(item.image, $("select[name=download-format]", output).value, `qwen-image-${item.seed}`);
+  if (action === "vary") useAsInput("variations", asFile(item.image, `result-${item.seed}`));
+  if (action === "edit") useAsInput("edit", asFile(item.image, `result-${item.seed}`));
+  if (action === "reuse-seed") {
+    showTab(item.tab);
+    forms[item.tab].elements.seed.value = item.seed;
+  }
+}
+
+// --- history ----------------------------------------------------------------------------
+
+async function renderHistory() {
+  let entries = [];
+  try {
+    entries = await allEntries();
+  } catch {
+    $("#history .hint").textContent = "This browser does not keep a history here (IndexedDB is not available).";
+  }
+  $("#history-count").textContent = entries.length ? String(entries.length) : "";
+  $(".history-list").replaceChildren(
+    ...entries.map((entry) => {
+      const url = URL.createObjectURL(entry.image);
+      const when = new Date(entry.created).toLocaleString();
+      const text = entry.fields.prompt || "(no prompt)";
+      const buttons = ["show", "rerun", "open", "download", "delete"].map((action) => {
+        const label = { show: "Show", rerun: "Re-run", open: "Open", download: "Download", delete: "Delete" }[action];
+        const button = el("button", { type: "button", textContent: label, dataset: { action, id: entry.id } });
+        return button;
+      });
+      return el(
+        "li",
+        { className: "history-item", dataset: { id: entry.id } },
+        el("img", { src: url, alt: text }),
+        el(
+          "div",
+          {},
+          el("p", { className: "history-prompt", textContent: text }),
+          el("p", { className: "hint", textContent: `${entry.tab} · ${entry.fields.model || "default model"} · ${entry.size} · seed ${entry.seed} · ${when}` }),
+          el("div", { className: "row small" }, ...buttons),
+        ),
+      );
+    }),
+  );
+}
+
+async function historyAction(action, id) {
+  const entry = await getEntry(id);
+  if (!entry) return;
+  if (action === "delete") {
+    await deleteEntry(id);
+    return renderHistory();
+  }
+  if (action === "download") return download(entry.image, entry.format, `qwen-image-${entry.seed}`);
+  if (action === "show") {
+    const item = { ...entry, url: URL.createObjectURL(entry.image), before: entry.inputs.length ? URL.createObjectURL(entry.inputs.at(-1)) : null };
+    return select(item);
+  }
+  showTab(entry.tab);
+  if (action === "rerun") return run(entry.tab, entry.fields, entry.inputs, entry.mask);
+  // open: the form gets the request back, with the seed this image was made with
+  const form = forms[entry.tab];
+  fillFields(form, { ...entry.fields, seed: entry.seed });
+  if (entry.tab !== "generate") setInputs(form, entry.inputs, entry.tab === "edit" ? onEditInputs : undefined);
+  if (entry.mask) await mask.ready?.then(() => mask.paintFrom(entry.mask));
+}
+
+// --- wiring -------------------------------------------------------------------------------
+
+function showTab(tab) {
+  for (const button of document.querySelectorAll(".tabs button")) button.setAttribute("aria-selected", String(button.dataset.tab === tab));
+  for (const panel of document.querySelectorAll(".tab-panel")) panel.hidden = panel.id !== tab;
+  if (tab === "history") renderHistory();
+}
+
+function isMulti() {
+  return state.settings?.models[forms.edit.elements.model.value]?.kind === "edit-plus";
+}
+
+function onEditInputs(blobs) {
+  if (blobs.length === 1) mask.ready = mask.load(blobs[0]);
+  else {
+    mask.unload(blobs.length ? "A mask works with one image: remove the others to paint one." : undefined);
+    mask.ready = Promise.resolve();
+  }
+}
+
+function acceptFiles(form, files, onchange) {
+  const images = [...files].filter((file) => /^image\/(png|jpeg|webp)$/.test(file.type));
+  if (!images.length) return;
+  const multi = form === forms.edit && isMulti();
+  setInputs(form, multi ? [...form.inputs, ...images] : images.slice(0, 1), onchange);
+}
+
+function wire() {
+  const keyInput = $("#api-key");
+  keyInput.value = apiKey();
+  keyInput.addEventListener("change", () => {
+    setApiKey(keyInput.value.trim());
+    loadServer();
+  });
+  for (const button of document.querySelectorAll(".tabs button")) button.addEventListener("click", () => showTab(button.dataset.tab));
+  for (const [tab, form] of Object.entries(forms)) {
+    buildForm(form);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      submit(tab);
+    });
+    form.elements.model.addEventListener("change", () => state.settings && applyModelDefaults(form, state.settings));
+    form.addEventListener("click", (event) => {
+      const seed = event.target.dataset?.seed;
+      if (seed === "random") form.elements.seed.value = "";
+      if (seed === "reuse" && state.lastSeed[tab] !== undefined) form.elements.seed.value = state.lastSeed[tab];
+    });
+    const onchange = tab === "edit" ? onEditInputs : undefined;
+    const drop = $(".drop", form);
+    if (drop) {
+      const input = $("input[type=file]", drop);
+      input.addEventListener("change", () => {
+        acceptFiles(form, input.files, onchange);
+        input.value = "";
+      });
+      drop.addEventListener("dragover", (event) => {
+        event.preventDefault();
+        drop.classList.add("over");
+      });
+      drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+      drop.addEventListener("drop", (event) => {
+        event.preventDefault();
+        drop.classList.remove("over");
+        acceptFiles(form, event.dataTransfer.files, onchange);
+      });
+    }
+  }
+  const gen = forms.generate;
+  gen.elements.aspect.addEventListener("change", () => gen.elements.aspect.value !== "custom" && state.settings && setAspect(gen, state.settings));
+  for (const side of ["width", "height"]) gen.elements[side].addEventListener("input", () => (gen.elements.aspect.value = "custom"));
+  const strength = forms.variations.elements.strength;
+  strength.addEventListener("input", () => ($("output[name=strength-value]", forms.variations).value = strength.value));
+  for (const button of document.querySelectorAll(".mask-tools [data-tool]")) {
+    button.addEventListener("click", () => {
+      mask.tool = button.dataset.tool;
+      for (const other of document.querySelectorAll(".mask-tools [data-tool]")) other.setAttribute("aria-pressed", String(other === button));
+    });
+  }
+  $(".mask-tools input[name=brush]").addEventListener("input", (event) => (mask.brush = Number(event.target.value)));
+  $(".mask-tools [data-mask=clear]").addEventListener("click", () => mask.clear());
+  $(".cancel", output).addEventListener("click", () => state.run?.controller.abort());
+  $(".result-actions", output).addEventListener("click", (event) => event.target.dataset.action && resultAction(event.target.dataset.action));
+  $(".history-list").addEventListener("click", (event) => {
+    const { action, id } = event.target.dataset || {};
+    if (action) historyAction(action, Number(id));
+  });
+  $("#history-clear").addEventListener("click", async () => {
+    if (confirm("Delete every image in this browser's history?")) await clearEntries();
+    renderHistory();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !state.run) {
+      const tab = Object.keys(forms).find((name) => !forms[name].hidden);
+      if (tab) submit(tab);
+    }
+  });
+}
+
+wire();
+loadServer();
+renderHistory();
+setInterval(pollReady, 5000);

@@ -1,0 +1,396 @@
+"""The playground in a real headless Chromium (Playwright driving Debian's ``chromium``) against a real server.
+
+They run against the shared tiny server (no extra server start). The page is given
+an API key in its field, which it must send with every call (the server's side of
+keys, and the page loading without one, are in tests/unit/test_playground.py). A
+screenshot of each step goes to the test's tmp folder. Without playwright or
+chromium these tests are skipped with the missing piece named, except under CI
+(``CI`` set), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+KEY = "sk-playground-e2e"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SUBMIT = "#{} button[type=submit]"
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}; CI must run the browser tests")
+    pytest.skip(what)
+
+
+def _chromium() -> str | None:
+    configured = os.environ.get("QIS_CHROMIUM")
+    if configured:
+        return configured if Path(configured).is_file() else None
+    return next((path for path in ("/usr/bin/chromium", shutil.which("chromium")) if path and Path(path).is_file()), None)
+
+
+def _missing_piece() -> str | None:
+    """What the browser tests lack to run here, or None."""
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install playwright; the test extra has it)"
+    if _chromium() is None:
+        return "chromium is not installed (apt-get install chromium, or set QIS_CHROMIUM to a Chromium binary)"
+    return None
+
+
+MISSING = _missing_piece()
+# Skipped before any fixture starts the shared server; under CI the browser fixture fails instead.
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if MISSING is not None:
+        _missing(MISSING)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def context(browser, server):
+    """One browser profile for the module: the key typed in the first test stays in its local storage."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    ctx.set_default_timeout(30_000)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context, server):
+    page, errors = _open(context, server.base_url + "/")
+    yield page
+    page.close()
+    assert not errors, f"errors in the page: {errors}"
+
+
+def _open(context, url: str, viewport: dict | None = None):
+    """A new page at ``url`` with the API key given (typed into its field the first time); its error list."""
+    page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    if not page.input_value("#api-key"):
+        page.fill("#api-key", KEY)
+        page.press("#api-key", "Tab")  # "change" stores it and loads the models
+    page.locator("#server-status[data-state=ready]").wait_for()
+    return page, errors
+
+
+@pytest.fixture
+def shot(page, tmp_path):
+    """``shot(name)``: a screenshot of the page into the test's tmp folder."""
+
+    def take(name: str) -> Path:
+        path = tmp_path / f"{name}.png"
+        page.screenshot(path=path, full_page=True)
+        return path
+
+    return take
+
+
+def _image(page, selector: str) -> Image.Image:
+    """The image an <img> shows (a blob: URL made by the page), read back through the page."""
+    data_url = page.eval_on_selector(
+        selector,
+        """async (img) => {
+            const blob = await (await fetch(img.src)).blob();
+            return await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(blob); });
+        }""",
+    )
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+def _record_form_data(page) -> None:
+    """Keep the fields of every multipart body the page sends in ``window.sent`` (Chromium does not hand
+    Playwright bodies that hold files): {name: text, or [base64 of the file]}, and the names in order."""
+    page.evaluate(
+        """() => { window.sent = []; const send = window.fetch;
+        window.fetch = async (url, options = {}) => {
+            if (options.body instanceof FormData) {
+                const fields = {}, names = [];
+                for (const [name, value] of options.body.entries()) {
+                    names.push(name);
+                    if (!(value instanceof Blob)) { fields[name] = value; continue; }
+                    const data = await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(value); });
+                    fields[name] = [data.split(",", 2)[1]];
+                }
+                window.sent.push({ url: String(url), fields, names });
+            }
+            return send(url, options);
+        }; }"""
+    )
+
+
+def _sent_form(page) -> dict:
+    """The fields of the last multipart body the page sent (files as bytes)."""
+    sent = page.evaluate("window.sent")
+    assert sent, "the page sent no multipart request"
+    return {name: base64.b64decode(v[0]) if isinstance(v, list) else v for name, v in sent[-1]["fields"].items()}
+
+
+def _t2i_status(server) -> dict:
+    return httpx.get(server.base_url + "/ready", timeout=5).json()["models"]["qwen-image-tiny"]
+
+
+def _wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _idle(status: dict) -> bool:
+    return status["queued_jobs"] == 0 and all(worker["state"] == "idle" for worker in status["workers"])
+
+
+def _generate(page, prompt: str, steps: int, previews: int = 0) -> None:
+    page.click("nav [data-tab=generate]")
+    page.fill("#generate [name=prompt]", prompt)
+    page.fill("#generate [name=num_inference_steps]", str(steps))
+    page.select_option("#generate [name=partial_images]", str(previews))
+
+
+def _done(page) -> None:
+    """Wait for the run to end (the page has no eval under its CSP: no wait_for_function)."""
+    page.locator(",".join(f".run-state[data-state={s}]" for s in ("done", "failed", "cancelled"))).wait_for(state="attached")
+    assert page.get_attribute(".run-state", "data-state") == "done", page.inner_text(".run-text")
+
+
+def test_generate_shows_live_previews_before_the_image(page, shot):
+    # What appears in the output panel, in order: previews (the strip) and results.
+    page.evaluate(
+        """() => { window.seen = []; window.texts = [];
+        new MutationObserver((records) => { for (const r of records) for (const n of r.addedNodes) {
+            window.seen.push(r.target.className); if (r.target.className === 'run-text') window.texts.push(n.textContent); }
+        }).observe(document.querySelector('.output'), {childList: true, subtree: true}); }"""
+    )
+    _generate(page, "a red fox in the snow", steps=8, previews=3)
+    page.fill("#generate [name=seed]", "7")
+    shot("1-form")
+    with page.expect_request("**/v1/images/generations") as request:
+        page.click(SUBMIT.format("generate"))
+    assert request.value.headers["authorization"] == f"Bearer {KEY}"
+    body = json.loads(request.value.post_data)
+    assert body["model"] == "qwen-image-tiny"
+    assert body["stream"] is True and body["partial_images"] == 3
+    assert (body["width"], body["height"], body["seed"], body["num_inference_steps"]) == (256, 256, 7, 8)
+    page.wait_for_selector(".previews img")
+    shot("2-preview")
+    _done(page)
+    shot("3-done")
+    seen = page.evaluate("window.seen")
+    assert "previews" in seen and "results" in seen
+    assert seen.index("previews") < seen.index("results"), seen
+    assert page.locator(".previews img").count() == 3
+    texts = page.evaluate("window.texts")
+    assert any("step 6 of 8" in text for text in texts), texts  # the last preview comes after step 6 of 8
+    image = _image(page, ".results img")
+    assert image.size == (256, 256) and image.format == "PNG"
+    assert "seed 7" in page.inner_text(".result-info")
+
+
+def test_edit_with_a_painted_mask_changes_only_the_masked_region(page, shot, tmp_path):
+    x, y = np.meshgrid(np.arange(256), np.arange(256))
+    source = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "input.png")
+    _record_form_data(page)
+    page.click("nav [data-tab=edit]")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "input.png"))
+    canvas = page.wait_for_selector(".mask-paint")
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    for fx, fy in ((0.4, 0.2), (0.4, 0.3), (0.15, 0.3), (0.15, 0.4), (0.4, 0.4)):
+        page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy, steps=5)
+    page.mouse.up()
+    page.fill("#edit [name=prompt]", "a full moon")
+    page.fill("#edit [name=num_inference_steps]", "4")
+    page.select_option("#edit [name=partial_images]", "1")
+    shot("1-painted")
+    with page.expect_request("**/v1/images/edits") as request:
+        page.click(SUBMIT.format("edit"))
+    assert request.value.headers["content-type"].startswith("multipart/form-data")
+    parts = _sent_form(page)
+    assert "mask" in parts and parts["stream"] == "true" and parts["prompt"] == "a full moon"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(parts["image"])).convert("RGB")), source)
+    mask = np.asarray(Image.open(io.BytesIO(parts["mask"])).convert("RGBA"))[:, :, 3]
+    assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255}  # OpenAI's convention: transparent = edit
+    edited = mask == 0
+    rows, cols = np.nonzero(edited)
+    assert rows.min() < 0.25 * 256 and rows.max() < 0.55 * 256 and cols.max() < 0.55 * 256  # where the strokes went
+    assert edited.mean() > 0.05
+    _done(page)
+    page.wait_for_selector(".viewer .compare")  # before / after
+    page.fill(".compare-slider", "80")
+    shot("2-result")
+    result = np.asarray(_image(page, ".results img").convert("RGB"))
+    assert result.shape == source.shape
+    assert np.array_equal(result[~edited], source[~edited]), "pixels outside the mask changed"
+    assert (np.abs(result[edited].astype(int) - source[edited]).sum(axis=-1) > 0).mean() > 0.5
+
+
+def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
+    _record_form_data(page)
+    _generate(page, "a lighthouse", steps=4)
+    page.click(SUBMIT.format("generate"))
+    _done(page)
+    made = _image(page, ".results img")
+    page.click(".result-actions [data-action=vary]")
+    assert page.locator("#variations .thumbs img").count() == 1
+    page.fill("#variations [name=strength]", "0.5")
+    page.fill("#variations [name=num_inference_steps]", "4")
+    page.select_option("#variations [name=partial_images]", "1")
+    page.click(SUBMIT.format("variations"))
+    _done(page)
+    sent = _sent_form(page)
+    assert sent["strength"] == "0.5" and sent["model"] == "qwen-image-tiny"
+    assert Image.open(io.BytesIO(sent["image"])).tobytes() == made.tobytes()
+    shot("1-variation")
+    page.click(".result-actions [data-action=edit]")
+    page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp_path / "second.png")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "second.png"))
+    assert page.locator("#edit .thumbs img").count() == 2
+    assert "one image" in page.inner_text("#edit .mask-stage")  # a mask needs a single image
+    page.fill("#edit [name=prompt]", "both together")
+    page.fill("#edit [name=num_inference_steps]", "4")
+    page.click(SUBMIT.format("edit"))
+    _done(page)
+    sent = page.evaluate("window.sent")[-1]
+    assert sent["names"].count("image[]") == 2 and "mask" not in sent["names"]
+    assert sent["fields"]["model"] == "qwen-image-edit-plus-tiny"
+    shot("2-edit-plus")
+
+
+def test_cancel_stops_the_job_on_the_server(page, shot, server):
+    _wait_for(lambda: _idle(_t2i_status(server)), "the shared server to be idle")
+    _generate(page, "a very long job", steps=900)
+    page.click(SUBMIT.format("generate"))
+    _wait_for(lambda: any(w["state"] == "busy" for w in _t2i_status(server)["workers"]), "the job to run")
+    shot("1-running")
+    stopped_before = server.logs(tail=None).count("stopped after")
+    page.click(".cancel")
+    page.locator(".run-state[data-state=cancelled]").wait_for()
+    shot("2-cancelled")
+    _wait_for(lambda: server.logs(tail=None).count("stopped after") > stopped_before, "the server to log the task as stopped")
+    assert _idle(_t2i_status(server)), "the cancelled job still holds a worker"
+    _generate(page, "the next one", steps=4)
+    page.click(SUBMIT.format("generate"))
+    _done(page)
+    shot("3-next")
+
+
+def test_an_over_limit_size_is_shown_next_to_the_size_field(page, shot):
+    _generate(page, "too wide", steps=4)
+    page.fill("#generate [name=width]", "4096")
+    page.click(SUBMIT.format("generate"))
+    error = page.locator("#generate .size-field .error")
+    error.wait_for()
+    assert "width and height must be between 256 and 2048, got 4096x256" in error.inner_text()
+    assert "invalid" in page.get_attribute("#generate .size-field", "class")
+    assert page.get_attribute(".run-state", "data-state") == "failed"
+    shot("1-error")
+
+
+def test_busy_server_is_retried_after_retry_after(page, shot):
+    calls = []
+
+    def busy_once(route):
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            body = {"error": {"message": "Task queue is full", "type": "server_error", "param": None, "code": "queue_full"}}
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json", body=json.dumps(body))
+        else:
+            route.continue_()
+
+    page.route("**/v1/images/generations", busy_once)
+    _generate(page, "busy first", steps=4)
+    page.click(SUBMIT.format("generate"))
+    page.locator(".run-text", has_text="server busy, retrying in 1 s").wait_for()
+    shot("1-busy")
+    _done(page)
+    assert len(calls) == 2
+
+
+def test_history_survives_a_reload_and_reruns(page, shot):
+    from playwright.sync_api import expect
+
+    _generate(page, "kept in the history", steps=4)
+    page.fill("#generate [name=seed]", "123")
+    page.click(SUBMIT.format("generate"))
+    _done(page)
+    page.reload()
+    page.click("nav [data-tab=history]")
+    item = page.locator(".history-item", has_text="kept in the history").first
+    item.wait_for()
+    assert "seed 123" in item.inner_text()
+    shot("1-history")
+    before = page.locator(".history-item").count()
+    with page.expect_request("**/v1/images/generations") as request:
+        item.locator("[data-action=rerun]").click()
+    assert json.loads(request.value.post_data)["prompt"] == "kept in the history"
+    _done(page)
+    page.click("nav [data-tab=history]")
+    expect(page.locator(".history-item")).to_have_count(before + 1)
+    page.locator(".history-item").first.locator("[data-action=open]").click()
+    assert page.input_value("#generate [name=seed]") == "123"
+    with page.expect_download() as download:
+        page.select_option("select[name=download-format]", "webp")
+        page.click(".result-actions [data-action=download]")
+    assert download.value.suggested_filename.endswith(".webp")
+    shot("2-rerun")
+
+
+def test_phone_width_has_no_horizontal_scroll(context, server, tmp_path):
+    page, errors = _open(context, server.base_url + "/playground", {"width": 390, "height": 844})
+    for tab in ("generate", "edit", "variations", "history"):
+        page.click(f"nav [data-tab={tab}]")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), tab
+        page.screenshot(path=tmp_path / f"phone-{tab}.png", full_page=True)
+    page.close()
+    assert not errors, errors
+
+
+def test_preview_steps_match_the_server(page):
+    from qwen_image_server.models.runner import preview_steps
+
+    cases = [(steps, partials) for steps in (2, 3, 4, 5, 8, 10, 20, 50) for partials in (1, 2, 3)]
+    got = page.evaluate(
+        "async (cases) => { const { previewSteps } = await import('./playground/view.js');"
+        " return cases.map(([s, p]) => previewSteps(s, p)); }",
+        cases,
+    )
+    assert got == [preview_steps(steps, partials) for steps, partials in cases]
