@@ -25,17 +25,26 @@ def test_ready_lists_every_model_and_its_workers(http):
     body = response.json()
     assert body["status"] == "ready"
     assert set(body["models"]) == set(MODELS)
+    listing = http.get("/v1/models").json()
+    cards = {card["id"]: card for card in listing["data"]}
+    planned_gpus = {gpu["device"] for gpu in listing["gpus"]}
     for model_id, kind in MODELS.items():
         model = body["models"][model_id]
         assert model["kind"] == kind and model["ready"] is True
         workers = model["workers"]
         assert len(workers) == 2  # --workers 2
         assert len({w["pid"] for w in workers}) == 2
+        # Each worker reports the device it loaded on: the one the memory plan (/v1/models) gave its slot.
+        assert sorted(w["device"] for w in workers) == sorted(cards[model_id]["memory"]["devices"])
         for worker in workers:
             assert worker["name"].startswith(model_id + "#")
             assert worker["state"] in ("idle", "busy")
-            # --device auto: the GPUs where there are any (cuda:N as planned), else the CPU.
-            assert worker["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), worker
+            # --device auto: a planned GPU wherever the server's machine (this one) has any, else the CPU.
+            device = worker["device"]
+            if torch.cuda.is_available():
+                assert device in planned_gpus, (worker, planned_gpus)
+            else:
+                assert device == "cpu" and not planned_gpus, worker
             assert isinstance(worker["pid"], int)
             assert worker["memory"]["offload"] == "none" and worker["memory"]["weights_dtype"] == "auto"
             assert set(worker["memory"]["placement"]) == {"transformer", "text_encoder", "vae"}

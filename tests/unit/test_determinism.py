@@ -85,7 +85,7 @@ def test_the_setting_comes_from_flags_environment_and_sidecar(monkeypatch, tiny_
 
 
 def test_the_worker_reports_the_effective_setting_when_ready(torch_flags, tiny_t2i):
-    from qwen_image_server.engine.worker import worker_main
+    from qwen_image_server.engine.worker import Ready, Stop, worker_main
 
     spec = resolve_model(str(tiny_t2i), "tiny")
     spec = replace(spec, profile=replace(spec.profile, deterministic=True))
@@ -94,11 +94,12 @@ def test_the_worker_reports_the_effective_setting_when_ready(torch_flags, tiny_t
     worker = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", 1, theirs, "w0"), daemon=True)
     worker.start()
     assert ours.poll(120), "the worker did not report"
-    kind, info = ours.recv()
-    ours.send(("stop",))
+    ready = ours.recv()
+    ours.send(Stop())
     worker.join(timeout=30)
     torch.set_num_threads(threads)
-    assert kind == "ready"
+    assert isinstance(ready, Ready), ready
+    info = ready.info
     assert info["determinism"]["deterministic"] is True
     assert info["determinism"]["cublas_workspace_config"] == ":4096:8"
 

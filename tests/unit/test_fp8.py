@@ -151,15 +151,16 @@ def test_worker_ready_message_carries_what_really_runs(tiny_t2i):
     import multiprocessing
     import threading
 
-    from qwen_image_server.engine.worker import worker_main
+    from qwen_image_server.engine.worker import Ready, Stop, worker_main
 
     spec = resolve_model(str(tiny_t2i))
     spec = replace(spec, profile=RunProfile(quantize="fp8"))
     ours, theirs = multiprocessing.Pipe()
     thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", torch.get_num_threads(), theirs, "w0"), daemon=True)
     thread.start()
-    kind, info = ours.recv()
-    ours.send(("stop",))
+    ready = ours.recv()
+    ours.send(Stop())
     thread.join(timeout=60)
-    assert kind == "ready", info
+    assert isinstance(ready, Ready), ready
+    info = ready.info
     assert info["speed"]["quantize"]["effective"] == "none" and "cpu" in info["speed"]["quantize"]["reason"]

@@ -172,16 +172,18 @@ def test_worker_reports_its_memory_mode(tiny_t2i):
     import multiprocessing
     import threading
 
-    from qwen_image_server.engine.worker import worker_main
+    from qwen_image_server.engine.worker import Ready, Stop, worker_main
 
     spec = replace(resolve_model(str(tiny_t2i), "qi"), profile=RunProfile(offload="group", weights_dtype="fp8"))
     parent, child = multiprocessing.Pipe()
     thread = threading.Thread(target=worker_main, args=(spec, "cpu", "auto", 1, child, "w0"), daemon=True)
     thread.start()
-    kind, info = parent.recv()
-    parent.send(("stop",))
+    ready = parent.recv()
+    parent.send(Stop())
     thread.join(timeout=60)
-    assert kind == "ready" and info["device"] == "cpu"
+    assert isinstance(ready, Ready), ready
+    info = ready.info
+    assert info["device"] == "cpu"
     memory = info["memory"]
     assert (memory["offload"], memory["weights_dtype"]) == ("group", "fp8")
     assert memory["placement"] == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}

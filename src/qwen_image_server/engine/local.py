@@ -28,7 +28,21 @@ from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .worker import worker_main
+from .worker import (
+    Cancel,
+    Computed,
+    Done,
+    Failed,
+    FromWorker,
+    InfoUpdate,
+    LoadFailed,
+    Partial,
+    Ready,
+    RunTask,
+    Stop,
+    ToWorker,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +102,11 @@ class _Worker:
         )
         self.process.start()
         child_conn.close()
-        self._outbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue[ToWorker | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
         threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
 
-    def send(self, message) -> None:
+    def send(self, message: ToWorker) -> None:
         self._outbox.put(message)
 
     def _read(self) -> None:
@@ -118,7 +132,7 @@ class _Worker:
                 return
 
     def stop(self) -> None:
-        self.send(("stop",))
+        self.send(Stop())
 
     def describe(self) -> dict:
         info = dict(self.info)
@@ -188,7 +202,7 @@ class _ModelPool:
             state.undispatched = 0
         for piece in state.pieces:
             if piece.worker is not None and piece.worker.running is piece:
-                piece.worker.send(("cancel", piece.task.task_id))
+                piece.worker.send(Cancel(piece.task.task_id))
             if not piece.future.done():
                 piece.future.set_exception(TaskCancelled())
                 piece.future.exception()  # retrieved: nobody awaits it any more
@@ -206,47 +220,45 @@ class _ModelPool:
             piece.job.undispatched -= 1
             if piece.job.undispatched == 0:
                 self.waiting_jobs -= 1
-            worker.send(("task", piece.task))
+            worker.send(RunTask(piece.task))
 
     # --- messages from workers -----------------------------------------------------------
-    def on_message(self, worker: _Worker, message: tuple) -> None:
-        kind = message[0]
-        if kind == "ready":
-            worker.info = message[1]
-            worker.state = "idle"
-            self.load_failures = 0
-            if self.broken:
-                log.info("model %s loaded again", self.spec.id)
-                self.broken = None
-            log.info("worker %s ready: %s", worker.name, message[1])
-        elif kind == "info":
-            worker.info = {**worker.info, **message[1]}
-        elif kind == "load_failed":
-            self.load_failures += 1
-            worker.state = "failed"
-            worker.info = {"error": message[1]}
-            log.error("worker %s could not load %s: %s", worker.name, self.spec.id, message[1])
-        elif kind == "computed":
-            piece = self._take_running(worker, message[1])
-            if piece is not None:
-                self.encoding[message[1]] = piece
-        elif kind == "result":
-            result: TaskResult = message[1]
-            piece = self.encoding.pop(result.task_id, None)
-            if piece is not None and not piece.future.done():
-                piece.future.set_result(result)
-        elif kind == "partial":
-            _, task_id, partial = message
-            piece = worker.running if worker.running and worker.running.task.task_id == task_id else self.encoding.get(task_id)
-            if piece is not None and not piece.job.cancelled and piece.job.on_partial is not None:
-                partial.index += piece.offset
-                piece.job.on_partial(partial)
-            return
-        elif kind == "failed":
-            _, task_id, reason, cancelled = message
-            piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
-            if piece is not None and not piece.future.done():
-                piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
+    def on_message(self, worker: _Worker, message: FromWorker) -> None:
+        match message:
+            case Ready(info):
+                worker.info = info
+                worker.state = "idle"
+                self.load_failures = 0
+                if self.broken:
+                    log.info("model %s loaded again", self.spec.id)
+                    self.broken = None
+                log.info("worker %s ready: %s", worker.name, info)
+            case InfoUpdate(info):
+                worker.info = {**worker.info, **info}
+            case LoadFailed(reason):
+                self.load_failures += 1
+                worker.state = "failed"
+                worker.info = {"error": reason}
+                log.error("worker %s could not load %s: %s", worker.name, self.spec.id, reason)
+            case Computed(task_id):
+                piece = self._take_running(worker, task_id)
+                if piece is not None:
+                    self.encoding[task_id] = piece
+            case Done(result):
+                piece = self.encoding.pop(result.task_id, None)
+                if piece is not None and not piece.future.done():
+                    piece.future.set_result(result)
+            case Partial(task_id, partial):
+                running = worker.running
+                piece = running if running and running.task.task_id == task_id else self.encoding.get(task_id)
+                if piece is not None and not piece.job.cancelled and piece.job.on_partial is not None:
+                    partial.index += piece.offset
+                    piece.job.on_partial(partial)
+                return
+            case Failed(task_id, reason, cancelled):
+                piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
+                if piece is not None and not piece.future.done():
+                    piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
         self._dispatch()
 
     def _take_running(self, worker: _Worker, task_id: int) -> _Piece | None:

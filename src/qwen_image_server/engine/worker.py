@@ -1,14 +1,20 @@
 """The worker process: owns one device and one pipeline, runs one task at a time.
 
-Messages on its pipe (tuples, first item the kind):
+``worker_main`` is the process's entry point; a ``Worker`` loads the pipeline,
+then serves its pipe. What goes over the pipe are the small picklable dataclasses
+below:
 
-- from the engine: ``("task", Task)``, ``("cancel", task_id)``, ``("stop",)``
-- to the engine: ``("ready", info)``, ``("info", updates)`` (new values for the
-  ``ready`` info, e.g. peak memory after the first job), ``("load_failed", reason)``,
-  ``("computed", task_id)`` as soon as the pipeline call returns (the worker
-  takes the next task while this one's images are encoded by a second thread),
-  ``("result", TaskResult)``, ``("failed", task_id, reason, cancelled)``,
-  and ``("partial", task_id, PartialImage)`` for previews of a streaming request.
+- from the engine: ``RunTask``, ``Cancel`` (stop that task at its next denoising
+  step), ``Stop``;
+- to the engine: ``Ready`` (the worker's info: device, speed settings, memory,
+  determinism) or ``LoadFailed``; ``InfoUpdate`` (new values for the ready info,
+  e.g. the peak memory after the first job on CUDA); per task ``Computed`` as soon
+  as the pipeline call returns (the worker takes the next task while a second
+  thread encodes this one's images), then ``Done`` with the ``TaskResult`` or
+  ``Failed``; ``Partial`` previews of a streaming request.
+
+This module is imported by the API process (``engine/local.py``): torch and the
+pipelines are imported only inside the worker.
 """
 
 from __future__ import annotations
@@ -19,11 +25,82 @@ import queue
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskCancelled
-from ..jobs import EncodedImage, PartialImage, Task, TaskResult
+from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from PIL import Image
+
+    from ..models.runner import PipelineRunner
+    from ..models.spec import ModelSpec
 
 log = logging.getLogger("qwen_image_server.worker")
+
+
+# --- messages: engine -> worker ----------------------------------------------------------
+@dataclass(frozen=True)
+class RunTask:
+    task: Task
+
+
+@dataclass(frozen=True)
+class Cancel:
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+ToWorker = RunTask | Cancel | Stop
+
+
+# --- messages: worker -> engine ----------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class InfoUpdate:
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Computed:
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    result: TaskResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    task_id: int
+    reason: str
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Partial:
+    task_id: int
+    image: PartialImage
+
+
+FromWorker = Ready | LoadFailed | InfoUpdate | Computed | Done | Failed | Partial
 
 
 def short_reason(exc: BaseException) -> str:
@@ -53,118 +130,159 @@ def device_memory(device: str) -> dict:
     }
 
 
-def worker_main(spec, device: str, dtype: str, threads: int, conn, name: str, log_level: int = logging.INFO) -> None:
-    """Entry point of a worker process (started with the ``spawn`` method)."""
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
-    send_lock = threading.Lock()
+# --- what the pipeline thread hands to the encode thread ---------------------------------------
+@dataclass
+class _Preview:
+    task: Task
+    index: int
+    partial_index: int
+    image: Image.Image
 
-    def send(message) -> None:
-        with send_lock:
-            conn.send(message)
 
-    try:
-        import torch
+@dataclass
+class _Finished:
+    task: Task
+    images: list[Image.Image]
+    started: float
+    finished: float
+    stats: dict[str, float] = field(default_factory=dict)
 
-        torch.set_num_threads(max(1, threads))
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        from ..models.runner import PipelineRunner
+class Worker:
+    """One loaded pipeline serving its pipe: a receive thread, the pipeline loop, an encode thread."""
 
-        runner = PipelineRunner(spec, device=device, dtype=dtype)
-    except Exception as exc:
-        log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
-        send(("load_failed", short_reason(exc)))
-        return
-    info = {
-        "pid": os.getpid(),
-        "device": runner.device,
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "speed": runner.speed.info,
-        "determinism": runner.determinism,
-    }
+    def __init__(self, runner: PipelineRunner, conn: Connection, name: str):
+        self.runner = runner
+        self.conn = conn
+        self.name = name
+        self._send_lock = threading.Lock()
+        self._inbox: queue.Queue[Task | None] = queue.Queue()  # None: stop
+        self._cancelled: set[int] = set()
+        self._to_encode: queue.Queue[_Preview | _Finished | None] = queue.Queue()
+        self._first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
 
-    def memory() -> dict:
-        return {"memory": {**runner.memory.summary(), **device_memory(runner.device).get("memory", {})}}
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str, dtype: str, threads: int, conn: Connection, name: str) -> Worker | None:
+        """Load the pipeline and report ``Ready``; ``LoadFailed`` (and None) when it cannot load."""
+        try:
+            import torch
 
-    send(("ready", {**info, **memory()}))
-    first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
+            torch.set_num_threads(max(1, threads))
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as transformers_logging
 
-    inbox: queue.Queue[Task | None] = queue.Queue()
-    cancelled: set[int] = set()
+            diffusers_logging.disable_progress_bar()
+            transformers_logging.disable_progress_bar()
+            from ..models.runner import PipelineRunner
 
-    def receive() -> None:
+            runner = PipelineRunner(spec, device=device, dtype=dtype)
+        except Exception as exc:
+            log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
+            conn.send(LoadFailed(short_reason(exc)))
+            return None
+        worker = cls(runner, conn, name)
+        info = {
+            "pid": os.getpid(),
+            "device": runner.device,
+            "dtype": str(runner.dtype).removeprefix("torch."),
+            "speed": runner.speed.info,
+            "determinism": runner.determinism,
+        }
+        worker.send(Ready({**info, **worker.memory()}))
+        return worker
+
+    def send(self, message: FromWorker) -> None:
+        with self._send_lock:  # the pipeline loop and the encode thread both send
+            self.conn.send(message)
+
+    def memory(self) -> dict:
+        return {"memory": {**self.runner.memory.summary(), **device_memory(self.runner.device).get("memory", {})}}
+
+    def serve(self) -> None:
+        """Run tasks until told to stop (or the engine is gone); then let the encode thread finish."""
+        threading.Thread(target=self._receive, name="receive", daemon=True).start()
+        encoder = threading.Thread(target=self._encode, name="encode", daemon=True)
+        encoder.start()
+        while (task := self._inbox.get()) is not None:
+            self._run(task)
+            self._cancelled.discard(task.task_id)
+        self._to_encode.put(None)
+        encoder.join(timeout=30)
+
+    def _receive(self) -> None:
         while True:
             try:
-                message = conn.recv()
+                message: ToWorker = self.conn.recv()
             except (EOFError, OSError):
-                message = ("stop",)  # the server is gone
-            if message[0] == "task":
-                inbox.put(message[1])
-            elif message[0] == "cancel":
-                cancelled.add(message[1])
-            else:
-                inbox.put(None)
-                return
+                message = Stop()  # the server is gone
+            match message:
+                case RunTask(task):
+                    self._inbox.put(task)
+                case Cancel(task_id):
+                    self._cancelled.add(task_id)
+                case _:
+                    self._inbox.put(None)
+                    return
 
-    to_encode: queue.Queue = queue.Queue()
-
-    def encode() -> None:
-        from ..images import encode_image
-
-        def encoded(job, seed, image) -> EncodedImage:
-            return EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
-
-        while (item := to_encode.get()) is not None:
-            if item[0] == "partial":
-                _, task, index, partial_index, image = item
-                preview = PartialImage(index, partial_index, encoded(task.job, task.job.seeds[index], image))
-                send(("partial", task.task_id, preview))
-                continue
-            _, task, images, started, finished, stats = item
-            try:
-                job = task.job
-                encoding = time.perf_counter()
-                images = [encoded(job, seed, image) for seed, image in zip(job.seeds, images, strict=True)]
-                stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
-                tokens = runner.count_tokens(job.prompt)
-                send(("result", TaskResult(task.task_id, images, started, finished, name, tokens, stats)))
-            except Exception as exc:
-                log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
-                send(("failed", task.task_id, short_reason(exc), False))
-
-    threading.Thread(target=receive, name="receive", daemon=True).start()
-    encoder = threading.Thread(target=encode, name="encode", daemon=True)
-    encoder.start()
-
-    while (task := inbox.get()) is not None:
+    def _run(self, task: Task) -> None:
         task_id = task.task_id
         started = time.time()
 
-        def on_partial(index, partial_index, image, task=task) -> None:
-            to_encode.put(("partial", task, index, partial_index, image))
+        def on_partial(index: int, partial_index: int, image: Image.Image) -> None:
+            self._to_encode.put(_Preview(task, index, partial_index, image))
 
-        def should_stop(task_id: int = task_id) -> bool:
-            return task_id in cancelled
+        def should_stop() -> bool:
+            return task_id in self._cancelled
 
+        runner = self.runner
         try:
             images = runner.run(task.job, should_stop=should_stop, on_partial=on_partial)
         except TaskCancelled:
             log.info("task %s stopped after %.2fs", task_id, time.time() - started)
-            send(("failed", task_id, "cancelled", True))
+            self.send(Failed(task_id, "cancelled", cancelled=True))
         except Exception as exc:
             log.error("task %s failed:\n%s", task_id, traceback.format_exc())
-            if runner.device.startswith("cuda"):
+            if runner.device.startswith("cuda"):  # e.g. out of memory: give back what the failed call cached
+                import torch
+
                 torch.cuda.empty_cache()
-            send(("failed", task_id, short_reason(exc), False))
+            self.send(Failed(task_id, short_reason(exc)))
         else:
-            send(("computed", task_id))
-            if first_job and runner.device.startswith("cuda"):
-                send(("info", memory()))
-            first_job = False
-            to_encode.put(("result", task, images, started, time.time(), dict(runner.last_stats)))
-        cancelled.discard(task_id)
-    to_encode.put(None)
-    encoder.join(timeout=30)
+            self.send(Computed(task_id))
+            if self._first_job and runner.device.startswith("cuda"):
+                self.send(InfoUpdate(self.memory()))
+            self._first_job = False
+            self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats)))
+
+    def _encode(self) -> None:
+        from ..images import encode_image
+
+        def encoded(job: Job, seed: int, image: Image.Image) -> EncodedImage:
+            return EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
+
+        while (item := self._to_encode.get()) is not None:
+            task = item.task
+            if isinstance(item, _Preview):
+                preview = PartialImage(item.index, item.partial_index, encoded(task.job, task.job.seeds[item.index], item.image))
+                self.send(Partial(task.task_id, preview))
+                continue
+            try:
+                job = task.job
+                encoding = time.perf_counter()
+                images = [encoded(job, seed, image) for seed, image in zip(job.seeds, item.images, strict=True)]
+                stats = {**item.stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
+                tokens = self.runner.count_tokens(job.prompt)
+                self.send(Done(TaskResult(task.task_id, images, item.started, item.finished, self.name, tokens, stats)))
+            except Exception as exc:
+                log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
+                self.send(Failed(task.task_id, short_reason(exc)))
+
+
+def worker_main(
+    spec: ModelSpec, device: str, dtype: str, threads: int, conn: Connection, name: str, log_level: int = logging.INFO
+) -> None:
+    """Entry point of a worker process (started with the ``spawn`` method)."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    worker = Worker.load(spec, device, dtype, threads, conn, name)
+    if worker is not None:
+        worker.serve()

@@ -1,0 +1,207 @@
+"""The worker's side of the pipe: typed messages in and out, previews, cancellation, failures, the CUDA extras.
+
+A ``Worker`` serves a real ``multiprocessing`` pipe (so every message is pickled)
+from a thread, around a stand-in runner: the pipeline's own behaviour is tested
+elsewhere (test_models.py), the worker's bookkeeping here.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing import Pipe
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_server.engine import worker as worker_module
+from qwen_image_server.engine.worker import (
+    Cancel,
+    Computed,
+    Done,
+    Failed,
+    InfoUpdate,
+    LoadFailed,
+    Partial,
+    Ready,
+    RunTask,
+    Stop,
+    Worker,
+    worker_main,
+)
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job, Task
+
+WAIT = 30.0  # seconds any one message may take
+
+
+@dataclass
+class FakeRunner:
+    """What ``Worker`` uses of a ``PipelineRunner``. Prompts steer it: "boom" raises, "wait" runs until cancelled."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    last_stats: dict = field(default_factory=dict)
+    started: threading.Event = field(default_factory=threading.Event)
+    memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
+    speed: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(info={"compile": False}))
+    determinism: dict = field(default_factory=lambda: {"deterministic": False})
+
+    def run(self, job: Job, should_stop, on_partial) -> list[Image.Image]:
+        self.started.set()
+        for index in range(job.n):
+            for step in range(job.partial_images):
+                on_partial(index, step, Image.new("RGB", (8, 8), (step, 0, 0)))
+        if job.prompt == "boom":
+            raise RuntimeError("boom\nsecond line")
+        if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
+            deadline = time.monotonic() + WAIT
+            while not should_stop():
+                assert time.monotonic() < deadline, "the task was never cancelled"
+                time.sleep(0.01)
+            raise TaskCancelled()
+        self.last_stats = {"transformer_calls": 2 * job.num_inference_steps}
+        return [Image.new("RGB", (job.width or 16, job.height or 16), (seed % 256, 0, 0)) for seed in job.seeds]
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+
+def _job(prompt: str = "a red square", **fields) -> Job:
+    return Job(mode="generate", prompt=prompt, seeds=[3, 4], width=24, height=16, num_inference_steps=2, **fields)
+
+
+@pytest.fixture
+def served():
+    """``(engine end of the pipe, runner, worker)`` with the worker serving in a thread; stopped after the test."""
+    ours, theirs = Pipe()
+    runner = FakeRunner()
+    worker = Worker(runner, theirs, "m#0")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    yield ours, runner, worker
+    ours.send(Stop())
+    thread.join(timeout=WAIT)
+    assert not thread.is_alive(), "the worker did not stop"
+
+
+def _recv(conn):
+    assert conn.poll(WAIT), "no message from the worker"
+    return conn.recv()
+
+
+def _until_finished(conn, task_id: int) -> list:
+    """Messages up to and including the task's ``Done`` or ``Failed``."""
+    messages = []
+    while True:
+        message = _recv(conn)
+        messages.append(message)
+        if isinstance(message, Done) and message.result.task_id == task_id:
+            return messages
+        if isinstance(message, Failed) and message.task_id == task_id:
+            return messages
+
+
+def test_a_task_is_computed_then_done_with_its_encoded_images(served):
+    conn, _, _ = served
+    conn.send(RunTask(Task(7, _job(output_format="jpeg", partial_images=1))))
+    messages = _until_finished(conn, 7)
+    kinds = [type(m) for m in messages]
+    assert kinds.count(Computed) == 1 and kinds.count(Partial) == 2 and kinds[-1] is Done
+    assert kinds.index(Computed) < kinds.index(Done)
+    previews = [m for m in messages if isinstance(m, Partial)]
+    assert {(p.task_id, p.image.index, p.image.partial_index) for p in previews} == {(7, 0, 0), (7, 1, 0)}
+    assert [p.image.image.seed for p in sorted(previews, key=lambda p: p.image.index)] == [3, 4]
+    result = messages[-1].result
+    assert (result.task_id, result.worker, result.prompt_tokens) == (7, "m#0", 3)
+    assert [(image.seed, image.width, image.height) for image in result.images] == [(3, 24, 16), (4, 24, 16)]
+    decoded = Image.open(io.BytesIO(result.images[1].data))
+    assert decoded.format == "JPEG" and decoded.size == (24, 16)
+    assert result.stats["transformer_calls"] == 4 and result.stats["encode_seconds"] >= 0
+    assert result.started <= result.finished
+
+
+def test_cancel_stops_the_running_task_and_the_next_one_runs(served):
+    conn, runner, _ = served
+    conn.send(RunTask(Task(1, _job("wait"))))
+    assert runner.started.wait(WAIT)
+    conn.send(Cancel(1))
+    assert _until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
+    conn.send(RunTask(Task(2, _job())))
+    assert isinstance(_until_finished(conn, 2)[-1], Done)
+
+
+def test_a_failing_task_reports_one_line_and_the_worker_goes_on(served):
+    conn, _, _ = served
+    conn.send(RunTask(Task(1, _job("boom"))))
+    assert _until_finished(conn, 1) == [Failed(1, "RuntimeError: boom", cancelled=False)]
+    conn.send(RunTask(Task(2, _job())))
+    assert isinstance(_until_finished(conn, 2)[-1], Done)
+
+
+def test_the_worker_stops_when_the_engine_is_gone():
+    ours, theirs = Pipe()
+    worker = Worker(FakeRunner(), theirs, "m#0")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    ours.close()
+    thread.join(timeout=WAIT)
+    assert not thread.is_alive()
+
+
+def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empties_the_cache(monkeypatch):
+    live = {"memory": {"device_free_gib": 1.5}}
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: live if device.startswith("cuda") else {})
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    ours, theirs = Pipe()
+    worker = Worker(FakeRunner(device="cuda:0"), theirs, "m#0")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        ours.send(RunTask(Task(1, _job())))
+        first = _until_finished(ours, 1)
+        ours.send(RunTask(Task(2, _job())))
+        second = _until_finished(ours, 2)
+        ours.send(RunTask(Task(3, _job("boom"))))
+        assert _until_finished(ours, 3) == [Failed(3, "RuntimeError: boom")]
+    finally:
+        ours.send(Stop())
+        thread.join(timeout=WAIT)
+    updates = [m for m in first if isinstance(m, InfoUpdate)]
+    assert updates == [InfoUpdate({"memory": {"offload": "none", "device_free_gib": 1.5}})]
+    assert not [m for m in second if isinstance(m, InfoUpdate)]
+    assert emptied == [True]
+
+
+def test_worker_main_reports_ready_with_what_runs(monkeypatch):
+    from qwen_image_server.models import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, device, dtype: FakeRunner())
+    ours, theirs = Pipe()
+    thread = threading.Thread(target=worker_main, args=(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
+    thread.start()
+    ready = _recv(ours)
+    ours.send(Stop())
+    thread.join(timeout=WAIT)
+    assert isinstance(ready, Ready)
+    info = ready.info
+    assert (info["device"], info["dtype"], info["memory"]) == ("cpu", "float32", {"offload": "none"})
+    assert info["speed"] == {"compile": False} and info["determinism"] == {"deterministic": False}
+    assert isinstance(info["pid"], int)
+
+
+def test_worker_main_reports_a_load_failure(monkeypatch):
+    from qwen_image_server.models import runner as runner_module
+
+    def fail(spec, device, dtype):
+        raise OSError("no such file: /models/x/transformer")
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", fail)
+    ours, theirs = Pipe()
+    worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
+    assert _recv(ours) == LoadFailed("OSError: no such file: /models/x/transformer")
