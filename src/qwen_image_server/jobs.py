@@ -75,10 +75,11 @@ class PartialImage:
 
 @dataclass
 class Task:
-    """A piece of a job handed to one worker."""
+    """A piece of a job handed to one worker; ``model`` names the pipeline in a worker that serves several."""
 
     task_id: int
     job: Job
+    model: str = ""
 
 
 @dataclass

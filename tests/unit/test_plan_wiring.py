@@ -25,21 +25,22 @@ def _gpus(*sizes_gib: float):
 
 
 class _FakeWorker:
-    """Stands in for a worker process: records its device."""
+    """Stands in for a worker process: records its device and the models it serves."""
 
-    def __init__(self, pool, slot, device, threads):
-        self.pool, self.slot, self.device, self.name, self.state = pool, slot, device, f"{pool.spec.id}#{slot}", "idle"
+    def __init__(self, pools, slot, device, threads):
+        self.pools, self.slot, self.device, self.state = pools, slot, device, "idle"
         self.info = {"memory": {"device_free_gib": 0.5, "allocated_gib": 0.1}}
 
-    def describe(self) -> dict:
-        return {"name": self.name, "state": self.state, "device": self.device, **self.info}
+    def describe(self, pool=None) -> dict:
+        pool = pool or self.pools[0]
+        return {"name": f"{pool.spec.id}#{self.slot}", "state": self.state, "device": self.device, **self.info}
 
     def stop(self) -> None:
         pass
 
 
 def test_the_engine_starts_each_worker_on_its_planned_device(tiny_t2i, tiny_edit, monkeypatch):
-    monkeypatch.setattr(local, "_Worker", _FakeWorker)
+    monkeypatch.setattr(local, "WorkerProcess", _FakeWorker)
     settings = Settings(models=[f"a={tiny_t2i}", f"b={tiny_edit}"], workers=2)
     specs = resolve_configured(settings)
     plan = make_plan(specs, settings, discover=_gpus(0.8, 0.8, 0.8, 0.8))  # one 777 MiB worker per GPU at most
@@ -59,12 +60,23 @@ def test_the_engine_starts_each_worker_on_its_planned_device(tiny_t2i, tiny_edit
 
 
 def test_without_a_plan_the_engine_plans_itself_on_cpu(tiny_t2i, monkeypatch):
-    monkeypatch.setattr(local, "_Worker", _FakeWorker)
+    monkeypatch.setattr(local, "WorkerProcess", _FakeWorker)
     settings = Settings(models=[str(tiny_t2i)], device="cpu", workers=2)
     engine = local.LocalEngine(resolve_configured(settings), settings)
     asyncio.run(engine.start())
     assert [w.device for w in engine.pools[engine.models[0].id].workers] == ["cpu", "cpu"]
     assert engine.gpus() == []
+
+
+def test_shared_components_start_one_process_per_slot_for_every_model(tiny_t2i, tiny_edit, monkeypatch):
+    monkeypatch.setattr(local, "WorkerProcess", _FakeWorker)
+    settings = Settings(models=[f"a={tiny_t2i}", f"b={tiny_edit}"], device="cpu", workers=2, share_components=True)
+    engine = local.LocalEngine(resolve_configured(settings), settings)
+    asyncio.run(engine.start())
+    a, b = engine.pools["a"].workers, engine.pools["b"].workers
+    assert len(a) == 2 and [w is v for w, v in zip(a, b, strict=True)] == [True, True]
+    assert [w.slot for w in a] == [0, 1] and all(w.pools == [engine.pools["a"], engine.pools["b"]] for w in a)
+    assert [w["name"] for w in engine.status()["b"]["workers"]] == ["b#0", "b#1"]
 
 
 class _Engine:

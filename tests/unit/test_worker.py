@@ -181,7 +181,7 @@ def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empt
 def test_worker_main_reports_ready_with_what_runs(monkeypatch):
     from qwen_image_server.models import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, device, dtype: FakeRunner())
+    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, device, dtype, shared=None: FakeRunner())
     ours, theirs = Pipe()
     thread = threading.Thread(target=worker_main, args=(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
     thread.start()
@@ -198,10 +198,53 @@ def test_worker_main_reports_ready_with_what_runs(monkeypatch):
 def test_worker_main_reports_a_load_failure(monkeypatch):
     from qwen_image_server.models import runner as runner_module
 
-    def fail(spec, device, dtype):
+    def fail(spec, device, dtype, shared=None):
         raise OSError("no such file: /models/x/transformer")
 
     monkeypatch.setattr(runner_module, "PipelineRunner", fail)
     ours, theirs = Pipe()
     worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
     assert _recv(ours) == LoadFailed("OSError: no such file: /models/x/transformer")
+
+
+def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_routes_tasks(monkeypatch):
+    from qwen_image_server.models import runner as runner_module
+
+    loaded: dict = {}
+    runners: dict = {}
+
+    def load(spec, device, dtype, shared=None):
+        loaded[spec.id] = shared
+        runners[spec.id] = FakeRunner(speed=SimpleNamespace(info={"model": spec.id}))
+        return runners[spec.id]
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", load)
+    ours, theirs = Pipe()
+    specs = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    thread = threading.Thread(target=worker_main, args=(specs, "cpu", "auto", 1, theirs, "a+b#0"), daemon=True)
+    thread.start()
+    ready = _recv(ours)
+    assert isinstance(ready, Ready) and ready.info["models_in_process"] == ["a", "b"]
+    assert {model: info["speed"] for model, info in ready.models.items()} == {"a": {"model": "a"}, "b": {"model": "b"}}
+    assert loaded["a"] is loaded["b"] is not None  # one cache: identical components load once
+    ours.send(RunTask(Task(5, _job(), model="b")))
+    assert _recv(ours) == Computed(5)
+    done = _recv(ours)
+    assert isinstance(done, Done) and done.result.task_id == 5 and done.result.worker == "a+b#0"
+    assert runners["b"].started.is_set() and not runners["a"].started.is_set()  # the task's model ran it
+    ours.send(Stop())
+    thread.join(timeout=WAIT)
+
+
+def test_a_worker_of_several_models_names_the_one_that_failed_to_load(monkeypatch):
+    from qwen_image_server.models import runner as runner_module
+
+    def load(spec, device, dtype, shared=None):
+        if spec.id == "b":
+            raise OSError("no such file")
+        return FakeRunner()
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", load)
+    ours, theirs = Pipe()
+    worker_main([SimpleNamespace(id="a"), SimpleNamespace(id="b")], "cpu", "auto", 1, theirs, "a+b#0")
+    assert _recv(ours) == LoadFailed("b: OSError: no such file")

@@ -1,4 +1,5 @@
-"""The embedded engine: worker processes on this machine, one device and one pipeline each.
+"""The embedded engine: worker processes on this machine, one device and one pipeline each (or, with
+``--share-components``, one process per slot serving every model; see ``worker_process.py``).
 
 All bookkeeping runs on the event loop thread. Each worker has two helper
 threads in this process: one blocks on the worker's pipe and hands every
@@ -11,11 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
 import os
-import queue
-import re
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,30 +25,11 @@ from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .worker import (
-    Cancel,
-    Computed,
-    Done,
-    Failed,
-    FromWorker,
-    InfoUpdate,
-    LoadFailed,
-    Partial,
-    Ready,
-    RunTask,
-    Stop,
-    ToWorker,
-    worker_main,
-)
+from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
+from .worker_process import WorkerProcess, public_reason
+
 
 log = logging.getLogger(__name__)
-
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+){2,}[\\/]?")
-
-
-def public_reason(reason: str | None) -> str:
-    """A load failure's reason as clients may see it: file system paths replaced (they are in the server log)."""
-    return _PATH.sub("<path>", reason or "unknown error")[:200]
 
 
 @dataclass(eq=False)
@@ -70,81 +48,22 @@ class _Piece:
     future: asyncio.Future
     job: _JobState
     offset: int  # index of the piece's first image in its job
-    worker: _Worker | None = None
-
-
-class _Worker:
-    """One worker process and the two threads that talk to it."""
-
-    def __init__(self, pool: _ModelPool, slot: int, device: str, threads: int):
-        self.pool = pool
-        self.slot = slot
-        self.device = device
-        self.name = f"{pool.spec.id}#{slot}"
-        self.state = "loading"
-        self.running: _Piece | None = None
-        self.info: dict = {}
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(
-            target=worker_main,
-            args=(
-                pool.spec,
-                device,
-                pool.settings.dtype,
-                threads,
-                child_conn,
-                self.name,
-                logging.getLogger().level or logging.INFO,
-            ),
-            name=f"qwen-image-worker {self.name}",
-            daemon=True,
-        )
-        self.process.start()
-        child_conn.close()
-        self._outbox: queue.Queue[ToWorker | None] = queue.Queue()
-        threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
-        threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
-
-    def send(self, message: ToWorker) -> None:
-        self._outbox.put(message)
-
-    def _read(self) -> None:
-        loop = self.pool.loop
-        try:
-            while True:
-                try:
-                    message = self.conn.recv()
-                except (EOFError, OSError):
-                    break
-                loop.call_soon_threadsafe(self.pool.on_message, self, message)
-            self.process.join(timeout=10)
-            self._outbox.put(None)
-            loop.call_soon_threadsafe(self.pool.on_exit, self)
-        except RuntimeError:  # the event loop is closed: the server has shut down
-            pass
-
-    def _write(self) -> None:
-        while (message := self._outbox.get()) is not None:
-            try:
-                self.conn.send(message)
-            except (OSError, ValueError):
-                return
-
-    def stop(self) -> None:
-        self.send(Stop())
-
-    def describe(self) -> dict:
-        info = dict(self.info)
-        if "error" in info:
-            info["error"] = public_reason(info["error"])
-        return {"name": self.name, "state": self.state, "pid": self.process.pid, "device": self.device, **info}
+    pool: _ModelPool
+    worker: WorkerProcess | None = None
 
 
 class _ModelPool:
     """The workers, queue and jobs of one served model."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, devices: list[str], threads: int, task_ids: itertools.count):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: Settings,
+        devices: list[str],
+        threads: int,
+        task_ids: itertools.count,
+        spawn: bool = True,
+    ):
         self.spec = spec
         self.settings = settings
         self.devices = devices
@@ -159,7 +78,10 @@ class _ModelPool:
         self.broken: str | None = None
         self.closing = False
         self.budget = PixelBudget(settings)
-        self.workers: list[_Worker] = [_Worker(self, slot, device, threads) for slot, device in enumerate(devices)]
+        # spawn=False: the engine adds worker processes shared with other pools (--share-components)
+        self.workers: list[WorkerProcess] = []
+        if spawn:
+            self.workers = [WorkerProcess([self], slot, device, threads) for slot, device in enumerate(devices)]
 
     # --- jobs ----------------------------------------------------------------------
     def admit(self) -> None:
@@ -179,12 +101,13 @@ class _ModelPool:
         batch, pieces = split_for(job, len(self.workers), self.settings.max_batch_size)
         state = _JobState(on_partial=on_partial)
         for i, piece_job in enumerate(pieces):
-            piece = _Piece(Task(next(self.task_ids), piece_job), self.loop.create_future(), state, offset=i * batch)
+            task = Task(next(self.task_ids), piece_job, model=self.spec.id)
+            piece = _Piece(task, self.loop.create_future(), state, offset=i * batch, pool=self)
             state.pieces.append(piece)
             self.pending.append(piece)
         state.undispatched = len(state.pieces)
         self.waiting_jobs += 1
-        self._dispatch()
+        self.dispatch()
         try:
             results: list[TaskResult] = await wait_all([piece.future for piece in state.pieces], deadline)
         except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
@@ -207,7 +130,7 @@ class _ModelPool:
                 piece.future.set_exception(TaskCancelled())
                 piece.future.exception()  # retrieved: nobody awaits it any more
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         idle = [w for w in self.workers if w.state == "idle"]
         while idle and self.pending:
             piece = self.pending.popleft()
@@ -223,22 +146,22 @@ class _ModelPool:
             worker.send(RunTask(piece.task))
 
     # --- messages from workers -----------------------------------------------------------
-    def on_message(self, worker: _Worker, message: FromWorker) -> None:
+    def on_message(self, worker: WorkerProcess, message: FromWorker) -> None:
         match message:
-            case Ready(info):
-                worker.info = info
+            case Ready(info, models):
+                worker.infos[self.spec.id] = {**info, **models.get(self.spec.id, {})}
                 worker.state = "idle"
                 self.load_failures = 0
                 if self.broken:
                     log.info("model %s loaded again", self.spec.id)
                     self.broken = None
                 log.info("worker %s ready: %s", worker.name, info)
-            case InfoUpdate(info):
-                worker.info = {**worker.info, **info}
+            case InfoUpdate(info, models):
+                worker.infos[self.spec.id] = {**worker.infos.get(self.spec.id, {}), **info, **models.get(self.spec.id, {})}
             case LoadFailed(reason):
                 self.load_failures += 1
                 worker.state = "failed"
-                worker.info = {"error": reason}
+                worker.infos[self.spec.id] = {"error": reason}
                 log.error("worker %s could not load %s: %s", worker.name, self.spec.id, reason)
             case Computed(task_id):
                 piece = self._take_running(worker, task_id)
@@ -259,9 +182,9 @@ class _ModelPool:
                 piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
                 if piece is not None and not piece.future.done():
                     piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
-        self._dispatch()
+        self.dispatch()
 
-    def _take_running(self, worker: _Worker, task_id: int) -> _Piece | None:
+    def _take_running(self, worker: WorkerProcess, task_id: int) -> _Piece | None:
         piece = worker.running
         if piece is None or piece.task.task_id != task_id:
             return None
@@ -270,11 +193,13 @@ class _ModelPool:
             worker.state = "idle"
         return piece
 
-    def on_exit(self, worker: _Worker) -> None:
+    def on_exit(self, worker: WorkerProcess) -> None:
         if worker not in self.workers:
             return
         code = worker.process.exitcode
-        lost = [worker.running] if worker.running else []
+        lost = [worker.running] if worker.running and worker.running.pool is self else []
+        if worker.running is not None and worker.running.pool is self:
+            worker.running = None
         for task_id in [tid for tid, piece in self.encoding.items() if piece.worker is worker]:
             lost.append(self.encoding.pop(task_id))
         for piece in lost:
@@ -283,6 +208,8 @@ class _ModelPool:
         if self.closing:
             return
         self.restarts += 1
+        if worker.owner is not self:  # a process shared with other models: its first model restarts it
+            return
         if worker.state == "loading":
             self.load_failures += 1  # died before it could say why
         if self._give_up():
@@ -295,11 +222,8 @@ class _ModelPool:
                 retry,
             )
             worker.state = "failed"
-            self.broken = worker.info.get("error") or f"worker exited with code {code} while loading"
-            while self.pending:
-                piece = self.pending.popleft()
-                if not piece.future.done():
-                    piece.future.set_exception(NotReady(self._unavailable()))
+            for pool in worker.pools:
+                pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
             self.loop.call_later(retry, self._retry_failed)
             return
         # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60).
@@ -308,10 +232,25 @@ class _ModelPool:
         worker.state = "restarting"
         self.loop.call_later(delay, self._restart, worker)
 
-    def _restart(self, worker: _Worker) -> None:
+    def mark_broken(self, reason: str) -> None:
+        """The model's workers gave up loading: refuse its queued and new jobs until one loads again."""
+        self.broken = reason
+        while self.pending:
+            piece = self.pending.popleft()
+            if not piece.future.done():
+                piece.future.set_exception(NotReady(self._unavailable()))
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        """A new process in ``worker``'s place, in every pool it serves."""
+        new = WorkerProcess(worker.pools, worker.slot, worker.device, self.threads)
+        for pool in worker.pools:
+            if worker in pool.workers:
+                pool.workers[pool.workers.index(worker)] = new
+
+    def _restart(self, worker: WorkerProcess) -> None:
         if self.closing or worker not in self.workers:
             return
-        self.workers[self.workers.index(worker)] = _Worker(self, worker.slot, worker.device, self.threads)
+        self._replace(worker)
 
     def _retry_failed(self) -> None:
         """Try a failed model again (its files may have been fixed, or its GPU freed); it stays failed until a worker loads."""
@@ -319,9 +258,9 @@ class _ModelPool:
             return
         log.info("trying model %s again", self.spec.id)
         self.load_failures = 0
-        for index, worker in enumerate(self.workers):
-            if worker.state == "failed" and not worker.process.is_alive():
-                self.workers[index] = _Worker(self, worker.slot, worker.device, self.threads)
+        for worker in list(self.workers):
+            if worker.state == "failed" and not worker.process.is_alive() and worker.owner is self:
+                self._replace(worker)
 
     def _give_up(self) -> bool:
         return self.load_failures > self.settings.worker_restart_limit
@@ -344,7 +283,7 @@ class _ModelPool:
             "worker_restarts": self.restarts,
             "held_pixel_bytes": self.budget.held,
             "error": public_reason(self.broken) if self.broken else None,
-            "workers": [w.describe() for w in self.workers],
+            "workers": [w.describe(self) for w in self.workers],
         }
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -375,11 +314,19 @@ class LocalEngine:
         if self.plan is None:
             self.plan = await asyncio.to_thread(make_plan, self.models, self.settings)
         devices = {spec.id: self.plan.devices(spec.id) for spec in self.models}
-        cpu_workers = sum(d == "cpu" for per_model in devices.values() for d in per_model)
+        shared = self.settings.share_components and len(self.models) > 1
+        processes = devices[self.models[0].id] if shared else [d for per_model in devices.values() for d in per_model]
+        cpu_workers = sum(d == "cpu" for d in processes)
         threads = self.settings.cpu_threads or (max(1, (os.cpu_count() or 1) // max(1, cpu_workers)) if cpu_workers else 2)
         task_ids = itertools.count(1)
         for spec in self.models:
-            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[spec.id], threads, task_ids)
+            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[spec.id], threads, task_ids, spawn=not shared)
+        if shared:  # slot i of every model is one process, on the device the plan gave that slot
+            pools = list(self.pools.values())
+            for slot, device in enumerate(processes):
+                process = WorkerProcess(pools, slot, device, threads)
+                for pool in pools:
+                    pool.workers.append(process)
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
@@ -405,7 +352,7 @@ class LocalEngine:
         """Per GPU: planned and live memory, and the workers placed there (for ``/ready`` and ``/v1/models``)."""
         if self.plan is None:
             return []
-        return self.plan.gpu_report([w.describe() for pool in self.pools.values() for w in pool.workers])
+        return self.plan.gpu_report([w.describe(pool) for pool in self.pools.values() for w in pool.workers])
 
     def memory(self, model_id: str) -> dict | None:
         """The memory estimate of one model and its workers' devices."""

@@ -1,6 +1,7 @@
-"""The worker process: owns one device and one pipeline, runs one task at a time.
+"""The worker process: owns one device and one pipeline (or, with ``--share-components``, the pipelines of
+several models sharing their identical text encoders and VAEs), runs one task at a time.
 
-``worker_main`` is the process's entry point; a ``Worker`` loads the pipeline,
+``worker_main`` is the process's entry point; a ``Worker`` loads the pipelines,
 then serves its pipe. What goes over the pipe are the small picklable dataclasses
 below:
 
@@ -65,6 +66,8 @@ ToWorker = RunTask | Cancel | Stop
 @dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]
+    #: A worker of several models: each model's own info (speed, memory...), over ``info``.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class LoadFailed:
 @dataclass(frozen=True)
 class InfoUpdate:
     info: dict[str, Any]
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,15 @@ class _Finished:
 
 
 class Worker:
-    """One loaded pipeline serving its pipe: a receive thread, the pipeline loop, an encode thread."""
+    """Loaded pipelines serving their pipe: a receive thread, the pipeline loop, an encode thread.
 
-    def __init__(self, runner: PipelineRunner, conn: Connection, name: str):
+    ``runner`` is the pipeline of a worker of one model; ``runners`` those of a worker of
+    several (a task names its model), the first of them also being ``runner``.
+    """
+
+    def __init__(self, runner: PipelineRunner, conn: Connection, name: str, runners: dict[str, PipelineRunner] | None = None):
         self.runner = runner
+        self.runners = runners or {}
         self.conn = conn
         self.name = name
         self._send_lock = threading.Lock()
@@ -162,8 +171,13 @@ class Worker:
         self._first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str, dtype: str, threads: int, conn: Connection, name: str) -> Worker | None:
-        """Load the pipeline and report ``Ready``; ``LoadFailed`` (and None) when it cannot load."""
+    def load(
+        cls, spec: ModelSpec | list[ModelSpec], device: str, dtype: str, threads: int, conn: Connection, name: str
+    ) -> Worker | None:
+        """Load the pipeline (or each model's, sharing identical components) and report ``Ready``;
+        ``LoadFailed`` (and None) when one cannot load."""
+        specs = spec if isinstance(spec, list) else [spec]
+        loading = specs[0].id
         try:
             import torch
 
@@ -174,29 +188,43 @@ class Worker:
             diffusers_logging.disable_progress_bar()
             transformers_logging.disable_progress_bar()
             from ..models.runner import PipelineRunner
+            from ..models.shared import ComponentCache
 
-            runner = PipelineRunner(spec, device=device, dtype=dtype)
+            shared = ComponentCache() if len(specs) > 1 else None
+            runners = {}
+            for one in specs:
+                loading = one.id
+                runners[one.id] = PipelineRunner(one, device=device, dtype=dtype, shared=shared)
         except Exception as exc:
-            log.error("loading %s failed:\n%s", spec.id, traceback.format_exc())
-            conn.send(LoadFailed(short_reason(exc)))
+            log.error("loading %s failed:\n%s", loading, traceback.format_exc())
+            reason = short_reason(exc)
+            conn.send(LoadFailed(reason if len(specs) == 1 else f"{loading}: {reason}"))
             return None
-        worker = cls(runner, conn, name)
-        info = {
-            "pid": os.getpid(),
-            "device": runner.device,
-            "dtype": str(runner.dtype).removeprefix("torch."),
-            "speed": runner.speed.info,
-            "determinism": runner.determinism,
-        }
-        worker.send(Ready({**info, **worker.memory()}))
+        first = runners[specs[0].id]
+        worker = cls(first, conn, name, runners if len(specs) > 1 else None)
+        info = {"pid": os.getpid(), "device": first.device, "dtype": str(first.dtype).removeprefix("torch.")}
+        if len(specs) == 1:
+            worker.send(Ready({**info, **worker.model_info(first), **worker.memory()}))
+        else:
+            models = {model: {**worker.model_info(runner), **worker.memory(runner)} for model, runner in runners.items()}
+            worker.send(Ready({**info, "models_in_process": list(runners)}, models))
         return worker
+
+    @staticmethod
+    def model_info(runner: PipelineRunner) -> dict:
+        return {"speed": runner.speed.info, "determinism": runner.determinism}
 
     def send(self, message: FromWorker) -> None:
         with self._send_lock:  # the pipeline loop and the encode thread both send
             self.conn.send(message)
 
-    def memory(self) -> dict:
-        return {"memory": {**self.runner.memory.summary(), **device_memory(self.runner.device).get("memory", {})}}
+    def memory(self, runner: PipelineRunner | None = None) -> dict:
+        runner = runner or self.runner
+        return {"memory": {**runner.memory.summary(), **device_memory(runner.device).get("memory", {})}}
+
+    def runner_for(self, task: Task) -> PipelineRunner:
+        """The pipeline of the task's model (a worker of one model has one)."""
+        return self.runners.get(task.model, self.runner)
 
     def serve(self) -> None:
         """Run tasks until told to stop (or the engine is gone); then let the encode thread finish."""
@@ -234,7 +262,7 @@ class Worker:
         def should_stop() -> bool:
             return task_id in self._cancelled
 
-        runner = self.runner
+        runner = self.runner_for(task)
         try:
             images = runner.run(task.job, should_stop=should_stop, on_partial=on_partial)
         except TaskCancelled:
@@ -250,7 +278,10 @@ class Worker:
         else:
             self.send(Computed(task_id))
             if self._first_job and runner.device.startswith("cuda"):
-                self.send(InfoUpdate(self.memory()))
+                if self.runners:
+                    self.send(InfoUpdate({}, {model: self.memory(one) for model, one in self.runners.items()}))
+                else:
+                    self.send(InfoUpdate(self.memory()))
             self._first_job = False
             self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats)))
 
@@ -271,7 +302,7 @@ class Worker:
                 encoding = time.perf_counter()
                 images = [encoded(job, seed, image) for seed, image in zip(job.seeds, item.images, strict=True)]
                 stats = {**item.stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
-                tokens = self.runner.count_tokens(job.prompt)
+                tokens = self.runner_for(task).count_tokens(job.prompt)
                 self.send(Done(TaskResult(task.task_id, images, item.started, item.finished, self.name, tokens, stats)))
             except Exception as exc:
                 log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
@@ -279,7 +310,13 @@ class Worker:
 
 
 def worker_main(
-    spec: ModelSpec, device: str, dtype: str, threads: int, conn: Connection, name: str, log_level: int = logging.INFO
+    spec: ModelSpec | list[ModelSpec],
+    device: str,
+    dtype: str,
+    threads: int,
+    conn: Connection,
+    name: str,
+    log_level: int = logging.INFO,
 ) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")

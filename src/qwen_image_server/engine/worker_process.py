@@ -1,0 +1,133 @@
+"""The API process's side of one worker process: the process, the two threads that talk to it, and where its
+messages go.
+
+A worker process serves one model's pool, or, with ``--share-components``, slot ``i``
+of every model (one process per slot, its pipelines sharing identical text encoders
+and VAEs). Messages about a task go to the pool whose task it is; ``Ready``,
+``InfoUpdate`` and ``LoadFailed`` to every pool; after each message every pool may
+hand the worker its next piece. The first pool owns the process's life cycle
+(restarts, giving up).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import re
+import threading
+from typing import TYPE_CHECKING
+
+from .worker import Computed, Done, Failed, FromWorker, Partial, Stop, ToWorker, worker_main
+
+if TYPE_CHECKING:
+    from .local import _ModelPool, _Piece
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+){2,}[\\/]?")
+
+
+def public_reason(reason: str | None) -> str:
+    """A load failure's reason as clients may see it: file system paths replaced (they are in the server log)."""
+    return _PATH.sub("<path>", reason or "unknown error")[:200]
+
+
+class WorkerProcess:
+    """One worker process of one pool, or of several pools (``--share-components``)."""
+
+    def __init__(self, pools: list[_ModelPool], slot: int, device: str, threads: int):
+        self.pools = pools
+        self.owner = pools[0]
+        self.loop = self.owner.loop
+        self.slot = slot
+        self.device = device
+        self.name = f"{'+'.join(pool.spec.id for pool in pools)}#{slot}"
+        self.state = "loading"
+        self.running: _Piece | None = None
+        self.infos: dict[str, dict] = {}  # what the worker reported, per model
+        specs = pools[0].spec if len(pools) == 1 else [pool.spec for pool in pools]
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        level = logging.getLogger().level or logging.INFO
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(specs, device, self.owner.settings.dtype, threads, child_conn, self.name, level),
+            name=f"qwen-image-worker {self.name}",
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+        self._outbox: queue.Queue[ToWorker | None] = queue.Queue()
+        threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
+
+    @property
+    def shared(self) -> bool:
+        return len(self.pools) > 1
+
+    def send(self, message: ToWorker) -> None:
+        self._outbox.put(message)
+
+    def stop(self) -> None:
+        self.send(Stop())
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+                self.loop.call_soon_threadsafe(self.deliver, message)
+            self.process.join(timeout=10)
+            self._outbox.put(None)
+            self.loop.call_soon_threadsafe(self.exited)
+        except RuntimeError:  # the event loop is closed: the server has shut down
+            pass
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                return
+
+    # --- on the event loop --------------------------------------------------------------------
+    def deliver(self, message: FromWorker) -> None:
+        """Hand a message to the pool(s) it concerns, then let every pool dispatch."""
+        match message:
+            case Computed(task_id) | Failed(task_id) | Partial(task_id):
+                targets = [self.owner_of(task_id)]
+            case Done(result):
+                targets = [self.owner_of(result.task_id)]
+            case _:
+                targets = list(self.pools)
+        for pool in targets:
+            if pool is not None:
+                pool.on_message(self, message)
+        if self.shared and not isinstance(message, Partial):
+            for pool in self.pools:
+                pool.dispatch()
+
+    def owner_of(self, task_id: int) -> _ModelPool | None:
+        if self.running is not None and self.running.task.task_id == task_id:
+            return self.running.pool
+        return next((pool for pool in self.pools if task_id in pool.encoding), None)
+
+    def exited(self) -> None:
+        for pool in self.pools:
+            pool.on_exit(self)
+
+    def error(self) -> str | None:
+        """Why the process could not load, as it reported it (for any of its models)."""
+        return next((info["error"] for info in self.infos.values() if "error" in info), None)
+
+    def describe(self, pool: _ModelPool | None = None) -> dict:
+        """The worker as one model's pool shows it (``/ready``): its name in that pool, state, process, device, info."""
+        pool = pool or self.owner
+        info = dict(self.infos.get(pool.spec.id, {}))
+        if "error" in info:
+            info["error"] = public_reason(info["error"])
+        out = {"name": f"{pool.spec.id}#{self.slot}", "state": self.state, "pid": self.process.pid, "device": self.device}
+        if self.shared:
+            out["process"] = self.name  # the process serves every model in its name
+        return {**out, **info}
