@@ -28,7 +28,6 @@ from .pieces import split_for, wait_all
 from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
 from .worker_process import WorkerProcess, public_reason
 
-
 log = logging.getLogger(__name__)
 
 

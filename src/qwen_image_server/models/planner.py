@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .footprint import GIB, PROCESS_OVERHEAD, Footprint, footprint, human
+from .plan_groups import expand_groups, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
 
@@ -247,69 +248,6 @@ def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[
     return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
 
 
-#: The name of a group of models served by one worker process (``--share-components``).
-GROUP_SEPARATOR = "+"
-
-
-def shared_keys(specs) -> dict[tuple[str, str], tuple]:
-    """``{(model, component): key}`` of the text encoders and VAEs that can be shared (``models/shared.py``):
-    equal keys are one copy in a process. Local folders and hub caches only; others count whole."""
-    from .shared import SHAREABLE, ComponentCache, cached_component_folder
-
-    keys = {}
-    for spec in specs:
-        for name in SHAREABLE:
-            folder = cached_component_folder(spec.source, spec.revision, name)
-            options = {"weights_dtype": spec.profile.weights_dtype, "offload": spec.profile.offload}
-            key = ComponentCache.key(folder, name, dtype="run", device="worker", **options)
-            if key is not None:
-                keys[(spec.id, name)] = key
-    return keys
-
-
-def group_needs(specs, footprints: dict[str, Footprint], keys: dict[tuple[str, str], tuple]) -> dict[str, int | None]:
-    """What each model adds to one process serving all of ``specs``: its own weights, the shared components
-    only for the first model that has them, and the working memory and process overhead for the first model
-    (the models of a process run one at a time: the largest working memory counts once)."""
-    if any(spec.id not in footprints for spec in specs):
-        return {spec.id: (footprints[spec.id].total if spec.id in footprints else None) for spec in specs}
-    seen: set[tuple] = set()
-    work = max(max(fp.activations, fp.text_encoder_work) for fp in footprints.values() if fp.model in {s.id for s in specs})
-    overhead = max(footprints[spec.id].overhead for spec in specs)
-    out: dict[str, int | None] = {}
-    for index, spec in enumerate(specs):
-        fp = footprints[spec.id]
-        weights = 0
-        for name, size in fp.components.items():
-            key = keys.get((spec.id, name))
-            if key is not None and key in seen:
-                continue
-            if key is not None:
-                seen.add(key)
-            weights += size
-        out[spec.id] = weights + (work + overhead if index == 0 else 0)
-    return out
-
-
-def _group_slots(specs, footprints, workers: int, keys) -> list[tuple[str, int, int | None]]:
-    """One slot per worker process that serves every model (``--share-components``)."""
-    needs = group_needs(specs, footprints, keys)
-    total = None if any(n is None for n in needs.values()) else sum(n or 0 for n in needs.values())
-    name = GROUP_SEPARATOR.join(spec.id for spec in specs)
-    return [(name, slot, total) for slot in range(workers)]
-
-
-def _expand(placed: list[Placement], specs, needs: dict[str, int | None]) -> list[Placement]:
-    """Group placements as one placement per model, each with what it adds to its process."""
-    out = []
-    for p in placed:
-        if GROUP_SEPARATOR not in p.model or p.model in needs:
-            out.append(p)
-            continue
-        out += [Placement(spec.id, p.slot, p.device, needs[spec.id]) for spec in specs]
-    return sorted(out, key=lambda p: (p.model, p.slot))
-
-
 def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True) -> tuple[list[Placement], tuple | None]:
     """Place worker slots ``(model, slot, need)`` on ``gpus``; returns the placements and the first slot
     that found no room (None when all fit). Largest first; unknown needs last, on the emptiest GPU."""
@@ -409,17 +347,17 @@ def make_plan(
 def _cpu_placements(specs, fps, settings, keys) -> list[Placement]:
     if keys is None:
         return [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)]
-    slots = _group_slots(specs, fps, settings.workers, keys)
-    return _expand([Placement(m, s, "cpu", n) for m, s, n in slots], specs, group_needs(specs, fps, keys))
+    slots = group_slots(specs, fps, settings.workers, keys)
+    return expand_groups([Placement(m, s, "cpu", n) for m, s, n in slots], specs, group_needs(specs, fps, keys))
 
 
 def _arrange(specs, fps, settings, gpus, keys=None):
     """Placements and the failed slot (or an error text) for the device setting; with ``keys``
     (``--share-components``) slot ``i`` of every model is one process, placed as one."""
-    slots = _slots(specs, fps, settings.workers) if keys is None else _group_slots(specs, fps, settings.workers, keys)
+    slots = _slots(specs, fps, settings.workers) if keys is None else group_slots(specs, fps, settings.workers, keys)
     placed, failed = _arrange_slots(slots, settings, gpus)
     if keys is not None:
-        placed = _expand(placed, specs, group_needs(specs, fps, keys))
+        placed = expand_groups(placed, specs, group_needs(specs, fps, keys))
     return placed, failed
 
 
