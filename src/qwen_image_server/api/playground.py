@@ -17,7 +17,8 @@ from fastapi.responses import Response
 
 from ..errors import NotFound
 from ..models.step_cache import POLICIES
-from ..serving.service import SIZE_MULTIPLE, ImageService
+from ..serving.service import ImageService
+from ..serving.sizes import SIZE_MULTIPLE
 
 router = APIRouter(include_in_schema=False)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -24,7 +22,6 @@ from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
 from ..models.step_cache import CachePolicyError, canonical_policy
 from ..protocol.images import (
-    ASPECT_RATIOS,
     IGNORED_OPENAI_FIELDS,
     EditRequest,
     GenerationRequest,
@@ -35,11 +32,10 @@ from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDet
 from ..storage import ImageStore
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
+from .sizes import Size, SizeRules, parse_size, patches, scaled
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-SIZE_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 MAX_UNKNOWN_FIELDS = 64
 
@@ -48,16 +44,6 @@ def log_safe(text: str, limit: int = 64) -> str:
     """Client-chosen text as one bounded, escaped log token (no newlines or control characters)."""
     escaped = text[:limit].encode("unicode_escape").decode("ascii")
     return escaped + ("..." if len(text) > limit else "")
-
-
-@dataclass(frozen=True)
-class Size:
-    """The size a pipeline renders at, and the size returned (they differ only for seed 002's 4:3 and 3:4)."""
-
-    width: int
-    height: int
-    out_width: int
-    out_height: int
 
 
 @dataclass
@@ -102,6 +88,7 @@ class ImageService:
         #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
         self.job_observers = observers
         self.decodes = DecodeGate(settings.max_concurrent_decodes or default_decodes())
+        self.sizes = SizeRules(settings)
 
     # --- models ------------------------------------------------------------------------
     def default_model(self, *, edit: bool = False) -> ModelSpec | None:
@@ -152,54 +139,9 @@ class ImageService:
         if req.num_inference_steps is not None and req.num_inference_steps > s.max_steps:
             raise InvalidRequest(f"num_inference_steps must be between 2 and {s.max_steps}", param="num_inference_steps")
 
-    def _check_side(self, width: int, height: int, param: str) -> None:
-        lo, hi = self.settings.min_image_side, self.settings.max_image_side
-        for side in (width, height):
-            if not lo <= side <= hi:
-                raise InvalidRequest(
-                    f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param
-                )
-            if side % SIZE_MULTIPLE:
-                raise InvalidRequest(
-                    f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param
-                )
-
     def resolve_size(self, req: _CommonRequest, default: str | None) -> Size | None:
         """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
-        if req.width is not None or req.height is not None:
-            if req.width is None or req.height is None:
-                raise InvalidRequest("width and height must be given together", param="width" if req.width is None else "height")
-            self._check_side(req.width, req.height, "width")
-            return Size(req.width, req.height, req.width, req.height)
-        if req.aspect_ratio is not None:
-            if req.aspect_ratio not in ASPECT_RATIOS:
-                raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
-            w, h = ASPECT_RATIOS[req.aspect_ratio]
-
-            # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
-            def up(v: int) -> int:
-                return math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
-
-            self._check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
-            return Size(up(w), up(h), w, h)
-        size = req.size if req.size not in (None, "", "auto") else default
-        if size is None:
-            return None
-        w, h = self._parse_size(size, "size")
-        self._check_side(w, h, "size")
-        return Size(w, h, w, h)
-
-    def _clamp_side(self, side: int) -> int:
-        """``side`` brought within the server's side limits, a multiple of 16."""
-        lo, hi = self.settings.min_image_side, self.settings.max_image_side
-        return max(min(max(side, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
-
-    @staticmethod
-    def _parse_size(size: str, param: str) -> tuple[int, int]:
-        match = _SIZE.match(size)
-        if not match:
-            raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param=param)
-        return int(match.group(1)), int(match.group(2))
+        return self.sizes.resolve(req, default)
 
     def _steps(self, req: _CommonRequest, spec: ModelSpec, preset: dict) -> int:
         if req.num_inference_steps is not None:
@@ -286,11 +228,11 @@ class ImageService:
             # The pipeline renders at the (last) input's aspect ratio and about its edit area; keep that
             # size within the server's side limits (a long, thin input would otherwise come back thinner).
             height, width = arrays[-1].shape[:2]
-            w, h = _scaled(width, height, edit_area)
-            cw, ch = (self._clamp_side(v) for v in (w, h))
+            w, h = scaled(width, height, edit_area)
+            cw, ch = (self.sizes.clamp_side(v) for v in (w, h))
             if (cw, ch) != (w, h):
                 job.width, job.height = cw, ch
-        tokens = sum(_patches(*_scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
+        tokens = sum(patches(*scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
         return await self._prepared(req, spec, job, "image_edit", input_image_tokens=tokens)
 
     async def prepare_variation(self, req: VariationRequest, image: Upload | None) -> Prepared:
@@ -300,19 +242,19 @@ class ImageService:
             raise InvalidRequest("image is required: send the image to vary as 'image'", param="image")
         size = self.resolve_size(req, None)
         if size is None:
-            dw, dh = self._parse_size(spec.options.get("default_size", self.settings.default_size), "size")
+            dw, dh = parse_size(spec.options.get("default_size", self.settings.default_size), "size")
         area = size.width * size.height if size is not None else dw * dh  # the img2img pipeline resizes to the output
         arrays = (await self._decode(spec, [image], None, INPUT_AREA_FACTOR * area)).arrays
         height, width = arrays[0].shape[:2]
         if size is None:  # keep the input's aspect ratio at the model's default area
-            w, h = (self._clamp_side(v) for v in _scaled(width, height, dw * dh))
+            w, h = (self.sizes.clamp_side(v) for v in scaled(width, height, dw * dh))
             size = Size(w, h, w, h)
         if req.true_cfg_scale is None and req.guidance_scale is None and not req.prompt.strip():
             req = req.model_copy(update={"true_cfg_scale": 1.0})  # no prompt: nothing to guide towards
         job = self._job(req, spec, "variation", size)
         job.images = arrays
         job.strength = req.strength
-        return await self._prepared(req, spec, job, "image_variation", input_image_tokens=_patches(size.width, size.height))
+        return await self._prepared(req, spec, job, "image_variation", input_image_tokens=patches(size.width, size.height))
 
     async def _prepared(self, req: _CommonRequest, spec: ModelSpec, job: Job, event: str, input_image_tokens: int) -> Prepared:
         rewrite = self.settings.enable_prompt_rewrite if req.prompt_rewrite is None else req.prompt_rewrite
@@ -381,7 +323,7 @@ class ImageService:
         """OpenAI's usage: prompt text tokens (and input images' latent patches) in, output latent patches out."""
         text = result.prompt_tokens
         image_in = prepared.input_image_tokens
-        output = sum(_patches(image.width, image.height) for image in result.images)
+        output = sum(patches(image.width, image.height) for image in result.images)
         return Usage(
             input_tokens=text + image_in,
             input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=image_in),
@@ -399,16 +341,3 @@ class ImageService:
         """The uploads decoded and shrunk to ``keep_pixels`` each, once the model admits work (503 before any decoding)."""
         limit = self.settings.max_input_pixels
         return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep_pixels))
-
-
-def _patches(width: int, height: int) -> int:
-    """Latent patches (16x16 pixels each) of an image: Qwen-Image's image tokens."""
-    return math.ceil(width / SIZE_MULTIPLE) * math.ceil(height / SIZE_MULTIPLE)
-
-
-def _scaled(width: int, height: int, area: int) -> tuple[int, int]:
-    """``width``x``height`` scaled to about ``area`` pixels, sides multiples of 32 (as the edit pipelines do)."""
-    ratio = width / height
-    w = round(math.sqrt(area * ratio) / 32) * 32
-    h = round(w / ratio / 32) * 32
-    return max(w, 32), max(h, 32)

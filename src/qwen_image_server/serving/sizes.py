@@ -1,0 +1,95 @@
+"""Sizes: what a request asks for (``size``, ``width``/``height``, ``aspect_ratio``), checked against the server's
+side limits, and the size arithmetic of Qwen-Image (16-pixel latent patches, edit areas)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..errors import InvalidRequest
+from ..protocol.images import ASPECT_RATIOS, _CommonRequest
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Size:
+    """The size a pipeline renders at, and the size returned (they differ only for seed 002's 4:3 and 3:4)."""
+
+    width: int
+    height: int
+    out_width: int
+    out_height: int
+
+
+class SizeRules:
+    """The server's side limits applied to requested sizes."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def check_side(self, width: int, height: int, param: str) -> None:
+        lo, hi = self.settings.min_image_side, self.settings.max_image_side
+        for side in (width, height):
+            if not lo <= side <= hi:
+                raise InvalidRequest(
+                    f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param
+                )
+            if side % SIZE_MULTIPLE:
+                raise InvalidRequest(
+                    f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param
+                )
+
+    def resolve(self, req: _CommonRequest, default: str | None) -> Size | None:
+        """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
+        if req.width is not None or req.height is not None:
+            if req.width is None or req.height is None:
+                raise InvalidRequest("width and height must be given together", param="width" if req.width is None else "height")
+            self.check_side(req.width, req.height, "width")
+            return Size(req.width, req.height, req.width, req.height)
+        if req.aspect_ratio is not None:
+            if req.aspect_ratio not in ASPECT_RATIOS:
+                raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
+            w, h = ASPECT_RATIOS[req.aspect_ratio]
+
+            # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
+            def up(v: int) -> int:
+                return math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+            self.check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
+            return Size(up(w), up(h), w, h)
+        size = req.size if req.size not in (None, "", "auto") else default
+        if size is None:
+            return None
+        w, h = parse_size(size, "size")
+        self.check_side(w, h, "size")
+        return Size(w, h, w, h)
+
+    def clamp_side(self, side: int) -> int:
+        """``side`` brought within the server's side limits, a multiple of 16."""
+        lo, hi = self.settings.min_image_side, self.settings.max_image_side
+        return max(min(max(side, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
+
+
+def parse_size(size: str, param: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as two integers (400 otherwise)."""
+    match = _SIZE.match(size)
+    if not match:
+        raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param=param)
+    return int(match.group(1)), int(match.group(2))
+
+
+def patches(width: int, height: int) -> int:
+    """Latent patches (16x16 pixels each) of an image: Qwen-Image's image tokens."""
+    return math.ceil(width / SIZE_MULTIPLE) * math.ceil(height / SIZE_MULTIPLE)
+
+
+def scaled(width: int, height: int, area: int) -> tuple[int, int]:
+    """``width``x``height`` scaled to about ``area`` pixels, sides multiples of 32 (as the edit pipelines do)."""
+    ratio = width / height
+    w = round(math.sqrt(area * ratio) / 32) * 32
+    h = round(w / ratio / 32) * 32
+    return max(w, 32), max(h, 32)
