@@ -25,9 +25,6 @@ import datetime
 import importlib.metadata
 import io
 import json
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +37,9 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess, ServerExited  # noqa: E402
+
 from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting, dramatic clouds"
@@ -92,12 +92,6 @@ SMOKE_SETTINGS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class GpuMemory:
     """Peak GPU memory in use while a server runs, sampled with ``nvidia-smi`` (the worker is another process)."""
 
@@ -137,56 +131,16 @@ class GpuMemory:
         self._thread.join(timeout=15)
 
 
-class ServerExited(Exception):
-    """The server stopped before it was ready; ``code`` is its exit status, ``line`` its error line."""
-
-    def __init__(self, code: int, line: str):
-        super().__init__(f"server exited with {code}: {line}")
-        self.code, self.line = code, line
-
-
-class Server:
-    """``python -m qwen_image_server.cli serve`` in a subprocess, as a user runs it."""
+class Server(ServeProcess):
+    """The server under test, with a client that waits as long as a full-size run takes."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env}
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
-        self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        super().__init__(args, env, log_path)
         self.client = httpx.Client(base_url=self.base_url, timeout=3600)
 
-    def error_line(self) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        errors = [line for line in lines if line.startswith("error:")]
-        return (errors or lines or [""])[-1].strip()
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerExited(self.process.returncode, self.error_line())
-            try:
-                if self.client.get("/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready after {timeout:.0f}s: {self.error_line()}")
-
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
         self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        super().stop(timeout)
 
 
 def picture_b64(size: str) -> str:

@@ -30,9 +30,6 @@ import ipaddress
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,14 +40,10 @@ import httpx
 import psutil
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import REPO, ServeProcess  # noqa: E402
+
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(size: int, seed: int) -> bytes:
@@ -61,7 +54,7 @@ def _png(size: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-class Server:
+class Server(ServeProcess):
     """``qwen-image-server serve`` with the tiny text-to-image and edit models, in a subprocess."""
 
     def __init__(self, args, log_path: Path):
@@ -73,44 +66,13 @@ class Server:
             folders[kind] = cache / kind
             if not (folders[kind] / "model_index.json").is_file():
                 build_tiny_model(folders[kind], kind)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(args.steps),
-               "QIS_MIN_IMAGE_SIDE": "64", "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}  # fmt: skip
-        cmd = [
-            sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(args.steps), "QIS_MIN_IMAGE_SIDE": "64",
+               "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}  # fmt: skip
+        options = [
             "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
             "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
         ]  # fmt: skip
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        super().__init__(options, env, log_path)
 
 
 class Requests:

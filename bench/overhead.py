@@ -25,22 +25,16 @@ import base64
 import http.client
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess  # noqa: E402
+
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -48,21 +42,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-class Server:
-    """``python -m qwen_image_server.cli serve`` with one worker, in a subprocess."""
+class Server(ServeProcess):
+    """``python -m qwen_image_server.cli serve`` with one worker, in a subprocess, and one kept-alive connection."""
 
     def __init__(self, model_dir: Path, threads: int, log_path: Path):
-        self.port = free_port()
-        env = {**os.environ, "QIS_CPU_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        env["IMAGE_OUTPUT_DIR"] = str(log_path.parent / "images")
-        cmd = [
-            sys.executable, "-m", "qwen_image_server.cli", "serve",
-            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--device", "cpu", "--log-level", "warning",
-        ]  # fmt: skip
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        options = ["--model", str(model_dir), "--workers", "1", "--device", "cpu", "--log-level", "warning"]
+        super().__init__(
+            options, {"QIS_CPU_THREADS": str(threads), "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}, log_path
+        )
+        self._conn: http.client.HTTPConnection | None = None
 
     def request(
         self, method: str, path: str, body: dict | None = None, timeout: float = 600
@@ -70,7 +58,7 @@ class Server:
         """One request on a kept-alive connection (as the openai SDK's HTTP client does): status, headers, body."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        if getattr(self, "_conn", None) is None:
+        if self._conn is None:
             self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             self._conn.request(method, path, body=payload, headers=headers)
@@ -80,33 +68,6 @@ class Server:
             self._conn.close()
             self._conn = None
             raise
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.process.returncode}:\n{self.logs()}")
-            try:
-                status, _, _ = self.request("GET", "/ready", timeout=5)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def main() -> int:

@@ -1,0 +1,81 @@
+"""``qwen-image-server serve`` in a subprocess, as a user runs it: the benchmarks' one server helper.
+
+Starts ``python -m qwen_image_server.cli serve`` on a free loopback port with this
+checkout's ``src`` first on the path, logs to a file, waits for ``/ready`` and stops
+with SIGTERM (then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerExited(Exception):
+    """The server stopped before it was ready; ``code`` is its exit status, ``line`` its error line."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(f"server exited with {code}: {line}")
+        self.code, self.line = code, line
+
+
+class ServeProcess:
+    """One server process; ``args`` are serve's options after ``--host``/``--port``, ``env`` is added to the
+    environment."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env}
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
+        self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def logs(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def error_line(self) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or [""])[-1].strip()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Until ``/ready`` answers 200; ``ServerExited`` when the process ends first, ``TimeoutError`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerExited(self.process.returncode, self.error_line())
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout:.0f}s: {self.error_line()}")
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
