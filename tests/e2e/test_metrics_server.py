@@ -29,7 +29,7 @@ def test_metrics_need_a_key_and_count_a_generation(start_server, tiny_t2i):
 
         response = http.post(
             "/v1/images/generations",
-            json={"prompt": "a cat", "n": 2, "num_inference_steps": 2},
+            json={"prompt": "a cat", "n": 2, "num_inference_steps": 2, "some_unknown_field": 1},  # logged as ignored
             headers={**auth, "X-Request-ID": "metrics-rid-7"},
         )
         assert response.status_code == 200, response.text[:300]
