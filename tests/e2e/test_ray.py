@@ -30,7 +30,9 @@ SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "
 @pytest.fixture(scope="module")
 def pair(ray_serve, tiny_t2i):
     """Two replicas of one model, two waiting requests at most."""
-    return ray_serve.deploy("pair", "/pair", [f"tiny={tiny_t2i}"], workers=2, queue_size=2, cpu_threads=1, max_steps=1000)
+    return ray_serve.deploy(
+        "pair", "/pair", [f"tiny={tiny_t2i}"], workers=2, ray_min_replicas=2, queue_size=2, cpu_threads=1, max_steps=1000
+    )
 
 
 def test_n_images_spread_over_two_replicas(pair):
