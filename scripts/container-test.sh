@@ -113,8 +113,8 @@ say "building the test stage (the server is started and called inside the build)
 log="$CACHE/build.log"
 "${build[@]}" --target test --tag "$IMAGE-test" . 2>&1 | tee "$log"
 # One build gives both images: podman names each stage's image where the next stage
-# starts FROM it. The image is the runtime stage (what the Dockerfile's last stage is);
-# the dependency stage is tagged so that pruning keeps it and a change of the
+# starts FROM it. The image is the runtime stage (what the Dockerfile's last stage
+# is); the dependency stage is tagged so that pruning keeps it and a change of the
 # sources reinstalls only the package.
 stage_image() { sed -n "s/^\[[0-9]*\/[0-9]*\] STEP 1\/[0-9]*: FROM \([0-9a-f]\{64\}\) AS $1\$/\1/p" "$log" | tail -1; }
 runtime_id=$(stage_image test)
@@ -126,6 +126,11 @@ else
 	say "building $IMAGE (the Dockerfile's last stage, from the cached layers)"
 	"${build[@]}" --tag "$IMAGE" .
 fi
+entrypoint=$("${PODMAN[@]}" image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
+[[ $entrypoint == '["qwen-image-server"]' ]] || {
+	echo "container-test: $IMAGE has the entrypoint $entrypoint, not the image's" >&2
+	exit 1
+}
 # vfs storage keeps a full copy of the tree per step: drop this project's untagged
 # images (earlier builds' steps), nobody else's.
 "${PODMAN[@]}" image prune --force --filter label=org.opencontainers.image.title=qwen-image-server >/dev/null
