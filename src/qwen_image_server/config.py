@@ -45,6 +45,24 @@ def read_keys_file(path: Path) -> list[str]:
     return keys
 
 
+def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
+    """The model folders directly inside ``folder`` (those with a ``model_index.json``), by name.
+
+    This is how a container serves whatever is mounted at ``/models`` without naming it.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"QIS_MODELS_DIR {folder} is not a folder (mount the models there, or name them with --model)")
+    found: list[tuple[str | None, str]] = [
+        (None, str(sub)) for sub in sorted(folder.iterdir()) if (sub / "model_index.json").is_file()
+    ]
+    if not found:
+        raise ValueError(
+            f"no model to serve: QIS_MODELS_DIR {folder} holds no model folder (one with a model_index.json), "
+            "and none is named by --model, QIS_MODELS, MODEL_PATH or QWEN_IMAGE_LOCATION"
+        )
+    return found
+
+
 class Settings(BaseSettings):
     """Everything the server can be told, from flags or the environment."""
 
@@ -63,6 +81,10 @@ class Settings(BaseSettings):
     model_path: str | None = Field(default=None, validation_alias=_alias("MODEL_PATH"))
     model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
     demo: bool = False
+    models_dir: Path | None = Field(
+        default=None,
+        description="When no model is named otherwise: serve every folder in it with a model_index.json, under its name.",
+    )
 
     # --- network -----------------------------------------------------------------
     host: str = Field(default="127.0.0.1", validation_alias=_alias("HOST", "QIS_HOST"))
@@ -277,6 +299,8 @@ class Settings(BaseSettings):
             entries.append((None, self.qwen_image_location))
         if self.qwen_image_edit_location:
             entries.append((None, self.qwen_image_edit_location))
+        if not entries and self.models_dir is not None:
+            entries = models_in_dir(self.models_dir)
         seen: set[str] = set()
         unique: list[tuple[str | None, str]] = []
         for entry in entries:
