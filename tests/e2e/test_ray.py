@@ -29,10 +29,13 @@ SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "
 
 @pytest.fixture(scope="module")
 def pair(ray_serve, tiny_t2i):
-    """Two replicas of one model, two waiting requests at most."""
-    return ray_serve.deploy(
+    """Two replicas of one model, two waiting requests at most (removed after this module: idle replicas cost CPU)."""
+    from ray import serve
+
+    yield ray_serve.deploy(
         "pair", "/pair", [f"tiny={tiny_t2i}"], workers=2, ray_min_replicas=2, queue_size=2, cpu_threads=1, max_steps=1000
     )
+    serve.delete("pair")
 
 
 def test_n_images_spread_over_two_replicas(pair):
@@ -45,10 +48,13 @@ def test_n_images_spread_over_two_replicas(pair):
 
 @pytest.fixture(scope="module")
 def limits(ray_serve, tiny_t2i):
-    """One replica, one waiting request at most, a short task timeout."""
-    return ray_serve.deploy(
+    """One replica, one waiting request at most, a short task timeout (removed after this module)."""
+    from ray import serve
+
+    yield ray_serve.deploy(
         "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=30, cpu_threads=2, max_steps=1000
     )
+    serve.delete("limits")
 
 
 def _replica_pid(app: str) -> int:
