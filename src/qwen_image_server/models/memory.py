@@ -153,10 +153,7 @@ def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs:
             module = shared.get(spec.id, key)
             if module is not None:
                 loaded[name] = module
-                mode.placement[name] = mode.load_device(name)
-                if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
-                    mode.fp8_components += (name,)
-                mode.shared += (name,)
+                component_loaded(name, module, mode, dtype, shared=True)
                 continue
         loaded[name] = _load_component(spec, name, library, class_name, dtype, mode.load_device(name))
         component_loaded(name, loaded[name], mode, dtype)
@@ -183,12 +180,18 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype):
     return pipe
 
 
-def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype: torch.dtype) -> None:
-    """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads)."""
+def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype: torch.dtype, shared: bool = False) -> None:
+    """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads).
+
+    ``shared``: the module is another model's in this process, already converted; it is only recorded.
+    """
     mode.placement[name] = mode.load_device(name)
     if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
-        store_fp8(module, dtype)
+        if not shared:
+            store_fp8(module, dtype)
         mode.fp8_components += (name,)
+    if shared:
+        mode.shared += (name,)
 
 
 def _model_components(index: dict) -> list[str]:
