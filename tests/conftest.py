@@ -9,6 +9,8 @@ What only a real process shows (workers, pipelines, connections, Ray) is in test
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -135,19 +137,50 @@ def fresh_api(make_api) -> Api:
 # --- real servers ------------------------------------------------------------------------------
 
 
-def post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[threading.Thread, dict]:
-    """POST ``body`` from a thread; the box gets ``response`` (or ``error`` when the client gave up)."""
-    box: dict = {}
+class InFlight:
+    """A POST sent from a thread that the test can cut (``cancel``): the server sees the client go away at once,
+    as it does when a client gives up, without the test waiting for a client timeout to pass. ``box`` gets
+    ``response`` (an ``httpx.Response``), or ``error`` when the client gave up or was cut."""
 
-    def run():
+    def __init__(self, url: str, timeout: float | None = 600, **content):
+        request = httpx.Request("POST", url, **content)  # json=, or files= and data=, as for httpx.post
+        body = request.read()
+        self.box: dict = {}
+        self._connection = http.client.HTTPConnection(request.url.host, request.url.port, timeout=timeout)
+        self._connection.connect()  # before returning: cancel() always has a socket to cut
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        self._thread = threading.Thread(target=self._run, args=(request.url.raw_path.decode(), body, headers), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str, body: bytes, headers: dict[str, str]) -> None:
         try:
-            box["response"] = httpx.post(url, json=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            box["error"] = exc
+            self._connection.request("POST", path, body=body, headers=headers)
+            answer = self._connection.getresponse()
+            self.box["response"] = httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+        except (OSError, http.client.HTTPException) as exc:
+            self.box["error"] = exc
+        finally:
+            self._connection.close()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
+    def cancel(self) -> None:
+        """Cut the connection (the server cancels the request) and wait for the thread."""
+        sock = self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.join()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[InFlight, dict]:
+    """POST ``body`` from a thread; the box gets ``response`` (or ``error`` when the client gave up)."""
+    request = InFlight(url, timeout=timeout, json=body)
+    return request, request.box
 
 
 def concurrently(*calls):

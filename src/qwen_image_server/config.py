@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     )
     worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked failed.")
     worker_retry_seconds: float = Field(default=300.0, gt=0, description="How often a failed model is tried again.")
+    worker_start: Literal["auto", "forkserver", "spawn"] = Field(
+        default="auto",
+        description="How worker processes start: forkserver forks them from a process that has imported torch and "
+        "diffusers once (a start or restart in under a second); spawn starts a fresh interpreter each time. "
+        "auto: forkserver for CPU workers, spawn for GPU workers.",
+    )
 
     # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------
     compile: bool | None = Field(default=None, description="Regional torch.compile of the transformer, warmed at start-up.")

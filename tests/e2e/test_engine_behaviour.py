@@ -108,7 +108,7 @@ def small_server(start_server, tiny_t2i):
     """One worker, a queue of one waiting request, and a short task timeout."""
     return start_server(
         "--model", f"tiny={tiny_t2i}", "--workers", "1",
-        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "10", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"},
+        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"},
     )  # fmt: skip
 
 
@@ -124,7 +124,7 @@ def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
     r = httpx.post(small_server.base_url + GEN, json=LONG, timeout=300)
     assert r.status_code == 504
     assert r.json()["error"]["message"] == "Task timeout" == r.json()["detail"]
-    # Had the long task kept running (minutes), this one could not finish within its own 10 s timeout.
+    # Had the long task kept running (minutes), this one could not finish within its own 5 s timeout.
     ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.text[:300]
 
@@ -143,15 +143,15 @@ def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
 
 def test_full_queue_is_refused_at_once_with_503(small_server):
     _wait_idle(small_server)
-    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=6)
+    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=60)
     _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
-    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=6)
+    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=60)
     _wait_for(lambda: small_server.status()["models"]["tiny"]["queued_jobs"] == 1, what="one request queued")
     refused = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=30)
     assert refused.status_code == 503
     body = refused.json()
     assert body["error"]["message"] == "Task queue is full" == body["detail"]
     assert int(refused.headers["retry-after"]) >= 1
-    running.join()
-    queued.join()
+    queued.cancel()
+    running.cancel()
     _wait_idle(small_server)

@@ -21,9 +21,9 @@ from conftest import post_in_thread
 GEN = "/v1/images/generations"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
 # Streamed with 3 previews at 512x512 (about 0.2 s a step with CFG on two CPU threads), its
-# first preview comes after 40 of 160 steps, well within the 30 s task timeout, and it keeps
-# running for a while after that.
-STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 160}
+# first preview comes after 16 of 64 steps, well within the 10 s task timeout, and it keeps
+# running until that timeout.
+STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 64}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -52,7 +52,7 @@ def limits(ray_serve, tiny_t2i):
     from ray import serve
 
     yield ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=30, cpu_threads=2, max_steps=1000
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=10, cpu_threads=2, max_steps=1000
     )
     serve.delete("limits")
 
@@ -88,7 +88,7 @@ def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
-    # The replica stopped the long task (minutes): a short one finishes within its own 30 s.
+    # The replica stopped the long task (minutes): a short one finishes within its own 10 s.
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
 
@@ -110,12 +110,12 @@ def test_full_queue_gives_503(limits):
     running = _first_event(limits + GEN, STREAMED, box)
     assert box["started"].wait(120)
     assert "text" not in box, "the streamed task should still be running"
-    queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=5)
+    queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=60)
     _wait_for_jobs_in_flight(limits, 2)  # the second request has reached the engine
     refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code
     assert refused.json()["error"]["message"] == "Task queue is full" and "retry-after" in refused.headers
-    queued.join()
+    queued.cancel()
     running.join(timeout=120)
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code

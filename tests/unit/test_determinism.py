@@ -141,8 +141,12 @@ def test_stochastic_steps_draw_from_each_images_own_seed(t2i_runner):
     batch = [np.asarray(image) for image in t2i_runner.run(job)]
     torch.manual_seed(2)
     singles = [np.asarray(t2i_runner.run(replace(job, seeds=[seed]))[0]) for seed in (7, 8)]
-    assert np.array_equal(batch[0], singles[0]) and np.array_equal(batch[1], singles[1])
-    assert not np.array_equal(batch[0], batch[1])
+    # A batch of two and two batches of one may round differently in the CPU's matmuls (a step of 1 in a few
+    # pixels on some CPUs); noise drawn from the process's RNG (seeded 1, then 2) would change every pixel.
+    for batched, single in zip(batch, singles, strict=True):
+        difference = np.abs(batched.astype(int) - single.astype(int))
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.001, (difference.max(), (difference > 0).mean())
+    assert np.abs(batch[0].astype(int) - batch[1].astype(int)).mean() > 5
 
 
 def test_the_scheduler_is_left_as_it_was(t2i_runner):

@@ -318,7 +318,7 @@ def worker_main(
     name: str,
     log_level: int = logging.INFO,
 ) -> None:
-    """Entry point of a worker process (started with the ``spawn`` method)."""
+    """Entry point of a worker process (started by ``spawn`` or forked by the forkserver, see worker_process.py)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     worker = Worker.load(spec, device, dtype, threads, conn, name)
     if worker is not None:
