@@ -3,7 +3,8 @@
 #
 #   scripts/gpu-check.sh [STAGE ...]      # stages: tests, bench, memory (default: all three)
 #
-# - tests:  the GPU-only tests (pytest -m gpu), the hub-id edit test, the reproducibility tests
+# - tests:  the GPU-only tests (pytest -m gpu), the hub-id edit test, the reproducibility tests,
+#           whether a GPU worker can fork from the forkserver (test_worker_start.py)
 # - bench:  bench/gpu.py on the full-size random-weight Qwen-Image, the key settings only
 #           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting)
 # - memory: bench/memory_modes.py on random:Qwen/Qwen-Image (MEMORY_MODES, MEMORY_CARDS, MEMORY_STEPS)
@@ -36,7 +37,7 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs >"$OUT/tests-gpu.log" 2>&1 || status=1
-      python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py -rs \
+      python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py tests/e2e/test_worker_start.py -rs \
         >"$OUT/tests-e2e.log" 2>&1 || status=1
       tail -n 3 "$OUT/tests-gpu.log" "$OUT/tests-e2e.log"
       ;;

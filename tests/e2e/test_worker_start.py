@@ -1,0 +1,63 @@
+"""How worker processes start: CPU workers fork from a forkserver that has imported torch and diffusers
+(``QIS_WORKER_START``), GPU workers are spawned unless told otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from qwen_image_server.engine.worker_process import FORKSERVER_PRELOAD, start_context, start_method
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "method"),
+    [
+        ("auto", "cpu", "forkserver"),
+        ("auto", "cuda:0", "spawn"),
+        ("auto", "cuda", "spawn"),
+        ("spawn", "cpu", "spawn"),
+        ("forkserver", "cuda:1", "forkserver"),
+    ],
+)
+def test_start_method(setting, device, method):
+    assert start_method(setting, device) == method
+
+
+def _report(conn, device: str) -> None:
+    """In the child: which preloaded modules it found already imported, and a small computation on ``device``."""
+    found = [name for name in FORKSERVER_PRELOAD if name in sys.modules]
+    import torch
+
+    x = torch.ones(64, 64, device=device)
+    conn.send((found, float((x @ x).sum())))
+    conn.close()
+
+
+def _run_child(method_setting: str, device: str):
+    ctx = start_context(method_setting, device)
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_report, args=(child, device), daemon=True)
+    process.start()
+    child.close()
+    assert parent.poll(120), "the child never answered"
+    found, total = parent.recv()
+    process.join(30)
+    return found, total, process.exitcode
+
+
+def test_a_forked_cpu_worker_starts_with_torch_and_diffusers_imported():
+    found, total, exitcode = _run_child("forkserver", "cpu")
+    assert set(found) == set(FORKSERVER_PRELOAD)  # imported once in the forkserver, not again in the worker
+    assert total == 64 * 64 * 64 and exitcode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_forked_gpu_worker_can_use_cuda():
+    """Whether GPU workers could fork too (``QIS_WORKER_START=forkserver``): nothing in the preload may have
+    touched the CUDA driver in the forkserver."""
+    found, total, exitcode = _run_child("forkserver", "cuda:0")
+    assert set(found) == set(FORKSERVER_PRELOAD) and total == 64 * 64 * 64 and exitcode == 0
