@@ -6,7 +6,7 @@ then serves its pipe. What goes over the pipe are the small picklable dataclasse
 below:
 
 - from the engine: ``RunTask``, ``Cancel`` (stop that task at its next denoising
-  step), ``Stop``;
+  step), ``Stop`` (stop what runs at its next step, then exit);
 - to the engine: ``Ready`` (the worker's info: device, speed settings, memory,
   determinism) or ``LoadFailed``; ``InfoUpdate`` (new values for the ready info,
   e.g. the peak memory after the first job on CUDA); per task ``Computed`` as soon
@@ -167,6 +167,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._inbox: queue.Queue[Task | None] = queue.Queue()  # None: stop
         self._cancelled: set[int] = set()
+        self._stopping = threading.Event()  # Stop came (or the engine is gone): what runs stops at its next step
         self._to_encode: queue.Queue[_Preview | _Finished | None] = queue.Queue()
         self._first_job = True  # on CUDA, the memory info is sent again after the first job, with its peak
 
@@ -249,6 +250,7 @@ class Worker:
                 case Cancel(task_id):
                     self._cancelled.add(task_id)
                 case _:
+                    self._stopping.set()
                     self._inbox.put(None)
                     return
 
@@ -260,7 +262,7 @@ class Worker:
             self._to_encode.put(_Preview(task, index, partial_index, image))
 
         def should_stop() -> bool:
-            return task_id in self._cancelled
+            return task_id in self._cancelled or self._stopping.is_set()
 
         runner = self.runner_for(task)
         try:
