@@ -227,13 +227,18 @@ class Server:
     def worker_pids(self, model: str) -> list[int]:
         return [w["pid"] for w in self.status()["models"][model]["workers"]]
 
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM) without waiting for it: ``stop`` waits."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def logs(self, tail: int | None = 5000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
         return text[-tail:] if tail else text
 
     def stop(self) -> None:
+        self.terminate()
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -256,6 +261,8 @@ def start_server(tmp_path_factory):
         return server.wait_ready()
 
     yield start
+    for server in servers:  # all at once: each drains and stops its workers in parallel with the others
+        server.terminate()
     for server in servers:
         server.stop()
 
