@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,9 +38,21 @@ TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / 
 
 
 def _tiny(kind: str) -> Path:
+    """The tiny model of ``kind``, built once into the cache. Built aside and renamed into place, so that test
+    runs side by side (two checkouts sharing QIS_TEST_MODEL_DIR) never see a half-written model: the first
+    rename wins."""
     folder = TINY_CACHE / kind
-    if not (folder / "model_index.json").is_file():
-        build_tiny_model(folder, kind)  # type: ignore[arg-type]
+    if (folder / "model_index.json").is_file():
+        return folder
+    if folder.exists():  # left half-written by an older, interrupted run
+        shutil.rmtree(folder, ignore_errors=True)
+    aside = folder.with_name(f".{kind}.{os.getpid()}.tmp")
+    shutil.rmtree(aside, ignore_errors=True)
+    build_tiny_model(aside, kind)  # type: ignore[arg-type]
+    try:
+        aside.rename(folder)
+    except OSError:  # another process put its build there first
+        shutil.rmtree(aside, ignore_errors=True)
     return folder
 
 
