@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with one CUDA GPU and a short time on it.
 #
-#   scripts/gpu-check.sh [STAGE ...]      # stages: tests, bench, memory (default: all three)
+#   scripts/gpu-check.sh [STAGE ...]      # stages: tests, bench, memory, two-models (default: the first three)
 #
 # - tests:  the GPU-only tests (pytest -m gpu), the hub-id edit test, the reproducibility tests,
 #           whether a GPU worker can fork from the forkserver (test_worker_start.py)
 # - bench:  bench/gpu.py on the full-size random-weight Qwen-Image, the key settings only
 #           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting)
 # - memory: bench/memory_modes.py on random:Qwen/Qwen-Image (MEMORY_MODES, MEMORY_CARDS, MEMORY_STEPS)
+# - two-models (not in the default set): bench/two_models.py, Qwen-Image + Qwen-Image-Edit-2509 on one
+#           GPU, a mixed stream of 20 requests per design (TWO_MODEL_DESIGNS, TWO_MODEL_REQUESTS)
 #
 # Results go to $OUT (default ./gpu-results): each stage's log, the benchmarks' JSON lines.
 # When the machine lacks this project's dependencies, build the wheels on a machine with
@@ -49,8 +51,12 @@ for stage in "${stages[@]}"; do
       python3 bench/memory_modes.py random:Qwen/Qwen-Image --modes "${MEMORY_MODES:-none,fp8,group+fp8}" \
         --cards "${MEMORY_CARDS:-80,48,24}" --steps "${MEMORY_STEPS:-8}" --json "$OUT/memory.jsonl" 2>&1 | tee "$OUT/memory.log" || status=1
       ;;
+    two-models)
+      python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared}" --requests "${TWO_MODEL_REQUESTS:-20}" \
+        --json "$OUT/two-models.jsonl" 2>&1 | tee "$OUT/two-models.log" || status=1
+      ;;
     *)
-      echo "unknown stage: $stage (tests, bench, memory)" >&2
+      echo "unknown stage: $stage (tests, bench, memory, two-models)" >&2
       exit 2
       ;;
   esac

@@ -1,0 +1,206 @@
+"""Two models on one GPU: a mixed stream of requests, per design, through the server.
+
+For each design a server is started with a text-to-image model and an edit model on
+the same GPU, then a stream of ``--requests`` requests alternating between the two
+(generation, edit, generation...; ``--concurrency`` in flight) is sent:
+
+- ``separate``: one worker process per model, each with its own text encoder and VAE;
+- ``shared``: ``--share-components``: one process serves both, loading the identical
+  text encoder and VAE once (the models take turns on the GPU).
+
+Both use ``--weights-dtype`` (default fp8: two bf16 transformers alone do not fit an
+80 GB card). Reported per design: seconds to ``/ready``, seconds for the whole stream,
+statuses (an out-of-memory error is a 500), lost requests, p50/p99 latency, and the GPU
+memory in use after the stream (the workers' caching allocators keep their peak, so this
+is the stream's high-water mark, CUDA contexts included), read from a separate process;
+``fits`` says whether that is within ``--card-gib`` (80: an H100 80GB; on a larger card
+the figure tells whether it would fit). Results come as a markdown table and as JSON
+lines. Without CUDA it says so and exits 0, unless ``--tiny`` asks for the tiny models on
+the CPU (a check of the benchmark itself, no figures of interest). Run from the
+repository root::
+
+    python bench/two_models.py                                   # random:Qwen/Qwen-Image + random:Qwen/Qwen-Image-Edit-2509
+    python bench/two_models.py --designs shared --requests 40 --steps 50 --json two-models.jsonl
+    python bench/two_models.py --tiny --requests 4               # on the CPU, tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import Requests, send, summary  # noqa: E402
+from serve_process import REPO, ServeProcess  # noqa: E402
+
+DESIGNS = {"separate": [], "shared": ["--share-components"]}
+GIB = 1024**3
+
+
+def tiny_models() -> tuple[str, str]:
+    """The tiny text-to-image and edit models' folders (built into the test cache when missing)."""
+    from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
+
+    cache = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
+    folders = []
+    for kind in ("text-to-image", "edit"):
+        folder = cache / kind
+        if not (folder / "model_index.json").is_file():
+            build_tiny_model(folder, kind)
+        folders.append(str(folder))
+    return folders[0], folders[1]
+
+
+def gpu_use() -> list[dict]:
+    """Per visible GPU: name, GiB in use (by every process) and total, asked of a short-lived subprocess."""
+    from qwen_image_server.models.planner import discover_gpus
+
+    return [
+        {"device": g.device, "name": g.name, "used_gib": round((g.total - g.free) / GIB, 2), "total_gib": round(g.total / GIB, 2)}
+        for g in discover_gpus() or []
+        if g.total is not None and g.free is not None
+    ]
+
+
+def stream_kinds(count: int) -> list[str]:
+    """The mixed stream: generations and edits taking turns, the worst case for models sharing a GPU."""
+    return ["generation" if i % 2 == 0 else "edit" for i in range(count)]
+
+
+async def run_stream(url: str, args) -> tuple[list[dict], float]:
+    requests = Requests(args)
+    rng = random.Random(args.seed)
+    slots = asyncio.Semaphore(args.concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout) as client:
+
+        async def one(kind: str) -> dict:
+            async with slots:
+                return await send(client, kind, requests.build(kind, rng))
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(kind) for kind in stream_kinds(args.requests)))
+        return list(results), time.perf_counter() - started
+
+
+def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
+    options = ["--model", f"{args.model}={models[0]}", "--model", f"{args.edit_model}={models[1]}", *DESIGNS[design]]
+    options += ["--queue-size", str(max(args.requests, 1)), "--log-level", "warning"]
+    if args.weights_dtype != "auto":
+        options += ["--weights-dtype", args.weights_dtype]
+    if args.tiny:
+        options += ["--device", "cpu"]
+    env = {"QIS_MAX_STEPS": str(max(args.steps, 50)), "IMAGE_OUTPUT_DIR": str(tmp / design / "images")}
+    if args.tiny:
+        env.update({"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"})
+    (tmp / design).mkdir(parents=True, exist_ok=True)
+    record: dict = {"design": design, "models": list(models), "weights_dtype": args.weights_dtype, "requests": args.requests,
+                    "concurrency": args.concurrency, "size": args.size, "steps": args.steps}  # fmt: skip
+    server = ServeProcess(options, env, tmp / design / "server.log")
+    started = time.perf_counter()
+    try:
+        try:
+            server.wait_ready(timeout=args.ready_timeout)
+        except Exception as exc:  # did not load: e.g. the plan does not fit, or out of memory while loading
+            record.update(ready=False, error=str(exc)[:300])
+            return record
+        record["ready_s"] = round(time.perf_counter() - started, 1)
+        results, seconds = asyncio.run(run_stream(server.url, args))
+        record.update(ready=True, stream_s=round(seconds, 2), **summary(results))
+        record["errors"] = sorted({r["code"] or str(r["status"]) for r in results if r["status"] != 200})
+        ready = httpx.get(server.url + "/ready", timeout=30).json()
+        pids = {w["pid"] for model in ready["models"].values() for w in model["workers"] if w.get("pid")}
+        record["worker_processes"] = len(pids)  # shared: one process serves both models
+        record["gpus"] = gpu_use()
+        used = max((g["used_gib"] for g in record["gpus"]), default=None)
+        record["used_gib"] = used
+        record["fits"] = None if used is None else used <= args.card_gib
+    finally:
+        server.stop()
+    return record
+
+
+def table(records: list[dict], card_gib: float) -> str:
+    lines = [
+        f"| design | processes | ready s | stream s | 200s | lost | errors | p50 ms | p99 ms | GPU GiB used | fits {card_gib:g} GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if not r.get("ready"):
+            lines.append(f"| {r['design']} | | not ready: {r.get('error', '')[:80]} | | | | | | | | |")
+            continue
+        ok = r["statuses"].get("200", 0)
+        lines.append(
+            f"| {r['design']} | {r['worker_processes']} | {r['ready_s']} | {r['stream_s']} | {ok}/{r['requests']} | {r['lost']} | "
+            f"{', '.join(r['errors']) or '-'} | {r['p50_ms']} | {r['p99_ms']} | {r['used_gib']} | {r['fits']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--t2i", default="random:Qwen/Qwen-Image", help="text-to-image model source")
+    parser.add_argument("--edit", default="random:Qwen/Qwen-Image-Edit-2509", help="edit model source")
+    parser.add_argument("--model", default="qwen-image", help="id of the text-to-image model")
+    parser.add_argument("--edit-model", default="qwen-image-edit", help="id of the edit model")
+    parser.add_argument("--designs", default="separate,shared", help=f"comma-separated, of {', '.join(DESIGNS)}")
+    parser.add_argument("--weights-dtype", default="fp8", choices=["auto", "fp8"], help="for both models (default fp8)")
+    parser.add_argument("--requests", type=int, default=20, help="requests in the stream (default 20)")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests in flight at a time (default 2)")
+    parser.add_argument("--size", default="1024x1024", help="size of the generations (default 1024x1024)")
+    parser.add_argument("--steps", type=int, default=8, help="num_inference_steps (default 8)")
+    parser.add_argument("--card-gib", type=float, default=80.0, help="the card the designs must fit (default 80)")
+    parser.add_argument("--ready-timeout", type=float, default=1200, help="seconds a server may take to load")
+    parser.add_argument("--request-timeout", type=float, default=1200, help="seconds per request before it counts as lost")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="the tiny models on the CPU (checks the benchmark itself)")
+    parser.add_argument("--json", type=Path, help="append one JSON line per design here")
+    args = parser.parse_args()
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown or not designs:
+        parser.error(f"--designs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DESIGNS)}")
+    if args.requests < 1 or args.concurrency < 1:
+        parser.error("--requests and --concurrency must be at least 1")
+    if args.tiny:
+        models = tiny_models()
+        args.size, args.weights_dtype = "128x128" if args.size == "1024x1024" else args.size, "auto"
+        args.steps = min(args.steps, 2)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
+            return 0
+        models = (args.t2i, args.edit)
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    records = []
+    with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
+        for design in designs:
+            print(f"{design}: starting the server", flush=True)
+            record = {**run_design(design, models, args, Path(tmp)), "gpu": gpu, "versions": versions}
+            records.append(record)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"\n{gpu}; {args.requests} requests alternating {args.model} / {args.edit_model}, {args.size}, {args.steps} steps, "
+          f"{args.concurrency} in flight, weights {args.weights_dtype}\n")  # fmt: skip
+    print(table(records, args.card_gib))
+    failed = [r for r in records if not r.get("ready") or r["lost"] or r["statuses"].get("200", 0) != r["requests"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
