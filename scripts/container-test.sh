@@ -3,10 +3,12 @@
 # on a machine with no image registry and no container runtime:
 #
 #   1. a minimal Debian bookworm root with python3 is made with debootstrap
-#      (cached in .cache/container/, reused when present) and `podman import`ed;
+#      (cached in ~/.cache/qwen-image-server/container/ or $QIS_CONTAINER_CACHE,
+#      reused when present) and `podman import`ed;
 #   2. a wheelhouse for that base's python (torch's CPU wheel, every dependency,
-#      setuptools) is filled with `pip download` outside the build, so the build
-#      itself needs no network (deploy/wheelhouse/, reused when complete);
+#      setuptools) is filled with `pip download` outside the build (cached there too,
+#      reused when complete) and copied into deploy/wheelhouse/, so the build itself
+#      needs no network;
 #   3. `podman build --isolation chroot --storage-driver vfs` builds the Dockerfile's
 #      `test` stage: the image's default command serves two tiny models put in
 #      /models, and one generation and one edit must succeed, or the build fails
@@ -25,7 +27,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 IMAGE="${IMAGE:-localhost/qwen-image-server:cpu}"
-CACHE=.cache/container
+# Per machine, outside the checkout, so that a fresh clone (CI's) reuses the Debian root and the wheels.
+CACHE="${QIS_CONTAINER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qwen-image-server/container}"
 SUITE=bookworm
 BASE_PYTHON=3.11                  # bookworm's python3 and glibc 2.36: the wheelhouse is made for them
 GLIBC_MINOR=36
@@ -93,16 +96,24 @@ for extra in filter(None, extras.split(",")):
     deps += project["optional-dependencies"][extra]
 print("\n".join([f"torch=={torch}+cpu", "setuptools>=69", *deps]))
 EOF
-stamp="$WHEELHOUSE/.complete-$(cat "$requirements" | sha256sum | cut -c1-12)-py$BASE_PYTHON"
-if [[ ! -f $stamp ]]; then
-	say "downloading wheels for python $BASE_PYTHON into $WHEELHOUSE"
+complete=".complete-$(cat "$requirements" | sha256sum | cut -c1-12)-py$BASE_PYTHON"
+wheels="$CACHE/wheels-py$BASE_PYTHON"
+if [[ ! -f $wheels/$complete ]]; then
+	say "downloading wheels for python $BASE_PYTHON into $wheels"
+	mkdir -p "$wheels"
 	# pip does not widen a --platform to the older manylinux tags it implies: list them.
 	platforms=()
 	for minor in $(seq "$GLIBC_MINOR" -1 5); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 	for tag in manylinux2014 manylinux2010 manylinux1 linux; do platforms+=(--platform "${tag}_x86_64"); done
-	"$PYTHON" -m pip download --quiet --dest "$WHEELHOUSE" --requirement "$requirements" \
+	"$PYTHON" -m pip download --quiet --dest "$wheels" --requirement "$requirements" \
 		--only-binary=:all: --python-version "$BASE_PYTHON" --implementation cp "${platforms[@]}"
-	touch "$stamp"
+	touch "$wheels/$complete"
+fi
+# The build mounts the wheelhouse from its context: the cached wheels go there (hard links where possible).
+if [[ ! -f $WHEELHOUSE/$complete ]]; then
+	say "putting the wheels into $WHEELHOUSE"
+	cp -l "$wheels"/*.whl "$WHEELHOUSE"/ 2>/dev/null || cp "$wheels"/*.whl "$WHEELHOUSE"/
+	touch "$WHEELHOUSE/$complete"
 fi
 
 # --- 4. build, test, measure -----------------------------------------------------
