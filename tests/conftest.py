@@ -15,8 +15,8 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +32,9 @@ from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
 from qwen_image_server.models.spec import resolve_configured
 from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from serve_process import ServeProcess, ServerExited, free_port  # noqa: E402  (the benchmarks' server helper)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
@@ -203,36 +206,19 @@ def concurrently(*calls):
         return [future.result() for future in futures]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``qwen-image-server serve`` in a subprocess, as a user runs it."""
+class Server(ServeProcess):
+    """``qwen-image-server serve`` in a subprocess, as a user runs it (bench/serve_process.py), with what the
+    tests ask of it: ``/ready``'s status, worker pids, the whole log, a stop without waiting."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (open for the server's lifetime)
-        self.process = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__(args, env or {}, log_path or Path(tempfile.mkdtemp(prefix="qis-server-")) / "server.log")
 
-    def wait_ready(self, timeout: float = 300) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+    def wait_ready(self, timeout: float = 300) -> Server:  # type: ignore[override]
+        try:
+            super().wait_ready(timeout)
+        except (ServerExited, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{self.logs()}") from exc
+        return self
 
     def status(self) -> dict:
         return httpx.get(f"{self.base_url}/ready", timeout=5).json()
@@ -245,20 +231,9 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
-    def logs(self, tail: int | None = 5000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+    def logs(self, tail: int | None = 5000) -> str:  # type: ignore[override]
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-tail:] if tail else text
-
-    def stop(self) -> None:
-        self.terminate()
-        if self.process.poll() is None:
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
 
 
 @pytest.fixture(scope="session")
