@@ -227,6 +227,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     memory_plan = make_plan(specs, settings)  # refuses before the port opens when the workers do not fit
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     engine = LocalEngine(specs, settings, memory_plan)
+    _exit_normally_after_signals()
     # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
     uvicorn.run(
         create_app(settings, engine),
@@ -235,6 +236,22 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         log_level=log_level.lower(),
         **uvicorn_options(settings),
     )
+
+
+def _exit_normally_after_signals() -> None:
+    """SIGTERM and SIGINT end the process with ``SystemExit`` (status 143 or 130) once uvicorn has shut down.
+
+    uvicorn handles the signal, shuts down, then raises it again with the handlers it found in place; with
+    the default ones the process would die of the signal, skipping interpreter exit: atexit handlers would
+    not run, and multiprocessing's would have removed the forkserver's socket folder in /tmp (one left behind
+    per run) and its other resources."""
+    import signal
+
+    def exit_with(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, exit_with)
 
 
 def _check_port_free(host: str, port: int) -> None:

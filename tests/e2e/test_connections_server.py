@@ -5,10 +5,13 @@ Raw sockets on loopback; every read has a socket timeout, so each test ends by i
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -148,7 +151,11 @@ def _wait_busy(server, model: str, workers: int, attempts: int = 300) -> None:
 
 def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, tiny_t2i):
     env = {"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"}
+    started = time.time() - 1
     server = start_server("--model", f"tiny={tiny_t2i}", "--workers", "2", env=env)
+    # The forkserver's socket folder (multiprocessing's pymp-* temp folder of the API process), made by this server
+    folders = [f for f in glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")) if os.stat(f).st_mtime >= started]
+    assert folders
     long = {"prompt": "a very long job", "size": "1024x1024", "num_inference_steps": 1000}
     thread, box = post_in_thread(server.base_url + GEN, long, timeout=120)
     stream_box: dict = {}
@@ -165,7 +172,9 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, ti
     thread.join(timeout=120)
     streamer.join(timeout=120)
     try:
-        server.process.wait(timeout=60)
+        # 128 + SIGTERM: the interpreter exited normally (no death by the signal uvicorn raises again), so
+        # exit-time cleanups ran, such as removing the forkserver's socket folder
+        assert server.process.wait(timeout=60) == 128 + signal.SIGTERM
     except subprocess.TimeoutExpired:
         server.process.kill()
         raise
@@ -177,3 +186,4 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, ti
     assert last.startswith("event: error") and '"code":"shutting_down"' in last, stream_box["text"][-500:]
     log = server.logs(tail=None)
     assert "Traceback" not in log and "shutting down" in log, log[-3000:]
+    assert not [f for f in folders if os.path.exists(f)], "exit-time cleanups ran"
