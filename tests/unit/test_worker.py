@@ -153,18 +153,12 @@ def test_the_worker_stops_when_the_engine_is_gone():
     assert not thread.is_alive()
 
 
-def test_stop_stops_the_running_task_at_its_next_step_and_the_worker_exits():
-    ours, theirs = Pipe()
-    runner = FakeRunner()
-    worker = Worker(runner, theirs, "m#0")
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    ours.send(RunTask(Task(1, _job("wait"))))  # runs until cancelled
+def test_stop_stops_the_running_task_at_its_next_step(served):
+    conn, runner, _ = served  # the fixture then checks that the worker has exited
+    conn.send(RunTask(Task(1, _job("wait"))))  # runs until cancelled
     assert runner.started.wait(WAIT)
-    ours.send(Stop())
-    assert _until_finished(ours, 1)[-1] == Failed(1, "cancelled", cancelled=True)
-    thread.join(timeout=WAIT)
-    assert not thread.is_alive()
+    conn.send(Stop())
+    assert _until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
 
 
 def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empties_the_cache(monkeypatch):
