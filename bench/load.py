@@ -28,7 +28,6 @@ import base64
 import io
 import ipaddress
 import json
-import os
 import random
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import REPO, ServeProcess  # noqa: E402
+from serve_process import ServeProcess, tiny_model  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
 
@@ -58,14 +57,7 @@ class Server(ServeProcess):
     """``qwen-image-server serve`` with the tiny text-to-image and edit models, in a subprocess."""
 
     def __init__(self, args, log_path: Path):
-        from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
-
-        cache = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
-        folders = {}
-        for kind in ("text-to-image", "edit"):
-            folders[kind] = cache / kind
-            if not (folders[kind] / "model_index.json").is_file():
-                build_tiny_model(folders[kind], kind)
+        folders = {kind: tiny_model(kind) for kind in ("text-to-image", "edit")}
         env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(args.steps), "QIS_MIN_IMAGE_SIDE": "64",
                "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}  # fmt: skip
         options = [

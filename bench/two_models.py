@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import random
 import sys
@@ -41,24 +40,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import REPO, ServeProcess  # noqa: E402
+from serve_process import ServeProcess, tiny_model  # noqa: E402
 
 DESIGNS = {"separate": [], "shared": ["--share-components"]}
 GIB = 1024**3
-
-
-def tiny_models() -> tuple[str, str]:
-    """The tiny text-to-image and edit models' folders (built into the test cache when missing)."""
-    from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
-
-    cache = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
-    folders = []
-    for kind in ("text-to-image", "edit"):
-        folder = cache / kind
-        if not (folder / "model_index.json").is_file():
-            build_tiny_model(folder, kind)
-        folders.append(str(folder))
-    return folders[0], folders[1]
 
 
 def gpu_use() -> list[dict]:
@@ -94,7 +79,7 @@ async def run_stream(url: str, args) -> tuple[list[dict], float]:
 
 def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
     options = ["--model", f"{args.model}={models[0]}", "--model", f"{args.edit_model}={models[1]}", *DESIGNS[design]]
-    options += ["--queue-size", str(max(args.requests, 1)), "--log-level", "warning"]
+    options += ["--queue-size", str(args.requests), "--log-level", "warning"]
     if args.weights_dtype != "auto":
         options += ["--weights-dtype", args.weights_dtype]
     if args.tiny:
@@ -171,20 +156,18 @@ def main() -> int:
         parser.error(f"--designs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DESIGNS)}")
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
-    if args.tiny:
-        models = tiny_models()
-        args.size, args.weights_dtype = "128x128" if args.size == "1024x1024" else args.size, "auto"
-        args.steps = min(args.steps, 2)
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
-            return 0
-        models = (args.t2i, args.edit)
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tiny:
+        models = (str(tiny_model("text-to-image")), str(tiny_model("edit")))
+        args.size, args.weights_dtype = "128x128" if args.size == "1024x1024" else args.size, "auto"
+        args.steps = min(args.steps, 2)
+        gpu = "cpu"
+    elif not torch.cuda.is_available():
+        print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
+        return 0
+    else:
+        models, gpu = (args.t2i, args.edit), torch.cuda.get_device_name(0)
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     records = []
     with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,47 +29,26 @@ from fake_engine import FakeEngine
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
 from qwen_image_server.models.spec import resolve_configured
-from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from serve_process import ServeProcess, ServerExited, free_port  # noqa: E402  (the benchmarks' server helper)
+from serve_process import ServeProcess, ServerExited, free_port, tiny_model  # noqa: E402  (the benchmarks' server helper)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CACHE = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
-
-
-def _tiny(kind: str) -> Path:
-    """The tiny model of ``kind``, built once into the cache. Built aside and renamed into place, so that test
-    runs side by side (two checkouts sharing QIS_TEST_MODEL_DIR) never see a half-written model: the first
-    rename wins."""
-    folder = TINY_CACHE / kind
-    if (folder / "model_index.json").is_file():
-        return folder
-    if folder.exists():  # left half-written by an older, interrupted run
-        shutil.rmtree(folder, ignore_errors=True)
-    aside = folder.with_name(f".{kind}.{os.getpid()}.tmp")
-    shutil.rmtree(aside, ignore_errors=True)
-    build_tiny_model(aside, kind)  # type: ignore[arg-type]
-    try:
-        aside.rename(folder)
-    except OSError:  # another process put its build there first
-        shutil.rmtree(aside, ignore_errors=True)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_t2i() -> Path:
-    return _tiny("text-to-image")
+    return tiny_model("text-to-image")
 
 
 @pytest.fixture(scope="session")
 def tiny_edit() -> Path:
-    return _tiny("edit")
+    return tiny_model("edit")
 
 
 @pytest.fixture(scope="session")
 def tiny_edit_plus() -> Path:
-    return _tiny("edit-plus")
+    return tiny_model("edit-plus")
 
 
 def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
@@ -209,9 +186,6 @@ def concurrently(*calls):
 class Server(ServeProcess):
     """``qwen-image-server serve`` in a subprocess, as a user runs it (bench/serve_process.py), with what the
     tests ask of it: ``/ready``'s status, worker pids, the whole log, a stop without waiting."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
-        super().__init__(args, env or {}, log_path or Path(tempfile.mkdtemp(prefix="qis-server-")) / "server.log")
 
     def wait_ready(self, timeout: float = 300) -> Server:  # type: ignore[override]
         try:
