@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from qwen_image_server.engine.worker_process import FORKSERVER_PRELOAD, start_context, start_method
+from qwen_image_server.engine.worker_process import FORKSERVER_PRELOAD, start_context, start_forkserver_early, start_method
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +25,28 @@ pytestmark = pytest.mark.e2e
 )
 def test_start_method(setting, device, method):
     assert start_method(setting, device) == method
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "driver", "early"),
+    [
+        ("auto", "cpu", True, True),
+        ("auto", "auto", False, True),  # no NVIDIA driver: the workers will be CPU workers
+        ("auto", "auto", True, False),  # a GPU may be there: decided once torch is imported
+        ("auto", "cuda:0", False, False),
+        ("spawn", "cpu", False, False),
+        ("forkserver", "cuda:0", True, True),
+    ],
+)
+def test_the_forkserver_starts_before_the_api_imports_only_for_cpu_workers(monkeypatch, setting, device, driver, early):
+    from multiprocessing import forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(True))
+    exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: driver if path == "/proc/driver/nvidia" else exists(path))
+    assert start_forkserver_early(setting, device) is early
+    assert started == ([True] if early else [])
 
 
 def _report(conn, device: str) -> None:

@@ -64,6 +64,26 @@ def start_context(setting: str, device: str):
     return ctx
 
 
+def start_forkserver_early(setting: str, device_setting: str) -> bool:
+    """Start the forkserver now, when its workers will surely be CPU workers, so that its imports (torch,
+    diffusers, transformers: seconds of CPU) run while the API process makes its own, on another core, instead
+    of after them. Cheap to decide: no torch is imported here. Whether ``auto`` means a GPU is known only once
+    torch is imported, so ``--device auto`` starts early only where no NVIDIA driver is present at all. Returns
+    whether it started one (the workers then connect to it; otherwise it starts with the first CPU worker)."""
+    import os
+
+    cpu = device_setting == "cpu" or (device_setting == "auto" and not os.path.exists("/proc/driver/nvidia"))
+    if setting == "spawn" or (setting == "auto" and not cpu):
+        return False
+    if start_method(setting, "cpu") != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    start_context(setting, "cpu")  # sets the preload
+    forkserver.ensure_running()  # starts the process and returns; the preload runs there
+    return True
+
+
 class WorkerProcess:
     """One worker process of one pool, or of several pools (``--share-components``)."""
 
