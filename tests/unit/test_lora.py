@@ -94,8 +94,8 @@ def _pair(module: str, rank: int, inputs: int, outputs: int, a: str = ".lora_A.w
 
 def test_kohya_style_keys_are_accepted(tiny_t2i, tmp_path):
     a, b = ".lora_down.weight", ".lora_up.weight"
-    keys = _pair("lora_unet_transformer_blocks_0_attn_to_q", 2, 48, 48, a, b)
-    keys |= _pair("lora_unet_transformer_blocks_1_img_mlp_net_2", 2, 192, 48, a, b)
+    keys = _pair("lora_unet_transformer_blocks_0_attn_to_q", 2, 16, 16, a, b)
+    keys |= _pair("lora_unet_transformer_blocks_1_img_mlp_net_2", 2, 64, 16, a, b)
     keys["lora_unet_transformer_blocks_0_attn_to_q.alpha"] = ()
     (spec,) = _resolve(tiny_t2i, f"k={_fake_lora(tmp_path / 'k.safetensors', keys)}")
     assert spec.profile.loras[0].rank == 2
