@@ -20,10 +20,10 @@ from conftest import post_in_thread
 
 GEN = "/v1/images/generations"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
-# Streamed with 3 previews at 512x512 (about 0.2 s a step with CFG on two CPU threads), its
-# first preview comes after 16 of 64 steps, well within the 10 s task timeout, and it keeps
-# running until that timeout.
-STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 64}
+# Streamed with 3 previews at 512x512 (under 10 ms a step with CFG on two CPU threads, and
+# about 1 s to decode a preview), its first preview comes after 100 of 400 steps, well within
+# the 5 s task timeout, and it keeps running until about that timeout.
+STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 400}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -52,7 +52,7 @@ def limits(ray_serve, tiny_t2i):
     from ray import serve
 
     yield ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=10, cpu_threads=2, max_steps=1000
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=5, cpu_threads=2, max_steps=1000
     )
     serve.delete("limits")
 
@@ -88,7 +88,7 @@ def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
-    # The replica stopped the long task (minutes): a short one finishes within its own 10 s.
+    # The replica stopped the long task (minutes): a short one finishes within its own 5 s.
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
 

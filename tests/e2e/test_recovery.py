@@ -27,7 +27,7 @@ def _wait_for(condition, timeout: float = 240):
             value = None
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError("condition not met in time")
 
 
@@ -40,7 +40,7 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         env={
             "QIS_CPU_THREADS": "1",
             "QIS_WORKER_RESTART_LIMIT": "1",
-            "QIS_WORKER_RETRY_SECONDS": "4",
+            "QIS_WORKER_RETRY_SECONDS": "2",
             "IMAGE_OUTPUT_DIR": str(tmp_path / "img"),
         },
         log_path=tmp_path / "server.log",
