@@ -307,3 +307,11 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
     assert "error: not enough GPU memory for model " in refused.output
     assert "cuda:0 QIS_FAKE_GPUS: 1.0 GiB free of 1.0 GiB, planned there: " in refused.output
     assert "Or serve" in refused.output and "on another GPU" in refused.output
+
+
+@pytest.mark.parametrize("visible", ["", "-1"])
+def test_no_gpu_can_be_visible_when_cuda_visible_devices_hides_them(monkeypatch, visible):
+    from qwen_image_server.models.planner import no_gpu_driver
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert no_gpu_driver()

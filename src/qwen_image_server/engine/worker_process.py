@@ -68,11 +68,12 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     """Start the forkserver now, when its workers will surely be CPU workers, so that its imports (torch,
     diffusers, transformers: seconds of CPU) run while the API process makes its own, on another core, instead
     of after them. Cheap to decide: no torch is imported here. Whether ``auto`` means a GPU is known only once
-    torch is imported, so ``--device auto`` starts early only where no NVIDIA driver is present at all. Returns
-    whether it started one (the workers then connect to it; otherwise it starts with the first CPU worker)."""
-    import os
+    torch is imported, so ``--device auto`` starts early only where no GPU can be visible (no NVIDIA or ROCm
+    driver, or ``CUDA_VISIBLE_DEVICES`` empty: the planner's test). Returns whether it started one (the workers
+    then connect to it; otherwise it starts with the first CPU worker)."""
+    from ..models.planner import no_gpu_driver
 
-    cpu = device_setting == "cpu" or (device_setting == "auto" and not os.path.exists("/proc/driver/nvidia"))
+    cpu = device_setting == "cpu" or (device_setting == "auto" and no_gpu_driver())
     if setting == "spawn" or (setting == "auto" and not cpu):
         return False
     if start_method(setting, "cpu") != "forkserver":

@@ -167,7 +167,7 @@ print(json.dumps(gpus))
 """
 
 
-def _no_gpu_driver() -> bool:
+def no_gpu_driver() -> bool:
     """True when this is Linux without an NVIDIA or ROCm driver: then no GPU can be visible (skips the probe)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return True
@@ -177,7 +177,7 @@ def _no_gpu_driver() -> bool:
 def discover_gpus(timeout: float = 60.0) -> list[Gpu] | None:
     """The visible GPUs with their free and total memory, asked of a short-lived subprocess
     (it initialises CUDA, this process does not). None when the probe fails."""
-    if _no_gpu_driver():
+    if no_gpu_driver():
         return []
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=True)
