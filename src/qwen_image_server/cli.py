@@ -212,7 +212,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .api.app import create_app
     from .api.connections import uvicorn_options
     from .engine.local import LocalEngine
-    from .models.memory import check_memory_modes
+    from .models.memory_modes import check_memory_modes
 
     check_memory_modes(specs, settings.device)
     for spec in specs:

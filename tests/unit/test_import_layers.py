@@ -163,3 +163,32 @@ def test_layers_of_modules():
     assert layer_of("") == "shared"
     assert layer_of("jobs") == "shared"
     assert layer_of("nowhere") is None
+
+
+_SERVE_UNTIL_LISTENING = """
+import sys, uvicorn
+from qwen_image_server.cli import main
+
+def listening(*args, **kwargs):  # where the port would open: what has the API process imported by then?
+    print("imported:", ",".join(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+    raise SystemExit(0)
+
+uvicorn.run = listening
+sys.argv = ["qwen-image-server", "serve", "--device", "cpu", "--model", sys.argv[1], "--port", "0"]
+main()
+"""
+
+
+def test_cli_api_process_on_cpu_validates_plans_and_serves_without_torch(tiny_t2i):
+    """The API process validates, plans and serves; only workers run pipelines. On the CPU it imports none of
+    torch, diffusers or transformers (about a second of CPU and 200 MB it would never use)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QIS_WORKER_START": "spawn"}  # no forkserver: nothing is started, nothing left behind
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_UNTIL_LISTENING, f"tiny={tiny_t2i}"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported: \n" in done.stdout, done.stdout

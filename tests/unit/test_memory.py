@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from qwen_image_server.jobs import Job
-from qwen_image_server.models.memory import OFFLOADED, MemoryMode, check_memory_modes, check_mode
+from qwen_image_server.models.memory import MemoryMode
+from qwen_image_server.models.memory_modes import OFFLOADED, check_memory_modes, check_mode
 from qwen_image_server.models.profile import ProfileError, RunProfile
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.spec import resolve_model

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .profile import ProfileError
+from .memory_modes import OFFLOADED, check_mode
 from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
@@ -51,15 +51,6 @@ FP8_COMPONENTS = ("transformer", "text_encoder")
 TEXT_ENCODER_SKIP_PATTERNS = ("embed_tokens", "lm_head")
 #: Submodules of Qwen2.5-VL that group offload descends into to find its per-layer ``ModuleList`` blocks.
 TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model"]
-
-#: Components each offload mode keeps off the device between uses (loaded on the CPU).
-OFFLOADED = {
-    "none": (),
-    "text-encoder": ("text_encoder",),
-    "group": ("transformer", "text_encoder"),
-    "model": ("transformer", "text_encoder", "vae"),
-    "sequential": ("transformer", "text_encoder", "vae"),
-}
 
 
 @dataclass
@@ -93,26 +84,6 @@ class MemoryMode:
             out["shared_components"] = list(self.shared)
         out.update(cuda_memory(self.device))
         return out
-
-
-def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, device: str) -> None:
-    """Refuse combinations that cannot work, with a message naming the model and the settings."""
-    if offload not in OFFLOADED:
-        raise ProfileError(f"offload for model {model}: {offload!r} is not one of {', '.join(OFFLOADED)}")
-    if weights_dtype == "fp8" and quantize == "fp8":
-        raise ProfileError(
-            f"model {model}: weights_dtype=fp8 (FP8 storage, compute in the run dtype) and quantize=fp8 (FP8 matmuls) "
-            "both convert the transformer's weights; choose one"
-        )
-    if weights_dtype == "fp8" and offload == "sequential":
-        raise ProfileError(
-            f"model {model}: weights_dtype=fp8 does not combine with offload=sequential (accelerate's per-layer hooks "
-            "replace the weights the FP8 casting keeps); use offload=group with weights_dtype=fp8"
-        )
-    if offload == "sequential" and not device.startswith("cuda"):
-        raise ProfileError(f"model {model}: offload=sequential needs a CUDA device (the model runs on {device})")
-    if offload != "none" and not (device.startswith("cuda") or device == "cpu"):
-        raise ProfileError(f"model {model}: offload={offload} supports CUDA devices and the CPU, not {device}")
 
 
 def cuda_memory(device: str) -> dict:
@@ -288,18 +259,3 @@ def prepare_variant(variant, mode: MemoryMode) -> None:
     """
     if mode.offload == "model":
         variant.enable_model_cpu_offload(device=mode.device)
-
-
-def check_memory_modes(specs: list[ModelSpec], device_setting: str) -> None:
-    """Refuse, before any worker starts, memory modes that cannot run on the configured devices.
-
-    ``device_setting`` is the server's ``device`` setting (``auto``, ``cpu``, ``cuda`` or a
-    comma-separated list); ``auto`` means CUDA when a GPU is visible.
-    """
-    if device_setting in ("auto", "cuda"):
-        devices = ["cuda" if device_setting == "cuda" or torch.cuda.is_available() else "cpu"]
-    else:
-        devices = [d.strip() for d in device_setting.split(",") if d.strip()]
-    for spec in specs:
-        for device in devices:
-            MemoryMode.for_spec(spec, device)
