@@ -199,9 +199,11 @@ app.command("plan")(plan)
 
 def run_server(settings: Settings, log_level: str = "info") -> None:
     """Check the models, then serve until interrupted. Model errors come before the port opens."""
+    from .models.memory_modes import check_memory_modes
     from .models.spec import ModelConfigError, resolve_configured
 
-    specs = resolve_configured(settings)  # no torch yet: a bad model entry fails at once
+    specs = resolve_configured(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
+    check_memory_modes(specs, settings.device)
     _check_port_free(settings.host, settings.port)
     if settings.engine != "ray":
         from .engine.worker_process import start_forkserver_early
@@ -212,9 +214,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .api.app import create_app
     from .api.connections import uvicorn_options
     from .engine.local import LocalEngine
-    from .models.memory_modes import check_memory_modes
 
-    check_memory_modes(specs, settings.device)
     for spec in specs:
         logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
     if settings.engine == "ray":
