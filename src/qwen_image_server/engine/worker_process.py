@@ -73,10 +73,8 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     then connect to it; otherwise it starts with the first CPU worker)."""
     from ..models.planner import no_gpu_driver
 
-    cpu = device_setting == "cpu" or (device_setting == "auto" and no_gpu_driver())
-    if setting == "spawn" or (setting == "auto" and not cpu):
-        return False
-    if start_method(setting, "cpu") != "forkserver":
+    device = "cpu" if device_setting == "auto" and no_gpu_driver() else device_setting  # "auto" left: maybe a GPU
+    if start_method(setting, device) != "forkserver":
         return False
     from multiprocessing import forkserver
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .memory_modes import OFFLOADED, check_mode
+from .memory_modes import OFFLOADED, check_spec_mode
 from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
@@ -67,9 +67,8 @@ class MemoryMode:
     @classmethod
     def for_spec(cls, spec: ModelSpec, device: str) -> MemoryMode:
         """The mode ``spec``'s profile asks for on ``device``, or a ``ProfileError`` naming the model and setting."""
-        profile = spec.profile
-        check_mode(spec.id, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
-        return cls(device=device, weights_dtype=profile.weights_dtype, offload=profile.offload)
+        check_spec_mode(spec, device)
+        return cls(device=device, weights_dtype=spec.profile.weights_dtype, offload=spec.profile.offload)
 
     def load_device(self, component: str) -> str:
         """Where ``component`` is loaded: the CPU when this mode offloads it, else the run device."""

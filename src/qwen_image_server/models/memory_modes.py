@@ -52,9 +52,14 @@ def check_memory_modes(specs: list[ModelSpec], device_setting: str) -> None:
     else:
         devices = [d.strip() for d in device_setting.split(",") if d.strip()]
     for spec in specs:
-        profile = spec.profile
         for device in devices:
-            check_mode(spec.id, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
+            check_spec_mode(spec, device)
+
+
+def check_spec_mode(spec: ModelSpec, device: str) -> None:
+    """``check_mode`` for the memory mode ``spec``'s profile asks for on ``device``."""
+    profile = spec.profile
+    check_mode(spec.id, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
 
 
 def _cuda_available() -> bool:
