@@ -14,16 +14,13 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from conftest import post_in_thread
 
 GEN = "/v1/images/generations"
-LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
-# Streamed with 3 previews at 512x512 (under 10 ms a step with CFG on two CPU threads, and
-# about 1 s to decode a preview), its first preview comes after 100 of 400 steps, well within
-# the 5 s task timeout, and it keeps running until about that timeout.
-STREAMED = {**LONG, "size": "512x512", "num_inference_steps": 400}
+LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}  # minutes
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -64,27 +61,6 @@ def _replica_pid(app: str) -> int:
     return serve.get_deployment_handle("model0-tiny", app_name=app).pid.remote().result(timeout_s=60)
 
 
-def _first_event(url: str, body: dict, box: dict) -> threading.Thread:
-    """Stream ``body``; ``box['started']`` is set at the first partial image, ``box['text']`` holds the stream."""
-    started = threading.Event()
-    box["started"] = started
-
-    def run():
-        with httpx.stream("POST", url, json={**body, "stream": True, "partial_images": 3}, timeout=300) as response:
-            box["status"] = response.status_code
-            text = ""
-            for chunk in response.iter_text():
-                text += chunk
-                if "partial_image" in text:
-                    started.set()
-            box["text"] = text
-        started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
@@ -105,18 +81,30 @@ def _wait_for_jobs_in_flight(url: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"the engine never held {count} jobs")
 
 
+def _wait_until_computing(pid: int, timeout: float = 60) -> None:
+    """Wait until the replica process spends CPU on a task: 0.5 s of CPU time more than when asked (an idle
+    replica spends about 0.01 s a second). Nothing here depends on how fast a step runs."""
+    process = psutil.Process(pid)
+    start = sum(process.cpu_times()[:2])
+    deadline = time.monotonic() + timeout
+    while sum(process.cpu_times()[:2]) - start < 0.5:
+        if time.monotonic() > deadline:
+            raise AssertionError("the replica never started computing")
+        time.sleep(0.05)
+
+
 def test_full_queue_gives_503(limits):
-    box: dict = {}
-    running = _first_event(limits + GEN, STREAMED, box)
-    assert box["started"].wait(120)
-    assert "text" not in box, "the streamed task should still be running"
+    """One task running and one waiting fill the app (one replica, queue_size 1): a third is refused at once.
+    The checks take well under a second after the first task starts, far within its 5 s timeout."""
+    running, _ = post_in_thread(limits + GEN, LONG, timeout=60)
+    _wait_for_jobs_in_flight(limits, 1)
     queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=60)
     _wait_for_jobs_in_flight(limits, 2)  # the second request has reached the engine
     refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code
     assert refused.json()["error"]["message"] == "Task queue is full" and "retry-after" in refused.headers
     queued.cancel()
-    running.join(timeout=120)
+    running.cancel()
     ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
 
@@ -124,13 +112,20 @@ def test_full_queue_gives_503(limits):
 def test_killed_replica_fails_its_task_and_is_replaced(limits):
     pid = _replica_pid("limits")
     box: dict = {}
-    stream = _first_event(limits + GEN, STREAMED, box)
-    assert box["started"].wait(120) and "text" not in box, "the long task should be running"
+
+    def stream() -> None:
+        with httpx.stream("POST", limits + GEN, json={**LONG, "stream": True}, timeout=300) as response:
+            box["status"] = response.status_code
+            box["text"] = "".join(response.iter_text())
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    _wait_until_computing(pid)  # the long task runs on the replica (its 5 s timeout has not passed)
     os.kill(pid, signal.SIGKILL)
-    stream.join(timeout=120)
+    thread.join(timeout=120)
     assert box["status"] == 200
     error = [json.loads(line[6:]) for line in box["text"].splitlines() if line.startswith("data: ") and '"type":"error"' in line]
-    assert error and error[0]["error"]["message"].startswith("Inference failed")
+    assert error and error[0]["error"]["message"].startswith("Inference failed"), box["text"]
     deadline = time.monotonic() + 120
     while True:
         r = httpx.post(limits + GEN, json=SHORT, timeout=300)
