@@ -32,6 +32,35 @@ def test_fp8_linear_is_close_to_the_linear_it_replaces(dtype, bias):
     assert _relative_error(out, nn.Linear(96, 64, bias=bias).to(dtype)(x)) > 0.5  # another layer is far off
 
 
+def test_fused_quantizer_is_one_graph_for_every_token_count_and_matches_the_plain_one(monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = fp8.FP8Linear(linear, torch.float32)
+    inputs = [torch.randn(rows, 64) * scale for rows, scale in ((5, 1.0), (17, 30.0), (40, 0.01), (333, 3.0))]
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_DEVICES", ())
+    plain = [layer(x) for x in inputs]
+
+    torch._dynamo.reset()
+    fused = CompileCounter()  # a torch.compile backend that counts the graphs it is given and runs them as they are
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_BACKEND", fused)
+    for x, reference in zip(inputs, plain, strict=True):
+        values, scale = fp8.quantize_activations(x)
+        expected_values, expected_scale = fp8.quantize_rowwise(x)
+        assert torch.equal(values.float(), expected_values.float()) and torch.equal(scale, expected_scale)
+        assert torch.equal(layer(x), reference)
+    assert fused.frame_count == 1  # compiled once, dynamic in the token count: no graph per request size
+    assert fp8.activation_quantizer("cpu") == "fused" and fp8.activation_quantizer("meta") == "eager"
+
+    # Inside a region that is compiled itself (--compile), the plain function is traced into that region's graph.
+    outer = CompileCounter()
+    compiled = torch.compile(layer, backend=outer, fullgraph=True)
+    assert torch.equal(compiled(inputs[1]), plain[1])
+    assert outer.frame_count == 1 and fused.frame_count == 1
+
+
 def _tiny_transformer(folder):
     from diffusers import QwenImageTransformer2DModel
 
