@@ -9,7 +9,7 @@ from PIL import Image
 
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job
-from qwen_image_server.models import cfg_batch
+from qwen_image_server.models import cfg_attention, cfg_batch
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner, edit_areas
 from qwen_image_server.models.spec import resolve_model
@@ -77,21 +77,66 @@ def test_batched_generation_equals_sequential_with_one_call_per_step(t2i, n):
     assert sequential.abs().mean() > 0.1  # not trivially equal
 
 
-def test_prompts_of_different_lengths_are_padded_and_masked(t2i):
-    """The negative prompt is much shorter than the prompt: only a padded, masked batch gives equal results."""
-    long_prompt = "a very detailed photograph of a red cube standing on a wooden table next to a window, morning light"
-    kwargs = dict(prompt=long_prompt, negative_prompt=" ", width=128, height=128)
-    seen = []
-    hook = t2i.pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw.get("encoder_hidden_states_mask")), with_kwargs=True
-    )
+def _seen_calls(runner):
+    """Records the keyword arguments of the first block's calls: what each real transformer call (batched or not) runs."""
+    seen: list[dict] = []
+    block = runner.pipe.transformer.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize(
+    "prompt, negative",
+    [
+        ("a very detailed photograph of a red cube standing on a wooden table next to a window, morning light", " "),
+        ("a cat", "blurry, low quality, watermark, jpeg artefacts, overexposed, extra fingers, deformed hands"),
+    ],
+    ids=["prompt-longer", "negative-longer"],
+)
+def test_texts_of_different_lengths_run_batched_with_split_attention_and_no_mask(t2i, prompt, negative):
+    """The shorter text is padded; each half's attention sees only its own text: equal to the two unbatched calls."""
+    assert cfg_attention.split_installed(t2i.pipe.transformer)
+    assert t2i.speed.info["cfg_batch"]["padded_text"] == "split"
+    kwargs = dict(prompt=prompt, negative_prompt=negative, width=128, height=128)
+    seen, handle = _seen_calls(t2i)
     try:
         batched = _latents(t2i, batched=True, **kwargs)
     finally:
-        hook.remove()
+        handle.remove()
     sequential = _latents(t2i, batched=False, **kwargs)
     torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4)
-    assert seen[0] is None, "the pipeline's own calls carry no mask (one prompt, no padding)"
+    call = next(kw for kw in seen if kw["hidden_states"].shape[0] == 2)
+    assert call["encoder_hidden_states_mask"] is None, "no mask: the attention backend runs unmasked"
+    texts = (t2i.pipe.encode_prompt(prompt, device="cpu")[0], t2i.pipe.encode_prompt(negative, device="cpu")[0])
+    lengths = sorted(t.shape[1] for t in texts)
+    assert call["encoder_hidden_states"].shape[1] == lengths[1] and lengths[0] < lengths[1]
+    assert call["joint_attention_kwargs"][cfg_attention.SPLIT_KEY].shape == (lengths[0],)
+
+
+def test_split_attention_equals_the_masked_attention_of_the_padded_batch(t2i):
+    """One block's processor on a padded batch: the split halves equal diffusers' masked joint attention."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    block = t2i.pipe.transformer.transformer_blocks[0]
+    dim = block.attn.inner_dim
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 16, dim, generator=generator).repeat(2, 1, 1)
+    text = torch.randn(2, 9, dim, generator=generator)
+    text[1, 5:] = 0  # the second half's text is 5 tokens long, padded to 9
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    rope = t2i.pipe.transformer.pos_embed([(1, 4, 4)], max_txt_seq_len=9, device=torch.device("cpu"))
+    with torch.inference_mode():
+        masked = QwenDoubleStreamAttnProcessor2_0()(
+            block.attn, image, text, encoder_hidden_states_mask=mask, image_rotary_emb=rope
+        )
+        split = cfg_attention.SplitTextAttnProcessor()(
+            block.attn, image, text, image_rotary_emb=rope, qis_cfg_text_split=torch.empty(5, dtype=torch.bool)
+        )
+    torch.testing.assert_close(split[0], masked[0], rtol=1e-5, atol=1e-5)  # the image stream, both halves
+    torch.testing.assert_close(split[1][:, :5], masked[1][:, :5], rtol=1e-5, atol=1e-5)  # every real text token
+    torch.testing.assert_close(split[1][0], masked[1][0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(split[0][1], masked[0][0], atol=1e-3), "the halves differ: their texts differ"
 
 
 def test_batched_edit_equals_sequential(edit):
@@ -149,20 +194,46 @@ def test_activation_estimate_scales_with_tokens_images_and_dtype():
     assert cfg_batch.extra_activation_bytes(3072, 4196, 2, torch.float32) == 4 * one
 
 
-def test_backend_without_masks_runs_padded_steps_unbatched(t2i, monkeypatch):
+@pytest.fixture
+def foreign_processors(t2i):
+    """The blocks' attention processors swapped back to diffusers' own (as another library might): no split path."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    for block in t2i.pipe.transformer.transformer_blocks:
+        block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+    yield
+    assert cfg_attention.install_split_attention(t2i.pipe.transformer)
+
+
+def test_without_the_split_processor_padded_texts_are_masked_and_unmasked_backends_run_unbatched(
+    t2i, foreign_processors, monkeypatch
+):
+    kwargs = dict(prompt="a long prompt about a cat on a sofa", negative_prompt=" ", width=128, height=128)
+    seen, handle = _seen_calls(t2i)
+    try:
+        with _Count(t2i) as count:
+            batched = _latents(t2i, batched=True, **kwargs)
+    finally:
+        handle.remove()
+    assert count.calls == 2 and t2i.speed.info["cfg_batch"]["padded_text"] in ("split", "masked")
+    assert t2i.speed.cfg.summary()["padded_text"] == "masked"
+    mask = seen[0]["encoder_hidden_states_mask"]
+    assert mask is not None and mask.shape[0] == 2 and not mask[1].all()
+    torch.testing.assert_close(batched, _latents(t2i, batched=False, **kwargs), rtol=1e-4, atol=1e-4)
+
     monkeypatch.setattr(t2i.speed.cfg.hook, "takes_mask", False)
-    job = Job(
-        mode="generate",
-        prompt="a long prompt about a cat",
-        negative_prompt=" ",
-        seeds=[3],
-        width=128,
-        height=128,
-        num_inference_steps=2,
-    )
+    with _Count(t2i) as count:
+        _latents(t2i, batched=True, **kwargs)
+    assert count.calls == 4, "a backend without masks: padded steps unbatched"
+
+
+def test_a_backend_without_masks_still_batches_with_the_split_processor(t2i, monkeypatch):
+    monkeypatch.setattr(t2i.speed.cfg.hook, "takes_mask", False)
+    job = Job(mode="generate", prompt="a long prompt about a cat", negative_prompt=" ", seeds=[3], width=128, height=128,
+              num_inference_steps=2)  # fmt: skip
     with _Count(t2i) as count:
         t2i.run(job)
-    assert count.calls == 4
+    assert count.calls == 2 and count.batches == [2, 2]
 
 
 def test_off_installs_nothing(tiny_t2i):

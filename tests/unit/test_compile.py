@@ -136,3 +136,31 @@ def test_a_size_outside_the_warm_set_compiles_once_and_is_right(compiled, eager,
     after = graph_count()
     compiled.run(_job("192x128", PROMPTS[2]))
     assert graph_count() == after
+
+
+def test_batched_cfg_compiles_once_per_path_for_every_prompt_and_negative_length(tiny_t2i, eager):
+    """--compile with --cfg-batch on: the batch of two (either text the longer) and the unbatched call are warmed;
+    no prompt or negative prompt length compiles again, and the images are the eager ones."""
+    spec = resolve_model(str(tiny_t2i))
+    spec = replace(spec, profile=RunProfile(compile=True, compile_sizes=(WARM[1],), cfg_batch="on"))
+    before = graph_count()
+    runner = PipelineRunner(spec, device="cpu")
+    assert graph_count() - before == 2  # the batched CFG call and the unbatched one
+    before = graph_count()
+    negatives = (" ", "blurry, low quality, watermark, jpeg artefacts, overexposed, extra fingers, deformed hands")
+    for prompt in PROMPTS:
+        for negative in negatives:
+            runner.run(_job(WARM[1], prompt, negative_prompt=negative))
+    runner.run(_job(WARM[1], "a cat", negative_prompt="a dog"))  # texts of one length
+    (image,) = runner.run(_job(WARM[1], PROMPTS[1], true_cfg_scale=1.0))  # no negative prompt pass
+    assert graph_count() == before
+    _close(image, eager.run(_job(WARM[1], PROMPTS[1], true_cfg_scale=1.0))[0])
+    batches: list[int] = []
+    handle = runner.pipe.transformer.img_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    job = _job(WARM[1], PROMPTS[0], negative_prompt=negatives[1])
+    try:
+        (image,) = runner.run(job)
+    finally:
+        handle.remove()
+    assert batches == [2, 2], "one batched call per step"
+    _close(image, eager.run(job)[0])

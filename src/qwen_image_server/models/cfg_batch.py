@@ -15,12 +15,16 @@ prompt's (``"uncond"``). Without touching the pipelines' code:
   without running the transformer. Anything else runs as usual, so an unexpected call
   order costs time, never correctness.
 
-The two texts rarely have the same length: the shorter is padded with zeros at its end
-and masked out with ``encoder_hidden_states_mask``, which the transformer turns into a
-key-padding mask of the joint attention. Text positions keep their RoPE positions (the
-padding is after the last token) and padded tokens are never attended to, so each half
-equals its unbatched pass (tests check this). A backend that takes no attention mask
-(flash-attn, ``_native_flash``...) gets the two calls unbatched when padding is needed.
+The two texts rarely have the same length: the shorter is padded with zeros at its end.
+The batch is ordered longer text first, and each block's joint attention runs its two
+halves separately, the shorter text cut back to its real length, without a mask
+(``cfg_attention.py``: a mask would rule out the fast attention kernels); everything else
+in the blocks runs batched. Should another attention processor have replaced Qwen-Image's,
+the padding is masked out with ``encoder_hidden_states_mask`` instead (a key-padding mask
+of the joint attention), and a backend that takes no mask (flash-attn,
+``_native_flash``...) then gets the two calls unbatched. Either way each half equals its
+unbatched pass (tests check this). Under ``--compile`` the shorter text's length (or the
+mask's) is marked dynamic, like the text length itself, so no prompt length recompiles.
 
 ``auto`` batches when the device has memory for the second pass's activations: the
 estimate is ``ACTIVATION_FACTOR`` × tokens × hidden size × element size per extra
@@ -41,6 +45,8 @@ from typing import Any, cast
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+
+from .cfg_attention import SPLIT_KEY, install_split_attention, split_installed, text_split_marker
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +141,20 @@ class BatchedCfgHook(ModelHook):
             return forward(*args, **kwargs)
         if kwargs.get("encoder_hidden_states_mask") is not state.encodings[0][1]:
             return forward(*args, **kwargs)
-        batch = self._batch(module, kwargs, state)
-        if batch is None:
+        prepared = self._batch(module, kwargs, state)
+        if prepared is None:
             return forward(*args, **kwargs)
+        batch, uncond_first = prepared
         output = forward(**batch)[0]
         n = kwargs["hidden_states"].shape[0]
+        cond_out, uncond_out = (output[n:], output[:n]) if uncond_first else (output[:n], output[n:])
         uncond_embeds, uncond_mask = state.encodings[1]
         state.kept = _Kept(
-            output[n:], kwargs["hidden_states"], uncond_embeds, uncond_mask, kwargs["timestep"],
+            uncond_out, kwargs["hidden_states"], uncond_embeds, uncond_mask, kwargs["timestep"],
             kwargs.get("img_shapes"), kwargs.get("guidance"), kwargs.get("attention_kwargs"),
         )  # fmt: skip
         state.batched += 1
-        return self._wrap(output[:n], kwargs)
+        return self._wrap(cond_out, kwargs)
 
     @staticmethod
     def _wrap(sample: torch.Tensor, kwargs: dict):
@@ -156,8 +164,8 @@ class BatchedCfgHook(ModelHook):
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
 
-    def _batch(self, module, kwargs: dict, state: _CallState) -> dict | None:
-        """The batched call's arguments, or None when this step runs unbatched."""
+    def _batch(self, module, kwargs: dict, state: _CallState) -> tuple[dict, bool] | None:
+        """The batched call's arguments and whether the unconditional half comes first; None: run unbatched."""
         cond_embeds, cond_mask = state.encodings[0]
         uncond_embeds, uncond_mask = state.encodings[1]
         hidden = kwargs["hidden_states"]
@@ -165,7 +173,11 @@ class BatchedCfgHook(ModelHook):
         if cond_embeds.shape[0] != n or uncond_embeds.shape[0] != n or cond_embeds.shape[2:] != uncond_embeds.shape[2:]:
             return None
         length = max(cond_embeds.shape[1], uncond_embeds.shape[1])
-        needs_mask = cond_mask is not None or uncond_mask is not None or cond_embeds.shape[1] != uncond_embeds.shape[1]
+        # The split attention needs each half's text whole up to its length: no padding of the pipeline's own.
+        split = cond_mask is None and uncond_mask is None and split_installed(module)
+        needs_mask = not split and (
+            cond_mask is not None or uncond_mask is not None or cond_embeds.shape[1] != uncond_embeds.shape[1]
+        )
         if needs_mask and not self.takes_mask:
             return None
         if state.fits is None:
@@ -173,11 +185,23 @@ class BatchedCfgHook(ModelHook):
         if not state.fits:
             return None
         batch = dict(kwargs, return_dict=False)
-        if needs_mask:
+        uncond_first = False
+        if split:
+            uncond_first = uncond_embeds.shape[1] > cond_embeds.shape[1]  # the longer text's half first
+            short = min(cond_embeds.shape[1], uncond_embeds.shape[1])
+            cond_embeds, _ = _pad(cond_embeds, None, length)
+            uncond_embeds, _ = _pad(uncond_embeds, None, length)
+            marker = text_split_marker(short, hidden.device)
+            batch["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), SPLIT_KEY: marker}
+        elif needs_mask:
             cond_embeds, cond_mask = _pad(cond_embeds, cond_mask, length)
             uncond_embeds, uncond_mask = _pad(uncond_embeds, uncond_mask, length)
-            batch["encoder_hidden_states_mask"] = torch.cat([cond_mask, uncond_mask])
-        batch["encoder_hidden_states"] = torch.cat([cond_embeds, uncond_embeds])
+            mask = torch.cat([cond_mask, uncond_mask])
+            if length > 1:  # the text length is dynamic under --compile; the mask's must be too
+                torch._dynamo.mark_dynamic(mask, 1)
+            batch["encoder_hidden_states_mask"] = mask
+        pair = [uncond_embeds, cond_embeds] if uncond_first else [cond_embeds, uncond_embeds]
+        batch["encoder_hidden_states"] = torch.cat(pair)
         batch["hidden_states"] = torch.cat([hidden, hidden])
         timestep = kwargs["timestep"]
         batch["timestep"] = torch.cat([timestep, timestep]) if timestep.ndim else timestep
@@ -185,7 +209,7 @@ class BatchedCfgHook(ModelHook):
             batch["guidance"] = torch.cat([kwargs["guidance"], kwargs["guidance"]])
         if kwargs.get("img_shapes") is not None:
             batch["img_shapes"] = list(kwargs["img_shapes"]) * 2
-        return batch
+        return batch, uncond_first
 
     def _fits(self, module, hidden: torch.Tensor, text_len: int) -> bool:
         config = module.config
@@ -208,14 +232,17 @@ class CfgBatching:
         self, transformer, mode: str, device: str, takes_mask: bool, free_bytes: Callable[[str], int] = free_memory_bytes
     ):
         self.mode = mode
+        self.transformer = transformer
+        self.split = install_split_attention(transformer)
         self.hook = BatchedCfgHook(mode, device, takes_mask, free_bytes)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(self.hook, HOOK_NAME)
-        if not takes_mask:
+        if not self.split and not takes_mask:
             log.warning("--cfg-batch %s: the attention backend takes no attention mask, so steps whose prompt and negative "
                         "prompt differ in length run unbatched", mode)  # fmt: skip
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "takes_mask": self.hook.takes_mask}
+        padded = "split" if split_installed(self.transformer) else "masked" if self.hook.takes_mask else "unbatched"
+        return {"mode": self.mode, "takes_mask": self.hook.takes_mask, "padded_text": padded}
 
     @contextlib.contextmanager
     def call(self, pipe) -> Iterator[_CallState]:

@@ -16,7 +16,10 @@ specialised to the shapes they saw, and a Qwen-Image call has two that change:
   once on its first request (logged), and later requests at that size are fast.
 
 The batch (``n``) is static too: the warm-up renders one image, so the first ``n>1``
-request at a size compiles once more.
+request at a size compiles once more. With batched CFG (``--cfg-batch``) the batch of
+two is a graph of its own and so is the unbatched call (requests without CFG): both are
+warmed, and the shorter text's length enters the batched graph as a dynamic size too
+(``cfg_attention.py``).
 """
 
 from __future__ import annotations
@@ -64,16 +67,22 @@ def warm_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
 
 
 def warm_jobs(spec: ModelSpec, sizes: list[tuple[int, int]]) -> list[Job]:
-    """One job per warm size, through the path requests take: true CFG (the negative prompt's pass), one image."""
+    """One job per warm size, through the path requests take: true CFG (the negative prompt's pass), one image.
+
+    With batched CFG that path is one batch of two, so each size also gets a job without
+    CFG (``true_cfg_scale`` 1, as Lightning presets run): the unbatched call is a graph of its own.
+    """
+    scales = (4.0, 1.0) if spec.profile.cfg_batch != "off" else (4.0,)
     jobs = []
     for width, height in sizes:
-        job = Job(mode="generate", prompt=WARM_PROMPT, seeds=[0], num_inference_steps=WARM_STEPS, true_cfg_scale=4.0)
-        if spec.can_edit:
-            job.mode = "edit"
-            job.images = [np.full((height, width, 3), 127, dtype=np.uint8)]
-        else:
-            job.width, job.height = width, height
-        jobs.append(job)
+        for scale in scales:
+            job = Job(mode="generate", prompt=WARM_PROMPT, seeds=[0], num_inference_steps=WARM_STEPS, true_cfg_scale=scale)
+            if spec.can_edit:
+                job.mode = "edit"
+                job.images = [np.full((height, width, 3), 127, dtype=np.uint8)]
+            else:
+                job.width, job.height = width, height
+            jobs.append(job)
     return jobs
 
 
