@@ -100,6 +100,7 @@ def test_warmed_sizes_never_recompile_whatever_the_prompt_length(compiled):
         for prompt in PROMPTS:
             (image,) = compiled.run(_job(size, prompt))
             assert image.size == tuple(map(int, size.split("x")))
+            assert compiled.last_stats == {"transformer_calls": 4, "cached_calls": 0}  # counted on compiled blocks too
         compiled.run(_job(size, PROMPTS[1], true_cfg_scale=1.0))  # no negative prompt pass
     previews = []
     compiled.run(_job(WARM[0], PROMPTS[2], steps=3, partial_images=1), on_partial=lambda *a: previews.append(a))
@@ -164,3 +165,20 @@ def test_batched_cfg_compiles_once_per_path_for_every_prompt_and_negative_length
         handle.remove()
     assert batches == [2, 2], "one batched call per step"
     _close(image, eager.run(job)[0])
+
+
+def test_step_cache_and_group_offload_hooks_run_around_the_compiled_blocks(tiny_t2i):
+    """Their hooks wrap each block's compiled forward: the model warms up, steps are served from the cache (and
+    counted), another policy per request swaps the hooks, and nothing recompiles."""
+    profile = RunProfile(compile=True, compile_sizes=(WARM[1],), cache="fbcache:threshold=1", offload="group")
+    runner = PipelineRunner(replace(resolve_model(str(tiny_t2i)), profile=profile), device="cpu")
+    before = graph_count()
+    for prompt in PROMPTS:
+        runner.run(_job(WARM[1], prompt, steps=4))
+        assert runner.last_stats["transformer_calls"] == 8
+        assert 0 < runner.last_stats["cached_calls"] < 8, runner.last_stats
+    runner.run(_job(WARM[1], PROMPTS[0], steps=4, cache="none"))
+    assert runner.last_stats == {"transformer_calls": 8, "cached_calls": 0}
+    runner.run(_job(WARM[1], PROMPTS[0], steps=4, cache="taylorseer:lite=true,warmup=1,interval=2,cooldown=0"))
+    assert runner.last_stats["cached_calls"] > 0
+    assert graph_count() == before

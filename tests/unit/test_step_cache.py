@@ -14,8 +14,8 @@ import pytest
 from qwen_image_server.config import Settings
 from qwen_image_server.errors import InvalidRequest, TaskCancelled
 from qwen_image_server.jobs import Job, JobResult, TaskResult
-from qwen_image_server.models.profile import ProfileError, build_profile
-from qwen_image_server.models.spec import ModelConfigError, resolve_configured, resolve_model
+from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile
+from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured, resolve_model
 from qwen_image_server.models.step_cache import CachePolicyError, denoising_steps, parse_policy
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService
@@ -89,13 +89,43 @@ def test_cli_refuses_a_bad_cache_before_serving(tiny_t2i):
     assert "policy fbcache: knob threshold: '-1' is not in [0, 1]" in result.stderr
 
 
+PLAIN = ModelSpec("m", "/models/m", "QwenImagePipeline", "text-to-image")
+COMPILED = replace(PLAIN, profile=RunProfile(compile=True))
+
+
 def test_a_request_cache_is_canonical_or_a_400():
-    assert ImageService._cache(GenerationRequest(prompt="p")) is None
-    assert ImageService._cache(GenerationRequest(prompt="p", cache="off")) == "none"
-    assert ImageService._cache(GenerationRequest(prompt="p", cache="fbcache:threshold=0.1")) == "fbcache:threshold=0.1"
+    assert ImageService._cache(GenerationRequest(prompt="p"), PLAIN) is None
+    assert ImageService._cache(GenerationRequest(prompt="p", cache="off"), PLAIN) == "none"
+    assert ImageService._cache(GenerationRequest(prompt="p", cache="fbcache:threshold=0.1"), PLAIN) == "fbcache:threshold=0.1"
     with pytest.raises(InvalidRequest, match="cache: policy taylorseer: unknown knob 'steps'") as info:
-        ImageService._cache(GenerationRequest(prompt="p", cache="taylorseer:steps=3"))
+        ImageService._cache(GenerationRequest(prompt="p", cache="taylorseer:steps=3"), PLAIN)
     assert info.value.param == "cache"
+
+
+def test_a_compiled_model_takes_the_policies_that_hook_around_its_blocks_only():
+    full = GenerationRequest(prompt="p", cache="taylorseer")
+    assert ImageService._cache(full, PLAIN).startswith("taylorseer:")
+    with pytest.raises(InvalidRequest, match="cache: model m is compiled: taylorseer predicts the attention inside") as info:
+        ImageService._cache(full, COMPILED)
+    assert info.value.param == "cache" and "taylorseer:lite=true or fbcache" in str(info.value)
+    for fine in ("taylorseer:lite=true", "fbcache", "none"):
+        assert ImageService._cache(GenerationRequest(prompt="p", cache=fine), COMPILED) is not None
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"cache": "taylorseer"}, "cache for model m: taylorseer predicts the attention inside each block"),
+        ({"weights_dtype": "fp8"}, "model m: compile does not combine with weights_dtype=fp8 .* use quantize=fp8"),
+        ({"offload": "sequential"}, "model m: compile does not combine with offload=sequential .* use offload=group"),
+    ],
+)
+def test_settings_that_would_run_inside_compiled_blocks_are_start_up_errors(settings, message):
+    with pytest.raises(ProfileError, match=message):
+        build_profile("m", {"compile": True}, {key: [value] for key, value in settings.items()})
+    assert not build_profile("m", {}, {key: [value] for key, value in settings.items()}).compile  # fine without compile
+    for fine in ({"cache": "taylorseer:lite=true"}, {"cache": "fbcache"}, {"offload": "group"}, {"offload": "model"}):
+        assert build_profile("m", {"compile": True}, {key: [value] for key, value in fine.items()}).compile
 
 
 def test_job_results_sum_their_tasks_stats():

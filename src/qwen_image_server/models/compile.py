@@ -25,6 +25,7 @@ warmed, and the shorter text's length enters the batched graph as a dynamic size
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -126,10 +127,57 @@ def mark_text_dynamic(transformer) -> list:
     ]
 
 
-def compile_transformer(transformer) -> None:
-    """Regional compile of the transformer blocks, static except for the text length."""
+def _own_forward(block) -> tuple[object, str]:
+    """Where ``block``'s own forward is referenced: under any diffusers hooks registered on it so far.
+
+    diffusers' ``HookRegistry`` keeps the chain of a module's hooks as function
+    references; the first one registered holds the module's forward (as
+    ``original_forward`` when that hook replaces the forward, else as ``forward``).
+    Without hooks, it is the module's ``forward`` attribute.
+    """
+    refs = getattr(getattr(block, "_diffusers_hook", None), "_fn_refs", None) or []
+    if not refs:
+        return block, "forward"
+    first = refs[0]
+    return first, "original_forward" if first.original_forward is not None else "forward"
+
+
+def compile_transformer(transformer) -> int:
+    """Regional compile of the transformer blocks, static except for the text length; returns how many.
+
+    Each block's own forward is compiled, not its whole call: hooks on the block (group
+    offload's onload, step caches registered later per request) stay outside the graph,
+    in Python around it, so their data-dependent decisions and transfers cannot break a
+    full graph (diffusers' ``compile_repeated_blocks`` compiles the call, hooks included).
+    The 60 blocks share one compiled graph (torch treats their parameters as inputs).
+    """
+    import torch
+
     mark_text_dynamic(transformer)
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+    blocks = list(transformer.transformer_blocks)
+    for block in blocks:
+        holder, attr = _own_forward(block)
+        setattr(holder, attr, torch.compile(getattr(holder, attr), fullgraph=True, dynamic=False))
+    last_holder, last_attr = _own_forward(blocks[-1])
+    counted = CountedForward(getattr(last_holder, last_attr))
+    setattr(last_holder, last_attr, counted)
+    blocks[-1]._qis_computed = counted  # read by the step cache: hooks inside a compiled block do not fire
+    return len(blocks)
+
+
+class CountedForward:
+    """A block's compiled forward that counts its calls: the calls the last block really computed (not skipped
+    by a step cache). A forward hook on a layer inside the block cannot count them: the compiled graph does not
+    run hooks registered after it was traced."""
+
+    def __init__(self, forward):
+        functools.update_wrapper(self, forward, updated=())  # its name and signature; not the compiled wrapper's state
+        self.forward = forward
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.forward(*args, **kwargs)
 
 
 def compile_and_warm(runner) -> None:

@@ -195,4 +195,31 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
         raw = scoped_value(flags.get(key) or [], model)
         if raw is not None:
             values[key] = _coerce(key, raw, model)
-    return replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
+    profile = replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
+    check_compile(model, profile)
+    return profile
+
+
+def check_compile(model: str, profile: RunProfile) -> None:
+    """Refuse settings that cannot run inside compiled blocks (``compile``), naming the model and the settings.
+
+    Compiled blocks are one graph each (``compile.py``); hooks around a block are fine
+    (group and model offload, fbcache), hooks on the layers inside one are not.
+    """
+    if not profile.compile:
+        return
+    if profile.weights_dtype == "fp8":
+        raise ProfileError(
+            f"model {model}: compile does not combine with weights_dtype=fp8 (its casting hooks on every linear layer "
+            "would run inside the compiled blocks); use quantize=fp8 (FP8 weights and matmuls) with compile"
+        )
+    if profile.offload == "sequential":
+        raise ProfileError(
+            f"model {model}: compile does not combine with offload=sequential (accelerate's hooks on every layer would "
+            "run inside the compiled blocks); use offload=group or offload=model with compile"
+        )
+    from .step_cache import compile_conflict, parse_policy
+
+    reason = compile_conflict(parse_policy(profile.cache))
+    if reason:
+        raise ProfileError(f"cache for model {model}: {reason}")

@@ -154,6 +154,21 @@ def parse_policy(text: str | None) -> CachePolicy | None:
     return CachePolicy(name, tuple((knob.name, values[knob.name]) for knob in knobs))
 
 
+def compile_conflict(policy: CachePolicy | None) -> str | None:
+    """Why ``policy`` cannot run on a compiled transformer (``--compile``), or None when it can.
+
+    A compiled block is one graph from its input to its output: hooks around a block
+    (fbcache, taylorseer's lite form) run outside it, but taylorseer's full form replaces
+    the attention inside every block, which would break that graph.
+    """
+    if policy is not None and policy.name == "taylorseer" and not policy["lite"]:
+        return (
+            "taylorseer predicts the attention inside each block, which a compiled block (--compile) cannot hook; "
+            "use taylorseer:lite=true or fbcache with compile"
+        )
+    return None
+
+
 def canonical_policy(text: str | None) -> str | None:
     """The canonical string of a policy string (``None`` for no cache); raises ``CachePolicyError``."""
     policy = parse_policy(text)
@@ -240,13 +255,22 @@ class StepCache:
 
         # A hook inside the last block's attention fires only when that attention really runs:
         # the cache hooks replace the forward of the block (fbcache, taylorseer lite) or of the
-        # attention module (taylorseer), so a skipped or predicted call never reaches it.
-        last_attention = self.transformer.transformer_blocks[-1].attn.to_out[0]
-        handles = [self.transformer.register_forward_pre_hook(on_call), last_attention.register_forward_hook(on_last_attention)]
+        # attention module (taylorseer), so a skipped or predicted call never reaches it. A compiled
+        # block runs no such hook; it counts its own calls instead (taylorseer's full form, which
+        # predicts inside the block, does not run on compiled blocks).
+        last_block = self.transformer.transformer_blocks[-1]
+        counted = getattr(last_block, "_qis_computed", None)
+        handles = [self.transformer.register_forward_pre_hook(on_call)]
+        if counted is None:
+            handles.append(last_block.attn.to_out[0].register_forward_hook(on_last_attention))
+        else:
+            computed[0] = -counted.calls
         try:
             yield stats
         finally:
             for handle in handles:
                 handle.remove()
+            if counted is not None:
+                computed[0] += counted.calls
             stats["cached_calls"] = max(stats["transformer_calls"] - computed[0], 0)
             self.reset()

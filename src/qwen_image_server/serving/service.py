@@ -20,7 +20,7 @@ from ..jobs import EncodedImage, Job, JobResult, PartialImage
 from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
-from ..models.step_cache import CachePolicyError, canonical_policy
+from ..models.step_cache import CachePolicyError, compile_conflict, parse_policy
 from ..protocol.images import (
     IGNORED_OPENAI_FIELDS,
     EditRequest,
@@ -173,19 +173,23 @@ class ImageService:
             output_format=req.output_format,
             output_compression=100 if req.output_compression is None else req.output_compression,
             partial_images=req.partial_images or 0 if req.stream else 0,
-            cache=self._cache(req),
+            cache=self._cache(req, spec),
             lora=lora,
         )
 
     @staticmethod
-    def _cache(req: _CommonRequest) -> str | None:
+    def _cache(req: _CommonRequest, spec: ModelSpec) -> str | None:
         """The request's step cache policy, canonical ("none": off), or None for the model's own."""
         if req.cache is None:
             return None
         try:
-            return canonical_policy(req.cache) or "none"
+            policy = parse_policy(req.cache)
         except CachePolicyError as exc:
             raise InvalidRequest(f"cache: {exc}", param="cache") from None
+        reason = compile_conflict(policy) if spec.profile.compile else None
+        if reason:
+            raise InvalidRequest(f"cache: model {spec.id} is compiled: {reason}", param="cache")
+        return policy.canonical() if policy else "none"
 
     # --- preparing jobs ---------------------------------------------------------------------
     async def prepare_generation(self, req: GenerationRequest) -> Prepared:
