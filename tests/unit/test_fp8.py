@@ -125,13 +125,45 @@ def test_probe_refuses_devices_without_fp8_and_failing_kernels():
     assert not failed.ok and "no kernel image" in failed.reason
 
 
-def test_probe_fallback_leaves_the_model_unquantized_and_says_why(tiny_t2i):
+def test_probe_fallback_keeps_fp8_weights_and_multiplies_in_the_run_dtype(tiny_t2i):
+    """The memory plan counted FP8 weights: they stay FP8 when FP8 matmuls are not worth it; only the matmul changes."""
     model = _tiny_transformer(tiny_t2i)
+    block_bytes = sum(b.numel() * b.element_size() for b in model.transformer_blocks.parameters())
+    inputs = dict(
+        hidden_states=torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(1)),
+        encoder_hidden_states=torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(2)),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 8, 8)]],
+        return_dict=False,
+    )
+    with torch.inference_mode():
+        reference = model(**inputs)[0]
     info = fp8.apply_fp8(
         model, "cpu", torch.float32, probe=lambda device, dtype: fp8.Fp8Probe(False, "FP8 is only 0.90x as fast", speedup=0.9)
     )
-    assert info["effective"] == "none" and info["requested"] == "fp8" and "0.90x" in info["reason"]
-    assert not any(isinstance(m, fp8.FP8Linear) for m in model.modules())
+    assert info["effective"] == "fp8-weights" and info["matmul"] == "float32" and "0.90x" in info["reason"]
+    layers = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(layers) == info["layers"] > 0 and {m.matmul for m in layers} == {"dequant"}
+    after = sum(
+        t.numel() * t.element_size() for t in [*model.transformer_blocks.parameters(), *model.transformer_blocks.buffers()]
+    )
+    assert after < 0.35 * block_bytes  # the weights are FP8 all the same
+    with torch.inference_mode():
+        assert _relative_error(model(**inputs)[0], reference) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_fp8_linear_is_the_scaled_weight_times_the_input(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 64).to(dtype)
+    layer = fp8.FP8Linear(linear, dtype, matmul="dequant")
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    weight = layer.weight.float() * layer.weight_scale.t()
+    expected = nn.functional.linear(x.float(), weight, layer.bias.float())
+    out = layer(x)
+    assert out.shape == (3, 5, 64) and out.dtype == dtype
+    assert _relative_error(out, expected) < (1e-5 if dtype == torch.float32 else 0.02)
+    assert _relative_error(out, linear(x)) < 0.06
 
 
 def _image(runner) -> np.ndarray:
@@ -155,12 +187,15 @@ def test_tiny_pipeline_with_fp8_forced_gives_a_close_image(tiny_t2i, monkeypatch
     assert diff < 0.25 * np.abs(random - reference).mean()
 
 
-def test_runner_reports_when_the_probe_keeps_fp8_off(tiny_t2i):
+def test_runner_reports_fp8_weights_when_the_probe_keeps_fp8_matmuls_off(tiny_t2i):
     spec = resolve_model(str(tiny_t2i))
+    reference = _image(PipelineRunner(spec, device="cpu"))
     runner = PipelineRunner(replace(spec, profile=RunProfile(quantize="fp8")), device="cpu")  # the real probe: no FP8 on a CPU
     info = runner.speed.info["quantize"]
-    assert info["effective"] == "none" and "cpu" in info["reason"]
-    assert not any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.modules())
+    assert info["effective"] == "fp8-weights" and "cpu" in info["reason"]
+    layers = [m for m in runner.pipe.transformer.modules() if isinstance(m, fp8.FP8Linear)]
+    assert layers and all(m.matmul == "dequant" for m in layers)
+    assert np.abs(_image(runner) - reference).mean() < 0.3
 
 
 @pytest.mark.gpu
@@ -192,4 +227,4 @@ def test_worker_ready_message_carries_what_really_runs(tiny_t2i):
     thread.join(timeout=60)
     assert isinstance(ready, Ready), ready
     info = ready.info
-    assert info["speed"]["quantize"]["effective"] == "none" and "cpu" in info["speed"]["quantize"]["reason"]
+    assert info["speed"]["quantize"]["effective"] == "fp8-weights" and "cpu" in info["speed"]["quantize"]["reason"]

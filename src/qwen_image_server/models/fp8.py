@@ -26,11 +26,15 @@ and one pointwise cast: the activations read twice, the FP8 values written once.
 a region that is itself being compiled (``--compile``) the plain function is traced
 instead, and inductor fuses it into the block's graph.
 
-FP8 is only worth it when it is faster: ``probe_fp8`` times representative GEMMs in
-the run dtype and in FP8 (activation quantization included, as it will run) on the
-device at start-up, and ``apply_fp8`` keeps the model unquantized (with a warning naming
-the reason or the measured ratio) when FP8 is unavailable or not at least
-``MIN_SPEEDUP`` times faster.
+FP8 matmuls are only worth it when they are faster: ``probe_fp8`` times representative
+GEMMs in the run dtype and in FP8 (activation quantization included, as it will run) on
+the device at start-up. When FP8 matmuls are unavailable (CPU, GPUs before Ada such as
+the A100) or not at least ``MIN_SPEEDUP`` times faster, ``apply_fp8`` still stores the
+weights in FP8, because the memory plan counted them at one byte each and another model
+may be placed in the memory saved, but multiplies in the run dtype: each layer casts its
+weight back (``matmul="dequant"``), which costs one pass over the weights per call instead
+of running 4x slower than bf16 as a mismatched FP8 kernel can. A warning names the reason
+or the measured ratio, and the worker's info says what runs.
 """
 
 from __future__ import annotations
@@ -123,11 +127,12 @@ class FP8Linear(nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, matmul: str = "scaled_mm"):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.out_dtype = out_dtype
+        self.matmul = matmul  # "scaled_mm": FP8 tensor cores; "dequant": the weight cast back, run-dtype matmul
         with torch.no_grad():
             weight, scale = quantize_rowwise(linear.weight.detach())
         self.register_buffer("weight", weight.contiguous())  # (N, K) float8
@@ -136,6 +141,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul == "dequant":
+            weight = self.weight.to(self.out_dtype) * self.weight_scale.t().to(self.out_dtype)
+            return nn.functional.linear(x.to(self.out_dtype), weight, self.bias).to(x.dtype)
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         m = rows.shape[0]
@@ -158,7 +166,10 @@ class FP8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, weight=float8_e4m3fn"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=float8_e4m3fn, matmul={self.matmul}"
+        )
 
 
 def fp8_unsupported_reason(device: str) -> str | None:
@@ -250,7 +261,7 @@ def quantizable_linears(model: nn.Module, device: str) -> list[tuple[str, nn.Lin
     return out
 
 
-def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str) -> int:
+def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, matmul: str = "scaled_mm") -> int:
     """Replace the quantizable linear layers of ``model`` by ``FP8Linear`` in place; returns how many.
 
     One layer at a time, so the run-dtype weights are freed as they go (peak: one extra layer).
@@ -259,7 +270,7 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str) -> int:
     for name, linear in quantizable_linears(model, device):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, FP8Linear(linear, dtype))
+        setattr(parent, attr, FP8Linear(linear, dtype, matmul))
         del linear
         count += 1
     if device.startswith("cuda"):
@@ -275,10 +286,17 @@ def apply_fp8(
     ``probe`` defaults to ``probe_fp8`` (looked up at call time, so tests can replace it).
     """
     result = (probe or probe_fp8)(device, dtype)
-    info: dict = {"requested": "fp8", **result.summary(), "activations": activation_quantizer(device)}
+    info: dict = {"requested": "fp8", **result.summary()}
     if not result.ok:
-        log.warning("--quantize fp8: keeping %s weights and matmuls: %s", str(dtype).removeprefix("torch."), result.reason)
-        return {**info, "effective": "none"}
+        layers = quantize_linears(transformer, dtype, device, matmul="dequant")
+        run = str(dtype).removeprefix("torch.")
+        log.warning(
+            "--quantize fp8: %d linear layers keep FP8 weights (the memory plan counts them so) but multiply in %s: %s",
+            layers,
+            run,
+            result.reason,
+        )
+        return {**info, "effective": "fp8-weights", "matmul": run, "layers": layers}
     layers = quantize_linears(transformer, dtype, device)
     log.info("--quantize fp8: %d linear layers in FP8 (%s)", layers, result.reason)
-    return {**info, "effective": "fp8", "layers": layers}
+    return {**info, "effective": "fp8", "matmul": "fp8", "activations": activation_quantizer(device), "layers": layers}
