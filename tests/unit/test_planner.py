@@ -213,6 +213,54 @@ def test_best_fit_is_tried_when_spreading_does_not_fit():
     assert plan.devices("big") == ["cuda:1"] and plan.devices("m1") == plan.devices("m2") == ["cuda:0"]
 
 
+def test_fp8_modes_need_more_while_loading_than_after():
+    """FP8 conversion happens on the GPU: the bf16 transformer (weights_dtype) or every bf16 weight (quantize) is
+    there before it shrinks, while no working memory is in use yet."""
+    from qwen_image_server.models.weights_files import ModelTensors, Tensor
+
+    model = ModelTensors(
+        {
+            "transformer": (Tensor("transformer_blocks.0.img_mlp.net.2.weight", "BF16", int(20.4e9), 2),),
+            "text_encoder": (Tensor("model.layers.0.mlp.down_proj.weight", "BF16", int(8.3e9), 2),),
+            "vae": (Tensor("decoder.conv_in.weight", "BF16", int(0.13e9), 4),),
+        }
+    )
+    spec = _full("a")
+
+    def fp(**profile):
+        return footprint(spec, model, run_bytes=2, max_image_side=1328, profile=RunProfile(**profile))
+
+    plain, stored, quantized = fp(), fp(weights_dtype="fp8"), fp(quantize="fp8")
+    assert plain.load_extra == 0 and fp(weights_dtype="fp8", offload="group").load_extra == 0  # converted on the CPU
+    assert stored.load_extra == plain.components["transformer"] + stored.overhead - stored.total
+    assert quantized.load_extra == plain.weights + quantized.overhead - quantized.total
+    assert 2 * GIB < stored.load_extra < quantized.load_extra < 20 * GIB
+    assert plain.summary()["while_loading_gib"] == 0 and stored.summary()["while_loading_gib"] > 2
+
+
+def test_a_gpu_keeps_room_for_one_load_at_a_time_not_one_per_worker():
+    slots = [("a", 0, 30 * GIB), ("b", 0, 30 * GIB)]
+    extras = {"a": 10 * GIB, "b": 12 * GIB}
+    placed, failed = place(slots, [_gpu(0, 72)], extras=extras)  # 30 + 30 + the larger extra, once
+    assert failed is None and [p.device for p in placed] == ["cuda:0", "cuda:0"]
+    assert place(slots, [_gpu(0, 71.9)], extras=extras)[1] is not None
+    assert place(slots, [_gpu(0, 60)])[1] is None, "without extras 60 GiB is enough"
+    placed, failed = place(slots, [_gpu(0, 45), _gpu(1, 45)], extras=extras)  # one each: 30 + its own extra
+    assert failed is None and {p.device for p in placed} == {"cuda:0", "cuda:1"}
+
+
+def test_two_fp8_models_on_one_80gb_card_fit_with_their_loads_one_after_the_other():
+    specs = [_full("qwen-image", weights_dtype="fp8"), _full("qwen-image-edit", "edit-plus", weights_dtype="fp8")]
+    plan = make_plan(specs, Settings(max_image_side=1328), discover=_gpus(H100))
+    fps = plan.footprints.values()
+    steady = sum(f.total for f in fps)
+    assert plan.devices("qwen-image") == plan.devices("qwen-image-edit") == ["cuda:0"]
+    assert steady + max(f.load_extra for f in fps) <= H100.free < steady + sum(f.load_extra for f in fps) + 20 * GIB
+    tight = Gpu("cuda:0", "tight", steady + max(f.load_extra for f in fps) - GIB, H100.total)
+    with pytest.raises(PlanError, match="more while it loads"):
+        make_plan(specs, Settings(max_image_side=1328), discover=_gpus(tight))
+
+
 def test_an_explicit_device_list_is_kept_and_checked():
     settings = Settings(max_image_side=1328, device="cuda:1,cuda:0")
     specs = [_small("a"), _small("b")]

@@ -20,14 +20,16 @@ pipelines are imported only inside the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TaskCancelled
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
@@ -134,6 +136,45 @@ def device_memory(device: str) -> dict:
     }
 
 
+# --- one load at a time per GPU ------------------------------------------------------------
+#: How long a worker waits for another worker on its GPU to finish loading before it loads anyway (a worker
+#: killed while loading never releases the lock).
+LOAD_WAIT_SECONDS = 600.0
+
+
+class LoadLock(Protocol):
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+    def release(self) -> None: ...
+
+
+@contextlib.contextmanager
+def loading_turn(lock: LoadLock | None, device: str, name: str) -> Iterator[None]:
+    """Hold ``device``'s load lock while loading, so that workers sharing a GPU load one after the other.
+
+    Loading briefly needs more than the worker keeps: FP8 modes read each component in
+    the run dtype and convert it on the device (a full-size transformer is ~41 GB in
+    bf16, ~20 GB once converted). Two workers converting at once on one 80 GB card would
+    run out of memory where one after the other fits; the memory plan counts one such
+    transient per GPU. After ``LOAD_WAIT_SECONDS`` a worker loads anyway (the holder may
+    have been killed), with a warning.
+    """
+    if lock is None:
+        yield
+        return
+    started = time.monotonic()
+    held = lock.acquire(timeout=LOAD_WAIT_SECONDS)
+    waited = time.monotonic() - started
+    if not held:
+        log.warning("%s: another worker on %s has been loading for %.0fs; loading now all the same", name, device, waited)
+    elif waited >= 1:
+        log.info("%s: waited %.1fs for another worker on %s to finish loading", name, waited, device)
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
+
+
 # --- what the pipeline thread hands to the encode thread ---------------------------------------
 @dataclass
 class _Preview:
@@ -173,10 +214,20 @@ class Worker:
 
     @classmethod
     def load(
-        cls, spec: ModelSpec | list[ModelSpec], device: str, dtype: str, threads: int, conn: Connection, name: str
+        cls,
+        spec: ModelSpec | list[ModelSpec],
+        device: str,
+        dtype: str,
+        threads: int,
+        conn: Connection,
+        name: str,
+        load_lock: LoadLock | None = None,
     ) -> Worker | None:
         """Load the pipeline (or each model's, sharing identical components) and report ``Ready``;
-        ``LoadFailed`` (and None) when one cannot load."""
+        ``LoadFailed`` (and None) when one cannot load.
+
+        ``load_lock`` (one per GPU, from the engine) is held while the weights load and
+        convert, not while a compiled model warms up: see ``loading_turn``."""
         specs = spec if isinstance(spec, list) else [spec]
         loading = specs[0].id
         try:
@@ -193,9 +244,13 @@ class Worker:
 
             shared = ComponentCache() if len(specs) > 1 else None
             runners = {}
-            for one in specs:
-                loading = one.id
-                runners[one.id] = PipelineRunner(one, device=device, dtype=dtype, shared=shared)
+            with loading_turn(load_lock, device, name):
+                for one in specs:
+                    loading = one.id
+                    runners[one.id] = PipelineRunner(one, device=device, dtype=dtype, shared=shared, warm=False)
+            for model, runner in runners.items():
+                loading = model  # a failure names the model that was warming up
+                runner.warm_up()
         except Exception as exc:
             log.error("loading %s failed:\n%s", loading, traceback.format_exc())
             reason = short_reason(exc)
@@ -319,9 +374,10 @@ def worker_main(
     conn: Connection,
     name: str,
     log_level: int = logging.INFO,
+    load_lock: LoadLock | None = None,
 ) -> None:
     """Entry point of a worker process (started by ``spawn`` or forked by the forkserver, see worker_process.py)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
-    worker = Worker.load(spec, device, dtype, threads, conn, name)
+    worker = Worker.load(spec, device, dtype, threads, conn, name, load_lock)
     if worker is not None:
         worker.serve()

@@ -16,7 +16,7 @@ import multiprocessing
 import queue
 import re
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .worker import Computed, Done, Failed, FromWorker, Partial, Stop, ToWorker, worker_main
 
@@ -83,6 +83,20 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     return True
 
 
+#: One load lock per (start method, GPU): the workers placed on a GPU load one at a time (``worker.loading_turn``).
+_LOAD_LOCKS: dict[tuple[str, str], Any] = {}
+
+
+def load_lock(ctx, device: str):
+    """The load lock of ``device`` for processes started from ``ctx``; None off CUDA (nothing to share there)."""
+    if not device.startswith("cuda"):
+        return None
+    key = (ctx.get_start_method(), "cuda:0" if device == "cuda" else device)
+    if key not in _LOAD_LOCKS:
+        _LOAD_LOCKS[key] = ctx.Lock()
+    return _LOAD_LOCKS[key]
+
+
 class WorkerProcess:
     """One worker process of one pool, or of several pools (``--share-components``)."""
 
@@ -102,7 +116,7 @@ class WorkerProcess:
         level = logging.getLogger().level or logging.INFO
         self.process = ctx.Process(
             target=worker_main,
-            args=(specs, device, self.owner.settings.dtype, threads, child_conn, self.name, level),
+            args=(specs, device, self.owner.settings.dtype, threads, child_conn, self.name, level, load_lock(ctx, device)),
             name=f"qwen-image-worker {self.name}",
             daemon=True,
         )

@@ -9,8 +9,9 @@ No torch here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .memory_modes import OFFLOADED
 from .profile import RunProfile
 from .spec import ModelSpec
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
@@ -61,6 +62,8 @@ class Footprint:
     image_side: int
     origin: str
     profile: RunProfile
+    #: More memory needed only while the worker loads (``load_peak`` over ``total``); one worker per GPU loads at a time.
+    load_extra: int = 0
 
     @property
     def weights(self) -> int:
@@ -83,6 +86,7 @@ class Footprint:
             "activations_gib": gib(self.activations),
             "text_encoder_work_gib": gib(self.text_encoder_work),
             "overhead_gib": gib(self.overhead),
+            "while_loading_gib": gib(self.load_extra),
             "image_side": self.image_side,
             "from": self.origin,
         }
@@ -171,6 +175,34 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     return out
 
 
+def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
+    """The most weight bytes on the device while a worker loads, when FP8 modes convert there (else 0).
+
+    Components load one after the other, the transformer first, then the text encoder,
+    then the rest, each read in the run dtype. ``weights_dtype=fp8`` stores each in FP8
+    before the next one loads; ``quantize=fp8`` converts the transformer's linear layers
+    once everything is loaded. Offloaded components load and convert on the CPU.
+    """
+    if profile.weights_dtype != "fp8" and profile.quantize != "fp8":
+        return 0
+    offloaded = OFFLOADED.get(profile.offload, ())
+    order = sorted(
+        model.components, key=lambda c: ("transformer", "text_encoder").index(c) if c in ("transformer", "text_encoder") else 2
+    )
+    peak = kept = 0
+    for component in order:
+        if component in offloaded:
+            continue
+        tensors = model.components[component]
+        run = sum(_bytes(t, run_bytes, False) for t in tensors)
+        if profile.weights_dtype == "fp8":
+            peak = max(peak, kept + run)
+            kept += sum(_bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors)
+        else:
+            kept += run
+    return max(peak, kept)
+
+
 def _patches(side: int) -> int:
     """Image tokens of a square image: 16x16-pixel latent patches."""
     return (-(-side // 16)) ** 2
@@ -213,7 +245,7 @@ def footprint(
     output_tokens = _patches(max_image_side)
     input_tokens = inputs * (edit_area // 256)
     text_tokens = TEXT_TOKENS + inputs * (condition_area // (VISION_PATCH * VISION_PATCH))
-    return Footprint(
+    steady = Footprint(
         model=spec.id,
         components=resident_weights(model, profile, run_bytes),
         activations=activation_bytes(
@@ -225,3 +257,5 @@ def footprint(
         origin=model.origin,
         profile=profile,
     )
+    # While loading nothing runs, so the working memory is free: only a load peak above the total counts.
+    return replace(steady, load_extra=max(0, load_peak(model, profile, run_bytes) + overhead - steady.total))

@@ -25,9 +25,10 @@ _PROFILE_CHANGES = (
 def _needs(fp) -> str:
     parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())
     work = max(fp.activations, fp.text_encoder_work)
+    loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 on the GPU)" if fp.load_extra else ""
     return (
         f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}"
-        f" + {_gib(fp.overhead)} for the process"
+        f" + {_gib(fp.overhead)} for the process{loading}"
     )
 
 

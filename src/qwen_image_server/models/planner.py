@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .footprint import GIB, PROCESS_OVERHEAD, Footprint, footprint, human
-from .plan_groups import expand_groups, group_needs, group_slots, shared_keys
+from .plan_groups import GROUP_SEPARATOR, expand_groups, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
 
@@ -248,30 +248,44 @@ def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[
     return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
 
 
-def place(slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True) -> tuple[list[Placement], tuple | None]:
+def place(
+    slots: list[tuple[str, int, int | None]], gpus: list[Gpu], spread: bool = True, extras: dict[str, int] | None = None
+) -> tuple[list[Placement], tuple | None]:
     """Place worker slots ``(model, slot, need)`` on ``gpus``; returns the placements and the first slot
-    that found no room (None when all fit). Largest first; unknown needs last, on the emptiest GPU."""
+    that found no room (None when all fit). Largest first; unknown needs last, on the emptiest GPU.
+
+    ``extras`` (model -> bytes) is what a model's worker needs on top while it loads; the workers of one
+    GPU load one at a time, so each GPU keeps room for the largest extra of its workers, once."""
+    extras = extras or {}
     left = {g.device: (g.free if g.free is not None else float("inf")) for g in gpus}
+    peak = {g.device: 0 for g in gpus}  # the loading room kept on each GPU
     models_on: dict[str, set[str]] = {g.device: set() for g in gpus}
     order = sorted(slots, key=lambda s: (s[2] is None, -(s[2] or 0)))
     placed: list[Placement] = []
     for model, slot, need in order:
-        fits = [g.device for g in gpus if need is None or left[g.device] >= need]
+        extra = extras.get(model, 0) if need is not None else 0
+        cost = {d: (need or 0) + max(0, extra - peak[d]) for d in left}
+        fits = [g.device for g in gpus if need is None or left[g.device] >= cost[g.device]]
         if not fits:
             return placed, (model, slot, need)
         if spread:
-            device = min(fits, key=lambda d: (model in models_on[d], -(left[d] - (need or 0))))
+            device = min(fits, key=lambda d: (model in models_on[d], -(left[d] - cost[d])))
         else:
-            device = min(fits, key=lambda d: left[d] - (need or 0))
-        left[device] -= need or 0
+            device = min(fits, key=lambda d: left[d] - cost[d])
+        left[device] -= cost[device]
+        peak[device] = max(peak[device], extra)
         models_on[device].add(model)
         placed.append(Placement(model, slot, device, need))
     return sorted(placed, key=lambda p: (p.model, p.slot)), None
 
 
-def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Placement], str | tuple | None]:
-    """An explicit ``--device`` list, round-robin over the slots as given, checked for room: the placements
-    and None, an error text, or the first slot that found no room as ``(model, slot, need, device)``."""
+def _check_explicit(
+    slots, devices: list[str], gpus: list[Gpu], extras: dict[str, int] | None = None
+) -> tuple[list[Placement], str | tuple | None]:
+    """An explicit ``--device`` list, round-robin over the slots as given, checked for room (with the largest
+    loading extra of each GPU's workers, see ``place``): the placements and None, an error text, or the
+    first slot that found no room as ``(model, slot, need, device)``."""
+    extras = extras or {}
     by_device = {g.device: g for g in gpus}
     placed = [Placement(m, s, _norm(devices[i % len(devices)]), need) for i, (m, s, need) in enumerate(slots)]
     for device in dict.fromkeys(p.device for p in placed):
@@ -282,7 +296,7 @@ def _check_explicit(slots, devices: list[str], gpus: list[Gpu]) -> tuple[list[Pl
             visible = ", ".join(by_device) or "none"
             return placed, f"--device names {device}, which is not visible (visible GPUs: {visible})"
         here = [p for p in placed if p.device == device]
-        need = sum(p.need or 0 for p in here)
+        need = sum(p.need or 0 for p in here) + max((extras.get(p.model, 0) for p in here if p.need is not None), default=0)
         if gpu.free is not None and need > gpu.free:
             first = here[-1]
             return placed, (first.model, first.slot, need, device)
@@ -355,19 +369,22 @@ def _arrange(specs, fps, settings, gpus, keys=None):
     """Placements and the failed slot (or an error text) for the device setting; with ``keys``
     (``--share-components``) slot ``i`` of every model is one process, placed as one."""
     slots = _slots(specs, fps, settings.workers) if keys is None else group_slots(specs, fps, settings.workers, keys)
-    placed, failed = _arrange_slots(slots, settings, gpus)
+    extras = {model: fp.load_extra for model, fp in fps.items()}
+    if keys is not None:  # a process of several models loads them one after the other
+        extras[GROUP_SEPARATOR.join(spec.id for spec in specs)] = max(extras.values(), default=0)
+    placed, failed = _arrange_slots(slots, settings, gpus, extras)
     if keys is not None:
         placed = expand_groups(placed, specs, group_needs(specs, fps, keys))
     return placed, failed
 
 
-def _arrange_slots(slots, settings, gpus):
+def _arrange_slots(slots, settings, gpus, extras):
     setting = settings.device.strip()
     if setting not in ("auto", "cuda"):
-        return _check_explicit(slots, [d for d in setting.split(",") if d.strip()], gpus)
-    placed, failed = place(slots, gpus, spread=True)
+        return _check_explicit(slots, [d for d in setting.split(",") if d.strip()], gpus, extras)
+    placed, failed = place(slots, gpus, spread=True, extras=extras)
     if failed is not None:
-        packed, failed_packed = place(slots, gpus, spread=False)
+        packed, failed_packed = place(slots, gpus, spread=False, extras=extras)
         if failed_packed is None:
             return packed, None
     return placed, failed

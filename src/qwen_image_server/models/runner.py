@@ -91,7 +91,11 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
 class PipelineRunner:
     """Owns one loaded pipeline (and variants built from its components) on one device."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", shared: ComponentCache | None = None):
+    def __init__(
+        self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", shared: ComponentCache | None = None, warm: bool = True
+    ):
+        """Load ``spec`` on ``device``; with ``compile``, also compile and warm it unless ``warm`` is False (then
+        ``warm_up`` does it: a worker loads under its device's load lock and warms after releasing it)."""
         self.spec = spec
         self.device = resolve_device(device)
         self.determinism = apply_determinism(spec.profile.deterministic)  # before this process's first cuBLAS call
@@ -125,8 +129,13 @@ class PipelineRunner:
             time.perf_counter() - started,
             self.memory.summary(),
         )
-        if spec.profile.compile:
-            compile_and_warm(self)  # before the worker reports ready
+        if warm:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """With ``compile``: compile the transformer and run the warm set (before the worker reports ready)."""
+        if self.spec.profile.compile:
+            compile_and_warm(self)
 
     def _load_processor(self):
         """The edit pipelines' processor, loaded here for folders and hub ids alike.
