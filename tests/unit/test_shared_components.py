@@ -104,3 +104,22 @@ def test_hub_blobs_are_known_by_their_names_and_other_files_hashed_once(tmp_path
     plain.write_bytes(b"other weights")
     assert file_hash(plain) == hashlib.sha256(b"other weights").hexdigest()
     assert fingerprint(snapshot) is not None and fingerprint(tmp_path / "models--org--name" / "blobs") is None
+
+
+def test_random_sources_share_a_text_encoder_and_vae_of_the_same_architecture_and_seed():
+    """random: sources have no files: the same published component values and seed are the same weights."""
+    from qwen_image_server.models.random_source import SMALL_OVERRIDES
+
+    shared = ComponentCache()
+    t2i = PipelineRunner(_spec("t2i", f"random:Qwen/Qwen-Image?{SMALL_OVERRIDES}"), "cpu", shared=shared)
+    edit = PipelineRunner(_spec("edit", f"random:Qwen/Qwen-Image-Edit-2509?{SMALL_OVERRIDES}"), "cpu", shared=shared)
+    other = PipelineRunner(_spec("other", f"random:Qwen/Qwen-Image-Edit-2509?{SMALL_OVERRIDES}&seed=1"), "cpu", shared=shared)
+    assert edit.pipe.text_encoder is t2i.pipe.text_encoder and edit.pipe.vae is t2i.pipe.vae
+    assert edit.pipe.transformer is not t2i.pipe.transformer
+    assert edit.memory.summary()["shared_components"] == ["text_encoder", "vae"]
+    assert other.pipe.text_encoder is not t2i.pipe.text_encoder and other.pipe.vae is not t2i.pipe.vae  # another seed
+    alone = PipelineRunner(_spec("alone", f"random:Qwen/Qwen-Image-Edit-2509?{SMALL_OVERRIDES}"), "cpu")
+    for mine, theirs in zip(
+        alone.pipe.text_encoder.state_dict().values(), edit.pipe.text_encoder.state_dict().values(), strict=True
+    ):
+        assert torch.equal(mine, theirs)  # what was shared is what the model builds on its own

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .memory_modes import OFFLOADED, check_spec_mode
-from .shared import SHAREABLE, ComponentCache, component_folder
+from .shared import SHAREABLE, SHARING_OFFLOADS, ComponentCache, component_folder
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -134,18 +134,32 @@ def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs:
     return pipe
 
 
-def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype):
-    """A ``random:`` source's pipeline under ``mode``: each module built where it lives, FP8 storage and offload applied."""
-    from .random_arch import build_random_pipeline
+def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, shared: ComponentCache | None = None):
+    """A ``random:`` source's pipeline under ``mode``: each module built where it lives, FP8 storage and offload applied.
+
+    With ``shared``, a text encoder or VAE of the same architecture values and seed that another model of this
+    process built, held the same way, is that model's module (as files with the same content are for
+    ``load_pipeline``)."""
+    from .random_arch import build_random_pipeline, component_key
 
     devices = {name: mode.load_device(name) for name in ("transformer", "text_encoder", "vae")}
-    pipe = build_random_pipeline(
-        spec.source,
-        mode.device,
-        dtype,
-        devices=devices,
-        on_component=lambda name, module: component_loaded(name, module, mode, dtype),
-    )
+    keys: dict[str, tuple] = {}
+    reuse: dict = {}
+    if shared is not None and mode.offload in SHARING_OFFLOADS:
+        for name in SHAREABLE:
+            fp8 = mode.weights_dtype == "fp8" and name in FP8_COMPONENTS
+            keys[name] = (*component_key(spec.source, name), str(dtype), devices[name], fp8, mode.offload)
+            module = shared.get(spec.id, keys[name])
+            if module is not None:
+                reuse[name] = module
+                component_loaded(name, module, mode, dtype, shared=True)
+
+    def built(name: str, module) -> None:
+        component_loaded(name, module, mode, dtype)
+        if name in keys:
+            shared.put(keys[name], module)  # type: ignore[union-attr]  # keys only with a cache
+
+    pipe = build_random_pipeline(spec.source, mode.device, dtype, devices=devices, on_component=built, reuse=reuse)
     apply_offload(pipe, mode)
     return pipe
 

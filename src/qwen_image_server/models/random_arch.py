@@ -12,6 +12,7 @@ seed gives the same weights on the same device. The architecture comes from
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 
@@ -101,13 +102,16 @@ def build_components(
     seed: int = 0,
     devices: dict[str, str] | None = None,
     on_component=None,
+    reuse: dict | None = None,
 ) -> dict:
     """The pipeline components of ``arch`` on ``device`` in ``dtype``; on ``meta`` they take no memory and stay uninitialised.
 
     ``devices`` may put a component elsewhere (a memory mode that offloads it builds it on the CPU);
-    ``on_component(name, module)`` is called as each one is ready (FP8 storage, before the next is built).
+    ``on_component(name, module)`` is called as each one is ready (FP8 storage, before the next is built);
+    ``reuse`` gives modules already built elsewhere (``component_key`` equal: the same weights), taken as they are.
     """
     devices = devices or {}
+    reuse = reuse or {}
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -124,6 +128,9 @@ def build_components(
     }
     built = {}
     for offset, (name, build) in enumerate(builders.items()):
+        if name in reuse:
+            built[name] = reuse[name]
+            continue
         with _constructing(devices.get(name, device), dtype):
             module = build()
         # Each module gets a seed of its own, so that shrinking one does not change the others' weights.
@@ -167,6 +174,16 @@ def build_pipeline(random: RandomSource, device: str | torch.device, dtype: torc
 def build_random_pipeline(source: str, device: str | torch.device, dtype: torch.dtype, **placement):
     """The pipeline of a ``random:ORG/NAME[?KEY=VALUE&...]`` source (see ``random_source.py``)."""
     return build_pipeline(parse_random_source(source), device, dtype, **placement)
+
+
+def component_key(source: str, name: str) -> tuple:
+    """What makes a component of a ``random:`` source the same as another's: its architecture values and its
+    seed (each component gets a seed of its own, so equal values and seed are equal weights). Qwen-Image and
+    Qwen-Image-Edit(-2509) publish the same text encoder and VAE."""
+    random = parse_random_source(source)
+    arch = random.architecture()
+    offset = ("transformer", "text_encoder", "vae").index(name)
+    return ("random", name, json.dumps(arch[name], sort_keys=True), random.seed * 1000 + offset)
 
 
 def parameter_counts(name: str, **overrides: int) -> dict[str, int]:

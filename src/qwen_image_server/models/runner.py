@@ -108,7 +108,7 @@ class PipelineRunner:
         started = time.perf_counter()
         self.memory = MemoryMode.for_spec(spec, self.device)
         if spec.is_random:  # a packaged architecture, built on the device with random weights
-            self.pipe = build_random(spec, self.memory, self.dtype)
+            self.pipe = build_random(spec, self.memory, self.dtype, shared)
         else:
             # each component straight to where it lives; with ``shared``, a text encoder or VAE another model of
             # this process loaded from the same files is reused
