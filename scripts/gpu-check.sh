@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with one CUDA GPU and a short time on it.
 #
-#   scripts/gpu-check.sh [STAGE ...]      # stages: tests, bench, memory, two-models (default: the first three)
+#   scripts/gpu-check.sh [STAGE ...]      # stages, in the order given: tests, bench, memory, first-vs-warm, two-models
+#                                         # (default: tests bench memory first-vs-warm, most informative first)
 #
 # - tests:  the GPU-only tests (pytest -m gpu), the hub-id edit test, the reproducibility tests,
 #           whether a GPU worker can fork from the forkserver (test_worker_start.py)
-# - bench:  bench/gpu.py on the full-size random-weight Qwen-Image, the key settings only
-#           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting)
+# - bench:  bench/gpu.py on the full-size random-weight Qwen-Image: eager 50 steps, the fast setting
+#           (compile + FP8 + batched CFG), with the step cache, Lightning compiled
+#           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting, default 1)
 # - memory: bench/memory_modes.py on random:Qwen/Qwen-Image (MEMORY_MODES, MEMORY_CARDS, MEMORY_STEPS)
-# - two-models (not in the default set): bench/two_models.py, Qwen-Image + Qwen-Image-Edit-2509 on one
-#           GPU, a mixed stream of 20 requests per design (TWO_MODEL_DESIGNS, TWO_MODEL_REQUESTS)
+# - first-vs-warm: bench/gpu.py's first request after /ready vs warm ones, at two warmed sizes and a new
+#           prompt length (two compiles at start: the slowest setting to start)
+# - two-models: bench/two_models.py, Qwen-Image + Qwen-Image-Edit-2509 on one GPU, a mixed stream of
+#           requests per design (TWO_MODEL_DESIGNS, TWO_MODEL_REQUESTS)
 #
-# Results go to $OUT (default ./gpu-results): each stage's log, the benchmarks' JSON lines.
+# The whole run keeps within GPU_BUDGET seconds (default 540: one call to a lent GPU may run 600 s, the
+# wheels' install included): each stage gets what is left, a stage that runs out is stopped, and later
+# stages are skipped with a line saying so. Benchmarks write each result as soon as it is measured, so a
+# stopped stage keeps what it finished. Results go to $OUT (default ./gpu-results): each stage's log, the
+# benchmarks' JSON lines, stages.txt with each stage's seconds and exit status.
 # When the machine lacks this project's dependencies, build the wheels on a machine with
 # package access first (`WHEELS=.whl scripts/gpu-check.sh` then installs them into
 # /tmp/site without network, the way the GPU machines of this project are set up).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+started_all=$(date +%s)
+deadline=$((started_all + ${GPU_BUDGET:-540}))
 OUT="${OUT:-gpu-results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,35 +41,61 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible
   | tee "$OUT/gpu.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/gpu.txt" 2>&1 || true
 
+#: The least a stage is started with; below it the stage is skipped.
+MIN_STAGE_SECONDS=45
+
+# run_stage NAME LOG COMMAND...: COMMAND under what is left of the budget, its output in LOG (and on the console).
+run_stage() {
+  local name=$1 log=$2
+  shift 2
+  local left=$((deadline - $(date +%s)))
+  if [ "$left" -lt "$MIN_STAGE_SECONDS" ]; then
+    echo "stage $name: skipped, ${left} s of the budget left" | tee -a "$OUT/stages.txt"
+    return 0
+  fi
+  local began code
+  began=$(date +%s)
+  timeout --kill-after=15 "$left" "$@" >"$log" 2>&1
+  code=$?
+  tail -n 25 "$log"
+  [ "$code" -eq 124 ] && echo "stage $name: stopped at the end of the budget" | tee -a "$OUT/stages.txt"
+  echo "stage $name: $(($(date +%s) - began)) s, exit $code" | tee -a "$OUT/stages.txt"
+  [ "$code" -eq 0 ] || status=1
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests bench memory)
+[ ${#stages[@]} -gt 0 ] || stages=(tests bench memory first-vs-warm)
 status=0
 for stage in "${stages[@]}"; do
-  started=$(date +%s)
   case "$stage" in
     tests)
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs >"$OUT/tests-gpu.log" 2>&1 || status=1
-      python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py tests/e2e/test_worker_start.py -rs \
-        >"$OUT/tests-e2e.log" 2>&1 || status=1
-      tail -n 3 "$OUT/tests-gpu.log" "$OUT/tests-e2e.log"
+      run_stage tests "$OUT/tests.log" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs;
+        a=$?; python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py \
+        tests/e2e/test_worker_start.py -rs; b=$?; exit $((a || b))'
       ;;
     bench)
-      python3 bench/gpu.py --settings "${BENCH_SETTINGS:-eager,compile-fp8-cfgbatch,compile-fp8-cfgbatch-cache,lightning-compile,first-vs-warm}" \
-        --runs "${BENCH_RUNS:-2}" --out "$OUT/gpu.jsonl" 2>&1 | tee "$OUT/bench.log" || status=1
+      run_stage bench "$OUT/bench.log" python3 bench/gpu.py \
+        --settings "${BENCH_SETTINGS:-eager,compile-fp8-cfgbatch,compile-fp8-cfgbatch-cache,lightning-compile}" \
+        --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
       ;;
     memory)
-      python3 bench/memory_modes.py random:Qwen/Qwen-Image --modes "${MEMORY_MODES:-none,fp8,group+fp8}" \
-        --cards "${MEMORY_CARDS:-80,48,24}" --steps "${MEMORY_STEPS:-8}" --json "$OUT/memory.jsonl" 2>&1 | tee "$OUT/memory.log" || status=1
+      run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \
+        --modes "${MEMORY_MODES:-none,fp8,group+fp8}" --cards "${MEMORY_CARDS:-80,48,24}" --steps "${MEMORY_STEPS:-8}" \
+        --json "$OUT/memory.jsonl"
+      ;;
+    first-vs-warm)
+      run_stage first-vs-warm "$OUT/first-vs-warm.log" python3 bench/gpu.py --settings first-vs-warm \
+        --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
       ;;
     two-models)
-      python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared}" --requests "${TWO_MODEL_REQUESTS:-20}" \
-        --json "$OUT/two-models.jsonl" 2>&1 | tee "$OUT/two-models.log" || status=1
+      run_stage two-models "$OUT/two-models.log" python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared}" \
+        --requests "${TWO_MODEL_REQUESTS:-20}" --json "$OUT/two-models.jsonl"
       ;;
     *)
-      echo "unknown stage: $stage (tests, bench, memory, two-models)" >&2
+      echo "unknown stage: $stage (tests, bench, memory, first-vs-warm, two-models)" >&2
       exit 2
       ;;
   esac
-  echo "stage $stage: $(($(date +%s) - started)) s" | tee -a "$OUT/stages.txt"
 done
+echo "all stages: $(($(date +%s) - started_all)) s" | tee -a "$OUT/stages.txt"
 exit $status
