@@ -94,11 +94,23 @@ def table(rows: list[dict], steps: list[int]) -> str:
     return "\n".join(lines)
 
 
+def pairs(text: str) -> list[tuple[str, int]]:
+    """``MODE@CARD,...`` → ``[(mode, card GB), ...]`` (a card that is not a number is reported as unknown)."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        mode, _, card = item.rpartition("@")
+        out.append((mode, int(card) if card.isdigit() else -1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder, hub id or other model source string")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--cards", default="80,48,24", help="emulated card sizes in GB, from 80, 48, 24")
+    parser.add_argument(
+        "--pairs", help="MODE@CARD,... to run instead of every mode on every card (e.g. none@80,fp8@48,group+fp8@24)"
+    )
     parser.add_argument("--steps", default="8,50")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the JSON lines to this file")
@@ -115,36 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("CUDA is not available: this benchmark measures GPU memory modes and needs a CUDA GPU; nothing was run.")
         return 0
-    modes, cards = args.modes.split(","), [int(c) for c in args.cards.split(",")]
-    unknown = [m for m in modes if m not in MODES] + [str(c) for c in cards if c not in CARDS]
+    runs = pairs(args.pairs) if args.pairs else [(m, int(c)) for c in args.cards.split(",") for m in args.modes.split(",")]
+    unknown = [m for m, _ in runs if m not in MODES] + [str(c) for _, c in runs if c not in CARDS]
     if unknown:
-        parser.error(f"unknown modes or cards: {', '.join(unknown)}")
+        parser.error(f"unknown modes or cards: {', '.join(dict.fromkeys(unknown))}")
     print(f"GPU: {torch.cuda.get_device_name(0)}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
     rows = []
-    for card in cards:
-        for mode in modes:
-            cmd = [
-                sys.executable,
-                __file__,
-                args.model,
-                "--one",
-                mode,
-                str(card),
-                "--steps",
-                args.steps,
-                "--size",
-                str(args.size),
-            ]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
-                found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                row = json.loads(found[-1]) if found else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-            except subprocess.TimeoutExpired:
-                row = {"error": f"timed out after {args.timeout:.0f}s"}
-            row.setdefault("mode", mode)
-            row.setdefault("card", CARDS[card][0])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for mode, card in runs:
+        # one fresh process per run: the cap on the GPU's memory holds for one process
+        cmd = [
+            sys.executable,
+            __file__,
+            args.model,
+            "--one",
+            mode,
+            str(card),
+            "--steps",
+            args.steps,
+            "--size",
+            str(args.size),
+        ]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
+            found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(found[-1]) if found else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"timed out after {args.timeout:.0f}s"}
+        row.setdefault("mode", mode)
+        row.setdefault("card", CARDS[card][0])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print()
     print(table(rows, steps))
     if args.json:

@@ -237,8 +237,16 @@ def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
         "--model", f"qwen-image-edit-tiny={tiny_edit}",
         "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
         "--workers", "2",
-        env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"},
+        env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", **_deterministic_on_cuda()},
     )  # fmt: skip
+
+
+def _deterministic_on_cuda() -> dict[str, str]:
+    """On a CUDA machine the shared server runs in deterministic mode: the same seed gives the same pixels there
+    only with it (README, Reproducibility), which test_reproducibility.py asserts. A CPU is deterministic anyway."""
+    import torch
+
+    return {"QIS_DETERMINISTIC": "1"} if torch.cuda.is_available() else {}
 
 
 class RayServe:

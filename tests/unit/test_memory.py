@@ -229,3 +229,5 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
     assert lines[0].startswith("| mode | card | s/image (8 steps) | s/image (50 steps) | peak GiB")
     assert lines[2] == "| none | H100 80GB | 1.4 | 8.0 | 58.0 | 60.1 | 30.0 |"
     assert lines[3] == "| none | RTX 4090 24GB | oom | oom | oom | oom | oom |"
+    assert bench.pairs("none@80, fp8@48,group+fp8@24") == [("none", 80), ("fp8", 48), ("group+fp8", 24)]
+    assert bench.pairs("fp8@big") == [("fp8", -1)]  # then refused as an unknown card
