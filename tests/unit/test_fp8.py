@@ -228,3 +228,42 @@ def test_worker_ready_message_carries_what_really_runs(tiny_t2i):
     assert isinstance(ready, Ready), ready
     info = ready.info
     assert info["speed"]["quantize"]["effective"] == "fp8-weights" and "cpu" in info["speed"]["quantize"]["reason"]
+
+
+def _loading_order(monkeypatch) -> dict:
+    """``{component: whether the transformer had FP8 layers when that component finished loading}``."""
+    from qwen_image_server.models import memory
+
+    original, loaded, seen = memory.component_loaded, {}, {}
+
+    def spy(name, module, mode, dtype, shared=False):
+        original(name, module, mode, dtype, shared)
+        loaded[name] = module
+        seen[name] = any(isinstance(m, fp8.FP8Linear) for m in loaded["transformer"].modules())
+
+    monkeypatch.setattr(memory, "component_loaded", spy)
+    return seen
+
+
+def test_quantize_converts_the_transformer_before_the_text_encoder_loads(tiny_t2i, monkeypatch):
+    """The bf16 transformer and the text encoder are never on the device together (the plan's load peak)."""
+    seen = _loading_order(monkeypatch)
+    spec = resolve_model(str(tiny_t2i))
+    runner = PipelineRunner(replace(spec, profile=RunProfile(quantize="fp8")), device="cpu")
+    assert seen == {"transformer": True, "text_encoder": True, "vae": True}
+    layers = [m for m in runner.pipe.transformer.modules() if isinstance(m, fp8.FP8Linear)]
+    assert runner.speed.info["quantize"]["layers"] == len(layers) > 0  # counted once, converted once
+
+
+def test_with_a_lora_quantize_waits_for_the_adapters(tiny_t2i, tiny_lora, monkeypatch):
+    from qwen_image_server.config import Settings
+    from qwen_image_server.models.spec import resolve_configured
+
+    seen = _loading_order(monkeypatch)
+    (spec,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], quantize="fp8"))
+    runner = PipelineRunner(spec, device="cpu")
+    assert seen == {"transformer": False, "text_encoder": False, "vae": False}
+    assert any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.modules())  # the layers no LoRA wraps
+    base = np.asarray(runner.run(Job(mode="generate", prompt="a cat", seeds=[7], width=64, height=64, num_inference_steps=2))[0])
+    styled = runner.run(Job(mode="generate", prompt="a cat", seeds=[7], width=64, height=64, num_inference_steps=2, lora="style"))
+    assert not np.array_equal(base, np.asarray(styled[0]))

@@ -14,7 +14,7 @@ from qwen_image_server.cli import app
 from qwen_image_server.config import Settings
 from qwen_image_server.models.footprint import GIB, activation_bytes, footprint, resident_weights
 from qwen_image_server.models.planner import Gpu, PlanError, _slots, make_plan, parse_fake_gpus, place
-from qwen_image_server.models.profile import RunProfile
+from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured
 from qwen_image_server.models.weights_files import UnknownFootprint, read_folder, read_hub, read_tensors
 
@@ -230,11 +230,17 @@ def test_fp8_modes_need_more_while_loading_than_after():
     def fp(**profile):
         return footprint(spec, model, run_bytes=2, max_image_side=1328, profile=RunProfile(**profile))
 
+    lora = LoraSpec("style", "/loras/style.safetensors", "a")
     plain, stored, quantized = fp(), fp(weights_dtype="fp8"), fp(quantize="fp8")
+    with_lora = fp(quantize="fp8", loras=(lora,))
     assert plain.load_extra == 0 and fp(weights_dtype="fp8", offload="group").load_extra == 0  # converted on the CPU
+    # the bf16 transformer is on the device alone, converted before the text encoder loads
     assert stored.load_extra == plain.components["transformer"] + stored.overhead - stored.total
-    assert quantized.load_extra == plain.weights + quantized.overhead - quantized.total
-    assert 2 * GIB < stored.load_extra < quantized.load_extra < 20 * GIB
+    # (the bf16 text encoder stays: its working memory, not in use while loading, covers the bf16 transformer)
+    assert quantized.load_extra == max(0, plain.components["transformer"] + quantized.overhead - quantized.total) == 0
+    # with a LoRA the transformer is converted once the adapters are in: everything is there in bf16 first
+    assert with_lora.load_extra == plain.weights + with_lora.overhead - with_lora.total
+    assert 2 * GIB < stored.load_extra < with_lora.load_extra < 20 * GIB
     assert plain.summary()["while_loading_gib"] == 0 and stored.summary()["while_loading_gib"] > 2
 
 

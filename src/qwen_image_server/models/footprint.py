@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from .memory_modes import OFFLOADED
+from .memory_modes import OFFLOADED, quantize_on_load
 from .profile import RunProfile
 from .spec import ModelSpec
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
@@ -180,8 +180,10 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
 
     Components load one after the other, the transformer first, then the text encoder,
     then the rest, each read in the run dtype. ``weights_dtype=fp8`` stores each in FP8
-    before the next one loads; ``quantize=fp8`` converts the transformer's linear layers
-    once everything is loaded. Offloaded components load and convert on the CPU.
+    before the next one loads, and so does ``quantize=fp8`` with the transformer's linear
+    layers; with LoRAs, ``quantize=fp8`` converts only once everything and the adapters
+    are loaded (``memory_modes.quantize_on_load``). Offloaded components load and convert
+    on the CPU.
     """
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8":
         return 0
@@ -189,13 +191,14 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
     order = sorted(
         model.components, key=lambda c: ("transformer", "text_encoder").index(c) if c in ("transformer", "text_encoder") else 2
     )
+    at_once = profile.weights_dtype == "fp8" or quantize_on_load(profile)
     peak = kept = 0
     for component in order:
         if component in offloaded:
             continue
         tensors = model.components[component]
         run = sum(_bytes(t, run_bytes, False) for t in tensors)
-        if profile.weights_dtype == "fp8":
+        if at_once:
             peak = max(peak, kept + run)
             kept += sum(_bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors)
         else:

@@ -248,17 +248,29 @@ def probe_fp8(
 def quantizable_linears(model: nn.Module, device: str) -> list[tuple[str, nn.Linear]]:
     """The plain ``nn.Linear`` layers under ``QUANTIZED_PREFIXES`` that ``_scaled_mm`` can take.
 
-    LoRA-wrapped layers (peft's ``base_layer``) are left alone, and on CUDA so are layers
-    whose in/out features are not multiples of 16.
+    Layers of a LoRA (peft's wrapper: its ``base_layer`` and the adapters' ``lora_A`` and
+    ``lora_B``) are left alone: peft casts the input to the adapters' weight dtype and
+    merges into the base weight. On CUDA, layers whose in/out features are not multiples
+    of 16 are left alone too.
     """
+    in_lora = _lora_layers(model)
     out = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or not name.startswith(QUANTIZED_PREFIXES) or name.endswith("base_layer"):
+        if type(module) is not nn.Linear or not name.startswith(QUANTIZED_PREFIXES) or id(module) in in_lora:
             continue
         if device.startswith("cuda") and (module.in_features % 16 or module.out_features % 16):
             continue
         out.append((name, module))
     return out
+
+
+def _lora_layers(model: nn.Module) -> set[int]:
+    """The ids of every module inside a peft LoRA layer of ``model``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA layers
+        return set()
+    return {id(inner) for module in model.modules() if isinstance(module, BaseTunerLayer) for inner in module.modules()}
 
 
 def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, matmul: str = "scaled_mm") -> int:
@@ -287,8 +299,12 @@ def apply_fp8(
     """
     result = (probe or probe_fp8)(device, dtype)
     info: dict = {"requested": "fp8", **result.summary()}
+    matmul = "scaled_mm" if result.ok else "dequant"
+    quantized = [m for m in transformer.modules() if isinstance(m, FP8Linear)]  # converted as the model loaded
+    for layer in quantized:
+        layer.matmul = matmul
     if not result.ok:
-        layers = quantize_linears(transformer, dtype, device, matmul="dequant")
+        layers = len(quantized) + quantize_linears(transformer, dtype, device, matmul="dequant")
         run = str(dtype).removeprefix("torch.")
         log.warning(
             "--quantize fp8: %d linear layers keep FP8 weights (the memory plan counts them so) but multiply in %s: %s",
@@ -297,6 +313,6 @@ def apply_fp8(
             result.reason,
         )
         return {**info, "effective": "fp8-weights", "matmul": run, "layers": layers}
-    layers = quantize_linears(transformer, dtype, device)
+    layers = len(quantized) + quantize_linears(transformer, dtype, device)
     log.info("--quantize fp8: %d linear layers in FP8 (%s)", layers, result.reason)
     return {**info, "effective": "fp8", "matmul": "fp8", "activations": activation_quantizer(device), "layers": layers}

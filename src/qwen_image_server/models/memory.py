@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .memory_modes import OFFLOADED, check_spec_mode
+from .memory_modes import OFFLOADED, check_spec_mode, quantize_on_load
 from .shared import SHAREABLE, SHARING_OFFLOADS, ComponentCache, component_folder
 from .spec import ModelSpec
 
@@ -63,12 +63,22 @@ class MemoryMode:
     placement: dict[str, str] = field(default_factory=dict)  # component -> where it was loaded
     fp8_components: tuple[str, ...] = ()
     shared: tuple[str, ...] = ()  # components that are another model's, in this process (models/shared.py)
+    #: ``quantize=fp8`` without LoRAs: the transformer's linear layers get FP8 weights as soon as it is loaded,
+    #: before the text encoder loads (the start-up probe later picks their matmul). With LoRAs they are quantized
+    #: after the adapters are in place (peft wraps plain linear layers only).
+    quantize_on_load: bool = False
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, device: str) -> MemoryMode:
         """The mode ``spec``'s profile asks for on ``device``, or a ``ProfileError`` naming the model and setting."""
         check_spec_mode(spec, device)
-        return cls(device=device, weights_dtype=spec.profile.weights_dtype, offload=spec.profile.offload)
+        profile = spec.profile
+        return cls(
+            device=device,
+            weights_dtype=profile.weights_dtype,
+            offload=profile.offload,
+            quantize_on_load=quantize_on_load(profile),
+        )
 
     def load_device(self, component: str) -> str:
         """Where ``component`` is loaded: the CPU when this mode offloads it, else the run device."""
@@ -170,6 +180,11 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
     ``shared``: the module is another model's in this process, already converted; it is only recorded.
     """
     mode.placement[name] = mode.load_device(name)
+    if mode.quantize_on_load and name == "transformer" and not shared:
+        from .fp8 import quantize_linears
+
+        count = quantize_linears(module, dtype, mode.device, matmul="dequant")  # the run device's alignment rules
+        log.info("transformer: %d linear layers given FP8 weights as loaded (quantize=fp8)", count)
     if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
         if not shared:
             store_fp8(module, dtype)

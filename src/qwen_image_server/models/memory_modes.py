@@ -20,6 +20,12 @@ OFFLOADED = {
 }
 
 
+def quantize_on_load(profile) -> bool:
+    """Whether ``quantize=fp8`` converts the transformer as it loads (no LoRAs: they need its plain linear layers
+    first), rather than once the whole pipeline and its adapters are loaded; the memory plan counts the difference."""
+    return getattr(profile, "quantize", "none") == "fp8" and not getattr(profile, "loras", ())
+
+
 def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, device: str) -> None:
     """Refuse combinations that cannot work, with a message naming the model and the settings."""
     if offload not in OFFLOADED:
