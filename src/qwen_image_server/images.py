@@ -95,16 +95,24 @@ def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.I
     return image, mask
 
 
+#: zlib level of PNG responses (0-9): fast rather than small, see ``encode_image``.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_image(image: Image.Image, output_format: str, compression: int = 100) -> bytes:
     """Encode ``image`` as png, jpeg or webp in memory.
 
     ``compression`` follows OpenAI's ``output_compression`` (0-100, 100 = best
     quality) for jpeg and webp; png is lossless and ignores it.
+
+    PNG uses zlib level ``PNG_COMPRESS_LEVEL``: the client waits for this encoding after
+    the pipeline, and on photo-like 1024x1024 images level 6 (Pillow's default) took
+    0.37-0.63 s on this project's CPU, level 1 0.07-0.09 s, for files about 17% larger.
     """
     buffer = io.BytesIO()
     image = image.convert("RGB")
     if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=6)
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     elif output_format == "jpeg":
         image.save(buffer, format="JPEG", quality=max(1, min(compression, 95)))
     else:

@@ -58,3 +58,22 @@ def test_encode_formats(fmt, pil):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
     decoded = Image.open(io.BytesIO(encode_image(image, fmt, 80)))
     assert decoded.format == pil and decoded.size == (48, 32)
+
+
+def test_png_is_lossless_and_written_with_the_fast_zlib_level():
+    """The client waits for this encoding: zlib's fastest levels (its header's FLEVEL 0 = levels 0-1), never 6."""
+    import struct
+    import zlib
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    data = encode_image(image, "png", 10)  # output_compression does not apply to png
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(image))
+    offset, idat = 8, b""
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = data[offset + 4 : offset + 8]
+        if kind == b"IDAT":
+            idat += data[offset + 8 : offset + 8 + length]
+        offset += 12 + length
+    assert idat[1] >> 6 == 0, f"zlib FLEVEL {idat[1] >> 6}"  # 2 would be Pillow's default level 6
+    assert zlib.decompress(idat)  # a whole zlib stream
