@@ -262,6 +262,7 @@ def test_two_fp8_models_on_one_80gb_card_fit_with_their_loads_one_after_the_othe
     steady = sum(f.total for f in fps)
     assert plan.devices("qwen-image") == plan.devices("qwen-image-edit") == ["cuda:0"]
     assert steady + max(f.load_extra for f in fps) <= H100.free < steady + sum(f.load_extra for f in fps) + 20 * GIB
+    assert "more while loading" in plan.table()
     tight = Gpu("cuda:0", "tight", steady + max(f.load_extra for f in fps) - GIB, H100.total)
     with pytest.raises(PlanError, match="more while it loads"):
         make_plan(specs, Settings(max_image_side=1328), discover=_gpus(tight))

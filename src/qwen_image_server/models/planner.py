@@ -120,7 +120,10 @@ class Plan:
             parts = ", ".join(f"{name} {human(b)}" for name, b in fp.components.items())
             work = max(fp.activations, fp.text_encoder_work)
             lines.append(f"{model}: {human(fp.total)} per worker at {fp.image_side}x{fp.image_side} (from {fp.origin})")
-            lines.append(f"  weights {human(fp.weights)} ({parts}), working memory {human(work)}, process {human(fp.overhead)}")
+            loading = f", {human(fp.load_extra)} more while loading" if fp.load_extra else ""
+            lines.append(
+                f"  weights {human(fp.weights)} ({parts}), working memory {human(work)}, process {human(fp.overhead)}{loading}"
+            )
         for gpu in self.gpus:
             here = [p for p in self.placements if p.device == gpu.device]
             planned = sum(p.need or 0 for p in here)
