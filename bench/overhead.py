@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny text-to-image model folder (built if missing)")
     parser.add_argument("--target", type=float, default=1.03, help="ratio the server should stay within (default 1.03)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2, as the server requires (one step gives NaN images)")
     width, height = parse_size(args.size)
     load_at_start = os.getloadavg()
 
