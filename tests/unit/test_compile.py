@@ -164,6 +164,7 @@ def test_batched_cfg_compiles_once_per_path_for_every_prompt_and_negative_length
     finally:
         handle.remove()
     assert batches == [2, 2], "one batched call per step"
+    assert runner.last_stats == {"transformer_calls": 4, "cached_calls": 0}  # counted on the compiled block, by batch
     _close(image, eager.run(job)[0])
 
 

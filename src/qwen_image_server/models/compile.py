@@ -166,17 +166,18 @@ def compile_transformer(transformer) -> int:
 
 
 class CountedForward:
-    """A block's compiled forward that counts its calls: the calls the last block really computed (not skipped
-    by a step cache). A forward hook on a layer inside the block cannot count them: the compiled graph does not
-    run hooks registered after it was traced."""
+    """A block's compiled forward that counts the samples it computes (its calls, by their batch): what the last
+    block really computed, not skipped by a step cache. A forward hook on a layer inside the block cannot count
+    them: the compiled graph does not run hooks registered after it was traced."""
 
     def __init__(self, forward):
         functools.update_wrapper(self, forward, updated=())  # its name and signature; not the compiled wrapper's state
         self.forward = forward
-        self.calls = 0
+        self.samples = 0
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.samples += hidden.shape[0] if hidden is not None else 1
         return self.forward(*args, **kwargs)
 
 

@@ -238,39 +238,49 @@ class StepCache:
     def run(self, policy: CachePolicy | None, steps: int) -> Iterator[dict[str, int]]:
         """Around one pipeline call: apply ``policy``, reset state, and count the transformer calls.
 
-        Yields a dict that holds ``transformer_calls`` (forwards of the transformer) and
-        ``cached_calls`` (those in which the last block's attention did not run: its
-        result came from the cache) once the block exits.
+        Yields a dict that holds ``transformer_calls`` (calls of the transformer as the
+        pipeline makes them: two per step with true CFG) and ``cached_calls`` (those whose
+        result the step cache served) once the block exits.
+
+        Computed calls are counted in samples: the last block's attention sees the batch it
+        computes, and a pipeline call's transformer calls all carry the same batch. So a
+        batched CFG call (one batch of two, or its two halves run apart by the split
+        attention) counts as the two calls it serves, and a call served from the cache as none.
         """
         self.apply(policy, steps)
         self.reset()
         stats = {"transformer_calls": 0, "cached_calls": 0}
-        computed = [0]
+        per_call = [1]  # the batch of one transformer call, as the pipeline makes it
+        samples = [0]  # samples the last block really computed
 
-        def on_call(module, args):
+        def on_call(module, args, kwargs):
             stats["transformer_calls"] += 1
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is not None:
+                per_call[0] = hidden.shape[0]
 
         def on_last_attention(module, args, output):
-            computed[0] += 1
+            samples[0] += output.shape[0]
 
         # A hook inside the last block's attention fires only when that attention really runs:
         # the cache hooks replace the forward of the block (fbcache, taylorseer lite) or of the
         # attention module (taylorseer), so a skipped or predicted call never reaches it. A compiled
-        # block runs no such hook; it counts its own calls instead (taylorseer's full form, which
+        # block runs no such hook; it counts its own samples instead (taylorseer's full form, which
         # predicts inside the block, does not run on compiled blocks).
         last_block = self.transformer.transformer_blocks[-1]
         counted = getattr(last_block, "_qis_computed", None)
-        handles = [self.transformer.register_forward_pre_hook(on_call)]
+        handles = [self.transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
         if counted is None:
             handles.append(last_block.attn.to_out[0].register_forward_hook(on_last_attention))
         else:
-            computed[0] = -counted.calls
+            samples[0] = -counted.samples
         try:
             yield stats
         finally:
             for handle in handles:
                 handle.remove()
             if counted is not None:
-                computed[0] += counted.calls
-            stats["cached_calls"] = max(stats["transformer_calls"] - computed[0], 0)
+                samples[0] += counted.samples
+            computed = samples[0] // max(per_call[0], 1)
+            stats["cached_calls"] = max(stats["transformer_calls"] - computed, 0)
             self.reset()
