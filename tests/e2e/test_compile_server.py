@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -10,8 +12,10 @@ import pytest
 
 @pytest.mark.e2e
 def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(start_server, tiny_t2i):
+    # with batched CFG and a step cache: their hooks and the split attention run around and in the compiled blocks
     server = start_server(
         "--model", f"compiled-tiny={tiny_t2i}", "--compile", "--compile-sizes", "256x256",
+        "--cfg-batch", "on", "--cache", "fbcache",
         env={"QIS_CPU_THREADS": "1"},
     )  # fmt: skip
     logs = server.logs(tail=None)
@@ -20,10 +24,33 @@ def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(start_ser
     assert warmed >= 0 and ready and warmed < ready.start(), logs[-3000:]  # the worker reported ready after warming
     card = httpx.get(f"{server.base_url}/v1/models/compiled-tiny", timeout=10).json()
     assert (card["profile"]["compile"], card["profile"]["compile_sizes"]) == (True, ["256x256"])
+    assert card["profile"]["cfg_batch"] == "on" and card["profile"]["cache"].startswith("fbcache:")
+    url = f"{server.base_url}/v1/images/generations"
     prompt = "a lighthouse on a cliff at dusk, " * 6
     body = {"model": "compiled-tiny", "prompt": prompt, "size": "256x256", "num_inference_steps": 2}
-    response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    assert len(response.json()["data"]) == 1
+    for fields in ({}, {"negative_prompt": "blurry, dark, low quality, " * 4}, {"true_cfg_scale": 1.0}):
+        response = httpx.post(url, json={**body, **fields}, timeout=300)
+        assert response.status_code == 200, response.text
+        data, stats = response.json()["data"], response.json()["stats"]
+        assert len(data) == 1
+        assert stats["transformer_calls"] == (2 if fields.get("true_cfg_scale") == 1.0 else 4)
+        assert 0 <= stats["cached_calls"] < stats["transformer_calls"]  # fbcache always computes the first step
     after_ready = server.logs(tail=None)[ready.end() :]
-    assert "new graph" not in after_ready  # neither the prompt's length nor the negative prompt's compiled anything
+    assert "new graph" not in after_ready  # no prompt or negative prompt length, with or without CFG, compiled anything
+
+    # a policy that would hook inside the compiled blocks is a 400, the server goes on serving
+    refused = httpx.post(url, json={**body, "cache": "taylorseer"}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache"
+    assert "model compiled-tiny is compiled" in refused.json()["error"]["message"]
+    assert httpx.post(url, json={**body, "cache": "taylorseer:lite=true"}, timeout=300).status_code == 200
+
+
+@pytest.mark.e2e
+def test_settings_that_cannot_run_in_compiled_blocks_stop_the_server_before_it_serves(tiny_t2i):
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tiny_t2i), "--port", "0", "--compile",
+         "--weights-dtype", "fp8"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "compile does not combine with weights_dtype=fp8" in result.stderr and "use quantize=fp8" in result.stderr
