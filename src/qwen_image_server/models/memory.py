@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .memory_modes import OFFLOADED, check_spec_mode, quantize_on_load
-from .shared import SHAREABLE, SHARING_OFFLOADS, ComponentCache, component_folder
+from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -155,19 +155,22 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, shared: 
     devices = {name: mode.load_device(name) for name in ("transformer", "text_encoder", "vae")}
     keys: dict[str, tuple] = {}
     reuse: dict = {}
-    if shared is not None and mode.offload in SHARING_OFFLOADS:
+    if shared is not None:
         for name in SHAREABLE:
-            fp8 = mode.weights_dtype == "fp8" and name in FP8_COMPONENTS
-            keys[name] = (*component_key(spec.source, name), str(dtype), devices[name], fp8, mode.offload)
-            module = shared.get(spec.id, keys[name])
+            held = dict(dtype=str(dtype), device=devices[name], weights_dtype=mode.weights_dtype, offload=mode.offload)
+            key = shared.content_key(component_key(spec.source, name), name, **held)
+            if key is None:
+                continue
+            keys[name] = key
+            module = shared.get(spec.id, key)
             if module is not None:
                 reuse[name] = module
                 component_loaded(name, module, mode, dtype, shared=True)
 
     def built(name: str, module) -> None:
         component_loaded(name, module, mode, dtype)
-        if name in keys:
-            shared.put(keys[name], module)  # type: ignore[union-attr]  # keys only with a cache
+        if shared is not None and name in keys:
+            shared.put(keys[name], module)
 
     pipe = build_random_pipeline(spec.source, mode.device, dtype, devices=devices, on_component=built, reuse=reuse)
     apply_offload(pipe, mode)

@@ -112,10 +112,17 @@ class ComponentCache:
     @staticmethod
     def key(folder: Path | None, name: str, *, dtype: str, device: str, weights_dtype: str, offload: str) -> tuple | None:
         """What makes two loaded components interchangeable; ``None`` when this one is never shared."""
-        if folder is None or name not in SHAREABLE or offload not in SHARING_OFFLOADS or not folder.is_dir():
+        if folder is None or not folder.is_dir():
             return None
-        content = fingerprint(folder)
-        if content is None:
+        return ComponentCache.content_key(
+            fingerprint(folder), name, dtype=dtype, device=device, weights_dtype=weights_dtype, offload=offload
+        )
+
+    @staticmethod
+    def content_key(content: object, name: str, *, dtype: str, device: str, weights_dtype: str, offload: str) -> tuple | None:
+        """The key of a component whose weights ``content`` identifies (a files' hash, or a ``random:`` source's
+        architecture and seed) held this way; ``None`` when it is never shared."""
+        if content is None or name not in SHAREABLE or offload not in SHARING_OFFLOADS:
             return None
         fp8 = weights_dtype == "fp8" and name == "text_encoder"
         offloaded = name == "text_encoder" and offload in ("text-encoder", "group")
