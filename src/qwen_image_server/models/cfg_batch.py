@@ -233,10 +233,10 @@ class CfgBatching:
     ):
         self.mode = mode
         self.transformer = transformer
-        self.split = install_split_attention(transformer)
+        split = install_split_attention(transformer)
         self.hook = BatchedCfgHook(mode, device, takes_mask, free_bytes)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(self.hook, HOOK_NAME)
-        if not self.split and not takes_mask:
+        if not split and not takes_mask:
             log.warning("--cfg-batch %s: the attention backend takes no attention mask, so steps whose prompt and negative "
                         "prompt differ in length run unbatched", mode)  # fmt: skip
 

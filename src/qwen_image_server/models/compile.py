@@ -157,11 +157,10 @@ def compile_transformer(transformer) -> int:
     blocks = list(transformer.transformer_blocks)
     for block in blocks:
         holder, attr = _own_forward(block)
-        setattr(holder, attr, torch.compile(getattr(holder, attr), fullgraph=True, dynamic=False))
-    last_holder, last_attr = _own_forward(blocks[-1])
-    counted = CountedForward(getattr(last_holder, last_attr))
-    setattr(last_holder, last_attr, counted)
-    blocks[-1]._qis_computed = counted  # read by the step cache: hooks inside a compiled block do not fire
+        compiled = torch.compile(getattr(holder, attr), fullgraph=True, dynamic=False)
+        if block is blocks[-1]:  # read by the step cache: hooks inside a compiled block do not fire
+            compiled = block._qis_computed = CountedForward(compiled)
+        setattr(holder, attr, compiled)
     return len(blocks)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from .memory_modes import OFFLOADED, quantize_on_load
+from .memory_modes import OFFLOADED, load_order, quantize_on_load
 from .profile import RunProfile
 from .spec import ModelSpec
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
@@ -188,9 +188,7 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8":
         return 0
     offloaded = OFFLOADED.get(profile.offload, ())
-    order = sorted(
-        model.components, key=lambda c: ("transformer", "text_encoder").index(c) if c in ("transformer", "text_encoder") else 2
-    )
+    order = load_order(model.components)
     at_once = profile.weights_dtype == "fp8" or quantize_on_load(profile)
     peak = kept = 0
     for component in order:

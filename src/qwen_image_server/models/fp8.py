@@ -303,8 +303,8 @@ def apply_fp8(
     quantized = [m for m in transformer.modules() if isinstance(m, FP8Linear)]  # converted as the model loaded
     for layer in quantized:
         layer.matmul = matmul
+    layers = len(quantized) + quantize_linears(transformer, dtype, device, matmul)  # those left (after LoRAs)
     if not result.ok:
-        layers = len(quantized) + quantize_linears(transformer, dtype, device, matmul="dequant")
         run = str(dtype).removeprefix("torch.")
         log.warning(
             "--quantize fp8: %d linear layers keep FP8 weights (the memory plan counts them so) but multiply in %s: %s",
@@ -313,6 +313,5 @@ def apply_fp8(
             result.reason,
         )
         return {**info, "effective": "fp8-weights", "matmul": run, "layers": layers}
-    layers = len(quantized) + quantize_linears(transformer, dtype, device)
     log.info("--quantize fp8: %d linear layers in FP8 (%s)", layers, result.reason)
     return {**info, "effective": "fp8", "matmul": "fp8", "activations": activation_quantizer(device), "layers": layers}

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .memory_modes import OFFLOADED, check_spec_mode, quantize_on_load
+from .memory_modes import OFFLOADED, check_spec_mode, load_order, quantize_on_load
 from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
@@ -209,7 +209,7 @@ def _model_components(index: dict) -> list[str]:
         cls = getattr(importlib.import_module(library), class_name, None) if class_name else None
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             models.append(name)
-    return sorted(models, key=lambda n: ("transformer", "text_encoder").index(n) if n in ("transformer", "text_encoder") else 2)
+    return load_order(models)
 
 
 def _load_component(spec: ModelSpec, name: str, library: str, class_name: str, dtype: torch.dtype, device: str):

@@ -20,6 +20,12 @@ OFFLOADED = {
 }
 
 
+def load_order(components) -> list[str]:
+    """The order components load in: the transformer (the largest) first, then the text encoder, then the rest."""
+    first = ("transformer", "text_encoder")
+    return sorted(components, key=lambda name: first.index(name) if name in first else len(first))
+
+
 def quantize_on_load(profile) -> bool:
     """Whether ``quantize=fp8`` converts the transformer as it loads (no LoRAs: they need its plain linear layers
     first), rather than once the whole pipeline and its adapters are loaded; the memory plan counts the difference."""

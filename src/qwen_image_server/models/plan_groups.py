@@ -58,12 +58,16 @@ def group_needs(specs, footprints: dict[str, Footprint], keys: dict[tuple[str, s
     return out
 
 
+def group_name(specs) -> str:
+    """The name the planner gives the worker process that serves every one of ``specs``."""
+    return GROUP_SEPARATOR.join(spec.id for spec in specs)
+
+
 def group_slots(specs, footprints, workers: int, keys) -> list[tuple[str, int, int | None]]:
     """One slot per worker process that serves every model (``--share-components``)."""
     needs = group_needs(specs, footprints, keys)
     total = None if any(n is None for n in needs.values()) else sum(n or 0 for n in needs.values())
-    name = GROUP_SEPARATOR.join(spec.id for spec in specs)
-    return [(name, slot, total) for slot in range(workers)]
+    return [(group_name(specs), slot, total) for slot in range(workers)]
 
 
 def expand_groups(placed: list[Placement], specs, needs: dict[str, int | None]) -> list[Placement]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .footprint import GIB, PROCESS_OVERHEAD, Footprint, footprint, human
-from .plan_groups import GROUP_SEPARATOR, expand_groups, group_needs, group_slots, shared_keys
+from .plan_groups import expand_groups, group_name, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
 
@@ -374,7 +374,7 @@ def _arrange(specs, fps, settings, gpus, keys=None):
     slots = _slots(specs, fps, settings.workers) if keys is None else group_slots(specs, fps, settings.workers, keys)
     extras = {model: fp.load_extra for model, fp in fps.items()}
     if keys is not None:  # a process of several models loads them one after the other
-        extras[GROUP_SEPARATOR.join(spec.id for spec in specs)] = max(extras.values(), default=0)
+        extras[group_name(specs)] = max(extras.values(), default=0)
     placed, failed = _arrange_slots(slots, settings, gpus, extras)
     if keys is not None:
         placed = expand_groups(placed, specs, group_needs(specs, fps, keys))

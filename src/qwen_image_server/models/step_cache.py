@@ -272,15 +272,14 @@ class StepCache:
         handles = [self.transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
         if counted is None:
             handles.append(last_block.attn.to_out[0].register_forward_hook(on_last_attention))
-        else:
-            samples[0] = -counted.samples
+        before = counted.samples if counted is not None else 0
         try:
             yield stats
         finally:
             for handle in handles:
                 handle.remove()
             if counted is not None:
-                samples[0] += counted.samples
+                samples[0] = counted.samples - before
             computed = samples[0] // max(per_call[0], 1)
             stats["cached_calls"] = max(stats["transformer_calls"] - computed, 0)
             self.reset()
