@@ -9,7 +9,8 @@ the same GPU, then a stream of ``--requests`` requests alternating between the t
   text encoder and VAE once (the models take turns on the GPU).
 
 Both use ``--weights-dtype`` (default fp8: two bf16 transformers alone do not fit an
-80 GB card). Reported per design: seconds to ``/ready``, seconds for the whole stream,
+80 GB card), and allow images no larger than the stream's (``QIS_MAX_IMAGE_SIDE``, at
+least 1024): the memory plan reserves working memory for the largest allowed image. Reported per design: seconds to ``/ready``, seconds for the whole stream,
 statuses (an out-of-memory error is a 500), lost requests, p50/p99 latency, and the GPU
 memory in use after the stream (the workers' caching allocators keep their peak, so this
 is the stream's high-water mark, CUDA contexts included), read from a separate process;
@@ -87,6 +88,9 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
     env = {"QIS_MAX_STEPS": str(max(args.steps, 50)), "IMAGE_OUTPUT_DIR": str(tmp / design / "images")}
     if args.tiny:
         env.update({"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"})
+    else:  # the memory plan sizes the working memory for the largest image the server allows: the stream's
+        # generations and the edits of its square input (about one megapixel: 1024x1024)
+        env["QIS_MAX_IMAGE_SIDE"] = str(max(1024, *(int(side) for side in args.size.lower().split("x"))))
     (tmp / design).mkdir(parents=True, exist_ok=True)
     record: dict = {"design": design, "models": list(models), "weights_dtype": args.weights_dtype, "requests": args.requests,
                     "concurrency": args.concurrency, "size": args.size, "steps": args.steps}  # fmt: skip

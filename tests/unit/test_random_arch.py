@@ -13,10 +13,14 @@ import torch
 
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import EncodedImage, Job, JobResult
+from qwen_image_server.models.footprint import GIB, footprint
+from qwen_image_server.models.planner import Gpu, PlanError, make_plan
+from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.random_arch import build_components, init_random_, parameter_counts, text_encoder_config
 from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source
 from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models
 from qwen_image_server.models.tiny import _SPECIAL_TOKENS, _make_tokenizer
+from qwen_image_server.models.weights_files import read_tensors
 
 NAMES = ("Qwen/Qwen-Image", "Qwen/Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509")
 SMALL = f"?{SMALL_OVERRIDES}&seed=3"
@@ -217,6 +221,31 @@ def test_resolve_random_sources_without_files():
     assert (random.seed, random.overrides) == (7, {"layers": 2})
     assert random.architecture()["transformer"]["num_layers"] == 2
     assert architectures()["Qwen/Qwen-Image-Edit-2509"]["transformer"]["num_layers"] == 60  # the packaged one is unchanged
+
+
+def test_the_memory_plan_sizes_random_sources_from_their_architecture():
+    model = read_tensors(resolve_model("random:Qwen/Qwen-Image"))
+    assert model.origin == "architecture (random weights)" and not model.counts_only
+    assert (model.inner_dim, model.text_encoder["hidden_size"], model.text_encoder["num_hidden_layers"]) == (3072, 3584, 28)
+    counts = parameter_counts("Qwen/Qwen-Image")
+    for name, tensors in model.components.items():
+        assert sum(t.numel for t in tensors) == pytest.approx(counts[name], rel=1e-3)
+        assert {t.dtype for t in tensors} <= {"BF16", "F32"}
+    assert sum(t.name.startswith("transformer_blocks.59.") for t in model.components["transformer"]) > 0
+    # 53.8 GiB of weights and 58.0 GiB peak measured on an H100 at 1024x1024 (bf16)
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    fp = footprint(spec, model, run_bytes=2, max_image_side=1024)
+    assert fp.weights / GIB == pytest.approx(53.8, abs=0.2)
+    assert (fp.weights + fp.activations) / GIB == pytest.approx(58.0, abs=0.3)
+    group = footprint(spec, model, run_bytes=2, max_image_side=1024, profile=RunProfile(offload="group", quantize="fp8"))
+    assert group.weights < fp.weights / 10  # per-block figures: group offload keeps one block of each component
+    small = read_tensors(resolve_model("random:Qwen/Qwen-Image?layers=2&seed=4"))
+    assert sum(t.numel for t in small.components["transformer"]) < counts["transformer"] / 20
+    # the plan places and refuses it as the real model: an 80 GB card holds it, a 48 GB one needs a memory mode
+    card = {size: (lambda size=size: [Gpu("cuda:0", f"{size} GB card", size * GIB, size * GIB)]) for size in (48, 80)}
+    assert make_plan([spec], Settings(max_image_side=1024), discover=card[80]).devices("Qwen-Image") == ["cuda:0"]
+    with pytest.raises(PlanError, match=r"not enough GPU memory for model Qwen-Image .* needs 58\.\d GiB"):
+        make_plan([spec], Settings(max_image_side=1024), discover=card[48])
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,30 @@ def component_key(source: str, name: str) -> tuple:
     return ("random", name, json.dumps(arch[name], sort_keys=True), random.seed * 1000 + offset)
 
 
+#: safetensors' names of the dtypes a ``random:`` module is built in.
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def model_tensors(source: str):
+    """The tensors a ``random:`` source's components would hold, as a folder's safetensors headers list them
+    (``weights_files.ModelTensors``): built on the meta device (no memory, no weights), in bf16 as the
+    published files are, with the architecture's own config values for the working-memory estimate."""
+    from .weights_files import ModelTensors, Tensor, _configs
+
+    random = parse_random_source(source)
+    arch = random.architecture()
+    components = build_components(arch, "meta", torch.bfloat16)
+    tensors = {
+        name: tuple(
+            Tensor(key, _SAFETENSORS_DTYPES.get(value.dtype, "BF16"), value.numel(), value.dim())
+            for key, value in components[name].state_dict().items()
+        )
+        for name in ("transformer", "text_encoder", "vae")
+    }
+    configs = _configs(arch["transformer"], arch["text_encoder"])
+    return ModelTensors(tensors, origin="architecture (random weights)", **configs)
+
+
 def parameter_counts(name: str, **overrides: int) -> dict[str, int]:
     """Parameters of each module of a packaged architecture, counted on the meta device (no memory)."""
     text = "&".join(f"{key}={value}" for key, value in overrides.items())

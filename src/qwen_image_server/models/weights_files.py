@@ -225,13 +225,20 @@ def from_counts(counts: dict) -> ModelTensors:
 def read_tensors(spec: ModelSpec, cache_dir: str | Path | None = None) -> ModelTensors:
     """The tensors of a served model, from wherever its files are; ``UnknownFootprint`` when that cannot be done.
 
-    A ``random:ORG/NAME`` source has no files: its spec may give ``options["parameter_counts"]``.
+    A ``random:ORG/NAME`` source has no files: its tensors come from its packaged architecture, built on the
+    meta device (``random_arch.model_tensors``), unless its spec gives ``options["parameter_counts"]``.
     """
     if spec.source.startswith("random:"):
         counts = spec.options.get("parameter_counts")
-        if not counts:
-            raise UnknownFootprint(f"{spec.source} has no weight files and gives no parameter counts")
-        return from_counts(counts)
+        if counts:
+            return from_counts(counts)
+        from .random_arch import model_tensors
+        from .spec import ModelConfigError
+
+        try:
+            return model_tensors(spec.source)
+        except ModelConfigError as exc:
+            raise UnknownFootprint(f"{exc} (and its spec gives no parameter_counts)") from None
     if spec.is_hub:
         return read_hub(spec.source, spec.revision, cache_dir)
     return read_folder(Path(spec.source))
