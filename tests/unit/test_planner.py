@@ -354,7 +354,7 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
     args = ["plan", "-m", f"a={tiny_t2i}", "-m", f"b={tiny_edit}"]
     fits = runner.invoke(app, args, env={"QIS_FAKE_GPUS": "0.8GiB,0.8GiB"})
     assert fits.exit_code == 0, fits.output
-    assert "a: 601 MiB per worker at 2048x2048" in fits.output
+    assert "a: 600 MiB per worker at 2048x2048 (from safetensors headers)" in fits.output
     assert "cuda:0 QIS_FAKE_GPUS (819 MiB free of 819 MiB): " in fits.output and "cuda:1" in fits.output
     assert "the plan fits" in fits.output
     refused = runner.invoke(app, args, env={"QIS_FAKE_GPUS": "1GiB"})
