@@ -58,16 +58,25 @@ class Server(ServeProcess):
         """One request on a kept-alive connection (as the openai SDK's HTTP client does): status, headers, body."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            self._conn.request(method, path, body=payload, headers=headers)
-            response = self._conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        except Exception:
-            self._conn.close()
-            self._conn = None
-            raise
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            try:
+                self._conn.request(method, path, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                # The server closed the connection while it was idle (QIS_KEEP_ALIVE_TIMEOUT, 5 s: two
+                # direct runs in a row at a large size take longer): open a new one, as HTTP clients do.
+                self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+            except Exception:
+                self._conn.close()
+                self._conn = None
+                raise
+        raise AssertionError("unreachable")
 
 
 def main() -> int:
