@@ -105,10 +105,11 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
 
 @pytest.fixture(scope="module")
 def small_server(start_server, tiny_t2i):
-    """One worker, a queue of one waiting request, and a short task timeout."""
+    """One worker, a queue of one waiting request, and a short task timeout. One torch thread: a long task that
+    runs until its timeout or a cut then burns one core, not both."""
     return start_server(
         "--model", f"tiny={tiny_t2i}", "--workers", "1",
-        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "2", "QIS_MAX_STEPS": "1000"},
+        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"},
     )  # fmt: skip
 
 

@@ -45,11 +45,12 @@ def test_n_images_spread_over_two_replicas(pair):
 
 @pytest.fixture(scope="module")
 def limits(ray_serve, tiny_t2i):
-    """One replica, one waiting request at most, a short task timeout (removed after this module)."""
+    """One replica, one waiting request at most, a short task timeout (removed after this module). One torch
+    thread: a long task that runs until its timeout or a kill then burns one core, not both."""
     from ray import serve
 
     yield ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=5, cpu_threads=2, max_steps=1000
+        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=5, cpu_threads=1, max_steps=1000
     )
     serve.delete("limits")
 
