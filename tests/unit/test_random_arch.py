@@ -20,7 +20,7 @@ from qwen_image_server.models.random_arch import build_components, init_random_,
 from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source
 from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models
 from qwen_image_server.models.tiny import _SPECIAL_TOKENS, _make_tokenizer
-from qwen_image_server.models.weights_files import read_tensors
+from qwen_image_server.models.weights_files import UnknownFootprint, read_tensors
 
 NAMES = ("Qwen/Qwen-Image", "Qwen/Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509")
 SMALL = f"?{SMALL_OVERRIDES}&seed=3"
@@ -246,6 +246,21 @@ def test_the_memory_plan_sizes_random_sources_from_their_architecture():
     assert make_plan([spec], Settings(max_image_side=1024), discover=card[80]).devices("Qwen-Image") == ["cuda:0"]
     with pytest.raises(PlanError, match=r"not enough GPU memory for model Qwen-Image .* needs 58\.\d GiB"):
         make_plan([spec], Settings(max_image_side=1024), discover=card[48])
+
+
+def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_crash(monkeypatch):
+    import qwen_image_server.models.random_arch as random_arch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the classes refuse these values")
+
+    monkeypatch.setattr(random_arch, "build_components", refuse)
+    spec = resolve_model("random:Qwen/Qwen-Image?layers=2")
+    with pytest.raises(UnknownFootprint, match="could not be built to size them: the classes refuse these values"):
+        read_tensors(spec)
+    card = [Gpu("cuda:0", "80 GB card", 80 * GIB, 80 * GIB)]
+    plan = make_plan([spec], Settings(), discover=lambda: card)
+    assert plan.devices(spec.id) == ["cuda:0"] and plan.model_summary(spec.id)["total_gib"] is None
 
 
 @pytest.mark.parametrize(

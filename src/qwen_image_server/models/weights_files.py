@@ -239,6 +239,8 @@ def read_tensors(spec: ModelSpec, cache_dir: str | Path | None = None) -> ModelT
             return model_tensors(spec.source)
         except ModelConfigError as exc:
             raise UnknownFootprint(f"{exc} (and its spec gives no parameter_counts)") from None
+        except Exception as exc:  # values the rules let through but the model classes refuse: the worker says so
+            raise UnknownFootprint(f"{spec.source}: its modules could not be built to size them: {exc}") from None
     if spec.is_hub:
         return read_hub(spec.source, spec.revision, cache_dir)
     return read_folder(Path(spec.source))
