@@ -8,7 +8,7 @@ import pytest
 
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job
-from qwen_image_server.models.runner import PipelineRunner, edit_areas
+from qwen_image_server.models.runner import PipelineRunner, edit_areas, to_pil_images
 from qwen_image_server.models.spec import resolve_model
 from qwen_image_server.models.tiny import build_tiny_model
 
@@ -48,6 +48,23 @@ def test_runner_generates_requested_size_and_seeds_reproduce(t2i_runner):
     assert np.array_equal(np.asarray(first), np.asarray(second))
     other = t2i_runner.run(Job(**{**job.__dict__, "seeds": [6]}))[0]
     assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_images_are_made_8_bit_exactly_as_diffusers_pil_output_makes_them(dtype):
+    """``to_pil_images`` converts on the tensor's device; diffusers' ``output_type="pil"`` on the CPU in float32."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(2, 3, 17, 23, generator=generator)
+    values[0, 0, 0, :12] = (torch.arange(12) + 0.5) / 255  # halfway between two 8-bit values: rounded to even
+    values[1, :, 0, :2] = torch.tensor([0.0, 1.0])
+    images = values.to(getattr(torch, dtype))
+    ours = [np.asarray(image) for image in to_pil_images(images)]
+    theirs = [np.asarray(image) for image in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
+    assert [a.shape for a in ours] == [(17, 23, 3)] * 2 and all(a.dtype == np.uint8 for a in ours)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_runner_crops_to_the_output_size(t2i_runner):
