@@ -2,6 +2,7 @@
 
 import base64
 import io
+import platform
 import struct
 import zlib
 
@@ -104,7 +105,8 @@ def test_png_is_exact_valid_and_written_fast(backend, shape):
 
 
 def test_png_responses_use_the_fast_deflate_and_ignore_output_compression():
-    assert images._deflate.__name__ == "isal.isal_zlib"  # the dependency is installed and in use
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):  # where pyproject.toml installs isal
+        assert images._deflate.__name__ == "isal.isal_zlib"  # the dependency is installed and in use
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8))
     data = encode_image(image, "png", 10)  # output_compression does not apply to png
     assert data == encode_png(np.asarray(image))
