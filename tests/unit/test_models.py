@@ -50,8 +50,7 @@ def test_runner_generates_requested_size_and_seeds_reproduce(t2i_runner):
     assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_images_are_made_8_bit_exactly_as_diffusers_pil_output_makes_them(dtype):
+def _same_8_bit_images_as_diffusers(dtype: str, device: str) -> None:
     """``to_pil_images`` converts on the tensor's device; diffusers' ``output_type="pil"`` on the CPU in float32."""
     import torch
     from diffusers.image_processor import VaeImageProcessor
@@ -60,11 +59,26 @@ def test_images_are_made_8_bit_exactly_as_diffusers_pil_output_makes_them(dtype)
     values = torch.rand(2, 3, 17, 23, generator=generator)
     values[0, 0, 0, :12] = (torch.arange(12) + 0.5) / 255  # halfway between two 8-bit values: rounded to even
     values[1, :, 0, :2] = torch.tensor([0.0, 1.0])
-    images = values.to(getattr(torch, dtype))
+    images = values.to(device=device, dtype=getattr(torch, dtype))
     ours = [np.asarray(image) for image in to_pil_images(images)]
     theirs = [np.asarray(image) for image in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
     assert [a.shape for a in ours] == [(17, 23, 3)] * 2 and all(a.dtype == np.uint8 for a in ours)
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_images_are_made_8_bit_exactly_as_diffusers_pil_output_makes_them(dtype):
+    _same_8_bit_images_as_diffusers(dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_images_made_8_bit_on_a_gpu_equal_diffusers_pil_output(dtype):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _same_8_bit_images_as_diffusers(dtype, "cuda")
 
 
 def test_runner_crops_to_the_output_size(t2i_runner):
