@@ -246,6 +246,9 @@ def test_the_memory_plan_sizes_random_sources_from_their_architecture():
     assert make_plan([spec], Settings(max_image_side=1024), discover=card[80]).devices("Qwen-Image") == ["cuda:0"]
     with pytest.raises(PlanError, match=r"not enough GPU memory for model Qwen-Image .* needs 58\.\d GiB"):
         make_plan([spec], Settings(max_image_side=1024), discover=card[48])
+    # a CPU plan checks nothing, so it does not build the modules (torch, diffusers and transformers in the API process)
+    cpu = make_plan([spec], Settings(device="cpu"), reader=lambda spec: pytest.fail("a CPU plan sized a random: source"))
+    assert "sized for GPU plans only" in cpu.model_summary(spec.id)["unknown"]
 
 
 def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_crash(monkeypatch):

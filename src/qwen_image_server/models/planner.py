@@ -325,25 +325,29 @@ def make_plan(
     """
     discover = discover or discover_gpus
     reader = reader or read_tensors
+    setting = settings.device.strip()
+    gpus: list[Gpu] = []
+    if setting != "cpu":
+        found = discover()
+        gpus = _count_gpus_in_process() if found is None else found
+        if setting == "cuda" and not gpus:
+            raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
+    on_gpu = bool(gpus) or setting not in ("cpu", "auto", "cuda")
     tensors: dict[str, ModelTensors] = {}
     unknown: dict[str, str] = {}
     for spec in specs:
+        if spec.is_random and not spec.options.get("parameter_counts") and not on_gpu:
+            # sizing it builds its modules on the meta device (read_tensors), importing torch, diffusers and
+            # transformers into this process (seconds, hundreds of MB): for a plan that checks nothing, not worth it
+            unknown[spec.id] = f"{spec.source}: random: sources are sized for GPU plans only"
+            continue
         try:
             tensors[spec.id] = reader(spec)
         except UnknownFootprint as exc:
             unknown[spec.id] = str(exc)
             log.warning("memory estimate of %s unknown: %s", spec.id, exc)
-    setting = settings.device.strip()
     keys = shared_keys(specs) if getattr(settings, "share_components", False) and len(specs) > 1 else None
-    if setting == "cpu":
-        fps = _footprints(specs, tensors, settings, on_gpu=False)
-        return Plan(fps, unknown, [], _cpu_placements(specs, fps, settings, keys), shared_processes=keys is not None)
-    gpus = discover()
-    if gpus is None:
-        gpus = _count_gpus_in_process()
-    if setting in ("auto", "cuda") and not gpus:
-        if setting == "cuda":
-            raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
+    if not on_gpu:
         fps = _footprints(specs, tensors, settings, on_gpu=False)
         return Plan(fps, unknown, [], _cpu_placements(specs, fps, settings, keys), shared_processes=keys is not None)
     from .plan_advice import refusal  # the message and its suggestions
