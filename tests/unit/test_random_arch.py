@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -314,6 +315,25 @@ def test_cli_refuses_a_bad_random_source_with_exit_2():
     )
     assert result.returncode == 2
     assert "text_layers must be a positive integer" in result.stderr
+
+
+def test_plan_command_places_or_refuses_the_full_random_architecture():
+    """``qwen-image-server plan`` as a user runs it, on fake cards: the full-size random Qwen-Image fits 80 GB, not 48."""
+
+    def plan(card: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "qwen_image_server.cli", "plan", "--model", "random:Qwen/Qwen-Image"]
+        env = {**os.environ, "QIS_FAKE_GPUS": card, "QIS_MAX_IMAGE_SIDE": "1024"}
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+    fits = plan("80GiB")
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "Qwen-Image: 58.4 GiB per worker at 1024x1024 (from architecture (random weights))" in fits.stdout
+    refused = plan("48GiB")
+    assert refused.returncode == 2
+    assert (
+        "not enough GPU memory for model Qwen-Image (worker 1 of 1): each worker needs 58.4 GiB"
+        in refused.stdout + refused.stderr
+    )
 
 
 # --- the response's stats extension ----------------------------------------------------------------
