@@ -49,7 +49,7 @@ GIB = 1024**3
 
 def gpu_use() -> list[dict]:
     """Per visible GPU: name, GiB in use (by every process) and total, asked of a short-lived subprocess."""
-    from qwen_image_server.models.planner import discover_gpus
+    from qwen_image_server.models.machine import discover_gpus
 
     return [
         {"device": g.device, "name": g.name, "used_gib": round((g.total - g.free) / GIB, 2), "total_gib": round(g.total / GIB, 2)}

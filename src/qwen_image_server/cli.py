@@ -170,9 +170,11 @@ def plan(**options) -> None:
     """Print the memory plan of a serve command line without loading anything: per model the estimate,
     per GPU the workers placed there and the headroom. Exit 2 with the reason when it does not fit.
 
-    Takes serve's options. QIS_FAKE_GPUS=80GiB,24GiB plans for those GPUs instead (a planning and testing aid).
+    Takes serve's options. QIS_FAKE_GPUS=80GiB,24GiB plans for those GPUs instead, QIS_FAKE_HOST_MEMORY=16GiB
+    for that much memory on this machine (planning and testing aids).
     """
-    from .models.planner import FAKE_GPUS_ENV, PlanError, discover_gpus, make_plan, parse_fake_gpus
+    from .models.machine import FAKE_GPUS_ENV, FAKE_HOST_ENV, discover_gpus, parse_fake_gpus, parse_fake_host
+    from .models.planner import PlanError, make_plan
     from .models.spec import resolve_configured
 
     logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -180,8 +182,10 @@ def plan(**options) -> None:
         settings = settings_from_options(options)
         fake = os.environ.get(FAKE_GPUS_ENV)
         discover = (lambda: parse_fake_gpus(fake)) if fake else discover_gpus
+        fake_host = os.environ.get(FAKE_HOST_ENV)
+        host = (lambda: parse_fake_host(fake_host)) if fake_host else None
         try:
-            result = make_plan(resolve_configured(settings), settings, discover=discover)
+            result = make_plan(resolve_configured(settings), settings, discover=discover, host=host)
         except PlanError as exc:
             typer.echo(exc.plan.table())
             raise

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from qwen_image_server.engine.worker_process import FORKSERVER_PRELOAD, start_context, start_forkserver_early, start_method
-from qwen_image_server.models import planner
+from qwen_image_server.models import machine
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def test_the_forkserver_starts_before_the_api_imports_only_for_cpu_workers(monke
 
     started = []
     monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(True))
-    monkeypatch.setattr(planner, "no_gpu_driver", lambda: not driver)
+    monkeypatch.setattr(machine, "no_gpu_driver", lambda: not driver)
     assert start_forkserver_early(setting, device) is early
     assert started == ([True] if early else [])
 

@@ -16,7 +16,8 @@ from qwen_image_server.engine import local
 from qwen_image_server.engine.worker import device_memory
 from qwen_image_server.models import planner
 from qwen_image_server.models.footprint import GIB
-from qwen_image_server.models.planner import Gpu, Plan, PlanError, discover_gpus, make_plan
+from qwen_image_server.models.machine import Gpu, discover_gpus
+from qwen_image_server.models.planner import Plan, PlanError, make_plan
 from qwen_image_server.models.spec import resolve_configured
 
 

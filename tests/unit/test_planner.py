@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from qwen_image_server.cli import app
 from qwen_image_server.config import Settings
-from qwen_image_server.models.footprint import GIB, activation_bytes, footprint, resident_weights
-from qwen_image_server.models.planner import Gpu, PlanError, _slots, make_plan, parse_fake_gpus, place
+from qwen_image_server.models.footprint import GIB, activation_bytes, footprint, human, resident_weights
+from qwen_image_server.models.machine import Gpu, HostMemory, discover_host_memory, parse_fake_gpus, parse_fake_host
+from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured
 from qwen_image_server.models.weights_files import UnknownFootprint, read_folder, read_hub, read_tensors
@@ -282,16 +283,100 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:0"), discover=_gpus())
 
 
-def test_cpu_plans_check_nothing_and_need_no_gpu_probe(tiny_t2i):
+def _host(gib: float, total: float | None = None):
+    return lambda: HostMemory(int(gib * GIB), int((total or gib) * GIB), "test host")
+
+
+def test_cpu_plans_need_no_gpu_probe_and_are_checked_against_the_host_memory(tiny_t2i):
     def no_probe():
         raise AssertionError("the GPUs were probed for a CPU plan")
 
     spec = resolve_configured(Settings(models=[str(tiny_t2i)]))[0]
-    plan = make_plan([spec, _full("huge")], Settings(device="cpu", workers=2), discover=no_probe)
+    settings = Settings(device="cpu", workers=2, max_image_side=1024)
+    plan = make_plan([spec, _full("huge")], settings, discover=no_probe, host=_host(400))
     assert plan.devices(spec.id) == plan.devices("huge") == ["cpu", "cpu"]
-    assert make_plan([spec], Settings(), discover=_gpus()).devices(spec.id) == ["cpu"], "auto without GPUs: cpu"
+    huge = plan.footprints["huge"]
+    assert huge.components["transformer"] == int(FULL_SIZE["transformer"]) * 4  # float32 on the CPU
+    in_all = 2 * (huge.total + plan.footprints[spec.id].total)
+    assert f"cpu (400.0 GiB available of 400.0 GiB (test host)): {spec.id}#0, {spec.id}#1, huge#0, huge#1, " in plan.table()
+    assert f"{human(in_all)} in all, {human(400 * GIB - in_all)} headroom" in plan.table()
+    # on the CPU nothing is offloaded: the host holds every weight whatever the profile says
+    offloaded = make_plan([_full("huge", offload="model")], settings, host=_host(400)).footprints["huge"]
+    assert offloaded.weights == huge.weights
+    assert make_plan([spec], Settings(), discover=_gpus(), host=_host(400)).devices(spec.id) == ["cpu"], "auto without GPUs"
     with pytest.raises(ModelConfigError, match="--device cuda asked for, but no GPU is visible"):
         make_plan([spec], Settings(device="cuda"), discover=_gpus())
+
+
+def test_cpu_workers_that_do_not_fit_the_host_are_refused_with_the_flags_that_fit():
+    settings = Settings(device="cpu", max_image_side=1024)
+    with pytest.raises(PlanError) as refused:
+        make_plan([_full("qwen-image")], settings, host=_host(64, 125.5))
+    fp = refused.value.plan.footprints["qwen-image"]
+    message = str(refused.value)
+    assert message.startswith(
+        f"not enough memory on this machine for model qwen-image on the CPU: each of its workers needs {human(fp.total)}"
+    )
+    assert f"{human(fp.weights)} of weights (transformer {human(fp.components['transformer'])}" in message
+    assert "64.0 GiB is available of 125.5 GiB (test host)" in message
+    assert (
+        f"qwen-image#0, {human(fp.total + fp.load_extra)} in all, short by {human(fp.total - 64 * GIB)}"
+        in refused.value.plan.table()
+    )
+    assert "Would fit: --dtype bfloat16 (2 bytes a weight instead of float32's 4)" in message
+    assert "Or serve it on a GPU" in message
+    assert make_plan([_full("qwen-image")], settings.model_copy(update={"dtype": "bfloat16"}), host=_host(64)).devices(
+        "qwen-image"
+    ) == ["cpu"]
+    # two workers where one fits: fewer workers; two models with the same files in one process: --share-components
+    two = Settings(device="cpu", dtype="bfloat16", max_image_side=1024, workers=2)
+    with pytest.raises(PlanError) as two_workers:
+        make_plan([_full("qwen-image")], two, host=_host(80))
+    assert "--weights-dtype fp8@qwen-image (the transformer's weights stored in FP8); --workers 1" in str(two_workers.value)
+    assert "--dtype bfloat16" not in str(two_workers.value)  # already
+    fp8 = make_plan([_full("qwen-image", weights_dtype="fp8")], two, host=_host(80))
+    assert fp8.footprints["qwen-image"].components["transformer"] == int(FULL_SIZE["transformer"])  # 1 byte each
+    # an unknown estimate does not block, and without the host's figures nothing is checked
+    assert make_plan([_full("mystery", counts=None)], settings, host=_host(1)).devices("mystery") == ["cpu"]
+    assert make_plan([_full("qwen-image")], settings, host=lambda: None).devices("qwen-image") == ["cpu"]
+
+
+def _fake_root(tmp_path: Path, meminfo_gib: tuple[float, float], cgroup: str, files: dict[str, str]) -> Path:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    available, total = (int(g * 1024**2) for g in meminfo_gib)
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal:       {total} kB\nMemFree: 1 kB\nMemAvailable:   {available} kB\n")
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "sys/fs/cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys/fs/cgroup" / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "cgroup,files,expected",
+    [
+        ("0::/\n", {}, (20.0, 24.0, "MemAvailable")),  # no cgroup files: the machine's figures
+        ("0::/\n", {"memory.max": "max\n", "memory.current": "1000\n"}, (20.0, 24.0, "MemAvailable")),
+        # v2 limit of 8 GiB, 3 GiB used of which 1 GiB is reclaimable file cache: 6 GiB available
+        ("0::/app\n", {"app/memory.max": f"{8 * GIB}\n", "app/memory.current": f"{3 * GIB}\n",
+                       "app/memory.stat": f"anon 1\ninactive_file {GIB}\n"}, (6.0, 8.0, "cgroup")),
+        # v1, mounted at the root of the hierarchy inside a container
+        ("4:memory:/docker/abc\n1:cpu:/\n", {"memory/memory.limit_in_bytes": f"{4 * GIB}\n",
+                                              "memory/memory.usage_in_bytes": f"{GIB}\n"}, (3.0, 4.0, "cgroup")),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                          "memory/memory.usage_in_bytes": "5\n"}, (20.0, 24.0, "MemAvailable")),
+    ],
+)  # fmt: skip
+def test_host_memory_is_the_lower_of_the_machine_and_its_memory_cgroup(tmp_path, cgroup, files, expected):
+    host = discover_host_memory(_fake_root(tmp_path, (20, 24), cgroup, files))
+    assert host is not None
+    assert (host.available / GIB, host.total / GIB) == pytest.approx(expected[:2])
+    assert expected[2] in host.source
+
+
+def test_host_memory_unreadable_is_none(tmp_path):
+    assert discover_host_memory(tmp_path) is None
+    assert parse_fake_host("12GiB/16GiB") == HostMemory(12 * GIB, 16 * GIB, "QIS_FAKE_HOST_MEMORY")
 
 
 def test_an_unknown_estimate_does_not_block():
@@ -366,7 +451,7 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
 
 @pytest.mark.parametrize("visible", ["", "-1"])
 def test_no_gpu_can_be_visible_when_cuda_visible_devices_hides_them(monkeypatch, visible):
-    from qwen_image_server.models.planner import no_gpu_driver
+    from qwen_image_server.models.machine import no_gpu_driver
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert no_gpu_driver()

@@ -15,7 +15,8 @@ import torch
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import EncodedImage, Job, JobResult
 from qwen_image_server.models.footprint import GIB, footprint
-from qwen_image_server.models.planner import Gpu, PlanError, make_plan
+from qwen_image_server.models.machine import Gpu, HostMemory, discover_host_memory
+from qwen_image_server.models.planner import PlanError, make_plan
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.random_arch import build_components, init_random_, parameter_counts, text_encoder_config
 from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source
@@ -247,9 +248,12 @@ def test_the_memory_plan_sizes_random_sources_from_their_architecture():
     assert make_plan([spec], Settings(max_image_side=1024), discover=card[80]).devices("Qwen-Image") == ["cuda:0"]
     with pytest.raises(PlanError, match=r"not enough GPU memory for model Qwen-Image .* needs 58\.\d GiB"):
         make_plan([spec], Settings(max_image_side=1024), discover=card[48])
-    # a CPU plan checks nothing, so it does not build the modules (torch, diffusers and transformers in the API process)
-    cpu = make_plan([spec], Settings(device="cpu"), reader=lambda spec: pytest.fail("a CPU plan sized a random: source"))
-    assert "sized for GPU plans only" in cpu.model_summary(spec.id)["unknown"]
+    # on the CPU it runs in float32: twice the weights, which a 64 GiB machine refuses, pointing to bfloat16
+    host = {size: (lambda size=size: HostMemory(size * GIB, size * GIB, f"{size} GiB machine")) for size in (64, 128)}
+    cpu = make_plan([spec], Settings(device="cpu", max_image_side=1024), discover=card[80], host=host[128])
+    assert cpu.devices("Qwen-Image") == ["cpu"] and cpu.footprints["Qwen-Image"].weights / GIB == pytest.approx(2 * 53.8, abs=0.4)
+    with pytest.raises(PlanError, match=r"(?s)for model Qwen-Image on the CPU: .*Would fit: --dtype bfloat16"):
+        make_plan([spec], Settings(device="cpu", max_image_side=1024), host=host[64])
 
 
 def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_crash(monkeypatch):
@@ -334,6 +338,23 @@ def test_plan_command_places_or_refuses_the_full_random_architecture():
         "not enough GPU memory for model Qwen-Image (worker 1 of 1): each worker needs 58.4 GiB"
         in refused.stdout + refused.stderr
     )
+
+
+def test_cli_serve_refuses_on_the_cpu_a_model_this_machine_cannot_hold():
+    """``serve`` without a GPU used to start building the full-size model in host memory (115 GB in float32) until
+    the kernel killed it; now the plan, on this machine's real memory, refuses before the port opens."""
+    host = discover_host_memory()
+    if host is None or host.available > 4 * 116 * GIB:
+        pytest.skip("this machine's memory is unknown, or large enough to start building four full-size models")
+    command = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", "random:Qwen/Qwen-Image", "--device", "cpu"]
+    command += ["--workers", "4", "--port", "0"]
+    env = {**os.environ, "QIS_MAX_IMAGE_SIDE": "1024"}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 2, output[-2000:]
+    assert "error: not enough memory on this machine for model Qwen-Image on the CPU: each of its workers needs 116." in output
+    assert "(MemAvailable in /proc/meminfo)" in output or "(the container's memory limit (cgroup))" in output
+    assert "Uvicorn running" not in output and "worker" not in output.split("error:")[0].lower()
 
 
 # --- the response's stats extension ----------------------------------------------------------------

@@ -8,8 +8,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from qwen_image_server.config import Settings
-from qwen_image_server.models.footprint import GIB
-from qwen_image_server.models.planner import Gpu, PlanError, make_plan
+from qwen_image_server.models.footprint import GIB, human
+from qwen_image_server.models.host_memory import cpu_need
+from qwen_image_server.models.machine import Gpu, HostMemory
+from qwen_image_server.models.planner import PlanError, make_plan
 from qwen_image_server.models.spec import resolve_models
 from qwen_image_server.models.weights_files import from_counts
 
@@ -84,8 +86,20 @@ def test_a_shared_process_that_does_not_fit_is_refused_naming_every_model(tiny_t
 
 def test_shared_processes_on_the_cpu_and_per_slot(tiny_t2i, tiny_edit_plus):
     specs = _specs(tiny_t2i, tiny_edit_plus)
-    cpu = make_plan(specs, Settings(device="cpu", workers=2, share_components=True), reader=_full_size)
+    host = HostMemory(1000 * GIB, 1000 * GIB, "test host")
+    cpu = make_plan(specs, Settings(device="cpu", workers=2, share_components=True), reader=_full_size, host=lambda: host)
     assert cpu.devices("qwen-image") == cpu.devices("qwen-image-edit") == ["cpu", "cpu"]
+    # on the CPU too the shared text encoder and VAE count once: a host that holds the shared processes and not
+    # two copies of everything is told --share-components, and a host too small for both gets the shared message
+    shared_need = cpu_need(cpu.placements, cpu.footprints)[0]
+    fits_shared = HostMemory(shared_need + GIB, shared_need + GIB, "test host")
+    with pytest.raises(PlanError, match=r"--share-components \(one worker process serves every model"):
+        make_plan(specs, Settings(device="cpu", workers=2), reader=_full_size, host=lambda: fits_shared)
+    too_small = HostMemory(shared_need - GIB, shared_need, "test host")
+    with pytest.raises(
+        PlanError, match=rf"in 2 worker process\(es\) \(--share-components\): each needs {human(shared_need // 2)}"
+    ):
+        make_plan(specs, Settings(device="cpu", workers=2, share_components=True), reader=_full_size, host=lambda: too_small)
     two = make_plan(_specs(tiny_t2i, tiny_edit_plus, weights_dtype="fp8"), Settings(workers=2, share_components=True, max_image_side=1328),
                     discover=lambda: [Gpu("cuda:0", "a", 64 * GIB, 64 * GIB), Gpu("cuda:1", "b", 64 * GIB, 64 * GIB)],
                     reader=_full_size)  # fmt: skip

@@ -71,7 +71,7 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     torch is imported, so ``--device auto`` starts early only where no GPU can be visible (no NVIDIA or ROCm
     driver, or ``CUDA_VISIBLE_DEVICES`` empty: the planner's test). Returns whether it started one (the workers
     then connect to it; otherwise it starts with the first CPU worker)."""
-    from ..models.planner import no_gpu_driver
+    from ..models.machine import no_gpu_driver
 
     device = "cpu" if device_setting == "auto" and no_gpu_driver() else device_setting  # "auto" left: maybe a GPU
     if start_method(setting, device) != "forkserver":

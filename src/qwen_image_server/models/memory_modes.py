@@ -75,7 +75,7 @@ def check_spec_mode(spec: ModelSpec, device: str) -> None:
 
 
 def _cuda_available() -> bool:
-    from .planner import no_gpu_driver
+    from .machine import no_gpu_driver
 
     if no_gpu_driver():
         return False

@@ -9,43 +9,28 @@ as given (one entry per worker slot, round-robin) and only checked. When the
 workers do not fit, ``PlanError`` says which model, how much it needs, what each GPU
 has, and which flags would make it fit, before the port opens.
 
-Free memory comes from an injectable discovery function; the real one asks a
-short-lived subprocess (``torch.cuda.mem_get_info`` per device), so the API process
-holds no CUDA context. No torch here.
+Without a GPU every worker runs on the CPU, and the plan checks that they fit in the
+machine's available memory (``host_memory``), with the same kind of refusal.
+
+Free memory comes from injectable discovery functions (``machine``: the real ones ask a
+short-lived subprocess for the GPUs, so the API process holds no CUDA context, and read
+``/proc/meminfo`` and the memory cgroup for the host). No torch here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
-from .footprint import GIB, PROCESS_OVERHEAD, Footprint, footprint, human
+from .footprint import CPU_PROCESS_OVERHEAD, GIB, PROCESS_OVERHEAD, Footprint, footprint, human
+from .host_memory import cpu_need, cpu_suggestions, host_refusal
+from .machine import Gpu, HostMemory, count_gpus_in_process, discover_gpus, discover_host_memory
 from .plan_groups import expand_groups, group_name, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
 
 log = logging.getLogger(__name__)
-
-#: Testing and planning aid, read by ``qwen-image-server plan`` only: pretend these GPUs are there,
-#: e.g. ``80GiB,24GiB`` (free = total) or ``70GiB/80GiB`` (free/total).
-FAKE_GPUS_ENV = "QIS_FAKE_GPUS"
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """One visible GPU; ``free``/``total`` in bytes, None when unknown (then nothing is checked)."""
-
-    device: str
-    name: str = ""
-    free: int | None = None
-    total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +56,7 @@ class Plan:
     gpus: list[Gpu]
     placements: list[Placement] = field(default_factory=list)
     shared_processes: bool = False  # --share-components: slot i of every model is one worker process
+    host: HostMemory | None = None  # the machine's memory, for a plan with CPU workers
 
     def devices(self, model: str) -> list[str]:
         """The device of each worker slot of ``model``, in slot order."""
@@ -139,7 +125,14 @@ class Plan:
         others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus})
         for device in others:
             names = ", ".join(p.name for p in self.placements if p.device == device)
-            lines.append(f"{device}: {names} (no memory check)")
+            if device == "cpu" and self.host is not None:
+                need = cpu_need(self.placements, self.footprints)[0]
+                room = f"{human(self.host.available)} available of {human(self.host.total)} ({self.host.source})"
+                left = self.host.available - need
+                rest = f"{human(left)} headroom" if left >= 0 else f"short by {human(-left)}"
+                lines.append(f"cpu ({room}): {names}, {human(need)} in all, {rest}")
+            else:
+                lines.append(f"{device}: {names} (no memory check)")
         return "\n".join(lines)
 
 
@@ -158,68 +151,6 @@ def _gib(value: int | None) -> float | None:
 _gib_text = human
 
 
-# --- GPU discovery ------------------------------------------------------------------------------
-_PROBE = """
-import json, torch
-gpus = []
-if torch.cuda.is_available():
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        gpus.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "free": free, "total": total})
-print(json.dumps(gpus))
-"""
-
-
-def no_gpu_driver() -> bool:
-    """True when this is Linux without an NVIDIA or ROCm driver: then no GPU can be visible (skips the probe)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return True
-    return sys.platform.startswith("linux") and not Path("/proc/driver/nvidia").exists() and not Path("/dev/kfd").exists()
-
-
-def discover_gpus(timeout: float = 60.0) -> list[Gpu] | None:
-    """The visible GPUs with their free and total memory, asked of a short-lived subprocess
-    (it initialises CUDA, this process does not). None when the probe fails."""
-    if no_gpu_driver():
-        return []
-    try:
-        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=True)
-        return [Gpu(**item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError, TypeError) as exc:
-        log.warning("could not probe the GPUs' memory (%s); placing without a memory check", exc)
-        return None
-
-
-def _count_gpus_in_process() -> list[Gpu]:
-    """The GPUs without their memory (when the probe failed): the device count only."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [Gpu(f"cuda:{i}") for i in range(count)]
-
-
-_SIZE = re.compile(r"^\s*([\d.]+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
-
-
-def _parse_bytes(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise ModelConfigError(f"{FAKE_GPUS_ENV}: {text!r} is not a size like 80GiB")
-    unit = (match.group(2) or "gib").lower()
-    scale = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 1024**2, "m": 1024**2, "mb": 10**6}[unit]
-    return int(float(match.group(1)) * scale)
-
-
-def parse_fake_gpus(text: str) -> list[Gpu]:
-    """``80GiB,24GiB`` or ``70GiB/80GiB,...`` (free/total) → GPUs ``cuda:0``, ``cuda:1``, ... (a planning aid)."""
-    gpus = []
-    for i, item in enumerate(part for part in text.split(",") if part.strip()):
-        free, _, total = item.partition("/")
-        total_bytes = _parse_bytes(total or free)
-        gpus.append(Gpu(f"cuda:{i}", FAKE_GPUS_ENV, _parse_bytes(free), total_bytes))
-    return gpus
-
-
 # --- the plan -------------------------------------------------------------------------------------
 def run_bytes(dtype: str, device: str) -> int:
     """Bytes per parameter of the dtype the model runs in: bf16 on GPUs, float32 on CPU unless told."""
@@ -229,10 +160,12 @@ def run_bytes(dtype: str, device: str) -> int:
 
 
 def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool, overrides=None) -> dict[str, Footprint]:
-    """Footprints of the models whose tensors are known (``overrides``: model id -> profile, for suggestions)."""
+    """Footprints of the models whose tensors are known (``overrides``: model id -> profile, for suggestions).
+    On the CPU nothing is offloaded: every weight stays in the machine's memory."""
     out = {}
     for spec in specs:
         if spec.id in tensors:
+            profile = (overrides or {}).get(spec.id) or spec.profile
             out[spec.id] = footprint(
                 spec,
                 tensors[spec.id],
@@ -240,8 +173,8 @@ def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool,
                 max_image_side=settings.max_image_side,
                 max_input_images=settings.max_input_images,
                 max_batch_size=settings.max_batch_size,
-                profile=(overrides or {}).get(spec.id),
-                overhead=PROCESS_OVERHEAD if on_gpu else 0,
+                profile=profile if on_gpu else replace(profile, offload="none"),
+                overhead=PROCESS_OVERHEAD if on_gpu else CPU_PROCESS_OVERHEAD,
             )
     return out
 
@@ -316,12 +249,14 @@ def make_plan(
     settings,
     discover: Callable[[], list[Gpu] | None] | None = None,
     reader: Callable[[ModelSpec], ModelTensors] | None = None,
+    host: Callable[[], HostMemory | None] | None = None,
 ) -> Plan:
     """The plan for ``settings.workers`` workers of each of ``specs`` on ``settings.device``; ``PlanError``
     (a ``ModelConfigError``) when they do not fit, with the flags that would make them fit.
 
     ``discover`` lists the GPUs (default: ``discover_gpus``), ``reader`` a model's tensors (default:
-    ``read_tensors``, headers only). On CPU nothing is checked.
+    ``read_tensors``, headers only), ``host`` the machine's memory, which CPU workers are checked against
+    (default: ``discover_host_memory``).
     """
     discover = discover or discover_gpus
     reader = reader or read_tensors
@@ -329,18 +264,13 @@ def make_plan(
     gpus: list[Gpu] = []
     if setting != "cpu":
         found = discover()
-        gpus = _count_gpus_in_process() if found is None else found
+        gpus = count_gpus_in_process() if found is None else found
         if setting == "cuda" and not gpus:
             raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
     on_gpu = bool(gpus) or setting not in ("cpu", "auto", "cuda")
     tensors: dict[str, ModelTensors] = {}
     unknown: dict[str, str] = {}
     for spec in specs:
-        if spec.is_random and not spec.options.get("parameter_counts") and not on_gpu:
-            # sizing it builds its modules on the meta device (read_tensors), importing torch, diffusers and
-            # transformers into this process (seconds, hundreds of MB): for a plan that checks nothing, not worth it
-            unknown[spec.id] = f"{spec.source}: random: sources are sized for GPU plans only"
-            continue
         try:
             tensors[spec.id] = reader(spec)
         except UnknownFootprint as exc:
@@ -348,8 +278,7 @@ def make_plan(
             log.warning("memory estimate of %s unknown: %s", spec.id, exc)
     keys = shared_keys(specs) if getattr(settings, "share_components", False) and len(specs) > 1 else None
     if not on_gpu:
-        fps = _footprints(specs, tensors, settings, on_gpu=False)
-        return Plan(fps, unknown, [], _cpu_placements(specs, fps, settings, keys), shared_processes=keys is not None)
+        return _cpu_plan(specs, tensors, unknown, settings, keys, (host or discover_host_memory)())
     from .plan_advice import refusal  # the message and its suggestions
 
     fps = _footprints(specs, tensors, settings, on_gpu=True)
@@ -363,6 +292,30 @@ def make_plan(
         raise PlanError(failed, plan)
     message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, keys, **kw))
     raise PlanError(message, plan)
+
+
+def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) -> Plan:
+    """Every worker on the CPU, checked against the machine's available memory (when it is known)."""
+
+    def arrange(changed, share=False, profiles=None):
+        fps = _footprints(specs, tensors, changed, on_gpu=False, overrides=profiles)
+        group = shared_keys(specs) if share and keys is None else keys
+        return fps, _cpu_placements(specs, fps, changed, group)
+
+    fps, placements = arrange(settings)
+    plan = Plan(fps, unknown, [], placements, shared_processes=keys is not None, host=host)
+    total, per_model = cpu_need(placements, fps)
+    if host is None or total <= host.available:
+        return plan
+
+    def fits(workers=None, dtype=None, profiles=None, share=False) -> bool:
+        changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("dtype", dtype)) if v is not None})
+        changed_fps, changed_placements = arrange(changed, share, profiles)
+        return cpu_need(changed_placements, changed_fps)[0] <= host.available
+
+    model = max(per_model, key=per_model.__getitem__)
+    suggestions = cpu_suggestions(model, specs, settings, fits)
+    raise PlanError(host_refusal(per_model, fps, settings, host, suggestions), plan)
 
 
 def _cpu_placements(specs, fps, settings, keys) -> list[Placement]:

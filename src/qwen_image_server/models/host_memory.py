@@ -1,0 +1,75 @@
+"""Whether the workers that run on the CPU fit in the machine's memory, and what to say when they do not.
+
+A CPU worker keeps every weight in the machine's memory (in float32 unless ``--dtype``
+says otherwise: a full-size Qwen-Image needs about 115 GB), and the kernel kills a
+process that runs out of it, minutes into loading. The plan checks CPU workers against
+the memory available now (``machine.discover_host_memory``) before anything loads.
+No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .footprint import human
+from .machine import HostMemory
+
+
+def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
+    """Host bytes the CPU workers of a plan need in all, and per model (``None`` needs are unknown: left out)."""
+    per_model: dict[str, int] = {}
+    for p in placements:
+        if p.device == "cpu" and p.need is not None:
+            extra = footprints[p.model].load_extra if p.model in footprints else 0
+            per_model[p.model] = per_model.get(p.model, 0) + p.need + extra
+    return sum(per_model.values()), per_model
+
+
+def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMemory, suggestions: list[str]) -> str:
+    """The message of a plan whose CPU workers need more memory than the machine has available."""
+    largest = max(model_needs, key=model_needs.__getitem__)
+    total = sum(model_needs.values())
+    fp = footprints.get(largest)
+    if settings.share_components and len(model_needs) > 1:
+        head = (
+            f"not enough memory on this machine for models {', '.join(model_needs)} on the CPU in {settings.workers} "
+            f"worker process(es) (--share-components): each needs {human(total // settings.workers)} (text encoders and "
+            "VAEs with the same files counted once)"
+        )
+    elif fp is not None:
+        work = max(fp.activations, fp.text_encoder_work)
+        parts = ", ".join(f"{name} {human(b)}" for name, b in fp.components.items())
+        head = (
+            f"not enough memory on this machine for model {largest} on the CPU: each of its workers needs {human(fp.total)} "
+            f"({human(fp.weights)} of weights ({parts}) + {human(work)} working memory at {fp.image_side}x{fp.image_side}"
+            f" + {human(fp.overhead)} for the process)"
+        )
+    else:
+        head = f"not enough memory on this machine for model {largest} on the CPU"
+    models = ", ".join(f"{model} {human(need)}" for model, need in model_needs.items())
+    lines = [
+        head,
+        f"The CPU workers need {human(total)} in all ({models}; {settings.workers} worker(s) per model); "
+        f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
+        ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
+        "Or serve it on a GPU: `qwen-image-server plan` shows what each GPU needs.",
+    ]
+    return "\n".join(lines)
+
+
+def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
+    """Flags that make the CPU workers fit, each checked by planning again (``fits(**changes)`` -> bool)."""
+    out = []
+    if settings.dtype in ("auto", "float32") and fits(dtype="bfloat16"):
+        out.append("--dtype bfloat16 (2 bytes a weight instead of float32's 4)")
+    profile = next(spec.profile for spec in specs if spec.id == model)
+    fp8 = replace(profile, weights_dtype="fp8")
+    if profile.weights_dtype != "fp8" and profile.quantize != "fp8" and fits(profiles={model: fp8}):
+        out.append(f"--weights-dtype fp8@{model} (the transformer's weights stored in FP8)")
+    for workers in range(settings.workers - 1, 0, -1):
+        if fits(workers=workers):
+            out.append(f"--workers {workers}")
+            break
+    if len(specs) > 1 and not settings.share_components and fits(share=True):
+        out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
+    return out
