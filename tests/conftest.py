@@ -231,12 +231,12 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
-    """The shared server: a tiny text-to-image model with 2 workers, an edit and an edit-plus model."""
+    """The shared server: a tiny text-to-image model and an edit-plus model with 2 workers each, an edit model with 1."""
     return start_server(
         "--model", f"qwen-image-tiny={tiny_t2i}",
         "--model", f"qwen-image-edit-tiny={tiny_edit}",
         "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
-        "--workers", "2",
+        "--workers", "2", "--workers", "1@qwen-image-edit-tiny",
         env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", **_deterministic_on_cuda()},
     )  # fmt: skip
 

@@ -84,7 +84,10 @@ def serve(
         float | None,
         typer.Option("--shutdown-grace", help="Seconds running requests get on SIGTERM [QIS_SHUTDOWN_GRACE_SECONDS]."),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE].")] = None,
+    workers: Annotated[
+        list[str] | None,
+        typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE]; N@MODEL for one model; repeat."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
     queue_size: Annotated[int | None, typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
@@ -158,6 +161,14 @@ def settings_from_options(options: dict) -> Settings:
     """``Settings`` from the options of ``serve`` (and ``plan``, which takes the same): flags override the environment."""
     overrides = {_RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "demo", "log_level")}
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    if "workers" in overrides:  # --workers N (every model) and --workers N@MODEL (one model)
+        given = overrides.pop("workers")
+        plain = [value for value in given if "@" not in value]
+        if plain:
+            overrides["workers"] = plain[-1]
+        scoped = [value for value in given if "@" in value]
+        if scoped:
+            overrides["model_workers"] = scoped
     if options.get("model"):
         overrides["models"] = list(options["model"])
     settings = Settings(**overrides)

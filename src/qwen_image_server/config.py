@@ -105,6 +105,10 @@ class Settings(BaseSettings):
 
     # --- engine ------------------------------------------------------------------
     workers: int = Field(default=1, ge=1, le=64, validation_alias=_alias("NUM_GPUS_TO_USE", "QIS_WORKERS"))
+    model_workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="N@MODEL: this many workers for one model instead of --workers (';'-separated in the environment).",
+    )
     queue_size: int = Field(default=32, ge=1, le=100_000, validation_alias=_alias("TASK_QUEUE_SIZE", "QIS_QUEUE_SIZE"))
     task_timeout: float = Field(default=600.0, gt=0, validation_alias=_alias("TASK_TIMEOUT", "QIS_TASK_TIMEOUT"))
     device: str = Field(default="auto", description="auto, cpu, cuda, or cuda:0,cuda:1,... (one entry per worker slot)")
@@ -271,6 +275,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):  # one value, or several separated by ';' (values may hold commas)
             return [part.strip() for part in value.split(";") if part.strip()]
         return value
+
+    @field_validator("model_workers", mode="before")
+    @classmethod
+    def _split_model_workers(cls, value: object) -> object:
+        if isinstance(value, str):  # QIS_MODEL_WORKERS=3@qwen-image;1@qwen-image-edit
+            value = [part.strip() for part in value.split(";") if part.strip()]
+        for item in value if isinstance(value, list) else []:
+            count, sep, model = str(item).partition("@")
+            if not sep or not model.strip() or not count.strip().isdigit() or not 1 <= int(count) <= 64:
+                raise ValueError(f"workers {item!r}: expected N@MODEL with N from 1 to 64")
+        return value
+
+    def workers_for(self, model: str) -> int:
+        """How many workers ``model`` gets: its ``N@MODEL`` value (the last one given), else ``workers``."""
+        counts = {name.strip(): int(count) for count, _, name in (item.partition("@") for item in self.model_workers)}
+        return counts.get(model, self.workers)
+
+    def replicas_for(self, model: str) -> tuple[int, int]:
+        """Ray Serve's (min, max) replicas for ``model``: exactly its ``N@MODEL`` value (N replicas, as N workers of
+        the embedded engine), else ``ray_min_replicas`` and ``ray_max_replicas`` (default: --workers)."""
+        if any(item.partition("@")[2].strip() == model for item in self.model_workers):
+            return self.workers_for(model), self.workers_for(model)
+        return self.ray_min_replicas, self.ray_max_replicas or self.workers
 
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""

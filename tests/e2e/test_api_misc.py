@@ -9,6 +9,11 @@ import pytest
 import torch
 
 MODELS = {"qwen-image-tiny": "text-to-image", "qwen-image-edit-tiny": "edit", "qwen-image-edit-plus-tiny": "edit-plus"}
+WORKERS = {
+    "qwen-image-tiny": 2,
+    "qwen-image-edit-tiny": 1,
+    "qwen-image-edit-plus-tiny": 2,
+}  # --workers 2 --workers 1@qwen-image-edit-tiny
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +37,8 @@ def test_ready_lists_every_model_and_its_workers(http):
         model = body["models"][model_id]
         assert model["kind"] == kind and model["ready"] is True
         workers = model["workers"]
-        assert len(workers) == 2  # --workers 2
-        assert len({w["pid"] for w in workers}) == 2
+        assert len(workers) == len({w["pid"] for w in workers}) == WORKERS[model_id]
+        assert [w["name"] for w in workers] == [f"{model_id}#{slot}" for slot in range(WORKERS[model_id])]
         # Each worker reports the device it loaded on: the one the memory plan (/v1/models) gave its slot.
         assert sorted(w["device"] for w in workers) == sorted(cards[model_id]["memory"]["devices"])
         for worker in workers:

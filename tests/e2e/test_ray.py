@@ -26,11 +26,12 @@ SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "
 
 @pytest.fixture(scope="module")
 def pair(ray_serve, tiny_t2i):
-    """Two replicas of one model, two waiting requests at most (removed after this module: idle replicas cost CPU)."""
+    """Two replicas of one model (its own count, ``--workers 2@tiny``: the Ray settings say one), two waiting
+    requests at most (removed after this module: idle replicas cost CPU)."""
     from ray import serve
 
     yield ray_serve.deploy(
-        "pair", "/pair", [f"tiny={tiny_t2i}"], workers=2, ray_min_replicas=2, queue_size=2, cpu_threads=1, max_steps=1000
+        "pair", "/pair", [f"tiny={tiny_t2i}"], workers=1, model_workers=["2@tiny"], queue_size=2, cpu_threads=1, max_steps=1000
     )
     serve.delete("pair")
 

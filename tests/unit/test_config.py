@@ -49,3 +49,26 @@ def test_seed_000_docker_example_names(monkeypatch):
     monkeypatch.setenv("MODEL_PATH_GENERATION", "/custom/path/to/qwen-image")
     monkeypatch.setenv("MODEL_PATH_EDIT", "/custom/path/to/qwen-image-edit")
     assert Settings().model_entries() == [(None, "/custom/path/to/qwen-image"), (None, "/custom/path/to/qwen-image-edit")]
+
+
+def test_workers_per_model_from_flags_and_the_environment(monkeypatch):
+    from qwen_image_server.cli import settings_from_options
+
+    monkeypatch.setenv("NUM_GPUS_TO_USE", "4")
+    settings = settings_from_options({"workers": ["3@t2i", "2", "1@edit", "2@edit"], "log_level": "info"})
+    assert settings.workers == 2 and settings.model_workers == ["3@t2i", "1@edit", "2@edit"]
+    assert (settings.workers_for("t2i"), settings.workers_for("edit"), settings.workers_for("other")) == (3, 2, 2)
+    # only per-model values: every other model keeps the environment's count
+    settings = settings_from_options({"workers": ["1@edit"], "log_level": "info"})
+    assert (settings.workers, settings.workers_for("edit"), settings.workers_for("t2i")) == (4, 1, 4)
+    monkeypatch.setenv("QIS_MODEL_WORKERS", "3@t2i; 1@edit")
+    assert Settings().model_workers == ["3@t2i", "1@edit"] and Settings().workers_for("t2i") == 3
+    # Ray Serve: a model's own count is its number of replicas; the others scale within ray_min/max_replicas
+    ray = Settings(workers=3, ray_min_replicas=2, model_workers=["1@edit", "4@t2i"])
+    assert (ray.replicas_for("edit"), ray.replicas_for("t2i"), ray.replicas_for("other")) == ((1, 1), (4, 4), (2, 3))
+
+
+@pytest.mark.parametrize("value", ["3", "x@t2i", "0@t2i", "65@t2i", "3@", "@t2i", "-1@t2i"])
+def test_malformed_per_model_workers_are_refused(value):
+    with pytest.raises(ValidationError, match=r"expected N@MODEL with N from 1 to 64"):
+        Settings(model_workers=[value])

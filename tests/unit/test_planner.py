@@ -209,7 +209,9 @@ def test_best_fit_is_tried_when_spreading_does_not_fit():
     plan = make_plan(specs, settings, discover=_gpus(_gpu(0, 200)))
     need = {m: plan.footprints[m].total / GIB for m in ("big", "m1", "m2")}
     gpus = [_gpu(0, need["m1"] + need["m2"] + 0.1), _gpu(1, need["big"] + 0.1)]
-    assert place(_slots(specs, plan.footprints, 1), gpus, spread=True)[1] is not None, "spreading alone fails here"
+    assert place(_slots(specs, plan.footprints, Settings(workers=1)), gpus, spread=True)[1] is not None, (
+        "spreading alone fails here"
+    )
     plan = make_plan(specs, settings, discover=_gpus(*gpus))
     assert plan.devices("big") == ["cuda:1"] and plan.devices("m1") == plan.devices("m2") == ["cuda:0"]
 
@@ -377,6 +379,34 @@ def test_host_memory_is_the_lower_of_the_machine_and_its_memory_cgroup(tmp_path,
 def test_host_memory_unreadable_is_none(tmp_path):
     assert discover_host_memory(tmp_path) is None
     assert parse_fake_host("12GiB/16GiB") == HostMemory(12 * GIB, 16 * GIB, "QIS_FAKE_HOST_MEMORY")
+
+
+def test_workers_per_model_are_placed_and_named_in_the_refusal():
+    gpus = _gpus(*(_gpu(i, 80) for i in range(4)))
+    specs = [_full("qwen-image"), _full("qwen-image-edit", "edit-plus")]
+    plan = make_plan(specs, Settings(max_image_side=1024, model_workers=["3@qwen-image"]), discover=gpus)
+    # one full-size model per card: the edit model (the largest worker) first, then the three others
+    assert (plan.devices("qwen-image"), plan.devices("qwen-image-edit")) == (["cuda:1", "cuda:2", "cuda:3"], ["cuda:0"])
+    # five workers on four cards: the refusal counts the model's own workers and suggests its own smaller count
+    with pytest.raises(PlanError) as refused:
+        make_plan(specs, Settings(max_image_side=1024, model_workers=["4@qwen-image"]), discover=gpus)
+    message = str(refused.value)
+    assert message.startswith("not enough GPU memory for model qwen-image (worker 4 of 4): each worker needs 58.4 GiB")
+    assert message.endswith(
+        "; --workers 3@qwen-image\nOr serve qwen-image on another GPU with at least 58.4 GiB free (the most free here: 80.0 GiB)."
+    )
+    cpu = make_plan(specs, Settings(device="cpu", model_workers=["2@qwen-image-edit"], dtype="bfloat16"), host=_host(1000))
+    assert (len(cpu.devices("qwen-image")), len(cpu.devices("qwen-image-edit"))) == (1, 2)
+
+
+def test_workers_per_model_must_name_served_models_and_match_under_share_components(tiny_t2i, tiny_edit):
+    entries = [f"t2i={tiny_t2i}", f"edit={tiny_edit}"]
+    with pytest.raises(ModelConfigError, match=r"--workers names models that are not served: nope \(served: t2i, edit\)"):
+        resolve_configured(Settings(models=entries, model_workers=["2@nope"]))
+    with pytest.raises(ModelConfigError, match=r"every model needs the same number of workers \(here: t2i 2, edit 1\)"):
+        resolve_configured(Settings(models=entries, workers=2, model_workers=["1@edit"], share_components=True))
+    same = resolve_configured(Settings(models=entries, workers=1, model_workers=["2@edit", "2@t2i"], share_components=True))
+    assert [spec.id for spec in same] == ["t2i", "edit"]
 
 
 def test_an_unknown_estimate_does_not_block():

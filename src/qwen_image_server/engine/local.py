@@ -301,7 +301,7 @@ class _ModelPool:
 
 
 class LocalEngine:
-    """``EngineClient`` on worker processes of this machine: ``settings.workers`` per model."""
+    """``EngineClient`` on worker processes of this machine: ``settings.workers_for(model)`` per model, where the plan put them."""
 
     def __init__(self, models: list[ModelSpec], settings: Settings, plan: Plan | None = None):
         self.models = models

@@ -125,7 +125,7 @@ class RayEngine:
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout
         handle = self.handles[model_id]
-        replicas = self._replicas()
+        replicas = self._replicas(model_id)
         self.admit(model_id)
         self._in_flight[model_id] += 1
         try:
@@ -136,16 +136,16 @@ class RayEngine:
 
     def admit(self, model_id: str) -> None:
         """Refuse at once when the model's jobs fill its replicas and queue, or its pixel budget."""
-        replicas = self._replicas()
+        replicas = self._replicas(model_id)
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size:
             raise QueueFull(retry_after=retry_after(self.settings))
         self._budgets[model_id].check()
 
-    def _replicas(self) -> int:
-        # Settings always sets ray_max_replicas (default: --workers); None only on an unchecked Settings.
-        return max(1, self.settings.ray_max_replicas or 1)
+    def _replicas(self, model_id: str) -> int:
+        """The model's largest replica count: its ``--workers N@MODEL``, else ``ray_max_replicas`` (default --workers)."""
+        return max(1, self.settings.replicas_for(model_id)[1])
 
     async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
         batch, pieces = split_for(job, replicas, self.settings.max_batch_size)
@@ -252,14 +252,15 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
         gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     bound = []
     for index, spec in enumerate(specs):
+        low, high = settings.replicas_for(spec.id)
         deployment = serve.deployment(
             name=deployment_name(index, spec),
             ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
             max_ongoing_requests=1,
             max_queued_requests=settings.queue_size,
             autoscaling_config={
-                "min_replicas": settings.ray_min_replicas,
-                "max_replicas": settings.ray_max_replicas,
+                "min_replicas": low,
+                "max_replicas": high,
                 "target_ongoing_requests": 1,
             },
             health_check_period_s=2,

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from .footprint import human
 from .machine import HostMemory
+from .plan_advice import fewer_workers, same_counts
 
 
 def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
@@ -30,10 +31,11 @@ def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMe
     largest = max(model_needs, key=model_needs.__getitem__)
     total = sum(model_needs.values())
     fp = footprints.get(largest)
+    processes = settings.workers_for(largest)
     if settings.share_components and len(model_needs) > 1:
         head = (
-            f"not enough memory on this machine for models {', '.join(model_needs)} on the CPU in {settings.workers} "
-            f"worker process(es) (--share-components): each needs {human(total // settings.workers)} (text encoders and "
+            f"not enough memory on this machine for models {', '.join(model_needs)} on the CPU in {processes} "
+            f"worker process(es) (--share-components): each needs {human(total // processes)} (text encoders and "
             "VAEs with the same files counted once)"
         )
     elif fp is not None:
@@ -46,10 +48,13 @@ def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMe
         )
     else:
         head = f"not enough memory on this machine for model {largest} on the CPU"
-    models = ", ".join(f"{model} {human(need)}" for model, need in model_needs.items())
+    models = ", ".join(
+        f"{model} {settings.workers_for(model)} x {human(need // settings.workers_for(model))}"
+        for model, need in model_needs.items()
+    )
     lines = [
         head,
-        f"The CPU workers need {human(total)} in all ({models}; {settings.workers} worker(s) per model); "
+        f"The CPU workers need {human(total)} in all ({models}); "
         f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
         ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
         "Or serve it on a GPU: `qwen-image-server plan` shows what each GPU needs.",
@@ -66,10 +71,9 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
     fp8 = replace(profile, weights_dtype="fp8")
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8" and fits(profiles={model: fp8}):
         out.append(f"--weights-dtype fp8@{model} (the transformer's weights stored in FP8)")
-    for workers in range(settings.workers - 1, 0, -1):
-        if fits(workers=workers):
-            out.append(f"--workers {workers}")
-            break
-    if len(specs) > 1 and not settings.share_components and fits(share=True):
+    fewer = fewer_workers(model, settings, fits)
+    if fewer:
+        out.append(fewer)
+    if len(specs) > 1 and not settings.share_components and same_counts(specs, settings) and fits(share=True):
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     return out

@@ -46,7 +46,7 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         members = ", ".join(spec.id for spec in specs)
         head = (
             f"not enough GPU memory for models {members} in one worker process (--share-components; worker "
-            f"{slot + 1} of {settings.workers}){where}: each process needs {_gib(need)} (text encoders and VAEs "
+            f"{slot + 1} of {settings.workers_for(specs[0].id)}){where}: each process needs {_gib(need)} (text encoders and VAEs "
             "with the same files counted once)"
         )
         fp = None
@@ -54,7 +54,7 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         fp = plan.footprints[model]
         need = fp.total
         head = (
-            f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers}){where}: "
+            f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers_for(model)}){where}: "
             f"each worker needs {_gib(fp.total)} ({_needs(fp)})"
         )
     gpus = []
@@ -84,11 +84,18 @@ def suggest_for_all(specs, settings, fits) -> list[str]:
             continue
         if fits(profiles=everyone)[0]:
             out.append(f"{flag} {value} (for every model)")
-    for workers in range(settings.workers - 1, 0, -1):
-        if fits(workers=workers)[0]:
-            out.append(f"--workers {workers}")
-            break
-    return out
+    fewer = fewer_workers(specs[0].id, settings, lambda **kw: fits(**kw)[0])
+    return out + ([fewer] if fewer else [])
+
+
+def fewer_workers(model: str, settings, fits) -> str | None:
+    """The largest smaller worker count that fits (``fits(**changes)`` -> bool): ``--workers N@MODEL`` for a model
+    with a count of its own, else ``--workers N`` (every model without one)."""
+    own = any(item.partition("@")[2].strip() == model for item in settings.model_workers)
+    for count in range(settings.workers_for(model) - 1, 0, -1):
+        if fits(model_workers=(model, count)) if own else fits(workers=count):
+            return f"--workers {count}@{model}" if own else f"--workers {count}"
+    return None
 
 
 def suggest(model: str, specs, settings, fits) -> list[str]:
@@ -115,12 +122,10 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     if side is not None:
         total = fits(max_side=side)[1][model].total
         out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)})")
-    for workers in range(settings.workers - 1, 0, -1):
-        ok, fps = fits(workers=workers)
-        if ok:
-            out.append(f"--workers {workers}")
-            break
-    if len(specs) > 1 and not getattr(settings, "share_components", False) and fits(share=True)[0]:
+    fewer = fewer_workers(model, settings, lambda **kw: fits(**kw)[0])
+    if fewer:
+        out.append(fewer)
+    if len(specs) > 1 and not settings.share_components and same_counts(specs, settings) and fits(share=True)[0]:
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:
         out.append("--device auto (places the workers by free memory)")
@@ -147,3 +152,8 @@ def _largest_side(settings, ok) -> int | None:
         else:
             hi = mid - 16
     return lo
+
+
+def same_counts(specs, settings) -> bool:
+    """Whether every model has the same number of workers (``--share-components`` needs it)."""
+    return len({settings.workers_for(spec.id) for spec in specs}) == 1

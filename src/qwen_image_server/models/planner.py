@@ -1,6 +1,6 @@
 """The memory plan: which device each worker gets, decided before anything loads.
 
-Every worker of every model (``settings.workers`` per model) needs the memory its
+Every worker of every model (``settings.workers_for(model)`` each) needs the memory its
 ``Footprint`` says. The planner places them on the GPUs that have that much free
 (first-fit decreasing: the largest first, each on the GPU with the most room left,
 preferring GPUs without a worker of the same model so that a model's workers spread;
@@ -179,9 +179,10 @@ def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool,
     return out
 
 
-def _slots(specs, footprints: dict[str, Footprint], workers: int) -> list[tuple[str, int, int | None]]:
+def _slots(specs, footprints: dict[str, Footprint], settings) -> list[tuple[str, int, int | None]]:
+    """One ``(model, slot, need)`` per worker: ``settings.workers_for(model)`` of each model."""
     needs = {spec.id: footprints[spec.id].total if spec.id in footprints else None for spec in specs}
-    return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(workers)]
+    return [(spec.id, slot, needs[spec.id]) for spec in specs for slot in range(settings.workers_for(spec.id))]
 
 
 def place(
@@ -251,7 +252,7 @@ def make_plan(
     reader: Callable[[ModelSpec], ModelTensors] | None = None,
     host: Callable[[], HostMemory | None] | None = None,
 ) -> Plan:
-    """The plan for ``settings.workers`` workers of each of ``specs`` on ``settings.device``; ``PlanError``
+    """The plan for ``settings.workers_for(model)`` workers of each of ``specs`` on ``settings.device``; ``PlanError``
     (a ``ModelConfigError``) when they do not fit, with the flags that would make them fit.
 
     ``discover`` lists the GPUs (default: ``discover_gpus``), ``reader`` a model's tensors (default:
@@ -308,9 +309,8 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
     if host is None or total <= host.available:
         return plan
 
-    def fits(workers=None, dtype=None, profiles=None, share=False) -> bool:
-        changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("dtype", dtype)) if v is not None})
-        changed_fps, changed_placements = arrange(changed, share, profiles)
+    def fits(profiles=None, share=False, **changes) -> bool:
+        changed_fps, changed_placements = arrange(changed_settings(settings, **changes), share, profiles)
         return cpu_need(changed_placements, changed_fps)[0] <= host.available
 
     model = max(per_model, key=per_model.__getitem__)
@@ -320,15 +320,15 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
 
 def _cpu_placements(specs, fps, settings, keys) -> list[Placement]:
     if keys is None:
-        return [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings.workers)]
-    slots = group_slots(specs, fps, settings.workers, keys)
+        return [Placement(m, s, "cpu", n) for m, s, n in _slots(specs, fps, settings)]
+    slots = group_slots(specs, fps, settings.workers_for(specs[0].id), keys)
     return expand_groups([Placement(m, s, "cpu", n) for m, s, n in slots], specs, group_needs(specs, fps, keys))
 
 
 def _arrange(specs, fps, settings, gpus, keys=None):
     """Placements and the failed slot (or an error text) for the device setting; with ``keys``
     (``--share-components``) slot ``i`` of every model is one process, placed as one."""
-    slots = _slots(specs, fps, settings.workers) if keys is None else group_slots(specs, fps, settings.workers, keys)
+    slots = _slots(specs, fps, settings) if keys is None else group_slots(specs, fps, settings.workers_for(specs[0].id), keys)
     extras = {model: fp.load_extra for model, fp in fps.items()}
     if keys is not None:  # a process of several models loads them one after the other
         extras[group_name(specs)] = max(extras.values(), default=0)
@@ -350,16 +350,22 @@ def _arrange_slots(slots, settings, gpus, extras):
     return placed, failed
 
 
-def _fits(
-    specs, tensors, settings, gpus, keys=None, profiles=None, workers=None, max_side=None, device=None, share=False
-) -> tuple[bool, dict[str, Footprint]]:
+def changed_settings(settings, workers=None, model_workers=None, dtype=None, device=None, max_side=None):
+    """``settings`` with what a suggestion changes: ``workers`` (every model without a count of its own),
+    ``model_workers`` ``(model, count)``, ``dtype``, ``device``, ``max_side`` (the largest image side)."""
+    update: dict = {k: v for k, v in (("workers", workers), ("dtype", dtype), ("device", device)) if v is not None}
+    if model_workers is not None:
+        update["model_workers"] = [*settings.model_workers, f"{model_workers[1]}@{model_workers[0]}"]  # the last one counts
+    if max_side is not None:
+        update.update(max_image_side=max_side, min_image_side=min(settings.min_image_side, max_side))
+    return settings.model_copy(update=update)
+
+
+def _fits(specs, tensors, settings, gpus, keys=None, profiles=None, share=False, **changes) -> tuple[bool, dict[str, Footprint]]:
     """Whether the plan fits with some settings changed (for the refusal's suggestions)."""
     if share and keys is None:
         keys = shared_keys(specs)
-    changed = settings.model_copy(update={k: v for k, v in (("workers", workers), ("device", device)) if v is not None})
-    if max_side is not None:
-        sides = {"max_image_side": max_side, "min_image_side": min(settings.min_image_side, max_side)}
-        changed = changed.model_copy(update=sides)
+    changed = changed_settings(settings, **changes)
     fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
     placed, failed = _arrange(specs, fps, changed, gpus, keys)
     return failed is None, fps

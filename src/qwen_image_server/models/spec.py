@@ -201,7 +201,23 @@ def resolve_configured(settings) -> list[ModelSpec]:
     the folder's, else the server's ``--default-size``.
     """
     specs = resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
+    _check_model_workers(specs, settings)
     return [_with_warm_default(spec, settings.default_size) for spec in specs]
+
+
+def _check_model_workers(specs: list[ModelSpec], settings) -> None:
+    """``--workers N@MODEL`` must name served models; with ``--share-components`` every model has the same count."""
+    ids = [spec.id for spec in specs]
+    unknown = sorted({item.partition("@")[2].strip() for item in settings.model_workers} - set(ids))
+    if unknown:
+        raise ModelConfigError(f"--workers names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+    counts = {ident: settings.workers_for(ident) for ident in ids}
+    if settings.share_components and len(set(counts.values())) > 1:
+        given = ", ".join(f"{ident} {count}" for ident, count in counts.items())
+        raise ModelConfigError(
+            f"--share-components runs worker slot i of every model in one process, so every model needs the same number "
+            f"of workers (here: {given}); give one --workers N"
+        )
 
 
 def _with_warm_default(spec: ModelSpec, default_size: str) -> ModelSpec:
