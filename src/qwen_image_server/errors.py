@@ -94,5 +94,20 @@ class InferenceFailed(ServerError):
         super().__init__(f"Inference failed: {reason}")
 
 
+class StorageFailed(ServerError):
+    """A ``response_format=url`` image could not be stored: a full disk, a folder that cannot be written, a bucket
+    that refused it (500). The reason is the system's short one (no path, no bucket name)."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "storage_failed"
+
+    def __init__(self, reason: str):
+        super().__init__(
+            f"Could not store the image for response_format=url ({reason}); response_format=b64_json returns it "
+            "without storing it"
+        )
+
+
 class TaskCancelled(Exception):
     """Work stopped because its client went away or its time ran out (internal, never sent)."""

@@ -8,6 +8,7 @@ becomes part of a path or key, and only names of that shape are ever served.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -15,6 +16,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Protocol
+
+from .errors import StorageFailed
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -28,7 +33,10 @@ class ImageStore(Protocol):
     """Stores encoded images under generated names (blocking methods: call them in a thread)."""
 
     def save(self, data: bytes, extension: str) -> str:
-        """Store ``data``; return its generated name."""
+        """Store ``data``; return its generated name. ``StorageFailed`` when it cannot."""
+
+    def check(self) -> str | None:
+        """Why images cannot be stored (said at start-up), or None when a probe could be stored."""
 
     def read(self, name: str) -> bytes | None:
         """The stored bytes, or None for a name this store did not generate or no longer has."""
@@ -49,14 +57,32 @@ class LocalImageStore:
         self._scanned_at = 0.0
 
     def save(self, data: bytes, extension: str) -> str:
-        """Write ``data`` under a new generated name and return the name (blocking: call in a thread)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write ``data`` under a new generated name and return the name (blocking: call in a thread). A write that
+        fails (a full disk) leaves no partial file behind."""
         name = new_name(extension)
         tmp = self.directory / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.directory / name)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, self.directory / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.error("could not store an image in %s: %s", self.directory, exc)
+            raise StorageFailed(exc.strerror or type(exc).__name__) from None
         self._prune()
         return name
+
+    def check(self) -> str | None:
+        try:
+            name = self.save(b"", "png")
+        except StorageFailed as exc:
+            return exc.message
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / name)
+        if self._count:
+            self._count -= 1
+        return None
 
     def path(self, name: str) -> Path | None:
         """The file of a stored image, or None for any name this store did not generate or has deleted."""
@@ -126,9 +152,21 @@ class S3ImageStore:
         )
 
     def save(self, data: bytes, extension: str) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         name = new_name(extension)
-        self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType=MEDIA_TYPES[extension])
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType=MEDIA_TYPES[extension])
+        except ClientError as exc:
+            log.error("could not store an image in bucket %s: %s", self.bucket, exc)
+            raise StorageFailed(f"the bucket refused it: {exc.response.get('Error', {}).get('Code', 'error')}") from None
+        except BotoCoreError as exc:
+            log.error("could not store an image in bucket %s: %s", self.bucket, exc)
+            raise StorageFailed(f"the object store could not be reached: {type(exc).__name__}") from None
         return name
+
+    def check(self) -> str | None:
+        return None  # a probe object would stay in the bucket; a failed upload is reported per request
 
     def read(self, name: str) -> bytes | None:
         if not NAME_PATTERN.match(name):

@@ -364,3 +364,18 @@ def test_chunked_json_generation_body_too_large_is_413(small_body_api):
     ok = client.post(GENERATIONS, content=_chunks(small), headers={"content-type": "application/json"})
     assert_error(response, 413)
     assert ok.status_code == 200, ok.text[:300]
+
+
+def test_url_images_that_cannot_be_stored_give_a_clear_500_and_a_warning_at_start(make_api, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="qwen_image_server.api.app"):
+        http = make_api(image_output_dir=str(blocked / "images")).client
+    assert "url responses will fail: Could not store the image for response_format=url (Not a directory)" in caplog.text
+    response = http.post(GENERATIONS, json={"prompt": "a cat", "response_format": "url"})
+    error = assert_error(response, 500, param=None, message=(
+        "Could not store the image for response_format=url (Not a directory); response_format=b64_json returns it "
+        "without storing it"
+    ))  # fmt: skip
+    assert error["code"] == "storage_failed" and str(tmp_path) not in response.text
+    assert http.post(GENERATIONS, json={"prompt": "a cat"}).status_code == 200

@@ -54,3 +54,20 @@ def test_url_images_go_to_the_bucket(make_api, tiny_t2i, s3, presign):
     assert fetched.status_code == 200 and fetched.content == stored["Body"].read()
     assert Image.open(io.BytesIO(fetched.content)).format == "WEBP"
     assert http.get(f"/images/{'0' * 32}.png").status_code == 404
+
+
+def test_a_bucket_that_refuses_the_image_gives_a_clear_500_without_its_name(make_api, tiny_t2i, s3):
+    endpoint, _ = s3
+    settings = {**_s3_settings(endpoint, False), "s3_bucket": "no-such-bucket-here"}
+    http = make_api({"tiny": tiny_t2i}, **settings).client
+    body = {"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2}
+    r = http.post("/v1/images/generations", json=body)
+    assert r.status_code == 500, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "storage_failed" and error["type"] == "server_error"
+    assert error["message"] == (
+        "Could not store the image for response_format=url (the bucket refused it: NoSuchBucket); "
+        "response_format=b64_json returns it without storing it"
+    )
+    assert "no-such-bucket-here" not in r.text
+    assert http.post("/v1/images/generations", json={**body, "response_format": "b64_json"}).status_code == 200

@@ -25,3 +25,32 @@ def test_oldest_and_expired_files_are_deleted(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {fresh, names[4], names[3]}
     newest = LocalImageStore(tmp_path, max_files=100, ttl_seconds=50).save(b"n", "webp")
     assert {p.name for p in tmp_path.iterdir()} == {fresh, newest}
+
+
+def test_a_failed_write_leaves_no_partial_file_and_says_why(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    from qwen_image_server.errors import StorageFailed
+
+    store = LocalImageStore(tmp_path, max_files=10, ttl_seconds=3600)
+    assert store.check() is None and list(tmp_path.iterdir()) == []  # the start-up probe leaves nothing
+
+    def disk_full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])  # part of it was written when the disk filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(StorageFailed, match=r"^Could not store the image for response_format=url \(No space left on device\)"):
+        store.save(b"0123456789", "png")
+    assert list(tmp_path.iterdir()) == []
+    assert store.check() == (
+        "Could not store the image for response_format=url (No space left on device); response_format=b64_json "
+        "returns it without storing it"
+    )
+    monkeypatch.undo()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert "(Not a directory)" in LocalImageStore(blocked / "images", 10, 3600).check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -41,6 +42,9 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        problem = await asyncio.to_thread(store.check)
+        if problem:  # b64_json responses do not need the store: serve, but say it at once
+            log.warning("url responses will fail: %s", problem)
         await engine.start()
         try:
             yield
@@ -53,7 +57,8 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
 
     app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
     metrics = Metrics(engine)
-    app.state.service = ImageService(settings, engine, make_store(settings), rewriter, observers=(metrics.observe_job,))
+    store = make_store(settings)
+    app.state.service = ImageService(settings, engine, store, rewriter, observers=(metrics.observe_job,))
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(playground_router)
