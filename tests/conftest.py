@@ -327,3 +327,31 @@ def pytest_collection_modifyitems(items):
         real = real or item.path.stem in PIPELINE_MODULES or item.name.startswith(("test_cli_", "test_plan_command"))
         if real:
             item.add_marker(pytest.mark.e2e)
+
+
+# --- Ray's lifetime ------------------------------------------------------------------------------
+_LAST_RAY_TEST: list[str] = []  # the node id of the last test that uses Ray, once the order is final
+
+
+def _uses_ray(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    names = set(getattr(item, "fixturenames", ()))
+    return bool(names & {"ray_serve", "ray_server"}) or (callspec is not None and callspec.params.get("any_server") == "ray")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    ray_tests = [item.nodeid for item in session.items if _uses_ray(item)]
+    _LAST_RAY_TEST[:] = ray_tests[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the session's Ray after the last test that uses it: its processes keep about a tenth of a core busy
+    while idle, which the rest of the suite would pay for (the ``ray_serve`` fixture's own stop is then a no-op)."""
+    yield
+    if _LAST_RAY_TEST and item.nodeid == _LAST_RAY_TEST[0] and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
