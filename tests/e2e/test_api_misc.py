@@ -33,6 +33,11 @@ def test_ready_lists_every_model_and_its_workers(http):
     listing = http.get("/v1/models").json()
     cards = {card["id"]: card for card in listing["data"]}
     planned_gpus = {gpu["device"] for gpu in listing["gpus"]}
+    if not torch.cuda.is_available():  # CPU workers: the plan checked them against this machine's memory
+        host = listing["host"]
+        assert host == body["host"] and host["workers"] == [f"{m}#{slot}" for m in MODELS for slot in range(WORKERS[m])]
+        assert 0 < host["planned_gib"] < host["available_at_start_gib"] <= host["total_gib"]
+        assert host["planned_gib"] == pytest.approx(sum(WORKERS[m] * cards[m]["memory"]["total_gib"] for m in MODELS), abs=0.05)
     for model_id, kind in MODELS.items():
         model = body["models"][model_id]
         assert model["kind"] == kind and model["ready"] is True

@@ -224,9 +224,11 @@ def _model_card(spec, engine=None) -> dict:
 
 
 def _gpus(engine) -> dict:
-    """Per GPU memory and workers, from engines that plan their devices (the embedded one)."""
-    gpus = getattr(engine, "gpus", None)
-    return {"gpus": gpus()} if gpus else {}
+    """Per GPU memory and workers, and the host's for CPU workers, from engines that plan their devices (the
+    embedded one)."""
+    gpus, host = getattr(engine, "gpus", None), getattr(engine, "host", None)
+    report = host() if host else None
+    return {**({"gpus": gpus()} if gpus else {}), **({"host": report} if report else {})}
 
 
 def _lora_card(name: str, service: ImageService) -> dict:

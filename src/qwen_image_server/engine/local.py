@@ -353,6 +353,10 @@ class LocalEngine:
             return []
         return self.plan.gpu_report([w.describe(pool) for pool in self.pools.values() for w in pool.workers])
 
+    def host(self) -> dict | None:
+        """The machine's memory and the CPU workers' planned use, when the plan checked them (``/ready``, ``/v1/models``)."""
+        return self.plan.host_report() if self.plan is not None else None
+
     def memory(self, model_id: str) -> dict | None:
         """The memory estimate of one model and its workers' devices."""
         return self.plan.model_summary(model_id) if self.plan is not None else None

@@ -95,6 +95,18 @@ class Plan:
             out.append(report)
         return out
 
+    def host_report(self) -> dict | None:
+        """The machine's memory and what its CPU workers need (for ``/ready`` and ``/v1/models``), when checked."""
+        if self.host is None:
+            return None
+        return {
+            "source": self.host.source,
+            "total_gib": _gib(self.host.total),
+            "available_at_start_gib": _gib(self.host.available),
+            "planned_gib": _gib(cpu_need(self.placements, self.footprints)[0]),
+            "workers": [p.name for p in self.placements if p.device == "cpu"],
+        }
+
     def table(self) -> str:
         """The plan as text for ``qwen-image-server plan``: estimates per model, then placement per device."""
         lines = []
