@@ -300,7 +300,9 @@ def test_cpu_plans_need_no_gpu_probe_and_are_checked_against_the_host_memory(tin
     huge = plan.footprints["huge"]
     assert huge.components["transformer"] == int(FULL_SIZE["transformer"]) * 4  # float32 on the CPU
     in_all = 2 * (huge.total + plan.footprints[spec.id].total)
-    assert f"cpu (400.0 GiB available of 400.0 GiB (test host)): {spec.id}#0, {spec.id}#1, huge#0, huge#1, " in plan.table()
+    assert (
+        f"host memory (400.0 GiB available of 400.0 GiB (test host)): {spec.id}#0, {spec.id}#1, huge#0, huge#1, " in plan.table()
+    )
     assert f"{human(in_all)} in all, {human(400 * GIB - in_all)} headroom" in plan.table()
     # on the CPU nothing is offloaded: the host holds every weight whatever the profile says
     offloaded = make_plan([_full("huge", offload="model")], settings, host=_host(400)).footprints["huge"]
@@ -341,6 +343,38 @@ def test_cpu_workers_that_do_not_fit_the_host_are_refused_with_the_flags_that_fi
     # an unknown estimate does not block, and without the host's figures nothing is checked
     assert make_plan([_full("mystery", counts=None)], settings, host=_host(1)).devices("mystery") == ["cpu"]
     assert make_plan([_full("qwen-image")], settings, host=lambda: None).devices("qwen-image") == ["cpu"]
+
+
+def test_weights_that_gpu_workers_offload_must_fit_in_the_host_memory():
+    """--offload keeps weights in this machine's memory (counted from parameter counts, group offload counts as model
+    offload: the transformer stays on the 48 GB card, 15.7 GiB of text encoder and VAE stay in host memory)."""
+    settings, card = Settings(max_image_side=1024), _gpus(_gpu(0, 48))
+    with pytest.raises(PlanError) as refused:
+        make_plan([_full("qwen-image", offload="group")], settings, discover=card, host=_host(8))
+    assert str(refused.value).splitlines() == [
+        "not enough memory on this machine for the weights model qwen-image offloads (--offload group): each of its "
+        "workers keeps 15.7 GiB in host memory (text_encoder 15.5 GiB, vae 248 MiB)",
+        "The GPU workers' offloaded weights need 15.7 GiB in all (qwen-image 1 x 15.7 GiB); 8.0 GiB is available of "
+        "8.0 GiB (test host).",
+        "Would fit: --weights-dtype fp8@qwen-image (it would need 23.7 GiB)",
+        "Or serve it on a machine with more memory: the GPUs themselves have room for the plan.",
+    ]
+    fp8 = make_plan([_full("qwen-image", offload="group", weights_dtype="fp8")], settings, discover=card, host=_host(8))
+    assert fp8.devices("qwen-image") == ["cuda:0"] and fp8.host_planned <= 8 * GIB
+    roomy = make_plan([_full("qwen-image", offload="group")], settings, discover=card, host=_host(32))
+    assert roomy.table().endswith(
+        "host memory (32.0 GiB available of 32.0 GiB (test host)): qwen-image#0, 15.7 GiB in all, 16.3 GiB headroom"
+    )
+    ready = roomy.host_report()
+    assert ready is not None and (ready["planned_gib"], ready["workers"]) == (pytest.approx(15.7, abs=0.05), ["qwen-image#0"])
+    # resident models put nothing there; fake GPUs are another machine's, whose memory is unknown unless given
+    assert (
+        make_plan(
+            [_full("qwen-image")], settings.model_copy(update={"max_image_side": 512}), discover=_gpus(_gpu(0, 80)), host=_host(1)
+        ).host
+        is None
+    )
+    assert make_plan([_full("qwen-image", offload="group")], settings, discover=card).host is None
 
 
 def _fake_root(tmp_path: Path, meminfo_gib: tuple[float, float], cgroup: str, files: dict[str, str]) -> Path:

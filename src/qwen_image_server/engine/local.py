@@ -354,7 +354,7 @@ class LocalEngine:
         return self.plan.gpu_report([w.describe(pool) for pool in self.pools.values() for w in pool.workers])
 
     def host(self) -> dict | None:
-        """The machine's memory and the CPU workers' planned use, when the plan checked them (``/ready``, ``/v1/models``)."""
+        """The machine's memory and what the workers keep there, when the plan checked it (``/ready``, ``/v1/models``)."""
         return self.plan.host_report() if self.plan is not None else None
 
     def memory(self, model_id: str) -> dict | None:

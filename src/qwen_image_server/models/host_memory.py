@@ -1,10 +1,10 @@
-"""Whether the workers that run on the CPU fit in the machine's memory, and what to say when they do not.
+"""Whether what the workers keep in the machine's memory fits there, and what to say when it does not.
 
 A CPU worker keeps every weight in the machine's memory (in float32 unless ``--dtype``
-says otherwise: a full-size Qwen-Image needs about 115 GB), and the kernel kills a
-process that runs out of it, minutes into loading. The plan checks CPU workers against
-the memory available now (``machine.discover_host_memory``) before anything loads.
-No torch here.
+says otherwise: a full-size Qwen-Image needs about 115 GB), a GPU worker what its
+offload mode keeps off the GPU; the kernel kills a process that runs out of it, minutes
+into loading. The plan checks both against the memory available now
+(``machine.discover_host_memory``) before anything loads. No torch here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,42 @@ def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
             extra = footprints[p.model].load_extra if p.model in footprints else 0
             per_model[p.model] = per_model.get(p.model, 0) + p.need + extra
     return sum(per_model.values()), per_model
+
+
+def offloaded(placements, footprints, full) -> dict[str, int]:
+    """Host bytes of the weights that GPU workers keep off their device (their offload mode), per model; ``full`` are
+    the footprints with nothing offloaded."""
+    per_model: dict[str, int] = {}
+    for p in placements:
+        if p.device != "cpu" and p.model in footprints and p.model in full:
+            off = max(0, full[p.model].weights - footprints[p.model].weights)
+            if off:
+                per_model[p.model] = per_model.get(p.model, 0) + off
+    return per_model
+
+
+def offload_refusal(per_model: dict[str, int], footprints, full, settings, host: HostMemory, suggestions: list[str]) -> str:
+    """The message of a GPU plan whose offloaded weights need more host memory than the machine has available."""
+    model = max(per_model, key=per_model.__getitem__)
+    fp, whole = footprints[model], full[model]
+    parts = ", ".join(
+        f"{name} {human(size - fp.components.get(name, 0))}"
+        for name, size in whole.components.items()
+        if size > fp.components.get(name, 0)
+    )
+    models = ", ".join(
+        f"{m} {settings.workers_for(m)} x {human(need // settings.workers_for(m))}" for m, need in per_model.items()
+    )
+    return "\n".join(
+        [
+            f"not enough memory on this machine for the weights model {model} offloads (--offload {fp.profile.offload}): "
+            f"each of its workers keeps {human(whole.weights - fp.weights)} in host memory ({parts})",
+            f"The GPU workers' offloaded weights need {human(sum(per_model.values()))} in all ({models}); "
+            f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
+            ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
+            "Or serve it on a machine with more memory: the GPUs themselves have room for the plan.",
+        ]
+    )
 
 
 def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMemory, suggestions: list[str]) -> str:

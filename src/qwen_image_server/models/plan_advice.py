@@ -157,3 +157,14 @@ def _largest_side(settings, ok) -> int | None:
 def same_counts(specs, settings) -> bool:
     """Whether every model has the same number of workers (``--share-components`` needs it)."""
     return len({settings.workers_for(spec.id) for spec in specs}) == 1
+
+
+def changed_settings(settings, workers=None, model_workers=None, dtype=None, device=None, max_side=None):
+    """``settings`` with what a suggestion changes: ``workers`` (every model without a count of its own),
+    ``model_workers`` ``(model, count)``, ``dtype``, ``device``, ``max_side`` (the largest image side)."""
+    update: dict = {k: v for k, v in (("workers", workers), ("dtype", dtype), ("device", device)) if v is not None}
+    if model_workers is not None:
+        update["model_workers"] = [*settings.model_workers, f"{model_workers[1]}@{model_workers[0]}"]  # the last one counts
+    if max_side is not None:
+        update.update(max_image_side=max_side, min_image_side=min(settings.min_image_side, max_side))
+    return settings.model_copy(update=update)

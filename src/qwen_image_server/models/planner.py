@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .footprint import CPU_PROCESS_OVERHEAD, GIB, PROCESS_OVERHEAD, Footprint, footprint, human
-from .host_memory import cpu_need, cpu_suggestions, host_refusal
+from .host_memory import cpu_need, cpu_suggestions, host_refusal, offload_refusal, offloaded
 from .machine import Gpu, HostMemory, count_gpus_in_process, discover_gpus, discover_host_memory
+from .plan_advice import changed_settings, refusal, suggest
 from .plan_groups import expand_groups, group_name, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
@@ -56,7 +57,9 @@ class Plan:
     gpus: list[Gpu]
     placements: list[Placement] = field(default_factory=list)
     shared_processes: bool = False  # --share-components: slot i of every model is one worker process
-    host: HostMemory | None = None  # the machine's memory, for a plan with CPU workers
+    host: HostMemory | None = None  # the machine's memory, when checked: CPU workers, or GPU workers that offload
+    host_planned: int = 0  # bytes planned there: CPU workers whole, GPU workers' offloaded weights
+    host_workers: list[str] = field(default_factory=list)
 
     def devices(self, model: str) -> list[str]:
         """The device of each worker slot of ``model``, in slot order."""
@@ -103,8 +106,8 @@ class Plan:
             "source": self.host.source,
             "total_gib": _gib(self.host.total),
             "available_at_start_gib": _gib(self.host.available),
-            "planned_gib": _gib(cpu_need(self.placements, self.footprints)[0]),
-            "workers": [p.name for p in self.placements if p.device == "cpu"],
+            "planned_gib": _gib(self.host_planned),
+            "workers": self.host_workers,
         }
 
     def table(self) -> str:
@@ -134,17 +137,16 @@ class Plan:
                 "one worker process per slot serves every model (--share-components): a text encoder or VAE with the "
                 "same files is counted for the first model only, the working memory and process once"
             )
-        others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus})
+        others = sorted({p.device for p in self.placements} - {g.device for g in self.gpus} - ({"cpu"} if self.host else set()))
         for device in others:
             names = ", ".join(p.name for p in self.placements if p.device == device)
-            if device == "cpu" and self.host is not None:
-                need = cpu_need(self.placements, self.footprints)[0]
-                room = f"{human(self.host.available)} available of {human(self.host.total)} ({self.host.source})"
-                left = self.host.available - need
-                rest = f"{human(left)} headroom" if left >= 0 else f"short by {human(-left)}"
-                lines.append(f"cpu ({room}): {names}, {human(need)} in all, {rest}")
-            else:
-                lines.append(f"{device}: {names} (no memory check)")
+            lines.append(f"{device}: {names} (no memory check)")
+        if self.host is not None:
+            room = f"{human(self.host.available)} available of {human(self.host.total)} ({self.host.source})"
+            left = self.host.available - self.host_planned
+            rest = f"{human(left)} headroom" if left >= 0 else f"short by {human(-left)}"
+            what = ", ".join(self.host_workers) or "nothing"
+            lines.append(f"host memory ({room}): {what}, {human(self.host_planned)} in all, {rest}")
         return "\n".join(lines)
 
 
@@ -292,19 +294,38 @@ def make_plan(
     keys = shared_keys(specs) if getattr(settings, "share_components", False) and len(specs) > 1 else None
     if not on_gpu:
         return _cpu_plan(specs, tensors, unknown, settings, keys, (host or discover_host_memory)())
-    from .plan_advice import refusal  # the message and its suggestions
 
+    # GPU workers that offload keep those weights in this machine's memory; with fake GPUs (planning for another
+    # machine) only an injected host is checked, and processes shared by several models are not checked
+    machine = (host() if host else discover_host_memory() if discover is None else None) if keys is None else None
     fps = _footprints(specs, tensors, settings, on_gpu=True)
     plan = Plan(fps, unknown, gpus, shared_processes=keys is not None)
     placed, failed = _arrange(specs, fps, settings, gpus, keys)
-    if failed is None:
-        plan.placements = placed
-        return plan
-    plan.placements = placed  # what did fit, for the table
+    plan.placements = placed  # all of them, or what did fit (for the table)
+
+    def fits(**kw):
+        return _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw)
+
     if isinstance(failed, str):
         raise PlanError(failed, plan)
-    message = refusal(plan, failed, placed, specs, settings, lambda **kw: _fits(specs, tensors, settings, gpus, keys, **kw))
-    raise PlanError(message, plan)
+    if failed is not None:
+        raise PlanError(refusal(plan, failed, placed, specs, settings, fits), plan)
+    off = offloaded(placed, fps, _whole(specs, tensors, settings)) if machine is not None else {}
+    if machine is not None and off:
+        plan.host, plan.host_planned, plan.host_workers = machine, sum(off.values()), [p.name for p in placed if p.model in off]
+        if plan.host_planned > machine.available:
+            model = max(off, key=off.__getitem__)
+            message = offload_refusal(
+                off, fps, _whole(specs, tensors, settings), settings, machine, suggest(model, specs, settings, fits)
+            )
+            raise PlanError(message, plan)
+    return plan
+
+
+def _whole(specs, tensors, settings, profiles=None) -> dict[str, Footprint]:
+    """GPU footprints with nothing offloaded: what a worker's weights are in all."""
+    whole = {spec.id: replace((profiles or {}).get(spec.id) or spec.profile, offload="none") for spec in specs}
+    return _footprints(specs, tensors, settings, on_gpu=True, overrides=whole)
 
 
 def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) -> Plan:
@@ -316,8 +337,9 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
         return fps, _cpu_placements(specs, fps, changed, group)
 
     fps, placements = arrange(settings)
-    plan = Plan(fps, unknown, [], placements, shared_processes=keys is not None, host=host)
     total, per_model = cpu_need(placements, fps)
+    plan = Plan(fps, unknown, [], placements, shared_processes=keys is not None, host=host, host_planned=total)
+    plan.host_workers = [p.name for p in placements if p.model in per_model] if host else []
     if host is None or total <= host.available:
         return plan
 
@@ -362,22 +384,16 @@ def _arrange_slots(slots, settings, gpus, extras):
     return placed, failed
 
 
-def changed_settings(settings, workers=None, model_workers=None, dtype=None, device=None, max_side=None):
-    """``settings`` with what a suggestion changes: ``workers`` (every model without a count of its own),
-    ``model_workers`` ``(model, count)``, ``dtype``, ``device``, ``max_side`` (the largest image side)."""
-    update: dict = {k: v for k, v in (("workers", workers), ("dtype", dtype), ("device", device)) if v is not None}
-    if model_workers is not None:
-        update["model_workers"] = [*settings.model_workers, f"{model_workers[1]}@{model_workers[0]}"]  # the last one counts
-    if max_side is not None:
-        update.update(max_image_side=max_side, min_image_side=min(settings.min_image_side, max_side))
-    return settings.model_copy(update=update)
-
-
-def _fits(specs, tensors, settings, gpus, keys=None, profiles=None, share=False, **changes) -> tuple[bool, dict[str, Footprint]]:
-    """Whether the plan fits with some settings changed (for the refusal's suggestions)."""
+def _fits(
+    specs, tensors, settings, gpus, keys=None, profiles=None, share=False, machine=None, **changes
+) -> tuple[bool, dict[str, Footprint]]:
+    """Whether the plan fits with some settings changed (for the refusals' suggestions): on the GPUs, and the
+    offloaded weights in ``machine``'s memory when it is checked."""
     if share and keys is None:
         keys = shared_keys(specs)
     changed = changed_settings(settings, **changes)
     fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
     placed, failed = _arrange(specs, fps, changed, gpus, keys)
+    if failed is None and machine is not None and keys is None:
+        return sum(offloaded(placed, fps, _whole(specs, tensors, changed, profiles)).values()) <= machine.available, fps
     return failed is None, fps
