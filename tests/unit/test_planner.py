@@ -393,12 +393,13 @@ def _fake_root(tmp_path: Path, meminfo_gib: tuple[float, float], cgroup: str, fi
     [
         ("0::/\n", {}, (20.0, 24.0, "MemAvailable")),  # no cgroup files: the machine's figures
         ("0::/\n", {"memory.max": "max\n", "memory.current": "1000\n"}, (20.0, 24.0, "MemAvailable")),
-        # v2 limit of 8 GiB, 3 GiB used of which 1 GiB is reclaimable file cache: 6 GiB available
+        # v2 limit of 8 GiB, 3 GiB used of which 1 GiB is file cache (reclaimable, active or not): 6 GiB available
         ("0::/app\n", {"app/memory.max": f"{8 * GIB}\n", "app/memory.current": f"{3 * GIB}\n",
-                       "app/memory.stat": f"anon 1\ninactive_file {GIB}\n"}, (6.0, 8.0, "cgroup")),
-        # v1, mounted at the root of the hierarchy inside a container
-        ("4:memory:/docker/abc\n1:cpu:/\n", {"memory/memory.limit_in_bytes": f"{4 * GIB}\n",
-                                              "memory/memory.usage_in_bytes": f"{GIB}\n"}, (3.0, 4.0, "cgroup")),
+                       "app/memory.stat": f"anon {2 * GIB}\nfile {GIB}\nactive_file {GIB // 2}\n"}, (6.0, 8.0, "cgroup")),
+        # v1, mounted at the root of the hierarchy inside a container; a line that is not cgroup's is skipped
+        ("garbage\n4:memory:/docker/abc\n1:cpu:/\n", {"memory/memory.limit_in_bytes": f"{4 * GIB}\n",
+                                                       "memory/memory.usage_in_bytes": f"{2 * GIB}\n",
+                                                       "memory/memory.stat": f"cache {GIB}\ntotal_cache {GIB}\n"}, (3.0, 4.0, "cgroup")),
         ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
                           "memory/memory.usage_in_bytes": "5\n"}, (20.0, 24.0, "MemAvailable")),
     ],

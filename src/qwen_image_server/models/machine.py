@@ -85,18 +85,22 @@ def _kib(value: str) -> int:
 
 
 def _cgroup_limit(root: Path) -> tuple[int, int] | None:
-    """(limit, usage less inactive file cache) of this process's memory cgroup, None when it has no limit."""
+    """(limit, usage less file cache) of this process's memory cgroup, None when it has no limit. The file cache
+    (model files read earlier, say) is reclaimed before the cgroup runs out, so it does not count as used."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         base = root / "sys/fs/cgroup"
         if controllers == "":  # v2: one hierarchy
-            found = _read_limit(base, path, "memory.max", "memory.current", "inactive_file")
+            found = _read_limit(base, path, "memory.max", "memory.current", "file")
         elif "memory" in controllers.split(","):  # v1
-            found = _read_limit(base / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            found = _read_limit(base / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")
         else:
             continue
         if found is not None:
