@@ -340,6 +340,13 @@ def test_cpu_workers_that_do_not_fit_the_host_are_refused_with_the_flags_that_fi
     assert "--dtype bfloat16" not in str(two_workers.value)  # already
     fp8 = make_plan([_full("qwen-image", weights_dtype="fp8")], two, host=_host(80))
     assert fp8.footprints["qwen-image"].components["transformer"] == int(FULL_SIZE["transformer"])  # 1 byte each
+    # the default largest side (2048) takes 16.5 GiB of working memory: a smaller one is offered, and it fits
+    with pytest.raises(PlanError) as wide:
+        make_plan([_full("qwen-image")], Settings(device="cpu", dtype="bfloat16"), host=_host(64))
+    assert "; QIS_MAX_IMAGE_SIDE=1584 (images up to 1584x1584: less working memory)" in str(wide.value)
+    assert make_plan([_full("qwen-image")], Settings(device="cpu", dtype="bfloat16", max_image_side=1584), host=_host(64))
+    with pytest.raises(PlanError):
+        make_plan([_full("qwen-image")], Settings(device="cpu", dtype="bfloat16", max_image_side=1600), host=_host(64))
     # an unknown estimate does not block, and without the host's figures nothing is checked
     assert make_plan([_full("mystery", counts=None)], settings, host=_host(1)).devices("mystery") == ["cpu"]
     assert make_plan([_full("qwen-image")], settings, host=lambda: None).devices("qwen-image") == ["cpu"]

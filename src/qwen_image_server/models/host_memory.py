@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .footprint import human
 from .machine import HostMemory
-from .plan_advice import fewer_workers, same_counts
+from .plan_advice import fewer_workers, largest_side, same_counts
 
 
 def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
@@ -107,6 +107,9 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
     fp8 = replace(profile, weights_dtype="fp8")
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8" and fits(profiles={model: fp8}):
         out.append(f"--weights-dtype fp8@{model} (the transformer's weights stored in FP8)")
+    side = largest_side(settings, lambda s: fits(max_side=s))
+    if side is not None:
+        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}: less working memory)")
     fewer = fewer_workers(model, settings, fits)
     if fewer:
         out.append(fewer)

@@ -118,7 +118,7 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
             ok, fps = fits(profiles=everyone)
             if ok:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
-    side = _largest_side(settings, lambda s: fits(max_side=s)[0])
+    side = largest_side(settings, lambda s: fits(max_side=s)[0])
     if side is not None:
         total = fits(max_side=side)[1][model].total
         out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)})")
@@ -132,7 +132,7 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     if not out:  # two changes: a profile setting for every model and a smaller largest image
         for key, value, flag in _PROFILE_CHANGES:
             everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
-            side = _largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0])
+            side = largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0])
             if side is not None:
                 total = fits(profiles=everyone, max_side=side)[1][model].total
                 out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)})")
@@ -140,7 +140,7 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     return out
 
 
-def _largest_side(settings, ok) -> int | None:
+def largest_side(settings, ok) -> int | None:
     """The largest allowed image side below the current one (a multiple of 16) that fits, by bisection."""
     lo, hi = max(16, settings.min_image_side // 16 * 16), (settings.max_image_side - 1) // 16 * 16
     if hi < lo or not ok(lo):
