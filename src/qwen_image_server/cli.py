@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
+from pydantic import AliasChoices, ValidationError
 
 from .config import Settings
 
@@ -171,10 +172,42 @@ def settings_from_options(options: dict) -> Settings:
             overrides["model_workers"] = scoped
     if options.get("model"):
         overrides["models"] = list(options["model"])
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ValueError(settings_problem(exc, set(overrides))) from None
     if options.get("demo") or settings.demo:
         settings.models = demo_model_entries() + settings.models
     return settings
+
+
+def settings_problem(exc: ValidationError, given: set[str]) -> str:
+    """The invalid settings, one per line, each named as the user set it: its flag, or its environment variables."""
+    flags = {field: option for option, field in _RENAMED.items()} | {"model_workers": "workers"}
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        secret = any(word in field.lower() for word in ("key", "secret", "token"))
+        got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
+        if not field:  # a rule between settings: its message names them
+            lines.append(message)
+        elif field in given:
+            lines.append(f"--{flags.get(field, field).replace('_', '-')}: {message}{got}")
+        else:  # from the environment: every variable name of the setting (pydantic names the first alias)
+            lines.append(f"{' or '.join(_env_names(field))}: {message}{got}")
+    return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _env_names(field: str) -> list[str]:
+    """The environment variables of the setting named ``field`` or one of its aliases."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+        if field == name or field in choices:
+            return choices or [f"QIS_{name.upper()}"]
+    return [field]
 
 
 def plan(**options) -> None:

@@ -284,7 +284,7 @@ class Settings(BaseSettings):
         for item in value if isinstance(value, list) else []:
             count, sep, model = str(item).partition("@")
             if not sep or not model.strip() or not count.strip().isdigit() or not 1 <= int(count) <= 64:
-                raise ValueError(f"workers {item!r}: expected N@MODEL with N from 1 to 64")
+                raise ValueError(f"expected N@MODEL with N from 1 to 64, got {item!r}")
         return value
 
     def workers_for(self, model: str) -> int:

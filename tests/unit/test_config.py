@@ -72,3 +72,27 @@ def test_workers_per_model_from_flags_and_the_environment(monkeypatch):
 def test_malformed_per_model_workers_are_refused(value):
     with pytest.raises(ValidationError, match=r"expected N@MODEL with N from 1 to 64"):
         Settings(model_workers=[value])
+
+
+def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
+    from qwen_image_server.cli import settings_from_options
+
+    def problem(**options) -> str:
+        with pytest.raises(ValueError) as refused:
+            settings_from_options({"log_level": "info", **options})
+        assert not isinstance(refused.value, ValidationError)  # one readable message, not pydantic's report
+        return str(refused.value)
+
+    assert problem(queue_size=0) == "invalid settings:\n  --queue-size: Input should be greater than or equal to 1 (got 0)"
+    assert problem(workers=["x@y"]) == "invalid settings:\n  --workers: expected N@MODEL with N from 1 to 64, got 'x@y'"
+    monkeypatch.setenv("QIS_QUEUE_SIZE", "0")  # a seed's name and ours: both are listed, whichever was used
+    monkeypatch.setenv("QIS_MAX_N", "many")
+    assert problem().splitlines()[1:] == [
+        "  TASK_QUEUE_SIZE or QIS_QUEUE_SIZE: Input should be greater than or equal to 1 (got '0')",
+        "  QIS_MAX_N: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+    ]
+    monkeypatch.delenv("QIS_QUEUE_SIZE")
+    monkeypatch.delenv("QIS_MAX_N")
+    monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
+    monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
+    assert problem() == "invalid settings:\n  min_image_side must not exceed max_image_side"
