@@ -287,16 +287,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected N@MODEL with N from 1 to 64, got {item!r}")
         return value
 
+    def own_workers(self) -> dict[str, int]:
+        """The models given a count of their own (``N@MODEL``; the last one given counts), by model id."""
+        return {name.strip(): int(count) for count, _, name in (item.partition("@") for item in self.model_workers)}
+
     def workers_for(self, model: str) -> int:
-        """How many workers ``model`` gets: its ``N@MODEL`` value (the last one given), else ``workers``."""
-        counts = {name.strip(): int(count) for count, _, name in (item.partition("@") for item in self.model_workers)}
-        return counts.get(model, self.workers)
+        """How many workers ``model`` gets: its ``N@MODEL`` value, else ``workers``."""
+        return self.own_workers().get(model, self.workers)
 
     def replicas_for(self, model: str) -> tuple[int, int]:
         """Ray Serve's (min, max) replicas for ``model``: exactly its ``N@MODEL`` value (N replicas, as N workers of
         the embedded engine), else ``ray_min_replicas`` and ``ray_max_replicas`` (default: --workers)."""
-        if any(item.partition("@")[2].strip() == model for item in self.model_workers):
-            return self.workers_for(model), self.workers_for(model)
+        own = self.own_workers().get(model)
+        if own is not None:
+            return own, own
         return self.ray_min_replicas, self.ray_max_replicas or self.workers
 
     def profile_flags(self) -> dict[str, list[str]]:

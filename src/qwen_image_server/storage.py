@@ -74,14 +74,15 @@ class LocalImageStore:
         return name
 
     def check(self) -> str | None:
+        probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"  # never a served name, never counted
         try:
-            name = self.save(b"", "png")
-        except StorageFailed as exc:
-            return exc.message
-        with contextlib.suppress(OSError):
-            os.unlink(self.directory / name)
-        if self._count:
-            self._count -= 1
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+        except OSError as exc:
+            return StorageFailed(exc.strerror or type(exc).__name__).message
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
         return None
 
     def path(self, name: str) -> Path | None:
@@ -157,11 +158,10 @@ class S3ImageStore:
         name = new_name(extension)
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType=MEDIA_TYPES[extension])
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             log.error("could not store an image in bucket %s: %s", self.bucket, exc)
-            raise StorageFailed(f"the bucket refused it: {exc.response.get('Error', {}).get('Code', 'error')}") from None
-        except BotoCoreError as exc:
-            log.error("could not store an image in bucket %s: %s", self.bucket, exc)
+            if isinstance(exc, ClientError):
+                raise StorageFailed(f"the bucket refused it: {exc.response.get('Error', {}).get('Code', 'error')}") from None
             raise StorageFailed(f"the object store could not be reached: {type(exc).__name__}") from None
         return name
 

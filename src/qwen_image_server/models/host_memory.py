@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .footprint import human
 from .machine import HostMemory
-from .plan_advice import fewer_workers, largest_side, same_counts
+from .plan_advice import fewer_workers, largest_side, needs, same_counts
 
 
 def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
@@ -47,55 +47,50 @@ def offload_refusal(per_model: dict[str, int], footprints, full, settings, host:
         for name, size in whole.components.items()
         if size > fp.components.get(name, 0)
     )
-    models = ", ".join(
-        f"{m} {settings.workers_for(m)} x {human(need // settings.workers_for(m))}" for m, need in per_model.items()
+    head = (
+        f"not enough memory on this machine for the weights model {model} offloads (--offload {fp.profile.offload}): "
+        f"each of its workers keeps {human(whole.weights - fp.weights)} in host memory ({parts})"
     )
-    return "\n".join(
-        [
-            f"not enough memory on this machine for the weights model {model} offloads (--offload {fp.profile.offload}): "
-            f"each of its workers keeps {human(whole.weights - fp.weights)} in host memory ({parts})",
-            f"The GPU workers' offloaded weights need {human(sum(per_model.values()))} in all ({models}); "
-            f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
-            ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
-            "Or serve it on a machine with more memory: the GPUs themselves have room for the plan.",
-        ]
-    )
+    last = "Or serve it on a machine with more memory: the GPUs themselves have room for the plan."
+    return _message(head, "The GPU workers' offloaded weights", per_model, settings, host, suggestions, last)
 
 
 def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMemory, suggestions: list[str]) -> str:
     """The message of a plan whose CPU workers need more memory than the machine has available."""
     largest = max(model_needs, key=model_needs.__getitem__)
-    total = sum(model_needs.values())
     fp = footprints.get(largest)
     processes = settings.workers_for(largest)
     if settings.share_components and len(model_needs) > 1:
         head = (
             f"not enough memory on this machine for models {', '.join(model_needs)} on the CPU in {processes} "
-            f"worker process(es) (--share-components): each needs {human(total // processes)} (text encoders and "
-            "VAEs with the same files counted once)"
+            f"worker process(es) (--share-components): each needs {human(sum(model_needs.values()) // processes)} (text "
+            "encoders and VAEs with the same files counted once)"
         )
     elif fp is not None:
-        work = max(fp.activations, fp.text_encoder_work)
-        parts = ", ".join(f"{name} {human(b)}" for name, b in fp.components.items())
         head = (
             f"not enough memory on this machine for model {largest} on the CPU: each of its workers needs {human(fp.total)} "
-            f"({human(fp.weights)} of weights ({parts}) + {human(work)} working memory at {fp.image_side}x{fp.image_side}"
-            f" + {human(fp.overhead)} for the process)"
+            f"({needs(fp, 'the CPU')})"
         )
     else:
         head = f"not enough memory on this machine for model {largest} on the CPU"
+    last = "Or serve it on a GPU: `qwen-image-server plan` shows what each GPU needs."
+    return _message(head, "The CPU workers", model_needs, settings, host, suggestions, last)
+
+
+def _message(head: str, what: str, per_model: dict[str, int], settings, host: HostMemory, suggestions, last: str) -> str:
+    """A host refusal: its head, the need per model against the machine's memory, the flags that fit, a way out."""
     models = ", ".join(
-        f"{model} {settings.workers_for(model)} x {human(need // settings.workers_for(model))}"
-        for model, need in model_needs.items()
+        f"{m} {settings.workers_for(m)} x {human(need // settings.workers_for(m))}" for m, need in per_model.items()
     )
-    lines = [
-        head,
-        f"The CPU workers need {human(total)} in all ({models}); "
-        f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
-        ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
-        "Or serve it on a GPU: `qwen-image-server plan` shows what each GPU needs.",
-    ]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            head,
+            f"{what} need {human(sum(per_model.values()))} in all ({models}); "
+            f"{human(host.available)} is available of {human(host.total)} ({host.source}).",
+            ("Would fit: " + "; ".join(suggestions)) if suggestions else "No single flag makes it fit.",
+            last,
+        ]
+    )
 
 
 def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:

@@ -22,10 +22,11 @@ _PROFILE_CHANGES = (
 )
 
 
-def _needs(fp) -> str:
+def needs(fp, device: str = "the GPU") -> str:
+    """What one worker's figure is made of (weights by component, working memory, process, loading)."""
     parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())
     work = max(fp.activations, fp.text_encoder_work)
-    loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 on the GPU)" if fp.load_extra else ""
+    loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 on {device})" if fp.load_extra else ""
     return (
         f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}"
         f" + {_gib(fp.overhead)} for the process{loading}"
@@ -55,7 +56,7 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         need = fp.total
         head = (
             f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers_for(model)}){where}: "
-            f"each worker needs {_gib(fp.total)} ({_needs(fp)})"
+            f"each worker needs {_gib(fp.total)} ({needs(fp)})"
         )
     gpus = []
     for gpu in plan.gpus:
@@ -91,7 +92,7 @@ def suggest_for_all(specs, settings, fits) -> list[str]:
 def fewer_workers(model: str, settings, fits) -> str | None:
     """The largest smaller worker count that fits (``fits(**changes)`` -> bool): ``--workers N@MODEL`` for a model
     with a count of its own, else ``--workers N`` (every model without one)."""
-    own = any(item.partition("@")[2].strip() == model for item in settings.model_workers)
+    own = model in settings.own_workers()
     for count in range(settings.workers_for(model) - 1, 0, -1):
         if fits(model_workers=(model, count)) if own else fits(workers=count):
             return f"--workers {count}@{model}" if own else f"--workers {count}"

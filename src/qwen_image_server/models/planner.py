@@ -310,15 +310,15 @@ def make_plan(
         raise PlanError(failed, plan)
     if failed is not None:
         raise PlanError(refusal(plan, failed, placed, specs, settings, fits), plan)
-    off = offloaded(placed, fps, _whole(specs, tensors, settings)) if machine is not None else {}
-    if machine is not None and off:
+    if machine is None:
+        return plan
+    whole = _whole(specs, tensors, settings)
+    off = offloaded(placed, fps, whole)
+    if off:
         plan.host, plan.host_planned, plan.host_workers = machine, sum(off.values()), [p.name for p in placed if p.model in off]
         if plan.host_planned > machine.available:
             model = max(off, key=off.__getitem__)
-            message = offload_refusal(
-                off, fps, _whole(specs, tensors, settings), settings, machine, suggest(model, specs, settings, fits)
-            )
-            raise PlanError(message, plan)
+            raise PlanError(offload_refusal(off, fps, whole, settings, machine, suggest(model, specs, settings, fits)), plan)
     return plan
 
 

@@ -208,7 +208,7 @@ def resolve_configured(settings) -> list[ModelSpec]:
 def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     """``--workers N@MODEL`` must name served models; with ``--share-components`` every model has the same count."""
     ids = [spec.id for spec in specs]
-    unknown = sorted({item.partition("@")[2].strip() for item in settings.model_workers} - set(ids))
+    unknown = sorted(set(settings.own_workers()) - set(ids))
     if unknown:
         raise ModelConfigError(f"--workers names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
     counts = {ident: settings.workers_for(ident) for ident in ids}
