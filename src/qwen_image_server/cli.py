@@ -183,7 +183,7 @@ def settings_from_options(options: dict) -> Settings:
 
 def settings_problem(exc: ValidationError, given: set[str]) -> str:
     """The invalid settings, one per line, each named as the user set it: its flag, or its environment variables."""
-    flags = {field: option for option, field in _RENAMED.items()} | {"model_workers": "workers"}
+    flags = _flags_of_fields()
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
@@ -194,10 +194,23 @@ def settings_problem(exc: ValidationError, given: set[str]) -> str:
         if not field:  # a rule between settings: its message names them
             lines.append(message)
         elif field in given:
-            lines.append(f"--{flags.get(field, field).replace('_', '-')}: {message}{got}")
+            lines.append(f"{flags.get(field, '--' + field.replace('_', '-'))}: {message}{got}")
         else:  # from the environment: every variable name of the setting (pydantic names the first alias)
             lines.append(f"{' or '.join(_env_names(field))}: {message}{got}")
     return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _flags_of_fields() -> dict[str, str]:
+    """The flag of ``serve`` that sets each Settings field, as its help spells it (``--shutdown-grace``)."""
+    command = typer.main.get_command(app)
+    serve_command = getattr(command, "commands", {}).get("serve", command)  # typer's own click classes: no isinstance
+    flags = {}
+    for param in serve_command.params:
+        if getattr(param, "param_type_name", "") == "option" and param.name:
+            long = [opt for opt in param.opts if opt.startswith("--")]
+            flags[_RENAMED.get(param.name, param.name)] = (long or param.opts)[0]
+    flags["model_workers"] = flags["workers"]  # --workers N@MODEL
+    return flags
 
 
 def _env_names(field: str) -> list[str]:

@@ -71,6 +71,19 @@ class NotReady(ServerError):
     code = "model_unavailable"
 
 
+class ShuttingDown(ServerError):
+    """The server stopped before the request's work was done (503; retry on another replica or after a restart)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "shutting_down"
+    text = "The server is shutting down; retry shortly"
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__(self.text, headers={"Retry-After": str(self.retry_after)})
+
+
 class TaskTimeout(ServerError):
     """The task did not finish within the task timeout (504)."""
 

@@ -379,3 +379,15 @@ def test_url_images_that_cannot_be_stored_give_a_clear_500_and_a_warning_at_star
     ))  # fmt: skip
     assert error["code"] == "storage_failed" and str(tmp_path) not in response.text
     assert http.post(GENERATIONS, json={"prompt": "a cat"}).status_code == 200
+
+
+def test_work_cut_by_shutdown_is_503_shutting_down_with_retry_after(fresh_api, monkeypatch):
+    from qwen_image_server.errors import ShuttingDown
+
+    def stopping(*args, **kwargs):
+        raise ShuttingDown()  # what the engine answers for work it still holds when it stops
+
+    monkeypatch.setattr(fresh_api.engine, "submit", stopping)
+    response = fresh_api.client.post(GENERATIONS, json={"prompt": "a cat"})
+    assert_error(response, 503, message="The server is shutting down; retry shortly")
+    assert response.json()["error"]["code"] == "shutting_down" and response.headers["retry-after"] == "5"

@@ -85,6 +85,9 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
 
     assert problem(queue_size=0) == "invalid settings:\n  --queue-size: Input should be greater than or equal to 1 (got 0)"
     assert problem(workers=["x@y"]) == "invalid settings:\n  --workers: expected N@MODEL with N from 1 to 64, got 'x@y'"
+    # a flag spelled otherwise than its setting (shutdown_grace_seconds), and one of another name (image_url_prefix)
+    assert problem(shutdown_grace_seconds=-5.0).splitlines()[1].startswith("  --shutdown-grace: Input should be greater")
+    assert problem(image_url_prefix=5).splitlines()[1].startswith("  --image-url-prefix: ")
     monkeypatch.setenv("QIS_QUEUE_SIZE", "0")  # a seed's name and ours: both are listed, whichever was used
     monkeypatch.setenv("QIS_MAX_N", "many")
     assert problem().splitlines()[1:] == [

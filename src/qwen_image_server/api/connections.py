@@ -24,11 +24,12 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
 
 #: Seconds a client is told to wait (Retry-After) after a refusal at the connection level.
 CAP_RETRY_AFTER = 1
-SHUTDOWN_RETRY_AFTER = 5
+SHUTDOWN_RETRY_AFTER = ShuttingDown.retry_after
 
 
 def envelope(message: str, code: str) -> dict:
@@ -171,7 +172,7 @@ class GuardedH11Protocol(H11Protocol):
     async def _answer_cut_off(self, scope, started: dict, send) -> None:
         """The end of a request that outlived the shutdown grace period, without a traceback."""
         self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
-        message = "The server is shutting down; retry shortly"
+        message = ShuttingDown.text
         if "headers" not in started:
             await _send_json(send, 503, envelope(message, "shutting_down"), SHUTDOWN_RETRY_AFTER)
             return

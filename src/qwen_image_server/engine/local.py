@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, TaskCancelled
+from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.planner import Plan, make_plan
 from ..models.spec import ModelSpec
@@ -297,7 +297,7 @@ class _ModelPool:
                 worker.process.kill()
         for piece in list(self.pending) + list(self.encoding.values()):
             if not piece.future.done():
-                piece.future.set_exception(NotReady("server is shutting down"))
+                piece.future.set_exception(ShuttingDown())
 
 
 class LocalEngine:
