@@ -384,6 +384,39 @@ def test_weights_that_gpu_workers_offload_must_fit_in_the_host_memory():
     assert make_plan([_full("qwen-image", offload="group")], settings, discover=card).host is None
 
 
+def test_cpu_entries_of_a_gpu_device_list_are_checked_against_the_host_memory():
+    """--device cuda:0,cpu: the CPU worker holds the whole model in float32 (dtype auto) in this machine's memory;
+    before, it was placed without any check."""
+    settings = Settings(device="cuda:0,cpu", workers=2, max_image_side=1024)
+    card = _gpus(_gpu(0, 80))
+    with pytest.raises(PlanError) as refused:
+        make_plan([_full("qwen-image")], settings, discover=card, host=_host(64))
+    cpu_fp = make_plan([_full("qwen-image")], Settings(device="cpu", max_image_side=1024), host=_host(1000)).footprints
+    need = cpu_fp["qwen-image"].total
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith(
+        "not enough memory on this machine for the workers --device puts on the CPU (qwen-image#1): a worker of "
+        f"qwen-image needs {human(need)} there ("
+    )
+    assert lines[1].startswith(
+        f"This machine's workers and offloaded weights need {human(need + cpu_fp['qwen-image'].load_extra)}"
+    )
+    assert "(qwen-image 1 x " in lines[1] and "64.0 GiB is available of 64.0 GiB (test host)" in lines[1]
+    assert lines[2] == "Would fit: --dtype bfloat16 (2 bytes a weight instead of float32's 4); --workers 1"
+    assert lines[3] == "Or give --device only GPUs: `qwen-image-server plan` shows what each GPU needs."
+    assert "host memory (64.0 GiB available of 64.0 GiB (test host)): qwen-image#1, " in refused.value.plan.table()
+    # with room, the CPU worker is placed with its CPU figure and counted; bfloat16 halves it
+    roomy = make_plan([_full("qwen-image")], settings, discover=card, host=_host(256))
+    assert roomy.devices("qwen-image") == ["cuda:0", "cpu"] and roomy.host_workers == ["qwen-image#1"]
+    assert [p.need for p in roomy.placements if p.device == "cpu"] == [need]
+    assert "(no memory check)" not in roomy.table()
+    half = make_plan([_full("qwen-image")], settings.model_copy(update={"dtype": "bfloat16"}), discover=card, host=_host(64))
+    assert half.host_planned < roomy.host_planned / 1.9, "the suggestion fits"
+    assert make_plan([_full("qwen-image")], settings.model_copy(update={"workers": 1}), discover=card, host=_host(64))
+    # planning for another machine (fake GPUs, no host given): placed unchecked, as before
+    assert "cpu: qwen-image#1 (no memory check)" in make_plan([_full("qwen-image")], settings, discover=card).table()
+
+
 def _fake_root(tmp_path: Path, meminfo_gib: tuple[float, float], cgroup: str, files: dict[str, str]) -> Path:
     (tmp_path / "proc/self").mkdir(parents=True)
     available, total = (int(g * 1024**2) for g in meminfo_gib)

@@ -38,6 +38,32 @@ def offloaded(placements, footprints, full) -> dict[str, int]:
     return per_model
 
 
+def host_needs(placements, footprints, full, cpu_footprints) -> tuple[dict[str, int], list]:
+    """Host bytes per model of a GPU plan, and the workers counted: the GPU workers that offload weights
+    (``footprints`` against ``full``), and the whole of the workers an explicit ``--device`` list puts on the CPU
+    (their ``need`` in ``cpu_footprints``)."""
+    per_model = offloaded(placements, footprints, full)
+    counted = [p for p in placements if p.device == "cpu" or p.model in per_model]
+    for model, need in cpu_need(placements, cpu_footprints)[1].items():
+        per_model[model] = per_model.get(model, 0) + need
+    return per_model, counted
+
+
+def mixed_refusal(per_model: dict[str, int], counted, cpu_footprints, settings, host: HostMemory, suggestions) -> str:
+    """The message of a GPU plan whose CPU entries (``--device cuda:0,cpu``), with any offloaded weights, need more
+    host memory than the machine has available; ``counted`` are the workers that need it."""
+    on_cpu = [p for p in counted if p.device == "cpu"]
+    model = max({p.model for p in on_cpu}, key=lambda m: per_model.get(m, 0))
+    fp = cpu_footprints.get(model)
+    each = f": a worker of {model} needs {human(fp.total)} there ({needs(fp, 'the CPU')})" if fp is not None else ""
+    head = (
+        f"not enough memory on this machine for the workers --device puts on the CPU ({', '.join(p.name for p in on_cpu)}){each}"
+    )
+    counts = {m: sum(1 for p in counted if p.model == m) for m in per_model}
+    last = "Or give --device only GPUs: `qwen-image-server plan` shows what each GPU needs."
+    return _message(head, "This machine's workers and offloaded weights", per_model, settings, host, suggestions, last, counts)
+
+
 def offload_refusal(per_model: dict[str, int], footprints, full, settings, host: HostMemory, suggestions: list[str]) -> str:
     """The message of a GPU plan whose offloaded weights need more host memory than the machine has available."""
     model = max(per_model, key=per_model.__getitem__)
@@ -77,11 +103,13 @@ def host_refusal(model_needs: dict[str, int], footprints, settings, host: HostMe
     return _message(head, "The CPU workers", model_needs, settings, host, suggestions, last)
 
 
-def _message(head: str, what: str, per_model: dict[str, int], settings, host: HostMemory, suggestions, last: str) -> str:
-    """A host refusal: its head, the need per model against the machine's memory, the flags that fit, a way out."""
-    models = ", ".join(
-        f"{m} {settings.workers_for(m)} x {human(need // settings.workers_for(m))}" for m, need in per_model.items()
-    )
+def _message(
+    head: str, what: str, per_model: dict[str, int], settings, host: HostMemory, suggestions, last: str, counts=None
+) -> str:
+    """A host refusal: its head, the need per model against the machine's memory (``counts``: the workers counted per
+    model, by default all of them), the flags that fit, a way out."""
+    counts = counts or {m: settings.workers_for(m) for m in per_model}
+    models = ", ".join(f"{m} {counts[m]} x {human(need // max(1, counts[m]))}" for m, need in per_model.items())
     return "\n".join(
         [
             head,

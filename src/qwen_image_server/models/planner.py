@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from .footprint import CPU_PROCESS_OVERHEAD, GIB, PROCESS_OVERHEAD, Footprint, footprint, human
-from .host_memory import cpu_need, cpu_suggestions, host_refusal, offload_refusal, offloaded
+from .footprint import GIB, Footprint, human
+from .host_memory import cpu_need, cpu_suggestions, host_needs, host_refusal, mixed_refusal, offload_refusal
 from .machine import Gpu, HostMemory, count_gpus_in_process, discover_gpus, discover_host_memory
 from .plan_advice import changed_settings, refusal, suggest
+from .plan_footprints import footprints_for, whole_footprints, with_cpu_needs
 from .plan_groups import expand_groups, group_name, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
 from .weights_files import ModelTensors, UnknownFootprint, read_tensors
@@ -166,33 +167,6 @@ _gib_text = human
 
 
 # --- the plan -------------------------------------------------------------------------------------
-def run_bytes(dtype: str, device: str) -> int:
-    """Bytes per parameter of the dtype the model runs in: bf16 on GPUs, float32 on CPU unless told."""
-    if dtype == "auto":
-        return 2 if device.startswith("cuda") else 4
-    return 4 if dtype == "float32" else 2
-
-
-def _footprints(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bool, overrides=None) -> dict[str, Footprint]:
-    """Footprints of the models whose tensors are known (``overrides``: model id -> profile, for suggestions).
-    On the CPU nothing is offloaded: every weight stays in the machine's memory."""
-    out = {}
-    for spec in specs:
-        if spec.id in tensors:
-            profile = (overrides or {}).get(spec.id) or spec.profile
-            out[spec.id] = footprint(
-                spec,
-                tensors[spec.id],
-                run_bytes=run_bytes(settings.dtype, "cuda" if on_gpu else "cpu"),
-                max_image_side=settings.max_image_side,
-                max_input_images=settings.max_input_images,
-                max_batch_size=settings.max_batch_size,
-                profile=profile if on_gpu else replace(profile, offload="none"),
-                overhead=PROCESS_OVERHEAD if on_gpu else CPU_PROCESS_OVERHEAD,
-            )
-    return out
-
-
 def _slots(specs, footprints: dict[str, Footprint], settings) -> list[tuple[str, int, int | None]]:
     """One ``(model, slot, need)`` per worker: ``settings.workers_for(model)`` of each model."""
     needs = {spec.id: footprints[spec.id].total if spec.id in footprints else None for spec in specs}
@@ -298,7 +272,7 @@ def make_plan(
     # GPU workers that offload keep those weights in this machine's memory; with fake GPUs (planning for another
     # machine) only an injected host is checked, and processes shared by several models are not checked
     machine = (host() if host else discover_host_memory() if discover is None else None) if keys is None else None
-    fps = _footprints(specs, tensors, settings, on_gpu=True)
+    fps = footprints_for(specs, tensors, settings, on_gpu=True)
     plan = Plan(fps, unknown, gpus, shared_processes=keys is not None)
     placed, failed = _arrange(specs, fps, settings, gpus, keys)
     plan.placements = placed  # all of them, or what did fit (for the table)
@@ -310,29 +284,28 @@ def make_plan(
         raise PlanError(failed, plan)
     if failed is not None:
         raise PlanError(refusal(plan, failed, placed, specs, settings, fits), plan)
+    placed, cpu_fps = with_cpu_needs(placed, specs, tensors, settings)
+    plan.placements = placed
     if machine is None:
         return plan
-    whole = _whole(specs, tensors, settings)
-    off = offloaded(placed, fps, whole)
+    whole = whole_footprints(specs, tensors, settings)
+    off, counted = host_needs(placed, fps, whole, cpu_fps)
     if off:
-        plan.host, plan.host_planned, plan.host_workers = machine, sum(off.values()), [p.name for p in placed if p.model in off]
+        plan.host, plan.host_planned, plan.host_workers = machine, sum(off.values()), [p.name for p in counted]
         if plan.host_planned > machine.available:
             model = max(off, key=off.__getitem__)
+            if cpu_fps:
+                advice = cpu_suggestions(model, specs, settings, lambda **kw: fits(**kw)[0])
+                raise PlanError(mixed_refusal(off, counted, cpu_fps, settings, machine, advice), plan)
             raise PlanError(offload_refusal(off, fps, whole, settings, machine, suggest(model, specs, settings, fits)), plan)
     return plan
-
-
-def _whole(specs, tensors, settings, profiles=None) -> dict[str, Footprint]:
-    """GPU footprints with nothing offloaded: what a worker's weights are in all."""
-    whole = {spec.id: replace((profiles or {}).get(spec.id) or spec.profile, offload="none") for spec in specs}
-    return _footprints(specs, tensors, settings, on_gpu=True, overrides=whole)
 
 
 def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) -> Plan:
     """Every worker on the CPU, checked against the machine's available memory (when it is known)."""
 
     def arrange(changed, share=False, profiles=None):
-        fps = _footprints(specs, tensors, changed, on_gpu=False, overrides=profiles)
+        fps = footprints_for(specs, tensors, changed, on_gpu=False, overrides=profiles)
         group = shared_keys(specs) if share and keys is None else keys
         return fps, _cpu_placements(specs, fps, changed, group)
 
@@ -392,8 +365,10 @@ def _fits(
     if share and keys is None:
         keys = shared_keys(specs)
     changed = changed_settings(settings, **changes)
-    fps = _footprints(specs, tensors, changed, on_gpu=True, overrides=profiles)
+    fps = footprints_for(specs, tensors, changed, on_gpu=True, overrides=profiles)
     placed, failed = _arrange(specs, fps, changed, gpus, keys)
     if failed is None and machine is not None and keys is None:
-        return sum(offloaded(placed, fps, _whole(specs, tensors, changed, profiles)).values()) <= machine.available, fps
+        placed, cpu_fps = with_cpu_needs(placed, specs, tensors, changed, profiles)
+        need = host_needs(placed, fps, whole_footprints(specs, tensors, changed, profiles), cpu_fps)[0]
+        return sum(need.values()) <= machine.available, fps
     return failed is None, fps
