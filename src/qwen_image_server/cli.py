@@ -91,6 +91,9 @@ def serve(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
+    memory_check: Annotated[
+        str | None, typer.Option(help="on (refuse a plan that does not fit), warn or off [QIS_MEMORY_CHECK].")
+    ] = None,
     queue_size: Annotated[int | None, typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
     task_timeout: Annotated[float | None, typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call.")] = None,
@@ -146,6 +149,8 @@ def serve(
         run_server(settings_from_options(options), log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
         typer.echo(f"error: {exc}", err=True)
+        if type(exc).__name__ == "PlanError":  # the memory plan's refusal (models/planner.py)
+            typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
         raise typer.Exit(2) from None
 
 
@@ -231,7 +236,7 @@ def plan(**options) -> None:
     for that much memory on this machine (planning and testing aids).
     """
     from .models.machine import FAKE_GPUS_ENV, FAKE_HOST_ENV, discover_gpus, parse_fake_gpus, parse_fake_host
-    from .models.planner import PlanError, make_plan
+    from .models.planner import PlanError, checked_plan
     from .models.spec import resolve_configured
 
     logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -242,7 +247,7 @@ def plan(**options) -> None:
         fake_host = os.environ.get(FAKE_HOST_ENV)
         host = (lambda: parse_fake_host(fake_host)) if fake_host else None
         try:
-            result = make_plan(resolve_configured(settings), settings, discover=discover, host=host)
+            result = checked_plan(resolve_configured(settings), settings, discover=discover, host=host)
         except PlanError as exc:
             typer.echo(exc.plan.table())
             raise
@@ -250,7 +255,7 @@ def plan(**options) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(result.table())
-    typer.echo("the plan fits")
+    typer.echo("placed without a memory check" if result.unchecked else "the plan fits")
 
 
 cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
@@ -288,9 +293,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
 
         ray_app.run(settings, specs)
         return
-    from .models.planner import make_plan
+    from .models.planner import checked_plan
 
-    memory_plan = make_plan(specs, settings)  # refuses before the port opens when the workers do not fit
+    memory_plan = checked_plan(specs, settings)  # refuses before the port opens when the workers do not fit
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     engine = LocalEngine(specs, settings, memory_plan)
     _exit_normally_after_signals()

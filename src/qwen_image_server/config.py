@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     task_timeout: float = Field(default=600.0, gt=0, validation_alias=_alias("TASK_TIMEOUT", "QIS_TASK_TIMEOUT"))
     device: str = Field(default="auto", description="auto, cpu, cuda, or cuda:0,cuda:1,... (one entry per worker slot)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    memory_check: Literal["on", "warn", "off"] = Field(
+        default="on",
+        description="The memory plan before loading (models/planner.py): on refuses a plan that does not fit; warn "
+        "logs the refusal and serves anyway; off places workers without checking any memory.",
+    )
     max_batch_size: int = Field(
         default=1,
         ge=1,

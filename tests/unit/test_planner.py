@@ -552,6 +552,35 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
     assert "error: not enough GPU memory for model " in refused.output
     assert "cuda:0 QIS_FAKE_GPUS: 1.0 GiB free of 1.0 GiB, planned there: " in refused.output
     assert "Or serve" in refused.output and "on another GPU" in refused.output
+    # the estimate can be overruled: warn logs the refusal and places the workers unchecked, off never checks
+    warned = runner.invoke(app, [*args, "--memory-check", "warn"], env={"QIS_FAKE_GPUS": "1GiB"})
+    assert warned.exit_code == 0, warned.output
+    assert "cuda:0 QIS_FAKE_GPUS (? GiB free of 1.0 GiB): a#0 600 MiB, b#0 " in warned.output
+    assert warned.output.rstrip().endswith("placed without a memory check")
+    off = runner.invoke(app, [*args, "--memory-check", "off"], env={"QIS_FAKE_GPUS": "0.8GiB,0.8GiB"})
+    assert off.exit_code == 0 and "memory not checked (--memory-check)" in off.output, "off: even a plan that fits"
+    bad = runner.invoke(app, [*args, "--memory-check", "maybe"])
+    assert bad.exit_code == 2 and "--memory-check: Input should be 'on', 'warn' or 'off'" in bad.output
+
+
+def test_memory_check_warn_logs_the_refusal_and_off_checks_nothing(caplog):
+    from qwen_image_server.models.planner import checked_plan
+
+    spec, card = _full("qwen-image"), _gpus(_gpu(0, 24))
+    with pytest.raises(PlanError):
+        checked_plan([spec], Settings(), discover=card)
+    with caplog.at_level("WARNING"):
+        warned = checked_plan([spec], Settings(memory_check="warn"), discover=card)
+    assert "the memory plan does not fit; serving anyway (--memory-check warn):\nnot enough GPU memory" in caplog.text
+    assert warned.unchecked and warned.devices("qwen-image") == ["cuda:0"]
+    assert [g["checked"] for g in warned.gpu_report()] == [False]
+    fits = checked_plan([spec], Settings(memory_check="warn"), discover=_gpus(_gpu(0, 141)))
+    assert not fits.unchecked and [g["checked"] for g in fits.gpu_report()] == [True], "a plan that fits is checked"
+    # off: neither the GPUs nor the host are checked, for GPU and CPU plans alike
+    off = Settings(memory_check="off", workers=2)
+    assert checked_plan([spec], off, discover=card).devices("qwen-image") == ["cuda:0", "cuda:0"]
+    cpu = checked_plan([spec], off.model_copy(update={"device": "cpu"}), host=_host(1))
+    assert cpu.unchecked and cpu.host is None and cpu.devices("qwen-image") == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("visible", ["", "-1"])

@@ -347,6 +347,7 @@ def test_cli_serve_refuses_on_the_cpu_a_model_this_machine_cannot_hold():
     assert refused.returncode == 2, output[-2000:]
     assert "error: not enough memory on this machine for model Qwen-Image on the CPU: each of its workers needs 116." in output
     assert "(MemAvailable in /proc/meminfo)" in output or "(the container's memory limit (cgroup))" in output
+    assert "If the estimate is wrong for this machine, --memory-check warn serves anyway." in output
     assert "Uvicorn running" not in output and "worker" not in output.split("error:")[0].lower()
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
-from ..models.planner import Plan, make_plan
+from ..models.planner import Plan, checked_plan
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
@@ -311,7 +311,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         if self.plan is None:
-            self.plan = await asyncio.to_thread(make_plan, self.models, self.settings)
+            self.plan = await asyncio.to_thread(checked_plan, self.models, self.settings)
         devices = {spec.id: self.plan.devices(spec.id) for spec in self.models}
         shared = self.settings.share_components and len(self.models) > 1
         processes = devices[self.models[0].id] if shared else [d for per_model in devices.values() for d in per_model]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .footprint import GIB, Footprint, human
 from .host_memory import cpu_need, cpu_suggestions, host_needs, host_refusal, mixed_refusal, offload_refusal
@@ -61,6 +61,7 @@ class Plan:
     host: HostMemory | None = None  # the machine's memory, when checked: CPU workers, or GPU workers that offload
     host_planned: int = 0  # bytes planned there: CPU workers whole, GPU workers' offloaded weights
     host_workers: list[str] = field(default_factory=list)
+    unchecked: bool = False  # --memory-check off, or warn with a plan that did not fit: placed without any check
 
     def devices(self, model: str) -> list[str]:
         """The device of each worker slot of ``model``, in slot order."""
@@ -86,6 +87,7 @@ class Plan:
                 "total_gib": _gib(gpu.total),
                 "free_at_start_gib": _gib(gpu.free),
                 "planned_gib": _gib(planned),
+                "checked": not self.unchecked and gpu.free is not None,
                 "workers": [],
             }
             frees = []
@@ -148,6 +150,8 @@ class Plan:
             rest = f"{human(left)} headroom" if left >= 0 else f"short by {human(-left)}"
             what = ", ".join(self.host_workers) or "nothing"
             lines.append(f"host memory ({room}): {what}, {human(self.host_planned)} in all, {rest}")
+        if self.unchecked:
+            lines.append("memory not checked (--memory-check): workers placed as if every device had room")
         return "\n".join(lines)
 
 
@@ -231,6 +235,24 @@ def _check_explicit(
 def _norm(device: str) -> str:
     device = device.strip()
     return "cuda:0" if device == "cuda" else device
+
+
+def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, host=None) -> Plan:
+    """``make_plan`` as ``settings.memory_check`` says: ``on`` refuses a plan that does not fit, ``warn`` logs the
+    refusal and places the workers without a check, ``off`` never checks (for estimates known to be wrong for a
+    machine). Without a check, the GPUs' and the machine's free memory count as unknown; the rest is planned alike."""
+    if settings.memory_check != "off":
+        try:
+            return make_plan(specs, settings, discover, reader, host)
+        except PlanError as exc:
+            if settings.memory_check == "on":
+                raise
+            log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
+    found = (discover or discover_gpus)() if settings.device.strip() != "cpu" else []
+    unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
+    plan = make_plan(specs, settings, lambda: unknown_free, reader, host=lambda: None)
+    plan.unchecked = True
+    return plan
 
 
 def make_plan(
