@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -73,6 +75,30 @@ def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4
 def tiny_lora(tiny_t2i, tmp_path_factory) -> Path:
     """A LoRA file for the tiny text-to-image model (no preset file next to it)."""
     return make_tiny_lora(tiny_t2i, tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+#: Snapshots of the hub LoRA repository ``test-org/tiny-loras`` in ``lora_hub_cache``.
+LORA_MAIN_REV, LORA_V2_REV = "1" * 40, "2" * 40
+HUB_LORA = "hf:test-org/tiny-loras/lightning/fast.safetensors"
+
+
+@pytest.fixture(scope="session")
+def lora_hub_cache(tiny_t2i, tiny_lora, tmp_path_factory) -> Path:
+    """A hub cache (``HF_HUB_CACHE``) holding ``test-org/tiny-loras``, as a machine that downloaded it once has it: at
+    ``main``, ``lightning/fast.safetensors`` (the tiny LoRA, rank 4) with its preset file ``lightning/fast.json``; at
+    ``v2``, a rank-8 LoRA of that name without one."""
+    root = tmp_path_factory.mktemp("lora-hub") / "hub"
+    repo = root / "models--test-org--tiny-loras"
+    main = repo / "snapshots" / LORA_MAIN_REV / "lightning"
+    main.mkdir(parents=True)
+    shutil.copy(tiny_lora, main / "fast.safetensors")
+    (main / "fast.json").write_text(json.dumps({"preset": "lightning", "steps": 2}))
+    (repo / "snapshots" / LORA_V2_REV / "lightning").mkdir(parents=True)
+    make_tiny_lora(tiny_t2i, repo / "snapshots" / LORA_V2_REV / "lightning" / "fast.safetensors", seed=3, rank=8)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(LORA_MAIN_REV)
+    (repo / "refs" / "v2").write_text(LORA_V2_REV)
+    return root
 
 
 # --- in-process apps on the fake engine ----------------------------------------------------------

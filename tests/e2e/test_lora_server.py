@@ -7,12 +7,15 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def lora_server(start_server, tiny_t2i, tiny_lora):
+def lora_server(start_server, tiny_t2i, tiny_lora, lora_hub_cache):
+    from conftest import HUB_LORA
+
     return start_server(
         "--model", f"tiny={tiny_t2i}",
         "--lora", f"style={tiny_lora}",
         "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
-        env={"QIS_CPU_THREADS": "1"},
+        "--lora", f"hub={HUB_LORA}:revision=v2",  # a hub LoRA, from the hub cache offline
+        env={"QIS_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(lora_hub_cache)},
     )  # fmt: skip
 
 
@@ -31,11 +34,16 @@ def _image(server, model: str, **fields) -> str:
 
 
 def test_models_list_the_lora_ids(lora_server):
+    from conftest import HUB_LORA
+
     cards = {card["id"]: card for card in httpx.get(f"{lora_server.base_url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {"tiny", "style", "fast"}
+    assert set(cards) == {"tiny", "style", "fast", "hub"}
     assert cards["style"]["base_model"] == cards["style"]["parent"] == "tiny" and cards["style"]["kind"] == "text-to-image"
     assert cards["fast"]["preset"]["name"] == "lightning" and cards["fast"]["preset"]["steps"] == 2
-    assert [lora["name"] for lora in cards["tiny"]["profile"]["loras"]] == ["style", "fast"]
+    assert [lora["name"] for lora in cards["tiny"]["profile"]["loras"]] == ["style", "fast", "hub"]
+    assert cards["hub"]["base_model"] == "tiny" and cards["hub"]["preset"] == {}, "v2 has no preset file"
+    assert cards["hub"]["lora"] == {"scale": 1.0, "mode": "hot-swap", "hub": HUB_LORA, "revision": "v2"}
+    assert "hub" not in cards["style"]["lora"]
     one = httpx.get(f"{lora_server.base_url}/v1/models/fast", timeout=10).json()
     assert one["base_model"] == "tiny" and one["preset"]["scheduler"]["shift_terminal"] is None
 
@@ -47,6 +55,8 @@ def test_base_and_lora_ids_give_different_images_and_the_base_stays(lora_server)
     assert style != base
     assert again == base
     assert _image(lora_server, "fast", num_inference_steps=None) not in (base, style)
+    assert _image(lora_server, "hub") not in (base, style), "the hub LoRA, loaded by the workers from the hub cache"
+    assert _image(lora_server, "tiny") == base
 
 
 def test_an_unknown_id_is_still_refused(lora_server):

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,41 @@ def test_a_fused_lora_preset_applies_to_the_base_id(tiny_t2i, tiny_lora, tmp_pat
     service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
     job = service._job(GenerationRequest(prompt="p", model="tiny"), specs[0], "generate", None)
     assert (job.lora, job.num_inference_steps, job.true_cfg_scale) == (None, 8, 1.0)
+
+
+@pytest.fixture
+def offline_hub(lora_hub_cache, monkeypatch) -> Path:
+    """The hub cache of ``lora_hub_cache``, offline, as ``HF_HUB_OFFLINE=1 HF_HUB_CACHE=...`` set it at start-up."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(lora_hub_cache))
+    return lora_hub_cache
+
+
+def test_a_hub_lora_is_read_offline_from_the_hub_cache_at_each_revision(tiny_t2i, offline_hub):
+    from conftest import HUB_LORA, LORA_MAIN_REV, LORA_V2_REV
+
+    [lora] = _resolve(tiny_t2i, f"fast={HUB_LORA}")[0].profile.loras
+    snapshots = offline_hub / "models--test-org--tiny-loras" / "snapshots"
+    assert (lora.hub, Path(lora.path)) == (HUB_LORA, snapshots / LORA_MAIN_REV / "lightning" / "fast.safetensors")
+    assert lora.rank == 4 and lora.preset["name"] == "lightning" and lora.preset["steps"] == 2, "with its preset file"
+    [v2] = _resolve(tiny_t2i, f"fast={HUB_LORA}:revision=v2,scale=0.5@tiny")[0].profile.loras
+    assert Path(v2.path) == snapshots / LORA_V2_REV / "lightning" / "fast.safetensors"
+    assert (v2.rank, v2.preset, v2.scale, v2.revision) == (8, {}, 0.5, "v2")
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("hf:test-org/tiny-loras/lightning/slow.safetensors", r"LoRA x \(hf:test-org/tiny-loras/lightning/slow.safetensors\): "
+         r"not in the hub cache \(.*hub\) and the hub cannot be reached \(HF_HUB_OFFLINE is set\)"),
+        ("hf:test-org/tiny-loras/lightning/fast.safetensors:revision=v9", r"\(hf:.* at v9\): not in the hub cache"),
+        ("hf:test-org/tiny-loras", r"expected hf:ORG/NAME/FILE.safetensors \(a file of a hub repository\)"),
+        ("hf:test-org//fast.safetensors", r"expected hf:ORG/NAME/FILE.safetensors"),
+        ("/loras/x.safetensors:revision=v2", r"--lora x: revision= needs a value and a hub LoRA"),
+    ],
+)  # fmt: skip
+def test_hub_loras_that_cannot_be_had_are_start_up_errors(tiny_t2i, offline_hub, flag, message):
+    with pytest.raises(ValueError, match=message):
+        _resolve(tiny_t2i, f"x={flag}")

@@ -2,7 +2,11 @@
 
 ``--lora NAME=PATH[:KEY=VALUE,...][@MODEL]`` serves the LoRA file ``PATH`` on the base
 model ``MODEL`` (default: the first text-to-image model), under its own model id ``NAME``.
+``PATH`` is a local file, or ``hf:ORG/NAME/FILE.safetensors`` for a file of a hub repository
+(fetched into the hub cache at start-up, or read from it offline; ``lora_check.fetch_lora``).
 Options (each also in the environment's ``QIS_LORAS``, entries separated by ``;``):
+
+- ``revision=REV``: a hub LoRA's branch, tag or commit (default: main).
 
 - ``fuse=true``: merge the LoRA into the base weights at load; the base id then serves it
   and ``NAME`` is an alias. Default: hot-swapped per request (see ``lora_runtime.py``).
@@ -61,7 +65,9 @@ SCHEDULER_FIELDS: dict[str, type] = {
     "use_beta_sigmas": bool,
 }
 _TIME_SHIFT_TYPES = ("exponential", "linear")
-_FLAG_ONLY = ("fuse", "scale")
+_FLAG_ONLY = ("fuse", "scale", "revision")
+#: How a LoRA file of a hub repository is named: ``hf:ORG/NAME/PATH/IN/REPO.safetensors``.
+HUB_PREFIX = "hf:"
 _PRESET_KEYS = ("preset", "steps", "true_cfg_scale")
 _OPTION = re.compile(r"^[a-z_]+=[^,]*(,[a-z_]+=[^,]*)*$")
 
@@ -88,6 +94,9 @@ def parse_lora_flag(text: str) -> LoraSpec:
         scale = _number(options.pop("scale"), float, name, "scale")
     if "fuse" in options:
         fuse = _flag_bool(options.pop("fuse"), name, "fuse")
+    revision = options.pop("revision", None)
+    if revision is not None and (not path.startswith(HUB_PREFIX) or not revision.strip()):
+        raise ProfileError(f"--lora {name}: revision= needs a value and a hub LoRA (hf:ORG/NAME/FILE.safetensors)")
     knobs: dict[str, Any] = {}
     scheduler: dict[str, Any] = {}
     for key, raw in options.items():
@@ -100,7 +109,8 @@ def parse_lora_flag(text: str) -> LoraSpec:
             raise ProfileError(f"--lora {name}: unknown option {key!r} (known: {known})")
     if scheduler:
         knobs["scheduler"] = scheduler
-    return LoraSpec(name=name, path=path, model=model, scale=scale, fuse=fuse, preset=_check_preset(knobs, name, "--lora"))
+    preset = _check_preset(knobs, name, "--lora")
+    return LoraSpec(name=name, path=path, model=model, scale=scale, fuse=fuse, preset=preset, revision=revision)
 
 
 def merge_preset(name: str, flag: dict, file: dict) -> dict:
@@ -208,6 +218,10 @@ def lora_card(lora: LoraSpec, base) -> dict:
         "kind": base.kind,
         "base_model": base.id,
         "parent": base.id,
-        "lora": {"scale": lora.scale, "mode": "fused" if lora.fuse else "hot-swap"},
+        "lora": {
+            "scale": lora.scale,
+            "mode": "fused" if lora.fuse else "hot-swap",
+            **({"hub": lora.hub, "revision": lora.revision or "main"} if lora.hub else {}),
+        },
         "preset": lora.preset,
     }

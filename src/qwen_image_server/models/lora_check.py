@@ -9,13 +9,14 @@ LoRA, or a LoRA for a transformer of another size).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
 from dataclasses import replace
 from pathlib import Path
 
-from .lora import LoraError, merge_preset, read_preset_file
+from .lora import HUB_PREFIX, LoraError, merge_preset, read_preset_file
 from .profile import LoraSpec
 
 #: Keys diffusers' Qwen-Image LoRA format uses (``save_lora_weights``), for the error messages.
@@ -95,7 +96,7 @@ def seems_for(keys: list[str]) -> str:
 def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> int:
     """Check ``lora``'s file against the base transformer's ``config`` (None: names only); return its rank."""
     path = Path(lora.path).expanduser()
-    where = f"LoRA {lora.name} ({lora.path}) for model {base_id}"
+    where = f"LoRA {lora.name} ({lora.hub or lora.path}) for model {base_id}"
     if not path.exists():
         raise LoraError(f"{where}: file not found")
     if not path.is_file():
@@ -187,6 +188,44 @@ def transformer_config(spec) -> dict | None:
         return None
 
 
+def fetch_lora(lora: LoraSpec) -> LoraSpec:
+    """A hub LoRA (``hf:ORG/NAME/FILE.safetensors``) as its file in the hub cache: downloaded when it is not there yet
+    and the hub can be reached, read from the cache offline (``HF_HUB_OFFLINE=1``). The preset file next to it
+    (``FILE.json``) comes along when the repository has one. A local LoRA is returned as it is."""
+    if not lora.path.startswith(HUB_PREFIX):
+        return lora
+    parts = lora.path.removeprefix(HUB_PREFIX).split("/")
+    where = f"LoRA {lora.name} ({lora.path}{f' at {lora.revision}' if lora.revision else ''})"
+    if len(parts) < 3 or not all(parts):
+        raise LoraError(f"{where}: expected hf:ORG/NAME/FILE.safetensors (a file of a hub repository)")
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        local = hf_hub_download(repo, filename, revision=lora.revision)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise LoraError(
+            f"{where}: not in the hub cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached{offline}"
+        ) from None
+    except EntryNotFoundError:
+        raise LoraError(f"{where}: the repository {repo} has no file {filename}") from None
+    except RevisionNotFoundError:
+        raise LoraError(f"{where}: the repository {repo} has no revision {lora.revision}") from None
+    except RepositoryNotFoundError:
+        raise LoraError(f"{where}: no repository {repo} on the hub, or it needs a token (HF_TOKEN)") from None
+    except Exception as exc:  # the network, the disk
+        raise LoraError(
+            f"{where}: could not fetch it: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        ) from None
+    # The preset file lands next to the LoRA in the same snapshot folder, where read_preset_file looks. None in the
+    # repository, or offline and not cached: the LoRA has no preset file.
+    with contextlib.suppress(Exception):
+        hf_hub_download(repo, str(Path(filename).with_suffix(".json")), revision=lora.revision)
+    return replace(lora, path=local, hub=lora.path)
+
+
 def resolve_loras(loras: list[LoraSpec], specs: list) -> list[LoraSpec]:
     """Each LoRA with its preset merged and its file checked; names unique and distinct from model ids."""
     by_id = {spec.id: spec for spec in specs}
@@ -199,6 +238,7 @@ def resolve_loras(loras: list[LoraSpec], specs: list) -> list[LoraSpec]:
             raise LoraError(f"--lora {lora.name}: given twice; LoRA names must be unique")
         seen.add(lora.name)
         base = by_id[lora.model]
+        lora = fetch_lora(lora)
         rank = check_lora_file(lora, base.id, transformer_config(base))
         preset = merge_preset(lora.name, lora.preset, read_preset_file(lora))
         out.append(replace(lora, preset=preset, rank=rank))

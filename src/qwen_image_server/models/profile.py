@@ -43,7 +43,8 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One LoRA: a local safetensors file applied to a base model, served under its own id (see ``lora.py``)."""
+    """One LoRA: a safetensors file (local, or from the hub) applied to a base model, served under its own id
+    (see ``lora.py``)."""
 
     name: str
     path: str
@@ -52,6 +53,8 @@ class LoraSpec:
     preset: dict = field(default_factory=dict, hash=False, compare=False)  # steps, true_cfg_scale, scheduler
     fuse: bool = False  # merged into the base weights at load instead of hot-swapped per request
     rank: int = 0  # read from the file at start-up
+    revision: str | None = None  # a hub LoRA's branch, tag or commit; None: main
+    hub: str | None = None  # the ``hf:ORG/NAME/FILE`` it was given as; ``path`` is then its file in the hub cache
 
 
 @dataclass(frozen=True)
