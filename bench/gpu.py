@@ -75,6 +75,8 @@ SETTINGS = (
     Setting("lightning-eager", (), LIGHTNING),
     Setting("lightning-compile", ("--compile",), LIGHTNING, target_s=0.8),
     Setting("lightning-compile-fp8", ("--compile", "--quantize", "fp8"), LIGHTNING, target_s=0.8),
+    # What previews cost: three VAE decodes of the current estimate during the 8 steps (against lightning-eager)
+    Setting("lightning-stream", (), {**LIGHTNING, "stream": True, "partial_images": 3}),
     Setting(
         "first-vs-warm",
         ("--compile", "--compile-sizes", "1024x1024,1328x1328"),
@@ -89,6 +91,7 @@ SMOKE_SETTINGS = (
     Setting("smoke", (), SMOKE_STEPS, new_prompt=True),
     Setting("smoke-unsupported", ("--quantize", "int3"), SMOKE_STEPS),
     Setting("smoke-edit", (), SMOKE_STEPS, edit=True),
+    Setting("smoke-stream", (), {**SMOKE_STEPS, "stream": True, "partial_images": 1}),
 )
 
 
@@ -179,6 +182,12 @@ class Bench:
         if setting.edit:
             body["image"] = self.picture
         started = time.perf_counter()
+        if body.get("stream"):
+            with server.client.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path} answered {response.status_code}: {response.read()[:300]!r}")
+                streamed = read_stream(response.iter_lines())
+            return time.perf_counter() - started, streamed
         response = server.client.post(path, json=body)
         seconds = time.perf_counter() - started
         if response.status_code != 200:
@@ -223,7 +232,8 @@ class Bench:
                 "bodies": [b for _, b in warm],
             }
         main = per_size[sizes[0]]
-        stats = [body.get("stats") or {} for body in main.pop("bodies")]
+        bodies = main.pop("bodies")
+        stats = [body.get("stats") or {} for body in bodies]
         e2e = statistics.median(main["e2e_seconds"])
         record.update(
             e2e_seconds_median=round(e2e, 4), e2e_seconds=main["e2e_seconds"], first_request_seconds=main["first_request_seconds"]
@@ -236,6 +246,9 @@ class Bench:
         record["pipeline_seconds_median"] = round(statistics.median(pipeline), 4) if pipeline else None
         record["queue_seconds_median"] = round(statistics.median(queue), 4) if queue else None
         record["e2e_over_pipeline"] = round(e2e / record["pipeline_seconds_median"], 4) if pipeline else None
+        partials = [body["partial_images"] for body in bodies if "partial_images" in body]
+        if partials:
+            record["partial_images_received"] = partials[0]
         calls = [s["transformer_calls"] for s in stats if "transformer_calls" in s]
         record["transformer_calls"] = calls[0] if calls else None
         if len(sizes) > 1:
@@ -262,6 +275,26 @@ class Bench:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "runs": self.args.runs,
         }
+
+
+def read_stream(lines) -> dict:
+    """A streamed answer's last completed event's ``stats`` and the number of previews sent before it, as
+    ``{"stats": ..., "partial_images": N}``; an error event raises."""
+    stats, partials = None, 0
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        event = json.loads(line.removeprefix("data:"))
+        kind = event.get("type", "")
+        if kind.endswith(".partial_image"):
+            partials += 1
+        elif kind.endswith(".completed"):
+            stats = event.get("stats")
+        elif kind == "error":
+            raise RuntimeError(f"the stream ended with an error: {event.get('error')}")
+    if stats is None:
+        raise RuntimeError("the stream ended without a completed event")
+    return {"stats": stats, "partial_images": partials}
 
 
 def _version(package: str) -> str | None:

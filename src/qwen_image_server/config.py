@@ -142,6 +142,14 @@ class Settings(BaseSettings):
         "auto: forkserver for CPU workers, spawn for GPU workers.",
     )
 
+    preview_scale: float = Field(
+        default=0.5,
+        ge=0.125,
+        le=1.0,
+        description="Stream previews (partial_images) are decoded by the VAE at this fraction of the image's side, "
+        "then enlarged: at 0.5 a preview costs about a quarter of a full decode; 1.0 decodes them at full size.",
+    )
+
     # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------
     compile: bool | None = Field(default=None, description="Regional torch.compile of the transformer, warmed at start-up.")
     compile_sizes: Annotated[list[str], NoDecode] = Field(

@@ -42,6 +42,7 @@ class Job:
     output_compression: int = 100
     strength: float = 0.6  # variations (img2img): how far from the input image to move
     partial_images: int = 0  # previews per image, at evenly spaced denoising steps
+    preview_scale: float = 1.0  # previews decoded at this fraction of the side, then enlarged (a quarter of the work at 0.5)
     cache: str | None = None  # step cache policy for this job ("none": off); None: the model's profile
     lora: str | None = None  # the LoRA id the request named (its adapter and preset scheduler); None: the base model
 

@@ -52,3 +52,23 @@ def test_variation_errors(api):
     assert r.status_code == 400
     r = http.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"strength": "1.5"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "strength"
+
+
+def test_stream_jobs_carry_the_preview_scale_of_the_settings(make_api, tiny_t2i):
+    body = {"prompt": "p", "stream": True, "partial_images": 2, "num_inference_steps": 4}
+    for settings, scale in (({}, 0.5), ({"preview_scale": 1.0}, 1.0), ({"preview_scale": 0.25}, 0.25)):
+        api = make_api({"tiny": tiny_t2i}, **settings)
+        with api.client.stream("POST", "/v1/images/generations", json=body) as response:
+            assert response.status_code == 200 and "image_generation.completed" in response.read().decode()
+        _, job = api.engine.jobs[-1]
+        assert (job.partial_images, job.preview_scale) == (2, scale)
+
+
+def test_preview_scale_outside_its_range_is_a_settings_error():
+    from pydantic import ValidationError
+
+    from qwen_image_server.config import Settings
+
+    for bad in (0.0, 0.1, 1.5):
+        with pytest.raises(ValidationError):
+            Settings(preview_scale=bad)

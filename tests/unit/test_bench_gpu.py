@@ -98,3 +98,14 @@ def test_every_setting_runs_at_the_real_sizes_with_known_flags(gpu_bench):
     serve = get_command(app).commands["serve"]
     flags = {opt for param in serve.params for opt in param.opts}
     assert {arg for s in gpu_bench.SETTINGS for arg in s.args if arg.startswith("--")} <= flags
+
+
+def test_a_streamed_answer_gives_its_stats_and_the_previews_counted(gpu_bench):
+    partial = 'data: {"type": "image_generation.partial_image", "partial_image_index": 0}'
+    completed = 'data: {"type": "image_generation.completed", "stats": {"pipeline_seconds": 0.5, "transformer_calls": 8}}'
+    lines = ["event: image_generation.partial_image", partial, "", partial, "", "event: image_generation.completed", completed]
+    assert gpu_bench.read_stream(lines) == {"stats": {"pipeline_seconds": 0.5, "transformer_calls": 8}, "partial_images": 2}
+    with pytest.raises(RuntimeError, match="ended with an error"):
+        gpu_bench.read_stream([partial, 'data: {"type": "error", "error": {"message": "Task timeout"}}'])
+    with pytest.raises(RuntimeError, match="without a completed event"):
+        gpu_bench.read_stream([partial])

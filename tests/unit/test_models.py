@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -84,6 +85,29 @@ def test_images_made_8_bit_on_a_gpu_equal_diffusers_pil_output(dtype):
 def test_runner_crops_to_the_output_size(t2i_runner):
     job = Job(mode="generate", prompt="p", seeds=[1], width=288, height=256, out_width=280, out_height=256, num_inference_steps=2)
     assert t2i_runner.run(job)[0].size == (280, 256)
+
+
+@pytest.mark.parametrize("scale,preview_latent_side", [(1.0, 16), (0.5, 8), (0.25, 4)])
+def test_previews_are_decoded_at_the_preview_scale_and_sent_at_the_image_size(
+    t2i_runner, monkeypatch, scale, preview_latent_side
+):
+    """A preview costs a VAE decode; at scale 0.5 the decode has a quarter of the pixels, and the preview is enlarged
+    to the image's size. The final image is decoded at full size whatever the scale."""
+    vae = t2i_runner.pipe.vae
+    decoded_sides = []
+    decode = vae.decode
+
+    def counting(latents, *args, **kwargs):
+        decoded_sides.append(tuple(latents.shape[-2:]))
+        return decode(latents, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", counting)
+    previews = []
+    job = Job(mode="generate", prompt="p", seeds=[1], width=128, height=128, num_inference_steps=4, partial_images=2)
+    image = t2i_runner.run(replace(job, preview_scale=scale), on_partial=lambda i, j, preview: previews.append((j, preview)))
+    assert decoded_sides == [(preview_latent_side, preview_latent_side)] * 2 + [(16, 16)], "two previews, then the image"
+    assert [j for j, _ in previews] == [0, 1] and all(p.size == (128, 128) for _, p in previews)
+    assert image[0].size == (128, 128)
 
 
 def test_runner_stops_at_the_next_step(t2i_runner):

@@ -346,8 +346,15 @@ class _Previews:
         config = pipe.vae.config
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(unpacked)
         std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(unpacked)
-        decoded = pipe.vae.decode(unpacked * std + mean, return_dict=False)[0][:, :, 0]
+        full_size = (unpacked.shape[-1] * pipe.vae_scale_factor, unpacked.shape[-2] * pipe.vae_scale_factor)
+        latents = unpacked * std + mean
+        if self.job.preview_scale < 1:  # a smaller decode (the VAE's work grows with the pixels), enlarged after
+            smaller = torch.nn.functional.interpolate(latents[:, :, 0], scale_factor=self.job.preview_scale, mode="area")
+            latents = smaller.unsqueeze(2)
+        decoded = pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
         images = to_pil_images(pipe.image_processor.postprocess(decoded, output_type="pt"))
         partial_index = self.steps.index(step)
         for index, image in enumerate(images):
+            if image.size != full_size:
+                image = image.resize(full_size, Image.Resampling.BILINEAR)
             self.on_partial(index, partial_index, fit_to_job(image, self.job))

@@ -173,6 +173,7 @@ class ImageService:
             output_format=req.output_format,
             output_compression=100 if req.output_compression is None else req.output_compression,
             partial_images=req.partial_images or 0 if req.stream else 0,
+            preview_scale=self.settings.preview_scale,
             cache=self._cache(req, spec),
             lora=lora,
         )
