@@ -110,6 +110,30 @@ def test_previews_are_decoded_at_the_preview_scale_and_sent_at_the_image_size(
     assert image[0].size == (128, 128)
 
 
+def test_eager_models_on_a_gpu_run_once_before_ready_and_cpu_ones_do_not(t2i_runner, monkeypatch, caplog):
+    from qwen_image_server.models import compile as compile_module
+    from qwen_image_server.models import runner as runner_module
+
+    warmed = []
+    monkeypatch.setattr(runner_module, "warm_eager", warmed.append)
+    t2i_runner.warm_up()
+    assert warmed == [], "nothing is lazy on the CPU"
+    monkeypatch.setattr(t2i_runner, "device", "cuda:0")
+    t2i_runner.warm_up()
+    assert warmed == [t2i_runner]
+    monkeypatch.setattr(t2i_runner, "device", "cpu")  # the run below is a real one, on the CPU
+    # what the warm-up runs: one image with true CFG at the model's default size (256x256 for the tiny model), 2 steps
+    jobs = []
+    run = t2i_runner.run
+    monkeypatch.setattr(t2i_runner, "run", lambda job, *a, **k: jobs.append(job) or run(job, *a, **k))
+    with caplog.at_level("INFO"):
+        compile_module.warm_eager(t2i_runner)
+    [job] = jobs
+    assert (job.mode, job.width, job.height, job.n, job.num_inference_steps, job.true_cfg_scale) == ("generate", 256, 256, 1, 2, 4.0)
+    assert t2i_runner.last_stats["transformer_calls"] == 4, "both passes of true CFG ran"
+    assert f"warmed {t2i_runner.spec.id} at 256x256 in " in caplog.text
+
+
 def test_runner_stops_at_the_next_step(t2i_runner):
     calls = []
 

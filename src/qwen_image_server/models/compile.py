@@ -199,6 +199,19 @@ def compile_and_warm(runner) -> None:
     log.info("compiled %s and warmed %s %s in %.1fs (%d graphs)", spec.id, what, names, elapsed, new)
 
 
+def warm_eager(runner) -> None:
+    """One short run of an eager model on a GPU before the worker reports ready: CUDA loads kernels on their first
+    use, cuBLAS and cuDNN make their handles and workspaces, and the caching allocator grows to the activations of
+    the model's largest warm size there, so that the first request does not pay for them. A run with true CFG at the
+    model's first warm size (``warm_sizes``), two steps; on the CPU nothing of that is lazy, so CPU workers skip it."""
+    spec: ModelSpec = runner.spec
+    started = time.perf_counter()
+    sizes = warm_sizes(spec)
+    runner.run(warm_jobs(spec, sizes[:1])[0])
+    width, height = sizes[0]
+    log.info("warmed %s at %dx%d in %.1fs (eager)", spec.id, width, height, time.perf_counter() - started)
+
+
 @contextlib.contextmanager
 def logged_compiles(spec: ModelSpec, job: Job) -> Iterator[None]:
     """Log a request that compiled (a size or batch outside the warm set), so slow first requests are explained."""

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ..errors import TaskCancelled
 from ..jobs import Job
-from .compile import compile_and_warm, logged_compiles
+from .compile import compile_and_warm, logged_compiles, warm_eager
 from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
 from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
@@ -94,8 +94,8 @@ class PipelineRunner:
     def __init__(
         self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", shared: ComponentCache | None = None, warm: bool = True
     ):
-        """Load ``spec`` on ``device``; with ``compile``, also compile and warm it unless ``warm`` is False (then
-        ``warm_up`` does it: a worker loads under its device's load lock and warms after releasing it)."""
+        """Load ``spec`` on ``device`` and warm it (``warm_up``) unless ``warm`` is False (then the caller does: a
+        worker loads under its device's load lock and warms after releasing it)."""
         self.spec = spec
         self.device = resolve_device(device)
         self.determinism = apply_determinism(spec.profile.deterministic)  # before this process's first cuBLAS call
@@ -133,9 +133,12 @@ class PipelineRunner:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """With ``compile``: compile the transformer and run the warm set (before the worker reports ready)."""
+        """Before the worker reports ready: with ``compile``, compile the transformer and run the warm set; eager on a
+        GPU, one short run (``warm_eager``)."""
         if self.spec.profile.compile:
             compile_and_warm(self)
+        elif self.device.startswith("cuda"):
+            warm_eager(self)
 
     def _load_processor(self):
         """The edit pipelines' processor, loaded here for folders and hub ids alike.
