@@ -143,11 +143,12 @@ class Settings(BaseSettings):
     )
 
     preview_scale: float = Field(
-        default=0.5,
+        default=1.0,
         ge=0.125,
         le=1.0,
         description="Stream previews (partial_images) are decoded by the VAE at this fraction of the image's side, "
-        "then enlarged: at 0.5 a preview costs about a quarter of a full decode; 1.0 decodes them at full size.",
+        "then enlarged: at 0.5 a preview costs about a quarter of a full decode, but is a coarser and possibly "
+        "colour-shifted picture; 1.0 (the default) decodes them at full size.",
     )
 
     # --- run profiles (see models/profile.py): each value VALUE or VALUE@MODEL_ID -------

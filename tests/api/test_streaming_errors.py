@@ -56,7 +56,7 @@ def test_variation_errors(api):
 
 def test_stream_jobs_carry_the_preview_scale_of_the_settings(make_api, tiny_t2i):
     body = {"prompt": "p", "stream": True, "partial_images": 2, "num_inference_steps": 4}
-    for settings, scale in (({}, 0.5), ({"preview_scale": 1.0}, 1.0), ({"preview_scale": 0.25}, 0.25)):
+    for settings, scale in (({}, 1.0), ({"preview_scale": 0.5}, 0.5), ({"preview_scale": 0.25}, 0.25)):
         api = make_api({"tiny": tiny_t2i}, **settings)
         with api.client.stream("POST", "/v1/images/generations", json=body) as response:
             assert response.status_code == 200 and "image_generation.completed" in response.read().decode()
