@@ -6,11 +6,10 @@ model ``MODEL`` (default: the first text-to-image model), under its own model id
 (fetched into the hub cache at start-up, or read from it offline; ``lora_check.fetch_lora``).
 Options (each also in the environment's ``QIS_LORAS``, entries separated by ``;``):
 
-- ``revision=REV``: a hub LoRA's branch, tag or commit (default: main).
-
 - ``fuse=true``: merge the LoRA into the base weights at load; the base id then serves it
   and ``NAME`` is an alias. Default: hot-swapped per request (see ``lora_runtime.py``).
 - ``scale=S``: the LoRA's strength (default 1.0).
+- ``revision=REV``: a hub LoRA's branch, tag or commit (default: main).
 - ``preset=lightning`` (or ``none``), ``steps=N``, ``true_cfg_scale=X`` and scheduler fields
   (``base_shift=...``, ``shift_terminal=none``...): the defaults of requests for this LoRA.
 
