@@ -56,7 +56,7 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
     spec = replace(resolve_model(model), profile=RunProfile(**MODES[mode]))
     started = time.perf_counter()
     try:
-        runner = PipelineRunner(spec, device="cuda:0")
+        runner = PipelineRunner(spec, device="cuda:0", warm=False)  # load_s is the load alone; the warm-up is below
         out["load_s"] = round(time.perf_counter() - started, 1)
         out["after_load_gib"] = round(torch.cuda.memory_allocated(0) / GIB, 2)
 

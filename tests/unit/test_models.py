@@ -129,7 +129,8 @@ def test_eager_models_on_a_gpu_run_once_before_ready_and_cpu_ones_do_not(t2i_run
     with caplog.at_level("INFO"):
         compile_module.warm_eager(t2i_runner)
     [job] = jobs
-    assert (job.mode, job.width, job.height, job.n, job.num_inference_steps, job.true_cfg_scale) == ("generate", 256, 256, 1, 2, 4.0)
+    assert (job.mode, job.width, job.height, job.n) == ("generate", 256, 256, 1)
+    assert (job.num_inference_steps, job.true_cfg_scale) == (2, 4.0)
     assert t2i_runner.last_stats["transformer_calls"] == 4, "both passes of true CFG ran"
     assert f"warmed {t2i_runner.spec.id} at 256x256 in " in caplog.text
 
