@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -149,12 +148,12 @@ def _wait_busy(server, model: str, workers: int, attempts: int = 300) -> None:
     raise AssertionError("the requests never started running")
 
 
-def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, tiny_t2i):
-    env = {"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"}
-    started = time.time() - 1
+def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, tiny_t2i, tmp_path):
+    # the server's own temp folder (TMPDIR), so that its files are told apart from other processes' ones
+    env = {"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", "TMPDIR": str(tmp_path)}
     server = start_server("--model", f"tiny={tiny_t2i}", "--workers", "2", env=env)
-    # The forkserver's socket folder (multiprocessing's pymp-* temp folder of the API process), made by this server
-    folders = [f for f in glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")) if os.stat(f).st_mtime >= started]
+    # The forkserver's socket folder (multiprocessing's pymp-* temp folder of the API process)
+    folders = glob.glob(os.path.join(tmp_path, "pymp-*"))
     assert folders
     long = {"prompt": "a very long job", "size": "1024x1024", "num_inference_steps": 1000}
     thread, box = post_in_thread(server.base_url + GEN, long, timeout=120)
