@@ -41,7 +41,17 @@ POLL_SECONDS = 0.005
 def job_colour(job: Job, seed: int) -> tuple[int, int, int]:
     """The colour of image ``seed`` of ``job``: every setting that changes a real image changes it."""
     key = repr(
-        (job.mode, job.prompt, job.negative_prompt, seed, job.num_inference_steps, job.true_cfg_scale, job.strength, job.lora)
+        (
+            job.mode,
+            job.prompt,
+            job.negative_prompt,
+            seed,
+            job.num_inference_steps,
+            job.true_cfg_scale,
+            job.strength,
+            job.lora,
+            job.lora_scale,
+        )
     )
     digest = hashlib.sha256(key.encode()).digest()
     return digest[0], digest[1], digest[2]

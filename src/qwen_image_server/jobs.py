@@ -45,6 +45,7 @@ class Job:
     preview_scale: float = 1.0  # previews decoded at this fraction of the side, then enlarged (a quarter of the work at 0.5)
     cache: str | None = None  # step cache policy for this job ("none": off); None: the model's profile
     lora: str | None = None  # the LoRA id the request named (its adapter and preset scheduler); None: the base model
+    lora_scale: float | None = None  # the LoRA's strength for this job; None: the one it is served with
 
     @property
     def n(self) -> int:

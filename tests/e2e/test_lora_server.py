@@ -57,6 +57,13 @@ def test_base_and_lora_ids_give_different_images_and_the_base_stays(lora_server)
     assert _image(lora_server, "fast", num_inference_steps=None) not in (base, style)
     assert _image(lora_server, "hub") not in (base, style), "the hub LoRA, loaded by the workers from the hub cache"
     assert _image(lora_server, "tiny") == base
+    # a request's own strength: 0 is the base image, and the LoRA's own strength comes back after it
+    assert _image(lora_server, "style", lora_scale=0.0) == base
+    assert _image(lora_server, "style") == style
+    refused = httpx.post(
+        f"{lora_server.base_url}/v1/images/generations", json={"model": "tiny", "prompt": "p", "lora_scale": 0.5}, timeout=10
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_scale"
 
 
 def test_an_unknown_id_is_still_refused(lora_server):

@@ -177,6 +177,29 @@ def test_a_fused_lora_preset_applies_to_the_base_id(tiny_t2i, tiny_lora, tmp_pat
     assert (job.lora, job.num_inference_steps, job.true_cfg_scale) == (None, 8, 1.0)
 
 
+def test_a_request_may_set_a_swapped_loras_strength_only(tiny_t2i, tiny_lora, tmp_path):
+    from qwen_image_server.errors import InvalidRequest
+
+    specs = _resolve(tiny_t2i, f"style={tiny_lora}", f"merged={tiny_lora}:fuse=true,scale=0.7")
+    service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
+
+    def job(**fields):
+        req = GenerationRequest(prompt="p", **fields)
+        return service._job(req, service._model(req.model, edit=False), "generate", None)
+
+    assert (job(model="style", lora_scale=0.25).lora_scale, job(model="style").lora_scale) == (0.25, None)
+    with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id \(style, merged\), not to tiny") as base:
+        job(model="tiny", lora_scale=0.5)
+    with pytest.raises(
+        InvalidRequest, match=r"LoRA merged is fused into its base model's weights: its strength is fixed \(0.7\)"
+    ):
+        job(model="merged", lora_scale=0.5)
+    assert base.value.param == "lora_scale"
+    for bad in (-0.1, 2.5):
+        with pytest.raises(ValueError):
+            GenerationRequest(prompt="p", model="style", lora_scale=bad)
+
+
 @pytest.fixture
 def offline_hub(lora_hub_cache, monkeypatch) -> Path:
     """The hub cache of ``lora_hub_cache``, offline, as ``HF_HUB_OFFLINE=1 HF_HUB_CACHE=...`` set it at start-up."""

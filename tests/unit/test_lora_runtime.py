@@ -18,7 +18,7 @@ def _spec(tiny_t2i, *loras):
     return spec
 
 
-def _job(lora=None, steps=2, cfg=1.0, seed=7):
+def _job(lora=None, steps=2, cfg=1.0, seed=7, lora_scale=None):
     return Job(
         mode="generate",
         prompt="a cat",
@@ -28,6 +28,7 @@ def _job(lora=None, steps=2, cfg=1.0, seed=7):
         num_inference_steps=steps,
         true_cfg_scale=cfg,
         lora=lora,
+        lora_scale=lora_scale,
     )
 
 
@@ -54,6 +55,14 @@ def test_a_lora_changes_the_image_and_the_base_comes_back_bit_exactly(images):
 def test_switching_between_loras_is_deterministic(swapped, images):
     fast = _pixels(swapped, _job("fast"))
     assert not np.array_equal(fast, images["style"])
+    assert np.array_equal(_pixels(swapped, _job("style")), images["style"])
+
+
+def test_a_request_sets_the_lora_strength_and_the_next_one_gets_its_own_back(swapped, images):
+    assert np.array_equal(_pixels(swapped, _job("style", lora_scale=0.0)), images["base"]), "strength 0: the base image"
+    assert np.array_equal(_pixels(swapped, _job("style", lora_scale=1.0)), images["style"]), "style is served at 1.0"
+    half = _pixels(swapped, _job("style", lora_scale=0.5))
+    assert np.abs(half - images["style"]).mean() > 0.5 and np.abs(half - images["base"]).mean() > 0.5
     assert np.array_equal(_pixels(swapped, _job("style")), images["style"])
 
 
@@ -101,21 +110,22 @@ def _slot_images(tiny_t2i, tiny_lora, device="cpu", backend="eager"):
     assert loras.hotswap and list(pipe.transformer.peft_config) == ["hotswap_slot"]
     pipe.transformer = torch.compile(pipe.transformer, backend=backend, dynamic=False)
 
-    def render(lora):
-        with loras.applied(pipe, lora), torch.inference_mode():
+    def render(lora, scale=None):
+        with loras.applied(pipe, lora, scale), torch.inference_mode():
             image = pipe(prompt="a cat", width=128, height=128, num_inference_steps=2, true_cfg_scale=1.0,
                          generator=[torch.Generator("cpu").manual_seed(7)], output_type="pil").images[0]  # fmt: skip
         return np.asarray(image, dtype=np.int16)
 
     first = render(None)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        return first, render("style"), render(None), render("style")
+        return first, render("style"), render(None), render("style"), render("style", 0.0)
 
 
 def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora, images):
-    first, style, base, again = _slot_images(tiny_t2i, tiny_lora)
+    first, style, base, again, zero = _slot_images(tiny_t2i, tiny_lora)
     assert np.abs(first - images["base"]).max() <= 1 and np.array_equal(first, base)
     assert np.abs(style - images["style"]).max() <= 2 and np.array_equal(style, again)
+    assert np.abs(zero - base).max() <= 1, "a request's strength 0 in the slot: the base image, without recompiling"
 
 
 @pytest.mark.gpu
@@ -124,6 +134,6 @@ def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    first, style, base, again = _slot_images(tiny_t2i, tiny_lora, device="cuda", backend="inductor")
+    first, style, base, again, _ = _slot_images(tiny_t2i, tiny_lora, device="cuda", backend="inductor")
     assert np.array_equal(first, base) and np.array_equal(style, again)
     assert np.abs(style - first).mean() > 1.0

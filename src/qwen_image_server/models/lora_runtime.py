@@ -43,7 +43,7 @@ class LoraSet:
         self.by_name = {lora.name: lora for lora in profile.loras}
         self.swapped = [lora for lora in profile.loras if not lora.fuse]
         self.hotswap = bool(self.swapped) and profile.compile
-        self.current: str | None = None
+        self.current: tuple[str, float] | None = None  # the active adapter and its scale; None: the base weights
         self._schedulers: dict[str, object] = {}
         self._weights: dict[str | None, dict] = {}
         fused = [lora for lora in profile.loras if lora.fuse]
@@ -77,7 +77,7 @@ class LoraSet:
         for lora in self.swapped:
             state, metadata = pipe.lora_state_dict(lora.path, return_lora_metadata=True)
             device = pipe.transformer.device
-            state = {k: (v * lora.scale if ".lora_B." in k else v).to(device) for k, v in state.items()}
+            state = {k: v.to(device) for k, v in state.items()}  # unscaled: ``activate`` scales B per request
             self._weights[lora.name] = {"state": state, "metadata": metadata}
         zeros: dict = {}
         for weights in self._weights.values():
@@ -88,26 +88,30 @@ class LoraSet:
         self._weights[None] = {"state": {k: v for k, v in zeros.items() if k.split(".lora_")[0] == module}, "metadata": None}
         pipe.load_lora_into_transformer(zeros, transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe)
 
-    def activate(self, name: str | None) -> None:
-        """Make ``name``'s adapter the only one active (None, or a fused LoRA: the base weights alone)."""
+    def activate(self, name: str | None, scale: float | None = None) -> None:
+        """Make ``name``'s adapter the only one active at ``scale`` (None: the one it is served with); None, or a
+        fused LoRA: the base weights alone."""
         if name is not None and (name not in self.by_name or self.by_name[name].fuse):
             name = None
-        if name == self.current or not self.swapped:
-            self.current = name
+        key = None if name is None else (name, self.by_name[name].scale if scale is None else scale)
+        if key == self.current or not self.swapped:
+            self.current = key
             return
         transformer = self.pipe.transformer
         if self.hotswap:
             weights = self._weights[name]
-            state = {k: v.clone() for k, v in weights["state"].items()}  # the loader may consume what it is given
+            factor = 1.0 if key is None else key[1]
+            # B scaled (the slot has no scale of its own); a new tensor either way: the loader may consume what it is given
+            state = {k: v * factor if ".lora_B." in k else v.clone() for k, v in weights["state"].items()}
             self.pipe.load_lora_into_transformer(
                 state, transformer=transformer, adapter_name=SLOT, metadata=weights["metadata"], hotswap=True, _pipeline=self.pipe
             )
-        elif name is None:
+        elif key is None:
             transformer.disable_lora()
         else:
             transformer.enable_lora()
-            transformer.set_adapters([name], [self.by_name[name].scale])
-        self.current = name
+            transformer.set_adapters([key[0]], [key[1]])
+        self.current = key
 
     def scheduler_for(self, base_scheduler, overrides: dict):
         """A scheduler with the preset's ``overrides``, built once per preset from the model's own config."""
@@ -117,9 +121,10 @@ class LoraSet:
         return self._schedulers[key]
 
     @contextlib.contextmanager
-    def applied(self, pipe, lora_name: str | None) -> Iterator[None]:
-        """For one call of ``pipe``: ``lora_name``'s adapter and its preset's scheduler; the scheduler is restored after."""
-        self.activate(lora_name)
+    def applied(self, pipe, lora_name: str | None, scale: float | None = None) -> Iterator[None]:
+        """For one call of ``pipe``: ``lora_name``'s adapter (at ``scale``, None: its own) and its preset's scheduler;
+        the scheduler is restored after."""
+        self.activate(lora_name, scale)
         overrides = preset_for(self.profile, lora_name).get("scheduler")
         if not overrides:
             yield

@@ -229,7 +229,7 @@ class PipelineRunner:
         self.last_stats = {}
         with (
             edit_areas(options.get("edit_area"), options.get("condition_area")),
-            self.loras.applied(pipe, job.lora),
+            self.loras.applied(pipe, job.lora, job.lora_scale),
             job_rng(pipe, generators, job.seeds[0], self.device),
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,

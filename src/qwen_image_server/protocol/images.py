@@ -55,6 +55,7 @@ class _CommonRequest(BaseModel):
     style: str | None = None
     moderation: str | None = None
     prompt_rewrite: bool | None = None  # seed 002's prompt rewriting; default: the server's setting
+    lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)  # a LoRA id's strength for this request
     cache: str | None = None  # step cache policy for this request ("none": off); default: the model's
 
     @field_validator("output_format", mode="before")
