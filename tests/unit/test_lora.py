@@ -1,5 +1,6 @@
 """LoRAs in the API process: the flag, presets, file checks before the port opens, routing to the base model."""
 
+import functools
 import json
 import math
 import subprocess
@@ -151,13 +152,16 @@ class _Engine:
         self.models = models
 
 
+def _generation_job(service: ImageService, **fields):
+    """The job the service makes of a generation request with ``fields``."""
+    req = GenerationRequest(prompt="p", **fields)
+    return service._job(req, service._model(req.model, edit=False), "generate", None)
+
+
 def test_lora_ids_route_to_the_base_model_with_the_preset(tiny_t2i, tiny_lora, tmp_path):
     specs = _resolve(tiny_t2i, f"fast={tiny_lora}:preset=lightning,steps=4", f"style={tiny_lora}")
     service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
-
-    def job(**fields):
-        req = GenerationRequest(prompt="p", **fields)
-        return service._job(req, service._model(req.model, edit=False), "generate", None)
+    job = functools.partial(_generation_job, service)
 
     fast = job(model="fast", quality="high")
     assert service._model("fast", edit=False).id == "tiny"
@@ -182,10 +186,7 @@ def test_a_request_may_set_a_swapped_loras_strength_only(tiny_t2i, tiny_lora, tm
 
     specs = _resolve(tiny_t2i, f"style={tiny_lora}", f"merged={tiny_lora}:fuse=true,scale=0.7")
     service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
-
-    def job(**fields):
-        req = GenerationRequest(prompt="p", **fields)
-        return service._job(req, service._model(req.model, edit=False), "generate", None)
+    job = functools.partial(_generation_job, service)
 
     assert (job(model="style", lora_scale=0.25).lora_scale, job(model="style").lora_scale) == (0.25, None)
     with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id \(style, merged\), not to tiny") as base:
