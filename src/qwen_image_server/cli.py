@@ -130,7 +130,11 @@ def serve(
     ] = None,
     lora: Annotated[
         list[str] | None,
-        typer.Option("--lora", help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; repeat."),
+        typer.Option(
+            "--lora",
+            help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; PATH a file or "
+            "hf:ORG/NAME/FILE.safetensors (revision=REV); repeat.",
+        ),
     ] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
