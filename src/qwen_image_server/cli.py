@@ -153,7 +153,9 @@ def serve(
         run_server(settings_from_options(options), log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
         typer.echo(f"error: {exc}", err=True)
-        if type(exc).__name__ == "PlanError":  # the memory plan's refusal (models/planner.py)
+        from .models.planner import PlanError  # no torch: the API process has it loaded by now anyway
+
+        if isinstance(exc, PlanError):
             typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
         raise typer.Exit(2) from None
 

@@ -573,6 +573,11 @@ def test_memory_check_warn_logs_the_refusal_and_off_checks_nothing(caplog):
         warned = checked_plan([spec], Settings(memory_check="warn"), discover=card)
     assert "the memory plan does not fit; serving anyway (--memory-check warn):\nnot enough GPU memory" in caplog.text
     assert warned.unchecked and warned.devices("qwen-image") == ["cuda:0"]
+    probes, reads = [], []
+    counted_card = lambda: probes.append(1) or card()  # noqa: E731
+    counted_read = lambda spec: reads.append(spec.id) or read_tensors(spec)  # noqa: E731
+    checked_plan([spec], Settings(memory_check="warn"), discover=counted_card, reader=counted_read)
+    assert (len(probes), reads) == (1, ["qwen-image"]), "the GPUs probed and the files read once for both plans"
     assert [g["checked"] for g in warned.gpu_report()] == [False]
     fits = checked_plan([spec], Settings(memory_check="warn"), discover=_gpus(_gpu(0, 141)))
     assert not fits.unchecked and [g["checked"] for g in fits.gpu_report()] == [True], "a plan that fits is checked"

@@ -131,10 +131,10 @@ class Plan:
         for gpu in self.gpus:
             here = [p for p in self.placements if p.device == gpu.device]
             planned = sum(p.need or 0 for p in here)
-            names = ", ".join(f"{p.name} {_gib_text(p.need)}" for p in here) or "nothing"
+            names = ", ".join(f"{p.name} {human(p.need)}" for p in here) or "nothing"
             room = f", {human(gpu.free - planned)} headroom" if gpu.free is not None else ""
             head = f"{gpu.device} {gpu.name}".strip()
-            lines.append(f"{head} ({_gib_text(gpu.free)} free of {_gib_text(gpu.total)}): {names}{room}")
+            lines.append(f"{head} ({human(gpu.free)} free of {human(gpu.total)}): {names}{room}")
         if self.shared_processes:
             lines.append(
                 "one worker process per slot serves every model (--share-components): a text encoder or VAE with the "
@@ -165,9 +165,6 @@ class PlanError(ModelConfigError):
 
 def _gib(value: int | None) -> float | None:
     return None if value is None else round(value / GIB, 2)
-
-
-_gib_text = human
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -239,18 +236,25 @@ def _norm(device: str) -> str:
 
 def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, host=None) -> Plan:
     """``make_plan`` as ``settings.memory_check`` says: ``on`` refuses a plan that does not fit, ``warn`` logs the
-    refusal and places the workers without a check, ``off`` never checks (for estimates known to be wrong for a
-    machine). Without a check, the GPUs' and the machine's free memory count as unknown; the rest is planned alike."""
-    if settings.memory_check != "off":
-        try:
-            return make_plan(specs, settings, discover, reader, host)
-        except PlanError as exc:
-            if settings.memory_check == "on":
-                raise
-            log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
+    refusal and places the workers unchecked (free memory unknown), ``off`` never checks."""
+    if settings.memory_check == "on":
+        return make_plan(specs, settings, discover, reader, host)
+    # warn may plan twice: the GPUs are probed (a subprocess) and each model's files read once for both
     found = (discover or discover_gpus)() if settings.device.strip() != "cpu" else []
+    read, tensors = reader or read_tensors, dict[str, ModelTensors]()
+
+    def read_once(spec: ModelSpec) -> ModelTensors:
+        if spec.id not in tensors:
+            tensors[spec.id] = read(spec)
+        return tensors[spec.id]
+
+    if settings.memory_check == "warn":
+        try:  # the real machine's memory is checked as make_plan checks it when it probes the GPUs itself
+            return make_plan(specs, settings, lambda: found, read_once, host or (None if discover else discover_host_memory))
+        except PlanError as exc:
+            log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
     unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
-    plan = make_plan(specs, settings, lambda: unknown_free, reader, host=lambda: None)
+    plan = make_plan(specs, settings, lambda: unknown_free, read_once, host=lambda: None)
     plan.unchecked = True
     return plan
 
