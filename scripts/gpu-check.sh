@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with one CUDA GPU and a short time on it.
 #
-#   scripts/gpu-check.sh [STAGE ...]      # stages, in the order given: tests, bench, memory, first-vs-warm, two-models
-#                                         # (default: tests bench memory first-vs-warm, most informative first)
+#   scripts/gpu-check.sh [STAGE ...]      # stages, in the order given: tests, vae, bench, memory, first-vs-warm, two-models
+#                                         # (default: tests vae bench memory first-vs-warm, most informative first)
 #
 # - tests:  the GPU-only tests (pytest -m gpu), the hub-id edit test, the reproducibility tests,
 #           whether a GPU worker can fork from the forkserver (test_worker_start.py)
+# - vae:    bench/vae_fast.py, the full-size VAE at 1024x1024 in bf16: diffusers' 3-D convolutions vs. the
+#           server's 2-D route for images (decode and encode times, peak memory, largest difference)
 # - bench:  bench/gpu.py on the full-size random-weight Qwen-Image: eager 50 steps, the fast setting
 #           (compile + FP8 + batched CFG), with the step cache, Lightning compiled
 #           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting, default 1)
@@ -67,7 +69,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests bench memory first-vs-warm)
+[ ${#stages[@]} -gt 0 ] || stages=(tests vae bench memory first-vs-warm)
 status=0
 for stage in "${stages[@]}"; do
   case "$stage" in
@@ -80,6 +82,10 @@ for stage in "${stages[@]}"; do
       run_stage bench "$OUT/bench.log" python3 bench/gpu.py \
         --settings "${BENCH_SETTINGS:-eager,compile-fp8-cfgbatch,compile-fp8-cfgbatch-cache,lightning-compile}" \
         --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
+      ;;
+    vae)
+      run_stage vae "$OUT/vae.log" bash -c "set -o pipefail; python3 bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16 \
+        --runs 5 | tee /dev/stderr | tail -n 1 >>'$OUT/vae.jsonl'"
       ;;
     memory)
       run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \
@@ -94,7 +100,7 @@ for stage in "${stages[@]}"; do
         --requests "${TWO_MODEL_REQUESTS:-20}" --json "$OUT/two-models.jsonl"
       ;;
     *)
-      echo "unknown stage: $stage (tests, bench, memory, first-vs-warm, two-models)" >&2
+      echo "unknown stage: $stage (tests, vae, bench, memory, first-vs-warm, two-models)" >&2
       exit 2
       ;;
   esac

@@ -36,7 +36,7 @@ def guarded(start_server, tiny_t2i):
         "QIS_CPU_THREADS": "1",
         "QIS_MAX_STEPS": "1000",
     }
-    return start_server("--model", f"tiny={tiny_t2i}", env=env)
+    return start_server("--model", f"tiny={tiny_t2i}", "--device", "cpu", env=env)
 
 
 def _connect(server) -> socket.socket:
@@ -115,7 +115,8 @@ def test_connection_cap_refuses_with_json_503_then_serves_again(guarded):
 
 
 def test_stream_longer_than_header_timeout_is_unaffected(guarded):
-    body = {"prompt": "a long stream", "size": "512x512", "num_inference_steps": 10, "stream": True, "partial_images": 2}
+    # seconds on one CPU thread (the worker runs on the CPU whatever the machine has)
+    body = {"prompt": "a long stream", "size": "512x512", "num_inference_steps": 200, "stream": True, "partial_images": 2}
     started = time.monotonic()
     with httpx.stream("POST", guarded.base_url + GEN, json=body, timeout=300) as response:
         assert response.status_code == 200 and response.headers["x-accel-buffering"] == "no"

@@ -178,11 +178,16 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, shared: 
 
 
 def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype: torch.dtype, shared: bool = False) -> None:
-    """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads).
+    """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads);
+    a VAE gets its fast routes for images (``vae_fast.py``).
 
     ``shared``: the module is another model's in this process, already converted; it is only recorded.
     """
     mode.placement[name] = mode.load_device(name)
+    if name == "vae" and not shared:  # before offload hooks wrap its layers' forward
+        from .vae_fast import prepare_vae
+
+        prepare_vae(module)
     if mode.quantize_on_load and name == "transformer" and not shared:
         from .fp8 import quantize_linears
 

@@ -1,0 +1,128 @@
+"""Qwen-Image's VAE on one image: as diffusers runs it vs. with the server's fast routes (``models/vae_fast.py``).
+
+The full-size VAE (the published architecture values, ``models/architectures/qwen-image.json``)
+is built with random weights on the device. Two copies with the same weights decode one latent and encode one
+image, one as diffusers runs it, one with ``models/vae_fast.prepare_vae`` installed,
+alternating for ``--runs`` rounds after a warm-up of each. Printed per path: the median
+seconds of a decode and of an encode (and on CUDA the peak memory each path allocated), then the
+ratios and the largest difference between the two paths' outputs, relative to the output's range.
+One JSON line with the figures ends the output. Run from the repository root::
+
+    python bench/vae_fast.py                                   # CPU, 512x512, float32: ratios
+    python bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from qwen_image_server.models.random_arch import _constructing, init_random_  # noqa: E402
+from qwen_image_server.models.random_source import architectures  # noqa: E402
+from qwen_image_server.models.vae_fast import prepare_vae  # noqa: E402
+
+
+def build_vae(device: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKLQwenImage
+
+    values = {k: v for k, v in architectures()["Qwen/Qwen-Image"]["vae"].items() if not k.startswith("_")}
+    with _constructing(device, dtype):
+        vae = AutoencoderKLQwenImage(**values)
+    init_random_(vae, seed=0)
+    return vae.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def peak_of(fn, device: str) -> float | None:
+    """GiB allocated at the peak of ``fn`` above what was allocated before it (CUDA only)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {width}x{height}, {args.dtype}, {args.runs} runs each")
+
+    vaes = {"diffusers": build_vae(device, dtype), "fast": build_vae(device, dtype)}  # the same seed: the same weights
+    layers = prepare_vae(vaes["fast"])
+    z_dim = vaes["diffusers"].config.z_dim
+    generator = torch.Generator(device).manual_seed(0)
+    latent = torch.randn(1, z_dim, 1, height // 8, width // 8, generator=generator, device=device, dtype=dtype)
+    image = torch.rand(1, 3, 1, height, width, generator=generator, device=device, dtype=dtype) * 2 - 1
+
+    def decode(path: str):
+        return lambda: vaes[path].decode(latent, return_dict=False)[0]
+
+    def encode(path: str):
+        return lambda: vaes[path].encode(image).latent_dist.mode()
+
+    results: dict[str, dict] = {path: {"decode": [], "encode": []} for path in vaes}
+    outputs: dict[str, tuple] = {}
+    peaks: dict[str, dict] = {}
+    with torch.inference_mode():
+        for path in vaes:  # warm-up, the outputs compared, the peaks
+            outputs[path] = (decode(path)().float(), encode(path)().float())
+            peaks[path] = {"decode": peak_of(decode(path), device), "encode": peak_of(encode(path), device)}
+        for _ in range(args.runs):  # the two paths alternate
+            for path in vaes:
+                results[path]["decode"].append(timed(decode(path), device))
+                results[path]["encode"].append(timed(encode(path), device))
+
+    summary: dict = {"device": name, "size": f"{width}x{height}", "dtype": args.dtype, "layers": layers}
+    for path in vaes:
+        for what in ("decode", "encode"):
+            median = statistics.median(results[path][what])
+            summary[f"{what}_{path}_s"] = round(median, 4)
+            peak = peaks[path][what]
+            if peak is not None:
+                summary[f"{what}_{path}_peak_gib"] = peak
+            print(
+                f"{path:9} {what}: {median * 1000:9.1f} ms" + (f", peak {peak} GiB above the weights" if peak is not None else "")
+            )
+    for index, what in enumerate(("decode", "encode")):
+        ratio = summary[f"{what}_diffusers_s"] / summary[f"{what}_fast_s"]
+        reference, other = outputs["diffusers"][index], outputs["fast"][index]
+        scale = float(reference.abs().max()) or 1.0
+        difference = float((reference - other).abs().max()) / scale
+        summary[f"{what}_speedup"] = round(ratio, 2)
+        summary[f"{what}_max_difference"] = difference
+        print(f"{what}: fast routes {ratio:.2f}x as fast; largest difference {difference:.2e} of the output's largest value")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
