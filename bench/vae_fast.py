@@ -4,7 +4,7 @@ The full-size VAE (the published architecture values, ``models/architectures/qwe
 is built with random weights on the device. Two copies with the same weights decode one latent and encode one
 image, one as diffusers runs it, one with ``models/vae_fast.prepare_vae`` installed,
 alternating for ``--runs`` rounds after a warm-up of each. Printed per path: the median
-seconds of a decode and of an encode (and on CUDA the peak memory each path allocated), then the
+seconds of a decode and of an encode, its TFLOP (counted on the meta device), (and on CUDA the peak memory each path allocated), then the
 ratios and the largest difference between the two paths' outputs, relative to the output's range.
 One JSON line with the figures ends the output. Run from the repository root::
 
@@ -37,6 +37,26 @@ def build_vae(device: str, dtype: torch.dtype):
         vae = AutoencoderKLQwenImage(**values)
     init_random_(vae, seed=0)
     return vae.eval()
+
+
+def count_flops(width: int, height: int, dtype: torch.dtype) -> dict[str, float]:
+    """TFLOP of one decode and one encode on each path, counted on the meta device (shapes only, nothing runs)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain = build_vae("meta", dtype)
+    vaes = {"diffusers": plain, "fast": copy.deepcopy(plain)}
+    prepare_vae(vaes["fast"])
+    latent = torch.empty(1, plain.config.z_dim, 1, height // 8, width // 8, device="meta", dtype=dtype)
+    image = torch.empty(1, 3, 1, height, width, device="meta", dtype=dtype)
+    out = {}
+    for path, vae in vaes.items():
+        for what in ("decode", "encode"):
+            with FlopCounterMode(display=False) as counter:
+                vae.decode(latent) if what == "decode" else vae.encode(image)
+            out[f"{what}_{path}_tflop"] = round(counter.get_total_flops() / 1e12, 2)
+    return out
 
 
 def sync(device: str) -> None:
@@ -103,6 +123,7 @@ def main() -> None:
                 results[path]["encode"].append(timed(encode(path), device))
 
     summary: dict = {"device": name, "size": f"{width}x{height}", "dtype": args.dtype, "layers": layers}
+    summary.update(count_flops(width, height, dtype))
     for path in vaes:
         for what in ("decode", "encode"):
             median = statistics.median(results[path][what])
@@ -110,9 +131,8 @@ def main() -> None:
             peak = peaks[path][what]
             if peak is not None:
                 summary[f"{what}_{path}_peak_gib"] = peak
-            print(
-                f"{path:9} {what}: {median * 1000:9.1f} ms" + (f", peak {peak} GiB above the weights" if peak is not None else "")
-            )
+            line = f"{path:9} {what}: {median * 1000:9.1f} ms, {summary[f'{what}_{path}_tflop']} TFLOP"
+            print(line + (f", peak {peak} GiB above the weights" if peak is not None else ""))
     for index, what in enumerate(("decode", "encode")):
         ratio = summary[f"{what}_diffusers_s"] / summary[f"{what}_fast_s"]
         reference, other = outputs["diffusers"][index], outputs["fast"][index]
