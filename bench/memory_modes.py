@@ -1,11 +1,11 @@
 """Seconds per image and peak GPU memory of each memory mode, on emulated 80, 48 and 24 GB cards.
 
-For each mode (resident, FP8 storage, text-encoder offload, group offload + FP8, model
-offload) and each card size, a fresh subprocess caps this GPU with
+For each mode (resident, FP8 storage, text-encoder offload, group offload + FP8 with and
+without batched CFG, model offload) and each card size, a fresh subprocess caps this GPU with
 ``torch.cuda.set_per_process_memory_fraction`` (card size / this GPU's size; the CUDA
 context itself is not counted), loads the model with ``PipelineRunner`` exactly as a
 server worker does, makes one warm-up image, then times one 1024x1024 image at each step
-count (8 and 50 by default) and records the peak allocated and reserved memory. A mode
+count (8 and 50 by default; true CFG 4.0, a job's defaults) and records the peak allocated and reserved memory. A mode
 that does not fit is reported as ``oom``. Results come as a markdown table and as JSON
 lines (one per mode and card), with this GPU's name. Without CUDA it says so and exits 0.
 Run from the repository root::
@@ -31,6 +31,8 @@ MODES = {
     "fp8": {"weights_dtype": "fp8"},
     "text-encoder": {"offload": "text-encoder"},
     "group+fp8": {"offload": "group", "weights_dtype": "fp8"},
+    # true CFG's two passes as one call: each step streams the transformer's blocks once instead of twice
+    "group+fp8+cfgbatch": {"offload": "group", "weights_dtype": "fp8", "cfg_batch": "on"},
     "model": {"offload": "model"},
 }
 #: Emulated cards: GB on the label -> (an example card, MiB the driver reports for it).

@@ -192,6 +192,40 @@ def test_worker_reports_its_memory_mode(tiny_t2i):
     assert "cuda_allocated_gib" not in memory
 
 
+def test_batched_cfg_streams_the_offloaded_transformer_once_per_step(tiny_t2i, monkeypatch):
+    """Under group offload every transformer call moves each block group onto the device: true CFG's two calls a
+    step move the transformer twice, one batched call (``--cfg-batch on``) once, with the same image."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    onloads: list[ModuleGroup] = []
+    original = ModuleGroup.onload_
+
+    def counting(group):
+        onloads.append(group)
+        return original(group)
+
+    monkeypatch.setattr(ModuleGroup, "onload_", counting)
+    moved, images = {}, {}
+    for mode in ("off", "on"):
+        runner = _runner(tiny_t2i, weights_dtype="fp8", offload="group", cfg_batch=mode)
+        blocks = {id(g) for m in runner.pipe.transformer.transformer_blocks.modules() if (g := _group_of(m)) is not None}
+        assert blocks, "the transformer's blocks are offloaded in groups"
+        onloads.clear()
+        images[mode] = _outputs(runner, [GENERATE])[0]
+        moved[mode] = sum(id(group) in blocks for group in onloads)
+    assert GENERATE.true_cfg_scale > 1 and GENERATE.negative_prompt, "the job runs true CFG"
+    steps = GENERATE.num_inference_steps
+    assert moved["off"] == 2 * moved["on"] == 2 * steps * len(blocks), moved
+    assert np.abs(images["on"] - images["off"]).max() <= 1
+
+
+def _group_of(module: torch.nn.Module):
+    """The group offload ``ModuleGroup`` whose hook sits on ``module``, or None."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("group_offloading") if registry is not None else None
+    return getattr(hook, "group", None)
+
+
 def test_memory_bench_without_cuda_says_so_and_exits_0(tiny_t2i):
     import subprocess
     import sys
