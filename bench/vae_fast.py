@@ -4,11 +4,13 @@ The full-size VAE (the published architecture values, ``models/architectures/qwe
 is built with random weights on the device. Two copies with the same weights decode one latent and encode one
 image, one as diffusers runs it, one with ``models/vae_fast.prepare_vae`` installed,
 alternating for ``--runs`` rounds after a warm-up of each. Printed per path: the median
-seconds of a decode and of an encode, its TFLOP (counted on the meta device), (and on CUDA the peak memory each path allocated), then the
+seconds of a decode and of an encode, its TFLOP (counted on the meta device) and, on CUDA, the peak memory each path
+allocated (on the CPU with ``--cpu-peak``: how much the resident set grew, a fresh process per path and operation), then the
 ratios and the largest difference between the two paths' outputs, relative to the output's range.
 One JSON line with the figures ends the output. Run from the repository root::
 
     python bench/vae_fast.py                                   # CPU, 512x512, float32: ratios
+    python bench/vae_fast.py --size 1024x1024 --runs 1 --cpu-peak  # and the peak memory (RSS) of each
     python bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16
 """
 
@@ -84,12 +86,55 @@ def peak_of(fn, device: str) -> float | None:
     return round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 3)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def cpu_peak(path: str, what: str, width: int, height: int, dtype: torch.dtype) -> float:
+    """In this (fresh) process: GiB the resident set grows by at the peak of one ``what`` on ``path`` (CPU)."""
+    import gc
+
+    vae = build_vae("cpu", dtype)
+    if path == "fast":
+        prepare_vae(vae)
+    latent = torch.randn(1, vae.config.z_dim, 1, height // 8, width // 8, dtype=dtype)
+    image = torch.rand(1, 3, 1, height, width, dtype=dtype) * 2 - 1
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:  # Linux: the peak (VmHWM) starts again from the current size
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    with torch.inference_mode():
+        vae.decode(latent) if what == "decode" else vae.encode(image)
+    peak = _status_kib("VmHWM")
+    return round((peak - before) / 2**20, 2)
+
+
+def cpu_peaks(width: int, height: int, dtype_name: str) -> dict[str, float]:
+    """``cpu_peak`` of each path and operation, each in a fresh process (a process's peak only ever grows)."""
+    import subprocess
+
+    out = {}
+    for path in ("diffusers", "fast"):
+        for what in ("decode", "encode"):
+            code = (
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, vae_fast; "
+                f"print(vae_fast.cpu_peak({path!r}, {what!r}, {width}, {height}, torch.{dtype_name}))"
+            )
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            out[f"{what}_{path}_peak_rss_gib"] = float(done.stdout.split()[-1])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--cpu-peak", action="store_true", help="on the CPU, also each path's peak resident memory (a fresh process each)"
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     dtype = getattr(torch, args.dtype)
@@ -124,6 +169,8 @@ def main() -> None:
 
     summary: dict = {"device": name, "size": f"{width}x{height}", "dtype": args.dtype, "layers": layers}
     summary.update(count_flops(width, height, dtype))
+    if args.cpu_peak and device == "cpu":
+        summary.update(cpu_peaks(width, height, args.dtype))
     for path in vaes:
         for what in ("decode", "encode"):
             median = statistics.median(results[path][what])
@@ -132,6 +179,8 @@ def main() -> None:
             if peak is not None:
                 summary[f"{what}_{path}_peak_gib"] = peak
             line = f"{path:9} {what}: {median * 1000:9.1f} ms, {summary[f'{what}_{path}_tflop']} TFLOP"
+            if peak is None:
+                peak = summary.get(f"{what}_{path}_peak_rss_gib")
             print(line + (f", peak {peak} GiB above the weights" if peak is not None else ""))
     for index, what in enumerate(("decode", "encode")):
         ratio = summary[f"{what}_diffusers_s"] / summary[f"{what}_fast_s"]
