@@ -1,16 +1,17 @@
 """Qwen-Image's VAE on one image: as diffusers runs it vs. with the server's fast routes (``models/vae_fast.py``).
 
 The full-size VAE (the published architecture values, ``models/architectures/qwen-image.json``)
-is built with random weights on the device. Two copies with the same weights decode one latent and encode one
-image, one as diffusers runs it, one with ``models/vae_fast.prepare_vae`` installed,
-alternating for ``--runs`` rounds after a warm-up of each. Printed per path: the median
-seconds of a decode and of an encode, its TFLOP (counted on the meta device) and, on CUDA, the peak memory each path
-allocated (on the CPU with ``--cpu-peak``: how much the resident set grew, a fresh process per path and operation), then the
-ratios and the largest difference between the two paths' outputs, relative to the output's range.
-One JSON line with the figures ends the output. Run from the repository root::
+is built twice with the same random weights on the device: one copy as diffusers runs it, one
+with ``models/vae_fast.prepare_vae`` installed. Each decodes one latent and encodes one image,
+the two alternating for ``--runs`` rounds after a warm-up. Printed per path and operation: the
+median seconds, the TFLOP (counted on the meta device) and the peak memory above the weights
+(on CUDA, what the path allocated; on the CPU with ``--cpu-peak``, how much the resident set
+grew, in a fresh process per path and operation); then the speed-ups and the largest difference
+between the two paths' outputs, relative to the output's largest value. One JSON line with the
+figures ends the output. Run from the repository root::
 
-    python bench/vae_fast.py                                   # CPU, 512x512, float32: ratios
-    python bench/vae_fast.py --size 1024x1024 --runs 1 --cpu-peak  # and the peak memory (RSS) of each
+    python bench/vae_fast.py                                       # CPU, 512x512, float32
+    python bench/vae_fast.py --size 1024x1024 --runs 1 --cpu-peak  # and each path's peak memory
     python bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16
 """
 
