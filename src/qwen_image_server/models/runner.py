@@ -23,6 +23,7 @@ from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
 from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
 from .processor import load_processor
+from .prompt_cache import PromptCache
 from .shared import ComponentCache
 from .spec import ModelSpec
 from .speed import apply_speed_settings
@@ -119,6 +120,8 @@ class PipelineRunner:
         self._inpaint: Any = None  # diffusers pipelines, built on first use
         self._img2img: Any = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
+        self.prompt_cache = PromptCache()  # text-only prompt encodings, shared by the img2img form
+        self.prompt_cache.install(self.pipe)
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
         log.info(
             "loaded %s (%s) on %s as %s in %.1fs, memory %s",
@@ -161,6 +164,7 @@ class PipelineRunner:
 
             self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
             prepare_variant(self._img2img, self.memory)
+            self.prompt_cache.install(self._img2img)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 

@@ -1,0 +1,104 @@
+"""Prompt embeddings kept per worker: a prompt seen before skips the text encoder and gives the same image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_image_server.jobs import Job
+from qwen_image_server.models.prompt_cache import PromptCache
+from qwen_image_server.models.runner import PipelineRunner
+from qwen_image_server.models.spec import resolve_model
+
+SIZE = 128
+
+
+def _job(prompt: str, seed: int = 1, **fields) -> Job:
+    return Job(mode="generate", prompt=prompt, seeds=[seed], width=SIZE, height=SIZE, num_inference_steps=2, **fields)
+
+
+class Encodes:
+    """Counts the text encoder's forward passes."""
+
+    def __init__(self, runner: PipelineRunner):
+        self.calls = 0
+
+        def count(module, args):
+            self.calls += 1
+
+        runner.pipe.text_encoder.register_forward_pre_hook(count)
+
+    def during(self, fn) -> int:
+        before = self.calls
+        fn()
+        return self.calls - before
+
+
+@pytest.fixture(scope="module")
+def t2i(tiny_t2i):
+    runner = PipelineRunner(resolve_model(str(tiny_t2i)), device="cpu", warm=False)
+    return runner, Encodes(runner)
+
+
+def _pixels(runner: PipelineRunner, job: Job) -> np.ndarray:
+    return np.asarray(runner.run(job)[0])
+
+
+def test_a_prompt_seen_before_skips_the_encoder_and_gives_the_same_image(t2i):
+    runner, encodes = t2i
+    job = _job("a lighthouse at dusk", negative_prompt="blurry, watermark")
+    assert job.true_cfg_scale > 1, "true CFG: the prompt and the negative prompt are encoded"
+    first: list[np.ndarray] = []
+    assert encodes.during(lambda: first.append(_pixels(runner, job))) == 2
+    again: list[np.ndarray] = []
+    assert encodes.during(lambda: again.append(_pixels(runner, job))) == 0
+    assert np.array_equal(first[0], again[0]), "the kept embeddings are the ones the encoder made"
+    other = _job("a red barn in snow", negative_prompt="blurry, watermark")
+    assert encodes.during(lambda: runner.run(other)) == 1, "only the new prompt; the negative prompt is kept"
+
+
+def test_variations_share_the_models_cache(t2i):
+    runner, encodes = t2i
+    runner.run(_job("a teapot", negative_prompt=" "))
+    source = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    variation = Job(mode="variation", prompt="a teapot", seeds=[2], width=SIZE, height=SIZE, num_inference_steps=2,
+                    images=[source], strength=0.8)  # fmt: skip
+    assert encodes.during(lambda: runner.run(variation)) == 0
+
+
+def test_the_oldest_entry_goes_first_when_the_cache_is_full(tiny_t2i):
+    runner = PipelineRunner(resolve_model(str(tiny_t2i)), device="cpu", warm=False)
+    encodes = Encodes(runner)
+    runner.prompt_cache.max_entries = 2
+    no_cfg = {"true_cfg_scale": 1.0}
+    for prompt in ("one", "two", "three"):
+        runner.run(_job(prompt, **no_cfg))
+    assert len(runner.prompt_cache) == 2
+    assert encodes.during(lambda: runner.run(_job("three", **no_cfg))) == 0
+    assert encodes.during(lambda: runner.run(_job("one", **no_cfg))) == 1, "the least recently used was dropped"
+
+
+def test_bytes_are_bounded_and_callers_get_copies():
+    cache = PromptCache(max_entries=10, max_bytes=4096)
+    small = (torch.ones(1, 4, 64), torch.ones(1, 4, dtype=torch.long))  # 1024 + 32 bytes
+    cache.put(("a",), small)
+    cache.put(("big",), (torch.ones(1, 64, 64),))  # 16 KiB: more than the whole cache, not kept
+    assert len(cache) == 1 and cache.get(("big",)) is None
+    for key in ("b", "c", "d"):
+        cache.put((key,), small)
+    assert len(cache) == 3 and cache.get(("a",)) is None, "four entries of 1056 bytes exceed 4096: the oldest went"
+    got = cache.get(("d",))
+    got[0].zero_()
+    assert torch.equal(cache.get(("d",))[0], small[0]), "changing a returned tensor does not change the kept one"
+
+
+def test_edit_pipelines_encode_with_their_image_and_are_not_cached(tiny_edit):
+    runner = PipelineRunner(resolve_model(str(tiny_edit)), device="cpu", warm=False)
+    encodes = Encodes(runner)
+    assert not runner.prompt_cache.install(runner.pipe)
+    source = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    edit = Job(mode="edit", prompt="make it night", seeds=[3], width=SIZE, height=SIZE, num_inference_steps=2,
+               images=[source], true_cfg_scale=1.0)  # fmt: skip
+    runner.run(edit)
+    assert encodes.during(lambda: runner.run(edit)) == 1, "the same prompt with an image is encoded again"
