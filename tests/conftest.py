@@ -313,7 +313,19 @@ def ray_serve(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield RayServe(port)
-    ray.shutdown()  # ends Serve's controller, proxy and replicas with it (serve.shutdown() first would take 4-5 s)
+    _stop_ray()
+
+
+def _stop_ray() -> None:
+    """End this session's Ray: Serve's controller, proxy and replicas go with it (serve.shutdown() first would take
+    4-5 s). The deployment handles' router thread in this process would otherwise start a new local Ray on its next
+    metrics push (Ray's automatic ``ray.init``), in the middle of the rest of the suite or at its exit."""
+    import ray
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -377,7 +389,4 @@ def pytest_runtest_teardown(item, nextitem):
     while idle, which the rest of the suite would pay for (the ``ray_serve`` fixture's own stop is then a no-op)."""
     yield
     if _LAST_RAY_TEST and item.nodeid == _LAST_RAY_TEST[0] and "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        _stop_ray()
