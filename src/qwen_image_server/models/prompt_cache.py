@@ -43,8 +43,6 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -53,10 +51,8 @@ class PromptCache:
         """The kept value of ``key`` as copies on ``device``, or None."""
         found = self._entries.get(key)
         if found is None:
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
         return tuple(t.to(device, copy=True) if isinstance(t, torch.Tensor) else t for t in found)
 
     def put(self, key: tuple, value: tuple) -> None:

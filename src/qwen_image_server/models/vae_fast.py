@@ -72,7 +72,7 @@ def _single_frame_conv(self, x: torch.Tensor, cache_x: torch.Tensor | None = Non
 
 
 def _cpu_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu" or not self.channel_first:
+    if x.device.type != "cpu":  # installed on channel-first norms only
         return type(self).forward(self, x)
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     # F.normalize: x / max(|x|, 1e-12), the norm over the channels
