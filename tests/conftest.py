@@ -326,6 +326,13 @@ def _stop_ray() -> None:
     auto_init_hook.enable_auto_connect = False
     if ray.is_initialized():
         ray.shutdown()
+    # With no Ray to start, that thread's next metrics push logs an error instead, to a closed stream when it comes
+    # at the interpreter's exit: stop the thread's event loop (one per process, shared by every handle).
+    from ray.serve._private.router import SingletonThreadRouter
+
+    loop = SingletonThreadRouter._asyncio_loop
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
 
 
 @pytest.fixture(scope="session")
