@@ -25,6 +25,9 @@ DTYPE_BYTES = {
     "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 _FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4"}
+#: Tensors the server drops once a component is loaded (``text_encoder_fast``: the text encoder's language-model
+#: head, which no Qwen-Image pipeline reads): loaded, then freed, so they count while loading only.
+DROPPED = {"text_encoder": ("lm_head.",)}
 _BLOCK = re.compile(r"^(.*?(?:transformer_blocks|blocks|layers)\.\d+)\.")
 
 # --- constants of the working-memory estimate (all measured or derived for full-size Qwen-Image) ---
@@ -38,10 +41,12 @@ ACT_BASE = 4.2 * GIB - 4096 * ACT_PER_OUTPUT_TOKEN  # ≈ 0.094 GiB
 #: transformer's share only, estimated from its architecture as about 16 hidden vectors per token
 #: alive inside a block (norms, q/k/v, attention output, the 4x MLP and its activation).
 VECTORS_PER_INPUT_TOKEN = 16
-#: The text encoder (Qwen2.5-VL) keeps every layer's hidden states (``output_hidden_states``) and the
-#: logits of every token, plus one MLP intermediate: (layers + 1) x hidden + 2 x intermediate + vocab
-#: values per token. Its longest input: diffusers' tokenizer limit (1024) plus the edit template (64),
-#: plus the vision tokens of each input image (28x28 pixels each at the condition area).
+#: The text encoder (Qwen2.5-VL) as the server runs it (``text_encoder_fast``: no language-model head, no
+#: hidden states of every layer, no cache): 0.21-0.24 GiB above the weights for 1024 tokens at full width in bf16,
+#: measured by ``bench/text_encoder.py`` on a CPU (with 2 and with 8 layers), up to 124 K values per token, written
+#: as 4 x hidden + 6 x intermediate (the stock forward: 0.41 GiB with 2 layers, 0.48 with 8: each layer keeps one
+#: more hidden state). Its longest input: diffusers' tokenizer limit (1024) plus the edit template (64), plus the
+#: vision tokens of each input image (28x28 pixels each at the condition area).
 TEXT_TOKENS = 1024 + 64
 VISION_PATCH = 28
 #: Every worker is its own process: a CUDA context plus the allocator's and cuBLAS's workspaces.
@@ -113,11 +118,16 @@ def _bytes(t: Tensor, run_bytes: int, fp8: bool) -> int:
 
 
 def _fp8_applies(component: str, t: Tensor, profile: RunProfile) -> bool:
-    """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay);
+    """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay, and so
+    do the text encoder's token embeddings: ``memory.TEXT_ENCODER_SKIP_PATTERNS``);
     FP8 quantization (``quantize``): the transformer's linear weights."""
     if profile.weights_dtype == "fp8" and component in ("transformer", "text_encoder") and t.ndim >= 2:
-        return True
+        return not (component == "text_encoder" and "embed_tokens" in t.name)
     return profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
+
+
+def _dropped(component: str, t: Tensor) -> bool:
+    return t.name.startswith(DROPPED.get(component, ()))
 
 
 def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -151,7 +161,9 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     the largest leaf module. Sized from parameter counts only, group and sequential count as model.
     """
     sized = {
-        component: {t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors}
+        component: {
+            t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not _dropped(component, t)
+        }
         for component, tensors in model.components.items()
     }
     totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
@@ -201,7 +213,7 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
         run = sum(_bytes(t, run_bytes, False) for t in tensors)
         if at_once:
             peak = max(peak, kept + run)
-            kept += sum(_bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors)
+            kept += sum(_bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not _dropped(component, t))
         else:
             kept += run
     return max(peak, kept)
@@ -226,8 +238,8 @@ def activation_bytes(
 
 def text_encoder_bytes(text_encoder: dict, tokens: int, run_bytes: int) -> int:
     """Working memory of one text-encoder call on ``tokens`` tokens (see ``TEXT_TOKENS``)."""
-    per_token = (text_encoder["num_hidden_layers"] + 1) * text_encoder["hidden_size"] + 2 * text_encoder["intermediate_size"]
-    return int(tokens * (per_token + text_encoder["vocab_size"]) * run_bytes)
+    per_token = 4 * text_encoder["hidden_size"] + 6 * text_encoder["intermediate_size"]
+    return int(tokens * per_token * run_bytes)
 
 
 def footprint(

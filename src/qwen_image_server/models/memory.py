@@ -179,7 +179,8 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, shared: 
 
 def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype: torch.dtype, shared: bool = False) -> None:
     """Record where a loaded component lives and give it FP8 storage when the mode asks (before the next one loads);
-    a VAE gets its fast routes for images (``vae_fast.py``).
+    a VAE gets its fast routes for images (``vae_fast.py``), a text encoder loses the head no pipeline reads
+    (``text_encoder_fast.py``).
 
     ``shared``: the module is another model's in this process, already converted; it is only recorded.
     """
@@ -188,6 +189,10 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
         from .vae_fast import prepare_vae
 
         prepare_vae(module)
+    if name == "text_encoder" and not shared:  # before FP8 storage and offload hooks see its layers
+        from .text_encoder_fast import prepare_text_encoder
+
+        prepare_text_encoder(module)
     if mode.quantize_on_load and name == "transformer" and not shared:
         from .fp8 import quantize_linears
 
