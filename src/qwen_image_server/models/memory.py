@@ -1,6 +1,6 @@
 """Memory modes: where each component's weights live, in which dtype, and how they reach the device.
 
-Qwen-Image in bf16 is ~54 GiB of weights (a 20 B transformer, a 7 B Qwen2.5-VL text
+Qwen-Image in bf16 is ~53 GiB of weights (a 20 B transformer, a 7 B Qwen2.5-VL text
 encoder, a small VAE), so an 80 GB card holds it resident, smaller cards do not. A
 model's run profile picks a mode (``weights_dtype``, ``offload``); this module loads
 the pipeline accordingly:
@@ -18,9 +18,10 @@ the pipeline accordingly:
 ``text-encoder`` keeps the text encoder on the CPU and streams it to the GPU layer by
 layer for each prompt (group offload with a CUDA stream: the next layer is copied from
 pinned memory while the current one runs). That costs one pass of its weights over
-PCIe per request (~16 GB bf16, ~8 GB fp8; ~0.3-0.7 s at 25-50 GB/s). Running the 7 B
-encoder on the CPU instead would take seconds per prompt (twice with a negative
-prompt, more for edit images), so streaming it is the faster choice for a server.
+PCIe per request (~15 GB bf16 without the head the server drops, ~8 GB fp8; ~0.3-0.6 s
+at 25-50 GB/s). Running the 7 B encoder on the CPU instead would take seconds per
+prompt (twice with a negative prompt, more for edit images), so streaming it is the
+faster choice for a server.
 
 On a CPU device the offload modes that diffusers allows there (``text-encoder``,
 ``group``, ``model``) run with onload = offload = CPU: nothing is saved, but the hooks

@@ -3,7 +3,7 @@
 Most requests of a server share their negative prompt (the default, or a house one), and
 retries and variations repeat their prompt. Each encoding is a full pass of the 7 B
 Qwen2.5-VL text encoder: tens of milliseconds resident on a GPU, and with
-``--offload text-encoder`` or ``group`` one pass of all its weights over PCIe (about 16 GB
+``--offload text-encoder`` or ``group`` one pass of all its weights over PCIe (about 15 GB
 in bf16). A ``PromptCache`` keeps the embeddings of recent prompts in host memory (so that
 they take nothing from the GPU's memory plan; copying one back is well under a millisecond),
 least recently used first out, within a number of entries and of bytes.
