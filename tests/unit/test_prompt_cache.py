@@ -93,12 +93,54 @@ def test_bytes_are_bounded_and_callers_get_copies():
     assert torch.equal(cache.get(("d",))[0], small[0]), "changing a returned tensor does not change the kept one"
 
 
-def test_edit_pipelines_encode_with_their_image_and_are_not_cached(tiny_edit):
+def _edit(prompt: str, images: list[np.ndarray], seed: int = 3, **fields) -> Job:
+    return Job(mode="edit", prompt=prompt, seeds=[seed], width=SIZE, height=SIZE, num_inference_steps=2, images=images,
+               **fields)  # fmt: skip
+
+
+def _picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_edits_keep_a_prompt_with_its_image(tiny_edit):
+    """An edit's prompt is encoded with its input image: kept per prompt and image, so that iterating on one image
+    encodes only the new prompt and the same edit again encodes nothing; another image is encoded again."""
     runner = PipelineRunner(resolve_model(str(tiny_edit)), device="cpu", warm=False)
     encodes = Encodes(runner)
-    assert not runner.prompt_cache.install(runner.pipe)
-    source = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-    edit = Job(mode="edit", prompt="make it night", seeds=[3], width=SIZE, height=SIZE, num_inference_steps=2,
-               images=[source], true_cfg_scale=1.0)  # fmt: skip
-    runner.run(edit)
-    assert encodes.during(lambda: runner.run(edit)) == 1, "the same prompt with an image is encoded again"
+    source = _picture(1)
+    night = _edit("make it night", [source], negative_prompt="blurry")
+    assert night.true_cfg_scale > 1
+    first: list[np.ndarray] = []
+    assert encodes.during(lambda: first.append(_pixels(runner, night))) == 2
+    again: list[np.ndarray] = []
+    assert encodes.during(lambda: again.append(_pixels(runner, night))) == 0
+    assert np.array_equal(first[0], again[0]), "the kept embeddings are the ones the encoder made"
+    assert encodes.during(lambda: runner.run(_edit("make it night", [source], seed=9, negative_prompt="blurry"))) == 0
+    assert encodes.during(lambda: runner.run(_edit("add snow", [source], negative_prompt="blurry"))) == 1, "the new prompt"
+    other = source.copy()
+    other[0, 0, 0] ^= 1  # one value of one pixel
+    assert encodes.during(lambda: runner.run(_edit("make it night", [other], negative_prompt="blurry"))) == 2
+
+
+def test_edit_plus_keys_every_image_in_order(tiny_edit_plus):
+    runner = PipelineRunner(resolve_model(str(tiny_edit_plus)), device="cpu", warm=False)
+    encodes = Encodes(runner)
+    a, b = _picture(4), _picture(5)
+    no_cfg = {"true_cfg_scale": 1.0}
+    assert encodes.during(lambda: runner.run(_edit("put the cat on the sofa", [a, b], **no_cfg))) == 1
+    assert encodes.during(lambda: runner.run(_edit("put the cat on the sofa", [a, b], seed=8, **no_cfg))) == 0
+    assert encodes.during(lambda: runner.run(_edit("put the cat on the sofa", [b, a], **no_cfg))) == 1, "the order counts"
+    assert encodes.during(lambda: runner.run(_edit("put the cat on the sofa", [a], **no_cfg))) == 1
+
+
+def test_image_keys_tell_pixels_apart_and_leave_other_types_to_the_encoder():
+    from PIL import Image
+
+    from qwen_image_server.models.prompt_cache import UNKEYED, image_key
+
+    picture = Image.fromarray(_picture(6))
+    same = Image.fromarray(_picture(6))
+    assert image_key(picture) == image_key(same) and image_key(None) is None
+    assert image_key(picture) != image_key(picture.convert("L")) != image_key(picture.resize((SIZE, SIZE // 2)))
+    assert image_key([picture, same]) == image_key([same, picture]) != image_key([picture])
+    assert image_key(torch.zeros(1, 3, 8, 8)) is UNKEYED and image_key([picture, torch.zeros(3)]) is UNKEYED

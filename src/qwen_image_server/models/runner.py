@@ -120,7 +120,7 @@ class PipelineRunner:
         self._inpaint: Any = None  # diffusers pipelines, built on first use
         self._img2img: Any = None
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
-        self.prompt_cache = PromptCache()  # text-only prompt encodings, shared by the img2img form
+        self.prompt_cache = PromptCache()  # prompt encodings, shared by the img2img and inpaint forms
         self.prompt_cache.install(self.pipe)
         self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
         log.info(
@@ -176,6 +176,7 @@ class PipelineRunner:
 
             self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipe)
             prepare_variant(self._inpaint, self.memory)
+            self.prompt_cache.install(self._inpaint)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
 
