@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 
 import httpx
 import numpy as np
@@ -121,3 +122,35 @@ def test_same_seed_edit_is_reproducible(http):
         results.append(response.json()["data"][0])
     assert results[0]["seed"] == results[1]["seed"] == 31
     assert _pixels(results[0]) == _pixels(results[1])
+
+
+def test_an_edit_made_again_reuses_its_prompt_encodings(http):
+    """The worker keeps prompt embeddings per prompt and input image: the same edit with another seed runs no text
+    encoder pass, a new prompt on the same image only its own (``stats`` counts both), and the kept embeddings give
+    the image the encoder's own give."""
+    unique = uuid.uuid4().hex[:8]
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(17).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, format="PNG")
+
+    def edit(prompt: str, seed: int) -> dict:
+        response = http.post(
+            "/v1/images/edits",
+            data={
+                "model": "qwen-image-edit-tiny",
+                "prompt": f"{prompt} {unique}",
+                "negative_prompt": f"blurry {unique}",
+                "seed": str(seed),
+                "num_inference_steps": "2",
+            },  # fmt: skip
+            files={"image": ("in.png", buffer.getvalue(), "image/png")},
+        )
+        assert response.status_code == 200, response.text[:300]
+        return response.json()
+
+    first = edit("make it green", 41)
+    assert (first["stats"]["prompt_encodings"], first["stats"]["prompt_cache_hits"]) == (2, 0)  # prompt and negative
+    again = edit("make it green", 42)
+    assert (again["stats"]["prompt_encodings"], again["stats"]["prompt_cache_hits"]) == (0, 2)
+    other = edit("make it red", 41)
+    assert (other["stats"]["prompt_encodings"], other["stats"]["prompt_cache_hits"]) == (1, 1)
+    assert _pixels(edit("make it green", 41)["data"][0]) == _pixels(first["data"][0])

@@ -51,8 +51,10 @@ def test_a_prompt_seen_before_skips_the_encoder_and_gives_the_same_image(t2i):
     assert job.true_cfg_scale > 1, "true CFG: the prompt and the negative prompt are encoded"
     first: list[np.ndarray] = []
     assert encodes.during(lambda: first.append(_pixels(runner, job))) == 2
+    assert (runner.last_stats["prompt_encodings"], runner.last_stats["prompt_cache_hits"]) == (2, 0)
     again: list[np.ndarray] = []
     assert encodes.during(lambda: again.append(_pixels(runner, job))) == 0
+    assert (runner.last_stats["prompt_encodings"], runner.last_stats["prompt_cache_hits"]) == (0, 2)
     assert np.array_equal(first[0], again[0]), "the kept embeddings are the ones the encoder made"
     other = _job("a red barn in snow", negative_prompt="blurry, watermark")
     assert encodes.during(lambda: runner.run(other)) == 1, "only the new prompt; the negative prompt is kept"

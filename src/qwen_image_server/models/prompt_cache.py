@@ -71,6 +71,8 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple] = OrderedDict()
         self._bytes = 0
+        self.encoded = 0  # prompt encodings run by the installed pipelines (the responses' ``stats``)
+        self.reused = 0  # and served from here
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -109,6 +111,7 @@ class PromptCache:
         def cached(prompt=None, image=None, device=None, dtype=None):
             images = image_key(image) if with_image else None
             if images is UNKEYED:
+                self.encoded += 1
                 return encode(prompt, image, device, dtype)
             prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt or ())
             where = torch.device(device or pipe._execution_device)
@@ -124,7 +127,9 @@ class PromptCache:
                 key += (type(pipe).__name__, images)
             found = self.get(key, where)
             if found is not None:
+                self.reused += 1
                 return found
+            self.encoded += 1
             value = encode(prompt, image, device, dtype) if with_image else encode(prompt, device, dtype)
             self.put(key, value)
             return value

@@ -122,7 +122,8 @@ class PipelineRunner:
         self.step_cache = StepCache(self.pipe.transformer)  # shared by the img2img and inpaint forms
         self.prompt_cache = PromptCache()  # prompt encodings, shared by the img2img and inpaint forms
         self.prompt_cache.install(self.pipe)
-        self.last_stats: dict[str, int] = {}  # the last run's counters (transformer_calls, cached_calls)
+        # the last run's counters: transformer_calls, cached_calls (step cache), prompt_encodings, prompt_cache_hits
+        self.last_stats: dict[str, int] = {}
         log.info(
             "loaded %s (%s) on %s as %s in %.1fs, memory %s",
             spec.id,
@@ -232,6 +233,7 @@ class PipelineRunner:
         options = self.spec.options
         policy = parse_policy(job.cache if job.cache is not None else self.spec.profile.cache)
         self.last_stats = {}
+        encoded, reused = self.prompt_cache.encoded, self.prompt_cache.reused
         with (
             edit_areas(options.get("edit_area"), options.get("condition_area")),
             self.loras.applied(pipe, job.lora, job.lora_scale),
@@ -248,6 +250,8 @@ class PipelineRunner:
             finally:
                 if preview is not None:
                     preview.detach()
+        stats["prompt_encodings"] = self.prompt_cache.encoded - encoded
+        stats["prompt_cache_hits"] = self.prompt_cache.reused - reused
         self.last_stats = stats
         if job.mode == "inpaint":
             original, mask = kwargs["image"], kwargs["mask_image"]

@@ -332,11 +332,13 @@ class ImageService:
     @staticmethod
     def stats(result: JobResult, submitted: float | None = None) -> dict:
         """The response's ``stats`` extension: what the run did (transformer calls, those served from the step
-        cache) and how long it took (seconds in the pipeline, from the worker's start and end; seconds waiting)."""
+        cache; prompt encodings, those served from the prompt cache) and how long it took (seconds in the pipeline,
+        from the worker's start and end; seconds waiting)."""
         timing = {"pipeline_seconds": round(result.finished - result.started, 6)}
         if submitted is not None:
             timing["queue_seconds"] = round(max(0.0, result.started - submitted), 6)
-        return {"transformer_calls": 0, "cached_calls": 0, **result.stats, **timing}
+        counters = {"transformer_calls": 0, "cached_calls": 0, "prompt_encodings": 0, "prompt_cache_hits": 0}
+        return {**counters, **result.stats, **timing}
 
     @staticmethod
     def usage(prepared: Prepared, result: JobResult) -> Usage:
