@@ -37,6 +37,10 @@ def test_metrics_need_a_key_and_count_a_generation(start_server, tiny_t2i):
         after = _samples(http.get("/metrics", headers=auth).text)
 
     assert after[("qis_images_total", (("model", MODEL),))] == 2
+    assert before[("qis_prompt_encodings_total", (("model", MODEL),))] == 0
+    for counter in ("transformer_calls", "cached_calls", "prompt_encodings", "prompt_cache_hits"):
+        assert after[(f"qis_{counter}_total", (("model", MODEL),))] == stats[counter]
+    assert stats["transformer_calls"] == 2 * 2 * 2 and stats["prompt_encodings"] >= 1  # 2 images, 2 steps, true CFG
     assert "[metrics-rid-7]: " in server.logs(tail=None), "the server's log format shows each line's request id"
     assert after[("qis_queue_depth", (("model", MODEL),))] == 0
     assert after[("qis_running_tasks", (("model", MODEL),))] == 0

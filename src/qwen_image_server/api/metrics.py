@@ -71,8 +71,19 @@ class Metrics:
         self.pipeline_seconds = _job_histogram(r, "pipeline", "Seconds of a job's pipeline runs (first start to last end)")
         self.encode_seconds = _job_histogram(r, "encode", "Seconds encoding a job's images (pieces summed)", _ENCODE_BUCKETS)
         self.images = Counter("qis_images", "Images produced", ["model"], registry=r)
-        for model in sorted(self.model_ids):
-            self.images.labels(model)  # present at 0 from the start, so that rate() works from the first image
+        #: The jobs' run counters (the responses' ``stats``), each a counter named after it.
+        self.run_counters = {
+            key: Counter(f"qis_{key}", text, ["model"], registry=r)
+            for key, text in (
+                ("transformer_calls", "Transformer calls of the pipelines (two per step with true CFG)"),
+                ("cached_calls", "Transformer calls served from the step cache"),
+                ("prompt_encodings", "Passes of the text encoder"),
+                ("prompt_cache_hits", "Prompt encodings served from the workers' prompt caches"),
+            )
+        }
+        for model in sorted(self.model_ids):  # present at 0 from the start, so that rate() works from the first job
+            for counter in (self.images, *self.run_counters.values()):
+                counter.labels(model)
         r.register(EngineCollector(engine))
 
     def model_label(self, name: object) -> str:
@@ -94,6 +105,8 @@ class Metrics:
             self.queue_seconds.labels(model).observe(stats["queue_seconds"])
         if "encode_seconds" in stats:
             self.encode_seconds.labels(model).observe(stats["encode_seconds"])
+        for key, counter in self.run_counters.items():
+            counter.labels(model).inc(max(0, stats.get(key, 0)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
