@@ -39,7 +39,9 @@ def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
         assert plain.status_code == 200, plain.text[:300]
         plain_stats = plain.json()["stats"]
         assert (plain_stats["transformer_calls"], plain_stats["cached_calls"]) == (2 * STEPS, 0)
-        assert set(plain_stats) == {"transformer_calls", "cached_calls", "pipeline_seconds", "queue_seconds", "encode_seconds"}
+        assert set(plain_stats) == {"transformer_calls", "cached_calls", "prompt_encodings", "prompt_cache_hits",
+                                    "pipeline_seconds", "queue_seconds", "encode_seconds"}  # fmt: skip
+        assert (plain_stats["prompt_encodings"], plain_stats["prompt_cache_hits"]) == (0, 2), "the same prompts again"
         assert not np.array_equal(_pixels(cached.json()), _pixels(plain.json()))
 
         never = http.post("/v1/images/generations", json={**BODY, "cache": "fbcache:threshold=0"})

@@ -156,7 +156,7 @@ def test_runner_batches_and_previews_and_no_cfg_is_unchanged(t2i):
         image = t2i.run(job, on_partial=lambda i, j, img: previews.append(img))[0]
     assert count.calls == 3 and image.size == (128, 128)
     # the pipeline's calls, each computed: the unconditional one by the batch, not from a step cache
-    assert t2i.last_stats == {"transformer_calls": 6, "cached_calls": 0}
+    assert {"transformer_calls": 6, "cached_calls": 0}.items() <= t2i.last_stats.items()
     assert len(previews) == 1 and previews[0].size == (128, 128)
     without_cfg = replace(job, true_cfg_scale=1.0, partial_images=0)
     with _Count(t2i) as count:
@@ -226,7 +226,7 @@ def test_without_the_split_processor_padded_texts_are_masked_and_unmasked_backen
     job = Job(mode="generate", prompt=kwargs["prompt"], negative_prompt=" ", seeds=[3], width=128, height=128,
               num_inference_steps=2)  # fmt: skip
     t2i.run(job)
-    assert t2i.last_stats == {"transformer_calls": 4, "cached_calls": 0}  # the masked batch of two is two calls
+    assert {"transformer_calls": 4, "cached_calls": 0}.items() <= t2i.last_stats.items()  # the masked batch of two is two calls
 
     monkeypatch.setattr(t2i.speed.cfg.hook, "takes_mask", False)
     with _Count(t2i) as count:

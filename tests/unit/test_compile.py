@@ -100,7 +100,10 @@ def test_warmed_sizes_never_recompile_whatever_the_prompt_length(compiled):
         for prompt in PROMPTS:
             (image,) = compiled.run(_job(size, prompt))
             assert image.size == tuple(map(int, size.split("x")))
-            assert compiled.last_stats == {"transformer_calls": 4, "cached_calls": 0}  # counted on compiled blocks too
+            assert {
+                "transformer_calls": 4,
+                "cached_calls": 0,
+            }.items() <= compiled.last_stats.items()  # counted on compiled blocks too
         compiled.run(_job(size, PROMPTS[1], true_cfg_scale=1.0))  # no negative prompt pass
     previews = []
     compiled.run(_job(WARM[0], PROMPTS[2], steps=3, partial_images=1), on_partial=lambda *a: previews.append(a))
@@ -164,7 +167,10 @@ def test_batched_cfg_compiles_once_per_path_for_every_prompt_and_negative_length
     finally:
         handle.remove()
     assert batches == [2, 2], "one batched call per step"
-    assert runner.last_stats == {"transformer_calls": 4, "cached_calls": 0}  # counted on the compiled block, by batch
+    assert {
+        "transformer_calls": 4,
+        "cached_calls": 0,
+    }.items() <= runner.last_stats.items()  # counted on the compiled block, by batch
     _close(image, eager.run(job)[0])
 
 
@@ -179,7 +185,7 @@ def test_step_cache_and_group_offload_hooks_run_around_the_compiled_blocks(tiny_
         assert runner.last_stats["transformer_calls"] == 8
         assert 0 < runner.last_stats["cached_calls"] < 8, runner.last_stats
     runner.run(_job(WARM[1], PROMPTS[0], steps=4, cache="none"))
-    assert runner.last_stats == {"transformer_calls": 8, "cached_calls": 0}
+    assert {"transformer_calls": 8, "cached_calls": 0}.items() <= runner.last_stats.items()
     runner.run(_job(WARM[1], PROMPTS[0], steps=4, cache="taylorseer:lite=true,warmup=1,interval=2,cooldown=0"))
     assert runner.last_stats["cached_calls"] > 0
     assert graph_count() == before

@@ -132,7 +132,8 @@ def test_job_results_sum_their_tasks_stats():
     tasks = [TaskResult(i, [], 1.0, 2.0, stats={"transformer_calls": 8, "cached_calls": i}) for i in (1, 3)]
     assert JobResult.combine(tasks).stats == {"transformer_calls": 16, "cached_calls": 4}
     stats = ImageService.stats(JobResult([], 10.0, 12.5, []), submitted=9.0)
-    assert stats == {"transformer_calls": 0, "cached_calls": 0, "pipeline_seconds": 2.5, "queue_seconds": 1.0}
+    assert stats == {"transformer_calls": 0, "cached_calls": 0, "prompt_encodings": 0, "prompt_cache_hits": 0,
+                     "pipeline_seconds": 2.5, "queue_seconds": 1.0}  # fmt: skip
 
 
 def test_variations_run_fewer_denoising_steps():
@@ -174,12 +175,12 @@ def _run(runner, job, **kwargs):
 def test_the_cached_run_skips_blocks_and_counts_its_calls(runner):
     plain, plain_counts = _run(runner, replace(JOB, cache="none"))
     assert plain_counts == [2 * STEPS, 2 * STEPS], "true CFG: a cond and an uncond call per step"
-    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 0}
+    assert {"transformer_calls": 2 * STEPS, "cached_calls": 0}.items() <= runner.last_stats.items()
     cached, counts = _run(runner, JOB)  # the profile's cache
     assert cached.shape == (64, 64, 3)
     assert counts[0] == 2 * STEPS, "fbcache always runs the first block"
     assert counts[1] < 2 * STEPS
-    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 2 * STEPS - counts[1]}
+    assert {"transformer_calls": 2 * STEPS, "cached_calls": 2 * STEPS - counts[1]}.items() <= runner.last_stats.items()
     assert not np.array_equal(cached, plain)
 
 
@@ -195,7 +196,7 @@ def test_taylorseer_predicts_attention_between_full_steps(runner):
     plain, _ = _run(runner, replace(JOB, cache="none"))
     image, counts = _run(runner, replace(JOB, cache="taylorseer:interval=2,warmup=2,cooldown=0"))
     # Steps 0-1 warm up, then steps 2 and 4 are predicted, 3 and 5 computed: per branch, 2 of 6 from the cache.
-    assert runner.last_stats == {"transformer_calls": 2 * STEPS, "cached_calls": 4}
+    assert {"transformer_calls": 2 * STEPS, "cached_calls": 4}.items() <= runner.last_stats.items()
     assert counts == [2 * STEPS] * 2, "the blocks' MLPs still run; only attention is predicted"
     assert not np.array_equal(image, plain)
 
