@@ -7,12 +7,15 @@ the two alternating for ``--runs`` rounds after a warm-up. Printed per path and 
 median seconds, the TFLOP (counted on the meta device) and the peak memory above the weights
 (on CUDA, what the path allocated; on the CPU with ``--cpu-peak``, how much the resident set
 grew, in a fresh process per path and operation); then the speed-ups and the largest difference
-between the two paths' outputs, relative to the output's largest value. One JSON line with the
-figures ends the output. Run from the repository root::
+between the two paths' outputs, relative to the output's largest value. With ``--tiling`` a third
+path joins: the fast routes with diffusers' tiling (``--vae-tiling on``: 256x256 tiles at a
+192-pixel stride), compared with the fast routes. One JSON line with the figures ends the
+output. Run from the repository root::
 
     python bench/vae_fast.py                                       # CPU, 512x512, float32
     python bench/vae_fast.py --size 1024x1024 --runs 1 --cpu-peak  # and each path's peak memory
     python bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16
+    python bench/vae_fast.py --size 1024x1024 --runs 1 --cpu-peak --tiling
 """
 
 from __future__ import annotations
@@ -97,8 +100,10 @@ def cpu_peak(path: str, what: str, width: int, height: int, dtype: torch.dtype) 
     import gc
 
     vae = build_vae("cpu", dtype)
-    if path == "fast":
+    if path in ("fast", "tiled"):
         prepare_vae(vae)
+    if path == "tiled":
+        vae.enable_tiling()
     latent = torch.randn(1, vae.config.z_dim, 1, height // 8, width // 8, dtype=dtype)
     image = torch.rand(1, 3, 1, height, width, dtype=dtype) * 2 - 1
     gc.collect()
@@ -111,12 +116,12 @@ def cpu_peak(path: str, what: str, width: int, height: int, dtype: torch.dtype) 
     return round((peak - before) / 2**20, 2)
 
 
-def cpu_peaks(width: int, height: int, dtype_name: str) -> dict[str, float]:
+def cpu_peaks(width: int, height: int, dtype_name: str, paths: tuple[str, ...]) -> dict[str, float]:
     """``cpu_peak`` of each path and operation, each in a fresh process (a process's peak only ever grows)."""
     import subprocess
 
     out = {}
-    for path in ("diffusers", "fast"):
+    for path in paths:
         for what in ("decode", "encode"):
             code = (
                 f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, vae_fast; "
@@ -136,6 +141,7 @@ def main() -> None:
     parser.add_argument(
         "--cpu-peak", action="store_true", help="on the CPU, also each path's peak resident memory (a fresh process each)"
     )
+    parser.add_argument("--tiling", action="store_true", help="also the fast routes with tiling (--vae-tiling on)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     dtype = getattr(torch, args.dtype)
@@ -145,16 +151,22 @@ def main() -> None:
 
     vaes = {"diffusers": build_vae(device, dtype), "fast": build_vae(device, dtype)}  # the same seed: the same weights
     layers = prepare_vae(vaes["fast"])
+    if args.tiling:
+        vaes["tiled"] = vaes["fast"]  # the same module, tiling switched on for its own calls
+
+    def tiling(path: str):
+        vaes["fast"].use_tiling = path == "tiled"
+
     z_dim = vaes["diffusers"].config.z_dim
     generator = torch.Generator(device).manual_seed(0)
     latent = torch.randn(1, z_dim, 1, height // 8, width // 8, generator=generator, device=device, dtype=dtype)
     image = torch.rand(1, 3, 1, height, width, generator=generator, device=device, dtype=dtype) * 2 - 1
 
     def decode(path: str):
-        return lambda: vaes[path].decode(latent, return_dict=False)[0]
+        return lambda: (tiling(path), vaes[path].decode(latent, return_dict=False)[0])[1]
 
     def encode(path: str):
-        return lambda: vaes[path].encode(image).latent_dist.mode()
+        return lambda: (tiling(path), vaes[path].encode(image).latent_dist.mode())[1]
 
     results: dict[str, dict] = {path: {"decode": [], "encode": []} for path in vaes}
     outputs: dict[str, tuple] = {}
@@ -171,7 +183,7 @@ def main() -> None:
     summary: dict = {"device": name, "size": f"{width}x{height}", "dtype": args.dtype, "layers": layers}
     summary.update(count_flops(width, height, dtype))
     if args.cpu_peak and device == "cpu":
-        summary.update(cpu_peaks(width, height, args.dtype))
+        summary.update(cpu_peaks(width, height, args.dtype, tuple(vaes)))
     for path in vaes:
         for what in ("decode", "encode"):
             median = statistics.median(results[path][what])
@@ -179,7 +191,8 @@ def main() -> None:
             peak = peaks[path][what]
             if peak is not None:
                 summary[f"{what}_{path}_peak_gib"] = peak
-            line = f"{path:9} {what}: {median * 1000:9.1f} ms, {summary[f'{what}_{path}_tflop']} TFLOP"
+            tflop = summary.get(f"{what}_{path}_tflop")  # counted for the untiled paths
+            line = f"{path:9} {what}: {median * 1000:9.1f} ms" + (f", {tflop} TFLOP" if tflop is not None else "")
             if peak is None:
                 peak = summary.get(f"{what}_{path}_peak_rss_gib")
             print(line + (f", peak {peak} GiB above the weights" if peak is not None else ""))
@@ -191,6 +204,13 @@ def main() -> None:
         summary[f"{what}_speedup"] = round(ratio, 2)
         summary[f"{what}_max_difference"] = difference
         print(f"{what}: fast routes {ratio:.2f}x as fast; largest difference {difference:.2e} of the output's largest value")
+        if "tiled" in vaes:
+            cost = summary[f"{what}_tiled_s"] / summary[f"{what}_fast_s"]
+            tiled = outputs["tiled"][index]
+            mean = float((tiled - other).abs().mean()) / scale
+            summary[f"{what}_tiled_time_ratio"] = round(cost, 2)
+            summary[f"{what}_tiled_mean_difference"] = mean
+            print(f"{what}: tiled {cost:.2f}x the time of untiled; mean difference {mean:.2e} of the output's largest value")
     print(json.dumps(summary))
 
 

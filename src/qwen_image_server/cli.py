@@ -124,6 +124,9 @@ def serve(
     attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,
     weights_dtype: Annotated[list[str] | None, typer.Option(help="auto or fp8[@MODEL]: FP8 weight storage.")] = None,
     offload: Annotated[list[str] | None, typer.Option(help="none, text-encoder, group, model, sequential[@MODEL].")] = None,
+    vae_tiling: Annotated[
+        list[str] | None, typer.Option(help="off or on[@MODEL]: the VAE decodes and encodes in tiles (less memory).")
+    ] = None,
     deterministic: Annotated[
         bool | None,
         typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower) [QIS_DETERMINISTIC]."),

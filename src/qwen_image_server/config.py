@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     offload: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="none, text-encoder, group, model, sequential."
     )
+    vae_tiling: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="off or on: the VAE works on images in overlapping tiles (less memory)."
+    )
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
     deterministic: bool | None = Field(
         default=None,
@@ -283,7 +286,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(";") if part.strip()]
         return value
 
-    @field_validator("cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "loras", mode="before")
+    @field_validator(
+        "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling", "loras", mode="before"
+    )
     @classmethod
     def _split_scoped(cls, value: object) -> object:
         if isinstance(value, str):  # one value, or several separated by ';' (values may hold commas)
@@ -321,7 +326,16 @@ class Settings(BaseSettings):
         """The run-profile values given by flags or the environment, by profile key."""
         flags = {
             key: list(getattr(self, key))
-            for key in ("compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload")
+            for key in (
+                "compile_sizes",
+                "cache",
+                "quantize",
+                "cfg_batch",
+                "attention_backend",
+                "weights_dtype",
+                "offload",
+                "vae_tiling",
+            )
         }
         flags["compile"] = [] if self.compile is None else [str(self.compile)]
         flags["deterministic"] = [] if self.deterministic is None else [str(self.deterministic)]

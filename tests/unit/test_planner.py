@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -621,3 +622,29 @@ def test_the_text_encoder_is_planned_without_its_head_and_fp8_keeps_its_embeddin
     assert fp8["text_encoder"] == int(7.2e9) + vocab * 2
     # loading with FP8 storage: the bf16 text encoder, head included, arrives before it is converted and the head dropped
     assert load_peak(model, RunProfile(weights_dtype="fp8"), 2) == fp8["transformer"] + (int(7.2e9) + 2 * vocab) * 2
+
+
+def test_vae_tiling_lowers_the_working_memory_and_is_offered_when_it_makes_a_plan_fit():
+    """Tiled decoding replaces the VAE's share of the working memory (most of it) by a tile's: at 2048x2048 about
+    2 GiB instead of 16.5; a small image is not tiled and keeps its figure."""
+    for tokens in (4096, 16384):
+        tiled = activation_bytes(tokens, 0, 3072, 2, vae_tiling=True)
+        assert GIB / 2 < tiled < activation_bytes(tokens, 0, 3072, 2) / 4
+    assert activation_bytes(256, 0, 3072, 2, vae_tiling=True) == activation_bytes(256, 0, 3072, 2)
+    settings = Settings()  # the largest image 2048x2048
+    spec = _full("qwen-image", offload="group", weights_dtype="fp8")  # the 24 GB card's mode
+    tiled_spec = _full("qwen-image", offload="group", weights_dtype="fp8", vae_tiling="on")
+    roomy = make_plan([spec, replace(tiled_spec, id="tiled")], settings, discover=_gpus(_gpu(0, 80)))
+    plain, tiled = roomy.footprints["qwen-image"], roomy.footprints["tiled"]
+    assert plain.activations / GIB == pytest.approx(16.5, abs=0.1) and tiled.activations / GIB == pytest.approx(2.0, abs=0.2)
+    assert tiled.weights == plain.weights
+    small = _small("m", params=4e9)  # 7.5 GiB of bf16 weights and 16.5 GiB of working memory do not fit 12 GiB
+    with pytest.raises(PlanError) as refused:
+        make_plan([small], settings, discover=_gpus(_gpu(0, 12)))
+    assert "Would fit: --vae-tiling on@m (it would need 9.9 GiB); QIS_MAX_IMAGE_SIDE=992" in str(refused.value)
+    small_tiled = replace(small, profile=RunProfile(vae_tiling="on"))
+    assert make_plan([small_tiled], settings, discover=_gpus(_gpu(0, 12))).devices("m") == ["cuda:0"]
+    # on the CPU too (bf16 weights on a 64 GiB machine at 2048x2048)
+    with pytest.raises(PlanError) as wide:
+        make_plan([_full("qwen-image")], Settings(device="cpu", dtype="bfloat16"), host=_host(64))
+    assert "--vae-tiling on@qwen-image (the VAE decodes in tiles: less working memory)" in str(wide.value)

@@ -74,3 +74,13 @@ def test_environment_values_split_on_semicolons(monkeypatch):
     settings = Settings()
     assert settings.cache == ["fbcache:threshold=0.05,warmup=2", "none@b"]
     assert settings.profile_flags()["compile"] == ["True"]
+
+
+def test_vae_tiling_from_flags_environment_and_sidecar(monkeypatch):
+    assert build_profile("a", {}, {}).vae_tiling == "off"
+    assert build_profile("a", {"vae_tiling": True}, {}).vae_tiling == "on"
+    assert build_profile("a", {"vae_tiling": "on"}, {"vae_tiling": ["off@a"]}).vae_tiling == "off"
+    with pytest.raises(ProfileError, match="vae_tiling for model a: 'tiles' is not one of off, on"):
+        build_profile("a", {}, {"vae_tiling": ["tiles"]})
+    monkeypatch.setenv("QIS_VAE_TILING", "on@b;off")
+    assert Settings().profile_flags()["vae_tiling"] == ["on@b", "off"]

@@ -129,3 +129,26 @@ def test_the_server_loads_its_vae_on_the_routes(tiny_t2i):
     assert calls["conv3d"] > 0
     difference = np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int))
     assert image.size == (128, 96) and difference.max() <= 1
+
+
+def test_vae_tiling_decodes_in_tiles_for_its_model_only(tiny_t2i):
+    """``vae_tiling=on`` decodes a 512x512 image as overlapping 256x256 tiles (nine decoder passes) and switches
+    tiling off again after the call, so that a model sharing the VAE without the setting decodes it whole."""
+    from dataclasses import replace
+
+    from qwen_image_server.models.profile import RunProfile
+
+    spec = resolve_model(str(tiny_t2i))
+    runner = PipelineRunner(replace(spec, profile=RunProfile(vae_tiling="on")), device="cpu", warm=False)
+    passes: list[tuple] = []
+    runner.pipe.vae.decoder.register_forward_pre_hook(lambda module, args: passes.append(tuple(args[0].shape[-2:])))
+    job = Job(mode="generate", prompt="a red cube", seeds=[5], width=512, height=512, num_inference_steps=2)
+    tiled = runner.run(job)[0]
+    # tiles start every 192 px (24 latents) and are at most 256 px (32 latents): the last ones are cut by the edge
+    assert tiled.size == (512, 512) and len(passes) == 9 and max(passes) == (32, 32), passes
+    assert runner.pipe.vae.use_tiling is False, "switched for the call only"
+    passes.clear()
+    runner.spec = spec  # the same VAE for a model without the setting
+    whole = runner.run(job)[0]
+    assert passes == [(64, 64)] and whole.size == (512, 512)
+    assert np.asarray(whole).shape == np.asarray(tiled).shape

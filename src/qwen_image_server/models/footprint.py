@@ -41,6 +41,13 @@ ACT_BASE = 4.2 * GIB - 4096 * ACT_PER_OUTPUT_TOKEN  # ≈ 0.094 GiB
 #: transformer's share only, estimated from its architecture as about 16 hidden vectors per token
 #: alive inside a block (norms, q/k/v, attention output, the 4x MLP and its activation).
 VECTORS_PER_INPUT_TOKEN = 16
+#: With ``vae_tiling`` (``vae_tiling.py``) the VAE decodes 256x256-pixel tiles: the decode's share of the line above
+#: (most of it) gives way to a tile's working memory plus the decoded tiles and the image. Measured by
+#: ``bench/vae_fast.py --tiling --cpu-peak`` with the full-size VAE on a CPU in float32: 0.67-0.68 GiB above the
+#: weights at 1024x1024 and 0.75 GiB at 2048x2048 (6.2 GiB untiled at 1024x1024); halved for bf16, as a line in
+#: output tokens. The transformer's own share of an output token is then counted as an input token's.
+TILED_DECODE_BASE = int(0.33 * GIB)
+TILED_DECODE_PER_OUTPUT_TOKEN = 3 * 1024
 #: The text encoder (Qwen2.5-VL) as the server runs it (``text_encoder_fast``: no language-model head, no
 #: hidden states of every layer, no cache): 0.21-0.24 GiB above the weights for 1024 tokens at full width in bf16,
 #: measured by ``bench/text_encoder.py`` on a CPU (with 2 and with 8 layers), up to 124 K values per token, written
@@ -225,14 +232,26 @@ def _patches(side: int) -> int:
 
 
 def activation_bytes(
-    output_tokens: int, input_tokens: int, inner_dim: int, run_bytes: int, batch: int = 1, cfg_batch: bool = False
+    output_tokens: int,
+    input_tokens: int,
+    inner_dim: int,
+    run_bytes: int,
+    batch: int = 1,
+    cfg_batch: bool = False,
+    vae_tiling: bool = False,
 ) -> int:
     """Working memory of denoising and decoding: the measured line in output tokens plus the transformer's
     share for input-image tokens, scaled by the transformer's width and the run dtype, times the batch
-    (``cfg_batch`` runs the transformer on two at once)."""
+    (``cfg_batch`` runs the transformer on two at once; ``vae_tiling`` decodes in tiles, when that needs less)."""
     scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
-    per_image = ACT_BASE + output_tokens * ACT_PER_OUTPUT_TOKEN + input_tokens * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
-    transformer_share = (output_tokens + input_tokens) * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
+    per_token = VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2  # the transformer's share of one token
+    per_image = ACT_BASE + output_tokens * ACT_PER_OUTPUT_TOKEN + input_tokens * per_token
+    if vae_tiling:
+        tiled = (
+            ACT_BASE + TILED_DECODE_BASE + output_tokens * (per_token + TILED_DECODE_PER_OUTPUT_TOKEN) + input_tokens * per_token
+        )
+        per_image = min(per_image, tiled)
+    transformer_share = (output_tokens + input_tokens) * per_token
     return int(scale * batch * (per_image + (transformer_share if cfg_batch else 0)))
 
 
@@ -265,7 +284,13 @@ def footprint(
         model=spec.id,
         components=resident_weights(model, profile, run_bytes),
         activations=activation_bytes(
-            output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, cfg_batch=profile.cfg_batch == "on"
+            output_tokens,
+            input_tokens,
+            model.inner_dim,
+            run_bytes,
+            max_batch_size,
+            cfg_batch=profile.cfg_batch == "on",
+            vae_tiling=profile.vae_tiling == "on",
         ),
         text_encoder_work=text_encoder_bytes(model.text_encoder, text_tokens, run_bytes),
         overhead=overhead,

@@ -130,6 +130,8 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
     fp8 = replace(profile, weights_dtype="fp8")
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8" and fits(profiles={model: fp8}):
         out.append(f"--weights-dtype fp8@{model} (the transformer's weights stored in FP8)")
+    if profile.vae_tiling != "on" and fits(profiles={model: replace(profile, vae_tiling="on")}):
+        out.append(f"--vae-tiling on@{model} (the VAE decodes in tiles: less working memory)")
     side = largest_side(settings, lambda s: fits(max_side=s))
     if side is not None:
         out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}: less working memory)")

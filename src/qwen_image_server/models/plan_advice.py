@@ -13,6 +13,7 @@ from .footprint import human as _gib
 
 #: Profile changes tried, least intrusive first: (setting, value, flag).
 _PROFILE_CHANGES = (
+    ("vae_tiling", "on", "--vae-tiling"),
     ("weights_dtype", "fp8", "--weights-dtype"),
     ("quantize", "fp8", "--quantize"),
     ("offload", "text-encoder", "--offload"),

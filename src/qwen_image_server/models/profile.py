@@ -2,7 +2,8 @@
 
 Everything that decides speed and memory for one served model lives here, in one
 frozen, picklable value: compile and its warm set, the step cache, FP8, batched
-CFG, the attention backend, weight storage, offload, LoRAs and deterministic mode. A profile is built
+CFG, the attention backend, weight storage, offload, VAE tiling, LoRAs and
+deterministic mode. A profile is built
 in the API process before anything loads, from (lowest to highest precedence)
 defaults, the model folder's sidecar file and the command line / environment, and
 travels to the workers on the model's ``ModelSpec``. Workers apply it; request
@@ -28,6 +29,7 @@ PROFILE_KEYS = (
     "attention_backend",
     "weights_dtype",
     "offload",
+    "vae_tiling",
     "deterministic",
 )
 
@@ -35,6 +37,7 @@ QUANTIZE_MODES = ("none", "fp8")
 CFG_BATCH_MODES = ("auto", "on", "off")
 WEIGHTS_DTYPES = ("auto", "fp8")
 OFFLOAD_MODES = ("none", "text-encoder", "group", "model", "sequential")
+VAE_TILING_MODES = ("off", "on")
 
 
 class ProfileError(ValueError):
@@ -69,6 +72,7 @@ class RunProfile:
     attention_backend: str | None = None  # diffusers' attention backend name; None: its default
     weights_dtype: str = "auto"  # "fp8": FP8 storage with compute in the run dtype (layerwise casting)
     offload: str = "none"  # none, text-encoder, group, model, sequential
+    vae_tiling: str = "off"  # "on": the VAE decodes and encodes images in overlapping tiles (see vae_tiling.py)
     loras: tuple[LoraSpec, ...] = ()
     deterministic: bool = False  # torch's deterministic algorithms, no TF32, no cuDNN autotuning (see determinism.py)
 
@@ -147,6 +151,9 @@ def _coerce(key: str, value: Any, model: str) -> Any:
         return _choice(value, WEIGHTS_DTYPES, key, model)
     if key == "offload":
         return _choice(value, OFFLOAD_MODES, key, model)
+    if key == "vae_tiling":
+        parsed = parse_bool(value)
+        return _choice(value if parsed is None else ("on" if parsed else "off"), VAE_TILING_MODES, key, model)
     if key == "cache":
         from .step_cache import CachePolicyError, canonical_policy
 

@@ -28,6 +28,7 @@ from .shared import ComponentCache
 from .spec import ModelSpec
 from .speed import apply_speed_settings
 from .step_cache import StepCache, denoising_steps, parse_policy
+from .vae_tiling import vae_tiling
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class PipelineRunner:
             job_rng(pipe, generators, job.seeds[0], self.device),
             torch.inference_mode(),
             self.step_cache.run(policy, denoising_steps(job)) as stats,
+            vae_tiling(pipe.vae, self.spec.profile.vae_tiling == "on"),
             self.speed.call(pipe),
             logged_compiles(self.spec, job),
         ):
