@@ -1,7 +1,7 @@
 """Seconds per image and peak GPU memory of each memory mode, on emulated 80, 48 and 24 GB cards.
 
 For each mode (resident, FP8 storage, text-encoder offload, group offload + FP8 with and
-without batched CFG, model offload) and each card size, a fresh subprocess caps this GPU with
+without batched CFG or VAE tiling, model offload) and each card size, a fresh subprocess caps this GPU with
 ``torch.cuda.set_per_process_memory_fraction`` (card size / this GPU's size; the CUDA
 context itself is not counted), loads the model with ``PipelineRunner`` exactly as a
 server worker does, makes one warm-up image, then times one 1024x1024 image at each step
@@ -33,10 +33,12 @@ MODES = {
     "group+fp8": {"offload": "group", "weights_dtype": "fp8"},
     # true CFG's two passes as one call: each step streams the transformer's blocks once instead of twice
     "group+fp8+cfgbatch": {"offload": "group", "weights_dtype": "fp8", "cfg_batch": "on"},
+    # and the VAE in tiles: a tile's working memory instead of the image's (cards below 24 GB)
+    "group+fp8+tiling": {"offload": "group", "weights_dtype": "fp8", "vae_tiling": "on"},
     "model": {"offload": "model"},
 }
 #: Emulated cards: GB on the label -> (an example card, MiB the driver reports for it).
-CARDS = {80: ("H100 80GB", 81559), 48: ("L40S 48GB", 46068), 24: ("RTX 4090 24GB", 24564)}
+CARDS = {80: ("H100 80GB", 81559), 48: ("L40S 48GB", 46068), 24: ("RTX 4090 24GB", 24564), 16: ("RTX 4080 16GB", 16376)}
 PROMPT = "a lighthouse on a cliff at sunset, oil painting, highly detailed"
 GIB = 1024**3
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder, hub id or other model source string")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--cards", default="80,48,24", help="emulated card sizes in GB, from 80, 48, 24")
+    parser.add_argument("--cards", default="80,48,24", help="emulated card sizes in GB, from 80, 48, 24, 16")
     parser.add_argument(
         "--pairs", help="MODE@CARD,... to run instead of every mode on every card (e.g. none@80,fp8@48,group+fp8@24)"
     )
