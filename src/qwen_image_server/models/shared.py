@@ -1,6 +1,6 @@
 """Components shared by the models of one process: one copy of a text encoder or VAE that several models use.
 
-Qwen-Image and Qwen-Image-Edit(-2509) ship the same Qwen2.5-VL-7B text encoder (16 GB
+Qwen-Image and Qwen-Image-Edit(-2509) ship the same Qwen2.5-VL-7B text encoder (15 GB
 in bf16) and the same VAE. Loaded by two pipelines in one process they would take that
 memory twice. ``ComponentCache`` keeps what this process loaded, keyed by what the
 component *is*: the content hash of its weight files and config (``fingerprint``) and
