@@ -63,6 +63,12 @@ def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
     return found
 
 
+#: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans).
+SCOPED_PROFILE_FIELDS = (
+    "compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling",
+)  # fmt: skip
+
+
 class Settings(BaseSettings):
     """Everything the server can be told, from flags or the environment."""
 
@@ -324,19 +330,7 @@ class Settings(BaseSettings):
 
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""
-        flags = {
-            key: list(getattr(self, key))
-            for key in (
-                "compile_sizes",
-                "cache",
-                "quantize",
-                "cfg_batch",
-                "attention_backend",
-                "weights_dtype",
-                "offload",
-                "vae_tiling",
-            )
-        }
+        flags = {key: list(getattr(self, key)) for key in SCOPED_PROFILE_FIELDS}
         flags["compile"] = [] if self.compile is None else [str(self.compile)]
         flags["deterministic"] = [] if self.deterministic is None else [str(self.deterministic)]
         return flags

@@ -19,19 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..config import SCOPED_PROFILE_FIELDS
+
 #: Profile settings a model's sidecar file may set, with the same names and values as the flags.
-PROFILE_KEYS = (
-    "compile",
-    "compile_sizes",
-    "cache",
-    "quantize",
-    "cfg_batch",
-    "attention_backend",
-    "weights_dtype",
-    "offload",
-    "vae_tiling",
-    "deterministic",
-)
+PROFILE_KEYS = ("compile", *SCOPED_PROFILE_FIELDS, "deterministic")
 
 QUANTIZE_MODES = ("none", "fp8")
 CFG_BATCH_MODES = ("auto", "on", "off")
