@@ -154,19 +154,24 @@ def main() -> None:
     if args.tiling:
         vaes["tiled"] = vaes["fast"]  # the same module, tiling switched on for its own calls
 
-    def tiling(path: str):
-        vaes["fast"].use_tiling = path == "tiled"
-
     z_dim = vaes["diffusers"].config.z_dim
     generator = torch.Generator(device).manual_seed(0)
     latent = torch.randn(1, z_dim, 1, height // 8, width // 8, generator=generator, device=device, dtype=dtype)
     image = torch.rand(1, 3, 1, height, width, generator=generator, device=device, dtype=dtype) * 2 - 1
 
     def decode(path: str):
-        return lambda: (tiling(path), vaes[path].decode(latent, return_dict=False)[0])[1]
+        def run():
+            vaes[path].use_tiling = path == "tiled"
+            return vaes[path].decode(latent, return_dict=False)[0]
+
+        return run
 
     def encode(path: str):
-        return lambda: (tiling(path), vaes[path].encode(image).latent_dist.mode())[1]
+        def run():
+            vaes[path].use_tiling = path == "tiled"
+            return vaes[path].encode(image).latent_dist.mode()
+
+        return run
 
     results: dict[str, dict] = {path: {"decode": [], "encode": []} for path in vaes}
     outputs: dict[str, tuple] = {}

@@ -285,19 +285,11 @@ class Settings(BaseSettings):
             keys += read_keys_file(self.api_keys_file)
         return keys
 
-    @field_validator("compile_sizes", mode="before")
-    @classmethod
-    def _split_sizes(cls, value: object) -> object:
-        if isinstance(value, str):  # QIS_COMPILE_SIZES=1024x1024,1328x1328[@MODEL]; several groups with ';'
-            return [part.strip() for part in value.split(";") if part.strip()]
-        return value
-
-    @field_validator(
-        "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling", "loras", mode="before"
-    )
+    @field_validator(*SCOPED_PROFILE_FIELDS, "loras", mode="before")
     @classmethod
     def _split_scoped(cls, value: object) -> object:
-        if isinstance(value, str):  # one value, or several separated by ';' (values may hold commas)
+        # one value, or several separated by ';' (values may hold commas: QIS_COMPILE_SIZES=1024x1024,1328x1328@m;...)
+        if isinstance(value, str):
             return [part.strip() for part in value.split(";") if part.strip()]
         return value
 

@@ -133,8 +133,10 @@ def _fp8_applies(component: str, t: Tensor, profile: RunProfile) -> bool:
     return profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
 
 
-def _dropped(component: str, t: Tensor) -> bool:
-    return t.name.startswith(DROPPED.get(component, ()))
+def _kept(component: str, tensors, run_bytes: int, profile: RunProfile) -> dict[str, int]:
+    """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name."""
+    dropped = DROPPED.get(component, ())
+    return {t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not t.name.startswith(dropped)}
 
 
 def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -167,12 +169,7 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     all of its non-layer tensors), the rest whole. model: only the largest component. sequential:
     the largest leaf module. Sized from parameter counts only, group and sequential count as model.
     """
-    sized = {
-        component: {
-            t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not _dropped(component, t)
-        }
-        for component, tensors in model.components.items()
-    }
+    sized = {component: _kept(component, tensors, run_bytes, profile) for component, tensors in model.components.items()}
     totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
     mode = profile.offload
     if model.counts_only and mode in ("group", "sequential"):
@@ -220,7 +217,7 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
         run = sum(_bytes(t, run_bytes, False) for t in tensors)
         if at_once:
             peak = max(peak, kept + run)
-            kept += sum(_bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not _dropped(component, t))
+            kept += sum(_kept(component, tensors, run_bytes, profile).values())
         else:
             kept += run
     return max(peak, kept)

@@ -73,6 +73,14 @@ class PromptCache:
         self._bytes = 0
         self.encoded = 0  # prompt encodings run by the installed pipelines (the responses' ``stats``)
         self.reused = 0  # and served from here
+        self._last_image: tuple[object, object] | None = None  # the last image object keyed, and its key
+
+    def _image_key(self, image) -> object:
+        """``image_key``, taken once per image object: an edit pipeline passes the same image for its prompt and its
+        negative prompt (the reference kept here means no other object can have its id meanwhile)."""
+        if self._last_image is None or self._last_image[0] is not image:
+            self._last_image = (image, image_key(image))
+        return self._last_image[1]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -103,13 +111,15 @@ class PromptCache:
         """Serve ``pipe``'s prompt encodings from this cache, with or without the images an edit pipeline conditions
         them on; False (and nothing changed) for a pipeline whose encoding takes other arguments."""
         encode = getattr(pipe, "_get_qwen_prompt_embeds", None)
-        if encode is None or list(inspect.signature(encode).parameters) not in (TEXT_ONLY, WITH_IMAGE):
+        if encode is None:
             return False
         parameters = list(inspect.signature(encode).parameters)
+        if parameters not in (TEXT_ONLY, WITH_IMAGE):
+            return False
         with_image = parameters == WITH_IMAGE
 
         def cached(prompt=None, image=None, device=None, dtype=None):
-            images = image_key(image) if with_image else None
+            images = self._image_key(image) if with_image else None
             if images is UNKEYED:
                 self.encoded += 1
                 return encode(prompt, image, device, dtype)
