@@ -1,10 +1,14 @@
-"""Step caching over HTTP: a server started with ``--cache``, the request's ``cache`` field and the ``stats`` object."""
+"""Run-profile settings over HTTP: step caching (``--cache``, the request's ``cache`` field, the ``stats`` object) and
+``--vae-tiling``, on one server with a model for each."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import shutil
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -19,12 +23,18 @@ def _pixels(body: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).convert("RGB"))
 
 
-@pytest.mark.e2e
-def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
-    server = start_server(
+@pytest.fixture(scope="module")
+def server(start_server, tiny_t2i, tmp_path_factory):
+    copy = shutil.copytree(tiny_t2i, tmp_path_factory.mktemp("tiled") / "tiny")  # the same weights, another model
+    return start_server(
         "--model", f"cached={tiny_t2i}", "--cache", "fbcache:threshold=1@cached",
+        "--model", f"tiled={copy}", "--vae-tiling", "on@tiled",
         env={"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"},
     )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_cache_flag_request_field_and_stats(server):
     with httpx.Client(base_url=server.base_url, timeout=300) as http:
         card = http.get("/v1/models/cached").json()
         assert card["profile"]["cache"] == "fbcache:threshold=1"
@@ -59,3 +69,24 @@ def test_cache_flag_request_field_and_stats(start_server, tiny_t2i):
         assert bad.status_code == 400
         error = bad.json()["error"]
         assert error["param"] == "cache" and "policy fbcache: knob threshold: '5' is not in [0, 1]" in error["message"]
+
+
+@pytest.mark.e2e
+def test_vae_tiling_flag_reaches_its_model_only(server, tiny_t2i):
+    """``--vae-tiling on@tiled``: the profile says so for that model only, and a 512x512 image (larger than a tile)
+    decoded in tiles differs from the whole-image decode of the same weights and seed, at the same size."""
+    body = {**BODY, "size": "512x512", "num_inference_steps": 2, "cache": "none"}
+    with httpx.Client(base_url=server.base_url, timeout=300) as http:
+        assert http.get("/v1/models/tiled").json()["profile"]["vae_tiling"] == "on"
+        assert http.get("/v1/models/cached").json()["profile"]["vae_tiling"] == "off"
+        tiled, whole = (http.post("/v1/images/generations", json={**body, "model": m}) for m in ("tiled", "cached"))
+        assert tiled.status_code == whole.status_code == 200, tiled.text[:300] + whole.text[:300]
+    tiled_pixels, whole_pixels = _pixels(tiled.json()), _pixels(whole.json())
+    assert tiled_pixels.shape == whole_pixels.shape == (512, 512, 3)
+    assert not np.array_equal(tiled_pixels, whole_pixels)
+    refused = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server.cli", "plan", "--model", f"m={tiny_t2i}", "--vae-tiling", "tiles@m"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "vae_tiling for model m: 'tiles' is not one of off, on" in refused.stderr
