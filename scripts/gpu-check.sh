@@ -28,9 +28,12 @@
 # benchmarks' JSON lines, stages.txt with each stage's seconds and exit status.
 # When the machine lacks this project's dependencies, build the wheels on a machine with
 # package access first (`WHEELS=.whl scripts/gpu-check.sh` then installs them into
-# /tmp/site without network, the way the GPU machines of this project are set up). Include
-# `isal`: without it PNG responses fall back to the standard zlib, several times slower, and
-# the benchmarks' encode figures would not be the server's.
+# /tmp/site without network, the way the GPU machines of this project are set up). An image
+# with torch, transformers, accelerate, peft and pytest also lacks what EXTRA_WHEELS names
+# below: the server does not import without prometheus-client, diffusers refuses to import
+# without requests, and without `isal` PNG responses fall back to the standard zlib, several
+# times slower, so the benchmarks' encode figures would not be the server's. Before any stage
+# the script imports what the stages need and stops at once, naming what is missing.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started_all=$(date +%s)
@@ -48,6 +51,27 @@ fi
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible"; print(torch.cuda.get_device_name(0), torch.__version__)' \
   | tee "$OUT/gpu.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/gpu.txt" 2>&1 || true
+
+#: What to download beside the wheels of diffusers and the FastAPI stack for an image that has only torch,
+#: transformers, accelerate, peft and pytest (e.g. as arguments of a prepare-wheels script).
+EXTRA_WHEELS="isal prometheus-client requests urllib3 certifi charset-normalizer hypothesis pytest-timeout sortedcontainers attrs"
+# Every stage starts a server or loads pipelines: a missing module would fail each of them, minutes apart.
+python3 - "$EXTRA_WHEELS" <<'PY' || exit 1
+import importlib
+import sys
+
+failed = []
+for module in ("qwen_image_server.cli", "qwen_image_server.api.app", "qwen_image_server.models.runner", "isal", "httpx",
+               "pytest", "pytest_timeout", "hypothesis"):
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ModuleNotFoundError, or diffusers' own check of its dependencies
+        failed.append(f"  {module}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+if failed:
+    print("gpu-check: cannot import what the stages need:", *failed, sep="\n", file=sys.stderr)
+    print(f"gpu-check: add the missing wheels (this image may need: {sys.argv[1]})", file=sys.stderr)
+    sys.exit(1)
+PY
 
 #: The least a stage is started with; below it the stage is skipped.
 MIN_STAGE_SECONDS=45
