@@ -304,7 +304,9 @@ class RayServe:
 
 @pytest.fixture(scope="session")
 def ray_serve(tmp_path_factory):
-    """One local Ray for the session (2 CPUs, no GPUs) with Serve's HTTP proxy on a free port."""
+    """One local Ray for the session (2 CPUs, no GPUs) with Serve's HTTP proxy on a free port. Without Ray (the test
+    extra installs it; a machine given only the server's wheels lacks it) the tests on Ray are skipped."""
+    pytest.importorskip("ray.serve")
     import ray
     from ray import serve
 
