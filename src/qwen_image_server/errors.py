@@ -124,3 +124,31 @@ class StorageFailed(ServerError):
 
 class TaskCancelled(Exception):
     """Work stopped because its client went away or its time ran out (internal, never sent)."""
+
+
+#: What a client is told when a pipeline ran out of memory: torch's own message names processes, their memory and
+#: the allocator's settings (all in the server log, none of the client's business).
+OUT_OF_MEMORY = "out of memory on the device"
+#: Added for a request that ran out of memory.
+OUT_OF_MEMORY_ADVICE = (
+    " (this request needed more than was free: a smaller size or fewer images per request needs less; "
+    "another request running beside it may have held the rest)"
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (CUDA and other accelerators), Python's ``MemoryError``, or a ``RuntimeError`` that
+    says so (torch's CPU allocator, the MPS backend)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    first = str(exc).strip().splitlines()[0].lower() if str(exc).strip() else ""
+    return isinstance(exc, RuntimeError) and ("out of memory" in first or "can't allocate memory" in first)
+
+
+def short_reason(exc: BaseException, *, request: bool = False) -> str:
+    """One line for a client: the exception's type and first line, no traceback. Running out of memory is named
+    without torch's details, with advice when it was a ``request``'s run (not a model's load)."""
+    if is_out_of_memory(exc):
+        return OUT_OF_MEMORY + (OUT_OF_MEMORY_ADVICE if request else "")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

@@ -33,7 +33,13 @@ from qwen_image_server.engine.worker import (
     Worker,
     worker_main,
 )
-from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.errors import (
+    OUT_OF_MEMORY,
+    OUT_OF_MEMORY_ADVICE,
+    InferenceFailed,
+    TaskCancelled,
+    short_reason,
+)
 from qwen_image_server.jobs import Job, Task
 
 WAIT = 30.0  # seconds any one message may take
@@ -58,6 +64,8 @@ class FakeRunner:
                 on_partial(index, step, Image.new("RGB", (8, 8), (step, 0, 0)))
         if job.prompt == "boom":
             raise RuntimeError("boom\nsecond line")
+        if job.prompt == "oom":
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
         if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
             deadline = time.monotonic() + WAIT
             while not should_stop():
@@ -144,6 +152,58 @@ def test_a_failing_task_reports_one_line_and_the_worker_goes_on(served):
     assert _until_finished(conn, 1) == [Failed(1, "RuntimeError: boom", cancelled=False)]
     conn.send(RunTask(Task(2, _job())))
     assert isinstance(_until_finished(conn, 2)[-1], Done)
+
+
+def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_goes_on(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
+    ours, theirs = Pipe()
+    thread = threading.Thread(target=Worker(FakeRunner(device="cuda:0"), theirs, "m#0").serve, daemon=True)
+    thread.start()
+    try:
+        ours.send(RunTask(Task(1, _job("oom"))))
+        (failed,) = _until_finished(ours, 1)
+        ours.send(RunTask(Task(2, _job())))
+        assert isinstance(_until_finished(ours, 2)[-1], Done)
+    finally:
+        ours.send(Stop())
+        thread.join(timeout=WAIT)
+    assert failed == Failed(1, OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE)
+    message = InferenceFailed(failed.reason).message
+    assert message.startswith("Inference failed: out of memory on the device (this request needed more than was free")
+    assert "Process" not in message and "4242" not in message and "GiB" not in message and "PYTORCH" not in message
+    assert emptied == [True]  # what the failed call cached is given back
+
+
+#: torch's message for a CUDA out-of-memory error (one line, as torch 2.x writes it).
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free. "
+    "Process 4242 has 78.12 GiB memory in use. Of the allocated memory 75.01 GiB is allocated by PyTorch, and 1.50 GiB "
+    "is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.cuda.OutOfMemoryError(CUDA_OOM),
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.01 GB, other allocations: 1.02 GB, max allowed: 18.13 GB)"),
+    ],
+    ids=["cuda", "python", "cpu-allocator", "mps"],
+)
+def test_each_kind_of_out_of_memory_is_one_short_reason(exc):
+    assert short_reason(exc) == OUT_OF_MEMORY  # a model's load: no advice about requests
+    assert short_reason(exc, request=True) == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
+
+
+def test_other_failures_keep_their_type_and_first_line():
+    assert short_reason(RuntimeError("boom\nsecond line")) == "RuntimeError: boom"
+    assert short_reason(ValueError("the memory plan is wrong"), request=True) == "ValueError: the memory plan is wrong"
+    assert short_reason(KeyError()) == "KeyError"
 
 
 def test_the_worker_stops_when_the_engine_is_gone():
@@ -348,3 +408,15 @@ def test_each_gpu_has_one_load_lock_and_cpu_workers_none():
     assert load_lock(spawn, "cpu") is None
     assert load_lock(spawn, "cuda") is load_lock(spawn, "cuda:0") is not None
     assert load_lock(spawn, "cuda:1") is not load_lock(spawn, "cuda:0")
+
+
+def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import _as_server_error
+
+    class TaskError(Exception):  # what Ray raises in the caller: the replica's exception is its ``cause``
+        cause = torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+    error = _as_server_error(TaskError("RayTaskError(OutOfMemoryError): ray::replica ...\nTraceback ..."))
+    assert isinstance(error, InferenceFailed)
+    assert error.message == f"Inference failed: {OUT_OF_MEMORY}{OUT_OF_MEMORY_ADVICE}"

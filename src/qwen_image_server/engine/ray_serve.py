@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..config import Settings
-from ..errors import InferenceFailed, QueueFull, TaskCancelled
+from ..errors import InferenceFailed, QueueFull, TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
@@ -235,7 +235,7 @@ def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
     if "TaskCancelled" in name:
         return TaskCancelled()
     cause = getattr(exc, "cause", None) or exc
-    return InferenceFailed(f"{type(cause).__name__}: {cause}")
+    return InferenceFailed(short_reason(cause, request=True))
 
 
 #: Builds the ingress's ASGI app around its engine (``api.app.create_app``; passed in, as the engine

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import TaskCancelled
+from ..errors import TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -107,12 +107,6 @@ class Partial:
 
 
 FromWorker = Ready | LoadFailed | InfoUpdate | Computed | Done | Failed | Partial
-
-
-def short_reason(exc: BaseException) -> str:
-    """One line for a client: the exception's type and first line, no traceback."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
 def device_memory(device: str) -> dict:
@@ -331,7 +325,7 @@ class Worker:
                 import torch
 
                 torch.cuda.empty_cache()
-            self.send(Failed(task_id, short_reason(exc)))
+            self.send(Failed(task_id, short_reason(exc, request=True)))
         else:
             self.send(Computed(task_id))
             if self._first_job and runner.device.startswith("cuda"):
