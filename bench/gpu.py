@@ -4,7 +4,9 @@ For each speed setting this starts ``python -m qwen_image_server.cli serve`` wit
 ``--model qwen-image=random:Qwen/Qwen-Image`` (``random:Qwen/Qwen-Image-Edit`` for the
 edit setting; random weights, the real shapes) plus the setting's flags, waits for
 ``/ready`` and times HTTP requests end to end: the first request after ``/ready``,
-then ``--runs`` warm ones (median). A setting whose server exits with code 2 (a
+then ``--runs`` warm ones (median), each with a prompt of its own (``take``): the
+server keeps the embeddings of prompts it has seen, and a prompt sent again would
+skip the text encoder. A setting whose server exits with code 2 (a
 flag this server does not take) is recorded as ``unsupported`` with the server's
 error line. Each setting appends one JSON line to the results file; a markdown
 table with the targets follows. Run from the repository root::
@@ -44,6 +46,17 @@ from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting, dramatic clouds"
 OTHER_PROMPT = "a bowl of ramen on a wooden table, steam rising, soft window light, shallow depth of field, 35mm photo"
+
+
+def take(index: int) -> str:
+    """``PROMPT`` made new for the ``index``-th request to a server, at the same length: each request encodes its
+    prompt, as a stream of users' prompts does. The server keeps the embeddings of prompts it has seen, so one prompt
+    sent again would skip the text encoder on every warm request but not on the first. Qwen's tokenizer splits
+    digits one by one (the byte-level one of ``random:`` sources reads bytes), so every take has PROMPT's length plus
+    the same few tokens."""
+    return f"{PROMPT}, take {index:03d}"
+
+
 CFG = {"num_inference_steps": 50, "true_cfg_scale": 4.0}
 LIGHTNING = {"num_inference_steps": 8, "true_cfg_scale": 1.0}
 FIRST_OVER_WARM = 1.1
@@ -223,9 +236,11 @@ class Bench:
     def measure(self, server: Server, setting: Setting, record: dict) -> None:
         sizes = setting.sizes or (self.args.size,)
         per_size: dict[str, dict] = {}
+        sent = 0  # requests to this server so far: each gets a prompt of its own (``take``)
         for size in sizes:
-            first, _ = self.request(server, setting, size, PROMPT, seed=0)
-            warm = [self.request(server, setting, size, PROMPT, seed=1 + i) for i in range(self.args.runs)]
+            first, _ = self.request(server, setting, size, take(sent), seed=0)
+            warm = [self.request(server, setting, size, take(sent + 1 + i), seed=1 + i) for i in range(self.args.runs)]
+            sent += 1 + self.args.runs
             per_size[size] = {
                 "first_request_seconds": round(first, 4),
                 "e2e_seconds": [round(s, 4) for s, _ in warm],
@@ -251,6 +266,9 @@ class Bench:
             record["partial_images_received"] = partials[0]
         calls = [s["transformer_calls"] for s in stats if "transformer_calls" in s]
         record["transformer_calls"] = calls[0] if calls else None
+        for counter in ("prompt_encodings", "prompt_cache_hits"):  # per warm request: its prompt; the negative one kept
+            counts = [s[counter] for s in stats if counter in s]
+            record[counter] = counts[0] if counts else None
         if len(sizes) > 1:
             record["sizes"] = {}
             for size in sizes[1:]:

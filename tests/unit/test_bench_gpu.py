@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -47,6 +48,28 @@ def test_a_setting_the_server_refuses_is_recorded_as_unsupported(tmp_path):
     assert "'int3' is not one of none, fp8" in record["error"]
     assert record["torch"] and record["date"] and "--quantize" in record["server_args"]
     assert "| smoke-unsupported | unsupported: error: quantize for model qwen-image" in result.stdout
+
+
+def test_every_timed_request_sends_a_prompt_of_its_own_of_one_length(gpu_bench, tmp_path):
+    """The server keeps the embeddings of prompts it has seen: were the warm requests to repeat the first one's prompt,
+    they would skip the text encoder that the first request ran, and first/warm would measure that cache."""
+    args = argparse.Namespace(smoke=True, size="256x256", runs=3)
+    bench = gpu_bench.Bench(args, tmp_path)
+    sent: list[tuple[str, str]] = []
+
+    def request(server, setting, size, prompt, seed):
+        sent.append((size, prompt))
+        return 0.5, {"stats": {"pipeline_seconds": 0.4, "prompt_encodings": 1, "prompt_cache_hits": 1}}
+
+    bench.request = request
+    setting = gpu_bench.Setting("two-sizes", sizes=("256x256", "512x512"))
+    record: dict = {}
+    bench.measure(None, setting, record)
+    timed = [prompt for _, prompt in sent]
+    assert [size for size, _ in sent] == ["256x256"] * 4 + ["512x512"] * 4  # first + 3 warm, per size
+    assert len(set(timed)) == len(timed) == 8 and len({len(p.encode()) for p in timed}) == 1
+    assert all(p.startswith(gpu_bench.PROMPT) for p in timed)
+    assert (record["prompt_encodings"], record["prompt_cache_hits"]) == (1, 1)
 
 
 def test_unknown_settings_are_refused():
