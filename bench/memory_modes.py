@@ -5,7 +5,8 @@ without batched CFG or VAE tiling, model offload) and each card size, a fresh su
 ``torch.cuda.set_per_process_memory_fraction`` (card size / this GPU's size; the CUDA
 context itself is not counted), loads the model with ``PipelineRunner`` exactly as a
 server worker does, makes one warm-up image, then times one 1024x1024 image at each step
-count (8 and 50 by default; true CFG 4.0, a job's defaults) and records the peak allocated and reserved memory. A mode
+count (8 and 50 by default; true CFG 4.0, a job's defaults; each image with a prompt of its own, so that each
+runs the text encoder) and records the peak allocated and reserved memory. A mode
 that does not fit is reported as ``oom``. Results come as a markdown table and as JSON
 lines (one per mode and card), with this GPU's name. Without CUDA it says so and exits 0.
 Run from the repository root::
@@ -64,8 +65,14 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
         out["load_s"] = round(time.perf_counter() - started, 1)
         out["after_load_gib"] = round(torch.cuda.memory_allocated(0) / GIB, 2)
 
+        made = 0
+
         def image(num_steps: int) -> float:
-            job = Job(mode="generate", prompt=PROMPT, seeds=[0], width=size, height=size, num_inference_steps=num_steps)
+            # A prompt of its own each time (one length): the runner keeps the embeddings of prompts it has seen, and
+            # a repeated prompt would leave out the text encoder's pass, which under offload moves all its weights.
+            nonlocal made
+            prompt, made = f"{PROMPT}, take {made:03d}", made + 1
+            job = Job(mode="generate", prompt=prompt, seeds=[0], width=size, height=size, num_inference_steps=num_steps)
             torch.cuda.synchronize()
             begin = time.perf_counter()
             runner.run(job)

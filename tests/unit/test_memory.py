@@ -265,3 +265,45 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
     assert lines[3] == "| none | RTX 4090 24GB | oom | oom | oom | oom | oom |"
     assert bench.pairs("none@80, fp8@48,group+fp8@24") == [("none", 80), ("fp8", 48), ("group+fp8", 24)]
     assert bench.pairs("fp8@big") == [("fp8", -1)]  # then refused as an unknown card
+
+
+def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
+    """The runner keeps the embeddings of prompts it has seen: a timed image with the warm-up's prompt would leave out
+    the text encoder's pass, which is what text-encoder and group offload make slow. (CUDA's calls are stubbed.)"""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from qwen_image_server.models import runner as runner_module
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    prompts = []
+
+    class Runner:
+        def __init__(self, spec, device, warm):
+            pass
+
+        def run(self, job):
+            prompts.append(job.prompt)
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    cuda = {
+        "get_device_properties": lambda index: SimpleNamespace(total_memory=80 * 1024**3),
+        "set_per_process_memory_fraction": lambda fraction, index: None,
+        "get_device_name": lambda index: "stub",
+        "memory_allocated": lambda index: 0,
+        "synchronize": lambda: None,
+        "reset_peak_memory_stats": lambda index: None,
+        "memory_stats": lambda index: {"allocated_bytes.all.peak": 0, "reserved_bytes.all.peak": 0},
+    }
+    for name, stub in cuda.items():
+        monkeypatch.setattr(torch.cuda, name, stub)
+    out = bench.run_one("random:Qwen/Qwen-Image", "none", 80, [8, 50], 1024)
+    assert "s_8_steps" in out and "s_50_steps" in out
+    assert len(prompts) == 3 and len(set(prompts)) == 3  # the warm-up's and each timed image's
+    assert len({len(p) for p in prompts}) == 1
