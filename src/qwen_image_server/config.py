@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     )
     worker_restart_limit: int = Field(default=3, ge=0, description="Failed loads in a row before a model is marked failed.")
     worker_retry_seconds: float = Field(default=300.0, gt=0, description="How often a failed model is tried again.")
+    stuck_task_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a task told to stop (its timeout passed, or its client went away) may keep its worker "
+        "before the worker process is killed and restarted, as one stuck in a call that never returns would be; "
+        "0 never kills one.",
+    )
     worker_start: Literal["auto", "forkserver", "spawn"] = Field(
         default="auto",
         description="How worker processes start: forkserver forks them from a process that has imported torch and "

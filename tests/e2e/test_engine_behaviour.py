@@ -8,6 +8,7 @@ never about how fast anything was.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -109,7 +110,8 @@ def small_server(start_server, tiny_t2i):
     runs until its timeout or a cut then burns one core, not both."""
     return start_server(
         "--model", f"tiny={tiny_t2i}", "--workers", "1",
-        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000"},
+        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000",
+             "QIS_STUCK_TASK_SECONDS": "3"},
     )  # fmt: skip
 
 
@@ -156,3 +158,28 @@ def test_full_queue_is_refused_at_once_with_503(small_server):
     queued.cancel()
     running.cancel()
     _wait_idle(small_server)
+
+
+def test_a_worker_stuck_in_its_task_is_killed_and_replaced(small_server):
+    """A worker that cannot stop its task (frozen here with SIGSTOP, as one stuck in a call that never returns) is
+    killed QIS_STUCK_TASK_SECONDS after the task was told to stop; a new worker serves the model's next requests."""
+    _wait_idle(small_server)
+    before = small_server.status()["models"]["tiny"]
+    (pid,) = [w["pid"] for w in before["workers"]]
+    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=60)
+    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        running.cancel()  # the client goes: the task is told to stop, which the frozen worker cannot do
+        _wait_for(
+            lambda: small_server.status()["models"]["tiny"]["worker_restarts"] == before["worker_restarts"] + 1,
+            what="the stuck worker killed",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    _wait_idle(small_server)
+    assert small_server.worker_pids("tiny") != [pid]
+    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    assert ok.status_code == 200, ok.text[:300]
+    assert "after it was told to stop; killing it" in small_server.logs(None)

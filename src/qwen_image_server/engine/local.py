@@ -125,6 +125,8 @@ class _ModelPool:
         for piece in state.pieces:
             if piece.worker is not None and piece.worker.running is piece:
                 piece.worker.send(Cancel(piece.task.task_id))
+                if self.settings.stuck_task_seconds > 0:
+                    self.loop.call_later(self.settings.stuck_task_seconds, self._kill_if_stuck, piece.worker, piece)
             if not piece.future.done():
                 piece.future.set_exception(TaskCancelled())
                 piece.future.exception()  # retrieved: nobody awaits it any more
@@ -182,6 +184,19 @@ class _ModelPool:
                 if piece is not None and not piece.future.done():
                     piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
         self.dispatch()
+
+    def _kill_if_stuck(self, worker: WorkerProcess, piece: _Piece) -> None:
+        """A worker still running a task it was told to stop, ``stuck_task_seconds`` later, is stuck in a call that
+        does not return (a pipeline checks between steps): kill it. ``on_exit`` restarts it, as after a crash."""
+        if self.closing or worker.running is not piece or not worker.process.is_alive():
+            return
+        log.error(
+            "worker %s still runs task %s %.0fs after it was told to stop; killing it (a new one takes its place)",
+            worker.name,
+            piece.task.task_id,
+            self.settings.stuck_task_seconds,
+        )
+        worker.process.kill()
 
     def _take_running(self, worker: WorkerProcess, task_id: int) -> _Piece | None:
         piece = worker.running

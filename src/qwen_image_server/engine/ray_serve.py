@@ -44,7 +44,7 @@ def deployment_name(index: int, spec: ModelSpec) -> str:
 class ModelReplica:
     """One replica: owns one device and one pipeline; runs one task at a time."""
 
-    def __init__(self, spec: ModelSpec, device: str, dtype: str, threads: int | None):
+    def __init__(self, spec: ModelSpec, device: str, dtype: str, threads: int | None, stuck_task_seconds: float = 0.0):
         import torch
 
         from ..models.runner import PipelineRunner
@@ -57,9 +57,25 @@ class ModelReplica:
         # A cancelled call returns at once, but its pipeline thread only stops at the next
         # step: the next call waits here so that the pipeline never has two owners.
         self._pipeline_lock = threading.Lock()
+        self._stuck_after = stuck_task_seconds
+        self._running: tuple[int, float] | None = None  # the task whose pipeline runs, and since when
+        self._stop_asked: dict[int, float] = {}  # tasks told to stop whose pipeline has not ended: since when
 
     def pid(self) -> int:
         return os.getpid()
+
+    def check_health(self) -> None:
+        """Serve's periodic check: a task told to stop that still runs ``stuck_task_seconds`` later (counted from when
+        its pipeline started, if later) is stuck in a call that does not return. Raising makes Serve replace this
+        replica, as the embedded engine kills such a worker."""
+        running = self._running
+        if running is None or self._stuck_after <= 0 or running[0] not in self._stop_asked:
+            return
+        task_id, since = running
+        waited = time.monotonic() - max(since, self._stop_asked[task_id])
+        if waited > self._stuck_after:
+            log.error("replica %s still runs task %s %.0fs after it was told to stop; unhealthy", self.name, task_id, waited)
+            raise RuntimeError(f"task {task_id} still runs {waited:.0f}s after it was told to stop")
 
     async def run(self, task: Task):
         """Yield ``PartialImage`` previews while denoising, then the ``TaskResult``."""
@@ -77,18 +93,25 @@ class ModelReplica:
 
         def work():
             with self._pipeline_lock:
-                started = time.time()
-                images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
-                return images, started, time.time(), dict(self.runner.last_stats)
+                self._running = (task.task_id, time.monotonic())
+                try:
+                    started = time.time()
+                    images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
+                    return images, started, time.time(), dict(self.runner.last_stats)
+                finally:
+                    self._running = None
 
         future = loop.run_in_executor(None, work)
         future.add_done_callback(lambda _: previews.put_nowait(None))
+        future.add_done_callback(lambda _: self._stop_asked.pop(task.task_id, None))  # on the loop, after any cancel
         try:
             while (preview := await previews.get()) is not None:
                 yield preview
             images, started, finished, stats = await future
         except asyncio.CancelledError:
             stop.set()
+            if not future.done():
+                self._stop_asked[task.task_id] = time.monotonic()
             raise
         encoding = time.perf_counter()
         encoded = await asyncio.to_thread(
@@ -268,7 +291,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             graceful_shutdown_timeout_s=5,
         )(ModelReplica)
         device = "cuda" if gpus else "cpu"
-        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads))
+        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, settings.stuck_task_seconds))
 
     def build_ingress_app():
         # The application's name is chosen by whoever deploys it (serve run names it "default").

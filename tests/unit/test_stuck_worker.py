@@ -1,0 +1,125 @@
+"""A worker still running a task it was told to stop, ``stuck_task_seconds`` later: the embedded engine kills it
+(the real-process case, a frozen worker, is in tests/e2e/test_engine_behaviour.py); a Ray replica fails Serve's
+health check, and Serve replaces it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+
+import pytest
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.local import _ModelPool
+from qwen_image_server.engine.worker import Cancel, Failed, RunTask
+from qwen_image_server.errors import TaskTimeout
+from qwen_image_server.jobs import Job, Task
+from qwen_image_server.models.spec import ModelSpec
+
+
+class FakeWorker:
+    """What the pool uses of a ``WorkerProcess``. ``stops``: it answers a ``Cancel`` as a worker between two steps
+    does; otherwise it never answers, as one stuck in a call that does not return."""
+
+    def __init__(self, pool: _ModelPool, stops: bool):
+        self.pools, self.owner, self.name = [pool], pool, "m#0"
+        self.state, self.running, self.infos = "idle", None, {}
+        self.stops, self.sent, self.killed = stops, [], False
+        self.process = self
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+        if isinstance(message, Cancel) and self.stops:
+            pool = self.owner
+            pool.loop.call_soon(pool.on_message, self, Failed(message.task_id, "cancelled", cancelled=True))
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def _run_to_timeout(stops: bool, stuck_task_seconds: float) -> FakeWorker:
+    async def run() -> FakeWorker:
+        spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+        settings = Settings(stuck_task_seconds=stuck_task_seconds)
+        pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+        worker = FakeWorker(pool, stops)
+        pool.workers.append(worker)  # type: ignore[arg-type]
+        with pytest.raises(TaskTimeout):
+            await pool.submit(Job(mode="generate", prompt="p", seeds=[1]), time.monotonic() + 0.05)
+        assert [type(m) for m in worker.sent] == [RunTask, Cancel]
+        await asyncio.sleep(0.3)  # past the watchdog's 0.1 s
+        return worker
+
+    return asyncio.run(run())
+
+
+def test_a_worker_that_does_not_stop_its_task_is_killed():
+    assert _run_to_timeout(stops=False, stuck_task_seconds=0.1).killed
+
+
+def test_a_worker_that_stops_its_task_is_left_alone():
+    worker = _run_to_timeout(stops=True, stuck_task_seconds=0.1)
+    assert not worker.killed and worker.running is None and worker.state == "idle"
+
+
+def test_zero_never_kills():
+    assert not _run_to_timeout(stops=False, stuck_task_seconds=0).killed
+
+
+@pytest.mark.parametrize("stops", [False, True], ids=["stuck", "stops"])
+def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeypatch, stops):
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.models import runner as runner_module
+
+    started, release = threading.Event(), threading.Event()
+
+    class Runner:  # what the replica uses of a PipelineRunner
+        last_stats: dict = {}
+
+        def __init__(self, spec, device, dtype):
+            pass
+
+        def run(self, job, should_stop, on_partial):
+            started.set()
+            while not release.is_set() and not (stops and should_stop()):
+                time.sleep(0.01)
+            return []
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None, stuck_task_seconds=0.2)
+
+    async def run() -> list[bool]:
+        healthy = []
+
+        def check() -> None:
+            try:
+                replica.check_health()
+                healthy.append(True)
+            except RuntimeError:
+                healthy.append(False)
+
+        call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="p", seeds=[1]))).__anext__())
+        assert await asyncio.to_thread(started.wait, 10)
+        await asyncio.sleep(0.3)
+        check()  # running past the limit, but nobody asked it to stop
+        call.cancel()  # the caller went away (or timed out): the task is told to stop
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        check()  # just told
+        await asyncio.sleep(0.3)
+        check()  # past the limit: stuck, unless it stopped
+        release.set()
+        while replica._running is not None or replica._stop_asked:
+            await asyncio.sleep(0.01)
+        check()  # its pipeline ended: healthy again
+        return healthy
+
+    assert asyncio.run(run()) == [True, True, stops, True]
