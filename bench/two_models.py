@@ -2,7 +2,7 @@
 
 For each design a server is started with a text-to-image model and an edit model on
 the same GPU, then a stream of ``--requests`` requests alternating between the two
-(generation, edit, generation...; ``--concurrency`` in flight) is sent:
+(generation, edit, generation...; ``--concurrency`` in flight; each with a prompt of its own) is sent:
 
 - ``separate``: one worker process per model, each with its own text encoder and VAE;
 - ``shared``: ``--share-components``: one process serves both, loading the identical
@@ -63,18 +63,23 @@ def stream_kinds(count: int) -> list[str]:
     return ["generation" if i % 2 == 0 else "edit" for i in range(count)]
 
 
-async def run_stream(url: str, args) -> tuple[list[dict], float]:
+async def run_stream(url: str, args, sent_prompts: set[str]) -> tuple[list[dict], float]:
     requests = Requests(args)
     rng = random.Random(args.seed)
     slots = asyncio.Semaphore(args.concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout) as client:
 
-        async def one(kind: str) -> dict:
+        async def one(index: int, kind: str) -> dict:
+            request = requests.build(kind, rng)
+            # A prompt of its own for each request: the workers keep the embeddings of prompts they have seen, and a
+            # repeated one would skip the text encoder, a pass a stream of users' prompts does not skip.
+            request["json"]["prompt"] = f"{request['json']['prompt']}, take {index:03d}"
+            sent_prompts.add(request["json"]["prompt"])
             async with slots:
-                return await send(client, kind, requests.build(kind, rng))
+                return await send(client, kind, request)
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(kind) for kind in stream_kinds(args.requests)))
+        results = await asyncio.gather(*(one(index, kind) for index, kind in enumerate(stream_kinds(args.requests))))
         return list(results), time.perf_counter() - started
 
 
@@ -103,8 +108,9 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
             record.update(ready=False, error=str(exc)[:300])
             return record
         record["ready_s"] = round(time.perf_counter() - started, 1)
-        results, seconds = asyncio.run(run_stream(server.url, args))
-        record.update(ready=True, stream_s=round(seconds, 2), **summary(results))
+        prompts: set[str] = set()
+        results, seconds = asyncio.run(run_stream(server.url, args, prompts))
+        record.update(ready=True, stream_s=round(seconds, 2), prompts=len(prompts), **summary(results))
         record["errors"] = sorted({r["code"] or str(r["status"]) for r in results if r["status"] != 200})
         ready = httpx.get(server.url + "/ready", timeout=30).json()
         pids = {w["pid"] for model in ready["models"].values() for w in model["workers"] if w.get("pid")}
