@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from overhead import PROMPT, Server, free_port, parse_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import PROMPT, Server, parse_size  # noqa: E402
+from serve_process import free_port  # noqa: E402
 
 
 def post(port: int, body: dict) -> bytes:

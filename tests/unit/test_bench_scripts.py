@@ -1,0 +1,23 @@
+"""Every benchmark script starts: its imports and options hold (one of them once imported a helper that had moved)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "serve_process.py")  # that one is a helper
+
+
+def test_every_script_is_listed():
+    assert {"gpu.py", "overhead.py", "ray_overhead.py", "memory_modes.py", "two_models.py", "load.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_help_of_each_bench_script(script):
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: {script}")
