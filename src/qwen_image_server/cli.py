@@ -139,6 +139,10 @@ def serve(
             "hf:ORG/NAME/FILE.safetensors (revision=REV); repeat.",
         ),
     ] = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option("--model-alias", help="ALIAS=MODEL: another name a model answers to (e.g. dall-e-3=qwen-image); repeat."),
+    ] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
     cors_origin: Annotated[
@@ -167,6 +171,7 @@ def serve(
 _RENAMED = {
     "image_url_prefix": "image_download_url_prefix",
     "lora": "loras",
+    "model_alias": "model_aliases",
     "api_key": "api_keys",
     "cors_origin": "cors_origins",
 }
@@ -291,7 +296,8 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .engine.local import LocalEngine
 
     for spec in specs:
-        logging.getLogger(__name__).info("serving %s (%s) from %s", spec.id, spec.kind, spec.source)
+        also = f", also as {', '.join(spec.aliases)}" if spec.aliases else ""
+        logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
     if settings.engine == "ray":
         if settings.share_components:
             raise ModelConfigError(

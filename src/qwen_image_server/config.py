@@ -187,6 +187,11 @@ class Settings(BaseSettings):
         default_factory=list, description="off or on: the VAE works on images in overlapping tiles (less memory)."
     )
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ALIAS=MODEL: another name a served model answers to (e.g. dall-e-3=qwen-image; ';'-separated in "
+        "the environment).",
+    )
     deterministic: bool | None = Field(
         default=None,
         description="Deterministic CUDA arithmetic (torch deterministic algorithms, no TF32, no cuDNN autotuning); slower.",
@@ -292,7 +297,7 @@ class Settings(BaseSettings):
             keys += read_keys_file(self.api_keys_file)
         return keys
 
-    @field_validator(*SCOPED_PROFILE_FIELDS, "loras", mode="before")
+    @field_validator(*SCOPED_PROFILE_FIELDS, "loras", "model_aliases", mode="before")
     @classmethod
     def _split_scoped(cls, value: object) -> object:
         # one value, or several separated by ';' (values may hold commas: QIS_COMPILE_SIZES=1024x1024,1328x1328@m;...)
@@ -344,13 +349,16 @@ class Settings(BaseSettings):
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
         return self
 
-    def model_entries(self) -> list[tuple[str | None, str]]:
-        """All models to serve as ``(id or None, path or hub id)``, in order, without repeats."""
-        entries: list[tuple[str | None, str]] = []
-        for item in self.models:
-            ident, sep, source = item.partition("=")
-            named = sep and "?" not in ident  # random:ORG/NAME?KEY=VALUE has an '=' but no ID
-            entries.append((ident.strip(), source.strip()) if named else (None, item.strip()))
+    @staticmethod
+    def _parse_entry(item: str) -> tuple[str | None, str]:
+        """``[ID=]SOURCE`` → ``(id or None, source)``."""
+        ident, sep, source = item.partition("=")
+        named = sep and "?" not in ident  # random:ORG/NAME?KEY=VALUE has an '=' but no ID
+        return (ident.strip(), source.strip()) if named else (None, item.strip())
+
+    def _all_entries(self) -> list[tuple[str | None, str]]:
+        """Every configured ``(id or None, path or hub id)``, in order, repeats included."""
+        entries = [self._parse_entry(item) for item in self.models]
         if self.model_path:
             entries.append((self.model_name, self.model_path))
         if self.qwen_image_location:
@@ -359,10 +367,27 @@ class Settings(BaseSettings):
             entries.append((None, self.qwen_image_edit_location))
         if not entries and self.models_dir is not None:
             entries = models_in_dir(self.models_dir)
+        return entries
+
+    def model_entries(self) -> list[tuple[str | None, str]]:
+        """All models to serve as ``(id or None, path or hub id)``, in order, without repeats: a source given twice
+        (``--model`` and ``MODEL_PATH``, say) is served once."""
         seen: set[str] = set()
         unique: list[tuple[str | None, str]] = []
-        for entry in entries:
+        for entry in self._all_entries():
             if entry[1] not in seen:
                 seen.add(entry[1])
                 unique.append(entry)
         return unique
+
+    def repeated_sources(self) -> list[tuple[str, str]]:
+        """``(id, source)`` of each repeat that ``model_entries`` leaves out and that names an id of its own
+        (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X."""
+        first: dict[str, str | None] = {}
+        repeated: list[tuple[str, str]] = []
+        for ident, source in self._all_entries():
+            if source not in first:
+                first[source] = ident
+            elif ident and ident != first[source] and (ident, source) not in repeated:
+                repeated.append((ident, source))
+        return repeated

@@ -1,4 +1,5 @@
-"""LoRA ids over HTTP: one server serves the base id and a LoRA id from the same workers."""
+"""LoRA ids and model aliases over HTTP: one server serves the base id, LoRA ids and another name of the base model
+from the same workers."""
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ def lora_server(start_server, tiny_t2i, tiny_lora, lora_hub_cache):
         "--lora", f"style={tiny_lora}",
         "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
         "--lora", f"hub={HUB_LORA}:revision=v2",  # a hub LoRA, from the hub cache offline
+        "--model-alias", "dall-e-3=tiny",
         env={"QIS_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(lora_hub_cache)},
     )  # fmt: skip
 
@@ -37,7 +39,8 @@ def test_models_list_the_lora_ids(lora_server):
     from conftest import HUB_LORA
 
     cards = {card["id"]: card for card in httpx.get(f"{lora_server.base_url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {"tiny", "style", "fast", "hub"}
+    assert set(cards) == {"tiny", "dall-e-3", "style", "fast", "hub"}
+    assert cards["dall-e-3"]["alias_of"] == "tiny" and cards["dall-e-3"]["profile"] == cards["tiny"]["profile"]
     assert cards["style"]["base_model"] == cards["style"]["parent"] == "tiny" and cards["style"]["kind"] == "text-to-image"
     assert cards["fast"]["preset"]["name"] == "lightning" and cards["fast"]["preset"]["steps"] == 2
     assert [lora["name"] for lora in cards["tiny"]["profile"]["loras"]] == ["style", "fast", "hub"]
@@ -69,3 +72,13 @@ def test_base_and_lora_ids_give_different_images_and_the_base_stays(lora_server)
 def test_an_unknown_id_is_still_refused(lora_server):
     response = httpx.post(f"{lora_server.base_url}/v1/images/generations", json={"model": "nope", "prompt": "p"}, timeout=10)
     assert response.status_code == 400
+
+
+def test_an_sdk_client_asking_for_an_alias_gets_its_models_image(lora_server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{lora_server.base_url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(
+        model="dall-e-3", prompt="a lighthouse", response_format="b64_json", extra_body={"seed": 11, "num_inference_steps": 2}
+    )
+    assert result.data[0].b64_json == _image(lora_server, "tiny")

@@ -241,10 +241,16 @@ def _lora_card(name: str, service: ImageService) -> dict:
 async def list_models(request: Request) -> dict:
     """The served models and LoRA ids, in OpenAI's list shape (plus the GPUs they are placed on)."""
     service = _service(request)
-    cards = [_model_card(spec, service.engine) for spec in service.models.values()] + [
-        _lora_card(name, service) for name in service.loras
-    ]
+    cards = [_model_card(spec, service.engine) for spec in service.models.values()]
+    cards += [_alias_card(alias, service) for alias in service.aliases]
+    cards += [_lora_card(name, service) for name in service.loras]
     return {"object": "list", "data": cards, **_gpus(service.engine)}
+
+
+def _alias_card(alias: str, service: ImageService) -> dict:
+    """Another name of a served model: that model's card under the alias, with ``alias_of`` naming the model."""
+    spec = service.aliases[alias]
+    return {**_model_card(spec, service.engine), "id": alias, "alias_of": spec.id}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -253,6 +259,8 @@ async def get_model(model_id: str, request: Request) -> dict:
     service = _service(request)
     if model_id in service.loras:
         return _lora_card(model_id, service)
+    if model_id in service.aliases:
+        return _alias_card(model_id, service)
     if model_id not in service.models:
         raise NotFound(f"Model not found: {model_id}")
     return _model_card(service.models[model_id], service.engine)

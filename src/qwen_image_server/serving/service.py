@@ -81,6 +81,8 @@ class ImageService:
         self.store = store
         self.rewriter = rewriter
         self.models = {spec.id: spec for spec in engine.models}
+        #: Other names of served models (``--model-alias``): a request naming one runs on that model.
+        self.aliases = {alias: spec for spec in engine.models for alias in spec.aliases}
         #: LoRA ids: each runs on its base model's workers (``job.lora``) with its preset's defaults.
         self.loras: dict[str, tuple[ModelSpec, LoraSpec]] = {
             lora.name: (spec, lora) for spec in engine.models for lora in spec.profile.loras
@@ -108,7 +110,9 @@ class ImageService:
             if spec is None:
                 raise InvalidRequest(f"No model on this server does {what}", param="model")
             return spec
-        spec = self.models.get(requested) or (self.loras[requested][0] if requested in self.loras else None)
+        spec = self.models.get(requested) or self.aliases.get(requested)
+        if spec is None and requested in self.loras:
+            spec = self.loras[requested][0]
         if spec is None:
             raise ModelNotAvailable(requested)
         if edit and not spec.can_edit:

@@ -1,0 +1,81 @@
+"""Other names of served models (``--model-alias``, or one source given under two ids): in process, on the fake engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import EDIT, T2I
+from qwen_image_server.config import Settings
+from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+
+GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
+SMALL = {"prompt": "a lighthouse", "size": "256x256", "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def aliased(make_api):
+    return make_api(model_aliases=[f"dall-e-3={T2I}", f"gpt-image-1={T2I}", f"dall-e-2={EDIT}"])
+
+
+def test_a_request_naming_an_alias_runs_on_its_model(aliased):
+    r = aliased.client.post(GENERATIONS, json={**SMALL, "model": "dall-e-3", "seed": 7})
+    assert r.status_code == 200, r.text
+    assert aliased.engine.jobs[-1][0] == T2I  # the engine is handed the model's own id
+    same = aliased.client.post(GENERATIONS, json={**SMALL, "model": T2I, "seed": 7})
+    assert same.json()["data"][0]["b64_json"] == r.json()["data"][0]["b64_json"]
+
+
+def test_an_alias_keeps_what_its_model_can_do(aliased):
+    r = aliased.client.post(EDITS, data={"model": "dall-e-3", "prompt": "x"}, files={"image": ("a.png", b"x", "image/png")})
+    assert r.status_code == 400 and "does not do image edits" in r.json()["error"]["message"]
+    assert "dall-e-3" in r.json()["error"]["message"]
+
+
+def test_models_list_each_alias_with_the_model_it_names(aliased):
+    cards = {card["id"]: card for card in aliased.client.get("/v1/models").json()["data"]}
+    assert cards["dall-e-3"]["alias_of"] == cards["gpt-image-1"]["alias_of"] == T2I
+    assert cards["dall-e-2"]["alias_of"] == EDIT and cards["dall-e-2"]["kind"] == cards[EDIT]["kind"]
+    assert "alias_of" not in cards[T2I]
+    one = aliased.client.get("/v1/models/gpt-image-1").json()
+    assert (one["id"], one["alias_of"], one["object"]) == ("gpt-image-1", T2I, "model")
+
+
+def test_metrics_count_requests_under_the_alias(aliased):
+    aliased.client.post(GENERATIONS, json={**SMALL, "model": "gpt-image-1"})
+    lines = aliased.client.get("/metrics").text.splitlines()
+    counted = [line for line in lines if line.startswith("qis_requests_total{") and 'status="200"' in line]
+    assert any('model="gpt-image-1"' in line for line in counted), counted  # a served name, not "other"
+
+
+def test_one_folder_under_two_ids_is_one_model_with_two_names(make_api, tiny_t2i):
+    api = make_api(models={"fast": tiny_t2i, "hq": tiny_t2i})
+    assert [spec.id for spec in api.engine.models] == ["fast"]  # loaded once
+    cards = {card["id"]: card for card in api.client.get("/v1/models").json()["data"]}
+    assert set(cards) == {"fast", "hq"} and cards["hq"]["alias_of"] == "fast"
+    assert api.client.post(GENERATIONS, json={**SMALL, "model": "hq"}).status_code == 200
+    assert api.engine.jobs[-1][0] == "fast"
+
+
+@pytest.mark.parametrize(
+    "aliases,message",
+    [
+        (["dall-e-3"], "expected ALIAS=MODEL, got 'dall-e-3'"),
+        (["dall-e-3=no-such-model"], "--model-alias dall-e-3: model no-such-model is not served"),
+        ([f"{EDIT}={T2I}"], f"--model-alias {EDIT}: {EDIT} is a served model or LoRA id already"),
+        ([f"x={T2I}", f"x={EDIT}"], f"--model-alias x names two models: {T2I} and {EDIT}"),
+        ([f"x@y={T2I}"], "--model-alias 'x@y': an alias is letters, digits and"),
+        ([f"two words={T2I}"], "--model-alias 'two words': an alias is"),
+    ],
+)
+def test_bad_aliases_are_refused_before_anything_loads(tiny_models, aliases, message):
+    settings = Settings(models=[f"{name}={folder}" for name, folder in tiny_models.items()], model_aliases=aliases)
+    with pytest.raises(ModelConfigError) as refused:
+        resolve_configured(settings)
+    assert message in str(refused.value)
+
+
+def test_aliases_come_from_the_environment_separated_by_semicolons(monkeypatch, tiny_models):
+    monkeypatch.setenv("QIS_MODEL_ALIASES", f"dall-e-3={T2I}; dall-e-2={EDIT}")
+    specs = resolve_configured(Settings(models=[f"{name}={folder}" for name, folder in tiny_models.items()]))
+    assert {spec.id: spec.aliases for spec in specs}[T2I] == ("dall-e-3",)
+    assert {spec.id: spec.aliases for spec in specs}[EDIT] == ("dall-e-2",)
