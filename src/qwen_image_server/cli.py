@@ -141,7 +141,7 @@ def serve(
     ] = None,
     model_alias: Annotated[
         list[str] | None,
-        typer.Option("--model-alias", help="ALIAS=MODEL: another name a model answers to (e.g. dall-e-3=qwen-image); repeat."),
+        typer.Option("--model-alias", help="ALIAS=NAME: another name of a model or LoRA id (e.g. dall-e-3=qwen-image); repeat."),
     ] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
@@ -296,7 +296,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from .engine.local import LocalEngine
 
     for spec in specs:
-        also = f", also as {', '.join(spec.aliases)}" if spec.aliases else ""
+        also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
         logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
     if settings.engine == "ray":
         if settings.share_components:

@@ -189,8 +189,8 @@ class Settings(BaseSettings):
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRAs, each NAME=PATH[@MODEL].")
     model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="ALIAS=MODEL: another name a served model answers to (e.g. dall-e-3=qwen-image; ';'-separated in "
-        "the environment).",
+        description="ALIAS=NAME: another name of a served model or LoRA id (e.g. dall-e-3=qwen-image; ';'-separated "
+        "in the environment).",
     )
     deterministic: bool | None = Field(
         default=None,

@@ -60,7 +60,7 @@ def test_one_folder_under_two_ids_is_one_model_with_two_names(make_api, tiny_t2i
     "aliases,message",
     [
         (["dall-e-3"], "expected ALIAS=MODEL, got 'dall-e-3'"),
-        (["dall-e-3=no-such-model"], "--model-alias dall-e-3: model no-such-model is not served"),
+        (["dall-e-3=no-such-model"], "--model-alias dall-e-3: no-such-model is not a served model or LoRA id"),
         ([f"{EDIT}={T2I}"], f"--model-alias {EDIT}: {EDIT} is a served model or LoRA id already"),
         ([f"x={T2I}", f"x={EDIT}"], f"--model-alias x names two models: {T2I} and {EDIT}"),
         ([f"x@y={T2I}"], "--model-alias 'x@y': an alias is letters, digits and"),
@@ -77,5 +77,17 @@ def test_bad_aliases_are_refused_before_anything_loads(tiny_models, aliases, mes
 def test_aliases_come_from_the_environment_separated_by_semicolons(monkeypatch, tiny_models):
     monkeypatch.setenv("QIS_MODEL_ALIASES", f"dall-e-3={T2I}; dall-e-2={EDIT}")
     specs = resolve_configured(Settings(models=[f"{name}={folder}" for name, folder in tiny_models.items()]))
-    assert {spec.id: spec.aliases for spec in specs}[T2I] == ("dall-e-3",)
-    assert {spec.id: spec.aliases for spec in specs}[EDIT] == ("dall-e-2",)
+    assert {spec.id: spec.aliases for spec in specs}[T2I] == (("dall-e-3", T2I),)
+    assert {spec.id: spec.aliases for spec in specs}[EDIT] == (("dall-e-2", EDIT),)
+
+
+def test_an_alias_of_a_lora_id_runs_the_lora_with_its_preset(make_api, tiny_models, tiny_lora):
+    api = make_api(loras=[f"fast={tiny_lora}:preset=lightning,steps=3"], model_aliases=["dall-e-3=fast"])
+    r = api.client.post(GENERATIONS, json={"model": "dall-e-3", "prompt": "a lighthouse", "size": "256x256"})
+    assert r.status_code == 200, r.text
+    model, job = api.engine.jobs[-1]
+    assert (model, job.lora, job.num_inference_steps, job.true_cfg_scale) == (T2I, "fast", 3, 1.0)
+    card = api.client.get("/v1/models/dall-e-3").json()
+    assert (card["alias_of"], card["base_model"], card["preset"]["steps"]) == ("fast", T2I, 3)
+    scaled = api.client.post(GENERATIONS, json={"model": "dall-e-3", "prompt": "x", "size": "256x256", "lora_scale": 0.5})
+    assert scaled.status_code == 200 and api.engine.jobs[-1][1].lora_scale == 0.5

@@ -16,7 +16,7 @@ def lora_server(start_server, tiny_t2i, tiny_lora, lora_hub_cache):
         "--lora", f"style={tiny_lora}",
         "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
         "--lora", f"hub={HUB_LORA}:revision=v2",  # a hub LoRA, from the hub cache offline
-        "--model-alias", "dall-e-3=tiny",
+        "--model-alias", "dall-e-3=tiny", "--model-alias", "quick=fast",
         env={"QIS_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(lora_hub_cache)},
     )  # fmt: skip
 
@@ -39,8 +39,9 @@ def test_models_list_the_lora_ids(lora_server):
     from conftest import HUB_LORA
 
     cards = {card["id"]: card for card in httpx.get(f"{lora_server.base_url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {"tiny", "dall-e-3", "style", "fast", "hub"}
+    assert set(cards) == {"tiny", "dall-e-3", "quick", "style", "fast", "hub"}
     assert cards["dall-e-3"]["alias_of"] == "tiny" and cards["dall-e-3"]["profile"] == cards["tiny"]["profile"]
+    assert cards["quick"]["alias_of"] == "fast" and cards["quick"]["preset"] == cards["fast"]["preset"]
     assert cards["style"]["base_model"] == cards["style"]["parent"] == "tiny" and cards["style"]["kind"] == "text-to-image"
     assert cards["fast"]["preset"]["name"] == "lightning" and cards["fast"]["preset"]["steps"] == 2
     assert [lora["name"] for lora in cards["tiny"]["profile"]["loras"]] == ["style", "fast", "hub"]
@@ -82,3 +83,5 @@ def test_an_sdk_client_asking_for_an_alias_gets_its_models_image(lora_server):
         model="dall-e-3", prompt="a lighthouse", response_format="b64_json", extra_body={"seed": 11, "num_inference_steps": 2}
     )
     assert result.data[0].b64_json == _image(lora_server, "tiny")
+    quick = client.images.generate(model="quick", prompt="a lighthouse", response_format="b64_json", extra_body={"seed": 11})
+    assert quick.data[0].b64_json == _image(lora_server, "fast", num_inference_steps=None)  # the LoRA and its preset

@@ -56,7 +56,9 @@ class Metrics:
     def __init__(self, engine: EngineClient):
         self.registry = CollectorRegistry()
         self.model_ids = frozenset(spec.id for spec in engine.models) | frozenset(
-            name for spec in engine.models for name in (*spec.aliases, *(lora.name for lora in spec.profile.loras))
+            name
+            for spec in engine.models
+            for name in (*(a for a, _ in spec.aliases), *(lora.name for lora in spec.profile.loras))
         )
         r = self.registry
         self.requests = Counter("qis_requests", "HTTP requests", ["route", "model", "status"], registry=r)

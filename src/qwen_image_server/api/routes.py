@@ -248,9 +248,10 @@ async def list_models(request: Request) -> dict:
 
 
 def _alias_card(alias: str, service: ImageService) -> dict:
-    """Another name of a served model: that model's card under the alias, with ``alias_of`` naming the model."""
-    spec = service.aliases[alias]
-    return {**_model_card(spec, service.engine), "id": alias, "alias_of": spec.id}
+    """Another name of a served model or LoRA id: that one's card under the alias, with ``alias_of`` naming it."""
+    name = service.aliases[alias]
+    card = _lora_card(name, service) if name in service.loras else _model_card(service.models[name], service.engine)
+    return {**card, "id": alias, "alias_of": name}
 
 
 @router.get("/v1/models/{model_id:path}")

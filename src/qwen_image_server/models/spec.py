@@ -45,7 +45,8 @@ class ModelSpec:
     options: dict = field(default_factory=dict, hash=False, compare=False)
     revision: str | None = None  # hub branch, tag or commit (``ORG/NAME@REVISION``); None: main
     profile: RunProfile = field(default_factory=RunProfile, compare=False)  # how it runs (see ``profile.py``)
-    aliases: tuple[str, ...] = field(default=(), compare=False)  # other names requests may give it (--model-alias)
+    #: Other names requests may give (``--model-alias``): ``(alias, name)``, name this model's id or one of its LoRA ids.
+    aliases: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def is_hub(self) -> bool:
@@ -212,8 +213,8 @@ _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 
 
 def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
-    """The other names each model answers to: ``--model-alias ALIAS=MODEL``, and a source given again under an id of
-    its own (``--model a=X --model b=X``: one model, served as ``a`` and as ``b``)."""
+    """The other names each model answers to: ``--model-alias ALIAS=NAME`` (NAME a model or LoRA id), and a source
+    given again under an id of its own (``--model a=X --model b=X``: one model, served as ``a`` and as ``b``)."""
     by_source = {source: spec.id for (_, source), spec in zip(settings.model_entries(), specs, strict=True)}
     pairs = [(ident, by_source[source]) for ident, source in settings.repeated_sources()]
     for text in settings.model_aliases:
@@ -221,21 +222,20 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
         if not sep or not alias.strip() or not model.strip():
             raise ModelConfigError(f"--model-alias: expected ALIAS=MODEL, got {text!r}")
         pairs.append((alias.strip(), model.strip()))
-    ids = [spec.id for spec in specs]
-    taken = set(ids) | {lora.name for spec in specs for lora in spec.profile.loras}
+    owner = {spec.id: spec.id for spec in specs} | {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     aliases: dict[str, str] = {}
-    for alias, model in pairs:
+    for alias, name in pairs:
         if not _ALIAS.fullmatch(alias):
             raise ModelConfigError(
                 f"--model-alias {alias!r}: an alias is letters, digits and . _ : / + - (at most 128, no '@', ';', ',' or '=')"
             )
-        if model not in ids:
-            raise ModelConfigError(f"--model-alias {alias}: model {model} is not served (served: {', '.join(ids)})")
-        if alias in taken:
+        if name not in owner:
+            raise ModelConfigError(f"--model-alias {alias}: {name} is not a served model or LoRA id (served: {', '.join(owner)})")
+        if alias in owner:
             raise ModelConfigError(f"--model-alias {alias}: {alias} is a served model or LoRA id already")
-        if aliases.setdefault(alias, model) != model:
-            raise ModelConfigError(f"--model-alias {alias} names two models: {aliases[alias]} and {model}")
-    return [replace(spec, aliases=tuple(a for a, m in aliases.items() if m == spec.id)) for spec in specs]
+        if aliases.setdefault(alias, name) != name:
+            raise ModelConfigError(f"--model-alias {alias} names two models: {aliases[alias]} and {name}")
+    return [replace(spec, aliases=tuple((a, n) for a, n in aliases.items() if owner[n] == spec.id)) for spec in specs]
 
 
 def _check_model_workers(specs: list[ModelSpec], settings) -> None:

@@ -81,8 +81,8 @@ class ImageService:
         self.store = store
         self.rewriter = rewriter
         self.models = {spec.id: spec for spec in engine.models}
-        #: Other names of served models (``--model-alias``): a request naming one runs on that model.
-        self.aliases = {alias: spec for spec in engine.models for alias in spec.aliases}
+        #: Other names (``--model-alias``) → the model or LoRA id a request naming one runs as.
+        self.aliases = {alias: name for spec in engine.models for alias, name in spec.aliases}
         #: LoRA ids: each runs on its base model's workers (``job.lora``) with its preset's defaults.
         self.loras: dict[str, tuple[ModelSpec, LoraSpec]] = {
             lora.name: (spec, lora) for spec in engine.models for lora in spec.profile.loras
@@ -110,9 +110,8 @@ class ImageService:
             if spec is None:
                 raise InvalidRequest(f"No model on this server does {what}", param="model")
             return spec
-        spec = self.models.get(requested) or self.aliases.get(requested)
-        if spec is None and requested in self.loras:
-            spec = self.loras[requested][0]
+        name = self.aliases.get(requested, requested)
+        spec = self.models.get(name) or (self.loras[name][0] if name in self.loras else None)
         if spec is None:
             raise ModelNotAvailable(requested)
         if edit and not spec.can_edit:
@@ -159,7 +158,8 @@ class ImageService:
 
     def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-        lora = req.model if req.model in self.loras else None
+        name = self.aliases.get(req.model, req.model) if req.model else None
+        lora = name if name in self.loras else None
         preset = preset_for(spec.profile, lora)
         cfg = req.true_cfg_scale if req.true_cfg_scale is not None else req.guidance_scale
         cfg = preset.get("true_cfg_scale", self.settings.default_true_cfg_scale) if cfg is None else cfg
