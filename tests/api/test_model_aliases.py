@@ -91,3 +91,19 @@ def test_an_alias_of_a_lora_id_runs_the_lora_with_its_preset(make_api, tiny_mode
     assert (card["alias_of"], card["base_model"], card["preset"]["steps"]) == ("fast", T2I, 3)
     scaled = api.client.post(GENERATIONS, json={"model": "dall-e-3", "prompt": "x", "size": "256x256", "lora_scale": 0.5})
     assert scaled.status_code == 200 and api.engine.jobs[-1][1].lora_scale == 0.5
+
+
+@pytest.mark.parametrize("setting", [{"cache": ["fbcache@dall-e-3"]}, {"model_workers": ["2@dall-e-3"]}])
+def test_a_setting_scoped_to_an_alias_says_to_name_the_model(tiny_models, setting):
+    entries = [f"{name}={folder}" for name, folder in tiny_models.items()]
+    settings = Settings(models=entries, model_aliases=[f"dall-e-3={T2I}"], **setting)
+    with pytest.raises(ModelConfigError) as refused:
+        resolve_configured(settings)
+    assert "names dall-e-3, another name of a served model" in str(refused.value)
+    assert "scope it to the model's own id" in str(refused.value)
+
+
+def test_a_setting_scoped_to_the_second_id_of_a_repeated_source_says_so_too(tiny_t2i):
+    settings = Settings(models=[f"fast={tiny_t2i}", f"hq={tiny_t2i}"], quantize=["fp8@hq"])
+    with pytest.raises(ModelConfigError, match="--quantize names hq, another name of a served model"):
+        resolve_configured(settings)

@@ -202,10 +202,26 @@ def resolve_configured(settings) -> list[ModelSpec]:
     A compiled text-to-image model without ``compile_sizes`` warms its default size:
     the folder's, else the server's ``--default-size``.
     """
+    _check_not_scoped_to_aliases(settings)
     specs = resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
     _check_model_workers(specs, settings)
     specs = _with_aliases(specs, settings)
     return [_with_warm_default(spec, settings.default_size) for spec in specs]
+
+
+def _check_not_scoped_to_aliases(settings) -> None:
+    """A setting scoped to another name of a model (``--cache fbcache@dall-e-3``) is refused with that reason: the
+    names share one model, and so one run profile and one set of workers."""
+    aliases = {text.partition("=")[0].strip() for text in settings.model_aliases}
+    aliases |= {ident for ident, _ in settings.repeated_sources()}
+    scoped = {f"--{key.replace('_', '-')}": scoped_targets(values) for key, values in settings.profile_flags().items()}
+    scoped["--workers"] = set(settings.own_workers())
+    for flag, targets in scoped.items():
+        if named := sorted(targets & aliases):
+            raise ModelConfigError(
+                f"{flag} names {', '.join(named)}, another name of a served model (--model-alias, or a source given "
+                "twice): scope it to the model's own id"
+            )
 
 
 #: An alias: the characters of model ids and hub names; no '@' (scopes settings), ';', ',' or '=' (separate values).
