@@ -14,6 +14,9 @@ import numpy as np
 
 Mode = Literal["generate", "edit", "inpaint", "variation"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: The counters of a job's ``stats`` (summed over its pieces; 0 where a run reports none): transformer calls and
+#: those the step cache served, prompt encodings and those the prompt cache served.
+RUN_COUNTERS = ("transformer_calls", "cached_calls", "prompt_encodings", "prompt_cache_hits")
 
 
 @dataclass

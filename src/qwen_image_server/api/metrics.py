@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
 from ..engine.base import EngineClient
-from ..jobs import JobResult
+from ..jobs import RUN_COUNTERS, JobResult
 from ..serving.service import Prepared
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,25 @@ def _job_histogram(registry: CollectorRegistry, part: str, help_text: str, bucke
     return Histogram(f"qis_job_{part}_seconds", help_text, ["model"], buckets=buckets or _JOB_BUCKETS, registry=registry)
 
 
+#: The help text of each of ``jobs.RUN_COUNTERS`` as a Prometheus counter.
+_RUN_COUNTER_HELP = {
+    "transformer_calls": "Transformer calls of the pipelines (two per step with true CFG)",
+    "cached_calls": "Transformer calls served from the step cache",
+    "prompt_encodings": "Passes of the text encoder",
+    "prompt_cache_hits": "Prompt encodings served from the workers' prompt caches",
+}
+
+
 class Metrics:
     """One app's registry and metrics, with the label rules that keep every label value bounded."""
 
     def __init__(self, engine: EngineClient):
         self.registry = CollectorRegistry()
-        self.model_ids = frozenset(spec.id for spec in engine.models) | frozenset(
-            name
-            for spec in engine.models
-            for name in (*(a for a, _ in spec.aliases), *(lora.name for lora in spec.profile.loras))
+        models = engine.models
+        self.model_ids = (
+            frozenset(spec.id for spec in models)
+            | frozenset(alias for spec in models for alias, _ in spec.aliases)
+            | frozenset(lora.name for spec in models for lora in spec.profile.loras)
         )
         r = self.registry
         self.requests = Counter("qis_requests", "HTTP requests", ["route", "model", "status"], registry=r)
@@ -74,15 +84,7 @@ class Metrics:
         self.encode_seconds = _job_histogram(r, "encode", "Seconds encoding a job's images (pieces summed)", _ENCODE_BUCKETS)
         self.images = Counter("qis_images", "Images produced", ["model"], registry=r)
         #: The jobs' run counters (the responses' ``stats``), each a counter named after it.
-        self.run_counters = {
-            key: Counter(f"qis_{key}", text, ["model"], registry=r)
-            for key, text in (
-                ("transformer_calls", "Transformer calls of the pipelines (two per step with true CFG)"),
-                ("cached_calls", "Transformer calls served from the step cache"),
-                ("prompt_encodings", "Passes of the text encoder"),
-                ("prompt_cache_hits", "Prompt encodings served from the workers' prompt caches"),
-            )
-        }
+        self.run_counters = {key: Counter(f"qis_{key}", _RUN_COUNTER_HELP[key], ["model"], registry=r) for key in RUN_COUNTERS}
         for model in sorted(self.model_ids):  # present at 0 from the start, so that rate() works from the first job
             for counter in (self.images, *self.run_counters.values()):
                 counter.labels(model)

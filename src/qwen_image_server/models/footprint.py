@@ -242,12 +242,10 @@ def activation_bytes(
     (``cfg_batch`` runs the transformer on two at once; ``vae_tiling`` decodes in tiles, when that needs less)."""
     scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
     per_token = VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2  # the transformer's share of one token
-    per_image = ACT_BASE + output_tokens * ACT_PER_OUTPUT_TOKEN + input_tokens * per_token
+    outputs = output_tokens * ACT_PER_OUTPUT_TOKEN
     if vae_tiling:
-        tiled = (
-            ACT_BASE + TILED_DECODE_BASE + output_tokens * (per_token + TILED_DECODE_PER_OUTPUT_TOKEN) + input_tokens * per_token
-        )
-        per_image = min(per_image, tiled)
+        outputs = min(outputs, TILED_DECODE_BASE + output_tokens * (per_token + TILED_DECODE_PER_OUTPUT_TOKEN))
+    per_image = ACT_BASE + outputs + input_tokens * per_token
     transformer_share = (output_tokens + input_tokens) * per_token
     return int(scale * batch * (per_image + (transformer_share if cfg_batch else 0)))
 

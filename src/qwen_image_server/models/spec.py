@@ -212,8 +212,7 @@ def resolve_configured(settings) -> list[ModelSpec]:
 def _check_not_scoped_to_aliases(settings) -> None:
     """A setting scoped to another name of a model (``--cache fbcache@dall-e-3``) is refused with that reason: the
     names share one model, and so one run profile and one set of workers."""
-    aliases = {text.partition("=")[0].strip() for text in settings.model_aliases}
-    aliases |= {ident for ident, _ in settings.repeated_sources()}
+    aliases = {alias for alias, _ in _alias_flags(settings)} | {ident for ident, _ in settings.repeated_sources()}
     scoped = {f"--{key.replace('_', '-')}": scoped_targets(values) for key, values in settings.profile_flags().items()}
     scoped["--workers"] = set(settings.own_workers())
     for flag, targets in scoped.items():
@@ -228,16 +227,22 @@ def _check_not_scoped_to_aliases(settings) -> None:
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 
 
+def _alias_flags(settings) -> list[tuple[str, str]]:
+    """``--model-alias ALIAS=NAME`` values as ``(alias, name)``."""
+    pairs = []
+    for text in settings.model_aliases:
+        alias, sep, name = text.partition("=")
+        if not sep or not alias.strip() or not name.strip():
+            raise ModelConfigError(f"--model-alias: expected ALIAS=MODEL, got {text!r}")
+        pairs.append((alias.strip(), name.strip()))
+    return pairs
+
+
 def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     """The other names each model answers to: ``--model-alias ALIAS=NAME`` (NAME a model or LoRA id), and a source
     given again under an id of its own (``--model a=X --model b=X``: one model, served as ``a`` and as ``b``)."""
     by_source = {source: spec.id for (_, source), spec in zip(settings.model_entries(), specs, strict=True)}
-    pairs = [(ident, by_source[source]) for ident, source in settings.repeated_sources()]
-    for text in settings.model_aliases:
-        alias, sep, model = text.partition("=")
-        if not sep or not alias.strip() or not model.strip():
-            raise ModelConfigError(f"--model-alias: expected ALIAS=MODEL, got {text!r}")
-        pairs.append((alias.strip(), model.strip()))
+    pairs = [(ident, by_source[source]) for ident, source in settings.repeated_sources()] + _alias_flags(settings)
     owner = {spec.id: spec.id for spec in specs} | {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     aliases: dict[str, str] = {}
     for alias, name in pairs:

@@ -20,10 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: diffusers' tile and stride, in pixels (``AutoencoderKLQwenImage``'s defaults, which the server keeps).
-TILE = 256
-STRIDE = 192
-
 
 @contextmanager
 def vae_tiling(vae, on: bool) -> Iterator[None]:

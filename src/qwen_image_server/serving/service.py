@@ -16,7 +16,7 @@ from ..config import QUALITY_STEPS, Settings
 from ..engine.base import EngineClient
 from ..errors import InvalidRequest, ModelNotAvailable
 from ..images import b64
-from ..jobs import EncodedImage, Job, JobResult, PartialImage
+from ..jobs import RUN_COUNTERS, EncodedImage, Job, JobResult, PartialImage
 from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
@@ -341,8 +341,7 @@ class ImageService:
         timing = {"pipeline_seconds": round(result.finished - result.started, 6)}
         if submitted is not None:
             timing["queue_seconds"] = round(max(0.0, result.started - submitted), 6)
-        counters = {"transformer_calls": 0, "cached_calls": 0, "prompt_encodings": 0, "prompt_cache_hits": 0}
-        return {**counters, **result.stats, **timing}
+        return {**dict.fromkeys(RUN_COUNTERS, 0), **result.stats, **timing}
 
     @staticmethod
     def usage(prepared: Prepared, result: JobResult) -> Usage:
