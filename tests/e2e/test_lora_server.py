@@ -85,3 +85,14 @@ def test_an_sdk_client_asking_for_an_alias_gets_its_models_image(lora_server):
     assert result.data[0].b64_json == _image(lora_server, "tiny")
     quick = client.images.generate(model="quick", prompt="a lighthouse", response_format="b64_json", extra_body={"seed": 11})
     assert quick.data[0].b64_json == _image(lora_server, "fast", num_inference_steps=None)  # the LoRA and its preset
+
+
+def test_serve_refuses_an_alias_of_nothing_before_the_port_opens(tiny_t2i):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", f"tiny={tiny_t2i}", "--port", "0"]
+    refused = subprocess.run([*cmd, "--model-alias", "dall-e-3=nope"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "--model-alias dall-e-3: nope is not a served model or LoRA id (served: tiny)" in refused.stderr
+    assert "Uvicorn running" not in refused.stderr + refused.stdout
