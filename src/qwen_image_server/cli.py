@@ -285,16 +285,6 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     specs = resolve_configured(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
     check_memory_modes(specs, settings.device)
     _check_port_free(settings.host, settings.port)
-    if settings.engine != "ray":
-        from .engine.worker_process import start_forkserver_early
-
-        start_forkserver_early(settings.worker_start, settings.device)
-    import uvicorn
-
-    from .api.app import create_app
-    from .api.connections import uvicorn_options
-    from .engine.local import LocalEngine
-
     for spec in specs:
         also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
         logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
@@ -310,8 +300,19 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         return
     from .models.planner import checked_plan
 
-    memory_plan = checked_plan(specs, settings)  # refuses before the port opens when the workers do not fit
+    # The plan refuses before the port opens when the workers do not fit; before the forkserver too, so that a
+    # refused plan starts no process (without a GPU the plan needs no torch: it takes milliseconds).
+    memory_plan = checked_plan(specs, settings)
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
+    from .engine.worker_process import start_forkserver_early
+
+    start_forkserver_early(settings.worker_start, settings.device)
+    import uvicorn
+
+    from .api.app import create_app
+    from .api.connections import uvicorn_options
+    from .engine.local import LocalEngine
+
     engine = LocalEngine(specs, settings, memory_plan)
     _exit_normally_after_signals()
     # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
