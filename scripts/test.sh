@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The project's test command, as README.md documents it (and as .ci/run runs it):
 # make a virtual environment, install the package with its test extras, check
-# formatting, lint and types (ruff format --check, ruff check, mypy; any finding
-# fails the run), then run pytest.
+# formatting and lint (ruff format --check, ruff check), then run pytest in two
+# processes (pytest-xdist) while mypy checks the types beside it. Any finding or
+# failure fails the run.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh tests/unit -x   # arguments go to pytest
 #   scripts/test.sh -m "not e2e"    # without the tests that start a server
+#   scripts/test.sh -n 0            # pytest in one process (TEST_WORKERS=N: N processes)
 #
 # VENV (default .venv) picks the environment; an existing one is reused. torch is
 # installed only if the environment has none: pin 2.13.0 (CPU wheel on a CPU box).
@@ -45,7 +47,22 @@ echo "ruff format --check ${LINTED[*]}"
 ruff format --check "${LINTED[@]}"
 echo "ruff check ${LINTED[*]}"
 ruff check "${LINTED[@]}"
-echo "mypy (src)"
-mypy
+# mypy is single-threaded and pytest leaves part of the cores idle (tests wait on servers and timeouts): the two
+# run side by side, mypy's report printed after pytest's.
+MYPY_LOG="$(mktemp)"
+mypy >"$MYPY_LOG" 2>&1 &
+MYPY_PID=$!
+trap 'kill "$MYPY_PID" 2>/dev/null || true; rm -f "$MYPY_LOG"' EXIT
 
-python -m pytest -q "$@"
+pytest_status=0
+python -m pytest -q -n "${TEST_WORKERS:-2}" "$@" || pytest_status=$?
+
+mypy_status=0
+wait "$MYPY_PID" || mypy_status=$?
+echo "mypy (src):"
+cat "$MYPY_LOG"
+if [ "$mypy_status" != 0 ]; then
+    echo "test.sh: mypy found errors (exit $mypy_status)"
+    exit 1
+fi
+exit "$pytest_status"

@@ -37,6 +37,14 @@ from serve_process import ServeProcess, ServerExited, free_port, tiny_model  # n
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 (scripts/test.sh): two test processes share the machine's cores. One torch thread in each, and in
+    # the servers they start (they inherit OMP_NUM_THREADS), instead of every process's threads competing for them.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def tiny_t2i() -> Path:
@@ -391,6 +399,9 @@ def _uses_ray(item) -> bool:
 def pytest_collection_finish(session):
     ray_tests = [item.nodeid for item in session.items if _uses_ray(item)]
     _LAST_RAY_TEST[:] = ray_tests[-1:]
+    wrong = [item.nodeid for item in session.items if (work_unit(item.nodeid) == "ray") != _uses_ray(item)]
+    if wrong:  # the workers' split below reads node ids only: it must put exactly the tests on Ray together
+        raise pytest.UsageError(f"work_unit() and _uses_ray() disagree on {wrong[:5]}: fix work_unit in tests/conftest.py")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -398,5 +409,53 @@ def pytest_runtest_teardown(item, nextitem):
     """Stop the session's Ray after the last test that uses it: its processes keep about a tenth of a core busy
     while idle, which the rest of the suite would pay for (the ``ray_serve`` fixture's own stop is then a no-op)."""
     yield
-    if _LAST_RAY_TEST and item.nodeid == _LAST_RAY_TEST[0] and "ray" in sys.modules:
+    if "ray" not in sys.modules:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # A worker of pytest-xdist runs what it is sent, in that order: its tests on Ray come as one group.
+        last = _uses_ray(item) and (nextitem is None or not _uses_ray(nextitem))
+    else:
+        last = bool(_LAST_RAY_TEST) and item.nodeid == _LAST_RAY_TEST[0]
+    if last:
         _stop_ray()
+
+
+# --- two processes: pytest -n 2 (pytest-xdist) -------------------------------------------------------
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs as a whole: a module (its module-scoped servers start once), except that every test on
+    Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or is the ``ray``
+    case of ``any_server`` (its id lists the value "ray"); collection checks this against the fixtures."""
+    path, _, rest = nodeid.partition("::")
+    params = rest.partition("[")[2].rstrip("]").split("-")
+    return "ray" if Path(path).name == "test_ray.py" or "ray" in params else path
+
+
+def _unit_rank(unit: str) -> int:
+    """Which units a worker takes first: Ray's (the longest), then those that start servers or run pipelines, then
+    the quick rest, which fills both workers' ends evenly."""
+    if unit == "ray":
+        return 0
+    return 1 if "e2e" in Path(unit).parts or Path(unit).stem in PIPELINE_MODULES else 2
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it lacks
+def pytest_xdist_make_scheduler(config, log):
+    """Hand out whole ``work_unit``s, longest kinds first (``_unit_rank``). (pytest-xdist's own ``--dist loadgroup``
+    would read ``xdist_group`` marks from node ids that pytest 9 no longer lets a plugin change.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+        def schedule(self) -> None:
+            if self.collection is None and self.collection_is_completed:
+                self.config.option.loadscopereorder = False  # the queue keeps the order its units are put in:
+                units = dict.fromkeys(work_unit(nodeid) for nodeid in next(iter(self.registered_collections.values())))
+                for unit in sorted(units, key=_unit_rank):
+                    self.workqueue[unit] = {}  # its place in the queue (the base class fills it)
+            super().schedule()
+
+    return ByWorkUnit(config, log)
