@@ -40,7 +40,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import ServeProcess, ServerExited  # noqa: E402
+from serve_process import ServeProcess, ServerExited, fresh_prompt  # noqa: E402
 
 from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
@@ -49,12 +49,8 @@ OTHER_PROMPT = "a bowl of ramen on a wooden table, steam rising, soft window lig
 
 
 def take(index: int) -> str:
-    """``PROMPT`` made new for the ``index``-th request to a server, at the same length: each request encodes its
-    prompt, as a stream of users' prompts does. The server keeps the embeddings of prompts it has seen, so one prompt
-    sent again would skip the text encoder on every warm request but not on the first. Qwen's tokenizer splits
-    digits one by one (the byte-level one of ``random:`` sources reads bytes), so every take has PROMPT's length plus
-    the same few tokens."""
-    return f"{PROMPT}, take {index:03d}"
+    """``PROMPT`` made new for the ``index``-th request to a server (``fresh_prompt``)."""
+    return fresh_prompt(PROMPT, index)
 
 
 CFG = {"num_inference_steps": 50, "true_cfg_scale": 4.0}

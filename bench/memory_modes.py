@@ -26,6 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from serve_process import fresh_prompt  # bench/, the folder of this script
+
 #: Mode name -> run profile settings.
 MODES = {
     "none": {},
@@ -68,10 +70,10 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
         made = 0
 
         def image(num_steps: int) -> float:
-            # A prompt of its own each time (one length): the runner keeps the embeddings of prompts it has seen, and
-            # a repeated prompt would leave out the text encoder's pass, which under offload moves all its weights.
+            # A prompt of its own each time (``fresh_prompt``): a repeated one would leave out the text encoder's
+            # pass, which under offload moves all its weights.
             nonlocal made
-            prompt, made = f"{PROMPT}, take {made:03d}", made + 1
+            prompt, made = fresh_prompt(PROMPT, made), made + 1
             job = Job(mode="generate", prompt=prompt, seeds=[0], width=size, height=size, num_inference_steps=num_steps)
             torch.cuda.synchronize()
             begin = time.perf_counter()

@@ -43,6 +43,14 @@ def tiny_model(kind: str) -> Path:
     return folder
 
 
+def fresh_prompt(prompt: str, index: int) -> str:
+    """``prompt`` made new for the ``index``-th request, at one length: each request then encodes its prompt, as a
+    stream of users' prompts does. The server keeps the embeddings of prompts it has seen, so a prompt sent again
+    would skip the text encoder on every warm request but not on the first. Qwen's tokenizer splits digits one by
+    one (the byte-level one of ``random:`` sources reads bytes), so every take adds the same few tokens."""
+    return f"{prompt}, take {index:03d}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -41,7 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import ServeProcess, tiny_model  # noqa: E402
+from serve_process import ServeProcess, fresh_prompt, tiny_model  # noqa: E402
 
 DESIGNS = {"separate": [], "shared": ["--share-components"]}
 GIB = 1024**3
@@ -71,9 +71,7 @@ async def run_stream(url: str, args, sent_prompts: set[str]) -> tuple[list[dict]
 
         async def one(index: int, kind: str) -> dict:
             request = requests.build(kind, rng)
-            # A prompt of its own for each request: the workers keep the embeddings of prompts they have seen, and a
-            # repeated one would skip the text encoder, a pass a stream of users' prompts does not skip.
-            request["json"]["prompt"] = f"{request['json']['prompt']}, take {index:03d}"
+            request["json"]["prompt"] = fresh_prompt(request["json"]["prompt"], index)  # a prompt of its own
             sent_prompts.add(request["json"]["prompt"])
             async with slots:
                 return await send(client, kind, request)
