@@ -1,0 +1,30 @@
+"""How ``scripts/test.sh`` splits the suite over its two pytest processes (``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+from conftest import _unit_rank, work_unit
+
+
+def test_a_module_is_one_unit_and_every_test_on_ray_is_one_unit():
+    assert work_unit("tests/unit/test_jobs.py::test_sizes") == "tests/unit/test_jobs.py"
+    assert work_unit("tests/unit/test_jobs.py::test_bad_sizes[fields0-size]") == "tests/unit/test_jobs.py"
+    assert work_unit("tests/e2e/test_openai_sdk.py::test_unknown_model_through_the_sdk[local]") == "tests/e2e/test_openai_sdk.py"
+    assert work_unit("tests/e2e/test_openai_sdk.py::test_unknown_model_through_the_sdk[ray]") == "ray"
+    assert work_unit("tests/e2e/test_openai_sdk.py::test_output_format_and_size[ray-png-PNG-256x256]") == "ray"
+    assert work_unit("tests/e2e/test_streaming_variations.py::test_edit_stream[ray]") == "ray"
+    assert work_unit("tests/e2e/test_ray.py::test_full_queue_gives_503") == "ray"
+    # "ray" inside a longer parameter or a name is not Ray's case
+    assert work_unit("tests/unit/test_worker.py::test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way") == (
+        "tests/unit/test_worker.py"
+    )
+    assert work_unit("tests/unit/test_x.py::test_y[array-2]") == "tests/unit/test_x.py"
+
+
+def test_ray_goes_first_then_servers_and_pipelines_then_the_rest():
+    units = ["tests/unit/test_jobs.py", "tests/unit/test_random_arch.py", "tests/e2e/test_recovery.py", "ray"]
+    assert sorted(units, key=_unit_rank) == [
+        "ray",
+        "tests/unit/test_random_arch.py",
+        "tests/e2e/test_recovery.py",
+        "tests/unit/test_jobs.py",
+    ]
