@@ -394,3 +394,27 @@ def test_preview_steps_match_the_server(page):
         cases,
     )
     assert got == [preview_steps(steps, partials) for steps, partials in cases]
+
+
+def test_the_badge_says_ready_only_once_a_reload_has_filled_the_forms(page, server):
+    """A key typed in reloads the server's settings and models, and each form's defaults with them. Until they are
+    in, the badge says loading (the page's /ready polls leave it alone), so what is typed once it says ready stays."""
+    held: list = []
+    page.route("**/v1/models", lambda route: held.append(route))  # the reload's model list waits until the test lets it through
+    page.fill("#api-key", KEY + " ")  # the same key once trimmed: a change of the field all the same
+    page.press("#api-key", "Tab")
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert held, "typing a key did not reload the models"
+    page.wait_for_timeout(300)  # room for a /ready poll to (wrongly) set the badge
+    assert page.get_attribute("#server-status", "data-state") == "loading"
+    page.fill("#generate [name=num_inference_steps]", "9")  # typed too early: the reload sets the default
+    held[0].continue_()
+    page.locator("#server-status[data-state=ready]").wait_for()
+    settings = httpx.get(server.base_url + "/playground/settings", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    default = settings["models"][page.input_value("#generate [name=model]")]["default_steps"]
+    assert page.input_value("#generate [name=num_inference_steps]") == str(default)
+    page.fill("#generate [name=num_inference_steps]", "9")
+    page.wait_for_timeout(300)
+    assert page.input_value("#generate [name=num_inference_steps]") == "9"

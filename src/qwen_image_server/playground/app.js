@@ -29,27 +29,37 @@ const previews = $(".previews", output);
 const results = $(".results", output);
 const progress = new Progress($(".run-state", output));
 const mask = new MaskEditor($(".mask-stage", forms.edit));
-const state = { settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {} };
+const state = { settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null };
 
 // --- the server ----------------------------------------------------------------------
 
+// The server's settings and models fill the forms (each model's defaults). Until they have, the badge says
+// "loading" and nothing else sets it; a load started later (a new API key) wins over one still in flight.
 async function loadServer() {
   const key = $(".key.field");
   clearErrors(key);
+  const load = {};
+  state.load = load;
+  setStatus("loading…", "loading");
   try {
     const [settings, models] = await Promise.all([getJSON("playground/settings"), getJSON("v1/models")]);
+    if (state.load !== load) return;
     state.settings = settings;
     state.cards = models.data;
     for (const form of Object.values(forms)) {
       fillModels(form, state.cards, settings, state.failed);
       applyModelDefaults(form, settings);
     }
-    await pollReady();
   } catch (error) {
+    if (state.load !== load) return;
+    state.load = null;
     $(".error", key).textContent = error.status === 401 ? error.message : `Cannot reach the server: ${error.message}`;
     key.classList.add("invalid");
     setStatus("no access", "failed");
+    return;
   }
+  state.load = null;
+  await pollReady();
 }
 
 function setStatus(text, kind) {
@@ -60,14 +70,16 @@ function setStatus(text, kind) {
 
 // /ready says which models are loading, ready or failed (failed ones are marked in the selects).
 async function pollReady() {
+  if (state.load) return; // the load in flight sets the badge when it is done
   let body;
   try {
     const response = await fetch("ready", { headers: apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {} });
     body = await response.json();
   } catch {
-    setStatus("server unreachable", "failed");
+    if (!state.load) setStatus("server unreachable", "failed");
     return;
   }
+  if (state.load) return; // a load began while this was asked
   const failed = new Set(Object.entries(body.models || {}).filter(([, m]) => m.state === "failed").map(([id]) => id));
   if (failed.size) setStatus(`unavailable: ${[...failed].join(", ")}`, "failed");
   else setStatus(body.status === "ready" ? "ready" : "loading models…", body.status === "ready" ? "ready" : "loading");
