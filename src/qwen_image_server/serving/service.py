@@ -103,6 +103,10 @@ class ImageService:
         spec = self.default_model() or self.default_model(edit=True)
         return spec.id if spec else ""
 
+    def _run_as(self, requested: str) -> str:
+        """The model or LoRA id a request naming ``requested`` runs as (an alias's target; else the name itself)."""
+        return self.aliases.get(requested, requested)
+
     def _model(self, requested: str | None, *, edit: bool) -> ModelSpec:
         what = "image edits" if edit else "image generation"
         if requested is None or requested == "":
@@ -110,7 +114,7 @@ class ImageService:
             if spec is None:
                 raise InvalidRequest(f"No model on this server does {what}", param="model")
             return spec
-        name = self.aliases.get(requested, requested)
+        name = self._run_as(requested)
         spec = self.models.get(name) or (self.loras[name][0] if name in self.loras else None)
         if spec is None:
             raise ModelNotAvailable(requested)
@@ -158,7 +162,7 @@ class ImageService:
 
     def _job(self, req: _CommonRequest, spec: ModelSpec, mode: str, size: Size | None) -> Job:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-        name = self.aliases.get(req.model, req.model) if req.model else None
+        name = self._run_as(req.model) if req.model else None
         lora = name if name in self.loras else None
         preset = preset_for(spec.profile, lora)
         cfg = req.true_cfg_scale if req.true_cfg_scale is not None else req.guidance_scale
