@@ -374,13 +374,18 @@ PIPELINE_MODULES = {
 }  # fmt: skip
 
 
+def _real_module(path: Path) -> bool:
+    """A module whose every test runs the real thing: one in tests/e2e, or one that runs tiny pipelines."""
+    return "e2e" in path.parts or path.stem in PIPELINE_MODULES
+
+
 def pytest_collection_modifyitems(items):
     """``e2e`` marks what runs the real thing: a test in tests/e2e, one on a real server, one that runs tiny
     pipelines, or one that starts the command line in a process (``test_cli_*``, ``test_plan_command*``).
     ``-m "not e2e"`` is the fast rest: pure logic and the in-process API on the fake engine."""
     for item in items:
-        real = "e2e" in item.path.parts or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
-        real = real or item.path.stem in PIPELINE_MODULES or item.name.startswith(("test_cli_", "test_plan_command"))
+        real = _real_module(item.path) or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        real = real or item.name.startswith(("test_cli_", "test_plan_command"))
         if real:
             item.add_marker(pytest.mark.e2e)
 
@@ -437,7 +442,7 @@ def _unit_rank(unit: str) -> int:
     the quick rest, which fills both workers' ends evenly."""
     if unit == "ray":
         return 0
-    return 1 if "e2e" in Path(unit).parts or Path(unit).stem in PIPELINE_MODULES else 2
+    return 1 if _real_module(Path(unit)) else 2
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it lacks
