@@ -37,6 +37,9 @@ from serve_process import ServeProcess, ServerExited, free_port, tiny_model  # n
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The e2e mark, Ray's stop and the split over two test processes.
+pytest_plugins = ["suite_split"]
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 (scripts/test.sh): two test processes share the machine's cores. One torch thread in each, and in
     # the servers they start (they inherit OMP_NUM_THREADS), instead of every process's threads competing for them.
@@ -360,107 +363,3 @@ def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
 def any_server(request):
     """The shared server on each engine, for the API tests that must behave the same on both."""
     return request.getfixturevalue("server" if request.param == "local" else "ray_server")
-
-
-# --- markers ------------------------------------------------------------------------------------
-
-REAL_SERVER_FIXTURES = {"server", "start_server", "ray_serve", "ray_server", "any_server"}
-#: Unit modules whose tests load and run tiny pipelines (seconds each on a CPU, minutes in all).
-PIPELINE_MODULES = {
-    "test_attention", "test_cfg_batch", "test_compile", "test_determinism", "test_determinism_gpu", "test_fp8",
-    "test_lora_runtime", "test_memory", "test_memory_gpu", "test_models", "test_random_arch", "test_shared_components",
-    "test_step_cache", "test_bench_gpu", "test_vae_fast", "test_prompt_cache",
-    "test_text_encoder_fast",
-}  # fmt: skip
-
-
-def _real_module(path: Path) -> bool:
-    """A module whose every test runs the real thing: one in tests/e2e, or one that runs tiny pipelines."""
-    return "e2e" in path.parts or path.stem in PIPELINE_MODULES
-
-
-def pytest_collection_modifyitems(items):
-    """``e2e`` marks what runs the real thing: a test in tests/e2e, one on a real server, one that runs tiny
-    pipelines, or one that starts the command line in a process (``test_cli_*``, ``test_plan_command*``).
-    ``-m "not e2e"`` is the fast rest: pure logic and the in-process API on the fake engine."""
-    for item in items:
-        real = _real_module(item.path) or REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
-        real = real or item.name.startswith(("test_cli_", "test_plan_command"))
-        if real:
-            item.add_marker(pytest.mark.e2e)
-
-
-# --- Ray's lifetime ------------------------------------------------------------------------------
-_LAST_RAY_TEST: list[str] = []  # the node id of the last test that uses Ray, once the order is final
-
-
-def _uses_ray(item) -> bool:
-    callspec = getattr(item, "callspec", None)
-    names = set(getattr(item, "fixturenames", ()))
-    return bool(names & {"ray_serve", "ray_server"}) or (callspec is not None and callspec.params.get("any_server") == "ray")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session):
-    ray_tests = [item.nodeid for item in session.items if _uses_ray(item)]
-    _LAST_RAY_TEST[:] = ray_tests[-1:]
-    wrong = [item.nodeid for item in session.items if (work_unit(item.nodeid) == "ray") != _uses_ray(item)]
-    if wrong:  # the workers' split below reads node ids only: it must put exactly the tests on Ray together
-        raise pytest.UsageError(f"work_unit() and _uses_ray() disagree on {wrong[:5]}: fix work_unit in tests/conftest.py")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    """Stop the session's Ray after the last test that uses it: its processes keep about a tenth of a core busy
-    while idle, which the rest of the suite would pay for (the ``ray_serve`` fixture's own stop is then a no-op)."""
-    yield
-    if "ray" not in sys.modules:
-        return
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # A worker of pytest-xdist runs what it is sent, in that order: its tests on Ray come as one group.
-        last = _uses_ray(item) and (nextitem is None or not _uses_ray(nextitem))
-    else:
-        last = bool(_LAST_RAY_TEST) and item.nodeid == _LAST_RAY_TEST[0]
-    if last:
-        _stop_ray()
-
-
-# --- two processes: pytest -n 2 (pytest-xdist) -------------------------------------------------------
-
-
-def work_unit(nodeid: str) -> str:
-    """What one worker runs as a whole: a module (its module-scoped servers start once), except that every test on
-    Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or is the ``ray``
-    case of ``any_server`` (its id lists the value "ray"); collection checks this against the fixtures."""
-    path, _, rest = nodeid.partition("::")
-    params = rest.partition("[")[2].rstrip("]").split("-")
-    return "ray" if Path(path).name == "test_ray.py" or "ray" in params else path
-
-
-def _unit_rank(unit: str) -> int:
-    """Which units a worker takes first: Ray's (the longest), then those that start servers or run pipelines, then
-    the quick rest, which fills both workers' ends evenly."""
-    if unit == "ray":
-        return 0
-    return 1 if _real_module(Path(unit)) else 2
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it lacks
-def pytest_xdist_make_scheduler(config, log):
-    """Hand out whole ``work_unit``s, longest kinds first (``_unit_rank``). (pytest-xdist's own ``--dist loadgroup``
-    would read ``xdist_group`` marks from node ids that pytest 9 no longer lets a plugin change.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByWorkUnit(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid)
-
-        def schedule(self) -> None:
-            if self.collection is None and self.collection_is_completed:
-                self.config.option.loadscopereorder = False  # the queue keeps the order its units are put in:
-                units = dict.fromkeys(work_unit(nodeid) for nodeid in next(iter(self.registered_collections.values())))
-                for unit in sorted(units, key=_unit_rank):
-                    self.workqueue[unit] = {}  # its place in the queue (the base class fills it)
-            super().schedule()
-
-    return ByWorkUnit(config, log)

@@ -1,8 +1,8 @@
-"""How ``scripts/test.sh`` splits the suite over its two pytest processes (``tests/conftest.py``)."""
+"""How ``scripts/test.sh`` splits the suite over its two pytest processes (``tests/suite_split.py``)."""
 
 from __future__ import annotations
 
-from conftest import _unit_rank, work_unit
+from suite_split import _unit_rank, work_unit
 
 
 def test_a_module_is_one_unit_and_every_test_on_ray_is_one_unit():
