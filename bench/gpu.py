@@ -28,9 +28,7 @@ import importlib.metadata
 import io
 import json
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import ServeProcess, ServerExited, fresh_prompt  # noqa: E402
+from serve_process import GpuMemory, ServeProcess, ServerExited, fresh_prompt, read_stream  # noqa: E402
 
 from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
@@ -102,45 +100,6 @@ SMOKE_SETTINGS = (
     Setting("smoke-edit", (), SMOKE_STEPS, edit=True),
     Setting("smoke-stream", (), {**SMOKE_STEPS, "stream": True, "partial_images": 1}),
 )
-
-
-class GpuMemory:
-    """Peak GPU memory in use while a server runs, sampled with ``nvidia-smi`` (the worker is another process)."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.peak_mib: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def used_mib() -> float | None:
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        values = [float(line) for line in out.stdout.split() if line.strip().replace(".", "", 1).isdigit()]
-        return max(values) if out.returncode == 0 and values else None
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            used = self.used_mib()
-            if used is not None:
-                self.peak_mib = max(self.peak_mib or 0.0, used)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> GpuMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
 
 
 class Server(ServeProcess):
@@ -289,26 +248,6 @@ class Bench:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "runs": self.args.runs,
         }
-
-
-def read_stream(lines) -> dict:
-    """A streamed answer's last completed event's ``stats`` and the number of previews sent before it, as
-    ``{"stats": ..., "partial_images": N}``; an error event raises."""
-    stats, partials = None, 0
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        event = json.loads(line.removeprefix("data:"))
-        kind = event.get("type", "")
-        if kind.endswith(".partial_image"):
-            partials += 1
-        elif kind.endswith(".completed"):
-            stats = event.get("stats")
-        elif kind == "error":
-            raise RuntimeError(f"the stream ended with an error: {event.get('error')}")
-    if stats is None:
-        raise RuntimeError("the stream ended without a completed event")
-    return {"stats": stats, "partial_images": partials}
 
 
 def _version(package: str) -> str | None:
