@@ -350,11 +350,12 @@ def _stop_ray() -> None:
 
 @pytest.fixture(scope="session")
 def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
-    """The shared models on Ray, one replica each (spreading over replicas is tested on its own in test_ray.py)."""
+    """The shared models on Ray: two replicas of the text-to-image model (its own count, ``--workers
+    2@qwen-image-tiny``: the Ray settings say one; test_ray.py spreads ``n`` over them), one of each edit model."""
     ray_serve.deploy(
         "main", "/",
         [f"qwen-image-tiny={tiny_t2i}", f"qwen-image-edit-tiny={tiny_edit}", f"qwen-image-edit-plus-tiny={tiny_edit_plus}"],
-        workers=1, cpu_threads=1, max_steps=1000,
+        workers=1, model_workers=["2@qwen-image-tiny"], cpu_threads=1, max_steps=1000,
     )  # fmt: skip
     return ray_serve
 

@@ -47,13 +47,30 @@ def _uses_ray(item) -> bool:
     return bool(names & {"ray_serve", "ray_server"}) or (callspec is not None and callspec.params.get("any_server") == "ray")
 
 
+def _uses_shared_server(item) -> bool:
+    """On the session's shared ``server`` (tests/conftest.py), not a module's own fixture of that name, or the
+    ``local`` case of ``any_server``."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("any_server") == "local":
+        return True
+    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get("server")
+    return bool(definitions) and definitions[-1].func.__module__ == "conftest"
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
     ray_tests = [item.nodeid for item in session.items if _uses_ray(item)]
     _LAST_RAY_TEST[:] = ray_tests[-1:]
+    # The workers' split below reads node ids only: it must put exactly the tests on Ray together, and every test
+    # on the shared server in the unit of the modules listed as using it.
     wrong = [item.nodeid for item in session.items if (work_unit(item.nodeid) == "ray") != _uses_ray(item)]
-    if wrong:  # the workers' split below reads node ids only: it must put exactly the tests on Ray together
+    if wrong:
         raise pytest.UsageError(f"work_unit() and _uses_ray() disagree on {wrong[:5]}: fix work_unit in tests/suite_split.py")
+    on_server = {Path(item.nodeid.partition("::")[0]).stem for item in session.items if _uses_shared_server(item)}
+    if on_server - SHARED_SERVER_MODULES:
+        raise pytest.UsageError(
+            f"add {sorted(on_server - SHARED_SERVER_MODULES)} to SHARED_SERVER_MODULES in tests/suite_split.py"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -77,19 +94,31 @@ def pytest_runtest_teardown(item, nextitem):
 # --- two processes: pytest -n 2 (pytest-xdist) -------------------------------------------------------
 
 
+#: The modules with tests on the session's shared ``server`` (collection checks this list against the fixtures).
+SHARED_SERVER_MODULES = {
+    "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground", "test_raw_http",
+    "test_reproducibility", "test_seed_examples", "test_shared_components_server", "test_streaming_variations",
+}  # fmt: skip
+
+
 def work_unit(nodeid: str) -> str:
-    """What one worker runs as a whole: a module (its module-scoped servers start once), except that every test on
-    Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or is the ``ray``
-    case of ``any_server`` (its id lists the value "ray"); collection checks this against the fixtures."""
+    """What one worker runs as a whole: a module (its module-scoped servers start once), except that
+    - every test on Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or
+      is the ``ray`` case of ``any_server`` (its id lists the value "ray");
+    - the rest of the modules that use the shared server are one unit, so that one worker starts that server (a
+      session fixture: each worker would start its own).
+    Collection checks both against the fixtures."""
     path, _, rest = nodeid.partition("::")
     params = rest.partition("[")[2].rstrip("]").split("-")
-    return "ray" if Path(path).name == "test_ray.py" or "ray" in params else path
+    if Path(path).name == "test_ray.py" or "ray" in params:
+        return "ray"
+    return "server" if Path(path).stem in SHARED_SERVER_MODULES else path
 
 
 def _unit_rank(unit: str) -> int:
-    """Which units a worker takes first: Ray's (the longest), then those that start servers or run pipelines, then
-    the quick rest, which fills both workers' ends evenly."""
-    if unit == "ray":
+    """Which units a worker takes first: Ray's and the shared server's (the longest), then those that start servers
+    or run pipelines, then the quick rest, which fills both workers' ends evenly."""
+    if unit in ("ray", "server"):
         return 0
     return 1 if _real_module(Path(unit)) else 2
 

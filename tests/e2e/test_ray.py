@@ -1,8 +1,9 @@
 """The Ray Serve engine on a real local Ray (2 CPUs, tiny models, no GPUs).
 
 The shared API tests run on both engines through the ``any_server`` fixture;
-this module covers what is specific to Ray: spreading over replicas, Ray's
-queue bound, timeouts and cancellation through Ray, and replaced replicas.
+this module covers what is specific to Ray: spreading over replicas (the shared
+app's two text-to-image replicas), Ray's queue bound, timeouts and cancellation
+through Ray, and replaced replicas (an app of one replica and one waiting request).
 """
 
 from __future__ import annotations
@@ -24,23 +25,11 @@ LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
-@pytest.fixture(scope="module")
-def pair(ray_serve, tiny_t2i):
-    """Two replicas of one model (its own count, ``--workers 2@tiny``: the Ray settings say one), two waiting
-    requests at most (removed after this module: idle replicas cost CPU)."""
-    from ray import serve
-
-    yield ray_serve.deploy(
-        "pair", "/pair", [f"tiny={tiny_t2i}"], workers=1, model_workers=["2@tiny"], queue_size=2, cpu_threads=1, max_steps=1000
-    )
-    serve.delete("pair")
-
-
-def test_n_images_spread_over_two_replicas(pair):
-    r = httpx.post(pair + GEN, json={**SHORT, "n": 2}, timeout=300)
+def test_n_images_spread_over_two_replicas(ray_server):
+    r = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny", "n": 2}, timeout=300)
     assert r.status_code == 200, r.status_code
     workers = r.headers["x-workers"].split(",")
-    assert len(workers) == 2 and all(w.startswith("tiny@") for w in workers)
+    assert len(workers) == 2 and all(w.startswith("qwen-image-tiny@") for w in workers)
     assert [d["seed"] for d in r.json()["data"]] == [2, 3]
 
 
@@ -138,11 +127,12 @@ def test_killed_replica_fails_its_task_and_is_replaced(limits):
     assert _replica_pid("limits") != pid
 
 
-def test_burst_overload_answers_json_503s_only(pair):
-    """A burst past Ray's queues: every refusal is the JSON envelope with Retry-After, none Ray's plain text."""
+def test_burst_overload_answers_json_503s_only(limits):
+    """A burst past Ray's queues (one replica, one waiting request): every refusal is the JSON envelope with
+    Retry-After, none Ray's plain text."""
     from concurrent.futures import ThreadPoolExecutor
 
-    url = pair
+    url = limits
     body = {"prompt": "a burst", "size": "256x256", "num_inference_steps": 40}
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda i: httpx.post(url + GEN, json={**body, "seed": i}, timeout=300), range(16)))
