@@ -43,7 +43,7 @@ def _offline_env(hub_cache) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(hub_cache.parent / "hf-home")}
 
 
-_RUN_EDIT = textwrap.dedent(
+_RUN_EDITS = textwrap.dedent(
     """
     import json, sys
     import numpy as np
@@ -51,39 +51,46 @@ _RUN_EDIT = textwrap.dedent(
     from qwen_image_server.models import processor, runner
     from qwen_image_server.models.spec import resolve_model
 
-    force_torchvision = sys.argv[2] == "torchvision"
+    def edit() -> dict:
+        spec = resolve_model(sys.argv[1])
+        run = runner.PipelineRunner(spec, device="cpu")
+        image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+        out = run.run(Job(mode="edit", prompt="make it blue", seeds=[3], num_inference_steps=2, images=[image]))[0]
+        return {
+            "is_hub": spec.is_hub, "revision": spec.revision, "kind": spec.kind, "options": spec.options,
+            "processor": type(run.pipe.processor).__name__, "size": list(out.size), "standard_loader_folders": seen,
+        }
+
     seen = []
-    if force_torchvision:
-        # Take the branch that machines with a working torchvision take, on any machine:
-        # transformers' standard Qwen2VLProcessor loading, here answered by the image-only loader.
-        processor.torchvision_available.cache_clear()
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    results = {"image-only": edit()}  # this machine's branch first (no torchvision on a CPU machine)
+    seen = []
+    # Then the branch that machines with a working torchvision take, on any machine:
+    # transformers' standard Qwen2VLProcessor loading, here answered by the image-only loader.
+    processor.torchvision_available.cache_clear()
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-        def standard(folder, *args, **kwargs):
-            seen.append(str(folder))
-            return processor.build_image_only_processor(
-                Qwen2VLImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-            )
+    def standard(folder, *args, **kwargs):
+        seen.append(str(folder))
+        return processor.build_image_only_processor(
+            Qwen2VLImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        )
 
-        processor.torchvision_available = lambda: True
-        if hasattr(runner, "torchvision_available"):  # wherever the loader looks the check up
-            runner.torchvision_available = processor.torchvision_available
-        processor.Qwen2VLProcessor.from_pretrained = staticmethod(standard)
-    spec = resolve_model(sys.argv[1])
-    run = runner.PipelineRunner(spec, device="cpu")
-    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    out = run.run(Job(mode="edit", prompt="make it blue", seeds=[3], num_inference_steps=2, images=[image]))[0]
-    print(json.dumps({
-        "is_hub": spec.is_hub, "revision": spec.revision, "kind": spec.kind, "options": spec.options,
-        "processor": type(run.pipe.processor).__name__, "size": list(out.size), "standard_loader_folders": seen,
-    }))
+    processor.torchvision_available = lambda: True
+    if hasattr(runner, "torchvision_available"):  # wherever the loader looks the check up
+        runner.torchvision_available = processor.torchvision_available
+    processor.Qwen2VLProcessor.from_pretrained = staticmethod(standard)
+    results["torchvision"] = edit()
+    print(json.dumps(results))
     """
 )
 
 
-def _run_edit(hub_cache, source: str, branch: str = "image-only") -> dict:
+@pytest.fixture(scope="module")
+def hub_edits(hub_cache) -> dict:
+    """The hub id ``test-org/tiny-edit`` loaded offline and used for an edit in a fresh process (the hub's settings
+    are read at import), on each branch of the processor's loading: ``image-only`` and ``torchvision``."""
     done = subprocess.run(
-        [sys.executable, "-c", _RUN_EDIT, source, branch],
+        [sys.executable, "-c", _RUN_EDITS, "test-org/tiny-edit"],
         env={**os.environ, **_offline_env(hub_cache)},
         capture_output=True,
         text=True,
@@ -93,17 +100,18 @@ def _run_edit(hub_cache, source: str, branch: str = "image-only") -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_hub_edit_model_loads_offline_and_edits(hub_cache):
-    out = _run_edit(hub_cache, "test-org/tiny-edit")
+def test_hub_edit_model_loads_offline_and_edits(hub_edits):
+    out = hub_edits["image-only"]
     assert out["is_hub"] and out["revision"] is None and out["kind"] == "edit"
     assert out["processor"] != "NoneType"
     assert out["options"]["edit_area"] == 256 * 256, "the sidecar file is read from the hub snapshot too"
     assert out["size"][0] > 0
+    assert out["standard_loader_folders"] == []
 
 
-def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_cache):
+def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_edits):
     """Where torchvision loads, the processor is still loaded (from the snapshot), never passed as None."""
-    out = _run_edit(hub_cache, "test-org/tiny-edit", branch="torchvision")
+    out = hub_edits["torchvision"]
     assert out["processor"] != "NoneType"
     assert len(out["standard_loader_folders"]) == 1
     assert out["standard_loader_folders"][0].endswith(f"snapshots/{MAIN_REV}/processor")
