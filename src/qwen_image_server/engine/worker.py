@@ -228,8 +228,8 @@ class Worker:
             import torch
 
             torch.set_num_threads(max(1, threads))
-            from diffusers.utils import logging as diffusers_logging
-            from transformers.utils import logging as transformers_logging
+            import diffusers.utils.logging as diffusers_logging
+            import transformers.utils.logging as transformers_logging
 
             diffusers_logging.disable_progress_bar()
             transformers_logging.disable_progress_bar()

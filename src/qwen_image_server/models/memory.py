@@ -34,7 +34,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -115,9 +115,10 @@ def load_pipeline(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, kwargs:
     ``shared``, a text encoder or VAE that another model of this process loaded from the
     same files, in the same way, is that model's module (``models/shared.py``).
     """
-    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(spec.source, revision=spec.revision)
+    # diffusers annotates a (config, unused kwargs) tuple; without return_unused_kwargs it returns the config alone.
+    index = cast(dict, DiffusionPipeline.load_config(spec.source, revision=spec.revision))
     loaded: dict = {}
     for name in _model_components(index):
         library, class_name = index[name]

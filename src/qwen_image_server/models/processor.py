@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from transformers import ProcessorMixin, Qwen2VLProcessor
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 
 @functools.cache
@@ -47,7 +48,8 @@ def load_processor(folder: str | Path):
     """Load the processor saved in ``folder`` (a pipeline's ``processor/``)."""
     if torchvision_available():
         return Qwen2VLProcessor.from_pretrained(folder)
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -69,7 +69,7 @@ def init_random_(module: torch.nn.Module, seed: int, std: float = INIT_STD) -> N
 
 def text_encoder_config(arch: dict, tokenizer):
     """The Qwen2.5-VL configuration of ``arch``, its special token ids those of ``tokenizer``."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 
     from .tiny import _SPECIAL_TOKENS
 
@@ -112,8 +112,10 @@ def build_components(
     """
     devices = devices or {}
     reuse = reuse or {}
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
     from .tiny import _make_tokenizer
 
@@ -155,7 +157,7 @@ def _processor(values: dict, tokenizer):
 
         image_processor_class: type = Qwen2VLImageProcessor
     else:
-        from transformers import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         image_processor_class = Qwen2VLImageProcessorPil
     return build_image_only_processor(image_processor_class(**_config(values)), tokenizer)

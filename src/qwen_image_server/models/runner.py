@@ -162,7 +162,7 @@ class PipelineRunner:
     def img2img_pipe(self):
         """The variation (img2img) form of a text-to-image model, sharing its loaded components."""
         if self._img2img is None:
-            from diffusers import QwenImageImg2ImgPipeline
+            from diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img import QwenImageImg2ImgPipeline
 
             self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
             prepare_variant(self._img2img, self.memory)
@@ -174,7 +174,7 @@ class PipelineRunner:
     def inpaint_pipe(self):
         """The mask-edit variant, sharing this pipeline's loaded components (no second copy of the weights)."""
         if self._inpaint is None:
-            from diffusers import QwenImageEditInpaintPipeline
+            from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint import QwenImageEditInpaintPipeline
 
             self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipe)
             prepare_variant(self._inpaint, self.memory)

@@ -55,7 +55,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _make_tokenizer():
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is one token."""
-    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
     tokenizer = Qwen2Tokenizer(
@@ -73,14 +73,17 @@ def _make_tokenizer():
 def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed: int = 0) -> Path:
     """Write a tiny random-weight Qwen-Image pipeline of ``kind`` to ``out_dir``."""
     import torch
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     # The pipelines from their own modules: diffusers' package namespace types them as its placeholder classes.
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditPipeline
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
@@ -174,7 +177,7 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
     if kind == "text-to-image":
         pipe = QwenImagePipeline(**components)
     else:
-        from transformers import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         from .processor import build_image_only_processor
 
