@@ -1,4 +1,5 @@
-"""The worker's side of the pipe: typed messages in and out, previews, cancellation, failures, the CUDA extras.
+"""The worker's side of the pipe: typed messages in and out, previews, cancellation, failures, the CUDA extras (its start
+and the load lock: test_worker_loading.py).
 
 A ``Worker`` serves a real ``multiprocessing`` pipe (so every message is pickled)
 from a thread, around a stand-in runner: the pipeline's own behaviour is tested
@@ -9,14 +10,12 @@ from __future__ import annotations
 
 import io
 import threading
-import time
-from dataclasses import dataclass, field
 from multiprocessing import Pipe
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from worker_fakes import CUDA_OOM, WAIT, FakeRunner, job, until_finished
 
 from qwen_image_server.engine import worker as worker_module
 from qwen_image_server.engine.worker import (
@@ -25,65 +24,18 @@ from qwen_image_server.engine.worker import (
     Done,
     Failed,
     InfoUpdate,
-    LoadFailed,
     Partial,
-    Ready,
     RunTask,
     Stop,
     Worker,
-    worker_main,
 )
 from qwen_image_server.errors import (
     OUT_OF_MEMORY,
     OUT_OF_MEMORY_ADVICE,
     InferenceFailed,
-    TaskCancelled,
     short_reason,
 )
-from qwen_image_server.jobs import Job, Task
-
-WAIT = 30.0  # seconds any one message may take
-
-
-@dataclass
-class FakeRunner:
-    """What ``Worker`` uses of a ``PipelineRunner``. Prompts steer it: "boom" raises, "wait" runs until cancelled."""
-
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    last_stats: dict = field(default_factory=dict)
-    started: threading.Event = field(default_factory=threading.Event)
-    memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
-    speed: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(info={"compile": False}))
-    determinism: dict = field(default_factory=lambda: {"deterministic": False})
-
-    def run(self, job: Job, should_stop, on_partial) -> list[Image.Image]:
-        self.started.set()
-        for index in range(job.n):
-            for step in range(job.partial_images):
-                on_partial(index, step, Image.new("RGB", (8, 8), (step, 0, 0)))
-        if job.prompt == "boom":
-            raise RuntimeError("boom\nsecond line")
-        if job.prompt == "oom":
-            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
-        if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
-            deadline = time.monotonic() + WAIT
-            while not should_stop():
-                assert time.monotonic() < deadline, "the task was never cancelled"
-                time.sleep(0.01)
-            raise TaskCancelled()
-        self.last_stats = {"transformer_calls": 2 * job.num_inference_steps}
-        return [Image.new("RGB", (job.width or 16, job.height or 16), (seed % 256, 0, 0)) for seed in job.seeds]
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def warm_up(self) -> None:
-        pass
-
-
-def _job(prompt: str = "a red square", **fields) -> Job:
-    return Job(mode="generate", prompt=prompt, seeds=[3, 4], width=24, height=16, num_inference_steps=2, **fields)
+from qwen_image_server.jobs import Task
 
 
 @pytest.fixture
@@ -100,27 +52,10 @@ def served():
     assert not thread.is_alive(), "the worker did not stop"
 
 
-def _recv(conn):
-    assert conn.poll(WAIT), "no message from the worker"
-    return conn.recv()
-
-
-def _until_finished(conn, task_id: int) -> list:
-    """Messages up to and including the task's ``Done`` or ``Failed``."""
-    messages = []
-    while True:
-        message = _recv(conn)
-        messages.append(message)
-        if isinstance(message, Done) and message.result.task_id == task_id:
-            return messages
-        if isinstance(message, Failed) and message.task_id == task_id:
-            return messages
-
-
 def test_a_task_is_computed_then_done_with_its_encoded_images(served):
     conn, _, _ = served
-    conn.send(RunTask(Task(7, _job(output_format="jpeg", partial_images=1))))
-    messages = _until_finished(conn, 7)
+    conn.send(RunTask(Task(7, job(output_format="jpeg", partial_images=1))))
+    messages = until_finished(conn, 7)
     kinds = [type(m) for m in messages]
     assert kinds.count(Computed) == 1 and kinds.count(Partial) == 2 and kinds[-1] is Done
     assert kinds.index(Computed) < kinds.index(Done)
@@ -138,20 +73,20 @@ def test_a_task_is_computed_then_done_with_its_encoded_images(served):
 
 def test_cancel_stops_the_running_task_and_the_next_one_runs(served):
     conn, runner, _ = served
-    conn.send(RunTask(Task(1, _job("wait"))))
+    conn.send(RunTask(Task(1, job("wait"))))
     assert runner.started.wait(WAIT)
     conn.send(Cancel(1))
-    assert _until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
-    conn.send(RunTask(Task(2, _job())))
-    assert isinstance(_until_finished(conn, 2)[-1], Done)
+    assert until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
+    conn.send(RunTask(Task(2, job())))
+    assert isinstance(until_finished(conn, 2)[-1], Done)
 
 
 def test_a_failing_task_reports_one_line_and_the_worker_goes_on(served):
     conn, _, _ = served
-    conn.send(RunTask(Task(1, _job("boom"))))
-    assert _until_finished(conn, 1) == [Failed(1, "RuntimeError: boom", cancelled=False)]
-    conn.send(RunTask(Task(2, _job())))
-    assert isinstance(_until_finished(conn, 2)[-1], Done)
+    conn.send(RunTask(Task(1, job("boom"))))
+    assert until_finished(conn, 1) == [Failed(1, "RuntimeError: boom", cancelled=False)]
+    conn.send(RunTask(Task(2, job())))
+    assert isinstance(until_finished(conn, 2)[-1], Done)
 
 
 def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_goes_on(monkeypatch):
@@ -162,10 +97,10 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     thread = threading.Thread(target=Worker(FakeRunner(device="cuda:0"), theirs, "m#0").serve, daemon=True)
     thread.start()
     try:
-        ours.send(RunTask(Task(1, _job("oom"))))
-        (failed,) = _until_finished(ours, 1)
-        ours.send(RunTask(Task(2, _job())))
-        assert isinstance(_until_finished(ours, 2)[-1], Done)
+        ours.send(RunTask(Task(1, job("oom"))))
+        (failed,) = until_finished(ours, 1)
+        ours.send(RunTask(Task(2, job())))
+        assert isinstance(until_finished(ours, 2)[-1], Done)
     finally:
         ours.send(Stop())
         thread.join(timeout=WAIT)
@@ -174,15 +109,6 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     assert message.startswith("Inference failed: out of memory on the device (this request needed more than was free")
     assert "Process" not in message and "4242" not in message and "GiB" not in message and "PYTORCH" not in message
     assert emptied == [True]  # what the failed call cached is given back
-
-
-#: torch's message for a CUDA out-of-memory error (one line, as torch 2.x writes it).
-CUDA_OOM = (
-    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free. "
-    "Process 4242 has 78.12 GiB memory in use. Of the allocated memory 75.01 GiB is allocated by PyTorch, and 1.50 GiB "
-    "is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
-    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
-)
 
 
 @pytest.mark.parametrize(
@@ -218,10 +144,10 @@ def test_the_worker_stops_when_the_engine_is_gone():
 
 def test_stop_stops_the_running_task_at_its_next_step(served):
     conn, runner, _ = served  # the fixture then checks that the worker has exited
-    conn.send(RunTask(Task(1, _job("wait"))))  # runs until cancelled
+    conn.send(RunTask(Task(1, job("wait"))))  # runs until cancelled
     assert runner.started.wait(WAIT)
     conn.send(Stop())
-    assert _until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
+    assert until_finished(conn, 1)[-1] == Failed(1, "cancelled", cancelled=True)
 
 
 def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empties_the_cache(monkeypatch):
@@ -234,12 +160,12 @@ def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empt
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
-        ours.send(RunTask(Task(1, _job())))
-        first = _until_finished(ours, 1)
-        ours.send(RunTask(Task(2, _job())))
-        second = _until_finished(ours, 2)
-        ours.send(RunTask(Task(3, _job("boom"))))
-        assert _until_finished(ours, 3) == [Failed(3, "RuntimeError: boom")]
+        ours.send(RunTask(Task(1, job())))
+        first = until_finished(ours, 1)
+        ours.send(RunTask(Task(2, job())))
+        second = until_finished(ours, 2)
+        ours.send(RunTask(Task(3, job("boom"))))
+        assert until_finished(ours, 3) == [Failed(3, "RuntimeError: boom")]
     finally:
         ours.send(Stop())
         thread.join(timeout=WAIT)
@@ -247,167 +173,6 @@ def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empt
     assert updates == [InfoUpdate({"memory": {"offload": "none", "device_free_gib": 1.5}})]
     assert not [m for m in second if isinstance(m, InfoUpdate)]
     assert emptied == [True]
-
-
-def test_worker_main_reports_ready_with_what_runs(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, device, dtype, shared=None, warm=True: FakeRunner())
-    ours, theirs = Pipe()
-    thread = threading.Thread(target=worker_main, args=(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
-    thread.start()
-    ready = _recv(ours)
-    ours.send(Stop())
-    thread.join(timeout=WAIT)
-    assert isinstance(ready, Ready)
-    info = ready.info
-    assert (info["device"], info["dtype"], info["memory"]) == ("cpu", "float32", {"offload": "none"})
-    assert info["speed"] == {"compile": False} and info["determinism"] == {"deterministic": False}
-    assert isinstance(info["pid"], int)
-
-
-def test_worker_main_reports_a_load_failure(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
-    def fail(spec, device, dtype, shared=None, warm=True):
-        raise OSError("no such file: /models/x/transformer")
-
-    monkeypatch.setattr(runner_module, "PipelineRunner", fail)
-    ours, theirs = Pipe()
-    worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
-    assert _recv(ours) == LoadFailed("OSError: no such file: /models/x/transformer")
-
-
-def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_routes_tasks(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
-    loaded: dict = {}
-    runners: dict = {}
-
-    def load(spec, device, dtype, shared=None, warm=True):
-        loaded[spec.id] = shared
-        runners[spec.id] = FakeRunner(speed=SimpleNamespace(info={"model": spec.id}))
-        return runners[spec.id]
-
-    monkeypatch.setattr(runner_module, "PipelineRunner", load)
-    ours, theirs = Pipe()
-    specs = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
-    thread = threading.Thread(target=worker_main, args=(specs, "cpu", "auto", 1, theirs, "a+b#0"), daemon=True)
-    thread.start()
-    ready = _recv(ours)
-    assert isinstance(ready, Ready) and ready.info["models_in_process"] == ["a", "b"]
-    assert {model: info["speed"] for model, info in ready.models.items()} == {"a": {"model": "a"}, "b": {"model": "b"}}
-    assert loaded["a"] is loaded["b"] is not None  # one cache: identical components load once
-    ours.send(RunTask(Task(5, _job(), model="b")))
-    assert _recv(ours) == Computed(5)
-    done = _recv(ours)
-    assert isinstance(done, Done) and done.result.task_id == 5 and done.result.worker == "a+b#0"
-    assert runners["b"].started.is_set() and not runners["a"].started.is_set()  # the task's model ran it
-    ours.send(Stop())
-    thread.join(timeout=WAIT)
-
-
-def test_a_worker_of_several_models_names_the_one_that_failed_to_load(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
-    def load(spec, device, dtype, shared=None, warm=True):
-        if spec.id == "b":
-            raise OSError("no such file")
-        return FakeRunner()
-
-    monkeypatch.setattr(runner_module, "PipelineRunner", load)
-    ours, theirs = Pipe()
-    worker_main([SimpleNamespace(id="a"), SimpleNamespace(id="b")], "cpu", "auto", 1, theirs, "a+b#0")
-    assert _recv(ours) == LoadFailed("b: OSError: no such file")
-
-
-class _LoadingRunner(FakeRunner):
-    """A runner whose loading takes a while and records when it ran; warming up records whether the lock was free."""
-
-    def __init__(self, spec, log: list, lock, **_):
-        super().__init__()
-        self.log, self.lock = log, lock
-        log.append(("load start", spec.id, time.monotonic()))
-        time.sleep(0.3)
-        log.append(("load end", spec.id, time.monotonic()))
-
-    def warm_up(self) -> None:
-        free = self.lock.acquire(block=False)
-        if free:
-            self.lock.release()
-        self.log.append(("warm", free))
-
-
-def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monkeypatch):
-    import multiprocessing
-
-    from qwen_image_server.models import runner as runner_module
-
-    lock = multiprocessing.get_context("spawn").Lock()
-    log: list = []
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
-    pipes = [Pipe() for _ in range(2)]
-    threads = [
-        threading.Thread(target=worker_main, args=(SimpleNamespace(id=m), "cuda:0", "auto", 1, theirs, f"{m}#0", 20, lock))
-        for m, (_, theirs) in zip("ab", pipes, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for ours, _ in pipes:
-        assert isinstance(_recv(ours), Ready)
-        ours.send(Stop())
-    for thread in threads:
-        thread.join(timeout=WAIT)
-    spans = {}
-    for event, *rest in log:
-        if event != "warm":
-            spans.setdefault(rest[0], []).append(rest[1])
-    (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
-    assert a_end <= b_start or b_end <= a_start, "the two loads overlapped"
-    assert lock.acquire(block=False), "released after loading"
-    lock.release()
-
-
-def test_warm_up_runs_after_the_lock_is_released_and_a_lock_never_released_is_waited_out(monkeypatch, caplog):
-    import multiprocessing
-
-    from qwen_image_server.models import runner as runner_module
-
-    lock = multiprocessing.get_context("spawn").Lock()
-    log: list = []
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
-
-    def serve_one(model: str) -> None:
-        ours, theirs = Pipe()
-        thread = threading.Thread(
-            target=worker_main, args=(SimpleNamespace(id=model), "cuda:0", "auto", 1, theirs, f"{model}#0", 20, lock)
-        )
-        thread.start()
-        try:
-            assert isinstance(_recv(ours), Ready)
-        finally:
-            ours.send(Stop())
-            thread.join(timeout=WAIT)
-
-    serve_one("a")
-    assert ("warm", True) in log
-
-    lock.acquire()  # held by a worker that was killed while loading
-    monkeypatch.setattr(worker_module, "LOAD_WAIT_SECONDS", 0.2)
-    serve_one("b")
-    assert "another worker on cuda:0 has been loading for 0s; loading now all the same" in caplog.text
-    lock.release()
-
-
-def test_each_gpu_has_one_load_lock_and_cpu_workers_none():
-    import multiprocessing
-
-    from qwen_image_server.engine.worker_process import load_lock
-
-    spawn = multiprocessing.get_context("spawn")
-    assert load_lock(spawn, "cpu") is None
-    assert load_lock(spawn, "cuda") is load_lock(spawn, "cuda:0") is not None
-    assert load_lock(spawn, "cuda:1") is not load_lock(spawn, "cuda:0")
 
 
 def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():

@@ -1,0 +1,85 @@
+"""A stand-in for ``PipelineRunner`` and the engine's end of a worker's pipe, for test_worker.py and
+test_worker_loading.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+
+from qwen_image_server.engine.worker import Done, Failed
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job
+
+#: torch's message for a CUDA out-of-memory error (one line, as torch 2.x writes it).
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free. "
+    "Process 4242 has 78.12 GiB memory in use. Of the allocated memory 75.01 GiB is allocated by PyTorch, and 1.50 GiB "
+    "is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
+
+
+WAIT = 30.0  # seconds any one message may take
+
+
+@dataclass
+class FakeRunner:
+    """What ``Worker`` uses of a ``PipelineRunner``. Prompts steer it: "boom" raises, "wait" runs until cancelled."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    last_stats: dict = field(default_factory=dict)
+    started: threading.Event = field(default_factory=threading.Event)
+    memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
+    speed: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(info={"compile": False}))
+    determinism: dict = field(default_factory=lambda: {"deterministic": False})
+
+    def run(self, job: Job, should_stop, on_partial) -> list[Image.Image]:
+        self.started.set()
+        for index in range(job.n):
+            for step in range(job.partial_images):
+                on_partial(index, step, Image.new("RGB", (8, 8), (step, 0, 0)))
+        if job.prompt == "boom":
+            raise RuntimeError("boom\nsecond line")
+        if job.prompt == "oom":
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+        if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
+            deadline = time.monotonic() + WAIT
+            while not should_stop():
+                assert time.monotonic() < deadline, "the task was never cancelled"
+                time.sleep(0.01)
+            raise TaskCancelled()
+        self.last_stats = {"transformer_calls": 2 * job.num_inference_steps}
+        return [Image.new("RGB", (job.width or 16, job.height or 16), (seed % 256, 0, 0)) for seed in job.seeds]
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def warm_up(self) -> None:
+        pass
+
+
+def job(prompt: str = "a red square", **fields) -> Job:
+    return Job(mode="generate", prompt=prompt, seeds=[3, 4], width=24, height=16, num_inference_steps=2, **fields)
+
+
+def recv(conn):
+    assert conn.poll(WAIT), "no message from the worker"
+    return conn.recv()
+
+
+def until_finished(conn, task_id: int) -> list:
+    """Messages up to and including the task's ``Done`` or ``Failed``."""
+    messages = []
+    while True:
+        message = recv(conn)
+        messages.append(message)
+        if isinstance(message, Done) and message.result.task_id == task_id:
+            return messages
+        if isinstance(message, Failed) and message.task_id == task_id:
+            return messages
