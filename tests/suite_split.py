@@ -41,20 +41,15 @@ def pytest_collection_modifyitems(items):
 _LAST_RAY_TEST: list[str] = []  # the node id of the last test that uses Ray, once the order is final
 
 
+def _any_server_case(item) -> str | None:
+    """The engine an ``any_server`` test runs on (``local`` or ``ray``); None for other tests."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("any_server") if callspec is not None else None
+
+
 def _uses_ray(item) -> bool:
-    callspec = getattr(item, "callspec", None)
     names = set(getattr(item, "fixturenames", ()))
-    return bool(names & {"ray_serve", "ray_server"}) or (callspec is not None and callspec.params.get("any_server") == "ray")
-
-
-def _uses_shared_server(item) -> bool:
-    """On the session's shared ``server`` (tests/conftest.py), not a module's own fixture of that name, or the
-    ``local`` case of ``any_server``."""
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("any_server") == "local":
-        return True
-    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get("server")
-    return bool(definitions) and definitions[-1].func.__module__ == "conftest"
+    return bool(names & {"ray_serve", "ray_server"}) or _any_server_case(item) == "ray"
 
 
 @pytest.hookimpl(trylast=True)
@@ -92,6 +87,15 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 # --- two processes: pytest -n 2 (pytest-xdist) -------------------------------------------------------
+
+
+def _uses_shared_server(item) -> bool:
+    """On the session's shared ``server`` (tests/conftest.py), not a module's own fixture of that name, or the
+    ``local`` case of ``any_server``."""
+    if _any_server_case(item) == "local":
+        return True
+    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get("server")
+    return bool(definitions) and definitions[-1].func.__module__ == "conftest"
 
 
 #: The modules with tests on the session's shared ``server`` (collection checks this list against the fixtures).
