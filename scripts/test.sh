@@ -47,7 +47,7 @@ echo "ruff format --check ${LINTED[*]}"
 ruff format --check "${LINTED[@]}"
 echo "ruff check ${LINTED[*]}"
 ruff check "${LINTED[@]}"
-# mypy (one thread; about 21 s without its cache, as in a fresh clone) runs beside pytest instead of before it,
+# mypy (one thread; about 13 s without its cache, as in a fresh clone) runs beside pytest instead of before it,
 # in the moments pytest's processes leave a core idle (start-up, waits on servers and timeouts). Its report comes
 # after pytest's. (--pdb and other options that need one process: pass -n 0 too.)
 MYPY_LOG="$(mktemp)"
