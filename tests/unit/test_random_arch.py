@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from qwen_image_server.cli import app as cli_app
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import EncodedImage, Job, JobResult
 from qwen_image_server.models.footprint import GIB, footprint
@@ -327,15 +329,17 @@ def test_cli_refuses_a_bad_random_source_with_exit_2():
 
 
 def test_plan_command_places_or_refuses_the_full_random_architecture():
-    """``qwen-image-server plan`` as a user runs it, on fake cards: the full-size random Qwen-Image does not fit a
-    48 GB card, whose plan is printed before the refusal; an 80 GB card holds it (in process above, same numbers)."""
-    command = [sys.executable, "-m", "qwen_image_server.cli", "plan", "--model", "random:Qwen/Qwen-Image"]
-    env = {**os.environ, "QIS_FAKE_GPUS": "48GiB", "QIS_MAX_IMAGE_SIDE": "1024"}
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "Qwen-Image: 57.4 GiB per worker at 1024x1024 (from architecture (random weights))" in refused.stdout
-    assert "cuda:0 QIS_FAKE_GPUS (48.0 GiB free of 48.0 GiB): nothing, 48.0 GiB headroom" in refused.stdout
-    assert "error: not enough GPU memory for model Qwen-Image (worker 1 of 1): each worker needs 57.4 GiB" in refused.stderr
+    """``qwen-image-server plan`` on fake cards (typer's runner, in this process: the command a user runs, without
+    a second import of torch for it): the full-size random Qwen-Image does not fit a 48 GB card, whose plan is
+    printed before the refusal; an 80 GB card holds it (make_plan above, same numbers)."""
+    args = ["plan", "--model", "random:Qwen/Qwen-Image"]
+    refused = CliRunner().invoke(cli_app, args, env={"QIS_FAKE_GPUS": "48GiB", "QIS_MAX_IMAGE_SIDE": "1024"})
+    assert refused.exit_code == 2, refused.output
+    assert "Qwen-Image: 57.4 GiB per worker at 1024x1024 (from architecture (random weights))" in refused.output
+    assert "cuda:0 QIS_FAKE_GPUS (48.0 GiB free of 48.0 GiB): nothing, 48.0 GiB headroom" in refused.output
+    assert "error: not enough GPU memory for model Qwen-Image (worker 1 of 1): each worker needs 57.4 GiB" in refused.output
+    fits = CliRunner().invoke(cli_app, args, env={"QIS_FAKE_GPUS": "80GiB", "QIS_MAX_IMAGE_SIDE": "1024"})
+    assert fits.exit_code == 0 and "the plan fits" in fits.output, fits.output
 
 
 def test_cli_serve_refuses_on_the_cpu_a_model_this_machine_cannot_hold():
