@@ -3,11 +3,13 @@
 The shared API tests run on both engines through the ``any_server`` fixture;
 this module covers what is specific to Ray: spreading over replicas (the shared
 app's two text-to-image replicas), Ray's queue bound, timeouts and cancellation
-through Ray, and replaced replicas (an app of one replica and one waiting request).
+through Ray (an app of one replica and one waiting request), and a killed replica
+replaced (the shared app's edit replica).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,10 +19,12 @@ import time
 import httpx
 import psutil
 import pytest
+from PIL import Image
 
 from conftest import post_in_thread
 
 GEN = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}  # minutes
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
@@ -45,11 +49,11 @@ def limits(ray_serve, tiny_t2i):
     serve.delete("limits")
 
 
-def _replica_pid(app: str) -> int:
-    """The process of the (only) model replica of ``app``, asked while it is idle."""
+def _replica_pid(app: str, deployment: str = "model0-tiny") -> int:
+    """The process of the (only) replica of a model's deployment in ``app``, asked while it is idle."""
     from ray import serve
 
-    return serve.get_deployment_handle("model0-tiny", app_name=app).pid.remote().result(timeout_s=60)
+    return serve.get_deployment_handle(deployment, app_name=app).pid.remote().result(timeout_s=60)
 
 
 def test_timeout_gives_504_and_frees_the_replica(limits):
@@ -104,31 +108,44 @@ def test_full_queue_gives_503(limits):
     assert ok.status_code == 200, ok.status_code
 
 
-def test_killed_replica_fails_its_task_and_is_replaced(limits):
-    pid = _replica_pid("limits")
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (40, 90, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
+    """The shared app's one edit replica, killed in the middle of a long edit. Not the ``limits`` app: on a busy
+    machine its 5 s task timeout could end the task before the kill, and the stream would report the timeout."""
+    deployment = "model1-qwen-image-edit-tiny"
+    pid = _replica_pid("main", deployment)
+    form = {"model": "qwen-image-edit-tiny", "prompt": "a long edit", "size": "1024x1024", "seed": "1"}
     box: dict = {}
 
     def stream() -> None:
-        with httpx.stream("POST", limits + GEN, json={**LONG, "stream": True}, timeout=300) as response:
+        long = {**form, "num_inference_steps": "1000", "stream": "true"}  # about 40 s on an idle core
+        files = {"image": ("in.png", _png(), "image/png")}
+        with httpx.stream("POST", ray_server.base_url + EDITS, data=long, files=files, timeout=300) as response:
             box["status"] = response.status_code
             box["text"] = "".join(response.iter_text())
 
     thread = threading.Thread(target=stream, daemon=True)
     thread.start()
-    _wait_until_computing(pid)  # the long task runs on the replica (its 5 s timeout has not passed)
+    _wait_until_computing(pid)  # the long edit runs on the replica
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=120)
     assert box["status"] == 200
     error = [json.loads(line[6:]) for line in box["text"].splitlines() if line.startswith("data: ") and '"type":"error"' in line]
     assert error and error[0]["error"]["message"].startswith("Inference failed"), box["text"]
+    short = {**form, "size": "256x256", "num_inference_steps": "2"}
     deadline = time.monotonic() + 120
     while True:
-        r = httpx.post(limits + GEN, json=SHORT, timeout=300)
+        r = httpx.post(ray_server.base_url + EDITS, data=short, files={"image": ("in.png", _png(), "image/png")}, timeout=300)
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert r.status_code == 200, r.status_code
-    assert _replica_pid("limits") != pid
+    assert _replica_pid("main", deployment) != pid
 
 
 def test_burst_overload_answers_json_503s_only(limits):
