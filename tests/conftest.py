@@ -322,6 +322,9 @@ def ray_serve(tmp_path_factory):
     from ray import serve
 
     os.environ.setdefault("IMAGE_OUTPUT_DIR", str(tmp_path_factory.mktemp("ray-images")))
+    # Serve's controller kills an HTTP proxy that is not ready within 5 s, and serve.start() then fails: seen on a
+    # 2-core machine with two busy loops beside the suite. Ray's processes inherit this from here.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -123,7 +123,7 @@ def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
     box: dict = {}
 
     def stream() -> None:
-        long = {**form, "num_inference_steps": "1000", "stream": "true"}  # about 40 s on an idle core
+        long = {**form, "num_inference_steps": "1000", "stream": "true"}  # 1000 steps at 1024x1024: tens of seconds
         files = {"image": ("in.png", _png(), "image/png")}
         with httpx.stream("POST", ray_server.base_url + EDITS, data=long, files=files, timeout=300) as response:
             box["status"] = response.status_code
