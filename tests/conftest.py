@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -211,6 +212,15 @@ def post_in_thread(url: str, body: dict, timeout: float | None = 600) -> tuple[I
     """POST ``body`` from a thread; the box gets ``response`` (or ``error`` when the client gave up)."""
     request = InFlight(url, timeout=timeout, json=body)
     return request, request.box
+
+
+def png_bytes(size: tuple[int, int] = (256, 256), color: tuple[int, int, int] = (40, 90, 200)) -> bytes:
+    """A PNG of one colour, for a request's image upload."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def concurrently(*calls):

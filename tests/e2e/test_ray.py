@@ -9,7 +9,6 @@ replaced (the shared app's edit replica).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,9 +18,8 @@ import time
 import httpx
 import psutil
 import pytest
-from PIL import Image
 
-from conftest import post_in_thread
+from conftest import png_bytes, post_in_thread
 
 GEN = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -108,12 +106,6 @@ def test_full_queue_gives_503(limits):
     assert ok.status_code == 200, ok.status_code
 
 
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (256, 256), (40, 90, 200)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
     """The shared app's one edit replica, killed in the middle of a long edit. Not the ``limits`` app: on a busy
     machine its 5 s task timeout could end the task before the kill, and the stream would report the timeout."""
@@ -124,7 +116,7 @@ def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
 
     def stream() -> None:
         long = {**form, "num_inference_steps": "1000", "stream": "true"}  # 1000 steps at 1024x1024: tens of seconds
-        files = {"image": ("in.png", _png(), "image/png")}
+        files = {"image": ("in.png", png_bytes(), "image/png")}
         with httpx.stream("POST", ray_server.base_url + EDITS, data=long, files=files, timeout=300) as response:
             box["status"] = response.status_code
             box["text"] = "".join(response.iter_text())
@@ -140,7 +132,9 @@ def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
     short = {**form, "size": "256x256", "num_inference_steps": "2"}
     deadline = time.monotonic() + 120
     while True:
-        r = httpx.post(ray_server.base_url + EDITS, data=short, files={"image": ("in.png", _png(), "image/png")}, timeout=300)
+        r = httpx.post(
+            ray_server.base_url + EDITS, data=short, files={"image": ("in.png", png_bytes(), "image/png")}, timeout=300
+        )
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(1)
