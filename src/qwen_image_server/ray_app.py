@@ -7,6 +7,8 @@ Importing it needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 
 from __future__ import annotations
 
+import os
+
 from ray import serve
 
 from .api.app import create_app
@@ -30,10 +32,18 @@ def app_builder(args: dict):
     return build_application(settings, resolve_configured(settings))
 
 
+#: Seconds Serve's controller gives a new HTTP proxy to be ready before it kills and restarts it (Serve's own default
+#: is 5): set for a Ray this command starts, whose processes inherit it, unless the environment sets it. On a 2-core
+#: machine made busy on purpose, the test suite saw the proxy killed that way and ``serve.start`` fail.
+PROXY_READY_CHECK_SECONDS = "60"
+
+
 def run(settings: Settings, specs: list[ModelSpec]) -> None:
     """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
     import ray
 
+    if settings.ray_address is None:  # a local Ray may start here (a running cluster keeps its own setting)
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_SECONDS)
     ray.init(address=settings.ray_address, ignore_reinit_error=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)
