@@ -10,12 +10,9 @@ chromium these tests are skipped with the missing piece named, except under CI
 
 from __future__ import annotations
 
-import base64
-import importlib.util
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,43 +20,25 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from playground_page import (  # tests/e2e/playground_page.py (pytest puts the test's folder on sys.path)
+    CHROMIUM_ARGS,
+    KEY,
+    SUBMIT,
+    chromium_path,
+    fill_generate,
+    is_idle,
+    missing,
+    missing_piece,
+    open_page,
+    record_form_data,
+    sent_form,
+    shown_image,
+    t2i_status,
+    wait_done,
+    wait_for,
+)
 
-KEY = "sk-playground-e2e"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SUBMIT = "#{} button[type=submit]"
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what}; CI must run the browser tests")
-    pytest.skip(what)
-
-
-def _chromium() -> str | None:
-    configured = os.environ.get("QIS_CHROMIUM")
-    if configured:
-        return configured if Path(configured).is_file() else None
-    return next((path for path in ("/usr/bin/chromium", shutil.which("chromium")) if path and Path(path).is_file()), None)
-
-
-def _missing_piece() -> str | None:
-    """What the browser tests lack to run here, or None."""
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (pip install playwright; the test extra has it)"
-    if _chromium() is None:
-        return "chromium is not installed (apt-get install chromium, or set QIS_CHROMIUM to a Chromium binary)"
-    return None
-
-
-MISSING = _missing_piece()
+MISSING = missing_piece()
 # Skipped before any fixture starts the shared server; under CI the browser fixture fails instead.
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))]
 
@@ -67,11 +46,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(MISSING is not None and not os
 @pytest.fixture(scope="module")
 def browser():
     if MISSING is not None:
-        _missing(MISSING)
+        missing(MISSING)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         yield launched
         launched.close()
 
@@ -87,25 +66,10 @@ def context(browser, server):
 
 @pytest.fixture
 def page(context, server):
-    page, errors = _open(context, server.base_url + "/")
+    page, errors = open_page(context, server.base_url + "/")
     yield page
     page.close()
     assert not errors, f"errors in the page: {errors}"
-
-
-def _open(context, url: str, viewport: dict | None = None):
-    """A new page at ``url`` with the API key given (typed into its field the first time); its error list."""
-    page = context.new_page()
-    if viewport:
-        page.set_viewport_size(viewport)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(url)
-    if not page.input_value("#api-key"):
-        page.fill("#api-key", KEY)
-        page.press("#api-key", "Tab")  # "change" stores it and loads the models
-    page.locator("#server-status[data-state=ready]").wait_for()
-    return page, errors
 
 
 @pytest.fixture
@@ -120,75 +84,6 @@ def shot(page, tmp_path):
     return take
 
 
-def _image(page, selector: str) -> Image.Image:
-    """The image an <img> shows (a blob: URL made by the page), read back through the page."""
-    data_url = page.eval_on_selector(
-        selector,
-        """async (img) => {
-            const blob = await (await fetch(img.src)).blob();
-            return await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(blob); });
-        }""",
-    )
-    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
-
-
-def _record_form_data(page) -> None:
-    """Keep the fields of every multipart body the page sends in ``window.sent`` (Chromium does not hand
-    Playwright bodies that hold files): {name: text, or [base64 of the file]}, and the names in order."""
-    page.evaluate(
-        """() => { window.sent = []; const send = window.fetch;
-        window.fetch = async (url, options = {}) => {
-            if (options.body instanceof FormData) {
-                const fields = {}, names = [];
-                for (const [name, value] of options.body.entries()) {
-                    names.push(name);
-                    if (!(value instanceof Blob)) { fields[name] = value; continue; }
-                    const data = await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(value); });
-                    fields[name] = [data.split(",", 2)[1]];
-                }
-                window.sent.push({ url: String(url), fields, names });
-            }
-            return send(url, options);
-        }; }"""
-    )
-
-
-def _sent_form(page) -> dict:
-    """The fields of the last multipart body the page sent (files as bytes)."""
-    sent = page.evaluate("window.sent")
-    assert sent, "the page sent no multipart request"
-    return {name: base64.b64decode(v[0]) if isinstance(v, list) else v for name, v in sent[-1]["fields"].items()}
-
-
-def _t2i_status(server) -> dict:
-    return httpx.get(server.base_url + "/ready", timeout=5).json()["models"]["qwen-image-tiny"]
-
-
-def _wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _idle(status: dict) -> bool:
-    return status["queued_jobs"] == 0 and all(worker["state"] == "idle" for worker in status["workers"])
-
-
-def _generate(page, prompt: str, steps: int, previews: int = 0) -> None:
-    page.click("nav [data-tab=generate]")
-    page.fill("#generate [name=prompt]", prompt)
-    page.fill("#generate [name=num_inference_steps]", str(steps))
-    page.select_option("#generate [name=partial_images]", str(previews))
-
-
-def _done(page) -> None:
-    """Wait for the run to end (the page has no eval under its CSP: no wait_for_function)."""
-    page.locator(",".join(f".run-state[data-state={s}]" for s in ("done", "failed", "cancelled"))).wait_for(state="attached")
-    assert page.get_attribute(".run-state", "data-state") == "done", page.inner_text(".run-text")
-
-
 def test_generate_shows_live_previews_before_the_image(page, shot):
     # What appears in the output panel, in order: previews (the strip) and results.
     page.evaluate(
@@ -197,7 +92,7 @@ def test_generate_shows_live_previews_before_the_image(page, shot):
             window.seen.push(r.target.className); if (r.target.className === 'run-text') window.texts.push(n.textContent); }
         }).observe(document.querySelector('.output'), {childList: true, subtree: true}); }"""
     )
-    _generate(page, "a red fox in the snow", steps=8, previews=3)
+    fill_generate(page, "a red fox in the snow", steps=8, previews=3)
     page.fill("#generate [name=seed]", "7")
     shot("1-form")
     with page.expect_request("**/v1/images/generations") as request:
@@ -209,7 +104,7 @@ def test_generate_shows_live_previews_before_the_image(page, shot):
     assert (body["width"], body["height"], body["seed"], body["num_inference_steps"]) == (256, 256, 7, 8)
     page.wait_for_selector(".previews img")
     shot("2-preview")
-    _done(page)
+    wait_done(page)
     shot("3-done")
     seen = page.evaluate("window.seen")
     assert "previews" in seen and "results" in seen
@@ -217,7 +112,7 @@ def test_generate_shows_live_previews_before_the_image(page, shot):
     assert page.locator(".previews img").count() == 3
     texts = page.evaluate("window.texts")
     assert any("step 6 of 8" in text for text in texts), texts  # the last preview comes after step 6 of 8
-    image = _image(page, ".results img")
+    image = shown_image(page, ".results img")
     assert image.size == (256, 256) and image.format == "PNG"
     assert "seed 7" in page.inner_text(".result-info")
 
@@ -226,7 +121,7 @@ def test_edit_with_a_painted_mask_changes_only_the_masked_region(page, shot, tmp
     x, y = np.meshgrid(np.arange(256), np.arange(256))
     source = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
     Image.fromarray(source).save(tmp_path / "input.png")
-    _record_form_data(page)
+    record_form_data(page)
     page.click("nav [data-tab=edit]")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "input.png"))
     canvas = page.wait_for_selector(".mask-paint")
@@ -243,7 +138,7 @@ def test_edit_with_a_painted_mask_changes_only_the_masked_region(page, shot, tmp
     with page.expect_request("**/v1/images/edits") as request:
         page.click(SUBMIT.format("edit"))
     assert request.value.headers["content-type"].startswith("multipart/form-data")
-    parts = _sent_form(page)
+    parts = sent_form(page)
     assert "mask" in parts and parts["stream"] == "true" and parts["prompt"] == "a full moon"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(parts["image"])).convert("RGB")), source)
     mask = np.asarray(Image.open(io.BytesIO(parts["mask"])).convert("RGBA"))[:, :, 3]
@@ -252,30 +147,30 @@ def test_edit_with_a_painted_mask_changes_only_the_masked_region(page, shot, tmp
     rows, cols = np.nonzero(edited)
     assert rows.min() < 0.25 * 256 and rows.max() < 0.55 * 256 and cols.max() < 0.55 * 256  # where the strokes went
     assert edited.mean() > 0.05
-    _done(page)
+    wait_done(page)
     page.wait_for_selector(".viewer .compare")  # before / after
     page.fill(".compare-slider", "80")
     shot("2-result")
-    result = np.asarray(_image(page, ".results img").convert("RGB"))
+    result = np.asarray(shown_image(page, ".results img").convert("RGB"))
     assert result.shape == source.shape
     assert np.array_equal(result[~edited], source[~edited]), "pixels outside the mask changed"
     assert (np.abs(result[edited].astype(int) - source[edited]).sum(axis=-1) > 0).mean() > 0.5
 
 
 def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
-    _record_form_data(page)
-    _generate(page, "a lighthouse", steps=4)
+    record_form_data(page)
+    fill_generate(page, "a lighthouse", steps=4)
     page.click(SUBMIT.format("generate"))
-    _done(page)
-    made = _image(page, ".results img")
+    wait_done(page)
+    made = shown_image(page, ".results img")
     page.click(".result-actions [data-action=vary]")
     assert page.locator("#variations .thumbs img").count() == 1
     page.fill("#variations [name=strength]", "0.5")
     page.fill("#variations [name=num_inference_steps]", "4")
     page.select_option("#variations [name=partial_images]", "1")
     page.click(SUBMIT.format("variations"))
-    _done(page)
-    sent = _sent_form(page)
+    wait_done(page)
+    sent = sent_form(page)
     assert sent["strength"] == "0.5" and sent["model"] == "qwen-image-tiny"
     assert Image.open(io.BytesIO(sent["image"])).tobytes() == made.tobytes()
     shot("1-variation")
@@ -288,7 +183,7 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
     page.fill("#edit [name=prompt]", "both together")
     page.fill("#edit [name=num_inference_steps]", "4")
     page.click(SUBMIT.format("edit"))
-    _done(page)
+    wait_done(page)
     sent = page.evaluate("window.sent")[-1]
     assert sent["names"].count("image[]") == 2 and "mask" not in sent["names"]
     assert sent["fields"]["model"] == "qwen-image-edit-plus-tiny"
@@ -296,25 +191,25 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
 
 
 def test_cancel_stops_the_job_on_the_server(page, shot, server):
-    _wait_for(lambda: _idle(_t2i_status(server)), "the shared server to be idle")
-    _generate(page, "a very long job", steps=900)
+    wait_for(lambda: is_idle(t2i_status(server)), "the shared server to be idle")
+    fill_generate(page, "a very long job", steps=900)
     page.click(SUBMIT.format("generate"))
-    _wait_for(lambda: any(w["state"] == "busy" for w in _t2i_status(server)["workers"]), "the job to run")
+    wait_for(lambda: any(w["state"] == "busy" for w in t2i_status(server)["workers"]), "the job to run")
     shot("1-running")
     stopped_before = server.logs(tail=None).count("stopped after")
     page.click(".cancel")
     page.locator(".run-state[data-state=cancelled]").wait_for()
     shot("2-cancelled")
-    _wait_for(lambda: server.logs(tail=None).count("stopped after") > stopped_before, "the server to log the task as stopped")
-    assert _idle(_t2i_status(server)), "the cancelled job still holds a worker"
-    _generate(page, "the next one", steps=4)
+    wait_for(lambda: server.logs(tail=None).count("stopped after") > stopped_before, "the server to log the task as stopped")
+    assert is_idle(t2i_status(server)), "the cancelled job still holds a worker"
+    fill_generate(page, "the next one", steps=4)
     page.click(SUBMIT.format("generate"))
-    _done(page)
+    wait_done(page)
     shot("3-next")
 
 
 def test_an_over_limit_size_is_shown_next_to_the_size_field(page, shot):
-    _generate(page, "too wide", steps=4)
+    fill_generate(page, "too wide", steps=4)
     page.fill("#generate [name=width]", "4096")
     page.click(SUBMIT.format("generate"))
     error = page.locator("#generate .size-field .error")
@@ -337,21 +232,21 @@ def test_busy_server_is_retried_after_retry_after(page, shot):
             route.continue_()
 
     page.route("**/v1/images/generations", busy_once)
-    _generate(page, "busy first", steps=4)
+    fill_generate(page, "busy first", steps=4)
     page.click(SUBMIT.format("generate"))
     page.locator(".run-text", has_text="server busy, retrying in 1 s").wait_for()
     shot("1-busy")
-    _done(page)
+    wait_done(page)
     assert len(calls) == 2
 
 
 def test_history_survives_a_reload_and_reruns(page, shot):
     from playwright.sync_api import expect
 
-    _generate(page, "kept in the history", steps=4)
+    fill_generate(page, "kept in the history", steps=4)
     page.fill("#generate [name=seed]", "123")
     page.click(SUBMIT.format("generate"))
-    _done(page)
+    wait_done(page)
     page.reload()
     page.click("nav [data-tab=history]")
     item = page.locator(".history-item", has_text="kept in the history").first
@@ -362,7 +257,7 @@ def test_history_survives_a_reload_and_reruns(page, shot):
     with page.expect_request("**/v1/images/generations") as request:
         item.locator("[data-action=rerun]").click()
     assert json.loads(request.value.post_data)["prompt"] == "kept in the history"
-    _done(page)
+    wait_done(page)
     page.click("nav [data-tab=history]")
     expect(page.locator(".history-item")).to_have_count(before + 1)
     page.locator(".history-item").first.locator("[data-action=open]").click()
@@ -375,7 +270,7 @@ def test_history_survives_a_reload_and_reruns(page, shot):
 
 
 def test_phone_width_has_no_horizontal_scroll(context, server, tmp_path):
-    page, errors = _open(context, server.base_url + "/playground", {"width": 390, "height": 844})
+    page, errors = open_page(context, server.base_url + "/playground", {"width": 390, "height": 844})
     for tab in ("generate", "edit", "variations", "history"):
         page.click(f"nav [data-tab={tab}]")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), tab
