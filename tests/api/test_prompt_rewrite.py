@@ -59,7 +59,7 @@ class ChatServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -72,13 +72,20 @@ def chat():
     server.close()
 
 
+REWRITE = {"enable_prompt_rewrite": True, "openai_api_key": API_KEY, "openai_model": "local-chat", "rewrite_retries": 1}
+
+
 @pytest.fixture(scope="module")
 def rewriting_server(make_api, tiny_t2i, tiny_edit, chat):
     return make_api(
-        {"tiny": tiny_t2i, "tiny-edit": tiny_edit},
-        enable_prompt_rewrite=True, openai_api_key=API_KEY, openai_base_url=chat.base_url,
-        openai_model="local-chat", rewrite_timeout=1.5, rewrite_retries=1,
-    ).client  # fmt: skip
+        {"tiny": tiny_t2i, "tiny-edit": tiny_edit}, openai_base_url=chat.base_url, rewrite_timeout=1.5, **REWRITE
+    ).client
+
+
+@pytest.fixture(scope="module")
+def impatient_server(make_api, tiny_t2i, chat):
+    """The same with a short rewrite timeout, for the chat server that hangs: two attempts wait 0.6 s, not 3."""
+    return make_api({"tiny": tiny_t2i}, openai_base_url=chat.base_url, rewrite_timeout=0.3, **REWRITE).client
 
 
 def _generate(client, prompt, **extra):
@@ -125,10 +132,11 @@ def test_edit_instructions_get_their_own_system_prompt(rewriting_server, chat):
 
 
 @pytest.mark.parametrize("marker,attempts", [("[error]", 2), ("[hang]", 2), ("[garbage]", 1), ("[empty]", 1)])
-def test_failures_fall_back_to_the_original_prompt(rewriting_server, chat, marker, attempts):
+def test_failures_fall_back_to_the_original_prompt(request, chat, marker, attempts):
+    client = request.getfixturevalue("impatient_server" if marker == "[hang]" else "rewriting_server")
     chat.requests.clear()
     prompt = f"a dog {marker}"
-    body = _generate(rewriting_server, prompt)
+    body = _generate(client, prompt)
     assert body["data"][0]["revised_prompt"] == prompt
     assert len(chat.requests) == attempts  # errors and timeouts are retried once; nonsense is not
 
