@@ -17,11 +17,12 @@ import warnings
 import zlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_OTHER_DATA_URL = re.compile(r"^data:([^;,]*)[;,]", re.ASCII)
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 #: The only decoders uploads reach (Pillow would otherwise try every format it knows: BMP, TIFF, PCX...).
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -33,6 +34,13 @@ def decode_base64_image(value: str, param: str) -> bytes:
     if value.startswith(("http://", "https://")):
         raise InvalidImage("image URLs are not fetched; send the image as base64 or a data URL", param=param)
     value = _DATA_URL.sub("", value, count=1)
+    other = _OTHER_DATA_URL.match(value)
+    if other:
+        kind = other.group(1) or "no media type"
+        raise InvalidImage(
+            f"'{param}' is a data URL of {kind}, not of an image: send a data:image/png, data:image/jpeg or data:image/webp URL",
+            param=param,
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -40,7 +48,8 @@ def decode_base64_image(value: str, param: str) -> bytes:
 
 
 def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Decode ``data`` fully, refusing anything that is not an image or is too large."""
+    """Decode ``data`` fully, refusing anything that is not an image or is too large. An EXIF orientation (a phone's
+    photo taken sideways) is applied, as browsers show the image."""
     if not data:
         raise InvalidImage(f"'{param}' is empty", param=param)
     try:
@@ -55,16 +64,20 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
             image.load()
     except InvalidImage:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own limit, before its size is read
+        raise InvalidImage(f"'{param}' has more than the {max_pixels} pixels this server accepts", param=param) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidImage(f"'{param}' is not a decodable image (PNG, JPEG or WebP)", param=param) from None
-    return image
+    return _upright(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (the same pixels when it has none); a damaged EXIF block is
+    ignored rather than refusing an image that decodes."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # Pillow raises several kinds on odd EXIF data
+        return image
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

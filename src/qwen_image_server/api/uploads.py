@@ -78,8 +78,8 @@ class TooManyFiles(InvalidRequest):
 
     code = "too_many_files"
 
-    def __init__(self, max_files: int):
-        super().__init__(f"too many files: at most {max_files} images and one mask per request", param="image")
+    def __init__(self, max_files: int, param: str = "image"):
+        super().__init__(f"too many files: at most {max_files} images and one mask per request", param=param)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -98,7 +98,7 @@ async def read_image_request(request: Request, model: type[M], max_files: int) -
     if content_type.startswith("multipart/form-data"):
         fields, images, mask = await _read_multipart(request, max_files)
     elif content_type.startswith("application/json"):
-        fields, images, mask = await _read_json(request)
+        fields, images, mask = await _read_json(request, max_files)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
     return _validate(model, fields), images, mask
@@ -122,6 +122,8 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
             if _IMAGE_FIELD.match(key):
                 images.append(Upload(await _form_bytes(value, key), key))
             elif key == "mask":
+                if mask is not None:  # a second mask part: refused, not one of them picked
+                    raise TooManyFiles(max_files, param="mask")
                 mask = Upload(await _form_bytes(value, key), key)
             elif isinstance(value, str):
                 fields[key] = value
@@ -147,7 +149,7 @@ def _json_image(value: object, param: str) -> Upload:
     return Upload(decode_base64_image(value, param), param)
 
 
-async def _read_json(request: Request) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_json(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
@@ -162,5 +164,9 @@ async def _read_json(request: Request) -> tuple[dict, list[Upload], Upload | Non
         values = value if isinstance(value, list) else [value]
         images += [_json_image(v, f"{key}[{i}]" if isinstance(value, list) else key) for i, v in enumerate(values)]
     mask_value = body.pop("mask", None)
+    if isinstance(mask_value, list):  # the forms ``image`` takes, a list included: of one mask
+        if len(mask_value) > 1:
+            raise TooManyFiles(max_files, param="mask")
+        mask_value = mask_value[0] if mask_value else None
     mask = _json_image(mask_value, "mask") if mask_value is not None else None
     return body, images, mask

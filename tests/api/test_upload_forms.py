@@ -1,0 +1,105 @@
+"""How edit uploads are read: one mask at most, in multipart and in JSON; EXIF orientation; data URLs and images
+too large for Pillow's own limit. In process, on the fake engine (its jobs show what the worker would get)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_errors import EDITS, _png, assert_error
+
+CLEAR = (0, 0, 0, 0)  # a transparent mask pixel: edit here
+
+
+@pytest.fixture
+def edits(fresh_api):
+    return fresh_api
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _mask(width: int = 256, height: int = 256) -> bytes:
+    return _png(width, height, "RGBA", CLEAR)
+
+
+def test_a_second_mask_part_is_refused_not_one_of_them_used(edits):
+    files = [
+        ("image", ("a.png", _png(), "image/png")),
+        ("mask", ("m.png", _mask(), "image/png")),
+        ("mask", ("n.png", _mask(), "image/png")),
+    ]
+    error = assert_error(edits.client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+    assert error["code"] == "too_many_files" and "one mask" in error["message"]
+    assert edits.engine.jobs == []
+
+
+def test_a_json_mask_may_be_a_list_of_one(edits):
+    body = {"prompt": "a cat", "image": [_b64(_png())], "mask": [_b64(_mask())], "num_inference_steps": 2}
+    response = edits.client.post(EDITS, json=body)
+    assert response.status_code == 200, response.text[:300]
+    ((_, job),) = edits.engine.jobs
+    assert job.mode == "inpaint" and job.mask is not None and job.mask.shape == (256, 256)
+
+
+def test_a_json_list_of_two_masks_is_refused(edits):
+    body = {"prompt": "a cat", "image": _b64(_png()), "mask": [_b64(_mask()), _b64(_mask())]}
+    error = assert_error(edits.client.post(EDITS, json=body), 400, param="mask")
+    assert error["code"] == "too_many_files"
+
+
+def _jpeg_turned(orientation: int) -> bytes:
+    """A 320x256 JPEG whose EXIF says how to turn it (6: a quarter turn clockwise, so it shows 256 wide, 320 high)."""
+    image = Image.new("RGB", (320, 256), (200, 40, 40))
+    image.paste((40, 40, 200), (0, 0, 160, 256))  # left half blue: where it lands shows the turn
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_the_exif_orientation_of_an_upload_is_applied(edits):
+    files = {"image": ("photo.jpg", _jpeg_turned(6), "image/jpeg")}
+    response = edits.client.post(EDITS, data={"prompt": "a hat", "num_inference_steps": "2"}, files=files)
+    assert response.status_code == 200, response.text[:300]
+    ((_, job),) = edits.engine.jobs
+    pixels = job.images[0]
+    assert pixels.shape[:2] == (320, 256)  # upright: taller than wide
+    top, bottom = pixels[:40].reshape(-1, 3).mean(axis=0), pixels[-40:].reshape(-1, 3).mean(axis=0)
+    assert top[2] > 150 > bottom[2]  # turned clockwise, the blue left half is on top
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its data is a few bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + head + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [5000, 12_000, 100_000])  # over the server's limit; over Pillow's (89 Mpx, 178 Mpx)
+def test_an_image_over_the_pixel_limit_says_so_whatever_its_size(edits, side):
+    files = {"image": ("big.png", _png_header(side, side), "image/png")}
+    error = assert_error(edits.client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="image")
+    assert "pixels this server accepts" in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("url", ["data:text/plain;base64,aGVsbG8=", "data:application/pdf;base64,aGVsbG8="])
+def test_a_data_url_of_something_else_than_an_image_says_so(edits, url):
+    error = assert_error(edits.client.post(EDITS, json={"prompt": "a cat", "image": url}), 400, param="image")
+    assert "not of an image" in error["message"] and "base64" not in error["message"]
+
+
+def test_an_image_data_url_still_decodes(edits):
+    body = {"prompt": "a cat", "image": "data:image/png;base64," + _b64(_png()), "num_inference_steps": 2}
+    assert edits.client.post(EDITS, json=body).status_code == 200
+    assert np.asarray(edits.engine.jobs[0][1].images[0]).shape == (256, 256, 3)
