@@ -172,6 +172,23 @@ def test_edit_runner_keeps_pixels_outside_the_mask(tiny_edit, height, width):
     assert not np.array_equal(out[mask == 255], image[mask == 255])
 
 
+def test_mask_edit_previews_are_at_the_final_size_with_the_input_kept(tiny_edit):
+    """The pipeline works at its own size (here not the input's): previews come at the size the final image has,
+    the input pasted back outside the mask, as the final image is made."""
+    runner = PipelineRunner(resolve_model(str(tiny_edit)), device="cpu")
+    height, width = 320, 256
+    image = np.random.default_rng(1).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    mask[64:192, 64:192] = 255
+    job = Job(mode="inpaint", prompt="p", seeds=[1], num_inference_steps=4, images=[image], mask=mask, partial_images=2)
+    previews = []
+    final = runner.run(job, on_partial=lambda i, j, preview: previews.append(np.asarray(preview)))[0]
+    assert final.size == (width, height) and len(previews) == 2
+    for preview in previews:
+        assert preview.shape == (height, width, 3)
+        assert np.array_equal(preview[mask == 0], image[mask == 0])
+
+
 def test_torchvision_check_sees_a_missing_torchvision(monkeypatch):
     import sys
 

@@ -7,6 +7,7 @@ benchmark in-process): diffusers pipelines keep per-call state on ``self``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -196,7 +197,7 @@ class PipelineRunner:
         """
         if should_stop():
             raise TaskCancelled()
-        preview = _Previews(job, on_partial) if job.partial_images and on_partial else None
+        preview: _Previews | None = None
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             if should_stop():
@@ -217,6 +218,7 @@ class PipelineRunner:
             output_type="pt",  # made 8-bit where the VAE ran: to_pil_images
         )
         pipe = self.pipe
+        finish: Callable[[Image.Image], Image.Image] = functools.partial(fit_to_job, job=job)  # image -> the client's
         if job.mode == "generate":
             kwargs.update(width=job.width, height=job.height)
         elif job.mode == "variation":
@@ -229,6 +231,7 @@ class PipelineRunner:
                 if job.mask is None:
                     raise ValueError("an inpaint job needs a mask")
                 kwargs.update(image=images[0], mask_image=Image.fromarray(job.mask), strength=1.0)
+                finish = _inpaint_finish(job, kwargs["image"], kwargs["mask_image"])
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
@@ -245,7 +248,8 @@ class PipelineRunner:
             self.speed.call(pipe),
             logged_compiles(self.spec, job),
         ):
-            if preview is not None:
+            if job.partial_images and on_partial:
+                preview = _Previews(job, on_partial, finish)
                 preview.attach(pipe)
             try:
                 result = to_pil_images(pipe(**kwargs).images)
@@ -255,15 +259,18 @@ class PipelineRunner:
         stats["prompt_encodings"] = self.prompt_cache.encoded - encoded
         stats["prompt_cache_hits"] = self.prompt_cache.reused - reused
         self.last_stats = stats
-        if job.mode == "inpaint":
-            original, mask = kwargs["image"], kwargs["mask_image"]
-            if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
-                from ..images import full_size_inpaint
+        return [finish(image) for image in result]
 
-                original, mask = full_size_inpaint(job.inpaint_source)
-            size = (job.out_width, job.out_height) if job.out_width and job.out_height else original.size
-            return [keep_unmasked(image, original, mask, size) for image in result]
-        return [fit_to_job(image, job) for image in result]
+
+def _inpaint_finish(job: Job, image: Image.Image, mask: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """What makes a mask edit's rendering (its previews too) the image the client gets: at the input's size (or the
+    job's), the input pasted back outside the mask."""
+    if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
+        from ..images import full_size_inpaint
+
+        image, mask = full_size_inpaint(job.inpaint_source)
+    size = (job.out_width, job.out_height) if job.out_width and job.out_height else image.size
+    return functools.partial(keep_unmasked, original=image, mask=mask, size=size)
 
 
 def processor_folder(spec: ModelSpec) -> Path:
@@ -324,9 +331,12 @@ class _Previews:
     current estimate of the final image, decoded with the pipeline's own VAE.
     """
 
-    def __init__(self, job: Job, on_partial: Callable[[int, int, Image.Image], None]):
+    def __init__(
+        self, job: Job, on_partial: Callable[[int, int, Image.Image], None], finish: Callable[[Image.Image], Image.Image]
+    ):
         self.job = job
         self.on_partial = on_partial
+        self.finish = finish  # as the final image is made: the client's size (and a mask edit's pasted original)
         self.steps: list[int] = []
         self.step_input = None
         self.img_shape = None
@@ -371,4 +381,4 @@ class _Previews:
         for index, image in enumerate(images):
             if image.size != full_size:
                 image = image.resize(full_size, Image.Resampling.BILINEAR)
-            self.on_partial(index, partial_index, fit_to_job(image, self.job))
+            self.on_partial(index, partial_index, self.finish(image))
