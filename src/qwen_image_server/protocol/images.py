@@ -5,9 +5,9 @@ Schemas only: what a value means is decided in ``serving/``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormatName = Literal["png", "jpeg", "webp"]
@@ -26,18 +26,41 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
 
 
-class _CommonRequest(BaseModel):
-    """Fields shared by generations, edits and variations."""
+#: Schema keys that describe the field, not the values it takes: they stay outside ``anyOf``.
+_FIELD_KEYS = ("title", "description", "default", "examples")
 
-    model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
+
+def _null_is_accepted(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The published schema says what validation does: every field with a default also takes null (as OpenAI's do)."""
+    for name, prop in schema.get("properties", {}).items():
+        field = model.model_fields.get(name)
+        if field is None or field.is_required() or "anyOf" in prop:  # anyOf: already ``X | None``
+            continue
+        values = {key: value for key, value in prop.items() if key not in _FIELD_KEYS}
+        schema["properties"][name] = {
+            **{key: value for key, value in prop.items() if key in _FIELD_KEYS},
+            "anyOf": [values, {"type": "null"}],
+        }
+
+
+class _CommonRequest(BaseModel):
+    """Fields shared by generations, edits and variations.
+
+    ``null`` in any field means what leaving the field out means (its default; for a required
+    ``prompt``: missing), as in OpenAI's API, where every optional field is nullable. Numbers must be
+    finite: NaN and Infinity (which Python's JSON reads) are refused, naming the field.
+    """
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=False, allow_inf_nan=False, json_schema_extra=_null_is_accepted)
 
     model: str | None = None
     prompt: str = ""
     n: int = Field(default=1, ge=1)
     size: str | None = None
     aspect_ratio: str | None = None
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
+    # No lower bound here: the side limits are the server's (``serving/sizes.py``), with one message for every size.
+    width: int | None = None
+    height: int | None = None
     response_format: ResponseFormat | None = None
     output_format: OutputFormatName = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100)
@@ -57,6 +80,13 @@ class _CommonRequest(BaseModel):
     prompt_rewrite: bool | None = None  # seed 002's prompt rewriting; default: the server's setting
     lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)  # a LoRA id's strength for this request
     cache: str | None = None  # step cache policy for this request ("none": off); default: the model's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
 
     @field_validator("output_format", mode="before")
     @classmethod

@@ -184,16 +184,17 @@ class ImageService:
             preview_scale=self.settings.preview_scale,
             cache=self._cache(req, spec),
             lora=lora,
-            lora_scale=self._lora_scale(req, lora),
+            lora_scale=self._lora_scale(req, spec, lora),
         )
 
-    def _lora_scale(self, req: _CommonRequest, lora: str | None) -> float | None:
+    def _lora_scale(self, req: _CommonRequest, model: ModelSpec, lora: str | None) -> float | None:
         """The request's LoRA strength: only for a LoRA id whose adapter is swapped in per request (not fused)."""
         if req.lora_scale is None:
             return None
         if lora is None:
             names = ", ".join(self.loras) or "none on this server"
-            raise InvalidRequest(f"lora_scale applies to a LoRA model id ({names}), not to {req.model}", param="lora_scale")
+            target = req.model or f"the default model ({model.id})"  # no model named: the one the request runs on
+            raise InvalidRequest(f"lora_scale applies to a LoRA model id ({names}), not to {target}", param="lora_scale")
         spec = self.loras[lora][1]
         if spec.fuse:
             raise InvalidRequest(

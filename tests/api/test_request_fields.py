@@ -1,0 +1,190 @@
+"""Request fields at their edges: null means the default, sizes below the server's minimum, numbers that are not
+finite, a LoRA strength without a model, a variation sent a mask. In process, on the fake engine (its jobs show
+what the worker would get)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+
+import pytest
+from test_errors import EDITS, GENERATIONS, _png, assert_error
+
+from qwen_image_server.protocol.images import EditRequest, GenerationRequest, VariationRequest
+
+VARIATIONS = "/v1/images/variations"
+
+
+@pytest.fixture(scope="module")
+def http(api):
+    return api.client
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _job_fields(job) -> dict:
+    """A job's settings, without its pixels (compared on their own)."""
+    return {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in ("images", "mask")}
+
+
+def _nulls(model, *keep: str) -> dict:
+    """Every field of a request model as null, but ``keep``."""
+    return dict.fromkeys((name for name in model.model_fields if name not in keep), None)
+
+
+# --- null means the default ------------------------------------------------------------------------
+
+
+def test_null_means_the_default_in_a_generation(api):
+    plain = {"prompt": "a windmill", "seed": 5}
+    for body in ({**plain, "n": None, "output_format": None}, {**_nulls(GenerationRequest, "prompt", "seed"), **plain}):
+        response = api.client.post(GENERATIONS, json=body)
+        assert response.status_code == 200, response.text[:300]
+        nulled = api.engine.jobs[-1][1]
+        reference = api.client.post(GENERATIONS, json=plain)
+        assert reference.status_code == 200, reference.text[:300]
+        assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
+        assert len(nulled.seeds) == 1 and nulled.output_format == "png"
+        assert response.json()["output_format"] == "png" and len(response.json()["data"]) == 1
+        assert response.json()["data"] == reference.json()["data"]
+
+
+def test_null_means_the_default_in_a_json_edit(api):
+    plain = {"prompt": "make it night", "image": _b64(_png()), "seed": 6}
+    for body in ({**plain, "n": None, "output_format": None}, {**_nulls(EditRequest, "prompt", "seed"), **plain}):
+        response = api.client.post(EDITS, json=body)
+        assert response.status_code == 200, response.text[:300]
+        nulled = api.engine.jobs[-1][1]
+        reference = api.client.post(EDITS, json=plain)
+        assert reference.status_code == 200, reference.text[:300]
+        assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
+        assert len(nulled.seeds) == 1 and nulled.output_format == "png" and nulled.mode == "edit"
+        assert response.json()["data"] == reference.json()["data"]
+
+
+def test_null_means_the_default_in_a_json_variation(api):
+    """``prompt`` and ``strength`` too: a variation's prompt is optional."""
+    plain = {"image": _b64(_png()), "seed": 7}
+    for body in (
+        {**plain, "n": None, "output_format": None, "strength": None, "prompt": None},
+        {**_nulls(VariationRequest, "seed"), **plain},
+    ):
+        response = api.client.post(VARIATIONS, json=body)
+        assert response.status_code == 200, response.text[:300]
+        nulled = api.engine.jobs[-1][1]
+        reference = api.client.post(VARIATIONS, json=plain)
+        assert reference.status_code == 200, reference.text[:300]
+        assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
+        assert (len(nulled.seeds), nulled.output_format, nulled.strength, nulled.prompt) == (1, "png", 0.6, "")
+        assert response.json()["data"] == reference.json()["data"]
+
+
+@pytest.mark.parametrize("path", [GENERATIONS, EDITS])
+def test_a_null_prompt_is_a_missing_prompt(http, path):
+    body = {"prompt": None} if path == GENERATIONS else {"prompt": None, "image": _b64(_png())}
+    assert_error(http.post(path, json=body), 400, param="prompt", message="Validation error: 'prompt' is required")
+
+
+def test_the_published_schemas_say_null_is_accepted(http):
+    """/openapi.json (and the edit and variation schemas) mark every field with a default nullable, as OpenAI's do."""
+    published = http.get("/openapi.json").json()["components"]["schemas"]["GenerationRequest"]
+    for schema in (published, EditRequest.model_json_schema(), VariationRequest.model_json_schema()):
+        for name, prop in schema["properties"].items():
+            if name == "prompt" and "prompt" in schema.get("required", []):
+                assert "anyOf" not in prop, prop
+                continue
+            assert {"type": "null"} in prop["anyOf"], (name, prop)
+    assert published["properties"]["n"] == {
+        "title": "N",
+        "default": 1,
+        "anyOf": [{"minimum": 1, "type": "integer"}, {"type": "null"}],
+    }
+    assert published["properties"]["output_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
+
+
+# --- lora_scale without a model -------------------------------------------------------------------
+
+
+def test_lora_scale_without_a_model_names_the_default_model(http):
+    error = assert_error(http.post(GENERATIONS, json={"prompt": "a", "lora_scale": 1}), 400, param="lora_scale")
+    assert error["message"] == (
+        "lora_scale applies to a LoRA model id (none on this server), not to the default model (qwen-image-tiny)"
+    )
+    named = assert_error(http.post(GENERATIONS, json={"prompt": "a", "model": "qwen-image-tiny", "lora_scale": 1}), 400)
+    assert named["message"].endswith("not to qwen-image-tiny")
+
+
+# --- width and height below the minimum ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(0, 0), (-16, 256), (256, 0), (16, 16), (240, 256), (256, -1)])
+def test_a_width_or_height_below_the_minimum_gets_the_size_range_message(http, width, height):
+    expected = f"width: width and height must be between 256 and 2048, got {width}x{height}"
+    response = http.post(GENERATIONS, json={"prompt": "a", "width": width, "height": height})
+    assert_error(response, 400, param="width", message=expected)
+    if width >= 0 and height >= 0:  # the same check as for size
+        same = assert_error(http.post(GENERATIONS, json={"prompt": "a", "size": f"{width}x{height}"}), 400, param="size")
+        assert same["message"] == "size" + expected.removeprefix("width")
+
+
+def test_width_and_height_in_edits_too(http):
+    expected = "width: width and height must be between 256 and 2048, got 0x0"
+    json_edit = http.post(EDITS, json={"prompt": "a", "image": _b64(_png()), "width": 0, "height": 0})
+    assert_error(json_edit, 400, param="width", message=expected)
+    files = {"image": ("a.png", _png(), "image/png")}
+    form_edit = http.post(EDITS, data={"prompt": "a", "width": "0", "height": "0"}, files=files)
+    assert_error(form_edit, 400, param="width", message=expected)
+
+
+def test_the_minimum_is_the_servers_own(make_api, tiny_t2i):
+    api = make_api({"qwen-image-tiny": tiny_t2i}, min_image_side=512, default_size="512x512")
+    response = api.client.post(GENERATIONS, json={"prompt": "a", "width": 256, "height": 256})
+    assert_error(response, 400, param="width", message="width: width and height must be between 512 and 2048, got 256x256")
+    assert api.client.post(GENERATIONS, json={"prompt": "a", "width": 512, "height": 512}).status_code == 200
+
+
+# --- numbers that are not finite --------------------------------------------------------------------
+
+NOT_FINITE = ["NaN", "Infinity", "-Infinity", "1e999"]  # Python's json reads all four (the last as inf)
+
+
+@pytest.mark.parametrize("literal", NOT_FINITE)
+@pytest.mark.parametrize("field", ["true_cfg_scale", "guidance_scale", "lora_scale"])
+def test_a_number_that_is_not_finite_is_refused(http, field, literal):
+    content = f'{{"prompt": "a", "{field}": {literal}}}'
+    response = http.post(GENERATIONS, content=content, headers={"content-type": "application/json"})
+    assert_error(response, 400, param=field, message=f"Validation error: {field}: Input should be a finite number")
+
+
+@pytest.mark.parametrize("literal", NOT_FINITE)
+def test_a_strength_that_is_not_finite_is_refused(http, literal):
+    content = f'{{"image": {json.dumps(_b64(_png()))}, "strength": {literal}}}'
+    response = http.post(VARIATIONS, content=content, headers={"content-type": "application/json"})
+    assert_error(response, 400, param="strength", message="Validation error: strength: Input should be a finite number")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-infinity"])
+def test_a_form_number_that_is_not_finite_is_refused(http, text):
+    files = {"image": ("a.png", _png(), "image/png")}
+    response = http.post(VARIATIONS, data={"strength": text}, files=files)
+    assert_error(response, 400, param="strength", message="Validation error: strength: Input should be a finite number")
+    response = http.post(EDITS, data={"prompt": "a", "true_cfg_scale": text}, files=files)
+    assert_error(response, 400, param="true_cfg_scale")
+
+
+# --- a variation sent a mask --------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the check is in api/routes.py (create_variation), outside this change: its param must be 'mask' when a mask is sent",
+)
+def test_a_variation_with_a_mask_names_the_mask(http):
+    mask = _png(256, 256, "RGBA", (0, 0, 0, 0))
+    as_json = http.post(VARIATIONS, json={"image": _b64(_png()), "mask": _b64(mask)})
+    assert_error(as_json, 400, param="mask")
+    files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", mask, "image/png"))]
+    assert_error(http.post(VARIATIONS, files=files), 400, param="mask")
