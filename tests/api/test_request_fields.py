@@ -178,10 +178,6 @@ def test_a_form_number_that_is_not_finite_is_refused(http, text):
 # --- a variation sent a mask --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the check is in api/routes.py (create_variation), outside this change: its param must be 'mask' when a mask is sent",
-)
 def test_a_variation_with_a_mask_names_the_mask(http):
     mask = _png(256, 256, "RGBA", (0, 0, 0, 0))
     as_json = http.post(VARIATIONS, json={"image": _b64(_png()), "mask": _b64(mask)})

@@ -15,6 +15,7 @@ from ..serving.rewrite import PromptRewriter
 from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
+from .head import HeadRequests
 from .metrics import Metrics, RequestMetrics, install_metrics
 from .playground import open_paths as playground_paths
 from .playground import router as playground_router
@@ -63,7 +64,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app.include_router(router)
     app.include_router(playground_router)
     install_metrics(app, metrics)
-    # Starlette runs the last added outermost: metrics, request ids, CORS, origin policy, API keys, body limit.
+    # Starlette runs the last added outermost: HEAD, metrics, request ids, CORS, origin policy, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     keys = settings.all_api_keys()
     if keys:
@@ -73,12 +74,13 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
             expose_headers=["X-Request-ID", "Retry-After", "X-Run-Start", "X-Run-End", "X-Workers"],
             max_age=600,
         )
     app.add_middleware(RequestIds)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # counts the middlewares' refusals too
+    app.add_middleware(HeadRequests, routes=app.router.routes)  # HEAD as GET, without a body: outside all the others
     install_request_id_logging()
     return app

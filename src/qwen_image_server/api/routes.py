@@ -9,7 +9,8 @@ import re
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.datastructures import URL
 
 from ..errors import InvalidRequest, NotFound, ServerError
 from ..images import b64
@@ -195,7 +196,9 @@ async def create_variation(request: Request) -> Response:
     """Variations of an image with the text-to-image model's img2img form (OpenAI's images.create_variation)."""
     service = _service(request)
     body, images, mask = await read_image_request(request, VariationRequest, 1)
-    if len(images) > 1 or mask is not None:
+    if mask is not None:
+        raise InvalidRequest("variations take exactly one image and no mask", param="mask")
+    if len(images) > 1:
         raise InvalidRequest("variations take exactly one image and no mask", param="image")
     return await _respond(request, service.prepare_variation(body, images[0] if images else None), body.model)
 
@@ -254,8 +257,8 @@ def _alias_card(alias: str, service: ImageService) -> dict:
     return {**card, "id": alias, "alias_of": name}
 
 
-@router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, request: Request) -> dict:
+@router.get("/v1/models/{model_id:path}", response_model=None)
+async def get_model(model_id: str, request: Request) -> dict | Response:
     """One served model or LoRA id."""
     service = _service(request)
     if model_id in service.loras:
@@ -263,8 +266,15 @@ async def get_model(model_id: str, request: Request) -> dict:
     if model_id in service.aliases:
         return _alias_card(model_id, service)
     if model_id not in service.models:
+        if model_id.endswith("/") or not model_id:  # ``/v1/models/``, ``/v1/models/ID/``: this path matched them
+            return _without_trailing_slash(request)
         raise NotFound(f"Model not found: {model_id}")
     return _model_card(service.models[model_id], service.engine)
+
+
+def _without_trailing_slash(request: Request) -> Response:
+    """The redirect (307) Starlette gives every other route's path with a trailing slash: to the path without it."""
+    return RedirectResponse(URL(scope={**request.scope, "path": request.scope["path"].rstrip("/")}))
 
 
 @router.get("/healthz")
