@@ -11,6 +11,8 @@ shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in 
 * a header timeout: a request head must be complete within N seconds of the connection
   opening or of the previous response ending (408 with the JSON envelope, then close);
 * a body timeout: the request body must be complete within N seconds of its head;
+  both 408s carry a request id like every error: the request's (``RequestIds`` named it
+  once its head was in), else the ``X-Request-ID`` of the partial head, else a new one;
 * the connection cap (``limit_concurrency``) answered with the JSON envelope (503, Retry-After);
 * requests cut off by shutdown answered with a JSON 503 ``shutting_down`` (Retry-After), or,
   when their answer had started, ended cleanly (an SSE ``error`` event for event streams).
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
+from .security import client_request_id
 
 #: Seconds a client is told to wait (Retry-After) after a refusal at the connection level.
 CAP_RETRY_AFTER = 1
@@ -33,16 +37,34 @@ SHUTDOWN_RETRY_AFTER = ShuttingDown.retry_after
 
 
 def envelope(message: str, code: str) -> dict:
-    """The project's error envelope for answers given below the application (no request id exists yet)."""
+    """The project's error envelope for the server's refusals given below the application (no request id exists)."""
     return error_envelope(message, type_="server_error", code=code)
 
 
-def _raw_response(status: int, reason: str, body: dict, retry_after: int | None = None) -> bytes:
+#: An ``X-Request-ID`` line of a request head that has not been parsed (h11 reads a head only once it is whole).
+_REQUEST_ID_LINE = re.compile(rb"\nx-request-id[ \t]*:[ \t]*([^\r\n]*)\r?\n", re.IGNORECASE)
+
+
+def _partial_head_request_id(data: bytes) -> str:
+    """The request id of a head that never finished: its ``X-Request-ID`` when a whole, usable one came, else a new one."""
+    found = _REQUEST_ID_LINE.search(data)
+    return client_request_id(found.group(1).strip().decode("latin-1") if found else None)
+
+
+def _timeout_response(message: str, request_id: str) -> bytes:
+    """408 for a request sent too slowly: the client's doing (``invalid_request_error``), with its request id."""
+    body = error_envelope(message, type_="invalid_request_error", code="request_timeout", request_id=request_id)
+    return _raw_response(408, "Request Timeout", body, request_id=request_id)
+
+
+def _raw_response(status: int, reason: str, body: dict, retry_after: int | None = None, request_id: str | None = None) -> bytes:
     """A complete HTTP/1.1 response that closes the connection, for when h11 has no request to answer."""
     data = json.dumps(body, separators=(",", ":")).encode()
     headers = f"content-type: application/json\r\ncontent-length: {len(data)}\r\nconnection: close\r\n"
     if retry_after is not None:
         headers += f"retry-after: {retry_after}\r\n"
+    if request_id is not None:
+        headers += f"x-request-id: {request_id}\r\n"
     return f"HTTP/1.1 {status} {reason}\r\n{headers}\r\n".encode() + data
 
 
@@ -123,20 +145,26 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         if self.conn.trailing_data[0]:  # part of a head came: tell the client why it is closed
-            self.logger.debug("closing a connection whose request head took over %ss", self.header_timeout)
-            body = envelope(f"Request head not received within {self.header_timeout:g} s", "request_timeout")
-            self.transport.write(_raw_response(408, "Request Timeout", body))
+            request_id = _partial_head_request_id(bytes(self.conn.trailing_data[0]))
+            self.logger.debug(
+                "closing a connection whose request head took over %ss (request %s)", self.header_timeout, request_id
+            )
+            message = f"Request head not received within {self.header_timeout:g} s"
+            self.transport.write(_timeout_response(message, request_id))
         self.transport.close()
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
             return
-        self.logger.info("closing a connection whose request body took over %ss", self.body_timeout)
         cycle = self.cycle
+        # The head is in, so the application has the request and RequestIds has named it in the scope's state.
+        named = cycle.scope.get("state", {}).get("request_id") if cycle is not None else None
+        request_id = named or client_request_id(None)
+        self.logger.info("closing a connection whose request body took over %ss (request %s)", self.body_timeout, request_id)
         if cycle is not None and not cycle.response_started:
-            body = envelope(f"Request body not received within {self.body_timeout:g} s", "request_timeout")
-            self.transport.write(_raw_response(408, "Request Timeout", body))
+            message = f"Request body not received within {self.body_timeout:g} s"
+            self.transport.write(_timeout_response(message, request_id))
         if cycle is not None:  # the application sees a disconnect and sends nothing more
             cycle.response_started = cycle.response_complete = cycle.disconnected = True
             cycle.message_event.set()

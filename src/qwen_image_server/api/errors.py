@@ -44,6 +44,11 @@ def _request_id(fallback: str | None = None) -> str | None:
     return fallback if current == "-" else current
 
 
+NOT_JSON = "Validation error: the request body is not valid JSON"
+#: pydantic's error types for a value that is not an object where a model (or a dict) is expected.
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -53,7 +58,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
-        return "Validation error: the request body is not valid JSON", None
+        return NOT_JSON, None
+    if param is None and first.get("type") in _NOT_AN_OBJECT:  # the body as a whole is not an object
+        if isinstance(first.get("input"), (bytes, bytearray)):  # not read as JSON: its Content-Type is not JSON's
+            return "Validation error: the request body must be a JSON object, sent with Content-Type: application/json", None
+        return "Validation error: the request body must be a JSON object", None
     if first.get("type") == "missing":
         if param is None:  # the whole body is missing
             return "Validation error: the request has no body; send a JSON object", None
@@ -79,6 +88,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            # FastAPI's "There was an error parsing the body": a JSON body that is not UTF-8 (UnicodeDecodeError) or
+            # nests deeper than the parser goes (RecursionError); malformed JSON is a validation error (above)
+            return error_response(400, NOT_JSON, type_="invalid_request_error", code="invalid_value")
         if exc.status_code == 404:
             message = f"Not found: {request.method} {request.url.path}"
         elif exc.status_code == 405:
