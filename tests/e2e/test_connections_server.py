@@ -168,6 +168,10 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, ti
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
     _wait_busy(server, "tiny", workers=2)
+    # SIGTERM to the whole process group, as systemd's default KillMode, `timeout` or `kill -- -PGID` send it: the
+    # workers leave it to the server, which ends them once its grace is over (none dies first and is restarted)
+    for pid in server.worker_pids("tiny"):
+        os.kill(pid, signal.SIGTERM)
     server.process.send_signal(signal.SIGTERM)
     thread.join(timeout=120)
     streamer.join(timeout=120)
@@ -186,4 +190,5 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, ti
     assert last.startswith("event: error") and '"code":"shutting_down"' in last, stream_box["text"][-500:]
     log = server.logs(tail=None)
     assert "Traceback" not in log and "shutting down" in log, log[-3000:]
+    assert "restarting" not in log and "exited (exit code" not in log, log[-3000:]
     assert not [f for f in folders if os.path.exists(f)], "exit-time cleanups ran"

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -370,7 +371,16 @@ def worker_main(
     log_level: int = logging.INFO,
     load_lock: LoadLock | None = None,
 ) -> None:
-    """Entry point of a worker process (started by ``spawn`` or forked by the forkserver, see worker_process.py)."""
+    """Entry point of a worker process (started by ``spawn`` or forked by the forkserver, see worker_process.py).
+
+    SIGTERM and SIGINT are the server's to act on, not the worker's: sent to the whole process group (systemd's
+    default KillMode, ``timeout``, ``kill -- -PGID``, Ctrl-C in a terminal) they would otherwise end the workers at
+    once, failing their running requests and having them restarted during the shutdown. The server ends its workers
+    itself, once running requests have had their grace: a ``Stop``, the pipe closing when the server is gone, or
+    SIGKILL when a worker does not stop."""
+    if threading.current_thread() is threading.main_thread():  # a worker process (tests also run it in a thread)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     worker = Worker.load(spec, device, dtype, threads, conn, name, load_lock)
     if worker is not None:
