@@ -148,7 +148,7 @@ def serve(
     cors_origin: Annotated[
         list[str] | None, typer.Option("--cors-origin", help="A web origin allowed to call the API; repeat.")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error", callback=lambda v: _log_level(v))] = "info",
 ) -> None:
     """Serve the OpenAI-compatible Images API."""
     options = dict(locals())
@@ -165,6 +165,16 @@ def serve(
         if isinstance(exc, PlanError):
             typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
         raise typer.Exit(2) from None
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: str) -> str:
+    """``--log-level``, checked where click reports a bad option (exit 2) rather than in ``logging`` (a traceback)."""
+    if value.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
 
 
 #: Command-line options that are Settings fields of another name.

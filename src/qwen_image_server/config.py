@@ -10,6 +10,7 @@ and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -287,8 +288,36 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return [part.strip() for part in value.split(",") if part.strip()] or ([""] if value.strip() else [])
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_key(cls, keys: list[str]) -> list[str]:
+        """A key given but blank (``--api-key ''``, ``QIS_API_KEYS=" , "``) would either turn keys off or let no
+        client in: refused. An empty variable is an unset one (no keys)."""
+        if any(not key.strip() for key in keys):
+            raise ValueError("an API key is empty (give every key, or none to serve without keys)")
+        return [key.strip() for key in keys]
+
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        """An empty host would make the server listen on every interface: refused, not taken as a default."""
+        if not value.strip():
+            raise ValueError("is empty: give the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+        return value.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """``auto``, or a comma-separated list of ``cpu``, ``cuda`` and ``cuda:N`` (one per worker slot)."""
+        entries = [entry.strip() for entry in value.split(",")]
+        if value.strip() == "auto":
+            return "auto"
+        if not all(entry == "cpu" or re.fullmatch(r"cuda(:\d+)?", entry) for entry in entries):
+            raise ValueError("must be auto, or cpu, cuda or cuda:N, or a comma-separated list of them (cuda:0,cuda:1)")
+        return ",".join(entries)
 
     def all_api_keys(self) -> list[str]:
         """The keys given directly and those in the keys file."""

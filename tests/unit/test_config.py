@@ -99,3 +99,50 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
     monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
     assert problem() == "invalid settings:\n  min_image_side must not exceed max_image_side"
+
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_refused_not_every_interface(monkeypatch, host):
+    with pytest.raises(ValidationError, match="is empty: give the address to listen on"):
+        Settings(host=host)
+    monkeypatch.setenv("QIS_HOST", host)  # HOST=${HOST} in a compose file, with HOST unset
+    with pytest.raises(ValidationError, match="is empty"):
+        Settings()
+    assert Settings(host=" 0.0.0.0 ").host == "0.0.0.0"
+
+
+def test_a_blank_api_key_is_refused_and_an_empty_variable_is_no_keys(monkeypatch):
+    with pytest.raises(ValidationError, match="an API key is empty"):
+        Settings(api_keys=[""])  # --api-key '': no client could get in
+    monkeypatch.setenv("QIS_API_KEYS", " , ")  # looks set, holds no key: keys would be off
+    with pytest.raises(ValidationError, match="an API key is empty"):
+        Settings()
+    monkeypatch.setenv("QIS_API_KEYS", "")
+    assert Settings().all_api_keys() == []
+    monkeypatch.setenv("QIS_API_KEYS", "k1, k2")
+    assert Settings().all_api_keys() == ["k1", "k2"]
+
+
+@pytest.mark.parametrize("device", ["", ",", "gpu", "mps", "cpu:0", "cuda:x", "cuda:0,,cuda:1", "auto,cpu"])
+def test_an_unknown_device_is_refused(device):
+    with pytest.raises(ValidationError, match="must be auto, or cpu, cuda or cuda:N"):
+        Settings(device=device)
+
+
+@pytest.mark.parametrize(
+    ("device", "kept"), [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), (" cuda:1 , cuda:0 ", "cuda:1,cuda:0")]
+)
+def test_known_devices_are_kept(device, kept):
+    assert Settings(device=device).device == kept
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback():
+    from typer.testing import CliRunner
+
+    from qwen_image_server.cli import app
+
+    for command in ("serve", "plan"):
+        result = CliRunner().invoke(app, [command, "--log-level", "verbose"])
+        assert result.exit_code == 2, result.output
+        assert "'verbose' is not one of debug, info, warning, error" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
