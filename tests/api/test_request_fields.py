@@ -38,48 +38,45 @@ def _nulls(model, *keep: str) -> dict:
 # --- null means the default ------------------------------------------------------------------------
 
 
-def test_null_means_the_default_in_a_generation(api):
-    plain = {"prompt": "a windmill", "seed": 5}
-    for body in ({**plain, "n": None, "output_format": None}, {**_nulls(GenerationRequest, "prompt", "seed"), **plain}):
-        response = api.client.post(GENERATIONS, json=body)
+def _as_plain(api, path: str, plain: dict, bodies: list[dict]) -> list:
+    """Each of ``bodies`` makes the job ``plain`` makes and gets its images; their jobs (and answers) are returned."""
+    answered = []
+    for body in bodies:
+        response = api.client.post(path, json=body)
         assert response.status_code == 200, response.text[:300]
         nulled = api.engine.jobs[-1][1]
-        reference = api.client.post(GENERATIONS, json=plain)
+        reference = api.client.post(path, json=plain)
         assert reference.status_code == 200, reference.text[:300]
         assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
-        assert len(nulled.seeds) == 1 and nulled.output_format == "png"
-        assert response.json()["output_format"] == "png" and len(response.json()["data"]) == 1
         assert response.json()["data"] == reference.json()["data"]
+        answered.append((nulled, response.json()))
+    return answered
+
+
+def test_null_means_the_default_in_a_generation(api):
+    plain = {"prompt": "a windmill", "seed": 5}
+    bodies = [{**plain, "n": None, "output_format": None}, {**_nulls(GenerationRequest, "prompt", "seed"), **plain}]
+    for job, answer in _as_plain(api, GENERATIONS, plain, bodies):
+        assert len(job.seeds) == 1 and job.output_format == "png"
+        assert answer["output_format"] == "png" and len(answer["data"]) == 1
 
 
 def test_null_means_the_default_in_a_json_edit(api):
     plain = {"prompt": "make it night", "image": _b64(_png()), "seed": 6}
-    for body in ({**plain, "n": None, "output_format": None}, {**_nulls(EditRequest, "prompt", "seed"), **plain}):
-        response = api.client.post(EDITS, json=body)
-        assert response.status_code == 200, response.text[:300]
-        nulled = api.engine.jobs[-1][1]
-        reference = api.client.post(EDITS, json=plain)
-        assert reference.status_code == 200, reference.text[:300]
-        assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
-        assert len(nulled.seeds) == 1 and nulled.output_format == "png" and nulled.mode == "edit"
-        assert response.json()["data"] == reference.json()["data"]
+    bodies = [{**plain, "n": None, "output_format": None}, {**_nulls(EditRequest, "prompt", "seed"), **plain}]
+    for job, _ in _as_plain(api, EDITS, plain, bodies):
+        assert len(job.seeds) == 1 and job.output_format == "png" and job.mode == "edit"
 
 
 def test_null_means_the_default_in_a_json_variation(api):
     """``prompt`` and ``strength`` too: a variation's prompt is optional."""
     plain = {"image": _b64(_png()), "seed": 7}
-    for body in (
+    bodies = [
         {**plain, "n": None, "output_format": None, "strength": None, "prompt": None},
         {**_nulls(VariationRequest, "seed"), **plain},
-    ):
-        response = api.client.post(VARIATIONS, json=body)
-        assert response.status_code == 200, response.text[:300]
-        nulled = api.engine.jobs[-1][1]
-        reference = api.client.post(VARIATIONS, json=plain)
-        assert reference.status_code == 200, reference.text[:300]
-        assert _job_fields(nulled) == _job_fields(api.engine.jobs[-1][1])
-        assert (len(nulled.seeds), nulled.output_format, nulled.strength, nulled.prompt) == (1, "png", 0.6, "")
-        assert response.json()["data"] == reference.json()["data"]
+    ]
+    for job, _ in _as_plain(api, VARIATIONS, plain, bodies):
+        assert (len(job.seeds), job.output_format, job.strength, job.prompt) == (1, "png", 0.6, "")
 
 
 @pytest.mark.parametrize("path", [GENERATIONS, EDITS])
