@@ -5,8 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -14,48 +12,30 @@ import typer
 from pydantic import AliasChoices, ValidationError
 
 from .config import Settings
+from .models.tiny import demo_model_entries, ensure_tiny_model
+
+__all__ = ["app", "demo_model_entries", "ensure_tiny_model", "main"]  # ensure_tiny_model: for bench/
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="OpenAI-compatible image server for Qwen-Image."
 )
 
-DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"qwen-image-server {__version__}")
+        raise typer.Exit()
 
 
-def demo_cache_dir() -> Path:
-    """Where the demo's tiny models are built once: the user's cache directory."""
-    import platformdirs
-
-    from .models.tiny import TINY_MODEL_VERSION
-
-    return Path(platformdirs.user_cache_dir("qwen-image-server")) / f"tiny-v{TINY_MODEL_VERSION}"
-
-
-def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Build a tiny model into ``folder`` unless a complete one is already there."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    from .models.tiny import build_tiny_model
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        build_tiny_model(staging, kind, seed=seed)  # type: ignore[arg-type]
-        staging.chmod(0o755)  # mkdtemp makes it private
-        try:
-            os.replace(staging, folder)
-        except OSError:  # built meanwhile by another process
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def demo_model_entries() -> list[str]:
-    """``ID=PATH`` of the demo's tiny models, building them on first use."""
-    root = demo_cache_dir()
-    return [f"{ident}={ensure_tiny_model(root / ident, kind)}" for ident, kind in DEMO_MODELS]
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """OpenAI-compatible image server for Qwen-Image."""
 
 
 @app.command("tiny-model")
@@ -69,13 +49,22 @@ def tiny_model(
 
     if kind not in TINY_KINDS:
         raise typer.BadParameter(f"choose one of {', '.join(TINY_KINDS)}", param_hint="--kind")
-    build_tiny_model(directory, kind, seed=seed)  # type: ignore[arg-type]
+    if directory.exists() and not directory.is_dir():
+        typer.echo(f"error: {directory} is a file, not a folder", err=True)
+        raise typer.Exit(2)
+    try:
+        build_tiny_model(directory, kind, seed=seed)  # type: ignore[arg-type]
+    except OSError as exc:  # a folder that cannot be made or written (/proc/x, no permission, disk full)
+        typer.echo(f"error: cannot write a model to {directory}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"wrote a tiny {kind} model to {directory}")
 
 
 @app.command()
 def serve(
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="[ID=]PATH_OR_HUB_ID; repeat for several.")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", metavar="[ID=]SOURCE", help="[ID=]PATH_OR_HUB_ID; repeat for several.")
+    ] = None,
     demo: Annotated[bool, typer.Option(help="Serve tiny offline models (built once into the cache).")] = False,
     host: Annotated[str | None, typer.Option(help="Bind address [HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [PORT].")] = None,
@@ -87,7 +76,9 @@ def serve(
     ] = None,
     workers: Annotated[
         list[str] | None,
-        typer.Option(help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE]; N@MODEL for one model; repeat."),
+        typer.Option(
+            metavar="N or N@MODEL", help="Worker processes (GPUs) per model [NUM_GPUS_TO_USE]; N@MODEL for one model; repeat."
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:0,cuda:1,...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")] = None,
@@ -115,17 +106,33 @@ def serve(
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")
     ] = None,
-    compile_sizes: Annotated[list[str] | None, typer.Option(help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")] = None,
-    cache: Annotated[
-        list[str] | None, typer.Option(help="Step cache POLICY[:KEY=VALUE,...][@MODEL]: fbcache, taylorseer or none.")
+    compile_sizes: Annotated[
+        list[str] | None, typer.Option(metavar="WxH,...[@MODEL]", help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")
     ] = None,
-    quantize: Annotated[list[str] | None, typer.Option(help="none or fp8[@MODEL]: FP8 linear layers in the transformer.")] = None,
-    cfg_batch: Annotated[list[str] | None, typer.Option(help="auto, on or off[@MODEL]: true CFG as one batch of two.")] = None,
-    attention_backend: Annotated[list[str] | None, typer.Option(help="diffusers attention backend[@MODEL].")] = None,
-    weights_dtype: Annotated[list[str] | None, typer.Option(help="auto or fp8[@MODEL]: FP8 weight storage.")] = None,
-    offload: Annotated[list[str] | None, typer.Option(help="none, text-encoder, group, model, sequential[@MODEL].")] = None,
+    cache: Annotated[
+        list[str] | None,
+        typer.Option(metavar="POLICY[@MODEL]", help="Step cache POLICY[:KEY=VALUE,...][@MODEL]: fbcache, taylorseer or none."),
+    ] = None,
+    quantize: Annotated[
+        list[str] | None,
+        typer.Option(metavar="none|fp8[@MODEL]", help="none or fp8[@MODEL]: FP8 linear layers in the transformer."),
+    ] = None,
+    cfg_batch: Annotated[
+        list[str] | None,
+        typer.Option(metavar="auto|on|off[@MODEL]", help="auto, on or off[@MODEL]: true CFG as one batch of two."),
+    ] = None,
+    attention_backend: Annotated[
+        list[str] | None, typer.Option(metavar="BACKEND[@MODEL]", help="diffusers attention backend[@MODEL].")
+    ] = None,
+    weights_dtype: Annotated[
+        list[str] | None, typer.Option(metavar="auto|fp8[@MODEL]", help="auto or fp8[@MODEL]: FP8 weight storage.")
+    ] = None,
+    offload: Annotated[
+        list[str] | None, typer.Option(metavar="MODE[@MODEL]", help="none, text-encoder, group, model, sequential[@MODEL].")
+    ] = None,
     vae_tiling: Annotated[
-        list[str] | None, typer.Option(help="off or on[@MODEL]: the VAE decodes and encodes in tiles (less memory).")
+        list[str] | None,
+        typer.Option(metavar="off|on[@MODEL]", help="off or on[@MODEL]: the VAE decodes and encodes in tiles (less memory)."),
     ] = None,
     deterministic: Annotated[
         bool | None,
@@ -135,18 +142,25 @@ def serve(
         list[str] | None,
         typer.Option(
             "--lora",
+            metavar="NAME=PATH[@MODEL]",
             help="NAME=PATH[:fuse=true,scale=S,preset=lightning,steps=N,...][@MODEL]; PATH a file or "
             "hf:ORG/NAME/FILE.safetensors (revision=REV); repeat.",
         ),
     ] = None,
     model_alias: Annotated[
         list[str] | None,
-        typer.Option("--model-alias", help="ALIAS=NAME: another name of a model or LoRA id (e.g. dall-e-3=qwen-image); repeat."),
+        typer.Option(
+            "--model-alias",
+            metavar="ALIAS=NAME",
+            help="ALIAS=NAME: another name of a model or LoRA id (e.g. dall-e-3=qwen-image); repeat.",
+        ),
     ] = None,
-    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="A key clients must send (Bearer); repeat.")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", metavar="KEY", help="A key clients must send (Bearer); repeat.")
+    ] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="A file of API keys, one per line.")] = None,
     cors_origin: Annotated[
-        list[str] | None, typer.Option("--cors-origin", help="A web origin allowed to call the API; repeat.")
+        list[str] | None, typer.Option("--cors-origin", metavar="ORIGIN", help="A web origin allowed to call the API; repeat.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error", callback=lambda v: _log_level(v))] = "info",
 ) -> None:
@@ -261,7 +275,6 @@ def plan(**options) -> None:
     """
     from .models.machine import FAKE_GPUS_ENV, FAKE_HOST_ENV, discover_gpus, parse_fake_gpus, parse_fake_host
     from .models.planner import PlanError, checked_plan
-    from .models.spec import resolve_configured
 
     logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -271,7 +284,7 @@ def plan(**options) -> None:
         fake_host = os.environ.get(FAKE_HOST_ENV)
         host = (lambda: parse_fake_host(fake_host)) if fake_host else None
         try:
-            result = checked_plan(resolve_configured(settings), settings, discover=discover, host=host)
+            result = checked_plan(checked_specs(settings, cuda=bool(fake)), settings, discover=discover, host=host)
         except PlanError as exc:
             typer.echo(exc.plan.table())
             raise
@@ -287,23 +300,31 @@ plan.__annotations__ = dict(serve.__annotations__)
 app.command("plan")(plan)
 
 
-def run_server(settings: Settings, log_level: str = "info") -> None:
-    """Check the models, then serve until interrupted. Model errors come before the port opens."""
+def checked_specs(settings: Settings, cuda: bool = False) -> list:
+    """The models ``settings`` asks for, refused (a ``ValueError``) as ``serve`` refuses them before anything loads:
+    ``serve`` and ``plan`` both call this, so that they cannot disagree. ``cuda``: plan for CUDA devices under
+    ``--device auto`` (``plan`` with ``QIS_FAKE_GPUS``) rather than ask this machine."""
     from .models.memory_modes import check_memory_modes
     from .models.spec import ModelConfigError, resolve_configured
 
-    specs = resolve_configured(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
-    check_memory_modes(specs, settings.device)
+    specs = resolve_configured(settings)
+    check_memory_modes(specs, "cuda" if cuda and settings.device.strip() == "auto" else settings.device)
+    if settings.engine == "ray" and settings.share_components:
+        raise ModelConfigError(
+            "--share-components needs the embedded engine: under --engine ray every model is its own deployment "
+            "(its own replica processes), which cannot share modules"
+        )
+    return specs
+
+
+def run_server(settings: Settings, log_level: str = "info") -> None:
+    """Check the models, then serve until interrupted. Model errors come before the port opens."""
+    specs = checked_specs(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
     _check_port_free(settings.host, settings.port)
     for spec in specs:
         also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
         logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
     if settings.engine == "ray":
-        if settings.share_components:
-            raise ModelConfigError(
-                "--share-components needs the embedded engine: under --engine ray every model is its own deployment "
-                "(its own replica processes), which cannot share modules"
-            )
         from . import ray_app
 
         ray_app.run(settings, specs)

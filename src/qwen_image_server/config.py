@@ -30,6 +30,58 @@ QUALITY_STEPS: dict[str, int | None] = {
 }
 
 
+#: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT``.
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+#: Sides are multiples of this (Qwen-Image's 16-pixel latent patches).
+SIZE_MULTIPLE = 16
+#: What a request's ``lora_scale`` and ``true_cfg_scale`` accept (protocol/images.py): a LoRA's configured scale and
+#: preset true_cfg_scale, which are those fields' defaults, are held to the same bounds.
+LORA_SCALE_LIMITS = (0.0, 2.0)
+TRUE_CFG_SCALE_LIMITS = (0.0, 20.0)
+
+
+def side_problem(width: int, height: int, lo: int, hi: int) -> str | None:
+    """Why ``width``x``height`` is not a size requests may ask for under the side limits ``lo``..``hi``, or None."""
+    for side in (width, height):
+        if not lo <= side <= hi:
+            return f"width and height must be between {lo} and {hi}, got {width}x{height}"
+        if side % SIZE_MULTIPLE:
+            return f"width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}"
+    return None
+
+
+def size_problem(size: object, lo: int, hi: int) -> str | None:
+    """Why ``size`` (a configured default or warmed size) is not a ``size`` requests may give under the side limits
+    ``lo``..``hi``, or None: the rules of requests, so that a configured size is always a valid request value."""
+    match = SIZE_PATTERN.match(size) if isinstance(size, str) else None
+    if not match:
+        return f"must be WIDTHxHEIGHT (like 1024x1024), got {size!r}"
+    return side_problem(int(match.group(1)), int(match.group(2)), lo, hi)
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why images could never be stored in ``directory`` (it is a file), or None. A folder that does not exist yet is
+    fine: it is made when the first image is stored."""
+    path = Path(directory).expanduser()
+    return "is a file, not a folder" if path.exists() and not path.is_dir() else None
+
+
+def looks_like_path(source: str) -> bool:
+    """True when a model source names a local folder rather than a hub id (``ORG/NAME``)."""
+    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def source_key(source: str) -> str:
+    """What makes two configured sources one model: a local folder's resolved path (``X``, ``X/``, ``./X`` and its
+    absolute path are one folder), a hub id or ``random:`` source as it is spelled."""
+    if not source or source.startswith("random:") or not looks_like_path(source):
+        return source
+    try:
+        return str(Path(source).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symlink loop: compared as given
+        return source
+
+
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -284,6 +336,16 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("image_output_dir")
+    @classmethod
+    def _output_dir_usable(cls, value: Path) -> Path:
+        """A regular file cannot hold url images: refused at start rather than a 500 on every url response. A folder
+        that does not exist yet is made when the first image is stored."""
+        problem = directory_problem(value)
+        if problem:
+            raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
+        return value
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -371,7 +433,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_sides(self) -> Settings:
         if self.min_image_side > self.max_image_side:
-            raise ValueError("min_image_side must not exceed max_image_side")
+            raise ValueError(f"QIS_MIN_IMAGE_SIDE={self.min_image_side} must not exceed QIS_MAX_IMAGE_SIDE={self.max_image_side}")
+        if "default_size" in self.model_fields_set:  # the size of every request that gives none: a valid request size
+            problem = size_problem(self.default_size, self.min_image_side, self.max_image_side)
+            if problem:
+                raise ValueError(f"QIS_DEFAULT_SIZE: {problem} (the size of requests that give none)")
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
@@ -404,19 +470,23 @@ class Settings(BaseSettings):
         seen: set[str] = set()
         unique: list[tuple[str | None, str]] = []
         for entry in self._all_entries():
-            if entry[1] not in seen:
-                seen.add(entry[1])
+            key = source_key(entry[1])
+            if key not in seen:
+                seen.add(key)
                 unique.append(entry)
         return unique
 
     def repeated_sources(self) -> list[tuple[str, str]]:
         """``(id, source)`` of each repeat that ``model_entries`` leaves out and that names an id of its own
-        (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X."""
-        first: dict[str, str | None] = {}
+        (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X.
+        ``source`` is spelled as the served entry spells it; local folders are one source when their resolved paths
+        are (``X``, ``X/``, ``./X`` and its absolute path), hub ids when they are the same string."""
+        first: dict[str, tuple[str | None, str]] = {}
         repeated: list[tuple[str, str]] = []
         for ident, source in self._all_entries():
-            if source not in first:
-                first[source] = ident
-            elif ident and ident != first[source] and (ident, source) not in repeated:
-                repeated.append((ident, source))
+            key = source_key(source)
+            if key not in first:
+                first[key] = (ident, source)
+            elif ident and ident != first[key][0] and (ident, first[key][1]) not in repeated:
+                repeated.append((ident, first[key][1]))
         return repeated

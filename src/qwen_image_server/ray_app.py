@@ -44,6 +44,9 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
 
     if settings.ray_address is None:  # a local Ray may start here (a running cluster keeps its own setting)
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_SECONDS)
-    ray.init(address=settings.ray_address, ignore_reinit_error=True)
+    try:
+        ray.init(address=settings.ray_address, ignore_reinit_error=True)
+    except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
+        raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import shutil
 
 import pytest
 from test_errors import EDITS, GENERATIONS, _png, assert_error
@@ -136,8 +137,11 @@ def test_width_and_height_in_edits_too(http):
     assert_error(form_edit, 400, param="width", message=expected)
 
 
-def test_the_minimum_is_the_servers_own(make_api, tiny_t2i):
-    api = make_api({"qwen-image-tiny": tiny_t2i}, min_image_side=512, default_size="512x512")
+def test_the_minimum_is_the_servers_own(make_api, tiny_t2i, tmp_path):
+    model = shutil.copytree(tiny_t2i, tmp_path / "tiny-512")  # its sidecar's default size within the new limits
+    sidecar = model / "qwen_image_server.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "default_size": "512x512"}))
+    api = make_api({"qwen-image-tiny": model}, min_image_side=512)
     response = api.client.post(GENERATIONS, json={"prompt": "a", "width": 256, "height": 256})
     assert_error(response, 400, param="width", message="width: width and height must be between 512 and 2048, got 256x256")
     assert api.client.post(GENERATIONS, json={"prompt": "a", "width": 512, "height": 512}).status_code == 200

@@ -98,7 +98,7 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     monkeypatch.delenv("QIS_MAX_N")
     monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
     monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
-    assert problem() == "invalid settings:\n  min_image_side must not exceed max_image_side"
+    assert problem() == "invalid settings:\n  QIS_MIN_IMAGE_SIDE=2048 must not exceed QIS_MAX_IMAGE_SIDE=512"
 
 
 @pytest.mark.parametrize("host", ["", "  "])

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..config import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
 from .profile import LoraSpec, ProfileError, parse_bool, split_scoped
 
 #: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``
@@ -91,6 +92,7 @@ def parse_lora_flag(text: str) -> LoraSpec:
     scale, fuse = 1.0, False
     if "scale" in options:
         scale = _number(options.pop("scale"), float, name, "scale")
+        _in_request_range(scale, LORA_SCALE_LIMITS, "lora_scale", name, "scale", "--lora")
     if "fuse" in options:
         fuse = _flag_bool(options.pop("fuse"), name, "fuse")
     revision = options.pop("revision", None)
@@ -159,6 +161,7 @@ def _check_preset(data: dict, name: str, where: str) -> dict:
             raise LoraError(f"LoRA {name} ({where}): steps must be at least 1")
     if "true_cfg_scale" in data:
         out["true_cfg_scale"] = _number(data["true_cfg_scale"], float, name, "true_cfg_scale")
+        _in_request_range(out["true_cfg_scale"], TRUE_CFG_SCALE_LIMITS, "true_cfg_scale", name, "true_cfg_scale", where)
     scheduler = data.get("scheduler", {})
     if not isinstance(scheduler, dict):
         raise LoraError(f"LoRA {name} ({where}): scheduler must be an object of scheduler fields")
@@ -170,6 +173,13 @@ def _check_preset(data: dict, name: str, where: str) -> dict:
     if checked:
         out["scheduler"] = checked
     return out
+
+
+def _in_request_range(value: float, limits: tuple[float, float], field: str, name: str, key: str, where: str) -> None:
+    """A LoRA's configured ``key`` is refused outside what a request's ``field`` accepts (it is that field's default)."""
+    low, high = limits
+    if not low <= value <= high:
+        raise LoraError(f"LoRA {name} ({where}): {key} must be between {low} and {high}, as a request's {field}, got {value:g}")
 
 
 def _scheduler_value(key: str, value: Any, name: str) -> Any:

@@ -23,6 +23,27 @@ _PROFILE_CHANGES = (
 )
 
 
+def profiles_allowed(profiles, device: str) -> bool:
+    """Whether every run profile of ``{model: profile}`` (a suggestion's change) passes the checks ``serve`` and
+    ``plan`` make before loading (``check_compile``, ``check_mode`` on ``device``): a refusal suggests no flag that
+    would itself be refused."""
+    from .memory_modes import check_mode
+    from .profile import ProfileError, check_compile
+
+    try:
+        for model, profile in (profiles or {}).items():
+            check_compile(model, profile)
+            check_mode(model, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
+    except ProfileError:
+        return False
+    return True
+
+
+def allowed_only(fits, device: str):
+    """``fits`` (``(**changes)`` -> ``(fits, footprints)``) answering ``(False, {})`` for profiles that are refused."""
+    return lambda **kw: fits(**kw) if profiles_allowed(kw.get("profiles"), device) else (False, {})
+
+
 def needs(fp, device: str = "the GPU") -> str:
     """What one worker's figure is made of (weights by component, working memory, process, loading)."""
     parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())

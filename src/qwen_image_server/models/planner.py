@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from .footprint import GIB, Footprint, human
 from .host_memory import cpu_need, cpu_suggestions, host_needs, host_refusal, mixed_refusal, offload_refusal
 from .machine import Gpu, HostMemory, count_gpus_in_process, discover_gpus, discover_host_memory
-from .plan_advice import changed_settings, refusal, suggest
+from .plan_advice import allowed_only, changed_settings, profiles_allowed, refusal, suggest
 from .plan_footprints import footprints_for, whole_footprints, with_cpu_needs
 from .plan_groups import expand_groups, group_name, group_needs, group_slots, shared_keys
 from .spec import ModelConfigError, ModelSpec
@@ -303,8 +303,7 @@ def make_plan(
     placed, failed = _arrange(specs, fps, settings, gpus, keys)
     plan.placements = placed  # all of them, or what did fit (for the table)
 
-    def fits(**kw):
-        return _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw)
+    fits = allowed_only(lambda **kw: _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw), "cuda")
 
     if isinstance(failed, str):
         raise PlanError(failed, plan)
@@ -344,7 +343,7 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
 
     def fits(profiles=None, share=False, **changes) -> bool:
         changed_fps, changed_placements = arrange(changed_settings(settings, **changes), share, profiles)
-        return cpu_need(changed_placements, changed_fps)[0] <= host.available
+        return profiles_allowed(profiles, "cpu") and cpu_need(changed_placements, changed_fps)[0] <= host.available
 
     model = max(per_model, key=per_model.__getitem__)
     suggestions = cpu_suggestions(model, specs, settings, fits)

@@ -13,8 +13,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from ..config import looks_like_path, size_problem
 from .lora_check import resolve_loras
-from .profile import PROFILE_KEYS, LoraSpec, ProfileError, RunProfile, build_profile, parse_lora, scoped_targets
+from .profile import (
+    PROFILE_KEYS,
+    LoraSpec,
+    ProfileError,
+    RunProfile,
+    build_profile,
+    parse_lora,
+    scoped_targets,
+    scoped_value,
+)
 
 ModelKind = Literal["text-to-image", "edit", "edit-plus"]
 
@@ -72,7 +82,20 @@ class ModelSpec:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+    return looks_like_path(source)
+
+
+def _json_object(path: Path, shown: str) -> dict:
+    """The JSON object in ``path`` (shown as ``shown`` in errors), or a ``ModelConfigError`` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelConfigError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # invalid JSON, or not UTF-8
+        raise ModelConfigError(f"{shown} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{shown} must hold a JSON object, not {type(data).__name__} {json.dumps(data)[:60]}")
+    return data
 
 
 def split_revision(source: str) -> tuple[str, str | None]:
@@ -95,8 +118,8 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
         if not index_file.is_file():
             raise ModelConfigError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
         sidecar_file = folder / SIDECAR_NAME
-        sidecar = json.loads(sidecar_file.read_text(encoding="utf-8")) if sidecar_file.is_file() else {}
-        return json.loads(index_file.read_text(encoding="utf-8")), sidecar
+        index = _json_object(index_file, str(index_file))
+        return index, _json_object(sidecar_file, str(sidecar_file)) if sidecar_file.is_file() else {}
     try:
         from huggingface_hub import hf_hub_download
 
@@ -110,8 +133,8 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     except Exception:
         pass
     else:
-        sidecar = json.loads(Path(sidecar_download).read_text(encoding="utf-8"))
-    return json.loads(Path(index_download).read_text(encoding="utf-8")), sidecar
+        sidecar = _json_object(Path(sidecar_download), f"{SIDECAR_NAME} of hub model {source}")
+    return _json_object(Path(index_download), f"model_index.json of hub model {source}"), sidecar
 
 
 def default_model_id(source: str) -> str:
@@ -126,6 +149,9 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
     ``source`` is a folder, a hub id, a hub id at a revision (``ORG/NAME@REVISION``),
     or a random-weight architecture (``random:ORG/NAME[?KEY=VALUE&...]``, see ``random_source.py``).
     """
+    if not source.strip():  # --model '' or --model ID=: said so, not "a folder named '' is not a pipeline"
+        given = "" if ident is None else f"{ident}="
+        raise ModelConfigError(f"--model {given!r} (or QIS_MODELS): the model source is empty (expected [ID=]PATH_OR_HUB_ID)")
     if source.startswith("random:"):
         from .random_source import resolve_random
 
@@ -204,6 +230,7 @@ def resolve_configured(settings) -> list[ModelSpec]:
     """
     _check_not_scoped_to_aliases(settings)
     specs = resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
+    _check_configured_defaults(specs, settings)
     _check_model_workers(specs, settings)
     specs = _with_aliases(specs, settings)
     return [_with_warm_default(spec, settings.default_size) for spec in specs]
@@ -272,6 +299,36 @@ def _check_model_workers(specs: list[ModelSpec], settings) -> None:
             f"--share-components runs worker slot i of every model in one process, so every model needs the same number "
             f"of workers (here: {given}); give one --workers N"
         )
+
+
+def _sidecar_of(spec: ModelSpec) -> str:
+    """Where a model's own options come from, as errors name it."""
+    return spec.source if spec.is_random else f"{spec.source}/{SIDECAR_NAME}"
+
+
+def _check_configured_defaults(specs: list[ModelSpec], settings) -> None:
+    """A model's own ``default_size`` and ``default_steps`` and its warmed ``compile_sizes`` are held to the limits
+    requests are held to, so that they are valid request values: refused at start rather than failing every request."""
+    lo, hi = settings.min_image_side, settings.max_image_side
+    for spec in specs:
+        where = _sidecar_of(spec)
+        if "default_size" in spec.options:
+            problem = size_problem(spec.options["default_size"], lo, hi)
+            if problem:
+                raise ModelConfigError(f"{where}: default_size {problem} (the size of requests that give none)")
+        if "default_steps" in spec.options:
+            steps = spec.options["default_steps"]
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= settings.max_steps:
+                raise ModelConfigError(
+                    f"{where}: default_steps must be an integer from 2 to {settings.max_steps} (QIS_MAX_STEPS), as "
+                    f"requests' num_inference_steps, got {steps!r}"
+                )
+        flagged = scoped_value(list(settings.compile_sizes), spec.id) is not None
+        for size in spec.profile.compile_sizes:
+            problem = size_problem(size, lo, hi)
+            if problem:
+                given = "--compile-sizes (QIS_COMPILE_SIZES)" if flagged else f"{where}: compile_sizes"
+                raise ModelConfigError(f"{given} for model {spec.id}: {problem} (a warmed size must be a valid request size)")
 
 
 def _with_warm_default(spec: ModelSpec, default_size: str) -> ModelSpec:

@@ -9,6 +9,9 @@ touches the network.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -226,3 +229,38 @@ def _store_as_standard_processor(out: Path) -> None:
     tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     tokenizer["processor_class"] = "Qwen2VLProcessor"
     tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")
+
+
+DEMO_MODELS = (("qwen-image-tiny", "text-to-image"), ("qwen-image-edit-tiny", "edit"))
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo's tiny models are built once: the user's cache directory."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qwen-image-server")) / f"tiny-v{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
+    """Build a tiny model into ``folder`` unless a complete one is already there."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build_tiny_model(staging, kind, seed=seed)  # type: ignore[arg-type]
+        staging.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.replace(staging, folder)
+        except OSError:  # built meanwhile by another process
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def demo_model_entries() -> list[str]:
+    """``ID=PATH`` of the demo's tiny models, building them on first use."""
+    root = demo_cache_dir()
+    return [f"{ident}={ensure_tiny_model(root / ident, kind)}" for ident, kind in DEMO_MODELS]

@@ -4,15 +4,14 @@ side limits, and the size arithmetic of Qwen-Image (16-pixel latent patches, edi
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-from ..config import Settings
+from ..config import SIZE_MULTIPLE, SIZE_PATTERN, Settings, side_problem
 from ..errors import InvalidRequest
 from ..protocol.images import ASPECT_RATIOS, _CommonRequest
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-SIZE_MULTIPLE = 16
+_SIZE = SIZE_PATTERN
+__all__ = ["SIZE_MULTIPLE", "Size", "SizeRules", "parse_size", "patches", "scaled"]  # SIZE_MULTIPLE: from config
 
 
 @dataclass(frozen=True)
@@ -32,16 +31,9 @@ class SizeRules:
         self.settings = settings
 
     def check_side(self, width: int, height: int, param: str) -> None:
-        lo, hi = self.settings.min_image_side, self.settings.max_image_side
-        for side in (width, height):
-            if not lo <= side <= hi:
-                raise InvalidRequest(
-                    f"{param}: width and height must be between {lo} and {hi}, got {width}x{height}", param=param
-                )
-            if side % SIZE_MULTIPLE:
-                raise InvalidRequest(
-                    f"{param}: width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}", param=param
-                )
+        problem = side_problem(width, height, self.settings.min_image_side, self.settings.max_image_side)
+        if problem:
+            raise InvalidRequest(f"{param}: {problem}", param=param)
 
     def resolve(self, req: _CommonRequest, default: str | None) -> Size | None:
         """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""

@@ -1,0 +1,183 @@
+"""Start-up refusals of configured values: one clear line naming the flag, variable or file and the value, exit 2
+from ``serve`` and ``plan`` before any port opens or model loads (configured defaults are valid request values)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qwen_image_server import cli
+from qwen_image_server.cli import app
+from qwen_image_server.config import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS, Settings, directory_problem
+from qwen_image_server.models.lora import parse_lora_flag
+from qwen_image_server.models.profile import ProfileError
+from qwen_image_server.models.spec import ModelConfigError, resolve_configured, resolve_model
+
+
+@pytest.fixture
+def no_port(monkeypatch):
+    """``serve`` must refuse before this: a start that is not refused fails here instead of serving."""
+
+    def opening(host: str, port: int) -> None:
+        raise RuntimeError("serve went on to open the port")
+
+    monkeypatch.setattr(cli, "_check_port_free", opening)
+
+
+def refused(args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """The error of ``serve`` and ``plan`` with ``args`` (both exit 2 with the same message)."""
+    outputs = []
+    for command in ("plan", "serve"):
+        result = CliRunner().invoke(app, [command, *args], env=env)
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        outputs.append(result.output)
+    plan_out, serve_out = outputs
+    assert plan_out.strip() == serve_out.strip()
+    assert "Traceback" not in plan_out
+    return plan_out.strip().splitlines()
+
+
+@pytest.fixture
+def folder(tiny_t2i, tmp_path) -> Path:
+    """A copy of the tiny text-to-image model whose files a test may change."""
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_t2i, copy)
+    return copy
+
+
+# --- 1. configured values held to the limits of requests ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("foo", "must be WIDTHxHEIGHT (like 1024x1024), got 'foo'"),
+        ("100x100", "width and height must be between 256 and 2048, got 100x100"),
+        ("1000x1000", "width and height must be multiples of 16, got 1000x1000"),
+    ],
+)
+def test_a_bad_default_size_is_refused_at_start(tiny_t2i, no_port, value, says):
+    lines = refused(["--model", str(tiny_t2i)], env={"QIS_DEFAULT_SIZE": value})
+    assert lines == ["error: invalid settings:", f"  QIS_DEFAULT_SIZE: {says} (the size of requests that give none)"]
+    assert Settings(default_size="512x512").default_size == "512x512"
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "says"),
+    [
+        ({"default_steps": -3}, "default_steps must be an integer from 2 to 100 (QIS_MAX_STEPS), as requests' "),
+        ({"default_steps": "4"}, "default_steps must be an integer from 2 to 100"),
+        ({"default_size": "100x100"}, "default_size width and height must be between 256 and 2048, got 100x100"),
+        ({"default_size": "foo"}, "default_size must be WIDTHxHEIGHT (like 1024x1024), got 'foo'"),
+        ({"default_size": 5}, "default_size must be WIDTHxHEIGHT (like 1024x1024), got 5"),
+    ],
+)
+def test_a_bad_sidecar_default_is_refused_naming_the_file(folder, no_port, sidecar, says):
+    (folder / "qwen_image_server.json").write_text(json.dumps(sidecar))
+    (line,) = refused(["--model", str(folder)])
+    assert line.startswith(f"error: {folder}/qwen_image_server.json: {says}"), line
+
+
+@pytest.mark.parametrize("size", ["0x0", "100x100", "99999x99999"])
+def test_compile_sizes_outside_the_side_limits_are_refused(tiny_t2i, no_port, size):
+    (line,) = refused(["--model", f"m={tiny_t2i}", "--compile", "--compile-sizes", size])
+    assert line.startswith("error: --compile-sizes (QIS_COMPILE_SIZES) for model m: width and height must be between 256 ")
+    assert f"got {size}" in line
+
+
+def test_compile_sizes_of_a_sidecar_are_refused_naming_it(folder):
+    (folder / "qwen_image_server.json").write_text(json.dumps({"compile_sizes": ["512x512", "64x64"]}))
+    with pytest.raises(ModelConfigError, match=r"qwen_image_server.json: compile_sizes for model model: .* got 64x64"):
+        resolve_configured(Settings(models=[str(folder)]))
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ("scale=-5", "scale must be between 0.0 and 2.0, as a request's lora_scale, got -5"),
+        ("scale=2.5", "scale must be between 0.0 and 2.0, as a request's lora_scale, got 2.5"),
+        ("true_cfg_scale=-1", "true_cfg_scale must be between 0.0 and 20.0, as a request's true_cfg_scale, got -1"),
+        ("true_cfg_scale=21", "true_cfg_scale must be between 0.0 and 20.0, as a request's true_cfg_scale, got 21"),
+    ],
+)
+def test_lora_values_outside_what_requests_accept_are_refused(tiny_t2i, tiny_lora, no_port, options, says):
+    (line,) = refused(["--model", str(tiny_t2i), "--lora", f"a={tiny_lora}:{options}"])
+    assert line == f"error: LoRA a (--lora): {says}"
+    with pytest.raises(ProfileError):
+        parse_lora_flag(f"a=/x.safetensors:{options}")
+    ok = parse_lora_flag("a=/x.safetensors:scale=0,true_cfg_scale=20")
+    assert (ok.scale, ok.preset["true_cfg_scale"]) == (0.0, 20.0)
+
+
+def test_lora_limits_are_those_of_requests():
+    from qwen_image_server.protocol.images import GenerationRequest
+
+    def bounds(field: str) -> tuple[float, float]:
+        rules = GenerationRequest.model_fields[field].metadata
+        return next(r.ge for r in rules if hasattr(r, "ge")), next(r.le for r in rules if hasattr(r, "le"))
+
+    assert (bounds("lora_scale"), bounds("true_cfg_scale")) == (LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS)
+
+
+def test_a_lora_preset_file_is_held_to_the_same_limits(tiny_t2i, tiny_lora, tmp_path):
+    lora = tmp_path / "l.safetensors"
+    shutil.copy(tiny_lora, lora)
+    lora.with_suffix(".json").write_text(json.dumps({"true_cfg_scale": -1}))
+    with pytest.raises(ModelConfigError, match=r"l.json\): true_cfg_scale must be between 0.0 and 20.0"):
+        resolve_configured(Settings(models=[str(tiny_t2i)], loras=[f"a={lora}"]))
+
+
+def test_an_image_output_dir_that_is_a_file_is_refused(tiny_t2i, tmp_path, no_port):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    lines = refused(["--model", str(tiny_t2i), "--image-output-dir", str(file)])
+    assert lines[1] == f"  --image-output-dir: {file} is a file, not a folder (url-format images are stored in this folder)"
+    lines = refused(["--model", str(tiny_t2i)], env={"IMAGE_OUTPUT_DIR": str(file)})
+    assert lines[1].startswith(f"  IMAGE_OUTPUT_DIR or QIS_IMAGE_OUTPUT_DIR: {file} is a file, not a folder")
+    # a folder that does not exist yet is made when the first image is stored
+    assert directory_problem(tmp_path / "new" / "deeper") is None and directory_problem(tmp_path) is None
+    assert Settings(image_output_dir=tmp_path / "new").image_output_dir == tmp_path / "new"
+
+
+# --- 2. one source given twice is one model ---------------------------------------------------------------------
+def test_one_folder_spelled_twice_is_one_model(tiny_t2i, monkeypatch):
+    monkeypatch.chdir(tiny_t2i.parent)
+    relative = f"./{tiny_t2i.name}"
+    for second in (f"{tiny_t2i}/", relative, f"{relative}/", str(tiny_t2i)):
+        (spec,) = resolve_configured(Settings(models=[str(tiny_t2i), second]))
+        assert spec.id == "text-to-image" and spec.aliases == ()
+    (named,) = resolve_configured(Settings(models=[f"a={tiny_t2i}", f"b={relative}/", f"c={tiny_t2i.parent}/{tiny_t2i.name}"]))
+    assert named.id == "a" and named.aliases == (("b", "a"), ("c", "a")), "served once, answering to every id"
+    assert Settings(models=["Org/Name", "Org/Name@v1"]).model_entries() == [(None, "Org/Name"), (None, "Org/Name@v1")]
+
+
+# --- 3. clear messages ------------------------------------------------------------------------------------------
+def test_a_model_index_that_is_not_an_object_is_named(folder, no_port):
+    (folder / "model_index.json").write_text("[]")
+    assert refused(["--model", str(folder)]) == [f"error: {folder}/model_index.json must hold a JSON object, not list []"]
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "qwen_image_server.json"])
+def test_invalid_json_names_the_file(folder, no_port, name):
+    (folder / name).write_text("{bad")
+    assert refused(["--model", str(folder)]) == [
+        f"error: {folder}/{name} is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    ]
+
+
+def test_a_sidecar_that_is_not_an_object_is_named(folder):
+    (folder / "qwen_image_server.json").write_text("[1]")
+    with pytest.raises(ModelConfigError, match=r"qwen_image_server.json must hold a JSON object, not list \[1\]$"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize(("given", "shown"), [("=", "'='"), ("", "''"), ("a=", "'a='")])
+def test_an_empty_model_source_is_said_so(no_port, given, shown):
+    expected = f"error: --model {shown} (or QIS_MODELS): the model source is empty (expected [ID=]PATH_OR_HUB_ID)"
+    assert refused(["--model", given]) == [expected]
+
+
+def test_min_side_above_max_side_names_both_variables_and_values(tiny_t2i, no_port):
+    lines = refused(["--model", str(tiny_t2i)], env={"QIS_MIN_IMAGE_SIDE": "3000"})
+    assert lines == ["error: invalid settings:", "  QIS_MIN_IMAGE_SIDE=3000 must not exceed QIS_MAX_IMAGE_SIDE=2048"]
