@@ -17,6 +17,9 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .config_files import directory_problem, models_in_dir, read_keys_file, source_key
+from .limits import size_problem
+
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
 QUALITY_STEPS: dict[str, int | None] = {
     "low": 20,
@@ -30,90 +33,8 @@ QUALITY_STEPS: dict[str, int | None] = {
 }
 
 
-#: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT``.
-SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-#: Sides are multiples of this (Qwen-Image's 16-pixel latent patches).
-SIZE_MULTIPLE = 16
-#: What a request's ``lora_scale`` and ``true_cfg_scale`` accept (protocol/images.py): a LoRA's configured scale and
-#: preset true_cfg_scale, which are those fields' defaults, are held to the same bounds.
-LORA_SCALE_LIMITS = (0.0, 2.0)
-TRUE_CFG_SCALE_LIMITS = (0.0, 20.0)
-
-
-def side_problem(width: int, height: int, lo: int, hi: int) -> str | None:
-    """Why ``width``x``height`` is not a size requests may ask for under the side limits ``lo``..``hi``, or None."""
-    for side in (width, height):
-        if not lo <= side <= hi:
-            return f"width and height must be between {lo} and {hi}, got {width}x{height}"
-        if side % SIZE_MULTIPLE:
-            return f"width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}"
-    return None
-
-
-def size_problem(size: object, lo: int, hi: int) -> str | None:
-    """Why ``size`` (a configured default or warmed size) is not a ``size`` requests may give under the side limits
-    ``lo``..``hi``, or None: the rules of requests, so that a configured size is always a valid request value."""
-    match = SIZE_PATTERN.match(size) if isinstance(size, str) else None
-    if not match:
-        return f"must be WIDTHxHEIGHT (like 1024x1024), got {size!r}"
-    return side_problem(int(match.group(1)), int(match.group(2)), lo, hi)
-
-
-def directory_problem(directory: Path) -> str | None:
-    """Why images could never be stored in ``directory`` (it is a file), or None. A folder that does not exist yet is
-    fine: it is made when the first image is stored."""
-    path = Path(directory).expanduser()
-    return "is a file, not a folder" if path.exists() and not path.is_dir() else None
-
-
-def looks_like_path(source: str) -> bool:
-    """True when a model source names a local folder rather than a hub id (``ORG/NAME``)."""
-    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
-
-
-def source_key(source: str) -> str:
-    """What makes two configured sources one model: a local folder's resolved path (``X``, ``X/``, ``./X`` and its
-    absolute path are one folder), a hub id or ``random:`` source as it is spelled."""
-    if not source or source.startswith("random:") or not looks_like_path(source):
-        return source
-    try:
-        return str(Path(source).expanduser().resolve())
-    except (OSError, RuntimeError):  # a symlink loop: compared as given
-        return source
-
-
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
-
-
-def read_keys_file(path: Path) -> list[str]:
-    """API keys from a file, one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not keys:
-        raise ValueError(f"the API keys file {path} holds no key")
-    return keys
-
-
-def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
-    """The model folders directly inside ``folder`` (those with a ``model_index.json``), by name.
-
-    This is how a container serves whatever is mounted at ``/models`` without naming it.
-    """
-    if not folder.is_dir():
-        raise ValueError(f"QIS_MODELS_DIR {folder} is not a folder (mount the models there, or name them with --model)")
-    found: list[tuple[str | None, str]] = [
-        (None, str(sub)) for sub in sorted(folder.iterdir()) if (sub / "model_index.json").is_file()
-    ]
-    if not found:
-        raise ValueError(
-            f"no model to serve: QIS_MODELS_DIR {folder} holds no model folder (one with a model_index.json), "
-            "and none is named by --model, QIS_MODELS, MODEL_PATH or QWEN_IMAGE_LOCATION"
-        )
-    return found
 
 
 #: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans).

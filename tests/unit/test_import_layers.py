@@ -33,6 +33,8 @@ LAYER_OF = {
     "": "shared",  # the package's __init__
     "errors": "shared",
     "config": "shared",
+    "limits": "shared",
+    "config_files": "shared",
     "jobs": "shared",
     "images": "shared",
 }

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..config import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
+from ..limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
 from .profile import LoraSpec, ProfileError, parse_bool, split_scoped
 
 #: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``

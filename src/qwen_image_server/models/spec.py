@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from ..config import looks_like_path, size_problem
+from ..config_files import looks_like_path
+from ..limits import size_problem
 from .lora_check import resolve_loras
 from .profile import (
     PROFILE_KEYS,

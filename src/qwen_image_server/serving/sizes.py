@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import SIZE_MULTIPLE, SIZE_PATTERN, Settings, side_problem
+from ..config import Settings
 from ..errors import InvalidRequest
+from ..limits import SIZE_MULTIPLE, SIZE_PATTERN, side_problem
 from ..protocol.images import ASPECT_RATIOS, _CommonRequest
 
 _SIZE = SIZE_PATTERN
-__all__ = ["SIZE_MULTIPLE", "Size", "SizeRules", "parse_size", "patches", "scaled"]  # SIZE_MULTIPLE: from config
+__all__ = ["SIZE_MULTIPLE", "Size", "SizeRules", "parse_size", "patches", "scaled"]  # SIZE_MULTIPLE: from limits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""Files and folders the settings name: the API keys file, a folder of models, the folder url images go to, and
+what makes two local model sources one folder. Read or checked once, at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """API keys from a file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"the API keys file {path} holds no key")
+    return keys
+
+
+def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
+    """The model folders directly inside ``folder`` (those with a ``model_index.json``), by name.
+
+    This is how a container serves whatever is mounted at ``/models`` without naming it.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"QIS_MODELS_DIR {folder} is not a folder (mount the models there, or name them with --model)")
+    found: list[tuple[str | None, str]] = [
+        (None, str(sub)) for sub in sorted(folder.iterdir()) if (sub / "model_index.json").is_file()
+    ]
+    if not found:
+        raise ValueError(
+            f"no model to serve: QIS_MODELS_DIR {folder} holds no model folder (one with a model_index.json), "
+            "and none is named by --model, QIS_MODELS, MODEL_PATH or QWEN_IMAGE_LOCATION"
+        )
+    return found
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why images could never be stored in ``directory`` (it is a file), or None. A folder that does not exist yet is
+    fine: it is made when the first image is stored."""
+    path = Path(directory).expanduser()
+    return "is a file, not a folder" if path.exists() and not path.is_dir() else None
+
+
+def looks_like_path(source: str) -> bool:
+    """True when a model source names a local folder rather than a hub id (``ORG/NAME``)."""
+    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def source_key(source: str) -> str:
+    """What makes two configured sources one model: a local folder's resolved path (``X``, ``X/``, ``./X`` and its
+    absolute path are one folder), a hub id or ``random:`` source as it is spelled."""
+    if not source or source.startswith("random:") or not looks_like_path(source):
+        return source
+    try:
+        return str(Path(source).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symlink loop: compared as given
+        return source

@@ -1,0 +1,35 @@
+"""Limits shared by requests and start-up checks: the rules a ``size`` follows and the bounds of the numbers a
+LoRA's defaults share with a request's fields. Plain functions, no settings: ``config.py`` and ``models/`` check
+configured values with them, ``serving/sizes.py`` checks requests."""
+
+from __future__ import annotations
+
+import re
+
+#: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT``.
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+#: Sides are multiples of this (Qwen-Image's 16-pixel latent patches).
+SIZE_MULTIPLE = 16
+#: What a request's ``lora_scale`` and ``true_cfg_scale`` accept (protocol/images.py): a LoRA's configured scale and
+#: preset true_cfg_scale, which are those fields' defaults, are held to the same bounds.
+LORA_SCALE_LIMITS = (0.0, 2.0)
+TRUE_CFG_SCALE_LIMITS = (0.0, 20.0)
+
+
+def side_problem(width: int, height: int, lo: int, hi: int) -> str | None:
+    """Why ``width``x``height`` is not a size requests may ask for under the side limits ``lo``..``hi``, or None."""
+    for side in (width, height):
+        if not lo <= side <= hi:
+            return f"width and height must be between {lo} and {hi}, got {width}x{height}"
+        if side % SIZE_MULTIPLE:
+            return f"width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}"
+    return None
+
+
+def size_problem(size: object, lo: int, hi: int) -> str | None:
+    """Why ``size`` (a configured default or warmed size) is not a ``size`` requests may give under the side limits
+    ``lo``..``hi``, or None: the rules of requests, so that a configured size is always a valid request value."""
+    match = SIZE_PATTERN.match(size) if isinstance(size, str) else None
+    if not match:
+        return f"must be WIDTHxHEIGHT (like 1024x1024), got {size!r}"
+    return side_problem(int(match.group(1)), int(match.group(2)), lo, hi)
