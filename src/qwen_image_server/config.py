@@ -359,6 +359,11 @@ class Settings(BaseSettings):
             problem = size_problem(self.default_size, self.min_image_side, self.max_image_side)
             if problem:
                 raise ValueError(f"QIS_DEFAULT_SIZE: {problem} (the size of requests that give none)")
+        if "default_steps" in self.model_fields_set and not 2 <= self.default_steps <= self.max_steps:  # as requests
+            raise ValueError(
+                f"QIS_DEFAULT_STEPS={self.default_steps} must be from 2 to QIS_MAX_STEPS={self.max_steps} "
+                "(the steps of requests that give none)"
+            )
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:

@@ -65,6 +65,16 @@ def test_a_bad_default_size_is_refused_at_start(tiny_t2i, no_port, value, says):
     assert Settings(default_size="512x512").default_size == "512x512"
 
 
+@pytest.mark.parametrize(("steps", "max_steps"), [("1", "100"), ("60", "40")])
+def test_a_default_step_count_requests_could_not_ask_for_is_refused(tiny_t2i, no_port, steps, max_steps):
+    lines = refused(["--model", str(tiny_t2i)], env={"QIS_DEFAULT_STEPS": steps, "QIS_MAX_STEPS": max_steps})
+    assert (
+        lines[1]
+        == f"  QIS_DEFAULT_STEPS={steps} must be from 2 to QIS_MAX_STEPS={max_steps} (the steps of requests that give none)"
+    )
+    assert Settings(max_steps=40).default_steps == 50  # not given: left alone (the default is not checked)
+
+
 @pytest.mark.parametrize(
     ("sidecar", "says"),
     [

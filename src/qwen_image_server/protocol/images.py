@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
+
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormatName = Literal["png", "jpeg", "webp"]
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
@@ -70,15 +72,17 @@ class _CommonRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     # Qwen-Image's scheduler (shift_terminal) turns a single step into NaN sigmas: two is the minimum.
     num_inference_steps: int | None = Field(default=None, ge=2)
-    true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    true_cfg_scale: float | None = Field(default=None, ge=TRUE_CFG_SCALE_LIMITS[0], le=TRUE_CFG_SCALE_LIMITS[1])
+    guidance_scale: float | None = Field(default=None, ge=TRUE_CFG_SCALE_LIMITS[0], le=TRUE_CFG_SCALE_LIMITS[1])
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = None
     style: str | None = None
     moderation: str | None = None
     prompt_rewrite: bool | None = None  # seed 002's prompt rewriting; default: the server's setting
-    lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)  # a LoRA id's strength for this request
+    lora_scale: float | None = Field(
+        default=None, ge=LORA_SCALE_LIMITS[0], le=LORA_SCALE_LIMITS[1]
+    )  # a LoRA id's strength for this request
     cache: str | None = None  # step cache policy for this request ("none": off); default: the model's
 
     @model_validator(mode="before")
