@@ -103,3 +103,33 @@ def test_an_image_data_url_still_decodes(edits):
     body = {"prompt": "a cat", "image": "data:image/png;base64," + _b64(_png()), "num_inference_steps": 2}
     assert edits.client.post(EDITS, json=body).status_code == 200
     assert np.asarray(edits.engine.jobs[0][1].images[0]).shape == (256, 256, 3)
+
+
+def _multipart(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """A multipart body as curl sends it: ``(name, filename or None, content)`` parts, then the closing delimiter."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        kind = "Content-Type: image/png\r\n" if filename else ""
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n{kind}\r\n".encode() + content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("cut", ["in_the_image", "before_the_closing_boundary"])
+def test_a_multipart_body_cut_short_says_so(edits, cut):
+    boundary = "qis-test-boundary"
+    whole = _multipart(boundary, [("prompt", None, b"a cat"), ("image", "a.png", _png())])
+    body = whole[: len(whole) // 2] if cut == "in_the_image" else whole[: -len(f"--{boundary}--\r\n")]
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    error = assert_error(edits.client.post(EDITS, content=body, headers=headers), 400)
+    assert "cut short" in error["message"] and "image is required" not in error["message"]
+    assert edits.engine.jobs == []
+
+
+@pytest.mark.parametrize("quoted", [False, True])
+def test_a_whole_multipart_body_is_read(edits, quoted):
+    boundary = "qis-test-boundary"
+    body = _multipart(boundary, [("prompt", None, b"a cat"), ("num_inference_steps", None, b"2"), ("image", "a.png", _png())])
+    value = f'"{boundary}"' if quoted else boundary
+    response = edits.client.post(EDITS, content=body, headers={"content-type": f"multipart/form-data; boundary={value}"})
+    assert response.status_code == 200, response.text[:300]

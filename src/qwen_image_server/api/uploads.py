@@ -104,7 +104,24 @@ async def read_image_request(request: Request, model: type[M], max_files: int) -
     return _validate(model, fields), images, mask
 
 
+#: How much of a multipart body's end is kept to find its closing delimiter (``--BOUNDARY--``, then perhaps a line end).
+_TAIL_BYTES = 256
+
+
 async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
+    # The body's last bytes, kept as the parser reads it: Starlette's parser drops a part cut short without a word, so
+    # a truncated upload would otherwise read as one without its image.
+    tail = bytearray()
+    upstream = request.receive
+
+    async def receive():
+        message = await upstream()
+        if message["type"] == "http.request":
+            tail.extend(message.get("body", b""))
+            del tail[:-_TAIL_BYTES]
+        return message
+
+    request = Request(request.scope, receive)
     try:
         form = await request.form(max_files=max_files + 1, max_fields=200)
     except (MultiPartException, HTTPException) as exc:  # Starlette turns the former into the latter inside an app
@@ -118,6 +135,9 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
     images: list[Upload] = []
     mask: Upload | None = None
     try:
+        boundary = _boundary(request.headers.get("content-type", ""))
+        if boundary and b"--" + boundary + b"--" not in bytes(tail):
+            raise InvalidRequest("malformed multipart body: it ends before its closing boundary (the upload was cut short)")
         for key, value in form.multi_items():
             if _IMAGE_FIELD.match(key):
                 images.append(Upload(await _form_bytes(value, key), key))
@@ -132,6 +152,12 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
     finally:
         await form.close()
     return fields, images, mask
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The ``boundary`` parameter of a multipart Content-Type (quoted or not), as bytes."""
+    found = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', content_type, re.IGNORECASE)
+    return (found.group(1) or found.group(2)).encode("latin-1") if found else None
 
 
 async def _form_bytes(value: UploadFile | str, key: str) -> bytes:
