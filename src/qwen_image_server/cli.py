@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
 from pydantic import AliasChoices, ValidationError
+from typer.models import OptionInfo
 
 from .config import Settings
 from .models.tiny import demo_model_entries, ensure_tiny_model
@@ -295,6 +298,21 @@ def plan(**options) -> None:
     typer.echo("placed without a memory check" if result.unchecked else "the plan fits")
 
 
+def _name_environment_variables() -> None:
+    """End each ``serve`` option's help with the environment variables of its setting (``[env: HOST, QIS_HOST]``),
+    read from ``Settings``: the help and the settings cannot disagree. The annotations are evaluated once here, so
+    that typer reads these very option objects (as strings, each reading would make new ones)."""
+    serve.__annotations__ = typing.get_type_hints(serve, include_extras=True)
+    for name, parameter in inspect.signature(serve).parameters.items():
+        info = next((m for m in getattr(parameter.annotation, "__metadata__", ()) if isinstance(m, OptionInfo)), None)
+        field = "models" if name == "model" else _RENAMED.get(name, name)
+        if info is None or field not in Settings.model_fields:
+            continue
+        text = re.sub(r"\s*\[[A-Z][A-Z0-9_]*\]", "", info.help or "").rstrip()
+        info.help = f"{text} [env: {', '.join(_env_names(field))}]"
+
+
+_name_environment_variables()
 cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
 plan.__annotations__ = dict(serve.__annotations__)
 app.command("plan")(plan)

@@ -146,3 +146,21 @@ def test_an_unknown_log_level_is_a_usage_error_not_a_traceback():
         assert result.exit_code == 2, result.output
         assert "'verbose' is not one of debug, info, warning, error" in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["serve", "plan"])
+def test_every_option_names_its_environment_variables_in_the_help(command):
+    import typer
+
+    from qwen_image_server.cli import _env_names, app
+
+    options = typer.main.get_command(app).commands[command].params
+    named = {"model": "models", "lora": "loras", "model_alias": "model_aliases", "api_key": "api_keys"}
+    named |= {"cors_origin": "cors_origins", "image_url_prefix": "image_download_url_prefix"}
+    checked = 0
+    for option in options:
+        field = named.get(option.name, option.name)
+        if field in Settings.model_fields:
+            assert f"[env: {', '.join(_env_names(field))}]" in option.help, (option.name, option.help)
+            checked += 1
+    assert checked >= 30 and "HOST, QIS_HOST" in next(o.help for o in options if o.name == "host")
