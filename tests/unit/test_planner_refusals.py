@@ -280,6 +280,10 @@ def test_fake_gpus_parse():
     ]
     with pytest.raises(ModelConfigError, match="QIS_FAKE_GPUS: 'lots' is not a size"):
         parse_fake_gpus("lots")
+    with pytest.raises(ModelConfigError, match="QIS_FAKE_GPUS: '90GiB/80GiB' has more free than in all"):
+        parse_fake_gpus("80GiB,90GiB/80GiB")
+    with pytest.raises(ModelConfigError, match="QIS_FAKE_HOST_MEMORY: '20GiB/16GiB' has more free than in all"):
+        parse_fake_host("20GiB/16GiB")
 
 
 # --- the plan command -----------------------------------------------------------------------------

@@ -69,7 +69,16 @@ def parse_fake_host(text: str) -> HostMemory:
     """``16GiB`` or ``12GiB/16GiB`` (available/total), for ``QIS_FAKE_HOST_MEMORY``."""
     available, _, total = text.partition("/")
     free = parse_bytes(available, FAKE_HOST_ENV)
-    return HostMemory(free, parse_bytes(total, FAKE_HOST_ENV) if total else free, FAKE_HOST_ENV)
+    return HostMemory(
+        free, _free_within(free, parse_bytes(total, FAKE_HOST_ENV) if total else free, FAKE_HOST_ENV, text), FAKE_HOST_ENV
+    )
+
+
+def _free_within(free: int, total: int, setting: str, text: str) -> int:
+    """``total``, once checked to hold ``free`` (a pretended machine cannot have more free than it has)."""
+    if free > total:
+        raise ModelConfigError(f"{setting}: {text.strip()!r} has more free than in all (FREE/TOTAL)")
+    return total
 
 
 def _meminfo(path: Path) -> tuple[int, int] | None:
@@ -188,6 +197,7 @@ def parse_fake_gpus(text: str) -> list[Gpu]:
     gpus = []
     for i, item in enumerate(part for part in text.split(",") if part.strip()):
         free, _, total = item.partition("/")
-        total_bytes = parse_bytes(total or free, FAKE_GPUS_ENV)
-        gpus.append(Gpu(f"cuda:{i}", FAKE_GPUS_ENV, parse_bytes(free, FAKE_GPUS_ENV), total_bytes))
+        free_bytes = parse_bytes(free, FAKE_GPUS_ENV)
+        total_bytes = _free_within(free_bytes, parse_bytes(total or free, FAKE_GPUS_ENV), FAKE_GPUS_ENV, item)
+        gpus.append(Gpu(f"cuda:{i}", FAKE_GPUS_ENV, free_bytes, total_bytes))
     return gpus
