@@ -33,7 +33,7 @@ def profiles_allowed(profiles, device: str) -> bool:
     try:
         for model, profile in (profiles or {}).items():
             check_compile(model, profile)
-            check_mode(model, profile.weights_dtype, profile.offload, getattr(profile, "quantize", "none"), device)
+            check_mode(model, profile.weights_dtype, profile.offload, profile.quantize, device)
     except ProfileError:
         return False
     return True
