@@ -72,9 +72,12 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF orientation says (the same pixels when it has none); a damaged EXIF block is
-    ignored rather than refusing an image that decodes."""
+    """``image`` turned as its EXIF orientation says; the same image, not a copy, when it says nothing to do (most
+    uploads: a copy of each would double the memory of decoding). A damaged EXIF block is ignored rather than
+    refusing an image that decodes."""
     try:
+        if image.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation; 1: as stored
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises several kinds on odd EXIF data
         return image
