@@ -11,13 +11,22 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
-from pydantic import AliasChoices, ValidationError
 from typer.models import OptionInfo
 
+from .cli_settings import RENAMED as _RENAMED
+from .cli_settings import env_names as _env_names
+from .cli_settings import settings_from_options, settings_problem
 from .config import Settings
 from .models.tiny import demo_model_entries, ensure_tiny_model
 
-__all__ = ["app", "demo_model_entries", "ensure_tiny_model", "main"]  # ensure_tiny_model: for bench/
+__all__ = [
+    "app",
+    "demo_model_entries",
+    "ensure_tiny_model",
+    "main",
+    "settings_from_options",
+    "settings_problem",
+]  # for bench/, tests
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="OpenAI-compatible image server for Qwen-Image."
@@ -192,81 +201,6 @@ def _log_level(value: str) -> str:
     if value.lower() not in LOG_LEVELS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
     return value.lower()
-
-
-#: Command-line options that are Settings fields of another name.
-_RENAMED = {
-    "image_url_prefix": "image_download_url_prefix",
-    "lora": "loras",
-    "model_alias": "model_aliases",
-    "api_key": "api_keys",
-    "cors_origin": "cors_origins",
-}
-
-
-def settings_from_options(options: dict) -> Settings:
-    """``Settings`` from the options of ``serve`` (and ``plan``, which takes the same): flags override the environment."""
-    overrides = {_RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "demo", "log_level")}
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if "workers" in overrides:  # --workers N (every model) and --workers N@MODEL (one model)
-        given = overrides.pop("workers")
-        plain = [value for value in given if "@" not in value]
-        if plain:
-            overrides["workers"] = plain[-1]
-        scoped = [value for value in given if "@" in value]
-        if scoped:
-            overrides["model_workers"] = scoped
-    if options.get("model"):
-        overrides["models"] = list(options["model"])
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        raise ValueError(settings_problem(exc, set(overrides))) from None
-    if options.get("demo") or settings.demo:
-        settings.models = demo_model_entries() + settings.models
-    return settings
-
-
-def settings_problem(exc: ValidationError, given: set[str]) -> str:
-    """The invalid settings, one per line, each named as the user set it: its flag, or its environment variables."""
-    flags = _flags_of_fields()
-    lines = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else ""
-        message = error["msg"].removeprefix("Value error, ")
-        value = error.get("input")
-        secret = any(word in field.lower() for word in ("key", "secret", "token"))
-        got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
-        if not field:  # a rule between settings: its message names them
-            lines.append(message)
-        elif field in given:
-            lines.append(f"{flags.get(field, '--' + field.replace('_', '-'))}: {message}{got}")
-        else:  # from the environment: every variable name of the setting (pydantic names the first alias)
-            lines.append(f"{' or '.join(_env_names(field))}: {message}{got}")
-    return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def _flags_of_fields() -> dict[str, str]:
-    """The flag of ``serve`` that sets each Settings field, as its help spells it (``--shutdown-grace``)."""
-    command = typer.main.get_command(app)
-    serve_command = getattr(command, "commands", {}).get("serve", command)  # typer's own click classes: no isinstance
-    flags = {}
-    for param in serve_command.params:
-        if getattr(param, "param_type_name", "") == "option" and param.name:
-            long = [opt for opt in param.opts if opt.startswith("--")]
-            flags[_RENAMED.get(param.name, param.name)] = (long or param.opts)[0]
-    flags["model_workers"] = flags["workers"]  # --workers N@MODEL
-    return flags
-
-
-def _env_names(field: str) -> list[str]:
-    """The environment variables of the setting named ``field`` or one of its aliases."""
-    for name, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
-        if field == name or field in choices:
-            return choices or [f"QIS_{name.upper()}"]
-    return [field]
 
 
 def plan(**options) -> None:

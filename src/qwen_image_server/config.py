@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .config_files import directory_problem, models_in_dir, read_keys_file, source_key
+from .config_files import directory_problem, models_in_dir, read_keys_file, repeated_entries, unique_entries
 from .limits import size_problem
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
@@ -392,27 +392,11 @@ class Settings(BaseSettings):
 
     def model_entries(self) -> list[tuple[str | None, str]]:
         """All models to serve as ``(id or None, path or hub id)``, in order, without repeats: a source given twice
-        (``--model`` and ``MODEL_PATH``, say) is served once."""
-        seen: set[str] = set()
-        unique: list[tuple[str | None, str]] = []
-        for entry in self._all_entries():
-            key = source_key(entry[1])
-            if key not in seen:
-                seen.add(key)
-                unique.append(entry)
-        return unique
+        (``--model`` and ``MODEL_PATH``, say) is served once (``config_files.unique_entries``)."""
+        return unique_entries(self._all_entries())
 
     def repeated_sources(self) -> list[tuple[str, str]]:
         """``(id, source)`` of each repeat that ``model_entries`` leaves out and that names an id of its own
-        (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X.
-        ``source`` is spelled as the served entry spells it; local folders are one source when their resolved paths
-        are (``X``, ``X/``, ``./X`` and its absolute path), hub ids when they are the same string."""
-        first: dict[str, tuple[str | None, str]] = {}
-        repeated: list[tuple[str, str]] = []
-        for ident, source in self._all_entries():
-            key = source_key(source)
-            if key not in first:
-                first[key] = (ident, source)
-            elif ident and ident != first[key][0] and (ident, first[key][1]) not in repeated:
-                repeated.append((ident, first[key][1]))
-        return repeated
+        (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X
+        (``config_files.repeated_entries``)."""
+        return repeated_entries(self._all_entries())

@@ -57,3 +57,30 @@ def source_key(source: str) -> str:
         return str(Path(source).expanduser().resolve())
     except (OSError, RuntimeError):  # a symlink loop: compared as given
         return source
+
+
+def unique_entries(entries: list[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
+    """``(id or None, source)`` entries without repeats of a source (``source_key``): the first of each is kept."""
+    seen: set[str] = set()
+    unique: list[tuple[str | None, str]] = []
+    for entry in entries:
+        key = source_key(entry[1])
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
+
+
+def repeated_entries(entries: list[tuple[str | None, str]]) -> list[tuple[str, str]]:
+    """``(id, source)`` of each repeat ``unique_entries`` leaves out that names an id of its own, ``source`` spelled
+    as the kept entry spells it; local folders are one source when their resolved paths are (``X``, ``X/``, ``./X``
+    and its absolute path), hub ids when they are the same string."""
+    first: dict[str, tuple[str | None, str]] = {}
+    repeated: list[tuple[str, str]] = []
+    for ident, source in entries:
+        key = source_key(source)
+        if key not in first:
+            first[key] = (ident, source)
+        elif ident and ident != first[key][0] and (ident, first[key][1]) not in repeated:
+            repeated.append((ident, first[key][1]))
+    return repeated

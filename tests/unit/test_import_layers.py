@@ -23,6 +23,7 @@ LAYERS = ("entry", "api", "serving", "protocol", "engine", "worker", "models", "
 LAYER_OF = {
     "cli": "entry",
     "ray_app": "entry",
+    "cli_settings": "entry",
     "api": "api",
     "serving": "serving",
     "storage": "serving",
