@@ -100,7 +100,8 @@ def _uses_shared_server(item) -> bool:
 
 #: The modules with tests on the session's shared ``server`` (collection checks this list against the fixtures).
 SHARED_SERVER_MODULES = {
-    "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground", "test_raw_http",
+    "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground", "test_probed_over_http",
+    "test_raw_http",
     "test_reproducibility", "test_seed_examples", "test_shared_components_server", "test_streaming_variations",
 }  # fmt: skip
 
