@@ -62,7 +62,7 @@ class ModelSpec:
     @property
     def is_hub(self) -> bool:
         """True when ``source`` is a hub id rather than a local folder."""
-        return not self.is_random and not _looks_like_path(self.source)
+        return not self.is_random and not looks_like_path(self.source)
 
     @property
     def is_random(self) -> bool:
@@ -82,10 +82,6 @@ class ModelSpec:
         return self.kind == "edit-plus"
 
 
-def _looks_like_path(source: str) -> bool:
-    return looks_like_path(source)
-
-
 def _json_object(path: Path, shown: str) -> dict:
     """The JSON object in ``path`` (shown as ``shown`` in errors), or a ``ModelConfigError`` naming the file."""
     try:
@@ -101,7 +97,7 @@ def _json_object(path: Path, shown: str) -> dict:
 
 def split_revision(source: str) -> tuple[str, str | None]:
     """``ORG/NAME@REVISION`` → ``("ORG/NAME", "REVISION")``; folders and plain hub ids keep no revision."""
-    if _looks_like_path(source):
+    if looks_like_path(source):
         return source, None
     name, sep, revision = source.partition("@")
     if sep and not revision:
@@ -111,7 +107,7 @@ def split_revision(source: str) -> tuple[str, str | None]:
 
 def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     """Return ``(model_index, sidecar options)`` for a folder or hub id (at ``revision``)."""
-    if _looks_like_path(source):
+    if looks_like_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise ModelConfigError(f"model folder not found: {source}")
@@ -168,7 +164,7 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
         raise ModelConfigError(f"{source}/{SIDECAR_NAME}: unknown keys {sorted(unknown)}")
     return ModelSpec(
         id=ident or default_model_id(source),
-        source=str(Path(source).expanduser()) if _looks_like_path(source) else source,
+        source=str(Path(source).expanduser()) if looks_like_path(source) else source,
         pipeline_class=class_name,
         kind=PIPELINE_KINDS[class_name],
         options=dict(sidecar),

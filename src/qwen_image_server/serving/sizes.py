@@ -11,7 +11,6 @@ from ..errors import InvalidRequest
 from ..limits import SIZE_MULTIPLE, SIZE_PATTERN, side_problem
 from ..protocol.images import ASPECT_RATIOS, _CommonRequest
 
-_SIZE = SIZE_PATTERN
 __all__ = ["SIZE_MULTIPLE", "Size", "SizeRules", "parse_size", "patches", "scaled"]  # SIZE_MULTIPLE: from limits
 
 
@@ -69,7 +68,7 @@ class SizeRules:
 
 def parse_size(size: str, param: str) -> tuple[int, int]:
     """``WIDTHxHEIGHT`` as two integers (400 otherwise)."""
-    match = _SIZE.match(size)
+    match = SIZE_PATTERN.match(size)
     if not match:
         raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}", param=param)
     return int(match.group(1)), int(match.group(2))
