@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .config_files import directory_problem, models_in_dir, read_keys_file, repeated_entries, unique_entries
@@ -269,9 +269,12 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_commas(cls, value: object) -> object:
+    def _split_commas(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()] or ([""] if value.strip() else [])
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if not parts and value.strip() and info.field_name == "api_keys":
+                return [""]  # QIS_API_KEYS=" , ": keys meant but none given (refused below)
+            return parts
         return value
 
     @field_validator("api_keys")
