@@ -45,6 +45,7 @@ def _request_id(fallback: str | None = None) -> str | None:
 
 
 NOT_JSON = "Validation error: the request body is not valid JSON"
+NOT_AN_OBJECT = "Validation error: the request body must be a JSON object"  # (generations here, edits in uploads.py)
 #: pydantic's error types for a value that is not an object where a model (or a dict) is expected.
 _NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
 
@@ -61,8 +62,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return NOT_JSON, None
     if param is None and first.get("type") in _NOT_AN_OBJECT:  # the body as a whole is not an object
         if isinstance(first.get("input"), (bytes, bytearray)):  # not read as JSON: its Content-Type is not JSON's
-            return "Validation error: the request body must be a JSON object, sent with Content-Type: application/json", None
-        return "Validation error: the request body must be a JSON object", None
+            return f"{NOT_AN_OBJECT}, sent with Content-Type: application/json", None
+        return NOT_AN_OBJECT, None
     if first.get("type") == "missing":
         if param is None:  # the whole body is missing
             return "Validation error: the request has no body; send a JSON object", None

@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 from ..errors import InvalidRequest
 from ..images import decode_base64_image
 from ..serving.service import Upload
+from .errors import NOT_AN_OBJECT, NOT_JSON
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
 
@@ -179,9 +180,9 @@ async def _read_json(request: Request, max_files: int) -> tuple[dict, list[Uploa
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
-        raise InvalidRequest("Validation error: the request body is not valid JSON") from None
+        raise InvalidRequest(NOT_JSON) from None
     if not isinstance(body, dict):
-        raise InvalidRequest("Validation error: the request body must be a JSON object")
+        raise InvalidRequest(NOT_AN_OBJECT)
     images: list[Upload] = []
     for key in ("image", "images"):
         value = body.pop(key, None)
