@@ -18,7 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .config_files import directory_problem, models_in_dir, read_keys_file, repeated_entries, unique_entries
-from .limits import size_problem
+from .limits import DEFAULT_SIDE, DEFAULT_STEPS, SIZE_MULTIPLE, fitting_side, size_problem
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
 QUALITY_STEPS: dict[str, int | None] = {
@@ -229,12 +229,21 @@ class Settings(BaseSettings):
     rewrite_retries: int = Field(default=1, ge=0, le=5)
 
     # --- request limits ------------------------------------------------------------
-    default_size: str = Field(default="1024x1024", description="Size used when a request gives none (a model may set its own).")
-    default_steps: int = Field(default=50, ge=1, le=200)
+    default_size: str = Field(
+        default=f"{DEFAULT_SIDE}x{DEFAULT_SIDE}",
+        description="Size used when a request gives none (a model may set its own). Not given: 1024x1024, or the "
+        "nearest square the side limits allow.",
+    )
+    default_steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=200,
+        description="Steps of a request that gives none. Not given: 50, or QIS_MAX_STEPS when lower.",
+    )
     default_true_cfg_scale: float = Field(default=4.0, ge=0.0, le=20.0)
     min_image_side: int = Field(default=256, ge=16)
     max_image_side: int = Field(default=2048, ge=16)
-    max_steps: int = Field(default=100, ge=1, le=1000)
+    max_steps: int = Field(default=100, ge=2, le=1000)  # requests' num_inference_steps start at 2
     max_n: int = Field(default=10, ge=1, le=100)
     max_prompt_chars: int = Field(default=4000, ge=1)
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
@@ -358,15 +367,26 @@ class Settings(BaseSettings):
     def _check_sides(self) -> Settings:
         if self.min_image_side > self.max_image_side:
             raise ValueError(f"QIS_MIN_IMAGE_SIDE={self.min_image_side} must not exceed QIS_MAX_IMAGE_SIDE={self.max_image_side}")
+        side = fitting_side(DEFAULT_SIDE, self.min_image_side, self.max_image_side)
+        if side is None:
+            raise ValueError(
+                f"QIS_MIN_IMAGE_SIDE={self.min_image_side} to QIS_MAX_IMAGE_SIDE={self.max_image_side} holds no multiple "
+                f"of {SIZE_MULTIPLE}: no request size would be valid"
+            )
         if "default_size" in self.model_fields_set:  # the size of every request that gives none: a valid request size
             problem = size_problem(self.default_size, self.min_image_side, self.max_image_side)
             if problem:
                 raise ValueError(f"QIS_DEFAULT_SIZE: {problem} (the size of requests that give none)")
-        if "default_steps" in self.model_fields_set and not 2 <= self.default_steps <= self.max_steps:  # as requests
-            raise ValueError(
-                f"QIS_DEFAULT_STEPS={self.default_steps} must be from 2 to QIS_MAX_STEPS={self.max_steps} "
-                "(the steps of requests that give none)"
-            )
+        else:  # not given: the square nearest 1024x1024 that the side limits allow
+            self.default_size = f"{side}x{side}"
+        if "default_steps" in self.model_fields_set:
+            if not 2 <= self.default_steps <= self.max_steps:  # as requests
+                raise ValueError(
+                    f"QIS_DEFAULT_STEPS={self.default_steps} must be from 2 to QIS_MAX_STEPS={self.max_steps} "
+                    "(the steps of requests that give none)"
+                )
+        else:  # not given: 50, or QIS_MAX_STEPS when that is lower (a request without steps stays within the limit)
+            self.default_steps = min(DEFAULT_STEPS, self.max_steps)
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:

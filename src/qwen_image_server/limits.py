@@ -10,6 +10,10 @@ import re
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 #: Sides are multiples of this (Qwen-Image's 16-pixel latent patches).
 SIZE_MULTIPLE = 16
+#: The published models' own defaults: the side of the square a request without a size gets, and its steps (the
+#: server's limits may lower both: ``config.Settings``).
+DEFAULT_SIDE = 1024
+DEFAULT_STEPS = 50
 #: What a request's ``lora_scale`` and ``true_cfg_scale`` accept (protocol/images.py): a LoRA's configured scale and
 #: preset true_cfg_scale, which are those fields' defaults, are held to the same bounds.
 LORA_SCALE_LIMITS = (0.0, 2.0)
@@ -24,6 +28,15 @@ def side_problem(width: int, height: int, lo: int, hi: int) -> str | None:
         if side % SIZE_MULTIPLE:
             return f"width and height must be multiples of {SIZE_MULTIPLE}, got {width}x{height}"
     return None
+
+
+def fitting_side(side: int, lo: int, hi: int) -> int | None:
+    """``side`` (a multiple of ``SIZE_MULTIPLE``) brought within ``lo``..``hi``: the multiple there nearest to it, or
+    None when that range holds none."""
+    first, last = -(-lo // SIZE_MULTIPLE) * SIZE_MULTIPLE, hi // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if first > last:
+        return None
+    return min(max(side // SIZE_MULTIPLE * SIZE_MULTIPLE, first), last)
 
 
 def size_problem(size: object, lo: int, hi: int) -> str | None:

@@ -147,6 +147,21 @@ def test_the_minimum_is_the_servers_own(make_api, tiny_t2i, tmp_path):
     assert api.client.post(GENERATIONS, json={"prompt": "a", "width": 512, "height": 512}).status_code == 200
 
 
+def test_a_request_without_size_or_steps_stays_within_lowered_limits(make_api, tiny_t2i, tmp_path):
+    """A model without defaults of its own (as the published ones: no sidecar) on a server whose limits are below
+    1024x1024 and 50 steps: a request that gives neither is served within them instead of failing on a size it
+    never sent."""
+    model = shutil.copytree(tiny_t2i, tmp_path / "no-defaults")
+    (model / "qwen_image_server.json").unlink()
+    api = make_api({"plain": model}, max_image_side=512, max_steps=8)
+    response = api.client.post(GENERATIONS, json={"prompt": "a", "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    _, job = api.engine.jobs[-1]
+    assert (job.width, job.height, job.num_inference_steps) == (512, 512, 8)
+    too_big = api.client.post(GENERATIONS, json={"prompt": "a", "size": "1024x1024"})
+    assert_error(too_big, 400, param="size", message="size: width and height must be between 256 and 512, got 1024x1024")
+
+
 # --- numbers that are not finite --------------------------------------------------------------------
 
 NOT_FINITE = ["NaN", "Infinity", "-Infinity", "1e999"]  # Python's json reads all four (the last as inf)

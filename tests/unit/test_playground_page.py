@@ -153,7 +153,7 @@ def test_settings_give_the_limits_and_each_models_defaults(app):
         "cache": "fbcache:threshold=0.1",
     }
     assert body["models"]["tiny-edit"]["kind"] == "edit-plus"
-    assert body["models"]["tiny-edit"]["default_size"] == "1024x1024"  # the server's default
+    assert body["models"]["tiny-edit"]["default_size"] == "512x512"  # the server's 1024x1024, within max_side
     assert body["models"]["style"]["base_model"] == "tiny"
     assert body["models"]["style"]["preset"] == {"steps": 8}
     assert body["cache_policies"][0] == "none" and "fbcache" in body["cache_policies"]

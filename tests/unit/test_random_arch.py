@@ -216,11 +216,11 @@ def test_resolve_random_sources_without_files():
         "QwenImagePipeline",
         "random:Qwen/Qwen-Image",
     )
-    assert spec.options == {"default_size": "1024x1024", "default_steps": 50}
+    assert spec.options == {}  # as the published model, which has no sidecar: the server's defaults apply
     assert spec.is_random and not spec.is_hub and spec.revision is None
     edit = resolve_model("random:Qwen/Qwen-Image-Edit-2509?layers=2&seed=7&default_size=512x512&edit_area=65536", "plus")
     assert (edit.id, edit.kind, edit.multi_image) == ("plus", "edit-plus", True)
-    assert edit.options == {"default_size": "512x512", "default_steps": 50, "edit_area": 65536}
+    assert edit.options == {"default_size": "512x512", "edit_area": 65536}
     random = parse_random_source(edit.source)
     assert (random.seed, random.overrides) == (7, {"layers": 2})
     assert random.architecture()["transformer"]["num_layers"] == 2

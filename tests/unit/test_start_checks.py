@@ -72,7 +72,33 @@ def test_a_default_step_count_requests_could_not_ask_for_is_refused(tiny_t2i, no
         lines[1]
         == f"  QIS_DEFAULT_STEPS={steps} must be from 2 to QIS_MAX_STEPS={max_steps} (the steps of requests that give none)"
     )
-    assert Settings(max_steps=40).default_steps == 50  # not given: left alone (the default is not checked)
+
+
+@pytest.mark.parametrize(
+    ("limits", "size", "steps"),
+    [
+        ({}, "1024x1024", 50),
+        ({"max_image_side": 768, "max_steps": 40}, "768x768", 40),
+        ({"max_image_side": 1000}, "992x992", 50),  # a side is a multiple of 16
+        ({"min_image_side": 1100, "max_image_side": 2048}, "1104x1104", 50),
+        ({"min_image_side": 1100, "max_image_side": 1110}, "1104x1104", 50),
+        ({"max_steps": 2}, "1024x1024", 2),
+    ],
+)
+def test_defaults_not_given_follow_the_limits(limits, size, steps):
+    """A request that gives no size or steps gets values it could have asked for: the published models' 1024x1024
+    and 50 steps, brought within the side and step limits when those are lower (or higher)."""
+    settings = Settings(**limits)
+    assert (settings.default_size, settings.default_steps) == (size, steps)
+
+
+def test_side_limits_that_hold_no_valid_side_are_refused(tiny_t2i, no_port):
+    lines = refused(["--model", str(tiny_t2i)], env={"QIS_MIN_IMAGE_SIDE": "1000", "QIS_MAX_IMAGE_SIDE": "1005"})
+    assert lines[1] == (
+        "  QIS_MIN_IMAGE_SIDE=1000 to QIS_MAX_IMAGE_SIDE=1005 holds no multiple of 16: no request size would be valid"
+    ), lines
+    (line,) = refused(["--model", str(tiny_t2i)], env={"QIS_MAX_STEPS": "1"})[1:]
+    assert "QIS_MAX_STEPS" in line and "greater than or equal to 2" in line, line
 
 
 @pytest.mark.parametrize(
@@ -83,12 +109,27 @@ def test_a_default_step_count_requests_could_not_ask_for_is_refused(tiny_t2i, no
         ({"default_size": "100x100"}, "default_size width and height must be between 256 and 2048, got 100x100"),
         ({"default_size": "foo"}, "default_size must be WIDTHxHEIGHT (like 1024x1024), got 'foo'"),
         ({"default_size": 5}, "default_size must be WIDTHxHEIGHT (like 1024x1024), got 5"),
+        ({"edit_area": "big"}, "edit_area must be a positive integer (an area in pixels), got 'big'"),
+        ({"edit_area": -5}, "edit_area must be a positive integer (an area in pixels), got -5"),
+        ({"condition_area": 0}, "condition_area must be a positive integer (an area in pixels), got 0"),
+        ({"condition_area": True}, "condition_area must be a positive integer (an area in pixels), got True"),
     ],
 )
 def test_a_bad_sidecar_default_is_refused_naming_the_file(folder, no_port, sidecar, says):
     (folder / "qwen_image_server.json").write_text(json.dumps(sidecar))
     (line,) = refused(["--model", str(folder)])
     assert line.startswith(f"error: {folder}/qwen_image_server.json: {says}"), line
+
+
+def test_a_lora_preset_with_more_steps_than_requests_may_run_is_refused(tiny_t2i, tiny_lora, no_port):
+    lightning = f"fast={tiny_lora}:preset=lightning"  # 8 steps
+    lines = refused(["--model", f"m={tiny_t2i}", "--lora", lightning], env={"QIS_MAX_STEPS": "6"})
+    assert lines == [
+        "error: LoRA fast: its preset runs 8 steps, more than QIS_MAX_STEPS=6 allows a request (set steps=N in --lora, "
+        "or raise QIS_MAX_STEPS)"
+    ]
+    specs = resolve_configured(Settings(models=[f"m={tiny_t2i}"], loras=[f"{lightning},steps=4"], max_steps=6))
+    assert specs[0].profile.loras[0].preset["steps"] == 4
 
 
 @pytest.mark.parametrize("size", ["0x0", "100x100", "99999x99999"])

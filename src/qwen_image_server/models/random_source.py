@@ -27,8 +27,6 @@ from .spec import PIPELINE_KINDS, ModelConfigError, ModelSpec, default_model_id
 from .tiny import _SPECIAL_TOKENS
 
 RANDOM_PREFIX = "random:"
-#: Options of a random model, as a sidecar file gives them for a folder: the published models' defaults.
-RANDOM_DEFAULTS = {"default_size": "1024x1024", "default_steps": 50}
 #: The byte-level tokenizer's size (``tiny._make_tokenizer``): 256 bytes and the special tokens.
 TOKENIZER_SIZE = 256 + len(_SPECIAL_TOKENS)
 
@@ -122,7 +120,7 @@ def parse_random_source(source: str) -> RandomSource:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError:
         raise ModelConfigError(f"{source}: expected ?KEY=VALUE&KEY=VALUE... after the name") from None
-    seed, overrides, options = 0, {}, dict(RANDOM_DEFAULTS)
+    seed, overrides, options = 0, {}, {}  # options: as a folder's sidecar gives them; none by default
     seen: set[str] = set()
     for key, value in pairs:
         if key not in KNOWN_KEYS:

@@ -304,8 +304,9 @@ def _sidecar_of(spec: ModelSpec) -> str:
 
 
 def _check_configured_defaults(specs: list[ModelSpec], settings) -> None:
-    """A model's own ``default_size`` and ``default_steps`` and its warmed ``compile_sizes`` are held to the limits
-    requests are held to, so that they are valid request values: refused at start rather than failing every request."""
+    """A model's own ``default_size`` and ``default_steps``, its LoRAs' preset steps and its warmed ``compile_sizes``
+    are held to the limits requests are held to, so that they are valid request values: refused at start rather than
+    failing every request (or running longer than ``QIS_MAX_STEPS`` lets a request run)."""
     lo, hi = settings.min_image_side, settings.max_image_side
     for spec in specs:
         where = _sidecar_of(spec)
@@ -319,6 +320,17 @@ def _check_configured_defaults(specs: list[ModelSpec], settings) -> None:
                 raise ModelConfigError(
                     f"{where}: default_steps must be an integer from 2 to {settings.max_steps} (QIS_MAX_STEPS), as "
                     f"requests' num_inference_steps, got {steps!r}"
+                )
+        for key in ("edit_area", "condition_area"):  # pixels the edit pipelines resize inputs to
+            value = spec.options.get(key)
+            if key in spec.options and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ModelConfigError(f"{where}: {key} must be a positive integer (an area in pixels), got {value!r}")
+        for lora in spec.profile.loras:
+            steps = lora.preset.get("steps")
+            if lora.model == spec.id and steps is not None and steps > settings.max_steps:
+                raise ModelConfigError(
+                    f"LoRA {lora.name}: its preset runs {steps} steps, more than QIS_MAX_STEPS={settings.max_steps} allows "
+                    "a request (set steps=N in --lora, or raise QIS_MAX_STEPS)"
                 )
         flagged = scoped_value(list(settings.compile_sizes), spec.id) is not None
         for size in spec.profile.compile_sizes:
