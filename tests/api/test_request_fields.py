@@ -1,6 +1,6 @@
 """Request fields at their edges: null means the default, sizes below the server's minimum, numbers that are not
-finite, a LoRA strength without a model, a variation sent a mask. In process, on the fake engine (its jobs show
-what the worker would get)."""
+finite, numbers and booleans of the wrong JSON type, a LoRA strength without a model, a variation sent a mask. In
+process, on the fake engine (its jobs show what the worker would get)."""
 
 from __future__ import annotations
 
@@ -200,3 +200,59 @@ def test_a_variation_with_a_mask_names_the_mask(http):
     assert_error(as_json, 400, param="mask")
     files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", mask, "image/png"))]
     assert_error(http.post(VARIATIONS, files=files), 400, param="mask")
+
+
+# --- JSON types: a JSON body's numbers and booleans are JSON's own ----------------------------------------------------
+
+WRONG_JSON_TYPES = [
+    ("n", "2", "a valid integer, got a string"),
+    ("n", True, "a valid integer, got a boolean"),
+    ("seed", "7", "a valid integer, got a string"),
+    ("num_inference_steps", "4", "a valid integer, got a string"),
+    ("width", "256", "a valid integer, got a string"),
+    ("output_compression", False, "a valid integer, got a boolean"),
+    ("partial_images", "1", "a valid integer, got a string"),
+    ("true_cfg_scale", "4", "a valid number, got a string"),
+    ("guidance_scale", True, "a valid number, got a boolean"),
+    ("lora_scale", "0.5", "a valid number, got a string"),
+    ("stream", "true", "a valid boolean, got a string"),
+    ("stream", 1, "a valid boolean, got a number"),
+    ("prompt_rewrite", "false", "a valid boolean, got a string"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "says"), WRONG_JSON_TYPES)
+@pytest.mark.parametrize("path", [GENERATIONS, EDITS, VARIATIONS])
+def test_a_json_value_of_the_wrong_json_type_is_refused(http, path, field, value, says):
+    """As OpenAI's API does: ``"n": "2"`` is not read as 2, nor ``"guidance_scale": true`` as 1.0 (no CFG)."""
+    body = {"prompt": "a", field: value} if path == GENERATIONS else {"prompt": "a", "image": _b64(_png()), field: value}
+    assert_error(http.post(path, json=body), 400, param=field, message=f"Validation error: {field}: Input should be {says}")
+
+
+def test_a_json_strength_of_the_wrong_json_type_is_refused(http):
+    response = http.post(VARIATIONS, json={"image": _b64(_png()), "strength": "0.5"})
+    assert_error(
+        response, 400, param="strength", message="Validation error: strength: Input should be a valid number, got a string"
+    )
+
+
+def test_json_numbers_and_booleans_of_the_right_type_are_read(api):
+    body = {"prompt": "a", "n": 2, "seed": 7.0, "true_cfg_scale": 3, "num_inference_steps": 4, "prompt_rewrite": False}
+    response = api.client.post(GENERATIONS, json={**body, "stream": False, "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    _, job = api.engine.jobs[-1]
+    assert (job.seeds, job.true_cfg_scale, job.num_inference_steps) == ([7, 8], 3.0, 4)
+
+
+def test_a_forms_text_values_are_read_as_the_types_its_fields_take(api):
+    """A multipart form has only text: there "2", "true" and "0.5" are a number, a boolean and a number."""
+    form = {"prompt": "a", "n": "2", "seed": "7", "true_cfg_scale": "3", "num_inference_steps": "4", "stream": "false"}
+    response = api.client.post(EDITS, data=form, files={"image": ("a.png", _png(), "image/png")})
+    assert response.status_code == 200, response.text
+    _, job = api.engine.jobs[-1]
+    assert (job.seeds, job.true_cfg_scale, job.num_inference_steps) == ([7, 8], 3.0, 4)
+    variation = api.client.post(
+        VARIATIONS, data={"strength": "0.5", "seed": "3"}, files={"image": ("a.png", _png(), "image/png")}
+    )
+    assert variation.status_code == 200, variation.text
+    assert api.engine.jobs[-1][1].strength == 0.5

@@ -15,6 +15,7 @@ from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest
 from ..images import decode_base64_image
+from ..protocol.images import FORM_CONTEXT
 from ..serving.service import Upload
 from .errors import NOT_AN_OBJECT, NOT_JSON
 
@@ -86,9 +87,10 @@ class TooManyFiles(InvalidRequest):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], fields: dict) -> M:
+def _validate(model: type[M], fields: dict, form: bool) -> M:
+    """``fields`` as ``model``; a form's text values are read as the numbers and booleans its fields take."""
     try:
-        return model.model_validate(fields)
+        return model.model_validate(fields, context=FORM_CONTEXT if form else None)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
 
@@ -102,7 +104,7 @@ async def read_image_request(request: Request, model: type[M], max_files: int) -
         fields, images, mask = await _read_json(request, max_files)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
-    return _validate(model, fields), images, mask
+    return _validate(model, fields, form=content_type.startswith("multipart/form-data")), images, mask
 
 
 #: How much of a multipart body's end is kept to find its closing delimiter (``--BOUNDARY--``, then perhaps a line end).

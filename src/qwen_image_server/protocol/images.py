@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
 
@@ -26,6 +27,24 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 
 # Fields of OpenAI's API that are accepted and have no effect on this server.
 IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
+
+
+#: The validation context of a multipart form's fields (``api/uploads.py``): every value of a form is text, so text is
+#: read as the number or boolean a field takes. A JSON body has numbers and booleans of its own: there ``"n": "2"``,
+#: ``"stream": "true"`` or ``"guidance_scale": true`` is refused, as OpenAI's API refuses it, instead of being read as
+#: 2, true and 1.0 (pydantic's lax mode would).
+FORM_CONTEXT = {"form": True}
+
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _json_kind(value: object, info: ValidationInfo, want: str, refused: tuple[type, ...]) -> object:
+    """``value`` unchanged, or a ``want``-type error when a JSON body gives it as one of the ``refused`` types."""
+    if type(value) in refused and not (info.context or {}).get("form"):  # type(): a bool is an int to isinstance
+        got = _JSON_TYPE_NAMES[type(value)]
+        messages = {"int": "a valid integer", "float": "a valid number", "bool": "a valid boolean"}
+        raise PydanticCustomError(f"{want}_type", f"Input should be {messages[want]}, got {got}")
+    return value
 
 
 #: Schema keys that describe the field, not the values it takes: they stay outside ``anyOf``.
@@ -92,6 +111,21 @@ class _CommonRequest(BaseModel):
             return data
         return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
 
+    @field_validator("n", "width", "height", "output_compression", "seed", "num_inference_steps", "partial_images", mode="before")
+    @classmethod
+    def _integer(cls, value: object, info: ValidationInfo) -> object:
+        return _json_kind(value, info, "int", (str, bool))
+
+    @field_validator("true_cfg_scale", "guidance_scale", "lora_scale", mode="before")
+    @classmethod
+    def _number(cls, value: object, info: ValidationInfo) -> object:
+        return _json_kind(value, info, "float", (str, bool))
+
+    @field_validator("stream", "prompt_rewrite", mode="before")
+    @classmethod
+    def _boolean(cls, value: object, info: ValidationInfo) -> object:
+        return _json_kind(value, info, "bool", (str, int, float))
+
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, value: object) -> object:
@@ -129,3 +163,8 @@ class VariationRequest(_CommonRequest):
     """
 
     strength: float = Field(default=0.6, gt=0.0, le=1.0)
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength_number(cls, value: object, info: ValidationInfo) -> object:
+        return _json_kind(value, info, "float", (str, bool))
