@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 from urllib.parse import parse_qsl
 
 from .spec import PIPELINE_KINDS, ModelConfigError, ModelSpec, default_model_id
@@ -120,7 +121,8 @@ def parse_random_source(source: str) -> RandomSource:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError:
         raise ModelConfigError(f"{source}: expected ?KEY=VALUE&KEY=VALUE... after the name") from None
-    seed, overrides, options = 0, {}, {}  # options: as a folder's sidecar gives them; none by default
+    seed, overrides = 0, {}
+    options: dict[str, Any] = {}  # as a folder's sidecar gives them; none by default (the server's defaults apply)
     seen: set[str] = set()
     for key, value in pairs:
         if key not in KNOWN_KEYS:
