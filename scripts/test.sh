@@ -10,7 +10,7 @@
 #   scripts/test.sh -m "not e2e"    # without the tests that start a server
 #   scripts/test.sh -n 0            # pytest in one process (TEST_WORKERS=N: N processes)
 #
-# VENV (default .venv) picks the environment; an existing one is reused. torch is
+# VENV (default .venv) picks the environment; an existing one is reused (and pip skipped when nothing changed). torch is
 # installed only if the environment has none: pin 2.13.0 (CPU wheel on a CPU box).
 # For a GPU build, install torch for your CUDA into the environment first.
 set -euo pipefail
@@ -19,11 +19,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
-"$PYTHON" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -c 'import torch' 2>/dev/null || pip install torch==2.13.0
-pip install -e '.[test]'
+# pip runs when pyproject.toml changed since this environment last installed this checkout (its hash is kept in the
+# environment) or the environment's package is another checkout's: a rerun then skips pip's 5-10 s of resolving.
+STAMP="$VENV/.qwen-image-server-test-install"
+WANT="$(pwd) $(sha256sum pyproject.toml | cut -d' ' -f1)"
+HAVE="$(python -c 'import qwen_image_server, pathlib; print(pathlib.Path(qwen_image_server.__file__).parents[2])' 2>/dev/null || true)"
+if [ "$HAVE" != "$(pwd)" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    pip install -e '.[test]'
+    echo "$WANT" >"$STAMP"
+fi
 
 # The browser tests (tests/e2e/test_playground.py) drive the system's Chromium through
 # Playwright (from the test extra; it never downloads browsers). Install it when it is
