@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .config_files import directory_problem, models_in_dir, read_keys_file, repeated_entries, unique_entries
-from .limits import DEFAULT_SIDE, DEFAULT_STEPS, SIZE_MULTIPLE, fitting_side, size_problem
+from .config_files import directory_problem, models_in_dir, parse_entry, read_keys_file, repeated_entries, unique_entries
+from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
 QUALITY_STEPS: dict[str, int | None] = {
@@ -365,44 +365,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_sides(self) -> Settings:
-        if self.min_image_side > self.max_image_side:
-            raise ValueError(f"QIS_MIN_IMAGE_SIDE={self.min_image_side} must not exceed QIS_MAX_IMAGE_SIDE={self.max_image_side}")
-        side = fitting_side(DEFAULT_SIDE, self.min_image_side, self.max_image_side)
-        if side is None:
-            raise ValueError(
-                f"QIS_MIN_IMAGE_SIDE={self.min_image_side} to QIS_MAX_IMAGE_SIDE={self.max_image_side} holds no multiple "
-                f"of {SIZE_MULTIPLE}: no request size would be valid"
-            )
-        if "default_size" in self.model_fields_set:  # the size of every request that gives none: a valid request size
-            problem = size_problem(self.default_size, self.min_image_side, self.max_image_side)
-            if problem:
-                raise ValueError(f"QIS_DEFAULT_SIZE: {problem} (the size of requests that give none)")
-        else:  # not given: the square nearest 1024x1024 that the side limits allow
-            self.default_size = f"{side}x{side}"
-        if "default_steps" in self.model_fields_set:
-            if not 2 <= self.default_steps <= self.max_steps:  # as requests
-                raise ValueError(
-                    f"QIS_DEFAULT_STEPS={self.default_steps} must be from 2 to QIS_MAX_STEPS={self.max_steps} "
-                    "(the steps of requests that give none)"
-                )
-        else:  # not given: 50, or QIS_MAX_STEPS when that is lower (a request without steps stays within the limit)
-            self.default_steps = min(DEFAULT_STEPS, self.max_steps)
+        given = self.model_fields_set
+        self.default_size, self.default_steps = request_defaults(
+            self.min_image_side,
+            self.max_image_side,
+            self.max_steps,
+            self.default_size if "default_size" in given else None,
+            self.default_steps if "default_steps" in given else None,
+        )
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
         return self
 
-    @staticmethod
-    def _parse_entry(item: str) -> tuple[str | None, str]:
-        """``[ID=]SOURCE`` → ``(id or None, source)``."""
-        ident, sep, source = item.partition("=")
-        named = sep and "?" not in ident  # random:ORG/NAME?KEY=VALUE has an '=' but no ID
-        return (ident.strip(), source.strip()) if named else (None, item.strip())
-
     def _all_entries(self) -> list[tuple[str | None, str]]:
         """Every configured ``(id or None, path or hub id)``, in order, repeats included."""
-        entries = [self._parse_entry(item) for item in self.models]
+        entries = [parse_entry(item) for item in self.models]
         if self.model_path:
             entries.append((self.model_name, self.model_path))
         if self.qwen_image_location:

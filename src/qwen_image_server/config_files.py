@@ -18,6 +18,13 @@ def read_keys_file(path: Path) -> list[str]:
     return keys
 
 
+def parse_entry(item: str) -> tuple[str | None, str]:
+    """A ``--model`` value ``[ID=]SOURCE`` → ``(id or None, source)``."""
+    ident, sep, source = item.partition("=")
+    named = sep and "?" not in ident  # random:ORG/NAME?KEY=VALUE has an '=' but no ID
+    return (ident.strip(), source.strip()) if named else (None, item.strip())
+
+
 def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
     """The model folders directly inside ``folder`` (those with a ``model_index.json``), by name.
 

@@ -1,6 +1,6 @@
-"""Limits shared by requests and start-up checks: the rules a ``size`` follows and the bounds of the numbers a
-LoRA's defaults share with a request's fields. Plain functions, no settings: ``config.py`` and ``models/`` check
-configured values with them, ``serving/sizes.py`` checks requests."""
+"""Limits shared by requests and start-up checks: the rules a ``size`` follows, the bounds of the numbers a LoRA's
+defaults share with a request's fields, and the size and steps of a request that gives none. Plain functions, no
+settings: ``config.py`` and ``models/`` check configured values with them, ``serving/sizes.py`` checks requests."""
 
 from __future__ import annotations
 
@@ -46,3 +46,24 @@ def size_problem(size: object, lo: int, hi: int) -> str | None:
     if not match:
         return f"must be WIDTHxHEIGHT (like 1024x1024), got {size!r}"
     return side_problem(int(match.group(1)), int(match.group(2)), lo, hi)
+
+
+def request_defaults(lo: int, hi: int, max_steps: int, size: str | None, steps: int | None) -> tuple[str, int]:
+    """The size and steps of a request that gives none, under the side limits ``lo``..``hi`` and ``max_steps``: the
+    configured ``size`` and ``steps`` (None: not configured), which must be values a request may give, else the
+    published models' 1024x1024 and 50 brought within the limits. ``ValueError`` names the setting at fault."""
+    if lo > hi:
+        raise ValueError(f"QIS_MIN_IMAGE_SIDE={lo} must not exceed QIS_MAX_IMAGE_SIDE={hi}")
+    side = fitting_side(DEFAULT_SIDE, lo, hi)
+    if side is None:
+        raise ValueError(
+            f"QIS_MIN_IMAGE_SIDE={lo} to QIS_MAX_IMAGE_SIDE={hi} holds no multiple of {SIZE_MULTIPLE}: no request size "
+            "would be valid"
+        )
+    if size is not None and (problem := size_problem(size, lo, hi)):
+        raise ValueError(f"QIS_DEFAULT_SIZE: {problem} (the size of requests that give none)")
+    if steps is not None and not 2 <= steps <= max_steps:  # as a request's num_inference_steps
+        raise ValueError(
+            f"QIS_DEFAULT_STEPS={steps} must be from 2 to QIS_MAX_STEPS={max_steps} (the steps of requests that give none)"
+        )
+    return size if size is not None else f"{side}x{side}", steps if steps is not None else min(DEFAULT_STEPS, max_steps)
