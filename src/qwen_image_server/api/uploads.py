@@ -98,13 +98,14 @@ def _validate(model: type[M], fields: dict, form: bool) -> M:
 async def read_image_request(request: Request, model: type[M], max_files: int) -> tuple[M, list[Upload], Upload | None]:
     """The request's fields (validated as ``model``), its images in order, and its mask."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    form = content_type.startswith("multipart/form-data")
+    if form:
         fields, images, mask = await _read_multipart(request, max_files)
     elif content_type.startswith("application/json"):
         fields, images, mask = await _read_json(request, max_files)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
-    return _validate(model, fields, form=content_type.startswith("multipart/form-data")), images, mask
+    return _validate(model, fields, form), images, mask
 
 
 #: How much of a multipart body's end is kept to find its closing delimiter (``--BOUNDARY--``, then perhaps a line end).

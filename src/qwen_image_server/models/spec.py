@@ -325,9 +325,9 @@ def _check_configured_defaults(specs: list[ModelSpec], settings) -> None:
             value = spec.options.get(key)
             if key in spec.options and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ModelConfigError(f"{where}: {key} must be a positive integer (an area in pixels), got {value!r}")
-        for lora in spec.profile.loras:
+        for lora in spec.profile.loras:  # this model's (build_profile keeps each model's own)
             steps = lora.preset.get("steps")
-            if lora.model == spec.id and steps is not None and steps > settings.max_steps:
+            if steps is not None and steps > settings.max_steps:
                 raise ModelConfigError(
                     f"LoRA {lora.name}: its preset runs {steps} steps, more than QIS_MAX_STEPS={settings.max_steps} allows "
                     "a request (set steps=N in --lora, or raise QIS_MAX_STEPS)"

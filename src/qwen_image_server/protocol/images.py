@@ -5,6 +5,7 @@ Schemas only: what a value means is decided in ``serving/``.
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -36,15 +37,18 @@ IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
 FORM_CONTEXT = {"form": True}
 
 _JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+#: For each field type whose JSON value is a number or a boolean: what it should be, and the JSON types refused for it.
+_JSON_KINDS: dict[type, tuple[str, tuple[type, ...]]] = {
+    int: ("a valid integer", (str, bool)),
+    float: ("a valid number", (str, bool)),
+    bool: ("a valid boolean", (str, int, float)),
+}
 
 
-def _json_kind(value: object, info: ValidationInfo, want: str, refused: tuple[type, ...]) -> object:
-    """``value`` unchanged, or a ``want``-type error when a JSON body gives it as one of the ``refused`` types."""
-    if type(value) in refused and not (info.context or {}).get("form"):  # type(): a bool is an int to isinstance
-        got = _JSON_TYPE_NAMES[type(value)]
-        messages = {"int": "a valid integer", "float": "a valid number", "bool": "a valid boolean"}
-        raise PydanticCustomError(f"{want}_type", f"Input should be {messages[want]}, got {got}")
-    return value
+def _json_kind(annotation: object) -> tuple[str, tuple[type, ...]] | None:
+    """What a field of ``annotation`` (``int``, ``float | None``...) takes in JSON, when that is a number or a boolean."""
+    types = {arg for arg in (typing.get_args(annotation) or (annotation,)) if arg is not type(None)}
+    return _JSON_KINDS.get(types.pop()) if len(types) == 1 else None
 
 
 #: Schema keys that describe the field, not the values it takes: they stay outside ``anyOf``.
@@ -111,20 +115,14 @@ class _CommonRequest(BaseModel):
             return data
         return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
 
-    @field_validator("n", "width", "height", "output_compression", "seed", "num_inference_steps", "partial_images", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _integer(cls, value: object, info: ValidationInfo) -> object:
-        return _json_kind(value, info, "int", (str, bool))
-
-    @field_validator("true_cfg_scale", "guidance_scale", "lora_scale", mode="before")
-    @classmethod
-    def _number(cls, value: object, info: ValidationInfo) -> object:
-        return _json_kind(value, info, "float", (str, bool))
-
-    @field_validator("stream", "prompt_rewrite", mode="before")
-    @classmethod
-    def _boolean(cls, value: object, info: ValidationInfo) -> object:
-        return _json_kind(value, info, "bool", (str, int, float))
+    def _json_types(cls, value: object, info: ValidationInfo) -> object:
+        """A number or boolean field given another JSON type in a JSON body: refused (see ``FORM_CONTEXT``)."""
+        kind = _json_kind(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        if kind is not None and type(value) in kind[1] and not (info.context or {}).get("form"):  # type(): a bool is an int
+            raise PydanticCustomError("json_type", f"Input should be {kind[0]}, got {_JSON_TYPE_NAMES[type(value)]}")
+        return value
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -163,8 +161,3 @@ class VariationRequest(_CommonRequest):
     """
 
     strength: float = Field(default=0.6, gt=0.0, le=1.0)
-
-    @field_validator("strength", mode="before")
-    @classmethod
-    def _strength_number(cls, value: object, info: ValidationInfo) -> object:
-        return _json_kind(value, info, "float", (str, bool))
