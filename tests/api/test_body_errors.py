@@ -125,11 +125,16 @@ HEAD_START = f"POST {GENERATIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 BODY_START = HEAD_START + "Content-Type: application/json\r\nContent-Length: 200\r\n"
 
 
+def _stalled(port: int, start: str, client_id: str | None, rest: str) -> dict:
+    """The 408's body for a request that stops after ``start``, its ``X-Request-ID`` line (when given) and ``rest``."""
+    headers, body = _timed_out(port, (start + (f"X-Request-ID: {client_id}\r\n" if client_id else "") + rest).encode())
+    _check_408(headers, body, client_id)
+    return body
+
+
 @pytest.mark.parametrize("client_id", [None, "slow-client-7"])
 def test_a_slow_head_gets_408_with_a_request_id(slow_port, client_id):
-    sent = HEAD_START + (f"X-Request-ID: {client_id}\r\n" if client_id else "") + "Content-Type: appl"
-    headers, body = _timed_out(slow_port, sent.encode())
-    _check_408(headers, body, client_id)
+    body = _stalled(slow_port, HEAD_START, client_id, "Content-Type: appl")
     assert body["error"]["message"] == f"Request head not received within {HEADER_TIMEOUT:g} s"
 
 
@@ -140,7 +145,5 @@ def test_a_slow_head_with_an_unusable_request_id_gets_a_new_one(slow_port):
 
 @pytest.mark.parametrize("client_id", [None, "slow-body-9"])
 def test_a_slow_body_gets_408_with_the_request_s_id(slow_port, client_id):
-    sent = BODY_START + (f"X-Request-ID: {client_id}\r\n" if client_id else "") + '\r\n{"prompt": "'
-    headers, body = _timed_out(slow_port, sent.encode())
-    _check_408(headers, body, client_id)
+    body = _stalled(slow_port, BODY_START, client_id, '\r\n{"prompt": "')
     assert body["error"]["message"] == f"Request body not received within {BODY_TIMEOUT:g} s"
