@@ -1,6 +1,6 @@
 """The fixes of the probing rounds, over real HTTP on the shared tiny server: HEAD, slash redirects, null fields
-through the ``openai`` SDK's raw path, one mask at most, uploads cut short, and non-JSON generation bodies (their
-logic and every case are tested in process in tests/api)."""
+through the ``openai`` SDK's raw path, one mask at most, uploads cut short, non-JSON generation bodies, and JSON
+numbers against a form's text (their logic and every case are tested in process in tests/api)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,22 @@ def test_a_generation_sent_as_a_form_is_told_to_send_json(server):
     response = httpx.post(server.base_url + GENERATIONS, data={"prompt": "a"}, timeout=30)  # curl -d 'prompt=a'
     assert response.status_code == 400
     assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_json_numbers_must_be_json_numbers_while_form_text_is_read(server):
+    """Through the SDK: ``"n": "2"`` and ``"guidance_scale": true`` in JSON are 400s naming the field; an edit's form
+    (all text, as the SDK sends it) with text numbers is served."""
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    for field, value, says in [
+        ("n", "2", "a valid integer, got a string"),
+        ("guidance_scale", True, "a valid number, got a boolean"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(model="qwen-image-tiny", prompt="a", extra_body={field: value, "num_inference_steps": 2})
+        assert refused.value.body["param"] == field, refused.value.body
+        assert refused.value.body["message"] == f"Validation error: {field}: Input should be {says}"
+    edited = client.images.edit(
+        model="qwen-image-edit-tiny", prompt="blue", image=("a.png", png_bytes(), "image/png"),
+        extra_body={"num_inference_steps": "2", "seed": "4", "stream": "false"},
+    )  # fmt: skip
+    assert len(edited.data) == 1 and edited.data[0].model_extra["seed"] == 4
