@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,24 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_model(kind: str) -> Path:
     """The tiny model of ``kind`` (``text-to-image``, ``edit``, ``edit-plus``), built once into the test cache
-    (``QIS_TEST_MODEL_DIR``, default ``.pytest_cache/tiny-models``). Built aside and renamed into place, so that
-    runs side by side (two checkouts sharing the cache) never see a half-written model: the first rename wins."""
-    from qwen_image_server.models.tiny import TINY_MODEL_VERSION, build_tiny_model
+    (``QIS_TEST_MODEL_DIR``, default ``.pytest_cache/tiny-models``) by the demo's builder (``ensure_tiny_model``)."""
+    from qwen_image_server.models.tiny import TINY_MODEL_VERSION, ensure_tiny_model
 
     cache = Path(os.environ.get("QIS_TEST_MODEL_DIR", REPO / ".pytest_cache" / "tiny-models")) / f"v{TINY_MODEL_VERSION}"
-    folder = cache / kind
-    if (folder / "model_index.json").is_file():
-        return folder
-    if folder.exists():  # left half-written by an older, interrupted run
-        shutil.rmtree(folder, ignore_errors=True)
-    aside = folder.with_name(f".{kind}.{os.getpid()}.tmp")
-    shutil.rmtree(aside, ignore_errors=True)
-    build_tiny_model(aside, kind)  # type: ignore[arg-type]
-    try:
-        aside.rename(folder)
-    except OSError:  # another process put its build there first
-        shutil.rmtree(aside, ignore_errors=True)
-    return folder
+    return ensure_tiny_model(cache / kind, kind)
 
 
 def fresh_prompt(prompt: str, index: int) -> str:
