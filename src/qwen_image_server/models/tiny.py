@@ -245,10 +245,10 @@ def ensure_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
     """Build a tiny model into ``folder`` unless a complete one is already there. Built aside and renamed into place,
     so that processes side by side (two servers, two test runs sharing a cache) never see a half-written model: the
     first rename wins."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    if folder.exists():  # left half-written by an older, interrupted build
-        shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        if (folder / "model_index.json").is_file():  # complete: a rename puts a whole model in place at once
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)  # left half-written by an older, interrupted build
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
