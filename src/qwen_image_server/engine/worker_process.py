@@ -32,8 +32,10 @@ def public_reason(reason: str | None) -> str:
 
 
 #: What a forkserver imports once, before it forks workers: a worker then starts in a fraction of a second
-#: instead of importing torch, diffusers and transformers anew (seconds of CPU per start or restart).
+#: instead of importing torch, diffusers and transformers anew (seconds of CPU per start or restart). First the module
+#: that lets the forkserver exit without tearing all that down again (forkserver_exit.py).
 FORKSERVER_PRELOAD = [
+    "qwen_image_server.engine.forkserver_exit",
     "torch",
     "diffusers",
     "transformers",
