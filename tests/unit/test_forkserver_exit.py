@@ -95,3 +95,18 @@ def test_imported_elsewhere_it_changes_nothing(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "teardown").read_bytes() == b"ran" and (out / "atexit").exists()
+
+
+def test_a_process_forked_from_the_forkserver_keeps_its_own_exit():
+    """The handler is inherited by what the forkserver forks; there it does nothing (here: another pid's handler)."""
+    code = (
+        "import os, sys; from qwen_image_server.engine.forkserver_exit import leave_without_teardown\n"
+        "leave_without_teardown(os.getpid() + 1); print('went on'); sys.exit(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert (done.returncode, done.stdout.strip()) == (3, "went on"), done.stderr
+    own = subprocess.run(
+        [sys.executable, "-c", code.replace("os.getpid() + 1", "os.getpid()")],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert (own.returncode, own.stdout.strip()) == (0, ""), own.stderr

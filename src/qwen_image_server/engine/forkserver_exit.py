@@ -36,8 +36,12 @@ def in_forkserver_preload() -> bool:
     return False
 
 
-def leave_without_teardown() -> None:
-    """Flush what may hold output, then end the process at once (status 0: the forkserver's normal exit)."""
+def leave_without_teardown(forkserver_pid: int) -> None:
+    """In the forkserver itself: flush what may hold output, then end the process at once (status 0: the
+    forkserver's normal exit). A process forked from it inherits the handler and is left alone: its own exit
+    status and teardown are its business (the workers leave through ``os._exit`` anyway)."""
+    if os.getpid() != forkserver_pid:
+        return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -46,4 +50,4 @@ def leave_without_teardown() -> None:
 
 
 if in_forkserver_preload():
-    atexit.register(leave_without_teardown)
+    atexit.register(leave_without_teardown, os.getpid())
