@@ -67,7 +67,7 @@ def _run(tmp_path: Path, preload: list[str]) -> set[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def test_a_forkserver_with_it_runs_atexit_handlers_and_skips_the_teardown(tmp_path):
