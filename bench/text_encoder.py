@@ -24,15 +24,29 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+FULL_LAYERS = 28
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, help=f"decoder layers (default: {FULL_LAYERS} on CUDA, 2 on the CPU)")
+    parser.add_argument("--tokens", type=int, default=1024, help="prompt tokens (diffusers' limit is 1024, plus 34 of template)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--runs", type=int, default=3)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and wrong arguments answer before torch is imported (seconds)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from qwen_image_server.models.random_arch import _constructing, init_random_, text_encoder_config  # noqa: E402
 from qwen_image_server.models.random_source import architectures  # noqa: E402
 from qwen_image_server.models.text_encoder_fast import prepare_text_encoder  # noqa: E402
 from qwen_image_server.models.tiny import _make_tokenizer  # noqa: E402
-
-FULL_LAYERS = 28
 
 
 def build(device: str, dtype: torch.dtype, layers: int):
@@ -115,14 +129,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, help=f"decoder layers (default: {FULL_LAYERS} on CUDA, 2 on the CPU)")
-    parser.add_argument("--tokens", type=int, default=1024, help="prompt tokens (diffusers' limit is 1024, plus 34 of template)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     cuda = device.startswith("cuda")
     layers = args.layers or (FULL_LAYERS if cuda else 2)
@@ -177,4 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -27,7 +27,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--cpu-peak", action="store_true", help="on the CPU, also each path's peak resident memory (a fresh process each)"
+    )
+    parser.add_argument("--tiling", action="store_true", help="also the fast routes with tiling (--vae-tiling on)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and wrong arguments answer before torch is imported (seconds)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from qwen_image_server.models.random_arch import _constructing, init_random_  # noqa: E402
@@ -132,17 +149,7 @@ def cpu_peaks(width: int, height: int, dtype_name: str, paths: tuple[str, ...]) 
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument(
-        "--cpu-peak", action="store_true", help="on the CPU, also each path's peak resident memory (a fresh process each)"
-    )
-    parser.add_argument("--tiling", action="store_true", help="also the fast routes with tiling (--vae-tiling on)")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     width, height = (int(v) for v in args.size.lower().split("x"))
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -220,4 +227,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
