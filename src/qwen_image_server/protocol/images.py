@@ -5,6 +5,7 @@ Schemas only: what a value means is decided in ``serving/``.
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any, Literal
 
@@ -49,6 +50,12 @@ def _json_kind(annotation: object) -> tuple[str, tuple[type, ...]] | None:
     """What a field of ``annotation`` (``int``, ``float | None``...) takes in JSON, when that is a number or a boolean."""
     types = {arg for arg in (typing.get_args(annotation) or (annotation,)) if arg is not type(None)}
     return _JSON_KINDS.get(types.pop()) if len(types) == 1 else None
+
+
+@functools.cache
+def _json_kinds(model: type[BaseModel]) -> dict[str, tuple[str, tuple[type, ...]] | None]:
+    """``_json_kind`` of each field of a request model, worked out once per model rather than per value."""
+    return {name: _json_kind(field.annotation) for name, field in model.model_fields.items()}
 
 
 #: Schema keys that describe the field, not the values it takes: they stay outside ``anyOf``.
@@ -119,7 +126,7 @@ class _CommonRequest(BaseModel):
     @classmethod
     def _json_types(cls, value: object, info: ValidationInfo) -> object:
         """A number or boolean field given another JSON type in a JSON body: refused (see ``FORM_CONTEXT``)."""
-        kind = _json_kind(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        kind = _json_kinds(cls).get(info.field_name) if info.field_name else None
         if kind is not None and type(value) in kind[1] and not (info.context or {}).get("form"):  # type(): a bool is an int
             raise PydanticCustomError("json_type", f"Input should be {kind[0]}, got {_JSON_TYPE_NAMES[type(value)]}")
         return value
