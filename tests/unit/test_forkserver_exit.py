@@ -47,16 +47,22 @@ if __name__ == "__main__":
 """
 
 
-def _run(tmp_path: Path, preload: list[str]) -> set[str]:
-    """Start and end a forkserver with ``preload`` (after the probe's folder is on its path); the probe's files."""
+def _with_probe(tmp_path: Path, *command: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``command`` run in ``tmp_path`` beside the probe module; its result and the folder the probe writes to."""
     (tmp_path / "teardown_probe.py").write_text(PROBE)
-    (tmp_path / "parent.py").write_text(PARENT)
     out = tmp_path / "out"
     out.mkdir()
     done = subprocess.run(
-        [sys.executable, str(tmp_path / "parent.py"), ",".join(preload)],
+        [sys.executable, *command],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**_env(), "PROBE_FOLDER": str(out)},
     )  # fmt: skip
+    return done, out
+
+
+def _run(tmp_path: Path, preload: list[str]) -> set[str]:
+    """Start and end a forkserver with ``preload`` (after the probe's folder is on its path); the probe's files."""
+    (tmp_path / "parent.py").write_text(PARENT)
+    done, out = _with_probe(tmp_path, str(tmp_path / "parent.py"), ",".join(preload))
     assert done.returncode == 0 and done.stdout.startswith("forked"), done.stdout + done.stderr
     pid = int(done.stdout.split()[-1])
     deadline = time.monotonic() + 30
@@ -86,13 +92,7 @@ def test_it_is_the_first_module_of_the_workers_preload():
 
 def test_imported_elsewhere_it_changes_nothing(tmp_path):
     assert not forkserver_exit.in_forkserver_preload()
-    (tmp_path / "teardown_probe.py").write_text(PROBE)
-    out = tmp_path / "out"
-    out.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", "import qwen_image_server.engine.forkserver_exit, teardown_probe"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**_env(), "PROBE_FOLDER": str(out)},
-    )  # fmt: skip
+    done, out = _with_probe(tmp_path, "-c", "import qwen_image_server.engine.forkserver_exit, teardown_probe")
     assert done.returncode == 0, done.stderr
     assert (out / "teardown").read_bytes() == b"ran" and (out / "atexit").exists()
 
