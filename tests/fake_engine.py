@@ -93,7 +93,7 @@ def encoded(job: Job, seed: int, image: Image.Image) -> EncodedImage:
 class _Model:
     def __init__(self, spec: ModelSpec, settings: Settings):
         self.spec = spec
-        self.budget = PixelBudget(settings)
+        self.budget = PixelBudget(settings, spec.id)
         self.running = 0
         self.waiting = 0
         self.broken: str | None = None
@@ -146,14 +146,14 @@ class FakeEngine:
         model = self._models[model_id]
         if model.broken:
             raise NotReady(f"Model {model_id} is unavailable: its workers failed to load ({model.broken}); see the server log")
-        if model.waiting >= self.settings.queue_size:
-            raise QueueFull(retry_after=retry_after(self.settings))
+        if model.waiting >= self.settings.queue_size_for(model_id):
+            raise QueueFull(retry_after=retry_after(self.settings, model_id))
         model.budget.check()
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         self.admit(model_id)
         model = self._models[model_id]
-        deadline = time.monotonic() + self.settings.task_timeout
+        deadline = time.monotonic() + self.settings.task_timeout_for(model_id)
         self.jobs.append((model_id, job))
         with model.budget.hold(job):
             try:
@@ -216,6 +216,8 @@ class FakeEngine:
                 "ready": state == "ready",
                 "state": state,
                 "queued_jobs": m.waiting,
+                "queue_size": self.settings.queue_size_for(model_id),
+                "task_timeout": self.settings.task_timeout_for(model_id),
                 "worker_restarts": 0,
                 "held_pixel_bytes": m.budget.held,
                 "error": m.broken,

@@ -97,8 +97,22 @@ def serve(
     memory_check: Annotated[
         str | None, typer.Option(help="on (refuse a plan that does not fit), warn or off [QIS_MEMORY_CHECK].")
     ] = None,
-    queue_size: Annotated[int | None, typer.Option(help="Waiting requests per model [TASK_QUEUE_SIZE].")] = None,
-    task_timeout: Annotated[float | None, typer.Option(help="Seconds from acceptance [TASK_TIMEOUT].")] = None,
+    queue_size: Annotated[
+        list[str] | None,
+        typer.Option(metavar="N or N@MODEL", help="Waiting requests per model [TASK_QUEUE_SIZE]; N@MODEL for one model."),
+    ] = None,
+    task_timeout: Annotated[
+        list[str] | None,
+        typer.Option(metavar="S or S@MODEL", help="Seconds from acceptance [TASK_TIMEOUT]; S@MODEL for one model."),
+    ] = None,
+    stuck_task_seconds: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="S or S@MODEL",
+            help="Seconds a task told to stop may keep its worker before the worker is killed [QIS_STUCK_TASK_SECONDS]; "
+            "S@MODEL for one model.",
+        ),
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call.")] = None,
     share_components: Annotated[
         bool | None,

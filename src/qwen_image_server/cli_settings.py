@@ -7,6 +7,7 @@ import typer
 from pydantic import AliasChoices, ValidationError
 
 from .config import Settings
+from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
 
 #: Command-line options that are Settings fields of another name.
@@ -23,14 +24,13 @@ def settings_from_options(options: dict) -> Settings:
     """``Settings`` from the options of ``serve`` (and ``plan``, which takes the same): flags override the environment."""
     overrides = {RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "demo", "log_level")}
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    if "workers" in overrides:  # --workers N (every model) and --workers N@MODEL (one model)
-        given = overrides.pop("workers")
-        plain = [value for value in given if "@" not in value]
-        if plain:
-            overrides["workers"] = plain[-1]
-        scoped = [value for value in given if "@" in value]
-        if scoped:
-            overrides["model_workers"] = scoped
+    for setting in SCOPED_NUMBERS.values():  # --workers N (every model) and --workers N@MODEL (one model)...
+        if setting.field in overrides:
+            plain, scoped = split_flag_values(overrides.pop(setting.field))
+            if plain is not None:
+                overrides[setting.field] = plain
+            if scoped:
+                overrides[setting.scoped_field] = scoped
     if options.get("model"):
         overrides["models"] = list(options["model"])
     try:
@@ -72,7 +72,8 @@ def _flags_of_fields() -> dict[str, str]:
         if getattr(param, "param_type_name", "") == "option" and param.name:
             long = [opt for opt in param.opts if opt.startswith("--")]
             flags[RENAMED.get(param.name, param.name)] = (long or param.opts)[0]
-    flags["model_workers"] = flags["workers"]  # --workers N@MODEL
+    for setting in SCOPED_NUMBERS.values():
+        flags[setting.scoped_field] = flags[setting.field]  # --workers N@MODEL...
     return flags
 
 

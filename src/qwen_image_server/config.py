@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .config_files import directory_problem, models_in_dir, parse_entry, read_keys_file, repeated_entries, unique_entries
+from .config_scoped import SCOPED_NUMBERS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
@@ -43,7 +44,7 @@ SCOPED_PROFILE_FIELDS = (
 )  # fmt: skip
 
 
-class Settings(BaseSettings):
+class Settings(PerModelLimits, BaseSettings):
     """Everything the server can be told, from flags or the environment."""
 
     model_config = SettingsConfigDict(env_prefix="QIS_", extra="ignore", populate_by_name=True)
@@ -85,12 +86,14 @@ class Settings(BaseSettings):
 
     # --- engine ------------------------------------------------------------------
     workers: int = Field(default=1, ge=1, le=64, validation_alias=_alias("NUM_GPUS_TO_USE", "QIS_WORKERS"))
-    model_workers: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="N@MODEL: this many workers for one model instead of --workers (';'-separated in the environment).",
-    )
+    # A model's own value of workers, queue_size, task_timeout or stuck_task_seconds: VALUE@MODEL (config_scoped.py).
+    model_workers: Annotated[list[str], NoDecode] = Field(default_factory=list, description="N@MODEL: one model's workers.")
     queue_size: int = Field(default=32, ge=1, le=100_000, validation_alias=_alias("TASK_QUEUE_SIZE", "QIS_QUEUE_SIZE"))
+    model_queue_size: Annotated[list[str], NoDecode] = Field(default_factory=list, description="N@MODEL: one model's queue.")
     task_timeout: float = Field(default=600.0, gt=0, validation_alias=_alias("TASK_TIMEOUT", "QIS_TASK_TIMEOUT"))
+    model_task_timeout: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="S@MODEL: one model's task timeout."
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda, or cuda:0,cuda:1,... (one entry per worker slot)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     memory_check: Literal["on", "warn", "off"] = Field(
@@ -121,6 +124,9 @@ class Settings(BaseSettings):
         description="How long a task told to stop (its timeout passed, or its client went away) may keep its worker "
         "before the worker process is killed and restarted, as one stuck in a call that never returns would be; "
         "0 never kills one.",
+    )
+    model_stuck_task_seconds: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="S@MODEL: one model's stuck_task_seconds."
     )
     worker_start: Literal["auto", "forkserver", "spawn"] = Field(
         default="auto",
@@ -329,32 +335,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(";") if part.strip()]
         return value
 
-    @field_validator("model_workers", mode="before")
+    @field_validator(*(setting.scoped_field for setting in SCOPED_NUMBERS.values()), mode="before")
     @classmethod
-    def _split_model_workers(cls, value: object) -> object:
-        if isinstance(value, str):  # QIS_MODEL_WORKERS=3@qwen-image;1@qwen-image-edit
-            value = [part.strip() for part in value.split(";") if part.strip()]
+    def _split_scoped_numbers(cls, value: object, info: ValidationInfo) -> object:
+        value = split_items(value)  # QIS_MODEL_WORKERS=3@qwen-image;1@qwen-image-edit
+        setting = next(s for s in SCOPED_NUMBERS.values() if s.scoped_field == info.field_name)
         for item in value if isinstance(value, list) else []:
-            count, sep, model = str(item).partition("@")
-            if not sep or not model.strip() or not count.strip().isdigit() or not 1 <= int(count) <= 64:
-                raise ValueError(f"expected N@MODEL with N from 1 to 64, got {item!r}")
+            setting.parse(item)
         return value
-
-    def own_workers(self) -> dict[str, int]:
-        """The models given a count of their own (``N@MODEL``; the last one given counts), by model id."""
-        return {name.strip(): int(count) for count, _, name in (item.partition("@") for item in self.model_workers)}
-
-    def workers_for(self, model: str) -> int:
-        """How many workers ``model`` gets: its ``N@MODEL`` value, else ``workers``."""
-        return self.own_workers().get(model, self.workers)
-
-    def replicas_for(self, model: str) -> tuple[int, int]:
-        """Ray Serve's (min, max) replicas for ``model``: exactly its ``N@MODEL`` value (N replicas, as N workers of
-        the embedded engine), else ``ray_min_replicas`` and ``ray_max_replicas`` (default: --workers)."""
-        own = self.own_workers().get(model)
-        if own is not None:
-            return own, own
-        return self.ray_min_replicas, self.ray_max_replicas or self.workers
 
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import threading
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_mask_of_another_size_is_judged_on_the_uploaded_sizes():
 
 
 def test_pixel_budget_refuses_what_does_not_fit_and_frees_on_exit():
-    budget = PixelBudget(Settings(max_queued_pixel_bytes=1000))
+    budget = PixelBudget(Settings(max_queued_pixel_bytes=1000), "m")
     job = Job(mode="edit", prompt="p", seeds=[1], images=[np.zeros((10, 20, 3), np.uint8)])  # 600 bytes
     assert job_bytes(job) == 600
     with budget.hold(job):
@@ -184,3 +185,46 @@ def test_ray_engine_admits_like_the_embedded_one():
     engine._budgets[spec.id].held = 100
     with pytest.raises(QueueFull):
         engine.admit(spec.id)
+
+
+def test_each_engine_bounds_a_model_by_its_own_queue_size_and_task_timeout():
+    """``--queue-size N@MODEL`` and ``--task-timeout S@MODEL``: the embedded and the Ray engine refuse one model's
+    request by its own queue, and tell the client to come back after a tenth of that model's timeout."""
+    from qwen_image_server.engine.local import _ModelPool
+    from qwen_image_server.models.spec import ModelSpec
+
+    settings = Settings(queue_size=3, task_timeout=100, model_queue_size=["1@fast"], model_task_timeout=["20@fast"])
+    fast, slow = (
+        ModelSpec(id=i, source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image") for i in ("fast", "slow")
+    )
+
+    def refusals(admit, set_waiting) -> dict[str, tuple[int, int]]:
+        """``(requests admitted before the first refusal, its Retry-After)`` per model."""
+        out = {}
+        for model in ("fast", "slow"):
+            waiting = 0
+            while True:
+                try:
+                    admit(model)
+                except QueueFull as refused:
+                    out[model] = (waiting, int(refused.headers["Retry-After"]))
+                    break
+                waiting += 1
+                set_waiting(model, waiting)
+        return out
+
+    async def embedded() -> dict:
+        pools = {
+            spec.id: _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+            for spec in (fast, slow)
+        }
+        return refusals(lambda m: pools[m].admit(), lambda m, n: setattr(pools[m], "waiting_jobs", n))
+
+    assert asyncio.run(embedded()) == {"fast": (1, 2), "slow": (3, 10)}
+    pytest.importorskip("ray")
+    from qwen_image_server.engine.ray_serve import RayEngine
+
+    ray_engine = RayEngine([fast, slow], settings.model_copy(update={"engine": "ray", "workers": 1}), "app")
+    # in flight: one running on the model's one replica, the rest waiting
+    ray = refusals(ray_engine.admit, lambda m, n: ray_engine._in_flight.__setitem__(m, n))
+    assert ray == {"fast": (2, 2), "slow": (4, 10)}

@@ -1,5 +1,7 @@
 """Settings: the seeds' environment variable names, our own, and CLI overrides."""
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -74,6 +76,57 @@ def test_malformed_per_model_workers_are_refused(value):
         Settings(model_workers=[value])
 
 
+def test_queue_size_task_timeout_and_stuck_seconds_per_model_from_flags_and_the_environment(monkeypatch):
+    from qwen_image_server.cli import settings_from_options
+
+    monkeypatch.setenv("TASK_TIMEOUT", "120")
+    options = {"queue_size": ["1@fast", "8"], "task_timeout": ["5@fast", "2.5@fast"], "stuck_task_seconds": ["3@fast"]}
+    settings = settings_from_options({**options, "log_level": "info"})
+    assert (settings.queue_size, settings.model_queue_size) == (8, ["1@fast"])
+    assert (settings.queue_size_for("fast"), settings.queue_size_for("slow")) == (1, 8)
+    assert (settings.task_timeout_for("fast"), settings.task_timeout_for("slow")) == (2.5, 120.0)  # the last one counts
+    assert (settings.stuck_task_seconds_for("fast"), settings.stuck_task_seconds_for("slow")) == (3.0, 300.0)
+    monkeypatch.setenv("QIS_MODEL_QUEUE_SIZE", "2@a; 3@b")
+    monkeypatch.setenv("QIS_MODEL_TASK_TIMEOUT", "30@a")
+    monkeypatch.setenv("QIS_MODEL_STUCK_TASK_SECONDS", "0@b")
+    env = Settings()
+    assert (env.queue_size_for("a"), env.queue_size_for("b"), env.queue_size_for("c")) == (2, 3, 32)
+    assert (env.task_timeout_for("a"), env.task_timeout_for("b")) == (30.0, 120.0)
+    assert (env.stuck_task_seconds_for("a"), env.stuck_task_seconds_for("b")) == (300.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("model_queue_size", "0@m", "N@MODEL with N from 1 to 100000"),
+        ("model_queue_size", "1.5@m", "N@MODEL with N from 1 to 100000"),
+        ("model_queue_size", "4", "N@MODEL with N from 1 to 100000"),
+        ("model_task_timeout", "0@m", "S@MODEL with S above 0"),
+        ("model_task_timeout", "nan@m", "S@MODEL with S above 0"),
+        ("model_task_timeout", "inf@m", "S@MODEL with S above 0"),
+        ("model_task_timeout", "5@", "S@MODEL with S above 0"),
+        ("model_stuck_task_seconds", "-1@m", "S@MODEL with S from 0"),
+    ],
+)
+def test_malformed_per_model_limits_are_refused(field, value, expected):
+    with pytest.raises(ValidationError, match=f"expected {re.escape(expected)}, got '{re.escape(value)}'"):
+        Settings(**{field: [value]})
+
+
+def test_per_model_limits_must_name_served_models_and_not_aliases(tiny_t2i):
+    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+
+    models = [f"t2i={tiny_t2i}"]
+    with pytest.raises(ModelConfigError, match=r"^--queue-size names models that are not served: nope \(served: t2i\)$"):
+        resolve_configured(Settings(models=models, model_queue_size=["1@nope"]))
+    with pytest.raises(ModelConfigError, match=r"^--task-timeout names models that are not served: nope"):
+        resolve_configured(Settings(models=models, model_task_timeout=["5@nope"]))
+    with pytest.raises(ModelConfigError, match=r"^--stuck-task-seconds names dall-e-3, another name of a served model"):
+        resolve_configured(Settings(models=models, model_aliases=["dall-e-3=t2i"], model_stuck_task_seconds=["1@dall-e-3"]))
+    (spec,) = resolve_configured(Settings(models=models, model_queue_size=["1@t2i"], model_task_timeout=["5@t2i"]))
+    assert spec.id == "t2i"
+
+
 def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     from qwen_image_server.cli import settings_from_options
 
@@ -83,8 +136,12 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
         assert not isinstance(refused.value, ValidationError)  # one readable message, not pydantic's report
         return str(refused.value)
 
-    assert problem(queue_size=0) == "invalid settings:\n  --queue-size: Input should be greater than or equal to 1 (got 0)"
+    assert problem(queue_size=["0"]) == "invalid settings:\n  --queue-size: Input should be greater than or equal to 1 (got '0')"
     assert problem(workers=["x@y"]) == "invalid settings:\n  --workers: expected N@MODEL with N from 1 to 64, got 'x@y'"
+    assert (
+        problem(task_timeout=["soon@m"]) == "invalid settings:\n  --task-timeout: expected S@MODEL with S above 0, got 'soon@m'"
+    )
+    assert problem(queue_size=["x"]).splitlines()[1].startswith("  --queue-size: Input should be a valid integer")
     # a flag spelled otherwise than its setting (shutdown_grace_seconds), and one of another name (image_url_prefix)
     assert problem(shutdown_grace_seconds=-5.0).splitlines()[1].startswith("  --shutdown-grace: Input should be greater")
     assert problem(image_url_prefix=5).splitlines()[1].startswith("  --image-url-prefix: ")

@@ -36,6 +36,7 @@ LAYER_OF = {
     "config": "shared",
     "limits": "shared",
     "config_files": "shared",
+    "config_scoped": "shared",
     "jobs": "shared",
     "images": "shared",
 }

@@ -43,10 +43,12 @@ class FakeWorker:
         self.killed = True
 
 
-def _run_to_timeout(stops: bool, stuck_task_seconds: float) -> FakeWorker:
+def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | None = None) -> FakeWorker:
+    """Model ``m``'s task times out on a fake worker; ``own``: ``--stuck-task-seconds S@MODEL`` values."""
+
     async def run() -> FakeWorker:
         spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-        settings = Settings(stuck_task_seconds=stuck_task_seconds)
+        settings = Settings(stuck_task_seconds=stuck_task_seconds, model_stuck_task_seconds=own or [])
         pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
         worker = FakeWorker(pool, stops)
         pool.workers.append(worker)  # type: ignore[arg-type]
@@ -70,6 +72,11 @@ def test_a_worker_that_stops_its_task_is_left_alone():
 
 def test_zero_never_kills():
     assert not _run_to_timeout(stops=False, stuck_task_seconds=0).killed
+
+
+def test_a_model_of_its_own_stuck_seconds_follows_them():
+    assert _run_to_timeout(stops=False, stuck_task_seconds=0, own=["0.1@m"]).killed
+    assert not _run_to_timeout(stops=False, stuck_task_seconds=0.1, own=["0@m", "0@other"]).killed
 
 
 @pytest.mark.parametrize("stops", [False, True], ids=["stuck", "stops"])

@@ -19,9 +19,9 @@ from ..errors import QueueFull
 from ..jobs import Job
 
 
-def retry_after(settings: Settings) -> int:
-    """Seconds a refused client is told to wait (a tenth of the task timeout, at least 1)."""
-    return max(1, math.ceil(settings.task_timeout / 10))
+def retry_after(settings: Settings, model: str) -> int:
+    """Seconds a refused client is told to wait (a tenth of the model's task timeout, at least 1)."""
+    return max(1, math.ceil(settings.task_timeout_for(model) / 10))
 
 
 def job_bytes(job: Job) -> int:
@@ -34,17 +34,18 @@ def job_bytes(job: Job) -> int:
 class PixelBudget:
     """The input-pixel bytes held by one model's jobs, and the cap on them."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, model: str):
         self.settings = settings
+        self.model = model
         self.cap = settings.max_queued_pixel_bytes
         self.held = 0
 
     def check(self, nbytes: int = 0) -> None:
         """Raise ``QueueFull`` when ``nbytes`` more would go over the cap (a first job is always taken)."""
         if self.held and self.held + nbytes > self.cap:
-            raise QueueFull(retry_after=retry_after(self.settings))
+            raise QueueFull(retry_after=retry_after(self.settings, self.model))
         if not nbytes and self.held >= self.cap:
-            raise QueueFull(retry_after=retry_after(self.settings))
+            raise QueueFull(retry_after=retry_after(self.settings, self.model))
 
     @contextlib.contextmanager
     def hold(self, job: Job) -> Iterator[None]:

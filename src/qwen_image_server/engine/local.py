@@ -76,7 +76,7 @@ class _ModelPool:
         self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
         self.broken: str | None = None
         self.closing = False
-        self.budget = PixelBudget(settings)
+        self.budget = PixelBudget(settings, spec.id)
         # spawn=False: the engine adds worker processes shared with other pools (--share-components)
         self.workers: list[WorkerProcess] = []
         if spawn:
@@ -87,8 +87,8 @@ class _ModelPool:
         """Refuse at once when the model is failed, its queue full or its pixel budget spent."""
         if self.broken:
             raise NotReady(self._unavailable())
-        if self.waiting_jobs >= self.settings.queue_size:
-            raise QueueFull(retry_after=retry_after(self.settings))
+        if self.waiting_jobs >= self.settings.queue_size_for(self.spec.id):
+            raise QueueFull(retry_after=retry_after(self.settings, self.spec.id))
         self.budget.check()
 
     async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
@@ -125,8 +125,8 @@ class _ModelPool:
         for piece in state.pieces:
             if piece.worker is not None and piece.worker.running is piece:
                 piece.worker.send(Cancel(piece.task.task_id))
-                if self.settings.stuck_task_seconds > 0:
-                    self.loop.call_later(self.settings.stuck_task_seconds, self._kill_if_stuck, piece.worker, piece)
+                if (stuck_after := self.settings.stuck_task_seconds_for(self.spec.id)) > 0:
+                    self.loop.call_later(stuck_after, self._kill_if_stuck, piece.worker, piece)
             if not piece.future.done():
                 piece.future.set_exception(TaskCancelled())
                 piece.future.exception()  # retrieved: nobody awaits it any more
@@ -194,7 +194,7 @@ class _ModelPool:
             "worker %s still runs task %s %.0fs after it was told to stop; killing it (a new one takes its place)",
             worker.name,
             piece.task.task_id,
-            self.settings.stuck_task_seconds,
+            self.settings.stuck_task_seconds_for(self.spec.id),
         )
         worker.process.kill()
 
@@ -294,6 +294,8 @@ class _ModelPool:
             "ready": self.ready(),
             "state": "failed" if self.broken else ("ready" if self.ready() else "loading"),
             "queued_jobs": self.waiting_jobs,
+            "queue_size": self.settings.queue_size_for(self.spec.id),
+            "task_timeout": self.settings.task_timeout_for(self.spec.id),
             "worker_restarts": self.restarts,
             "held_pixel_bytes": self.budget.held,
             "error": public_reason(self.broken) if self.broken else None,
@@ -346,7 +348,7 @@ class LocalEngine:
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
-        deadline = time.monotonic() + self.settings.task_timeout
+        deadline = time.monotonic() + self.settings.task_timeout_for(model_id)
         return await self.pools[model_id].submit(job, deadline, on_partial)
 
     def admit(self, model_id: str) -> None:

@@ -134,7 +134,7 @@ class RayEngine:
         self.handles: dict = {}
         self._task_ids = iter(range(1, 2**62))
         self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
-        self._budgets = {spec.id: PixelBudget(settings) for spec in models}
+        self._budgets = {spec.id: PixelBudget(settings, spec.id) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
 
     async def start(self) -> None:
@@ -146,14 +146,14 @@ class RayEngine:
         self.handles.clear()
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
-        deadline = time.monotonic() + self.settings.task_timeout
+        deadline = time.monotonic() + self.settings.task_timeout_for(model_id)
         handle = self.handles[model_id]
         replicas = self._replicas(model_id)
         self.admit(model_id)
         self._in_flight[model_id] += 1
         try:
             with self._budgets[model_id].hold(job):
-                return await self._run(handle, job, replicas, deadline, on_partial)
+                return await self._run(model_id, handle, job, replicas, deadline, on_partial)
         finally:
             self._in_flight[model_id] -= 1
 
@@ -162,15 +162,15 @@ class RayEngine:
         replicas = self._replicas(model_id)
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
-        if self._in_flight[model_id] >= replicas + self.settings.queue_size:
-            raise QueueFull(retry_after=retry_after(self.settings))
+        if self._in_flight[model_id] >= replicas + self.settings.queue_size_for(model_id):
+            raise QueueFull(retry_after=retry_after(self.settings, model_id))
         self._budgets[model_id].check()
 
     def _replicas(self, model_id: str) -> int:
         """The model's largest replica count: its ``--workers N@MODEL``, else ``ray_max_replicas`` (default --workers)."""
         return max(1, self.settings.replicas_for(model_id)[1])
 
-    async def _run(self, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
+    async def _run(self, model_id: str, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
         batch, pieces = split_for(job, replicas, self.settings.max_batch_size)
         streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in pieces]
 
@@ -195,7 +195,7 @@ class RayEngine:
                     stream.cancel()
             for t in tasks:
                 t.cancel()
-            raise _as_server_error(exc, retry_after(self.settings)) from None
+            raise _as_server_error(exc, retry_after(self.settings, model_id)) from None
         return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
@@ -280,7 +280,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             name=deployment_name(index, spec),
             ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
             max_ongoing_requests=1,
-            max_queued_requests=settings.queue_size,
+            max_queued_requests=settings.queue_size_for(spec.id),
             autoscaling_config={
                 "min_replicas": low,
                 "max_replicas": high,
@@ -291,7 +291,8 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             graceful_shutdown_timeout_s=5,
         )(ModelReplica)
         device = "cuda" if gpus else "cpu"
-        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, settings.stuck_task_seconds))
+        stuck_after = settings.stuck_task_seconds_for(spec.id)
+        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after))
 
     def build_ingress_app():
         # The application's name is chosen by whoever deploys it (serve run names it "default").

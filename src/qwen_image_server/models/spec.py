@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config_files import looks_like_path
+from ..config_scoped import SCOPED_NUMBERS
 from ..limits import size_problem
 from .lora_check import resolve_loras
 from .profile import (
@@ -238,7 +239,8 @@ def _check_not_scoped_to_aliases(settings) -> None:
     names share one model, and so one run profile and one set of workers."""
     aliases = {alias for alias, _ in _alias_flags(settings)} | {ident for ident, _ in settings.repeated_sources()}
     scoped = {f"--{key.replace('_', '-')}": scoped_targets(values) for key, values in settings.profile_flags().items()}
-    scoped["--workers"] = set(settings.own_workers())
+    for setting in SCOPED_NUMBERS.values():  # --workers N@MODEL, --queue-size N@MODEL...
+        scoped[setting.flag] = set(settings.own_values(setting.field))
     for flag, targets in scoped.items():
         if named := sorted(targets & aliases):
             raise ModelConfigError(
@@ -284,11 +286,15 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
 
 
 def _check_model_workers(specs: list[ModelSpec], settings) -> None:
-    """``--workers N@MODEL`` must name served models; with ``--share-components`` every model has the same count."""
+    """``--workers N@MODEL`` (and ``--queue-size``, ``--task-timeout``, ``--stuck-task-seconds``) must name served
+    models; with ``--share-components`` every model has the same worker count."""
     ids = [spec.id for spec in specs]
-    unknown = sorted(set(settings.own_workers()) - set(ids))
-    if unknown:
-        raise ModelConfigError(f"--workers names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+    for setting in SCOPED_NUMBERS.values():
+        unknown = sorted(set(settings.own_values(setting.field)) - set(ids))
+        if unknown:
+            raise ModelConfigError(
+                f"{setting.flag} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})"
+            )
     counts = {ident: settings.workers_for(ident) for ident in ids}
     if settings.share_components and len(set(counts.values())) > 1:
         given = ", ".join(f"{ident} {count}" for ident, count in counts.items())
