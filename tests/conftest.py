@@ -60,6 +60,19 @@ def tiny_edit() -> Path:
     return tiny_model("edit")
 
 
+#: The shared servers' (local and Ray) model with engine limits of its own (``--queue-size 1@tiny-limits``...): one
+#: worker, one waiting request, 5 s per task; on the local server a task told to stop may keep its worker 3 s.
+LIMITED = "tiny-limits"
+LIMITS = {"model_queue_size": [f"1@{LIMITED}"], "model_task_timeout": [f"5@{LIMITED}"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_limits(tiny_t2i, tmp_path_factory) -> Path:
+    """The tiny text-to-image model in a folder of its own: served under a second id, it is another model (a
+    source given twice is one model with two names)."""
+    return Path(shutil.copytree(tiny_t2i, tmp_path_factory.mktemp("limits") / "tiny-t2i"))
+
+
 @pytest.fixture(scope="session")
 def tiny_edit_plus() -> Path:
     return tiny_model("edit-plus")
@@ -277,15 +290,24 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus) -> Server:
-    """The shared server: a tiny text-to-image model and an edit-plus model with 2 workers each, an edit model with 1."""
+def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus, tiny_limits) -> Server:
+    """The shared server: a tiny text-to-image model and an edit-plus model with 2 workers each, an edit model with 1,
+    and ``LIMITED`` with limits of its own."""
     return start_server(
         "--model", f"qwen-image-tiny={tiny_t2i}",
         "--model", f"qwen-image-edit-tiny={tiny_edit}",
         "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
-        "--workers", "2", "--workers", "1@qwen-image-edit-tiny",
+        "--model", f"{LIMITED}={tiny_limits}",
+        "--workers", "2", "--workers", "1@qwen-image-edit-tiny", "--workers", f"1@{LIMITED}",
+        *(flag for key, values in LIMITS.items() for value in values for flag in (_flag(key), value)),
+        "--stuck-task-seconds", f"3@{LIMITED}",
         env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", **_deterministic_on_cuda()},
     )  # fmt: skip
+
+
+def _flag(setting: str) -> str:
+    """The flag of a per-model Settings field: ``model_queue_size`` -> ``--queue-size``."""
+    return "--" + setting.removeprefix("model_").replace("_", "-")
 
 
 def _deterministic_on_cuda() -> dict[str, str]:
@@ -362,13 +384,15 @@ def _stop_ray() -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus) -> RayServe:
+def ray_server(ray_serve, tiny_t2i, tiny_edit, tiny_edit_plus, tiny_limits) -> RayServe:
     """The shared models on Ray: two replicas of the text-to-image model (its own count, ``--workers
-    2@qwen-image-tiny``: the Ray settings say one; test_ray.py spreads ``n`` over them), one of each edit model."""
+    2@qwen-image-tiny``: the Ray settings say one; test_ray.py spreads ``n`` over them), one of each edit model, and
+    one of ``LIMITED`` with its own queue and task timeout (test_ray.py)."""
     ray_serve.deploy(
         "main", "/",
-        [f"qwen-image-tiny={tiny_t2i}", f"qwen-image-edit-tiny={tiny_edit}", f"qwen-image-edit-plus-tiny={tiny_edit_plus}"],
-        workers=1, model_workers=["2@qwen-image-tiny"], cpu_threads=1, max_steps=1000,
+        [f"qwen-image-tiny={tiny_t2i}", f"qwen-image-edit-tiny={tiny_edit}", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
+         f"{LIMITED}={tiny_limits}"],
+        workers=1, model_workers=["2@qwen-image-tiny"], cpu_threads=1, max_steps=1000, **LIMITS,
     )  # fmt: skip
     return ray_serve
 

@@ -8,12 +8,20 @@ import httpx
 import pytest
 import torch
 
-MODELS = {"qwen-image-tiny": "text-to-image", "qwen-image-edit-tiny": "edit", "qwen-image-edit-plus-tiny": "edit-plus"}
+from conftest import LIMITED
+
+MODELS = {
+    "qwen-image-tiny": "text-to-image",
+    "qwen-image-edit-tiny": "edit",
+    "qwen-image-edit-plus-tiny": "edit-plus",
+    LIMITED: "text-to-image",
+}
 WORKERS = {
     "qwen-image-tiny": 2,
     "qwen-image-edit-tiny": 1,
     "qwen-image-edit-plus-tiny": 2,
-}  # --workers 2 --workers 1@qwen-image-edit-tiny
+    LIMITED: 1,
+}  # --workers 2 --workers 1@qwen-image-edit-tiny --workers 1@tiny-limits
 
 
 @pytest.fixture(scope="module")

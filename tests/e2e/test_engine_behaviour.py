@@ -15,10 +15,9 @@ import signal
 import time
 
 import httpx
-import pytest
 from PIL import Image
 
-from conftest import post_in_thread
+from conftest import LIMITED, post_in_thread
 
 GEN = "/v1/images/generations"
 # Long enough to still be running when the tests act on it (minutes on 2 cores; servers allow 1000 steps).
@@ -104,82 +103,87 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     assert len(ok.json()["data"]) == 2
 
 
-@pytest.fixture(scope="module")
-def small_server(start_server, tiny_t2i):
-    """One worker, a queue of one waiting request, and a short task timeout. One torch thread: a long task that
-    runs until its timeout or a cut then burns one core, not both."""
-    return start_server(
-        "--model", f"tiny={tiny_t2i}", "--workers", "1",
-        env={"TASK_QUEUE_SIZE": "1", "TASK_TIMEOUT": "5", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000",
-             "QIS_STUCK_TASK_SECONDS": "3"},
-    )  # fmt: skip
+# The tests below use the shared server's LIMITED model: one worker, a queue of one waiting request, a 5 s task
+# timeout and a stuck worker killed 3 s after its task was told to stop, all its own (--queue-size 1@tiny-limits...);
+# the server's other models keep the defaults. One torch thread: a long task that runs until its timeout or a cut
+# then burns one core, not both.
+LIMITED_LONG, LIMITED_SHORT = {**LONG, "model": LIMITED}, {**SHORT, "model": LIMITED}
 
 
 def _wait_idle(server) -> None:
     _wait_for(
-        lambda: (s := server.status()["models"]["tiny"])["queued_jobs"] == 0 and s["workers"][0]["state"] == "idle",
+        lambda: (s := server.status()["models"][LIMITED])["queued_jobs"] == 0 and s["workers"][0]["state"] == "idle",
         what="worker idle and queue empty",
     )
 
 
-def test_timeout_stops_the_running_task_and_frees_its_worker(small_server):
-    _wait_idle(small_server)
-    r = httpx.post(small_server.base_url + GEN, json=LONG, timeout=300)
+def test_the_limited_model_reports_its_own_limits_and_the_others_the_defaults(server):
+    models = server.status()["models"]
+    assert (models[LIMITED]["queue_size"], models[LIMITED]["task_timeout"]) == (1, 5.0)
+    assert (models["qwen-image-tiny"]["queue_size"], models["qwen-image-tiny"]["task_timeout"]) == (32, 600.0)
+
+
+def test_timeout_stops_the_running_task_and_frees_its_worker(server):
+    _wait_idle(server)
+    r = httpx.post(server.base_url + GEN, json=LIMITED_LONG, timeout=300)
     assert r.status_code == 504
     assert r.json()["error"]["message"] == "Task timeout" == r.json()["detail"]
     # Had the long task kept running (minutes), this one could not finish within its own 5 s timeout.
-    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    ok = httpx.post(server.base_url + GEN, json=LIMITED_SHORT, timeout=300)
     assert ok.status_code == 200, ok.text[:300]
 
 
-def test_client_disconnect_stops_running_and_drops_queued_work(small_server):
-    _wait_idle(small_server)
-    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=2.5)
-    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
-    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=2.5)
+def test_client_disconnect_stops_running_and_drops_queued_work(server):
+    _wait_idle(server)
+    running, _ = post_in_thread(server.base_url + GEN, LIMITED_LONG, timeout=2.5)
+    _wait_for(lambda: _busy_workers(server, LIMITED) == 1, what="long task running")
+    queued, _ = post_in_thread(server.base_url + GEN, {**LIMITED_LONG, "seed": 5}, timeout=2.5)
     running.join()
     queued.join()
-    _wait_idle(small_server)
-    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    _wait_idle(server)
+    ok = httpx.post(server.base_url + GEN, json=LIMITED_SHORT, timeout=300)
     assert ok.status_code == 200, ok.text[:300]
 
 
-def test_full_queue_is_refused_at_once_with_503(small_server):
-    _wait_idle(small_server)
-    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=60)
-    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
-    queued, _ = post_in_thread(small_server.base_url + GEN, {**LONG, "seed": 5}, timeout=60)
-    _wait_for(lambda: small_server.status()["models"]["tiny"]["queued_jobs"] == 1, what="one request queued")
-    refused = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=30)
+def test_full_queue_is_refused_at_once_with_503(server):
+    _wait_idle(server)
+    running, _ = post_in_thread(server.base_url + GEN, LIMITED_LONG, timeout=60)
+    _wait_for(lambda: _busy_workers(server, LIMITED) == 1, what="long task running")
+    queued, _ = post_in_thread(server.base_url + GEN, {**LIMITED_LONG, "seed": 5}, timeout=60)
+    _wait_for(lambda: server.status()["models"][LIMITED]["queued_jobs"] == 1, what="one request queued")
+    refused = httpx.post(server.base_url + GEN, json=LIMITED_SHORT, timeout=30)
     assert refused.status_code == 503
     body = refused.json()
     assert body["error"]["message"] == "Task queue is full" == body["detail"]
-    assert int(refused.headers["retry-after"]) >= 1
+    assert int(refused.headers["retry-after"]) == 1  # a tenth of the model's own 5 s timeout, rounded up
+    # The queue is the model's own: the server's other models still take requests.
+    other = httpx.post(server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=300)
+    assert other.status_code == 200, other.text[:300]
     queued.cancel()
     running.cancel()
-    _wait_idle(small_server)
+    _wait_idle(server)
 
 
-def test_a_worker_stuck_in_its_task_is_killed_and_replaced(small_server):
+def test_a_worker_stuck_in_its_task_is_killed_and_replaced(server):
     """A worker that cannot stop its task (frozen here with SIGSTOP, as one stuck in a call that never returns) is
-    killed QIS_STUCK_TASK_SECONDS after the task was told to stop; a new worker serves the model's next requests."""
-    _wait_idle(small_server)
-    before = small_server.status()["models"]["tiny"]
+    killed the model's --stuck-task-seconds after the task was told to stop; a new worker serves its next requests."""
+    _wait_idle(server)
+    before = server.status()["models"][LIMITED]
     (pid,) = [w["pid"] for w in before["workers"]]
-    running, _ = post_in_thread(small_server.base_url + GEN, LONG, timeout=60)
-    _wait_for(lambda: _busy_workers(small_server, "tiny") == 1, what="long task running")
+    running, _ = post_in_thread(server.base_url + GEN, LIMITED_LONG, timeout=60)
+    _wait_for(lambda: _busy_workers(server, LIMITED) == 1, what="long task running")
     os.kill(pid, signal.SIGSTOP)
     try:
         running.cancel()  # the client goes: the task is told to stop, which the frozen worker cannot do
         _wait_for(
-            lambda: small_server.status()["models"]["tiny"]["worker_restarts"] == before["worker_restarts"] + 1,
+            lambda: server.status()["models"][LIMITED]["worker_restarts"] == before["worker_restarts"] + 1,
             what="the stuck worker killed",
         )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    _wait_idle(small_server)
-    assert small_server.worker_pids("tiny") != [pid]
-    ok = httpx.post(small_server.base_url + GEN, json=SHORT, timeout=300)
+    _wait_idle(server)
+    assert server.worker_pids(LIMITED) != [pid]
+    ok = httpx.post(server.base_url + GEN, json=LIMITED_SHORT, timeout=300)
     assert ok.status_code == 200, ok.text[:300]
-    assert "after it was told to stop; killing it" in small_server.logs(None)
+    assert "after it was told to stop; killing it" in server.logs(None)

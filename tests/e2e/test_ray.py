@@ -3,8 +3,8 @@
 The shared API tests run on both engines through the ``any_server`` fixture;
 this module covers what is specific to Ray: spreading over replicas (the shared
 app's two text-to-image replicas), Ray's queue bound, timeouts and cancellation
-through Ray (an app of one replica and one waiting request), and a killed replica
-replaced (the shared app's edit replica).
+through Ray (the shared app's model with limits of its own: one replica, one waiting
+request), and a killed replica replaced (the shared app's edit replica).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import httpx
 import psutil
 import pytest
 
-from conftest import png_bytes, post_in_thread
+from conftest import LIMITED, png_bytes, post_in_thread
 
 GEN = "/v1/images/generations"
 EDITS = "/v1/images/edits"
 LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}  # minutes
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
+LIMITED_LONG, LIMITED_SHORT = {**LONG, "model": LIMITED}, {**SHORT, "model": LIMITED}
 
 
 def test_n_images_spread_over_two_replicas(ray_server):
@@ -36,18 +37,14 @@ def test_n_images_spread_over_two_replicas(ray_server):
 
 
 @pytest.fixture(scope="module")
-def limits(ray_serve, tiny_t2i):
-    """One replica, one waiting request at most, a short task timeout (removed after this module). One torch
-    thread: a long task that runs until its timeout or a kill then burns one core, not both."""
-    from ray import serve
-
-    yield ray_serve.deploy(
-        "limits", "/limits", [f"tiny={tiny_t2i}"], workers=1, queue_size=1, task_timeout=5, cpu_threads=1, max_steps=1000
-    )
-    serve.delete("limits")
+def limits(ray_server):
+    """The shared app's LIMITED model: one replica, one waiting request at most and a 5 s task timeout, its own
+    (``--queue-size 1@tiny-limits --task-timeout 5@tiny-limits``; the app's other models keep the defaults). One
+    torch thread: a long task that runs until its timeout or a kill then burns one core, not both."""
+    return ray_server.base_url
 
 
-def _replica_pid(app: str, deployment: str = "model0-tiny") -> int:
+def _replica_pid(app: str, deployment: str) -> int:
     """The process of the (only) replica of a model's deployment in ``app``, asked while it is idle."""
     from ray import serve
 
@@ -55,13 +52,13 @@ def _replica_pid(app: str, deployment: str = "model0-tiny") -> int:
 
 
 def test_timeout_gives_504_and_frees_the_replica(limits):
-    r = httpx.post(limits + GEN, json=LONG, timeout=300)
+    r = httpx.post(limits + GEN, json=LIMITED_LONG, timeout=300)
     assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
     # The replica stops the long task at its next step: then a short one finishes within its own 5 s. On a busy
     # machine the stop can reach the replica after a short one was sent, so the check allows 15 s; had the long
     # task gone on (1000 steps: about 40 s more on an idle core), every short one in those 15 s would time out.
     deadline = time.monotonic() + 15
-    while (ok := httpx.post(limits + GEN, json=SHORT, timeout=300)).status_code == 504 and time.monotonic() < deadline:
+    while (ok := httpx.post(limits + GEN, json=LIMITED_SHORT, timeout=300)).status_code == 504 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ok.status_code == 200, ok.status_code
 
@@ -72,7 +69,7 @@ def _wait_for_jobs_in_flight(url: str, count: int, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         text = httpx.get(url + "/metrics", timeout=10).text
         for line in text.splitlines():
-            if line.startswith('qis_jobs_in_flight{model="tiny"}') and float(line.split()[-1]) >= count:
+            if line.startswith(f'qis_jobs_in_flight{{model="{LIMITED}"}}') and float(line.split()[-1]) >= count:
                 return
         time.sleep(0.1)
     raise AssertionError(f"the engine never held {count} jobs")
@@ -91,23 +88,26 @@ def _wait_until_computing(pid: int, timeout: float = 60) -> None:
 
 
 def test_full_queue_gives_503(limits):
-    """One task running and one waiting fill the app (one replica, queue_size 1): a third is refused at once.
+    """One task running and one waiting fill the model (one replica, a queue of one): a third is refused at once.
     The checks take well under a second after the first task starts, far within its 5 s timeout."""
-    running, _ = post_in_thread(limits + GEN, LONG, timeout=60)
+    running, _ = post_in_thread(limits + GEN, LIMITED_LONG, timeout=60)
     _wait_for_jobs_in_flight(limits, 1)
-    queued, _ = post_in_thread(limits + GEN, {**LONG, "seed": 3}, timeout=60)
+    queued, _ = post_in_thread(limits + GEN, {**LIMITED_LONG, "seed": 3}, timeout=60)
     _wait_for_jobs_in_flight(limits, 2)  # the second request has reached the engine
-    refused = httpx.post(limits + GEN, json=SHORT, timeout=60)
+    refused = httpx.post(limits + GEN, json=LIMITED_SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code
-    assert refused.json()["error"]["message"] == "Task queue is full" and "retry-after" in refused.headers
+    assert refused.json()["error"]["message"] == "Task queue is full" and refused.headers["retry-after"] == "1"
+    # The queue is the model's own: the app's other models still take requests.
+    other = httpx.post(limits + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=300)
+    assert other.status_code == 200, other.status_code
     queued.cancel()
     running.cancel()
-    ok = httpx.post(limits + GEN, json=SHORT, timeout=300)
+    ok = httpx.post(limits + GEN, json=LIMITED_SHORT, timeout=300)
     assert ok.status_code == 200, ok.status_code
 
 
 def test_killed_replica_fails_its_task_and_is_replaced(ray_server):
-    """The shared app's one edit replica, killed in the middle of a long edit. Not the ``limits`` app: on a busy
+    """The shared app's one edit replica, killed in the middle of a long edit. Not ``LIMITED``: on a busy
     machine its 5 s task timeout could end the task before the kill, and the stream would report the timeout."""
     deployment = "model1-qwen-image-edit-tiny"
     pid = _replica_pid("main", deployment)
@@ -148,7 +148,7 @@ def test_burst_overload_answers_json_503s_only(limits):
     from concurrent.futures import ThreadPoolExecutor
 
     url = limits
-    body = {"prompt": "a burst", "size": "256x256", "num_inference_steps": 40}
+    body = {"model": LIMITED, "prompt": "a burst", "size": "256x256", "num_inference_steps": 40}
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda i: httpx.post(url + GEN, json={**body, "seed": i}, timeout=300), range(16)))
     refused = [r for r in responses if r.status_code == 503]
@@ -156,7 +156,7 @@ def test_burst_overload_answers_json_503s_only(limits):
     for r in refused:
         assert r.headers.get("content-type", "").startswith("application/json"), (r.text, dict(r.headers))
         assert r.json()["error"]["code"] == "queue_full" and "retry-after" in r.headers, r.text
-    # An admitted request that waited behind the running one past the app's 5 s task timeout (a slow or busy
+    # An admitted request that waited behind the running one past the model's 5 s task timeout (a slow or busy
     # machine) gets the JSON 504 of a timeout: the one other answer a burst may get.
     for r in responses:
         if r.status_code == 504:

@@ -80,7 +80,7 @@ def test_seed_002_models_list(http):
         assert isinstance(card["id"], str) and isinstance(card["owned_by"], str)
         assert isinstance(card["created"], int) and not isinstance(card["created"], bool)
         ids.append(card["id"])
-    assert sorted(ids) == ["qwen-image-edit-plus-tiny", "qwen-image-edit-tiny", "qwen-image-tiny"]
+    assert sorted(ids) == ["qwen-image-edit-plus-tiny", "qwen-image-edit-tiny", "qwen-image-tiny", "tiny-limits"]
 
 
 @pytest.mark.timeout(600)  # one 1024x1024 image, 50 steps, on CPU
