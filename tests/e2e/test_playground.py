@@ -74,11 +74,13 @@ def page(context, server):
 
 @pytest.fixture
 def shot(page, tmp_path):
-    """``shot(name)``: a screenshot of the page into the test's tmp folder."""
+    """``shot(name)``: a screenshot of the page into the test's tmp folder, with QIS_TEST_SCREENSHOTS=1 (to look at
+    the page by hand; no test reads them, and each full-page screenshot costs the browser CPU)."""
 
     def take(name: str) -> Path:
         path = tmp_path / f"{name}.png"
-        page.screenshot(path=path, full_page=True)
+        if os.environ.get("QIS_TEST_SCREENSHOTS"):
+            page.screenshot(path=path, full_page=True)
         return path
 
     return take
@@ -274,7 +276,8 @@ def test_phone_width_has_no_horizontal_scroll(context, server, tmp_path):
     for tab in ("generate", "edit", "variations", "history"):
         page.click(f"nav [data-tab={tab}]")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), tab
-        page.screenshot(path=tmp_path / f"phone-{tab}.png", full_page=True)
+        if os.environ.get("QIS_TEST_SCREENSHOTS"):
+            page.screenshot(path=tmp_path / f"phone-{tab}.png", full_page=True)
     page.close()
     assert not errors, errors
 
