@@ -28,15 +28,24 @@ CAP = 3
 
 
 @pytest.fixture(scope="module")
-def guarded(start_server, tiny_t2i):
+def guarded_tmp(tmp_path_factory):
+    """The module server's own temp folder (TMPDIR): its files are told apart from other processes' ones."""
+    return tmp_path_factory.mktemp("guarded-tmp")
+
+
+@pytest.fixture(scope="module")
+def guarded(start_server, tiny_t2i, guarded_tmp):
+    """The module's server; the last test stops it (two workers take the two requests that its shutdown cuts)."""
     env = {
         "QIS_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "QIS_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "QIS_MAX_CONNECTIONS": str(CAP),
+        "QIS_SHUTDOWN_GRACE_SECONDS": "1",
         "QIS_CPU_THREADS": "1",
         "QIS_MAX_STEPS": "1000",
+        "TMPDIR": str(guarded_tmp),
     }
-    return start_server("--model", f"tiny={tiny_t2i}", "--device", "cpu", env=env)
+    return start_server("--model", f"tiny={tiny_t2i}", "--device", "cpu", "--workers", "2", env=env)
 
 
 def _connect(server) -> socket.socket:
@@ -149,12 +158,11 @@ def _wait_busy(server, model: str, workers: int, attempts: int = 300) -> None:
     raise AssertionError("the requests never started running")
 
 
-def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(start_server, tiny_t2i, tmp_path):
-    # the server's own temp folder (TMPDIR), so that its files are told apart from other processes' ones
-    env = {"QIS_SHUTDOWN_GRACE_SECONDS": "1", "QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", "TMPDIR": str(tmp_path)}
-    server = start_server("--model", f"tiny={tiny_t2i}", "--workers", "2", env=env)
+# Last in the module: it stops the module's server.
+def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(guarded, guarded_tmp):
+    server = guarded
     # The forkserver's socket folder (multiprocessing's pymp-* temp folder of the API process)
-    folders = glob.glob(os.path.join(tmp_path, "pymp-*"))
+    folders = glob.glob(os.path.join(guarded_tmp, "pymp-*"))
     assert folders
     long = {"prompt": "a very long job", "size": "1024x1024", "num_inference_steps": 1000}
     thread, box = post_in_thread(server.base_url + GEN, long, timeout=120)
