@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
-import json
 import os
 import shutil
 import signal
@@ -39,7 +38,7 @@ from serve_process import ServeProcess, ServerExited, free_port, tiny_model  # n
 REPO = Path(__file__).resolve().parents[1]
 
 #: The e2e mark, Ray's stop and the split over two test processes.
-pytest_plugins = ["suite_split"]
+pytest_plugins = ["suite_split", "model_files"]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 (scripts/test.sh): two test processes share the machine's cores. One torch thread in each, and in
@@ -76,54 +75,6 @@ def tiny_limits(tiny_t2i, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_edit_plus() -> Path:
     return tiny_model("edit-plus")
-
-
-def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
-    """A random LoRA for a tiny model's transformer (peft, non-zero B), in diffusers' Qwen-Image LoRA format."""
-    import torch
-    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2"]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in transformer.named_parameters():
-        if "lora_" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.5
-    state = get_peft_model_state_dict(transformer)
-    QwenImagePipeline.save_lora_weights(out_file.parent, transformer_lora_layers=state, weight_name=out_file.name)
-    return out_file
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_t2i, tmp_path_factory) -> Path:
-    """A LoRA file for the tiny text-to-image model (no preset file next to it)."""
-    return make_tiny_lora(tiny_t2i, tmp_path_factory.mktemp("lora") / "style.safetensors")
-
-
-#: Snapshots of the hub LoRA repository ``test-org/tiny-loras`` in ``lora_hub_cache``.
-LORA_MAIN_REV, LORA_V2_REV = "1" * 40, "2" * 40
-HUB_LORA = "hf:test-org/tiny-loras/lightning/fast.safetensors"
-
-
-@pytest.fixture(scope="session")
-def lora_hub_cache(tiny_t2i, tiny_lora, tmp_path_factory) -> Path:
-    """A hub cache (``HF_HUB_CACHE``) holding ``test-org/tiny-loras``, as a machine that downloaded it once has it: at
-    ``main``, ``lightning/fast.safetensors`` (the tiny LoRA, rank 4) with its preset file ``lightning/fast.json``; at
-    ``v2``, a rank-8 LoRA of that name without one."""
-    root = tmp_path_factory.mktemp("lora-hub") / "hub"
-    repo = root / "models--test-org--tiny-loras"
-    main = repo / "snapshots" / LORA_MAIN_REV / "lightning"
-    main.mkdir(parents=True)
-    shutil.copy(tiny_lora, main / "fast.safetensors")
-    (main / "fast.json").write_text(json.dumps({"preset": "lightning", "steps": 2}))
-    (repo / "snapshots" / LORA_V2_REV / "lightning").mkdir(parents=True)
-    make_tiny_lora(tiny_t2i, repo / "snapshots" / LORA_V2_REV / "lightning" / "fast.safetensors", seed=3, rank=8)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(LORA_MAIN_REV)
-    (repo / "refs" / "v2").write_text(LORA_V2_REV)
-    return root
 
 
 # --- in-process apps on the fake engine ----------------------------------------------------------

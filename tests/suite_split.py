@@ -13,7 +13,7 @@ import pytest
 
 # --- markers ------------------------------------------------------------------------------------
 
-REAL_SERVER_FIXTURES = {"server", "start_server", "ray_serve", "ray_server", "any_server"}
+REAL_SERVER_FIXTURES = {"server", "options_server", "start_server", "ray_serve", "ray_server", "any_server"}
 #: Unit modules whose tests load and run tiny pipelines (seconds each on a CPU, minutes in all).
 PIPELINE_MODULES = {
     "test_attention", "test_cfg_batch", "test_compile", "test_determinism", "test_determinism_gpu", "test_fp8",
@@ -63,11 +63,10 @@ def pytest_collection_finish(session):
     wrong = [item.nodeid for item in session.items if (work_unit(item.nodeid) == "ray") != _uses_ray(item)]
     if wrong:
         raise pytest.UsageError(f"work_unit() and _uses_ray() disagree on {wrong[:5]}: fix work_unit in tests/suite_split.py")
-    on_server = {Path(item.nodeid.partition("::")[0]).stem for item in session.items if _uses_shared_server(item)}
-    if on_server - SHARED_SERVER_MODULES:
-        raise pytest.UsageError(
-            f"add {sorted(on_server - SHARED_SERVER_MODULES)} to SHARED_SERVER_MODULES in tests/suite_split.py"
-        )
+    for fixture, modules in SHARED_SERVERS.items():
+        on_server = {Path(item.nodeid.partition("::")[0]).stem for item in session.items if _uses_shared_server(item, fixture)}
+        if on_server - modules:
+            raise pytest.UsageError(f"add {sorted(on_server - modules)} to SHARED_SERVERS[{fixture!r}] in tests/suite_split.py")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -91,20 +90,26 @@ def pytest_runtest_teardown(item, nextitem):
 # --- two processes: pytest -n 2 (pytest-xdist) -------------------------------------------------------
 
 
-def _uses_shared_server(item) -> bool:
-    """On the session's shared ``server`` (tests/conftest.py), not a module's own fixture of that name, or the
-    ``local`` case of ``any_server``."""
-    if _any_server_case(item) == "local":
+def _uses_shared_server(item, fixture: str) -> bool:
+    """On the session's shared server ``fixture`` (tests/conftest.py or its plugin model_files.py), not a module's own
+    fixture of that name; for
+    ``server``, the ``local`` case of ``any_server`` too."""
+    if fixture == "server" and _any_server_case(item) == "local":
         return True
-    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get("server")
-    return bool(definitions) and definitions[-1].func.__module__ == "conftest"
+    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(fixture)
+    return bool(definitions) and definitions[-1].func.__module__ in ("conftest", "model_files")
 
 
-#: The modules with tests on the session's shared ``server`` (collection checks this list against the fixtures).
-SHARED_SERVER_MODULES = {
-    "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground", "test_probed_over_http",
-    "test_raw_http",
-    "test_reproducibility", "test_seed_examples", "test_shared_components_server", "test_streaming_variations",
+#: The session's shared servers (fixtures of tests/conftest.py and model_files.py) and the modules with tests on each (collection checks
+#: this against the fixtures): ``server``, the API's server, and ``options_server``, the one of what a model is given
+#: at start (hub ids, LoRAs and aliases, a step cache, VAE tiling).
+SHARED_SERVERS = {
+    "server": {
+        "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground",
+        "test_probed_over_http", "test_raw_http", "test_reproducibility", "test_seed_examples",
+        "test_shared_components_server", "test_streaming_variations",
+    },
+    "options_server": {"test_hub_models", "test_lora_server", "test_step_cache_server"},
 }  # fmt: skip
 
 
@@ -112,14 +117,14 @@ def work_unit(nodeid: str) -> str:
     """What one worker runs as a whole: a module (its module-scoped servers start once), except that
     - every test on Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or
       is the ``ray`` case of ``any_server`` (its id lists the value "ray");
-    - the rest of the modules that use the shared server are one unit, so that one worker starts that server (a
-      session fixture: each worker would start its own).
+    - the rest of the modules that use a shared server (``SHARED_SERVERS``) are one unit per server, named after
+      its fixture, so that one worker starts that server (a session fixture: each worker would start its own).
     Collection checks both against the fixtures."""
     path, _, rest = nodeid.partition("::")
     params = rest.partition("[")[2].rstrip("]").split("-")
     if Path(path).name == "test_ray.py" or "ray" in params:
         return "ray"
-    return "server" if Path(path).stem in SHARED_SERVER_MODULES else path
+    return next((fixture for fixture, modules in SHARED_SERVERS.items() if Path(path).stem in modules), path)
 
 
 def _unit_rank(unit: str) -> int:
@@ -127,7 +132,7 @@ def _unit_rank(unit: str) -> int:
     or run pipelines, then the quick rest, which fills both workers' ends evenly."""
     if unit in ("ray", "server"):
         return 0
-    return 1 if _real_module(Path(unit)) else 2
+    return 1 if unit in SHARED_SERVERS or _real_module(Path(unit)) else 2
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it lacks

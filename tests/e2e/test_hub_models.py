@@ -1,7 +1,8 @@
 """Models given as hub ids, loaded offline from a hub-layout cache (as on a machine that downloaded them once).
 
-The cache is built from the tiny models: ``models--ORG--NAME/snapshots/REV/...`` with
-``refs/main`` and a second branch ``refs/v2`` pointing at another snapshot (other weights).
+The cache (``hub_cache``, tests/model_files.py) is built from the tiny models:
+``models--ORG--NAME/snapshots/REV/...`` with ``refs/main`` and a second branch ``refs/v2``
+pointing at another snapshot (other weights).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,28 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_server.models.tiny import build_tiny_model
-
-MAIN_REV = "0" * 39 + "1"
-V2_REV = "0" * 39 + "2"
-
-
-@pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory, tiny_edit):
-    """A hub cache holding ``test-org/tiny-edit`` at ``main`` (the shared tiny edit model) and ``v2`` (other weights)."""
-    root = tmp_path_factory.mktemp("hub") / "hub"
-    repo = root / "models--test-org--tiny-edit"
-    shutil.copytree(tiny_edit, repo / "snapshots" / MAIN_REV)
-    build_tiny_model(repo / "snapshots" / V2_REV, "edit", seed=7)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(MAIN_REV)
-    (repo / "refs" / "v2").write_text(V2_REV)
-    return root
-
-
-def _offline_env(hub_cache) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(hub_cache.parent / "hf-home")}
-
+from model_files import EDIT_MAIN_REV, OPTIONS_SERVER_IDS, offline_env
 
 _RUN_EDITS = textwrap.dedent(
     """
@@ -91,7 +70,7 @@ def hub_edits(hub_cache) -> dict:
     are read at import), on each branch of the processor's loading: ``image-only`` and ``torchvision``."""
     done = subprocess.run(
         [sys.executable, "-c", _RUN_EDITS, "test-org/tiny-edit"],
-        env={**os.environ, **_offline_env(hub_cache)},
+        env={**os.environ, **offline_env(hub_cache)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -114,13 +93,13 @@ def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_edits):
     out = hub_edits["torchvision"]
     assert out["processor"] != "NoneType"
     assert len(out["standard_loader_folders"]) == 1
-    assert out["standard_loader_folders"][0].endswith(f"snapshots/{MAIN_REV}/processor")
+    assert out["standard_loader_folders"][0].endswith(f"snapshots/{EDIT_MAIN_REV}/processor")
 
 
 def test_unknown_revision_is_a_start_up_error(hub_cache, tiny_t2i):
     done = subprocess.run(
         [sys.executable, "-m", "qwen_image_server.cli", "serve", "--port", "0", "--model", "test-org/tiny-edit@nope"],
-        env={**os.environ, **_offline_env(hub_cache)},
+        env={**os.environ, **offline_env(hub_cache)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -144,14 +123,12 @@ def _edit(base_url: str, model: str) -> np.ndarray:
 
 
 @pytest.mark.e2e
-def test_server_edits_with_hub_ids_offline_at_each_revision(start_server, hub_cache):
-    server = start_server(
-        "--model", "test-org/tiny-edit",
-        "--model", "edit-v2=test-org/tiny-edit@v2",
-        env={**_offline_env(hub_cache), "QIS_CPU_THREADS": "1"},
-    )  # fmt: skip
+def test_server_edits_with_hub_ids_offline_at_each_revision(options_server):
+    """The shared server of model options (tests/model_files.py) serves ``test-org/tiny-edit`` (as ``tiny-edit``) and
+    ``edit-v2=test-org/tiny-edit@v2`` from the hub cache, offline."""
+    server = options_server
     models = {m["id"] for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]}
-    assert models == {"tiny-edit", "edit-v2"}
+    assert models == OPTIONS_SERVER_IDS and {"tiny-edit", "edit-v2"} <= models
     main, v2 = _edit(server.base_url, "tiny-edit"), _edit(server.base_url, "edit-v2")
     assert main.shape == v2.shape
     assert not np.array_equal(main, v2), "the v2 revision has other weights, so the same seed gives another image"

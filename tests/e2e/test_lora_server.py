@@ -8,17 +8,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def lora_server(start_server, tiny_t2i, tiny_lora, lora_hub_cache):
-    from conftest import HUB_LORA
-
-    return start_server(
-        "--model", f"tiny={tiny_t2i}",
-        "--lora", f"style={tiny_lora}",
-        "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
-        "--lora", f"hub={HUB_LORA}:revision=v2",  # a hub LoRA, from the hub cache offline
-        "--model-alias", "dall-e-3=tiny", "--model-alias", "quick=fast",
-        env={"QIS_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(lora_hub_cache)},
-    )  # fmt: skip
+def lora_server(options_server):
+    """The shared server of model options (tests/model_files.py): ``tiny`` with the LoRAs ``style``, ``fast`` (Lightning
+    preset) and ``hub`` (from the hub cache, revision v2), and the aliases ``dall-e-3`` and ``quick``."""
+    return options_server
 
 
 def _image(server, model: str, **fields) -> str:
@@ -36,10 +29,10 @@ def _image(server, model: str, **fields) -> str:
 
 
 def test_models_list_the_lora_ids(lora_server):
-    from conftest import HUB_LORA
+    from model_files import HUB_LORA, OPTIONS_SERVER_IDS
 
     cards = {card["id"]: card for card in httpx.get(f"{lora_server.base_url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {"tiny", "dall-e-3", "quick", "style", "fast", "hub"}
+    assert set(cards) == OPTIONS_SERVER_IDS and {"tiny", "dall-e-3", "quick", "style", "fast", "hub"} <= set(cards)
     assert cards["dall-e-3"]["alias_of"] == "tiny" and cards["dall-e-3"]["profile"] == cards["tiny"]["profile"]
     assert cards["quick"]["alias_of"] == "fast" and cards["quick"]["preset"] == cards["fast"]["preset"]
     assert cards["style"]["base_model"] == cards["style"]["parent"] == "tiny" and cards["style"]["kind"] == "text-to-image"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 STEPS = 4
-BODY = {"prompt": "a lighthouse at dusk", "size": "64x64", "num_inference_steps": STEPS, "seed": 11}
+BODY = {"model": "cached", "prompt": "a lighthouse at dusk", "size": "64x64", "num_inference_steps": STEPS, "seed": 11}
 
 
 def _pixels(body: dict) -> np.ndarray:
@@ -24,13 +23,10 @@ def _pixels(body: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, tiny_t2i, tmp_path_factory):
-    copy = shutil.copytree(tiny_t2i, tmp_path_factory.mktemp("tiled") / "tiny")  # the same weights, another model
-    return start_server(
-        "--model", f"cached={tiny_t2i}", "--cache", "fbcache:threshold=1@cached",
-        "--model", f"tiled={copy}", "--vae-tiling", "on@tiled",
-        env={"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"},
-    )  # fmt: skip
+def server(options_server):
+    """The shared server of model options (tests/model_files.py): ``cached`` with ``--cache fbcache:threshold=1@cached``
+    and ``tiled`` with ``--vae-tiling on@tiled``, the same tiny weights; images from 64x64."""
+    return options_server
 
 
 @pytest.mark.e2e

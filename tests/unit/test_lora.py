@@ -212,7 +212,7 @@ def offline_hub(lora_hub_cache, monkeypatch) -> Path:
 
 
 def test_a_hub_lora_is_read_offline_from_the_hub_cache_at_each_revision(tiny_t2i, offline_hub):
-    from conftest import HUB_LORA, LORA_MAIN_REV, LORA_V2_REV
+    from model_files import HUB_LORA, LORA_MAIN_REV, LORA_V2_REV
 
     [lora] = _resolve(tiny_t2i, f"fast={HUB_LORA}")[0].profile.loras
     snapshots = offline_hub / "models--test-org--tiny-loras" / "snapshots"

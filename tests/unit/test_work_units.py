@@ -10,8 +10,10 @@ def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_
     assert work_unit("tests/unit/test_jobs.py::test_bad_sizes[fields0-size]") == "tests/unit/test_jobs.py"
     assert work_unit("tests/e2e/test_openai_sdk.py::test_unknown_model_through_the_sdk[local]") == "server"
     assert work_unit("tests/e2e/test_seed_examples.py::test_seed_000_generation") == "server"
-    # a module that starts its own server stays its own unit
-    assert work_unit("tests/e2e/test_lora_server.py::test_models_list_the_lora_ids") == "tests/e2e/test_lora_server.py"
+    # a module that starts its own server stays its own unit; the modules on another shared server are that one's
+    assert work_unit("tests/e2e/test_keyed_server.py::test_metrics_need_a_key") == "tests/e2e/test_keyed_server.py"
+    assert work_unit("tests/e2e/test_lora_server.py::test_models_list_the_lora_ids") == "options_server"
+    assert work_unit("tests/e2e/test_step_cache_server.py::test_cache_flag_request_field_and_stats") == "options_server"
     assert work_unit("tests/e2e/test_openai_sdk.py::test_unknown_model_through_the_sdk[ray]") == "ray"
     assert work_unit("tests/e2e/test_openai_sdk.py::test_output_format_and_size[ray-png-PNG-256x256]") == "ray"
     assert work_unit("tests/e2e/test_streaming_variations.py::test_edit_stream[ray]") == "ray"
@@ -24,22 +26,31 @@ def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_
 
 
 def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_the_rest():
-    units = ["tests/unit/test_jobs.py", "tests/unit/test_random_arch.py", "server", "tests/e2e/test_recovery.py", "ray"]
+    units = [
+        "tests/unit/test_jobs.py",
+        "tests/unit/test_random_arch.py",
+        "server",
+        "options_server",
+        "tests/e2e/test_recovery.py",
+        "ray",
+    ]
     assert sorted(units, key=_unit_rank) == [
         "server",
         "ray",
         "tests/unit/test_random_arch.py",
+        "options_server",
         "tests/e2e/test_recovery.py",
         "tests/unit/test_jobs.py",
     ]
 
 
-def test_each_module_listed_on_the_shared_server_exists():
-    """Collection checks that every test on the shared server is in a listed module; a listed name that no longer
+def test_each_module_listed_on_a_shared_server_exists():
+    """Collection checks that every test on a shared server is in a listed module; a listed name that no longer
     exists (a renamed module) would leave its tests out of the list."""
     from pathlib import Path
 
-    from suite_split import SHARED_SERVER_MODULES
+    from suite_split import SHARED_SERVERS
 
     tests = Path(__file__).resolve().parents[1]
-    assert {stem for stem in SHARED_SERVER_MODULES if not list(tests.rglob(f"{stem}.py"))} == set()
+    listed = set().union(*SHARED_SERVERS.values())
+    assert {stem for stem in listed if not list(tests.rglob(f"{stem}.py"))} == set()

@@ -1,0 +1,114 @@
+"""Model files the tests build beside the tiny models (a plugin of tests/conftest.py): a tiny LoRA, hub caches as a
+machine that downloaded the repositories once has them, and ``options_server``, the shared server of what models are
+given at start (hub ids at revisions, LoRAs and aliases, a step cache, VAE tiling)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwen_image_server.models.tiny import build_tiny_model
+
+
+def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for a tiny model's transformer (peft, non-zero B), in diffusers' Qwen-Image LoRA format."""
+    import torch
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2"]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.5
+    state = get_peft_model_state_dict(transformer)
+    QwenImagePipeline.save_lora_weights(out_file.parent, transformer_lora_layers=state, weight_name=out_file.name)
+    return out_file
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_t2i, tmp_path_factory) -> Path:
+    """A LoRA file for the tiny text-to-image model (no preset file next to it)."""
+    return make_tiny_lora(tiny_t2i, tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+#: Snapshots of the hub LoRA repository ``test-org/tiny-loras`` in ``lora_hub_cache``.
+LORA_MAIN_REV, LORA_V2_REV = "1" * 40, "2" * 40
+HUB_LORA = "hf:test-org/tiny-loras/lightning/fast.safetensors"
+
+
+@pytest.fixture(scope="session")
+def lora_hub_cache(tiny_t2i, tiny_lora, tmp_path_factory) -> Path:
+    """A hub cache (``HF_HUB_CACHE``) holding ``test-org/tiny-loras``, as a machine that downloaded it once has it: at
+    ``main``, ``lightning/fast.safetensors`` (the tiny LoRA, rank 4) with its preset file ``lightning/fast.json``; at
+    ``v2``, a rank-8 LoRA of that name without one."""
+    root = tmp_path_factory.mktemp("lora-hub") / "hub"
+    repo = root / "models--test-org--tiny-loras"
+    main = repo / "snapshots" / LORA_MAIN_REV / "lightning"
+    main.mkdir(parents=True)
+    shutil.copy(tiny_lora, main / "fast.safetensors")
+    (main / "fast.json").write_text(json.dumps({"preset": "lightning", "steps": 2}))
+    (repo / "snapshots" / LORA_V2_REV / "lightning").mkdir(parents=True)
+    make_tiny_lora(tiny_t2i, repo / "snapshots" / LORA_V2_REV / "lightning" / "fast.safetensors", seed=3, rank=8)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(LORA_MAIN_REV)
+    (repo / "refs" / "v2").write_text(LORA_V2_REV)
+    return root
+
+
+#: Snapshots of the hub model ``test-org/tiny-edit`` in ``hub_cache``.
+EDIT_MAIN_REV, EDIT_V2_REV = "0" * 39 + "1", "0" * 39 + "2"
+
+
+@pytest.fixture(scope="session")
+def hub_cache(lora_hub_cache, tiny_edit, tmp_path_factory) -> Path:
+    """A hub cache holding ``lora_hub_cache``'s ``test-org/tiny-loras`` and ``test-org/tiny-edit``: at ``main`` the
+    shared tiny edit model, at ``v2`` another one (other weights)."""
+    root = Path(shutil.copytree(lora_hub_cache, tmp_path_factory.mktemp("hub") / "hub"))
+    repo = root / "models--test-org--tiny-edit"
+    shutil.copytree(tiny_edit, repo / "snapshots" / EDIT_MAIN_REV)
+    build_tiny_model(repo / "snapshots" / EDIT_V2_REV, "edit", seed=7)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(EDIT_MAIN_REV)
+    (repo / "refs" / "v2").write_text(EDIT_V2_REV)
+    return root
+
+
+def offline_env(hub_cache: Path) -> dict[str, str]:
+    """The environment of a process that reads ``hub_cache`` offline (the hub's settings are read at import)."""
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(hub_cache.parent / "hf-home")}
+
+
+#: Every id ``options_server`` answers to: its models, LoRA ids and aliases.
+OPTIONS_SERVER_IDS = {"tiny", "dall-e-3", "quick", "style", "fast", "hub", "cached", "tiled", "tiny-edit", "edit-v2"}
+
+
+@pytest.fixture(scope="session")
+def options_server(start_server, tiny_t2i, tiny_lora, hub_cache, tmp_path_factory):
+    """One server for what models are given at start (tests/e2e: test_lora_server, test_hub_models,
+    test_step_cache_server), one worker each:
+    - ``tiny``, the first text-to-image model, with LoRAs (``style``; ``fast`` with the Lightning preset; ``hub``
+      from the hub cache) and aliases (``dall-e-3`` of ``tiny``, ``quick`` of ``fast``);
+    - ``cached`` with a first-block step cache and ``tiled`` with VAE tiling (the tiny weights in folders of their
+      own: a source given twice would be one model with two names);
+    - the hub id ``test-org/tiny-edit`` and ``edit-v2``, the same at revision ``v2``, read from the hub cache offline.
+    Images from 64x64 (the step cache tests' size)."""
+    copies = tmp_path_factory.mktemp("options")
+    cached, tiled = (shutil.copytree(tiny_t2i, copies / name) for name in ("cached", "tiled"))
+    return start_server(
+        "--model", f"tiny={tiny_t2i}",
+        "--lora", f"style={tiny_lora}",
+        "--lora", f"fast={tiny_lora}:preset=lightning,steps=2",
+        "--lora", f"hub={HUB_LORA}:revision=v2",  # a hub LoRA, from the hub cache offline
+        "--model-alias", "dall-e-3=tiny", "--model-alias", "quick=fast",
+        "--model", f"cached={cached}", "--cache", "fbcache:threshold=1@cached",
+        "--model", f"tiled={tiled}", "--vae-tiling", "on@tiled",
+        "--model", "test-org/tiny-edit",
+        "--model", "edit-v2=test-org/tiny-edit@v2",
+        env={**offline_env(hub_cache), "QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"},
+    )  # fmt: skip
