@@ -61,6 +61,7 @@ def test_metrics_need_a_key_and_count_a_generation(keyed):
     assert stats["transformer_calls"] == 2 * 2 * 2 and stats["prompt_encodings"] >= 1  # 2 images, 2 steps, true CFG
     assert "[metrics-rid-7]: " in server.logs(tail=None), "the server's log format shows each line's request id"
     assert after[("qis_queue_depth", (("model", MODEL),))] == 0
+    assert (after[("qis_queue_size", (("model", MODEL),))], after[("qis_task_timeout_seconds", (("model", MODEL),))]) == (32, 600)
     assert after[("qis_running_tasks", (("model", MODEL),))] == 0
     assert after[("qis_worker_restarts_total", (("model", MODEL),))] == 0
     assert grew("qis_job_pipeline_seconds_count") == 1

@@ -54,7 +54,14 @@ class FakeEngine:
         states = enumerate(self.worker_states)
         workers = [{"name": f"tiny#{i}", "state": state, "device": f"cuda:{i}", "memory": memory} for i, state in states]
         return {
-            "tiny": {"state": "ready", "queued_jobs": self.queued, "worker_restarts": self.restarts, "workers": workers},
+            "tiny": {
+                "state": "ready",
+                "queued_jobs": self.queued,
+                "queue_size": 8,
+                "task_timeout": 30.0,
+                "worker_restarts": self.restarts,
+                "workers": workers,
+            },
             "tiny-edit": {"state": "loading", "queued_jobs": 0, "workers": [{"name": "tiny-edit#0", "state": "loading"}]},
         }
 
@@ -149,6 +156,9 @@ def test_engine_gauges_are_read_at_scrape_time(tmp_path):
     assert first.headers["content-type"].startswith("text/plain")
     samples = _samples(first.text)
     assert samples[("qis_queue_depth", (("model", "tiny"),))] == 0
+    assert samples[("qis_queue_size", (("model", "tiny"),))] == 8
+    assert samples[("qis_task_timeout_seconds", (("model", "tiny"),))] == 30.0
+    assert ("qis_queue_size", (("model", "tiny-edit"),)) not in samples  # a model whose status does not say
     assert samples[("qis_model_state", (("model", "tiny"), ("state", "ready")))] == 1
     assert samples[("qis_model_state", (("model", "tiny"), ("state", "loading")))] == 0
     assert samples[("qis_model_state", (("model", "tiny-edit"), ("state", "loading")))] == 1
@@ -224,17 +234,22 @@ def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
     from qwen_image_server.engine.ray_serve import RayEngine, deployment_name
 
     models = FakeEngine().models
-    engine = RayEngine(models, Settings(image_output_dir=tmp_path), "app")
+    engine = RayEngine(models, Settings(image_output_dir=tmp_path, model_queue_size=["2@tiny"], task_timeout=90), "app")
     deployments = {
         deployment_name(0, models[0]): {"status": "HEALTHY", "replicas": {}},
         deployment_name(1, models[1]): {"status": "DEPLOY_FAILED"},
     }
     engine._serve_status = lambda: (False, deployments)
     engine._in_flight["tiny"] = 3
-    expected = {"tiny": {"state": "ready", "jobs_in_flight": 3}, "tiny-edit": {"state": "failed", "jobs_in_flight": 0}}
+    expected = {
+        "tiny": {"state": "ready", "jobs_in_flight": 3, "queue_size": 2, "task_timeout": 90.0},
+        "tiny-edit": {"state": "failed", "jobs_in_flight": 0, "queue_size": 32, "task_timeout": 90.0},
+    }
     assert engine.metrics_status() == expected
     app = _app(tmp_path, engine)
     assert _value(app, "qis_jobs_in_flight", model="tiny") == 3
+    assert _value(app, "qis_queue_size", model="tiny") == 2 and _value(app, "qis_queue_size", model="tiny-edit") == 32
+    assert _value(app, "qis_task_timeout_seconds", model="tiny-edit") == 90.0
     assert _value(app, "qis_model_state", model="tiny-edit", state="failed") == 1
     engine._serve_status = lambda: (False, {"error": "controller unreachable"})
     assert _value(app, "qis_model_state", model="tiny", state="loading") == 1

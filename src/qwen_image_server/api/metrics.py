@@ -190,7 +190,7 @@ class EngineCollector:
     """Gauges read from the engine at scrape time: model states, queues, workers, restarts and GPU memory.
 
     Reads ``engine.metrics_status()`` when the engine has it (the Ray engine), else
-    ``engine.status()`` (per model: ``state``, ``queued_jobs``, ``worker_restarts``,
+    ``engine.status()`` (per model: ``state``, ``queued_jobs``, ``queue_size``, ``task_timeout``, ``worker_restarts``,
     ``workers`` with their reported ``memory``), and ``engine.gpus()`` where there is one.
     """
 
@@ -216,6 +216,8 @@ class EngineCollector:
 
         state = gauge("qis_model_state", "1 for the model's state (ready, loading or failed), else 0", "state")
         queue = gauge("qis_queue_depth", "Jobs waiting for a worker (not all of their images handed out)")
+        queue_size = gauge("qis_queue_size", "Jobs that may wait for a worker before the next is refused (503)")
+        timeout = gauge("qis_task_timeout_seconds", "Seconds a job gets from acceptance before its 504")
         running = gauge("qis_running_tasks", "Tasks (pieces of jobs) running on the model's workers")
         workers = gauge("qis_workers", "The model's workers in each state", "state")
         in_flight = gauge("qis_jobs_in_flight", "Jobs accepted and not finished (queued or running)")
@@ -231,6 +233,10 @@ class EngineCollector:
                 state.add_metric([model, name], 1.0 if s.get("state") == name else 0.0)
             if "queued_jobs" in s:
                 queue.add_metric([model], s["queued_jobs"])
+            if "queue_size" in s:
+                queue_size.add_metric([model], s["queue_size"])
+            if "task_timeout" in s:
+                timeout.add_metric([model], s["task_timeout"])
             if "jobs_in_flight" in s:
                 in_flight.add_metric([model], s["jobs_in_flight"])
             if "worker_restarts" in s:
@@ -247,7 +253,7 @@ class EngineCollector:
                     value = next((reported[k] for k in keys if isinstance(reported.get(k), (int, float))), None)
                     if value is not None:
                         memory.add_metric([model, str(w.get("name", "")), str(w.get("device", "")), kind], value * GIB)
-        yield from (state, queue, running, workers, in_flight, restarts, memory)
+        yield from (state, queue, queue_size, timeout, running, workers, in_flight, restarts, memory)
         yield from _gpu_families(gpus)
 
 

@@ -224,13 +224,19 @@ class RayEngine:
         return {"engine": "ray", "deployments": self._serve_status()[1]}
 
     def metrics_status(self) -> dict:
-        """Per model, what ``/metrics`` shows: its deployment's state as ready/loading/failed and this ingress's jobs in flight."""
+        """Per model, what ``/metrics`` shows: its deployment's state as ready/loading/failed, this ingress's jobs in
+        flight, and the model's queue size and task timeout."""
         deployments = self._serve_status()[1]
         out = {}
         for index, spec in enumerate(self.models):
             deployment = deployments.get(deployment_name(index, spec))
             status = deployment.get("status", "") if isinstance(deployment, dict) else ""
-            out[spec.id] = {"state": _MODEL_STATE.get(status.upper(), "loading"), "jobs_in_flight": self._in_flight[spec.id]}
+            out[spec.id] = {
+                "state": _MODEL_STATE.get(status.upper(), "loading"),
+                "jobs_in_flight": self._in_flight[spec.id],
+                "queue_size": self.settings.queue_size_for(spec.id),
+                "task_timeout": self.settings.task_timeout_for(spec.id),
+            }
         return out
 
 
