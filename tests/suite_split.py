@@ -4,7 +4,6 @@ tests each of ``scripts/test.sh``'s two pytest processes (pytest-xdist) runs."""
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 from pathlib import Path
@@ -168,9 +167,7 @@ def pytest_unconfigure(config):
     process, which reports and sets the exit status, ends normally."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    from qwen_image_server.engine.forkserver_exit import exit_now
+
     atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        if stream is not None:
-            stream.flush()
-    os._exit(0)
+    exit_now(0)

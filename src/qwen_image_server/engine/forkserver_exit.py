@@ -42,11 +42,19 @@ def leave_without_teardown(forkserver_pid: int) -> None:
     status and teardown are its business (the workers leave through ``os._exit`` anyway)."""
     if os.getpid() != forkserver_pid:
         return
+    exit_now(0)
+
+
+def exit_now(status: int) -> None:
+    """End this process at once with ``status``, without the interpreter's teardown of its modules: logging and the
+    standard streams are flushed first (the atexit handlers are the caller's to run or not). Also the end of a
+    pytest-xdist worker (tests/suite_split.py)."""
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(status)
 
 
 if in_forkserver_preload():
