@@ -44,15 +44,10 @@ def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
 
 
 def directory_problem(directory: Path) -> str | None:
-    """Why images could never be stored in ``directory`` (it, or a folder it would be made in, is a file), or None. A
-    folder that does not exist yet is fine: it is made when the first image is stored."""
+    """Why images could never be stored in ``directory`` (it is a file), or None. A folder that does not exist yet is
+    fine: it is made when the first image is stored."""
     path = Path(directory).expanduser()
-    if path.exists():
-        return None if path.is_dir() else "is a file, not a folder"
-    for parent in path.parents:
-        if parent.exists():  # the nearest one that exists: the folders below it are made at the first image
-            return None if parent.is_dir() else f"cannot be made: {parent} is a file, not a folder"
-    return None
+    return "is a file, not a folder" if path.exists() and not path.is_dir() else None
 
 
 def looks_like_path(source: str) -> bool:
