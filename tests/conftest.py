@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from fake_engine import FakeEngine
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
+from qwen_image_server.config_scoped import SCOPED_NUMBERS
 from qwen_image_server.models.spec import resolve_configured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -250,15 +251,15 @@ def server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus, tiny_limits) -> Se
         "--model", f"qwen-image-edit-plus-tiny={tiny_edit_plus}",
         "--model", f"{LIMITED}={tiny_limits}",
         "--workers", "2", "--workers", "1@qwen-image-edit-tiny", "--workers", f"1@{LIMITED}",
-        *(flag for key, values in LIMITS.items() for value in values for flag in (_flag(key), value)),
+        *(flag for key, values in LIMITS.items() for value in values for flag in (_flag_of(key), value)),
         "--stuck-task-seconds", f"3@{LIMITED}",
         env={"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": "1000", **_deterministic_on_cuda()},
     )  # fmt: skip
 
 
-def _flag(setting: str) -> str:
+def _flag_of(scoped_field: str) -> str:
     """The flag of a per-model Settings field: ``model_queue_size`` -> ``--queue-size``."""
-    return "--" + setting.removeprefix("model_").replace("_", "-")
+    return next(s.flag for s in SCOPED_NUMBERS.values() if s.scoped_field == scoped_field)
 
 
 def _deterministic_on_cuda() -> dict[str, str]:

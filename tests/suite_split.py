@@ -91,17 +91,16 @@ def pytest_runtest_teardown(item, nextitem):
 
 def _uses_shared_server(item, fixture: str) -> bool:
     """On the session's shared server ``fixture`` (tests/conftest.py or its plugin model_files.py), not a module's own
-    fixture of that name; for
-    ``server``, the ``local`` case of ``any_server`` too."""
+    fixture of that name; for ``server``, the ``local`` case of ``any_server`` too."""
     if fixture == "server" and _any_server_case(item) == "local":
         return True
     definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(fixture)
     return bool(definitions) and definitions[-1].func.__module__ in ("conftest", "model_files")
 
 
-#: The session's shared servers (fixtures of tests/conftest.py and model_files.py) and the modules with tests on each (collection checks
-#: this against the fixtures): ``server``, the API's server, and ``options_server``, the one of what a model is given
-#: at start (hub ids, LoRAs and aliases, a step cache, VAE tiling).
+#: The session's shared servers (fixtures of tests/conftest.py and model_files.py) and the modules with tests on each
+#: (collection checks this against the fixtures): ``server``, the API's server, and ``options_server``, the one of what
+#: a model is given at start (hub ids, LoRAs and aliases, a step cache, VAE tiling).
 SHARED_SERVERS = {
     "server": {
         "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground",

@@ -9,6 +9,7 @@ last value counts.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,8 +74,14 @@ def split_items(value: object) -> object:
 
 
 def own_values(setting: ScopedNumber, items: list[str]) -> dict[str, int | float]:
-    """The models given a value of their own, by model id (the last item for a model counts)."""
-    return dict(setting.parse(item) for item in items)
+    """The models given a value of their own, by model id (the last item for a model counts). Read on every request
+    (its queue, its timeout): each list of items is parsed once."""
+    return dict(_parsed(setting, tuple(items)))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(setting: ScopedNumber, items: tuple[str, ...]) -> tuple[tuple[str, int | float], ...]:
+    return tuple(setting.parse(item) for item in items)
 
 
 def split_flag_values(given: list[str]) -> tuple[str | None, list[str]]:

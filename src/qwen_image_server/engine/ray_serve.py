@@ -147,13 +147,11 @@ class RayEngine:
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout_for(model_id)
-        handle = self.handles[model_id]
-        replicas = self._replicas(model_id)
         self.admit(model_id)
         self._in_flight[model_id] += 1
         try:
             with self._budgets[model_id].hold(job):
-                return await self._run(model_id, handle, job, replicas, deadline, on_partial)
+                return await self._run(model_id, job, deadline, on_partial)
         finally:
             self._in_flight[model_id] -= 1
 
@@ -170,9 +168,9 @@ class RayEngine:
         """The model's largest replica count: its ``--workers N@MODEL``, else ``ray_max_replicas`` (default --workers)."""
         return max(1, self.settings.replicas_for(model_id)[1])
 
-    async def _run(self, model_id: str, handle, job: Job, replicas: int, deadline: float, on_partial) -> JobResult:
-        batch, pieces = split_for(job, replicas, self.settings.max_batch_size)
-        streams = [handle.remote(Task(next(self._task_ids), piece)) for piece in pieces]
+    async def _run(self, model_id: str, job: Job, deadline: float, on_partial) -> JobResult:
+        batch, pieces = split_for(job, self._replicas(model_id), self.settings.max_batch_size)
+        streams = [self.handles[model_id].remote(Task(next(self._task_ids), piece)) for piece in pieces]
 
         async def collect(stream, offset: int) -> TaskResult:
             async for item in stream:
