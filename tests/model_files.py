@@ -1,6 +1,6 @@
 """Model files the tests build beside the tiny models (a plugin of tests/conftest.py): a tiny LoRA, hub caches as a
 machine that downloaded the repositories once has them, and ``options_server``, the shared server of what models are
-given at start (hub ids at revisions, LoRAs and aliases, a step cache, VAE tiling)."""
+given at start (hub ids at revisions, LoRAs and aliases, a step cache, VAE tiling) and of the fuzzing over HTTP."""
 
 from __future__ import annotations
 
@@ -85,19 +85,26 @@ def offline_env(hub_cache: Path) -> dict[str, str]:
 
 
 #: Every id ``options_server`` answers to: its models, LoRA ids and aliases.
-OPTIONS_SERVER_IDS = {"tiny", "dall-e-3", "quick", "style", "fast", "hub", "cached", "tiled", "tiny-edit", "edit-v2"}
+OPTIONS_SERVER_IDS = {
+    "tiny", "dall-e-3", "quick", "style", "fast", "hub", "cached", "tiled", "tiny-edit", "edit-v2", "tiny-edit-plus",
+}  # fmt: skip
+
+#: ``options_server``'s request limits, low so that no fuzzed request runs long (test_fuzz_server.py): 4 steps at most
+#: (the tiny models' default), 2 images, sides from 64 (the step cache tests' size) to 512.
+OPTIONS_SERVER_LIMITS = {"QIS_MAX_STEPS": "4", "QIS_MAX_N": "2", "QIS_MIN_IMAGE_SIDE": "64", "QIS_MAX_IMAGE_SIDE": "512"}
 
 
 @pytest.fixture(scope="session")
-def options_server(start_server, tiny_t2i, tiny_lora, hub_cache, tmp_path_factory):
+def options_server(start_server, tiny_t2i, tiny_edit_plus, tiny_lora, hub_cache, tmp_path_factory):
     """One server for what models are given at start (tests/e2e: test_lora_server, test_hub_models,
-    test_step_cache_server), one worker each:
+    test_step_cache_server) and for the fuzzing over HTTP (test_fuzz_server), one worker each:
     - ``tiny``, the first text-to-image model, with LoRAs (``style``; ``fast`` with the Lightning preset; ``hub``
       from the hub cache) and aliases (``dall-e-3`` of ``tiny``, ``quick`` of ``fast``);
     - ``cached`` with a first-block step cache and ``tiled`` with VAE tiling (the tiny weights in folders of their
       own: a source given twice would be one model with two names);
-    - the hub id ``test-org/tiny-edit`` and ``edit-v2``, the same at revision ``v2``, read from the hub cache offline.
-    Images from 64x64 (the step cache tests' size)."""
+    - the hub id ``test-org/tiny-edit`` and ``edit-v2``, the same at revision ``v2``, read from the hub cache offline;
+    - ``tiny-edit-plus``, the tiny edit-plus model (the fuzzed bodies' third model name).
+    Requests within ``OPTIONS_SERVER_LIMITS``."""
     copies = tmp_path_factory.mktemp("options")
     cached, tiled = (shutil.copytree(tiny_t2i, copies / name) for name in ("cached", "tiled"))
     return start_server(
@@ -110,5 +117,6 @@ def options_server(start_server, tiny_t2i, tiny_lora, hub_cache, tmp_path_factor
         "--model", f"tiled={tiled}", "--vae-tiling", "on@tiled",
         "--model", "test-org/tiny-edit",
         "--model", "edit-v2=test-org/tiny-edit@v2",
-        env={**offline_env(hub_cache), "QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"},
+        "--model", f"tiny-edit-plus={tiny_edit_plus}",
+        env={**offline_env(hub_cache), "QIS_CPU_THREADS": "1", **OPTIONS_SERVER_LIMITS},
     )  # fmt: skip

@@ -107,7 +107,7 @@ SHARED_SERVERS = {
         "test_probed_over_http", "test_raw_http", "test_reproducibility", "test_seed_examples",
         "test_shared_components_server", "test_streaming_variations",
     },
-    "options_server": {"test_hub_models", "test_lora_server", "test_step_cache_server"},
+    "options_server": {"test_fuzz_server", "test_hub_models", "test_lora_server", "test_step_cache_server"},
 }  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """A short fuzz run against a real server on the tiny models: what only real pipelines and workers show.
 
 The same generated bodies as the in-process fuzzing (tests/fuzz_bodies.py), fewer
-of them, with the server's limits set low (4 steps, 2 images, sides up to 512) so
-that no fuzzed request runs long. Every response must pass the same checks, the
-workers must not have died on any input, and the server must still be ready after.
+of them, against ``options_server``: it serves the bodies' model names (``tiny``,
+``tiny-edit``, ``tiny-edit-plus``) beside its other models, one worker each, with
+its limits set low (4 steps, 2 images, sides up to 512) so that no fuzzed request
+runs long. Every response must pass the same checks, no worker may have died on any
+input, and the server must still be ready after.
 """
 
 from __future__ import annotations
@@ -14,20 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_bodies import check_response, json_body, multipart_body, request_fields
+from model_files import OPTIONS_SERVER_IDS
 from qwen_image_server.protocol.images import EditRequest, GenerationRequest, VariationRequest
 
 pytestmark = pytest.mark.e2e
-
-LIMITS = {"QIS_MAX_STEPS": "4", "QIS_MAX_N": "2", "QIS_MAX_IMAGE_SIDE": "512", "QIS_CPU_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def fuzz_server(start_server, tiny_t2i, tiny_edit, tiny_edit_plus):
-    """The tiny models under the names the generated bodies use, one worker each, low limits."""
-    return start_server(
-        "--model", f"tiny={tiny_t2i}", "--model", f"tiny-edit={tiny_edit}", "--model", f"tiny-edit-plus={tiny_edit_plus}",
-        "--workers", "1", env=LIMITS,
-    )  # fmt: skip
 
 
 def _json(path: str, model) -> st.SearchStrategy:
@@ -48,9 +40,10 @@ requests = st.one_of(
 )
 
 
-def test_fuzzed_requests_against_a_real_server(fuzz_server):
+def test_fuzzed_requests_against_a_real_server(options_server):
+    assert {"tiny", "tiny-edit", "tiny-edit-plus"} <= OPTIONS_SERVER_IDS  # the fuzzed bodies' model names
     statuses = []
-    with httpx.Client(base_url=fuzz_server.base_url, timeout=120) as client:
+    with httpx.Client(base_url=options_server.base_url, timeout=120) as client:
 
         @settings(derandomize=True, deadline=None, database=None, max_examples=50, suppress_health_check=list(HealthCheck))
         @given(requests)
@@ -63,7 +56,7 @@ def test_fuzzed_requests_against_a_real_server(fuzz_server):
         run()
         assert client.get("/health").status_code == 200
     assert 200 in statuses and 400 in statuses
-    status = fuzz_server.status()
+    status = options_server.status()
     assert status["status"] == "ready", status
     for model, state in status["models"].items():
         assert state.get("worker_restarts", 0) == 0, (model, state)  # no input killed a worker
