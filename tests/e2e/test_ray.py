@@ -44,6 +44,21 @@ def limits(ray_server):
     return ray_server.base_url
 
 
+def test_ready_lists_each_model_with_its_own_limits_and_deployment(limits):
+    """``/ready`` on Ray lists the models as the embedded engine's does: state, queue size and task timeout (the
+    LIMITED model its own, the others the defaults), with each model's deployment and its replicas."""
+    r = httpx.get(limits + "/ready", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    models = r.json()["models"]
+    assert set(models) == {"qwen-image-tiny", "qwen-image-edit-tiny", "qwen-image-edit-plus-tiny", LIMITED}
+    assert (models[LIMITED]["queue_size"], models[LIMITED]["task_timeout"]) == (1, 5.0)
+    assert (models["qwen-image-tiny"]["queue_size"], models["qwen-image-tiny"]["task_timeout"]) == (32, 600.0)
+    tiny = models["qwen-image-tiny"]
+    assert (tiny["state"], tiny["ready"], tiny["deployment_status"]) == ("ready", True, "HEALTHY")
+    assert tiny["replicas"] == {"RUNNING": 2}, tiny  # its own count: --workers 2@qwen-image-tiny
+    assert models[LIMITED]["replicas"] == {"RUNNING": 1}
+
+
 def _replica_pid(app: str, deployment: str) -> int:
     """The process of the (only) replica of a model's deployment in ``app``, asked while it is idle."""
     from ray import serve

@@ -241,15 +241,25 @@ def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
     }
     engine._serve_status = lambda: (False, deployments)
     engine._in_flight["tiny"] = 3
+    names = [deployment_name(i, m) for i, m in enumerate(models)]
     expected = {
-        "tiny": {"state": "ready", "jobs_in_flight": 3, "queue_size": 2, "task_timeout": 90.0},
-        "tiny-edit": {"state": "failed", "jobs_in_flight": 0, "queue_size": 32, "task_timeout": 90.0},
-    }
-    assert engine.metrics_status() == expected
+        "tiny": {
+            "kind": models[0].kind, "ready": True, "state": "ready", "jobs_in_flight": 3, "queue_size": 2,
+            "task_timeout": 90.0, "deployment": names[0], "deployment_status": "HEALTHY", "replicas": {},
+        },
+        "tiny-edit": {
+            "kind": models[1].kind, "ready": False, "state": "failed", "jobs_in_flight": 0, "queue_size": 32,
+            "task_timeout": 90.0, "deployment": names[1], "deployment_status": "DEPLOY_FAILED", "replicas": {},
+        },
+    }  # fmt: skip
+    assert engine.status() == expected  # /ready's models, keyed as the embedded engine's
     app = _app(tmp_path, engine)
     assert _value(app, "qis_jobs_in_flight", model="tiny") == 3
     assert _value(app, "qis_queue_size", model="tiny") == 2 and _value(app, "qis_queue_size", model="tiny-edit") == 32
     assert _value(app, "qis_task_timeout_seconds", model="tiny-edit") == 90.0
     assert _value(app, "qis_model_state", model="tiny-edit", state="failed") == 1
-    engine._serve_status = lambda: (False, {"error": "controller unreachable"})
+    engine._serve_status = lambda: (False, {"error": "RayError: no controller at /tmp/ray/session_1/sockets/raylet"})
     assert _value(app, "qis_model_state", model="tiny", state="loading") == 1
+    tiny = engine.status()["tiny"]
+    assert tiny["state"] == "loading" and tiny["deployment_status"] is None
+    assert tiny["error"] == "RayError: no controller at <path>"  # no paths for clients

@@ -189,9 +189,9 @@ class RequestMetrics:
 class EngineCollector:
     """Gauges read from the engine at scrape time: model states, queues, workers, restarts and GPU memory.
 
-    Reads ``engine.metrics_status()`` when the engine has it (the Ray engine), else
-    ``engine.status()`` (per model: ``state``, ``queued_jobs``, ``queue_size``, ``task_timeout``, ``worker_restarts``,
-    ``workers`` with their reported ``memory``), and ``engine.gpus()`` where there is one.
+    Reads ``engine.status()`` (per model: ``state``, ``queue_size``, ``task_timeout``; the embedded engine's also
+    ``queued_jobs``, ``worker_restarts`` and ``workers`` with their reported ``memory``, the Ray engine's
+    ``jobs_in_flight``), and ``engine.gpus()`` where there is one.
     """
 
     def __init__(self, engine: EngineClient):
@@ -199,8 +199,7 @@ class EngineCollector:
         self.models = [spec.id for spec in engine.models]
 
     def _status(self) -> dict:
-        read = getattr(self.engine, "metrics_status", None) or self.engine.status
-        status = read()
+        status = self.engine.status()
         return {m: s for m, s in status.items() if m in self.models and isinstance(s, dict)}
 
     def collect(self):

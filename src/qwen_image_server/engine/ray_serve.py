@@ -32,6 +32,7 @@ from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
+from .worker_process import public_reason
 
 log = logging.getLogger(__name__)
 
@@ -219,22 +220,30 @@ class RayEngine:
         return self._serve_status()[0]
 
     def status(self) -> dict:
-        return {"engine": "ray", "deployments": self._serve_status()[1]}
-
-    def metrics_status(self) -> dict:
-        """Per model, what ``/metrics`` shows: its deployment's state as ready/loading/failed, this ingress's jobs in
-        flight, and the model's queue size and task timeout."""
+        """Per model, as the embedded engine's ``status()`` is keyed (``/ready``'s ``models``, ``/metrics``): its
+        deployment's state as ready/loading/failed, this ingress's jobs in flight, the model's queue size and task
+        timeout, and its deployment's name, Serve status and replica states (an ``error`` instead, with paths
+        removed, when Serve's controller cannot be asked)."""
         deployments = self._serve_status()[1]
         out = {}
         for index, spec in enumerate(self.models):
-            deployment = deployments.get(deployment_name(index, spec))
+            name = deployment_name(index, spec)
+            deployment = deployments.get(name)
             status = deployment.get("status", "") if isinstance(deployment, dict) else ""
+            state = _MODEL_STATE.get(status.upper(), "loading")
             out[spec.id] = {
-                "state": _MODEL_STATE.get(status.upper(), "loading"),
+                "kind": spec.kind,
+                "ready": state == "ready",
+                "state": state,
                 "jobs_in_flight": self._in_flight[spec.id],
                 "queue_size": self.settings.queue_size_for(spec.id),
                 "task_timeout": self.settings.task_timeout_for(spec.id),
+                "deployment": name,
+                "deployment_status": status or None,
+                "replicas": deployment.get("replicas", {}) if isinstance(deployment, dict) else {},
             }
+            if "error" in deployments:
+                out[spec.id]["error"] = public_reason(str(deployments["error"]))
         return out
 
 
