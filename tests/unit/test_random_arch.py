@@ -20,8 +20,14 @@ from qwen_image_server.models.footprint import GIB, footprint
 from qwen_image_server.models.machine import Gpu, HostMemory, discover_host_memory
 from qwen_image_server.models.planner import PlanError, make_plan
 from qwen_image_server.models.profile import RunProfile
-from qwen_image_server.models.random_arch import build_components, init_random_, parameter_counts, text_encoder_config
-from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source
+from qwen_image_server.models.random_arch import (
+    build_components,
+    init_random_,
+    parameter_counts,
+    tensor_rows,
+    text_encoder_config,
+)
+from qwen_image_server.models.random_source import SMALL_OVERRIDES, architectures, parse_random_source, tensor_table
 from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models
 from qwen_image_server.models.tiny import _SPECIAL_TOKENS, _make_tokenizer
 from qwen_image_server.models.weights_files import UnknownFootprint, read_tensors
@@ -261,6 +267,33 @@ def test_the_memory_plan_sizes_random_sources_from_their_architecture():
     )
     with pytest.raises(PlanError, match=r"(?s)for model Qwen-Image on the CPU: .*Would fit: --dtype bfloat16"):
         make_plan([spec], Settings(device="cpu", max_image_side=1024), host=host[64])
+
+
+@pytest.mark.parametrize("name", sorted(architectures()))
+def test_the_packaged_tensor_table_is_what_the_model_classes_hold(name):
+    """The table the plan reads for an unchanged architecture (random_source.tensor_table) lists exactly the tensors
+    of its modules built on the meta device, names, dtypes and sizes."""
+    table = tensor_table(parse_random_source(f"random:{name}"))
+    assert table is not None, f"no packaged tensor table for {name}"
+    hint = 'after changing an architecture, run: python -c "from qwen_image_server.models.random_arch import write_tensor_tables; write_tensor_tables()"'  # noqa: E501
+    assert table == tensor_rows(f"random:{name}"), hint
+
+
+def test_an_unchanged_random_source_is_sized_from_its_table_without_building_it(monkeypatch):
+    """Sizing ``random:Qwen/Qwen-Image`` for the plan builds no module (milliseconds, and no diffusers import in the
+    API process); the same source with overrides still is built, as only that tells its tensors."""
+    import qwen_image_server.models.random_arch as random_arch
+
+    def build(*args, **kwargs):
+        raise RuntimeError("built on the meta device")
+
+    monkeypatch.setattr(random_arch, "build_components", build)
+    model = read_tensors(resolve_model("random:Qwen/Qwen-Image?seed=3"))  # a seed changes the weights, not their sizes
+    assert model.origin == "architecture (random weights)"
+    assert sum(len(tensors) for tensors in model.components.values()) == 1933 + 729 + 194
+    assert (model.inner_dim, model.text_encoder["hidden_size"]) == (3072, 3584)
+    with pytest.raises(UnknownFootprint, match="built on the meta device"):
+        read_tensors(resolve_model("random:Qwen/Qwen-Image?layers=2"))
 
 
 def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_crash(monkeypatch):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -210,6 +211,27 @@ def model_tensors(source: str):
     }
     configs = _configs(arch["transformer"], arch["text_encoder"])
     return ModelTensors(tensors, origin="architecture (random weights)", **configs)
+
+
+def tensor_rows(source: str) -> dict[str, list[list]]:
+    """``model_tensors(source)`` as the packaged tensor table holds it: component → ``[name, dtype, numel, ndim]``."""
+    return {c: [[t.name, t.dtype, t.numel, t.ndim] for t in ts] for c, ts in model_tensors(source).components.items()}
+
+
+def write_tensor_tables(path=None) -> None:
+    """Write the packaged tensor table (``random_source.TENSOR_TABLES``) of every packaged architecture, built on the
+    meta device with the installed diffusers and transformers. Run it after changing an architecture's JSON:
+    ``python -c "from qwen_image_server.models.random_arch import write_tensor_tables; write_tensor_tables()"``."""
+    import gzip
+    from importlib import metadata, resources
+
+    from .random_source import TENSOR_TABLES, architectures
+
+    made_with = {package: metadata.version(package) for package in ("diffusers", "transformers")}
+    tables = {name: {"made_with": made_with, "components": tensor_rows(f"random:{name}")} for name in sorted(architectures())}
+    target = Path(path) if path else Path(str(resources.files(__package__).joinpath("architectures", TENSOR_TABLES)))
+    # mtime 0: the same tables give the same bytes
+    target.write_bytes(gzip.compress(json.dumps(tables, separators=(",", ":"), sort_keys=True).encode(), 9, mtime=0))
 
 
 def parameter_counts(name: str, **overrides: int) -> dict[str, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -71,6 +72,28 @@ def architectures() -> dict[str, dict]:
             arch = json.loads(entry.read_text(encoding="utf-8"))
             out[arch["name"]] = arch
     return out
+
+
+#: The packaged architectures' tensors, as their safetensors headers would list them (``random_arch.write_tensor_tables``
+#: makes it from the model classes built on the meta device; tests/unit/test_random_arch.py checks it against them).
+TENSOR_TABLES = "tensors.json.gz"
+
+
+@functools.cache
+def _tensor_tables() -> dict[str, dict]:
+    path = resources.files(__package__).joinpath("architectures", TENSOR_TABLES)
+    return json.loads(gzip.decompress(path.read_bytes())) if path.is_file() else {}
+
+
+def tensor_table(random: RandomSource) -> dict[str, list[list]] | None:
+    """The packaged table of ``random``'s tensors (component → ``[name, dtype, numel, ndim]`` rows), or None when its
+    architecture is changed by overrides (then only building it tells). Reading it needs neither torch nor the model
+    classes: sizing a ``random:`` source for the memory plan takes milliseconds instead of the seconds of importing
+    diffusers and transformers and building the modules on the meta device."""
+    if random.overrides:
+        return None
+    entry = _tensor_tables().get(random.name)
+    return entry["components"] if entry else None
 
 
 @dataclass(frozen=True)

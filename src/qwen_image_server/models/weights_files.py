@@ -222,20 +222,38 @@ def from_counts(counts: dict) -> ModelTensors:
     return ModelTensors(components, origin="parameter counts", counts_only=True)
 
 
+def _packaged_random_tensors(source: str) -> ModelTensors | None:
+    """A ``random:`` source's tensors from the packaged table (``random_source.tensor_table``), or None."""
+    from .random_source import parse_random_source, tensor_table
+
+    random = parse_random_source(source)
+    table = tensor_table(random)
+    if table is None:
+        return None
+    arch = random.architecture()
+    components = {name: tuple(Tensor(*row) for row in rows) for name, rows in table.items()}
+    return ModelTensors(components, origin="architecture (random weights)", **_configs(arch["transformer"], arch["text_encoder"]))
+
+
 def read_tensors(spec: ModelSpec, cache_dir: str | Path | None = None) -> ModelTensors:
     """The tensors of a served model, from wherever its files are; ``UnknownFootprint`` when that cannot be done.
 
-    A ``random:ORG/NAME`` source has no files: its tensors come from its packaged architecture, built on the
-    meta device (``random_arch.model_tensors``), unless its spec gives ``options["parameter_counts"]``.
+    A ``random:ORG/NAME`` source has no files: its tensors come from its packaged architecture's tensor table, or,
+    with overrides, from the architecture built on the meta device (``random_arch.model_tensors``), unless its spec
+    gives ``options["parameter_counts"]``.
     """
     if spec.source.startswith("random:"):
         counts = spec.options.get("parameter_counts")
         if counts:
             return from_counts(counts)
-        from .random_arch import model_tensors
         from .spec import ModelConfigError
 
         try:
+            packaged = _packaged_random_tensors(spec.source)
+            if packaged is not None:
+                return packaged
+            from .random_arch import model_tensors
+
             return model_tensors(spec.source)
         except ModelConfigError as exc:
             raise UnknownFootprint(f"{exc} (and its spec gives no parameter_counts)") from None
