@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -197,7 +198,9 @@ def serve(
     install_request_id_logging()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     try:
-        run_server(settings_from_options(options), log_level)
+        with start_paths():
+            settings = settings_from_options(options)
+        run_server(settings, log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
         typer.echo(f"error: {exc}", err=True)
         from .models.planner import PlanError  # no torch: the API process has it loaded by now anyway
@@ -229,16 +232,17 @@ def plan(**options) -> None:
 
     logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = settings_from_options(options)
-        fake = os.environ.get(FAKE_GPUS_ENV)
-        discover = (lambda: parse_fake_gpus(fake)) if fake else discover_gpus
-        fake_host = os.environ.get(FAKE_HOST_ENV)
-        host = (lambda: parse_fake_host(fake_host)) if fake_host else None
-        try:
-            result = checked_plan(checked_specs(settings, cuda=bool(fake)), settings, discover=discover, host=host)
-        except PlanError as exc:
-            typer.echo(exc.plan.table())
-            raise
+        with start_paths():
+            settings = settings_from_options(options)
+            fake = os.environ.get(FAKE_GPUS_ENV)
+            discover = (lambda: parse_fake_gpus(fake)) if fake else discover_gpus
+            fake_host = os.environ.get(FAKE_HOST_ENV)
+            host = (lambda: parse_fake_host(fake_host)) if fake_host else None
+            try:
+                result = checked_plan(checked_specs(settings, cuda=bool(fake)), settings, discover=discover, host=host)
+            except PlanError as exc:
+                typer.echo(exc.plan.table())
+                raise
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -283,9 +287,22 @@ def checked_specs(settings: Settings, cuda: bool = False) -> list:
     return specs
 
 
+@contextlib.contextmanager
+def start_paths():
+    """The start checks' look at the paths a user gave, where the system refuses the look itself (a name too long
+    for the file system, a folder that may not be read): a ``ValueError`` naming the path and the system's reason,
+    which ``serve`` and ``plan`` print as one line (exit 2), instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise ValueError(f"cannot use{where}: {exc.strerror or exc}") from None
+
+
 def run_server(settings: Settings, log_level: str = "info") -> None:
     """Check the models, then serve until interrupted. Model errors come before the port opens."""
-    specs = checked_specs(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
+    with start_paths():
+        specs = checked_specs(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
     _check_port_free(settings.host, settings.port)
     for spec in specs:
         also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
@@ -299,7 +316,8 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
 
     # The plan refuses before the port opens when the workers do not fit; before the forkserver too, so that a
     # refused plan starts no process (without a GPU the plan needs no torch: it takes milliseconds).
-    memory_plan = checked_plan(specs, settings)
+    with start_paths():
+        memory_plan = checked_plan(specs, settings)
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     from .engine.worker_process import start_forkserver_early
 

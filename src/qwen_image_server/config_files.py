@@ -44,10 +44,13 @@ def models_in_dir(folder: Path) -> list[tuple[str | None, str]]:
 
 
 def directory_problem(directory: Path) -> str | None:
-    """Why images could never be stored in ``directory`` (it is a file), or None. A folder that does not exist yet is
-    fine: it is made when the first image is stored."""
+    """Why images could never be stored in ``directory`` (it is a file, or the system refuses to look at it: a name
+    too long), or None. A folder that does not exist yet is fine: it is made when the first image is stored."""
     path = Path(directory).expanduser()
-    return "is a file, not a folder" if path.exists() and not path.is_dir() else None
+    try:
+        return "is a file, not a folder" if path.exists() and not path.is_dir() else None
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror or exc}"
 
 
 def looks_like_path(source: str) -> bool:

@@ -193,6 +193,20 @@ def test_an_image_output_dir_that_is_a_file_is_refused(tiny_t2i, tmp_path, no_po
     assert Settings(image_output_dir=tmp_path / "new").image_output_dir == tmp_path / "new"
 
 
+def test_paths_the_system_refuses_to_look_at_are_one_line_each_not_a_traceback(tiny_t2i, tmp_path, no_port):
+    """A name longer than the file system allows (stat() itself fails) as a model folder, a bare model name, a LoRA
+    file or the output folder: ``serve`` and ``plan`` end with one line naming the path and the reason."""
+    long = tmp_path / ("x" * 300)
+    assert refused(["--model", str(long)]) == [f"error: cannot use {long}: File name too long"]
+    assert refused(["--model", "x" * 300]) == [f"error: cannot use {'x' * 300}: File name too long"]
+    lines = refused(["--model", str(tiny_t2i), "--lora", f"a={long}.safetensors"])
+    assert lines == [f"error: cannot use {long}.safetensors: File name too long"]
+    lines = refused(["--model", str(tiny_t2i), "--image-output-dir", str(long / "images")])
+    assert lines[1] == (
+        f"  --image-output-dir: {long}/images cannot be used: File name too long (url-format images are stored in this folder)"
+    )
+
+
 # --- 2. one source given twice is one model ---------------------------------------------------------------------
 def test_one_folder_spelled_twice_is_one_model(tiny_t2i, monkeypatch):
     monkeypatch.chdir(tiny_t2i.parent)
