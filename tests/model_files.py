@@ -86,7 +86,8 @@ def offline_env(hub_cache: Path) -> dict[str, str]:
 
 #: Every id ``options_server`` answers to: its models, LoRA ids and aliases.
 OPTIONS_SERVER_IDS = {
-    "tiny", "dall-e-3", "quick", "style", "fast", "hub", "cached", "tiled", "tiny-edit", "edit-v2", "tiny-edit-plus",
+    "tiny", "dall-e-3", "quick", "style", "fast", "hub", "cached", "tiled", "compiled", "tiny-edit", "edit-v2",
+    "tiny-edit-plus",
 }  # fmt: skip
 
 #: ``options_server``'s request limits, low so that no fuzzed request runs long (test_fuzz_server.py): 4 steps at most
@@ -97,16 +98,17 @@ OPTIONS_SERVER_LIMITS = {"QIS_MAX_STEPS": "4", "QIS_MAX_N": "2", "QIS_MIN_IMAGE_
 @pytest.fixture(scope="session")
 def options_server(start_server, tiny_t2i, tiny_edit_plus, tiny_lora, hub_cache, tmp_path_factory):
     """One server for what models are given at start (tests/e2e: test_lora_server, test_hub_models,
-    test_step_cache_server) and for the fuzzing over HTTP (test_fuzz_server), one worker each:
+    test_step_cache_server, test_compile_server) and for the fuzzing over HTTP (test_fuzz_server), one worker each:
     - ``tiny``, the first text-to-image model, with LoRAs (``style``; ``fast`` with the Lightning preset; ``hub``
       from the hub cache) and aliases (``dall-e-3`` of ``tiny``, ``quick`` of ``fast``);
-    - ``cached`` with a first-block step cache and ``tiled`` with VAE tiling (the tiny weights in folders of their
-      own: a source given twice would be one model with two names);
+    - ``cached`` with a first-block step cache, ``tiled`` with VAE tiling, and ``compiled``, compiled
+      (``--compile on@compiled``, warmed at 256x256 before the server is ready) with batched CFG and a step cache (the
+      tiny weights in folders of their own: a source given twice would be one model with two names);
     - the hub id ``test-org/tiny-edit`` and ``edit-v2``, the same at revision ``v2``, read from the hub cache offline;
     - ``tiny-edit-plus``, the tiny edit-plus model (the fuzzed bodies' third model name).
     Requests within ``OPTIONS_SERVER_LIMITS``."""
     copies = tmp_path_factory.mktemp("options")
-    cached, tiled = (shutil.copytree(tiny_t2i, copies / name) for name in ("cached", "tiled"))
+    cached, tiled, compiled = (shutil.copytree(tiny_t2i, copies / name) for name in ("cached", "tiled", "compiled"))
     return start_server(
         "--model", f"tiny={tiny_t2i}",
         "--lora", f"style={tiny_lora}",
@@ -115,6 +117,8 @@ def options_server(start_server, tiny_t2i, tiny_edit_plus, tiny_lora, hub_cache,
         "--model-alias", "dall-e-3=tiny", "--model-alias", "quick=fast",
         "--model", f"cached={cached}", "--cache", "fbcache:threshold=1@cached",
         "--model", f"tiled={tiled}", "--vae-tiling", "on@tiled",
+        "--model", f"compiled={compiled}", "--compile", "on@compiled", "--compile-sizes", "256x256@compiled",
+        "--cfg-batch", "on@compiled", "--cache", "fbcache@compiled",
         "--model", "test-org/tiny-edit",
         "--model", "edit-v2=test-org/tiny-edit@v2",
         "--model", f"tiny-edit-plus={tiny_edit_plus}",

@@ -100,14 +100,16 @@ def _uses_shared_server(item, fixture: str) -> bool:
 
 #: The session's shared servers (fixtures of tests/conftest.py and model_files.py) and the modules with tests on each
 #: (collection checks this against the fixtures): ``server``, the API's server, and ``options_server``, the one of what
-#: a model is given at start (hub ids, LoRAs and aliases, a step cache, VAE tiling).
+#: a model is given at start (hub ids, LoRAs and aliases, a step cache, VAE tiling, compile).
 SHARED_SERVERS = {
     "server": {
         "test_api_misc", "test_engine_behaviour", "test_load_bench", "test_openai_sdk", "test_playground",
         "test_probed_over_http", "test_raw_http", "test_reproducibility", "test_seed_examples",
         "test_shared_components_server", "test_streaming_variations",
     },
-    "options_server": {"test_fuzz_server", "test_hub_models", "test_lora_server", "test_step_cache_server"},
+    "options_server": {
+        "test_compile_server", "test_fuzz_server", "test_hub_models", "test_lora_server", "test_step_cache_server",
+    },
 }  # fmt: skip
 
 

@@ -73,7 +73,43 @@ def tiny_model(
     typer.echo(f"wrote a tiny {kind} model to {directory}")
 
 
-@app.command()
+#: The boolean profile flags, which take ``on|off@MODEL`` for one model as every other profile setting takes
+#: ``VALUE@MODEL``: click's on/off flags take no value, so ``--compile on@m`` (or ``--compile=on@m``) is read as the
+#: hidden list option beside the flag (``--compile-for on@m``) while a bare ``--compile`` stays the flag.
+SCOPED_BOOLEAN_FLAGS = {"--compile": "--compile-for", "--deterministic": "--deterministic-for"}
+
+
+def scoped_boolean_args(args: list[str]) -> list[str]:
+    """``args`` with each boolean profile flag given a value (``--compile on@m``, ``--compile=off@m``) spelled as
+    its list option (``--compile-for on@m``); everything else as it was. ``serve`` and ``plan`` take no positional
+    argument, so a word after the flag that is no option can only be its value (a wrong one is then refused as the
+    profile's value, naming the model)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if args[i] == "--":
+            out += args[i:]
+            break
+        if flag in SCOPED_BOOLEAN_FLAGS and eq:
+            out += [SCOPED_BOOLEAN_FLAGS[flag], value]
+        elif args[i] in SCOPED_BOOLEAN_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out += [SCOPED_BOOLEAN_FLAGS[args[i]], args[i + 1]]
+            i += 1
+        else:
+            out.append(args[i])
+        i += 1
+    return out
+
+
+class _ServeCommand(typer.core.TyperCommand):
+    """``serve`` and ``plan``: their arguments read with ``scoped_boolean_args`` first."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, scoped_boolean_args(args))
+
+
+@app.command(cls=_ServeCommand)
 def serve(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", metavar="[ID=]SOURCE", help="[ID=]PATH_OR_HUB_ID; repeat for several.")
@@ -131,8 +167,12 @@ def serve(
         str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")
     ] = None,
     compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="Regional torch.compile, warmed at start-up.")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="Regional torch.compile, warmed at start-up; --compile on|off@MODEL: one model."
+        ),
     ] = None,
+    compile_for: Annotated[list[str] | None, typer.Option("--compile-for", hidden=True)] = None,
     compile_sizes: Annotated[
         list[str] | None, typer.Option(metavar="WxH,...[@MODEL]", help="WIDTHxHEIGHT,...[@MODEL] warmed when compiling.")
     ] = None,
@@ -163,8 +203,12 @@ def serve(
     ] = None,
     deterministic: Annotated[
         bool | None,
-        typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower) [QIS_DETERMINISTIC]."),
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="Deterministic CUDA kernels (slower); --deterministic on|off@MODEL: one model [QIS_DETERMINISTIC].",
+        ),
     ] = None,
+    deterministic_for: Annotated[list[str] | None, typer.Option("--deterministic-for", hidden=True)] = None,
     lora: Annotated[
         list[str] | None,
         typer.Option(
@@ -267,7 +311,7 @@ def _name_environment_variables() -> None:
 _name_environment_variables()
 cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
 plan.__annotations__ = dict(serve.__annotations__)
-app.command("plan")(plan)
+app.command("plan", cls=_ServeCommand)(plan)
 
 
 def checked_specs(settings: Settings, cuda: bool = False) -> list:

@@ -17,6 +17,8 @@ RENAMED = {
     "model_alias": "model_aliases",
     "api_key": "api_keys",
     "cors_origin": "cors_origins",
+    "compile_for": "model_compile",  # --compile on|off@MODEL (cli.scoped_boolean_args)
+    "deterministic_for": "model_deterministic",
 }
 
 
@@ -74,6 +76,7 @@ def _flags_of_fields() -> dict[str, str]:
             flags[RENAMED.get(param.name, param.name)] = (long or param.opts)[0]
     for setting in SCOPED_NUMBERS.values():
         flags[setting.scoped_field] = flags[setting.field]  # --workers N@MODEL...
+    flags.update(model_compile="--compile", model_deterministic="--deterministic")  # --compile on|off@MODEL
     return flags
 
 

@@ -38,7 +38,8 @@ def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
-#: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans).
+#: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans for
+#: every model, ``model_compile`` and ``model_deterministic`` their ``on|off@MODEL`` lists).
 SCOPED_PROFILE_FIELDS = (
     "compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling",
 )  # fmt: skip
@@ -175,6 +176,10 @@ class Settings(PerModelLimits, BaseSettings):
     deterministic: bool | None = Field(
         default=None,
         description="Deterministic CUDA arithmetic (torch deterministic algorithms, no TF32, no cuDNN autotuning); slower.",
+    )
+    model_compile: Annotated[list[str], NoDecode] = Field(default_factory=list, description="on|off@MODEL: one model's compile.")
+    model_deterministic: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="on|off@MODEL: one model's deterministic mode."
     )
 
     # --- access ------------------------------------------------------------------
@@ -327,7 +332,7 @@ class Settings(PerModelLimits, BaseSettings):
             keys += read_keys_file(self.api_keys_file)
         return keys
 
-    @field_validator(*SCOPED_PROFILE_FIELDS, "loras", "model_aliases", mode="before")
+    @field_validator(*SCOPED_PROFILE_FIELDS, "model_compile", "model_deterministic", "loras", "model_aliases", mode="before")
     @classmethod
     def _split_scoped(cls, value: object) -> object:
         # one value, or several separated by ';' (values may hold commas: QIS_COMPILE_SIZES=1024x1024,1328x1328@m;...)
@@ -347,8 +352,9 @@ class Settings(PerModelLimits, BaseSettings):
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""
         flags = {key: list(getattr(self, key)) for key in SCOPED_PROFILE_FIELDS}
-        flags["compile"] = [] if self.compile is None else [str(self.compile)]
-        flags["deterministic"] = [] if self.deterministic is None else [str(self.deterministic)]
+        for key in ("compile", "deterministic"):  # the value for every model, then the ones for one model
+            value = getattr(self, key)
+            flags[key] = ([] if value is None else [str(value)]) + list(getattr(self, f"model_{key}"))
         return flags
 
     @model_validator(mode="after")

@@ -11,23 +11,23 @@ import pytest
 
 
 @pytest.mark.e2e
-def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(start_server, tiny_t2i):
-    # with batched CFG and a step cache: their hooks and the split attention run around and in the compiled blocks
-    server = start_server(
-        "--model", f"compiled-tiny={tiny_t2i}", "--compile", "--compile-sizes", "256x256",
-        "--cfg-batch", "on", "--cache", "fbcache",
-        env={"QIS_CPU_THREADS": "1"},
-    )  # fmt: skip
+def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(options_server):
+    """``options_server``'s ``compiled`` model (``--compile on@compiled --compile-sizes 256x256@compiled``, with
+    batched CFG and a step cache: their hooks and the split attention run around and in the compiled blocks); the
+    server's other models are not compiled."""
+    server = options_server
     logs = server.logs(tail=None)
-    warmed = logs.find("compiled compiled-tiny and warmed sizes 256x256")
-    ready = re.search(r"worker \S+ ready", logs)
+    warmed = logs.find("compiled compiled and warmed sizes 256x256")
+    ready = re.search(r"worker compiled#\d+ ready", logs)
     assert warmed >= 0 and ready and warmed < ready.start(), logs[-3000:]  # the worker reported ready after warming
-    card = httpx.get(f"{server.base_url}/v1/models/compiled-tiny", timeout=10).json()
+    assert logs.count(" and warmed sizes ") == 1, "only the model named by --compile on@compiled compiles"
+    assert httpx.get(f"{server.base_url}/v1/models/tiny", timeout=10).json()["profile"]["compile"] is False
+    card = httpx.get(f"{server.base_url}/v1/models/compiled", timeout=10).json()
     assert (card["profile"]["compile"], card["profile"]["compile_sizes"]) == (True, ["256x256"])
     assert card["profile"]["cfg_batch"] == "on" and card["profile"]["cache"].startswith("fbcache:")
     url = f"{server.base_url}/v1/images/generations"
     prompt = "a lighthouse on a cliff at dusk, " * 6
-    body = {"model": "compiled-tiny", "prompt": prompt, "size": "256x256", "num_inference_steps": 2}
+    body = {"model": "compiled", "prompt": prompt, "size": "256x256", "num_inference_steps": 2}
     for fields in ({}, {"negative_prompt": "blurry, dark, low quality, " * 4}, {"true_cfg_scale": 1.0}):
         response = httpx.post(url, json={**body, **fields}, timeout=300)
         assert response.status_code == 200, response.text
@@ -41,7 +41,7 @@ def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(start_ser
     # a policy that would hook inside the compiled blocks is a 400, the server goes on serving
     refused = httpx.post(url, json={**body, "cache": "taylorseer"}, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache"
-    assert "model compiled-tiny is compiled" in refused.json()["error"]["message"]
+    assert "model compiled is compiled" in refused.json()["error"]["message"]
     assert httpx.post(url, json={**body, "cache": "taylorseer:lite=true"}, timeout=300).status_code == 200
 
 

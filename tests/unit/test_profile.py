@@ -76,6 +76,51 @@ def test_environment_values_split_on_semicolons(monkeypatch):
     assert settings.profile_flags()["compile"] == ["True"]
 
 
+def test_compile_and_deterministic_per_model_from_the_command_line_and_the_environment(tiny_t2i, tiny_edit, monkeypatch):
+    """``--compile on|off@MODEL`` and ``--deterministic on|off@MODEL`` (or ``=VALUE``) reach one model, beside the bare
+    flags for every model, as every other profile setting's ``VALUE@MODEL`` does; wrong ones are refused naming it."""
+    from typer.testing import CliRunner
+
+    from qwen_image_server import cli
+
+    def profiles(*args: str, env: dict | None = None) -> dict[str, tuple[bool, bool]]:
+        seen: list[Settings] = []
+        monkeypatch.setattr(cli, "run_server", lambda settings, log_level: seen.append(settings))
+        result = CliRunner().invoke(cli.app, ["serve", "--model", f"a={tiny_t2i}", "--model", f"b={tiny_edit}", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return {spec.id: (spec.profile.compile, spec.profile.deterministic) for spec in resolve_configured(seen[0])}
+
+    assert profiles() == {"a": (False, False), "b": (False, False)}
+    assert profiles("--compile", "on@a") == {"a": (True, False), "b": (False, False)}
+    assert profiles("--compile=on@b", "--deterministic", "on@a") == {"a": (False, True), "b": (True, False)}
+    assert profiles("--compile", "--compile", "off@b", "--port", "0") == {"a": (True, False), "b": (False, False)}
+    assert profiles("--compile", "off") == {"a": (False, False), "b": (False, False)}  # a value for every model
+    assert profiles("--no-compile", "--deterministic") == {"a": (False, True), "b": (False, True)}
+    # the environment: QIS_MODEL_COMPILE (';'-separated) beside QIS_COMPILE, flags winning
+    env = {"QIS_COMPILE": "1", "QIS_MODEL_COMPILE": "off@a; on@b", "QIS_MODEL_DETERMINISTIC": "on@b"}
+    assert profiles(env=env) == {"a": (False, False), "b": (True, True)}
+    assert profiles("--compile", "on@a", env=env) == {"a": (True, False), "b": (True, True)}
+    # refused before anything starts, naming the flag or the model
+    for args, message in [
+        (["--compile", "on@nope"], "error: --compile names models that are not served: nope (served: a, b)"),
+        (["--compile", "maybe@a"], "error: compile for model a: expected true or false, got 'maybe'"),
+        (["--deterministic=sure"], "error: deterministic for model a: expected true or false, got 'sure'"),
+    ]:
+        result = CliRunner().invoke(cli.app, ["plan", "--model", f"a={tiny_t2i}", "--model", f"b={tiny_edit}", *args])
+        assert (result.exit_code, result.output.strip()) == (2, message), result.output
+
+
+def test_boolean_profile_flags_take_a_value_only_where_one_follows():
+    from qwen_image_server.cli import scoped_boolean_args
+
+    assert scoped_boolean_args(["--compile", "--port", "0"]) == ["--compile", "--port", "0"]
+    assert scoped_boolean_args(["--compile", "on@a", "--compile=off@b"]) == ["--compile-for", "on@a", "--compile-for", "off@b"]
+    assert scoped_boolean_args(["--deterministic", "on@a", "--no-compile"]) == ["--deterministic-for", "on@a", "--no-compile"]
+    assert scoped_boolean_args(["--compile"]) == ["--compile"]
+    assert scoped_boolean_args(["--", "--compile", "on@a"]) == ["--", "--compile", "on@a"]  # after --: as given
+    assert scoped_boolean_args(["--compile-sizes", "256x256@a"]) == ["--compile-sizes", "256x256@a"]
+
+
 def test_vae_tiling_from_flags_environment_and_sidecar(monkeypatch):
     assert build_profile("a", {}, {}).vae_tiling == "off"
     assert build_profile("a", {"vae_tiling": True}, {}).vae_tiling == "on"
