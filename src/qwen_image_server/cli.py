@@ -401,11 +401,10 @@ def _exit_normally_after_signals() -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fail before any worker starts when the address is taken."""
+    """Fail before any worker starts when the address is taken or the host cannot be listened on (a name that does
+    not resolve, an address of no interface here). Port 0 binds a free port for the check, which checks the host."""
     import socket
 
-    if port == 0:
-        return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -207,6 +207,30 @@ def test_paths_the_system_refuses_to_look_at_are_one_line_each_not_a_traceback(t
     )
 
 
+def test_an_address_that_cannot_be_listened_on_is_refused_before_any_worker_starts(tiny_t2i, monkeypatch):
+    """A port in use, and an address of no interface here (TEST-NET-1; with --port 0 too: before, that one loaded
+    every model and then ended with uvicorn's own error)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    def planned(*args, **kwargs):
+        raise AssertionError("serve went on to plan and start workers")
+
+    monkeypatch.setattr("qwen_image_server.models.planner.checked_plan", planned)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (["--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--port", "0", "--host", "192.0.2.1"], "error: cannot listen on 192.0.2.1:0: Cannot assign requested address"),
+        ]
+        for args, message in cases:
+            result = CliRunner().invoke(cli.app, ["serve", "--model", str(tiny_t2i), "--host", "127.0.0.1", *args])
+            assert result.exit_code == 2 and result.output.startswith(message), result.output
+
+
 # --- 2. one source given twice is one model ---------------------------------------------------------------------
 def test_one_folder_spelled_twice_is_one_model(tiny_t2i, monkeypatch):
     monkeypatch.chdir(tiny_t2i.parent)
