@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import config_files as files
 from .config_files import directory_problem, models_in_dir, parse_entry, read_keys_file, repeated_entries, unique_entries
 from .config_scoped import SCOPED_NUMBERS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
@@ -294,7 +295,9 @@ class Settings(PerModelLimits, BaseSettings):
             parts = [part.strip() for part in value.split(",") if part.strip()]
             if not parts and value.strip() and info.field_name == "api_keys":
                 return [""]  # QIS_API_KEYS=" , ": keys meant but none given (refused below)
-            return parts
+            value = parts
+        if info.field_name == "cors_origins" and isinstance(value, list):  # as browsers send Origin, or refused
+            return [files.checked_origin(str(origin)) for origin in value]
         return value
 
     @field_validator("api_keys")

@@ -53,6 +53,20 @@ def directory_problem(directory: Path) -> str | None:
         return f"cannot be used: {exc.strerror or exc}"
 
 
+def checked_origin(origin: str) -> str:
+    """A ``--cors-origin`` as browsers send ``Origin``: ``scheme://host[:port]``, lower-case, without a trailing ``/``
+    (``https://App.example/`` → ``https://app.example``), or ``*``. One that no browser could send (no scheme, a path)
+    would silently never match: refused, with the form it needs."""
+    text = origin.strip()
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    host = rest[:-1] if rest.endswith("/") else rest
+    if not (sep and scheme and host) or any(c in host for c in "/?#@ ") or not scheme.replace("-", "").isalnum():
+        raise ValueError(f"{origin!r} is not a web origin: expected SCHEME://HOST[:PORT] (as https://app.example) or *")
+    return f"{scheme.lower()}://{host.lower()}"
+
+
 def looks_like_path(source: str) -> bool:
     """True when a model source names a local folder rather than a hub id (``ORG/NAME``)."""
     return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1

@@ -126,6 +126,28 @@ def test_an_allowed_origin_gets_cors_headers_and_preflights_pass(keyed):
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
 
 
+def test_an_origin_given_as_people_write_it_matches_what_browsers_send(make_api, tiny_t2i):
+    """``--cors-origin https://App.Example/`` is the origin browsers send as ``https://app.example``: both the request
+    and the CORS headers (which compare exactly) take it."""
+    api = make_api({"qwen-image-tiny": tiny_t2i}, cors_origins=["https://App.Example/"])
+    assert api.settings.cors_origins == ["https://app.example"]
+    client = api.client
+    response = client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("origin", ["app.example", "https://app.example/page", "https://", "null", "https://a b.example"])
+def test_an_origin_no_browser_could_send_is_refused_at_start(origin):
+    from pydantic import ValidationError
+
+    from qwen_image_server.config import Settings
+
+    with pytest.raises(
+        ValidationError, match=r"is not a web origin: expected SCHEME://HOST\[:PORT\] \(as https://app.example\) or \*"
+    ):
+        Settings(cors_origins=[origin])
+
+
 def test_the_server_s_own_origin_is_allowed(keyed):
     response = keyed.get("/v1/models", headers={**_auth(), "Origin": str(keyed.base_url)})
     assert response.status_code == 200
