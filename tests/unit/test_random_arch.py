@@ -273,10 +273,20 @@ def test_the_memory_plan_sizes_random_sources_from_their_architecture():
 def test_the_packaged_tensor_table_is_what_the_model_classes_hold(name):
     """The table the plan reads for an unchanged architecture (random_source.tensor_table) lists exactly the tensors
     of its modules built on the meta device, names, dtypes and sizes."""
+    from importlib import metadata
+
+    from qwen_image_server.models.random_source import _tensor_tables
+
     table = tensor_table(parse_random_source(f"random:{name}"))
     assert table is not None, f"no packaged tensor table for {name}"
     hint = 'after changing an architecture, run: python -c "from qwen_image_server.models.random_arch import write_tensor_tables; write_tensor_tables()"'  # noqa: E501
-    assert table == tensor_rows(f"random:{name}"), hint
+    built = tensor_rows(f"random:{name}")
+    made_with = _tensor_tables()[name]["made_with"]
+    if all(metadata.version(package) == version for package, version in made_with.items()):
+        assert table == built, hint
+    else:  # other versions of the model classes may name tensors otherwise: the sizes still agree
+        for component, rows in built.items():
+            assert sum(row[2] for row in table[component]) == sum(row[2] for row in rows), (component, made_with, hint)
 
 
 def test_an_unchanged_random_source_is_sized_from_its_table_without_building_it(monkeypatch):
