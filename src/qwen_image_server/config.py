@@ -288,6 +288,11 @@ class Settings(PerModelLimits, BaseSettings):
             raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
         return value
 
+    @field_validator("image_download_url_prefix")
+    @classmethod
+    def _url_prefix(cls, value: str | None) -> str | None:
+        return files.checked_url_prefix(value)  # absolute http(s) URLs only: clients fetch them as given
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object, info: ValidationInfo) -> object:

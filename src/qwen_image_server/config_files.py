@@ -67,6 +67,19 @@ def checked_origin(origin: str) -> str:
     return f"{scheme.lower()}://{host.lower()}"
 
 
+def checked_url_prefix(prefix: str | None) -> str | None:
+    """``IMAGE_DOWNLOAD_URL_PREFIX``: an absolute ``http(s)://HOST[/PATH]`` URL, or unset (None or empty). Anything
+    else (``images.example.com/img``, a bare path) would give clients image URLs they cannot fetch: refused."""
+    if not prefix or not prefix.strip():
+        return None
+    scheme, sep, rest = prefix.strip().partition("://")
+    if not (sep and scheme.lower() in ("http", "https") and rest and not rest.startswith("/")):
+        raise ValueError(
+            f"{prefix!r} is not an absolute URL: expected http(s)://HOST[/PATH] (as https://images.example.com/images/)"
+        )
+    return prefix.strip()
+
+
 def looks_like_path(source: str) -> bool:
     """True when a model source names a local folder rather than a hub id (``ORG/NAME``)."""
     return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1

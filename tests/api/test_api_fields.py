@@ -193,6 +193,17 @@ def test_edit_response_format_url(http):
 # --- IMAGE_DOWNLOAD_URL_PREFIX ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefix", ["images.example.com/img", "/images", "ftp://files.example/img", "https://"])
+def test_an_image_url_prefix_clients_could_not_fetch_is_refused_at_start(prefix):
+    from pydantic import ValidationError
+
+    from qwen_image_server.config import Settings
+
+    with pytest.raises(ValidationError, match=r"is not an absolute URL: expected http\(s\)://HOST\[/PATH\]"):
+        Settings(image_download_url_prefix=prefix)
+    assert Settings(image_download_url_prefix=" ").image_download_url_prefix is None  # blank: unset
+
+
 def test_image_download_url_prefix(make_api, tiny_t2i):
     prefixed = make_api({"qwen-image-tiny": tiny_t2i}, image_download_url_prefix="http://cdn.example/img")
     client = prefixed.client
