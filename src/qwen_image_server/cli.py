@@ -305,7 +305,8 @@ def _name_environment_variables() -> None:
         if info is None or field not in Settings.model_fields:
             continue
         text = re.sub(r"\s*\[[A-Z][A-Z0-9_]*\]", "", info.help or "").rstrip()
-        info.help = f"{text} [env: {', '.join(_env_names(field))}]"
+        names = _env_names(field) + (_env_names(f"model_{field}") if f"--{name}" in SCOPED_BOOLEAN_FLAGS else [])
+        info.help = f"{text} [env: {', '.join(names)}]"
 
 
 _name_environment_variables()

@@ -218,6 +218,9 @@ def test_every_option_names_its_environment_variables_in_the_help(command):
     for option in options:
         field = named.get(option.name, option.name)
         if field in Settings.model_fields:
-            assert f"[env: {', '.join(_env_names(field))}]" in option.help, (option.name, option.help)
+            # the on/off flags also name their per-model variable (QIS_MODEL_COMPILE: on|off@MODEL)
+            scoped = _env_names(f"model_{field}") if field in ("compile", "deterministic") else []
+            assert f"[env: {', '.join(_env_names(field) + scoped)}]" in option.help, (option.name, option.help)
             checked += 1
     assert checked >= 30 and "HOST, QIS_HOST" in next(o.help for o in options if o.name == "host")
+    assert "QIS_COMPILE, QIS_MODEL_COMPILE]" in next(o.help for o in options if o.name == "compile")
