@@ -263,3 +263,46 @@ def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
     tiny = engine.status()["tiny"]
     assert tiny["state"] == "loading" and tiny["deployment_status"] is None
     assert tiny["error"] == "RayError: no controller at <path>"  # no paths for clients
+
+
+def test_the_ray_engine_reads_serve_s_status_in_a_thread_and_answers_from_the_last_reading(tmp_path, monkeypatch):
+    """A slow controller holds no request: ``ready()`` answers at once from the last reading (not ready before the
+    first) while one reading at a time runs in a thread; a reading older than a second starts the next."""
+    pytest.importorskip("ray.serve")
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine.ray_serve import RayEngine
+
+    answer, calls = threading.Event(), []
+
+    def status():  # Serve's controller, answering when told to
+        calls.append(threading.current_thread().name)
+        assert answer.wait(10)
+        app = SimpleNamespace(
+            status="RUNNING", deployments={"d": SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})}
+        )
+        return SimpleNamespace(applications={"app": app})
+
+    monkeypatch.setattr(ray_serve.serve, "status", status)
+    engine = RayEngine(FakeEngine().models, Settings(image_output_dir=tmp_path), "app")
+    assert engine.ready() is False  # answered at once: the reading has not been answered
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.ready() is False and engine.ready() is False and not answer.is_set()  # still waiting: no wait here
+    assert calls == ["serve status"]  # one reading at a time, in its own thread
+    answer.set()
+    deadline = time.monotonic() + 10
+    while not engine.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.ready() is True and engine._serve_status()[1] == {"d": {"status": "HEALTHY", "replicas": {"RUNNING": 1}}}
+    assert len(calls) == 1  # fresh: no new reading within the second
+    engine._ready_cache = (time.monotonic() - 2, *engine._ready_cache[1:])
+    engine.ready()
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 2  # a stale reading started the next

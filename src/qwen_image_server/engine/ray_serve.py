@@ -137,6 +137,7 @@ class RayEngine:
         self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
         self._budgets = {spec.id: PixelBudget(settings, spec.id) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
+        self._reading_status = threading.Lock()  # held while a thread reads Serve's status
 
     async def start(self) -> None:
         for index, spec in enumerate(self.models):
@@ -198,9 +199,22 @@ class RayEngine:
         return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
-        now = time.monotonic()
-        if now - self._ready_cache[0] < 1.0:
-            return self._ready_cache[1], self._ready_cache[2]
+        """Whether the app runs, and its deployments' states, as last read from Serve's controller (not ready before
+        the first reading). A reading older than a second starts a new one in a thread: ``/ready`` and ``/metrics``
+        answer at once instead of holding this replica's event loop, and its other requests, while the controller
+        answers."""
+        if time.monotonic() - self._ready_cache[0] >= 1.0 and self._reading_status.acquire(blocking=False):
+            threading.Thread(target=self._read_serve_status, name="serve status", daemon=True).start()
+        return self._ready_cache[1], self._ready_cache[2]
+
+    def _read_serve_status(self) -> None:
+        try:
+            ready, deployments = self._serve_status_now()
+            self._ready_cache = (time.monotonic(), ready, deployments)  # the next reading a second after this one
+        finally:
+            self._reading_status.release()
+
+    def _serve_status_now(self) -> tuple[bool, dict]:
         try:
             app = serve.status().applications[self.app_name]
             deployments: dict[str, Any] = {
@@ -213,7 +227,6 @@ class RayEngine:
             ready = str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING"
         except Exception as exc:  # the controller is unreachable
             ready, deployments = False, {"error": f"{type(exc).__name__}: {exc}"}
-        self._ready_cache = (now, ready, deployments)
         return ready, deployments
 
     def ready(self) -> bool:
