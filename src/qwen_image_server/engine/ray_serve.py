@@ -205,7 +205,8 @@ class RayEngine:
         answers."""
         if time.monotonic() - self._ready_cache[0] >= 1.0 and self._reading_status.acquire(blocking=False):
             threading.Thread(target=self._read_serve_status, name="serve status", daemon=True).start()
-        return self._ready_cache[1], self._ready_cache[2]
+        _, ready, deployments = self._ready_cache  # one reading's both parts
+        return ready, deployments
 
     def _read_serve_status(self) -> None:
         try:
