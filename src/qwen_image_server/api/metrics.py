@@ -199,8 +199,7 @@ class EngineCollector:
         self.models = [spec.id for spec in engine.models]
 
     def _status(self) -> dict:
-        status = self.engine.status()
-        return {m: s for m, s in status.items() if m in self.models and isinstance(s, dict)}
+        return {m: s for m, s in self.engine.status().items() if m in self.models}
 
     def collect(self):
         try:

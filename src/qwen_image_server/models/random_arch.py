@@ -197,7 +197,7 @@ def model_tensors(source: str):
     """The tensors a ``random:`` source's components would hold, as a folder's safetensors headers list them
     (``weights_files.ModelTensors``): built on the meta device (no memory, no weights), in bf16 as the
     published files are, with the architecture's own config values for the working-memory estimate."""
-    from .weights_files import ModelTensors, Tensor, _configs
+    from .weights_files import Tensor, architecture_tensors
 
     random = parse_random_source(source)
     arch = random.architecture()
@@ -209,8 +209,7 @@ def model_tensors(source: str):
         )
         for name in ("transformer", "text_encoder", "vae")
     }
-    configs = _configs(arch["transformer"], arch["text_encoder"])
-    return ModelTensors(tensors, origin="architecture (random weights)", **configs)
+    return architecture_tensors(arch, tensors)
 
 
 def tensor_rows(source: str) -> dict[str, list[list]]:

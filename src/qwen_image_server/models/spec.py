@@ -192,11 +192,7 @@ def resolve_models(
         raise ModelConfigError(f"model ids must be unique, repeated: {', '.join(duplicates)} (use ID=PATH)")
     flags = profile_flags or {}
     for key, values in flags.items():
-        unknown = sorted(scoped_targets(values) - set(ids))
-        if unknown:
-            raise ModelConfigError(
-                f"--{key.replace('_', '-')} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})"
-            )
+        _refuse_unserved(f"--{key.replace('_', '-')}", scoped_targets(values), ids)
     try:
         parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)
         resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
@@ -285,16 +281,18 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     return [replace(spec, aliases=tuple((a, n) for a, n in aliases.items() if owner[n] == spec.id)) for spec in specs]
 
 
+def _refuse_unserved(flag: str, targets: set[str], ids: list[str]) -> None:
+    """A ``VALUE@MODEL`` flag (a profile setting or a per-model limit) naming models that are not served: refused."""
+    if unknown := sorted(targets - set(ids)):
+        raise ModelConfigError(f"{flag} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+
+
 def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     """``--workers N@MODEL`` (and ``--queue-size``, ``--task-timeout``, ``--stuck-task-seconds``) must name served
     models; with ``--share-components`` every model has the same worker count."""
     ids = [spec.id for spec in specs]
     for setting in SCOPED_NUMBERS.values():
-        unknown = sorted(set(settings.own_values(setting.field)) - set(ids))
-        if unknown:
-            raise ModelConfigError(
-                f"{setting.flag} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})"
-            )
+        _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids)
     counts = {ident: settings.workers_for(ident) for ident in ids}
     if settings.share_components and len(set(counts.values())) > 1:
         given = ", ".join(f"{ident} {count}" for ident, count in counts.items())

@@ -230,8 +230,13 @@ def _packaged_random_tensors(source: str) -> ModelTensors | None:
     table = tensor_table(random)
     if table is None:
         return None
-    arch = random.architecture()
     components = {name: tuple(Tensor(*row) for row in rows) for name, rows in table.items()}
+    return architecture_tensors(random.architecture(), components)
+
+
+def architecture_tensors(arch: dict, components: dict[str, tuple[Tensor, ...]]) -> ModelTensors:
+    """A ``random:`` source's tensors (from its packaged table or its modules built on the meta device), with its
+    architecture's config values for the working-memory estimate."""
     return ModelTensors(components, origin="architecture (random weights)", **_configs(arch["transformer"], arch["text_encoder"]))
 
 
