@@ -44,10 +44,8 @@ pytest_plugins = ["suite_split", "model_files"]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 (scripts/test.sh): two test processes share the machine's cores. One torch thread in each, and in
     # the servers they start (they inherit OMP_NUM_THREADS), instead of every process's threads competing for them.
+    # torch reads it as it is imported, which nothing here has done yet (the tests that need torch import it).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

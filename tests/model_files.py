@@ -12,16 +12,50 @@ import pytest
 
 from qwen_image_server.models.tiny import build_tiny_model
 
+#: The transformer's layers a tiny LoRA adapts (in every block), as Qwen-Image LoRAs do.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2")
+
 
 def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
-    """A random LoRA for a tiny model's transformer (peft, non-zero B), in diffusers' Qwen-Image LoRA format."""
+    """A random LoRA (non-zero A and B) for a tiny model's transformer, in diffusers' Qwen-Image LoRA format: what
+    ``make_tiny_lora_with_peft`` writes (names, shapes, dtype, metadata; test_lora_runtime.py compares them), written
+    from the transformer's safetensors header with numpy, so that a test process needs no torch, diffusers or peft
+    for it (seconds of imports in each process that builds one)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    header = _safetensors_header(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name in sorted(header):
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer.startswith("transformer_blocks.") and layer.endswith(LORA_TARGETS):
+            out_features, in_features = header[name]["shape"]
+            a = rng.standard_normal((rank, in_features), dtype=np.float32) * 0.5
+            b = rng.standard_normal((out_features, rank), dtype=np.float32) * 0.5
+            tensors[f"transformer.{layer}.lora_A.weight"], tensors[f"transformer.{layer}.lora_B.weight"] = a, b
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file), metadata={"format": "pt"})
+    return out_file
+
+
+def _safetensors_header(file: Path) -> dict:
+    """A safetensors file's tensors (name -> dtype, shape, offsets), read from its header alone."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def make_tiny_lora_with_peft(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+    """The same LoRA made as a user makes one: peft adapters on the loaded transformer, saved by diffusers."""
     import torch
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     transformer = QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2"]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
     generator = torch.Generator().manual_seed(seed)
     for name, param in transformer.named_parameters():
         if "lora_" in name:

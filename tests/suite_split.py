@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,35 @@ PIPELINE_MODULES = {
 def _real_module(path: Path) -> bool:
     """A module whose every test runs the real thing: one in tests/e2e, or one that runs tiny pipelines."""
     return "e2e" in path.parts or path.stem in PIPELINE_MODULES
+
+
+def _deselects_e2e(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` deselects every test marked ``e2e``, whatever its other marks: the expression is
+    false with ``e2e`` set under each assignment of the other names it uses (expressions with keyword arguments or
+    more than 8 other names are taken as keeping them)."""
+    from _pytest.mark.expression import Expression
+
+    if not markexpr or "=" in markexpr:
+        return False
+    names = set(re.findall(r"[\w:+\-.\[\]\\/]+", markexpr)) - {"and", "or", "not", "e2e"}
+    if "e2e" not in markexpr or len(names) > 8:
+        return False
+    expression = Expression.compile(markexpr)
+    others = sorted(names)
+    for bits in range(2 ** len(others)):
+        marks = {"e2e"} | {name for i, name in enumerate(others) if bits >> i & 1}
+        if expression.evaluate(lambda name, /, marks=marks, **kwargs: name in marks):
+            return False
+    return True
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """With ``-m "not e2e"`` a module whose every test is marked ``e2e`` (``_real_module``) is not even imported:
+    collecting it would import torch, diffusers and transformers (seconds in each test process) only to deselect
+    all it holds. Paths named on the command line are collected as usual."""
+    if collection_path.suffix == ".py" and _real_module(collection_path) and _deselects_e2e(config.option.markexpr):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(items):

@@ -47,6 +47,26 @@ def images(swapped):
     return {"base": _pixels(swapped, _job()), "style": _pixels(swapped, _job("style")), "base_after": _pixels(swapped, _job())}
 
 
+def test_the_tests_lora_file_is_what_peft_and_diffusers_save(tiny_t2i, tmp_path):
+    """The tests' LoRAs are written without torch (model_files.make_tiny_lora): the same tensor names, shapes and
+    dtype, and the same metadata, as a LoRA made with peft and saved by diffusers, at two ranks."""
+    from safetensors import safe_open
+
+    from model_files import _safetensors_header, make_tiny_lora, make_tiny_lora_with_peft
+
+    for rank in (4, 8):
+        made = make_tiny_lora(tiny_t2i, tmp_path / f"numpy-{rank}" / "l.safetensors", rank=rank)
+        saved = make_tiny_lora_with_peft(tiny_t2i, tmp_path / f"peft-{rank}" / "l.safetensors", rank=rank)
+        layout = [{k: (v["dtype"], v["shape"]) for k, v in _safetensors_header(f).items()} for f in (made, saved)]
+        assert layout[0] == layout[1] and len(layout[0]) == 2 * 2 * 9
+        metadata = []
+        for file in (made, saved):
+            with safe_open(str(file), framework="np") as f:
+                metadata.append(f.metadata())
+                assert all(np.abs(f.get_tensor(k)).max() > 0 for k in f.keys())  # noqa: SIM118  (safe_open is no dict)
+        assert metadata[0] == metadata[1]
+
+
 def test_a_lora_changes_the_image_and_the_base_comes_back_bit_exactly(images):
     assert np.abs(images["style"] - images["base"]).mean() > 1.0
     assert np.array_equal(images["base"], images["base_after"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from qwen_image_server.config import Settings
 from qwen_image_server.models.footprint import GIB, human
@@ -58,6 +57,8 @@ def test_two_fp8_models_fit_one_card_only_with_one_text_encoder(tiny_t2i, tiny_e
 
 
 def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):
+    from safetensors.torch import load_file, save_file  # torch: imported by the one test that needs it
+
     other = tmp_path / "edit-retrained"
     shutil.copytree(tiny_edit_plus, other)
     for file in (other / "text_encoder").glob("*.safetensors"):

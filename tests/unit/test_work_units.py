@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from suite_split import _unit_rank, work_unit
+from suite_split import _deselects_e2e, _unit_rank, work_unit
 
 
 def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_one_unit():
@@ -54,3 +54,12 @@ def test_each_module_listed_on_a_shared_server_exists():
     tests = Path(__file__).resolve().parents[1]
     listed = set().union(*SHARED_SERVERS.values())
     assert {stem for stem in listed if not list(tests.rglob(f"{stem}.py"))} == set()
+
+
+def test_a_mark_expression_that_drops_every_e2e_test_skips_importing_the_e2e_modules():
+    """``-m`` expressions under which no test marked ``e2e`` can run, whatever its other marks (its modules are then
+    not imported), and those under which some can."""
+    for markexpr in ("not e2e", "not e2e and not slow", "unit and not e2e", "not (e2e or slow)"):
+        assert _deselects_e2e(markexpr), markexpr
+    for markexpr in ("", "e2e", "slow", "not e2e or slow", "not (e2e and slow)", "e2e and a and not b", "not e2e and m(x=1)"):
+        assert not _deselects_e2e(markexpr), markexpr
