@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -14,6 +13,7 @@ from typing import Annotated, Any, cast
 import typer
 from typer.models import OptionInfo
 
+from .cli_run import checked_specs, run_server, start_paths
 from .cli_settings import RENAMED as _RENAMED
 from .cli_settings import env_names as _env_names
 from .cli_settings import settings_from_options, settings_problem
@@ -313,106 +313,6 @@ _name_environment_variables()
 cast(Any, plan).__signature__ = inspect.signature(serve, eval_str=True)  # the same options as serve, declared once
 plan.__annotations__ = dict(serve.__annotations__)
 app.command("plan", cls=_ServeCommand)(plan)
-
-
-def checked_specs(settings: Settings, cuda: bool = False) -> list:
-    """The models ``settings`` asks for, refused (a ``ValueError``) as ``serve`` refuses them before anything loads:
-    ``serve`` and ``plan`` both call this, so that they cannot disagree. ``cuda``: plan for CUDA devices under
-    ``--device auto`` (``plan`` with ``QIS_FAKE_GPUS``) rather than ask this machine."""
-    from .models.memory_modes import check_memory_modes
-    from .models.spec import ModelConfigError, resolve_configured
-
-    specs = resolve_configured(settings)
-    check_memory_modes(specs, "cuda" if cuda and settings.device.strip() == "auto" else settings.device)
-    if settings.engine == "ray" and settings.share_components:
-        raise ModelConfigError(
-            "--share-components needs the embedded engine: under --engine ray every model is its own deployment "
-            "(its own replica processes), which cannot share modules"
-        )
-    return specs
-
-
-@contextlib.contextmanager
-def start_paths():
-    """The start checks' look at the paths a user gave, where the system refuses the look itself (a name too long
-    for the file system, a folder that may not be read): a ``ValueError`` naming the path and the system's reason,
-    which ``serve`` and ``plan`` print as one line (exit 2), instead of a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        raise ValueError(f"cannot use{where}: {exc.strerror or exc}") from None
-
-
-def run_server(settings: Settings, log_level: str = "info") -> None:
-    """Check the models, then serve until interrupted. Model errors come before the port opens."""
-    with start_paths():
-        specs = checked_specs(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
-    _check_port_free(settings.host, settings.port)
-    for spec in specs:
-        also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
-        logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
-    if settings.engine == "ray":
-        from . import ray_app
-
-        ray_app.run(settings, specs)
-        return
-    from .models.planner import checked_plan
-
-    # The plan refuses before the port opens when the workers do not fit; before the forkserver too, so that a
-    # refused plan starts no process (without a GPU the plan needs no torch: it takes milliseconds).
-    with start_paths():
-        memory_plan = checked_plan(specs, settings)
-    logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
-    from .engine.worker_process import start_forkserver_early
-
-    start_forkserver_early(settings.worker_start, settings.device)
-    import uvicorn
-
-    from .api.app import create_app
-    from .api.connections import uvicorn_options
-    from .engine.local import LocalEngine
-
-    engine = LocalEngine(specs, settings, memory_plan)
-    _exit_normally_after_signals()
-    # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
-    uvicorn.run(
-        create_app(settings, engine),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        **uvicorn_options(settings),
-    )
-
-
-def _exit_normally_after_signals() -> None:
-    """SIGTERM and SIGINT end the process with ``SystemExit`` (status 143 or 130) once uvicorn has shut down.
-
-    uvicorn handles the signal, shuts down, then raises it again with the handlers it found in place; with
-    the default ones the process would die of the signal, skipping interpreter exit: atexit handlers would
-    not run, and multiprocessing's would have removed the forkserver's socket folder in /tmp (one left behind
-    per run) and its other resources."""
-    import signal
-
-    def exit_with(signum: int, frame) -> None:
-        raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, exit_with)
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Fail before any worker starts when the address is taken or the host cannot be listened on (a name that does
-    not resolve, an address of no interface here). Port 0 binds a free port for the check, which checks the host."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def main() -> None:

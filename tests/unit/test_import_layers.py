@@ -24,6 +24,7 @@ LAYER_OF = {
     "cli": "entry",
     "ray_app": "entry",
     "cli_settings": "entry",
+    "cli_run": "entry",
     "api": "api",
     "serving": "serving",
     "storage": "serving",

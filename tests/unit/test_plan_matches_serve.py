@@ -9,7 +9,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from qwen_image_server import __version__, cli
+from qwen_image_server import __version__, cli_run
 from qwen_image_server.cli import app
 
 REFUSED_BY_SERVE = [
@@ -26,7 +26,7 @@ def no_serving(monkeypatch):
     def refuse(host, port):
         raise ValueError("would serve")
 
-    monkeypatch.setattr(cli, "_check_port_free", refuse)
+    monkeypatch.setattr(cli_run, "_check_port_free", refuse)
 
 
 def _error_line(output: str) -> str:

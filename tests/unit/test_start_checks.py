@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qwen_image_server import cli
+from qwen_image_server import cli, cli_run
 from qwen_image_server.cli import app
 from qwen_image_server.config import Settings
 from qwen_image_server.config_files import directory_problem
@@ -25,7 +25,7 @@ def no_port(monkeypatch):
     def opening(host: str, port: int) -> None:
         raise RuntimeError("serve went on to open the port")
 
-    monkeypatch.setattr(cli, "_check_port_free", opening)
+    monkeypatch.setattr(cli_run, "_check_port_free", opening)
 
 
 def refused(args: list[str], env: dict[str, str] | None = None) -> list[str]:
