@@ -61,5 +61,15 @@ def test_a_mark_expression_that_drops_every_e2e_test_skips_importing_the_e2e_mod
     not imported), and those under which some can."""
     for markexpr in ("not e2e", "not e2e and not slow", "unit and not e2e", "not (e2e or slow)"):
         assert _deselects_e2e(markexpr), markexpr
-    for markexpr in ("", "e2e", "slow", "not e2e or slow", "not (e2e and slow)", "e2e and a and not b", "not e2e and m(x=1)"):
+    for markexpr in (
+        "",
+        "e2e",
+        "slow",
+        "not e2e or slow",
+        "not (e2e and slow)",
+        "e2e and a and not b",
+        "not e2e and m(x=1)",
+        "not e2e and (",
+        "not e2e_slow",
+    ):
         assert not _deselects_e2e(markexpr), markexpr
