@@ -5,6 +5,7 @@ traceback (``tiny-model``, an unreachable Ray cluster, ``--help``, ``--version``
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -74,9 +75,11 @@ def test_tiny_model_into_a_file_is_one_line(tmp_path):
     assert f"{target} is a file, not a folder" in result.output
 
 
-def test_tiny_model_where_no_folder_can_be_made_is_one_line(tmp_path):
+def test_tiny_model_where_no_folder_can_be_made_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("x")
     target = tmp_path / "a-file" / "model"  # like /proc/x: the folder cannot be created
+    for heavy in ("torch", "diffusers", "transformers"):  # refused before their seconds of imports: none is reached
+        monkeypatch.setitem(sys.modules, heavy, None)
     result = CliRunner().invoke(app, ["tiny-model", str(target)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert f"error: cannot write a model to {target}" in result.output

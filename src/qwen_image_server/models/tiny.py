@@ -74,7 +74,13 @@ def _make_tokenizer():
 
 
 def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed: int = 0) -> Path:
-    """Write a tiny random-weight Qwen-Image pipeline of ``kind`` to ``out_dir``."""
+    """Write a tiny random-weight Qwen-Image pipeline of ``kind`` to ``out_dir``. A wrong kind or a folder that cannot
+    be made fails before torch, diffusers and transformers are imported (seconds)."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
     import torch
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
@@ -88,10 +94,6 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "text-to-image", seed
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
     tokenizer = _make_tokenizer()
