@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from worker_fakes import stub_runner
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.local import _ModelPool
@@ -83,7 +84,6 @@ def test_a_model_of_its_own_stuck_seconds_follows_them():
 def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeypatch, stops):
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine import ray_serve
-    from qwen_image_server.models import runner as runner_module
 
     started, release = threading.Event(), threading.Event()
 
@@ -99,7 +99,7 @@ def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeyp
                 time.sleep(0.01)
             return []
 
-    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    stub_runner(monkeypatch, Runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None, stuck_task_seconds=0.2)
 

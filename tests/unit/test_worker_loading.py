@@ -8,7 +8,7 @@ import time
 from multiprocessing import Pipe
 from types import SimpleNamespace
 
-from worker_fakes import WAIT, FakeRunner, job, recv
+from worker_fakes import WAIT, FakeRunner, job, recv, stub_runner
 
 from qwen_image_server.engine import worker as worker_module
 from qwen_image_server.engine.worker import (
@@ -24,9 +24,7 @@ from qwen_image_server.jobs import Task
 
 
 def test_worker_main_reports_ready_with_what_runs(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, device, dtype, shared=None, warm=True: FakeRunner())
+    stub_runner(monkeypatch, lambda spec, device, dtype, shared=None, warm=True: FakeRunner())
     ours, theirs = Pipe()
     thread = threading.Thread(target=worker_main, args=(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
     thread.start()
@@ -41,20 +39,16 @@ def test_worker_main_reports_ready_with_what_runs(monkeypatch):
 
 
 def test_worker_main_reports_a_load_failure(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
     def fail(spec, device, dtype, shared=None, warm=True):
         raise OSError("no such file: /models/x/transformer")
 
-    monkeypatch.setattr(runner_module, "PipelineRunner", fail)
+    stub_runner(monkeypatch, fail)
     ours, theirs = Pipe()
     worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
     assert recv(ours) == LoadFailed("OSError: no such file: /models/x/transformer")
 
 
 def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_routes_tasks(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
     loaded: dict = {}
     runners: dict = {}
 
@@ -63,7 +57,7 @@ def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_rout
         runners[spec.id] = FakeRunner(speed=SimpleNamespace(info={"model": spec.id}))
         return runners[spec.id]
 
-    monkeypatch.setattr(runner_module, "PipelineRunner", load)
+    stub_runner(monkeypatch, load)
     ours, theirs = Pipe()
     specs = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
     thread = threading.Thread(target=worker_main, args=(specs, "cpu", "auto", 1, theirs, "a+b#0"), daemon=True)
@@ -82,14 +76,12 @@ def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_rout
 
 
 def test_a_worker_of_several_models_names_the_one_that_failed_to_load(monkeypatch):
-    from qwen_image_server.models import runner as runner_module
-
     def load(spec, device, dtype, shared=None, warm=True):
         if spec.id == "b":
             raise OSError("no such file")
         return FakeRunner()
 
-    monkeypatch.setattr(runner_module, "PipelineRunner", load)
+    stub_runner(monkeypatch, load)
     ours, theirs = Pipe()
     worker_main([SimpleNamespace(id="a"), SimpleNamespace(id="b")], "cpu", "auto", 1, theirs, "a+b#0")
     assert recv(ours) == LoadFailed("b: OSError: no such file")
@@ -115,11 +107,9 @@ class _LoadingRunner(FakeRunner):
 def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monkeypatch):
     import multiprocessing
 
-    from qwen_image_server.models import runner as runner_module
-
     lock = multiprocessing.get_context("spawn").Lock()
     log: list = []
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
+    stub_runner(monkeypatch, lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
     pipes = [Pipe() for _ in range(2)]
     threads = [
         threading.Thread(target=worker_main, args=(SimpleNamespace(id=m), "cuda:0", "auto", 1, theirs, f"{m}#0", 20, lock))
@@ -145,11 +135,9 @@ def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monk
 def test_warm_up_runs_after_the_lock_is_released_and_a_lock_never_released_is_waited_out(monkeypatch, caplog):
     import multiprocessing
 
-    from qwen_image_server.models import runner as runner_module
-
     lock = multiprocessing.get_context("spawn").Lock()
     log: list = []
-    monkeypatch.setattr(runner_module, "PipelineRunner", lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
+    stub_runner(monkeypatch, lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
 
     def serve_one(model: str) -> None:
         ours, theirs = Pipe()

@@ -3,8 +3,10 @@ test_worker_loading.py."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -83,3 +85,12 @@ def until_finished(conn, task_id: int) -> list:
             return messages
         if isinstance(message, Failed) and message.task_id == task_id:
             return messages
+
+
+def stub_runner(monkeypatch, pipeline_runner) -> None:
+    """Make ``pipeline_runner`` what the worker and the Ray replica import as ``PipelineRunner``: a stand-in module in
+    place of ``qwen_image_server.models.runner``, whose import (torch, diffusers, transformers: seconds) tests of
+    their own logic do not need."""
+    module = types.ModuleType("qwen_image_server.models.runner")
+    module.PipelineRunner = pipeline_runner  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
