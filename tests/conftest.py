@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -191,6 +192,13 @@ def concurrently(*calls):
     with ThreadPoolExecutor(len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
         return [future.result() for future in futures]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``qwen-image-server ARGS`` in a process of its own, as a user runs it, until it exits (the start refusals: exit
+    2 before any port opens). ``env`` is added to this process's environment."""
+    command = [sys.executable, "-m", "qwen_image_server.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 class Server(ServeProcess):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import httpx
 import pytest
+
+from conftest import run_cli
 
 
 @pytest.mark.e2e
@@ -47,10 +47,6 @@ def test_ready_only_after_the_warm_up_and_requests_then_do_not_compile(options_s
 
 @pytest.mark.e2e
 def test_settings_that_cannot_run_in_compiled_blocks_stop_the_server_before_it_serves(tiny_t2i):
-    result = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tiny_t2i), "--port", "0", "--compile",
-         "--weights-dtype", "fp8"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_cli("serve", "--model", str(tiny_t2i), "--port", "0", "--compile", "--weights-dtype", "fp8")
     assert result.returncode == 2
     assert "compile does not combine with weights_dtype=fp8" in result.stderr and "use quantize=fp8" in result.stderr

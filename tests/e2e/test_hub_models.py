@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from model_files import EDIT_MAIN_REV, OPTIONS_SERVER_IDS, offline_env
 
 _RUN_EDITS = textwrap.dedent(
@@ -97,13 +98,7 @@ def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_edits):
 
 
 def test_unknown_revision_is_a_start_up_error(hub_cache, tiny_t2i):
-    done = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--port", "0", "--model", "test-org/tiny-edit@nope"],
-        env={**os.environ, **offline_env(hub_cache)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("serve", "--port", "0", "--model", "test-org/tiny-edit@nope", env=offline_env(hub_cache))
     assert done.returncode == 2
     assert "test-org/tiny-edit at revision nope" in done.stderr
 

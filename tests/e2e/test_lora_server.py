@@ -4,6 +4,8 @@ from the same workers."""
 import httpx
 import pytest
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.e2e
 
 
@@ -81,11 +83,7 @@ def test_an_sdk_client_asking_for_an_alias_gets_its_models_image(lora_server):
 
 
 def test_serve_refuses_an_alias_of_nothing_before_the_port_opens(tiny_t2i):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", f"tiny={tiny_t2i}", "--port", "0"]
-    refused = subprocess.run([*cmd, "--model-alias", "dall-e-3=nope"], capture_output=True, text=True, timeout=120)
+    refused = run_cli("serve", "--model", f"tiny={tiny_t2i}", "--port", "0", "--model-alias", "dall-e-3=nope")
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "--model-alias dall-e-3: nope is not a served model or LoRA id (served: tiny)" in refused.stderr
     assert "Uvicorn running" not in refused.stderr + refused.stdout

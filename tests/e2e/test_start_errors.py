@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 
 
 def test_cli_invalid_settings_name_the_flag_and_the_variables():
-    env = {**os.environ, "TASK_QUEUE_SIZE": "0"}
-    done = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--demo", "--workers", "x@nope", "--port", "0"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    done = run_cli("serve", "--demo", "--workers", "x@nope", "--port", "0", env={"TASK_QUEUE_SIZE": "0"})
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.splitlines() == [
         "error: invalid settings:",
@@ -28,8 +24,7 @@ def test_cli_invalid_settings_name_the_flag_and_the_variables():
 
 def test_cli_per_model_limits_name_a_served_model_and_a_valid_value():
     def serve(*flags: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--demo", "--port", "0", *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+        return run_cli("serve", "--demo", "--port", "0", *flags)
 
     unknown = serve("--queue-size", "1@nope", "--task-timeout", "5@qwen-image-tiny")
     assert unknown.returncode == 2, unknown.stderr[-2000:]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import run_cli
 
 STEPS = 4
 BODY = {"model": "cached", "prompt": "a lighthouse at dusk", "size": "64x64", "num_inference_steps": STEPS, "seed": 11}
@@ -80,9 +80,6 @@ def test_vae_tiling_flag_reaches_its_model_only(server, tiny_t2i):
     tiled_pixels, whole_pixels = _pixels(tiled.json()), _pixels(whole.json())
     assert tiled_pixels.shape == whole_pixels.shape == (512, 512, 3)
     assert not np.array_equal(tiled_pixels, whole_pixels)
-    refused = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "plan", "--model", f"m={tiny_t2i}", "--vae-tiling", "tiles@m"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    refused = run_cli("plan", "--model", f"m={tiny_t2i}", "--vae-tiling", "tiles@m")
     assert refused.returncode == 2
     assert "vae_tiling for model m: 'tiles' is not one of off, on" in refused.stderr

@@ -3,14 +3,13 @@
 import functools
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from conftest import run_cli
 from qwen_image_server.config import Settings
 from qwen_image_server.models.lora import merge_preset, parse_lora_flag
 from qwen_image_server.models.lora_check import read_safetensors_header, transformer_layers
@@ -130,19 +129,7 @@ def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):
 
 def test_cli_refuses_a_bad_lora_before_serving(tiny_t2i, tmp_path):
     flux = _fake_lora(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.lora_A.weight": (4, 48)})
-    cmd = [
-        sys.executable,
-        "-m",
-        "qwen_image_server.cli",
-        "serve",
-        "--model",
-        f"tiny={tiny_t2i}",
-        "--lora",
-        f"flux={flux}",
-        "--port",
-        "0",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = run_cli("serve", "--model", f"tiny={tiny_t2i}", "--lora", f"flux={flux}", "--port", "0")
     assert result.returncode == 2
     assert "LoRA flux" in result.stderr and "seems to be for Flux" in result.stderr
 

@@ -4,14 +4,12 @@ test_random_arch.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import run_cli
 from qwen_image_server.cli import app as cli_app
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import EncodedImage, JobResult
@@ -169,21 +167,7 @@ def test_unnamed_random_source_with_overrides_is_not_split_at_its_equals_sign():
 
 
 def test_cli_refuses_a_bad_random_source_with_exit_2():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen_image_server.cli",
-            "serve",
-            "--model",
-            "x=random:Qwen/Qwen-Image?layers=1&text_layers=0",
-            "--port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("serve", "--model", "x=random:Qwen/Qwen-Image?layers=1&text_layers=0", "--port", "0")
     assert result.returncode == 2
     assert "text_layers must be a positive integer" in result.stderr
 
@@ -208,10 +192,8 @@ def test_cli_serve_refuses_on_the_cpu_a_model_this_machine_cannot_hold():
     host = discover_host_memory()
     if host is None or host.available > 4 * 114 * GIB:
         pytest.skip("this machine's memory is unknown, or large enough to start building four full-size models")
-    command = [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", "random:Qwen/Qwen-Image", "--device", "cpu"]
-    command += ["--workers", "4", "--port", "0"]
-    env = {**os.environ, "QIS_MAX_IMAGE_SIDE": "1024"}
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    args = ["serve", "--model", "random:Qwen/Qwen-Image", "--device", "cpu", "--workers", "4", "--port", "0"]
+    refused = run_cli(*args, env={"QIS_MAX_IMAGE_SIDE": "1024"})
     output = refused.stdout + refused.stderr
     assert refused.returncode == 2, output[-2000:]
     assert "error: not enough memory on this machine for model Qwen-Image on the CPU: each of its workers needs 114." in output

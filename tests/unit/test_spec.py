@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import run_cli
 from qwen_image_server.models.spec import ModelConfigError, default_model_id, resolve_model, resolve_models
 
 
@@ -44,14 +45,6 @@ def test_default_ids():
 
 
 def test_cli_reports_bad_model_before_serving(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server.cli", "serve", "--model", str(tmp_path / "missing"), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("serve", "--model", str(tmp_path / "missing"), "--port", "0")
     assert result.returncode == 2
     assert "model folder not found" in result.stderr

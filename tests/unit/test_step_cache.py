@@ -4,13 +4,12 @@ The runs count the transformer's blocks with forward hooks on their MLPs (which 
 only when a block really runs) and compare images pixel for pixel.
 """
 
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from qwen_image_server.config import Settings
 from qwen_image_server.errors import InvalidRequest, TaskCancelled
 from qwen_image_server.jobs import Job, JobResult, TaskResult
@@ -68,23 +67,7 @@ def test_a_bad_profile_cache_is_a_start_up_error_naming_the_model(tiny_t2i):
 
 
 def test_cli_refuses_a_bad_cache_before_serving(tiny_t2i):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen_image_server.cli",
-            "serve",
-            "--model",
-            str(tiny_t2i),
-            "--port",
-            "0",
-            "--cache",
-            "fbcache:threshold=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("serve", "--model", str(tiny_t2i), "--port", "0", "--cache", "fbcache:threshold=-1")
     assert result.returncode == 2
     assert "policy fbcache: knob threshold: '-1' is not in [0, 1]" in result.stderr
 
