@@ -75,7 +75,7 @@ def architectures() -> dict[str, dict]:
 
 
 #: The packaged architectures' tensors, as their safetensors headers would list them (``random_arch.write_tensor_tables``
-#: makes it from the model classes built on the meta device; tests/unit/test_random_arch.py checks it against them).
+#: makes it from the model classes built on the meta device; tests/unit/test_random_sources.py checks it against them).
 TENSOR_TABLES = "tensors.json.gz"
 
 
