@@ -117,29 +117,42 @@ def _schema_value(schema: dict, defs: dict) -> st.SearchStrategy:
     return junk
 
 
-@st.composite
-def request_fields(draw, schema: dict, defs: dict | None = None, *, images: bool = False) -> dict:
-    """A JSON object for a request model's schema: its required fields, a few others (sane or not), some unknown ones."""
+def request_fields(schema: dict, defs: dict | None = None, *, images: bool = False) -> st.SearchStrategy[dict]:
+    """JSON objects for a request model's schema: its required fields, a few others (sane or not), some unknown ones.
+    Each field's strategy is built once, here: building one per drawn body (and hypothesis validating it anew) took
+    most of the fuzz tests' time."""
     defs = {**schema.get("$defs", {}), **(defs or {})}
     properties = schema.get("properties", {})
-    required = set(schema.get("required", ()))
-    body = {}
-    if draw(_mostly):  # mostly a sane prompt (or none, when the schema does not need one)
-        body.update({name: draw(st.sampled_from(["a cat", "ein Hund im Schnee", "猫"])) for name in required})
-    for name in draw(st.lists(st.sampled_from(sorted(properties)), max_size=5, unique=True)):
-        body[name] = draw(_schema_value(properties[name], defs))  # a value the schema allows (roughly)
-    for name in draw(st.lists(st.sampled_from(sorted(properties)), max_size=2, unique=True)):
-        if draw(_sometimes):
-            body[name] = draw(junk)  # a wrong type, a huge number, odd text, nested junk
-    body.update(draw(st.dictionaries(st.one_of(st.sampled_from(_ODD_NAMES), st.text(max_size=12)), junk, max_size=2)))
-    if images:
-        if draw(_mostly):
-            body["image"] = draw(st.one_of(json_image, json_image, json_image, st.lists(json_image, max_size=5)))
-        if draw(_sometimes):
-            body["images"] = draw(st.lists(json_image, max_size=5))
-        if draw(_sometimes):
-            body["mask"] = draw(json_image)
-    return body
+    required = sorted(set(schema.get("required", ())))
+    prompts = st.sampled_from(["a cat", "ein Hund im Schnee", "猫"])
+    names = st.sampled_from(sorted(properties))
+    some_fields, junk_fields = st.lists(names, max_size=5, unique=True), st.lists(names, max_size=2, unique=True)
+    values = {name: _schema_value(properties[name], defs) for name in properties}
+    unknown = st.dictionaries(st.one_of(st.sampled_from(_ODD_NAMES), st.text(max_size=12)), junk, max_size=2)
+    one_or_more = st.one_of(json_image, json_image, json_image, st.lists(json_image, max_size=5))
+    several = st.lists(json_image, max_size=5)
+
+    @st.composite
+    def body(draw) -> dict:
+        fields = {}
+        if draw(_mostly):  # mostly a sane prompt (or none, when the schema does not need one)
+            fields.update({name: draw(prompts) for name in required})
+        for name in draw(some_fields):
+            fields[name] = draw(values[name])  # a value the schema allows (roughly)
+        for name in draw(junk_fields):
+            if draw(_sometimes):
+                fields[name] = draw(junk)  # a wrong type, a huge number, odd text, nested junk
+        fields.update(draw(unknown))
+        if images:
+            if draw(_mostly):
+                fields["image"] = draw(one_or_more)
+            if draw(_sometimes):
+                fields["images"] = draw(several)
+            if draw(_sometimes):
+                fields["mask"] = draw(json_image)
+        return fields
+
+    return body()
 
 
 #: Bodies that attack the parsers: nesting deeper than they go, integers longer than Python converts, floats past the range.
@@ -182,22 +195,30 @@ def _part(boundary: str, name: str, data: bytes, filename: str | None = None, ct
     return f"--{boundary}\r\n{head}\r\n\r\n".encode("utf-8", "surrogatepass") + data + b"\r\n"
 
 
+_boundaries = st.sampled_from(["fuzzboundary", "b", "x" * 70])
+_prompt_values = st.sampled_from([b"a cat", "caf\u00e9".encode(), b"x"])
+_image_names = st.sampled_from(["image", "image[]"])
+_filenames = st.sampled_from(["a.png", "", "../../etc/passwd", "x\r\ny.png", "\u00e9.jpg", 'q"uote.png'])
+_field_values = st.one_of(_text_values.map(lambda text: text.encode("utf-8", "surrogatepass")), st.binary(max_size=20))
+
+
 @st.composite
 def multipart_body(draw) -> tuple[str, bytes]:
-    """(Content-Type header, body) of a multipart edit or variation, mostly well formed, broken in many ways."""
-    boundary = draw(st.sampled_from(["fuzzboundary", "b", "x" * 70])) + str(draw(st.integers(0, 99)))
+    """(Content-Type header, body) of a multipart edit or variation, mostly well formed, broken in many ways. (The
+    strategies that do not depend on what was drawn are built once, above: building them per body cost more than
+    sending it.)"""
+    boundary = draw(_boundaries) + str(draw(st.integers(0, 99)))
     parts = []
     if draw(_mostly):  # the parts a client sends: a prompt and an image file
-        parts.append(_part(boundary, "prompt", draw(st.sampled_from([b"a cat", "caf\u00e9".encode(), b"x"]))))
-        parts.append(_part(boundary, draw(st.sampled_from(["image", "image[]"])), draw(image_bytes), "a.png", "image/png"))
+        parts.append(_part(boundary, "prompt", draw(_prompt_values)))
+        parts.append(_part(boundary, draw(_image_names), draw(image_bytes), "a.png", "image/png"))
     for _ in range(draw(st.integers(0, 4))):
         name = draw(_field_names)
         if draw(st.booleans()):  # a file part
-            filename = draw(st.sampled_from(["a.png", "", "../../etc/passwd", "x\r\ny.png", "\u00e9.jpg", 'q"uote.png']))
+            filename = draw(_filenames)
             parts.append(_part(boundary, name, draw(image_bytes), filename, draw(_content_types)))
         else:
-            value = draw(st.one_of(_text_values.map(lambda text: text.encode("utf-8", "surrogatepass")), st.binary(max_size=20)))
-            parts.append(_part(boundary, name, value))
+            parts.append(_part(boundary, name, draw(_field_values)))
     parts = draw(st.permutations(parts))
     body = b"".join(parts) + (f"--{boundary}--\r\n".encode() if draw(_mostly) or not parts else b"")
     if draw(_sometimes):
