@@ -59,7 +59,9 @@ def test_metrics_need_a_key_and_count_a_generation(keyed):
     for counter in ("transformer_calls", "cached_calls", "prompt_encodings", "prompt_cache_hits"):
         assert grew(f"qis_{counter}_total") == stats[counter]
     assert stats["transformer_calls"] == 2 * 2 * 2 and stats["prompt_encodings"] >= 1  # 2 images, 2 steps, true CFG
-    assert "[metrics-rid-7]: " in server.logs(tail=None), "the server's log format shows each line's request id"
+    logs = server.logs(tail=None)
+    assert "[metrics-rid-7]: " in logs, "the server's log format shows each line's request id"
+    assert "Loading pipeline components" not in logs and "Loading weights" not in logs, "no loading progress bars"
     assert after[("qis_queue_depth", (("model", MODEL),))] == 0
     assert (after[("qis_queue_size", (("model", MODEL),))], after[("qis_task_timeout_seconds", (("model", MODEL),))]) == (32, 600)
     assert after[("qis_running_tasks", (("model", MODEL),))] == 0

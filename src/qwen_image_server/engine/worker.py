@@ -229,11 +229,6 @@ class Worker:
             import torch
 
             torch.set_num_threads(max(1, threads))
-            import diffusers.utils.logging as diffusers_logging
-            import transformers.utils.logging as transformers_logging
-
-            diffusers_logging.disable_progress_bar()
-            transformers_logging.disable_progress_bar()
             from ..models.runner import PipelineRunner
             from ..models.shared import ComponentCache
 

@@ -91,6 +91,16 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
             setattr(module, attr, value)
 
 
+def _no_loading_bars() -> None:
+    """No progress bars while components and weights load ("Loading pipeline components", "Loading weights"): in a
+    server's log (a worker's or a Ray replica's) they are noise, one line per redraw."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 class PipelineRunner:
     """Owns one loaded pipeline (and variants built from its components) on one device."""
 
@@ -100,6 +110,7 @@ class PipelineRunner:
         """Load ``spec`` on ``device`` and warm it (``warm_up``) unless ``warm`` is False (then the caller does: a
         worker loads under its device's load lock and warms after releasing it)."""
         self.spec = spec
+        _no_loading_bars()
         self.device = resolve_device(device)
         self.determinism = apply_determinism(spec.profile.deterministic)  # before this process's first cuBLAS call
         self.dtype = resolve_dtype(dtype, self.device)
