@@ -25,9 +25,10 @@ def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_
     assert work_unit("tests/unit/test_x.py::test_y[array-2]") == "tests/unit/test_x.py"
 
 
-def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_the_rest():
+def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_long_in_process_modules_then_the_rest():
     units = [
         "tests/unit/test_jobs.py",
+        "tests/unit/test_fuzz.py",
         "tests/unit/test_random_arch.py",
         "server",
         "options_server",
@@ -40,19 +41,20 @@ def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_the_
         "tests/unit/test_random_arch.py",
         "options_server",
         "tests/e2e/test_recovery.py",
+        "tests/unit/test_fuzz.py",
         "tests/unit/test_jobs.py",
     ]
 
 
-def test_each_module_listed_on_a_shared_server_exists():
+def test_each_module_listed_in_the_split_exists():
     """Collection checks that every test on a shared server is in a listed module; a listed name that no longer
-    exists (a renamed module) would leave its tests out of the list."""
+    exists (a renamed module) would leave its tests out of the list, or a long module among the quick ones."""
     from pathlib import Path
 
-    from suite_split import SHARED_SERVERS
+    from suite_split import LONG_IN_PROCESS_MODULES, SHARED_SERVERS
 
     tests = Path(__file__).resolve().parents[1]
-    listed = set().union(*SHARED_SERVERS.values())
+    listed = set().union(*SHARED_SERVERS.values(), LONG_IN_PROCESS_MODULES)
     assert {stem for stem in listed if not list(tests.rglob(f"{stem}.py"))} == set()
 
 
