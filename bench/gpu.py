@@ -314,7 +314,11 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def gpu_name() -> str | None:
-    """The visible GPU's name, or None without one."""
+    """The visible GPU's name, or None without one (without importing torch, seconds, where no GPU driver is loaded)."""
+    from qwen_image_server.models.machine import no_gpu_driver
+
+    if no_gpu_driver():
+        return None
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -353,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [s for s in available if s.name in names]
     args.gpu_name = gpu_name()
     if not args.smoke and args.gpu_name is None:
-        print("no GPU visible (torch.cuda.is_available() is false): the full-size benchmark needs one; nothing measured")
+        print(
+            "no GPU visible (no GPU driver loaded, or torch.cuda.is_available() is false): the full-size benchmark needs one; nothing measured"
+        )
         return 0
     if args.smoke:
         args.gpu_name = f"none (CPU smoke run; {args.gpu_name} visible)" if args.gpu_name else "none (CPU smoke run)"

@@ -27,16 +27,19 @@ def gpu_bench():
         sys.modules.pop("bench_gpu", None)
 
 
-def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 180, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine with one
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    command = [sys.executable, *python_flags, str(SCRIPT), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
-    result = _run("--out", str(tmp_path / "results.jsonl"))
+    result = _run("--out", str(tmp_path / "results.jsonl"), python_flags=("-X", "importtime"))
     assert result.returncode == 0, result.stderr
     assert "no GPU visible" in result.stdout
     assert not (tmp_path / "results.jsonl").exists()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "qwen_image_server.models.machine" in imported and "torch" not in imported  # where no driver is, seconds saved
 
 
 def test_a_setting_the_server_refuses_is_recorded_as_unsupported(tmp_path):
