@@ -116,6 +116,12 @@ def pairs(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _cuda_available() -> bool:
+    import torch  # seconds: asked only where a GPU driver is loaded
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder, hub id or other model source string")
@@ -135,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(args.model, args.one[0], int(args.one[1]), steps, args.size)), flush=True)
         return 0
 
-    import torch
+    from qwen_image_server.models.machine import no_gpu_driver
 
-    if not torch.cuda.is_available():
+    if no_gpu_driver() or not _cuda_available():
         print("CUDA is not available: this benchmark measures GPU memory modes and needs a CUDA GPU; nothing was run.")
         return 0
+    import torch
+
     runs = pairs(args.pairs) if args.pairs else [(m, int(c)) for c in args.cards.split(",") for m in args.modes.split(",")]
     unknown = [m for m, _ in runs if m not in MODES] + [str(c) for _, c in runs if c not in CARDS]
     if unknown:
