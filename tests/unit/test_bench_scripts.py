@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,13 @@ def test_cli_help_of_each_bench_script(script):
     done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"usage: {script}")
+
+
+def test_two_models_without_a_gpu_says_so_without_importing_torch():
+    """Where no GPU driver is loaded (here: the GPU hidden) the benchmark ends at once, before torch (seconds)."""
+    command = [sys.executable, "-X", "importtime", str(BENCH / "two_models.py")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CUDA is not available" in done.stdout and "nothing was run" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "qwen_image_server.models.machine" in imported and "torch" not in imported
