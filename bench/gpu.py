@@ -38,7 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import GpuMemory, ServeProcess, ServerExited, fresh_prompt, read_stream  # noqa: E402
+from serve_process import GpuMemory, ServeProcess, ServerExited, fresh_prompt, read_stream, visible_gpu_name  # noqa: E402
 
 from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
@@ -313,17 +313,6 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def gpu_name() -> str | None:
-    """The visible GPU's name, or None without one (without importing torch, seconds, where no GPU driver is loaded)."""
-    from qwen_image_server.models.machine import no_gpu_driver
-
-    if no_gpu_driver():
-        return None
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", help="comma-separated setting names (default: all; see --list)")
@@ -355,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown settings {', '.join(unknown)} (known: {', '.join(s.name for s in available)})")
         chosen = [s for s in available if s.name in names]
-    args.gpu_name = gpu_name()
+    args.gpu_name = visible_gpu_name()
     if not args.smoke and args.gpu_name is None:
         print(
             "no GPU visible (no GPU driver loaded, or torch.cuda.is_available() is false): the full-size benchmark needs one; nothing measured"

@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from serve_process import fresh_prompt  # bench/, the folder of this script
+from serve_process import fresh_prompt, visible_gpu_name  # bench/, the folder of this script
 
 #: Mode name -> run profile settings.
 MODES = {
@@ -116,12 +116,6 @@ def pairs(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def _cuda_available() -> bool:
-    import torch  # seconds: asked only where a GPU driver is loaded
-
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder, hub id or other model source string")
@@ -141,18 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(args.model, args.one[0], int(args.one[1]), steps, args.size)), flush=True)
         return 0
 
-    from qwen_image_server.models.machine import no_gpu_driver
-
-    if no_gpu_driver() or not _cuda_available():
+    gpu = visible_gpu_name()
+    if gpu is None:
         print("CUDA is not available: this benchmark measures GPU memory modes and needs a CUDA GPU; nothing was run.")
         return 0
-    import torch
-
     runs = pairs(args.pairs) if args.pairs else [(m, int(c)) for c in args.cards.split(",") for m in args.modes.split(",")]
     unknown = [m for m, _ in runs if m not in MODES] + [str(c) for _, c in runs if c not in CARDS]
     if unknown:
         parser.error(f"unknown modes or cards: {', '.join(dict.fromkeys(unknown))}")
-    print(f"GPU: {torch.cuda.get_device_name(0)}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
+    print(f"GPU: {gpu}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
     rows = []
     for mode, card in runs:
         # one fresh process per run: the cap on the GPU's memory holds for one process

@@ -40,6 +40,18 @@ def fresh_prompt(prompt: str, index: int) -> str:
     return f"{prompt}, take {index:03d}"
 
 
+def visible_gpu_name() -> str | None:
+    """The first visible CUDA GPU's name, or None without one. Where no GPU driver is loaded the answer comes without
+    importing torch (seconds): the benchmarks' servers run in processes of their own, so only this asks."""
+    from qwen_image_server.models.machine import no_gpu_driver
+
+    if no_gpu_driver():
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

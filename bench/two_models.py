@@ -42,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import ServeProcess, fresh_prompt, tiny_model  # noqa: E402
+from serve_process import ServeProcess, fresh_prompt, tiny_model, visible_gpu_name  # noqa: E402
 
 DESIGNS = {"separate": [], "shared": ["--share-components"]}
 GIB = 1024**3
@@ -140,12 +140,6 @@ def table(records: list[dict], card_gib: float) -> str:
     return "\n".join(lines)
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--t2i", default="random:Qwen/Qwen-Image", help="text-to-image model source")
@@ -171,21 +165,17 @@ def main() -> int:
         parser.error(f"--designs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DESIGNS)}")
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
-    from qwen_image_server.models.machine import no_gpu_driver
-
-    # torch (seconds to import) only to ask for the GPU: the servers run in processes of their own.
     if args.tiny:
         models = (str(tiny_model("text-to-image")), str(tiny_model("edit")))
         args.size, args.weights_dtype = "128x128" if args.size == "1024x1024" else args.size, "auto"
         args.steps = min(args.steps, 2)
         gpu = "cpu"
-    elif no_gpu_driver() or not _cuda_available():
-        print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
-        return 0
     else:
-        import torch
-
-        models, gpu = (args.t2i, args.edit), torch.cuda.get_device_name(0)
+        visible = visible_gpu_name()
+        if visible is None:
+            print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
+            return 0
+        models, gpu = (args.t2i, args.edit), visible
     versions = {"torch": importlib.metadata.version("torch"), "python": platform.python_version()}
     records = []
     with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
