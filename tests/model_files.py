@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_image_server.models.lora_check import read_safetensors_header
 from qwen_image_server.models.tiny import build_tiny_model
 
 #: The transformer's layers a tiny LoRA adapts (in every block), as Qwen-Image LoRAs do.
@@ -24,7 +25,7 @@ def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4
     import numpy as np
     from safetensors.numpy import save_file
 
-    header = _safetensors_header(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    header = read_safetensors_header(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     rng = np.random.default_rng(seed)
     tensors = {}
     for name in sorted(header):
@@ -37,15 +38,6 @@ def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata={"format": "pt"})
     return out_file
-
-
-def _safetensors_header(file: Path) -> dict:
-    """A safetensors file's tensors (name -> dtype, shape, offsets), read from its header alone."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
 
 
 def make_tiny_lora_with_peft(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
