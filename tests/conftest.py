@@ -201,6 +201,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
+def imported_modules(importtime_report: str) -> set[str]:
+    """The modules a ``python -X importtime`` run imported, read from the report it wrote to stderr."""
+    lines = importtime_report.splitlines()
+    return {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+
+
 class Server(ServeProcess):
     """``qwen-image-server serve`` in a subprocess, as a user runs it (bench/serve_process.py), with what the
     tests ask of it: ``/ready``'s status, worker pids, the whole log, a stop without waiting."""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import imported_modules
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
 
 
@@ -38,7 +40,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no GPU visible" in result.stdout
     assert not (tmp_path / "results.jsonl").exists()
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_modules(result.stderr)
     assert "qwen_image_server.models.machine" in imported and "torch" not in imported  # where no driver is, seconds saved
 
 

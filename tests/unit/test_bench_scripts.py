@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import imported_modules
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "serve_process.py")  # that one is a helper
 
@@ -30,5 +32,5 @@ def test_two_models_without_a_gpu_says_so_without_importing_torch():
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CUDA is not available" in done.stdout and "nothing was run" in done.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_modules(done.stderr)
     assert "qwen_image_server.models.machine" in imported and "torch" not in imported

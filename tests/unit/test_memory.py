@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import imported_modules
 from qwen_image_server.jobs import Job
 from qwen_image_server.models.memory import MemoryMode
 from qwen_image_server.models.memory_modes import OFFLOADED, check_memory_modes, check_mode
@@ -237,7 +238,7 @@ def test_memory_bench_without_cuda_says_so_and_exits_0(tiny_t2i):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr
     assert "CUDA is not available" in done.stdout and "nothing was run" in done.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_modules(done.stderr)
     assert "qwen_image_server.models.machine" in imported and "torch" not in imported  # no driver: torch not needed
 
 
