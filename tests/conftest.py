@@ -219,7 +219,7 @@ class Server(ServeProcess):
         return self
 
     def status(self) -> dict:
-        return httpx.get(f"{self.base_url}/ready", timeout=5).json()
+        return self.http.get("/ready").json()
 
     def worker_pids(self, model: str) -> list[int]:
         return [w["pid"] for w in self.status()["models"][model]["workers"]]

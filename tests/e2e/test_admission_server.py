@@ -62,7 +62,7 @@ def admission_server(tiny_t2i, tiny_edit, tmp_path_factory):
     )  # fmt: skip
 
     def loaded():
-        models = httpx.get(server.base_url + "/ready", timeout=5).json().get("models", {})
+        models = server.http.get("/ready").json().get("models", {})
         return models and models["broken"]["state"] == "failed" and models["gen"]["ready"] and models["edit"]["ready"]
 
     try:

@@ -25,7 +25,7 @@ def _image(server, model: str, **fields) -> str:
         "response_format": "b64_json",
         **fields,
     }
-    response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=300)
+    response = server.http.post("/v1/images/generations", json=body, timeout=300)
     assert response.status_code == 200, response.text
     return response.json()["data"][0]["b64_json"]
 

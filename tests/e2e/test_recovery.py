@@ -46,7 +46,7 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         log_path=tmp_path / "server.log",
     )
     try:
-        failed = _wait_for(lambda: (r := httpx.get(f"{server.base_url}/ready", timeout=5)).json().get("status") == "failed" and r)
+        failed = _wait_for(lambda: (r := server.http.get("/ready")).json().get("status") == "failed" and r)
         assert failed.status_code == 503
         model = failed.json()["models"]["broken"]
         assert model["state"] == "failed"
@@ -66,7 +66,7 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         assert "restarting in 1s" in logs, "the second load waits (backoff)"
         # Mend the folder: the periodic retry loads it and it serves.
         weights.with_suffix(".away").rename(weights)
-        _wait_for(lambda: httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 200)
+        _wait_for(lambda: server.http.get("/ready").status_code == 200)
         again = httpx.post(
             f"{server.base_url}/v1/images/generations",
             json={"prompt": "a cat", "model": "broken", "num_inference_steps": 2},

@@ -13,7 +13,6 @@ import io
 import threading
 import time
 
-import httpx
 import psutil
 import pytest
 from PIL import Image
@@ -70,7 +69,7 @@ def test_a_burst_of_large_uploads_keeps_the_api_process_bounded(burst_server):
     form = {"model": "plus", "prompt": "burst", "size": "256x256", "num_inference_steps": "1000"}
 
     def send():
-        return httpx.post(server.base_url + EDITS, files=files, data=form, timeout=120).status_code
+        return server.http.post(EDITS, files=files, data=form, timeout=120).status_code
 
     def answered(request: InFlight):
         return request.box["response"].status_code if "response" in request.box else None
