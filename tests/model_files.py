@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen_image_server.models.lora_check import read_safetensors_header
 from qwen_image_server.models.tiny import build_tiny_model
+from qwen_image_server.models.weights_files import read_header
 
 #: The transformer's layers a tiny LoRA adapts (in every block), as Qwen-Image LoRAs do.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2")
@@ -25,7 +25,7 @@ def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4
     import numpy as np
     from safetensors.numpy import save_file
 
-    header = read_safetensors_header(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    header = read_header(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     rng = np.random.default_rng(seed)
     tensors = {}
     for name in sorted(header):

@@ -12,8 +12,9 @@ from safetensors.numpy import save_file
 from conftest import run_cli
 from qwen_image_server.config import Settings
 from qwen_image_server.models.lora import merge_preset, parse_lora_flag
-from qwen_image_server.models.lora_check import read_safetensors_header, transformer_layers
+from qwen_image_server.models.lora_check import transformer_layers
 from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+from qwen_image_server.models.weights_files import read_header
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService
 
@@ -78,7 +79,7 @@ def test_resolved_lora_with_its_preset_file(tiny_t2i, tiny_lora, tmp_path):
 def test_layer_table_matches_the_real_transformer(tiny_t2i):
     config = json.loads((tiny_t2i / "transformer" / "config.json").read_text())
     top, block, layers = transformer_layers(config)
-    header = read_safetensors_header(tiny_t2i / "transformer" / "diffusion_pytorch_model.safetensors")
+    header = read_header(tiny_t2i / "transformer" / "diffusion_pytorch_model.safetensors")
     linear = {k.removesuffix(".weight"): (v["shape"][1], v["shape"][0]) for k, v in header.items() if len(v["shape"]) == 2}
     expected = dict(top) | {f"transformer_blocks.{i}.{name}": dims for i in range(layers) for name, dims in block.items()}
     assert expected == linear

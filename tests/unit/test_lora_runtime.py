@@ -53,12 +53,12 @@ def test_the_tests_lora_file_is_what_peft_and_diffusers_save(tiny_t2i, tmp_path)
     from safetensors import safe_open
 
     from model_files import make_tiny_lora, make_tiny_lora_with_peft
-    from qwen_image_server.models.lora_check import read_safetensors_header
+    from qwen_image_server.models.weights_files import read_header
 
     for rank in (4, 8):
         made = make_tiny_lora(tiny_t2i, tmp_path / f"numpy-{rank}" / "l.safetensors", rank=rank)
         saved = make_tiny_lora_with_peft(tiny_t2i, tmp_path / f"peft-{rank}" / "l.safetensors", rank=rank)
-        layout = [{k: (v["dtype"], v["shape"]) for k, v in read_safetensors_header(f).items()} for f in (made, saved)]
+        layout = [{k: (v["dtype"], v["shape"]) for k, v in read_header(f).items()} for f in (made, saved)]
         assert layout[0] == layout[1] and len(layout[0]) == 2 * 2 * 9
         metadata = []
         for file in (made, saved):

@@ -30,6 +30,11 @@ def _header(path: Path) -> dict:
     return header
 
 
+def _with_header(header: bytes) -> bytes:
+    """A file that starts as safetensors files do: the header's length, then ``header``."""
+    return struct.pack("<Q", len(header)) + header
+
+
 def _numel(info: dict) -> int:
     n = 1
     for d in info["shape"]:
@@ -69,6 +74,32 @@ def test_the_planner_reads_headers_only(tiny_t2i, tmp_path):
     plan = make_plan([a, b], settings, discover=gpu_probe(fake_gpu(0, 80)))
     assert plan.footprints["a"].components == plan.footprints["b"].components
     assert plan.footprints["a"].total == plan.footprints["b"].total > 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"some text, not weights at all",
+        _with_header(b'{"a": 1, "b": 2}'),  # JSON, but its entries are not tensors
+        _with_header(b"\xff\xfe\xfd\xfc"),  # not UTF-8
+        _with_header(b'{"w": {"dtype": "F32", "shape": ["x"]}}'),  # a shape that is not sizes
+        _with_header(b'{"w": {"shape": [2, 3]}}'),  # no dtype
+    ],
+    ids=["empty", "text", "entries", "not-utf8", "shape", "dtype"],
+)
+def test_a_weights_file_that_is_not_safetensors_leaves_the_estimate_unknown_and_names_the_file(tiny_t2i, tmp_path, content):
+    """The estimate is unknown, saying which file is wrong (the worker's load then fails as it does without a plan),
+    instead of a traceback from ``plan`` or ``serve`` before the port opens."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_t2i, broken)
+    target = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    target.write_bytes(content)
+    with pytest.raises(UnknownFootprint, match=f"{target}: not a safetensors file"):
+        read_folder(broken)
+    settings = Settings(models=[f"b={broken}"], device="cpu")
+    plan = make_plan(resolve_configured(settings), settings)
+    assert plan.unknown["b"].startswith(f"{target}: not a safetensors file (") and "b" not in plan.footprints
 
 
 def test_hub_models_are_sized_from_the_cached_snapshot(tiny_t2i, tmp_path):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import struct
 from dataclasses import replace
 from pathlib import Path
 
 from .lora import HUB_PREFIX, LoraError, merge_preset, read_preset_file
 from .profile import LoraSpec
+from .weights_files import read_header
 
 #: Keys diffusers' Qwen-Image LoRA format uses (``save_lora_weights``), for the error messages.
 EXPECTED_KEYS = "transformer.transformer_blocks.N.attn.to_q.lora_A.weight / .lora_B.weight (diffusers' Qwen-Image LoRA format)"
@@ -30,27 +30,6 @@ _SUFFIXES = (
     (".alpha", "alpha"),
 )
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name → ``{"dtype", "shape", ...}`` from a safetensors file's header; ValueError if it is not one."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise ValueError("no safetensors header at its start")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ValueError("its header is not safetensors JSON") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
-    if tensors is None or not all(isinstance(v, dict) and "shape" in v for v in tensors.values()):
-        raise ValueError("its header is not safetensors JSON")
-    return tensors
 
 
 def transformer_layers(config: dict) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]], int]:
@@ -102,7 +81,7 @@ def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> int:
     if not path.is_file():
         raise LoraError(f"{where}: not a file")
     try:
-        header = read_safetensors_header(path)
+        header = read_header(path)
     except (OSError, ValueError) as exc:
         raise LoraError(f"{where}: not a safetensors file ({exc}); a LoRA must be a .safetensors file") from None
     top, block, layers = transformer_layers(config or {})

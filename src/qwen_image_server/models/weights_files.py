@@ -13,10 +13,13 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .spec import ModelSpec
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 MIB = 1024**2
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 #: Qwen-Image's transformer width (24 heads x 128) and Qwen2.5-VL-7B's sizes: used when a config cannot be read.
 REFERENCE_INNER_DIM = 3072
@@ -49,30 +52,46 @@ class ModelTensors:
 
 
 # --- reading headers -------------------------------------------------------------------------
-def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: its first 8 bytes give the header's length."""
+def read_header(path: Path) -> dict[str, dict]:
+    """Tensor name → ``{"dtype", "shape", ...}`` from a safetensors file's header (its first 8 bytes give the JSON
+    header's length; the ``__metadata__`` entry is left out). ValueError, saying what is wrong, when the file is not
+    a safetensors file; OSError when it cannot be read."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) != 8:
-            raise UnknownFootprint(f"{path} is not a safetensors file")
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
         (length,) = struct.unpack("<Q", head)
-        if length > 100 * MIB:
-            raise UnknownFootprint(f"{path}: implausible safetensors header length {length}")
-        return json.loads(f.read(length))
+        if length > min(size - 8, _MAX_HEADER):
+            raise ValueError("no safetensors header at its start")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError("its header is not safetensors JSON") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or not all(_is_tensor_entry(v) for v in tensors.values()):
+        raise ValueError("its header is not safetensors JSON")
+    return tensors
 
 
-def tensors_of_header(header: dict) -> list[Tensor]:
-    """``Tensor`` entries of a header (the ``__metadata__`` entry is not a tensor)."""
-    out = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        shape = info["shape"]
-        numel = 1
-        for n in shape:
-            numel *= n
-        out.append(Tensor(name, info["dtype"], numel, len(shape)))
-    return out
+def _is_tensor_entry(info: object) -> bool:
+    """A header entry with a dtype name and a shape of sizes."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
+        return False
+    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in info["shape"])
+
+
+def tensors_of_header(header: dict[str, dict]) -> list[Tensor]:
+    """``Tensor`` entries of a header read by ``read_header``."""
+    return [Tensor(name, info["dtype"], _numel(info["shape"]), len(info["shape"])) for name, info in header.items()]
+
+
+def _file_tensors(path: Path) -> list[Tensor]:
+    """The tensors of one weights file; UnknownFootprint, naming the file, when it is not a readable safetensors file."""
+    try:
+        return tensors_of_header(read_header(path))
+    except (OSError, ValueError) as exc:
+        raise UnknownFootprint(f"{path}: not a safetensors file ({exc})") from None
 
 
 def weight_files(names: list[str]) -> list[str]:
@@ -129,9 +148,9 @@ def read_folder(folder: Path, origin: str = "safetensors headers") -> ModelTenso
                 if missing:
                     raise UnknownFootprint(f"{sub}: shards of {file} are missing ({', '.join(missing[:3])})")
                 for shard in shards:
-                    tensors += tensors_of_header(read_header(sub / shard))
+                    tensors += _file_tensors(sub / shard)
             else:
-                tensors += tensors_of_header(read_header(sub / file))
+                tensors += _file_tensors(sub / file)
         if tensors:
             components[name] = tuple(tensors)
     if not components:
