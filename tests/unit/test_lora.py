@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,21 @@ def test_kohya_style_keys_are_accepted(tiny_t2i, tmp_path):
     keys["lora_unet_transformer_blocks_0_attn_to_q.alpha"] = ()
     (spec,) = _resolve(tiny_t2i, f"k={_fake_lora(tmp_path / 'k.safetensors', keys)}")
     assert spec.profile.loras[0].rank == 2
+
+
+def test_a_base_config_that_cannot_be_read_leaves_the_names_checked(tiny_t2i, tiny_lora, tmp_path):
+    """A transformer config that is not JSON, not an object, or has sizes that are not whole numbers is read as
+    missing (as a hub model's offline): the LoRA's names are still checked, the start goes on (the model's load then
+    says what is wrong with its config). Each of these was a traceback before the port opened."""
+    for content in ("not json", "[1, 2]", '{"num_attention_heads": "x"}', '{"num_layers": 0}'):
+        folder = tmp_path / f"base{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_t2i, folder)
+        (folder / "transformer" / "config.json").write_text(content)
+        (spec,) = _resolve(folder, f"style={tiny_lora}")
+        assert spec.profile.loras[0].rank > 0, content
+        flux = _fake_lora(tmp_path / "flux.safetensors", _pair("transformer.single_transformer_blocks.0.attn.to_q", 4, 48, 48))
+        with pytest.raises(ModelConfigError, match=r"LoRA flux .*seems to be for Flux"):
+            _resolve(folder, f"flux={flux}")
 
 
 def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):

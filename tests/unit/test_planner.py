@@ -17,7 +17,14 @@ from qwen_image_server.models.machine import Gpu
 from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import resolve_configured
-from qwen_image_server.models.weights_files import UnknownFootprint, read_folder, read_hub, read_tensors
+from qwen_image_server.models.weights_files import (
+    REFERENCE_INNER_DIM,
+    REFERENCE_TEXT_ENCODER,
+    UnknownFootprint,
+    read_folder,
+    read_hub,
+    read_tensors,
+)
 
 FLOATS = {"F32": 4, "F16": 2, "BF16": 2}
 
@@ -100,6 +107,37 @@ def test_a_weights_file_that_is_not_safetensors_leaves_the_estimate_unknown_and_
     settings = Settings(models=[f"b={broken}"], device="cpu")
     plan = make_plan(resolve_configured(settings), settings)
     assert plan.unknown["b"].startswith(f"{target}: not a safetensors file (") and "b" not in plan.footprints
+
+
+def test_configs_and_indexes_that_are_not_what_they_should_be_give_reference_sizes_or_an_unknown_estimate(tiny_t2i, tmp_path):
+    """A config that is not a JSON object or whose sizes are not whole numbers is read as missing (the reference
+    sizes, as for a config that cannot be read), and a shard index without a weight_map leaves the estimate unknown:
+    each of these ended ``plan`` and ``serve`` with a traceback."""
+    good = read_folder(tiny_t2i)
+    assert good.inner_dim != REFERENCE_INNER_DIM and good.text_encoder != REFERENCE_TEXT_ENCODER  # the tiny sizes
+    cases = {
+        "transformer/config.json": ("[1, 2]", '{"num_attention_heads": "x", "attention_head_dim": 2}', '{"num_attention_heads": true, "attention_head_dim": 2}'),
+        "text_encoder/config.json": ("[1, 2]", '{"text_config": 5}', '{"hidden_size": -1}'),
+    }  # fmt: skip
+    for file, contents in cases.items():
+        for content in contents:
+            folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+            shutil.copytree(tiny_t2i, folder)
+            (folder / file).write_text(content)
+            tensors = read_folder(folder)
+            assert tensors.components == good.components, (file, content)
+            if file.startswith("transformer/"):
+                assert (tensors.inner_dim, tensors.text_encoder) == (REFERENCE_INNER_DIM, good.text_encoder), content
+            else:
+                assert (tensors.inner_dim, tensors.text_encoder) == (good.inner_dim, REFERENCE_TEXT_ENCODER), content
+    for weight_map in ("[1]", '{"w": 3}', "{}"):
+        folder = tmp_path / f"index{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_t2i, folder)
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+        index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        index.write_text(f'{{"weight_map": {weight_map}}}')
+        with pytest.raises(UnknownFootprint, match=f"{index}: not a safetensors index"):
+            read_folder(folder)
 
 
 def test_hub_models_are_sized_from_the_cached_snapshot(tiny_t2i, tmp_path):

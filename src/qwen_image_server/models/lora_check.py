@@ -154,17 +154,37 @@ def _layer(module: str, top: dict, block: dict, layers: int | None) -> tuple[int
 
 
 def transformer_config(spec) -> dict | None:
-    """The base model's ``transformer/config.json``; None when a hub model's cannot be read."""
-    if not spec.is_hub:
-        file = Path(spec.source) / "transformer" / "config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    """The base model's ``transformer/config.json``; None when it cannot be read (a hub model's offline and not
+    cached) or its sizes are not whole numbers: the LoRA's names are still checked, and the model's load says what
+    is wrong with its config."""
     try:
+        if not spec.is_hub:
+            file = Path(spec.source) / "transformer" / "config.json"
+            return _usable(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else None
         from huggingface_hub import hf_hub_download
 
         downloaded = hf_hub_download(spec.source, "transformer/config.json", revision=spec.revision)
-        return json.loads(Path(downloaded).read_text(encoding="utf-8"))
-    except Exception:  # offline and not cached: the names are still checked
+        return _usable(json.loads(Path(downloaded).read_text(encoding="utf-8")))
+    except Exception:  # unreadable, not JSON, offline and not cached
         return None
+
+
+#: The sizes ``transformer_layers`` reads from a config.
+_CONFIG_SIZES = (
+    "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels", "joint_attention_dim",
+    "num_layers",
+)  # fmt: skip
+
+
+def _usable(config: object) -> dict | None:
+    """``config`` when it is a JSON object whose sizes are positive whole numbers or absent (null), else None."""
+    if not isinstance(config, dict):
+        return None
+    for key in _CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            return None
+    return config
 
 
 def fetch_lora(lora: LoraSpec) -> LoraSpec:

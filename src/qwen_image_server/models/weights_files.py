@@ -110,26 +110,49 @@ def weight_files(names: list[str]) -> list[str]:
 
 
 def _component_names(folder: Path) -> list[str]:
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index = _json(folder / "model_index.json")
     return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list) and value[0]]
 
 
 def _json(path: Path) -> dict:
+    """A JSON object file's content; {} when it is missing, unreadable or not a JSON object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sizes(config: dict, keys) -> dict[str, int] | None:
+    """``config``'s values of ``keys`` when each is a positive whole number; None otherwise."""
+    out: dict[str, int] = {}
+    for key in keys:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return None
+        out[key] = value
+    return out
 
 
 def _configs(transformer: dict, text_encoder: dict) -> dict:
-    """``inner_dim`` and the text encoder's sizes from the two configs, reference values where missing."""
+    """``inner_dim`` and the text encoder's sizes from the two configs, reference values where missing or not sizes."""
     out: dict = {}
-    if transformer.get("num_attention_heads") and transformer.get("attention_head_dim"):
-        out["inner_dim"] = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
-    text = text_encoder.get("text_config") or text_encoder
-    if all(key in text for key in REFERENCE_TEXT_ENCODER):
-        out["text_encoder"] = {key: int(text[key]) for key in REFERENCE_TEXT_ENCODER}
+    heads = _sizes(transformer, ("num_attention_heads", "attention_head_dim"))
+    if heads:
+        out["inner_dim"] = heads["num_attention_heads"] * heads["attention_head_dim"]
+    text = text_encoder.get("text_config")
+    text_sizes = _sizes(text if isinstance(text, dict) and text else text_encoder, REFERENCE_TEXT_ENCODER)
+    if text_sizes:
+        out["text_encoder"] = text_sizes
     return out
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a ``*.safetensors.index.json`` names; UnknownFootprint when it is not such an index."""
+    weight_map = _json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(s, str) for s in weight_map.values()):
+        raise UnknownFootprint(f"{index}: not a safetensors index (no weight_map of tensor names to files)")
+    return sorted(set(weight_map.values()))
 
 
 def read_folder(folder: Path, origin: str = "safetensors headers") -> ModelTensors:
@@ -143,7 +166,7 @@ def read_folder(folder: Path, origin: str = "safetensors headers") -> ModelTenso
         tensors: list[Tensor] = []
         for file in files:
             if file.endswith(".index.json"):
-                shards = sorted(set(_json(sub / file).get("weight_map", {}).values()))
+                shards = _shards(sub / file)
                 missing = [s for s in shards if not (sub / s).is_file()]
                 if missing:
                     raise UnknownFootprint(f"{sub}: shards of {file} are missing ({', '.join(missing[:3])})")
