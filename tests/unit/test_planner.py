@@ -138,6 +138,12 @@ def test_configs_and_indexes_that_are_not_what_they_should_be_give_reference_siz
         index.write_text(f'{{"weight_map": {weight_map}}}')
         with pytest.raises(UnknownFootprint, match=f"{index}: not a safetensors index"):
             read_folder(folder)
+    # a model_index.json entry without its library and class: not a component (it was an IndexError)
+    folder = tmp_path / "empty-entry"
+    shutil.copytree(tiny_t2i, folder)
+    (folder / "model_index.json").write_text('{"_class_name": "QwenImagePipeline", "transformer": [], "vae": [null, null]}')
+    with pytest.raises(UnknownFootprint, match="no safetensors weights found"):
+        read_folder(folder)
 
 
 def test_hub_models_are_sized_from_the_cached_snapshot(tiny_t2i, tmp_path):

@@ -110,8 +110,12 @@ def weight_files(names: list[str]) -> list[str]:
 
 
 def _component_names(folder: Path) -> list[str]:
-    index = _json(folder / "model_index.json")
-    return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list) and value[0]]
+    return _components_of(_json(folder / "model_index.json"))
+
+
+def _components_of(index: dict) -> list[str]:
+    """The components a ``model_index.json`` names with a library (``"vae": ["diffusers", "..."]``)."""
+    return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list) and value and value[0]]
 
 
 def _json(path: Path) -> dict:
@@ -215,7 +219,7 @@ def _read_hub_online(repo: str, revision: str | None, timeout: float = 5.0) -> M
     api = HfApi()
     files = api.list_repo_files(repo, revision=revision)
     index = json.loads(Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text(encoding="utf-8"))
-    names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and v[0]]
+    names = _components_of(index if isinstance(index, dict) else {})
     paths: dict[str, list[str]] = {}
     for name in names:
         chosen = weight_files([f.split("/", 1)[1] for f in files if f.startswith(f"{name}/") and f.count("/") == 1])
