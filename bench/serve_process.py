@@ -41,15 +41,13 @@ def fresh_prompt(prompt: str, index: int) -> str:
 
 
 def visible_gpu_name() -> str | None:
-    """The first visible CUDA GPU's name, or None without one. Where no GPU driver is loaded the answer comes without
-    importing torch (seconds): the benchmarks' servers run in processes of their own, so only this asks."""
-    from qwen_image_server.models.machine import no_gpu_driver
+    """The first visible CUDA GPU's name, or None without one, found as the server's memory plan finds GPUs
+    (``models.machine.discover_gpus``: nothing imported where no GPU driver is loaded, else a short-lived probe
+    process), so that a benchmark's own process never imports torch or touches CUDA beside the servers it measures."""
+    from qwen_image_server.models.machine import discover_gpus
 
-    if no_gpu_driver():
-        return None
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpus = discover_gpus()
+    return gpus[0].name if gpus else None
 
 
 def free_port() -> int:
