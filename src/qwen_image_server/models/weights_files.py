@@ -13,7 +13,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 if TYPE_CHECKING:
     from .spec import ModelSpec
@@ -74,11 +74,16 @@ def read_header(path: Path) -> dict[str, dict]:
     return tensors
 
 
+def whole_number(value: object) -> TypeGuard[int]:
+    """An int that is not a bool (JSON's true and false load as bools, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_tensor_entry(info: object) -> bool:
     """A header entry with a dtype name and a shape of sizes."""
     if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
         return False
-    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in info["shape"])
+    return all(whole_number(n) and n >= 0 for n in info["shape"])
 
 
 def tensors_of_header(header: dict[str, dict]) -> list[Tensor]:
@@ -132,7 +137,7 @@ def _sizes(config: dict, keys) -> dict[str, int] | None:
     out: dict[str, int] = {}
     for key in keys:
         value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not whole_number(value) or value <= 0:
             return None
         out[key] = value
     return out
