@@ -3,7 +3,6 @@ the plan command: test_planner_refusals.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 from pathlib import Path
@@ -22,19 +21,12 @@ from qwen_image_server.models.weights_files import (
     REFERENCE_TEXT_ENCODER,
     UnknownFootprint,
     read_folder,
+    read_header,
     read_hub,
     read_tensors,
 )
 
 FLOATS = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-def _header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def _with_header(header: bytes) -> bytes:
@@ -50,7 +42,7 @@ def _numel(info: dict) -> int:
 
 
 def _headers(folder: Path, component: str) -> dict:
-    return {k: v for f in sorted((folder / component).glob("*.safetensors")) for k, v in _header(f).items()}
+    return {k: v for f in sorted((folder / component).glob("*.safetensors")) for k, v in read_header(f).items()}
 
 
 # --- estimates ------------------------------------------------------------------------------
@@ -170,7 +162,9 @@ def test_hub_models_not_in_the_cache_are_sized_from_remote_headers(tiny_t2i, tmp
 
         def parse_safetensors_file_metadata(self, repo, path, revision=None, timeout=None):
             ranged.append(path)
-            infos = {k: type("Info", (), {"dtype": v["dtype"], "shape": v["shape"]}) for k, v in _header(tiny_t2i / path).items()}
+            infos = {
+                k: type("Info", (), {"dtype": v["dtype"], "shape": v["shape"]}) for k, v in read_header(tiny_t2i / path).items()
+            }
             return type("Meta", (), {"tensors": infos})
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
