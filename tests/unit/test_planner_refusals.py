@@ -3,6 +3,7 @@ placement: test_planner.py)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -309,6 +310,20 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
     assert off.exit_code == 0 and "memory not checked (--memory-check)" in off.output, "off: even a plan that fits"
     bad = runner.invoke(app, [*args, "--memory-check", "maybe"])
     assert bad.exit_code == 2 and "--memory-check: Input should be 'on', 'warn' or 'off'" in bad.output
+
+
+def test_plan_command_names_a_broken_weights_file_instead_of_failing(tiny_t2i, tmp_path):
+    """What a user sees from ``qwen-image-server plan`` (``serve`` plans the same way before its port opens) for a
+    weights file that is not safetensors and a config that is not an object: the estimate unknown, the file named,
+    no traceback (each was one: a TypeError, an AttributeError)."""
+    broken = Path(shutil.copytree(tiny_t2i, tmp_path / "broken"))
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes((16).to_bytes(8, "little") + b'{"a": 1, "b": 2}')
+    (broken / "text_encoder" / "config.json").write_text("[1, 2]")
+    done = CliRunner().invoke(app, ["plan", "-m", f"b={broken}", "--device", "cpu"])
+    assert done.exception is None or isinstance(done.exception, SystemExit), done.output
+    assert done.exit_code == 0, done.output
+    assert f"b: memory estimate unknown ({weights}: not a safetensors file (its header is not safetensors JSON))" in done.output
 
 
 def test_memory_check_warn_logs_the_refusal_and_off_checks_nothing(caplog):
