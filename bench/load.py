@@ -53,18 +53,27 @@ def _png(size: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def server_options(args, folders: dict[str, Path], images: Path) -> tuple[list[str], dict[str, str]]:
+    """The options and environment of the server started here: the tiny models in ``folders`` (by kind), the
+    soak's steps as the most a request may ask for, yet never below the models' own default steps (their sidecar
+    files': the server refuses to start with a default above its limit)."""
+    from qwen_image_server.models.tiny import TINY_DEFAULT_STEPS
+
+    max_steps = max(args.steps, TINY_DEFAULT_STEPS)
+    env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(max_steps), "QIS_MIN_IMAGE_SIDE": "64", "IMAGE_OUTPUT_DIR": str(images)}
+    options = [
+        "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
+        "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
+    ]  # fmt: skip
+    return options, env
+
+
 class Server(ServeProcess):
     """``qwen-image-server serve`` with the tiny text-to-image and edit models, in a subprocess."""
 
     def __init__(self, args, log_path: Path):
         folders = {kind: tiny_model(kind) for kind in ("text-to-image", "edit")}
-        env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(args.steps), "QIS_MIN_IMAGE_SIDE": "64",
-               "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}  # fmt: skip
-        options = [
-            "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
-            "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
-        ]  # fmt: skip
-        super().__init__(options, env, log_path)
+        super().__init__(*server_options(args, folders, log_path.parent / "images"), log_path)
 
 
 class Requests:
@@ -218,7 +227,8 @@ async def run(args, url: str, pid: int | None) -> dict:
     return report
 
 
-def main() -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """load.py's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (loopback only); default: start one with the tiny models")
     parser.add_argument("--pid", type=int, help="the API process of --url, for its RSS")
@@ -235,6 +245,11 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the report here")
+    return parser
+
+
+def main() -> int:
+    parser = argument_parser()
     args = parser.parse_args()
     if args.burst_factor < 1 or args.soak < 0 or args.concurrency < 1 or args.workers < 1 or args.queue_size < 1:
         parser.error("--burst-factor, --concurrency, --workers and --queue-size must be at least 1, --soak at least 0")
