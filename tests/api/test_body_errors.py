@@ -8,8 +8,10 @@ thread of this process).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
+import time
 
 import httpx
 import pytest
@@ -147,3 +149,63 @@ def test_a_slow_head_with_an_unusable_request_id_gets_a_new_one(slow_port):
 def test_a_slow_body_gets_408_with_the_request_s_id(slow_port, client_id):
     body = _stalled(slow_port, BODY_START, client_id, '\r\n{"prompt": "')
     assert body["error"]["message"] == f"Request body not received within {BODY_TIMEOUT:g} s"
+
+
+# --- a client that leaves while its body is read ------------------------------------------------------------------
+
+VARIATIONS = "/v1/images/variations"
+_FORM_START = (
+    '--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na cat\r\n'
+    '--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+)
+
+
+@pytest.fixture(scope="module")
+def plain_port(tiny_models, tmp_path_factory):
+    with served(fake_engine_app(tiny_models, tmp_path_factory.mktemp("images"))) as port:
+        yield port
+
+
+def _requests_counted(port: int, path: str) -> dict[str, float]:
+    """``qis_requests_total`` of ``path`` by status, as /metrics shows it."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("qis_requests_total{") and f'route="{path}"' in line:
+            status = re.search(r'status="(\d+)"', line)
+            counts[status.group(1) if status else "?"] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.mark.parametrize(
+    "path,content_type,body_start",
+    [
+        (EDITS, "multipart/form-data; boundary=XyZ", _FORM_START + "x" * 2000),
+        (VARIATIONS, "multipart/form-data; boundary=XyZ", _FORM_START + "x" * 2000),
+        (EDITS, "application/json", '{"prompt": "a cat", "image": "' + "A" * 2000),
+        (GENERATIONS, "application/json", '{"prompt": "a cat' + " and a dog" * 200),
+        (GENERATIONS, "application/json", None),  # chunked: the body limit reads it before the app
+    ],
+    ids=["edit-multipart", "variation-multipart", "edit-json", "generation-json", "generation-chunked"],
+)
+def test_a_client_gone_before_its_body_arrived_is_no_server_error(
+    plain_port, path: str, content_type: str, body_start: str | None, caplog
+):
+    """A client that sends part of its body and goes away (a cancelled upload) is counted as gone (499), not as a
+    server failure: no 500 in the metrics, no error with a traceback in the log."""
+    before = _requests_counted(plain_port, path)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+    if body_start is None:
+        data = head + "Transfer-Encoding: chunked\r\n\r\n" + "10\r\n" + '{"prompt": "a c' + "a\r\n"
+    else:
+        data = head + "Content-Length: 100000\r\n\r\n" + body_start
+    with socket.create_connection(("127.0.0.1", plain_port), timeout=10) as sock:
+        sock.sendall(data.encode())
+    deadline = time.monotonic() + 20
+    while (after := _requests_counted(plain_port, path)) == before:
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.05)
+    added = {status: count - before.get(status, 0) for status, count in after.items() if count != before.get(status, 0)}
+    assert added == {"499": 1}, added
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("qwen_image_server")]
+    assert not errors, [r.getMessage() for r in errors]

@@ -17,7 +17,7 @@ from ..errors import InvalidRequest
 from ..images import decode_base64_image
 from ..protocol.images import FORM_CONTEXT
 from ..serving.service import Upload
-from .errors import NOT_AN_OBJECT, NOT_JSON
+from .errors import NOT_AN_OBJECT, NOT_JSON, client_gone
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
 
@@ -48,8 +48,8 @@ class BodySizeLimit:
         size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
+            if message["type"] != "http.request":  # the client went away
+                return await client_gone(scope["method"], scope["path"])(scope, receive, send)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
