@@ -240,7 +240,7 @@ def serve(
     from .api.security import install_request_id_logging
 
     install_request_id_logging()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(qis_request_id)s]: %(message)s")
     try:
         with start_paths():
             settings = settings_from_options(options)

@@ -76,7 +76,7 @@ def test_request_ids_are_echoed_or_made_and_reach_error_bodies_and_logs(keyed, c
         headers={**_auth(), "X-Request-ID": "client-id-42"},
     )
     assert mine.status_code == 200 and mine.headers["x-request-id"] == "client-id-42"
-    assert any(getattr(r, "request_id", None) == "client-id-42" for r in caplog.records), "log lines carry the request's id"
+    assert any(getattr(r, "qis_request_id", None) == "client-id-42" for r in caplog.records), "log lines carry the request's id"
     for bad in ("x" * 200, "two words"):
         made = keyed.get("/v1/models", headers={**_auth(), "X-Request-ID": bad})
         assert made.headers["x-request-id"] != bad and len(made.headers["x-request-id"]) == 32
@@ -151,3 +151,24 @@ def test_an_origin_no_browser_could_send_is_refused_at_start(origin):
 def test_the_server_s_own_origin_is_allowed(keyed):
     response = keyed.get("/v1/models", headers={**_auth(), "Origin": str(keyed.base_url)})
     assert response.status_code == 200
+
+
+def test_request_id_logging_leaves_the_request_id_extra_to_other_libraries(caplog):
+    """The server's log records carry the request id under a name of its own: a library that passes its own
+    ``extra={"request_id": ...}`` (Ray Serve does, in the replica that runs the API) still logs. With the record
+    factory writing ``request_id`` itself, Python refused those calls ("Attempt to overwrite 'request_id' in
+    LogRecord"), and Ray failed every request cancelled in its ingress replica."""
+    from qwen_image_server.api.security import install_request_id_logging, request_id_var
+
+    install_request_id_logging()
+    caplog.set_level(logging.INFO)
+    library = logging.getLogger("some.library")
+    library.info("access line", extra={"request_id": "library-id", "route": "/"})
+    token = request_id_var.set("ours-7")
+    try:
+        logging.getLogger("qwen_image_server.probe").info("our line")
+    finally:
+        request_id_var.reset(token)
+    theirs, ours = caplog.records[-2:]
+    assert theirs.getMessage() == "access line" and theirs.request_id == "library-id"
+    assert ours.qis_request_id == "ours-7" and theirs.qis_request_id == "-"

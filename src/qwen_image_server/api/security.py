@@ -27,14 +27,16 @@ OPEN_PREFIXES = ("/images/",)
 
 
 def install_request_id_logging() -> None:
-    """Give every log record a ``request_id`` attribute (the current request's, else "-")."""
+    """Give every log record a ``qis_request_id`` attribute (the current request's, else "-"). A name of the server's
+    own: libraries pass ``extra={"request_id": ...}`` (Ray Serve, in the replica that runs this app), which Python
+    refuses when the record already has the attribute."""
     factory = logging.getLogRecordFactory()
     if getattr(factory, "_adds_request_id", False):
         return
 
     def record_factory(*args, **kwargs):
         record = factory(*args, **kwargs)
-        record.request_id = request_id_var.get()
+        record.qis_request_id = request_id_var.get()
         return record
 
     record_factory._adds_request_id = True  # type: ignore[attr-defined]
