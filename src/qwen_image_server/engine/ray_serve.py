@@ -113,6 +113,7 @@ class ModelReplica:
             stop.set()
             if not future.done():
                 self._stop_asked[task.task_id] = time.monotonic()
+            future.add_done_callback(_retrieve_outcome)  # the stopped run's TaskCancelled: no one awaits it now
             raise
         encoding = time.perf_counter()
         encoded = await asyncio.to_thread(
@@ -123,6 +124,12 @@ class ModelReplica:
         )
         stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
         yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt), stats)
+
+
+def _retrieve_outcome(task: asyncio.Future) -> None:
+    """Read a finished task's outcome, which no one awaits any more."""
+    if not task.cancelled():
+        task.exception()
 
 
 class RayEngine:
@@ -195,6 +202,9 @@ class RayEngine:
                     stream.cancel()
             for t in tasks:
                 t.cancel()
+                # A cancelled stream ends its read with Serve's own error rather than the task's cancellation:
+                # retrieved here, or asyncio logs "Task exception was never retrieved" for each piece.
+                t.add_done_callback(_retrieve_outcome)
             raise _as_server_error(exc, retry_after(self.settings, model_id)) from None
         return JobResult.combine(results)
 
@@ -293,6 +303,36 @@ def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
 AppFactory = Callable[[Settings, "RayEngine"], Any]
 
 
+class CancelledIsDisconnect:
+    """ASGI middleware of the ingress. Serve cancels a request whose client went away, and the request's pending
+    ``receive()`` then raises Serve's cancellation error instead of returning ``http.disconnect``: an exception
+    that reached the catch-all handler (logged as an unexpected error with its traceback, counted as a 500) where
+    Starlette and the routes expect the disconnect it is."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        from ray.exceptions import TaskCancelledError
+        from ray.serve.exceptions import RequestCancelledError
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except (TaskCancelledError, RequestCancelledError):
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect if scope["type"] == "http" else receive, send)
+
+
+def ingress_app(settings: Settings, specs: list[ModelSpec], make_app: AppFactory, app_name: str):
+    """The ingress replica's app: ``make_app`` on a ``RayEngine`` of the application ``app_name``, Serve's
+    cancellations read as disconnects."""
+    app = make_app(settings, RayEngine(specs, settings, app_name))
+    app.add_middleware(CancelledIsDisconnect)
+    return app
+
+
 def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
     """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
     gpus = settings.ray_gpus_per_replica
@@ -323,7 +363,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
 
     def build_ingress_app():
         # The application's name is chosen by whoever deploys it (serve run names it "default").
-        return make_app(settings, RayEngine(specs, settings, serve.get_replica_context().app_name))
+        return ingress_app(settings, specs, make_app, serve.get_replica_context().app_name)
 
     class Ingress:
         """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""

@@ -1,0 +1,169 @@
+"""The Ray engine's request path (``engine/ray_serve.py`` ``RayEngine``) without a running Ray: deployment handles
+replaced by fakes that answer as Serve's do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import time
+
+import pytest
+from worker_fakes import stub_runner
+
+from qwen_image_server.config import Settings
+from qwen_image_server.errors import TaskCancelled
+from qwen_image_server.jobs import Job, Task
+from qwen_image_server.models.spec import ModelSpec
+
+
+class Cancelled(Exception):
+    """What Serve's response stream raises when it is cancelled (``RequestCancelledError``)."""
+
+
+class Stream:
+    """A replica's answer that never comes, as a long run's: cancelling it ends a pending read with ``Cancelled``
+    (Serve turns the read's ``CancelledError`` into its own error)."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise Cancelled() from None
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Handle:
+    def __init__(self):
+        self.streams: list[Stream] = []
+
+    def remote(self, task) -> Stream:
+        self.streams.append(Stream())
+        return self.streams[-1]
+
+
+def test_a_request_cancelled_while_its_pieces_run_leaves_no_unretrieved_error():
+    """The client goes away while the replicas run its request: every piece's stream is cancelled, and the pieces'
+    errors (Serve's cancellation error) are retrieved, not logged by asyncio as "Task exception was never retrieved"
+    for every cancelled request."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import RayEngine
+    from qwen_image_server.models.spec import resolve_model
+
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    engine = RayEngine([spec], Settings(engine="ray", workers=2), "app")
+    engine.handles[spec.id] = handle = Handle()
+    unretrieved: list[str] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        request = asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=[1, 2])))
+        while len(handle.streams) < 2:
+            await asyncio.sleep(0.01)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        for _ in range(5):  # the pieces end on the next turns of the loop
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved error is reported when its task is collected
+
+    asyncio.run(main())
+    gc.collect()
+    assert [s.cancelled for s in handle.streams] == [True, True]
+    assert engine._in_flight[spec.id] == 0
+    assert not unretrieved, unretrieved
+
+
+def test_a_replica_run_stopped_by_its_caller_leaves_no_unretrieved_error(monkeypatch):
+    """The ingress cancels a replica's call (its client went away): the pipeline stops at its next step with
+    ``TaskCancelled``, an outcome no one awaits any more, which asyncio logged as "Future exception was never
+    retrieved" with a traceback for every stopped call."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine import ray_serve
+
+    started = threading.Event()
+
+    class Runner:  # what the replica uses of a PipelineRunner: stops between two steps, as the real one does
+        last_stats: dict = {}
+
+        def __init__(self, spec, device, dtype):
+            pass
+
+        def run(self, job, should_stop, on_partial):
+            started.set()
+            while not should_stop():
+                time.sleep(0.01)
+            raise TaskCancelled()
+
+    stub_runner(monkeypatch, Runner)
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+    unretrieved: list[str] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="p", seeds=[1]))).__anext__())
+        assert await asyncio.to_thread(started.wait, 10)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        while replica._running is not None or replica._stop_asked:  # the pipeline thread ends
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert not unretrieved, unretrieved
+
+
+def test_the_ingress_reads_serves_cancellation_as_the_client_gone(tiny_models, tmp_path, caplog):
+    """In the ingress replica, Serve cancels a request whose client left, and the request's ``receive()`` raises
+    Serve's cancellation error: the app answers it as a disconnect (499, nothing logged as an error), not as an
+    unexpected error (500 with a traceback) or a body it could not parse (400)."""
+    pytest.importorskip("ray.serve")
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import RequestCancelledError
+
+    from qwen_image_server.api.app import create_app
+    from qwen_image_server.engine.ray_serve import ingress_app
+    from qwen_image_server.models.spec import resolve_configured
+
+    settings = Settings(models=[f"{n}={f}" for n, f in tiny_models.items()], image_output_dir=tmp_path, engine="ray")
+    app = ingress_app(settings, resolve_configured(settings), create_app, "app")
+    for error in (TaskCancelledError(), RequestCancelledError("r-1")):
+        sent = _post_with_failing_receive(app, error)
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499, sent[:1]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def _post_with_failing_receive(app, error: BaseException) -> list[dict]:
+    """What ``app`` sends for a generation request whose ``receive()`` raises ``error``."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        raise error
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/images/generations", "raw_path": b"/v1/images/generations", "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"), (b"content-length", b"20")],
+        "client": ("127.0.0.1", 5000), "server": ("testserver", 80), "state": {},
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    return sent
