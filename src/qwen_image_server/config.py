@@ -80,6 +80,7 @@ class Settings(PerModelLimits, BaseSettings):
         default=10.0, gt=0, description="Seconds a client has to send a request head (then 408 and close)."
     )
     body_timeout: float = Field(default=120.0, gt=0, description="Seconds a client has to send a request body after its head.")
+    send_timeout: float = Field(default=60.0, gt=0, description="Seconds a client may read nothing of its answer (then closed).")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="Largest request head (request line and headers).")
     shutdown_grace_seconds: float = Field(

@@ -196,10 +196,11 @@ def test_an_unknown_model_with_a_trailing_slash_is_named_without_it(http_client)
 
 
 @contextlib.contextmanager
-def served(app, header_timeout: float | None = 10, body_timeout: float | None = 120):
+def served(app, header_timeout: float | None = 10, body_timeout: float | None = 120, send_timeout: float | None = 60):
     """``app`` behind uvicorn with the server's connection guards, in a thread; yields the port."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=guarded_protocol(header_timeout, body_timeout), ws="none", log_level="warning")  # fmt: skip
+    protocol = guarded_protocol(header_timeout, body_timeout, send_timeout)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, ws="none", log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -13,6 +13,9 @@ shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in 
 * a body timeout: the request body must be complete within N seconds of its head;
   both 408s carry a request id like every error: the request's (``RequestIds`` named it
   once its head was in), else the ``X-Request-ID`` of the partial head, else a new one;
+* a send timeout: a client that takes (next to) nothing of its answer for N seconds while
+  the server's writes wait for it (its socket full) is cut off. uvicorn would wait forever,
+  holding the answer (megabytes per image) and the connection;
 * the connection cap (``limit_concurrency``) answered with the JSON envelope (503, Retry-After);
 * requests cut off by shutdown answered with a JSON 503 ``shutting_down`` (Retry-After), or,
   when their answer had started, ended cleanly (an SSE ``error`` event for event streams).
@@ -21,8 +24,11 @@ shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import struct
+import sys
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -30,6 +36,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
 from .security import client_request_id
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _SEND_QUEUE: int | None = termios.TIOCOUTQ  # SIOCOUTQ: bytes in a TCP socket's send queue
+else:
+    _SEND_QUEUE = None
+
+#: Bytes of its answer a client must take within each ``send_timeout`` while the server waits to write.
+MIN_SEND_PROGRESS = 64 * 1024
 
 #: Seconds a client is told to wait (Retry-After) after a refusal at the connection level.
 CAP_RETRY_AFTER = 1
@@ -85,6 +102,7 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout: float | None = None
     body_timeout: float | None = None
+    send_timeout: float | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +112,8 @@ class GuardedH11Protocol(H11Protocol):
         self.app = lambda scope, receive, send: self._serve(inner, scope, receive, send)
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes the transport held at the send clock's last look
         self._shutting_down = False
 
     # --- read timeouts ------------------------------------------------------------
@@ -112,21 +132,67 @@ class GuardedH11Protocol(H11Protocol):
             self._track_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel(head=True, body=True)
+        self._cancel(head=True, body=True, send=True)
         super().connection_lost(exc)
+
+    # --- send timeout -------------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The transport holds more than it may: the client reads slower than the answer comes, or not at all."""
+        super().pause_writing()
+        if self._send_timer is None and self.send_timeout is not None:
+            self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        self._cancel(send=True)
+        super().resume_writing()
+
+    def _unsent_bytes(self) -> int:
+        """What the client has yet to take: the transport's buffer, and on Linux the socket's send queue too (the
+        transport's buffer alone moves only in steps of half the kernel's, megabytes, however steadily one reads)."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _SEND_QUEUE is not None and sock is not None:
+            with contextlib.suppress(OSError):
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SEND_QUEUE, b"\0" * 4))[0]
+        return unsent
+
+    def _arm_send_timer(self) -> None:
+        self._unsent = self._unsent_bytes()
+        self._send_timer = self.loop.call_later(self.send_timeout, self._send_check)  # type: ignore[arg-type]
+
+    def _send_check(self) -> None:
+        """``send_timeout`` after the last look while writing waits: a client that took ``MIN_SEND_PROGRESS`` since
+        has its clock started again; one that took less is cut off (a client that reads nothing still lets a few
+        kilobytes trickle into its socket's buffer now and then)."""
+        self._send_timer = None
+        if self.transport.is_closing() or not self.flow.write_paused:
+            return
+        if self._unsent - self._unsent_bytes() >= min(MIN_SEND_PROGRESS, self._unsent // 2):
+            self._arm_send_timer()
+            return
+        cycle = self.cycle
+        request_id = cycle.scope.get("state", {}).get("request_id") if cycle is not None else None
+        self.logger.info(
+            "closing a connection whose client took under %d KiB of its answer in %ss (request %s)",
+            MIN_SEND_PROGRESS // 1024, self.send_timeout, request_id,
+        )  # fmt: skip
+        self.transport.abort()  # close() would first wait to send what the client does not read
 
     def _arm_head_timer(self) -> None:
         self._cancel(head=True)
         if self.header_timeout is not None:
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
-    def _cancel(self, head: bool = False, body: bool = False) -> None:
+    def _cancel(self, head: bool = False, body: bool = False, send: bool = False) -> None:
         if head and self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         if body and self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if send and self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _track_request(self) -> None:
         """Stop the head clock once a head is in; run the body clock while its body arrives."""
@@ -213,15 +279,18 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()  # half an answer: the client sees the connection end early
 
 
-def guarded_protocol(header_timeout: float | None, body_timeout: float | None) -> type[GuardedH11Protocol]:
+def guarded_protocol(
+    header_timeout: float | None, body_timeout: float | None, send_timeout: float | None = None
+) -> type[GuardedH11Protocol]:
     """``GuardedH11Protocol`` with these timeouts (uvicorn builds one protocol object per connection)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+    timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout, "send_timeout": send_timeout}
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), timeouts)
 
 
 def uvicorn_options(settings) -> dict:
     """The keyword arguments of ``uvicorn.run`` for the connection settings."""
     return {
-        "http": guarded_protocol(settings.header_timeout, settings.body_timeout),
+        "http": guarded_protocol(settings.header_timeout, settings.body_timeout, settings.send_timeout),
         "ws": "none",  # no WebSocket routes; an upgraded connection would outlive these guards
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_timeout,

@@ -1,0 +1,81 @@
+"""Clients that read their answers slowly, or not at all: a client that reads nothing for ``QIS_SEND_TIMEOUT``
+seconds while the server waits to write is cut off; one that keeps reading, however slowly, gets everything.
+
+uvicorn on the fake engine with the connection guards, in a thread of this process. The answer is a large stored
+image (``GET /images/NAME``): more than the sockets' buffers hold, so that the server must wait for the client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+from test_http_methods import fake_engine_app, served
+
+from qwen_image_server.storage import new_name
+
+SEND_TIMEOUT = 0.5
+SIZE = 12 * 1024 * 1024  # well over what the kernel buffers of both ends of a loopback connection hold (4 + 6 MiB at most)
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_models, tmp_path_factory):
+    """The port of a server with a send timeout of ``SEND_TIMEOUT``, and the path of a stored image of ``SIZE``."""
+    images = tmp_path_factory.mktemp("images")
+    name = new_name("png")
+    (images / name).write_bytes(os.urandom(SIZE))
+    with served(fake_engine_app(tiny_models, images), send_timeout=SEND_TIMEOUT) as port:
+        yield port, f"/images/{name}"
+
+
+def _get(port: int, path: str, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return sock
+
+
+def _read_to_end(sock: socket.socket, pause: float = 0.0, deadline: float = 60.0) -> int:
+    """Bytes read until the server ends the connection (or the whole answer arrived): reading ``pause`` apart."""
+    received, head, whole = 0, b"", None
+    stop = time.monotonic() + deadline
+    sock.settimeout(10)
+    while time.monotonic() < stop and (whole is None or received < whole):
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+        if whole is None:
+            head += chunk
+            top, found, _ = head.partition(b"\r\n\r\n")
+            if found:
+                fields = {k.strip().lower(): v for k, _, v in (line.partition(b":") for line in top.split(b"\r\n")[1:])}
+                whole = len(top) + 4 + int(fields[b"content-length"])
+        time.sleep(pause)
+    return received
+
+
+def test_a_client_that_reads_nothing_is_cut_off_after_the_send_timeout(stored):
+    port, path = stored
+    with _get(port, path, receive_buffer=4096) as sock:
+        time.sleep(SEND_TIMEOUT * 5)  # reads nothing, well past the timeout (the cut comes within two timeouts)
+        received = _read_to_end(sock)
+    assert 0 < received < SIZE, received  # the start of the answer (what the buffers held), then the end
+
+
+def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer(stored):
+    """Paused between reads for most of the send timeout each time, and longer than it in all: the clock runs only
+    while the client reads nothing at all."""
+    port, path = stored
+    started = time.monotonic()
+    with _get(port, path, receive_buffer=512 * 1024) as sock:
+        received = _read_to_end(sock, pause=SEND_TIMEOUT * 0.4)
+    assert received > SIZE, received  # head and the whole body
+    assert time.monotonic() - started > SEND_TIMEOUT, "the reading must outlast the timeout to test anything"
