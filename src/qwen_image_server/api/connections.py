@@ -113,7 +113,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
-        self._unsent = 0  # bytes the transport held at the send clock's last look
+        self._unsent = 0  # bytes the client had yet to take at the send clock's last look
         self._shutting_down = False
 
     # --- read timeouts ------------------------------------------------------------

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..config import Settings
 from ..errors import InferenceFailed, QueueFull, TaskCancelled, short_reason
@@ -313,9 +314,6 @@ class CancelledIsDisconnect:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        from ray.exceptions import TaskCancelledError
-        from ray.serve.exceptions import RequestCancelledError
-
         async def receive_or_disconnect():
             try:
                 return await receive()
