@@ -160,3 +160,25 @@ def test_unknown_model_through_the_sdk(client):
     assert caught.value.status_code == 400
     assert caught.value.body["message"] == "Model not available: dall-e-3"
     assert caught.value.code == "model_not_found"
+
+
+def test_streamed_generation_and_edit_through_the_sdk(client):
+    """``stream=True`` as the SDK sends it: its typed events (partial images, then the completed one with its usage)
+    parse, and the completed image is the one a plain request with the same seed returns."""
+    steps = {"num_inference_steps": 4}  # previews come at steps before the last: two need three steps at least
+    kwargs = dict(model="qwen-image-tiny", prompt="a red fox in the snow", size="256x256", extra_body={**steps, "seed": 9})
+    events = list(client.images.generate(stream=True, partial_images=2, **kwargs))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    completed = events[-1]
+    assert completed.size == "256x256" and completed.usage.output_tokens > 0
+    plain = client.images.generate(**kwargs)
+    assert np.array_equal(_pixels(_decode(completed.b64_json)), _pixels(_decode(plain.data[0].b64_json)))
+
+    edit = client.images.edit(
+        model="qwen-image-edit-tiny", image=("input.png", _png(_noise(256, 256)), "image/png"), prompt="make it blue",
+        stream=True, partial_images=1, extra_body={**FAST, "seed": 5},
+    )  # fmt: skip
+    events = list(edit)
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert _decode(events[-1].b64_json).size == (256, 256)
