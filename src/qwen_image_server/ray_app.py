@@ -7,7 +7,10 @@ Importing it needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import time
 
 from ray import serve
 
@@ -39,7 +42,8 @@ PROXY_READY_CHECK_SECONDS = "60"
 
 
 def run(settings: Settings, specs: list[ModelSpec]) -> None:
-    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted."""
+    """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted (SIGINT
+    or SIGTERM), then ``stop``."""
     import ray
 
     if settings.ray_address is None:  # a local Ray may start here (a running cluster keeps its own setting)
@@ -49,4 +53,37 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)
+    # SIGTERM as Ctrl-C: Serve's blocking wait ends on KeyboardInterrupt (by default SIGTERM killed this process, and
+    # with it a local Ray and every request running there). A second signal ends the graceful stop at once.
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, interrupt)
+    try:
+        serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        stop(settings.ray_app_name, settings.shutdown_grace_seconds)
+        if settings.ray_address is None:
+            ray.shutdown()
+        raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None  # 143 or 130, as the embedded
+
+
+def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2) -> None:
+    """Stop the application as the embedded server stops: its ingress refuses new requests (503 ``shutting_down``),
+    the requests in flight get ``grace_seconds`` to finish, then the application is deleted (its replicas with it;
+    other applications of the cluster are left alone)."""
+    log = logging.getLogger(__name__)
+    deadline = time.monotonic() + grace_seconds
+    try:
+        drain = serve.get_app_handle(app_name).options(method_name="drain")
+        while (running := drain.remote().result(timeout_s=10)) and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+        if running:
+            log.warning("%d request(s) still running after %ss: stopped with the application", running, grace_seconds)
+    except Exception as exc:  # the ingress is gone or does not answer: nothing to wait for
+        log.warning("could not drain %s (%s: %s); stopping it now", app_name, type(exc).__name__, exc)
+    serve.delete(app_name)

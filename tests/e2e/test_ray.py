@@ -78,13 +78,13 @@ def test_timeout_gives_504_and_frees_the_replica(limits):
     assert ok.status_code == 200, ok.status_code
 
 
-def _wait_for_jobs_in_flight(url: str, count: int, timeout: float = 60) -> None:
-    """Poll the app's metrics until the engine holds ``count`` jobs of the model (no fixed sleep)."""
+def _wait_for_jobs_in_flight(url: str, count: int, timeout: float = 60, model: str = LIMITED) -> None:
+    """Poll the app's metrics until the engine holds ``count`` jobs of ``model`` (no fixed sleep)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = httpx.get(url + "/metrics", timeout=10).text
         for line in text.splitlines():
-            if line.startswith(f'qis_jobs_in_flight{{model="{LIMITED}"}}') and float(line.split()[-1]) >= count:
+            if line.startswith(f'qis_jobs_in_flight{{model="{model}"}}') and float(line.split()[-1]) >= count:
                 return
         time.sleep(0.1)
     raise AssertionError(f"the engine never held {count} jobs")
@@ -179,3 +179,28 @@ def test_burst_overload_answers_json_503s_only(limits):
         if r.status_code == 504:
             assert r.json()["error"]["code"] == "timeout", r.text
     assert {r.status_code for r in responses} <= {200, 503, 504}, [(r.status_code, r.text[:200]) for r in responses]
+
+
+def test_a_draining_ingress_refuses_new_requests_and_lets_running_ones_finish(ray_server):
+    """What ``serve --engine ray`` does on SIGTERM before it deletes its application (``ray_app.stop``), through
+    Serve's handle as ``stop`` calls it: ``drain`` counts the request in flight, a new request gets 503
+    ``shutting_down`` with Retry-After, the running one still finishes (200), and ``drain(False)`` takes requests
+    again (so that the shared app serves the tests after this one)."""
+    from ray import serve
+
+    drain = serve.get_app_handle("main").options(method_name="drain")
+    medium = {**SHORT, "model": "qwen-image-tiny", "size": "1024x1024", "num_inference_steps": 40}  # seconds
+    running, box = post_in_thread(ray_server.base_url + GEN, medium, timeout=300)
+    try:
+        _wait_for_jobs_in_flight(ray_server.base_url, 1, model="qwen-image-tiny")
+        assert drain.remote().result(timeout_s=60) == 1
+        refused = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=60)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text[:300]
+        assert refused.json()["error"]["code"] == "shutting_down"
+        running.join(300)
+        assert box["response"].status_code == 200, box
+        assert drain.remote().result(timeout_s=60) == 0
+    finally:
+        drain.remote(False).result(timeout_s=60)
+    again = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=300)
+    assert again.status_code == 200, again.text[:300]

@@ -167,3 +167,19 @@ def _post_with_failing_receive(app, error: BaseException) -> list[dict]:
     }  # fmt: skip
     asyncio.run(app(scope, receive, send))
     return sent
+
+
+def test_a_draining_engine_refuses_new_requests_and_counts_those_in_flight():
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import RayEngine
+    from qwen_image_server.errors import ShuttingDown
+    from qwen_image_server.models.spec import resolve_model
+
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    engine = RayEngine([spec], Settings(engine="ray", workers=2), "app")
+    engine._in_flight[spec.id] = 2
+    assert engine.drain() == 2
+    with pytest.raises(ShuttingDown):
+        engine.admit(spec.id)
+    assert engine.drain(False) == 2
+    engine.admit(spec.id)  # takes requests again

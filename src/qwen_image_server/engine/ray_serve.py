@@ -28,7 +28,7 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..config import Settings
-from ..errors import InferenceFailed, QueueFull, TaskCancelled, short_reason
+from ..errors import InferenceFailed, QueueFull, ShuttingDown, TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
@@ -146,6 +146,7 @@ class RayEngine:
         self._budgets = {spec.id: PixelBudget(settings, spec.id) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
         self._reading_status = threading.Lock()  # held while a thread reads Serve's status
+        self.draining = False  # set by ``drain``: new requests are refused, those in flight run on
 
     async def start(self) -> None:
         for index, spec in enumerate(self.models):
@@ -166,13 +167,21 @@ class RayEngine:
             self._in_flight[model_id] -= 1
 
     def admit(self, model_id: str) -> None:
-        """Refuse at once when the model's jobs fill its replicas and queue, or its pixel budget."""
+        """Refuse at once while draining, or when the model's jobs fill its replicas and queue, or its pixel budget."""
+        if self.draining:
+            raise ShuttingDown()
         replicas = self._replicas(model_id)
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
         # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size_for(model_id):
             raise QueueFull(retry_after=retry_after(self.settings, model_id))
         self._budgets[model_id].check()
+
+    def drain(self, on: bool = True) -> int:
+        """Refuse new requests from now on (503 ``shutting_down``), or (``on=False``) take them again; the jobs
+        still in flight here."""
+        self.draining = on
+        return sum(self._in_flight.values())
 
     def _replicas(self, model_id: str) -> int:
         """The model's largest replica count: its ``--workers N@MODEL``, else ``ray_max_replicas`` (default --workers)."""
@@ -326,9 +335,21 @@ class CancelledIsDisconnect:
 def ingress_app(settings: Settings, specs: list[ModelSpec], make_app: AppFactory, app_name: str):
     """The ingress replica's app: ``make_app`` on a ``RayEngine`` of the application ``app_name``, Serve's
     cancellations read as disconnects."""
-    app = make_app(settings, RayEngine(specs, settings, app_name))
+    engine = RayEngine(specs, settings, app_name)
+    _INGRESS_ENGINES[app_name] = engine  # for the ingress's ``drain`` method (one app per ingress replica process)
+    app = make_app(settings, engine)
     app.add_middleware(CancelledIsDisconnect)
     return app
+
+
+#: The engine of each application whose ingress runs in this process.
+_INGRESS_ENGINES: dict[str, RayEngine] = {}
+
+
+def drain_ingress(app_name: str, on: bool = True) -> int:
+    """``RayEngine.drain`` of the application's ingress in this process. A module function: the ``Ingress`` class,
+    defined in ``build_deployments``, travels to the replica by value, with a copy of any module dict it names."""
+    return _INGRESS_ENGINES[app_name].drain(on)
 
 
 def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
@@ -353,7 +374,8 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             },
             health_check_period_s=2,
             health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=5,
+            # A replica Serve stops (a redeploy, a scale-down, an app's deletion) first finishes its running call.
+            graceful_shutdown_timeout_s=settings.shutdown_grace_seconds,
         )(ModelReplica)
         device = "cuda" if gpus else "cpu"
         stuck_after = settings.stuck_task_seconds_for(spec.id)
@@ -369,7 +391,12 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
         def __init__(self, *model_handles):
             self.model_handles = model_handles  # keeps the model deployments in this application
 
-    ingress = serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})(
-        serve.ingress(build_ingress_app)(Ingress)
-    )
+        def drain(self, on: bool = True) -> int:
+            """Refuse new requests (503 ``shutting_down``), or take them again; the requests still in flight."""
+            return drain_ingress(serve.get_replica_context().app_name, on)
+
+    ingress = serve.deployment(
+        name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=settings.shutdown_grace_seconds + 5,  # its requests wait for the models'
+    )(serve.ingress(build_ingress_app)(Ingress))  # fmt: skip
     return ingress.bind(*bound)
