@@ -183,3 +183,46 @@ def test_a_draining_engine_refuses_new_requests_and_counts_those_in_flight():
         engine.admit(spec.id)
     assert engine.drain(False) == 2
     engine.admit(spec.id)  # takes requests again
+
+
+def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch):
+    """A replica runs one pipeline at a time: a call cancelled while the previous call's pipeline still runs (a
+    request gone, or timed out, while queued behind a long one) must not start its own when the lock frees. It did,
+    for at least one step, and the next request waited behind it (on a busy machine past a 5 s timeout)."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine import ray_serve
+
+    runs: list[str] = []
+
+    class Runner:
+        last_stats: dict = {}
+
+        def __init__(self, spec, device, dtype):
+            pass
+
+        def run(self, job, should_stop, on_partial):
+            runs.append(job.prompt)
+            return []
+
+    stub_runner(monkeypatch, Runner)
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+
+    async def main() -> None:
+        replica._pipeline_lock.acquire()  # the previous call's pipeline, still running
+        call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="gone", seeds=[1]))).__anext__())
+        await asyncio.sleep(0.2)  # its pipeline thread now waits for the lock
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        replica._pipeline_lock.release()
+        while replica._stop_asked:  # the waiting thread takes the lock and returns
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        later = replica.run(Task(2, Job(mode="generate", prompt="next", seeds=[1])))
+        with contextlib.suppress(StopAsyncIteration, Exception):
+            async for _ in later:
+                pass
+
+    asyncio.run(main())
+    assert runs == ["next"]

@@ -95,6 +95,8 @@ class ModelReplica:
 
         def work():
             with self._pipeline_lock:
+                if stop.is_set():  # cancelled while the previous call's pipeline still ran: none of it is needed
+                    raise TaskCancelled()
                 self._running = (task.task_id, time.monotonic())
                 try:
                     started = time.time()
