@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .lora import HUB_PREFIX, LoraError, merge_preset, read_preset_file
 from .profile import LoraSpec
-from .weights_files import read_header, whole_number
+from .weights_files import positive_size, read_header
 
 #: Keys diffusers' Qwen-Image LoRA format uses (``save_lora_weights``), for the error messages.
 EXPECTED_KEYS = "transformer.transformer_blocks.N.attn.to_q.lora_A.weight / .lora_B.weight (diffusers' Qwen-Image LoRA format)"
@@ -182,7 +182,7 @@ def _usable(config: object) -> dict | None:
         return None
     for key in _CONFIG_SIZES:
         value = config.get(key)
-        if value is not None and not (whole_number(value) and value > 0):
+        if value is not None and not positive_size(value):
             return None
     return config
 

@@ -79,6 +79,11 @@ def whole_number(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def positive_size(value: object) -> TypeGuard[int]:
+    """A whole number above 0: what a config's sizes (heads, layers, widths) must be."""
+    return whole_number(value) and value > 0
+
+
 def _is_tensor_entry(info: object) -> bool:
     """A header entry with a dtype name and a shape of sizes."""
     if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
@@ -137,7 +142,7 @@ def _sizes(config: dict, keys) -> dict[str, int] | None:
     out: dict[str, int] = {}
     for key in keys:
         value = config.get(key)
-        if not whole_number(value) or value <= 0:
+        if not positive_size(value):
             return None
         out[key] = value
     return out
