@@ -187,6 +187,35 @@ def png_bytes(size: tuple[int, int] = (256, 256), color: tuple[int, int, int] = 
     return buffer.getvalue()
 
 
+def asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], receive=None) -> list[dict]:
+    """Call the ASGI app as a server would and return what it sends (no client in between drops a body). By default
+    the request has an empty body and its client stays; ``receive`` replaces that."""
+    import asyncio
+
+    sent: list[dict] = []
+    received = False
+
+    async def empty_body() -> dict:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+        "state": {},
+    }  # fmt: skip
+    asyncio.run(app(scope, receive or empty_body, send))
+    return sent
+
+
 def concurrently(*calls):
     """Run the calls at the same time (the shared server has two workers per model); their results in order."""
     with ThreadPoolExecutor(len(calls)) as pool:

@@ -6,7 +6,6 @@ thread of this process, since the server, not only the app, decides what a HEAD 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
@@ -16,7 +15,7 @@ import pytest
 import uvicorn
 from serve_process import free_port
 
-from conftest import T2I
+from conftest import T2I, asgi_call
 from qwen_image_server.api.app import create_app
 from qwen_image_server.api.connections import guarded_protocol
 from qwen_image_server.config import Settings
@@ -121,32 +120,6 @@ def test_head_keeps_api_keys_cors_and_request_ids(keyed):
     assert answer.status_code == 200 and "HEAD" in answer.headers["access-control-allow-methods"]
 
 
-def _asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> list[dict]:
-    """Call the ASGI app as a server would and return what it sends (no client in between drops a body)."""
-    sent: list[dict] = []
-    received = False
-
-    async def receive() -> dict:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
-        "state": {},
-    }  # fmt: skip
-    asyncio.run(app(scope, receive, send))
-    return sent
-
-
 @pytest.mark.parametrize(
     "path,headers,status",
     [
@@ -158,7 +131,7 @@ def _asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]]) 
     ],
 )
 def test_the_app_itself_sends_no_body_to_head(keyed, path, headers, status):
-    sent = _asgi_call(keyed.app, "HEAD", path, headers)
+    sent = asgi_call(keyed.app, "HEAD", path, headers)
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == status
     assert int(dict(start["headers"])[b"content-length"]) > 0  # the GET body's length

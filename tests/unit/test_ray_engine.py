@@ -13,6 +13,7 @@ import time
 import pytest
 from worker_fakes import stub_runner
 
+from conftest import asgi_call
 from qwen_image_server.config import Settings
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job, Task
@@ -143,30 +144,10 @@ def test_the_ingress_reads_serves_cancellation_as_the_client_gone(tiny_models, t
     settings = Settings(models=[f"{n}={f}" for n, f in tiny_models.items()], image_output_dir=tmp_path, engine="ray")
     app = ingress_app(settings, resolve_configured(settings), create_app, "app")
     for error in (TaskCancelledError(), RequestCancelledError("r-1")):
-        sent = _post_with_failing_receive(app, error)
+        sent = asgi_call(app, "POST", "/v1/images/generations", JSON_20_BYTES, receive=_raising(error))
         assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499, sent[:1]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-
-
-def _post_with_failing_receive(app, error: BaseException) -> list[dict]:
-    """What ``app`` sends for a generation request whose ``receive()`` raises ``error``."""
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        raise error
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/images/generations", "raw_path": b"/v1/images/generations", "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"), (b"content-length", b"20")],
-        "client": ("127.0.0.1", 5000), "server": ("testserver", 80), "state": {},
-    }  # fmt: skip
-    asyncio.run(app(scope, receive, send))
-    return sent
 
 
 def test_a_draining_engine_refuses_new_requests_and_counts_those_in_flight():
@@ -226,3 +207,14 @@ def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch
 
     asyncio.run(main())
     assert runs == ["next"]
+
+
+#: The head of a JSON request whose body never comes.
+JSON_20_BYTES = [(b"content-type", b"application/json"), (b"content-length", b"20")]
+
+
+def _raising(error: BaseException):
+    async def receive() -> dict:
+        raise error
+
+    return receive
