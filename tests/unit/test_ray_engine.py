@@ -7,15 +7,12 @@ import asyncio
 import contextlib
 import gc
 import logging
-import threading
-import time
 
 import pytest
-from worker_fakes import stub_runner
+from worker_fakes import FakeRunner, stub_runner
 
 from conftest import asgi_call
 from qwen_image_server.config import Settings
-from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job, Task
 from qwen_image_server.models.spec import ModelSpec
 
@@ -93,29 +90,17 @@ def test_a_replica_run_stopped_by_its_caller_leaves_no_unretrieved_error(monkeyp
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine import ray_serve
 
-    started = threading.Event()
+    runner = FakeRunner()  # its "wait" prompt runs until told to stop, then raises TaskCancelled
 
-    class Runner:  # what the replica uses of a PipelineRunner: stops between two steps, as the real one does
-        last_stats: dict = {}
-
-        def __init__(self, spec, device, dtype):
-            pass
-
-        def run(self, job, should_stop, on_partial):
-            started.set()
-            while not should_stop():
-                time.sleep(0.01)
-            raise TaskCancelled()
-
-    stub_runner(monkeypatch, Runner)
+    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
     unretrieved: list[str] = []
 
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
-        call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="p", seeds=[1]))).__anext__())
-        assert await asyncio.to_thread(started.wait, 10)
+        call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="wait", seeds=[1]))).__anext__())
+        assert await asyncio.to_thread(runner.started.wait, 10)
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await call
@@ -175,17 +160,13 @@ def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch
 
     runs: list[str] = []
 
-    class Runner:
-        last_stats: dict = {}
-
-        def __init__(self, spec, device, dtype):
-            pass
-
+    class Recording(FakeRunner):
         def run(self, job, should_stop, on_partial):
             runs.append(job.prompt)
-            return []
+            return super().run(job, should_stop, on_partial)
 
-    stub_runner(monkeypatch, Runner)
+    runner = Recording()
+    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
 
