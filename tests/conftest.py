@@ -187,9 +187,10 @@ def png_bytes(size: tuple[int, int] = (256, 256), color: tuple[int, int, int] = 
     return buffer.getvalue()
 
 
-def asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], receive=None) -> list[dict]:
+def asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], receive=None, on_send=None) -> list[dict]:
     """Call the ASGI app as a server would and return what it sends (no client in between drops a body). By default
-    the request has an empty body and its client stays; ``receive`` replaces that."""
+    the request has an empty body and its client stays; ``receive`` replaces that. ``on_send(message, sent)`` runs
+    before each message the app sends is taken (raising there is the connection breaking)."""
     import asyncio
 
     sent: list[dict] = []
@@ -204,6 +205,8 @@ def asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], r
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
+        if on_send is not None:
+            on_send(message, sent)
         sent.append(message)
 
     scope = {

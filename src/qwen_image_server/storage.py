@@ -14,6 +14,7 @@ import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,21 @@ def new_name(extension: str) -> str:
     return f"{secrets.token_hex(16)}.{extension}"
 
 
+class Readable(Protocol):
+    def read(self, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class StoredImage:
+    """A stored image opened for reading: ``size`` bytes from ``file``, which the reader closes. An open local file
+    stays readable when the store prunes it meanwhile."""
+
+    file: Readable
+    size: int
+
+
 class ImageStore(Protocol):
     """Stores encoded images under generated names (blocking methods: call them in a thread)."""
 
@@ -38,8 +54,8 @@ class ImageStore(Protocol):
     def check(self) -> str | None:
         """Why images cannot be stored (said at start-up), or None when a probe could be stored."""
 
-    def read(self, name: str) -> bytes | None:
-        """The stored bytes, or None for a name this store did not generate or no longer has."""
+    def open(self, name: str) -> StoredImage | None:
+        """The stored image opened for reading, or None for a name this store did not generate or no longer has."""
 
     def public_url(self, name: str) -> str | None:
         """A URL clients can fetch directly (a presigned one), or None to serve it at /images/{name}."""
@@ -92,12 +108,13 @@ class LocalImageStore:
         path = self.directory / name
         return path if path.is_file() else None
 
-    def read(self, name: str) -> bytes | None:
+    def open(self, name: str) -> StoredImage | None:
         path = self.path(name)
         try:
-            return path.read_bytes() if path else None
+            file = path.open("rb") if path else None
         except FileNotFoundError:  # pruned meanwhile
             return None
+        return StoredImage(file, os.fstat(file.fileno()).st_size) if file else None
 
     def public_url(self, name: str) -> str | None:
         return None
@@ -168,13 +185,14 @@ class S3ImageStore:
     def check(self) -> str | None:
         return None  # a probe object would stay in the bucket; a failed upload is reported per request
 
-    def read(self, name: str) -> bytes | None:
+    def open(self, name: str) -> StoredImage | None:
         if not NAME_PATTERN.match(name):
             return None
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+            stored = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
         except self.client.exceptions.NoSuchKey:
             return None
+        return StoredImage(stored["Body"], int(stored["ContentLength"]))
 
     def public_url(self, name: str) -> str | None:
         if not self.presign:

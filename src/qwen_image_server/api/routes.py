@@ -19,7 +19,7 @@ from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.service import ImageService, Prepared
-from ..storage import MEDIA_TYPES
+from ..storage import MEDIA_TYPES, StoredImage
 from .errors import error_object
 from .uploads import read_image_request
 
@@ -206,10 +206,39 @@ async def create_variation(request: Request) -> Response:
 @router.get("/images/{name}")
 async def get_image(name: str, request: Request) -> Response:
     """A stored image of a response_format=url response."""
-    data = await asyncio.to_thread(_service(request).store.read, name)
-    if data is None:
+    stored = await asyncio.to_thread(_service(request).store.open, name)
+    if stored is None:
         raise NotFound(f"Image not found: {name}")
-    return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
+    return StoredImageResponse(stored, MEDIA_TYPES[name.rsplit(".", 1)[1]])
+
+
+#: Bytes of a stored image read and sent at a time: what one ``GET /images/NAME`` holds, however large the image
+#: and however slowly its client reads (the server waits to send more while the client's socket is full).
+IMAGE_CHUNK = 256 * 1024
+
+
+class StoredImageResponse(Response):
+    """A stored image sent as it is read, ``IMAGE_CHUNK`` bytes at a time, with its ``Content-Length``; the file is
+    closed when the answer ends, however it ends."""
+
+    def __init__(self, stored: StoredImage, media_type: str):
+        super().__init__(media_type=media_type, headers={"content-length": str(stored.size)})
+        self.stored = stored
+
+    async def __call__(self, scope, receive, send) -> None:
+        stored, sent = self.stored, 0
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while sent < stored.size:
+                chunk = await asyncio.to_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
+                if not chunk:  # the store gave fewer bytes than it announced: the connection ends short
+                    raise OSError(f"stored image ended after {sent} of {stored.size} bytes")
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": sent < stored.size})
+            if stored.size == 0:
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            stored.file.close()
 
 
 def _model_card(spec, engine=None) -> dict:

@@ -1,0 +1,76 @@
+"""``GET /images/NAME``: a stored image leaves as it is read from its file, in bounded pieces, so that many clients
+of a large image (or slow ones) do not hold a copy of it each in the API process; the file is closed however the
+answer ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import asgi_call
+from qwen_image_server.api.routes import IMAGE_CHUNK
+from qwen_image_server.storage import new_name
+
+SIZE = 3 * IMAGE_CHUNK + 1234
+
+
+@pytest.fixture
+def stored(make_api, tiny_t2i, tmp_path):
+    """The app of an in-process server, and a stored image of ``SIZE`` random bytes in its image directory."""
+    api = make_api({"tiny": tiny_t2i}, image_output_dir=str(tmp_path))
+    path = tmp_path / new_name("png")
+    path.write_bytes(os.urandom(SIZE))
+    return api.client.app, path
+
+
+def _open_by_this_process(path: Path) -> bool:
+    """Whether a file descriptor of this process is ``path`` (also after the file was deleted)."""
+    fds = Path("/proc/self/fd")
+    targets = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            targets.add(os.readlink(fds / fd))
+    return str(path) in targets or f"{path} (deleted)" in targets
+
+
+def _get(app, path: Path, on_send) -> list[dict]:
+    """GET the image's URL from the ASGI app; ``on_send(message, sent)`` runs before each message is taken."""
+    return asgi_call(app, "GET", f"/images/{path.name}", [], on_send=on_send)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the open files from /proc")
+def test_a_stored_image_leaves_in_bounded_pieces_even_when_pruned_meanwhile(stored):
+    app, path = stored
+    data = path.read_bytes()
+    opened_while_sent = []
+
+    def on_send(message, sent):
+        if message["type"] == "http.response.start":
+            path.unlink()  # the store prunes it as the answer starts: the open file is still read to its end
+        opened_while_sent.append(_open_by_this_process(path))
+
+    start, *body = _get(app, path, on_send)
+    assert start["status"] == 200
+    assert dict(start["headers"])[b"content-length"] == str(SIZE).encode()
+    assert dict(start["headers"])[b"content-type"] == b"image/png"
+    assert b"".join(message["body"] for message in body) == data
+    assert len(body) > 1 and max(len(message["body"]) for message in body) <= IMAGE_CHUNK
+    assert [message.get("more_body", False) for message in body] == [True] * (len(body) - 1) + [False]
+    assert all(opened_while_sent[1:])  # read from the one open file after the unlink...
+    assert not _open_by_this_process(path)  # ...which is closed once the answer ended
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the open files from /proc")
+def test_the_file_is_closed_when_the_client_goes_away_midway(stored):
+    app, path = stored
+
+    def on_send(message, sent):
+        if len(sent) == 2:  # the connection broke after the first piece
+            raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        _get(app, path, on_send)
+    assert not _open_by_this_process(path)
