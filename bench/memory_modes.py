@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", default="8,50")
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--json", type=Path, help="also write the JSON lines to this file")
+    parser.add_argument(
+        "--json", type=Path, help="also write the JSON lines to this file (emptied at start, each line added once measured)"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mode and card")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "CARD"), help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown modes or cards: {', '.join(dict.fromkeys(unknown))}")
     print(f"GPU: {gpu}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
+    if args.json:
+        args.json.write_text("", encoding="utf-8")  # each row is added as it is measured: a run stopped midway keeps them
     rows = []
     for mode, card in runs:
         # one fresh process per run: the cap on the GPU's memory holds for one process
@@ -169,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         row.setdefault("card", CARDS[card][0])
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(row) + "\n")
     print()
     print(table(rows, steps))
-    if args.json:
-        args.json.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return 0
 
 

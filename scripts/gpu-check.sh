@@ -87,7 +87,10 @@ run_stage() {
   fi
   local began code
   began=$(date +%s)
-  timeout --kill-after=15 "$left" "$@" >"$log" 2>&1
+  # Appended to, so that every writer is in append mode: a stage that copies its output to the log with
+  # `tee -a /dev/stderr` adds to it (tee without -a reopens the log with O_TRUNC and wipes what came before).
+  : >"$log"
+  timeout --kill-after=15 "$left" "$@" >>"$log" 2>&1
   code=$?
   tail -n 25 "$log"
   [ "$code" -eq 124 ] && echo "stage $name: stopped at the end of the budget" | tee -a "$OUT/stages.txt"
@@ -112,8 +115,8 @@ for stage in "${stages[@]}"; do
       ;;
     vae)
       run_stage vae "$OUT/vae.log" bash -c "set -o pipefail; python3 bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16 \
-        --runs 5 | tee /dev/stderr | tail -n 1 >>'$OUT/vae.jsonl' && python3 bench/text_encoder.py --device cuda --layers 28 \
-        --runs 5 | tee /dev/stderr | tail -n 1 >>'$OUT/text_encoder.jsonl'"
+        --runs 5 | tee -a /dev/stderr | tail -n 1 >>'$OUT/vae.jsonl' && python3 bench/text_encoder.py --device cuda --layers 28 \
+        --runs 5 | tee -a /dev/stderr | tail -n 1 >>'$OUT/text_encoder.jsonl'"
       ;;
     memory)
       run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \

@@ -310,3 +310,35 @@ def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
     assert "s_8_steps" in out and "s_50_steps" in out
     assert len(prompts) == 3 and len(set(prompts)) == 3  # the warm-up's and each timed image's
     assert len({len(p) for p in prompts}) == 1
+
+
+def test_memory_bench_writes_each_row_once_measured(monkeypatch, tmp_path):
+    """A run stopped midway (gpu-check.sh's budget) keeps the rows it measured: each lands in ``--json`` before the
+    next mode starts. (The GPU and each mode's process are stubbed.)"""
+    import importlib.util
+    import json
+    import subprocess
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    out = tmp_path / "memory.jsonl"
+    out.write_text('{"mode": "from an earlier run"}\n')
+    seen_before_each_run = []
+
+    def run(cmd, **kwargs):
+        seen_before_each_run.append([json.loads(line)["mode"] for line in out.read_text().splitlines()])
+        mode = cmd[cmd.index("--one") + 1]
+        row = {"mode": mode, "s_8_steps": 1.0, "peak_gib": 1.0, "peak_reserved_gib": 1.0, "load_s": 1.0}
+        return SimpleNamespace(stdout=f"RESULT {json.dumps(row)}\n", stderr="")
+
+    monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub")
+    monkeypatch.setattr(subprocess, "run", run)
+    assert (
+        bench.main(["random:Qwen/Qwen-Image", "--pairs", "none@80,fp8@48,group+fp8@24", "--steps", "8", "--json", str(out)]) == 0
+    )
+    assert seen_before_each_run == [[], ["none"], ["none", "fp8"]]
+    assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["none", "fp8", "group+fp8"]
