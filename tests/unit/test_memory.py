@@ -342,3 +342,45 @@ def test_memory_bench_writes_each_row_once_measured(monkeypatch, tmp_path):
     )
     assert seen_before_each_run == [[], ["none"], ["none", "fp8"]]
     assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["none", "fp8", "group+fp8"]
+
+
+@pytest.mark.parametrize(("offload", "kind"), [("group", "generate"), ("group", "edit"), ("text-encoder", "edit")])
+def test_group_offload_has_every_weight_on_the_device_when_it_is_used(tiny_t2i, tiny_edit, monkeypatch, offload, kind):
+    """Group offload with the CUDA options (side stream, prefetching), emulated on the CPU: no operation uses a weight
+    whose group is off the device, on the first call (traced) or later ones (prefetched). The text encoder's token
+    embeddings run before its language model's own forward (Qwen2.5-VL embeds the prompt first): in the language
+    model's group they were still on the CPU when used, which on a GPU fails every prompt encoding."""
+    from offload_emulation import OffloadEmulation
+
+    emulation = OffloadEmulation(monkeypatch)
+    runner = _runner(tiny_edit if kind == "edit" else tiny_t2i, offload=offload)
+    for index in range(3):  # new prompts: each is encoded (the prompt cache would skip the text encoder)
+        job = replace(GENERATE, prompt=f"a red cube, take {index}")
+        if kind == "edit":
+            job = replace(job, mode="edit", images=[_source_image(index)])
+        with emulation.watching():
+            (image,) = runner.run(job)
+        assert image.size == (SIZE, SIZE)
+        assert emulation.used_offloaded == [], f"call {index}: {sorted(set(emulation.used_offloaded))}"
+    assert runner.last_stats["prompt_encodings"] >= 1
+
+
+def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny_t2i, tiny_lora, monkeypatch):
+    """With a LoRA, ``--quantize fp8`` converts the linear layers after the adapters are in, so after group offload's
+    hooks: the new layers' weights must join their block's group (with CUDA's options a group's copy found no
+    pinned copy of them: KeyError on the first transformer call)."""
+    from offload_emulation import OffloadEmulation
+    from qwen_image_server.config import Settings
+    from qwen_image_server.models import fp8
+    from qwen_image_server.models.spec import resolve_configured
+
+    emulation = OffloadEmulation(monkeypatch)
+    settings = Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], quantize="fp8", offload="group")
+    (spec,) = resolve_configured(settings)
+    runner = PipelineRunner(spec, device="cpu")
+    assert any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.transformer_blocks.modules())
+    for lora in (None, "style"):
+        with emulation.watching():
+            (image,) = runner.run(replace(GENERATE, lora=lora))
+        assert image.size == (SIZE, SIZE)
+        assert emulation.used_offloaded == [], sorted(set(emulation.used_offloaded))

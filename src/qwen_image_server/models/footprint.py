@@ -164,10 +164,12 @@ def _leaves(tensors: dict[str, int]) -> int:
 def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -> dict[str, int]:
     """Bytes of each component kept on the device under ``profile``'s FP8 and offload settings.
 
-    none: everything. text-encoder: the text encoder is not resident. group: the transformer's
-    largest block plus everything outside its blocks, the text encoder's largest group (a layer, or
-    all of its non-layer tensors), the rest whole. model: only the largest component. sequential:
-    the largest leaf module. Sized from parameter counts only, group and sequential count as model.
+    none: everything. group: the transformer's largest block plus everything outside its blocks,
+    the text encoder's largest group (a layer, or all of its non-layer tensors: the token embeddings,
+    which stay on the device from one prompt's encoding to the next, with the rest), the rest whole.
+    text-encoder: the text encoder as under group, the rest whole. model: only the largest component.
+    sequential: the largest leaf module. Sized from parameter counts only, group and sequential count
+    as model.
     """
     sized = {component: _kept(component, tensors, run_bytes, profile) for component, tensors in model.components.items()}
     totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
@@ -176,8 +178,6 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
         mode = "model"
     if mode == "none":
         return totals
-    if mode == "text-encoder":
-        return {c: (0 if c == "text_encoder" else b) for c, b in totals.items()}
     if mode == "model":
         largest = max(totals, key=totals.__getitem__)
         return {c: (b if c == largest else 0) for c, b in totals.items()}
@@ -185,8 +185,8 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
         largest_leaf = {c: _leaves(sizes) for c, sizes in sized.items()}
         top = max(largest_leaf, key=largest_leaf.__getitem__)
         return {c: (largest_leaf[c] if c == top else 0) for c in totals}
-    out = dict(totals)  # group
-    for component in ("transformer", "text_encoder"):
+    out = dict(totals)  # group, text-encoder
+    for component in ("transformer", "text_encoder") if mode == "group" else ("text_encoder",):
         if component in sized:
             blocks, rest = _groups(sized[component])
             largest_block = max(blocks.values(), default=0)

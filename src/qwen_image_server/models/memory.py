@@ -50,8 +50,10 @@ FP8_COMPONENTS = ("transformer", "text_encoder")
 #: Layers of the (transformers) text encoder kept in the run dtype, on top of diffusers' default patterns
 #: (``norm``, ``patch_embed``...): the token embeddings, and the LM head that may share their weight.
 TEXT_ENCODER_SKIP_PATTERNS = ("embed_tokens", "lm_head")
-#: Submodules of Qwen2.5-VL that group offload descends into to find its per-layer ``ModuleList`` blocks.
-TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model"]
+#: Submodules of Qwen2.5-VL that group offload descends into to find its per-layer ``ModuleList`` blocks; and the
+#: token embeddings, a group of their own: Qwen2.5-VL embeds the prompt before it calls its language model, so in
+#: the language model's group (moved on that call) they would still be on the CPU when used.
+TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model", "embed_tokens"]
 
 
 @dataclass

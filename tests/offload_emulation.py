@@ -1,0 +1,136 @@
+"""Group offload as it runs on a CUDA device, emulated on the CPU, for the tests of the memory modes.
+
+On the CPU the server's group offload moves weights from the CPU to the CPU: a weight used while its group is
+offloaded computes the same, where on a GPU it is on the wrong device ("Expected all tensors to be on the same
+device"). This emulation keeps the CUDA options (``memory.group_offload`` is called with a CUDA device: side
+stream, prefetching in the traced order) and diffusers' own hooks, and changes only what needs a GPU: the devices
+are the CPU, the stream and pinned memory are stand-ins. It records which group is on the "device", and
+``OffloadEmulation.watching()`` notes every weight an operation uses while its group is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+#: Operations that read a tensor's metadata only (a dtype or device query is no use of the weight).
+_METADATA = {"__get__", "is_floating_point", "dim", "size", "numel", "is_complex", "element_size", "data_ptr", "requires_grad_"}
+
+
+class _Stream:
+    def synchronize(self) -> None:
+        pass
+
+
+class _Backend:
+    """What diffusers asks of ``torch.cuda`` for a stream (``TorchDeviceBackend``)."""
+
+    Stream = _Stream
+
+    @staticmethod
+    def current_stream() -> _Stream:
+        return _Stream()
+
+    @staticmethod
+    def stream(stream: _Stream):
+        return contextlib.nullcontext()
+
+
+class OffloadEmulation:
+    def __init__(self, monkeypatch):
+        import diffusers.hooks
+        from diffusers.hooks import group_offloading as go
+
+        from qwen_image_server.models import memory
+
+        self.onloaded: dict[int, bool] = {}  # id(group) -> on the device
+        self.owner: dict[int, object] = {}  # id(tensor) -> its group
+        self.names: dict[int, str] = {}
+        self.used_offloaded: list[str] = []  # "weight name:operation"
+        self._busy = 0  # inside an onload or offload: its copies are no use of the weights
+        onload, offload = go.ModuleGroup.onload_, go.ModuleGroup.offload_
+
+        def onload_(group) -> None:
+            self._busy += 1
+            try:
+                onload(group)
+            finally:
+                self._busy -= 1
+            self.onloaded[id(group)] = True
+
+        def offload_(group) -> None:
+            self.onloaded[id(group)] = False
+            self._busy += 1
+            try:
+                offload(group)
+            finally:
+                self._busy -= 1
+
+        @contextlib.contextmanager
+        def pinned(group):  # the stand-in for pinned copies: the CPU copies themselves
+            yield dict(group.cpu_param_dict)
+
+        def apply(module, onload_device, offload_device=None, use_stream=False, record_stream=False, **options):
+            block_modules = options.pop("block_modules", None)
+            exclude_kwargs = options.pop("exclude_kwargs", None)
+            config = go.GroupOffloadingConfig(
+                onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                offload_type=go.GroupOffloadingType(options.pop("offload_type", "block_level")),
+                stream=_Stream() if use_stream else None, record_stream=False, non_blocking=options.pop("non_blocking", False),
+                block_modules=block_modules if block_modules is not None else getattr(module, "_group_offload_block_modules", None),
+                exclude_kwargs=exclude_kwargs if exclude_kwargs is not None else getattr(module, "_skip_keys", None),
+                **options,
+            )  # fmt: skip
+            go._apply_group_offloading(module, config)  # the tracking version below
+
+        real_group_offload = memory.group_offload
+        monkeypatch.setattr(go.ModuleGroup, "onload_", onload_)
+        monkeypatch.setattr(go.ModuleGroup, "offload_", offload_)
+        monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(lambda tensor, low_cpu_mem_usage: tensor.data.cpu()))
+        monkeypatch.setattr(go.ModuleGroup, "_pinned_memory_tensors", pinned)
+        monkeypatch.setattr(go, "TorchDeviceBackend", lambda device: _Backend)
+        monkeypatch.setattr(go, "_apply_group_offloading", self._tracking(go._apply_group_offloading))
+        monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", apply)
+        monkeypatch.setattr(memory, "group_offload", lambda module, device: real_group_offload(module, "cuda:0"))
+
+    def _tracking(self, apply):
+        """diffusers' ``_apply_group_offloading`` (also what re-applies it after a change), then the groups noted."""
+
+        def tracked(module, config):
+            apply(module, config)
+            self._track(module)
+
+        return tracked
+
+    def _track(self, module: torch.nn.Module) -> None:
+        for submodule in module.modules():
+            registry = getattr(submodule, "_diffusers_hook", None)
+            hook = registry.get_hook("group_offloading") if registry is not None else None
+            if hook is None:
+                continue
+            group = hook.group
+            self.onloaded.setdefault(id(group), False)
+            tensors = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+            for tensor in tensors + list(group.parameters) + list(group.buffers):
+                self.owner[id(tensor)] = group
+        self.names.update({id(t): name for name, t in (*module.named_parameters(), *module.named_buffers())})
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Note each use of a weight whose group is off the device (in ``used_offloaded``)."""
+        emulation = self
+
+        class Uses(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not emulation._busy and getattr(func, "__name__", "") not in _METADATA:
+                    for value in (*args, *kwargs.values()):
+                        group = emulation.owner.get(id(value)) if isinstance(value, torch.Tensor) else None
+                        if group is not None and not emulation.onloaded[id(group)]:
+                            emulation.used_offloaded.append(f"{emulation.names.get(id(value), '?')}:{func.__name__}")
+                return func(*args, **kwargs)
+
+        with Uses():
+            yield
