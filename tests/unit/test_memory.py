@@ -144,6 +144,9 @@ def test_invalid_combinations_name_the_model():
         check_mode("qi", "fp8", "none", "fp8", "cuda")
     with pytest.raises(ProfileError, match="model qi: weights_dtype=fp8 does not combine with offload=sequential"):
         check_mode("qi", "fp8", "sequential", "none", "cuda")
+    with pytest.raises(ProfileError, match="model qi: quantize=fp8 does not combine with offload=sequential"):
+        check_mode("qi", "auto", "sequential", "fp8", "cuda")
+    check_mode("qi", "auto", "group", "fp8", "cuda")
     with pytest.raises(ProfileError, match="model qi: offload=sequential needs a CUDA device .*cpu"):
         check_mode("qi", "auto", "sequential", "none", "cpu")
     with pytest.raises(ProfileError, match="model qi: offload=group supports CUDA devices and the CPU, not mps"):

@@ -46,6 +46,12 @@ def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, devi
             f"model {model}: weights_dtype=fp8 does not combine with offload=sequential (accelerate's per-layer hooks "
             "replace the weights the FP8 casting keeps); use offload=group with weights_dtype=fp8"
         )
+    if quantize == "fp8" and offload == "sequential":
+        raise ProfileError(
+            f"model {model}: quantize=fp8 does not combine with offload=sequential (the FP8 layers keep their weights "
+            "as buffers, which accelerate's per-layer hooks move to the GPU for good: the whole FP8 transformer would "
+            "stay there); use offload=group with quantize=fp8"
+        )
     if offload == "sequential" and not device.startswith("cuda"):
         raise ProfileError(f"model {model}: offload=sequential needs a CUDA device (the model runs on {device})")
     if offload != "none" and not (device.startswith("cuda") or device == "cpu"):
