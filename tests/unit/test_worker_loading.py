@@ -104,9 +104,17 @@ class _LoadingRunner(FakeRunner):
         self.log.append(("warm", free))
 
 
+def _no_cuda_device_switch(monkeypatch) -> None:
+    """The workers below run on "cuda:0" with stubbed runners: making it the current device is CUDA's part, stubbed."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+
 def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monkeypatch):
     import multiprocessing
 
+    _no_cuda_device_switch(monkeypatch)
     lock = multiprocessing.get_context("spawn").Lock()
     log: list = []
     stub_runner(monkeypatch, lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
@@ -135,6 +143,7 @@ def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monk
 def test_warm_up_runs_after_the_lock_is_released_and_a_lock_never_released_is_waited_out(monkeypatch, caplog):
     import multiprocessing
 
+    _no_cuda_device_switch(monkeypatch)
     lock = multiprocessing.get_context("spawn").Lock()
     log: list = []
     stub_runner(monkeypatch, lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
@@ -170,3 +179,26 @@ def test_each_gpu_has_one_load_lock_and_cpu_workers_none():
     assert load_lock(spawn, "cpu") is None
     assert load_lock(spawn, "cuda") is load_lock(spawn, "cuda:0") is not None
     assert load_lock(spawn, "cuda:1") is not load_lock(spawn, "cuda:0")
+
+
+def test_a_worker_on_a_numbered_gpu_makes_it_current_before_loading(monkeypatch):
+    """On ``cuda:1`` the process's current device is cuda:1 before anything loads: work on the current stream (the
+    FP8 probe's timing events, group offload's side stream) then runs on the worker's own GPU. (CUDA is stubbed.)"""
+    import torch
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(f"current {device}"))
+
+    def load(spec, device, dtype, shared=None, warm=True):
+        events.append(f"load on {device}")
+        raise RuntimeError("stop here")
+
+    stub_runner(monkeypatch, load)
+    ours, theirs = Pipe()
+    worker_main(SimpleNamespace(id="m"), "cuda:1", "auto", 1, theirs, "m#0")
+    assert recv(ours) == LoadFailed("RuntimeError: stop here")
+    assert events == ["current cuda:1", "load on cuda:1"]
+    events.clear()
+    worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")
+    recv(ours)
+    assert events == ["load on cpu"]

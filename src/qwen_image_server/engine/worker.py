@@ -229,6 +229,10 @@ class Worker:
             import torch
 
             torch.set_num_threads(max(1, threads))
+            if device.startswith("cuda:"):
+                # This process's current device: what runs on "the current stream" (the FP8 probe's timing events,
+                # group offload's side stream) runs on the worker's GPU, and no context is made on cuda:0 as well.
+                torch.cuda.set_device(torch.device(device))
             from ..models.runner import PipelineRunner
             from ..models.shared import ComponentCache
 
