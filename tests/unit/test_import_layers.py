@@ -31,6 +31,7 @@ LAYER_OF = {
     "protocol": "protocol",
     "engine": "engine",
     "engine.worker": "worker",
+    "engine.worker_device": "worker",
     "models": "models",
     "": "shared",  # the package's __init__
     "errors": "shared",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import threading
 from multiprocessing import Pipe
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from qwen_image_server.engine.worker import (
     Failed,
     InfoUpdate,
     Partial,
+    Ready,
     RunTask,
     Stop,
     Worker,
@@ -89,12 +91,21 @@ def test_a_failing_task_reports_one_line_and_the_worker_goes_on(served):
     assert isinstance(until_finished(conn, 2)[-1], Done)
 
 
+def _stub_cuda(monkeypatch, runner: FakeRunner, synchronize=None) -> list[bool]:
+    """CUDA's calls after a failure, stubbed: the list notes, for each ``empty_cache``, whether the failed call's
+    working tensor was gone by then (what is still referenced cannot be given back to the GPU)."""
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is not None and runner.held() is None))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize or (lambda device=None: None))
+    return emptied
+
+
 def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_goes_on(monkeypatch):
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    runner = FakeRunner(device="cuda:0")
+    emptied = _stub_cuda(monkeypatch, runner)
     monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
     ours, theirs = Pipe()
-    thread = threading.Thread(target=Worker(FakeRunner(device="cuda:0"), theirs, "m#0").serve, daemon=True)
+    thread = threading.Thread(target=Worker(runner, theirs, "m#0").serve, daemon=True)
     thread.start()
     try:
         ours.send(RunTask(Task(1, job("oom"))))
@@ -108,7 +119,7 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     message = InferenceFailed(failed.reason).message
     assert message.startswith("Inference failed: out of memory on the device (this request needed more than was free")
     assert "Process" not in message and "4242" not in message and "GiB" not in message and "PYTORCH" not in message
-    assert emptied == [True]  # what the failed call cached is given back
+    assert emptied == [True]  # what the failed call cached is given back, its tensors released first
 
 
 @pytest.mark.parametrize(
@@ -153,10 +164,10 @@ def test_stop_stops_the_running_task_at_its_next_step(served):
 def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empties_the_cache(monkeypatch):
     live = {"memory": {"device_free_gib": 1.5}}
     monkeypatch.setattr(worker_module, "device_memory", lambda device: live if device.startswith("cuda") else {})
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    runner = FakeRunner(device="cuda:0")
+    emptied = _stub_cuda(monkeypatch, runner)
     ours, theirs = Pipe()
-    worker = Worker(FakeRunner(device="cuda:0"), theirs, "m#0")
+    worker = Worker(runner, theirs, "m#0")
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
@@ -185,3 +196,54 @@ def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
     error = _as_server_error(TaskError("RayTaskError(OutOfMemoryError): ray::replica ...\nTraceback ..."))
     assert isinstance(error, InferenceFailed)
     assert error.message == f"Inference failed: {OUT_OF_MEMORY}{OUT_OF_MEMORY_ADVICE}"
+
+
+def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypatch):
+    """A CUDA error that breaks the process's context (an illegal memory access): every later call would fail too, so
+    the task fails saying so and the worker process exits (its engine starts a new one) instead of answering 500s."""
+    from worker_fakes import stub_runner
+
+    from qwen_image_server.engine.worker import worker_main
+
+    def synchronize(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    runner = FakeRunner(device="cuda:0")
+    emptied = _stub_cuda(monkeypatch, runner, synchronize)
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    stub_runner(monkeypatch, lambda spec, device, dtype, shared=None, warm=True: runner)
+    ours, theirs = Pipe()
+    exits = []
+    thread = threading.Thread(
+        target=lambda: exits.append(_exit_code(worker_main, SimpleNamespace(id="m"), "cuda:0", "auto", 1, theirs, "m#0")),
+        daemon=True,
+    )
+    thread.start()
+    assert isinstance(ours.recv(), Ready)
+    ours.send(RunTask(Task(1, job())))
+    first = until_finished(ours, 1)
+    ours.send(RunTask(Task(2, job("boom"))))
+    assert until_finished(ours, 2) == [Failed(2, "RuntimeError: boom (the GPU failed; its worker is replaced)")]
+    thread.join(timeout=WAIT)
+    assert not thread.is_alive() and exits == [1]
+    assert isinstance(first[-1], Done) and emptied == []  # cache given back only when it could be
+
+
+def _exit_code(main, *args) -> int | None:
+    try:
+        main(*args)
+    except SystemExit as exc:
+        return exc.code
+    return None
+
+
+def test_a_preview_that_cannot_be_encoded_is_dropped_and_the_result_still_comes(served):
+    conn, _, _ = served
+    conn.send(RunTask(Task(1, job("bad preview", partial_images=2))))
+    messages = until_finished(conn, 1)
+    previews = [m.image.partial_index for m in messages if isinstance(m, Partial)]
+    assert sorted(previews) == [1, 1]  # each image's second preview; the first, unencodable, left out
+    assert isinstance(messages[-1], Done)
+    conn.send(RunTask(Task(2, job(partial_images=1))))
+    assert isinstance(until_finished(conn, 2)[-1], Done)  # the worker goes on

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -29,6 +30,15 @@ CUDA_OOM = (
 WAIT = 30.0  # seconds any one message may take
 
 
+class _Unencodable:
+    """A preview whose encoding fails (as one may run out of host memory)."""
+
+    size = (8, 8)
+
+    def convert(self, mode: str):
+        raise MemoryError()
+
+
 @dataclass
 class FakeRunner:
     """What ``Worker`` uses of a ``PipelineRunner``. Prompts steer it: "boom" raises, "wait" runs until cancelled."""
@@ -40,15 +50,20 @@ class FakeRunner:
     memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
     speed: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(info={"compile": False}))
     determinism: dict = field(default_factory=lambda: {"deterministic": False})
+    #: the last failed call's working tensor (a weak reference): what a pipeline's frames hold when it raises
+    held: weakref.ref | None = None
 
     def run(self, job: Job, should_stop, on_partial) -> list[Image.Image]:
         self.started.set()
         for index in range(job.n):
             for step in range(job.partial_images):
-                on_partial(index, step, Image.new("RGB", (8, 8), (step, 0, 0)))
-        if job.prompt == "boom":
-            raise RuntimeError("boom\nsecond line")
-        if job.prompt == "oom":
+                unencodable = job.prompt == "bad preview" and step == 0
+                on_partial(index, step, _Unencodable() if unencodable else Image.new("RGB", (8, 8)))
+        if job.prompt in ("boom", "oom"):
+            working = torch.zeros(4)
+            self.held = weakref.ref(working)
+            if job.prompt == "boom":
+                raise RuntimeError("boom\nsecond line")
             raise torch.cuda.OutOfMemoryError(CUDA_OOM)
         if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
             deadline = time.monotonic() + WAIT

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
+from .worker_device import DeviceBroken, device_memory, recover_device
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -108,27 +109,6 @@ class Partial:
 
 
 FromWorker = Ready | LoadFailed | InfoUpdate | Computed | Done | Failed | Partial
-
-
-def device_memory(device: str) -> dict:
-    """``{"memory": ...}`` in GiB for a CUDA device: what this process holds and what the device has left
-    (the live side of the memory plan); empty elsewhere."""
-    if not device.startswith("cuda"):
-        return {}
-    import torch
-
-    def gib(value: int) -> float:
-        return round(value / 1024**3, 2)
-
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    return {
-        "memory": {
-            "allocated_gib": gib(torch.cuda.memory_allocated(device)),
-            "reserved_gib": gib(torch.cuda.memory_reserved(device)),
-            "device_free_gib": gib(free),
-            "device_total_gib": gib(total),
-        }
-    }
 
 
 # --- one load at a time per GPU ------------------------------------------------------------
@@ -277,15 +257,18 @@ class Worker:
         return self.runners.get(task.model, self.runner)
 
     def serve(self) -> None:
-        """Run tasks until told to stop (or the engine is gone); then let the encode thread finish."""
+        """Run tasks until told to stop (or the engine is gone, or the device broke: ``DeviceBroken``); then let the
+        encode thread finish what earlier tasks computed."""
         threading.Thread(target=self._receive, name="receive", daemon=True).start()
         encoder = threading.Thread(target=self._encode, name="encode", daemon=True)
         encoder.start()
-        while (task := self._inbox.get()) is not None:
-            self._run(task)
-            self._cancelled.discard(task.task_id)
-        self._to_encode.put(None)
-        encoder.join(timeout=30)
+        try:
+            while (task := self._inbox.get()) is not None:
+                self._run(task)
+                self._cancelled.discard(task.task_id)
+        finally:
+            self._to_encode.put(None)
+            encoder.join(timeout=30)
 
     def _receive(self) -> None:
         while True:
@@ -314,27 +297,31 @@ class Worker:
             return task_id in self._cancelled or self._stopping.is_set()
 
         runner = self.runner_for(task)
+        failure = None
         try:
             images = runner.run(task.job, should_stop=should_stop, on_partial=on_partial)
         except TaskCancelled:
             log.info("task %s stopped after %.2fs", task_id, time.time() - started)
             self.send(Failed(task_id, "cancelled", cancelled=True))
+            return
         except Exception as exc:
             log.error("task %s failed:\n%s", task_id, traceback.format_exc())
-            if runner.device.startswith("cuda"):  # e.g. out of memory: give back what the failed call cached
-                import torch
-
-                torch.cuda.empty_cache()
-            self.send(Failed(task_id, short_reason(exc, request=True)))
-        else:
-            self.send(Computed(task_id))
-            if self._first_job and runner.device.startswith("cuda"):
-                if self.runners:
-                    self.send(InfoUpdate({}, {model: self.memory(one) for model, one in self.runners.items()}))
-                else:
-                    self.send(InfoUpdate(self.memory()))
-            self._first_job = False
-            self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats)))
+            failure = short_reason(exc, request=True)
+        if failure is not None:  # out of the except block: its traceback no longer holds the failed call's tensors
+            broken = recover_device(runner.device)
+            if broken is not None:
+                self.send(Failed(task_id, f"{failure} (the GPU failed; its worker is replaced)"))
+                raise DeviceBroken(broken)
+            self.send(Failed(task_id, failure))
+            return
+        self.send(Computed(task_id))
+        if self._first_job and runner.device.startswith("cuda"):
+            if self.runners:
+                self.send(InfoUpdate({}, {model: self.memory(one) for model, one in self.runners.items()}))
+            else:
+                self.send(InfoUpdate(self.memory()))
+        self._first_job = False
+        self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats)))
 
     def _encode(self) -> None:
         from ..images import encode_image
@@ -345,7 +332,13 @@ class Worker:
         while (item := self._to_encode.get()) is not None:
             task = item.task
             if isinstance(item, _Preview):
-                preview = PartialImage(item.index, item.partial_index, encoded(task.job, task.job.seeds[item.index], item.image))
+                try:
+                    preview = PartialImage(
+                        item.index, item.partial_index, encoded(task.job, task.job.seeds[item.index], item.image)
+                    )
+                except Exception:  # a preview is not worth the thread: the task's result still comes
+                    log.error("encoding a preview of task %s failed:\n%s", task.task_id, traceback.format_exc())
+                    continue
                 self.send(Partial(task.task_id, preview))
                 continue
             try:
@@ -383,4 +376,7 @@ def worker_main(
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     worker = Worker.load(spec, device, dtype, threads, conn, name, load_lock)
     if worker is not None:
-        worker.serve()
+        try:
+            worker.serve()
+        except DeviceBroken:
+            raise SystemExit(1) from None  # its engine sees the exit and starts a new worker

@@ -1,0 +1,59 @@
+"""A worker's GPU as the worker process sees it: what it holds (``device_memory``, for ``/ready`` and the metrics),
+and what is left after a pipeline call failed (``recover_device``): the memory it cached given back, or the process
+given up (``DeviceBroken``) when its CUDA context broke. Shared by the embedded engine's worker and the Ray replica;
+torch is imported inside the functions (the API process imports this module through ``engine/worker.py``)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import short_reason
+
+log = logging.getLogger(__name__)
+
+
+def device_memory(device: str) -> dict:
+    """``{"memory": ...}`` in GiB for a CUDA device: what this process holds and what the device has left
+    (the live side of the memory plan); empty elsewhere."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    def gib(value: int) -> float:
+        return round(value / 1024**3, 2)
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return {
+        "memory": {
+            "allocated_gib": gib(torch.cuda.memory_allocated(device)),
+            "reserved_gib": gib(torch.cuda.memory_reserved(device)),
+            "device_free_gib": gib(free),
+            "device_total_gib": gib(total),
+        }
+    }
+
+
+class DeviceBroken(Exception):
+    """The worker's GPU cannot run anything more in this process (its CUDA context is broken): the process exits and
+    its engine starts a new one."""
+
+
+def recover_device(device: str) -> str | None:
+    """After a failed pipeline call on ``device``, once nothing holds the call's tensors: give back what it cached to
+    the GPU (other workers on it may need it), and say why the device cannot go on, or None when it can. Out of
+    memory leaves it usable; a CUDA error such as an illegal memory access leaves the process's CUDA context broken,
+    and every later call would fail the same way."""
+    if not device.startswith("cuda"):
+        return None
+    import gc
+
+    import torch
+
+    gc.collect()  # tensors that the failed call's frames and its exception still held in a reference cycle
+    try:
+        torch.cuda.synchronize(torch.device(device))
+        torch.cuda.empty_cache()
+    except Exception as exc:
+        log.error("the GPU %s failed in this worker (%s): the worker exits to be replaced", device, short_reason(exc))
+        return short_reason(exc)
+    return None
