@@ -199,3 +199,59 @@ def _raising(error: BaseException):
         raise error
 
     return receive
+
+
+def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypatch):
+    """A CUDA error that breaks the replica's context: the call fails, the memory the failed call held is released
+    before the cache is given back, and from then on the health check fails (Serve replaces the replica) and new
+    calls fail at once instead of running on the broken GPU. An out of memory leaves the replica healthy."""
+    pytest.importorskip("ray.serve")
+    import torch
+
+    from qwen_image_server.engine import ray_serve
+
+    runner = FakeRunner(device="cuda:0")
+    broken: list[bool] = []
+    emptied: list[bool] = []
+
+    def synchronize(device=None):
+        if broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held() is None))
+    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_serve.ModelReplica(spec, "cuda:0", "auto", None)
+
+    async def outcome(prompt: str) -> BaseException | None:
+        try:
+            async for _ in replica.run(Task(1, Job(mode="generate", prompt=prompt, seeds=[1]))):
+                pass
+        except Exception as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(outcome("oom")), torch.cuda.OutOfMemoryError)
+    assert emptied == [True]  # its working tensor released first
+    replica.check_health()  # out of memory: still healthy
+    broken.append(True)
+    assert str(asyncio.run(outcome("boom"))).startswith("boom")
+    with pytest.raises(RuntimeError, match="the GPU failed .*illegal memory access"):
+        replica.check_health()
+    refused = asyncio.run(outcome("a cat"))
+    assert "the GPU failed" in str(refused) and "its replica is being replaced" in str(refused)
+    assert runner.started.is_set() and emptied == [True]
+
+
+def test_a_deployment_serve_gave_up_on_is_a_503_not_a_dead_replica():
+    pytest.importorskip("ray.serve")
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    from qwen_image_server.engine.ray_serve import _as_server_error
+    from qwen_image_server.errors import NotReady
+
+    error = _as_server_error(DeploymentUnavailableError(DeploymentID(name="model0-m", app_name="main")), 1, "m")
+    assert isinstance(error, NotReady) and error.status_code == 503
+    assert error.message == "Model m is unavailable: its deployment's replicas failed to start; see `serve status`"

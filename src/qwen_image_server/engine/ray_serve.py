@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +29,12 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..config import Settings
-from ..errors import InferenceFailed, QueueFull, ShuttingDown, TaskCancelled, short_reason
+from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
+from .worker_device import recover_device
 from .worker_process import public_reason
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class ModelReplica:
         self._stuck_after = stuck_task_seconds
         self._running: tuple[int, float] | None = None  # the task whose pipeline runs, and since when
         self._stop_asked: dict[int, float] = {}  # tasks told to stop whose pipeline has not ended: since when
+        self._broken: str | None = None  # why this replica's GPU can run nothing more (``recover_device``)
 
     def pid(self) -> int:
         return os.getpid()
@@ -69,7 +72,9 @@ class ModelReplica:
     def check_health(self) -> None:
         """Serve's periodic check: a task told to stop that still runs ``stuck_task_seconds`` later (counted from when
         its pipeline started, if later) is stuck in a call that does not return. Raising makes Serve replace this
-        replica, as the embedded engine kills such a worker."""
+        replica, as the embedded engine kills such a worker. So does a broken GPU."""
+        if self._broken is not None:
+            raise RuntimeError(f"the GPU failed ({self._broken})")
         running = self._running
         if running is None or self._stuck_after <= 0 or running[0] not in self._stop_asked:
             return
@@ -97,13 +102,24 @@ class ModelReplica:
             with self._pipeline_lock:
                 if stop.is_set():  # cancelled while the previous call's pipeline still ran: none of it is needed
                     raise TaskCancelled()
+                if self._broken is not None:  # until Serve's health check replaces this replica
+                    raise RuntimeError(f"the GPU failed ({self._broken}); its replica is being replaced")
                 self._running = (task.task_id, time.monotonic())
+                failure = None
                 try:
                     started = time.time()
                     images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
                     return images, started, time.time(), dict(self.runner.last_stats)
+                except TaskCancelled:
+                    raise
+                except Exception as exc:
+                    log.error("task %s failed:\n%s", task.task_id, traceback.format_exc())
+                    failure = exc.with_traceback(None)  # no frame of the failed call left holding its tensors
+                    failure.__context__ = failure.__cause__ = None
                 finally:
                     self._running = None
+                self._broken = recover_device(self.runner.device)  # the cache given back; or the context is broken
+                raise failure
 
         future = loop.run_in_executor(None, work)
         future.add_done_callback(lambda _: previews.put_nowait(None))
@@ -217,7 +233,7 @@ class RayEngine:
                 # A cancelled stream ends its read with Serve's own error rather than the task's cancellation:
                 # retrieved here, or asyncio logs "Task exception was never retrieved" for each piece.
                 t.add_done_callback(_retrieve_outcome)
-            raise _as_server_error(exc, retry_after(self.settings, model_id)) from None
+            raise _as_server_error(exc, retry_after(self.settings, model_id), model_id) from None
         return JobResult.combine(results)
 
     def _serve_status(self) -> tuple[bool, dict]:
@@ -293,7 +309,7 @@ _MODEL_STATE = {
 }
 
 
-def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
+def _as_server_error(exc: BaseException, retry_after: int = 1, model: str = "the model") -> BaseException:
     """Ray's exceptions as this server's typed errors."""
     from ..errors import ServerError
 
@@ -302,6 +318,8 @@ def _as_server_error(exc: BaseException, retry_after: int = 1) -> BaseException:
     if isinstance(exc, BackPressureError):  # Ray's caller-side queue (max_queued_requests) is full
         return QueueFull(retry_after=retry_after)
     name = type(exc).__name__
+    if name == "DeploymentUnavailableError":  # Serve gave up starting its replicas (DEPLOY_FAILED): no retry comes
+        return NotReady(f"Model {model} is unavailable: its deployment's replicas failed to start; see `serve status`")
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name or "Unavailable" in name:
         return InferenceFailed("replica died while running the task")
     if "TaskCancelled" in name:
