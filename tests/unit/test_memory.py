@@ -387,3 +387,20 @@ def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny
             (image,) = runner.run(replace(GENERATE, lora=lora))
         assert image.size == (SIZE, SIZE)
         assert emulation.used_offloaded == [], sorted(set(emulation.used_offloaded))
+
+
+def test_a_call_stopped_midway_under_model_offload_puts_the_components_back(tiny_t2i, monkeypatch):
+    """diffusers offloads the last component of a model-offloaded pipeline at the end of its call: a call stopped
+    midway (client gone, out of memory) never got there, and on a GPU the next call would start with the transformer
+    still on it and add the text encoder. The runner does that step itself when a call fails."""
+    from qwen_image_server.errors import TaskCancelled
+
+    runner = _runner(tiny_t2i, offload="model")
+    real, reset = runner.pipe.maybe_free_model_hooks, []
+    monkeypatch.setattr(runner.pipe, "maybe_free_model_hooks", lambda: (reset.append(True), real())[1])
+    asked = iter([False])  # running at the start, stopped at the first step's end
+    with pytest.raises(TaskCancelled):
+        runner.run(GENERATE, should_stop=lambda: next(asked, True))
+    assert reset == [True]
+    (image,) = runner.run(GENERATE)  # and the next call runs
+    assert image.size == (SIZE, SIZE) and reset == [True, True]  # diffusers' own, at the end of a finished call

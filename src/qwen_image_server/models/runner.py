@@ -264,6 +264,12 @@ class PipelineRunner:
                 preview.attach(pipe)
             try:
                 result = to_pil_images(pipe(**kwargs).images)
+            except Exception:
+                # A call that did not finish (stopped, out of memory) skipped diffusers' last step: under model
+                # offload its last component stayed on the GPU, and the next call would hold two there at once.
+                with contextlib.suppress(Exception):
+                    pipe.maybe_free_model_hooks()
+                raise
             finally:
                 if preview is not None:
                     preview.detach()
