@@ -5,8 +5,8 @@ time per replica, a bounded queue, autoscaling between min and max replicas),
 and an ingress deployment that runs the very same FastAPI app as the embedded
 engine (``create_app``, passed in by ``ray_app.py``) with a ``RayEngine`` behind
 ``EngineClient``. Replicas return encoded image bytes. Timeouts and client
-disconnects cancel the replica call; the replica stops its pipeline at the next
-denoising step.
+disconnects cancel the replica call; the replica (``engine/ray_replica.py``) stops its
+pipeline at the next denoising step.
 
 Importing this module needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 """
@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +28,11 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, short_reason
-from ..jobs import EncodedImage, Job, JobResult, PartialImage, Task, TaskResult
+from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .worker_device import recover_device
+from .ray_replica import ModelReplica, retrieve_outcome
 from .worker_process import public_reason
 
 log = logging.getLogger(__name__)
@@ -43,112 +41,6 @@ log = logging.getLogger(__name__)
 def deployment_name(index: int, spec: ModelSpec) -> str:
     """A Serve deployment name for a model (Serve names allow fewer characters than model ids)."""
     return f"model{index}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", spec.id)
-
-
-class ModelReplica:
-    """One replica: owns one device and one pipeline; runs one task at a time."""
-
-    def __init__(self, spec: ModelSpec, device: str, dtype: str, threads: int | None, stuck_task_seconds: float = 0.0):
-        import torch
-
-        from ..models.runner import PipelineRunner
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.spec = spec
-        self.runner = PipelineRunner(spec, device=device, dtype=dtype)
-        self.name = f"{spec.id}@{os.getpid()}"
-        # A cancelled call returns at once, but its pipeline thread only stops at the next
-        # step: the next call waits here so that the pipeline never has two owners.
-        self._pipeline_lock = threading.Lock()
-        self._stuck_after = stuck_task_seconds
-        self._running: tuple[int, float] | None = None  # the task whose pipeline runs, and since when
-        self._stop_asked: dict[int, float] = {}  # tasks told to stop whose pipeline has not ended: since when
-        self._broken: str | None = None  # why this replica's GPU can run nothing more (``recover_device``)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def check_health(self) -> None:
-        """Serve's periodic check: a task told to stop that still runs ``stuck_task_seconds`` later (counted from when
-        its pipeline started, if later) is stuck in a call that does not return. Raising makes Serve replace this
-        replica, as the embedded engine kills such a worker. So does a broken GPU."""
-        if self._broken is not None:
-            raise RuntimeError(f"the GPU failed ({self._broken})")
-        running = self._running
-        if running is None or self._stuck_after <= 0 or running[0] not in self._stop_asked:
-            return
-        task_id, since = running
-        waited = time.monotonic() - max(since, self._stop_asked[task_id])
-        if waited > self._stuck_after:
-            log.error("replica %s still runs task %s %.0fs after it was told to stop; unhealthy", self.name, task_id, waited)
-            raise RuntimeError(f"task {task_id} still runs {waited:.0f}s after it was told to stop")
-
-    async def run(self, task: Task):
-        """Yield ``PartialImage`` previews while denoising, then the ``TaskResult``."""
-        from ..images import encode_image
-
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        previews: asyncio.Queue = asyncio.Queue()
-        job = task.job
-
-        def on_partial(index: int, partial_index: int, image) -> None:
-            data = encode_image(image, job.output_format, job.output_compression)
-            preview = PartialImage(index, partial_index, EncodedImage(job.seeds[index], data, *image.size))
-            loop.call_soon_threadsafe(previews.put_nowait, preview)
-
-        def work():
-            with self._pipeline_lock:
-                if stop.is_set():  # cancelled while the previous call's pipeline still ran: none of it is needed
-                    raise TaskCancelled()
-                if self._broken is not None:  # until Serve's health check replaces this replica
-                    raise RuntimeError(f"the GPU failed ({self._broken}); its replica is being replaced")
-                self._running = (task.task_id, time.monotonic())
-                failure = None
-                try:
-                    started = time.time()
-                    images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
-                    return images, started, time.time(), dict(self.runner.last_stats)
-                except TaskCancelled:
-                    raise
-                except Exception as exc:
-                    log.error("task %s failed:\n%s", task.task_id, traceback.format_exc())
-                    failure = exc.with_traceback(None)  # no frame of the failed call left holding its tensors
-                    failure.__context__ = failure.__cause__ = None
-                finally:
-                    self._running = None
-                self._broken = recover_device(self.runner.device)  # the cache given back; or the context is broken
-                raise failure
-
-        future = loop.run_in_executor(None, work)
-        future.add_done_callback(lambda _: previews.put_nowait(None))
-        future.add_done_callback(lambda _: self._stop_asked.pop(task.task_id, None))  # on the loop, after any cancel
-        try:
-            while (preview := await previews.get()) is not None:
-                yield preview
-            images, started, finished, stats = await future
-        except asyncio.CancelledError:
-            stop.set()
-            if not future.done():
-                self._stop_asked[task.task_id] = time.monotonic()
-            future.add_done_callback(_retrieve_outcome)  # the stopped run's TaskCancelled: no one awaits it now
-            raise
-        encoding = time.perf_counter()
-        encoded = await asyncio.to_thread(
-            lambda: [
-                EncodedImage(seed, encode_image(image, job.output_format, job.output_compression), *image.size)
-                for seed, image in zip(job.seeds, images, strict=True)
-            ]
-        )
-        stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
-        yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt), stats)
-
-
-def _retrieve_outcome(task: asyncio.Future) -> None:
-    """Read a finished task's outcome, which no one awaits any more."""
-    if not task.cancelled():
-        task.exception()
 
 
 class RayEngine:
@@ -232,7 +124,7 @@ class RayEngine:
                 t.cancel()
                 # A cancelled stream ends its read with Serve's own error rather than the task's cancellation:
                 # retrieved here, or asyncio logs "Task exception was never retrieved" for each piece.
-                t.add_done_callback(_retrieve_outcome)
+                t.add_done_callback(retrieve_outcome)
             raise _as_server_error(exc, retry_after(self.settings, model_id), model_id) from None
         return JobResult.combine(results)
 
