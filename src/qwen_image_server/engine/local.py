@@ -228,16 +228,19 @@ class _ModelPool:
             self.load_failures += 1  # died before it could say why
         if self._give_up():
             retry = self.settings.worker_retry_seconds
-            log.warning(
-                "worker %s exited (exit code %s); model %s marked failed, next try in %.0fs",
-                worker.name,
-                code,
-                self.spec.id,
-                retry,
-            )
             worker.state = "failed"
             for pool in worker.pools:
-                pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
+                if pool.usable():  # its other workers serve the model: only this one waits for the next try
+                    log.warning(
+                        "worker %s exited (exit code %s) and gave up loading; model %s goes on with its other "
+                        "workers, next try in %.0fs", worker.name, code, pool.spec.id, retry,
+                    )  # fmt: skip
+                else:
+                    log.warning(
+                        "worker %s exited (exit code %s); model %s marked failed, next try in %.0fs",
+                        worker.name, code, pool.spec.id, retry,
+                    )  # fmt: skip
+                    pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
             self.loop.call_later(retry, self._retry_failed)
             return
         # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60).
@@ -267,8 +270,9 @@ class _ModelPool:
         self._replace(worker)
 
     def _retry_failed(self) -> None:
-        """Try a failed model again (its files may have been fixed, or its GPU freed); it stays failed until a worker loads."""
-        if self.closing or not self.broken:
+        """Try the workers that gave up loading again (the model's files may have been fixed, or their GPU freed); a
+        failed model stays failed until one loads."""
+        if self.closing or not any(w.state == "failed" and w.owner is self for w in self.workers):
             return
         log.info("trying model %s again", self.spec.id)
         self.load_failures = 0
@@ -286,7 +290,13 @@ class _ModelPool:
 
     # --- life cycle ------------------------------------------------------------------
     def ready(self) -> bool:
-        return all(w.state in ("idle", "busy") for w in self.workers)
+        """Every worker loaded, save those that gave up loading while others serve (a GPU that cannot hold the model
+        does not take the model's other workers out of service; ``workers`` in the status shows it)."""
+        return self.usable() and all(w.state in ("idle", "busy", "failed") for w in self.workers)
+
+    def usable(self) -> bool:
+        """Whether a worker of the model can take work now."""
+        return any(w.state in ("idle", "busy") for w in self.workers)
 
     def status(self) -> dict:
         return {

@@ -1,0 +1,84 @@
+"""A model's workers that cannot load (``engine/local.py`` ``_ModelPool``), on fake worker processes: the model is
+failed only when none of its workers can serve; one worker that gives up (its GPU full, or broken) leaves the others
+serving, and is tried again later. (The real-process case of a whole model failing: tests/e2e/test_recovery.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from qwen_image_server.config import Settings
+from qwen_image_server.engine.local import _ModelPool
+from qwen_image_server.engine.worker import LoadFailed, Ready
+from qwen_image_server.errors import NotReady
+from qwen_image_server.models.spec import ModelSpec
+
+
+class FakeWorker:
+    """What the pool uses of a ``WorkerProcess``; ``exit()`` is its process ending."""
+
+    def __init__(self, pool: _ModelPool, slot: int):
+        self.pools, self.owner, self.slot, self.name = [pool], pool, slot, f"m#{slot}"
+        self.state, self.running, self.infos, self.exitcode = "loading", None, {}, None
+        self.process = self
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def error(self) -> str | None:
+        return next((info["error"] for info in self.infos.values() if "error" in info), None)
+
+    def describe(self, pool=None) -> dict:
+        return {"name": self.name, "state": self.state}
+
+    def exit(self, code: int) -> None:
+        self.exitcode = code
+        self.owner.on_exit(self)
+
+
+def _pool(workers: int) -> tuple[_ModelPool, list[FakeWorker], list[FakeWorker]]:
+    """A pool of fake workers; the list after them collects the workers it replaces (its retries)."""
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    settings = Settings(worker_restart_limit=0, worker_retry_seconds=0.05)  # the first failure gives up
+    pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+    fakes = [FakeWorker(pool, slot) for slot in range(workers)]
+    pool.workers.extend(fakes)  # type: ignore[arg-type]
+    replaced: list[FakeWorker] = []
+    pool._replace = replaced.append  # type: ignore[method-assign,assignment]
+    return pool, fakes, replaced
+
+
+def test_a_worker_that_gives_up_loading_leaves_the_model_serving_on_its_others():
+    async def run() -> None:
+        pool, (good, bad), replaced = _pool(2)
+        pool.on_message(good, Ready({"device": "cuda:0"}))  # type: ignore[arg-type]
+        pool.on_message(bad, LoadFailed("out of memory on the device"))  # type: ignore[arg-type]
+        bad.exit(0)
+        assert pool.broken is None and pool.usable() and pool.ready()
+        pool.admit()  # takes work, on the worker that loaded
+        status = pool.status()
+        assert status["state"] == "ready" and status["error"] is None
+        assert status["workers"] == [{"name": "m#0", "state": "idle"}, {"name": "m#1", "state": "failed"}]
+        await asyncio.sleep(0.2)
+        assert replaced == [bad]  # tried again after worker_retry_seconds
+
+    asyncio.run(run())
+
+
+def test_a_model_none_of_whose_workers_loads_is_failed_and_tried_again():
+    async def run() -> None:
+        pool, (only,), replaced = _pool(1)
+        pool.on_message(only, LoadFailed("out of memory on the device"))  # type: ignore[arg-type]
+        only.exit(0)
+        assert pool.broken == "out of memory on the device" and not pool.ready()
+        try:
+            pool.admit()
+        except NotReady as exc:
+            assert "Model m is unavailable: its workers failed to load (out of memory on the device)" in exc.message
+        else:
+            raise AssertionError("a failed model took work")
+        assert pool.status()["state"] == "failed"
+        await asyncio.sleep(0.2)
+        assert replaced == [only]
+
+    asyncio.run(run())
