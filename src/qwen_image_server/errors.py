@@ -129,6 +129,9 @@ class TaskCancelled(Exception):
 #: What a client is told when a pipeline ran out of memory: torch's own message names processes, their memory and
 #: the allocator's settings (all in the server log, none of the client's business).
 OUT_OF_MEMORY = "out of memory on the device"
+#: The same for the machine's own memory (Python's ``MemoryError``, torch's CPU allocator): on a GPU worker, e.g. while
+#: it encodes an image, "the device" would point at the GPU.
+OUT_OF_HOST_MEMORY = "out of host memory"
 #: Added for a request that ran out of memory.
 OUT_OF_MEMORY_ADVICE = (
     " (this request needed more than was free: a smaller size or fewer images per request needs less; "
@@ -149,6 +152,7 @@ def short_reason(exc: BaseException, *, request: bool = False) -> str:
     """One line for a client: the exception's type and first line, no traceback. Running out of memory is named
     without torch's details, with advice when it was a ``request``'s run (not a model's load)."""
     if is_out_of_memory(exc):
-        return OUT_OF_MEMORY + (OUT_OF_MEMORY_ADVICE if request else "")
+        host = isinstance(exc, MemoryError) or "cpuallocator" in str(exc).lower()
+        return (OUT_OF_HOST_MEMORY if host else OUT_OF_MEMORY) + (OUT_OF_MEMORY_ADVICE if request else "")
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

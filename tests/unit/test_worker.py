@@ -32,6 +32,7 @@ from qwen_image_server.engine.worker import (
     Worker,
 )
 from qwen_image_server.errors import (
+    OUT_OF_HOST_MEMORY,
     OUT_OF_MEMORY,
     OUT_OF_MEMORY_ADVICE,
     InferenceFailed,
@@ -123,18 +124,27 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
 
 
 @pytest.mark.parametrize(
-    "exc",
+    ("exc", "said"),
     [
-        torch.cuda.OutOfMemoryError(CUDA_OOM),
-        MemoryError(),
-        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
-        RuntimeError("MPS backend out of memory (MPS allocated: 17.01 GB, other allocations: 1.02 GB, max allowed: 18.13 GB)"),
+        (torch.cuda.OutOfMemoryError(CUDA_OOM), OUT_OF_MEMORY),
+        (MemoryError(), OUT_OF_HOST_MEMORY),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
+            OUT_OF_HOST_MEMORY,
+        ),
+        (
+            RuntimeError(
+                "MPS backend out of memory (MPS allocated: 17.01 GB, other allocations: 1.02 GB, max allowed: 18.13 GB)"
+            ),
+            OUT_OF_MEMORY,
+        ),
     ],
     ids=["cuda", "python", "cpu-allocator", "mps"],
 )
-def test_each_kind_of_out_of_memory_is_one_short_reason(exc):
-    assert short_reason(exc) == OUT_OF_MEMORY  # a model's load: no advice about requests
-    assert short_reason(exc, request=True) == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
+def test_each_kind_of_out_of_memory_is_one_short_reason(exc, said):
+    """The device's memory or the machine's (a GPU worker encoding an image, a CPU worker) are named apart."""
+    assert short_reason(exc) == said  # a model's load: no advice about requests
+    assert short_reason(exc, request=True) == said + OUT_OF_MEMORY_ADVICE
 
 
 def test_other_failures_keep_their_type_and_first_line():
