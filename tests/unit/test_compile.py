@@ -142,6 +142,31 @@ def test_a_size_outside_the_warm_set_compiles_once_and_is_right(compiled, eager,
     assert graph_count() == after
 
 
+def test_past_torchs_recompile_limit_new_sizes_run_eager_and_compiled_ones_stay(compiled, eager, caplog):
+    """With full graphs torch does not fall back to eager at its recompile limit: a new shape raised, and a server
+    that had compiled that many shapes failed every request at a new size. Now such a request runs eager (right, and
+    logged once), and the sizes compiled before keep their graphs. (The limit is set low here; 64 or more in use.)"""
+    import torch
+    import torch._dynamo.config as config
+
+    caplog.set_level(logging.WARNING, logger="qwen_image_server.models.compile")
+    saved = config.recompile_limit
+    config.recompile_limit = 1  # the module's runner holds at least its two warm sizes' graphs
+    try:
+        before = graph_count()
+        (image,) = compiled.run(_job("160x96", PROMPTS[0]))
+        assert image.size == (160, 96) and graph_count() == before
+        _close(image, eager.run(_job("160x96", PROMPTS[0]))[0])
+        assert caplog.text.count("hold as many graphs as torch allows (1)") == 1
+        compiled.run(_job("96x160", PROMPTS[1]))  # the next new size: eager at once, nothing raised or logged again
+        assert caplog.text.count("as many graphs") == 1
+        compiled.run(_job(WARM[0], PROMPTS[2]))  # a warmed size: its compiled graph, no new one
+        assert graph_count() == before
+    finally:
+        config.recompile_limit = saved
+        torch.compiler.set_stance("default")
+
+
 def test_batched_cfg_compiles_once_per_path_for_every_prompt_and_negative_length(tiny_t2i, eager):
     """--compile with --cfg-batch on: the batch of two (either text the longer) and the unbatched call are warmed;
     no prompt or negative prompt length compiles again, and the images are the eager ones."""

@@ -44,7 +44,7 @@ DEFAULT_SIZE = "1024x1024"
 DEFAULT_EDIT_AREA = 1024 * 1024
 #: Pixel multiple requests render at (sizes in between are rendered larger and cropped).
 SIZE_MULTIPLE = 16
-#: Graphs the block forward may hold before torch falls back to eager for new shapes: sizes × batch sizes.
+#: Graphs the block forward may hold (sizes × batch sizes); shapes beyond them run eager (``EagerBeyondLimit``).
 MIN_RECOMPILE_LIMIT = 64
 WARM_PROMPT = "warm-up"
 WARM_STEPS = 2
@@ -157,11 +157,40 @@ def compile_transformer(transformer) -> int:
     blocks = list(transformer.transformer_blocks)
     for block in blocks:
         holder, attr = _own_forward(block)
-        compiled = torch.compile(getattr(holder, attr), fullgraph=True, dynamic=False)
+        eager = getattr(holder, attr)
+        compiled: EagerBeyondLimit | CountedForward = EagerBeyondLimit(torch.compile(eager, fullgraph=True, dynamic=False), eager)
         if block is blocks[-1]:  # read by the step cache: hooks inside a compiled block do not fire
             compiled = block._qis_computed = CountedForward(compiled)
         setattr(holder, attr, compiled)
     return len(blocks)
+
+
+class EagerBeyondLimit:
+    """A block's compiled forward that runs eager once the blocks hold as many graphs as torch allows. With
+    ``fullgraph=True`` torch does not fall back by itself: a shape that would need one more graph raised
+    ``FailOnRecompileLimitHit``, and every request at a new size or ``n`` failed once a long-running server had
+    compiled that many. The first such call switches this process to torch's ``eager_on_recompile`` stance: shapes
+    already compiled keep their graphs, new ones run eager, and nothing compiles any more."""
+
+    def __init__(self, compiled, eager):
+        functools.update_wrapper(self, eager, updated=())
+        self.compiled, self.eager = compiled, eager
+
+    def __call__(self, *args, **kwargs):
+        import torch
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            return self.compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit:
+            import torch._dynamo.config as config
+
+            log.warning(
+                "the compiled transformer blocks hold as many graphs as torch allows (%d): shapes not compiled yet "
+                "run eager from now on (compile_sizes warms the ones that matter)", config.recompile_limit,
+            )  # fmt: skip
+            torch.compiler.set_stance("eager_on_recompile")
+            return self.eager(*args, **kwargs)
 
 
 class CountedForward:
