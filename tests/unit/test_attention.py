@@ -72,6 +72,20 @@ def test_mask_support_is_probed(tiny_t2i):
     assert {getattr(b, "value", b) for b in backends} == {"native"}
 
 
+def test_a_models_backend_is_its_own_not_the_processs_default(tiny_t2i):
+    """Two models in one process (``--share-components``), one with a backend of its own: the other keeps diffusers'
+    default. diffusers' ``set_attention_backend`` also makes its backend the process-wide default, which the other
+    model's attention (no backend of its own) then used."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    own, other = _transformer(tiny_t2i), _transformer(tiny_t2i)
+    assert apply_attention_backend(own, "_native_math", "cpu", torch.float32, "own").backend == "_native_math"
+    assert apply_attention_backend(other, None, "cpu", torch.float32, "other").backend is None
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
+    assert {m.processor._attention_backend.value for m in own.modules() if getattr(m, "processor", None)} == {"_native_math"}
+
+
 def test_native_backend_gives_the_same_image_as_the_default(tiny_t2i):
     spec = resolve_model(str(tiny_t2i))
     job = Job(mode="generate", prompt="a red cube", seeds=[5], width=128, height=128, num_inference_steps=2)

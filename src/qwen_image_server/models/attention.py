@@ -112,6 +112,9 @@ def apply_attention_backend(transformer, name: str | None, device: str, dtype, m
             raise AttentionBackendError(
                 f"attention backend {backend.value!r} for model {model} cannot run on {device} with {dtype_name}: {problem}"
             )
+        # The model's attention layers hold the backend; the process-wide default stays, or a model of this process
+        # that keeps the default (--share-components) would run this one's backend, and say "default".
+        _AttentionBackendRegistry.set_active_backend(active)
     takes_mask = _runs(backend, device, dtype, heads, head_dim, with_mask=True) is None
     info = AttentionInfo(backend.value if backend is not None else None, takes_mask)
     if backend is not None:
