@@ -221,6 +221,12 @@ def test_workers_per_model_must_name_served_models_and_match_under_share_compone
         resolve_configured(Settings(models=entries, workers=2, model_workers=["1@edit"], share_components=True))
     same = resolve_configured(Settings(models=entries, workers=1, model_workers=["2@edit", "2@t2i"], share_components=True))
     assert [spec.id for spec in same] == ["t2i", "edit"]
+    # deterministic mode is torch's, for the whole process: one model's on would be the other's too
+    with pytest.raises(ModelConfigError, match=r"every model needs the same --deterministic \(here: t2i off, edit on\)"):
+        resolve_configured(Settings(models=entries, model_deterministic=["on@edit"], share_components=True))
+    both = resolve_configured(Settings(models=entries, deterministic=True, share_components=True))
+    assert all(spec.profile.deterministic for spec in both)
+    resolve_configured(Settings(models=entries, model_deterministic=["on@edit"]))  # separate processes: fine
 
 
 def test_an_unknown_estimate_does_not_block():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -54,6 +55,11 @@ def test_two_fp8_models_fit_one_card_only_with_one_text_encoder(tiny_t2i, tiny_e
     work = max(max(fp.activations, fp.text_encoder_work) for fp in plan.footprints.values())
     assert need["qwen-image"] == one.weights + work + one.overhead
     assert "--share-components" in plan.table()
+    # not suggested where it would be refused: deterministic mode differs between the models (a process's own)
+    mixed = [specs[0], replace(specs[1], profile=replace(specs[1].profile, deterministic=True))]
+    with pytest.raises(PlanError) as refused:
+        _plan(mixed)
+    assert "--share-components" not in str(refused.value)
 
 
 def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):

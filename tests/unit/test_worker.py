@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import threading
 from multiprocessing import Pipe
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,7 +210,7 @@ def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
 def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypatch):
     """A CUDA error that breaks the process's context (an illegal memory access): every later call would fail too, so
     the task fails saying so and the worker process exits (its engine starts a new one) instead of answering 500s."""
-    from worker_fakes import stub_runner
+    from worker_fakes import spec, stub_runner
 
     from qwen_image_server.engine.worker import worker_main
 
@@ -226,7 +225,7 @@ def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypat
     ours, theirs = Pipe()
     exits = []
     thread = threading.Thread(
-        target=lambda: exits.append(_exit_code(worker_main, SimpleNamespace(id="m"), "cuda:0", "auto", 1, theirs, "m#0")),
+        target=lambda: exits.append(_exit_code(worker_main, spec("m"), "cuda:0", "auto", 1, theirs, "m#0")),
         daemon=True,
     )
     thread.start()

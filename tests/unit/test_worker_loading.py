@@ -8,7 +8,7 @@ import time
 from multiprocessing import Pipe
 from types import SimpleNamespace
 
-from worker_fakes import WAIT, FakeRunner, job, recv, stub_runner
+from worker_fakes import WAIT, FakeRunner, job, recv, spec, stub_runner
 
 from qwen_image_server.engine import worker as worker_module
 from qwen_image_server.engine.worker import (
@@ -26,7 +26,7 @@ from qwen_image_server.jobs import Task
 def test_worker_main_reports_ready_with_what_runs(monkeypatch):
     stub_runner(monkeypatch, lambda spec, device, dtype, shared=None, warm=True: FakeRunner())
     ours, theirs = Pipe()
-    thread = threading.Thread(target=worker_main, args=(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
+    thread = threading.Thread(target=worker_main, args=(spec("m"), "cpu", "auto", 1, theirs, "m#0"), daemon=True)
     thread.start()
     ready = recv(ours)
     ours.send(Stop())
@@ -44,7 +44,7 @@ def test_worker_main_reports_a_load_failure(monkeypatch):
 
     stub_runner(monkeypatch, fail)
     ours, theirs = Pipe()
-    worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
+    worker_main(spec("m"), "cpu", "auto", 1, theirs, "m#0")  # returns once it has reported
     assert recv(ours) == LoadFailed("OSError: no such file: /models/x/transformer")
 
 
@@ -59,7 +59,7 @@ def test_a_worker_of_several_models_loads_them_with_one_component_cache_and_rout
 
     stub_runner(monkeypatch, load)
     ours, theirs = Pipe()
-    specs = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    specs = [spec("a"), spec("b")]
     thread = threading.Thread(target=worker_main, args=(specs, "cpu", "auto", 1, theirs, "a+b#0"), daemon=True)
     thread.start()
     ready = recv(ours)
@@ -83,7 +83,7 @@ def test_a_worker_of_several_models_names_the_one_that_failed_to_load(monkeypatc
 
     stub_runner(monkeypatch, load)
     ours, theirs = Pipe()
-    worker_main([SimpleNamespace(id="a"), SimpleNamespace(id="b")], "cpu", "auto", 1, theirs, "a+b#0")
+    worker_main([spec("a"), spec("b")], "cpu", "auto", 1, theirs, "a+b#0")
     assert recv(ours) == LoadFailed("b: OSError: no such file")
 
 
@@ -120,7 +120,7 @@ def test_workers_of_one_gpu_load_one_at_a_time_and_warm_up_outside_the_lock(monk
     stub_runner(monkeypatch, lambda spec, *a, **k: _LoadingRunner(spec, log, lock))
     pipes = [Pipe() for _ in range(2)]
     threads = [
-        threading.Thread(target=worker_main, args=(SimpleNamespace(id=m), "cuda:0", "auto", 1, theirs, f"{m}#0", 20, lock))
+        threading.Thread(target=worker_main, args=(spec(m), "cuda:0", "auto", 1, theirs, f"{m}#0", 20, lock))
         for m, (_, theirs) in zip("ab", pipes, strict=True)
     ]
     for thread in threads:
@@ -150,9 +150,7 @@ def test_warm_up_runs_after_the_lock_is_released_and_a_lock_never_released_is_wa
 
     def serve_one(model: str) -> None:
         ours, theirs = Pipe()
-        thread = threading.Thread(
-            target=worker_main, args=(SimpleNamespace(id=model), "cuda:0", "auto", 1, theirs, f"{model}#0", 20, lock)
-        )
+        thread = threading.Thread(target=worker_main, args=(spec(model), "cuda:0", "auto", 1, theirs, f"{model}#0", 20, lock))
         thread.start()
         try:
             assert isinstance(recv(ours), Ready)
@@ -186,8 +184,11 @@ def test_a_worker_on_a_numbered_gpu_makes_it_current_before_loading(monkeypatch)
     FP8 probe's timing events, group offload's side stream) then runs on the worker's own GPU. (CUDA is stubbed.)"""
     import torch
 
+    from qwen_image_server.models import determinism
+
     events: list[str] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(f"current {device}"))
+    monkeypatch.setattr(determinism, "prepare_environment", lambda on: events.append(f"deterministic {on}"))
 
     def load(spec, device, dtype, shared=None, warm=True):
         events.append(f"load on {device}")
@@ -195,10 +196,11 @@ def test_a_worker_on_a_numbered_gpu_makes_it_current_before_loading(monkeypatch)
 
     stub_runner(monkeypatch, load)
     ours, theirs = Pipe()
-    worker_main(SimpleNamespace(id="m"), "cuda:1", "auto", 1, theirs, "m#0")
+    worker_main(spec("m", deterministic=True), "cuda:1", "auto", 1, theirs, "m#0")
     assert recv(ours) == LoadFailed("RuntimeError: stop here")
-    assert events == ["current cuda:1", "load on cuda:1"]
+    # cuBLAS' workspace setting before CUDA starts (set_device starts it: warned of as too late)
+    assert events == ["deterministic True", "current cuda:1", "load on cuda:1"]
     events.clear()
-    worker_main(SimpleNamespace(id="m"), "cpu", "auto", 1, theirs, "m#0")
+    worker_main(spec("m"), "cpu", "auto", 1, theirs, "m#0")
     recv(ours)
-    assert events == ["load on cpu"]
+    assert events == ["deterministic False", "load on cpu"]

@@ -81,6 +81,11 @@ class FakeRunner:
         pass
 
 
+def spec(model: str, deterministic: bool = False) -> SimpleNamespace:
+    """What the worker reads of a ``ModelSpec`` before its (stubbed) runner loads it."""
+    return SimpleNamespace(id=model, profile=SimpleNamespace(deterministic=deterministic))
+
+
 def job(prompt: str = "a red square", **fields) -> Job:
     return Job(mode="generate", prompt=prompt, seeds=[3, 4], width=24, height=16, num_inference_steps=2, **fields)
 

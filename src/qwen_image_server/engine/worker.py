@@ -209,6 +209,9 @@ class Worker:
             import torch
 
             torch.set_num_threads(max(1, threads))
+            from ..models.determinism import prepare_environment
+
+            prepare_environment(any(one.profile.deterministic for one in specs))  # before CUDA starts here
             if device.startswith("cuda:"):
                 # This process's current device: what runs on "the current stream" (the FP8 probe's timing events,
                 # group offload's side stream) runs on the worker's GPU, and no context is made on cuda:0 as well.

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .footprint import human
 from .machine import HostMemory
-from .plan_advice import fewer_workers, largest_side, needs, same_counts
+from .plan_advice import can_share, fewer_workers, largest_side, needs
 
 
 def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
@@ -138,6 +138,6 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
     fewer = fewer_workers(model, settings, fits)
     if fewer:
         out.append(fewer)
-    if len(specs) > 1 and not settings.share_components and same_counts(specs, settings) and fits(share=True):
+    if len(specs) > 1 and not settings.share_components and can_share(specs, settings) and fits(share=True):
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     return out

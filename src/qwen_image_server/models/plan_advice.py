@@ -148,7 +148,7 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     fewer = fewer_workers(model, settings, lambda **kw: fits(**kw)[0])
     if fewer:
         out.append(fewer)
-    if len(specs) > 1 and not settings.share_components and same_counts(specs, settings) and fits(share=True)[0]:
+    if len(specs) > 1 and not settings.share_components and can_share(specs, settings) and fits(share=True)[0]:
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:
         out.append("--device auto (places the workers by free memory)")
@@ -177,9 +177,11 @@ def largest_side(settings, ok) -> int | None:
     return lo
 
 
-def same_counts(specs, settings) -> bool:
-    """Whether every model has the same number of workers (``--share-components`` needs it)."""
-    return len({settings.workers_for(spec.id) for spec in specs}) == 1
+def can_share(specs, settings) -> bool:
+    """Whether ``--share-components`` would be accepted for these models: the same number of workers each, and the
+    same deterministic mode (a process's own; ``spec.py`` refuses the rest)."""
+    same_counts = len({settings.workers_for(spec.id) for spec in specs}) == 1
+    return same_counts and len({spec.profile.deterministic for spec in specs}) == 1
 
 
 def changed_settings(settings, workers=None, model_workers=None, dtype=None, device=None, max_side=None):

@@ -294,6 +294,13 @@ def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     for setting in SCOPED_NUMBERS.values():
         _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids)
     counts = {ident: settings.workers_for(ident) for ident in ids}
+    modes = {spec.id: spec.profile.deterministic for spec in specs}
+    if settings.share_components and len(set(modes.values())) > 1:
+        given = ", ".join(f"{ident} {'on' if on else 'off'}" for ident, on in modes.items())
+        raise ModelConfigError(
+            f"--share-components runs every model in one process, where deterministic mode is the process's (torch's "
+            f"settings): every model needs the same --deterministic (here: {given})"
+        )
     if settings.share_components and len(set(counts.values())) > 1:
         given = ", ".join(f"{ident} {count}" for ident, count in counts.items())
         raise ModelConfigError(
