@@ -38,7 +38,15 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import GpuMemory, ServeProcess, ServerExited, fresh_prompt, read_stream, visible_gpu_name  # noqa: E402
+from serve_process import (  # noqa: E402
+    GpuMemory,
+    ModelsFailed,
+    ServeProcess,
+    ServerExited,
+    fresh_prompt,
+    read_stream,
+    visible_gpu_name,
+)
 
 from qwen_image_server.models.random_source import SMALL_OVERRIDES  # noqa: E402
 
@@ -169,9 +177,10 @@ class Bench:
         record: dict = {"setting": setting.name, "server_args": server_args, "request": setting.fields, "size": self.args.size}
         record.update(self.environment(), status="ok", error=None)
         record["gpu_memory_before_gib"] = _gib(GpuMemory.used_mib())
-        server = Server(
-            server_args, {"IMAGE_OUTPUT_DIR": str(self.log_dir / "images"), **self.env}, self.log_dir / f"{setting.name}.log"
-        )
+        # A model that fails to load is reported at once (no restarts with backoff: a full-size load or compile takes
+        # minutes each time) and recorded, instead of waited for until --start-timeout.
+        env = {"IMAGE_OUTPUT_DIR": str(self.log_dir / "images"), "QIS_WORKER_RESTART_LIMIT": "0", **self.env}
+        server = Server(server_args, env, self.log_dir / f"{setting.name}.log")
         with GpuMemory() as memory:
             try:
                 launched = time.perf_counter()
@@ -181,6 +190,9 @@ class Bench:
                 self.measure(server, setting, record)
             except ServerExited as exc:
                 record.update(status="unsupported" if exc.code == 2 else "failed", error=exc.line, exit_code=exc.code)
+            except ModelsFailed as exc:  # e.g. out of memory, or an attention backend this machine lacks
+                unusable = any("AttentionBackendError" in why for why in exc.reasons.values())
+                record.update(status="unsupported" if unusable else "failed", error=str(exc)[:500])
             except Exception as exc:  # a refused request, a timeout: recorded, the other settings still run
                 record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             finally:

@@ -64,6 +64,30 @@ class ServerExited(Exception):
         self.code, self.line = code, line
 
 
+class ModelsFailed(Exception):
+    """The server runs, but its models failed to load (``/ready`` says ``failed``): ``reasons`` by model. It would
+    only try them again after ``QIS_WORKER_RETRY_SECONDS``, so waiting on is pointless."""
+
+    def __init__(self, reasons: dict[str, str]):
+        super().__init__("models failed to load: " + "; ".join(f"{model}: {why}" for model, why in reasons.items()))
+        self.reasons = reasons
+
+
+def ready_state(response: httpx.Response) -> bool:
+    """Whether a ``/ready`` answer says ready; ``ModelsFailed`` when it says the models failed."""
+    if response.status_code == 200:
+        return True
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if isinstance(body, dict) and body.get("status") == "failed":
+        models = body.get("models") if isinstance(body.get("models"), dict) else {}
+        failed = {name: str(model.get("error")) for name, model in models.items() if model.get("state") == "failed"}
+        raise ModelsFailed(failed or {"?": "failed (no detail: /ready's detail needs an API key)"})
+    return False
+
+
 class ServeProcess:
     """One server process; ``args`` are serve's options after ``--host``/``--port``, ``env`` is added to the
     environment."""
@@ -92,13 +116,14 @@ class ServeProcess:
         return (errors or lines or [""])[-1].strip()
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Until ``/ready`` answers 200; ``ServerExited`` when the process ends first, ``TimeoutError`` after ``timeout``."""
+        """Until ``/ready`` answers 200; ``ServerExited`` when the process ends first, ``ModelsFailed`` when its models
+        failed to load, ``TimeoutError`` after ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerExited(self.process.returncode, self.error_line())
             try:
-                if self.http.get("/ready").status_code == 200:
+                if ready_state(self.http.get("/ready")):
                     return
             except httpx.HTTPError:
                 pass

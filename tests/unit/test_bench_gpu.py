@@ -137,3 +137,38 @@ def test_a_streamed_answer_gives_its_stats_and_the_previews_counted(gpu_bench):
         gpu_bench.read_stream([partial, 'data: {"type": "error", "error": {"message": "Task timeout"}}'])
     with pytest.raises(RuntimeError, match="without a completed event"):
         gpu_bench.read_stream([partial])
+
+
+def test_a_setting_whose_model_fails_to_load_is_recorded_at_once(gpu_bench, tmp_path, monkeypatch):
+    """A worker that cannot load (out of memory, an attention backend this machine lacks) leaves the server up with
+    ``/ready`` at 503 "failed": the bench recorded it only after waiting --start-timeout (30 minutes by default)."""
+    import httpx
+    from serve_process import ModelsFailed, ready_state
+
+    failed = {"status": "failed", "models": {"qwen-image": {"state": "failed", "error": "AttentionBackendError: no flash"}}}
+    with pytest.raises(ModelsFailed, match="qwen-image: AttentionBackendError: no flash") as caught:
+        ready_state(httpx.Response(503, json=failed))
+    assert ready_state(httpx.Response(503, json={"status": "loading"})) is False
+    assert ready_state(httpx.Response(200, json={"status": "ready"})) is True
+
+    started: list[dict] = []
+
+    class Server:  # bench/gpu.py's server, up with its model failed
+        def __init__(self, args, env, log_path):
+            started.append(env)
+
+        def wait_ready(self, timeout):
+            raise caught.value
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(gpu_bench, "Server", Server)
+    args = argparse.Namespace(smoke=True, size="256x256", runs=1, start_timeout=1800, gpu_name="none")
+    bench = gpu_bench.Bench(args, tmp_path)
+    record = bench.run(gpu_bench.Setting("flash", ("--attention-backend", "flash")))
+    assert (record["status"], record["error"]) == (
+        "unsupported",
+        "models failed to load: qwen-image: AttentionBackendError: no flash",
+    )
+    assert started[0]["QIS_WORKER_RESTART_LIMIT"] == "0"  # the first failure is final: no restarts to wait through
