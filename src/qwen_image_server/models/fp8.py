@@ -279,9 +279,11 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, matmul: 
     One layer at a time, so the run-dtype weights are freed as they go (peak: one extra layer).
     """
     count = 0
-    for name, linear in quantizable_linears(model, device):
+    names = [name for name, _ in quantizable_linears(model, device)]  # names only: a list of the layers would keep
+    for name in names:  # every replaced one alive to the end (the whole run-dtype model beside its FP8 copy)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
         setattr(parent, attr, FP8Linear(linear, dtype, matmul))
         del linear
         count += 1
