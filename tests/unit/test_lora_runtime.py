@@ -158,3 +158,37 @@ def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
     first, style, base, again, _ = _slot_images(tiny_t2i, tiny_lora, device="cuda", backend="inductor")
     assert np.array_equal(first, base) and np.array_equal(style, again)
     assert np.abs(style - first).mean() > 1.0
+
+
+def test_lora_names_with_dots_serve_hot_swapped_and_fused(tiny_t2i, tiny_lora, images):
+    """A LoRA is a model id, and "lightning-v1.0" a natural one; peft's adapter names are module names, which may not
+    hold a ".": the worker failed to load such a LoRA (hot-swapped or fused)."""
+    swapped = PipelineRunner(_spec(tiny_t2i, f"style.v1={tiny_lora}"), device="cpu")
+    assert np.array_equal(_pixels(swapped, _job("style.v1")), images["style"])
+    assert np.array_equal(_pixels(swapped, _job()), images["base"])
+    fused = PipelineRunner(_spec(tiny_t2i, f"style.v1={tiny_lora}:fuse=true"), device="cpu")
+    assert np.abs(_pixels(fused, _job("style.v1")) - images["style"]).max() <= 2
+
+
+def test_hot_swapped_loras_run_on_fp8_stored_weights(tiny_t2i, tiny_lora):
+    """``--weights-dtype fp8`` stores the base layers in float8; peft made each new adapter float8 too, in which its
+    matmuls cannot run (a LoRA request failed). The adapters now run in the run dtype; the base layers stay FP8."""
+    import torch
+
+    (spec,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], weights_dtype="fp8"))
+    runner = PipelineRunner(spec, device="cpu")
+    layer = runner.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert {p.dtype for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())} == {torch.float32}
+    base = _pixels(runner, _job())
+    styled = _pixels(runner, _job("style"))
+    assert np.abs(styled - base).mean() > 0.5  # the LoRA shows
+    assert np.array_equal(_pixels(runner, _job()), base)
+
+
+def test_a_fused_lora_on_fp8_stored_weights_is_refused_before_loading(tiny_t2i, tiny_lora):
+    from qwen_image_server.models.spec import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="LoRA style with fuse=true does not combine with weights_dtype=fp8"):
+        resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}:fuse=true"], weights_dtype="fp8"))
+    resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}:fuse=true"], quantize="fp8"))

@@ -37,10 +37,12 @@ SLOT = "hotswap_slot"
 class LoraSet:
     """The LoRAs of one loaded pipeline, and what a call for one of them (or none) must switch."""
 
-    def __init__(self, pipe, profile: RunProfile):
+    def __init__(self, pipe, profile: RunProfile, run_dtype=None):
         self.pipe = pipe
         self.profile = profile
         self.by_name = {lora.name: lora for lora in profile.loras}
+        # peft's adapter names are module names (no "."): a LoRA served as "lightning-v1.0" is adapter "lora0"
+        self.adapter = {lora.name: f"lora{index}" for index, lora in enumerate(profile.loras)}
         self.swapped = [lora for lora in profile.loras if not lora.fuse]
         self.hotswap = bool(self.swapped) and profile.compile
         self.current: tuple[str, float] | None = None  # the active adapter and its scale; None: the base weights
@@ -53,7 +55,9 @@ class LoraSet:
             self._load_slot()
         elif self.swapped:
             for lora in self.swapped:
-                pipe.load_lora_weights(lora.path, adapter_name=lora.name)
+                pipe.load_lora_weights(lora.path, adapter_name=self.adapter[lora.name])
+            if profile.weights_dtype == "fp8" and run_dtype is not None:
+                _adapters_in(pipe.transformer, run_dtype)
             pipe.transformer.disable_lora()
         for lora in profile.loras:
             log.info("LoRA %s (rank %d, scale %g) %s", lora.name, lora.rank, lora.scale,
@@ -61,9 +65,9 @@ class LoraSet:
 
     def _fuse(self, fused) -> None:
         pipe = self.pipe
-        names = [lora.name for lora in fused]
+        names = [self.adapter[lora.name] for lora in fused]
         for lora in fused:
-            pipe.load_lora_weights(lora.path, adapter_name=lora.name)
+            pipe.load_lora_weights(lora.path, adapter_name=self.adapter[lora.name])
         pipe.set_adapters(names, [lora.scale for lora in fused])
         pipe.fuse_lora(components=["transformer"], adapter_names=names)
         pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
@@ -110,7 +114,7 @@ class LoraSet:
             transformer.disable_lora()
         else:
             transformer.enable_lora()
-            transformer.set_adapters([key[0]], [key[1]])
+            transformer.set_adapters([self.adapter[key[0]]], [key[1]])
         self.current = key
 
     def scheduler_for(self, base_scheduler, overrides: dict):
@@ -135,3 +139,16 @@ class LoraSet:
             yield
         finally:
             pipe.scheduler = saved
+
+
+def _adapters_in(transformer, dtype) -> None:
+    """The LoRA adapters of a transformer stored in FP8 (``weights_dtype=fp8``) in the run dtype: peft gives a new
+    adapter its base layer's weight dtype, float8 there, in which the adapters' matmuls cannot run (and the LoRA's
+    values lose precision). The base layers keep their FP8 storage and casting."""
+    import torch
+
+    for module in transformer.modules():
+        for attr in ("lora_A", "lora_B"):
+            adapters = getattr(module, attr, None)
+            if isinstance(adapters, torch.nn.ModuleDict):
+                adapters.to(dtype)

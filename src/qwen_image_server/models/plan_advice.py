@@ -25,14 +25,14 @@ _PROFILE_CHANGES = (
 
 def profiles_allowed(profiles, device: str) -> bool:
     """Whether every run profile of ``{model: profile}`` (a suggestion's change) passes the checks ``serve`` and
-    ``plan`` make before loading (``check_compile``, ``check_mode`` on ``device``): a refusal suggests no flag that
+    ``plan`` make before loading (``check_profile``, ``check_mode`` on ``device``): a refusal suggests no flag that
     would itself be refused."""
     from .memory_modes import check_mode
-    from .profile import ProfileError, check_compile
+    from .profile import ProfileError, check_profile
 
     try:
         for model, profile in (profiles or {}).items():
-            check_compile(model, profile)
+            check_profile(model, profile)
             check_mode(model, profile.weights_dtype, profile.offload, profile.quantize, device)
     except ProfileError:
         return False

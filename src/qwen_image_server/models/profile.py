@@ -197,8 +197,20 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
         if raw is not None:
             values[key] = _coerce(key, raw, model)
     profile = replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
-    check_compile(model, profile)
+    check_profile(model, profile)
     return profile
+
+
+def check_profile(model: str, profile: RunProfile) -> None:
+    """Refuse profiles whose settings cannot run together (``check_compile``; fused LoRAs on FP8-stored weights)."""
+    check_compile(model, profile)
+    fused = [lora.name for lora in profile.loras if lora.fuse]
+    if fused and profile.weights_dtype == "fp8":
+        raise ProfileError(
+            f"model {model}: LoRA {', '.join(fused)} with fuse=true does not combine with weights_dtype=fp8 (the merge "
+            "would run on the FP8-stored weights); serve it without fuse (hot-swapped), or use quantize=fp8, which "
+            "merges the LoRA before quantizing"
+        )
 
 
 def check_compile(model: str, profile: RunProfile) -> None:
