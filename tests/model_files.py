@@ -17,11 +17,14 @@ from qwen_image_server.models.weights_files import read_header
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2")
 
 
-def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+def make_tiny_lora(
+    model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4, targets: tuple[str, ...] | None = None, ranks=None
+) -> Path:
     """A random LoRA (non-zero A and B) for a tiny model's transformer, in diffusers' Qwen-Image LoRA format: what
     ``make_tiny_lora_with_peft`` writes (names, shapes, dtype, metadata; test_lora_runtime.py compares them), written
     from the transformer's safetensors header with numpy, so that a test process needs no torch, diffusers or peft
-    for it (seconds of imports in each process that builds one)."""
+    for it (seconds of imports in each process that builds one). ``targets``: the layer names it adapts (default
+    ``LORA_TARGETS``); ``ranks``: ``{layer name ending: rank}`` for ranks that differ by layer."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -30,10 +33,11 @@ def make_tiny_lora(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4
     tensors = {}
     for name in sorted(header):
         layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer.startswith("transformer_blocks.") and layer.endswith(LORA_TARGETS):
+        if name.endswith(".weight") and layer.startswith("transformer_blocks.") and layer.endswith(targets or LORA_TARGETS):
             out_features, in_features = header[name]["shape"]
-            a = rng.standard_normal((rank, in_features), dtype=np.float32) * 0.5
-            b = rng.standard_normal((out_features, rank), dtype=np.float32) * 0.5
+            r = next((n for ending, n in (ranks or {}).items() if layer.endswith(ending)), rank)
+            a = rng.standard_normal((r, in_features), dtype=np.float32) * 0.5
+            b = rng.standard_normal((out_features, r), dtype=np.float32) * 0.5
             tensors[f"transformer.{layer}.lora_A.weight"], tensors[f"transformer.{layer}.lora_B.weight"] = a, b
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata={"format": "pt"})

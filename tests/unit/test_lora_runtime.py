@@ -149,6 +149,42 @@ def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora
     assert np.abs(zero - base).max() <= 1, "a request's strength 0 in the slot: the base image, without recompiling"
 
 
+def test_the_compiled_slot_holds_loras_of_other_layers_and_ranks(tiny_t2i, tmp_path):
+    """LoRAs of other layers and ranks, one with ranks that differ by layer: each swapped into the compiled model's
+    slot gives its eager image, and the base comes back, without recompiling. peft refused such swaps (their
+    configs differ from the slot's), diffusers then deleted the slot, and the LoRA requests after ran as the base."""
+    import torch
+    import torch._dynamo
+    from diffusers import DiffusionPipeline
+
+    from model_files import make_tiny_lora
+
+    loras = [
+        f"a={make_tiny_lora(tiny_t2i, tmp_path / 'a.safetensors', seed=1, rank=2, targets=('to_q',))}",
+        f"b={make_tiny_lora(tiny_t2i, tmp_path / 'b.safetensors', seed=2, rank=4, targets=('to_q', 'to_k'))}",
+        f"m={make_tiny_lora(tiny_t2i, tmp_path / 'm.safetensors', seed=3, targets=('to_q', 'to_k'), ranks={'to_q': 2})}",
+    ]
+    eager = PipelineRunner(_spec(tiny_t2i, *loras), device="cpu")
+    want = {name: _pixels(eager, _job(name)) for name in ("a", "b", "m", None)}
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    slot = LoraSet(pipe, replace(_spec(tiny_t2i, *loras).profile, compile=True))
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager", dynamic=False)
+
+    def render(lora):
+        with slot.applied(pipe, lora), torch.inference_mode():
+            image = pipe(prompt="a cat", width=128, height=128, num_inference_steps=2, true_cfg_scale=1.0,
+                         generator=[torch.Generator("cpu").manual_seed(7)], output_type="pil").images[0]  # fmt: skip
+        return np.asarray(image, dtype=np.int16)
+
+    assert np.abs(render(None) - want[None]).max() <= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in ("b", None, "a", "m", None, "m", "b"):
+            got = render(name)
+            assert np.abs(got - want[name]).max() <= 2, name
+    assert len({want["a"].tobytes(), want["b"].tobytes(), want["m"].tobytes(), want[None].tobytes()}) == 4
+
+
 @pytest.mark.gpu
 def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
     import torch

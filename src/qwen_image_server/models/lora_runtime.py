@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Iterator
 
-from .lora import preset_for
+from .lora import LoraError, preset_for
 from .profile import RunProfile
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class LoraSet:
         self.hotswap = bool(self.swapped) and profile.compile
         self.current: tuple[str, float] | None = None  # the active adapter and its scale; None: the base weights
         self._schedulers: dict[str, object] = {}
-        self._weights: dict[str | None, dict] = {}
+        self._weights: dict[str | None, dict] = {}  # the slot's state dict of each LoRA (None: the base model)
         fused = [lora for lora in profile.loras if lora.fuse]
         if fused:
             self._fuse(fused)
@@ -73,24 +73,32 @@ class LoraSet:
         pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
 
     def _load_slot(self) -> None:
-        """One adapter slot covering every LoRA's layers, zero until a LoRA is swapped in."""
-        import torch
+        """One adapter slot covering every LoRA's layers at one rank, zero until a LoRA is swapped in.
 
+        Every LoRA is laid out the same way (``_uniform``): each layer any LoRA targets, at the largest rank, zero
+        where it has none, its scaling folded into B. peft checks on every swap that the new adapter's config
+        matches the slot's, and a LoRA of other layers or ranks (or its own alpha or dropout) derived another config
+        (rank and alpha patterns): the swap failed, diffusers deleted the slot, and later requests for a LoRA ran
+        without it, as the base model. One layout, one config, no such failure."""
         pipe = self.pipe
-        pipe.enable_lora_hotswap(target_rank=max(lora.rank for lora in self.swapped))
-        for lora in self.swapped:
-            state, metadata = pipe.lora_state_dict(lora.path, return_lora_metadata=True)
-            device = pipe.transformer.device
-            state = {k: v.to(device) for k, v in state.items()}  # unscaled: ``activate`` scales B per request
-            self._weights[lora.name] = {"state": state, "metadata": metadata}
-        zeros: dict = {}
-        for weights in self._weights.values():
-            for key, value in weights["state"].items():
-                zeros.setdefault(key, torch.zeros_like(value))
-        # The base model: one layer's zero factors; peft zeroes the slot's other layers on the swap.
-        module = next(k for k in zeros if ".lora_B." in k).split(".lora_B.")[0]
-        self._weights[None] = {"state": {k: v for k, v in zeros.items() if k.split(".lora_")[0] == module}, "metadata": None}
-        pipe.load_lora_into_transformer(zeros, transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe)
+        rank = max(lora.rank for lora in self.swapped)
+        pipe.enable_lora_hotswap(target_rank=rank)
+        device = pipe.transformer.device
+        loaded = {lora.name: pipe.lora_state_dict(lora.path, return_lora_metadata=True) for lora in self.swapped}
+        layout: dict[str, tuple[int, int, object]] = {}  # layer -> (in features, out features, dtype)
+        for name, (state, _) in loaded.items():
+            for key, value in state.items():
+                layer, _, part = key.partition(".lora_")
+                if part not in ("A.weight", "B.weight"):
+                    raise LoraError(f"LoRA {name}: its tensor {key} does not fit the compiled model's adapter slot")
+                known = layout.get(layer, (0, 0, value.dtype))
+                shape = (value.shape[1], known[1]) if part == "A.weight" else (known[0], value.shape[0])
+                layout[layer] = (*shape, known[2])
+        for name, (state, metadata) in loaded.items():
+            self._weights[name] = _uniform(state, _scaling(name, metadata), layout, rank, device)
+        self._weights[None] = _uniform({}, 1.0, layout, rank, device)  # the base model: zeros everywhere
+        slot = {key: value.clone() for key, value in self._weights[None].items()}
+        pipe.load_lora_into_transformer(slot, transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe)
 
     def activate(self, name: str | None, scale: float | None = None) -> None:
         """Make ``name``'s adapter the only one active at ``scale`` (None: the one it is served with); None, or a
@@ -103,12 +111,11 @@ class LoraSet:
             return
         transformer = self.pipe.transformer
         if self.hotswap:
-            weights = self._weights[name]
             factor = 1.0 if key is None else key[1]
             # B scaled (the slot has no scale of its own); a new tensor either way: the loader may consume what it is given
-            state = {k: v * factor if ".lora_B." in k else v.clone() for k, v in weights["state"].items()}
+            state = {k: v * factor if ".lora_B." in k else v.clone() for k, v in self._weights[name].items()}
             self.pipe.load_lora_into_transformer(
-                state, transformer=transformer, adapter_name=SLOT, metadata=weights["metadata"], hotswap=True, _pipeline=self.pipe
+                state, transformer=transformer, adapter_name=SLOT, hotswap=True, _pipeline=self.pipe
             )
         elif key is None:
             transformer.disable_lora()
@@ -152,3 +159,32 @@ def _adapters_in(transformer, dtype) -> None:
             adapters = getattr(module, attr, None)
             if isinstance(adapters, torch.nn.ModuleDict):
                 adapters.to(dtype)
+
+
+def _scaling(name: str, metadata: dict | None) -> float:
+    """What peft would multiply a LoRA's ``B @ A`` by, from the LoRA's saved config (none: alphas are already in the
+    weights, as diffusers' converters leave them): ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+    if not metadata:
+        return 1.0
+    if metadata.get("rank_pattern") or metadata.get("alpha_pattern"):
+        raise LoraError(f"LoRA {name}: per-layer ranks or alphas in its config do not fit the compiled model's slot")
+    rank = float(metadata.get("r") or 1)
+    alpha = float(metadata.get("lora_alpha") or rank)
+    return alpha / (rank**0.5 if metadata.get("use_rslora") else rank)
+
+
+def _uniform(state: dict, scaling: float, layout: dict, rank: int, device) -> dict:
+    """``state`` in the slot's layout: every layer of ``layout`` at ``rank`` (zero rows of A and columns of B pad a
+    smaller rank: ``B @ A`` is unchanged; layers it lacks are zero), ``scaling`` folded into B."""
+    import torch
+
+    out = {}
+    for layer, (inputs, outputs, dtype) in layout.items():
+        a = torch.zeros(rank, inputs, dtype=dtype)
+        b = torch.zeros(outputs, rank, dtype=dtype)
+        if f"{layer}.lora_A.weight" in state:
+            own_a, own_b = state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"]
+            a[: own_a.shape[0]] = own_a
+            b[:, : own_b.shape[1]] = own_b * scaling
+        out[f"{layer}.lora_A.weight"], out[f"{layer}.lora_B.weight"] = a.to(device), b.to(device)
+    return out
