@@ -314,3 +314,30 @@ def test_each_linear_layer_is_freed_as_soon_as_its_fp8_copy_is_in_place(monkeypa
     # converting layer i: it and the ones not converted yet are alive, none of those converted before
     assert alive_at_each_conversion == [6, 5, 4, 3, 2, 1]
     assert all(ref() is None for ref in olds)
+
+
+def test_the_plan_counts_the_layers_a_hot_swapped_lora_keeps_in_the_run_dtype(tiny_t2i, tiny_lora):
+    """With a hot-swapped LoRA, ``--quantize fp8`` leaves the layers it adapts in the run dtype (peft wraps them):
+    the memory estimate counted them at one byte, e.g. a LoRA on every block linear (as Lightning's) about halved the
+    transformer's real size. The estimate's FP8 layers are now those the runner converts; a fused LoRA is merged
+    before quantizing, so there every layer counts as FP8."""
+    from qwen_image_server.config import Settings
+    from qwen_image_server.models.footprint import _fp8_applies, resident_weights
+    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.weights_files import read_folder
+
+    def spec(*loras):
+        (one,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=list(loras), quantize="fp8"))
+        return one
+
+    tensors = read_folder(tiny_t2i)
+    plain, swapped, fused = spec(), spec(f"style={tiny_lora}"), spec(f"style={tiny_lora}:fuse=true")
+    transformer = {name: resident_weights(tensors, s.profile, 2)["transformer"] for name, s in
+                   (("plain", plain), ("swapped", swapped), ("fused", fused))}  # fmt: skip
+    assert transformer["plain"] == transformer["fused"] < transformer["swapped"]
+    runner = PipelineRunner(swapped, device="cpu")
+    converted = {name for name, m in runner.pipe.transformer.named_modules() if isinstance(m, fp8.FP8Linear)}
+    adapted = frozenset(swapped.profile.loras[0].layers)
+    counted = {t.name.removesuffix(".weight") for t in tensors.components["transformer"]
+               if _fp8_applies("transformer", t, swapped.profile, adapted)}  # fmt: skip
+    assert converted == counted and adapted and not converted & adapted

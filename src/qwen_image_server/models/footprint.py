@@ -124,19 +124,30 @@ def _bytes(t: Tensor, run_bytes: int, fp8: bool) -> int:
     return t.numel * (1 if fp8 else run_bytes)
 
 
-def _fp8_applies(component: str, t: Tensor, profile: RunProfile) -> bool:
+#: Top-level transformer modules whose linear layers ``--quantize fp8`` converts (``fp8.quantizable_linears``).
+QUANTIZED_PREFIXES = ("transformer_blocks.",)
+
+
+def _fp8_applies(component: str, t: Tensor, profile: RunProfile, adapted: frozenset[str] = frozenset()) -> bool:
     """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay, and so
     do the text encoder's token embeddings: ``memory.TEXT_ENCODER_SKIP_PATTERNS``);
-    FP8 quantization (``quantize``): the transformer's linear weights."""
+    FP8 quantization (``quantize``): the linear weights of the transformer's blocks, but for the layers a hot-swapped
+    LoRA adapts (``adapted``: peft wraps them, and they keep the run dtype, ``fp8.quantizable_linears``)."""
     if profile.weights_dtype == "fp8" and component in ("transformer", "text_encoder") and t.ndim >= 2:
         return not (component == "text_encoder" and "embed_tokens" in t.name)
-    return profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
+    quantized = profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
+    return quantized and t.name.startswith(QUANTIZED_PREFIXES) and t.name.removesuffix(".weight") not in adapted
 
 
 def _kept(component: str, tensors, run_bytes: int, profile: RunProfile) -> dict[str, int]:
     """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name."""
     dropped = DROPPED.get(component, ())
-    return {t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile)) for t in tensors if not t.name.startswith(dropped)}
+    adapted = frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
+    return {
+        t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted))
+        for t in tensors
+        if not t.name.startswith(dropped)
+    }
 
 
 def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:

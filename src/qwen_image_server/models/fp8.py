@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .footprint import QUANTIZED_PREFIXES
+
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -55,8 +57,6 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_SPEEDUP = 1.1
 #: (tokens M, in features K, out features N): Qwen-Image's attention/MLP-in and MLP-out shapes at 1 MP.
 PROBE_SHAPES = ((4096, 3072, 12288), (4096, 12288, 3072))
-#: Top-level transformer modules whose linear layers are quantized.
-QUANTIZED_PREFIXES = ("transformer_blocks.",)
 
 
 @dataclass

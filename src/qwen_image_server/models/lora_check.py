@@ -72,8 +72,9 @@ def seems_for(keys: list[str]) -> str:
     return "an unknown architecture"
 
 
-def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> int:
-    """Check ``lora``'s file against the base transformer's ``config`` (None: names only); return its rank."""
+def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> tuple[int, tuple[str, ...]]:
+    """Check ``lora``'s file against the base transformer's ``config`` (None: names only); return its rank and the
+    layers it adapts."""
     path = Path(lora.path).expanduser()
     where = f"LoRA {lora.name} ({lora.hub or lora.path}) for model {base_id}"
     if not path.exists():
@@ -121,7 +122,7 @@ def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> int:
                 f"needs {expected}; it seems to be for a Qwen-Image-like transformer of another size"
             )
         rank = max(rank, a[0])
-    return rank
+    return rank, tuple(sorted(shapes))
 
 
 def _split_key(key: str, flat: dict[str, str]) -> tuple[str, str | None]:
@@ -238,9 +239,9 @@ def resolve_loras(loras: list[LoraSpec], specs: list) -> list[LoraSpec]:
         seen.add(lora.name)
         base = by_id[lora.model]
         lora = fetch_lora(lora)
-        rank = check_lora_file(lora, base.id, transformer_config(base))
+        rank, layers = check_lora_file(lora, base.id, transformer_config(base))
         preset = merge_preset(lora.name, lora.preset, read_preset_file(lora))
-        out.append(replace(lora, preset=preset, rank=rank))
+        out.append(replace(lora, preset=preset, rank=rank, layers=layers))
     for model in by_id:
         fused = [lora.name for lora in out if lora.model == model and lora.fuse and lora.preset]
         if len(fused) > 1:

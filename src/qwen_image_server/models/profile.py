@@ -49,6 +49,8 @@ class LoraSpec:
     rank: int = 0  # read from the file at start-up
     revision: str | None = None  # a hub LoRA's branch, tag or commit; None: main
     hub: str | None = None  # the ``hf:ORG/NAME/FILE`` it was given as; ``path`` is then its file in the hub cache
+    #: the transformer's layers it adapts (``transformer_blocks.0.attn.to_q``...), read from the file at start-up
+    layers: tuple[str, ...] = field(default=(), hash=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
