@@ -176,11 +176,18 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
     assert sent["strength"] == "0.5" and sent["model"] == "qwen-image-tiny"
     assert Image.open(io.BytesIO(sent["image"])).tobytes() == made.tobytes()
     shot("1-variation")
+    # Images decode slowly (a large upload): the mask of the first image is still being made when the second comes.
+    page.evaluate(
+        """() => { const decode = window.createImageBitmap; window.decoding = [];
+        window.createImageBitmap = (...args) => { const done = new Promise((r) => setTimeout(r, 300)).then(() => decode(...args));
+            window.decoding.push(done); return done; }; }"""
+    )
     page.click(".result-actions [data-action=edit]")
     page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
     Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp_path / "second.png")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "second.png"))
     assert page.locator("#edit .thumbs img").count() == 2
+    page.evaluate("() => Promise.all(window.decoding)")  # the first image's mask, made too late, is not shown
     assert "one image" in page.inner_text("#edit .mask-stage")  # a mask needs a single image
     page.fill("#edit [name=prompt]", "both together")
     page.fill("#edit [name=num_inference_steps]", "4")

@@ -15,11 +15,18 @@ export class MaskEditor {
     this.canvas = null;
     this.painted = false;
     this.onchange = null;
+    this.turn = 0; // each load or unload takes the next: a load that finishes after a later one is dropped
   }
 
-  // Show `blob` (an image) with an empty mask over it; resolves once it is shown.
+  // Show `blob` (an image) with an empty mask over it; resolves once it is shown (or is no longer wanted: the
+  // inputs changed while it was decoded, e.g. a second image added at once).
   async load(blob) {
+    const turn = ++this.turn;
     const bitmap = await createImageBitmap(blob);
+    if (turn !== this.turn) {
+      bitmap.close();
+      return;
+    }
     this.width = bitmap.width;
     this.height = bitmap.height;
     const base = document.createElement("canvas");
@@ -45,6 +52,7 @@ export class MaskEditor {
   }
 
   unload(message = "Pick an image to paint a mask on it.") {
+    this.turn += 1;
     this.canvas = null;
     this.painted = false;
     const hint = document.createElement("p");
