@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.local import _ModelPool
-from qwen_image_server.engine.worker import LoadFailed, Ready
+from qwen_image_server.engine.worker import Failed, LoadFailed, Ready
 from qwen_image_server.errors import NotReady
+from qwen_image_server.jobs import Job
 from qwen_image_server.models.spec import ModelSpec
 
 
@@ -34,6 +36,10 @@ class FakeWorker:
     def exit(self, code: int) -> None:
         self.exitcode = code
         self.owner.on_exit(self)
+
+
+def _job() -> Job:
+    return Job(mode="generate", prompt="a cat", seeds=[1])
 
 
 def _pool(workers: int) -> tuple[_ModelPool, list[FakeWorker], list[FakeWorker]]:
@@ -80,5 +86,38 @@ def test_a_model_none_of_whose_workers_loads_is_failed_and_tried_again():
         assert pool.status()["state"] == "failed"
         await asyncio.sleep(0.2)
         assert replaced == [only]
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once():
+    """A worker whose GPU broke fails its task saying it exits (``retiring``): the next queued task must not go to it
+    (it would be lost with the process, as "exited unexpectedly"), and a worker that served is restarted at once,
+    even while another worker of the model has given up loading."""
+
+    async def run() -> None:
+        pool, (good, other, bad), replaced = _pool(3)
+        for worker in (good, other):
+            pool.on_message(worker, Ready({"device": "cuda:0"}))  # type: ignore[arg-type]
+        pool.on_message(bad, LoadFailed("out of memory on the device"))  # type: ignore[arg-type]
+        bad.exit(0)  # gave up: failed, tried again later
+        sent: list = []
+        good.send = other.send = lambda message: sent.append(message)  # type: ignore[attr-defined]
+        first = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
+        second = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
+        await asyncio.sleep(0.01)
+        assert len(sent) == 2 and good.running is not None and other.running is not None  # one task each
+        worker, task_id = good, good.running.task.task_id
+        pool.on_message(worker, Failed(task_id, "boom (the GPU failed; its worker is replaced)", retiring=True))  # type: ignore[arg-type]
+        third = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
+        await asyncio.sleep(0.01)
+        assert len(sent) == 2 and worker.state == "restarting"  # the third waits for a worker that stays
+        worker.exit(1)
+        assert worker.state == "restarting" and pool.broken is None  # restarted at once, not given up
+        await asyncio.sleep(0.05)
+        assert worker in replaced
+        for task in (first, second, third):
+            task.cancel()
+        await asyncio.gather(first, second, third, return_exceptions=True)
 
     asyncio.run(run())

@@ -233,7 +233,7 @@ def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypat
     ours.send(RunTask(Task(1, job())))
     first = until_finished(ours, 1)
     ours.send(RunTask(Task(2, job("boom"))))
-    assert until_finished(ours, 2) == [Failed(2, "RuntimeError: boom (the GPU failed; its worker is replaced)")]
+    assert until_finished(ours, 2) == [Failed(2, "RuntimeError: boom (the GPU failed; its worker is replaced)", retiring=True)]
     thread.join(timeout=WAIT)
     assert not thread.is_alive() and exits == [1]
     assert isinstance(first[-1], Done) and emptied == []  # cache given back only when it could be

@@ -179,10 +179,12 @@ class _ModelPool:
                     partial.index += piece.offset
                     piece.job.on_partial(partial)
                 return
-            case Failed(task_id, reason, cancelled):
+            case Failed(task_id, reason, cancelled, retiring):
                 piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
                 if piece is not None and not piece.future.done():
                     piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
+                if retiring:  # it exits to be started anew (its GPU broke): no queued task goes to it meanwhile
+                    worker.state = "restarting"
         self.dispatch()
 
     def _kill_if_stuck(self, worker: WorkerProcess, piece: _Piece) -> None:
@@ -224,9 +226,10 @@ class _ModelPool:
         self.restarts += 1
         if worker.owner is not self:  # a process shared with other models: its first model restarts it
             return
+        loading = worker.state in ("loading", "failed")  # it exited before it served (else: a crash while serving)
         if worker.state == "loading":
             self.load_failures += 1  # died before it could say why
-        if self._give_up():
+        if loading and self._give_up():
             retry = self.settings.worker_retry_seconds
             worker.state = "failed"
             for pool in worker.pools:
@@ -243,8 +246,8 @@ class _ModelPool:
                     pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
             self.loop.call_later(retry, self._retry_failed)
             return
-        # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60).
-        delay = 0.0 if self.load_failures == 0 else min(60.0, 2.0 ** (self.load_failures - 1))
+        # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60); one that served, at once.
+        delay = 0.0 if self.load_failures == 0 or not loading else min(60.0, 2.0 ** (self.load_failures - 1))
         log.warning("worker %s exited (exit code %s); restarting in %.0fs", worker.name, code, delay)
         worker.state = "restarting"
         self.loop.call_later(delay, self._restart, worker)

@@ -100,6 +100,7 @@ class Failed:
     task_id: int
     reason: str
     cancelled: bool = False
+    retiring: bool = False  # the worker exits after this (its GPU broke): send it nothing more
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Worker:
         if failure is not None:  # out of the except block: its traceback no longer holds the failed call's tensors
             broken = recover_device(runner.device)
             if broken is not None:
-                self.send(Failed(task_id, f"{failure} (the GPU failed; its worker is replaced)"))
+                self.send(Failed(task_id, f"{failure} (the GPU failed; its worker is replaced)", retiring=True))
                 raise DeviceBroken(broken)
             self.send(Failed(task_id, failure))
             return
