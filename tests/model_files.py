@@ -44,20 +44,24 @@ def make_tiny_lora(
     return out_file
 
 
-def make_tiny_lora_with_peft(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
-    """The same LoRA made as a user makes one: peft adapters on the loaded transformer, saved by diffusers."""
+def make_tiny_lora_with_peft(model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4, alpha: int | None = None) -> Path:
+    """The same LoRA made as a user makes one: peft adapters on the loaded transformer, saved by diffusers. With
+    ``alpha`` (its ``lora_alpha``; default the rank), its config goes into the file as metadata, as peft users save."""
     import torch
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     transformer = QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(LORA_TARGETS)))
     generator = torch.Generator().manual_seed(seed)
     for name, param in transformer.named_parameters():
         if "lora_" in name:
             param.data = torch.randn(param.shape, generator=generator) * 0.5
     state = get_peft_model_state_dict(transformer)
-    QwenImagePipeline.save_lora_weights(out_file.parent, transformer_lora_layers=state, weight_name=out_file.name)
+    QwenImagePipeline.save_lora_weights(
+        out_file.parent, transformer_lora_layers=state, weight_name=out_file.name,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict() if alpha else None,
+    )  # fmt: skip
     return out_file
 
 

@@ -185,6 +185,27 @@ def test_the_compiled_slot_holds_loras_of_other_layers_and_ranks(tiny_t2i, tmp_p
     assert len({want["a"].tobytes(), want["b"].tobytes(), want["m"].tobytes(), want[None].tobytes()}) == 4
 
 
+def test_the_compiled_slot_applies_a_loras_own_alpha(tiny_t2i, tmp_path):
+    """A LoRA saved with its config (``lora_alpha`` twice its rank: scaled by 2): the compiled model's slot gives the
+    eager image. The slot read the config without the pipeline's ``transformer.`` prefix and scaled by 1."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from model_files import make_tiny_lora_with_peft
+
+    lora = f"strong={make_tiny_lora_with_peft(tiny_t2i, tmp_path / 'strong.safetensors', seed=4, rank=2, alpha=4)}"
+    eager = PipelineRunner(_spec(tiny_t2i, lora), device="cpu")
+    want, base = _pixels(eager, _job("strong")), _pixels(eager, _job())
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    slot = LoraSet(pipe, replace(_spec(tiny_t2i, lora).profile, compile=True))
+    with slot.applied(pipe, "strong"), torch.inference_mode():
+        image = pipe(prompt="a cat", width=128, height=128, num_inference_steps=2, true_cfg_scale=1.0,
+                     generator=[torch.Generator("cpu").manual_seed(7)], output_type="pil").images[0]  # fmt: skip
+    got = np.asarray(image, dtype=np.int16)
+    assert np.abs(got - want).max() <= 2 and np.abs(want - base).mean() > 0.5
+
+
 @pytest.mark.gpu
 def test_inductor_compiled_slot_on_gpu(tiny_t2i, tiny_lora):
     import torch

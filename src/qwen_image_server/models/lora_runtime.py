@@ -47,7 +47,8 @@ class LoraSet:
         self.hotswap = bool(self.swapped) and profile.compile
         self.current: tuple[str, float] | None = None  # the active adapter and its scale; None: the base weights
         self._schedulers: dict[str, object] = {}
-        self._weights: dict[str | None, dict] = {}  # the slot's state dict of each LoRA (None: the base model)
+        self._weights: dict[str | None, dict] = {}  # each slot LoRA's state dict and scaling (None: the base model)
+        self._slot: tuple = ({}, 0, None)  # the slot's layout, rank and device (``_load_slot``)
         fused = [lora for lora in profile.loras if lora.fuse]
         if fused:
             self._fuse(fused)
@@ -75,8 +76,8 @@ class LoraSet:
     def _load_slot(self) -> None:
         """One adapter slot covering every LoRA's layers at one rank, zero until a LoRA is swapped in.
 
-        Every LoRA is laid out the same way (``_uniform``): each layer any LoRA targets, at the largest rank, zero
-        where it has none, its scaling folded into B. peft checks on every swap that the new adapter's config
+        Every LoRA goes in laid out the same way (``_uniform``): each layer any LoRA targets, at the largest rank,
+        zero where it has none, its scaling folded into B. peft checks on every swap that the new adapter's config
         matches the slot's, and a LoRA of other layers or ranks (or its own alpha or dropout) derived another config
         (rank and alpha patterns): the swap failed, diffusers deleted the slot, and later requests for a LoRA ran
         without it, as the base model. One layout, one config, no such failure."""
@@ -94,11 +95,21 @@ class LoraSet:
                 known = layout.get(layer, (0, 0, value.dtype))
                 shape = (value.shape[1], known[1]) if part == "A.weight" else (known[0], value.shape[0])
                 layout[layer] = (*shape, known[2])
+        # Each LoRA is kept as it is (on the device) with its scaling, and laid out for a swap only: the laid-out
+        # copies (every layer at the largest rank; zeros for the base model) would take as much memory per LoRA.
         for name, (state, metadata) in loaded.items():
-            self._weights[name] = _uniform(state, _scaling(name, metadata), layout, rank, device)
-        self._weights[None] = _uniform({}, 1.0, layout, rank, device)  # the base model: zeros everywhere
-        slot = {key: value.clone() for key, value in self._weights[None].items()}
-        pipe.load_lora_into_transformer(slot, transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe)
+            self._weights[name] = {"state": {k: v.to(device) for k, v in state.items()}, "scaling": _scaling(name, metadata)}
+        self._weights[None] = {"state": {}, "scaling": 1.0}  # the base model: zeros everywhere
+        self._slot = (layout, rank, device)
+        pipe.load_lora_into_transformer(
+            self._laid_out(None, 1.0), transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe
+        )
+
+    def _laid_out(self, name: str | None, factor: float) -> dict:
+        """``name``'s LoRA (None: the base model) in the slot's layout, at ``factor`` times its strength (new tensors:
+        the loader may consume what it is given)."""
+        weights = self._weights[name]
+        return _uniform(weights["state"], weights["scaling"] * factor, *self._slot)
 
     def activate(self, name: str | None, scale: float | None = None) -> None:
         """Make ``name``'s adapter the only one active at ``scale`` (None: the one it is served with); None, or a
@@ -111,9 +122,7 @@ class LoraSet:
             return
         transformer = self.pipe.transformer
         if self.hotswap:
-            factor = 1.0 if key is None else key[1]
-            # B scaled (the slot has no scale of its own); a new tensor either way: the loader may consume what it is given
-            state = {k: v * factor if ".lora_B." in k else v.clone() for k, v in self._weights[name].items()}
+            state = self._laid_out(name, 1.0 if key is None else key[1])  # B scaled: the slot has no scale of its own
             self.pipe.load_lora_into_transformer(
                 state, transformer=transformer, adapter_name=SLOT, hotswap=True, _pipeline=self.pipe
             )
@@ -164,6 +173,8 @@ def _adapters_in(transformer, dtype) -> None:
 def _scaling(name: str, metadata: dict | None) -> float:
     """What peft would multiply a LoRA's ``B @ A`` by, from the LoRA's saved config (none: alphas are already in the
     weights, as diffusers' converters leave them): ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+    if metadata and any(key.startswith("transformer.") for key in metadata):  # a pipeline's save: per component
+        metadata = {key.removeprefix("transformer."): v for key, v in metadata.items() if key.startswith("transformer.")}
     if not metadata:
         return 1.0
     if metadata.get("rank_pattern") or metadata.get("alpha_pattern"):
