@@ -74,3 +74,37 @@ def test_the_file_is_closed_when_the_client_goes_away_midway(stored):
     with pytest.raises(OSError, match="connection reset"):
         _get(app, path, on_send)
     assert not _open_by_this_process(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the open files from /proc")
+def test_reading_stops_when_the_client_leaves(stored):
+    """uvicorn drops what is sent to a client that left without raising: the image was read to its end (a whole S3
+    object fetched) for no one. The answer now stops at the disconnect and closes the file."""
+    import asyncio
+
+    app, path = stored
+    first_piece_sent = asyncio.Event()
+    asked = 0
+
+    async def receive() -> dict:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await first_piece_sent.wait()
+        return {"type": "http.disconnect"}
+
+    def on_send(message, sent):
+        if message["type"] == "http.response.body":
+            first_piece_sent.set()
+
+    start, *body = asgi_call(app, "GET", f"/images/{path.name}", [], receive=receive, on_send=on_send)
+    assert start["status"] == 200 and 1 <= len(body) < SIZE // IMAGE_CHUNK
+    assert not _open_by_this_process(path)
+
+
+def test_head_sends_the_head_without_reading_the_image(stored):
+    app, path = stored
+    start, *body = asgi_call(app, "HEAD", f"/images/{path.name}", [])
+    assert start["status"] == 200 and dict(start["headers"])[b"content-length"] == str(SIZE).encode()
+    assert body == [{"type": "http.response.body", "body": b""}]  # one empty piece: nothing was read and dropped

@@ -21,6 +21,7 @@ from qwen_image_server.models.weights_files import (
     REFERENCE_INNER_DIM,
     REFERENCE_TEXT_ENCODER,
     UnknownFootprint,
+    from_counts,
     read_folder,
     read_header,
     read_hub,
@@ -238,6 +239,8 @@ def test_fp8_and_offload_profiles_reduce_the_estimate_as_documented(tiny_t2i):
     assert group["text_encoder"] == max(max(layers.values()), rest)  # a layer, or the embeddings with the rest
     # the text encoder offloads alike under --offload text-encoder: one group of it on the device, not none
     assert resident_weights(tensors, RunProfile(offload="text-encoder"), 2) == {**base, "text_encoder": group["text_encoder"]}
+    counted = from_counts({"transformer": 20.4e9, "text_encoder": 8.3e9, "vae": 0.13e9})  # no layer names
+    assert resident_weights(counted, RunProfile(offload="text-encoder"), 2)["text_encoder"] == 0
     sequential = resident_weights(tensors, RunProfile(offload="sequential"), 2)
     assert 0 < sum(sequential.values()) < sum(group.values())
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from starlette.routing import Match
 
+#: Set in a request's ``state`` when a ``HEAD`` goes on as ``GET``: a route may then leave out reading its body.
+HEAD_AS_GET = "qis_head"
+
 
 class HeadRequests:
     """ASGI middleware (the outermost): ``HEAD`` answers as ``GET`` would, without the body (RFC 9110, 9.3.2).
@@ -28,7 +31,7 @@ class HeadRequests:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             return await self.app(scope, receive, send)
         if self._serves_get(scope):
-            scope.setdefault("state", {})  # shared with the copy: the middlewares note the request id there
+            scope.setdefault("state", {})[HEAD_AS_GET] = True  # shared with the copy (the request id is noted there)
             scope = {**scope, "method": "GET"}
 
         async def send_without_body(message):

@@ -21,6 +21,7 @@ from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, Partia
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES, StoredImage
 from .errors import error_object
+from .head import HEAD_AS_GET
 from .uploads import read_image_request
 
 log = logging.getLogger(__name__)
@@ -227,17 +228,28 @@ class StoredImageResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         stored, sent = self.stored, 0
+        gone = asyncio.Event()  # the client left: uvicorn then drops what is sent without a word, so read no more
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        listener = asyncio.ensure_future(listen())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            while sent < stored.size:
+            if scope.get("state", {}).get(HEAD_AS_GET):  # HEAD: the head is all that goes out
+                sent = stored.size
+            while sent < stored.size and not gone.is_set():
                 chunk = await asyncio.to_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
                 if not chunk:  # the store gave fewer bytes than it announced: the connection ends short
                     raise OSError(f"stored image ended after {sent} of {stored.size} bytes")
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": sent < stored.size})
-            if stored.size == 0:
+            if stored.size == 0 or scope.get("state", {}).get(HEAD_AS_GET):
                 await send({"type": "http.response.body", "body": b""})
         finally:
+            listener.cancel()
             stored.file.close()
 
 
@@ -320,7 +332,8 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once every worker has loaded its model, 503 before (with each worker's state)."""
+    """200 once every worker has loaded its model (a worker that gave up loading while others of its model serve
+    does not hold it back), 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
     failed = getattr(engine, "failed", lambda: False)()

@@ -95,7 +95,7 @@ def graph_count() -> int:
 
 
 def raise_recompile_limits(graphs: int) -> None:
-    """Let the shared block forward hold ``graphs`` graphs: by default dynamo keeps 8 and then runs eager."""
+    """Let the shared block forward hold ``graphs`` graphs (dynamo's default is 8; past the limit, ``EagerBeyondLimit``)."""
     import torch._dynamo.config as config
 
     limit = max(MIN_RECOMPILE_LIMIT, graphs)

@@ -180,13 +180,15 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     which stay on the device from one prompt's encoding to the next, with the rest), the rest whole.
     text-encoder: the text encoder as under group, the rest whole. model: only the largest component.
     sequential: the largest leaf module. Sized from parameter counts only, group and sequential count
-    as model.
+    as model, and text-encoder as the text encoder off the device.
     """
     sized = {component: _kept(component, tensors, run_bytes, profile) for component, tensors in model.components.items()}
     totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
     mode = profile.offload
     if model.counts_only and mode in ("group", "sequential"):
         mode = "model"
+    if model.counts_only and mode == "text-encoder":  # no layer names to find its groups: the text encoder off the GPU
+        return {c: (0 if c == "text_encoder" else b) for c, b in totals.items()}
     if mode == "none":
         return totals
     if mode == "model":
