@@ -231,8 +231,9 @@ class StoredImageResponse(Response):
         gone = asyncio.Event()  # the client left: uvicorn then drops what is sent without a word, so read no more
 
         async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            with contextlib.suppress(Exception):  # a server's own error from receive: taken as the client gone too
+                while (await receive())["type"] != "http.disconnect":
+                    pass
             gone.set()
 
         listener = asyncio.ensure_future(listen())
