@@ -21,7 +21,7 @@ class FakeWorker:
 
     def __init__(self, pool: _ModelPool, slot: int):
         self.pools, self.owner, self.slot, self.name = [pool], pool, slot, f"m#{slot}"
-        self.state, self.running, self.infos, self.exitcode = "loading", None, {}, None
+        self.state, self.running, self.infos, self.exitcode, self.killed = "loading", None, {}, None, False
         self.process = self
 
     def is_alive(self) -> bool:
@@ -29,6 +29,9 @@ class FakeWorker:
 
     def error(self) -> str | None:
         return next((info["error"] for info in self.infos.values() if "error" in info), None)
+
+    def kill(self) -> None:
+        self.killed = True
 
     def describe(self, pool=None) -> dict:
         return {"name": self.name, "state": self.state}
@@ -90,10 +93,14 @@ def test_a_model_none_of_whose_workers_loads_is_failed_and_tried_again():
     asyncio.run(run())
 
 
-def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once():
+def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once(monkeypatch):
     """A worker whose GPU broke fails its task saying it exits (``retiring``): the next queued task must not go to it
     (it would be lost with the process, as "exited unexpectedly"), and a worker that served is restarted at once,
     even while another worker of the model has given up loading."""
+
+    from qwen_image_server.engine import local
+
+    monkeypatch.setattr(local, "RETIRE_SECONDS", 0.05)
 
     async def run() -> None:
         pool, (good, other, bad), replaced = _pool(3)
@@ -112,6 +119,8 @@ def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once():
         third = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
         await asyncio.sleep(0.01)
         assert len(sent) == 2 and worker.state == "restarting"  # the third waits for a worker that stays
+        await asyncio.sleep(0.1)
+        assert worker.killed  # its exit hung (a broken driver): killed RETIRE_SECONDS later
         worker.exit(1)
         assert worker.state == "restarting" and pool.broken is None  # restarted at once, not given up
         await asyncio.sleep(0.05)

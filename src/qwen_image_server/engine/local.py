@@ -29,6 +29,8 @@ from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, Load
 from .worker_process import WorkerProcess, public_reason
 
 log = logging.getLogger(__name__)
+#: Seconds a worker that said it exits (its GPU broke) has to be gone before it is killed.
+RETIRE_SECONDS = 30.0
 
 
 @dataclass(eq=False)
@@ -185,7 +187,15 @@ class _ModelPool:
                     piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
                 if retiring:  # it exits to be started anew (its GPU broke): no queued task goes to it meanwhile
                     worker.state = "restarting"
+                    self.loop.call_later(RETIRE_SECONDS, self._kill_if_not_gone, worker)
         self.dispatch()
+
+    def _kill_if_not_gone(self, worker: WorkerProcess) -> None:
+        """A worker that said it exits (its GPU broke) and has not, ``RETIRE_SECONDS`` later (its exit hangs in the
+        broken driver): killed, so that ``on_exit`` starts its successor."""
+        if not self.closing and worker in self.workers and worker.process.is_alive():
+            log.error("worker %s did not exit %.0fs after its GPU failed; killing it", worker.name, RETIRE_SECONDS)
+            worker.process.kill()
 
     def _kill_if_stuck(self, worker: WorkerProcess, piece: _Piece) -> None:
         """A worker still running a task it was told to stop, ``stuck_task_seconds`` later, is stuck in a call that

@@ -191,11 +191,11 @@ def _uniform(state: dict, scaling: float, layout: dict, rank: int, device) -> di
 
     out = {}
     for layer, (inputs, outputs, dtype) in layout.items():
-        a = torch.zeros(rank, inputs, dtype=dtype)
-        b = torch.zeros(outputs, rank, dtype=dtype)
+        a = torch.zeros(rank, inputs, dtype=dtype, device=device)  # on the device: a swap copies nothing to or from
+        b = torch.zeros(outputs, rank, dtype=dtype, device=device)  # the host
         if f"{layer}.lora_A.weight" in state:
             own_a, own_b = state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"]
             a[: own_a.shape[0]] = own_a
             b[:, : own_b.shape[1]] = own_b * scaling
-        out[f"{layer}.lora_A.weight"], out[f"{layer}.lora_B.weight"] = a.to(device), b.to(device)
+        out[f"{layer}.lora_A.weight"], out[f"{layer}.lora_B.weight"] = a, b
     return out
