@@ -415,3 +415,17 @@ def test_vae_tiling_lowers_the_working_memory_and_is_offered_when_it_makes_a_pla
     with pytest.raises(PlanError) as wide:
         make_plan([full_model("qwen-image")], Settings(device="cpu", dtype="bfloat16"), host=_host(64))
     assert "--vae-tiling on@qwen-image (the VAE decodes in tiles: less working memory)" in str(wide.value)
+
+
+def test_on_the_real_machine_offloaded_weights_are_checked_against_its_memory(monkeypatch):
+    """``serve`` plans without injected probes: its GPUs and this machine's memory are discovered. The host memory was
+    read only when the GPU probe was injected too (a name overwritten), so on a real machine offloaded weights were
+    never checked and a worker was killed for memory minutes into loading."""
+    from qwen_image_server.models import planner
+
+    monkeypatch.setattr(planner, "discover_gpus", gpu_probe(fake_gpu(0, 48)))
+    monkeypatch.setattr(planner, "discover_host_memory", _host(8))
+    with pytest.raises(PlanError, match="not enough memory on this machine for the weights model qwen-image offloads"):
+        make_plan([full_model("qwen-image", offload="group")], Settings(max_image_side=1024))
+    monkeypatch.setattr(planner, "discover_host_memory", _host(32))
+    assert make_plan([full_model("qwen-image", offload="group")], Settings(max_image_side=1024)).host is not None

@@ -273,12 +273,12 @@ def make_plan(
     ``read_tensors``, headers only), ``host`` the machine's memory, which CPU workers are checked against
     (default: ``discover_host_memory``).
     """
-    discover = discover or discover_gpus
+    probe = discover or discover_gpus
     reader = reader or read_tensors
     setting = settings.device.strip()
     gpus: list[Gpu] = []
     if setting != "cpu":
-        found = discover()
+        found = probe()
         gpus = count_gpus_in_process() if found is None else found
         if setting == "cuda" and not gpus:
             raise ModelConfigError("--device cuda asked for, but no GPU is visible (use --device cpu or auto)")
