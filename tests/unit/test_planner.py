@@ -353,3 +353,15 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:5"), discover=gpu_probe(fake_gpu(0, 80)))
     with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
         make_plan(specs, Settings(device="cuda:0"), discover=gpu_probe())
+
+
+def test_with_free_memory_unknown_workers_spread_over_the_gpus():
+    """When the GPUs' free memory is unknown (the probe failed, ``--memory-check off``), every GPU has "infinite"
+    room: the spread's key tied and every worker went to cuda:0 (three full-size models on one card, three idle)."""
+    gpus = [Gpu(f"cuda:{i}", "test GPU", None, 80 * GIB) for i in range(4)]
+    slots = [("a", 0, 40 * GIB), ("b", 0, 40 * GIB), ("c", 0, 40 * GIB), ("d", 0, None), ("a", 1, 40 * GIB)]
+    for spread in (True, False):
+        placed, failed = place(slots, gpus, spread=spread)
+        assert failed is None
+        on = {gpu.device: [f"{p.model}#{p.slot}" for p in placed if p.device == gpu.device] for gpu in gpus}
+        assert sorted(len(workers) for workers in on.values()) == [1, 1, 1, 2], (spread, on)  # five workers, four GPUs

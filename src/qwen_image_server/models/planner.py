@@ -186,6 +186,10 @@ def place(
     left = {g.device: (g.free if g.free is not None else float("inf")) for g in gpus}
     peak = {g.device: 0 for g in gpus}  # the loading room kept on each GPU
     models_on: dict[str, set[str]] = {g.device: set() for g in gpus}
+    # Ties (free memory unknown: every GPU has "infinite" room; or needs unknown) go to the GPU with the fewest
+    # workers, then the least planned: not all to the first GPU.
+    workers_on = {g.device: 0 for g in gpus}
+    planned = {g.device: 0 for g in gpus}
     order = sorted(slots, key=lambda s: (s[2] is None, -(s[2] or 0)))
     placed: list[Placement] = []
     for model, slot, need in order:
@@ -195,12 +199,14 @@ def place(
         if not fits:
             return placed, (model, slot, need)
         if spread:
-            device = min(fits, key=lambda d: (model in models_on[d], -(left[d] - cost[d])))
+            device = min(fits, key=lambda d: (model in models_on[d], -(left[d] - cost[d]), workers_on[d], planned[d]))
         else:
-            device = min(fits, key=lambda d: left[d] - cost[d])
+            device = min(fits, key=lambda d: (left[d] - cost[d], workers_on[d], planned[d]))
         left[device] -= cost[device]
         peak[device] = max(peak[device], extra)
         models_on[device].add(model)
+        workers_on[device] += 1
+        planned[device] += cost[device]
         placed.append(Placement(model, slot, device, need))
     return sorted(placed, key=lambda p: (p.model, p.slot)), None
 
