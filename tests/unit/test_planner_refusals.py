@@ -4,6 +4,7 @@ placement: test_planner.py)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,6 +364,20 @@ def test_no_gpu_can_be_visible_when_cuda_visible_devices_hides_them(monkeypatch,
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert no_gpu_driver()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver's files are Linux's")
+@pytest.mark.parametrize("driver", [None, "proc/driver/nvidia", "dev/kfd", "dev/dxg"])
+def test_a_gpu_driver_is_seen_by_its_files_wsl2_included(monkeypatch, tmp_path, driver):
+    """Without a driver the GPU probe is skipped (no GPU can be visible). WSL2 and Docker Desktop have no NVIDIA
+    kernel module, only /dev/dxg: its GPUs were taken for absent (--device auto planned CPU workers)."""
+    from qwen_image_server.models.machine import no_gpu_driver
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if driver:
+        (tmp_path / driver).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / driver).touch()
+    assert no_gpu_driver(tmp_path) is (driver is None)
 
 
 def test_the_text_encoder_is_planned_without_its_head_and_fp8_keeps_its_embeddings():

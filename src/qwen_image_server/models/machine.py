@@ -152,11 +152,17 @@ print(json.dumps(gpus))
 """
 
 
-def no_gpu_driver() -> bool:
-    """True when this is Linux without an NVIDIA or ROCm driver: then no GPU can be visible (skips the probe)."""
+#: What a GPU driver leaves on Linux: NVIDIA's kernel module, ROCm's, and WSL2's GPU device (no NVIDIA kernel module
+#: there: CUDA reaches the Windows driver through /dev/dxg, as under Docker Desktop).
+GPU_DRIVER_PATHS = ("proc/driver/nvidia", "dev/kfd", "dev/dxg")
+
+
+def no_gpu_driver(root: Path = Path("/")) -> bool:
+    """True when this is Linux without an NVIDIA, ROCm or WSL2 GPU driver: then no GPU can be visible (skips the
+    probe)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return True
-    return sys.platform.startswith("linux") and not Path("/proc/driver/nvidia").exists() and not Path("/dev/kfd").exists()
+    return sys.platform.startswith("linux") and not any((root / path).exists() for path in GPU_DRIVER_PATHS)
 
 
 def discover_gpus(timeout: float = 60.0) -> list[Gpu] | None:
