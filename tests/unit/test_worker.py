@@ -230,6 +230,7 @@ def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypat
     )
     thread.start()
     assert isinstance(ours.recv(), Ready)
+    emptied.clear()  # the load's own (test_worker_loading.py)
     ours.send(RunTask(Task(1, job())))
     first = until_finished(ours, 1)
     ours.send(RunTask(Task(2, job("boom"))))

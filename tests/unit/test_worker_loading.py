@@ -204,3 +204,33 @@ def test_a_worker_on_a_numbered_gpu_makes_it_current_before_loading(monkeypatch)
     worker_main(spec("m"), "cpu", "auto", 1, theirs, "m#0")
     recv(ours)
     assert events == ["deterministic False", "load on cpu"]
+
+
+def test_a_gpu_worker_gives_its_loads_leftovers_back_before_the_next_one_loads(monkeypatch):
+    """Loading converts weights (bf16 to FP8) and drops some (the text encoder's head): what it freed stays in the
+    process's CUDA cache, where the next worker on that GPU cannot have it. The cache is emptied while the load lock is
+    still held, before the next worker loads. (CUDA is stubbed.)"""
+    import multiprocessing
+
+    import torch
+
+    _no_cuda_device_switch(monkeypatch)
+    lock = multiprocessing.get_context("spawn").Lock()
+    held_at_empty: list[bool] = []
+
+    def empty_cache() -> None:
+        free = lock.acquire(block=False)
+        if free:
+            lock.release()
+        held_at_empty.append(not free)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    stub_runner(monkeypatch, lambda spec, *a, **k: FakeRunner(device="cuda:0"))
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
+    ours, theirs = Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec("m"), "cuda:0", "auto", 1, theirs, "m#0", 20, lock), daemon=True)
+    thread.start()
+    assert isinstance(recv(ours), Ready)
+    ours.send(Stop())
+    thread.join(timeout=WAIT)
+    assert held_at_empty == [True]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TaskCancelled, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
-from .worker_device import DeviceBroken, device_memory, recover_device
+from .worker_device import DeviceBroken, device_memory, recover_device, release_cached
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -226,6 +226,9 @@ class Worker:
                 for one in specs:
                     loading = one.id
                     runners[one.id] = PipelineRunner(one, device=device, dtype=dtype, shared=shared, warm=False)
+                # What loading converted away (bf16 weights now in FP8, the dropped head) goes back to the GPU before
+                # the next worker there loads: the plan counts one load's extra per GPU, not one kept per worker.
+                release_cached(device)
             for model, runner in runners.items():
                 loading = model  # a failure names the model that was warming up
                 runner.warm_up()

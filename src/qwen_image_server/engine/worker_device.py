@@ -33,6 +33,19 @@ def device_memory(device: str) -> dict:
     }
 
 
+def release_cached(device: str) -> None:
+    """Give the memory this process's allocator caches on a CUDA ``device`` back to the device (other processes on it
+    see it free again), once nothing holds the tensors it held; nothing elsewhere."""
+    if not device.startswith("cuda"):
+        return
+    import gc
+
+    import torch
+
+    gc.collect()  # tensors kept by reference cycles (frames, exceptions) until the collector runs
+    torch.cuda.empty_cache()
+
+
 class DeviceBroken(Exception):
     """The worker's GPU cannot run anything more in this process (its CUDA context is broken): the process exits and
     its engine starts a new one."""
@@ -45,14 +58,11 @@ def recover_device(device: str) -> str | None:
     and every later call would fail the same way."""
     if not device.startswith("cuda"):
         return None
-    import gc
-
     import torch
 
-    gc.collect()  # tensors that the failed call's frames and its exception still held in a reference cycle
     try:
         torch.cuda.synchronize(torch.device(device))
-        torch.cuda.empty_cache()
+        release_cached(device)  # with a gc pass: the failed call's frames and its exception may hold a cycle
     except Exception as exc:
         log.error("the GPU %s failed in this worker (%s): the worker exits to be replaced", device, short_reason(exc))
         return short_reason(exc)
