@@ -48,6 +48,7 @@ def test_policies_fill_in_defaults_and_print_canonically():
             "knob interval: expected an integer, got '2.5'; knobs: interval=int in [1, 50] (default 3), warmup=",
         ),
         ("taylorseer:lite=maybe", "knob lite: expected true or false"),
+        ("taylorseer:warmup=0", "knob warmup: '0' is not in [1, 1000]"),  # diffusers' TaylorSeer fails on step 0
         ("none:threshold=1", "takes no knobs"),
     ],
 )

@@ -89,7 +89,8 @@ POLICIES: dict[str, tuple[Knob, ...]] = {
         # One full step in 3 after 6 warm-up steps, last 2 full: about 2x fewer transformer
         # passes on 50 steps while the early (layout) and final (detail) steps stay exact.
         Knob("interval", int, 3, 1, 50, "one full step in every INTERVAL after warm-up (1: never predict)"),
-        Knob("warmup", int, 6, 0, 1000, "first steps that always run in full"),
+        # at least 1: a prediction needs a full step before it (diffusers' TaylorSeer fails on step 0 otherwise)
+        Knob("warmup", int, 6, 1, 1000, "first steps that always run in full"),
         Knob("cooldown", int, 2, 0, 1000, "last steps that always run in full"),
         Knob("order", int, 1, 1, 4, "order of the Taylor expansion"),
         Knob("lite", bool, False, help="predict only the output projection and skip the whole block stack (least memory)"),
