@@ -129,3 +129,15 @@ def test_vae_tiling_from_flags_environment_and_sidecar(monkeypatch):
         build_profile("a", {}, {"vae_tiling": ["tiles"]})
     monkeypatch.setenv("QIS_VAE_TILING", "on@b;off")
     assert Settings().profile_flags()["vae_tiling"] == ["on@b", "off"]
+
+
+def test_cfg_batch_auto_and_deterministic_are_refused_together():
+    """``auto`` batches a request or not by the memory free when it starts, and batched and unbatched passes round
+    differently: under ``--deterministic`` the same seed could give other pixels."""
+    from qwen_image_server.models.profile import ProfileError, build_profile
+
+    with pytest.raises(ProfileError, match="model m: cfg_batch=auto does not combine with deterministic"):
+        build_profile("m", {}, {"cfg_batch": ["auto"], "deterministic": ["true"]})
+    for mode in ("on", "off"):
+        assert build_profile("m", {}, {"cfg_batch": [mode], "deterministic": ["true"]}).cfg_batch == mode
+    assert build_profile("m", {}, {"cfg_batch": ["auto"]}).cfg_batch == "auto"

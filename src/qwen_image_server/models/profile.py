@@ -206,6 +206,12 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
 def check_profile(model: str, profile: RunProfile) -> None:
     """Refuse profiles whose settings cannot run together (``check_compile``; fused LoRAs on FP8-stored weights)."""
     check_compile(model, profile)
+    if profile.deterministic and profile.cfg_batch == "auto":
+        raise ProfileError(
+            f"model {model}: cfg_batch=auto does not combine with deterministic (it batches a request's passes or not "
+            "by the memory free when it starts, and batched and unbatched passes round differently: the same seed "
+            "could give other pixels); use cfg_batch=on or cfg_batch=off"
+        )
     fused = [lora.name for lora in profile.loras if lora.fuse]
     if fused and profile.weights_dtype == "fp8":
         raise ProfileError(
