@@ -236,19 +236,19 @@ class StoredImageResponse(Response):
                     pass
             gone.set()
 
+        head_only = bool(scope.get("state", {}).get(HEAD_AS_GET))  # HEAD: the head is all that goes out
         listener = asyncio.ensure_future(listen())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            if scope.get("state", {}).get(HEAD_AS_GET):  # HEAD: the head is all that goes out
-                sent = stored.size
+            if head_only or stored.size == 0:
+                await send({"type": "http.response.body", "body": b""})
+                return
             while sent < stored.size and not gone.is_set():
                 chunk = await asyncio.to_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
                 if not chunk:  # the store gave fewer bytes than it announced: the connection ends short
                     raise OSError(f"stored image ended after {sent} of {stored.size} bytes")
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": sent < stored.size})
-            if stored.size == 0 or scope.get("state", {}).get(HEAD_AS_GET):
-                await send({"type": "http.response.body", "body": b""})
         finally:
             listener.cancel()
             stored.file.close()

@@ -243,16 +243,11 @@ class _ModelPool:
             retry = self.settings.worker_retry_seconds
             worker.state = "failed"
             for pool in worker.pools:
-                if pool.usable():  # its other workers serve the model: only this one waits for the next try
-                    log.warning(
-                        "worker %s exited (exit code %s) and gave up loading; model %s goes on with its other "
-                        "workers, next try in %.0fs", worker.name, code, pool.spec.id, retry,
-                    )  # fmt: skip
-                else:
-                    log.warning(
-                        "worker %s exited (exit code %s); model %s marked failed, next try in %.0fs",
-                        worker.name, code, pool.spec.id, retry,
-                    )  # fmt: skip
+                serving = pool.usable()  # its other workers serve the model: only this one waits for the next try
+                outcome = "goes on with its other workers" if serving else "marked failed"
+                log.warning("worker %s exited (exit code %s) and gave up loading; model %s %s, next try in %.0fs",
+                            worker.name, code, pool.spec.id, outcome, retry)  # fmt: skip
+                if not serving:
                     pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
             self.loop.call_later(retry, self._retry_failed)
             return
