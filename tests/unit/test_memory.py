@@ -245,7 +245,8 @@ def test_memory_bench_without_cuda_says_so_and_exits_0(tiny_t2i):
     assert "qwen_image_server.models.machine" in imported and "torch" not in imported  # no driver: torch not needed
 
 
-def test_memory_bench_table_marks_modes_that_do_not_fit():
+def _memory_bench():
+    """``bench/memory_modes.py`` as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -253,6 +254,12 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
     module_spec = importlib.util.spec_from_file_location("memory_modes", path)
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
+    return bench
+
+
+def test_memory_bench_table_marks_modes_that_do_not_fit():
+
+    bench = _memory_bench()
     rows = [
         {
             "mode": "none",
@@ -276,18 +283,13 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
 def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
     """The runner keeps the embeddings of prompts it has seen: a timed image with the warm-up's prompt would leave out
     the text encoder's pass, which is what text-encoder and group offload make slow. (CUDA's calls are stubbed.)"""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
     import torch
 
     from qwen_image_server.models import runner as runner_module
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
-    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
-    bench = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(bench)
+    bench = _memory_bench()
     prompts = []
 
     class Runner:
@@ -318,16 +320,11 @@ def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
 def test_memory_bench_writes_each_row_once_measured(monkeypatch, tmp_path):
     """A run stopped midway (gpu-check.sh's budget) keeps the rows it measured: each lands in ``--json`` before the
     next mode starts. (The GPU and each mode's process are stubbed.)"""
-    import importlib.util
     import json
     import subprocess
-    from pathlib import Path
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
-    module_spec = importlib.util.spec_from_file_location("memory_modes", path)
-    bench = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(bench)
+    bench = _memory_bench()
     out = tmp_path / "memory.jsonl"
     out.write_text('{"mode": "from an earlier run"}\n')
     seen_before_each_run = []
