@@ -8,6 +8,8 @@ import asyncio
 import itertools
 import time
 
+from worker_fakes import FakeWorkerProcess
+
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.local import _ModelPool
 from qwen_image_server.engine.worker import Failed, LoadFailed, Ready
@@ -16,43 +18,18 @@ from qwen_image_server.jobs import Job
 from qwen_image_server.models.spec import ModelSpec
 
 
-class FakeWorker:
-    """What the pool uses of a ``WorkerProcess``; ``exit()`` is its process ending."""
-
-    def __init__(self, pool: _ModelPool, slot: int):
-        self.pools, self.owner, self.slot, self.name = [pool], pool, slot, f"m#{slot}"
-        self.state, self.running, self.infos, self.exitcode, self.killed = "loading", None, {}, None, False
-        self.process = self
-
-    def is_alive(self) -> bool:
-        return self.exitcode is None
-
-    def error(self) -> str | None:
-        return next((info["error"] for info in self.infos.values() if "error" in info), None)
-
-    def kill(self) -> None:
-        self.killed = True
-
-    def describe(self, pool=None) -> dict:
-        return {"name": self.name, "state": self.state}
-
-    def exit(self, code: int) -> None:
-        self.exitcode = code
-        self.owner.on_exit(self)
-
-
 def _job() -> Job:
     return Job(mode="generate", prompt="a cat", seeds=[1])
 
 
-def _pool(workers: int) -> tuple[_ModelPool, list[FakeWorker], list[FakeWorker]]:
+def _pool(workers: int) -> tuple[_ModelPool, list[FakeWorkerProcess], list[FakeWorkerProcess]]:
     """A pool of fake workers; the list after them collects the workers it replaces (its retries)."""
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     settings = Settings(worker_restart_limit=0, worker_retry_seconds=0.05)  # the first failure gives up
     pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
-    fakes = [FakeWorker(pool, slot) for slot in range(workers)]
+    fakes = [FakeWorkerProcess(pool, slot, state="loading") for slot in range(workers)]
     pool.workers.extend(fakes)  # type: ignore[arg-type]
-    replaced: list[FakeWorker] = []
+    replaced: list[FakeWorkerProcess] = []
     pool._replace = replaced.append  # type: ignore[method-assign,assignment]
     return pool, fakes, replaced
 
@@ -108,17 +85,15 @@ def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once(monkeypa
             pool.on_message(worker, Ready({"device": "cuda:0"}))  # type: ignore[arg-type]
         pool.on_message(bad, LoadFailed("out of memory on the device"))  # type: ignore[arg-type]
         bad.exit(0)  # gave up: failed, tried again later
-        sent: list = []
-        good.send = other.send = lambda message: sent.append(message)  # type: ignore[attr-defined]
         first = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
         second = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
         await asyncio.sleep(0.01)
-        assert len(sent) == 2 and good.running is not None and other.running is not None  # one task each
+        assert len(good.sent + other.sent) == 2 and good.running is not None and other.running is not None  # one task each
         worker, task_id = good, good.running.task.task_id
         pool.on_message(worker, Failed(task_id, "boom (the GPU failed; its worker is replaced)", retiring=True))  # type: ignore[arg-type]
         third = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
         await asyncio.sleep(0.01)
-        assert len(sent) == 2 and worker.state == "restarting"  # the third waits for a worker that stays
+        assert len(good.sent + other.sent) == 2 and worker.state == "restarting"  # the third waits for a worker that stays
         await asyncio.sleep(0.1)
         assert worker.killed  # its exit hung (a broken driver): killed RETIRE_SECONDS later
         worker.exit(1)

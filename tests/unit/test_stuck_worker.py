@@ -11,47 +11,24 @@ import threading
 import time
 
 import pytest
-from worker_fakes import stub_runner
+from worker_fakes import FakeWorkerProcess, stub_runner
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.local import _ModelPool
-from qwen_image_server.engine.worker import Cancel, Failed, RunTask
+from qwen_image_server.engine.worker import Cancel, RunTask
 from qwen_image_server.errors import TaskTimeout
 from qwen_image_server.jobs import Job, Task
 from qwen_image_server.models.spec import ModelSpec
 
 
-class FakeWorker:
-    """What the pool uses of a ``WorkerProcess``. ``stops``: it answers a ``Cancel`` as a worker between two steps
-    does; otherwise it never answers, as one stuck in a call that does not return."""
-
-    def __init__(self, pool: _ModelPool, stops: bool):
-        self.pools, self.owner, self.name = [pool], pool, "m#0"
-        self.state, self.running, self.infos = "idle", None, {}
-        self.stops, self.sent, self.killed = stops, [], False
-        self.process = self
-
-    def send(self, message) -> None:
-        self.sent.append(message)
-        if isinstance(message, Cancel) and self.stops:
-            pool = self.owner
-            pool.loop.call_soon(pool.on_message, self, Failed(message.task_id, "cancelled", cancelled=True))
-
-    def is_alive(self) -> bool:
-        return not self.killed
-
-    def kill(self) -> None:
-        self.killed = True
-
-
-def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | None = None) -> FakeWorker:
+def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | None = None) -> FakeWorkerProcess:
     """Model ``m``'s task times out on a fake worker; ``own``: ``--stuck-task-seconds S@MODEL`` values."""
 
-    async def run() -> FakeWorker:
+    async def run() -> FakeWorkerProcess:
         spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
         settings = Settings(stuck_task_seconds=stuck_task_seconds, model_stuck_task_seconds=own or [])
         pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
-        worker = FakeWorker(pool, stops)
+        worker = FakeWorkerProcess(pool, stops=stops)
         pool.workers.append(worker)  # type: ignore[arg-type]
         with pytest.raises(TaskTimeout):
             await pool.submit(Job(mode="generate", prompt="p", seeds=[1]), time.monotonic() + 0.05)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from qwen_image_server.engine.worker import Done, Failed
+from qwen_image_server.engine.worker import Cancel, Done, Failed
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job
 
@@ -114,3 +114,39 @@ def stub_runner(monkeypatch, pipeline_runner) -> None:
     module = types.ModuleType("qwen_image_server.models.runner")
     module.PipelineRunner = pipeline_runner  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+class FakeWorkerProcess:
+    """What a model's pool (``engine/local.py`` ``_ModelPool``) uses of a ``WorkerProcess``: its state, what it is sent
+    (``sent``), ``kill()``, and ``exit(code)``, its process ending. ``stops``: it answers a ``Cancel`` as a worker
+    between two steps does; otherwise it never answers, as one stuck in a call that does not return."""
+
+    def __init__(self, pool, slot: int = 0, state: str = "idle", stops: bool = False):
+        self.pools, self.owner, self.slot, self.name = [pool], pool, slot, f"m#{slot}"
+        self.state, self.running, self.infos, self.stops = state, None, {}, stops
+        self.sent: list = []
+        self.exitcode: int | None = None
+        self.killed = False
+        self.process = self
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+        if isinstance(message, Cancel) and self.stops:
+            pool = self.owner
+            pool.loop.call_soon(pool.on_message, self, Failed(message.task_id, "cancelled", cancelled=True))
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None and not self.killed
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def error(self) -> str | None:
+        return next((info["error"] for info in self.infos.values() if "error" in info), None)
+
+    def describe(self, pool=None) -> dict:
+        return {"name": self.name, "state": self.state}
+
+    def exit(self, code: int) -> None:
+        self.exitcode = code
+        self.owner.on_exit(self)
