@@ -6,17 +6,19 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from planner_specs import FULL_SIZE, H100, fake_gpu, full_model, gpu_probe, small_model
 
 from qwen_image_server.config import Settings
-from qwen_image_server.models.footprint import GIB, activation_bytes, footprint, resident_weights
+from qwen_image_server.models.footprint import GIB, activation_bytes, denoising_bytes, footprint, resident_weights
 from qwen_image_server.models.machine import Gpu
 from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import resolve_configured
+from qwen_image_server.models.step_cache import canonical_policy
 from qwen_image_server.models.weights_files import (
     REFERENCE_INNER_DIM,
     REFERENCE_TEXT_ENCODER,
@@ -198,6 +200,33 @@ def test_working_memory_matches_the_measured_qwen_image_figures():
         full_model("e", "edit-plus"), read_tensors(full_model("e")), run_bytes=2, max_image_side=1024, max_input_images=4
     )
     assert edit.activations > t2i.activations, "input images of edits add to the working memory"
+
+
+def test_a_step_caches_state_joins_the_working_memory_while_denoising(tiny_t2i):
+    model = full_model("Qwen-Image", counts=None)  # the packaged architecture: 60 blocks of width 3072
+    tensors = read_tensors(model)
+    assert (tensors.layers, tensors.inner_dim) == (60, 3072) and read_folder(tiny_t2i).layers == 2
+
+    def fp(cache, side=1024, kind="text-to-image"):
+        spec = replace(full_model("Qwen-Image", kind, counts=None), profile=RunProfile(cache=canonical_policy(cache)))
+        return footprint(spec, tensors, run_bytes=2, max_image_side=side, max_input_images=2)
+
+    plain = fp(None)
+    assert plain.step_cache == 0
+    # TaylorSeer: order + 1 factors of every block's attention output (4096 image tokens and a generation's 512 text
+    # tokens at 1024x1024), for cond and uncond, in bf16 (what test_step_cache.py measures on the tiny model)
+    taylor = fp("taylorseer")
+    assert taylor.step_cache == 2 * 2 * 60 * (4096 + 512) * 3072 * 2
+    assert taylor.activations == taylor.step_cache + denoising_bytes(4096, 0, 3072, 2) > plain.activations + 2 * GIB
+    assert fp("taylorseer:order=3").step_cache == 2 * taylor.step_cache
+    assert fp("taylorseer", 2048).step_cache / GIB == pytest.approx(23.2, abs=0.1)
+    edit = fp("taylorseer", kind="edit-plus")  # the input images' tokens and the prompt's vision tokens too
+    assert edit.step_cache > taylor.step_cache
+    # The small states leave the decode's working memory the larger one
+    for small in ("taylorseer:lite=true", "fbcache"):
+        cached = fp(small)
+        assert 0 < cached.step_cache < GIB and cached.activations == plain.activations, small
+    assert taylor.summary()["step_cache_gib"] == round(taylor.step_cache / GIB, 2)
 
 
 def test_fp8_and_offload_profiles_reduce_the_estimate_as_documented(tiny_t2i):

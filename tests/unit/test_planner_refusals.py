@@ -19,6 +19,7 @@ from qwen_image_server.models.machine import HostMemory, discover_host_memory, p
 from qwen_image_server.models.planner import PlanError, make_plan
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured
+from qwen_image_server.models.step_cache import canonical_policy
 from qwen_image_server.models.weights_files import read_tensors
 
 
@@ -444,3 +445,19 @@ def test_on_the_real_machine_offloaded_weights_are_checked_against_its_memory(mo
         make_plan([full_model("qwen-image", offload="group")], Settings(max_image_side=1024))
     monkeypatch.setattr(planner, "discover_host_memory", _host(32))
     assert make_plan([full_model("qwen-image", offload="group")], Settings(max_image_side=1024)).host is not None
+
+
+def test_a_full_taylorseer_that_does_not_fit_is_refused_with_its_lite_form_as_a_fitting_flag():
+    taylor = canonical_policy("taylorseer:interval=4")
+    card = gpu_probe(fake_gpu(0, 76))  # room for full-size Qwen-Image at 2048x2048 (69.7 GiB), not for 23 GiB more
+    with pytest.raises(PlanError) as refused:
+        make_plan([full_model("qwen-image", cache=taylor)], Settings(device="auto"), discover=card)  # 2048x2048 images
+    fp = refused.value.plan.footprints["qwen-image"]
+    assert fp.step_cache / GIB == pytest.approx(23.2, abs=0.1)
+    message = str(refused.value)
+    assert f"({human(fp.step_cache)} of it the step cache's state)" in message
+    lite = "taylorseer:interval=4,warmup=6,cooldown=2,order=1,lite=true"
+    assert f"--cache {lite}@qwen-image (it would need " in message
+    fits = make_plan([full_model("qwen-image", cache=lite)], Settings(device="auto"), discover=card)
+    assert fits.devices("qwen-image") == ["cuda:0"]
+    assert make_plan([full_model("qwen-image")], Settings(device="auto"), discover=card).devices("qwen-image") == ["cuda:0"]

@@ -213,3 +213,89 @@ def test_no_cached_state_leaks_into_the_next_request(runner):
         runner.run(replace(job, seeds=[8]), should_stop=stop_after_four_steps)
     after_cancel, _ = _run(runner, job)
     assert np.array_equal(after_cancel, first)
+
+
+# --- what the cache keeps, and when it lets go -------------------------------------------------
+def _kept_bytes(transformer) -> int:
+    """Bytes of the tensors the cache hooks' states hold (each storage once)."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            manager = getattr(hook, "state_manager", None)
+            for state in manager._state_cache.values() if manager is not None else ():
+                walk(vars(state))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "taylorseer:interval=2,warmup=2,cooldown=0",
+        "taylorseer:interval=2,warmup=2,cooldown=0,order=2",
+        "taylorseer:interval=2,warmup=2,cooldown=0,lite=true",
+        CACHED,
+    ],
+)
+def test_the_caches_state_is_what_the_plan_counts_and_is_freed_before_the_decode(runner, policy):
+    from qwen_image_server.models.footprint import step_cache_bytes
+
+    pipe, transformer = runner.pipe, runner.pipe.transformer
+    calls = []  # (image tokens, text tokens) of each transformer call: cond, then uncond
+    at_last_step = []  # bytes kept when the last step ended, before the runner let them go
+    at_decode = []
+    reset = runner.step_cache.reset
+
+    def measured_reset():
+        if len(calls) == 2 * STEPS and not at_last_step:
+            at_last_step.append(_kept_bytes(transformer))
+        reset()
+
+    def record(module, args, kwargs):
+        calls.append((kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1]))
+
+    decode = pipe.vae.decode
+
+    def measured_decode(*args, **kwargs):
+        at_decode.append(_kept_bytes(transformer))
+        return decode(*args, **kwargs)
+
+    handle = transformer.register_forward_pre_hook(record, with_kwargs=True)
+    runner.step_cache.reset, pipe.vae.decode = measured_reset, measured_decode
+    try:
+        runner.run(replace(JOB, cache=policy))
+    finally:
+        handle.remove()
+        del runner.step_cache.reset, pipe.vae.decode
+    config, element = transformer.config, transformer.dtype.itemsize
+    (image, cond_text), (_, uncond_text) = calls[:2]
+    # one text length per context: half the two-context figure of each
+    counted = sum(
+        step_cache_bytes(
+            policy,
+            image,
+            text,
+            config.num_layers,
+            config.num_attention_heads * config.attention_head_dim,
+            element,
+            out_values=transformer.proj_out.out_features,
+        )
+        // 2
+        for text in (cond_text, uncond_text)
+    )
+    assert at_last_step == [counted] and counted > 0
+    assert at_decode == [0], "the VAE decodes with the cache's state already freed"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from .memory_modes import OFFLOADED, load_order, quantize_on_load
 from .profile import RunProfile
 from .spec import ModelSpec
+from .step_cache import parse_policy
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
 
 GIB = 1024**3
@@ -61,6 +62,12 @@ PROCESS_OVERHEAD = 512 * MIB
 #: What a CPU worker process holds besides its model: measured 147 MB of private memory for a worker of the tiny
 #: models, forked from the forkserver that has imported torch and diffusers (2-core Linux machine, torch 2.13).
 CPU_PROCESS_OVERHEAD = 256 * MIB
+#: The text tokens the transformer sees beside a generation's image: diffusers cuts the prompt's embeddings to its
+#: default ``max_sequence_length`` (an edit's are not cut and carry the input images' vision tokens: ``TEXT_TOKENS``).
+GENERATION_TEXT_TOKENS = 512
+#: Values per image token of the transformer's output projection (2x2 patches of 16 latent channels): what the
+#: lite form of ``taylorseer`` keeps.
+PROJ_OUT_VALUES = 64
 DIFFUSERS_EDIT_AREA = 1024 * 1024
 DIFFUSERS_CONDITION_AREA = 384 * 384
 
@@ -71,7 +78,7 @@ class Footprint:
 
     model: str
     components: dict[str, int]  # resident weight bytes per component under the run profile
-    activations: int  # denoising + VAE decode of the largest image (and the batch)
+    activations: int  # denoising + VAE decode of the largest image (and the batch), the step cache's state included
     text_encoder_work: int  # encoding the longest prompt (and the input images of edits)
     overhead: int
     image_side: int
@@ -79,6 +86,8 @@ class Footprint:
     profile: RunProfile
     #: More memory needed only while the worker loads (``load_peak`` over ``total``); one worker per GPU loads at a time.
     load_extra: int = 0
+    #: What the step cache keeps between denoising steps (``step_cache_bytes``), part of ``activations``.
+    step_cache: int = 0
 
     @property
     def weights(self) -> int:
@@ -99,6 +108,7 @@ class Footprint:
             "total_gib": gib(self.total),
             "weights_gib": {name: gib(b) for name, b in self.components.items()},
             "activations_gib": gib(self.activations),
+            "step_cache_gib": gib(self.step_cache),
             "text_encoder_work_gib": gib(self.text_encoder_work),
             "overhead_gib": gib(self.overhead),
             "while_loading_gib": gib(self.load_extra),
@@ -263,6 +273,46 @@ def activation_bytes(
     return int(scale * batch * (per_image + (transformer_share if cfg_batch else 0)))
 
 
+def denoising_bytes(
+    output_tokens: int, input_tokens: int, inner_dim: int, run_bytes: int, batch: int = 1, cfg_batch: bool = False
+) -> int:
+    """Working memory while denoising only (the VAE has not decoded yet): the measured line's base and the
+    transformer's share of every token, with the same scaling as ``activation_bytes``."""
+    scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
+    tokens = (output_tokens + input_tokens) * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
+    return int(scale * batch * (ACT_BASE + tokens * (2 if cfg_batch else 1)))
+
+
+def step_cache_bytes(
+    cache: str | None,
+    image_tokens: int,
+    text_tokens: int,
+    layers: int,
+    inner_dim: int,
+    run_bytes: int,
+    batch: int = 1,
+    out_values: int = PROJ_OUT_VALUES,
+) -> int:
+    """What the step cache policy ``cache`` keeps from one denoising step to the next, counted from diffusers' hooks.
+
+    Each cache context keeps its own (true CFG's cond and uncond: two; a batched CFG call keeps the pair in one), per
+    image of the batch: ``taylorseer`` keeps ``order + 1`` Taylor factors of every block's attention output (its image
+    and text tokens at full width), in the run dtype; its ``lite`` form those of the output projection only;
+    ``fbcache`` the first block's output (image and text) and residual (image), and the other blocks' residuals (image
+    and text). The runner frees it at the last step's end, before the VAE decodes.
+    """
+    policy = parse_policy(cache)
+    if policy is None:
+        return 0
+    contexts = 2 * batch
+    if policy.name == "taylorseer":
+        factors = policy["order"] + 1
+        if policy["lite"]:
+            return contexts * factors * image_tokens * out_values * run_bytes
+        return contexts * factors * layers * (image_tokens + text_tokens) * inner_dim * run_bytes
+    return contexts * (3 * image_tokens + 2 * text_tokens) * inner_dim * run_bytes
+
+
 def text_encoder_bytes(text_encoder: dict, tokens: int, run_bytes: int) -> int:
     """Working memory of one text-encoder call on ``tokens`` tokens (see ``TEXT_TOKENS``)."""
     per_token = 4 * text_encoder["hidden_size"] + 6 * text_encoder["intermediate_size"]
@@ -288,18 +338,28 @@ def footprint(
     output_tokens = _patches(max_image_side)
     input_tokens = inputs * (edit_area // 256)
     text_tokens = TEXT_TOKENS + inputs * (condition_area // (VISION_PATCH * VISION_PATCH))
+    cfg_batch = profile.cfg_batch == "on"
+    activations = activation_bytes(
+        output_tokens,
+        input_tokens,
+        model.inner_dim,
+        run_bytes,
+        max_batch_size,
+        cfg_batch=cfg_batch,
+        vae_tiling=profile.vae_tiling == "on",
+    )
+    transformer_text = text_tokens if spec.can_edit else GENERATION_TEXT_TOKENS
+    kept = step_cache_bytes(
+        profile.cache, output_tokens + input_tokens, transformer_text, model.layers, model.inner_dim, run_bytes, max_batch_size
+    )
+    if kept:  # alive while denoising, freed before the decode
+        denoising = denoising_bytes(output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, cfg_batch)
+        activations = max(activations, denoising + kept)
     steady = Footprint(
         model=spec.id,
         components=resident_weights(model, profile, run_bytes),
-        activations=activation_bytes(
-            output_tokens,
-            input_tokens,
-            model.inner_dim,
-            run_bytes,
-            max_batch_size,
-            cfg_batch=profile.cfg_batch == "on",
-            vae_tiling=profile.vae_tiling == "on",
-        ),
+        activations=activations,
+        step_cache=kept,
         text_encoder_work=text_encoder_bytes(model.text_encoder, text_tokens, run_bytes),
         overhead=overhead,
         image_side=max_image_side,

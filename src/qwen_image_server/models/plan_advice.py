@@ -49,8 +49,9 @@ def needs(fp, device: str = "the GPU") -> str:
     parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())
     work = max(fp.activations, fp.text_encoder_work)
     loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 on {device})" if fp.load_extra else ""
+    cache = f" ({_gib(fp.step_cache)} of it the step cache's state)" if fp.step_cache and work == fp.activations else ""
     return (
-        f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}"
+        f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}{cache}"
         f" + {_gib(fp.overhead)} for the process{loading}"
     )
 
@@ -141,6 +142,11 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
             ok, fps = fits(profiles=everyone)
             if ok:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
+    lite = lighter_cache(by_id[model].profile.cache)
+    if lite:
+        ok, fps = fits(profiles={model: replace(by_id[model].profile, cache=lite)})
+        if ok:
+            out.append(f"--cache {lite}@{model}{need(fps)}")
     side = largest_side(settings, lambda s: fits(max_side=s)[0])
     if side is not None:
         total = fits(max_side=side)[1][model].total
@@ -161,6 +167,17 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
                 out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)})")
                 break
     return out
+
+
+def lighter_cache(cache: str | None) -> str | None:
+    """The lite form of a full ``taylorseer`` step cache (the same knobs, ``lite=true``), whose state is a few
+    megabytes where the full form's is gigabytes (``footprint.step_cache_bytes``); None for any other policy."""
+    from .step_cache import parse_policy
+
+    policy = parse_policy(cache)
+    if policy is None or policy.name != "taylorseer" or policy["lite"]:
+        return None
+    return replace(policy, knobs=tuple((key, True if key == "lite" else value) for key, value in policy.knobs)).canonical()
 
 
 def largest_side(settings, ok) -> int | None:

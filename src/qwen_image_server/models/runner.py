@@ -213,6 +213,10 @@ class PipelineRunner:
         def on_step_end(pipe, step, timestep, callback_kwargs):
             if should_stop():
                 raise TaskCancelled()
+            if step == getattr(pipe, "_num_timesteps", 0) - 1:
+                # The last step is done: the step cache's state (TaylorSeer keeps every block's attention outputs,
+                # gigabytes at large sizes) is freed before the VAE decodes instead of after (footprint.step_cache_bytes).
+                self.step_cache.reset()
             if preview is not None:
                 preview.at_step_end(pipe, step, callback_kwargs["latents"])
             return callback_kwargs

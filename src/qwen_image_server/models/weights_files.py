@@ -23,6 +23,7 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 #: Qwen-Image's transformer width (24 heads x 128) and Qwen2.5-VL-7B's sizes: used when a config cannot be read.
 REFERENCE_INNER_DIM = 3072
+REFERENCE_LAYERS = 60  # Qwen-Image's transformer blocks
 REFERENCE_TEXT_ENCODER = {"hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944, "vocab_size": 152064}
 
 
@@ -46,6 +47,7 @@ class ModelTensors:
 
     components: dict[str, tuple[Tensor, ...]]
     inner_dim: int = REFERENCE_INNER_DIM
+    layers: int = REFERENCE_LAYERS  # the transformer's blocks
     text_encoder: dict = field(default_factory=lambda: dict(REFERENCE_TEXT_ENCODER))
     origin: str = "safetensors headers"
     counts_only: bool = False  # parameter counts without tensor names: no per-block figures
@@ -149,11 +151,14 @@ def _sizes(config: dict, keys) -> dict[str, int] | None:
 
 
 def _configs(transformer: dict, text_encoder: dict) -> dict:
-    """``inner_dim`` and the text encoder's sizes from the two configs, reference values where missing or not sizes."""
+    """``inner_dim``, the transformer's ``layers`` and the text encoder's sizes from the two configs, reference values
+    where missing or not sizes."""
     out: dict = {}
     heads = _sizes(transformer, ("num_attention_heads", "attention_head_dim"))
     if heads:
         out["inner_dim"] = heads["num_attention_heads"] * heads["attention_head_dim"]
+    if positive_size(transformer.get("num_layers")):
+        out["layers"] = transformer["num_layers"]
     text = text_encoder.get("text_config")
     text_sizes = _sizes(text if isinstance(text, dict) and text else text_encoder, REFERENCE_TEXT_ENCODER)
     if text_sizes:
