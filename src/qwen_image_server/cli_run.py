@@ -18,7 +18,8 @@ def checked_specs(settings: Settings, cuda: bool = False) -> list:
     from .models.spec import ModelConfigError, resolve_configured
 
     specs = resolve_configured(settings)
-    check_memory_modes(specs, "cuda" if cuda and settings.device.strip() == "auto" else settings.device)
+    if settings.engine != "ray":  # Ray's replicas are checked on their own device once it is known (build_deployments)
+        check_memory_modes(specs, "cuda" if cuda and settings.device.strip() == "auto" else settings.device)
     if settings.engine == "ray" and settings.share_components:
         raise ModelConfigError(
             "--share-components needs the embedded engine: under --engine ray every model is its own deployment "

@@ -52,6 +52,12 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
         ray.init(address=settings.ray_address, ignore_reinit_error=True)
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
+    try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
+        application = build_application(settings, specs)
+    except Exception:
+        if settings.ray_address is None:
+            ray.shutdown()
+        raise
     serve.start(http_options={"host": settings.host, "port": settings.port})
     # SIGTERM as Ctrl-C: Serve's blocking wait ends on KeyboardInterrupt (by default SIGTERM killed this process, and
     # with it a local Ray and every request running there). A second signal ends the graceful stop at once.
@@ -64,7 +70,7 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, interrupt)
     try:
-        serve.run(build_application(settings, specs), name=settings.ray_app_name, route_prefix="/", blocking=True)
+        serve.run(application, name=settings.ray_app_name, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         stop(settings.ray_app_name, settings.shutdown_grace_seconds)
         if settings.ray_address is None:

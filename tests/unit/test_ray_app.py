@@ -160,3 +160,121 @@ def test_replicas_stopped_by_serve_get_the_shutdown_grace_to_finish():
     (model,) = ingress.init_args
     assert model._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 42
     assert ingress._deployment_config.graceful_shutdown_timeout_s == 47
+
+
+def _replicas(settings: Settings) -> list[tuple[float, str]]:
+    """``(num_gpus, device)`` of each model deployment the application builder makes."""
+    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.models.spec import resolve_configured
+
+    ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
+    return [
+        (model._bound_deployment.ray_actor_options["num_gpus"], model._bound_deployment.init_args[1])
+        for model in ingress.init_args
+    ]
+
+
+@pytest.fixture
+def gpus_here(monkeypatch):
+    """Ray not started, and this machine's GPUs as the test sets them (``gpus_here.found``)."""
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from qwen_image_server.models import machine
+    from qwen_image_server.models.machine import Gpu
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    state = {"found": [Gpu("cuda:0", "NVIDIA H100", 80 * 2**30, 80 * 2**30)]}
+    monkeypatch.setattr(machine, "discover_gpus", lambda: state["found"])
+    return state
+
+
+def test_serve_run_gives_replicas_a_gpu_of_this_machine_before_ray_starts(gpus_here, caplog):
+    """``serve run ...:app_builder`` builds the application before it starts Ray: the cluster's GPUs cannot be asked
+    for yet. Every replica ran on the CPU of a GPU machine (num_gpus 0), in float32, without a word."""
+    from qwen_image_server.ray_app import app_builder
+
+    models = ["random:Qwen/Qwen-Image", "random:Qwen/Qwen-Image-Edit-2509"]
+    assert _replicas(Settings(models=models, engine="ray")) == [(1, "cuda"), (1, "cuda")]
+    assert app_builder({"models": models}) is not None
+    gpus_here["found"] = []
+    with caplog.at_level(logging.WARNING):
+        assert _replicas(Settings(models=models[:1], engine="ray")) == [(0, "cpu")]
+    assert "no GPU in this machine (Ray is not started yet)" in caplog.text and "ray_gpus_per_replica" in caplog.text
+
+
+def test_a_joined_cluster_is_asked_for_its_gpus_and_the_settings_choose_before_any_probe(monkeypatch):
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from qwen_image_server.models import machine
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    models = ["random:Qwen/Qwen-Image"]
+    assert _replicas(Settings(models=models, engine="ray")) == [(1, "cuda")]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})  # GPU nodes not joined yet
+    assert _replicas(Settings(models=models, engine="ray")) == [(0, "cpu")]
+
+    def no_probe():
+        raise AssertionError("probed although the settings chose")
+
+    monkeypatch.setattr(ray, "cluster_resources", no_probe)
+    monkeypatch.setattr(machine, "discover_gpus", no_probe)
+    assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=1)) == [(1, "cuda")]
+    assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=0.5)) == [(0.5, "cuda")]
+    assert _replicas(Settings(models=models, engine="ray", device="cuda")) == [(1, "cuda")]
+    assert _replicas(Settings(models=models, engine="ray", device="cpu")) == [(0, "cpu")]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"device": "cuda:1"}, "device cuda:1: under the Ray engine, Ray places the model replicas"),
+        ({"device": "cuda:0,cuda:1"}, "device takes auto, cuda"),
+        ({"device": "cpu", "ray_gpus_per_replica": 1}, "device cpu and ray_gpus_per_replica 1 contradict each other"),
+        ({"device": "cuda", "ray_gpus_per_replica": 0}, "device cuda and ray_gpus_per_replica 0 contradict each other"),
+        ({"ray_gpus_per_replica": 2}, "less than or equal to 1"),
+    ],
+)
+def test_ray_settings_that_cannot_place_replicas_are_refused(settings, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(engine="ray", **settings)
+    if "device" in settings and "ray_gpus_per_replica" not in settings:
+        assert Settings(**settings).device == settings["device"], "the embedded engine takes it"
+
+
+def test_memory_modes_are_checked_on_the_replicas_device_not_the_machine_that_starts_them(gpus_here):
+    """``--engine ray --ray-address auto --offload sequential`` from a CPU-only head node: the replicas run on the
+    cluster's GPUs, where sequential offload works; the start checks refused it for this machine's CPU."""
+    from qwen_image_server.cli_run import checked_specs
+    from qwen_image_server.models.profile import ProfileError
+
+    settings = Settings(models=["random:Qwen/Qwen-Image"], engine="ray", ray_address="auto", offload=["sequential"])
+    gpus_here["found"] = []  # this machine has no GPU
+    specs = checked_specs(settings)
+    assert _replicas(settings.model_copy(update={"ray_gpus_per_replica": 1})) == [(1, "cuda")]
+    with pytest.raises(ProfileError, match="offload=sequential needs a CUDA device"):
+        _replicas(settings)  # no GPU anywhere: the replicas would run on the CPU
+    assert specs[0].profile.offload == "sequential"
+
+
+def test_the_application_is_built_before_the_port_opens_and_a_refusal_stops_a_local_ray(run_without_ray, monkeypatch):
+    from ray import serve
+
+    from qwen_image_server import ray_app
+    from qwen_image_server.models.profile import ProfileError
+
+    def refused(settings, specs):
+        raise ProfileError("model m: offload=sequential needs a CUDA device (the model runs on cpu)")
+
+    monkeypatch.setattr(ray_app, "build_application", refused)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: pytest.fail("the port opened before the application was built"))
+    with pytest.raises(ProfileError):
+        run_without_ray()
+    assert run_without_ray.seen.get("ray_shutdown") is True
+    with pytest.raises(ProfileError):
+        run_without_ray(ray_address="auto")
+    assert "ray_shutdown" not in run_without_ray.seen, "a joined cluster runs on"

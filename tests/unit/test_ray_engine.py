@@ -208,7 +208,7 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
     pytest.importorskip("ray.serve")
     import torch
 
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica, ray_serve
 
     runner = FakeRunner(device="cuda:0")
     broken: list[bool] = []
@@ -219,29 +219,36 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held() is None))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is None or runner.held() is None))
+    exits: list[int] = []
+    monkeypatch.setattr(ray_replica, "_exit_process", exits.append)
+    monkeypatch.setattr(ray_replica, "EXIT_AFTER_BROKEN_SECONDS", 0.05)
     stub_runner(monkeypatch, lambda spec, device, dtype: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cuda:0", "auto", None)
+    assert emptied == [True], "what loading left in the allocator's cache goes back to the GPU"
 
     async def outcome(prompt: str) -> BaseException | None:
         try:
             async for _ in replica.run(Task(1, Job(mode="generate", prompt=prompt, seeds=[1]))):
                 pass
         except Exception as exc:
+            await asyncio.sleep(0.2)  # the replica's process would exit in this time
             return exc
         return None
 
     assert isinstance(asyncio.run(outcome("oom")), torch.cuda.OutOfMemoryError)
-    assert emptied == [True]  # its working tensor released first
+    assert emptied == [True, True]  # its working tensor released first
     replica.check_health()  # out of memory: still healthy
+    assert exits == []
     broken.append(True)
     assert str(asyncio.run(outcome("boom"))).startswith("boom")
+    assert exits == [1], "the replica exits after the call that broke its GPU: Serve replaces it at once"
     with pytest.raises(RuntimeError, match="the GPU failed .*illegal memory access"):
         replica.check_health()
     refused = asyncio.run(outcome("a cat"))
     assert "the GPU failed" in str(refused) and "its replica is being replaced" in str(refused)
-    assert runner.started.is_set() and emptied == [True]
+    assert runner.started.is_set() and emptied == [True, True] and exits == [1]
 
 
 def test_a_deployment_serve_gave_up_on_is_a_503_not_a_dead_replica():

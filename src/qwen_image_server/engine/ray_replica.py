@@ -17,9 +17,15 @@ import traceback
 from ..errors import TaskCancelled
 from ..jobs import EncodedImage, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
-from .worker_device import recover_device
+from .worker_device import recover_device, release_cached
 
 log = logging.getLogger(__name__)
+
+#: Seconds a replica whose GPU broke lives on after failing its call (for the error to reach its caller) before its
+#: process exits: Serve replaces a replica that died at once, where a failing health check takes three checks in a row
+#: (6 s), all the while the replica takes requests and fails them.
+EXIT_AFTER_BROKEN_SECONDS = 1.0
+_exit_process = os._exit  # replaced in tests
 
 
 class ModelReplica:
@@ -34,6 +40,9 @@ class ModelReplica:
             torch.set_num_threads(threads)
         self.spec = spec
         self.runner = PipelineRunner(spec, device=device, dtype=dtype)
+        # What loading converted away (bf16 weights now in FP8, the dropped head) goes back to the GPU, for replicas
+        # that share it (a fractional ray_gpus_per_replica), as the embedded engine's workers do.
+        release_cached(device)
         self.name = f"{spec.id}@{os.getpid()}"
         # A cancelled call returns at once, but its pipeline thread only stops at the next
         # step: the next call waits here so that the pipeline never has two owners.
@@ -42,6 +51,7 @@ class ModelReplica:
         self._running: tuple[int, float] | None = None  # the task whose pipeline runs, and since when
         self._stop_asked: dict[int, float] = {}  # tasks told to stop whose pipeline has not ended: since when
         self._broken: str | None = None  # why this replica's GPU can run nothing more (``recover_device``)
+        self._exiting = False
 
     def pid(self) -> int:
         return os.getpid()
@@ -49,7 +59,8 @@ class ModelReplica:
     def check_health(self) -> None:
         """Serve's periodic check: a task told to stop that still runs ``stuck_task_seconds`` later (counted from when
         its pipeline started, if later) is stuck in a call that does not return. Raising makes Serve replace this
-        replica, as the embedded engine kills such a worker. So does a broken GPU."""
+        replica, as the embedded engine kills such a worker. So does a broken GPU (whose replica also exits soon after
+        the call that broke it: ``EXIT_AFTER_BROKEN_SECONDS``)."""
         if self._broken is not None:
             raise RuntimeError(f"the GPU failed ({self._broken})")
         running = self._running
@@ -110,6 +121,12 @@ class ModelReplica:
             if not future.done():
                 self._stop_asked[task.task_id] = time.monotonic()
             future.add_done_callback(retrieve_outcome)  # the stopped run's TaskCancelled: no one awaits it now
+            raise
+        except Exception:
+            if self._broken is not None and not self._exiting:  # its GPU can run nothing more: Serve starts another
+                self._exiting = True
+                log.error("replica %s exits in %gs: the GPU failed (%s)", self.name, EXIT_AFTER_BROKEN_SECONDS, self._broken)
+                loop.call_later(EXIT_AFTER_BROKEN_SECONDS, _exit_process, 1)
             raise
         encoding = time.perf_counter()
         encoded = await asyncio.to_thread(

@@ -264,13 +264,46 @@ def drain_ingress(app_name: str, on: bool = True) -> int:
     return _INGRESS_ENGINES[app_name].drain(on)
 
 
+def replica_gpus(settings: Settings, cluster_gpus: Callable[[], tuple[float, str]] | None = None) -> float:
+    """GPUs per model replica: ``ray_gpus_per_replica`` when set; else ``--device cpu`` 0 and ``cuda`` 1; under
+    ``auto``, 1 when there is a GPU to run on: in the Ray cluster, or on this machine when Ray has not started yet
+    (``serve run`` builds the application before it starts or joins Ray). ``Settings`` refuses a device list and
+    contradicting settings. ``cluster_gpus`` (for tests) answers ``(GPUs, where they were counted)``."""
+    device, gpus = settings.device, settings.ray_gpus_per_replica
+    if gpus is not None:
+        return gpus
+    if device != "auto":
+        return 1 if device == "cuda" else 0
+    found, where = (cluster_gpus or _cluster_gpus)()
+    chosen = 1 if found > 0 else 0
+    log.info("each model replica gets %d GPU (%s has %g; ray_gpus_per_replica chooses otherwise)", chosen, where, found)
+    if not chosen:
+        log.warning(
+            "no GPU in %s: the model replicas run on the CPU. GPU nodes that join later (an autoscaled GPU group) "
+            "get none of them: set ray_gpus_per_replica (QIS_RAY_GPUS_PER_REPLICA) to 1 for those",
+            where,
+        )
+    return chosen
+
+
+def _cluster_gpus() -> tuple[float, str]:
+    """The GPUs of the Ray cluster this process is connected to, or of this machine when Ray is not started yet."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0), "the Ray cluster"
+    from ..models.machine import discover_gpus
+
+    return len(discover_gpus() or []), "this machine (Ray is not started yet)"
+
+
 def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
     """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
-    gpus = settings.ray_gpus_per_replica
-    if gpus is None:
-        import ray
+    from ..models.memory_modes import check_memory_modes
 
-        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus = replica_gpus(settings)
+    device = "cuda" if gpus else "cpu"
+    check_memory_modes(specs, device)  # on the replicas' device, not on the machine that builds the application
     bound = []
     for index, spec in enumerate(specs):
         low, high = settings.replicas_for(spec.id)
@@ -289,7 +322,6 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             # A replica Serve stops (a redeploy, a scale-down, an app's deletion) first finishes its running call.
             graceful_shutdown_timeout_s=settings.shutdown_grace_seconds,
         )(ModelReplica)
-        device = "cuda" if gpus else "cpu"
         stuck_after = settings.stuck_task_seconds_for(spec.id)
         bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after))
 
