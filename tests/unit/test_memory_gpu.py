@@ -90,3 +90,18 @@ def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
     result = json.loads(lines[-1])
     assert result["devices"] == ["cuda"]
     assert result["grew"] < 0.5 * size, f"host RSS grew by {result['grew'] / 2**20:.0f} MiB while loading {size / 2**20:.0f} MiB"
+
+
+def test_a_random_component_kept_on_the_cpu_is_filled_on_the_gpu_with_the_resident_weights():
+    """``random:`` components that a memory mode keeps on the CPU draw their values on the worker's GPU (one CPU
+    core took minutes for full-size Qwen-Image): the same weights as a resident build."""
+    from qwen_image_server.models.random_arch import build_components
+    from qwen_image_server.models.random_source import SMALL_OVERRIDES, parse_random_source
+
+    arch = parse_random_source(f"random:Qwen/Qwen-Image?{SMALL_OVERRIDES}").architecture()
+    resident = build_components(arch, "cuda", torch.bfloat16, seed=5)
+    offloaded = build_components(arch, "cuda", torch.bfloat16, seed=5, devices={"transformer": "cpu", "text_encoder": "cpu"})
+    for name in ("transformer", "text_encoder"):
+        ours, theirs = resident[name].state_dict(), offloaded[name].state_dict()
+        assert next(iter(theirs.values())).device.type == "cpu"
+        assert all(torch.equal(ours[k].cpu(), theirs[k]) for k in ours), name

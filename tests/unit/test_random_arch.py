@@ -90,6 +90,17 @@ def test_same_seed_same_weights_and_the_init_scheme():
     assert not any(p.requires_grad for p in tr.parameters()) and not tr.training
 
 
+def test_values_drawn_on_another_device_and_copied_in_are_the_same_weights():
+    """A component kept on the CPU of a GPU worker draws its values on the GPU (``fill_device``) and copies them in:
+    the same draws, in the same order, as filling it where it lives (on a GPU: test_memory_gpu.py)."""
+    resident, copied = (_small()["transformer"] for _ in range(2))
+    init_random_(resident, seed=11)
+    init_random_(copied, seed=11, fill_device="cpu")
+    ours, theirs = resident.state_dict(), copied.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert float(copied.transformer_blocks[0].img_mlp.net[0].proj.weight.std()) == pytest.approx(0.02, rel=0.05)
+
+
 def test_modules_are_made_on_the_target_device_in_the_target_dtype(monkeypatch):
     made: list[tuple[torch.device, torch.dtype]] = []
     original = torch.nn.Parameter.__new__
