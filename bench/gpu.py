@@ -27,6 +27,7 @@ import datetime
 import importlib.metadata
 import io
 import json
+import signal
 import statistics
 import sys
 import time
@@ -110,6 +111,21 @@ SMOKE_SETTINGS = (
 )
 
 
+class Stopped(BaseException):
+    """SIGTERM (``scripts/gpu-check.sh``'s time budget ran out): the running setting is recorded with what it measured
+    so far (``status: "stopped"``), its server stopped, and nothing more is run. A ``BaseException``, so that the
+    handlers of a request's failure do not take it for one."""
+
+
+#: Seconds a stopped setting's server gets to exit before it is killed: ``timeout --kill-after=15`` kills this script
+#: 15 s after its SIGTERM, and the record is written after the server is gone.
+STOP_SECONDS = 8.0
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise Stopped()
+
+
 class Server(ServeProcess):
     """The server under test, with a client that waits as long as a full-size run takes."""
 
@@ -175,38 +191,56 @@ class Bench:
         model = f"qwen-image-edit={self.edit}" if setting.edit else f"qwen-image={self.t2i}"
         server_args = [*self.common, "--model", model, *setting.args]
         record: dict = {"setting": setting.name, "server_args": server_args, "request": setting.fields, "size": self.args.size}
-        record.update(self.environment(), status="ok", error=None)
-        record["gpu_memory_before_gib"] = _gib(GpuMemory.used_mib())
+        record.update(status="ok", error=None)
         # A model that fails to load is reported at once (no restarts with backoff: a full-size load or compile takes
         # minutes each time) and recorded, instead of waited for until --start-timeout.
         env = {"IMAGE_OUTPUT_DIR": str(self.log_dir / "images"), "QIS_WORKER_RESTART_LIMIT": "0", **self.env}
-        server = Server(server_args, env, self.log_dir / f"{setting.name}.log")
-        with GpuMemory() as memory:
-            try:
+        server: Server | None = None
+        stop_seconds = 60.0
+        memory = GpuMemory()
+        try:
+            record.update(self.environment())
+            record["gpu_memory_before_gib"] = _gib(GpuMemory.used_mib())
+            server = Server(server_args, env, self.log_dir / f"{setting.name}.log")
+            with memory:
                 launched = time.perf_counter()
                 server.wait_ready(self.args.start_timeout)
                 record["startup_seconds"] = round(time.perf_counter() - launched, 3)
+                memory.phase("serving")
                 record["profile"] = server.client.get("/v1/models").json()["data"][0].get("profile")
                 self.measure(server, setting, record)
-            except ServerExited as exc:
-                record.update(status="unsupported" if exc.code == 2 else "failed", error=exc.line, exit_code=exc.code)
-            except ModelsFailed as exc:  # e.g. out of memory, or an attention backend this machine lacks
-                unusable = any("AttentionBackendError" in why for why in exc.reasons.values())
-                record.update(status="unsupported" if unusable else "failed", error=str(exc)[:500])
-            except Exception as exc:  # a refused request, a timeout: recorded, the other settings still run
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            finally:
-                server.stop()
+        except Stopped:
+            record.update(status="stopped", error="stopped by SIGTERM (the time budget ran out); figures so far kept")
+            stop_seconds = STOP_SECONDS
+        except ServerExited as exc:
+            record.update(status="unsupported" if exc.code == 2 else "failed", error=exc.line, exit_code=exc.code)
+        except ModelsFailed as exc:  # e.g. out of memory, or an attention backend this machine lacks
+            unusable = any("AttentionBackendError" in why for why in exc.reasons.values())
+            record.update(status="unsupported" if unusable else "failed", error=str(exc)[:500])
+        except Exception as exc:  # a refused request, a timeout: recorded, the other settings still run
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if server is not None:
+                server.stop(stop_seconds)
         record["peak_gpu_memory_gib"] = _gib(memory.peak_mib)
+        # Loading (FP8 conversion, compiling) may use more than serving: each phase's peak, the device's memory in use
+        record["peak_gpu_memory_loading_gib"] = _gib(memory.peaks.get("loading"))
+        record["peak_gpu_memory_serving_gib"] = _gib(memory.peaks.get("serving"))
         return record
 
     def measure(self, server: Server, setting: Setting, record: dict) -> None:
         sizes = setting.sizes or (self.args.size,)
         per_size: dict[str, dict] = {}
         sent = 0  # requests to this server so far: each gets a prompt of its own (``take``)
-        for size in sizes:
+        for index, size in enumerate(sizes):
             first, _ = self.request(server, setting, size, take(sent), seed=0)
-            warm = [self.request(server, setting, size, take(sent + 1 + i), seed=1 + i) for i in range(self.args.runs)]
+            if index == 0:  # kept as measured, for a setting stopped before its end
+                record["first_request_seconds"] = round(first, 4)
+            warm = []
+            for i in range(self.args.runs):
+                warm.append(self.request(server, setting, size, take(sent + 1 + i), seed=1 + i))
+                if index == 0:
+                    record["e2e_seconds"] = [round(seconds, 4) for seconds, _ in warm]
             sent += 1 + self.args.runs
             per_size[size] = {
                 "first_request_seconds": round(first, 4),
@@ -372,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     bench = Bench(args, log_dir)
     records = []
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stopped = False
     for setting in chosen:
         print(f"{setting.name}: serve {' '.join(setting.args) or '(defaults)'} ...", flush=True)
-        record = bench.run(setting)
+        try:
+            record = bench.run(setting)
+        except Stopped:  # between settings, or a second SIGTERM while the first one's server stopped
+            stopped = True
+            break
         records.append(record)
         with out.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -383,9 +423,12 @@ def main(argv: list[str] | None = None) -> int:
             + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
             flush=True,
         )
+        if record["status"] == "stopped":
+            stopped = True
+            break
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
-    return 0
+    return 128 + signal.SIGTERM if stopped else 0
 
 
 if __name__ == "__main__":

@@ -143,11 +143,16 @@ class ServeProcess:
 
 
 class GpuMemory:
-    """Peak GPU memory in use while a server runs, sampled with ``nvidia-smi`` (the worker is another process)."""
+    """Peak GPU memory in use while a server runs, sampled with ``nvidia-smi`` (the worker is another process).
+
+    ``peak_mib`` is the peak of the whole run; ``peaks`` the peak of each phase, named by ``phase(name)`` (the first is
+    ``"loading"``): a server's loading (FP8 conversion, compiling) can use more than serving does."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.peak_mib: float | None = None
+        self.peaks: dict[str, float] = {}
+        self._phase = "loading"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -165,11 +170,19 @@ class GpuMemory:
         values = [float(line) for line in out.stdout.split() if line.strip().replace(".", "", 1).isdigit()]
         return max(values) if out.returncode == 0 and values else None
 
+    def phase(self, name: str) -> None:
+        """Count the samples from now on as phase ``name``, after one sample of the memory in use at this moment."""
+        self._record(self.used_mib())
+        self._phase = name
+
+    def _record(self, used: float | None) -> None:
+        if used is not None:
+            self.peak_mib = max(self.peak_mib or 0.0, used)
+            self.peaks[self._phase] = max(self.peaks.get(self._phase, 0.0), used)
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            used = self.used_mib()
-            if used is not None:
-                self.peak_mib = max(self.peak_mib or 0.0, used)
+            self._record(self.used_mib())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> GpuMemory:

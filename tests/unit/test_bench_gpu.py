@@ -6,10 +6,13 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import imported_modules
@@ -160,7 +163,7 @@ def test_a_setting_whose_model_fails_to_load_is_recorded_at_once(gpu_bench, tmp_
         def wait_ready(self, timeout):
             raise caught.value
 
-        def stop(self):
+        def stop(self, timeout=60):
             pass
 
     monkeypatch.setattr(gpu_bench, "Server", Server)
@@ -172,3 +175,82 @@ def test_a_setting_whose_model_fails_to_load_is_recorded_at_once(gpu_bench, tmp_
         "models failed to load: qwen-image: AttentionBackendError: no flash",
     )
     assert started[0]["QIS_WORKER_RESTART_LIMIT"] == "0"  # the first failure is final: no restarts to wait through
+
+
+def test_a_setting_stopped_by_sigterm_keeps_what_it_measured(gpu_bench, tmp_path, monkeypatch):
+    """scripts/gpu-check.sh stops a stage whose time ran out with SIGTERM (and kills it 15 s later): the running
+    setting's record was lost with everything it had measured (its start-up, its first request)."""
+    stops: list[float] = []
+
+    class Server:
+        def __init__(self, args, env, log_path):
+            self.client = self
+
+        def wait_ready(self, timeout):
+            pass
+
+        def get(self, path):
+            return self
+
+        def json(self):
+            return {"data": [{"profile": {"compile": True}}]}
+
+        def stop(self, timeout=60):
+            stops.append(timeout)
+
+    sent: list[str] = []
+
+    def request(server, setting, size, prompt, seed):
+        sent.append(prompt)
+        if len(sent) == 3:  # SIGTERM during the second warm request
+            gpu_bench._stop_on_sigterm(15, None)
+        return 1.5 if len(sent) == 1 else 1.0, {"stats": {"pipeline_seconds": 0.9}}
+
+    monkeypatch.setattr(gpu_bench, "Server", Server)
+    args = argparse.Namespace(smoke=True, size="256x256", runs=3, start_timeout=1800, gpu_name="none")
+    bench = gpu_bench.Bench(args, tmp_path)
+    monkeypatch.setattr(bench, "request", request)
+    record = bench.run(gpu_bench.Setting("compile", ("--compile",)))
+    assert record["status"] == "stopped" and "SIGTERM" in record["error"]
+    assert record["startup_seconds"] >= 0 and record["profile"] == {"compile": True}
+    assert (record["first_request_seconds"], record["e2e_seconds"]) == (1.5, [1.0])
+    assert stops == [gpu_bench.STOP_SECONDS] and gpu_bench.STOP_SECONDS < 15
+
+
+def test_sigterm_ends_the_run_with_the_running_settings_record_and_its_server_stopped(tmp_path):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, str(SCRIPT), "--smoke", "--settings", "smoke,smoke-edit", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server_log = tmp_path / "logs" / "smoke.log"
+    try:
+        assert bench.stdout.readline().startswith("smoke: serve")
+        deadline = time.monotonic() + 60
+        while not (server := psutil.Process(bench.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # its server is starting
+        bench.send_signal(signal.SIGTERM)
+        output, _ = bench.communicate(timeout=15)
+    finally:
+        bench.kill()
+    assert bench.returncode == 143, output
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["setting"], record["status"]) == ("smoke", "stopped") and record["torch"]
+    assert "smoke-edit" not in output.split("results appended")[0], "nothing more runs"
+    assert server_log.exists() and server, "its server had started"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in server), "and is gone"
+
+
+def test_gpu_memory_keeps_the_peak_of_each_phase(monkeypatch):
+    """Loading a model (FP8 conversion, compiling) can use more of the GPU than serving it: the record had one peak
+    over the server's whole life, so a serving figure could not be read from it."""
+    from serve_process import GpuMemory
+
+    readings = iter([31_000.0])
+    monkeypatch.setattr(GpuMemory, "used_mib", staticmethod(lambda: next(readings)))
+    memory = GpuMemory()
+    memory._record(50_000.0)  # the bf16 weights before their FP8 conversion
+    memory.phase("serving")  # one reading at the switch, counted to the phase that ends
+    memory._record(40_000.0)
+    memory._record(None)  # nvidia-smi did not answer
+    assert memory.peaks == {"loading": 50_000.0, "serving": 40_000.0} and memory.peak_mib == 50_000.0
