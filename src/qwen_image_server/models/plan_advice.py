@@ -195,10 +195,10 @@ def largest_side(settings, ok) -> int | None:
 
 
 def can_share(specs, settings) -> bool:
-    """Whether ``--share-components`` would be accepted for these models: the same number of workers each, and the
-    same deterministic mode (a process's own; ``spec.py`` refuses the rest)."""
-    same_counts = len({settings.workers_for(spec.id) for spec in specs}) == 1
-    return same_counts and len({spec.profile.deterministic for spec in specs}) == 1
+    """Whether ``--share-components`` would be accepted for these models (``spec.share_refusal``)."""
+    from .spec import share_refusal
+
+    return share_refusal(specs, settings) is None
 
 
 def changed_settings(settings, workers=None, model_workers=None, dtype=None, device=None, max_side=None):

@@ -293,20 +293,30 @@ def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     ids = [spec.id for spec in specs]
     for setting in SCOPED_NUMBERS.values():
         _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids)
-    counts = {ident: settings.workers_for(ident) for ident in ids}
+    refusal = share_refusal(specs, settings) if settings.share_components else None
+    if refusal:
+        raise ModelConfigError(refusal)
+
+
+def share_refusal(specs: list[ModelSpec], settings) -> str | None:
+    """Why ``--share-components`` cannot serve these models in shared processes, or None when it can: every model
+    needs the same deterministic mode (a process's torch settings) and the same number of workers (slot i of every
+    model is one process). The start checks refuse with it; the plan's advice offers the flag only when it is None."""
     modes = {spec.id: spec.profile.deterministic for spec in specs}
-    if settings.share_components and len(set(modes.values())) > 1:
+    if len(set(modes.values())) > 1:
         given = ", ".join(f"{ident} {'on' if on else 'off'}" for ident, on in modes.items())
-        raise ModelConfigError(
+        return (
             f"--share-components runs every model in one process, where deterministic mode is the process's (torch's "
             f"settings): every model needs the same --deterministic (here: {given})"
         )
-    if settings.share_components and len(set(counts.values())) > 1:
+    counts = {spec.id: settings.workers_for(spec.id) for spec in specs}
+    if len(set(counts.values())) > 1:
         given = ", ".join(f"{ident} {count}" for ident, count in counts.items())
-        raise ModelConfigError(
+        return (
             f"--share-components runs worker slot i of every model in one process, so every model needs the same number "
             f"of workers (here: {given}); give one --workers N"
         )
+    return None
 
 
 def _sidecar_of(spec: ModelSpec) -> str:
