@@ -262,3 +262,48 @@ def test_a_deployment_serve_gave_up_on_is_a_503_not_a_dead_replica():
     error = _as_server_error(DeploymentUnavailableError(DeploymentID(name="model0-m", app_name="main")), 1, "m")
     assert isinstance(error, NotReady) and error.status_code == 503
     assert error.message == "Model m is unavailable: its deployment's replicas failed to start; see `serve status`"
+
+
+def test_a_replica_encodes_previews_beside_the_pipeline_and_skips_one_that_fails(monkeypatch):
+    """Streamed previews were encoded in the pipeline's thread (denoising waited for each PNG), and one that failed
+    to encode failed the whole request; the embedded engine's workers encode them in a thread of their own and
+    skip such a preview."""
+    pytest.importorskip("ray.serve")
+    import threading
+
+    from qwen_image_server import images
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.jobs import PartialImage, TaskResult
+
+    running = threading.local()  # set in the pipeline's thread while its call runs
+    encoded_in_pipeline: list[bool] = []
+
+    class Recording(FakeRunner):
+        def run(self, job, should_stop, on_partial):
+            running.pipeline = True
+            try:
+                return super().run(job, should_stop, on_partial)
+            finally:
+                running.pipeline = False
+
+    encode = images.encode_image
+
+    def recording_encode(*args, **kwargs):
+        encoded_in_pipeline.append(getattr(running, "pipeline", False))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(images, "encode_image", recording_encode)
+    stub_runner(monkeypatch, lambda spec, device, dtype: Recording())
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+
+    async def answers(prompt: str) -> list:
+        job = Job(mode="generate", prompt=prompt, seeds=[1], width=16, height=16, partial_images=2)
+        return [item async for item in replica.run(Task(1, job))]
+
+    got = asyncio.run(answers("bad preview"))  # its first preview cannot be encoded
+    assert [type(item) for item in got] == [PartialImage, TaskResult]
+    assert got[0].partial_index == 1 and got[1].images[0].data.startswith(b"\x89PNG")
+    got = asyncio.run(answers("a cat"))
+    assert [item.partial_index for item in got[:-1]] == [0, 1]
+    assert len(encoded_in_pipeline) == 6 and not any(encoded_in_pipeline), "(2 previews + an image) x 2, none in the call"

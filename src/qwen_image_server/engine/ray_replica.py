@@ -82,9 +82,16 @@ class ModelReplica:
         job = task.job
 
         def on_partial(index: int, partial_index: int, image) -> None:
-            data = encode_image(image, job.output_format, job.output_compression)
-            preview = PartialImage(index, partial_index, EncodedImage(job.seeds[index], data, *image.size))
-            loop.call_soon_threadsafe(previews.put_nowait, preview)
+            # Encoded on the loop's side (below), not here: the pipeline's thread goes on denoising meanwhile.
+            loop.call_soon_threadsafe(previews.put_nowait, (index, partial_index, image))
+
+        def encoded_preview(index: int, partial_index: int, image) -> PartialImage | None:
+            try:
+                data = encode_image(image, job.output_format, job.output_compression)
+            except Exception:  # a preview is not worth the request: its result still comes
+                log.error("encoding a preview of task %s failed:\n%s", task.task_id, traceback.format_exc())
+                return None
+            return PartialImage(index, partial_index, EncodedImage(job.seeds[index], data, *image.size))
 
         def work():
             with self._pipeline_lock:
@@ -113,8 +120,10 @@ class ModelReplica:
         future.add_done_callback(lambda _: previews.put_nowait(None))
         future.add_done_callback(lambda _: self._stop_asked.pop(task.task_id, None))  # on the loop, after any cancel
         try:
-            while (preview := await previews.get()) is not None:
-                yield preview
+            while (item := await previews.get()) is not None:
+                preview = await asyncio.to_thread(encoded_preview, *item)
+                if preview is not None:
+                    yield preview
             images, started, finished, stats = await future
         except asyncio.CancelledError:
             stop.set()
