@@ -12,13 +12,19 @@ Both use ``--weights-dtype`` (default fp8: two bf16 transformers alone do not fi
 80 GB card), and allow images no larger than the stream's (``QIS_MAX_IMAGE_SIDE``, at
 least 1024): the memory plan reserves working memory for the largest allowed image. Reported per design: seconds to ``/ready``, seconds for the whole stream,
 statuses (an out-of-memory error is a 500), lost requests, p50/p99 latency, and the GPU
-memory in use after the stream (the workers' caching allocators keep their peak, so this
-is the stream's high-water mark, CUDA contexts included), read from a separate process;
-``fits`` says whether that is within ``--card-gib`` (80: an H100 80GB; on a larger card
-the figure tells whether it would fit). Results come as a markdown table and as JSON
-lines. Without CUDA it says so and exits 0, unless ``--tiny`` asks for the tiny models on
-the CPU (a check of the benchmark itself, no figures of interest). Run from the
-repository root::
+memory: ``peak_used_gib``, the most in use (by every process, CUDA contexts included) that
+``nvidia-smi``, sampled every half second while the stream ran, reported (``GpuMemory``, as the
+other benchmarks read it; a shorter spike can fall between two samples), and
+``used_after_stream_gib``, what was in use once the stream had ended, read by a short-lived
+probe process (its own CUDA context counted in; after an out-of-memory error the server has
+emptied its cache, so this can be well below the peak). ``fits`` says whether the peak is
+within ``--card-gib`` (80: an H100 80GB; on a larger card the figure tells whether it would
+fit); without ``nvidia-smi`` it is judged by the figure after the stream (``fits_from``).
+Each server's log is kept next to the ``--json`` file (``<its stem>-<design>.log``; without
+``--json`` in a new temporary folder that is kept), and its path is in the record
+(``server_log``). Results come as a markdown table and as JSON lines. Without CUDA it says
+so and exits 0, unless ``--tiny`` asks for the tiny models on the CPU (a check of the
+benchmark itself, no figures of interest). Run from the repository root::
 
     python bench/two_models.py                                   # random:Qwen/Qwen-Image + random:Qwen/Qwen-Image-Edit-2509
     python bench/two_models.py --designs shared --requests 40 --steps 50 --json two-models.jsonl
@@ -42,7 +48,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import ServeProcess, fresh_prompt, tiny_model, visible_gpu_name  # noqa: E402
+from serve_process import GpuMemory, ServeProcess, fresh_prompt, tiny_model, visible_gpu_name  # noqa: E402
 
 DESIGNS = {"separate": [], "shared": ["--share-components"]}
 GIB = 1024**3
@@ -82,7 +88,7 @@ async def run_stream(url: str, args, sent_prompts: set[str]) -> tuple[list[dict]
         return list(results), time.perf_counter() - started
 
 
-def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
+def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path) -> dict:
     options = ["--model", f"{args.model}={models[0]}", "--model", f"{args.edit_model}={models[1]}", *DESIGNS[design]]
     options += ["--queue-size", str(args.requests), "--log-level", "warning"]
     if args.weights_dtype != "auto":
@@ -97,8 +103,10 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
         env["QIS_MAX_IMAGE_SIDE"] = str(max(1024, *(int(side) for side in args.size.lower().split("x"))))
     (tmp / design).mkdir(parents=True, exist_ok=True)
     record: dict = {"design": design, "models": list(models), "weights_dtype": args.weights_dtype, "requests": args.requests,
-                    "concurrency": args.concurrency, "size": args.size, "steps": args.steps}  # fmt: skip
-    server = ServeProcess(options, env, tmp / design / "server.log")
+                    "concurrency": args.concurrency, "size": args.size, "steps": args.steps,
+                    "server_log": str(log)}  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = ServeProcess(options, env, log)
     started = time.perf_counter()
     try:
         try:
@@ -108,16 +116,24 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
             return record
         record["ready_s"] = round(time.perf_counter() - started, 1)
         prompts: set[str] = set()
-        results, seconds = asyncio.run(run_stream(server.url, args, prompts))
+        with GpuMemory() as memory:  # the peak while the stream runs, every process on the GPU counted
+            results, seconds = asyncio.run(run_stream(server.url, args, prompts))
         record.update(ready=True, stream_s=round(seconds, 2), prompts=len(prompts), **summary(results))
         record["errors"] = sorted({r["code"] or str(r["status"]) for r in results if r["status"] != 200})
         ready = httpx.get(server.url + "/ready", timeout=30).json()
         pids = {w["pid"] for model in ready["models"].values() for w in model["workers"] if w.get("pid")}
         record["worker_processes"] = len(pids)  # shared: one process serves both models
+        record["peak_used_gib"] = None if memory.peak_mib is None else round(memory.peak_mib / 1024, 2)
+        # after the stream, from a probe process with a CUDA context of its own; an out-of-memory recovery during
+        # the stream empties the server's cache, so this is no high-water mark
         record["gpus"] = gpu_use()
-        used = max((g["used_gib"] for g in record["gpus"]), default=None)
-        record["used_gib"] = used
-        record["fits"] = None if used is None else used <= args.card_gib
+        after = max((g["used_gib"] for g in record["gpus"]), default=None)
+        record["used_after_stream_gib"] = after
+        peak = record["peak_used_gib"]
+        judged, record["fits_from"] = (peak, "peak during the stream") if peak is not None else (after, "after the stream")
+        record["fits"] = None if judged is None else judged <= args.card_gib
+        if judged is None:
+            record["fits_from"] = None
     finally:
         server.stop()
     return record
@@ -125,7 +141,7 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path) -> dict:
 
 def table(records: list[dict], card_gib: float) -> str:
     lines = [
-        f"| design | processes | ready s | stream s | 200s | lost | errors | p50 ms | p99 ms | GPU GiB used | fits {card_gib:g} GiB |",
+        f"| design | processes | ready s | stream s | 200s | lost | errors | p50 ms | p99 ms | peak GPU GiB | fits {card_gib:g} GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -135,12 +151,12 @@ def table(records: list[dict], card_gib: float) -> str:
         ok = r["statuses"].get("200", 0)
         lines.append(
             f"| {r['design']} | {r['worker_processes']} | {r['ready_s']} | {r['stream_s']} | {ok}/{r['requests']} | {r['lost']} | "
-            f"{', '.join(r['errors']) or '-'} | {r['p50_ms']} | {r['p99_ms']} | {r['used_gib']} | {r['fits']} |"
+            f"{', '.join(r['errors']) or '-'} | {r['p50_ms']} | {r['p99_ms']} | {r['peak_used_gib']} | {r['fits']} |"
         )
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--t2i", default="random:Qwen/Qwen-Image", help="text-to-image model source")
     parser.add_argument("--edit", default="random:Qwen/Qwen-Image-Edit-2509", help="edit model source")
@@ -158,7 +174,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the tiny models on the CPU (checks the benchmark itself)")
     parser.add_argument("--json", type=Path, help="append one JSON line per design here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     unknown = [d for d in designs if d not in DESIGNS]
     if unknown or not designs:
@@ -178,10 +194,14 @@ def main() -> int:
         models, gpu = (args.t2i, args.edit), visible
     versions = {"torch": importlib.metadata.version("torch"), "python": platform.python_version()}
     records = []
+    # the servers' logs are kept, beside the --json file (a failed load's cause is in them); their images are not
+    log_dir = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="qis-two-models-logs-"))
+    stem = args.json.stem if args.json else "two-models"
     with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
         for design in designs:
-            print(f"{design}: starting the server", flush=True)
-            record = {**run_design(design, models, args, Path(tmp)), "gpu": gpu, "versions": versions}
+            log = log_dir / f"{stem}-{design}.log"
+            print(f"{design}: starting the server (log: {log})", flush=True)
+            record = {**run_design(design, models, args, Path(tmp), log), "gpu": gpu, "versions": versions}
             records.append(record)
             if args.json:
                 with args.json.open("a") as f:

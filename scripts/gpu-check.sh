@@ -8,8 +8,9 @@
 #           whether a GPU worker can fork from the forkserver (test_worker_start.py)
 # - vae:    bench/vae_fast.py, the full-size VAE at 1024x1024 in bf16: diffusers' 3-D convolutions vs. the
 #           server's 2-D route for images (decode and encode times, peak memory, largest difference);
-#           then bench/text_encoder.py, the full Qwen2.5-VL-7B text encoder on a 1024-token prompt: the
-#           stock forward vs. the last hidden state only (times, TFLOP, weights, peak memory)
+#           then, whether or not that failed, bench/text_encoder.py, the full Qwen2.5-VL-7B text encoder on a
+#           1024-token prompt: the stock forward vs. the last hidden state only (times, TFLOP, weights, peak
+#           memory); each one's JSON line goes to vae.jsonl / text_encoder.jsonl
 # - bench:  bench/gpu.py on the full-size random-weight Qwen-Image: eager 50 steps, the fast setting
 #           (compile + FP8 + batched CFG), with the step cache, Lightning compiled
 #           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting, default 1)
@@ -114,9 +115,16 @@ for stage in "${stages[@]}"; do
         --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
       ;;
     vae)
-      run_stage vae "$OUT/vae.log" bash -c "set -o pipefail; python3 bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16 \
-        --runs 5 | tee -a /dev/stderr | tail -n 1 >>'$OUT/vae.jsonl' && python3 bench/text_encoder.py --device cuda --layers 28 \
-        --runs 5 | tee -a /dev/stderr | tail -n 1 >>'$OUT/text_encoder.jsonl'"
+      # Each benchmark runs whether or not the other failed (the stage fails if either does); of its output only
+      # its last JSON line is added to its .jsonl (one that failed midway ends with a progress line, no result).
+      run_stage vae "$OUT/vae.log" bash -c 'set -o pipefail
+        python3 bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16 --runs 5 | tee -a /dev/stderr \
+          | { grep "^{" || true; } | tail -n 1 >>"$1/vae.jsonl"
+        vae=$?
+        python3 bench/text_encoder.py --device cuda --layers 28 --runs 5 | tee -a /dev/stderr \
+          | { grep "^{" || true; } | tail -n 1 >>"$1/text_encoder.jsonl"
+        text_encoder=$?
+        exit $((vae || text_encoder))' vae "$OUT"
       ;;
     memory)
       run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \

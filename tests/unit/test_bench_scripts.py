@@ -56,3 +56,134 @@ def test_plan_command_accepts_the_server_load_bench_starts(argv, tiny_t2i, tiny_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "the plan fits" in done.stdout
     assert int(env["QIS_MAX_STEPS"]) >= args.steps  # every soak request stays within the limit
+
+
+def _two_models_bench():
+    spec = importlib.util.spec_from_file_location("two_models_bench", BENCH / "two_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_models_keeps_each_server_log_beside_the_json_file(tmp_path, monkeypatch):
+    """A server that does not load leaves a line of its error in the record; its log, with the whole cause, is kept
+    beside the ``--json`` file (``<stem>-<design>.log``) and named in the record. (The GPU and the servers are stubbed:
+    each writes its log and exits.)"""
+    import json
+
+    from serve_process import ServerExited
+
+    bench = _two_models_bench()
+
+    class Server:
+        def __init__(self, args, env, log_path):
+            self.log_path = log_path
+            log_path.write_text("Traceback (most recent call last):\n  loading the transformer\nerror: out of memory\n")
+
+        def wait_ready(self, timeout):
+            raise ServerExited(1, "error: out of memory")
+
+        def stop(self, timeout=60):
+            pass
+
+    monkeypatch.setattr(bench, "ServeProcess", Server)
+    monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub GPU")
+    out = tmp_path / "two.jsonl"
+    monkeypatch.setattr(sys, "argv", ["two_models.py", "--designs", "separate,shared", "--json", str(out)])
+    assert bench.main() == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["design"], r["ready"]) for r in records] == [("separate", False), ("shared", False)]
+    for record in records:
+        log = tmp_path / f"two-{record['design']}.log"
+        assert record["server_log"] == str(log)
+        assert "loading the transformer" in log.read_text()
+
+
+def test_two_models_records_the_gpu_memory_peak_while_the_stream_ran(tmp_path, monkeypatch):
+    """What is in use after the stream is no high-water mark: an out-of-memory recovery empties the server's cache,
+    and the probe that reads it has a CUDA context of its own. The peak sampled while the stream ran (``GpuMemory``, as
+    the other benchmarks read it) is recorded and decides ``fits``; the figure after the stream is kept under its own
+    name. (The GPU, the server and the stream are stubbed: 30 GiB at the peak, 10 after.)"""
+    import json
+    from types import SimpleNamespace
+
+    bench = _two_models_bench()
+    sampling: list[bool] = []
+
+    class Memory:
+        active = False
+
+        def __init__(self, interval=0.5):
+            self.peak_mib = None
+
+        def __enter__(self):
+            Memory.active, self.peak_mib = True, 30 * 1024.0
+            return self
+
+        def __exit__(self, *exc):
+            Memory.active = False
+
+    class Server:
+        url = "http://127.0.0.1:9"
+
+        def __init__(self, args, env, log_path):
+            pass
+
+        def wait_ready(self, timeout):
+            pass
+
+        def stop(self, timeout=60):
+            pass
+
+    async def run_stream(url, args, sent_prompts):
+        sampling.append(Memory.active)
+        sent_prompts.update({"a", "b"})
+        return [{"kind": "generation", "status": 200, "seconds": 0.5, "lost": None, "code": None}] * 2, 1.0
+
+    ready = {"models": {"qwen-image": {"workers": [{"pid": 11}]}, "qwen-image-edit": {"workers": [{"pid": 12}]}}}
+    monkeypatch.setattr(bench, "ServeProcess", Server)
+    monkeypatch.setattr(bench, "GpuMemory", Memory, raising=False)
+    monkeypatch.setattr(bench, "run_stream", run_stream)
+    monkeypatch.setattr(bench.httpx, "get", lambda url, timeout: SimpleNamespace(json=lambda: ready))
+    monkeypatch.setattr(bench, "gpu_use", lambda: [{"device": "cuda:0", "name": "stub", "used_gib": 10.0, "total_gib": 80.0}])
+    monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub GPU")
+    out = tmp_path / "two.jsonl"
+    argv = ["two_models.py", "--designs", "separate", "--requests", "2", "--card-gib", "20", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sampling == [True]  # sampled while the stream ran
+    assert (record["peak_used_gib"], record["used_after_stream_gib"]) == (30.0, 10.0)
+    assert record["fits"] is False and record["fits_from"] == "peak during the stream"
+
+
+#: Stands in for python3 in scripts/gpu-check.sh: the GPU check and the import check pass; vae_fast.py fails midway
+#: (its last line of output is progress, its traceback on stderr), text_encoder.py prints its JSON line.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  -c) echo "stub GPU, torch stub" ;;
+  -) cat >/dev/null ;;
+  bench/vae_fast.py) echo "diffusers decode:    100.0 ms"; echo "RuntimeError: CUDA error" >&2; exit 1 ;;
+  bench/text_encoder.py) echo "stock   :    10.0 ms"; echo '{"speedup": 1.5}' ;;
+  *) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+"""
+
+
+def test_gpu_check_vae_stage_runs_both_benchmarks_and_keeps_only_json_lines(tmp_path):
+    """The vae stage's text-encoder benchmark runs even when the VAE one fails (the stage then fails), and a .jsonl
+    file gets a benchmark's JSON line only, never the last line of a run that failed. (python3 is a stand-in.)"""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
+    bin_dir, out = tmp_path / "bin", tmp_path / "results"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(_FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "GPU_BUDGET": "300"}
+    env.pop("WHEELS", None)
+    done = subprocess.run(["bash", str(script), "vae"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (out / "text_encoder.jsonl").read_text() == '{"speedup": 1.5}\n'
+    assert not (out / "vae.jsonl").exists() or (out / "vae.jsonl").read_text() == ""
+    assert "stage vae:" in (out / "stages.txt").read_text() and "exit 1" in (out / "stages.txt").read_text()
+    log = (out / "vae.log").read_text()
+    assert "RuntimeError: CUDA error" in log and "stock   :" in log

@@ -257,6 +257,35 @@ def _memory_bench():
     return bench
 
 
+def _stub_cuda(monkeypatch, **overrides) -> None:
+    """``torch.cuda``'s calls that ``run_one`` makes, stubbed for an 80 GiB card with nothing on it; ``overrides``
+    replaces some of them."""
+    from types import SimpleNamespace
+
+    cuda = {
+        "get_device_properties": lambda index: SimpleNamespace(total_memory=80 * 1024**3),
+        "mem_get_info": lambda index=None: (80 * 1024**3, 80 * 1024**3),
+        "memory_reserved": lambda index=None: 0,
+        "set_per_process_memory_fraction": lambda fraction, index: None,
+        "get_device_name": lambda index: "stub",
+        "memory_allocated": lambda index: 0,
+        "max_memory_allocated": lambda index: 0,
+        "max_memory_reserved": lambda index: 0,
+        "synchronize": lambda: None,
+        "reset_peak_memory_stats": lambda index: None,
+        "memory_stats": lambda index: {"allocated_bytes.all.peak": 0, "reserved_bytes.all.peak": 0},
+        **overrides,
+    }
+    for name, stub in cuda.items():
+        monkeypatch.setattr(torch.cuda, name, stub)
+
+
+def _partial_lines(stdout: str) -> list[dict]:
+    import json
+
+    return [json.loads(line.removeprefix("PARTIAL ")) for line in stdout.splitlines() if line.startswith("PARTIAL ")]
+
+
 def test_memory_bench_table_marks_modes_that_do_not_fit():
 
     bench = _memory_bench()
@@ -283,16 +312,14 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
 def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
     """The runner keeps the embeddings of prompts it has seen: a timed image with the warm-up's prompt would leave out
     the text encoder's pass, which is what text-encoder and group offload make slow. (CUDA's calls are stubbed.)"""
-    from types import SimpleNamespace
-
-    import torch
-
     from qwen_image_server.models import runner as runner_module
 
     bench = _memory_bench()
     prompts = []
 
     class Runner:
+        last_stats: dict = {}
+
         def __init__(self, spec, device, warm):
             pass
 
@@ -300,17 +327,7 @@ def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
             prompts.append(job.prompt)
 
     monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
-    cuda = {
-        "get_device_properties": lambda index: SimpleNamespace(total_memory=80 * 1024**3),
-        "set_per_process_memory_fraction": lambda fraction, index: None,
-        "get_device_name": lambda index: "stub",
-        "memory_allocated": lambda index: 0,
-        "synchronize": lambda: None,
-        "reset_peak_memory_stats": lambda index: None,
-        "memory_stats": lambda index: {"allocated_bytes.all.peak": 0, "reserved_bytes.all.peak": 0},
-    }
-    for name, stub in cuda.items():
-        monkeypatch.setattr(torch.cuda, name, stub)
+    _stub_cuda(monkeypatch)
     out = bench.run_one("random:Qwen/Qwen-Image", "none", 80, [8, 50], 1024)
     assert "s_8_steps" in out and "s_50_steps" in out
     assert len(prompts) == 3 and len(set(prompts)) == 3  # the warm-up's and each timed image's
@@ -321,27 +338,233 @@ def test_memory_bench_writes_each_row_once_measured(monkeypatch, tmp_path):
     """A run stopped midway (gpu-check.sh's budget) keeps the rows it measured: each lands in ``--json`` before the
     next mode starts. (The GPU and each mode's process are stubbed.)"""
     import json
-    import subprocess
-    from types import SimpleNamespace
 
     bench = _memory_bench()
     out = tmp_path / "memory.jsonl"
     out.write_text('{"mode": "from an earlier run"}\n')
     seen_before_each_run = []
 
-    def run(cmd, **kwargs):
+    def run_child(cmd, timeout, stopped):
         seen_before_each_run.append([json.loads(line)["mode"] for line in out.read_text().splitlines()])
         mode = cmd[cmd.index("--one") + 1]
-        row = {"mode": mode, "s_8_steps": 1.0, "peak_gib": 1.0, "peak_reserved_gib": 1.0, "load_s": 1.0}
-        return SimpleNamespace(stdout=f"RESULT {json.dumps(row)}\n", stderr="")
+        return {"mode": mode, "s_8_steps": 1.0, "peak_gib": 1.0, "peak_reserved_gib": 1.0, "load_s": 1.0, "status": "ok"}
 
     monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub")
-    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(bench, "run_child", run_child)
     assert (
         bench.main(["random:Qwen/Qwen-Image", "--pairs", "none@80,fp8@48,group+fp8@24", "--steps", "8", "--json", str(out)]) == 0
     )
     assert seen_before_each_run == [[], ["none"], ["none", "fp8"]]
     assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["none", "fp8", "group+fp8"]
+
+
+def test_memory_bench_rows_carry_the_package_versions_and_the_date(monkeypatch, tmp_path):
+    """A row is a benchmark record on its own: the versions of torch, diffusers and transformers and when (UTC) it was
+    measured, also for a pair that did not finish. (The GPU and each mode's process are stubbed.)"""
+    import datetime
+    import importlib.metadata
+    import json
+
+    bench = _memory_bench()
+    out = tmp_path / "memory.jsonl"
+    measured = {"status": "ok", "s_8_steps": 1.0, "peak_gib": 1.0, "peak_reserved_gib": 1.0, "load_s": 1.0}
+    results = iter([measured, {"status": "error", "error": "exited with -9"}])
+    monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub")
+    monkeypatch.setattr(bench, "run_child", lambda cmd, timeout, stopped: next(results))
+    assert bench.main(["random:Qwen/Qwen-Image", "--pairs", "none@80,fp8@48", "--steps", "8", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["mode"], row["status"]) for row in rows] == [("none", "ok"), ("fp8", "error")]
+    for row in rows:
+        assert row["versions"] == {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")}
+        date = datetime.datetime.fromisoformat(row["date"])
+        assert date.utcoffset() == datetime.timedelta(0)
+        assert abs(datetime.datetime.now(datetime.timezone.utc) - date) < datetime.timedelta(hours=1)
+
+
+def test_memory_bench_records_the_load_peak_and_each_image_s_transformer_calls(monkeypatch, capsys):
+    """FP8 storage has the bf16 weights on the GPU before it converts them: the load's peak (read before any reset of
+    the peak counters) is what decides whether a card can load the model, not what is allocated once loaded. Each
+    timed image's row has the runner's counters (``last_stats``): the transformer calls it made. (CUDA's calls and the
+    runner are stubbed: the load peaks at 30 GiB and leaves 20.)"""
+    from qwen_image_server.models import runner as runner_module
+
+    bench = _memory_bench()
+    gib = 1024**3
+    memory = {"allocated": 0, "peak": 0}
+
+    class Runner:
+        def __init__(self, spec, device, warm):
+            memory.update(allocated=20 * gib, peak=30 * gib)  # bf16 weights, then converted to FP8
+            self.last_stats: dict = {}
+
+        def run(self, job):
+            calls = 2 * job.num_inference_steps  # true CFG: two calls per step
+            self.last_stats = {"transformer_calls": calls, "cached_calls": 0, "prompt_encodings": 1, "prompt_cache_hits": 0}
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    _stub_cuda(
+        monkeypatch,
+        memory_allocated=lambda index: memory["allocated"],
+        max_memory_allocated=lambda index: memory["peak"],
+        max_memory_reserved=lambda index: memory["peak"] + gib,
+        reset_peak_memory_stats=lambda index: memory.update(peak=memory["allocated"]),
+    )
+    out = bench.run_one("random:Qwen/Qwen-Image", "fp8", 48, [8, 50], 1024)
+    assert (out["after_load_gib"], out["load_peak_gib"], out["load_peak_reserved_gib"]) == (20.0, 30.0, 31.0)
+    assert out["stats_8_steps"]["transformer_calls"] == 16 and out["stats_50_steps"]["transformer_calls"] == 100
+    assert out["stats_8_steps"]["prompt_encodings"] == 1
+    # the figures so far go to the parent as they come: once loaded, and after each image
+    loaded = [line for line in _partial_lines(capsys.readouterr().out) if "load_s" in line]
+    assert loaded[0]["load_peak_gib"] == 30.0 and "s_8_steps" not in loaded[0]
+    assert loaded[-1]["stats_50_steps"]["transformer_calls"] == 100
+
+
+def test_memory_bench_caps_the_emulated_card_less_the_cuda_context(monkeypatch):
+    """``set_per_process_memory_fraction`` caps only torch's allocator: the CUDA context lies outside it, so it is
+    measured once CUDA is up and before the cap (``mem_get_info``'s total minus free minus torch's reserved memory)
+    and taken off the card's size. (CUDA's calls are stubbed: the context takes 1 GiB, torch has reserved 0.5.)"""
+    from qwen_image_server.models import runner as runner_module
+
+    bench = _memory_bench()
+    gib = 1024**3
+    events: list = []
+
+    class Runner:
+        last_stats: dict = {}
+
+        def __init__(self, spec, device, warm):
+            pass
+
+        def run(self, job):
+            pass
+
+    def mem_get_info(index=None):
+        events.append("mem_get_info")
+        return 80 * gib - int(1.5 * gib), 80 * gib
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    _stub_cuda(
+        monkeypatch,
+        mem_get_info=mem_get_info,
+        memory_reserved=lambda index=None: gib // 2,
+        set_per_process_memory_fraction=lambda fraction, index: events.append(("cap", fraction)),
+    )
+    out = bench.run_one("random:Qwen/Qwen-Image", "group+fp8", 24, [8], 1024)
+    mib = bench.CARDS[24][1]
+    fraction = (mib * 1024**2 - gib) / (80 * gib)
+    assert events[0] == "mem_get_info" and events[1] == ("cap", fraction)
+    assert out["context_gib"] == 1.0 and out["memory_fraction"] == round(fraction, 4)
+    assert out["context_end_gib"] == 1.0  # measured again after the timed images
+
+
+def test_memory_bench_pair_process_reports_what_it_had_when_it_fails(monkeypatch, capsys):
+    """The pair's process (``--one``) prints its figures as it goes, so that a pair that fails after loading still
+    leaves its load figures, its error (``RESULT``) and its traceback on stderr (the stage's log); stopped with
+    SIGTERM, it writes its Python stack there too (faulthandler). (CUDA's calls and the runner are stubbed.)"""
+    import json
+    import signal
+
+    from qwen_image_server.models import runner as runner_module
+
+    bench = _memory_bench()
+    registered = []
+
+    class Runner:
+        last_stats: dict = {}
+
+        def __init__(self, spec, device, warm):
+            pass
+
+        def run(self, job):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner_module, "PipelineRunner", Runner)
+    monkeypatch.setattr(bench.faulthandler, "register", lambda signum, **kwargs: registered.append((signum, kwargs)))
+    _stub_cuda(monkeypatch, max_memory_allocated=lambda index: 30 * 1024**3)
+    assert bench.main(["random:Qwen/Qwen-Image", "--one", "fp8", "48", "--steps", "8"]) == 0
+    captured = capsys.readouterr()
+    assert _partial_lines(captured.out)[-1]["load_peak_gib"] == 30.0
+    (result,) = [json.loads(line[7:]) for line in captured.out.splitlines() if line.startswith("RESULT ")]
+    assert result == {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert "Traceback" in captured.err and "illegal memory access" in captured.err
+    assert registered == [(signal.SIGTERM, {"all_threads": True, "chain": True})]
+
+
+#: Stands in for a pair's process: ``none`` finishes; any other mode loads and then runs until it is ended.
+_PAIR_PROCESS = """
+import json, os, sys, time
+mode, pids = sys.argv[1], sys.argv[2]
+print("PARTIAL " + json.dumps({"mode": mode, "context_gib": 0.6}), flush=True)
+print(f"{mode}: loading the model", file=sys.stderr, flush=True)
+if mode == "none":
+    print("RESULT " + json.dumps({"mode": mode, "load_s": 1.0, "s_8_steps": 1.0, "peak_gib": 1.0, "peak_reserved_gib": 1.0}))
+    sys.exit(0)
+print("PARTIAL " + json.dumps({"mode": mode, "context_gib": 0.6, "load_s": 2.0, "load_peak_gib": 40.0}), flush=True)
+print(f"{mode}: warming up", file=sys.stderr, flush=True)
+with open(pids, "a") as f:
+    f.write(f"{os.getpid()}\\n")
+time.sleep(600)
+"""
+
+#: Runs the benchmark with the GPU's name and each pair's command stubbed.
+_BENCH_RUN = """
+import importlib.util, sys
+bench_path, pair_process, pids, out = sys.argv[1:5]
+sys.path.insert(0, str(__import__("pathlib").Path(bench_path).parent))
+spec = importlib.util.spec_from_file_location("memory_modes", bench_path)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+bench.visible_gpu_name = lambda: "stub GPU"
+bench.child_command = lambda args, mode, card: [sys.executable, pair_process, mode, pids]
+sys.exit(bench.main(["stub-model", "--pairs", "none@80,fp8@48,group+fp8@24", "--steps", "8", "--json", out]))
+"""
+
+
+@pytest.mark.parametrize("to", ["benchmark", "process group"])
+def test_memory_bench_stopped_by_sigterm_writes_the_cut_off_pair_and_ends_its_process(tmp_path, to):
+    """gpu-check.sh's budget ends the stage with SIGTERM (to its whole process group; SIGKILL 15 s later): the pair
+    that was running is recorded as stopped with the figures it had sent (its load), its stderr has gone to the
+    stage's log all along, its process is ended, and no further pair starts. (Each pair's process is a stand-in.)"""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    bench_path = Path(__file__).resolve().parents[2] / "bench" / "memory_modes.py"
+    (tmp_path / "pair.py").write_text(_PAIR_PROCESS)
+    (tmp_path / "run.py").write_text(_BENCH_RUN)
+    pids, out = tmp_path / "pids", tmp_path / "memory.jsonl"
+    command = [sys.executable, str(tmp_path / "run.py"), str(bench_path), str(tmp_path / "pair.py"), str(pids), str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not pids.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids.exists(), "the second pair's process did not start"
+        if to == "benchmark":
+            run.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=30)
+        (pid,) = [int(line) for line in pids.read_text().split()]
+        gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the run, the stand-in included
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143, stdout + stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["mode"], row["status"]) for row in rows] == [("none", "ok"), ("fp8", "stopped")]
+    assert (rows[1]["load_s"], rows[1]["load_peak_gib"], rows[1]["context_gib"]) == (2.0, 40.0, 0.6)
+    assert rows[1]["versions"]["torch"] and rows[1]["date"]
+    assert "fp8: warming up" in stderr  # the pair's stderr reached the benchmark's
+    assert "not run: group+fp8@24" in stdout and "| fp8 | L40S 48GB | stopped |" in stdout
+    assert gone, "the pair's process was ended"
 
 
 @pytest.mark.parametrize(("offload", "kind"), [("group", "generate"), ("group", "edit"), ("text-encoder", "edit")])
