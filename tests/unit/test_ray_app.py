@@ -278,3 +278,30 @@ def test_the_application_is_built_before_the_port_opens_and_a_refusal_stops_a_lo
     with pytest.raises(ProfileError):
         run_without_ray(ray_address="auto")
     assert "ray_shutdown" not in run_without_ray.seen, "a joined cluster runs on"
+
+
+def test_gpu_replicas_carry_what_their_model_needs_and_cpu_ones_nothing():
+    """Ray places replicas by GPU count, not memory: each GPU replica gets the memory plan's estimate of its model
+    to check against its GPU before loading (``test_ray_engine.py``)."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_replica import MemoryNeed
+    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.models.plan_footprints import footprints_for
+    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.weights_files import read_tensors
+
+    def needs(**settings) -> list:
+        settings = Settings(models=["random:Qwen/Qwen-Image"], engine="ray", **settings)
+        ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
+        return [model._bound_deployment.init_args[5] for model in ingress.init_args]
+
+    # at 1024x1024 the bf16 transformer before its FP8 conversion is the most it holds: the need counts the load
+    (need,) = needs(ray_gpus_per_replica=1, weights_dtype=["fp8"], max_image_side=1024)
+    settings = Settings(models=["random:Qwen/Qwen-Image"], weights_dtype=["fp8"], max_image_side=1024)
+    (spec,) = resolve_configured(settings)
+    fp = footprints_for([spec], {spec.id: read_tensors(spec)}, settings, on_gpu=True)[spec.id]
+    assert isinstance(need, MemoryNeed) and need.need == fp.total + fp.load_extra and fp.load_extra > 0
+    assert need.check == "on" and "of weights (" in need.detail and "more while it loads" in need.detail
+    assert needs(ray_gpus_per_replica=1, memory_check="warn")[0].check == "warn"
+    assert needs(ray_gpus_per_replica=1, memory_check="off") == [None]
+    assert needs(ray_gpus_per_replica=0) == [None]

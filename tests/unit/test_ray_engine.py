@@ -307,3 +307,37 @@ def test_a_replica_encodes_previews_beside_the_pipeline_and_skips_one_that_fails
     got = asyncio.run(answers("a cat"))
     assert [item.partial_index for item in got[:-1]] == [0, 1]
     assert len(encoded_in_pipeline) == 6 and not any(encoded_in_pipeline), "(2 previews + an image) x 2, none in the call"
+
+
+def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch, caplog):
+    """A model too large for the GPU Ray gave its replica loaded until it ran out of memory (minutes for a full-size
+    model), and Serve retried that up to 20 times: the replica now compares the plan's estimate with its GPU's free
+    memory first, and says what would fit (``--memory-check warn`` loads anyway, with the warning)."""
+    pytest.importorskip("ray.serve")
+    import torch
+
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine.ray_replica import MemoryNeed
+    from qwen_image_server.models.spec import ModelConfigError
+
+    gib = 1024**3
+    loads: list[str] = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stub_runner(monkeypatch, lambda spec, device, dtype: loads.append(spec.id) or FakeRunner(device="cuda:0"))
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    need = MemoryNeed(70 * gib, "69.5 GiB of weights (transformer 38.0 GiB, ...)")
+    with pytest.raises(ModelConfigError) as refused:
+        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, need)
+    assert str(refused.value).startswith(
+        "not enough GPU memory for model m on this replica's GPU (NVIDIA H100 80GB HBM3): it needs 70.0 GiB "
+        "(69.5 GiB of weights (transformer 38.0 GiB, ...)), 40.0 GiB is free of 80.0 GiB. A smaller memory mode"
+    )
+    assert "--weights-dtype fp8" in str(refused.value) and loads == [], "refused before any weight is read"
+    with caplog.at_level(logging.WARNING):
+        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(70 * gib, "...", check="warn"))
+    assert loads == ["m"] and "loading anyway (--memory-check warn)" in caplog.text
+    ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "..."))
+    ray_serve.ModelReplica(spec, "cpu", "auto", None, 0.0, MemoryNeed(70 * gib, "..."))  # no GPU: nothing to check
+    assert loads == ["m", "m", "m"]

@@ -13,10 +13,11 @@ import os
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 from ..errors import TaskCancelled
 from ..jobs import EncodedImage, PartialImage, Task, TaskResult
-from ..models.spec import ModelSpec
+from ..models.spec import ModelConfigError, ModelSpec
 from .worker_device import recover_device, release_cached
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,57 @@ EXIT_AFTER_BROKEN_SECONDS = 1.0
 _exit_process = os._exit  # replaced in tests
 
 
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one replica of a model needs on its GPU (``footprint``: the memory plan's estimate, loading included),
+    worked out where the application is built, and what ``--memory-check`` says to do when the GPU has less free."""
+
+    need: int
+    detail: str  # what the figure is made of (``plan_advice.needs``)
+    check: str = "on"  # on: refuse to load; warn: log and load anyway
+
+    def refusal(self, model: str, device: str) -> str | None:
+        """Why ``model`` cannot load on ``device`` (its GPU has less free than the need), or None when it fits."""
+        import torch
+
+        from ..models.footprint import human
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        if self.need <= free:
+            return None
+        return (
+            f"not enough GPU memory for model {model} on this replica's GPU ({torch.cuda.get_device_name(device)}): "
+            f"it needs {human(self.need)} ({self.detail}), {human(free)} is free of {human(total)}. A smaller memory "
+            "mode would fit (qwen-image-server plan prints what each needs: --weights-dtype fp8, --quantize fp8, "
+            "--offload group), or a smaller QIS_MAX_IMAGE_SIDE, or a GPU with more memory free"
+        )
+
+
 class ModelReplica:
     """One replica: owns one device and one pipeline; runs one task at a time."""
 
-    def __init__(self, spec: ModelSpec, device: str, dtype: str, threads: int | None, stuck_task_seconds: float = 0.0):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str,
+        dtype: str,
+        threads: int | None,
+        stuck_task_seconds: float = 0.0,
+        memory: MemoryNeed | None = None,
+    ):
         import torch
 
         from ..models.runner import PipelineRunner
 
         if threads:
             torch.set_num_threads(threads)
+        refusal = memory.refusal(spec.id, device) if memory is not None and device.startswith("cuda") else None
+        if refusal and memory is not None and memory.check == "on":
+            # before any weight is read: Serve retries a replica whose start failed, and a load that runs out of
+            # memory takes minutes each time for a full-size model
+            raise ModelConfigError(refusal)
+        if refusal:
+            log.warning("%s; loading anyway (--memory-check warn)", refusal)
         self.spec = spec
         self.runner = PipelineRunner(spec, device=device, dtype=dtype)
         # What loading converted away (bf16 weights now in FP8, the dropped head) goes back to the GPU, for replicas

@@ -32,7 +32,7 @@ from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
-from .ray_replica import ModelReplica, retrieve_outcome
+from .ray_replica import MemoryNeed, ModelReplica, retrieve_outcome
 from .worker_process import public_reason
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,27 @@ def _cluster_gpus() -> tuple[float, str]:
     return len(discover_gpus() or []), "this machine (Ray is not started yet)"
 
 
+def memory_needs(specs: list[ModelSpec], settings: Settings) -> dict[str, MemoryNeed]:
+    """What one GPU replica of each model needs (the memory plan's estimate, from the model's files; a model whose
+    files cannot be read here gets no check). Ray places replicas by GPU count, not memory: each replica checks its
+    GPU's free memory against this before it loads (``ModelReplica``), as the embedded engine's plan does before
+    any worker starts."""
+    from ..models.plan_advice import needs as described
+    from ..models.plan_footprints import footprints_for
+    from ..models.weights_files import UnknownFootprint, read_tensors
+
+    out = {}
+    for spec in specs:
+        try:
+            tensors = read_tensors(spec)
+        except UnknownFootprint as exc:
+            log.warning("memory estimate of %s unknown (its replicas load without a check): %s", spec.id, exc)
+            continue
+        fp = footprints_for([spec], {spec.id: tensors}, settings, on_gpu=True)[spec.id]
+        out[spec.id] = MemoryNeed(fp.total + fp.load_extra, described(fp), settings.memory_check)
+    return out
+
+
 def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
     """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
     from ..models.memory_modes import check_memory_modes
@@ -304,6 +325,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
     gpus = replica_gpus(settings)
     device = "cuda" if gpus else "cpu"
     check_memory_modes(specs, device)  # on the replicas' device, not on the machine that builds the application
+    needs = memory_needs(specs, settings) if gpus and settings.memory_check != "off" else {}
     bound = []
     for index, spec in enumerate(specs):
         low, high = settings.replicas_for(spec.id)
@@ -323,7 +345,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             graceful_shutdown_timeout_s=settings.shutdown_grace_seconds,
         )(ModelReplica)
         stuck_after = settings.stuck_task_seconds_for(spec.id)
-        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after))
+        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after, needs.get(spec.id)))
 
     def build_ingress_app():
         # The application's name is chosen by whoever deploys it (serve run names it "default").
