@@ -18,7 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import config_files as files
-from .config_files import directory_problem, models_in_dir, parse_entry, read_keys_file, repeated_entries, unique_entries
+from .config_files import configured_entries, directory_problem, read_keys_file, repeated_entries, unique_entries
 from .config_scoped import SCOPED_NUMBERS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
@@ -402,26 +402,13 @@ class Settings(PerModelLimits, BaseSettings):
         if gpus is not None and ((self.device == "cpu" and gpus > 0) or (self.device == "cuda" and gpus == 0)):
             raise ValueError(f"device {self.device} and ray_gpus_per_replica {gpus:g} contradict each other")
 
-    def _all_entries(self) -> list[tuple[str | None, str]]:
-        """Every configured ``(id or None, path or hub id)``, in order, repeats included."""
-        entries = [parse_entry(item) for item in self.models]
-        if self.model_path:
-            entries.append((self.model_name, self.model_path))
-        if self.qwen_image_location:
-            entries.append((None, self.qwen_image_location))
-        if self.qwen_image_edit_location:
-            entries.append((None, self.qwen_image_edit_location))
-        if not entries and self.models_dir is not None:
-            entries = models_in_dir(self.models_dir)
-        return entries
-
     def model_entries(self) -> list[tuple[str | None, str]]:
         """All models to serve as ``(id or None, path or hub id)``, in order, without repeats: a source given twice
         (``--model`` and ``MODEL_PATH``, say) is served once (``config_files.unique_entries``)."""
-        return unique_entries(self._all_entries())
+        return unique_entries(configured_entries(self))
 
     def repeated_sources(self) -> list[tuple[str, str]]:
         """``(id, source)`` of each repeat that ``model_entries`` leaves out and that names an id of its own
         (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X
         (``config_files.repeated_entries``)."""
-        return repeated_entries(self._all_entries())
+        return repeated_entries(configured_entries(self))

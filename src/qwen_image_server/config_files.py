@@ -121,3 +121,19 @@ def repeated_entries(entries: list[tuple[str | None, str]]) -> list[tuple[str, s
         elif ident and ident != first[key][0] and (ident, first[key][1]) not in repeated:
             repeated.append((ident, first[key][1]))
     return repeated
+
+
+def configured_entries(settings) -> list[tuple[str | None, str]]:
+    """Every model ``settings`` name as ``(id or None, path or hub id)``, in order, repeats included: ``--model``
+    entries, then ``MODEL_PATH`` (with ``MODEL_NAME``) and the two location variables; the models folder's only when
+    nothing else names one."""
+    entries = [parse_entry(item) for item in settings.models]
+    if settings.model_path:
+        entries.append((settings.model_name, settings.model_path))
+    if settings.qwen_image_location:
+        entries.append((None, settings.qwen_image_location))
+    if settings.qwen_image_edit_location:
+        entries.append((None, settings.qwen_image_edit_location))
+    if not entries and settings.models_dir is not None:
+        entries = models_in_dir(settings.models_dir)
+    return entries
