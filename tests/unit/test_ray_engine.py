@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from types import SimpleNamespace
 
 import pytest
 from worker_fakes import FakeRunner, stub_runner
@@ -92,7 +93,7 @@ def test_a_replica_run_stopped_by_its_caller_leaves_no_unretrieved_error(monkeyp
 
     runner = FakeRunner()  # its "wait" prompt runs until told to stop, then raises TaskCancelled
 
-    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
     unretrieved: list[str] = []
@@ -166,7 +167,7 @@ def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch
             return super().run(job, should_stop, on_partial)
 
     runner = Recording()
-    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
 
@@ -219,11 +220,12 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-broke-test"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is None or runner.held() is None))
     exits: list[int] = []
     monkeypatch.setattr(ray_replica, "_exit_process", exits.append)
     monkeypatch.setattr(ray_replica, "EXIT_AFTER_BROKEN_SECONDS", 0.05)
-    stub_runner(monkeypatch, lambda spec, device, dtype: runner)
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cuda:0", "auto", None)
     assert emptied == [True], "what loading left in the allocator's cache goes back to the GPU"
@@ -293,7 +295,7 @@ def test_a_replica_encodes_previews_beside_the_pipeline_and_skips_one_that_fails
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(images, "encode_image", recording_encode)
-    stub_runner(monkeypatch, lambda spec, device, dtype: Recording())
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: Recording())
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
 
@@ -324,8 +326,9 @@ def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch,
     loads: list[str] = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-fit-test"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    stub_runner(monkeypatch, lambda spec, device, dtype: loads.append(spec.id) or FakeRunner(device="cuda:0"))
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: loads.append(spec.id) or FakeRunner(device="cuda:0"))
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     need = MemoryNeed(70 * gib, "69.5 GiB of weights (transformer 38.0 GiB, ...)")
     with pytest.raises(ModelConfigError) as refused:
@@ -341,3 +344,85 @@ def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch,
     ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "..."))
     ray_serve.ModelReplica(spec, "cpu", "auto", None, 0.0, MemoryNeed(70 * gib, "..."))  # no GPU: nothing to check
     assert loads == ["m", "m", "m"]
+
+
+def test_replicas_sharing_a_gpu_load_one_after_the_other_and_check_what_the_one_before_left(monkeypatch, tmp_path):
+    """Replicas given shares of one GPU (a fractional ray_gpus_per_replica) loaded at once: two FP8 conversions at a
+    time, and each compared the model's need with the memory free before the other had loaded."""
+    pytest.importorskip("ray.serve")
+    import threading
+    import time
+
+    import torch
+
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine.ray_replica import MemoryNeed
+    from qwen_image_server.models.spec import ModelConfigError
+
+    gib = 1024**3
+    free = [60 * gib]
+    events: list[str] = []
+
+    def mem_get_info(device=None):
+        events.append("check")
+        return free[0], 80 * gib
+
+    def load(spec, device, dtype, warm=True):
+        events.append(f"load {spec.id}")
+        time.sleep(0.3)
+        free[0] -= 40 * gib
+        events.append(f"loaded {spec.id}")
+        return FakeRunner(device="cuda:0")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid=f"GPU-{tmp_path.name}"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stub_runner(monkeypatch, load)
+    outcomes: dict[str, object] = {}
+
+    def start(model: str) -> None:
+        spec = ModelSpec(id=model, source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+        try:
+            outcomes[model] = ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(35 * gib, "..."))
+        except ModelConfigError as exc:
+            outcomes[model] = exc
+
+    threads = [threading.Thread(target=start, args=(model,)) for model in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    first = events[1].removeprefix("load ")
+    assert events == ["check", f"load {first}", f"loaded {first}", "check"], "the second checks once the first has loaded"
+    second = "b" if first == "a" else "a"
+    assert isinstance(outcomes[second], ModelConfigError) and "20.0 GiB is free of 80.0 GiB" in str(outcomes[second])
+
+
+def test_a_gpus_load_lock_is_free_again_when_its_holder_dies(tmp_path):
+    """The lock of replicas that share nothing but the machine: a holder killed while loading (out of host memory,
+    Serve's kill) leaves it free at once, where a lock with a timeout would hold the next replica for 10 minutes."""
+    import signal
+    import subprocess
+    import sys
+
+    from qwen_image_server.engine.worker_device import GpuFileLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from qwen_image_server.engine.worker_device import GpuFileLock; "
+         f"from pathlib import Path; lock = GpuFileLock('GPU-x', Path({str(tmp_path)!r})); assert lock.acquire(); "
+         "print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = GpuFileLock("GPU-x", tmp_path)
+        assert lock.acquire(timeout=0.5) is False, "held by the other process"
+        assert GpuFileLock("GPU-y", tmp_path).acquire(timeout=0), "another GPU's lock is another file"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        assert lock.acquire(timeout=5) is True
+        lock.release()
+        assert lock.acquire(block=False) is True
+    finally:
+        holder.kill()

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from ..errors import TaskCancelled
 from ..jobs import EncodedImage, PartialImage, Task, TaskResult
 from ..models.spec import ModelConfigError, ModelSpec
-from .worker_device import recover_device, release_cached
+from .worker import loading_turn
+from .worker_device import gpu_load_lock, recover_device, release_cached
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +74,24 @@ class ModelReplica:
 
         if threads:
             torch.set_num_threads(threads)
-        refusal = memory.refusal(spec.id, device) if memory is not None and device.startswith("cuda") else None
-        if refusal and memory is not None and memory.check == "on":
-            # before any weight is read: Serve retries a replica whose start failed, and a load that runs out of
-            # memory takes minutes each time for a full-size model
-            raise ModelConfigError(refusal)
-        if refusal:
-            log.warning("%s; loading anyway (--memory-check warn)", refusal)
         self.spec = spec
-        self.runner = PipelineRunner(spec, device=device, dtype=dtype)
-        # What loading converted away (bf16 weights now in FP8, the dropped head) goes back to the GPU, for replicas
-        # that share it (a fractional ray_gpus_per_replica), as the embedded engine's workers do.
-        release_cached(device)
         self.name = f"{spec.id}@{os.getpid()}"
+        # Replicas given shares of one GPU (a fractional ray_gpus_per_replica) load one after the other, as the
+        # embedded engine's workers on one GPU do: loading needs more than running (FP8 conversion), and each checks
+        # the memory its GPU has free once those before it have loaded.
+        with loading_turn(gpu_load_lock(device), device, self.name):
+            refusal = memory.refusal(spec.id, device) if memory is not None and device.startswith("cuda") else None
+            if refusal and memory is not None and memory.check == "on":
+                # before any weight is read: Serve retries a replica whose start failed, and a load that runs out of
+                # memory takes minutes each time for a full-size model
+                raise ModelConfigError(refusal)
+            if refusal:
+                log.warning("%s; loading anyway (--memory-check warn)", refusal)
+            self.runner = PipelineRunner(spec, device=device, dtype=dtype, warm=False)
+            # What loading converted away (bf16 weights now in FP8, the dropped head) goes back to the GPU before the
+            # next replica there loads.
+            release_cached(device)
+        self.runner.warm_up()
         # A cancelled call returns at once, but its pipeline thread only stops at the next
         # step: the next call waits here so that the pipeline never has two owners.
         self._pipeline_lock = threading.Lock()

@@ -5,7 +5,12 @@ torch is imported inside the functions (the API process imports this module thro
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import tempfile
+import time
+from pathlib import Path
 
 from ..errors import short_reason
 
@@ -67,3 +72,47 @@ def recover_device(device: str) -> str | None:
         log.error("the GPU %s failed in this worker (%s): the worker exits to be replaced", device, short_reason(exc))
         return short_reason(exc)
     return None
+
+
+class GpuFileLock:
+    """A GPU's load lock between processes that share nothing but the machine (Ray replicas given shares of one GPU):
+    an exclusive ``flock`` on a file named by the GPU's UUID in the temporary folder. The system releases it when its
+    holder's process ends, however it ends, so a replica killed while loading never leaves it held. Has what
+    ``worker.loading_turn`` takes of a lock (``acquire(timeout=)``, ``release()``)."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self, key: str, folder: Path | None = None):
+        self.path = (folder or Path(tempfile.gettempdir())) / f"qwen-image-server-load-{key}.lock"
+        self._fd: int | None = None
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    os.close(fd)
+                    return False
+                time.sleep(self.POLL_SECONDS)
+                continue
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def gpu_load_lock(device: str) -> GpuFileLock | None:
+    """The load lock of the CUDA ``device`` this process uses, shared with every process of this machine on the same
+    GPU (whatever index each sees it under); None for other devices."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return GpuFileLock(str(torch.cuda.get_device_properties(torch.device(device)).uuid))
