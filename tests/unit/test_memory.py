@@ -624,3 +624,34 @@ def test_a_call_stopped_midway_under_model_offload_puts_the_components_back(tiny
     assert reset == [True]
     (image,) = runner.run(GENERATE)  # and the next call runs
     assert image.size == (SIZE, SIZE) and reset == [True, True]  # diffusers' own, at the end of a finished call
+
+
+def test_previews_under_model_offload_leave_the_transformer_where_it_is(tiny_t2i, monkeypatch):
+    """A preview decodes with the VAE in the middle of denoising: under ``--offload model`` the VAE's offload hook sent
+    the transformer back to the CPU first (accelerate's ``CpuOffload.pre_forward`` offloads its previous module), and
+    the next step brought it back: about 41 GB each way per preview for full-size Qwen-Image. On the CPU nothing
+    moves, so what is checked is whether each decode's hook would offload the transformer."""
+    runner = _runner(tiny_t2i, offload="model")
+    vae = runner.pipe.vae
+    transformer_hook = vae._hf_hook.prev_module_hook
+    assert transformer_hook.model is runner.pipe.transformer
+    events: list[str] = []
+    decode = type(vae).decode
+
+    def recording(self, *args, **kwargs):
+        chained = self._hf_hook.prev_module_hook is transformer_hook
+        events.append("decode, transformer offloaded first" if chained else "decode beside the transformer")
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(vae), "decode", recording)
+    job = replace(GENERATE, num_inference_steps=4, partial_images=2)
+    (image,) = runner.run(job, on_partial=lambda index, partial, preview: events.append(f"preview {partial}"))
+    assert image.size == (SIZE, SIZE)
+    assert events == [
+        "decode beside the transformer",
+        "preview 0",
+        "decode beside the transformer",
+        "preview 1",
+        "decode, transformer offloaded first",  # the final image: denoising is over
+    ]
+    assert next(vae.parameters()).device.type == "cpu"

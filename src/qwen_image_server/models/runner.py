@@ -283,6 +283,24 @@ class PipelineRunner:
         return [finish(image) for image in result]
 
 
+def _decode_beside_the_transformer(vae, latents):
+    """The VAE's decode of a preview, in the middle of denoising. Under ``--offload model`` the VAE's offload hook
+    (accelerate's) first sends the component before it in the chain, the transformer, back to the CPU, and the next
+    step brings it back: about 41 GB each way per preview for full-size Qwen-Image. For a preview the transformer
+    stays; the VAE comes to the device for it and goes back to where it was."""
+    hook = getattr(vae, "_hf_hook", None)
+    previous = getattr(hook, "prev_module_hook", None)
+    if previous is None:
+        return vae.decode(latents, return_dict=False)[0]
+    where = next(vae.parameters()).device
+    hook.prev_module_hook = None
+    try:
+        return vae.decode(latents, return_dict=False)[0]
+    finally:
+        hook.prev_module_hook = previous
+        vae.to(where)
+
+
 def _inpaint_finish(job: Job, image: Image.Image, mask: Image.Image) -> Callable[[Image.Image], Image.Image]:
     """What makes a mask edit's rendering (its previews too) the image the client gets: at the input's size (or the
     job's), the input pasted back outside the mask."""
@@ -396,7 +414,7 @@ class _Previews:
         if self.job.preview_scale < 1:  # a smaller decode (the VAE's work grows with the pixels), enlarged after
             smaller = torch.nn.functional.interpolate(latents[:, :, 0], scale_factor=self.job.preview_scale, mode="area")
             latents = smaller.unsqueeze(2)
-        decoded = pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        decoded = _decode_beside_the_transformer(pipe.vae, latents)[:, :, 0]
         images = to_pil_images(pipe.image_processor.postprocess(decoded, output_type="pt"))
         partial_index = self.steps.index(step)
         for index, image in enumerate(images):
