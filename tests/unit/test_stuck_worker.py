@@ -67,7 +67,10 @@ def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeyp
     class Runner:  # what the replica uses of a PipelineRunner
         last_stats: dict = {}
 
-        def __init__(self, spec, device, dtype):
+        def __init__(self, spec, device, dtype, warm=True):
+            pass
+
+        def warm_up(self):
             pass
 
         def run(self, job, should_stop, on_partial):
