@@ -86,6 +86,8 @@ class OffloadEmulation:
             go._apply_group_offloading(module, config)  # the tracking version below
 
         real_group_offload = memory.group_offload
+        self.resident: list[torch.nn.Module] = []  # modules group offload keeps on the "device" (no group of theirs)
+        monkeypatch.setattr(memory, "keep_on_device", lambda module, device: (self.resident.append(module), module)[1])
         monkeypatch.setattr(go.ModuleGroup, "onload_", onload_)
         monkeypatch.setattr(go.ModuleGroup, "offload_", offload_)
         monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(lambda tensor, low_cpu_mem_usage: tensor.data.cpu()))

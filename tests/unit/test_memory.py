@@ -586,6 +586,10 @@ def test_group_offload_has_every_weight_on_the_device_when_it_is_used(tiny_t2i, 
         assert image.size == (SIZE, SIZE)
         assert emulation.used_offloaded == [], f"call {index}: {sorted(set(emulation.used_offloaded))}"
     assert runner.last_stats["prompt_encodings"] >= 1
+    # The token embeddings stay on the device, in no group: as a group of their own they were moved without pinned
+    # memory or the side stream, twice per prompt encoding (by their own hook, then by the language model's prefetch)
+    embeddings = runner.pipe.text_encoder.model.language_model.embed_tokens
+    assert emulation.resident == [embeddings] and id(embeddings.weight) not in emulation.owner
 
 
 def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny_t2i, tiny_lora, monkeypatch):

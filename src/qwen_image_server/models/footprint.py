@@ -182,13 +182,19 @@ def _leaves(tensors: dict[str, int]) -> int:
     return max(leaves.values(), default=0)
 
 
+#: Blocks of a group-offloaded component on the device at once: the one that runs, and the next, which the side
+#: stream copies meanwhile (diffusers' group offload with ``use_stream``, as ``memory.group_offload`` runs it on CUDA).
+#: Everything outside the blocks is there for the component's whole forward (its "unmatched" groups).
+GROUPS_ON_DEVICE = 2
+
+
 def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -> dict[str, int]:
     """Bytes of each component kept on the device under ``profile``'s FP8 and offload settings.
 
-    none: everything. group: the transformer's largest block plus everything outside its blocks,
-    the text encoder's largest group (a layer, or all of its non-layer tensors: the token embeddings,
-    which stay on the device from one prompt's encoding to the next, with the rest), the rest whole.
-    text-encoder: the text encoder as under group, the rest whole. model: only the largest component.
+    none: everything. group: of the transformer and of the text encoder, ``GROUPS_ON_DEVICE`` of its largest
+    blocks (the one that runs and the next, prefetched) plus everything outside its blocks (the text encoder's token
+    embeddings stay on the device: ``memory.TEXT_ENCODER_RESIDENT``), the rest whole. text-encoder: the text
+    encoder as under group, the rest whole. model: only the largest component.
     sequential: the largest leaf module. Sized from parameter counts only, group and sequential count
     as model, and text-encoder as the text encoder off the device.
     """
@@ -212,8 +218,7 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     for component in ("transformer", "text_encoder") if mode == "group" else ("text_encoder",):
         if component in sized:
             blocks, rest = _groups(sized[component])
-            largest_block = max(blocks.values(), default=0)
-            out[component] = largest_block + rest if component == "transformer" else max(largest_block, rest)
+            out[component] = GROUPS_ON_DEVICE * max(blocks.values(), default=0) + rest
     return out
 
 

@@ -50,10 +50,16 @@ FP8_COMPONENTS = ("transformer", "text_encoder")
 #: Layers of the (transformers) text encoder kept in the run dtype, on top of diffusers' default patterns
 #: (``norm``, ``patch_embed``...): the token embeddings, and the LM head that may share their weight.
 TEXT_ENCODER_SKIP_PATTERNS = ("embed_tokens", "lm_head")
+#: Submodules of the text encoder that group offload leaves on the device (``group_offload``): the token embeddings.
+#: Qwen2.5-VL embeds the prompt before it calls its language model, so in the language model's group (moved on that
+#: call) they would still be on the CPU when used; as a group of their own they were moved without pinned memory or
+#: the side stream, before every encoding and once more by the language model's prefetch (1.1 GB each way for
+#: Qwen2.5-VL-7B, twice per prompt), and stayed on the device between encodings anyway.
+TEXT_ENCODER_RESIDENT = ("embed_tokens",)
 #: Submodules of Qwen2.5-VL that group offload descends into to find its per-layer ``ModuleList`` blocks; and the
-#: token embeddings, a group of their own: Qwen2.5-VL embeds the prompt before it calls its language model, so in
-#: the language model's group (moved on that call) they would still be on the CPU when used.
-TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model", "embed_tokens"]
+#: token embeddings, a group of their own should diffusers apply the offload again (it does so after loading a LoRA,
+#: with these settings): then they are moved with each prompt as above, but are on the device when used.
+TEXT_ENCODER_BLOCK_MODULES = ["model", "visual", "language_model", *TEXT_ENCODER_RESIDENT]
 
 
 @dataclass
@@ -272,6 +278,8 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
 
     On CUDA the next block is copied on a side stream from pinned memory while the current
     one computes (``use_stream``, ``record_stream``); on the CPU onload = offload = CPU.
+    A text encoder's token embeddings (``TEXT_ENCODER_RESIDENT``) are kept out of the groups
+    and stay on ``device``.
     """
     from diffusers.hooks import apply_group_offloading
     from diffusers.models.modeling_utils import ModelMixin
@@ -291,8 +299,24 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
     )
     if isinstance(module, ModelMixin):
         module.enable_group_offload(**options)
-    else:
+        return
+    resident = [(name, sub) for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] in TEXT_ENCODER_RESIDENT]
+    placeholders = []
+    for name, sub in resident:  # out of the module while the groups are made: in no group
+        parent, _, attribute = name.rpartition(".")
+        placeholder = torch.nn.Module()
+        setattr(module.get_submodule(parent), attribute, placeholder)
+        placeholders.append((parent, attribute, sub))
+    try:
         apply_group_offloading(module, block_modules=TEXT_ENCODER_BLOCK_MODULES, **options)
+    finally:
+        for parent, attribute, sub in placeholders:
+            setattr(module.get_submodule(parent), attribute, keep_on_device(sub, device))
+
+
+def keep_on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``module`` moved to ``device`` for good (the text encoder's token embeddings under group offload)."""
+    return module.to(device)
 
 
 def prepare_variant(variant, mode: MemoryMode) -> None:

@@ -290,7 +290,7 @@ def _decode_beside_the_transformer(vae, latents):
     stays; the VAE comes to the device for it and goes back to where it was."""
     hook = getattr(vae, "_hf_hook", None)
     previous = getattr(hook, "prev_module_hook", None)
-    if previous is None:
+    if hook is None or previous is None:
         return vae.decode(latents, return_dict=False)[0]
     where = next(vae.parameters()).device
     hook.prev_module_hook = None
