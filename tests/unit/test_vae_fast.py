@@ -110,6 +110,18 @@ def test_preparing_twice_changes_nothing(vaes):
     assert routed.decoder.conv_in.forward == first
 
 
+def test_the_routes_refuse_to_go_in_over_a_hook(vaes):
+    """The fast routes read a layer's weight themselves: installed over FP8 storage's casting hook they computed with
+    float8 weights (``Input type (float) and bias type (Float8_e4m3fn)``), over an offload's hook with weights left on
+    the CPU. The server prepares the VAE before any hook exists; a later change that did otherwise must fail loudly."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    hooked = copy.deepcopy(vaes[0])
+    apply_layerwise_casting(hooked, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="fast routes go in before any hook on its layers"):
+        prepare_vae(hooked)
+
+
 def test_another_vae_family_is_left_alone():
     from diffusers import AutoencoderKL
 

@@ -81,9 +81,14 @@ def _cpu_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _install(module: torch.nn.Module, forward) -> None:
-    if not getattr(module, MARK, False):
-        module.forward = types.MethodType(forward, module)
-        setattr(module, MARK, True)
+    if getattr(module, MARK, False):
+        return
+    if hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook"):
+        # The fast routes read the layer's weight and bias themselves: installed over a hook (FP8 storage's cast,
+        # an offload's move) they would bypass it and compute with FP8 or CPU weights
+        raise RuntimeError(f"{type(module).__name__}: the VAE's fast routes go in before any hook on its layers")
+    module.forward = types.MethodType(forward, module)
+    setattr(module, MARK, True)
 
 
 def prepare_vae(vae: torch.nn.Module) -> dict[str, int]:
