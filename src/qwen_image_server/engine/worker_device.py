@@ -87,7 +87,11 @@ class GpuFileLock:
         self._fd: int | None = None
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # a temporary folder this process may not write: no turns, rather than no start
+            log.warning("the GPU's load lock %s cannot be opened (%s); loading without waiting for a turn", self.path, exc)
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
