@@ -209,7 +209,6 @@ class Settings(PerModelLimits, BaseSettings):
     ray_gpus_per_replica: float | None = Field(
         default=None,
         ge=0,
-        le=1,
         description="GPUs per model replica: 1, a fraction (replicas share a GPU) or 0 (the CPU). Default: from --device "
         "(cpu: 0, cuda: 1; auto: 1 when the Ray cluster has GPUs, or this machine before Ray starts).",
     )
@@ -386,21 +385,7 @@ class Settings(PerModelLimits, BaseSettings):
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
-        if self.engine == "ray":
-            self._check_ray_device()
         return self
-
-    def _check_ray_device(self) -> None:
-        """Under Ray, Ray places the replicas: ``device`` says only whether they get a GPU (``engine/ray_serve.py``
-        ``replica_gpus``), and must not contradict ``ray_gpus_per_replica``."""
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(
-                f"device {self.device}: under the Ray engine, Ray places the model replicas on its GPUs; device takes "
-                "auto, cuda (a GPU per replica) or cpu (none), and ray_gpus_per_replica a share of one"
-            )
-        gpus = self.ray_gpus_per_replica
-        if gpus is not None and ((self.device == "cpu" and gpus > 0) or (self.device == "cuda" and gpus == 0)):
-            raise ValueError(f"device {self.device} and ray_gpus_per_replica {gpus:g} contradict each other")
 
     def model_entries(self) -> list[tuple[str | None, str]]:
         """All models to serve as ``(id or None, path or hub id)``, in order, without repeats: a source given twice

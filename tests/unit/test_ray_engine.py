@@ -342,6 +342,9 @@ def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch,
         ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(70 * gib, "...", check="warn"))
     assert loads == ["m"] and "loading anyway (--memory-check warn)" in caplog.text
     ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "..."))
+    # a quarter of the GPU each: Ray may place four such replicas there, whatever is free when this one loads
+    with pytest.raises(ModelConfigError, match=r"it needs 30.0 GiB \(...\), ray_gpus_per_replica 0.25 gives each "):
+        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "...", share=0.25))
     ray_serve.ModelReplica(spec, "cpu", "auto", None, 0.0, MemoryNeed(70 * gib, "..."))  # no GPU: nothing to check
     assert loads == ["m", "m", "m"]
 
@@ -427,4 +430,6 @@ def test_a_gpus_load_lock_is_free_again_when_its_holder_dies(tmp_path):
     finally:
         holder.kill()
     # a folder this process may not write: no turn (loading_turn then loads with a warning), but no failure either
-    assert GpuFileLock("GPU-z", tmp_path / "missing").acquire(timeout=0) is False
+    unusable = GpuFileLock("GPU-z", tmp_path / "missing")
+    assert unusable.acquire(timeout=0) is False and unusable.unavailable
+    assert not lock.unavailable

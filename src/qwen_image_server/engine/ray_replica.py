@@ -38,21 +38,28 @@ class MemoryNeed:
     need: int
     detail: str  # what the figure is made of (``plan_advice.needs``)
     check: str = "on"  # on: refuse to load; warn: log and load anyway
+    share: float = 1.0  # the replica's share of its GPU (ray_gpus_per_replica)
 
     def refusal(self, model: str, device: str) -> str | None:
-        """Why ``model`` cannot load on ``device`` (its GPU has less free than the need), or None when it fits."""
+        """Why ``model`` cannot load on ``device``, or None when it fits: its GPU has less free than the need, or
+        the replica's share of the GPU is less than the need (Ray may place ``1 / share`` replicas on one GPU, and
+        those loaded first have not yet used their working memory)."""
         import torch
 
         from ..models.footprint import human
 
         free, total = torch.cuda.mem_get_info(torch.device(device))
-        if self.need <= free:
+        if self.need <= free and self.need <= self.share * total:
             return None
+        if self.need > self.share * total:
+            room = f"ray_gpus_per_replica {self.share:g} gives each replica {human(self.share * total)} of {human(total)}"
+        else:
+            room = f"{human(free)} is free of {human(total)}"
         return (
             f"not enough GPU memory for model {model} on this replica's GPU ({torch.cuda.get_device_name(device)}): "
-            f"it needs {human(self.need)} ({self.detail}), {human(free)} is free of {human(total)}. A smaller memory "
-            "mode would fit (qwen-image-server plan prints what each needs: --weights-dtype fp8, --quantize fp8, "
-            "--offload group), or a smaller QIS_MAX_IMAGE_SIDE, or a GPU with more memory free"
+            f"it needs {human(self.need)} ({self.detail}), {room}. A smaller memory mode would fit (qwen-image-server "
+            "plan prints what each needs: --weights-dtype fp8, --quantize fp8, --offload group), or a smaller "
+            "QIS_MAX_IMAGE_SIDE, or a larger share of a GPU with more memory free"
         )
 
 

@@ -265,12 +265,31 @@ def drain_ingress(app_name: str, on: bool = True) -> int:
 
 
 def replica_gpus(settings: Settings, cluster_gpus: Callable[[], tuple[float, str]] | None = None) -> float:
-    """GPUs per model replica: ``ray_gpus_per_replica`` when set; else ``--device cpu`` 0 and ``cuda`` 1; under
-    ``auto``, 1 when there is a GPU to run on: in the Ray cluster, or on this machine when Ray has not started yet
-    (``serve run`` builds the application before it starts or joins Ray). ``Settings`` refuses a device list and
-    contradicting settings. ``cluster_gpus`` (for tests) answers ``(GPUs, where they were counted)``."""
+    """GPUs per model replica: ``ray_gpus_per_replica`` when set (a share of one GPU at most: a replica uses one);
+    else ``--device cpu`` 0 and ``cuda`` 1; under ``auto``, 1 when there is a GPU to run on: in the Ray cluster, or
+    on this machine when Ray has not started yet (``serve run`` builds the application before it starts or joins
+    Ray). Ray places the replicas, so a device list of the embedded engine (``cuda:1``, ``cuda:0,cuda:1``) counts as
+    ``cuda`` (or ``cpu``), with a warning; one that mixes both is refused. ``cluster_gpus`` (for tests) answers
+    ``(GPUs, where they were counted)``."""
+    from ..models.spec import ModelConfigError
+
     device, gpus = settings.device, settings.ray_gpus_per_replica
+    if device not in ("auto", "cpu", "cuda"):
+        kinds = {entry.split(":")[0] for entry in device.split(",")}
+        if len(kinds) > 1:
+            raise ModelConfigError(
+                f"--device {device}: under --engine ray the replicas of every model are all on GPUs or all on CPUs, "
+                "and Ray places them; give --device cuda or cpu"
+            )
+        log.warning("--device %s: under --engine ray, Ray places the model replicas; taken as %s", device, kinds.pop())
+        device = "cuda" if device.startswith("cuda") else "cpu"
     if gpus is not None:
+        if gpus > 1:
+            raise ModelConfigError(
+                f"ray_gpus_per_replica {gpus:g}: a replica runs its pipeline on one GPU; give 1, or a share of one"
+            )
+        if (device == "cpu" and gpus > 0) or (device == "cuda" and gpus == 0):
+            log.warning("ray_gpus_per_replica %g and --device %s disagree: the replicas get %g GPU", gpus, device, gpus)
         return gpus
     if device != "auto":
         return 1 if device == "cuda" else 0
@@ -297,7 +316,7 @@ def _cluster_gpus() -> tuple[float, str]:
     return len(discover_gpus() or []), "this machine (Ray is not started yet)"
 
 
-def memory_needs(specs: list[ModelSpec], settings: Settings) -> dict[str, MemoryNeed]:
+def memory_needs(specs: list[ModelSpec], settings: Settings, share: float = 1.0) -> dict[str, MemoryNeed]:
     """What one GPU replica of each model needs (the memory plan's estimate, from the model's files; a model whose
     files cannot be read here gets no check). Ray places replicas by GPU count, not memory: each replica checks its
     GPU's free memory against this before it loads (``ModelReplica``), as the embedded engine's plan does before
@@ -314,7 +333,7 @@ def memory_needs(specs: list[ModelSpec], settings: Settings) -> dict[str, Memory
             log.warning("memory estimate of %s unknown (its replicas load without a check): %s", spec.id, exc)
             continue
         fp = footprints_for([spec], {spec.id: tensors}, settings, on_gpu=True)[spec.id]
-        out[spec.id] = MemoryNeed(fp.total + fp.load_extra, described(fp), settings.memory_check)
+        out[spec.id] = MemoryNeed(fp.total + fp.load_extra, described(fp), settings.memory_check, share)
     return out
 
 
@@ -325,7 +344,7 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
     gpus = replica_gpus(settings)
     device = "cuda" if gpus else "cpu"
     check_memory_modes(specs, device)  # on the replicas' device, not on the machine that builds the application
-    needs = memory_needs(specs, settings) if gpus and settings.memory_check != "off" else {}
+    needs = memory_needs(specs, settings, gpus) if gpus and settings.memory_check != "off" else {}
     bound = []
     for index, spec in enumerate(specs):
         low, high = settings.replicas_for(spec.id)

@@ -140,7 +140,7 @@ def loading_turn(lock: LoadLock | None, device: str, name: str) -> Iterator[None
     started = time.monotonic()
     held = lock.acquire(timeout=LOAD_WAIT_SECONDS)
     waited = time.monotonic() - started
-    if not held:
+    if not held and not getattr(lock, "unavailable", False):  # (a lock that cannot be used has said so)
         log.warning("%s: another worker on %s has been loading for %.0fs; loading now all the same", name, device, waited)
     elif waited >= 1:
         log.info("%s: waited %.1fs for another worker on %s to finish loading", name, waited, device)

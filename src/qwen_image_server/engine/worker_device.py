@@ -85,13 +85,13 @@ class GpuFileLock:
     def __init__(self, key: str, folder: Path | None = None):
         self.path = (folder or Path(tempfile.gettempdir())) / f"qwen-image-server-load-{key}.lock"
         self._fd: int | None = None
+        self.unavailable = False  # the file cannot be opened or locked here: no turns (``loading_turn`` says so)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:  # a temporary folder this process may not write: no turns, rather than no start
-            log.warning("the GPU's load lock %s cannot be opened (%s); loading without waiting for a turn", self.path, exc)
-            return False
+            return self._unavailable(exc)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -102,8 +102,16 @@ class GpuFileLock:
                     return False
                 time.sleep(self.POLL_SECONDS)
                 continue
+            except OSError as exc:  # a file system without flock
+                os.close(fd)
+                return self._unavailable(exc)
             self._fd = fd
             return True
+
+    def _unavailable(self, exc: OSError) -> bool:
+        self.unavailable = True
+        log.warning("the GPU's load lock %s cannot be used (%s); loading without waiting for a turn", self.path, exc)
+        return False
 
     def release(self) -> None:
         if self._fd is not None:

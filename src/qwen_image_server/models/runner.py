@@ -298,7 +298,8 @@ def _decode_beside_the_transformer(vae, latents):
         return vae.decode(latents, return_dict=False)[0]
     finally:
         hook.prev_module_hook = previous
-        vae.to(where)
+        with contextlib.suppress(Exception):  # after a decode that failed (a broken GPU), its error is the one to see
+            vae.to(where)
 
 
 def _inpaint_finish(job: Job, image: Image.Image, mask: Image.Image) -> Callable[[Image.Image], Image.Image]:
