@@ -304,7 +304,8 @@ def step_cache_bytes(
     image of the batch: ``taylorseer`` keeps ``order + 1`` Taylor factors of every block's attention output (its image
     and text tokens at full width), in the run dtype; its ``lite`` form those of the output projection only;
     ``fbcache`` the first block's output (image and text) and residual (image), and the other blocks' residuals (image
-    and text). The runner frees it at the last step's end, before the VAE decodes.
+    and text). The runner frees it at the last step's end, before the final decode; a streamed request's previews
+    decode while it is kept.
     """
     policy = parse_policy(cache)
     if policy is None:
@@ -334,8 +335,10 @@ def footprint(
     max_batch_size: int = 1,
     profile: RunProfile | None = None,
     overhead: int = PROCESS_OVERHEAD,
+    preview_scale: float = 1.0,
 ) -> Footprint:
-    """The memory one worker of ``spec`` needs at the largest allowed image, under ``profile`` (default: its own)."""
+    """The memory one worker of ``spec`` needs at the largest allowed image, under ``profile`` (default: its own);
+    ``preview_scale``: the side of a streamed request's previews as a share of the image's (``QIS_PREVIEW_SCALE``)."""
     profile = profile or spec.profile
     inputs = 0 if not spec.can_edit else (max_input_images if spec.multi_image else 1)
     edit_area = int(spec.options.get("edit_area") or DIFFUSERS_EDIT_AREA)
@@ -357,9 +360,18 @@ def footprint(
     kept = step_cache_bytes(
         profile.cache, output_tokens + input_tokens, transformer_text, model.layers, model.inner_dim, run_bytes, max_batch_size
     )
-    if kept:  # alive while denoising, freed before the decode
+    if kept:  # alive while denoising and a streamed request's previews decode, freed before the final decode
         denoising = denoising_bytes(output_tokens, input_tokens, model.inner_dim, run_bytes, max_batch_size, cfg_batch)
-        activations = max(activations, denoising + kept)
+        preview = activation_bytes(
+            int(output_tokens * preview_scale**2),
+            input_tokens,
+            model.inner_dim,
+            run_bytes,
+            max_batch_size,
+            cfg_batch=cfg_batch,
+            vae_tiling=profile.vae_tiling == "on",
+        )
+        activations = max(activations, max(denoising, preview) + kept)
     steady = Footprint(
         model=spec.id,
         components=resident_weights(model, profile, run_bytes),

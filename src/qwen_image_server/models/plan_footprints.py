@@ -36,6 +36,7 @@ def footprints_for(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bo
                 max_batch_size=settings.max_batch_size,
                 profile=profile if on_gpu else replace(profile, offload="none"),
                 overhead=PROCESS_OVERHEAD if on_gpu else CPU_PROCESS_OVERHEAD,
+                preview_scale=settings.preview_scale,
             )
     return out
 
