@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import importlib.metadata
 import io
@@ -112,9 +113,9 @@ SMOKE_SETTINGS = (
 
 
 class Stopped(BaseException):
-    """SIGTERM (``scripts/gpu-check.sh``'s time budget ran out): the running setting is recorded with what it measured
-    so far (``status: "stopped"``), its server stopped, and nothing more is run. A ``BaseException``, so that the
-    handlers of a request's failure do not take it for one."""
+    """SIGTERM (``scripts/gpu-check.sh``'s time budget ran out) while a server starts or answers: the running setting
+    is recorded with what it measured so far (``status: "stopped"``), its server stopped, and nothing more is run. A
+    ``BaseException``, so that the handlers of a request's failure do not take it for one."""
 
 
 #: Seconds a stopped setting's server gets to exit before it is killed: ``timeout --kill-after=15`` kills this script
@@ -122,8 +123,29 @@ class Stopped(BaseException):
 STOP_SECONDS = 8.0
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    raise Stopped()
+class StopSignal:
+    """SIGTERM's handler: it raises ``Stopped`` only inside ``waiting()`` (a server starting, a request answered:
+    seconds to minutes), and elsewhere (writing a record, stopping a server, handling an error) only notes it, so
+    that a record is never half made or lost and a server is always stopped; ``asked`` is checked after each."""
+
+    def __init__(self):
+        self.asked = False
+        self._waiting = False
+
+    def __call__(self, signum, frame) -> None:
+        self.asked = True
+        if self._waiting:
+            raise Stopped()
+
+    @contextlib.contextmanager
+    def waiting(self):
+        if self.asked:
+            raise Stopped()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
 
 class Server(ServeProcess):
@@ -157,6 +179,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, log_dir: Path):
         self.args = args
+        self.stop = StopSignal()  # SIGTERM's handler (``main`` installs it)
         self.log_dir = log_dir
         if args.smoke:
             self.t2i = f"random:Qwen/Qwen-Image?{SMALL_OVERRIDES}&default_size={args.size}"
@@ -204,11 +227,13 @@ class Bench:
             server = Server(server_args, env, self.log_dir / f"{setting.name}.log")
             with memory:
                 launched = time.perf_counter()
-                server.wait_ready(self.args.start_timeout)
+                with self.stop.waiting():
+                    server.wait_ready(self.args.start_timeout)
                 record["startup_seconds"] = round(time.perf_counter() - launched, 3)
                 memory.phase("serving")
-                record["profile"] = server.client.get("/v1/models").json()["data"][0].get("profile")
-                self.measure(server, setting, record)
+                with self.stop.waiting():
+                    record["profile"] = server.client.get("/v1/models").json()["data"][0].get("profile")
+                    self.measure(server, setting, record)
         except Stopped:
             record.update(status="stopped", error="stopped by SIGTERM (the time budget ran out); figures so far kept")
             stop_seconds = STOP_SECONDS
@@ -221,7 +246,7 @@ class Bench:
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             if server is not None:
-                server.stop(stop_seconds)
+                server.stop(STOP_SECONDS if self.stop.asked else stop_seconds)
         record["peak_gpu_memory_gib"] = _gib(memory.peak_mib)
         # Loading (FP8 conversion, compiling) may use more than serving: each phase's peak, the device's memory in use
         record["peak_gpu_memory_loading_gib"] = _gib(memory.peaks.get("loading"))
@@ -406,15 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     bench = Bench(args, log_dir)
     records = []
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    stopped = False
+    signal.signal(signal.SIGTERM, bench.stop)
     for setting in chosen:
-        print(f"{setting.name}: serve {' '.join(setting.args) or '(defaults)'} ...", flush=True)
-        try:
-            record = bench.run(setting)
-        except Stopped:  # between settings, or a second SIGTERM while the first one's server stopped
-            stopped = True
+        if bench.stop.asked:
             break
+        print(f"{setting.name}: serve {' '.join(setting.args) or '(defaults)'} ...", flush=True)
+        record = bench.run(setting)
         records.append(record)
         with out.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -423,12 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
             flush=True,
         )
-        if record["status"] == "stopped":
-            stopped = True
-            break
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
-    return 128 + signal.SIGTERM if stopped else 0
+    return 128 + signal.SIGTERM if bench.stop.asked else 0
 
 
 if __name__ == "__main__":

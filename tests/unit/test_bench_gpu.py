@@ -203,7 +203,7 @@ def test_a_setting_stopped_by_sigterm_keeps_what_it_measured(gpu_bench, tmp_path
     def request(server, setting, size, prompt, seed):
         sent.append(prompt)
         if len(sent) == 3:  # SIGTERM during the second warm request
-            gpu_bench._stop_on_sigterm(15, None)
+            bench.stop(15, None)
         return 1.5 if len(sent) == 1 else 1.0, {"stats": {"pipeline_seconds": 0.9}}
 
     monkeypatch.setattr(gpu_bench, "Server", Server)
@@ -215,6 +215,53 @@ def test_a_setting_stopped_by_sigterm_keeps_what_it_measured(gpu_bench, tmp_path
     assert record["startup_seconds"] >= 0 and record["profile"] == {"compile": True}
     assert (record["first_request_seconds"], record["e2e_seconds"]) == (1.5, [1.0])
     assert stops == [gpu_bench.STOP_SECONDS] and gpu_bench.STOP_SECONDS < 15
+
+
+def test_sigterm_outside_a_wait_is_noted_and_never_costs_a_record_or_a_server(gpu_bench, tmp_path, monkeypatch):
+    """SIGTERM raised at once wherever it came: one that came while a finished setting's server stopped lost that
+    setting's record and left the server running; one during a server's start-up, before it could be stopped, the
+    same. Outside a wait it is noted, and checked after."""
+    stops: list[float] = []
+
+    class Server:
+        def __init__(self, args, env, log_path):
+            bench.stop(15, None)  # while the server process starts: not a wait
+            self.client = self
+
+        def wait_ready(self, timeout):
+            raise AssertionError("a server whose start was stopped is not waited for")
+
+        def stop(self, timeout=60):
+            stops.append(timeout)
+
+    monkeypatch.setattr(gpu_bench, "Server", Server)
+    args = argparse.Namespace(smoke=True, size="256x256", runs=1, start_timeout=1800, gpu_name="none")
+    bench = gpu_bench.Bench(args, tmp_path)
+    record = bench.run(gpu_bench.Setting("eager"))
+    assert record["status"] == "stopped" and stops == [gpu_bench.STOP_SECONDS]
+
+    class Finished(Server):
+        def __init__(self, args, env, log_path):
+            self.client = self
+
+        def wait_ready(self, timeout):
+            pass
+
+        def get(self, path):
+            return self
+
+        def json(self):
+            return {"data": [{}]}
+
+        def stop(self, timeout=60):
+            bench.stop(15, None)  # while a finished setting's server stops
+            stops.append(timeout)
+
+    monkeypatch.setattr(gpu_bench, "Server", Finished)
+    bench = gpu_bench.Bench(args, tmp_path)
+    monkeypatch.setattr(bench, "request", lambda *a, **k: (1.0, {"stats": {}}))
+    record = bench.run(gpu_bench.Setting("eager"))
+    assert record["status"] == "ok" and record["e2e_seconds"] == [1.0] and bench.stop.asked
 
 
 def test_sigterm_ends_the_run_with_the_running_settings_record_and_its_server_stopped(tmp_path):
