@@ -76,6 +76,9 @@ PROMPT = "a lighthouse on a cliff at sunset, oil painting, highly detailed"
 GIB = 1024**3
 #: Seconds a pair's process gets to end after SIGTERM before SIGKILL, and to be reaped after that.
 END_GRACE_S = 2.0
+#: Seconds a pair's process killed for running too long gets to be reaped (and its GPU memory freed) before the next
+#: pair starts: the next one measures its CUDA context as the memory in use that torch did not allocate.
+REAP_AFTER_TIMEOUT_S = 60.0
 #: Exit status of a run stopped by SIGTERM (128 + the signal, as a shell reports it).
 STOPPED_EXIT = 128 + signal.SIGTERM
 
@@ -212,6 +215,9 @@ def run_child(cmd: list[str], timeout: float, stopped: Callable[[], bool]) -> di
             cut = "timeout"
         if cut:
             end_process(child)
+            if cut == "timeout":  # the next pair starts next: the GPU's memory back first (its context is measured)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=REAP_AFTER_TIMEOUT_S)
             break
         time.sleep(0.1)
     reader.join(timeout=1 if cut or stopped() else 30)  # a grandchild may hold the pipe open after the pair ended
