@@ -250,3 +250,27 @@ def test_off_installs_nothing(tiny_t2i):
         not hasattr(runner.pipe.transformer, "_diffusers_hook")
         or runner.pipe.transformer._diffusers_hook.get_hook(cfg_batch.HOOK_NAME) is None
     )
+
+
+def test_under_sequential_offload_padded_texts_are_masked_not_split(tiny_t2i):
+    """Sequential offload moves each layer's weights to the GPU on every call of it: the split attention calls the
+    attention projections once per half (twice the transfers for them), the masked path once. (Sequential offload
+    itself needs CUDA: here the speed settings are applied to a resident tiny pipeline with that profile.)"""
+    from qwen_image_server.models.cfg_attention import split_installed
+    from qwen_image_server.models.speed import apply_speed_settings
+
+    runner = _runner(tiny_t2i, mode="off")
+    pipe = runner.pipe
+    speed = apply_speed_settings(pipe, RunProfile(cfg_batch="on", offload="sequential"), "cpu", runner.dtype, "m")
+    assert speed.info["cfg_batch"]["padded_text"] == "masked" and not split_installed(pipe.transformer)
+    with _Count(runner) as count, speed.call(pipe):
+        pipe(
+            prompt="a red cube on a wooden table",
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+            num_inference_steps=2,
+            width=64,
+            height=64,
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert count.batches == [2, 2], "texts of two lengths, batched with a mask"

@@ -229,11 +229,17 @@ class CfgBatching:
     """The cfg batching of one loaded transformer: the hook and the per-pipeline-call context."""
 
     def __init__(
-        self, transformer, mode: str, device: str, takes_mask: bool, free_bytes: Callable[[str], int] = free_memory_bytes
+        self,
+        transformer,
+        mode: str,
+        device: str,
+        takes_mask: bool,
+        free_bytes: Callable[[str], int] = free_memory_bytes,
+        split: bool = True,
     ):
         self.mode = mode
         self.transformer = transformer
-        split = install_split_attention(transformer)
+        split = split and install_split_attention(transformer)
         self.hook = BatchedCfgHook(mode, device, takes_mask, free_bytes)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(self.hook, HOOK_NAME)
         if not split and not takes_mask:
@@ -268,8 +274,11 @@ class CfgBatching:
                 pipe.encode_prompt = own
 
 
-def apply_cfg_batch(transformer, mode: str, device: str, takes_mask: bool) -> CfgBatching | None:
-    """Install batched CFG on ``transformer`` for ``mode`` ``on``/``auto``; None for ``off``."""
+def apply_cfg_batch(transformer, mode: str, device: str, takes_mask: bool, split: bool = True) -> CfgBatching | None:
+    """Install batched CFG on ``transformer`` for ``mode`` ``on``/``auto``; None for ``off``. ``split``: give padded
+    texts the split attention (``cfg_attention.py``), else a mask. Under ``--offload sequential`` the split would run
+    each attention projection twice per block, and accelerate moves a layer's weights to the GPU on every call: the
+    masked attention moves them once (its slower kernels matter little beside the transfers)."""
     if mode == "off":
         return None
-    return CfgBatching(transformer, mode, device, takes_mask)
+    return CfgBatching(transformer, mode, device, takes_mask, split=split)

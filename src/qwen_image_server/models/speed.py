@@ -48,7 +48,7 @@ def apply_speed_settings(pipe, profile: RunProfile, device: str, dtype: torch.dt
     info: dict = {"attention": attention.summary()}
     if profile.quantize == "fp8":
         info["quantize"] = fp8.apply_fp8(transformer, device, dtype)
-    cfg = apply_cfg_batch(transformer, profile.cfg_batch, device, attention.takes_mask)
+    cfg = apply_cfg_batch(transformer, profile.cfg_batch, device, attention.takes_mask, split=profile.offload != "sequential")
     if cfg is not None:
         info["cfg_batch"] = cfg.summary()
     return SpeedSettings(info, cfg)
