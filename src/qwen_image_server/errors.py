@@ -150,9 +150,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def short_reason(exc: BaseException, *, request: bool = False) -> str:
     """One line for a client: the exception's type and first line, no traceback. Running out of memory is named
-    without torch's details, with advice when it was a ``request``'s run (not a model's load)."""
+    without torch's details, with advice when it was a ``request``'s run (not a model's load), and what the pipeline
+    added about that run (an exception's ``qis_advice``: the step cache's state)."""
     if is_out_of_memory(exc):
         host = isinstance(exc, MemoryError) or "cpuallocator" in str(exc).lower()
-        return (OUT_OF_HOST_MEMORY if host else OUT_OF_MEMORY) + (OUT_OF_MEMORY_ADVICE if request else "")
+        advice = OUT_OF_MEMORY_ADVICE + getattr(exc, "qis_advice", "") if request else ""
+        return (OUT_OF_HOST_MEMORY if host else OUT_OF_MEMORY) + advice
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

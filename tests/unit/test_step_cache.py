@@ -299,3 +299,30 @@ def test_the_caches_state_is_what_the_plan_counts_and_is_freed_before_the_decode
     )
     assert at_last_step == [counted] and counted > 0
     assert at_decode == [0], "the VAE decodes with the cache's state already freed"
+
+
+def test_a_run_out_of_memory_with_the_full_taylorseer_names_its_state_and_the_lighter_policies(runner):
+    """A request's own ``cache=taylorseer`` is not in the memory plan (its state: gigabytes at large sizes): when
+    such a run runs out of memory, the client's reason says what the state held and what keeps less."""
+    import torch
+
+    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, short_reason
+
+    def out_of_memory(module, args, kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; details)")
+
+    handle = runner.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        reasons = {}
+        for policy in ("taylorseer:interval=2,warmup=2,cooldown=0", "taylorseer:lite=true", "fbcache"):
+            with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+                runner.run(replace(JOB, cache=policy))
+            reasons[policy] = short_reason(caught.value, request=True)
+    finally:
+        handle.remove()
+    full = reasons["taylorseer:interval=2,warmup=2,cooldown=0"]
+    assert full.startswith(OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, keeps every block's")
+    assert full.endswith("here): cache=taylorseer:lite=true or cache=fbcache keeps far less") and "KiB" in full
+    assert reasons["taylorseer:lite=true"] == reasons["fbcache"] == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
+    (image,) = runner.run(JOB)  # and the runner goes on
+    assert image.size == (64, 64)

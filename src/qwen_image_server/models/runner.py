@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import TaskCancelled
+from ..errors import TaskCancelled, is_out_of_memory
 from ..jobs import Job
 from .compile import compile_and_warm, logged_compiles, warm_eager
 from .determinism import apply_determinism, job_rng
@@ -268,11 +268,13 @@ class PipelineRunner:
                 preview.attach(pipe)
             try:
                 result = to_pil_images(pipe(**kwargs).images)
-            except Exception:
+            except Exception as exc:
                 # A call that did not finish (stopped, out of memory) skipped diffusers' last step: under model
                 # offload its last component stayed on the GPU, and the next call would hold two there at once.
                 with contextlib.suppress(Exception):
                     pipe.maybe_free_model_hooks()
+                if is_out_of_memory(exc):
+                    exc.qis_advice = _step_cache_advice(pipe.transformer, policy, job)  # type: ignore[attr-defined]
                 raise
             finally:
                 if preview is not None:
@@ -281,6 +283,32 @@ class PipelineRunner:
         stats["prompt_cache_hits"] = self.prompt_cache.reused - reused
         self.last_stats = stats
         return [finish(image) for image in result]
+
+
+def _step_cache_advice(transformer, policy, job: Job) -> str:
+    """For a run that ran out of memory with the full ``taylorseer`` step cache: what its state held (about), and
+    the policies that keep far less; "" for any other policy."""
+    if policy is None or policy.name != "taylorseer" or policy["lite"]:
+        return ""
+    from .footprint import GENERATION_TEXT_TOKENS, human, step_cache_bytes
+
+    config = transformer.config
+    width, height = job.width or 1024, job.height or 1024
+    inputs = len(job.images or []) if job.mode == "edit" else 0  # an edit's input images join the sequence
+    image_tokens = (-(-width // 16)) * (-(-height // 16)) * (1 + inputs)
+    kept = step_cache_bytes(
+        policy.canonical(),
+        image_tokens,
+        GENERATION_TEXT_TOKENS,
+        config.num_layers,
+        config.num_attention_heads * config.attention_head_dim,
+        transformer.dtype.itemsize,
+        job.n,
+    )
+    return (
+        f"; its step cache, taylorseer, keeps every block's attention outputs between steps (about {human(kept)} "
+        "here): cache=taylorseer:lite=true or cache=fbcache keeps far less"
+    )
 
 
 def _decode_beside_the_transformer(vae, latents):
