@@ -177,24 +177,31 @@ def test_a_setting_whose_model_fails_to_load_is_recorded_at_once(gpu_bench, tmp_
     assert started[0]["QIS_WORKER_RESTART_LIMIT"] == "0"  # the first failure is final: no restarts to wait through
 
 
+class _Answering:
+    """bench/gpu.py's server, ready at once, whose /v1/models answers one model with a compiled profile."""
+
+    def __init__(self, args, env, log_path):
+        self.client = self
+
+    def wait_ready(self, timeout):
+        pass
+
+    def get(self, path):
+        return self
+
+    def json(self):
+        return {"data": [{"profile": {"compile": True}}]}
+
+    def stop(self, timeout=60):
+        pass
+
+
 def test_a_setting_stopped_by_sigterm_keeps_what_it_measured(gpu_bench, tmp_path, monkeypatch):
     """scripts/gpu-check.sh stops a stage whose time ran out with SIGTERM (and kills it 15 s later): the running
     setting's record was lost with everything it had measured (its start-up, its first request)."""
     stops: list[float] = []
 
-    class Server:
-        def __init__(self, args, env, log_path):
-            self.client = self
-
-        def wait_ready(self, timeout):
-            pass
-
-        def get(self, path):
-            return self
-
-        def json(self):
-            return {"data": [{"profile": {"compile": True}}]}
-
+    class Server(_Answering):
         def stop(self, timeout=60):
             stops.append(timeout)
 
@@ -240,19 +247,7 @@ def test_sigterm_outside_a_wait_is_noted_and_never_costs_a_record_or_a_server(gp
     record = bench.run(gpu_bench.Setting("eager"))
     assert record["status"] == "stopped" and stops == [gpu_bench.STOP_SECONDS]
 
-    class Finished(Server):
-        def __init__(self, args, env, log_path):
-            self.client = self
-
-        def wait_ready(self, timeout):
-            pass
-
-        def get(self, path):
-            return self
-
-        def json(self):
-            return {"data": [{}]}
-
+    class Finished(_Answering):
         def stop(self, timeout=60):
             bench.stop(15, None)  # while a finished setting's server stops
             stops.append(timeout)

@@ -256,6 +256,15 @@ def _patches(side: int) -> int:
     return (-(-side // 16)) ** 2
 
 
+#: The transformer's share of the working memory per token, in bf16 at Qwen-Image's width (``VECTORS_PER_INPUT_TOKEN``).
+TOKEN_SHARE = VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
+
+
+def _width_scale(inner_dim: int, run_bytes: int) -> float:
+    """The measured figures (Qwen-Image's width, bf16) scaled to a transformer's width and run dtype."""
+    return inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
+
+
 def activation_bytes(
     output_tokens: int,
     input_tokens: int,
@@ -268,8 +277,8 @@ def activation_bytes(
     """Working memory of denoising and decoding: the measured line in output tokens plus the transformer's
     share for input-image tokens, scaled by the transformer's width and the run dtype, times the batch
     (``cfg_batch`` runs the transformer on two at once; ``vae_tiling`` decodes in tiles, when that needs less)."""
-    scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
-    per_token = VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2  # the transformer's share of one token
+    scale = _width_scale(inner_dim, run_bytes)
+    per_token = TOKEN_SHARE
     outputs = output_tokens * ACT_PER_OUTPUT_TOKEN
     if vae_tiling:
         outputs = min(outputs, TILED_DECODE_BASE + output_tokens * (per_token + TILED_DECODE_PER_OUTPUT_TOKEN))
@@ -283,9 +292,8 @@ def denoising_bytes(
 ) -> int:
     """Working memory while denoising only (the VAE has not decoded yet): the measured line's base and the
     transformer's share of every token, with the same scaling as ``activation_bytes``."""
-    scale = inner_dim / REFERENCE_INNER_DIM * run_bytes / 2
-    tokens = (output_tokens + input_tokens) * VECTORS_PER_INPUT_TOKEN * REFERENCE_INNER_DIM * 2
-    return int(scale * batch * (ACT_BASE + tokens * (2 if cfg_batch else 1)))
+    tokens = (output_tokens + input_tokens) * TOKEN_SHARE
+    return int(_width_scale(inner_dim, run_bytes) * batch * (ACT_BASE + tokens * (2 if cfg_batch else 1)))
 
 
 def step_cache_bytes(
