@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -265,22 +266,29 @@ def test_sigterm_ends_the_run_with_the_running_settings_record_and_its_server_st
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     server_log = tmp_path / "logs" / "smoke.log"
+    family: list[psutil.Process] = []  # the server and its workers, killed at the end whatever the outcome
     try:
-        assert bench.stdout.readline().startswith("smoke: serve")
-        deadline = time.monotonic() + 60
-        while not (server := psutil.Process(bench.pid).children()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # its server is starting
-        bench.send_signal(signal.SIGTERM)
-        output, _ = bench.communicate(timeout=15)
+        try:
+            assert bench.stdout.readline().startswith("smoke: serve")
+            deadline = time.monotonic() + 60
+            while not (server := psutil.Process(bench.pid).children()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # its server is starting
+            family = psutil.Process(bench.pid).children(recursive=True)
+            bench.send_signal(signal.SIGTERM)
+            output, _ = bench.communicate(timeout=15)
+        finally:
+            bench.kill()
+        assert bench.returncode == 143, output
+        (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert (record["setting"], record["status"]) == ("smoke", "stopped") and record["torch"]
+        assert "smoke-edit" not in output.split("results appended")[0], "nothing more runs"
+        assert server_log.exists() and server, "its server had started"
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in server), "and is gone"
     finally:
-        bench.kill()
-    assert bench.returncode == 143, output
-    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert (record["setting"], record["status"]) == ("smoke", "stopped") and record["torch"]
-    assert "smoke-edit" not in output.split("results appended")[0], "nothing more runs"
-    assert server_log.exists() and server, "its server had started"
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in server), "and is gone"
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def test_gpu_memory_keeps_the_peak_of_each_phase(monkeypatch):
