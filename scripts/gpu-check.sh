@@ -105,9 +105,13 @@ status=0
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
+      # test_hub_models.py's test on a server of seven models (one compiled) checks nothing GPU-specific and takes
+      # the longest to start on a GPU (spawned workers, one load at a time, inductor without a cache): left out
       run_stage tests "$OUT/tests.log" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs;
         a=$?; python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py \
-        tests/e2e/test_worker_start.py -rs; b=$?; exit $((a || b))'
+        tests/e2e/test_worker_start.py -rs \
+        --deselect tests/e2e/test_hub_models.py::test_server_edits_with_hub_ids_offline_at_each_revision; b=$?;
+        exit $((a || b))'
       ;;
     bench)
       run_stage bench "$OUT/bench.log" python3 bench/gpu.py \
