@@ -25,7 +25,6 @@ import argparse
 import base64
 import contextlib
 import datetime
-import importlib.metadata
 import io
 import json
 import signal
@@ -46,6 +45,7 @@ from serve_process import (  # noqa: E402
     ServeProcess,
     ServerExited,
     fresh_prompt,
+    package_versions,
     read_stream,
     visible_gpu_name,
 )
@@ -313,19 +313,10 @@ class Bench:
     def environment(self) -> dict:
         return {
             "gpu": self.args.gpu_name,
-            "torch": _version("torch"),
-            "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"),
+            **package_versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "runs": self.args.runs,
         }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _gib(mib: float | None) -> float | None:

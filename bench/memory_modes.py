@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import datetime
 import faulthandler
-import importlib.metadata
 import json
 import os
 import signal
@@ -56,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from serve_process import fresh_prompt, visible_gpu_name  # bench/, the folder of this script
+from serve_process import fresh_prompt, package_versions, visible_gpu_name  # bench/, the folder of this script
 
 #: Mode name -> run profile settings.
 MODES = {
@@ -81,17 +80,6 @@ END_GRACE_S = 2.0
 REAP_AFTER_TIMEOUT_S = 60.0
 #: Exit status of a run stopped by SIGTERM (128 + the signal, as a shell reports it).
 STOPPED_EXIT = 128 + signal.SIGTERM
-
-
-def versions() -> dict[str, str | None]:
-    """The versions of the packages the figures depend on (None for one not installed)."""
-    found: dict[str, str | None] = {}
-    for package in ("torch", "diffusers", "transformers"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
 
 
 def partial(out: dict) -> None:
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             # one fresh process per run: the cap on the GPU's memory holds for one process
             measured = run_child(child_command(args, mode, card), args.timeout, lambda: bool(received))
-            row = {"mode": mode, "card": CARDS[card][0], "gpu": gpu, **measured, "versions": versions()}
+            row = {"mode": mode, "card": CARDS[card][0], "gpu": gpu, **measured, "versions": package_versions()}
             row["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -8,6 +8,7 @@ GPU memory (``GpuMemory``) and a streamed answer's stats (``read_stream``).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -38,6 +39,17 @@ def fresh_prompt(prompt: str, index: int) -> str:
     would skip the text encoder on every warm request but not on the first. Qwen's tokenizer splits digits one by
     one (the byte-level one of ``random:`` sources reads bytes), so every take adds the same few tokens."""
     return f"{prompt}, take {index:03d}"
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions of the packages a benchmark's figures depend on (None for one not installed)."""
+    found: dict[str, str | None] = {}
+    for package in ("torch", "diffusers", "transformers"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def visible_gpu_name() -> str | None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import platform
 import random
@@ -48,7 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import GpuMemory, ServeProcess, fresh_prompt, tiny_model, visible_gpu_name  # noqa: E402
+from serve_process import GpuMemory, ServeProcess, fresh_prompt, package_versions, tiny_model, visible_gpu_name  # noqa: E402
 
 DESIGNS = {"separate": [], "shared": ["--share-components"]}
 GIB = 1024**3
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print("CUDA is not available: this benchmark measures two models on one GPU and needs one; nothing was run.")
             return 0
         models, gpu = (args.t2i, args.edit), visible
-    versions = {"torch": importlib.metadata.version("torch"), "python": platform.python_version()}
+    versions = {**package_versions(), "python": platform.python_version()}
     records = []
     # the servers' logs are kept, beside the --json file (a failed load's cause is in them); their images are not
     log_dir = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="qis-two-models-logs-"))
