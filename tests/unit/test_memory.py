@@ -257,6 +257,18 @@ def _memory_bench():
     return bench
 
 
+class _BenchRunner:
+    """What ``bench/memory_modes.py``'s ``run_one`` uses of a ``PipelineRunner``: loads nothing, runs nothing."""
+
+    last_stats: dict = {}
+
+    def __init__(self, spec, device, warm):
+        pass
+
+    def run(self, job):
+        pass
+
+
 def _stub_cuda(monkeypatch, **overrides) -> None:
     """``torch.cuda``'s calls that ``run_one`` makes, stubbed for an 80 GiB card with nothing on it; ``overrides``
     replaces some of them."""
@@ -317,12 +329,7 @@ def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
     bench = _memory_bench()
     prompts = []
 
-    class Runner:
-        last_stats: dict = {}
-
-        def __init__(self, spec, device, warm):
-            pass
-
+    class Runner(_BenchRunner):
         def run(self, job):
             prompts.append(job.prompt)
 
@@ -429,14 +436,7 @@ def test_memory_bench_caps_the_emulated_card_less_the_cuda_context(monkeypatch):
     gib = 1024**3
     events: list = []
 
-    class Runner:
-        last_stats: dict = {}
-
-        def __init__(self, spec, device, warm):
-            pass
-
-        def run(self, job):
-            pass
+    Runner = _BenchRunner
 
     def mem_get_info(index=None):
         events.append("mem_get_info")
@@ -469,12 +469,7 @@ def test_memory_bench_pair_process_reports_what_it_had_when_it_fails(monkeypatch
     bench = _memory_bench()
     registered = []
 
-    class Runner:
-        last_stats: dict = {}
-
-        def __init__(self, spec, device, warm):
-            pass
-
+    class Runner(_BenchRunner):
         def run(self, job):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
