@@ -49,6 +49,7 @@ class OffloadEmulation:
         self.owner: dict[int, object] = {}  # id(tensor) -> its group
         self.names: dict[int, str] = {}
         self.used_offloaded: list[str] = []  # "weight name:operation"
+        self.applied: list[str] = []  # the class of each module group offload was applied to (or applied to again)
         self._busy = 0  # inside an onload or offload: its copies are no use of the weights
         onload, offload = go.ModuleGroup.onload_, go.ModuleGroup.offload_
 
@@ -101,6 +102,7 @@ class OffloadEmulation:
         """diffusers' ``_apply_group_offloading`` (also what re-applies it after a change), then the groups noted."""
 
         def tracked(module, config):
+            self.applied.append(type(module).__name__)
             apply(module, config)
             self._track(module)
 

@@ -56,7 +56,7 @@ class LoraSet:
             self._load_slot()
         elif self.swapped:
             for lora in self.swapped:
-                pipe.load_lora_weights(lora.path, adapter_name=self.adapter[lora.name])
+                self._load(lora.path, self.adapter[lora.name])
             if profile.weights_dtype == "fp8" and run_dtype is not None:
                 _adapters_in(pipe.transformer, run_dtype)
             pipe.transformer.disable_lora()
@@ -64,11 +64,41 @@ class LoraSet:
             log.info("LoRA %s (rank %d, scale %g) %s", lora.name, lora.rank, lora.scale,
                      "fused" if lora.fuse else "slot hot-swap" if self.hotswap else "adapter")  # fmt: skip
 
+    def _load(self, path, adapter_name: str) -> None:
+        """A LoRA file into the transformer as ``adapter_name`` (what ``pipe.load_lora_weights`` does, through
+        ``_into_transformer``)."""
+        state, metadata = self.pipe.lora_state_dict(path, return_lora_metadata=True)
+        if not all("lora" in key for key in state):
+            raise LoraError(f"{path}: not a LoRA checkpoint (a tensor name without 'lora')")
+        self._into_transformer(state, adapter_name, metadata=metadata)
+
+    def _into_transformer(self, state: dict, adapter_name: str, metadata=None, hotswap: bool = False) -> None:
+        """Load (or, ``hotswap``, copy in place) LoRA weights into the transformer, leaving the pipeline's offload as
+        it is.
+
+        diffusers' loaders, given the pipeline, take every component's offload hooks off and put them back after:
+        under group offload each group of the transformer, the text encoder and the VAE is made anew (the text
+        encoder's token embeddings, kept on the device by ``memory.group_offload``, become a group of their own
+        again), under model offload the whole chain (every component moved to the CPU). Only the transformer
+        changes, and a swap changes no layer at all: the slot's weights are copied into what is there (under group
+        offload, the offloaded copies, which the next onload reads). So the pipeline is passed only under
+        sequential offload, whose hooks leave the weights on no device while they are on; a new adapter's layers
+        join their blocks' groups by making the transformer's groups again (nothing without group offload)."""
+        from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+        sequential = self.profile.offload == "sequential"
+        self.pipe.load_lora_into_transformer(
+            state, transformer=self.pipe.transformer, adapter_name=adapter_name, metadata=metadata,
+            hotswap=hotswap, _pipeline=self.pipe if sequential else None,
+        )  # fmt: skip
+        if not (hotswap or sequential):
+            _maybe_remove_and_reapply_group_offloading(self.pipe.transformer)
+
     def _fuse(self, fused) -> None:
         pipe = self.pipe
         names = [self.adapter[lora.name] for lora in fused]
         for lora in fused:
-            pipe.load_lora_weights(lora.path, adapter_name=self.adapter[lora.name])
+            self._load(lora.path, self.adapter[lora.name])
         pipe.set_adapters(names, [lora.scale for lora in fused])
         pipe.fuse_lora(components=["transformer"], adapter_names=names)
         pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
@@ -101,9 +131,7 @@ class LoraSet:
             self._weights[name] = {"state": {k: v.to(device) for k, v in state.items()}, "scaling": _scaling(name, metadata)}
         self._weights[None] = {"state": {}, "scaling": 1.0}  # the base model: zeros everywhere
         self._slot = (layout, rank, device)
-        pipe.load_lora_into_transformer(
-            self._laid_out(None, 1.0), transformer=pipe.transformer, adapter_name=SLOT, _pipeline=pipe
-        )
+        self._into_transformer(self._laid_out(None, 1.0), SLOT)
 
     def _laid_out(self, name: str | None, factor: float) -> dict:
         """``name``'s LoRA (None: the base model) in the slot's layout, at ``factor`` times its strength (new tensors:
@@ -123,9 +151,7 @@ class LoraSet:
         transformer = self.pipe.transformer
         if self.hotswap:
             state = self._laid_out(name, 1.0 if key is None else key[1])  # B scaled: the slot has no scale of its own
-            self.pipe.load_lora_into_transformer(
-                state, transformer=transformer, adapter_name=SLOT, hotswap=True, _pipeline=self.pipe
-            )
+            self._into_transformer(state, SLOT, hotswap=True)
         elif key is None:
             transformer.disable_lora()
         else:
