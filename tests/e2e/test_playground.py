@@ -290,7 +290,7 @@ def test_phone_width_has_no_horizontal_scroll(context, server, tmp_path):
 
 
 def test_preview_steps_match_the_server(page):
-    from qwen_image_server.models.runner import preview_steps
+    from qwen_image_server.models.previews import preview_steps
 
     cases = [(steps, partials) for steps in (2, 3, 4, 5, 8, 10, 20, 50) for partials in (1, 2, 3)]
     got = page.evaluate(

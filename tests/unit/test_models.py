@@ -9,7 +9,8 @@ import pytest
 
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job
-from qwen_image_server.models.runner import PipelineRunner, edit_areas, to_pil_images
+from qwen_image_server.models.previews import to_pil_images
+from qwen_image_server.models.runner import PipelineRunner, edit_areas
 from qwen_image_server.models.spec import resolve_model
 from qwen_image_server.models.tiny import build_tiny_model
 
