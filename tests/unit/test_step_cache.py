@@ -196,6 +196,35 @@ def test_a_request_none_on_a_cached_model_is_the_uncached_image(runner, tiny_t2i
     assert counts == [2 * STEPS] * 2
 
 
+@pytest.mark.parametrize("policy", [CACHED, "taylorseer:interval=2,warmup=2,cooldown=0,lite=true"])
+def test_the_cache_skips_under_group_offload_after_its_first_call(runner, tiny_t2i, monkeypatch, policy):
+    """Group offload with CUDA's options (emulated on the CPU, tests/offload_emulation.py) traces the blocks' order
+    in the first forward after it is applied, with a hook on each block that it removes afterwards. Removing a hook
+    from under one registered later drops the later one from the block's forward chain (diffusers'
+    ``HookRegistry.remove_hook``): a step cache applied before that first forward (a model's own policy, from the
+    warm-up on) skipped nothing ever after. From the second call on, the image and the counts are the resident
+    runner's."""
+    from offload_emulation import OffloadEmulation
+    from qwen_image_server.models.runner import PipelineRunner
+
+    job = replace(JOB, cache=None)  # the model's own policy
+    resident = PipelineRunner(replace(runner.spec, profile=replace(runner.spec.profile, cache=policy)), device="cpu")
+    expected, expected_counts = _run(resident, job)
+    assert expected_counts[1] < 2 * STEPS or policy != CACHED
+    assert resident.last_stats["cached_calls"] > 0
+    emulation = OffloadEmulation(monkeypatch)
+    offloaded = PipelineRunner(
+        replace(runner.spec, profile=replace(runner.spec.profile, cache=policy, offload="group")), device="cpu"
+    )
+    _run(offloaded, job)  # the first call: the one that traces (a GPU worker's warm-up)
+    for _ in range(2):
+        with emulation.watching():
+            image, counts = _run(offloaded, job)
+        assert emulation.used_offloaded == []
+        assert counts == expected_counts and offloaded.last_stats["cached_calls"] == resident.last_stats["cached_calls"]
+        assert np.array_equal(image, expected)
+
+
 def test_no_cached_state_leaks_into_the_next_request(runner):
     job = replace(JOB, cache="taylorseer:interval=2,warmup=2,cooldown=0")  # its step counters show any leak
     first, _ = _run(runner, job)

@@ -188,6 +188,18 @@ def denoising_steps(job) -> int:
     return steps
 
 
+def _order_trace_pending(transformer) -> bool:
+    """Whether diffusers' group offload, with CUDA's side stream, has yet to trace the order of the transformer's
+    blocks: it does so in the first forward after it is applied (a worker's warm-up), with a hook on every block,
+    which it removes afterwards. diffusers' ``HookRegistry.remove_hook`` then hands the removed hook's forward to the
+    hook registered after it, in place of that hook's own: a step cache enabled before the trace loses its block
+    hooks from the blocks' forward chain, and skips nothing ever after (``StepCache.run`` registers it again)."""
+    from diffusers.hooks.group_offloading import _LAZY_PREFETCH_GROUP_OFFLOADING
+
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) is not None
+
+
 def diffusers_config(policy: CachePolicy, steps: int, dtype=None):
     """The diffusers cache config of ``policy`` for a run of ``steps`` denoising steps."""
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
@@ -250,6 +262,7 @@ class StepCache:
         """
         self.apply(policy, steps)
         self.reset()
+        tracing = _order_trace_pending(self.transformer)
         stats = {"transformer_calls": 0, "cached_calls": 0}
         per_call = [1]  # the batch of one transformer call, as the pipeline makes it
         samples = [0]  # samples the last block really computed
@@ -284,3 +297,8 @@ class StepCache:
             computed = samples[0] // max(per_call[0], 1)
             stats["cached_calls"] = max(stats["transformer_calls"] - computed, 0)
             self.reset()
+            if tracing and self._applied is not None:
+                # This call traced group offload's order (below): its removal of the tracing hooks dropped the cache's
+                # hooks from the blocks' forward. Taken off now; the next call registers them again, after the trace.
+                self.transformer.disable_cache()
+                self._applied = None
