@@ -433,3 +433,34 @@ def test_a_gpus_load_lock_is_free_again_when_its_holder_dies(tmp_path):
     unusable = GpuFileLock("GPU-z", tmp_path / "missing")
     assert unusable.acquire(timeout=0) is False and unusable.unavailable
     assert not lock.unavailable
+
+
+def test_a_replica_on_a_node_that_leaves_every_gpu_visible_runs_on_the_gpu_ray_gave_it(monkeypatch):
+    """Ray makes the GPU it gives a replica the only one it sees, so ``cuda`` is that GPU; with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set on the node it does not, and every replica there ran on GPU 0
+    (two replicas on a two-GPU node: both on GPU 0, GPU 1 idle). The replica takes the GPU from ``ray.get_gpu_ids``,
+    counted in its own ``CUDA_VISIBLE_DEVICES`` when it has one."""
+    import torch
+
+    from qwen_image_server.engine import ray_replica
+
+    monkeypatch.delenv(ray_replica.NOSET_VISIBLE, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert ray_replica.replica_device("cuda", lambda: [1]) == "cuda"  # Ray narrowed what the replica sees
+    monkeypatch.setenv(ray_replica.NOSET_VISIBLE, "1")
+    assert ray_replica.replica_device("cuda", lambda: [1]) == "cuda:1"
+    assert ray_replica.replica_device("cuda", lambda: ["3"]) == "cuda:3"
+    assert ray_replica.replica_device("cuda", lambda: []) == "cuda"  # given no GPU (a CPU replica's deployment)
+    assert ray_replica.replica_device("cpu", lambda: [1]) == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # the node's GPUs 2 and 5 are this process's cuda:0 and cuda:1
+    assert ray_replica.replica_device("cuda", lambda: ["5"]) == "cuda:1"
+
+    # and the replica loads there
+    monkeypatch.setattr(ray_replica, "replica_device", lambda device: "cuda:1" if device == "cuda" else device)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-noset-test"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    devices: list[str] = []
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: devices.append(device) or FakeRunner(device=device))
+    spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, None)
+    assert devices == ["cuda:1"]

@@ -63,6 +63,33 @@ class MemoryNeed:
         )
 
 
+#: Set on a Ray node, Ray leaves every GPU visible to its actors instead of only the ones it gave them.
+NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def replica_device(device: str, gpu_ids=None) -> str:
+    """The CUDA device of this replica's GPU. Ray makes the GPUs it gives an actor the only ones the actor sees, so
+    ``cuda`` is that GPU; but with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set, the actor sees every GPU of
+    its node and ``cuda`` would be GPU 0 for every replica there. Then the device is the one Ray gave
+    (``ray.get_gpu_ids()``), counted in the ``CUDA_VISIBLE_DEVICES`` this process has, if any. ``gpu_ids`` (for
+    tests) stands for ``ray.get_gpu_ids``."""
+    if device != "cuda" or os.environ.get(NOSET_VISIBLE, "").lower() not in ("1", "true"):
+        return device
+    if gpu_ids is None:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids
+    ids = [str(gpu) for gpu in gpu_ids()]
+    if not ids:
+        return device
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    index = visible.index(ids[0]) if ids[0] in visible else int(ids[0]) if ids[0].isdigit() else None
+    if index is None:
+        log.warning("Ray gave this replica GPU %s, which CUDA_VISIBLE_DEVICES (%s) does not list: using cuda", ids[0], visible)
+        return device
+    return f"cuda:{index}"
+
+
 class ModelReplica:
     """One replica: owns one device and one pipeline; runs one task at a time."""
 
@@ -81,6 +108,7 @@ class ModelReplica:
 
         if threads:
             torch.set_num_threads(threads)
+        device = replica_device(device)
         self.spec = spec
         self.name = f"{spec.id}@{os.getpid()}"
         # Replicas given shares of one GPU (a fractional ray_gpus_per_replica) load one after the other, as the
