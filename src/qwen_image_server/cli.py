@@ -166,6 +166,14 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); none: start one")
     ] = None,
+    ray_gpus_per_replica: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="S or S@MODEL",
+            help="--engine ray: GPUs per model replica, 1 or a share of one (0: the CPU) [QIS_RAY_GPUS_PER_REPLICA]; "
+            "S@MODEL for one model.",
+        ),
+    ] = None,
     compile: Annotated[
         bool | None,
         typer.Option(

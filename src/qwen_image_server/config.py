@@ -212,6 +212,9 @@ class Settings(PerModelLimits, BaseSettings):
         description="GPUs per model replica: 1, a fraction (replicas share a GPU) or 0 (the CPU). Default: from --device "
         "(cpu: 0, cuda: 1; auto: 1 when the Ray cluster has GPUs, or this machine before Ray starts).",
     )
+    model_ray_gpus_per_replica: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="S@MODEL: one model's GPUs per Ray replica (0 to 1)."
+    )
     ray_cpus_per_replica: float = Field(default=1.0, ge=0)
 
     # --- images ------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Engine settings that one model may have a value of its own for: ``--workers N@MODEL``, ``--queue-size N@MODEL``,
-``--task-timeout S@MODEL`` and ``--stuck-task-seconds S@MODEL``.
+``--task-timeout S@MODEL``, ``--stuck-task-seconds S@MODEL`` and, under ``--engine ray``,
+``--ray-gpus-per-replica S@MODEL``.
 
 A plain value (``--queue-size 8``) is every model's; ``VALUE@MODEL`` is one model's and wins for it. In the
-environment the per-model values are ``QIS_MODEL_WORKERS``, ``QIS_MODEL_QUEUE_SIZE``, ``QIS_MODEL_TASK_TIMEOUT`` and
-``QIS_MODEL_STUCK_TASK_SECONDS``, ';'-separated (``3@qwen-image;1@qwen-image-edit``). Given twice for one model, the
-last value counts.
+environment the per-model values are ``QIS_MODEL_WORKERS``, ``QIS_MODEL_QUEUE_SIZE``, ``QIS_MODEL_TASK_TIMEOUT``,
+``QIS_MODEL_STUCK_TASK_SECONDS`` and ``QIS_MODEL_RAY_GPUS_PER_REPLICA``, ';'-separated
+(``3@qwen-image;1@qwen-image-edit``). Given twice for one model, the last value counts.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ SCOPED_NUMBERS = {
     "queue_size": ScopedNumber("queue_size", integer=True, low=1, high=100_000),
     "task_timeout": ScopedNumber("task_timeout", integer=False, low=0, low_included=False),
     "stuck_task_seconds": ScopedNumber("stuck_task_seconds", integer=False, low=0),
+    # under --engine ray only: a replica's share of a GPU (a replica runs on one GPU at most)
+    "ray_gpus_per_replica": ScopedNumber("ray_gpus_per_replica", integer=False, low=0, high=1),
 }
 
 
@@ -99,6 +102,7 @@ class PerModelLimits:
         queue_size: int
         task_timeout: float
         stuck_task_seconds: float
+        ray_gpus_per_replica: float | None
         ray_min_replicas: int
         ray_max_replicas: int | None
 

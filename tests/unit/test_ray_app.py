@@ -309,3 +309,40 @@ def test_gpu_replicas_carry_what_their_model_needs_and_cpu_ones_nothing():
     assert needs(ray_gpus_per_replica=1, memory_check="off") == [None]
     assert needs(ray_gpus_per_replica=0) == [None]
     assert needs(ray_gpus_per_replica=0.5)[0].share == 0.5 and need.share == 1
+
+
+def test_a_model_may_have_a_gpu_share_of_its_own(gpus_here, tmp_path):
+    """``--ray-gpus-per-replica S@MODEL`` (``QIS_MODEL_RAY_GPUS_PER_REPLICA``): replicas of small models share a GPU
+    while the large one's take a GPU each; 0 puts a model's replicas on the CPU. Each GPU replica checks its own
+    share of its GPU; the CPU's checks its model's memory modes for the CPU. Values above 1 and unserved models are
+    refused before anything starts."""
+    from qwen_image_server.cli import settings_from_options
+    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.models.profile import ProfileError
+    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+
+    gpus_here["found"] = []
+    big, small = "random:Qwen/Qwen-Image", "random:Qwen/Qwen-Image?layers=2&text_layers=1"
+    models = [f"big={big}", f"small={small}", f"cpu={small.replace('layers=2', 'layers=3')}"]
+    settings = Settings(models=models, engine="ray", ray_gpus_per_replica=1, model_ray_gpus_per_replica=["0.25@small", "0@cpu"])
+    assert _replicas(settings) == [(1, "cuda"), (0.25, "cuda"), (0, "cpu")]
+    ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
+    shares = [model._bound_deployment.init_args[5] for model in ingress.init_args]
+    assert shares[0].share == 1 and shares[1].share == 0.25 and shares[2] is None
+    # without a value for every model, the others' share comes from the device as before
+    assert _replicas(Settings(models=models[:2], engine="ray", device="cuda", model_ray_gpus_per_replica=["0.5@small"])) == [
+        (1, "cuda"),
+        (0.5, "cuda"),
+    ]
+    # each model's memory modes are checked on its own replicas' device
+    sequential = Settings(models=models[:2], engine="ray", ray_gpus_per_replica=1, offload=["sequential@big"])
+    assert _replicas(sequential.model_copy(update={"model_ray_gpus_per_replica": ["0@small"]})) == [(1, "cuda"), (0, "cpu")]
+    with pytest.raises(ProfileError, match="model big: offload=sequential needs a CUDA device"):
+        _replicas(sequential.model_copy(update={"model_ray_gpus_per_replica": ["0@big"]}))
+    # the flag, as serve and plan take it; refusals name it
+    flagged = settings_from_options({"model": models[:2], "engine": "ray", "ray_gpus_per_replica": ["1", "0.5@small"]})
+    assert (flagged.ray_gpus_per_replica, flagged.model_ray_gpus_per_replica) == (1, ["0.5@small"])
+    with pytest.raises(ValueError, match=r"--ray-gpus-per-replica: .*expected S@MODEL with S from 0 to 1, got '2@small'"):
+        settings_from_options({"model": models[:2], "engine": "ray", "ray_gpus_per_replica": ["2@small"]})
+    with pytest.raises(ModelConfigError, match="--ray-gpus-per-replica names models that are not served: tiny"):
+        resolve_configured(Settings(models=models[:2], engine="ray", model_ray_gpus_per_replica=["0.5@tiny"]))

@@ -305,6 +305,16 @@ def replica_gpus(settings: Settings, cluster_gpus: Callable[[], tuple[float, str
     return chosen
 
 
+def model_gpus(settings: Settings, model: str, every: float) -> float:
+    """GPUs per replica of ``model``: its own ``--ray-gpus-per-replica S@MODEL`` (small models sharing a GPU while
+    large ones take one each), else ``every`` (``replica_gpus``)."""
+    own = settings.own_values("ray_gpus_per_replica")
+    if model not in own:
+        return every
+    log.info("each replica of %s gets %g GPU (its own ray_gpus_per_replica)", model, own[model])
+    return float(own[model])
+
+
 def _cluster_gpus() -> tuple[float, str]:
     """The GPUs of the Ray cluster this process is connected to, or of this machine when Ray is not started yet."""
     import ray
@@ -341,12 +351,13 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
     """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
     from ..models.memory_modes import check_memory_modes
 
-    gpus = replica_gpus(settings)
-    device = "cuda" if gpus else "cpu"
-    check_memory_modes(specs, device)  # on the replicas' device, not on the machine that builds the application
-    needs = memory_needs(specs, settings, gpus) if gpus and settings.memory_check != "off" else {}
+    every = replica_gpus(settings)
     bound = []
     for index, spec in enumerate(specs):
+        gpus = model_gpus(settings, spec.id, every)
+        device = "cuda" if gpus else "cpu"
+        check_memory_modes([spec], device)  # on the replicas' device, not on the machine that builds the application
+        needs = memory_needs([spec], settings, gpus) if gpus and settings.memory_check != "off" else {}
         low, high = settings.replicas_for(spec.id)
         deployment = serve.deployment(
             name=deployment_name(index, spec),
