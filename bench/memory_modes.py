@@ -65,6 +65,10 @@ MODES = {
     "group+fp8": {"offload": "group", "weights_dtype": "fp8"},
     # true CFG's two passes as one call: each step streams the transformer's blocks once instead of twice
     "group+fp8+cfgbatch": {"offload": "group", "weights_dtype": "fp8", "cfg_batch": "on"},
+    # and a step cache (fbcache) that skips every block after the first once the first step ran: its ceiling, since
+    # random weights never fall under a real threshold. Under group offload a skipped block is not streamed either;
+    # stats_N_steps counts the calls it served (cached_calls)
+    "group+fp8+cfgbatch+cache": {"offload": "group", "weights_dtype": "fp8", "cfg_batch": "on", "cache": "fbcache:threshold=1"},
     # and the VAE in tiles: a tile's working memory instead of the image's (cards below 24 GB)
     "group+fp8+tiling": {"offload": "group", "weights_dtype": "fp8", "vae_tiling": "on"},
     "model": {"offload": "model"},

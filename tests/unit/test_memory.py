@@ -321,6 +321,19 @@ def test_memory_bench_table_marks_modes_that_do_not_fit():
     assert bench.pairs("fp8@big") == [("fp8", -1)]  # then refused as an unknown card
 
 
+def test_every_mode_of_the_memory_bench_is_a_profile_the_server_takes(tiny_t2i):
+    """Each mode's settings, given as the server's flags, pass its start checks on a GPU device (a mode the server
+    refused would only show as an error in a GPU run)."""
+    from qwen_image_server.config import Settings
+    from qwen_image_server.models.spec import resolve_configured
+
+    for mode, settings in _memory_bench().MODES.items():
+        flags = {key: [str(value)] for key, value in settings.items()}
+        (spec,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], **flags))
+        check_memory_modes([spec], "cuda:0")
+        assert {key: getattr(spec.profile, key) for key in settings} == settings, mode
+
+
 def test_memory_bench_times_each_image_with_a_prompt_of_its_own(monkeypatch):
     """The runner keeps the embeddings of prompts it has seen: a timed image with the warm-up's prompt would leave out
     the text encoder's pass, which is what text-encoder and group offload make slow. (CUDA's calls are stubbed.)"""
