@@ -4,8 +4,9 @@ On the CPU the server's group offload moves weights from the CPU to the CPU: a w
 offloaded computes the same, where on a GPU it is on the wrong device ("Expected all tensors to be on the same
 device"). This emulation keeps the CUDA options (``memory.group_offload`` is called with a CUDA device: side
 stream, prefetching in the traced order) and diffusers' own hooks, and changes only what needs a GPU: the devices
-are the CPU, the stream and pinned memory are stand-ins. It records which group is on the "device", and
-``OffloadEmulation.watching()`` notes every weight an operation uses while its group is not.
+are the CPU, the stream and pinned memory are stand-ins, and an onload copies each weight (as a transfer to a GPU
+does: a change made to an onloaded weight is not in the CPU copy the next onload reads). It records which group is
+on the "device", and ``OffloadEmulation.watching()`` notes every weight an operation uses while its group is not.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class OffloadEmulation:
         def pinned(group):  # the stand-in for pinned copies: the CPU copies themselves
             yield dict(group.cpu_param_dict)
 
+        def transfer(group, tensor, source, default_stream) -> None:
+            # a copy, as a host-to-GPU transfer makes: what is written into an onloaded weight stays on the "device"
+            # and is gone at the next offload (the group's CPU copy is what the next onload reads)
+            tensor.data = source.clone()
+
         def apply(module, onload_device, offload_device=None, use_stream=False, record_stream=False, **options):
             block_modules = options.pop("block_modules", None)
             exclude_kwargs = options.pop("exclude_kwargs", None)
@@ -93,6 +99,7 @@ class OffloadEmulation:
         monkeypatch.setattr(go.ModuleGroup, "offload_", offload_)
         monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(lambda tensor, low_cpu_mem_usage: tensor.data.cpu()))
         monkeypatch.setattr(go.ModuleGroup, "_pinned_memory_tensors", pinned)
+        monkeypatch.setattr(go.ModuleGroup, "_transfer_tensor_to_device", transfer)
         monkeypatch.setattr(go, "TorchDeviceBackend", lambda device: _Backend)
         monkeypatch.setattr(go, "_apply_group_offloading", self._tracking(go._apply_group_offloading))
         monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", apply)

@@ -137,3 +137,54 @@ def test_a_compiled_models_lora_switch_moves_no_offload_hooks(tiny_t2i, tiny_lor
     assert made_again == [], "a LoRA switch re-made the offload of: " + ", ".join(made_again)
     for got, want in zip(images, expected, strict=True):
         assert np.abs(got - want).max() <= 1
+
+
+def test_a_compiled_models_lora_switch_reaches_a_group_left_on_the_device(tiny_t2i, tiny_lora, monkeypatch):
+    """A step cache that skips the blocks after the first leaves the group the first one prefetched on the device
+    after a call. A slot switch then wrote that group's weights on the device only: the next onload read the CPU copy,
+    which still held the LoRA before, and the switch was lost for that block. (The emulation copies on onload, as a
+    GPU does.) The images are those of the same calls without offload, from the first call after the trace on."""
+    from offload_emulation import OffloadEmulation
+    from qwen_image_server.models.step_cache import StepCache, parse_policy
+
+    policy = parse_policy("fbcache:threshold=1")
+
+    def build(mode: str):
+        pipe = PipelineRunner(_spec(tiny_t2i, offload=mode), device="cpu").pipe
+        loras = LoraSet(pipe, replace(_spec(tiny_t2i, f"style={tiny_lora}", offload=mode).profile, compile=True))
+        return pipe, loras, StepCache(pipe.transformer)
+
+    def render(pipe, loras, cache, lora) -> np.ndarray:
+        with loras.applied(pipe, lora, None), torch.inference_mode(), cache.run(policy, 4):
+            image = pipe(prompt="a red cube", width=SIZE, height=SIZE, num_inference_steps=4, true_cfg_scale=1.0,
+                         generator=[torch.Generator("cpu").manual_seed(7)], output_type="pil").images[0]  # fmt: skip
+        return np.asarray(image, dtype=np.int16)
+
+    calls = [None, None, "style", "style", None]
+    expected = [render(*build("none"), lora) for lora in calls]
+    emulation = OffloadEmulation(monkeypatch)
+    pipe, loras, cache = build("group")
+    got = [render(pipe, loras, cache, lora) for lora in calls]
+    left = [group for group, on in emulation.onloaded.items() if on]
+    assert left, "the step cache left no group on the device: nothing is checked"
+    for index in range(1, len(calls)):  # the first call traces group offload's order, without the cache
+        assert np.abs(got[index] - expected[index]).max() <= 1, f"call {index} ({calls[index]})"
+
+
+def test_a_hot_swapped_lora_on_fp8_stored_weights_under_group_offload(tiny_t2i, tiny_lora, monkeypatch):
+    """``--weights-dtype fp8 --offload group`` with a hot-swapped LoRA: the adapters peft makes take their base layer's
+    float8 dtype and are cast back to the run dtype after loading; the groups were made before that cast, so the
+    next onload brought the float8 copies back and every request for the LoRA failed ("not implemented for
+    'Float8_e4m3fn'"). The images are those of the same model without offload."""
+    from offload_emulation import OffloadEmulation
+
+    flag = f"style={tiny_lora}"
+    resident = PipelineRunner(_spec(tiny_t2i, flag, weights_dtype=["fp8"]), device="cpu")
+    expected = {name: _pixels(resident, _job(name)) for name in (None, "style")}
+    emulation = OffloadEmulation(monkeypatch)
+    runner = PipelineRunner(_spec(tiny_t2i, flag, weights_dtype=["fp8"], offload=["group"]), device="cpu")
+    for name in (None, "style", None):
+        with emulation.watching():
+            pixels = _pixels(runner, _job(name))
+        assert emulation.used_offloaded == []
+        assert np.abs(pixels - expected[name]).max() <= 1, name

@@ -56,23 +56,26 @@ class LoraSet:
             self._load_slot()
         elif self.swapped:
             for lora in self.swapped:
-                self._load(lora.path, self.adapter[lora.name])
+                self._load(lora.path, self.adapter[lora.name], regroup=False)
             if profile.weights_dtype == "fp8" and run_dtype is not None:
                 _adapters_in(pipe.transformer, run_dtype)
+            _regroup(pipe.transformer)  # the adapters, in the dtype they run in, join their blocks' groups
             pipe.transformer.disable_lora()
         for lora in profile.loras:
             log.info("LoRA %s (rank %d, scale %g) %s", lora.name, lora.rank, lora.scale,
                      "fused" if lora.fuse else "slot hot-swap" if self.hotswap else "adapter")  # fmt: skip
 
-    def _load(self, path, adapter_name: str) -> None:
+    def _load(self, path, adapter_name: str, regroup: bool = True) -> None:
         """A LoRA file into the transformer as ``adapter_name`` (what ``pipe.load_lora_weights`` does, through
         ``_into_transformer``)."""
         state, metadata = self.pipe.lora_state_dict(path, return_lora_metadata=True)
         if not all("lora" in key for key in state):
             raise LoraError(f"{path}: not a LoRA checkpoint (a tensor name without 'lora')")
-        self._into_transformer(state, adapter_name, metadata=metadata)
+        self._into_transformer(state, adapter_name, metadata=metadata, regroup=regroup)
 
-    def _into_transformer(self, state: dict, adapter_name: str, metadata=None, hotswap: bool = False) -> None:
+    def _into_transformer(
+        self, state: dict, adapter_name: str, metadata=None, hotswap: bool = False, regroup: bool = True
+    ) -> None:
         """Load (or, ``hotswap``, copy in place) LoRA weights into the transformer, leaving the pipeline's offload as
         it is.
 
@@ -83,16 +86,19 @@ class LoraSet:
         changes, and a swap changes no layer at all: the slot's weights are copied into what is there (under group
         offload, the offloaded copies, which the next onload reads). So the pipeline is passed only under
         sequential offload, whose hooks leave the weights on no device while they are on; a new adapter's layers
-        join their blocks' groups by making the transformer's groups again (nothing without group offload)."""
-        from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
+        join their blocks' groups by making the transformer's groups again (``regroup``; nothing without group
+        offload). A swap writes the offloaded copies: a group still on the device (one a step cache's skipped
+        blocks left there after the last call) is put back first, or the swap would go to its device copy only and
+        the next onload would read the LoRA before."""
         sequential = self.profile.offload == "sequential"
+        if hotswap and not sequential:
+            _offload_groups(self.pipe.transformer)
         self.pipe.load_lora_into_transformer(
             state, transformer=self.pipe.transformer, adapter_name=adapter_name, metadata=metadata,
             hotswap=hotswap, _pipeline=self.pipe if sequential else None,
         )  # fmt: skip
-        if not (hotswap or sequential):
-            _maybe_remove_and_reapply_group_offloading(self.pipe.transformer)
+        if regroup and not (hotswap or sequential):
+            _regroup(self.pipe.transformer)
 
     def _fuse(self, fused) -> None:
         pipe = self.pipe
@@ -181,6 +187,28 @@ class LoraSet:
             yield
         finally:
             pipe.scheduler = saved
+
+
+def _regroup(transformer) -> None:
+    """Make the transformer's offload groups again (its layers changed: new adapters, or their dtype); nothing
+    without group offload."""
+    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+    _maybe_remove_and_reapply_group_offloading(transformer)
+
+
+def _offload_groups(transformer) -> None:
+    """Put every offload group of the transformer back in its CPU copies (with CUDA's stream: the weights point at
+    them again; a group already there is unchanged); nothing without group offload. The next call onloads each as
+    it comes."""
+    groups = {}
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    for group in groups.values():
+        group.offload_()
 
 
 def _adapters_in(transformer, dtype) -> None:
