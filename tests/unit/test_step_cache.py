@@ -216,13 +216,18 @@ def test_the_cache_skips_under_group_offload_after_its_first_call(runner, tiny_t
     offloaded = PipelineRunner(
         replace(runner.spec, profile=replace(runner.spec.profile, cache=policy, offload="group")), device="cpu"
     )
+    tracing = offloaded.pipe.transformer._diffusers_hook.get_hook("lazy_prefetch_group_offloading")
     _run(offloaded, job)  # the first call: the one that traces (a GPU worker's warm-up)
-    for _ in range(2):
+    traced = len(tracing.execution_order)
+    for _ in range(3):
         with emulation.watching():
             image, counts = _run(offloaded, job)
         assert emulation.used_offloaded == []
         assert counts == expected_counts and offloaded.last_stats["cached_calls"] == resident.last_stats["cached_calls"]
         assert np.array_equal(image, expected)
+    # and the trace's hooks are gone for good: a stale one left in the blocks' forward (after the cache's hooks were
+    # taken off from above it) went on recording every block call of every request, without end
+    assert len(tracing.execution_order) == traced
 
 
 def test_no_cached_state_leaks_into_the_next_request(runner):

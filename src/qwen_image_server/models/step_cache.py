@@ -191,9 +191,10 @@ def denoising_steps(job) -> int:
 def _order_trace_pending(transformer) -> bool:
     """Whether diffusers' group offload, with CUDA's side stream, has yet to trace the order of the transformer's
     blocks: it does so in the first forward after it is applied (a worker's warm-up), with a hook on every block,
-    which it removes afterwards. diffusers' ``HookRegistry.remove_hook`` then hands the removed hook's forward to the
-    hook registered after it, in place of that hook's own: a step cache enabled before the trace loses its block
-    hooks from the blocks' forward chain, and skips nothing ever after (``StepCache.run`` registers it again)."""
+    which it removes afterwards. A step cache must not be on during that call: diffusers' ``HookRegistry.remove_hook``
+    hands the removed hook's forward to the hook registered after it, in place of that hook's own, so the cache's
+    block hooks fell out of the blocks' forward chain (it skipped nothing ever after), and taking the cache off
+    later put the removed tracing hook back in the chain (it recorded every block call of every request)."""
     from diffusers.hooks.group_offloading import _LAZY_PREFETCH_GROUP_OFFLOADING
 
     registry = getattr(transformer, "_diffusers_hook", None)
@@ -260,9 +261,9 @@ class StepCache:
         batched CFG call (one batch of two, or its two halves run apart by the split
         attention) counts as the two calls it serves, and a call served from the cache as none.
         """
-        self.apply(policy, steps)
+        # Not while group offload has yet to trace the blocks' order: this call traces it, uncached (``_order_trace_pending``)
+        self.apply(None if _order_trace_pending(self.transformer) else policy, steps)
         self.reset()
-        tracing = _order_trace_pending(self.transformer)
         stats = {"transformer_calls": 0, "cached_calls": 0}
         per_call = [1]  # the batch of one transformer call, as the pipeline makes it
         samples = [0]  # samples the last block really computed
@@ -297,8 +298,3 @@ class StepCache:
             computed = samples[0] // max(per_call[0], 1)
             stats["cached_calls"] = max(stats["transformer_calls"] - computed, 0)
             self.reset()
-            if tracing and self._applied is not None:
-                # This call traced group offload's order (below): its removal of the tracing hooks dropped the cache's
-                # hooks from the blocks' forward. Taken off now; the next call registers them again, after the trace.
-                self.transformer.disable_cache()
-                self._applied = None
