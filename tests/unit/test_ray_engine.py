@@ -220,6 +220,7 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-broke-test"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is None or runner.held() is None))
     exits: list[int] = []
@@ -460,7 +461,10 @@ def test_a_replica_on_a_node_that_leaves_every_gpu_visible_runs_on_the_gpu_ray_g
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-noset-test"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     devices: list[str] = []
+    # and its current device: CUDA streams, events and synchronizations made without a device are the current one's
+    # (group offload's side stream, the FP8 probe's timing), GPU 0 unless set
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: devices.append(f"current {device}"))
     stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: devices.append(device) or FakeRunner(device=device))
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, None)
-    assert devices == ["cuda:1"]
+    assert devices == ["current cuda:1", "cuda:1"]

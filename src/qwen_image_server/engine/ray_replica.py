@@ -109,6 +109,8 @@ class ModelReplica:
         if threads:
             torch.set_num_threads(threads)
         device = replica_device(device)
+        if device.startswith("cuda:"):  # the current device too: streams, events and syncs without one are GPU 0's
+            torch.cuda.set_device(torch.device(device))
         self.spec = spec
         self.name = f"{spec.id}@{os.getpid()}"
         # Replicas given shares of one GPU (a fractional ray_gpus_per_replica) load one after the other, as the
