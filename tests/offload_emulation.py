@@ -7,6 +7,9 @@ stream, prefetching in the traced order) and diffusers' own hooks, and changes o
 are the CPU, the stream and pinned memory are stand-ins, and an onload copies each weight (as a transfer to a GPU
 does: a change made to an onloaded weight is not in the CPU copy the next onload reads). It records which group is
 on the "device", and ``OffloadEmulation.watching()`` notes every weight an operation uses while its group is not.
+One difference stays: diffusers onloads a prefetched group once more when its weights are still on the offload
+device (its fallback for groups the prefetch chain missed), which here, with the CPU as both devices, is every
+group: groups are onloaded twice as often as on a GPU.
 """
 
 from __future__ import annotations
