@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -221,6 +222,7 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-broke-test"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is None or runner.held() is None))
     exits: list[int] = []
@@ -462,9 +464,61 @@ def test_a_replica_on_a_node_that_leaves_every_gpu_visible_runs_on_the_gpu_ray_g
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     devices: list[str] = []
     # and its current device: CUDA streams, events and synchronizations made without a device are the current one's
-    # (group offload's side stream, the FP8 probe's timing), GPU 0 unless set
+    # (group offload's side stream, the FP8 probe's timing), GPU 0 unless set. torch keeps it per thread: set for
+    # the thread that loads and warms up, and around each call in the executor thread that runs the pipeline
+    current = threading.local()
+
+    @contextlib.contextmanager
+    def on_device(device):
+        before, current.device = getattr(current, "device", "cuda:0"), str(device)
+        try:
+            yield
+        finally:
+            current.device = before
+
+    class Recording(FakeRunner):
+        def run(self, job, should_stop, on_partial):
+            devices.append(f"run on {getattr(current, 'device', 'cuda:0')} in {threading.current_thread().name}")
+            return super().run(job, should_stop, on_partial)
+
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: devices.append(f"current {device}"))
-    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: devices.append(device) or FakeRunner(device=device))
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: devices.append(device) or Recording(device=device))
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+    replica = ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, None)
+
+    async def answer() -> list:
+        job = Job(mode="generate", prompt="a cat", seeds=[1], width=16, height=16)
+        return [item async for item in replica.run(Task(1, job))]
+
+    asyncio.run(answer())
+    assert devices[:2] == ["current cuda:1", "cuda:1"]
+    assert devices[2].startswith("run on cuda:1 in ") and "MainThread" not in devices[2], devices
+
+
+def test_a_deterministic_replica_sets_cublas_workspace_before_cuda_starts(monkeypatch):
+    """cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` as CUDA starts: a deterministic model's replica sets it before its
+    first CUDA call (its current device), as the embedded engine's workers do, not when its pipeline loads after."""
+    import os
+
+    import torch
+
+    from qwen_image_server.engine import ray_replica
+    from qwen_image_server.models.profile import RunProfile
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray_replica, "replica_device", lambda device: "cuda:1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-determinism-test"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: FakeRunner(device=device))
+    spec = ModelSpec(
+        id="m",
+        source="/nowhere",
+        pipeline_class="QwenImagePipeline",
+        kind="text-to-image",
+        profile=RunProfile(deterministic=True),
+    )
     ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, None)
-    assert devices == ["current cuda:1", "cuda:1"]
+    assert seen == [":4096:8"]

@@ -8,6 +8,7 @@ Ray's own modules are not imported here: Serve wraps the class in a deployment (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -90,6 +91,17 @@ def replica_device(device: str, gpu_ids=None) -> str:
     return f"cuda:{index}"
 
 
+def _on_device(device: str):
+    """``device`` as the current CUDA device of the calling thread, for a call: torch keeps the current device per
+    thread, and the executor threads the replica runs its pipeline in start on GPU 0, where group offload's side
+    stream and the streams it records its transfers on would otherwise be (cuda:N only; nothing for others)."""
+    if not device.startswith("cuda:"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(torch.device(device))
+
+
 class ModelReplica:
     """One replica: owns one device and one pipeline; runs one task at a time."""
 
@@ -108,10 +120,14 @@ class ModelReplica:
 
         if threads:
             torch.set_num_threads(threads)
+        from ..models.determinism import prepare_environment
+
+        prepare_environment(spec.profile.deterministic)  # before CUDA starts here (the memory check, set_device)
         device = replica_device(device)
         if device.startswith("cuda:"):  # the current device too: streams, events and syncs without one are GPU 0's
-            torch.cuda.set_device(torch.device(device))
+            torch.cuda.set_device(torch.device(device))  # for this thread: loading and the warm-up (``_on_device``)
         self.spec = spec
+        self.device = device
         self.name = f"{spec.id}@{os.getpid()}"
         # Replicas given shares of one GPU (a fractional ray_gpus_per_replica) load one after the other, as the
         # embedded engine's workers on one GPU do: loading needs more than running (FP8 conversion), and each checks
@@ -188,7 +204,8 @@ class ModelReplica:
                 failure = None
                 try:
                     started = time.time()
-                    images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
+                    with _on_device(self.device):
+                        images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
                     return images, started, time.time(), dict(self.runner.last_stats)
                 except TaskCancelled:
                     raise
