@@ -195,10 +195,12 @@ def _order_trace_pending(transformer) -> bool:
     hands the removed hook's forward to the hook registered after it, in place of that hook's own, so the cache's
     block hooks fell out of the blocks' forward chain (it skipped nothing ever after), and taking the cache off
     later put the removed tracing hook back in the chain (it recorded every block call of every request)."""
-    from diffusers.hooks.group_offloading import _LAZY_PREFETCH_GROUP_OFFLOADING
+    from diffusers.hooks import group_offloading
 
+    # the hook's name is private to diffusers (the value it has had since the trace came in): looked up, not imported
+    name = getattr(group_offloading, "_LAZY_PREFETCH_GROUP_OFFLOADING", "lazy_prefetch_group_offloading")
     registry = getattr(transformer, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) is not None
+    return registry is not None and registry.get_hook(name) is not None
 
 
 def diffusers_config(policy: CachePolicy, steps: int, dtype=None):
