@@ -288,19 +288,12 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, matmul: 
         del linear
         count += 1
     if count:
-        _regroup_offloaded(model)
+        from .memory import regroup_offloaded
+
+        regroup_offloaded(model)  # under group offload, the new layers join their blocks' groups
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return count
-
-
-def _regroup_offloaded(model: nn.Module) -> None:
-    """Under group offload (layers converted after its hooks, as with LoRAs), rebuild the groups so that they hold
-    the new layers' weights: a group still lists the old ones, and with CUDA's side stream finds no pinned copy of
-    the new ones (KeyError on the first call). What diffusers does after loading a LoRA into an offloaded model."""
-    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
-    _maybe_remove_and_reapply_group_offloading(model)
 
 
 def apply_fp8(

@@ -59,7 +59,9 @@ class LoraSet:
                 self._load(lora.path, self.adapter[lora.name], regroup=False)
             if profile.weights_dtype == "fp8" and run_dtype is not None:
                 _adapters_in(pipe.transformer, run_dtype)
-            _regroup(pipe.transformer)  # the adapters, in the dtype they run in, join their blocks' groups
+            from .memory import regroup_offloaded
+
+            regroup_offloaded(pipe.transformer)  # the adapters, in the dtype they run in, join their blocks' groups
             pipe.transformer.disable_lora()
         for lora in profile.loras:
             log.info("LoRA %s (rank %d, scale %g) %s", lora.name, lora.rank, lora.scale,
@@ -90,15 +92,17 @@ class LoraSet:
         offload). A swap writes the offloaded copies: a group still on the device (one a step cache's skipped
         blocks left there after the last call) is put back first, or the swap would go to its device copy only and
         the next onload would read the LoRA before."""
+        from .memory import offload_groups, regroup_offloaded
+
         sequential = self.profile.offload == "sequential"
         if hotswap and not sequential:
-            _offload_groups(self.pipe.transformer)
+            offload_groups(self.pipe.transformer)
         self.pipe.load_lora_into_transformer(
             state, transformer=self.pipe.transformer, adapter_name=adapter_name, metadata=metadata,
             hotswap=hotswap, _pipeline=self.pipe if sequential else None,
         )  # fmt: skip
         if regroup and not (hotswap or sequential):
-            _regroup(self.pipe.transformer)
+            regroup_offloaded(self.pipe.transformer)
 
     def _fuse(self, fused) -> None:
         pipe = self.pipe
@@ -187,28 +191,6 @@ class LoraSet:
             yield
         finally:
             pipe.scheduler = saved
-
-
-def _regroup(transformer) -> None:
-    """Make the transformer's offload groups again (its layers changed: new adapters, or their dtype); nothing
-    without group offload."""
-    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
-    _maybe_remove_and_reapply_group_offloading(transformer)
-
-
-def _offload_groups(transformer) -> None:
-    """Put every offload group of the transformer back in its CPU copies (with CUDA's stream: the weights point at
-    them again; a group already there is unchanged); nothing without group offload. The next call onloads each as
-    it comes."""
-    groups = {}
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook("group_offloading") if registry is not None else None
-        if hook is not None:
-            groups[id(hook.group)] = hook.group
-    for group in groups.values():
-        group.offload_()
 
 
 def _adapters_in(transformer, dtype) -> None:

@@ -314,6 +314,29 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
             setattr(module.get_submodule(parent), attribute, keep_on_device(sub, device))
 
 
+def regroup_offloaded(module: torch.nn.Module) -> None:
+    """Under group offload, make ``module``'s groups again after its layers changed (FP8 layers made after the hooks,
+    LoRA adapters, their dtype): a group still lists the old weights, and with CUDA's side stream finds no CPU copy of
+    the new ones (KeyError on the first call). Nothing without group offload."""
+    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+    _maybe_remove_and_reapply_group_offloading(module)
+
+
+def offload_groups(module: torch.nn.Module) -> None:
+    """Put every offload group of ``module`` back in its CPU copies (with CUDA's stream: the weights point at them
+    again; a group already there is unchanged), so that a write into the weights reaches what the next onload reads;
+    nothing without group offload. The next call onloads each group as it comes."""
+    groups = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    for group in groups.values():
+        group.offload_()
+
+
 def keep_on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
     """``module`` moved to ``device`` for good (the text encoder's token embeddings under group offload)."""
     return module.to(device)
