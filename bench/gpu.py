@@ -85,6 +85,9 @@ SETTINGS = (
     Setting("eager", (), CFG),
     Setting("compile", ("--compile",), CFG),
     Setting("fp8", ("--quantize", "fp8"), CFG),
+    # 4-bit weights unpacked to bf16 for each matmul: what the unpacking costs against eager, and compiled
+    Setting("int4", ("--quantize", "int4"), CFG),
+    Setting("compile-int4-cfgbatch", ("--compile", "--quantize", "int4", "--cfg-batch", "on"), CFG),
     Setting("cfg-batch", ("--cfg-batch", "on"), CFG),
     Setting("fbcache", ("--cache", "fbcache"), CFG),
     Setting("compile-fp8-cfgbatch", FAST, CFG, target_s=8.0),

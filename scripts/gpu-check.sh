@@ -15,7 +15,7 @@
 #           (compile + FP8 + batched CFG), with the step cache, Lightning compiled
 #           (BENCH_SETTINGS overrides the list; BENCH_RUNS the warm runs per setting, default 1)
 # - memory: bench/memory_modes.py on random:Qwen/Qwen-Image, each card with the mode meant for it
-#           (MEMORY_PAIRS, default none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,group+fp8+tiling@16;
+#           (MEMORY_PAIRS, default none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,int4+fp8+te@24,group+fp8+tiling@16,int4+fp8+te+tiling@16;
 #           MEMORY_STEPS)
 # - first-vs-warm: bench/gpu.py's first request after /ready vs warm ones, at two warmed sizes and a new
 #           prompt length (two compiles at start: the slowest setting to start)
@@ -132,7 +132,7 @@ for stage in "${stages[@]}"; do
       ;;
     memory)
       run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \
-        --pairs "${MEMORY_PAIRS:-none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,group+fp8+tiling@16}" --steps "${MEMORY_STEPS:-8}" --json "$OUT/memory.jsonl"
+        --pairs "${MEMORY_PAIRS:-none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,int4+fp8+te@24,group+fp8+tiling@16,int4+fp8+te+tiling@16}" --steps "${MEMORY_STEPS:-8}" --json "$OUT/memory.jsonl"
       ;;
     first-vs-warm)
       run_stage first-vs-warm "$OUT/first-vs-warm.log" python3 bench/gpu.py --settings first-vs-warm \

@@ -19,7 +19,7 @@ PIPELINE_MODULES = {
     "test_attention", "test_cfg_batch", "test_compile", "test_determinism", "test_determinism_gpu", "test_fp8",
     "test_lora_offload", "test_lora_runtime", "test_memory", "test_memory_gpu", "test_models", "test_random_arch", "test_shared_components",
     "test_step_cache", "test_bench_gpu", "test_vae_fast", "test_prompt_cache", "test_random_sources",
-    "test_text_encoder_fast",
+    "test_text_encoder_fast", "test_int4",
 }  # fmt: skip
 
 

@@ -190,7 +190,9 @@ def serve(
     ] = None,
     quantize: Annotated[
         list[str] | None,
-        typer.Option(metavar="none|fp8[@MODEL]", help="none or fp8[@MODEL]: FP8 linear layers in the transformer."),
+        typer.Option(
+            metavar="none|fp8|int4[@MODEL]", help="none, fp8 or int4[@MODEL]: FP8 or 4-bit linear layers in the transformer."
+        ),
     ] = None,
     cfg_batch: Annotated[
         list[str] | None,

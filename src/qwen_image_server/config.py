@@ -155,7 +155,9 @@ class Settings(PerModelLimits, BaseSettings):
     cache: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Step cache policy, e.g. fbcache:threshold=0.05."
     )
-    quantize: Annotated[list[str], NoDecode] = Field(default_factory=list, description="none or fp8 (transformer linear layers).")
+    quantize: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="none, fp8 or int4 (transformer linear layers)."
+    )
     cfg_batch: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="auto, on or off: true CFG as one batch of two."
     )

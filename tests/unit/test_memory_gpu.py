@@ -107,3 +107,42 @@ def test_a_random_component_kept_on_the_cpu_is_filled_on_the_gpu_with_the_reside
         ours, theirs = resident[name].state_dict(), offloaded[name].state_dict()
         assert next(iter(theirs.values())).device.type == "cpu"
         assert all(torch.equal(ours[k].cpu(), theirs[k]) for k in ours), name
+
+
+@pytest.mark.parametrize("offload", ["none", "group"])
+def test_int4_layers_live_where_the_mode_keeps_the_transformer(tiny_t2i, offload):
+    from qwen_image_server.models.int4 import Int4Linear
+
+    runner = _runner(tiny_t2i, quantize="int4", offload=offload)
+    job = Job(mode="generate", prompt="a red cube", seeds=[1], width=256, height=256, num_inference_steps=2)
+    assert runner.run(job)[0].size == (256, 256)
+    layers = [m for m in runner.pipe.transformer.modules() if isinstance(m, Int4Linear)]
+    home = "cpu" if offload == "group" else "cuda"
+    assert layers and {m.weight_packed.device.type for m in layers} == {home}
+    if offload == "none":
+        assert {p.device.type for p in runner.pipe.transformer.parameters()} == {"cuda"}
+    assert runner.speed.info["quantize"]["unpacking"] == "fused"
+
+
+def test_int4_never_has_the_run_dtype_transformer_on_the_gpu(tiny_t2i, tmp_path):
+    """The transformer is read on the CPU and each layer quantized on the GPU on its way there: the GPU's peak while
+    loading stays near the 4-bit size (about 0.28 of bf16), far under the bf16 transformer."""
+    from diffusers import QwenImageTransformer2DModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_t2i, folder)
+    shutil.rmtree(folder / "transformer")
+    torch.manual_seed(0)
+    big = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=8, attention_head_dim=128,
+                                      num_attention_heads=12, joint_attention_dim=32, axes_dims_rope=(32, 48, 48)).to(torch.bfloat16)  # fmt: skip
+    size = sum(p.numel() * p.element_size() for p in big.parameters())
+    big.save_pretrained(folder / "transformer", max_shard_size="100MB")
+    del big
+    spec = replace(resolve_model(str(folder), "big"), profile=RunProfile(quantize="int4"))
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner = PipelineRunner(spec, device="cuda", dtype="bfloat16", warm=False)
+    peak = torch.cuda.max_memory_allocated() - before
+    kept = sum(b.numel() * b.element_size() for b in runner.pipe.transformer.buffers())
+    assert kept < 0.35 * size and peak < 0.5 * size, f"peak {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB transformer"

@@ -17,7 +17,7 @@ from qwen_image_server.models.footprint import GIB, activation_bytes, denoising_
 from qwen_image_server.models.machine import Gpu
 from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
-from qwen_image_server.models.spec import resolve_configured
+from qwen_image_server.models.spec import resolve_configured, resolve_model
 from qwen_image_server.models.step_cache import canonical_policy
 from qwen_image_server.models.weights_files import (
     REFERENCE_INNER_DIM,
@@ -398,3 +398,50 @@ def test_with_free_memory_unknown_workers_spread_over_the_gpus():
         assert failed is None
         on = {gpu.device: [f"{p.model}#{p.slot}" for p in placed if p.device == gpu.device] for gpu in gpus}
         assert sorted(len(workers) for workers in on.values()) == [1, 1, 1, 2], (spread, on)  # five workers, four GPUs
+
+
+def test_int4_counts_half_a_byte_and_a_step_and_minimum_per_group_of_the_blocks_linear_weights(tiny_t2i):
+    """``--quantize int4``: the transformer blocks' linear weights at 4 bits plus two run-dtype values per 64 inputs;
+    everything else as without it, and with ``--weights-dtype fp8`` beside it only the text encoder in FP8."""
+    tensors = read_folder(tiny_t2i)
+    sizes = {c: _headers(tiny_t2i, c) for c in ("transformer", "text_encoder", "vae")}
+    base = resident_weights(tensors, RunProfile(), 2)
+    fp8 = resident_weights(tensors, RunProfile(weights_dtype="fp8"), 2)
+    int4 = resident_weights(tensors, RunProfile(quantize="int4"), 2)
+
+    def size(name, info):
+        n = _numel(info)
+        linear = len(info["shape"]) == 2 and name.endswith(".weight") and name.startswith("transformer_blocks.")
+        return n // 2 + 2 * 2 * -(-n // 64) if linear else n * 2
+
+    assert int4["transformer"] == sum(size(n, i) for n, i in sizes["transformer"].items()) < base["transformer"]
+    assert int4["text_encoder"] == base["text_encoder"] and int4["vae"] == base["vae"]
+    both = resident_weights(tensors, RunProfile(quantize="int4", weights_dtype="fp8"), 2)
+    assert both == {**int4, "text_encoder": fp8["text_encoder"]}, "FP8 storage is the text encoder's only"
+
+
+def test_int4_holds_qwen_image_s_transformer_in_about_a_quarter_and_fits_a_24gb_card_resident():
+    spec = resolve_model("random:Qwen/Qwen-Image", "qwen-image")  # sized from its architecture's layer names
+    model = read_tensors(spec)
+
+    def fp(**profile):
+        return footprint(spec, model, run_bytes=2, max_image_side=1024, profile=RunProfile(**profile))
+
+    plain, int4 = fp(), fp(quantize="int4")
+    # 20.4 B weights, nearly all in the blocks' linear layers: 4.5 bits each with bf16 steps and minimums
+    assert int4.components["transformer"] / plain.components["transformer"] == pytest.approx(4.5 / 16, abs=0.01)
+    assert int4.load_extra == 0, "read on the CPU and quantized a layer at a time: never on the device in bf16"
+    recipe = fp(quantize="int4", weights_dtype="fp8", offload="text-encoder")
+    assert recipe.components["transformer"] == int4.components["transformer"], "the transformer stays resident"
+    card = gpu_probe(Gpu("cuda:0", "24 GB card", 24 * GIB, 24 * GIB))
+    settings = Settings(max_image_side=1024)
+    assert make_plan([replace(spec, profile=recipe.profile)], settings, discover=card).devices("qwen-image") == ["cuda:0"]
+    # without it, 24 GB needs the transformer streamed (group offload); the refusal offers int4 for a model that
+    # only needs the text encoder out of the way
+    with pytest.raises(PlanError, match=r"--quantize int4@qwen-image \(it would need"):
+        make_plan([replace(spec, profile=RunProfile(weights_dtype="fp8", offload="text-encoder"))], settings, discover=card)
+    # with a hot-swapped LoRA the layers it adapts keep bf16; a fused one is merged before quantizing
+    lora = LoraSpec("style", "/loras/style.safetensors", "qwen-image", layers=("transformer_blocks.0.img_mlp.net.2",))
+    swapped = fp(quantize="int4", loras=(lora,))
+    fused = fp(quantize="int4", loras=(replace(lora, fuse=True),))
+    assert fused.components["transformer"] == int4.components["transformer"] < swapped.components["transformer"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from .memory_modes import OFFLOADED, load_order, quantize_on_load
-from .profile import RunProfile
+from .memory_modes import OFFLOADED, load_order, loads_on_cpu, quantize_on_load
+from .profile import RunProfile, transformer_fp8_stored
 from .spec import ModelSpec
 from .step_cache import parse_policy
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
@@ -127,34 +127,49 @@ def human(size: float | None) -> str:
 
 
 # --- from tensors to bytes ---------------------------------------------------------------------
-def _bytes(t: Tensor, run_bytes: int, fp8: bool) -> int:
-    """A tensor's bytes on the device: floats in the run dtype (1 byte when FP8 applies to it), others as stored."""
+def _bytes(t: Tensor, run_bytes: int, fp8: bool, int4: bool = False) -> int:
+    """A tensor's bytes on the device: floats in the run dtype (1 byte when FP8 applies to it; half a byte and a step
+    and minimum in the run dtype per ``INT4_GROUP_SIZE`` when 4-bit weights do), others as stored."""
     if t.dtype not in _FLOAT:
         return t.numel * DTYPE_BYTES.get(t.dtype, 4)
+    if int4:
+        return t.numel // 2 + 2 * run_bytes * -(-t.numel // INT4_GROUP_SIZE)
     return t.numel * (1 if fp8 else run_bytes)
 
 
-#: Top-level transformer modules whose linear layers ``--quantize fp8`` converts (``fp8.quantizable_linears``).
+#: Top-level transformer modules whose linear layers ``--quantize fp8`` and ``--quantize int4`` convert
+#: (``fp8.quantizable_linears``, ``int4.int4_linears``).
 QUANTIZED_PREFIXES = ("transformer_blocks.",)
+#: Input weights that share one step and minimum under ``--quantize int4`` (``int4.GROUP_SIZE``); counted so for every
+#: layer (Qwen-Image's widths are multiples of it; a tiny model's narrower rows are one group each).
+INT4_GROUP_SIZE = 64
+
+
+def _quantized(component: str, t: Tensor, adapted: frozenset[str]) -> bool:
+    """Whether ``t`` is the weight of a linear layer of the transformer's blocks that ``quantize`` converts: not one a
+    hot-swapped LoRA adapts (``adapted``: peft wraps them, and they keep the run dtype)."""
+    linear = component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
+    return linear and t.name.startswith(QUANTIZED_PREFIXES) and t.name.removesuffix(".weight") not in adapted
 
 
 def _fp8_applies(component: str, t: Tensor, profile: RunProfile, adapted: frozenset[str] = frozenset()) -> bool:
     """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay, and so
-    do the text encoder's token embeddings: ``memory.TEXT_ENCODER_SKIP_PATTERNS``);
-    FP8 quantization (``quantize``): the linear weights of the transformer's blocks, but for the layers a hot-swapped
-    LoRA adapts (``adapted``: peft wraps them, and they keep the run dtype, ``fp8.quantizable_linears``)."""
-    if profile.weights_dtype == "fp8" and component in ("transformer", "text_encoder") and t.ndim >= 2:
+    do the text encoder's token embeddings: ``memory.TEXT_ENCODER_SKIP_PATTERNS``; the transformer's stay under
+    ``quantize=int4``, ``profile.transformer_fp8_stored``);
+    FP8 quantization (``quantize``): the linear weights of the transformer's blocks (``_quantized``)."""
+    stored = component == "text_encoder" or (component == "transformer" and transformer_fp8_stored(profile))
+    if profile.weights_dtype == "fp8" and stored and t.ndim >= 2:
         return not (component == "text_encoder" and "embed_tokens" in t.name)
-    quantized = profile.quantize == "fp8" and component == "transformer" and t.ndim == 2 and t.name.endswith(".weight")
-    return quantized and t.name.startswith(QUANTIZED_PREFIXES) and t.name.removesuffix(".weight") not in adapted
+    return profile.quantize == "fp8" and _quantized(component, t, adapted)
 
 
 def _kept(component: str, tensors, run_bytes: int, profile: RunProfile) -> dict[str, int]:
     """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name."""
     dropped = DROPPED.get(component, ())
     adapted = frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
+    int4 = profile.quantize == "int4"
     return {
-        t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted))
+        t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted), int4 and _quantized(component, t, adapted))
         for t in tensors
         if not t.name.startswith(dropped)
     }
@@ -223,16 +238,17 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
 
 
 def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
-    """The most weight bytes on the device while a worker loads, when FP8 modes convert there (else 0).
+    """The most weight bytes on the device while a worker loads, when FP8 or 4-bit modes convert there (else 0).
 
     Components load one after the other, the transformer first, then the text encoder,
     then the rest, each read in the run dtype. ``weights_dtype=fp8`` stores each in FP8
     before the next one loads, and so does ``quantize=fp8`` with the transformer's linear
     layers; with LoRAs, ``quantize=fp8`` converts only once everything and the adapters
     are loaded (``memory_modes.quantize_on_load``). Offloaded components load and convert
-    on the CPU.
+    on the CPU. Under ``quantize=int4`` the transformer is read on the CPU and reaches the
+    device a 4-bit layer at a time (``memory_modes.loads_on_cpu``): only its kept bytes count.
     """
-    if profile.weights_dtype != "fp8" and profile.quantize != "fp8":
+    if profile.weights_dtype != "fp8" and profile.quantize not in ("fp8", "int4"):
         return 0
     offloaded = OFFLOADED.get(profile.offload, ())
     order = load_order(model.components)
@@ -242,6 +258,9 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
         if component in offloaded:
             continue
         tensors = model.components[component]
+        if loads_on_cpu(profile, component):
+            kept += sum(_kept(component, tensors, run_bytes, profile).values())
+            continue
         run = sum(_bytes(t, run_bytes, False) for t in tensors)
         if at_once:
             peak = max(peak, kept + run)

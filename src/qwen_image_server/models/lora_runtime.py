@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterator
 
 from .lora import LoraError, preset_for
-from .profile import RunProfile
+from .profile import RunProfile, transformer_fp8_stored
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ SLOT = "hotswap_slot"
 class LoraSet:
     """The LoRAs of one loaded pipeline, and what a call for one of them (or none) must switch."""
 
-    def __init__(self, pipe, profile: RunProfile, run_dtype=None):
+    def __init__(self, pipe, profile: RunProfile, run_dtype=None, home: str | None = None):
+        """``home``: where the transformer's weights live once loaded (default: where they are now; under
+        ``quantize=int4`` it is read on the CPU and moved after its LoRAs), and the slot's LoRAs are kept."""
         self.pipe = pipe
+        self.home = home
         self.profile = profile
         self.by_name = {lora.name: lora for lora in profile.loras}
         # peft's adapter names are module names (no "."): a LoRA served as "lightning-v1.0" is adapter "lora0"
@@ -57,7 +60,7 @@ class LoraSet:
         elif self.swapped:
             for lora in self.swapped:
                 self._load(lora.path, self.adapter[lora.name], regroup=False)
-            if profile.weights_dtype == "fp8" and run_dtype is not None:
+            if transformer_fp8_stored(profile) and run_dtype is not None:
                 _adapters_in(pipe.transformer, run_dtype)
             from .memory import regroup_offloaded
 
@@ -124,7 +127,7 @@ class LoraSet:
         pipe = self.pipe
         rank = max(lora.rank for lora in self.swapped)
         pipe.enable_lora_hotswap(target_rank=rank)
-        device = pipe.transformer.device
+        device = self.home or pipe.transformer.device
         loaded = {lora.name: pipe.lora_state_dict(lora.path, return_lora_metadata=True) for lora in self.swapped}
         layout: dict[str, tuple[int, int, object]] = {}  # layer -> (in features, out features, dtype)
         for name, (state, _) in loaded.items():

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import torch
 
-from .memory_modes import OFFLOADED, check_spec_mode, load_order, quantize_on_load
+from .memory_modes import OFFLOADED, check_spec_mode, load_order, loads_on_cpu, quantize_on_load
 from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
@@ -76,6 +76,7 @@ class MemoryMode:
     #: before the text encoder loads (the start-up probe later picks their matmul). With LoRAs they are quantized
     #: after the adapters are in place (peft wraps plain linear layers only).
     quantize_on_load: bool = False
+    quantize: str = "none"  # the profile's: ``int4`` reads the transformer on the CPU, ``int4.py`` moves it
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, device: str) -> MemoryMode:
@@ -87,11 +88,21 @@ class MemoryMode:
             weights_dtype=profile.weights_dtype,
             offload=profile.offload,
             quantize_on_load=quantize_on_load(profile),
+            quantize=profile.quantize,
         )
 
+    def offloaded(self, component: str) -> bool:
+        """Whether ``component`` lives on the CPU between uses under this mode's offload."""
+        return component in OFFLOADED[self.offload]
+
     def load_device(self, component: str) -> str:
-        """Where ``component`` is loaded: the CPU when this mode offloads it, else the run device."""
-        return "cpu" if component in OFFLOADED[self.offload] else self.device
+        """Where ``component`` is read: the CPU when this mode offloads it or quantizes it to 4 bits on its way to the
+        device (``memory_modes.loads_on_cpu``), else the run device."""
+        return "cpu" if self.offloaded(component) or loads_on_cpu(self, component) else self.device
+
+    def home(self, component: str) -> str:
+        """Where ``component``'s weights live once loaded: the CPU when offloaded, else the run device."""
+        return "cpu" if self.offloaded(component) else self.device
 
     def summary(self) -> dict:
         """Plain JSON values: the mode, where each component lives and, on CUDA, memory in use."""
@@ -194,7 +205,7 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
 
     ``shared``: the module is another model's in this process, already converted; it is only recorded.
     """
-    mode.placement[name] = mode.load_device(name)
+    mode.placement[name] = mode.home(name)
     if name == "vae" and not shared:  # before offload hooks wrap its layers' forward
         from .vae_fast import prepare_vae
 
@@ -203,12 +214,17 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
         from .text_encoder_fast import prepare_text_encoder
 
         prepare_text_encoder(module)
-    if mode.quantize_on_load and name == "transformer" and not shared:
+    if mode.quantize_on_load and name == "transformer" and not shared and mode.quantize == "int4":
+        from . import int4
+
+        count = int4.quantize_linears(module, dtype, mode.device, keep_on="cpu" if mode.offloaded(name) else None)
+        log.info("transformer: %d linear layers given 4-bit weights on %s as loaded (quantize=int4)", count, mode.device)
+    elif mode.quantize_on_load and name == "transformer" and not shared:
         from .fp8 import quantize_linears
 
         count = quantize_linears(module, dtype, mode.device, matmul="dequant")  # the run device's alignment rules
         log.info("transformer: %d linear layers given FP8 weights as loaded (quantize=fp8)", count)
-    if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS:
+    if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS and not (name == "transformer" and mode.quantize == "int4"):
         if not shared:
             store_fp8(module, dtype)
         mode.fp8_components += (name,)

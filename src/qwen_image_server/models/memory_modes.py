@@ -27,9 +27,17 @@ def load_order(components) -> list[str]:
 
 
 def quantize_on_load(profile) -> bool:
-    """Whether ``quantize=fp8`` converts the transformer as it loads (no LoRAs: they need its plain linear layers
-    first), rather than once the whole pipeline and its adapters are loaded; the memory plan counts the difference."""
-    return getattr(profile, "quantize", "none") == "fp8" and not getattr(profile, "loras", ())
+    """Whether ``quantize`` (fp8, int4) converts the transformer as it loads (no LoRAs: they need its plain linear
+    layers first), rather than once the whole pipeline and its adapters are loaded; the memory plan counts the
+    difference."""
+    return getattr(profile, "quantize", "none") in ("fp8", "int4") and not getattr(profile, "loras", ())
+
+
+def loads_on_cpu(profile, component: str) -> bool:
+    """Whether ``component`` is read into host memory first, whatever its offload: the transformer under
+    ``quantize=int4``, whose layers are quantized one at a time on their way to the device, so that it is never
+    there in the run dtype (38 GiB for Qwen-Image in bf16, more than the cards int4 is for)."""
+    return component == "transformer" and getattr(profile, "quantize", "none") == "int4"
 
 
 def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, device: str) -> None:
@@ -46,11 +54,12 @@ def check_mode(model: str, weights_dtype: str, offload: str, quantize: str, devi
             f"model {model}: weights_dtype=fp8 does not combine with offload=sequential (accelerate's per-layer hooks "
             "replace the weights the FP8 casting keeps); use offload=group with weights_dtype=fp8"
         )
-    if quantize == "fp8" and offload == "sequential":
+    if quantize in ("fp8", "int4") and offload == "sequential":
+        kind = "FP8" if quantize == "fp8" else "4-bit"
         raise ProfileError(
-            f"model {model}: quantize=fp8 does not combine with offload=sequential (the FP8 layers keep their weights "
-            "as buffers, which accelerate's per-layer hooks move to the GPU for good: the whole FP8 transformer would "
-            "stay there); use offload=group with quantize=fp8"
+            f"model {model}: quantize={quantize} does not combine with offload=sequential (the {kind} layers keep their "
+            f"weights as buffers, which accelerate's per-layer hooks move to the GPU for good: the whole {kind} "
+            f"transformer would stay there); use offload=group with quantize={quantize}"
         )
     if offload == "sequential" and not device.startswith("cuda"):
         raise ProfileError(f"model {model}: offload=sequential needs a CUDA device (the model runs on {device})")

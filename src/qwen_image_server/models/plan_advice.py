@@ -16,6 +16,7 @@ _PROFILE_CHANGES = (
     ("vae_tiling", "on", "--vae-tiling"),
     ("weights_dtype", "fp8", "--weights-dtype"),
     ("quantize", "fp8", "--quantize"),
+    ("quantize", "int4", "--quantize"),
     ("offload", "text-encoder", "--offload"),
     ("offload", "group", "--offload"),
     ("offload", "model", "--offload"),

@@ -24,7 +24,7 @@ from ..config import SCOPED_PROFILE_FIELDS
 #: Profile settings a model's sidecar file may set, with the same names and values as the flags.
 PROFILE_KEYS = ("compile", *SCOPED_PROFILE_FIELDS, "deterministic")
 
-QUANTIZE_MODES = ("none", "fp8")
+QUANTIZE_MODES = ("none", "fp8", "int4")
 CFG_BATCH_MODES = ("auto", "on", "off")
 WEIGHTS_DTYPES = ("auto", "fp8")
 OFFLOAD_MODES = ("none", "text-encoder", "group", "model", "sequential")
@@ -60,7 +60,7 @@ class RunProfile:
     compile: bool = False
     compile_sizes: tuple[str, ...] = ()  # WIDTHxHEIGHT warmed at start-up when compiling; () = the default size
     cache: str | None = None  # step cache policy, every knob spelled out (see ``step_cache.py``); None: off
-    quantize: str = "none"  # "fp8": FP8 weights and matmuls for the transformer's linear layers
+    quantize: str = "none"  # "fp8": FP8 weights and matmuls for the transformer's linear layers; "int4": 4-bit weights
     cfg_batch: str = "off"  # "on"/"auto": cond + uncond as one batch of two ("auto": when memory allows)
     attention_backend: str | None = None  # diffusers' attention backend name; None: its default
     weights_dtype: str = "auto"  # "fp8": FP8 storage with compute in the run dtype (layerwise casting)
@@ -213,12 +213,18 @@ def check_profile(model: str, profile: RunProfile) -> None:
             "could give other pixels); use cfg_batch=on or cfg_batch=off"
         )
     fused = [lora.name for lora in profile.loras if lora.fuse]
-    if fused and profile.weights_dtype == "fp8":
+    if fused and transformer_fp8_stored(profile):
         raise ProfileError(
             f"model {model}: LoRA {', '.join(fused)} with fuse=true does not combine with weights_dtype=fp8 (the merge "
             "would run on the FP8-stored weights); serve it without fuse (hot-swapped), or use quantize=fp8, which "
             "merges the LoRA before quantizing"
         )
+
+
+def transformer_fp8_stored(profile: RunProfile) -> bool:
+    """Whether ``weights_dtype=fp8`` stores the transformer in FP8: not under ``quantize=int4``, whose 4-bit layers
+    it would not touch (there FP8 storage is the text encoder's only)."""
+    return profile.weights_dtype == "fp8" and profile.quantize != "int4"
 
 
 def check_compile(model: str, profile: RunProfile) -> None:
@@ -229,7 +235,7 @@ def check_compile(model: str, profile: RunProfile) -> None:
     """
     if not profile.compile:
         return
-    if profile.weights_dtype == "fp8":
+    if transformer_fp8_stored(profile):
         raise ProfileError(
             f"model {model}: compile does not combine with weights_dtype=fp8 (its casting hooks on every linear layer "
             "would run inside the compiled blocks); use quantize=fp8 (FP8 weights and matmuls) with compile"

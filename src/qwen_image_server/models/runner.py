@@ -129,7 +129,7 @@ class PipelineRunner:
             # this process loaded from the same files is reused
             self.pipe = load_pipeline(spec, self.memory, self.dtype, kwargs, shared)
         self.pipe.set_progress_bar_config(disable=True)
-        self.loras = LoraSet(self.pipe, spec.profile, self.dtype)  # before anything compiles the transformer
+        self.loras = LoraSet(self.pipe, spec.profile, self.dtype, self.memory.home("transformer"))  # before compiling
         self.speed = apply_speed_settings(self.pipe, spec.profile, self.device, self.dtype, spec.id)
         self._inpaint: Any = None  # diffusers pipelines, built on first use
         self._img2img: Any = None

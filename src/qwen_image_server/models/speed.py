@@ -1,4 +1,4 @@
-"""Applying a run profile's speed settings to a loaded pipeline: attention backend, FP8, batched CFG.
+"""Applying a run profile's speed settings to a loaded pipeline: attention backend, FP8 or 4-bit, batched CFG.
 
 ``apply_speed_settings`` runs once after loading (in ``PipelineRunner.__init__``); what
 it reports (``SpeedSettings.info``) goes out with the worker's ``ready`` message and
@@ -37,7 +37,7 @@ class SpeedSettings:
 
 
 def apply_speed_settings(pipe, profile: RunProfile, device: str, dtype: torch.dtype, model: str) -> SpeedSettings:
-    """Set the attention backend, quantize to FP8 and install batched CFG as ``profile`` asks.
+    """Set the attention backend, quantize (FP8 or 4-bit) and install batched CFG as ``profile`` asks.
 
     The attention backend comes first (a backend that cannot run here fails the load
     before anything is converted); batched CFG last, as it needs to know whether the
@@ -48,6 +48,12 @@ def apply_speed_settings(pipe, profile: RunProfile, device: str, dtype: torch.dt
     info: dict = {"attention": attention.summary()}
     if profile.quantize == "fp8":
         info["quantize"] = fp8.apply_fp8(transformer, device, dtype)
+    elif profile.quantize == "int4":
+        from .int4 import apply_int4
+        from .memory_modes import OFFLOADED
+
+        keep_on = "cpu" if "transformer" in OFFLOADED.get(profile.offload, ()) else None
+        info["quantize"] = apply_int4(transformer, device, dtype, keep_on)
     cfg = apply_cfg_batch(transformer, profile.cfg_batch, device, attention.takes_mask, split=profile.offload != "sequential")
     if cfg is not None:
         info["cfg_batch"] = cfg.summary()

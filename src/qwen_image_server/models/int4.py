@@ -1,0 +1,200 @@
+"""4-bit weights for the transformer's linear layers (``--quantize int4``): weight-only, group-wise.
+
+Each ``nn.Linear`` in the repeated transformer blocks (``QUANTIZED_PREFIXES``, the same
+layers as ``--quantize fp8``) becomes an ``Int4Linear``: every run of ``GROUP_SIZE``
+input weights of an output row is mapped to 16 levels between its minimum and maximum
+(round to nearest, asymmetric), two levels packed in a byte, with the group's step and
+minimum kept in the run dtype. That is 4.5 bits a weight with bf16 (0.5625 bytes):
+Qwen-Image's 20.4 B transformer takes about 10.7 GiB instead of 38 GiB in bf16 or 19
+in FP8, so it stays resident on a 16 or 24 GB card instead of being streamed over PCIe
+at every step (``--offload group``).
+
+At run time each layer unpacks its weight to the run dtype and multiplies in the run
+dtype (W4A16): the matmul is bf16's, the added cost one pass over the weights per call.
+Run op by op (mask, shift, interleave, cast, scale, shift) that pass reads and writes
+the weight several times, so on CUDA ``dequantize_weight`` runs as one
+``torch.compile``d function (dynamic shapes: a graph or two serve every layer), which reads
+the packed bytes once and writes the run-dtype weight once; inside a region that is
+itself being compiled (``--compile``) the plain function is traced and fused there.
+
+Kept in the run dtype, as under FP8: the input projections, the embedders, ``norm_out``
+and ``proj_out`` (about 0.2% of the weights, where errors are not averaged out), and
+layers whose input width is not a multiple of the group size. The layers a hot-swapped
+LoRA adapts keep the run dtype (peft wraps plain linear layers only); a fused LoRA is
+merged into the run-dtype weights before they are quantized.
+
+Quality: round-to-nearest 4-bit weights change a model's outputs more than FP8 does
+(the unit tests bound the weight error at half a step, about 3% of a group's range);
+how much that shows in Qwen-Image's images is not measured here (random weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .footprint import INT4_GROUP_SIZE, QUANTIZED_PREFIXES
+from .fp8 import _lora_layers
+
+log = logging.getLogger(__name__)
+
+#: Input weights that share one step and minimum.
+GROUP_SIZE = INT4_GROUP_SIZE
+LEVELS = 15  # the largest 4-bit level
+
+
+def group_size(in_features: int) -> int | None:
+    """The group size of a layer with ``in_features`` inputs: ``GROUP_SIZE`` when it divides them, the whole row for
+    narrower even rows (tiny models); None (not quantized) otherwise."""
+    if in_features % GROUP_SIZE == 0:
+        return GROUP_SIZE
+    if in_features < GROUP_SIZE and in_features % 2 == 0:
+        return in_features
+    return None
+
+
+def quantize_weight(weight: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` (out, in) → (packed levels (out, in / 2) uint8, steps (out, in / group), minimums (out, in / group)),
+    the last two in ``dtype``, with ``weight ≈ level * step + minimum`` for each group of ``group`` inputs."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // group, group)
+    low = w.amin(dim=-1, keepdim=True)
+    high = w.amax(dim=-1, keepdim=True)
+    step = ((high - low) / LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+    # The step and minimum are rounded to ``dtype`` first, so that the levels are chosen for the values that dequantize.
+    step = step.to(dtype).float().clamp_(min=torch.finfo(dtype).tiny)
+    low = low.to(dtype).float()
+    levels = ((w - low) / step).round_().clamp_(0, LEVELS).to(torch.uint8).reshape(rows, cols)
+    packed = levels[:, 0::2] | (levels[:, 1::2] << 4)
+    return packed.contiguous(), step.squeeze(-1).to(dtype), low.squeeze(-1).to(dtype)
+
+
+def dequantize_plain(packed: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The weight ``quantize_weight`` packed, in the dtype of ``step`` (op by op)."""
+    rows, groups = step.shape
+    levels = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(rows, groups, -1)
+    return (levels.to(step.dtype) * step.unsqueeze(-1) + low.unsqueeze(-1)).reshape(rows, -1)
+
+
+#: Device types whose weights are unpacked by the compiled (fused) function rather than op by op.
+FUSED_DEQUANTIZE_DEVICES: tuple[str, ...] = ("cuda",)
+#: The ``torch.compile`` backend of the fused unpacking (tests trace it with ``"eager"``, without inductor).
+FUSED_DEQUANTIZE_BACKEND = "inductor"
+
+
+@functools.cache
+def _fused_dequantizer(backend: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(dequantize_plain, backend=backend, dynamic=True, fullgraph=True)
+
+
+def dequantize_weight(packed: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``dequantize_plain`` as one fused kernel on the devices of ``FUSED_DEQUANTIZE_DEVICES`` (see the module doc)."""
+    if packed.device.type in FUSED_DEQUANTIZE_DEVICES and not torch.compiler.is_compiling():
+        return _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
+    return dequantize_plain(packed, step, low)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit group-wise weights, multiplied in the run dtype (``out_dtype``) after unpacking."""
+
+    weight_packed: torch.Tensor
+    weight_step: torch.Tensor
+    weight_low: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, work: str | torch.device | None = None, store=None):
+        """Quantize ``linear`` on ``work`` (default: where its weight is; a GPU does it in milliseconds) and keep the
+        result on ``store`` (default: ``work``)."""
+        super().__init__()
+        group = group_size(linear.in_features)
+        if group is None:
+            raise ValueError(f"{linear.in_features} input features are not a multiple of {GROUP_SIZE}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.group = group
+        self.out_dtype = out_dtype
+        work = torch.device(work) if work is not None else linear.weight.device
+        store = torch.device(store) if store is not None else work
+        with torch.no_grad():
+            packed, step, low = quantize_weight(linear.weight.detach().to(work), group, out_dtype)
+        self.register_buffer("weight_packed", packed.to(store))
+        self.register_buffer("weight_step", step.to(store))
+        self.register_buffer("weight_low", low.to(store))
+        bias = linear.bias.detach().to(device=store, dtype=out_dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_weight(self.weight_packed, self.weight_step, self.weight_low)
+        return nn.functional.linear(x.to(self.out_dtype), weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=int4 (groups of {self.group})"
+        )
+
+
+def int4_linears(model: nn.Module) -> list[str]:
+    """The names of the plain ``nn.Linear`` layers under ``QUANTIZED_PREFIXES`` that ``Int4Linear`` can take (not in
+    a peft LoRA layer, an input width ``group_size`` accepts)."""
+    in_lora = _lora_layers(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and name.startswith(QUANTIZED_PREFIXES)
+        and id(module) not in in_lora
+        and group_size(module.in_features) is not None
+    ]
+
+
+def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, keep_on: str | None = None) -> int:
+    """Replace the quantizable linear layers of ``model`` by ``Int4Linear`` in place; returns how many.
+
+    Each layer is quantized on ``device`` (the run device) and kept on ``keep_on`` (default: ``device``; the CPU for
+    a component offloaded between uses), one at a time, so that the run-dtype weights are freed as they go: a
+    transformer loaded on the CPU never has more than one run-dtype layer on the GPU. Then, unless ``keep_on`` is
+    given, whatever else of ``model`` is elsewhere moves to ``device``.
+    """
+    count = 0
+    store = keep_on or device
+    for name in int4_linears(model):  # names only: a list of the layers would keep every replaced one alive
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        setattr(parent, attr, Int4Linear(linear, dtype, work=device, store=store))
+        del linear
+        count += 1
+    if keep_on is None:
+        model.to(device)
+    if count:
+        from .memory import regroup_offloaded
+
+        regroup_offloaded(model)  # under group offload, the new layers join their blocks' groups
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return count
+
+
+def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on: str | None = None) -> dict:
+    """Quantize what ``transformer`` still has in plain linear layers (those left when LoRAs were loaded first), and
+    say what runs, for the worker's info."""
+    quantized = sum(1 for m in transformer.modules() if isinstance(m, Int4Linear))  # converted as the model loaded
+    layers = quantized + quantize_linears(transformer, dtype, device, keep_on)
+    groups = sorted({m.group for m in transformer.modules() if isinstance(m, Int4Linear)})
+    kept = sum(1 for name, m in transformer.named_modules() if type(m) is nn.Linear and name.startswith(QUANTIZED_PREFIXES))
+    run = str(dtype).removeprefix("torch.")
+    log.info("--quantize int4: %d linear layers with 4-bit weights, multiplied in %s (%d kept in %s)", layers, run, kept, run)
+    return {
+        "requested": "int4",
+        "effective": "int4-weights",
+        "matmul": run,
+        "group_sizes": groups,  # GROUP_SIZE; a row narrower than it is one group
+        "layers": layers,
+        "layers_in_run_dtype": kept,
+        "unpacking": "fused" if torch.device(device).type in FUSED_DEQUANTIZE_DEVICES else "eager",
+    }
