@@ -46,6 +46,16 @@ def test_levels_are_within_half_a_step_of_each_weight(dtype):
     assert error.mean() > 0, "the weights really are rounded to 16 levels"
 
 
+def test_a_narrow_group_keeps_its_sixteen_levels_in_half_precision():
+    """A step below float16's smallest normal number is kept (as a subnormal), not raised to it: a group whose range
+    is 5e-4 still has levels 3.3e-5 apart, its weights within half a step."""
+    weight = torch.linspace(0, 5e-4, 64).repeat(2, 1)
+    for dtype in (torch.float16, torch.bfloat16):
+        packed, step, low = int4.quantize_weight(weight, 64, dtype)
+        error = (int4.dequantize_plain(packed, step, low).float() - weight).abs().max()
+        assert step.float().max() < 4e-5 and error < 0.55 * 5e-4 / 15, dtype
+
+
 def test_two_levels_a_byte_low_nibble_first():
     weight = torch.arange(16, dtype=torch.float32).repeat(2, 4)  # rows 0..15 repeated: each group's levels are 0..15
     packed, step, low = int4.quantize_weight(weight, 64, torch.float32)
@@ -76,7 +86,7 @@ def test_the_fused_unpacking_is_the_plain_one(monkeypatch):
 
 
 def test_group_sizes_and_the_layers_taken():
-    assert [int4.group_size(n) for n in (3072, 12288, 128, 16, 96, 15)] == [64, 64, 64, 16, None, None]
+    assert [int4.group_size(n) for n in (3072, 12288, 128, 16, 96, 15, 0)] == [64, 64, 64, 16, None, None, None]
 
     class Block(nn.Module):
         def __init__(self):
@@ -177,6 +187,7 @@ def test_int4_with_loras(tiny_t2i, tiny_lora, monkeypatch):
     wrapped = [n for n, m in swapped.pipe.transformer.named_modules() if n.endswith(".base_layer")]
     assert wrapped and all(type(swapped.pipe.transformer.get_submodule(n)) is nn.Linear for n in wrapped)
     assert _int4_layers(swapped.pipe.transformer), "the layers the LoRA does not adapt are 4-bit"
+    assert swapped.speed.info["quantize"]["layers_in_run_dtype"] == len(wrapped), "its base layers, not its adapters"
     images = {}
     for lora in (None, "style", None):
         with emulation.watching():

@@ -431,11 +431,21 @@ def test_int4_holds_qwen_image_s_transformer_in_about_a_quarter_and_fits_a_24gb_
     # 20.4 B weights, nearly all in the blocks' linear layers: 4.5 bits each with bf16 steps and minimums
     assert int4.components["transformer"] / plain.components["transformer"] == pytest.approx(4.5 / 16, abs=0.01)
     assert int4.load_extra == 0, "read on the CPU and quantized a layer at a time: never on the device in bf16"
+    # a CPU worker holds the whole transformer in its run dtype (float32) before quantizing it, as with FP8
+    on_cpu = footprint(spec, model, run_bytes=4, max_image_side=1024, profile=RunProfile(quantize="int4"), on_gpu=False)
+    whole = footprint(spec, model, run_bytes=4, max_image_side=1024, on_gpu=False).components["transformer"]
+    assert on_cpu.total + on_cpu.load_extra - on_cpu.overhead >= whole > on_cpu.total
     recipe = fp(quantize="int4", weights_dtype="fp8", offload="text-encoder")
     assert recipe.components["transformer"] == int4.components["transformer"], "the transformer stays resident"
     card = gpu_probe(Gpu("cuda:0", "24 GB card", 24 * GIB, 24 * GIB))
     settings = Settings(max_image_side=1024)
     assert make_plan([replace(spec, profile=recipe.profile)], settings, discover=card).devices("qwen-image") == ["cuda:0"]
+    # README's recipe for 16-24 GB cards, with the default 2048x2048 limit: the VAE in tiles as well
+    tiled = replace(spec, profile=replace(recipe.profile, vae_tiling="on"))
+    sixteen = gpu_probe(Gpu("cuda:0", "16 GB card", 16 * GIB, 16 * GIB))
+    assert make_plan([tiled], Settings(), discover=sixteen).devices("qwen-image") == ["cuda:0"]
+    with pytest.raises(PlanError, match=r"Would fit: --vae-tiling on@qwen-image"):
+        make_plan([replace(spec, profile=recipe.profile)], Settings(), discover=card)
     # without it, 24 GB needs the transformer streamed (group offload); the refusal offers int4 for a model that
     # only needs the text encoder out of the way
     with pytest.raises(PlanError, match=r"--quantize int4@qwen-image \(it would need"):

@@ -59,7 +59,7 @@ class MemoryNeed:
         return (
             f"not enough GPU memory for model {model} on this replica's GPU ({torch.cuda.get_device_name(device)}): "
             f"it needs {human(self.need)} ({self.detail}), {room}. A smaller memory mode would fit (qwen-image-server "
-            "plan prints what each needs: --weights-dtype fp8, --quantize fp8, --offload group), or a smaller "
+            "plan prints what each needs: --weights-dtype fp8, --quantize fp8 or int4, --offload group), or a smaller "
             "QIS_MAX_IMAGE_SIDE, or a larger share of a GPU with more memory free"
         )
 

@@ -140,8 +140,10 @@ def _bytes(t: Tensor, run_bytes: int, fp8: bool, int4: bool = False) -> int:
 #: Top-level transformer modules whose linear layers ``--quantize fp8`` and ``--quantize int4`` convert
 #: (``fp8.quantizable_linears``, ``int4.int4_linears``).
 QUANTIZED_PREFIXES = ("transformer_blocks.",)
-#: Input weights that share one step and minimum under ``--quantize int4`` (``int4.GROUP_SIZE``); counted so for every
-#: layer (Qwen-Image's widths are multiples of it; a tiny model's narrower rows are one group each).
+#: Input weights that share one step and minimum under ``--quantize int4`` (``int4.GROUP_SIZE``). Headers give no
+#: shapes here, so every linear weight of the blocks is counted in groups of it: exact for Qwen-Image (its widths are
+#: multiples of it); a tiny model's narrower rows (one group each: more steps) are counted a few KiB low, and rows of
+#: another width (kept in the run dtype by ``int4.group_size``; none in the Qwen-Image architectures) would be too.
 INT4_GROUP_SIZE = 64
 
 
@@ -237,7 +239,7 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     return out
 
 
-def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
+def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: bool = True) -> int:
     """The most weight bytes on the device while a worker loads, when FP8 or 4-bit modes convert there (else 0).
 
     Components load one after the other, the transformer first, then the text encoder,
@@ -245,8 +247,9 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
     before the next one loads, and so does ``quantize=fp8`` with the transformer's linear
     layers; with LoRAs, ``quantize=fp8`` converts only once everything and the adapters
     are loaded (``memory_modes.quantize_on_load``). Offloaded components load and convert
-    on the CPU. Under ``quantize=int4`` the transformer is read on the CPU and reaches the
-    device a 4-bit layer at a time (``memory_modes.loads_on_cpu``): only its kept bytes count.
+    on the CPU. Under ``quantize=int4`` a GPU worker opens the transformer on the CPU and it
+    reaches the device a 4-bit layer at a time (``memory_modes.loads_on_cpu``): only its kept
+    bytes count there. A CPU worker (``on_gpu`` False) holds it whole in the run dtype first.
     """
     if profile.weights_dtype != "fp8" and profile.quantize not in ("fp8", "int4"):
         return 0
@@ -258,7 +261,7 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int:
         if component in offloaded:
             continue
         tensors = model.components[component]
-        if loads_on_cpu(profile, component):
+        if on_gpu and loads_on_cpu(profile, component):
             kept += sum(_kept(component, tensors, run_bytes, profile).values())
             continue
         run = sum(_bytes(t, run_bytes, False) for t in tensors)
@@ -363,9 +366,11 @@ def footprint(
     profile: RunProfile | None = None,
     overhead: int = PROCESS_OVERHEAD,
     preview_scale: float = 1.0,
+    on_gpu: bool = True,
 ) -> Footprint:
     """The memory one worker of ``spec`` needs at the largest allowed image, under ``profile`` (default: its own);
-    ``preview_scale``: the side of a streamed request's previews as a share of the image's (``QIS_PREVIEW_SCALE``)."""
+    ``preview_scale``: the side of a streamed request's previews as a share of the image's (``QIS_PREVIEW_SCALE``);
+    ``on_gpu``: a GPU worker (the device's memory), else a CPU worker (the machine's)."""
     profile = profile or spec.profile
     inputs = 0 if not spec.can_edit else (max_input_images if spec.multi_image else 1)
     edit_area = int(spec.options.get("edit_area") or DIFFUSERS_EDIT_AREA)
@@ -411,4 +416,4 @@ def footprint(
         profile=profile,
     )
     # While loading nothing runs, so the working memory is free: only a load peak above the total counts.
-    return replace(steady, load_extra=max(0, load_peak(model, profile, run_bytes) + overhead - steady.total))
+    return replace(steady, load_extra=max(0, load_peak(model, profile, run_bytes, on_gpu) + overhead - steady.total))

@@ -129,7 +129,8 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
     profile = next(spec.profile for spec in specs if spec.id == model)
     fp8 = replace(profile, weights_dtype="fp8")
     if profile.weights_dtype != "fp8" and profile.quantize != "fp8" and fits(profiles={model: fp8}):
-        out.append(f"--weights-dtype fp8@{model} (the transformer's weights stored in FP8)")
+        stored = "the text encoder's" if profile.quantize == "int4" else "the transformer's"
+        out.append(f"--weights-dtype fp8@{model} ({stored} weights stored in FP8)")
     if profile.vae_tiling != "on" and fits(profiles={model: replace(profile, vae_tiling="on")}):
         out.append(f"--vae-tiling on@{model} (the VAE decodes in tiles: less working memory)")
     side = largest_side(settings, lambda s: fits(max_side=s))

@@ -16,6 +16,9 @@ the weight several times, so on CUDA ``dequantize_weight`` runs as one
 ``torch.compile``d function (dynamic shapes: a graph or two serve every layer), which reads
 the packed bytes once and writes the run-dtype weight once; inside a region that is
 itself being compiled (``--compile``) the plain function is traced and fused there.
+Inductor computes the unpacked value in float32 and rounds it once, where the plain
+function rounds the product and the sum each to the run dtype: in bf16 about one value
+in eight then differs by one unit in the last place.
 
 Kept in the run dtype, as under FP8: the input projections, the embedders, ``norm_out``
 and ``proj_out`` (about 0.2% of the weights, where errors are not averaged out), and
@@ -50,6 +53,8 @@ LEVELS = 15  # the largest 4-bit level
 def group_size(in_features: int) -> int | None:
     """The group size of a layer with ``in_features`` inputs: ``GROUP_SIZE`` when it divides them, the whole row for
     narrower even rows (tiny models); None (not quantized) otherwise."""
+    if in_features <= 0:
+        return None
     if in_features % GROUP_SIZE == 0:
         return GROUP_SIZE
     if in_features < GROUP_SIZE and in_features % 2 == 0:
@@ -64,11 +69,12 @@ def quantize_weight(weight: torch.Tensor, group: int, dtype: torch.dtype) -> tup
     w = weight.detach().float().reshape(rows, cols // group, group)
     low = w.amin(dim=-1, keepdim=True)
     high = w.amax(dim=-1, keepdim=True)
-    step = ((high - low) / LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
     # The step and minimum are rounded to ``dtype`` first, so that the levels are chosen for the values that dequantize.
-    step = step.to(dtype).float().clamp_(min=torch.finfo(dtype).tiny)
+    # A step of 0 (a constant group, or one whose step underflows ``dtype``) leaves every level 0: the minimum.
+    step = ((high - low) / LEVELS).to(dtype).float()
     low = low.to(dtype).float()
-    levels = ((w - low) / step).round_().clamp_(0, LEVELS).to(torch.uint8).reshape(rows, cols)
+    divisor = torch.where(step > 0, step, torch.ones_like(step))
+    levels = ((w - low) / divisor).round_().clamp_(0, LEVELS).to(torch.uint8).reshape(rows, cols)
     packed = levels[:, 0::2] | (levels[:, 1::2] << 4)
     return packed.contiguous(), step.squeeze(-1).to(dtype), low.squeeze(-1).to(dtype)
 
@@ -186,7 +192,11 @@ def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on:
     quantized = sum(1 for m in transformer.modules() if isinstance(m, Int4Linear))  # converted as the model loaded
     layers = quantized + quantize_linears(transformer, dtype, device, keep_on)
     groups = sorted({m.group for m in transformer.modules() if isinstance(m, Int4Linear)})
-    kept = sum(1 for name, m in transformer.named_modules() if type(m) is nn.Linear and name.startswith(QUANTIZED_PREFIXES))
+    kept = sum(  # a hot-swapped LoRA's base layers (peft's own lora_A and lora_B layers are not counted)
+        1
+        for name, m in transformer.named_modules()
+        if type(m) is nn.Linear and name.startswith(QUANTIZED_PREFIXES) and ".lora_" not in name
+    )
     run = str(dtype).removeprefix("torch.")
     log.info("--quantize int4: %d linear layers with 4-bit weights, multiplied in %s (%d kept in %s)", layers, run, kept, run)
     return {

@@ -34,9 +34,10 @@ def quantize_on_load(profile) -> bool:
 
 
 def loads_on_cpu(profile, component: str) -> bool:
-    """Whether ``component`` is read into host memory first, whatever its offload: the transformer under
-    ``quantize=int4``, whose layers are quantized one at a time on their way to the device, so that it is never
-    there in the run dtype (38 GiB for Qwen-Image in bf16, more than the cards int4 is for)."""
+    """Whether ``component`` is opened on the CPU first, whatever its offload: the transformer under ``quantize=int4``,
+    whose layers are quantized one at a time on their way to the device, so that it is never there in the run dtype
+    (38 GiB for Qwen-Image in bf16, more than the cards int4 is for). Its files are memory-mapped there (diffusers'
+    loading with ``device_map="cpu"``), not copied into the process, when they hold the run dtype."""
     return component == "transformer" and getattr(profile, "quantize", "none") == "int4"
 
 

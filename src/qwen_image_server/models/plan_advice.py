@@ -49,7 +49,7 @@ def needs(fp, device: str = "the GPU") -> str:
     """What one worker's figure is made of (weights by component, working memory, process, loading)."""
     parts = ", ".join(f"{name} {_gib(b)}" for name, b in fp.components.items())
     work = max(fp.activations, fp.text_encoder_work)
-    loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 on {device})" if fp.load_extra else ""
+    loading = f"; {_gib(fp.load_extra)} more while it loads (converting to FP8 or 4 bits on {device})" if fp.load_extra else ""
     cache = f" ({_gib(fp.step_cache)} of it the step cache's state)" if fp.step_cache and work == fp.activations else ""
     return (
         f"{_gib(fp.weights)} of weights ({parts}) + {_gib(work)} working memory at {fp.image_side}x{fp.image_side}{cache}"

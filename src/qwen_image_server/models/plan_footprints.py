@@ -37,6 +37,7 @@ def footprints_for(specs, tensors: dict[str, ModelTensors], settings, on_gpu: bo
                 profile=profile if on_gpu else replace(profile, offload="none"),
                 overhead=PROCESS_OVERHEAD if on_gpu else CPU_PROCESS_OVERHEAD,
                 preview_scale=settings.preview_scale,
+                on_gpu=on_gpu,
             )
     return out
 
