@@ -107,6 +107,28 @@ class InferenceFailed(ServerError):
         super().__init__(f"Inference failed: {reason}")
 
 
+class RequestDoesNotFit(InvalidRequest):
+    """A request's own choice (``param``: its ``cache`` policy) needed more memory than its worker had, where the
+    model's own settings are planned to fit (400): the message says what to ask for instead."""
+
+    code = "does_not_fit"
+
+    def __init__(self, reason: str, param: str):
+        super().__init__(f"This request's {param} does not fit in its worker's memory: {reason}", param=param)
+
+
+def task_failure(reason: str, param: str | None = None) -> ServerError:
+    """A failed task as the client's error: ``RequestDoesNotFit`` when the request's own ``param`` made it fail
+    (``failure_param``), else ``InferenceFailed``."""
+    return RequestDoesNotFit(reason, param) if param else InferenceFailed(reason)
+
+
+def failure_param(exc: BaseException) -> str | None:
+    """The request field whose value made ``exc`` happen (a pipeline's out-of-memory error marks it as
+    ``qis_param``: the request's own step cache), or None when the server's side failed."""
+    return getattr(exc, "qis_param", None) if is_out_of_memory(exc) else None
+
+
 class StorageFailed(ServerError):
     """A ``response_format=url`` image could not be stored: a full disk, a folder that cannot be written, a bucket
     that refused it (500). The reason is the system's short one (no path, no bucket name)."""

@@ -105,3 +105,22 @@ def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once(monkeypa
         await asyncio.gather(first, second, third, return_exceptions=True)
 
     asyncio.run(run())
+
+
+def test_a_task_failed_by_the_requests_own_field_is_a_400_and_the_worker_serves_on():
+    from qwen_image_server.errors import InferenceFailed, RequestDoesNotFit
+
+    async def run() -> None:
+        pool, (worker,), _ = _pool(1)
+        pool.on_message(worker, Ready({"device": "cuda:0"}))  # type: ignore[arg-type]
+        outcomes = []
+        for param in ("cache", None):
+            task = asyncio.ensure_future(pool.submit(_job(), time.monotonic() + 30))
+            await asyncio.sleep(0.01)
+            assert worker.running is not None
+            pool.on_message(worker, Failed(worker.running.task.task_id, "out of memory on the device", param=param))  # type: ignore[arg-type]
+            outcomes.append((await asyncio.gather(task, return_exceptions=True))[0])
+        assert isinstance(outcomes[0], RequestDoesNotFit) and outcomes[0].param == "cache"
+        assert isinstance(outcomes[1], InferenceFailed) and pool.ready()
+
+    asyncio.run(run())

@@ -340,23 +340,37 @@ def test_a_run_out_of_memory_with_the_full_taylorseer_names_its_state_and_the_li
     such a run runs out of memory, the client's reason says what the state held and what keeps less."""
     import torch
 
-    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, short_reason
+    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, failure_param, short_reason
+    from qwen_image_server.models.step_cache import canonical_policy
 
     def out_of_memory(module, args, kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; details)")
 
     handle = runner.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    full_policy = "taylorseer:interval=2,warmup=2,cooldown=0"
     try:
-        reasons = {}
-        for policy in ("taylorseer:interval=2,warmup=2,cooldown=0", "taylorseer:lite=true", "fbcache"):
+        reasons, params, own = {}, {}, []
+        for policy in (full_policy, "taylorseer:lite=true", "fbcache"):
             with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
                 runner.run(replace(JOB, cache=policy))
-            reasons[policy] = short_reason(caught.value, request=True)
+            reasons[policy], params[policy] = short_reason(caught.value, request=True), failure_param(caught.value)
+        model_spec = runner.spec
+        runner.spec = replace(model_spec, profile=replace(model_spec.profile, cache=canonical_policy(full_policy)))
+        try:
+            for cache in (full_policy, None):
+                with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+                    runner.run(replace(JOB, cache=cache))
+                own.append(failure_param(caught.value))
+        finally:
+            runner.spec = model_spec
     finally:
         handle.remove()
     full = reasons["taylorseer:interval=2,warmup=2,cooldown=0"]
     assert full.startswith(OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, keeps every block's")
     assert full.endswith("here): cache=taylorseer:lite=true or cache=fbcache keeps far less") and "KiB" in full
     assert reasons["taylorseer:lite=true"] == reasons["fbcache"] == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
+    # the request's own policy, not the model's (which the plan counts): its field is named, for a 400
+    assert params == {"taylorseer:interval=2,warmup=2,cooldown=0": "cache", "taylorseer:lite=true": None, "fbcache": None}
+    assert own == [None, None], "the model's own full taylorseer, asked for or not: the server's side"
     (image,) = runner.run(JOB)  # and the runner goes on
     assert image.size == (64, 64)

@@ -9,6 +9,7 @@ elsewhere (test_models.py), the worker's bookkeeping here.
 from __future__ import annotations
 
 import io
+import pickle
 import threading
 from multiprocessing import Pipe
 
@@ -35,7 +36,9 @@ from qwen_image_server.errors import (
     OUT_OF_MEMORY,
     OUT_OF_MEMORY_ADVICE,
     InferenceFailed,
+    RequestDoesNotFit,
     short_reason,
+    task_failure,
 )
 from qwen_image_server.jobs import Task
 
@@ -122,6 +125,35 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     assert emptied == [True]  # what the failed call cached is given back, its tensors released first
 
 
+def test_a_request_whose_own_step_cache_ran_out_of_memory_is_told_so_as_a_400_on_its_field(monkeypatch):
+    """A run out of memory with the request's own full ``taylorseer`` (the pipeline runner marks it: the memory plan
+    counts the model's own policy, not a request's) fails its task naming the field; the engine makes it a 400 with
+    ``param: "cache"``. Any other out-of-memory failure stays the server's (500)."""
+    runner = FakeRunner(device="cuda:0")
+    _stub_cuda(monkeypatch, runner)
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
+    ours, theirs = Pipe()
+    thread = threading.Thread(target=Worker(runner, theirs, "m#0").serve, daemon=True)
+    thread.start()
+    try:
+        ours.send(RunTask(Task(1, job("oom-cache"))))
+        (failed,) = until_finished(ours, 1)
+        ours.send(RunTask(Task(2, job("oom"))))
+        (plain,) = until_finished(ours, 2)
+    finally:
+        ours.send(Stop())
+        thread.join(timeout=WAIT)
+    assert failed == Failed(1, OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, ...", param="cache")
+    error = task_failure(failed.reason, failed.param)
+    assert isinstance(error, RequestDoesNotFit) and (error.status_code, error.param, error.code) == (
+        400,
+        "cache",
+        "does_not_fit",
+    )
+    assert error.message.startswith("This request's cache does not fit in its worker's memory: out of memory on the device")
+    assert plain.param is None and isinstance(task_failure(plain.reason, plain.param), InferenceFailed)
+
+
 @pytest.mark.parametrize(
     ("exc", "said"),
     [
@@ -205,6 +237,12 @@ def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
     error = _as_server_error(TaskError("RayTaskError(OutOfMemoryError): ray::replica ...\nTraceback ..."))
     assert isinstance(error, InferenceFailed)
     assert error.message == f"Inference failed: {OUT_OF_MEMORY}{OUT_OF_MEMORY_ADVICE}"
+    # the request's own step cache: the mark the runner set crosses Ray's pickling with the exception
+    marked = torch.cuda.OutOfMemoryError(CUDA_OOM)
+    marked.qis_advice, marked.qis_param = "; its step cache, taylorseer, ...", "cache"  # type: ignore[attr-defined]
+    TaskError.cause = pickle.loads(pickle.dumps(marked))
+    error = _as_server_error(TaskError("RayTaskError(OutOfMemoryError): ..."))
+    assert isinstance(error, RequestDoesNotFit) and error.param == "cache" and error.message.endswith("taylorseer, ...")
 
 
 def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypatch):

@@ -59,12 +59,15 @@ class FakeRunner:
             for step in range(job.partial_images):
                 unencodable = job.prompt == "bad preview" and step == 0
                 on_partial(index, step, _Unencodable() if unencodable else Image.new("RGB", (8, 8)))
-        if job.prompt in ("boom", "oom"):
+        if job.prompt in ("boom", "oom", "oom-cache"):
             working = torch.zeros(4)
             self.held = weakref.ref(working)
             if job.prompt == "boom":
                 raise RuntimeError("boom\nsecond line")
-            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+            error = torch.cuda.OutOfMemoryError(CUDA_OOM)
+            if job.prompt == "oom-cache":  # as the pipeline runner marks a request's own full taylorseer
+                error.qis_advice, error.qis_param = "; its step cache, taylorseer, ...", "cache"  # type: ignore[attr-defined]
+            raise error
         if job.prompt == "wait":  # like the pipeline between its steps: poll until told to stop
             deadline = time.monotonic() + WAIT
             while not should_stop():

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled
+from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, task_failure
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.planner import Plan, checked_plan
 from ..models.spec import ModelSpec
@@ -181,10 +181,10 @@ class _ModelPool:
                     partial.index += piece.offset
                     piece.job.on_partial(partial)
                 return
-            case Failed(task_id, reason, cancelled, retiring):
+            case Failed(task_id, reason, cancelled, retiring, param):
                 piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
                 if piece is not None and not piece.future.done():
-                    piece.future.set_exception(TaskCancelled() if cancelled else InferenceFailed(reason))
+                    piece.future.set_exception(TaskCancelled() if cancelled else task_failure(reason, param))
                 if retiring:  # it exits to be started anew (its GPU broke): no queued task goes to it meanwhile
                     worker.state = "restarting"
                     self.loop.call_later(RETIRE_SECONDS, self._kill_if_not_gone, worker)

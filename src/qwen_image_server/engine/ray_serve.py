@@ -27,7 +27,16 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, short_reason
+from ..errors import (
+    InferenceFailed,
+    NotReady,
+    QueueFull,
+    ShuttingDown,
+    TaskCancelled,
+    failure_param,
+    short_reason,
+    task_failure,
+)
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
@@ -217,7 +226,7 @@ def _as_server_error(exc: BaseException, retry_after: int = 1, model: str = "the
     if "TaskCancelled" in name:
         return TaskCancelled()
     cause = getattr(exc, "cause", None) or exc
-    return InferenceFailed(short_reason(cause, request=True))
+    return task_failure(short_reason(cause, request=True), failure_param(cause))
 
 
 #: Builds the ingress's ASGI app around its engine (``api.app.create_app``; passed in, as the engine

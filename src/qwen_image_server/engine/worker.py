@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import TaskCancelled, short_reason
+from ..errors import TaskCancelled, failure_param, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
 from .worker_device import DeviceBroken, device_memory, recover_device, release_cached
 
@@ -101,6 +101,7 @@ class Failed:
     reason: str
     cancelled: bool = False
     retiring: bool = False  # the worker exits after this (its GPU broke): send it nothing more
+    param: str | None = None  # the request field that made it fail (``errors.failure_param``); None: the server's side
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ class Worker:
             return task_id in self._cancelled or self._stopping.is_set()
 
         runner = self.runner_for(task)
-        failure = None
+        failure = param = None
         try:
             images = runner.run(task.job, should_stop=should_stop, on_partial=on_partial)
         except TaskCancelled:
@@ -313,13 +314,13 @@ class Worker:
             return
         except Exception as exc:
             log.error("task %s failed:\n%s", task_id, traceback.format_exc())
-            failure = short_reason(exc, request=True)
+            failure, param = short_reason(exc, request=True), failure_param(exc)
         if failure is not None:  # out of the except block: its traceback no longer holds the failed call's tensors
             broken = recover_device(runner.device)
             if broken is not None:
                 self.send(Failed(task_id, f"{failure} (the GPU failed; its worker is replaced)", retiring=True))
                 raise DeviceBroken(broken)
-            self.send(Failed(task_id, failure))
+            self.send(Failed(task_id, failure, param=param))
             return
         self.send(Computed(task_id))
         if self._first_job and runner.device.startswith("cuda"):

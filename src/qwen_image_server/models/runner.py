@@ -275,7 +275,11 @@ class PipelineRunner:
                 with contextlib.suppress(Exception):
                     pipe.maybe_free_model_hooks()
                 if is_out_of_memory(exc):
-                    exc.qis_advice = _step_cache_advice(pipe.transformer, policy, job)  # type: ignore[attr-defined]
+                    advice = _step_cache_advice(pipe.transformer, policy, job)
+                    exc.qis_advice = advice  # type: ignore[attr-defined]
+                    if advice and policy is not None and job.cache is not None and policy.canonical() != self.spec.profile.cache:
+                        # the request's own full taylorseer, not the policy the plan counted: a 400 for its field
+                        exc.qis_param = "cache"  # type: ignore[attr-defined]
                 raise
             finally:
                 if preview is not None:
