@@ -85,6 +85,29 @@ def test_the_fused_unpacking_is_the_plain_one(monkeypatch):
         assert torch.equal(int4.dequantize_weight(packed, step, low), int4.dequantize_plain(packed, step, low))
 
 
+def test_unpacking_that_cannot_compile_falls_back_to_op_by_op_with_its_reason(tiny_t2i, monkeypatch):
+    """On CUDA the start-up probe compiles the fused unpacking; where it fails (no Triton...) the layers unpack op by
+    op and the worker's info says why, instead of every call of the model failing. Run here as if the CPU fused."""
+    monkeypatch.setattr(int4, "FUSED_DEQUANTIZE_DEVICES", ("cpu",))
+    monkeypatch.setattr(int4, "FUSED_DEQUANTIZE_BACKEND", "eager")
+    assert int4.probe_unpacking("cpu", torch.float32) is None
+
+    def broken(backend):
+        def compiled(*args):
+            raise RuntimeError("Cannot find a working triton installation\nmore")
+
+        return compiled
+
+    monkeypatch.setattr(int4, "_fused_dequantizer", broken)
+    reason = int4.probe_unpacking("cpu", torch.float32)
+    assert reason == "compiling the unpacking failed on cpu: RuntimeError: Cannot find a working triton installation"
+    runner = _runner(tiny_t2i, quantize="int4")
+    info = runner.speed.info["quantize"]
+    assert (info["unpacking"], info["unpacking_reason"]) == ("eager", reason)
+    assert not any(layer.fused for layer in _int4_layers(runner.pipe.transformer).values())
+    assert runner.run(GENERATE)[0].size == (SIZE, SIZE), "the model serves, unpacking op by op"
+
+
 def test_group_sizes_and_the_layers_taken():
     assert [int4.group_size(n) for n in (3072, 12288, 128, 16, 96, 15, 0)] == [64, 64, 64, 16, None, None, None]
 

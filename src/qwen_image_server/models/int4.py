@@ -16,6 +16,9 @@ the weight several times, so on CUDA ``dequantize_weight`` runs as one
 ``torch.compile``d function (dynamic shapes: a graph or two serve every layer), which reads
 the packed bytes once and writes the run-dtype weight once; inside a region that is
 itself being compiled (``--compile``) the plain function is traced and fused there.
+At start-up ``probe_unpacking`` compiles it once and checks it against the plain one;
+where it cannot compile (a torch build without Triton, an inductor error) the layers
+unpack op by op, with a warning, and the worker's info says why.
 Inductor computes the unpacked value in float32 and rounds it once, where the plain
 function rounds the product and the sum each to the run dtype: in bf16 about one value
 in eight then differs by one unit in the last place.
@@ -97,11 +100,34 @@ def _fused_dequantizer(backend: str) -> Callable[[torch.Tensor, torch.Tensor, to
     return torch.compile(dequantize_plain, backend=backend, dynamic=True, fullgraph=True)
 
 
-def dequantize_weight(packed: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """``dequantize_plain`` as one fused kernel on the devices of ``FUSED_DEQUANTIZE_DEVICES`` (see the module doc)."""
-    if packed.device.type in FUSED_DEQUANTIZE_DEVICES and not torch.compiler.is_compiling():
+def dequantize_weight(packed: torch.Tensor, step: torch.Tensor, low: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """``dequantize_plain`` as one fused kernel on the devices of ``FUSED_DEQUANTIZE_DEVICES`` (see the module doc),
+    unless ``fused`` is False (``probe_unpacking`` found that the compiled function cannot run here)."""
+    if fused and packed.device.type in FUSED_DEQUANTIZE_DEVICES and not torch.compiler.is_compiling():
         return _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
     return dequantize_plain(packed, step, low)
+
+
+def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
+    """Compile and run the fused unpacking on ``device`` once (a small layer, so that requests find it compiled), and
+    check it against the plain one; the reason it cannot be used, or None when it can (or the device does not fuse).
+    A torch build without a working compiler for the device (inductor needs Triton on CUDA) would otherwise fail every
+    call of the model."""
+    if torch.device(device).type not in FUSED_DEQUANTIZE_DEVICES:
+        return None
+    try:
+        weight = torch.randn(64, 2 * GROUP_SIZE, device=device)
+        packed, step, low = quantize_weight(weight, GROUP_SIZE, dtype)
+        fused = _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
+        plain = dequantize_plain(packed, step, low)
+        if fused.shape != plain.shape or not torch.allclose(fused.float(), plain.float(), rtol=1e-2, atol=1e-3):
+            return "the compiled unpacking gave other values than the plain one"
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # no Triton, an inductor error...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"compiling the unpacking failed on {device}: {type(exc).__name__}: {text}"[:300]
+    return None
 
 
 class Int4Linear(nn.Module):
@@ -132,9 +158,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_low", low.to(store))
         bias = linear.bias.detach().to(device=store, dtype=out_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
+        self.fused = True  # unpack with the compiled function where the device has it (``apply_int4`` may say no)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_weight(self.weight_packed, self.weight_step, self.weight_low)
+        weight = dequantize_weight(self.weight_packed, self.weight_step, self.weight_low, self.fused)
         return nn.functional.linear(x.to(self.out_dtype), weight, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -199,6 +226,14 @@ def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on:
     )
     run = str(dtype).removeprefix("torch.")
     log.info("--quantize int4: %d linear layers with 4-bit weights, multiplied in %s (%d kept in %s)", layers, run, kept, run)
+    unpacking: dict = {"unpacking": "fused" if torch.device(device).type in FUSED_DEQUANTIZE_DEVICES else "eager"}
+    reason = probe_unpacking(device, dtype)
+    if reason is not None:
+        for layer in transformer.modules():
+            if isinstance(layer, Int4Linear):
+                layer.fused = False
+        log.warning("--quantize int4: the weights are unpacked op by op (slower: several passes over them): %s", reason)
+        unpacking = {"unpacking": "eager", "unpacking_reason": reason}
     return {
         "requested": "int4",
         "effective": "int4-weights",
@@ -206,5 +241,5 @@ def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on:
         "group_sizes": groups,  # GROUP_SIZE; a row narrower than it is one group
         "layers": layers,
         "layers_in_run_dtype": kept,
-        "unpacking": "fused" if torch.device(device).type in FUSED_DEQUANTIZE_DEVICES else "eager",
+        **unpacking,
     }
