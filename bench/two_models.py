@@ -6,7 +6,9 @@ the same GPU, then a stream of ``--requests`` requests alternating between the t
 
 - ``separate``: one worker process per model, each with its own text encoder and VAE;
 - ``shared``: ``--share-components``: one process serves both, loading the identical
-  text encoder and VAE once (the models take turns on the GPU).
+  text encoder and VAE once (the models take turns on the GPU);
+- ``shared-int4``: the same with ``--quantize int4``: both transformers in 4 bits (about
+  10.7 GiB each instead of 19 in FP8), the shared text encoder in FP8 (``--weights-dtype``).
 
 Both use ``--weights-dtype`` (default fp8: two bf16 transformers alone do not fit an
 80 GB card), and allow images no larger than the stream's (``QIS_MAX_IMAGE_SIDE``, at
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
 from serve_process import GpuMemory, ServeProcess, fresh_prompt, package_versions, tiny_model, visible_gpu_name  # noqa: E402
 
-DESIGNS = {"separate": [], "shared": ["--share-components"]}
+DESIGNS = {"separate": [], "shared": ["--share-components"], "shared-int4": ["--share-components", "--quantize", "int4"]}
 GIB = 1024**3
 
 
@@ -122,6 +124,10 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path)
         ready = httpx.get(server.url + "/ready", timeout=30).json()
         pids = {w["pid"] for model in ready["models"].values() for w in model["workers"] if w.get("pid")}
         record["worker_processes"] = len(pids)  # shared: one process serves both models
+        record["quantize"] = {  # what each model's workers really run (``--quantize``: its effective form)
+            name: ((model["workers"] or [{}])[0].get("speed") or {}).get("quantize", {}).get("effective", "none")
+            for name, model in ready["models"].items()
+        }
         record["peak_used_gib"] = None if memory.peak_mib is None else round(memory.peak_mib / 1024, 2)
         # after the stream, from a probe process with a CUDA context of its own; an out-of-memory recovery during
         # the stream empties the server's cache, so this is no high-water mark

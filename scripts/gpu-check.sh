@@ -139,7 +139,7 @@ for stage in "${stages[@]}"; do
         --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
       ;;
     two-models)
-      run_stage two-models "$OUT/two-models.log" python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared}" \
+      run_stage two-models "$OUT/two-models.log" python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared,shared-int4}" \
         --requests "${TWO_MODEL_REQUESTS:-20}" --json "$OUT/two-models.jsonl"
       ;;
     *)

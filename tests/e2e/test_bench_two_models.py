@@ -27,4 +27,5 @@ def test_both_designs_serve_the_mixed_stream(tmp_path, tiny_t2i, tiny_edit):
         assert record["ready"] and record["statuses"] == {"200": 4} and record["lost"] == 0, record
         assert record["prompts"] == 4  # each request its own prompt: none skips the text encoder
     assert records["separate"]["worker_processes"] == 2 and records["shared"]["worker_processes"] == 1
+    assert records["shared"]["quantize"] == {"qwen-image": "none", "qwen-image-edit": "none"}  # as /ready says
     assert "| shared | 1 |" in done.stdout  # the table
