@@ -103,7 +103,8 @@ class InferenceFailed(ServerError):
     code = "inference_failed"
 
     def __init__(self, reason: str):
-        reason = " ".join(str(reason).split())[:300] or "unknown error"
+        # ``short_reason`` keeps an exception's own text to 300 characters; its advice (out of memory) comes on top
+        reason = " ".join(str(reason).split())[:600] or "unknown error"
         super().__init__(f"Inference failed: {reason}")
 
 

@@ -28,4 +28,4 @@ def test_both_designs_serve_the_mixed_stream(tmp_path, tiny_t2i, tiny_edit):
         assert record["prompts"] == 4  # each request its own prompt: none skips the text encoder
     assert records["separate"]["worker_processes"] == 2 and records["shared"]["worker_processes"] == 1
     assert records["shared"]["quantize"] == {"qwen-image": "none", "qwen-image-edit": "none"}  # as /ready says
-    assert "| shared | 1 |" in done.stdout  # the table
+    assert "| shared | 1 |" in done.stdout and "(80) |" in done.stdout  # the table, each design against its card

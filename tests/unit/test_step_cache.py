@@ -340,13 +340,14 @@ def test_a_run_out_of_memory_with_the_full_taylorseer_names_its_state_and_the_li
     such a run runs out of memory, the client's reason says what the state held and what keeps less."""
     import torch
 
-    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, failure_param, short_reason
+    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, InferenceFailed, failure_param, short_reason
     from qwen_image_server.models.step_cache import canonical_policy
 
     def out_of_memory(module, args, kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; details)")
 
-    handle = runner.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    # inside the transformer's forward, where its first block starts (as a real allocation there would fail)
+    handle = runner.pipe.transformer.transformer_blocks[0].register_forward_pre_hook(out_of_memory, with_kwargs=True)
     full_policy = "taylorseer:interval=2,warmup=2,cooldown=0"
     try:
         reasons, params, own = {}, {}, []
@@ -355,9 +356,10 @@ def test_a_run_out_of_memory_with_the_full_taylorseer_names_its_state_and_the_li
                 runner.run(replace(JOB, cache=policy))
             reasons[policy], params[policy] = short_reason(caught.value, request=True), failure_param(caught.value)
         model_spec = runner.spec
-        runner.spec = replace(model_spec, profile=replace(model_spec.profile, cache=canonical_policy(full_policy)))
+        # the model's own full taylorseer (what the plan counted), asked for, not, or with other knobs but the same state
+        runner.spec = replace(model_spec, profile=replace(model_spec.profile, cache=canonical_policy("taylorseer")))
         try:
-            for cache in (full_policy, None):
+            for cache in ("taylorseer", None, full_policy):
                 with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
                     runner.run(replace(JOB, cache=cache))
                 own.append(failure_param(caught.value))
@@ -365,12 +367,25 @@ def test_a_run_out_of_memory_with_the_full_taylorseer_names_its_state_and_the_li
             runner.spec = model_spec
     finally:
         handle.remove()
+    # out of memory before the first step (the prompt's encoding) or after the state was freed (the final decode):
+    # the request's own taylorseer held nothing then
+    elsewhere = {}
+    for name, component in (("encoding", runner.pipe.text_encoder), ("decoding", runner.pipe.vae.decoder)):
+        handle = component.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+        try:
+            with pytest.raises(torch.cuda.OutOfMemoryError) as caught:  # a prompt of its own: the prompt cache has none
+                runner.run(replace(JOB, prompt=f"a blue sphere, {name}", cache=full_policy))
+            elsewhere[name] = failure_param(caught.value)
+        finally:
+            handle.remove()
     full = reasons["taylorseer:interval=2,warmup=2,cooldown=0"]
     assert full.startswith(OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, keeps every block's")
     assert full.endswith("here): cache=taylorseer:lite=true or cache=fbcache keeps far less") and "KiB" in full
+    assert InferenceFailed(full).message.endswith("keeps far less"), "the model's own policy's 500 keeps the advice whole"
     assert reasons["taylorseer:lite=true"] == reasons["fbcache"] == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
     # the request's own policy, not the model's (which the plan counts): its field is named, for a 400
     assert params == {"taylorseer:interval=2,warmup=2,cooldown=0": "cache", "taylorseer:lite=true": None, "fbcache": None}
-    assert own == [None, None], "the model's own full taylorseer, asked for or not: the server's side"
+    assert own == [None, None, None], "the model's own full taylorseer, asked for or not: the server's side"
+    assert elsewhere == {"encoding": None, "decoding": None}
     (image,) = runner.run(JOB)  # and the runner goes on
     assert image.size == (64, 64)

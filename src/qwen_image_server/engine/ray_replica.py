@@ -216,6 +216,8 @@ class ModelReplica:
                 finally:
                     self._running = None
                 self._broken = recover_device(self.runner.device)  # the cache given back; or the context is broken
+                if self._broken is not None and hasattr(failure, "qis_param"):
+                    del failure.qis_param  # a broken GPU is the server's failure (a 500), whatever the request asked
                 raise failure
 
         future = loop.run_in_executor(None, work)

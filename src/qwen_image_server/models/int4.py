@@ -116,7 +116,9 @@ def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
     if torch.device(device).type not in FUSED_DEQUANTIZE_DEVICES:
         return None
     try:
-        weight = torch.randn(64, 2 * GROUP_SIZE, device=device)
+        # no two sizes alike (rows, packed bytes, groups): dynamic shapes assume equal sizes stay equal, and a
+        # square probe would leave a graph that the model's layers compile anew
+        weight = torch.randn(96, 4 * GROUP_SIZE, device=device)
         packed, step, low = quantize_weight(weight, GROUP_SIZE, dtype)
         fused = _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
         plain = dequantize_plain(packed, step, low)

@@ -210,6 +210,7 @@ class PipelineRunner:
         if should_stop():
             raise TaskCancelled()
         preview: Previews | None = None
+        freed = [False]  # the step cache's state, held from the first transformer call, was freed after the last step
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             if should_stop():
@@ -218,6 +219,7 @@ class PipelineRunner:
                 # The last step is done: the step cache's state (TaylorSeer keeps every block's attention outputs,
                 # gigabytes at large sizes) is freed before the VAE decodes instead of after (footprint.step_cache_bytes).
                 self.step_cache.reset()
+                freed[0] = True
             if preview is not None:
                 preview.at_step_end(pipe, step, callback_kwargs["latents"])
             return callback_kwargs
@@ -275,11 +277,14 @@ class PipelineRunner:
                 with contextlib.suppress(Exception):
                     pipe.maybe_free_model_hooks()
                 if is_out_of_memory(exc):
+                    held = stats["transformer_calls"] > 0 and not freed[0]  # denoising, with the state in memory
                     advice = _step_cache_advice(pipe.transformer, policy, job)
                     exc.qis_advice = advice  # type: ignore[attr-defined]
-                    if advice and policy is not None and job.cache is not None and policy.canonical() != self.spec.profile.cache:
-                        # the request's own full taylorseer, not the policy the plan counted: a 400 for its field
-                        exc.qis_param = "cache"  # type: ignore[attr-defined]
+                    if held and advice and job.cache is not None:
+                        own = parse_policy(self.spec.profile.cache)  # what the memory plan counted for this model
+                        if _state_bytes(pipe.transformer, policy, job) > _state_bytes(pipe.transformer, own, job):
+                            # the request's own full taylorseer keeps more than the plan allowed for: a 400 on its field
+                            exc.qis_param = "cache"  # type: ignore[attr-defined]
                 raise
             finally:
                 if preview is not None:
@@ -290,18 +295,17 @@ class PipelineRunner:
         return [finish(image) for image in result]
 
 
-def _step_cache_advice(transformer, policy, job: Job) -> str:
-    """For a run that ran out of memory with the full ``taylorseer`` step cache: what its state held (about), and
-    the policies that keep far less; "" for any other policy."""
-    if policy is None or policy.name != "taylorseer" or policy["lite"]:
-        return ""
-    from .footprint import GENERATION_TEXT_TOKENS, human, step_cache_bytes
+def _state_bytes(transformer, policy, job: Job) -> int:
+    """About what ``policy``'s step cache keeps between steps for ``job`` (``footprint.step_cache_bytes``); 0 without."""
+    if policy is None:
+        return 0
+    from .footprint import GENERATION_TEXT_TOKENS, step_cache_bytes
 
     config = transformer.config
     width, height = job.width or 1024, job.height or 1024
     inputs = len(job.images or []) if job.mode == "edit" else 0  # an edit's input images join the sequence
     image_tokens = (-(-width // 16)) * (-(-height // 16)) * (1 + inputs)
-    kept = step_cache_bytes(
+    return step_cache_bytes(
         policy.canonical(),
         image_tokens,
         GENERATION_TEXT_TOKENS,
@@ -310,9 +314,19 @@ def _step_cache_advice(transformer, policy, job: Job) -> str:
         transformer.dtype.itemsize,
         job.n,
     )
+
+
+def _step_cache_advice(transformer, policy, job: Job) -> str:
+    """For a run that ran out of memory with the full ``taylorseer`` step cache: what its state held (about), and
+    the policies that keep far less; "" for any other policy."""
+    if policy is None or policy.name != "taylorseer" or policy["lite"]:
+        return ""
+    from .footprint import human
+
     return (
-        f"; its step cache, taylorseer, keeps every block's attention outputs between steps (about {human(kept)} "
-        "here): cache=taylorseer:lite=true or cache=fbcache keeps far less"
+        f"; its step cache, taylorseer, keeps every block's attention outputs between steps (about "
+        f"{human(_state_bytes(transformer, policy, job))} here): cache=taylorseer:lite=true or cache=fbcache keeps "
+        "far less"
     )
 
 
