@@ -54,16 +54,9 @@ def test_each_mode_runs_on_cuda(tiny_t2i, profile):
                 assert p.device.type == ("cuda" if resident else "cpu"), f"{name}.{pname} between calls"
 
 
-def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
-    """Peak host RSS while loading grows by about one safetensors shard, not by the model.
-
-    The tiny model (2 MB) is too small to show this against the noise of imports, so a copy
-    gets a larger random transformer (~1.4 GB in bf16) saved in 100 MB shards. diffusers
-    reads each shard (memory-mapped) and moves its tensors to the device: host memory then
-    holds at most a shard or so at a time. Loading to the CPU first would grow RSS by the
-    whole transformer. This proves the device-map path on this model; on the full-size
-    model the same bound is one shard (~5 GB) instead of 54 GB.
-    """
+def _with_a_larger_transformer(tiny_t2i, tmp_path):
+    """A copy of the tiny model with a random transformer of about 1.4 GB in bf16, saved in 100 MB shards; and its
+    bytes."""
     from diffusers import QwenImageTransformer2DModel
 
     folder = tmp_path / "model"
@@ -74,7 +67,20 @@ def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
                                       num_attention_heads=12, joint_attention_dim=32, axes_dims_rope=(32, 48, 48)).to(torch.bfloat16)  # fmt: skip
     size = sum(p.numel() * p.element_size() for p in big.parameters())
     big.save_pretrained(folder / "transformer", max_shard_size="100MB")
-    del big
+    return folder, size
+
+
+def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
+    """Peak host RSS while loading grows by about one safetensors shard, not by the model.
+
+    The tiny model (2 MB) is too small to show this against the noise of imports, so a copy
+    gets a larger random transformer (~1.4 GB in bf16) saved in 100 MB shards. diffusers
+    reads each shard (memory-mapped) and moves its tensors to the device: host memory then
+    holds at most a shard or so at a time. Loading to the CPU first would grow RSS by the
+    whole transformer. This proves the device-map path on this model; on the full-size
+    model the same bound is one shard (~5 GB) instead of 54 GB.
+    """
+    folder, size = _with_a_larger_transformer(tiny_t2i, tmp_path)
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
         from qwen_image_server.models.runner import PipelineRunner
@@ -127,17 +133,7 @@ def test_int4_layers_live_where_the_mode_keeps_the_transformer(tiny_t2i, offload
 def test_int4_never_has_the_run_dtype_transformer_on_the_gpu(tiny_t2i, tmp_path):
     """The transformer is read on the CPU and each layer quantized on the GPU on its way there: the GPU's peak while
     loading stays near the 4-bit size (about 0.28 of bf16), far under the bf16 transformer."""
-    from diffusers import QwenImageTransformer2DModel
-
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_t2i, folder)
-    shutil.rmtree(folder / "transformer")
-    torch.manual_seed(0)
-    big = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=8, attention_head_dim=128,
-                                      num_attention_heads=12, joint_attention_dim=32, axes_dims_rope=(32, 48, 48)).to(torch.bfloat16)  # fmt: skip
-    size = sum(p.numel() * p.element_size() for p in big.parameters())
-    big.save_pretrained(folder / "transformer", max_shard_size="100MB")
-    del big
+    folder, size = _with_a_larger_transformer(tiny_t2i, tmp_path)
     spec = replace(resolve_model(str(folder), "big"), profile=RunProfile(quantize="int4"))
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()

@@ -104,6 +104,9 @@ def _stub_cuda(monkeypatch, runner: FakeRunner, synchronize=None) -> list[bool]:
 
 
 def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_goes_on(monkeypatch):
+    """Out of memory is a 500 without torch's details, and the worker serves on. When the request's own full
+    ``taylorseer`` ran out (the pipeline runner marks it: the memory plan counts the model's own policy, not a
+    request's) the task fails naming the field, which the engine makes a 400 with ``param: "cache"``."""
     runner = FakeRunner(device="cuda:0")
     emptied = _stub_cuda(monkeypatch, runner)
     monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
@@ -115,6 +118,8 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
         (failed,) = until_finished(ours, 1)
         ours.send(RunTask(Task(2, job())))
         assert isinstance(until_finished(ours, 2)[-1], Done)
+        ours.send(RunTask(Task(3, job("oom-cache"))))
+        (requests_own,) = until_finished(ours, 3)
     finally:
         ours.send(Stop())
         thread.join(timeout=WAIT)
@@ -122,36 +127,13 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     message = InferenceFailed(failed.reason).message
     assert message.startswith("Inference failed: out of memory on the device (this request needed more than was free")
     assert "Process" not in message and "4242" not in message and "GiB" not in message and "PYTORCH" not in message
-    assert emptied == [True]  # what the failed call cached is given back, its tensors released first
-
-
-def test_a_request_whose_own_step_cache_ran_out_of_memory_is_told_so_as_a_400_on_its_field(monkeypatch):
-    """A run out of memory with the request's own full ``taylorseer`` (the pipeline runner marks it: the memory plan
-    counts the model's own policy, not a request's) fails its task naming the field; the engine makes it a 400 with
-    ``param: "cache"``. Any other out-of-memory failure stays the server's (500)."""
-    runner = FakeRunner(device="cuda:0")
-    _stub_cuda(monkeypatch, runner)
-    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
-    ours, theirs = Pipe()
-    thread = threading.Thread(target=Worker(runner, theirs, "m#0").serve, daemon=True)
-    thread.start()
-    try:
-        ours.send(RunTask(Task(1, job("oom-cache"))))
-        (failed,) = until_finished(ours, 1)
-        ours.send(RunTask(Task(2, job("oom"))))
-        (plain,) = until_finished(ours, 2)
-    finally:
-        ours.send(Stop())
-        thread.join(timeout=WAIT)
-    assert failed == Failed(1, OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, ...", param="cache")
-    error = task_failure(failed.reason, failed.param)
-    assert isinstance(error, RequestDoesNotFit) and (error.status_code, error.param, error.code) == (
-        400,
-        "cache",
-        "does_not_fit",
-    )
+    assert emptied == [True, True]  # what each failed call cached is given back, its tensors released first
+    assert isinstance(task_failure(failed.reason, failed.param), InferenceFailed)
+    want = OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE + "; its step cache, taylorseer, ..."
+    assert requests_own == Failed(3, want, param="cache")
+    error = task_failure(requests_own.reason, requests_own.param)
+    assert isinstance(error, RequestDoesNotFit) and (error.status_code, error.param, error.code) == (400, "cache", "does_not_fit")
     assert error.message.startswith("This request's cache does not fit in its worker's memory: out of memory on the device")
-    assert plain.param is None and isinstance(task_failure(plain.reason, plain.param), InferenceFailed)
 
 
 @pytest.mark.parametrize(
