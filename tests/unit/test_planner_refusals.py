@@ -461,3 +461,41 @@ def test_a_full_taylorseer_that_does_not_fit_is_refused_with_its_lite_form_as_a_
     fits = make_plan([full_model("qwen-image", cache=lite)], Settings(device="auto"), discover=card)
     assert fits.devices("qwen-image") == ["cuda:0"]
     assert make_plan([full_model("qwen-image")], Settings(device="auto"), discover=card).devices("qwen-image") == ["cuda:0"]
+
+
+def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_single_flag_keeps_it_there():
+    """On 16 and 24 GB cards no one setting keeps Qwen-Image's transformer on the GPU (the offloads that fit stream it
+    at every step): the refusal also offers the 4-bit recipe that does, checked by planning with it. Not to a model
+    that offloads its transformer on purpose, nor where one setting already keeps it resident (48 GB: FP8)."""
+    spec = resolve_configured(Settings(models=["qwen-image=random:Qwen/Qwen-Image"]))[0]  # sized from its layer names
+    recipe = "--quantize int4@qwen-image --weights-dtype fp8@qwen-image --offload text-encoder@qwen-image"
+
+    def refusal(gib: float, **profile) -> str:
+        with pytest.raises(PlanError) as refused:
+            make_plan([replace(spec, profile=RunProfile(**profile))], Settings(), discover=gpu_probe(fake_gpu(0, gib)))
+        return str(refused.value)
+
+    for gib in (16, 24):
+        text = refusal(gib)
+        assert (
+            f"{recipe} --vae-tiling on@qwen-image (the transformer stays on the GPU, in 4 bits; it would need 15.0 GiB)" in text
+        )
+    tiled = RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder", vae_tiling="on")
+    assert make_plan([replace(spec, profile=tiled)], Settings(), discover=gpu_probe(fake_gpu(0, 16))).devices("qwen-image")
+    # where images stay small the VAE needs no tiles, and settings the model has are not repeated
+    small = Settings(max_image_side=1024)
+    with pytest.raises(PlanError) as refused:
+        make_plan([replace(spec, profile=RunProfile(weights_dtype="fp8"))], small, discover=gpu_probe(fake_gpu(0, 24)))
+    text = str(refused.value)
+    assert "--quantize int4@qwen-image --offload text-encoder@qwen-image (the transformer stays on the GPU" in text
+    assert "--vae-tiling" not in text.split("Would fit: ")[1].split("(the transformer")[0]
+    assert "in 4 bits" not in refusal(16, offload="group", cfg_batch="on")
+    assert "in 4 bits" not in refusal(48)
+    # nor where a setting for every model keeps it resident (two models on one 80 GB card: FP8 or int4 for both)
+    both = resolve_configured(
+        Settings(models=["random:Qwen/Qwen-Image-Edit-2509", "random:Qwen/Qwen-Image"], max_image_side=1328)
+    )
+    with pytest.raises(PlanError) as refused:
+        make_plan(both, Settings(max_image_side=1328), discover=gpu_probe(H100))
+    text = str(refused.value)
+    assert "--quantize int4 (for every model) (it would need 32.9 GiB)" in text and "in 4 bits" not in text

@@ -22,6 +22,14 @@ _PROFILE_CHANGES = (
     ("offload", "model", "--offload"),
     ("offload", "sequential", "--offload"),
 )
+#: Settings that fit only together, tried when no single change keeps the transformer on the GPU: the transformer
+#: resident in 4 bits, the text encoder in FP8 streamed per prompt (16-24 GB cards), the VAE in tiles if need be.
+_RECIPES = (
+    {"quantize": "int4", "weights_dtype": "fp8", "offload": "text-encoder"},
+    {"quantize": "int4", "weights_dtype": "fp8", "offload": "text-encoder", "vae_tiling": "on"},
+)
+#: The single changes above that keep the transformer resident (an offload of it streams it at every step).
+_RESIDENT = {"vae_tiling", "weights_dtype", "quantize"}
 
 
 def profiles_allowed(profiles, device: str) -> bool:
@@ -131,18 +139,28 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     def need(fps) -> str:
         return f" (it would need {_gib(fps[model].total)})"
 
+    resident = False  # a suggestion that keeps the model's transformer on the GPU
     for key, value, flag in _PROFILE_CHANGES:
         if getattr(by_id[model].profile, key) == value:
             continue
+        keeps = key in _RESIDENT or (key == "offload" and value == "text-encoder")
         ok, fps = fits(profiles={model: replace(by_id[model].profile, **{key: value})})
         if ok:
             out.append(f"{flag} {value}@{model}{need(fps)}")
+            resident = resident or keeps
             continue
         everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
         if len(specs) > 1:
             ok, fps = fits(profiles=everyone)
             if ok:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
+                resident = resident or keeps
+    if not resident:
+        recipe = resident_recipe(by_id[model].profile, lambda p: fits(profiles={model: p}))
+        if recipe is not None:
+            changes, fps = recipe
+            flags = " ".join(f"--{key.replace('_', '-')} {value}@{model}" for key, value in changes.items())
+            out.append(f"{flags} (the transformer stays on the GPU, in 4 bits; it would need {_gib(fps[model].total)})")
     lite = lighter_cache(by_id[model].profile.cache)
     if lite:
         ok, fps = fits(profiles={model: replace(by_id[model].profile, cache=lite)})
@@ -168,6 +186,22 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
                 out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)})")
                 break
     return out
+
+
+def resident_recipe(profile, fits):
+    """The first of ``_RECIPES`` that ``fits(profile)`` (-> ``(fits, footprints)``) with the profile's own settings
+    where a recipe leaves one open, as ``(the changed settings, footprints)``; None when none fits or the profile
+    offloads its transformer on purpose (``group``, ``model``, ``sequential``)."""
+    if profile.offload not in ("none", "text-encoder"):
+        return None
+    for recipe in _RECIPES:
+        changes = {key: value for key, value in recipe.items() if getattr(profile, key) != value}
+        if not changes:
+            continue
+        ok, fps = fits(replace(profile, **changes))
+        if ok:
+            return changes, fps
+    return None
 
 
 def lighter_cache(cache: str | None) -> str | None:
