@@ -71,7 +71,7 @@ MODES = {
     "group+fp8+cfgbatch+cache": {"offload": "group", "weights_dtype": "fp8", "cfg_batch": "on", "cache": "fbcache:threshold=1"},
     # and the VAE in tiles: a tile's working memory instead of the image's (cards below 24 GB)
     "group+fp8+tiling": {"offload": "group", "weights_dtype": "fp8", "vae_tiling": "on"},
-    # the transformer's blocks in 4 bits (resident: ~10.7 GiB), the text encoder in FP8 streamed once per prompt
+    # the transformer's blocks in 4 bits (resident: ~10.8 GiB), the text encoder in FP8 streamed once per prompt
     "int4+fp8+te": {"quantize": "int4", "weights_dtype": "fp8", "offload": "text-encoder"},
     # and the VAE in tiles (16 GB cards)
     "int4+fp8+te+tiling": {"quantize": "int4", "weights_dtype": "fp8", "offload": "text-encoder", "vae_tiling": "on"},

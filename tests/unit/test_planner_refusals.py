@@ -477,9 +477,7 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
 
     for gib in (16, 24):
         text = refusal(gib)
-        assert (
-            f"{recipe} --vae-tiling on@qwen-image (the transformer stays on the GPU, in 4 bits; it would need 15.0 GiB)" in text
-        )
+        assert f"{recipe} --vae-tiling on@qwen-image (the transformer stays on the GPU; it would need 15.0 GiB)" in text
     tiled = RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder", vae_tiling="on")
     assert make_plan([replace(spec, profile=tiled)], Settings(), discover=gpu_probe(fake_gpu(0, 16))).devices("qwen-image")
     # where images stay small the VAE needs no tiles, and settings the model has are not repeated
@@ -489,8 +487,14 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
     text = str(refused.value)
     assert "--quantize int4@qwen-image --offload text-encoder@qwen-image (the transformer stays on the GPU" in text
     assert "--vae-tiling" not in text.split("Would fit: ")[1].split("(the transformer")[0]
-    assert "in 4 bits" not in refusal(16, offload="group", cfg_batch="on")
-    assert "in 4 bits" not in refusal(48)
+    assert "stays on the GPU" not in refusal(16, offload="group", cfg_batch="on")
+    # a --device list with the CPU in it: nothing the CPU's workers would refuse (sequential offload needs CUDA)
+    machine = lambda: HostMemory(256 * GIB, 256 * GIB, "test")  # noqa: E731
+    with pytest.raises(PlanError) as refused:
+        make_plan([spec], Settings(device="cuda:0,cpu"), discover=gpu_probe(fake_gpu(0, 24)), host=machine)
+    text = str(refused.value)
+    assert "--offload group@qwen-image" in text and "--offload sequential" not in text and recipe in text
+    assert "stays on the GPU" not in refusal(48)
     # nor where a setting for every model keeps it resident (two models on one 80 GB card: FP8 or int4 for both)
     both = resolve_configured(
         Settings(models=["random:Qwen/Qwen-Image-Edit-2509", "random:Qwen/Qwen-Image"], max_image_side=1328)
@@ -498,4 +502,14 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
     with pytest.raises(PlanError) as refused:
         make_plan(both, Settings(max_image_side=1328), discover=gpu_probe(H100))
     text = str(refused.value)
-    assert "--quantize int4 (for every model) (it would need 32.9 GiB)" in text and "in 4 bits" not in text
+    assert "--quantize int4 (for every model) (it would need 32.9 GiB)" in text and "stay on the GPU" not in text
+    # two models on a 48 GB card (an L40S: 45 GiB): the setting for every model, and so for one process serving both
+    recipe_for_all = "--quantize int4 --weights-dtype fp8 --offload text-encoder"
+    with pytest.raises(PlanError) as refused:
+        make_plan(both, Settings(), discover=gpu_probe(fake_gpu(0, 45)))
+    assert f"{recipe_for_all} --vae-tiling on (for every model; the transformers stay on the GPU" in str(refused.value)
+    with pytest.raises(PlanError) as refused:
+        make_plan(both, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))
+    assert f"{recipe_for_all} (for every model; the transformers stay on the GPU)" in str(refused.value)
+    shared = [replace(spec, profile=RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder")) for spec in both]
+    assert make_plan(shared, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))

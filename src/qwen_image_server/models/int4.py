@@ -5,7 +5,7 @@ layers as ``--quantize fp8``) becomes an ``Int4Linear``: every run of ``GROUP_SI
 input weights of an output row is mapped to 16 levels between its minimum and maximum
 (round to nearest, asymmetric), two levels packed in a byte, with the group's step and
 minimum kept in the run dtype. That is 4.5 bits a weight with bf16 (0.5625 bytes):
-Qwen-Image's 20.4 B transformer takes about 10.7 GiB instead of 38 GiB in bf16 or 19
+Qwen-Image's 20.4 B transformer takes about 10.8 GiB instead of 38 GiB in bf16 or 19
 in FP8, so it stays resident on a 16 or 24 GB card instead of being streamed over PCIe
 at every step (``--offload group``).
 

@@ -34,15 +34,16 @@ _RESIDENT = {"vae_tiling", "weights_dtype", "quantize"}
 
 def profiles_allowed(profiles, device: str) -> bool:
     """Whether every run profile of ``{model: profile}`` (a suggestion's change) passes the checks ``serve`` and
-    ``plan`` make before loading (``check_profile``, ``check_mode`` on ``device``): a refusal suggests no flag that
-    would itself be refused."""
+    ``plan`` make before loading (``check_profile``, ``check_mode`` on ``device``, or on each of a comma-separated
+    list: a ``--device`` list with the CPU in it): a refusal suggests no flag that would itself be refused."""
     from .memory_modes import check_mode
     from .profile import ProfileError, check_profile
 
     try:
         for model, profile in (profiles or {}).items():
             check_profile(model, profile)
-            check_mode(model, profile.weights_dtype, profile.offload, profile.quantize, device)
+            for one in device.split(","):
+                check_mode(model, profile.weights_dtype, profile.offload, profile.quantize, one.strip())
     except ProfileError:
         return False
     return True
@@ -109,16 +110,47 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
 
 
 def suggest_for_all(specs, settings, fits) -> list[str]:
-    """Flags that make a plan of shared worker processes fit: a profile setting for every model, fewer workers."""
+    """Flags that make a plan of shared worker processes fit: a profile setting for every model, the settings that
+    keep the transformers resident together (when no single one does), fewer workers."""
     out: list[str] = []
+    resident = False
     for key, value, flag in _PROFILE_CHANGES:
         everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
         if all(getattr(spec.profile, key) == value for spec in specs):
             continue
         if fits(profiles=everyone)[0]:
             out.append(f"{flag} {value} (for every model)")
+            resident = resident or _keeps_resident(key, value)
+    if not resident:
+        recipe = recipe_for_every_model(specs, lambda profiles: fits(profiles=profiles))
+        if recipe is not None:
+            out.append(f"{recipe[0]} (for every model; the transformers stay on the GPU)")
     fewer = fewer_workers(specs[0].id, settings, lambda **kw: fits(**kw)[0])
     return out + ([fewer] if fewer else [])
+
+
+def _keeps_resident(key: str, value: str) -> bool:
+    """Whether a single change of ``_PROFILE_CHANGES`` leaves the transformer on the GPU (its offloads do not)."""
+    return key in _RESIDENT or (key == "offload" and value == "text-encoder")
+
+
+def _recipe_flags(changes: dict, model: str | None = None) -> str:
+    at = f"@{model}" if model else ""
+    return " ".join(f"--{key.replace('_', '-')} {value}{at}" for key, value in changes.items())
+
+
+def recipe_for_every_model(specs, fits) -> tuple[str, dict] | None:
+    """The first of ``_RECIPES`` that ``fits({model: profile})`` (-> ``(fits, footprints)``) given to every model, as
+    ``(its flags, footprints)``; None when none fits or a model offloads its transformer on purpose."""
+    if any(spec.profile.offload not in ("none", "text-encoder") for spec in specs):
+        return None
+    for recipe in _RECIPES:
+        if all(getattr(spec.profile, key) == value for spec in specs for key, value in recipe.items()):
+            continue
+        ok, fps = fits({spec.id: replace(spec.profile, **recipe) for spec in specs})
+        if ok:
+            return _recipe_flags(recipe), fps
+    return None
 
 
 def fewer_workers(model: str, settings, fits) -> str | None:
@@ -143,7 +175,7 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     for key, value, flag in _PROFILE_CHANGES:
         if getattr(by_id[model].profile, key) == value:
             continue
-        keeps = key in _RESIDENT or (key == "offload" and value == "text-encoder")
+        keeps = _keeps_resident(key, value)
         ok, fps = fits(profiles={model: replace(by_id[model].profile, **{key: value})})
         if ok:
             out.append(f"{flag} {value}@{model}{need(fps)}")
@@ -159,8 +191,14 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
         recipe = resident_recipe(by_id[model].profile, lambda p: fits(profiles={model: p}))
         if recipe is not None:
             changes, fps = recipe
-            flags = " ".join(f"--{key.replace('_', '-')} {value}@{model}" for key, value in changes.items())
-            out.append(f"{flags} (the transformer stays on the GPU, in 4 bits; it would need {_gib(fps[model].total)})")
+            out.append(
+                f"{_recipe_flags(changes, model)} (the transformer stays on the GPU; it would need {_gib(fps[model].total)})"
+            )
+        elif len(specs) > 1:
+            every = recipe_for_every_model(specs, lambda profiles: fits(profiles=profiles))
+            if every is not None:
+                flags, fps = every
+                out.append(f"{flags} (for every model; the transformers stay on the GPU; it would need {_gib(fps[model].total)})")
     lite = lighter_cache(by_id[model].profile.cache)
     if lite:
         ok, fps = fits(profiles={model: replace(by_id[model].profile, cache=lite)})

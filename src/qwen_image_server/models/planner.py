@@ -132,7 +132,10 @@ class Plan:
             here = [p for p in self.placements if p.device == gpu.device]
             planned = sum(p.need or 0 for p in here)
             names = ", ".join(f"{p.name} {human(p.need)}" for p in here) or "nothing"
-            room = f", {human(gpu.free - planned)} headroom" if gpu.free is not None else ""
+            room = ""
+            if gpu.free is not None:  # a refused plan shows the worker that did not fit where it was tried
+                left = gpu.free - planned
+                room = f", {human(left)} headroom" if left >= 0 else f", short by {human(-left)}"
             head = f"{gpu.device} {gpu.name}".strip()
             lines.append(f"{head} ({human(gpu.free)} free of {human(gpu.total)}): {names}{room}")
         if self.shared_processes:
@@ -309,7 +312,9 @@ def make_plan(
     placed, failed = _arrange(specs, fps, settings, gpus, keys)
     plan.placements = placed  # all of them, or what did fit (for the table)
 
-    fits = allowed_only(lambda **kw: _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw), "cuda")
+    # a --device list with the CPU in it runs workers there too: a suggestion must pass the checks for both
+    checked = "cuda,cpu" if "cpu" in (d.strip() for d in str(settings.device).split(",")) else "cuda"
+    fits = allowed_only(lambda **kw: _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw), checked)
 
     if isinstance(failed, str):
         raise PlanError(failed, plan)
