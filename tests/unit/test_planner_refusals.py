@@ -511,5 +511,12 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
     with pytest.raises(PlanError) as refused:
         make_plan(both, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))
     assert f"{recipe_for_all} (for every model; the transformers stay on the GPU)" in str(refused.value)
+    # with the text encoder resident it loads in bf16 first: the refusal counts that in what a GPU needs free
+    resident_encoder = [replace(spec, profile=RunProfile(quantize="int4", weights_dtype="fp8", vae_tiling="on")) for spec in both]
+    with pytest.raises(PlanError) as refused:
+        make_plan(resident_encoder, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 44.5)))
+    text = str(refused.value)
+    assert "each process needs 41.4 GiB (text encoders and VAEs with the same files counted once); 5.5 GiB more while" in text
+    assert "Or serve these models on a GPU with at least 46.9 GiB free" in text
     shared = [replace(spec, profile=RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder")) for spec in both]
     assert make_plan(shared, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))

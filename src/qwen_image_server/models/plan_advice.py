@@ -77,16 +77,18 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
     where = f" on {device}" if device else ""
     if model not in plan.footprints:  # a worker process that serves every model (--share-components)
         need = failed[2] or 0
+        extra = max((one.load_extra for one in plan.footprints.values()), default=0)  # its models load one by one
         members = ", ".join(spec.id for spec in specs)
+        loading = f"; {_gib(extra)} more while it loads" if extra else ""
         head = (
             f"not enough GPU memory for models {members} in one worker process (--share-components; worker "
             f"{slot + 1} of {settings.workers_for(specs[0].id)}){where}: each process needs {_gib(need)} (text encoders and VAEs "
-            "with the same files counted once)"
+            f"with the same files counted once){loading}"
         )
         fp = None
     else:
         fp = plan.footprints[model]
-        need = fp.total
+        need, extra = fp.total, fp.load_extra
         head = (
             f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers_for(model)}){where}: "
             f"each worker needs {_gib(fp.total)} ({needs(fp)})"
@@ -105,7 +107,7 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         lines.append("No single flag makes it fit.")
     largest = max((g.free or 0 for g in plan.gpus), default=0)
     what = f"serve {model} on another GPU" if fp is not None else "serve these models on a GPU"
-    lines.append(f"Or {what} with at least {_gib(need)} free (the most free here: {_gib(largest)}).")
+    lines.append(f"Or {what} with at least {_gib(need + extra)} free (the most free here: {_gib(largest)}).")
     return "\n".join(lines)
 
 
