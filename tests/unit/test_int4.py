@@ -200,6 +200,22 @@ def test_int4_under_group_offload_streams_its_packed_layers_with_their_blocks(ti
         assert np.abs(got - resident).max() <= 1
 
 
+@pytest.mark.parametrize("offload", ["text-encoder", "model"])
+def test_int4_with_the_offloads_that_keep_or_move_the_whole_transformer(tiny_t2i, offload):
+    """README's 16-24 GB setting (``--quantize int4 --weights-dtype fp8 --offload text-encoder``) and model offload,
+    which moves the 4-bit transformer whole: on the CPU (onload = offload = CPU) the images are the resident ones."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    resident = _pixels(_runner(tiny_t2i, quantize="int4", weights_dtype="fp8"))
+    runner = _runner(tiny_t2i, quantize="int4", weights_dtype="fp8", offload=offload)
+    assert _int4_layers(runner.pipe.transformer) and runner.memory.fp8_components == ("text_encoder",)
+    if offload == "text-encoder":
+        assert _is_group_offload_enabled(runner.pipe.text_encoder) and not _is_group_offload_enabled(runner.pipe.transformer)
+    else:
+        assert runner.pipe._all_hooks, "model CPU offload is on"
+    assert np.abs(_pixels(runner) - resident).max() <= 1
+
+
 def test_int4_with_loras(tiny_t2i, tiny_lora, monkeypatch):
     """A hot-swapped LoRA's layers keep the run dtype (peft wraps them) and switch per request; a fused one is merged
     before quantizing, so every layer is 4-bit and the image is the fused LoRA's, rounded."""
