@@ -43,6 +43,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -253,7 +254,7 @@ def quantizable_linears(model: nn.Module, device: str) -> list[tuple[str, nn.Lin
     merges into the base weight. On CUDA, layers whose in/out features are not multiples
     of 16 are left alone too.
     """
-    in_lora = _lora_layers(model)
+    in_lora = lora_layers(model)
     out = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or not name.startswith(QUANTIZED_PREFIXES) or id(module) in in_lora:
@@ -264,7 +265,7 @@ def quantizable_linears(model: nn.Module, device: str) -> list[tuple[str, nn.Lin
     return out
 
 
-def _lora_layers(model: nn.Module) -> set[int]:
+def lora_layers(model: nn.Module) -> set[int]:
     """The ids of every module inside a peft LoRA layer of ``model``."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -278,22 +279,26 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, matmul: 
 
     One layer at a time, so the run-dtype weights are freed as they go (peak: one extra layer).
     """
-    count = 0
-    names = [name for name, _ in quantizable_linears(model, device)]  # names only: a list of the layers would keep
-    for name in names:  # every replaced one alive to the end (the whole run-dtype model beside its FP8 copy)
+    names = [name for name, _ in quantizable_linears(model, device)]
+    return replace_layers(model, names, lambda linear: FP8Linear(linear, dtype, matmul), device)
+
+
+def replace_layers(model: nn.Module, names: list[str], make: Callable[[Any], nn.Module], device: str) -> int:
+    """Replace each layer of ``model`` named in ``names`` by ``make(layer)``, one at a time, so that the replaced
+    weights are freed as they go (names, not layers, are passed: a list of the layers would keep every replaced one
+    alive to the end, the whole run-dtype model beside its converted copy); returns how many. Under group offload the
+    new layers then join their blocks' groups; on CUDA the allocator's cache is given back."""
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        setattr(parent, attr, FP8Linear(linear, dtype, matmul))
-        del linear
-        count += 1
-    if count:
+        setattr(parent, attr, make(getattr(parent, attr)))
+    if names:
         from .memory import regroup_offloaded
 
-        regroup_offloaded(model)  # under group offload, the new layers join their blocks' groups
+        regroup_offloaded(model)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return count
+    return len(names)
 
 
 def apply_fp8(

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .footprint import INT4_GROUP_SIZE, QUANTIZED_PREFIXES
-from .fp8 import _lora_layers
+from .fp8 import lora_layers, replace_layers
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class Int4Linear(nn.Module):
 def int4_linears(model: nn.Module) -> list[str]:
     """The names of the plain ``nn.Linear`` layers under ``QUANTIZED_PREFIXES`` that ``Int4Linear`` can take (not in
     a peft LoRA layer, an input width ``group_size`` accepts)."""
-    in_lora = _lora_layers(model)
+    in_lora = lora_layers(model)
     return [
         name
         for name, module in model.named_modules()
@@ -195,32 +195,19 @@ def quantize_linears(model: nn.Module, dtype: torch.dtype, device: str, keep_on:
     transformer loaded on the CPU never has more than one run-dtype layer on the GPU. Then, unless ``keep_on`` is
     given, whatever else of ``model`` is elsewhere moves to ``device``.
     """
-    count = 0
     store = keep_on or device
-    for name in int4_linears(model):  # names only: a list of the layers would keep every replaced one alive
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        setattr(parent, attr, Int4Linear(linear, dtype, work=device, store=store))
-        del linear
-        count += 1
+    count = replace_layers(model, int4_linears(model), lambda linear: Int4Linear(linear, dtype, work=device, store=store), device)
     if keep_on is None:
         model.to(device)
-    if count:
-        from .memory import regroup_offloaded
-
-        regroup_offloaded(model)  # under group offload, the new layers join their blocks' groups
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return count
 
 
 def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on: str | None = None) -> dict:
     """Quantize what ``transformer`` still has in plain linear layers (those left when LoRAs were loaded first), and
     say what runs, for the worker's info."""
-    quantized = sum(1 for m in transformer.modules() if isinstance(m, Int4Linear))  # converted as the model loaded
-    layers = quantized + quantize_linears(transformer, dtype, device, keep_on)
-    groups = sorted({m.group for m in transformer.modules() if isinstance(m, Int4Linear)})
+    quantize_linears(transformer, dtype, device, keep_on)  # those left after LoRAs; the rest were as the model loaded
+    int4_layers = [m for m in transformer.modules() if isinstance(m, Int4Linear)]
+    layers, groups = len(int4_layers), sorted({m.group for m in int4_layers})
     kept = sum(  # a hot-swapped LoRA's base layers (peft's own lora_A and lora_B layers are not counted)
         1
         for name, m in transformer.named_modules()
@@ -231,9 +218,8 @@ def apply_int4(transformer: nn.Module, device: str, dtype: torch.dtype, keep_on:
     unpacking: dict = {"unpacking": "fused" if torch.device(device).type in FUSED_DEQUANTIZE_DEVICES else "eager"}
     reason = probe_unpacking(device, dtype)
     if reason is not None:
-        for layer in transformer.modules():
-            if isinstance(layer, Int4Linear):
-                layer.fused = False
+        for layer in int4_layers:
+            layer.fused = False
         log.warning("--quantize int4: the weights are unpacked op by op (slower: several passes over them): %s", reason)
         unpacking = {"unpacking": "eager", "unpacking_reason": reason}
     return {

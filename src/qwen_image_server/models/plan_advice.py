@@ -124,9 +124,9 @@ def suggest_for_all(specs, settings, fits) -> list[str]:
             out.append(f"{flag} {value} (for every model)")
             resident = resident or _keeps_resident(key, value)
     if not resident:
-        recipe = recipe_for_every_model(specs, lambda profiles: fits(profiles=profiles))
+        recipe = resident_recipe({spec.id: spec.profile for spec in specs}, lambda profiles: fits(profiles=profiles))
         if recipe is not None:
-            out.append(f"{recipe[0]} (for every model; the transformers stay on the GPU)")
+            out.append(f"{_recipe_flags(recipe[0])} (for every model; the transformers stay on the GPU)")
     fewer = fewer_workers(specs[0].id, settings, lambda **kw: fits(**kw)[0])
     return out + ([fewer] if fewer else [])
 
@@ -139,20 +139,6 @@ def _keeps_resident(key: str, value: str) -> bool:
 def _recipe_flags(changes: dict, model: str | None = None) -> str:
     at = f"@{model}" if model else ""
     return " ".join(f"--{key.replace('_', '-')} {value}{at}" for key, value in changes.items())
-
-
-def recipe_for_every_model(specs, fits) -> tuple[str, dict] | None:
-    """The first of ``_RECIPES`` that ``fits({model: profile})`` (-> ``(fits, footprints)``) given to every model, as
-    ``(its flags, footprints)``; None when none fits or a model offloads its transformer on purpose."""
-    if any(spec.profile.offload not in ("none", "text-encoder") for spec in specs):
-        return None
-    for recipe in _RECIPES:
-        if all(getattr(spec.profile, key) == value for spec in specs for key, value in recipe.items()):
-            continue
-        ok, fps = fits({spec.id: replace(spec.profile, **recipe) for spec in specs})
-        if ok:
-            return _recipe_flags(recipe), fps
-    return None
 
 
 def fewer_workers(model: str, settings, fits) -> str | None:
@@ -190,17 +176,20 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
                 resident = resident or keeps
     if not resident:
-        recipe = resident_recipe(by_id[model].profile, lambda p: fits(profiles={model: p}))
+        recipe = resident_recipe({model: by_id[model].profile}, lambda profiles: fits(profiles=profiles))
         if recipe is not None:
             changes, fps = recipe
             out.append(
                 f"{_recipe_flags(changes, model)} (the transformer stays on the GPU; it would need {_gib(fps[model].total)})"
             )
         elif len(specs) > 1:
-            every = recipe_for_every_model(specs, lambda profiles: fits(profiles=profiles))
+            every = resident_recipe({spec.id: spec.profile for spec in specs}, lambda profiles: fits(profiles=profiles))
             if every is not None:
-                flags, fps = every
-                out.append(f"{flags} (for every model; the transformers stay on the GPU; it would need {_gib(fps[model].total)})")
+                changes, fps = every
+                out.append(
+                    f"{_recipe_flags(changes)} (for every model; the transformers stay on the GPU; it would need "
+                    f"{_gib(fps[model].total)})"
+                )
     lite = lighter_cache(by_id[model].profile.cache)
     if lite:
         ok, fps = fits(profiles={model: replace(by_id[model].profile, cache=lite)})
@@ -228,17 +217,17 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     return out
 
 
-def resident_recipe(profile, fits):
-    """The first of ``_RECIPES`` that ``fits(profile)`` (-> ``(fits, footprints)``) with the profile's own settings
-    where a recipe leaves one open, as ``(the changed settings, footprints)``; None when none fits or the profile
-    offloads its transformer on purpose (``group``, ``model``, ``sequential``)."""
-    if profile.offload not in ("none", "text-encoder"):
+def resident_recipe(profiles: dict, fits):
+    """The first of ``_RECIPES`` that ``fits({model: profile})`` (-> ``(fits, footprints)``) given to every model of
+    ``profiles``, as ``(the settings it changes for some model, footprints)``; None when none fits, when it would change
+    nothing, or when a model offloads its transformer on purpose (``group``, ``model``, ``sequential``)."""
+    if any(profile.offload not in ("none", "text-encoder") for profile in profiles.values()):
         return None
     for recipe in _RECIPES:
-        changes = {key: value for key, value in recipe.items() if getattr(profile, key) != value}
+        changes = {key: value for key, value in recipe.items() if any(getattr(p, key) != value for p in profiles.values())}
         if not changes:
             continue
-        ok, fps = fits(replace(profile, **changes))
+        ok, fps = fits({model: replace(profile, **recipe) for model, profile in profiles.items()})
         if ok:
             return changes, fps
     return None
