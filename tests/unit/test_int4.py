@@ -85,6 +85,51 @@ def test_the_fused_unpacking_is_the_plain_one(monkeypatch):
         assert torch.equal(int4.dequantize_weight(packed, step, low), int4.dequantize_plain(packed, step, low))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_the_unpacking_check_takes_either_rounding_and_refuses_wrong_levels(dtype):
+    """Inductor (CUDA's fused unpacking) computes ``level * step + low`` in float32 and rounds once; the plain function
+    rounds twice. In bf16 they differ by several units in the last place where the two terms nearly cancel: both are
+    right, while a wrong nibble, group or level is not."""
+    torch.manual_seed(3)
+    packed, step, low = int4.quantize_weight(torch.randn(96, 256), 64, dtype)
+    plain = int4.dequantize_plain(packed, step, low)
+    rounded_once = int4.dequantize_plain(packed, step.float(), low.float()).to(dtype)
+    assert int4.unpacked_right(plain, packed, step, low)
+    assert int4.unpacked_right(rounded_once, packed, step, low)
+    swapped = (packed >> 4) | ((packed & 0xF) << 4)
+    assert not int4.unpacked_right(int4.dequantize_plain(swapped, step, low), packed, step, low)
+    assert not int4.unpacked_right(int4.dequantize_plain(packed, step.roll(1, dims=1), low), packed, step, low)
+    one_level_off = plain.clone()
+    one_level_off[5, 7] += step[5, 0]
+    assert not int4.unpacked_right(one_level_off, packed, step, low)
+    assert not int4.unpacked_right(plain[:, :-2], packed, step, low)
+
+
+def test_the_probe_keeps_a_fused_unpacking_that_rounds_once_and_compiles_the_graph_requests_use(monkeypatch):
+    """The start-up probe accepts inductor's single rounding in bf16 (it once compared with the plain function's values
+    and so turned the fused unpacking off on every GPU) and compiles in inference mode, as requests run: the layers'
+    calls after it add no graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setattr(int4, "FUSED_DEQUANTIZE_DEVICES", ("cpu",))
+
+    def rounding_once(backend):
+        return lambda packed, step, low: int4.dequantize_plain(packed, step.float(), low.float()).to(step.dtype)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(int4, "_fused_dequantizer", rounding_once)
+        assert int4.probe_unpacking("cpu", torch.bfloat16) is None
+    counter = CompileCounter()
+    monkeypatch.setattr(int4, "FUSED_DEQUANTIZE_BACKEND", counter)
+    assert int4.probe_unpacking("cpu", torch.bfloat16) is None
+    assert counter.frame_count == 1
+    with torch.inference_mode():
+        for rows, cols in ((40, 192), (72, 640)):
+            packed, step, low = int4.quantize_weight(torch.randn(rows, cols), 64, torch.bfloat16)
+            assert torch.equal(int4.dequantize_weight(packed, step, low), int4.dequantize_plain(packed, step, low))
+    assert counter.frame_count == 1
+
+
 def test_unpacking_that_cannot_compile_falls_back_to_op_by_op_with_its_reason(tiny_t2i, monkeypatch):
     """On CUDA the start-up probe compiles the fused unpacking; where it fails (no Triton...) the layers unpack op by
     op and the worker's info says why, instead of every call of the model failing. Run here as if the CPU fused."""
