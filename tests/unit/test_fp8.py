@@ -82,6 +82,27 @@ def test_fused_quantizer_is_one_graph_for_every_token_count_and_matches_the_plai
     assert outer.frame_count == 1 and fused.frame_count == 1
 
 
+@needs_cpu_fp8_matmul
+def test_padded_rows_in_a_compiled_block_are_one_graph_whatever_the_prompt_length(monkeypatch):
+    """On CUDA the row count (batch times text length for the text stream) is padded to a multiple of 16. Inside a
+    compiled block whose text length is dynamic (``--compile``) that padding must not be a branch on the length: its
+    guard would recompile the block for the first prompt whose length falls in the other case than the warm-up's.
+    Run here as if the CPU padded, with the eager layer as the reference."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setattr(fp8, "PADDED_ROWS_DEVICES", ("cpu",))
+    torch.manual_seed(0)
+    layer = fp8.FP8Linear(nn.Linear(64, 48), torch.float32)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=False)
+    for length in (7, 16, 23, 32, 9):  # the first is the warm-up's; then aligned and unaligned in turn
+        x = torch.randn(2, length, 64)  # batched CFG: two rows a token
+        torch._dynamo.mark_dynamic(x, 1)
+        out = compiled(x)
+        assert out.shape == (2, length, 48) and torch.equal(out, layer(x))
+    assert counter.frame_count == 1
+
+
 def _tiny_transformer(folder):
     from diffusers import QwenImageTransformer2DModel
 

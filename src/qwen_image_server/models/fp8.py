@@ -109,8 +109,18 @@ def activation_quantizer(device: str) -> str:
     return "fused" if torch.device(device).type in FUSED_QUANTIZE_DEVICES else "eager"
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+#: Device types where ``FP8Linear`` pads its row count to a multiple of 16 (``_scaled_mm``'s alignment on CUDA).
+PADDED_ROWS_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _pad_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """``rows`` with zero rows added up to a multiple of 16. In eager mode an aligned count is left as it is; inside a
+    compiled region the padding is computed, not branched on: the row count (the text length times the batch) is a
+    dynamic dimension there, and a branch on ``m % 16`` would be a guard that recompiles the block whenever a prompt's
+    length crosses from one case to the other (the warm-up covers one of them)."""
+    if torch.compiler.is_compiling():
+        return torch.nn.functional.pad(rows, (0, 0, 0, (-m) % 16))
+    return torch.nn.functional.pad(rows, (0, 0, 0, (-m) % 16)) if m % 16 else rows
 
 
 class FP8Linear(nn.Module):
@@ -148,8 +158,8 @@ class FP8Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         m = rows.shape[0]
-        if rows.is_cuda and m % 16:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, _round_up(m, 16) - m))
+        if rows.device.type in PADDED_ROWS_DEVICES:
+            rows = _pad_rows(rows, m)
         values, scale = quantize_activations(rows)
         fused_bias = self.bias is not None and self.out_dtype != torch.float32  # _scaled_mm takes no bias with fp32 out
         out = torch._scaled_mm(
