@@ -83,6 +83,30 @@ def test_offload_hooks_are_installed_and_variants_share_them(tiny_t2i):
     model.run(GENERATE)  # the main pipeline still runs after the variant re-hooked the shared modules
 
 
+def _dtypes(runner: PipelineRunner) -> dict[str, set[torch.dtype]]:
+    modules = {name: getattr(runner.pipe, name) for name in ("transformer", "text_encoder", "vae")}
+    return {f"{name}.{kind}": {t.dtype for t in getattr(module, kind)()} for name, module in modules.items() for kind in ("parameters", "buffers")}  # fmt: skip
+
+
+@pytest.mark.parametrize("profile", [{}, {"weights_dtype": "fp8"}, {"quantize": "fp8"}], ids=["plain", "fp8-stored", "fp8"])
+def test_variants_run_a_bf16_model_as_it_is(tiny_t2i, tiny_edit, profile):
+    """The variation (img2img) and masked-edit (inpaint) pipelines share the model's modules without casting them:
+    built by diffusers' ``from_pipe``, the first variation of a bf16 model turned it into float32 (twice its memory on
+    a GPU; FP8 weights cast back), and the generations after it failed on mixed dtypes."""
+    image, mask = _source_image(1), np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[32:96, 32:96] = 255
+    edit = Job(mode="edit", prompt="make it blue", seeds=[2], width=SIZE, height=SIZE, num_inference_steps=2, images=[image])
+    inpaint = Job(mode="inpaint", prompt="a hole", seeds=[2], num_inference_steps=2, images=[image], mask=mask)
+    for folder, jobs in ((tiny_t2i, [_variation(), GENERATE]), (tiny_edit, [inpaint, edit])):
+        spec = resolve_model(str(folder), "tiny")
+        runner = PipelineRunner(replace(spec, profile=RunProfile(**profile)), device="cpu", dtype="bfloat16")
+        before = _dtypes(runner)
+        assert torch.bfloat16 in before["transformer.parameters"]
+        for job in jobs:
+            assert runner.run(job)[0].size == (SIZE, SIZE)
+        assert _dtypes(runner) == before
+
+
 def test_fp8_storage_is_float8_and_close(tiny_t2i, t2i_reference):
     runner = _runner(tiny_t2i, weights_dtype="fp8")
     transformer, text_encoder = _fp8_layers(runner.pipe.transformer), _fp8_layers(runner.pipe.text_encoder)

@@ -32,6 +32,7 @@ builds a ``cpu:0`` execution device on which accelerate's hooks fail).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -358,12 +359,18 @@ def keep_on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
     return module.to(device)
 
 
-def prepare_variant(variant, mode: MemoryMode) -> None:
-    """Make a ``from_pipe`` variant (img2img, inpaint) offload like the pipeline it shares components with.
+def make_variant(cls, pipe, mode: MemoryMode):
+    """A pipeline of class ``cls`` (img2img, inpaint) on ``pipe``'s loaded components, offloading like ``pipe``.
 
+    Not diffusers' ``from_pipe``: that casts the new pipeline, and so the modules it shares, to its ``dtype`` argument
+    (float32 by default): a bf16 model's first variation would have turned the whole model into float32 (twice its
+    memory, and the generations after it failing on mixed dtypes), and FP8-stored weights back into the run dtype.
     Group and sequential offload hooks live on the shared modules and need nothing more.
     Model CPU offload keeps its hook chain on the pipeline object, so the variant installs
     its own (on the same modules), which also offloads the last model after its calls.
     """
+    names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    variant = cls(**{name: pipe.components[name] for name in names if name in pipe.components})
     if mode.offload == "model":
         variant.enable_model_cpu_offload(device=mode.device)
+    return variant

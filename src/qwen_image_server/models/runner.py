@@ -22,7 +22,7 @@ from ..jobs import Job
 from .compile import compile_and_warm, logged_compiles, warm_eager
 from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
-from .memory import MemoryMode, build_random, load_pipeline, prepare_variant
+from .memory import MemoryMode, build_random, load_pipeline, make_variant
 from .previews import Previews, to_pil_images
 from .processor import load_processor
 from .prompt_cache import PromptCache
@@ -177,8 +177,7 @@ class PipelineRunner:
         if self._img2img is None:
             from diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img import QwenImageImg2ImgPipeline
 
-            self._img2img = QwenImageImg2ImgPipeline.from_pipe(self.pipe)
-            prepare_variant(self._img2img, self.memory)
+            self._img2img = make_variant(QwenImageImg2ImgPipeline, self.pipe, self.memory)
             self.prompt_cache.install(self._img2img)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
@@ -189,8 +188,7 @@ class PipelineRunner:
         if self._inpaint is None:
             from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint import QwenImageEditInpaintPipeline
 
-            self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipe)
-            prepare_variant(self._inpaint, self.memory)
+            self._inpaint = make_variant(QwenImageEditInpaintPipeline, self.pipe, self.memory)
             self.prompt_cache.install(self._inpaint)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
