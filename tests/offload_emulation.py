@@ -131,6 +131,22 @@ class OffloadEmulation:
                 self.owner[id(tensor)] = group
         self.names.update({id(t): name for name, t in (*module.named_parameters(), *module.named_buffers())})
 
+    def left_on_device(self) -> list[str]:
+        """The weights (parameters and buffers) of the groups now offloaded that are not their group's CPU copy: on a
+        GPU these would still hold device memory (a quantized layer's weights are buffers: diffusers' stream offload
+        put only parameters back)."""
+        groups = {id(group): group for group in self.owner.values()}
+        left = []
+        for key, group in groups.items():
+            if self.onloaded.get(key) or not group.cpu_param_dict:
+                continue
+            tensors = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+            for tensor in tensors + list(group.parameters) + list(group.buffers):
+                copy = group.cpu_param_dict.get(tensor)
+                if copy is not None and tensor.data_ptr() != copy.data_ptr():
+                    left.append(self.names.get(id(tensor), "?"))
+        return sorted(left)
+
     @contextlib.contextmanager
     def watching(self):
         """Note each use of a weight whose group is off the device (in ``used_offloaded``)."""

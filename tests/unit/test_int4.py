@@ -242,6 +242,7 @@ def test_int4_under_group_offload_streams_its_packed_layers_with_their_blocks(ti
         with emulation.watching():
             got = _pixels(runner)
         assert emulation.used_offloaded == [], sorted(set(emulation.used_offloaded))
+        assert emulation.left_on_device() == []  # the packed weights are buffers: they go back to the CPU too
         assert np.abs(got - resident).max() <= 1
 
 

@@ -617,6 +617,7 @@ def test_group_offload_has_every_weight_on_the_device_when_it_is_used(tiny_t2i, 
             (image,) = runner.run(job)
         assert image.size == (SIZE, SIZE)
         assert emulation.used_offloaded == [], f"call {index}: {sorted(set(emulation.used_offloaded))}"
+        assert emulation.left_on_device() == []
     assert runner.last_stats["prompt_encodings"] >= 1
     # The token embeddings stay on the device, in no group: as a group of their own they were moved without pinned
     # memory or the side stream, twice per prompt encoding (by their own hook, then by the language model's prefetch)
@@ -643,6 +644,7 @@ def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny
             (image,) = runner.run(replace(GENERATE, lora=lora))
         assert image.size == (SIZE, SIZE)
         assert emulation.used_offloaded == [], sorted(set(emulation.used_offloaded))
+        assert emulation.left_on_device() == []  # FP8 layers' weights are buffers: they go back to the CPU too
 
 
 def test_a_call_stopped_midway_under_model_offload_puts_the_components_back(tiny_t2i, monkeypatch):

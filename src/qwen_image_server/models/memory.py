@@ -301,6 +301,7 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
     from diffusers.hooks import apply_group_offloading
     from diffusers.models.modeling_utils import ModelMixin
 
+    offload_buffers_too()
     if getattr(module, "_qis_group_offloaded", False):  # a component shared with a model loaded before
         return
     module._qis_group_offloaded = True  # type: ignore[assignment]
@@ -331,12 +332,42 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
             setattr(module.get_submodule(parent), attribute, keep_on_device(sub, device))
 
 
+def offload_buffers_too() -> None:
+    """Make diffusers' group offload with a side stream (CUDA) put the buffers of a group's modules back into their
+    CPU copies as it does the parameters (once per process).
+
+    Its onload moves both to the device, but its offload restored only the parameters (diffusers 0.42), so every
+    buffer stayed on the GPU after its block's first call. The quantized layers (``FP8Linear``, ``Int4Linear``) keep
+    their weights in buffers: with ``--quantize fp8|int4 --offload group`` the whole quantized transformer would have
+    piled up on the GPU (about 19 or 11 GiB for Qwen-Image) while the plan counted two blocks. Patched on the class,
+    not on the groups, because diffusers makes new groups itself (loading or removing a LoRA regroups the model)."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    if getattr(ModuleGroup, "_qis_offloads_buffers", False):
+        return
+    offload_parameters = ModuleGroup._offload_to_memory
+
+    def _offload_to_memory(group) -> None:
+        offload_parameters(group)
+        if group.stream is None:  # without a stream the modules were moved whole (``Module.to``), buffers too
+            return
+        for group_module in group.modules:
+            for buffer in group_module.buffers():
+                copy = group.cpu_param_dict.get(buffer)
+                if copy is not None:
+                    buffer.data = copy
+
+    ModuleGroup._offload_to_memory = _offload_to_memory  # type: ignore[method-assign]
+    ModuleGroup._qis_offloads_buffers = True  # type: ignore[attr-defined]
+
+
 def regroup_offloaded(module: torch.nn.Module) -> None:
     """Under group offload, make ``module``'s groups again after its layers changed (FP8 layers made after the hooks,
     LoRA adapters, their dtype): a group still lists the old weights, and with CUDA's side stream finds no CPU copy of
     the new ones (KeyError on the first call). Nothing without group offload."""
     from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
 
+    offload_buffers_too()
     _maybe_remove_and_reapply_group_offloading(module)
 
 
