@@ -224,7 +224,8 @@ def test_the_cache_skips_under_group_offload_after_its_first_call(runner, tiny_t
             image, counts = _run(offloaded, job)
         assert emulation.used_offloaded == []
         assert counts == expected_counts and offloaded.last_stats["cached_calls"] == resident.last_stats["cached_calls"]
-        assert np.array_equal(image, expected)
+        # the same computation; weights copied by the emulated transfers may take another CPU kernel: a level at most
+        assert np.abs(image.astype(np.int16) - expected).max() <= 1
     # and the trace's hooks are gone for good: a stale one left in the blocks' forward (after the cache's hooks were
     # taken off from above it) went on recording every block call of every request, without end
     assert len(tracing.execution_order) == traced
