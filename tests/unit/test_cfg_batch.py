@@ -274,3 +274,21 @@ def test_under_sequential_offload_padded_texts_are_masked_not_split(tiny_t2i):
             generator=torch.Generator().manual_seed(0),
         )
     assert count.batches == [2, 2], "texts of two lengths, batched with a mask"
+
+
+def test_batching_goes_on_after_group_offloads_cuda_order_trace(tiny_t2i, monkeypatch):
+    """Group offload on CUDA traces the blocks' order in its first call with a hook on the transformer that it then
+    removes. diffusers' ``remove_hook`` gave the removed hook's forward to the hook registered after it in place of
+    that hook's own: batched CFG's hook fell out of the chain, and every call after the worker's warm-up ran two passes
+    a step while ``/ready`` said batching was on. Group offload with CUDA's options is emulated on the CPU."""
+    from offload_emulation import OffloadEmulation
+
+    OffloadEmulation(monkeypatch)
+    spec = resolve_model(str(tiny_t2i))
+    runner = PipelineRunner(replace(spec, profile=RunProfile(cfg_batch="on", offload="group")), device="cpu")
+    job = Job(mode="generate", prompt="a cat", seeds=[3], width=128, height=128, num_inference_steps=2)
+    for index in range(3):
+        with _Count(runner) as count:
+            (image,) = runner.run(replace(job, prompt=f"a cat, take {index}"))
+        assert image.size == (128, 128)
+        assert count.batches == [2, 2], f"call {index}"

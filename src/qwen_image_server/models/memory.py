@@ -302,6 +302,7 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
     from diffusers.models.modeling_utils import ModelMixin
 
     offload_buffers_too()
+    keep_later_hooks_forward()
     if getattr(module, "_qis_group_offloaded", False):  # a component shared with a model loaded before
         return
     module._qis_group_offloaded = True  # type: ignore[assignment]
@@ -361,6 +362,37 @@ def offload_buffers_too() -> None:
     ModuleGroup._qis_offloads_buffers = True  # type: ignore[attr-defined]
 
 
+def keep_later_hooks_forward() -> None:
+    """Make diffusers' ``HookRegistry.remove_hook`` keep the ``new_forward`` of the hook registered after the removed
+    one (once per process).
+
+    A hook with ``new_forward`` (batched CFG's, the step caches' head hooks) calls ``fn_ref.original_forward``, what
+    ran below it; its ``fn_ref.forward`` is its own ``new_forward``. Removing the hook before it set the latter to the
+    removed hook's forward (diffusers 0.42), so the later hook fell out of the chain: under group offload with CUDA's
+    side stream, whose order-tracing hook removes itself after the first call, batched CFG stopped batching after a
+    worker's warm-up (two passes a step while ``/ready`` said it was on); regrouping (a LoRA's loading, a change of
+    the layers) did the same on any device. Here what the removal hands on goes to ``original_forward`` instead."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    if getattr(HookRegistry, "_qis_keeps_new_forward", False):
+        return
+    remove = HookRegistry.remove_hook
+
+    def remove_hook(registry, name: str, recurse: bool = True) -> None:
+        after = own = None
+        if name in registry.hooks:
+            index = registry._hook_order.index(name)
+            if index + 1 < len(registry._fn_refs) and registry._fn_refs[index + 1].original_forward is not None:
+                after = registry._fn_refs[index + 1]
+                own = after.forward
+        remove(registry, name, recurse)
+        if after is not None:  # diffusers put what the removed hook ran below it in ``forward``: it goes below
+            after.original_forward, after.forward = after.forward, own
+
+    HookRegistry.remove_hook = remove_hook  # type: ignore[method-assign,assignment]
+    HookRegistry._qis_keeps_new_forward = True  # type: ignore[attr-defined]
+
+
 def regroup_offloaded(module: torch.nn.Module) -> None:
     """Under group offload, make ``module``'s groups again after its layers changed (FP8 layers made after the hooks,
     LoRA adapters, their dtype): a group still lists the old weights, and with CUDA's side stream finds no CPU copy of
@@ -368,6 +400,7 @@ def regroup_offloaded(module: torch.nn.Module) -> None:
     from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
 
     offload_buffers_too()
+    keep_later_hooks_forward()
     _maybe_remove_and_reapply_group_offloading(module)
 
 
