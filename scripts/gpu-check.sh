@@ -23,10 +23,17 @@
 #           requests per design (TWO_MODEL_DESIGNS, TWO_MODEL_REQUESTS)
 #
 # The whole run keeps within GPU_BUDGET seconds (default 540: one call to a lent GPU may run 600 s, the
-# wheels' install included): each stage gets what is left, a stage that runs out is stopped, and later
-# stages are skipped with a line saying so. Benchmarks write each result as soon as it is measured, so a
-# stopped stage keeps what it finished. Results go to $OUT (default ./gpu-results): each stage's log, the
-# benchmarks' JSON lines, stages.txt with each stage's seconds and exit status.
+# wheels' install included): each stage gets what is left, at most its own cap (STAGE_SECONDS_<STAGE>, the
+# stage's name in capitals with _ for -; defaults below), so that one slow stage leaves time to the next;
+# a stage that runs out is stopped (SIGTERM, SIGKILL 15 s later), and stages with too little time left are
+# skipped with a line saying so. Benchmarks write each result as soon as it is measured, so a stopped stage
+# keeps what it finished.
+# Results: each stage writes its log and the benchmarks' JSON lines into GPU_RESULTS (default a new folder
+# under /tmp); after each stage they are gathered into three files in $OUT (default ./gpu-results), as few
+# as a machine that returns only some of a run's files brings back whole:
+#   stages.txt     the GPU, then each stage's seconds and exit status
+#   results.jsonl  every benchmark record, one per line: {"file": "gpu.jsonl", "record": {...}}
+#   results.tgz    everything: the stages' logs, the servers' logs, the JSON lines
 # When the machine lacks this project's dependencies, build the wheels on a machine with
 # package access first (`WHEELS=.whl scripts/gpu-check.sh` then installs them into
 # /tmp/site without network, the way the GPU machines of this project are set up). An image
@@ -40,8 +47,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started_all=$(date +%s)
 deadline=$((started_all + ${GPU_BUDGET:-540}))
 OUT="${OUT:-gpu-results}"
-mkdir -p "$OUT"
+RESULTS="${GPU_RESULTS:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
+mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1
+
+# pack: the results so far into $OUT's three files (see above)
+pack() {
+  cp "$RESULTS/stages.txt" "$OUT/stages.txt" 2>/dev/null
+  for f in "$RESULTS"/*.jsonl; do
+    [ -f "$f" ] || continue
+    grep '^{' "$f" | sed "s|^|{\"file\": \"$(basename "$f")\", \"record\": |; s|\$|}|"
+  done >"$OUT/results.jsonl"
+  tar czf "$OUT/results.tgz" -C "$RESULTS" .
+}
 
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
@@ -50,8 +68,8 @@ else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible"; print(torch.cuda.get_device_name(0), torch.__version__)' \
-  | tee "$OUT/gpu.txt" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/gpu.txt" 2>&1 || true
+  | tee "$RESULTS/stages.txt" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$RESULTS/stages.txt" 2>&1 || true
 
 #: What to download beside the wheels of diffusers and the FastAPI stack for an image that has only torch,
 #: transformers, accelerate, peft and pytest (e.g. as arguments of a prepare-wheels script).
@@ -72,18 +90,34 @@ if failed:
     print("gpu-check: cannot import what the stages need:", *failed, sep="\n", file=sys.stderr)
     print(f"gpu-check: add the missing wheels (this image may need: {sys.argv[1]})", file=sys.stderr)
     sys.exit(1)
+# The benchmarks and `serve --device auto` find GPUs as the server does (models.machine.discover_gpus: a driver's files,
+# then a probe process): where that sees none they would measure nothing and exit 0, stage after stage.
+from qwen_image_server.models.machine import discover_gpus
+
+if not discover_gpus():
+    print(f"gpu-check: torch sees a GPU but the server's discovery found none ({discover_gpus()!r})", file=sys.stderr)
+    sys.exit(1)
 PY
 
 #: The least a stage is started with; below it the stage is skipped.
-MIN_STAGE_SECONDS=45
+MIN_STAGE_SECONDS="${MIN_STAGE_SECONDS:-45}"
 
-# run_stage NAME LOG COMMAND...: COMMAND under what is left of the budget, its output in LOG (and on the console).
+#: Each stage's cap in seconds (STAGE_SECONDS_<STAGE> overrides it): the default stages' caps add up to more than
+#: the budget, so the last one run gets what is left.
+declare -A STAGE_CAPS=([tests]=120 [vae]=60 [bench]=240 [memory]=180 [first-vs-warm]=200 [two-models]=300)
+
+# run_stage NAME LOG COMMAND...: COMMAND under what is left of the budget and the stage's cap, its output in LOG
+# (and the end of it on the console); then the results so far are packed into $OUT.
 run_stage() {
   local name=$1 log=$2
   shift 2
   local left=$((deadline - $(date +%s)))
+  local override="STAGE_SECONDS_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+  local cap="${!override:-${STAGE_CAPS[$name]:-$left}}"
+  [ "$cap" -lt "$left" ] && left=$cap
   if [ "$left" -lt "$MIN_STAGE_SECONDS" ]; then
-    echo "stage $name: skipped, ${left} s of the budget left" | tee -a "$OUT/stages.txt"
+    echo "stage $name: skipped, ${left} s of the budget left" | tee -a "$RESULTS/stages.txt"
+    pack
     return 0
   fi
   local began code
@@ -94,9 +128,13 @@ run_stage() {
   timeout --kill-after=15 "$left" "$@" >>"$log" 2>&1
   code=$?
   tail -n 25 "$log"
-  [ "$code" -eq 124 ] && echo "stage $name: stopped at the end of the budget" | tee -a "$OUT/stages.txt"
-  echo "stage $name: $(($(date +%s) - began)) s, exit $code" | tee -a "$OUT/stages.txt"
+  # 124: stopped by SIGTERM at the end of its time; 137: killed 15 s later, not having stopped by then
+  if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
+    echo "stage $name: stopped after its ${left} s" | tee -a "$RESULTS/stages.txt"
+  fi
+  echo "stage $name: $(($(date +%s) - began)) s, exit $code" | tee -a "$RESULTS/stages.txt"
   [ "$code" -eq 0 ] || status=1
+  pack
 }
 
 stages=("$@")
@@ -107,40 +145,40 @@ for stage in "${stages[@]}"; do
     tests)
       # test_hub_models.py's test on a server of seven models (one compiled) checks nothing GPU-specific and takes
       # the longest to start on a GPU (spawned workers, one load at a time, inductor without a cache): left out
-      run_stage tests "$OUT/tests.log" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs;
+      run_stage tests "$RESULTS/tests.log" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit -rs;
         a=$?; python3 -m pytest -q -p no:cacheprovider tests/e2e/test_hub_models.py tests/e2e/test_reproducibility.py \
         tests/e2e/test_worker_start.py -rs \
         --deselect tests/e2e/test_hub_models.py::test_server_edits_with_hub_ids_offline_at_each_revision; b=$?;
         exit $((a || b))'
       ;;
     bench)
-      run_stage bench "$OUT/bench.log" python3 bench/gpu.py \
+      run_stage bench "$RESULTS/bench.log" python3 bench/gpu.py \
         --settings "${BENCH_SETTINGS:-eager,compile-fp8-cfgbatch,compile-fp8-cfgbatch-cache,lightning-compile}" \
-        --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
+        --runs "${BENCH_RUNS:-1}" --out "$RESULTS/gpu.jsonl"
       ;;
     vae)
       # Each benchmark runs whether or not the other failed (the stage fails if either does); of its output only
       # its last JSON line is added to its .jsonl (one that failed midway ends with a progress line, no result).
-      run_stage vae "$OUT/vae.log" bash -c 'set -o pipefail
+      run_stage vae "$RESULTS/vae.log" bash -c 'set -o pipefail
         python3 bench/vae_fast.py --device cuda --size 1024x1024 --dtype bfloat16 --runs 5 | tee -a /dev/stderr \
           | { grep "^{" || true; } | tail -n 1 >>"$1/vae.jsonl"
         vae=$?
         python3 bench/text_encoder.py --device cuda --layers 28 --runs 5 | tee -a /dev/stderr \
           | { grep "^{" || true; } | tail -n 1 >>"$1/text_encoder.jsonl"
         text_encoder=$?
-        exit $((vae || text_encoder))' vae "$OUT"
+        exit $((vae || text_encoder))' vae "$RESULTS"
       ;;
     memory)
-      run_stage memory "$OUT/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \
-        --pairs "${MEMORY_PAIRS:-none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,int4+fp8+te@24,group+fp8+tiling@16,int4+fp8+te+tiling@16}" --steps "${MEMORY_STEPS:-8}" --json "$OUT/memory.jsonl"
+      run_stage memory "$RESULTS/memory.log" python3 bench/memory_modes.py random:Qwen/Qwen-Image \
+        --pairs "${MEMORY_PAIRS:-none@80,fp8@48,group+fp8@24,group+fp8+cfgbatch@24,int4+fp8+te@24,group+fp8+tiling@16,int4+fp8+te+tiling@16}" --steps "${MEMORY_STEPS:-8}" --json "$RESULTS/memory.jsonl"
       ;;
     first-vs-warm)
-      run_stage first-vs-warm "$OUT/first-vs-warm.log" python3 bench/gpu.py --settings first-vs-warm \
-        --runs "${BENCH_RUNS:-1}" --out "$OUT/gpu.jsonl"
+      run_stage first-vs-warm "$RESULTS/first-vs-warm.log" python3 bench/gpu.py --settings first-vs-warm \
+        --runs "${BENCH_RUNS:-1}" --out "$RESULTS/gpu.jsonl"
       ;;
     two-models)
-      run_stage two-models "$OUT/two-models.log" python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared,shared-int4}" \
-        --requests "${TWO_MODEL_REQUESTS:-20}" --json "$OUT/two-models.jsonl"
+      run_stage two-models "$RESULTS/two-models.log" python3 bench/two_models.py --designs "${TWO_MODEL_DESIGNS:-separate,shared,shared-int4}" \
+        --requests "${TWO_MODEL_REQUESTS:-20}" --json "$RESULTS/two-models.jsonl"
       ;;
     *)
       echo "unknown stage: $stage (tests, vae, bench, memory, first-vs-warm, two-models)" >&2
@@ -148,5 +186,6 @@ for stage in "${stages[@]}"; do
       ;;
   esac
 done
-echo "all stages: $(($(date +%s) - started_all)) s" | tee -a "$OUT/stages.txt"
+echo "all stages: $(($(date +%s) - started_all)) s" | tee -a "$RESULTS/stages.txt"
+pack
 exit $status

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -158,32 +160,59 @@ def test_two_models_records_the_gpu_memory_peak_while_the_stream_ran(tmp_path, m
 
 
 #: Stands in for python3 in scripts/gpu-check.sh: the GPU check and the import check pass; vae_fast.py fails midway
-#: (its last line of output is progress, its traceback on stderr), text_encoder.py prints its JSON line.
+#: (its last line of output is progress, its traceback on stderr), text_encoder.py prints its JSON line, or, with
+#: SLOW_TEXT_ENCODER set, runs until it is stopped.
 _FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
   -c) echo "stub GPU, torch stub" ;;
   -) cat >/dev/null ;;
   bench/vae_fast.py) echo "diffusers decode:    100.0 ms"; echo "RuntimeError: CUDA error" >&2; exit 1 ;;
-  bench/text_encoder.py) echo "stock   :    10.0 ms"; echo '{"speedup": 1.5}' ;;
+  bench/text_encoder.py) [ -n "${SLOW_TEXT_ENCODER:-}" ] && exec sleep 60; echo "stock   :    10.0 ms"; echo '{"speedup": 1.5}' ;;
   *) echo "unexpected: $*" >&2; exit 3 ;;
 esac
 """
 
 
-def test_gpu_check_vae_stage_runs_both_benchmarks_and_keeps_only_json_lines(tmp_path):
-    """The vae stage's text-encoder benchmark runs even when the VAE one fails (the stage then fails), and a .jsonl
-    file gets a benchmark's JSON line only, never the last line of a run that failed. (python3 is a stand-in.)"""
+def _gpu_check(tmp_path, *stages: str, **env: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """scripts/gpu-check.sh with python3 stubbed: its run, ``$OUT`` and its ``GPU_RESULTS`` folder."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
-    bin_dir, out = tmp_path / "bin", tmp_path / "results"
+    bin_dir, out, results = tmp_path / "bin", tmp_path / "out", tmp_path / "results"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(_FAKE_PYTHON)
     (bin_dir / "python3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "GPU_BUDGET": "300"}
-    env.pop("WHEELS", None)
-    done = subprocess.run(["bash", str(script), "vae"], capture_output=True, text=True, timeout=120, env=env)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    environment = {**os.environ, "PATH": path, "OUT": str(out), "GPU_RESULTS": str(results), "GPU_BUDGET": "300", **env}
+    environment.pop("WHEELS", None)
+    done = subprocess.run(["bash", str(script), *stages], capture_output=True, text=True, timeout=120, env=environment)
+    return done, out, results
+
+
+def test_gpu_check_vae_stage_runs_both_benchmarks_and_keeps_only_json_lines(tmp_path):
+    """The vae stage's text-encoder benchmark runs even when the VAE one fails (the stage then fails), and a .jsonl
+    file gets a benchmark's JSON line only, never the last line of a run that failed. (python3 is a stand-in.) What
+    comes back is three files in $OUT, whatever the stages wrote: a machine that returns only some of a run's files
+    (8 on this project's lent GPUs) then returns them all."""
+    done, out, results = _gpu_check(tmp_path, "vae")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert (out / "text_encoder.jsonl").read_text() == '{"speedup": 1.5}\n'
-    assert not (out / "vae.jsonl").exists() or (out / "vae.jsonl").read_text() == ""
-    assert "stage vae:" in (out / "stages.txt").read_text() and "exit 1" in (out / "stages.txt").read_text()
-    log = (out / "vae.log").read_text()
+    assert (results / "text_encoder.jsonl").read_text() == '{"speedup": 1.5}\n'
+    assert not (results / "vae.jsonl").exists() or (results / "vae.jsonl").read_text() == ""
+    assert "stage vae:" in (results / "stages.txt").read_text() and "exit 1" in (results / "stages.txt").read_text()
+    log = (results / "vae.log").read_text()
     assert "RuntimeError: CUDA error" in log and "stock   :" in log
+
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "results.tgz", "stages.txt"]
+    assert (out / "stages.txt").read_text() == (results / "stages.txt").read_text()
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert lines == [{"file": "text_encoder.jsonl", "record": {"speedup": 1.5}}]
+    with tarfile.open(out / "results.tgz") as packed:
+        assert {"./vae.log", "./text_encoder.jsonl", "./stages.txt"} <= set(packed.getnames())
+        assert "RuntimeError: CUDA error" in packed.extractfile("./vae.log").read().decode()
+
+
+def test_gpu_check_stops_a_stage_at_its_own_cap(tmp_path):
+    """Each stage runs at most its cap (STAGE_SECONDS_<STAGE>), so that one slow stage leaves the budget's rest to
+    the next; a stage stopped so says it, and what it wrote is packed."""
+    done, out, _ = _gpu_check(tmp_path, "vae", STAGE_SECONDS_VAE="3", MIN_STAGE_SECONDS="1", SLOW_TEXT_ENCODER="1")
+    stages = (out / "stages.txt").read_text()
+    assert done.returncode == 1 and "stage vae: stopped after its 3 s" in stages, done.stdout + done.stderr
+    assert "exit 124" in stages and (out / "results.tgz").exists()

@@ -368,10 +368,11 @@ def test_no_gpu_can_be_visible_when_cuda_visible_devices_hides_them(monkeypatch,
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver's files are Linux's")
-@pytest.mark.parametrize("driver", [None, "proc/driver/nvidia", "dev/kfd", "dev/dxg"])
+@pytest.mark.parametrize("driver", [None, "proc/driver/nvidia", "dev/nvidiactl", "dev/kfd", "dev/dxg"])
 def test_a_gpu_driver_is_seen_by_its_files_wsl2_included(monkeypatch, tmp_path, driver):
     """Without a driver the GPU probe is skipped (no GPU can be visible). WSL2 and Docker Desktop have no NVIDIA
-    kernel module, only /dev/dxg: its GPUs were taken for absent (--device auto planned CPU workers)."""
+    kernel module, only /dev/dxg: its GPUs were taken for absent (--device auto planned CPU workers). A gVisor sandbox
+    passes an NVIDIA GPU through as its device files, without /proc/driver/nvidia."""
     from qwen_image_server.models.machine import no_gpu_driver
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
