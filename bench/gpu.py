@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import datetime
 import io
 import json
@@ -40,10 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_process import (  # noqa: E402
+    STOP_SECONDS,
     GpuMemory,
     ModelsFailed,
     ServeProcess,
     ServerExited,
+    Stopped,
+    StopSignal,
     fresh_prompt,
     package_versions,
     read_stream,
@@ -113,42 +115,6 @@ SMOKE_SETTINGS = (
     Setting("smoke-edit", (), SMOKE_STEPS, edit=True),
     Setting("smoke-stream", (), {**SMOKE_STEPS, "stream": True, "partial_images": 1}),
 )
-
-
-class Stopped(BaseException):
-    """SIGTERM (``scripts/gpu-check.sh``'s time budget ran out) while a server starts or answers: the running setting
-    is recorded with what it measured so far (``status: "stopped"``), its server stopped, and nothing more is run. A
-    ``BaseException``, so that the handlers of a request's failure do not take it for one."""
-
-
-#: Seconds a stopped setting's server gets to exit before it is killed: ``timeout --kill-after=15`` kills this script
-#: 15 s after its SIGTERM, and the record is written after the server is gone.
-STOP_SECONDS = 8.0
-
-
-class StopSignal:
-    """SIGTERM's handler: it raises ``Stopped`` only inside ``waiting()`` (a server starting, a request answered:
-    seconds to minutes), and elsewhere (writing a record, stopping a server, handling an error) only notes it, so
-    that a record is never half made or lost and a server is always stopped; ``asked`` is checked after each."""
-
-    def __init__(self):
-        self.asked = False
-        self._waiting = False
-
-    def __call__(self, signum, frame) -> None:
-        self.asked = True
-        if self._waiting:
-            raise Stopped()
-
-    @contextlib.contextmanager
-    def waiting(self):
-        if self.asked:
-            raise Stopped()
-        self._waiting = True
-        try:
-            yield
-        finally:
-            self._waiting = False
 
 
 class Server(ServeProcess):
@@ -425,20 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     bench = Bench(args, log_dir)
     records = []
-    signal.signal(signal.SIGTERM, bench.stop)
-    for setting in chosen:
-        if bench.stop.asked:
-            break
-        print(f"{setting.name}: serve {' '.join(setting.args) or '(defaults)'} ...", flush=True)
-        record = bench.run(setting)
-        records.append(record)
-        with out.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(
-            f"  {record['status']}"
-            + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
-            flush=True,
-        )
+    previous = signal.signal(signal.SIGTERM, bench.stop)
+    try:
+        for setting in chosen:
+            if bench.stop.asked:
+                break
+            print(f"{setting.name}: serve {' '.join(setting.args) or '(defaults)'} ...", flush=True)
+            record = bench.run(setting)
+            records.append(record)
+            with out.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            print(
+                f"  {record['status']}"
+                + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
+                flush=True,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
     return 128 + signal.SIGTERM if bench.stop.asked else 0

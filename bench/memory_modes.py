@@ -107,6 +107,7 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
     per step count. Prints a ``PARTIAL`` line at the start, once loaded and after each timed image."""
     import torch
 
+    from qwen_image_server.errors import is_out_of_memory
     from qwen_image_server.jobs import Job
     from qwen_image_server.models.profile import RunProfile
     from qwen_image_server.models.runner import PipelineRunner
@@ -161,7 +162,9 @@ def run_one(model: str, mode: str, card: int, steps: list[int], size: int) -> di
         out["peak_gib"] = round(stats["allocated_bytes.all.peak"] / GIB, 2)
         out["peak_reserved_gib"] = round(stats["reserved_bytes.all.peak"] / GIB, 2)
         out["context_end_gib"] = round(context_bytes(torch) / GIB, 2)
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:  # torch's OutOfMemoryError, or a RuntimeError saying so (a pinned host allocation...)
+        if not is_out_of_memory(exc):
+            raise
         out["oom"] = str(exc).splitlines()[0][:200]
     return out
 

@@ -8,6 +8,7 @@ GPU memory (``GpuMemory``) and a streamed answer's stats (``read_stream``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -203,7 +204,9 @@ class GpuMemory:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
+        # not waiting out an nvidia-smi call in progress (up to its 10 s timeout): a stopped run has 15 s in all to
+        # stop its server and write its record; a sample that lands after this only raises the peak it belongs to
+        self._thread.join(timeout=2)
 
 
 def read_stream(lines) -> dict:
@@ -224,3 +227,39 @@ def read_stream(lines) -> dict:
     if stats is None:
         raise RuntimeError("the stream ended without a completed event")
     return {"stats": stats, "partial_images": partials}
+
+
+class Stopped(BaseException):
+    """SIGTERM (``scripts/gpu-check.sh``'s time budget ran out) while a server starts or answers: the running setting
+    or design is recorded with what it measured so far, its server stopped, and nothing more is run. A
+    ``BaseException``, so that the handlers of a request's failure do not take it for one."""
+
+
+#: Seconds a stopped setting's server gets to exit before it is killed: ``timeout --kill-after=15`` kills this script
+#: 15 s after its SIGTERM, and the record is written after the server is gone.
+STOP_SECONDS = 8.0
+
+
+class StopSignal:
+    """SIGTERM's handler: it raises ``Stopped`` only inside ``waiting()`` (a server starting, a request answered:
+    seconds to minutes), and elsewhere (writing a record, stopping a server, handling an error) only notes it, so
+    that a record is never half made or lost and a server is always stopped; ``asked`` is checked after each."""
+
+    def __init__(self):
+        self.asked = False
+        self._waiting = False
+
+    def __call__(self, signum, frame) -> None:
+        self.asked = True
+        if self._waiting:
+            raise Stopped()
+
+    @contextlib.contextmanager
+    def waiting(self):
+        if self.asked:
+            raise Stopped()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False

@@ -43,6 +43,7 @@ import asyncio
 import json
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -52,7 +53,17 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
-from serve_process import GpuMemory, ServeProcess, fresh_prompt, package_versions, tiny_model, visible_gpu_name  # noqa: E402
+from serve_process import (  # noqa: E402
+    STOP_SECONDS,
+    GpuMemory,
+    ServeProcess,
+    Stopped,
+    StopSignal,
+    fresh_prompt,
+    package_versions,
+    tiny_model,
+    visible_gpu_name,
+)
 
 DESIGNS = {
     "separate": [],
@@ -98,14 +109,19 @@ async def run_stream(url: str, args, sent_prompts: set[str]) -> tuple[list[dict]
         return list(results), time.perf_counter() - started
 
 
-def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path) -> dict:
+def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path, stop: StopSignal | None = None) -> dict:
+    """One design's server and stream; its record. Stopped by SIGTERM (``stop``, gpu-check.sh's budget) while the
+    server loads or the stream runs, the record keeps what was measured (``stopped``) and the server is stopped."""
+    stop = stop or StopSignal()
     options = ["--model", f"{args.model}={models[0]}", "--model", f"{args.edit_model}={models[1]}", *DESIGNS[design]]
     options += ["--queue-size", str(args.requests), "--log-level", "warning"]
     if args.weights_dtype != "auto":
         options += ["--weights-dtype", args.weights_dtype]
     if args.tiny:
         options += ["--device", "cpu"]
-    env = {"QIS_MAX_STEPS": str(max(args.steps, 50)), "IMAGE_OUTPUT_DIR": str(tmp / design / "images")}
+    # A model that fails to load is reported at once (no restarts with backoff: a full-size load takes minutes).
+    env = {"QIS_MAX_STEPS": str(max(args.steps, 50)), "IMAGE_OUTPUT_DIR": str(tmp / design / "images"),
+           "QIS_WORKER_RESTART_LIMIT": "0"}  # fmt: skip
     if args.tiny:
         env.update({"QIS_CPU_THREADS": "1", "QIS_MIN_IMAGE_SIDE": "64"})
     else:  # the memory plan sizes the working memory for the largest image the server allows: the stream's
@@ -121,13 +137,15 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path)
     started = time.perf_counter()
     try:
         try:
-            server.wait_ready(timeout=args.ready_timeout)
+            with stop.waiting():
+                server.wait_ready(timeout=args.ready_timeout)
         except Exception as exc:  # did not load: e.g. the plan does not fit, or out of memory while loading
             record.update(ready=False, error=str(exc)[:300])
             return record
         record["ready_s"] = round(time.perf_counter() - started, 1)
         prompts: set[str] = set()
-        with GpuMemory() as memory:  # the peak while the stream runs, every process on the GPU counted
+        # the peak while the stream runs, every process on the GPU counted
+        with GpuMemory() as memory, stop.waiting():
             results, seconds = asyncio.run(run_stream(server.url, args, prompts))
         record.update(ready=True, stream_s=round(seconds, 2), prompts=len(prompts), **summary(results))
         record["errors"] = sorted({r["code"] or str(r["status"]) for r in results if r["status"] != 200})
@@ -149,8 +167,10 @@ def run_design(design: str, models: tuple[str, str], args, tmp: Path, log: Path)
         record["fits"] = None if judged is None else judged <= record["card_gib"]
         if judged is None:
             record["fits_from"] = None
+    except Stopped:
+        record.update(ready=False, stopped=True, error="stopped by SIGTERM (the time budget ran out); figures so far kept")
     finally:
-        server.stop()
+        server.stop(STOP_SECONDS if stop.asked else 60)
     return record
 
 
@@ -160,6 +180,9 @@ def table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        if r.get("stopped"):
+            lines.append(f"| {r['design']} | | {r.get('ready_s', '')} (stopped by SIGTERM) | | | | | | | | |")
+            continue
         if not r.get("ready"):
             lines.append(f"| {r['design']} | | not ready: {r.get('error', '')[:80]} | | | | | | | | |")
             continue
@@ -212,18 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     # the servers' logs are kept, beside the --json file (a failed load's cause is in them); their images are not
     log_dir = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="qis-two-models-logs-"))
     stem = args.json.stem if args.json else "two-models"
-    with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
-        for design in designs:
-            log = log_dir / f"{stem}-{design}.log"
-            print(f"{design}: starting the server (log: {log})", flush=True)
-            record = {**run_design(design, models, args, Path(tmp), log), "gpu": gpu, "versions": versions}
-            records.append(record)
-            if args.json:
-                with args.json.open("a") as f:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    stop = StopSignal()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
+            for design in designs:
+                log = log_dir / f"{stem}-{design}.log"
+                print(f"{design}: starting the server (log: {log})", flush=True)
+                record = {**run_design(design, models, args, Path(tmp), log, stop), "gpu": gpu, "versions": versions}
+                records.append(record)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if stop.asked:  # the budget ran out: the designs not started are not run
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\n{gpu}; {args.requests} requests alternating {args.model} / {args.edit_model}, {args.size}, {args.steps} steps, "
           f"{args.concurrency} in flight, weights {args.weights_dtype}\n")  # fmt: skip
     print(table(records))
+    if stop.asked:
+        return 128 + signal.SIGTERM
     failed = [r for r in records if not r.get("ready") or r["lost"] or r["statuses"].get("200", 0) != r["requests"]]
     return 1 if failed else 0
 

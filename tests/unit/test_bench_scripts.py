@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,42 @@ def test_two_models_records_the_gpu_memory_peak_while_the_stream_ran(tmp_path, m
     assert sampling == [True]  # sampled while the stream ran
     assert (record["peak_used_gib"], record["used_after_stream_gib"]) == (30.0, 10.0)
     assert record["fits"] is False and record["fits_from"] == "peak during the stream"
+
+
+def test_two_models_stopped_by_sigterm_keeps_its_record_stops_its_server_and_runs_no_more_designs(tmp_path, monkeypatch):
+    """gpu-check.sh's budget ends the stage with SIGTERM (SIGKILL 15 s later): the design being measured was lost with
+    the rest of the output, and a failing load was restarted with backoff. Now its record is written, its server
+    given less than those 15 s, the next design not started, and a failed model not restarted."""
+    import signal
+
+    bench = _two_models_bench()
+    stops: list[float] = []
+    envs: list[dict] = []
+
+    class Server:
+        url = "http://127.0.0.1:9"
+
+        def __init__(self, args, env, log_path):
+            envs.append(env)
+
+        def wait_ready(self, timeout):
+            os.kill(os.getpid(), signal.SIGTERM)  # the budget runs out while the server loads
+            time.sleep(5)
+            raise AssertionError("SIGTERM did not stop the wait")
+
+        def stop(self, timeout=60):
+            stops.append(timeout)
+
+    monkeypatch.setattr(bench, "ServeProcess", Server)
+    monkeypatch.setattr(bench, "visible_gpu_name", lambda: "stub GPU")
+    out = tmp_path / "two.jsonl"
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--designs", "separate,shared", "--requests", "2", "--json", str(out)]) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler is the caller's again"
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["design"] == "separate" and record["stopped"] and "SIGTERM" in record["error"]
+    assert stops == [bench.STOP_SECONDS] and bench.STOP_SECONDS < 15
+    assert [env["QIS_WORKER_RESTART_LIMIT"] for env in envs] == ["0"]
 
 
 #: Stands in for python3 in scripts/gpu-check.sh: the GPU check and the import check pass; vae_fast.py fails midway
