@@ -234,3 +234,32 @@ def test_a_gpu_worker_gives_its_loads_leftovers_back_before_the_next_one_loads(m
     ours.send(Stop())
     thread.join(timeout=WAIT)
     assert held_at_empty == [True]
+
+
+def test_a_gpu_workers_peak_memory_counts_from_after_its_warm_up(monkeypatch):
+    """``cuda_peak_gib`` (``/ready``, ``qis_worker_gpu_memory_bytes{kind="peak"}``) is the jobs' peak: it counted the
+    load's conversions and the warm-up (a compile's) too, as the peak was never reset. (CUDA is stubbed.)"""
+    import multiprocessing
+
+    import torch
+
+    _no_cuda_device_switch(monkeypatch)
+    events: list[str] = []
+
+    class Runner(FakeRunner):
+        def warm_up(self) -> None:
+            events.append("warm")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: events.append(f"peak from {device}"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stub_runner(monkeypatch, lambda spec, *a, **k: Runner(device="cuda:0"))
+    monkeypatch.setattr(worker_module, "device_memory", lambda device: {})
+    lock = multiprocessing.get_context("spawn").Lock()
+    ours, theirs = Pipe()
+    thread = threading.Thread(target=worker_main, args=(spec("m"), "cuda:0", "auto", 1, theirs, "m#0", 20, lock), daemon=True)
+    thread.start()
+    assert isinstance(recv(ours), Ready)
+    assert events == ["warm", "peak from cuda:0"]
+    ours.send(Stop())
+    thread.join(timeout=WAIT)

@@ -20,7 +20,7 @@ from ..errors import TaskCancelled
 from ..jobs import EncodedImage, PartialImage, Task, TaskResult
 from ..models.spec import ModelConfigError, ModelSpec
 from .worker import loading_turn
-from .worker_device import gpu_load_lock, recover_device, release_cached
+from .worker_device import gpu_load_lock, recover_device, release_cached, start_peak_here
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class ModelReplica:
             # next replica there loads.
             release_cached(device)
         self.runner.warm_up()
+        start_peak_here(device)
         # A cancelled call returns at once, but its pipeline thread only stops at the next
         # step: the next call waits here so that the pipeline never has two owners.
         self._pipeline_lock = threading.Lock()

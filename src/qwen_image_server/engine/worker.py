@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TaskCancelled, failure_param, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
-from .worker_device import DeviceBroken, device_memory, recover_device, release_cached
+from .worker_device import DeviceBroken, device_memory, recover_device, release_cached, start_peak_here
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -233,6 +233,7 @@ class Worker:
             for model, runner in runners.items():
                 loading = model  # a failure names the model that was warming up
                 runner.warm_up()
+            start_peak_here(device)
         except Exception as exc:
             log.error("loading %s failed:\n%s", loading, traceback.format_exc())
             reason = short_reason(exc)

@@ -51,6 +51,17 @@ def release_cached(device: str) -> None:
     torch.cuda.empty_cache()
 
 
+def start_peak_here(device: str) -> None:
+    """Count a CUDA ``device``'s peak memory (``cuda_peak_gib``) from now on: after loading and warming up, so that it
+    is the peak of the jobs, not of the load's conversions or a compile's warm-up; nothing elsewhere."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
 class DeviceBroken(Exception):
     """The worker's GPU cannot run anything more in this process (its CUDA context is broken): the process exits and
     its engine starts a new one."""
