@@ -88,6 +88,9 @@ class Footprint:
     load_extra: int = 0
     #: What the step cache keeps between denoising steps (``step_cache_bytes``), part of ``activations``.
     step_cache: int = 0
+    #: Host bytes of a GPU worker's offloaded weights as group offload holds them (``pinned_copies``); None: what its
+    #: offload mode moves off the device, as loaded (model and sequential offload; a model sized from counts only).
+    host_offloaded: int | None = None
 
     @property
     def weights(self) -> int:
@@ -237,6 +240,45 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
             blocks, rest = _groups(sized[component])
             out[component] = GROUPS_ON_DEVICE * max(blocks.values(), default=0) + rest
     return out
+
+
+#: The components whose every tensor group offload pins in host memory, per offload mode (``memory.apply_offload``).
+PINNED_COMPONENTS = {"group": ("transformer", "text_encoder"), "text-encoder": ("text_encoder",)}
+
+
+def pinned_size(nbytes: int) -> int:
+    """What torch's pinned-memory allocator takes for ``nbytes``: the next power of two (its ``CachingHostAllocator``
+    rounds every allocation up so, e.g. a 37.7 MB FP8 weight takes 64 MiB)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+
+
+def _pieces(component: str, t: Tensor, run_bytes: int, profile: RunProfile, adapted: frozenset[str]) -> list[int]:
+    """The bytes of each tensor a weight becomes on its way to the device: one tensor, or a 4-bit layer's three
+    (packed levels, steps, minimums). An FP8 layer's per-row scales (a few KiB) are left out."""
+    if profile.quantize == "int4" and _quantized(component, t, adapted):
+        steps = run_bytes * -(-t.numel // INT4_GROUP_SIZE)
+        return [t.numel // 2, steps, steps]
+    return [_bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted))]
+
+
+def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int | None:
+    """Host bytes of the copies group offload keeps on a CUDA worker (``--offload group`` or ``text-encoder``), or None
+    for the other modes. diffusers' group offload with CUDA's side stream pins a copy of every tensor of each grouped
+    component (those of the blocks on the device at the moment too), one allocation each, which torch rounds up to a
+    power of two (``pinned_size``): about 1.6x the weights of Qwen-Image's transformer and 1.9x its text encoder's.
+    The text encoder's token embeddings stay on the device (``memory.TEXT_ENCODER_RESIDENT``)."""
+    components = PINNED_COMPONENTS.get(profile.offload)
+    if components is None or model.counts_only:
+        return None
+    adapted = frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
+    total = 0
+    for component in components:
+        dropped = DROPPED.get(component, ())
+        for t in model.components.get(component, ()):
+            if t.name.startswith(dropped) or (component == "text_encoder" and "embed_tokens" in t.name):
+                continue
+            total += sum(pinned_size(size) for size in _pieces(component, t, run_bytes, profile, adapted))
+    return total
 
 
 def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: bool = True) -> int:
@@ -414,6 +456,7 @@ def footprint(
         image_side=max_image_side,
         origin=model.origin,
         profile=profile,
+        host_offloaded=pinned_copies(model, profile, run_bytes) if on_gpu else None,
     )
     # While loading nothing runs, so the working memory is free: only a load peak above the total counts.
     return replace(steady, load_extra=max(0, load_peak(model, profile, run_bytes, on_gpu) + overhead - steady.total))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .footprint import human
+from .footprint import PINNED_COMPONENTS, human
 from .machine import HostMemory
 from .plan_advice import can_share, fewer_workers, largest_side, needs
 
@@ -26,13 +26,19 @@ def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
     return sum(per_model.values()), per_model
 
 
+def offloaded_bytes(fp, whole) -> int:
+    """Host bytes one GPU worker keeps for the weights it offloads: group offload's pinned copies
+    (``footprint.pinned_copies``), else what its mode keeps off the device (``whole``: nothing offloaded)."""
+    return fp.host_offloaded if fp.host_offloaded is not None else max(0, whole.weights - fp.weights)
+
+
 def offloaded(placements, footprints, full) -> dict[str, int]:
     """Host bytes of the weights that GPU workers keep off their device (their offload mode), per model; ``full`` are
     the footprints with nothing offloaded."""
     per_model: dict[str, int] = {}
     for p in placements:
         if p.device != "cpu" and p.model in footprints and p.model in full:
-            off = max(0, full[p.model].weights - footprints[p.model].weights)
+            off = offloaded_bytes(footprints[p.model], full[p.model])
             if off:
                 per_model[p.model] = per_model.get(p.model, 0) + off
     return per_model
@@ -73,9 +79,16 @@ def offload_refusal(per_model: dict[str, int], footprints, full, settings, host:
         for name, size in whole.components.items()
         if size > fp.components.get(name, 0)
     )
+    kept = offloaded_bytes(fp, whole)
+    if fp.host_offloaded is not None:  # pinned copies of whole components, rounded by torch's pinned allocator
+        grouped = [name for name in PINNED_COMPONENTS[fp.profile.offload] if name in whole.components]
+        parts = (
+            f"pinned copies of its {' and '.join(name.replace('_', ' ') for name in grouped)}, each tensor rounded up to a "
+            "power of two by torch's pinned-memory allocator"
+        )
     head = (
         f"not enough memory on this machine for the weights model {model} offloads (--offload {fp.profile.offload}): "
-        f"each of its workers keeps {human(whole.weights - fp.weights)} in host memory ({parts})"
+        f"each of its workers keeps {human(kept)} in host memory ({parts})"
     )
     last = "Or serve it on a machine with more memory: the GPUs themselves have room for the plan."
     return _message(head, "The GPU workers' offloaded weights", per_model, settings, host, suggestions, last)
