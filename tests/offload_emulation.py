@@ -15,6 +15,7 @@ group: groups are onloaded twice as often as on a GPU.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -73,6 +74,30 @@ class OffloadEmulation:
             finally:
                 self._busy -= 1
 
+        #: the storages of the stand-ins for pinned tensors (``pin``)
+        self.pinned_storages: set[int] = set()
+        self.pinned_copies = 0
+        #: the most unpinned weights that were still in memory beside their pinned copies when a copy was made
+        self.unpinned_beside_copies = 0
+        copied: list[weakref.ref] = []  # the storage each pinned copy was made from
+
+        def pin(tensor: torch.Tensor) -> torch.Tensor:
+            """torch's ``pin_memory``: a copy in pinned memory (here: a copy, noted as pinned), or the tensor itself
+            when it is pinned already."""
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() in self.pinned_storages:
+                return tensor
+            beside = sum(1 for ref in copied if ref() is not None)
+            self.unpinned_beside_copies = max(self.unpinned_beside_copies, beside)
+            copied.append(weakref.ref(storage))
+            copy = tensor.clone()
+            self.pinned_storages.add(copy.untyped_storage().data_ptr())
+            self.pinned_copies += 1
+            return copy
+
+        def to_cpu(tensor: torch.Tensor, low_cpu_mem_usage: bool) -> torch.Tensor:  # diffusers' ``_to_cpu``
+            return tensor.data.cpu() if low_cpu_mem_usage else pin(tensor.data.cpu())
+
         @contextlib.contextmanager
         def pinned(group):  # the stand-in for pinned copies: the CPU copies themselves
             yield dict(group.cpu_param_dict)
@@ -100,7 +125,8 @@ class OffloadEmulation:
         monkeypatch.setattr(memory, "keep_on_device", lambda module, device: (self.resident.append(module), module)[1])
         monkeypatch.setattr(go.ModuleGroup, "onload_", onload_)
         monkeypatch.setattr(go.ModuleGroup, "offload_", offload_)
-        monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(lambda tensor, low_cpu_mem_usage: tensor.data.cpu()))
+        monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(to_cpu))
+        monkeypatch.setattr(memory, "pin_host_copy", pin)
         monkeypatch.setattr(go.ModuleGroup, "_pinned_memory_tensors", pinned)
         monkeypatch.setattr(go.ModuleGroup, "_transfer_tensor_to_device", transfer)
         monkeypatch.setattr(go, "TorchDeviceBackend", lambda device: _Backend)

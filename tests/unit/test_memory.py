@@ -625,6 +625,30 @@ def test_group_offload_has_every_weight_on_the_device_when_it_is_used(tiny_t2i, 
     assert emulation.resident == [embeddings] and id(embeddings.weight) not in emulation.owner
 
 
+@pytest.mark.parametrize(
+    "profile", [{"offload": "group"}, {"offload": "text-encoder", "quantize": "int4"}], ids=["group", "te-int4"]
+)
+def test_group_offload_pins_each_weight_once_and_keeps_no_unpinned_copy(tiny_t2i, monkeypatch, profile):
+    """Group offload on CUDA pins a copy of every weight of the blocks it streams (what is outside them moves whole,
+    unpinned), and diffusers made all its copies before the first call freed any original: while loading, the host held each streamed weight twice (for Qwen-Image's FP8
+    setting 25 GiB of weights beside 43 GiB of pinned copies). The server pins each weight in place first, one at a
+    time, and diffusers keeps that pinned tensor as its copy. Group offload with CUDA's options, emulated."""
+    from offload_emulation import OffloadEmulation
+
+    emulation = OffloadEmulation(monkeypatch)
+    runner = _runner(tiny_t2i, **profile)
+    groups = {id(group): group for group in emulation.owner.values() if group.stream is not None}  # streamed blocks
+    grouped = [t for g in groups.values() for m in g.modules for t in (*m.parameters(), *m.buffers())]
+    assert grouped and emulation.pinned_copies == len({id(t) for t in grouped})  # one pinned copy a weight
+    # each weight's unpinned memory was gone before the next copy was made (diffusers alone: all of it until the end)
+    assert emulation.unpinned_beside_copies == 0
+    for tensor in grouped:  # the module's weight is its pinned copy
+        copy = next(g for g in groups.values() if tensor in g.cpu_param_dict).cpu_param_dict[tensor]
+        assert tensor.untyped_storage().data_ptr() == copy.untyped_storage().data_ptr()
+    assert runner.run(GENERATE)[0].size == (SIZE, SIZE)
+    assert emulation.pinned_copies == len({id(t) for t in grouped}) and emulation.left_on_device() == []
+
+
 def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny_t2i, tiny_lora, monkeypatch):
     """With a LoRA, ``--quantize fp8`` converts the linear layers after the adapters are in, so after group offload's
     hooks: the new layers' weights must join their block's group (with CUDA's options a group's copy found no

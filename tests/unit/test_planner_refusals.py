@@ -127,7 +127,7 @@ def test_weights_that_gpu_workers_offload_must_fit_in_the_host_memory():
 
 def test_group_offload_is_planned_with_the_pinned_copies_torch_really_makes():
     """On CUDA, group offload pins a copy of every tensor of the transformer and the text encoder, and torch's pinned
-    allocator rounds each up to a power of two: README's 24 GB setting (FP8 weights, group offload) keeps 42.7 GiB in
+    allocator rounds each up to a power of two: README's 24 GB setting (FP8 weights, group offload) keeps 42.6 GiB in
     host memory, not the 24.6 GiB of FP8 weights the plan counted, and an 8-bit 37.7 MB block weight takes 64 MiB.
     Model offload moves components without pinning them: counted as before."""
     from qwen_image_server.models.footprint import footprint, pinned_size
@@ -143,19 +143,19 @@ def test_group_offload_is_planned_with_the_pinned_copies_torch_really_makes():
     raw = whole.components["transformer"] + whole.components["text_encoder"]
     group = fp(weights_dtype="fp8", offload="group")
     assert group.host_offloaded is not None and 1.55 < group.host_offloaded / raw < 1.7
-    assert human(group.host_offloaded) == "42.7 GiB"
+    assert human(group.host_offloaded) == "42.6 GiB"
     text_only = fp(quantize="int4", weights_dtype="fp8", offload="text-encoder")  # the 16-24 GB resident setting
     assert human(text_only.host_offloaded) == "12.6 GiB"
     assert fp(offload="model").host_offloaded is None and fp().host_offloaded is None
 
     card, settings = gpu_probe(fake_gpu(0, 24)), Settings(max_image_side=1024)
     streamed = replace(spec, profile=RunProfile(weights_dtype="fp8", offload="group", cfg_batch="on"))
-    assert human(make_plan([streamed], settings, discover=card, host=_host(64)).host_planned) == "42.7 GiB"
+    assert human(make_plan([streamed], settings, discover=card, host=_host(64)).host_planned) == "42.6 GiB"
     with pytest.raises(PlanError) as refused:
         make_plan([streamed], settings, discover=card, host=_host(32))
     assert str(refused.value).splitlines()[0] == (
         "not enough memory on this machine for the weights model qwen-image offloads (--offload group): each of its "
-        "workers keeps 42.7 GiB in host memory (pinned copies of its transformer and text encoder, each tensor rounded "
+        "workers keeps 42.6 GiB in host memory (pinned copies of its transformer and text encoder, each tensor rounded "
         "up to a power of two by torch's pinned-memory allocator)"
     )
 

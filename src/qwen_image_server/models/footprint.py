@@ -264,9 +264,10 @@ def _pieces(component: str, t: Tensor, run_bytes: int, profile: RunProfile, adap
 def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int | None:
     """Host bytes of the copies group offload keeps on a CUDA worker (``--offload group`` or ``text-encoder``), or None
     for the other modes. diffusers' group offload with CUDA's side stream pins a copy of every tensor of each grouped
-    component (those of the blocks on the device at the moment too), one allocation each, which torch rounds up to a
-    power of two (``pinned_size``): about 1.6x the weights of Qwen-Image's transformer and 1.9x its text encoder's.
-    The text encoder's token embeddings stay on the device (``memory.TEXT_ENCODER_RESIDENT``)."""
+    component's blocks (those on the device at the moment too), one allocation each, which torch rounds up to a power
+    of two (``pinned_size``): about 1.6x the weights of Qwen-Image's transformer and 1.9x its text encoder's. What is
+    outside the blocks moves whole, unpinned (counted as it is); the text encoder's token embeddings stay on the device
+    (``memory.TEXT_ENCODER_RESIDENT``)."""
     components = PINNED_COMPONENTS.get(profile.offload)
     if components is None or model.counts_only:
         return None
@@ -277,7 +278,8 @@ def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> i
         for t in model.components.get(component, ()):
             if t.name.startswith(dropped) or (component == "text_encoder" and "embed_tokens" in t.name):
                 continue
-            total += sum(pinned_size(size) for size in _pieces(component, t, run_bytes, profile, adapted))
+            pieces = _pieces(component, t, run_bytes, profile, adapted)
+            total += sum(pinned_size(size) for size in pieces) if _BLOCK.match(t.name) else sum(pieces)
     return total
 
 

@@ -290,6 +290,43 @@ def apply_offload(pipe, mode: MemoryMode) -> None:
         pipe.enable_sequential_cpu_offload(device=mode.device)
 
 
+def pin_host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in pinned host memory (torch's ``pin_memory``: a tensor already pinned is returned as it is)."""
+    return tensor.pin_memory()
+
+
+def streamed_blocks(module: torch.nn.Module, block_modules=()) -> list[torch.nn.Module]:
+    """The blocks diffusers' block-level group offload streams through the side stream: the members of each
+    ``ModuleList`` or ``Sequential`` child of ``module``, looking into the children named in ``block_modules``. The
+    rest (embedders, norms, the output projection) is its "unmatched" group, moved whole without pinned copies."""
+    blocks: list[torch.nn.Module] = []
+    for name, child in module.named_children():
+        if name in block_modules:
+            blocks += streamed_blocks(child, block_modules)
+        elif isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            blocks += list(child)
+    return blocks
+
+
+def pin_one_by_one(module: torch.nn.Module, block_modules=()) -> int:
+    """Put each CPU weight (parameter or buffer) of the blocks group offload will stream (``streamed_blocks``) into
+    pinned memory in place, one at a time; how many.
+
+    Group offload on CUDA pins a copy of every weight it streams while the weights it copies stay in memory until
+    the first call moves them (diffusers pins them all before it frees any): the host held the weights twice while
+    loading (for Qwen-Image's FP8 transformer and text encoder, 25 GiB of weights beside 43 GiB of pinned copies).
+    Pinned here first, each weight's unpinned memory is freed as soon as its copy is made, and diffusers keeps the
+    pinned tensor itself as its copy (``pin_memory`` of a pinned tensor is that tensor)."""
+    pinned = 0
+    with torch.no_grad():
+        for block in streamed_blocks(module, block_modules):
+            for tensor in [*block.parameters(), *block.buffers()]:
+                if tensor.device.type == "cpu" and tensor.numel():
+                    tensor.data = pin_host_copy(tensor.data)
+                    pinned += 1
+    return pinned
+
+
 def group_offload(module: torch.nn.Module, device: str) -> None:
     """Keep ``module`` on the CPU and move it to ``device`` one block at a time while it runs.
 
@@ -317,6 +354,8 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
         low_cpu_mem_usage=False,  # pin every block once at start-up rather than on each transfer
     )
     if isinstance(module, ModelMixin):
+        if cuda:
+            pin_one_by_one(module)
         module.enable_group_offload(**options)
         return
     resident = [(name, sub) for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] in TEXT_ENCODER_RESIDENT]
@@ -327,6 +366,8 @@ def group_offload(module: torch.nn.Module, device: str) -> None:
         setattr(module.get_submodule(parent), attribute, placeholder)
         placeholders.append((parent, attribute, sub))
     try:
+        if cuda:
+            pin_one_by_one(module, TEXT_ENCODER_BLOCK_MODULES)  # the resident modules are out of it meanwhile
         apply_group_offloading(module, block_modules=TEXT_ENCODER_BLOCK_MODULES, **options)
     finally:
         for parent, attribute, sub in placeholders:
