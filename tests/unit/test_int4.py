@@ -123,10 +123,14 @@ def test_the_probe_keeps_a_fused_unpacking_that_rounds_once_and_compiles_the_gra
     monkeypatch.setattr(int4, "FUSED_DEQUANTIZE_BACKEND", counter)
     assert int4.probe_unpacking("cpu", torch.bfloat16) is None
     assert counter.frame_count == 1
+    # layers made as the model's are, when it loads (outside inference mode), called as requests call them (in it)
+    layers = [
+        int4.Int4Linear(nn.Linear(cols, rows, dtype=torch.bfloat16), torch.bfloat16) for rows, cols in ((40, 192), (72, 640))
+    ]
     with torch.inference_mode():
-        for rows, cols in ((40, 192), (72, 640)):
-            packed, step, low = int4.quantize_weight(torch.randn(rows, cols), 64, torch.bfloat16)
-            assert torch.equal(int4.dequantize_weight(packed, step, low), int4.dequantize_plain(packed, step, low))
+        for layer in layers:
+            unpacked = int4.dequantize_weight(layer.weight_packed, layer.weight_step, layer.weight_low)
+            assert torch.equal(unpacked, int4.dequantize_plain(layer.weight_packed, layer.weight_step, layer.weight_low))
     assert counter.frame_count == 1
 
 

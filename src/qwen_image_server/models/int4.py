@@ -128,16 +128,18 @@ def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
     """Compile and run the fused unpacking on ``device`` once (a small layer, so that requests find it compiled), and
     check its values (``unpacked_right``); the reason it cannot be used, or None when it can (or the device does not
     fuse). A torch build without a working compiler for the device (inductor needs Triton on CUDA) would otherwise fail
-    every call of the model. Run in inference mode, as requests are: a graph compiled with autograd on is not the one
-    they would use."""
+    every call of the model. Called as the model's calls are, so that the graph it compiles is theirs: in inference
+    mode (a graph compiled with autograd on is not the one requests use), on weights made outside it (as the layers'
+    are, when the model loads: tensors made inside inference mode are another kind to the compiled graph's guards)."""
     if torch.device(device).type not in FUSED_DEQUANTIZE_DEVICES:
         return None
     try:
-        with torch.inference_mode():
-            # no two sizes alike (rows, packed bytes, groups): dynamic shapes assume equal sizes stay equal, and a
-            # square probe would leave a graph that the model's layers compile anew
+        # no two sizes alike (rows, packed bytes, groups): dynamic shapes assume equal sizes stay equal, and a
+        # square probe would leave a graph that the model's layers compile anew
+        with torch.no_grad():
             weight = torch.randn(96, 4 * GROUP_SIZE, device=device)
             packed, step, low = quantize_weight(weight, GROUP_SIZE, dtype)
+        with torch.inference_mode():
             fused = _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
             if not unpacked_right(fused, packed, step, low):
                 return "the compiled unpacking gave other values than the plain one"
