@@ -49,6 +49,12 @@ deadline=$((started_all + ${GPU_BUDGET:-540}))
 OUT="${OUT:-gpu-results}"
 RESULTS="${GPU_RESULTS:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
 mkdir -p "$OUT" "$RESULTS"
+case "$(cd "$RESULTS" && pwd -P)/" in
+  "$(cd "$OUT" && pwd -P)/"*)
+    echo "gpu-check: GPU_RESULTS ($RESULTS) must not be \$OUT ($OUT) or inside it: the results are packed into \$OUT" >&2
+    exit 2
+    ;;
+esac
 export PYTHONUNBUFFERED=1
 
 # pack: the results so far into $OUT's three files (see above)
@@ -60,6 +66,8 @@ pack() {
   done >"$OUT/results.jsonl"
   tar czf "$OUT/results.tgz" -C "$RESULTS" .
 }
+# whatever ends the run (a failed check before the stages too): what there is comes back
+trap pack EXIT
 
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
@@ -111,12 +119,14 @@ declare -A STAGE_CAPS=([tests]=120 [vae]=60 [bench]=240 [memory]=180 [first-vs-w
 run_stage() {
   local name=$1 log=$2
   shift 2
-  local left=$((deadline - $(date +%s)))
+  local budget=$((deadline - $(date +%s)))
   local override="STAGE_SECONDS_$(echo "$name" | tr 'a-z-' 'A-Z_')"
-  local cap="${!override:-${STAGE_CAPS[$name]:-$left}}"
+  local cap="${!override:-${STAGE_CAPS[$name]:-$budget}}"
+  local left=$budget
   [ "$cap" -lt "$left" ] && left=$cap
   if [ "$left" -lt "$MIN_STAGE_SECONDS" ]; then
-    echo "stage $name: skipped, ${left} s of the budget left" | tee -a "$RESULTS/stages.txt"
+    echo "stage $name: skipped, ${left} s for it (${budget} s of the budget left, its cap ${cap} s; at least" \
+      "${MIN_STAGE_SECONDS} s needed)" | tee -a "$RESULTS/stages.txt"
     pack
     return 0
   fi
@@ -128,9 +138,14 @@ run_stage() {
   timeout --kill-after=15 "$left" "$@" >>"$log" 2>&1
   code=$?
   tail -n 25 "$log"
-  # 124: stopped by SIGTERM at the end of its time; 137: killed 15 s later, not having stopped by then
-  if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
+  # 124: stopped by SIGTERM at the end of its time; 137: killed by SIGKILL, 15 s later when it had not stopped by
+  # then, or, earlier, by someone else (the kernel's out-of-memory killer)
+  local took=$(($(date +%s) - began))
+  if [ "$code" -eq 124 ] || { [ "$code" -eq 137 ] && [ "$took" -ge "$left" ]; }; then
     echo "stage $name: stopped after its ${left} s" | tee -a "$RESULTS/stages.txt"
+  elif [ "$code" -eq 137 ]; then
+    echo "stage $name: killed (SIGKILL) after ${took} s, before its time ran out: out of host memory?" \
+      | tee -a "$RESULTS/stages.txt"
   fi
   echo "stage $name: $(($(date +%s) - began)) s, exit $code" | tee -a "$RESULTS/stages.txt"
   [ "$code" -eq 0 ] || status=1

@@ -201,10 +201,11 @@ def test_two_models_stopped_by_sigterm_keeps_its_record_stops_its_server_and_run
 #: SLOW_TEXT_ENCODER set, runs until it is stopped.
 _FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
-  -c) echo "stub GPU, torch stub" ;;
+  -c) echo "stub GPU, torch stub"; [ -z "${NO_CUDA:-}" ] || exit 1 ;;
   -) cat >/dev/null ;;
   bench/vae_fast.py) echo "diffusers decode:    100.0 ms"; echo "RuntimeError: CUDA error" >&2; exit 1 ;;
   bench/text_encoder.py) [ -n "${SLOW_TEXT_ENCODER:-}" ] && exec sleep 60; echo "stock   :    10.0 ms"; echo '{"speedup": 1.5}' ;;
+  bench/memory_modes.py) echo "loading"; kill -9 $$ ;;
   *) echo "unexpected: $*" >&2; exit 3 ;;
 esac
 """
@@ -214,7 +215,7 @@ def _gpu_check(tmp_path, *stages: str, **env: str) -> tuple[subprocess.Completed
     """scripts/gpu-check.sh with python3 stubbed: its run, ``$OUT`` and its ``GPU_RESULTS`` folder."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
     bin_dir, out, results = tmp_path / "bin", tmp_path / "out", tmp_path / "results"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     (bin_dir / "python3").write_text(_FAKE_PYTHON)
     (bin_dir / "python3").chmod(0o755)
     path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
@@ -248,8 +249,27 @@ def test_gpu_check_vae_stage_runs_both_benchmarks_and_keeps_only_json_lines(tmp_
 
 def test_gpu_check_stops_a_stage_at_its_own_cap(tmp_path):
     """Each stage runs at most its cap (STAGE_SECONDS_<STAGE>), so that one slow stage leaves the budget's rest to
-    the next; a stage stopped so says it, and what it wrote is packed."""
+    the next; a stage stopped so says it, and what it wrote is packed. A cap under the least a stage is started with
+    skips it, saying why."""
     done, out, _ = _gpu_check(tmp_path, "vae", STAGE_SECONDS_VAE="3", MIN_STAGE_SECONDS="1", SLOW_TEXT_ENCODER="1")
     stages = (out / "stages.txt").read_text()
     assert done.returncode == 1 and "stage vae: stopped after its 3 s" in stages, done.stdout + done.stderr
     assert "exit 124" in stages and (out / "results.tgz").exists()
+    done, out, _ = _gpu_check(tmp_path / "capped", "vae", STAGE_SECONDS_VAE="30")
+    assert done.returncode == 0 and "stage vae: skipped, 30 s for it (" in (out / "stages.txt").read_text()
+    assert "its cap 30 s; at least 45 s needed)" in (out / "stages.txt").read_text()
+
+
+def test_gpu_check_tells_a_stage_killed_early_from_one_stopped_and_packs_whatever_ends_the_run(tmp_path):
+    """Exit 137 is SIGKILL: at the end of a stage's time (after its grace) it was stopped, earlier something else
+    killed it (the kernel, out of memory), which said "stopped" as well. A run that ends before any stage (no CUDA)
+    still returns what it found; and the results folder may not be $OUT, into which it is packed."""
+    done, out, _ = _gpu_check(tmp_path, "memory")
+    stages = (out / "stages.txt").read_text()
+    assert done.returncode == 1 and "stage memory: killed (SIGKILL) after " in stages, done.stdout + done.stderr
+    assert "stopped" not in stages
+    done, out, _ = _gpu_check(tmp_path / "no-cuda", "vae", NO_CUDA="1")
+    assert done.returncode == 1 and (out / "stages.txt").read_text() == "stub GPU, torch stub\n"
+    inside = tmp_path / "no-cuda" / "out" / "raw"
+    done, _, _ = _gpu_check(tmp_path / "inside", "vae", OUT=str(inside.parent), GPU_RESULTS=str(inside))
+    assert done.returncode == 2 and "must not be $OUT" in done.stderr
