@@ -655,20 +655,43 @@ def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny
     pinned copy of them: KeyError on the first transformer call)."""
     from offload_emulation import OffloadEmulation
     from qwen_image_server.config import Settings
-    from qwen_image_server.models import fp8
+    from qwen_image_server.models import fp8, memory
     from qwen_image_server.models.spec import resolve_configured
 
     emulation = OffloadEmulation(monkeypatch)
+    released: list[bool] = []
+    monkeypatch.setattr(memory, "release_host_cache", lambda: released.append(True))
     settings = Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], quantize="fp8", offload="group")
     (spec,) = resolve_configured(settings)
     runner = PipelineRunner(spec, device="cpu")
     assert any(isinstance(m, fp8.FP8Linear) for m in runner.pipe.transformer.transformer_blocks.modules())
+    assert released, "the pinned copies of the layers the FP8 ones replaced went back to the system"
     for lora in (None, "style"):
         with emulation.watching():
             (image,) = runner.run(replace(GENERATE, lora=lora))
         assert image.size == (SIZE, SIZE)
         assert emulation.used_offloaded == [], sorted(set(emulation.used_offloaded))
         assert emulation.left_on_device() == []  # FP8 layers' weights are buffers: they go back to the CPU too
+
+
+def test_layers_replaced_under_group_offload_are_pinned_one_at_a_time_too(tiny_t2i, monkeypatch):
+    """Layers replaced after group offload's groups are made (FP8 or 4-bit layers made after a LoRA's adapters) join
+    their blocks' groups when diffusers makes them again, and it pinned every new weight before it freed any: the
+    new weights are pinned one at a time first, as at the start. Group offload with CUDA's options, emulated."""
+    from offload_emulation import OffloadEmulation
+    from qwen_image_server.models import fp8
+
+    emulation = OffloadEmulation(monkeypatch)
+    runner = _runner(tiny_t2i, offload="group")
+    emulation.unpinned_beside_copies, before = 0, emulation.pinned_copies
+    transformer = runner.pipe.transformer
+    names = [name for name, _ in fp8.quantizable_linears(transformer, "cpu")]
+    assert fp8.replace_layers(transformer, names, lambda linear: fp8.FP8Linear(linear, torch.float32, "dequant"), "cpu")
+    assert emulation.pinned_copies - before >= 2 * len(names)  # each layer's weight and scale (and bias) pinned
+    assert emulation.unpinned_beside_copies == 0
+    with emulation.watching():
+        assert runner.run(GENERATE)[0].size == (SIZE, SIZE)
+    assert emulation.used_offloaded == [] and emulation.left_on_device() == []
 
 
 def test_a_call_stopped_midway_under_model_offload_puts_the_components_back(tiny_t2i, monkeypatch):

@@ -147,7 +147,7 @@ class FP8Linear(nn.Module):
         with torch.no_grad():
             weight, scale = quantize_rowwise(linear.weight.detach())
         self.register_buffer("weight", weight.contiguous())  # (N, K) float8
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N) fp32
+        self.register_buffer("weight_scale", scale.t().clone())  # (1, N) fp32; a tensor of its own, not a view of (N, 1)
         bias = linear.bias.detach().to(out_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
 

@@ -438,11 +438,28 @@ def regroup_offloaded(module: torch.nn.Module) -> None:
     """Under group offload, make ``module``'s groups again after its layers changed (FP8 layers made after the hooks,
     LoRA adapters, their dtype): a group still lists the old weights, and with CUDA's side stream finds no CPU copy of
     the new ones (KeyError on the first call). Nothing without group offload."""
-    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+    from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook, _maybe_remove_and_reapply_group_offloading
 
     offload_buffers_too()
     keep_later_hooks_forward()
+    hook = _get_top_level_group_offload_hook(module)
+    config = hook.config if hook is not None and hook.config.stream is not None else None  # streamed: CUDA
+    if config is not None:  # the new weights, pinned one at a time as at first (``pin_one_by_one``); the rest are
+        pin_one_by_one(module, config.block_modules or ())
     _maybe_remove_and_reapply_group_offloading(module)
+    if config is not None:  # the pinned copies of the weights replaced (bf16 layers now FP8 or 4-bit) go back
+        release_host_cache()
+
+
+def release_host_cache() -> None:
+    """Give the pinned memory torch's allocator keeps for reuse back to the system (it keeps every pinned block it
+    freed: after the layers of a group-offloaded transformer are replaced, the pinned copies of the old ones); nothing
+    without CUDA or where this torch has no such call."""
+    if not torch.cuda.is_available():
+        return
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def offload_groups(module: torch.nn.Module) -> None:
