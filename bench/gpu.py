@@ -331,8 +331,15 @@ def markdown_table(records: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['setting']} | {r['status']}: {r['error']} |" + " |" * 9)
+        if r["status"] != "ok":  # one line, no column breaks; a stopped setting's figures so far are kept
+            error = " ".join(str(r.get("error") or "").split()).replace("|", "/")
+            warm = r.get("e2e_seconds") or []
+            median = statistics.median(warm) if warm else None
+            lines.append(
+                f"| {r['setting']} | {r['status']}: {error} | {cell(median)} | {cell(r.get('first_request_seconds'))} |"
+                + " |" * 5
+                + f" {cell(r.get('peak_gpu_memory_gib'), '{:.1f}')} | |"
+            )
             continue
         targets = "; ".join(target_checks(r)) or "–"
         lines.append(

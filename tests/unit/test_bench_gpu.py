@@ -108,14 +108,20 @@ def test_targets_met_and_missed_by_how_much(gpu_bench):
     assert gpu_bench.target_checks(fast) == [
         "≤ 0.8 s ok", "first ≤ 1.1x warm MISSED: 1.300x (+0.200)", "first at 1328x1328 ≤ 1.1x warm ok", "e2e/pipeline ≤ 1.02 ok"
     ]  # fmt: skip
-    table = gpu_bench.markdown_table([record, {"setting": "fp8", "status": "unsupported", "error": "error: no fp8"}])
-    lines = table.splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 12
+    stopped = {"setting": "eager", "status": "stopped", "error": "stopped by SIGTERM", "first_request_seconds": 21.5,
+               "e2e_seconds": [19.0, 20.0], "peak_gpu_memory_gib": 57.96}  # fmt: skip
+    failed = {"setting": "int4", "status": "failed", "error": "Traceback\n  line | two", "peak_gpu_memory_gib": None}
+    unsupported = {"setting": "fp8", "status": "unsupported", "error": "error: no fp8"}
+    lines = gpu_bench.markdown_table([record, unsupported, stopped, failed]).splitlines()
+    assert len(lines) == 6 and {line.count("|") for line in lines} == {12}  # one row each, none broken by its error
     assert (
         "| compile-fp8-cfgbatch | ok | 10.000 | 10.500 | 1.05x | 9.500 | 0.200 | 1.053x | 50 | 58.0 | ≤ 8 s MISSED by 2.00 s"
         in lines[2]
     )
     assert lines[3].startswith("| fp8 | unsupported: error: no fp8 |")
+    # a stopped setting keeps the figures it measured: the warm median, the first request, the peak
+    assert lines[4].startswith("| eager | stopped: stopped by SIGTERM | 19.500 | 21.500 |") and "| 58.0 |" in lines[4]
+    assert lines[5].startswith("| int4 | failed: Traceback line / two | – | – |")
 
 
 def test_every_setting_runs_at_the_real_sizes_with_known_flags(gpu_bench):
