@@ -42,11 +42,18 @@ _RUN_EDITS = textwrap.dedent(
         }
 
     seen = []
-    results = {"image-only": edit()}  # this machine's branch first (no torchvision on a CPU machine)
+    # This machine's own branch first, unpatched: no torchvision on a CPU machine; transformers' standard loading
+    # with torchvision where it loads (a GPU machine).
+    results = {"this-machine": {**edit(), "torchvision": processor.torchvision_available()}}
+    # The image-only loader, on any machine
+    processor.torchvision_available = lambda: False
+    if hasattr(runner, "torchvision_available"):
+        runner.torchvision_available = processor.torchvision_available
+    seen = []
+    results["image-only"] = edit()
     seen = []
     # Then the branch that machines with a working torchvision take, on any machine:
     # transformers' standard Qwen2VLProcessor loading, here answered by the image-only loader.
-    processor.torchvision_available.cache_clear()
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     def standard(folder, *args, **kwargs):
@@ -68,7 +75,8 @@ _RUN_EDITS = textwrap.dedent(
 @pytest.fixture(scope="module")
 def hub_edits(hub_cache) -> dict:
     """The hub id ``test-org/tiny-edit`` loaded offline and used for an edit in a fresh process (the hub's settings
-    are read at import), on each branch of the processor's loading: ``image-only`` and ``torchvision``."""
+    are read at import): with this machine's own processor loading, then on each branch of it, ``image-only`` and
+    ``torchvision``."""
     done = subprocess.run(
         [sys.executable, "-c", _RUN_EDITS, "test-org/tiny-edit"],
         env={**os.environ, **offline_env(hub_cache)},
@@ -81,12 +89,16 @@ def hub_edits(hub_cache) -> dict:
 
 
 def test_hub_edit_model_loads_offline_and_edits(hub_edits):
-    out = hub_edits["image-only"]
+    """With this machine's own processor loading (transformers' standard one where torchvision loads, as on a GPU
+    machine, where every edit from a hub id once failed), and with the image-only loader on any machine."""
+    out = hub_edits["this-machine"]
     assert out["is_hub"] and out["revision"] is None and out["kind"] == "edit"
     assert out["processor"] != "NoneType"
     assert out["options"]["edit_area"] == 256 * 256, "the sidecar file is read from the hub snapshot too"
     assert out["size"][0] > 0
-    assert out["standard_loader_folders"] == []
+    image_only = hub_edits["image-only"]
+    assert image_only["processor"] != "NoneType" and image_only["size"] == out["size"]
+    assert image_only["standard_loader_folders"] == []
 
 
 def test_hub_edit_model_on_the_torchvision_branch_gets_a_processor(hub_edits):

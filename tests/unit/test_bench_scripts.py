@@ -206,6 +206,7 @@ case "$1" in
   bench/vae_fast.py) echo "diffusers decode:    100.0 ms"; echo "RuntimeError: CUDA error" >&2; exit 1 ;;
   bench/text_encoder.py) [ -n "${SLOW_TEXT_ENCODER:-}" ] && exec sleep 60; echo "stock   :    10.0 ms"; echo '{"speedup": 1.5}' ;;
   bench/memory_modes.py) echo "loading"; kill -9 $$ ;;
+  -m) echo "$* (${STAGE_SECONDS:-no stage seconds})" >>"$PYTEST_CALLS" ;;
   *) echo "unexpected: $*" >&2; exit 3 ;;
 esac
 """
@@ -258,6 +259,18 @@ def test_gpu_check_stops_a_stage_at_its_own_cap(tmp_path):
     done, out, _ = _gpu_check(tmp_path / "capped", "vae", STAGE_SECONDS_VAE="30")
     assert done.returncode == 0 and "stage vae: skipped, 30 s for it (" in (out / "stages.txt").read_text()
     assert "its cap 30 s; at least 45 s needed)" in (out / "stages.txt").read_text()
+
+
+def test_gpu_check_tests_stage_runs_the_e2e_tests_first_and_lets_each_pytest_report_its_failures(tmp_path):
+    """The tests stage ran the GPU-only unit tests first and the e2e tests (the hub-id edit among them) only after;
+    with the stage's cap ending it, pytest was killed before its summary, and -rs had replaced the failures in the
+    short summary with the skips. (python3 is a stand-in: it notes how pytest was called.)"""
+    calls = tmp_path / "pytest-calls"
+    done, out, _ = _gpu_check(tmp_path, "tests", STAGE_SECONDS_TESTS="100", PYTEST_CALLS=str(calls))
+    assert done.returncode == 0, done.stdout + done.stderr
+    e2e, unit = calls.read_text().splitlines()
+    assert e2e.startswith("-m pytest -q -p no:cacheprovider -rfEs tests/e2e/test_hub_models.py") and e2e.endswith("(100)")
+    assert "--continue-on-collection-errors -m gpu tests/unit" in unit
 
 
 def test_gpu_check_tells_a_stage_killed_early_from_one_stopped_and_packs_whatever_ends_the_run(tmp_path):
