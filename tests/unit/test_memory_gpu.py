@@ -54,12 +54,13 @@ def test_each_mode_runs_on_cuda(tiny_t2i, profile):
                 assert p.device.type == ("cuda" if resident else "cpu"), f"{name}.{pname} between calls"
 
 
-def _with_a_larger_transformer(tiny_t2i, tmp_path):
+@pytest.fixture(scope="module")
+def larger_model(tiny_t2i, tmp_path_factory):
     """A copy of the tiny model with a random transformer of about 1.4 GB in bf16, saved in 100 MB shards; and its
-    bytes."""
+    bytes. Built once for the module's tests (seconds of CPU each time)."""
     from diffusers import QwenImageTransformer2DModel
 
-    folder = tmp_path / "model"
+    folder = tmp_path_factory.mktemp("larger") / "model"
     shutil.copytree(tiny_t2i, folder)
     shutil.rmtree(folder / "transformer")
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def _with_a_larger_transformer(tiny_t2i, tmp_path):
     return folder, size
 
 
-def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
+def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, larger_model):
     """Peak host RSS while loading grows by about one safetensors shard, not by the model.
 
     The tiny model (2 MB) is too small to show this against the noise of imports, so a copy
@@ -80,7 +81,7 @@ def test_loading_reads_weights_straight_to_the_gpu(tiny_t2i, tmp_path):
     whole transformer. This proves the device-map path on this model; on the full-size
     model the same bound is one shard (~5 GB) instead of 54 GB.
     """
-    folder, size = _with_a_larger_transformer(tiny_t2i, tmp_path)
+    folder, size = larger_model
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
         from qwen_image_server.models.runner import PipelineRunner
@@ -130,10 +131,10 @@ def test_int4_layers_live_where_the_mode_keeps_the_transformer(tiny_t2i, offload
     assert runner.speed.info["quantize"]["unpacking"] == "fused"
 
 
-def test_int4_never_has_the_run_dtype_transformer_on_the_gpu(tiny_t2i, tmp_path):
+def test_int4_never_has_the_run_dtype_transformer_on_the_gpu(larger_model):
     """The transformer is read on the CPU and each layer quantized on the GPU on its way there: the GPU's peak while
     loading stays near the 4-bit size (about 0.28 of bf16), far under the bf16 transformer."""
-    folder, size = _with_a_larger_transformer(tiny_t2i, tmp_path)
+    folder, size = larger_model
     spec = replace(resolve_model(str(folder), "big"), profile=RunProfile(quantize="int4"))
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
