@@ -21,7 +21,7 @@ def _cpu_takes_rowwise_scales() -> bool:
     a = torch.ones(16, 16).to(fp8.FP8_DTYPE)
     try:
         torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
-    except RuntimeError:
+    except Exception:  # RuntimeError here; another build may say NotImplementedError: never a collection error
         return False
     return True
 
