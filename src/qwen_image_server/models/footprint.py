@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .memory_modes import OFFLOADED, load_order, loads_on_cpu, quantize_on_load
-from .profile import RunProfile, transformer_fp8_stored
+from .profile import RunProfile, fp8_stored
 from .spec import ModelSpec
 from .step_cache import parse_policy
 from .weights_files import REFERENCE_INNER_DIM, ModelTensors, Tensor
@@ -130,13 +130,10 @@ def human(size: float | None) -> str:
 
 
 # --- from tensors to bytes ---------------------------------------------------------------------
-def _bytes(t: Tensor, run_bytes: int, fp8: bool, int4: bool = False) -> int:
-    """A tensor's bytes on the device: floats in the run dtype (1 byte when FP8 applies to it; half a byte and a step
-    and minimum in the run dtype per ``INT4_GROUP_SIZE`` when 4-bit weights do), others as stored."""
+def _bytes(t: Tensor, run_bytes: int, fp8: bool) -> int:
+    """A tensor's bytes on the device: floats in the run dtype (1 byte when FP8 applies to it), others as stored."""
     if t.dtype not in _FLOAT:
         return t.numel * DTYPE_BYTES.get(t.dtype, 4)
-    if int4:
-        return t.numel // 2 + 2 * run_bytes * -(-t.numel // INT4_GROUP_SIZE)
     return t.numel * (1 if fp8 else run_bytes)
 
 
@@ -160,24 +157,32 @@ def _quantized(component: str, t: Tensor, adapted: frozenset[str]) -> bool:
 def _fp8_applies(component: str, t: Tensor, profile: RunProfile, adapted: frozenset[str] = frozenset()) -> bool:
     """FP8 storage (``weights_dtype``): matrices of the transformer and text encoder (norms and biases stay, and so
     do the text encoder's token embeddings: ``memory.TEXT_ENCODER_SKIP_PATTERNS``; the transformer's stay under
-    ``quantize=int4``, ``profile.transformer_fp8_stored``);
+    ``quantize=int4``, ``profile.fp8_stored``);
     FP8 quantization (``quantize``): the linear weights of the transformer's blocks (``_quantized``)."""
-    stored = component == "text_encoder" or (component == "transformer" and transformer_fp8_stored(profile))
-    if profile.weights_dtype == "fp8" and stored and t.ndim >= 2:
+    if fp8_stored(profile, component) and t.ndim >= 2:
         return not (component == "text_encoder" and "embed_tokens" in t.name)
     return profile.quantize == "fp8" and _quantized(component, t, adapted)
+
+
+def _pieces(component: str, t: Tensor, run_bytes: int, profile: RunProfile, adapted: frozenset[str]) -> list[int]:
+    """The bytes of each tensor a weight becomes on its way to the device: one tensor, or a 4-bit layer's three
+    (packed levels, steps, minimums). An FP8 layer's per-row scales (a few KiB) are left out."""
+    if profile.quantize == "int4" and t.dtype in _FLOAT and _quantized(component, t, adapted):
+        steps = run_bytes * -(-t.numel // INT4_GROUP_SIZE)
+        return [t.numel // 2, steps, steps]
+    return [_bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted))]
+
+
+def _adapted(profile: RunProfile) -> frozenset[str]:
+    """The layers a hot-swapped LoRA adapts (they keep the run dtype)."""
+    return frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
 
 
 def _kept(component: str, tensors, run_bytes: int, profile: RunProfile) -> dict[str, int]:
     """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name."""
     dropped = DROPPED.get(component, ())
-    adapted = frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
-    int4 = profile.quantize == "int4"
-    return {
-        t.name: _bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted), int4 and _quantized(component, t, adapted))
-        for t in tensors
-        if not t.name.startswith(dropped)
-    }
+    adapted = _adapted(profile)
+    return {t.name: sum(_pieces(component, t, run_bytes, profile, adapted)) for t in tensors if not t.name.startswith(dropped)}
 
 
 def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -242,23 +247,14 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     return out
 
 
-#: The components whose every tensor group offload pins in host memory, per offload mode (``memory.apply_offload``).
-PINNED_COMPONENTS = {"group": ("transformer", "text_encoder"), "text-encoder": ("text_encoder",)}
+#: The components whose blocks' tensors group offload pins in host memory, per offload mode (``memory.apply_offload``).
+PINNED_COMPONENTS = {mode: OFFLOADED[mode] for mode in ("group", "text-encoder")}
 
 
 def pinned_size(nbytes: int) -> int:
     """What torch's pinned-memory allocator takes for ``nbytes``: the next power of two (its ``CachingHostAllocator``
     rounds every allocation up so, e.g. a 37.7 MB FP8 weight takes 64 MiB)."""
     return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
-
-
-def _pieces(component: str, t: Tensor, run_bytes: int, profile: RunProfile, adapted: frozenset[str]) -> list[int]:
-    """The bytes of each tensor a weight becomes on its way to the device: one tensor, or a 4-bit layer's three
-    (packed levels, steps, minimums). An FP8 layer's per-row scales (a few KiB) are left out."""
-    if profile.quantize == "int4" and _quantized(component, t, adapted):
-        steps = run_bytes * -(-t.numel // INT4_GROUP_SIZE)
-        return [t.numel // 2, steps, steps]
-    return [_bytes(t, run_bytes, _fp8_applies(component, t, profile, adapted))]
 
 
 def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int | None:
@@ -271,7 +267,7 @@ def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> i
     components = PINNED_COMPONENTS.get(profile.offload)
     if components is None or model.counts_only:
         return None
-    adapted = frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
+    adapted = _adapted(profile)
     total = 0
     for component in components:
         dropped = DROPPED.get(component, ())

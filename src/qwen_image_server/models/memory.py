@@ -40,14 +40,13 @@ from typing import Any, cast
 import torch
 
 from .memory_modes import OFFLOADED, check_spec_mode, load_order, loads_on_cpu, quantize_on_load
+from .profile import fp8_stored
 from .shared import SHAREABLE, ComponentCache, component_folder
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 FP8_STORAGE = torch.float8_e4m3fn
-#: Components stored in FP8 under ``weights_dtype=fp8``; the VAE is small and precision-critical.
-FP8_COMPONENTS = ("transformer", "text_encoder")
 #: Layers of the (transformers) text encoder kept in the run dtype, on top of diffusers' default patterns
 #: (``norm``, ``patch_embed``...): the token embeddings, and the LM head that may share their weight.
 TEXT_ENCODER_SKIP_PATTERNS = ("embed_tokens", "lm_head")
@@ -215,17 +214,18 @@ def component_loaded(name: str, module: torch.nn.Module, mode: MemoryMode, dtype
         from .text_encoder_fast import prepare_text_encoder
 
         prepare_text_encoder(module)
-    if mode.quantize_on_load and name == "transformer" and not shared and mode.quantize == "int4":
-        from . import int4
+    if mode.quantize_on_load and name == "transformer" and not shared:
+        if mode.quantize == "int4":
+            from . import int4
 
-        count = int4.quantize_linears(module, dtype, mode.device, keep_on="cpu" if mode.offloaded(name) else None)
-        log.info("transformer: %d linear layers given 4-bit weights on %s as loaded (quantize=int4)", count, mode.device)
-    elif mode.quantize_on_load and name == "transformer" and not shared:
-        from .fp8 import quantize_linears
+            count = int4.quantize_linears(module, dtype, mode.device, keep_on="cpu" if mode.offloaded(name) else None)
+            log.info("transformer: %d linear layers given 4-bit weights on %s as loaded (quantize=int4)", count, mode.device)
+        else:
+            from .fp8 import quantize_linears
 
-        count = quantize_linears(module, dtype, mode.device, matmul="dequant")  # the run device's alignment rules
-        log.info("transformer: %d linear layers given FP8 weights as loaded (quantize=fp8)", count)
-    if mode.weights_dtype == "fp8" and name in FP8_COMPONENTS and not (name == "transformer" and mode.quantize == "int4"):
+            count = quantize_linears(module, dtype, mode.device, matmul="dequant")  # the run device's alignment rules
+            log.info("transformer: %d linear layers given FP8 weights as loaded (quantize=fp8)", count)
+    if fp8_stored(mode, name):
         if not shared:
             store_fp8(module, dtype)
         mode.fp8_components += (name,)

@@ -221,10 +221,18 @@ def check_profile(model: str, profile: RunProfile) -> None:
         )
 
 
+def fp8_stored(profile, component: str) -> bool:
+    """Whether ``weights_dtype=fp8`` stores ``component`` (a profile's or a ``MemoryMode``'s) in FP8: the text encoder,
+    and the transformer but under ``quantize=int4``, whose 4-bit layers it would not touch; never the VAE (small and
+    precision-critical)."""
+    if profile.weights_dtype != "fp8":
+        return False
+    return component == "text_encoder" or (component == "transformer" and profile.quantize != "int4")
+
+
 def transformer_fp8_stored(profile: RunProfile) -> bool:
-    """Whether ``weights_dtype=fp8`` stores the transformer in FP8: not under ``quantize=int4``, whose 4-bit layers
-    it would not touch (there FP8 storage is the text encoder's only)."""
-    return profile.weights_dtype == "fp8" and profile.quantize != "int4"
+    """Whether ``weights_dtype=fp8`` stores the transformer in FP8 (``fp8_stored``)."""
+    return fp8_stored(profile, "transformer")
 
 
 def check_compile(model: str, profile: RunProfile) -> None:
