@@ -118,9 +118,9 @@ def _pad_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
     compiled region the padding is computed, not branched on: the row count (the text length times the batch) is a
     dynamic dimension there, and a branch on ``m % 16`` would be a guard that recompiles the block whenever a prompt's
     length crosses from one case to the other (the warm-up covers one of them)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or m % 16:  # ``is_compiling`` first: ``m % 16`` is never evaluated while tracing
         return torch.nn.functional.pad(rows, (0, 0, 0, (-m) % 16))
-    return torch.nn.functional.pad(rows, (0, 0, 0, (-m) % 16)) if m % 16 else rows
+    return rows
 
 
 class FP8Linear(nn.Module):

@@ -74,21 +74,21 @@ def offload_refusal(per_model: dict[str, int], footprints, full, settings, host:
     """The message of a GPU plan whose offloaded weights need more host memory than the machine has available."""
     model = max(per_model, key=per_model.__getitem__)
     fp, whole = footprints[model], full[model]
-    parts = ", ".join(
-        f"{name} {human(size - fp.components.get(name, 0))}"
-        for name, size in whole.components.items()
-        if size > fp.components.get(name, 0)
-    )
-    kept = offloaded_bytes(fp, whole)
     if fp.host_offloaded is not None:  # pinned copies of whole components, rounded by torch's pinned allocator
         grouped = [name for name in PINNED_COMPONENTS[fp.profile.offload] if name in whole.components]
         parts = (
             f"pinned copies of its {' and '.join(name.replace('_', ' ') for name in grouped)}, each tensor rounded up to a "
             "power of two by torch's pinned-memory allocator"
         )
+    else:
+        parts = ", ".join(
+            f"{name} {human(size - fp.components.get(name, 0))}"
+            for name, size in whole.components.items()
+            if size > fp.components.get(name, 0)
+        )
     head = (
         f"not enough memory on this machine for the weights model {model} offloads (--offload {fp.profile.offload}): "
-        f"each of its workers keeps {human(kept)} in host memory ({parts})"
+        f"each of its workers keeps {human(offloaded_bytes(fp, whole))} in host memory ({parts})"
     )
     last = "Or serve it on a machine with more memory: the GPUs themselves have room for the plan."
     return _message(head, "The GPU workers' offloaded weights", per_model, settings, host, suggestions, last)

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import short_reason
 from .footprint import INT4_GROUP_SIZE, QUANTIZED_PREFIXES
 from .fp8 import lora_layers, replace_layers
 
@@ -146,8 +147,7 @@ def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # no Triton, an inductor error...
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"compiling the unpacking failed on {device}: {type(exc).__name__}: {text}"[:300]
+        return f"compiling the unpacking failed on {device}: {short_reason(exc)}"[:300]
     return None
 
 

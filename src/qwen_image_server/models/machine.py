@@ -152,10 +152,9 @@ print(json.dumps(gpus))
 """
 
 
-#: What a GPU driver leaves on Linux: NVIDIA's kernel module, ROCm's, and WSL2's GPU device (no NVIDIA kernel module
-#: there: CUDA reaches the Windows driver through /dev/dxg, as under Docker Desktop).
-#: Files whose presence shows a GPU driver: NVIDIA's (its /proc folder where its kernel module runs; its control device,
-#: also where a sandbox such as gVisor passes the GPU through without the /proc folder), ROCm's, WSL2's.
+#: Files whose presence shows a GPU driver on Linux: NVIDIA's (its /proc folder where its kernel module runs; its control
+#: device, also where a sandbox such as gVisor passes the GPU through without the /proc folder), ROCm's, and WSL2's GPU
+#: device (no NVIDIA kernel module there: CUDA reaches the Windows driver through /dev/dxg, as under Docker Desktop).
 GPU_DRIVER_PATHS = ("proc/driver/nvidia", "dev/nvidiactl", "dev/kfd", "dev/dxg")
 
 

@@ -440,9 +440,7 @@ def regroup_offloaded(module: torch.nn.Module) -> None:
     the new ones (KeyError on the first call). Nothing without group offload."""
     from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook, _maybe_remove_and_reapply_group_offloading
 
-    offload_buffers_too()
-    keep_later_hooks_forward()
-    hook = _get_top_level_group_offload_hook(module)
+    hook = _get_top_level_group_offload_hook(module)  # made by ``group_offload``, which patched diffusers already
     config = hook.config if hook is not None and hook.config.stream is not None else None  # streamed: CUDA
     if config is not None:  # the new weights, pinned one at a time as at first (``pin_one_by_one``); the rest are
         pin_one_by_one(module, config.block_modules or ())

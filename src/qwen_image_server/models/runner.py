@@ -276,11 +276,12 @@ class PipelineRunner:
                     pipe.maybe_free_model_hooks()
                 if is_out_of_memory(exc):
                     held = stats["transformer_calls"] > 0 and not freed[0]  # denoising, with the state in memory
-                    advice = _step_cache_advice(pipe.transformer, policy, job)
+                    state = _state_bytes(pipe.transformer, policy, job)
+                    advice = _step_cache_advice(policy, state)
                     exc.qis_advice = advice  # type: ignore[attr-defined]
                     if held and advice and job.cache is not None:
                         own = parse_policy(self.spec.profile.cache)  # what the memory plan counted for this model
-                        if _state_bytes(pipe.transformer, policy, job) > _state_bytes(pipe.transformer, own, job):
+                        if state > _state_bytes(pipe.transformer, own, job):
                             # the request's own full taylorseer keeps more than the plan allowed for: a 400 on its field
                             exc.qis_param = "cache"  # type: ignore[attr-defined]
                 raise
@@ -314,17 +315,16 @@ def _state_bytes(transformer, policy, job: Job) -> int:
     )
 
 
-def _step_cache_advice(transformer, policy, job: Job) -> str:
-    """For a run that ran out of memory with the full ``taylorseer`` step cache: what its state held (about), and
-    the policies that keep far less; "" for any other policy."""
+def _step_cache_advice(policy, state: int) -> str:
+    """For a run that ran out of memory with the full ``taylorseer`` step cache: what its state held (about: ``state``
+    bytes, ``_state_bytes``), and the policies that keep far less; "" for any other policy."""
     if policy is None or policy.name != "taylorseer" or policy["lite"]:
         return ""
     from .footprint import human
 
     return (
-        f"; its step cache, taylorseer, keeps every block's attention outputs between steps (about "
-        f"{human(_state_bytes(transformer, policy, job))} here): cache=taylorseer:lite=true or cache=fbcache keeps "
-        "far less"
+        f"; its step cache, taylorseer, keeps every block's attention outputs between steps (about {human(state)} "
+        "here): cache=taylorseer:lite=true or cache=fbcache keeps far less"
     )
 
 
