@@ -26,7 +26,6 @@ import base64
 import datetime
 import io
 import json
-import signal
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_process import (  # noqa: E402
     STOP_SECONDS,
+    STOPPED_EXIT,
     GpuMemory,
     ModelsFailed,
     ServeProcess,
@@ -398,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     bench = Bench(args, log_dir)
     records = []
-    previous = signal.signal(signal.SIGTERM, bench.stop)
-    try:
+    with bench.stop.installed():
         for setting in chosen:
             if bench.stop.asked:
                 break
@@ -413,11 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                 + (f": {record['error']}" if record["error"] else f", e2e median {record['e2e_seconds_median']:.3f} s"),
                 flush=True,
             )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
-    return 128 + signal.SIGTERM if bench.stop.asked else 0
+    return STOPPED_EXIT if bench.stop.asked else 0
 
 
 if __name__ == "__main__":

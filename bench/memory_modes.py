@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from serve_process import fresh_prompt, package_versions, visible_gpu_name  # bench/, the folder of this script
+from serve_process import STOPPED_EXIT, fresh_prompt, package_versions, visible_gpu_name  # bench/, this script's folder
 
 #: Mode name -> run profile settings.
 MODES = {
@@ -86,8 +86,6 @@ END_GRACE_S = 2.0
 #: Seconds a pair's process killed for running too long gets to be reaped (and its GPU memory freed) before the next
 #: pair starts: the next one measures its CUDA context as the memory in use that torch did not allocate.
 REAP_AFTER_TIMEOUT_S = 60.0
-#: Exit status of a run stopped by SIGTERM (128 + the signal, as a shell reports it).
-STOPPED_EXIT = 128 + signal.SIGTERM
 
 
 def partial(out: dict) -> None:

@@ -238,6 +238,8 @@ class Stopped(BaseException):
 #: Seconds a stopped setting's server gets to exit before it is killed: ``timeout --kill-after=15`` kills this script
 #: 15 s after its SIGTERM, and the record is written after the server is gone.
 STOP_SECONDS = 8.0
+#: Exit status of a benchmark stopped by SIGTERM (128 + the signal, as a shell reports it).
+STOPPED_EXIT = 128 + signal.SIGTERM
 
 
 class StopSignal:
@@ -253,6 +255,15 @@ class StopSignal:
         self.asked = True
         if self._waiting:
             raise Stopped()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This handler as SIGTERM's while the block runs; the caller's again after."""
+        previous = signal.signal(signal.SIGTERM, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     @contextlib.contextmanager
     def waiting(self):

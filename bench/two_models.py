@@ -43,7 +43,6 @@ import asyncio
 import json
 import platform
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import Requests, send, summary  # noqa: E402
 from serve_process import (  # noqa: E402
     STOP_SECONDS,
+    STOPPED_EXIT,
     GpuMemory,
     ServeProcess,
     Stopped,
@@ -235,27 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     # the servers' logs are kept, beside the --json file (a failed load's cause is in them); their images are not
     log_dir = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="qis-two-models-logs-"))
     stem = args.json.stem if args.json else "two-models"
-    stop = StopSignal()
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        with tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
-            for design in designs:
-                log = log_dir / f"{stem}-{design}.log"
-                print(f"{design}: starting the server (log: {log})", flush=True)
-                record = {**run_design(design, models, args, Path(tmp), log, stop), "gpu": gpu, "versions": versions}
-                records.append(record)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                if stop.asked:  # the budget ran out: the designs not started are not run
-                    break
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with StopSignal().installed() as stop, tempfile.TemporaryDirectory(prefix="qis-two-models-") as tmp:
+        for design in designs:
+            log = log_dir / f"{stem}-{design}.log"
+            print(f"{design}: starting the server (log: {log})", flush=True)
+            record = {**run_design(design, models, args, Path(tmp), log, stop), "gpu": gpu, "versions": versions}
+            records.append(record)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if stop.asked:  # the budget ran out: the designs not started are not run
+                break
     print(f"\n{gpu}; {args.requests} requests alternating {args.model} / {args.edit_model}, {args.size}, {args.steps} steps, "
           f"{args.concurrency} in flight, weights {args.weights_dtype}\n")  # fmt: skip
     print(table(records))
     if stop.asked:
-        return 128 + signal.SIGTERM
+        return STOPPED_EXIT
     failed = [r for r in records if not r.get("ready") or r["lost"] or r["statuses"].get("200", 0) != r["requests"]]
     return 1 if failed else 0
 

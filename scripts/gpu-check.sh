@@ -102,8 +102,9 @@ if failed:
 # then a probe process): where that sees none they would measure nothing and exit 0, stage after stage.
 from qwen_image_server.models.machine import discover_gpus
 
-if not discover_gpus():
-    print(f"gpu-check: torch sees a GPU but the server's discovery found none ({discover_gpus()!r})", file=sys.stderr)
+found = discover_gpus()
+if not found:
+    print(f"gpu-check: torch sees a GPU but the server's discovery found none ({found!r})", file=sys.stderr)
     sys.exit(1)
 PY
 
@@ -147,7 +148,7 @@ run_stage() {
     echo "stage $name: killed (SIGKILL) after ${took} s, before its time ran out: out of host memory?" \
       | tee -a "$RESULTS/stages.txt"
   fi
-  echo "stage $name: $(($(date +%s) - began)) s, exit $code" | tee -a "$RESULTS/stages.txt"
+  echo "stage $name: ${took} s, exit $code" | tee -a "$RESULTS/stages.txt"
   [ "$code" -eq 0 ] || status=1
   pack
 }
@@ -208,5 +209,4 @@ for stage in "${stages[@]}"; do
   esac
 done
 echo "all stages: $(($(date +%s) - started_all)) s" | tee -a "$RESULTS/stages.txt"
-pack
-exit $status
+exit $status  # packed on exit (the trap)
