@@ -2,7 +2,7 @@
 
 On the CPU the server's group offload moves weights from the CPU to the CPU: a weight used while its group is
 offloaded computes the same, where on a GPU it is on the wrong device ("Expected all tensors to be on the same
-device"). This emulation keeps the CUDA options (``memory.group_offload`` is called with a CUDA device: side
+device"). This emulation keeps the CUDA options (``offload.group_offload`` is called with a CUDA device: side
 stream, prefetching in the traced order) and diffusers' own hooks, and changes only what needs a GPU: the devices
 are the CPU, the stream and pinned memory are stand-ins, and an onload copies each weight (as a transfer to a GPU
 does: a change made to an onloaded weight is not in the CPU copy the next onload reads). It records which group is
@@ -48,7 +48,7 @@ class OffloadEmulation:
         import diffusers.hooks
         from diffusers.hooks import group_offloading as go
 
-        from qwen_image_server.models import memory
+        from qwen_image_server.models import offload as offload_module
 
         self.onloaded: dict[int, bool] = {}  # id(group) -> on the device
         self.owner: dict[int, object] = {}  # id(tensor) -> its group
@@ -120,19 +120,19 @@ class OffloadEmulation:
             )  # fmt: skip
             go._apply_group_offloading(module, config)  # the tracking version below
 
-        real_group_offload = memory.group_offload
+        real_group_offload = offload_module.group_offload
         self.resident: list[torch.nn.Module] = []  # modules group offload keeps on the "device" (no group of theirs)
-        monkeypatch.setattr(memory, "keep_on_device", lambda module, device: (self.resident.append(module), module)[1])
+        monkeypatch.setattr(offload_module, "keep_on_device", lambda module, device: (self.resident.append(module), module)[1])
         monkeypatch.setattr(go.ModuleGroup, "onload_", onload_)
         monkeypatch.setattr(go.ModuleGroup, "offload_", offload_)
         monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(to_cpu))
-        monkeypatch.setattr(memory, "pin_host_copy", pin)
+        monkeypatch.setattr(offload_module, "pin_host_copy", pin)
         monkeypatch.setattr(go.ModuleGroup, "_pinned_memory_tensors", pinned)
         monkeypatch.setattr(go.ModuleGroup, "_transfer_tensor_to_device", transfer)
         monkeypatch.setattr(go, "TorchDeviceBackend", lambda device: _Backend)
         monkeypatch.setattr(go, "_apply_group_offloading", self._tracking(go._apply_group_offloading))
         monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", apply)
-        monkeypatch.setattr(memory, "group_offload", lambda module, device: real_group_offload(module, "cuda:0"))
+        monkeypatch.setattr(offload_module, "group_offload", lambda module, device: real_group_offload(module, "cuda:0"))
 
     def _tracking(self, apply):
         """diffusers' ``_apply_group_offloading`` (also what re-applies it after a change), then the groups noted."""

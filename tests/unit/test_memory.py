@@ -655,12 +655,12 @@ def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny
     pinned copy of them: KeyError on the first transformer call)."""
     from offload_emulation import OffloadEmulation
     from qwen_image_server.config import Settings
-    from qwen_image_server.models import fp8, memory
+    from qwen_image_server.models import fp8, offload
     from qwen_image_server.models.spec import resolve_configured
 
     emulation = OffloadEmulation(monkeypatch)
     released: list[bool] = []
-    monkeypatch.setattr(memory, "release_host_cache", lambda: released.append(True))
+    monkeypatch.setattr(offload, "release_host_cache", lambda: released.append(True))
     settings = Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], quantize="fp8", offload="group")
     (spec,) = resolve_configured(settings)
     runner = PipelineRunner(spec, device="cpu")

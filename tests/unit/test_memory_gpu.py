@@ -49,7 +49,7 @@ def test_each_mode_runs_on_cuda(tiny_t2i, profile):
         for name in ("transformer", "text_encoder", "vae"):
             module = getattr(runner.pipe, name)
             for pname, p in module.named_parameters():
-                # group offload keeps the text encoder's token embeddings on the GPU (memory.TEXT_ENCODER_RESIDENT)
+                # group offload keeps the text encoder's token embeddings on the GPU (offload.TEXT_ENCODER_RESIDENT)
                 resident = name not in offloaded or (name == "text_encoder" and ".embed_tokens." in f".{pname}")
                 assert p.device.type == ("cuda" if resident else "cpu"), f"{name}.{pname} between calls"
 

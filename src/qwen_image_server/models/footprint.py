@@ -208,7 +208,7 @@ def _leaves(tensors: dict[str, int]) -> int:
 
 
 #: Blocks of a group-offloaded component on the device at once: the one that runs, and the next, which the side
-#: stream copies meanwhile (diffusers' group offload with ``use_stream``, as ``memory.group_offload`` runs it on CUDA).
+#: stream copies meanwhile (diffusers' group offload with ``use_stream``, as ``offload.group_offload`` runs it on CUDA).
 #: Everything outside the blocks is there for the component's whole forward (its "unmatched" groups).
 GROUPS_ON_DEVICE = 2
 
@@ -218,7 +218,7 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
 
     none: everything. group: of the transformer and of the text encoder, ``GROUPS_ON_DEVICE`` of its largest
     blocks (the one that runs and the next, prefetched) plus everything outside its blocks (the text encoder's token
-    embeddings stay on the device: ``memory.TEXT_ENCODER_RESIDENT``), the rest whole. text-encoder: the text
+    embeddings stay on the device: ``offload.TEXT_ENCODER_RESIDENT``), the rest whole. text-encoder: the text
     encoder as under group, the rest whole. model: only the largest component.
     sequential: the largest leaf module. Sized from parameter counts only, group and sequential count
     as model, and text-encoder as the text encoder off the device.
@@ -263,7 +263,7 @@ def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> i
     component's blocks (those on the device at the moment too), one allocation each, which torch rounds up to a power
     of two (``pinned_size``): about 1.6x the weights of Qwen-Image's transformer and 1.9x its text encoder's. What is
     outside the blocks moves whole, unpinned (counted as it is); the text encoder's token embeddings stay on the device
-    (``memory.TEXT_ENCODER_RESIDENT``)."""
+    (``offload.TEXT_ENCODER_RESIDENT``)."""
     components = PINNED_COMPONENTS.get(profile.offload)
     if components is None or model.counts_only:
         return None

@@ -303,7 +303,7 @@ def replace_layers(model: nn.Module, names: list[str], make: Callable[[Any], nn.
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, make(getattr(parent, attr)))
     if names:
-        from .memory import regroup_offloaded
+        from .offload import regroup_offloaded
 
         regroup_offloaded(model)
     if device.startswith("cuda"):

@@ -62,7 +62,7 @@ class LoraSet:
                 self._load(lora.path, self.adapter[lora.name], regroup=False)
             if transformer_fp8_stored(profile) and run_dtype is not None:
                 _adapters_in(pipe.transformer, run_dtype)
-            from .memory import regroup_offloaded
+            from .offload import regroup_offloaded
 
             regroup_offloaded(pipe.transformer)  # the adapters, in the dtype they run in, join their blocks' groups
             pipe.transformer.disable_lora()
@@ -86,7 +86,7 @@ class LoraSet:
 
         diffusers' loaders, given the pipeline, take every component's offload hooks off and put them back after:
         under group offload each group of the transformer, the text encoder and the VAE is made anew (the text
-        encoder's token embeddings, kept on the device by ``memory.group_offload``, become a group of their own
+        encoder's token embeddings, kept on the device by ``offload.group_offload``, become a group of their own
         again), under model offload the whole chain (every component moved to the CPU). Only the transformer
         changes, and a swap changes no layer at all: the slot's weights are copied into what is there (under group
         offload, the offloaded copies, which the next onload reads). So the pipeline is passed only under
@@ -95,7 +95,7 @@ class LoraSet:
         offload). A swap writes the offloaded copies: a group still on the device (one a step cache's skipped
         blocks left there after the last call) is put back first, or the swap would go to its device copy only and
         the next onload would read the LoRA before."""
-        from .memory import offload_groups, regroup_offloaded
+        from .offload import offload_groups, regroup_offloaded
 
         sequential = self.profile.offload == "sequential"
         if hotswap and not sequential:
