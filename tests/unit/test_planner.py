@@ -13,7 +13,7 @@ import pytest
 from planner_specs import FULL_SIZE, H100, fake_gpu, full_model, gpu_probe, small_model
 
 from qwen_image_server.config import Settings
-from qwen_image_server.models.footprint import GIB, activation_bytes, denoising_bytes, footprint, resident_weights
+from qwen_image_server.models.footprint import GIB, footprint, resident_weights
 from qwen_image_server.models.machine import Gpu
 from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
@@ -29,6 +29,7 @@ from qwen_image_server.models.weights_files import (
     read_hub,
     read_tensors,
 )
+from qwen_image_server.models.working_memory import activation_bytes, denoising_bytes
 
 FLOATS = {"F32": 4, "F16": 2, "BF16": 2}
 

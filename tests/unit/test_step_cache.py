@@ -287,7 +287,7 @@ def _kept_bytes(transformer) -> int:
     ],
 )
 def test_the_caches_state_is_what_the_plan_counts_and_is_freed_before_the_decode(runner, policy):
-    from qwen_image_server.models.footprint import step_cache_bytes
+    from qwen_image_server.models.working_memory import step_cache_bytes
 
     pipe, transformer = runner.pipe, runner.pipe.transformer
     calls = []  # (image tokens, text tokens) of each transformer call: cond, then uncond

@@ -235,7 +235,7 @@ def resident_recipe(profiles: dict, fits):
 
 def lighter_cache(cache: str | None) -> str | None:
     """The lite form of a full ``taylorseer`` step cache (the same knobs, ``lite=true``), whose state is a few
-    megabytes where the full form's is gigabytes (``footprint.step_cache_bytes``); None for any other policy."""
+    megabytes where the full form's is gigabytes (``working_memory.step_cache_bytes``); None for any other policy."""
     from .step_cache import parse_policy
 
     policy = parse_policy(cache)

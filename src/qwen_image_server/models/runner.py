@@ -31,12 +31,10 @@ from .spec import ModelSpec
 from .speed import apply_speed_settings
 from .step_cache import StepCache, denoising_steps, parse_policy
 from .vae_tiling import vae_tiling
+from .working_memory import DIFFUSERS_CONDITION_AREA, DIFFUSERS_EDIT_AREA
 
 log = logging.getLogger(__name__)
 
-# Areas the edit pipelines resize their inputs to (diffusers' module constants and literals).
-_DIFFUSERS_EDIT_AREA = 1024 * 1024
-_DIFFUSERS_CONDITION_AREA = 384 * 384
 _EDIT_MODULES = ("pipeline_qwenimage_edit", "pipeline_qwenimage_edit_plus", "pipeline_qwenimage_edit_inpaint")
 
 
@@ -68,8 +66,8 @@ def edit_areas(edit_area: int | None, condition_area: int | None) -> Iterator[No
     import importlib
 
     mapping = {
-        _DIFFUSERS_EDIT_AREA: edit_area or _DIFFUSERS_EDIT_AREA,
-        _DIFFUSERS_CONDITION_AREA: condition_area or _DIFFUSERS_CONDITION_AREA,
+        DIFFUSERS_EDIT_AREA: edit_area or DIFFUSERS_EDIT_AREA,
+        DIFFUSERS_CONDITION_AREA: condition_area or DIFFUSERS_CONDITION_AREA,
     }
     saved: list[tuple[Any, str, object]] = []
     try:
@@ -215,7 +213,7 @@ class PipelineRunner:
                 raise TaskCancelled()
             if step == getattr(pipe, "_num_timesteps", 0) - 1:
                 # The last step is done: the step cache's state (TaylorSeer keeps every block's attention outputs,
-                # gigabytes at large sizes) is freed before the VAE decodes instead of after (footprint.step_cache_bytes).
+                # gigabytes at large sizes) is freed before the VAE decodes instead of after (working_memory.step_cache_bytes).
                 self.step_cache.reset()
                 freed[0] = True
             if preview is not None:
@@ -295,10 +293,10 @@ class PipelineRunner:
 
 
 def _state_bytes(transformer, policy, job: Job) -> int:
-    """About what ``policy``'s step cache keeps between steps for ``job`` (``footprint.step_cache_bytes``); 0 without."""
+    """About what ``policy``'s step cache keeps between steps for ``job`` (``working_memory.step_cache_bytes``); 0 without."""
     if policy is None:
         return 0
-    from .footprint import GENERATION_TEXT_TOKENS, step_cache_bytes
+    from .working_memory import GENERATION_TEXT_TOKENS, step_cache_bytes
 
     config = transformer.config
     width, height = job.width or 1024, job.height or 1024
