@@ -85,14 +85,16 @@ class ShuttingDown(ServerError):
 
 
 class TaskTimeout(ServerError):
-    """The task did not finish within the task timeout (504)."""
+    """The task did not finish within the task timeout (504). The same job would run out of its time again: the
+    answer tells clients not to retry it (``X-Should-Retry``, which OpenAI's SDKs obey; they retry a 5xx twice by
+    default, each run holding a worker for the whole timeout)."""
 
     status_code = 504
     error_type = "server_error"
     code = "timeout"
 
     def __init__(self) -> None:
-        super().__init__("Task timeout")
+        super().__init__("Task timeout", headers={"X-Should-Retry": "false"})
 
 
 class InferenceFailed(ServerError):

@@ -37,6 +37,18 @@ def test_error_after_the_stream_started_is_an_error_event(short):
         list(client.images.generate(prompt="slow", stream=True, size="1024x1024", extra_body={"num_inference_steps": 1000}))
 
 
+def test_a_timeout_is_answered_once_not_retried_by_the_sdk(short):
+    """A 504 says the job ran out of its time, which the same job would again: the answer tells clients not to retry
+    (``X-Should-Retry: false``), which the SDK's default client (two retries of every 5xx) obeys. One run of the job,
+    not three, each holding a worker for the whole task timeout."""
+    client = openai.OpenAI(base_url=f"{short.client.base_url}/v1", api_key="unused", http_client=short.client)
+    assert client.max_retries == 2
+    with pytest.raises(openai.APIStatusError, match="Task timeout") as caught:
+        client.images.generate(prompt="slow", size="1024x1024", extra_body={"num_inference_steps": 1000})
+    assert caught.value.status_code == 504 and caught.value.response.headers["x-should-retry"] == "false"
+    assert len(short.engine.jobs) == 1
+
+
 def test_validation_errors_of_a_stream_are_plain_400s(api):
     r = api.client.post("/v1/images/generations", json={"prompt": "x", "stream": True, "partial_images": 4})
     assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"

@@ -68,7 +68,7 @@ def _replica_pid(app: str, deployment: str) -> int:
 
 def test_timeout_gives_504_and_frees_the_replica(limits):
     r = httpx.post(limits + GEN, json=LIMITED_LONG, timeout=300)
-    assert r.status_code == 504 and r.json()["detail"] == "Task timeout"
+    assert r.status_code == 504 and r.json()["detail"] == "Task timeout" and r.headers["x-should-retry"] == "false"
     # The replica stops the long task at its next step: then a short one finishes within its own 5 s. On a busy
     # machine the stop can reach the replica after a short one was sent, so the check allows 15 s; had the long
     # task gone on (1000 steps: about 40 s more on an idle core), every short one in those 15 s would time out.
