@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,6 +33,16 @@ QUALITY_STEPS: dict[str, int | None] = {
     "max": 100,
     "auto": None,  # the model's default
 }
+#: OpenAI's quality levels, the values a response may echo (its SDK's type), fewest steps first.
+QualityLevel = Literal["low", "medium", "high", "xhigh", "max"]
+QUALITY_LEVELS: tuple[QualityLevel, ...] = get_args(QualityLevel)
+
+
+def quality_of(steps: int) -> QualityLevel:
+    """The quality a run of ``steps`` steps is echoed as, as OpenAI echoes the quality used: the highest of its
+    levels whose steps (``QUALITY_STEPS``) the run reached; ``low`` below them all."""
+    reached = [level for level in QUALITY_LEVELS if (QUALITY_STEPS[level] or 0) <= steps]
+    return reached[-1] if reached else QUALITY_LEVELS[0]
 
 
 def _alias(*names: str) -> AliasChoices:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -96,8 +97,31 @@ def test_response_echoes_size_format_and_quality(http):
 
 
 def test_default_echoes(http):
-    body = _generate(http, seed=2)
-    assert (body["size"], body["output_format"], body["quality"]) == ("256x256", "png", "auto")
+    body = _generate(http, seed=2)  # 2 steps: fewer than any level's
+    assert (body["size"], body["output_format"], body["quality"]) == ("256x256", "png", "low")
+
+
+@pytest.mark.parametrize(
+    ("fields", "steps", "echoed"),
+    [
+        ({"quality": "standard"}, 30, "medium"),  # DALL-E 3's names: OpenAI's levels of the same steps
+        ({"quality": "hd"}, 50, "high"),
+        ({"quality": "xhigh"}, 75, "xhigh"),
+        ({"quality": "auto"}, 4, "low"),  # the model's default steps
+        ({"num_inference_steps": 8}, 8, "low"),  # fewer steps than any level's
+        ({"num_inference_steps": 40, "quality": "max"}, 40, "medium"),  # the steps that ran win over the request's
+        ({"num_inference_steps": 100}, 100, "max"),
+    ],
+)
+def test_quality_echoed_is_openais_level_of_the_steps_that_ran(api, fields, steps, echoed):
+    """OpenAI echoes the quality used, one of its levels (the SDK's type: low, medium, high, xhigh, max): the level
+    whose steps (README, Quality) the run reached, never ``auto`` or DALL-E 3's ``standard`` and ``hd``."""
+    response = api.client.post(GENERATIONS, json={"prompt": "a mill", "seed": 3, **fields})
+    body, (_, job) = response.json(), api.engine.jobs[-1]
+    assert job.num_inference_steps == steps and body["quality"] == echoed
+    with api.client.stream("POST", "/v1/images/generations", json={"prompt": "a mill", "stream": True, **fields}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "image_generation.completed" and events[-1]["quality"] == echoed
 
 
 def test_quality_low_is_accepted_without_explicit_steps(http):

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
+from ..config import QualityLevel
+
 
 class ErrorObject(BaseModel):
     """OpenAI's ``error`` object."""
@@ -66,7 +68,7 @@ class Echo(BaseModel):
 
     output_format: str
     size: str
-    quality: str
+    quality: QualityLevel  # the level of the steps that ran (config.quality_of)
     background: Literal["opaque"] = "opaque"
 
 

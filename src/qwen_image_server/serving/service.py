@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import QUALITY_STEPS, Settings
+from ..config import QUALITY_STEPS, Settings, quality_of
 from ..engine.base import EngineClient
 from ..errors import InvalidRequest, ModelNotAvailable
 from ..images import b64
@@ -333,9 +333,10 @@ class ImageService:
 
     @staticmethod
     def echo(prepared: Prepared, image: EncodedImage) -> Echo:
-        """The settings actually used, as OpenAI echoes them."""
+        """The settings actually used, as OpenAI echoes them (the quality: the level of the steps that ran)."""
+        job = prepared.job
         return Echo(
-            output_format=prepared.job.output_format, size=f"{image.width}x{image.height}", quality=prepared.req.quality or "auto"
+            output_format=job.output_format, size=f"{image.width}x{image.height}", quality=quality_of(job.num_inference_steps)
         )
 
     @staticmethod
