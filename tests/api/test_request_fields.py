@@ -80,6 +80,21 @@ def test_null_means_the_default_in_a_json_variation(api):
         assert (len(job.seeds), job.output_format, job.strength, job.prompt) == (1, "png", 0.6, "")
 
 
+def test_a_variation_without_a_prompt_has_no_revised_prompt(http):
+    """OpenAI's ``revised_prompt`` is the prompt an image was made from: a variation made from no prompt has none
+    (not an empty string), in a plain response and in a stream's completed events; one with a prompt has it."""
+    image = _b64(_png())
+    for response_format in ("b64_json", "url"):
+        body = http.post(VARIATIONS, json={"image": image, "n": 2, "response_format": response_format}).json()
+        assert [("revised_prompt" in item, "seed" in item) for item in body["data"]] == [(False, True)] * 2
+    with http.stream("POST", VARIATIONS, json={"image": image, "stream": True, "partial_images": 1}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [event["type"] for event in events] == ["image_variation.partial_image", "image_variation.completed"]
+    assert "revised_prompt" not in events[-1]
+    body = http.post(VARIATIONS, json={"image": image, "prompt": "at night"}).json()
+    assert body["data"][0]["revised_prompt"] == "at night"
+
+
 @pytest.mark.parametrize("path", [GENERATIONS, EDITS])
 def test_a_null_prompt_is_a_missing_prompt(http, path):
     body = {"prompt": None} if path == GENERATIONS else {"prompt": None, "image": _b64(_png())}

@@ -51,11 +51,12 @@ class Usage(BaseModel):
 
 
 class ImageData(BaseModel):
-    """One image of a response: ``b64_json`` or ``url``, the prompt it was made from and its seed."""
+    """One image of a response: ``b64_json`` or ``url``, the prompt it was made from (none for a variation made
+    without one) and its seed."""
 
     b64_json: str | None = None
     url: str | None = None
-    revised_prompt: str
+    revised_prompt: str | None = None
     seed: int
 
     @model_serializer(mode="wrap")
@@ -102,7 +103,14 @@ class CompletedEvent(Echo):
     stats: dict[str, int | float]
     image_index: int
     seed: int
-    revised_prompt: str
+    revised_prompt: str | None = None  # left out when there is none (a variation made without a prompt)
+
+    @model_serializer(mode="wrap")
+    def _without_a_missing_prompt(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("revised_prompt") is None:
+            out.pop("revised_prompt", None)
+        return out
 
 
 class ErrorEvent(BaseModel):

@@ -304,9 +304,9 @@ class ImageService:
         for image in result.images:
             if prepared.req.response_format == "url":
                 url = await self.store_image(image, prepared.job.output_format, base_url)
-                data.append(ImageData(url=url, revised_prompt=prepared.job.prompt, seed=image.seed))
+                data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
             else:
-                data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt, seed=image.seed))
+                data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
         stats = self.stats(result, submitted)
         for observe in self.job_observers:
             try:
