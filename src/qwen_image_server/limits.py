@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 
-#: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT``.
-SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+#: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT`` in ASCII digits (int() would read
+#: other scripts' digits too), with spaces around and ``X`` or ``×`` allowed.
+SIZE_PATTERN = re.compile(r"^\s*([0-9]{1,5})\s*[xX×]\s*([0-9]{1,5})\s*$")
 #: Sides are multiples of this (Qwen-Image's 16-pixel latent patches).
 SIZE_MULTIPLE = 16
 #: The published models' own defaults: the side of the square a request without a size gets, and its steps (the

@@ -80,6 +80,19 @@ def test_null_means_the_default_in_a_json_variation(api):
         assert (len(job.seeds), job.output_format, job.strength, job.prompt) == (1, "png", 0.6, "")
 
 
+@pytest.mark.parametrize("size", ["256x256", " 256 x 256 ", "256X256", "256×256"])
+def test_a_size_may_be_spaced_and_written_with_any_x(http, size):
+    response = http.post(GENERATIONS, json={"prompt": "a cat", "size": size, "num_inference_steps": 2})
+    assert response.status_code == 200 and response.json()["size"] == "256x256"
+
+
+@pytest.mark.parametrize("size", ["２５６x256", "256x２５６", "٢٥٦x256", "256x256x256", "256", "-256x256", "256.0x256"])
+def test_a_size_takes_ascii_digits_only(http, size):
+    """Other scripts' digits (full-width, Arabic-Indic) are not read as numbers, as no JSON number could be."""
+    message = f"size must be 'auto' or WIDTHxHEIGHT (like 1024x1024), got {size!r}"
+    assert_error(http.post(GENERATIONS, json={"prompt": "a cat", "size": size}), 400, param="size", message=message)
+
+
 def test_a_variation_without_a_prompt_has_no_revised_prompt(http):
     """OpenAI's ``revised_prompt`` is the prompt an image was made from: a variation made from no prompt has none
     (not an empty string), in a plain response and in a stream's completed events; one with a prompt has it."""
