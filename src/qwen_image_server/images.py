@@ -28,8 +28,9 @@ PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode_base64_image(value: str, param: str) -> bytes:
-    """Bytes of a base64 string or ``data:image/...;base64,`` URL; other URLs are refused."""
+def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> bytes:
+    """Bytes of a base64 string or ``data:image/...;base64,`` URL; other URLs are refused. ``not_base64_hint`` ends
+    the message of a value that is not base64 (where it came from, what to send instead)."""
     value = value.strip()
     if value.startswith(("http://", "https://")):
         raise InvalidImage("image URLs are not fetched; send the image as base64 or a data URL", param=param)
@@ -44,7 +45,7 @@ def decode_base64_image(value: str, param: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidImage(f"'{param}' is not valid base64 or a base64 data URL", param=param) from None
+        raise InvalidImage(f"'{param}' is not valid base64 or a base64 data URL{not_base64_hint}", param=param) from None
 
 
 def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:

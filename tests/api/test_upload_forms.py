@@ -105,6 +105,26 @@ def test_an_image_data_url_still_decodes(edits):
     assert np.asarray(edits.engine.jobs[0][1].images[0]).shape == (256, 256, 3)
 
 
+def test_an_image_part_without_a_filename_is_told_to_come_as_a_file(edits):
+    """A multipart part without a filename is a text field (httpx sends ``(None, bytes)`` so): image bytes there are
+    not base64, and the message says how to send a file. The same bytes with a filename, and base64 in a text field,
+    are taken."""
+    png = _png()
+    for image in ((None, png), (None, png, "image/png")):
+        response = edits.client.post(EDITS, data={"prompt": "a cat"}, files={"image": image})
+        error = assert_error(response, 400, param="image")
+        assert error["message"] == (
+            "'image' is not valid base64 or a base64 data URL: it came as a text field (a part without a filename); "
+            "send an image file with a filename (curl -F 'image=@photo.png') or its base64"
+        )
+    data = {"prompt": "a cat", "num_inference_steps": "2"}
+    assert edits.client.post(EDITS, data=data, files={"image": ("in.png", png)}).status_code == 200
+    assert edits.client.post(EDITS, data=data, files={"image": (None, _b64(png).encode())}).status_code == 200
+    # JSON bodies have no files: their message stays the plain one
+    error = assert_error(edits.client.post(EDITS, json={"prompt": "a cat", "image": "@@@"}), 400, param="image")
+    assert error["message"] == "'image' is not valid base64 or a base64 data URL"
+
+
 def _multipart(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
     """A multipart body as curl sends it: ``(name, filename or None, content)`` parts, then the closing delimiter."""
     body = b""

@@ -165,8 +165,13 @@ def _boundary(content_type: str) -> bytes | None:
 
 
 async def _form_bytes(value: UploadFile | str, key: str) -> bytes:
-    """An image form field's bytes: an uploaded file, or a base64 (or data URL) string."""
-    return await value.read() if isinstance(value, UploadFile) else decode_base64_image(value, key)
+    """An image form field's bytes: an uploaded file, or a base64 (or data URL) string. A part without a filename is
+    a text field: a client that sent the image's bytes so (httpx's and the SDK's ``(None, bytes)``) is told how to
+    send a file."""
+    if isinstance(value, UploadFile):
+        return await value.read()
+    hint = f": it came as a text field (a part without a filename); send an image file with a filename (curl -F '{key}=@photo.png') or its base64"
+    return decode_base64_image(value, key, hint)
 
 
 def _json_image(value: object, param: str) -> Upload:
