@@ -169,12 +169,27 @@ def test_an_unknown_model_with_a_trailing_slash_is_named_without_it(http_client)
 
 
 @contextlib.contextmanager
-def served(app, header_timeout: float | None = 10, body_timeout: float | None = 120, send_timeout: float | None = 60):
-    """``app`` behind uvicorn with the server's connection guards, in a thread; yields the port."""
+def served(
+    app,
+    header_timeout: float | None = 10,
+    body_timeout: float | None = 120,
+    send_timeout: float | None = 60,
+    max_head_bytes: int | None = None,
+    server_box: list | None = None,
+    **config,
+):
+    """``app`` behind uvicorn with the server's connection guards, in a thread; yields the port. ``max_head_bytes``
+    limits request heads as ``QIS_MAX_HEADER_BYTES`` does; ``config``: more of uvicorn's options (as
+    ``uvicorn_options`` gives them: ``limit_concurrency``, ``timeout_graceful_shutdown``); ``server_box`` receives
+    the uvicorn server."""
     port = free_port()
-    protocol = guarded_protocol(header_timeout, body_timeout, send_timeout)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, ws="none", log_level="warning")
+    protocol = guarded_protocol(header_timeout, body_timeout, send_timeout, max_head_bytes)
+    if max_head_bytes is not None:
+        config["h11_max_incomplete_event_size"] = max_head_bytes
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, ws="none", log_level="warning", **config)
     server = uvicorn.Server(config)
+    if server_box is not None:
+        server_box.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -18,7 +18,13 @@ shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in 
   holding the answer (megabytes per image) and the connection;
 * the connection cap (``limit_concurrency``) answered with the JSON envelope (503, Retry-After);
 * requests cut off by shutdown answered with a JSON 503 ``shutting_down`` (Retry-After), or,
-  when their answer had started, ended cleanly (an SSE ``error`` event for event streams).
+  when their answer had started, ended cleanly (an SSE ``error`` event for event streams);
+* a request head over ``max_head_bytes`` refused with a JSON 431, whether it came in pieces
+  (h11 refuses a head it still waits for past ``h11_max_incomplete_event_size``) or in one
+  read (which h11 takes whole, whatever its size); a request h11 cannot parse answered with
+  a JSON 400 instead of uvicorn's plain text.
+Every one of these answers carries a request id: the request's, else the client's
+``X-Request-ID`` (of the partial head, when that is all there is), else a new one.
 """
 
 from __future__ import annotations
@@ -53,11 +59,6 @@ CAP_RETRY_AFTER = 1
 SHUTDOWN_RETRY_AFTER = ShuttingDown.retry_after
 
 
-def envelope(message: str, code: str) -> dict:
-    """The project's error envelope for the server's refusals given below the application (no request id exists)."""
-    return error_envelope(message, type_="server_error", code=code)
-
-
 #: An ``X-Request-ID`` line of a request head that has not been parsed (h11 reads a head only once it is whole).
 _REQUEST_ID_LINE = re.compile(rb"\nx-request-id[ \t]*:[ \t]*([^\r\n]*)\r?\n", re.IGNORECASE)
 
@@ -66,6 +67,33 @@ def _partial_head_request_id(data: bytes) -> str:
     """The request id of a head that never finished: its ``X-Request-ID`` when a whole, usable one came, else a new one."""
     found = _REQUEST_ID_LINE.search(data)
     return client_request_id(found.group(1).strip().decode("latin-1") if found else None)
+
+
+def _head_too_large_body(limit: int, request_id: str) -> dict:
+    """The envelope of a 431 for a request head over the limit: the client's doing."""
+    message = f"Request head (request line and headers) larger than {limit} bytes"
+    return error_envelope(message, type_="invalid_request_error", code="request_header_too_large", request_id=request_id)
+
+
+def _head_too_large(limit: int, request_id: str) -> bytes:
+    """The whole 431 answer, for when h11 refused the head before it was parsed."""
+    return _raw_response(431, "Request Header Fields Too Large", _head_too_large_body(limit, request_id), request_id=request_id)
+
+
+def _head_bytes(scope) -> int:
+    """The size of a parsed request head as sent, at least (h11 strips the spaces around header values)."""
+    target = len(scope.get("raw_path") or b"") + (1 + len(scope["query_string"]) if scope.get("query_string") else 0)
+    line = len(scope.get("method", "")) + 1 + target + 1 + len("HTTP/") + len(scope.get("http_version", "1.1")) + 2
+    return line + sum(len(name) + 2 + len(value) + 2 for name, value in scope.get("headers", ())) + 2
+
+
+def _scope_request_id(scope) -> str:
+    """The request's id: the one ``RequestIds`` gave it, else the client's ``X-Request-ID`` (or a new one)."""
+    named = scope.get("state", {}).get("request_id")
+    if named:
+        return named
+    sent = next((value for name, value in scope.get("headers", ()) if name.lower() == b"x-request-id"), None)
+    return client_request_id(sent.decode("latin-1") if sent is not None else None)
 
 
 def _timeout_response(message: str, request_id: str) -> bytes:
@@ -85,12 +113,19 @@ def _raw_response(status: int, reason: str, body: dict, retry_after: int | None 
     return f"HTTP/1.1 {status} {reason}\r\n{headers}\r\n".encode() + data
 
 
-async def _send_json(send, status: int, body: dict, retry_after: int) -> None:
+def _refusal(message: str, code: str, request_id: str) -> dict:
+    """The envelope of a refusal on the server's side (``server_error``: the connection cap, shutdown)."""
+    return error_envelope(message, type_="server_error", code=code, request_id=request_id)
+
+
+async def _send_json(send, status: int, body: dict, request_id: str, retry_after: int | None = None) -> None:
+    """An answer given below the application, with the request's id (and Retry-After), closing the connection."""
     data = json.dumps(body, separators=(",", ":")).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
-        (b"retry-after", str(retry_after).encode()),
+        *([(b"retry-after", str(retry_after).encode())] if retry_after is not None else []),
+        (b"x-request-id", request_id.encode()),
         (b"connection", b"close"),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -103,6 +138,7 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout: float | None = None
     body_timeout: float | None = None
     send_timeout: float | None = None
+    max_head_bytes: int | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -219,6 +255,20 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write(_timeout_response(message, request_id))
         self.transport.close()
 
+    # --- requests h11 refuses -----------------------------------------------------------
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot take (uvicorn answers it in plain text): a head that grew past ``max_head_bytes`` while it
+        arrived (431), or one that is not HTTP/1.1 (400); in the JSON envelope, and the connection closed."""
+        partial = bytes(self.conn.trailing_data[0])
+        request_id = _partial_head_request_id(partial)
+        if self.max_head_bytes is not None and len(partial) > self.max_head_bytes:
+            self.transport.write(_head_too_large(self.max_head_bytes, request_id))
+        else:
+            message = "Invalid HTTP request: the request line or headers are not HTTP/1.1"
+            body = error_envelope(message, type_="invalid_request_error", code="invalid_http_request", request_id=request_id)
+            self.transport.write(_raw_response(400, "Bad Request", body, request_id=request_id))
+        self.transport.close()
+
     def _body_timed_out(self) -> None:
         self._body_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
@@ -242,12 +292,19 @@ class GuardedH11Protocol(H11Protocol):
         super().shutdown()
 
     async def _serve(self, app, scope, receive, send) -> None:
-        """Run one request: refused above the cap, answered in JSON when shutdown cancels it."""
+        """Run one request: refused when its head is too large or above the cap, answered in JSON when shutdown
+        cancels it."""
+        if self.max_head_bytes is not None and _head_bytes(scope) > self.max_head_bytes:
+            self.logger.info("refusing a request head of over %d bytes", self.max_head_bytes)
+            request_id = _scope_request_id(scope)
+            await _send_json(send, 431, _head_too_large_body(self.max_head_bytes, request_id), request_id)
+            return
         cap = self.max_connections
         if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
             self.logger.warning("%d connections open (limit %d): refusing a request", len(self.connections), cap)
-            body = envelope(f"Too many connections (limit {cap}); retry shortly", "too_many_connections")
-            await _send_json(send, 503, body, CAP_RETRY_AFTER)
+            request_id = _scope_request_id(scope)
+            body = _refusal(f"Too many connections (limit {cap}); retry shortly", "too_many_connections", request_id)
+            await _send_json(send, 503, body, request_id, CAP_RETRY_AFTER)
             return
         started: dict = {}
 
@@ -266,13 +323,13 @@ class GuardedH11Protocol(H11Protocol):
     async def _answer_cut_off(self, scope, started: dict, send) -> None:
         """The end of a request that outlived the shutdown grace period, without a traceback."""
         self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
-        message = ShuttingDown.text
+        message, request_id = ShuttingDown.text, _scope_request_id(scope)
         if "headers" not in started:
-            await _send_json(send, 503, envelope(message, "shutting_down"), SHUTDOWN_RETRY_AFTER)
+            await _send_json(send, 503, _refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
             return
         content_type = dict(started["headers"]).get(b"content-type", b"")
         if content_type.startswith(b"text/event-stream"):
-            event = {"type": "error", "error": envelope(message, "shutting_down")["error"]}
+            event = {"type": "error", "error": _refusal(message, "shutting_down", request_id)["error"]}
             data = f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
             await send({"type": "http.response.body", "body": data, "more_body": False})
         else:
@@ -280,17 +337,27 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def guarded_protocol(
-    header_timeout: float | None, body_timeout: float | None, send_timeout: float | None = None
+    header_timeout: float | None,
+    body_timeout: float | None,
+    send_timeout: float | None = None,
+    max_head_bytes: int | None = None,
 ) -> type[GuardedH11Protocol]:
-    """``GuardedH11Protocol`` with these timeouts (uvicorn builds one protocol object per connection)."""
-    timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout, "send_timeout": send_timeout}
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), timeouts)
+    """``GuardedH11Protocol`` with these timeouts and head limit (uvicorn builds one protocol object per connection)."""
+    limits = {
+        "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
+        "send_timeout": send_timeout,
+        "max_head_bytes": max_head_bytes,
+    }
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), limits)
 
 
 def uvicorn_options(settings) -> dict:
     """The keyword arguments of ``uvicorn.run`` for the connection settings."""
     return {
-        "http": guarded_protocol(settings.header_timeout, settings.body_timeout, settings.send_timeout),
+        "http": guarded_protocol(
+            settings.header_timeout, settings.body_timeout, settings.send_timeout, settings.max_header_bytes
+        ),
         "ws": "none",  # no WebSocket routes; an upgraded connection would outlive these guards
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_timeout,
