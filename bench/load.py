@@ -9,7 +9,9 @@ Two phases against one server (started here with the tiny models, or given with 
   generations, JSON edits, multipart variations, streamed generations and invalid ones.
 
 Reported: the share of 503s, lost requests (no response, a non-JSON response, or a
-stream that ends without its completed or error event: must be 0), p50/p99 latency
+stream that ends without its completed or error event: must be 0), wrong answers (a
+valid request answered otherwise than 200, 503 or 504; an invalid one otherwise than
+400: must be 0), p50/p99 latency
 of the successful ones, and the API process's RSS at the start and the end (psutil,
 from --pid, or the server started here). Loopback only, bounded in count and in time
 (--max-seconds: no new requests after it); it stops by itself. Run from the
@@ -170,8 +172,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+#: The answers a request of each kind may get: a valid request is served (200), refused while the server is full
+#: (503) or past its task timeout (504); an invalid one gets a 400. Anything else is a wrong answer (a valid request
+#: the server refused as invalid: e.g. a --size outside a --url server's side limits).
+EXPECTED = {"invalid": {400}}
+EXPECTED_VALID = {200, 503, 504}
+
+
+def wrong(result: dict) -> bool:
+    """Whether a request that was answered got an answer its kind may not get (``EXPECTED``)."""
+    return result["status"] is not None and result["status"] not in EXPECTED.get(result["kind"], EXPECTED_VALID)
+
+
 def summary(results: list[dict]) -> dict:
-    """Counts by status, the 503 share, lost requests and the successful ones' latency percentiles (ms)."""
+    """Counts by status, the 503 share, lost requests, wrong answers and the successful ones' latency percentiles
+    (ms)."""
     ok = [r["seconds"] for r in results if r["status"] == 200 and not r["lost"]]
     statuses: dict[str, int] = {}
     codes: dict[str, int] = {}  # of the errors: queue_full, invalid_value...
@@ -187,6 +202,8 @@ def summary(results: list[dict]) -> dict:
         "share_503": round(statuses.get("503", 0) / len(results), 4) if results else 0.0,
         "lost": sum(1 for r in results if r["lost"]),
         "lost_examples": sorted({r["lost"] for r in results if r["lost"]})[:5],
+        "wrong": sum(1 for r in results if wrong(r)),
+        "wrong_examples": sorted({f"{r['kind']}: {r['status']} {r.get('code')}" for r in results if wrong(r)})[:5],
         "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
     }
@@ -239,7 +256,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--burst-factor", type=int, default=10, help="burst size, in times the capacity (workers + queue size)")
     parser.add_argument("--soak", type=int, default=1000, help="mixed requests in the soak (default 1000)")
     parser.add_argument("--concurrency", type=int, default=8, help="soak requests in flight at a time (default 8)")
-    parser.add_argument("--size", default="128x128", help="size of generations and variations (default 128x128)")
+    parser.add_argument(
+        "--size",
+        help="size of generations and variations (default 128x128 on the server started here, whose smallest side is "
+        "64; 256x256 with --url, a server's default smallest side)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="num_inference_steps (default 2)")
     parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
@@ -255,6 +276,13 @@ def main() -> int:
         parser.error("--burst-factor, --concurrency, --workers and --queue-size must be at least 1, --soak at least 0")
     if args.url and not _loopback(args.url):
         parser.error(f"--url must be a loopback address (127.0.0.1, ::1 or localhost), got {args.url}")
+    args.size = args.size or ("256x256" if args.url else "128x128")
+    if args.url:
+        try:
+            httpx.get(args.url.rstrip("/") + "/health", timeout=10)
+        except httpx.HTTPError as exc:
+            print(f"load.py: no server answers at {args.url} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
     server = None
     with tempfile.TemporaryDirectory(prefix="qis-load-") as tmp:
         try:
@@ -271,8 +299,8 @@ def main() -> int:
     print(json.dumps(report, indent=2, ensure_ascii=False))
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False) + "\n")
-    lost = report["burst"]["lost"] + report["soak"]["lost"]
-    return 1 if lost or report["health_after"] != 200 else 0
+    failed = sum(report[phase]["lost"] + report[phase]["wrong"] for phase in ("burst", "soak"))
+    return 1 if failed or report["health_after"] != 200 else 0
 
 
 if __name__ == "__main__":
