@@ -94,8 +94,8 @@ class LocalImageStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
-        except OSError as exc:
-            return StorageFailed(exc.strerror or type(exc).__name__).message
+        except OSError as exc:  # for the server log: the folder is named (a client's message never names it)
+            return StorageFailed(f"{exc.strerror or type(exc).__name__}: {self.directory}").message
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()

@@ -371,7 +371,10 @@ def test_url_images_that_cannot_be_stored_give_a_clear_500_and_a_warning_at_star
     blocked.write_text("not a folder")
     with caplog.at_level("WARNING", logger="qwen_image_server.api.app"):
         http = make_api(image_output_dir=str(blocked / "images")).client
-    assert "url responses will fail: Could not store the image for response_format=url (Not a directory)" in caplog.text
+    warning = (
+        f"url responses will fail: Could not store the image for response_format=url (Not a directory: {blocked / 'images'})"
+    )
+    assert warning in caplog.text
     response = http.post(GENERATIONS, json={"prompt": "a cat", "response_format": "url"})
     error = assert_error(response, 500, param=None, message=(
         "Could not store the image for response_format=url (Not a directory); response_format=b64_json returns it "

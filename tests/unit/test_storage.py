@@ -47,10 +47,10 @@ def test_a_failed_write_leaves_no_partial_file_and_says_why(tmp_path, monkeypatc
         store.save(b"0123456789", "png")
     assert list(tmp_path.iterdir()) == []
     assert store.check() == (
-        "Could not store the image for response_format=url (No space left on device); response_format=b64_json "
-        "returns it without storing it"
+        f"Could not store the image for response_format=url (No space left on device: {tmp_path}); "
+        "response_format=b64_json returns it without storing it"
     )
     monkeypatch.undo()
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    assert "(Not a directory)" in LocalImageStore(blocked / "images", 10, 3600).check()
+    assert f"(Not a directory: {blocked / 'images'})" in LocalImageStore(blocked / "images", 10, 3600).check()
