@@ -127,6 +127,32 @@ def test_per_model_limits_must_name_served_models_and_not_aliases(tiny_t2i):
     assert spec.id == "t2i"
 
 
+def test_a_per_model_setting_scoped_to_a_lora_says_to_scope_it_to_the_lora_s_model(tiny_t2i, tiny_lora):
+    """A LoRA runs on its model's workers with its model's settings: ``--queue-size 2@style`` names the model to use
+    instead of calling ``style`` not served; the same for a run-profile setting (``--compile on@style``)."""
+    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+
+    base = {"models": [f"t2i={tiny_t2i}"], "loras": [f"style={tiny_lora}"]}
+    expected = "names style, a LoRA of t2i: a LoRA runs on its model's workers with its model's settings; scope it to t2i"
+    with pytest.raises(ModelConfigError, match=f"^--queue-size {re.escape(expected)}$"):
+        resolve_configured(Settings(**base, model_queue_size=["2@style"]))
+    with pytest.raises(ModelConfigError, match=f"^--compile {re.escape(expected)}$"):
+        resolve_configured(Settings(**base, model_compile=["on@style"]))
+
+
+def test_per_model_items_run_together_with_a_comma_are_told_the_separator(tiny_t2i, tiny_edit):
+    """``QIS_MODEL_WORKERS="2@edit,3@t2i"`` reads as one item for a model named ``edit,3@t2i``."""
+    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+
+    models = [f"t2i={tiny_t2i}", f"edit={tiny_edit}"]
+    with pytest.raises(ModelConfigError) as refused:
+        resolve_configured(Settings(models=models, model_workers="2@edit,3@t2i"))
+    assert str(refused.value) == (
+        "--workers names models that are not served: edit,3@t2i (served: t2i, edit); several VALUE@MODEL items are "
+        "separated by ';' in an environment variable (2@a;1@b), or given as the flag once each"
+    )
+
+
 def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     from qwen_image_server.cli import settings_from_options
 

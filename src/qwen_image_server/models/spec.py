@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -191,8 +192,9 @@ def resolve_models(
     if duplicates:
         raise ModelConfigError(f"model ids must be unique, repeated: {', '.join(duplicates)} (use ID=PATH)")
     flags = profile_flags or {}
+    owners = _lora_owners(loras, specs)
     for key, values in flags.items():
-        _refuse_unserved(f"--{key.replace('_', '-')}", scoped_targets(values), ids)
+        _refuse_unserved(f"--{key.replace('_', '-')}", scoped_targets(values), ids, owners)
     try:
         parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)
         resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
@@ -204,6 +206,18 @@ def resolve_models(
         return resolved
     except ProfileError as exc:
         raise ModelConfigError(str(exc)) from None
+
+
+def _lora_owners(loras: Sequence[str], specs: list[ModelSpec]) -> dict[str, str]:
+    """The model of each ``--lora`` that parses (the others are refused later, with their own message)."""
+    owners = {}
+    for text in loras:
+        try:
+            lora = _lora_for(parse_lora(text), specs)
+        except (ProfileError, ModelConfigError):
+            continue
+        owners[lora.name] = str(lora.model)
+    return owners
 
 
 def _lora_for(lora: LoraSpec, specs: list[ModelSpec]) -> LoraSpec:
@@ -281,18 +295,33 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     return [replace(spec, aliases=tuple((a, n) for a, n in aliases.items() if owner[n] == spec.id)) for spec in specs]
 
 
-def _refuse_unserved(flag: str, targets: set[str], ids: list[str]) -> None:
-    """A ``VALUE@MODEL`` flag (a profile setting or a per-model limit) naming models that are not served: refused."""
-    if unknown := sorted(targets - set(ids)):
-        raise ModelConfigError(f"{flag} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})")
+def _refuse_unserved(flag: str, targets: set[str], ids: list[str], lora_owners: dict[str, str] | None = None) -> None:
+    """A ``VALUE@MODEL`` flag (a profile setting or a per-model limit) naming models that are not served: refused; one
+    naming a LoRA is told its model, items run together with a comma are told the separator."""
+    unknown = sorted(targets - set(ids))
+    if loras := [name for name in unknown if name in (lora_owners or {})]:
+        model = lora_owners[loras[0]]  # type: ignore[index]
+        raise ModelConfigError(
+            f"{flag} names {loras[0]}, a LoRA of {model}: a LoRA runs on its model's workers with its model's settings; "
+            f"scope it to {model}"
+        )
+    if unknown:
+        message = f"{flag} names models that are not served: {', '.join(unknown)} (served: {', '.join(ids)})"
+        if any("," in name or "@" in name for name in unknown):
+            message += (
+                "; several VALUE@MODEL items are separated by ';' in an environment variable (2@a;1@b), or given as the "
+                "flag once each"
+            )
+        raise ModelConfigError(message)
 
 
 def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     """``--workers N@MODEL`` (and ``--queue-size``, ``--task-timeout``, ``--stuck-task-seconds``) must name served
     models; with ``--share-components`` every model has the same worker count."""
     ids = [spec.id for spec in specs]
+    owners = {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     for setting in SCOPED_NUMBERS.values():
-        _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids)
+        _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids, owners)
     refusal = share_refusal(specs, settings) if settings.share_components else None
     if refusal:
         raise ModelConfigError(refusal)
