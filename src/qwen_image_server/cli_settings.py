@@ -54,6 +54,7 @@ def settings_problem(exc: ValidationError, given: set[str]) -> str:
         value = error.get("input")
         secret = any(word in field.lower() for word in ("key", "secret", "token"))
         got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
+        got = "" if f"got {value!r}" in message else got  # the message quotes it already
         if not field:  # a rule between settings: its message names them
             lines.append(message)
         elif field in given:

@@ -179,6 +179,9 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     ]
     monkeypatch.delenv("QIS_QUEUE_SIZE")
     monkeypatch.delenv("QIS_MAX_N")
+    monkeypatch.setenv("QIS_MODEL_QUEUE_SIZE", "x@edit")  # its message quotes the value once
+    assert problem().splitlines()[1:] == ["  QIS_MODEL_QUEUE_SIZE: expected N@MODEL with N from 1 to 100000, got 'x@edit'"]
+    monkeypatch.delenv("QIS_MODEL_QUEUE_SIZE")
     monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
     monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
     assert problem() == "invalid settings:\n  QIS_MIN_IMAGE_SIDE=2048 must not exceed QIS_MAX_IMAGE_SIDE=512"

@@ -103,8 +103,8 @@ def test_compile_and_deterministic_per_model_from_the_command_line_and_the_envir
     # refused before anything starts, naming the flag or the model
     for args, message in [
         (["--compile", "on@nope"], "error: --compile names models that are not served: nope (served: a, b)"),
-        (["--compile", "maybe@a"], "error: compile for model a: expected true or false, got 'maybe'"),
-        (["--deterministic=sure"], "error: deterministic for model a: expected true or false, got 'sure'"),
+        (["--compile", "maybe@a"], "error: compile for model a: expected on or off (or true, false, 1, 0), got 'maybe'"),
+        (["--deterministic=sure"], "error: deterministic for model a: expected on or off (or true, false, 1, 0), got 'sure'"),
     ]:
         result = CliRunner().invoke(cli.app, ["plan", "--model", f"a={tiny_t2i}", "--model", f"b={tiny_edit}", *args])
         assert (result.exit_code, result.output.strip()) == (2, message), result.output

@@ -107,7 +107,7 @@ def parse_bool(value: Any) -> bool | None:
 def _as_bool(value: Any, key: str, model: str) -> bool:
     parsed = parse_bool(value)
     if parsed is None:
-        raise ProfileError(f"{key} for model {model}: expected true or false, got {value!r}")
+        raise ProfileError(f"{key} for model {model}: expected on or off (or true, false, 1, 0), got {value!r}")
     return parsed
 
 
