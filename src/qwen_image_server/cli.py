@@ -18,6 +18,7 @@ from .cli_settings import RENAMED as _RENAMED
 from .cli_settings import env_names as _env_names
 from .cli_settings import settings_from_options, settings_problem
 from .config import Settings
+from .config_scoped import SCOPED_NUMBERS
 from .models.tiny import demo_model_entries, ensure_tiny_model
 
 __all__ = [
@@ -305,8 +306,8 @@ def plan(**options) -> None:
 
 
 def _name_environment_variables() -> None:
-    """End each ``serve`` option's help with the environment variables of its setting (``[env: HOST, QIS_HOST]``),
-    read from ``Settings``: the help and the settings cannot disagree. The annotations are evaluated once here, so
+    """End each ``serve`` option's help with the environment variables of its setting (``[env: HOST, QIS_HOST]``) and
+    its default when that is a plain value (``[default: 127.0.0.1]``), read from ``Settings``: the help and the settings cannot disagree. The annotations are evaluated once here, so
     that typer reads these very option objects (as strings, each reading would make new ones)."""
     serve.__annotations__ = typing.get_type_hints(serve, include_extras=True)
     for name, parameter in inspect.signature(serve).parameters.items():
@@ -315,8 +316,12 @@ def _name_environment_variables() -> None:
         if info is None or field not in Settings.model_fields:
             continue
         text = re.sub(r"\s*\[[A-Z][A-Z0-9_]*\]", "", info.help or "").rstrip()
-        names = _env_names(field) + (_env_names(f"model_{field}") if f"--{name}" in SCOPED_BOOLEAN_FLAGS else [])
-        info.help = f"{text} [env: {', '.join(names)}]"
+        scoped = f"--{name}" in SCOPED_BOOLEAN_FLAGS or field in SCOPED_NUMBERS  # on|off@MODEL, N@MODEL: their own
+        names = _env_names(field) + (_env_names(f"model_{field}") if scoped else [])
+        default = Settings.model_fields[field].default  # a plain value's (none for lists, switches and unset ones)
+        shown = f" [default: {default:g}]" if isinstance(default, float) else f" [default: {default}]"
+        plain = isinstance(default, str | int | float | Path) and not isinstance(default, bool) and str(default) != ""
+        info.help = f"{text} [env: {', '.join(names)}]" + (shown if plain else "")
 
 
 _name_environment_variables()

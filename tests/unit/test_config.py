@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from qwen_image_server.config import Settings
+from qwen_image_server.config_scoped import SCOPED_NUMBERS
 
 
 def test_seed_002_names(monkeypatch):
@@ -247,9 +248,16 @@ def test_every_option_names_its_environment_variables_in_the_help(command):
     for option in options:
         field = named.get(option.name, option.name)
         if field in Settings.model_fields:
-            # the on/off flags also name their per-model variable (QIS_MODEL_COMPILE: on|off@MODEL)
-            scoped = _env_names(f"model_{field}") if field in ("compile", "deterministic") else []
+            # the on/off flags and the N@MODEL ones also name their per-model variable (QIS_MODEL_COMPILE: on|off@MODEL,
+            # QIS_MODEL_WORKERS: N@MODEL;N@MODEL)
+            scoped = _env_names(f"model_{field}") if field in ("compile", "deterministic", *SCOPED_NUMBERS) else []
             assert f"[env: {', '.join(_env_names(field) + scoped)}]" in option.help, (option.name, option.help)
             checked += 1
     assert checked >= 30 and "HOST, QIS_HOST" in next(o.help for o in options if o.name == "host")
     assert "QIS_COMPILE, QIS_MODEL_COMPILE]" in next(o.help for o in options if o.name == "compile")
+    assert "NUM_GPUS_TO_USE, QIS_WORKERS, QIS_MODEL_WORKERS]" in next(o.help for o in options if o.name == "workers")
+    helps = {option.name: option.help for option in options}  # the defaults of plain values, from Settings
+    assert helps["port"].endswith("[env: PORT, QIS_PORT] [default: 8000]"), helps["port"]
+    assert helps["host"].endswith("[default: 127.0.0.1]") and helps["header_timeout"].endswith("[default: 10]")
+    assert helps["image_output_dir"].endswith("[default: generated_images]")
+    assert "[default:" not in helps["model"] + helps["compile"] + helps["api_key"]  # lists, switches, unset values
