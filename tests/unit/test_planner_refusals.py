@@ -159,6 +159,18 @@ def test_group_offload_is_planned_with_the_pinned_copies_torch_really_makes():
         "workers keeps 42.6 GiB in host memory (pinned copies of its transformer and text encoder, each tensor rounded "
         "up to a power of two by torch's pinned-memory allocator)"
     )
+    # with 16 GiB no single flag fits (4 bits under group offload still pins 2 x 11 GiB); the way out is the
+    # transformer on the card in 4 bits, with only the text encoder streamed (12.6 GiB pinned): offered although the
+    # model offloads its transformer on purpose, as that offload is what the machine is short of
+    with pytest.raises(PlanError) as refused:
+        make_plan([streamed], settings, discover=card, host=_host(16))
+    recipe = "--quantize int4@qwen-image --offload text-encoder@qwen-image (the transformer stays on the GPU; it would need"
+    assert str(refused.value).splitlines()[2] == f"Would fit: {recipe} 17.6 GiB)", str(refused.value)
+    resident = replace(spec, profile=RunProfile(weights_dtype="fp8", quantize="int4", offload="text-encoder", cfg_batch="on"))
+    assert make_plan([resident], settings, discover=card, host=_host(16)).devices("qwen-image") == ["cuda:0"]
+    with pytest.raises(PlanError) as short_on_gpu:  # on the card, a model that offloads on purpose is not told otherwise
+        make_plan([streamed], settings, discover=gpu_probe(fake_gpu(0, 2)))
+    assert "--quantize int4" not in str(short_on_gpu.value)
 
 
 def test_cpu_entries_of_a_gpu_device_list_are_checked_against_the_host_memory():
@@ -245,7 +257,8 @@ def test_workers_per_model_are_placed_and_named_in_the_refusal():
     message = str(refused.value)
     assert message.startswith("not enough GPU memory for model qwen-image (worker 4 of 4): each worker needs 58.4 GiB")
     assert message.endswith(
-        "; --workers 3@qwen-image\nOr serve qwen-image on another GPU with at least 58.4 GiB free (the most free here: 80.0 GiB)."
+        "; --workers 3@qwen-image\nOr serve qwen-image on another GPU with at least 58.4 GiB free (the most any GPU here "
+        "has left beside what is planned on it: 21.6 GiB)."
     )
     cpu = make_plan(specs, Settings(device="cpu", model_workers=["2@qwen-image-edit"], dtype="bfloat16"), host=_host(1000))
     assert (len(cpu.devices("qwen-image")), len(cpu.devices("qwen-image-edit"))) == (1, 2)
@@ -285,7 +298,8 @@ def test_the_refusal_names_the_model_the_numbers_and_flags_that_fit():
     assert "7.0 GiB working memory at 1328x1328" in text
     assert "cuda:0 NVIDIA H100 80GB HBM3: 79.1 GiB free of 79.6 GiB, planned there: qwen-image-edit#0 62.7 GiB" in text
     assert "--weights-dtype fp8 (for every model) (it would need 34.5 GiB)" in text
-    assert "Or serve qwen-image on another GPU with at least 61.2 GiB free" in text
+    assert "Or serve qwen-image on another GPU with at least 61.2 GiB free (the most any GPU here has left beside what " in text
+    assert "is planned on it: 16.4 GiB)." in text  # 79.1 GiB free, 62.7 of it planned for the edit model
     # the suggestion holds: with it, the plan fits
     fp8 = [ModelSpec(s.id, s.source, s.pipeline_class, s.kind, s.options, profile=RunProfile(weights_dtype="fp8")) for s in specs]
     assert make_plan(fp8, settings, discover=gpu_probe(H100)).devices("qwen-image") == ["cuda:0"]
@@ -554,6 +568,6 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
         make_plan(resident_encoder, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 44.5)))
     text = str(refused.value)
     assert "each process needs 41.4 GiB (text encoders and VAEs with the same files counted once); 5.5 GiB more while" in text
-    assert "Or serve these models on a GPU with at least 46.9 GiB free" in text
+    assert "Or serve these models on another GPU with at least 46.9 GiB free" in text
     shared = [replace(spec, profile=RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder")) for spec in both]
     assert make_plan(shared, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))

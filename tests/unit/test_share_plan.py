@@ -86,7 +86,7 @@ def test_a_shared_process_that_does_not_fit_is_refused_naming_every_model(tiny_t
     text = str(refused.value)
     assert text.startswith("not enough GPU memory for models qwen-image, qwen-image-edit in one worker process")
     assert "--weights-dtype fp8 (for every model)" in text
-    assert "Or serve these models on a GPU with at least 99.3 GiB free" in text
+    assert "Or serve these models on another GPU with at least 99.3 GiB free" in text
     # the suggestion holds
     assert _plan(_specs(tiny_t2i, tiny_edit_plus, weights_dtype="fp8"), gib=80, share_components=True).placements
 

@@ -93,21 +93,24 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
             f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers_for(model)}){where}: "
             f"each worker needs {_gib(fp.total)} ({needs(fp)})"
         )
-    gpus = []
+    gpus, left = [], []
     for gpu in plan.gpus:
         here = [p for p in placed if p.device == gpu.device and (p.model, p.slot) != (model, slot)]
         free = "? free" if gpu.free is None else f"{_gib(gpu.free)} free of {_gib(gpu.total or gpu.free)}"
         held = f", planned there: {', '.join(f'{p.name} {_gib(p.need or 0)}' for p in here)}" if here else ""
         gpus.append(f"{gpu.device} {gpu.name}: {free}{held}".replace("  ", " "))
+        left.append(max(0, (gpu.free or 0) - sum(p.need or 0 for p in here)))
     suggestions = suggest(model, specs, settings, fits) if fp is not None else suggest_for_all(specs, settings, fits)
     lines = [head, "GPUs: " + "; ".join(gpus)]
     if suggestions:
         lines.append("Would fit: " + "; ".join(suggestions))
     else:
         lines.append("No single flag makes it fit.")
-    largest = max((g.free or 0 for g in plan.gpus), default=0)
-    what = f"serve {model} on another GPU" if fp is not None else "serve these models on a GPU"
-    lines.append(f"Or {what} with at least {_gib(need + extra)} free (the most free here: {_gib(largest)}).")
+    what = f"serve {model} on another GPU" if fp is not None else "serve these models on another GPU"
+    lines.append(
+        f"Or {what} with at least {_gib(need + extra)} free (the most any GPU here has left beside what is planned on "
+        f"it: {_gib(max(left, default=0))})."
+    )
     return "\n".join(lines)
 
 
@@ -151,8 +154,10 @@ def fewer_workers(model: str, settings, fits) -> str | None:
     return None
 
 
-def suggest(model: str, specs, settings, fits) -> list[str]:
-    """Flags (as a user types them) that make the plan fit, each with what ``model`` would then need."""
+def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list[str]:
+    """Flags (as a user types them) that make the plan fit, each with what ``model`` would then need. ``host_short``:
+    the plan is short of host memory for what its GPU workers offload (then the recipe that keeps the transformer on
+    the GPU is offered to a model that offloads it on purpose too: that offload is what does not fit)."""
     by_id = {spec.id: spec for spec in specs}
     out: list[str] = []
 
@@ -176,14 +181,16 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
                 out.append(f"{flag} {value} (for every model){need(fps)}")
                 resident = resident or keeps
     if not resident:
-        recipe = resident_recipe({model: by_id[model].profile}, lambda profiles: fits(profiles=profiles))
+        recipe = resident_recipe({model: by_id[model].profile}, lambda profiles: fits(profiles=profiles), host_short)
         if recipe is not None:
             changes, fps = recipe
             out.append(
                 f"{_recipe_flags(changes, model)} (the transformer stays on the GPU; it would need {_gib(fps[model].total)})"
             )
         elif len(specs) > 1:
-            every = resident_recipe({spec.id: spec.profile for spec in specs}, lambda profiles: fits(profiles=profiles))
+            every = resident_recipe(
+                {spec.id: spec.profile for spec in specs}, lambda profiles: fits(profiles=profiles), host_short
+            )
             if every is not None:
                 changes, fps = every
                 out.append(
@@ -217,11 +224,12 @@ def suggest(model: str, specs, settings, fits) -> list[str]:
     return out
 
 
-def resident_recipe(profiles: dict, fits):
+def resident_recipe(profiles: dict, fits, offloaded_too: bool = False):
     """The first of ``_RECIPES`` that ``fits({model: profile})`` (-> ``(fits, footprints)``) given to every model of
     ``profiles``, as ``(the settings it changes for some model, footprints)``; None when none fits, when it would change
-    nothing, or when a model offloads its transformer on purpose (``group``, ``model``, ``sequential``)."""
-    if any(profile.offload not in ("none", "text-encoder") for profile in profiles.values()):
+    nothing, or when a model offloads its transformer on purpose (``group``, ``model``, ``sequential``) unless
+    ``offloaded_too``."""
+    if not offloaded_too and any(profile.offload not in ("none", "text-encoder") for profile in profiles.values()):
         return None
     for recipe in _RECIPES:
         changes = {key: value for key, value in recipe.items() if any(getattr(p, key) != value for p in profiles.values())}

@@ -333,7 +333,8 @@ def make_plan(
             if cpu_fps:
                 advice = cpu_suggestions(model, specs, settings, lambda **kw: fits(**kw)[0])
                 raise PlanError(mixed_refusal(off, counted, cpu_fps, settings, machine, advice), plan)
-            raise PlanError(offload_refusal(off, fps, whole, settings, machine, suggest(model, specs, settings, fits)), plan)
+            advice = suggest(model, specs, settings, fits, host_short=True)
+            raise PlanError(offload_refusal(off, fps, whole, settings, machine, advice), plan)
     return plan
 
 
