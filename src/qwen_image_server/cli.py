@@ -302,7 +302,10 @@ def plan(**options) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(result.table())
-    typer.echo("placed without a memory check" if result.unchecked else "the plan fits")
+    if result.check_failed:
+        typer.echo("the plan does not fit; placed anyway (--memory-check warn)")
+    else:
+        typer.echo("placed without a memory check" if result.unchecked else "the plan fits")
 
 
 def _name_environment_variables() -> None:

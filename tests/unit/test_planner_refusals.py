@@ -362,10 +362,14 @@ def test_plan_command_prints_the_plan_or_the_refusal(tiny_t2i, tiny_edit):
     # the estimate can be overruled: warn logs the refusal and places the workers unchecked, off never checks
     warned = runner.invoke(app, [*args, "--memory-check", "warn"], env={"QIS_FAKE_GPUS": "1GiB"})
     assert warned.exit_code == 0, warned.output
-    assert "cuda:0 QIS_FAKE_GPUS (? GiB free of 1.0 GiB): a#0 600 MiB, b#0 " in warned.output
-    assert warned.output.rstrip().endswith("placed without a memory check")
+    # (the GPU's memory as it was checked, what is short, and what warn does)
+    assert "cuda:0 QIS_FAKE_GPUS (1.0 GiB free of 1.0 GiB): a#0 600 MiB, b#0 " in warned.output
+    assert "short by" in warned.output
+    assert "memory checked: the plan does not fit (the warning above says why); --memory-check warn places the " in warned.output
+    assert warned.output.rstrip().endswith("the plan does not fit; placed anyway (--memory-check warn)")
     off = runner.invoke(app, [*args, "--memory-check", "off"], env={"QIS_FAKE_GPUS": "0.8GiB,0.8GiB"})
-    assert off.exit_code == 0 and "memory not checked (--memory-check)" in off.output, "off: even a plan that fits"
+    assert off.exit_code == 0 and "memory not checked (--memory-check off)" in off.output, "off: even a plan that fits"
+    assert "? GiB free" in off.output and off.output.rstrip().endswith("placed without a memory check")
     bad = runner.invoke(app, [*args, "--memory-check", "maybe"])
     assert bad.exit_code == 2 and "--memory-check: Input should be 'on', 'warn' or 'off'" in bad.output
 

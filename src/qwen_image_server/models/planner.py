@@ -62,6 +62,7 @@ class Plan:
     host_planned: int = 0  # bytes planned there: CPU workers whole, GPU workers' offloaded weights
     host_workers: list[str] = field(default_factory=list)
     unchecked: bool = False  # --memory-check off, or warn with a plan that did not fit: placed without any check
+    check_failed: bool = False  # --memory-check warn with a plan that did not fit (the GPUs show what was checked)
 
     def devices(self, model: str) -> list[str]:
         """The device of each worker slot of ``model``, in slot order."""
@@ -153,8 +154,13 @@ class Plan:
             rest = f"{human(left)} headroom" if left >= 0 else f"short by {human(-left)}"
             what = ", ".join(self.host_workers) or "nothing"
             lines.append(f"host memory ({room}): {what}, {human(self.host_planned)} in all, {rest}")
-        if self.unchecked:
-            lines.append("memory not checked (--memory-check): workers placed as if every device had room")
+        if self.check_failed:
+            lines.append(
+                "memory checked: the plan does not fit (the warning above says why); --memory-check warn places the "
+                "workers anyway, as if every device had room"
+            )
+        elif self.unchecked:
+            lines.append("memory not checked (--memory-check off): workers placed as if every device had room")
         return "\n".join(lines)
 
 
@@ -265,6 +271,8 @@ def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, h
     unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
     plan = make_plan(specs, settings, lambda: unknown_free, read_once, host=lambda: None)
     plan.unchecked = True
+    if settings.memory_check == "warn":  # checked, and short: the table shows the memory the check saw
+        plan.check_failed, plan.gpus = True, list(found) if found is not None else plan.gpus
     return plan
 
 
