@@ -57,17 +57,26 @@ def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     kind: Annotated[str, typer.Option(help="text-to-image, edit or edit-plus")] = "text-to-image",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write into a folder that holds files already.")] = False,
 ) -> None:
     """Write a tiny random-weight Qwen-Image pipeline (offline) for tests and demos."""
-    from .models.tiny import TINY_KINDS, build_tiny_model
+    from .models import tiny
 
-    if kind not in TINY_KINDS:
-        raise typer.BadParameter(f"choose one of {', '.join(TINY_KINDS)}", param_hint="--kind")
+    if kind not in tiny.TINY_KINDS:
+        raise typer.BadParameter(f"choose one of {', '.join(tiny.TINY_KINDS)}", param_hint="--kind")
     if directory.exists() and not directory.is_dir():
         typer.echo(f"error: {directory} is a file, not a folder", err=True)
         raise typer.Exit(2)
+    held = sorted(entry.name for entry in directory.iterdir())[:3] if directory.is_dir() and not force else []
+    if held:
+        typer.echo(
+            f"error: {directory} is not empty ({', '.join(held)}): pass --force to write a tiny model there, replacing "
+            "the files it writes",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
-        build_tiny_model(directory, kind, seed=seed)  # type: ignore[arg-type]
+        tiny.build_tiny_model(directory, kind, seed=seed)  # type: ignore[arg-type]
     except OSError as exc:  # a folder that cannot be made or written (/proc/x, no permission, disk full)
         typer.echo(f"error: cannot write a model to {directory}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None

@@ -75,6 +75,31 @@ def test_tiny_model_into_a_file_is_one_line(tmp_path):
     assert f"{target} is a file, not a folder" in result.output
 
 
+def test_tiny_model_into_a_folder_that_holds_files_needs_force(tmp_path, monkeypatch):
+    """A folder with files in it (a model already, with a hand-edited sidecar) is not overwritten silently: one line
+    and exit 2, before any heavy import; ``--force`` writes the model there. An empty folder is fine."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "qwen_image_server.json").write_text('{"default_steps": 8}')
+    for heavy in ("torch", "diffusers", "transformers"):
+        monkeypatch.setitem(sys.modules, heavy, None)
+    result = CliRunner().invoke(app, ["tiny-model", str(target), "--kind", "edit"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == (
+        f"error: {target} is not empty (qwen_image_server.json): pass --force to write a tiny model there, replacing "
+        "the files it writes"
+    )
+    assert (target / "qwen_image_server.json").read_text() == '{"default_steps": 8}'
+    monkeypatch.undo()
+    written: list = []
+    monkeypatch.setattr("qwen_image_server.models.tiny.build_tiny_model", lambda d, k, seed: written.append((d, k, seed)))
+    for folder, extra in ((target, ["--force"]), (tmp_path / "empty", [])):
+        folder.mkdir(exist_ok=True)
+        result = CliRunner().invoke(app, ["tiny-model", str(folder), "--kind", "edit", *extra])
+        assert result.exit_code == 0, result.output
+    assert written == [(target, "edit", 0), (tmp_path / "empty", "edit", 0)]
+
+
 def test_tiny_model_where_no_folder_can_be_made_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("x")
     target = tmp_path / "a-file" / "model"  # like /proc/x: the folder cannot be created
