@@ -45,6 +45,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     with start_paths():
         specs = checked_specs(settings)  # no torch yet (and none here on a CPU machine): bad entries fail at once
     _check_port_free(settings.host, settings.port)
+    warning = open_without_keys(settings)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
     for spec in specs:
         also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
         logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
@@ -78,6 +81,24 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         port=settings.port,
         log_level=log_level.lower(),
         **uvicorn_options(settings),
+    )
+
+
+def open_without_keys(settings: Settings) -> str | None:
+    """The warning for a server that listens beyond this machine (not a loopback address) with no API key, or None."""
+    import ipaddress
+
+    host = settings.host.strip().strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: it may resolve to any interface
+    if loopback or settings.all_api_keys():
+        return None
+    return (
+        f"listening on {host}:{settings.port} with no API key: anyone who can reach this port can run jobs on its "
+        "GPUs; give --api-key (or QWEN_IMAGE_API_KEYS, --api-keys-file), or put an authenticating proxy in front "
+        "(README: Running on a network)"
     )
 
 

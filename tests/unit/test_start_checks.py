@@ -272,3 +272,29 @@ def test_an_empty_model_source_is_said_so(no_port, given, shown):
 def test_min_side_above_max_side_names_both_variables_and_values(tiny_t2i, no_port):
     lines = refused(["--model", str(tiny_t2i)], env={"QIS_MIN_IMAGE_SIDE": "3000"})
     assert lines == ["error: invalid settings:", "  QIS_MIN_IMAGE_SIDE=3000 must not exceed QIS_MAX_IMAGE_SIDE=2048"]
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("127.0.0.1", [], False),
+        ("::1", [], False),
+        ("localhost", [], False),
+        ("127.0.0.2", [], False),
+        ("0.0.0.0", ["sk-a"], False),
+        ("0.0.0.0", [], True),
+        ("::", [], True),
+        ("192.168.1.5", [], True),
+        ("myhost.example", [], True),
+    ],
+)
+def test_listening_beyond_this_machine_without_a_key_is_warned(host, keys, warned):
+    """README: the server binds 127.0.0.1 by default, and a key is the first thing to give before binding 0.0.0.0;
+    serve says so when it listens beyond loopback with none."""
+    from qwen_image_server.cli_run import open_without_keys
+
+    warning = open_without_keys(Settings(host=host, api_keys=keys))
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith(f"listening on {host}:8000 with no API key: anyone who can reach this port can run jobs")
+        assert "--api-key" in warning
