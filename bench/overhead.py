@@ -25,6 +25,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -187,8 +188,12 @@ def main() -> int:
                 (direct_rest if name == "direct" else http_rest).append(seconds - ran)
             same &= pngs["direct"] == pngs["http"]
             print(f"run {i + 1:2d}: direct {direct_s[-1] * 1000:8.1f} ms   http {http_s[-1] * 1000:8.1f} ms", flush=True)
+    except BaseException:
+        print(f"overhead.py: the server's log is kept in {log_dir}", file=sys.stderr)
+        raise
     finally:
         server.stop()
+    shutil.rmtree(log_dir, ignore_errors=True)  # a run that went through leaves nothing to look at
 
     d, h = statistics.median(direct_s), statistics.median(http_s)
     ratio = h / d
