@@ -67,7 +67,11 @@ def tiny_model(
     if directory.exists() and not directory.is_dir():
         typer.echo(f"error: {directory} is a file, not a folder", err=True)
         raise typer.Exit(2)
-    held = sorted(entry.name for entry in directory.iterdir())[:3] if directory.is_dir() and not force else []
+    try:
+        held = sorted(entry.name for entry in directory.iterdir())[:3] if directory.is_dir() and not force else []
+    except OSError as exc:  # a folder that cannot be listed
+        typer.echo(f"error: cannot write a model to {directory}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
     if held:
         typer.echo(
             f"error: {directory} is not empty ({', '.join(held)}): pass --force to write a tiny model there, replacing "

@@ -73,6 +73,37 @@ def test_a_head_within_the_limit_is_served(limited):
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
 
 
+def test_a_head_within_the_limit_written_tersely_is_served(limited):
+    """h11 takes ``Name:value`` headers and bare line feeds: a head of those within the limit is not refused by a
+    count of the separators it does not have."""
+    head = b"GET /health HTTP/1.1\nHost:x\nConnection:close\n" + b"".join(b"X-H%02d:%s\n" % (i, b"v" * 60) for i in range(60))
+    head += b"\n"
+    assert LIMIT - 40 < len(head) <= LIMIT
+    raw = _exchange(limited, head)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "read"),
+    [
+        (b"POST /health HTTP/1.1\r\nContent-Length: 6000\r\n\r\n", False),  # no Host header: not HTTP/1.1
+        (b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", False),
+        (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True),
+    ],
+    ids=["no host", "unknown transfer coding", "bad chunk size"],
+)
+def test_a_broken_request_with_a_large_body_is_400_not_431(limited, request_bytes, read):
+    """What h11 cannot parse is a 400 whatever follows it in the same read (a body larger than the head limit was
+    taken for a head too large). A request whose head was read (a broken body) keeps its X-Request-ID; the
+    others get a new id."""
+    head, _, rest = request_bytes.partition(b"\r\n\r\n")
+    request_bytes = head + b"\r\nX-Request-ID: rid-5\r\n\r\n" + rest + b"x" * 6000
+    status, headers, body = _answer(_exchange(limited, request_bytes))
+    assert status == 400 and body["error"]["code"] == "invalid_http_request", (status, body)
+    assert body["request_id"] == headers["x-request-id"]
+    assert (body["request_id"] == "rid-5") == read
+
+
 def test_a_request_that_is_not_http_is_400_in_the_envelope(limited):
     """(h11 has taken the head it could not parse: the request gets a new id.)"""
     status, headers, body = _answer(_exchange(limited, b"HELLO THERE\r\nX-Request-ID: rid-2\r\n\r\n"))

@@ -81,10 +81,11 @@ def _head_too_large(limit: int, request_id: str) -> bytes:
 
 
 def _head_bytes(scope) -> int:
-    """The size of a parsed request head as sent, at least (h11 strips the spaces around header values)."""
+    """The size of a parsed request head as sent, at least: h11 strips the spaces around header values and takes a
+    bare line feed for a line's end, so each header counts its name, ``:``, its value and one byte of line end."""
     target = len(scope.get("raw_path") or b"") + (1 + len(scope["query_string"]) if scope.get("query_string") else 0)
-    line = len(scope.get("method", "")) + 1 + target + 1 + len("HTTP/") + len(scope.get("http_version", "1.1")) + 2
-    return line + sum(len(name) + 2 + len(value) + 2 for name, value in scope.get("headers", ())) + 2
+    line = len(scope.get("method", "")) + 1 + target + 1 + len("HTTP/") + len(scope.get("http_version", "1.1")) + 1
+    return line + sum(len(name) + 1 + len(value) + 1 for name, value in scope.get("headers", ())) + 1
 
 
 def _scope_request_id(scope) -> str:
@@ -151,6 +152,18 @@ class GuardedH11Protocol(H11Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._unsent = 0  # bytes the client had yet to take at the send clock's last look
         self._shutting_down = False
+        # h11's last refusal (uvicorn answers every one with the same text): its status hint tells a head too large
+        self._protocol_error: h11.RemoteProtocolError | None = None
+        next_event = self.conn.next_event
+
+        def noting_next_event():
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error = exc
+                raise
+
+        self.conn.next_event = noting_next_event  # type: ignore[method-assign]
 
     # --- read timeouts ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -258,13 +271,29 @@ class GuardedH11Protocol(H11Protocol):
     # --- requests h11 refuses -----------------------------------------------------------
     def send_400_response(self, msg: str) -> None:
         """What h11 cannot take (uvicorn answers it in plain text): a head that grew past ``max_head_bytes`` while it
-        arrived (431), or one that is not HTTP/1.1 (400); in the JSON envelope, and the connection closed."""
-        partial = bytes(self.conn.trailing_data[0])
-        request_id = _partial_head_request_id(partial)
-        if self.max_head_bytes is not None and len(partial) > self.max_head_bytes:
-            self.transport.write(_head_too_large(self.max_head_bytes, request_id))
+        arrived (431), or a request that is not HTTP/1.1, in its head or its body's framing (400); in the JSON
+        envelope, and the connection closed.
+
+        h11 says which by its error's status hint (a long buffer alone could be a body that came with a broken head:
+        h11 takes a whole head out of its buffer before it parses it). A request under way gives its own id; one
+        whose answer has started cannot be answered again: only closed."""
+        cycle = self.cycle
+        under_way = cycle is not None and not cycle.response_complete
+        if cycle is not None and under_way and cycle.response_started:
+            self.transport.close()
+            return
+        if cycle is not None and under_way:  # its head was read (the application may not have run yet)
+            request_id = _scope_request_id(cycle.scope)
         else:
-            message = "Invalid HTTP request: the request line or headers are not HTTP/1.1"
+            request_id = _partial_head_request_id(bytes(self.conn.trailing_data[0]))
+        if cycle is not None and under_way:  # the application hears of it as a client gone, and sends nothing more
+            cycle.response_started = cycle.response_complete = cycle.disconnected = True
+            cycle.message_event.set()
+        limit, hint = self.max_head_bytes, getattr(self._protocol_error, "error_status_hint", 400)
+        if limit is not None and hint == 431:  # h11: "Receive buffer too long", an event (a head) still incomplete
+            self.transport.write(_head_too_large(limit, request_id))
+        else:
+            message = "Invalid HTTP request: its request line, headers or body framing are not HTTP/1.1"
             body = error_envelope(message, type_="invalid_request_error", code="invalid_http_request", request_id=request_id)
             self.transport.write(_raw_response(400, "Bad Request", body, request_id=request_id))
         self.transport.close()

@@ -2,7 +2,7 @@
 
 The VAE's working memory grows with the image: decoding a 1024x1024 image held 6.2 GiB
 above the weights in float32 on a CPU (3.1 GiB in bf16), and its share of a worker's
-working memory is most of the measured line in ``footprint.py``. diffusers'
+working memory is most of the measured line in ``working_memory.py``. diffusers'
 ``AutoencoderKLQwenImage`` can work on 256x256-pixel tiles at a 192-pixel stride instead,
 blending the 64-pixel overlaps: the working memory is then about a tile's, whatever the
 image size (0.67 GiB for that decode), and the overlaps are computed twice (1.31x the
