@@ -28,9 +28,13 @@ PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> bytes:
-    """Bytes of a base64 string or ``data:image/...;base64,`` URL; other URLs are refused. ``not_base64_hint`` ends
-    the message of a value that is not base64 (where it came from, what to send instead)."""
+    """Bytes of a base64 string or ``data:image/...;base64,`` URL (line breaks and base64url's ``-`` and ``_`` taken
+    too); other URLs are refused. ``not_base64_hint`` ends the message of a value that is not base64 (where it came
+    from, what to send instead)."""
     value = value.strip()
     if value.startswith(("http://", "https://")):
         raise InvalidImage("image URLs are not fetched; send the image as base64 or a data URL", param=param)
@@ -42,6 +46,10 @@ def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> by
             f"'{param}' is a data URL of {kind}, not of an image: send a data:image/png, data:image/jpeg or data:image/webp URL",
             param=param,
         )
+    if any(space in value for space in ("\n", "\r", " ", "\t")):
+        value = "".join(value.split())  # MIME base64 (the base64 tool, encodebytes) breaks its lines every 76 characters
+    if "-" in value or "_" in value:
+        value = value.translate(_URL_SAFE)  # base64url's alphabet (RFC 4648, section 5)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -69,7 +77,17 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise InvalidImage(f"'{param}' has more than the {max_pixels} pixels this server accepts", param=param) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidImage(f"'{param}' is not a decodable image (PNG, JPEG or WebP)", param=param) from None
-    return _upright(image)
+    return eight_bit(_upright(image))
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (a PNG: Pillow's ``I;16`` modes, or ``I`` in older Pillows) as 8-bit ``L``, its values
+    scaled as a browser shows them; any other image as it is. Pillow's own conversions clip every value above 255, so
+    such an image read as white, and a mask's grays as edited."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    pixels = np.clip(np.asarray(image, dtype=np.int32), 0, 65535) >> 8
+    return Image.fromarray(pixels.astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _upright(image: Image.Image) -> Image.Image:

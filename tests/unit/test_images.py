@@ -39,6 +39,14 @@ def test_base64_and_data_urls():
     assert decode_base64_image("data:image/png;base64," + encoded, "image") == raw
     with pytest.raises(InvalidImage, match="not valid base64"):
         decode_base64_image("***", "image")
+    # as clients write it too: broken into lines (the base64 tool, encodebytes), and in base64url's alphabet
+    assert decode_base64_image(base64.encodebytes(raw).decode(), "image") == raw
+    assert decode_base64_image("data:image/png;base64," + base64.encodebytes(raw).decode().replace("\n", "\r\n"), "x") == raw
+    noisy = _png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    url_safe = base64.urlsafe_b64encode(noisy).decode()
+    assert url_safe != base64.b64encode(noisy).decode() and decode_base64_image(url_safe, "image") == noisy
+    with pytest.raises(InvalidImage, match="not valid base64"):
+        decode_base64_image(encoded[:-5] + "!" + encoded[-4:], "image")
     with pytest.raises(InvalidImage, match="not fetched"):
         decode_base64_image("https://example.com/x.png", "image")
 
@@ -50,6 +58,23 @@ def test_mask_conventions():
     gray = np.zeros((4, 4), np.uint8)
     gray[0, 0] = 255  # white = edit without alpha
     assert mask_to_array(Image.fromarray(gray, "L"))[0, 0] == 255 and mask_to_array(Image.fromarray(gray, "L")).sum() == 255
+
+
+def test_sixteen_bit_grayscale_is_read_as_a_browser_shows_it():
+    """A 16-bit grayscale PNG (Pillow's I;16) was converted by clipping every value above 255: the image read as
+    white, and a mask's grays as white (edited). Its values are scaled to 8 bits instead, for images and masks."""
+    gradient = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    data = _png(Image.fromarray(gradient))  # uint16: mode I;16
+    decoded = open_image(data, "image", 10**6)
+    assert decoded.mode == "L"
+    rgb = to_rgb_array(decoded)
+    assert rgb.shape == (4, 256, 3) and np.array_equal(rgb[..., 0], (gradient >> 8).astype(np.uint8))
+    band = np.full((8, 8), 20000, np.uint16)  # a 30% gray: not edited
+    band[:, 4:] = 60000  # a light gray: edited
+    mask = mask_to_array(open_image(_png(Image.fromarray(band)), "mask", 10**6))
+    assert mask[:, :4].max() == 0 and mask[:, 4:].min() == 255
+    as_int = Image.fromarray(gradient.astype(np.int32))  # mode I: how older Pillows open a 16-bit gray PNG
+    assert np.array_equal(to_rgb_array(images.eight_bit(as_int))[..., 0], (gradient >> 8).astype(np.uint8))
 
 
 def test_transparent_input_becomes_white():
