@@ -63,6 +63,7 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise InvalidImage(f"'{param}' is empty", param=param)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's "Corrupt EXIF data...": printed raw into the log
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             width, height = image.size
@@ -93,11 +94,13 @@ def eight_bit(image: Image.Image) -> Image.Image:
 def _upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says; the same image, not a copy, when it says nothing to do (most
     uploads: a copy of each would double the memory of decoding). A damaged EXIF block is ignored rather than
-    refusing an image that decodes."""
+    refusing an image that decodes (and Pillow's warnings about it stay out of the server's log)."""
     try:
-        if image.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation; 1: as stored
-            return image
-        return ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data...", printed raw into the log
+            if image.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation; 1: as stored
+                return image
+            return ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises several kinds on odd EXIF data
         return image
 

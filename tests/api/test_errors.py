@@ -260,6 +260,18 @@ def test_mask_with_several_images(http_client):
     assert_error(response, 400, param="mask")
 
 
+def test_a_bad_file_among_several_images_is_named_by_its_place(http_client):
+    """Several image parts share their field's name (image[]): the error names the file's place, as a JSON list's does."""
+    for field in ("image[]", "image"):
+        files = [(field, ("a.png", _png(), "image/png")), (field, ("b.png", b"not an image", "image/png"))]
+        response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)
+        error = assert_error(response, 400, param="image[1]")
+        assert error["message"].startswith("'image[1]' is not a decodable image"), error
+    one = [("image[]", ("b.png", b"not an image", "image/png"))]  # a single file keeps its field's name
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=one)
+    assert_error(response, 400, param="image[]")
+
+
 def test_too_many_images(http_client):
     files = [("image[]", (f"{i}.png", _png(), "image/png")) for i in range(5)]
     response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)

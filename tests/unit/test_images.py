@@ -77,6 +77,21 @@ def test_sixteen_bit_grayscale_is_read_as_a_browser_shows_it():
     assert np.array_equal(to_rgb_array(images.eight_bit(as_int))[..., 0], (gradient >> 8).astype(np.uint8))
 
 
+def test_a_damaged_exif_block_is_ignored_without_a_warning_in_the_log():
+    """Pillow warns "Corrupt EXIF data..." through ``warnings``, which printed it raw into the server's log."""
+    import warnings
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    payload = b"Exif\x00\x00II*\x00\xff\xff\xff\x7f" + bytes(22)  # its first directory far past the block's end
+    damaged = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = open_image(damaged, "image", 10**6)
+    assert image.size == (16, 8) and [str(w.message) for w in caught] == []
+
+
 def test_transparent_input_becomes_white():
     rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert to_rgb_array(rgba).tolist() == [[[255, 255, 255]] * 2] * 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -155,6 +156,8 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
                 raise InvalidRequest(f"unexpected file in field '{key}'", param=key)
     finally:
         await form.close()
+    if len(images) > 1:  # several files under one field's name: each named by its place, as a JSON list's are
+        images = [replace(upload, param=f"{upload.param.partition('[')[0]}[{i}]") for i, upload in enumerate(images)]
     return fields, images, mask
 
 
