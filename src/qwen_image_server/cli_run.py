@@ -69,11 +69,12 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     import uvicorn
 
     from .api.app import create_app
-    from .api.connections import uvicorn_options
+    from .api.connections import GraceEndIsNoError, uvicorn_options
     from .engine.local import LocalEngine
 
     engine = LocalEngine(specs, settings, memory_plan)
     _exit_normally_after_signals()
+    logging.getLogger("uvicorn.error").addFilter(GraceEndIsNoError())
     # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
     uvicorn.run(
         create_app(settings, engine),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import struct
 import sys
@@ -363,6 +364,17 @@ class GuardedH11Protocol(H11Protocol):
             await send({"type": "http.response.body", "body": data, "more_body": False})
         else:
             self.transport.close()  # half an answer: the client sees the connection end early
+
+
+class GraceEndIsNoError(logging.Filter):
+    """uvicorn logs the end of the shutdown grace period as an ERROR ("Cancel N running task(s), timeout graceful
+    shutdown exceeded"): it is what ``--shutdown-grace`` documents (the requests still running get a JSON 503), so
+    it is logged as a WARNING, not as a failure an alert would fire on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("Cancel %s running task(s)"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def guarded_protocol(
