@@ -162,6 +162,27 @@ def test_replicas_stopped_by_serve_get_the_shutdown_grace_to_finish():
     assert ingress._deployment_config.graceful_shutdown_timeout_s == 47
 
 
+def test_ray_s_own_queue_holds_every_piece_the_engine_admits():
+    """The engine admits a model's jobs up to replicas + --queue-size (requests, as the README says) and sends each
+    job's images as pieces, one call each: Ray's queue of calls (max_queued_requests) held --queue-size pieces, so an
+    idle model refused n=10 with --queue-size 8, and every n=2 with --queue-size 1 (its stream: a 200, then a
+    queue_full event). It now holds every piece of the jobs the engine admits; the engine's bound is the one."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.models.spec import resolve_configured
+
+    settings = Settings(
+        models=["a=random:Qwen/Qwen-Image", "b=random:Qwen/Qwen-Image-Edit"], engine="ray", ray_gpus_per_replica=0,
+        workers=2, model_workers=["3@b"], queue_size=8, model_queue_size=["1@b"], max_n=10,
+    )  # fmt: skip
+    ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
+    queued = {
+        model._bound_deployment.name: model._bound_deployment._deployment_config.max_queued_requests
+        for model in ingress.init_args
+    }
+    assert sorted(queued.values()) == [(3 + 1) * 10, (2 + 8) * 10], queued
+
+
 def _replicas(settings: Settings) -> list[tuple[float, str]]:
     """``(num_gpus, device)`` of each model deployment the application builder makes."""
     from qwen_image_server.engine.ray_serve import build_deployments

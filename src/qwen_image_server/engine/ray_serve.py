@@ -90,8 +90,8 @@ class RayEngine:
         if self.draining:
             raise ShuttingDown()
         replicas = self._replicas(model_id)
-        # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait.
-        # (Ray's max_queued_requests bounds each caller's queue of pieces as a second guard.)
+        # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait. (Ray's
+        # max_queued_requests, its queue of calls, holds every piece of these jobs: a second guard only.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size_for(model_id):
             raise QueueFull(retry_after=retry_after(self.settings, model_id))
         self._budgets[model_id].check()
@@ -372,7 +372,10 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             name=deployment_name(index, spec),
             ray_actor_options={"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
             max_ongoing_requests=1,
-            max_queued_requests=settings.queue_size_for(spec.id),
+            # Ray counts calls, one per piece of a job (an image or a batch of them); the engine admits the model's
+            # jobs up to replicas + queue size (``RayEngine.admit``): room for every piece of those, so that Ray never
+            # refuses what the engine took (an idle model refused n=10 with a queue of 8 so).
+            max_queued_requests=(high + settings.queue_size_for(spec.id)) * settings.max_n,
             autoscaling_config={
                 "min_replicas": low,
                 "max_replicas": high,
