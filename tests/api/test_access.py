@@ -84,6 +84,21 @@ def test_request_ids_are_echoed_or_made_and_reach_error_bodies_and_logs(keyed, c
     assert error.status_code == 400 and error.json()["request_id"] == "e-1"
 
 
+def test_behind_a_proxy_that_echoes_request_ids_the_app_does_not_echo_them_again(make_api, tiny_t2i):
+    """Under Ray, Serve's proxy names every request (the client's X-Request-ID, or a new id it passes on in that
+    header) and echoes it on the answer: the app echoing it too sent the header twice ("sdk-1, sdk-1" to the openai
+    SDK). An engine behind such a proxy (``proxy_echoes_request_ids``) has the app use the proxy's id and leave the
+    header to it; error bodies carry the same id."""
+    api = make_api({"tiny": tiny_t2i})
+    api.engine.proxy_echoes_request_ids = True
+    response = api.client.get("/v1/models/nope", headers={"X-Request-ID": "sdk-1"})
+    assert response.status_code == 404 and "x-request-id" not in response.headers
+    assert response.json()["request_id"] == "sdk-1"
+    api.engine.proxy_echoes_request_ids = False
+    response = api.client.get("/v1/models/nope", headers={"X-Request-ID": "sdk-1"})
+    assert response.headers.get_list("x-request-id") == ["sdk-1"] and response.json()["request_id"] == "sdk-1"
+
+
 def test_keys_never_reach_the_logs(keyed, caplog):
     caplog.set_level(logging.DEBUG)
     keyed.get("/v1/models", headers=_auth("sk-wrong-and-secret"))

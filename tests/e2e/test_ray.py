@@ -59,6 +59,15 @@ def test_ready_lists_each_model_with_its_own_limits_and_deployment(limits):
     assert models[LIMITED]["replicas"] == {"RUNNING": 1}
 
 
+def test_a_request_of_more_images_than_the_queue_holds_is_served(limits):
+    """The queue bounds requests: n=3 on the model of one replica and a queue of one is a request, not three (Ray's
+    own queue of calls, one per image, refused it when it held one call)."""
+    r = httpx.post(limits + GEN, json={**LIMITED_SHORT, "n": 3}, headers={"X-Request-ID": "ray-n3"}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    assert [d["seed"] for d in r.json()["data"]] == [2, 3, 4]
+    assert r.headers.get_list("x-request-id") == ["ray-n3"]  # echoed once (by Serve's proxy), not by the app too
+
+
 def _replica_pid(app: str, deployment: str) -> int:
     """The process of the (only) replica of a model's deployment in ``app``, asked while it is idle."""
     from ray import serve

@@ -79,7 +79,8 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "X-Run-Start", "X-Run-End", "X-Workers"],
             max_age=600,
         )
-    app.add_middleware(RequestIds)
+    # (Ray Serve's proxy names each request in X-Request-ID and echoes it itself: RayEngine.proxy_echoes_request_ids)
+    app.add_middleware(RequestIds, echoed=lambda: getattr(engine, "proxy_echoes_request_ids", False))
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # counts the middlewares' refusals too
     app.add_middleware(HeadRequests, routes=app.router.routes)  # HEAD as GET, without a body: outside all the others
     install_request_id_logging()

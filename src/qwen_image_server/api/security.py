@@ -12,6 +12,7 @@ import hmac
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 from .errors import error_response
 
@@ -58,10 +59,12 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class RequestIds:
-    """Accept ``X-Request-ID`` (bounded, plain characters) or make one; echo it on the response."""
+    """Accept ``X-Request-ID`` (bounded, plain characters) or make one; echo it on the response, unless ``echoed()``
+    says a proxy in front does (Ray Serve's echoes the id it passes on: two headers otherwise)."""
 
-    def __init__(self, app):
+    def __init__(self, app, echoed: Callable[[], bool] = lambda: False):
         self.app = app
+        self.echoed = echoed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -71,7 +74,7 @@ class RequestIds:
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message):
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not self.echoed():
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
             await send(message)

@@ -55,6 +55,10 @@ def deployment_name(index: int, spec: ModelSpec) -> str:
 class RayEngine:
     """``EngineClient`` on Ray Serve deployment handles (used inside the ingress replica)."""
 
+    #: Serve's proxy puts every request's id in its X-Request-ID (the client's, or one it makes) and echoes it on the
+    #: answer: the app uses that id and leaves the header to the proxy (``api.security.RequestIds``)
+    proxy_echoes_request_ids = True
+
     def __init__(self, models: list[ModelSpec], settings: Settings, app_name: str):
         self.models = models
         self.settings = settings
