@@ -42,7 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
-from .security import client_request_id
+from .security import client_request_id, scope_request_id
 
 if sys.platform == "linux":
     import fcntl
@@ -70,6 +70,13 @@ def _partial_head_request_id(data: bytes) -> str:
     return client_request_id(found.group(1).strip().decode("latin-1") if found else None)
 
 
+def _cut_off(cycle) -> None:
+    """End a request cycle whose connection is being closed under it: its application sees a client gone and sends
+    nothing more."""
+    cycle.response_started = cycle.response_complete = cycle.disconnected = True
+    cycle.message_event.set()
+
+
 def _head_too_large_body(limit: int, request_id: str) -> dict:
     """The envelope of a 431 for a request head over the limit: the client's doing."""
     message = f"Request head (request line and headers) larger than {limit} bytes"
@@ -87,15 +94,6 @@ def _head_bytes(scope) -> int:
     target = len(scope.get("raw_path") or b"") + (1 + len(scope["query_string"]) if scope.get("query_string") else 0)
     line = len(scope.get("method", "")) + 1 + target + 1 + len("HTTP/") + len(scope.get("http_version", "1.1")) + 1
     return line + sum(len(name) + 1 + len(value) + 1 for name, value in scope.get("headers", ())) + 1
-
-
-def _scope_request_id(scope) -> str:
-    """The request's id: the one ``RequestIds`` gave it, else the client's ``X-Request-ID`` (or a new one)."""
-    named = scope.get("state", {}).get("request_id")
-    if named:
-        return named
-    sent = next((value for name, value in scope.get("headers", ()) if name.lower() == b"x-request-id"), None)
-    return client_request_id(sent.decode("latin-1") if sent is not None else None)
 
 
 def _timeout_response(message: str, request_id: str) -> bytes:
@@ -284,12 +282,11 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
             return
         if cycle is not None and under_way:  # its head was read (the application may not have run yet)
-            request_id = _scope_request_id(cycle.scope)
+            request_id = scope_request_id(cycle.scope)
         else:
             request_id = _partial_head_request_id(bytes(self.conn.trailing_data[0]))
-        if cycle is not None and under_way:  # the application hears of it as a client gone, and sends nothing more
-            cycle.response_started = cycle.response_complete = cycle.disconnected = True
-            cycle.message_event.set()
+        if cycle is not None and under_way:
+            _cut_off(cycle)
         limit, hint = self.max_head_bytes, getattr(self._protocol_error, "error_status_hint", 400)
         if limit is not None and hint == 431:  # h11: "Receive buffer too long", an event (a head) still incomplete
             self.transport.write(_head_too_large(limit, request_id))
@@ -311,9 +308,8 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and not cycle.response_started:
             message = f"Request body not received within {self.body_timeout:g} s"
             self.transport.write(_timeout_response(message, request_id))
-        if cycle is not None:  # the application sees a disconnect and sends nothing more
-            cycle.response_started = cycle.response_complete = cycle.disconnected = True
-            cycle.message_event.set()
+        if cycle is not None:
+            _cut_off(cycle)
         self.transport.close()
 
     # --- connection cap and shutdown --------------------------------------------------
@@ -326,13 +322,13 @@ class GuardedH11Protocol(H11Protocol):
         cancels it."""
         if self.max_head_bytes is not None and _head_bytes(scope) > self.max_head_bytes:
             self.logger.info("refusing a request head of over %d bytes", self.max_head_bytes)
-            request_id = _scope_request_id(scope)
+            request_id = scope_request_id(scope)
             await _send_json(send, 431, _head_too_large_body(self.max_head_bytes, request_id), request_id)
             return
         cap = self.max_connections
         if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
             self.logger.warning("%d connections open (limit %d): refusing a request", len(self.connections), cap)
-            request_id = _scope_request_id(scope)
+            request_id = scope_request_id(scope)
             body = _refusal(f"Too many connections (limit {cap}); retry shortly", "too_many_connections", request_id)
             await _send_json(send, 503, body, request_id, CAP_RETRY_AFTER)
             return
@@ -353,7 +349,7 @@ class GuardedH11Protocol(H11Protocol):
     async def _answer_cut_off(self, scope, started: dict, send) -> None:
         """The end of a request that outlived the shutdown grace period, without a traceback."""
         self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
-        message, request_id = ShuttingDown.text, _scope_request_id(scope)
+        message, request_id = ShuttingDown.text, scope_request_id(scope)
         if "headers" not in started:
             await _send_json(send, 503, _refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
             return

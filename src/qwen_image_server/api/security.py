@@ -58,6 +58,12 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
+def scope_request_id(scope) -> str:
+    """A request's id from its ASGI scope: the one ``RequestIds`` gave it, else the client's usable ``X-Request-ID``,
+    else a new one (for answers given before the application has run: the connection guards')."""
+    return scope.get("state", {}).get("request_id") or client_request_id(_header(scope, b"x-request-id"))
+
+
 class RequestIds:
     """Accept ``X-Request-ID`` (bounded, plain characters) or make one; echo it on the response, unless ``echoed()``
     says a proxy in front does (Ray Serve's echoes the id it passes on: two headers otherwise)."""
