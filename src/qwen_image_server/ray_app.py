@@ -78,10 +78,11 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
         raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None  # 143 or 130, as the embedded
 
 
-def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2) -> None:
+def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_seconds: float = 10.0) -> None:
     """Stop the application as the embedded server stops: its ingress refuses new requests (503 ``shutting_down``),
-    the requests in flight get ``grace_seconds`` to finish, then the application is deleted (its replicas with it;
-    other applications of the cluster are left alone)."""
+    the requests in flight get ``grace_seconds`` to finish, those still running then are stopped and answered 503
+    ``shutting_down`` (their replica calls cancelled), and the application is deleted once they are answered (or
+    ``answer_seconds`` later), its replicas with it; other applications of the cluster are left alone."""
     log = logging.getLogger(__name__)
     deadline = time.monotonic() + grace_seconds
     try:
@@ -89,7 +90,12 @@ def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2) -> None
         while (running := drain.remote().result(timeout_s=10)) and time.monotonic() < deadline:
             time.sleep(poll_seconds)
         if running:
-            log.warning("%d request(s) still running after %ss: stopped with the application", running, grace_seconds)
+            log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
+            running = drain.remote(True, True).result(timeout_s=10)
+            answered_by = time.monotonic() + answer_seconds
+            while running and time.monotonic() < answered_by:
+                time.sleep(poll_seconds)
+                running = drain.remote(True, True).result(timeout_s=10)
     except Exception as exc:  # the ingress is gone or does not answer: nothing to wait for
         log.warning("could not drain %s (%s: %s); stopping it now", app_name, type(exc).__name__, exc)
     serve.delete(app_name)

@@ -200,26 +200,39 @@ def test_burst_overload_answers_json_503s_only(limits):
     assert {r.status_code for r in responses} <= {200, 503, 504}, [(r.status_code, r.text[:200]) for r in responses]
 
 
-def test_a_draining_ingress_refuses_new_requests_and_lets_running_ones_finish(ray_server):
+def test_a_draining_ingress_refuses_new_requests_lets_running_ones_finish_and_cuts_off_the_rest(ray_server):
     """What ``serve --engine ray`` does on SIGTERM before it deletes its application (``ray_app.stop``), through
-    Serve's handle as ``stop`` calls it: ``drain`` counts the request in flight, a new request gets 503
-    ``shutting_down`` with Retry-After, the running one still finishes (200), and ``drain(False)`` takes requests
-    again (so that the shared app serves the tests after this one)."""
+    Serve's handle as ``stop`` calls it: ``drain`` counts the requests in flight, a new request gets 503
+    ``shutting_down`` with Retry-After, a running one still finishes (200); at the end of the grace ``drain(True,
+    True)`` stops the one still running with the JSON 503 (it got Serve's plain-text 500 "replica died" when the
+    app was deleted), and ``drain(False)`` takes requests again (so that the shared app serves the tests after this
+    one, on both replicas: the stopped one's replica is free)."""
     from ray import serve
 
     drain = serve.get_app_handle("main").options(method_name="drain")
     medium = {**SHORT, "model": "qwen-image-tiny", "size": "1024x1024", "num_inference_steps": 40}  # seconds
     running, box = post_in_thread(ray_server.base_url + GEN, medium, timeout=300)
+    long, long_box = post_in_thread(ray_server.base_url + GEN, {**LONG, "model": "qwen-image-tiny"}, timeout=300)
     try:
-        _wait_for_jobs_in_flight(ray_server.base_url, 1, model="qwen-image-tiny")
-        assert drain.remote().result(timeout_s=60) == 1
+        _wait_for_jobs_in_flight(ray_server.base_url, 2, model="qwen-image-tiny")
+        assert drain.remote().result(timeout_s=60) == 2
         refused = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=60)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text[:300]
         assert refused.json()["error"]["code"] == "shutting_down"
         running.join(300)
         assert box["response"].status_code == 200, box
+        assert drain.remote().result(timeout_s=60) == 1
+        drain.remote(True, True).result(timeout_s=60)
+        long.join(60)
+        cut = long_box["response"]
+        assert cut.status_code == 503 and cut.headers["retry-after"] == "5", cut.text[:300]
+        assert cut.json()["error"]["code"] == "shutting_down"
         assert drain.remote().result(timeout_s=60) == 0
     finally:
         drain.remote(False).result(timeout_s=60)
-    again = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=300)
-    assert again.status_code == 200, again.text[:300]
+    both = [
+        post_in_thread(ray_server.base_url + GEN, {**SHORT, "model": "qwen-image-tiny", "seed": s}, timeout=300) for s in (7, 8)
+    ]
+    for thread, answer in both:
+        thread.join(300)
+        assert answer["response"].status_code == 200, answer

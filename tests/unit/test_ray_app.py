@@ -82,21 +82,23 @@ def test_a_signal_stops_the_app_gracefully_and_a_local_ray_after_it(run_without_
 
 
 class Handle:
-    """Serve's app handle as ``stop`` uses it: ``options(method_name="drain").remote(...).result(...)``."""
+    """Serve's app handle as ``stop`` uses it: ``options(method_name="drain").remote(...).result(...)``. ``drain()``
+    answers ``running`` in turn (the last one again and again), ``drain(True, True)`` (the cut) ``after_cut``."""
 
-    def __init__(self, answers):
-        self.answers, self.calls = list(answers), 0
+    def __init__(self, running, after_cut=(0,)):
+        self.running, self.after_cut, self.calls = list(running), list(after_cut), []
 
     def options(self, method_name):
         assert method_name == "drain"
         return self
 
-    def remote(self):
-        self.calls += 1
+    def remote(self, *args):
+        self.calls.append(args)
         return self
 
     def result(self, timeout_s):
-        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        answers = self.after_cut if self.calls[-1] == (True, True) else self.running
+        return answers.pop(0) if len(answers) > 1 else answers[0]
 
 
 @pytest.fixture
@@ -118,20 +120,36 @@ def test_stop_waits_for_the_requests_in_flight_then_deletes_the_app(stopping, mo
     handle = Handle([2, 1, 0])
     monkeypatch.setattr(serve, "get_app_handle", lambda name: stopping.append(("handle", name)) or handle)
     ray_app.stop("app", grace_seconds=30, poll_seconds=0.01)
-    assert handle.calls == 3 and stopping == [("handle", "app"), ("delete", "app")]
+    assert handle.calls == [(), (), ()] and stopping == [("handle", "app"), ("delete", "app")]
 
 
-def test_stop_gives_up_on_running_requests_after_the_grace(stopping, monkeypatch, caplog):
+def test_stop_cuts_off_the_requests_still_running_after_the_grace_then_deletes_the_app(stopping, monkeypatch, caplog):
+    """After the grace the ingress stops its jobs and answers them 503 ``shutting_down`` (``drain(True, True)``),
+    and the app is deleted once none is left: deleting it with requests in flight gave each of them Serve's
+    plain-text 500 "replica died" another grace later (63.6 s with the default 30 s grace)."""
     from ray import serve
 
     from qwen_image_server import ray_app
 
-    handle = Handle([1])
+    handle = Handle([1], after_cut=[1, 0])
     monkeypatch.setattr(serve, "get_app_handle", lambda name: handle)
     with caplog.at_level(logging.WARNING):
         ray_app.stop("app", grace_seconds=0.2, poll_seconds=0.01)
-    assert handle.calls > 1 and stopping == [("delete", "app")]
-    assert "1 request(s) still running after 0.2s" in caplog.text
+    waits = handle.calls[:-2]
+    assert len(waits) > 1 and set(waits) == {()} and handle.calls[-2:] == [(True, True), (True, True)]
+    assert stopping == [("delete", "app")]
+    assert "1 request(s) still running after 0.2s: stopped, answered 503" in caplog.text
+
+
+def test_stop_deletes_the_app_when_cut_off_requests_are_not_answered_in_time(stopping, monkeypatch):
+    from ray import serve
+
+    from qwen_image_server import ray_app
+
+    handle = Handle([2], after_cut=[2])
+    monkeypatch.setattr(serve, "get_app_handle", lambda name: handle)
+    ray_app.stop("app", grace_seconds=0.05, poll_seconds=0.01, answer_seconds=0.1)
+    assert handle.calls[-1] == (True, True) and stopping == [("delete", "app")]
 
 
 def test_stop_deletes_an_app_whose_ingress_does_not_answer(stopping, monkeypatch, caplog):

@@ -153,6 +153,58 @@ def test_a_draining_engine_refuses_new_requests_and_counts_those_in_flight():
     engine.admit(spec.id)  # takes requests again
 
 
+def test_a_cut_stops_the_jobs_in_flight_with_a_503_and_cancels_their_replica_calls():
+    """What ``ray_app.stop`` does at the end of the shutdown grace (``drain(cut=True)``, from another thread as
+    Serve's handle may call it): each running job ends with ``ShuttingDown`` (503 ``shutting_down``), its streams are
+    cancelled, no error is left unretrieved; a job started after the cut is refused, and ``drain(False)`` ends it."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_serve import RayEngine
+    from qwen_image_server.errors import ShuttingDown
+    from qwen_image_server.models.spec import resolve_model
+
+    spec = resolve_model("random:Qwen/Qwen-Image")
+    engine = RayEngine([spec], Settings(engine="ray", workers=2), "app")
+    engine.handles[spec.id] = handle = Handle()
+    unretrieved: list[str] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        jobs = [
+            asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=seeds)))
+            for seeds in ([1, 2], [3])
+        ]
+        while len(handle.streams) < 3:
+            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(engine.drain) == 2  # refusing, not cutting: both run on
+        await asyncio.sleep(0.05)
+        assert not any(job.done() for job in jobs)
+        assert await asyncio.to_thread(engine.drain, True, True) == 2
+        for job in jobs:
+            with pytest.raises(ShuttingDown):
+                await asyncio.wait_for(job, 10)
+        engine.draining = False  # a job admitted just before the cut: stopped before it waits
+        with pytest.raises(ShuttingDown):
+            await engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=[4]))
+        engine.drain(False)
+        later = asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=[5])))
+        while len(handle.streams) < 5:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not later.done()  # runs: the cut is over
+        later.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await later
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert [s.cancelled for s in handle.streams] == [True] * 5
+    assert engine._in_flight[spec.id] == 0 and not engine._cuts
+    assert not unretrieved, unretrieved
+
+
 def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch):
     """A replica runs one pipeline at a time: a call cancelled while the previous call's pipeline still runs (a
     request gone, or timed out, while queued behind a long one) must not start its own when the lock frees. It did,

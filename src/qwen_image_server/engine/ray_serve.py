@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ray import serve
@@ -70,6 +70,9 @@ class RayEngine:
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
         self._reading_status = threading.Lock()  # held while a thread reads Serve's status
         self.draining = False  # set by ``drain``: new requests are refused, those in flight run on
+        self.cut = False  # set by ``drain(cut=True)``: the jobs in flight are stopped too, answered 503
+        self._cuts: set[asyncio.Future] = set()  # one per running job: resolved to stop it
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the jobs run on (``drain`` may come from another)
 
     async def start(self) -> None:
         for index, spec in enumerate(self.models):
@@ -82,6 +85,7 @@ class RayEngine:
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
         deadline = time.monotonic() + self.settings.task_timeout_for(model_id)
         self.admit(model_id)
+        self._loop = asyncio.get_running_loop()
         self._in_flight[model_id] += 1
         try:
             with self._budgets[model_id].hold(job):
@@ -100,11 +104,41 @@ class RayEngine:
             raise QueueFull(retry_after=retry_after(self.settings, model_id))
         self._budgets[model_id].check()
 
-    def drain(self, on: bool = True) -> int:
+    def drain(self, on: bool = True, cut: bool = False) -> int:
         """Refuse new requests from now on (503 ``shutting_down``), or (``on=False``) take them again; the jobs
-        still in flight here."""
+        still in flight here. With ``cut``, stop those too: each is answered 503 ``shutting_down`` (an error event
+        on a stream) and its replica calls are cancelled, as the embedded server does at the end of its shutdown
+        grace. Otherwise Serve's deletion of the application ends them with its own plain-text 500 "replica died",
+        after giving the replicas a grace of their own. Safe from any thread."""
         self.draining = on
+        self.cut = on and cut
+        if self.cut and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut_all)
         return sum(self._in_flight.values())
+
+    def _cut_all(self) -> None:
+        for cut in list(self._cuts):
+            if not cut.done():
+                cut.set_result(None)
+
+    async def _unless_cut(self, work: Coroutine[Any, Any, list[TaskResult]]) -> list[TaskResult]:
+        """``work``'s result, or ``ShuttingDown`` as soon as ``drain(cut=True)`` stops the jobs in flight (``work``
+        is cancelled then, as when the caller is)."""
+        if self.cut:  # no await from here to the registration below: a cut from now on finds this job
+            work.close()
+            raise ShuttingDown()
+        cut = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(work)
+        self._cuts.add(cut)
+        try:
+            await asyncio.wait({running, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._cuts.discard(cut)
+            if not running.done():
+                running.cancel()
+        if not running.done() or running.cancelled():
+            raise ShuttingDown()
+        return running.result()
 
     def _replicas(self, model_id: str) -> int:
         """The model's largest replica count: its ``--workers N@MODEL``, else ``ray_max_replicas`` (default --workers)."""
@@ -126,7 +160,7 @@ class RayEngine:
 
         tasks = [asyncio.ensure_future(collect(stream, i * batch)) for i, stream in enumerate(streams)]
         try:
-            results = await wait_all(tasks, deadline)
+            results = await self._unless_cut(wait_all(tasks, deadline))
         except BaseException as exc:
             for stream in streams:
                 # cancel() fetches the call's outcome first and re-raises a refused call's error
@@ -271,10 +305,10 @@ def ingress_app(settings: Settings, specs: list[ModelSpec], make_app: AppFactory
 _INGRESS_ENGINES: dict[str, RayEngine] = {}
 
 
-def drain_ingress(app_name: str, on: bool = True) -> int:
+def drain_ingress(app_name: str, on: bool = True, cut: bool = False) -> int:
     """``RayEngine.drain`` of the application's ingress in this process. A module function: the ``Ingress`` class,
     defined in ``build_deployments``, travels to the replica by value, with a copy of any module dict it names."""
-    return _INGRESS_ENGINES[app_name].drain(on)
+    return _INGRESS_ENGINES[app_name].drain(on, cut)
 
 
 def replica_gpus(settings: Settings, cluster_gpus: Callable[[], tuple[float, str]] | None = None) -> float:
@@ -403,9 +437,10 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
         def __init__(self, *model_handles):
             self.model_handles = model_handles  # keeps the model deployments in this application
 
-        def drain(self, on: bool = True) -> int:
-            """Refuse new requests (503 ``shutting_down``), or take them again; the requests still in flight."""
-            return drain_ingress(serve.get_replica_context().app_name, on)
+        def drain(self, on: bool = True, cut: bool = False) -> int:
+            """Refuse new requests (503 ``shutting_down``), or take them again; the requests still in flight. With
+            ``cut``, those are stopped and answered 503 too (``RayEngine.drain``)."""
+            return drain_ingress(serve.get_replica_context().app_name, on, cut)
 
     ingress = serve.deployment(
         name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
