@@ -3,6 +3,10 @@ environment variables): shared by ``serve`` and ``plan`` in ``cli.py``."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
+
 import typer
 from pydantic import AliasChoices, ValidationError
 
@@ -39,9 +43,22 @@ def settings_from_options(options: dict) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ValueError(settings_problem(exc, set(overrides))) from None
+    replaced = keys_replaced_by_flag("api_keys" in overrides, os.environ)
+    if replaced:
+        logging.getLogger(__name__).warning(replaced)
     if options.get("demo") or settings.demo:
         settings.models = demo_model_entries() + settings.models
     return settings
+
+
+def keys_replaced_by_flag(flag_given: bool, environ: Mapping[str, str]) -> str | None:
+    """The warning for API keys in the environment that ``--api-key`` replaces (a flag overrides its variables; the
+    keys are not merged, so clients sending those get 401), or None. The keys themselves are never shown."""
+    upper = {name.upper() for name, value in environ.items() if value.strip()}
+    unused = [name for name in env_names("api_keys") if name in upper]
+    if not flag_given or not unused:
+        return None
+    return f"--api-key replaces the keys in {' and '.join(unused)}: only the --api-key keys (and --api-keys-file's) are accepted"
 
 
 def settings_problem(exc: ValidationError, given: set[str]) -> str:

@@ -10,6 +10,7 @@ and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -385,6 +386,22 @@ class Settings(PerModelLimits, BaseSettings):
             value = getattr(self, key)
             flags[key] = ([] if value is None else [str(value)]) + list(getattr(self, f"model_{key}"))
         return flags
+
+    @model_validator(mode="after")
+    def _one_variable_of_keys(self) -> Settings:
+        """Keys in both variables of the setting, different ones: only the first would count (they are not merged),
+        so a key meant to be required would not be, and an empty ``QWEN_IMAGE_API_KEYS`` beside a set
+        ``QIS_API_KEYS`` served with no key at all. Refused; the values are never shown."""
+        alias = type(self).model_fields["api_keys"].validation_alias
+        names = [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
+        environ = {name.upper(): value for name, value in os.environ.items()}
+        given = {name: environ[name].strip() for name in names if name in environ}
+        if len(set(given.values())) > 1:
+            raise ValueError(
+                f"{' and '.join(given)} are both set, to different keys: only {names[0]} would be read (they are "
+                "not merged); keep one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_sides(self) -> Settings:

@@ -210,6 +210,46 @@ def test_a_blank_api_key_is_refused_and_an_empty_variable_is_no_keys(monkeypatch
     assert Settings().all_api_keys() == ["k1", "k2"]
 
 
+def test_keys_in_both_variables_of_the_setting_are_refused_unless_the_same(monkeypatch):
+    """Only the first variable was read: an empty QWEN_IMAGE_API_KEYS beside QIS_API_KEYS=k1 served with no key."""
+    from qwen_image_server.cli import settings_from_options
+
+    monkeypatch.setenv("QWEN_IMAGE_API_KEYS", "")
+    monkeypatch.setenv("QIS_API_KEYS", "secret-k1")
+    with pytest.raises(ValueError) as refused:
+        settings_from_options({"log_level": "info"})
+    assert str(refused.value) == (
+        "invalid settings:\n  QWEN_IMAGE_API_KEYS and QIS_API_KEYS are both set, to different keys: only "
+        "QWEN_IMAGE_API_KEYS would be read (they are not merged); keep one of them"
+    )
+    monkeypatch.setenv("qwen_image_api_keys", "old")  # the names are read in any case
+    monkeypatch.delenv("QWEN_IMAGE_API_KEYS")
+    with pytest.raises(ValueError) as refused_too:
+        settings_from_options({"log_level": "info"})
+    assert str(refused_too.value) == str(refused.value)  # no key shown
+    monkeypatch.setenv("qwen_image_api_keys", " secret-k1")
+    assert Settings().all_api_keys() == ["secret-k1"]  # the same keys twice: nothing is lost
+    monkeypatch.delenv("qwen_image_api_keys")
+    assert Settings().all_api_keys() == ["secret-k1"]
+
+
+def test_keys_in_the_environment_that_api_key_replaces_are_named_in_a_warning(monkeypatch, caplog):
+    from qwen_image_server.cli import settings_from_options
+    from qwen_image_server.cli_settings import keys_replaced_by_flag
+
+    monkeypatch.setenv("QIS_API_KEYS", "env-key")
+    with caplog.at_level("WARNING"):
+        settings = settings_from_options({"log_level": "info", "api_key": ["flag-key"]})
+    assert settings.all_api_keys() == ["flag-key"]
+    assert "--api-key replaces the keys in QIS_API_KEYS" in caplog.text and "env-key" not in caplog.text
+    assert keys_replaced_by_flag(False, {"QIS_API_KEYS": "k"}) is None  # the keys in use
+    assert keys_replaced_by_flag(True, {"QIS_API_KEYS": " "}) is None  # none there to lose
+    assert keys_replaced_by_flag(True, {"qwen_image_api_keys": "k", "QIS_API_KEYS": "k"}) == (
+        "--api-key replaces the keys in QWEN_IMAGE_API_KEYS and QIS_API_KEYS: only the --api-key keys (and "
+        "--api-keys-file's) are accepted"
+    )
+
+
 @pytest.mark.parametrize("device", ["", ",", "gpu", "mps", "cpu:0", "cuda:x", "cuda:0,,cuda:1", "auto,cpu"])
 def test_an_unknown_device_is_refused(device):
     with pytest.raises(ValidationError, match="must be auto, or cpu, cuda or cuda:N"):
