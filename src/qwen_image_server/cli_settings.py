@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import typer
 from pydantic import AliasChoices, ValidationError
@@ -61,9 +61,10 @@ def keys_replaced_by_flag(flag_given: bool, environ: Mapping[str, str]) -> str |
     return f"--api-key replaces the keys in {' and '.join(unused)}: only the --api-key keys (and --api-keys-file's) are accepted"
 
 
-def settings_problem(exc: ValidationError, given: set[str]) -> str:
-    """The invalid settings, one per line, each named as the user set it: its flag, or its environment variables."""
-    flags = _flags_of_fields()
+def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[str], str] | None = None) -> str:
+    """The invalid settings, one per line, each named as the user set it: its flag (or ``given_as(field)`` for the
+    fields in ``given``), or its environment variables. No value of a key, secret or token is shown."""
+    flags = {field: given_as(field) for field in given} if given_as else _flags_of_fields()
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""

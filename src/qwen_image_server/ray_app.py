@@ -12,9 +12,11 @@ import os
 import signal
 import time
 
+from pydantic import ValidationError
 from ray import serve
 
 from .api.app import create_app
+from .cli_settings import settings_problem
 from .config import Settings
 from .engine.ray_serve import build_deployments
 from .models.spec import ModelSpec, resolve_configured
@@ -31,7 +33,11 @@ def app_builder(args: dict):
     ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
     environment variables work as for ``qwen-image-server serve``.
     """
-    settings = Settings(**{**dict(args or {}), "engine": "ray"})
+    args = dict(args or {})
+    try:
+        settings = Settings(**{**args, "engine": "ray"})
+    except ValidationError as exc:  # pydantic's own report shows the input, API keys included
+        raise ValueError(settings_problem(exc, set(args), lambda field: f"args.{field}")) from None
     return build_application(settings, resolve_configured(settings))
 
 

@@ -385,3 +385,23 @@ def test_a_model_may_have_a_gpu_share_of_its_own(gpus_here, tmp_path):
         settings_from_options({"model": models[:2], "engine": "ray", "ray_gpus_per_replica": ["2@small"]})
     with pytest.raises(ModelConfigError, match="--ray-gpus-per-replica names models that are not served: tiny"):
         resolve_configured(Settings(models=models[:2], engine="ray", model_ray_gpus_per_replica=["0.5@tiny"]))
+
+
+def test_invalid_settings_of_serve_run_are_named_without_showing_any_key(monkeypatch):
+    """``serve run``/``serve deploy`` build Settings from the config's ``args`` and the environment: pydantic's own
+    report repeated the whole input there, API keys included, into Ray's logs."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server import ray_app
+
+    monkeypatch.setenv("QIS_API_KEYS", "topsecret-key")
+    monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
+    monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
+    with pytest.raises(ValueError) as refused:
+        ray_app.app_builder({})
+    assert str(refused.value) == "invalid settings:\n  QIS_MIN_IMAGE_SIDE=2048 must not exceed QIS_MAX_IMAGE_SIDE=512"
+    with pytest.raises(ValueError) as refused:
+        ray_app.app_builder({"queue_size": 0, "api_keys": ["", "topsecret-key"]})
+    assert str(refused.value) == (
+        "invalid settings:\n  args.queue_size: Input should be greater than or equal to 1 (got 0)\n"
+        "  args.api_keys: an API key is empty (give every key, or none to serve without keys)"
+    )
