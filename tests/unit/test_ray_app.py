@@ -405,3 +405,30 @@ def test_invalid_settings_of_serve_run_are_named_without_showing_any_key(monkeyp
         "invalid settings:\n  args.queue_size: Input should be greater than or equal to 1 (got 0)\n"
         "  args.api_keys: an API key is empty (give every key, or none to serve without keys)"
     )
+
+
+def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(monkeypatch, caplog):
+    """``--workers 2@qwen-image-tiny --demo`` on a 2-core machine: three replicas of one CPU each, one of which Ray
+    could never place, and ``/ready`` said "loading" with nothing in the log to say why."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.models.spec import resolve_configured
+
+    settings = Settings(
+        models=["a=random:Qwen/Qwen-Image", "b=random:Qwen/Qwen-Image-Edit"], engine="ray", ray_gpus_per_replica=0,
+        model_workers=["2@a"],
+    )  # fmt: skip
+    specs = resolve_configured(settings)
+    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: {"CPU": 2.0, "memory": 1e10})
+    with caplog.at_level(logging.WARNING):
+        ray_serve.build_deployments(settings, specs, lambda s, engine: None)
+    assert (
+        "the 3 model replicas to start ask for more than the cluster holds (3 CPUs, the Ray cluster has 2): those "
+        "that do not fit wait for a node to join" in caplog.text
+    )
+    short = ray_serve.placement_shortfall
+    assert short(settings, specs, 0, {"CPU": 3.0}) is None  # they fit
+    assert short(settings, specs, 0, None) is None  # Ray not started: nothing known
+    assert short(settings.model_copy(update={"ray_cpus_per_replica": 0.5}), specs, 0, {"CPU": 2.0}) is None
+    on_gpus = short(settings, specs, 1, {"CPU": 8.0, "GPU": 2.0})
+    assert on_gpus is not None and "(3 GPUs, the Ray cluster has 2)" in on_gpus

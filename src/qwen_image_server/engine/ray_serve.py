@@ -362,6 +362,35 @@ def model_gpus(settings: Settings, model: str, every: float) -> float:
     return float(own[model])
 
 
+def placement_shortfall(settings: Settings, specs: list[ModelSpec], every: float, cluster: dict | None) -> str | None:
+    """The warning when the model replicas to start (each model's least replica count) ask Ray for more CPUs or GPUs
+    than the cluster has (``cluster``: its resources, None when unknown): those that do not fit wait for a node to
+    join, and ``/ready`` says "loading" meanwhile (``--workers 2 --demo`` on a 2-core machine asked for 4 CPUs)."""
+    if cluster is None:
+        return None
+    replicas = {spec.id: settings.replicas_for(spec.id)[0] for spec in specs}
+    need = {
+        "CPU": sum(count * settings.ray_cpus_per_replica for count in replicas.values()),
+        "GPU": sum(count * model_gpus(settings, model, every) for model, count in replicas.items()),
+    }
+    short = [(kind, wanted, cluster.get(kind, 0.0)) for kind, wanted in need.items() if wanted > cluster.get(kind, 0.0)]
+    if not short:
+        return None
+    what = "; ".join(f"{wanted:g} {kind}s, the Ray cluster has {have:g}" for kind, wanted, have in short)
+    return (
+        f"the {sum(replicas.values())} model replicas to start ask for more than the cluster holds ({what}): those "
+        "that do not fit wait for a node to join, and /ready says loading until then. Fewer --workers, a smaller "
+        "QIS_RAY_CPUS_PER_REPLICA (or ray_gpus_per_replica), or more nodes make them fit"
+    )
+
+
+def _cluster_resources() -> dict | None:
+    """The resources of the Ray cluster this process is connected to, or None before Ray is started or joined."""
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else None
+
+
 def _cluster_gpus() -> tuple[float, str]:
     """The GPUs of the Ray cluster this process is connected to, or of this machine when Ray is not started yet."""
     import ray
@@ -399,6 +428,9 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
     from ..models.memory_modes import check_memory_modes
 
     every = replica_gpus(settings)
+    shortfall = placement_shortfall(settings, specs, every, _cluster_resources())
+    if shortfall:
+        log.warning(shortfall)
     bound = []
     for index, spec in enumerate(specs):
         gpus = model_gpus(settings, spec.id, every)
