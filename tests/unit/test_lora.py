@@ -32,8 +32,35 @@ def test_flag_options_scale_fuse_and_preset_knobs():
     assert (plain.path, plain.model, plain.fuse, plain.preset) == ("/a:b/s.safetensors", None, False, {})
     with pytest.raises(ValueError, match="--lora s: unknown option 'stepz'"):
         parse_lora_flag("s=/x.safetensors:stepz=4")
-    with pytest.raises(ValueError, match="LoRA s: steps must be an integer"):
+    with pytest.raises(ValueError, match=r"LoRA s \(--lora\): steps must be an integer"):
         parse_lora_flag("s=/x.safetensors:steps=many")
+    # one step gives Qwen-Image's scheduler NaN sigmas: the preset served an all-black image with a 200
+    with pytest.raises(ValueError, match=r"LoRA s \(--lora\): steps must be at least 2, as a request's num_inference_steps"):
+        parse_lora_flag("s=/x.safetensors:steps=1")
+    with pytest.raises(ValueError, match=r"steps must be an integer, got '4.5'"):
+        parse_lora_flag("s=/x.safetensors:steps=4.5")
+
+
+def test_a_preset_files_knobs_are_whole_where_they_must_be_and_its_errors_name_the_file(tmp_path):
+    """``{"steps": 4.7}`` in the JSON file ran 4 steps without a word; errors of a knob's type named no file."""
+    from qwen_image_server.models.lora import read_preset_file
+
+    lora = parse_lora_flag(f"h={tmp_path / 'h.safetensors'}")
+    sidecar = tmp_path / "h.json"
+    for knobs, message in [
+        ({"steps": 4.7}, "steps must be an integer, got 4.7"),
+        ({"steps": "abc"}, "steps must be an integer, got 'abc'"),
+        ({"steps": 1}, "steps must be at least 2"),
+        ({"true_cfg_scale": "x"}, "true_cfg_scale must be a number, got 'x'"),
+        ({"scheduler": {"invert_sigmas": "maybe"}}, "invert_sigmas must be true or false, got 'maybe'"),
+        ({"scheduler": {"time_shift_type": "cubic"}}, "time_shift_type must be one of exponential, linear"),
+    ]:
+        sidecar.write_text(json.dumps(knobs))
+        with pytest.raises(ValueError) as refused:
+            read_preset_file(lora)
+        assert str(refused.value).startswith(f"LoRA h ({sidecar}): ") and message in str(refused.value), refused.value
+    sidecar.write_text(json.dumps({"steps": 4.0, "true_cfg_scale": 1}))
+    assert read_preset_file(lora) == {"steps": 4, "true_cfg_scale": 1.0}
 
 
 def test_lightning_preset_and_precedence():

@@ -22,6 +22,7 @@ No torch here: the file is checked by reading its safetensors header.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -156,11 +157,11 @@ def _check_preset(data: dict, name: str, where: str) -> dict:
     if "preset" in data:
         out["preset"] = str(data["preset"]).strip().lower()
     if "steps" in data:
-        out["steps"] = _number(data["steps"], int, name, "steps")
-        if out["steps"] < 1:
-            raise LoraError(f"LoRA {name} ({where}): steps must be at least 1")
+        out["steps"] = _number(data["steps"], int, name, "steps", where)
+        if out["steps"] < 2:  # as a request's num_inference_steps: one step gives the scheduler NaN sigmas (a black image)
+            raise LoraError(f"LoRA {name} ({where}): steps must be at least 2, as a request's num_inference_steps")
     if "true_cfg_scale" in data:
-        out["true_cfg_scale"] = _number(data["true_cfg_scale"], float, name, "true_cfg_scale")
+        out["true_cfg_scale"] = _number(data["true_cfg_scale"], float, name, "true_cfg_scale", where)
         _in_request_range(out["true_cfg_scale"], TRUE_CFG_SCALE_LIMITS, "true_cfg_scale", name, "true_cfg_scale", where)
     scheduler = data.get("scheduler", {})
     if not isinstance(scheduler, dict):
@@ -169,7 +170,7 @@ def _check_preset(data: dict, name: str, where: str) -> dict:
     for key, value in scheduler.items():
         if key not in SCHEDULER_FIELDS:
             raise LoraError(f"LoRA {name} ({where}): unknown scheduler field {key!r} (known: {', '.join(SCHEDULER_FIELDS)})")
-        checked[key] = _scheduler_value(key, value, name)
+        checked[key] = _scheduler_value(key, value, name, where)
     if checked:
         out["scheduler"] = checked
     return out
@@ -182,34 +183,45 @@ def _in_request_range(value: float, limits: tuple[float, float], field: str, nam
         raise LoraError(f"LoRA {name} ({where}): {key} must be between {low} and {high}, as a request's {field}, got {value:g}")
 
 
-def _scheduler_value(key: str, value: Any, name: str) -> Any:
+def _scheduler_value(key: str, value: Any, name: str, where: str) -> Any:
     kind = SCHEDULER_FIELDS[key]
     if key == "shift_terminal" and (value is None or str(value).strip().lower() in ("none", "null", "")):
         return None
     if kind is bool:
-        return _flag_bool(value, name, key)
+        return _flag_bool(value, name, key, where)
     if kind is str:
         text = str(value).strip().lower()
         if key == "time_shift_type" and text not in _TIME_SHIFT_TYPES:
-            raise LoraError(f"LoRA {name}: time_shift_type must be one of {', '.join(_TIME_SHIFT_TYPES)}, got {value!r}")
+            raise LoraError(
+                f"LoRA {name} ({where}): time_shift_type must be one of {', '.join(_TIME_SHIFT_TYPES)}, got {value!r}"
+            )
         return text
-    return _number(value, kind, name, key)
+    return _number(value, kind, name, key, where)
 
 
-def _number(value: Any, kind: type, name: str, key: str):
-    try:
-        number = kind(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        number = None
+def _number(value: Any, kind: type, name: str, key: str, where: str = "--lora"):
+    """``value`` as an int or a finite float; an integer knob takes whole numbers only (4.7 steps was cut to 4)."""
+    number: Any = None
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            number = float(value) if kind is float else _whole(value)
     if number is None or (kind is float and not math.isfinite(number)):
-        raise LoraError(f"LoRA {name}: {key} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+        kind_name = "n integer" if kind is int else " number"
+        raise LoraError(f"LoRA {name} ({where}): {key} must be a{kind_name}, got {value!r}")
     return number
 
 
-def _flag_bool(value: Any, name: str, key: str) -> bool:
+def _whole(value: Any) -> int | None:
+    """An int from an int, a whole float (4.0) or a string of digits; None for anything else (4.7, "4.5")."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return int(value)
+
+
+def _flag_bool(value: Any, name: str, key: str, where: str = "--lora") -> bool:
     parsed = parse_bool(value)
     if parsed is None:
-        raise LoraError(f"LoRA {name}: {key} must be true or false, got {value!r}")
+        raise LoraError(f"LoRA {name} ({where}): {key} must be true or false, got {value!r}")
     return parsed
 
 
