@@ -171,6 +171,20 @@ def test_bad_loras_are_start_up_errors(tiny_t2i, tiny_lora, tmp_path):
         _resolve(tiny_t2i, f"a={tiny_lora}", f"a={tiny_lora}")
 
 
+def test_a_lora_for_a_random_weight_model_is_checked_against_its_packaged_architecture(tmp_path):
+    """``random:Qwen/Qwen-Image`` has no config file to read: a tiny model's LoRA (16 wide) passed the check there
+    ("the plan fits") and would fail in the worker. Its packaged architecture, overrides applied, is the config."""
+    small = _fake_lora(tmp_path / "small.safetensors", _pair("transformer.transformer_blocks.0.attn.to_q", 4, 16, 16))
+    with pytest.raises(ModelConfigError, match=r"factors of shapes \[4, 16\] .* needs \[r, 3072\] and \[3072, r\]"):
+        resolve_configured(Settings(models=["random:Qwen/Qwen-Image"], loras=[f"small={small}"]))
+    deep = _fake_lora(tmp_path / "deep.safetensors", _pair("transformer.transformer_blocks.5.attn.to_q", 4, 3072, 3072))
+    with pytest.raises(ModelConfigError, match="with more layers"):
+        resolve_configured(Settings(models=["random:Qwen/Qwen-Image?layers=2"], loras=[f"deep={deep}"]))
+    fits = _fake_lora(tmp_path / "fits.safetensors", _pair("transformer.transformer_blocks.5.attn.to_q", 4, 3072, 3072))
+    (spec,) = resolve_configured(Settings(models=["random:Qwen/Qwen-Image"], loras=[f"fits={fits}"]))
+    assert [lora.name for lora in spec.profile.loras] == ["fits"]
+
+
 def test_cli_refuses_a_bad_lora_before_serving(tiny_t2i, tmp_path):
     flux = _fake_lora(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.lora_A.weight": (4, 48)})
     result = run_cli("serve", "--model", f"tiny={tiny_t2i}", "--lora", f"flux={flux}", "--port", "0")

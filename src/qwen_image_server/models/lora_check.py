@@ -155,10 +155,14 @@ def _layer(module: str, top: dict, block: dict, layers: int | None) -> tuple[int
 
 
 def transformer_config(spec) -> dict | None:
-    """The base model's ``transformer/config.json``; None when it cannot be read (a hub model's offline and not
+    """The base model's ``transformer/config.json`` (a ``random:`` source's packaged architecture); None when it cannot be read (a hub model's offline and not
     cached) or its sizes are not whole numbers: the LoRA's names are still checked, and the model's load says what
     is wrong with its config."""
     try:
+        if spec.is_random:  # the packaged architecture, with the source's overrides (layers=..., width...)
+            from .random_source import parse_random_source
+
+            return _usable(parse_random_source(spec.source).architecture()["transformer"])
         if not spec.is_hub:
             file = Path(spec.source) / "transformer" / "config.json"
             return _usable(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else None
