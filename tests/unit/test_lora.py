@@ -230,11 +230,13 @@ def test_a_request_may_set_a_swapped_loras_strength_only(tiny_t2i, tiny_lora, tm
     from qwen_image_server.errors import InvalidRequest
 
     specs = _resolve(tiny_t2i, f"style={tiny_lora}", f"merged={tiny_lora}:fuse=true,scale=0.7")
-    service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs), store=None)
+    other = resolve_configured(Settings(models=[f"other={tiny_t2i}"], loras=[f"elsewhere={tiny_lora}@other"]))
+    service = ImageService(Settings(image_output_dir=tmp_path), _Engine(specs + other), store=None)
     job = functools.partial(_generation_job, service)
 
     assert (job(model="style", lora_scale=0.25).lora_scale, job(model="style").lora_scale) == (0.25, None)
-    with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id \(style, merged\), not to tiny") as base:
+    # the model's own LoRAs whose strength a request may set: not the fused one, nor another model's
+    with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id \(style\), not to tiny$") as base:
         job(model="tiny", lora_scale=0.5)
     with pytest.raises(
         InvalidRequest, match=r"LoRA merged is fused into its base model's weights: its strength is fixed \(0.7\)"
