@@ -41,6 +41,26 @@ def test_flag_options_scale_fuse_and_preset_knobs():
         parse_lora_flag("s=/x.safetensors:steps=4.5")
 
 
+def test_lora_names_paths_and_scopes_are_read_as_meant(tmp_path, tiny_t2i):
+    """Found serving LoRAs: a name with ';' or '@' was served (QIS_LORAS could not spell it, nor a scope name it);
+    ``:Scale=0.5`` was taken as part of the path (file not found); a ':' or '@' in the file's own path was taken
+    as options or a scope; a LoRA scoped to an alias said the model was not served."""
+    for name in ("my lora;x", "a@b", "-x", "x,y"):
+        with pytest.raises(ValueError, match=r"a LoRA's name is letters, digits and \. _ : / \+ -"):
+            parse_lora_flag(f"{name}=/l/x.safetensors")
+    assert parse_lora_flag("s=/l/x.safetensors:Scale=0.5").scale == 0.5  # option names in any case
+    odd = tmp_path / "a:b=c"
+    odd.mkdir()
+    for file in (odd / "s.safetensors", tmp_path / "x:scale=1.safetensors", tmp_path / "v@1.safetensors"):
+        file.write_bytes(b"")
+        lora = parse_lora_flag(f"s={file}")
+        assert (lora.path, lora.model, lora.scale) == (str(file), None, 1.0)
+    scoped = parse_lora_flag(f"s={tmp_path / 'v@1.safetensors'}:scale=0.5@tiny")
+    assert (scoped.path, scoped.model, scoped.scale) == (str(tmp_path / "v@1.safetensors"), "tiny", 0.5)
+    with pytest.raises(ModelConfigError, match="--lora names dall-e-3, another name of a served model"):
+        _resolve(tiny_t2i, "s=/l/x.safetensors@dall-e-3", model_aliases=["dall-e-3=tiny"])
+
+
 def test_a_preset_files_knobs_are_whole_where_they_must_be_and_its_errors_name_the_file(tmp_path):
     """``{"steps": 4.7}`` in the JSON file ran 4 steps without a word; errors of a knob's type named no file."""
     from qwen_image_server.models.lora import read_preset_file

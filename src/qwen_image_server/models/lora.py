@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
-from .profile import LoraSpec, ProfileError, parse_bool, split_scoped
+from .profile import SERVED_NAME, SERVED_NAME_RULE, LoraSpec, ProfileError, parse_bool, split_scoped
 
 #: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``
 #: for the 4-step LoRAs), no true CFG, exponential time shift with base_shift = max_shift = ln 3.
@@ -70,7 +70,7 @@ _FLAG_ONLY = ("fuse", "scale", "revision")
 #: How a LoRA file of a hub repository is named: ``hf:ORG/NAME/PATH/IN/REPO.safetensors``.
 HUB_PREFIX = "hf:"
 _PRESET_KEYS = ("preset", "steps", "true_cfg_scale")
-_OPTION = re.compile(r"^[a-z_]+=[^,]*(,[a-z_]+=[^,]*)*$")
+_OPTION = re.compile(r"^[A-Za-z_]+=[^,]*(,[A-Za-z_]+=[^,]*)*$")
 
 
 class LoraError(ProfileError):
@@ -83,13 +83,18 @@ def parse_lora_flag(text: str) -> LoraSpec:
     name, sep, rest = text.partition("=")
     if not sep or not name.strip() or not rest.strip():
         raise ProfileError(f"--lora {text!r}: expected NAME=PATH, NAME=PATH@MODEL or NAME=PATH:KEY=VALUE,...@MODEL")
-    name = name.strip()
-    value, model = split_scoped(rest.strip())
+    name, rest = name.strip(), rest.strip()
+    if not SERVED_NAME.fullmatch(name):  # requests name it; QIS_LORAS separates entries with ';', '@' scopes
+        raise ProfileError(f"--lora {name!r}: a LoRA's name is {SERVED_NAME_RULE}")
+    value, model = split_scoped(rest)
+    if model is not None and ".safetensors" in model:  # an '@' in the file's name (v@1.safetensors), not a scope
+        value, model = rest, None
     path, options = value, {}
     head, colon, tail = value.rpartition(":")
-    if colon and head and _OPTION.match(tail):
+    # a ':' in the file's own path (an existing file) is not where options begin
+    if colon and head and _OPTION.match(tail) and not Path(value).expanduser().is_file():
         path = head
-        options = dict(item.split("=", 1) for item in tail.split(","))
+        options = {key.lower(): raw for key, raw in (item.split("=", 1) for item in tail.split(","))}
     scale, fuse = 1.0, False
     if "scale" in options:
         scale = _number(options.pop("scale"), float, name, "scale")

@@ -16,6 +16,7 @@ named model wins over one for all models.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -158,6 +159,12 @@ def _coerce(key: str, value: Any, model: str) -> Any:
         text = str(value).strip()
         return None if text.lower() in ("", "none", "off") else text
     raise ProfileError(f"unknown profile setting {key!r}")
+
+
+#: A name a user gives to what a request may name (an alias, a LoRA id): the characters of model ids and hub names;
+#: no '@' (scopes settings), ';', ',' or '=' (separate values), no spaces.
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
+SERVED_NAME_RULE = "letters, digits and . _ : / + - (at most 128, no '@', ';', ',' or '=')"
 
 
 def split_scoped(value: str) -> tuple[str, str | None]:

@@ -7,6 +7,7 @@ pipeline class is a clear error at start-up. No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from ..limits import size_problem
 from .lora_check import resolve_loras
 from .profile import (
     PROFILE_KEYS,
+    SERVED_NAME,
+    SERVED_NAME_RULE,
     LoraSpec,
     ProfileError,
     RunProfile,
@@ -251,16 +254,16 @@ def _check_not_scoped_to_aliases(settings) -> None:
     scoped = {f"--{key.replace('_', '-')}": scoped_targets(values) for key, values in settings.profile_flags().items()}
     for setting in SCOPED_NUMBERS.values():  # --workers N@MODEL, --queue-size N@MODEL...
         scoped[setting.flag] = set(settings.own_values(setting.field))
+    scoped["--lora"] = set()
+    for text in settings.loras:
+        with contextlib.suppress(ProfileError):  # a malformed one is refused later, with its own message
+            scoped["--lora"].add(parse_lora(text).model or "")
     for flag, targets in scoped.items():
         if named := sorted(targets & aliases):
             raise ModelConfigError(
                 f"{flag} names {', '.join(named)}, another name of a served model (--model-alias, or a source given "
                 "twice): scope it to the model's own id"
             )
-
-
-#: An alias: the characters of model ids and hub names; no '@' (scopes settings), ';', ',' or '=' (separate values).
-_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 
 
 def _alias_flags(settings) -> list[tuple[str, str]]:
@@ -282,10 +285,8 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     owner = {spec.id: spec.id for spec in specs} | {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     aliases: dict[str, str] = {}
     for alias, name in pairs:
-        if not _ALIAS.fullmatch(alias):
-            raise ModelConfigError(
-                f"--model-alias {alias!r}: an alias is letters, digits and . _ : / + - (at most 128, no '@', ';', ',' or '=')"
-            )
+        if not SERVED_NAME.fullmatch(alias):
+            raise ModelConfigError(f"--model-alias {alias!r}: an alias is {SERVED_NAME_RULE}")
         if name not in owner:
             raise ModelConfigError(f"--model-alias {alias}: {name} is not a served model or LoRA id (served: {', '.join(owner)})")
         if alias in owner:
