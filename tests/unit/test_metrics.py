@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
-from qwen_image_server.jobs import EncodedImage, JobResult, TaskResult
+from qwen_image_server.jobs import EncodedImage, JobResult, PartialImage, TaskResult
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelSpec
 
@@ -147,6 +148,81 @@ def test_a_streamed_job_is_observed_too(tmp_path):
     assert response.status_code == 200 and "image_generation.completed" in response.text
     assert _value(app, "qis_images_total", model="tiny") == 1
     assert _count(app, GEN, "tiny", 200) == 1
+
+
+def test_a_request_naming_no_model_is_counted_under_its_default_model_whatever_the_outcome(tmp_path):
+    """The seeds' clients name no model: their 200s were counted under the model, their 503s (a full queue) and
+    400s under ``none``, so a model's error rate left out its refusals."""
+    from qwen_image_server.errors import QueueFull
+
+    engine = FakeEngine()
+    full = False
+
+    def admit(model_id):
+        if full:
+            raise QueueFull(retry_after=1)
+
+    engine.admit = admit
+    app = _app(tmp_path, engine)
+    plain = {"prompt": "a cat", "size": "256x256"}
+    (ok, bad) = _call(app, ("POST", GEN, {"json": plain}), ("POST", GEN, {"json": {**plain, "size": "17x17"}}))
+    full = True
+    (refused,) = _call(app, ("POST", GEN, {"json": plain}))
+    assert [r.status_code for r in (ok, bad, refused)] == [200, 400, 503]
+    assert [_count(app, GEN, "tiny", status) for status in (200, 400, 503)] == [1, 1, 1]
+    assert _count(app, GEN, "none", 503) == 0
+    full = False
+    edit = _call(app, ("POST", "/v1/images/edits", {"data": {"prompt": "p"}, "files": {"image": ("a.png", b"x")}}))[0]
+    assert edit.status_code == 400 and _count(app, "/v1/images/edits", "tiny-edit", 400) == 1  # the edit default
+
+
+def test_a_stream_is_counted_as_it_ended_not_as_its_200(tmp_path):
+    """A stream's status line (200) goes out before its job ends: one that ended in an ``error`` event (a timeout)
+    or whose client went away was counted as a 200, so stream timeouts and disconnects never showed."""
+    from conftest import asgi_call
+    from qwen_image_server.errors import TaskTimeout
+
+    engine = FakeEngine()
+
+    async def timing_out(model_id, job, on_partial=None):
+        await asyncio.sleep(0.05)  # the stream has started
+        raise TaskTimeout()
+
+    engine.submit = timing_out
+    app = _app(tmp_path, engine)
+    (timed_out,) = _call(app, ("POST", GEN, {"json": {**BODY, "stream": True}}))
+    assert timed_out.status_code == 200 and "event: error" in timed_out.text and '"code":"timeout"' in timed_out.text
+    assert _count(app, GEN, "tiny", 504) == 1 and _count(app, GEN, "tiny", 200) == 0
+
+    async def previewing(model_id, job, on_partial=None):
+        on_partial(PartialImage(0, 0, EncodedImage(1, b"png", 64, 64)))
+        await asyncio.sleep(3600)  # a long run: its client goes away after the first preview
+
+    engine.submit = previewing
+    body = json.dumps({**BODY, "stream": True, "partial_images": 2}).encode()
+    events = []
+
+    async def receive():
+        if not events:
+            events.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        while not any(b"partial_image" in part for part in parts):
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    parts: list[bytes] = []
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    asgi_call(app, "POST", GEN, headers, receive=receive, on_send=lambda message, sent: parts.append(message.get("body", b"")))
+    assert any(b"partial_image" in part for part in parts)
+    assert _count(app, GEN, "tiny", 499) == 1 and _count(app, GEN, "tiny", 200) == 0
+
+
+def test_a_streams_completed_events_carry_the_seconds_it_waited(tmp_path):
+    app = _app(tmp_path)
+    (response,) = _call(app, ("POST", GEN, {"json": {**BODY, "stream": True}}))
+    completed = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert completed[-1]["type"] == "image_generation.completed"
+    assert 2.0 <= completed[-1]["stats"]["queue_seconds"] < 2.5  # as the JSON answer's (the fake waits 2 s)
 
 
 def test_engine_gauges_are_read_at_scrape_time(tmp_path):

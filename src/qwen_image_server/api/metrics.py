@@ -182,8 +182,11 @@ class RequestMetrics:
             status = status or 500  # Starlette's outermost handler answers 500
             raise
         finally:
-            model = self.metrics.model_label(scope.get("state", {}).get("model"))
-            self.metrics.observe_request(route, model, status or 500, time.perf_counter() - started)
+            state = scope.get("state", {})
+            model = self.metrics.model_label(state.get("model"))
+            # a stream's 200 went out before its end: an error event, or a client gone, is counted as what it was
+            outcome = state.get("outcome") if status == 200 else None
+            self.metrics.observe_request(route, model, outcome or status or 500, time.perf_counter() - started)
 
 
 class EngineCollector:

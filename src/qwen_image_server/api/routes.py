@@ -93,18 +93,21 @@ def _sse(event: PartialImageEvent | CompletedEvent | ErrorEvent) -> bytes:
     return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
 
 
-async def _respond(request: Request, prepare, model: str | None) -> Response:
+async def _respond(request: Request, prepare, model: str | None, edit: bool = False) -> Response:
     """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events.
 
-    ``request.state.model`` notes the model the request named, then the one that runs it (for the metrics)."""
+    ``request.state.model`` notes the model the request named, else the one that serves such requests by default,
+    whatever the outcome (for the metrics: a refusal counted under ``none`` and a success under the model split one
+    model's requests in two); ``request.state.outcome`` a stream's end when it is not a success."""
     service = _service(request)
     base_url = _base_url(request, service)
-    request.state.model = model
+    default = service.default_model(edit=edit)
+    request.state.model = model or (default.id if default is not None else None)
     try:
         prepared = await _unless_disconnected(request, prepare)
         request.state.model = prepared.req.model or prepared.spec.id
         if prepared.req.stream:
-            return await _stream(service, prepared, base_url)
+            return await _stream(service, prepared, base_url, request.state)
         body, result = await _unless_disconnected(request, service.run(prepared, base_url))
     except ClientGone:
         return Response(status_code=499)
@@ -113,12 +116,14 @@ async def _respond(request: Request, prepare, model: str | None) -> Response:
     return Response(body.model_dump_json(), media_type="application/json", headers=_timing_headers(result))
 
 
-async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> Response:
+async def _stream(service: ImageService, prepared: Prepared, base_url: str, state) -> Response:
     """OpenAI's image streaming: ``<kind>.partial_image`` events while denoising, then one ``<kind>.completed`` per image.
 
     Errors before the stream starts (a full queue) are ordinary error responses;
     later ones are an in-band ``error`` event that ends the stream. A client that
-    goes away cancels the job (Starlette cancels this generator).
+    goes away cancels the job (Starlette cancels this generator). ``state.outcome``
+    notes what the 200 of a stream that did not complete stands for: the error's
+    status, or 499 for a client gone (the metrics count that, not the 200).
     """
     events: asyncio.Queue = asyncio.Queue()
     run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
@@ -146,10 +151,12 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
             try:
                 body, result = run.result()
             except ServerError as exc:
+                state.outcome = exc.status_code
                 yield _sse(ErrorEvent(error=error_object(exc)))
                 return
             except Exception:
                 log.exception("streaming job failed")
+                state.outcome = 500
                 internal = ErrorObject(message="Internal server error", type="server_error", code="internal_error")
                 yield _sse(ErrorEvent(error=internal))
                 return
@@ -162,12 +169,15 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str) -> R
                         created_at=int(time.time()),
                         **service.echo(prepared, image).model_dump(),
                         usage=service.usage(prepared, single),
-                        stats=service.stats(result),  # the whole request's
+                        stats=body.stats,  # the whole request's
                         image_index=index,
                         seed=image.seed,
                         revised_prompt=item.revised_prompt,
                     )
                 )
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (Starlette cancels, or closes, this)
+            state.outcome = 499
+            raise
         finally:
             if not run.done():
                 run.cancel()
@@ -189,7 +199,7 @@ async def edit_image(request: Request) -> Response:
     """Edit one or several images, optionally within a mask (OpenAI's images.edit)."""
     service = _service(request)
     body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images)
-    return await _respond(request, service.prepare_edit(body, images, mask), body.model)
+    return await _respond(request, service.prepare_edit(body, images, mask), body.model, edit=True)
 
 
 @router.post("/v1/images/variations")
