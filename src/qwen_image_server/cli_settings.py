@@ -46,6 +46,13 @@ def settings_from_options(options: dict) -> Settings:
     replaced = keys_replaced_by_flag("api_keys" in overrides, os.environ)
     if replaced:
         logging.getLogger(__name__).warning(replaced)
+    if settings.model_name and not settings.model_path:
+        logging.getLogger(__name__).warning(
+            "MODEL_NAME=%s is set without MODEL_PATH: it names MODEL_PATH's model only, so it is not used "
+            "(--model-alias %s=MODEL gives a served model that name)",
+            settings.model_name,
+            settings.model_name,
+        )
     if options.get("demo") or settings.demo:
         settings.models = demo_model_entries() + settings.models
     return settings

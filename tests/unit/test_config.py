@@ -301,3 +301,18 @@ def test_every_option_names_its_environment_variables_in_the_help(command):
     assert helps["host"].endswith("[default: 127.0.0.1]") and helps["header_timeout"].endswith("[default: 10]")
     assert helps["image_output_dir"].endswith("[default: generated_images]")
     assert "[default:" not in helps["model"] + helps["compile"] + helps["api_key"]  # lists, switches, unset values
+
+
+def test_model_name_without_model_path_is_named_in_a_warning(monkeypatch, caplog):
+    """Seed 002's MODEL_NAME names MODEL_PATH's model: set alone, it was ignored without a word."""
+    from qwen_image_server.cli import settings_from_options
+
+    monkeypatch.setenv("MODEL_NAME", "Qwen-Image")
+    with caplog.at_level("WARNING"):
+        settings_from_options({"log_level": "info", "demo": True})
+    assert "MODEL_NAME=Qwen-Image is set without MODEL_PATH: it names MODEL_PATH's model only" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("MODEL_PATH", "/models/qwen-image")
+    with caplog.at_level("WARNING"):
+        settings_from_options({"log_level": "info"})
+    assert "MODEL_NAME" not in caplog.text

@@ -3,9 +3,10 @@
 A short prompt becomes the detailed description Qwen-Image does best with.
 Bounded: one timeout per attempt and a fixed number of retries. Whatever goes
 wrong (an error, a hang past the timeout, an empty or absurd answer), the
-original prompt is used and a warning is logged; the image request itself
-never fails or waits longer because of the rewriter. The API key is sent in a
-header and never logged or echoed.
+original prompt is used and a warning is logged: the image request itself
+never fails because of the rewriter, and waits for it at most the attempts'
+timeouts (20 s x 2 by default, before its task timeout starts). The API key is
+sent in a header and never logged or echoed.
 """
 
 from __future__ import annotations
