@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import typer
 from pydantic import AliasChoices, ValidationError
 
-from .config import Settings
+from .config import Settings, key_variables_problem
 from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
 
@@ -43,6 +43,9 @@ def settings_from_options(options: dict) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ValueError(settings_problem(exc, set(overrides))) from None
+    keys_problem = None if "api_keys" in overrides else key_variables_problem(os.environ)
+    if keys_problem:
+        raise ValueError(f"invalid settings:\n  {keys_problem}")
     replaced = keys_replaced_by_flag("api_keys" in overrides, os.environ)
     if replaced:
         logging.getLogger(__name__).warning(replaced)

@@ -10,8 +10,8 @@ and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -388,22 +388,6 @@ class Settings(PerModelLimits, BaseSettings):
         return flags
 
     @model_validator(mode="after")
-    def _one_variable_of_keys(self) -> Settings:
-        """Keys in both variables of the setting, different ones: only the first would count (they are not merged),
-        so a key meant to be required would not be, and an empty ``QWEN_IMAGE_API_KEYS`` beside a set
-        ``QIS_API_KEYS`` served with no key at all. Refused; the values are never shown."""
-        alias = type(self).model_fields["api_keys"].validation_alias
-        names = [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
-        environ = {name.upper(): value for name, value in os.environ.items()}
-        given = {name: environ[name].strip() for name in names if name in environ}
-        if len(set(given.values())) > 1:
-            raise ValueError(
-                f"{' and '.join(given)} are both set, to different keys: only {names[0]} would be read (they are "
-                "not merged); keep one of them"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_sides(self) -> Settings:
         given = self.model_fields_set
         self.default_size, self.default_steps = request_defaults(
@@ -429,3 +413,22 @@ class Settings(PerModelLimits, BaseSettings):
         (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X
         (``config_files.repeated_entries``)."""
         return repeated_entries(configured_entries(self))
+
+
+def key_variables_problem(environ: Mapping[str, str]) -> str | None:
+    """Why the API keys in the environment are refused, or None: both variables of the setting set, to different
+    keys. Only the first would be read (they are not merged), so a key meant to be required would not be, and an
+    empty ``QWEN_IMAGE_API_KEYS`` beside a set ``QIS_API_KEYS`` served with no key at all. Asked only when no
+    ``--api-key`` replaces them; the keys are never shown."""
+    alias = Settings.model_fields["api_keys"].validation_alias
+    names = [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
+    given: dict[str, frozenset[str]] = {}
+    for variable, value in environ.items():  # the names in any case, as the settings read them
+        if variable.upper() in names:
+            given[variable.upper()] = frozenset(key.strip() for key in value.split(",") if key.strip())
+    if len(set(given.values())) < 2:
+        return None
+    return (
+        f"{' and '.join(name for name in names if name in given)} are both set, to different keys: only {names[0]} "
+        "would be read (they are not merged); keep one of them"
+    )

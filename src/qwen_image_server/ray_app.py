@@ -17,7 +17,7 @@ from ray import serve
 
 from .api.app import create_app
 from .cli_settings import settings_problem
-from .config import Settings
+from .config import Settings, key_variables_problem
 from .engine.ray_serve import build_deployments
 from .models.spec import ModelSpec, resolve_configured
 
@@ -38,6 +38,9 @@ def app_builder(args: dict):
         settings = Settings(**{**args, "engine": "ray"})
     except ValidationError as exc:  # pydantic's own report shows the input, API keys included
         raise ValueError(settings_problem(exc, set(args), lambda field: f"args.{field}")) from None
+    keys_problem = None if "api_keys" in args else key_variables_problem(os.environ)
+    if keys_problem:
+        raise ValueError(f"invalid settings:\n  {keys_problem}")
     return build_application(settings, resolve_configured(settings))
 
 
@@ -96,8 +99,8 @@ def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_
         while (running := drain.remote().result(timeout_s=10)) and time.monotonic() < deadline:
             time.sleep(poll_seconds)
         if running:
-            log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
             running = drain.remote(True, True).result(timeout_s=10)
+            log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
             answered_by = time.monotonic() + answer_seconds
             while running and time.monotonic() < answered_by:
                 time.sleep(poll_seconds)

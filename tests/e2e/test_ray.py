@@ -210,10 +210,11 @@ def test_a_draining_ingress_refuses_new_requests_lets_running_ones_finish_and_cu
     from ray import serve
 
     drain = serve.get_app_handle("main").options(method_name="drain")
-    medium = {**SHORT, "model": "qwen-image-tiny", "size": "1024x1024", "num_inference_steps": 40}  # seconds
-    running, box = post_in_thread(ray_server.base_url + GEN, medium, timeout=300)
+    medium = {**SHORT, "model": "qwen-image-tiny", "size": "1024x1024", "num_inference_steps": 20}  # seconds
     long, long_box = post_in_thread(ray_server.base_url + GEN, {**LONG, "model": "qwen-image-tiny"}, timeout=300)
     try:
+        _wait_for_jobs_in_flight(ray_server.base_url, 1, model="qwen-image-tiny")
+        running, box = post_in_thread(ray_server.base_url + GEN, medium, timeout=300)
         _wait_for_jobs_in_flight(ray_server.base_url, 2, model="qwen-image-tiny")
         assert drain.remote().result(timeout_s=60) == 2
         refused = httpx.post(ray_server.base_url + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=60)

@@ -227,10 +227,13 @@ def test_keys_in_both_variables_of_the_setting_are_refused_unless_the_same(monke
     with pytest.raises(ValueError) as refused_too:
         settings_from_options({"log_level": "info"})
     assert str(refused_too.value) == str(refused.value)  # no key shown
-    monkeypatch.setenv("qwen_image_api_keys", " secret-k1")
-    assert Settings().all_api_keys() == ["secret-k1"]  # the same keys twice: nothing is lost
+    # --api-key replaces both variables: nothing to choose between (a warning names them)
+    assert settings_from_options({"log_level": "info", "api_key": ["flag-key"]}).all_api_keys() == ["flag-key"]
+    monkeypatch.setenv("qwen_image_api_keys", " secret-k2,secret-k1")
+    monkeypatch.setenv("QIS_API_KEYS", "secret-k1, secret-k2")  # the same keys, written otherwise: nothing lost
+    assert settings_from_options({"log_level": "info"}).all_api_keys() == ["secret-k2", "secret-k1"]
     monkeypatch.delenv("qwen_image_api_keys")
-    assert Settings().all_api_keys() == ["secret-k1"]
+    assert Settings().all_api_keys() == ["secret-k1", "secret-k2"]
 
 
 def test_keys_in_the_environment_that_api_key_replaces_are_named_in_a_warning(monkeypatch, caplog):

@@ -55,6 +55,8 @@ def test_lora_names_paths_and_scopes_are_read_as_meant(tmp_path, tiny_t2i):
         file.write_bytes(b"")
         lora = parse_lora_flag(f"s={file}")
         assert (lora.path, lora.model, lora.scale) == (str(file), None, 1.0)
+    assert parse_lora_flag("s=hub/lora@V2.SafeTensors").model is None  # the suffix in any case
+    assert parse_lora_flag("s=hf:org/name/file.safetensors:revision=abc@tiny").model == "tiny"
     scoped = parse_lora_flag(f"s={tmp_path / 'v@1.safetensors'}:scale=0.5@tiny")
     assert (scoped.path, scoped.model, scoped.scale) == (str(tmp_path / "v@1.safetensors"), "tiny", 0.5)
     with pytest.raises(ModelConfigError, match="--lora names dall-e-3, another name of a served model"):
@@ -256,7 +258,7 @@ def test_a_request_may_set_a_swapped_loras_strength_only(tiny_t2i, tiny_lora, tm
 
     assert (job(model="style", lora_scale=0.25).lora_scale, job(model="style").lora_scale) == (0.25, None)
     # the model's own LoRAs whose strength a request may set: not the fused one, nor another model's
-    with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id \(style\), not to tiny$") as base:
+    with pytest.raises(InvalidRequest, match=r"lora_scale applies to a LoRA model id, not to tiny \(style\)$") as base:
         job(model="tiny", lora_scale=0.5)
     with pytest.raises(
         InvalidRequest, match=r"LoRA merged is fused into its base model's weights: its strength is fixed \(0.7\)"

@@ -246,6 +246,7 @@ def test_a_joined_cluster_is_asked_for_its_gpus_and_the_settings_choose_before_a
     pytest.importorskip("ray.serve")
     import ray
 
+    from qwen_image_server.engine import ray_serve
     from qwen_image_server.models import machine
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -259,6 +260,8 @@ def test_a_joined_cluster_is_asked_for_its_gpus_and_the_settings_choose_before_a
         raise AssertionError("probed although the settings chose")
 
     monkeypatch.setattr(ray, "cluster_resources", no_probe)
+    # (the warning about replicas the cluster cannot hold reads its resources apart from the GPU choice)
+    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: None)
     monkeypatch.setattr(machine, "discover_gpus", no_probe)
     assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=1)) == [(1, "cuda")]
     assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=0.5)) == [(0.5, "cuda")]
@@ -405,6 +408,11 @@ def test_invalid_settings_of_serve_run_are_named_without_showing_any_key(monkeyp
         "invalid settings:\n  args.queue_size: Input should be greater than or equal to 1 (got 0)\n"
         "  args.api_keys: an API key is empty (give every key, or none to serve without keys)"
     )
+    monkeypatch.delenv("QIS_MIN_IMAGE_SIDE")
+    monkeypatch.setenv("QWEN_IMAGE_API_KEYS", "other-key")  # two variables, different keys: refused there too
+    with pytest.raises(ValueError, match="QWEN_IMAGE_API_KEYS and QIS_API_KEYS are both set, to different keys") as both:
+        ray_app.app_builder({})
+    assert "topsecret-key" not in str(both.value) and "other-key" not in str(both.value)
 
 
 def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(monkeypatch, caplog):
@@ -427,8 +435,16 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
         "that do not fit wait for a node to join" in caplog.text
     )
     short = ray_serve.placement_shortfall
-    assert short(settings, specs, 0, {"CPU": 3.0}) is None  # they fit
-    assert short(settings, specs, 0, None) is None  # Ray not started: nothing known
-    assert short(settings.model_copy(update={"ray_cpus_per_replica": 0.5}), specs, 0, {"CPU": 2.0}) is None
-    on_gpus = short(settings, specs, 1, {"CPU": 8.0, "GPU": 2.0})
+    on_cpus, on_gpu = {"a": 0.0, "b": 0.0}, {"a": 1.0, "b": 1.0}
+    assert short(settings, on_cpus, {"CPU": 3.0}) is None  # they fit
+    assert short(settings, on_cpus, None) is None  # Ray not started: nothing known
+    assert short(settings.model_copy(update={"ray_cpus_per_replica": 0.5}), on_cpus, {"CPU": 2.0}) is None
+    on_gpus = short(settings, on_gpu, {"CPU": 8.0, "GPU": 2.0})
     assert on_gpus is not None and "(3 GPUs, the Ray cluster has 2)" in on_gpus
+    one = short(settings, {"a": 0.0, "b": 1.0}, {"CPU": 8.0})
+    assert one is not None and "(1 GPU, the Ray cluster has 0)" in one
+    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: None)  # a cluster that does not say: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ray_serve.build_deployments(settings, specs, lambda s, engine: None)
+    assert "ask for more than the cluster holds" not in caplog.text

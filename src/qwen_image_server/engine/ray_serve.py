@@ -362,21 +362,25 @@ def model_gpus(settings: Settings, model: str, every: float) -> float:
     return float(own[model])
 
 
-def placement_shortfall(settings: Settings, specs: list[ModelSpec], every: float, cluster: dict | None) -> str | None:
-    """The warning when the model replicas to start (each model's least replica count) ask Ray for more CPUs or GPUs
-    than the cluster has (``cluster``: its resources, None when unknown): those that do not fit wait for a node to
-    join, and ``/ready`` says "loading" meanwhile (``--workers 2 --demo`` on a 2-core machine asked for 4 CPUs)."""
+def placement_shortfall(settings: Settings, gpus_of: dict[str, float], cluster: dict | None) -> str | None:
+    """The warning when the model replicas to start (each model's least replica count; ``gpus_of``: each model's GPUs
+    per replica) ask Ray for more CPUs or GPUs than the cluster has (``cluster``: its resources, None when unknown):
+    those that do not fit wait for a node to join, and ``/ready`` says "loading" meanwhile (``--workers
+    2@qwen-image-tiny --demo`` on a 2-core machine asked for 3 CPUs). Only totals are compared: shares of GPUs that
+    add up within the cluster's may still not pack onto its GPUs, and replicas autoscaling adds later wait as well."""
     if cluster is None:
         return None
-    replicas = {spec.id: settings.replicas_for(spec.id)[0] for spec in specs}
+    replicas = {model: settings.replicas_for(model)[0] for model in gpus_of}
     need = {
         "CPU": sum(count * settings.ray_cpus_per_replica for count in replicas.values()),
-        "GPU": sum(count * model_gpus(settings, model, every) for model, count in replicas.items()),
+        "GPU": sum(count * gpus_of[model] for model, count in replicas.items()),
     }
     short = [(kind, wanted, cluster.get(kind, 0.0)) for kind, wanted in need.items() if wanted > cluster.get(kind, 0.0)]
     if not short:
         return None
-    what = "; ".join(f"{wanted:g} {kind}s, the Ray cluster has {have:g}" for kind, wanted, have in short)
+    what = "; ".join(
+        f"{wanted:g} {kind}{'s' if wanted != 1 else ''}, the Ray cluster has {have:g}" for kind, wanted, have in short
+    )
     return (
         f"the {sum(replicas.values())} model replicas to start ask for more than the cluster holds ({what}): those "
         "that do not fit wait for a node to join, and /ready says loading until then. Fewer --workers, a smaller "
@@ -385,10 +389,15 @@ def placement_shortfall(settings: Settings, specs: list[ModelSpec], every: float
 
 
 def _cluster_resources() -> dict | None:
-    """The resources of the Ray cluster this process is connected to, or None before Ray is started or joined."""
+    """The resources of the Ray cluster this process is connected to, or None before Ray is started or joined (or
+    when the cluster does not say: the warning they serve is not worth a failed start)."""
     import ray
 
-    return dict(ray.cluster_resources()) if ray.is_initialized() else None
+    try:
+        return dict(ray.cluster_resources()) if ray.is_initialized() else None
+    except Exception as exc:
+        log.debug("could not read the Ray cluster's resources: %s", exc)
+        return None
 
 
 def _cluster_gpus() -> tuple[float, str]:
@@ -428,12 +437,13 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
     from ..models.memory_modes import check_memory_modes
 
     every = replica_gpus(settings)
-    shortfall = placement_shortfall(settings, specs, every, _cluster_resources())
+    gpus_of = {spec.id: model_gpus(settings, spec.id, every) for spec in specs}
+    shortfall = placement_shortfall(settings, gpus_of, _cluster_resources())
     if shortfall:
         log.warning(shortfall)
     bound = []
     for index, spec in enumerate(specs):
-        gpus = model_gpus(settings, spec.id, every)
+        gpus = gpus_of[spec.id]
         device = "cuda" if gpus else "cpu"
         check_memory_modes([spec], device)  # on the replicas' device, not on the machine that builds the application
         needs = memory_needs([spec], settings, gpus) if gpus and settings.memory_check != "off" else {}

@@ -87,7 +87,7 @@ def parse_lora_flag(text: str) -> LoraSpec:
     if not SERVED_NAME.fullmatch(name):  # requests name it; QIS_LORAS separates entries with ';', '@' scopes
         raise ProfileError(f"--lora {name!r}: a LoRA's name is {SERVED_NAME_RULE}")
     value, model = split_scoped(rest)
-    if model is not None and ".safetensors" in model:  # an '@' in the file's name (v@1.safetensors), not a scope
+    if model is not None and ".safetensors" in model.lower():  # an '@' in the file's name (v@1.safetensors), not a scope
         value, model = rest, None
     path, options = value, {}
     head, colon, tail = value.rpartition(":")

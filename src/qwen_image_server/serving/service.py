@@ -193,9 +193,9 @@ class ImageService:
             return None
         if lora is None:  # the LoRA ids a request for this model could have named (a fused one's strength is fixed)
             names = ", ".join(name for name, (base, spec) in self.loras.items() if base.id == model.id and not spec.fuse)
-            names = names or f"{model.id} has none whose strength a request may set"
             target = req.model or f"the default model ({model.id})"  # no model named: the one the request runs on
-            raise InvalidRequest(f"lora_scale applies to a LoRA model id ({names}), not to {target}", param="lora_scale")
+            which = f" ({names})" if names else f"; {model.id} has no LoRA whose strength a request may set"
+            raise InvalidRequest(f"lora_scale applies to a LoRA model id, not to {target}{which}", param="lora_scale")
         spec = self.loras[lora][1]
         if spec.fuse:
             raise InvalidRequest(
