@@ -166,27 +166,34 @@ class RequestMetrics:
         route = route_template(self.routes, scope)
         started = time.perf_counter()
         status: int | None = None
+        finished = False  # the answer's last byte went out
+        cut: int | None = None  # what ended the request early: 499 a client gone, 500 an error
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         except asyncio.CancelledError:
-            status = status or 499  # the client went away before an answer
+            cut = 499  # the client went away
             raise
         except BaseException:
-            status = status or 500  # Starlette's outermost handler answers 500
+            cut = 500  # Starlette's outermost handler answers 500
             raise
         finally:
             state = scope.get("state", {})
             model = self.metrics.model_label(state.get("model"))
-            # a stream's 200 went out before its end: an error event, or a client gone, is counted as what it was
-            outcome = state.get("outcome") if status == 200 else None
-            self.metrics.observe_request(route, model, outcome or status or 500, time.perf_counter() - started)
+            code = status or cut or 500
+            if status == 200 and state.get("outcome"):  # a stream that ended in an error event: counted as that error
+                code = state["outcome"]
+            elif status == 200 and not finished:  # a stream (its 200 sent first) whose client went away mid-way
+                code = cut or 499
+            self.metrics.observe_request(route, model, code, time.perf_counter() - started)
 
 
 class EngineCollector:

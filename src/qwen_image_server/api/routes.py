@@ -122,8 +122,8 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, stat
     Errors before the stream starts (a full queue) are ordinary error responses;
     later ones are an in-band ``error`` event that ends the stream. A client that
     goes away cancels the job (Starlette cancels this generator). ``state.outcome``
-    notes what the 200 of a stream that did not complete stands for: the error's
-    status, or 499 for a client gone (the metrics count that, not the 200).
+    notes the status of the error that ended a stream, which the metrics count
+    instead of its 200 (and 499 for a stream whose client went away).
     """
     events: asyncio.Queue = asyncio.Queue()
     run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
@@ -175,9 +175,6 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, stat
                         revised_prompt=item.revised_prompt,
                     )
                 )
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away (Starlette cancels, or closes, this)
-            state.outcome = 499
-            raise
         finally:
             if not run.done():
                 run.cancel()
