@@ -180,8 +180,11 @@ EXPECTED_VALID = {200, 503, 504}
 
 
 def wrong(result: dict) -> bool:
-    """Whether a request that was answered got an answer its kind may not get (``EXPECTED``)."""
-    return result["status"] is not None and result["status"] not in EXPECTED.get(result["kind"], EXPECTED_VALID)
+    """Whether a request that was answered got an answer its kind may not get (``EXPECTED``); a lost one (a
+    non-JSON 500, a stream cut short) is counted as lost only, not twice."""
+    if result["status"] is None or result["lost"]:
+        return False
+    return result["status"] not in EXPECTED.get(result["kind"], EXPECTED_VALID)
 
 
 def summary(results: list[dict]) -> dict:

@@ -286,3 +286,17 @@ def test_gpu_check_tells_a_stage_killed_early_from_one_stopped_and_packs_whateve
     inside = tmp_path / "no-cuda" / "out" / "raw"
     done, _, _ = _gpu_check(tmp_path / "inside", "vae", OUT=str(inside.parent), GPU_RESULTS=str(inside))
     assert done.returncode == 2 and "must not be $OUT" in done.stderr
+
+
+def test_load_bench_counts_a_request_once_lost_or_wrong():
+    """A plain-text 500 is lost (not the answer's format) and its status is not one a valid request may get: it was
+    counted in both, and the run's failures twice."""
+    load = _load_bench()
+    results = [
+        {"kind": "generation", "status": 500, "seconds": 0.1, "lost": "non-JSON response (500, text/plain)"},
+        {"kind": "generation", "status": 400, "seconds": 0.1, "lost": None, "code": "invalid_value"},
+        {"kind": "invalid", "status": 400, "seconds": 0.1, "lost": None, "code": "invalid_value"},
+        {"kind": "generation", "status": None, "seconds": 0.1, "lost": "ReadTimeout: "},
+    ]
+    report = load.summary(results)
+    assert (report["lost"], report["wrong"]) == (2, 1), report
