@@ -34,6 +34,12 @@ def app_builder(args: dict):
     environment variables work as for ``qwen-image-server serve``.
     """
     args = dict(args or {})
+    unknown = sorted(key for key in args if key not in Settings.model_fields)
+    if unknown:  # Settings ignores what it does not know: a misspelled setting would be dropped without a word
+        raise ValueError(
+            "invalid settings:\n"
+            + "\n".join(f"  args.{key}: not a setting (args are the Settings fields: README, Configuration)" for key in unknown)
+        )
     try:
         settings = Settings(**{**args, "engine": "ray"})
     except ValidationError as exc:  # pydantic's own report shows the input, API keys included

@@ -44,8 +44,13 @@ def _k8s(kind: str) -> dict:
     return doc
 
 
+def _kuberay(kind: str) -> dict:
+    (doc,) = [doc for doc in _load("deploy/kuberay-rayservice.yaml") if doc["kind"] == kind]
+    return doc
+
+
 def _kuberay_containers() -> list[dict]:
-    (ray,) = _load("deploy/kuberay-rayservice.yaml")
+    ray = _kuberay("RayService")
     cluster = ray["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
     return [container for pod in pods for container in pod["spec"]["containers"]]
@@ -89,7 +94,7 @@ def test_compose_gpu_models_port_and_health(relative):
 def test_compose_uses_the_names_of_seed_002():
     env = _compose_service("compose.yaml")["environment"]
     assert {"MODEL_PATH", "MODEL_NAME", "NUM_GPUS_TO_USE", "TASK_QUEUE_SIZE", "TASK_TIMEOUT", "IMAGE_OUTPUT_DIR"} <= set(env)
-    assert env["MODEL_PATH"].startswith("/models/")
+    assert env["MODEL_PATH"] == "/models/qwen-image"  # the folder name the README and the other files use
     names = Settings.model_fields  # every name given is one the server reads
     aliases = {alias for field in names.values() if field.validation_alias for alias in field.validation_alias.choices}
     assert set(env) - {"HF_HUB_OFFLINE"} <= aliases | {f"QIS_{name.upper()}" for name in names}
@@ -110,6 +115,9 @@ def test_kubernetes_probes_gpu_and_models_claim():
     assert probed("readinessProbe") == ("/ready", port)
     assert probed("startupProbe") == ("/ready", port)
     assert probed("livenessProbe") == ("/health", port)
+    # as the image's HEALTHCHECK (5 s) waits for /ready, not Kubernetes' 1 s default
+    assert all(container[probe]["timeoutSeconds"] >= 5 for probe in ("readinessProbe", "startupProbe", "livenessProbe"))
+    assert pod["shareProcessNamespace"] is True  # a PID 1 that reaps what worker processes leave behind
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
@@ -122,15 +130,21 @@ def test_kubernetes_probes_gpu_and_models_claim():
     assert ports.get(service_port["targetPort"], service_port["targetPort"]) == port
 
 
-def test_kuberay_workers_get_gpus_and_the_same_models_claim():
-    (ray,) = _load("deploy/kuberay-rayservice.yaml")
-    (group,) = ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+def test_kuberay_workers_get_gpus_a_claim_every_node_can_mount_and_the_shutdown_grace():
+    """The autoscaler spreads up to 8 GPU workers over nodes: they shared the Deployment's ReadWriteOnce claim, which
+    attaches to one node only; and without terminationGracePeriodSeconds Kubernetes' 30 s cut the 30 s grace."""
+    ray = _kuberay("RayService")
+    cluster = ray["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
     pod = group["template"]["spec"]
     (worker,) = pod["containers"]
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert any(mount["mountPath"] == "/models" for mount in worker["volumeMounts"])
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {_k8s("PersistentVolumeClaim")["metadata"]["name"]}
+    claim = _kuberay("PersistentVolumeClaim")
+    assert claims == {claim["metadata"]["name"]} and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for spec in (pod, cluster["headGroupSpec"]["template"]["spec"]):
+        assert spec["terminationGracePeriodSeconds"] > Settings().shutdown_grace_seconds + 5  # the ingress's grace
 
 
 def test_dockerfile_promises():

@@ -448,3 +448,17 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
     with caplog.at_level(logging.WARNING):
         ray_serve.build_deployments(settings, specs, lambda s, engine: None)
     assert "ask for more than the cluster holds" not in caplog.text
+
+
+def test_a_misspelled_setting_in_serve_run_args_is_refused():
+    """Settings ignore names they do not know: ``wrokers: 4`` in a Serve config built an application of one worker."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server import ray_app
+
+    with pytest.raises(ValueError) as refused:
+        ray_app.app_builder({"wrokers": 4, "workers": 2, "queue_sise": 1})
+    assert str(refused.value) == (
+        "invalid settings:\n"
+        "  args.queue_sise: not a setting (args are the Settings fields: README, Configuration)\n"
+        "  args.wrokers: not a setting (args are the Settings fields: README, Configuration)"
+    )
