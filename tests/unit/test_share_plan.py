@@ -62,6 +62,22 @@ def test_two_fp8_models_fit_one_card_only_with_one_text_encoder(tiny_t2i, tiny_e
     assert "--share-components" not in str(refused.value)
 
 
+def test_random_weight_stand_ins_share_in_the_plan_as_their_workers_do():
+    """``random:`` models share a text encoder or VAE of equal architecture values and seed in a worker process: the
+    plan counted them whole (29.0 GiB planned where 27.3 are needed), and a seed of its own is another module."""
+    from qwen_image_server.models.plan_groups import shared_keys
+
+    specs = resolve_models([("a", "random:Qwen/Qwen-Image"), ("b", "random:Qwen/Qwen-Image-Edit-2509")], {})
+    keys = shared_keys(specs)
+    assert keys[("a", "text_encoder")] == keys[("b", "text_encoder")] and keys[("a", "vae")] == keys[("b", "vae")]
+    plan = make_plan(specs, Settings(max_image_side=1328, share_components=True), discover=lambda: [_gpu(160.0)])
+    need = {p.model: p.need for p in plan.placements}
+    assert need["b"] == plan.footprints["b"].components["transformer"]  # its text encoder and VAE are a's
+    other_seed = resolve_models([("a", "random:Qwen/Qwen-Image"), ("b", "random:Qwen/Qwen-Image-Edit-2509?seed=7")], {})
+    keys = shared_keys(other_seed)
+    assert keys[("a", "text_encoder")] != keys[("b", "text_encoder")]
+
+
 def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):
     from safetensors.torch import load_file, save_file  # torch: imported by the one test that needs it
 

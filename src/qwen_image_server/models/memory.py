@@ -162,7 +162,8 @@ def build_random(spec: ModelSpec, mode: MemoryMode, dtype: torch.dtype, shared: 
     With ``shared``, a text encoder or VAE of the same architecture values and seed that another model of this
     process built, held the same way, is that model's module (as files with the same content are for
     ``load_pipeline``)."""
-    from .random_arch import build_random_pipeline, component_key
+    from .random_arch import build_random_pipeline
+    from .random_source import component_key
 
     devices = {name: mode.load_device(name) for name in ("transformer", "text_encoder", "vae")}
     keys: dict[str, tuple] = {}

@@ -20,15 +20,21 @@ GROUP_SEPARATOR = "+"
 
 def shared_keys(specs) -> dict[tuple[str, str], tuple]:
     """``{(model, component): key}`` of the text encoders and VAEs that can be shared (``models/shared.py``):
-    equal keys are one copy in a process. Local folders and hub caches only; others count whole."""
+    equal keys are one copy in a process. Local folders, hub caches and ``random:`` sources (their architecture
+    values and seed, as the worker compares them); others count whole."""
+    from .random_source import component_key
     from .shared import SHAREABLE, ComponentCache, cached_component_folder
 
     keys = {}
     for spec in specs:
         for name in SHAREABLE:
-            folder = cached_component_folder(spec.source, spec.revision, name)
             options = {"weights_dtype": spec.profile.weights_dtype, "offload": spec.profile.offload}
-            key = ComponentCache.key(folder, name, dtype="run", device="worker", **options)
+            if spec.is_random:
+                content = component_key(spec.source, name)
+                key = ComponentCache.content_key(content, name, dtype="run", device="worker", **options)
+            else:
+                folder = cached_component_folder(spec.source, spec.revision, name)
+                key = ComponentCache.key(folder, name, dtype="run", device="worker", **options)
             if key is not None:
                 keys[(spec.id, name)] = key
     return keys

@@ -190,16 +190,6 @@ def build_random_pipeline(source: str, device: str | torch.device, dtype: torch.
     return build_pipeline(parse_random_source(source), device, dtype, **placement)
 
 
-def component_key(source: str, name: str) -> tuple:
-    """What makes a component of a ``random:`` source the same as another's: its architecture values and its
-    seed (each component gets a seed of its own, so equal values and seed are equal weights). Qwen-Image and
-    Qwen-Image-Edit(-2509) publish the same text encoder and VAE."""
-    random = parse_random_source(source)
-    arch = random.architecture()
-    offset = ("transformer", "text_encoder", "vae").index(name)
-    return ("random", name, json.dumps(arch[name], sort_keys=True), random.seed * 1000 + offset)
-
-
 #: safetensors' names of the dtypes a ``random:`` module is built in.
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 

@@ -124,6 +124,16 @@ class RandomSource:
         return arch
 
 
+def component_key(source: str, name: str) -> tuple:
+    """What makes a component of a ``random:`` source the same as another's: its architecture values and its
+    seed (each component gets a seed of its own, so equal values and seed are equal weights). Qwen-Image and
+    Qwen-Image-Edit(-2509) publish the same text encoder and VAE. (No torch: the planner compares these too.)"""
+    random = parse_random_source(source)
+    arch = random.architecture()
+    offset = ("transformer", "text_encoder", "vae").index(name)
+    return ("random", name, json.dumps(arch[name], sort_keys=True), random.seed * 1000 + offset)
+
+
 def _positive_int(key: str, value: str, source: str) -> int:
     if not re.fullmatch(r"\d+", value) or int(value) < (0 if key == "seed" else 1):
         raise ModelConfigError(
