@@ -3,6 +3,7 @@ placement: test_planner.py)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -343,6 +344,15 @@ def test_fake_gpus_parse():
         parse_fake_gpus("80GiB,90GiB/80GiB")
     with pytest.raises(ModelConfigError, match="QIS_FAKE_HOST_MEMORY: '20GiB/16GiB' has more free than in all"):
         parse_fake_host("20GiB/16GiB")
+    # a malformed number named the setting nowhere ("could not convert string to float: '1.2.3'")
+    for bad in ("1.2.3GiB", ".", "1..GiB"):
+        with pytest.raises(ModelConfigError, match=f"QIS_FAKE_GPUS: '{re.escape(bad)}' is not a size like 80GiB"):
+            parse_fake_gpus(bad)
+    with pytest.raises(ModelConfigError, match="QIS_FAKE_HOST_MEMORY: '1.2.3' is not a size"):
+        parse_fake_host("1.2.3")
+    assert [g.total for g in parse_fake_gpus(".5GiB,80.GiB")] == [GIB // 2, 80 * GIB]
+    with pytest.raises(ModelConfigError, match="QIS_FAKE_GPUS: ', ' lists no GPU"):  # not "no GPU" by accident
+        parse_fake_gpus(", ")
 
 
 # --- the plan command -----------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def count_gpus_in_process() -> list[Gpu]:
     return [Gpu(f"cuda:{i}") for i in range(count)]
 
 
-_SIZE = re.compile(r"^\s*([\d.]+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
 
 
 def parse_bytes(text: str, setting: str) -> int:
@@ -202,6 +202,8 @@ def parse_bytes(text: str, setting: str) -> int:
 def parse_fake_gpus(text: str) -> list[Gpu]:
     """``80GiB,24GiB`` or ``70GiB/80GiB,...`` (free/total) → GPUs ``cuda:0``, ``cuda:1``, ... (a planning aid)."""
     gpus = []
+    if not any(part.strip() for part in text.split(",")):  # set, but to nothing: not "no GPU" by accident
+        raise ModelConfigError(f"{FAKE_GPUS_ENV}: {text!r} lists no GPU (unset it to plan for this machine)")
     for i, item in enumerate(part for part in text.split(",") if part.strip()):
         free, _, total = item.partition("/")
         free_bytes = parse_bytes(free, FAKE_GPUS_ENV)
