@@ -160,9 +160,11 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
     the GPU is offered to a model that offloads it on purpose too: that offload is what does not fit)."""
     by_id = {spec.id: spec for spec in specs}
     out: list[str] = []
+    # the figures are GPU memory: short of host memory, the plan's refusal is about another (the flags fit both)
+    gpu = " on its GPU" if host_short else ""
 
     def need(fps) -> str:
-        return f" (it would need {_gib(fps[model].total)})"
+        return f" (it would need {_gib(fps[model].total)}{gpu})"
 
     resident = False  # a suggestion that keeps the model's transformer on the GPU
     for key, value, flag in _PROFILE_CHANGES:
@@ -185,7 +187,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
         if recipe is not None:
             changes, fps = recipe
             out.append(
-                f"{_recipe_flags(changes, model)} (the transformer stays on the GPU; it would need {_gib(fps[model].total)})"
+                f"{_recipe_flags(changes, model)} (the transformer stays on the GPU; it would need {_gib(fps[model].total)}{gpu})"
             )
         elif len(specs) > 1:
             every = resident_recipe(
@@ -195,7 +197,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
                 changes, fps = every
                 out.append(
                     f"{_recipe_flags(changes)} (for every model; the transformers stay on the GPU; it would need "
-                    f"{_gib(fps[model].total)})"
+                    f"{_gib(fps[model].total)}{gpu})"
                 )
     lite = lighter_cache(by_id[model].profile.cache)
     if lite:
@@ -205,7 +207,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
     side = largest_side(settings, lambda s: fits(max_side=s)[0])
     if side is not None:
         total = fits(max_side=side)[1][model].total
-        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)})")
+        out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)}{gpu})")
     fewer = fewer_workers(model, settings, lambda **kw: fits(**kw)[0])
     if fewer:
         out.append(fewer)
@@ -219,7 +221,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
             side = largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0])
             if side is not None:
                 total = fits(profiles=everyone, max_side=side)[1][model].total
-                out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)})")
+                out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)}{gpu})")
                 break
     return out
 

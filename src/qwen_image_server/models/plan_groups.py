@@ -24,13 +24,17 @@ def shared_keys(specs) -> dict[tuple[str, str], tuple]:
     values and seed, as the worker compares them); others count whole."""
     from .random_source import component_key
     from .shared import SHAREABLE, ComponentCache, cached_component_folder
+    from .spec import ModelConfigError
 
     keys = {}
     for spec in specs:
         for name in SHAREABLE:
             options = {"weights_dtype": spec.profile.weights_dtype, "offload": spec.profile.offload}
             if spec.is_random:
-                content = component_key(spec.source, name)
+                try:
+                    content = component_key(spec.source, name)
+                except ModelConfigError:  # a source that names no packaged architecture: counted whole
+                    content = None
                 key = ComponentCache.content_key(content, name, dtype="run", device="worker", **options)
             else:
                 folder = cached_component_folder(spec.source, spec.revision, name)
