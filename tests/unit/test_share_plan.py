@@ -78,6 +78,23 @@ def test_random_weight_stand_ins_share_in_the_plan_as_their_workers_do():
     assert keys[("a", "text_encoder")] != keys[("b", "text_encoder")]
 
 
+def test_a_shared_cpu_process_counts_one_loading_peak_as_it_loads_its_models_one_after_the_other():
+    """On the CPU every model's FP8 loading peak was added (144.1 GiB for two models in one process at 1024, where
+    the GPU plan counts the largest one): the process loads them in turn."""
+    specs = resolve_models(
+        [("a", "random:Qwen/Qwen-Image"), ("b", "random:Qwen/Qwen-Image-Edit-2509")], {"weights_dtype": ["fp8"]}
+    )
+    host = HostMemory(1000 * GIB, 1000 * GIB, "test host")
+    settings = Settings(device="cpu", workers=2, share_components=True, max_image_side=1024)
+    plan = make_plan(specs, settings, host=lambda: host)
+    peaks = {model: fp.load_extra for model, fp in plan.footprints.items()}
+    assert min(peaks.values()) > 0
+    kept = sum(p.need for p in plan.placements)
+    assert plan.host_planned == kept + 2 * max(peaks.values())  # one peak per process (two slots), not per model
+    total, per_model = cpu_need(plan.placements, plan.footprints)  # unshared: each worker its own peak
+    assert total == kept + 2 * sum(peaks.values())
+
+
 def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):
     from safetensors.torch import load_file, save_file  # torch: imported by the one test that needs it
 

@@ -16,13 +16,21 @@ from .machine import HostMemory
 from .plan_advice import can_share, fewer_workers, largest_side, needs
 
 
-def cpu_need(placements, footprints) -> tuple[int, dict[str, int]]:
-    """Host bytes the CPU workers of a plan need in all, and per model (``None`` needs are unknown: left out)."""
+def cpu_need(placements, footprints, shared: bool = False) -> tuple[int, dict[str, int]]:
+    """Host bytes the CPU workers of a plan need in all, and per model (``None`` needs are unknown: left out). Each
+    worker loads with a peak above what it keeps (``load_extra``); ``shared`` (``--share-components``): slot ``i``
+    of every model is one process, which loads its models one after the other, so only its largest peak counts
+    (given to that model)."""
     per_model: dict[str, int] = {}
+    peaks: dict[int, tuple[str, int]] = {}  # a shared process's (slot's) largest loading peak, and whose
     for p in placements:
         if p.device == "cpu" and p.need is not None:
             extra = footprints[p.model].load_extra if p.model in footprints else 0
-            per_model[p.model] = per_model.get(p.model, 0) + p.need + extra
+            per_model[p.model] = per_model.get(p.model, 0) + p.need + (0 if shared else extra)
+            if shared and extra > peaks.get(p.slot, ("", -1))[1]:
+                peaks[p.slot] = (p.model, extra)
+    for model, extra in peaks.values():
+        per_model[model] += extra
     return sum(per_model.values()), per_model
 
 

@@ -355,7 +355,7 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
         return fps, _cpu_placements(specs, fps, changed, group)
 
     fps, placements = arrange(settings)
-    total, per_model = cpu_need(placements, fps)
+    total, per_model = cpu_need(placements, fps, shared=keys is not None)
     plan = Plan(fps, unknown, [], placements, shared_processes=keys is not None, host=host, host_planned=total)
     plan.host_workers = [p.name for p in placements if p.model in per_model] if host else []
     if host is None or total <= host.available:
@@ -363,7 +363,8 @@ def _cpu_plan(specs, tensors, unknown, settings, keys, host: HostMemory | None) 
 
     def fits(profiles=None, share=False, **changes) -> bool:
         changed_fps, changed_placements = arrange(changed_settings(settings, **changes), share, profiles)
-        return profiles_allowed(profiles, "cpu") and cpu_need(changed_placements, changed_fps)[0] <= host.available
+        need = cpu_need(changed_placements, changed_fps, shared=share or keys is not None)[0]
+        return profiles_allowed(profiles, "cpu") and need <= host.available
 
     model = max(per_model, key=per_model.__getitem__)
     suggestions = cpu_suggestions(model, specs, settings, fits)
