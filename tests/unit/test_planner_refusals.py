@@ -421,6 +421,15 @@ def test_memory_check_warn_logs_the_refusal_and_off_checks_nothing(caplog):
     assert checked_plan([spec], off, discover=card).devices("qwen-image") == ["cuda:0", "cuda:0"]
     cpu = checked_plan([spec], off.model_copy(update={"device": "cpu"}), host=_host(1))
     assert cpu.unchecked and cpu.host is None and cpu.devices("qwen-image") == ["cpu", "cpu"]
+    # warn, short of host memory: the table keeps the host line the refusal had (with what it is short by)
+    random = resolve_configured(Settings(models=["qwen-image=random:Qwen/Qwen-Image"]))[0]  # sized from its tensors
+    offloaded = replace(random, profile=RunProfile(weights_dtype="fp8", offload="group"))
+    with pytest.raises(PlanError) as refused:
+        checked_plan([offloaded], Settings(), discover=card, host=_host(16))
+    short = [line for line in refused.value.plan.table().splitlines() if line.startswith("host memory")]
+    warned = checked_plan([offloaded], Settings(memory_check="warn"), discover=card, host=_host(16))
+    assert warned.check_failed and [line for line in warned.table().splitlines() if line.startswith("host memory")] == short
+    assert "short by" in short[0]
 
 
 @pytest.mark.parametrize("visible", ["", "-1"])

@@ -263,16 +263,20 @@ def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, h
             tensors[spec.id] = read(spec)
         return tensors[spec.id]
 
+    failed: Plan | None = None
     if settings.memory_check == "warn":
         try:  # the real machine's memory is checked as make_plan checks it when it probes the GPUs itself
             return make_plan(specs, settings, lambda: found, read_once, host or (None if discover else discover_host_memory))
         except PlanError as exc:
             log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
+            failed = exc.plan
     unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
     plan = make_plan(specs, settings, lambda: unknown_free, read_once, host=lambda: None)
     plan.unchecked = True
-    if settings.memory_check == "warn":  # checked, and short: the table shows the memory the check saw
+    if failed is not None:  # checked, and short: the table shows the memory the check saw, the host's too
         plan.check_failed, plan.gpus = True, list(found) if found is not None else plan.gpus
+        if failed.host is not None:
+            plan.host, plan.host_planned, plan.host_workers = failed.host, failed.host_planned, failed.host_workers
     return plan
 
 
