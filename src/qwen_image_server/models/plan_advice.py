@@ -106,6 +106,13 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         lines.append("Would fit: " + "; ".join(suggestions))
     else:
         lines.append("No single flag makes it fit.")
+    roomy = [gpu.device for gpu, room in zip(plan.gpus, left, strict=True) if room >= need + extra]
+    if device and roomy:  # an explicit --device placed it where it does not fit, beside a GPU where it would
+        lines.append(
+            f"Or name a GPU with room for it in --device: {', '.join(roomy)} (at least {_gib(need + extra)} left "
+            "beside what is planned there)."
+        )
+        return "\n".join(lines)
     what = f"serve {model} on another GPU" if fp is not None else "serve these models on another GPU"
     lines.append(
         f"Or {what} with at least {_gib(need + extra)} free (the most any GPU here has left beside what is planned on "
