@@ -34,11 +34,17 @@ def app_builder(args: dict):
     environment variables work as for ``qwen-image-server serve``.
     """
     args = dict(args or {})
-    unknown = sorted(key for key in args if key not in Settings.model_fields)
+    known = set(Settings.model_fields) | {  # the fields, and their variables' names, which Settings takes as well
+        str(name) for info in Settings.model_fields.values() for name in getattr(info.validation_alias, "choices", ())
+    }
+    unknown = sorted(key for key in args if key not in known)
     if unknown:  # Settings ignores what it does not know: a misspelled setting would be dropped without a word
         raise ValueError(
             "invalid settings:\n"
-            + "\n".join(f"  args.{key}: not a setting (args are the Settings fields: README, Configuration)" for key in unknown)
+            + "\n".join(
+                f"  args.{key}: not a setting (args are the Settings fields, or their variables' names: README, Configuration)"
+                for key in unknown
+            )
         )
     try:
         settings = Settings(**{**args, "engine": "ray"})

@@ -383,8 +383,18 @@ def test_an_explicit_device_list_is_kept_and_checked():
     with pytest.raises(PlanError, match=r"model qwen-image \(worker 1 of 1\) on cuda:0") as refused:
         make_plan([full_model("qwen-image")], Settings(device="cuda:0"), discover=gpu_probe(fake_gpu(0, 24), fake_gpu(1, 80)))
     assert "--device auto (places the workers by free memory)" in str(refused.value)
-    # not "another GPU with at least 69.7 GiB free (the most any GPU here has left: 80.0 GiB)": cuda:1 is here
-    assert str(refused.value).splitlines()[-1].startswith("Or name a GPU with room for it in --device: cuda:1 (at least ")
+    # not "another GPU with at least 69.7 GiB free (the most any GPU here has left: 80.0 GiB)": cuda:1 is here (a list
+    # planned as the refusal plans it: a GPU whose room the others' loading peaks or the model's other workers take
+    # is not offered)
+    assert str(refused.value).splitlines()[-1] == "Or put it on another GPU here: --device cuda:1."
+    two = [full_model("qwen-image", weights_dtype="fp8")]
+    with pytest.raises(PlanError) as refused:  # both workers would move: 2 x 44 GiB is more than cuda:0's 60
+        make_plan(two, Settings(device="cuda:1", workers=2), discover=gpu_probe(fake_gpu(0, 60), fake_gpu(1, 24)))
+    assert "--device cuda:0" not in str(refused.value) and "Or serve qwen-image on another GPU" in str(refused.value)
+    three = gpu_probe(fake_gpu(0, 60), fake_gpu(1, 60), fake_gpu(2, 24))
+    with pytest.raises(PlanError) as refused:
+        make_plan(two, Settings(device="cuda:0,cuda:2", workers=2), discover=three)
+    assert str(refused.value).splitlines()[-1] == "Or put it on another GPU here: --device cuda:0,cuda:1."
     with pytest.raises(PlanError, match=r"--device names cuda:5, which is not visible \(visible GPUs: cuda:0\)"):
         make_plan(specs, Settings(device="cuda:5"), discover=gpu_probe(fake_gpu(0, 80)))
     with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):

@@ -457,8 +457,8 @@ def test_a_misspelled_setting_in_serve_run_args_is_refused():
 
     with pytest.raises(ValueError) as refused:
         ray_app.app_builder({"wrokers": 4, "workers": 2, "queue_sise": 1})
-    assert str(refused.value) == (
-        "invalid settings:\n"
-        "  args.queue_sise: not a setting (args are the Settings fields: README, Configuration)\n"
-        "  args.wrokers: not a setting (args are the Settings fields: README, Configuration)"
-    )
+    because = "not a setting (args are the Settings fields, or their variables' names: README, Configuration)"
+    assert str(refused.value) == f"invalid settings:\n  args.queue_sise: {because}\n  args.wrokers: {because}"
+    # a variable's name is a setting's other name, as Settings takes it (NUM_GPUS_TO_USE=4 is workers=4)
+    with pytest.raises(ValueError, match="model folder not found"):  # past the names, to the model itself
+        ray_app.app_builder({"NUM_GPUS_TO_USE": 2, "MODEL_PATH": "/nowhere/qwen-image"})

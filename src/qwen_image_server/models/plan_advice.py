@@ -106,13 +106,14 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         lines.append("Would fit: " + "; ".join(suggestions))
     else:
         lines.append("No single flag makes it fit.")
-    roomy = [gpu.device for gpu, room in zip(plan.gpus, left, strict=True) if room >= need + extra]
-    if device and roomy:  # an explicit --device placed it where it does not fit, beside a GPU where it would
-        lines.append(
-            f"Or name a GPU with room for it in --device: {', '.join(roomy)} (at least {_gib(need + extra)} left "
-            "beside what is planned there)."
-        )
-        return "\n".join(lines)
+    if device:  # an explicit --device placed it where it does not fit: the lists with another GPU there that do
+        entries = [entry.strip() for entry in settings.device.split(",") if entry.strip()]
+        others = [gpu.device for gpu in plan.gpus if gpu.device != device]
+        moved = [",".join(other if entry == device else entry for entry in entries) for other in others]
+        working = [f"--device {candidate}" for candidate in moved if fits(device=candidate)[0]]
+        if working:
+            lines.append(f"Or put it on another GPU here: {'; '.join(working)}.")
+            return "\n".join(lines)
     what = f"serve {model} on another GPU" if fp is not None else "serve these models on another GPU"
     lines.append(
         f"Or {what} with at least {_gib(need + extra)} free (the most any GPU here has left beside what is planned on "
