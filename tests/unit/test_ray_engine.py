@@ -53,10 +53,8 @@ class Handle:
         return self.streams[-1]
 
 
-def test_a_request_cancelled_while_its_pieces_run_leaves_no_unretrieved_error():
-    """The client goes away while the replicas run its request: every piece's stream is cancelled, and the pieces'
-    errors (Serve's cancellation error) are retrieved, not logged by asyncio as "Task exception was never retrieved"
-    for every cancelled request."""
+def _engine_on_fake_handles():
+    """A ``RayEngine`` of one model (two replicas) whose deployment handle is a ``Handle``: answers that never come."""
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine.ray_serve import RayEngine
     from qwen_image_server.models.spec import resolve_model
@@ -64,10 +62,23 @@ def test_a_request_cancelled_while_its_pieces_run_leaves_no_unretrieved_error():
     spec = resolve_model("random:Qwen/Qwen-Image")
     engine = RayEngine([spec], Settings(engine="ray", workers=2), "app")
     engine.handles[spec.id] = handle = Handle()
+    return spec, engine, handle
+
+
+def _note_unretrieved(unretrieved: list[str]) -> None:
+    """The running loop's errors nobody retrieved go to ``unretrieved`` (asyncio would log them)."""
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+
+
+def test_a_request_cancelled_while_its_pieces_run_leaves_no_unretrieved_error():
+    """The client goes away while the replicas run its request: every piece's stream is cancelled, and the pieces'
+    errors (Serve's cancellation error) are retrieved, not logged by asyncio as "Task exception was never retrieved"
+    for every cancelled request."""
+    spec, engine, handle = _engine_on_fake_handles()
     unretrieved: list[str] = []
 
     async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        _note_unretrieved(unretrieved)
         request = asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=[1, 2])))
         while len(handle.streams) < 2:
             await asyncio.sleep(0.01)
@@ -100,7 +111,7 @@ def test_a_replica_run_stopped_by_its_caller_leaves_no_unretrieved_error(monkeyp
     unretrieved: list[str] = []
 
     async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        _note_unretrieved(unretrieved)
         call = asyncio.ensure_future(replica.run(Task(1, Job(mode="generate", prompt="wait", seeds=[1]))).__anext__())
         assert await asyncio.to_thread(runner.started.wait, 10)
         call.cancel()
@@ -157,18 +168,13 @@ def test_a_cut_stops_the_jobs_in_flight_with_a_503_and_cancels_their_replica_cal
     """What ``ray_app.stop`` does at the end of the shutdown grace (``drain(cut=True)``, from another thread as
     Serve's handle may call it): each running job ends with ``ShuttingDown`` (503 ``shutting_down``), its streams are
     cancelled, no error is left unretrieved; a job started after the cut is refused, and ``drain(False)`` ends it."""
-    pytest.importorskip("ray.serve")
-    from qwen_image_server.engine.ray_serve import RayEngine
+    spec, engine, handle = _engine_on_fake_handles()
     from qwen_image_server.errors import ShuttingDown
-    from qwen_image_server.models.spec import resolve_model
 
-    spec = resolve_model("random:Qwen/Qwen-Image")
-    engine = RayEngine([spec], Settings(engine="ray", workers=2), "app")
-    engine.handles[spec.id] = handle = Handle()
     unretrieved: list[str] = []
 
     async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+        _note_unretrieved(unretrieved)
         jobs = [
             asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=seeds)))
             for seeds in ([1, 2], [3])
