@@ -172,8 +172,16 @@ def test_a_request_naming_no_model_is_counted_under_its_default_model_whatever_t
     assert [_count(app, GEN, "tiny", status) for status in (200, 400, 503)] == [1, 1, 1]
     assert _count(app, GEN, "none", 503) == 0
     full = False
+    # refused by the request schema, before the route ran (n=0): under the model named, else the default
+    schema = [{**plain, "n": 0}, {**BODY, "n": 0}, {**plain, "model": "style", "n": 0}]
+    assert [r.status_code for r in _call(app, *[("POST", GEN, {"json": body}) for body in schema])] == [400] * 3
+    assert (_count(app, GEN, "tiny", 400), _count(app, GEN, "style", 400), _count(app, GEN, "none", 400)) == (3, 1, 0)
+    not_json = _call(app, ("POST", GEN, {"content": b"{", "headers": {"Content-Type": "application/json"}}))[0]
+    assert not_json.status_code == 400 and _count(app, GEN, "tiny", 400) == 4
+    bad_n = _call(app, ("POST", "/v1/images/edits", {"data": {"prompt": "p", "n": "0"}, "files": {"image": ("a.png", b"x")}}))
+    assert bad_n[0].status_code == 400 and _count(app, "/v1/images/edits", "tiny-edit", 400) == 1
     edit = _call(app, ("POST", "/v1/images/edits", {"data": {"prompt": "p"}, "files": {"image": ("a.png", b"x")}}))[0]
-    assert edit.status_code == 400 and _count(app, "/v1/images/edits", "tiny-edit", 400) == 1  # the edit default
+    assert edit.status_code == 400 and _count(app, "/v1/images/edits", "tiny-edit", 400) == 2  # the edit default
 
 
 def test_a_stream_is_counted_as_it_ended_not_as_its_200(tmp_path):

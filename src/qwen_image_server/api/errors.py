@@ -73,6 +73,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Validation error: {param}: {msg}" if param else f"Validation error: {msg}", param
 
 
+#: The image routes, and whether their default model is the edit model (a request that names none runs on it).
+_IMAGE_ROUTES = {"/v1/images/generations": False, "/v1/images/edits": True, "/v1/images/variations": False}
+
+
+def _note_model(request: Request, body: object) -> None:
+    """A request its schema refused, before its route noted the model (for the metrics): the model it named, else
+    the route's default model, as for every other outcome of the route."""
+    edit = _IMAGE_ROUTES.get(request.url.path)
+    if edit is None or getattr(request.state, "model", None) is not None:
+        return
+    named = body.get("model") if isinstance(body, dict) else None
+    if isinstance(named, str) and named:
+        request.state.model = named
+        return
+    service = getattr(request.app.state, "service", None)
+    default = service.default_model(edit=edit) if service is not None else None
+    request.state.model = default.id if default is not None else None
+
+
 def client_gone(method: str, path: str) -> Response:
     """The answer to a client that went away before its whole body arrived (a cancelled upload): no one reads it,
     nothing failed here. 499, as for a client gone during the run, so that the metrics do not count a 500 (or 400)."""
@@ -93,6 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _note_model(request, exc.body)
         message, param = _validation_message(exc)
         return error_response(400, message, type_="invalid_request_error", code="invalid_value", param=param)
 

@@ -93,7 +93,7 @@ def _validate(model: type[M], fields: dict, form: bool) -> M:
     try:
         return model.model_validate(fields, context=FORM_CONTEXT if form else None)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
+        raise RequestValidationError(exc.errors(), body=fields) from None
 
 
 async def read_image_request(request: Request, model: type[M], max_files: int) -> tuple[M, list[Upload], Upload | None]:
