@@ -95,6 +95,20 @@ def test_a_shared_cpu_process_counts_one_loading_peak_as_it_loads_its_models_one
     assert total == kept + 2 * sum(peaks.values())
 
 
+def test_a_shared_process_refused_on_an_explicit_device_is_sized_as_one_process():
+    """``--device cuda:0 --workers 2 --share-components``: the refusal said "each process needs" the device's
+    total (both processes), and listed the refused process's own entries as planned there."""
+    specs = resolve_models([("a", "random:Qwen/Qwen-Image"), ("b", "random:Qwen/Qwen-Image-Edit-2509")], {})
+    settings = Settings(device="cuda:0", workers=2, share_components=True)
+    one = make_plan(specs, settings.model_copy(update={"workers": 1}), discover=lambda: [_gpu(160.0)])
+    process = sum(p.need for p in one.placements)
+    with pytest.raises(PlanError) as refused:
+        make_plan(specs, settings, discover=lambda: [_gpu(160.0)])
+    head, gpus = str(refused.value).splitlines()[:2]
+    assert f"(--share-components; worker 2 of 2) on cuda:0: each process needs {human(process)} " in head
+    assert gpus.endswith(f"planned there: a#0 {human(one.placements[0].need)}, b#0 {human(one.placements[1].need)}")
+
+
 def test_different_text_encoders_are_counted_twice(tiny_t2i, tiny_edit_plus, tmp_path):
     from safetensors.torch import load_file, save_file  # torch: imported by the one test that needs it
 

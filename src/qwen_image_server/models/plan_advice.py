@@ -93,9 +93,13 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
             f"not enough GPU memory for model {model} (worker {slot + 1} of {settings.workers_for(model)}){where}: "
             f"each worker needs {_gib(fp.total)} ({needs(fp)})"
         )
+
+    def refused(p) -> bool:  # the refused worker's entries: its slot of the model, or of every model it serves
+        return p.slot == slot and (fp is None or p.model == model)
+
     gpus, left = [], []
     for gpu in plan.gpus:
-        here = [p for p in placed if p.device == gpu.device and (p.model, p.slot) != (model, slot)]
+        here = [p for p in placed if p.device == gpu.device and not refused(p)]
         free = "? free" if gpu.free is None else f"{_gib(gpu.free)} free of {_gib(gpu.total or gpu.free)}"
         held = f", planned there: {', '.join(f'{p.name} {_gib(p.need or 0)}' for p in here)}" if here else ""
         gpus.append(f"{gpu.device} {gpu.name}: {free}{held}".replace("  ", " "))

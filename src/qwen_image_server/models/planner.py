@@ -240,7 +240,7 @@ def _check_explicit(
         need = sum(p.need or 0 for p in here) + max((extras.get(p.model, 0) for p in here if p.need is not None), default=0)
         if gpu.free is not None and need > gpu.free:
             first = here[-1]
-            return placed, (first.model, first.slot, need, device)
+            return placed, (first.model, first.slot, first.need, device)  # its own need (the others are listed)
     return placed, None
 
 
