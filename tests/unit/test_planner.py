@@ -401,6 +401,19 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:0"), discover=gpu_probe())
 
 
+def test_the_room_a_refusal_says_a_gpu_has_left_keeps_its_workers_loading_peak():
+    """cuda:0 (44 GiB) holds an FP8 worker of 31.7 GiB that needs 6.8 GiB more while it loads: a 12.2 GiB worker
+    is refused there, and the refusal said cuda:0 had 12.3 GiB left, more than the 12.2 it asked for."""
+    specs = [full_model("a", weights_dtype="fp8"), small_model("b", 4e9)]
+    with pytest.raises(PlanError) as refused:
+        make_plan(specs, Settings(max_image_side=1024, device="cuda:0"), discover=gpu_probe(fake_gpu(0, 44), fake_gpu(1, 5)))
+    last = str(refused.value).splitlines()[-1]
+    assert last == (
+        "Or serve b on another GPU with at least 12.2 GiB free (the most any GPU here has left beside what is planned "
+        "on it: 5.5 GiB)."
+    )
+
+
 def test_with_free_memory_unknown_workers_spread_over_the_gpus():
     """When the GPUs' free memory is unknown (the probe failed, ``--memory-check off``), every GPU has "infinite"
     room: the spread's key tied and every worker went to cuda:0 (three full-size models on one card, three idle)."""

@@ -103,7 +103,9 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
         free = "? free" if gpu.free is None else f"{_gib(gpu.free)} free of {_gib(gpu.total or gpu.free)}"
         held = f", planned there: {', '.join(f'{p.name} {_gib(p.need or 0)}' for p in here)}" if here else ""
         gpus.append(f"{gpu.device} {gpu.name}: {free}{held}".replace("  ", " "))
-        left.append(max(0, (gpu.free or 0) - sum(p.need or 0 for p in here)))
+        # the workers of one GPU load one at a time: a peak of theirs above this worker's own takes room as well
+        peak = max((plan.footprints[p.model].load_extra for p in here if p.model in plan.footprints), default=0)
+        left.append(max(0, (gpu.free or 0) - sum(p.need or 0 for p in here) - max(0, peak - extra)))
     suggestions = suggest(model, specs, settings, fits) if fp is not None else suggest_for_all(specs, settings, fits)
     lines = [head, "GPUs: " + "; ".join(gpus)]
     if suggestions:
