@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import typer
 from pydantic import AliasChoices, ValidationError
 
-from .config import Settings, key_variables_problem
+from .config import Settings, check_key_variables, key_variables
 from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
 
@@ -43,9 +43,7 @@ def settings_from_options(options: dict) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ValueError(settings_problem(exc, set(overrides))) from None
-    keys_problem = None if "api_keys" in overrides else key_variables_problem(os.environ)
-    if keys_problem:
-        raise ValueError(f"invalid settings:\n  {keys_problem}")
+    check_key_variables(os.environ, "api_keys" in overrides)
     replaced = keys_replaced_by_flag("api_keys" in overrides, os.environ)
     if replaced:
         logging.getLogger(__name__).warning(replaced)
@@ -64,8 +62,7 @@ def settings_from_options(options: dict) -> Settings:
 def keys_replaced_by_flag(flag_given: bool, environ: Mapping[str, str]) -> str | None:
     """The warning for API keys in the environment that ``--api-key`` replaces (a flag overrides its variables; the
     keys are not merged, so clients sending those get 401), or None. The keys themselves are never shown."""
-    upper = {name.upper() for name, value in environ.items() if value.strip()}
-    unused = [name for name in env_names("api_keys") if name in upper]
+    unused = [name for name, keys in key_variables(environ).items() if keys]
     if not flag_given or not unused:
         return None
     return f"--api-key replaces the keys in {' and '.join(unused)}: only the --api-key keys (and --api-keys-file's) are accepted"

@@ -415,20 +415,24 @@ class Settings(PerModelLimits, BaseSettings):
         return repeated_entries(configured_entries(self))
 
 
-def key_variables_problem(environ: Mapping[str, str]) -> str | None:
-    """Why the API keys in the environment are refused, or None: both variables of the setting set, to different
-    keys. Only the first would be read (they are not merged), so a key meant to be required would not be, and an
-    empty ``QWEN_IMAGE_API_KEYS`` beside a set ``QIS_API_KEYS`` served with no key at all. Asked only when no
-    ``--api-key`` replaces them; the keys are never shown."""
+def key_variables(environ: Mapping[str, str]) -> dict[str, frozenset[str]]:
+    """The API-key variables set in ``environ`` (their names in any case, as the settings read them; in the
+    settings' order), each with its keys."""
     alias = Settings.model_fields["api_keys"].validation_alias
     names = [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
-    given: dict[str, frozenset[str]] = {}
-    for variable, value in environ.items():  # the names in any case, as the settings read them
-        if variable.upper() in names:
-            given[variable.upper()] = frozenset(key.strip() for key in value.split(",") if key.strip())
-    if len(set(given.values())) < 2:
-        return None
-    return (
-        f"{' and '.join(name for name in names if name in given)} are both set, to different keys: only {names[0]} "
-        "would be read (they are not merged); keep one of them"
-    )
+    given = {variable.upper(): value for variable, value in environ.items() if variable.upper() in names}
+    return {name: frozenset(key.strip() for key in given[name].split(",") if key.strip()) for name in names if name in given}
+
+
+def check_key_variables(environ: Mapping[str, str], flag_given: bool) -> None:
+    """Refuse (``ValueError``, as an invalid setting) both variables of the API keys set to different keys: only the
+    first would be read (they are not merged), so a key meant to be required would not be, and an empty
+    ``QWEN_IMAGE_API_KEYS`` beside a set ``QIS_API_KEYS`` served with no key at all. Nothing to refuse when keys are
+    given directly (``flag_given``: ``--api-key``, a Ray app's ``api_keys``), which replace both. No key is shown."""
+    given = key_variables(environ)
+    if not flag_given and len(set(given.values())) > 1:
+        first = Settings.model_fields["api_keys"].validation_alias.choices[0]  # type: ignore[union-attr]
+        raise ValueError(
+            f"invalid settings:\n  {' and '.join(given)} are both set, to different keys: only {first} would be read "
+            "(they are not merged); keep one of them"
+        )

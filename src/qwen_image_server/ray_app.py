@@ -17,7 +17,7 @@ from ray import serve
 
 from .api.app import create_app
 from .cli_settings import settings_problem
-from .config import Settings, key_variables_problem
+from .config import Settings, check_key_variables
 from .engine.ray_serve import build_deployments
 from .models.spec import ModelSpec, resolve_configured
 
@@ -50,9 +50,7 @@ def app_builder(args: dict):
         settings = Settings(**{**args, "engine": "ray"})
     except ValidationError as exc:  # pydantic's own report shows the input, API keys included
         raise ValueError(settings_problem(exc, set(args), lambda field: f"args.{field}")) from None
-    keys_problem = None if "api_keys" in args else key_variables_problem(os.environ)
-    if keys_problem:
-        raise ValueError(f"invalid settings:\n  {keys_problem}")
+    check_key_variables(os.environ, "api_keys" in args)
     return build_application(settings, resolve_configured(settings))
 
 
@@ -105,18 +103,20 @@ def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_
     ``shutting_down`` (their replica calls cancelled), and the application is deleted once they are answered (or
     ``answer_seconds`` later), its replicas with it; other applications of the cluster are left alone."""
     log = logging.getLogger(__name__)
-    deadline = time.monotonic() + grace_seconds
     try:
         drain = serve.get_app_handle(app_name).options(method_name="drain")
-        while (running := drain.remote().result(timeout_s=10)) and time.monotonic() < deadline:
-            time.sleep(poll_seconds)
-        if running:
-            running = drain.remote(True, True).result(timeout_s=10)
-            log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
-            answered_by = time.monotonic() + answer_seconds
-            while running and time.monotonic() < answered_by:
+
+        def in_flight_after(seconds: float, *how) -> int:
+            """``drain(*how)`` until no request is in flight or ``seconds`` have passed; those still in flight."""
+            until = time.monotonic() + seconds
+            while (running := drain.remote(*how).result(timeout_s=10)) and time.monotonic() < until:
                 time.sleep(poll_seconds)
-                running = drain.remote(True, True).result(timeout_s=10)
+            return running
+
+        running = in_flight_after(grace_seconds)
+        if running:
+            in_flight_after(answer_seconds, True, True)  # stops them; each is answered as it ends
+            log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
     except Exception as exc:  # the ingress is gone or does not answer: nothing to wait for
         log.warning("could not drain %s (%s: %s); stopping it now", app_name, type(exc).__name__, exc)
     serve.delete(app_name)

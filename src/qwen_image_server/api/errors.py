@@ -77,19 +77,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _IMAGE_ROUTES = {"/v1/images/generations": False, "/v1/images/edits": True, "/v1/images/variations": False}
 
 
-def _note_model(request: Request, body: object) -> None:
-    """A request its schema refused, before its route noted the model (for the metrics): the model it named, else
-    the route's default model, as for every other outcome of the route."""
-    edit = _IMAGE_ROUTES.get(request.url.path)
-    if edit is None or getattr(request.state, "model", None) is not None:
-        return
-    named = body.get("model") if isinstance(body, dict) else None
+def note_model(request: Request, named: object, edit: bool) -> None:
+    """``request.state.model``, the model an image request is counted under (the metrics): the one it named, else
+    the one that serves such requests by default (an edit model for edits), whatever the outcome."""
     if isinstance(named, str) and named:
         request.state.model = named
         return
     service = getattr(request.app.state, "service", None)
     default = service.default_model(edit=edit) if service is not None else None
     request.state.model = default.id if default is not None else None
+
+
+def _note_refused_model(request: Request, body: object) -> None:
+    """``note_model`` for a request its schema refused before its route ran."""
+    edit = _IMAGE_ROUTES.get(request.url.path)
+    if edit is not None and getattr(request.state, "model", None) is None:
+        note_model(request, body.get("model") if isinstance(body, dict) else None, edit)
 
 
 def client_gone(method: str, path: str) -> Response:
@@ -112,7 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _note_model(request, exc.body)
+        _note_refused_model(request, exc.body)
         message, param = _validation_message(exc)
         return error_response(400, message, type_="invalid_request_error", code="invalid_value", param=param)
 

@@ -20,7 +20,7 @@ from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES, StoredImage
-from .errors import error_object
+from .errors import error_object, note_model
 from .head import HEAD_AS_GET
 from .uploads import read_image_request
 
@@ -101,8 +101,7 @@ async def _respond(request: Request, prepare, model: str | None, edit: bool = Fa
     model's requests in two); ``request.state.outcome`` a stream's end when it is not a success."""
     service = _service(request)
     base_url = _base_url(request, service)
-    default = service.default_model(edit=edit)
-    request.state.model = model or (default.id if default is not None else None)
+    note_model(request, model, edit)
     try:
         prepared = await _unless_disconnected(request, prepare)
         request.state.model = prepared.req.model or prepared.spec.id
