@@ -30,6 +30,7 @@ from PIL import Image
 
 from qwen_image_server.config import Settings
 from qwen_image_server.engine.admission import PixelBudget, retry_after
+from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.errors import InferenceFailed, NotReady, QueueFull, TaskTimeout
 from qwen_image_server.images import encode_image
 from qwen_image_server.jobs import EncodedImage, Job, JobResult, PartialImage
@@ -100,7 +101,7 @@ class _Model:
         self.fail_next: Exception | None = None
 
 
-class FakeEngine:
+class FakeEngine(EngineDefaults):
     """``EngineClient`` whose jobs finish at once (or when a test resumes them); see the module docstring."""
 
     def __init__(self, models: list[ModelSpec], settings: Settings):

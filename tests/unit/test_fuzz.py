@@ -21,6 +21,7 @@ from PIL import Image
 from fuzz_bodies import check_response, json_body, multipart_body, request_fields
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
+from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.errors import QueueFull
 from qwen_image_server.jobs import EncodedImage, JobResult, PartialImage, TaskResult
 from qwen_image_server.models.spec import ModelSpec
@@ -36,7 +37,7 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-class InstantEngine:
+class InstantEngine(EngineDefaults):
     """``EngineClient`` without workers: a 16x16 PNG per seed at once; every 11th admission finds the queue full."""
 
     def __init__(self):

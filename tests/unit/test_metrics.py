@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
+from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.jobs import EncodedImage, JobResult, PartialImage, TaskResult
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelSpec
@@ -22,7 +23,7 @@ GEN = "/v1/images/generations"
 BODY = {"prompt": "a secret prompt", "size": "256x256", "model": "tiny"}
 
 
-class FakeEngine:
+class FakeEngine(EngineDefaults):
     """``EngineClient`` without workers: each job waits 2 s for a worker, runs 1.5 s and encodes 0.25 s."""
 
     def __init__(self):
@@ -342,8 +343,13 @@ def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
     assert _value(app, "qis_queue_size", model="tiny") == 2 and _value(app, "qis_queue_size", model="tiny-edit") == 32
     assert _value(app, "qis_task_timeout_seconds", model="tiny-edit") == 90.0
     assert _value(app, "qis_model_state", model="tiny-edit", state="failed") == 1
+    # /ready says what its models say: a model whose deployment failed is "failed", not "loading"
+    (ready,) = _call(app, ("GET", "/ready", {}))
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
     engine._serve_status = lambda: (False, {"error": "RayError: no controller at /tmp/ray/session_1/sockets/raylet"})
     assert _value(app, "qis_model_state", model="tiny", state="loading") == 1
+    (ready,) = _call(app, ("GET", "/ready", {}))
+    assert ready.status_code == 503 and ready.json()["status"] == "loading"
     tiny = engine.status()["tiny"]
     assert tiny["state"] == "loading" and tiny["deployment_status"] is None
     assert tiny["error"] == "RayError: no controller at <path>"  # no paths for clients

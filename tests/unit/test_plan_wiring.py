@@ -13,6 +13,7 @@ from qwen_image_server import cli
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
 from qwen_image_server.engine import local
+from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.engine.worker import device_memory
 from qwen_image_server.models import planner
 from qwen_image_server.models.footprint import GIB
@@ -80,7 +81,7 @@ def test_shared_components_start_one_process_per_slot_for_every_model(tiny_t2i, 
     assert [w["name"] for w in engine.status()["b"]["workers"]] == ["b#0", "b#1"]
 
 
-class _Engine:
+class _Engine(EngineDefaults):
     """An engine with a plan, for the routes."""
 
     def __init__(self, specs, plan: Plan):

@@ -11,6 +11,7 @@ import pytest
 
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
+from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import ModelSpec
 
@@ -21,7 +22,7 @@ TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg":
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
 
-class FakeEngine:
+class FakeEngine(EngineDefaults):
     """Just the models: the playground's routes never run a job."""
 
     def __init__(self):

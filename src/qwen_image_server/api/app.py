@@ -80,7 +80,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
             max_age=600,
         )
     # (Ray Serve's proxy names each request in X-Request-ID and echoes it itself: RayEngine.proxy_echoes_request_ids)
-    app.add_middleware(RequestIds, echoed=lambda: getattr(engine, "proxy_echoes_request_ids", False))
+    app.add_middleware(RequestIds, echoed=lambda: engine.proxy_echoes_request_ids)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # counts the middlewares' refusals too
     app.add_middleware(HeadRequests, routes=app.router.routes)  # HEAD as GET, without a body: outside all the others
     install_request_id_logging()

@@ -214,7 +214,7 @@ class EngineCollector:
     def collect(self):
         try:
             status = self._status()
-            gpus: list[dict] = getattr(self.engine, "gpus", list)() or []
+            gpus = self.engine.gpus() or []
         except Exception:  # a scrape never fails because the engine could not answer
             log.exception("reading the engine's state for /metrics failed")
             return

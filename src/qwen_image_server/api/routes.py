@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.datastructures import URL
 
+from ..engine.base import EngineClient
 from ..errors import InvalidRequest, NotFound, ServerError
 from ..images import b64
 from ..jobs import JobResult
@@ -260,9 +261,9 @@ class StoredImageResponse(Response):
             stored.file.close()
 
 
-def _model_card(spec, engine=None) -> dict:
+def _model_card(spec, engine: EngineClient) -> dict:
     """OpenAI's model object, plus what the model does, how it runs (its run profile) and its memory estimate."""
-    memory = getattr(engine, "memory", None)
+    memory = engine.memory(spec.id)
     return {
         "id": spec.id,
         "object": "model",
@@ -270,16 +271,15 @@ def _model_card(spec, engine=None) -> dict:
         "owned_by": "qwen-image-server",
         "kind": spec.kind,
         "profile": spec.profile.summary(),
-        **({"memory": memory(spec.id)} if memory else {}),
+        **({"memory": memory} if memory is not None else {}),
     }
 
 
 def _gpus(engine) -> dict:
     """Per GPU memory and workers, and the host's for CPU workers, from engines that plan their devices (the
     embedded one)."""
-    gpus, host = getattr(engine, "gpus", None), getattr(engine, "host", None)
-    report = host() if host else None
-    return {**({"gpus": gpus()} if gpus else {}), **({"host": report} if report else {})}
+    gpus, host = engine.gpus(), engine.host()
+    return {**({"gpus": gpus} if gpus is not None else {}), **({"host": host} if host else {})}
 
 
 def _lora_card(name: str, service: ImageService) -> dict:
@@ -343,7 +343,7 @@ async def ready(request: Request) -> JSONResponse:
     does not hold it back), 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    failed = getattr(engine, "failed", lambda: False)()
+    failed = engine.failed()
     body: dict = {"status": "ready" if is_ready else ("failed" if failed else "loading")}
     settings = _service(request).settings
     # With API keys, the per-worker detail is for callers with a key (probes still get the status code).

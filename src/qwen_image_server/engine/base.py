@@ -17,6 +17,9 @@ class EngineClient(Protocol):
     """Runs jobs on served models with a bounded queue and a per-task timeout."""
 
     models: list[ModelSpec]
+    #: The requests reach this app through a proxy that names each in ``X-Request-ID`` and echoes it on the answer
+    #: (Ray Serve's): the app uses that id and leaves the header to the proxy (``api.security.RequestIds``).
+    proxy_echoes_request_ids: bool
 
     async def start(self) -> None:
         """Start workers; returns before they have loaded their models (see ``ready``)."""
@@ -46,3 +49,39 @@ class EngineClient(Protocol):
 
     def status(self) -> dict:
         """Workers per model: state, process id, device (for /ready and operators)."""
+
+    def failed(self) -> bool:
+        """True while some model is down: its workers gave up loading (``/ready`` says ``failed``)."""
+
+    def gpus(self) -> list[dict] | None:
+        """Per GPU: planned and live memory and the workers placed there (``/ready``, ``/v1/models``, ``/metrics``);
+        None from an engine that does not plan its devices."""
+
+    def host(self) -> dict | None:
+        """The machine's memory and what CPU workers keep there, when the engine's plan checked it; else None."""
+
+    def memory(self, model_id: str) -> dict | None:
+        """One model's memory estimate and its workers' devices (its ``/v1/models`` card), when planned; else None."""
+
+
+class EngineDefaults:
+    """What an engine answers for what it does not do, mixed in by engines that lack some of it: it plans no devices
+    (the Ray engine: each replica checks its own GPU), admits every job until ``submit`` (which then refuses what it
+    must), has no model that is down, and answers requests directly (no proxy naming them)."""
+
+    proxy_echoes_request_ids = False
+
+    def admit(self, model_id: str) -> None:
+        return None
+
+    def failed(self) -> bool:
+        return False
+
+    def gpus(self) -> list[dict] | None:
+        return None
+
+    def host(self) -> dict | None:
+        return None
+
+    def memory(self, model_id: str) -> dict | None:
+        return None

@@ -338,6 +338,8 @@ class _ModelPool:
 class LocalEngine:
     """``EngineClient`` on worker processes of this machine: ``settings.workers_for(model)`` per model, where the plan put them."""
 
+    proxy_echoes_request_ids = False  # uvicorn serves its requests directly
+
     def __init__(self, models: list[ModelSpec], settings: Settings, plan: Plan | None = None):
         self.models = models
         self.settings = settings

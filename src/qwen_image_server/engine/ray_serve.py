@@ -40,6 +40,7 @@ from ..errors import (
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
+from .base import EngineDefaults
 from .pieces import split_for, wait_all
 from .ray_replica import MemoryNeed, ModelReplica, retrieve_outcome
 from .worker_process import public_reason
@@ -52,8 +53,9 @@ def deployment_name(index: int, spec: ModelSpec) -> str:
     return f"model{index}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", spec.id)
 
 
-class RayEngine:
-    """``EngineClient`` on Ray Serve deployment handles (used inside the ingress replica)."""
+class RayEngine(EngineDefaults):
+    """``EngineClient`` on Ray Serve deployment handles (used inside the ingress replica). It plans no devices: each
+    replica checks its model's memory against its own GPU (``ray_replica.py``)."""
 
     #: Serve's proxy puts every request's id in its X-Request-ID (the client's, or one it makes) and echoes it on the
     #: answer: the app uses that id and leaves the header to the proxy (``api.security.RequestIds``)
@@ -209,6 +211,10 @@ class RayEngine:
 
     def ready(self) -> bool:
         return self._serve_status()[0]
+
+    def failed(self) -> bool:
+        """Some model's deployment is unhealthy or failed to deploy (``/ready`` says ``failed``, not ``loading``)."""
+        return any(model["state"] == "failed" for model in self.status().values())
 
     def status(self) -> dict:
         """Per model, as the embedded engine's ``status()`` is keyed (``/ready``'s ``models``, ``/metrics``): its

@@ -364,10 +364,8 @@ class ImageService:
         )
 
     def _admit(self, spec: ModelSpec) -> None:
-        """Refuse (503) now when the engine would refuse the job anyway (engines without ``admit`` refuse at submit)."""
-        admit = getattr(self.engine, "admit", None)
-        if admit is not None:
-            admit(spec.id)
+        """Refuse (503) now when the engine would refuse the job anyway."""
+        self.engine.admit(spec.id)
 
     async def _decode(self, spec: ModelSpec, images: list[Upload], mask: Upload | None, keep_pixels: int) -> Decoded:
         """The uploads decoded and shrunk to ``keep_pixels`` each, once the model admits work (503 before any decoding)."""
