@@ -249,6 +249,7 @@ class Settings(PerModelLimits, BaseSettings):
     s3_prefix: str = ""
     s3_presign: bool = Field(default=False, description="Return presigned URLs instead of serving images at /images/{name}.")
     s3_presign_expiry: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    s3_timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds to connect to the bucket, and between its bytes.")
 
     # --- prompt rewriting (seed 002) ---------------------------------------------------
     enable_prompt_rewrite: bool = Field(

@@ -4,6 +4,7 @@ what makes two local model sources one folder. Read or checked once, at start.""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def read_keys_file(path: Path) -> list[str]:
@@ -68,16 +69,37 @@ def checked_origin(origin: str) -> str:
 
 
 def checked_url_prefix(prefix: str | None) -> str | None:
-    """``IMAGE_DOWNLOAD_URL_PREFIX``: an absolute ``http(s)://HOST[/PATH]`` URL, or unset (None or empty). Anything
-    else (``images.example.com/img``, a bare path) would give clients image URLs they cannot fetch: refused."""
+    """``IMAGE_DOWNLOAD_URL_PREFIX``: an absolute ``http(s)://HOST[:PORT][/PATH]`` URL, or unset (None or empty).
+    Anything else would give clients image URLs they cannot fetch, or not the image: refused. That is a URL without a
+    host (``images.example.com/img``, a bare path, ``http://:80``), with spaces or control characters, a port that is
+    no number, credentials (``user@``), or a query or fragment (the image's name would be appended inside it)."""
     if not prefix or not prefix.strip():
         return None
-    scheme, sep, rest = prefix.strip().partition("://")
+    text = prefix.strip()
+    scheme, sep, rest = text.partition("://")
+    problem = None
     if not (sep and scheme.lower() in ("http", "https") and rest and not rest.startswith("/")):
+        problem = "expected http(s)://HOST[/PATH]"
+    elif any(c.isspace() or not c.isprintable() for c in text):
+        problem = "it holds spaces or control characters"
+    else:
+        parts = urlsplit(text)
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is no number)
+            port_ok = True
+        except ValueError:
+            port_ok = False
+        if "@" in parts.netloc:
+            problem = "credentials (user@) have no place in it"
+        elif parts.query or parts.fragment or "?" in text or "#" in text:
+            problem = "a query or fragment would hold the image's name"
+        elif not parts.hostname or not port_ok:
+            problem = "expected http(s)://HOST[:PORT][/PATH]"
+    if problem:
         raise ValueError(
-            f"{prefix!r} is not an absolute URL: expected http(s)://HOST[/PATH] (as https://images.example.com/images/)"
+            f"{prefix!r} is not an absolute URL clients can fetch images under: {problem} (as https://images.example.com/images/)"
         )
-    return prefix.strip()
+    return text
 
 
 def looks_like_path(source: str) -> bool:

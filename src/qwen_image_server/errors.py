@@ -134,17 +134,21 @@ def failure_param(exc: BaseException) -> str | None:
 
 class StorageFailed(ServerError):
     """A ``response_format=url`` image could not be stored: a full disk, a folder that cannot be written, a bucket
-    that refused it (500). The reason is the system's short one (no path, no bucket name)."""
+    that refused it (500); or, ``reading``, a stored image could not be read back for ``/images/{name}``. The reason
+    is the system's short one (no path, no bucket name)."""
 
     status_code = 500
     error_type = "server_error"
     code = "storage_failed"
 
-    def __init__(self, reason: str):
-        super().__init__(
-            f"Could not store the image for response_format=url ({reason}); response_format=b64_json returns it "
-            "without storing it"
-        )
+    def __init__(self, reason: str, reading: bool = False):
+        if reading:
+            super().__init__(f"Could not read the stored image ({reason})")
+        else:
+            super().__init__(
+                f"Could not store the image for response_format=url ({reason}); response_format=b64_json returns it "
+                "without storing it"
+            )
 
 
 class TaskCancelled(Exception):

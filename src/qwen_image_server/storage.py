@@ -7,16 +7,20 @@ becomes part of a path or key, and only names of that shape are ever served.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .errors import StorageFailed
 
@@ -28,6 +32,19 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 def new_name(extension: str) -> str:
     return f"{secrets.token_hex(16)}.{extension}"
+
+
+#: The threads that read and write stored images (the store's blocking calls): a store that hangs (an object store
+#: that stopped answering, a stalled network mount) holds only these, never the threads uploads are decoded on.
+_IO = ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-store")
+
+
+T = TypeVar("T")
+
+
+async def in_store_thread(call: Callable[..., T], *args) -> T:
+    """``call(*args)`` on one of the store's threads (``_IO``), awaited."""
+    return await asyncio.get_running_loop().run_in_executor(_IO, call, *args)
 
 
 class Readable(Protocol):
@@ -46,16 +63,18 @@ class StoredImage:
 
 
 class ImageStore(Protocol):
-    """Stores encoded images under generated names (blocking methods: call them in a thread)."""
+    """Stores encoded images under generated names (blocking methods: call them with ``in_store_thread``)."""
 
-    def save(self, data: bytes, extension: str) -> str:
-        """Store ``data``; return its generated name. ``StorageFailed`` when it cannot."""
+    def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
+        """Store ``data``; return its generated name. ``StorageFailed`` when it cannot. Images named in ``keep`` (the
+        same response's, stored before this one) stay, whatever a bound on the store's size says."""
 
     def check(self) -> str | None:
         """Why images cannot be stored (said at start-up), or None when a probe could be stored."""
 
     def open(self, name: str) -> StoredImage | None:
-        """The stored image opened for reading, or None for a name this store did not generate or no longer has."""
+        """The stored image opened for reading, or None for a name this store did not generate or no longer has.
+        ``StorageFailed`` when the store cannot be read."""
 
     def public_url(self, name: str) -> str | None:
         """A URL clients can fetch directly (a presigned one), or None to serve it at /images/{name}."""
@@ -72,7 +91,7 @@ class LocalImageStore:
         self._count: int | None = None  # files kept, known after the first scan
         self._scanned_at = 0.0
 
-    def save(self, data: bytes, extension: str) -> str:
+    def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread). A write that
         fails (a full disk) leaves no partial file behind."""
         name = new_name(extension)
@@ -86,10 +105,11 @@ class LocalImageStore:
                 tmp.unlink()
             log.error("could not store an image in %s: %s", self.directory, exc)
             raise StorageFailed(exc.strerror or type(exc).__name__) from None
-        self._prune()
+        self._prune(added=1, keep=keep | {name})
         return name
 
     def check(self) -> str | None:
+        """Also deletes what expired or is over the bound while the server was down (the first scan)."""
         probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"  # never a served name, never counted
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -99,31 +119,48 @@ class LocalImageStore:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
+        self._prune()
         return None
 
     def path(self, name: str) -> Path | None:
-        """The file of a stored image, or None for any name this store did not generate or has deleted."""
+        """The file of a stored image, or None for any name this store did not generate, has deleted, or keeps past
+        its time (deleted now: a quiet server stores nothing that would prune it): only regular files, no links."""
         if not NAME_PATTERN.match(name):
             return None
         path = self.directory / name
-        return path if path.is_file() else None
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if time.time() - info.st_mtime > self.ttl_seconds:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+        return path
 
     def open(self, name: str) -> StoredImage | None:
+        self._prune()  # expired files go even when no image is stored (a scan at most every tenth of the TTL)
         path = self.path(name)
-        try:
-            file = path.open("rb") if path else None
-        except FileNotFoundError:  # pruned meanwhile
+        if path is None:
             return None
-        return StoredImage(file, os.fstat(file.fileno()).st_size) if file else None
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # pruned meanwhile, or replaced by a link
+            return None
+        file = os.fdopen(fd, "rb")
+        return StoredImage(file, os.fstat(fd).st_size)
 
     def public_url(self, name: str) -> str | None:
         return None
 
-    def _prune(self) -> None:
-        """Delete the oldest and expired files; scans only when the bound or an expiry check is due."""
+    def _prune(self, added: int = 0, keep: frozenset[str] = frozenset()) -> None:
+        """Delete the oldest files over the bound and the expired ones, never those in ``keep``; scans only when the
+        bound is passed (``added`` files since the last scan) or an expiry check is due."""
         with self._lock:
             if self._count is not None:
-                self._count += 1
+                self._count += added
                 expiry_due = time.time() - self._scanned_at > min(self.ttl_seconds / 10, 60.0)
                 if self._count <= self.max_files and not expiry_due:
                     return
@@ -132,12 +169,15 @@ class LocalImageStore:
             except FileNotFoundError:
                 return
             now = self._scanned_at = time.time()
-            dated = sorted(((e.stat().st_mtime, e.path) for e in entries), reverse=True)
-            self._count = min(len(dated), self.max_files)
-            for index, (mtime, path) in enumerate(dated):
-                if index >= self.max_files or now - mtime > self.ttl_seconds:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            dated = sorted(((e.stat(follow_symlinks=False).st_mtime, e.name, e.path) for e in entries), reverse=True)
+            kept = 0
+            for mtime, name, path in dated:
+                if name in keep or (kept < self.max_files and now - mtime <= self.ttl_seconds):
+                    kept += 1
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self._count = kept
 
 
 class S3ImageStore:
@@ -154,22 +194,34 @@ class S3ImageStore:
         prefix: str = "",
         presign: bool = False,
         presign_expiry: int = 3600,
+        timeout: float = 10.0,
     ):
         import boto3  # optional dependency: pip install 'qwen-image-server[s3]'
+        from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.presign = presign
         self.presign_expiry = presign_expiry
+        # botocore's own defaults (60 s to connect, 60 s between bytes, up to 5 legacy attempts) held a request on a
+        # bucket that stopped answering for over 3 minutes. Presigned URLs are signed with SigV4, which every
+        # region and S3-compatible store accepts (botocore picks the deprecated SigV2 for some regions).
+        config = Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"mode": "standard", "max_attempts": 2},
+            signature_version="s3v4",
+        )
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
+            config=config,
         )
 
-    def save(self, data: bytes, extension: str) -> str:
+    def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
         name = new_name(extension)
@@ -177,21 +229,24 @@ class S3ImageStore:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType=MEDIA_TYPES[extension])
         except (ClientError, BotoCoreError) as exc:
             log.error("could not store an image in bucket %s: %s", self.bucket, exc)
-            if isinstance(exc, ClientError):
-                raise StorageFailed(f"the bucket refused it: {exc.response.get('Error', {}).get('Code', 'error')}") from None
-            raise StorageFailed(f"the object store could not be reached: {type(exc).__name__}") from None
+            raise StorageFailed(_s3_reason(exc, "the bucket refused it")) from None
         return name
 
     def check(self) -> str | None:
         return None  # a probe object would stay in the bucket; a failed upload is reported per request
 
     def open(self, name: str) -> StoredImage | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         if not NAME_PATTERN.match(name):
             return None
         try:
             stored = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
-        except self.client.exceptions.NoSuchKey:
-            return None
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None  # never stored, or expired by the bucket's lifecycle rules
+            log.error("could not read image %s from bucket %s: %s", name, self.bucket, exc)
+            raise StorageFailed(_s3_reason(exc, "the bucket refused to send it"), reading=True) from None
         return StoredImage(stored["Body"], int(stored["ContentLength"]))
 
     def public_url(self, name: str) -> str | None:
@@ -200,6 +255,15 @@ class S3ImageStore:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + name}, ExpiresIn=self.presign_expiry
         )
+
+
+def _s3_reason(exc: Exception, refused: str) -> str:
+    """A client's short reason for an object store's error: its error code, never the bucket's name."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return f"{refused}: {exc.response.get('Error', {}).get('Code', 'error')}"
+    return f"the object store could not be reached: {type(exc).__name__}"
 
 
 def make_store(settings) -> ImageStore:
@@ -214,5 +278,6 @@ def make_store(settings) -> ImageStore:
             prefix=settings.s3_prefix,
             presign=settings.s3_presign,
             presign_expiry=settings.s3_presign_expiry,
+            timeout=settings.s3_timeout,
         )
     return LocalImageStore(settings.image_output_dir, settings.image_max_files, settings.image_ttl_seconds)

@@ -217,15 +217,33 @@ def test_edit_response_format_url(http):
 # --- IMAGE_DOWNLOAD_URL_PREFIX ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prefix", ["images.example.com/img", "/images", "ftp://files.example/img", "https://"])
-def test_an_image_url_prefix_clients_could_not_fetch_is_refused_at_start(prefix):
+@pytest.mark.parametrize(
+    ("prefix", "says"),
+    [
+        ("images.example.com/img", r"expected http\(s\)://HOST\[/PATH\]"),
+        ("/images", r"expected http\(s\)://HOST\[/PATH\]"),
+        ("ftp://files.example/img", r"expected http\(s\)://HOST\[/PATH\]"),
+        ("https://", r"expected http\(s\)://HOST\[/PATH\]"),
+        ("http://:80", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://cdn.example:eighty/img", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://exa mple.com/img", "it holds spaces or control characters"),
+        ("http://cdn.example/img\nevil", "it holds spaces or control characters"),
+        ("http://user:secret@cdn.example/img", r"credentials \(user@\) have no place in it"),
+        ("http://@", r"credentials \(user@\) have no place in it"),
+        ("https://cdn.example/img?sig=abc", "a query or fragment would hold the image's name"),
+        ("https://cdn.example/img#top", "a query or fragment would hold the image's name"),
+    ],
+)
+def test_an_image_url_prefix_clients_could_not_fetch_is_refused_at_start(prefix, says):
     from pydantic import ValidationError
 
     from qwen_image_server.config import Settings
 
-    with pytest.raises(ValidationError, match=r"is not an absolute URL: expected http\(s\)://HOST\[/PATH\]"):
+    with pytest.raises(ValidationError, match=f"is not an absolute URL clients can fetch images under: {says}"):
         Settings(image_download_url_prefix=prefix)
     assert Settings(image_download_url_prefix=" ").image_download_url_prefix is None  # blank: unset
+    for good in ("https://cdn.example", "http://10.0.0.1:8080/images/", "https://[2001:db8::1]/img"):
+        assert Settings(image_download_url_prefix=f" {good} ").image_download_url_prefix == good
 
 
 def test_image_download_url_prefix(make_api, tiny_t2i):

@@ -74,3 +74,87 @@ def test_a_bucket_that_refuses_the_image_gives_a_clear_500_without_its_name(make
     )
     assert "no-such-bucket-here" not in r.text
     assert http.post("/v1/images/generations", json={**body, "response_format": "b64_json"}).status_code == 200
+
+
+def test_presigned_urls_are_signed_with_sigv4(make_api, tiny_t2i, s3):
+    """SigV4, which every region and S3-compatible store accepts (botocore signs some regions' URLs with SigV2, which
+    AWS is retiring)."""
+    endpoint, _ = s3
+    http = make_api({"tiny": tiny_t2i}, **_s3_settings(endpoint, True)).client
+    r = http.post("/v1/images/generations", json={"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2})
+    assert r.status_code == 200, r.text[:300]
+    url = r.json()["data"][0]["url"]
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "X-Amz-Signature=" in url and "AWSAccessKeyId" not in url
+
+
+def test_an_image_the_bucket_cannot_send_is_a_clear_500_and_a_missing_one_404(make_api, tiny_t2i, s3):
+    """``GET /images/NAME`` on a bucket that is gone answers 500 ``storage_failed`` with the store's error code, not
+    an internal error with a traceback; a name the bucket does not have is a 404."""
+    endpoint, client = s3
+    client.create_bucket(Bucket="short-lived")
+    http = make_api({"tiny": tiny_t2i}, **{**_s3_settings(endpoint, False), "s3_bucket": "short-lived"}).client
+    r = http.post("/v1/images/generations", json={"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2})
+    assert r.status_code == 200, r.text[:300]
+    url = r.json()["data"][0]["url"]
+    assert http.get(f"/images/{'0' * 32}.png").status_code == 404
+    for key in client.list_objects_v2(Bucket="short-lived")["Contents"]:
+        client.delete_object(Bucket="short-lived", Key=key["Key"])
+    client.delete_bucket(Bucket="short-lived")
+    for method in ("GET", "HEAD"):
+        gone = http.request(method, url)
+        assert gone.status_code == 500
+        if method == "GET":
+            error = gone.json()["error"]
+            assert error["code"] == "storage_failed"
+            assert error["message"] == "Could not read the stored image (the bucket refused to send it: NoSuchBucket)"
+            assert "short-lived" not in gone.text
+
+
+@pytest.fixture
+def stalled_endpoint():
+    """An "object store" that accepts connections and never answers."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
+def test_a_bucket_that_stops_answering_fails_the_request_within_its_timeout_on_the_stores_threads(
+    make_api, tiny_t2i, stalled_endpoint, monkeypatch
+):
+    """``QIS_S3_TIMEOUT`` bounds a store call (botocore's defaults held a request over 3 minutes), and the calls run
+    on the store's own threads: a store that hangs never holds the threads uploads are decoded on."""
+    from qwen_image_server import storage
+
+    threads: list[str] = []
+    save = storage.S3ImageStore.save
+
+    def recorded(self, *args):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return save(self, *args)
+
+    monkeypatch.setattr(storage.S3ImageStore, "save", recorded)
+    settings = {**_s3_settings(stalled_endpoint, False), "s3_timeout": 0.3}
+    http = make_api({"tiny": tiny_t2i}, **settings).client
+    r = http.post("/v1/images/generations", json={"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2})
+    assert r.status_code == 500, r.text[:300]
+    assert r.json()["error"]["message"].startswith(
+        "Could not store the image for response_format=url (the object store could not be reached: "
+    )
+    assert threads and all(name.startswith("image-store") for name in threads)

@@ -108,3 +108,42 @@ def test_head_sends_the_head_without_reading_the_image(stored):
     start, *body = asgi_call(app, "HEAD", f"/images/{path.name}", [])
     assert start["status"] == 200 and dict(start["headers"])[b"content-length"] == str(SIZE).encode()
     assert body == [{"type": "http.response.body", "body": b""}]  # one empty piece: nothing was read and dropped
+
+
+def test_a_stream_asking_for_urls_stores_nothing_and_gets_b64_images(make_api, tiny_t2i, tmp_path):
+    """A stream's events carry ``b64_json`` (OpenAI's): ``response_format=url`` there stored every image for nothing
+    (counted against the store's bound, pushing out other clients' images) and could fail the stream on the store."""
+    import json
+
+    http = make_api({"tiny": tiny_t2i}, image_output_dir=str(tmp_path)).client
+    body = {"prompt": "a river", "response_format": "url", "stream": True, "n": 2, "num_inference_steps": 2}
+    r = http.post("/v1/images/generations", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    completed = [e for e in events if e["type"] == "image_generation.completed"]
+    assert len(completed) == 2 and all(e["b64_json"] for e in completed)
+    assert [p for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("server", "bind", "expected"),
+    [
+        (("10.1.2.3", 8000), "0.0.0.0", "http://10.1.2.3:8000/"),  # the address the connection came in on
+        (("::1", 8000), "::1", "http://[::1]:8000/"),
+        (None, "::", "http://[::]:8000/"),  # no address from the server: the bind address, as a URL can hold it
+    ],
+)
+def test_without_a_usable_host_header_urls_name_the_address_the_client_reached(server, bind, expected):
+    """No ``Host`` (HTTP/1.0) or a forged one: image URLs are built from the connection's own address, in brackets for
+    IPv6 (``http://::1:8000/`` is no URL), not from the bind address (``0.0.0.0`` is no address to fetch from)."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from qwen_image_server.api.routes import _base_url
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"host", b"evil.example/x?")], "scheme": "http"}
+    if server:
+        scope["server"] = server
+    service = SimpleNamespace(settings=SimpleNamespace(host=bind, port=8000))
+    assert _base_url(Request(scope), service) == expected

@@ -20,7 +20,7 @@ from ..models.lora import lora_card
 from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.service import ImageService, Prepared
-from ..storage import MEDIA_TYPES, StoredImage
+from ..storage import MEDIA_TYPES, StoredImage, in_store_thread
 from .errors import error_object, note_model
 from .head import HEAD_AS_GET
 from .uploads import read_image_request
@@ -79,15 +79,20 @@ _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
 def _base_url(request: Request, service: ImageService) -> str:
     """Where this server is reached, for ``/images/{name}`` URLs when no URL prefix is configured.
 
-    From the Host header only when it is a plain host[:port]; anything else (a
-    forged header with a path, spaces or odd characters) gives the bind address.
-    Set ``IMAGE_DOWNLOAD_URL_PREFIX`` in production, so that no header decides.
+    From the Host header only when it is a plain host[:port]; anything else (none, as
+    HTTP/1.0 may send, or a forged header with a path, spaces or odd characters) gives
+    the address the connection came in on (the bind address where the server does not
+    say: ``0.0.0.0`` and ``::`` are no address a client can fetch from). Set
+    ``IMAGE_DOWNLOAD_URL_PREFIX`` in production, so that no header decides.
     """
     host = request.headers.get("host", "")
     if _HOST.match(host):
         return f"{request.url.scheme}://{host}/"
     settings = service.settings
-    return f"http://{settings.host}:{settings.port}/"
+    address, port = request.scope.get("server") or (settings.host, settings.port)
+    if ":" in address:  # IPv6: http://[::1]:8000/
+        address = f"[{address}]"
+    return f"http://{address}:{port}/"
 
 
 def _sse(event: PartialImageEvent | CompletedEvent | ErrorEvent) -> bytes:
@@ -214,7 +219,7 @@ async def create_variation(request: Request) -> Response:
 @router.get("/images/{name}")
 async def get_image(name: str, request: Request) -> Response:
     """A stored image of a response_format=url response."""
-    stored = await asyncio.to_thread(_service(request).store.open, name)
+    stored = await in_store_thread(_service(request).store.open, name)
     if stored is None:
         raise NotFound(f"Image not found: {name}")
     return StoredImageResponse(stored, MEDIA_TYPES[name.rsplit(".", 1)[1]])
@@ -251,7 +256,7 @@ class StoredImageResponse(Response):
                 await send({"type": "http.response.body", "body": b""})
                 return
             while sent < stored.size and not gone.is_set():
-                chunk = await asyncio.to_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
+                chunk = await in_store_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
                 if not chunk:  # the store gave fewer bytes than it announced: the connection ends short
                     raise OSError(f"stored image ended after {sent} of {stored.size} bytes")
                 sent += len(chunk)

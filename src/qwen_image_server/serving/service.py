@@ -5,7 +5,6 @@ Knows the engine only through ``EngineClient``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -29,7 +28,7 @@ from ..protocol.images import (
     _CommonRequest,
 )
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, Usage
-from ..storage import ImageStore
+from ..storage import ImageStore, in_store_thread
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 from .sizes import Size, SizeRules, parse_size, patches, scaled
@@ -302,9 +301,13 @@ class ImageService:
         submitted = time.time()
         result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
         data = []
+        # A stream's events always carry b64_json (OpenAI's): nothing to store for them.
+        stored = frozenset[str]()  # this response's images so far: a bound on the store never deletes them
         for image in result.images:
-            if prepared.req.response_format == "url":
-                url = await self.store_image(image, prepared.job.output_format, base_url)
+            if prepared.req.response_format == "url" and not prepared.req.stream:
+                name = await in_store_thread(self.store.save, image.data, prepared.job.output_format, stored)
+                stored |= {name}
+                url = self.image_url(name, base_url)
                 data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
             else:
                 data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
@@ -323,9 +326,8 @@ class ImageService:
         )
         return body, result
 
-    async def store_image(self, image: EncodedImage, output_format: str, base_url: str) -> str:
-        """Store an image for response_format=url and return its URL."""
-        name = await asyncio.to_thread(self.store.save, image.data, output_format)
+    def image_url(self, name: str, base_url: str) -> str:
+        """The URL of a stored image for response_format=url."""
         direct = self.store.public_url(name)
         if direct:
             return direct
