@@ -316,6 +316,11 @@ class Settings(PerModelLimits, BaseSettings):
     def _url_prefix(cls, value: str | None) -> str | None:
         return files.checked_url_prefix(value)  # absolute http(s) URLs only: clients fetch them as given
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return files.checked_base_url(value)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object, info: ValidationInfo) -> object:

@@ -4,7 +4,7 @@ what makes two local model sources one folder. Read or checked once, at start.""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 
 def read_keys_file(path: Path) -> list[str]:
@@ -84,22 +84,43 @@ def checked_url_prefix(prefix: str | None) -> str | None:
         problem = "it holds spaces or control characters"
     else:
         parts = urlsplit(text)
-        try:
-            parts.port  # noqa: B018 (raises ValueError for a port that is no number)
-            port_ok = True
-        except ValueError:
-            port_ok = False
         if "@" in parts.netloc:
             problem = "credentials (user@) have no place in it"
         elif parts.query or parts.fragment or "?" in text or "#" in text:
             problem = "a query or fragment would hold the image's name"
-        elif not parts.hostname or not port_ok:
+        elif not parts.hostname or not _port_ok(parts):
             problem = "expected http(s)://HOST[:PORT][/PATH]"
     if problem:
         raise ValueError(
             f"{prefix!r} is not an absolute URL clients can fetch images under: {problem} (as https://images.example.com/images/)"
         )
     return text
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    """Whether a URL's port, if it has one, is a number from 0 to 65535."""
+    try:
+        parts.port  # noqa: B018 (the property raises ValueError for any other)
+    except ValueError:
+        return False
+    return True
+
+
+def checked_base_url(url: str) -> str:
+    """``OPENAI_BASE_URL``: an ``http(s)://HOST[:PORT][/PATH]`` URL the rewriter can post to (``/chat/completions``
+    is appended). One with spaces or control characters (a newline from a secrets file), no host, a port that is no
+    number, or a query or fragment (the path would be appended inside it) would fail every rewrite: refused."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _port_ok(parts):
+        problem = "expected http(s)://HOST[:PORT][/PATH]"
+    elif any(c.isspace() or not c.isprintable() for c in text):
+        problem = "it holds spaces or control characters"
+    elif parts.query or parts.fragment or "?" in text or "#" in text:
+        problem = "a query or fragment would hold /chat/completions"
+    else:
+        return text
+    raise ValueError(f"{url!r} is not a URL the prompt rewriter can post to: {problem} (as https://api.openai.com/v1)")
 
 
 def looks_like_path(source: str) -> bool:

@@ -8,6 +8,7 @@ succeeds, with the rewritten prompt or the original one as ``revised_prompt``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import threading
@@ -15,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
 
 API_KEY = "sk-test-secret-key-0123456789"
 
@@ -157,4 +159,10 @@ def test_api_key_never_logged(rewriting_server, caplog):
 
 def test_rewrite_requested_but_not_configured(api):
     r = api.client.post("/v1/images/generations", json={"prompt": "x", "prompt_rewrite": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_rewrite"
+    # a variation needs no prompt: asking for a rewrite there is refused all the same
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(image, "PNG")
+    files = {"image": ("a.png", image.getvalue(), "image/png")}
+    r = api.client.post("/v1/images/variations", files=files, data={"prompt_rewrite": "true"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_rewrite"

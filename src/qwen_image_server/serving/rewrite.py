@@ -1,23 +1,33 @@
 """Optional prompt rewriting through any OpenAI-compatible chat endpoint (seed 002).
 
 A short prompt becomes the detailed description Qwen-Image does best with.
-Bounded: one timeout per attempt and a fixed number of retries. Whatever goes
-wrong (an error, a hang past the timeout, an empty or absurd answer), the
-original prompt is used and a warning is logged: the image request itself
-never fails because of the rewriter, and waits for it at most the attempts'
-timeouts (20 s x 2 by default, before its task timeout starts). The API key is
-sent in a header and never logged or echoed.
+Bounded: one timeout per attempt, a fixed number of retries (after a short pause, or
+the endpoint's ``Retry-After`` up to ``MAX_PAUSE``), and at most ``MAX_ANSWER_BYTES``
+read of an answer. Whatever goes wrong (an error, a hang past the timeout, an empty,
+absurd, oversized or unreadable answer), the original prompt is used and a warning is
+logged: the image request itself never fails because of the rewriter, and waits for it
+at most the attempts' timeouts and pauses (20 s x 2 by default, before its task timeout
+starts). The API key is sent in a header and never logged or echoed; httpx's own log
+of each request (its URL, which may hold credentials) is off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 
 import httpx
 
 log = logging.getLogger(__name__)
+
+#: Bytes of a chat answer read at most: a rewritten prompt is a few KiB; an endpoint that sends more (a flood, a
+#: body with no end) is cut off there instead of filling the API process's memory.
+MAX_ANSWER_BYTES = 1 << 20
+#: Seconds waited before a retry at most (the endpoint's ``Retry-After``, else a short pause).
+MAX_PAUSE = 2.0
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -83,6 +93,8 @@ class PromptRewriter:
         self.max_chars = max_chars
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
+        # httpx logs each request's URL at INFO: a base URL may carry credentials (user:key@, ?api-key=).
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").getEffectiveLevel()))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -100,17 +112,27 @@ class PromptRewriter:
         for attempt in range(self.retries + 1):
             try:
                 # The client timeout bounds each phase; this bounds the whole attempt.
-                response = await asyncio.wait_for(self._client.post(self.url, json=body), timeout=self.timeout)
-                response.raise_for_status()
-                return self._answer(response.json())
-            except (httpx.HTTPError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+                return self._answer(await asyncio.wait_for(self._post(body), timeout=self.timeout))
+            except Exception as exc:  # whatever goes wrong, the original prompt serves
                 reason = _describe(exc)
                 if attempt < self.retries and _retryable(exc):
                     log.warning("prompt rewrite attempt %d failed (%s); retrying", attempt + 1, reason)
+                    await asyncio.sleep(_pause(exc, attempt))
                     continue
                 log.warning("prompt rewrite failed (%s); using the original prompt", reason)
                 return prompt
         return prompt
+
+    async def _post(self, body: dict) -> dict:
+        """The endpoint's answer as JSON, read up to ``MAX_ANSWER_BYTES``."""
+        async with self._client.stream("POST", self.url, json=body) as response:
+            response.raise_for_status()
+            read = bytearray()
+            async for chunk in response.aiter_bytes():
+                read += chunk
+                if len(read) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
+        return json.loads(bytes(read))
 
     def _answer(self, data: dict) -> str:
         content = data["choices"][0]["message"]["content"]
@@ -123,6 +145,7 @@ class PromptRewriter:
             raise ValueError(f"the answer is longer than {self.max_chars} characters")
         if not any(ch.isalpha() for ch in text):
             raise ValueError("the answer has no words")
+        text.encode("utf-8")  # UnicodeEncodeError for a lone surrogate ("\ud800" in JSON), which no prompt may hold
         return text
 
 
@@ -130,6 +153,15 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code in (408, 409, 429) or exc.response.status_code >= 500
     return isinstance(exc, (httpx.TransportError, asyncio.TimeoutError))
+
+
+def _pause(exc: BaseException, attempt: int) -> float:
+    """Seconds before the next attempt: the endpoint's ``Retry-After`` (in seconds), else 0.5 s more per attempt;
+    ``MAX_PAUSE`` at most."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        with contextlib.suppress(ValueError):
+            return min(MAX_PAUSE, max(0.0, float(exc.response.headers.get("retry-after", ""))))
+    return min(MAX_PAUSE, 0.5 * (attempt + 1))
 
 
 def _describe(exc: BaseException) -> str:

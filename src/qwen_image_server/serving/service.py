@@ -287,9 +287,9 @@ class ImageService:
 
     async def _prepared(self, req: _CommonRequest, spec: ModelSpec, job: Job, event: str, input_image_tokens: int) -> Prepared:
         rewrite = self.settings.enable_prompt_rewrite if req.prompt_rewrite is None else req.prompt_rewrite
-        if rewrite and job.prompt.strip():
-            if self.rewriter is None:
-                raise InvalidRequest("prompt rewriting is not configured on this server", param="prompt_rewrite")
+        if rewrite and self.rewriter is None:  # asked for where it cannot be, with a prompt or without
+            raise InvalidRequest("prompt rewriting is not configured on this server", param="prompt_rewrite")
+        if rewrite and self.rewriter is not None and job.prompt.strip():
             job.prompt = await self.rewriter.rewrite(job.prompt, edit=event == "image_edit")
         return Prepared(req, spec, job, event, input_image_tokens)
 
