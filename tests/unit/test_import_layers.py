@@ -4,7 +4,8 @@ The layers, top first (docs/architecture.md): the entry points (``cli``, ``ray_a
 wire everything together; then ``api``, ``serving``, ``protocol`` (the request and
 response schemas that api and serving share), ``engine``, ``worker``
 (``engine/worker.py``, the spawned process), ``models``; at the bottom the shared
-modules every layer may import (``errors``, ``config``, ``jobs``, ``images``), which
+modules every layer may import (``errors``, ``config`` with ``config_files`` and
+``config_scoped``, ``limits``, ``jobs``, ``images``, the package's ``__init__``), which
 import no layer. Every import counts, also one inside a function or under
 ``TYPE_CHECKING``.
 """
