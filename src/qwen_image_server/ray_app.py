@@ -18,7 +18,7 @@ from ray import serve
 from .api.app import create_app
 from .cli_settings import settings_problem
 from .config import Settings, check_key_variables
-from .engine.ray_serve import build_deployments
+from .engine.ray_deploy import build_deployments
 from .models.spec import ModelSpec, resolve_configured
 
 

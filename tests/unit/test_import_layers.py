@@ -199,3 +199,16 @@ def test_cli_api_process_on_cpu_validates_plans_and_serves_without_torch(tiny_t2
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "imported: \n" in done.stdout, done.stdout
+
+
+#: Lines a module may have: "about 400" (docs/architecture.md), with room for a docstring or a fix before a split.
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_longer_than_a_newcomer_reads_at_once():
+    long = {
+        str(path.relative_to(SRC)): lines
+        for path in SRC.rglob("*.py")
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}, f"split these modules (at most {MAX_MODULE_LINES} lines each): {long}"

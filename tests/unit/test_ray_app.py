@@ -170,7 +170,7 @@ def test_replicas_stopped_by_serve_get_the_shutdown_grace_to_finish():
     """A redeploy, a scale-down or the app's deletion lets a model replica finish its running call for
     ``--shutdown-grace`` seconds (was 5: a 50-step image was cut off), the ingress 5 s more."""
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.models.spec import resolve_configured
 
     settings = Settings(models=["random:Qwen/Qwen-Image"], engine="ray", ray_gpus_per_replica=0, shutdown_grace_seconds=42)
@@ -186,7 +186,7 @@ def test_ray_s_own_queue_holds_every_piece_the_engine_admits():
     idle model refused n=10 with --queue-size 8, and every n=2 with --queue-size 1 (its stream: a 200, then a
     queue_full event). It now holds every piece of the jobs the engine admits; the engine's bound is the one."""
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.models.spec import resolve_configured
 
     settings = Settings(
@@ -203,7 +203,7 @@ def test_ray_s_own_queue_holds_every_piece_the_engine_admits():
 
 def _replicas(settings: Settings) -> list[tuple[float, str]]:
     """``(num_gpus, device)`` of each model deployment the application builder makes."""
-    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.models.spec import resolve_configured
 
     ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
@@ -246,7 +246,7 @@ def test_a_joined_cluster_is_asked_for_its_gpus_and_the_settings_choose_before_a
     pytest.importorskip("ray.serve")
     import ray
 
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_deploy
     from qwen_image_server.models import machine
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -261,7 +261,7 @@ def test_a_joined_cluster_is_asked_for_its_gpus_and_the_settings_choose_before_a
 
     monkeypatch.setattr(ray, "cluster_resources", no_probe)
     # (the warning about replicas the cluster cannot hold reads its resources apart from the GPU choice)
-    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: None)
+    monkeypatch.setattr(ray_deploy, "_cluster_resources", lambda: None)
     monkeypatch.setattr(machine, "discover_gpus", no_probe)
     assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=1)) == [(1, "cuda")]
     assert _replicas(Settings(models=models, engine="ray", ray_gpus_per_replica=0.5)) == [(0.5, "cuda")]
@@ -329,8 +329,8 @@ def test_gpu_replicas_carry_what_their_model_needs_and_cpu_ones_nothing():
     """Ray places replicas by GPU count, not memory: each GPU replica gets the memory plan's estimate of its model
     to check against its GPU before loading (``test_ray_engine.py``)."""
     pytest.importorskip("ray.serve")
+    from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.engine.ray_replica import MemoryNeed
-    from qwen_image_server.engine.ray_serve import build_deployments
     from qwen_image_server.models.plan_footprints import footprints_for
     from qwen_image_server.models.spec import resolve_configured
     from qwen_image_server.models.weights_files import read_tensors
@@ -359,7 +359,7 @@ def test_a_model_may_have_a_gpu_share_of_its_own(gpus_here, tmp_path):
     share of its GPU; the CPU's checks its model's memory modes for the CPU. Values above 1 and unserved models are
     refused before anything starts."""
     from qwen_image_server.cli import settings_from_options
-    from qwen_image_server.engine.ray_serve import build_deployments
+    from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.models.profile import ProfileError
     from qwen_image_server.models.spec import ModelConfigError, resolve_configured
 
@@ -419,7 +419,7 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
     """``--workers 2@qwen-image-tiny --demo`` on a 2-core machine: three replicas of one CPU each, one of which Ray
     could never place, and ``/ready`` said "loading" with nothing in the log to say why."""
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_deploy
     from qwen_image_server.models.spec import resolve_configured
 
     settings = Settings(
@@ -427,14 +427,14 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
         model_workers=["2@a"],
     )  # fmt: skip
     specs = resolve_configured(settings)
-    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: {"CPU": 2.0, "memory": 1e10})
+    monkeypatch.setattr(ray_deploy, "_cluster_resources", lambda: {"CPU": 2.0, "memory": 1e10})
     with caplog.at_level(logging.WARNING):
-        ray_serve.build_deployments(settings, specs, lambda s, engine: None)
+        ray_deploy.build_deployments(settings, specs, lambda s, engine: None)
     assert (
         "the 3 model replicas to start ask for more than the cluster holds (3 CPUs, the Ray cluster has 2): those "
         "that do not fit wait for a node to join" in caplog.text
     )
-    short = ray_serve.placement_shortfall
+    short = ray_deploy.placement_shortfall
     on_cpus, on_gpu = {"a": 0.0, "b": 0.0}, {"a": 1.0, "b": 1.0}
     assert short(settings, on_cpus, {"CPU": 3.0}) is None  # they fit
     assert short(settings, on_cpus, None) is None  # Ray not started: nothing known
@@ -443,10 +443,10 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
     assert on_gpus is not None and "(3 GPUs, the Ray cluster has 2)" in on_gpus
     one = short(settings, {"a": 0.0, "b": 1.0}, {"CPU": 8.0})
     assert one is not None and "(1 GPU, the Ray cluster has 0)" in one
-    monkeypatch.setattr(ray_serve, "_cluster_resources", lambda: None)  # a cluster that does not say: no warning
+    monkeypatch.setattr(ray_deploy, "_cluster_resources", lambda: None)  # a cluster that does not say: no warning
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        ray_serve.build_deployments(settings, specs, lambda s, engine: None)
+        ray_deploy.build_deployments(settings, specs, lambda s, engine: None)
     assert "ask for more than the cluster holds" not in caplog.text
 
 

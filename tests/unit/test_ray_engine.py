@@ -101,13 +101,13 @@ def test_a_replica_run_stopped_by_its_caller_leaves_no_unretrieved_error(monkeyp
     ``TaskCancelled``, an outcome no one awaits any more, which asyncio logged as "Future exception was never
     retrieved" with a traceback for every stopped call."""
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
 
     runner = FakeRunner()  # its "wait" prompt runs until told to stop, then raises TaskCancelled
 
     stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+    replica = ray_replica.ModelReplica(spec, "cpu", "auto", None)
     unretrieved: list[str] = []
 
     async def main() -> None:
@@ -136,7 +136,7 @@ def test_the_ingress_reads_serves_cancellation_as_the_client_gone(tiny_models, t
     from ray.serve.exceptions import RequestCancelledError
 
     from qwen_image_server.api.app import create_app
-    from qwen_image_server.engine.ray_serve import ingress_app
+    from qwen_image_server.engine.ray_deploy import ingress_app
     from qwen_image_server.models.spec import resolve_configured
 
     settings = Settings(models=[f"{n}={f}" for n, f in tiny_models.items()], image_output_dir=tmp_path, engine="ray")
@@ -216,7 +216,7 @@ def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch
     request gone, or timed out, while queued behind a long one) must not start its own when the lock frees. It did,
     for at least one step, and the next request waited behind it (on a busy machine past a 5 s timeout)."""
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
 
     runs: list[str] = []
 
@@ -228,7 +228,7 @@ def test_a_call_cancelled_while_it_waits_for_the_pipeline_never_runs(monkeypatch
     runner = Recording()
     stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+    replica = ray_replica.ModelReplica(spec, "cpu", "auto", None)
 
     async def main() -> None:
         replica._pipeline_lock.acquire()  # the previous call's pipeline, still running
@@ -268,7 +268,7 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
     pytest.importorskip("ray.serve")
     import torch
 
-    from qwen_image_server.engine import ray_replica, ray_serve
+    from qwen_image_server.engine import ray_replica
 
     runner = FakeRunner(device="cuda:0")
     broken: list[bool] = []
@@ -288,7 +288,7 @@ def test_a_replica_whose_gpu_broke_fails_its_calls_and_its_health_check(monkeypa
     monkeypatch.setattr(ray_replica, "EXIT_AFTER_BROKEN_SECONDS", 0.05)
     stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-    replica = ray_serve.ModelReplica(spec, "cuda:0", "auto", None)
+    replica = ray_replica.ModelReplica(spec, "cuda:0", "auto", None)
     assert emptied == [True], "what loading left in the allocator's cache goes back to the GPU"
 
     async def outcome(prompt: str) -> BaseException | None:
@@ -338,7 +338,7 @@ def test_a_replica_encodes_previews_beside_the_pipeline_and_skips_one_that_fails
     import threading
 
     from qwen_image_server import images
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
     from qwen_image_server.jobs import PartialImage, TaskResult
 
     running = threading.local()  # set in the pipeline's thread while its call runs
@@ -361,7 +361,7 @@ def test_a_replica_encodes_previews_beside_the_pipeline_and_skips_one_that_fails
     monkeypatch.setattr(images, "encode_image", recording_encode)
     stub_runner(monkeypatch, lambda spec, device, dtype, warm=True: Recording())
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None)
+    replica = ray_replica.ModelReplica(spec, "cpu", "auto", None)
 
     async def answers(prompt: str) -> list:
         job = Job(mode="generate", prompt=prompt, seeds=[1], width=16, height=16, partial_images=2)
@@ -382,7 +382,7 @@ def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch,
     pytest.importorskip("ray.serve")
     import torch
 
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
     from qwen_image_server.engine.ray_replica import MemoryNeed
     from qwen_image_server.models.spec import ModelConfigError
 
@@ -396,20 +396,20 @@ def test_a_gpu_replica_refuses_to_load_where_its_model_does_not_fit(monkeypatch,
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     need = MemoryNeed(70 * gib, "69.5 GiB of weights (transformer 38.0 GiB, ...)")
     with pytest.raises(ModelConfigError) as refused:
-        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, need)
+        ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, need)
     assert str(refused.value).startswith(
         "not enough GPU memory for model m on this replica's GPU (NVIDIA H100 80GB HBM3): it needs 70.0 GiB "
         "(69.5 GiB of weights (transformer 38.0 GiB, ...)), 40.0 GiB is free of 80.0 GiB. A smaller memory mode"
     )
     assert "--weights-dtype fp8" in str(refused.value) and loads == [], "refused before any weight is read"
     with caplog.at_level(logging.WARNING):
-        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(70 * gib, "...", check="warn"))
+        ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(70 * gib, "...", check="warn"))
     assert loads == ["m"] and "loading anyway (--memory-check warn)" in caplog.text
-    ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "..."))
+    ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "..."))
     # a quarter of the GPU each: Ray may place four such replicas there, whatever is free when this one loads
     with pytest.raises(ModelConfigError, match=r"it needs 30.0 GiB \(...\), ray_gpus_per_replica 0.25 gives each "):
-        ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "...", share=0.25))
-    ray_serve.ModelReplica(spec, "cpu", "auto", None, 0.0, MemoryNeed(70 * gib, "..."))  # no GPU: nothing to check
+        ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(30 * gib, "...", share=0.25))
+    ray_replica.ModelReplica(spec, "cpu", "auto", None, 0.0, MemoryNeed(70 * gib, "..."))  # no GPU: nothing to check
     assert loads == ["m", "m", "m"]
 
 
@@ -422,7 +422,7 @@ def test_replicas_sharing_a_gpu_load_one_after_the_other_and_check_what_the_one_
 
     import torch
 
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
     from qwen_image_server.engine.ray_replica import MemoryNeed
     from qwen_image_server.models.spec import ModelConfigError
 
@@ -451,7 +451,7 @@ def test_replicas_sharing_a_gpu_load_one_after_the_other_and_check_what_the_one_
     def start(model: str) -> None:
         spec = ModelSpec(id=model, source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
         try:
-            outcomes[model] = ray_serve.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(35 * gib, "..."))
+            outcomes[model] = ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, MemoryNeed(35 * gib, "..."))
         except ModelConfigError as exc:
             outcomes[model] = exc
 

@@ -60,7 +60,7 @@ def test_a_model_of_its_own_stuck_seconds_follows_them():
 @pytest.mark.parametrize("stops", [False, True], ids=["stuck", "stops"])
 def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeypatch, stops):
     pytest.importorskip("ray.serve")
-    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine import ray_replica
 
     started, release = threading.Event(), threading.Event()
 
@@ -81,7 +81,7 @@ def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeyp
 
     stub_runner(monkeypatch, Runner)
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
-    replica = ray_serve.ModelReplica(spec, "cpu", "auto", None, stuck_task_seconds=0.2)
+    replica = ray_replica.ModelReplica(spec, "cpu", "auto", None, stuck_task_seconds=0.2)
 
     async def run() -> list[bool]:
         healthy = []
