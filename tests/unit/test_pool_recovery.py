@@ -124,3 +124,33 @@ def test_a_task_failed_by_the_requests_own_field_is_a_400_and_the_worker_serves_
         assert isinstance(outcomes[1], InferenceFailed) and pool.ready()
 
     asyncio.run(run())
+
+
+def test_a_worker_is_restarted_once_its_start_is_prepared_off_the_event_loop(monkeypatch):
+    """A crashed worker's replacement: what its start needs (a forkserver that died, started anew with seconds of
+    imports) is made ready in a thread, and only then is the process started; the event loop answered nothing for
+    6 s meanwhile when that ran on it."""
+    import threading
+
+    from qwen_image_server.engine import local
+
+    prepared: list[tuple[str, str, bool]] = []
+
+    def prepare(setting: str, device: str) -> None:
+        time.sleep(0.2)  # a forkserver's imports, shortened
+        prepared.append((setting, device, threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(local, "prepare_start", prepare)
+
+    async def run() -> None:
+        pool, (worker,), replaced = _pool(1)
+        pool.on_message(worker, Ready({"device": "cpu"}))  # type: ignore[arg-type]
+        worker.exit(-9)  # a crash while serving: restarted at once
+        ticks = 0
+        while not replaced:
+            await asyncio.sleep(0.01)  # the loop runs on while the start is prepared
+            ticks += 1
+        assert prepared == [("auto", "fake", False)] and replaced == [worker]
+        assert ticks >= 10
+
+    asyncio.run(run())

@@ -110,3 +110,47 @@ def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeyp
         return healthy
 
     assert asyncio.run(run()) == [True, True, stops, True]
+
+
+def test_a_job_that_ended_leaves_nothing_of_its_images_in_the_pool():
+    """A job ended by its timeout (or a client gone) gives its images back at once, not at the next full garbage
+    collection nor ``stuck_task_seconds`` (300 by default) later: the stuck-task timer kept every cancelled running
+    job's uploads alive for that long, outside the pixel budget, and a cancelled job still queued behind a busy
+    worker kept its pieces in the queue until that worker was free. (Checked with the collector off: freed by
+    reference counting alone.)"""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    async def run() -> list[weakref.ref]:
+        spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="edit")
+        pool = _ModelPool(spec, Settings(), devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+        worker = FakeWorkerProcess(pool, stops=False)  # never answers its Cancel: the timer stays armed
+        pool.workers.append(worker)  # type: ignore[arg-type]
+        refs = []
+        jobs = []
+        for _ in range(2):  # the first runs (and is stuck), the second waits in the queue
+            image = np.zeros((64, 64, 3), np.uint8)
+            refs.append(weakref.ref(image))
+            jobs.append(
+                asyncio.ensure_future(
+                    pool.submit(Job(mode="edit", prompt="p", seeds=[1], images=[image]), time.monotonic() + 0.05)
+                )
+            )
+            del image
+        for job in jobs:
+            with pytest.raises(TaskTimeout):
+                await job
+        del jobs, job
+        assert worker.running is not None  # still "running" the first, as far as the pool knows
+        worker.running = None  # what the worker's answer would do, however late
+        worker.sent.clear()  # what the fake keeps of its messages (a real worker's go down its pipe)
+        return refs
+
+    gc.disable()
+    try:
+        refs = asyncio.run(run())
+        assert [ref() is None for ref in refs] == [True, True]
+    finally:
+        gc.enable()

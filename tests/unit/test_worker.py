@@ -176,6 +176,23 @@ def test_the_worker_stops_when_the_engine_is_gone():
     assert not thread.is_alive()
 
 
+def test_a_worker_whose_engine_died_mid_task_stops_without_a_traceback(monkeypatch):
+    """The API process killed (SIGKILL) while a task runs: the worker stops the task and ends; what it would have
+    sent goes nowhere, quietly (a ``BrokenPipeError`` traceback per running worker before)."""
+    raised: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    ours, theirs = Pipe()
+    runner = FakeRunner()
+    worker = Worker(runner, theirs, "m#0")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    ours.send(RunTask(Task(1, job("wait"))))  # runs until cancelled
+    assert runner.started.wait(WAIT)
+    ours.close()
+    thread.join(timeout=WAIT)
+    assert not thread.is_alive() and raised == []
+
+
 def test_stop_stops_the_running_task_at_its_next_step(served):
     conn, runner, _ = served  # the fixture then checks that the worker has exited
     conn.send(RunTask(Task(1, job("wait"))))  # runs until cancelled

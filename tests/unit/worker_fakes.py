@@ -126,6 +126,7 @@ class FakeWorkerProcess:
 
     def __init__(self, pool, slot: int = 0, state: str = "idle", stops: bool = False):
         self.pools, self.owner, self.slot, self.name = [pool], pool, slot, f"m#{slot}"
+        self.device = "fake"  # started as a GPU worker would be (spawned): nothing to prepare
         self.state, self.running, self.infos, self.stops = state, None, {}, stops
         self.sent: list = []
         self.exitcode: int | None = None

@@ -26,7 +26,7 @@ from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
 from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
-from .worker_process import WorkerProcess, public_reason
+from .worker_process import WorkerProcess, prepare_start, public_reason
 
 log = logging.getLogger(__name__)
 #: Seconds a worker that said it exits (its GPU broke) has to be gone before it is killed.
@@ -79,6 +79,7 @@ class _ModelPool:
         self.broken: str | None = None
         self.closing = False
         self.budget = PixelBudget(settings, spec.id)
+        self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
         # spawn=False: the engine adds worker processes shared with other pools (--share-components)
         self.workers: list[WorkerProcess] = []
         if spawn:
@@ -114,6 +115,10 @@ class _ModelPool:
         except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
             self._cancel(state)
             raise
+        finally:
+            # Each piece points at its job state (``piece.job``): without the state's list of them, the job's images
+            # and uploads go as soon as no worker runs a piece, not at the next full garbage collection.
+            state.pieces.clear()
         return JobResult.combine(results)
 
     def _cancel(self, state: _JobState) -> None:
@@ -124,11 +129,14 @@ class _ModelPool:
         if state.undispatched:
             self.waiting_jobs -= 1
             state.undispatched = 0
+            # out of the queue now, not when a worker is next free: they hold the job's images
+            self.pending = deque(piece for piece in self.pending if piece.job is not state)
         for piece in state.pieces:
             if piece.worker is not None and piece.worker.running is piece:
                 piece.worker.send(Cancel(piece.task.task_id))
                 if (stuck_after := self.settings.stuck_task_seconds_for(self.spec.id)) > 0:
-                    self.loop.call_later(stuck_after, self._kill_if_stuck, piece.worker, piece)
+                    # the task's id, not the piece: the timer must not keep the job's images for that long
+                    self.loop.call_later(stuck_after, self._kill_if_stuck, piece.worker, piece.task.task_id)
             if not piece.future.done():
                 piece.future.set_exception(TaskCancelled())
                 piece.future.exception()  # retrieved: nobody awaits it any more
@@ -197,15 +205,16 @@ class _ModelPool:
             log.error("worker %s did not exit %.0fs after its GPU failed; killing it", worker.name, RETIRE_SECONDS)
             worker.process.kill()
 
-    def _kill_if_stuck(self, worker: WorkerProcess, piece: _Piece) -> None:
+    def _kill_if_stuck(self, worker: WorkerProcess, task_id: int) -> None:
         """A worker still running a task it was told to stop, ``stuck_task_seconds`` later, is stuck in a call that
         does not return (a pipeline checks between steps): kill it. ``on_exit`` restarts it, as after a crash."""
-        if self.closing or worker.running is not piece or not worker.process.is_alive():
+        running = worker.running
+        if self.closing or running is None or running.task.task_id != task_id or not worker.process.is_alive():
             return
         log.error(
             "worker %s still runs task %s %.0fs after it was told to stop; killing it (a new one takes its place)",
             worker.name,
-            piece.task.task_id,
+            task_id,
             self.settings.stuck_task_seconds_for(self.spec.id),
         )
         worker.process.kill()
@@ -275,7 +284,21 @@ class _ModelPool:
     def _restart(self, worker: WorkerProcess) -> None:
         if self.closing or worker not in self.workers:
             return
-        self._replace(worker)
+        self._replace_soon(worker)
+
+    def _replace_soon(self, worker: WorkerProcess) -> None:
+        """``_replace`` once the way workers start is ready, made ready in a thread: a forkserver that died (the
+        system's out-of-memory killer) is started anew there, and its imports took the event loop, and with it every
+        request of every model, for seconds."""
+
+        async def replace() -> None:
+            await asyncio.to_thread(prepare_start, self.settings.worker_start, worker.device)
+            if not self.closing and worker in self.workers:
+                self._replace(worker)
+
+        task = self.loop.create_task(replace())
+        self._starting.add(task)  # held until it ends (the loop keeps only a weak reference)
+        task.add_done_callback(self._starting.discard)
 
     def _retry_failed(self) -> None:
         """Try the workers that gave up loading again (the model's files may have been fixed, or their GPU freed); a
@@ -286,7 +309,7 @@ class _ModelPool:
         self.load_failures = 0
         for worker in list(self.workers):
             if worker.state == "failed" and not worker.process.is_alive() and worker.owner is self:
-                self._replace(worker)
+                self._replace_soon(worker)
 
     def _give_up(self) -> bool:
         return self.load_failures > self.settings.worker_restart_limit

@@ -254,8 +254,14 @@ class Worker:
         return {"speed": runner.speed.info, "determinism": runner.determinism}
 
     def send(self, message: FromWorker) -> None:
+        """Send ``message`` to the engine; dropped when the engine is gone (its process was killed): the worker then
+        stops as after a ``Stop`` (the receiving thread sees the pipe closed), without a traceback per message."""
         with self._send_lock:  # the pipeline loop and the encode thread both send
-            self.conn.send(message)
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                log.info("the server is gone: %s not sent", type(message).__name__)
+                self._stopping.set()
 
     def memory(self, runner: PipelineRunner | None = None) -> dict:
         runner = runner or self.runner

@@ -85,6 +85,17 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     return True
 
 
+def prepare_start(setting: str, device: str) -> None:
+    """Make ready what starting a worker on ``device`` needs: the forkserver, started anew (seconds of imports) when
+    it is not running, e.g. after the system killed it. Blocking: the engine calls it in a thread before it starts a
+    replacement, so that ``Process.start`` (on the event loop) does not wait for those imports."""
+    if start_method(setting, device) == "forkserver":
+        from multiprocessing import forkserver
+
+        start_context(setting, device)  # sets the preload
+        forkserver.ensure_running()
+
+
 #: One load lock per (start method, GPU): the workers placed on a GPU load one at a time (``worker.loading_turn``).
 _LOAD_LOCKS: dict[tuple[str, str], Any] = {}
 
