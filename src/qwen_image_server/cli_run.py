@@ -81,6 +81,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),
+        # uvicorn's own lines (the access log among them) go through the server's log format, which shows each
+        # line's request id; uvicorn's default configuration gave them handlers and a format of their own, without it
+        log_config=None,
         **uvicorn_options(settings),
     )
 

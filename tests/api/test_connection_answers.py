@@ -131,11 +131,18 @@ def test_the_connection_cap_refusal_carries_the_request_id(tiny_models, tmp_path
 
 
 def test_a_request_cut_off_by_the_shutdown_carries_its_request_id(tiny_models, tmp_path):
-    """A job still running when the shutdown's grace ends: 503 ``shutting_down`` with the request's id."""
+    """A job still running when the shutdown's grace ends: 503 ``shutting_down`` with the request's id, which the log
+    line about it carries too."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
     app = fake_engine_app(tiny_models, tmp_path)
     engine = app.state.service.engine
     boxes: list = []
     with served(app, timeout_graceful_shutdown=0.5, server_box=boxes) as port:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # (uvicorn's configuration of its loggers came first)
         engine.pause()  # the job never finishes by itself
         result: dict = {}
 
@@ -156,3 +163,6 @@ def test_a_request_cut_off_by_the_shutdown_carries_its_request_id(tiny_models, t
     response = result["response"]
     assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
     assert response.json()["request_id"] == response.headers["x-request-id"] == "rid-4"
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+    (cut,) = [r for r in records if r.getMessage().endswith("stopped: the server is shutting down")]
+    assert cut.qis_request_id == "rid-4"

@@ -24,14 +24,24 @@ def short(make_api, tiny_t2i):
     return api
 
 
-def test_error_after_the_stream_started_is_an_error_event(short):
+def test_error_after_the_stream_started_is_an_error_event(short, caplog):
+    """The event carries the request's id, as an error envelope does, and the failure is logged with it, as the same
+    failure of a request that is not a stream is (a stream's 5xx left no line in the log)."""
+    import json
+    import logging
+
+    caplog.set_level(logging.WARNING)
     body = {"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000}
-    with short.client.stream("POST", "/v1/images/generations", json=body) as response:
+    headers = {"X-Request-ID": "stream-rid-1"}
+    with short.client.stream("POST", "/v1/images/generations", json=body, headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         text = response.read().decode()
     assert text.index("event: image_generation.partial_image") < text.index("event: error")
-    assert '"message":"Task timeout"' in text
+    error = json.loads(text.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+    assert error["error"]["message"] == "Task timeout" and error["request_id"] == "stream-rid-1"
+    (logged,) = [r for r in caplog.records if "(stream) -> 504" in r.getMessage()]
+    assert logged.qis_request_id == "stream-rid-1" and logged.getMessage().endswith("Task timeout")
     client = openai.OpenAI(base_url=f"{short.client.base_url}/v1", api_key="unused", http_client=short.client, max_retries=0)
     with pytest.raises(openai.APIError, match="Task timeout"):
         list(client.images.generate(prompt="slow", stream=True, size="1024x1024", extra_body={"num_inference_steps": 1000}))

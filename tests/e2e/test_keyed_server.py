@@ -61,6 +61,8 @@ def test_metrics_need_a_key_and_count_a_generation(keyed):
     assert stats["transformer_calls"] == 2 * 2 * 2 and stats["prompt_encodings"] >= 1  # 2 images, 2 steps, true CFG
     logs = server.logs(tail=None)
     assert "[metrics-rid-7]: " in logs, "the server's log format shows each line's request id"
+    access = [line for line in logs.splitlines() if "uvicorn.access" in line and "POST /v1/images/generations" in line]
+    assert any("[metrics-rid-7]: " in line and line.endswith('" 200') for line in access), access
     assert "Loading pipeline components" not in logs and "Loading weights" not in logs, "no loading progress bars"
     assert after[("qis_queue_depth", (("model", MODEL),))] == 0
     assert (after[("qis_queue_size", (("model", MODEL),))], after[("qis_task_timeout_seconds", (("model", MODEL),))]) == (32, 600)

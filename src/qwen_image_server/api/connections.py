@@ -42,7 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
-from .security import client_request_id, scope_request_id
+from .security import client_request_id, request_id_var, scope_request_id
 
 if sys.platform == "linux":
     import fcntl
@@ -348,14 +348,19 @@ class GuardedH11Protocol(H11Protocol):
 
     async def _answer_cut_off(self, scope, started: dict, send) -> None:
         """The end of a request that outlived the shutdown grace period, without a traceback."""
-        self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
         message, request_id = ShuttingDown.text, scope_request_id(scope)
+        token = request_id_var.set(request_id)  # the log line names the request it is about
+        try:
+            self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
+        finally:
+            request_id_var.reset(token)
         if "headers" not in started:
             await _send_json(send, 503, _refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
             return
         content_type = dict(started["headers"]).get(b"content-type", b"")
         if content_type.startswith(b"text/event-stream"):
-            event = {"type": "error", "error": _refusal(message, "shutting_down", request_id)["error"]}
+            error = _refusal(message, "shutting_down", request_id)["error"]
+            event = {"type": "error", "error": error, "request_id": request_id}
             data = f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
             await send({"type": "http.response.body", "body": data, "more_body": False})
         else:

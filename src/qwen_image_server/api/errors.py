@@ -35,11 +35,12 @@ def error_response(
     headers: dict | None = None,
     request_id: str | None = None,
 ) -> JSONResponse:
-    body = error_envelope(message, type_=type_, code=code, param=param, request_id=_request_id(request_id))
+    body = error_envelope(message, type_=type_, code=code, param=param, request_id=current_request_id(request_id))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _request_id(fallback: str | None = None) -> str | None:
+def current_request_id(fallback: str | None = None) -> str | None:
+    """The id of the request being answered (``RequestIds``), else ``fallback``."""
     from .security import request_id_var
 
     current = request_id_var.get()

@@ -21,7 +21,7 @@ from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES, StoredImage, in_store_thread
-from .errors import error_object, note_model
+from .errors import current_request_id, error_object, note_model
 from .head import HEAD_AS_GET
 from .uploads import read_image_request
 
@@ -112,7 +112,7 @@ async def _respond(request: Request, prepare, model: str | None, edit: bool = Fa
         prepared = await _unless_disconnected(request, prepare)
         request.state.model = prepared.req.model or prepared.spec.id
         if prepared.req.stream:
-            return await _stream(service, prepared, base_url, request.state)
+            return await _stream(service, prepared, base_url, request)
         body, result = await _unless_disconnected(request, service.run(prepared, base_url))
     except ClientGone:
         return Response(status_code=499)
@@ -121,15 +121,16 @@ async def _respond(request: Request, prepare, model: str | None, edit: bool = Fa
     return Response(body.model_dump_json(), media_type="application/json", headers=_timing_headers(result))
 
 
-async def _stream(service: ImageService, prepared: Prepared, base_url: str, state) -> Response:
+async def _stream(service: ImageService, prepared: Prepared, base_url: str, request: Request) -> Response:
     """OpenAI's image streaming: ``<kind>.partial_image`` events while denoising, then one ``<kind>.completed`` per image.
 
     Errors before the stream starts (a full queue) are ordinary error responses;
     later ones are an in-band ``error`` event that ends the stream. A client that
-    goes away cancels the job (Starlette cancels this generator). ``state.outcome``
+    goes away cancels the job (Starlette cancels this generator). ``request.state.outcome``
     notes the status of the error that ended a stream, which the metrics count
     instead of its 200 (and 499 for a stream whose client went away).
     """
+    state = request.state
     events: asyncio.Queue = asyncio.Queue()
     run = asyncio.ensure_future(service.run(prepared, base_url, on_partial=events.put_nowait))
     run.add_done_callback(lambda _: events.put_nowait(None))
@@ -157,13 +158,15 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, stat
                 body, result = run.result()
             except ServerError as exc:
                 state.outcome = exc.status_code
-                yield _sse(ErrorEvent(error=error_object(exc)))
+                if exc.status_code >= 500:  # logged as the same failure of a request that is not a stream is
+                    log.warning("%s %s (stream) -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+                yield _sse(ErrorEvent(error=error_object(exc), request_id=current_request_id()))
                 return
             except Exception:
                 log.exception("streaming job failed")
                 state.outcome = 500
                 internal = ErrorObject(message="Internal server error", type="server_error", code="internal_error")
-                yield _sse(ErrorEvent(error=internal))
+                yield _sse(ErrorEvent(error=internal, request_id=current_request_id()))
                 return
             for index, (item, image) in enumerate(zip(body.data, result.images, strict=True)):
                 single = JobResult([image], result.started, result.finished, result.workers, result.prompt_tokens)

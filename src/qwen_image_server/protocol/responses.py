@@ -114,7 +114,9 @@ class CompletedEvent(Echo):
 
 
 class ErrorEvent(BaseModel):
-    """An error after the stream started: the last event."""
+    """An error after the stream started: the last event. ``request_id`` as in the error envelope of an answer that
+    is not a stream."""
 
     type: Literal["error"] = "error"
     error: ErrorObject
+    request_id: str | None = None
