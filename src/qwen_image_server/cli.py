@@ -88,16 +88,18 @@ def tiny_model(
 
 
 #: The boolean profile flags, which take ``on|off@MODEL`` for one model as every other profile setting takes
-#: ``VALUE@MODEL``: click's on/off flags take no value, so ``--compile on@m`` (or ``--compile=on@m``) is read as the
-#: hidden list option beside the flag (``--compile-for on@m``) while a bare ``--compile`` stays the flag.
+#: ``VALUE@MODEL``: click's on/off flags take no value, so every form of one (``--compile``, ``--no-compile``,
+#: ``--compile on@m``, ``--compile=off``) is read as the hidden list option beside the flag (``--compile-for on``,
+#: ``--compile-for off``, ``--compile-for on@m``...), in the order given: the last value wins, as for every flag.
 SCOPED_BOOLEAN_FLAGS = {"--compile": "--compile-for", "--deterministic": "--deterministic-for"}
 
 
 def scoped_boolean_args(args: list[str]) -> list[str]:
-    """``args`` with each boolean profile flag given a value (``--compile on@m``, ``--compile=off@m``) spelled as
-    its list option (``--compile-for on@m``); everything else as it was. ``serve`` and ``plan`` take no positional
-    argument, so a word after the flag that is no option can only be its value (a wrong one is then refused as the
-    profile's value, naming the model)."""
+    """``args`` with each boolean profile flag spelled as its list option (``--compile-for VALUE``): a bare flag is
+    ``on``, its ``--no-`` form ``off``, one given a value (``--compile on@m``, ``--compile=off@m``) that value;
+    everything else as it was. ``serve`` and ``plan`` take no positional argument, so a word after the flag that is
+    no option can only be its value (a wrong one is then refused as the profile's value, naming the model)."""
+    negated = {"--no-" + flag[2:]: option for flag, option in SCOPED_BOOLEAN_FLAGS.items()}
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -110,6 +112,10 @@ def scoped_boolean_args(args: list[str]) -> list[str]:
         elif args[i] in SCOPED_BOOLEAN_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("-"):
             out += [SCOPED_BOOLEAN_FLAGS[args[i]], args[i + 1]]
             i += 1
+        elif args[i] in SCOPED_BOOLEAN_FLAGS:
+            out += [SCOPED_BOOLEAN_FLAGS[args[i]], "on"]
+        elif args[i] in negated:
+            out += [negated[args[i]], "off"]
         else:
             out.append(args[i])
         i += 1

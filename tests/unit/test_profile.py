@@ -96,6 +96,11 @@ def test_compile_and_deterministic_per_model_from_the_command_line_and_the_envir
     assert profiles("--compile", "--compile", "off@b", "--port", "0") == {"a": (True, False), "b": (False, False)}
     assert profiles("--compile", "off") == {"a": (False, False), "b": (False, False)}  # a value for every model
     assert profiles("--no-compile", "--deterministic") == {"a": (False, True), "b": (False, True)}
+    # given twice, whatever the forms, the last one wins (a bare flag lost to any value given with one)
+    assert profiles("--compile=off", "--compile") == {"a": (True, False), "b": (True, False)}
+    assert profiles("--compile", "on", "--no-compile") == {"a": (False, False), "b": (False, False)}
+    assert profiles("--deterministic", "on", "--no-deterministic") == {"a": (False, False), "b": (False, False)}
+    assert profiles("--no-compile", env={"QIS_MODEL_COMPILE": "on"}) == {"a": (False, False), "b": (False, False)}
     # the environment: QIS_MODEL_COMPILE (';'-separated) beside QIS_COMPILE, flags winning
     env = {"QIS_COMPILE": "1", "QIS_MODEL_COMPILE": "off@a; on@b", "QIS_MODEL_DETERMINISTIC": "on@b"}
     assert profiles(env=env) == {"a": (False, False), "b": (True, True)}
@@ -113,10 +118,12 @@ def test_compile_and_deterministic_per_model_from_the_command_line_and_the_envir
 def test_boolean_profile_flags_take_a_value_only_where_one_follows():
     from qwen_image_server.cli import scoped_boolean_args
 
-    assert scoped_boolean_args(["--compile", "--port", "0"]) == ["--compile", "--port", "0"]
+    assert scoped_boolean_args(["--compile", "--port", "0"]) == ["--compile-for", "on", "--port", "0"]
     assert scoped_boolean_args(["--compile", "on@a", "--compile=off@b"]) == ["--compile-for", "on@a", "--compile-for", "off@b"]
-    assert scoped_boolean_args(["--deterministic", "on@a", "--no-compile"]) == ["--deterministic-for", "on@a", "--no-compile"]
-    assert scoped_boolean_args(["--compile"]) == ["--compile"]
+    assert scoped_boolean_args(["--deterministic", "on@a", "--no-compile"]) == [
+        "--deterministic-for", "on@a", "--compile-for", "off",
+    ]  # fmt: skip
+    assert scoped_boolean_args(["--compile"]) == ["--compile-for", "on"]
     assert scoped_boolean_args(["--", "--compile", "on@a"]) == ["--", "--compile", "on@a"]  # after --: as given
     assert scoped_boolean_args(["--compile-sizes", "256x256@a"]) == ["--compile-sizes", "256x256@a"]
 
@@ -141,3 +148,40 @@ def test_cfg_batch_auto_and_deterministic_are_refused_together():
     for mode in ("on", "off"):
         assert build_profile("m", {}, {"cfg_batch": [mode], "deterministic": ["true"]}).cfg_batch == mode
     assert build_profile("m", {}, {"cfg_batch": ["auto"]}).cfg_batch == "auto"
+
+
+def test_a_setting_may_be_scoped_to_a_model_id_with_a_slash(tiny_t2i, tiny_edit):
+    """``--model Qwen/Qwen-Image=/srv/...`` answers clients that send OpenAI-style hub names; ``--cache
+    fbcache@Qwen/Qwen-Image`` was read as an unknown policy ``fbcache@Qwen/Qwen-Image``. A LoRA's path keeps an '@'
+    followed by a '/' (a folder named ``x@v2``)."""
+    from qwen_image_server.models.lora import parse_lora_flag
+    from qwen_image_server.models.spec import ModelConfigError
+
+    models = [f"Qwen/Qwen-Image={tiny_t2i}", f"edit={tiny_edit}"]
+    specs = {
+        spec.id: spec.profile
+        for spec in resolve_configured(
+            Settings(models=models, cache=["fbcache@Qwen/Qwen-Image"], offload=["model@Qwen/Qwen-Image"])
+        )
+    }
+    assert specs["Qwen/Qwen-Image"].cache.startswith("fbcache") and specs["Qwen/Qwen-Image"].offload == "model"
+    assert specs["edit"].cache is None and specs["edit"].offload == "none"
+    with pytest.raises(ModelConfigError, match="--cache names models that are not served: Qwen/Qwen-Image-Edit"):
+        resolve_configured(Settings(models=models, cache=["fbcache@Qwen/Qwen-Image-Edit"]))
+    lora = parse_lora_flag("style=/loras/style@v2/style.bin")
+    assert (str(lora.path), lora.model) == ("/loras/style@v2/style.bin", None)
+
+
+def test_a_flag_replaces_a_bad_value_of_the_folders_file_and_a_bad_one_there_is_named_as_its(tmp_path, tiny_t2i):
+    """A broken shared model folder's ``qwen_image_server.json`` (``"cache": "fbcache:threshold=5"``): ``--cache
+    none`` serves it anyway (its value was checked first), and without the flag the error says where the value is."""
+    folder = tmp_path / "shared"
+    shutil.copytree(tiny_t2i, folder)
+    sidecar = json.loads((folder / SIDECAR_NAME).read_text())
+    (folder / SIDECAR_NAME).write_text(json.dumps({**sidecar, "cache": "fbcache:threshold=5"}))
+    (spec,) = resolve_configured(Settings(models=[f"m={folder}"], cache=["none"]))
+    assert spec.profile.cache is None
+    with pytest.raises(
+        ModelConfigError, match=r"threshold: '5' is not in \[0, 1\];.* \(from the model folder's qwen_image_server.json; a flag"
+    ):
+        resolve_configured(Settings(models=[f"m={folder}"]))

@@ -204,8 +204,8 @@ def test_cli_serve_refuses_on_the_cpu_a_model_this_machine_cannot_hold():
 
 # --- the response's stats extension ----------------------------------------------------------------
 def test_response_stats_give_queue_and_pipeline_seconds(tmp_path):
-    from qwen_image_server.protocol.images import GenerationRequest
     from qwen_image_server.engine.base import EngineDefaults
+    from qwen_image_server.protocol.images import GenerationRequest
     from qwen_image_server.serving.service import ImageService
 
     class Engine(EngineDefaults):

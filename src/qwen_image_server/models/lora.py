@@ -86,7 +86,7 @@ def parse_lora_flag(text: str) -> LoraSpec:
     name, rest = name.strip(), rest.strip()
     if not SERVED_NAME.fullmatch(name):  # requests name it; QIS_LORAS separates entries with ';', '@' scopes
         raise ProfileError(f"--lora {name!r}: a LoRA's name is {SERVED_NAME_RULE}")
-    value, model = split_scoped(rest)
+    value, model = split_scoped(rest, path=True)
     if model is not None and ".safetensors" in model.lower():  # an '@' in the file's name (v@1.safetensors), not a scope
         value, model = rest, None
     path, options = value, {}

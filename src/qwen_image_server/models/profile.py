@@ -167,10 +167,16 @@ SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 SERVED_NAME_RULE = "letters, digits and . _ : / + - (at most 128, no '@', ';', ',' or '=')"
 
 
-def split_scoped(value: str) -> tuple[str, str | None]:
-    """``VALUE@MODEL`` → ``("VALUE", "MODEL")``; a plain value applies to every model."""
+#: The model folder's file of server settings (``spec.SIDECAR_NAME``), as errors name it.
+SIDECAR_FILE = "qwen_image_server.json"
+
+
+def split_scoped(value: str, path: bool = False) -> tuple[str, str | None]:
+    """``VALUE@MODEL`` → ``("VALUE", "MODEL")``; a plain value applies to every model. ``MODEL`` may be an id with a
+    '/' (``Qwen/Qwen-Image``); where the value is a file's path (``path``: a LoRA's), an '@' followed by a '/' is
+    part of the path (``/loras/style@v2/x.safetensors``) instead."""
     head, sep, model = value.rpartition("@")
-    if sep and head and model and "/" not in model:
+    if sep and head and model and not (path and "/" in model):
         return head, model
     return value, None
 
@@ -200,11 +206,14 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
     """
     values: dict[str, Any] = {}
     for key in PROFILE_KEYS:
-        if key in sidecar:
-            values[key] = _coerce(key, sidecar[key], model)
         raw = scoped_value(flags.get(key) or [], model)
-        if raw is not None:
+        if raw is not None:  # a flag's value replaces the folder's, which then is not read (a bad one included)
             values[key] = _coerce(key, raw, model)
+        elif key in sidecar:
+            try:
+                values[key] = _coerce(key, sidecar[key], model)
+            except ProfileError as exc:
+                raise ProfileError(f"{exc} (from the model folder's {SIDECAR_FILE}; a flag for it replaces it)") from None
     profile = replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
     check_profile(model, profile)
     return profile
