@@ -93,7 +93,9 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
     assert body["detail"] == body["error"]["message"]
     assert body["error"]["type"] == "server_error"
     # The surviving worker's half of the job was stopped, and the dead worker is replaced.
-    _wait_for(lambda: server.status()["models"][model]["ready"], timeout=120, what="replacement worker ready")
+    # (the model stays ready meanwhile, on its other worker: wait for both to be idle)
+    workers = lambda: server.status()["models"][model]["workers"]  # noqa: E731
+    _wait_for(lambda: [w["state"] for w in workers()] == ["idle", "idle"], timeout=120, what="replacement worker ready")
     new_pids = server.worker_pids(model)
     assert old_pids[0] not in new_pids and old_pids[1] in new_pids
     ok = httpx.post(

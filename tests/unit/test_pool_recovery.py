@@ -154,3 +154,22 @@ def test_a_worker_is_restarted_once_its_start_is_prepared_off_the_event_loop(mon
         assert ticks >= 10
 
     asyncio.run(run())
+
+
+def test_a_model_that_was_ready_stays_ready_while_one_worker_is_restarted():
+    """Once every worker had loaded, a worker that crashed and reloads leaves the model (and ``/ready``) ready while
+    another serves: a readiness probe took the whole server out of service for as long as one worker reloaded. At
+    start, every worker must have loaded first; with no worker serving, the model is not ready."""
+
+    async def run() -> None:
+        pool, (first, second), replaced = _pool(2)
+        pool.on_message(first, Ready({"device": "cpu"}))  # type: ignore[arg-type]
+        assert not pool.ready()  # the second still loads: not ready at start
+        pool.on_message(second, Ready({"device": "cpu"}))  # type: ignore[arg-type]
+        assert pool.ready()
+        first.exit(-9)  # a crash while serving
+        assert first.state == "restarting" and pool.ready() and pool.status()["state"] == "ready"
+        second.exit(-9)  # and then the other: nothing serves
+        assert not pool.ready()
+
+    asyncio.run(run())

@@ -80,6 +80,7 @@ class _ModelPool:
         self.closing = False
         self.budget = PixelBudget(settings, spec.id)
         self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
+        self.was_ready = False  # every worker had loaded once: from then on, one serving worker keeps it ready
         # spawn=False: the engine adds worker processes shared with other pools (--share-components)
         self.workers: list[WorkerProcess] = []
         if spawn:
@@ -166,6 +167,7 @@ class _ModelPool:
                 if self.broken:
                     log.info("model %s loaded again", self.spec.id)
                     self.broken = None
+                self.was_ready = self.was_ready or self.ready()
                 log.info("worker %s ready: %s", worker.name, info)
             case InfoUpdate(info, models):
                 worker.infos[self.spec.id] = {**worker.infos.get(self.spec.id, {}), **info, **models.get(self.spec.id, {})}
@@ -173,6 +175,7 @@ class _ModelPool:
                 self.load_failures += 1
                 worker.state = "failed"
                 worker.infos[self.spec.id] = {"error": reason}
+                self.was_ready = self.was_ready or self.ready()  # its others serve, all loaded
                 log.error("worker %s could not load %s: %s", worker.name, self.spec.id, reason)
             case Computed(task_id):
                 piece = self._take_running(worker, task_id)
@@ -322,8 +325,13 @@ class _ModelPool:
     # --- life cycle ------------------------------------------------------------------
     def ready(self) -> bool:
         """Every worker loaded, save those that gave up loading while others serve (a GPU that cannot hold the model
-        does not take the model's other workers out of service; ``workers`` in the status shows it)."""
-        return self.usable() and all(w.state in ("idle", "busy", "failed") for w in self.workers)
+        does not take the model's other workers out of service; ``workers`` in the status shows it). Once that was
+        so, a worker being restarted (after a crash) leaves the model ready while another serves: a readiness probe
+        would otherwise take the whole server out of service for as long as one worker reloads."""
+        return self.usable() and (self.was_ready or self._all_loaded())
+
+    def _all_loaded(self) -> bool:
+        return all(w.state in ("idle", "busy", "failed") for w in self.workers)
 
     def usable(self) -> bool:
         """Whether a worker of the model can take work now."""
