@@ -71,10 +71,29 @@ def test_recompile_limits_are_raised_never_lowered():
 # --- a compiled tiny model ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compiled(tiny_t2i):
+    """The compiled runner; ``warm_log``: what the compile module logged while it was made."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("qwen_image_server.models.compile")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
     before = graph_count()
-    runner = PipelineRunner(_compiled(resolve_model(str(tiny_t2i)), WARM), device="cpu")
+    try:
+        runner = PipelineRunner(_compiled(resolve_model(str(tiny_t2i)), WARM), device="cpu")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert graph_count() - before == len(WARM)  # one graph per warm size covers the prompt and the negative prompt
+    runner.warm_log = [record.getMessage() for record in records]  # type: ignore[attr-defined]
     return runner
+
+
+def test_the_warm_up_logs_one_line_not_one_per_compiled_job(compiled):
+    """ "compiled N new graph(s)" is the sign of a request outside the warm set (README): the warm-up's own jobs,
+    which compile by design, do not log it; one line says what was warmed."""
+    assert [line for line in compiled.warm_log if "new graph(s)" in line] == []
+    assert [line for line in compiled.warm_log if " and warmed sizes " in line] != []
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,16 @@ def test_cfg_batch_auto_and_deterministic_are_refused_together():
     for mode in ("on", "off"):
         assert build_profile("m", {}, {"cfg_batch": [mode], "deterministic": ["true"]}).cfg_batch == mode
     assert build_profile("m", {}, {"cfg_batch": ["auto"]}).cfg_batch == "auto"
+    # on and off spelled as every other on/off setting takes them (QIS_CFG_BATCH=true was refused)
+    assert [build_profile("m", {}, {"cfg_batch": [v]}).cfg_batch for v in ("true", "1", "false", "no")] == [
+        "on",
+        "on",
+        "off",
+        "off",
+    ]
+    assert build_profile("m", {"cfg_batch": True}, {}).cfg_batch == "on"
+    with pytest.raises(ProfileError, match="cfg_batch for model m: 'sometimes' is not one of"):
+        build_profile("m", {}, {"cfg_batch": ["sometimes"]})
 
 
 def test_a_setting_may_be_scoped_to_a_model_id_with_a_slash(tiny_t2i, tiny_edit):

@@ -25,6 +25,7 @@ warmed, and the shorter text's length enters the batched graph as a dynamic size
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -220,8 +221,12 @@ def compile_and_warm(runner) -> None:
     raise_recompile_limits(4 * len(sizes))
     started, graphs = time.perf_counter(), graph_count()
     compile_transformer(runner.pipe.transformer)
-    for job in warm_jobs(spec, sizes):
-        runner.run(job)
+    warming = _WARMING.set(True)  # these compile by design: one line below says so, not one per job
+    try:
+        for job in warm_jobs(spec, sizes):
+            runner.run(job)
+    finally:
+        _WARMING.reset(warming)
     names = ", ".join(f"{w}x{h}" for w, h in sizes)
     what = "input sizes" if spec.can_edit else "sizes"
     elapsed, new = time.perf_counter() - started, graph_count() - graphs
@@ -241,10 +246,14 @@ def warm_eager(runner) -> None:
     log.info("warmed %s at %dx%d in %.1fs (eager)", spec.id, width, height, time.perf_counter() - started)
 
 
+#: True while ``compile_and_warm`` runs the warm set.
+_WARMING: contextvars.ContextVar[bool] = contextvars.ContextVar("warming", default=False)
+
+
 @contextlib.contextmanager
 def logged_compiles(spec: ModelSpec, job: Job) -> Iterator[None]:
     """Log a request that compiled (a size or batch outside the warm set), so slow first requests are explained."""
-    if not spec.profile.compile:
+    if not spec.profile.compile or _WARMING.get():
         yield
         return
     before, started = graph_count(), time.perf_counter()

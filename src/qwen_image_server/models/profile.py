@@ -139,8 +139,9 @@ def _coerce(key: str, value: Any, model: str) -> Any:
         return _sizes(value, key, model)
     if key == "quantize":
         return _choice(value, QUANTIZE_MODES, key, model)
-    if key == "cfg_batch":
-        return _choice(value, CFG_BATCH_MODES, key, model)
+    if key == "cfg_batch":  # on/off also as every other on/off setting takes them (true, 1, yes...), besides auto
+        parsed = parse_bool(value)
+        return _choice(value if parsed is None else ("on" if parsed else "off"), CFG_BATCH_MODES, key, model)
     if key == "weights_dtype":
         return _choice(value, WEIGHTS_DTYPES, key, model)
     if key == "offload":
