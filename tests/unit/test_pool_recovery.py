@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 
 from worker_fakes import FakeWorkerProcess
@@ -171,5 +172,55 @@ def test_a_model_that_was_ready_stays_ready_while_one_worker_is_restarted():
         assert first.state == "restarting" and pool.ready() and pool.status()["state"] == "ready"
         second.exit(-9)  # and then the other: nothing serves
         assert not pool.ready()
+
+    asyncio.run(run())
+
+
+def test_preparing_a_start_waits_for_a_new_forkservers_imports(tmp_path):
+    """``prepare_start`` returns only once a forkserver started anew has imported its preload (forking a process
+    that does nothing): ``ensure_running`` alone returned at once, and the replacement's ``Process.start`` on the
+    event loop then waited for the imports. Run in a process of its own, with a preload that takes a second."""
+    import subprocess
+    import sys
+
+    (tmp_path / "slow_preload.py").write_text(
+        "import pathlib, time\ntime.sleep(1.0)\npathlib.Path(__file__).with_name('imported').write_text('done')\n"
+    )
+    script = (
+        "import pathlib\n"
+        "from qwen_image_server.engine import worker_process\n"
+        "worker_process.FORKSERVER_PRELOAD = ['slow_preload']\n"
+        "worker_process.prepare_start('forkserver', 'cpu')\n"
+        f"print(pathlib.Path({str(tmp_path)!r}, 'imported').exists())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert (result.returncode, result.stdout.strip()) == (0, "True"), result.stderr[-2000:]
+
+
+def test_a_replacement_that_cannot_start_is_tried_again(monkeypatch):
+    """No process could be started in a crashed worker's place (out of memory, of file descriptors): logged, and
+    tried again a little later, instead of leaving the slot "restarting" for good."""
+    from qwen_image_server.engine import local
+
+    monkeypatch.setattr(local, "RESTART_RETRY", 0.05)
+    tries: list[str] = []
+
+    def prepare(setting: str, device: str) -> None:
+        tries.append(device)
+        if len(tries) == 1:
+            raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(local, "prepare_start", prepare)
+
+    async def run() -> None:
+        pool, (worker,), replaced = _pool(1)
+        pool.on_message(worker, Ready({"device": "cpu"}))  # type: ignore[arg-type]
+        worker.exit(-9)
+        for _ in range(200):
+            if replaced:
+                break
+            await asyncio.sleep(0.01)
+        assert len(tries) == 2 and replaced == [worker]
 
     asyncio.run(run())

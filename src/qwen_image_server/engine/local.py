@@ -31,6 +31,8 @@ from .worker_process import WorkerProcess, prepare_start, public_reason
 log = logging.getLogger(__name__)
 #: Seconds a worker that said it exits (its GPU broke) has to be gone before it is killed.
 RETIRE_SECONDS = 30.0
+#: Seconds before another try when a replacement worker could not even be started.
+RESTART_RETRY = 5.0
 
 
 @dataclass(eq=False)
@@ -80,7 +82,7 @@ class _ModelPool:
         self.closing = False
         self.budget = PixelBudget(settings, spec.id)
         self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
-        self.was_ready = False  # every worker had loaded once: from then on, one serving worker keeps it ready
+        self.was_ready = False  # ready once (every worker loaded or gave up): from then on one serving worker keeps it so
         # spawn=False: the engine adds worker processes shared with other pools (--share-components)
         self.workers: list[WorkerProcess] = []
         if spawn:
@@ -295,9 +297,13 @@ class _ModelPool:
         request of every model, for seconds."""
 
         async def replace() -> None:
-            await asyncio.to_thread(prepare_start, self.settings.worker_start, worker.device)
-            if not self.closing and worker in self.workers:
-                self._replace(worker)
+            try:
+                await asyncio.to_thread(prepare_start, self.settings.worker_start, worker.device)
+                if not self.closing and worker in self.workers:
+                    self._replace(worker)
+            except Exception:  # no process could start (out of memory, of file descriptors): try again later
+                log.exception("could not start a worker in place of %s; trying again in %.0fs", worker.name, RESTART_RETRY)
+                self.loop.call_later(RESTART_RETRY, self._restart, worker)
 
         task = self.loop.create_task(replace())
         self._starting.add(task)  # held until it ends (the loop keeps only a weak reference)

@@ -86,14 +86,20 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
 
 
 def prepare_start(setting: str, device: str) -> None:
-    """Make ready what starting a worker on ``device`` needs: the forkserver, started anew (seconds of imports) when
-    it is not running, e.g. after the system killed it. Blocking: the engine calls it in a thread before it starts a
-    replacement, so that ``Process.start`` (on the event loop) does not wait for those imports."""
+    """Make ready what starting a worker on ``device`` needs: a forkserver that has imported its preload, started
+    anew (seconds of imports) when it is not running, e.g. after the system killed it. Blocking: the engine calls it
+    in a thread before it starts a replacement, so that ``Process.start`` (on the event loop) does not wait for those
+    imports. A forkserver answers its first fork only once its preload is imported: one process that does nothing,
+    forked and joined here, waits for that (``ensure_running`` alone returns as soon as it is launched)."""
     if start_method(setting, device) == "forkserver":
-        from multiprocessing import forkserver
+        ctx = start_context(setting, device)  # sets the preload
+        probe = ctx.Process(target=_nothing, name="forkserver-ready")
+        probe.start()
+        probe.join()
 
-        start_context(setting, device)  # sets the preload
-        forkserver.ensure_running()
+
+def _nothing() -> None:
+    """A forked process's whole work in ``prepare_start``."""
 
 
 #: One load lock per (start method, GPU): the workers placed on a GPU load one at a time (``worker.loading_turn``).
