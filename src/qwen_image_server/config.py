@@ -256,9 +256,8 @@ class Settings(PerModelLimits, BaseSettings):
         default=False, validation_alias=_alias("ENABLE_PROMPT_REWRITE", "QIS_ENABLE_PROMPT_REWRITE")
     )
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_alias("OPENAI_API_KEY", "QIS_OPENAI_API_KEY"))
-    openai_base_url: str = Field(
-        default="https://api.openai.com/v1", validation_alias=_alias("OPENAI_BASE_URL", "QIS_OPENAI_BASE_URL")
-    )
+    #: None (unset or blank): OpenAI's own endpoint, ``DEFAULT_OPENAI_BASE_URL``
+    openai_base_url: str | None = Field(default=None, validation_alias=_alias("OPENAI_BASE_URL", "QIS_OPENAI_BASE_URL"))
     openai_model: str = Field(default="gpt-4o-mini", validation_alias=_alias("OPENAI_MODEL", "QIS_OPENAI_MODEL"))
     rewrite_timeout: float = Field(default=20.0, gt=0, description="Seconds per rewrite attempt.")
     rewrite_retries: int = Field(default=1, ge=0, le=5)
@@ -318,8 +317,10 @@ class Settings(PerModelLimits, BaseSettings):
 
     @field_validator("openai_base_url")
     @classmethod
-    def _base_url(cls, value: str) -> str:
-        return files.checked_base_url(value)
+    def _base_url(cls, value: str | None) -> str | None:
+        """Blank is unset (compose's ``${OPENAI_BASE_URL:-}``); a bad URL is refused only with rewriting on for every
+        request (``_check_sides``), as other tools read this variable too (``rewrite.make_rewriter`` warns)."""
+        return (value.strip() or None) if value is not None else None
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -407,6 +408,8 @@ class Settings(PerModelLimits, BaseSettings):
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
+        if self.enable_prompt_rewrite and self.openai_base_url is not None:  # (else a bad one is a warning)
+            files.checked_base_url(self.openai_base_url, "OPENAI_BASE_URL (with ENABLE_PROMPT_REWRITE): ")
         return self
 
     def model_entries(self) -> list[tuple[str | None, str]]:

@@ -106,7 +106,7 @@ def _port_ok(parts: SplitResult) -> bool:
     return True
 
 
-def checked_base_url(url: str) -> str:
+def checked_base_url(url: str, where: str = "") -> str:
     """``OPENAI_BASE_URL``: an ``http(s)://HOST[:PORT][/PATH]`` URL the rewriter can post to (``/chat/completions``
     is appended). One with spaces or control characters (a newline from a secrets file), no host, a port that is no
     number, or a query or fragment (the path would be appended inside it) would fail every rewrite: refused."""
@@ -120,7 +120,7 @@ def checked_base_url(url: str) -> str:
         problem = "a query or fragment would hold /chat/completions"
     else:
         return text
-    raise ValueError(f"{url!r} is not a URL the prompt rewriter can post to: {problem} (as https://api.openai.com/v1)")
+    raise ValueError(f"{where}{url!r} is not a URL the prompt rewriter can post to: {problem} (as https://api.openai.com/v1)")
 
 
 def looks_like_path(source: str) -> bool:

@@ -106,18 +106,31 @@ def test_httpx_does_not_log_the_urls_it_posts_to():
         httpx_log.setLevel(logging.NOTSET)
 
 
-def test_a_base_url_the_rewriter_cannot_post_to_is_refused_at_start():
+def test_a_base_url_the_rewriter_cannot_post_to_is_refused_at_start_when_rewriting_is_on(caplog):
+    """With ENABLE_PROMPT_REWRITE, an OPENAI_BASE_URL the rewriter cannot post to is refused at start (a trailing
+    newline made every request a 500). Without it the variable may be another tool's: a bad one is logged at start
+    and the rewrites a request asks for use its own prompt; a blank one is unset (compose's ``${VAR:-}``)."""
+    import logging
+
     import pytest
     from pydantic import ValidationError
 
     from qwen_image_server.config import Settings
+    from qwen_image_server.serving.rewrite import DEFAULT_OPENAI_BASE_URL, make_rewriter
 
-    assert Settings(openai_base_url="http://127.0.0.1:8001/v1\n").openai_base_url == "http://127.0.0.1:8001/v1"
+    on = {"enable_prompt_rewrite": True}
+    assert Settings(openai_base_url="http://127.0.0.1:8001/v1\n", **on).openai_base_url == "http://127.0.0.1:8001/v1"
     for url, says in [
         ("localhost:8000/v1", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
         ("http://chat:eighty/v1", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
         ("http://chat/v1\nx", "it holds spaces or control characters"),
         ("http://chat/v1?api-version=1", "a query or fragment would hold /chat/completions"),
     ]:
-        with pytest.raises(ValidationError, match=f"is not a URL the prompt rewriter can post to: {says}"):
-            Settings(openai_base_url=url)
+        with pytest.raises(ValidationError, match=f"OPENAI_BASE_URL \\(with ENABLE_PROMPT_REWRITE\\): .* {says}"):
+            Settings(openai_base_url=url, **on)
+    assert make_rewriter(Settings(openai_base_url="  ")) is None  # blank: unset, no rewriter
+    assert make_rewriter(Settings(openai_base_url=" ", **on)).url == DEFAULT_OPENAI_BASE_URL + "/chat/completions"
+    caplog.set_level(logging.WARNING)
+    other = make_rewriter(Settings(openai_base_url="http://chat/v1?api-version=1"))  # another tool's: served
+    assert other is not None and asyncio.run(other.rewrite("cat")) == "cat"
+    assert "prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL 'http://chat/v1?api-version=1'" in caplog.text

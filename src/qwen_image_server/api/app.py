@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..engine.base import EngineClient
-from ..serving.rewrite import PromptRewriter
+from ..serving.rewrite import make_rewriter
 from ..serving.service import ImageService
 from ..storage import make_store
 from .errors import install_error_handlers
@@ -29,17 +29,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     """An app serving ``engine``'s models; the engine is started and closed with the app."""
 
-    rewriter = None
-    if settings.enable_prompt_rewrite or settings.openai_api_key is not None or "openai_base_url" in settings.model_fields_set:
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-        rewriter = PromptRewriter(
-            settings.openai_base_url,
-            key,
-            settings.openai_model,
-            timeout=settings.rewrite_timeout,
-            retries=settings.rewrite_retries,
-            max_chars=settings.max_prompt_chars,
-        )
+    rewriter = make_rewriter(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -21,7 +21,13 @@ import re
 
 import httpx
 
+from ..config import Settings
+from ..config_files import checked_base_url
+
 log = logging.getLogger(__name__)
+
+#: Where rewrites go when ``OPENAI_BASE_URL`` is not set.
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 #: Bytes of a chat answer read at most: a rewritten prompt is a few KiB; an endpoint that sends more (a flood, a
 #: body with no end) is cut off there instead of filling the API process's memory.
@@ -70,6 +76,28 @@ def system_prompt(prompt: str, *, edit: bool) -> str:
     if edit:
         return SYSTEM_PROMPT_EDIT_ZH if chinese else SYSTEM_PROMPT_EDIT_EN
     return SYSTEM_PROMPT_ZH if chinese else SYSTEM_PROMPT_EN
+
+
+def make_rewriter(settings: Settings) -> PromptRewriter | None:
+    """The server's rewriter when any of ``ENABLE_PROMPT_REWRITE``, ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` is set
+    (a request may then ask for rewriting), else None. A base URL it cannot post to is said at start (refused then
+    with ``ENABLE_PROMPT_REWRITE``: ``Settings``); rewrites asked for then fall back to the request's prompt."""
+    if not (settings.enable_prompt_rewrite or settings.openai_api_key is not None or settings.openai_base_url is not None):
+        return None
+    url = settings.openai_base_url or DEFAULT_OPENAI_BASE_URL
+    try:
+        url = checked_base_url(url)
+    except ValueError as exc:
+        log.warning("prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL %s", exc)
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return PromptRewriter(
+        url,
+        key,
+        settings.openai_model,
+        timeout=settings.rewrite_timeout,
+        retries=settings.rewrite_retries,
+        max_chars=settings.max_prompt_chars,
+    )
 
 
 class PromptRewriter:
