@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import re
@@ -34,17 +36,23 @@ def new_name(extension: str) -> str:
     return f"{secrets.token_hex(16)}.{extension}"
 
 
-#: The threads that read and write stored images (the store's blocking calls): a store that hangs (an object store
-#: that stopped answering, a stalled network mount) holds only these, never the threads uploads are decoded on.
-_IO = ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-store")
+#: The threads that write stored images and those that read them (the store's blocking calls): a store that hangs (an
+#: object store that stopped answering, a stalled network mount) holds only these, never the threads uploads are
+#: decoded on; and the reads of ``GET /images/{name}``, which need no API key, never take the threads that store the
+#: images of the requests that have one.
+_WRITES = ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-store-write")
+_READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-store-read")
 
 
 T = TypeVar("T")
 
 
-async def in_store_thread(call: Callable[..., T], *args) -> T:
-    """``call(*args)`` on one of the store's threads (``_IO``), awaited."""
-    return await asyncio.get_running_loop().run_in_executor(_IO, call, *args)
+async def in_store_thread(call: Callable[..., T], *args, write: bool = False) -> T:
+    """``call(*args)`` on one of the store's reading threads (writing ones: ``write``), awaited; with the caller's
+    context (its request id, for the log lines of the call), as ``asyncio.to_thread`` gives it."""
+    context = contextvars.copy_context()
+    pool = _WRITES if write else _READS
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(context.run, call, *args))
 
 
 class Readable(Protocol):
@@ -164,18 +172,28 @@ class LocalImageStore:
                 expiry_due = time.time() - self._scanned_at > min(self.ttl_seconds / 10, 60.0)
                 if self._count <= self.max_files and not expiry_due:
                     return
+            # Pruning never fails what called it (a save, a read, the start): a folder that cannot be listed is logged,
+            # and a file that goes meanwhile (an expired one deleted by a read, another server on a shared mount) is
+            # passed over.
             try:
                 entries = [e for e in os.scandir(self.directory) if NAME_PATTERN.match(e.name)]
             except FileNotFoundError:
                 return
+            except OSError as exc:
+                log.warning("could not list %s to delete old images: %s", self.directory, exc)
+                return
             now = self._scanned_at = time.time()
-            dated = sorted(((e.stat(follow_symlinks=False).st_mtime, e.name, e.path) for e in entries), reverse=True)
+            dated = []
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    dated.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name, entry.path))
+            dated.sort(reverse=True)
             kept = 0
-            for mtime, name, path in dated:
-                if name in keep or (kept < self.max_files and now - mtime <= self.ttl_seconds):
+            for mtime_ns, name, path in dated:
+                if name in keep or (kept < self.max_files and now - mtime_ns / 1e9 <= self.ttl_seconds):
                     kept += 1
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
             self._count = kept
 
@@ -243,8 +261,14 @@ class S3ImageStore:
         try:
             stored = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
         except (ClientError, BotoCoreError) as exc:
-            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+            if code in ("NoSuchKey", "404"):
                 return None  # never stored, or expired by the bucket's lifecycle rules
+            if code in ("AccessDenied", "403"):
+                # What S3 answers for a key it does not have when the credentials may not list the bucket (a
+                # least-privilege policy): taken as a missing image, logged without alarm (anyone may ask for names)
+                log.info("bucket %s refused image %s (AccessDenied): answered as not found", self.bucket, name)
+                return None
             log.error("could not read image %s from bucket %s: %s", name, self.bucket, exc)
             raise StorageFailed(_s3_reason(exc, "the bucket refused to send it"), reading=True) from None
         return StoredImage(stored["Body"], int(stored["ContentLength"]))

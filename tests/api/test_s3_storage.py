@@ -158,3 +158,29 @@ def test_a_bucket_that_stops_answering_fails_the_request_within_its_timeout_on_t
         "Could not store the image for response_format=url (the object store could not be reached: "
     )
     assert threads and all(name.startswith("image-store") for name in threads)
+
+
+def test_a_key_the_credentials_may_not_read_is_not_found_and_presigning_needs_the_region(caplog):
+    """S3 answers AccessDenied for a key it does not have when the credentials may not list the bucket (a
+    least-privilege policy): every expired image's URL was a 500 with an error line, now a 404. Presigned URLs are
+    signed (SigV4) for a region: without QIS_S3_REGION (and no endpoint of another store) they would be signed for
+    us-east-1 and refused by a bucket elsewhere, so that is refused at start."""
+    import logging
+
+    from botocore.stub import Stubber
+    from pydantic import ValidationError
+
+    from qwen_image_server.config import Settings
+    from qwen_image_server.storage import S3ImageStore
+
+    store = S3ImageStore("images", region="eu-west-1", access_key_id="k", secret_access_key="s")
+    name = "0" * 32 + ".png"
+    with Stubber(store.client) as stub:
+        stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+        caplog.set_level(logging.INFO)
+        assert store.open(name) is None
+    assert "AccessDenied" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with pytest.raises(ValidationError, match="QIS_S3_PRESIGN needs QIS_S3_REGION"):
+        Settings(s3_bucket="images", s3_presign=True)
+    assert Settings(s3_bucket="images", s3_presign=True, s3_region="eu-west-1").s3_presign
+    assert Settings(s3_bucket="images", s3_presign=True, s3_endpoint_url="http://minio:9000").s3_presign

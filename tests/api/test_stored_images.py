@@ -131,6 +131,7 @@ def test_a_stream_asking_for_urls_stores_nothing_and_gets_b64_images(make_api, t
         (("10.1.2.3", 8000), "0.0.0.0", "http://10.1.2.3:8000/"),  # the address the connection came in on
         (("::1", 8000), "::1", "http://[::1]:8000/"),
         (None, "::", "http://[::]:8000/"),  # no address from the server: the bind address, as a URL can hold it
+        (("fe80::1%eth0", 8000), "::", "http://[fe80::1]:8000/"),
     ],
 )
 def test_without_a_usable_host_header_urls_name_the_address_the_client_reached(server, bind, expected):

@@ -80,6 +80,7 @@ def test_a_response_keeps_all_its_images_however_small_the_bound(tmp_path):
     the client has the URLs (the older images go instead)."""
     store = LocalImageStore(tmp_path, max_files=2, ttl_seconds=3600)
     older = store.save(b"old", "png")
+    os.utime(tmp_path / older, (time.time() - 10, time.time() - 10))  # older, whatever the clock's resolution
     response = frozenset[str]()
     for i in range(4):
         response |= {store.save(bytes([i]), "png", response)}
@@ -98,3 +99,54 @@ def test_only_regular_files_are_served_never_a_link(tmp_path):
     link.symlink_to(secret)
     assert store.path(link.name) is None and store.open(link.name) is None
     assert secret.exists()
+
+
+def test_pruning_never_fails_a_save_a_read_or_the_start(tmp_path, monkeypatch):
+    """A file that goes between the listing and its ``stat`` (an expired one deleted by a read on another thread,
+    another server pruning a shared folder) is passed over, and a folder that cannot be listed is logged: the
+    ``FileNotFoundError`` or ``PermissionError`` reached the save (a 500 for an image that was stored), the read
+    and the start-up check."""
+    store = LocalImageStore(tmp_path, max_files=1, ttl_seconds=50)
+    kept = store.save(b"k", "png")
+    gone = tmp_path / f"{'0' * 32}.png"
+    gone.write_bytes(b"x")
+    listing = os.scandir
+
+    def racing(path):
+        entries = list(listing(path))
+        gone.unlink(missing_ok=True)  # deleted right after the listing
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", racing)
+    assert store.check() is None
+    assert store.open(kept).file.read() == b"k"
+    store.save(b"n", "png")
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", refused)
+    store._count = None  # the next call scans
+    assert store.check() is None
+    store.save(b"m", "png")
+
+
+def test_the_stores_calls_run_with_the_requests_context_and_writes_apart_from_reads():
+    """Log lines of a store call carry the request's id, as with ``asyncio.to_thread`` before; reads (``GET
+    /images``, no key needed) never take the threads that store images."""
+    import asyncio
+    import threading
+
+    from qwen_image_server.api.security import request_id_var
+    from qwen_image_server.storage import in_store_thread
+
+    def where() -> tuple[str, str]:
+        return request_id_var.get(), threading.current_thread().name
+
+    async def run() -> list[tuple[str, str]]:
+        request_id_var.set("req-7")
+        return [await in_store_thread(where), await in_store_thread(where, write=True)]
+
+    (read_id, read_thread), (write_id, write_thread) = asyncio.run(run())
+    assert read_id == write_id == "req-7"
+    assert read_thread.startswith("image-store-read") and write_thread.startswith("image-store-write")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -13,7 +12,7 @@ from ..config import Settings
 from ..engine.base import EngineClient
 from ..serving.rewrite import make_rewriter
 from ..serving.service import ImageService
-from ..storage import make_store
+from ..storage import in_store_thread, make_store
 from .errors import install_error_handlers
 from .head import HeadRequests
 from .metrics import Metrics, RequestMetrics, install_metrics
@@ -33,7 +32,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        problem = await asyncio.to_thread(store.check)
+        problem = await in_store_thread(store.check, write=True)
         if problem:  # b64_json responses do not need the store: serve, but say it at once
             log.warning("url responses will fail: %s", problem)
         await engine.start()

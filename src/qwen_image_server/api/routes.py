@@ -90,9 +90,9 @@ def _base_url(request: Request, service: ImageService) -> str:
         return f"{request.url.scheme}://{host}/"
     settings = service.settings
     address, port = request.scope.get("server") or (settings.host, settings.port)
-    if ":" in address:  # IPv6: http://[::1]:8000/
-        address = f"[{address}]"
-    return f"http://{address}:{port}/"
+    if ":" in address:  # IPv6: http://[::1]:8000/ (a link-local address's zone, %eth0, has no place in a URL)
+        address = f"[{address.partition('%')[0]}]"
+    return f"{request.scope.get('scheme') or 'http'}://{address}:{port}/"
 
 
 def _sse(event: PartialImageEvent | CompletedEvent | ErrorEvent) -> bytes:

@@ -305,7 +305,7 @@ class ImageService:
         stored = frozenset[str]()  # this response's images so far: a bound on the store never deletes them
         for image in result.images:
             if prepared.req.response_format == "url" and not prepared.req.stream:
-                name = await in_store_thread(self.store.save, image.data, prepared.job.output_format, stored)
+                name = await in_store_thread(self.store.save, image.data, prepared.job.output_format, stored, write=True)
                 stored |= {name}
                 url = self.image_url(name, base_url)
                 data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
