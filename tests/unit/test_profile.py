@@ -180,6 +180,11 @@ def test_a_setting_may_be_scoped_to_a_model_id_with_a_slash(tiny_t2i, tiny_edit)
         resolve_configured(Settings(models=models, cache=["fbcache@Qwen/Qwen-Image-Edit"]))
     lora = parse_lora_flag("style=/loras/style@v2/style.bin")
     assert (str(lora.path), lora.model) == ("/loras/style@v2/style.bin", None)
+    # after a .safetensors file (and its options), an '@' scopes the LoRA, to an id with a '/' too
+    for text in ("style=/loras/a.safetensors@Qwen/Qwen-Image", "style=/loras/a.safetensors:scale=0.5@Qwen/Qwen-Image"):
+        lora = parse_lora_flag(text)
+        assert (str(lora.path), lora.model) == ("/loras/a.safetensors", "Qwen/Qwen-Image"), text
+    assert parse_lora_flag("style=/loras/a@b/c.safetensors").model is None
 
 
 def test_a_flag_replaces_a_bad_value_of_the_folders_file_and_a_bad_one_there_is_named_as_its(tmp_path, tiny_t2i):

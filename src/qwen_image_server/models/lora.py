@@ -78,6 +78,12 @@ class LoraError(ProfileError):
 
 
 # --- the flag and the preset ------------------------------------------------------------------
+def _file_part(value: str) -> str:
+    """``PATH`` of ``PATH:KEY=VALUE,...`` (of ``PATH`` itself when no options follow it)."""
+    head, colon, tail = value.rpartition(":")
+    return head if colon and head and _OPTION.match(tail) else value
+
+
 def parse_lora_flag(text: str) -> LoraSpec:
     """``NAME=PATH[:KEY=VALUE,...][@MODEL]`` → a ``LoraSpec`` whose ``preset`` holds the flag's preset knobs."""
     name, sep, rest = text.partition("=")
@@ -89,6 +95,9 @@ def parse_lora_flag(text: str) -> LoraSpec:
     value, model = split_scoped(rest, path=True)
     if model is not None and ".safetensors" in model.lower():  # an '@' in the file's name (v@1.safetensors), not a scope
         value, model = rest, None
+    head, at, tail = rest.rpartition("@")
+    if model is None and at and "/" in tail and _file_part(head).lower().endswith(".safetensors"):
+        value, model = head, tail  # a model id with a '/' (x.safetensors@Qwen/Qwen-Image): after the file, a scope
     path, options = value, {}
     head, colon, tail = value.rpartition(":")
     # a ':' in the file's own path (an existing file) is not where options begin
