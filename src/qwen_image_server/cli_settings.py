@@ -11,6 +11,7 @@ import typer
 from pydantic import AliasChoices, ValidationError
 
 from .config import Settings, check_key_variables, key_variables
+from .config_files import shown_url
 from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
 
@@ -70,7 +71,8 @@ def keys_replaced_by_flag(flag_given: bool, environ: Mapping[str, str]) -> str |
 
 def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[str], str] | None = None) -> str:
     """The invalid settings, one per line, each named as the user set it: its flag (or ``given_as(field)`` for the
-    fields in ``given``), or its environment variables. No value of a key, secret or token is shown."""
+    fields in ``given``), or its environment variables. No value of a key, secret or token is shown, nor the
+    credentials or query of a URL (``config_files.shown_url``)."""
     flags = {field: given_as(field) for field in given} if given_as else _flags_of_fields()
     lines = []
     for error in exc.errors():
@@ -78,8 +80,10 @@ def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[
         message = error["msg"].removeprefix("Value error, ")
         value = error.get("input")
         secret = any(word in field.lower() for word in ("key", "secret", "token"))
+        if isinstance(value, str) and "://" in value:
+            value = shown_url(value)
         got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
-        got = "" if f"got {value!r}" in message else got  # the message quotes it already
+        got = "" if f"got {value!r}" in message or repr(value) in message else got  # the message quotes it already
         if not field:  # a rule between settings: its message names them
             lines.append(message)
         elif field in given:

@@ -80,8 +80,8 @@ def checked_url_prefix(prefix: str | None) -> str | None:
     problem = None
     if not (sep and scheme.lower() in ("http", "https") and rest and not rest.startswith("/")):
         problem = "expected http(s)://HOST[/PATH]"
-    elif any(c.isspace() or not c.isprintable() for c in text):
-        problem = "it holds spaces or control characters"
+    elif any(c.isspace() or not c.isprintable() or c == "\\" for c in text):
+        problem = "it holds spaces, backslashes or control characters"
     else:
         parts = urlsplit(text)
         if "@" in parts.netloc:
@@ -92,9 +92,22 @@ def checked_url_prefix(prefix: str | None) -> str | None:
             problem = "expected http(s)://HOST[:PORT][/PATH]"
     if problem:
         raise ValueError(
-            f"{prefix!r} is not an absolute URL clients can fetch images under: {problem} (as https://images.example.com/images/)"
+            f"{shown_url(prefix)!r} is not an absolute URL clients can fetch images under: {problem} "
+            "(as https://images.example.com/images/)"
         )
     return text
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a message may repeat it: credentials (``user:key@``) and the query (``?api-key=...``) hidden."""
+    scheme, sep, rest = url.partition("://")
+    host_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:host_end], rest[host_end:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    if "?" in tail:
+        tail = tail.partition("?")[0] + "?***"
+    return f"{scheme}{sep}{netloc}{tail}"
 
 
 def _port_ok(parts: SplitResult) -> bool:
@@ -120,7 +133,9 @@ def checked_base_url(url: str, where: str = "") -> str:
         problem = "a query or fragment would hold /chat/completions"
     else:
         return text
-    raise ValueError(f"{where}{url!r} is not a URL the prompt rewriter can post to: {problem} (as https://api.openai.com/v1)")
+    raise ValueError(
+        f"{where}{shown_url(url)!r} is not a URL the prompt rewriter can post to: {problem} (as https://api.openai.com/v1)"
+    )
 
 
 def looks_like_path(source: str) -> bool:

@@ -149,7 +149,9 @@ class LocalImageStore:
         return path
 
     def open(self, name: str) -> StoredImage | None:
-        self._prune()  # expired files go even when no image is stored (a scan at most every tenth of the TTL)
+        # expired files go even when no image is stored (a scan at most every tenth of the TTL); the bound is the
+        # saves' to keep: a read right after a response kept more than it (n above it) must not take its images
+        self._prune(expired_only=True)
         path = self.path(name)
         if path is None:
             return None
@@ -163,14 +165,15 @@ class LocalImageStore:
     def public_url(self, name: str) -> str | None:
         return None
 
-    def _prune(self, added: int = 0, keep: frozenset[str] = frozenset()) -> None:
-        """Delete the oldest files over the bound and the expired ones, never those in ``keep``; scans only when the
-        bound is passed (``added`` files since the last scan) or an expiry check is due."""
+    def _prune(self, added: int = 0, keep: frozenset[str] = frozenset(), expired_only: bool = False) -> None:
+        """Delete the oldest files over the bound (not with ``expired_only``) and the expired ones, never those in
+        ``keep``; scans only when the bound is passed (``added`` files since the last scan) or an expiry check is
+        due. Only regular files count (a link with an image's name is neither served nor counted)."""
         with self._lock:
             if self._count is not None:
                 self._count += added
                 expiry_due = time.time() - self._scanned_at > min(self.ttl_seconds / 10, 60.0)
-                if self._count <= self.max_files and not expiry_due:
+                if (self._count <= self.max_files or expired_only) and not expiry_due:
                     return
             # Pruning never fails what called it (a save, a read, the start): a folder that cannot be listed is logged,
             # and a file that goes meanwhile (an expired one deleted by a read, another server on a shared mount) is
@@ -186,11 +189,13 @@ class LocalImageStore:
             dated = []
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    dated.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name, entry.path))
+                    if entry.is_file(follow_symlinks=False):
+                        dated.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name, entry.path))
             dated.sort(reverse=True)
             kept = 0
+            bound = len(dated) if expired_only else self.max_files
             for mtime_ns, name, path in dated:
-                if name in keep or (kept < self.max_files and now - mtime_ns / 1e9 <= self.ttl_seconds):
+                if name in keep or (kept < bound and now - mtime_ns / 1e9 <= self.ttl_seconds):
                     kept += 1
                     continue
                 with contextlib.suppress(OSError):
@@ -227,7 +232,7 @@ class S3ImageStore:
         config = Config(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"mode": "standard", "max_attempts": 2},
+            retries={"mode": "standard", "total_max_attempts": 2},  # the first try and one more
             signature_version="s3v4",
         )
         self.client = boto3.client(

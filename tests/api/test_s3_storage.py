@@ -127,7 +127,7 @@ def stalled_endpoint():
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
     listener.close()
     for connection in held:
         connection.close()
@@ -150,14 +150,16 @@ def test_a_bucket_that_stops_answering_fails_the_request_within_its_timeout_on_t
         return save(self, *args)
 
     monkeypatch.setattr(storage.S3ImageStore, "save", recorded)
-    settings = {**_s3_settings(stalled_endpoint, False), "s3_timeout": 0.3}
+    endpoint, connections = stalled_endpoint
+    settings = {**_s3_settings(endpoint, False), "s3_timeout": 0.3}
     http = make_api({"tiny": tiny_t2i}, **settings).client
     r = http.post("/v1/images/generations", json={"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2})
     assert r.status_code == 500, r.text[:300]
     assert r.json()["error"]["message"].startswith(
         "Could not store the image for response_format=url (the object store could not be reached: "
     )
-    assert threads and all(name.startswith("image-store") for name in threads)
+    assert threads and all(name.startswith("image-store-write") for name in threads)
+    assert len(connections) == 2  # tried twice (botocore's max_attempts counted retries: three tries)
 
 
 def test_a_key_the_credentials_may_not_read_is_not_found_and_presigning_needs_the_region(caplog):

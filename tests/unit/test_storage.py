@@ -150,3 +150,25 @@ def test_the_stores_calls_run_with_the_requests_context_and_writes_apart_from_re
     (read_id, read_thread), (write_id, write_thread) = asyncio.run(run())
     assert read_id == write_id == "req-7"
     assert read_thread.startswith("image-store-read") and write_thread.startswith("image-store-write")
+
+
+def test_reading_keeps_a_response_over_the_bound_and_links_do_not_count(tmp_path):
+    """A response that kept more images than the bound (``n`` above it) keeps them when its client fetches them
+    (the first GET pruned the store down to the bound: half the URLs were 404s at once); and links with images'
+    names, never served, take no place in the bound (three links pushed out three real images)."""
+    store = LocalImageStore(tmp_path, max_files=2, ttl_seconds=3600)
+    response = frozenset[str]()
+    for i in range(4):
+        response |= {store.save(bytes([i]), "png", response)}
+    for name in sorted(response):
+        assert store.open(name).file.read() is not None, name
+    assert {p.name for p in tmp_path.iterdir()} == response
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "x").write_bytes(b"x")
+    for i in range(3):
+        (tmp_path / f"{i:032x}.png").symlink_to(other / "x")
+    store._count = None  # the next save scans
+    last = store.save(b"n", "png")
+    real = {p.name for p in tmp_path.iterdir() if p.is_file() and not p.is_symlink()}
+    assert len(real) == 2 and last in real

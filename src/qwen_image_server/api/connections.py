@@ -349,11 +349,15 @@ class GuardedH11Protocol(H11Protocol):
     async def _answer_cut_off(self, scope, started: dict, send) -> None:
         """The end of a request that outlived the shutdown grace period, without a traceback."""
         message, request_id = ShuttingDown.text, scope_request_id(scope)
-        token = request_id_var.set(request_id)  # the log line names the request it is about
+        token = request_id_var.set(request_id)  # the log lines name the request they are about (the access line too)
         try:
             self.logger.warning("%s %s stopped: the server is shutting down", scope["method"], scope["path"])
+            await self._send_cut_off(scope, started, send, message, request_id)
         finally:
             request_id_var.reset(token)
+
+    async def _send_cut_off(self, scope, started: dict, send, message: str, request_id: str) -> None:
+        """A JSON 503, or the end of an answer that had started: an ``error`` event for a stream, else a close."""
         if "headers" not in started:
             await _send_json(send, 503, _refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
             return
