@@ -80,7 +80,7 @@ def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[
         message = error["msg"].removeprefix("Value error, ")
         value = error.get("input")
         secret = any(word in field.lower() for word in ("key", "secret", "token"))
-        if isinstance(value, str) and "://" in value:
+        if isinstance(value, str) and ("url" in field or "://" in value):
             value = shown_url(value)
         got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
         got = "" if f"got {value!r}" in message or repr(value) in message else got  # the message quotes it already

@@ -408,8 +408,6 @@ class Settings(PerModelLimits, BaseSettings):
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
-        if self.s3_presign and self.s3_bucket and not (self.s3_region or self.s3_endpoint_url):  # (SigV4 signs it)
-            raise ValueError("QIS_S3_PRESIGN needs QIS_S3_REGION: presigned URLs are signed for the bucket's region")
         if self.enable_prompt_rewrite and self.openai_base_url is not None:  # (else a bad one is a warning)
             files.checked_base_url(self.openai_base_url, "OPENAI_BASE_URL (with ENABLE_PROMPT_REWRITE): ")
         return self

@@ -99,15 +99,17 @@ def checked_url_prefix(prefix: str | None) -> str | None:
 
 
 def shown_url(url: str) -> str:
-    """``url`` as a message may repeat it: credentials (``user:key@``) and the query (``?api-key=...``) hidden."""
+    """``url`` as a message may repeat it, however malformed: everything before its last ``@`` (credentials, which
+    may hold ``/``, ``?`` or ``#``) and after its first ``?`` or ``#`` (a query's key, a fragment's token) hidden."""
     scheme, sep, rest = url.partition("://")
-    host_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:host_end], rest[host_end:]
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    if "?" in tail:
-        tail = tail.partition("?")[0] + "?***"
-    return f"{scheme}{sep}{netloc}{tail}"
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[: cut + 1] + "***"
+    return f"{scheme}{sep}{rest}"
 
 
 def _port_ok(parts: SplitResult) -> bool:

@@ -98,6 +98,8 @@ class LocalImageStore:
         self._lock = threading.Lock()
         self._count: int | None = None  # files kept, known after the first scan
         self._scanned_at = 0.0
+        self.list_problem: str | None = None  # why the last scan could not list the folder
+        self._said: str | None = None  # the problem last logged (a failing folder logs once, not per request)
 
     def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread). A write that
@@ -128,6 +130,8 @@ class LocalImageStore:
             with contextlib.suppress(OSError):
                 probe.unlink()
         self._prune()
+        if self.list_problem:  # stored images could not be counted: the bound and the TTL would not hold
+            return f"cannot list {self.directory} to delete old images ({self.list_problem}): the folder grows unbounded"
         return None
 
     def path(self, name: str) -> Path | None:
@@ -178,14 +182,19 @@ class LocalImageStore:
             # Pruning never fails what called it (a save, a read, the start): a folder that cannot be listed is logged,
             # and a file that goes meanwhile (an expired one deleted by a read, another server on a shared mount) is
             # passed over.
+            now = self._scanned_at = time.time()  # (also after a failed listing: the next try waits as long)
             try:
                 entries = [e for e in os.scandir(self.directory) if NAME_PATTERN.match(e.name)]
             except FileNotFoundError:
                 return
             except OSError as exc:
-                log.warning("could not list %s to delete old images: %s", self.directory, exc)
+                self._count = self._count or 0  # the next scan when one is due, not on every call
+                self.list_problem = exc.strerror or type(exc).__name__
+                if self.list_problem != self._said:
+                    log.warning("could not list %s to delete old images: %s", self.directory, exc)
+                    self._said = self.list_problem
                 return
-            now = self._scanned_at = time.time()
+            self.list_problem = self._said = None
             dated = []
             for entry in entries:
                 with contextlib.suppress(OSError):
@@ -243,6 +252,13 @@ class S3ImageStore:
             aws_secret_access_key=secret_access_key,
             config=config,
         )
+        named = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if presign and endpoint_url is None and not named and self.client.meta.region_name == "us-east-1":
+            log.warning(
+                "presigned URLs are signed (SigV4) for us-east-1, as no region is set: a bucket in another region "
+                "refuses them; set QIS_S3_REGION to the bucket's region"
+            )
+        self._access_denied_logged = False
 
     def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -272,18 +288,27 @@ class S3ImageStore:
             if code in ("AccessDenied", "403"):
                 # What S3 answers for a key it does not have when the credentials may not list the bucket (a
                 # least-privilege policy): taken as a missing image, logged without alarm (anyone may ask for names)
-                log.info("bucket %s refused image %s (AccessDenied): answered as not found", self.bucket, name)
+                level = logging.INFO if self._access_denied_logged else logging.WARNING  # the first: maybe a policy
+                self._access_denied_logged = True
+                log.log(level, "bucket %s refused image %s (AccessDenied): answered as not found (a missing key, "
+                        "or credentials without s3:GetObject)", self.bucket, name)  # fmt: skip
                 return None
             log.error("could not read image %s from bucket %s: %s", name, self.bucket, exc)
             raise StorageFailed(_s3_reason(exc, "the bucket refused to send it"), reading=True) from None
         return StoredImage(stored["Body"], int(stored["ContentLength"]))
 
     def public_url(self, name: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         if not self.presign:
             return None
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + name}, ExpiresIn=self.presign_expiry
-        )
+        try:  # may fetch credentials (instance metadata, STS): blocking, on a store thread
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + name}, ExpiresIn=self.presign_expiry
+            )
+        except (ClientError, BotoCoreError) as exc:
+            log.error("could not presign image %s of bucket %s: %s", name, self.bucket, exc)
+            raise StorageFailed(_s3_reason(exc, "the bucket's credentials failed")) from None
 
 
 def _s3_reason(exc: Exception, refused: str) -> str:

@@ -226,12 +226,13 @@ def test_edit_response_format_url(http):
         ("https://", r"expected http\(s\)://HOST\[/PATH\]"),
         ("http://:80", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
         ("http://cdn.example:eighty/img", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
-        ("http://exa mple.com/img", "it holds spaces or control characters"),
-        ("http://cdn.example/img\nevil", "it holds spaces or control characters"),
+        ("http://exa mple.com/img", "it holds spaces, backslashes or control characters"),
+        ("http://cdn.example/img\nevil", "it holds spaces, backslashes or control characters"),
         ("http://user:secret@cdn.example/img", r"credentials \(user@\) have no place in it"),
         ("http://@", r"credentials \(user@\) have no place in it"),
         ("https://cdn.example/img?sig=abc", "a query or fragment would hold the image's name"),
         ("https://cdn.example/img#top", "a query or fragment would hold the image's name"),
+        ("http://cdn.example/a\\b", "it holds spaces, backslashes or control characters"),
     ],
 )
 def test_an_image_url_prefix_clients_could_not_fetch_is_refused_at_start(prefix, says):

@@ -319,3 +319,24 @@ def test_model_name_without_model_path_is_named_in_a_warning(monkeypatch, caplog
     with caplog.at_level("WARNING"):
         settings_from_options({"log_level": "info"})
     assert "MODEL_NAME" not in caplog.text
+
+
+def test_a_refused_url_is_shown_without_credentials_or_query():
+    """An URL setting refused at start is repeated in the error, but never its credentials or query (a key in either
+    reached the terminal and the logs), however malformed it is."""
+    from pydantic import ValidationError
+
+    from qwen_image_server.cli_settings import settings_problem
+
+    for field, value in [
+        ("image_download_url_prefix", "http://user:pa/ss@cdn.example/img?sig=SECRET1"),
+        ("image_download_url_prefix", "cdn.example/img?sig=SECRET1"),
+        ("openai_base_url", "http://u:SECRET1@chat/v1 x"),
+    ]:
+        try:
+            Settings(**{field: value, "enable_prompt_rewrite": True})
+        except ValidationError as exc:
+            problem = settings_problem(exc, set())
+        else:
+            raise AssertionError(f"{value!r} was accepted")
+        assert "SECRET1" not in problem and "pa/ss" not in problem and "***" in problem, problem

@@ -131,6 +131,9 @@ def test_a_base_url_the_rewriter_cannot_post_to_is_refused_at_start_when_rewriti
     assert make_rewriter(Settings(openai_base_url="  ")) is None  # blank: unset, no rewriter
     assert make_rewriter(Settings(openai_base_url=" ", **on)).url == DEFAULT_OPENAI_BASE_URL + "/chat/completions"
     caplog.set_level(logging.WARNING)
-    other = make_rewriter(Settings(openai_base_url="http://chat/v1?api-version=1"))  # another tool's: served
-    assert other is not None and asyncio.run(other.rewrite("cat")) == "cat"
-    assert "prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL 'http://chat/v1?api-version=1'" in caplog.text
+    other = make_rewriter(Settings(openai_base_url="http://user:pw@chat/v1?api-key=K", openai_api_key="sk-x"))
+    assert other is not None and other.url is None  # another tool's: said at start, and never posted to
+    assert asyncio.run(other.rewrite("cat")) == "cat"
+    assert "prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL 'http://***@chat/v1?***'" in caplog.text
+    assert "pw" not in caplog.text and "api-key=K" not in caplog.text
+    assert make_rewriter(Settings(openai_api_key=" ")) is None  # a blank key is no key

@@ -125,10 +125,13 @@ def test_pruning_never_fails_a_save_a_read_or_the_start(tmp_path, monkeypatch):
     def refused(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(os, "scandir", refused)
+    calls: list[str] = []
+    monkeypatch.setattr(os, "scandir", lambda path: calls.append(path) or refused(path))
     store._count = None  # the next call scans
-    assert store.check() is None
+    assert store.check() == f"cannot list {tmp_path} to delete old images (Permission denied): the folder grows unbounded"
     store.save(b"m", "png")
+    store.open(kept)
+    assert len(calls) == 1  # not a scan (and a warning) per request: the next when one is due
 
 
 def test_the_stores_calls_run_with_the_requests_context_and_writes_apart_from_reads():

@@ -10,9 +10,11 @@ never blocks its event loop on a worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +57,32 @@ class _Piece:
     worker: WorkerProcess | None = None
 
 
+async def _in_daemon_thread(call: Callable[..., object], *args) -> None:
+    """``call(*args)`` in a daemon thread of its own, awaited: unlike the default executor's threads, one that never
+    returns (a forkserver stuck in its imports) holds no shutdown (the interpreter joins those at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            call(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the server stopped): no one waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="prepare worker start", daemon=True).start()
+    await done
+
+
 class _ModelPool:
     """The workers, queue and jobs of one served model."""
 
@@ -82,6 +110,7 @@ class _ModelPool:
         self.closing = False
         self.budget = PixelBudget(settings, spec.id)
         self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
+        self._start_failures = 0  # replacements in a row that could not even be started
         self.was_ready = False  # ready once (every worker loaded or gave up): from then on one serving worker keeps it so
         # spawn=False: the engine adds worker processes shared with other pools (--share-components)
         self.workers: list[WorkerProcess] = []
@@ -298,12 +327,16 @@ class _ModelPool:
 
         async def replace() -> None:
             try:
-                await asyncio.to_thread(prepare_start, self.settings.worker_start, worker.device)
+                await _in_daemon_thread(prepare_start, self.settings.worker_start, worker.device)
                 if not self.closing and worker in self.workers:
                     self._replace(worker)
-            except Exception:  # no process could start (out of memory, of file descriptors): try again later
-                log.exception("could not start a worker in place of %s; trying again in %.0fs", worker.name, RESTART_RETRY)
-                self.loop.call_later(RESTART_RETRY, self._restart, worker)
+                    self._start_failures = 0
+            except Exception as exc:  # no process could start (out of memory, of file descriptors): try again later
+                self._start_failures += 1
+                delay = min(60.0, RESTART_RETRY * 2 ** (self._start_failures - 1))
+                log.error("could not start a worker in place of %s (%s: %s); trying again in %.0fs",
+                          worker.name, type(exc).__name__, exc, delay)  # fmt: skip
+                self.loop.call_later(delay, self._restart, worker)
 
         task = self.loop.create_task(replace())
         self._starting.add(task)  # held until it ends (the loop keeps only a weak reference)

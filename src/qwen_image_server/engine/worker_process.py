@@ -85,6 +85,10 @@ def start_forkserver_early(setting: str, device_setting: str) -> bool:
     return True
 
 
+#: Seconds the forkserver probe's own run may take (its start waits for the preload, however long that is).
+PROBE_SECONDS = 30.0
+
+
 def prepare_start(setting: str, device: str) -> None:
     """Make ready what starting a worker on ``device`` needs: a forkserver that has imported its preload, started
     anew (seconds of imports) when it is not running, e.g. after the system killed it. Blocking: the engine calls it
@@ -95,7 +99,9 @@ def prepare_start(setting: str, device: str) -> None:
         ctx = start_context(setting, device)  # sets the preload
         probe = ctx.Process(target=_nothing, name="forkserver-ready")
         probe.start()
-        probe.join()
+        probe.join(PROBE_SECONDS)
+        if probe.is_alive():  # (a process that does nothing does not take this long)
+            probe.kill()
 
 
 def _nothing() -> None:
@@ -142,8 +148,12 @@ class WorkerProcess:
         self.process.start()
         child_conn.close()
         self._outbox: queue.Queue[ToWorker | None] = queue.Queue()
-        threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
-        threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
+        try:
+            threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
+            threading.Thread(target=self._write, name=f"write {self.name}", daemon=True).start()
+        except BaseException:  # no thread to talk to it (out of threads): no process left behind that nobody reads
+            self.process.kill()
+            raise
 
     @property
     def shared(self) -> bool:

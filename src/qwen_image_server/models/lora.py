@@ -96,7 +96,8 @@ def parse_lora_flag(text: str) -> LoraSpec:
     if model is not None and ".safetensors" in model.lower():  # an '@' in the file's name (v@1.safetensors), not a scope
         value, model = rest, None
     head, at, tail = rest.rpartition("@")
-    if model is None and at and "/" in tail and _file_part(head).lower().endswith(".safetensors"):
+    scope_like = ".safetensors" not in tail.lower() and not Path(rest).expanduser().is_file()
+    if model is None and at and "/" in tail and scope_like and _file_part(head).lower().endswith(".safetensors"):
         value, model = head, tail  # a model id with a '/' (x.safetensors@Qwen/Qwen-Image): after the file, a scope
     path, options = value, {}
     head, colon, tail = value.rpartition(":")

@@ -82,17 +82,19 @@ def make_rewriter(settings: Settings) -> PromptRewriter | None:
     """The server's rewriter when any of ``ENABLE_PROMPT_REWRITE``, ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` is set
     (a request may then ask for rewriting), else None. A base URL it cannot post to is said at start (refused then
     with ``ENABLE_PROMPT_REWRITE``: ``Settings``); rewrites asked for then fall back to the request's prompt."""
-    if not (settings.enable_prompt_rewrite or settings.openai_api_key is not None or settings.openai_base_url is not None):
+    key = settings.openai_api_key.get_secret_value().strip() if settings.openai_api_key else ""
+    key_or_none = key or None  # blank is unset, as compose's ${OPENAI_API_KEY:-} sets it
+    if not (settings.enable_prompt_rewrite or key_or_none is not None or settings.openai_base_url is not None):
         return None
-    url = settings.openai_base_url or DEFAULT_OPENAI_BASE_URL
+    url: str | None = None
     try:
-        url = checked_base_url(url)
+        url = checked_base_url(settings.openai_base_url or DEFAULT_OPENAI_BASE_URL)
     except ValueError as exc:
+        # nothing is posted (nor the key sent) to a URL that cannot be the endpoint
         log.warning("prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL %s", exc)
-    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return PromptRewriter(
         url,
-        key,
+        key_or_none,
         settings.openai_model,
         timeout=settings.rewrite_timeout,
         retries=settings.rewrite_retries,
@@ -105,7 +107,7 @@ class PromptRewriter:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         api_key: str | None,
         model: str,
         *,
@@ -114,7 +116,7 @@ class PromptRewriter:
         max_chars: int = 4000,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = base_url.rstrip("/") + "/chat/completions" if base_url is not None else None  # None: never posts
         self.model = model
         self.timeout = timeout
         self.retries = retries
@@ -129,6 +131,9 @@ class PromptRewriter:
 
     async def rewrite(self, prompt: str, *, edit: bool = False) -> str:
         """The rewritten prompt, or ``prompt`` itself when the chat model fails in any way."""
+        if self.url is None:
+            log.warning("prompt rewrite asked for, but OPENAI_BASE_URL cannot be used (said at start); using the original prompt")
+            return prompt
         body = {
             "model": self.model,
             "messages": [
@@ -153,6 +158,7 @@ class PromptRewriter:
 
     async def _post(self, body: dict) -> dict:
         """The endpoint's answer as JSON, read up to ``MAX_ANSWER_BYTES``."""
+        assert self.url is not None  # (``rewrite`` posts only where there is a URL)
         async with self._client.stream("POST", self.url, json=body) as response:
             response.raise_for_status()
             read = bytearray()

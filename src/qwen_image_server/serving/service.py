@@ -307,7 +307,7 @@ class ImageService:
             if prepared.req.response_format == "url" and not prepared.req.stream:
                 name = await in_store_thread(self.store.save, image.data, prepared.job.output_format, stored, write=True)
                 stored |= {name}
-                url = self.image_url(name, base_url)
+                url = await in_store_thread(self.image_url, name, base_url, write=True)  # presigning may fetch credentials
                 data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
             else:
                 data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
@@ -327,7 +327,7 @@ class ImageService:
         return body, result
 
     def image_url(self, name: str, base_url: str) -> str:
-        """The URL of a stored image for response_format=url."""
+        """The URL of a stored image for response_format=url (blocking: a presigned one may fetch credentials)."""
         direct = self.store.public_url(name)
         if direct:
             return direct
