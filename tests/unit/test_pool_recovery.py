@@ -133,7 +133,7 @@ def test_a_worker_is_restarted_once_its_start_is_prepared_off_the_event_loop(mon
     6 s meanwhile when that ran on it."""
     import threading
 
-    from qwen_image_server.engine import local
+    from qwen_image_server.engine import worker_process
 
     prepared: list[tuple[str, str, bool]] = []
 
@@ -141,7 +141,7 @@ def test_a_worker_is_restarted_once_its_start_is_prepared_off_the_event_loop(mon
         time.sleep(0.2)  # a forkserver's imports, shortened
         prepared.append((setting, device, threading.current_thread() is threading.main_thread()))
 
-    monkeypatch.setattr(local, "prepare_start", prepare)
+    monkeypatch.setattr(worker_process, "prepare_start", prepare)
 
     async def run() -> None:
         pool, (worker,), replaced = _pool(1)
@@ -201,7 +201,7 @@ def test_preparing_a_start_waits_for_a_new_forkservers_imports(tmp_path):
 def test_a_replacement_that_cannot_start_is_tried_again(monkeypatch):
     """No process could be started in a crashed worker's place (out of memory, of file descriptors): logged, and
     tried again a little later, instead of leaving the slot "restarting" for good."""
-    from qwen_image_server.engine import local
+    from qwen_image_server.engine import local, worker_process
 
     monkeypatch.setattr(local, "RESTART_RETRY", 0.05)
     tries: list[str] = []
@@ -211,7 +211,7 @@ def test_a_replacement_that_cannot_start_is_tried_again(monkeypatch):
         if len(tries) == 1:
             raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(local, "prepare_start", prepare)
+    monkeypatch.setattr(worker_process, "prepare_start", prepare)
 
     async def run() -> None:
         pool, (worker,), replaced = _pool(1)

@@ -10,11 +10,9 @@ never blocks its event loop on a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from ..models.spec import ModelSpec
 from .admission import PixelBudget, retry_after
 from .pieces import split_for, wait_all
 from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
-from .worker_process import WorkerProcess, prepare_start, public_reason
+from .worker_process import WorkerProcess, public_reason, start_prepared
 
 log = logging.getLogger(__name__)
 #: Seconds a worker that said it exits (its GPU broke) has to be gone before it is killed.
@@ -55,32 +53,6 @@ class _Piece:
     offset: int  # index of the piece's first image in its job
     pool: _ModelPool
     worker: WorkerProcess | None = None
-
-
-async def _in_daemon_thread(call: Callable[..., object], *args) -> None:
-    """``call(*args)`` in a daemon thread of its own, awaited: unlike the default executor's threads, one that never
-    returns (a forkserver stuck in its imports) holds no shutdown (the interpreter joins those at exit)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            call(*args)
-        except BaseException as exc:  # handed to the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the server stopped): no one waits
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=run, name="prepare worker start", daemon=True).start()
-    await done
 
 
 class _ModelPool:
@@ -327,7 +299,7 @@ class _ModelPool:
 
         async def replace() -> None:
             try:
-                await _in_daemon_thread(prepare_start, self.settings.worker_start, worker.device)
+                await start_prepared(self.settings.worker_start, worker.device)
                 if not self.closing and worker in self.workers:
                     self._replace(worker)
                     self._start_failures = 0

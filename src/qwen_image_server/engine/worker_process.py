@@ -11,6 +11,8 @@ hand the worker its next piece. The first pool owns the process's life cycle
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import multiprocessing
 import queue
@@ -102,6 +104,32 @@ def prepare_start(setting: str, device: str) -> None:
         probe.join(PROBE_SECONDS)
         if probe.is_alive():  # (a process that does nothing does not take this long)
             probe.kill()
+
+
+async def start_prepared(setting: str, device: str) -> None:
+    """``prepare_start`` in a daemon thread of its own, awaited: unlike the default executor's threads, one that never
+    returns (a forkserver stuck in its imports) holds no shutdown (the interpreter joins those at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            prepare_start(setting, device)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the server stopped): no one waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="prepare worker start", daemon=True).start()
+    await done
 
 
 def _nothing() -> None:
