@@ -83,7 +83,7 @@ def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[
         if isinstance(value, str) and ("url" in field or "://" in value):
             value = shown_url(value)
         got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
-        got = "" if f"got {value!r}" in message or repr(value) in message else got  # the message quotes it already
+        got = "" if repr(value) in message else got  # the message quotes it already
         if not field:  # a rule between settings: its message names them
             lines.append(message)
         elif field in given:

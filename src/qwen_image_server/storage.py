@@ -98,8 +98,7 @@ class LocalImageStore:
         self._lock = threading.Lock()
         self._count: int | None = None  # files kept, known after the first scan
         self._scanned_at = 0.0
-        self.list_problem: str | None = None  # why the last scan could not list the folder
-        self._said: str | None = None  # the problem last logged (a failing folder logs once, not per request)
+        self.list_problem: str | None = None  # why the last scan could not list the folder (logged once, when it changes)
 
     def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread). A write that
@@ -189,12 +188,12 @@ class LocalImageStore:
                 return
             except OSError as exc:
                 self._count = self._count or 0  # the next scan when one is due, not on every call
-                self.list_problem = exc.strerror or type(exc).__name__
-                if self.list_problem != self._said:
+                problem = exc.strerror or type(exc).__name__
+                if problem != self.list_problem:
                     log.warning("could not list %s to delete old images: %s", self.directory, exc)
-                    self._said = self.list_problem
+                    self.list_problem = problem
                 return
-            self.list_problem = self._said = None
+            self.list_problem = None
             dated = []
             for entry in entries:
                 with contextlib.suppress(OSError):

@@ -96,6 +96,12 @@ def _note_refused_model(request: Request, body: object) -> None:
         note_model(request, body.get("model") if isinstance(body, dict) else None, edit)
 
 
+def log_failure(request: Request, exc: ServerError, how: str = "") -> None:
+    """A failure of the server's (5xx) in the log, one line (``how``: `` (stream)`` for a stream's error event)."""
+    if exc.status_code >= 500:
+        log.warning("%s %s%s -> %s: %s", request.method, request.url.path, how, exc.status_code, exc.message)
+
+
 def client_gone(method: str, path: str) -> Response:
     """The answer to a client that went away before its whole body arrived (a cancelled upload): no one reads it,
     nothing failed here. 499, as for a client gone during the run, so that the metrics do not count a 500 (or 400)."""
@@ -108,8 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        if exc.status_code >= 500:
-            log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+        log_failure(request, exc)
         return error_response(
             exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param, headers=exc.headers
         )

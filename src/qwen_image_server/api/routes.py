@@ -21,7 +21,7 @@ from ..protocol.images import EditRequest, GenerationRequest, VariationRequest
 from ..protocol.responses import CompletedEvent, ErrorEvent, ErrorObject, PartialImageEvent
 from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES, StoredImage, in_store_thread
-from .errors import current_request_id, error_object, note_model
+from .errors import current_request_id, error_object, log_failure, note_model
 from .head import HEAD_AS_GET
 from .uploads import read_image_request
 
@@ -158,8 +158,7 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, requ
                 body, result = run.result()
             except ServerError as exc:
                 state.outcome = exc.status_code
-                if exc.status_code >= 500:  # logged as the same failure of a request that is not a stream is
-                    log.warning("%s %s (stream) -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+                log_failure(request, exc, " (stream)")  # as the same failure of a request that is not a stream
                 yield _sse(ErrorEvent(error=error_object(exc), request_id=current_request_id()))
                 return
             except Exception:
@@ -351,8 +350,7 @@ async def ready(request: Request) -> JSONResponse:
     does not hold it back), 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    failed = engine.failed()
-    body: dict = {"status": "ready" if is_ready else ("failed" if failed else "loading")}
+    body: dict = {"status": "ready" if is_ready else ("failed" if engine.failed() else "loading")}
     settings = _service(request).settings
     # With API keys, the per-worker detail is for callers with a key (probes still get the status code).
     if request.scope.get("state", {}).get("authenticated", True) or settings.public_ready_detail:

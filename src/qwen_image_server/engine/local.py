@@ -148,9 +148,7 @@ class _ModelPool:
     def dispatch(self) -> None:
         idle = [w for w in self.workers if w.state == "idle"]
         while idle and self.pending:
-            piece = self.pending.popleft()
-            if piece.job.cancelled:
-                continue
+            piece = self.pending.popleft()  # (a cancelled job's pieces left the queue: ``_cancel``)
             worker = idle.pop(0)
             worker.state = "busy"
             worker.running = piece

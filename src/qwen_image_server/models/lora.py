@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
-from .profile import SERVED_NAME, SERVED_NAME_RULE, LoraSpec, ProfileError, parse_bool, split_scoped
+from .profile import SERVED_NAME, SERVED_NAME_RULE, LoraSpec, ProfileError, parse_bool
 
 #: Built-in presets. ``lightning``: as Qwen-Image-Lightning publishes it (8 steps; set ``steps=4``
 #: for the 4-step LoRAs), no true CFG, exponential time shift with base_shift = max_shift = ln 3.
@@ -92,13 +92,14 @@ def parse_lora_flag(text: str) -> LoraSpec:
     name, rest = name.strip(), rest.strip()
     if not SERVED_NAME.fullmatch(name):  # requests name it; QIS_LORAS separates entries with ';', '@' scopes
         raise ProfileError(f"--lora {name!r}: a LoRA's name is {SERVED_NAME_RULE}")
-    value, model = split_scoped(rest, path=True)
-    if model is not None and ".safetensors" in model.lower():  # an '@' in the file's name (v@1.safetensors), not a scope
-        value, model = rest, None
+    # The last '@' scopes the LoRA, unless it is part of the path: of the file's name (v@1.safetensors), or of a
+    # folder's (/loras/style@v2/x.bin: a '/' after it), save right after a .safetensors file and its options
+    # (x.safetensors@Qwen/Qwen-Image: a model id with a '/').
     head, at, tail = rest.rpartition("@")
-    scope_like = ".safetensors" not in tail.lower() and not Path(rest).expanduser().is_file()
-    if model is None and at and "/" in tail and scope_like and _file_part(head).lower().endswith(".safetensors"):
-        value, model = head, tail  # a model id with a '/' (x.safetensors@Qwen/Qwen-Image): after the file, a scope
+    scoped = at and head and tail and ".safetensors" not in tail.lower()
+    if scoped and "/" in tail:
+        scoped = _file_part(head).lower().endswith(".safetensors") and not Path(rest).expanduser().is_file()
+    value, model = (head, tail) if scoped else (rest, None)
     path, options = value, {}
     head, colon, tail = value.rpartition(":")
     # a ':' in the file's own path (an existing file) is not where options begin

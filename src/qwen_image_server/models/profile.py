@@ -168,16 +168,15 @@ SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 SERVED_NAME_RULE = "letters, digits and . _ : / + - (at most 128, no '@', ';', ',' or '=')"
 
 
-#: The model folder's file of server settings (``spec.SIDECAR_NAME``), as errors name it.
-SIDECAR_FILE = "qwen_image_server.json"
+#: The model folder's file of server settings (``spec.py`` reads it; errors name it).
+SIDECAR_NAME = "qwen_image_server.json"
 
 
-def split_scoped(value: str, path: bool = False) -> tuple[str, str | None]:
+def split_scoped(value: str) -> tuple[str, str | None]:
     """``VALUE@MODEL`` → ``("VALUE", "MODEL")``; a plain value applies to every model. ``MODEL`` may be an id with a
-    '/' (``Qwen/Qwen-Image``); where the value is a file's path (``path``: a LoRA's), an '@' followed by a '/' is
-    part of the path (``/loras/style@v2/x.safetensors``) instead."""
+    '/' (``Qwen/Qwen-Image``). (A LoRA's path has its own rule: ``lora.parse_lora_flag``.)"""
     head, sep, model = value.rpartition("@")
-    if sep and head and model and not (path and "/" in model):
+    if sep and head and model:
         return head, model
     return value, None
 
@@ -214,7 +213,7 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
             try:
                 values[key] = _coerce(key, sidecar[key], model)
             except ProfileError as exc:
-                raise ProfileError(f"{exc} (from the model folder's {SIDECAR_FILE}; a flag for it replaces it)") from None
+                raise ProfileError(f"{exc} (from the model folder's {SIDECAR_NAME}; a flag for it replaces it)") from None
     profile = replace(RunProfile(), **values, loras=tuple(lora for lora in loras if lora.model == model))
     check_profile(model, profile)
     return profile

@@ -23,7 +23,7 @@ from .profile import (
     PROFILE_KEYS,
     SERVED_NAME,
     SERVED_NAME_RULE,
-    SIDECAR_FILE,
+    SIDECAR_NAME,
     LoraSpec,
     ProfileError,
     RunProfile,
@@ -43,7 +43,6 @@ PIPELINE_KINDS: dict[str, ModelKind] = {
 }
 
 #: Optional per-model settings a folder may carry in this file (the tiny models do).
-SIDECAR_NAME = SIDECAR_FILE
 _SIDECAR_KEYS = {"edit_area", "condition_area", "default_size", "default_steps", *PROFILE_KEYS}
 
 

@@ -305,9 +305,10 @@ class ImageService:
         stored = frozenset[str]()  # this response's images so far: a bound on the store never deletes them
         for image in result.images:
             if prepared.req.response_format == "url" and not prepared.req.stream:
-                name = await in_store_thread(self.store.save, image.data, prepared.job.output_format, stored, write=True)
+                name, url = await in_store_thread(
+                    self._store, image.data, prepared.job.output_format, stored, base_url, write=True
+                )
                 stored |= {name}
-                url = await in_store_thread(self.image_url, name, base_url, write=True)  # presigning may fetch credentials
                 data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
             else:
                 data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
@@ -326,8 +327,14 @@ class ImageService:
         )
         return body, result
 
+    def _store(self, data: bytes, output_format: str, keep: frozenset[str], base_url: str) -> tuple[str, str]:
+        """Store an image for response_format=url: its name and URL (blocking: a store call, and presigning may fetch
+        credentials)."""
+        name = self.store.save(data, output_format, keep)
+        return name, self.image_url(name, base_url)
+
     def image_url(self, name: str, base_url: str) -> str:
-        """The URL of a stored image for response_format=url (blocking: a presigned one may fetch credentials)."""
+        """The URL of a stored image for response_format=url."""
         direct = self.store.public_url(name)
         if direct:
             return direct
