@@ -315,12 +315,12 @@ class Settings(PerModelLimits, BaseSettings):
     def _url_prefix(cls, value: str | None) -> str | None:
         return files.checked_url_prefix(value)  # absolute http(s) URLs only: clients fetch them as given
 
-    @field_validator("openai_base_url")
+    @field_validator("openai_base_url", "openai_api_key", mode="before")
     @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        """Blank is unset (compose's ``${OPENAI_BASE_URL:-}``); a bad URL is refused only with rewriting on for every
-        request (``_check_sides``), as other tools read this variable too (``rewrite.make_rewriter`` warns)."""
-        return (value.strip() or None) if value is not None else None
+    def _blank_is_unset(cls, value: object) -> object:
+        """Blank is unset (compose's ``${OPENAI_BASE_URL:-}``), surrounding whitespace dropped. A bad URL is refused
+        only with rewriting on for every request (``_check_sides``): other tools read it too (``make_rewriter`` warns)."""
+        return (value.strip() or None) if isinstance(value, str) else value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

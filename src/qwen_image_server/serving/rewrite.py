@@ -82,9 +82,8 @@ def make_rewriter(settings: Settings) -> PromptRewriter | None:
     """The server's rewriter when any of ``ENABLE_PROMPT_REWRITE``, ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` is set
     (a request may then ask for rewriting), else None. A base URL it cannot post to is said at start (refused then
     with ``ENABLE_PROMPT_REWRITE``: ``Settings``); rewrites asked for then fall back to the request's prompt."""
-    key = settings.openai_api_key.get_secret_value().strip() if settings.openai_api_key else ""
-    key_or_none = key or None  # blank is unset, as compose's ${OPENAI_API_KEY:-} sets it
-    if not (settings.enable_prompt_rewrite or key_or_none is not None or settings.openai_base_url is not None):
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None  # (blank: None, Settings)
+    if not (settings.enable_prompt_rewrite or key is not None or settings.openai_base_url is not None):
         return None
     url: str | None = None
     try:
@@ -94,7 +93,7 @@ def make_rewriter(settings: Settings) -> PromptRewriter | None:
         log.warning("prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL %s", exc)
     return PromptRewriter(
         url,
-        key_or_none,
+        key,
         settings.openai_model,
         timeout=settings.rewrite_timeout,
         retries=settings.rewrite_retries,
