@@ -8,9 +8,9 @@ import os
 from collections.abc import Callable, Mapping
 
 import typer
-from pydantic import AliasChoices, ValidationError
+from pydantic import ValidationError
 
-from .config import Settings, check_key_variables, key_variables
+from .config import Settings, alias_names, check_key_variables, key_variables
 from .config_files import shown_url
 from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
@@ -112,9 +112,8 @@ def _flags_of_fields() -> dict[str, str]:
 
 def env_names(field: str) -> list[str]:
     """The environment variables of the setting named ``field`` or one of its aliases."""
-    for name, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+    for name in Settings.model_fields:
+        choices = alias_names(name)
         if field == name or field in choices:
             return choices or [f"QIS_{name.upper()}"]
     return [field]

@@ -318,8 +318,7 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("openai_base_url", "openai_api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        """Blank is unset (compose's ``${OPENAI_BASE_URL:-}``), surrounding whitespace dropped. A bad URL is refused
-        only with rewriting on for every request (``_check_sides``): other tools read it too (``make_rewriter`` warns)."""
+        """Blank is unset (compose's ``${VAR:-}``), whitespace dropped (a bad URL: ``_check_sides``, ``make_rewriter``)."""
         return (value.strip() or None) if isinstance(value, str) else value
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -424,11 +423,15 @@ class Settings(PerModelLimits, BaseSettings):
         return repeated_entries(configured_entries(self))
 
 
+def alias_names(field: str) -> list[str]:
+    """The environment variables (and Ray args) a Settings field also goes by, first read first; [] for none."""
+    alias = Settings.model_fields[field].validation_alias
+    return [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
+
+
 def key_variables(environ: Mapping[str, str]) -> dict[str, frozenset[str]]:
-    """The API-key variables set in ``environ`` (their names in any case, as the settings read them; in the
-    settings' order), each with its keys."""
-    alias = Settings.model_fields["api_keys"].validation_alias
-    names = [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
+    """The API-key variables set in ``environ`` (names in any case, as the settings read them; their order), with keys."""
+    names = alias_names("api_keys")
     given = {variable.upper(): value for variable, value in environ.items() if variable.upper() in names}
     return {name: frozenset(key.strip() for key in given[name].split(",") if key.strip()) for name in names if name in given}
 
@@ -440,7 +443,7 @@ def check_key_variables(environ: Mapping[str, str], flag_given: bool) -> None:
     given directly (``flag_given``: ``--api-key``, a Ray app's ``api_keys``), which replace both. No key is shown."""
     given = key_variables(environ)
     if not flag_given and len(set(given.values())) > 1:
-        first = Settings.model_fields["api_keys"].validation_alias.choices[0]  # type: ignore[union-attr]
+        first = next(iter(given))  # (both are set: the first the settings read)
         raise ValueError(
             f"invalid settings:\n  {' and '.join(given)} are both set, to different keys: only {first} would be read "
             "(they are not merged); keep one of them"

@@ -17,7 +17,7 @@ from ray import serve
 
 from .api.app import create_app
 from .cli_settings import settings_problem
-from .config import Settings, check_key_variables
+from .config import Settings, alias_names, check_key_variables
 from .engine.ray_deploy import build_deployments
 from .models.spec import ModelSpec, resolve_configured
 
@@ -34,9 +34,8 @@ def app_builder(args: dict):
     environment variables work as for ``qwen-image-server serve``.
     """
     args = dict(args or {})
-    known = set(Settings.model_fields) | {  # the fields, and their variables' names, which Settings takes as well
-        str(name) for info in Settings.model_fields.values() for name in getattr(info.validation_alias, "choices", ())
-    }
+    # the fields, and their variables' names, which Settings takes as well
+    known = set(Settings.model_fields) | {name for field in Settings.model_fields for name in alias_names(field)}
     unknown = sorted(key for key in args if key not in known)
     if unknown:  # Settings ignores what it does not know: a misspelled setting would be dropped without a word
         raise ValueError(
