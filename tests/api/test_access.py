@@ -6,7 +6,6 @@ import io
 import logging
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
@@ -22,7 +21,9 @@ def keyed(make_api, tiny_t2i, tmp_path_factory):
     return make_api({"qwen-image-tiny": tiny_t2i}, api_keys=[KEY], api_keys_file=keys_file, cors_origins=[ALLOWED]).client
 
 
-def _sdk(client, key: str) -> openai.OpenAI:
+def _sdk(client, key: str):
+    import openai  # here, not at the top: a test process that never runs this module does not import the SDK
+
     return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, max_retries=0, http_client=client)
 
 
@@ -37,6 +38,8 @@ def test_the_openai_sdk_works_with_a_key(keyed):
 
 
 def test_a_missing_or_wrong_key_is_401_in_the_envelope(keyed):
+    import openai  # here, not at the top: a test process that never runs this module does not import the SDK
+
     for headers in ({}, _auth("sk-wrong"), {"Authorization": "Basic abc"}):
         response = keyed.post("/v1/images/generations", json={"prompt": "a cat", **FAST}, headers=headers)
         assert response.status_code == 401, response.text

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+from importlib.util import find_spec
 
 import httpx
 import pytest
 from PIL import Image
 
-# The test extra installs both; a machine given only the server's wheels (a GPU image) skips this module.
-boto3 = pytest.importorskip("boto3")
-pytest.importorskip("moto")
+# The test extra installs both; a machine given only the server's wheels (a GPU image) skips this module. Both are
+# imported by the fixture, not here: collecting the suite imports this module in every test process.
+pytestmark = pytest.mark.skipif(find_spec("boto3") is None or find_spec("moto") is None, reason="needs boto3 and moto")
 
 
 @pytest.fixture(scope="module")
 def s3():
+    import boto3
     from moto.server import ThreadedMotoServer
 
     from conftest import free_port

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
@@ -30,6 +29,8 @@ def test_error_after_the_stream_started_is_an_error_event(short, caplog):
     import json
     import logging
 
+    import openai  # here, not at the top: a test process that never runs this module does not import the SDK
+
     caplog.set_level(logging.WARNING)
     body = {"prompt": "slow", "stream": True, "partial_images": 1, "size": "1024x1024", "num_inference_steps": 1000}
     headers = {"X-Request-ID": "stream-rid-1"}
@@ -51,6 +52,8 @@ def test_a_timeout_is_answered_once_not_retried_by_the_sdk(short):
     """A 504 says the job ran out of its time, which the same job would again: the answer tells clients not to retry
     (``X-Should-Retry: false``), which the SDK's default client (two retries of every 5xx) obeys. One run of the job,
     not three, each holding a worker for the whole task timeout."""
+    import openai  # here, not at the top: a test process that never runs this module does not import the SDK
+
     client = openai.OpenAI(base_url=f"{short.client.base_url}/v1", api_key="unused", http_client=short.client)
     assert client.max_retries == 2
     with pytest.raises(openai.APIStatusError, match="Task timeout") as caught:

@@ -106,7 +106,8 @@ def test_the_packaged_tensor_table_is_what_the_model_classes_hold(name):
 
 def test_an_unchanged_random_source_is_sized_from_its_table_without_building_it(monkeypatch):
     """Sizing ``random:Qwen/Qwen-Image`` for the plan builds no module (milliseconds, and no diffusers import in the
-    API process); the same source with overrides still is built, as only that tells its tensors."""
+    API process), nor does the same source with fewer or more blocks (``layers``, ``text_layers``, ``vision_depth``);
+    one whose widths change still is built, as only that tells its tensors."""
     import qwen_image_server.models.random_arch as random_arch
 
     def build(*args, **kwargs):
@@ -117,8 +118,32 @@ def test_an_unchanged_random_source_is_sized_from_its_table_without_building_it(
     assert model.origin == "architecture (random weights)"
     assert sum(len(tensors) for tensors in model.components.values()) == 1933 + 729 + 194
     assert (model.inner_dim, model.text_encoder["hidden_size"]) == (3072, 3584)
+    shallow = read_tensors(resolve_model("random:Qwen/Qwen-Image?layers=2&text_layers=1&vision_depth=3"))
+
+    def blocks(component: str, prefix: str) -> set[str]:
+        return {t.name.removeprefix(prefix).split(".")[0] for t in shallow.components[component] if t.name.startswith(prefix)}
+
+    assert blocks("transformer", "transformer_blocks.") == {"0", "1"}
+    assert blocks("text_encoder", "model.language_model.layers.") == {"0"}
+    assert blocks("text_encoder", "model.visual.blocks.") == {"0", "1", "2"}
     with pytest.raises(UnknownFootprint, match="built on the meta device"):
-        read_tensors(resolve_model("random:Qwen/Qwen-Image?layers=2"))
+        read_tensors(resolve_model("random:Qwen/Qwen-Image?layers=2&heads=4"))
+
+
+@pytest.mark.parametrize("overrides", ["layers=2&text_layers=1&vision_depth=1", "layers=70&vision_depth=40", "text_layers=3"])
+def test_a_random_source_of_other_depths_has_the_table_the_model_classes_hold(overrides):
+    """The table of a source with depth overrides, made from the packaged one without building anything, lists
+    exactly what its modules built on the meta device hold, in the same order (the fewer blocks of tests and the
+    more of larger runs)."""
+    from importlib import metadata
+
+    from qwen_image_server.models.random_source import _tensor_tables
+
+    source = f"random:Qwen/Qwen-Image?{overrides}"
+    made_with = _tensor_tables()["Qwen/Qwen-Image"]["made_with"]
+    if any(metadata.version(package) != version for package, version in made_with.items()):
+        pytest.skip(f"the packaged table names tensors as {made_with} do")
+    assert tensor_table(parse_random_source(source)) == tensor_rows(source)
 
 
 def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_crash(monkeypatch):
@@ -128,7 +153,7 @@ def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_cras
         raise RuntimeError("the classes refuse these values")
 
     monkeypatch.setattr(random_arch, "build_components", refuse)
-    spec = resolve_model("random:Qwen/Qwen-Image?layers=2")
+    spec = resolve_model("random:Qwen/Qwen-Image?layers=2&heads=4")  # other widths: only building tells
     with pytest.raises(UnknownFootprint, match="could not be built to size them: the classes refuse these values"):
         read_tensors(spec)
     card = [Gpu("cuda:0", "80 GB card", 80 * GIB, 80 * GIB)]

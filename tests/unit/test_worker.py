@@ -14,7 +14,6 @@ import threading
 from multiprocessing import Pipe
 
 import pytest
-import torch
 from PIL import Image
 from worker_fakes import CUDA_OOM, WAIT, FakeRunner, job, until_finished
 
@@ -97,6 +96,8 @@ def test_a_failing_task_reports_one_line_and_the_worker_goes_on(served):
 def _stub_cuda(monkeypatch, runner: FakeRunner, synchronize=None) -> list[bool]:
     """CUDA's calls after a failure, stubbed: the list notes, for each ``empty_cache``, whether the failed call's
     working tensor was gone by then (what is still referenced cannot be given back to the GPU)."""
+    import torch  # here, not at the top: collecting this module imports no torch
+
     emptied: list[bool] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(runner.held is not None and runner.held() is None))
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize or (lambda device=None: None))
@@ -136,17 +137,25 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     assert error.message.startswith("This request's cache does not fit in its worker's memory: out of memory on the device")
 
 
+def _cuda_out_of_memory() -> Exception:
+    import torch  # here, not at the top: collecting this module imports no torch
+
+    return torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+
 @pytest.mark.parametrize(
-    ("exc", "said"),
+    ("make", "said"),
     [
-        (torch.cuda.OutOfMemoryError(CUDA_OOM), OUT_OF_MEMORY),
-        (MemoryError(), OUT_OF_HOST_MEMORY),
+        (_cuda_out_of_memory, OUT_OF_MEMORY),
+        (MemoryError, OUT_OF_HOST_MEMORY),
         (
-            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
+            lambda: RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"
+            ),
             OUT_OF_HOST_MEMORY,
         ),
         (
-            RuntimeError(
+            lambda: RuntimeError(
                 "MPS backend out of memory (MPS allocated: 17.01 GB, other allocations: 1.02 GB, max allowed: 18.13 GB)"
             ),
             OUT_OF_MEMORY,
@@ -154,8 +163,9 @@ def test_running_out_of_memory_is_named_without_torchs_details_and_the_worker_go
     ],
     ids=["cuda", "python", "cpu-allocator", "mps"],
 )
-def test_each_kind_of_out_of_memory_is_one_short_reason(exc, said):
+def test_each_kind_of_out_of_memory_is_one_short_reason(make, said):
     """The device's memory or the machine's (a GPU worker encoding an image, a CPU worker) are named apart."""
+    exc = make()
     assert short_reason(exc) == said  # a model's load: no advice about requests
     assert short_reason(exc, request=True) == said + OUT_OF_MEMORY_ADVICE
 
@@ -227,6 +237,8 @@ def test_on_cuda_memory_is_reported_again_after_the_first_job_and_a_failure_empt
 
 
 def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
+    import torch  # here, not at the top: collecting this module imports no torch
+
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine.ray_serve import _as_server_error
 
@@ -247,6 +259,7 @@ def test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way():
 def test_a_broken_gpu_fails_the_task_and_ends_the_worker_for_a_new_one(monkeypatch):
     """A CUDA error that breaks the process's context (an illegal memory access): every later call would fail too, so
     the task fails saying so and the worker process exits (its engine starts a new one) instead of answering 500s."""
+    import torch  # here, not at the top: collecting this module imports no torch
     from worker_fakes import spec, stub_runner
 
     from qwen_image_server.engine.worker import worker_main

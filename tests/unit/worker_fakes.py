@@ -10,8 +10,8 @@ import types
 import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
-import torch
 from PIL import Image
 
 from qwen_image_server.engine.worker import Cancel, Done, Failed
@@ -25,6 +25,14 @@ CUDA_OOM = (
     "is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
 )
+
+
+def _torch():
+    """torch, imported when a fake runner is made or fails, not when a test module imports this one: collecting the
+    suite imports every test module in each test process, most of which never need torch."""
+    import torch
+
+    return torch
 
 
 WAIT = 30.0  # seconds any one message may take
@@ -44,7 +52,7 @@ class FakeRunner:
     """What ``Worker`` uses of a ``PipelineRunner``. Prompts steer it: "boom" raises, "wait" runs until cancelled."""
 
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: Any = field(default_factory=lambda: _torch().float32)
     last_stats: dict = field(default_factory=dict)
     started: threading.Event = field(default_factory=threading.Event)
     memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
@@ -60,6 +68,7 @@ class FakeRunner:
                 unencodable = job.prompt == "bad preview" and step == 0
                 on_partial(index, step, _Unencodable() if unencodable else Image.new("RGB", (8, 8)))
         if job.prompt in ("boom", "oom", "oom-cache"):
+            torch = _torch()
             working = torch.zeros(4)
             self.held = weakref.ref(working)
             if job.prompt == "boom":

@@ -85,15 +85,40 @@ def _tensor_tables() -> dict[str, dict]:
     return json.loads(gzip.decompress(path.read_bytes())) if path.is_file() else {}
 
 
+#: Overrides that change only how often a component's block repeats (its blocks are all alike): the component's
+#: tensors are the packaged ones with that block's rows cut or repeated. The others change widths.
+DEPTH_OVERRIDES = {
+    "layers": ("transformer", "transformer_blocks."),
+    "text_layers": ("text_encoder", "model.language_model.layers."),
+    "vision_depth": ("text_encoder", "model.visual.blocks."),
+}
+
+
 def tensor_table(random: RandomSource) -> dict[str, list[list]] | None:
     """The packaged table of ``random``'s tensors (component → ``[name, dtype, numel, ndim]`` rows), or None when its
-    architecture is changed by overrides (then only building it tells). Reading it needs neither torch nor the model
-    classes: sizing a ``random:`` source for the memory plan takes milliseconds instead of the seconds of importing
-    diffusers and transformers and building the modules on the meta device."""
-    if random.overrides:
+    overrides change widths (then only building it tells). Reading it needs neither torch nor the model classes:
+    sizing a ``random:`` source for the memory plan takes milliseconds instead of the seconds of importing diffusers
+    and transformers and building the modules on the meta device. Depth overrides (``DEPTH_OVERRIDES``) repeat or
+    cut the block rows of the packaged table."""
+    if set(random.overrides) - set(DEPTH_OVERRIDES):
         return None
     entry = _tensor_tables().get(random.name)
-    return entry["components"] if entry else None
+    if not entry:
+        return None
+    table = dict(entry["components"])
+    for key, count in random.overrides.items():
+        component, prefix = DEPTH_OVERRIDES[key]
+        table[component] = _repeat_block(table[component], prefix, count)
+    return table
+
+
+def _repeat_block(rows: list[list], prefix: str, count: int) -> list[list]:
+    """``rows`` with the blocks named ``PREFIX{i}.`` made ``count`` copies of block 0, where the blocks were."""
+    first = [row for row in rows if row[0].startswith(f"{prefix}0.")]
+    blocks = [[f"{prefix}{i}.{name[len(prefix) + 2 :]}", *rest] for i in range(count) for name, *rest in first]
+    at = next(i for i, row in enumerate(rows) if row[0].startswith(prefix))
+    others = [row for row in rows if not row[0].startswith(prefix)]
+    return others[:at] + blocks + others[at:]
 
 
 @dataclass(frozen=True)
