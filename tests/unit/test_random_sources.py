@@ -245,3 +245,14 @@ def test_response_stats_give_queue_and_pipeline_seconds(tmp_path):
     body, _ = asyncio.run(service.run(prepared, "http://x/"))
     assert body.stats["pipeline_seconds"] == pytest.approx(1.25)
     assert 2.0 <= body.stats["queue_seconds"] < 2.5
+
+
+def test_depth_rows_are_repeated_in_place_and_a_table_without_such_blocks_is_built_instead():
+    from qwen_image_server.models.random_source import _repeat_block
+
+    rows = [["embed.w", "BF16", 4, 2], ["blocks.0.a", "BF16", 2, 1], ["blocks.0.b", "BF16", 3, 1], ["blocks.1.a", "BF16", 2, 1],
+            ["blocks.1.b", "BF16", 3, 1], ["norm.w", "BF16", 1, 1]]  # fmt: skip
+    names = [row[0] for row in _repeat_block(rows, "blocks.", 3) or []]
+    assert names == ["embed.w", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "blocks.2.a", "blocks.2.b", "norm.w"]
+    assert [row[0] for row in _repeat_block(rows, "blocks.", 1) or []] == ["embed.w", "blocks.0.a", "blocks.0.b", "norm.w"]
+    assert _repeat_block(rows, "model.layers.", 2) is None

@@ -108,13 +108,19 @@ def tensor_table(random: RandomSource) -> dict[str, list[list]] | None:
     table = dict(entry["components"])
     for key, count in random.overrides.items():
         component, prefix = DEPTH_OVERRIDES[key]
-        table[component] = _repeat_block(table[component], prefix, count)
+        rows = _repeat_block(table[component], prefix, count)
+        if rows is None:  # a table whose blocks are named otherwise: building tells
+            return None
+        table[component] = rows
     return table
 
 
-def _repeat_block(rows: list[list], prefix: str, count: int) -> list[list]:
-    """``rows`` with the blocks named ``PREFIX{i}.`` made ``count`` copies of block 0, where the blocks were."""
+def _repeat_block(rows: list[list], prefix: str, count: int) -> list[list] | None:
+    """``rows`` with the blocks named ``PREFIX{i}.`` made ``count`` copies of block 0, where the blocks were; None
+    when no block is named so."""
     first = [row for row in rows if row[0].startswith(f"{prefix}0.")]
+    if not first:
+        return None
     blocks = [[f"{prefix}{i}.{name[len(prefix) + 2 :]}", *rest] for i in range(count) for name, *rest in first]
     at = next(i for i, row in enumerate(rows) if row[0].startswith(prefix))
     others = [row for row in rows if not row[0].startswith(prefix)]
