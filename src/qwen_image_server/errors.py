@@ -29,6 +29,12 @@ class InvalidRequest(ServerError):
     code = "invalid_value"
 
 
+class TooManyImages(InvalidRequest):
+    """More images than one edit takes (400), as JSON or as multipart files."""
+
+    code = "too_many_files"
+
+
 class InvalidImage(InvalidRequest):
     """An uploaded image or mask cannot be decoded or does not fit (400)."""
 

@@ -114,13 +114,18 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
+def mask_has_alpha(mask: Image.Image) -> bool:
+    """Whether a mask's transparency marks where to edit (else its white does)."""
+    return mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)
+
+
 def mask_to_array(mask: Image.Image) -> np.ndarray:
     """A repaint mask (255 = repaint) from an OpenAI-style mask.
 
     With an alpha channel, fully transparent pixels mark where to edit (OpenAI's
     convention). Without one, white pixels mark it (diffusers' convention).
     """
-    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+    if mask_has_alpha(mask):
         alpha = np.array(mask.convert("RGBA"), dtype=np.uint8)[:, :, 3]
         return np.where(alpha == 0, 255, 0).astype(np.uint8)
     gray = np.array(mask.convert("L"), dtype=np.uint8)

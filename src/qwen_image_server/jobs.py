@@ -54,6 +54,15 @@ class Job:
     def n(self) -> int:
         return len(self.seeds)
 
+    @property
+    def denoising_steps(self) -> int:
+        """How many denoising steps the pipeline runs: a variation (img2img) skips the first ``steps * (1 -
+        strength)`` of them, as diffusers' ``get_timesteps`` does; everything else runs all of them."""
+        steps = self.num_inference_steps
+        if self.mode == "variation":
+            return steps - int(max(steps - min(steps * self.strength, steps), 0))
+        return steps
+
     def split(self, batch_size: int) -> list[Job]:
         """The same job cut into pieces of at most ``batch_size`` images, seeds kept in order."""
         return [replace(self, seeds=self.seeds[i : i + batch_size]) for i in range(0, len(self.seeds), batch_size)]

@@ -96,6 +96,11 @@ def test_response_echoes_size_format_and_quality(http):
     assert image.format == "WEBP" and image.size == (320, 256)
 
 
+def test_jpg_is_jpeg(http):
+    body = _generate(http, output_format="jpg", seed=2)
+    assert body["output_format"] == "jpeg" and _image(body["data"][0]).format == "JPEG"
+
+
 def test_default_echoes(http):
     body = _generate(http, seed=2)  # 2 steps: fewer than any level's
     assert (body["size"], body["output_format"], body["quality"]) == ("256x256", "png", "low")
@@ -122,6 +127,61 @@ def test_quality_echoed_is_openais_level_of_the_steps_that_ran(api, fields, step
     with api.client.stream("POST", "/v1/images/generations", json={"prompt": "a mill", "stream": True, **fields}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1]["type"] == "image_generation.completed" and events[-1]["quality"] == echoed
+
+
+@pytest.mark.parametrize(
+    ("fields", "echoed"),
+    [
+        ({"quality": "high", "strength": "0.3"}, "low"),  # 15 of the 50 steps of high
+        ({"num_inference_steps": "100", "strength": "0.5"}, "high"),
+        ({"num_inference_steps": "100", "strength": "1"}, "max"),
+    ],
+)
+def test_a_variations_quality_is_that_of_the_steps_it_ran(api, fields, echoed):
+    """A variation (img2img) runs ``steps x strength`` of the steps asked for (diffusers skips the others): its echo
+    is the level of those, as the response's transformer calls count them."""
+    from conftest import png_bytes
+
+    files = {"image": ("in.png", png_bytes(), "image/png")}
+    response = api.client.post("/v1/images/variations", files=files, data={"seed": "3", **fields})
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["quality"] == echoed
+
+
+@pytest.mark.parametrize(("given", "returned"), [((256, 192), (336, 256)), ((192, 256), (256, 336)), ((512, 64), (2048, 256))])
+def test_a_variation_without_a_size_keeps_the_inputs_aspect_ratio_within_the_side_limits(api, given, returned):
+    """At the tiny model's default area (256x256) a 4:3 input would have a side under the least (256): the size is
+    scaled as a whole until both sides fit (each side clamped alone gave 288x256 for 4:3, and 736x256 for 8:1)."""
+    from conftest import png_bytes
+
+    files = {"image": ("in.png", png_bytes(given), "image/png")}
+    response = api.client.post("/v1/images/variations", files=files, data={"seed": "3", "model": "qwen-image-tiny"})
+    assert response.status_code == 200, response.text[:300]
+    assert _image(response.json()["data"][0]).size == returned and response.json()["size"] == "{}x{}".format(*returned)
+
+
+def test_an_edit_of_a_long_thin_input_keeps_its_ratio_within_the_side_limits(api):
+    """The edit pipeline would render a 6:1 input at the tiny model's edit area (256x256) as 640x96; within the side
+    limits it is 1536x256, still 6:1 (each side clamped alone gave 640x256)."""
+    from conftest import png_bytes
+
+    files = {"image": ("in.png", png_bytes((1200, 200)), "image/png")}
+    data = {"seed": "3", "model": "qwen-image-edit-tiny", "prompt": "make it blue"}
+    response = api.client.post(EDITS, files=files, data=data)
+    assert response.status_code == 200, response.text[:300]
+    assert _image(response.json()["data"][0]).size == (1536, 256)
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   "])
+def test_a_variation_without_a_prompt_or_with_a_blank_one_echoes_none_and_counts_no_tokens(api, prompt):
+    from conftest import png_bytes
+
+    data = {"seed": "3"} | ({} if prompt is None else {"prompt": prompt})
+    response = api.client.post("/v1/images/variations", files={"image": ("in.png", png_bytes(), "image/png")}, data=data)
+    assert response.status_code == 200, response.text[:300]
+    body, (_, job) = response.json(), api.engine.jobs[-1]
+    assert "revised_prompt" not in body["data"][0] and body["usage"]["input_tokens_details"]["text_tokens"] == 0
+    assert job.prompt == "" and job.true_cfg_scale == 1.0
 
 
 def test_quality_low_is_accepted_without_explicit_steps(http):

@@ -83,6 +83,7 @@ VALIDATION_CASES = [
     ("width not a multiple of 16", {"prompt": "a cat", "width": 250, "height": 256}, "width"),
     ("bad response_format", {"prompt": "a cat", "response_format": "png"}, "response_format"),
     ("bad output_format", {"prompt": "a cat", "output_format": "gif"}, "output_format"),
+    ("output_format in capitals", {"prompt": "a cat", "output_format": "JPG"}, "output_format"),  # as JPEG and PNG are
     ("output_compression 101", {"prompt": "a cat", "output_compression": 101}, "output_compression"),
     ("output_compression -1", {"prompt": "a cat", "output_compression": -1}, "output_compression"),
     ("bad quality", {"prompt": "a cat", "quality": "ultra"}, "quality"),
@@ -245,9 +246,15 @@ def test_undecodable_mask(http_client):
     assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
 
 
-def test_mask_that_marks_nothing(http_client):
-    files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", _png(256, 256, "RGBA", (0, 0, 0, 255)), "image/png"))]
-    assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+@pytest.mark.parametrize(
+    ("mode", "fill", "said"),
+    [("RGBA", (0, 0, 0, 255), "no transparent pixels"), ("L", 0, "no white pixels"), ("RGB", (0, 0, 0), "no white pixels")],
+)
+def test_mask_that_marks_nothing(http_client, mode, fill, said):
+    """Named by the convention the mask is read with: its transparency, or (without alpha) its white."""
+    files = [("image", ("a.png", _png(), "image/png")), ("mask", ("m.png", _png(256, 256, mode, fill), "image/png"))]
+    error = assert_error(http_client.post(EDITS, data={"prompt": "a cat"}, files=files), 400, param="mask")
+    assert said in error["message"]
 
 
 def test_mask_with_several_images(http_client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 
@@ -79,11 +80,18 @@ def test_png_jpeg_and_webp_still_decode(http_client, fmt):
     assert response.status_code == 200, response.text[:300]
 
 
-def test_too_many_files_names_the_real_limit_and_has_a_code(http_client):
-    files = [("image[]", (f"{i}.png", _png(64, 64), "image/png")) for i in range(6)]
+@pytest.mark.parametrize("count", [5, 6])
+def test_too_many_files_names_the_real_limit_and_has_a_code(http_client, count):
+    """Five images (room for a mask in the multipart limit, but one image too many) are the same error as six, and
+    as five images in JSON."""
+    files = [("image[]", (f"{i}.png", _png(64, 64), "image/png")) for i in range(count)]
     error = assert_error(http_client.post(EDITS, data={"prompt": "p", "model": "qwen-image-edit-plus-tiny"}, files=files), 400)
     assert error["code"] == "too_many_files"
     assert "at most 4 images" in error["message"]
+    images = [base64.b64encode(_png(64, 64)).decode()] * count
+    body = {"prompt": "p", "model": "qwen-image-edit-plus-tiny", "images": images}
+    error = assert_error(http_client.post(EDITS, json=body), 400)
+    assert error["code"] == "too_many_files" and "at most 4 images" in error["message"]
 
 
 def test_empty_body_says_so(http_client):

@@ -41,6 +41,11 @@ def test_sizes(service):
         ({"size": "128x128"}, "size"),
         ({"aspect_ratio": "2:1"}, "aspect_ratio"),
         ({"width": 512}, "height"),
+        # each field given must be valid, also when another one wins over it
+        ({"aspect_ratio": "1:1", "size": "bogus"}, "size"),
+        ({"width": 256, "height": 256, "size": "garbage"}, "size"),
+        ({"width": 256, "height": 256, "aspect_ratio": "garbage"}, "aspect_ratio"),
+        ({"aspect_ratio": "16:9", "size": "4096x4096"}, "size"),
     ],
 )
 def test_bad_sizes(service, fields, param):

@@ -15,7 +15,7 @@ from qwen_image_server.errors import InvalidRequest, TaskCancelled
 from qwen_image_server.jobs import Job, JobResult, TaskResult
 from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile
 from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured, resolve_model
-from qwen_image_server.models.step_cache import CachePolicyError, denoising_steps, parse_policy
+from qwen_image_server.models.step_cache import CachePolicyError, parse_policy
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService
 
@@ -121,8 +121,8 @@ def test_job_results_sum_their_tasks_stats():
 
 
 def test_variations_run_fewer_denoising_steps():
-    assert denoising_steps(Job(mode="generate", prompt="p", seeds=[1], num_inference_steps=50)) == 50
-    assert denoising_steps(Job(mode="variation", prompt="p", seeds=[1], num_inference_steps=50, strength=0.6)) == 30
+    assert Job(mode="generate", prompt="p", seeds=[1], num_inference_steps=50).denoising_steps == 50
+    assert Job(mode="variation", prompt="p", seeds=[1], num_inference_steps=50, strength=0.6).denoising_steps == 30
 
 
 # --- cached runs on the tiny model ------------------------------------------------------------

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, TooManyImages
 from ..images import decode_base64_image
 from ..protocol.images import FORM_CONTEXT
 from ..serving.service import Upload
@@ -76,10 +76,8 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
-class TooManyFiles(InvalidRequest):
+class TooManyFiles(TooManyImages):
     """More files in a multipart body than one edit takes (400)."""
-
-    code = "too_many_files"
 
     def __init__(self, max_files: int, param: str = "image"):
         super().__init__(f"too many files: at most {max_files} images and one mask per request", param=param)

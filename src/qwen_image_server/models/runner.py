@@ -29,7 +29,7 @@ from .prompt_cache import PromptCache
 from .shared import ComponentCache
 from .spec import ModelSpec
 from .speed import apply_speed_settings
-from .step_cache import StepCache, denoising_steps, parse_policy
+from .step_cache import StepCache, parse_policy
 from .vae_tiling import vae_tiling
 from .working_memory import DIFFUSERS_CONDITION_AREA, DIFFUSERS_EDIT_AREA
 
@@ -257,7 +257,7 @@ class PipelineRunner:
             self.loras.applied(pipe, job.lora, job.lora_scale),
             job_rng(pipe, generators, job.seeds[0], self.device),
             torch.inference_mode(),
-            self.step_cache.run(policy, denoising_steps(job)) as stats,
+            self.step_cache.run(policy, job.denoising_steps) as stats,
             vae_tiling(pipe.vae, self.spec.profile.vae_tiling == "on"),
             self.speed.call(pipe),
             logged_compiles(self.spec, job),

@@ -176,18 +176,6 @@ def canonical_policy(text: str | None) -> str | None:
     return policy.canonical() if policy else None
 
 
-def denoising_steps(job) -> int:
-    """How many denoising steps (calls per cache context) the pipeline runs for ``job``.
-
-    Variations (img2img) skip the first ``steps * (1 - strength)`` steps as diffusers'
-    ``get_timesteps`` does; everything else runs all of them.
-    """
-    steps = job.num_inference_steps
-    if job.mode == "variation":
-        return steps - int(max(steps - min(steps * job.strength, steps), 0))
-    return steps
-
-
 def _order_trace_pending(transformer) -> bool:
     """Whether diffusers' group offload, with CUDA's side stream, has yet to trace the order of the transformer's
     blocks: it does so in the first forward after it is applied (a worker's warm-up), with a hook on every block,

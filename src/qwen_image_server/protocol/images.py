@@ -134,7 +134,7 @@ class _CommonRequest(BaseModel):
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, value: object) -> object:
-        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+        return "jpeg" if value == "jpg" else value  # lower case, as OpenAI's values are
 
 
 class _ImageRequest(_CommonRequest):

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidImage
-from ..images import mask_to_array, open_image, to_rgb_array
+from ..images import mask_has_alpha, mask_to_array, open_image, to_rgb_array
 
 #: Input images may be at most this much longer than wide (or wider than long).
 MAX_INPUT_ASPECT = 8
@@ -96,10 +96,12 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
             "they must be the same size",
             param="mask",
         )
+    has_alpha = mask_has_alpha(mask_image)
     mask_array = mask_to_array(mask_image)
     del mask_image
     if not mask_array.any():
-        raise InvalidImage("mask marks nothing to edit (no transparent pixels)", param="mask")
+        marks = "no transparent pixels" if has_alpha else "no white pixels: a mask without alpha edits where it is white"
+        raise InvalidImage(f"mask marks nothing to edit ({marks})", param="mask")
     small = (arrays[0].shape[1], arrays[0].shape[0])
     if small == first_size:
         return Decoded(arrays, mask_array)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import QUALITY_STEPS, Settings, quality_of
 from ..engine.base import EngineClient
-from ..errors import InvalidRequest, ModelNotAvailable
+from ..errors import InvalidRequest, ModelNotAvailable, TooManyImages
 from ..images import b64
 from ..jobs import RUN_COUNTERS, EncodedImage, Job, JobResult, PartialImage
 from ..models.lora import preset_for
@@ -237,7 +237,7 @@ class ImageService:
                 param="image",
             )
         if len(images) > self.settings.max_input_images:
-            raise InvalidRequest(f"at most {self.settings.max_input_images} images per request", param="image")
+            raise TooManyImages(f"at most {self.settings.max_input_images} images per request", param="image")
         if mask is not None and len(images) > 1:
             raise InvalidRequest("a mask can be combined with one image only", param="mask")
         size = self.resolve_size(req, None)
@@ -258,9 +258,8 @@ class ImageService:
             # size within the server's side limits (a long, thin input would otherwise come back thinner).
             height, width = arrays[-1].shape[:2]
             w, h = scaled(width, height, edit_area)
-            cw, ch = (self.sizes.clamp_side(v) for v in (w, h))
-            if (cw, ch) != (w, h):
-                job.width, job.height = cw, ch
+            if self.sizes.fit_sides(w, h) != (w, h):  # scaled as a whole, from the input's own ratio
+                job.width, job.height = self.sizes.at_area(width, height, edit_area)
         tokens = sum(patches(*scaled(a.shape[1], a.shape[0], edit_area)) for a in arrays)
         return await self._prepared(req, spec, job, "image_edit", input_image_tokens=tokens)
 
@@ -275,11 +274,12 @@ class ImageService:
         area = size.width * size.height if size is not None else dw * dh  # the img2img pipeline resizes to the output
         arrays = (await self._decode(spec, [image], None, INPUT_AREA_FACTOR * area)).arrays
         height, width = arrays[0].shape[:2]
-        if size is None:  # keep the input's aspect ratio at the model's default area
-            w, h = (self.sizes.clamp_side(v) for v in scaled(width, height, dw * dh))
+        if size is None:  # keep the input's aspect ratio at the model's default area, within the side limits
+            w, h = self.sizes.at_area(width, height, dw * dh)
             size = Size(w, h, w, h)
-        if req.true_cfg_scale is None and req.guidance_scale is None and not req.prompt.strip():
-            req = req.model_copy(update={"true_cfg_scale": 1.0})  # no prompt: nothing to guide towards
+        if not req.prompt.strip():  # a blank prompt is none: not echoed, no tokens
+            no_cfg = req.true_cfg_scale is None and req.guidance_scale is None  # and nothing to guide towards
+            req = req.model_copy(update={"prompt": "", **({"true_cfg_scale": 1.0} if no_cfg else {})})
         job = self._job(req, spec, "variation", size)
         job.images = arrays
         job.strength = req.strength
@@ -343,10 +343,11 @@ class ImageService:
 
     @staticmethod
     def echo(prepared: Prepared, image: EncodedImage) -> Echo:
-        """The settings actually used, as OpenAI echoes them (the quality: the level of the steps that ran)."""
+        """The settings actually used, as OpenAI echoes them (the quality: the level of the steps that ran, fewer than
+        those asked for in a variation)."""
         job = prepared.job
         return Echo(
-            output_format=job.output_format, size=f"{image.width}x{image.height}", quality=quality_of(job.num_inference_steps)
+            output_format=job.output_format, size=f"{image.width}x{image.height}", quality=quality_of(job.denoising_steps)
         )
 
     @staticmethod

@@ -36,29 +36,53 @@ class SizeRules:
             raise InvalidRequest(f"{param}: {problem}", param=param)
 
     def resolve(self, req: _CommonRequest, default: str | None) -> Size | None:
-        """The requested size; ``default`` when none is asked for (None: the pipeline chooses)."""
+        """The requested size; ``default`` when none is asked for (None: the pipeline chooses). ``width``/``height``
+        win over ``aspect_ratio``, which wins over ``size``; each one given must be valid, used or not (a malformed
+        field is a 400 whatever else the request holds)."""
+        given: list[Size] = []
         if req.width is not None or req.height is not None:
             if req.width is None or req.height is None:
                 raise InvalidRequest("width and height must be given together", param="width" if req.width is None else "height")
             self.check_side(req.width, req.height, "width")
-            return Size(req.width, req.height, req.width, req.height)
+            given.append(Size(req.width, req.height, req.width, req.height))
         if req.aspect_ratio is not None:
-            if req.aspect_ratio not in ASPECT_RATIOS:
-                raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
-            w, h = ASPECT_RATIOS[req.aspect_ratio]
+            given.append(self._aspect_ratio(req.aspect_ratio))
+        if req.size not in (None, "", "auto"):
+            given.append(self._size(req.size, "size"))
+        if given:
+            return given[0]
+        return None if default is None else self._size(default, "size")
 
-            # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
-            def up(v: int) -> int:
-                return math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    def _aspect_ratio(self, ratio: str) -> Size:
+        if ratio not in ASPECT_RATIOS:
+            raise InvalidRequest(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}", param="aspect_ratio")
+        w, h = ASPECT_RATIOS[ratio]
 
-            self.check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
-            return Size(up(w), up(h), w, h)
-        size = req.size if req.size not in (None, "", "auto") else default
-        if size is None:
-            return None
-        w, h = parse_size(size, "size")
-        self.check_side(w, h, "size")
+        # The pipeline renders multiples of 16; 1140 is rendered as 1152 and center-cropped.
+        def up(v: int) -> int:
+            return math.ceil(v / SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+        self.check_side(up(w), up(h), "aspect_ratio")  # a server with lower side limits refuses the larger ratios
+        return Size(up(w), up(h), w, h)
+
+    def _size(self, size: str, param: str) -> Size:
+        w, h = parse_size(size, param)
+        self.check_side(w, h, param)
         return Size(w, h, w, h)
+
+    def fit_sides(self, width: float, height: float) -> tuple[int, int]:
+        """A size of ``width``:``height`` within the side limits: scaled as a whole (the aspect ratio kept) until
+        both sides fit, each side then a multiple of 16. (Clamping each side alone turned a 4:3 input that came out
+        below the least side into 9:8.)"""
+        lo, hi = self.settings.min_image_side, self.settings.max_image_side
+        scale = min(max(1.0, lo / min(width, height)), hi / max(width, height))
+        w, h = (self.clamp_side(round(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
+        return w, h
+
+    def at_area(self, width: int, height: int, area: int) -> tuple[int, int]:
+        """The size of ``width``:``height`` with about ``area`` pixels, within the side limits (``fit_sides``)."""
+        ratio = width / height
+        return self.fit_sides(math.sqrt(area * ratio), math.sqrt(area / ratio))
 
     def clamp_side(self, side: int) -> int:
         """``side`` brought within the server's side limits, a multiple of 16."""
