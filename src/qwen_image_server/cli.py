@@ -134,7 +134,9 @@ def serve(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", metavar="[ID=]SOURCE", help="[ID=]PATH_OR_HUB_ID; repeat for several.")
     ] = None,
-    demo: Annotated[bool, typer.Option(help="Serve tiny offline models (built once into the cache).")] = False,
+    demo: Annotated[
+        bool | None, typer.Option("--demo/--no-demo", help="Serve tiny offline models (built once into the cache).")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [PORT].")] = None,
     max_connections: Annotated[int | None, typer.Option(help="Connections served at once [QIS_MAX_CONNECTIONS].")] = None,

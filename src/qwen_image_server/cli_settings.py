@@ -29,7 +29,7 @@ RENAMED = {
 
 def settings_from_options(options: dict) -> Settings:
     """``Settings`` from the options of ``serve`` (and ``plan``, which takes the same): flags override the environment."""
-    overrides = {RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "demo", "log_level")}
+    overrides = {RENAMED.get(key, key): value for key, value in options.items() if key not in ("model", "log_level")}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     for setting in SCOPED_NUMBERS.values():  # --workers N (every model) and --workers N@MODEL (one model)...
         if setting.field in overrides:
@@ -55,7 +55,7 @@ def settings_from_options(options: dict) -> Settings:
             settings.model_name,
             settings.model_name,
         )
-    if options.get("demo") or settings.demo:
+    if settings.demo:  # --demo/--no-demo over QIS_DEMO
         settings.models = demo_model_entries() + settings.models
     return settings
 

@@ -25,15 +25,9 @@ from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
 QUALITY_STEPS: dict[str, int | None] = {
-    "low": 20,
-    "medium": 30,
-    "standard": 30,
-    "high": 50,
-    "hd": 50,
-    "xhigh": 75,
-    "max": 100,
+    "low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100,
     "auto": None,  # the model's default
-}
+}  # fmt: skip
 #: OpenAI's quality levels, the values a response may echo (its SDK's type), fewest steps first.
 QualityLevel = Literal["low", "medium", "high", "xhigh", "max"]
 QUALITY_LEVELS: tuple[QualityLevel, ...] = get_args(QualityLevel)
@@ -60,7 +54,7 @@ SCOPED_PROFILE_FIELDS = (
 class Settings(PerModelLimits, BaseSettings):
     """Everything the server can be told, from flags or the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="QIS_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="QIS_", extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
     # --- what to serve -------------------------------------------------------------
     models: Annotated[list[str], NoDecode] = Field(
@@ -406,7 +400,11 @@ class Settings(PerModelLimits, BaseSettings):
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
-            raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
+            raise ValueError("--ray-min-replicas (QIS_RAY_MIN_REPLICAS) must not exceed --ray-max-replicas")
+        if self.engine == "ray" and (self.ray_gpus_per_replica or 0) > 1:  # (the embedded engine does not read it)
+            raise ValueError(
+                f"--ray-gpus-per-replica {self.ray_gpus_per_replica:g}: a replica runs on one GPU; give 1, a share of one, or 0"
+            )
         if self.enable_prompt_rewrite and self.openai_base_url is not None:  # (else a bad one is a warning)
             files.checked_base_url(self.openai_base_url, "OPENAI_BASE_URL (with ENABLE_PROMPT_REWRITE): ")
         return self

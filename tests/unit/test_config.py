@@ -48,6 +48,16 @@ def test_invalid_values_are_refused(monkeypatch):
         Settings()
 
 
+@pytest.mark.parametrize(
+    "field", ["task_timeout", "header_timeout", "body_timeout", "shutdown_grace_seconds", "stuck_task_seconds"]
+)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_time_that_is_not_a_finite_number_is_refused(field, value):
+    """``--task-timeout inf`` was served, and every ``/ready`` was then a 500 (JSON has no infinity)."""
+    with pytest.raises(ValidationError, match="finite number"):
+        Settings(**{field: value})
+
+
 def test_seed_000_docker_example_names(monkeypatch):
     monkeypatch.setenv("MODEL_PATH_GENERATION", "/custom/path/to/qwen-image")
     monkeypatch.setenv("MODEL_PATH_EDIT", "/custom/path/to/qwen-image-edit")
@@ -340,3 +350,14 @@ def test_a_refused_url_is_shown_without_credentials_or_query():
         else:
             raise AssertionError(f"{value!r} was accepted")
         assert "SECRET1" not in problem and "pa/ss" not in problem and "***" in problem, problem
+
+
+def test_no_demo_overrides_qis_demo(monkeypatch, tiny_t2i):
+    """Flags override the environment, ``--no-demo`` too (it was read as not given)."""
+    from qwen_image_server.cli import settings_from_options
+
+    monkeypatch.setenv("QIS_DEMO", "1")
+    served = settings_from_options({"log_level": "info", "model": [f"mine={tiny_t2i}"], "demo": False}).models
+    assert served == [f"mine={tiny_t2i}"]
+    with_demo = settings_from_options({"log_level": "info", "model": [f"mine={tiny_t2i}"], "demo": None}).models
+    assert len(with_demo) > 1 and with_demo[-1] == f"mine={tiny_t2i}"

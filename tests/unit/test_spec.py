@@ -39,6 +39,15 @@ def test_duplicate_ids_and_no_models(tiny_t2i):
         resolve_models([])
 
 
+@pytest.mark.parametrize("ident", ["a@b", "a b", "a,b", "a;b", "a=b", "-a"])
+def test_a_model_id_that_scoped_values_could_not_name_is_refused(tiny_t2i, ident):
+    """``--workers 2@a@b`` split at the first '@' and ``--offload model@a@b`` at the last: such ids are refused, as
+    aliases and LoRA names are."""
+    with pytest.raises(ModelConfigError, match="a model id is letters, digits"):
+        resolve_models([(ident, str(tiny_t2i))])
+    assert [spec.id for spec in resolve_models([("org/name:v1.2+x", str(tiny_t2i))])] == ["org/name:v1.2+x"]
+
+
 def test_default_ids():
     assert default_model_id("Qwen/Qwen-Image-Edit-2509") == "Qwen-Image-Edit-2509"
     assert default_model_id("/models/qwen image/") == "qwen-image"

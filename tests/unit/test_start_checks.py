@@ -298,3 +298,14 @@ def test_listening_beyond_this_machine_without_a_key_is_warned(host, keys, warne
     if warned:
         assert warning.startswith(f"listening on {host}:8000 with no API key: anyone who can reach this port can run jobs")
         assert "--api-key" in warning
+
+
+def test_an_api_keys_file_that_cannot_be_read_or_holds_no_key_is_refused_before_anything_starts(tiny_t2i, no_port, tmp_path):
+    """``plan`` made no such check and ``serve`` made it only once the app started (its workers' forkserver running)."""
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# no key yet\n\n")
+    missing = refused(["--model", str(tiny_t2i), "--api-keys-file", str(tmp_path / "none.txt")])
+    assert missing == [f"error: cannot read the API keys file {tmp_path / 'none.txt'}: No such file or directory"]
+    assert refused(["--model", str(tiny_t2i), "--api-keys-file", str(empty)]) == [
+        f"error: the API keys file {empty} holds no key"
+    ]

@@ -189,6 +189,9 @@ def resolve_models(
     """
     if not entries:
         raise ModelConfigError("no model to serve: pass --model PATH_OR_HUB_ID (or --demo), or set MODEL_PATH")
+    for ident, source in entries:  # scoped values (N@MODEL) and routes could not name another
+        if ident and not SERVED_NAME.fullmatch(ident):  # (an empty one is none: --model =PATH)
+            raise ModelConfigError(f"--model {ident}={source}: a model id is {SERVED_NAME_RULE}")
     specs = [resolve_model(source, ident) for ident, source in entries]
     ids = [spec.id for spec in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
