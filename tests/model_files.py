@@ -17,6 +17,14 @@ from qwen_image_server.models.weights_files import read_header
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2")
 
 
+def unloadable(weights: Path) -> bytes:
+    """Make a model's weights file fail to load and return its bytes, to put back: its tensors are cut off, the header
+    that sizes them kept (the start checks, which refuse a folder without its weights, pass; a worker's load fails)."""
+    data = weights.read_bytes()
+    weights.write_bytes(data[: 8 + int.from_bytes(data[:8], "little")])
+    return data
+
+
 def make_tiny_lora(
     model_dir: Path, out_file: Path, seed: int = 0, rank: int = 4, targets: tuple[str, ...] | None = None, ranks=None
 ) -> Path:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import Server, post_in_thread
+from model_files import unloadable
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +52,7 @@ def admission_server(tiny_t2i, tiny_edit, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admission")
     broken = tmp / "broken-edit"
     shutil.copytree(tiny_edit, broken)
-    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    unloadable(broken / "transformer" / "diffusion_pytorch_model.safetensors")
     server = Server(
         ["--model", f"gen={tiny_t2i}", "--model", f"edit={tiny_edit}", "--model", f"broken={broken}", "--workers", "1"],
         env={
@@ -147,8 +148,9 @@ def test_large_input_is_shrunk_and_the_edit_keeps_the_right_size(admission_serve
     body = {"model": "edit", "prompt": "p", "image": _b64(_png((1280, 768))), "num_inference_steps": 2, "seed": 1}
     response = httpx.post(admission_server.base_url + EDITS, json=body, timeout=300)
     assert response.status_code == 200, response.text[:300]
-    # The input's aspect at the working area (320x192), the short side brought up to the 256 minimum: as without shrinking.
-    assert response.json()["size"] == "320x256"
+    # The input's aspect (5:3) at the working area (330x198), scaled as a whole until the short side reaches the 256
+    # minimum: as without shrinking.
+    assert response.json()["size"] == "432x256"
 
 
 def test_mask_edit_of_a_shrunk_input_comes_back_at_the_input_size_with_unmasked_pixels_kept(admission_server):
@@ -186,4 +188,4 @@ def test_large_input_of_a_variation_is_shrunk_and_the_variation_keeps_its_size(a
         timeout=300,
     )
     assert response.status_code == 200, response.text[:300]
-    assert response.json()["size"] == "352x256"  # 2:1 at the default area (352x192), the short side brought up to 256
+    assert response.json()["size"] == "512x256"  # 2:1 at the default area (362x181), scaled until the short side is 256

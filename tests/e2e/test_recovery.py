@@ -8,14 +8,15 @@ import time
 import httpx
 import pytest
 
+from model_files import unloadable
+
 
 @pytest.fixture
 def broken_model(tiny_t2i, tmp_path):
     folder = tmp_path / "models" / "broken-model"
     shutil.copytree(tiny_t2i, folder)
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    weights.rename(weights.with_suffix(".away"))
-    return folder, weights
+    return folder, weights, unloadable(weights)
 
 
 def _wait_for(condition, timeout: float = 240):
@@ -34,7 +35,7 @@ def _wait_for(condition, timeout: float = 240):
 def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny_t2i, tmp_path):
     from conftest import Server
 
-    folder, weights = broken_model
+    folder, weights, whole = broken_model
     server = Server(
         ["--model", f"good={tiny_t2i}", "--model", f"broken={folder}"],
         env={
@@ -65,7 +66,7 @@ def test_failed_model_is_reported_then_retried_until_it_loads(broken_model, tiny
         logs = server.logs(tail=None)
         assert "restarting in 1s" in logs, "the second load waits (backoff)"
         # Mend the folder: the periodic retry loads it and it serves.
-        weights.with_suffix(".away").rename(weights)
+        weights.write_bytes(whole)
         _wait_for(lambda: server.http.get("/ready").status_code == 200)
         again = httpx.post(
             f"{server.base_url}/v1/images/generations",

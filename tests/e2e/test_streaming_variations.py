@@ -98,8 +98,9 @@ def test_variations_through_the_sdk(client):
     )
     images = [_decode(d.b64_json) for d in result.data]
     assert [d.model_extra["seed"] for d in result.data] == [9, 10]
-    # auto: the input's aspect at the model's default area (288x224 for 256x256), within the side limits (>= 256)
-    assert all(im.size == (288, 256) for im in images)
+    # auto: the input's aspect (4:3) at the model's default area (296x222 for 256x256), scaled as a whole within the
+    # side limits (>= 256)
+    assert all(im.size == (336, 256) for im in images)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     again = client.images.create_variation(
         model="qwen-image-tiny",
@@ -108,7 +109,7 @@ def test_variations_through_the_sdk(client):
         extra_body={"seed": 9, "num_inference_steps": 4},
     )
     assert _decode(again.data[0].b64_json).size == (256, 256)
-    assert result.usage.output_tokens == 2 * (288 // 16) * (256 // 16)
+    assert result.usage.output_tokens == 2 * (336 // 16) * (256 // 16)
 
 
 def test_variation_strength_moves_further_from_the_input(server):

@@ -309,3 +309,20 @@ def test_an_api_keys_file_that_cannot_be_read_or_holds_no_key_is_refused_before_
     assert refused(["--model", str(tiny_t2i), "--api-keys-file", str(empty)]) == [
         f"error: the API keys file {empty} holds no key"
     ]
+
+
+@pytest.mark.parametrize(
+    ("remove", "says"),
+    [
+        ("transformer/config.json", "transformer/config.json"),
+        ("transformer/diffusion_pytorch_model.safetensors", "transformer/*.safetensors"),
+        ("vae", "vae/"),
+        ("tokenizer", "tokenizer/"),
+    ],
+)
+def test_a_model_folder_without_a_component_it_lists_is_refused_naming_it(folder, no_port, remove, says):
+    """Without its transformer's config the plan sized it from reference values (33 GiB: "not enough memory"), and
+    without its weights it was served and failed in its worker, naming the model's folder."""
+    target = folder / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert refused(["--model", str(folder)]) == [f"error: {folder} is incomplete: no {says} (of what its model_index.json lists)"]

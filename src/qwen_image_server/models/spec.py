@@ -121,6 +121,9 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
             raise ModelConfigError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
         sidecar_file = folder / SIDECAR_NAME
         index = _json_object(index_file, str(index_file))
+        missing = _missing_parts(folder, index)
+        if missing:  # else the plan sized it from reference values, or a worker failed to load it once served
+            raise ModelConfigError(f"{source} is incomplete: no {', '.join(missing)} (of what its model_index.json lists)")
         return index, _json_object(sidecar_file, str(sidecar_file)) if sidecar_file.is_file() else {}
     try:
         from huggingface_hub import hf_hub_download
@@ -137,6 +140,27 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     else:
         sidecar = _json_object(Path(sidecar_download), f"{SIDECAR_NAME} of hub model {source}")
     return _json_object(Path(index_download), f"model_index.json of hub model {source}"), sidecar
+
+
+#: The components whose folder must hold a config and weights (the others: tokenizer, scheduler, processor files).
+_WEIGHTED = ("transformer", "text_encoder", "vae")
+
+
+def _missing_parts(folder: Path, index: dict) -> list[str]:
+    """What a pipeline folder lacks of the components its ``model_index.json`` lists: a component's folder, and for
+    the weighted ones their ``config.json`` and weights (``*.safetensors``, or ``*.bin``)."""
+    missing = []
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue  # "_class_name", "_diffusers_version"; an optional component left out ([null, null])
+        part = folder / name
+        if not part.is_dir():
+            missing.append(f"{name}/")
+        elif name in _WEIGHTED:
+            missing += [f"{name}/config.json"] if not (part / "config.json").is_file() else []
+            weights = any(part.glob("*.safetensors")) or any(part.glob("*.bin"))
+            missing += [] if weights else [f"{name}/*.safetensors"]
+    return missing
 
 
 def default_model_id(source: str) -> str:
