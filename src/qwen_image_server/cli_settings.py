@@ -34,9 +34,9 @@ def settings_from_options(options: dict) -> Settings:
     for setting in SCOPED_NUMBERS.values():  # --workers N (every model) and --workers N@MODEL (one model)...
         if setting.field in overrides:
             plain, scoped = split_flag_values(overrides.pop(setting.field))
-            if plain is not None:
-                overrides[setting.field] = plain
-            if scoped:
+            if plain is not None:  # a value for every model replaces the environment's per-model ones too, as a
+                overrides[setting.field] = plain  # profile flag (--offload none) does
+            if scoped or plain is not None:
                 overrides[setting.scoped_field] = scoped
     if options.get("model"):
         overrides["models"] = list(options["model"])

@@ -76,6 +76,11 @@ def test_workers_per_model_from_flags_and_the_environment(monkeypatch):
     assert (settings.workers, settings.workers_for("edit"), settings.workers_for("t2i")) == (4, 1, 4)
     monkeypatch.setenv("QIS_MODEL_WORKERS", "3@t2i; 1@edit")
     assert Settings().model_workers == ["3@t2i", "1@edit"] and Settings().workers_for("t2i") == 3
+    # a flag's value for every model replaces the environment's per-model ones (as --offload none does QIS_OFFLOAD's)
+    flagged = settings_from_options({"workers": ["1"], "log_level": "info"})
+    assert (flagged.workers_for("t2i"), flagged.workers_for("edit"), flagged.model_workers) == (1, 1, [])
+    flagged = settings_from_options({"workers": ["1", "2@edit"], "log_level": "info"})
+    assert (flagged.workers_for("t2i"), flagged.workers_for("edit")) == (1, 2)
     # Ray Serve: a model's own count is its number of replicas; the others scale within ray_min/max_replicas
     ray = Settings(workers=3, ray_min_replicas=2, model_workers=["1@edit", "4@t2i"])
     assert (ray.replicas_for("edit"), ray.replicas_for("t2i"), ray.replicas_for("other")) == ((1, 1), (4, 4), (2, 3))
