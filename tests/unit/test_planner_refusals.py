@@ -594,3 +594,26 @@ def test_a_small_card_is_offered_the_transformer_resident_in_4_bits_when_no_sing
     assert "Or serve these models on another GPU with at least 39.0 GiB free" in text
     shared = [replace(spec, profile=RunProfile(quantize="int4", weights_dtype="fp8", offload="text-encoder")) for spec in both]
     assert make_plan(shared, Settings(share_components=True), discover=gpu_probe(fake_gpu(0, 45)))
+
+
+def test_a_host_memory_shortfall_is_not_offered_shared_processes_which_the_host_check_passes_over():
+    """Workers that share processes are not checked against the host memory, so --share-components "fitted" a plan
+    whose group offload still pinned 85.3 GiB on a 16 GiB machine."""
+    env = {
+        "QIS_MAX_IMAGE_SIDE": "1328",
+        "QIS_FAKE_GPUS": "79.1GiB/79.6GiB",
+        "QIS_FAKE_HOST_MEMORY": "16GiB",
+        "HF_HUB_OFFLINE": "1",
+    }
+    args = [
+        "plan",
+        "--model",
+        "random:Qwen/Qwen-Image-Edit-2509",
+        "--model",
+        "random:Qwen/Qwen-Image",
+        "--offload",
+        "group@Qwen-Image",
+    ]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2 and "keeps 85.3 GiB in host memory" in result.output, result.output
+    assert "Would fit: " in result.output and "--share-components" not in result.output
