@@ -617,3 +617,15 @@ def test_a_host_memory_shortfall_is_not_offered_shared_processes_which_the_host_
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 2 and "keeps 85.3 GiB in host memory" in result.output, result.output
     assert "Would fit: " in result.output and "--share-components" not in result.output
+
+
+def test_a_worker_refused_on_a_gpu_its_device_list_repeats_is_offered_the_free_gpu():
+    """``--device cuda:0,cuda:0`` for two workers that need 69.7 GiB each: the advice asked for "another GPU with at
+    least 69.7 GiB free" while naming the 80 GiB that cuda:1 had (moving every cuda:0 of the list moved both)."""
+    env = {"QIS_FAKE_GPUS": "80GiB,80GiB", "HF_HUB_OFFLINE": "1"}
+    args = ["plan", "--model", "random:Qwen/Qwen-Image", "--device", "cuda:0,cuda:0", "--workers", "2"]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.strip().splitlines()[-1] == "Or put it on another GPU here: --device cuda:1,cuda:0; --device cuda:0,cuda:1."
+    )

@@ -115,8 +115,11 @@ def refusal(plan, failed, placed, specs, settings, fits) -> str:
     if device:  # an explicit --device placed it where it does not fit: the lists with another GPU there that do
         entries = [entry.strip() for entry in settings.device.split(",") if entry.strip()]
         others = [gpu.device for gpu in plan.gpus if gpu.device != device]
-        moved = [",".join(other if entry == device else entry for entry in entries) for other in others]
-        working = [f"--device {candidate}" for candidate in moved if fits(device=candidate)[0]]
+        # one entry at a time (cuda:0,cuda:0 -> cuda:1,cuda:0), and every entry of it at once (cuda:1,cuda:1)
+        spots = [i for i, entry in enumerate(entries) if entry == device]
+        moved = [",".join(other if i == at else entry for i, entry in enumerate(entries)) for at in spots for other in others]
+        moved += [",".join(other if entry == device else entry for entry in entries) for other in others]
+        working = [f"--device {candidate}" for candidate in dict.fromkeys(moved) if fits(device=candidate)[0]]
         if working:
             lines.append(f"Or put it on another GPU here: {'; '.join(working)}.")
             return "\n".join(lines)
