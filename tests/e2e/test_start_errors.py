@@ -29,7 +29,7 @@ def test_cli_per_model_limits_name_a_served_model_and_a_valid_value():
     unknown = serve("--queue-size", "1@nope", "--task-timeout", "5@qwen-image-tiny")
     assert unknown.returncode == 2, unknown.stderr[-2000:]
     assert unknown.stderr.splitlines()[-1] == (
-        "error: --queue-size names models that are not served: nope (served: qwen-image-tiny, qwen-image-edit-tiny)"
+        "error: --queue-size (or QIS_MODEL_QUEUE_SIZE) names models that are not served: nope (served: qwen-image-tiny, qwen-image-edit-tiny)"
     )
     malformed = serve("--task-timeout", "0@qwen-image-tiny")
     assert malformed.returncode == 2, malformed.stderr[-2000:]

@@ -133,9 +133,14 @@ def test_per_model_limits_must_name_served_models_and_not_aliases(tiny_t2i):
     from qwen_image_server.models.spec import ModelConfigError, resolve_configured
 
     models = [f"t2i={tiny_t2i}"]
-    with pytest.raises(ModelConfigError, match=r"^--queue-size names models that are not served: nope \(served: t2i\)$"):
+    with pytest.raises(
+        ModelConfigError,
+        match=r"^--queue-size \(or QIS_MODEL_QUEUE_SIZE\) names models that are not served: nope \(served: t2i\)$",
+    ):
         resolve_configured(Settings(models=models, model_queue_size=["1@nope"]))
-    with pytest.raises(ModelConfigError, match=r"^--task-timeout names models that are not served: nope"):
+    with pytest.raises(
+        ModelConfigError, match=r"^--task-timeout \(or QIS_MODEL_TASK_TIMEOUT\) names models that are not served: nope"
+    ):
         resolve_configured(Settings(models=models, model_task_timeout=["5@nope"]))
     with pytest.raises(ModelConfigError, match=r"^--stuck-task-seconds names dall-e-3, another name of a served model"):
         resolve_configured(Settings(models=models, model_aliases=["dall-e-3=t2i"], model_stuck_task_seconds=["1@dall-e-3"]))
@@ -150,9 +155,9 @@ def test_a_per_model_setting_scoped_to_a_lora_says_to_scope_it_to_the_lora_s_mod
 
     base = {"models": [f"t2i={tiny_t2i}"], "loras": [f"style={tiny_lora}"]}
     expected = "names style, a LoRA of t2i: a LoRA runs on its model's workers with its model's settings; scope it to t2i"
-    with pytest.raises(ModelConfigError, match=f"^--queue-size {re.escape(expected)}$"):
+    with pytest.raises(ModelConfigError, match=rf"^--queue-size \(or QIS_MODEL_QUEUE_SIZE\) {re.escape(expected)}$"):
         resolve_configured(Settings(**base, model_queue_size=["2@style"]))
-    with pytest.raises(ModelConfigError, match=f"^--compile {re.escape(expected)}$"):
+    with pytest.raises(ModelConfigError, match=rf"^--compile \(or QIS_MODEL_COMPILE\) {re.escape(expected)}$"):
         resolve_configured(Settings(**base, model_compile=["on@style"]))
 
 
@@ -164,7 +169,7 @@ def test_per_model_items_run_together_with_a_comma_are_told_the_separator(tiny_t
     with pytest.raises(ModelConfigError) as refused:
         resolve_configured(Settings(models=models, model_workers="2@edit,3@t2i"))
     assert str(refused.value) == (
-        "--workers names models that are not served: edit,3@t2i (served: t2i, edit); several VALUE@MODEL items are "
+        "--workers (or QIS_MODEL_WORKERS) names models that are not served: edit,3@t2i (served: t2i, edit); several VALUE@MODEL items are "
         "separated by ';' in an environment variable (2@a;1@b), or given as the flag once each"
     )
 

@@ -267,7 +267,9 @@ def test_workers_per_model_are_placed_and_named_in_the_refusal():
 
 def test_workers_per_model_must_name_served_models_and_match_under_share_components(tiny_t2i, tiny_edit):
     entries = [f"t2i={tiny_t2i}", f"edit={tiny_edit}"]
-    with pytest.raises(ModelConfigError, match=r"--workers names models that are not served: nope \(served: t2i, edit\)"):
+    with pytest.raises(
+        ModelConfigError, match=r"--workers \(or QIS_MODEL_WORKERS\) names models that are not served: nope \(served: t2i, edit\)"
+    ):
         resolve_configured(Settings(models=entries, model_workers=["2@nope"]))
     with pytest.raises(ModelConfigError, match=r"every model needs the same number of workers \(here: t2i 2, edit 1\)"):
         resolve_configured(Settings(models=entries, workers=2, model_workers=["1@edit"], share_components=True))

@@ -62,7 +62,7 @@ def test_settings_reach_each_model(tiny_t2i, tiny_lora, tmp_path):
 
 
 def test_a_flag_naming_a_model_that_is_not_served_is_refused(tiny_t2i):
-    with pytest.raises(ModelConfigError, match="--offload names models that are not served: nope"):
+    with pytest.raises(ModelConfigError, match=r"--offload \(or QIS_OFFLOAD\) names models that are not served: nope"):
         resolve_configured(Settings(models=[f"a={tiny_t2i}"], offload=["group@nope"]))
     with pytest.raises(ModelConfigError, match="--lora l: base model nope is not served"):
         resolve_configured(Settings(models=[f"a={tiny_t2i}"], loras=["l=/x.safetensors@nope"]))
@@ -107,7 +107,10 @@ def test_compile_and_deterministic_per_model_from_the_command_line_and_the_envir
     assert profiles("--compile", "on@a", env=env) == {"a": (True, False), "b": (True, True)}
     # refused before anything starts, naming the flag or the model
     for args, message in [
-        (["--compile", "on@nope"], "error: --compile names models that are not served: nope (served: a, b)"),
+        (
+            ["--compile", "on@nope"],
+            "error: --compile (or QIS_MODEL_COMPILE) names models that are not served: nope (served: a, b)",
+        ),
         (["--compile", "maybe@a"], "error: compile for model a: expected on or off (or true, false, 1, 0), got 'maybe'"),
         (["--deterministic=sure"], "error: deterministic for model a: expected on or off (or true, false, 1, 0), got 'sure'"),
     ]:
@@ -176,7 +179,9 @@ def test_a_setting_may_be_scoped_to_a_model_id_with_a_slash(tiny_t2i, tiny_edit)
     }
     assert specs["Qwen/Qwen-Image"].cache.startswith("fbcache") and specs["Qwen/Qwen-Image"].offload == "model"
     assert specs["edit"].cache is None and specs["edit"].offload == "none"
-    with pytest.raises(ModelConfigError, match="--cache names models that are not served: Qwen/Qwen-Image-Edit"):
+    with pytest.raises(
+        ModelConfigError, match=r"--cache \(or QIS_CACHE\) names models that are not served: Qwen/Qwen-Image-Edit"
+    ):
         resolve_configured(Settings(models=models, cache=["fbcache@Qwen/Qwen-Image-Edit"]))
     lora = parse_lora_flag("style=/loras/style@v2/style.bin")
     assert (str(lora.path), lora.model) == ("/loras/style@v2/style.bin", None)

@@ -386,7 +386,10 @@ def test_a_model_may_have_a_gpu_share_of_its_own(gpus_here, tmp_path):
     assert (flagged.ray_gpus_per_replica, flagged.model_ray_gpus_per_replica) == (1, ["0.5@small"])
     with pytest.raises(ValueError, match=r"--ray-gpus-per-replica: .*expected S@MODEL with S from 0 to 1, got '2@small'"):
         settings_from_options({"model": models[:2], "engine": "ray", "ray_gpus_per_replica": ["2@small"]})
-    with pytest.raises(ModelConfigError, match="--ray-gpus-per-replica names models that are not served: tiny"):
+    with pytest.raises(
+        ModelConfigError,
+        match=r"--ray-gpus-per-replica \(or QIS_MODEL_RAY_GPUS_PER_REPLICA\) names models that are not served: tiny",
+    ):
         resolve_configured(Settings(models=models[:2], engine="ray", model_ray_gpus_per_replica=["0.5@tiny"]))
 
 

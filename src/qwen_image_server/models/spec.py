@@ -224,7 +224,8 @@ def resolve_models(
     flags = profile_flags or {}
     owners = _lora_owners(loras, specs)
     for key, values in flags.items():
-        _refuse_unserved(f"--{key.replace('_', '-')}", scoped_targets(values), ids, owners)
+        variable = f"QIS_MODEL_{key.upper()}" if key in ("compile", "deterministic") else f"QIS_{key.upper()}"
+        _refuse_unserved(f"--{key.replace('_', '-')} (or {variable})", scoped_targets(values), ids, owners)
     try:
         parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)
         resolved = [replace(spec, profile=build_profile(spec.id, spec.options, flags, tuple(parsed))) for spec in specs]
@@ -349,7 +350,8 @@ def _check_model_workers(specs: list[ModelSpec], settings) -> None:
     ids = [spec.id for spec in specs]
     owners = {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     for setting in SCOPED_NUMBERS.values():
-        _refuse_unserved(setting.flag, set(settings.own_values(setting.field)), ids, owners)
+        named = f"{setting.flag} (or QIS_{setting.scoped_field.upper()})"  # from either: both are named
+        _refuse_unserved(named, set(settings.own_values(setting.field)), ids, owners)
     refusal = share_refusal(specs, settings) if settings.share_components else None
     if refusal:
         raise ModelConfigError(refusal)
