@@ -296,6 +296,13 @@ def _log_level(value: str) -> str:
     return value.lower()
 
 
+#: What ``plan --engine ray`` says once the start checks pass: serve makes no plan under Ray either.
+RAY_PLAN = (
+    "{models}: the start checks pass. Under --engine ray no plan is made: Ray places the replicas, and each GPU "
+    "replica checks its model's estimate against its GPU before it loads."
+)
+
+
 def plan(**options) -> None:
     """Print the memory plan of a serve command line without loading anything: per model the estimate,
     per GPU the workers placed there and the headroom. Exit 2 with the reason when it does not fit.
@@ -314,8 +321,12 @@ def plan(**options) -> None:
             discover = (lambda: parse_fake_gpus(fake)) if fake else discover_gpus
             fake_host = os.environ.get(FAKE_HOST_ENV)
             host = (lambda: parse_fake_host(fake_host)) if fake_host else None
+            specs = checked_specs(settings, cuda=bool(fake))
+            if settings.engine == "ray":  # as serve: Ray places the replicas, each checks its own GPU
+                typer.echo(RAY_PLAN.format(models=", ".join(spec.id for spec in specs)))
+                return
             try:
-                result = checked_plan(checked_specs(settings, cuda=bool(fake)), settings, discover=discover, host=host)
+                result = checked_plan(specs, settings, discover=discover, host=host)
             except PlanError as exc:
                 typer.echo(exc.plan.table())
                 raise

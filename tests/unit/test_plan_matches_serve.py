@@ -46,6 +46,15 @@ def test_plan_refuses_what_serve_refuses_with_the_same_message(tiny_t2i, no_serv
     assert _error_line(planned.output) == _error_line(served.output)
 
 
+def test_plan_under_ray_makes_no_plan_as_serve_makes_none(tiny_t2i):
+    """``serve --engine ray`` lets Ray place the replicas; ``plan`` refused 64 workers for this machine's memory."""
+    planned = CliRunner().invoke(app, ["plan", "--model", f"tiny={tiny_t2i}", "--engine", "ray", "--workers", "64"])
+    assert planned.exit_code == 0, planned.output
+    assert planned.output.startswith("tiny: the start checks pass. Under --engine ray no plan is made")
+    refused = CliRunner().invoke(app, ["plan", "--model", f"tiny={tiny_t2i}", "--engine", "ray", "--share-components"])
+    assert refused.exit_code == 2 and "--share-components needs the embedded engine" in refused.output
+
+
 def test_plan_for_fake_gpus_refuses_fp8_twice_and_allows_sequential_offload(tiny_t2i):
     env = {"QIS_FAKE_GPUS": "80GiB,24GiB"}
     twice = CliRunner().invoke(app, ["plan", "--model", str(tiny_t2i), "--weights-dtype", "fp8", "--quantize", "fp8"], env=env)
