@@ -17,7 +17,8 @@ def checked_specs(settings: Settings, cuda: bool = False) -> list:
     from .models.memory_modes import check_memory_modes
     from .models.spec import ModelConfigError, resolve_configured
 
-    settings.all_api_keys()  # a keys file that cannot be read or holds no key: refused here, not once the app starts
+    if settings.api_keys_file is not None:  # read once, here: refused before anything starts, and a file that can be
+        settings.api_keys, settings.api_keys_file = settings.all_api_keys(), None  # read only once (a pipe) serves
     specs = resolve_configured(settings)
     if settings.engine != "ray":  # Ray's replicas are checked on their own device once it is known (build_deployments)
         check_memory_modes(specs, "cuda" if cuda and settings.device.strip() == "auto" else settings.device)

@@ -403,7 +403,8 @@ class Settings(PerModelLimits, BaseSettings):
             raise ValueError("--ray-min-replicas (QIS_RAY_MIN_REPLICAS) must not exceed --ray-max-replicas")
         if self.engine == "ray" and (self.ray_gpus_per_replica or 0) > 1:  # (the embedded engine does not read it)
             raise ValueError(
-                f"--ray-gpus-per-replica {self.ray_gpus_per_replica:g}: a replica runs on one GPU; give 1, a share of one, or 0"
+                f"--ray-gpus-per-replica (QIS_RAY_GPUS_PER_REPLICA) {self.ray_gpus_per_replica:g}: a replica runs on one GPU; "
+                "give 1, a share of one, or 0"
             )
         if self.enable_prompt_rewrite and self.openai_base_url is not None:  # (else a bad one is a warning)
             files.checked_base_url(self.openai_base_url, "OPENAI_BASE_URL (with ENABLE_PROMPT_REWRITE): ")

@@ -58,3 +58,13 @@ def test_split_keeps_seed_order():
     job = Job(mode="generate", prompt="p", seeds=[7, 8, 9, 10, 11])
     assert [piece.seeds for piece in job.split(2)] == [[7, 8], [9, 10], [11]]
     assert [piece.seeds for piece in job.split(1)] == [[7], [8], [9], [10], [11]]
+
+
+def test_sizes_scaled_to_the_side_limits_keep_the_ratio_and_stay_within_limits_that_are_no_multiples_of_16(tmp_path):
+    from qwen_image_server.serving.sizes import SizeRules
+
+    rules = SizeRules(Settings(image_output_dir=tmp_path))
+    assert rules.at_area(256, 192, 256 * 256) == (336, 256)  # 4:3 at 256x256, scaled up until the short side is 256
+    assert rules.at_area(6000, 1000, 1024 * 1024) == (2048, 336)  # 6:1 at 1 MP, scaled down until the long side fits
+    odd = SizeRules(Settings(image_output_dir=tmp_path, min_image_side=260, max_image_side=2040))
+    assert odd.at_area(4000, 500, 1024 * 1024) == (2032, 272) and odd.at_area(400, 300, 256 * 256) == (352, 272)

@@ -286,7 +286,9 @@ def test_settings_of_the_embedded_engine_are_read_for_ray_replicas_and_what_cann
     assert "ray_gpus_per_replica 1 and --device cpu disagree: the replicas get 1 GPU" in caplog.text
     with pytest.raises(ModelConfigError, match="all on GPUs or all on CPUs"):
         _replicas(Settings(models=models, engine="ray", device="cpu,cuda:0"))
-    with pytest.raises(ValueError, match="--ray-gpus-per-replica 2: a replica runs on one GPU"):  # before Ray starts
+    with pytest.raises(
+        ValueError, match=r"--ray-gpus-per-replica \(QIS_RAY_GPUS_PER_REPLICA\) 2: a replica runs on one GPU"
+    ):  # before Ray starts
         Settings(models=models, engine="ray", ray_gpus_per_replica=2)
     assert Settings(ray_gpus_per_replica=2).ray_gpus_per_replica == 2, "the embedded engine does not read it"
 

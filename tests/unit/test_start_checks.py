@@ -326,3 +326,30 @@ def test_a_model_folder_without_a_component_it_lists_is_refused_naming_it(folder
     target = folder / remove
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     assert refused(["--model", str(folder)]) == [f"error: {folder} is incomplete: no {says} (of what its model_index.json lists)"]
+
+
+def test_a_link_to_a_missing_blob_or_a_missing_shard_of_an_index_is_no_weights(folder):
+    """A hub snapshot whose blob is gone keeps its link; a sharded model lists its shards in an index."""
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(folder / "gone")
+    with pytest.raises(ModelConfigError, match="incomplete: no transformer/\\*.safetensors"):
+        resolve_model(str(folder))
+    weights.unlink()
+    (folder / "transformer" / "part-1.safetensors").write_bytes(b"")
+    index = {"weight_map": {"x": "part-1.safetensors", "y": "part-2.safetensors"}}
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelConfigError, match="incomplete: no transformer/part-2.safetensors "):
+        resolve_model(str(folder))
+    (folder / "transformer" / "part-2.safetensors").write_bytes(b"")
+    resolve_model(str(folder))  # complete as far as files go (their content is the plan's and the worker's to read)
+
+
+def test_the_api_keys_file_is_read_once_at_start(tiny_t2i, tmp_path):
+    """``--api-keys-file <(vault read ...)`` (a pipe, empty once read) served no key when the app read it again."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-one\n# comment\nsk-two\n")
+    settings = Settings(models=[f"a={tiny_t2i}"], api_keys=["sk-flag"], api_keys_file=keys)
+    cli_run.checked_specs(settings)
+    keys.unlink()  # what a second read of a pipe finds: nothing
+    assert settings.all_api_keys() == ["sk-flag", "sk-one", "sk-two"]

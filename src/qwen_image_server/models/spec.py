@@ -158,9 +158,21 @@ def _missing_parts(folder: Path, index: dict) -> list[str]:
             missing.append(f"{name}/")
         elif name in _WEIGHTED:
             missing += [f"{name}/config.json"] if not (part / "config.json").is_file() else []
-            weights = any(part.glob("*.safetensors")) or any(part.glob("*.bin"))
-            missing += [] if weights else [f"{name}/*.safetensors"]
+            missing += _missing_weights(part, name)
     return missing
+
+
+def _missing_weights(part: Path, name: str) -> list[str]:
+    """A component's weights files that are not there (is_file: a snapshot's link to a missing blob is none): the
+    shards its index lists, or any weights file at all."""
+    indexes = sorted(part.glob("*.index.json"))
+    if not indexes:
+        weights = [path for pattern in ("*.safetensors", "*.bin") for path in part.glob(pattern) if path.is_file()]
+        return [] if weights else [f"{name}/*.safetensors"]
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):  # malformed: the plan names it
+        shards = sorted(set(json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"].values()))
+        return [f"{name}/{shard}" for shard in shards if not (part / shard).is_file()][:3]
+    return []
 
 
 def default_model_id(source: str) -> str:
@@ -213,9 +225,9 @@ def resolve_models(
     """
     if not entries:
         raise ModelConfigError("no model to serve: pass --model PATH_OR_HUB_ID (or --demo), or set MODEL_PATH")
-    for ident, source in entries:  # scoped values (N@MODEL) and routes could not name another
+    for ident, _ in entries:  # scoped values (N@MODEL) and routes could not name another
         if ident and not SERVED_NAME.fullmatch(ident):  # (an empty one is none: --model =PATH)
-            raise ModelConfigError(f"--model {ident}={source}: a model id is {SERVED_NAME_RULE}")
+            raise ModelConfigError(f"model id {ident!r} (--model ID=PATH, or MODEL_NAME): a model id is {SERVED_NAME_RULE}")
     specs = [resolve_model(source, ident) for ident, source in entries]
     ids = [spec.id for spec in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..config import Settings
 from ..errors import InvalidRequest
-from ..limits import SIZE_MULTIPLE, SIZE_PATTERN, side_problem
+from ..limits import SIZE_MULTIPLE, SIZE_PATTERN, fitting_side, side_problem
 from ..protocol.images import ASPECT_RATIOS, _CommonRequest
 
 __all__ = ["SIZE_MULTIPLE", "Size", "SizeRules", "parse_size", "patches", "scaled"]  # SIZE_MULTIPLE: from limits
@@ -85,9 +85,9 @@ class SizeRules:
         return self.fit_sides(math.sqrt(area * ratio), math.sqrt(area / ratio))
 
     def clamp_side(self, side: int) -> int:
-        """``side`` brought within the server's side limits, a multiple of 16."""
+        """``side`` brought within the server's side limits, a multiple of 16 (the lower limit rounded up to one)."""
         lo, hi = self.settings.min_image_side, self.settings.max_image_side
-        return max(min(max(side, lo), hi) // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
+        return fitting_side(side, lo, hi) or max(hi // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
 
 
 def parse_size(size: str, param: str) -> tuple[int, int]:
