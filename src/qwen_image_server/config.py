@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import config_files as files
 from .config_files import configured_entries, directory_problem, read_keys_file, repeated_entries, unique_entries
-from .config_scoped import SCOPED_NUMBERS, PerModelLimits, split_items
+from .config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
 #: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
@@ -382,7 +382,7 @@ class Settings(PerModelLimits, BaseSettings):
     def profile_flags(self) -> dict[str, list[str]]:
         """The run-profile values given by flags or the environment, by profile key."""
         flags = {key: list(getattr(self, key)) for key in SCOPED_PROFILE_FIELDS}
-        for key in ("compile", "deterministic"):  # the value for every model, then the ones for one model
+        for key in SCOPED_BOOLEANS:  # the value for every model, then the ones for one model
             value = getattr(self, key)
             flags[key] = ([] if value is None else [str(value)]) + list(getattr(self, f"model_{key}"))
         return flags

@@ -58,6 +58,10 @@ class ScopedNumber:
         return model.strip(), value
 
 
+#: The on/off run-profile settings: a field of every model's value (``QIS_COMPILE``) and one of per-model values
+#: (``model_compile``, ``QIS_MODEL_COMPILE``).
+SCOPED_BOOLEANS = ("compile", "deterministic")
+
 #: Every setting that takes ``VALUE@MODEL``, by the field of every model's value.
 SCOPED_NUMBERS = {
     "workers": ScopedNumber("workers", integer=True, low=1, high=64),

@@ -78,10 +78,10 @@ class LoraError(ProfileError):
 
 
 # --- the flag and the preset ------------------------------------------------------------------
-def _file_part(value: str) -> str:
-    """``PATH`` of ``PATH:KEY=VALUE,...`` (of ``PATH`` itself when no options follow it)."""
+def _split_options(value: str) -> tuple[str, str | None]:
+    """``PATH:KEY=VALUE,...`` → ``("PATH", "KEY=VALUE,...")``; ``(value, None)`` when no options follow a ':'."""
     head, colon, tail = value.rpartition(":")
-    return head if colon and head and _OPTION.match(tail) else value
+    return (head, tail) if colon and head and _OPTION.match(tail) else (value, None)
 
 
 def parse_lora_flag(text: str) -> LoraSpec:
@@ -98,14 +98,14 @@ def parse_lora_flag(text: str) -> LoraSpec:
     head, at, tail = rest.rpartition("@")
     scoped = at and head and tail and ".safetensors" not in tail.lower()
     if scoped and "/" in tail:
-        scoped = _file_part(head).lower().endswith(".safetensors") and not Path(rest).expanduser().is_file()
+        scoped = _split_options(head)[0].lower().endswith(".safetensors") and not Path(rest).expanduser().is_file()
     value, model = (head, tail) if scoped else (rest, None)
     path, options = value, {}
-    head, colon, tail = value.rpartition(":")
+    head, listed = _split_options(value)
     # a ':' in the file's own path (an existing file) is not where options begin
-    if colon and head and _OPTION.match(tail) and not Path(value).expanduser().is_file():
+    if listed is not None and not Path(value).expanduser().is_file():
         path = head
-        options = {key.lower(): raw for key, raw in (item.split("=", 1) for item in tail.split(","))}
+        options = {key.lower(): raw for key, raw in (item.split("=", 1) for item in listed.split(","))}
     scale, fuse = 1.0, False
     if "scale" in options:
         scale = _number(options.pop("scale"), float, name, "scale")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config_files import looks_like_path
-from ..config_scoped import SCOPED_NUMBERS
+from ..config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS
 from ..limits import size_problem
 from .lora_check import resolve_loras
 from .profile import (
@@ -236,7 +236,7 @@ def resolve_models(
     flags = profile_flags or {}
     owners = _lora_owners(loras, specs)
     for key, values in flags.items():
-        variable = f"QIS_MODEL_{key.upper()}" if key in ("compile", "deterministic") else f"QIS_{key.upper()}"
+        variable = f"QIS_MODEL_{key.upper()}" if key in SCOPED_BOOLEANS else f"QIS_{key.upper()}"
         _refuse_unserved(f"--{key.replace('_', '-')} (or {variable})", scoped_targets(values), ids, owners)
     try:
         parsed = resolve_loras([_lora_for(parse_lora(text), specs) for text in loras], specs)

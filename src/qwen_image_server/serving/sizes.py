@@ -72,22 +72,18 @@ class SizeRules:
 
     def fit_sides(self, width: float, height: float) -> tuple[int, int]:
         """A size of ``width``:``height`` within the side limits: scaled as a whole (the aspect ratio kept) until
-        both sides fit, each side then a multiple of 16. (Clamping each side alone turned a 4:3 input that came out
-        below the least side into 9:8.)"""
+        both sides fit, each side then the multiple of 16 nearest it within the limits (``limits.fitting_side``).
+        (Clamping each side alone turned a 4:3 input that came out below the least side into 9:8.)"""
         lo, hi = self.settings.min_image_side, self.settings.max_image_side
         scale = min(max(1.0, lo / min(width, height)), hi / max(width, height))
-        w, h = (self.clamp_side(round(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
+        w, h = (fitting_side(round(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE, lo, hi) for side in (width, height))
+        assert w is not None and h is not None  # Settings refuses side limits that hold no multiple of 16
         return w, h
 
     def at_area(self, width: int, height: int, area: int) -> tuple[int, int]:
         """The size of ``width``:``height`` with about ``area`` pixels, within the side limits (``fit_sides``)."""
         ratio = width / height
         return self.fit_sides(math.sqrt(area * ratio), math.sqrt(area / ratio))
-
-    def clamp_side(self, side: int) -> int:
-        """``side`` brought within the server's side limits, a multiple of 16 (the lower limit rounded up to one)."""
-        lo, hi = self.settings.min_image_side, self.settings.max_image_side
-        return fitting_side(side, lo, hi) or max(hi // SIZE_MULTIPLE * SIZE_MULTIPLE, SIZE_MULTIPLE)
 
 
 def parse_size(size: str, param: str) -> tuple[int, int]:
