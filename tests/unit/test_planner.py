@@ -481,3 +481,34 @@ def test_int4_holds_qwen_image_s_transformer_in_about_a_quarter_and_fits_a_24gb_
     swapped = fp(quantize="int4", loras=(lora,))
     fused = fp(quantize="int4", loras=(replace(lora, fuse=True),))
     assert fused.components["transformer"] == int4.components["transformer"] < swapped.components["transformer"]
+
+
+def test_sizings_of_one_model_kept_between_plans_are_those_of_each_profile():
+    """A model's per-tensor sizings are done once and kept (a plan sizes it under dozens of profiles): each profile
+    still gets its own figures, the same as sized afresh, whatever was sized before it."""
+    from qwen_image_server.models import footprint as fp
+    from qwen_image_server.models.weights_files import _packaged_random_tensors
+
+    model = _packaged_random_tensors("random:Qwen/Qwen-Image")
+    assert model is not None
+    block = "transformer_blocks.0.attn.to_q"
+    lora = LoraSpec("style", "/loras/style.safetensors", "a", layers=(block, "transformer_blocks.1.img_mlp.net.2"))
+    profiles = [
+        RunProfile(), RunProfile(quantize="fp8"), RunProfile(weights_dtype="fp8"), RunProfile(quantize="int4"),
+        RunProfile(weights_dtype="fp8", quantize="int4"), RunProfile(offload="group"), RunProfile(offload="sequential"),
+        RunProfile(offload="text-encoder", weights_dtype="fp8"), RunProfile(quantize="fp8", loras=(lora,)),
+        RunProfile(offload="group", quantize="int4", loras=(lora,)), RunProfile(quantize="fp8"),
+    ]  # fmt: skip
+
+    def sizes(profile: RunProfile, run_bytes: int) -> tuple:
+        weights = fp.resident_weights(model, profile, run_bytes)
+        return weights, fp.pinned_copies(model, profile, run_bytes), fp.load_peak(model, profile, run_bytes)
+
+    kept = [sizes(profile, run_bytes) for profile in profiles for run_bytes in (2, 4)]
+    afresh = []
+    for profile in profiles:
+        for run_bytes in (2, 4):
+            fp._SIZED.clear()
+            afresh.append(sizes(profile, run_bytes))
+    assert kept == afresh
+    assert len({str(figures) for figures in kept}) > len(profiles)  # the profiles do size it differently

@@ -141,11 +141,47 @@ def _adapted(profile: RunProfile) -> frozenset[str]:
     return frozenset(layer for lora in profile.loras if not lora.fuse for layer in lora.layers)
 
 
+#: Sizings of one large immutable object (a component's tensors, a model's), by what they depend on: a plan sizes the
+#: same models under dozens of candidate profiles (its advice tries flag after flag), and each sizing walks thousands
+#: of tensors (Qwen-Image's transformer has 1,933). Each entry keeps its object, so an id is never another's.
+_SIZED: dict[tuple, tuple[object, object]] = {}
+_SIZED_ENTRIES = 512
+
+
+def _sized(what: str, obj, key: tuple, compute):
+    """``compute()``, a sizing of ``obj`` that depends on ``key`` only, done once per (``obj``, ``key``)."""
+    entry = _SIZED.get((what, id(obj), *key))
+    if entry is not None and entry[0] is obj:
+        return entry[1]
+    value = compute()
+    if len(_SIZED) >= _SIZED_ENTRIES:
+        _SIZED.clear()
+    _SIZED[(what, id(obj), *key)] = (obj, value)
+    return value
+
+
+def _pieces_key(component: str, run_bytes: int, profile: RunProfile) -> tuple:
+    """What ``_pieces`` of ``component``'s tensors depends on, of ``profile``."""
+    return component, run_bytes, profile.quantize, fp8_stored(profile, component), _adapted(profile)
+
+
 def _kept(component: str, tensors, run_bytes: int, profile: RunProfile) -> dict[str, int]:
-    """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name."""
-    dropped = DROPPED.get(component, ())
-    adapted = _adapted(profile)
-    return {t.name: sum(_pieces(component, t, run_bytes, profile, adapted)) for t in tensors if not t.name.startswith(dropped)}
+    """Bytes of each tensor of ``component`` the worker keeps once loaded (``DROPPED`` ones are freed), by name. The
+    dict is shared by every call with the same tensors and settings: read it, do not change it."""
+
+    def compute() -> dict[str, int]:
+        dropped = DROPPED.get(component, ())
+        adapted = _adapted(profile)
+        kept = (t for t in tensors if not t.name.startswith(dropped))
+        return {t.name: sum(_pieces(component, t, run_bytes, profile, adapted)) for t in kept}
+
+    return _sized("kept", tensors, _pieces_key(component, run_bytes, profile), compute)
+
+
+def _kept_total(component: str, tensors, run_bytes: int, profile: RunProfile) -> int:
+    """The sum of ``_kept``."""
+    sizes = _kept(component, tensors, run_bytes, profile)
+    return _sized("total", sizes, (), lambda: sum(sizes.values()))
 
 
 def _groups(tensors: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -187,7 +223,7 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
     as model, and text-encoder as the text encoder off the device.
     """
     sized = {component: _kept(component, tensors, run_bytes, profile) for component, tensors in model.components.items()}
-    totals = {component: sum(sizes.values()) for component, sizes in sized.items()}
+    totals = {component: _kept_total(component, tensors, run_bytes, profile) for component, tensors in model.components.items()}
     mode = profile.offload
     if model.counts_only and mode in ("group", "sequential"):
         mode = "model"
@@ -199,13 +235,14 @@ def resident_weights(model: ModelTensors, profile: RunProfile, run_bytes: int) -
         largest = max(totals, key=totals.__getitem__)
         return {c: (b if c == largest else 0) for c, b in totals.items()}
     if mode == "sequential":
-        largest_leaf = {c: _leaves(sizes) for c, sizes in sized.items()}
+        largest_leaf = {c: _sized("leaves", sizes, (), lambda sizes=sizes: _leaves(sizes)) for c, sizes in sized.items()}
         top = max(largest_leaf, key=largest_leaf.__getitem__)
         return {c: (largest_leaf[c] if c == top else 0) for c in totals}
     out = dict(totals)  # group, text-encoder
     for component in ("transformer", "text_encoder") if mode == "group" else ("text_encoder",):
         if component in sized:
-            blocks, rest = _groups(sized[component])
+            sizes = sized[component]
+            blocks, rest = _sized("groups", sizes, (), lambda sizes=sizes: _groups(sizes))
             out[component] = GROUPS_ON_DEVICE * max(blocks.values(), default=0) + rest
     return out
 
@@ -231,15 +268,22 @@ def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> i
     if components is None or model.counts_only:
         return None
     adapted = _adapted(profile)
-    total = 0
-    for component in components:
+
+    def pinned(component: str, tensors: tuple[Tensor, ...]) -> int:
         dropped = DROPPED.get(component, ())
-        for t in model.components.get(component, ()):
+        total = 0
+        for t in tensors:
             if t.name.startswith(dropped) or (component == "text_encoder" and "embed_tokens" in t.name):
                 continue
             pieces = _pieces(component, t, run_bytes, profile, adapted)
             total += sum(pinned_size(size) for size in pieces) if _BLOCK.match(t.name) else sum(pieces)
-    return total
+        return total
+
+    return sum(
+        _sized("pinned", tensors, _pieces_key(c, run_bytes, profile), lambda c=c, tensors=tensors: pinned(c, tensors))
+        for c in components
+        if (tensors := model.components.get(c, ()))
+    )
 
 
 def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: bool = True) -> int:
@@ -265,12 +309,12 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: 
             continue
         tensors = model.components[component]
         if on_gpu and loads_on_cpu(profile, component):
-            kept += sum(_kept(component, tensors, run_bytes, profile).values())
+            kept += _kept_total(component, tensors, run_bytes, profile)
             continue
-        run = sum(_bytes(t, run_bytes, False) for t in tensors)
+        run = _sized("run", tensors, (run_bytes,), lambda tensors=tensors: sum(_bytes(t, run_bytes, False) for t in tensors))
         if at_once:
             peak = max(peak, kept + run)
-            kept += sum(_kept(component, tensors, run_bytes, profile).values())
+            kept += _kept_total(component, tensors, run_bytes, profile)
         else:
             kept += run
     return max(peak, kept)
