@@ -282,10 +282,12 @@ class Settings(PerModelLimits, BaseSettings):
         default=None, ge=1, description="Requests whose uploads are decoded at the same time; default: 2 per CPU core."
     )
     max_queued_pixel_bytes: int = Field(
-        default=512 * 1024 * 1024,
-        ge=1,
-        description="Bytes of input pixels one model's queued and running jobs may hold (503 above).",
+        default=512 * 1024 * 1024, ge=1, description="Input pixel bytes one model's queued and running jobs may hold (503 above)."
     )
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings  # no .env file, no secrets folder: passes over them cost half of Settings()
 
     @field_validator("models", mode="before")
     @classmethod
@@ -330,8 +332,7 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _no_blank_key(cls, keys: list[str]) -> list[str]:
-        """A key given but blank (``--api-key ''``, ``QIS_API_KEYS=" , "``) would either turn keys off or let no
-        client in: refused. An empty variable is an unset one (no keys)."""
+        """A blank key (``--api-key ''``, ``QIS_API_KEYS=" , "``) would turn keys off or let no client in: refused."""
         if any(not key.strip() for key in keys):
             raise ValueError("an API key is empty (give every key, or none to serve without keys)")
         return [key.strip() for key in keys]
