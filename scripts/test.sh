@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command, as README.md documents it (and as .ci/run runs it):
 # make a virtual environment, install the package with its test extras, check
-# formatting and lint (ruff format --check, ruff check), then run pytest in two
-# processes (pytest-xdist) while mypy checks the types beside it. Any finding or
-# failure fails the run.
+# formatting and lint (ruff format --check, ruff check), then run pytest in one
+# process per core (pytest-xdist; one more with -m "not e2e") while mypy checks the
+# types beside it. Any finding or failure fails the run.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh tests/unit -x   # arguments go to pytest
 #   scripts/test.sh -m "not e2e"    # without the tests that start a server
-#   scripts/test.sh -n 0            # pytest in one process (TEST_WORKERS=N: N processes)
+#   scripts/test.sh -n 0            # pytest in one process (TEST_WORKERS=N: N processes; default: one per core,
+#                                   # one more with -m "not e2e": tests/suite_split.py)
 #
 # VENV (default .venv) picks the environment; an existing one is reused (and pip skipped when nothing changed). torch is
 # installed only if the environment has none: pin 2.13.0 (CPU wheel on a CPU box).
@@ -50,6 +51,12 @@ if [ -z "${QIS_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# Compiled modules are kept (in __pycache__, ignored by git) even where PYTHONDONTWRITEBYTECODE is set: without them
+# every process compiles the server's modules again (each server the tests start: its API process, its forkserver),
+# and pytest, which keeps its assertion-rewritten test modules only where bytecode may be written, rewrites every
+# test module in each of its processes again (3 s of the 6 s a process takes to collect -m "not e2e").
+unset PYTHONDONTWRITEBYTECODE
+
 # The same checks as .pre-commit-config.yaml; configured in pyproject.toml.
 LINTED=(src tests bench scripts)
 echo "ruff format --check ${LINTED[*]}"
@@ -65,7 +72,7 @@ MYPY_PID=$!
 trap 'kill "$MYPY_PID" 2>/dev/null || true; rm -f "$MYPY_LOG"' EXIT
 
 pytest_status=0
-python -m pytest -q -n "${TEST_WORKERS:-2}" "$@" || pytest_status=$?
+python -m pytest -q -n "${TEST_WORKERS:-auto}" "$@" || pytest_status=$?
 
 mypy_status=0
 wait "$MYPY_PID" || mypy_status=$?

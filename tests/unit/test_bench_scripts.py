@@ -252,9 +252,9 @@ def test_gpu_check_stops_a_stage_at_its_own_cap(tmp_path):
     """Each stage runs at most its cap (STAGE_SECONDS_<STAGE>), so that one slow stage leaves the budget's rest to
     the next; a stage stopped so says it, and what it wrote is packed. A cap under the least a stage is started with
     skips it, saying why."""
-    done, out, _ = _gpu_check(tmp_path, "vae", STAGE_SECONDS_VAE="3", MIN_STAGE_SECONDS="1", SLOW_TEXT_ENCODER="1")
+    done, out, _ = _gpu_check(tmp_path, "vae", STAGE_SECONDS_VAE="1", MIN_STAGE_SECONDS="1", SLOW_TEXT_ENCODER="1")
     stages = (out / "stages.txt").read_text()
-    assert done.returncode == 1 and "stage vae: stopped after its 3 s" in stages, done.stdout + done.stderr
+    assert done.returncode == 1 and "stage vae: stopped after its 1 s" in stages, done.stdout + done.stderr
     assert "exit 124" in stages and (out / "results.tgz").exists()
     done, out, _ = _gpu_check(tmp_path / "capped", "vae", STAGE_SECONDS_VAE="30")
     assert done.returncode == 0 and "stage vae: skipped, 30 s for it (" in (out / "stages.txt").read_text()

@@ -28,7 +28,7 @@ from qwen_image_server.models.spec import ModelSpec
 from qwen_image_server.protocol.images import EditRequest, VariationRequest
 
 #: Reproducible (the same bodies on every run) and sized to keep the module well under a minute on two cores.
-FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=300, suppress_health_check=list(HealthCheck))
+FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=200, suppress_health_check=list(HealthCheck))
 
 
 def _png(width: int, height: int) -> bytes:
@@ -135,7 +135,7 @@ def test_json_bodies_with_images(app, path, model):
     statuses = []
     jobs = len(app.engine.jobs)
 
-    @settings(FUZZ, max_examples=200)  # each decodes its images
+    @settings(FUZZ, max_examples=130)  # each decodes its images
     @given(json_body(request_fields(model.model_json_schema(), images=True)))
     def run(body):
         statuses.append(app.post(path, body, "application/json").status_code)

@@ -1,8 +1,8 @@
-"""How ``scripts/test.sh`` splits the suite over its two pytest processes (``tests/suite_split.py``)."""
+"""How ``scripts/test.sh`` splits the suite over its pytest processes (``tests/suite_split.py``)."""
 
 from __future__ import annotations
 
-from suite_split import _deselects_e2e, _unit_rank, work_unit
+from suite_split import _deselects_e2e, _unit_rank, pytest_xdist_auto_num_workers, work_unit
 
 
 def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_one_unit():
@@ -75,3 +75,16 @@ def test_a_mark_expression_that_drops_every_e2e_test_skips_importing_the_e2e_mod
         "not e2e_slow",
     ):
         assert not _deselects_e2e(markexpr), markexpr
+
+
+def test_auto_starts_a_process_per_core_and_one_more_without_the_e2e_tests(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+
+    def workers(markexpr: str) -> int:
+        return pytest_xdist_auto_num_workers(SimpleNamespace(option=SimpleNamespace(markexpr=markexpr)))
+
+    assert workers("") == workers("e2e") == workers("not gpu") == 2
+    assert workers("not e2e") == workers("not e2e and not gpu") == 3
