@@ -151,18 +151,27 @@ def work_unit(nodeid: str) -> str:
     - every test on Ray is one unit, so that one worker starts one Ray. A test is on Ray when it is in test_ray.py or
       is the ``ray`` case of ``any_server`` (its id lists the value "ray");
     - the rest of the modules that use a shared server (``SHARED_SERVERS``) are one unit per server, named after
-      its fixture, so that one worker starts that server (a session fixture: each worker would start its own).
-    Collection checks both against the fixtures."""
+      its fixture, so that one worker starts that server (a session fixture: each worker would start its own);
+    - the in-process modules that import Ray Serve are one unit (``RAY_IN_PROCESS_MODULES``).
+    Collection checks the first two against the fixtures."""
     path, _, rest = nodeid.partition("::")
     params = rest.partition("[")[2].rstrip("]").split("-")
     if Path(path).name == "test_ray.py" or "ray" in params:
         return "ray"
+    if Path(path).stem in RAY_IN_PROCESS_MODULES:
+        return "ray-in-process"
     return next((fixture for fixture, modules in SHARED_SERVERS.items() if Path(path).stem in modules), path)
 
 
 #: In-process modules that take seconds (the rest take a fraction of one): handed out before the quick rest, so that
 #: one is never what a worker still runs while the other has nothing left (``-m "not e2e"`` ended 4 s later so).
 LONG_IN_PROCESS_MODULES = {"test_fuzz"}
+#: In-process modules that import Ray Serve, and most of them torch: one unit, taken as a long one, so that one test
+#: process imports both (1.6 s and 2.5 s of CPU in each process that does) instead of each of them.
+RAY_IN_PROCESS_MODULES = {
+    "test_admission", "test_metrics", "test_plan_matches_serve", "test_ray_app", "test_ray_engine", "test_stuck_worker",
+    "test_worker",
+}  # fmt: skip
 
 
 def _unit_rank(unit: str) -> int:
@@ -173,7 +182,7 @@ def _unit_rank(unit: str) -> int:
         return 0
     if unit in SHARED_SERVERS or _real_module(Path(unit)):
         return 1
-    return 2 if Path(unit).stem in LONG_IN_PROCESS_MODULES else 3
+    return 2 if unit == "ray-in-process" or Path(unit).stem in LONG_IN_PROCESS_MODULES else 3
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it lacks

@@ -19,10 +19,12 @@ def test_a_module_is_one_unit_and_every_test_on_ray_and_on_the_shared_server_is_
     assert work_unit("tests/e2e/test_streaming_variations.py::test_edit_stream[ray]") == "ray"
     assert work_unit("tests/e2e/test_ray.py::test_full_queue_gives_503") == "ray"
     # "ray" inside a longer parameter or a name is not Ray's case
-    assert work_unit("tests/unit/test_worker.py::test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way") == (
-        "tests/unit/test_worker.py"
+    assert work_unit("tests/unit/test_jobs.py::test_the_ray_engine_names_a_replicas_out_of_memory_the_same_way") == (
+        "tests/unit/test_jobs.py"
     )
     assert work_unit("tests/unit/test_x.py::test_y[array-2]") == "tests/unit/test_x.py"
+    # the in-process modules that import Ray Serve, together
+    assert work_unit("tests/unit/test_ray_app.py::test_x") == work_unit("tests/unit/test_metrics.py::test_y") == "ray-in-process"
 
 
 def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_long_in_process_modules_then_the_rest():
@@ -34,6 +36,7 @@ def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_long
         "options_server",
         "tests/e2e/test_recovery.py",
         "ray",
+        "ray-in-process",
     ]
     assert sorted(units, key=_unit_rank) == [
         "server",
@@ -42,6 +45,7 @@ def test_ray_and_the_shared_server_go_first_then_servers_and_pipelines_then_long
         "options_server",
         "tests/e2e/test_recovery.py",
         "tests/unit/test_fuzz.py",
+        "ray-in-process",
         "tests/unit/test_jobs.py",
     ]
 
@@ -51,10 +55,10 @@ def test_each_module_listed_in_the_split_exists():
     exists (a renamed module) would leave its tests out of the list, or a long module among the quick ones."""
     from pathlib import Path
 
-    from suite_split import LONG_IN_PROCESS_MODULES, SHARED_SERVERS
+    from suite_split import LONG_IN_PROCESS_MODULES, RAY_IN_PROCESS_MODULES, SHARED_SERVERS
 
     tests = Path(__file__).resolve().parents[1]
-    listed = set().union(*SHARED_SERVERS.values(), LONG_IN_PROCESS_MODULES)
+    listed = set().union(*SHARED_SERVERS.values(), LONG_IN_PROCESS_MODULES, RAY_IN_PROCESS_MODULES)
     assert {stem for stem in listed if not list(tests.rglob(f"{stem}.py"))} == set()
 
 
