@@ -164,7 +164,7 @@ def test_requests_cut_by_shutdown_get_json_503_and_no_traceback(guarded, guarded
     # The forkserver's socket folder (multiprocessing's pymp-* temp folder of the API process)
     folders = glob.glob(os.path.join(guarded_tmp, "pymp-*"))
     assert folders
-    long = {"prompt": "a very long job", "size": "1024x1024", "num_inference_steps": 1000}
+    long = {"prompt": "a very long job", "size": "512x512", "num_inference_steps": 1000}
     thread, box = post_in_thread(server.base_url + GEN, long, timeout=120)
     stream_box: dict = {}
 

@@ -20,8 +20,10 @@ from PIL import Image
 from conftest import LIMITED, post_in_thread
 
 GEN = "/v1/images/generations"
-# Long enough to still be running when the tests act on it (minutes on 2 cores; servers allow 1000 steps).
-LONG = {"prompt": "a long job", "size": "1024x1024", "num_inference_steps": 1000, "seed": 1}
+# Long enough to still be running when the tests act on it (half a minute or more on 2 cores; servers allow 1000
+# steps), made of short steps (tens of milliseconds at 512x512, ten times less than at 1024x1024): a task told to stop
+# ends at its next step's end, which the tests after it wait for.
+LONG = {"prompt": "a long job", "size": "512x512", "num_inference_steps": 1000, "seed": 1}
 SHORT = {"prompt": "a short job", "size": "256x256", "num_inference_steps": 2, "seed": 2}
 
 
@@ -78,7 +80,7 @@ def test_killed_worker_fails_its_task_with_500_and_is_replaced(server):
         "model": model,
         "prompt": "long edit",
         "image": image_b64,
-        "size": "1024x1024",
+        "size": "512x512",
         "num_inference_steps": 1000,
         "n": 2,
     }
