@@ -10,6 +10,7 @@ chromium these tests are skipped with the missing piece named, except under CI
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -323,3 +324,135 @@ def test_the_badge_says_ready_only_once_a_reload_has_filled_the_forms(page, serv
     page.fill("#generate [name=num_inference_steps]", "9")
     page.wait_for_timeout(300)
     assert page.input_value("#generate [name=num_inference_steps]") == "9"
+
+
+def test_a_mask_on_a_tall_image_keeps_its_shape_and_paints_under_the_pointer(page, tmp_path):
+    """A tall image's mask frame reaches its height cap (60% of the window): it kept the full width, so the image was
+    stretched across and a stroke landed higher on the image than under the pointer (y was scaled by the width)."""
+    Image.new("RGB", (256, 512), (90, 90, 90)).save(tmp_path / "tall.png")
+    page.click("nav [data-tab=edit]")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "tall.png"))
+    canvas = page.wait_for_selector(".mask-paint")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert box["height"] <= 0.6 * 900 + 1 and abs(box["width"] / box["height"] - 0.5) < 0.02, box  # its own shape
+    page.fill(".mask-tools input[name=brush]", "10")
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.9)
+    alpha = page.evaluate(
+        """() => { const c = document.querySelector('.mask-paint'); const ctx = c.getContext('2d');
+        const at = (x, y) => ctx.getImageData(x, y, 1, 1).data[3]; return [at(128, 461), at(128, 420), at(128, 500)]; }"""
+    )
+    assert alpha[0] > 0 and alpha[1] == alpha[2] == 0, alpha  # painted at (128, 461), 90 % of the way down, only there
+
+
+def test_after_a_failed_run_the_viewer_shows_the_selected_result_and_files_not_taken_are_named(page, tmp_path):
+    """A run that fails after its first preview left that preview in the viewer while Download, Vary and the info
+    line still acted on the result selected before. Files the page does not take were dropped without a word, and an
+    image the browser cannot decode left an unhandled error in the page (the page fixture fails on one)."""
+    fill_generate(page, "kept in view", steps=4)
+    page.fill("#generate [name=seed]", "31")
+    page.click(SUBMIT.format("generate"))
+    wait_done(page)
+    selected = page.get_attribute(".results .selected img", "src")
+    preview = {"type": "image_generation.partial_image", "b64_json": base64.b64encode(_png((64, 64))).decode(),
+               "partial_image_index": 0, "image_index": 0, "output_format": "png", "size": "64x64"}  # fmt: skip
+    error = {"type": "error", "error": {"message": "Task timeout", "type": "server_error", "param": None, "code": "timeout"}}
+    stream = f"event: image_generation.partial_image\ndata: {json.dumps(preview)}\n\nevent: error\ndata: {json.dumps(error)}\n\n"
+    page.route("**/v1/images/generations", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
+    fill_generate(page, "fails after a preview", steps=4, previews=1)
+    page.click(SUBMIT.format("generate"))
+    page.locator(".run-state[data-state=failed]").wait_for()
+    assert page.get_attribute(".viewer img.after", "src") == selected
+    assert page.get_attribute(".viewer img.after", "data-kind") == "final" and "seed 31" in page.inner_text(".result-info")
+    page.click("nav [data-tab=edit]")
+    (tmp_path / "notes.txt").write_text("not an image")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "notes.txt"))
+    assert "Not added: 1 not a PNG, JPEG or WebP image" in page.inner_text("#edit [data-params~=image] .error")
+    (tmp_path / "fake.png").write_text("not a png either")
+    page.set_input_files("#edit input[type=file]", str(tmp_path / "fake.png"))
+    page.locator("#edit .mask-stage", has_text="cannot decode").wait_for()
+    assert "cannot decode the image" in page.inner_text("#edit [data-params~=image] .error")
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (20, 120, 220)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_badge_says_no_access_until_a_key_works(context, server):
+    """The page's /ready poll (every 5 s, open to anyone) set the badge back to "ready" while the key was refused."""
+    page = context.new_page()
+    page.clock.install()
+    refused = {"error": {"message": "Invalid API key", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    page.route("**/v1/models", lambda route: route.fulfill(status=401, content_type="application/json", body=json.dumps(refused)))
+    page.goto(server.base_url + "/")
+    page.locator("#server-status[data-state=failed]").wait_for()
+    page.clock.run_for(12_000)  # two polls
+    page.wait_for_timeout(200)
+    assert page.inner_text("#server-status") == "no access"
+    page.unroute("**/v1/models")
+    page.fill("#api-key", KEY + "  ")
+    page.press("#api-key", "Tab")
+    page.locator("#server-status[data-state=ready]").wait_for()
+    page.close()
+
+
+def test_history_keeps_to_its_limits_and_the_page_revokes_the_urls_it_no_longer_shows(page):
+    """The history grew without bound (each image, with its request's input images, kept forever) and every list of
+    it, preview and shown entry made object URLs that were never revoked (each holds its image in memory)."""
+    kept = page.evaluate(
+        """async () => { const h = await import('./playground/history.js');
+        await h.clearEntries();
+        const blob = (n) => new Blob([new Uint8Array(n)], { type: 'image/png' });
+        const add = (i, limits) => h.addEntry({ created: i, tab: 'generate', fields: { prompt: `p${i}` }, inputs: [blob(300)],
+                                                mask: null, image: blob(700), seed: i }, limits);
+        for (let i = 1; i <= 5; i++) await add(i, { entries: 3, bytes: 1e9 });
+        const byCount = (await h.allEntries()).map((e) => e.seed);
+        for (let i = 6; i <= 8; i++) await add(i, { entries: 100, bytes: 2500 });
+        const byBytes = (await h.allEntries()).map((e) => e.seed);
+        await h.clearEntries();
+        return [byCount, byBytes]; }"""
+    )
+    assert kept == [[5, 4, 3], [8, 7]]  # the newest three; then what 2,500 bytes hold (1,000 an entry)
+    for seed in (1, 2):
+        fill_generate(page, "counted", steps=2)
+        page.fill("#generate [name=seed]", str(seed))
+        page.click(SUBMIT.format("generate"))
+        wait_done(page)
+    page.evaluate(
+        """() => { window.live = new Set(); const make = URL.createObjectURL, drop = URL.revokeObjectURL;
+        URL.createObjectURL = (b) => { const u = make(b); window.live.add(u); return u; };
+        URL.revokeObjectURL = (u) => { window.live.delete(u); drop(u); }; }"""
+    )
+    for _ in range(4):
+        page.click("nav [data-tab=history]")
+        page.locator(".history-item").first.wait_for()
+        page.locator(".history-item").first.locator("[data-action=show]").click()
+        page.click("nav [data-tab=generate]")
+    assert page.evaluate("window.live.size") <= page.locator(".history-item").count() + 2  # this list's, the shown entry's
+
+
+def test_seeds_past_2_53_go_and_come_back_exact_and_aspect_presets_keep_their_ratio(page):
+    """A seed typed as 9007199254740993 was sent as ...992 (a JavaScript number), and 2^63 - 1, the largest the server
+    takes, as 9223372036854776000, which it refused; the seed the server answered was shown rounded too. The aspect
+    presets clamped each side on its own: 16:9 became 336x256 on a 256-pixel minimum."""
+    page.fill("#generate [name=seed]", "9223372036854775807")
+    got = page.evaluate(
+        """async () => { const api = await import('./playground/api.js'); const forms = await import('./playground/forms.js');
+        const fields = forms.readFields(document.querySelector('#generate'));
+        return [typeof fields.seed, api.toJSON({ seed: fields.seed, prompt: '"seed"' }),
+                String(api.fromJSON('{"seed": 9007199254740993, "n": 2}').seed),
+                forms.aspectSize('16:9', 256 * 256, { min_side: 256, max_side: 2048, size_multiple: 16 }),
+                forms.aspectSize('16:9', 1024 * 1024, { min_side: 256, max_side: 1024, size_multiple: 16 }),
+                forms.aspectSize('1:1', 1024 * 1024, { min_side: 256, max_side: 512, size_multiple: 16 })]; }"""
+    )
+    assert got[:3] == ["bigint", '{"seed":9223372036854775807,"prompt":"\\"seed\\""}', "9007199254740993"]
+    assert got[3:] == [[448, 256], [1024, 576], [512, 512]]
+    fill_generate(page, "the largest seed", steps=2)
+    page.fill("#generate [name=seed]", "9223372036854775807")
+    with page.expect_request("**/v1/images/generations") as request:
+        page.click(SUBMIT.format("generate"))
+    assert '"seed":9223372036854775807' in request.value.post_data
+    wait_done(page)
+    assert "seed 9223372036854775807 ·" in page.inner_text(".result-info")

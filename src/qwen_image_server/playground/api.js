@@ -55,6 +55,20 @@ export async function getJSON(path, { signal } = {}) {
   return response.json();
 }
 
+// JSON text of a request body; a BigInt (a seed past 2^53) goes as its digits.
+export function toJSON(body) {
+  const mark = `bigint-${Math.random().toString(36).slice(2)}${Date.now()}:`; // no text of the request holds it
+  const text = JSON.stringify(body, (key, value) => (typeof value === "bigint" ? `${mark}${value}` : value));
+  return text.replaceAll(new RegExp(`"${mark}(\\d+)"`, "g"), "$1");
+}
+
+// A response's JSON with its seeds exact: one past 2^53 as a BigInt (from the text itself, where the browser gives it).
+export function fromJSON(text) {
+  return JSON.parse(text, (key, value, context) =>
+    key === "seed" && typeof value === "number" && !Number.isSafeInteger(value) && context?.source ? BigInt(context.source) : value,
+  );
+}
+
 // One server-sent event block ("event: x\ndata: {...}") as {event, data}.
 function parseEvent(block) {
   let event = "message";
@@ -63,7 +77,7 @@ function parseEvent(block) {
     if (line.startsWith("event:")) event = line.slice(6).trim();
     else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
   }
-  return data.length ? { event, data: JSON.parse(data.join("\n")) } : null;
+  return data.length ? { event, data: fromJSON(data.join("\n")) } : null;
 }
 
 // POST an image request with stream=true. `body` is a plain object (sent as JSON) or a
@@ -74,12 +88,12 @@ export async function streamImages(path, body, { signal, onPartial, onCompleted 
   const response = await fetch(path, {
     method: "POST",
     headers: headers(json ? { "Content-Type": "application/json", Accept: "text/event-stream" } : { Accept: "text/event-stream" }),
-    body: json ? JSON.stringify(body) : body,
+    body: json ? toJSON(body) : body,
     signal,
   });
   if (!response.ok) throw await errorOf(response);
   if (!(response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
-    const whole = await response.json(); // a server that answered without streaming
+    const whole = fromJSON(await response.text()); // a server that answered without streaming
     return whole.data.map((item, index) => ({ ...item, image_index: index, output_format: whole.output_format, size: whole.size }));
   }
   const completed = [];

@@ -29,7 +29,22 @@ const previews = $(".previews", output);
 const results = $(".results", output);
 const progress = new Progress($(".run-state", output));
 const mask = new MaskEditor($(".mask-stage", forms.edit));
-const state = { settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null };
+const state = {
+  settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null,
+  loadFailed: null, // why the last load failed ("key" or "network"), else null
+};
+// Object URLs by what shows them: revoked when it shows something else (each holds its blob in memory until then).
+const urls = { previews: [], history: [] };
+
+function revoke(owner) {
+  for (const url of urls[owner].splice(0)) URL.revokeObjectURL(url);
+}
+
+function objectURL(owner, blob) {
+  const url = URL.createObjectURL(blob);
+  urls[owner].push(url);
+  return url;
+}
 
 // --- the server ----------------------------------------------------------------------
 
@@ -53,12 +68,14 @@ async function loadServer() {
   } catch (error) {
     if (state.load !== load) return;
     state.load = null;
+    state.loadFailed = error.status === 401 ? "key" : "network";
     $(".error", key).textContent = error.status === 401 ? error.message : `Cannot reach the server: ${error.message}`;
     key.classList.add("invalid");
-    setStatus("no access", "failed");
+    setStatus(error.status === 401 ? "no access" : "server unreachable", "failed");
     return;
   }
   state.load = null;
+  state.loadFailed = null;
   await pollReady();
 }
 
@@ -71,6 +88,8 @@ function setStatus(text, kind) {
 // /ready says which models are loading, ready or failed (failed ones are marked in the selects).
 async function pollReady() {
   if (state.load) return; // the load in flight sets the badge when it is done
+  if (state.loadFailed === "key") return; // "no access" until another key is given
+  if (state.loadFailed === "network") return loadServer(); // the server may be back: load what it serves
   let body;
   try {
     const response = await fetch("ready", { headers: apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {} });
@@ -112,14 +131,17 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
   const controller = new AbortController();
   state.run = { controller, tab };
   for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = true;
+  revoke("previews");
   previews.replaceChildren();
+  const created = Date.now(); // the run's entries share it: the history lists them together, in order
   progress.start(denoisingSteps(fields, state.settings, tab), Number(fields.partial_images || 0), LABELS[tab]);
-  const before = inputs.length ? URL.createObjectURL(inputs[inputs.length - 1]) : null;
+  const before = inputs.length ? URL.createObjectURL(inputs[inputs.length - 1]) : null; // the results' (revoked with them)
   const body = requestBody(tab, fields, inputs, maskBlob);
   const onPartial = (event) => {
-    const url = URL.createObjectURL(b64ToBlob(event.b64_json, event.output_format));
+    const url = objectURL("previews", b64ToBlob(event.b64_json, event.output_format));
     progress.preview(event.partial_image_index);
-    previews.append(el("li", {}, el("img", { src: url, alt: `Preview ${event.partial_image_index + 1}`, dataset: { kind: "preview" } })));
+    const alt = `Preview ${event.partial_image_index + 1} of image ${event.image_index + 1}`;
+    previews.append(el("li", {}, el("img", { src: url, alt, dataset: { kind: "preview" } })));
     if (event.image_index === 0) showImage(viewer, url, { alt: "Preview", kind: "preview" });
   };
   try {
@@ -131,6 +153,7 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
     for (const event of completed) {
       const blob = b64ToBlob(event.b64_json, event.output_format);
       const entry = {
+        created,
         tab,
         endpoint: ENDPOINTS[tab],
         fields,
@@ -147,17 +170,27 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
       made.push({ ...entry, url: URL.createObjectURL(blob), before });
     }
     state.lastSeed[tab] = made[0]?.seed;
-    state.results = [...made, ...state.results].slice(0, 24);
+    const kept = [...made, ...state.results].slice(0, 24);
+    dropResults(state.results.filter((item) => !kept.includes(item)), kept);
+    state.results = kept;
     renderResults();
     select(made[0]);
     progress.finish("done", `Done: ${made.length} image${made.length === 1 ? "" : "s"}`);
     renderHistory();
   } catch (error) {
+    if (before) URL.revokeObjectURL(before);
+    // The viewer showed this run's previews: it shows the selected result again, which its actions act on.
+    if (state.selected) select(state.selected);
+    else {
+      viewer.replaceChildren();
+      viewer.classList.add("empty");
+    }
     if (error.name === "AbortError") {
       progress.finish("cancelled", "Cancelled");
     } else {
-      showError(form, error);
-      progress.finish("failed", `Failed: ${error.message}`);
+      const reached = error instanceof TypeError ? { message: `Cannot reach the server: ${error.message}` } : error;
+      showError(form, reached);
+      progress.finish("failed", `Failed: ${reached.message}`);
     }
   } finally {
     state.run = null;
@@ -186,8 +219,18 @@ function renderResults() {
   );
 }
 
+// Revoke the object URLs of results no longer kept (a run's input image URL once no kept result shows it).
+function dropResults(dropped, kept) {
+  for (const item of dropped) {
+    URL.revokeObjectURL(item.url);
+    if (item.before && !kept.some((other) => other.before === item.before)) URL.revokeObjectURL(item.before);
+  }
+}
+
 function select(item) {
   if (!item) return;
+  const previous = state.selected;
+  if (previous && previous !== item && previous.owned) for (const url of previous.owned) URL.revokeObjectURL(url);
   state.selected = item;
   showImage(viewer, item.url, { before: item.tab === "generate" ? null : item.before, alt: item.fields.prompt || "Result" });
   $(".result-actions", output).hidden = false;
@@ -231,9 +274,10 @@ async function renderHistory() {
     $("#history .hint").textContent = "This browser does not keep a history here (IndexedDB is not available).";
   }
   $("#history-count").textContent = entries.length ? String(entries.length) : "";
+  revoke("history");
   $(".history-list").replaceChildren(
     ...entries.map((entry) => {
-      const url = URL.createObjectURL(entry.image);
+      const url = objectURL("history", entry.image);
       const when = new Date(entry.created).toLocaleString();
       const text = entry.fields.prompt || "(no prompt)";
       const buttons = ["show", "rerun", "open", "download", "delete"].map((action) => {
@@ -267,6 +311,7 @@ async function historyAction(action, id) {
   if (action === "download") return download(entry.image, entry.format, `qwen-image-${entry.seed}`);
   if (action === "show") {
     const item = { ...entry, url: URL.createObjectURL(entry.image), before: entry.inputs.length ? URL.createObjectURL(entry.inputs.at(-1)) : null };
+    item.owned = [item.url, item.before].filter(Boolean); // its own URLs, revoked once another is shown
     return select(item);
   }
   showTab(entry.tab);
@@ -291,18 +336,29 @@ function isMulti() {
 }
 
 function onEditInputs(blobs) {
-  if (blobs.length === 1) mask.ready = mask.load(blobs[0]);
-  else {
+  if (blobs.length === 1) {
+    mask.ready = mask.load(blobs[0]).catch(() => {
+      mask.unload("This browser cannot decode the image, so no mask can be painted on it.");
+      showError(forms.edit, { param: "image", message: "This browser cannot decode the image (is it a PNG, JPEG or WebP?)" });
+    });
+  } else {
     mask.unload(blobs.length ? "A mask works with one image: remove the others to paint one." : undefined);
     mask.ready = Promise.resolve();
   }
 }
 
 function acceptFiles(form, files, onchange) {
-  const images = [...files].filter((file) => /^image\/(png|jpeg|webp)$/.test(file.type));
-  if (!images.length) return;
+  clearErrors(form.querySelector("[data-params~=image]") || form);
+  const all = [...files];
+  const images = all.filter((file) => /^image\/(png|jpeg|webp)$/.test(file.type));
   const multi = form === forms.edit && isMulti();
-  setInputs(form, multi ? [...form.inputs, ...images] : images.slice(0, 1), onchange);
+  const limit = multi ? state.settings?.limits.max_input_images || Infinity : 1;
+  const taken = (multi ? [...form.inputs, ...images] : images).slice(0, limit);
+  const left = [];
+  if (images.length < all.length) left.push(`${all.length - images.length} not a PNG, JPEG or WebP image`);
+  if (taken.length < (multi ? form.inputs.length : 0) + images.length) left.push(`more than the ${limit} image${limit === 1 ? "" : "s"} this model takes`);
+  if (left.length) showError(form, { param: "image", message: `Not added: ${left.join("; ")}.` });
+  if (images.length) setInputs(form, taken, onchange);
 }
 
 function wire() {
@@ -329,6 +385,12 @@ function wire() {
     const drop = $(".drop", form);
     if (drop) {
       const input = $("input[type=file]", drop);
+      drop.addEventListener("keydown", (event) => {
+        if (event.target === drop && (event.key === "Enter" || event.key === " ")) {
+          event.preventDefault();
+          input.click();
+        }
+      });
       input.addEventListener("change", () => {
         acceptFiles(form, input.files, onchange);
         input.value = "";

@@ -22,6 +22,8 @@ export function buildForm(form) {
 function number(value) {
   if (value === "" || value === undefined || value === null) return undefined;
   const parsed = Number(value);
+  // A whole number past 2^53 (a seed) stays exact as a BigInt (api.js sends its digits as they are).
+  if (/^\s*\d+\s*$/.test(value) && !Number.isSafeInteger(parsed)) return BigInt(value.trim());
   return Number.isFinite(parsed) ? parsed : value; // a non-number goes as is: the server says what is wrong
 }
 
@@ -91,8 +93,14 @@ export function aspectSize(aspect, area, limits) {
   const [a, b] = ASPECTS[aspect] || [1, 1];
   const m = limits.size_multiple;
   const fit = (v) => Math.min(limits.max_side, Math.max(limits.min_side, Math.round(v / m) * m));
-  const width = Math.sqrt((area * a) / b);
-  return [fit(width), fit((width * b) / a)];
+  let width = Math.sqrt((area * a) / b);
+  let height = (width * b) / a;
+  // Scaled as a whole into the side limits, so that the ratio holds (clamping each side alone made 16:9 near 4:3).
+  const down = Math.min(1, limits.max_side / Math.max(width, height));
+  const up = Math.max(1, limits.min_side / (Math.min(width, height) * down));
+  width *= down * up;
+  height *= down * up;
+  return [fit(width), fit(height)];
 }
 
 // Defaults of the chosen model (a LoRA's preset first): steps, guidance, size, and its hint.
@@ -143,9 +151,12 @@ export function denoisingSteps(fields, settings, tab) {
 export function setInputs(form, blobs, onchange) {
   form.inputs = blobs;
   const list = form.querySelector(".thumbs");
+  for (const url of form.thumbURLs || []) URL.revokeObjectURL(url);
+  form.thumbURLs = [];
   list.replaceChildren(
     ...blobs.map((blob, index) => {
       const url = URL.createObjectURL(blob);
+      form.thumbURLs.push(url);
       const remove = el("button", { type: "button", className: "remove", textContent: "×", title: "Remove" });
       remove.setAttribute("aria-label", `Remove image ${index + 1}`);
       remove.addEventListener("click", () => setInputs(form, blobs.filter((_, i) => i !== index), onchange));

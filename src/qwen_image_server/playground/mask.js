@@ -46,6 +46,8 @@ export class MaskEditor {
     const frame = document.createElement("div");
     frame.className = "mask-frame";
     frame.style.aspectRatio = `${this.width} / ${this.height}`;
+    // Its height is capped (60vh): so is its width, in proportion, or a tall image would be stretched across.
+    frame.style.maxWidth = `calc(60vh * ${this.width} / ${this.height})`;
     frame.append(base, canvas);
     this.stage.replaceChildren(frame);
     this.listen(canvas);
@@ -66,7 +68,7 @@ export class MaskEditor {
     const point = (event) => {
       const box = canvas.getBoundingClientRect();
       const scale = this.width / box.width;
-      return { x: (event.clientX - box.left) * scale, y: (event.clientY - box.top) * scale, scale };
+      return { x: (event.clientX - box.left) * scale, y: (event.clientY - box.top) * (this.height / box.height), scale };
     };
     const stroke = (from, to) => {
       const ctx = this.context;
