@@ -78,15 +78,16 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     _exit_normally_after_signals()
     logging.getLogger("uvicorn.error").addFilter(GraceEndIsNoError())
     # After the shutdown grace period running requests are cancelled (JSON 503) and their work stopped.
+    app = create_app(settings, engine)
     uvicorn.run(
-        create_app(settings, engine),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),
         # uvicorn's own lines (the access log among them) go through the server's log format, which shows each
         # line's request id; uvicorn's default configuration gave them handlers and a format of their own, without it
         log_config=None,
-        **uvicorn_options(settings),
+        **uvicorn_options(settings, app.state.metrics.count_refusal),
     )
 
 

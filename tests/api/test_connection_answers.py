@@ -166,3 +166,29 @@ def test_a_request_cut_off_by_the_shutdown_carries_its_request_id(tiny_models, t
     logging.getLogger("uvicorn.error").removeHandler(handler)
     (cut,) = [r for r in records if r.getMessage().endswith("stopped: the server is shutting down")]
     assert cut.qis_request_id == "rid-4"
+
+
+def test_every_answer_sent_below_the_application_is_counted_in_the_metrics(tiny_models, tmp_path):
+    """The answers the connection guards send themselves never reached ``qis_requests_total`` (the application does
+    not see them): slow-client and connection-cap refusals were invisible to monitoring. Each is counted by status
+    and code in ``qis_connection_refusals_total``."""
+    app = fake_engine_app(tiny_models, tmp_path)
+    options = {"max_head_bytes": LIMIT, "header_timeout": 0.3, "body_timeout": 0.3, "limit_concurrency": 1}
+    with served(app, on_refused=app.state.metrics.count_refusal, **options) as port:
+        assert _answer(_exchange(port, _head(20 * LIMIT)))[0] == 431  # refused by h11 while it arrives
+        assert _answer(_exchange(port, b"GARBAGE\r\n\r\n"))[0] == 400
+        assert _answer(_exchange(port, b"GET /health HTTP/1.1\r\nHost: x", pause=2))[0] == 408  # the head, too slowly
+        slow_body = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"
+        assert _answer(_exchange(port, slow_body, pause=2))[0] == 408
+        with socket.create_connection(("127.0.0.1", port), timeout=20):  # holds the one connection the cap allows
+            time.sleep(0.1)
+            assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 503
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counted = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("qis_connection_refusals_total{")}  # fmt: skip
+    assert counted == {
+        'code="request_header_fields_too_large",status="431"': 1.0,
+        'code="invalid_http_request",status="400"': 1.0,
+        'code="request_timeout",status="408"': 2.0,
+        'code="too_many_connections",status="503"': 1.0,
+    }, counted

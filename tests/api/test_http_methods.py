@@ -176,6 +176,7 @@ def served(
     send_timeout: float | None = 60,
     max_head_bytes: int | None = None,
     server_box: list | None = None,
+    on_refused=None,
     **config,
 ):
     """``app`` behind uvicorn with the server's connection guards, in a thread; yields the port. ``max_head_bytes``
@@ -183,7 +184,7 @@ def served(
     ``uvicorn_options`` gives them: ``limit_concurrency``, ``timeout_graceful_shutdown``); ``server_box`` receives
     the uvicorn server."""
     port = free_port()
-    protocol = guarded_protocol(header_timeout, body_timeout, send_timeout, max_head_bytes)
+    protocol = guarded_protocol(header_timeout, body_timeout, send_timeout, max_head_bytes, on_refused)
     if max_head_bytes is not None:
         config["h11_max_incomplete_event_size"] = max_head_bytes
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, ws="none", log_level="warning", **config)

@@ -40,11 +40,14 @@ def test_models_list_each_alias_with_the_model_it_names(aliased):
     assert (one["id"], one["alias_of"], one["object"]) == ("gpt-image-1", T2I, "model")
 
 
-def test_metrics_count_requests_under_the_alias(aliased):
+def test_metrics_count_requests_to_an_alias_under_the_model_it_names(aliased):
+    """Not under the alias (nor ``other``): the jobs' metrics (images, calls, timings) count under the model, and one
+    model's requests in two series left its error rate without the aliased ones."""
     aliased.client.post(GENERATIONS, json={**SMALL, "model": "gpt-image-1"})
     lines = aliased.client.get("/metrics").text.splitlines()
     counted = [line for line in lines if line.startswith("qis_requests_total{") and 'status="200"' in line]
-    assert any('model="gpt-image-1"' in line for line in counted), counted  # a served name, not "other"
+    assert not any("gpt-image-1" in line or 'model="other"' in line for line in counted), counted
+    assert any(f'model="{T2I}"' in line and "generations" in line for line in counted), counted
 
 
 def test_one_folder_under_two_ids_is_one_model_with_two_names(make_api, tiny_t2i):

@@ -90,6 +90,9 @@ def test_slow_body_is_answered_408_and_closed(guarded):
     assert raw.startswith(b"HTTP/1.1 408 "), raw[:200]
     assert _json_body(raw)["error"]["code"] == "request_timeout"
     assert "Traceback" not in guarded.logs(tail=None)
+    # counted, though the application never saw the request (the server gives its metrics to its connections)
+    metrics = httpx.get(guarded.base_url + "/metrics", timeout=10).text
+    assert 'qis_connection_refusals_total{code="request_timeout",status="408"}' in metrics
 
 
 def _wait_until_served(url: str, attempts: int = 50) -> httpx.Response:

@@ -396,3 +396,34 @@ def test_the_ray_engine_reads_serve_s_status_in_a_thread_and_answers_from_the_la
     while len(calls) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(calls) == 2  # a stale reading started the next
+
+
+def test_an_upload_refused_while_its_body_is_read_and_an_alias_count_under_their_model(tmp_path):
+    """Edits and variations refused while their body was read (not JSON, no form, an image that is not base64) were
+    counted under ``none``, whatever model they named; a request to an alias (``--model-alias``) under the alias,
+    beside the model's own series, with image counters of its own that stayed at 0."""
+    from dataclasses import replace
+
+    engine = FakeEngine()
+    engine.models[0] = replace(engine.models[0], aliases=(("dall-e-3", "tiny"), ("house-style", "style")))
+    app = _app(tmp_path, engine)
+    edits, variations = "/v1/images/edits", "/v1/images/variations"
+    as_json = {"headers": {"Content-Type": "application/json"}}
+    refused = _call(
+        app,
+        ("POST", edits, {"content": b"nope", **as_json}),  # not JSON: the default edit model
+        ("POST", edits, {"content": b"nope", "headers": {"Content-Type": "text/plain"}}),  # neither form nor JSON
+        ("POST", edits, {"json": {"prompt": "x", "image": "x", "model": "zz-2"}}),  # an image that is no image, a name
+        ("POST", variations, {"json": {"image": "x", "model": "tiny"}}),
+        ("POST", variations, {"content": b"[1]", **as_json}),
+    )
+    assert [r.status_code for r in refused] == [400] * 5
+    assert (_count(app, edits, "tiny-edit", 400), _count(app, edits, "other", 400), _count(app, edits, "none", 400)) == (2, 1, 0)
+    assert (_count(app, variations, "tiny", 400), _count(app, variations, "none", 400)) == (2, 0)
+    made = _call(
+        app, ("POST", GEN, {"json": {**BODY, "model": "dall-e-3"}}), ("POST", GEN, {"json": {**BODY, "model": "house-style"}})
+    )
+    assert [r.status_code for r in made] == [200, 200]
+    assert (_count(app, GEN, "tiny", 200), _count(app, GEN, "style", 200), _count(app, GEN, "dall-e-3", 200)) == (1, 1, 0)
+    scrape = _call(app, ("GET", "/metrics", {}))[0].text
+    assert "dall-e-3" not in scrape and "house-style" not in scrape

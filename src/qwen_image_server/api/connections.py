@@ -36,6 +36,7 @@ import logging
 import re
 import struct
 import sys
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -139,6 +140,8 @@ class GuardedH11Protocol(H11Protocol):
     body_timeout: float | None = None
     send_timeout: float | None = None
     max_head_bytes: int | None = None
+    #: Told of each answer sent here, before the application (``Metrics.count_refusal``): ``(status, code)``.
+    on_refused: Callable[[int, str], None] = staticmethod(lambda status, code: None)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -265,6 +268,7 @@ class GuardedH11Protocol(H11Protocol):
             )
             message = f"Request head not received within {self.header_timeout:g} s"
             self.transport.write(_timeout_response(message, request_id))
+            self.on_refused(408, "request_timeout")
         self.transport.close()
 
     # --- requests h11 refuses -----------------------------------------------------------
@@ -290,10 +294,12 @@ class GuardedH11Protocol(H11Protocol):
         limit, hint = self.max_head_bytes, getattr(self._protocol_error, "error_status_hint", 400)
         if limit is not None and hint == 431:  # h11: "Receive buffer too long", an event (a head) still incomplete
             self.transport.write(_head_too_large(limit, request_id))
+            self.on_refused(431, "request_header_fields_too_large")
         else:
             message = "Invalid HTTP request: its request line, headers or body framing are not HTTP/1.1"
             body = error_envelope(message, type_="invalid_request_error", code="invalid_http_request", request_id=request_id)
             self.transport.write(_raw_response(400, "Bad Request", body, request_id=request_id))
+            self.on_refused(400, "invalid_http_request")
         self.transport.close()
 
     def _body_timed_out(self) -> None:
@@ -308,6 +314,7 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and not cycle.response_started:
             message = f"Request body not received within {self.body_timeout:g} s"
             self.transport.write(_timeout_response(message, request_id))
+            self.on_refused(408, "request_timeout")
         if cycle is not None:
             _cut_off(cycle)
         self.transport.close()
@@ -324,6 +331,7 @@ class GuardedH11Protocol(H11Protocol):
             self.logger.info("refusing a request head of over %d bytes", self.max_head_bytes)
             request_id = scope_request_id(scope)
             await _send_json(send, 431, _head_too_large_body(self.max_head_bytes, request_id), request_id)
+            self.on_refused(431, "request_header_fields_too_large")
             return
         cap = self.max_connections
         if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
@@ -331,6 +339,7 @@ class GuardedH11Protocol(H11Protocol):
             request_id = scope_request_id(scope)
             body = _refusal(f"Too many connections (limit {cap}); retry shortly", "too_many_connections", request_id)
             await _send_json(send, 503, body, request_id, CAP_RETRY_AFTER)
+            self.on_refused(503, "too_many_connections")
             return
         started: dict = {}
 
@@ -387,22 +396,27 @@ def guarded_protocol(
     body_timeout: float | None,
     send_timeout: float | None = None,
     max_head_bytes: int | None = None,
+    on_refused: Callable[[int, str], None] | None = None,
 ) -> type[GuardedH11Protocol]:
-    """``GuardedH11Protocol`` with these timeouts and head limit (uvicorn builds one protocol object per connection)."""
-    limits = {
+    """``GuardedH11Protocol`` with these timeouts and head limit (uvicorn builds one protocol object per connection),
+    telling ``on_refused`` of the answers it sends itself."""
+    limits: dict[str, object] = {
         "header_timeout": header_timeout,
         "body_timeout": body_timeout,
         "send_timeout": send_timeout,
         "max_head_bytes": max_head_bytes,
     }
+    if on_refused is not None:
+        limits["on_refused"] = staticmethod(on_refused)
     return type("GuardedH11Protocol", (GuardedH11Protocol,), limits)
 
 
-def uvicorn_options(settings) -> dict:
-    """The keyword arguments of ``uvicorn.run`` for the connection settings."""
+def uvicorn_options(settings, on_refused: Callable[[int, str], None] | None = None) -> dict:
+    """The keyword arguments of ``uvicorn.run`` for the connection settings; ``on_refused`` counts the answers the
+    connections send before the application (the app's ``Metrics.count_refusal``)."""
     return {
         "http": guarded_protocol(
-            settings.header_timeout, settings.body_timeout, settings.send_timeout, settings.max_header_bytes
+            settings.header_timeout, settings.body_timeout, settings.send_timeout, settings.max_header_bytes, on_refused
         ),
         "ws": "none",  # no WebSocket routes; an upgraded connection would outlive these guards
         "limit_concurrency": settings.max_connections,

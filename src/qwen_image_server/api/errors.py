@@ -81,8 +81,8 @@ _IMAGE_ROUTES = {"/v1/images/generations": False, "/v1/images/edits": True, "/v1
 def note_model(request: Request, named: object, edit: bool) -> None:
     """``request.state.model``, the model an image request is counted under (the metrics): the one it named, else
     the one that serves such requests by default (an edit model for edits), whatever the outcome."""
-    if isinstance(named, str) and named:
-        request.state.model = named
+    if named is not None and named != "":
+        request.state.model = named  # a name that is no served id (a number too) is counted as ``other``
         return
     service = getattr(request.app.state, "service", None)
     default = service.default_model(edit=edit) if service is not None else None

@@ -65,11 +65,11 @@ class Metrics:
     def __init__(self, engine: EngineClient):
         self.registry = CollectorRegistry()
         models = engine.models
-        self.model_ids = (
-            frozenset(spec.id for spec in models)
-            | frozenset(alias for spec in models for alias, _ in spec.aliases)
-            | frozenset(lora.name for spec in models for lora in spec.profile.loras)
+        self.model_ids = frozenset(spec.id for spec in models) | frozenset(
+            lora.name for spec in models for lora in spec.profile.loras
         )
+        #: Another name of a model or LoRA id (``--model-alias``) counts as that id: one model's requests in one series.
+        self.aliases = {alias: name for spec in models for alias, name in spec.aliases}
         r = self.registry
         self.requests = Counter("qis_requests", "HTTP requests", ["route", "model", "status"], registry=r)
         self.latency = Histogram(
@@ -83,6 +83,12 @@ class Metrics:
         self.pipeline_seconds = _job_histogram(r, "pipeline", "Seconds of a job's pipeline runs (first start to last end)")
         self.encode_seconds = _job_histogram(r, "encode", "Seconds encoding a job's images (pieces summed)", _ENCODE_BUCKETS)
         self.images = Counter("qis_images", "Images produced", ["model"], registry=r)
+        self.refusals = Counter(
+            "qis_connection_refusals",
+            "Answers a connection got before the application (slow or oversized heads, broken HTTP, the connection cap)",
+            ["status", "code"],
+            registry=r,
+        )
         #: The jobs' run counters (the responses' ``stats``), each a counter named after it.
         self.run_counters = {key: Counter(f"qis_{key}", _RUN_COUNTER_HELP[key], ["model"], registry=r) for key in RUN_COUNTERS}
         for model in sorted(self.model_ids):  # present at 0 from the start, so that rate() works from the first job
@@ -91,10 +97,17 @@ class Metrics:
         r.register(EngineCollector(engine))
 
     def model_label(self, name: object) -> str:
-        """A served model or LoRA id as itself; no name as ``none``; any other name as ``other``."""
+        """A served model or LoRA id as itself, an alias as the id it names; no name as ``none``; any other name as
+        ``other``."""
         if name is None or name == "":
             return NONE
+        name = self.aliases.get(name, name) if isinstance(name, str) else name
         return name if isinstance(name, str) and name in self.model_ids else OTHER
+
+    def count_refusal(self, status: int, code: str) -> None:
+        """One answer a connection got before the application (``connections.GuardedH11Protocol``); its code is one
+        of that module's few."""
+        self.refusals.labels(str(status), code).inc()
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, model, str(status)).inc()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -202,15 +203,23 @@ async def create_image(body: GenerationRequest, request: Request) -> Response:
 async def edit_image(request: Request) -> Response:
     """Edit one or several images, optionally within a mask (OpenAI's images.edit)."""
     service = _service(request)
-    body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images)
+    counted = _counted_under(request, edit=True)
+    body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images, counted)
     return await _respond(request, service.prepare_edit(body, images, mask), body.model, edit=True)
+
+
+def _counted_under(request: Request, edit: bool) -> Callable[[object], None]:
+    """Note the model an upload is counted under before its body is read (the default one: a body refused before it
+    names one counts there, not under ``none``); the callback notes the one the body names once it is read."""
+    note_model(request, None, edit)
+    return lambda named: note_model(request, named, edit)
 
 
 @router.post("/v1/images/variations")
 async def create_variation(request: Request) -> Response:
     """Variations of an image with the text-to-image model's img2img form (OpenAI's images.create_variation)."""
     service = _service(request)
-    body, images, mask = await read_image_request(request, VariationRequest, 1)
+    body, images, mask = await read_image_request(request, VariationRequest, 1, _counted_under(request, edit=False))
     if mask is not None:
         raise InvalidRequest("variations take exactly one image and no mask", param="mask")
     if len(images) > 1:

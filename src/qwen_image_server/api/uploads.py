@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
@@ -94,14 +95,17 @@ def _validate(model: type[M], fields: dict, form: bool) -> M:
         raise RequestValidationError(exc.errors(), body=fields) from None
 
 
-async def read_image_request(request: Request, model: type[M], max_files: int) -> tuple[M, list[Upload], Upload | None]:
-    """The request's fields (validated as ``model``), its images in order, and its mask."""
+async def read_image_request(
+    request: Request, model: type[M], max_files: int, on_model: Callable[[object], None] = lambda named: None
+) -> tuple[M, list[Upload], Upload | None]:
+    """The request's fields (validated as ``model``), its images in order, and its mask. ``on_model`` gets the model
+    the body names (None for none) as soon as its fields are read, before anything in it is refused."""
     content_type = request.headers.get("content-type", "")
     form = content_type.startswith("multipart/form-data")
     if form:
-        fields, images, mask = await _read_multipart(request, max_files)
+        fields, images, mask = await _read_multipart(request, max_files, on_model)
     elif content_type.startswith("application/json"):
-        fields, images, mask = await _read_json(request, max_files)
+        fields, images, mask = await _read_json(request, max_files, on_model)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
     return _validate(model, fields, form), images, mask
@@ -111,7 +115,7 @@ async def read_image_request(request: Request, model: type[M], max_files: int) -
 _TAIL_BYTES = 256
 
 
-async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_multipart(request: Request, max_files: int, on_model) -> tuple[dict, list[Upload], Upload | None]:
     # The body's last bytes, kept as the parser reads it: Starlette's parser drops a part cut short without a word, so
     # a truncated upload would otherwise read as one without its image.
     tail = bytearray()
@@ -134,6 +138,7 @@ async def _read_multipart(request: Request, max_files: int) -> tuple[dict, list[
         if message.startswith("Too many fields"):
             raise InvalidRequest("too many form fields (at most 200)") from None
         raise InvalidRequest(f"malformed multipart body: {message}") from None
+    on_model(form.get("model"))
     fields: dict[str, str] = {}
     images: list[Upload] = []
     mask: Upload | None = None
@@ -185,13 +190,14 @@ def _json_image(value: object, param: str) -> Upload:
     return Upload(decode_base64_image(value, param), param)
 
 
-async def _read_json(request: Request, max_files: int) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_json(request: Request, max_files: int, on_model) -> tuple[dict, list[Upload], Upload | None]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
         raise InvalidRequest(NOT_JSON) from None
     if not isinstance(body, dict):
         raise InvalidRequest(NOT_AN_OBJECT)
+    on_model(body.get("model"))
     images: list[Upload] = []
     for key in ("image", "images"):
         value = body.pop(key, None)
