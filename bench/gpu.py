@@ -37,6 +37,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import image_size, positive  # noqa: E402
 from serve_process import (  # noqa: E402
     STOP_SECONDS,
     STOPPED_EXIT,
@@ -354,8 +355,10 @@ def markdown_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", help="comma-separated setting names (default: all; see --list)")
-    parser.add_argument("--runs", type=int, default=None, help="warm requests per setting (median); default 3, smoke 2")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the requests (default 1024x1024, smoke 256x256)")
+    parser.add_argument("--runs", type=positive, default=None, help="warm requests per setting (median); default 3, smoke 2")
+    parser.add_argument(
+        "--size", type=image_size, default=None, help="WIDTHxHEIGHT of the requests (default 1024x1024, smoke 256x256)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -414,7 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"\nresults appended to {out}; server logs in {log_dir}\n")
     print(markdown_table(records))
-    return STOPPED_EXIT if bench.stop.asked else 0
+    if bench.stop.asked:
+        return STOPPED_EXIT
+    failed = [r["setting"] for r in records if r["status"] == "failed"]
+    if failed:  # (a setting the server refuses is "unsupported", not failed)
+        print(f"failed: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import writable_file  # noqa: E402
 from serve_process import ServeProcess, tiny_model  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
@@ -268,7 +269,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--json", type=writable_file, help="also write the report here")
     return parser
 
 
@@ -281,6 +282,8 @@ def main() -> int:
         parser.error(f"--url must be a loopback address (127.0.0.1, ::1 or localhost), got {args.url}")
     args.size = args.size or ("256x256" if args.url else "128x128")
     if args.url:
+        if args.pid is not None and not psutil.pid_exists(args.pid):
+            parser.error(f"--pid {args.pid}: no such process")
         try:
             httpx.get(args.url.rstrip("/") + "/health", timeout=10)
         except httpx.HTTPError as exc:

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from cli_args import at_least
 from serve_process import STOPPED_EXIT, fresh_prompt, package_versions, visible_gpu_name  # bench/, this script's folder
 
 #: Mode name -> run profile settings.
@@ -259,6 +260,11 @@ def pairs(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _step_counts(text: str) -> list[int]:
+    """``--steps``: comma-separated step counts, each at least 2."""
+    return [at_least(2)(part.strip()) for part in text.split(",") if part.strip()] or [at_least(2)("")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder, hub id or other model source string")
@@ -267,15 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", help="MODE@CARD,... to run instead of every mode on every card (e.g. none@80,fp8@48,group+fp8@24)"
     )
-    parser.add_argument("--steps", default="8,50")
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=_step_counts, default="8,50", help="comma-separated step counts (default 8,50)")
+    parser.add_argument("--size", type=at_least(256), default=1024)
     parser.add_argument(
         "--json", type=Path, help="also write the JSON lines to this file (emptied at start, each line added once measured)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mode and card")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "CARD"), help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
-    steps = [int(n) for n in args.steps.split(",")]
+    steps = args.steps
+    # Checked before the GPU check: a wrong mode or card is said here too, not first on the GPU machine.
+    try:
+        runs = pairs(args.pairs) if args.pairs else [(m, int(c)) for c in args.cards.split(",") for m in args.modes.split(",")]
+    except ValueError:
+        parser.error(f"--cards takes whole numbers of GB, from {', '.join(map(str, CARDS))}: got {args.cards}")
+    unknown = [m for m, _ in runs if m not in MODES] + [str(c) for _, c in runs if c not in CARDS]
+    if unknown:
+        parser.error(f"unknown modes or cards: {', '.join(dict.fromkeys(unknown))}")
     if args.one:
         if hasattr(faulthandler, "register"):  # stopped: where it was goes to stderr (the stage's log), then it ends
             faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
@@ -291,10 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     if gpu is None:
         print("CUDA is not available: this benchmark measures GPU memory modes and needs a CUDA GPU; nothing was run.")
         return 0
-    runs = pairs(args.pairs) if args.pairs else [(m, int(c)) for c in args.cards.split(",") for m in args.modes.split(",")]
-    unknown = [m for m, _ in runs if m not in MODES] + [str(c) for _, c in runs if c not in CARDS]
-    if unknown:
-        parser.error(f"unknown modes or cards: {', '.join(dict.fromkeys(unknown))}")
     print(f"GPU: {gpu}; model {args.model}; {args.size}x{args.size}, steps {steps}", flush=True)
     if args.json:
         args.json.write_text("", encoding="utf-8")  # each row is added as it is measured: a run stopped midway keeps them

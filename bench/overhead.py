@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import image_size, not_negative, positive  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -82,13 +83,13 @@ class Server(ServeProcess):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    parser.add_argument("--size", type=image_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs on each side (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs on each side first (default 2)")
+    parser.add_argument("--runs", type=positive, default=10, help="timed runs on each side (default 10)")
+    parser.add_argument("--warmup", type=not_negative, default=2, help="untimed runs on each side first (default 2)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides (default: all cores)"
+        "--threads", type=positive, default=os.cpu_count() or 1, help="torch threads on both sides (default: all cores)"
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny text-to-image model folder (built if missing)")
     parser.add_argument("--target", type=float, default=1.03, help="ratio the server should stay within (default 1.03)")

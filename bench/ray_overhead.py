@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import at_least, image_size, not_negative, positive  # noqa: E402
 from overhead import PROMPT, Server, parse_size  # noqa: E402
 from serve_process import free_port  # noqa: E402
 
@@ -49,13 +50,13 @@ def post(port: int, body: dict) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="256x256")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--target", type=float, default=1.05)
+    parser.add_argument("--size", type=image_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    parser.add_argument("--steps", type=at_least(2), default=4, help="num_inference_steps (default 4)")
+    parser.add_argument("--runs", type=positive, default=10, help="timed runs on each side (default 10)")
+    parser.add_argument("--warmup", type=not_negative, default=2, help="untimed runs on each side first (default 2)")
+    parser.add_argument("--seed", type=not_negative, default=1234)
+    parser.add_argument("--threads", type=positive, default=os.cpu_count() or 1, help="torch threads on each side")
+    parser.add_argument("--target", type=float, default=1.05, help="ratio the Ray path should stay within (default 1.05)")
     args = parser.parse_args()
     width, height = parse_size(args.size)
 
@@ -82,10 +83,10 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="qis-ray-bench-"))
     os.environ["IMAGE_OUTPUT_DIR"] = str(log_dir / "images")
     embedded = Server(model_dir, args.threads, log_dir / "server.log")
-    ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, log_to_driver=False)
-    ray_port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
-    try:
+    try:  # the embedded server is stopped whatever fails from here on, Ray's start included
+        ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray_port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
         settings = Settings(
             models=[f"tiny={model_dir}"], engine="ray", workers=1, cpu_threads=args.threads,
             ray_gpus_per_replica=0, ray_cpus_per_replica=0.5,
@@ -118,8 +119,9 @@ def main() -> int:
             )
     finally:
         embedded.stop()
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
 
     e, r = statistics.median(times["embedded"]), statistics.median(times["ray"])
     print()

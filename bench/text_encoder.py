@@ -24,16 +24,20 @@ import sys
 import time
 from pathlib import Path
 
+from cli_args import positive  # bench/: this script's folder, first on sys.path when it runs
+
 FULL_LAYERS = 28
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, help=f"decoder layers (default: {FULL_LAYERS} on CUDA, 2 on the CPU)")
-    parser.add_argument("--tokens", type=int, default=1024, help="prompt tokens (diffusers' limit is 1024, plus 34 of template)")
+    parser.add_argument("--layers", type=positive, help=f"decoder layers (default: {FULL_LAYERS} on CUDA, 2 on the CPU)")
+    parser.add_argument(
+        "--tokens", type=positive, default=1024, help="prompt tokens (diffusers' limit is 1024, plus 34 of template)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=positive, default=3)
     return parser.parse_args()
 
 
@@ -42,7 +46,11 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+if __name__ == "__main__" and ARGS.device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"{Path(__file__).name}: --device {ARGS.device}: no CUDA device is available here")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 from qwen_image_server.models.random_arch import _constructing, init_random_, text_encoder_config  # noqa: E402
 from qwen_image_server.models.random_source import architectures  # noqa: E402
 from qwen_image_server.models.text_encoder_fast import prepare_text_encoder  # noqa: E402

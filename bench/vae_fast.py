@@ -27,13 +27,15 @@ import sys
 import time
 from pathlib import Path
 
+from cli_args import image_size, positive  # bench/: this script's folder, first on sys.path when it runs
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
+    parser.add_argument("--size", type=image_size, default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=positive, default=3)
     parser.add_argument(
         "--cpu-peak", action="store_true", help="on the CPU, also each path's peak resident memory (a fresh process each)"
     )
@@ -46,7 +48,11 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+if __name__ == "__main__" and ARGS.device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"{Path(__file__).name}: --device {ARGS.device}: no CUDA device is available here")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 from qwen_image_server.models.random_arch import _constructing, init_random_  # noqa: E402
 from qwen_image_server.models.random_source import architectures  # noqa: E402
 from qwen_image_server.models.vae_fast import prepare_vae  # noqa: E402

@@ -310,3 +310,61 @@ def test_gpu_memory_keeps_the_peak_of_each_phase(monkeypatch):
     memory._record(40_000.0)
     memory._record(None)  # nvidia-smi did not answer
     assert memory.peaks == {"loading": 50_000.0, "serving": 40_000.0} and memory.peak_mib == 50_000.0
+
+
+def test_a_failed_setting_ends_the_run_with_exit_1(gpu_bench, tmp_path, monkeypatch):
+    """A setting that failed (its server broke, a request failed) was recorded and the run still ended 0, which the
+    GPU check's stage took as a success."""
+
+    class Broken:
+        def __init__(self, args, env, log_path):
+            pass
+
+        def wait_ready(self, timeout):
+            raise RuntimeError("the server exited")
+
+        def stop(self, timeout=60):
+            pass
+
+    monkeypatch.setattr(gpu_bench, "Server", Broken)
+    out = tmp_path / "results.jsonl"
+    assert gpu_bench.main(["--smoke", "--settings", "smoke", "--out", str(out)]) == 1
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["status"] == "failed" and "the server exited" in record["error"]
+
+
+@pytest.mark.e2e
+def test_ray_overhead_stops_its_embedded_server_when_ray_cannot_start(tmp_path, tiny_t2i):
+    """Ray's start came before the ``try`` whose ``finally`` stops the embedded server: a Ray that could not start
+    (here: an address nothing listens on) left that server running, reparented to init."""
+    pytest.importorskip("ray")
+    import shutil
+
+    from serve_process import free_port
+
+    from qwen_image_server.models.tiny import TINY_MODEL_VERSION
+
+    # the script's model folder in its temporary folder (TMPDIR, here), so that it is not built again
+    shutil.copytree(tiny_t2i, tmp_path / "qwen-image-server-bench" / f"tiny-text-to-image-v{TINY_MODEL_VERSION}")
+
+    script = SCRIPT.with_name("ray_overhead.py")
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(script), "--runs", "1", "--warmup", "0", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode != 0
+    deadline = time.monotonic() + 30
+    while (left := _servers_under(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [p.cmdline() for p in left]
+
+
+def _servers_under(folder: Path) -> list[psutil.Process]:
+    """The processes whose IMAGE_OUTPUT_DIR is under ``folder``."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("IMAGE_OUTPUT_DIR", "").startswith(str(folder)):
+                found.append(process)
+    return found

@@ -300,3 +300,28 @@ def test_load_bench_counts_a_request_once_lost_or_wrong():
     ]
     report = load.summary(results)
     assert (report["lost"], report["wrong"]) == (2, 1), report
+
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        ("gpu.py --runs 0", "argument --runs: 0 is below 1"),
+        ("gpu.py --size abc", "argument --size: 'abc' is not WIDTHxHEIGHT"),
+        ("overhead.py --threads 0", "argument --threads: 0 is below 1"),
+        ("overhead.py --size 100x100", "width and height must be multiples of 16"),
+        ("ray_overhead.py --steps 1", "argument --steps: 1 is below 2"),
+        ("text_encoder.py --runs 0", "argument --runs: 0 is below 1"),
+        ("vae_fast.py --size 0x0", "width and height must be multiples of 16"),
+        ("memory_modes.py x --modes bogus --cards 7", "unknown modes or cards: bogus, 7"),
+        ("memory_modes.py x --cards abc", "--cards takes whole numbers of GB"),
+        ("load.py --json /nonexistent-folder/report.json", "argument --json: /nonexistent-folder is not a folder"),
+        ("load.py --url http://127.0.0.1:9 --pid 999999999", "--pid 999999999: no such process"),
+    ],
+)
+def test_a_wrong_argument_is_refused_before_anything_starts(command, message):
+    """Wrong values gave tracebacks after a model or server had started (or only on the GPU machine: the GPU check
+    came first and a run without one ended 0): now argparse's exit 2, naming the flag, on any machine."""
+    script, *args = command.split()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]

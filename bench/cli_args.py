@@ -1,0 +1,47 @@
+"""Argument types the benchmark scripts share: a bad value is refused by argparse (exit 2, the flag named) before
+anything starts, rather than a traceback after a model, a server or the GPU check."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def at_least(low: int):
+    """An int flag's type: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    parse.__name__ = f"a whole number of at least {low}"  # how argparse names the type in its message
+    return parse
+
+
+positive = at_least(1)
+not_negative = at_least(0)
+
+
+def image_size(text: str) -> str:
+    """``WIDTHxHEIGHT``, both multiples of 16 and at least 16 (the server's and the VAE's steps)."""
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (such as 512x512)")
+    width, height = int(match[1]), int(match[2])
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise argparse.ArgumentTypeError(f"{text}: width and height must be multiples of 16, at least 16")
+    return f"{width}x{height}"
+
+
+def writable_file(text: str) -> Path:
+    """A file to write at the end of a run: its folder must exist now (not found out after the whole run)."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    return path
