@@ -278,6 +278,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.burst_factor < 1 or args.soak < 0 or args.concurrency < 1 or args.workers < 1 or args.queue_size < 1:
         parser.error("--burst-factor, --concurrency, --workers and --queue-size must be at least 1, --soak at least 0")
+    if args.url and not args.url.startswith(("http://", "https://")):
+        parser.error(f"--url must be a URL such as http://127.0.0.1:8000, got {args.url}")
     if args.url and not _loopback(args.url):
         parser.error(f"--url must be a loopback address (127.0.0.1, ::1 or localhost), got {args.url}")
     args.size = args.size or ("256x256" if args.url else "128x128")

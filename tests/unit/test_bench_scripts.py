@@ -316,6 +316,7 @@ def test_load_bench_counts_a_request_once_lost_or_wrong():
         ("memory_modes.py x --cards abc", "--cards takes whole numbers of GB"),
         ("load.py --json /nonexistent-folder/report.json", "argument --json: /nonexistent-folder is not a folder"),
         ("load.py --url http://127.0.0.1:9 --pid 999999999", "--pid 999999999: no such process"),
+        ("load.py --url 127.0.0.1:8000", "--url must be a URL such as http://127.0.0.1:8000"),  # not "not loopback"
     ],
 )
 def test_a_wrong_argument_is_refused_before_anything_starts(command, message):

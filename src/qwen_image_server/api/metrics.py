@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
@@ -63,6 +63,9 @@ class Metrics:
     """One app's registry and metrics, with the label rules that keep every label value bounded."""
 
     def __init__(self, engine: EngineClient):
+        # No ``*_created`` series beside each counter and histogram (a timestamp per label set: a third of a scrape's
+        # lines, and none of the documented metrics); prometheus_client's switch is for the whole process.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         models = engine.models
         self.model_ids = frozenset(spec.id for spec in models) | frozenset(
