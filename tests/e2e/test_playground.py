@@ -456,3 +456,28 @@ def test_seeds_past_2_53_go_and_come_back_exact_and_aspect_presets_keep_their_ra
     assert '"seed":9223372036854775807' in request.value.post_data
     wait_done(page)
     assert "seed 9223372036854775807 ·" in page.inner_text(".result-info")
+
+
+def test_the_tabs_and_errors_speak_to_assistive_technology(page):
+    """The tabs had no panels named, no one tab stop and no arrow keys; an invalid field was not marked invalid, and
+    the whole output panel was one live region whose run text changes ten times a second."""
+    assert page.get_attribute("#edit", "role") == "tabpanel" and page.get_attribute("#edit", "aria-labelledby") == "tab-edit"
+    assert page.get_attribute("#tab-edit", "aria-controls") == "edit"
+    assert [page.get_attribute(f"#tab-{tab}", "tabindex") for tab in ("generate", "edit")] == [None, "-1"]
+    page.focus("#tab-generate")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.id") == "tab-edit" and page.is_visible("#edit")
+    page.keyboard.press("End")
+    assert page.evaluate("document.activeElement.id") == "tab-history" and page.is_visible("#history")
+    page.keyboard.press("ArrowRight")  # round to the first
+    assert page.evaluate("document.activeElement.id") == "tab-generate" and page.get_attribute("#tab-generate", "tabindex") == "0"
+    fill_generate(page, "too wide", steps=2)
+    page.fill("#generate [name=width]", "4096")
+    page.click(SUBMIT.format("generate"))
+    page.locator("#generate .size-field .error").wait_for()
+    assert page.get_attribute("#generate [name=width]", "aria-invalid") == "true"
+    assert page.get_attribute(".output", "aria-live") is None and page.get_attribute(".result-info", "aria-live") == "polite"
+    page.fill("#generate [name=width]", "256")
+    page.click(SUBMIT.format("generate"))
+    wait_done(page)
+    assert page.get_attribute("#generate [name=width]", "aria-invalid") is None

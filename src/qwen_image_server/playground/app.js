@@ -326,7 +326,10 @@ async function historyAction(action, id) {
 // --- wiring -------------------------------------------------------------------------------
 
 function showTab(tab) {
-  for (const button of document.querySelectorAll(".tabs button")) button.setAttribute("aria-selected", String(button.dataset.tab === tab));
+  for (const button of document.querySelectorAll(".tabs button")) {
+    button.setAttribute("aria-selected", String(button.dataset.tab === tab));
+    button.tabIndex = button.dataset.tab === tab ? 0 : -1; // one tab stop for the tab list; arrows move within it
+  }
   for (const panel of document.querySelectorAll(".tab-panel")) panel.hidden = panel.id !== tab;
   if (tab === "history") renderHistory();
 }
@@ -368,7 +371,18 @@ function wire() {
     setApiKey(keyInput.value.trim());
     loadServer();
   });
-  for (const button of document.querySelectorAll(".tabs button")) button.addEventListener("click", () => showTab(button.dataset.tab));
+  const tabs = [...document.querySelectorAll(".tabs button")];
+  for (const button of tabs) button.addEventListener("click", () => showTab(button.dataset.tab));
+  $(".tabs").addEventListener("keydown", (event) => {
+    // the tab list's keys: arrows to the next or previous tab (round), Home and End to the first and last
+    const steps = { ArrowRight: 1, ArrowLeft: -1, Home: 0, End: 0 };
+    if (!(event.key in steps)) return;
+    event.preventDefault();
+    const at = Math.max(0, tabs.indexOf(document.activeElement));
+    const index = { Home: 0, End: tabs.length - 1 }[event.key] ?? (at + steps[event.key] + tabs.length) % tabs.length;
+    showTab(tabs[index].dataset.tab);
+    tabs[index].focus();
+  });
   for (const [tab, form] of Object.entries(forms)) {
     buildForm(form);
     form.addEventListener("submit", (event) => {

@@ -172,6 +172,7 @@ export function clearErrors(root) {
   root.classList.remove("invalid");
   for (const node of root.querySelectorAll(".error")) node.textContent = "";
   for (const node of root.querySelectorAll(".invalid")) node.classList.remove("invalid");
+  for (const node of root.querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
 }
 
 // The field of `form` an error's `param` names ("image[1]" is the images field).
@@ -190,6 +191,7 @@ export function showError(form, error) {
   target.textContent = error.message;
   if (field) {
     field.classList.add("invalid");
+    for (const control of field.querySelectorAll("input, select, textarea")) control.setAttribute("aria-invalid", "true");
     if (field.tagName === "DETAILS") field.open = true;
     field.scrollIntoView({ block: "nearest" });
   }
