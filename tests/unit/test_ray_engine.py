@@ -583,3 +583,33 @@ def test_a_deterministic_replica_sets_cublas_workspace_before_cuda_starts(monkey
     )
     ray_replica.ModelReplica(spec, "cuda", "auto", None, 0.0, None)
     assert seen == [":4096:8"]
+
+
+def test_a_cut_counts_the_jobs_it_stops_even_when_they_end_before_it_returns():
+    """``drain(True, True)`` from another thread asks the engine's loop to stop the jobs, then counted the jobs in
+    flight: where the loop ran first (a busy machine's thread switch), they had ended and it said 0 (seen once in
+    the whole suite). Here the loop always runs first."""
+    import threading
+
+    spec, engine, handle = _engine_on_fake_handles()
+
+    async def main() -> int:
+        jobs = [asyncio.ensure_future(engine.submit(spec.id, Job(mode="generate", prompt="p", seeds=[s]))) for s in (1, 2)]
+        while len(handle.streams) < 2:
+            await asyncio.sleep(0.01)
+        ended = threading.Event()
+        for job in jobs:
+            job.add_done_callback(lambda _: all(j.done() for j in jobs) and ended.set())
+        loop = engine._loop
+
+        class FirstTheLoop:  # the cut is scheduled, and the drain goes on only once the loop has ended both jobs
+            def call_soon_threadsafe(self, callback):
+                loop.call_soon_threadsafe(callback)
+                assert ended.wait(10)
+
+        engine._loop = FirstTheLoop()
+        counted = await asyncio.to_thread(engine.drain, True, True)
+        await asyncio.gather(*jobs, return_exceptions=True)
+        return counted
+
+    assert asyncio.run(main()) == 2

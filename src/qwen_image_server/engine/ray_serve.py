@@ -113,9 +113,10 @@ class RayEngine(EngineDefaults):
         after giving the replicas a grace of their own. Safe from any thread."""
         self.draining = on
         self.cut = on and cut
+        in_flight = sum(self._in_flight.values())  # before the cut: the loop may end those jobs before this returns
         if self.cut and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cut_all)
-        return sum(self._in_flight.values())
+        return in_flight
 
     def _cut_all(self) -> None:
         for cut in list(self._cuts):
