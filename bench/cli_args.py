@@ -28,12 +28,20 @@ positive = at_least(1)
 not_negative = at_least(0)
 
 
-def image_size(text: str) -> str:
-    """``WIDTHxHEIGHT``, both multiples of 16 and at least 16 (the server's and the VAE's steps)."""
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as ``(width, height)``; ValueError when it is not one."""
     match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (such as 512x512)")
-    width, height = int(match[1]), int(match[2])
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT (such as 512x512)")
+    return int(match[1]), int(match[2])
+
+
+def image_size(text: str) -> str:
+    """``WIDTHxHEIGHT``, both multiples of 16 and at least 16 (the server's and the VAE's steps)."""
+    try:
+        width, height = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise argparse.ArgumentTypeError(f"{text}: width and height must be multiples of 16, at least 16")
     return f"{width}x{height}"

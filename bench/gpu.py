@@ -37,7 +37,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import image_size, positive  # noqa: E402
+from cli_args import image_size, parse_size, positive  # noqa: E402
 from serve_process import (  # noqa: E402
     STOP_SECONDS,
     STOPPED_EXIT,
@@ -135,7 +135,7 @@ def picture_b64(size: str) -> str:
     import numpy as np
     from PIL import Image
 
-    width, height = (int(v) for v in size.split("x"))
+    width, height = parse_size(size)
     y, x = np.mgrid[0:height, 0:width]
     noise = np.random.default_rng(0).integers(0, 32, (height, width))
     rgb = np.stack([x * 255 // width, y * 255 // height, (x + y + noise) % 256], axis=-1).astype("uint8")

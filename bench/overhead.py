@@ -33,15 +33,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import image_size, not_negative, positive  # noqa: E402
+from cli_args import at_least, image_size, not_negative, parse_size, positive  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    return int(width), int(height)
 
 
 class Server(ServeProcess):
@@ -84,7 +79,9 @@ class Server(ServeProcess):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=image_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
-    parser.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
+    parser.add_argument(
+        "--steps", type=at_least(2), default=4, help="num_inference_steps (default 4; at least 2, as the server requires)"
+    )
     parser.add_argument("--runs", type=positive, default=10, help="timed runs on each side (default 10)")
     parser.add_argument("--warmup", type=not_negative, default=2, help="untimed runs on each side first (default 2)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -94,8 +91,6 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny text-to-image model folder (built if missing)")
     parser.add_argument("--target", type=float, default=1.03, help="ratio the server should stay within (default 1.03)")
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be at least 2, as the server requires (one step gives NaN images)")
     width, height = parse_size(args.size)
     load_at_start = os.getloadavg()
 

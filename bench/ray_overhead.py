@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import at_least, image_size, not_negative, positive  # noqa: E402
-from overhead import PROMPT, Server, parse_size  # noqa: E402
+from cli_args import at_least, image_size, not_negative, parse_size, positive  # noqa: E402
+from overhead import PROMPT, Server  # noqa: E402
 from serve_process import free_port  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli_args import image_size, positive  # bench/: this script's folder, first on sys.path when it runs
+from cli_args import image_size, parse_size, positive  # bench/: this script's folder, first on sys.path when it runs
 
 
 def parse_args() -> argparse.Namespace:
@@ -156,7 +156,7 @@ def cpu_peaks(width: int, height: int, dtype_name: str, paths: tuple[str, ...]) 
 
 
 def main(args: argparse.Namespace) -> None:
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = parse_size(args.size)
     dtype = getattr(torch, args.dtype)
     device = args.device
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
