@@ -16,7 +16,7 @@ import {
 } from "./forms.js";
 import { addEntry, allEntries, clearEntries, deleteEntry, getEntry } from "./history.js";
 import { MaskEditor } from "./mask.js";
-import { b64ToBlob, download, el, Progress, showImage } from "./view.js";
+import { b64ToBlob, download, el, objectURL, Progress, revokeURLs, showImage } from "./view.js";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const ENDPOINTS = { generate: "v1/images/generations", edit: "v1/images/edits", variations: "v1/images/variations" };
@@ -33,18 +33,6 @@ const state = {
   settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null,
   loadFailed: null, // why the last load failed ("key" or "network"), else null
 };
-// Object URLs by what shows them: revoked when it shows something else (each holds its blob in memory until then).
-const urls = { previews: [], history: [] };
-
-function revoke(owner) {
-  for (const url of urls[owner].splice(0)) URL.revokeObjectURL(url);
-}
-
-function objectURL(owner, blob) {
-  const url = URL.createObjectURL(blob);
-  urls[owner].push(url);
-  return url;
-}
 
 // --- the server ----------------------------------------------------------------------
 
@@ -131,7 +119,7 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
   const controller = new AbortController();
   state.run = { controller, tab };
   for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = true;
-  revoke("previews");
+  revokeURLs("previews");
   previews.replaceChildren();
   const created = Date.now(); // the run's entries share it: the history lists them together, in order
   progress.start(denoisingSteps(fields, state.settings, tab), Number(fields.partial_images || 0), LABELS[tab]);
@@ -229,8 +217,7 @@ function dropResults(dropped, kept) {
 
 function select(item) {
   if (!item) return;
-  const previous = state.selected;
-  if (previous && previous !== item && previous.owned) for (const url of previous.owned) URL.revokeObjectURL(url);
+  if (state.results.includes(item)) revokeURLs("shown"); // a history entry shown before it
   state.selected = item;
   showImage(viewer, item.url, { before: item.tab === "generate" ? null : item.before, alt: item.fields.prompt || "Result" });
   $(".result-actions", output).hidden = false;
@@ -274,7 +261,7 @@ async function renderHistory() {
     $("#history .hint").textContent = "This browser does not keep a history here (IndexedDB is not available).";
   }
   $("#history-count").textContent = entries.length ? String(entries.length) : "";
-  revoke("history");
+  revokeURLs("history");
   $(".history-list").replaceChildren(
     ...entries.map((entry) => {
       const url = objectURL("history", entry.image);
@@ -310,9 +297,9 @@ async function historyAction(action, id) {
   }
   if (action === "download") return download(entry.image, entry.format, `qwen-image-${entry.seed}`);
   if (action === "show") {
-    const item = { ...entry, url: URL.createObjectURL(entry.image), before: entry.inputs.length ? URL.createObjectURL(entry.inputs.at(-1)) : null };
-    item.owned = [item.url, item.before].filter(Boolean); // its own URLs, revoked once another is shown
-    return select(item);
+    revokeURLs("shown");
+    const before = entry.inputs.length ? objectURL("shown", entry.inputs.at(-1)) : null;
+    return select({ ...entry, url: objectURL("shown", entry.image), before });
   }
   showTab(entry.tab);
   if (action === "rerun") return run(entry.tab, entry.fields, entry.inputs, entry.mask);

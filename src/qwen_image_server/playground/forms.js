@@ -2,7 +2,7 @@
 // defaults, reading them into request fields, putting a request back into them, their
 // input images, and showing the server's errors next to the field they are about.
 
-import { el } from "./view.js";
+import { el, objectURL, revokeURLs } from "./view.js";
 
 const NUMBERS = ["width", "height", "num_inference_steps", "true_cfg_scale", "seed", "n", "partial_images", "strength"];
 const TEXTS = ["model", "prompt", "negative_prompt", "output_format", "cache"];
@@ -151,12 +151,10 @@ export function denoisingSteps(fields, settings, tab) {
 export function setInputs(form, blobs, onchange) {
   form.inputs = blobs;
   const list = form.querySelector(".thumbs");
-  for (const url of form.thumbURLs || []) URL.revokeObjectURL(url);
-  form.thumbURLs = [];
+  revokeURLs(`inputs-${form.id}`);
   list.replaceChildren(
     ...blobs.map((blob, index) => {
-      const url = URL.createObjectURL(blob);
-      form.thumbURLs.push(url);
+      const url = objectURL(`inputs-${form.id}`, blob);
       const remove = el("button", { type: "button", className: "remove", textContent: "×", title: "Remove" });
       remove.setAttribute("aria-label", `Remove image ${index + 1}`);
       remove.addEventListener("click", () => setInputs(form, blobs.filter((_, i) => i !== index), onchange));

@@ -12,6 +12,19 @@ export function el(tag, props = {}, ...children) {
   return node;
 }
 
+// Object URLs by what shows them, revoked together when it shows something else (each holds its blob in memory).
+const urls = {};
+
+export function objectURL(owner, blob) {
+  const url = URL.createObjectURL(blob);
+  (urls[owner] ??= []).push(url);
+  return url;
+}
+
+export function revokeURLs(owner) {
+  for (const url of (urls[owner] ?? []).splice(0)) URL.revokeObjectURL(url);
+}
+
 export function b64ToBlob(b64, format) {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
   return new Blob([bytes], { type: `image/${format}` });
