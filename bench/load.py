@@ -14,8 +14,12 @@ valid request answered otherwise than 200, 503 or 504; an invalid one otherwise 
 400: must be 0), p50/p99 latency
 of the successful ones, and the API process's RSS at the start and the end (psutil,
 from --pid, or the server started here). Loopback only, bounded in count and in time
-(--max-seconds: no new requests after it); it stops by itself. Run from the
-repository root::
+(--max-seconds: no new requests after it); it stops by itself. A server with API keys
+needs one: --api-key, or the environment's QIS_BENCH_API_KEY.
+
+Exit status: 0 when nothing was lost or answered wrongly, 1 when something was, 2 when
+it could not run (a bad option, no server at --url, or --url's server refused the key).
+Run from the repository root::
 
     python bench/load.py                              # tiny models, 1 worker, queue 4; burst 10x, soak 1000
     python bench/load.py --soak 100 --concurrency 8
@@ -30,6 +34,7 @@ import base64
 import io
 import ipaddress
 import json
+import os
 import random
 import sys
 import tempfile
@@ -233,7 +238,8 @@ async def run(args, url: str, pid: int | None) -> dict:
     connections = max(args.concurrency, args.burst_factor * capacity)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=args.concurrency)
     report: dict = {"url": url, "capacity": capacity, "rss_mib_start": rss_mib(pid)}
-    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as client:
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits, headers=headers) as client:
         burst_results = await burst(client, requests, args.burst_factor * capacity, rng)
         report["burst"] = summary(burst_results)
         report["rss_mib_after_burst"] = rss_mib(pid)
@@ -270,7 +276,23 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=writable_file, help="also write the report here")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("QIS_BENCH_API_KEY") or None,
+        help="an API key of --url's server, sent as a bearer token (default: the environment's QIS_BENCH_API_KEY)",
+    )
     return parser
+
+
+def key_refusal(url: str, api_key: str | None) -> str | None:
+    """Why --url's server would refuse every request of this run for its key (a 401 from /v1/models), or None."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+    if response.status_code != 401:
+        return None
+    if not api_key:
+        return f"the server at {url} needs an API key: give it with --api-key or QIS_BENCH_API_KEY"
+    return f"the server at {url} refused the API key given"
 
 
 def main() -> int:
@@ -290,6 +312,9 @@ def main() -> int:
             httpx.get(args.url.rstrip("/") + "/health", timeout=10)
         except httpx.HTTPError as exc:
             print(f"load.py: no server answers at {args.url} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        if refusal := key_refusal(args.url, args.api_key):
+            print(f"load.py: {refusal}", file=sys.stderr)
             return 2
     server = None
     with tempfile.TemporaryDirectory(prefix="qis-load-") as tmp:

@@ -91,3 +91,33 @@ def test_url_images_that_cannot_be_stored_fail_clearly_and_b64_still_works(keyed
     assert error["message"].startswith("Could not store the image for response_format=url (Not a directory)")
     image = client.images.generate(model=MODEL, prompt="a lighthouse", response_format="b64_json", extra_body=fast)
     assert image.data[0].b64_json
+
+
+def test_load_bench_sends_its_key_and_says_when_the_server_wants_one(keyed, tmp_path):
+    """bench/load.py against a server with keys: without one, or with a wrong one, it stops before any load (exit 2,
+    saying why); with the key (from the environment here) every request is answered, none refused for the key."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    server, _ = keyed
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(REPO / "bench" / "load.py"), "--url", server.base_url, "--workers", "1", "--queue-size", "1"]
+    cmd += ["--burst-factor", "1", "--soak", "0", "--size", "256x256", "--json", str(out)]
+    env = {key: value for key, value in os.environ.items() if key != "QIS_BENCH_API_KEY"} | {"PYTHONPATH": str(REPO / "src")}
+
+    def load(*extra: str, **more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *extra], env=env | more, capture_output=True, text=True, timeout=120)
+
+    done = load()
+    assert done.returncode == 2 and "needs an API key" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = load("--api-key", "sk-wrong")
+    assert done.returncode == 2 and "refused the API key" in done.stderr, done.stderr
+    assert not out.exists()
+    done = load(QIS_BENCH_API_KEY=KEY)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    burst = json.loads(out.read_text())["burst"]
+    assert burst["requests"] == 2 and burst["statuses"] == {"200": 2} and burst["lost"] == burst["wrong"] == 0, burst
