@@ -78,7 +78,7 @@ class Metrics:
         self.latency = Histogram(
             "qis_request_duration_seconds",
             "HTTP request latency to the last byte",
-            ["route", "model"],
+            ["route", "model", "status"],
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
@@ -114,7 +114,7 @@ class Metrics:
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, model, str(status)).inc()
-        self.latency.labels(route, model).observe(seconds)
+        self.latency.labels(route, model, str(status)).observe(seconds)
 
     def observe_job(self, prepared: Prepared, result: JobResult, stats: dict) -> None:
         """Called by the service for every finished job (plain and streamed)."""
