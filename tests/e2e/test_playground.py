@@ -201,21 +201,36 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
 
 
 def test_cancel_stops_the_job_on_the_server(page, shot, server):
+    """A running job is one at a time (the forms' buttons and the history's re-runs are off while it runs), and its
+    cancel stops it on the server, which then serves the next (a re-run)."""
+    from playwright.sync_api import expect
+
+    fill_generate(page, "a short job first", steps=4)
+    page.click(SUBMIT.format("generate"))
+    wait_done(page)
+    rerun = page.locator(".history-item").first.locator("[data-action=rerun]")
+    rerun.wait_for(state="attached")
     wait_for(lambda: is_idle(t2i_status(server)), "the shared server to be idle")
     fill_generate(page, "a very long job", steps=900)
     page.click(SUBMIT.format("generate"))
     wait_for(lambda: any(w["state"] == "busy" for w in t2i_status(server)["workers"]), "the job to run")
     shot("1-running")
+    expect(rerun).to_be_disabled()
+    for tab in ("generate", "edit", "variations"):
+        expect(page.locator(SUBMIT.format(tab))).to_be_disabled()
     stopped_before = server.logs(tail=None).count("stopped after")
     page.click(".cancel")
     page.locator(".run-state[data-state=cancelled]").wait_for()
     shot("2-cancelled")
     wait_for(lambda: server.logs(tail=None).count("stopped after") > stopped_before, "the server to log the task as stopped")
     assert is_idle(t2i_status(server)), "the cancelled job still holds a worker"
-    fill_generate(page, "the next one", steps=4)
-    page.click(SUBMIT.format("generate"))
+    expect(page.locator(SUBMIT.format("generate"))).to_be_enabled()
+    page.click("nav [data-tab=history]")
+    with page.expect_request("**/v1/images/generations") as request:
+        rerun.click()
+    assert json.loads(request.value.post_data)["prompt"] == "a short job first"
     wait_done(page)
-    shot("3-next")
+    shot("3-rerun")
 
 
 def test_an_over_limit_size_is_shown_next_to_the_size_field(page, shot):

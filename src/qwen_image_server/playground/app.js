@@ -118,7 +118,7 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
   clearErrors($(".key.field"));
   const controller = new AbortController();
   state.run = { controller, tab };
-  for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = true;
+  setRunning(true);
   revokeURLs("previews");
   previews.replaceChildren();
   const created = Date.now(); // the run's entries share it: the history lists them together, in order
@@ -182,7 +182,14 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
     }
   } finally {
     state.run = null;
-    for (const f of Object.values(forms)) f.querySelector("button[type=submit]").disabled = false;
+    setRunning(false);
+  }
+}
+
+/** One run at a time: while one goes, what would start another (each form's submit, the history's re-runs) is off. */
+function setRunning(running) {
+  for (const button of document.querySelectorAll("form button[type=submit], .history-list [data-action=rerun]")) {
+    button.disabled = running;
   }
 }
 
@@ -270,6 +277,7 @@ async function renderHistory() {
       const buttons = ["show", "rerun", "open", "download", "delete"].map((action) => {
         const label = { show: "Show", rerun: "Re-run", open: "Open", download: "Download", delete: "Delete" }[action];
         const button = el("button", { type: "button", textContent: label, dataset: { action, id: entry.id } });
+        if (action === "rerun") button.disabled = Boolean(state.run); // the list is redrawn while a run goes too
         return button;
       });
       return el(
