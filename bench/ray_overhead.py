@@ -66,7 +66,7 @@ def main() -> int:
 
     from qwen_image_server.cli import ensure_tiny_model
     from qwen_image_server.config import Settings
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
     from qwen_image_server.models.tiny import TINY_MODEL_VERSION
     from qwen_image_server.ray_app import build_application
 

@@ -32,7 +32,7 @@ from fake_engine import FakeEngine
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
 from qwen_image_server.config_scoped import SCOPED_NUMBERS
-from qwen_image_server.models.spec import resolve_configured
+from qwen_image_server.models.configured import resolve_configured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from serve_process import ServeProcess, ServerExited, free_port, tiny_model  # noqa: E402  (the benchmarks' server helper)
@@ -343,7 +343,7 @@ class RayServe:
         from ray import serve
 
         from qwen_image_server.config import Settings
-        from qwen_image_server.models.spec import resolve_configured
+        from qwen_image_server.models.configured import resolve_configured
         from qwen_image_server.ray_app import build_application
 
         s = Settings(

@@ -279,7 +279,7 @@ def serve(
         run_server(settings, log_level)
     except ValueError as exc:  # pydantic's ValidationError and ModelConfigError are ValueErrors
         typer.echo(f"error: {exc}", err=True)
-        from .models.planner import PlanError  # no torch: the API process has it loaded by now anyway
+        from .models.plan_result import PlanError  # no torch: the API process has it loaded by now anyway
 
         if isinstance(exc, PlanError):
             typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
@@ -311,7 +311,8 @@ def plan(**options) -> None:
     for that much memory on this machine (planning and testing aids).
     """
     from .models.machine import FAKE_GPUS_ENV, FAKE_HOST_ENV, discover_gpus, parse_fake_gpus, parse_fake_host
-    from .models.planner import PlanError, checked_plan
+    from .models.plan_result import PlanError
+    from .models.planner import checked_plan
 
     logging.basicConfig(level=options["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

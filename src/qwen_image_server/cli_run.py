@@ -14,8 +14,9 @@ def checked_specs(settings: Settings, cuda: bool = False) -> list:
     """The models ``settings`` asks for, refused (a ``ValueError``) as ``serve`` refuses them before anything loads:
     ``serve`` and ``plan`` both call this, so that they cannot disagree. ``cuda``: plan for CUDA devices under
     ``--device auto`` (``plan`` with ``QIS_FAKE_GPUS``) rather than ask this machine."""
+    from .models.configured import resolve_configured
     from .models.memory_modes import check_memory_modes
-    from .models.spec import ModelConfigError, resolve_configured
+    from .models.spec import ModelConfigError
 
     if settings.api_keys_file is not None:  # read once, here: refused before anything starts, and a file that can be
         settings.api_keys, settings.api_keys_file = settings.all_api_keys(), None  # read only once (a pipe) serves

@@ -1,5 +1,6 @@
 """``Settings`` from the command line's options, and settings errors named as the user set them (the flag, or the
-environment variables): shared by ``serve`` and ``plan`` in ``cli.py``."""
+environment variables): shared by ``serve`` and ``plan`` in ``cli.py``. With them, the environment's side of the
+settings that ``ray_app.py`` checks too: the variables a setting also goes by, and the two API-key variables."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import os
 from collections.abc import Callable, Mapping
 
 import typer
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
-from .config import Settings, alias_names, check_key_variables, key_variables
+from .config import Settings
 from .config_files import shown_url
 from .config_scoped import SCOPED_NUMBERS, split_flag_values
 from .models.tiny import demo_model_entries
@@ -117,3 +118,30 @@ def env_names(field: str) -> list[str]:
         if field == name or field in choices:
             return choices or [f"QIS_{name.upper()}"]
     return [field]
+
+
+def alias_names(field: str) -> list[str]:
+    """The environment variables (and Ray args) a Settings field also goes by, first read first; [] for none."""
+    alias = Settings.model_fields[field].validation_alias
+    return [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
+
+
+def key_variables(environ: Mapping[str, str]) -> dict[str, frozenset[str]]:
+    """The API-key variables set in ``environ`` (names in any case, as the settings read them; their order), with keys."""
+    names = alias_names("api_keys")
+    given = {variable.upper(): value for variable, value in environ.items() if variable.upper() in names}
+    return {name: frozenset(key.strip() for key in given[name].split(",") if key.strip()) for name in names if name in given}
+
+
+def check_key_variables(environ: Mapping[str, str], flag_given: bool) -> None:
+    """Refuse (``ValueError``, as an invalid setting) both variables of the API keys set to different keys: only the
+    first would be read (they are not merged), so a key meant to be required would not be, and an empty
+    ``QWEN_IMAGE_API_KEYS`` beside a set ``QIS_API_KEYS`` served with no key at all. Nothing to refuse when keys are
+    given directly (``flag_given``: ``--api-key``, a Ray app's ``api_keys``), which replace both. No key is shown."""
+    given = key_variables(environ)
+    if not flag_given and len(set(given.values())) > 1:
+        first = next(iter(given))  # (both are set: the first the settings read)
+        raise ValueError(
+            f"invalid settings:\n  {' and '.join(given)} are both set, to different keys: only {first} would be read "
+            "(they are not merged); keep one of them"
+        )

@@ -11,44 +11,20 @@ and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import config_files as files
 from .config_files import configured_entries, directory_problem, read_keys_file, repeated_entries, unique_entries
-from .config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS, PerModelLimits, split_items
+from .config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS, SCOPED_PROFILE_FIELDS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
-
-#: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
-QUALITY_STEPS: dict[str, int | None] = {
-    "low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100,
-    "auto": None,  # the model's default
-}  # fmt: skip
-#: OpenAI's quality levels, the values a response may echo (its SDK's type), fewest steps first.
-QualityLevel = Literal["low", "medium", "high", "xhigh", "max"]
-QUALITY_LEVELS: tuple[QualityLevel, ...] = get_args(QualityLevel)
-
-
-def quality_of(steps: int) -> QualityLevel:
-    """The quality a run of ``steps`` steps is echoed as, as OpenAI echoes the quality used: the highest of its
-    levels whose steps (``QUALITY_STEPS``) the run reached; ``low`` below them all."""
-    reached = [level for level in QUALITY_LEVELS if (QUALITY_STEPS[level] or 0) <= steps]
-    return reached[-1] if reached else QUALITY_LEVELS[0]
 
 
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
-
-
-#: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans for
-#: every model, ``model_compile`` and ``model_deterministic`` their ``on|off@MODEL`` lists).
-SCOPED_PROFILE_FIELDS = (
-    "compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling",
-)  # fmt: skip
 
 
 class Settings(PerModelLimits, BaseSettings):
@@ -421,30 +397,3 @@ class Settings(PerModelLimits, BaseSettings):
         (``--model a=X --model b=X``): the server answers to it as another name of the model it serves from X
         (``config_files.repeated_entries``)."""
         return repeated_entries(configured_entries(self))
-
-
-def alias_names(field: str) -> list[str]:
-    """The environment variables (and Ray args) a Settings field also goes by, first read first; [] for none."""
-    alias = Settings.model_fields[field].validation_alias
-    return [str(name) for name in alias.choices] if isinstance(alias, AliasChoices) else []
-
-
-def key_variables(environ: Mapping[str, str]) -> dict[str, frozenset[str]]:
-    """The API-key variables set in ``environ`` (names in any case, as the settings read them; their order), with keys."""
-    names = alias_names("api_keys")
-    given = {variable.upper(): value for variable, value in environ.items() if variable.upper() in names}
-    return {name: frozenset(key.strip() for key in given[name].split(",") if key.strip()) for name in names if name in given}
-
-
-def check_key_variables(environ: Mapping[str, str], flag_given: bool) -> None:
-    """Refuse (``ValueError``, as an invalid setting) both variables of the API keys set to different keys: only the
-    first would be read (they are not merged), so a key meant to be required would not be, and an empty
-    ``QWEN_IMAGE_API_KEYS`` beside a set ``QIS_API_KEYS`` served with no key at all. Nothing to refuse when keys are
-    given directly (``flag_given``: ``--api-key``, a Ray app's ``api_keys``), which replace both. No key is shown."""
-    given = key_variables(environ)
-    if not flag_given and len(set(given.values())) > 1:
-        first = next(iter(given))  # (both are set: the first the settings read)
-        raise ValueError(
-            f"invalid settings:\n  {' and '.join(given)} are both set, to different keys: only {first} would be read "
-            "(they are not merged); keep one of them"
-        )

@@ -6,6 +6,10 @@ A plain value (``--queue-size 8``) is every model's; ``VALUE@MODEL`` is one mode
 environment the per-model values are ``QIS_MODEL_WORKERS``, ``QIS_MODEL_QUEUE_SIZE``, ``QIS_MODEL_TASK_TIMEOUT``,
 ``QIS_MODEL_STUCK_TASK_SECONDS`` and ``QIS_MODEL_RAY_GPUS_PER_REPLICA``, ';'-separated
 (``3@qwen-image;1@qwen-image-edit``). Given twice for one model, the last value counts.
+
+The run-profile settings that take ``VALUE[@MODEL]`` (``--cache fbcache@MODEL``, ``--compile on@MODEL``...) are
+named here too, by their Settings fields (``SCOPED_PROFILE_FIELDS``, ``SCOPED_BOOLEANS``); ``models/profile.py``
+reads their values.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ class ScopedNumber:
             raise ValueError(f"expected {self.expected()}, got {item!r}")
         return model.strip(), value
 
+
+#: The run-profile settings given as lists of ``VALUE[@MODEL]`` (``compile`` and ``deterministic`` are booleans for
+#: every model, ``model_compile`` and ``model_deterministic`` their ``on|off@MODEL`` lists).
+SCOPED_PROFILE_FIELDS = (
+    "compile_sizes", "cache", "quantize", "cfg_batch", "attention_backend", "weights_dtype", "offload", "vae_tiling",
+)  # fmt: skip
 
 #: The on/off run-profile settings: a field of every model's value (``QIS_COMPILE``) and one of per-model values
 #: (``model_compile``, ``QIS_MODEL_COMPILE``).

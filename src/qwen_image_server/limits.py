@@ -1,10 +1,12 @@
 """Limits shared by requests and start-up checks: the rules a ``size`` follows, the bounds of the numbers a LoRA's
-defaults share with a request's fields, and the size and steps of a request that gives none. Plain functions, no
-settings: ``config.py`` and ``models/`` check configured values with them, ``serving/sizes.py`` checks requests."""
+defaults share with a request's fields, and the size and steps of a request that gives none (and the steps of each
+OpenAI ``quality``, with the quality a run is echoed as). Plain functions, no settings: ``config.py`` and ``models/``
+check configured values with them, ``serving/sizes.py`` checks requests."""
 
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 #: A request's ``size`` (and a configured default or warmed size): ``WIDTHxHEIGHT`` in ASCII digits (int() would read
 #: other scripts' digits too), with spaces around and ``X`` or ``×`` allowed.
@@ -19,6 +21,22 @@ DEFAULT_STEPS = 50
 #: preset true_cfg_scale, which are those fields' defaults, are held to the same bounds.
 LORA_SCALE_LIMITS = (0.0, 2.0)
 TRUE_CFG_SCALE_LIMITS = (0.0, 20.0)
+
+#: Steps used for each OpenAI ``quality`` value when ``num_inference_steps`` is not given.
+QUALITY_STEPS: dict[str, int | None] = {
+    "low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100,
+    "auto": None,  # the model's default
+}  # fmt: skip
+#: OpenAI's quality levels, the values a response may echo (its SDK's type), fewest steps first.
+QualityLevel = Literal["low", "medium", "high", "xhigh", "max"]
+QUALITY_LEVELS: tuple[QualityLevel, ...] = get_args(QualityLevel)
+
+
+def quality_of(steps: int) -> QualityLevel:
+    """The quality a run of ``steps`` steps is echoed as, as OpenAI echoes the quality used: the highest of its
+    levels whose steps (``QUALITY_STEPS``) the run reached; ``low`` below them all."""
+    reached = [level for level in QUALITY_LEVELS if (QUALITY_STEPS[level] or 0) <= steps]
+    return reached[-1] if reached else QUALITY_LEVELS[0]
 
 
 def side_problem(width: int, height: int, lo: int, hi: int) -> str | None:

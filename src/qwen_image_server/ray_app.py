@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from ray import serve
 
 from .api.app import create_app
-from .cli_settings import settings_problem
-from .config import Settings, alias_names, check_key_variables
+from .cli_settings import alias_names, check_key_variables, settings_problem
+from .config import Settings
 from .engine.ray_deploy import build_deployments
-from .models.spec import ModelSpec, resolve_configured
+from .models.configured import resolve_configured
+from .models.spec import ModelSpec
 
 
 def build_application(settings: Settings, specs: list[ModelSpec]):

@@ -19,7 +19,7 @@ from conftest import T2I, asgi_call
 from qwen_image_server.api.app import create_app
 from qwen_image_server.api.connections import guarded_protocol
 from qwen_image_server.config import Settings
-from qwen_image_server.models.spec import resolve_configured
+from qwen_image_server.models.configured import resolve_configured
 
 KEY, ALLOWED = "sk-head-test", "https://page.example"
 FAST = {"num_inference_steps": 2}

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import EDIT, T2I
 from qwen_image_server.config import Settings
-from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+from qwen_image_server.models.configured import resolve_configured
+from qwen_image_server.models.spec import ModelConfigError
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 SMALL = {"prompt": "a lighthouse", "size": "256x256", "num_inference_steps": 2}

@@ -190,7 +190,7 @@ def test_ray_engine_admits_like_the_embedded_one():
 def test_each_engine_bounds_a_model_by_its_own_queue_size_and_task_timeout():
     """``--queue-size N@MODEL`` and ``--task-timeout S@MODEL``: the embedded and the Ray engine refuse one model's
     request by its own queue, and tell the client to come back after a tenth of that model's timeout."""
-    from qwen_image_server.engine.local import _ModelPool
+    from qwen_image_server.engine.model_pool import ModelPool
     from qwen_image_server.models.spec import ModelSpec
 
     settings = Settings(queue_size=3, task_timeout=100, model_queue_size=["1@fast"], model_task_timeout=["20@fast"])
@@ -215,7 +215,7 @@ def test_each_engine_bounds_a_model_by_its_own_queue_size_and_task_timeout():
 
     async def embedded() -> dict:
         pools = {
-            spec.id: _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+            spec.id: ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
             for spec in (fast, slow)
         }
         return refusals(lambda m: pools[m].admit(), lambda m, n: setattr(pools[m], "waiting_jobs", n))

@@ -9,8 +9,9 @@ import torch
 
 from qwen_image_server.jobs import Job
 from qwen_image_server.models.attention import AttentionBackendError, apply_attention_backend, backend_names
+from qwen_image_server.models.configured import resolve_models
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models
+from qwen_image_server.models.spec import ModelConfigError, resolve_model
 
 
 def test_unknown_backend_is_refused_before_loading_with_the_valid_names(tiny_t2i):

@@ -16,9 +16,10 @@ from qwen_image_server.config import Settings
 from qwen_image_server.errors import TaskCancelled
 from qwen_image_server.jobs import Job
 from qwen_image_server.models.compile import graph_count, raise_recompile_limits, warm_jobs, warm_sizes
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import resolve_configured, resolve_model
+from qwen_image_server.models.spec import resolve_model
 
 pytestmark = pytest.mark.timeout(900)  # inductor on a small shared CPU: minutes for the first (uncached) compile
 

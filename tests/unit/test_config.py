@@ -130,7 +130,8 @@ def test_malformed_per_model_limits_are_refused(field, value, expected):
 
 
 def test_per_model_limits_must_name_served_models_and_not_aliases(tiny_t2i):
-    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
+    from qwen_image_server.models.spec import ModelConfigError
 
     models = [f"t2i={tiny_t2i}"]
     with pytest.raises(
@@ -151,7 +152,8 @@ def test_per_model_limits_must_name_served_models_and_not_aliases(tiny_t2i):
 def test_a_per_model_setting_scoped_to_a_lora_says_to_scope_it_to_the_lora_s_model(tiny_t2i, tiny_lora):
     """A LoRA runs on its model's workers with its model's settings: ``--queue-size 2@style`` names the model to use
     instead of calling ``style`` not served; the same for a run-profile setting (``--compile on@style``)."""
-    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
+    from qwen_image_server.models.spec import ModelConfigError
 
     base = {"models": [f"t2i={tiny_t2i}"], "loras": [f"style={tiny_lora}"]}
     expected = "names style, a LoRA of t2i: a LoRA runs on its model's workers with its model's settings; scope it to t2i"
@@ -163,7 +165,8 @@ def test_a_per_model_setting_scoped_to_a_lora_says_to_scope_it_to_the_lora_s_mod
 
 def test_per_model_items_run_together_with_a_comma_are_told_the_separator(tiny_t2i, tiny_edit):
     """``QIS_MODEL_WORKERS="2@edit,3@t2i"`` reads as one item for a model named ``edit,3@t2i``."""
-    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
+    from qwen_image_server.models.spec import ModelConfigError
 
     models = [f"t2i={tiny_t2i}", f"edit={tiny_edit}"]
     with pytest.raises(ModelConfigError) as refused:

@@ -14,9 +14,10 @@ import torch
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import Job
 from qwen_image_server.models import determinism
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import resolve_configured, resolve_model
+from qwen_image_server.models.spec import resolve_model
 
 
 @pytest.fixture

@@ -302,7 +302,7 @@ def test_quantize_converts_the_transformer_before_the_text_encoder_loads(tiny_t2
 
 def test_with_a_lora_quantize_waits_for_the_adapters(tiny_t2i, tiny_lora, monkeypatch):
     from qwen_image_server.config import Settings
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     seen = _loading_order(monkeypatch)
     (spec,) = resolve_configured(Settings(models=[f"tiny={tiny_t2i}"], loras=[f"style={tiny_lora}"], quantize="fp8"))
@@ -343,8 +343,8 @@ def test_the_plan_counts_the_layers_a_hot_swapped_lora_keeps_in_the_run_dtype(ti
     transformer's real size. The estimate's FP8 layers are now those the runner converts; a fused LoRA is merged
     before quantizing, so there every layer counts as FP8."""
     from qwen_image_server.config import Settings
+    from qwen_image_server.models.configured import resolve_configured
     from qwen_image_server.models.footprint import _fp8_applies, resident_weights
-    from qwen_image_server.models.spec import resolve_configured
     from qwen_image_server.models.weights_files import read_folder
 
     def spec(*loras):

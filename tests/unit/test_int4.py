@@ -16,11 +16,11 @@ from torch import nn
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import Job
 from qwen_image_server.models import int4
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.memory import MemoryMode
 from qwen_image_server.models.memory_modes import check_mode
 from qwen_image_server.models.profile import LoraSpec, ProfileError, RunProfile, check_profile
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import resolve_configured
 
 SIZE = 128
 GENERATE = Job(mode="generate", prompt="a red cube", seeds=[7], width=SIZE, height=SIZE, num_inference_steps=2)

@@ -12,9 +12,10 @@ from safetensors.numpy import save_file
 
 from conftest import run_cli
 from qwen_image_server.config import Settings
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.lora import merge_preset, parse_lora_flag
 from qwen_image_server.models.lora_check import transformer_layers
-from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+from qwen_image_server.models.spec import ModelConfigError
 from qwen_image_server.models.weights_files import read_header
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService

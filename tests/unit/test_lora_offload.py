@@ -18,9 +18,9 @@ import torch
 
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import Job
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.lora_runtime import LoraSet
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import resolve_configured
 
 SIZE = 128
 

@@ -8,9 +8,9 @@ import pytest
 
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import Job
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.lora_runtime import LoraSet
 from qwen_image_server.models.runner import PipelineRunner
-from qwen_image_server.models.spec import resolve_configured
 
 
 def _spec(tiny_t2i, *loras):

@@ -349,7 +349,7 @@ def test_every_mode_of_the_memory_bench_is_a_profile_the_server_takes(tiny_t2i):
     """Each mode's settings, given as the server's flags, pass its start checks on a GPU device (a mode the server
     refused would only show as an error in a GPU run)."""
     from qwen_image_server.config import Settings
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     for mode, settings in _memory_bench().MODES.items():
         flags = {key: [str(value)] for key, value in settings.items()}
@@ -656,7 +656,7 @@ def test_fp8_layers_made_after_group_offload_are_offloaded_with_their_block(tiny
     from offload_emulation import OffloadEmulation
     from qwen_image_server.config import Settings
     from qwen_image_server.models import fp8, offload
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     emulation = OffloadEmulation(monkeypatch)
     released: list[bool] = []

@@ -12,14 +12,15 @@ from typer.testing import CliRunner
 from qwen_image_server import cli
 from qwen_image_server.api.app import create_app
 from qwen_image_server.config import Settings
-from qwen_image_server.engine import local
+from qwen_image_server.engine import local, model_pool
 from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.engine.worker import device_memory
 from qwen_image_server.models import planner
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.footprint import GIB
 from qwen_image_server.models.machine import Gpu, discover_gpus, no_gpu_driver
-from qwen_image_server.models.planner import Plan, PlanError, make_plan
-from qwen_image_server.models.spec import resolve_configured
+from qwen_image_server.models.plan_result import Plan, PlanError
+from qwen_image_server.models.planner import make_plan
 
 
 def _gpus(*sizes_gib: float):
@@ -42,7 +43,7 @@ class _FakeWorker:
 
 
 def test_the_engine_starts_each_worker_on_its_planned_device(tiny_t2i, tiny_edit, monkeypatch):
-    monkeypatch.setattr(local, "WorkerProcess", _FakeWorker)
+    monkeypatch.setattr(model_pool, "WorkerProcess", _FakeWorker)
     settings = Settings(models=[f"a={tiny_t2i}", f"b={tiny_edit}"], workers=2)
     specs = resolve_configured(settings)
     plan = make_plan(specs, settings, discover=_gpus(0.8, 0.8, 0.8, 0.8))  # one 777 MiB worker per GPU at most
@@ -62,7 +63,7 @@ def test_the_engine_starts_each_worker_on_its_planned_device(tiny_t2i, tiny_edit
 
 
 def test_without_a_plan_the_engine_plans_itself_on_cpu(tiny_t2i, monkeypatch):
-    monkeypatch.setattr(local, "WorkerProcess", _FakeWorker)
+    monkeypatch.setattr(model_pool, "WorkerProcess", _FakeWorker)
     settings = Settings(models=[str(tiny_t2i)], device="cpu", workers=2)
     engine = local.LocalEngine(resolve_configured(settings), settings)
     asyncio.run(engine.start())

@@ -13,11 +13,13 @@ import pytest
 from planner_specs import FULL_SIZE, H100, fake_gpu, full_model, gpu_probe, small_model
 
 from qwen_image_server.config import Settings
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.footprint import GIB, footprint, resident_weights
 from qwen_image_server.models.machine import Gpu
-from qwen_image_server.models.planner import PlanError, _slots, make_plan, place
+from qwen_image_server.models.plan_result import PlanError
+from qwen_image_server.models.planner import _slots, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
-from qwen_image_server.models.spec import resolve_configured, resolve_model
+from qwen_image_server.models.spec import resolve_model
 from qwen_image_server.models.step_cache import canonical_policy
 from qwen_image_server.models.weights_files import (
     REFERENCE_INNER_DIM,

@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 
 from qwen_image_server.cli import app
 from qwen_image_server.config import Settings
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.footprint import GIB, human, resident_weights
 from qwen_image_server.models.machine import HostMemory, discover_host_memory, parse_fake_gpus, parse_fake_host
-from qwen_image_server.models.planner import PlanError, make_plan
+from qwen_image_server.models.plan_result import PlanError
+from qwen_image_server.models.planner import make_plan
 from qwen_image_server.models.profile import RunProfile
-from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured
+from qwen_image_server.models.spec import ModelConfigError, ModelSpec
 from qwen_image_server.models.step_cache import canonical_policy
 from qwen_image_server.models.weights_files import read_tensors
 from qwen_image_server.models.working_memory import activation_bytes

@@ -1,4 +1,4 @@
-"""A model's workers that cannot load (``engine/local.py`` ``_ModelPool``), on fake worker processes: the model is
+"""A model's workers that cannot load (``engine/model_pool.py`` ``ModelPool``), on fake worker processes: the model is
 failed only when none of its workers can serve; one worker that gives up (its GPU full, or broken) leaves the others
 serving, and is tried again later. (The real-process case of a whole model failing: tests/e2e/test_recovery.py.)"""
 
@@ -12,7 +12,7 @@ import time
 from worker_fakes import FakeWorkerProcess
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.local import _ModelPool
+from qwen_image_server.engine.model_pool import ModelPool
 from qwen_image_server.engine.worker import Failed, LoadFailed, Ready
 from qwen_image_server.errors import NotReady
 from qwen_image_server.jobs import Job
@@ -23,11 +23,11 @@ def _job() -> Job:
     return Job(mode="generate", prompt="a cat", seeds=[1])
 
 
-def _pool(workers: int) -> tuple[_ModelPool, list[FakeWorkerProcess], list[FakeWorkerProcess]]:
+def _pool(workers: int) -> tuple[ModelPool, list[FakeWorkerProcess], list[FakeWorkerProcess]]:
     """A pool of fake workers; the list after them collects the workers it replaces (its retries)."""
     spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
     settings = Settings(worker_restart_limit=0, worker_retry_seconds=0.05)  # the first failure gives up
-    pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+    pool = ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
     fakes = [FakeWorkerProcess(pool, slot, state="loading") for slot in range(workers)]
     pool.workers.extend(fakes)  # type: ignore[arg-type]
     replaced: list[FakeWorkerProcess] = []
@@ -76,9 +76,9 @@ def test_a_worker_that_retires_gets_no_more_work_and_comes_back_at_once(monkeypa
     (it would be lost with the process, as "exited unexpectedly"), and a worker that served is restarted at once,
     even while another worker of the model has given up loading."""
 
-    from qwen_image_server.engine import local
+    from qwen_image_server.engine import model_pool
 
-    monkeypatch.setattr(local, "RETIRE_SECONDS", 0.05)
+    monkeypatch.setattr(model_pool, "RETIRE_SECONDS", 0.05)
 
     async def run() -> None:
         pool, (good, other, bad), replaced = _pool(3)
@@ -202,9 +202,9 @@ def test_preparing_a_start_waits_for_a_new_forkservers_imports(tmp_path):
 def test_a_replacement_that_cannot_start_is_tried_again(monkeypatch):
     """No process could be started in a crashed worker's place (out of memory, of file descriptors): logged, and
     tried again a little later, instead of leaving the slot "restarting" for good."""
-    from qwen_image_server.engine import local, worker_process
+    from qwen_image_server.engine import model_pool, worker_process
 
-    monkeypatch.setattr(local, "RESTART_RETRY", 0.05)
+    monkeypatch.setattr(model_pool, "RESTART_RETRY", 0.05)
     tries: list[str] = []
 
     def prepare(setting: str, device: str) -> None:

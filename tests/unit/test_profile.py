@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from qwen_image_server.config import Settings
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile, parse_lora, scoped_value
-from qwen_image_server.models.spec import SIDECAR_NAME, ModelConfigError, resolve_configured
+from qwen_image_server.models.spec import SIDECAR_NAME, ModelConfigError
 
 
 def test_defaults_are_plain_diffusers():

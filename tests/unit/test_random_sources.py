@@ -13,16 +13,18 @@ from conftest import run_cli
 from qwen_image_server.cli import app as cli_app
 from qwen_image_server.config import Settings
 from qwen_image_server.jobs import EncodedImage, JobResult
+from qwen_image_server.models.configured import resolve_models
 from qwen_image_server.models.footprint import GIB, footprint
 from qwen_image_server.models.machine import Gpu, HostMemory, discover_host_memory
-from qwen_image_server.models.planner import PlanError, make_plan
+from qwen_image_server.models.plan_result import PlanError
+from qwen_image_server.models.planner import make_plan
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.random_arch import (
     parameter_counts,
     tensor_rows,
 )
 from qwen_image_server.models.random_source import architectures, parse_random_source, tensor_table
-from qwen_image_server.models.spec import ModelConfigError, resolve_model, resolve_models
+from qwen_image_server.models.spec import ModelConfigError, resolve_model
 from qwen_image_server.models.weights_files import UnknownFootprint, read_tensors
 
 NAMES = ("Qwen/Qwen-Image", "Qwen/Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509")

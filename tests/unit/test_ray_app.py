@@ -171,7 +171,7 @@ def test_replicas_stopped_by_serve_get_the_shutdown_grace_to_finish():
     ``--shutdown-grace`` seconds (was 5: a 50-step image was cut off), the ingress 5 s more."""
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine.ray_deploy import build_deployments
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     settings = Settings(models=["random:Qwen/Qwen-Image"], engine="ray", ray_gpus_per_replica=0, shutdown_grace_seconds=42)
     ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
@@ -187,7 +187,7 @@ def test_ray_s_own_queue_holds_every_piece_the_engine_admits():
     queue_full event). It now holds every piece of the jobs the engine admits; the engine's bound is the one."""
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine.ray_deploy import build_deployments
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     settings = Settings(
         models=["a=random:Qwen/Qwen-Image", "b=random:Qwen/Qwen-Image-Edit"], engine="ray", ray_gpus_per_replica=0,
@@ -204,7 +204,7 @@ def test_ray_s_own_queue_holds_every_piece_the_engine_admits():
 def _replicas(settings: Settings) -> list[tuple[float, str]]:
     """``(num_gpus, device)`` of each model deployment the application builder makes."""
     from qwen_image_server.engine.ray_deploy import build_deployments
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     ingress = build_deployments(settings, resolve_configured(settings), lambda s, engine: None)._bound_deployment
     return [
@@ -333,8 +333,8 @@ def test_gpu_replicas_carry_what_their_model_needs_and_cpu_ones_nothing():
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine.ray_deploy import build_deployments
     from qwen_image_server.engine.ray_replica import MemoryNeed
+    from qwen_image_server.models.configured import resolve_configured
     from qwen_image_server.models.plan_footprints import footprints_for
-    from qwen_image_server.models.spec import resolve_configured
     from qwen_image_server.models.weights_files import read_tensors
 
     def needs(**settings) -> list:
@@ -362,8 +362,9 @@ def test_a_model_may_have_a_gpu_share_of_its_own(gpus_here, tmp_path):
     refused before anything starts."""
     from qwen_image_server.cli import settings_from_options
     from qwen_image_server.engine.ray_deploy import build_deployments
+    from qwen_image_server.models.configured import resolve_configured
     from qwen_image_server.models.profile import ProfileError
-    from qwen_image_server.models.spec import ModelConfigError, resolve_configured
+    from qwen_image_server.models.spec import ModelConfigError
 
     gpus_here["found"] = []
     big, small = "random:Qwen/Qwen-Image", "random:Qwen/Qwen-Image?layers=2&text_layers=1"
@@ -425,7 +426,7 @@ def test_replicas_asking_for_more_than_the_cluster_holds_are_named_in_a_warning(
     could never place, and ``/ready`` said "loading" with nothing in the log to say why."""
     pytest.importorskip("ray.serve")
     from qwen_image_server.engine import ray_deploy
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     settings = Settings(
         models=["a=random:Qwen/Qwen-Image", "b=random:Qwen/Qwen-Image-Edit"], engine="ray", ray_gpus_per_replica=0,

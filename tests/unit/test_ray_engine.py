@@ -137,7 +137,7 @@ def test_the_ingress_reads_serves_cancellation_as_the_client_gone(tiny_models, t
 
     from qwen_image_server.api.app import create_app
     from qwen_image_server.engine.ray_deploy import ingress_app
-    from qwen_image_server.models.spec import resolve_configured
+    from qwen_image_server.models.configured import resolve_configured
 
     settings = Settings(models=[f"{n}={f}" for n, f in tiny_models.items()], image_output_dir=tmp_path, engine="ray")
     app = ingress_app(settings, resolve_configured(settings), create_app, "app")

@@ -8,11 +8,12 @@ from dataclasses import replace
 import pytest
 
 from qwen_image_server.config import Settings
+from qwen_image_server.models.configured import resolve_models
 from qwen_image_server.models.footprint import GIB, human
 from qwen_image_server.models.host_memory import cpu_need
 from qwen_image_server.models.machine import Gpu, HostMemory
-from qwen_image_server.models.planner import PlanError, make_plan
-from qwen_image_server.models.spec import resolve_models
+from qwen_image_server.models.plan_result import PlanError
+from qwen_image_server.models.planner import make_plan
 from qwen_image_server.models.weights_files import from_counts
 
 FULL_SIZE = {"transformer": 20.4e9, "text_encoder": 8.3e9, "vae": 0.13e9}  # Qwen-Image's parameters

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen_image_server.jobs import Job
+from qwen_image_server.models.configured import resolve_models
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.shared import ComponentCache, file_hash, fingerprint
-from qwen_image_server.models.spec import resolve_models
 
 JOB = Job(mode="generate", prompt="a lighthouse", seeds=[3], width=256, height=256, num_inference_steps=2)
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import run_cli
-from qwen_image_server.models.spec import ModelConfigError, default_model_id, resolve_model, resolve_models
+from qwen_image_server.models.configured import resolve_models
+from qwen_image_server.models.spec import ModelConfigError, default_model_id, resolve_model
 
 
 def test_tiny_models_resolve_by_class(tiny_t2i, tiny_edit, tiny_edit_plus):

@@ -13,9 +13,10 @@ from qwen_image_server.cli import app
 from qwen_image_server.config import Settings
 from qwen_image_server.config_files import directory_problem
 from qwen_image_server.limits import LORA_SCALE_LIMITS, TRUE_CFG_SCALE_LIMITS
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.lora import parse_lora_flag
 from qwen_image_server.models.profile import ProfileError
-from qwen_image_server.models.spec import ModelConfigError, resolve_configured, resolve_model
+from qwen_image_server.models.spec import ModelConfigError, resolve_model
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from conftest import run_cli
 from qwen_image_server.config import Settings
 from qwen_image_server.errors import InvalidRequest, TaskCancelled
 from qwen_image_server.jobs import Job, JobResult, TaskResult
+from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.profile import ProfileError, RunProfile, build_profile
-from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_configured, resolve_model
+from qwen_image_server.models.spec import ModelConfigError, ModelSpec, resolve_model
 from qwen_image_server.models.step_cache import CachePolicyError, parse_policy
 from qwen_image_server.protocol.images import GenerationRequest
 from qwen_image_server.serving.service import ImageService

@@ -14,7 +14,7 @@ import pytest
 from worker_fakes import FakeWorkerProcess, stub_runner
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.local import _ModelPool
+from qwen_image_server.engine.model_pool import ModelPool
 from qwen_image_server.engine.worker import Cancel, RunTask
 from qwen_image_server.errors import TaskTimeout
 from qwen_image_server.jobs import Job, Task
@@ -27,7 +27,7 @@ def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | Non
     async def run() -> FakeWorkerProcess:
         spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
         settings = Settings(stuck_task_seconds=stuck_task_seconds, model_stuck_task_seconds=own or [])
-        pool = _ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+        pool = ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
         worker = FakeWorkerProcess(pool, stops=stops)
         pool.workers.append(worker)  # type: ignore[arg-type]
         with pytest.raises(TaskTimeout):
@@ -125,7 +125,7 @@ def test_a_job_that_ended_leaves_nothing_of_its_images_in_the_pool():
 
     async def run() -> list[weakref.ref]:
         spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="edit")
-        pool = _ModelPool(spec, Settings(), devices=[], threads=1, task_ids=itertools.count(), spawn=False)
+        pool = ModelPool(spec, Settings(), devices=[], threads=1, task_ids=itertools.count(), spawn=False)
         worker = FakeWorkerProcess(pool, stops=False)  # never answers its Cancel: the timer stays armed
         pool.workers.append(worker)  # type: ignore[arg-type]
         refs = []

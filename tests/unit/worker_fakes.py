@@ -129,7 +129,7 @@ def stub_runner(monkeypatch, pipeline_runner) -> None:
 
 
 class FakeWorkerProcess:
-    """What a model's pool (``engine/local.py`` ``_ModelPool``) uses of a ``WorkerProcess``: its state, what it is sent
+    """What a model's pool (``engine/model_pool.py`` ``ModelPool``) uses of a ``WorkerProcess``: its state, what it is sent
     (``sent``), ``kill()``, and ``exit(code)``, its process ending. ``stops``: it answers a ``Cancel`` as a worker
     between two steps does; otherwise it never answers, as one stuck in a call that does not return."""
 

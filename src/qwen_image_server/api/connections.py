@@ -24,7 +24,8 @@ shutdown window ends get a plain-text 500 and a ``CancelledError`` traceback in 
   read (which h11 takes whole, whatever its size); a request h11 cannot parse answered with
   a JSON 400 instead of uvicorn's plain text.
 Every one of these answers carries a request id: the request's, else the client's
-``X-Request-ID`` (of the partial head, when that is all there is), else a new one.
+``X-Request-ID`` (of the partial head, when that is all there is), else a new one. The answers themselves
+are built in ``connection_answers.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import struct
 import sys
 from collections.abc import Callable
@@ -43,6 +43,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ShuttingDown
 from ..protocol.responses import error_envelope
+from .connection_answers import (
+    head_bytes,
+    head_too_large,
+    head_too_large_body,
+    partial_head_request_id,
+    raw_response,
+    refusal,
+    send_json,
+    timeout_response,
+)
 from .security import client_request_id, request_id_var, scope_request_id
 
 if sys.platform == "linux":
@@ -61,76 +71,11 @@ CAP_RETRY_AFTER = 1
 SHUTDOWN_RETRY_AFTER = ShuttingDown.retry_after
 
 
-#: An ``X-Request-ID`` line of a request head that has not been parsed (h11 reads a head only once it is whole).
-_REQUEST_ID_LINE = re.compile(rb"\nx-request-id[ \t]*:[ \t]*([^\r\n]*)\r?\n", re.IGNORECASE)
-
-
-def _partial_head_request_id(data: bytes) -> str:
-    """The request id of a head that never finished: its ``X-Request-ID`` when a whole, usable one came, else a new one."""
-    found = _REQUEST_ID_LINE.search(data)
-    return client_request_id(found.group(1).strip().decode("latin-1") if found else None)
-
-
 def _cut_off(cycle) -> None:
     """End a request cycle whose connection is being closed under it: its application sees a client gone and sends
     nothing more."""
     cycle.response_started = cycle.response_complete = cycle.disconnected = True
     cycle.message_event.set()
-
-
-def _head_too_large_body(limit: int, request_id: str) -> dict:
-    """The envelope of a 431 for a request head over the limit: the client's doing."""
-    message = f"Request head (request line and headers) larger than {limit} bytes"
-    return error_envelope(message, type_="invalid_request_error", code="request_header_too_large", request_id=request_id)
-
-
-def _head_too_large(limit: int, request_id: str) -> bytes:
-    """The whole 431 answer, for when h11 refused the head before it was parsed."""
-    return _raw_response(431, "Request Header Fields Too Large", _head_too_large_body(limit, request_id), request_id=request_id)
-
-
-def _head_bytes(scope) -> int:
-    """The size of a parsed request head as sent, at least: h11 strips the spaces around header values and takes a
-    bare line feed for a line's end, so each header counts its name, ``:``, its value and one byte of line end."""
-    target = len(scope.get("raw_path") or b"") + (1 + len(scope["query_string"]) if scope.get("query_string") else 0)
-    line = len(scope.get("method", "")) + 1 + target + 1 + len("HTTP/") + len(scope.get("http_version", "1.1")) + 1
-    return line + sum(len(name) + 1 + len(value) + 1 for name, value in scope.get("headers", ())) + 1
-
-
-def _timeout_response(message: str, request_id: str) -> bytes:
-    """408 for a request sent too slowly: the client's doing (``invalid_request_error``), with its request id."""
-    body = error_envelope(message, type_="invalid_request_error", code="request_timeout", request_id=request_id)
-    return _raw_response(408, "Request Timeout", body, request_id=request_id)
-
-
-def _raw_response(status: int, reason: str, body: dict, retry_after: int | None = None, request_id: str | None = None) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection, for when h11 has no request to answer."""
-    data = json.dumps(body, separators=(",", ":")).encode()
-    headers = f"content-type: application/json\r\ncontent-length: {len(data)}\r\nconnection: close\r\n"
-    if retry_after is not None:
-        headers += f"retry-after: {retry_after}\r\n"
-    if request_id is not None:
-        headers += f"x-request-id: {request_id}\r\n"
-    return f"HTTP/1.1 {status} {reason}\r\n{headers}\r\n".encode() + data
-
-
-def _refusal(message: str, code: str, request_id: str) -> dict:
-    """The envelope of a refusal on the server's side (``server_error``: the connection cap, shutdown)."""
-    return error_envelope(message, type_="server_error", code=code, request_id=request_id)
-
-
-async def _send_json(send, status: int, body: dict, request_id: str, retry_after: int | None = None) -> None:
-    """An answer given below the application, with the request's id (and Retry-After), closing the connection."""
-    data = json.dumps(body, separators=(",", ":")).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(data)).encode()),
-        *([(b"retry-after", str(retry_after).encode())] if retry_after is not None else []),
-        (b"x-request-id", request_id.encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -262,12 +207,12 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         if self.conn.trailing_data[0]:  # part of a head came: tell the client why it is closed
-            request_id = _partial_head_request_id(bytes(self.conn.trailing_data[0]))
+            request_id = partial_head_request_id(bytes(self.conn.trailing_data[0]))
             self.logger.debug(
                 "closing a connection whose request head took over %ss (request %s)", self.header_timeout, request_id
             )
             message = f"Request head not received within {self.header_timeout:g} s"
-            self.transport.write(_timeout_response(message, request_id))
+            self.transport.write(timeout_response(message, request_id))
             self.on_refused(408, "request_timeout")
         self.transport.close()
 
@@ -288,17 +233,17 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and under_way:  # its head was read (the application may not have run yet)
             request_id = scope_request_id(cycle.scope)
         else:
-            request_id = _partial_head_request_id(bytes(self.conn.trailing_data[0]))
+            request_id = partial_head_request_id(bytes(self.conn.trailing_data[0]))
         if cycle is not None and under_way:
             _cut_off(cycle)
         limit, hint = self.max_head_bytes, getattr(self._protocol_error, "error_status_hint", 400)
         if limit is not None and hint == 431:  # h11: "Receive buffer too long", an event (a head) still incomplete
-            self.transport.write(_head_too_large(limit, request_id))
+            self.transport.write(head_too_large(limit, request_id))
             self.on_refused(431, "request_header_fields_too_large")
         else:
             message = "Invalid HTTP request: its request line, headers or body framing are not HTTP/1.1"
             body = error_envelope(message, type_="invalid_request_error", code="invalid_http_request", request_id=request_id)
-            self.transport.write(_raw_response(400, "Bad Request", body, request_id=request_id))
+            self.transport.write(raw_response(400, "Bad Request", body, request_id=request_id))
             self.on_refused(400, "invalid_http_request")
         self.transport.close()
 
@@ -313,7 +258,7 @@ class GuardedH11Protocol(H11Protocol):
         self.logger.info("closing a connection whose request body took over %ss (request %s)", self.body_timeout, request_id)
         if cycle is not None and not cycle.response_started:
             message = f"Request body not received within {self.body_timeout:g} s"
-            self.transport.write(_timeout_response(message, request_id))
+            self.transport.write(timeout_response(message, request_id))
             self.on_refused(408, "request_timeout")
         if cycle is not None:
             _cut_off(cycle)
@@ -327,18 +272,18 @@ class GuardedH11Protocol(H11Protocol):
     async def _serve(self, app, scope, receive, send) -> None:
         """Run one request: refused when its head is too large or above the cap, answered in JSON when shutdown
         cancels it."""
-        if self.max_head_bytes is not None and _head_bytes(scope) > self.max_head_bytes:
+        if self.max_head_bytes is not None and head_bytes(scope) > self.max_head_bytes:
             self.logger.info("refusing a request head of over %d bytes", self.max_head_bytes)
             request_id = scope_request_id(scope)
-            await _send_json(send, 431, _head_too_large_body(self.max_head_bytes, request_id), request_id)
+            await send_json(send, 431, head_too_large_body(self.max_head_bytes, request_id), request_id)
             self.on_refused(431, "request_header_fields_too_large")
             return
         cap = self.max_connections
         if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
             self.logger.warning("%d connections open (limit %d): refusing a request", len(self.connections), cap)
             request_id = scope_request_id(scope)
-            body = _refusal(f"Too many connections (limit {cap}); retry shortly", "too_many_connections", request_id)
-            await _send_json(send, 503, body, request_id, CAP_RETRY_AFTER)
+            body = refusal(f"Too many connections (limit {cap}); retry shortly", "too_many_connections", request_id)
+            await send_json(send, 503, body, request_id, CAP_RETRY_AFTER)
             self.on_refused(503, "too_many_connections")
             return
         started: dict = {}
@@ -368,11 +313,11 @@ class GuardedH11Protocol(H11Protocol):
     async def _send_cut_off(self, scope, started: dict, send, message: str, request_id: str) -> None:
         """A JSON 503, or the end of an answer that had started: an ``error`` event for a stream, else a close."""
         if "headers" not in started:
-            await _send_json(send, 503, _refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
+            await send_json(send, 503, refusal(message, "shutting_down", request_id), request_id, SHUTDOWN_RETRY_AFTER)
             return
         content_type = dict(started["headers"]).get(b"content-type", b"")
         if content_type.startswith(b"text/event-stream"):
-            error = _refusal(message, "shutting_down", request_id)["error"]
+            error = refusal(message, "shutting_down", request_id)["error"]
             event = {"type": "error", "error": error, "request_id": request_id}
             data = f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
             await send({"type": "http.response.body", "body": data, "more_body": False})

@@ -4,375 +4,25 @@
 All bookkeeping runs on the event loop thread. Each worker has two helper
 threads in this process: one blocks on the worker's pipe and hands every
 message to the loop (``call_soon_threadsafe``), one sends to it. So the API
-never blocks its event loop on a worker.
+never blocks its event loop on a worker. Each model's workers, queue and recovery are its
+``ModelPool`` (``model_pool.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..config import Settings
-from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, task_failure
-from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
-from ..models.planner import Plan, checked_plan
+from ..jobs import Job, JobResult, PartialImage
+from ..models.plan_result import Plan
+from ..models.planner import checked_plan
 from ..models.spec import ModelSpec
-from .admission import PixelBudget, retry_after
-from .pieces import split_for, wait_all
-from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
-from .worker_process import WorkerProcess, public_reason, start_prepared
-
-log = logging.getLogger(__name__)
-#: Seconds a worker that said it exits (its GPU broke) has to be gone before it is killed.
-RETIRE_SECONDS = 30.0
-#: Seconds before another try when a replacement worker could not even be started.
-RESTART_RETRY = 5.0
-
-
-@dataclass(eq=False)
-class _JobState:
-    """Book-keeping for one submitted job."""
-
-    pieces: list[_Piece] = field(default_factory=list)
-    undispatched: int = 0
-    cancelled: bool = False
-    on_partial: Callable[[PartialImage], None] | None = None
-
-
-@dataclass(eq=False)
-class _Piece:
-    task: Task
-    future: asyncio.Future
-    job: _JobState
-    offset: int  # index of the piece's first image in its job
-    pool: _ModelPool
-    worker: WorkerProcess | None = None
-
-
-class _ModelPool:
-    """The workers, queue and jobs of one served model."""
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        settings: Settings,
-        devices: list[str],
-        threads: int,
-        task_ids: itertools.count,
-        spawn: bool = True,
-    ):
-        self.spec = spec
-        self.settings = settings
-        self.devices = devices
-        self.threads = threads
-        self.task_ids = task_ids
-        self.loop = asyncio.get_running_loop()
-        self.pending: deque[_Piece] = deque()
-        self.encoding: dict[int, _Piece] = {}
-        self.waiting_jobs = 0
-        self.load_failures = 0
-        self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
-        self.broken: str | None = None
-        self.closing = False
-        self.budget = PixelBudget(settings, spec.id)
-        self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
-        self._start_failures = 0  # replacements in a row that could not even be started
-        self.was_ready = False  # ready once (every worker loaded or gave up): from then on one serving worker keeps it so
-        # spawn=False: the engine adds worker processes shared with other pools (--share-components)
-        self.workers: list[WorkerProcess] = []
-        if spawn:
-            self.workers = [WorkerProcess([self], slot, device, threads) for slot, device in enumerate(devices)]
-
-    # --- jobs ----------------------------------------------------------------------
-    def admit(self) -> None:
-        """Refuse at once when the model is failed, its queue full or its pixel budget spent."""
-        if self.broken:
-            raise NotReady(self._unavailable())
-        if self.waiting_jobs >= self.settings.queue_size_for(self.spec.id):
-            raise QueueFull(retry_after=retry_after(self.settings, self.spec.id))
-        self.budget.check()
-
-    async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
-        self.admit()
-        with self.budget.hold(job):
-            return await self._submit(job, deadline, on_partial)
-
-    async def _submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
-        batch, pieces = split_for(job, len(self.workers), self.settings.max_batch_size)
-        state = _JobState(on_partial=on_partial)
-        for i, piece_job in enumerate(pieces):
-            task = Task(next(self.task_ids), piece_job, model=self.spec.id)
-            piece = _Piece(task, self.loop.create_future(), state, offset=i * batch, pool=self)
-            state.pieces.append(piece)
-            self.pending.append(piece)
-        state.undispatched = len(state.pieces)
-        self.waiting_jobs += 1
-        self.dispatch()
-        try:
-            results: list[TaskResult] = await wait_all([piece.future for piece in state.pieces], deadline)
-        except BaseException:  # a failed piece, the timeout, or the caller cancelled (client gone)
-            self._cancel(state)
-            raise
-        finally:
-            # Each piece points at its job state (``piece.job``): without the state's list of them, the job's images
-            # and uploads go as soon as no worker runs a piece, not at the next full garbage collection.
-            state.pieces.clear()
-        return JobResult.combine(results)
-
-    def _cancel(self, state: _JobState) -> None:
-        """Drop the job's queued pieces and stop its running ones at their next step."""
-        if state.cancelled:
-            return
-        state.cancelled = True
-        if state.undispatched:
-            self.waiting_jobs -= 1
-            state.undispatched = 0
-            # out of the queue now, not when a worker is next free: they hold the job's images
-            self.pending = deque(piece for piece in self.pending if piece.job is not state)
-        for piece in state.pieces:
-            if piece.worker is not None and piece.worker.running is piece:
-                piece.worker.send(Cancel(piece.task.task_id))
-                if (stuck_after := self.settings.stuck_task_seconds_for(self.spec.id)) > 0:
-                    # the task's id, not the piece: the timer must not keep the job's images for that long
-                    self.loop.call_later(stuck_after, self._kill_if_stuck, piece.worker, piece.task.task_id)
-            if not piece.future.done():
-                piece.future.set_exception(TaskCancelled())
-                piece.future.exception()  # retrieved: nobody awaits it any more
-
-    def dispatch(self) -> None:
-        idle = [w for w in self.workers if w.state == "idle"]
-        while idle and self.pending:
-            piece = self.pending.popleft()  # (a cancelled job's pieces left the queue: ``_cancel``)
-            worker = idle.pop(0)
-            worker.state = "busy"
-            worker.running = piece
-            piece.worker = worker
-            piece.job.undispatched -= 1
-            if piece.job.undispatched == 0:
-                self.waiting_jobs -= 1
-            worker.send(RunTask(piece.task))
-
-    # --- messages from workers -----------------------------------------------------------
-    def on_message(self, worker: WorkerProcess, message: FromWorker) -> None:
-        match message:
-            case Ready(info, models):
-                worker.infos[self.spec.id] = {**info, **models.get(self.spec.id, {})}
-                worker.state = "idle"
-                self.load_failures = 0
-                if self.broken:
-                    log.info("model %s loaded again", self.spec.id)
-                    self.broken = None
-                self.was_ready = self.was_ready or self.ready()
-                log.info("worker %s ready: %s", worker.name, info)
-            case InfoUpdate(info, models):
-                worker.infos[self.spec.id] = {**worker.infos.get(self.spec.id, {}), **info, **models.get(self.spec.id, {})}
-            case LoadFailed(reason):
-                self.load_failures += 1
-                worker.state = "failed"
-                worker.infos[self.spec.id] = {"error": reason}
-                self.was_ready = self.was_ready or self.ready()  # its others serve, all loaded
-                log.error("worker %s could not load %s: %s", worker.name, self.spec.id, reason)
-            case Computed(task_id):
-                piece = self._take_running(worker, task_id)
-                if piece is not None:
-                    self.encoding[task_id] = piece
-            case Done(result):
-                piece = self.encoding.pop(result.task_id, None)
-                if piece is not None and not piece.future.done():
-                    piece.future.set_result(result)
-            case Partial(task_id, partial):
-                running = worker.running
-                piece = running if running and running.task.task_id == task_id else self.encoding.get(task_id)
-                if piece is not None and not piece.job.cancelled and piece.job.on_partial is not None:
-                    partial.index += piece.offset
-                    piece.job.on_partial(partial)
-                return
-            case Failed(task_id, reason, cancelled, retiring, param):
-                piece = self._take_running(worker, task_id) or self.encoding.pop(task_id, None)
-                if piece is not None and not piece.future.done():
-                    piece.future.set_exception(TaskCancelled() if cancelled else task_failure(reason, param))
-                if retiring:  # it exits to be started anew (its GPU broke): no queued task goes to it meanwhile
-                    worker.state = "restarting"
-                    self.loop.call_later(RETIRE_SECONDS, self._kill_if_not_gone, worker)
-        self.dispatch()
-
-    def _kill_if_not_gone(self, worker: WorkerProcess) -> None:
-        """A worker that said it exits (its GPU broke) and has not, ``RETIRE_SECONDS`` later (its exit hangs in the
-        broken driver): killed, so that ``on_exit`` starts its successor."""
-        if not self.closing and worker in self.workers and worker.process.is_alive():
-            log.error("worker %s did not exit %.0fs after its GPU failed; killing it", worker.name, RETIRE_SECONDS)
-            worker.process.kill()
-
-    def _kill_if_stuck(self, worker: WorkerProcess, task_id: int) -> None:
-        """A worker still running a task it was told to stop, ``stuck_task_seconds`` later, is stuck in a call that
-        does not return (a pipeline checks between steps): kill it. ``on_exit`` restarts it, as after a crash."""
-        running = worker.running
-        if self.closing or running is None or running.task.task_id != task_id or not worker.process.is_alive():
-            return
-        log.error(
-            "worker %s still runs task %s %.0fs after it was told to stop; killing it (a new one takes its place)",
-            worker.name,
-            task_id,
-            self.settings.stuck_task_seconds_for(self.spec.id),
-        )
-        worker.process.kill()
-
-    def _take_running(self, worker: WorkerProcess, task_id: int) -> _Piece | None:
-        piece = worker.running
-        if piece is None or piece.task.task_id != task_id:
-            return None
-        worker.running = None
-        if worker.state == "busy":
-            worker.state = "idle"
-        return piece
-
-    def on_exit(self, worker: WorkerProcess) -> None:
-        if worker not in self.workers:
-            return
-        code = worker.process.exitcode
-        lost = [worker.running] if worker.running and worker.running.pool is self else []
-        if worker.running is not None and worker.running.pool is self:
-            worker.running = None
-        for task_id in [tid for tid, piece in self.encoding.items() if piece.worker is worker]:
-            lost.append(self.encoding.pop(task_id))
-        for piece in lost:
-            if not piece.future.done():
-                piece.future.set_exception(InferenceFailed(f"worker process exited unexpectedly (exit code {code})"))
-        if self.closing:
-            return
-        self.restarts += 1
-        if worker.owner is not self:  # a process shared with other models: its first model restarts it
-            return
-        loading = worker.state in ("loading", "failed")  # it exited before it served (else: a crash while serving)
-        if worker.state == "loading":
-            self.load_failures += 1  # died before it could say why
-        if loading and self._give_up():
-            retry = self.settings.worker_retry_seconds
-            worker.state = "failed"
-            for pool in worker.pools:
-                serving = pool.usable()  # its other workers serve the model: only this one waits for the next try
-                outcome = "goes on with its other workers" if serving else "marked failed"
-                log.warning("worker %s exited (exit code %s) and gave up loading; model %s %s, next try in %.0fs",
-                            worker.name, code, pool.spec.id, outcome, retry)  # fmt: skip
-                if not serving:
-                    pool.mark_broken(worker.error() or f"worker exited with code {code} while loading")
-            self.loop.call_later(retry, self._retry_failed)
-            return
-        # A worker that keeps failing to load is restarted after 1, 2, 4 ... seconds (at most 60); one that served, at once.
-        delay = 0.0 if self.load_failures == 0 or not loading else min(60.0, 2.0 ** (self.load_failures - 1))
-        log.warning("worker %s exited (exit code %s); restarting in %.0fs", worker.name, code, delay)
-        worker.state = "restarting"
-        self.loop.call_later(delay, self._restart, worker)
-
-    def mark_broken(self, reason: str) -> None:
-        """The model's workers gave up loading: refuse its queued and new jobs until one loads again."""
-        self.broken = reason
-        while self.pending:
-            piece = self.pending.popleft()
-            if not piece.future.done():
-                piece.future.set_exception(NotReady(self._unavailable()))
-
-    def _replace(self, worker: WorkerProcess) -> None:
-        """A new process in ``worker``'s place, in every pool it serves."""
-        new = WorkerProcess(worker.pools, worker.slot, worker.device, self.threads)
-        for pool in worker.pools:
-            if worker in pool.workers:
-                pool.workers[pool.workers.index(worker)] = new
-
-    def _restart(self, worker: WorkerProcess) -> None:
-        if self.closing or worker not in self.workers:
-            return
-        self._replace_soon(worker)
-
-    def _replace_soon(self, worker: WorkerProcess) -> None:
-        """``_replace`` once the way workers start is ready, made ready in a thread: a forkserver that died (the
-        system's out-of-memory killer) is started anew there, and its imports took the event loop, and with it every
-        request of every model, for seconds."""
-
-        async def replace() -> None:
-            try:
-                await start_prepared(self.settings.worker_start, worker.device)
-                if not self.closing and worker in self.workers:
-                    self._replace(worker)
-                    self._start_failures = 0
-            except Exception as exc:  # no process could start (out of memory, of file descriptors): try again later
-                self._start_failures += 1
-                delay = min(60.0, RESTART_RETRY * 2 ** (self._start_failures - 1))
-                log.error("could not start a worker in place of %s (%s: %s); trying again in %.0fs",
-                          worker.name, type(exc).__name__, exc, delay)  # fmt: skip
-                self.loop.call_later(delay, self._restart, worker)
-
-        task = self.loop.create_task(replace())
-        self._starting.add(task)  # held until it ends (the loop keeps only a weak reference)
-        task.add_done_callback(self._starting.discard)
-
-    def _retry_failed(self) -> None:
-        """Try the workers that gave up loading again (the model's files may have been fixed, or their GPU freed); a
-        failed model stays failed until one loads."""
-        if self.closing or not any(w.state == "failed" and w.owner is self for w in self.workers):
-            return
-        log.info("trying model %s again", self.spec.id)
-        self.load_failures = 0
-        for worker in list(self.workers):
-            if worker.state == "failed" and not worker.process.is_alive() and worker.owner is self:
-                self._replace_soon(worker)
-
-    def _give_up(self) -> bool:
-        return self.load_failures > self.settings.worker_restart_limit
-
-    def _unavailable(self) -> str:
-        return (
-            f"Model {self.spec.id} is unavailable: its workers failed to load ({public_reason(self.broken)}); see the server log"
-        )
-
-    # --- life cycle ------------------------------------------------------------------
-    def ready(self) -> bool:
-        """Every worker loaded, save those that gave up loading while others serve (a GPU that cannot hold the model
-        does not take the model's other workers out of service; ``workers`` in the status shows it). Once that was
-        so, a worker being restarted (after a crash) leaves the model ready while another serves: a readiness probe
-        would otherwise take the whole server out of service for as long as one worker reloads."""
-        return self.usable() and (self.was_ready or self._all_loaded())
-
-    def _all_loaded(self) -> bool:
-        return all(w.state in ("idle", "busy", "failed") for w in self.workers)
-
-    def usable(self) -> bool:
-        """Whether a worker of the model can take work now."""
-        return any(w.state in ("idle", "busy") for w in self.workers)
-
-    def status(self) -> dict:
-        return {
-            "kind": self.spec.kind,
-            "ready": self.ready(),
-            "state": "failed" if self.broken else ("ready" if self.ready() else "loading"),
-            "queued_jobs": self.waiting_jobs,
-            "queue_size": self.settings.queue_size_for(self.spec.id),
-            "task_timeout": self.settings.task_timeout_for(self.spec.id),
-            "worker_restarts": self.restarts,
-            "held_pixel_bytes": self.budget.held,
-            "error": public_reason(self.broken) if self.broken else None,
-            "workers": [w.describe(self) for w in self.workers],
-        }
-
-    async def close(self, timeout: float = 10.0) -> None:
-        self.closing = True
-        for worker in self.workers:
-            worker.stop()
-        deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            while worker.process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if worker.process.is_alive():
-                worker.process.kill()
-        for piece in list(self.pending) + list(self.encoding.values()):
-            if not piece.future.done():
-                piece.future.set_exception(ShuttingDown())
+from .model_pool import ModelPool
+from .worker_process import WorkerProcess
 
 
 class LocalEngine:
@@ -384,7 +34,7 @@ class LocalEngine:
         self.models = models
         self.settings = settings
         self.plan = plan  # the memory plan (``models/planner.py``): a device per worker slot
-        self.pools: dict[str, _ModelPool] = {}
+        self.pools: dict[str, ModelPool] = {}
 
     async def start(self) -> None:
         if self.plan is None:
@@ -396,7 +46,7 @@ class LocalEngine:
         threads = self.settings.cpu_threads or (max(1, (os.cpu_count() or 1) // max(1, cpu_workers)) if cpu_workers else 2)
         task_ids = itertools.count(1)
         for spec in self.models:
-            self.pools[spec.id] = _ModelPool(spec, self.settings, devices[spec.id], threads, task_ids, spawn=not shared)
+            self.pools[spec.id] = ModelPool(spec, self.settings, devices[spec.id], threads, task_ids, spawn=not shared)
         if shared:  # slot i of every model is one process, on the device the plan gave that slot
             pools = list(self.pools.values())
             for slot, device in enumerate(processes):

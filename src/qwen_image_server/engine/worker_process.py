@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .worker import Computed, Done, Failed, FromWorker, Partial, Stop, ToWorker, worker_main
 
 if TYPE_CHECKING:
-    from .local import _ModelPool, _Piece
+    from .model_pool import ModelPool, _Piece
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+){2,}[\\/]?")
 
@@ -153,7 +153,7 @@ def load_lock(ctx, device: str):
 class WorkerProcess:
     """One worker process of one pool, or of several pools (``--share-components``)."""
 
-    def __init__(self, pools: list[_ModelPool], slot: int, device: str, threads: int):
+    def __init__(self, pools: list[ModelPool], slot: int, device: str, threads: int):
         self.pools = pools
         self.owner = pools[0]
         self.loop = self.owner.loop
@@ -231,7 +231,7 @@ class WorkerProcess:
             for pool in self.pools:
                 pool.dispatch()
 
-    def owner_of(self, task_id: int) -> _ModelPool | None:
+    def owner_of(self, task_id: int) -> ModelPool | None:
         if self.running is not None and self.running.task.task_id == task_id:
             return self.running.pool
         return next((pool for pool in self.pools if task_id in pool.encoding), None)
@@ -244,7 +244,7 @@ class WorkerProcess:
         """Why the process could not load, as it reported it (for any of its models)."""
         return next((info["error"] for info in self.infos.values() if "error" in info), None)
 
-    def describe(self, pool: _ModelPool | None = None) -> dict:
+    def describe(self, pool: ModelPool | None = None) -> dict:
         """The worker as one model's pool shows it (``/ready``): its name in that pool, state, process, device, info."""
         pool = pool or self.owner
         info = dict(self.infos.get(pool.spec.id, {}))

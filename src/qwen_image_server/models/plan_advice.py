@@ -288,8 +288,8 @@ def largest_side(settings, ok) -> int | None:
 
 
 def can_share(specs, settings) -> bool:
-    """Whether ``--share-components`` would be accepted for these models (``spec.share_refusal``)."""
-    from .spec import share_refusal
+    """Whether ``--share-components`` would be accepted for these models (``configured.share_refusal``)."""
+    from .configured import share_refusal
 
     return share_refusal(specs, settings) is None
 

@@ -10,7 +10,7 @@ from .footprint import CPU_PROCESS_OVERHEAD, PROCESS_OVERHEAD, Footprint, footpr
 from .weights_files import ModelTensors
 
 if TYPE_CHECKING:
-    from .planner import Placement
+    from .plan_result import Placement
 
 
 def run_bytes(dtype: str, device: str) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .footprint import Footprint
-    from .planner import Placement
+    from .plan_result import Placement
 
 #: The name of a group of models served by one worker process (``--share-components``).
 GROUP_SEPARATOR = "+"

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..config import SCOPED_PROFILE_FIELDS
+from ..config_scoped import SCOPED_PROFILE_FIELDS
 
 #: Profile settings a model's sidecar file may set, with the same names and values as the flags.
 PROFILE_KEYS = ("compile", *SCOPED_PROFILE_FIELDS, "deterministic")

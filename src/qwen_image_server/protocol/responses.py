@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
-from ..config import QualityLevel
+from ..limits import QualityLevel
 
 
 class ErrorObject(BaseModel):
@@ -69,7 +69,7 @@ class Echo(BaseModel):
 
     output_format: str
     size: str
-    quality: QualityLevel  # the level of the steps that ran (config.quality_of)
+    quality: QualityLevel  # the level of the steps that ran (limits.quality_of)
     background: Literal["opaque"] = "opaque"
 
 

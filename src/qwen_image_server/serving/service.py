@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import QUALITY_STEPS, Settings, quality_of
+from ..config import Settings
 from ..engine.base import EngineClient
 from ..errors import InvalidRequest, ModelNotAvailable, TooManyImages
 from ..images import b64
 from ..jobs import RUN_COUNTERS, EncodedImage, Job, JobResult, PartialImage
+from ..limits import QUALITY_STEPS, quality_of
 from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
