@@ -187,7 +187,7 @@ def test_every_answer_sent_below_the_application_is_counted_in_the_metrics(tiny_
     counted = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("qis_connection_refusals_total{")}  # fmt: skip
     assert counted == {
-        'code="request_header_fields_too_large",status="431"': 1.0,
+        'code="request_header_too_large",status="431"': 1.0,
         'code="invalid_http_request",status="400"': 1.0,
         'code="request_timeout",status="408"': 2.0,
         'code="too_many_connections",status="503"': 1.0,

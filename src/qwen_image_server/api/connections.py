@@ -239,7 +239,7 @@ class GuardedH11Protocol(H11Protocol):
         limit, hint = self.max_head_bytes, getattr(self._protocol_error, "error_status_hint", 400)
         if limit is not None and hint == 431:  # h11: "Receive buffer too long", an event (a head) still incomplete
             self.transport.write(head_too_large(limit, request_id))
-            self.on_refused(431, "request_header_fields_too_large")
+            self.on_refused(431, "request_header_too_large")
         else:
             message = "Invalid HTTP request: its request line, headers or body framing are not HTTP/1.1"
             body = error_envelope(message, type_="invalid_request_error", code="invalid_http_request", request_id=request_id)
@@ -276,7 +276,7 @@ class GuardedH11Protocol(H11Protocol):
             self.logger.info("refusing a request head of over %d bytes", self.max_head_bytes)
             request_id = scope_request_id(scope)
             await send_json(send, 431, head_too_large_body(self.max_head_bytes, request_id), request_id)
-            self.on_refused(431, "request_header_fields_too_large")
+            self.on_refused(431, "request_header_too_large")
             return
         cap = self.max_connections
         if cap is not None and (len(self.connections) > cap or len(self.tasks) > cap):
