@@ -146,3 +146,24 @@ def test_image_keys_tell_pixels_apart_and_leave_other_types_to_the_encoder():
     assert image_key(picture) != image_key(picture.convert("L")) != image_key(picture.resize((SIZE, SIZE // 2)))
     assert image_key([picture, same]) == image_key([same, picture]) != image_key([picture])
     assert image_key(torch.zeros(1, 3, 8, 8)) is UNKEYED and image_key([picture, torch.zeros(3)]) is UNKEYED
+
+
+def test_an_edit_reads_its_prompts_first_1024_tokens_and_usage_counts_what_a_model_read(t2i, tiny_edit, tiny_edit_plus):
+    """diffusers' edit pipelines cut no prompt: 1400 CJK characters (4200 byte tokens with the tiny tokenizer) and
+    the image's tokens passed the transformer's 4096 text positions, and the edit failed inside it (a 500). An edit's
+    prompt and negative prompt are cut to their first 1024 tokens: the same image as the cut prompt's. A generation's
+    embeddings diffusers cuts at 512 tokens; the tokens counted for ``usage`` are those a model read."""
+    runner, _ = t2i
+    runner.run(_job("a " * 2000))
+    assert runner.last_prompt_tokens == 512
+    runner.run(_job("abc"))
+    assert runner.last_prompt_tokens == 3
+    head = "x" * 1024
+    for folder, images in ((tiny_edit, [_picture(1)]), (tiny_edit_plus, [_picture(1), _picture(2)])):
+        edit = PipelineRunner(resolve_model(str(folder)), device="cpu", warm=False)
+        long = _pixels(edit, _edit(head + "日" * 1400, images, negative_prompt="ugly " * 800))
+        assert edit.last_prompt_tokens == 1024
+        cut = _pixels(edit, _edit(head, images, negative_prompt=("ugly " * 800)[:1024]))
+        assert np.array_equal(long, cut), "the long prompts were read as their first 1024 tokens"
+        edit.run(_edit("日" * 1400, images))  # cut within a character: no half character is left at its end
+        assert edit.last_prompt_tokens == 1024

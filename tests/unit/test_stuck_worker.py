@@ -66,6 +66,7 @@ def test_a_ray_replica_is_unhealthy_while_a_task_told_to_stop_still_runs(monkeyp
 
     class Runner:  # what the replica uses of a PipelineRunner
         last_stats: dict = {}
+        last_prompt_tokens = 0
 
         def __init__(self, spec, device, dtype, warm=True):
             pass

@@ -54,6 +54,7 @@ class FakeRunner:
     device: str = "cpu"
     dtype: Any = field(default_factory=lambda: _torch().float32)
     last_stats: dict = field(default_factory=dict)
+    last_prompt_tokens: int = 0
     started: threading.Event = field(default_factory=threading.Event)
     memory: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(summary=lambda: {"offload": "none"}))
     speed: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(info={"compile": False}))
@@ -84,6 +85,7 @@ class FakeRunner:
                 time.sleep(0.01)
             raise TaskCancelled()
         self.last_stats = {"transformer_calls": 2 * job.num_inference_steps}
+        self.last_prompt_tokens = self.count_tokens(job.prompt)
         return [Image.new("RGB", (job.width or 16, job.height or 16), (seed % 256, 0, 0)) for seed in job.seeds]
 
     def count_tokens(self, text: str) -> int:

@@ -207,7 +207,7 @@ class ModelReplica:
                     started = time.time()
                     with _on_device(self.device):
                         images = self.runner.run(job, should_stop=stop.is_set, on_partial=on_partial)
-                    return images, started, time.time(), dict(self.runner.last_stats)
+                    return images, started, time.time(), dict(self.runner.last_stats), self.runner.last_prompt_tokens
                 except TaskCancelled:
                     raise
                 except Exception as exc:
@@ -229,7 +229,7 @@ class ModelReplica:
                 preview = await asyncio.to_thread(encoded_preview, *item)
                 if preview is not None:
                     yield preview
-            images, started, finished, stats = await future
+            images, started, finished, stats, tokens = await future
         except asyncio.CancelledError:
             stop.set()
             if not future.done():
@@ -250,7 +250,7 @@ class ModelReplica:
             ]
         )
         stats = {**stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
-        yield TaskResult(task.task_id, encoded, started, finished, self.name, self.runner.count_tokens(job.prompt), stats)
+        yield TaskResult(task.task_id, encoded, started, finished, self.name, tokens, stats)
 
 
 def retrieve_outcome(task: asyncio.Future) -> None:

@@ -168,6 +168,7 @@ class _Finished:
     started: float
     finished: float
     stats: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0  # as the pipeline read them (``usage``)
 
 
 class Worker:
@@ -336,7 +337,7 @@ class Worker:
             else:
                 self.send(InfoUpdate(self.memory()))
         self._first_job = False
-        self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats)))
+        self._to_encode.put(_Finished(task, images, started, time.time(), dict(runner.last_stats), runner.last_prompt_tokens))
 
     def _encode(self) -> None:
         from ..images import encode_image
@@ -361,8 +362,8 @@ class Worker:
                 encoding = time.perf_counter()
                 images = [encoded(job, seed, image) for seed, image in zip(job.seeds, item.images, strict=True)]
                 stats = {**item.stats, "encode_seconds": round(time.perf_counter() - encoding, 6)}
-                tokens = self.runner_for(task).count_tokens(job.prompt)
-                self.send(Done(TaskResult(task.task_id, images, item.started, item.finished, self.name, tokens, stats)))
+                result = TaskResult(task.task_id, images, item.started, item.finished, self.name, item.prompt_tokens, stats)
+                self.send(Done(result))
             except Exception as exc:
                 log.error("encoding task %s failed:\n%s", task.task_id, traceback.format_exc())
                 self.send(Failed(task.task_id, short_reason(exc)))

@@ -31,7 +31,7 @@ from .spec import ModelSpec
 from .speed import apply_speed_settings
 from .step_cache import StepCache, parse_policy
 from .vae_tiling import vae_tiling
-from .working_memory import DIFFUSERS_CONDITION_AREA, DIFFUSERS_EDIT_AREA
+from .working_memory import DIFFUSERS_CONDITION_AREA, DIFFUSERS_EDIT_AREA, EDIT_PROMPT_TOKENS, GENERATION_TEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class PipelineRunner:
         self.prompt_cache.install(self.pipe)
         # the last run's counters: transformer_calls, cached_calls (step cache), prompt_encodings, prompt_cache_hits
         self.last_stats: dict[str, int] = {}
+        self.last_prompt_tokens = 0  # of the last run's prompt, as its pipeline read it
         log.info(
             "loaded %s (%s) on %s as %s in %.1fs, memory %s",
             spec.id,
@@ -166,8 +167,29 @@ class PipelineRunner:
         return load_processor(processor_folder(self.spec))
 
     def count_tokens(self, text: str) -> int:
-        """Text tokens of ``text`` with the model's own tokenizer (for ``usage``)."""
+        """Text tokens of ``text`` with the model's own tokenizer."""
         return len(self.pipe.tokenizer(text).input_ids)
+
+    def _read_prompts(self, job: Job) -> tuple[str, str | None]:
+        """The prompt and negative prompt as ``job``'s pipeline reads them (an edit's cut to ``EDIT_PROMPT_TOKENS``),
+        and the prompt tokens it reads kept in ``last_prompt_tokens`` (``usage``). On the run's thread: the tokenizer
+        is not to be called from two threads at once (the pipeline sets its truncation)."""
+        negative = (job.negative_prompt or " ") if job.true_cfg_scale > 1 else None
+        ids = self.pipe.tokenizer(job.prompt).input_ids
+        if job.mode not in ("edit", "inpaint"):  # diffusers cuts the embeddings, past the template's start
+            self.last_prompt_tokens = min(len(ids), GENERATION_TEXT_TOKENS)
+            return job.prompt, negative
+        self.last_prompt_tokens = min(len(ids), EDIT_PROMPT_TOKENS)
+        prompt = self._cut(job.prompt, ids, "prompt")
+        if negative is not None:
+            negative = self._cut(negative, self.pipe.tokenizer(negative).input_ids, "negative prompt")
+        return prompt, negative
+
+    def _cut(self, text: str, ids: list[int], what: str) -> str:
+        if len(ids) <= EDIT_PROMPT_TOKENS:
+            return text
+        log.info("%s: the %s's %d tokens are cut to its first %d", self.spec.id, what, len(ids), EDIT_PROMPT_TOKENS)
+        return self.pipe.tokenizer.decode(ids[:EDIT_PROMPT_TOKENS]).rstrip("\ufffd")  # no half character at its end
 
     @property
     def img2img_pipe(self):
@@ -221,11 +243,12 @@ class PipelineRunner:
             return callback_kwargs
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+        prompt, negative_prompt = self._read_prompts(job)
         kwargs: dict = dict(
-            prompt=job.prompt,
+            prompt=prompt,
             num_inference_steps=job.num_inference_steps,
             true_cfg_scale=job.true_cfg_scale,
-            negative_prompt=(job.negative_prompt or " ") if job.true_cfg_scale > 1 else None,
+            negative_prompt=negative_prompt,
             generator=generators,
             num_images_per_prompt=job.n,
             callback_on_step_end=on_step_end,
@@ -296,7 +319,7 @@ def _state_bytes(transformer, policy, job: Job) -> int:
     """About what ``policy``'s step cache keeps between steps for ``job`` (``working_memory.step_cache_bytes``); 0 without."""
     if policy is None:
         return 0
-    from .working_memory import GENERATION_TEXT_TOKENS, step_cache_bytes
+    from .working_memory import step_cache_bytes
 
     config = transformer.config
     width, height = job.width or 1024, job.height or 1024

@@ -42,10 +42,14 @@ TILED_DECODE_PER_OUTPUT_TOKEN = 3 * 1024
 #: as 4 x hidden + 6 x intermediate (the stock forward: 0.41 GiB with 2 layers, 0.48 with 8: each layer keeps one
 #: more hidden state). Its longest input: diffusers' tokenizer limit (1024) plus the edit template (64), plus the
 #: vision tokens of each input image (28x28 pixels each at the condition area).
-TEXT_TOKENS = 1024 + 64
+#: diffusers' edit pipelines cut nothing, and an edit whose prompt and input images came to more text tokens than
+#: the transformer has positions for (4096, less the image's) failed inside it: the runner cuts an edit's prompt and
+#: negative prompt to ``EDIT_PROMPT_TOKENS`` (``PipelineRunner._read_prompts``).
+EDIT_PROMPT_TOKENS = 1024
+TEXT_TOKENS = EDIT_PROMPT_TOKENS + 64
 VISION_PATCH = 28
 #: The text tokens the transformer sees beside a generation's image: diffusers cuts the prompt's embeddings to its
-#: default ``max_sequence_length`` (an edit's are not cut and carry the input images' vision tokens: ``TEXT_TOKENS``).
+#: default ``max_sequence_length`` (an edit's carry the input images' vision tokens: ``TEXT_TOKENS``).
 GENERATION_TEXT_TOKENS = 512
 #: Values per image token of the transformer's output projection (2x2 patches of 16 latent channels): what the
 #: lite form of ``taylorseer`` keeps.
