@@ -7,6 +7,7 @@ Importing it needs ``ray[serve]`` (``pip install 'qwen-image-server[ray]'``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -60,15 +61,69 @@ def app_builder(args: dict):
 PROXY_READY_CHECK_SECONDS = "60"
 
 
+class _Signals:
+    """SIGTERM and SIGINT while ``run`` runs, as Ctrl-C: recorded from its start, raised as ``KeyboardInterrupt``
+    only while armed (Serve's blocking wait and the graceful stop). A signal during start-up ends it once the
+    start-up steps under way are done, instead of in the middle of one (a ``ray.init`` cut short left a local Ray's
+    processes running after this one)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.armed = False
+        self.install()
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.armed:
+            raise KeyboardInterrupt
+
+    def arm(self) -> None:
+        """From now on a signal interrupts; one that came before interrupts at once."""
+        self.install()  # whatever Serve's start installed, these are the handlers
+        self.armed = True
+        if self.received:
+            raise KeyboardInterrupt
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    @property
+    def status(self) -> int:
+        """The exit status of the first signal, as the embedded server's: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + (self.received[0] if self.received else signal.SIGINT)
+
+    @contextlib.contextmanager
+    def kept_through_ray_init(self):
+        """``ray.init`` replaces this process's SIGTERM handler with one that exits at once (status 15), wherever its
+        start of a local Ray has got to: kept as ours while it runs."""
+        from ray._private import utils
+
+        installs = getattr(utils, "set_sigterm_handler", None)
+        if installs is not None:
+            utils.set_sigterm_handler = lambda handler: None
+        try:
+            yield
+        finally:
+            if installs is not None:
+                utils.set_sigterm_handler = installs
+
+
 def run(settings: Settings, specs: list[ModelSpec]) -> None:
     """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted (SIGINT
-    or SIGTERM), then ``stop``."""
+    or SIGTERM), then ``stop``. SIGTERM is taken as Ctrl-C (by default it killed this process, and with it a local
+    Ray and every request running there); a second signal ends the graceful stop at once."""
     import ray
 
+    signals = _Signals()
     if settings.ray_address is None:  # a local Ray may start here (a running cluster keeps its own setting)
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_SECONDS)
     try:
-        ray.init(address=settings.ray_address, ignore_reinit_error=True)
+        with signals.kept_through_ray_init():
+            ray.init(address=settings.ray_address, ignore_reinit_error=True)
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
     try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
@@ -77,24 +132,25 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
         if settings.ray_address is None:
             ray.shutdown()
         raise
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    # SIGTERM as Ctrl-C: Serve's blocking wait ends on KeyboardInterrupt (by default SIGTERM killed this process, and
-    # with it a local Ray and every request running there). A second signal ends the graceful stop at once.
-    received: list[int] = []
-
-    def interrupt(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, interrupt)
     try:
+        if not signals.received:  # no port is opened for a server already told to stop
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+        signals.arm()
         serve.run(application, name=settings.ray_app_name, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
-        stop(settings.ray_app_name, settings.shutdown_grace_seconds)
+        try:
+            stop(settings.ray_app_name, settings.shutdown_grace_seconds)
+        except KeyboardInterrupt:  # a second signal: the application goes now, requests in flight with it
+            signals.disarm()
+            logging.getLogger(__name__).warning("a second signal: %s is stopped at once", settings.ray_app_name)
+            if settings.ray_address is not None:  # a local Ray's shutdown below takes it with everything else
+                with contextlib.suppress(Exception):
+                    serve.delete(settings.ray_app_name)
+        finally:
+            signals.disarm()  # the shutdown below is not cut short by another signal
         if settings.ray_address is None:
             ray.shutdown()
-        raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None  # 143 or 130, as the embedded
+        raise SystemExit(signals.status) from None
 
 
 def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_seconds: float = 10.0) -> None:

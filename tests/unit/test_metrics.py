@@ -359,7 +359,8 @@ def test_the_ray_engine_reports_model_states_and_jobs_in_flight(tmp_path):
 
 def test_the_ray_engine_reads_serve_s_status_in_a_thread_and_answers_from_the_last_reading(tmp_path, monkeypatch):
     """A slow controller holds no request: ``ready()`` answers at once from the last reading (not ready before the
-    first) while one reading at a time runs in a thread; a reading older than a second starts the next."""
+    first) while one thread reads; it reads again every ``STATUS_SECONDS`` whether or not anyone asks (a reading
+    started by a probe answered the next probe with what was true at this one: 20 s old after 20 s without one)."""
     pytest.importorskip("ray.serve")
     import threading
     import time
@@ -378,26 +379,75 @@ def test_the_ray_engine_reads_serve_s_status_in_a_thread_and_answers_from_the_la
         )
         return SimpleNamespace(applications={"app": app})
 
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert condition()
+
     monkeypatch.setattr(ray_serve.serve, "status", status)
+    monkeypatch.setattr(RayEngine, "STATUS_SECONDS", 0.05)
     engine = RayEngine(FakeEngine().models, Settings(image_output_dir=tmp_path), "app")
     assert engine.ready() is False  # answered at once: the reading has not been answered
-    deadline = time.monotonic() + 10
-    while not calls and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: calls)
     assert engine.ready() is False and engine.ready() is False and not answer.is_set()  # still waiting: no wait here
     assert calls == ["serve status"]  # one reading at a time, in its own thread
     answer.set()
-    deadline = time.monotonic() + 10
-    while not engine.ready() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.ready() is True and engine._serve_status()[1] == {"d": {"status": "HEALTHY", "replicas": {"RUNNING": 1}}}
-    assert len(calls) == 1  # fresh: no new reading within the second
-    engine._ready_cache = (time.monotonic() - 2, *engine._ready_cache[1:])
-    engine.ready()
-    deadline = time.monotonic() + 10
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(calls) == 2  # a stale reading started the next
+    wait_for(engine.ready)
+    assert engine._serve_status()[1] == {"d": {"status": "HEALTHY", "replicas": {"RUNNING": 1}}}
+    readings = len(calls)
+    wait_for(lambda: len(calls) >= readings + 3)  # read again and again, with no one asking
+    asyncio.run(engine.close())
+    time.sleep(0.2)
+    stopped = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == stopped, "closed: no more readings"
+
+
+def test_the_ray_engine_serves_while_a_replica_is_replaced_and_not_while_it_shuts_down(tmp_path, monkeypatch):
+    """Once the app has run, a crashed replica's deployment is UNHEALTHY (and the app with it) while Serve replaces
+    it: ``/ready`` stays 200 and the model ``ready`` while another replica of it runs (it was 503 and ``failed``,
+    taking the whole server out of rotation), as an embedded worker's restart does; with none running, the model is
+    down. Before the app first runs, running replicas are not enough. A draining ingress is not ready."""
+    pytest.importorskip("ray.serve")
+    from types import SimpleNamespace
+
+    from qwen_image_server.engine import ray_serve
+    from qwen_image_server.engine.ray_serve import RayEngine, deployment_name
+
+    models = FakeEngine().models
+    names = [deployment_name(i, m) for i, m in enumerate(models)] + ["ingress"]
+    now: dict = {}
+
+    def status():
+        deployments = {
+            n: SimpleNamespace(status=now["status"].get(n, "HEALTHY"), replica_states=now["replicas"].get(n, {"RUNNING": 1}))
+            for n in names
+        }
+        return SimpleNamespace(applications={"app": SimpleNamespace(status=now["app"], deployments=deployments)})
+
+    monkeypatch.setattr(ray_serve.serve, "status", status)
+    engine = RayEngine(models, Settings(image_output_dir=tmp_path), "app")
+    app = _app(tmp_path, engine)
+
+    def read(app_status: str, status: dict | None = None, replicas: dict | None = None) -> tuple[int, str]:
+        now.update(app=app_status, status=status or {}, replicas=replicas or {})
+        engine._ready_cache = (0.0, *engine._serve_status_now())
+        (ready,) = _call(app, ("GET", "/ready", {}))
+        return ready.status_code, ready.json()["status"]
+
+    replacing = {names[1]: "UNHEALTHY"}
+    assert read("DEPLOYING", {names[1]: "UPDATING"}, {names[1]: {"STARTING": 1}}) == (503, "loading")
+    assert read("DEPLOYING", replacing, {names[1]: {"RUNNING": 1, "STARTING": 1}}) == (503, "loading")  # not run yet
+    assert read("RUNNING") == (200, "ready")
+    assert read("UNHEALTHY", replacing, {names[1]: {"RUNNING": 1, "STARTING": 1}}) == (200, "ready")
+    assert engine.status()[models[1].id]["state"] == "ready"
+    assert _value(app, "qis_model_state", model=models[1].id, state="ready") == 1
+    assert read("UNHEALTHY", replacing, {names[1]: {"STARTING": 1}}) == (503, "failed")  # nothing serves it
+    assert engine.status()[models[1].id]["state"] == "failed"
+    assert read("RUNNING") == (200, "ready")
+    engine.drain()
+    assert read("RUNNING") == (503, "shutting_down")
 
 
 def test_an_upload_refused_while_its_body_is_read_and_an_alias_count_under_their_model(tmp_path):

@@ -81,6 +81,62 @@ def test_a_signal_stops_the_app_gracefully_and_a_local_ray_after_it(run_without_
     assert seen.get("ray_shutdown", False) is (address is None)
 
 
+@pytest.mark.parametrize("address", [None, "auto"])
+def test_a_sigterm_while_ray_starts_ends_the_start_cleanly(run_without_ray, monkeypatch, address):
+    """``ray.init`` installs a SIGTERM handler that exits at once (status 15), wherever a local Ray's start has got
+    to: its processes stayed behind. Ours is kept through it; the signal ends the start once ``ray.init`` returns:
+    no port is opened, nothing is served, Ray started here is shut down, and the status is 143."""
+    import ray
+    from ray import serve
+    from ray._private import utils
+
+    calls: list[str] = []
+
+    def init(**kwargs):
+        utils.set_sigterm_handler(lambda signum, frame: calls.append("ray's handler"))  # as ray.init does first
+        run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)  # the signal, halfway through the start
+        calls.append("init returned")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: calls.append("start"))
+    monkeypatch.setattr(serve, "run", lambda *args, **kwargs: calls.append("run"))
+    with pytest.raises(SystemExit) as exited:
+        run_without_ray(ray_address=address)
+    assert exited.value.code == 143
+    assert calls == ["init returned"]
+    assert run_without_ray.seen.get("ray_shutdown", False) is (address is None)
+    assert utils.set_sigterm_handler.__module__ == "ray._private.utils", "Ray's own function is back"
+
+
+@pytest.mark.parametrize("address", [None, "auto"])
+def test_a_second_signal_ends_the_graceful_stop_at_once_and_still_stops_ray(run_without_ray, monkeypatch, address):
+    """The second signal cuts the graceful stop short: the app is deleted at once (a local Ray's shutdown takes it),
+    Ray started here still shuts down, and the status is the first signal's (it was 130: the second signal's
+    KeyboardInterrupt escaped, and a local Ray was left running)."""
+    from ray import serve
+
+    from qwen_image_server import ray_app
+
+    deleted: list[str] = []
+
+    def serving(*args, **kwargs):
+        run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    def stopping(app, grace):
+        run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)  # the second one, during the grace
+        raise AssertionError("the second signal did not interrupt the graceful stop")
+
+    monkeypatch.setattr(serve, "run", serving)
+    monkeypatch.setattr(serve, "delete", deleted.append)
+    monkeypatch.setattr(ray_app, "stop", stopping)
+    with pytest.raises(SystemExit) as exited:
+        run_without_ray(ray_address=address)
+    assert exited.value.code == 143
+    assert run_without_ray.seen.get("ray_shutdown", False) is (address is None)
+    assert deleted == ([] if address is None else ["qwen-image-server"])
+    run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)  # a third one, after: nothing to interrupt
+
+
 class Handle:
     """Serve's app handle as ``stop`` uses it: ``options(method_name="drain").remote(...).result(...)``. ``drain()``
     answers ``running`` in turn (the last one again and again), ``drain(True, True)`` (the cut) ``after_cut``."""

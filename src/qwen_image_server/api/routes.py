@@ -359,7 +359,8 @@ async def ready(request: Request) -> JSONResponse:
     does not hold it back), 503 before (with each worker's state)."""
     engine = _service(request).engine
     is_ready = engine.ready()
-    body: dict = {"status": "ready" if is_ready else ("failed" if engine.failed() else "loading")}
+    state = "shutting_down" if engine.draining else ("failed" if engine.failed() else "loading")
+    body: dict = {"status": "ready" if is_ready else state}
     settings = _service(request).settings
     # With API keys, the per-worker detail is for callers with a key (probes still get the status code).
     if request.scope.get("state", {}).get("authenticated", True) or settings.public_ready_detail:

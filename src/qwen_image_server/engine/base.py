@@ -20,6 +20,9 @@ class EngineClient(Protocol):
     #: The requests reach this app through a proxy that names each in ``X-Request-ID`` and echoes it on the answer
     #: (Ray Serve's): the app uses that id and leaves the header to the proxy (``api.security.RequestIds``).
     proxy_echoes_request_ids: bool
+    #: Shutting down: new requests are refused while those in flight finish (the Ray ingress's ``drain``; the
+    #: embedded server closes its listener instead). ``/ready`` then says ``shutting_down``.
+    draining: bool
 
     async def start(self) -> None:
         """Start workers; returns before they have loaded their models (see ``ready``)."""
@@ -70,6 +73,7 @@ class EngineDefaults:
     must), has no model that is down, and answers requests directly (no proxy naming them)."""
 
     proxy_echoes_request_ids = False
+    draining = False
 
     def admit(self, model_id: str) -> None:
         return None

@@ -29,6 +29,7 @@ class LocalEngine:
     """``EngineClient`` on worker processes of this machine: ``settings.workers_for(model)`` per model, where the plan put them."""
 
     proxy_echoes_request_ids = False  # uvicorn serves its requests directly
+    draining = False  # uvicorn closes the listener on shutdown, and answers what was accepted before
 
     def __init__(self, models: list[ModelSpec], settings: Settings, plan: Plan | None = None):
         self.models = models

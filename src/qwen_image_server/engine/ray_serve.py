@@ -69,7 +69,10 @@ class RayEngine(EngineDefaults):
         self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
         self._budgets = {spec.id: PixelBudget(settings, spec.id) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
-        self._reading_status = threading.Lock()  # held while a thread reads Serve's status
+        self._polling: threading.Thread | None = None  # reads Serve's status (``_poll_serve_status``)
+        self._polled = threading.Lock()  # one thread starts the poller
+        self._stop_polling = threading.Event()
+        self._was_running = False  # the app has been RUNNING: every replica had loaded once
         self.draining = False  # set by ``drain``: new requests are refused, those in flight run on
         self.cut = False  # set by ``drain(cut=True)``: the jobs in flight are stopped too, answered 503
         self._cuts: set[asyncio.Future] = set()  # one per running job: resolved to stop it
@@ -79,8 +82,10 @@ class RayEngine(EngineDefaults):
         for index, spec in enumerate(self.models):
             handle = serve.get_deployment_handle(deployment_name(index, spec), app_name=self.app_name)
             self.handles[spec.id] = handle.options(stream=True, method_name="run")
+        self._serve_status()  # the first reading starts now, not at the first probe
 
     async def close(self) -> None:
+        self._stop_polling.set()
         self.handles.clear()
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
@@ -177,24 +182,35 @@ class RayEngine(EngineDefaults):
             raise _as_server_error(exc, retry_after(self.settings, model_id), model_id) from None
         return JobResult.combine(results)
 
+    #: Seconds between two readings of Serve's status.
+    STATUS_SECONDS = 1.0
+
     def _serve_status(self) -> tuple[bool, dict]:
-        """Whether the app runs, and its deployments' states, as last read from Serve's controller (not ready before
-        the first reading). A reading older than a second starts a new one in a thread: ``/ready`` and ``/metrics``
-        answer at once instead of holding this replica's event loop, and its other requests, while the controller
-        answers."""
-        if time.monotonic() - self._ready_cache[0] >= 1.0 and self._reading_status.acquire(blocking=False):
-            threading.Thread(target=self._read_serve_status, name="serve status", daemon=True).start()
+        """Whether the app serves, and its deployments' states, as last read from Serve's controller (not ready
+        before the first reading). A thread reads them every ``STATUS_SECONDS`` for as long as the engine runs:
+        ``/ready`` and ``/metrics`` answer at once instead of holding this replica's event loop, and its other
+        requests, while the controller answers, and what they answer is at most that old (a reading started by a
+        probe was as old as the probe before it)."""
+        if self._polling is None:
+            with self._polled:
+                if self._polling is None:
+                    self._polling = threading.Thread(target=self._poll_serve_status, name="serve status", daemon=True)
+                    self._polling.start()
         _, ready, deployments = self._ready_cache  # one reading's both parts
         return ready, deployments
 
-    def _read_serve_status(self) -> None:
-        try:
+    def _poll_serve_status(self) -> None:
+        while True:
             ready, deployments = self._serve_status_now()
-            self._ready_cache = (time.monotonic(), ready, deployments)  # the next reading a second after this one
-        finally:
-            self._reading_status.release()
+            self._ready_cache = (time.monotonic(), ready, deployments)
+            if self._stop_polling.wait(self.STATUS_SECONDS):
+                return
 
     def _serve_status_now(self) -> tuple[bool, dict]:
+        """Serve's status now. The app serves once it has been RUNNING (every replica loaded) while every deployment
+        has a running replica: one replica replaced after a crash (its deployment UNHEALTHY, the app with it) does
+        not take the server out of a load balancer's rotation while others serve, as an embedded worker's restart
+        does not."""
         try:
             app = serve.status().applications[self.app_name]
             deployments: dict[str, Any] = {
@@ -204,13 +220,18 @@ class RayEngine(EngineDefaults):
                 }
                 for name, d in app.deployments.items()
             }
-            ready = str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING"
+            running = str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING"
+            self._was_running = self._was_running or running
+            serving = bool(deployments) and all(d["replicas"].get("RUNNING", 0) > 0 for d in deployments.values())
+            ready = running or (self._was_running and serving)
         except Exception as exc:  # the controller is unreachable
             ready, deployments = False, {"error": f"{type(exc).__name__}: {exc}"}
         return ready, deployments
 
     def ready(self) -> bool:
-        return self._serve_status()[0]
+        """Serving, and not shutting down: a draining ingress refuses new requests, so a load balancer should stop
+        sending them."""
+        return not self.draining and self._serve_status()[0]
 
     def failed(self) -> bool:
         """Some model's deployment is unhealthy or failed to deploy (``/ready`` says ``failed``, not ``loading``)."""
@@ -227,7 +248,10 @@ class RayEngine(EngineDefaults):
             name = deployment_name(index, spec)
             deployment = deployments.get(name)
             status = deployment.get("status", "") if isinstance(deployment, dict) else ""
+            replicas = deployment.get("replicas", {}) if isinstance(deployment, dict) else {}
             state = _MODEL_STATE.get(status.upper(), "loading")
+            if state == "failed" and replicas.get("RUNNING", 0) > 0:  # a replica replaced while the others serve
+                state = "ready"
             out[spec.id] = {
                 "kind": spec.kind,
                 "ready": state == "ready",
@@ -237,7 +261,7 @@ class RayEngine(EngineDefaults):
                 "task_timeout": self.settings.task_timeout_for(spec.id),
                 "deployment": name,
                 "deployment_status": status or None,
-                "replicas": deployment.get("replicas", {}) if isinstance(deployment, dict) else {},
+                "replicas": replicas,
             }
             if "error" in deployments:
                 out[spec.id]["error"] = public_reason(str(deployments["error"]))
