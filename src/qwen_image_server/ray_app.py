@@ -132,14 +132,17 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
         if settings.ray_address is None:
             ray.shutdown()
         raise
+    started = False
     try:
         if not signals.received:  # no port is opened for a server already told to stop
             serve.start(http_options={"host": settings.host, "port": settings.port})
+            started = True
         signals.arm()
         serve.run(application, name=settings.ray_app_name, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         try:
-            stop(settings.ray_app_name, settings.shutdown_grace_seconds)
+            if started:  # else nothing was deployed
+                stop(settings.ray_app_name, settings.shutdown_grace_seconds)
         except KeyboardInterrupt:  # a second signal: the application goes now, requests in flight with it
             signals.disarm()
             logging.getLogger(__name__).warning("a second signal: %s is stopped at once", settings.ray_app_name)
