@@ -104,16 +104,19 @@ class TaskTimeout(ServerError):
 
 
 class InferenceFailed(ServerError):
-    """The pipeline call failed or its worker died (500). The reason is short, with no traceback."""
+    """The pipeline call failed or its worker died (500). The reason is short, with no traceback. A call that raised
+    would raise again for the same request: the answer tells clients not to retry it (``X-Should-Retry``; OpenAI's
+    SDKs retry a 5xx twice by default, each run a full pipeline call). A worker or replica that died is replaced,
+    and the request may then run: ``retryable``."""
 
     status_code = 500
     error_type = "server_error"
     code = "inference_failed"
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, retryable: bool = False):
         # ``short_reason`` keeps an exception's own text to 300 characters; its advice (out of memory) comes on top
         reason = " ".join(str(reason).split())[:600] or "unknown error"
-        super().__init__(f"Inference failed: {reason}")
+        super().__init__(f"Inference failed: {reason}", headers=None if retryable else {"X-Should-Retry": "false"})
 
 
 class RequestDoesNotFit(InvalidRequest):

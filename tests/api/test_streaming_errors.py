@@ -97,3 +97,23 @@ def test_preview_scale_outside_its_range_is_a_settings_error():
     for bad in (0.0, 0.1, 1.5):
         with pytest.raises(ValidationError):
             Settings(preview_scale=bad)
+
+
+def test_a_failed_pipeline_call_is_not_retried_by_the_sdk_and_a_dead_worker_is(make_api, tiny_t2i):
+    """A pipeline call that raised would raise again for the same request: its 500 says not to retry it, and the
+    SDK's default client (two retries of every 5xx: three full runs) runs it once. A worker that died is replaced:
+    that 500 may be retried, and the retry is served."""
+    import openai
+
+    from qwen_image_server.errors import InferenceFailed
+
+    api = make_api({"tiny": tiny_t2i})
+    client = openai.OpenAI(base_url=f"{api.client.base_url}/v1", api_key="unused", http_client=api.client)
+    api.engine.fail_next("tiny", InferenceFailed("RuntimeError: The size of tensor a (4487) must match"))
+    with pytest.raises(openai.InternalServerError, match="Inference failed") as caught:
+        client.images.generate(prompt="fails", size="256x256")
+    assert caught.value.response.headers["x-should-retry"] == "false" and caught.value.code == "inference_failed"
+    assert len(api.engine.jobs) == 1
+    api.engine.fail_next("tiny", InferenceFailed("worker process exited unexpectedly (exit code -9)", retryable=True))
+    made = client.with_options(max_retries=1, timeout=60).images.generate(prompt="served on retry", size="256x256")
+    assert len(made.data) == 1 and len(api.engine.jobs) == 3

@@ -238,7 +238,9 @@ class ModelPool:
             lost.append(self.encoding.pop(task_id))
         for piece in lost:
             if not piece.future.done():
-                piece.future.set_exception(InferenceFailed(f"worker process exited unexpectedly (exit code {code})"))
+                piece.future.set_exception(
+                    InferenceFailed(f"worker process exited unexpectedly (exit code {code})", retryable=True)
+                )
         if self.closing:
             return
         self.restarts += 1

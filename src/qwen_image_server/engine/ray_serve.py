@@ -163,7 +163,7 @@ class RayEngine(EngineDefaults):
                         on_partial(item)
                 else:
                     return item
-            raise InferenceFailed("replica returned no result")
+            raise InferenceFailed("replica returned no result", retryable=True)
 
         tasks = [asyncio.ensure_future(collect(stream, i * batch)) for i, stream in enumerate(streams)]
         try:
@@ -290,7 +290,7 @@ def _as_server_error(exc: BaseException, retry_after: int = 1, model: str = "the
     if name == "DeploymentUnavailableError":  # Serve gave up starting its replicas (DEPLOY_FAILED): no retry comes
         return NotReady(f"Model {model} is unavailable: its deployment's replicas failed to start; see `serve status`")
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name or "Unavailable" in name:
-        return InferenceFailed("replica died while running the task")
+        return InferenceFailed("replica died while running the task", retryable=True)
     if "TaskCancelled" in name:
         return TaskCancelled()
     cause = getattr(exc, "cause", None) or exc
