@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from qwen_image_server.config import Settings
-from qwen_image_server.engine.admission import PixelBudget, retry_after
+from qwen_image_server.engine.admission import PixelBudget, RetryAfter
 from qwen_image_server.engine.base import EngineDefaults
 from qwen_image_server.errors import InferenceFailed, NotReady, QueueFull, TaskTimeout
 from qwen_image_server.images import encode_image
@@ -94,7 +94,8 @@ def encoded(job: Job, seed: int, image: Image.Image) -> EncodedImage:
 class _Model:
     def __init__(self, spec: ModelSpec, settings: Settings):
         self.spec = spec
-        self.budget = PixelBudget(settings, spec.id)
+        self.retry_after = RetryAfter(settings, spec.id)
+        self.budget = PixelBudget(settings, spec.id, self.retry_after)
         self.running = 0
         self.waiting = 0
         self.broken: str | None = None
@@ -148,7 +149,7 @@ class FakeEngine(EngineDefaults):
         if model.broken:
             raise NotReady(f"Model {model_id} is unavailable: its workers failed to load ({model.broken}); see the server log")
         if model.waiting >= self.settings.queue_size_for(model_id):
-            raise QueueFull(retry_after=retry_after(self.settings, model_id))
+            raise QueueFull(retry_after=model.retry_after())
         model.budget.check()
 
     async def submit(self, model_id: str, job: Job, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:

@@ -228,3 +228,77 @@ def test_each_engine_bounds_a_model_by_its_own_queue_size_and_task_timeout():
     # in flight: one running on the model's one replica, the rest waiting
     ray = refusals(ray_engine.admit, lambda m, n: ray_engine._in_flight.__setitem__(m, n))
     assert ray == {"fast": (2, 2), "slow": (4, 10)}
+
+
+def test_retry_after_says_about_when_the_models_next_job_ends():
+    """A refusal's Retry-After: a tenth of the task timeout before any job ended (at most 60 s, what OpenAI's SDKs
+    wait at most), then the model's recent job time over its workers: 10 s jobs on two workers, 5 s. (A tenth of the
+    timeout alone was 60 s by default, however short the jobs: the SDK waited a minute for a queue that cleared in
+    seconds.)"""
+    from qwen_image_server.engine.admission import RetryAfter
+
+    workers = [2]
+    retry = RetryAfter(Settings(task_timeout=600), "m", lambda: workers[0])
+    assert retry() == 60
+    assert RetryAfter(Settings(task_timeout=5), "m")() == 1 and RetryAfter(Settings(task_timeout=7200), "m")() == 60
+    retry.observe(10.0)
+    assert retry() == 5
+    workers[0] = 1
+    assert retry() == 10
+    for _ in range(20):  # the jobs got short: the mean follows
+        retry.observe(0.2)
+    assert retry() == 1
+    retry.observe(500.0)
+    assert retry() == 60, "never past what the SDK waits"
+    budget = PixelBudget(Settings(max_queued_pixel_bytes=1), "m", retry)
+    job = Job(mode="edit", prompt="p", seeds=[1], images=[np.zeros((2, 2, 3), np.uint8)])
+    with budget.hold(job), pytest.raises(QueueFull) as refused:
+        budget.check()
+    assert refused.value.headers["Retry-After"] == "60"  # a spent pixel budget frees as a job ends too
+
+
+def test_a_full_queue_of_the_embedded_engine_tells_the_wait_its_jobs_take(monkeypatch):
+    """The embedded engine's model pool times its jobs (first pipeline start to last end) for its refusals."""
+    import asyncio
+    import itertools
+    import time
+
+    from worker_fakes import FakeWorkerProcess
+
+    from qwen_image_server.engine.model_pool import ModelPool
+    from qwen_image_server.engine.worker import Computed, Done, Ready
+    from qwen_image_server.jobs import TaskResult
+    from qwen_image_server.models.spec import ModelSpec
+
+    async def run() -> None:
+        spec = ModelSpec(id="m", source="/nowhere", pipeline_class="QwenImagePipeline", kind="text-to-image")
+        pool = ModelPool(
+            spec, Settings(queue_size=1, task_timeout=600), devices=[], threads=1, task_ids=itertools.count(), spawn=False
+        )
+        workers = [FakeWorkerProcess(pool, slot, state="loading") for slot in range(2)]
+        pool.workers.extend(workers)  # type: ignore[arg-type]
+        for worker in workers:
+            pool.on_message(worker, Ready({"device": "cpu"}))  # type: ignore[arg-type]
+
+        async def job(seconds: float) -> None:
+            submitted = asyncio.ensure_future(pool.submit(Job(mode="generate", prompt="p", seeds=[1]), time.monotonic() + 30))
+            await asyncio.sleep(0.01)
+            (worker,) = [worker for worker in workers if worker.running is not None]
+            task_id = worker.running.task.task_id
+            pool.on_message(worker, Computed(task_id))  # type: ignore[arg-type]
+            pool.on_message(worker, Done(TaskResult(task_id, [], 100.0, 100.0 + seconds)))  # type: ignore[arg-type]
+            await submitted
+
+        def refusal() -> str:
+            with pytest.raises(QueueFull) as refused:
+                pool.admit()
+            return refused.value.headers["Retry-After"]
+
+        pool.waiting_jobs = 1  # a full queue
+        assert refusal() == "60"  # no job has ended yet: a tenth of the task timeout
+        pool.waiting_jobs = 0
+        await job(12.0)
+        pool.waiting_jobs = 1
+        assert refusal() == "6"  # 12 s jobs on two workers
+
+    asyncio.run(run())

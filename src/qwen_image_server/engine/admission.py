@@ -12,16 +12,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..config import Settings
 from ..errors import QueueFull
 from ..jobs import Job
 
+#: The longest wait a refusal asks for: OpenAI's SDKs wait what Retry-After says up to 60 s, and ignore a longer one.
+MAX_RETRY_AFTER = 60
 
-def retry_after(settings: Settings, model: str) -> int:
-    """Seconds a refused client is told to wait (a tenth of the model's task timeout, at least 1)."""
-    return max(1, math.ceil(settings.task_timeout_for(model) / 10))
+
+class RetryAfter:
+    """Seconds a client refused by a model's full queue (or its pixel budget) is told to wait: about until the model's
+    next job ends and one that waits starts, from how long its recent jobs ran (an exponential mean) over its
+    workers; before any job has ended, a tenth of its task timeout. From 1 to 60 s. (The tenth of the task timeout
+    alone told clients 60 s by default, however short the model's jobs: the SDK waited a minute for a queue that
+    had cleared in ten seconds.)"""
+
+    def __init__(self, settings: Settings, model: str, workers: Callable[[], int] = lambda: 1):
+        self.first = math.ceil(settings.task_timeout_for(model) / 10)
+        self.workers = workers
+        self.mean: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        """A job of the model ran ``seconds`` (its first start to its last end)."""
+        self.mean = seconds if self.mean is None else 0.7 * self.mean + 0.3 * seconds
+
+    def __call__(self) -> int:
+        wait = self.first if self.mean is None else math.ceil(self.mean / max(1, self.workers()))
+        return min(MAX_RETRY_AFTER, max(1, wait))
 
 
 def job_bytes(job: Job) -> int:
@@ -34,18 +53,15 @@ def job_bytes(job: Job) -> int:
 class PixelBudget:
     """The input-pixel bytes held by one model's jobs, and the cap on them."""
 
-    def __init__(self, settings: Settings, model: str):
-        self.settings = settings
-        self.model = model
+    def __init__(self, settings: Settings, model: str, retry_after: Callable[[], int] | None = None):
         self.cap = settings.max_queued_pixel_bytes
+        self.retry_after = retry_after or RetryAfter(settings, model)
         self.held = 0
 
     def check(self, nbytes: int = 0) -> None:
         """Raise ``QueueFull`` when ``nbytes`` more would go over the cap (a first job is always taken)."""
-        if self.held and self.held + nbytes > self.cap:
-            raise QueueFull(retry_after=retry_after(self.settings, self.model))
-        if not nbytes and self.held >= self.cap:
-            raise QueueFull(retry_after=retry_after(self.settings, self.model))
+        if (self.held and self.held + nbytes > self.cap) or (not nbytes and self.held >= self.cap):
+            raise QueueFull(retry_after=self.retry_after())
 
     @contextlib.contextmanager
     def hold(self, job: Job) -> Iterator[None]:

@@ -18,7 +18,7 @@ from ..config import Settings
 from ..errors import InferenceFailed, NotReady, QueueFull, ShuttingDown, TaskCancelled, task_failure
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
-from .admission import PixelBudget, retry_after
+from .admission import PixelBudget, RetryAfter
 from .pieces import split_for, wait_all
 from .worker import Cancel, Computed, Done, Failed, FromWorker, InfoUpdate, LoadFailed, Partial, Ready, RunTask
 from .worker_process import WorkerProcess, public_reason, start_prepared
@@ -75,7 +75,8 @@ class ModelPool:
         self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
         self.broken: str | None = None
         self.closing = False
-        self.budget = PixelBudget(settings, spec.id)
+        self.retry_after = RetryAfter(settings, spec.id, lambda: len(self.workers))
+        self.budget = PixelBudget(settings, spec.id, self.retry_after)
         self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
         self._start_failures = 0  # replacements in a row that could not even be started
         self.was_ready = False  # ready once (every worker loaded or gave up): from then on one serving worker keeps it so
@@ -90,7 +91,7 @@ class ModelPool:
         if self.broken:
             raise NotReady(self._unavailable())
         if self.waiting_jobs >= self.settings.queue_size_for(self.spec.id):
-            raise QueueFull(retry_after=retry_after(self.settings, self.spec.id))
+            raise QueueFull(retry_after=self.retry_after())
         self.budget.check()
 
     async def submit(self, job: Job, deadline: float, on_partial: Callable[[PartialImage], None] | None = None) -> JobResult:
@@ -118,7 +119,9 @@ class ModelPool:
             # Each piece points at its job state (``piece.job``): without the state's list of them, the job's images
             # and uploads go as soon as no worker runs a piece, not at the next full garbage collection.
             state.pieces.clear()
-        return JobResult.combine(results)
+        result = JobResult.combine(results)
+        self.retry_after.observe(result.finished - result.started)
+        return result
 
     def _cancel(self, state: _JobState) -> None:
         """Drop the job's queued pieces and stop its running ones at their next step."""

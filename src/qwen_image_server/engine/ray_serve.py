@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -38,7 +39,7 @@ from ..errors import (
 )
 from ..jobs import Job, JobResult, PartialImage, Task, TaskResult
 from ..models.spec import ModelSpec
-from .admission import PixelBudget, retry_after
+from .admission import PixelBudget, RetryAfter
 from .base import EngineDefaults
 from .pieces import split_for, wait_all
 from .ray_replica import retrieve_outcome
@@ -67,7 +68,10 @@ class RayEngine(EngineDefaults):
         self.handles: dict = {}
         self._task_ids = iter(range(1, 2**62))
         self._in_flight: dict[str, int] = {spec.id: 0 for spec in models}
-        self._budgets = {spec.id: PixelBudget(settings, spec.id) for spec in models}
+        self._retry_after = {
+            spec.id: RetryAfter(settings, spec.id, functools.partial(self._replicas, spec.id)) for spec in models
+        }
+        self._budgets = {spec.id: PixelBudget(settings, spec.id, self._retry_after[spec.id]) for spec in models}
         self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
         self._polling: threading.Thread | None = None  # reads Serve's status (``_poll_serve_status``)
         self._polled = threading.Lock()  # one thread starts the poller
@@ -95,7 +99,9 @@ class RayEngine(EngineDefaults):
         self._in_flight[model_id] += 1
         try:
             with self._budgets[model_id].hold(job):
-                return await self._run(model_id, job, deadline, on_partial)
+                result = await self._run(model_id, job, deadline, on_partial)
+            self._retry_after[model_id].observe(result.finished - result.started)
+            return result
         finally:
             self._in_flight[model_id] -= 1
 
@@ -107,7 +113,7 @@ class RayEngine(EngineDefaults):
         # The same bound as the embedded engine: as many jobs as replicas run, queue_size wait. (Ray's
         # max_queued_requests, its queue of calls, holds every piece of these jobs: a second guard only.)
         if self._in_flight[model_id] >= replicas + self.settings.queue_size_for(model_id):
-            raise QueueFull(retry_after=retry_after(self.settings, model_id))
+            raise QueueFull(retry_after=self._retry_after[model_id]())
         self._budgets[model_id].check()
 
     def drain(self, on: bool = True, cut: bool = False) -> int:
@@ -179,7 +185,7 @@ class RayEngine(EngineDefaults):
                 # A cancelled stream ends its read with Serve's own error rather than the task's cancellation:
                 # retrieved here, or asyncio logs "Task exception was never retrieved" for each piece.
                 t.add_done_callback(retrieve_outcome)
-            raise _as_server_error(exc, retry_after(self.settings, model_id), model_id) from None
+            raise _as_server_error(exc, self._retry_after[model_id](), model_id) from None
         return JobResult.combine(results)
 
     #: Seconds between two readings of Serve's status.
