@@ -153,3 +153,23 @@ def test_a_whole_multipart_body_is_read(edits, quoted):
     value = f'"{boundary}"' if quoted else boundary
     response = edits.client.post(EDITS, content=body, headers={"content-type": f"multipart/form-data; boundary={value}"})
     assert response.status_code == 200, response.text[:300]
+
+
+def test_an_edit_of_several_images_naming_no_model_goes_to_an_edit_plus_model(edits):
+    """The README's own example of several images names no model: on a server whose first edit model edits one image
+    at a time it was a 400 ("edits one image at a time"); the first edit-plus model is the suitable default, one image
+    still goes to the first edit model, and the metrics count each under the model that served it."""
+    from conftest import EDIT, PLUS
+
+    files = [("image[]", ("a.png", _png(256, 256), "image/png")), ("image[]", ("b.png", _png(256, 256), "image/png"))]
+    several = edits.client.post(EDITS, data={"prompt": "the two together"}, files=files)
+    assert several.status_code == 200, several.text
+    one = edits.client.post(EDITS, data={"prompt": "one"}, files=[files[0]])
+    assert one.status_code == 200, one.text
+    assert [model for model, _ in edits.engine.jobs] == [PLUS, EDIT]
+    refused = edits.client.post(EDITS, data={"prompt": "the two together", "size": "17x17"}, files=files)
+    assert refused.status_code == 400
+    metrics = edits.client.get("/metrics").text
+    for model, status, count in ((PLUS, 200, 1), (EDIT, 200, 1), (PLUS, 400, 1)):
+        line = f'qis_requests_total{{model="{model}",route="/v1/images/edits",status="{status}"}} {count}.0'
+        assert line in metrics, [m for m in metrics.splitlines() if "qis_requests_total" in m]

@@ -78,14 +78,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _IMAGE_ROUTES = {"/v1/images/generations": False, "/v1/images/edits": True, "/v1/images/variations": False}
 
 
-def note_model(request: Request, named: object, edit: bool) -> None:
+def note_model(request: Request, named: object, edit: bool, images: int = 1) -> None:
     """``request.state.model``, the model an image request is counted under (the metrics): the one it named, else
-    the one that serves such requests by default (an edit model for edits), whatever the outcome."""
+    the one that serves such requests by default (an edit model for edits; of several ``images``, an edit-plus one),
+    whatever the outcome."""
     if named is not None and named != "":
         request.state.model = named  # a name that is no served id (a number too) is counted as ``other``
         return
     service = getattr(request.app.state, "service", None)
-    default = service.default_model(edit=edit) if service is not None else None
+    default = service.default_model(edit=edit, images=images) if service is not None else None
     request.state.model = default.id if default is not None else None
 
 

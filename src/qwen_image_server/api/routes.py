@@ -100,7 +100,7 @@ def _sse(event: PartialImageEvent | CompletedEvent | ErrorEvent) -> bytes:
     return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
 
 
-async def _respond(request: Request, prepare, model: str | None, edit: bool = False) -> Response:
+async def _respond(request: Request, prepare, model: str | None, edit: bool = False, images: int = 1) -> Response:
     """Prepare (validate, decode, rewrite), then run: as one JSON response, or as server-sent events.
 
     ``request.state.model`` notes the model the request named, else the one that serves such requests by default,
@@ -108,7 +108,7 @@ async def _respond(request: Request, prepare, model: str | None, edit: bool = Fa
     model's requests in two); ``request.state.outcome`` a stream's end when it is not a success."""
     service = _service(request)
     base_url = _base_url(request, service)
-    note_model(request, model, edit)
+    note_model(request, model, edit, images)
     try:
         prepared = await _unless_disconnected(request, prepare)
         request.state.model = prepared.req.model or prepared.spec.id
@@ -205,7 +205,7 @@ async def edit_image(request: Request) -> Response:
     service = _service(request)
     counted = _counted_under(request, edit=True)
     body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images, counted)
-    return await _respond(request, service.prepare_edit(body, images, mask), body.model, edit=True)
+    return await _respond(request, service.prepare_edit(body, images, mask), body.model, edit=True, images=len(images))
 
 
 def _counted_under(request: Request, edit: bool) -> Callable[[object], None]:

@@ -93,11 +93,12 @@ class ImageService:
         self.sizes = SizeRules(settings)
 
     # --- models ------------------------------------------------------------------------
-    def default_model(self, *, edit: bool = False) -> ModelSpec | None:
-        for spec in self.models.values():
-            if spec.can_edit if edit else spec.can_generate:
-                return spec
-        return None
+    def default_model(self, *, edit: bool = False, images: int = 1) -> ModelSpec | None:
+        """The first served model that does the request's kind: for an edit of several ``images``, the first that
+        edits several (an edit-plus model) where one is served."""
+        suitable = [spec for spec in self.models.values() if (spec.can_edit if edit else spec.can_generate)]
+        several = [spec for spec in suitable if spec.multi_image] if edit and images > 1 else []
+        return next(iter(several or suitable), None)
 
     def health_model_id(self) -> str:
         spec = self.default_model() or self.default_model(edit=True)
@@ -107,10 +108,10 @@ class ImageService:
         """The model or LoRA id a request naming ``requested`` runs as (an alias's target; else the name itself)."""
         return self.aliases.get(requested, requested)
 
-    def _model(self, requested: str | None, *, edit: bool) -> ModelSpec:
+    def _model(self, requested: str | None, *, edit: bool, images: int = 1) -> ModelSpec:
         what = "image edits" if edit else "image generation"
         if requested is None or requested == "":
-            spec = self.default_model(edit=edit)
+            spec = self.default_model(edit=edit, images=images)
             if spec is None:
                 raise InvalidRequest(f"No model on this server does {what}", param="model")
             return spec
@@ -228,7 +229,7 @@ class ImageService:
 
     async def prepare_edit(self, req: EditRequest, images: list[Upload], mask: Upload | None) -> Prepared:
         self._check_common(req)
-        spec = self._model(req.model, edit=True)
+        spec = self._model(req.model, edit=True, images=len(images))
         if not images:
             raise InvalidRequest("image is required: send one file as 'image' (several as 'image[]')", param="image")
         if len(images) > 1 and not spec.multi_image:
