@@ -285,3 +285,42 @@ def test_a_forms_text_values_are_read_as_the_types_its_fields_take(api):
     )
     assert variation.status_code == 200, variation.text
     assert api.engine.jobs[-1][1].strength == 0.5
+
+
+# --- OpenAI's fields that change nothing here --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        (GENERATIONS, "style", "cinematic"),
+        (GENERATIONS, "moderation", "strict"),
+        (GENERATIONS, "complexity", "extreme"),
+        (GENERATIONS, "frame_count", 40),
+        (EDITS, "input_fidelity", "max"),
+    ],
+)
+def test_openai_fields_without_effect_are_checked_as_openai_checks_them(http, path, field, value):
+    """Values OpenAI refuses are refused here too (they were taken, whatever they said), naming the field."""
+    if path == EDITS:
+        response = http.post(path, json={"prompt": "p", "image": _b64(_png(256, 256)), field: value})
+    else:
+        response = http.post(path, json={"prompt": "p", "size": "256x256", field: value})
+    assert_error(response, 400, param=field)
+
+
+def test_openai_fields_without_effect_are_taken_and_logged_as_ignored(api, caplog):
+    """The SDK's fields this server makes nothing of (its safety identifier, complexity, and the settings of GIF and
+    SVG outputs, which it does not make) are taken as OpenAI's values, and logged as ignored, by name."""
+    import logging
+
+    fields = {"style": "natural", "moderation": "low", "safety_identifier": "user-7", "complexity": "high",
+              "frame_count": 9, "frame_duration_ms": 100, "svg": {"reasoning": {"effort": "low"}}}  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        made = api.client.post(GENERATIONS, json={"prompt": "p", "size": "256x256", **fields})
+        edited = api.client.post(EDITS, json={"prompt": "p", "image": _b64(_png(256, 256)), "input_fidelity": "high"})
+    assert made.status_code == 200 and edited.status_code == 200, (made.text, edited.text)
+    (generation, edit) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring fields: ")]
+    assert generation == "ignoring fields: " + ", ".join(fields) and edit == "ignoring fields: input_fidelity"
+    refused = api.client.post(GENERATIONS, json={"prompt": "p", "size": "256x256", "output_format": "gif"})
+    assert_error(refused, 400, param="output_format")

@@ -28,7 +28,10 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 }
 
 # Fields of OpenAI's API that are accepted and have no effect on this server.
-IGNORED_OPENAI_FIELDS = ("user", "style", "moderation", "input_fidelity")
+IGNORED_OPENAI_FIELDS = (
+    "user", "style", "moderation", "input_fidelity", "safety_identifier", "complexity", "frame_count", "frame_duration_ms",
+    "svg",
+)  # fmt: skip
 
 
 #: The validation context of a multipart form's fields (``api/uploads.py``): every value of a form is text, so text is
@@ -106,9 +109,10 @@ class _CommonRequest(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=TRUE_CFG_SCALE_LIMITS[0], le=TRUE_CFG_SCALE_LIMITS[1])
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
+    # OpenAI's fields that change nothing here, checked as OpenAI checks them (``user``: its safety identifier's old name)
     user: str | None = None
-    style: str | None = None
-    moderation: str | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = None
     prompt_rewrite: bool | None = None  # seed 002's prompt rewriting; default: the server's setting
     lora_scale: float | None = Field(
         default=None, ge=LORA_SCALE_LIMITS[0], le=LORA_SCALE_LIMITS[1]
@@ -141,6 +145,14 @@ class _ImageRequest(_CommonRequest):
     """Generations and edits: a prompt is required."""
 
     prompt: str = Field(min_length=1)
+    # OpenAI's fields that change nothing here: its safety identifier and complexity, and the settings of its GIF and
+    # SVG outputs (``frame_count``, ``frame_duration_ms``, ``svg``), which this server does not make (``output_format``
+    # gif or svg is a 400)
+    safety_identifier: str | None = None
+    complexity: Literal["low", "medium", "high"] | None = None
+    frame_count: int | None = Field(default=None, ge=2, le=16)
+    frame_duration_ms: int | None = Field(default=None, ge=0)
+    svg: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -157,7 +169,7 @@ class GenerationRequest(_ImageRequest):
 class EditRequest(_ImageRequest):
     """``POST /v1/images/edits`` (the images themselves are parsed separately)."""
 
-    input_fidelity: str | None = None
+    input_fidelity: Literal["high", "low"] | None = None
 
 
 class VariationRequest(_CommonRequest):
