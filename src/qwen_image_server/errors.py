@@ -58,6 +58,15 @@ class NotFound(ServerError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """``GET /v1/models/{id}`` of an id that is not served (404), with OpenAI's code for it."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"Model not found: {model}", param="model")
+
+
 class QueueFull(ServerError):
     """The model's task queue is full (503 with Retry-After)."""
 

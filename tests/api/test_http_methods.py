@@ -162,7 +162,9 @@ def test_a_trailing_slash_redirects_to_the_path_without_it(http_client, path, ta
 def test_an_unknown_model_with_a_trailing_slash_is_named_without_it(http_client):
     response = http_client.get("/v1/models/no-such-model/")
     assert response.status_code == 404
-    assert response.json()["error"]["message"] == "Model not found: no-such-model"
+    error = response.json()["error"]
+    assert error["message"] == "Model not found: no-such-model"
+    assert (error["code"], error["param"]) == ("model_not_found", "model")  # OpenAI's answer to an unknown model
 
 
 # --- on the wire ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from starlette.datastructures import URL
 
 from ..engine.base import EngineClient
-from ..errors import InvalidRequest, NotFound, ServerError
+from ..errors import InvalidRequest, ModelNotFound, NotFound, ServerError
 from ..images import b64
 from ..jobs import JobResult
 from ..models.lora import lora_card
@@ -332,7 +332,7 @@ async def get_model(model_id: str, request: Request) -> dict | Response:
     if model_id not in service.models:
         if model_id.endswith("/") or not model_id:  # ``/v1/models/``, ``/v1/models/ID/``: this path matched them
             return _without_trailing_slash(request)
-        raise NotFound(f"Model not found: {model_id}")
+        raise ModelNotFound(model_id)
     return _model_card(service.models[model_id], service.engine)
 
 
