@@ -210,6 +210,14 @@ def test_edit_with_image_url_is_refused_not_fetched(http_client):
     assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": "http://127.0.0.1:9/x.png"}), 400, param="image")
 
 
+def test_edit_with_a_file_id_says_files_are_not_served(http_client):
+    """OpenAI's JSON edits may name an uploaded file (``{"file_id": ...}``): not served here, and said so (it was
+    "must be a base64 string or data URL", as if the object were malformed)."""
+    body = {"prompt": "a cat", "images": [{"file_id": "file-abc"}]}
+    error = assert_error(http_client.post(EDITS, json=body), 400, param="images[0]")
+    assert "file_id references (OpenAI's Files API) are not served here" in error["message"], error
+
+
 def test_edit_with_image_of_wrong_json_type(http_client):
     assert_error(http_client.post(EDITS, json={"prompt": "a cat", "image": 12345}), 400, param="image")
 

@@ -182,6 +182,12 @@ async def _form_bytes(value: UploadFile | str, key: str) -> bytes:
 
 def _json_image(value: object, param: str) -> Upload:
     if isinstance(value, dict):
+        if "file_id" in value and not any(key in value for key in ("image_url", "url", "b64_json")):
+            raise InvalidRequest(
+                f"'{param}': file_id references (OpenAI's Files API) are not served here; send the image itself as a "
+                'base64 string, a data URL or {"image_url": "data:..."}',
+                param=param,
+            )
         value = value.get("image_url") or value.get("url") or value.get("b64_json")
         if isinstance(value, dict):
             value = value.get("url")
