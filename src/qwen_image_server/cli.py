@@ -19,6 +19,7 @@ from .cli_settings import env_names as _env_names
 from .cli_settings import settings_from_options, settings_problem
 from .config import Settings
 from .config_scoped import SCOPED_NUMBERS
+from .logs import API_FORMAT
 from .models.tiny import demo_model_entries, ensure_tiny_model
 
 __all__ = [
@@ -272,7 +273,7 @@ def serve(
     from .api.security import install_request_id_logging
 
     install_request_id_logging()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(qis_request_id)s]: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format=API_FORMAT)
     try:
         with start_paths():
             settings = settings_from_options(options)

@@ -57,7 +57,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     if settings.engine == "ray":
         from . import ray_app
 
-        ray_app.run(settings, specs)
+        ray_app.run(settings, specs, log_level)
         return
     from .models.planner import checked_plan
 

@@ -24,18 +24,22 @@ from .models.configured import resolve_configured
 from .models.spec import ModelSpec
 
 
-def build_application(settings: Settings, specs: list[ModelSpec]):
-    """The Serve application: one deployment per model plus the FastAPI ingress."""
-    return build_deployments(settings, specs, create_app)
+def build_application(settings: Settings, specs: list[ModelSpec], log_level: str = "info"):
+    """The Serve application: one deployment per model plus the FastAPI ingress; their log lines at ``log_level``
+    and above, as the embedded server's."""
+    return build_deployments(settings, specs, create_app, log_level)
 
 
 def app_builder(args: dict):
     """Entry point for ``serve run`` / ``serve deploy``: ``import_path: qwen_image_server.ray_app:app_builder``.
 
-    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...); the
-    environment variables work as for ``qwen-image-server serve``.
+    ``args`` are Settings fields (``models``, ``workers``, ``task_timeout``...), and ``log_level`` (``serve
+    --log-level``: debug, info, warning, error); the environment variables work as for ``qwen-image-server serve``.
     """
     args = dict(args or {})
+    log_level = str(args.pop("log_level", "info"))
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"invalid settings:\n  args.log_level: one of debug, info, warning, error, got {log_level!r}")
     # the fields, and their variables' names, which Settings takes as well
     known = set(Settings.model_fields) | {name for field in Settings.model_fields for name in alias_names(field)}
     unknown = sorted(key for key in args if key not in known)
@@ -52,7 +56,7 @@ def app_builder(args: dict):
     except ValidationError as exc:  # pydantic's own report shows the input, API keys included
         raise ValueError(settings_problem(exc, set(args), lambda field: f"args.{field}")) from None
     check_key_variables(os.environ, "api_keys" in args)
-    return build_application(settings, resolve_configured(settings))
+    return build_application(settings, resolve_configured(settings), log_level)
 
 
 #: Seconds Serve's controller gives a new HTTP proxy to be ready before it kills and restarts it (Serve's own default
@@ -112,7 +116,7 @@ class _Signals:
                 utils.set_sigterm_handler = installs
 
 
-def run(settings: Settings, specs: list[ModelSpec]) -> None:
+def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> None:
     """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted (SIGINT
     or SIGTERM), then ``stop``. SIGTERM is taken as Ctrl-C (by default it killed this process, and with it a local
     Ray and every request running there); a second signal ends the graceful stop at once."""
@@ -127,7 +131,7 @@ def run(settings: Settings, specs: list[ModelSpec]) -> None:
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
     try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
-        application = build_application(settings, specs)
+        application = build_application(settings, specs, log_level)
     except Exception:
         if settings.ray_address is None:
             ray.shutdown()

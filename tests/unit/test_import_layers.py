@@ -42,6 +42,7 @@ LAYER_OF = {
     "config_scoped": "shared",
     "jobs": "shared",
     "images": "shared",
+    "logs": "shared",
 }
 
 

@@ -31,7 +31,7 @@ def run_without_ray(monkeypatch):
     monkeypatch.setattr(ray, "shutdown", lambda: seen.update(ray_shutdown=True))
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
     monkeypatch.setattr(serve, "run", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray_app, "build_application", lambda settings, specs: None)
+    monkeypatch.setattr(ray_app, "build_application", lambda settings, specs, log_level: seen.update(log_level=log_level))
     monkeypatch.setattr(ray_app, "stop", lambda app, grace: seen.update(stopped=(app, grace)))
     handlers: dict = {}  # what run() installs, instead of this process's own handlers
     monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
@@ -48,6 +48,7 @@ def run_without_ray(monkeypatch):
 def test_a_local_ray_gives_the_serve_proxy_a_minute_to_be_ready(run_without_ray):
     seen = run_without_ray()
     assert seen["address"] is None and seen["value"] == "60"  # Serve's own default, 5 s, is missed on a busy machine
+    assert seen["log_level"] == "info"  # serve --log-level reaches the replicas' log lines
 
 
 def test_the_environment_setting_is_kept(run_without_ray, monkeypatch):
@@ -370,7 +371,7 @@ def test_the_application_is_built_before_the_port_opens_and_a_refusal_stops_a_lo
     from qwen_image_server import ray_app
     from qwen_image_server.models.profile import ProfileError
 
-    def refused(settings, specs):
+    def refused(settings, specs, log_level):
         raise ProfileError("model m: offload=sequential needs a CUDA device (the model runs on cpu)")
 
     monkeypatch.setattr(ray_app, "build_application", refused)
@@ -524,3 +525,37 @@ def test_a_misspelled_setting_in_serve_run_args_is_refused():
     # a variable's name is a setting's other name, as Settings takes it (NUM_GPUS_TO_USE=4 is workers=4)
     with pytest.raises(ValueError, match="model folder not found"):  # past the names, to the model itself
         ray_app.app_builder({"NUM_GPUS_TO_USE": 2, "MODEL_PATH": "/nowhere/qwen-image"})
+
+
+def test_serve_runs_log_level_is_checked_and_given_to_the_replicas(monkeypatch, tiny_t2i):
+    """``serve run``'s ``args.log_level`` (``serve --log-level``) reaches the application; a bad one is refused as
+    a bad setting, not taken as a Settings field."""
+    pytest.importorskip("ray.serve")
+    from qwen_image_server import ray_app
+
+    built: list = []
+    monkeypatch.setattr(ray_app, "build_application", lambda settings, specs, log_level: built.append(log_level))
+    ray_app.app_builder({"models": [f"tiny={tiny_t2i}"], "log_level": "debug"})
+    ray_app.app_builder({"models": [f"tiny={tiny_t2i}"]})
+    assert built == ["debug", "info"]
+    with pytest.raises(ValueError, match=r"args.log_level: one of debug, info, warning, error, got 'loud'"):
+        ray_app.app_builder({"models": [f"tiny={tiny_t2i}"], "log_level": "loud"})
+
+
+def test_a_replicas_lines_have_the_servers_format_whatever_the_process_logging_is(capsys):
+    """In a Ray Serve replica the package's loggers had no handler: Python printed their warnings bare (no time, level
+    or request id) and dropped their info lines. ``log_to_stderr`` gives them the server's format at its level, once
+    however often it is called."""
+    from qwen_image_server.logs import log_to_stderr, worker_format
+
+    logger = logging.getLogger("qwen_image_server")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        log_to_stderr("info", worker_format("m@12"))
+        log_to_stderr("info", worker_format("m@12"))
+        logging.getLogger("qwen_image_server.engine.ray_replica").info("loaded")
+        logging.getLogger("qwen_image_server.engine.ray_replica").debug("not shown at info")
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].endswith(" INFO [m@12] qwen_image_server.engine.ray_replica: loaded"), lines
+    finally:
+        logger.handlers[:], (logger.level, logger.propagate) = before[0], before[1:]

@@ -16,6 +16,7 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
 from ..config import Settings
+from ..logs import API_FORMAT, log_to_stderr
 from ..models.spec import ModelSpec
 from .ray_replica import MemoryNeed, ModelReplica
 from .ray_serve import RayEngine, deployment_name
@@ -47,12 +48,13 @@ class CancelledIsDisconnect:
         await self.app(scope, receive_or_disconnect if scope["type"] == "http" else receive, send)
 
 
-def ingress_app(settings: Settings, specs: list[ModelSpec], make_app: AppFactory, app_name: str):
+def ingress_app(settings: Settings, specs: list[ModelSpec], make_app: AppFactory, app_name: str, log_level: str = "info"):
     """The ingress replica's app: ``make_app`` on a ``RayEngine`` of the application ``app_name``, Serve's
-    cancellations read as disconnects."""
+    cancellations read as disconnects; its log lines as the embedded API process's."""
     engine = RayEngine(specs, settings, app_name)
     _INGRESS_ENGINES[app_name] = engine  # for the ingress's ``drain`` method (one app per ingress replica process)
-    app = make_app(settings, engine)
+    app = make_app(settings, engine)  # with the request id of every log line (``install_request_id_logging``)
+    log_to_stderr(log_level, API_FORMAT)
     app.add_middleware(CancelledIsDisconnect)
     return app
 
@@ -188,8 +190,9 @@ def memory_needs(specs: list[ModelSpec], settings: Settings, share: float = 1.0)
     return out
 
 
-def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory):
-    """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``."""
+def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppFactory, log_level: str = "info"):
+    """The Serve application: one deployment per model plus an ingress serving ``make_app(settings, RayEngine)``;
+    their log lines at ``log_level`` and above."""
     from ..models.memory_modes import check_memory_modes
 
     every = replica_gpus(settings)
@@ -223,11 +226,13 @@ def build_deployments(settings: Settings, specs: list[ModelSpec], make_app: AppF
             graceful_shutdown_timeout_s=settings.shutdown_grace_seconds,
         )(ModelReplica)
         stuck_after = settings.stuck_task_seconds_for(spec.id)
-        bound.append(deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after, needs.get(spec.id)))
+        bound.append(
+            deployment.bind(spec, device, settings.dtype, settings.cpu_threads, stuck_after, needs.get(spec.id), log_level)
+        )
 
     def build_ingress_app():
         # The application's name is chosen by whoever deploys it (serve run names it "default").
-        return ingress_app(settings, specs, make_app, serve.get_replica_context().app_name)
+        return ingress_app(settings, specs, make_app, serve.get_replica_context().app_name, log_level)
 
     class Ingress:
         """The HTTP entry point: the embedded server's FastAPI app on a Ray engine."""

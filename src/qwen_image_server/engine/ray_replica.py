@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import TaskCancelled
 from ..jobs import EncodedImage, PartialImage, Task, TaskResult
+from ..logs import log_to_stderr, worker_format
 from ..models.spec import ModelConfigError, ModelSpec
 from .worker import loading_turn
 from .worker_device import gpu_load_lock, recover_device, release_cached, start_peak_here
@@ -113,6 +114,7 @@ class ModelReplica:
         threads: int | None,
         stuck_task_seconds: float = 0.0,
         memory: MemoryNeed | None = None,
+        log_level: str = "info",
     ):
         import torch
 
@@ -129,6 +131,7 @@ class ModelReplica:
         self.spec = spec
         self.device = device
         self.name = f"{spec.id}@{os.getpid()}"
+        log_to_stderr(log_level, worker_format(self.name))  # as an embedded worker's lines
         # Replicas given shares of one GPU (a fractional ray_gpus_per_replica) load one after the other, as the
         # embedded engine's workers on one GPU do: loading needs more than running (FP8 conversion), and each checks
         # the memory its GPU has free once those before it have loaded.

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TaskCancelled, failure_param, short_reason
 from ..jobs import EncodedImage, Job, PartialImage, Task, TaskResult
+from ..logs import worker_format
 from .worker_device import DeviceBroken, device_memory, recover_device, release_cached, start_peak_here
 
 if TYPE_CHECKING:
@@ -389,7 +390,7 @@ def worker_main(
     if threading.current_thread() is threading.main_thread():  # a worker process (tests also run it in a thread)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=worker_format(name))
     worker = Worker.load(spec, device, dtype, threads, conn, name, load_lock)
     if worker is not None:
         try:
