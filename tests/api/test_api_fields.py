@@ -181,6 +181,11 @@ def test_a_variation_without_a_prompt_or_with_a_blank_one_echoes_none_and_counts
     assert response.status_code == 200, response.text[:300]
     body, (_, job) = response.json(), api.engine.jobs[-1]
     assert "revised_prompt" not in body["data"][0] and body["usage"]["input_tokens_details"]["text_tokens"] == 0
+    usage = body["usage"]  # the output's tokens are image tokens (OpenAI's output_tokens_details, in its SDK's types)
+    assert (
+        usage["output_tokens_details"] == {"text_tokens": 0, "image_tokens": usage["output_tokens"]}
+        and usage["output_tokens"] > 0
+    )
     assert job.prompt == "" and job.true_cfg_scale == 1.0
 
 

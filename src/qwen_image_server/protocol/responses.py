@@ -41,12 +41,20 @@ class InputTokensDetails(BaseModel):
     image_tokens: int
 
 
+class OutputTokensDetails(BaseModel):
+    """The output's tokens: image tokens only (the models write no text)."""
+
+    text_tokens: int = 0
+    image_tokens: int
+
+
 class Usage(BaseModel):
     """OpenAI's usage: prompt text tokens and input images' latent patches in, output latent patches out."""
 
     input_tokens: int
     input_tokens_details: InputTokensDetails
     output_tokens: int
+    output_tokens_details: OutputTokensDetails
     total_tokens: int
 
 

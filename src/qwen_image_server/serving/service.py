@@ -28,7 +28,7 @@ from ..protocol.images import (
     VariationRequest,
     _CommonRequest,
 )
-from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, Usage
+from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
 from ..storage import ImageStore, in_store_thread
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
@@ -372,6 +372,7 @@ class ImageService:
             input_tokens=text + image_in,
             input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=image_in),
             output_tokens=output,
+            output_tokens_details=OutputTokensDetails(image_tokens=output),
             total_tokens=text + image_in + output,
         )
 
