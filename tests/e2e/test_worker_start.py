@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +76,14 @@ def test_a_forked_cpu_worker_starts_with_torch_and_diffusers_imported():
     found, total, exitcode = _run_child("forkserver", "cpu")
     assert set(found) == set(FORKSERVER_PRELOAD)  # imported once in the forkserver, not again in the worker
     assert total == 64 * 64 * 64 and exitcode == 0
+    # SIGINT and SIGTERM are the server's: sent to the process group (Ctrl-C, systemd's stop) while the forkserver
+    # imported its preload, they killed it, and the API process's start-up failed with a traceback (exit 3).
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored >> (signal.SIGINT - 1) & 1 and ignored >> (signal.SIGTERM - 1) & 1, hex(ignored)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,13 @@
 """The first module a worker forkserver imports (``FORKSERVER_PRELOAD``): it makes the forkserver leave without
-Python's interpreter teardown.
+Python's interpreter teardown, and leaves SIGINT and SIGTERM to the server.
+
+The forkserver is the server's, as its workers are: it exits when the API process is gone.
+SIGINT and SIGTERM sent to the whole process group (Ctrl-C in a terminal, systemd's default
+stop) reached it while it imported its preload, before ``multiprocessing`` ignores SIGINT
+there: it died, with a ``KeyboardInterrupt`` traceback for Ctrl-C, and the API process,
+starting its workers, failed its start-up with an ``EOFError`` traceback (exit 3 instead of
+130 or 143). It ignores both from its first import on, and what it forks inherits that (the
+workers ignore them anyway: ``worker.worker_main``).
 
 A forkserver exits when the process that started it (the API process) is gone. Tearing
 down its modules (torch, diffusers, transformers) then costs about a second of CPU
@@ -21,6 +29,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
 from multiprocessing import forkserver
 from types import FrameType
@@ -58,4 +67,6 @@ def exit_now(status: int) -> None:
 
 
 if in_forkserver_preload():
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, signal.SIG_IGN)
     atexit.register(leave_without_teardown, os.getpid())
