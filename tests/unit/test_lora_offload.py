@@ -188,3 +188,14 @@ def test_a_hot_swapped_lora_on_fp8_stored_weights_under_group_offload(tiny_t2i, 
             pixels = _pixels(runner, _job(name))
         assert emulation.used_offloaded == []
         assert np.abs(pixels - expected[name]).max() <= 1, name
+
+
+def test_hot_swapped_loras_switch_under_model_offload(tiny_t2i, tiny_lora, resident_images):
+    """Model offload moves each component inside the pipeline call, under inference mode: the adapter weights it
+    moved became inference tensors, and switching the LoRA on or off again (peft sets their ``requires_grad``) failed
+    outside inference mode ("Setting requires_grad=True on inference tensor outside InferenceMode"): every LoRA
+    request after the first switch was a 500. Each image is the resident runner's."""
+    runner = PipelineRunner(_spec(tiny_t2i, f"style={tiny_lora}", offload=["model"]), device="cpu")
+    for name in ("style", "base", "style", "base"):
+        pixels = _pixels(runner, _job(None if name == "base" else name))
+        assert np.abs(pixels - resident_images[name]).max() <= 1, name

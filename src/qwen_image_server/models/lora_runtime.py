@@ -165,11 +165,18 @@ class LoraSet:
         if self.hotswap:
             state = self._laid_out(name, 1.0 if key is None else key[1])  # B scaled: the slot has no scale of its own
             self._into_transformer(state, SLOT, hotswap=True)
-        elif key is None:
-            transformer.disable_lora()
         else:
-            transformer.enable_lora()
-            transformer.set_adapters([self.adapter[key[0]]], [key[1]])
+            import torch
+
+            # Under inference mode, as the calls: model offload moves the transformer inside them, which makes its
+            # adapter weights inference tensors, and peft's switch sets their requires_grad (outside inference mode,
+            # an error for such tensors)
+            with torch.inference_mode():
+                if key is None:
+                    transformer.disable_lora()
+                else:
+                    transformer.enable_lora()
+                    transformer.set_adapters([self.adapter[key[0]]], [key[1]])
         self.current = key
 
     def scheduler_for(self, base_scheduler, overrides: dict):
