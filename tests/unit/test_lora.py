@@ -77,6 +77,11 @@ def test_a_preset_files_knobs_are_whole_where_they_must_be_and_its_errors_name_t
         ({"true_cfg_scale": "x"}, "true_cfg_scale must be a number, got 'x'"),
         ({"scheduler": {"invert_sigmas": "maybe"}}, "invert_sigmas must be true or false, got 'maybe'"),
         ({"scheduler": {"time_shift_type": "cubic"}}, "time_shift_type must be one of exponential, linear"),
+        # sigmas of NaN (an all-black image with a 200) or a division by zero at every request
+        ({"scheduler": {"shift": 0}}, "shift must be above 0, got 0"),
+        ({"scheduler": {"shift": -1}}, "shift must be above 0, got -1"),
+        ({"scheduler": {"shift_terminal": 1}}, "shift_terminal must be between 0 and 1 (both excluded), or none, got 1"),
+        ({"scheduler": {"max_image_seq_len": 0}}, "max_image_seq_len must be at least 1, got 0"),
     ]:
         sidecar.write_text(json.dumps(knobs))
         with pytest.raises(ValueError) as refused:
@@ -103,6 +108,23 @@ def test_lightning_preset_and_precedence():
     assert (merged["steps"], merged["true_cfg_scale"], merged["scheduler"]["shift"]) == (4, 1.5, 2.0), "flag > file > built-in"
     with pytest.raises(ValueError, match="LoRA l: unknown preset 'turbo'"):
         merge_preset("l", {"preset": "turbo"}, {})
+
+
+def test_scheduler_settings_the_scheduler_refuses_at_a_call_are_refused_at_start(monkeypatch):
+    """Two sigma spacings at once, or beta sigmas without scipy, started fine and then failed every request of the
+    LoRA with a 500 (diffusers checks them when the scheduler is built, per request). Checked on the merged preset:
+    the flag's knob joins the file's."""
+    import importlib.util
+
+    with pytest.raises(ValueError, match="LoRA l: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas "
+                       "may be true, got use_karras_sigmas, use_exponential_sigmas"):  # fmt: skip
+        merge_preset("l", {"scheduler": {"use_karras_sigmas": True}}, {"scheduler": {"use_exponential_sigmas": True}})
+    assert merge_preset("l", {"scheduler": {"use_karras_sigmas": True}}, {})["scheduler"] == {"use_karras_sigmas": True}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else object())
+    with pytest.raises(ValueError, match=r"LoRA l: use_beta_sigmas needs scipy, which is not installed \(pip install scipy\)"):
+        merge_preset("l", {"scheduler": {"use_beta_sigmas": True}}, {})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert merge_preset("l", {"scheduler": {"use_beta_sigmas": True}}, {})["scheduler"] == {"use_beta_sigmas": True}
 
 
 def test_resolved_lora_with_its_preset_file(tiny_t2i, tiny_lora, tmp_path):

@@ -23,6 +23,7 @@ No torch here: the file is checked by reading its safetensors header.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import re
@@ -66,6 +67,13 @@ SCHEDULER_FIELDS: dict[str, type] = {
     "use_beta_sigmas": bool,
 }
 _TIME_SHIFT_TYPES = ("exponential", "linear")
+#: Scheduler fields with bounds (exclusive), and how a refusal says them.
+_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "shift": (0.0, math.inf, "above 0"),
+    "shift_terminal": (0.0, 1.0, "between 0 and 1 (both excluded), or none"),
+    "base_image_seq_len": (0, math.inf, "at least 1"),
+    "max_image_seq_len": (0, math.inf, "at least 1"),
+}
 _FLAG_ONLY = ("fuse", "scale", "revision")
 #: How a LoRA file of a hub repository is named: ``hf:ORG/NAME/PATH/IN/REPO.safetensors``.
 HUB_PREFIX = "hf:"
@@ -145,8 +153,22 @@ def merge_preset(name: str, flag: dict, file: dict) -> dict:
                 out[key] = layer[key]
         scheduler.update(layer.get("scheduler", {}))
     if scheduler:
+        _check_scheduler(name, scheduler)
         out["scheduler"] = scheduler
     return out
+
+
+#: The scheduler's ways of spacing its sigmas: one at most (diffusers raises at the first call otherwise).
+_SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _check_scheduler(name: str, scheduler: dict[str, Any]) -> None:
+    """What the scheduler would refuse at a request's call (a 500 for every request of the LoRA), refused at start."""
+    spacings = [key for key in _SIGMA_SPACINGS if scheduler.get(key)]
+    if len(spacings) > 1:
+        raise LoraError(f"LoRA {name}: only one of {', '.join(_SIGMA_SPACINGS)} may be true, got {', '.join(spacings)}")
+    if scheduler.get("use_beta_sigmas") and importlib.util.find_spec("scipy") is None:
+        raise LoraError(f"LoRA {name}: use_beta_sigmas needs scipy, which is not installed (pip install scipy)")
 
 
 def read_preset_file(lora: LoraSpec) -> dict:
@@ -203,6 +225,11 @@ def _scheduler_value(key: str, value: Any, name: str, where: str) -> Any:
     kind = SCHEDULER_FIELDS[key]
     if key == "shift_terminal" and (value is None or str(value).strip().lower() in ("none", "null", "")):
         return None
+    if key in _BOUNDS:  # outside them the scheduler's sigmas are NaN or infinite: a black image, or a division by 0
+        number, (low, high, says) = _number(value, kind, name, key, where), _BOUNDS[key]
+        if not low < number < high:
+            raise LoraError(f"LoRA {name} ({where}): {key} must be {says}, got {number:g}")
+        return number
     if kind is bool:
         return _flag_bool(value, name, key, where)
     if kind is str:
