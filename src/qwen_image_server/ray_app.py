@@ -67,13 +67,14 @@ PROXY_READY_CHECK_SECONDS = "60"
 
 class _Signals:
     """SIGTERM and SIGINT while ``run`` runs, as Ctrl-C: recorded from its start, raised as ``KeyboardInterrupt``
-    only while armed (Serve's blocking wait and the graceful stop). A signal during start-up ends it once the
-    start-up steps under way are done, instead of in the middle of one (a ``ray.init`` cut short left a local Ray's
-    processes running after this one)."""
+    while armed (Serve's blocking wait and the graceful stop). Disarmed, while a local Ray starts, a first signal
+    ends the start once the step under way is done, instead of in the middle of it (a ``ray.init`` cut short left a
+    local Ray's processes running after this one); a second one interrupts at once (a start that hangs)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
         self.armed = False
+        self.starting = True  # a second signal interrupts the start; after it, only an armed one interrupts
         self.install()
 
     def install(self) -> None:
@@ -82,7 +83,7 @@ class _Signals:
 
     def _handle(self, signum, frame) -> None:
         self.received.append(signum)
-        if self.armed:
+        if self.armed or (self.starting and len(self.received) > 1):
             raise KeyboardInterrupt
 
     def arm(self) -> None:
@@ -93,7 +94,7 @@ class _Signals:
             raise KeyboardInterrupt
 
     def disarm(self) -> None:
-        self.armed = False
+        self.armed = self.starting = False
 
     @property
     def status(self) -> int:
@@ -116,6 +117,21 @@ class _Signals:
                 utils.set_sigterm_handler = installs
 
 
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A cluster named by ``HOST:PORT`` (its GCS) answers a connection, or the start is refused now: ``ray.init``
+    tried an unreachable one for minutes. ``auto`` and ``ray://`` addresses are left to ``ray.init`` (both fail by
+    themselves within seconds)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise ValueError(f"the Ray cluster at {address} could not be reached: {exc}") from None
+
+
 def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> None:
     """``qwen-image-server serve --engine ray``: join or start a cluster, deploy, serve until interrupted (SIGINT
     or SIGTERM), then ``stop``. SIGTERM is taken as Ctrl-C (by default it killed this process, and with it a local
@@ -125,16 +141,27 @@ def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> 
     signals = _Signals()
     if settings.ray_address is None:  # a local Ray may start here (a running cluster keeps its own setting)
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_SECONDS)
+    else:
+        _check_reachable(settings.ray_address)
+        signals.armed = True  # joining a cluster starts nothing here: a signal interrupts at once
     try:
         with signals.kept_through_ray_init():
             ray.init(address=settings.ray_address, ignore_reinit_error=True)
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
-    try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
-        application = build_application(settings, specs, log_level)
-    except Exception:
+    except KeyboardInterrupt:  # joining a cluster, or a second signal while a local Ray starts
+        signals.disarm()
         if settings.ray_address is None:
             ray.shutdown()
+        raise SystemExit(signals.status) from None
+    try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
+        application = build_application(settings, specs, log_level)
+    except (Exception, KeyboardInterrupt) as exc:
+        signals.disarm()
+        if settings.ray_address is None:
+            ray.shutdown()
+        if isinstance(exc, KeyboardInterrupt):
+            raise SystemExit(signals.status) from None
         raise
     started = False
     try:

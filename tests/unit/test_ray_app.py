@@ -82,8 +82,7 @@ def test_a_signal_stops_the_app_gracefully_and_a_local_ray_after_it(run_without_
     assert seen.get("ray_shutdown", False) is (address is None)
 
 
-@pytest.mark.parametrize("address", [None, "auto"])
-def test_a_sigterm_while_ray_starts_ends_the_start_cleanly(run_without_ray, monkeypatch, address):
+def test_a_sigterm_while_a_local_ray_starts_ends_the_start_cleanly(run_without_ray, monkeypatch):
     """``ray.init`` installs a SIGTERM handler that exits at once (status 15), wherever a local Ray's start has got
     to: its processes stayed behind. Ours is kept through it; the signal ends the start once ``ray.init`` returns:
     no port is opened, nothing is served, Ray started here is shut down, and the status is 143."""
@@ -102,10 +101,10 @@ def test_a_sigterm_while_ray_starts_ends_the_start_cleanly(run_without_ray, monk
     monkeypatch.setattr(serve, "start", lambda **kwargs: calls.append("start"))
     monkeypatch.setattr(serve, "run", lambda *args, **kwargs: calls.append("run"))
     with pytest.raises(SystemExit) as exited:
-        run_without_ray(ray_address=address)
+        run_without_ray()
     assert exited.value.code == 143
     assert calls == ["init returned"] and "stopped" not in run_without_ray.seen  # nothing to stop: Serve never started
-    assert run_without_ray.seen.get("ray_shutdown", False) is (address is None)
+    assert run_without_ray.seen.get("ray_shutdown") is True
     assert utils.set_sigterm_handler.__module__ == "ray._private.utils", "Ray's own function is back"
 
 
@@ -559,3 +558,31 @@ def test_a_replicas_lines_have_the_servers_format_whatever_the_process_logging_i
         assert len(lines) == 1 and lines[0].endswith(" INFO [m@12] qwen_image_server.engine.ray_replica: loaded"), lines
     finally:
         logger.handlers[:], (logger.level, logger.propagate) = before[0], before[1:]
+
+
+@pytest.mark.parametrize(("address", "signals"), [(None, 2), ("auto", 1)])
+def test_a_start_that_hangs_still_ends_on_a_signal(run_without_ray, monkeypatch, address, signals):
+    """A signal while a local Ray starts waits for ``ray.init`` to return; one that hangs (an address it keeps
+    retrying) ignored SIGTERM for good. A second signal ends it at once, and joining a cluster (nothing starts here)
+    ends at the first; the status is the first signal's."""
+    import ray
+
+    def hanging_init(**kwargs):
+        for _ in range(signals):
+            run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        raise AssertionError("ray.init was not interrupted")
+
+    monkeypatch.setattr(ray, "init", hanging_init)
+    with pytest.raises(SystemExit) as exited:
+        run_without_ray(ray_address=address)
+    assert exited.value.code == 143
+    assert run_without_ray.seen.get("ray_shutdown", False) is (address is None)
+
+
+def test_a_cluster_address_that_does_not_answer_is_refused_at_once(run_without_ray):
+    """``--ray-address HOST:PORT`` of no cluster: ``ray.init`` retried it for minutes; refused before it, exit 2."""
+    from conftest import free_port
+
+    with pytest.raises(ValueError, match=r"the Ray cluster at 127.0.0.1:\d+ could not be reached: .*refused"):
+        run_without_ray(ray_address=f"127.0.0.1:{free_port()}")
+    assert "address" not in run_without_ray.seen, "ray.init was not called"
