@@ -57,7 +57,7 @@ def _options(
 def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     kind: Annotated[str, typer.Option(help="text-to-image, edit or edit-plus")] = "text-to-image",
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.", min=0, max=2**63 - 1)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write into a folder that holds files already.")] = False,
 ) -> None:
     """Write a tiny random-weight Qwen-Image pipeline (offline) for tests and demos."""

@@ -84,6 +84,13 @@ def test_tiny_model_into_a_file_is_one_line(tmp_path):
     assert f"{target} is a file, not a folder" in result.output
 
 
+def test_tiny_model_refuses_a_seed_torch_cannot_take(tmp_path):
+    """A seed past 64 bits was a traceback from torch (and an empty folder left behind): a usage error, exit 2."""
+    result = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "m"), "--seed", "99999999999999999999"])
+    assert result.exit_code == 2 and "Invalid value for '--seed'" in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_tiny_model_into_a_folder_that_holds_files_needs_force(tmp_path, monkeypatch):
     """A folder with files in it (a model already, with a hand-edited sidecar) is not overwritten silently: one line
     and exit 2, before any heavy import; ``--force`` writes the model there. An empty folder is fine."""

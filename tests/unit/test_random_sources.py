@@ -179,6 +179,13 @@ def test_a_random_source_that_cannot_be_built_has_an_unknown_estimate_not_a_cras
         ("random:Qwen/Qwen-Image?text_kv_heads=3", "must be a multiple of text_kv_heads"),
         ("random:Qwen/Qwen-Image?vocab=100", "vocab must be at least 264"),
         ("random:Qwen/Qwen-Image?default_size=big", "default_size must be WIDTHxHEIGHT"),
+        # larger than the real model: plan sized 99999999 blocks for minutes, growing in memory
+        (
+            "random:Qwen/Qwen-Image?layers=99999999",
+            "layers \\(transformer blocks\\) must be at most 240, 4 times Qwen/Qwen-Image's own 60",
+        ),
+        ("random:Qwen/Qwen-Image-Edit?vision_depth=129", "vision_depth \\(vision encoder blocks\\) must be at most 128"),
+        ("random:Qwen/Qwen-Image?seed=99999999999999999999", "seed must be at most 9223372036854775807"),
     ],
 )
 def test_bad_random_sources(source, message):

@@ -29,6 +29,10 @@ from .spec import PIPELINE_KINDS, ModelConfigError, ModelSpec, default_model_id
 from .tiny import _SPECIAL_TOKENS
 
 RANDOM_PREFIX = "random:"
+#: The largest seed of random weights (torch's generators take 64-bit seeds; a request's seeds stop at the same).
+MAX_SEED = 2**63 - 1
+#: How much larger than the real architecture an override may make a value.
+MAX_GROWTH = 4
 #: The byte-level tokenizer's size (``tiny._make_tokenizer``): 256 bytes and the special tokens.
 TOKENIZER_SIZE = 256 + len(_SPECIAL_TOKENS)
 
@@ -202,8 +206,19 @@ def parse_random_source(source: str) -> RandomSource:
             options[key] = _positive_int(key, value, source)
         elif key == "seed":
             seed = _positive_int(key, value, source)
+            if seed > MAX_SEED:
+                raise ModelConfigError(f"{source}: seed must be at most {MAX_SEED}, got {seed}")
         else:
             overrides[key] = _positive_int(key, value, source)
+            component, path, what = OVERRIDES[key]
+            own = known[name][component]
+            for step in path:
+                own = own[step]
+            if overrides[key] > MAX_GROWTH * own:  # 99999999 blocks took plan minutes and gigabytes to size
+                raise ModelConfigError(
+                    f"{source}: {key} ({what}) must be at most {MAX_GROWTH * own}, {MAX_GROWTH} times {name}'s own "
+                    f"{own}, got {overrides[key]}"
+                )
     parsed = RandomSource(name=name, seed=seed, overrides=overrides, options=options)
     _check_shapes(parsed.architecture(), source)
     return parsed
