@@ -282,7 +282,7 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         from .models.plan_result import PlanError  # no torch: the API process has it loaded by now anyway
 
-        if isinstance(exc, PlanError):
+        if isinstance(exc, PlanError) and exc.about_memory:
             typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
         raise typer.Exit(2) from None
 

@@ -17,7 +17,7 @@ from qwen_image_server.models.configured import resolve_configured
 from qwen_image_server.models.footprint import GIB, footprint, resident_weights
 from qwen_image_server.models.machine import Gpu
 from qwen_image_server.models.plan_result import PlanError
-from qwen_image_server.models.planner import _slots, make_plan, place
+from qwen_image_server.models.planner import _slots, checked_plan, make_plan, place
 from qwen_image_server.models.profile import LoraSpec, RunProfile
 from qwen_image_server.models.spec import resolve_model
 from qwen_image_server.models.step_cache import canonical_policy
@@ -401,6 +401,11 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:5"), discover=gpu_probe(fake_gpu(0, 80)))
     with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
         make_plan(specs, Settings(device="cuda:0"), discover=gpu_probe())
+    # no memory check makes an absent GPU serve: --memory-check warn refuses it too, without "serving anyway" (and
+    # serve's refusal does not offer that flag)
+    with pytest.raises(PlanError, match="which is not visible") as refused:
+        checked_plan(specs, Settings(device="cuda:0", memory_check="warn"), discover=gpu_probe())
+    assert refused.value.about_memory is False
 
 
 def test_the_room_a_refusal_says_a_gpu_has_left_keeps_its_workers_loading_peak():

@@ -143,11 +143,13 @@ class Plan:
 
 
 class PlanError(ModelConfigError):
-    """The workers do not fit in the devices' memory; ``plan`` holds the estimates for display."""
+    """The workers do not fit in the devices' memory (or, ``about_memory`` false, a ``--device`` GPU is not
+    there); ``plan`` holds the estimates for display."""
 
-    def __init__(self, message: str, plan: Plan):
+    def __init__(self, message: str, plan: Plan, about_memory: bool = True):
         super().__init__(message)
         self.plan = plan
+        self.about_memory = about_memory  # whether --memory-check warn would serve anyway
 
 
 def _gib(value: int | None) -> float | None:

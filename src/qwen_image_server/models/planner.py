@@ -129,6 +129,8 @@ def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, h
         try:  # the real machine's memory is checked as make_plan checks it when it probes the GPUs itself
             return make_plan(specs, settings, lambda: found, read_once, host or (None if discover else discover_host_memory))
         except PlanError as exc:
+            if not exc.about_memory:  # a GPU that is not there: no check makes it serve
+                raise
             log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
             failed = exc.plan
     unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
@@ -189,8 +191,8 @@ def make_plan(
     checked = "cuda,cpu" if "cpu" in (d.strip() for d in str(settings.device).split(",")) else "cuda"
     fits = allowed_only(lambda **kw: _fits(specs, tensors, settings, gpus, keys, machine=machine, **kw), checked)
 
-    if isinstance(failed, str):
-        raise PlanError(failed, plan)
+    if isinstance(failed, str):  # a --device GPU that is not there, whatever the memory check says
+        raise PlanError(failed, plan, about_memory=False)
     if failed is not None:
         raise PlanError(refusal(plan, failed, placed, specs, settings, fits), plan)
     placed, cpu_fps = with_cpu_needs(placed, specs, tensors, settings)
