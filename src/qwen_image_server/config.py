@@ -287,7 +287,7 @@ class Settings(PerModelLimits, BaseSettings):
     def _url_prefix(cls, value: str | None) -> str | None:
         return files.checked_url_prefix(value)  # absolute http(s) URLs only: clients fetch them as given
 
-    @field_validator("openai_base_url", "openai_api_key", mode="before")
+    @field_validator("openai_base_url", "openai_api_key", "models_dir", "api_keys_file", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """Blank is unset (compose's ``${VAR:-}``), whitespace dropped (a bad URL: ``_check_sides``, ``make_rewriter``)."""

@@ -374,3 +374,15 @@ def test_no_demo_overrides_qis_demo(monkeypatch, tiny_t2i):
     assert served == [f"mine={tiny_t2i}"]
     with_demo = settings_from_options({"log_level": "info", "model": [f"mine={tiny_t2i}"], "demo": None}).models
     assert len(with_demo) > 1 and with_demo[-1] == f"mine={tiny_t2i}"
+
+
+def test_a_blank_folder_or_file_variable_is_unset(monkeypatch, tmp_path):
+    """``QIS_MODELS_DIR=`` (compose's ``${VAR:-}``) served every model folder of the working directory, and
+    ``QIS_API_KEYS_FILE=`` read the working directory as the keys file ("Is a directory"): blank is unset, as for
+    the other optional settings."""
+    monkeypatch.setenv("QIS_MODELS_DIR", "")
+    monkeypatch.setenv("QIS_API_KEYS_FILE", " ")
+    settings = Settings()
+    assert settings.models_dir is None and settings.api_keys_file is None
+    monkeypatch.setenv("QIS_MODELS_DIR", f" {tmp_path} ")
+    assert Settings().models_dir == tmp_path
