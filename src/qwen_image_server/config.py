@@ -240,8 +240,7 @@ class Settings(PerModelLimits, BaseSettings):
     )
     default_steps: int = Field(
         default=DEFAULT_STEPS,
-        ge=1,
-        le=200,
+        ge=1,  # at most QIS_MAX_STEPS (``_check_sides``)
         description="Steps of a request that gives none. Not given: 50, or QIS_MAX_STEPS when lower.",
     )
     default_true_cfg_scale: float = Field(default=4.0, ge=0.0, le=20.0)
@@ -377,7 +376,7 @@ class Settings(PerModelLimits, BaseSettings):
         if self.ray_max_replicas is None:
             self.ray_max_replicas = max(self.workers, self.ray_min_replicas)
         if self.ray_min_replicas > self.ray_max_replicas:
-            raise ValueError("--ray-min-replicas (QIS_RAY_MIN_REPLICAS) must not exceed --ray-max-replicas")
+            raise ValueError("QIS_RAY_MIN_REPLICAS must not exceed QIS_RAY_MAX_REPLICAS (by default --workers)")
         if self.engine == "ray" and (self.ray_gpus_per_replica or 0) > 1:  # (the embedded engine does not read it)
             raise ValueError(
                 f"--ray-gpus-per-replica (QIS_RAY_GPUS_PER_REPLICA) {self.ray_gpus_per_replica:g}: a replica runs on one GPU; "

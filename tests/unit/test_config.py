@@ -209,6 +209,19 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     monkeypatch.setenv("QIS_MIN_IMAGE_SIDE", "2048")
     monkeypatch.setenv("QIS_MAX_IMAGE_SIDE", "512")
     assert problem() == "invalid settings:\n  QIS_MIN_IMAGE_SIDE=2048 must not exceed QIS_MAX_IMAGE_SIDE=512"
+    monkeypatch.delenv("QIS_MIN_IMAGE_SIDE")
+    monkeypatch.delenv("QIS_MAX_IMAGE_SIDE")
+    monkeypatch.setenv("QIS_RAY_MIN_REPLICAS", "3")  # named by its variables: there are no such flags
+    monkeypatch.setenv("QIS_RAY_MAX_REPLICAS", "2")
+    assert problem().splitlines()[1] == "  QIS_RAY_MIN_REPLICAS must not exceed QIS_RAY_MAX_REPLICAS (by default --workers)"
+    monkeypatch.delenv("QIS_RAY_MIN_REPLICAS")
+    monkeypatch.delenv("QIS_RAY_MAX_REPLICAS")
+    # QIS_DEFAULT_STEPS goes up to QIS_MAX_STEPS, as the README says (it stopped at 200 whatever QIS_MAX_STEPS was)
+    monkeypatch.setenv("QIS_MAX_STEPS", "1000")
+    monkeypatch.setenv("QIS_DEFAULT_STEPS", "500")
+    assert Settings().default_steps == 500
+    monkeypatch.setenv("QIS_DEFAULT_STEPS", "1001")
+    assert "QIS_DEFAULT_STEPS=1001 must be from 2 to QIS_MAX_STEPS=1000" in problem()
 
 
 @pytest.mark.parametrize("host", ["", "  "])
