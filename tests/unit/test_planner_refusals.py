@@ -633,3 +633,20 @@ def test_a_worker_refused_on_a_gpu_its_device_list_repeats_is_offered_the_free_g
     assert (
         result.output.strip().splitlines()[-1] == "Or put it on another GPU here: --device cuda:1,cuda:0; --device cuda:0,cuda:1."
     )
+
+
+def test_a_smaller_largest_side_is_never_offered_below_a_size_the_settings_name():
+    """A refusal offered QIS_MAX_IMAGE_SIDE=1120 to a server compiling 2048x2048, and 1712 to one whose
+    QIS_DEFAULT_SIZE was 2048x2048: both refused at the next start. The offered side is never below a size the
+    settings or the models name (a default size, a size to compile)."""
+    from qwen_image_server.models.plan_advice import largest_side
+
+    def fits(side: int) -> bool:
+        return side <= 1120
+
+    assert largest_side(Settings(), fits, [full_model("a")]) == 1120
+    assert largest_side(Settings(), fits, [full_model("a", compile=True, compile_sizes=("2048x2048",))]) is None
+    assert largest_side(Settings(default_size="1536x1024"), fits) is None
+    assert largest_side(Settings(default_size="1024x768"), fits, [full_model("a", compile_sizes=("1104x640",))]) == 1120
+    limited = {"default_size": "1200x1200"}  # a model's own default size (its folder's sidecar)
+    assert largest_side(Settings(), fits, [replace(full_model("a"), options=limited)]) is None

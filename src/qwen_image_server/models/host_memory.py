@@ -154,7 +154,7 @@ def cpu_suggestions(model: str, specs, settings, fits) -> list[str]:
         out.append(f"--weights-dtype fp8@{model} ({stored} weights stored in FP8)")
     if profile.vae_tiling != "on" and fits(profiles={model: replace(profile, vae_tiling="on")}):
         out.append(f"--vae-tiling on@{model} (the VAE decodes in tiles: less working memory)")
-    side = largest_side(settings, lambda s: fits(max_side=s))
+    side = largest_side(settings, lambda s: fits(max_side=s), specs)
     if side is not None:
         out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}: less working memory)")
     fewer = fewer_workers(model, settings, fits)

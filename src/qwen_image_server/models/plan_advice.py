@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..limits import request_defaults
 from .footprint import human as _gib
 
 #: Profile changes tried, least intrusive first: (setting, value, flag).
@@ -221,7 +222,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
         ok, fps = fits(profiles={model: replace(by_id[model].profile, cache=lite)})
         if ok:
             out.append(f"--cache {lite}@{model}{need(fps)}")
-    side = largest_side(settings, lambda s: fits(max_side=s)[0])
+    side = largest_side(settings, lambda s: fits(max_side=s)[0], specs)
     if side is not None:
         total = fits(max_side=side)[1][model].total
         out.append(f"QIS_MAX_IMAGE_SIDE={side} (images up to {side}x{side}; it would need {_gib(total)}{gpu})")
@@ -237,7 +238,7 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
     if not out:  # two changes: a profile setting for every model and a smaller largest image
         for key, value, flag in _PROFILE_CHANGES:
             everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
-            side = largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0])
+            side = largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0], specs)
             if side is not None:
                 total = fits(profiles=everyone, max_side=side)[1][model].total
                 out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)}{gpu})")
@@ -273,9 +274,14 @@ def lighter_cache(cache: str | None) -> str | None:
     return replace(policy, knobs=tuple((key, True if key == "lite" else value) for key, value in policy.knobs)).canonical()
 
 
-def largest_side(settings, ok) -> int | None:
-    """The largest allowed image side below the current one (a multiple of 16) that fits, by bisection."""
-    lo, hi = max(16, settings.min_image_side // 16 * 16), (settings.max_image_side - 1) // 16 * 16
+def largest_side(settings, ok, specs=()) -> int | None:
+    """The largest allowed image side below the current one (a multiple of 16) that fits, by bisection; never below
+    a side the settings or ``specs`` name (a configured default size, a size to compile), which a smaller largest
+    side would refuse at start."""
+    lo, hi = (
+        max(16, settings.min_image_side // 16 * 16, -(-_named_side(settings, specs) // 16) * 16),
+        (settings.max_image_side - 1) // 16 * 16,
+    )
     if hi < lo or not ok(lo):
         return None
     while lo < hi:
@@ -285,6 +291,16 @@ def largest_side(settings, ok) -> int | None:
         else:
             hi = mid - 16
     return lo
+
+
+def _named_side(settings, specs) -> int:
+    """The longest side of the sizes the settings and the models' profiles and options name: 0 for none. (A default
+    size that is the one the side limits give by themselves is not counted: it follows a smaller largest side.)"""
+    own = request_defaults(settings.min_image_side, settings.max_image_side, settings.max_steps, None, None)[0]
+    sizes = [settings.default_size] if settings.default_size != own else []
+    for spec in specs:
+        sizes += [*spec.profile.compile_sizes, *([spec.options["default_size"]] if spec.options.get("default_size") else [])]
+    return max((int(side) for size in sizes for side in str(size).lower().split("x") if side.isdigit()), default=0)
 
 
 def can_share(specs, settings) -> bool:
