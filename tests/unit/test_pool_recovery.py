@@ -225,3 +225,14 @@ def test_a_replacement_that_cannot_start_is_tried_again(monkeypatch):
         assert len(tries) == 2 and replaced == [worker]
 
     asyncio.run(run())
+
+
+def test_a_load_failures_public_reason_keeps_its_advice_and_says_where_it_is_cut():
+    """An attention backend's load failure ends with its advice: cut at 200 characters, it stopped at "Please"."""
+    from qwen_image_server.engine.worker_process import public_reason
+
+    advice = "RuntimeError: flash attention is not available: missing package or the version is too old. " * 2
+    assert public_reason(advice + "Please install flash-attn") == advice + "Please install flash-attn"
+    long = public_reason("x" * 1000)
+    assert len(long) == 400 and long.endswith("...")
+    assert public_reason("no file /home/me/models/a/b.bin") == "no file <path>"

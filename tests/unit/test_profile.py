@@ -206,3 +206,13 @@ def test_a_flag_replaces_a_bad_value_of_the_folders_file_and_a_bad_one_there_is_
         ModelConfigError, match=r"threshold: '5' is not in \[0, 1\];.* \(from the model folder's qwen_image_server.json; a flag"
     ):
         resolve_configured(Settings(models=[f"m={folder}"]))
+
+
+def test_loras_in_the_folders_file_are_refused_pointing_to_the_flag(tmp_path, tiny_t2i):
+    """LoRAs are flags only: a ``loras`` key in the folder's file said only "unknown keys ['loras']"."""
+    folder = tmp_path / "with-loras"
+    shutil.copytree(tiny_t2i, folder)
+    sidecar = json.loads((folder / SIDECAR_NAME).read_text())
+    (folder / SIDECAR_NAME).write_text(json.dumps({**sidecar, "loras": ["style=/l/a.safetensors"]}))
+    with pytest.raises(ModelConfigError, match=r"unknown keys \['loras'\] \(LoRAs are given with --lora NAME=PATH@MODEL"):
+        resolve_configured(Settings(models=[f"m={folder}"]))

@@ -29,8 +29,10 @@ _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+){2,}[\\/]?")
 
 
 def public_reason(reason: str | None) -> str:
-    """A load failure's reason as clients may see it: file system paths replaced (they are in the server log)."""
-    return _PATH.sub("<path>", reason or "unknown error")[:200]
+    """A load failure's reason as clients may see it: file system paths replaced (they are in the server log), at
+    most 400 characters, a cut one ending in "..." (at 200, attention backends' advice was cut mid-sentence)."""
+    text = _PATH.sub("<path>", reason or "unknown error")
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 #: What a forkserver imports once, before it forks workers: a worker then starts in a fraction of a second

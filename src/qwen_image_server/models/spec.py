@@ -187,7 +187,8 @@ def resolve_model(source: str, ident: str | None = None) -> ModelSpec:
         raise ModelConfigError(f"{source}: pipeline class {class_name!r} is not served (known: {known})")
     unknown = set(sidecar) - _SIDECAR_KEYS
     if unknown:
-        raise ModelConfigError(f"{source}/{SIDECAR_NAME}: unknown keys {sorted(unknown)}")
+        lora = " (LoRAs are given with --lora NAME=PATH@MODEL, not in this file)" if "loras" in unknown else ""
+        raise ModelConfigError(f"{source}/{SIDECAR_NAME}: unknown keys {sorted(unknown)}{lora}")
     return ModelSpec(
         id=ident or default_model_id(source),
         source=str(Path(source).expanduser()) if looks_like_path(source) else source,
