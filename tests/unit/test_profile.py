@@ -216,3 +216,15 @@ def test_loras_in_the_folders_file_are_refused_pointing_to_the_flag(tmp_path, ti
     (folder / SIDECAR_NAME).write_text(json.dumps({**sidecar, "loras": ["style=/l/a.safetensors"]}))
     with pytest.raises(ModelConfigError, match=r"unknown keys \['loras'\] \(LoRAs are given with --lora NAME=PATH@MODEL"):
         resolve_configured(Settings(models=[f"m={folder}"]))
+
+
+def test_compile_sizes_without_compile_are_said_to_do_nothing(tiny_t2i, caplog):
+    """``--compile-sizes`` without ``--compile`` was taken without a word (and shown in /v1/models as if warmed)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        resolve_configured(Settings(models=[f"m={tiny_t2i}"], compile_sizes=["512x512"]))
+        resolve_configured(Settings(models=[f"c={tiny_t2i}"], compile_sizes=["512x512"], compile=True))
+    assert [r.getMessage() for r in caplog.records] == [
+        "m: compile sizes are given but compile is off: nothing is compiled or warmed"
+    ]

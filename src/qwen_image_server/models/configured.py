@@ -10,6 +10,7 @@ process (``share_refusal``). No torch here.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -28,6 +29,8 @@ from .profile import (
     scoped_value,
 )
 from .spec import ModelConfigError, ModelSpec, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def resolve_models(
@@ -100,6 +103,9 @@ def resolve_configured(settings) -> list[ModelSpec]:
     specs = resolve_models(settings.model_entries(), settings.profile_flags(), settings.loras)
     _check_configured_defaults(specs, settings)
     _check_model_workers(specs, settings)
+    for spec in specs:
+        if spec.profile.compile_sizes and not spec.profile.compile:
+            log.warning("%s: compile sizes are given but compile is off: nothing is compiled or warmed", spec.id)
     specs = _with_aliases(specs, settings)
     return [_with_warm_default(spec, settings.default_size) for spec in specs]
 
