@@ -20,6 +20,9 @@ def test_tiny_models_resolve_by_class(tiny_t2i, tiny_edit, tiny_edit_plus):
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelConfigError, match="model folder not found"):
         resolve_model(str(tmp_path / "nope"))
+    (tmp_path / "a-file").write_text("x")  # it said "not found" of a file that is there
+    with pytest.raises(ModelConfigError, match="a-file is a file, not a model folder"):
+        resolve_model(str(tmp_path / "a-file"))
 
 
 def test_folder_without_index(tmp_path):

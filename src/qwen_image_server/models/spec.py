@@ -99,6 +99,8 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     """Return ``(model_index, sidecar options)`` for a folder or hub id (at ``revision``)."""
     if looks_like_path(source):
         folder = Path(source).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ModelConfigError(f"{source} is a file, not a model folder (a diffusers pipeline folder)")
         if not folder.is_dir():
             raise ModelConfigError(f"model folder not found: {source}")
         index_file = folder / "model_index.json"
