@@ -315,10 +315,12 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("host")
     @classmethod
     def _host_given(cls, value: str) -> str:
-        """An empty host would make the server listen on every interface: refused, not taken as a default."""
+        """An empty host would make the server listen on every interface: refused, not taken as a default. An IPv6
+        address in URL brackets (``[::1]``) is the address."""
         if not value.strip():
             raise ValueError("is empty: give the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
-        return value.strip()
+        host = value.strip()
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
     @field_validator("device")
     @classmethod

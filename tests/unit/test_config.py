@@ -399,3 +399,8 @@ def test_a_blank_folder_or_file_variable_is_unset(monkeypatch, tmp_path):
     assert settings.models_dir is None and settings.api_keys_file is None
     monkeypatch.setenv("QIS_MODELS_DIR", f" {tmp_path} ")
     assert Settings().models_dir == tmp_path
+
+
+def test_an_ipv6_host_in_url_brackets_is_the_address():
+    """``--host '[::1]'`` (as URLs write it) was "Name or service not known"; ``::1`` worked."""
+    assert Settings(host="[::1]").host == "::1" and Settings(host=" ::1 ").host == "::1"
