@@ -129,7 +129,9 @@ def test_full_queue_gives_503(limits):
     _wait_for_jobs_in_flight(limits, 2)  # the second request has reached the engine
     refused = httpx.post(limits + GEN, json=LIMITED_SHORT, timeout=60)
     assert refused.status_code == 503, refused.status_code
-    assert refused.json()["error"]["message"] == "Task queue is full" and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["message"] == "Task queue is full"
+    # about when its next job ends: its jobs' run time over its one replica, which a job's 5 s timeout bounds
+    assert 1 <= int(refused.headers["retry-after"]) <= 5, refused.headers["retry-after"]
     # The queue is the model's own: the app's other models still take requests.
     other = httpx.post(limits + GEN, json={**SHORT, "model": "qwen-image-tiny"}, timeout=300)
     assert other.status_code == 200, other.status_code
