@@ -19,7 +19,7 @@ from .cli_settings import env_names as _env_names
 from .cli_settings import settings_from_options, settings_problem
 from .config import Settings
 from .config_scoped import SCOPED_NUMBERS
-from .logs import API_FORMAT
+from .logs import API_FORMAT, LOG_LEVELS
 from .models.tiny import demo_model_entries, ensure_tiny_model
 
 __all__ = [
@@ -285,9 +285,6 @@ def serve(
         if isinstance(exc, PlanError) and exc.about_memory:
             typer.echo("If the estimate is wrong for this machine, --memory-check warn serves anyway.", err=True)
         raise typer.Exit(2) from None
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _log_level(value: str) -> str:

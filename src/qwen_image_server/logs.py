@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+#: The levels ``--log-level`` (and a Serve config's ``log_level``) take.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The API process's lines; ``qis_request_id`` comes from ``api.security.install_request_id_logging``.
 API_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(qis_request_id)s]: %(message)s"
 

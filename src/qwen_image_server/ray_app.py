@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from typing import NoReturn
 
 from pydantic import ValidationError
 from ray import serve
@@ -20,6 +21,7 @@ from .api.app import create_app
 from .cli_settings import alias_names, check_key_variables, settings_problem
 from .config import Settings
 from .engine.ray_deploy import build_deployments
+from .logs import LOG_LEVELS
 from .models.configured import resolve_configured
 from .models.spec import ModelSpec
 
@@ -38,8 +40,8 @@ def app_builder(args: dict):
     """
     args = dict(args or {})
     log_level = str(args.pop("log_level", "info"))
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ValueError(f"invalid settings:\n  args.log_level: one of debug, info, warning, error, got {log_level!r}")
+    if log_level.lower() not in LOG_LEVELS:
+        raise ValueError(f"invalid settings:\n  args.log_level: one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     # the fields, and their variables' names, which Settings takes as well
     known = set(Settings.model_fields) | {name for field in Settings.model_fields for name in alias_names(field)}
     unknown = sorted(key for key in args if key not in known)
@@ -150,18 +152,15 @@ def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> 
     except ConnectionError as exc:  # e.g. "ray client connection timeout" (a ray:// address, after about 30 s)
         raise ValueError(f"the Ray cluster at {settings.ray_address or 'a new local Ray'} could not be reached: {exc}") from None
     except KeyboardInterrupt:  # joining a cluster, or a second signal while a local Ray starts
-        signals.disarm()
-        if settings.ray_address is None:
-            ray.shutdown()
-        raise SystemExit(signals.status) from None
+        _leave(signals, settings)
     try:  # with Ray joined (the replicas' GPUs are the cluster's) and before the port opens
         application = build_application(settings, specs, log_level)
-    except (Exception, KeyboardInterrupt) as exc:
+    except KeyboardInterrupt:
+        _leave(signals, settings)
+    except Exception:
         signals.disarm()
         if settings.ray_address is None:
             ray.shutdown()
-        if isinstance(exc, KeyboardInterrupt):
-            raise SystemExit(signals.status) from None
         raise
     started = False
     try:
@@ -182,9 +181,18 @@ def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> 
                     serve.delete(settings.ray_app_name)
         finally:
             signals.disarm()  # the shutdown below is not cut short by another signal
-        if settings.ray_address is None:
-            ray.shutdown()
-        raise SystemExit(signals.status) from None
+        _leave(signals, settings)
+
+
+def _leave(signals: _Signals, settings: Settings) -> NoReturn:
+    """The end of ``run`` on a signal: a Ray started here stops (not cut short by another signal), and the process
+    exits with the first signal's status."""
+    import ray
+
+    signals.disarm()
+    if settings.ray_address is None:
+        ray.shutdown()
+    raise SystemExit(signals.status) from None
 
 
 def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_seconds: float = 10.0) -> None:
