@@ -175,21 +175,22 @@ class PipelineRunner:
         and the prompt tokens it reads kept in ``last_prompt_tokens`` (``usage``). On the run's thread: the tokenizer
         is not to be called from two threads at once (the pipeline sets its truncation)."""
         negative = (job.negative_prompt or " ") if job.true_cfg_scale > 1 else None
-        ids = self.pipe.tokenizer(job.prompt).input_ids
         if job.mode not in ("edit", "inpaint"):  # diffusers cuts the embeddings, past the template's start
-            self.last_prompt_tokens = min(len(ids), GENERATION_TEXT_TOKENS)
+            self.last_prompt_tokens = min(self.count_tokens(job.prompt), GENERATION_TEXT_TOKENS)
             return job.prompt, negative
-        self.last_prompt_tokens = min(len(ids), EDIT_PROMPT_TOKENS)
-        prompt = self._cut(job.prompt, ids, "prompt")
+        prompt, self.last_prompt_tokens = self._cut(job.prompt, "prompt")
         if negative is not None:
-            negative = self._cut(negative, self.pipe.tokenizer(negative).input_ids, "negative prompt")
+            negative, _ = self._cut(negative, "negative prompt")
         return prompt, negative
 
-    def _cut(self, text: str, ids: list[int], what: str) -> str:
+    def _cut(self, text: str, what: str) -> tuple[str, int]:
+        """``text`` cut to its first ``EDIT_PROMPT_TOKENS`` tokens, and the tokens kept."""
+        ids = self.pipe.tokenizer(text).input_ids
         if len(ids) <= EDIT_PROMPT_TOKENS:
-            return text
+            return text, len(ids)
         log.info("%s: the %s's %d tokens are cut to its first %d", self.spec.id, what, len(ids), EDIT_PROMPT_TOKENS)
-        return self.pipe.tokenizer.decode(ids[:EDIT_PROMPT_TOKENS]).rstrip("\ufffd")  # no half character at its end
+        # no half character at its end
+        return self.pipe.tokenizer.decode(ids[:EDIT_PROMPT_TOKENS]).rstrip("\ufffd"), EDIT_PROMPT_TOKENS
 
     @property
     def img2img_pipe(self):
