@@ -236,3 +236,26 @@ def test_a_load_failures_public_reason_keeps_its_advice_and_says_where_it_is_cut
     long = public_reason("x" * 1000)
     assert len(long) == 400 and long.endswith("...")
     assert public_reason("no file /home/me/models/a/b.bin") == "no file <path>"
+
+
+def test_a_full_queues_retry_after_counts_only_the_workers_that_serve():
+    """Retry-After is the model's job time over the workers that take its jobs: a worker that gave up loading runs
+    none, and counting it told clients to come back before a job could have ended."""
+    from qwen_image_server.errors import QueueFull
+
+    async def run() -> None:
+        pool, (good, bad), _ = _pool(2)
+        pool.waiting_jobs = pool.settings.queue_size  # a full queue
+        pool.on_message(good, Ready({"device": "cuda:0"}))  # type: ignore[arg-type]
+        pool.on_message(bad, LoadFailed("out of memory on the device"))  # type: ignore[arg-type]
+        bad.exit(0)
+        for _ in range(20):
+            pool.retry_after.observe(10.0)
+        try:
+            pool.admit()
+        except QueueFull as exc:
+            assert exc.headers["Retry-After"] == "10", exc.headers  # one worker serves: 10 s, not 5
+        else:
+            raise AssertionError("a full queue took a job")
+
+    asyncio.run(run())

@@ -75,7 +75,7 @@ class ModelPool:
         self.restarts = 0  # workers that exited unexpectedly (for the metrics and /ready)
         self.broken: str | None = None
         self.closing = False
-        self.retry_after = RetryAfter(settings, spec.id, lambda: len(self.workers))
+        self.retry_after = RetryAfter(settings, spec.id, self.serving)  # workers that take jobs, not those that gave up
         self.budget = PixelBudget(settings, spec.id, self.retry_after)
         self._starting: set[asyncio.Task] = set()  # replacements being started (``_replace_soon``)
         self._start_failures = 0  # replacements in a row that could not even be started
@@ -344,7 +344,11 @@ class ModelPool:
 
     def usable(self) -> bool:
         """Whether a worker of the model can take work now."""
-        return any(w.state in ("idle", "busy") for w in self.workers)
+        return self.serving() > 0
+
+    def serving(self) -> int:
+        """How many of the model's workers take work now."""
+        return sum(w.state in ("idle", "busy") for w in self.workers)
 
     def status(self) -> dict:
         return {
