@@ -401,7 +401,7 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:5"), discover=gpu_probe(fake_gpu(0, 80)))
     with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
         make_plan(specs, Settings(device="cuda:0"), discover=gpu_probe())
-    # no memory check makes an absent GPU serve: --memory-check warn refuses it too, without "serving anyway" (and
+    # no memory check makes an absent GPU serve: --memory-check warn refuses it too, without "placing the models anyway" (and
     # serve's refusal does not offer that flag)
     with pytest.raises(PlanError, match="which is not visible") as refused:
         checked_plan(specs, Settings(device="cuda:0", memory_check="warn"), discover=gpu_probe())

@@ -410,7 +410,7 @@ def test_memory_check_warn_logs_the_refusal_and_off_checks_nothing(caplog):
         checked_plan([spec], Settings(), discover=card)
     with caplog.at_level("WARNING"):
         warned = checked_plan([spec], Settings(memory_check="warn"), discover=card)
-    assert "the memory plan does not fit; serving anyway (--memory-check warn):\nnot enough GPU memory" in caplog.text
+    assert "the memory plan does not fit; placing the models anyway (--memory-check warn):\nnot enough GPU memory" in caplog.text
     assert warned.unchecked and warned.devices("qwen-image") == ["cuda:0"]
     probes, reads = [], []
     counted_card = lambda: probes.append(1) or card()  # noqa: E731

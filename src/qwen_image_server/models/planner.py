@@ -131,7 +131,7 @@ def checked_plan(specs: list[ModelSpec], settings, discover=None, reader=None, h
         except PlanError as exc:
             if not exc.about_memory:  # a GPU that is not there: no check makes it serve
                 raise
-            log.warning("the memory plan does not fit; serving anyway (--memory-check warn):\n%s", exc)
+            log.warning("the memory plan does not fit; placing the models anyway (--memory-check warn):\n%s", exc)
             failed = exc.plan
     unknown_free = None if found is None else [replace(gpu, free=None) for gpu in found]
     plan = make_plan(specs, settings, lambda: unknown_free, read_once, host=lambda: None)
