@@ -183,7 +183,7 @@ def serve(
         ),
     ] = None,
     cpu_threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker [QIS_CPU_THREADS].")] = None,
-    image_output_dir: Annotated[Path | None, typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
+    image_output_dir: Annotated[str | None, typer.Option(help="Where url images are stored [IMAGE_OUTPUT_DIR].")] = None,
     image_url_prefix: Annotated[str | None, typer.Option(help="URL prefix of stored images [IMAGE_DOWNLOAD_URL_PREFIX].")] = None,
     engine: Annotated[str | None, typer.Option(help="local (worker processes here) or ray (Ray Serve)")] = None,
     ray_address: Annotated[

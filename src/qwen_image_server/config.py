@@ -1,11 +1,9 @@
 """Server settings: one place for every environment variable and CLI option.
 
-Command-line flags override the environment. Besides this project's own
-``QIS_*`` variables, the names used by the two documents the server grew from
-work as documented there: ``QWEN_IMAGE_LOCATION`` / ``QWEN_IMAGE_EDIT_LOCATION``
-and ``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``,
-``TASK_TIMEOUT``, ``IMAGE_OUTPUT_DIR``, ``IMAGE_DOWNLOAD_URL_PREFIX``, plus
-``HOST`` and ``PORT``.
+Command-line flags override the environment. Besides this project's own ``QIS_*`` variables, the names used by the two
+documents the server grew from work as documented there: ``QWEN_IMAGE_LOCATION`` / ``QWEN_IMAGE_EDIT_LOCATION`` and
+``MODEL_PATH``, ``MODEL_NAME``, ``NUM_GPUS_TO_USE``, ``TASK_QUEUE_SIZE``, ``TASK_TIMEOUT``, ``IMAGE_OUTPUT_DIR``,
+``IMAGE_DOWNLOAD_URL_PREFIX``, plus ``HOST`` and ``PORT``.
 """
 
 from __future__ import annotations
@@ -271,13 +269,14 @@ class Settings(PerModelLimits, BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("image_output_dir")
+    @field_validator("image_output_dir", mode="before")
     @classmethod
-    def _output_dir_usable(cls, value: Path) -> Path:
-        """A regular file cannot hold url images: refused at start rather than a 500 on every url response. A folder
-        that does not exist yet is made when the first image is stored."""
-        problem = directory_problem(value)
-        if problem:
+    def _output_dir_usable(cls, value: object) -> object:
+        """Blank is the default (it was the working directory). A regular file cannot hold url images: refused at start
+        rather than a 500 on every url response. A folder that does not exist yet is made when the first is stored."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields["image_output_dir"].default
+        if isinstance(value, str | Path) and (problem := directory_problem(Path(value))):
             raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
         return value
 

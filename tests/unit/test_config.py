@@ -404,3 +404,22 @@ def test_a_blank_folder_or_file_variable_is_unset(monkeypatch, tmp_path):
 def test_an_ipv6_host_in_url_brackets_is_the_address():
     """``--host '[::1]'`` (as URLs write it) was "Name or service not known"; ``::1`` worked."""
     assert Settings(host="[::1]").host == "::1" and Settings(host=" ::1 ").host == "::1"
+
+
+def test_a_blank_image_output_dir_is_the_default_folder_not_the_working_directory(monkeypatch):
+    """``IMAGE_OUTPUT_DIR=`` (an env file's blank) or ``--image-output-dir ''`` stored url images in the working
+    directory; blank is the default folder, as the other blank paths are unset."""
+    from typer.testing import CliRunner
+
+    from qwen_image_server import cli
+
+    default = Settings.model_fields["image_output_dir"].default
+    monkeypatch.setenv("IMAGE_OUTPUT_DIR", "")
+    assert Settings().image_output_dir == default
+    assert Settings(image_output_dir=" ").image_output_dir == default
+    monkeypatch.delenv("IMAGE_OUTPUT_DIR")
+    seen = []
+    monkeypatch.setattr(cli, "run_server", lambda settings, log_level: seen.append(settings.image_output_dir))
+    done = CliRunner().invoke(cli.app, ["serve", "--image-output-dir", "", "-m", "m=/nowhere"])
+    assert done.exit_code == 0, done.output
+    assert seen == [default]
