@@ -51,12 +51,10 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     warning = open_without_keys(settings)
     if warning:
         logging.getLogger(__name__).warning(warning)
-    for spec in specs:
-        also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
-        logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
     if settings.engine == "ray":
         from . import ray_app
 
+        _log_served(specs)
         ray_app.run(settings, specs, log_level)
         return
     from .models.planner import checked_plan
@@ -65,6 +63,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     # refused plan starts no process (without a GPU the plan needs no torch: it takes milliseconds).
     with start_paths():
         memory_plan = checked_plan(specs, settings)
+    _log_served(specs)  # once the plan took them: a refused model was logged as served before the refusal
     logging.getLogger(__name__).info("memory plan:\n%s", memory_plan.table())
     from .engine.worker_process import start_forkserver_early
 
@@ -90,6 +89,12 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
         log_config=None,
         **uvicorn_options(settings, app.state.metrics.count_refusal),
     )
+
+
+def _log_served(specs: list) -> None:
+    for spec in specs:
+        also = "".join(f", {alias} as {name}" for alias, name in spec.aliases)
+        logging.getLogger(__name__).info("serving %s (%s) from %s%s", spec.id, spec.kind, spec.source, also)
 
 
 def open_without_keys(settings: Settings) -> str | None:

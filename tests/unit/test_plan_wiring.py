@@ -136,18 +136,20 @@ def test_serve_refuses_a_plan_that_does_not_fit_before_the_port_opens(tiny_t2i, 
     assert result.exit_code == 2 and "error: not enough GPU memory for model a (worker 1 of 1)" in result.output
 
 
-def test_a_plan_refused_on_the_cpu_starts_no_process(tiny_t2i, monkeypatch):
+def test_a_plan_refused_on_the_cpu_starts_no_process(tiny_t2i, monkeypatch, caplog):
     """The plan comes before the forkserver, whose imports (torch, diffusers) cost seconds of CPU: a refused plan
-    starts nothing, and a plan that fits starts it before the app."""
+    starts nothing, and a plan that fits starts it before the app. Only a model the plan took is logged as served."""
     from qwen_image_server.engine import worker_process
     from qwen_image_server.models.machine import HostMemory
 
     started: list[tuple] = []
     monkeypatch.setattr(worker_process, "start_forkserver_early", lambda *args: started.append(args))
     monkeypatch.setattr(planner, "discover_host_memory", lambda: HostMemory(GIB // 1024, GIB // 1024, "a test"))
+    caplog.set_level("INFO", logger="qwen_image_server.cli_run")
     with pytest.raises(PlanError, match="not enough memory on this machine for model a "):
         cli.run_server(Settings(models=[f"a={tiny_t2i}"], device="cpu", port=0))
     assert started == []
+    assert "serving a " not in caplog.text
 
     import uvicorn
 
@@ -155,6 +157,7 @@ def test_a_plan_refused_on_the_cpu_starts_no_process(tiny_t2i, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(("uvicorn",)))
     cli.run_server(Settings(models=[f"a={tiny_t2i}"], device="cpu", port=0))
     assert started == [("auto", "cpu"), ("uvicorn",)]
+    assert f"serving a (text-to-image) from {tiny_t2i}" in caplog.text
 
 
 def test_worker_memory_report_is_empty_off_gpu():
