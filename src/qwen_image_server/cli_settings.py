@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 
 import typer
@@ -84,7 +85,7 @@ def settings_problem(exc: ValidationError, given: set[str], given_as: Callable[[
         if isinstance(value, str) and ("url" in field or "://" in value):
             value = shown_url(value)
         got = f" (got {value!r})" if field and not secret and isinstance(value, str | int | float) else ""
-        got = "" if repr(value) in message else got  # the message quotes it already
+        got = "" if repr(value) in message or _names(message, str(value)) else got  # the message names it already
         if not field:  # a rule between settings: its message names them
             lines.append(message)
         elif field in given:
@@ -118,6 +119,11 @@ def env_names(field: str) -> list[str]:
         if field == name or field in choices:
             return choices or [f"QIS_{name.upper()}"]
     return [field]
+
+
+def _names(message: str, value: str) -> bool:
+    """Whether ``message`` has ``value`` as a word of its own (a path it names; not 100 inside "at most 1000")."""
+    return bool(value) and re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", message) is not None
 
 
 def alias_names(field: str) -> list[str]:

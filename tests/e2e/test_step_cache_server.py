@@ -82,4 +82,4 @@ def test_vae_tiling_flag_reaches_its_model_only(server, tiny_t2i):
     assert not np.array_equal(tiled_pixels, whole_pixels)
     refused = run_cli("plan", "--model", f"m={tiny_t2i}", "--vae-tiling", "tiles@m")
     assert refused.returncode == 2
-    assert "vae_tiling for model m: 'tiles' is not one of off, on" in refused.stderr
+    assert "--vae-tiling for model m: 'tiles' is not one of off, on" in refused.stderr

@@ -56,7 +56,7 @@ def test_a_setting_the_server_refuses_is_recorded_as_unsupported(tmp_path):
     assert (record["setting"], record["status"], record["exit_code"]) == ("smoke-unsupported", "unsupported", 2)
     assert "'int3' is not one of none, fp8" in record["error"]
     assert record["torch"] and record["date"] and "--quantize" in record["server_args"]
-    assert "| smoke-unsupported | unsupported: error: quantize for model qwen-image" in result.stdout
+    assert "| smoke-unsupported | unsupported: error: --quantize for model qwen-image" in result.stdout
 
 
 def test_every_timed_request_sends_a_prompt_of_its_own_of_one_length(gpu_bench, tmp_path):

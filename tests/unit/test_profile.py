@@ -33,7 +33,7 @@ def test_scoped_value_takes_the_last_of_each_kind():
 
 
 def test_bad_values_name_the_setting_and_the_model():
-    with pytest.raises(ProfileError, match="offload for model a: 'swap' is not one of none, text-encoder"):
+    with pytest.raises(ProfileError, match="--offload for model a: 'swap' is not one of none, text-encoder"):
         build_profile("a", {}, {"offload": ["swap"]})
     with pytest.raises(ProfileError, match="compile_sizes for model a: '1024' is not WIDTHxHEIGHT"):
         build_profile("a", {"compile_sizes": ["1024"]}, {})
@@ -112,8 +112,8 @@ def test_compile_and_deterministic_per_model_from_the_command_line_and_the_envir
             ["--compile", "on@nope"],
             "error: --compile (or QIS_MODEL_COMPILE) names models that are not served: nope (served: a, b)",
         ),
-        (["--compile", "maybe@a"], "error: compile for model a: expected on or off (or true, false, 1, 0), got 'maybe'"),
-        (["--deterministic=sure"], "error: deterministic for model a: expected on or off (or true, false, 1, 0), got 'sure'"),
+        (["--compile", "maybe@a"], "error: --compile for model a: expected on or off (or true, false, 1, 0), got 'maybe'"),
+        (["--deterministic=sure"], "error: --deterministic for model a: expected on or off (or true, false, 1, 0), got 'sure'"),
     ]:
         result = CliRunner().invoke(cli.app, ["plan", "--model", f"a={tiny_t2i}", "--model", f"b={tiny_edit}", *args])
         assert (result.exit_code, result.output.strip()) == (2, message), result.output
@@ -136,8 +136,10 @@ def test_vae_tiling_from_flags_environment_and_sidecar(monkeypatch):
     assert build_profile("a", {}, {}).vae_tiling == "off"
     assert build_profile("a", {"vae_tiling": True}, {}).vae_tiling == "on"
     assert build_profile("a", {"vae_tiling": "on"}, {"vae_tiling": ["off@a"]}).vae_tiling == "off"
-    with pytest.raises(ProfileError, match="vae_tiling for model a: 'tiles' is not one of off, on"):
-        build_profile("a", {}, {"vae_tiling": ["tiles"]})
+    with pytest.raises(ProfileError, match="^--vae-tiling for model a: 'tiles' is not one of off, on$"):
+        build_profile("a", {}, {"vae_tiling": ["tiles"]})  # a flag's value: the flag is named
+    with pytest.raises(ProfileError, match="^vae_tiling for model a: 'tiles' is not one of off, on .from the model folder's"):
+        build_profile("a", {"vae_tiling": "tiles"}, {})  # the sidecar's: its key is
     monkeypatch.setenv("QIS_VAE_TILING", "on@b;off")
     assert Settings().profile_flags()["vae_tiling"] == ["on@b", "off"]
 
@@ -160,7 +162,7 @@ def test_cfg_batch_auto_and_deterministic_are_refused_together():
         "off",
     ]
     assert build_profile("m", {"cfg_batch": True}, {}).cfg_batch == "on"
-    with pytest.raises(ProfileError, match="cfg_batch for model m: 'sometimes' is not one of"):
+    with pytest.raises(ProfileError, match="--cfg-batch for model m: 'sometimes' is not one of"):
         build_profile("m", {}, {"cfg_batch": ["sometimes"]})
 
 

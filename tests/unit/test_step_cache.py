@@ -62,9 +62,9 @@ def test_bad_policy_strings_name_the_policy_and_its_knobs(text, message):
 def test_a_bad_profile_cache_is_a_start_up_error_naming_the_model(tiny_t2i):
     assert build_profile("m", {}, {"cache": ["fbcache@m"]}).cache == "fbcache:threshold=0.08"
     assert build_profile("m", {"cache": "fbcache"}, {"cache": ["none"]}).cache is None
-    with pytest.raises(ProfileError, match="cache for model m: policy fbcache: unknown knob 'warmup'; knobs: threshold="):
+    with pytest.raises(ProfileError, match="--cache for model m: policy fbcache: unknown knob 'warmup'; knobs: threshold="):
         build_profile("m", {}, {"cache": ["fbcache:warmup=2"]})
-    with pytest.raises(ModelConfigError, match="cache for model a: unknown step cache policy 'magcache'; valid: fbcache"):
+    with pytest.raises(ModelConfigError, match="--cache for model a: unknown step cache policy 'magcache'; valid: fbcache"):
         resolve_configured(Settings(models=[f"a={tiny_t2i}"], cache=["magcache"]))
 
 

@@ -131,31 +131,33 @@ def _sizes(value: Any, key: str, model: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _coerce(key: str, value: Any, model: str) -> Any:
-    """A flag or sidecar value in the profile's own type, or a ``ProfileError`` naming the setting."""
+def _coerce(key: str, value: Any, model: str, name: str | None = None) -> Any:
+    """A flag or sidecar value in the profile's own type, or a ``ProfileError`` naming the setting as ``name`` (the
+    flag, ``--vae-tiling``, for a flag's value; the sidecar's key by default)."""
+    name = name or key
     if key in ("compile", "deterministic"):
-        return _as_bool(value, key, model)
+        return _as_bool(value, name, model)
     if key == "compile_sizes":
-        return _sizes(value, key, model)
+        return _sizes(value, name, model)
     if key == "quantize":
-        return _choice(value, QUANTIZE_MODES, key, model)
+        return _choice(value, QUANTIZE_MODES, name, model)
     if key == "cfg_batch":  # on/off also as every other on/off setting takes them (true, 1, yes...), besides auto
         parsed = parse_bool(value)
-        return _choice(value if parsed is None else ("on" if parsed else "off"), CFG_BATCH_MODES, key, model)
+        return _choice(value if parsed is None else ("on" if parsed else "off"), CFG_BATCH_MODES, name, model)
     if key == "weights_dtype":
-        return _choice(value, WEIGHTS_DTYPES, key, model)
+        return _choice(value, WEIGHTS_DTYPES, name, model)
     if key == "offload":
-        return _choice(value, OFFLOAD_MODES, key, model)
+        return _choice(value, OFFLOAD_MODES, name, model)
     if key == "vae_tiling":
         parsed = parse_bool(value)
-        return _choice(value if parsed is None else ("on" if parsed else "off"), VAE_TILING_MODES, key, model)
+        return _choice(value if parsed is None else ("on" if parsed else "off"), VAE_TILING_MODES, name, model)
     if key == "cache":
         from .step_cache import CachePolicyError, canonical_policy
 
         try:
             return canonical_policy(value)
         except CachePolicyError as exc:
-            raise ProfileError(f"cache for model {model}: {exc}") from None
+            raise ProfileError(f"{name} for model {model}: {exc}") from None
     if key == "attention_backend":
         text = str(value).strip()
         return None if text.lower() in ("", "none", "off") else text
@@ -208,7 +210,7 @@ def build_profile(model: str, sidecar: dict, flags: dict[str, list[str]], loras:
     for key in PROFILE_KEYS:
         raw = scoped_value(flags.get(key) or [], model)
         if raw is not None:  # a flag's value replaces the folder's, which then is not read (a bad one included)
-            values[key] = _coerce(key, raw, model)
+            values[key] = _coerce(key, raw, model, "--" + key.replace("_", "-"))
         elif key in sidecar:
             try:
                 values[key] = _coerce(key, sidecar[key], model)
