@@ -225,6 +225,10 @@ def test_a_lora_for_a_random_weight_model_is_checked_against_its_packaged_archit
     deep = _fake_lora(tmp_path / "deep.safetensors", _pair("transformer.transformer_blocks.5.attn.to_q", 4, 3072, 3072))
     with pytest.raises(ModelConfigError, match="with more layers"):
         resolve_configured(Settings(models=["random:Qwen/Qwen-Image?layers=2"], loras=[f"deep={deep}"]))
+    # a layer of a block that is not linear (the query norm): not a deeper model's, which it was said to be
+    norm = _fake_lora(tmp_path / "norm.safetensors", _pair("transformer.transformer_blocks.0.attn.norm_q", 4, 128, 128))
+    with pytest.raises(ModelConfigError, match="seems to be for layers of a Qwen-Image transformer that are not its linear"):
+        resolve_configured(Settings(models=["random:Qwen/Qwen-Image"], loras=[f"norm={norm}"]))
     fits = _fake_lora(tmp_path / "fits.safetensors", _pair("transformer.transformer_blocks.5.attn.to_q", 4, 3072, 3072))
     (spec,) = resolve_configured(Settings(models=["random:Qwen/Qwen-Image"], loras=[f"fits={fits}"]))
     assert [lora.name for lora in spec.profile.loras] == ["fits"]

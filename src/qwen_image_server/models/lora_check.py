@@ -100,8 +100,14 @@ def check_lora_file(lora: LoraSpec, base_id: str, config: dict | None) -> tuple[
     if foreign or unknown or not shapes:
         examples = ", ".join((foreign + unknown)[:3]) or "none"
         what = seems_for(list(header)) if (foreign or unknown) else "nothing (no LoRA weights in it)"
-        if not foreign and unknown and all(_BLOCK.match(m) or m in top for m in unknown):
-            what = "a Qwen-Image transformer with more layers"
+        blocks = [match.group(2) for m in unknown if (match := _BLOCK.match(m))]
+        if not foreign and unknown and len(blocks) == len(unknown):
+            # only blocks past the last: a deeper model's; else a layer of a block that is no linear layer (a norm)
+            what = (
+                "a Qwen-Image transformer with more layers"
+                if all(name in block for name in blocks)
+                else "layers of a Qwen-Image transformer that are not its linear ones (a LoRA adapts linear layers only)"
+            )
         raise LoraError(
             f"{where}: it does not fit the Qwen-Image transformer; it seems to be for {what} "
             f"(keys such as {examples}); expected keys like {EXPECTED_KEYS} on the transformer's linear layers"
