@@ -149,6 +149,25 @@ def test_compiled_transformer_slot_swaps_without_recompiling(tiny_t2i, tiny_lora
     assert np.abs(zero - base).max() <= 1, "a request's strength 0 in the slot: the base image, without recompiling"
 
 
+def test_loading_several_loras_warns_nothing(tiny_t2i, tmp_path):
+    """peft warned "Already found a `peft_config` attribute in the model ... Make sure to know what you are doing!"
+    for each LoRA after the first, in every worker's start-up log: several adapters are what a set of LoRAs is."""
+    import warnings
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from model_files import make_tiny_lora
+
+    loras = [f"{name}={make_tiny_lora(tiny_t2i, tmp_path / f'{name}.safetensors', seed=i)}" for i, name in enumerate("ab")]
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoraSet(pipe, _spec(tiny_t2i, *loras).profile)
+    assert not [str(w.message) for w in caught if "peft_config" in str(w.message)]
+    assert set(pipe.transformer.peft_config) == {"lora0", "lora1"}  # both loaded
+
+
 def test_the_compiled_slot_holds_loras_of_other_layers_and_ranks(tiny_t2i, tmp_path):
     """LoRAs of other layers and ranks, one with ranks that differ by layer: each swapped into the compiled model's
     slot gives its eager image, and the base comes back, without recompiling. peft refused such swaps (their

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 from .lora import LoraError, preset_for
@@ -100,10 +101,12 @@ class LoraSet:
         sequential = self.profile.offload == "sequential"
         if hotswap and not sequential:
             offload_groups(self.pipe.transformer)
-        self.pipe.load_lora_into_transformer(
-            state, transformer=self.pipe.transformer, adapter_name=adapter_name, metadata=metadata,
-            hotswap=hotswap, _pipeline=self.pipe if sequential else None,
-        )  # fmt: skip
+        with warnings.catch_warnings():  # peft's warning for every adapter after the first, which a LoraSet means
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            self.pipe.load_lora_into_transformer(
+                state, transformer=self.pipe.transformer, adapter_name=adapter_name, metadata=metadata,
+                hotswap=hotswap, _pipeline=self.pipe if sequential else None,
+            )  # fmt: skip
         if regroup and not (hotswap or sequential):
             regroup_offloaded(self.pipe.transformer)
 
