@@ -168,6 +168,29 @@ def test_loading_several_loras_warns_nothing(tiny_t2i, tmp_path):
     assert set(pipe.transformer.peft_config) == {"lora0", "lora1"}  # both loaded
 
 
+def test_the_compiled_slot_keeps_each_loras_weights_whatever_dtype_the_first_one_has(tiny_t2i, tmp_path):
+    """The slot's tensors took the dtype of the first LoRA listed for each layer: a float16 LoRA first rounded a
+    float32 one swapped in after it (on a float32 model: other pixels than the same LoRA without the compiled slot)."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.numpy import load_file, save_file
+
+    from model_files import make_tiny_lora
+
+    half = make_tiny_lora(tiny_t2i, tmp_path / "half.safetensors", seed=1)
+    save_file({k: v.astype(np.float16) for k, v in load_file(str(half)).items()}, str(half), metadata={"format": "pt"})
+    full = make_tiny_lora(tiny_t2i, tmp_path / "full.safetensors", seed=2)
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_t2i), dtype=torch.float32)
+    slot = LoraSet(pipe, replace(_spec(tiny_t2i, f"half={half}", f"full={full}").profile, compile=True))
+    laid_out, own = slot._laid_out("full", 1.0), load_file(str(full))
+    assert len(own) == len(laid_out) > 0
+    for name, value in own.items():
+        assert laid_out[name].dtype == torch.float32, name
+        kept = laid_out[name][: value.shape[0]] if name.endswith("lora_A.weight") else laid_out[name][:, : value.shape[1]]
+        scaling = slot._weights["full"]["scaling"] if name.endswith("lora_B.weight") else 1.0
+        assert torch.equal(kept, torch.from_numpy(value) * scaling), name
+
+
 def test_the_compiled_slot_holds_loras_of_other_layers_and_ranks(tiny_t2i, tmp_path):
     """LoRAs of other layers and ranks, one with ranks that differ by layer: each swapped into the compiled model's
     slot gives its eager image, and the base comes back, without recompiling. peft refused such swaps (their

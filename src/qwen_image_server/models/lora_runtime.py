@@ -127,6 +127,8 @@ class LoraSet:
         matches the slot's, and a LoRA of other layers or ranks (or its own alpha or dropout) derived another config
         (rank and alpha patterns): the swap failed, diffusers deleted the slot, and later requests for a LoRA ran
         without it, as the base model. One layout, one config, no such failure."""
+        import torch
+
         pipe = self.pipe
         rank = max(lora.rank for lora in self.swapped)
         pipe.enable_lora_hotswap(target_rank=rank)
@@ -140,7 +142,8 @@ class LoraSet:
                     raise LoraError(f"LoRA {name}: its tensor {key} does not fit the compiled model's adapter slot")
                 known = layout.get(layer, (0, 0, value.dtype))
                 shape = (value.shape[1], known[1]) if part == "A.weight" else (known[0], value.shape[0])
-                layout[layer] = (*shape, known[2])
+                # the widest of the LoRAs' dtypes: a half-precision LoRA listed first rounded the others' weights
+                layout[layer] = (*shape, torch.promote_types(known[2], value.dtype))
         # Each LoRA is kept as it is (on the device) with its scaling, and laid out for a swap only: the laid-out
         # copies (every layer at the largest rank; zeros for the base model) would take as much memory per LoRA.
         for name, (state, metadata) in loaded.items():
