@@ -650,3 +650,24 @@ def test_a_smaller_largest_side_is_never_offered_below_a_size_the_settings_name(
     assert largest_side(Settings(default_size="1024x768"), fits, [full_model("a", compile_sizes=("1104x640",))]) == 1120
     limited = {"default_size": "1200x1200"}  # a model's own default size (its folder's sidecar)
     assert largest_side(Settings(), fits, [replace(full_model("a"), options=limited)]) is None
+
+
+def test_a_small_card_is_offered_the_quickest_combination_that_fits_before_smaller_images():
+    """A 12 GB card: no single setting fits Qwen-Image, and the refusal offered only sequential offload with images
+    up to 1616x1616 (the slowest offload), while group offload with VAE tiling serves every size; with 64 GiB of
+    host memory its bf16 pinned copies (85.3 GiB) do not fit there, and FP8 storage (42.6 GiB) is needed too. Each
+    offer is then planned as it is, and fits."""
+    (spec,) = resolve_configured(Settings(models=["qwen-image=random:Qwen/Qwen-Image"]))  # its real tensor shapes
+    card, offers = gpu_probe(fake_gpu(0, 12)), {}
+    for host in (128, 64):
+        with pytest.raises(PlanError) as refused:
+            make_plan([spec], Settings(), discover=card, host=_host(host))
+        (offer,) = [line for line in str(refused.value).splitlines() if line.startswith("Would fit: ")]
+        offers[host] = offer
+    assert offers[128].startswith("Would fit: --vae-tiling on --offload group (for every model)"), offers
+    assert offers[64].startswith("Would fit: --vae-tiling on --weights-dtype fp8 --offload group (for every model)"), offers
+    assert all("QIS_MAX_IMAGE_SIDE" not in offer and "sequential" not in offer for offer in offers.values())
+    for host, profile in ((128, RunProfile(vae_tiling="on", offload="group")),
+                          (64, RunProfile(vae_tiling="on", weights_dtype="fp8", offload="group"))):  # fmt: skip
+        plan = make_plan([replace(spec, profile=profile)], Settings(), discover=card, host=_host(host))
+        assert plan.devices("qwen-image") == ["cuda:0"]

@@ -7,6 +7,7 @@ then need. No torch here.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from ..limits import request_defaults
@@ -235,7 +236,13 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:
         out.append("--device auto (places the workers by free memory)")
-    if not out:  # two changes: a profile setting for every model and a smaller largest image
+    if not out:  # two to four profile settings for every model, the quickest first (a 12 GB card: group offload and
+        for changes in _combinations():  # VAE tiling serve every size; sequential offload alone needed smaller images)
+            everyone = {spec.id: replace(spec.profile, **changes) for spec in specs}
+            if any(spec.profile != everyone[spec.id] for spec in specs) and (found := fits(profiles=everyone))[0]:
+                out.append(f"{_recipe_flags(changes)} (for every model){need(found[1])}")
+                break
+    if not out:  # a profile setting for every model and a smaller largest image
         for key, value, flag in _PROFILE_CHANGES:
             everyone = {spec.id: replace(spec.profile, **{key: value}) for spec in specs}
             side = largest_side(settings, lambda s, p=everyone: fits(profiles=p, max_side=s)[0], specs)
@@ -244,6 +251,20 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
                 out.append(f"{flag} {value} (for every model) with QIS_MAX_IMAGE_SIDE={side} (it would need {_gib(total)}{gpu})")
                 break
     return out
+
+
+def _combinations() -> list[dict[str, str]]:
+    """Two to four ``_PROFILE_CHANGES`` of different settings, the quickest first: ordered by their places in that
+    list (later is slower), the latest first (group offload with VAE tiling, then with FP8 storage too, comes before
+    any combination with sequential offload)."""
+    chosen = [
+        combo
+        for size in (2, 3, 4)
+        for combo in itertools.combinations(range(len(_PROFILE_CHANGES)), size)
+        if len({_PROFILE_CHANGES[i][0] for i in combo}) == size
+    ]
+    chosen.sort(key=lambda combo: sorted(combo, reverse=True))
+    return [{_PROFILE_CHANGES[i][0]: _PROFILE_CHANGES[i][1] for i in combo} for combo in chosen]
 
 
 def resident_recipe(profiles: dict, fits, offloaded_too: bool = False):
