@@ -401,6 +401,9 @@ def test_an_explicit_device_list_is_kept_and_checked():
         make_plan(specs, Settings(device="cuda:5"), discover=gpu_probe(fake_gpu(0, 80)))
     with pytest.raises(PlanError, match=r"--device names cuda:0, which is not visible \(visible GPUs: none\)"):
         make_plan(specs, Settings(device="cuda:0"), discover=gpu_probe())
+    # also a GPU of the list that no worker goes to (yet): a typo was refused only once --workers grew
+    with pytest.raises(PlanError, match=r"--device names cuda:7, which is not visible \(visible GPUs: cuda:0\)"):
+        make_plan(specs[:1], Settings(device="cuda:0,cuda:7", workers=1), discover=gpu_probe(fake_gpu(0, 80)))
     # no memory check makes an absent GPU serve: --memory-check warn refuses it too, without "placing the models anyway" (and
     # serve's refusal does not offer that flag)
     with pytest.raises(PlanError, match="which is not visible") as refused:

@@ -90,13 +90,15 @@ def _check_explicit(
     extras = extras or {}
     by_device = {g.device: g for g in gpus}
     placed = [Placement(m, s, _norm(devices[i % len(devices)]), need) for i, (m, s, need) in enumerate(slots)]
+    # every GPU the list names, also one no worker goes to yet (a typo showed only once --workers grew)
+    for device in dict.fromkeys(_norm(d) for d in devices):
+        if device.startswith("cuda") and device not in by_device:
+            visible = ", ".join(by_device) or "none"
+            return placed, f"--device names {device}, which is not visible (visible GPUs: {visible})"
     for device in dict.fromkeys(p.device for p in placed):
         if not device.startswith("cuda"):
             continue
-        gpu = by_device.get(device)
-        if gpu is None:
-            visible = ", ".join(by_device) or "none"
-            return placed, f"--device names {device}, which is not visible (visible GPUs: {visible})"
+        gpu = by_device[device]
         here = [p for p in placed if p.device == device]
         need = sum(p.need or 0 for p in here) + max((extras.get(p.model, 0) for p in here if p.need is not None), default=0)
         if gpu.free is not None and need > gpu.free:
