@@ -432,7 +432,7 @@ def test_the_ray_engine_serves_while_a_replica_is_replaced_and_not_while_it_shut
 
     def read(app_status: str, status: dict | None = None, replicas: dict | None = None) -> tuple[int, str]:
         now.update(app=app_status, status=status or {}, replicas=replicas or {})
-        engine._ready_cache = (0.0, *engine._serve_status_now())
+        engine._ready_cache = engine._serve_status_now()
         (ready,) = _call(app, ("GET", "/ready", {}))
         return ready.status_code, ready.json()["status"]
 

@@ -72,7 +72,7 @@ class RayEngine(EngineDefaults):
             spec.id: RetryAfter(settings, spec.id, functools.partial(self._replicas, spec.id)) for spec in models
         }
         self._budgets = {spec.id: PixelBudget(settings, spec.id, self._retry_after[spec.id]) for spec in models}
-        self._ready_cache: tuple[float, bool, dict] = (0.0, False, {})
+        self._ready_cache: tuple[bool, dict] = (False, {})  # the last reading of Serve's status
         self._polling: threading.Thread | None = None  # reads Serve's status (``_poll_serve_status``)
         self._polled = threading.Lock()  # one thread starts the poller
         self._stop_polling = threading.Event()
@@ -202,13 +202,11 @@ class RayEngine(EngineDefaults):
                 if self._polling is None:
                     self._polling = threading.Thread(target=self._poll_serve_status, name="serve status", daemon=True)
                     self._polling.start()
-        _, ready, deployments = self._ready_cache  # one reading's both parts
-        return ready, deployments
+        return self._ready_cache  # one reading's both parts
 
     def _poll_serve_status(self) -> None:
         while True:
-            ready, deployments = self._serve_status_now()
-            self._ready_cache = (time.monotonic(), ready, deployments)
+            self._ready_cache = self._serve_status_now()
             if self._stop_polling.wait(self.STATUS_SECONDS):
                 return
 
