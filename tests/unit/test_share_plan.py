@@ -161,3 +161,36 @@ def test_shared_processes_on_the_cpu_and_per_slot(tiny_t2i, tiny_edit_plus):
     # slot i of both models is one process on one GPU; the two slots spread over the GPUs
     assert two.devices("qwen-image") == two.devices("qwen-image-edit")
     assert sorted(two.devices("qwen-image")) == ["cuda:0", "cuda:1"]
+
+
+def test_offloaded_weights_of_shared_processes_are_checked_against_the_host_once_per_process(tiny_t2i, tiny_edit_plus):
+    """A shared process keeps the text encoder and VAE it offloads in host memory once: counted once, and checked.
+    Shared plans were not checked against the host at all (the plan "fit", and the kernel would end the workers
+    while they loaded), and a refusal for host memory never offered --share-components."""
+    specs = _specs(tiny_t2i, tiny_edit_plus, offload="text-encoder")
+
+    def host(gib: float):
+        return lambda: HostMemory(int(gib * GIB), int(gib * GIB), "test host")
+
+    def plan(gib: float, **settings):
+        return make_plan(specs, Settings(max_image_side=1328, **settings), discover=lambda: [_gpu(200)], reader=_full_size,
+                         host=host(gib))  # fmt: skip
+
+    apart, shared = plan(1000), plan(1000, share_components=True)
+    second = shared.footprints["qwen-image-edit"]
+    whole = {name: size - second.components.get(name, 0) for name, size in _whole_components(specs, tiny_edit_plus).items()}
+    assert apart.host_planned - shared.host_planned == whole["text_encoder"] + whole["vae"] > 0
+    between = (apart.host_planned + shared.host_planned) / 2 / GIB
+    assert plan(between, share_components=True).devices("qwen-image") == ["cuda:0"]  # one 200 GB card, for both
+    with pytest.raises(PlanError) as refused:
+        plan(between)
+    assert "--share-components (one worker process serves every model" in str(refused.value)
+    with pytest.raises(PlanError, match="not enough memory on this machine for the weights model"):
+        plan(shared.host_planned / GIB - 1, share_components=True)
+
+
+def _whole_components(specs, folder) -> dict[str, int]:
+    """The bytes of each component of a model sized as full-size Qwen-Image with nothing offloaded."""
+    plain = resolve_models([("plain", str(folder))], {})
+    plan = make_plan(plain, Settings(max_image_side=1328), discover=lambda: [_gpu(1000)], reader=_full_size)
+    return plan.footprints["plain"].components

@@ -51,9 +51,15 @@ class Footprint:
     load_extra: int = 0
     #: What the step cache keeps between denoising steps (``step_cache_bytes``), part of ``activations``.
     step_cache: int = 0
-    #: Host bytes of a GPU worker's offloaded weights as group offload holds them (``pinned_copies``); None: what its
-    #: offload mode moves off the device, as loaded (model and sequential offload; a model sized from counts only).
-    host_offloaded: int | None = None
+    #: Host bytes of a GPU worker's offloaded weights as group offload holds them, per component (``pinned_parts``);
+    #: None: what its offload mode moves off the device, as loaded (model and sequential offload; a model sized from
+    #: counts only).
+    host_pinned: dict[str, int] | None = None
+
+    @property
+    def host_offloaded(self) -> int | None:
+        """``host_pinned`` in all (None: not pinned)."""
+        return None if self.host_pinned is None else sum(self.host_pinned.values())
 
     @property
     def weights(self) -> int:
@@ -258,8 +264,14 @@ def pinned_size(nbytes: int) -> int:
 
 
 def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int | None:
-    """Host bytes of the copies group offload keeps on a CUDA worker (``--offload group`` or ``text-encoder``), or None
-    for the other modes. diffusers' group offload with CUDA's side stream pins a copy of every tensor of each grouped
+    """``pinned_parts`` in all."""
+    parts = pinned_parts(model, profile, run_bytes)
+    return None if parts is None else sum(parts.values())
+
+
+def pinned_parts(model: ModelTensors, profile: RunProfile, run_bytes: int) -> dict[str, int] | None:
+    """Host bytes of the copies group offload keeps on a CUDA worker (``--offload group`` or ``text-encoder``), per
+    component, or None for the other modes. diffusers' group offload with CUDA's side stream pins a copy of every tensor of each grouped
     component's blocks (those on the device at the moment too), one allocation each, which torch rounds up to a power
     of two (``pinned_size``): about 1.6x the weights of Qwen-Image's transformer and 1.9x its text encoder's. What is
     outside the blocks moves whole, unpinned (counted as it is); the text encoder's token embeddings stay on the device
@@ -279,11 +291,11 @@ def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> i
             total += sum(pinned_size(size) for size in pieces) if _BLOCK.match(t.name) else sum(pieces)
         return total
 
-    return sum(
-        _sized("pinned", tensors, _pieces_key(c, run_bytes, profile), lambda c=c, tensors=tensors: pinned(c, tensors))
+    return {
+        c: _sized("pinned", tensors, _pieces_key(c, run_bytes, profile), lambda c=c, tensors=tensors: pinned(c, tensors))
         for c in components
         if (tensors := model.components.get(c, ()))
-    )
+    }
 
 
 def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: bool = True) -> int:
@@ -357,7 +369,7 @@ def footprint(
         image_side=max_image_side,
         origin=model.origin,
         profile=profile,
-        host_offloaded=pinned_copies(model, profile, run_bytes) if on_gpu else None,
+        host_pinned=pinned_parts(model, profile, run_bytes) if on_gpu else None,
     )
     # While loading nothing runs, so the working memory is free: only a load peak above the total counts.
     return replace(steady, load_extra=max(0, load_peak(model, profile, run_bytes, on_gpu) + overhead - steady.total))

@@ -35,28 +35,45 @@ def cpu_need(placements, footprints, shared: bool = False) -> tuple[int, dict[st
 
 
 def offloaded_bytes(fp, whole) -> int:
-    """Host bytes one GPU worker keeps for the weights it offloads: group offload's pinned copies
-    (``footprint.pinned_copies``), else what its mode keeps off the device (``whole``: nothing offloaded)."""
-    return fp.host_offloaded if fp.host_offloaded is not None else max(0, whole.weights - fp.weights)
+    """Host bytes one GPU worker keeps for the weights it offloads (``offloaded_parts`` in all)."""
+    return sum(offloaded_parts(fp, whole).values())
 
 
-def offloaded(placements, footprints, full) -> dict[str, int]:
+def offloaded_parts(fp, whole) -> dict[str, int]:
+    """Host bytes one GPU worker keeps for the weights it offloads, per component: group offload's pinned copies
+    (``footprint.pinned_parts``), else what its mode keeps off the device (``whole``: nothing offloaded)."""
+    if fp.host_pinned is not None:
+        return dict(fp.host_pinned)
+    parts = {name: size - fp.components.get(name, 0) for name, size in whole.components.items()}
+    return {name: size for name, size in parts.items() if size > 0}
+
+
+def offloaded(placements, footprints, full, keys=None) -> dict[str, int]:
     """Host bytes of the weights that GPU workers keep off their device (their offload mode), per model; ``full`` are
-    the footprints with nothing offloaded."""
+    the footprints with nothing offloaded. ``keys`` (``--share-components``: slot ``i`` of every model is one
+    process): a component shared in a process (``plan_groups.shared_keys``) is counted once, for its first model."""
     per_model: dict[str, int] = {}
+    seen: set[tuple] = set()
     for p in placements:
         if p.device != "cpu" and p.model in footprints and p.model in full:
-            off = offloaded_bytes(footprints[p.model], full[p.model])
+            off = 0
+            for name, size in offloaded_parts(footprints[p.model], full[p.model]).items():
+                key = (keys or {}).get((p.model, name))
+                if key is not None:
+                    if (p.slot, key) in seen:
+                        continue
+                    seen.add((p.slot, key))
+                off += size
             if off:
                 per_model[p.model] = per_model.get(p.model, 0) + off
     return per_model
 
 
-def host_needs(placements, footprints, full, cpu_footprints) -> tuple[dict[str, int], list]:
+def host_needs(placements, footprints, full, cpu_footprints, keys=None) -> tuple[dict[str, int], list]:
     """Host bytes per model of a GPU plan, and the workers counted: the GPU workers that offload weights
-    (``footprints`` against ``full``), and the whole of the workers an explicit ``--device`` list puts on the CPU
-    (their ``need`` in ``cpu_footprints``)."""
-    per_model = offloaded(placements, footprints, full)
+    (``footprints`` against ``full``; ``keys``: shared components once per process, ``offloaded``), and the whole
+    of the workers an explicit ``--device`` list puts on the CPU (their ``need`` in ``cpu_footprints``)."""
+    per_model = offloaded(placements, footprints, full, keys)
     counted = [p for p in placements if p.device == "cpu" or p.model in per_model]
     for model, need in cpu_need(placements, cpu_footprints)[1].items():
         per_model[model] = per_model.get(model, 0) + need

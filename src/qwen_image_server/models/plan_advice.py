@@ -230,8 +230,8 @@ def suggest(model: str, specs, settings, fits, host_short: bool = False) -> list
     fewer = fewer_workers(model, settings, lambda **kw: fits(**kw)[0])
     if fewer:
         out.append(fewer)
-    # (not for host memory: a plan of shared processes is not checked against it, so it would "fit" unchecked)
-    shareable = len(specs) > 1 and not settings.share_components and can_share(specs, settings) and not host_short
+    # (short of host memory too: a shared text encoder or VAE that a process offloads is kept there once)
+    shareable = len(specs) > 1 and not settings.share_components and can_share(specs, settings)
     if shareable and fits(share=True)[0]:
         out.append("--share-components (one worker process serves every model; identical text encoders and VAEs load once)")
     if settings.device.strip() not in ("auto", "cuda") and fits(device="auto")[0]:

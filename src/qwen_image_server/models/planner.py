@@ -182,8 +182,8 @@ def make_plan(
         return _cpu_plan(specs, tensors, unknown, settings, keys, (host or discover_host_memory)())
 
     # GPU workers that offload keep those weights in this machine's memory; with fake GPUs (planning for another
-    # machine) only an injected host is checked, and processes shared by several models are not checked
-    machine = (host() if host else discover_host_memory() if discover is None else None) if keys is None else None
+    # machine) only an injected host is checked
+    machine = host() if host else discover_host_memory() if discover is None else None
     fps = footprints_for(specs, tensors, settings, on_gpu=True)
     plan = Plan(fps, unknown, gpus, shared_processes=keys is not None)
     placed, failed = _arrange(specs, fps, settings, gpus, keys)
@@ -202,7 +202,7 @@ def make_plan(
     if machine is None:
         return plan
     whole = whole_footprints(specs, tensors, settings)
-    off, counted = host_needs(placed, fps, whole, cpu_fps)
+    off, counted = host_needs(placed, fps, whole, cpu_fps, keys)
     if off:
         plan.host, plan.host_planned, plan.host_workers = machine, sum(off.values()), [p.name for p in counted]
         if plan.host_planned > machine.available:
@@ -282,8 +282,8 @@ def _fits(
     changed = changed_settings(settings, **changes)
     fps = footprints_for(specs, tensors, changed, on_gpu=True, overrides=profiles)
     placed, failed = _arrange(specs, fps, changed, gpus, keys)
-    if failed is None and machine is not None and keys is None:
+    if failed is None and machine is not None:
         placed, cpu_fps = with_cpu_needs(placed, specs, tensors, changed, profiles)
-        need = host_needs(placed, fps, whole_footprints(specs, tensors, changed, profiles), cpu_fps)[0]
+        need = host_needs(placed, fps, whole_footprints(specs, tensors, changed, profiles), cpu_fps, keys)[0]
         return sum(need.values()) <= machine.available, fps
     return failed is None, fps
