@@ -162,10 +162,11 @@ class StorageFailed(ServerError):
     def __init__(self, reason: str, reading: bool = False):
         if reading:
             super().__init__(f"Could not read the stored image ({reason})")
-        else:
+        else:  # not to be retried (``X-Should-Retry``): a retry would run the whole pipeline again, into the same disk
             super().__init__(
                 f"Could not store the image for response_format=url ({reason}); response_format=b64_json returns it "
-                "without storing it"
+                "without storing it",
+                headers={"X-Should-Retry": "false"},
             )
 
 

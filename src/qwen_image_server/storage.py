@@ -28,7 +28,7 @@ from .errors import StorageFailed
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
+NAME_PATTERN = re.compile(r"[0-9a-f]{32}\.(png|jpeg|webp)\Z")  # ``match``: the whole name (``$`` let a newline end it)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -53,6 +53,12 @@ async def in_store_thread(call: Callable[..., T], *args, write: bool = False) ->
     context = contextvars.copy_context()
     pool = _WRITES if write else _READS
     return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(context.run, call, *args))
+
+
+def discard_later(store: ImageStore, names: frozenset[str]) -> None:
+    """Delete ``names`` from ``store`` on its writing threads, not awaited (the images of a response that failed)."""
+    for name in names:
+        _WRITES.submit(contextvars.copy_context().run, store.delete, name)
 
 
 class Readable(Protocol):
@@ -86,6 +92,9 @@ class ImageStore(Protocol):
 
     def public_url(self, name: str) -> str | None:
         """A URL clients can fetch directly (a presigned one), or None to serve it at /images/{name}."""
+
+    def delete(self, name: str) -> None:
+        """Delete a stored image (one of a response that failed after storing it); a failure is logged, not raised."""
 
 
 class LocalImageStore:
@@ -167,6 +176,20 @@ class LocalImageStore:
 
     def public_url(self, name: str) -> str | None:
         return None
+
+    def delete(self, name: str) -> None:
+        if not NAME_PATTERN.match(name):
+            return
+        try:
+            os.unlink(self.directory / name)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not delete image %s of a failed response from %s: %s", name, self.directory, exc)
+            return
+        with self._lock:
+            if self._count:
+                self._count -= 1
 
     def _prune(self, added: int = 0, keep: frozenset[str] = frozenset(), expired_only: bool = False) -> None:
         """Delete the oldest files over the bound (not with ``expired_only``) and the expired ones, never those in
@@ -308,6 +331,16 @@ class S3ImageStore:
         except (ClientError, BotoCoreError) as exc:
             log.error("could not presign image %s of bucket %s: %s", name, self.bucket, exc)
             raise StorageFailed(_s3_reason(exc, "the bucket's credentials failed")) from None
+
+    def delete(self, name: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not NAME_PATTERN.match(name):
+            return
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not delete image %s of a failed response from bucket %s: %s", name, self.bucket, exc)
 
 
 def _s3_reason(exc: Exception, refused: str) -> str:

@@ -78,6 +78,39 @@ def test_a_bucket_that_refuses_the_image_gives_a_clear_500_without_its_name(make
     assert http.post("/v1/images/generations", json={**body, "response_format": "b64_json"}).status_code == 200
 
 
+def test_the_images_of_a_response_that_fails_to_store_one_are_deleted_from_the_bucket(make_api, tiny_t2i, s3):
+    """A bucket has no bound or expiry of the server's: without lifecycle rules, the images stored before the one that
+    failed stayed for ever, under names no client got."""
+    import time
+
+    from qwen_image_server.errors import StorageFailed
+
+    endpoint, client = s3
+    settings = {**_s3_settings(endpoint, False), "s3_prefix": "fails"}
+    api = make_api({"tiny": tiny_t2i}, **settings)
+    store = api.client.app.state.service.store
+    real_save, saves = store.save, []
+
+    def save(data, extension, keep=frozenset()):
+        saves.append(1)
+        if len(saves) == 3:
+            raise StorageFailed("the bucket refused it: SlowDown")
+        return real_save(data, extension, keep)
+
+    store.save = save
+    body = {"prompt": "a bucket", "response_format": "url", "n": 3, "num_inference_steps": 2}
+    r = api.client.post("/v1/images/generations", json=body)
+    assert r.status_code == 500 and r.headers["x-should-retry"] == "false", r.text[:300]
+
+    def keys() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket="images", Prefix="fails/").get("Contents", [])]
+
+    deadline = time.monotonic() + 10
+    while keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(saves) == 3 and keys() == []
+
+
 def test_presigned_urls_are_signed_with_sigv4(make_api, tiny_t2i, s3):
     """SigV4, which every region and S3-compatible store accepts (botocore signs some regions' URLs with SigV2, which
     AWS is retiring)."""

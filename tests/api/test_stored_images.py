@@ -148,3 +148,56 @@ def test_without_a_usable_host_header_urls_name_the_address_the_client_reached(s
         scope["server"] = server
     service = SimpleNamespace(settings=SimpleNamespace(host=bind, port=8000))
     assert _base_url(Request(scope), service) == expected
+
+
+def _stored_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def _eventually(check, seconds: float = 10.0) -> bool:
+    """``check()`` within ``seconds`` (the store's deletes run on its threads, not awaited by the request)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_response_whose_later_image_cannot_be_stored_leaves_none_and_is_not_retried(make_api, tiny_t2i, tmp_path):
+    """``n=3`` on a disk that fills after the first image: the 500 left that image behind, a file no client had the
+    name of, holding the space for its whole TTL (and in a bucket without lifecycle rules, for ever). The answer
+    also let OpenAI's SDK run the whole request twice more, into the same full disk."""
+    from qwen_image_server.errors import StorageFailed
+
+    api = make_api({"tiny": tiny_t2i}, image_output_dir=str(tmp_path))
+    store = api.client.app.state.service.store
+    real_save, saves = store.save, []
+
+    def save(data, extension, keep=frozenset()):
+        saves.append(1)
+        if len(saves) == 2:
+            raise StorageFailed("No space left on device")
+        return real_save(data, extension, keep)
+
+    store.save = save
+    body = {"prompt": "a full disk", "response_format": "url", "n": 3, "num_inference_steps": 2}
+    r = api.client.post("/v1/images/generations", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "storage_failed", r.text[:300]
+    assert r.headers["x-should-retry"] == "false"
+    assert len(saves) == 2 and _eventually(lambda: _stored_names(tmp_path) == set()), _stored_names(tmp_path)
+    store.save = real_save
+    r = api.client.post("/v1/images/generations", json={**body, "n": 2})  # the next one is stored, and kept
+    assert r.status_code == 200 and len(_stored_names(tmp_path)) == 2
+
+
+def test_a_name_with_a_trailing_newline_is_no_image_name(stored):
+    """The name pattern ended in ``$``, which also matches before a final newline: a file so named in the folder (a
+    shared mount) was served as a 500 ``KeyError: 'png\\n'`` and counted and pruned as the server's own."""
+    app, path = stored
+    odd = path.with_name(path.name + "\n")
+    odd.write_bytes(b"not ours")
+    start = asgi_call(app, "GET", f"/images/{path.name}\n", [])[0]
+    assert start["status"] == 404 and odd.exists()

@@ -29,7 +29,7 @@ from ..protocol.images import (
     _CommonRequest,
 )
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
-from ..storage import ImageStore, in_store_thread
+from ..storage import ImageStore, discard_later, in_store_thread
 from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 from .sizes import Size, SizeRules, parse_size, patches, scaled
@@ -305,15 +305,19 @@ class ImageService:
         data = []
         # A stream's events always carry b64_json (OpenAI's): nothing to store for them.
         stored = frozenset[str]()  # this response's images so far: a bound on the store never deletes them
-        for image in result.images:
-            if prepared.req.response_format == "url" and not prepared.req.stream:
-                name, url = await in_store_thread(
-                    self._store, image.data, prepared.job.output_format, stored, base_url, write=True
-                )
-                stored |= {name}
-                data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
-            else:
-                data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
+        try:
+            for image in result.images:
+                if prepared.req.response_format == "url" and not prepared.req.stream:
+                    name, url = await in_store_thread(
+                        self._store, image.data, prepared.job.output_format, stored, base_url, write=True
+                    )
+                    stored |= {name}
+                    data.append(ImageData(url=url, revised_prompt=prepared.job.prompt or None, seed=image.seed))
+                else:
+                    data.append(ImageData(b64_json=b64(image.data), revised_prompt=prepared.job.prompt or None, seed=image.seed))
+        except BaseException:  # a later image not stored (a full disk), or the client gone: no one gets the names of
+            discard_later(self.store, stored)  # those stored before, which held the space until they expired (in a
+            raise  # bucket without lifecycle rules: for ever)
         stats = self.stats(result, submitted)
         for observe in self.job_observers:
             try:
