@@ -201,3 +201,41 @@ def test_a_name_with_a_trailing_newline_is_no_image_name(stored):
     odd.write_bytes(b"not ours")
     start = asgi_call(app, "GET", f"/images/{path.name}\n", [])[0]
     assert start["status"] == 404 and odd.exists()
+
+
+def test_a_store_that_fails_while_an_image_is_sent_ends_the_answer_with_one_log_line(stored, monkeypatch, caplog):
+    """A bucket that stalls in the middle of an image (or a file cut short) raised out of the app once the answer had
+    started: two full tracebacks in the log per request (the app's and uvicorn's), and ``GET /images`` needs no key.
+    The answer now ends short (its Content-Length tells the client) with one warning naming the image."""
+    from qwen_image_server.storage import LocalImageStore, StoredImage
+
+    app, path = stored
+    real_open = LocalImageStore.open
+
+    class Stalls:
+        def __init__(self, file):
+            self.file, self.reads = file, 0
+
+        def read(self, size: int) -> bytes:
+            self.reads += 1
+            if self.reads == 2:
+                raise TimeoutError("Read timeout on endpoint URL")
+            return self.file.read(size)
+
+        def close(self) -> None:
+            self.file.close()
+
+    def open_stalling(store, name):
+        opened = real_open(store, name)
+        return opened and StoredImage(Stalls(opened.file), opened.size)
+
+    monkeypatch.setattr(LocalImageStore, "open", open_stalling)
+    with caplog.at_level("WARNING"):
+        start, *body = _get(app, path, lambda message, sent: None)
+    assert start["status"] == 200 and [len(m["body"]) for m in body] == [IMAGE_CHUNK]
+    assert body[-1]["more_body"] is True  # not completed: the connection ends short
+    lines = [r for r in caplog.records if r.name.startswith("qwen_image_server")]
+    assert [(r.levelname, r.exc_info) for r in lines] == [("WARNING", None)], [r.getMessage() for r in lines]
+    assert lines[0].getMessage() == (
+        f"stopped sending image {path.name} after {IMAGE_CHUNK} of {SIZE} bytes: TimeoutError: Read timeout on endpoint URL"
+    )

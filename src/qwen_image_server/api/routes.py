@@ -233,7 +233,7 @@ async def get_image(name: str, request: Request) -> Response:
     stored = await in_store_thread(_service(request).store.open, name)
     if stored is None:
         raise NotFound(f"Image not found: {name}")
-    return StoredImageResponse(stored, MEDIA_TYPES[name.rsplit(".", 1)[1]])
+    return StoredImageResponse(stored, MEDIA_TYPES[name.rsplit(".", 1)[1]], name)
 
 
 #: Bytes of a stored image read and sent at a time: what one ``GET /images/NAME`` holds, however large the image
@@ -245,9 +245,9 @@ class StoredImageResponse(Response):
     """A stored image sent as it is read, ``IMAGE_CHUNK`` bytes at a time, with its ``Content-Length``; the file is
     closed when the answer ends, however it ends."""
 
-    def __init__(self, stored: StoredImage, media_type: str):
+    def __init__(self, stored: StoredImage, media_type: str, name: str = ""):
         super().__init__(media_type=media_type, headers={"content-length": str(stored.size)})
-        self.stored = stored
+        self.stored, self.name = stored, name
 
     async def __call__(self, scope, receive, send) -> None:
         stored, sent = self.stored, 0
@@ -267,9 +267,17 @@ class StoredImageResponse(Response):
                 await send({"type": "http.response.body", "body": b""})
                 return
             while sent < stored.size and not gone.is_set():
-                chunk = await in_store_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
-                if not chunk:  # the store gave fewer bytes than it announced: the connection ends short
-                    raise OSError(f"stored image ended after {sent} of {stored.size} bytes")
+                try:
+                    chunk = await in_store_thread(stored.file.read, min(IMAGE_CHUNK, stored.size - sent))
+                except Exception as exc:  # the bucket stalled, the mount went away: too late for an error answer
+                    chunk, why = b"", f"{type(exc).__name__}: {exc}"
+                else:
+                    why = "the store gave fewer bytes than it announced"
+                if not chunk:  # the answer ends short (its Content-Length says so to the client): one line, no
+                    log.warning(  # traceback (the image needs no key: anyone could fill the log with those)
+                        "stopped sending image %s after %d of %d bytes: %s", self.name, sent, stored.size, why[:300]
+                    )
+                    return
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": sent < stored.size})
         finally:
