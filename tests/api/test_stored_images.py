@@ -239,3 +239,37 @@ def test_a_store_that_fails_while_an_image_is_sent_ends_the_answer_with_one_log_
     assert lines[0].getMessage() == (
         f"stopped sending image {path.name} after {IMAGE_CHUNK} of {SIZE} bytes: TimeoutError: Read timeout on endpoint URL"
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("images.example:8443", "http://images.example:8443/"),
+        ("qwen_image:8000", "http://qwen_image:8000/"),  # a compose service's name
+        ("10.0.0.5", "http://10.0.0.5/"),
+        ("[::1]:8000", "http://[::1]:8000/"),
+        ("h:0080", "http://h:80/"),
+        # no host a client could fetch from: the connection's own address
+        ("-", "http://10.1.2.3:8000/"),
+        ("...", "http://10.1.2.3:8000/"),
+        ("[:]", "http://10.1.2.3:8000/"),
+        ("h:99999", "http://10.1.2.3:8000/"),
+        ("h:00000", "http://10.1.2.3:8000/"),
+        ("-a.example", "http://10.1.2.3:8000/"),
+        ("999.1.1.1", "http://10.1.2.3:8000/"),
+        ("[fe80::1%eth0]", "http://10.1.2.3:8000/"),
+    ],
+)
+def test_image_urls_use_the_host_header_only_when_it_is_a_host_a_client_could_fetch_from(host, expected):
+    """The Host check took anything of letters, digits, dots and dashes, and any five digits for a port: ``-``,
+    ``...``, ``[:]`` and ``h:99999`` became image URLs no client could fetch."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from qwen_image_server.api.routes import _base_url
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"host", host.encode())], "scheme": "http"}
+    scope["server"] = ("10.1.2.3", 8000)
+    service = SimpleNamespace(settings=SimpleNamespace(host="0.0.0.0", port=8000))
+    assert _base_url(Request(scope), service) == expected

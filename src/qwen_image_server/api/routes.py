@@ -74,7 +74,32 @@ def _timing_headers(result: JobResult) -> dict[str, str]:
     }
 
 
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253})(?::(\d{1,5}))?\Z")
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")  # "_": a compose service's name
+
+
+def _plain_host(host: str) -> str | None:
+    """``host`` as a URL's ``host[:port]`` when it is one a client could fetch from: a name of host labels, an IPv4
+    address or a bracketed IPv6 one, and a port from 1 to 65535 (written without leading zeros); else None
+    (``-``, ``...``, ``[:]`` and ``h:99999`` were taken as given)."""
+    import ipaddress
+
+    match = _HOST.match(host)
+    if match is None:
+        return None
+    name, port = match.group(1), match.group(2)
+    if port is not None and not 0 < int(port) < 65536:
+        return None
+    try:
+        if name.startswith("["):
+            ipaddress.IPv6Address(name[1:-1])
+        elif name.replace(".", "").isdigit():
+            ipaddress.IPv4Address(name)
+        elif not all(_LABEL.match(label) for label in name.removesuffix(".").split(".")):
+            return None
+    except ValueError:
+        return None
+    return name + (f":{int(port)}" if port is not None else "")
 
 
 def _base_url(request: Request, service: ImageService) -> str:
@@ -86,8 +111,8 @@ def _base_url(request: Request, service: ImageService) -> str:
     say: ``0.0.0.0`` and ``::`` are no address a client can fetch from). Set
     ``IMAGE_DOWNLOAD_URL_PREFIX`` in production, so that no header decides.
     """
-    host = request.headers.get("host", "")
-    if _HOST.match(host):
+    host = _plain_host(request.headers.get("host", ""))
+    if host is not None:
         return f"{request.url.scheme}://{host}/"
     settings = service.settings
     address, port = request.scope.get("server") or (settings.host, settings.port)
