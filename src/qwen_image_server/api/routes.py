@@ -244,7 +244,8 @@ def _counted_under(request: Request, edit: bool) -> Callable[[object], None]:
 async def create_variation(request: Request) -> Response:
     """Variations of an image with the text-to-image model's img2img form (OpenAI's images.create_variation)."""
     service = _service(request)
-    body, images, mask = await read_image_request(request, VariationRequest, 1, _counted_under(request, edit=False))
+    counted = _counted_under(request, edit=False)
+    body, images, mask = await read_image_request(request, VariationRequest, 1, counted, takes_mask=False)
     if mask is not None:
         raise InvalidRequest("variations take exactly one image and no mask", param="mask")
     if len(images) > 1:

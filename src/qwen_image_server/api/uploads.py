@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -80,8 +81,12 @@ class BodySizeLimit:
 class TooManyFiles(TooManyImages):
     """More files in a multipart body than one edit takes (400)."""
 
-    def __init__(self, max_files: int, param: str = "image"):
-        super().__init__(f"too many files: at most {max_files} images and one mask per request", param=param)
+    def __init__(self, max_files: int, param: str = "image", takes_mask: bool = True):
+        if takes_mask:
+            message = f"too many files: at most {max_files} image{'s' if max_files != 1 else ''} and one mask per request"
+        else:  # a variation's (it said "at most 1 images and one mask", of a request that takes no mask)
+            message = f"too many files: at most {max_files} image{'s' if max_files != 1 else ''} and no mask per request"
+        super().__init__(message, param=param)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -96,16 +101,22 @@ def _validate(model: type[M], fields: dict, form: bool) -> M:
 
 
 async def read_image_request(
-    request: Request, model: type[M], max_files: int, on_model: Callable[[object], None] = lambda named: None
+    request: Request,
+    model: type[M],
+    max_files: int,
+    on_model: Callable[[object], None] = lambda named: None,
+    takes_mask: bool = True,
 ) -> tuple[M, list[Upload], Upload | None]:
     """The request's fields (validated as ``model``), its images in order, and its mask. ``on_model`` gets the model
-    the body names (None for none) as soon as its fields are read, before anything in it is refused."""
+    the body names (None for none) as soon as its fields are read, before anything in it is refused. ``takes_mask``:
+    whether the endpoint takes one (for the message of too many files; a mask it does not take is refused after)."""
     content_type = request.headers.get("content-type", "")
     form = content_type.startswith("multipart/form-data")
+    too_many = functools.partial(TooManyFiles, max_files, takes_mask=takes_mask)
     if form:
-        fields, images, mask = await _read_multipart(request, max_files, on_model)
+        fields, images, mask = await _read_multipart(request, max_files, on_model, too_many)
     elif content_type.startswith("application/json"):
-        fields, images, mask = await _read_json(request, max_files, on_model)
+        fields, images, mask = await _read_json(request, on_model, too_many)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
     return _validate(model, fields, form), images, mask
@@ -115,7 +126,7 @@ async def read_image_request(
 _TAIL_BYTES = 256
 
 
-async def _read_multipart(request: Request, max_files: int, on_model) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_multipart(request: Request, max_files: int, on_model, too_many) -> tuple[dict, list[Upload], Upload | None]:
     # The body's last bytes, kept as the parser reads it: Starlette's parser drops a part cut short without a word, so
     # a truncated upload would otherwise read as one without its image.
     tail = bytearray()
@@ -134,7 +145,7 @@ async def _read_multipart(request: Request, max_files: int, on_model) -> tuple[d
     except (MultiPartException, HTTPException) as exc:  # Starlette turns the former into the latter inside an app
         message = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
         if message.startswith("Too many files"):
-            raise TooManyFiles(max_files) from None
+            raise too_many() from None
         if message.startswith("Too many fields"):
             raise InvalidRequest("too many form fields (at most 200)") from None
         raise InvalidRequest(f"malformed multipart body: {message}") from None
@@ -151,7 +162,7 @@ async def _read_multipart(request: Request, max_files: int, on_model) -> tuple[d
                 images.append(Upload(await _form_bytes(value, key), key))
             elif key == "mask":
                 if mask is not None:  # a second mask part: refused, not one of them picked
-                    raise TooManyFiles(max_files, param="mask")
+                    raise too_many(param="mask")
                 mask = Upload(await _form_bytes(value, key), key)
             elif isinstance(value, str):
                 fields[key] = value
@@ -196,7 +207,7 @@ def _json_image(value: object, param: str) -> Upload:
     return Upload(decode_base64_image(value, param), param)
 
 
-async def _read_json(request: Request, max_files: int, on_model) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_json(request: Request, on_model, too_many) -> tuple[dict, list[Upload], Upload | None]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
@@ -214,7 +225,7 @@ async def _read_json(request: Request, max_files: int, on_model) -> tuple[dict, 
     mask_value = body.pop("mask", None)
     if isinstance(mask_value, list):  # the forms ``image`` takes, a list included: of one mask
         if len(mask_value) > 1:
-            raise TooManyFiles(max_files, param="mask")
+            raise too_many(param="mask")
         mask_value = mask_value[0] if mask_value else None
     mask = _json_image(mask_value, "mask") if mask_value is not None else None
     return body, images, mask
