@@ -280,10 +280,10 @@ class Settings(PerModelLimits, BaseSettings):
             raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
         return value
 
-    @field_validator("image_download_url_prefix")
+    @field_validator("image_download_url_prefix", "s3_endpoint_url", "s3_bucket")
     @classmethod
-    def _url_prefix(cls, value: str | None) -> str | None:
-        return files.checked_url_prefix(value)  # absolute http(s) URLs only: clients fetch them as given
+    def _places(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return files.checked_place(str(info.field_name), value)  # URLs and a bucket's name that can work
 
     @field_validator("openai_base_url", "openai_api_key", "models_dir", "api_keys_file", mode="before")
     @classmethod

@@ -3,6 +3,7 @@ what makes two local model sources one folder. Read or checked once, at start.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
@@ -95,6 +96,29 @@ def checked_url_prefix(prefix: str | None) -> str | None:
             f"{shown_url(prefix)!r} is not an absolute URL clients can fetch images under: {problem} "
             "(as https://images.example.com/images/)"
         )
+    return text
+
+
+#: A bucket name botocore takes (AWS's own rules are stricter; MinIO and Ceph take these), or an access point's ARN.
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}\Z|arn:\S+\Z")
+
+
+def checked_place(field: str, value: str | None) -> str | None:
+    """Where url images go: ``image_download_url_prefix`` (``checked_url_prefix``), and an S3 endpoint URL and
+    bucket that the S3 client can use. Both were taken as given: a bucket name it refuses failed every url request
+    with "the object store could not be reached", an endpoint without a scheme failed ``serve`` only (not ``plan``)
+    and without naming the setting. Blank is unset."""
+    if field == "image_download_url_prefix":
+        return checked_url_prefix(value)
+    text = (value or "").strip()
+    if not text:
+        return None
+    if field == "s3_bucket" and not _BUCKET.match(text):
+        raise ValueError(f"{text!r} is not a bucket name: letters, digits and . _ - (at most 255), or an access point ARN")
+    if field == "s3_endpoint_url":
+        parts = urlsplit(text)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _port_ok(parts) or " " in text:
+            raise ValueError(f"{shown_url(text)!r} is not an S3 endpoint URL: expected http(s)://HOST[:PORT]")
     return text
 
 

@@ -423,3 +423,23 @@ def test_a_blank_image_output_dir_is_the_default_folder_not_the_working_director
     done = CliRunner().invoke(cli.app, ["serve", "--image-output-dir", "", "-m", "m=/nowhere"])
     assert done.exit_code == 0, done.output
     assert seen == [default]
+
+
+def test_an_s3_bucket_or_endpoint_the_client_cannot_use_is_refused_at_start(monkeypatch):
+    """A bucket name the S3 client refuses started quietly, then failed every url request with "the object store
+    could not be reached"; an endpoint without a scheme failed ``serve`` without naming the setting (and passed
+    ``plan``). Blank is unset, as an env file writes it."""
+    from qwen_image_server.cli_settings import settings_from_options
+
+    with pytest.raises(ValidationError, match="'Bad_Bucket!' is not a bucket name"):
+        Settings(s3_bucket="Bad_Bucket!")
+    with pytest.raises(ValidationError, match="'127.0.0.1:9000' is not an S3 endpoint URL: expected http"):
+        Settings(s3_bucket="images", s3_endpoint_url="127.0.0.1:9000")
+    monkeypatch.setenv("QIS_S3_ENDPOINT_URL", "minio:9000")
+    with pytest.raises(ValueError, match="QIS_S3_ENDPOINT_URL: 'minio:9000' is not an S3 endpoint URL"):
+        settings_from_options({"log_level": "info"})
+    monkeypatch.setenv("QIS_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("QIS_S3_BUCKET", " ")
+    assert (Settings().s3_bucket, Settings().s3_endpoint_url) == (None, "http://minio:9000")
+    for bucket in ("images", "my.bucket-1", "Legacy_Bucket", "arn:aws:s3:us-east-1:123456789012:accesspoint/images"):
+        assert Settings(s3_bucket=bucket).s3_bucket == bucket
