@@ -345,11 +345,14 @@ class S3ImageStore:
 
 def _s3_reason(exc: Exception, refused: str) -> str:
     """A client's short reason for an object store's error: its error code, never the bucket's name."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as ReachError
 
     if isinstance(exc, ClientError):
         return f"{refused}: {exc.response.get('Error', {}).get('Code', 'error')}"
-    return f"the object store could not be reached: {type(exc).__name__}"
+    if isinstance(exc, ReachError | HTTPClientError):  # no connection, a timeout, a connection cut
+        return f"the object store could not be reached: {type(exc).__name__}"
+    return f"the object store's client failed: {type(exc).__name__}"  # no credentials, a setting it refused
 
 
 def make_store(settings) -> ImageStore:

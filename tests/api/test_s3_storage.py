@@ -226,3 +226,14 @@ def test_a_key_the_credentials_may_not_read_is_not_found_and_presigning_without_
     S3ImageStore("images", presign=True, access_key_id="k", secret_access_key="s")
     S3ImageStore("images", presign=True, endpoint_url="http://minio:9000", access_key_id="k", secret_access_key="s")
     assert "presigned URLs" not in caplog.text
+
+
+def test_a_store_error_that_is_no_network_failure_is_not_said_to_be_one():
+    """Every client-side error read "the object store could not be reached": missing credentials too."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+
+    from qwen_image_server.storage import _s3_reason
+
+    assert _s3_reason(NoCredentialsError(), "refused") == "the object store's client failed: NoCredentialsError"
+    for unreachable in (EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3")):
+        assert _s3_reason(unreachable, "refused").startswith("the object store could not be reached: ")
