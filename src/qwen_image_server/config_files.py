@@ -3,6 +3,7 @@ what makes two local model sources one folder. Read or checked once, at start.""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
@@ -69,6 +70,33 @@ def checked_origin(origin: str) -> str:
     return f"{scheme.lower()}://{host.lower()}"
 
 
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253})(?::(\d{1,5}))?\Z")
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")  # "_": a compose service's name
+
+
+def fetchable_host(host: str) -> str | None:
+    """``host`` as a URL's ``host[:port]`` when it is one a client could fetch from: a name of host labels, an IPv4
+    address or a bracketed IPv6 one, and a port from 1 to 65535 (written without leading zeros); else None
+    (``-``, ``...``, ``[:]`` and ``h:99999`` were taken as given: from a Host header, and in a URL prefix)."""
+
+    match = _HOST.match(host)
+    if match is None:
+        return None
+    name, port = match.group(1), match.group(2)
+    if port is not None and not 0 < int(port) < 65536:
+        return None
+    try:
+        if name.startswith("["):
+            ipaddress.IPv6Address(name[1:-1])
+        elif name.replace(".", "").isdigit():
+            ipaddress.IPv4Address(name)
+        elif not all(_LABEL.match(label) for label in name.removesuffix(".").split(".")):
+            return None
+    except ValueError:
+        return None
+    return name + (f":{int(port)}" if port is not None else "")
+
+
 def checked_url_prefix(prefix: str | None) -> str | None:
     """``IMAGE_DOWNLOAD_URL_PREFIX``: an absolute ``http(s)://HOST[:PORT][/PATH]`` URL, or unset (None or empty).
     Anything else would give clients image URLs they cannot fetch, or not the image: refused. That is a URL without a
@@ -84,12 +112,12 @@ def checked_url_prefix(prefix: str | None) -> str | None:
     elif any(c.isspace() or not c.isprintable() or c == "\\" for c in text):
         problem = "it holds spaces, backslashes or control characters"
     else:
-        parts = urlsplit(text)
+        parts = urlsplit(text.replace("[", "").replace("]", ""))  # (urlsplit raises for a malformed IPv6 address)
         if "@" in parts.netloc:
             problem = "credentials (user@) have no place in it"
         elif parts.query or parts.fragment or "?" in text or "#" in text:
             problem = "a query or fragment would hold the image's name"
-        elif not parts.hostname or not _port_ok(parts):
+        elif fetchable_host(rest.partition("/")[0]) is None:
             problem = "expected http(s)://HOST[:PORT][/PATH]"
     if problem:
         raise ValueError(

@@ -298,6 +298,12 @@ def test_edit_response_format_url(http):
         ("https://cdn.example/img?sig=abc", "a query or fragment would hold the image's name"),
         ("https://cdn.example/img#top", "a query or fragment would hold the image's name"),
         ("http://cdn.example/a\\b", "it holds spaces, backslashes or control characters"),
+        # hosts no client can fetch from (taken), and malformed IPv6 (refused in urllib's words)
+        ("http://-/", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://h;x/", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://cdn.example:99999/", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://[::1/img", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
+        ("http://[zz]/img", r"expected http\(s\)://HOST\[:PORT\]\[/PATH\]"),
     ],
 )
 def test_an_image_url_prefix_clients_could_not_fetch_is_refused_at_start(prefix, says):

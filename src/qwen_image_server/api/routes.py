@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -13,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.datastructures import URL
 
+from ..config_files import fetchable_host
 from ..engine.base import EngineClient
 from ..errors import InvalidRequest, ModelNotFound, NotFound, ServerError
 from ..images import b64
@@ -74,34 +74,6 @@ def _timing_headers(result: JobResult) -> dict[str, str]:
     }
 
 
-_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253})(?::(\d{1,5}))?\Z")
-_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")  # "_": a compose service's name
-
-
-def _plain_host(host: str) -> str | None:
-    """``host`` as a URL's ``host[:port]`` when it is one a client could fetch from: a name of host labels, an IPv4
-    address or a bracketed IPv6 one, and a port from 1 to 65535 (written without leading zeros); else None
-    (``-``, ``...``, ``[:]`` and ``h:99999`` were taken as given)."""
-    import ipaddress
-
-    match = _HOST.match(host)
-    if match is None:
-        return None
-    name, port = match.group(1), match.group(2)
-    if port is not None and not 0 < int(port) < 65536:
-        return None
-    try:
-        if name.startswith("["):
-            ipaddress.IPv6Address(name[1:-1])
-        elif name.replace(".", "").isdigit():
-            ipaddress.IPv4Address(name)
-        elif not all(_LABEL.match(label) for label in name.removesuffix(".").split(".")):
-            return None
-    except ValueError:
-        return None
-    return name + (f":{int(port)}" if port is not None else "")
-
-
 def _base_url(request: Request, service: ImageService) -> str:
     """Where this server is reached, for ``/images/{name}`` URLs when no URL prefix is configured.
 
@@ -111,7 +83,7 @@ def _base_url(request: Request, service: ImageService) -> str:
     say: ``0.0.0.0`` and ``::`` are no address a client can fetch from). Set
     ``IMAGE_DOWNLOAD_URL_PREFIX`` in production, so that no header decides.
     """
-    host = _plain_host(request.headers.get("host", ""))
+    host = fetchable_host(request.headers.get("host", ""))
     if host is not None:
         return f"{request.url.scheme}://{host}/"
     settings = service.settings
