@@ -74,9 +74,18 @@ def test_variation_errors(api):
     r = http.post(url, files={"image": ("a.png", b"garbage", "image/png")})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
     r = http.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"model": "qwen-image-edit-tiny"})
-    assert r.status_code == 400
+    assert r.status_code == 400  # a variation's message: it said "use /v1/images/edits"
+    assert r.json()["error"]["message"] == (
+        "Model qwen-image-edit-tiny is an edit model; variations are made by a text-to-image model"
+    )
     r = http.post(url, files={"image": ("a.png", _png(), "image/png")}, data={"strength": "1.5"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "strength"
+
+
+def test_a_variation_on_a_server_of_edit_models_only_says_what_makes_variations(make_api, tiny_edit):
+    r = make_api({"edit": tiny_edit}).client.post("/v1/images/variations", files={"image": ("a.png", _png(), "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["message"] == "No model on this server does variations (a text-to-image model makes them)"
 
 
 def test_stream_jobs_carry_the_preview_scale_of_the_settings(make_api, tiny_t2i):

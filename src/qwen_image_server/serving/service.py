@@ -108,8 +108,8 @@ class ImageService:
         """The model or LoRA id a request naming ``requested`` runs as (an alias's target; else the name itself)."""
         return self.aliases.get(requested, requested)
 
-    def _model(self, requested: str | None, *, edit: bool, images: int = 1) -> ModelSpec:
-        what = "image edits" if edit else "image generation"
+    def _model(self, requested: str | None, *, edit: bool, images: int = 1, variation: bool = False) -> ModelSpec:
+        what = "image edits" if edit else "variations (a text-to-image model makes them)" if variation else "image generation"
         if requested is None or requested == "":
             spec = self.default_model(edit=edit, images=images)
             if spec is None:
@@ -122,7 +122,8 @@ class ImageService:
         if edit and not spec.can_edit:
             raise InvalidRequest(f"Model {requested} does not do image edits; use an edit model", param="model")
         if not edit and not spec.can_generate:
-            raise InvalidRequest(f"Model {requested} is an edit model; use /v1/images/edits", param="model")
+            made = "variations are made by a text-to-image model" if variation else "use /v1/images/edits"
+            raise InvalidRequest(f"Model {requested} is an edit model; {made}", param="model")
         return spec
 
     # --- request fields ----------------------------------------------------------------------
@@ -267,7 +268,7 @@ class ImageService:
 
     async def prepare_variation(self, req: VariationRequest, image: Upload | None) -> Prepared:
         self._check_common(req)
-        spec = self._model(req.model, edit=False)
+        spec = self._model(req.model, edit=False, variation=True)
         if image is None:
             raise InvalidRequest("image is required: send the image to vary as 'image'", param="image")
         size = self.resolve_size(req, None)
