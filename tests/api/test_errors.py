@@ -265,14 +265,24 @@ def test_mask_that_marks_nothing(http_client, mode, fill, said):
     assert said in error["message"]
 
 
-def test_mask_with_several_images(http_client):
+def test_a_mask_with_several_images_is_the_first_images(api, http_client):
+    """As OpenAI applies it: to the first image (it was a 400). The job renders at the first image's aspect ratio
+    (not the last's, as an edit of several images without a mask does) and comes back at its size; a mask of
+    another image's size is refused."""
     files = [
-        ("image[]", ("a.png", _png(), "image/png")),
-        ("image[]", ("b.png", _png(), "image/png")),
-        ("mask", ("m.png", _png(256, 256, "RGBA", (0, 0, 0, 0)), "image/png")),
+        ("image[]", ("a.png", _png(320, 240), "image/png")),
+        ("image[]", ("b.png", _png(128, 256), "image/png")),
+        ("mask", ("m.png", _png(320, 240, "RGBA", (0, 0, 0, 0)), "image/png")),
     ]
     response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)
-    assert_error(response, 400, param="mask")
+    assert response.status_code == 200, response.text[:300]
+    _, job = api.engine.jobs[-1]
+    assert job.mode == "inpaint" and len(job.images) == 2 and job.mask.shape == (240, 320)
+    assert (job.width, job.height) == (336, 256)  # the tiny model's 256x256 area at 4:3, sides at least 256
+    files[2] = ("mask", ("m.png", _png(128, 256, "RGBA", (0, 0, 0, 0)), "image/png"))  # the second image's size
+    response = http_client.post(EDITS, data={"prompt": "a cat", "model": "qwen-image-edit-plus-tiny"}, files=files)
+    error = assert_error(response, 400, param="mask")
+    assert "128x256" in error["message"] and "320x240" in error["message"]
 
 
 def test_a_bad_file_among_several_images_is_named_by_its_place(http_client):

@@ -154,6 +154,34 @@ def test_masked_edit_changes_only_the_transparent_region(client):
     assert changed.mean() > 0.9, "the masked region must be repainted"
 
 
+def test_a_mask_with_several_images_repaints_the_first_within_the_mask(client):
+    """OpenAI applies the mask to the first image when several are sent; it was a 400 here. The result has the first
+    image's size and its pixels outside the mask; inside, the model painted with the other images in view (the latents
+    kept outside the mask at every step: test_mask_blend.py)."""
+    first, second = _noise(320, 256, seed=11), _noise(256, 256, seed=12)  # the first's size, not the last's
+    mask = np.full((256, 320, 4), 255, np.uint8)
+    mask[64:192, 96:224, 3] = 0  # transparent: the region to edit
+    inside = mask[:, :, 3] == 0
+
+    def edit(images):
+        return client.images.edit(
+            model="qwen-image-edit-plus-tiny",
+            image=[(f"{i}.png", _png(a), "image/png") for i, a in enumerate(images)],
+            mask=("mask.png", _png(mask, "RGBA"), "image/png"),
+            prompt="paint the second into the first",
+            extra_body={**FAST, "seed": 3},
+        )
+
+    with ThreadPoolExecutor(2) as pool:  # the model has two workers
+        masked, other_second = pool.map(edit, [[first, second], [first, first[:, 32:288]]])
+    out = _pixels(_decode(masked.data[0].b64_json))
+    assert out.shape == first.shape and masked.size == "320x256"
+    assert np.array_equal(out[~inside], first[~inside]), "pixels outside the mask must be the first image's, exactly"
+    assert np.any(out[inside] != first[inside], axis=-1).mean() > 0.9, "the masked region must be repainted"
+    other = _pixels(_decode(other_second.data[0].b64_json))
+    assert not np.array_equal(out[inside], other[inside]), "the second image is used"
+
+
 def test_unknown_model_through_the_sdk(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(model="dall-e-3", prompt="x", extra_body=FAST)

@@ -190,6 +190,48 @@ def test_mask_edit_previews_are_at_the_final_size_with_the_input_kept(tiny_edit)
         assert np.array_equal(preview[mask == 0], image[mask == 0])
 
 
+def test_a_mask_with_several_images_keeps_the_first_images_latents_outside_it_at_every_step(tiny_edit_plus, monkeypatch):
+    """The edit-plus call of a mask edit of several images: at each step's end the latents outside the mask are the
+    first image's, noised to the next step's level, and the pipeline goes on from those (the VAE decodes the last
+    step's blend); the result has the first image's size, and its pixels outside the mask. n=2: each image its own."""
+    import torch
+
+    from qwen_image_server.models import mask_blend
+
+    runner = PipelineRunner(resolve_model(str(tiny_edit_plus)), device="cpu")
+    rng = np.random.default_rng(2)
+    first, second = (rng.integers(0, 255, (256, 320, 3), dtype=np.uint8) for _ in range(2))
+    mask = np.zeros((256, 320), np.uint8)
+    mask[64:192, 96:224] = 255
+    steps, blended, decoded = 3, [], []
+    at_step_end = mask_blend.MaskBlend.at_step_end
+
+    def spy(self, pipe, step, latents):
+        out = at_step_end(self, pipe, step, latents)
+        blended.append((step, latents.clone(), out.clone(), self))
+        return out
+
+    monkeypatch.setattr(mask_blend.MaskBlend, "at_step_end", spy)
+    decode = runner.pipe.vae.decode
+    monkeypatch.setattr(runner.pipe.vae, "decode", lambda z, *a, **k: decoded.append(z.clone()) or decode(z, *a, **k))
+    job = Job(mode="inpaint", prompt="p", seeds=[1, 2], num_inference_steps=steps, images=[first, second], mask=mask,
+              width=288, height=224)  # fmt: skip
+    out = [np.asarray(image) for image in runner.run(job)]
+    assert [step for step, *_ in blended] == list(range(steps))
+    blend = blended[-1][3]
+    keep = blend.keep.bool()
+    assert 0 < keep.float().mean() < 1
+    for _, before, after, _ in blended:
+        assert torch.equal(after[keep], before[keep]), "inside the mask the model's latents are left as they are"
+        assert not torch.equal(after[~keep], before[~keep]), "outside they are the first image's"
+    assert torch.equal(blended[-1][2][~keep], blend.known[~keep])  # after the last step: exactly the first image's
+    unpacked = runner.pipe._unpack_latents(blended[-1][2], 224, 288, runner.pipe.vae_scale_factor)
+    assert len(decoded) == 1 and torch.equal(decoded[0], unpacked)  # the tiny VAE: latents mean 0, std 1
+    for image in out:
+        assert image.shape == first.shape and np.array_equal(image[mask == 0], first[mask == 0])
+    assert not np.array_equal(out[0][mask == 255], out[1][mask == 255])
+
+
 def test_torchvision_check_sees_a_missing_torchvision(monkeypatch):
     import sys
 

@@ -22,6 +22,7 @@ from ..jobs import Job
 from .compile import compile_and_warm, logged_compiles, warm_eager
 from .determinism import apply_determinism, job_rng
 from .lora_runtime import LoraSet
+from .mask_blend import MaskBlend, inpaint_finish
 from .memory import MemoryMode, build_random, load_pipeline, make_variant
 from .previews import Previews, to_pil_images
 from .processor import load_processor
@@ -229,6 +230,7 @@ class PipelineRunner:
         if should_stop():
             raise TaskCancelled()
         preview: Previews | None = None
+        blend: MaskBlend | None = None  # a mask with several images
         freed = [False]  # the step cache's state, held from the first transformer call, was freed after the last step
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -239,6 +241,8 @@ class PipelineRunner:
                 # gigabytes at large sizes) is freed before the VAE decodes instead of after (working_memory.step_cache_bytes).
                 self.step_cache.reset()
                 freed[0] = True
+            if blend is not None:
+                callback_kwargs["latents"] = blend.at_step_end(pipe, step, callback_kwargs["latents"])
             if preview is not None:
                 preview.at_step_end(pipe, step, callback_kwargs["latents"])
             return callback_kwargs
@@ -265,11 +269,17 @@ class PipelineRunner:
         else:
             images = [Image.fromarray(array) for array in job.images]
             if job.mode == "inpaint":
-                pipe = self.inpaint_pipe
                 if job.mask is None:
                     raise ValueError("an inpaint job needs a mask")
-                kwargs.update(image=images[0], mask_image=Image.fromarray(job.mask), strength=1.0)
-                finish = _inpaint_finish(job, kwargs["image"], kwargs["mask_image"])
+                mask = Image.fromarray(job.mask)
+                finish = inpaint_finish(job, images[0], mask)
+                if len(images) > 1:  # several images: the edit-plus call, its latents blended (mask_blend.py)
+                    assert job.width is not None and job.height is not None  # the service sizes it
+                    blend = MaskBlend(images[0], mask, job.seeds, job.width, job.height)
+                    kwargs.update(image=images, width=job.width, height=job.height)
+                else:
+                    pipe = self.inpaint_pipe
+                    kwargs.update(image=images[0], mask_image=mask, strength=1.0)
             else:
                 kwargs.update(image=images if self.spec.multi_image else images[0], width=job.width, height=job.height)
         options = self.spec.options
@@ -286,6 +296,8 @@ class PipelineRunner:
             self.speed.call(pipe),
             logged_compiles(self.spec, job),
         ):
+            if blend is not None:
+                blend.prepare(pipe)
             if job.partial_images and on_partial:
                 preview = Previews(job, on_partial, finish)
                 preview.attach(pipe)
@@ -324,7 +336,8 @@ def _state_bytes(transformer, policy, job: Job) -> int:
 
     config = transformer.config
     width, height = job.width or 1024, job.height or 1024
-    inputs = len(job.images or []) if job.mode == "edit" else 0  # an edit's input images join the sequence
+    # an edit's input images join the sequence (a mask edit's too, of several images: the edit-plus call)
+    inputs = len(job.images or []) if job.mode == "edit" or len(job.images or []) > 1 else 0
     image_tokens = (-(-width // 16)) * (-(-height // 16)) * (1 + inputs)
     return step_cache_bytes(
         policy.canonical(),
@@ -350,17 +363,6 @@ def _step_cache_advice(policy, state: int) -> str:
     )
 
 
-def _inpaint_finish(job: Job, image: Image.Image, mask: Image.Image) -> Callable[[Image.Image], Image.Image]:
-    """What makes a mask edit's rendering (its previews too) the image the client gets: at the input's size (or the
-    job's), the input pasted back outside the mask."""
-    if job.inpaint_source is not None:  # the inputs were shrunk: paste back the uploaded original
-        from ..images import full_size_inpaint
-
-        image, mask = full_size_inpaint(job.inpaint_source)
-    size = (job.out_width, job.out_height) if job.out_width and job.out_height else image.size
-    return functools.partial(keep_unmasked, original=image, mask=mask, size=size)
-
-
 def processor_folder(spec: ModelSpec) -> Path:
     """The local ``processor/`` folder of a model: in its folder, or in the hub cache for a hub id."""
     if not spec.is_hub:
@@ -368,20 +370,6 @@ def processor_folder(spec: ModelSpec) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=["processor/*"])) / "processor"
-
-
-def keep_unmasked(result: Image.Image, original: Image.Image, mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The mask edit at ``size`` (the input's unless another was asked for), the original pasted back
-    outside the mask: at the input's size, only the masked pixels change."""
-
-    def at_size(image: Image.Image, resample) -> Image.Image:
-        return image if image.size == size else image.resize(size, resample)
-
-    return Image.composite(
-        at_size(result.convert("RGB"), Image.Resampling.LANCZOS),
-        at_size(original.convert("RGB"), Image.Resampling.LANCZOS),
-        at_size(mask.convert("L"), Image.Resampling.NEAREST),
-    )
 
 
 def fit_to_job(image: Image.Image, job: Job) -> Image.Image:

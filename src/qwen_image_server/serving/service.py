@@ -241,8 +241,6 @@ class ImageService:
             )
         if len(images) > self.settings.max_input_images:
             raise TooManyImages(f"at most {self.settings.max_input_images} images per request", param="image")
-        if mask is not None and len(images) > 1:
-            raise InvalidRequest("a mask can be combined with one image only", param="mask")
         size = self.resolve_size(req, None)
         edit_area = int(spec.options.get("edit_area", 1024 * 1024))
         decoded = await self._decode(spec, images, mask, INPUT_AREA_FACTOR * edit_area)
@@ -254,6 +252,8 @@ class ImageService:
             # size, or the input's, with the original kept outside the mask.
             job.mask, job.inpaint_source = decoded.mask, decoded.inpaint_source
             job.width = job.height = None
+            if len(arrays) > 1:  # the edit-plus call, sized as the first image, whose mask it is (mask_blend.py)
+                job.width, job.height = self.sizes.at_area(arrays[0].shape[1], arrays[0].shape[0], edit_area)
             if size is not None:
                 job.out_width, job.out_height = size.out_width, size.out_height
         if size is None and mask is None:
