@@ -285,11 +285,12 @@ class Settings(PerModelLimits, BaseSettings):
     def _places(cls, value: str | None, info: ValidationInfo) -> str | None:
         return files.checked_place(str(info.field_name), value)  # URLs and a bucket's name that can work
 
-    @field_validator("openai_base_url", "openai_api_key", "models_dir", "api_keys_file", mode="before")
+    @field_validator("openai_base_url", "openai_api_key", "openai_model", "models_dir", "api_keys_file", mode="before")
     @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        """Blank is unset (compose's ``${VAR:-}``), whitespace dropped (a bad URL: ``_check_sides``, ``make_rewriter``)."""
-        return (value.strip() or None) if isinstance(value, str) else value
+    def _blank_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """Blank is unset: the default (compose's ``${VAR:-}``); whitespace dropped (a bad URL: ``_check_sides``,
+        ``make_rewriter``)."""
+        return (value.strip() or cls.model_fields[str(info.field_name)].default) if isinstance(value, str) else value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

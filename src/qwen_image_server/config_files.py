@@ -178,7 +178,10 @@ def checked_base_url(url: str, where: str = "") -> str:
     is appended). One with spaces or control characters (a newline from a secrets file), no host, a port that is no
     number, or a query or fragment (the path would be appended inside it) would fail every rewrite: refused."""
     text = url.strip()
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # a malformed IPv6 address: urllib's words named no setting
+        parts = urlsplit("")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _port_ok(parts):
         problem = "expected http(s)://HOST[:PORT][/PATH]"
     elif any(c.isspace() or not c.isprintable() for c in text):

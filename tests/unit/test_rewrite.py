@@ -137,3 +137,135 @@ def test_a_base_url_the_rewriter_cannot_post_to_is_refused_at_start_when_rewriti
     assert "prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL 'http://***@chat/v1?***'" in caplog.text
     assert "pw" not in caplog.text and "api-key=K" not in caplog.text
     assert make_rewriter(Settings(openai_api_key=" ")) is None  # a blank key is no key
+
+
+def test_a_compressed_answer_is_counted_as_it_is_inflated():
+    """A gzip bomb (2 GiB of text in about a MiB) passed "1 MiB of an answer read at most": httpx inflated whole
+    network chunks before the count, tens of MB each, on the event loop; six at once took the API process past a
+    GiB. Inflated here, at most the bound past it; a plain gzip answer still serves."""
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(b'{"choices": [{"message": {"content": "' + b"a" * (64 << 20) + b'"}}]}')
+
+    def streamed(request):  # as a network answer comes: in chunks, not read before the client reads it
+        async def chunks():
+            for start in range(0, len(bomb), 16384):
+                yield bomb[start : start + 16384]
+
+        return httpx.Response(200, content=chunks(), headers={"Content-Encoding": "gzip"})
+
+    tracemalloc.start()
+    try:
+        answer = asyncio.run(_rewriter(streamed, retries=0).rewrite("cat"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer == "cat" and peak < 16 << 20, peak  # not the 64 MiB it inflates to
+    fine = gzip.compress(b'{"choices": [{"message": {"content": "A detailed cat."}}]}')
+    assert asyncio.run(_rewriter(_answering(fine, headers={"Content-Encoding": "gzip"})).rewrite("cat")) == "A detailed cat."
+    brotli = _answering(b"xx", headers={"Content-Encoding": "br"})
+    assert asyncio.run(_rewriter(brotli, retries=0).rewrite("cat")) == "cat"
+
+
+def test_a_reasoning_models_thinking_is_dropped_and_control_characters_refused():
+    """A reasoning model behind vLLM or Ollama answers "<think>...</think>" before its answer: the whole of it became
+    the prompt. Control characters (no prompt of a user's needs them from a rewriter) fall back to the prompt."""
+
+    def answer(text):
+        return lambda request: httpx.Response(200, json={"choices": [{"message": {"content": text}}]})
+
+    thought = "<think>\nThe user wants a fox.\n</think>\n\nA vivid red fox in fresh snow."
+    assert asyncio.run(_rewriter(answer(thought)).rewrite("fox")) == "A vivid red fox in fresh snow."
+    for bad in ("<think>still thinking when the answer was cut", "a fox \x1b[31m in red", "a fox\x00", "a \x85 fox"):
+        assert asyncio.run(_rewriter(answer(bad), retries=0).rewrite("fox")) == "fox", bad
+    assert asyncio.run(_rewriter(answer("a fox\n\tin snow")).rewrite("fox")) == "a fox\n\tin snow"
+
+
+def test_japanese_prompts_are_not_rewritten_in_chinese():
+    """Kanji are CJK characters: a Japanese prompt got the Chinese system prompt (and came back in Chinese)."""
+    assert not is_chinese("桜の木の下で猫が寝ている") and not is_chinese("カメラを持った猫")
+    assert "in English" in system_prompt("桜の木の下で猫が寝ている", edit=False)
+    assert is_chinese("樱花树下睡着一只猫")
+
+
+def test_an_endpoints_error_message_is_logged_without_the_key(caplog):
+    """A refused request was logged as "HTTP 400" alone: a model that takes no temperature failed every rewrite with
+    no hint why. What the endpoint said is logged (one line, the key taken out where it repeats it)."""
+    import logging
+
+    said = {"error": {"message": "Unsupported value: 'temperature' for key\nkey (sk-key-123 invalid)", "type": "x"}}
+    refusing = lambda request: httpx.Response(400, json=said)  # noqa: E731
+    rewriter = PromptRewriter("http://chat/v1", "sk-key-123", "m", transport=httpx.MockTransport(refusing), retries=0)
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(rewriter.rewrite("cat")) == "cat"
+    assert "prompt rewrite failed (HTTP 400: Unsupported value: 'temperature' for key key (*** invalid))" in caplog.text
+    assert "sk-key-123" not in caplog.text
+
+
+def test_an_api_key_no_header_can_carry_is_refused_or_left_out_and_credentials_in_the_url_are_said(caplog):
+    """A non-ASCII OPENAI_API_KEY stopped the server with "'ascii' codec can't encode character", naming nothing,
+    also with rewriting off (the variable may be another tool's). And credentials in OPENAI_BASE_URL are what httpx
+    sends (Basic), not the key: said at start. httpcore's debug lines (host, port, headers) are off."""
+    import logging
+
+    import pytest
+
+    from qwen_image_server.config import Settings
+    from qwen_image_server.serving.rewrite import make_rewriter
+
+    with pytest.raises(ValueError, match="OPENAI_API_KEY holds characters an HTTP header cannot carry"):
+        make_rewriter(Settings(enable_prompt_rewrite=True, openai_api_key="sk-SECRET\u00a0KEY"))
+    with caplog.at_level(logging.WARNING):
+        other = make_rewriter(Settings(openai_api_key="sk-SECRET\u00e9KEY"))
+        assert other is not None and "authorization" not in other._client.headers
+        make_rewriter(Settings(openai_api_key="sk-x", openai_base_url="http://user:pass@chat/v1"))
+    assert "OPENAI_API_KEY holds characters an HTTP header cannot carry (not printable ASCII): it is not sent" in caplog.text
+    assert "OPENAI_BASE_URL holds credentials: they are sent (HTTP Basic) in place of OPENAI_API_KEY" in caplog.text
+    assert "SECRET" not in caplog.text and "pass" not in caplog.text
+    assert not logging.getLogger("httpcore").isEnabledFor(logging.DEBUG)
+
+
+def test_a_malformed_ipv6_base_url_and_a_blank_model_name(monkeypatch):
+    import pytest
+    from pydantic import ValidationError
+
+    from qwen_image_server.config import Settings
+
+    with pytest.raises(ValidationError, match=r"OPENAI_BASE_URL \(with ENABLE_PROMPT_REWRITE\): 'http://\*\*\*@\[::1/v1'"):
+        Settings(enable_prompt_rewrite=True, openai_base_url="http://user:pw@[::1/v1")
+    monkeypatch.setenv("OPENAI_MODEL", "  ")
+    assert Settings().openai_model == "gpt-4o-mini"  # blank: the default, as the key's and the URL's blank is unset
+    monkeypatch.setenv("OPENAI_MODEL", " qwen3-8b\n")
+    assert Settings().openai_model == "qwen3-8b"
+
+
+def test_at_most_a_queues_worth_of_requests_to_a_model_wait_for_their_rewrite():
+    """Requests were counted by the queue only once submitted, after their rewrite: any number waited in it (holding
+    their decoded images, each sending its rewrite), then got 503 anyway. Past the bound: 503 at once."""
+    import pytest
+
+    from qwen_image_server.errors import QueueFull
+
+    async def main() -> None:
+        release = asyncio.Event()
+        calls = []
+
+        async def slow(request):
+            calls.append(request)
+            await release.wait()
+            return httpx.Response(200, json={"choices": [{"message": {"content": "A detailed cat."}}]})
+
+        rewriter = _rewriter(slow, retries=0)
+        waiting = [asyncio.ensure_future(rewriter.rewrite_for("m", 2, "cat")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull) as refused:
+            await rewriter.rewrite_for("m", 2, "cat")
+        assert refused.value.headers["Retry-After"] == "20"  # a rewrite's timeout
+        other = asyncio.ensure_future(rewriter.rewrite_for("other", 2, "cat"))  # another model's bound is its own
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await asyncio.gather(*waiting, other) == ["A detailed cat."] * 3 and len(calls) == 3
+        assert await rewriter.rewrite_for("m", 2, "cat") == "A detailed cat."  # room again
+
+    asyncio.run(main())

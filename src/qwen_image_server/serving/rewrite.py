@@ -17,12 +17,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
+import zlib
 
 import httpx
 
 from ..config import Settings
 from ..config_files import checked_base_url
+from ..errors import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,12 @@ MAX_ANSWER_BYTES = 1 << 20
 MAX_PAUSE = 2.0
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+#: Japanese kana: a prompt with them is Japanese (its kanji are CJK characters too), rewritten in English.
+_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+#: A reasoning model's thinking before its answer (Qwen3, DeepSeek-R1 behind vLLM or Ollama), dropped from it.
+_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
+#: Control characters no rewritten prompt holds (tabs and line ends are kept).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 SYSTEM_PROMPT_EN = """You rewrite prompts for a text-to-image model (Qwen-Image).
 Turn the user's prompt into one detailed, vivid description of the image, in English:
@@ -65,7 +74,9 @@ SYSTEM_PROMPT_EDIT_ZH = """你负责为图像编辑模型（Qwen-Image-Edit）�
 
 
 def is_chinese(text: str) -> bool:
-    """True when CJK characters make up a fair share of the letters of ``text``."""
+    """True when CJK characters make up a fair share of the letters of ``text``, and it has no kana (Japanese)."""
+    if _KANA.search(text):
+        return False
     cjk = len(_CJK.findall(text))
     letters = sum(ch.isalpha() for ch in text)
     return cjk > 0 and cjk >= 0.2 * max(letters, 1)
@@ -85,12 +96,21 @@ def make_rewriter(settings: Settings) -> PromptRewriter | None:
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None  # (blank: None, Settings)
     if not (settings.enable_prompt_rewrite or key is not None or settings.openai_base_url is not None):
         return None
+    if key is not None and not (key.isascii() and key.isprintable()):
+        # an HTTP header carries printable ASCII only: httpx's encoding error stopped the server, rewriting on or not
+        unusable = "OPENAI_API_KEY holds characters an HTTP header cannot carry (not printable ASCII)"
+        if settings.enable_prompt_rewrite:
+            raise ValueError(f"{unusable}; prompt rewriting (ENABLE_PROMPT_REWRITE) needs a usable key")
+        log.warning("%s: it is not sent; rewrites a request asks for go without it", unusable)
+        key = None
     url: str | None = None
     try:
         url = checked_base_url(settings.openai_base_url or DEFAULT_OPENAI_BASE_URL)
     except ValueError as exc:
         # nothing is posted (nor the key sent) to a URL that cannot be the endpoint
         log.warning("prompt rewrites asked for will use their own prompt: OPENAI_BASE_URL %s", exc)
+    if url is not None and key is not None and "@" in url.partition("://")[2].partition("/")[0]:
+        log.warning("OPENAI_BASE_URL holds credentials: they are sent (HTTP Basic) in place of OPENAI_API_KEY")
     return PromptRewriter(
         url,
         key,
@@ -122,11 +142,28 @@ class PromptRewriter:
         self.max_chars = max_chars
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
-        # httpx logs each request's URL at INFO: a base URL may carry credentials (user:key@, ?api-key=).
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").getEffectiveLevel()))
+        # httpx logs each request's URL at INFO, httpcore its host and port (and the answer's headers) at DEBUG: a
+        # base URL may carry credentials (user:key@, ?api-key=)
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).getEffectiveLevel()))
+        self._secret = api_key  # taken out of the endpoint's error messages before they are logged
+        self._waiting: dict[str, int] = {}  # per model, the requests waiting for their rewrite (``rewrite_for``)
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    async def rewrite_for(self, model: str, bound: int, prompt: str, *, edit: bool = False) -> str:
+        """``rewrite`` for a request to ``model``, of which at most ``bound`` (its queue size) wait for their rewrite
+        at once; past that a ``QueueFull``, as a full queue answers. They hold their decoded images, and the queue
+        counts a job only once it is submitted: requests piled up here uncounted (and each sent its rewrite)."""
+        waiting = self._waiting.get(model, 0)
+        if waiting >= bound:
+            raise QueueFull(retry_after=min(60, max(1, math.ceil(self.timeout))))
+        self._waiting[model] = waiting + 1
+        try:
+            return await self.rewrite(prompt, edit=edit)
+        finally:
+            self._waiting[model] -= 1
 
     async def rewrite(self, prompt: str, *, edit: bool = False) -> str:
         """The rewritten prompt, or ``prompt`` itself when the chat model fails in any way."""
@@ -146,7 +183,7 @@ class PromptRewriter:
                 # The client timeout bounds each phase; this bounds the whole attempt.
                 return self._answer(await asyncio.wait_for(self._post(body), timeout=self.timeout))
             except Exception as exc:  # whatever goes wrong, the original prompt serves
-                reason = _describe(exc)
+                reason = _describe(exc, self._secret)
                 if attempt < self.retries and _retryable(exc):
                     log.warning("prompt rewrite attempt %d failed (%s); retrying", attempt + 1, reason)
                     await asyncio.sleep(_pause(exc, attempt))
@@ -156,24 +193,33 @@ class PromptRewriter:
         return prompt
 
     async def _post(self, body: dict) -> dict:
-        """The endpoint's answer as JSON, read up to ``MAX_ANSWER_BYTES``."""
+        """The endpoint's answer as JSON, read up to ``MAX_ANSWER_BYTES``: counted as it is decompressed (httpx
+        inflated a whole network chunk before the count: a gzip bomb took the API process past a GiB, on its event
+        loop); an error's first bytes are kept for the log (``_describe``)."""
         assert self.url is not None  # (``rewrite`` posts only where there is a URL)
-        async with self._client.stream("POST", self.url, json=body) as response:
-            response.raise_for_status()
-            read = bytearray()
-            async for chunk in response.aiter_bytes():
-                read += chunk
-                if len(read) > MAX_ANSWER_BYTES:
-                    raise ValueError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
-        return json.loads(bytes(read))
+        async with self._client.stream("POST", self.url, json=body, headers={"Accept-Encoding": "gzip, identity"}) as response:
+            if response.is_error:
+                detail = await _read(response, 2048)
+                try:
+                    response.raise_for_status()
+                except httpx.HTTPStatusError as exc:
+                    exc.qis_detail = detail  # type: ignore[attr-defined]
+                    raise
+            read = await _read(response, MAX_ANSWER_BYTES)
+        return json.loads(read)
 
     def _answer(self, data: dict) -> str:
         content = data["choices"][0]["message"]["content"]
         if not isinstance(content, str):
             raise TypeError("the answer has no text")
-        text = content.strip().strip('"“”').strip()
+        text = _THINKING.sub("", content)
+        if "<think>" in text:
+            raise ValueError("the answer is a reasoning model's thinking, without its end")
+        text = text.strip().strip('"“”').strip()
         if not text:
             raise ValueError("the answer is empty")
+        if _CONTROL.search(text):
+            raise ValueError("the answer holds control characters")
         if len(text) > self.max_chars:
             raise ValueError(f"the answer is longer than {self.max_chars} characters")
         if not any(ch.isalpha() for ch in text):
@@ -197,10 +243,51 @@ def _pause(exc: BaseException, attempt: int) -> float:
     return min(MAX_PAUSE, 0.5 * (attempt + 1))
 
 
-def _describe(exc: BaseException) -> str:
-    """A reason for the log that cannot contain the API key (no headers, no request dump)."""
+async def _read(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``response``'s body, inflated here when it is gzip- or deflate-encoded (every
+    inflated byte counted: ``ValueError`` past ``limit``); another encoding is a ``ValueError``."""
+    if response.is_stream_consumed:  # a body already read into memory (a transport that answers from memory)
+        if len(response.content) > limit:
+            raise ValueError(f"the answer is larger than {limit} bytes")
+        return response.content
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+        raise ValueError(f"the answer is {encoding}-encoded")
+    inflate = zlib.decompressobj(wbits=47) if encoding not in ("", "identity") else None  # 47: a gzip or zlib header
+    read = bytearray()
+    async for chunk in response.aiter_raw():
+        if inflate is not None:
+            chunk = inflate.decompress(chunk, limit + 1 - len(read))
+        read += chunk
+        if len(read) > limit or (inflate is not None and inflate.unconsumed_tail):
+            if limit < MAX_ANSWER_BYTES:  # an error's first bytes: enough
+                return bytes(read[:limit])
+            raise ValueError(f"the answer is larger than {limit} bytes")
+    return bytes(read)
+
+
+def _describe(exc: BaseException, secret: str | None = None) -> str:
+    """A reason for the log that cannot contain the API key (no headers, no request dump; the key taken out of what
+    the endpoint said)."""
     if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
+        said = _error_message(getattr(exc, "qis_detail", b""))
+        if said and secret:
+            said = said.replace(secret, "***")
+        return f"HTTP {exc.response.status_code}" + (f": {said}" if said else "")
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _error_message(body: bytes) -> str:
+    """What an error answer says (OpenAI's ``{"error": {"message": ...}}``, a ``detail``, or its text), on one line of
+    at most 200 printable characters (a model that refuses ``temperature``, say)."""
+    text = body.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        data = json.loads(text)
+        error = data.get("error") if isinstance(data, dict) else None
+        found = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else data.get("detail")
+        if found is not None:
+            text = str(found)
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return text[:200] + ("..." if len(text) > 200 else "")

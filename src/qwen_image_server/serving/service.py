@@ -293,7 +293,8 @@ class ImageService:
         if rewrite and self.rewriter is None:  # asked for where it cannot be, with a prompt or without
             raise InvalidRequest("prompt rewriting is not configured on this server", param="prompt_rewrite")
         if rewrite and self.rewriter is not None and job.prompt.strip():
-            job.prompt = await self.rewriter.rewrite(job.prompt, edit=event == "image_edit")
+            bound = self.settings.queue_size_for(spec.id)  # waiting for their rewrite, beside those in the queue
+            job.prompt = await self.rewriter.rewrite_for(spec.id, bound, job.prompt, edit=event == "image_edit")
         return Prepared(req, spec, job, event, input_image_tokens)
 
     # --- running them ---------------------------------------------------------------------
