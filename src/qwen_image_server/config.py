@@ -310,7 +310,7 @@ class Settings(PerModelLimits, BaseSettings):
         """A blank key (``--api-key ''``, ``QIS_API_KEYS=" , "``) would turn keys off or let no client in: refused."""
         if any(not key.strip() for key in keys):
             raise ValueError("an API key is empty (give every key, or none to serve without keys)")
-        return [key.strip() for key in keys]
+        return [files.checked_key(key.strip()) for key in keys]
 
     @field_validator("host")
     @classmethod

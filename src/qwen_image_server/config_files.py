@@ -18,7 +18,15 @@ def read_keys_file(path: Path) -> list[str]:
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not keys:
         raise ValueError(f"the API keys file {path} holds no key")
-    return keys
+    return [checked_key(key, f" in {path}") for key in keys]
+
+
+def checked_key(key: str, where: str = "") -> str:
+    """An API key clients can send: printable ASCII, what an HTTP header carries. Another one started the server and
+    could never match (a browser cannot even send it)."""
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"an API key{where} holds characters an HTTP header cannot carry (not printable ASCII)")
+    return key
 
 
 def parse_entry(item: str) -> tuple[str | None, str]:

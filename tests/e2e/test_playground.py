@@ -188,15 +188,24 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
     Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp_path / "second.png")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "second.png"))
     assert page.locator("#edit .thumbs img").count() == 2
-    page.evaluate("() => Promise.all(window.decoding)")  # the first image's mask, made too late, is not shown
-    assert "one image" in page.inner_text("#edit .mask-stage")  # a mask needs a single image
+    page.evaluate("() => Promise.all(window.decoding)")
+    # the mask is the first image's, with several too (the server applies it to the first, as OpenAI's does): a
+    # second image added keeps it (it said "a mask works with one image" and sent none)
+    canvas = page.wait_for_selector("#edit .mask-paint")
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=5)
+    page.mouse.up()
     page.fill("#edit [name=prompt]", "both together")
     page.fill("#edit [name=num_inference_steps]", "4")
     page.click(SUBMIT.format("edit"))
     wait_done(page)
     sent = page.evaluate("window.sent")[-1]
-    assert sent["names"].count("image[]") == 2 and "mask" not in sent["names"]
+    assert sent["names"].count("image[]") == 2 and sent["names"].count("mask") == 1
     assert sent["fields"]["model"] == "qwen-image-edit-plus-tiny"
+    result = np.asarray(shown_image(page, ".results img").convert("RGB"))
+    assert result.shape == (made.height, made.width, 3)  # the first image's size
     shot("2-edit-plus")
 
 
@@ -257,12 +266,20 @@ def test_busy_server_is_retried_after_retry_after(page, shot):
             route.continue_()
 
     page.route("**/v1/images/generations", busy_once)
+    page.evaluate(
+        """() => { window.texts = []; new MutationObserver(() => window.texts.push(document.querySelector('.run-text')
+            .textContent)).observe(document.querySelector('.run-text'), {childList: true, characterData: true, subtree: true}); }"""
+    )
     fill_generate(page, "busy first", steps=4)
     page.click(SUBMIT.format("generate"))
     page.locator(".run-text", has_text="server busy, retrying in 1 s").wait_for()
     shot("1-busy")
     wait_done(page)
     assert len(calls) == 2
+    # once the retry is sent the note goes (it stayed up while the accepted job ran, until a preview came)
+    texts = page.evaluate("window.texts")
+    last_busy = max(i for i, text in enumerate(texts) if "server busy" in text)
+    assert any(text.startswith("Generating · 4 steps") for text in texts[last_busy + 1 :]), texts
 
 
 def test_history_survives_a_reload_and_reruns(page, shot):
@@ -301,6 +318,16 @@ def test_phone_width_has_no_horizontal_scroll(context, server, tmp_path):
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), tab
         if os.environ.get("QIS_TEST_SCREENSHOTS"):
             page.screenshot(path=tmp_path / f"phone-{tab}.png", full_page=True)
+    # the output is above the forms on a phone: a run (started from the form's button, below) scrolls it into view
+    page.click("nav [data-tab=generate]")
+    fill_generate(page, "seen on a phone", steps=4)
+    page.click(SUBMIT.format("generate"))
+    page.locator(".run-state[data-state=running]").wait_for()
+    box = page.evaluate(
+        "(() => { const r = document.querySelector('.run-state').getBoundingClientRect(); return [r.top, r.bottom]; })()"
+    )
+    assert box[0] >= 0 and box[1] <= 844, box  # the progress and its Cancel in sight
+    wait_done(page)
     page.close()
     assert not errors, errors
 
@@ -330,15 +357,16 @@ def test_the_badge_says_ready_only_once_a_reload_has_filled_the_forms(page, serv
     assert held, "typing a key did not reload the models"
     page.wait_for_timeout(300)  # room for a /ready poll to (wrongly) set the badge
     assert page.get_attribute("#server-status", "data-state") == "loading"
-    page.fill("#generate [name=num_inference_steps]", "9")  # typed too early: the reload sets the default
+    page.fill("#generate [name=num_inference_steps]", "9")  # typed while it loads: the model stays, so do the steps
     held[0].continue_()
     page.locator("#server-status[data-state=ready]").wait_for()
-    settings = httpx.get(server.base_url + "/playground/settings", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
-    default = settings["models"][page.input_value("#generate [name=model]")]["default_steps"]
-    assert page.input_value("#generate [name=num_inference_steps]") == str(default)
-    page.fill("#generate [name=num_inference_steps]", "9")
-    page.wait_for_timeout(300)
     assert page.input_value("#generate [name=num_inference_steps]") == "9"
+    # a model picked gets its own defaults
+    settings = httpx.get(server.base_url + "/playground/settings", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    page.click("nav [data-tab=edit]")
+    page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
+    default = settings["models"]["qwen-image-edit-plus-tiny"]["default_steps"]
+    assert page.input_value("#edit [name=num_inference_steps]") == str(default)
 
 
 def test_a_mask_on_a_tall_image_keeps_its_shape_and_paints_under_the_pointer(page, tmp_path):
@@ -407,9 +435,34 @@ def test_the_badge_says_no_access_until_a_key_works(context, server):
     page.wait_for_timeout(200)
     assert page.inner_text("#server-status") == "no access"
     page.unroute("**/v1/models")
+    # a key no header can carry (a pasted zero-width space) is said to be one: it was "Cannot reach the server"
+    page.fill("#api-key", KEY + "\u200b")
+    page.press("#api-key", "Tab")
+    page.locator(".key.field .error", has_text="holds characters an HTTP header cannot carry").wait_for()
+    assert page.inner_text("#server-status") == "no access"
     page.fill("#api-key", KEY + "  ")
     page.press("#api-key", "Tab")
     page.locator("#server-status[data-state=ready]").wait_for()
+    # steps typed in stay when the key changes (the reload reset them to the model's default)
+    page.fill("#generate [name=num_inference_steps]", "7")
+    page.fill("#api-key", KEY + " ")
+    page.press("#api-key", "Tab")
+    page.locator("#server-status[data-state=ready]").wait_for()
+    assert page.input_value("#generate [name=num_inference_steps]") == "7"
+    # a key refused by a run (a server restarted with another) is "no access" too, not left at "ready"
+    page.route("**/v1/images/generations", lambda route: route.fulfill(status=401, content_type="application/json",
+                                                                        body=json.dumps(refused)))  # fmt: skip
+    page.fill("#generate [name=prompt]", "refused")
+    page.click(SUBMIT.format("generate"))
+    page.locator("#server-status", has_text="no access").wait_for()
+    page.unroute("**/v1/images/generations")
+    # Ctrl+Enter from the key field sends the key typed there (it was kept on "change" only: none was sent)
+    page.evaluate("() => localStorage.clear()")
+    page.fill("#api-key", KEY)
+    with page.expect_request("**/v1/images/generations") as request:
+        page.press("#api-key", "Control+Enter")
+    assert request.value.headers["authorization"] == f"Bearer {KEY}"
+    wait_done(page)
     page.close()
 
 
@@ -496,3 +549,57 @@ def test_the_tabs_and_errors_speak_to_assistive_technology(page):
     page.click(SUBMIT.format("generate"))
     wait_done(page)
     assert page.get_attribute("#generate [name=width]", "aria-invalid") is None
+
+
+def test_what_the_forms_send_is_what_was_asked(page, tmp_path):
+    """A number the browser cannot read ("12-3" in the seed) read as empty and was left out: a random seed, without
+    a word. A variation without a prompt sent the prefilled guidance (CFG on, twice the work). *Edit this* added a
+    fifth image to an edit-plus model's four. A stroke erased with the eraser left faint paint that still went as a
+    mask."""
+    requests = []
+    page.on("request", lambda request: "/v1/images/" in request.url and requests.append(request))
+    fill_generate(page, "a typed seed", steps=4)
+    page.focus("#generate [name=seed]")
+    page.keyboard.type("12-3")
+    page.click(SUBMIT.format("generate"))
+    page.locator('#generate [data-params="seed"] .error', has_text="Not a number").wait_for()
+    assert requests == []
+    page.fill("#generate [name=seed]", "5")
+    page.click(SUBMIT.format("generate"))
+    wait_done(page)
+    assert json.loads(requests[-1].post_data)["seed"] == 5
+    # a variation without a prompt sends no guidance; with one it does
+    record_form_data(page)
+    page.click(".result-actions [data-action=vary]")
+    page.fill("#variations [name=num_inference_steps]", "2")
+    page.click(SUBMIT.format("variations"))
+    wait_done(page)
+    assert "true_cfg_scale" not in sent_form(page)
+    page.fill("#variations [name=prompt]", "in autumn")
+    page.click(SUBMIT.format("variations"))
+    wait_done(page)
+    assert "true_cfg_scale" in sent_form(page)
+    # Edit this, to an edit-plus model that holds its four images already
+    page.click("nav [data-tab=edit]")
+    page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (64, 64), (i * 60, 0, 0)).save(paths[-1])
+    page.set_input_files("#edit input[type=file]", [str(p) for p in paths])
+    assert page.locator("#edit .thumbs img").count() == 4
+    page.click(".result-actions [data-action=edit]")
+    page.locator("#edit .error", has_text="more than the 4 images this model takes").wait_for()
+    assert page.locator("#edit .thumbs img").count() == 4
+    # the mask: faint paint (an eraser's soft edge) is no paint
+    painted = page.evaluate(
+        """async () => { const { MaskEditor } = await import('./playground/mask.js');
+        const stage = document.createElement('div'); const editor = new MaskEditor(stage);
+        const canvas = document.createElement('canvas'); canvas.width = canvas.height = 32;
+        await editor.load(await new Promise((r) => canvas.toBlob(r, 'image/png')));
+        editor.context.fillStyle = 'rgba(255, 45, 85, 0.25)'; editor.context.fillRect(0, 0, 32, 32);
+        const faint = [editor.hasPaint(), await editor.toBlob()];
+        editor.context.fillStyle = 'rgb(255, 45, 85)'; editor.context.fillRect(0, 0, 8, 8);
+        return [...faint, editor.hasPaint(), (await editor.toBlob()) !== null]; }"""
+    )
+    assert painted == [False, None, True, True]

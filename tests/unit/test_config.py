@@ -443,3 +443,15 @@ def test_an_s3_bucket_or_endpoint_the_client_cannot_use_is_refused_at_start(monk
     assert (Settings().s3_bucket, Settings().s3_endpoint_url) == (None, "http://minio:9000")
     for bucket in ("images", "my.bucket-1", "Legacy_Bucket", "arn:aws:s3:us-east-1:123456789012:accesspoint/images"):
         assert Settings(s3_bucket=bucket).s3_bucket == bucket
+
+
+def test_an_api_key_no_client_can_send_is_refused_at_start(tmp_path):
+    """A key that is not printable ASCII started the server and could never match: an HTTP header carries no such
+    characters (a browser cannot even send them; curl's bytes are read as Latin-1)."""
+    with pytest.raises(ValidationError, match="an API key holds characters an HTTP header cannot carry"):
+        Settings(api_keys=["ключ-é"])
+    keys = tmp_path / "keys"
+    keys.write_text("sk-fine\nsk-\u200bzero-width\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"an API key in {keys} holds characters an HTTP header cannot carry"):
+        Settings(api_keys_file=keys).all_api_keys()
+    assert Settings(api_keys=['p@ss w:rd<>"&']).api_keys == ['p@ss w:rd<>"&']

@@ -269,3 +269,18 @@ def test_at_most_a_queues_worth_of_requests_to_a_model_wait_for_their_rewrite():
         assert await rewriter.rewrite_for("m", 2, "cat") == "A detailed cat."  # room again
 
     asyncio.run(main())
+
+
+def test_only_quotes_around_the_whole_answer_are_taken_off():
+    """An unpaired quote at the answer's end was cut ('... & "quoted"' became '... & "quoted')."""
+
+    def answer(text):
+        return lambda request: httpx.Response(200, json={"choices": [{"message": {"content": text}}]})
+
+    for given, used in [
+        ('"A detailed cat."', "A detailed cat."),
+        ("“A detailed cat.”", "A detailed cat."),
+        ('A sign that reads "open"', 'A sign that reads "open"'),
+        ('"open" reads the sign', '"open" reads the sign'),
+    ]:
+        assert asyncio.run(_rewriter(answer(given)).rewrite("cat")) == used

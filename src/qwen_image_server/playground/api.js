@@ -32,8 +32,16 @@ export class ApiError extends Error {
   }
 }
 
+// A key an HTTP header can carry: printable ASCII (fetch refused others with a message the page showed as the
+// server being unreachable).
+export function keyProblem(key) {
+  return /^[\x20-\x7e]*$/.test(key) ? null : "This key holds characters an HTTP header cannot carry (a pasted space or accent?)";
+}
+
 function headers(extra = {}) {
   const key = apiKey();
+  const problem = keyProblem(key);
+  if (problem) throw new ApiError(401, { message: problem, code: "invalid_api_key" });
   return key ? { Authorization: `Bearer ${key}`, ...extra } : extra;
 }
 

@@ -13,6 +13,7 @@ import {
   setAspect,
   setInputs,
   showError,
+  unreadNumber,
 } from "./forms.js";
 import { addEntry, allEntries, clearEntries, deleteEntry, getEntry } from "./history.js";
 import { MaskEditor } from "./mask.js";
@@ -47,11 +48,14 @@ async function loadServer() {
   try {
     const [settings, models] = await Promise.all([getJSON("playground/settings"), getJSON("v1/models")]);
     if (state.load !== load) return;
+    const first = !state.settings;
     state.settings = settings;
     state.cards = models.data;
     for (const form of Object.values(forms)) {
+      const before = form.elements.model.value;
       fillModels(form, state.cards, settings, state.failed);
-      applyModelDefaults(form, settings);
+      // a model's defaults when its model changes: a load for a new key reset the steps and guidance typed in
+      if (first || form.elements.model.value !== before) applyModelDefaults(form, settings);
     }
   } catch (error) {
     if (state.load !== load) return;
@@ -110,8 +114,9 @@ function requestBody(tab, fields, inputs, maskBlob) {
   return form;
 }
 
-// Send one request (a form's, or one from the history) and show its previews and results.
-async function run(tab, fields, inputs = [], maskBlob = null) {
+// Send one request (a form's, or one from the history) and show its previews and results. `maskSource` is the mask's
+// Blob, or a promise of it (a painted one being encoded): the run shows as running at once, before it is ready.
+async function run(tab, fields, inputs = [], maskSource = null) {
   if (state.run) return;
   const form = forms[tab];
   clearErrors(form);
@@ -123,8 +128,10 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
   previews.replaceChildren();
   const created = Date.now(); // the run's entries share it: the history lists them together, in order
   progress.start(denoisingSteps(fields, state.settings, tab), Number(fields.partial_images || 0), LABELS[tab]);
+  // on a narrow screen the output is above the forms: a run began out of sight (its previews, Cancel, the result)
+  if (matchMedia("(max-width: 820px)").matches) output.scrollIntoView({ block: "start" });
   const before = inputs.length ? URL.createObjectURL(inputs[inputs.length - 1]) : null; // the results' (revoked with them)
-  const body = requestBody(tab, fields, inputs, maskBlob);
+  let maskBlob = null;
   const onPartial = (event) => {
     const url = objectURL("previews", b64ToBlob(event.b64_json, event.output_format));
     progress.preview(event.partial_image_index);
@@ -133,7 +140,13 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
     if (event.image_index === 0) showImage(viewer, url, { alt: "Preview", kind: "preview" });
   };
   try {
-    const completed = await withRetry(() => streamImages(ENDPOINTS[tab], body, { signal: controller.signal, onPartial }), {
+    maskBlob = await maskSource;
+    const body = requestBody(tab, fields, inputs, maskBlob);
+    const attempt = () => {
+      progress.waiting(""); // a retry is sent: "server busy" no more (it stayed up while the accepted job ran)
+      return streamImages(ENDPOINTS[tab], body, { signal: controller.signal, onPartial });
+    };
+    const completed = await withRetry(attempt, {
       signal: controller.signal,
       onWait: (left) => progress.waiting(`server busy, retrying in ${left} s`),
     });
@@ -178,6 +191,11 @@ async function run(tab, fields, inputs = [], maskBlob = null) {
     } else {
       const reached = error instanceof TypeError ? { message: `Cannot reach the server: ${error.message}` } : error;
       showError(form, reached);
+      if (error.status === 401) {
+        // the key was refused (a server restarted with another): "no access" until a key works, as a load says it
+        state.loadFailed = "key";
+        setStatus("no access", "failed");
+      }
       progress.finish("failed", `Failed: ${reached.message}`);
     }
   } finally {
@@ -195,11 +213,15 @@ function setRunning(running) {
 
 async function submit(tab) {
   const form = forms[tab];
+  clearErrors(form);
+  const unread = unreadNumber(form);
+  if (unread) return showError(form, { param: unread, message: "Not a number: type digits only (the field reads as empty)" });
   const fields = readFields(form);
   if (tab === "edit" && !form.inputs.length) return showError(form, { param: "image", message: "Pick an image to edit" });
   if (tab === "variations" && !form.inputs.length) return showError(form, { param: "image", message: "Pick an image to vary" });
-  const maskBlob = tab === "edit" && form.inputs.length === 1 ? await mask.toBlob() : null;
-  return run(tab, fields, form.inputs, maskBlob);
+  // a variation without a prompt varies the image freely, without CFG (the guidance field is prefilled for prompts)
+  if (tab === "variations" && !fields.prompt && !fields.negative_prompt) delete fields.true_cfg_scale;
+  return run(tab, fields, form.inputs, tab === "edit" ? mask.toBlob() : null); // on the first image, also of several
 }
 
 // --- results ----------------------------------------------------------------------------
@@ -242,8 +264,9 @@ function asFile(blob, name) {
 async function useAsInput(tab, blob) {
   showTab(tab);
   const form = forms[tab];
-  const inputs = tab === "edit" && form.inputs.length && isMulti() ? [...form.inputs, blob] : [blob];
-  setInputs(form, inputs, tab === "edit" ? onEditInputs : undefined);
+  // added to an edit-plus model's images within its limit, as picked files are (acceptFiles says what it left out)
+  if (tab === "edit" && form.inputs.length && isMulti()) return acceptFiles(form, [blob], onEditInputs);
+  setInputs(form, [blob], tab === "edit" ? onEditInputs : undefined);
 }
 
 function resultAction(action) {
@@ -333,14 +356,18 @@ function isMulti() {
   return state.settings?.models[forms.edit.elements.model.value]?.kind === "edit-plus";
 }
 
+// The mask is painted on the first image (with several, the server applies it to the first, as OpenAI's does).
 function onEditInputs(blobs) {
-  if (blobs.length === 1) {
+  if (blobs.length) {
+    if (mask.image === blobs[0]) return; // the first image stays: so does its mask
+    mask.image = blobs[0];
     mask.ready = mask.load(blobs[0]).catch(() => {
       mask.unload("This browser cannot decode the image, so no mask can be painted on it.");
       showError(forms.edit, { param: "image", message: "This browser cannot decode the image (is it a PNG, JPEG or WebP?)" });
     });
   } else {
-    mask.unload(blobs.length ? "A mask works with one image: remove the others to paint one." : undefined);
+    mask.image = null;
+    mask.unload();
     mask.ready = Promise.resolve();
   }
 }
@@ -362,6 +389,8 @@ function acceptFiles(form, files, onchange) {
 function wire() {
   const keyInput = $("#api-key");
   keyInput.value = apiKey();
+  // kept as it is typed (Ctrl+Enter from the field sent the key before it), loaded with once it is changed
+  keyInput.addEventListener("input", () => setApiKey(keyInput.value.trim()));
   keyInput.addEventListener("change", () => {
     setApiKey(keyInput.value.trim());
     loadServer();

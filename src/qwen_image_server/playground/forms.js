@@ -27,6 +27,12 @@ function number(value) {
   return Number.isFinite(parsed) ? parsed : value; // a non-number goes as is: the server says what is wrong
 }
 
+// The number fields of `form` holding text the browser cannot read as a number ("12-3", "1e"): their value reads
+// as empty, and the field was left out of the request (a typed seed became a random one, without a word).
+export function unreadNumber(form) {
+  return NUMBERS.find((name) => form.elements[name]?.validity?.badInput) || null;
+}
+
 // The request fields of `form` (empty fields left out: the server's defaults apply).
 export function readFields(form) {
   const elements = form.elements;

@@ -7,6 +7,8 @@
 
 const PAINT = "rgba(255, 45, 85, 1)";
 
+const PAINTED = 128; // the alpha from which a pixel of the paint layer is painted
+
 export class MaskEditor {
   constructor(stage) {
     this.stage = stage;
@@ -103,10 +105,12 @@ export class MaskEditor {
     canvas.addEventListener("pointercancel", end);
   }
 
+  // A pixel counts as painted from half opacity: the eraser's soft edge leaves faint paint along an erased stroke,
+  // which counted, and sent a mask the user no longer saw.
   hasPaint() {
     if (!this.canvas) return false;
     const pixels = this.context.getImageData(0, 0, this.width, this.height).data;
-    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) return true;
+    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] >= PAINTED) return true;
     return false;
   }
 
@@ -122,7 +126,7 @@ export class MaskEditor {
     if (!this.canvas || !this.hasPaint()) return null;
     const paint = this.context.getImageData(0, 0, this.width, this.height).data;
     const out = new ImageData(this.width, this.height);
-    for (let i = 0; i < paint.length; i += 4) out.data[i + 3] = paint[i + 3] > 0 ? 0 : 255; // black, opaque where kept
+    for (let i = 0; i < paint.length; i += 4) out.data[i + 3] = paint[i + 3] >= PAINTED ? 0 : 255; // black, opaque where kept
     const canvas = document.createElement("canvas");
     canvas.width = this.width;
     canvas.height = this.height;

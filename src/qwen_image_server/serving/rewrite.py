@@ -215,7 +215,9 @@ class PromptRewriter:
         text = _THINKING.sub("", content)
         if "<think>" in text:
             raise ValueError("the answer is a reasoning model's thinking, without its end")
-        text = text.strip().strip('"“”').strip()
+        text = text.strip()
+        if len(text) > 1 and (text[0], text[-1]) in (('"', '"'), ("“", "”")):  # the answer in quotes: a pair only
+            text = text[1:-1].strip()  # (an unpaired quote at the end was cut: '... & "quoted"' lost its last one)
         if not text:
             raise ValueError("the answer is empty")
         if _CONTROL.search(text):
