@@ -411,6 +411,12 @@ def test_after_a_failed_run_the_viewer_shows_the_selected_result_and_files_not_t
     (tmp_path / "notes.txt").write_text("not an image")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "notes.txt"))
     assert "Not added: 1 not a PNG, JPEG or WebP image" in page.inner_text("#edit [data-params~=image] .error")
+    # a file past the server's upload limit is not sent whole to be refused with a 413
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png((64, 64)) + bytes(25 * 2**20))
+    page.set_input_files("#edit input[type=file]", str(huge))
+    assert "Not added: 1 larger than the 25 MiB the server takes" in page.inner_text("#edit [data-params~=image] .error")
+    assert page.locator("#edit .thumbs img").count() == 0
     (tmp_path / "fake.png").write_text("not a png either")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "fake.png"))
     page.locator("#edit .mask-stage", has_text="cannot decode").wait_for()

@@ -375,12 +375,15 @@ function onEditInputs(blobs) {
 function acceptFiles(form, files, onchange) {
   clearErrors(form.querySelector("[data-params~=image]") || form);
   const all = [...files];
-  const images = all.filter((file) => /^image\/(png|jpeg|webp)$/.test(file.type));
+  const most = state.settings?.limits.max_upload_bytes || Infinity; // a larger file was uploaded whole, then refused
+  const large = all.filter((file) => file.size > most);
+  const images = all.filter((file) => /^image\/(png|jpeg|webp)$/.test(file.type) && file.size <= most);
   const multi = form === forms.edit && isMulti();
   const limit = multi ? state.settings?.limits.max_input_images || Infinity : 1;
   const taken = (multi ? [...form.inputs, ...images] : images).slice(0, limit);
   const left = [];
-  if (images.length < all.length) left.push(`${all.length - images.length} not a PNG, JPEG or WebP image`);
+  if (large.length) left.push(`${large.length} larger than the ${Math.floor(most / 2 ** 20)} MiB the server takes`);
+  if (images.length + large.length < all.length) left.push(`${all.length - images.length - large.length} not a PNG, JPEG or WebP image`);
   if (taken.length < (multi ? form.inputs.length : 0) + images.length) left.push(`more than the ${limit} image${limit === 1 ? "" : "s"} this model takes`);
   if (left.length) showError(form, { param: "image", message: `Not added: ${left.join("; ")}.` });
   if (images.length) setInputs(form, taken, onchange);
