@@ -205,6 +205,23 @@ def png_bytes(size: tuple[int, int] = (256, 256), color: tuple[int, int, int] = 
     return buffer.getvalue()
 
 
+def failing_store_saves(store, nth: int, reason: str) -> list[int]:
+    """Make ``store.save`` (an in-process app's image store) raise ``StorageFailed(reason)`` on its ``nth`` call, as a
+    disk that fills or a bucket that refuses in the middle of a response; the list grows by one per call."""
+    from qwen_image_server.errors import StorageFailed
+
+    real_save, saves = store.save, []
+
+    def save(data, extension, keep=frozenset()):
+        saves.append(1)
+        if len(saves) == nth:
+            raise StorageFailed(reason)
+        return real_save(data, extension, keep)
+
+    store.save = save
+    return saves
+
+
 def asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], receive=None, on_send=None) -> list[dict]:
     """Call the ASGI app as a server would and return what it sends (no client in between drops a body). By default
     the request has an empty body and its client stays; ``receive`` replaces that. ``on_send(message, sent)`` runs

@@ -83,21 +83,12 @@ def test_the_images_of_a_response_that_fails_to_store_one_are_deleted_from_the_b
     failed stayed for ever, under names no client got."""
     import time
 
-    from qwen_image_server.errors import StorageFailed
+    from conftest import failing_store_saves
 
     endpoint, client = s3
     settings = {**_s3_settings(endpoint, False), "s3_prefix": "fails"}
     api = make_api({"tiny": tiny_t2i}, **settings)
-    store = api.client.app.state.service.store
-    real_save, saves = store.save, []
-
-    def save(data, extension, keep=frozenset()):
-        saves.append(1)
-        if len(saves) == 3:
-            raise StorageFailed("the bucket refused it: SlowDown")
-        return real_save(data, extension, keep)
-
-    store.save = save
+    saves = failing_store_saves(api.client.app.state.service.store, 3, "the bucket refused it: SlowDown")
     body = {"prompt": "a bucket", "response_format": "url", "n": 3, "num_inference_steps": 2}
     r = api.client.post("/v1/images/generations", json=body)
     assert r.status_code == 500 and r.headers["x-should-retry"] == "false", r.text[:300]

@@ -170,19 +170,12 @@ def test_a_response_whose_later_image_cannot_be_stored_leaves_none_and_is_not_re
     """``n=3`` on a disk that fills after the first image: the 500 left that image behind, a file no client had the
     name of, holding the space for its whole TTL (and in a bucket without lifecycle rules, for ever). The answer
     also let OpenAI's SDK run the whole request twice more, into the same full disk."""
-    from qwen_image_server.errors import StorageFailed
+    from conftest import failing_store_saves
 
     api = make_api({"tiny": tiny_t2i}, image_output_dir=str(tmp_path))
     store = api.client.app.state.service.store
-    real_save, saves = store.save, []
-
-    def save(data, extension, keep=frozenset()):
-        saves.append(1)
-        if len(saves) == 2:
-            raise StorageFailed("No space left on device")
-        return real_save(data, extension, keep)
-
-    store.save = save
+    real_save = store.save
+    saves = failing_store_saves(store, 2, "No space left on device")
     body = {"prompt": "a full disk", "response_format": "url", "n": 3, "num_inference_steps": 2}
     r = api.client.post("/v1/images/generations", json=body)
     assert r.status_code == 500 and r.json()["error"]["code"] == "storage_failed", r.text[:300]
