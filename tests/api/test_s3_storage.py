@@ -228,3 +228,26 @@ def test_a_store_error_that_is_no_network_failure_is_not_said_to_be_one():
     assert _s3_reason(NoCredentialsError(), "refused") == "the object store's client failed: NoCredentialsError"
     for unreachable in (EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3")):
         assert _s3_reason(unreachable, "refused").startswith("the object store could not be reached: ")
+
+
+def test_an_image_whose_url_cannot_be_presigned_is_deleted_from_the_bucket(make_api, tiny_t2i, s3):
+    """Presigning fails after the image was stored (credentials that cannot be fetched): it stayed, named nowhere."""
+    import time
+
+    from qwen_image_server.errors import StorageFailed
+
+    endpoint, client = s3
+    api = make_api({"tiny": tiny_t2i}, **{**_s3_settings(endpoint, True), "s3_prefix": "unsigned"})
+    store = api.client.app.state.service.store
+
+    def cannot_sign(name):
+        raise StorageFailed("the bucket's credentials failed: ExpiredToken")
+
+    store.public_url = cannot_sign
+    body = {"prompt": "a bucket", "response_format": "url", "num_inference_steps": 2}
+    r = api.client.post("/v1/images/generations", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "storage_failed", r.text[:300]
+    deadline = time.monotonic() + 10
+    while client.list_objects_v2(Bucket="images", Prefix="unsigned/").get("KeyCount") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.list_objects_v2(Bucket="images", Prefix="unsigned/").get("KeyCount") == 0

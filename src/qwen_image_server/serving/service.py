@@ -339,7 +339,11 @@ class ImageService:
         """Store an image for response_format=url: its name and URL (blocking: a store call, and presigning may fetch
         credentials)."""
         name = self.store.save(data, output_format, keep)
-        return name, self.image_url(name, base_url)
+        try:
+            return name, self.image_url(name, base_url)
+        except BaseException:  # presigning failed: the image no client will have the URL of goes too
+            self.store.delete(name)
+            raise
 
     def image_url(self, name: str, base_url: str) -> str:
         """The URL of a stored image for response_format=url."""
