@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[0-9a-f]{32}\.(png|jpeg|webp)\Z")  # ``match``: the whole name (``$`` let a newline end it)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: Seconds a folder store's write probe (``unusable``) is taken as true.
+PROBE_SECONDS = 5.0
 
 
 def new_name(extension: str) -> str:
@@ -96,6 +98,10 @@ class ImageStore(Protocol):
     def delete(self, name: str) -> None:
         """Delete a stored image (one of a response that failed after storing it); a failure is logged, not raised."""
 
+    def unusable(self) -> str | None:
+        """Why an image could not be stored now, in a client's words (no path), or None: asked before a url request
+        runs, so that one whose image cannot be kept is refused before its job takes a GPU, not after."""
+
 
 class LocalImageStore:
     """Stores images in ``directory``; keeps at most ``max_files``, none older than ``ttl_seconds``."""
@@ -108,6 +114,7 @@ class LocalImageStore:
         self._count: int | None = None  # files kept, known after the first scan
         self._scanned_at = 0.0
         self.list_problem: str | None = None  # why the last scan could not list the folder (logged once, when it changes)
+        self._probed: tuple[float, str | None] = (-PROBE_SECONDS, None)  # when ``unusable`` last probed, and what it saw
 
     def save(self, data: bytes, extension: str, keep: frozenset[str] = frozenset()) -> str:
         """Write ``data`` under a new generated name and return the name (blocking: call in a thread). A write that
@@ -176,6 +183,24 @@ class LocalImageStore:
 
     def public_url(self, name: str) -> str | None:
         return None
+
+    def unusable(self) -> str | None:
+        # a probe written at most every PROBE_SECONDS (a folder fixed meanwhile is seen again within them)
+        now = time.monotonic()
+        if now - self._probed[0] < PROBE_SECONDS:
+            return self._probed[1]
+        probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"
+        reason = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        self._probed = (now, reason)
+        return reason
 
     def delete(self, name: str) -> None:
         if not NAME_PATTERN.match(name):
@@ -331,6 +356,9 @@ class S3ImageStore:
         except (ClientError, BotoCoreError) as exc:
             log.error("could not presign image %s of bucket %s: %s", name, self.bucket, exc)
             raise StorageFailed(_s3_reason(exc, "the bucket's credentials failed")) from None
+
+    def unusable(self) -> str | None:
+        return None  # known only by storing (a probe object would stay in the bucket)
 
     def delete(self, name: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

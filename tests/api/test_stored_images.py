@@ -266,3 +266,26 @@ def test_image_urls_use_the_host_header_only_when_it_is_a_host_a_client_could_fe
     scope["server"] = ("10.1.2.3", 8000)
     service = SimpleNamespace(settings=SimpleNamespace(host="0.0.0.0", port=8000))
     assert _base_url(Request(scope), service) == expected
+
+
+def test_a_url_request_to_a_folder_that_cannot_be_written_is_refused_before_its_job_runs(make_api, tiny_t2i, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    """The start only warned of a folder that cannot be written: every url request then ran its whole job (minutes of
+    a GPU) and was refused once its image could not be kept. It is refused before the job, the folder named in no
+    answer; a folder fixed meanwhile serves again (the probe is taken as true for ``PROBE_SECONDS``)."""
+    from qwen_image_server import storage
+
+    monkeypatch.setattr(storage, "PROBE_SECONDS", 0.0)
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file where the folder's parent should be")
+    api = make_api({"tiny": tiny_t2i}, image_output_dir=str(blocker / "images"))
+    body = {"prompt": "kept nowhere", "response_format": "url", "num_inference_steps": 2}
+    jobs = len(api.engine.jobs)
+    r = api.client.post("/v1/images/generations", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "storage_failed", r.text[:300]
+    assert "Not a directory" in r.json()["error"]["message"] and str(tmp_path) not in r.text
+    assert r.headers["x-should-retry"] == "false"
+    assert len(api.engine.jobs) == jobs  # no job ran
+    assert api.client.post("/v1/images/generations", json={**body, "response_format": "b64_json"}).status_code == 200
+    blocker.unlink()  # fixed
+    assert api.client.post("/v1/images/generations", json=body).status_code == 200

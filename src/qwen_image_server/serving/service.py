@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import Settings
 from ..engine.base import EngineClient
-from ..errors import InvalidRequest, ModelNotAvailable, TooManyImages
+from ..errors import InvalidRequest, ModelNotAvailable, StorageFailed, TooManyImages
 from ..images import b64
 from ..jobs import RUN_COUNTERS, EncodedImage, Job, JobResult, PartialImage
 from ..limits import QUALITY_STEPS, quality_of
@@ -302,6 +302,10 @@ class ImageService:
         self, prepared: Prepared, base_url: str, on_partial: Callable[[PartialImage], None] | None = None
     ) -> tuple[ImagesResponse, JobResult]:
         """Run a prepared job and build OpenAI's response body."""
+        if prepared.req.response_format == "url" and not prepared.req.stream:
+            unusable = await in_store_thread(self.store.unusable, write=True)
+            if unusable:  # refused before the job takes a GPU: it ran, then its image could not be kept
+                raise StorageFailed(unusable)
         submitted = time.time()
         result = await self.engine.submit(prepared.spec.id, prepared.job, on_partial)
         data = []
