@@ -21,10 +21,15 @@ def read_keys_file(path: Path) -> list[str]:
     return [checked_key(key, f" in {path}") for key in keys]
 
 
+def header_safe(text: str) -> bool:
+    """Whether an HTTP header can carry ``text``: printable ASCII."""
+    return text.isascii() and text.isprintable()
+
+
 def checked_key(key: str, where: str = "") -> str:
-    """An API key clients can send: printable ASCII, what an HTTP header carries. Another one started the server and
-    could never match (a browser cannot even send it)."""
-    if not (key.isascii() and key.isprintable()):
+    """An API key clients can send (``header_safe``). Another one started the server and could never match (a browser
+    cannot even send it)."""
+    if not header_safe(key):
         raise ValueError(f"an API key{where} holds characters an HTTP header cannot carry (not printable ASCII)")
     return key
 
@@ -120,7 +125,7 @@ def checked_url_prefix(prefix: str | None) -> str | None:
     elif any(c.isspace() or not c.isprintable() or c == "\\" for c in text):
         problem = "it holds spaces, backslashes or control characters"
     else:
-        parts = urlsplit(text.replace("[", "").replace("]", ""))  # (urlsplit raises for a malformed IPv6 address)
+        parts = _split(text)
         if "@" in parts.netloc:
             problem = "credentials (user@) have no place in it"
         elif parts.query or parts.fragment or "?" in text or "#" in text:
@@ -152,7 +157,7 @@ def checked_place(field: str, value: str | None) -> str | None:
     if field == "s3_bucket" and not _BUCKET.match(text):
         raise ValueError(f"{text!r} is not a bucket name: letters, digits and . _ - (at most 255), or an access point ARN")
     if field == "s3_endpoint_url":
-        parts = urlsplit(text)
+        parts = _split(text)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _port_ok(parts) or " " in text:
             raise ValueError(f"{shown_url(text)!r} is not an S3 endpoint URL: expected http(s)://HOST[:PORT]")
     return text
@@ -172,6 +177,15 @@ def shown_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``, or the parts of no URL where it raises (a malformed IPv6 address): the checks then refuse it
+    in their own words, naming the setting, not in urllib's."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return urlsplit("")
+
+
 def _port_ok(parts: SplitResult) -> bool:
     """Whether a URL's port, if it has one, is a number from 0 to 65535."""
     try:
@@ -186,10 +200,7 @@ def checked_base_url(url: str, where: str = "") -> str:
     is appended). One with spaces or control characters (a newline from a secrets file), no host, a port that is no
     number, or a query or fragment (the path would be appended inside it) would fail every rewrite: refused."""
     text = url.strip()
-    try:
-        parts = urlsplit(text)
-    except ValueError:  # a malformed IPv6 address: urllib's words named no setting
-        parts = urlsplit("")
+    parts = _split(text)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _port_ok(parts):
         problem = "expected http(s)://HOST[:PORT][/PATH]"
     elif any(c.isspace() or not c.isprintable() for c in text):

@@ -135,15 +135,9 @@ class LocalImageStore:
 
     def check(self) -> str | None:
         """Also deletes what expired or is over the bound while the server was down (the first scan)."""
-        probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"  # never a served name, never counted
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-        except OSError as exc:  # for the server log: the folder is named (a client's message never names it)
-            return StorageFailed(f"{exc.strerror or type(exc).__name__}: {self.directory}").message
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
+        failed = self._write_probe()
+        if failed is not None:  # for the server log: the folder is named (a client's message never names it)
+            return StorageFailed(f"{failed.strerror or type(failed).__name__}: {self.directory}").message
         self._prune()
         if self.list_problem:  # stored images could not be counted: the bound and the TTL would not hold
             return f"cannot list {self.directory} to delete old images ({self.list_problem}): the folder grows unbounded"
@@ -187,20 +181,23 @@ class LocalImageStore:
     def unusable(self) -> str | None:
         # a probe written at most every PROBE_SECONDS (a folder fixed meanwhile is seen again within them)
         now = time.monotonic()
-        if now - self._probed[0] < PROBE_SECONDS:
-            return self._probed[1]
-        probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"
-        reason = None
+        if now - self._probed[0] >= PROBE_SECONDS:
+            failed = self._write_probe()
+            self._probed = (now, None if failed is None else failed.strerror or type(failed).__name__)
+        return self._probed[1]
+
+    def _write_probe(self) -> OSError | None:
+        """Make the folder if need be and write (then delete) an empty file in it: the error, or None."""
+        probe = self.directory / f".probe-{secrets.token_hex(8)}.tmp"  # never a served name, never counted
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
+            return exc
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
-        self._probed = (now, reason)
-        return reason
+        return None
 
     def delete(self, name: str) -> None:
         if not NAME_PATTERN.match(name):

@@ -512,7 +512,7 @@ def test_sizings_of_one_model_kept_between_plans_are_those_of_each_profile():
 
     def sizes(profile: RunProfile, run_bytes: int) -> tuple:
         weights = fp.resident_weights(model, profile, run_bytes)
-        return weights, fp.pinned_copies(model, profile, run_bytes), fp.load_peak(model, profile, run_bytes)
+        return weights, fp.pinned_parts(model, profile, run_bytes), fp.load_peak(model, profile, run_bytes)
 
     kept = [sizes(profile, run_bytes) for profile in profiles for run_bytes in (2, 4)]
     afresh = []

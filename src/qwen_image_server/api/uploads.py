@@ -82,11 +82,8 @@ class TooManyFiles(TooManyImages):
     """More files in a multipart body than one edit takes (400)."""
 
     def __init__(self, max_files: int, param: str = "image", takes_mask: bool = True):
-        if takes_mask:
-            message = f"too many files: at most {max_files} image{'s' if max_files != 1 else ''} and one mask per request"
-        else:  # a variation's (it said "at most 1 images and one mask", of a request that takes no mask)
-            message = f"too many files: at most {max_files} image{'s' if max_files != 1 else ''} and no mask per request"
-        super().__init__(message, param=param)
+        images, mask = f"{max_files} image{'s' if max_files != 1 else ''}", "one mask" if takes_mask else "no mask"
+        super().__init__(f"too many files: at most {images} and {mask} per request", param=param)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -263,12 +263,6 @@ def pinned_size(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
 
 
-def pinned_copies(model: ModelTensors, profile: RunProfile, run_bytes: int) -> int | None:
-    """``pinned_parts`` in all."""
-    parts = pinned_parts(model, profile, run_bytes)
-    return None if parts is None else sum(parts.values())
-
-
 def pinned_parts(model: ModelTensors, profile: RunProfile, run_bytes: int) -> dict[str, int] | None:
     """Host bytes of the copies group offload keeps on a CUDA worker (``--offload group`` or ``text-encoder``), per
     component, or None for the other modes. diffusers' group offload with CUDA's side stream pins a copy of every tensor of each grouped

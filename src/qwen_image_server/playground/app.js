@@ -33,6 +33,7 @@ const mask = new MaskEditor($(".mask-stage", forms.edit));
 const state = {
   settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null,
   loadFailed: null, // why the last load failed ("key" or "network"), else null
+  maskImage: null, // the image the mask is painted on (the edit's first)
 };
 
 // --- the server ----------------------------------------------------------------------
@@ -359,14 +360,14 @@ function isMulti() {
 // The mask is painted on the first image (with several, the server applies it to the first, as OpenAI's does).
 function onEditInputs(blobs) {
   if (blobs.length) {
-    if (mask.image === blobs[0]) return; // the first image stays: so does its mask
-    mask.image = blobs[0];
+    if (state.maskImage === blobs[0]) return; // the first image stays: so does its mask
+    state.maskImage = blobs[0];
     mask.ready = mask.load(blobs[0]).catch(() => {
       mask.unload("This browser cannot decode the image, so no mask can be painted on it.");
       showError(forms.edit, { param: "image", message: "This browser cannot decode the image (is it a PNG, JPEG or WebP?)" });
     });
   } else {
-    mask.image = null;
+    state.maskImage = null;
     mask.unload();
     mask.ready = Promise.resolve();
   }

@@ -24,7 +24,7 @@ import zlib
 import httpx
 
 from ..config import Settings
-from ..config_files import checked_base_url
+from ..config_files import checked_base_url, header_safe
 from ..errors import QueueFull
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def make_rewriter(settings: Settings) -> PromptRewriter | None:
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None  # (blank: None, Settings)
     if not (settings.enable_prompt_rewrite or key is not None or settings.openai_base_url is not None):
         return None
-    if key is not None and not (key.isascii() and key.isprintable()):
+    if key is not None and not header_safe(key):
         # an HTTP header carries printable ASCII only: httpx's encoding error stopped the server, rewriting on or not
         unusable = "OPENAI_API_KEY holds characters an HTTP header cannot carry (not printable ASCII)"
         if settings.enable_prompt_rewrite:
