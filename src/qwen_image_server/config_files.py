@@ -10,9 +10,10 @@ from urllib.parse import SplitResult, urlsplit
 
 
 def read_keys_file(path: Path) -> list[str]:
-    """API keys from a file, one per line; blank lines and ``#`` comments are skipped."""
+    """API keys from a file, one per line; blank lines and lines starting with ``#`` are skipped. A byte-order mark
+    (what Windows editors put first) is not part of the first key."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from None
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

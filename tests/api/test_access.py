@@ -144,6 +144,50 @@ def test_an_allowed_origin_gets_cors_headers_and_preflights_pass(keyed):
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
 
 
+def _preflight(client, origin: str, method: str = "POST", headers: str = "authorization,content-type", **extra):
+    asked = {"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers}
+    return client.options("/v1/images/generations", headers={**asked, **extra})
+
+
+def test_a_preflight_from_an_origin_not_allowed_gets_the_403_envelope(keyed):
+    """With ``--cors-origin`` set, a preflight from another origin is refused as its request would be (README: 403
+    ``origin_not_allowed``), in the error envelope, not in CORS's plain text."""
+    response = _preflight(keyed, "https://evil.example")
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_the_openai_javascript_sdk_s_preflight_passes_and_reads_the_retry_headers(keyed):
+    """The openai npm package sends headers of its own (``x-stainless-*``) with every request, so a browser asks
+    about them first; the answer allows them. It also obeys ``X-Should-Retry``, which the page may read."""
+    sdk = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count,x-stainless-timeout"
+    preflight = _preflight(keyed, ALLOWED, headers=sdk)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == ALLOWED
+    assert set(preflight.headers["access-control-allow-headers"].lower().split(",")) == set(sdk.split(","))
+    response = keyed.get("/v1/models", headers={**_auth(), "Origin": ALLOWED, "x-stainless-os": "Linux"})
+    assert response.status_code == 200
+    exposed = {name.strip().lower() for name in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-should-retry", "retry-after", "x-request-id"} <= exposed
+
+
+def test_a_refused_preflight_of_an_allowed_origin_is_an_enveloped_400(keyed):
+    response = _preflight(keyed, ALLOWED, method="DELETE")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "cors_not_allowed" and error["type"] == "invalid_request_error"
+    assert error["message"] == "CORS preflight refused: method DELETE (the API takes GET, HEAD, POST, OPTIONS) is not allowed"
+
+
+def test_a_page_on_the_internet_may_call_a_server_on_a_private_network_it_allows(keyed):
+    """Chrome asks before a public page calls a private address (``Access-Control-Request-Private-Network``): an
+    origin given to ``--cors-origin`` was allowed to, so the answer says yes."""
+    response = _preflight(keyed, ALLOWED, **{"Access-Control-Request-Private-Network": "true"})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-private-network"] == "true"
+
+
 def test_an_origin_given_as_people_write_it_matches_what_browsers_send(make_api, tiny_t2i):
     """``--cors-origin https://App.Example/`` is the origin browsers send as ``https://app.example``: both the request
     and the CORS headers (which compare exactly) take it."""

@@ -102,6 +102,15 @@ def test_head_on_a_post_route_stays_405(http_client):
     assert get["error"]["message"] == "Method GET is not allowed on /v1/images/generations"
 
 
+def test_a_405_on_a_get_route_lists_head_as_allowed(http_client):
+    """Every GET route answers HEAD too (README), so its 405 says so, as RFC 9110 wants of ``Allow``."""
+    for path in ("/healthz", "/v1/models", f"/v1/models/{T2I}", "/metrics", "/ready"):
+        response = http_client.post(path)
+        assert response.status_code == 405, path
+        assert response.headers["allow"] == "GET, HEAD", path
+        assert http_client.head(path).status_code == 200, path
+
+
 def test_head_keeps_api_keys_cors_and_request_ids(keyed):
     refused = keyed.head("/v1/models")
     assert refused.status_code == 401 and refused.content == b""

@@ -455,3 +455,11 @@ def test_an_api_key_no_client_can_send_is_refused_at_start(tmp_path):
     with pytest.raises(ValueError, match=f"an API key in {keys} holds characters an HTTP header cannot carry"):
         Settings(api_keys_file=keys).all_api_keys()
     assert Settings(api_keys=['p@ss w:rd<>"&']).api_keys == ['p@ss w:rd<>"&']
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_gives_its_keys(tmp_path):
+    """Windows editors start a UTF-8 file with a byte-order mark: it is not part of the first key (which no client
+    could send)."""
+    keys = tmp_path / "keys"
+    keys.write_bytes("\ufeffsk-first\r\n# a comment\r\nsk-second\r\n".encode())
+    assert Settings(api_keys_file=keys).all_api_keys() == ["sk-first", "sk-second"]

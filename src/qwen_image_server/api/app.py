@@ -6,7 +6,6 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..engine.base import EngineClient
@@ -19,7 +18,7 @@ from .metrics import Metrics, RequestMetrics, install_metrics
 from .playground import open_paths as playground_paths
 from .playground import router as playground_router
 from .routes import router
-from .security import ApiKeys, OriginPolicy, RequestIds, install_request_id_logging
+from .security import ApiKeys, CorsHeaders, OriginPolicy, RequestIds, install_request_id_logging
 from .uploads import BodySizeLimit
 
 log = logging.getLogger(__name__)
@@ -53,21 +52,15 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app.include_router(router)
     app.include_router(playground_router)
     install_metrics(app, metrics)
-    # Starlette runs the last added outermost: HEAD, metrics, request ids, CORS, origin policy, API keys, body limit.
+    # Starlette runs the last added outermost: HEAD, metrics, request ids, origin policy, CORS, API keys, body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     keys = settings.all_api_keys()
     if keys:
         app.add_middleware(ApiKeys, keys=keys, open_paths=playground_paths() + (("/metrics",) if settings.public_metrics else ()))
-    app.add_middleware(OriginPolicy, allowed=settings.cors_origins)
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
-            expose_headers=["X-Request-ID", "Retry-After", "X-Run-Start", "X-Run-End", "X-Workers"],
-            max_age=600,
-        )
+        app.add_middleware(CorsHeaders, origins=settings.cors_origins)
+    # Outside CORS: an origin it does not allow gets the 403 envelope, its preflights too.
+    app.add_middleware(OriginPolicy, allowed=settings.cors_origins)
     # (Ray Serve's proxy names each request in X-Request-ID and echoes it itself: RayEngine.proxy_echoes_request_ids)
     app.add_middleware(RequestIds, echoed=lambda: engine.proxy_echoes_request_ids)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # counts the middlewares' refusals too

@@ -25,6 +25,15 @@ def error_object(exc: ServerError) -> ErrorObject:
     return ErrorObject(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
 
 
+def _with_head(allow: str) -> str:
+    """A 405's ``Allow`` with HEAD where GET is allowed: ``HeadRequests`` answers HEAD on every GET route, outside
+    the router that lists the methods."""
+    methods = [method.strip() for method in allow.split(",") if method.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.insert(methods.index("GET") + 1, "HEAD")
+    return ", ".join(methods)
+
+
 def error_response(
     status: int,
     message: str,
@@ -144,8 +153,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            headers = {**headers, "Allow": _with_head(headers["Allow"])}
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, message, type_=type_, code=None, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, message, type_=type_, code=None, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

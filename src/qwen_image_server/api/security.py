@@ -1,8 +1,9 @@
 """What stands between the network and the routes: request ids, API keys, and the cross-origin policy.
 
-Three small ASGI middlewares, outermost first: ``RequestIds`` names every request
-(and every log line about it), ``OriginPolicy`` refuses browser requests from pages
-the server does not trust, ``ApiKeys`` checks ``Authorization: Bearer``.
+Small ASGI middlewares, outermost first: ``RequestIds`` names every request (and every
+log line about it), ``OriginPolicy`` refuses browser requests from pages the server does
+not trust, ``CorsHeaders`` answers the trusted pages' browsers (with ``--cors-origin``),
+``ApiKeys`` checks ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from .errors import error_response
 
@@ -123,6 +128,39 @@ class OriginPolicy:
     def _same_origin(scope, origin: str) -> bool:
         host = _header(scope, b"host")
         return host is not None and origin in (f"http://{host}", f"https://{host}")
+
+
+class CorsHeaders(CORSMiddleware):
+    """The CORS answers for the origins ``--cors-origin`` allows (``OriginPolicy``, outside it, has refused the
+    others with 403): any request header (the openai JavaScript SDK sends ``x-stainless-*`` headers of its own and
+    a browser asks about each), the server's own response headers readable (``X-Should-Retry`` among them, which the
+    SDKs obey), a page on the internet allowed to call a server on a private network (Chrome asks), and a preflight
+    that is refused answered in the error envelope rather than Starlette's plain text."""
+
+    METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+    EXPOSED = ("X-Request-ID", "Retry-After", "X-Should-Retry", "X-Run-Start", "X-Run-End", "X-Workers")
+
+    def __init__(self, app, origins: list[str]):
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=self.METHODS,
+            allow_headers=["*"],
+            expose_headers=self.EXPOSED,
+            allow_private_network=True,
+            max_age=600,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        origin, method = request_headers["origin"], request_headers["access-control-request-method"]
+        refused = [] if self.is_allowed_origin(origin=origin) else [f"origin {origin[:100]}"]
+        if method not in self.allow_methods:
+            refused.append(f"method {method[:20]} (the API takes {', '.join(self.METHODS)})")
+        message = f"CORS preflight refused: {' and '.join(refused) or 'what it asks'} is not allowed"
+        return error_response(400, message, type_="invalid_request_error", code="cors_not_allowed")
 
 
 class ApiKeys:
