@@ -106,8 +106,9 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """RGB uint8 pixels of ``image``; transparent parts become white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    """RGB uint8 pixels of ``image``; transparent parts become white (an alpha channel, or a PNG's transparent colour
+    or palette entries: its tRNS chunk)."""
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -115,8 +116,9 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def mask_has_alpha(mask: Image.Image) -> bool:
-    """Whether a mask's transparency marks where to edit (else its white does)."""
-    return mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)
+    """Whether a mask's transparency marks where to edit (else its white does): an alpha channel, or transparent
+    colours or palette entries (a PNG's tRNS chunk, which browsers and image editors show as transparent)."""
+    return mask.has_transparency_data
 
 
 def mask_to_array(mask: Image.Image) -> np.ndarray:

@@ -63,6 +63,13 @@ def test_transparent_inputs_still_become_white_when_shrunk():
     assert (decoded.arrays[0] == 255).all()
 
 
+def test_a_colour_keyed_transparent_input_becomes_white_when_shrunk():
+    buffer = io.BytesIO()
+    Image.new("RGB", (800, 800), (0, 0, 0)).save(buffer, format="PNG", transparency=(0, 0, 0))  # tRNS: all transparent
+    decoded = decode_inputs([Upload(buffer.getvalue(), "image")], None, 10**8, keep_pixels=10_000)
+    assert decoded.arrays[0].shape[0] * decoded.arrays[0].shape[1] <= 10_000 and (decoded.arrays[0] == 255).all()
+
+
 def test_a_shrunk_mask_edit_keeps_its_uploads_for_the_full_size_paste():
     image = Image.new("RGB", (900, 600), (10, 120, 10))
     image.paste((250, 250, 0), (0, 0, 450, 600))

@@ -97,6 +97,28 @@ def test_transparent_input_becomes_white():
     assert to_rgb_array(rgba).tolist() == [[[255, 255, 255]] * 2] * 2
 
 
+def _keyed_png(mode: str, key, pixels: np.ndarray) -> Image.Image:
+    """A PNG whose transparency is a colour key (tRNS without an alpha channel), read back as an upload is."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="PNG", transparency=key)
+    return open_image(buffer.getvalue(), "mask", 10**6)
+
+
+@pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_a_colour_keyed_png_is_transparent_where_its_key_is(mode, key):
+    """PNG's tRNS chunk makes one colour of an RGB or grey image transparent (browsers and editors show it so): as a
+    mask it marks where to edit, as an image it becomes white there, as an alpha channel would."""
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[2:6, 2:6] = 255  # white centre, black (the key: transparent) around it
+    mask = _keyed_png(mode, key, pixels)
+    assert images.mask_has_alpha(mask)
+    edit = mask_to_array(mask) == 255
+    assert edit[0, 0] and not edit[3, 3] and edit.sum() == 64 - 16
+    rgb = to_rgb_array(mask)
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[3, 3].tolist() == [255, 255, 255]
+    assert not images.mask_has_alpha(Image.new(mode, (2, 2)))
+
+
 @pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_encode_formats(fmt, pil):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))

@@ -54,9 +54,10 @@ def shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """``image`` resized to ``size`` (a smaller one) with Lanczos; alpha is kept for ``to_rgb_array``'s white background."""
     if image.size == size:
         return image
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        transparent = image.mode in ("PA",) or (image.mode == "P" and "transparency" in image.info)
-        image = image.convert("RGBA" if transparent else "RGB")
+    if image.has_transparency_data and image.mode not in ("RGBA", "LA"):  # a palette's or a tRNS colour's alpha
+        image = image.convert("RGBA")
+    elif image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGB")
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
