@@ -41,13 +41,19 @@ class InvalidImage(InvalidRequest):
     code = "invalid_image"
 
 
+def echoed(name: str, limit: int = 200) -> str:
+    """A name the client sent, as an error message repeats it: cut at ``limit`` characters (a megabyte of ``model``
+    came back twice, in ``message`` and ``detail``)."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
+
+
 class ModelNotAvailable(InvalidRequest):
     """The request names a model this server does not serve (400, as seed 002 has it)."""
 
     code = "model_not_found"
 
     def __init__(self, model: str, *, param: str | None = "model"):
-        super().__init__(f"Model not available: {model}", param=param)
+        super().__init__(f"Model not available: {echoed(model)}", param=param)
 
 
 class NotFound(ServerError):
@@ -64,7 +70,7 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str):
-        super().__init__(f"Model not found: {model}", param="model")
+        super().__init__(f"Model not found: {echoed(model)}", param="model")
 
 
 class QueueFull(ServerError):

@@ -21,8 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage
 
-_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
-_OTHER_DATA_URL = re.compile(r"^data:([^;,]*)[;,]", re.ASCII)
+#: An image's base64 data URL: the scheme and type in any case, parameters allowed before ``;base64`` (RFC 2397).
+_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+(?:;[^;,]*)*?;base64,", re.ASCII | re.IGNORECASE)
+_OTHER_DATA_URL = re.compile(r"^data:([^;,]*)[;,]", re.ASCII | re.IGNORECASE)
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 #: The only decoders uploads reach (Pillow would otherwise try every format it knows: BMP, TIFF, PCX...).
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -41,7 +42,9 @@ def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> by
     value = _DATA_URL.sub("", value, count=1)
     other = _OTHER_DATA_URL.match(value)
     if other:
-        kind = other.group(1) or "no media type"
+        kind = other.group(1).lower() or "no media type"
+        if kind.startswith("image/"):  # an image, but not as base64 (RFC 2397's percent-encoded form)
+            raise InvalidImage(f"'{param}' is a data URL of {kind} without ';base64': send data:{kind};base64,...", param=param)
         raise InvalidImage(
             f"'{param}' is a data URL of {kind}, not of an image: send a data:image/png, data:image/jpeg or data:image/webp URL",
             param=param,

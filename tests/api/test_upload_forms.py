@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 
@@ -173,3 +174,99 @@ def test_an_edit_of_several_images_naming_no_model_goes_to_an_edit_plus_model(ed
     for model, status, count in ((PLUS, 200, 1), (EDIT, 200, 1), (PLUS, 400, 1)):
         line = f'qis_requests_total{{model="{model}",route="/v1/images/edits",status="{status}"}} {count}.0'
         assert line in metrics, [m for m in metrics.splitlines() if "qis_requests_total" in m]
+
+
+def test_a_base64_image_in_a_text_field_may_be_larger_than_a_mebibyte(edits):
+    """README: form fields may carry base64 images; the limit is the body's (QIS_MAX_UPLOAD_BYTES), not the 1 MiB
+    Starlette allows a text field."""
+    noise = np.random.default_rng(1).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    encoded = _b64(buffer.getvalue()).encode()
+    assert len(encoded) > 1.2 * 2**20
+    data = {"prompt": "a cat", "num_inference_steps": "2"}
+    response = edits.client.post(EDITS, data=data, files={"image": (None, encoded)})
+    assert response.status_code == 200, response.text[:300]
+    assert edits.client.post(EDITS, data=data, files={"image": ("a.png", buffer.getvalue())}).status_code == 200
+    as_text, as_file = (np.asarray(job.images[0]) for _, job in edits.engine.jobs)
+    assert np.array_equal(as_text, as_file)
+
+
+@pytest.mark.parametrize("kind", ["Multipart/Form-Data", "MULTIPART/FORM-DATA", "Application/JSON", "application/vnd.api+json"])
+def test_media_types_are_read_in_any_case(edits, kind):
+    """Media types are case-insensitive (RFC 9110): ``Multipart/Form-Data`` was told to send multipart/form-data."""
+    boundary = "qis-test-boundary"
+    if kind.lower().startswith("multipart"):
+        body = _multipart(boundary, [("prompt", None, b"a cat"), ("num_inference_steps", None, b"2"), ("image", "a.png", _png())])
+        content_type = f"{kind}; boundary={boundary}"
+    else:
+        body = json.dumps({"prompt": "a cat", "num_inference_steps": 2, "image": _b64(_png())}).encode()
+        content_type = kind
+    response = edits.client.post(EDITS, content=body, headers={"content-type": content_type})
+    assert response.status_code == 200, response.text[:300]
+
+
+def test_a_multipart_body_with_an_epilogue_is_whole(edits):
+    """RFC 2046 allows text after the closing delimiter: a body with 300 bytes there was called cut short."""
+    boundary = "qis-test-boundary"
+    body = _multipart(boundary, [("prompt", None, b"a cat"), ("num_inference_steps", None, b"2"), ("image", "a.png", _png())])
+    response = edits.client.post(
+        EDITS, content=body + b"epilogue " * 40, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert response.status_code == 200, response.text[:300]
+
+
+def test_a_file_input_left_empty_is_no_file(edits):
+    """A browser's form sends a file input left empty as a part with an empty filename and no bytes: an optional
+    mask so is no mask (it was "'mask' is empty"); a required image so is missing."""
+    boundary = "qis-test-boundary"
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    fields = [("prompt", None, b"a cat"), ("num_inference_steps", None, b"2")]
+    left_empty = f'--{boundary}\r\nContent-Disposition: form-data; name="{{}}"; filename=""\r\n'
+    left_empty += "Content-Type: application/octet-stream\r\n\r\n\r\n"
+
+    def body(parts, empty_input: str | None) -> bytes:
+        whole = _multipart(boundary, fields + parts)
+        if empty_input is None:
+            return whole
+        return whole.replace(f"--{boundary}--".encode(), left_empty.format(empty_input).encode() + f"--{boundary}--".encode())
+
+    response = edits.client.post(EDITS, content=body([("image", "a.png", _png())], "mask"), headers=headers)
+    assert response.status_code == 200, response.text[:300]
+    assert edits.engine.jobs[0][1].mask is None
+    error = assert_error(edits.client.post(EDITS, content=body([], "image"), headers=headers), 400)
+    assert "image" in error["message"] and "empty" not in error["message"]
+    named = body([("image", "a.png", _png()), ("mask", "m.png", b"")], None)  # a file with a name, but empty
+    assert (
+        assert_error(edits.client.post(EDITS, content=named, headers=headers), 400, param="mask")["message"] == "'mask' is empty"
+    )
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "data:image/png;name=a.png;base64,",
+        "data:image/png;charset=binary;base64,",
+        "DATA:IMAGE/PNG;BASE64,",
+        "Data:image/png;base64,",
+    ],
+)
+def test_an_image_data_url_with_parameters_or_in_capitals_decodes(edits, prefix):
+    """RFC 2397 allows parameters before ``;base64`` and the scheme is case-insensitive: these were refused, the
+    first ones as "a data URL of image/png, not of an image"."""
+    body = {"prompt": "a cat", "image": prefix + _b64(_png()), "num_inference_steps": 2}
+    response = edits.client.post(EDITS, json=body)
+    assert response.status_code == 200, response.text[:300]
+
+
+def test_an_image_data_url_not_in_base64_says_so(edits):
+    error = assert_error(edits.client.post(EDITS, json={"prompt": "a cat", "image": "data:image/png,%89PNG"}), 400, param="image")
+    assert error["message"] == "'image' is a data URL of image/png without ';base64': send data:image/png;base64,..."
+
+
+def test_a_model_name_is_echoed_cut_short(edits):
+    """An error repeats the model a client named, in ``message`` and ``detail``: a megabyte of name came back twice."""
+    response = edits.client.post("/v1/images/generations", json={"prompt": "a cat", "model": "m" * 1_000_000})
+    error = assert_error(response, 400, param="model")
+    assert error["message"] == f"Model not available: {'m' * 200}... (1000000 characters)"
+    assert len(response.content) < 2_000

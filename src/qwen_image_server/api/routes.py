@@ -14,7 +14,7 @@ from starlette.datastructures import URL
 
 from ..config_files import fetchable_host
 from ..engine.base import EngineClient
-from ..errors import InvalidRequest, ModelNotFound, NotFound, ServerError
+from ..errors import ModelNotFound, NotFound, ServerError
 from ..images import b64
 from ..jobs import JobResult
 from ..models.lora import lora_card
@@ -24,7 +24,7 @@ from ..serving.service import ImageService, Prepared
 from ..storage import MEDIA_TYPES, StoredImage, in_store_thread
 from .errors import current_request_id, error_object, log_failure, note_model
 from .head import HEAD_AS_GET
-from .uploads import read_image_request
+from .uploads import TooManyFiles, read_image_request
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -218,10 +218,8 @@ async def create_variation(request: Request) -> Response:
     service = _service(request)
     counted = _counted_under(request, edit=False)
     body, images, mask = await read_image_request(request, VariationRequest, 1, counted, takes_mask=False)
-    if mask is not None:
-        raise InvalidRequest("variations take exactly one image and no mask", param="mask")
-    if len(images) > 1:
-        raise InvalidRequest("variations take exactly one image and no mask", param="image")
+    if mask is not None or len(images) > 1:  # two files (or JSON images): told what three are (README)
+        raise TooManyFiles(1, param="mask" if mask is not None else "image", takes_mask=False)
     return await _respond(request, service.prepare_variation(body, images[0] if images else None), body.model)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
@@ -107,38 +108,42 @@ async def read_image_request(
     """The request's fields (validated as ``model``), its images in order, and its mask. ``on_model`` gets the model
     the body names (None for none) as soon as its fields are read, before anything in it is refused. ``takes_mask``:
     whether the endpoint takes one (for the message of too many files; a mask it does not take is refused after)."""
-    content_type = request.headers.get("content-type", "")
-    form = content_type.startswith("multipart/form-data")
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()  # case-insensitive (RFC 9110)
+    form = media_type == "multipart/form-data"
     too_many = functools.partial(TooManyFiles, max_files, takes_mask=takes_mask)
     if form:
         fields, images, mask = await _read_multipart(request, max_files, on_model, too_many)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
         fields, images, mask = await _read_json(request, on_model, too_many)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
     return _validate(model, fields, form), images, mask
 
 
-#: How much of a multipart body's end is kept to find its closing delimiter (``--BOUNDARY--``, then perhaps a line end).
-_TAIL_BYTES = 256
-
-
 async def _read_multipart(request: Request, max_files: int, on_model, too_many) -> tuple[dict, list[Upload], Upload | None]:
-    # The body's last bytes, kept as the parser reads it: Starlette's parser drops a part cut short without a word, so
-    # a truncated upload would otherwise read as one without its image.
-    tail = bytearray()
+    # Whether the body's closing delimiter came, watched as the parser reads it: Starlette's parser drops a part cut
+    # short without a word, so a truncated upload would otherwise read as one without its image. (An epilogue may
+    # follow the delimiter: RFC 2046.)
+    boundary = _boundary(request.headers.get("content-type", ""))
+    closing = b"--" + boundary + b"--" if boundary else b""
+    seen = bytearray()
+    closed = not closing
     upstream = request.receive
 
     async def receive():
+        nonlocal closed
         message = await upstream()
-        if message["type"] == "http.request":
-            tail.extend(message.get("body", b""))
-            del tail[:-_TAIL_BYTES]
+        if message["type"] == "http.request" and not closed:
+            seen.extend(message.get("body", b""))
+            closed = closing in seen
+            del seen[: -(len(closing) - 1)]  # what may hold the start of a delimiter the next chunk ends
         return message
 
     request = Request(request.scope, receive)
     try:
-        form = await request.form(max_files=max_files + 1, max_fields=200)
+        # A text field may carry a base64 image (README): as large as the body, which BodySizeLimit (outside) caps at
+        # QIS_MAX_UPLOAD_BYTES, not Starlette's 1 MiB for a field.
+        form = await request.form(max_files=max_files + 1, max_fields=200, max_part_size=sys.maxsize)
     except (MultiPartException, HTTPException) as exc:  # Starlette turns the former into the latter inside an app
         message = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
         if message.startswith("Too many files"):
@@ -151,10 +156,11 @@ async def _read_multipart(request: Request, max_files: int, on_model, too_many) 
     images: list[Upload] = []
     mask: Upload | None = None
     try:
-        boundary = _boundary(request.headers.get("content-type", ""))
-        if boundary and b"--" + boundary + b"--" not in bytes(tail):
+        if not closed:
             raise InvalidRequest("malformed multipart body: it ends before its closing boundary (the upload was cut short)")
         for key, value in form.multi_items():
+            if isinstance(value, UploadFile) and not value.filename and not value.size:
+                continue  # what a browser sends for a file input left empty (no file, no name): no file
             if _IMAGE_FIELD.match(key):
                 images.append(Upload(await _form_bytes(value, key), key))
             elif key == "mask":
