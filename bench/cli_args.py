@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 
-def at_least(low: int):
-    """An int flag's type: a whole number of at least ``low``."""
+def at_least(low: int, high: int | None = None):
+    """An int flag's type: a whole number of at least ``low`` (and at most ``high``)."""
 
     def parse(text: str) -> int:
         try:
@@ -18,10 +18,16 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above {high}")
         return value
 
     parse.__name__ = f"a whole number of at least {low}"  # how argparse names the type in its message
     return parse
+
+
+#: ``num_inference_steps`` of a request to a server a benchmark starts (which it starts with QIS_MAX_STEPS=1000).
+request_steps = at_least(2, 1000)
 
 
 positive = at_least(1)
@@ -45,6 +51,19 @@ def image_size(text: str) -> str:
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise argparse.ArgumentTypeError(f"{text}: width and height must be multiples of 16, at least 16")
     return f"{width}x{height}"
+
+
+#: The largest side a server allows by default (QIS_MAX_IMAGE_SIDE).
+SERVED_SIDE = 2048
+
+
+def served_size(text: str) -> str:
+    """``image_size`` of a request to a server a benchmark starts (which it starts with QIS_MIN_IMAGE_SIDE=16): at
+    most the server's default largest side."""
+    size = image_size(text)
+    if max(parse_size(size)) > SERVED_SIDE:
+        raise argparse.ArgumentTypeError(f"{text}: width and height must be at most {SERVED_SIDE}")
+    return size
 
 
 def writable_file(text: str) -> Path:

@@ -47,8 +47,8 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import writable_file  # noqa: E402
-from serve_process import ServeProcess, tiny_model  # noqa: E402
+from cli_args import request_steps, served_size, writable_file  # noqa: E402
+from serve_process import ServeProcess, stop_on_sigterm, tiny_model  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
 
@@ -68,7 +68,7 @@ def server_options(args, folders: dict[str, Path], images: Path) -> tuple[list[s
     from qwen_image_server.models.tiny import TINY_DEFAULT_STEPS
 
     max_steps = max(args.steps, TINY_DEFAULT_STEPS)
-    env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(max_steps), "QIS_MIN_IMAGE_SIDE": "64", "IMAGE_OUTPUT_DIR": str(images)}
+    env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(max_steps), "QIS_MIN_IMAGE_SIDE": "16", "IMAGE_OUTPUT_DIR": str(images)}
     options = [
         "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
         "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",
@@ -268,10 +268,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=8, help="soak requests in flight at a time (default 8)")
     parser.add_argument(
         "--size",
+        type=served_size,
         help="size of generations and variations (default 128x128 on the server started here, whose smallest side is "
-        "64; 256x256 with --url, a server's default smallest side)",
+        "16; 256x256 with --url, a server's default smallest side)",
     )
-    parser.add_argument("--steps", type=int, default=2, help="num_inference_steps (default 2)")
+    parser.add_argument("--steps", type=request_steps, default=2, help="num_inference_steps (default 2)")
     parser.add_argument("--max-seconds", type=float, default=600, help="no new soak request after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds per request before it counts as lost")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,6 +299,7 @@ def key_refusal(url: str, api_key: str | None) -> str | None:
 def main() -> int:
     parser = argument_parser()
     args = parser.parse_args()
+    stop_on_sigterm()
     if args.burst_factor < 1 or args.soak < 0 or args.concurrency < 1 or args.workers < 1 or args.queue_size < 1:
         parser.error("--burst-factor, --concurrency, --workers and --queue-size must be at least 1, --soak at least 0")
     if args.url and not args.url.startswith(("http://", "https://")):

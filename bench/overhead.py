@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import at_least, image_size, not_negative, parse_size, positive  # noqa: E402
-from serve_process import ServeProcess  # noqa: E402
+from cli_args import not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
+from serve_process import ServeProcess, stop_on_sigterm  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
@@ -44,9 +44,10 @@ class Server(ServeProcess):
 
     def __init__(self, model_dir: Path, threads: int, log_path: Path):
         options = ["--model", str(model_dir), "--workers", "1", "--device", "cpu", "--log-level", "warning"]
-        super().__init__(
-            options, {"QIS_CPU_THREADS": str(threads), "IMAGE_OUTPUT_DIR": str(log_path.parent / "images")}, log_path
-        )
+        # Any size and step count this script's flags take (served_size, request_steps) is served.
+        limits = {"QIS_MIN_IMAGE_SIDE": "16", "QIS_MAX_STEPS": "1000"}
+        env = {"QIS_CPU_THREADS": str(threads), "IMAGE_OUTPUT_DIR": str(log_path.parent / "images"), **limits}
+        super().__init__(options, env, log_path)
         self._conn: http.client.HTTPConnection | None = None
 
     def request(
@@ -78,9 +79,9 @@ class Server(ServeProcess):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=image_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    parser.add_argument("--size", type=served_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
     parser.add_argument(
-        "--steps", type=at_least(2), default=4, help="num_inference_steps (default 4; at least 2, as the server requires)"
+        "--steps", type=request_steps, default=4, help="num_inference_steps (default 4; 2 to 1000, as the server takes)"
     )
     parser.add_argument("--runs", type=positive, default=10, help="timed runs on each side (default 10)")
     parser.add_argument("--warmup", type=not_negative, default=2, help="untimed runs on each side first (default 2)")
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny text-to-image model folder (built if missing)")
     parser.add_argument("--target", type=float, default=1.03, help="ratio the server should stay within (default 1.03)")
     args = parser.parse_args()
+    stop_on_sigterm()
     width, height = parse_size(args.size)
     load_at_start = os.getloadavg()
 

@@ -21,6 +21,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,9 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import at_least, image_size, not_negative, parse_size, positive  # noqa: E402
+from cli_args import not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
 from overhead import PROMPT, Server  # noqa: E402
-from serve_process import free_port  # noqa: E402
+from serve_process import free_port, stop_on_sigterm  # noqa: E402
 
 
 def post(port: int, body: dict) -> bytes:
@@ -50,14 +51,15 @@ def post(port: int, body: dict) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=image_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
-    parser.add_argument("--steps", type=at_least(2), default=4, help="num_inference_steps (default 4)")
+    parser.add_argument("--size", type=served_size, default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    parser.add_argument("--steps", type=request_steps, default=4, help="num_inference_steps (default 4)")
     parser.add_argument("--runs", type=positive, default=10, help="timed runs on each side (default 10)")
     parser.add_argument("--warmup", type=not_negative, default=2, help="untimed runs on each side first (default 2)")
     parser.add_argument("--seed", type=not_negative, default=1234)
     parser.add_argument("--threads", type=positive, default=os.cpu_count() or 1, help="torch threads on each side")
     parser.add_argument("--target", type=float, default=1.05, help="ratio the Ray path should stay within (default 1.05)")
     args = parser.parse_args()
+    stop_on_sigterm()
     width, height = parse_size(args.size)
 
     import ray
@@ -89,7 +91,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
         settings = Settings(
             models=[f"tiny={model_dir}"], engine="ray", workers=1, cpu_threads=args.threads,
-            ray_gpus_per_replica=0, ray_cpus_per_replica=0.5,
+            ray_gpus_per_replica=0, ray_cpus_per_replica=0.5, min_image_side=16, max_steps=1000,
         )  # fmt: skip
         serve.run(build_application(settings, resolve_configured(settings)), name=settings.ray_app_name, route_prefix="/")
         embedded.wait_ready()
@@ -117,11 +119,15 @@ def main() -> int:
                 f"run {i + 1:2d}: embedded {times['embedded'][-1] * 1000:8.1f} ms   ray {times['ray'][-1] * 1000:8.1f} ms",
                 flush=True,
             )
+    except BaseException:
+        print(f"ray_overhead.py: the embedded server's log and the images are kept in {log_dir}", file=sys.stderr)
+        raise
     finally:
         embedded.stop()
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+    shutil.rmtree(log_dir, ignore_errors=True)  # a run that went through leaves nothing to look at
 
     e, r = statistics.median(times["embedded"]), statistics.median(times["ray"])
     print()

@@ -242,6 +242,18 @@ STOP_SECONDS = 8.0
 STOPPED_EXIT = 128 + signal.SIGTERM
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the run as Ctrl-C does, through the ``finally`` blocks that stop what it started (Python's own
+    SIGTERM ends the process without them: a server it started kept running). A second SIGTERM while they run is
+    ignored. (gpu.py and two_models.py, which keep a record through a stop, use ``StopSignal``.)"""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class StopSignal:
     """SIGTERM's handler: it raises ``Stopped`` only inside ``waiting()`` (a server starting, a request answered:
     seconds to minutes), and elsewhere (writing a record, stopping a server, handling an error) only notes it, so

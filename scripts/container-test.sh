@@ -36,6 +36,8 @@ BASE_PACKAGES=python3,python3-venv,ca-certificates
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 WHEELHOUSE=deploy/wheelhouse
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+# torch's CPU build (2.13.0+cpu) is on PyTorch's own index, not on PyPI; blank: only pip's configured sources.
+TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 EXTRAS="${EXTRAS:-s3}"
 PYTHON="${PYTHON:-python3}"
 PODMAN=(podman --storage-driver vfs)
@@ -105,7 +107,15 @@ if [[ ! -f $wheels/$complete ]]; then
 	platforms=()
 	for minor in $(seq "$GLIBC_MINOR" -1 5); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 	for tag in manylinux2014 manylinux2010 manylinux1 linux; do platforms+=(--platform "${tag}_x86_64"); done
-	"$PYTHON" -m pip download --quiet --dest "$wheels" --requirement "$requirements" \
+	# PyTorch's index where it answers (a machine without it, pip's find-links holding the wheel, is asked once,
+	# not by pip for every requirement with retries).
+	torch_index=()
+	if [[ -n $TORCH_INDEX_URL ]] && "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)' "$TORCH_INDEX_URL" 2>/dev/null; then
+		torch_index=(--extra-index-url "$TORCH_INDEX_URL")
+	else
+		say "${TORCH_INDEX_URL:-no TORCH_INDEX_URL}: not reachable; torch==${TORCH_VERSION}+cpu must come from pip's own sources (find-links)"
+	fi
+	"$PYTHON" -m pip download --quiet --dest "$wheels" --requirement "$requirements" "${torch_index[@]}" \
 		--only-binary=:all: --python-version "$BASE_PYTHON" --implementation cp "${platforms[@]}"
 	touch "$wheels/$complete"
 fi

@@ -44,6 +44,16 @@
 # the script imports what the stages need and stops at once, naming what is missing.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+KNOWN_STAGES=" tests vae bench memory first-vs-warm two-models "
+for stage in "$@"; do  # before anything runs: a misspelt last stage must not cost the GPU time of the first ones
+  case "$KNOWN_STAGES" in
+    *" $stage "*) ;;
+    *)
+      echo "unknown stage: $stage (tests, vae, bench, memory, first-vs-warm, two-models)" >&2
+      exit 2
+      ;;
+  esac
+done
 started_all=$(date +%s)
 deadline=$((started_all + ${GPU_BUDGET:-540}))
 OUT="${OUT:-gpu-results}"

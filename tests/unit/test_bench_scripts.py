@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -288,6 +289,62 @@ def test_gpu_check_tells_a_stage_killed_early_from_one_stopped_and_packs_whateve
     assert done.returncode == 2 and "must not be $OUT" in done.stderr
 
 
+def test_gpu_check_refuses_a_misspelt_stage_before_any_stage_runs(tmp_path):
+    """A misspelt stage after others was found only when its turn came, after the GPU time of the ones before it."""
+    calls = tmp_path / "pytest-calls"
+    done, out, _ = _gpu_check(tmp_path, "tests", "bnech", PYTEST_CALLS=str(calls))
+    assert done.returncode == 2 and "unknown stage: bnech" in done.stderr, done.stdout + done.stderr
+    assert not calls.exists() and not out.exists()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for SIGTERM (its SigCgt mask in /proc)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (15 - 1) & 1)
+
+
+def test_cli_load_bench_stopped_by_sigterm_stops_the_server_it_started(tiny_t2i, tiny_edit):
+    """``timeout`` or CI stop a run with SIGTERM, which ended load.py (and overhead.py, ray_overhead.py) without their
+    ``finally``: the server they started kept running, holding its port and a core. Now SIGTERM ends them as Ctrl-C
+    does (exit 143), their server stopped."""
+    import psutil
+
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH / "load.py"), "--soak", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        servers: list = []
+        while not servers and bench.poll() is None and time.monotonic() < deadline:
+            servers = [p for p in psutil.Process(bench.pid).children() if "serve" in p.cmdline()]
+            time.sleep(0.05)
+        assert servers, "load.py started no server"
+        bench.send_signal(15)
+        assert bench.wait(timeout=60) == 143, bench.stderr.read()[-2000:]
+        assert not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for child in servers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+@pytest.mark.parametrize("script", ["overhead.py", "ray_overhead.py"])
+def test_cli_the_other_benchmarks_that_start_a_server_end_on_sigterm_through_their_cleanup(script):
+    command = [sys.executable, str(BENCH / script), "--runs", "1"]
+    bench = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while bench.poll() is None and not _catches_sigterm(bench.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        bench.send_signal(15)
+        assert bench.wait(timeout=60) == 143, bench.stderr.read()[-2000:]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+
+
 def test_load_bench_counts_a_request_once_lost_or_wrong():
     """A plain-text 500 is lost (not the answer's format) and its status is not one a valid request may get: it was
     counted in both, and the run's failures twice."""
@@ -317,6 +374,10 @@ def test_load_bench_counts_a_request_once_lost_or_wrong():
         ("load.py --json /nonexistent-folder/report.json", "argument --json: /nonexistent-folder is not a folder"),
         ("load.py --url http://127.0.0.1:9 --pid 999999999", "--pid 999999999: no such process"),
         ("load.py --url 127.0.0.1:8000", "--url must be a URL such as http://127.0.0.1:8000"),  # not "not loopback"
+        ("load.py --size abc", "argument --size: 'abc' is not WIDTHxHEIGHT"),  # it ran, and blamed the server
+        ("load.py --steps 1", "argument --steps: 1 is below 2"),
+        ("overhead.py --size 4096x4096", "width and height must be at most 2048"),  # the server's 400, after its start
+        ("ray_overhead.py --steps 1001", "argument --steps: 1001 is above 1000"),
     ],
 )
 def test_a_wrong_argument_is_refused_before_anything_starts(command, message):
