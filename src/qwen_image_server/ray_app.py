@@ -172,7 +172,9 @@ def run(settings: Settings, specs: list[ModelSpec], log_level: str = "info") -> 
     except KeyboardInterrupt:
         try:
             if started:  # else nothing was deployed
-                stop(settings.ray_app_name, settings.shutdown_grace_seconds)
+                # A Ray started here goes as a whole (``_leave``) right after the drain: deleting the application first
+                # left Serve's proxy listening without its route for seconds, answering plain-text 404s.
+                stop(settings.ray_app_name, settings.shutdown_grace_seconds, delete=settings.ray_address is not None)
         except KeyboardInterrupt:  # a second signal: the application goes now, requests in flight with it
             signals.disarm()
             logging.getLogger(__name__).warning("a second signal: %s is stopped at once", settings.ray_app_name)
@@ -195,11 +197,14 @@ def _leave(signals: _Signals, settings: Settings) -> NoReturn:
     raise SystemExit(signals.status) from None
 
 
-def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_seconds: float = 10.0) -> None:
+def stop(
+    app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_seconds: float = 10.0, delete: bool = True
+) -> None:
     """Stop the application as the embedded server stops: its ingress refuses new requests (503 ``shutting_down``),
     the requests in flight get ``grace_seconds`` to finish, those still running then are stopped and answered 503
     ``shutting_down`` (their replica calls cancelled), and the application is deleted once they are answered (or
-    ``answer_seconds`` later), its replicas with it; other applications of the cluster are left alone."""
+    ``answer_seconds`` later), its replicas with it; other applications of the cluster are left alone. Without
+    ``delete`` it is left to the Ray shutdown that follows, its ingress answering 503 until then."""
     log = logging.getLogger(__name__)
     try:
         drain = serve.get_app_handle(app_name).options(method_name="drain")
@@ -217,4 +222,5 @@ def stop(app_name: str, grace_seconds: float, poll_seconds: float = 0.2, answer_
             log.warning("%d request(s) still running after %ss: stopped, answered 503", running, grace_seconds)
     except Exception as exc:  # the ingress is gone or does not answer: nothing to wait for
         log.warning("could not drain %s (%s: %s); stopping it now", app_name, type(exc).__name__, exc)
-    serve.delete(app_name)
+    if delete:
+        serve.delete(app_name)

@@ -32,7 +32,7 @@ def run_without_ray(monkeypatch):
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
     monkeypatch.setattr(serve, "run", lambda *args, **kwargs: None)
     monkeypatch.setattr(ray_app, "build_application", lambda settings, specs, log_level: seen.update(log_level=log_level))
-    monkeypatch.setattr(ray_app, "stop", lambda app, grace: seen.update(stopped=(app, grace)))
+    monkeypatch.setattr(ray_app, "stop", lambda app, grace, delete: seen.update(stopped=(app, grace), deleted=delete))
     handlers: dict = {}  # what run() installs, instead of this process's own handlers
     monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
 
@@ -80,6 +80,9 @@ def test_a_signal_stops_the_app_gracefully_and_a_local_ray_after_it(run_without_
     seen = run_without_ray.seen
     assert seen["stopped"] == ("qwen-image-server", 12)
     assert seen.get("ray_shutdown", False) is (address is None)
+    # A Ray started here goes as a whole after the drain: the application deleted first left Serve's proxy
+    # answering plain-text 404s for seconds; in a joined cluster it is deleted, the cluster left running.
+    assert seen["deleted"] is (address is not None)
 
 
 def test_a_sigterm_while_a_local_ray_starts_ends_the_start_cleanly(run_without_ray, monkeypatch):
@@ -122,7 +125,7 @@ def test_a_second_signal_ends_the_graceful_stop_at_once_and_still_stops_ray(run_
     def serving(*args, **kwargs):
         run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)
 
-    def stopping(app, grace):
+    def stopping(app, grace, delete):
         run_without_ray.handlers[signal.SIGTERM](signal.SIGTERM, None)  # the second one, during the grace
         raise AssertionError("the second signal did not interrupt the graceful stop")
 
@@ -206,6 +209,17 @@ def test_stop_deletes_the_app_when_cut_off_requests_are_not_answered_in_time(sto
     monkeypatch.setattr(serve, "get_app_handle", lambda name: handle)
     ray_app.stop("app", grace_seconds=0.05, poll_seconds=0.01, answer_seconds=0.1)
     assert handle.calls[-1] == (True, True) and stopping == [("delete", "app")]
+
+
+def test_stop_leaves_the_app_to_the_ray_shutdown_when_told_to(stopping, monkeypatch):
+    from ray import serve
+
+    from qwen_image_server import ray_app
+
+    handle = Handle([1, 0])
+    monkeypatch.setattr(serve, "get_app_handle", lambda name: handle)
+    ray_app.stop("app", grace_seconds=30, poll_seconds=0.01, delete=False)
+    assert handle.calls == [(), ()] and stopping == []
 
 
 def test_stop_deletes_an_app_whose_ingress_does_not_answer(stopping, monkeypatch, caplog):
