@@ -443,8 +443,11 @@ def test_the_ray_engine_serves_while_a_replica_is_replaced_and_not_while_it_shut
     assert read("UNHEALTHY", replacing, {names[1]: {"RUNNING": 1, "STARTING": 1}}) == (200, "ready")
     assert engine.status()[models[1].id]["state"] == "ready"
     assert _value(app, "qis_model_state", model=models[1].id, state="ready") == 1
-    assert read("UNHEALTHY", replacing, {names[1]: {"STARTING": 1}}) == (503, "failed")  # nothing serves it
-    assert engine.status()[models[1].id]["state"] == "failed"
+    # Nothing serves it while Serve starts another: loading, as an embedded model whose worker restarts (it said
+    # failed, which is for a model that cannot load)
+    assert read("UNHEALTHY", replacing, {names[1]: {"STARTING": 1}}) == (503, "loading")
+    assert engine.status()[models[1].id]["state"] == "loading"
+    assert read("DEPLOY_FAILED", {names[1]: "DEPLOY_FAILED"}, {names[1]: {}}) == (503, "failed")
     assert read("RUNNING") == (200, "ready")
     engine.drain()
     assert read("RUNNING") == (503, "shutting_down")

@@ -254,8 +254,8 @@ class RayEngine(EngineDefaults):
             status = deployment.get("status", "") if isinstance(deployment, dict) else ""
             replicas = deployment.get("replicas", {}) if isinstance(deployment, dict) else {}
             state = _MODEL_STATE.get(status.upper(), "loading")
-            if state == "failed" and replicas.get("RUNNING", 0) > 0:  # a replica replaced while the others serve
-                state = "ready"
+            if status.upper() in ("UNHEALTHY", "DEPLOY_FAILED") and replicas.get("RUNNING", 0) > 0:
+                state = "ready"  # a replica replaced (or a redeploy failed) while the others serve
             out[spec.id] = {
                 "kind": spec.kind,
                 "ready": state == "ready",
@@ -277,7 +277,7 @@ _MODEL_STATE = {
     "HEALTHY": "ready",
     "UPSCALING": "ready",
     "DOWNSCALING": "ready",
-    "UNHEALTHY": "failed",
+    "UNHEALTHY": "loading",  # a replica died and Serve starts another: an embedded worker's restart says loading
     "DEPLOY_FAILED": "failed",
 }
 
