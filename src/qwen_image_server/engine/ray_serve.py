@@ -238,7 +238,7 @@ class RayEngine(EngineDefaults):
         return not self.draining and self._serve_status()[0]
 
     def failed(self) -> bool:
-        """Some model's deployment is unhealthy or failed to deploy (``/ready`` says ``failed``, not ``loading``)."""
+        """Some model's deployment failed to deploy (``/ready`` says ``failed``, not ``loading``)."""
         return any(model["state"] == "failed" for model in self.status().values())
 
     def status(self) -> dict:
