@@ -46,13 +46,7 @@ def app_builder(args: dict):
     known = set(Settings.model_fields) | {name for field in Settings.model_fields for name in alias_names(field)}
     unknown = sorted(key for key in args if key not in known)
     if unknown:  # Settings ignores what it does not know: a misspelled setting would be dropped without a word
-        raise ValueError(
-            "invalid settings:\n"
-            + "\n".join(
-                f"  args.{key}: not a setting (args are the Settings fields, or their variables' names: README, Configuration)"
-                for key in unknown
-            )
-        )
+        raise ValueError("invalid settings:\n" + "\n".join(f"  args.{key}: {_not_a_setting(key)}" for key in unknown))
     try:
         settings = Settings(**{**args, "engine": "ray"})
     except ValidationError as exc:  # pydantic's own report shows the input, API keys included
@@ -117,6 +111,17 @@ class _Signals:
         finally:
             if installs is not None:
                 utils.set_sigterm_handler = installs
+
+
+def _not_a_setting(key: str) -> str:
+    """Why a Serve arg is refused: a ``QIS_`` variable's name is given as its field's (``s3_bucket``)."""
+    field = key[4:].lower() if key.upper().startswith("QIS_") else None
+    if field in Settings.model_fields:
+        return f"not a setting: args name QIS_ variables as their settings, {field}"
+    return (
+        "not a setting (args are the Settings fields, such as s3_bucket for QIS_S3_BUCKET, or the other variable "
+        "names README lists, such as MODEL_PATH: README, Configuration)"
+    )
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:

@@ -533,8 +533,18 @@ def test_a_misspelled_setting_in_serve_run_args_is_refused():
 
     with pytest.raises(ValueError) as refused:
         ray_app.app_builder({"wrokers": 4, "workers": 2, "queue_sise": 1})
-    because = "not a setting (args are the Settings fields, or their variables' names: README, Configuration)"
+    because = (
+        "not a setting (args are the Settings fields, such as s3_bucket for QIS_S3_BUCKET, or the other variable "
+        "names README lists, such as MODEL_PATH: README, Configuration)"
+    )
     assert str(refused.value) == f"invalid settings:\n  args.queue_sise: {because}\n  args.wrokers: {because}"
+    # a QIS_ variable's name is told its setting's (the message said a variable's name would do)
+    with pytest.raises(ValueError) as refused:
+        ray_app.app_builder({"QIS_S3_BUCKET": "images"})
+    assert (
+        str(refused.value)
+        == "invalid settings:\n  args.QIS_S3_BUCKET: not a setting: args name QIS_ variables as their settings, s3_bucket"
+    )
     # a variable's name is a setting's other name, as Settings takes it (NUM_GPUS_TO_USE=4 is workers=4)
     with pytest.raises(ValueError, match="model folder not found"):  # past the names, to the model itself
         ray_app.app_builder({"NUM_GPUS_TO_USE": 2, "MODEL_PATH": "/nowhere/qwen-image"})
