@@ -66,6 +66,13 @@ def served_size(text: str) -> str:
     return size
 
 
+def device_name(text: str) -> str:
+    """A torch device a benchmark can run on: ``cpu``, ``cuda`` or ``cuda:N`` (``mps``, ``xpu`` likewise)."""
+    if not re.fullmatch(r"cpu|mps|(cuda|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N")
+    return text
+
+
 def writable_file(text: str) -> Path:
     """A file to write at the end of a run: its folder must exist now (not found out after the whole run)."""
     path = Path(text)

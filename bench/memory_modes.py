@@ -53,9 +53,8 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
-from cli_args import at_least
+from cli_args import at_least, writable_file
 from serve_process import STOPPED_EXIT, fresh_prompt, package_versions, visible_gpu_name  # bench/, this script's folder
 
 #: Mode name -> run profile settings.
@@ -276,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=_step_counts, default="8,50", help="comma-separated step counts (default 8,50)")
     parser.add_argument("--size", type=at_least(256), default=1024)
     parser.add_argument(
-        "--json", type=Path, help="also write the JSON lines to this file (emptied at start, each line added once measured)"
+        "--json",
+        type=writable_file,
+        help="also write the JSON lines to this file (emptied at start, each line added once measured)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mode and card")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "CARD"), help=argparse.SUPPRESS)  # the subprocess

@@ -24,14 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from cli_args import positive  # bench/: this script's folder, first on sys.path when it runs
+from cli_args import device_name, positive  # bench/: this script's folder, first on sys.path when it runs
 
 FULL_LAYERS = 28
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--layers", type=positive, help=f"decoder layers (default: {FULL_LAYERS} on CUDA, 2 on the CPU)")
     parser.add_argument(
         "--tokens", type=positive, default=1024, help="prompt tokens (diffusers' limit is 1024, plus 34 of template)"

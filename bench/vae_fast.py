@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from cli_args import image_size, parse_size, positive  # bench/: this script's folder, first on sys.path when it runs
+from cli_args import device_name, image_size, parse_size, positive  # bench/: this script's folder, first on sys.path when it runs
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--size", type=image_size, default="512x512", help="WIDTHxHEIGHT of the image (multiples of 16)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--runs", type=positive, default=3)

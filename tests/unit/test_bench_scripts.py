@@ -378,6 +378,9 @@ def test_load_bench_counts_a_request_once_lost_or_wrong():
         ("load.py --steps 1", "argument --steps: 1 is below 2"),
         ("overhead.py --size 4096x4096", "width and height must be at most 2048"),  # the server's 400, after its start
         ("ray_overhead.py --steps 1001", "argument --steps: 1001 is above 1000"),
+        ("text_encoder.py --device bogus", "argument --device: 'bogus' is not a device: cpu, cuda or cuda:N"),
+        ("vae_fast.py --device gpu0", "argument --device: 'gpu0' is not a device"),  # torch's traceback, after its import
+        ("memory_modes.py x --json /nonexistent-folder/m.jsonl", "argument --json: /nonexistent-folder is not a folder"),
     ],
 )
 def test_a_wrong_argument_is_refused_before_anything_starts(command, message):
