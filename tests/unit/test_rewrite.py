@@ -203,6 +203,36 @@ def test_an_endpoints_error_message_is_logged_without_the_key(caplog):
     assert "sk-key-123" not in caplog.text
 
 
+def test_a_model_that_takes_no_temperature_is_asked_again_without_one_and_from_then_on(caplog):
+    """OpenAI's reasoning models refuse any temperature but their default with a 400: every rewrite failed (the
+    original prompt served) for the 0.7 always sent. The refusal is now taken once: the same request goes again
+    without it, within the same rewrite, and later ones leave it out."""
+    import json
+    import logging
+
+    sent = []
+
+    def reasoning_model(request):
+        body = json.loads(request.content)
+        sent.append(body)
+        if "temperature" in body:
+            error = {"message": "Unsupported value: 'temperature' does not support 0.7 with this model.", "param": "temperature"}
+            return httpx.Response(400, json={"error": {**error, "type": "invalid_request_error", "code": "unsupported_value"}})
+        return httpx.Response(200, json={"choices": [{"message": {"content": "A detailed cat."}}]})
+
+    rewriter = PromptRewriter("http://chat/v1", "key", "o3-mini", transport=httpx.MockTransport(reasoning_model), retries=0)
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(rewriter.rewrite("cat")) == "A detailed cat."
+        assert asyncio.run(rewriter.rewrite("dog")) == "A detailed cat."
+    assert ["temperature" in body for body in sent] == [True, False, False]
+    assert "o3-mini takes no temperature" in caplog.text and "using the original prompt" not in caplog.text
+    # other refusals are not retried, the temperature kept
+    refusing = lambda request: sent.append(request) or httpx.Response(400, json={"error": {"message": "bad model"}})  # noqa: E731
+    sent.clear()
+    other = PromptRewriter("http://chat/v1", "key", "m", transport=httpx.MockTransport(refusing), retries=3)
+    assert asyncio.run(other.rewrite("cat")) == "cat" and len(sent) == 1 and other.temperature == 0.7
+
+
 def test_an_api_key_no_header_can_carry_is_refused_or_left_out_and_credentials_in_the_url_are_said(caplog):
     """A non-ASCII OPENAI_API_KEY stopped the server with "'ascii' codec can't encode character", naming nothing,
     also with rewriting off (the variable may be another tool's). And credentials in OPENAI_BASE_URL are what httpx

@@ -148,6 +148,8 @@ class PromptRewriter:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).getEffectiveLevel()))
         self._secret = api_key  # taken out of the endpoint's error messages before they are logged
         self._waiting: dict[str, int] = {}  # per model, the requests waiting for their rewrite (``rewrite_for``)
+        #: Sent with each request until the model refuses it (OpenAI's reasoning models take only their default)
+        self.temperature: float | None = 0.7
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -170,27 +172,34 @@ class PromptRewriter:
         if self.url is None:
             log.warning("prompt rewrite asked for, but OPENAI_BASE_URL cannot be used (said at start); using the original prompt")
             return prompt
-        body = {
+        body: dict[str, object] = {
             "model": self.model,
             "messages": [
                 {"role": "system", "content": system_prompt(prompt, edit=edit)},
                 {"role": "user", "content": prompt},
             ],
-            "temperature": 0.7,
         }
-        for attempt in range(self.retries + 1):
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        attempt = 0
+        while True:
             try:
                 # The client timeout bounds each phase; this bounds the whole attempt.
                 return self._answer(await asyncio.wait_for(self._post(body), timeout=self.timeout))
             except Exception as exc:  # whatever goes wrong, the original prompt serves
                 reason = _describe(exc, self._secret)
+                if "temperature" in body and _refuses_temperature(exc):
+                    log.warning("prompt rewrite: %s takes no temperature (%s); sent without it from now on", self.model, reason)
+                    self.temperature = None
+                    del body["temperature"]
+                    continue
                 if attempt < self.retries and _retryable(exc):
                     log.warning("prompt rewrite attempt %d failed (%s); retrying", attempt + 1, reason)
                     await asyncio.sleep(_pause(exc, attempt))
+                    attempt += 1
                     continue
                 log.warning("prompt rewrite failed (%s); using the original prompt", reason)
                 return prompt
-        return prompt
 
     async def _post(self, body: dict) -> dict:
         """The endpoint's answer as JSON, read up to ``MAX_ANSWER_BYTES``: counted as it is decompressed (httpx
@@ -228,6 +237,14 @@ class PromptRewriter:
             raise ValueError("the answer has no words")
         text.encode("utf-8")  # UnicodeEncodeError for a lone surrogate ("\ud800" in JSON), which no prompt may hold
         return text
+
+
+def _refuses_temperature(exc: BaseException) -> bool:
+    """A 400 whose error names ``temperature``: OpenAI's reasoning models (o1, o3, gpt-5) refuse any but their
+    default ("Unsupported value: 'temperature' does not support 0.7 with this model")."""
+    if not isinstance(exc, httpx.HTTPStatusError) or exc.response.status_code not in (400, 422):
+        return False
+    return "temperature" in getattr(exc, "qis_detail", b"").decode("utf-8", "replace").lower()
 
 
 def _retryable(exc: BaseException) -> bool:
