@@ -136,7 +136,8 @@ def serve(
         list[str] | None, typer.Option("--model", "-m", metavar="[ID=]SOURCE", help="[ID=]PATH_OR_HUB_ID; repeat for several.")
     ] = None,
     demo: Annotated[
-        bool | None, typer.Option("--demo/--no-demo", help="Serve tiny offline models (built once into the cache).")
+        bool | None,
+        typer.Option("--demo/--no-demo", help="Also serve the tiny offline models (built once into the cache), listed first."),
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [PORT].")] = None,
