@@ -119,6 +119,10 @@ class _CommonRequest(BaseModel):
     )  # a LoRA id's strength for this request
     cache: str | None = None  # step cache policy for this request ("none": off); default: the model's
 
+    def ignored_openai_fields(self) -> list[str]:
+        """The OpenAI fields of this endpoint that were given and change nothing (another endpoint's are extras)."""
+        return [name for name in IGNORED_OPENAI_FIELDS if name in type(self).model_fields and getattr(self, name) is not None]
+
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:

@@ -22,7 +22,6 @@ from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
 from ..models.step_cache import CachePolicyError, compile_conflict, parse_policy
 from ..protocol.images import (
-    IGNORED_OPENAI_FIELDS,
     EditRequest,
     GenerationRequest,
     VariationRequest,
@@ -132,8 +131,7 @@ class ImageService:
         extra = list((req.model_extra or {}).keys())
         if len(extra) > MAX_UNKNOWN_FIELDS:
             raise InvalidRequest(f"the request has {len(extra)} unknown fields; at most {MAX_UNKNOWN_FIELDS} are accepted")
-        # (an endpoint without one of these fields has it among the extras, logged once)
-        ignored = [f for f in IGNORED_OPENAI_FIELDS if f in type(req).model_fields and getattr(req, f) is not None]
+        ignored = req.ignored_openai_fields()
         if extra or ignored:
             log.info("ignoring fields: %s", ", ".join(log_safe(name) for name in sorted(extra) + ignored))
         if len(req.prompt) > s.max_prompt_chars:
