@@ -93,3 +93,44 @@ def test_a_forked_gpu_worker_can_use_cuda():
     touched the CUDA driver in the forkserver."""
     found, total, exitcode = _run_child("forkserver", "cuda:0")
     assert set(found) == set(FORKSERVER_PRELOAD) and total == 64 * 64 * 64 and exitcode == 0
+
+
+def _wait_for_the_pipe(conn) -> None:
+    """In the child: hold its end of the pipe until killed (a worker waiting for its next task)."""
+    conn.recv()
+
+
+def test_a_worker_outlives_its_forkserver_and_is_still_seen_alive_and_killed(tmp_path):
+    """``WorkerProcess.alive``/``kill`` go by the worker's pipe and pid: once its forkserver is gone, the process's own
+    ``is_alive()`` says it ended (255) and its ``kill()`` sends nothing, while it runs on."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+    from multiprocessing import forkserver
+
+    from qwen_image_server.engine.worker_process import WorkerProcess
+
+    ctx = multiprocessing.get_context("forkserver")
+    conn, child_conn = ctx.Pipe()
+    process = ctx.Process(target=_wait_for_the_pipe, args=(child_conn,), daemon=True)
+    process.start()
+    child_conn.close()
+    worker = WorkerProcess.__new__(WorkerProcess)  # its process and pipe only: no model, no pool
+    worker.process, worker.conn, worker._ended = process, conn, threading.Event()
+
+    def read() -> None:  # what WorkerProcess._read does with the pipe's end
+        try:
+            conn.recv()
+        except (EOFError, OSError):
+            worker._ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not process.is_alive() and process.exitcode == 255  # what the forkserver's end says
+    assert worker.alive() and Path(f"/proc/{process.pid}").exists()
+    worker.kill()
+    assert worker._ended.wait(10) and not worker.alive()

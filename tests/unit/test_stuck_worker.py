@@ -21,7 +21,9 @@ from qwen_image_server.jobs import Job, Task
 from qwen_image_server.models.spec import ModelSpec
 
 
-def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | None = None) -> FakeWorkerProcess:
+def _run_to_timeout(
+    stops: bool, stuck_task_seconds: float, own: list[str] | None = None, forkserver_gone: bool = False
+) -> FakeWorkerProcess:
     """Model ``m``'s task times out on a fake worker; ``own``: ``--stuck-task-seconds S@MODEL`` values."""
 
     async def run() -> FakeWorkerProcess:
@@ -29,6 +31,7 @@ def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | Non
         settings = Settings(stuck_task_seconds=stuck_task_seconds, model_stuck_task_seconds=own or [])
         pool = ModelPool(spec, settings, devices=[], threads=1, task_ids=itertools.count(), spawn=False)
         worker = FakeWorkerProcess(pool, stops=stops)
+        worker.forkserver_gone = forkserver_gone
         pool.workers.append(worker)  # type: ignore[arg-type]
         with pytest.raises(TaskTimeout):
             await pool.submit(Job(mode="generate", prompt="p", seeds=[1]), time.monotonic() + 0.05)
@@ -41,6 +44,12 @@ def _run_to_timeout(stops: bool, stuck_task_seconds: float, own: list[str] | Non
 
 def test_a_worker_that_does_not_stop_its_task_is_killed():
     assert _run_to_timeout(stops=False, stuck_task_seconds=0.1).killed
+
+
+def test_a_stuck_worker_is_killed_after_its_forkserver_died():
+    """Once the forkserver that started a worker is gone, ``Process.is_alive()`` says the worker ended (exit code
+    255) while it runs on: a stuck one was never killed, and every later request to its model timed out."""
+    assert _run_to_timeout(stops=False, stuck_task_seconds=0.1, forkserver_gone=True).killed
 
 
 def test_a_worker_that_stops_its_task_is_left_alone():

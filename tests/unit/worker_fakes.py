@@ -142,6 +142,7 @@ class FakeWorkerProcess:
         self.sent: list = []
         self.exitcode: int | None = None
         self.killed = False
+        self.forkserver_gone = False
         self.process = self
 
     def send(self, message) -> None:
@@ -150,8 +151,11 @@ class FakeWorkerProcess:
             pool = self.owner
             pool.loop.call_soon(pool.on_message, self, Failed(message.task_id, "cancelled", cancelled=True))
 
-    def is_alive(self) -> bool:
+    def alive(self) -> bool:
         return self.exitcode is None and not self.killed
+
+    def is_alive(self) -> bool:  # ``process.is_alive()``: what the forkserver says (255 once it is gone)
+        return self.alive() and not self.forkserver_gone
 
     def kill(self) -> None:
         self.killed = True

@@ -203,15 +203,15 @@ class ModelPool:
     def _kill_if_not_gone(self, worker: WorkerProcess) -> None:
         """A worker that said it exits (its GPU broke) and has not, ``RETIRE_SECONDS`` later (its exit hangs in the
         broken driver): killed, so that ``on_exit`` starts its successor."""
-        if not self.closing and worker in self.workers and worker.process.is_alive():
+        if not self.closing and worker in self.workers and worker.alive():
             log.error("worker %s did not exit %.0fs after its GPU failed; killing it", worker.name, RETIRE_SECONDS)
-            worker.process.kill()
+            worker.kill()
 
     def _kill_if_stuck(self, worker: WorkerProcess, task_id: int) -> None:
         """A worker still running a task it was told to stop, ``stuck_task_seconds`` later, is stuck in a call that
         does not return (a pipeline checks between steps): kill it. ``on_exit`` restarts it, as after a crash."""
         running = worker.running
-        if self.closing or running is None or running.task.task_id != task_id or not worker.process.is_alive():
+        if self.closing or running is None or running.task.task_id != task_id or not worker.alive():
             return
         log.error(
             "worker %s still runs task %s %.0fs after it was told to stop; killing it (a new one takes its place)",
@@ -219,7 +219,7 @@ class ModelPool:
             task_id,
             self.settings.stuck_task_seconds_for(self.spec.id),
         )
-        worker.process.kill()
+        worker.kill()
 
     def _take_running(self, worker: WorkerProcess, task_id: int) -> _Piece | None:
         piece = worker.running
@@ -320,7 +320,7 @@ class ModelPool:
         log.info("trying model %s again", self.spec.id)
         self.load_failures = 0
         for worker in list(self.workers):
-            if worker.state == "failed" and not worker.process.is_alive() and worker.owner is self:
+            if worker.state == "failed" and not worker.alive() and worker.owner is self:
                 self._replace_soon(worker)
 
     def _give_up(self) -> bool:
@@ -370,10 +370,10 @@ class ModelPool:
             worker.stop()
         deadline = time.monotonic() + timeout
         for worker in self.workers:
-            while worker.process.is_alive() and time.monotonic() < deadline:
+            while worker.alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if worker.process.is_alive():
-                worker.process.kill()
+            if worker.alive():
+                worker.kill()
         for piece in list(self.pending) + list(self.encoding.values()):
             if not piece.future.done():
                 piece.future.set_exception(ShuttingDown())

@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import re
+import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +179,7 @@ class WorkerProcess:
         )
         self.process.start()
         child_conn.close()
+        self._ended = threading.Event()  # its end of the pipe closed: the process is gone (``alive``)
         self._outbox: queue.Queue[ToWorker | None] = queue.Queue()
         try:
             threading.Thread(target=self._read, name=f"read {self.name}", daemon=True).start()
@@ -195,6 +198,19 @@ class WorkerProcess:
     def stop(self) -> None:
         self.send(Stop())
 
+    def alive(self) -> bool:
+        """Whether the process runs: its end of the pipe is still open. ``Process.is_alive`` asks the forkserver that
+        started it, and once that is gone it says 255 of a worker that runs on (which then was never killed when
+        stuck, nor at shutdown)."""
+        return not self._ended.is_set()
+
+    def kill(self) -> None:
+        """SIGKILL, by pid: ``Process.kill`` sends nothing once the forkserver is gone (it takes the process as ended).
+        The pid is still the worker's while its end of the pipe is open."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+
     def _read(self) -> None:
         try:
             while True:
@@ -203,6 +219,7 @@ class WorkerProcess:
                 except (EOFError, OSError):
                     break
                 self.loop.call_soon_threadsafe(self.deliver, message)
+            self._ended.set()
             self.process.join(timeout=10)
             self._outbox.put(None)
             self.loop.call_soon_threadsafe(self.exited)
