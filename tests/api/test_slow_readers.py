@@ -79,3 +79,27 @@ def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer(stored):
         received = _read_to_end(sock, pause=SEND_TIMEOUT * 0.4)
     assert received > SIZE, received  # head and the whole body
     assert time.monotonic() - started > SEND_TIMEOUT, "the reading must outlast the timeout to test anything"
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_a_client_that_reads_nothing_of_an_answer_written_at_once_is_cut_off(close):
+    """A JSON answer (b64 images: megabytes) is written in one piece, so it is complete while the transport still
+    holds it; the transport is then closed (``Connection: close``, or the keep-alive or head timeout), and a closing
+    transport was taken as done with: the client that read nothing kept the connection, and the API process the
+    answer, for as long as it liked."""
+    from starlette.responses import Response
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await Response(os.urandom(SIZE), media_type="application/json")(scope, receive, send)
+
+    # the next head's clock (or the keep-alive's) closes the transport before the send clock looks
+    with served(app, send_timeout=SEND_TIMEOUT, header_timeout=SEND_TIMEOUT / 5, timeout_keep_alive=1) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with sock:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+            time.sleep(SEND_TIMEOUT * 3)  # reads nothing, past the timeout (the cut comes within two)
+            received = _read_to_end(sock, deadline=30)
+    assert 0 < received < SIZE, received

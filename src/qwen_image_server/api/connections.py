@@ -161,8 +161,8 @@ class GuardedH11Protocol(H11Protocol):
         has its clock started again; one that took less is cut off (a client that reads nothing still lets a few
         kilobytes trickle into its socket's buffer now and then)."""
         self._send_timer = None
-        if self.transport.is_closing() or not self.flow.write_paused:
-            return
+        if not self.flow.write_paused or (self.transport.is_closing() and not self.transport.get_write_buffer_size()):
+            return  # (a transport closed after its answer still sends it: a JSON answer is one write, megabytes)
         if self._unsent - self._unsent_bytes() >= min(MIN_SEND_PROGRESS, self._unsent // 2):
             self._arm_send_timer()
             return
