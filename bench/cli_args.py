@@ -26,8 +26,13 @@ def at_least(low: int, high: int | None = None):
     return parse
 
 
-#: ``num_inference_steps`` of a request to a server a benchmark starts (which it starts with QIS_MAX_STEPS=1000).
-request_steps = at_least(2, 1000)
+#: The limits a server a benchmark starts is given (``SERVED_LIMITS``, as its environment), so that it serves every
+#: size and step count the flags take (``served_size``, ``request_steps``); its largest side stays the default.
+SERVED_MIN_SIDE, SERVED_SIDE, SERVED_MAX_STEPS = 16, 2048, 1000
+SERVED_LIMITS = {"QIS_MIN_IMAGE_SIDE": str(SERVED_MIN_SIDE), "QIS_MAX_STEPS": str(SERVED_MAX_STEPS)}
+
+#: ``num_inference_steps`` of a request to a server a benchmark starts.
+request_steps = at_least(2, SERVED_MAX_STEPS)
 
 
 positive = at_least(1)
@@ -53,13 +58,8 @@ def image_size(text: str) -> str:
     return f"{width}x{height}"
 
 
-#: The largest side a server allows by default (QIS_MAX_IMAGE_SIDE).
-SERVED_SIDE = 2048
-
-
 def served_size(text: str) -> str:
-    """``image_size`` of a request to a server a benchmark starts (which it starts with QIS_MIN_IMAGE_SIDE=16): at
-    most the server's default largest side."""
+    """``image_size`` of a request to a server a benchmark starts: at most the server's default largest side."""
     size = image_size(text)
     if max(parse_size(size)) > SERVED_SIDE:
         raise argparse.ArgumentTypeError(f"{text}: width and height must be at most {SERVED_SIDE}")

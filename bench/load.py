@@ -47,7 +47,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import request_steps, served_size, writable_file  # noqa: E402
+from cli_args import SERVED_MIN_SIDE, request_steps, served_size, writable_file  # noqa: E402
 from serve_process import ServeProcess, stop_on_sigterm, tiny_model  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "ein Fuchs im Schnee", "猫と月", "a bowl of fruit, oil painting"]
@@ -68,7 +68,12 @@ def server_options(args, folders: dict[str, Path], images: Path) -> tuple[list[s
     from qwen_image_server.models.tiny import TINY_DEFAULT_STEPS
 
     max_steps = max(args.steps, TINY_DEFAULT_STEPS)
-    env = {"QIS_CPU_THREADS": "1", "QIS_MAX_STEPS": str(max_steps), "QIS_MIN_IMAGE_SIDE": "16", "IMAGE_OUTPUT_DIR": str(images)}
+    env = {
+        "QIS_CPU_THREADS": "1",
+        "QIS_MAX_STEPS": str(max_steps),
+        "QIS_MIN_IMAGE_SIDE": str(SERVED_MIN_SIDE),
+        "IMAGE_OUTPUT_DIR": str(images),
+    }
     options = [
         "--model", f"{args.model}={folders['text-to-image']}", "--model", f"{args.edit_model}={folders['edit']}",
         "--workers", str(args.workers), "--queue-size", str(args.queue_size), "--device", "cpu", "--log-level", "warning",

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
+from cli_args import SERVED_LIMITS, not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
 from serve_process import ServeProcess, stop_on_sigterm  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -44,9 +44,7 @@ class Server(ServeProcess):
 
     def __init__(self, model_dir: Path, threads: int, log_path: Path):
         options = ["--model", str(model_dir), "--workers", "1", "--device", "cpu", "--log-level", "warning"]
-        # Any size and step count this script's flags take (served_size, request_steps) is served.
-        limits = {"QIS_MIN_IMAGE_SIDE": "16", "QIS_MAX_STEPS": "1000"}
-        env = {"QIS_CPU_THREADS": str(threads), "IMAGE_OUTPUT_DIR": str(log_path.parent / "images"), **limits}
+        env = {"QIS_CPU_THREADS": str(threads), "IMAGE_OUTPUT_DIR": str(log_path.parent / "images"), **SERVED_LIMITS}
         super().__init__(options, env, log_path)
         self._conn: http.client.HTTPConnection | None = None
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
+from cli_args import SERVED_MAX_STEPS, SERVED_MIN_SIDE, not_negative, parse_size, positive, request_steps, served_size  # noqa: E402
 from overhead import PROMPT, Server  # noqa: E402
 from serve_process import free_port, stop_on_sigterm  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
         settings = Settings(
             models=[f"tiny={model_dir}"], engine="ray", workers=1, cpu_threads=args.threads,
-            ray_gpus_per_replica=0, ray_cpus_per_replica=0.5, min_image_side=16, max_steps=1000,
+            ray_gpus_per_replica=0, ray_cpus_per_replica=0.5, min_image_side=SERVED_MIN_SIDE, max_steps=SERVED_MAX_STEPS,
         )  # fmt: skip
         serve.run(build_application(settings, resolve_configured(settings)), name=settings.ray_app_name, route_prefix="/")
         embedded.wait_ready()
