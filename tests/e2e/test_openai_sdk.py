@@ -124,6 +124,29 @@ def test_edit_several_images_on_the_edit_plus_model_uses_every_image(client):
     assert not np.array_equal(_pixels(image), _pixels(_decode(changed.data[0].b64_json)))
 
 
+def test_edit_with_a_markup_edits_the_marked_up_image(client):
+    """The SDK's ``markup=``: drawn over the image, so the same seed gives another image than without it, and the
+    same one as an edit of the image with the marks already drawn in."""
+    source = _noise(256, 256, seed=3)
+    markup = np.zeros((256, 256, 4), np.uint8)  # transparent, but for a red ring
+    markup[40:200, 40:200] = (255, 0, 0, 255)
+    markup[60:180, 60:180] = 0
+    drawn = source.copy()
+    drawn[markup[:, :, 3] == 255] = (255, 0, 0)
+    kwargs = dict(model="qwen-image-edit-tiny", prompt="a hat inside the red ring", extra_body={**FAST, "seed": 6})
+    marked = client.images.edit(
+        image=("input.png", _png(source), "image/png"), markup=("marks.png", _png(markup, "RGBA"), "image/png"), **kwargs
+    )
+    plain = client.images.edit(image=("input.png", _png(source), "image/png"), **kwargs)
+    pre_drawn = client.images.edit(image=("drawn.png", _png(drawn), "image/png"), **kwargs)
+    assert _decode(marked.data[0].b64_json).size == (256, 256)
+    assert np.array_equal(_pixels(_decode(marked.data[0].b64_json)), _pixels(_decode(pre_drawn.data[0].b64_json)))
+    assert not np.array_equal(_pixels(_decode(marked.data[0].b64_json)), _pixels(_decode(plain.data[0].b64_json)))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=("input.png", _png(source), "image/png"), markup=("m.png", _png(drawn), "image/png"), **kwargs)
+    assert caught.value.param == "markup" and "no transparent pixels" in caught.value.body["message"]
+
+
 def test_several_images_on_the_plain_edit_model_is_a_bad_request(client):
     images = [("a.png", _png(_noise(256, 256, 1)), "image/png"), ("b.png", _png(_noise(256, 256, 2)), "image/png")]
     with pytest.raises(openai.BadRequestError) as caught:

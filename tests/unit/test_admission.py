@@ -16,8 +16,7 @@ from qwen_image_server.engine.admission import PixelBudget, job_bytes
 from qwen_image_server.errors import InvalidImage, NotReady, QueueFull
 from qwen_image_server.images import full_size_inpaint
 from qwen_image_server.jobs import Job
-from qwen_image_server.serving.inputs import DecodeGate, decode_inputs, fit_area, shrink_mask
-from qwen_image_server.serving.service import Upload
+from qwen_image_server.serving.inputs import DecodeGate, Upload, decode_inputs, fit_area, shrink_mask
 
 
 def _png(size, color=(200, 30, 30), mode="RGB") -> bytes:

@@ -14,7 +14,7 @@ from starlette.datastructures import URL
 
 from ..config_files import fetchable_host
 from ..engine.base import EngineClient
-from ..errors import ModelNotFound, NotFound, ServerError
+from ..errors import InvalidRequest, ModelNotFound, NotFound, ServerError
 from ..images import b64
 from ..jobs import JobResult
 from ..models.lora import lora_card
@@ -201,8 +201,9 @@ async def edit_image(request: Request) -> Response:
     """Edit one or several images, optionally within a mask (OpenAI's images.edit)."""
     service = _service(request)
     counted = _counted_under(request, edit=True)
-    body, images, mask = await read_image_request(request, EditRequest, service.settings.max_input_images, counted)
-    return await _respond(request, service.prepare_edit(body, images, mask), body.model, edit=True, images=len(images))
+    body, files = await read_image_request(request, EditRequest, service.settings.max_input_images, counted)
+    prepared = service.prepare_edit(body, files.images, files.mask, files.markup)
+    return await _respond(request, prepared, body.model, edit=True, images=len(files.images))
 
 
 def _counted_under(request: Request, edit: bool) -> Callable[[object], None]:
@@ -217,10 +218,12 @@ async def create_variation(request: Request) -> Response:
     """Variations of an image with the text-to-image model's img2img form (OpenAI's images.create_variation)."""
     service = _service(request)
     counted = _counted_under(request, edit=False)
-    body, images, mask = await read_image_request(request, VariationRequest, 1, counted, takes_mask=False)
-    if mask is not None or len(images) > 1:  # two files (or JSON images): told what three are (README)
-        raise TooManyFiles(1, param="mask" if mask is not None else "image", takes_mask=False)
-    return await _respond(request, service.prepare_variation(body, images[0] if images else None), body.model)
+    body, files = await read_image_request(request, VariationRequest, 1, counted, takes_mask=False)
+    if files.markup is not None:
+        raise InvalidRequest("a variation takes no markup (a markup guides an edit: POST /v1/images/edits)", param="markup")
+    if files.mask is not None or len(files.images) > 1:  # two files (or JSON images): told what three are (README)
+        raise TooManyFiles(1, param="mask" if files.mask is not None else "image", takes_mask=False)
+    return await _respond(request, service.prepare_variation(body, files.images[0] if files.images else None), body.model)
 
 
 @router.get("/images/{name}")

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartException
 from ..errors import InvalidRequest, TooManyImages
 from ..images import decode_base64_image
 from ..protocol.images import FORM_CONTEXT
-from ..serving.service import Upload
+from ..serving.inputs import Upload
 from .errors import NOT_AN_OBJECT, NOT_JSON, client_gone
 
 _IMAGE_FIELD = re.compile(r"^images?(\[\d*\])?$")
@@ -83,8 +83,18 @@ class TooManyFiles(TooManyImages):
     """More files in a multipart body than one edit takes (400)."""
 
     def __init__(self, max_files: int, param: str = "image", takes_mask: bool = True):
-        images, mask = f"{max_files} image{'s' if max_files != 1 else ''}", "one mask" if takes_mask else "no mask"
+        images = f"{max_files} image{'s' if max_files != 1 else ''}"
+        mask = "one mask or markup" if takes_mask else "no mask"
         super().__init__(f"too many files: at most {images} and {mask} per request", param=param)
+
+
+@dataclass
+class ImageUploads:
+    """A request's files: its images in order, its mask and its markup (OpenAI's overlay that guides an edit)."""
+
+    images: list[Upload]
+    mask: Upload | None = None
+    markup: Upload | None = None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -104,23 +114,24 @@ async def read_image_request(
     max_files: int,
     on_model: Callable[[object], None] = lambda named: None,
     takes_mask: bool = True,
-) -> tuple[M, list[Upload], Upload | None]:
-    """The request's fields (validated as ``model``), its images in order, and its mask. ``on_model`` gets the model
+) -> tuple[M, ImageUploads]:
+    """The request's fields (validated as ``model``) and its files. ``on_model`` gets the model
     the body names (None for none) as soon as its fields are read, before anything in it is refused. ``takes_mask``:
     whether the endpoint takes one (for the message of too many files; a mask it does not take is refused after)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()  # case-insensitive (RFC 9110)
     form = media_type == "multipart/form-data"
     too_many = functools.partial(TooManyFiles, max_files, takes_mask=takes_mask)
     if form:
-        fields, images, mask = await _read_multipart(request, max_files, on_model, too_many)
+        # the parts a body may have: its images, a mask and a markup (an edit's; a variation's one more, to be refused)
+        fields, files = await _read_multipart(request, max_files + (2 if takes_mask else 1), on_model, too_many)
     elif media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
-        fields, images, mask = await _read_json(request, on_model, too_many)
+        fields, files = await _read_json(request, on_model, too_many)
     else:
         raise InvalidRequest("send the request as multipart/form-data (like the openai SDK) or as application/json")
-    return _validate(model, fields, form), images, mask
+    return _validate(model, fields, form), files
 
 
-async def _read_multipart(request: Request, max_files: int, on_model, too_many) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_multipart(request: Request, max_parts: int, on_model, too_many) -> tuple[dict, ImageUploads]:
     # Whether the body's closing delimiter came, watched as the parser reads it: Starlette's parser drops a part cut
     # short without a word, so a truncated upload would otherwise read as one without its image. (An epilogue may
     # follow the delimiter: RFC 2046.)
@@ -143,7 +154,7 @@ async def _read_multipart(request: Request, max_files: int, on_model, too_many) 
     try:
         # A text field may carry a base64 image (README): as large as the body, which BodySizeLimit (outside) caps at
         # QIS_MAX_UPLOAD_BYTES, not Starlette's 1 MiB for a field.
-        form = await request.form(max_files=max_files + 1, max_fields=200, max_part_size=sys.maxsize)
+        form = await request.form(max_files=max_parts, max_fields=200, max_part_size=sys.maxsize)
     except (MultiPartException, HTTPException) as exc:  # Starlette turns the former into the latter inside an app
         message = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
         if message.startswith("Too many files"):
@@ -153,8 +164,7 @@ async def _read_multipart(request: Request, max_files: int, on_model, too_many) 
         raise InvalidRequest(f"malformed multipart body: {message}") from None
     on_model(form.get("model"))
     fields: dict[str, str] = {}
-    images: list[Upload] = []
-    mask: Upload | None = None
+    files = ImageUploads([])
     try:
         if not closed:
             raise InvalidRequest("malformed multipart body: it ends before its closing boundary (the upload was cut short)")
@@ -162,20 +172,20 @@ async def _read_multipart(request: Request, max_files: int, on_model, too_many) 
             if isinstance(value, UploadFile) and not value.filename and not value.size:
                 continue  # what a browser sends for a file input left empty (no file, no name): no file
             if _IMAGE_FIELD.match(key):
-                images.append(Upload(await _form_bytes(value, key), key))
-            elif key == "mask":
-                if mask is not None:  # a second mask part: refused, not one of them picked
-                    raise too_many(param="mask")
-                mask = Upload(await _form_bytes(value, key), key)
+                files.images.append(Upload(await _form_bytes(value, key), key))
+            elif key in ("mask", "markup"):
+                if getattr(files, key) is not None:  # a second mask (or markup) part: refused, not one of them picked
+                    raise too_many(param=key)
+                setattr(files, key, Upload(await _form_bytes(value, key), key))
             elif isinstance(value, str):
                 fields[key] = value
             else:
                 raise InvalidRequest(f"unexpected file in field '{key}'", param=key)
     finally:
         await form.close()
-    if len(images) > 1:  # several files under one field's name: each named by its place, as a JSON list's are
-        images = [replace(upload, param=f"{upload.param.partition('[')[0]}[{i}]") for i, upload in enumerate(images)]
-    return fields, images, mask
+    if len(files.images) > 1:  # several files under one field's name: each named by its place, as a JSON list's are
+        files.images = [replace(upload, param=f"{upload.param.partition('[')[0]}[{i}]") for i, upload in enumerate(files.images)]
+    return fields, files
 
 
 def _boundary(content_type: str) -> bytes | None:
@@ -210,7 +220,7 @@ def _json_image(value: object, param: str) -> Upload:
     return Upload(decode_base64_image(value, param), param)
 
 
-async def _read_json(request: Request, on_model, too_many) -> tuple[dict, list[Upload], Upload | None]:
+async def _read_json(request: Request, on_model, too_many) -> tuple[dict, ImageUploads]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep for the parser
@@ -225,10 +235,12 @@ async def _read_json(request: Request, on_model, too_many) -> tuple[dict, list[U
             continue
         values = value if isinstance(value, list) else [value]
         images += [_json_image(v, f"{key}[{i}]" if isinstance(value, list) else key) for i, v in enumerate(values)]
-    mask_value = body.pop("mask", None)
-    if isinstance(mask_value, list):  # the forms ``image`` takes, a list included: of one mask
-        if len(mask_value) > 1:
-            raise too_many(param="mask")
-        mask_value = mask_value[0] if mask_value else None
-    mask = _json_image(mask_value, "mask") if mask_value is not None else None
-    return body, images, mask
+    files = ImageUploads(images)
+    for key in ("mask", "markup"):
+        value = body.pop(key, None)
+        if isinstance(value, list):  # the forms ``image`` takes, a list included: of one mask (or markup)
+            if len(value) > 1:
+                raise too_many(param=key)
+            value = value[0] if value else None
+        setattr(files, key, _json_image(value, key) if value is not None else None)
+    return body, files

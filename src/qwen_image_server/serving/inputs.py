@@ -11,6 +11,9 @@ Three rules keep a burst of large uploads from filling the API process:
 - Mask edits whose inputs were shrunk keep the uploaded image and mask bytes
   (``Job.inpaint_source``); the worker decodes them again (``images.full_size_inpaint``) to
   paste the original back at its own size outside the mask.
+
+A markup (OpenAI's ``markup``: a transparent image drawn over the first input to guide the
+edit) is drawn at the first image's full size, before that image is shrunk.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from ..images import mask_has_alpha, mask_to_array, open_image, to_rgb_array
 MAX_INPUT_ASPECT = 8
 #: Inputs are kept at up to this many times the pixels the pipeline resizes them to.
 INPUT_AREA_FACTOR = 2
+
+
+@dataclass
+class Upload:
+    """One uploaded file: its bytes and the form or JSON field it came in."""
+
+    data: bytes
+    param: str
 
 
 @dataclass
@@ -69,8 +80,34 @@ def shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.where(small > 0, 255, 0).astype(np.uint8)
 
 
-def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -> Decoded:
-    """Decode uploads (``serving.service.Upload``) and shrink each to at most ``keep_pixels`` pixels.
+def draw_markup(image: Image.Image, markup: Upload, max_input_pixels: int) -> Image.Image:
+    """``image`` (an upload's, opened) with the markup drawn over it, as RGB (transparent parts of ``image`` white,
+    as ``to_rgb_array`` makes them). The markup must be the image's size (both as shown: EXIF orientation applied)
+    and be transparent somewhere: it is drawn over the image, which shows through where it is transparent."""
+    drawn = open_image(markup.data, markup.param, max_input_pixels)
+    if drawn.size != image.size:
+        raise InvalidImage(
+            f"markup is {drawn.size[0]}x{drawn.size[1]} but the first image is {image.size[0]}x{image.size[1]}; "
+            "they must be the same size",
+            param=markup.param,
+        )
+    overlay = drawn.convert("RGBA")
+    del drawn
+    if overlay.getchannel("A").getextrema()[0] == 255:
+        raise InvalidImage(
+            "markup has no transparent pixels: it is drawn over the first image, which shows through where the "
+            "markup is transparent (send a PNG or WebP with an alpha channel)",
+            param=markup.param,
+        )
+    base = Image.fromarray(to_rgb_array(image)).convert("RGBA")
+    return Image.alpha_composite(base, overlay).convert("RGB")
+
+
+def decode_inputs(
+    images: list[Upload], mask: Upload | None, max_input_pixels: int, keep_pixels: int, markup: Upload | None = None
+) -> Decoded:
+    """Decode uploads and shrink each to at most ``keep_pixels`` pixels; ``markup`` is drawn over the first image
+    first (the service never sends it with a mask).
 
     Runs in a thread. One full-size image is decoded at a time: each is shrunk
     before the next one is opened.
@@ -84,6 +121,8 @@ def decode_inputs(images: list, mask, max_input_pixels: int, keep_pixels: int) -
             raise InvalidImage(
                 f"'{upload.param}' is {width}x{height}; its sides may differ by at most {MAX_INPUT_ASPECT}x", param=upload.param
             )
+        if markup is not None and first_size is None:
+            image = draw_markup(image, markup, max_input_pixels)
         first_size = first_size or image.size
         arrays.append(to_rgb_array(shrink(image, fit_area(width, height, keep_pixels))))
         del image

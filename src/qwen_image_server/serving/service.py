@@ -29,7 +29,7 @@ from ..protocol.images import (
 )
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
 from ..storage import ImageStore, discard_later, in_store_thread
-from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, decode_inputs, default_decodes
+from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, Upload, decode_inputs, default_decodes
 from .rewrite import PromptRewriter
 from .sizes import Size, SizeRules, parse_size, patches, scaled
 
@@ -54,14 +54,6 @@ class Prepared:
     job: Job
     event: str  # image_generation / image_edit / image_variation: the streaming event prefix
     input_image_tokens: int
-
-
-@dataclass
-class Upload:
-    """One uploaded file: its bytes and the form or JSON field it came in."""
-
-    data: bytes
-    param: str
 
 
 class ImageService:
@@ -227,11 +219,15 @@ class ImageService:
         self._admit(spec)
         return await self._prepared(req, spec, job, "image_generation", input_image_tokens=0)
 
-    async def prepare_edit(self, req: EditRequest, images: list[Upload], mask: Upload | None) -> Prepared:
+    async def prepare_edit(
+        self, req: EditRequest, images: list[Upload], mask: Upload | None, markup: Upload | None = None
+    ) -> Prepared:
         self._check_common(req)
         spec = self._model(req.model, edit=True, images=len(images))
         if not images:
             raise InvalidRequest("image is required: send one file as 'image' (several as 'image[]')", param="image")
+        if markup is not None and mask is not None:
+            raise InvalidRequest("markup does not combine with a mask: send one of them", param="markup")
         if len(images) > 1 and not spec.multi_image:
             raise InvalidRequest(
                 f"Model {spec.id} edits one image at a time; several images need an edit-plus model "
@@ -242,7 +238,7 @@ class ImageService:
             raise TooManyImages(f"at most {self.settings.max_input_images} images per request", param="image")
         size = self.resolve_size(req, None)
         edit_area = int(spec.options.get("edit_area", 1024 * 1024))
-        decoded = await self._decode(spec, images, mask, INPUT_AREA_FACTOR * edit_area)
+        decoded = await self._decode(spec, images, mask, INPUT_AREA_FACTOR * edit_area, markup)
         arrays = decoded.arrays
         job = self._job(req, spec, "inpaint" if mask else "edit", size)
         job.images = arrays
@@ -393,7 +389,9 @@ class ImageService:
         """Refuse (503) now when the engine would refuse the job anyway."""
         self.engine.admit(spec.id)
 
-    async def _decode(self, spec: ModelSpec, images: list[Upload], mask: Upload | None, keep_pixels: int) -> Decoded:
-        """The uploads decoded and shrunk to ``keep_pixels`` each, once the model admits work (503 before any decoding)."""
+    async def _decode(
+        self, spec: ModelSpec, images: list[Upload], mask: Upload | None, keep: int, markup: Upload | None = None
+    ) -> Decoded:
+        """The uploads decoded and shrunk to ``keep`` pixels each, once the model admits work (503 before any decoding)."""
         limit = self.settings.max_input_pixels
-        return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep_pixels))
+        return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep, markup))
