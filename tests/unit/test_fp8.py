@@ -210,6 +210,44 @@ def test_dequantizing_fp8_linear_is_the_scaled_weight_times_the_input(dtype):
     assert _relative_error(out, linear(x)) < 0.06
 
 
+class _OnARunDevice(torch.overrides.TorchFunctionMode):
+    """``tensor.to("cuda")`` on a machine without one: a copy that stands in for the tensor on the GPU (recorded in
+    ``copies``); other calls as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        targets = [*args[1:], kwargs.get("device")]
+        if func is torch.Tensor.to and any(str(target).startswith("cuda") for target in targets):
+            self.copies.append(args[0].detach().clone())
+            return self.copies[-1]
+        return func(*args, **kwargs)
+
+
+def test_layers_offloaded_to_the_cpu_are_quantized_on_the_run_device_and_stay_on_the_cpu(monkeypatch):
+    """``--quantize fp8`` with ``--offload group`` (or ``model``): the transformer loads on the CPU, where quantizing
+    took 0.15-0.2 s per 12288x3072 layer at a GPU worker's two threads (80-100 s for Qwen-Image, at every worker start). Each
+    layer's weight goes to the run device to be quantized, and the FP8 result comes back to where the weight was."""
+    quantized_inputs = []
+    real = fp8.quantize_rowwise
+    monkeypatch.setattr(fp8, "quantize_rowwise", lambda x: (quantized_inputs.append(x), real(x))[1])
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48))])
+    reference = [layer.weight.detach().clone() for layer in model.transformer_blocks[0]]
+    with _OnARunDevice() as run_device:
+        assert fp8.quantize_linears(model, torch.float32, "cuda", matmul="dequant") == 2
+    assert len(quantized_inputs) == 2
+    assert all(any(x is copy for copy in run_device.copies) for x in quantized_inputs)  # on the run device
+    for layer, weight in zip(model.transformer_blocks[0], reference, strict=True):
+        assert isinstance(layer, fp8.FP8Linear) and layer.weight.device.type == "cpu"
+        assert layer.weight.dtype == fp8.FP8_DTYPE and layer.weight_scale.shape == (1, weight.shape[0])
+        assert _relative_error(layer.weight.float() * layer.weight_scale.t(), weight) < 0.06
+
+
 def _image(runner) -> np.ndarray:
     job = Job(mode="generate", prompt="a red cube", seeds=[5], width=128, height=128, num_inference_steps=2)
     return np.asarray(runner.run(job)[0]).astype(np.float64)
