@@ -193,9 +193,18 @@ OUT_OF_MEMORY_ADVICE = (
 )
 
 
+def compiler_cause(exc: BaseException) -> BaseException:
+    """What a compiler raised while ``torch.compile`` compiled a graph (dynamo's ``BackendCompilerFailed``, whose own
+    first line is only "backend='inductor' raised:"), or ``exc`` itself."""
+    while type(exc).__name__ == "BackendCompilerFailed" and isinstance(getattr(exc, "inner_exception", None), BaseException):
+        exc = exc.inner_exception  # type: ignore[attr-defined]
+    return exc
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's ``OutOfMemoryError`` (CUDA and other accelerators), Python's ``MemoryError``, or a ``RuntimeError`` that
-    says so (torch's CPU allocator, the MPS backend)."""
+    says so (torch's CPU allocator, the MPS backend); also raised by a compiler while a graph compiled."""
+    exc = compiler_cause(exc)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     first = str(exc).strip().splitlines()[0].lower() if str(exc).strip() else ""
@@ -205,10 +214,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def short_reason(exc: BaseException, *, request: bool = False) -> str:
     """One line for a client: the exception's type and first line, no traceback. Running out of memory is named
     without torch's details, with advice when it was a ``request``'s run (not a model's load), and what the pipeline
-    added about that run (an exception's ``qis_advice``: the step cache's state)."""
-    if is_out_of_memory(exc):
-        host = isinstance(exc, MemoryError) or "cpuallocator" in str(exc).lower()
+    added about that run (an exception's ``qis_advice``: the step cache's state). Of an error raised by a compiler
+    while a graph compiled, what the compiler raised."""
+    cause = compiler_cause(exc)
+    if is_out_of_memory(cause):
+        host = isinstance(cause, MemoryError) or "cpuallocator" in str(cause).lower()
         advice = OUT_OF_MEMORY_ADVICE + getattr(exc, "qis_advice", "") if request else ""
         return (OUT_OF_HOST_MEMORY if host else OUT_OF_MEMORY) + advice
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__

@@ -69,6 +69,32 @@ def test_recompile_limits_are_raised_never_lowered():
         config.recompile_limit, config.accumulated_recompile_limit = saved
 
 
+def test_what_a_compiler_raised_while_compiling_is_the_reason():
+    """torch.compile wraps what its backend raised in dynamo's BackendCompilerFailed, whose first line is only
+    "backend='...' raised:": running out of memory while inductor compiled (autotuning) was not named so, and the
+    reason said nothing of the cause."""
+    import torch
+
+    from qwen_image_server.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ADVICE, is_out_of_memory, short_reason
+
+    def compile_error(raised: BaseException) -> BaseException:
+        def backend(graph, example_inputs):
+            raise raised
+
+        try:
+            torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(3))
+        except Exception as exc:
+            return exc
+        raise AssertionError("the compile did not fail")
+
+    out_of_memory = compile_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert type(out_of_memory).__name__ == "BackendCompilerFailed"
+    assert is_out_of_memory(out_of_memory) and short_reason(out_of_memory, request=True) == OUT_OF_MEMORY + OUT_OF_MEMORY_ADVICE
+    no_triton = compile_error(RuntimeError("Cannot find a working triton installation"))
+    assert not is_out_of_memory(no_triton)
+    assert short_reason(no_triton) == "RuntimeError: Cannot find a working triton installation"
+
+
 # --- a compiled tiny model ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compiled(tiny_t2i):

@@ -169,6 +169,50 @@ def test_probe_refuses_devices_without_fp8_and_failing_kernels():
     assert not failed.ok and "no kernel image" in failed.reason
 
 
+def _no_compiler(graph, example_inputs):
+    """A torch.compile backend that fails as inductor does on a CUDA machine without a working Triton."""
+    raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or it is too old.")
+
+
+@needs_cpu_fp8_matmul
+def test_a_failing_compiled_quantizer_leaves_fp8_matmuls_on_with_activations_quantized_op_by_op(monkeypatch):
+    """Compiling the fused activation quantizer can fail where FP8 matmuls work (no Triton, an inductor error): FP8
+    was then off for the worker's whole life ("FP8 matmul failed"); now only the fusing is."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_BACKEND", "eager")
+    assert fp8.probe_fused_quantizer("cpu", torch.float32) is None
+    assert fp8.probe_fused_quantizer("meta", torch.float32) is None  # a device that does not fuse: nothing to probe
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE_BACKEND", _no_compiler)
+    reason = fp8.probe_fused_quantizer("cpu", torch.float32)
+    assert reason is not None and "activation quantizer failed on cpu" in reason and "triton" in reason
+
+    def timer(kind, fn):
+        fn()  # the FP8 layer's call would raise if it still went to the compiled quantizer
+        return 1.0 if kind == "dense" else 1.0 / 1.5
+
+    probe = fp8.probe_fp8("cpu", torch.float32, timer=timer, shapes=((32, 64, 48),), supported=lambda device: None)
+    assert probe.ok and probe.activations == "eager" and "triton" in probe.fused_failed
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.Linear(64, 48)])
+    info = fp8.apply_fp8(model, "cpu", torch.float32, probe=lambda device, dtype: probe)
+    assert info["effective"] == "fp8" and info["activations"] == "eager" and "triton" in info["fused_failed"]
+    (layer,) = model.transformer_blocks
+    assert isinstance(layer, fp8.FP8Linear) and layer.fused is False and layer.matmul == "scaled_mm"
+    assert layer(torch.randn(5, 64)).shape == (5, 48)  # runs without the compiled quantizer
+
+
+def test_out_of_memory_in_the_probe_is_raised_not_taken_as_fp8_failing():
+    """A worker too short of memory for the probe's few GEMMs cannot serve either: the load fails (and is retried) as
+    with int4's probe, instead of the worker running for its whole life with FP8 matmuls off."""
+
+    def out_of_memory(kind, fn):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fp8.probe_fp8("cpu", torch.float32, timer=out_of_memory, shapes=((16, 16, 16),), supported=lambda d: None)
+
+
 def test_probe_fallback_keeps_fp8_weights_and_multiplies_in_the_run_dtype(tiny_t2i):
     """The memory plan counted FP8 weights: they stay FP8 when FP8 matmuls are not worth it; only the matmul changes."""
     model = _tiny_transformer(tiny_t2i)

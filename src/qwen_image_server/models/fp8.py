@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import short_reason
 from .footprint import QUANTIZED_PREFIXES
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Fp8Probe:
     speedup: float | None = None
     dense_ms: float | None = None
     fp8_ms: float | None = None
+    activations: str | None = None  # how activations are quantized: fused (compiled) or eager
+    fused_failed: str | None = None  # why the compiled quantizer is not used where the device has one
 
     def summary(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items() if v is not None}
@@ -93,13 +96,14 @@ def _fused_quantizer(backend: str) -> Callable[[torch.Tensor], tuple[torch.Tenso
     return torch.compile(quantize_rowwise, backend=backend, dynamic=True, fullgraph=True)
 
 
-def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rowwise`` as fused kernels on the devices of ``FUSED_QUANTIZE_DEVICES`` (see the module doc).
+def quantize_activations(rows: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rowwise`` as fused kernels on the devices of ``FUSED_QUANTIZE_DEVICES`` (see the module doc), unless
+    ``fused`` is false (the probe found the compiled one failing: ``probe_fused_quantizer``).
 
     While an enclosing region is being compiled the plain function is traced, so the
     enclosing graph fuses it with its neighbours.
     """
-    if rows.device.type in FUSED_QUANTIZE_DEVICES and not torch.compiler.is_compiling():
+    if fused and rows.device.type in FUSED_QUANTIZE_DEVICES and not torch.compiler.is_compiling():
         return _fused_quantizer(FUSED_QUANTIZE_BACKEND)(rows)
     return quantize_rowwise(rows)
 
@@ -107,6 +111,27 @@ def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def activation_quantizer(device: str) -> str:
     """How activations are quantized on ``device``, for the worker's info: ``fused`` or ``eager``."""
     return "fused" if torch.device(device).type in FUSED_QUANTIZE_DEVICES else "eager"
+
+
+def probe_fused_quantizer(device: str, dtype: torch.dtype) -> str | None:
+    """Compile the fused activation quantizer on ``device`` and check its values against the plain one; why it cannot
+    be used (a torch build without a working compiler for the device: inductor needs Triton on CUDA), or None when it
+    can or the device does not fuse. FP8 matmuls then quantize their activations op by op, rather than not at all.
+    Out of memory is raised: it says nothing of the compiler, and a worker that short of memory cannot serve."""
+    if torch.device(device).type not in FUSED_QUANTIZE_DEVICES:
+        return None
+    try:
+        with torch.inference_mode():
+            rows = torch.randn(40, 96, device=device, dtype=dtype)
+            values, scale = _fused_quantizer(FUSED_QUANTIZE_BACKEND)(rows)
+            expected_values, expected_scale = quantize_rowwise(rows)
+            if not (torch.equal(values.float(), expected_values.float()) and torch.allclose(scale, expected_scale)):
+                return "the compiled activation quantizer gave other values than the plain one"
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # no Triton, an inductor error...
+        return f"compiling the activation quantizer failed on {device}: {short_reason(exc)}"[:300]
+    return None
 
 
 #: Device types where ``FP8Linear`` pads its row count to a multiple of 16 (``_scaled_mm``'s alignment on CUDA).
@@ -149,6 +174,7 @@ class FP8Linear(nn.Module):
         self.out_features = linear.out_features
         self.out_dtype = out_dtype
         self.matmul = matmul  # "scaled_mm": FP8 tensor cores; "dequant": the weight cast back, run-dtype matmul
+        self.fused = True  # activations quantized by the compiled function where the device has it (``apply_fp8``)
         home = linear.weight.device
         with torch.no_grad():
             weight, scale = quantize_rowwise(linear.weight.detach().to(work if work is not None else home))
@@ -166,7 +192,7 @@ class FP8Linear(nn.Module):
         m = rows.shape[0]
         if rows.device.type in PADDED_ROWS_DEVICES:
             rows = _pad_rows(rows, m)
-        values, scale = quantize_activations(rows)
+        values, scale = quantize_activations(rows, self.fused)
         fused_bias = self.bias is not None and self.out_dtype != torch.float32  # _scaled_mm takes no bias with fp32 out
         out = torch._scaled_mm(
             values,
@@ -235,6 +261,10 @@ def probe_fp8(
     reason = supported(device)
     if reason:
         return Fp8Probe(False, reason)
+    fused_failed = probe_fused_quantizer(device, dtype)
+    activations = "eager" if fused_failed else activation_quantizer(device)
+    if fused_failed:
+        log.warning("--quantize fp8: activations are quantized op by op: %s", fused_failed)
     time_it = timer or (lambda kind, fn: cuda_event_timer(fn))
     dense = fp8 = 0.0
     try:
@@ -243,16 +273,22 @@ def probe_fp8(
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 linear = nn.Linear(k, n, device=device, dtype=dtype)
                 quantized = FP8Linear(linear, dtype)
+                quantized.fused = fused_failed is None
                 dense += time_it("dense", functools.partial(linear, x))
                 fp8 += time_it("fp8", functools.partial(quantized, x))
                 del x, linear, quantized
-    except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment, out of memory...
+    except torch.OutOfMemoryError:  # not a verdict on FP8: the worker is too short of memory to serve (as int4's probe)
+        raise
+    except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment...
         return Fp8Probe(
             False,
             f"FP8 matmul failed on {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            fused_failed=fused_failed,
         )
     speedup = dense / fp8 if fp8 > 0 else 0.0
-    figures = dict(speedup=speedup, dense_ms=dense * 1000, fp8_ms=fp8 * 1000)
+    figures: dict[str, Any] = dict(
+        speedup=speedup, dense_ms=dense * 1000, fp8_ms=fp8 * 1000, activations=activations, fused_failed=fused_failed
+    )
     if speedup < MIN_SPEEDUP:
         return Fp8Probe(
             False,
@@ -326,12 +362,13 @@ def apply_fp8(
     ``probe`` defaults to ``probe_fp8`` (looked up at call time, so tests can replace it).
     """
     result = (probe or probe_fp8)(device, dtype)
-    info: dict = {"requested": "fp8", **result.summary()}
+    info: dict = {"requested": "fp8", **{k: v for k, v in result.summary().items() if k != "activations"}}
     matmul = "scaled_mm" if result.ok else "dequant"
     quantized = [m for m in transformer.modules() if isinstance(m, FP8Linear)]  # converted as the model loaded
-    for layer in quantized:
-        layer.matmul = matmul
     layers = len(quantized) + quantize_linears(transformer, dtype, device, matmul)  # those left (after LoRAs)
+    for layer in transformer.modules():
+        if isinstance(layer, FP8Linear):
+            layer.matmul, layer.fused = matmul, result.activations != "eager"
     if not result.ok:
         run = str(dtype).removeprefix("torch.")
         log.warning(
@@ -342,4 +379,10 @@ def apply_fp8(
         )
         return {**info, "effective": "fp8-weights", "matmul": run, "layers": layers}
     log.info("--quantize fp8: %d linear layers in FP8 (%s)", layers, result.reason)
-    return {**info, "effective": "fp8", "matmul": "fp8", "activations": activation_quantizer(device), "layers": layers}
+    return {
+        **info,
+        "effective": "fp8",
+        "matmul": "fp8",
+        "activations": result.activations or activation_quantizer(device),
+        "layers": layers,
+    }
