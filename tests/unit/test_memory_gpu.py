@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwen_image_server.jobs import Job
+from qwen_image_server.models import fp8
 from qwen_image_server.models.profile import RunProfile
 from qwen_image_server.models.runner import PipelineRunner
 from qwen_image_server.models.spec import resolve_model
@@ -26,6 +27,8 @@ PROFILES = [
     {"offload": "group", "weights_dtype": "fp8"},
     {"offload": "model"},
     {"offload": "sequential"},
+    {"quantize": "fp8"},
+    {"quantize": "fp8", "offload": "group"},
 ]
 
 
@@ -52,6 +55,14 @@ def test_each_mode_runs_on_cuda(tiny_t2i, profile):
                 # group offload keeps the text encoder's token embeddings on the GPU (offload.TEXT_ENCODER_RESIDENT)
                 resident = name not in offloaded or (name == "text_encoder" and ".embed_tokens." in f".{pname}")
                 assert p.device.type == ("cuda" if resident else "cpu"), f"{name}.{pname} between calls"
+            for lname, layer in module.named_modules():  # FP8 layers keep their weights in buffers (offload.py)
+                if isinstance(layer, fp8.FP8Linear):
+                    for bname, buffer in layer.named_buffers(recurse=False):
+                        where = "cpu" if name in offloaded else "cuda"
+                        assert buffer.device.type == where, f"{name}.{lname}.{bname} between calls"
+    if profile.get("quantize") == "fp8":
+        layers = [m for m in runner.pipe.transformer.modules() if isinstance(m, fp8.FP8Linear)]
+        assert layers and all(m.weight.dtype == fp8.FP8_DTYPE for m in layers)
 
 
 @pytest.fixture(scope="module")
