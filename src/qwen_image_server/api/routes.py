@@ -147,7 +147,7 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, requ
                         b64_json=b64(image.data),
                         partial_image_index=partial.partial_index,
                         created_at=int(time.time()),
-                        **service.echo(prepared, image).model_dump(),
+                        **service.echo(prepared, image).model_dump(exclude={"safety_identifier"}),  # OpenAI's have none
                         image_index=partial.index,
                         seed=image.seed,
                     )
@@ -173,7 +173,7 @@ async def _stream(service: ImageService, prepared: Prepared, base_url: str, requ
                         b64_json=b64(image.data),
                         created_at=int(time.time()),
                         **service.echo(prepared, image).model_dump(),
-                        usage=service.usage(prepared, single),
+                        usage=service.usage(prepared, single, inputs=index == 0),  # the events' add up to the request's
                         stats=body.stats,  # the whole request's
                         image_index=index,
                         seed=image.seed,

@@ -119,6 +119,11 @@ class _CommonRequest(BaseModel):
     )  # a LoRA id's strength for this request
     cache: str | None = None  # step cache policy for this request ("none": off); default: the model's
 
+    def effective_safety_identifier(self) -> str | None:
+        """What OpenAI echoes as ``safety_identifier``: the request's, or its ``user`` (the old name) when that is
+        missing or empty; None when neither is given."""
+        return getattr(self, "safety_identifier", None) or self.user or None
+
     def ignored_openai_fields(self) -> list[str]:
         """The OpenAI fields of this endpoint that were given and change nothing (another endpoint's are extras)."""
         return [name for name in IGNORED_OPENAI_FIELDS if name in type(self).model_fields and getattr(self, name) is not None]

@@ -79,6 +79,14 @@ class Echo(BaseModel):
     size: str
     quality: QualityLevel  # the level of the steps that ran (limits.quality_of)
     background: Literal["opaque"] = "opaque"
+    safety_identifier: str | None = None  # the request's (or its ``user``), as OpenAI echoes it; left out when none
+
+    @model_serializer(mode="wrap")
+    def _without_a_missing_identifier(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("safety_identifier") is None:
+            out.pop("safety_identifier", None)
+        return out
 
 
 class ImagesResponse(Echo):
@@ -116,8 +124,9 @@ class CompletedEvent(Echo):
     @model_serializer(mode="wrap")
     def _without_a_missing_prompt(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out = handler(self)
-        if out.get("revised_prompt") is None:
-            out.pop("revised_prompt", None)
+        for key in ("revised_prompt", "safety_identifier"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 

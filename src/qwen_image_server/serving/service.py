@@ -358,7 +358,10 @@ class ImageService:
         those asked for in a variation)."""
         job = prepared.job
         return Echo(
-            output_format=job.output_format, size=f"{image.width}x{image.height}", quality=quality_of(job.denoising_steps)
+            output_format=job.output_format,
+            size=f"{image.width}x{image.height}",
+            quality=quality_of(job.denoising_steps),
+            safety_identifier=prepared.req.effective_safety_identifier(),
         )
 
     @staticmethod
@@ -372,10 +375,11 @@ class ImageService:
         return {**dict.fromkeys(RUN_COUNTERS, 0), **result.stats, **timing}
 
     @staticmethod
-    def usage(prepared: Prepared, result: JobResult) -> Usage:
-        """OpenAI's usage: prompt text tokens (and input images' latent patches) in, output latent patches out."""
-        text = result.prompt_tokens
-        image_in = prepared.input_image_tokens
+    def usage(prepared: Prepared, result: JobResult, inputs: bool = True) -> Usage:
+        """OpenAI's usage: prompt text tokens (and input images' latent patches) in, output latent patches out; without
+        ``inputs``, the output's only (a stream's completed events after the first, so that theirs add up)."""
+        text = result.prompt_tokens if inputs else 0
+        image_in = prepared.input_image_tokens if inputs else 0
         output = sum(patches(image.width, image.height) for image in result.images)
         return Usage(
             input_tokens=text + image_in,
