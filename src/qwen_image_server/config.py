@@ -8,7 +8,6 @@ documents the server grew from work as documented there: ``QWEN_IMAGE_LOCATION``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -250,6 +249,10 @@ class Settings(PerModelLimits, BaseSettings):
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     max_input_images: int = Field(default=4, ge=1, le=16)
+    image_url_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URL prefixes input images may be fetched from (comma-separated); none: no URLs."
+    )
+    image_url_timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds to fetch one input image by URL.")
     # --- memory of the API process (serving/inputs.py, engine/admission.py) ---------------
     max_concurrent_decodes: int | None = Field(
         default=None, ge=1, description="Requests whose uploads are decoded at the same time; default: 2 per CPU core."
@@ -315,23 +318,19 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("host")
     @classmethod
     def _host_given(cls, value: str) -> str:
-        """An empty host would make the server listen on every interface: refused, not taken as a default. An IPv6
-        address in URL brackets (``[::1]``) is the address."""
-        if not value.strip():
-            raise ValueError("is empty: give the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
-        host = value.strip()
-        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        return files.checked_host(value)  # not empty, an IPv6 address without its URL brackets
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        """``auto``, or a comma-separated list of ``cpu``, ``cuda`` and ``cuda:N`` (one per worker slot)."""
-        entries = [entry.strip() for entry in value.split(",")]
-        if value.strip() == "auto":
-            return "auto"
-        if not all(entry == "cpu" or re.fullmatch(r"cuda(:\d+)?", entry) for entry in entries):
-            raise ValueError("must be auto, or cpu, cuda or cuda:N, or a comma-separated list of them (cuda:0,cuda:1)")
-        return ",".join(entries)
+        return files.checked_device(value)  # auto, or cpu, cuda and cuda:N (one per worker slot)
+
+    @field_validator("image_url_prefixes", mode="before")
+    @classmethod
+    def _fetchable_prefixes(cls, value: object) -> object:
+        if isinstance(value, str):  # comma-separated in the environment
+            value = [part for part in value.split(",") if part.strip()]
+        return [str(files.parse_prefix(str(prefix))) for prefix in value] if isinstance(value, list) else value
 
     def all_api_keys(self) -> list[str]:
         """The keys given directly and those in the keys file."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
@@ -33,6 +34,25 @@ def checked_key(key: str, where: str = "") -> str:
     if not header_safe(key):
         raise ValueError(f"an API key{where} holds characters an HTTP header cannot carry (not printable ASCII)")
     return key
+
+
+def checked_host(value: str) -> str:
+    """The address to listen on. An empty one would make the server listen on every interface: refused, not taken as
+    a default. An IPv6 address in URL brackets (``[::1]``) is the address."""
+    if not value.strip():
+        raise ValueError("is empty: give the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    host = value.strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def checked_device(value: str) -> str:
+    """``auto``, or a comma-separated list of ``cpu``, ``cuda`` and ``cuda:N`` (one per worker slot)."""
+    entries = [entry.strip() for entry in value.split(",")]
+    if value.strip() == "auto":
+        return "auto"
+    if not all(entry == "cpu" or re.fullmatch(r"cuda(:\d+)?", entry) for entry in entries):
+        raise ValueError("must be auto, or cpu, cuda or cuda:N, or a comma-separated list of them (cuda:0,cuda:1)")
+    return ",".join(entries)
 
 
 def parse_entry(item: str) -> tuple[str | None, str]:
@@ -272,3 +292,52 @@ def configured_entries(settings) -> list[tuple[str | None, str]]:
     if not entries and settings.models_dir is not None:
         entries = models_in_dir(settings.models_dir)
     return entries
+
+
+# --- where input images may be fetched from (QIS_IMAGE_URL_PREFIXES: serving/fetch.py) ----------------
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class UrlPrefix:
+    """One allowed prefix: ``scheme://host[:port]/path``; ``host`` may be ``*.example.com`` (any subdomain)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    def allows(self, url: SplitResult) -> bool:
+        host = (url.hostname or "").lower()
+        if self.host.startswith("*."):
+            host_ok = host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        else:
+            host_ok = host == self.host
+        return url.scheme == self.scheme and host_ok and _port(url) == self.port and url.path.startswith(self.path)
+
+    def __str__(self) -> str:
+        default = _DEFAULT_PORTS[self.scheme] == self.port
+        return f"{self.scheme}://{self.host}{'' if default else f':{self.port}'}{self.path}"
+
+
+def _port(url: SplitResult) -> int | None:
+    try:
+        return url.port or _DEFAULT_PORTS.get(url.scheme)
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+
+
+def parse_prefix(text: str) -> UrlPrefix:
+    """A ``QIS_IMAGE_URL_PREFIXES`` entry, or ValueError saying what is wrong with it."""
+    url = urlsplit(text.strip())
+    if url.scheme not in _DEFAULT_PORTS or not url.hostname:
+        raise ValueError(f"image URL prefix {text!r} is not an http:// or https:// URL with a host")
+    if url.username is not None or url.password is not None or url.query or url.fragment:
+        raise ValueError(f"image URL prefix {text!r} may hold no user name, password, query or fragment")
+    port = _port(url)
+    if port is None:
+        raise ValueError(f"image URL prefix {text!r} has an invalid port")
+    host = url.hostname.lower()
+    if "*" in host.removeprefix("*.") or host == "*.":
+        raise ValueError(f"image URL prefix {text!r}: a host may only start with '*.' (any subdomain of what follows)")
+    return UrlPrefix(url.scheme, host, port, url.path or "/")

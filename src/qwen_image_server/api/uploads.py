@@ -172,11 +172,11 @@ async def _read_multipart(request: Request, max_parts: int, on_model, too_many) 
             if isinstance(value, UploadFile) and not value.filename and not value.size:
                 continue  # what a browser sends for a file input left empty (no file, no name): no file
             if _IMAGE_FIELD.match(key):
-                files.images.append(Upload(await _form_bytes(value, key), key))
+                files.images.append(await _form_upload(value, key))
             elif key in ("mask", "markup"):
                 if getattr(files, key) is not None:  # a second mask (or markup) part: refused, not one of them picked
                     raise too_many(param=key)
-                setattr(files, key, Upload(await _form_bytes(value, key), key))
+                setattr(files, key, await _form_upload(value, key))
             elif isinstance(value, str):
                 fields[key] = value
             else:
@@ -194,14 +194,20 @@ def _boundary(content_type: str) -> bytes | None:
     return (found.group(1) or found.group(2)).encode("latin-1") if found else None
 
 
-async def _form_bytes(value: UploadFile | str, key: str) -> bytes:
-    """An image form field's bytes: an uploaded file, or a base64 (or data URL) string. A part without a filename is
-    a text field: a client that sent the image's bytes so (httpx's and the SDK's ``(None, bytes)``) is told how to
-    send a file."""
+async def _form_upload(value: UploadFile | str, key: str) -> Upload:
+    """An image form field: an uploaded file, or a base64 (or data URL) string, or an http(s) URL (fetched where the
+    settings allow: ``serving/fetch.py``). A part without a filename is a text field: a client that sent the image's
+    bytes so (httpx's and the SDK's ``(None, bytes)``) is told how to send a file."""
     if isinstance(value, UploadFile):
-        return await value.read()
+        return Upload(await value.read(), key)
+    if _is_url(value):
+        return Upload(b"", key, url=value.strip())
     hint = f": it came as a text field (a part without a filename); send an image file with a filename (curl -F '{key}=@photo.png') or its base64"
-    return decode_base64_image(value, key, hint)
+    return Upload(decode_base64_image(value, key, hint), key)
+
+
+def _is_url(value: str) -> bool:
+    return value.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 def _json_image(value: object, param: str) -> Upload:
@@ -216,7 +222,9 @@ def _json_image(value: object, param: str) -> Upload:
         if isinstance(value, dict):
             value = value.get("url")
     if not isinstance(value, str):
-        raise InvalidRequest(f"'{param}' must be a base64 string or data URL", param=param)
+        raise InvalidRequest(f"'{param}' must be a base64 string, a data URL or an http(s) URL", param=param)
+    if _is_url(value):
+        return Upload(b"", param, url=value.strip())
     return Upload(decode_base64_image(value, param), param)
 
 

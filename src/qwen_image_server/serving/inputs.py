@@ -23,12 +23,18 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from ..config_files import parse_prefix
 from ..errors import InvalidImage
 from ..images import mask_has_alpha, mask_to_array, open_image, to_rgb_array
+from .fetch import ImageFetcher
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 #: Input images may be at most this much longer than wide (or wider than long).
 MAX_INPUT_ASPECT = 8
@@ -38,10 +44,12 @@ INPUT_AREA_FACTOR = 2
 
 @dataclass
 class Upload:
-    """One uploaded file: its bytes and the form or JSON field it came in."""
+    """One uploaded file: its bytes and the form or JSON field it came in; an image given by URL has its ``url`` and
+    no bytes until it is fetched (``Inputs.decode``)."""
 
     data: bytes
     param: str
+    url: str | None = None
 
 
 @dataclass
@@ -176,3 +184,35 @@ class DecodeGate:
             raise
         future.add_done_callback(lambda _: self._slots.release())
         return await asyncio.shield(future)
+
+
+class Inputs:
+    """A request's input images into arrays: those given by URL checked as soon as the request is read and fetched
+    in its decoding slot (``fetch.py``), then decoded and shrunk (``decode_inputs``) behind the ``DecodeGate``."""
+
+    def __init__(self, settings: Settings):
+        self.gate = DecodeGate(settings.max_concurrent_decodes or default_decodes())
+        self.max_input_pixels = settings.max_input_pixels
+        prefixes = [parse_prefix(prefix) for prefix in settings.image_url_prefixes]
+        self.fetcher = ImageFetcher(prefixes, settings.image_url_timeout, settings.max_upload_bytes)
+
+    def check_urls(self, *uploads: Upload | None) -> None:
+        """Refuse (400) an image URL that may not be fetched, before the request waits for anything."""
+        for upload in uploads:
+            if upload is not None and upload.url is not None:
+                self.fetcher.check(upload.url, upload.param)
+
+    async def decode(
+        self, admit: Callable[[], None], images: list[Upload], mask: Upload | None, keep: int, markup: Upload | None = None
+    ) -> Decoded:
+        """The uploads fetched where given by URL, decoded and shrunk to ``keep`` pixels each, once ``admit()`` lets
+        the request in (raising to refuse it: before any fetching or decoding)."""
+        self.check_urls(*images, mask, markup)
+
+        def work() -> Decoded:
+            by_url = [u for u in (*images, mask, markup) if u is not None and u.url is not None and not u.data]
+            for upload, data in zip(by_url, self.fetcher.fetch_all([(u.url or "", u.param) for u in by_url]), strict=True):
+                upload.data = data
+            return decode_inputs(images, mask, self.max_input_pixels, keep, markup)
+
+        return await self.gate.decode(admit, work)

@@ -29,7 +29,7 @@ from ..protocol.images import (
 )
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
 from ..storage import ImageStore, discard_later, in_store_thread
-from .inputs import INPUT_AREA_FACTOR, Decoded, DecodeGate, Upload, decode_inputs, default_decodes
+from .inputs import INPUT_AREA_FACTOR, Decoded, Inputs, Upload
 from .rewrite import PromptRewriter
 from .sizes import Size, SizeRules, parse_size, patches, scaled
 
@@ -80,7 +80,7 @@ class ImageService:
         }
         #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
         self.job_observers = observers
-        self.decodes = DecodeGate(settings.max_concurrent_decodes or default_decodes())
+        self.inputs = Inputs(settings)  # decoding (and fetching) uploads with bounded memory
         self.sizes = SizeRules(settings)
 
     # --- models ------------------------------------------------------------------------
@@ -397,5 +397,4 @@ class ImageService:
         self, spec: ModelSpec, images: list[Upload], mask: Upload | None, keep: int, markup: Upload | None = None
     ) -> Decoded:
         """The uploads decoded and shrunk to ``keep`` pixels each, once the model admits work (503 before any decoding)."""
-        limit = self.settings.max_input_pixels
-        return await self.decodes.decode(lambda: self._admit(spec), lambda: decode_inputs(images, mask, limit, keep, markup))
+        return await self.inputs.decode(lambda: self._admit(spec), images, mask, keep, markup)

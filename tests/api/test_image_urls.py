@@ -1,0 +1,202 @@
+"""Input images given by URL (OpenAI's ``{"image_url": "https://..."}``): fetched only under the URL prefixes the
+settings allow (``QIS_IMAGE_URL_PREFIXES``), within their time and the request's byte limit, redirects only to allowed
+URLs. In process on the fake engine (its jobs hold the arrays a worker would get), against a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from conftest import png_bytes
+from qwen_image_server.config import Settings
+
+EDITS, VARIATIONS = "/v1/images/edits", "/v1/images/variations"
+BLUE, RED = (40, 90, 200), (200, 30, 30)
+
+
+def _noise_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    """``/ok/...`` and ``/private/...``: PNGs, redirects, a 404, a slow answer and one without an end in sight."""
+
+    protocol_version = "HTTP/1.0"
+    blue, red, white = png_bytes((256, 256), BLUE), png_bytes((256, 256), RED), png_bytes((256, 256), (255, 255, 255))
+    noise = _noise_png()  # random pixels: about 197 kB (two fit a 400 kB request, three do not)
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).hits.append(self.path)
+        routes = {
+            "/ok/blue.png": (200, self.blue, {}),
+            "/ok/red.png": (200, self.red, {}),
+            "/ok/white.png": (200, self.white, {}),
+            "/ok/noise.png": (200, self.noise, {}),
+            "/private/blue.png": (200, self.blue, {}),
+            "/ok/redirect": (302, b"", {"Location": "/ok/blue.png"}),
+            "/ok/away": (302, b"", {"Location": "/private/blue.png"}),
+            "/ok/loop": (302, b"", {"Location": "/ok/loop"}),
+        }
+        if self.path == "/ok/slow":
+            time.sleep(3)
+        if self.path == "/ok/endless":  # no Content-Length: bytes until the client stops reading
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+            return
+        status, body, headers = routes.get(self.path, (404, b"not here", {}))
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up (the slow answer)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def origin():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fetching(make_api, origin):
+    """A server that fetches input images from ``{origin}/ok/``, within half a second and 400 kB a request."""
+    return make_api(
+        workers=1, max_steps=1000, image_url_prefixes=[f"{origin}/ok/"], image_url_timeout=0.5, max_upload_bytes=400_000
+    )
+
+
+def _last_inputs(api) -> list[np.ndarray]:
+    return api.engine.jobs[-1][1].images
+
+
+def test_json_edits_and_variations_fetch_their_images_by_url(fetching, origin):
+    body = {"prompt": "a hat", "images": [{"image_url": f"{origin}/ok/blue.png"}, {"image_url": {"url": f"{origin}/ok/red.png"}}]}
+    edit = fetching.client.post(EDITS, json={**body, "model": "qwen-image-edit-plus-tiny"})
+    assert edit.status_code == 200, edit.text[:300]
+    first, second = _last_inputs(fetching)
+    assert (first == BLUE).all() and (second == RED).all()
+    variation = fetching.client.post(VARIATIONS, json={"image": f"{origin}/ok/red.png"})
+    assert variation.status_code == 200, variation.text[:300]
+    assert (_last_inputs(fetching)[0] == RED).all()
+
+
+def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetching, origin):
+    form = {"prompt": "a hat", "image": f"{origin}/ok/redirect", "mask": f"{origin}/ok/white.png"}  # white: edit all
+    empty = {"unused": ("", b"", "application/octet-stream")}  # a file input left empty: no file, but a multipart body
+    response = fetching.client.post(EDITS, data=form, files=empty)
+    assert response.status_code == 200, response.text[:300]
+    job = fetching.engine.jobs[-1][1]
+    assert job.mode == "inpaint" and (job.images[0] == BLUE).all() and job.mask.all()
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("/private/blue.png", "is not under an allowed URL prefix (http://127.0.0.1:{port}/ok/)"),
+        ("/ok/../private/blue.png", "an image URL may not hold '.' or '..' path segments"),
+        ("/ok/%2e%2e/private/blue.png", "an image URL may not hold '.' or '..' path segments"),
+        ("/ok/away", "is not under an allowed URL prefix"),  # a redirect out of the prefix
+        ("/ok/loop", "could not be fetched: more than 3 redirects"),
+        ("/ok/missing.png", "could not be fetched: http://127.0.0.1:{port}/ok/missing.png answered HTTP 404"),
+        ("/ok/slow", "could not be fetched within 0.5 s"),
+        ("/ok/endless", "is larger than the 400000 bytes left of this request's 400000 (QIS_MAX_UPLOAD_BYTES)"),
+    ],
+    ids=["other-path", "dot-dot", "encoded-dot-dot", "redirect-out", "redirect-loop", "404", "slow", "too-large"],
+)
+def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin, path, said):
+    port = origin.rsplit(":", 1)[1]
+    before = len(fetching.engine.jobs)
+    started = time.monotonic()
+    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": origin + path}})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == "image" and said.format(port=port) in error["message"], error["message"]
+    assert len(fetching.engine.jobs) == before and time.monotonic() - started < 2.5
+
+
+def test_a_refused_url_is_not_requested_and_the_requests_images_share_its_byte_limit(fetching, origin):
+    _Images.hits.clear()
+    credentials = origin.replace("http://", "http://user:secret@") + "/ok/blue.png"
+    for url in (credentials, f"{origin}/private/blue.png"):
+        response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": url})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "image"
+        assert "secret" not in response.text
+    assert _Images.hits == []  # refused before anything was fetched
+    assert 2 * len(_Images.noise) < 400_000 < 3 * len(_Images.noise)
+    body = {"prompt": "a hat", "model": "qwen-image-edit-plus-tiny"}
+    two = fetching.client.post(EDITS, json={**body, "images": [{"image_url": f"{origin}/ok/noise.png"}] * 2})
+    assert two.status_code == 200, two.text[:300]
+    three = fetching.client.post(EDITS, json={**body, "images": [{"image_url": f"{origin}/ok/noise.png"}] * 3})
+    assert three.status_code == 400 and three.json()["error"]["param"] == "images[2]"
+    assert f"is larger than the {400_000 - 2 * len(_Images.noise)} bytes left of this request's 400000" in three.text
+
+
+def test_without_prefixes_no_url_is_fetched(api, origin):
+    _Images.hits.clear()
+    response = api.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/blue.png"}})
+    assert response.status_code == 400
+    assert "this server fetches no image URLs (QIS_IMAGE_URL_PREFIXES allows some)" in response.json()["error"]["message"]
+    assert _Images.hits == []
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "ftp://example.com/",
+        "https://",
+        "https://user:pw@example.com/",
+        "https://example.com/?sig=1",
+        "https://ex*.com/",
+        "https://h:99999/",
+    ],
+)
+def test_a_prefix_that_cannot_be_one_stops_the_settings(prefix):
+    with pytest.raises(ValidationError, match="image URL prefix"):
+        Settings(models=["m=/x"], image_url_prefixes=[prefix])
+
+
+def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(monkeypatch):
+    from qwen_image_server.config_files import parse_prefix
+
+    monkeypatch.setenv("QIS_IMAGE_URL_PREFIXES", "https://cdn.example.com/img/, https://*.bucket.example.org")
+    assert Settings(models=["m=/x"]).image_url_prefixes == ["https://cdn.example.com/img/", "https://*.bucket.example.org/"]
+    from urllib.parse import urlsplit
+
+    sub = parse_prefix("https://*.bucket.example.org")
+    assert sub.allows(urlsplit("https://eu.bucket.example.org/a.png")) and not sub.allows(
+        urlsplit("https://bucket.example.org/a")
+    )
+    assert not sub.allows(urlsplit("https://evilbucket.example.org/a")) and not sub.allows(
+        urlsplit("http://eu.bucket.example.org/a")
+    )
+    cdn = parse_prefix("https://CDN.example.com:443/img/")
+    assert cdn.allows(urlsplit("https://cdn.example.com/img/a.png")) and not cdn.allows(
+        urlsplit("https://cdn.example.com/imgs/a")
+    )
+    assert not cdn.allows(urlsplit("https://cdn.example.com:8443/img/a.png"))
