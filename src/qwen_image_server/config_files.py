@@ -295,7 +295,7 @@ def configured_entries(settings) -> list[tuple[str | None, str]]:
 
 
 # --- where input images may be fetched from (QIS_IMAGE_URL_PREFIXES: serving/fetch.py) ----------------
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -316,13 +316,13 @@ class UrlPrefix:
         return url.scheme == self.scheme and host_ok and _port(url) == self.port and url.path.startswith(self.path)
 
     def __str__(self) -> str:
-        default = _DEFAULT_PORTS[self.scheme] == self.port
+        default = DEFAULT_PORTS[self.scheme] == self.port
         return f"{self.scheme}://{self.host}{'' if default else f':{self.port}'}{self.path}"
 
 
 def _port(url: SplitResult) -> int | None:
     try:
-        return url.port or _DEFAULT_PORTS.get(url.scheme)
+        return url.port or DEFAULT_PORTS.get(url.scheme)
     except ValueError:  # a port that is not a number, or out of range
         return None
 
@@ -330,7 +330,7 @@ def _port(url: SplitResult) -> int | None:
 def parse_prefix(text: str) -> UrlPrefix:
     """A ``QIS_IMAGE_URL_PREFIXES`` entry, or ValueError saying what is wrong with it."""
     url = urlsplit(text.strip())
-    if url.scheme not in _DEFAULT_PORTS or not url.hostname:
+    if url.scheme not in DEFAULT_PORTS or not url.hostname:
         raise ValueError(f"image URL prefix {text!r} is not an http:// or https:// URL with a host")
     if url.username is not None or url.password is not None or url.query or url.fragment:
         raise ValueError(f"image URL prefix {text!r} may hold no user name, password, query or fragment")

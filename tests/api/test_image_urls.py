@@ -121,13 +121,26 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         ("/private/blue.png", "is not under an allowed URL prefix (http://127.0.0.1:{port}/ok/)"),
         ("/ok/../private/blue.png", "an image URL may not hold '.' or '..' path segments"),
         ("/ok/%2e%2e/private/blue.png", "an image URL may not hold '.' or '..' path segments"),
+        ("/ok/..;/private/blue.png", "an image URL may not hold '.' or '..' path segments"),  # Tomcat's ".."
+        ("/ok/..\\private\\blue.png", "or backslashes"),
         ("/ok/away", "is not under an allowed URL prefix"),  # a redirect out of the prefix
         ("/ok/loop", "could not be fetched: more than 3 redirects"),
         ("/ok/missing.png", "could not be fetched: http://127.0.0.1:{port}/ok/missing.png answered HTTP 404"),
         ("/ok/slow", "could not be fetched within 0.5 s"),
         ("/ok/endless", "is larger than the 400000 bytes left of this request's 400000 (QIS_MAX_UPLOAD_BYTES)"),
     ],
-    ids=["other-path", "dot-dot", "encoded-dot-dot", "redirect-out", "redirect-loop", "404", "slow", "too-large"],
+    ids=[
+        "other-path",
+        "dot-dot",
+        "encoded-dot-dot",
+        "dot-dot-semicolon",
+        "backslash",
+        "redirect-out",
+        "redirect-loop",
+        "404",
+        "slow",
+        "too-large",
+    ],
 )
 def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin, path, said):
     port = origin.rsplit(":", 1)[1]
@@ -200,3 +213,29 @@ def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(
         urlsplit("https://cdn.example.com/imgs/a")
     )
     assert not cdn.allows(urlsplit("https://cdn.example.com:8443/img/a.png"))
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://cdn.example.com/img/a.png", True),
+        ("https://cdn.example.com:443/img/a.png", True),  # the default port, spelt out
+        ("https://ＣＤＮ.example.com/img/a.png", False),  # full-width letters: the client would ask cdn.example.com
+        ("https://cdn.example.com./img/a.png", False),
+        ("https://cdn.example.com:x/img/a.png", False),
+        ("https://cdn.example.com/img/x/..;/../a", False),
+        ("http://cdn.example.com/img/a.png", False),
+        ("https://cdn.example.com@evil.example/img/a.png", False),
+    ],
+)
+def test_a_url_is_checked_as_the_client_will_request_it(url, allowed):
+    from qwen_image_server.config_files import parse_prefix
+    from qwen_image_server.errors import InvalidImage
+    from qwen_image_server.serving.fetch import ImageFetcher
+
+    fetcher = ImageFetcher([parse_prefix("https://cdn.example.com/img/")], timeout=5, max_bytes=1000)
+    if allowed:
+        fetcher.check(url, "image")
+    else:
+        with pytest.raises(InvalidImage):
+            fetcher.check(url, "image")

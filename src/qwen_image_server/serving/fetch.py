@@ -17,7 +17,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
-from ..config_files import UrlPrefix
+from ..config_files import DEFAULT_PORTS, UrlPrefix
 from ..errors import InvalidImage
 
 #: Redirects followed for one image.
@@ -48,8 +48,21 @@ class ImageFetcher:
         parts = urlsplit(url)
         if parts.username is not None or parts.password is not None:
             return "an image URL may not carry a user name or password"
-        if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
-            return "an image URL may not hold '.' or '..' path segments"
+        path = unquote(parts.path)
+        # dot segments, also as some servers read them (Tomcat's "..;/"), and backslashes (read as "/" by others)
+        if "\\" in path or any(segment.split(";")[0] in (".", "..") for segment in path.split("/")):
+            return "an image URL may not hold '.' or '..' path segments or backslashes"
+        try:  # what the client will request must be what was checked
+            sent = httpx.URL(url)
+            same = (sent.scheme, sent.host, sent.port or DEFAULT_PORTS.get(sent.scheme)) == (
+                parts.scheme,
+                parts.hostname,
+                parts.port or DEFAULT_PORTS.get(parts.scheme),
+            )
+        except (httpx.InvalidURL, ValueError):
+            same = False
+        if not same:
+            return f"{_shown(url)} is not a URL this server reads unambiguously"
         if not any(prefix.allows(parts) for prefix in self.prefixes):
             allowed = ", ".join(str(prefix) for prefix in self.prefixes)
             return f"{_shown(url)} is not under an allowed URL prefix ({allowed})"
