@@ -296,6 +296,9 @@ def configured_entries(settings) -> list[tuple[str | None, str]]:
 
 # --- where input images may be fetched from (QIS_IMAGE_URL_PREFIXES: serving/fetch.py) ----------------
 DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A host as a URL may name it for a fetch: a DNS name in ASCII (IDNA's xn-- form for others), or an IPv4 address;
+#: IPv6 addresses are checked apart.
+_FETCH_HOST = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -307,37 +310,57 @@ class UrlPrefix:
     port: int
     path: str
 
-    def allows(self, url: SplitResult) -> bool:
-        host = (url.hostname or "").lower()
+    def allows(self, scheme: str, host: str, port: int, path: str) -> bool:
+        """Whether a URL of these parts (``url_parts``) is under this prefix."""
         if self.host.startswith("*."):
             host_ok = host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
         else:
             host_ok = host == self.host
-        return url.scheme == self.scheme and host_ok and _port(url) == self.port and url.path.startswith(self.path)
+        return scheme == self.scheme and host_ok and port == self.port and path.startswith(self.path)
 
     def __str__(self) -> str:
         default = DEFAULT_PORTS[self.scheme] == self.port
-        return f"{self.scheme}://{self.host}{'' if default else f':{self.port}'}{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}{'' if default else f':{self.port}'}{self.path}"
 
 
-def _port(url: SplitResult) -> int | None:
+def url_parts(url: str) -> tuple[str, str, int, str, str]:
+    """``(scheme, host, port, path, query)`` of an http(s) URL, as a fetch requests it: scheme and host in lower case,
+    the port given or the scheme's; ValueError saying what is wrong with one that cannot be fetched unambiguously
+    (characters outside printable ASCII, a user name or password, a host that is no DNS name or IP address)."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise ValueError("holds spaces or characters outside printable ASCII (percent-encode them)")
+    parts = urlsplit(url)  # ValueError for a malformed IPv6 address
+    if parts.scheme.lower() not in DEFAULT_PORTS:
+        raise ValueError("is not an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("may not carry a user name or password")
+    host = (parts.hostname or "").lower()
+    if not host or not (_FETCH_HOST.match(host) or (":" in host and _ipv6(host))):
+        raise ValueError("has no host name or IP address")
+    port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]  # ValueError for one that is not a number, or too large
+    return parts.scheme.lower(), host, port, parts.path or "/", parts.query
+
+
+def _ipv6(host: str) -> bool:
     try:
-        return url.port or DEFAULT_PORTS.get(url.scheme)
-    except ValueError:  # a port that is not a number, or out of range
-        return None
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def parse_prefix(text: str) -> UrlPrefix:
     """A ``QIS_IMAGE_URL_PREFIXES`` entry, or ValueError saying what is wrong with it."""
-    url = urlsplit(text.strip())
-    if url.scheme not in DEFAULT_PORTS or not url.hostname:
-        raise ValueError(f"image URL prefix {text!r} is not an http:// or https:// URL with a host")
-    if url.username is not None or url.password is not None or url.query or url.fragment:
-        raise ValueError(f"image URL prefix {text!r} may hold no user name, password, query or fragment")
-    port = _port(url)
-    if port is None:
-        raise ValueError(f"image URL prefix {text!r} has an invalid port")
-    host = url.hostname.lower()
-    if "*" in host.removeprefix("*.") or host == "*.":
+    text = text.strip()
+    wildcard = "://*." in text
+    try:
+        scheme, host, port, path, query = url_parts(text.replace("://*.", "://", 1) if wildcard else text)
+    except ValueError as exc:
+        raise ValueError(f"image URL prefix {text!r} {exc}") from None
+    if query or "#" in text:
+        raise ValueError(f"image URL prefix {text!r} may hold no query or fragment")
+    if "*" in text.replace("://*.", "://", 1):
         raise ValueError(f"image URL prefix {text!r}: a host may only start with '*.' (any subdomain of what follows)")
-    return UrlPrefix(url.scheme, host, port, url.path or "/")
+    if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
+        raise ValueError(f"image URL prefix {text!r} may hold no '.' or '..' path segments or backslashes")
+    return UrlPrefix(scheme, f"*.{host}" if wildcard else host, port, path)

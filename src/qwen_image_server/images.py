@@ -85,13 +85,19 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
-    """A 16-bit grayscale image (a PNG: Pillow's ``I;16`` modes, or ``I`` in older Pillows) as 8-bit ``L``, its values
-    scaled as a browser shows them; any other image as it is. Pillow's own conversions clip every value above 255, so
-    such an image read as white, and a mask's grays as edited."""
+    """A 16-bit grayscale image (a PNG: Pillow's ``I;16`` modes, or ``I`` in older Pillows) as 8-bit ``L`` (``LA`` with
+    a transparent colour: its tRNS chunk, which ``L`` would lose), its values scaled as a browser shows them; any other
+    image as it is. Pillow's own conversions clip every value above 255, so such an image read as white, and a mask's
+    grays as edited."""
     if not (image.mode.startswith("I;16") or image.mode == "I"):
         return image
-    pixels = np.clip(np.asarray(image, dtype=np.int32), 0, 65535) >> 8
-    return Image.fromarray(pixels.astype(np.uint8))  # 2-D uint8: mode L
+    values = np.asarray(image, dtype=np.int32)
+    gray = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # 2-D uint8: mode L
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a tRNS colour key (16-bit): its pixels, exactly, stay transparent
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
 
 
 def _upright(image: Image.Image) -> Image.Image:

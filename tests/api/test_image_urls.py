@@ -4,6 +4,7 @@ URLs. In process on the fake engine (its jobs hold the arrays a worker would get
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import threading
@@ -34,6 +35,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     blue, red, white = png_bytes((256, 256), BLUE), png_bytes((256, 256), RED), png_bytes((256, 256), (255, 255, 255))
     noise = _noise_png()  # random pixels: about 197 kB (two fit a 400 kB request, three do not)
+    bomb = gzip.compress(b"\0" * (8 << 20), 9)  # 8 kB that inflate to 8 MiB, 20 times the limit
     hits: list[str] = []
 
     def do_GET(self):  # noqa: N802 (http.server's name)
@@ -47,9 +49,22 @@ class _Images(http.server.BaseHTTPRequestHandler):
             "/ok/redirect": (302, b"", {"Location": "/ok/blue.png"}),
             "/ok/away": (302, b"", {"Location": "/private/blue.png"}),
             "/ok/loop": (302, b"", {"Location": "/ok/loop"}),
+            "/ok/gzip.png": (200, gzip.compress(self.blue), {"Content-Encoding": "gzip"}),
+            "/ok/gzip2": (200, gzip.compress(gzip.compress(self.blue)), {"Content-Encoding": "gzip, gzip"}),
+            "/ok/gzip-bomb": (200, self.bomb, {"Content-Encoding": "gzip"}),
         }
         if self.path == "/ok/slow":
             time.sleep(3)
+        if self.path == "/ok/trickle":  # a header line a byte every 0.2 s: each read is quick, the whole is not
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(20):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            return
         if self.path == "/ok/endless":  # no Content-Length: bytes until the client stops reading
             self.send_response(200)
             self.end_headers()
@@ -118,12 +133,19 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
 @pytest.mark.parametrize(
     ("path", "said"),
     [
-        ("/private/blue.png", "is not under an allowed URL prefix (http://127.0.0.1:{port}/ok/)"),
+        ("/private/blue.png", "http://127.0.0.1:{port}/private/blue.png is not under a URL prefix this server fetches"),
         ("/ok/../private/blue.png", "an image URL may not hold '.' or '..' path segments"),
         ("/ok/%2e%2e/private/blue.png", "an image URL may not hold '.' or '..' path segments"),
         ("/ok/..;/private/blue.png", "an image URL may not hold '.' or '..' path segments"),  # Tomcat's ".."
         ("/ok/..\\private\\blue.png", "or backslashes"),
-        ("/ok/away", "is not under an allowed URL prefix"),  # a redirect out of the prefix
+        ("/ok/away", "/private/blue.png is not under a URL prefix this server fetches"),  # a redirect out of the prefix
+        ("/ok/%252e%252e/private/blue.png", "an image URL may not hold an encoded '%' or NUL"),  # decoded twice: ..
+        ("/ok/.%00./private/blue.png", "an image URL may not hold an encoded '%' or NUL"),
+        ("/ok/%c0%ae%c0%ae/private/blue.png", "percent-encoded bytes that are not UTF-8"),  # overlong '.'
+        ("/ok/%EF%BC%8E%EF%BC%8E/private/blue.png", "'.' or '..' path segments"),  # full-width dots
+        ("/ok/gzip2", "sent it with Content-Encoding 'gzip, gzip' (read here: none, or one layer of gzip or deflate)"),
+        ("/ok/gzip-bomb", "is larger than the 400000 bytes left of this request's 400000"),
+        ("/ok/trickle", "could not be fetched within 0.5 s"),  # headers a byte at a time: the whole fetch's deadline
         ("/ok/loop", "could not be fetched: more than 3 redirects"),
         ("/ok/missing.png", "could not be fetched: http://127.0.0.1:{port}/ok/missing.png answered HTTP 404"),
         ("/ok/slow", "could not be fetched within 0.5 s"),
@@ -136,6 +158,13 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         "dot-dot-semicolon",
         "backslash",
         "redirect-out",
+        "double-encoded",
+        "nul",
+        "overlong",
+        "full-width",
+        "stacked-gzip",
+        "gzip-bomb",
+        "header-trickle",
         "redirect-loop",
         "404",
         "slow",
@@ -151,6 +180,12 @@ def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin
     error = response.json()["error"]
     assert error["param"] == "image" and said.format(port=port) in error["message"], error["message"]
     assert len(fetching.engine.jobs) == before and time.monotonic() - started < 2.5
+
+
+def test_a_gzip_encoded_image_is_read(fetching, origin):
+    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/gzip.png"}})
+    assert response.status_code == 200, response.text[:300]
+    assert (_last_inputs(fetching)[0] == BLUE).all()
 
 
 def test_a_refused_url_is_not_requested_and_the_requests_images_share_its_byte_limit(fetching, origin):
@@ -187,6 +222,9 @@ def test_without_prefixes_no_url_is_fetched(api, origin):
         "https://example.com/?sig=1",
         "https://ex*.com/",
         "https://h:99999/",
+        "http://h/a/../b/",
+        "http://h\\x/",
+        "http://[::1/",
     ],
 )
 def test_a_prefix_that_cannot_be_one_stops_the_settings(prefix):
@@ -195,24 +233,27 @@ def test_a_prefix_that_cannot_be_one_stops_the_settings(prefix):
 
 
 def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(monkeypatch):
-    from qwen_image_server.config_files import parse_prefix
+    from qwen_image_server.config_files import parse_prefix, url_parts
 
-    monkeypatch.setenv("QIS_IMAGE_URL_PREFIXES", "https://cdn.example.com/img/, https://*.bucket.example.org")
-    assert Settings(models=["m=/x"]).image_url_prefixes == ["https://cdn.example.com/img/", "https://*.bucket.example.org/"]
-    from urllib.parse import urlsplit
+    monkeypatch.setenv(
+        "QIS_IMAGE_URL_PREFIXES", "https://cdn.example.com/img/, https://*.bucket.example.org, http://[::1]:8080/a/"
+    )
+    prefixes = ["https://cdn.example.com/img/", "https://*.bucket.example.org/", "http://[::1]:8080/a/"]
+    assert Settings(models=["m=/x"]).image_url_prefixes == prefixes  # as written (IPv6 in brackets), parsed again alike
+    assert [str(parse_prefix(prefix)) for prefix in prefixes] == prefixes
 
-    sub = parse_prefix("https://*.bucket.example.org")
-    assert sub.allows(urlsplit("https://eu.bucket.example.org/a.png")) and not sub.allows(
-        urlsplit("https://bucket.example.org/a")
-    )
-    assert not sub.allows(urlsplit("https://evilbucket.example.org/a")) and not sub.allows(
-        urlsplit("http://eu.bucket.example.org/a")
-    )
-    cdn = parse_prefix("https://CDN.example.com:443/img/")
-    assert cdn.allows(urlsplit("https://cdn.example.com/img/a.png")) and not cdn.allows(
-        urlsplit("https://cdn.example.com/imgs/a")
-    )
-    assert not cdn.allows(urlsplit("https://cdn.example.com:8443/img/a.png"))
+    def allows(prefix: str, url: str) -> bool:
+        return parse_prefix(prefix).allows(*url_parts(url)[:4])
+
+    sub = "https://*.bucket.example.org"
+    assert allows(sub, "https://eu.bucket.example.org/a.png") and not allows(sub, "https://bucket.example.org/a")
+    assert not allows(sub, "https://evilbucket.example.org/a") and not allows(sub, "http://eu.bucket.example.org/a")
+    cdn = "https://CDN.example.com:443/img/"
+    assert allows(cdn, "https://cdn.example.com/img/a.png") and not allows(cdn, "https://cdn.example.com/imgs/a")
+    assert not allows(cdn, "https://cdn.example.com:8443/img/a.png")
+    assert allows("http://[::1]:8080/a/", "http://[::1]:8080/a/b.png")
+    punycode = "https://*.xn--bcher-kva.example/"  # IDNA's form of a name that is not ASCII
+    assert allows(punycode, "https://img.xn--bcher-kva.example/x.png")
 
 
 @pytest.mark.parametrize(
@@ -220,7 +261,10 @@ def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(
     [
         ("https://cdn.example.com/img/a.png", True),
         ("https://cdn.example.com:443/img/a.png", True),  # the default port, spelt out
-        ("https://ＣＤＮ.example.com/img/a.png", False),  # full-width letters: the client would ask cdn.example.com
+        ("https://ＣＤＮ.example.com/img/a.png", False),  # not ASCII: percent-encode, or IDNA's xn-- form for a host
+        ("https://cdn.example.com/img/a b.png", False),
+        ("https://[127.0.0.1]/img/a.png", False),  # urlsplit raised ValueError here: a 500
+        ("https://[::1/img/a.png", False),
         ("https://cdn.example.com./img/a.png", False),
         ("https://cdn.example.com:x/img/a.png", False),
         ("https://cdn.example.com/img/x/..;/../a", False),

@@ -130,3 +130,23 @@ def test_markup_with_a_mask_a_second_markup_and_a_markup_on_a_variation_are_refu
         variation, 400, param="markup", message="a variation takes no markup (a markup guides an edit: POST /v1/images/edits)"
     )
     assert edits.engine.jobs == []
+
+
+def test_a_16_bit_grey_markup_and_mask_keep_their_transparent_colour(edits):
+    """A 16-bit grey PNG with a tRNS colour key: scaling it to 8 bits dropped the key, so such a markup was refused
+    ("no transparent pixels") and such a mask read as black and white. The key's pixels, exactly, are transparent."""
+    values = np.full((256, 256), 1000, np.uint16)  # the key: transparent
+    values[16:48, 16:48] = 1001  # one step off the key (the same 8-bit grey): opaque
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG", transparency=1000)
+    grey = buffer.getvalue()
+    files = [("image", ("a.png", _image(), "image/png")), ("markup", ("m.png", grey, "image/png"))]
+    response = edits.client.post(EDITS, data={"prompt": "a cat"}, files=files)
+    assert response.status_code == 200, response.text[:300]
+    pixels = _first_input(edits)
+    assert (pixels[16:48, 16:48] == 1001 >> 8).all() and (pixels[100:200, 100:200] == BLUE).all()
+    files = [("image", ("a.png", _image(), "image/png")), ("mask", ("m.png", grey, "image/png"))]
+    response = edits.client.post(EDITS, data={"prompt": "a cat"}, files=files)
+    assert response.status_code == 200, response.text[:300]
+    mask = edits.engine.jobs[-1][1].mask
+    assert not mask[16:48, 16:48].any() and mask[100:200, 100:200].all()  # the key's pixels are edited, the rest kept

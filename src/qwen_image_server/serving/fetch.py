@@ -3,25 +3,37 @@ prefixes the operator allows (``QIS_IMAGE_URL_PREFIXES``; none by default, so th
 from its own network).
 
 A URL is fetched when its scheme, host and port are a prefix's and its path starts with the prefix's path (a prefix's
-host may start with ``*.``: any subdomain); it may carry no user name or password, and no ``..`` or ``.`` segment
-(which a server may resolve outside the prefix). Redirects are followed (at most ``MAX_REDIRECTS``) only to URLs that
-are allowed as well. A request's fetched images together may be as large as a request body may be
-(``QIS_MAX_UPLOAD_BYTES``), and each is fetched within ``QIS_IMAGE_URL_TIMEOUT`` seconds, in the decoding slot of its
-request (``DecodeGate``: after the model admits work, at most ``max_concurrent_decodes`` requests at a time).
+host may start with ``*.``: any subdomain); it must be printable ASCII (percent-encoded beyond), carry no user name or
+password, and hold no ``.`` or ``..`` segment in any spelling a server may read so (percent-encoded, Tomcat's ``..;``,
+full-width dots, a backslash for a slash) nor an encoded ``%`` or NUL. The request goes to exactly the scheme, host,
+port and path checked (httpcore, with no URL parsing of its own). Redirects are followed (at most ``MAX_REDIRECTS``)
+only to URLs that are allowed as well. One deadline bounds the whole fetch (``QIS_IMAGE_URL_TIMEOUT``: connecting,
+the headers, every redirect and every byte), and a request's fetched images together may be as large as a request
+body (``QIS_MAX_UPLOAD_BYTES``), counted after a gzip or deflate encoding is undone (one layer; others are refused).
+It runs in the request's decoding slot (``DecodeGate``: once the model admits work, ``max_concurrent_decodes``
+requests at a time), straight to the origin (no proxy), with certifi's CAs or ``SSL_CERT_FILE``'s.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import ssl
 import time
-from urllib.parse import unquote, urljoin, urlsplit
+import unicodedata
+import zlib
+from collections.abc import Iterator
+from urllib.parse import unquote, urljoin
 
-import httpx
+import httpcore
 
-from ..config_files import DEFAULT_PORTS, UrlPrefix
+from ..config_files import DEFAULT_PORTS, UrlPrefix, url_parts
 from ..errors import InvalidImage
 
 #: Redirects followed for one image.
 MAX_REDIRECTS = 3
+#: Content-Encodings undone (one layer), as zlib's window bits.
+_ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
 class ImageFetcher:
@@ -31,42 +43,30 @@ class ImageFetcher:
         self.prefixes = prefixes
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self._ssl: ssl.SSLContext | None = None
 
-    def check(self, url: str, param: str) -> None:
-        """Refuse (400) a URL that may not be fetched, before the request waits for anything."""
+    def check(self, url: str, param: str) -> tuple[str, str, int, str]:
+        """``(scheme, host, port, target)`` of a URL that may be fetched; a 400 naming ``param`` for one that may not,
+        before the request waits for anything."""
         if not self.prefixes:
             raise InvalidImage(
                 f"'{param}' is a URL: this server fetches no image URLs (QIS_IMAGE_URL_PREFIXES allows some); send the "
                 "image as a file, base64 or a data URL",
                 param=param,
             )
-        problem = self._problem(url)
+        try:
+            scheme, host, port, path, query = url_parts(url)
+        except ValueError as exc:
+            raise InvalidImage(f"'{param}': the image URL {exc}", param=param) from None
+        problem = _path_problem(path)
         if problem:
-            raise InvalidImage(f"'{param}': {problem}", param=param)
-
-    def _problem(self, url: str) -> str | None:
-        parts = urlsplit(url)
-        if parts.username is not None or parts.password is not None:
-            return "an image URL may not carry a user name or password"
-        path = unquote(parts.path)
-        # dot segments, also as some servers read them (Tomcat's "..;/"), and backslashes (read as "/" by others)
-        if "\\" in path or any(segment.split(";")[0] in (".", "..") for segment in path.split("/")):
-            return "an image URL may not hold '.' or '..' path segments or backslashes"
-        try:  # what the client will request must be what was checked
-            sent = httpx.URL(url)
-            same = (sent.scheme, sent.host, sent.port or DEFAULT_PORTS.get(sent.scheme)) == (
-                parts.scheme,
-                parts.hostname,
-                parts.port or DEFAULT_PORTS.get(parts.scheme),
+            raise InvalidImage(f"'{param}': an image URL may not hold {problem}", param=param)
+        if not any(prefix.allows(scheme, host, port, path) for prefix in self.prefixes):
+            raise InvalidImage(
+                f"'{param}': {_shown(url)} is not under a URL prefix this server fetches images from (QIS_IMAGE_URL_PREFIXES)",
+                param=param,
             )
-        except (httpx.InvalidURL, ValueError):
-            same = False
-        if not same:
-            return f"{_shown(url)} is not a URL this server reads unambiguously"
-        if not any(prefix.allows(parts) for prefix in self.prefixes):
-            allowed = ", ".join(str(prefix) for prefix in self.prefixes)
-            return f"{_shown(url)} is not under an allowed URL prefix ({allowed})"
-        return None
+        return scheme, host, port, path + (f"?{query}" if query else "")
 
     def fetch_all(self, urls: list[tuple[str, str]]) -> list[bytes]:
         """The bytes of each ``(url, param)``, in order; together at most ``max_bytes``."""
@@ -82,51 +82,169 @@ class ImageFetcher:
         """The bytes at ``url`` (redirects to allowed URLs followed); a 400 naming ``param`` when it cannot be had."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         deadline = time.monotonic() + self.timeout
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:  # the environment's proxy and CA
+        with httpcore.ConnectionPool(ssl_context=self._ssl_context(), network_backend=_Deadline(deadline)) as pool:
             for _ in range(MAX_REDIRECTS + 1):
-                self.check(url, param)
+                scheme, host, port, target = self.check(url, param)
                 try:
-                    with client.stream("GET", url, headers={"Accept": "image/png, image/jpeg, image/webp"}) as response:
-                        if response.is_redirect and "location" in response.headers:
-                            url = urljoin(url, response.headers["location"])
-                            continue
-                        if response.status_code != 200:
-                            raise InvalidImage(
-                                f"'{param}' could not be fetched: {_shown(url)} answered HTTP {response.status_code}",
-                                param=param,
-                            )
-                        declared = response.headers.get("content-length", "")
-                        if declared.isdigit() and int(declared) > limit:
-                            raise self._too_large(param, limit)
-                        chunks: list[bytes] = []
-                        size = 0
-                        for chunk in response.iter_bytes():
-                            size += len(chunk)
-                            if size > limit:
-                                raise self._too_large(param, limit)
-                            if time.monotonic() > deadline:
-                                raise httpx.ReadTimeout("the image took too long")
-                            chunks.append(chunk)
-                        return b"".join(chunks)
-                except httpx.TimeoutException:
+                    location = _request_once(self, pool, (scheme, host, port, target), url, param, limit)
+                except httpcore.TimeoutException:
                     raise InvalidImage(
                         f"'{param}' could not be fetched within {self.timeout:g} s from {_shown(url)}", param=param
                     ) from None
-                except httpx.HTTPError as exc:
+                except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
                     raise InvalidImage(
                         f"'{param}' could not be fetched from {_shown(url)}: {type(exc).__name__}", param=param
                     ) from None
+                if isinstance(location, bytes):
+                    return location
+                url = location
         raise InvalidImage(f"'{param}' could not be fetched: more than {MAX_REDIRECTS} redirects", param=param)
 
-    def _too_large(self, param: str, limit: int) -> InvalidImage:
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            cafile = os.environ.get("SSL_CERT_FILE") or _certifi()
+            self._ssl = ssl.create_default_context(cafile=cafile, capath=os.environ.get("SSL_CERT_DIR") or None)
+        return self._ssl
+
+    def too_large(self, param: str, limit: int) -> InvalidImage:
         return InvalidImage(
             f"'{param}' is larger than the {limit} bytes left of this request's {self.max_bytes} (QIS_MAX_UPLOAD_BYTES)",
             param=param,
         )
 
 
+def _request_once(
+    fetcher: ImageFetcher, pool: httpcore.ConnectionPool, where: tuple[str, str, int, str], url: str, param: str, limit: int
+) -> bytes | str:
+    """One request: the body's bytes, or the URL a redirect points to."""
+    scheme, host, port, target = where
+    netloc = (f"[{host}]" if ":" in host else host) + ("" if port == DEFAULT_PORTS[scheme] else f":{port}")
+    url_sent = httpcore.URL(scheme=scheme, host=host, port=port, target=target)  # exactly what was checked
+    headers = [
+        (b"Host", netloc.encode("ascii")),
+        (b"Accept", b"image/png, image/jpeg, image/webp"),
+        (b"Accept-Encoding", b"gzip, deflate"),
+        (b"User-Agent", b"qwen-image-server"),
+    ]
+    timeouts = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), fetcher.timeout)}
+    with pool.stream("GET", url_sent, headers=headers, extensions=timeouts) as response:
+        answer = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
+        if response.status in (301, 302, 303, 307, 308) and "location" in answer:
+            return urljoin(url, answer["location"].strip())
+        if response.status != 200:
+            raise InvalidImage(f"'{param}' could not be fetched: {_shown(url)} answered HTTP {response.status}", param=param)
+        encodings = [e.strip().lower() for e in answer.get("content-encoding", "").split(",")]
+        encodings = [e for e in encodings if e not in ("", "identity")]
+        if len(encodings) > 1 or (encodings and encodings[0] not in _ENCODINGS):
+            raise InvalidImage(
+                f"'{param}' could not be fetched: {_shown(url)} sent it with Content-Encoding "
+                f"{answer['content-encoding']!r} (read here: none, or one layer of gzip or deflate)",
+                param=param,
+            )
+        declared = answer.get("content-length", "")
+        if not encodings and declared.isdigit() and int(declared) > limit:
+            raise fetcher.too_large(param, limit)
+        raw: Iterator[bytes] = iter(response.iter_stream())
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in _decoded(raw, encodings[0] if encodings else None, limit, param):
+            size += len(chunk)
+            if size > limit:
+                raise fetcher.too_large(param, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _decoded(raw: Iterator[bytes], encoding: str | None, limit: int, param: str) -> Iterator[bytes]:
+    """The body with its encoding undone, never more than ``limit + 1`` bytes of output at a time (a small body may
+    inflate a thousandfold: it is decompressed in bounded steps, and the caller stops past the limit)."""
+    if encoding is None:
+        yield from raw
+        return
+    inflate = zlib.decompressobj(_ENCODINGS[encoding])
+    try:
+        for chunk in raw:
+            data = chunk
+            while data:
+                yield inflate.decompress(data, limit + 1)
+                data = inflate.unconsumed_tail
+        yield inflate.flush()
+    except zlib.error:
+        raise InvalidImage(f"'{param}' could not be fetched: its {encoding} encoding is damaged", param=param) from None
+
+
+def _path_problem(path: str) -> str | None:
+    """What in a URL's path a server might read as leaving the prefix: dot segments in any spelling (percent-encoded,
+    Tomcat's ``..;``, full-width or other compatibility dots), a backslash, an encoded ``%`` (a second decoding) or
+    NUL, or percent-encoding that is not UTF-8 (overlong forms of ``.``)."""
+    lowered = path.lower()
+    if "%25" in lowered or "%00" in lowered:
+        return "an encoded '%' or NUL"
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return "percent-encoded bytes that are not UTF-8"
+    decoded = unicodedata.normalize("NFKC", decoded)
+    if "\\" in decoded or any(segment.split(";")[0] in (".", "..") for segment in decoded.split("/")):
+        return "'.' or '..' path segments or backslashes"
+    return None
+
+
+class _Deadline(httpcore.NetworkBackend):
+    """Connections whose every connect, read and write gets no more than the time left before ``deadline``: the whole
+    fetch is bounded, however an origin trickles its headers or body."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.backend = httpcore.SyncBackend()
+
+    def left(self, timeout: float | None) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the fetch's time is up")
+        return min(timeout if timeout is not None else math.inf, left)
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = self.backend.connect_tcp(host, port, self.left(timeout), local_address, socket_options)
+        return _DeadlineStream(stream, self)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):  # pragma: no cover (never asked for)
+        raise httpcore.ConnectError("unix sockets are not fetched from")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, max(0.0, self.deadline - time.monotonic())))
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline):
+        self.stream = stream
+        self.deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, self.deadline.left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, self.deadline.left(timeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, self.deadline.left(timeout)), self.deadline)
+
+    def get_extra_info(self, info: str):
+        return self.stream.get_extra_info(info)
+
+
+def _certifi() -> str | None:
+    try:
+        import certifi
+    except ImportError:  # the system's CAs
+        return None
+    return certifi.where()
+
+
 def _shown(url: str, limit: int = 200) -> str:
-    """A URL as messages show it: without its query (which may carry a signature), cut at ``limit`` characters."""
-    parts = urlsplit(url)
-    shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    """A URL as messages show it: without its query (which may carry a signature) or fragment, cut at ``limit``."""
+    shown = url.split("?", 1)[0].split("#", 1)[0]
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
