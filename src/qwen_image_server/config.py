@@ -281,7 +281,7 @@ class Settings(PerModelLimits, BaseSettings):
             return cls.model_fields["image_output_dir"].default
         if isinstance(value, str | Path) and (problem := directory_problem(Path(value))):
             raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
-        return value
+        return Path(value).expanduser() if isinstance(value, str | Path) else value  # the folder checked: ~ is home
 
     @field_validator("image_download_url_prefix", "s3_endpoint_url", "s3_bucket")
     @classmethod

@@ -425,6 +425,17 @@ def test_a_blank_image_output_dir_is_the_default_folder_not_the_working_director
     assert seen == [default]
 
 
+def test_a_home_folder_in_the_image_output_dir_is_the_folder_checked_and_used(monkeypatch, tmp_path):
+    """``QIS_IMAGE_OUTPUT_DIR=~/images`` (compose files and unit files do not expand ``~``): the start check looked at
+    the home folder's, and the images went to a folder named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("QIS_IMAGE_OUTPUT_DIR", "~/images")
+    assert Settings().image_output_dir == tmp_path / "images"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        Settings(image_output_dir="~/file")
+
+
 def test_an_s3_bucket_or_endpoint_the_client_cannot_use_is_refused_at_start(monkeypatch):
     """A bucket name the S3 client refuses started quietly, then failed every url request with "the object store
     could not be reached"; an endpoint without a scheme failed ``serve`` without naming the setting (and passed
