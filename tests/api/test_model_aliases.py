@@ -78,6 +78,24 @@ def test_bad_aliases_are_refused_before_anything_loads(tiny_models, aliases, mes
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (("a", "b", "a"), "--model a={edit} (the source of b again): a is a served model or LoRA id already"),
+        (("a", "../x", None), "--model '../x'={t2i} (the source of a again): a model id is letters, digits and"),
+    ],
+)
+def test_a_source_given_again_under_a_bad_id_names_the_model_flag_not_model_alias(tiny_t2i, tiny_edit, ids, message):
+    """A source given twice under a second id becomes another name of its model; when that id is bad, the message
+    named --model-alias, a flag the user never typed."""
+    first, second, third = ids
+    models = [f"{first}={tiny_t2i}", f"{second}={tiny_edit if third else tiny_t2i}"] + ([f"{third}={tiny_edit}"] if third else [])
+    with pytest.raises(ModelConfigError) as refused:
+        resolve_configured(Settings(models=models))
+    assert message.format(edit=tiny_edit, t2i=tiny_t2i) in str(refused.value)
+    assert "--model-alias" not in str(refused.value)
+
+
 def test_aliases_come_from_the_environment_separated_by_semicolons(monkeypatch, tiny_models):
     monkeypatch.setenv("QIS_MODEL_ALIASES", f"dall-e-3={T2I}; dall-e-2={EDIT}")
     specs = resolve_configured(Settings(models=[f"{name}={folder}" for name, folder in tiny_models.items()]))

@@ -144,18 +144,22 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     """The other names each model answers to: ``--model-alias ALIAS=NAME`` (NAME a model or LoRA id), and a source
     given again under an id of its own (``--model a=X --model b=X``: one model, served as ``a`` and as ``b``)."""
     by_source = {source: spec.id for (_, source), spec in zip(settings.model_entries(), specs, strict=True)}
-    pairs = [(ident, by_source[source]) for ident, source in settings.repeated_sources()] + _alias_flags(settings)
+    # each with how the user gave it, for the messages: a repeated source was no --model-alias of theirs
+    repeated = [(ident, by_source[source], f"--model {ident}={source} (the source of {by_source[source]} again)")
+                for ident, source in settings.repeated_sources()]  # fmt: skip
+    pairs = repeated + [(alias, name, f"--model-alias {alias}") for alias, name in _alias_flags(settings)]
     owner = {spec.id: spec.id for spec in specs} | {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     aliases: dict[str, str] = {}
-    for alias, name in pairs:
+    for alias, name, given in pairs:
         if not SERVED_NAME.fullmatch(alias):
-            raise ModelConfigError(f"--model-alias {alias!r}: an alias is {SERVED_NAME_RULE}")
+            rule = "a model id" if given.startswith("--model ") else "an alias"
+            raise ModelConfigError(f"{given.replace(alias, repr(alias), 1)}: {rule} is {SERVED_NAME_RULE}")
         if name not in owner:
-            raise ModelConfigError(f"--model-alias {alias}: {name} is not a served model or LoRA id (served: {', '.join(owner)})")
+            raise ModelConfigError(f"{given}: {name} is not a served model or LoRA id (served: {', '.join(owner)})")
         if alias in owner:
-            raise ModelConfigError(f"--model-alias {alias}: {alias} is a served model or LoRA id already")
+            raise ModelConfigError(f"{given}: {alias} is a served model or LoRA id already")
         if aliases.setdefault(alias, name) != name:
-            raise ModelConfigError(f"--model-alias {alias} names two models: {aliases[alias]} and {name}")
+            raise ModelConfigError(f"{given} names two models: {aliases[alias]} and {name}")
     return [replace(spec, aliases=tuple((a, n) for a, n in aliases.items() if owner[n] == spec.id)) for spec in specs]
 
 
