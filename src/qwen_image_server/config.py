@@ -15,7 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import config_files as files
-from .config_files import configured_entries, directory_problem, read_keys_file, repeated_entries, unique_entries
+from .config_files import configured_entries, read_keys_file, repeated_entries, unique_entries
 from .config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS, SCOPED_PROFILE_FIELDS, PerModelLimits, split_items
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
@@ -275,13 +275,7 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("image_output_dir", mode="before")
     @classmethod
     def _output_dir_usable(cls, value: object) -> object:
-        """Blank is the default (it was the working directory). A regular file cannot hold url images: refused at start
-        rather than a 500 on every url response. A folder that does not exist yet is made when the first is stored."""
-        if isinstance(value, str) and not value.strip():
-            return cls.model_fields["image_output_dir"].default
-        if isinstance(value, str | Path) and (problem := directory_problem(Path(value))):
-            raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
-        return Path(value).expanduser() if isinstance(value, str | Path) else value  # the folder checked: ~ is home
+        return files.checked_output_dir(value, cls.model_fields["image_output_dir"].default)
 
     @field_validator("image_download_url_prefix", "s3_endpoint_url", "s3_bucket")
     @classmethod
@@ -323,7 +317,12 @@ class Settings(PerModelLimits, BaseSettings):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        return files.checked_device(value)  # auto, or cpu, cuda and cuda:N (one per worker slot)
+        return files.checked_device(value.lower())  # auto, or cpu, cuda and cuda:N (one per worker slot)
+
+    @field_validator("dtype", "memory_check", "worker_start", "engine", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value  # as the profile settings' words are read
 
     @field_validator("image_url_prefixes", mode="before")
     @classmethod

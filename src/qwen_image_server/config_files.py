@@ -90,6 +90,17 @@ def directory_problem(directory: Path) -> str | None:
         return f"cannot be used: {exc.strerror or exc}"
 
 
+def checked_output_dir(value: object, default: Path) -> object:
+    """The folder url images are stored in. Blank is the default (it was the working directory). A regular file cannot
+    hold url images: refused at start rather than a 500 on every url response. A folder that does not exist yet is made
+    when the first is stored. ``~`` is the home folder, for the check and the images alike."""
+    if isinstance(value, str) and not value.strip():
+        return default
+    if isinstance(value, str | Path) and (problem := directory_problem(Path(value))):
+        raise ValueError(f"{value} {problem} (url-format images are stored in this folder)")
+    return Path(value).expanduser() if isinstance(value, str | Path) else value
+
+
 def checked_origin(origin: str) -> str:
     """A ``--cors-origin`` as browsers send ``Origin``: ``scheme://host[:port]``, lower-case, without a trailing ``/``
     (``https://App.example/`` → ``https://app.example``), or ``*``. One that no browser could send (no scheme, a path)

@@ -425,6 +425,15 @@ def test_a_blank_image_output_dir_is_the_default_folder_not_the_working_director
     assert seen == [default]
 
 
+def test_setting_words_are_read_in_any_case_as_the_profile_settings_are():
+    """``--offload GROUP`` and ``--quantize FP8`` were taken, ``--device CPU``, ``--dtype BFLOAT16``, ``--engine RAY``
+    and ``--memory-check ON`` refused."""
+    s = Settings(device="CPU,CUDA:1", dtype="BFLOAT16", engine="Ray", memory_check="ON", worker_start=" Spawn ")
+    assert (s.device, s.dtype, s.engine, s.memory_check, s.worker_start) == ("cpu,cuda:1", "bfloat16", "ray", "on", "spawn")
+    with pytest.raises(ValueError, match="must be auto, or cpu, cuda or cuda:N"):
+        Settings(device="GPU")
+
+
 def test_a_home_folder_in_the_image_output_dir_is_the_folder_checked_and_used(monkeypatch, tmp_path):
     """``QIS_IMAGE_OUTPUT_DIR=~/images`` (compose files and unit files do not expand ``~``): the start check looked at
     the home folder's, and the images went to a folder named ``~`` in the working directory."""
