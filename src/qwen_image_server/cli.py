@@ -174,7 +174,7 @@ def serve(
             "S@MODEL for one model.",
         ),
     ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Images of one request per pipeline call (1-10).")] = None,
     share_components: Annotated[
         bool | None,
         typer.Option(
