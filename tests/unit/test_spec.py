@@ -61,3 +61,27 @@ def test_cli_reports_bad_model_before_serving(tmp_path):
     result = run_cli("serve", "--model", str(tmp_path / "missing"), "--port", "0")
     assert result.returncode == 2
     assert "model folder not found" in result.stderr
+
+
+def test_a_hub_model_that_cannot_be_reached_says_how_to_read_the_cache_and_logs_each_line_once(monkeypatch):
+    """Without a network the hub client retries for about 24 s; each of its warnings came twice (its own handler and
+    the server's), and the error did not say that HF_HUB_OFFLINE=1 reads the cache at once."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    logging.getLogger("huggingface_hub").addHandler(logging.StreamHandler())  # as the hub client's own import adds
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelConfigError, match="HF_HUB_OFFLINE=1 reads the hub cache at once"):
+        resolve_model("Qwen/Qwen-Image")
+    assert logging.getLogger("huggingface_hub").handlers == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError) as refused:
+        resolve_model("Qwen/Qwen-Image")
+    assert "HF_HUB_OFFLINE" not in str(refused.value)

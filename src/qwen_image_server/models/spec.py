@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +117,16 @@ def _read_index(source: str, revision: str | None = None) -> tuple[dict, dict]:
     try:
         from huggingface_hub import hf_hub_download
 
+        # the hub client's own handler also passed its lines (each retry, offline) on to the server's: each came twice
+        logging.getLogger("huggingface_hub").handlers.clear()
         index_download = hf_hub_download(source, "model_index.json", revision=revision)
     except Exception as exc:  # offline, unknown repo, gated repo, unknown revision...
         at = f" at revision {revision}" if revision else ""
-        raise ModelConfigError(f"cannot read model_index.json of hub model {source}{at}: {type(exc).__name__}: {exc}") from exc
+        unreachable = type(exc).__name__ == "LocalEntryNotFoundError" and not os.environ.get("HF_HUB_OFFLINE")
+        offline = " (without a network, HF_HUB_OFFLINE=1 reads the hub cache at once)" if unreachable else ""
+        raise ModelConfigError(
+            f"cannot read model_index.json of hub model {source}{at}: {type(exc).__name__}: {exc}{offline}"
+        ) from exc
     sidecar = {}
     try:  # a hub repository may carry the sidecar too (optional)
         sidecar_download = hf_hub_download(source, SIDECAR_NAME, revision=revision)
