@@ -120,18 +120,29 @@ def probe_fused_quantizer(device: str, dtype: torch.dtype) -> str | None:
     Out of memory is raised: it says nothing of the compiler, and a worker that short of memory cannot serve."""
     if torch.device(device).type not in FUSED_QUANTIZE_DEVICES:
         return None
-    try:
+
+    def check() -> str | None:
         with torch.inference_mode():
             rows = torch.randn(40, 96, device=device, dtype=dtype)
             values, scale = _fused_quantizer(FUSED_QUANTIZE_BACKEND)(rows)
             expected_values, expected_scale = quantize_rowwise(rows)
             if not (torch.equal(values.float(), expected_values.float()) and torch.allclose(scale, expected_scale)):
                 return "the compiled activation quantizer gave other values than the plain one"
+        return None
+
+    return compiled_probe("the activation quantizer", device, check)
+
+
+def compiled_probe(what: str, device: str, check: Callable[[], str | None]) -> str | None:
+    """``check()`` (it compiles a function on ``device`` and compares its values with the plain one's: a reason, or
+    None when they agree), or why compiling ``what`` failed: no Triton, an inductor error. Out of memory is raised:
+    it says nothing of the compiler, and a worker that short of memory cannot serve."""
+    try:
+        return check()
     except torch.OutOfMemoryError:
         raise
-    except Exception as exc:  # no Triton, an inductor error...
-        return f"compiling the activation quantizer failed on {device}: {short_reason(exc)}"[:300]
-    return None
+    except Exception as exc:
+        return f"compiling {what} failed on {device}: {short_reason(exc)}"[:300]
 
 
 #: Device types where ``FP8Linear`` pads its row count to a multiple of 16 (``_scaled_mm``'s alignment on CUDA).

@@ -45,9 +45,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import short_reason
 from .footprint import INT4_GROUP_SIZE, QUANTIZED_PREFIXES
-from .fp8 import lora_layers, replace_layers
+from .fp8 import compiled_probe, lora_layers, replace_layers
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,8 @@ def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
     are, when the model loads: tensors made inside inference mode are another kind to the compiled graph's guards)."""
     if torch.device(device).type not in FUSED_DEQUANTIZE_DEVICES:
         return None
-    try:
+
+    def check() -> str | None:
         # no two sizes alike (rows, packed bytes, groups): dynamic shapes assume equal sizes stay equal, and a
         # square probe would leave a graph that the model's layers compile anew
         with torch.no_grad():
@@ -144,11 +144,9 @@ def probe_unpacking(device: str, dtype: torch.dtype) -> str | None:
             fused = _fused_dequantizer(FUSED_DEQUANTIZE_BACKEND)(packed, step, low)
             if not unpacked_right(fused, packed, step, low):
                 return "the compiled unpacking gave other values than the plain one"
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # no Triton, an inductor error...
-        return f"compiling the unpacking failed on {device}: {short_reason(exc)}"[:300]
-    return None
+        return None
+
+    return compiled_probe("the unpacking", device, check)
 
 
 class Int4Linear(nn.Module):
