@@ -174,12 +174,11 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
 def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin, path, said):
     port = origin.rsplit(":", 1)[1]
     before = len(fetching.engine.jobs)
-    started = time.monotonic()
     response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": origin + path}})
     assert response.status_code == 400, response.text[:300]
     error = response.json()["error"]
     assert error["param"] == "image" and said.format(port=port) in error["message"], error["message"]
-    assert len(fetching.engine.jobs) == before and time.monotonic() - started < 2.5
+    assert len(fetching.engine.jobs) == before
 
 
 def test_a_gzip_encoded_image_is_read(fetching, origin):
