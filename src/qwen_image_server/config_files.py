@@ -327,7 +327,9 @@ class UrlPrefix:
             host_ok = host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
         else:
             host_ok = host == self.host
-        return scheme == self.scheme and host_ok and port == self.port and path.startswith(self.path)
+        # a prefix path without a trailing '/' is a whole segment: /img allows /img and /img/..., not /img-private
+        path_ok = path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
+        return scheme == self.scheme and host_ok and port == self.port and path_ok
 
     def __str__(self) -> str:
         default = DEFAULT_PORTS[self.scheme] == self.port

@@ -37,8 +37,8 @@ def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> by
     too); other URLs are refused. ``not_base64_hint`` ends the message of a value that is not base64 (where it came
     from, what to send instead)."""
     value = value.strip()
-    if value.startswith(("http://", "https://")):
-        raise InvalidImage("image URLs are not fetched; send the image as base64 or a data URL", param=param)
+    if value[:8].lower().startswith(("http://", "https://")):  # fetched by the service, where allowed (serving/fetch.py)
+        raise InvalidImage(f"'{param}' is a URL, not base64 or a data URL", param=param)
     value = _DATA_URL.sub("", value, count=1)
     other = _OTHER_DATA_URL.match(value)
     if other:

@@ -9,6 +9,7 @@ import http.server
 import io
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,12 @@ from qwen_image_server.config import Settings
 
 EDITS, VARIATIONS = "/v1/images/edits", "/v1/images/variations"
 BLUE, RED = (40, 90, 200), (200, 30, 30)
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    """Deflate without zlib's header and checksum, as some servers send Content-Encoding: deflate."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _noise_png() -> bytes:
@@ -49,6 +56,9 @@ class _Images(http.server.BaseHTTPRequestHandler):
             "/ok/redirect": (302, b"", {"Location": "/ok/blue.png"}),
             "/ok/away": (302, b"", {"Location": "/private/blue.png"}),
             "/ok/loop": (302, b"", {"Location": "/ok/loop"}),
+            "/ok/bad-redirect": (302, b"", {"Location": "http://[::1"}),
+            "/ok/deflate.png": (200, zlib.compress(self.blue), {"Content-Encoding": "deflate"}),
+            "/ok/raw-deflate.png": (200, _raw_deflate(self.blue), {"Content-Encoding": "deflate"}),
             "/ok/gzip.png": (200, gzip.compress(self.blue), {"Content-Encoding": "gzip"}),
             "/ok/gzip2": (200, gzip.compress(gzip.compress(self.blue)), {"Content-Encoding": "gzip, gzip"}),
             "/ok/gzip-bomb": (200, self.bomb, {"Content-Encoding": "gzip"}),
@@ -147,6 +157,9 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         ("/ok/gzip-bomb", "is larger than the 400000 bytes left of this request's 400000"),
         ("/ok/trickle", "could not be fetched within 0.5 s"),  # headers a byte at a time: the whole fetch's deadline
         ("/ok/loop", "could not be fetched: more than 3 redirects"),
+        ("/ok/bad-redirect", "redirects to a malformed URL"),  # was a 500
+        ("/ok/..%20/private/blue.png", "segments of dots and blanks"),  # Windows servers trim the blank: ..
+        ("/ok/.../private/blue.png", "segments of dots and blanks"),
         ("/ok/missing.png", "could not be fetched: http://127.0.0.1:{port}/ok/missing.png answered HTTP 404"),
         ("/ok/slow", "could not be fetched within 0.5 s"),
         ("/ok/endless", "is larger than the 400000 bytes left of this request's 400000 (QIS_MAX_UPLOAD_BYTES)"),
@@ -166,6 +179,9 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         "gzip-bomb",
         "header-trickle",
         "redirect-loop",
+        "malformed-redirect",
+        "dot-dot-blank",
+        "three-dots",
         "404",
         "slow",
         "too-large",
@@ -181,10 +197,37 @@ def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin
     assert len(fetching.engine.jobs) == before
 
 
-def test_a_gzip_encoded_image_is_read(fetching, origin):
-    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/gzip.png"}})
+@pytest.mark.parametrize("path", ["/ok/gzip.png", "/ok/deflate.png", "/ok/raw-deflate.png"])
+def test_an_encoded_image_is_read(fetching, origin, path):
+    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": origin + path}})
     assert response.status_code == 200, response.text[:300]
     assert (_last_inputs(fetching)[0] == BLUE).all()
+
+
+def test_a_compressed_body_is_inflated_in_steps_no_larger_than_the_limit(fetching, origin, monkeypatch):
+    """8 MiB of zeros in 8 kB: each step of the inflation gives at most the bytes left plus one, so however much a
+    small body inflates to, no more than that is ever held (httpx inflated every layer of a chunk at once)."""
+    from qwen_image_server.serving import fetch
+
+    outputs: list[int] = []
+    real = fetch.zlib.decompressobj
+
+    class Counted:
+        def __init__(self, *args):
+            self.inner = real(*args)
+
+        def decompress(self, data, max_length=0):
+            out = self.inner.decompress(data, max_length)
+            outputs.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(fetch.zlib, "decompressobj", Counted)
+    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/gzip-bomb"}})
+    assert response.status_code == 400 and "is larger than the 400000 bytes left" in response.json()["error"]["message"]
+    assert outputs and max(outputs) <= 400_001 and sum(outputs) <= 2 * 400_001
 
 
 def test_a_refused_url_is_not_requested_and_the_requests_images_share_its_byte_limit(fetching, origin):
@@ -251,6 +294,9 @@ def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(
     assert allows(cdn, "https://cdn.example.com/img/a.png") and not allows(cdn, "https://cdn.example.com/imgs/a")
     assert not allows(cdn, "https://cdn.example.com:8443/img/a.png")
     assert allows("http://[::1]:8080/a/", "http://[::1]:8080/a/b.png")
+    whole = "https://cdn.example.com/img"  # a path without its '/' is a whole segment
+    assert allows(whole, "https://cdn.example.com/img") and allows(whole, "https://cdn.example.com/img/a.png")
+    assert not allows(whole, "https://cdn.example.com/img-private/a.png")
     punycode = "https://*.xn--bcher-kva.example/"  # IDNA's form of a name that is not ASCII
     assert allows(punycode, "https://img.xn--bcher-kva.example/x.png")
 
@@ -282,3 +328,19 @@ def test_a_url_is_checked_as_the_client_will_request_it(url, allowed):
     else:
         with pytest.raises(InvalidImage):
             fetcher.check(url, "image")
+
+
+def test_a_slow_name_lookup_is_within_the_fetchs_deadline(fetching, origin, monkeypatch):
+    """The host's lookup (getaddrinfo, which takes no timeout) ran outside the deadline: a slow resolver held the fetch
+    and its decoding slot for as long as it took."""
+    from qwen_image_server.serving import fetch
+
+    real = fetch.socket.getaddrinfo
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", slow)
+    response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/blue.png"}})
+    assert response.status_code == 400 and "could not be fetched within 0.5 s" in response.json()["error"]["message"]

@@ -4,6 +4,7 @@ engine."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -38,6 +39,19 @@ def test_the_safety_identifier_is_echoed_in_the_answer_and_the_completed_events(
     events = _events(api, GENERATIONS, json={**body, "stream": True, "partial_images": 1})
     assert [event["type"] for event in events] == ["image_generation.partial_image", "image_generation.completed"]
     assert "safety_identifier" not in events[0] and events[1].get("safety_identifier") == echoed
+
+
+def test_a_variation_has_no_safety_identifier_of_its_own_only_user(api):
+    """OpenAI's variations take ``user`` but no ``safety_identifier``: there it is an unknown field, ignored; its value
+    was echoed, and one of another type (a number) failed the finished job with a 500."""
+    image = ("in.png", png_bytes(), "image/png")
+    for fields in ({"safety_identifier": "s-1"}, {"safety_identifier": 123}):
+        body = {"image": base64.b64encode(png_bytes()).decode(), "num_inference_steps": 2, **fields}
+        answer = api.client.post("/v1/images/variations", json=body)
+        assert answer.status_code == 200, answer.text[:300]
+        assert "safety_identifier" not in answer.json()
+    both = api.client.post("/v1/images/variations", files={"image": image}, data={"user": "bob", "safety_identifier": "s-1"})
+    assert both.status_code == 200 and both.json()["safety_identifier"] == "bob"
 
 
 def test_edits_and_variations_echo_their_form_fields_identifier(api):

@@ -202,6 +202,26 @@ def test_a_failing_compiled_quantizer_leaves_fp8_matmuls_on_with_activations_qua
     assert layer(torch.randn(5, 64)).shape == (5, 48)  # runs without the compiled quantizer
 
 
+def test_the_compile_probes_raise_out_of_memory_also_when_the_compiler_ran_out():
+    """Dynamo wraps what a compiler raises (BackendCompilerFailed): out of memory while inductor compiled was read as
+    the compiler failing, and the worker ran without the compiled function for its whole life."""
+
+    def compiling(raised):
+        def check():
+            def backend(graph, example_inputs):
+                raise raised
+
+            torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2))
+
+        return check
+
+    with pytest.raises(Exception) as caught:
+        fp8.compiled_probe("the quantizer", "cuda", compiling(torch.OutOfMemoryError("CUDA out of memory")))
+    assert type(caught.value).__name__ == "BackendCompilerFailed"
+    reason = fp8.compiled_probe("the quantizer", "cuda", compiling(RuntimeError("Cannot find a working triton installation")))
+    assert reason == "compiling the quantizer failed on cuda: RuntimeError: Cannot find a working triton installation"
+
+
 def test_out_of_memory_in_the_probe_is_raised_not_taken_as_fp8_failing():
     """A worker too short of memory for the probe's few GEMMs cannot serve either: the load fails (and is retried) as
     with int4's probe, instead of the worker running for its whole life with FP8 matmuls off."""

@@ -47,7 +47,7 @@ def test_base64_and_data_urls():
     assert url_safe != base64.b64encode(noisy).decode() and decode_base64_image(url_safe, "image") == noisy
     with pytest.raises(InvalidImage, match="not valid base64"):
         decode_base64_image(encoded[:-5] + "!" + encoded[-4:], "image")
-    with pytest.raises(InvalidImage, match="not fetched"):
+    with pytest.raises(InvalidImage, match="is a URL, not base64 or a data URL"):
         decode_base64_image("https://example.com/x.png", "image")
 
 

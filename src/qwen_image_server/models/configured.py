@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ..config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS
@@ -144,16 +144,20 @@ def _with_aliases(specs: list[ModelSpec], settings) -> list[ModelSpec]:
     """The other names each model answers to: ``--model-alias ALIAS=NAME`` (NAME a model or LoRA id), and a source
     given again under an id of its own (``--model a=X --model b=X``: one model, served as ``a`` and as ``b``)."""
     by_source = {source: spec.id for (_, source), spec in zip(settings.model_entries(), specs, strict=True)}
+
     # each with how the user gave it, for the messages: a repeated source was no --model-alias of theirs
-    repeated = [(ident, by_source[source], f"--model {ident}={source} (the source of {by_source[source]} again)")
-                for ident, source in settings.repeated_sources()]  # fmt: skip
-    pairs = repeated + [(alias, name, f"--model-alias {alias}") for alias, name in _alias_flags(settings)]
+    def again(source: str) -> Callable[[str], str]:
+        return lambda shown: f"--model {shown}={source} (the source of {by_source[source]} again)"
+
+    repeated = [(ident, by_source[source], again(source)) for ident, source in settings.repeated_sources()]
+    pairs = repeated + [(alias, name, lambda shown: f"--model-alias {shown}") for alias, name in _alias_flags(settings)]
     owner = {spec.id: spec.id for spec in specs} | {lora.name: spec.id for spec in specs for lora in spec.profile.loras}
     aliases: dict[str, str] = {}
-    for alias, name, given in pairs:
+    for alias, name, flag in pairs:
+        given = flag(alias)
         if not SERVED_NAME.fullmatch(alias):
             rule = "a model id" if given.startswith("--model ") else "an alias"
-            raise ModelConfigError(f"{given.replace(alias, repr(alias), 1)}: {rule} is {SERVED_NAME_RULE}")
+            raise ModelConfigError(f"{flag(repr(alias))}: {rule} is {SERVED_NAME_RULE}")
         if name not in owner:
             raise ModelConfigError(f"{given}: {name} is not a served model or LoRA id (served: {', '.join(owner)})")
         if alias in owner:

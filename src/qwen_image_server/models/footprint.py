@@ -299,8 +299,9 @@ def load_peak(model: ModelTensors, profile: RunProfile, run_bytes: int, on_gpu: 
     then the rest, each read in the run dtype. ``weights_dtype=fp8`` stores each in FP8
     before the next one loads, and so does ``quantize=fp8`` with the transformer's linear
     layers; with LoRAs, ``quantize=fp8`` converts only once everything and the adapters
-    are loaded (``memory_modes.quantize_on_load``). Offloaded components load and convert
-    on the CPU. Under ``quantize=int4`` a GPU worker opens the transformer on the CPU and it
+    are loaded (``memory_modes.quantize_on_load``). Offloaded components load on the CPU and
+    stay there (``quantize=fp8`` quantizes each layer on the device, one at a time: in the
+    working headroom, not counted here). Under ``quantize=int4`` a GPU worker opens the transformer on the CPU and it
     reaches the device a 4-bit layer at a time (``memory_modes.loads_on_cpu``): only its kept
     bytes count there. A CPU worker (``on_gpu`` False) holds it whole in the run dtype first.
     """

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import short_reason
+from ..errors import is_out_of_memory, short_reason
 from .footprint import QUANTIZED_PREFIXES
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ def compiled_probe(what: str, device: str, check: Callable[[], str | None]) -> s
     it says nothing of the compiler, and a worker that short of memory cannot serve."""
     try:
         return check()
-    except torch.OutOfMemoryError:
-        raise
     except Exception as exc:
+        if is_out_of_memory(exc):  # also when the compiler ran out (dynamo wraps it: errors.compiler_cause)
+            raise
         return f"compiling {what} failed on {device}: {short_reason(exc)}"[:300]
 
 
@@ -288,9 +288,9 @@ def probe_fp8(
                 dense += time_it("dense", functools.partial(linear, x))
                 fp8 += time_it("fp8", functools.partial(quantized, x))
                 del x, linear, quantized
-    except torch.OutOfMemoryError:  # not a verdict on FP8: the worker is too short of memory to serve (as int4's probe)
-        raise
     except Exception as exc:  # no FP8 kernel for this GPU/torch build, alignment...
+        if is_out_of_memory(exc):  # not a verdict on FP8: the worker is too short of memory to serve (as int4's probe)
+            raise
         return Fp8Probe(
             False,
             f"FP8 matmul failed on {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",

@@ -122,7 +122,8 @@ class _CommonRequest(BaseModel):
     def effective_safety_identifier(self) -> str | None:
         """What OpenAI echoes as ``safety_identifier``: the request's, or its ``user`` (the old name) when that is
         missing or empty; None when neither is given."""
-        return getattr(self, "safety_identifier", None) or self.user or None
+        declared = "safety_identifier" in type(self).model_fields  # elsewhere (variations) an unknown field's value
+        return (getattr(self, "safety_identifier", None) if declared else None) or self.user or None
 
     def ignored_openai_fields(self) -> list[str]:
         """The OpenAI fields of this endpoint that were given and change nothing (another endpoint's are extras)."""

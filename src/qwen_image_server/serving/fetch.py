@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import socket
 import ssl
+import threading
 import time
 import unicodedata
 import zlib
@@ -43,7 +46,8 @@ class ImageFetcher:
         self.prefixes = prefixes
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self._ssl: ssl.SSLContext | None = None
+        # read once, at start, where an https prefix needs it (a CA file that cannot be read stops the server then)
+        self._ssl = _ssl_context() if any(prefix.scheme == "https" for prefix in prefixes) else None
 
     def check(self, url: str, param: str) -> tuple[str, str, int, str]:
         """``(scheme, host, port, target)`` of a URL that may be fetched; a 400 naming ``param`` for one that may not,
@@ -82,7 +86,7 @@ class ImageFetcher:
         """The bytes at ``url`` (redirects to allowed URLs followed); a 400 naming ``param`` when it cannot be had."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         deadline = time.monotonic() + self.timeout
-        with httpcore.ConnectionPool(ssl_context=self._ssl_context(), network_backend=_Deadline(deadline)) as pool:
+        with httpcore.ConnectionPool(ssl_context=self._ssl, network_backend=_Deadline(deadline)) as pool:
             for _ in range(MAX_REDIRECTS + 1):
                 scheme, host, port, target = self.check(url, param)
                 try:
@@ -99,12 +103,6 @@ class ImageFetcher:
                     return location
                 url = location
         raise InvalidImage(f"'{param}' could not be fetched: more than {MAX_REDIRECTS} redirects", param=param)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            cafile = os.environ.get("SSL_CERT_FILE") or _certifi()
-            self._ssl = ssl.create_default_context(cafile=cafile, capath=os.environ.get("SSL_CERT_DIR") or None)
-        return self._ssl
 
     def too_large(self, param: str, limit: int) -> InvalidImage:
         return InvalidImage(
@@ -128,9 +126,17 @@ def _request_once(
     ]
     timeouts = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), fetcher.timeout)}
     with pool.stream("GET", url_sent, headers=headers, extensions=timeouts) as response:
-        answer = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
+        answer: dict[str, str] = {}
+        for name, value in response.headers:  # a header given on several lines is one list (RFC 9110)
+            key = name.decode("latin-1").lower()
+            answer[key] = f"{answer[key]}, {value.decode('latin-1')}" if key in answer else value.decode("latin-1")
         if response.status in (301, 302, 303, 307, 308) and "location" in answer:
-            return urljoin(url, answer["location"].strip())
+            try:
+                return urljoin(url, answer["location"].strip())
+            except ValueError:  # a malformed host ([::1, [127.0.0.1])
+                raise InvalidImage(
+                    f"'{param}' could not be fetched: {_shown(url)} redirects to a malformed URL", param=param
+                ) from None
         if response.status != 200:
             raise InvalidImage(f"'{param}' could not be fetched: {_shown(url)} answered HTTP {response.status}", param=param)
         encodings = [e.strip().lower() for e in answer.get("content-encoding", "").split(",")]
@@ -161,14 +167,22 @@ def _decoded(raw: Iterator[bytes], encoding: str | None, limit: int, param: str)
     if encoding is None:
         yield from raw
         return
-    inflate = zlib.decompressobj(_ENCODINGS[encoding])
+    inflate = None
     try:
         for chunk in raw:
+            if inflate is None and chunk:  # deflate comes zlib-wrapped (RFC 9110) or, from some servers, raw
+                wrapped = encoding != "deflate" or (
+                    len(chunk) > 1 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                )
+                inflate = zlib.decompressobj(_ENCODINGS[encoding] if wrapped else -15)
+            if inflate is None:
+                continue
             data = chunk
             while data:
                 yield inflate.decompress(data, limit + 1)
                 data = inflate.unconsumed_tail
-        yield inflate.flush()
+        if inflate is not None:
+            yield inflate.flush()
     except zlib.error:
         raise InvalidImage(f"'{param}' could not be fetched: its {encoding} encoding is damaged", param=param) from None
 
@@ -185,8 +199,9 @@ def _path_problem(path: str) -> str | None:
     except UnicodeDecodeError:
         return "percent-encoded bytes that are not UTF-8"
     decoded = unicodedata.normalize("NFKC", decoded)
-    if "\\" in decoded or any(segment.split(";")[0] in (".", "..") for segment in decoded.split("/")):
-        return "'.' or '..' path segments or backslashes"
+    # a segment of dots (and blanks, which Windows servers trim: "..%20") may be read as "." or ".."
+    if "\\" in decoded or any(re.fullmatch(r"[.\s]*\.[.\s]*", segment.split(";")[0]) for segment in decoded.split("/")):
+        return "'.' or '..' path segments (or segments of dots and blanks) or backslashes"
     return None
 
 
@@ -205,7 +220,8 @@ class _Deadline(httpcore.NetworkBackend):
         return min(timeout if timeout is not None else math.inf, left)
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        stream = self.backend.connect_tcp(host, port, self.left(timeout), local_address, socket_options)
+        address = _resolve(host, port, self.left(timeout))  # the name's lookup within the deadline too
+        stream = self.backend.connect_tcp(address, port, self.left(timeout), local_address, socket_options)
         return _DeadlineStream(stream, self)
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):  # pragma: no cover (never asked for)
@@ -234,6 +250,32 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str):
         return self.stream.get_extra_info(info)
+
+
+def _resolve(host: str, port: int, timeout: float) -> str:
+    """The first address of ``host``, looked up on a thread of its own so that a slow resolver cannot hold the fetch
+    past its deadline (``getaddrinfo`` takes no timeout; an abandoned lookup ends on its own)."""
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=lookup, name="qis-resolve", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        raise httpcore.ConnectTimeout(f"looking up {host} took too long")
+    if isinstance(found[0], OSError):
+        raise httpcore.ConnectError(f"{host}: {found[0]}")
+    return found[0]
+
+
+def _ssl_context() -> ssl.SSLContext:
+    cafile = os.environ.get("SSL_CERT_FILE") or _certifi()
+    return ssl.create_default_context(cafile=cafile, capath=os.environ.get("SSL_CERT_DIR") or None)
 
 
 def _certifi() -> str | None:

@@ -22,6 +22,7 @@ import asyncio
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ def draw_markup(image: Image.Image, markup: Upload, max_input_pixels: int) -> Im
             "they must be the same size",
             param=markup.param,
         )
-    overlay = drawn.convert("RGBA")
+    overlay = drawn if drawn.mode == "RGBA" else drawn.convert("RGBA")
     del drawn
     if overlay.getchannel("A").getextrema()[0] == 255:
         raise InvalidImage(
@@ -107,8 +108,15 @@ def draw_markup(image: Image.Image, markup: Upload, max_input_pixels: int) -> Im
             "markup is transparent (send a PNG or WebP with an alpha channel)",
             param=markup.param,
         )
-    base = Image.fromarray(to_rgb_array(image)).convert("RGBA")
-    return Image.alpha_composite(base, overlay).convert("RGB")
+    # few full-size copies at a time (the decoding slot's memory: README, Admission): drawn in place, each freed
+    if image.has_transparency_data:  # transparent parts of the image are white, as to_rgb_array makes them
+        base = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        base.alpha_composite(image.convert("RGBA"))
+    else:
+        base = image.convert("RGBA")
+    base.alpha_composite(overlay)
+    del overlay
+    return base.convert("RGB")
 
 
 def decode_inputs(
@@ -167,6 +175,9 @@ class DecodeGate:
     def __init__(self, limit: int):
         self.limit = limit
         self._slots = asyncio.Semaphore(limit)
+        # threads of its own: a decode, or a fetch waiting on a slow origin, takes none of the event loop's default
+        # executor, which other work shares (and which has fewer threads than a many-core machine's slots)
+        self._threads = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="qis-decode")
 
     async def decode(self, admit: Callable[[], None], work: Callable[[], Decoded]) -> Decoded:
         """``admit()`` (raises to refuse), wait for a slot, ``admit()`` again, then run ``work`` in a thread.
@@ -178,7 +189,7 @@ class DecodeGate:
         await self._slots.acquire()
         try:
             admit()
-            future = asyncio.get_running_loop().run_in_executor(None, work)
+            future = asyncio.get_running_loop().run_in_executor(self._threads, work)
         except BaseException:
             self._slots.release()
             raise
