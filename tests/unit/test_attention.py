@@ -18,7 +18,7 @@ def test_unknown_backend_is_refused_before_loading_with_the_valid_names(tiny_t2i
     with pytest.raises(ModelConfigError) as caught:
         resolve_models([("tiny", str(tiny_t2i))], {"attention_backend": ["flash-attention-9"]})
     message = str(caught.value)
-    assert "attention_backend" in message and "tiny" in message and "'flash-attention-9'" in message
+    assert "--attention-backend" in message and "tiny" in message and "'flash-attention-9'" in message
     assert "native" in message and "sage" in message and "flash" in message
 
 

@@ -33,7 +33,8 @@ def validate_attention_backend(name: str | None, model: str) -> None:
     names = backend_names()
     if name.strip().lower() not in names:
         raise ProfileError(
-            f"attention_backend for model {model}: {name!r} is not a diffusers attention backend (valid: {', '.join(names)})"
+            f"--attention-backend (or the model folder's attention_backend) for model {model}: {name!r} is not a "
+            f"diffusers attention backend (valid: {', '.join(names)})"
         )
 
 
