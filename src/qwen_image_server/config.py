@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from . import config_files as files
 from .config_files import configured_entries, read_keys_file, repeated_entries, unique_entries
 from .config_scoped import SCOPED_BOOLEANS, SCOPED_NUMBERS, SCOPED_PROFILE_FIELDS, PerModelLimits, split_items
+from .config_urls import parse_prefix
 from .limits import DEFAULT_SIDE, DEFAULT_STEPS, request_defaults
 
 
@@ -329,7 +330,7 @@ class Settings(PerModelLimits, BaseSettings):
     def _fetchable_prefixes(cls, value: object) -> object:
         if isinstance(value, str):  # comma-separated in the environment
             value = [part for part in value.split(",") if part.strip()]
-        return [str(files.parse_prefix(str(prefix))) for prefix in value] if isinstance(value, list) else value
+        return [str(parse_prefix(str(prefix))) for prefix in value] if isinstance(value, list) else value
 
     def all_api_keys(self) -> list[str]:
         """The keys given directly and those in the keys file."""

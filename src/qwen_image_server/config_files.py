@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
@@ -303,77 +302,3 @@ def configured_entries(settings) -> list[tuple[str | None, str]]:
     if not entries and settings.models_dir is not None:
         entries = models_in_dir(settings.models_dir)
     return entries
-
-
-# --- where input images may be fetched from (QIS_IMAGE_URL_PREFIXES: serving/fetch.py) ----------------
-DEFAULT_PORTS = {"http": 80, "https": 443}
-#: A host as a URL may name it for a fetch: a DNS name in ASCII (IDNA's xn-- form for others), or an IPv4 address;
-#: IPv6 addresses are checked apart.
-_FETCH_HOST = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
-
-
-@dataclass(frozen=True)
-class UrlPrefix:
-    """One allowed prefix: ``scheme://host[:port]/path``; ``host`` may be ``*.example.com`` (any subdomain)."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    def allows(self, scheme: str, host: str, port: int, path: str) -> bool:
-        """Whether a URL of these parts (``url_parts``) is under this prefix."""
-        if self.host.startswith("*."):
-            host_ok = host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
-        else:
-            host_ok = host == self.host
-        # a prefix path without a trailing '/' is a whole segment: /img allows /img and /img/..., not /img-private
-        path_ok = path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
-        return scheme == self.scheme and host_ok and port == self.port and path_ok
-
-    def __str__(self) -> str:
-        default = DEFAULT_PORTS[self.scheme] == self.port
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}{'' if default else f':{self.port}'}{self.path}"
-
-
-def url_parts(url: str) -> tuple[str, str, int, str, str]:
-    """``(scheme, host, port, path, query)`` of an http(s) URL, as a fetch requests it: scheme and host in lower case,
-    the port given or the scheme's; ValueError saying what is wrong with one that cannot be fetched unambiguously
-    (characters outside printable ASCII, a user name or password, a host that is no DNS name or IP address)."""
-    if not url.isascii() or not url.isprintable() or " " in url:
-        raise ValueError("holds spaces or characters outside printable ASCII (percent-encode them)")
-    parts = urlsplit(url)  # ValueError for a malformed IPv6 address
-    if parts.scheme.lower() not in DEFAULT_PORTS:
-        raise ValueError("is not an http:// or https:// URL")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("may not carry a user name or password")
-    host = (parts.hostname or "").lower()
-    if not host or not (_FETCH_HOST.match(host) or (":" in host and _ipv6(host))):
-        raise ValueError("has no host name or IP address")
-    port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]  # ValueError for one that is not a number, or too large
-    return parts.scheme.lower(), host, port, parts.path or "/", parts.query
-
-
-def _ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
-
-
-def parse_prefix(text: str) -> UrlPrefix:
-    """A ``QIS_IMAGE_URL_PREFIXES`` entry, or ValueError saying what is wrong with it."""
-    text = text.strip()
-    wildcard = "://*." in text
-    try:
-        scheme, host, port, path, query = url_parts(text.replace("://*.", "://", 1) if wildcard else text)
-    except ValueError as exc:
-        raise ValueError(f"image URL prefix {text!r} {exc}") from None
-    if query or "#" in text:
-        raise ValueError(f"image URL prefix {text!r} may hold no query or fragment")
-    if "*" in text.replace("://*.", "://", 1):
-        raise ValueError(f"image URL prefix {text!r}: a host may only start with '*.' (any subdomain of what follows)")
-    if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
-        raise ValueError(f"image URL prefix {text!r} may hold no '.' or '..' path segments or backslashes")
-    return UrlPrefix(scheme, f"*.{host}" if wildcard else host, port, path)

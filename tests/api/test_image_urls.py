@@ -17,6 +17,9 @@ from pydantic import ValidationError
 
 from conftest import png_bytes
 from qwen_image_server.config import Settings
+from qwen_image_server.config_urls import parse_prefix
+from qwen_image_server.errors import InvalidImage
+from qwen_image_server.serving.fetch import ImageFetcher
 
 EDITS, VARIATIONS = "/v1/images/edits", "/v1/images/variations"
 BLUE, RED = (40, 90, 200), (200, 30, 30)
@@ -62,9 +65,25 @@ class _Images(http.server.BaseHTTPRequestHandler):
             "/ok/gzip.png": (200, gzip.compress(self.blue), {"Content-Encoding": "gzip"}),
             "/ok/gzip2": (200, gzip.compress(gzip.compress(self.blue)), {"Content-Encoding": "gzip, gzip"}),
             "/ok/gzip-bomb": (200, self.bomb, {"Content-Encoding": "gzip"}),
+            "/ok/gzip-cut": (200, gzip.compress(self.blue)[:-20], {"Content-Encoding": "gzip"}),
         }
         if self.path == "/ok/slow":
             time.sleep(3)
+        if self.path == "/ok/slowish.png":  # within the timeout alone, not twice
+            time.sleep(0.35)
+            self.path = "/ok/blue.png"
+        if self.path in ("/ok/deflate-bytes", "/ok/chunked-with-length"):  # chunked (HTTP/1.1), with odd framing
+            self.protocol_version = "HTTP/1.1"
+            one_byte = self.path == "/ok/deflate-bytes"
+            body = zlib.compress(self.blue) if one_byte else self.blue
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.send_header(*(("Content-Encoding", "deflate") if one_byte else ("Content-Length", "99999999")))
+            self.end_headers()
+            pieces = [body[i : i + 1] for i in range(len(body))] if one_byte else [body]
+            self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n")
+            return
         if self.path == "/ok/trickle":  # a header line a byte every 0.2 s: each read is quick, the whole is not
             try:
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
@@ -158,6 +177,7 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         ("/ok/trickle", "could not be fetched within 0.5 s"),  # headers a byte at a time: the whole fetch's deadline
         ("/ok/loop", "could not be fetched: more than 3 redirects"),
         ("/ok/bad-redirect", "redirects to a malformed URL"),  # was a 500
+        ("/ok/gzip-cut", "its gzip encoding is damaged or cut short"),
         ("/ok/..%20/private/blue.png", "segments of dots and blanks"),  # Windows servers trim the blank: ..
         ("/ok/.../private/blue.png", "segments of dots and blanks"),
         ("/ok/missing.png", "could not be fetched: http://127.0.0.1:{port}/ok/missing.png answered HTTP 404"),
@@ -180,6 +200,7 @@ def test_a_form_field_a_mask_and_a_redirect_under_the_prefix_are_fetched(fetchin
         "header-trickle",
         "redirect-loop",
         "malformed-redirect",
+        "gzip-cut-short",
         "dot-dot-blank",
         "three-dots",
         "404",
@@ -197,7 +218,9 @@ def test_a_url_that_cannot_be_fetched_is_a_400_naming_the_image(fetching, origin
     assert len(fetching.engine.jobs) == before
 
 
-@pytest.mark.parametrize("path", ["/ok/gzip.png", "/ok/deflate.png", "/ok/raw-deflate.png"])
+@pytest.mark.parametrize(
+    "path", ["/ok/gzip.png", "/ok/deflate.png", "/ok/raw-deflate.png", "/ok/deflate-bytes", "/ok/chunked-with-length"]
+)
 def test_an_encoded_image_is_read(fetching, origin, path):
     response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": origin + path}})
     assert response.status_code == 200, response.text[:300]
@@ -267,6 +290,11 @@ def test_without_prefixes_no_url_is_fetched(api, origin):
         "http://h/a/../b/",
         "http://h\\x/",
         "http://[::1/",
+        "http://h/a/%2e%2e/",  # no URL under these could ever be fetched
+        "http://h/%25/",
+        "http://*.1:80/",  # a wildcard over an address
+        "http://*.com/",  # over a whole top-level domain
+        "http://" + "a" * 64 + ".example/",
     ],
 )
 def test_a_prefix_that_cannot_be_one_stops_the_settings(prefix):
@@ -275,7 +303,7 @@ def test_a_prefix_that_cannot_be_one_stops_the_settings(prefix):
 
 
 def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(monkeypatch):
-    from qwen_image_server.config_files import parse_prefix, url_parts
+    from qwen_image_server.config_urls import url_parts
 
     monkeypatch.setenv(
         "QIS_IMAGE_URL_PREFIXES", "https://cdn.example.com/img/, https://*.bucket.example.org, http://[::1]:8080/a/"
@@ -310,6 +338,8 @@ def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(
         ("https://cdn.example.com/img/a b.png", False),
         ("https://[127.0.0.1]/img/a.png", False),  # urlsplit raised ValueError here: a 500
         ("https://[::1/img/a.png", False),
+        ("https://" + "a" * 64 + ".cdn.example.com/img/a.png", False),  # a label too long: the lookup's thread failed
+        ("https://cdn.example.com:18301:80/img/a.png", False),
         ("https://cdn.example.com./img/a.png", False),
         ("https://cdn.example.com:x/img/a.png", False),
         ("https://cdn.example.com/img/x/..;/../a", False),
@@ -318,10 +348,6 @@ def test_prefixes_from_the_environment_are_comma_separated_and_subdomains_match(
     ],
 )
 def test_a_url_is_checked_as_the_client_will_request_it(url, allowed):
-    from qwen_image_server.config_files import parse_prefix
-    from qwen_image_server.errors import InvalidImage
-    from qwen_image_server.serving.fetch import ImageFetcher
-
     fetcher = ImageFetcher([parse_prefix("https://cdn.example.com/img/")], timeout=5, max_bytes=1000)
     if allowed:
         fetcher.check(url, "image")
@@ -344,3 +370,35 @@ def test_a_slow_name_lookup_is_within_the_fetchs_deadline(fetching, origin, monk
     monkeypatch.setattr(fetch.socket, "getaddrinfo", slow)
     response = fetching.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": f"{origin}/ok/blue.png"}})
     assert response.status_code == 400 and "could not be fetched within 0.5 s" in response.json()["error"]["message"]
+
+
+def test_a_requests_fetches_share_one_deadline_and_stop_once_it_is_cancelled(fetching, origin):
+    """Each image had a deadline of its own: a request of five URLs held its decoding slot five times the timeout, and
+    its fetches went on one after the other after its client had left or the server's shutdown had cancelled it."""
+    slowish = {"image_url": f"{origin}/ok/slowish.png"}  # 0.35 s each, against the 0.5 s of the fixture's timeout
+    alone = fetching.client.post(EDITS, json={"prompt": "a hat", "image": slowish})
+    assert alone.status_code == 200, alone.text[:300]
+    both = fetching.client.post(EDITS, json={"prompt": "a hat", "image": slowish, "mask": slowish})
+    assert both.status_code == 400 and "could not be fetched within 0.5 s" in both.json()["error"]["message"]
+
+    _Images.hits.clear()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InvalidImage, match="'image' was not fetched: the request was cancelled"):
+        ImageFetcher([parse_prefix(f"{origin}/ok/")], 0.5, 400_000).fetch_all([(f"{origin}/ok/blue.png", "image")], stop)
+    assert _Images.hits == []
+
+
+def test_ca_certificates_that_cannot_be_read_stop_the_server_naming_them(monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match="cannot be read from /nonexistent/ca.pem"):
+        ImageFetcher([parse_prefix("https://cdn.example.com/img/")], 5, 1000)
+    ImageFetcher([parse_prefix("http://cdn.example.com/img/")], 5, 1000)  # no https: no certificates read
+
+
+def test_malformed_urls_are_told_so_in_words_of_this_server():
+    fetcher = ImageFetcher([parse_prefix("https://cdn.example.com/img/")], 5, 1000)
+    for url in ("https://[127.0.0.1]/img/a.png", "https://cdn.example.com:99999/img/a.png", "https://cdn.example.com:x/img/"):
+        with pytest.raises(InvalidImage) as refused:
+            fetcher.check(url, "image")
+        assert str(refused.value) == "'image': the image URL has a malformed host or port", url

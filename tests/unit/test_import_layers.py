@@ -40,6 +40,7 @@ LAYER_OF = {
     "limits": "shared",
     "config_files": "shared",
     "config_scoped": "shared",
+    "config_urls": "shared",
     "jobs": "shared",
     "images": "shared",
     "logs": "shared",

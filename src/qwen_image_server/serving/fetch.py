@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import ssl
 import threading
 import time
-import unicodedata
 import zlib
 from collections.abc import Iterator
-from urllib.parse import unquote, urljoin
+from urllib.parse import urljoin
 
 import httpcore
 
-from ..config_files import DEFAULT_PORTS, UrlPrefix, url_parts
+from ..config_urls import DEFAULT_PORTS, UrlPrefix, path_problem, url_parts
 from ..errors import InvalidImage
 
 #: Redirects followed for one image.
@@ -62,7 +60,7 @@ class ImageFetcher:
             scheme, host, port, path, query = url_parts(url)
         except ValueError as exc:
             raise InvalidImage(f"'{param}': the image URL {exc}", param=param) from None
-        problem = _path_problem(path)
+        problem = path_problem(path)
         if problem:
             raise InvalidImage(f"'{param}': an image URL may not hold {problem}", param=param)
         if not any(prefix.allows(scheme, host, port, path) for prefix in self.prefixes):
@@ -72,20 +70,25 @@ class ImageFetcher:
             )
         return scheme, host, port, path + (f"?{query}" if query else "")
 
-    def fetch_all(self, urls: list[tuple[str, str]]) -> list[bytes]:
-        """The bytes of each ``(url, param)``, in order; together at most ``max_bytes``."""
+    def fetch_all(self, urls: list[tuple[str, str]], stop: threading.Event | None = None) -> list[bytes]:
+        """The bytes of each ``(url, param)``, in order: together at most ``max_bytes``, and all within one
+        ``timeout`` (a request's fetches hold its decoding slot that long at most). None is started once ``stop`` is
+        set (the request was cancelled: its client left, or the server shuts down)."""
         out: list[bytes] = []
         left = self.max_bytes
+        deadline = time.monotonic() + self.timeout
         for url, param in urls:
-            data = self.fetch(url, param, left)
+            if stop is not None and stop.is_set():
+                raise InvalidImage(f"'{param}' was not fetched: the request was cancelled", param=param)
+            data = self.fetch(url, param, left, deadline)
             left -= len(data)
             out.append(data)
         return out
 
-    def fetch(self, url: str, param: str, max_bytes: int | None = None) -> bytes:
+    def fetch(self, url: str, param: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
         """The bytes at ``url`` (redirects to allowed URLs followed); a 400 naming ``param`` when it cannot be had."""
         limit = self.max_bytes if max_bytes is None else max_bytes
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
         with httpcore.ConnectionPool(ssl_context=self._ssl, network_backend=_Deadline(deadline)) as pool:
             for _ in range(MAX_REDIRECTS + 1):
                 scheme, host, port, target = self.check(url, param)
@@ -147,7 +150,7 @@ def _request_once(
                 f"{answer['content-encoding']!r} (read here: none, or one layer of gzip or deflate)",
                 param=param,
             )
-        declared = answer.get("content-length", "")
+        declared = "" if "transfer-encoding" in answer else answer.get("content-length", "")  # chunks say the length
         if not encodings and declared.isdigit() and int(declared) > limit:
             raise fetcher.too_large(param, limit)
         raw: Iterator[bytes] = iter(response.iter_stream())
@@ -168,41 +171,29 @@ def _decoded(raw: Iterator[bytes], encoding: str | None, limit: int, param: str)
         yield from raw
         return
     inflate = None
+    head = b""  # deflate comes zlib-wrapped (RFC 9110) or, from some servers, raw: told by its first two bytes
     try:
         for chunk in raw:
-            if inflate is None and chunk:  # deflate comes zlib-wrapped (RFC 9110) or, from some servers, raw
-                wrapped = encoding != "deflate" or (
-                    len(chunk) > 1 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
-                )
-                inflate = zlib.decompressobj(_ENCODINGS[encoding] if wrapped else -15)
             if inflate is None:
-                continue
+                head += chunk
+                if len(head) < 2:
+                    continue
+                wrapped = encoding != "deflate" or (head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0)
+                inflate = zlib.decompressobj(_ENCODINGS[encoding] if wrapped else -15)
+                chunk, head = head, b""
             data = chunk
             while data:
                 yield inflate.decompress(data, limit + 1)
                 data = inflate.unconsumed_tail
-        if inflate is not None:
-            yield inflate.flush()
+        if inflate is None:  # a body of a byte or none: no encoding's whole stream
+            raise zlib.error("too short")
+        yield inflate.flush()
+        if not inflate.eof:  # cut short: its end (and a gzip body's checksum) never came
+            raise zlib.error("incomplete")
     except zlib.error:
-        raise InvalidImage(f"'{param}' could not be fetched: its {encoding} encoding is damaged", param=param) from None
-
-
-def _path_problem(path: str) -> str | None:
-    """What in a URL's path a server might read as leaving the prefix: dot segments in any spelling (percent-encoded,
-    Tomcat's ``..;``, full-width or other compatibility dots), a backslash, an encoded ``%`` (a second decoding) or
-    NUL, or percent-encoding that is not UTF-8 (overlong forms of ``.``)."""
-    lowered = path.lower()
-    if "%25" in lowered or "%00" in lowered:
-        return "an encoded '%' or NUL"
-    try:
-        decoded = unquote(path, errors="strict")
-    except UnicodeDecodeError:
-        return "percent-encoded bytes that are not UTF-8"
-    decoded = unicodedata.normalize("NFKC", decoded)
-    # a segment of dots (and blanks, which Windows servers trim: "..%20") may be read as "." or ".."
-    if "\\" in decoded or any(re.fullmatch(r"[.\s]*\.[.\s]*", segment.split(";")[0]) for segment in decoded.split("/")):
-        return "'.' or '..' path segments (or segments of dots and blanks) or backslashes"
-    return None
+        raise InvalidImage(
+            f"'{param}' could not be fetched: its {encoding} encoding is damaged or cut short", param=param
+        ) from None
 
 
 class _Deadline(httpcore.NetworkBackend):
@@ -260,7 +251,7 @@ def _resolve(host: str, port: int, timeout: float) -> str:
     def lookup() -> None:
         try:
             found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
-        except OSError as exc:
+        except Exception as exc:  # OSError; UnicodeError for a label the IDNA codec refuses
             found.append(exc)
 
     thread = threading.Thread(target=lookup, name="qis-resolve", daemon=True)
@@ -268,14 +259,20 @@ def _resolve(host: str, port: int, timeout: float) -> str:
     thread.join(timeout)
     if not found:
         raise httpcore.ConnectTimeout(f"looking up {host} took too long")
-    if isinstance(found[0], OSError):
+    if isinstance(found[0], Exception):
         raise httpcore.ConnectError(f"{host}: {found[0]}")
     return found[0]
 
 
 def _ssl_context() -> ssl.SSLContext:
-    cafile = os.environ.get("SSL_CERT_FILE") or _certifi()
-    return ssl.create_default_context(cafile=cafile, capath=os.environ.get("SSL_CERT_DIR") or None)
+    cafile, capath = os.environ.get("SSL_CERT_FILE") or _certifi(), os.environ.get("SSL_CERT_DIR") or None
+    try:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"the CA certificates for image URLs (QIS_IMAGE_URL_PREFIXES has https ones) cannot be read from "
+            f"{cafile or capath}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 def _certifi() -> str | None:

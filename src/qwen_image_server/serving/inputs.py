@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from ..config_files import parse_prefix
+from ..config_urls import parse_prefix
 from ..errors import InvalidImage
 from ..images import mask_has_alpha, mask_to_array, open_image, to_rgb_array
 from .fetch import ImageFetcher
@@ -219,11 +220,17 @@ class Inputs:
         """The uploads fetched where given by URL, decoded and shrunk to ``keep`` pixels each, once ``admit()`` lets
         the request in (raising to refuse it: before any fetching or decoding)."""
         self.check_urls(*images, mask, markup)
+        cancelled = threading.Event()  # the request went away (its client, or the server's shutdown): fetch no more
 
         def work() -> Decoded:
             by_url = [u for u in (*images, mask, markup) if u is not None and u.url is not None and not u.data]
-            for upload, data in zip(by_url, self.fetcher.fetch_all([(u.url or "", u.param) for u in by_url]), strict=True):
+            fetched = self.fetcher.fetch_all([(u.url or "", u.param) for u in by_url], cancelled)
+            for upload, data in zip(by_url, fetched, strict=True):
                 upload.data = data
             return decode_inputs(images, mask, self.max_input_pixels, keep, markup)
 
-        return await self.gate.decode(admit, work)
+        try:
+            return await self.gate.decode(admit, work)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
