@@ -402,3 +402,28 @@ def test_malformed_urls_are_told_so_in_words_of_this_server():
         with pytest.raises(InvalidImage) as refused:
             fetcher.check(url, "image")
         assert str(refused.value) == "'image': the image URL has a malformed host or port", url
+
+
+def test_the_metrics_count_each_url_by_outcome_and_the_bytes_fetched(make_api, origin):
+    """qis_image_url_fetches_total{outcome}: fetched, refused before any fetch, or failed; qis_image_url_bytes_total."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api = make_api(workers=1, image_url_prefixes=[f"{origin}/ok/"], image_url_timeout=2)
+
+    def counted() -> dict:
+        families = text_string_to_metric_families(api.client.get("/metrics").text)
+        return {(s.name, s.labels.get("outcome")): s.value for f in families for s in f.samples if "image_url" in s.name}
+
+    assert counted() == {
+        ("qis_image_url_fetches_total", "fetched"): 0,
+        ("qis_image_url_fetches_total", "refused"): 0,
+        ("qis_image_url_fetches_total", "failed"): 0,
+        ("qis_image_url_bytes_total", None): 0,
+    }
+    for path in ("/ok/blue.png", "/ok/red.png", "/private/blue.png", "/ok/missing.png"):
+        api.client.post(EDITS, json={"prompt": "a hat", "image": {"image_url": origin + path}})
+    counts = counted()
+    assert counts[("qis_image_url_fetches_total", "fetched")] == 2
+    assert counts[("qis_image_url_fetches_total", "refused")] == 1
+    assert counts[("qis_image_url_fetches_total", "failed")] == 1
+    assert counts[("qis_image_url_bytes_total", None)] == len(_Images.blue) + len(_Images.red)

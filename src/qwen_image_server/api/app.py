@@ -47,7 +47,9 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     app = FastAPI(title="qwen-image-server", version=__version__, lifespan=lifespan)
     metrics = Metrics(engine)
     store = make_store(settings)
-    app.state.service = ImageService(settings, engine, store, rewriter, observers=(metrics.observe_job,))
+    app.state.service = ImageService(
+        settings, engine, store, rewriter, observers=(metrics.observe_job,), fetches=metrics.observe_fetch
+    )
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(playground_router)

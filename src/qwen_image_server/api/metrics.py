@@ -92,6 +92,15 @@ class Metrics:
             ["status", "code"],
             registry=r,
         )
+        self.url_fetches = Counter(
+            "qis_image_url_fetches",
+            "Input images given by URL: fetched, refused before any fetch (not under an allowed prefix, malformed) or failed",
+            ["outcome"],
+            registry=r,
+        )
+        self.url_bytes = Counter("qis_image_url_bytes", "Bytes of input images fetched by URL", registry=r)
+        for outcome in ("fetched", "refused", "failed"):
+            self.url_fetches.labels(outcome)
         #: The jobs' run counters (the responses' ``stats``), each a counter named after it.
         self.run_counters = {key: Counter(f"qis_{key}", _RUN_COUNTER_HELP[key], ["model"], registry=r) for key in RUN_COUNTERS}
         for model in sorted(self.model_ids):  # present at 0 from the start, so that rate() works from the first job
@@ -127,6 +136,11 @@ class Metrics:
             self.encode_seconds.labels(model).observe(stats["encode_seconds"])
         for key, counter in self.run_counters.items():
             counter.labels(model).inc(max(0, stats.get(key, 0)))
+
+    def observe_fetch(self, outcome: str, size: int) -> None:
+        """Called by the service for each input image given by URL (``serving/fetch.py``)."""
+        self.url_fetches.labels(outcome).inc()
+        self.url_bytes.inc(size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

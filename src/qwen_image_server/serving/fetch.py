@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urljoin
 
 import httpcore
@@ -40,10 +40,14 @@ _ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 class ImageFetcher:
     """Fetches input images from allowed URLs (blocking: it runs in a request's decoding thread)."""
 
-    def __init__(self, prefixes: list[UrlPrefix], timeout: float, max_bytes: int):
+    def __init__(
+        self, prefixes: list[UrlPrefix], timeout: float, max_bytes: int, observe: Callable[[str, int], None] | None = None
+    ):
         self.prefixes = prefixes
         self.timeout = timeout
         self.max_bytes = max_bytes
+        #: Told of each URL: ``("fetched", bytes)``, ``("failed", 0)``, or (by the caller's check) ``("refused", 0)``.
+        self.observe = observe or (lambda outcome, size: None)
         # read once, at start, where an https prefix needs it (a CA file that cannot be read stops the server then)
         self._ssl = _ssl_context() if any(prefix.scheme == "https" for prefix in prefixes) else None
 
@@ -80,7 +84,12 @@ class ImageFetcher:
         for url, param in urls:
             if stop is not None and stop.is_set():
                 raise InvalidImage(f"'{param}' was not fetched: the request was cancelled", param=param)
-            data = self.fetch(url, param, left, deadline)
+            try:
+                data = self.fetch(url, param, left, deadline)
+            except InvalidImage:
+                self.observe("failed", 0)
+                raise
+            self.observe("fetched", len(data))
             left -= len(data)
             out.append(data)
         return out

@@ -202,17 +202,21 @@ class Inputs:
     """A request's input images into arrays: those given by URL checked as soon as the request is read and fetched
     in its decoding slot (``fetch.py``), then decoded and shrunk (``decode_inputs``) behind the ``DecodeGate``."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, observe: Callable[[str, int], None] | None = None):
         self.gate = DecodeGate(settings.max_concurrent_decodes or default_decodes())
         self.max_input_pixels = settings.max_input_pixels
         prefixes = [parse_prefix(prefix) for prefix in settings.image_url_prefixes]
-        self.fetcher = ImageFetcher(prefixes, settings.image_url_timeout, settings.max_upload_bytes)
+        self.fetcher = ImageFetcher(prefixes, settings.image_url_timeout, settings.max_upload_bytes, observe)
 
     def check_urls(self, *uploads: Upload | None) -> None:
         """Refuse (400) an image URL that may not be fetched, before the request waits for anything."""
         for upload in uploads:
             if upload is not None and upload.url is not None:
-                self.fetcher.check(upload.url, upload.param)
+                try:
+                    self.fetcher.check(upload.url, upload.param)
+                except InvalidImage:
+                    self.fetcher.observe("refused", 0)
+                    raise
 
     async def decode(
         self, admit: Callable[[], None], images: list[Upload], mask: Upload | None, keep: int, markup: Upload | None = None

@@ -21,12 +21,7 @@ from ..models.lora import preset_for
 from ..models.profile import LoraSpec
 from ..models.spec import ModelSpec
 from ..models.step_cache import CachePolicyError, compile_conflict, parse_policy
-from ..protocol.images import (
-    EditRequest,
-    GenerationRequest,
-    VariationRequest,
-    _CommonRequest,
-)
+from ..protocol.images import EditRequest, GenerationRequest, VariationRequest, _CommonRequest
 from ..protocol.responses import Echo, ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
 from ..storage import ImageStore, discard_later, in_store_thread
 from .inputs import INPUT_AREA_FACTOR, Decoded, Inputs, Upload
@@ -66,6 +61,7 @@ class ImageService:
         store: ImageStore,
         rewriter: PromptRewriter | None = None,
         observers: tuple[Callable[[Prepared, JobResult, dict], None], ...] = (),
+        fetches: Callable[[str, int], None] | None = None,
     ):
         self.settings = settings
         self.engine = engine
@@ -80,7 +76,7 @@ class ImageService:
         }
         #: Called with (prepared, result, stats) for every finished job, e.g. by the metrics (``api/metrics.py``).
         self.job_observers = observers
-        self.inputs = Inputs(settings)  # decoding (and fetching) uploads with bounded memory
+        self.inputs = Inputs(settings, fetches)  # decoding (and fetching) uploads; ``fetches(outcome, bytes)``: each URL
         self.sizes = SizeRules(settings)
 
     # --- models ------------------------------------------------------------------------
