@@ -253,7 +253,7 @@ class Settings(PerModelLimits, BaseSettings):
     image_url_prefixes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="URL prefixes input images may be fetched from (comma-separated); none: no URLs."
     )
-    image_url_timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds to fetch one input image by URL.")
+    image_url_timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds to fetch all of a request's URL images.")
     # --- memory of the API process (serving/inputs.py, engine/admission.py) ---------------
     max_concurrent_decodes: int | None = Field(
         default=None, ge=1, description="Requests whose uploads are decoded at the same time; default: 2 per CPU core."
