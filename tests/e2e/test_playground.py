@@ -184,6 +184,7 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
             window.decoding.push(done); return done; }; }"""
     )
     page.click(".result-actions [data-action=edit]")
+    first_input = shown_image(page, "#edit .thumbs img")  # the variation's result
     page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
     Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp_path / "second.png")
     page.set_input_files("#edit input[type=file]", str(tmp_path / "second.png"))
@@ -206,6 +207,8 @@ def test_vary_and_edit_a_result_with_several_images(page, shot, tmp_path):
     assert sent["fields"]["model"] == "qwen-image-edit-plus-tiny"
     result = np.asarray(shown_image(page, ".results img").convert("RGB"))
     assert result.shape == (made.height, made.width, 3)  # the first image's size
+    # the slider compares the result with the image the mask edited, the first (it showed the last one added)
+    assert shown_image(page, "img.before").convert("RGB").tobytes() == first_input.convert("RGB").tobytes()
     shot("2-edit-plus")
 
 
@@ -367,6 +370,20 @@ def test_the_badge_says_ready_only_once_a_reload_has_filled_the_forms(page, serv
     page.select_option("#edit [name=model]", "qwen-image-edit-plus-tiny")
     default = settings["models"]["qwen-image-edit-plus-tiny"]["default_steps"]
     assert page.input_value("#edit [name=num_inference_steps]") == str(default)
+
+
+def test_a_server_that_comes_back_has_its_settings_and_models_loaded_again(page):
+    """While the server was unreachable the badge said so; once it answered again the badge said ready, but the page
+    kept the models and the key status of the server it had loaded, which may be another one now (restarted with
+    other models or keys): runs failed with "Model not available" until a reload."""
+    loads: list[str] = []
+    page.on("request", lambda request: loads.append(request.url) if request.url.endswith("/playground/settings") else None)
+    page.route("**/ready", lambda route: route.abort())  # the server is gone
+    page.locator("#server-status", has_text="server unreachable").wait_for(timeout=15_000)
+    assert loads == []
+    page.unroute("**/ready")  # and back
+    page.locator("#server-status[data-state=ready]").wait_for(timeout=15_000)
+    assert len(loads) == 1  # loaded again, with the models it serves now
 
 
 def test_a_mask_on_a_tall_image_keeps_its_shape_and_paints_under_the_pointer(page, tmp_path):

@@ -33,6 +33,7 @@ const mask = new MaskEditor($(".mask-stage", forms.edit));
 const state = {
   settings: null, cards: [], failed: new Set(), run: null, results: [], selected: null, lastSeed: {}, load: null,
   loadFailed: null, // why the last load failed ("key" or "network"), else null
+  unreachable: false, // a /ready poll found no server since the last load
   maskImage: null, // the image the mask is painted on (the edit's first)
 };
 
@@ -89,9 +90,15 @@ async function pollReady() {
     body = await response.json();
   } catch {
     if (!state.load) setStatus("server unreachable", "failed");
+    state.unreachable = true;
     return;
   }
   if (state.load) return; // a load began while this was asked
+  if (state.unreachable) {
+    // the server is back, perhaps another one (its models, its keys): load what it serves, as at the start
+    state.unreachable = false;
+    return loadServer();
+  }
   const failed = new Set(Object.entries(body.models || {}).filter(([, m]) => m.state === "failed").map(([id]) => id));
   if (failed.size) setStatus(`unavailable: ${[...failed].join(", ")}`, "failed");
   else setStatus(body.status === "ready" ? "ready" : "loading models…", body.status === "ready" ? "ready" : "loading");
@@ -117,6 +124,14 @@ function requestBody(tab, fields, inputs, maskBlob) {
 
 // Send one request (a form's, or one from the history) and show its previews and results. `maskSource` is the mask's
 // Blob, or a promise of it (a painted one being encoded): the run shows as running at once, before it is ready.
+// What a result is compared with: the edited image, the first when a mask was painted (the server edits the first of
+// several within it, and the result has its size), else the last (several images without a mask: the edit-plus call
+// renders at the last one's aspect ratio).
+function beforeImage(inputs, mask) {
+  if (!inputs.length) return null;
+  return mask ? inputs[0] : inputs[inputs.length - 1];
+}
+
 async function run(tab, fields, inputs = [], maskSource = null) {
   if (state.run) return;
   const form = forms[tab];
@@ -131,7 +146,7 @@ async function run(tab, fields, inputs = [], maskSource = null) {
   progress.start(denoisingSteps(fields, state.settings, tab), Number(fields.partial_images || 0), LABELS[tab]);
   // on a narrow screen the output is above the forms: a run began out of sight (its previews, Cancel, the result)
   if (matchMedia("(max-width: 820px)").matches) output.scrollIntoView({ block: "start" });
-  const before = inputs.length ? URL.createObjectURL(inputs[inputs.length - 1]) : null; // the results' (revoked with them)
+  let before = null; // the input the results are compared with (revoked with them)
   let maskBlob = null;
   const onPartial = (event) => {
     const url = objectURL("previews", b64ToBlob(event.b64_json, event.output_format));
@@ -142,6 +157,7 @@ async function run(tab, fields, inputs = [], maskSource = null) {
   };
   try {
     maskBlob = await maskSource;
+    before = beforeImage(inputs, maskBlob) && URL.createObjectURL(beforeImage(inputs, maskBlob));
     const body = requestBody(tab, fields, inputs, maskBlob);
     const attempt = () => {
       progress.waiting(""); // a retry is sent: "server busy" no more (it stayed up while the accepted job ran)
@@ -330,7 +346,7 @@ async function historyAction(action, id) {
   if (action === "download") return download(entry.image, entry.format, `qwen-image-${entry.seed}`);
   if (action === "show") {
     revokeURLs("shown");
-    const before = entry.inputs.length ? objectURL("shown", entry.inputs.at(-1)) : null;
+    const before = beforeImage(entry.inputs, entry.mask) && objectURL("shown", beforeImage(entry.inputs, entry.mask));
     return select({ ...entry, url: objectURL("shown", entry.image), before });
   }
   showTab(entry.tab);
