@@ -32,12 +32,17 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 _URL_SAFE = str.maketrans("-_", "+/")
 
 
+def is_url(value: str) -> bool:
+    """Whether an image value is an http(s) URL (in any case) rather than base64 or a data URL."""
+    return value.lstrip()[:8].lower().startswith(("http://", "https://"))
+
+
 def decode_base64_image(value: str, param: str, not_base64_hint: str = "") -> bytes:
     """Bytes of a base64 string or ``data:image/...;base64,`` URL (line breaks and base64url's ``-`` and ``_`` taken
     too); other URLs are refused. ``not_base64_hint`` ends the message of a value that is not base64 (where it came
     from, what to send instead)."""
     value = value.strip()
-    if value[:8].lower().startswith(("http://", "https://")):  # fetched by the service, where allowed (serving/fetch.py)
+    if is_url(value):  # fetched by the service, where allowed (serving/fetch.py)
         raise InvalidImage(f"'{param}' is a URL, not base64 or a data URL", param=param)
     value = _DATA_URL.sub("", value, count=1)
     other = _OTHER_DATA_URL.match(value)

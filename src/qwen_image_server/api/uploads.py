@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidRequest, TooManyImages
-from ..images import decode_base64_image
+from ..images import decode_base64_image, is_url
 from ..protocol.images import FORM_CONTEXT
 from ..serving.inputs import Upload
 from .errors import NOT_AN_OBJECT, NOT_JSON, client_gone
@@ -200,14 +200,10 @@ async def _form_upload(value: UploadFile | str, key: str) -> Upload:
     bytes so (httpx's and the SDK's ``(None, bytes)``) is told how to send a file."""
     if isinstance(value, UploadFile):
         return Upload(await value.read(), key)
-    if _is_url(value):
+    if is_url(value):
         return Upload(b"", key, url=value.strip())
     hint = f": it came as a text field (a part without a filename); send an image file with a filename (curl -F '{key}=@photo.png') or its base64"
     return Upload(decode_base64_image(value, key, hint), key)
-
-
-def _is_url(value: str) -> bool:
-    return value.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 def _json_image(value: object, param: str) -> Upload:
@@ -223,7 +219,7 @@ def _json_image(value: object, param: str) -> Upload:
             value = value.get("url")
     if not isinstance(value, str):
         raise InvalidRequest(f"'{param}' must be a base64 string, a data URL or an http(s) URL", param=param)
-    if _is_url(value):
+    if is_url(value):
         return Upload(b"", param, url=value.strip())
     return Upload(decode_base64_image(value, param), param)
 

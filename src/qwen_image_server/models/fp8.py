@@ -375,11 +375,11 @@ def apply_fp8(
     result = (probe or probe_fp8)(device, dtype)
     info: dict = {"requested": "fp8", **{k: v for k, v in result.summary().items() if k != "activations"}}
     matmul = "scaled_mm" if result.ok else "dequant"
-    quantized = [m for m in transformer.modules() if isinstance(m, FP8Linear)]  # converted as the model loaded
-    layers = len(quantized) + quantize_linears(transformer, dtype, device, matmul)  # those left (after LoRAs)
-    for layer in transformer.modules():
-        if isinstance(layer, FP8Linear):
-            layer.matmul, layer.fused = matmul, result.activations != "eager"
+    quantize_linears(transformer, dtype, device, matmul)  # those left (after LoRAs); the rest were as the model loaded
+    quantized = [m for m in transformer.modules() if isinstance(m, FP8Linear)]
+    for layer in quantized:
+        layer.matmul, layer.fused = matmul, result.activations != "eager"
+    layers = len(quantized)
     if not result.ok:
         run = str(dtype).removeprefix("torch.")
         log.warning(

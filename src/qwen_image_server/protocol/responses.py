@@ -7,7 +7,7 @@ models; the routes only serialise them (``body()``), so each shape is written on
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
@@ -81,11 +81,15 @@ class Echo(BaseModel):
     background: Literal["opaque"] = "opaque"
     safety_identifier: str | None = None  # the request's (or its ``user``), as OpenAI echoes it; left out when none
 
+    #: Fields left out of the body when they are None.
+    _left_out_when_none: ClassVar[tuple[str, ...]] = ("safety_identifier",)
+
     @model_serializer(mode="wrap")
-    def _without_a_missing_identifier(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_missing_echoes(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out = handler(self)
-        if out.get("safety_identifier") is None:
-            out.pop("safety_identifier", None)
+        for key in self._left_out_when_none:
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 
@@ -121,13 +125,7 @@ class CompletedEvent(Echo):
     seed: int
     revised_prompt: str | None = None  # left out when there is none (a variation made without a prompt)
 
-    @model_serializer(mode="wrap")
-    def _without_a_missing_prompt(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        for key in ("revised_prompt", "safety_identifier"):
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
+    _left_out_when_none: ClassVar[tuple[str, ...]] = ("revised_prompt", "safety_identifier")
 
 
 class ErrorEvent(BaseModel):

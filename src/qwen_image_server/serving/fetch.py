@@ -85,7 +85,7 @@ class ImageFetcher:
             if stop is not None and stop.is_set():
                 raise InvalidImage(f"'{param}' was not fetched: the request was cancelled", param=param)
             try:
-                data = self.fetch(url, param, left, deadline)
+                data = self._fetch(url, param, left, deadline)
             except InvalidImage:
                 self.observe("failed", 0)
                 raise
@@ -94,10 +94,9 @@ class ImageFetcher:
             out.append(data)
         return out
 
-    def fetch(self, url: str, param: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
-        """The bytes at ``url`` (redirects to allowed URLs followed); a 400 naming ``param`` when it cannot be had."""
-        limit = self.max_bytes if max_bytes is None else max_bytes
-        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+    def _fetch(self, url: str, param: str, limit: int, deadline: float) -> bytes:
+        """The bytes at ``url`` (redirects to allowed URLs followed), at most ``limit`` of them, by ``deadline``; a 400
+        naming ``param`` when they cannot be had."""
         with httpcore.ConnectionPool(ssl_context=self._ssl, network_backend=_Deadline(deadline)) as pool:
             for _ in range(MAX_REDIRECTS + 1):
                 scheme, host, port, target = self.check(url, param)
