@@ -438,6 +438,7 @@ def test_a_home_folder_in_the_image_output_dir_is_the_folder_checked_and_used(mo
     """``QIS_IMAGE_OUTPUT_DIR=~/images`` (compose files and unit files do not expand ``~``): the start check looked at
     the home folder's, and the images went to a folder named ``~`` in the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("IMAGE_OUTPUT_DIR", raising=False)  # the first of its names (the Ray tests set it in this process)
     monkeypatch.setenv("QIS_IMAGE_OUTPUT_DIR", "~/images")
     assert Settings().image_output_dir == tmp_path / "images"
     (tmp_path / "file").write_text("")
